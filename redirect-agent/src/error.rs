@@ -1,0 +1,72 @@
+//! Typed errors inside the agent; `anyhow` only at the command edges. Every message is one line
+//! that names the value at fault and what would be accepted.
+
+use std::{io, path::PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SysError {
+    #[error("{0}: {1}")]
+    Io(String, #[source] io::Error),
+    #[error("no cgroup v2 hierarchy is mounted (none of type cgroup2 in /proc/self/mounts)")]
+    NoCgroup2,
+    #[error("'{0}' is not a cgroup v2 directory (expected a directory under the cgroup2 mount)")]
+    NotCgroup2(PathBuf),
+    #[error("'{0}' is not a network namespace (expected /run/netns/NAME or /proc/PID/ns/net)")]
+    NotNetns(PathBuf),
+    #[error(
+        "{what} needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN); running as uid {uid} without {missing}"
+    )]
+    Privilege {
+        what: String,
+        uid: u32,
+        missing: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    #[error("instance name '{0}' is invalid: expected 1-64 characters of A-Z a-z 0-9 _ -")]
+    BadName(String),
+    #[error("instance '{name}' is already running (lock {lock} is held); pick another --name")]
+    AlreadyRunning { name: String, lock: PathBuf },
+    #[error("kernel {found} is too old: redirect needs {needed} or newer ({why})")]
+    Kernel {
+        found: String,
+        needed: &'static str,
+        why: &'static str,
+    },
+    #[error("loading the eBPF object failed: {0}")]
+    Object(#[source] aya::EbpfError),
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error(
+        "loading program {prog} failed: {reason} (kernel {kernel}; RUST_LOG=debug shows the verifier log)"
+    )]
+    Verifier {
+        prog: &'static str,
+        reason: String,
+        kernel: String,
+    },
+    #[error("attaching {prog} to cgroup {cgroup} failed: {source}")]
+    Attach {
+        prog: &'static str,
+        cgroup: PathBuf,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error(transparent)]
+    Rules(#[from] redirect_common::chain::TooManyRules),
+}

@@ -1,0 +1,149 @@
+//! istio-iptables' flags, as clap sees them, with the sidecar injection's values as defaults.
+
+use clap::Args;
+use redirect_common::config::{self, CaptureConfig, ConfigError};
+
+/// The capture flags, named and defaulted as `istio-iptables` for the default injection
+/// (`-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -b '*' -d 15090,15021,15020`).
+#[derive(Args, Debug, Clone)]
+pub struct CaptureFlags {
+    /// Outbound capture port (ISTIO_REDIRECT target).
+    #[arg(
+        short = 'p',
+        long = "envoy-port",
+        default_value = "15001",
+        value_name = "PORT"
+    )]
+    pub envoy_port: String,
+    /// Inbound capture port (ISTIO_IN_REDIRECT target).
+    #[arg(
+        short = 'z',
+        long = "inbound-capture-port",
+        default_value = "15006",
+        value_name = "PORT"
+    )]
+    pub inbound_capture_port: String,
+    /// HBONE tunnel port: never redirected from the proxy to its own pod.
+    #[arg(
+        short = 'e',
+        long = "inbound-tunnel-port",
+        default_value = "15008",
+        value_name = "PORT"
+    )]
+    pub inbound_tunnel_port: String,
+    /// Comma list of UIDs whose connections are never captured (the proxy's).
+    #[arg(
+        short = 'u',
+        long = "proxy-uid",
+        default_value = "1337",
+        value_name = "UIDS"
+    )]
+    pub proxy_uid: String,
+    /// Comma list of GIDs whose connections are never captured (default: the -u list).
+    #[arg(short = 'g', long = "proxy-gid", value_name = "GIDS")]
+    pub proxy_gid: Option<String>,
+    /// Inbound interception mode; only REDIRECT is supported.
+    #[arg(
+        short = 'm',
+        long = "istio-inbound-interception-mode",
+        default_value = "REDIRECT",
+        value_name = "MODE"
+    )]
+    pub inbound_mode: String,
+    /// Outbound CIDRs to capture: '*' for all, a comma list, or '' for none.
+    #[arg(
+        short = 'i',
+        long = "istio-service-cidr",
+        default_value = "*",
+        value_name = "CIDRS"
+    )]
+    pub service_cidr: String,
+    /// Outbound CIDRs never captured.
+    #[arg(
+        short = 'x',
+        long = "istio-service-exclude-cidr",
+        default_value = "",
+        value_name = "CIDRS"
+    )]
+    pub service_exclude_cidr: String,
+    /// Inbound ports to capture: '*' for all, a comma list, or '' for none.
+    #[arg(
+        short = 'b',
+        long = "istio-inbound-ports",
+        default_value = "*",
+        value_name = "PORTS"
+    )]
+    pub inbound_ports: String,
+    /// Inbound ports never captured (with -b '*').
+    #[arg(
+        short = 'd',
+        long = "istio-local-exclude-ports",
+        default_value = "15090,15021,15020",
+        value_name = "PORTS"
+    )]
+    pub local_exclude_ports: String,
+    /// Outbound ports always captured.
+    #[arg(
+        short = 'q',
+        long = "istio-outbound-ports",
+        default_value = "",
+        value_name = "PORTS"
+    )]
+    pub outbound_ports: String,
+    /// Outbound ports never captured.
+    #[arg(
+        short = 'o',
+        long = "istio-local-outbound-ports-exclude",
+        default_value = "",
+        value_name = "PORTS"
+    )]
+    pub outbound_ports_exclude: String,
+}
+
+impl CaptureFlags {
+    pub fn to_config(&self) -> Result<CaptureConfig, ConfigError> {
+        let uids = config::parse_ids("-u/--proxy-uid", &self.proxy_uid)?;
+        let gids = match &self.proxy_gid {
+            Some(g) => config::parse_ids("-g/--proxy-gid", g)?,
+            None => uids.clone(),
+        };
+        Ok(CaptureConfig {
+            envoy_port: config::parse_port("-p/--envoy-port", &self.envoy_port)?,
+            inbound_capture_port: config::parse_port(
+                "-z/--inbound-capture-port",
+                &self.inbound_capture_port,
+            )?,
+            inbound_tunnel_port: config::parse_port(
+                "-e/--inbound-tunnel-port",
+                &self.inbound_tunnel_port,
+            )?,
+            proxy_uids: uids,
+            proxy_gids: gids,
+            inbound_mode: config::parse_mode(
+                "-m/--istio-inbound-interception-mode",
+                &self.inbound_mode,
+            )?,
+            outbound_cidrs: config::parse_cidr_include(
+                "-i/--istio-service-cidr",
+                &self.service_cidr,
+            )?,
+            outbound_exclude_cidrs: config::parse_cidrs(
+                "-x/--istio-service-exclude-cidr",
+                &self.service_exclude_cidr,
+            )?,
+            inbound_ports: config::parse_port_include(
+                "-b/--istio-inbound-ports",
+                &self.inbound_ports,
+            )?,
+            inbound_exclude_ports: config::parse_ports(
+                "-d/--istio-local-exclude-ports",
+                &self.local_exclude_ports,
+            )?,
+            outbound_ports: config::parse_ports("-q/--istio-outbound-ports", &self.outbound_ports)?,
+            outbound_exclude_ports: config::parse_ports(
+                "-o/--istio-local-outbound-ports-exclude",
+                &self.outbound_ports_exclude,
+            )?,
+        })
+    }
+}

@@ -1,0 +1,339 @@
+//! Loading, pinning, configuring and attaching the eBPF programs of one instance.
+//!
+//! Order matters for "never half-attached": everything that can fail (verifier, maps, pins,
+//! listeners) happens before the first attach, sock_ops attaches before connect4 so every
+//! redirected socket is tracked, and dropping [`Loaded`] detaches (the links are owned by the
+//! programs) before [`InstanceDirs`] removes the pins.
+
+use std::{
+    fs::File,
+    io::Write as _,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, Map, MapData, PerCpuArray},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+    util::KernelVersion,
+};
+use redirect_common::{MAX_RULES, Rule, Workload, maps, programs};
+use serde::Serialize;
+
+use crate::{
+    error::{LoadError, SysError},
+    sys::{PIN_ROOT, RUN_DIR},
+};
+
+/// The object built from `redirect-ebpf` by build.rs (aya-build).
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-ebpf"));
+
+/// Flags 0: see [`Loaded::attach`].
+const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
+/// Oldest kernel with everything used: bpf_get_netns_cookie in sock_ops and SO_NETNS_COOKIE.
+const MIN_KERNEL: (u32, u32) = (5, 15);
+
+pub fn check_kernel() -> Result<(), LoadError> {
+    let v = KernelVersion::current().map_err(|e| LoadError::Kernel {
+        found: format!("(unknown: {e})"),
+        needed: "5.15",
+        why: "netns cookies in sock_ops and SO_NETNS_COOKIE",
+    })?;
+    if v < KernelVersion::new(MIN_KERNEL.0 as u8, MIN_KERNEL.1 as u8, 0) {
+        return Err(LoadError::Kernel {
+            found: v.to_string(),
+            needed: "5.15",
+            why: "netns cookies in sock_ops and SO_NETNS_COOKIE",
+        });
+    }
+    Ok(())
+}
+
+fn kernel_string() -> String {
+    KernelVersion::current().map_or_else(|_| "unknown".into(), |v| v.to_string())
+}
+
+/// An instance's pin directory, lock and state file. Claimed before loading, removed on drop.
+pub struct InstanceDirs {
+    name: String,
+    pin_dir: PathBuf,
+    lock_path: PathBuf,
+    state_path: PathBuf,
+    _lock: File,
+}
+
+pub fn validate_name(name: &str) -> Result<(), LoadError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(LoadError::BadName(name.into()))
+    }
+}
+
+pub fn pin_dir(name: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(name)
+}
+
+pub fn state_path(name: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("{name}.json"))
+}
+
+impl InstanceDirs {
+    pub fn claim(name: &str) -> Result<Self, LoadError> {
+        validate_name(name)?;
+        let io = |what: String| move |e| LoadError::Sys(SysError::Io(what, e));
+        std::fs::create_dir_all(RUN_DIR).map_err(io(format!("create {RUN_DIR}")))?;
+        let lock_path = Path::new(RUN_DIR).join(format!("{name}.lock"));
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(format!("open {}", lock_path.display())))?;
+        // SAFETY: valid fd; non-blocking exclusive lock, released when the file closes.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(LoadError::AlreadyRunning {
+                name: name.into(),
+                lock: lock_path,
+            });
+        }
+        let pin_dir = pin_dir(name);
+        if pin_dir.exists() {
+            // Nobody holds the lock, so these are left over from a process that was killed.
+            tracing::warn!(dir = %pin_dir.display(), "removing stale pins of a previous run");
+            std::fs::remove_dir_all(&pin_dir)
+                .map_err(io(format!("remove {}", pin_dir.display())))?;
+        }
+        std::fs::create_dir_all(&pin_dir).map_err(io(format!("create {}", pin_dir.display())))?;
+        Ok(Self {
+            name: name.into(),
+            pin_dir,
+            lock_path,
+            state_path: state_path(name),
+            _lock: lock,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Written once everything is attached: its existence means "ready".
+    pub fn write_state(&self, state: &InstanceState) -> std::io::Result<()> {
+        let tmp = self.state_path.with_extension("json.tmp");
+        let mut f = File::create(&tmp)?;
+        serde_json::to_writer_pretty(&mut f, state)?;
+        f.write_all(b"\n")?;
+        std::fs::rename(tmp, &self.state_path)
+    }
+}
+
+impl Drop for InstanceDirs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.state_path);
+        if let Err(e) = std::fs::remove_dir_all(&self.pin_dir) {
+            tracing::warn!(dir = %self.pin_dir.display(), "removing pins: {e}");
+        }
+        // The pin root is shared by instances; remove it only when this was the last one.
+        let _ = std::fs::remove_dir(PIN_ROOT);
+        let _ = std::fs::remove_file(&self.lock_path);
+    }
+}
+
+/// What a running instance publishes in `/run/redirect/<name>.json`.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct InstanceState {
+    pub name: String,
+    pub pid: u32,
+    pub cgroup: PathBuf,
+    pub netns: PathBuf,
+    pub netns_cookie: u64,
+    pub proxy: String,
+    pub programs: Vec<ProgramState>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct ProgramState {
+    pub name: String,
+    pub id: u32,
+}
+
+/// The loaded (verified) object; programs attach through [`Loaded::attach`].
+pub struct Loaded {
+    ebpf: Ebpf,
+    // Declared after `ebpf`: fields drop in order, so programs detach before pins go.
+    dirs: InstanceDirs,
+}
+
+fn verifier_error(prog: &'static str, e: ProgramError) -> LoadError {
+    let reason = match &e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            tracing::debug!(prog, "verifier log:\n{verifier_log}");
+            io_error.to_string()
+        }
+        other => other.to_string(),
+    };
+    LoadError::Verifier {
+        prog,
+        reason,
+        kernel: kernel_string(),
+    }
+}
+
+impl Loaded {
+    /// Loads the object, pins its maps and loads (verifies) every program, attaching nothing.
+    pub fn load(dirs: InstanceDirs, max_tracked_connections: u32) -> Result<Self, LoadError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::ORIG_BY_COOKIE, max_tracked_connections)
+            .map_max_entries(maps::ORIG_BY_TUPLE, max_tracked_connections)
+            .load(EBPF_OBJECT)
+            .map_err(LoadError::Object)?;
+        for name in maps::ALL {
+            let map = ebpf.map(name).ok_or(LoadError::MissingMap(name))?;
+            let path = dirs.pin_dir.join(name);
+            map.pin(&path)
+                .map_err(|source| LoadError::Pin { path, source })?;
+        }
+        let prog: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
+        prog.load()
+            .map_err(|e| verifier_error(programs::SOCK_OPS, e))?;
+        let prog: &mut CgroupSockAddr = program(&mut ebpf, programs::CONNECT4)?;
+        prog.load()
+            .map_err(|e| verifier_error(programs::CONNECT4, e))?;
+        Ok(Self { ebpf, dirs })
+    }
+
+    pub fn dirs(&self) -> &InstanceDirs {
+        &self.dirs
+    }
+
+    /// Installs one workload's chain, keyed by its namespace cookie.
+    pub fn set_workload(
+        &mut self,
+        netns_cookie: u64,
+        rules: &[Rule],
+        outbound_port: u16,
+        inbound_port: u16,
+    ) -> Result<(), LoadError> {
+        debug_assert!(rules.len() <= MAX_RULES, "chain::compile bounds the chain");
+        let mut w = Workload::empty();
+        w.n_rules = rules.len() as u32;
+        w.rules[..rules.len()].copy_from_slice(rules);
+        w.outbound_port = outbound_port;
+        w.inbound_port = inbound_port;
+        // A single-workload instance uses counter slots from 0.
+        w.counter_base = 0;
+        let map = self
+            .ebpf
+            .map_mut(maps::WORKLOADS)
+            .ok_or(LoadError::MissingMap(maps::WORKLOADS))?;
+        let mut workloads: HashMap<_, u64, Workload> =
+            HashMap::try_from(map).map_err(|source| LoadError::Map {
+                map: maps::WORKLOADS,
+                source,
+            })?;
+        workloads
+            .insert(netns_cookie, w, 0)
+            .map_err(|source| LoadError::Map {
+                map: maps::WORKLOADS,
+                source,
+            })
+    }
+
+    /// Moves a map out, for a task that owns it (address watcher, proxy).
+    pub fn take_map(&mut self, name: &'static str) -> Result<Map, LoadError> {
+        self.ebpf.take_map(name).ok_or(LoadError::MissingMap(name))
+    }
+
+    /// Attaches sock_ops, then connect4, to the cgroup.
+    ///
+    /// On the kernels we support (5.7+) aya attaches through `bpf_link_create`, and a cgroup
+    /// bpf_link always joins the cgroup's multi-program list: it coexists with other agents'
+    /// programs. The kernel refuses any flag on that path (EINVAL), BPF_F_ALLOW_MULTI
+    /// included, so the mode passed is the flagless one.
+    pub fn attach(
+        &mut self,
+        cgroup: &File,
+        cgroup_path: &Path,
+    ) -> Result<Vec<ProgramState>, LoadError> {
+        let attach_err = |prog, source| LoadError::Attach {
+            prog,
+            cgroup: cgroup_path.to_owned(),
+            source,
+        };
+        let mut ids = Vec::new();
+        let prog: &mut SockOps = program(&mut self.ebpf, programs::SOCK_OPS)?;
+        prog.attach(cgroup, LINK_MODE)
+            .map_err(|e| attach_err(programs::SOCK_OPS, e))?;
+        ids.push(ProgramState {
+            name: programs::SOCK_OPS.into(),
+            id: prog_id(prog.info())?,
+        });
+        let prog: &mut CgroupSockAddr = program(&mut self.ebpf, programs::CONNECT4)?;
+        prog.attach(cgroup, LINK_MODE)
+            .map_err(|e| attach_err(programs::CONNECT4, e))?;
+        ids.push(ProgramState {
+            name: programs::CONNECT4.into(),
+            id: prog_id(prog.info())?,
+        });
+        Ok(ids)
+    }
+}
+
+fn prog_id(info: Result<aya::programs::ProgramInfo, ProgramError>) -> Result<u32, LoadError> {
+    info.map(|i| i.id()).map_err(|e| LoadError::Verifier {
+        prog: "program info",
+        reason: e.to_string(),
+        kernel: kernel_string(),
+    })
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let p = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?;
+    p.try_into().map_err(|_| LoadError::MissingProgram(name))
+}
+
+/// Opens an instance's pinned maps read-only for `stats`.
+pub fn open_pinned(
+    name: &str,
+) -> Result<(HashMap<MapData, u64, Workload>, PerCpuArray<MapData, u64>), LoadError> {
+    validate_name(name)?;
+    let dir = pin_dir(name);
+    let open = |map: &'static str| {
+        MapData::from_pin(dir.join(map))
+            .map(Map::from_map_data)
+            .map_err(|source| LoadError::Map { map, source })
+    };
+    let workloads = open(maps::WORKLOADS)?.map_err(|source| LoadError::Map {
+        map: maps::WORKLOADS,
+        source,
+    })?;
+    let counters = open(maps::RULE_COUNTERS)?.map_err(|source| LoadError::Map {
+        map: maps::RULE_COUNTERS,
+        source,
+    })?;
+    let workloads = HashMap::try_from(workloads).map_err(|source| LoadError::Map {
+        map: maps::WORKLOADS,
+        source,
+    })?;
+    let counters = PerCpuArray::try_from(counters).map_err(|source| LoadError::Map {
+        map: maps::RULE_COUNTERS,
+        source,
+    })?;
+    Ok((workloads, counters))
+}

@@ -1,0 +1,142 @@
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand, error::ErrorKind};
+use redirect_agent::{
+    demo,
+    flags::CaptureFlags,
+    probe::{self, ProbeArgs},
+    run::{self, ProxyMode, RunOptions},
+    stats,
+};
+use tracing_subscriber::EnvFilter;
+
+/// eBPF replacement for istio-iptables' NAT chains, with an embedded proxy loop.
+#[derive(Parser, Debug)]
+#[command(name = "redirect-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Capture one workload's connections until SIGINT/SIGTERM, then detach.
+    Run(RunArgs),
+    /// Print a running instance's per-rule counters.
+    Stats {
+        /// Instance name (as given to `run --name`).
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Print JSON: {"rules":[{"chain","rule","match","target","connections"}, ...]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the agent on a throw-away workload and show where its connections land.
+    Demo,
+    /// One client connection from inside a workload (used by demo and the tests).
+    #[command(hide = true)]
+    Probe(ProbeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// cgroup v2 directory whose processes are captured.
+    #[arg(long, value_name = "PATH")]
+    cgroup: PathBuf,
+    /// The workload's network namespace (default: the agent's own).
+    #[arg(long, value_name = "PATH", default_value = "/proc/self/ns/net")]
+    netns: PathBuf,
+    /// Serve the capture ports with the embedded proxy, or leave them to another proxy.
+    #[arg(long, value_enum, default_value_t = ProxyMode::Embedded)]
+    proxy: ProxyMode,
+    /// Instance name: pins go to /sys/fs/bpf/redirect/NAME/.
+    #[arg(long, default_value = "default")]
+    name: String,
+    /// Size of the original-destination maps (LRU): connections tracked at once.
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    max_tracked_connections: u32,
+    /// Connections the embedded proxy serves at once; more are reset.
+    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    max_proxy_connections: u32,
+    /// Upstream connect timeout of the embedded proxy, in milliseconds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    connect_timeout_ms: u64,
+    #[command(flatten)]
+    capture: CaptureFlags,
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// One line, non-zero exit: what the guide asks of every bad input.
+fn fail(e: &anyhow::Error) -> ExitCode {
+    eprintln!("redirect-agent: error: {e:#}");
+    ExitCode::FAILURE
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap's first line names the flag and the value; the rest is a usage hint.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!(
+                "redirect-agent: {}",
+                first.trim_start_matches("error: ").trim()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    // The probe switches cgroup, namespace and identity: it must stay single-threaded.
+    if let Command::Probe(args) = &cli.command {
+        return probe::main(args);
+    }
+    init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e.into()),
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => {
+                let capture = args.capture.to_config()?;
+                let opts = RunOptions {
+                    name: args.name,
+                    cgroup: args.cgroup,
+                    netns: args.netns,
+                    proxy: args.proxy,
+                    capture,
+                    max_tracked_connections: args.max_tracked_connections,
+                    max_proxy_connections: args.max_proxy_connections as usize,
+                    connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+                };
+                run::run(opts, run::termination_signal()).await
+            }
+            Command::Stats { name, json } => {
+                let s = stats::read(&name)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&s)?);
+                } else {
+                    print!("{}", stats::render_text(&s));
+                }
+                Ok(())
+            }
+            Command::Demo => demo::run(),
+            Command::Probe(_) => unreachable!("handled before the runtime starts"),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}

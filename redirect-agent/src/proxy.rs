@@ -1,0 +1,315 @@
+//! The embedded proxy loop: listeners on the capture ports inside the workload's namespace,
+//! forwarding each accepted connection to its original destination.
+//!
+//! Sockets are created by threads that entered the workload's namespace; tokio's own threads
+//! never change namespace. The agent is outside the captured cgroup, so its upstream connects
+//! are never redirected back to itself.
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    time::Duration,
+};
+
+use aya::maps::{HashMap, MapData};
+use redirect_common::{OrigDst, Target, TupleKey, chain::INBOUND_PASSTHROUGH_SRC};
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::{Semaphore, oneshot},
+    task::JoinSet,
+};
+
+use crate::sys::Netns;
+
+/// Bytes buffered per direction per connection.
+const COPY_BUF: usize = 64 * 1024;
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// The original destination of connections accepted on the capture ports.
+///
+/// This is the one lookup every listener uses: the key is the accepted socket's peer (the
+/// workload's socket) and local address (the capture listener), plus the namespace, exactly
+/// as `sockops` wrote it when the workload's side became established.
+pub struct OrigDstTable {
+    map: HashMap<MapData, TupleKey, OrigDst>,
+    netns_cookie: u64,
+}
+
+/// Where and why a connection was redirected.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Destination {
+    pub addr: SocketAddrV4,
+    pub target: Option<Target>,
+}
+
+fn be(ip: Ipv4Addr) -> u32 {
+    u32::from(ip).to_be()
+}
+
+impl OrigDstTable {
+    pub fn new(map: HashMap<MapData, TupleKey, OrigDst>, netns_cookie: u64) -> Self {
+        Self { map, netns_cookie }
+    }
+
+    /// `peer` is the accepted socket's remote address (the workload side), `local` its local
+    /// address (the capture listener). `None`: the kernel recorded nothing for this
+    /// connection (not redirected by us, or already closed by the workload).
+    pub fn lookup(&self, peer: SocketAddrV4, local: SocketAddrV4) -> Option<Destination> {
+        let key = TupleKey {
+            netns_cookie: self.netns_cookie,
+            src_addr: be(*peer.ip()),
+            dst_addr: be(*local.ip()),
+            src_port: peer.port(),
+            dst_port: local.port(),
+            _pad: 0,
+        };
+        let v = self.map.get(&key, 0).ok()?;
+        Some(Destination {
+            addr: SocketAddrV4::new(Ipv4Addr::from(u32::from_be(v.addr)), v.port),
+            target: Target::from_u8(v.target),
+        })
+    }
+}
+
+type SocketRequest = oneshot::Sender<io::Result<TcpSocket>>;
+
+/// Makes TCP sockets inside the workload's namespace, from one long-lived thread that entered
+/// it (a thread per connection would cost more than the connection's first packet).
+#[derive(Clone)]
+pub struct NetnsDialer {
+    tx: mpsc::Sender<SocketRequest>,
+}
+
+impl NetnsDialer {
+    pub fn start(netns: &Netns) -> io::Result<Self> {
+        let netns = netns.try_clone()?;
+        let (tx, rx) = mpsc::channel::<SocketRequest>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("netns-dialer".into())
+            .spawn(move || {
+                if let Err(e) = netns.enter_current_thread() {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+                let _ = ready_tx.send(Ok(()));
+                // Ends when every sender (the proxy) is gone.
+                while let Ok(reply) = rx.recv() {
+                    let _ = reply.send(TcpSocket::new_v4());
+                }
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("dialer thread died"))??;
+        Ok(Self { tx })
+    }
+
+    pub async fn socket(&self) -> io::Result<TcpSocket> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(reply)
+            .map_err(|_| io::Error::other("dialer thread is gone"))?;
+        rx.await
+            .map_err(|_| io::Error::other("dialer thread dropped the request"))?
+    }
+}
+
+/// Which capture port a listener serves.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// `-p` (15001): outbound; upstream connects from the workload's own addresses.
+    Outbound,
+    /// `-z` (15006): inbound; upstream binds 127.0.0.6 so ISTIO_OUTPUT's first rule lets it by.
+    Inbound,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Outbound => "outbound",
+            Side::Inbound => "inbound",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    pub outbound: SocketAddrV4,
+    pub inbound: SocketAddrV4,
+    pub connect_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// Counts the proxy keeps for its logs (and, later, metrics).
+#[derive(Debug, Default)]
+pub struct ProxyCounters {
+    pub accepted: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub no_original_dst: AtomicU64,
+    pub upstream_failed: AtomicU64,
+    pub over_limit: AtomicU64,
+}
+
+/// Listeners bound inside the namespace, not yet serving.
+pub struct Listeners {
+    sockets: Vec<(Side, TcpSocket)>,
+}
+
+impl Listeners {
+    pub fn bind(netns: &Netns, cfg: &ProxyConfig) -> io::Result<Self> {
+        let bind = |addr: SocketAddrV4| -> io::Result<TcpSocket> {
+            let s = TcpSocket::new_v4()?;
+            s.set_reuseaddr(true)?;
+            s.bind(addr.into())
+                .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
+            Ok(s)
+        };
+        let (outbound, inbound) = (cfg.outbound, cfg.inbound);
+        let sockets = netns.run(move || {
+            Ok(vec![
+                (Side::Outbound, bind(outbound)?),
+                (Side::Inbound, bind(inbound)?),
+            ])
+        })?;
+        Ok(Self { sockets })
+    }
+}
+
+/// The running proxy; dropping it stops the listeners and aborts open connections.
+pub struct Proxy {
+    tasks: JoinSet<()>,
+    pub counters: Arc<ProxyCounters>,
+}
+
+struct Shared {
+    table: OrigDstTable,
+    dialer: NetnsDialer,
+    cfg: ProxyConfig,
+    limit: Arc<Semaphore>,
+    counters: Arc<ProxyCounters>,
+}
+
+impl Proxy {
+    /// Starts serving. Must run inside the tokio runtime.
+    pub fn start(
+        listeners: Listeners,
+        table: OrigDstTable,
+        dialer: NetnsDialer,
+        cfg: ProxyConfig,
+    ) -> io::Result<Self> {
+        let counters = Arc::new(ProxyCounters::default());
+        let shared = Arc::new(Shared {
+            table,
+            dialer,
+            limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            cfg,
+            counters: counters.clone(),
+        });
+        let mut tasks = JoinSet::new();
+        for (side, socket) in listeners.sockets {
+            let listener = socket.listen(LISTEN_BACKLOG)?;
+            tracing::info!(side = side.name(), addr = %listener.local_addr()?, "proxy listening");
+            tasks.spawn(accept_loop(listener, side, shared.clone()));
+        }
+        Ok(Self { tasks, counters })
+    }
+
+    pub async fn shutdown(mut self) {
+        self.tasks.shutdown().await;
+    }
+}
+
+async fn accept_loop(listener: TcpListener, side: Side, shared: Arc<Shared>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                    let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
+                        shared.counters.over_limit.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%peer, limit = shared.cfg.max_connections, "connection limit reached; resetting");
+                        reset(stream);
+                        continue;
+                    };
+                    let shared = shared.clone();
+                    conns.spawn(async move {
+                        serve(stream, peer, side, &shared).await;
+                        drop(permit);
+                    });
+                }
+                // EMFILE and friends: back off instead of spinning.
+                Err(e) => {
+                    tracing::warn!(side = side.name(), "accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+/// Closes with RST, so the workload sees a failure at once instead of a clean EOF or a hang.
+fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared) {
+    let (SocketAddr::V4(peer4), Ok(SocketAddr::V4(local))) = (peer, client.local_addr()) else {
+        tracing::warn!(%peer, "not an IPv4 connection; resetting");
+        return reset(client);
+    };
+    let Some(dst) = shared.table.lookup(peer4, local) else {
+        shared
+            .counters
+            .no_original_dst
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%peer, %local, "no original destination recorded for this connection; resetting");
+        return reset(client);
+    };
+    let upstream = match connect_upstream(dst.addr, side, shared).await {
+        Ok(s) => s,
+        Err(e) => {
+            shared
+                .counters
+                .upstream_failed
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, dst = %dst.addr, "upstream connect failed: {e}; resetting");
+            return reset(client);
+        }
+    };
+    shared.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(%peer, dst = %dst.addr, side = side.name(), "forwarding");
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let (mut client, mut upstream) = (client, upstream);
+    // Half-close is carried across: EOF on one side shuts down writing on the other, and the
+    // other direction keeps flowing until it ends too.
+    match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUF, COPY_BUF)
+        .await
+    {
+        Ok((up, down)) => tracing::debug!(%peer, dst = %dst.addr, up, down, "closed"),
+        Err(e) => {
+            tracing::debug!(%peer, dst = %dst.addr, "copy ended: {e}");
+            // Pass an abort on rather than turning it into a clean close.
+            reset(client);
+            reset(upstream);
+        }
+    }
+}
+
+async fn connect_upstream(dst: SocketAddrV4, side: Side, shared: &Shared) -> io::Result<TcpStream> {
+    let socket = shared.dialer.socket().await?;
+    if side == Side::Inbound {
+        socket.bind(SocketAddrV4::new(INBOUND_PASSTHROUGH_SRC, 0).into())?;
+    }
+    tokio::time::timeout(shared.cfg.connect_timeout, socket.connect(dst.into()))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+}

@@ -1,0 +1,162 @@
+//! `redirect-agent run`: one workload (a cgroup and its network namespace), from attach to
+//! detach.
+
+use std::{
+    future::Future,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use aya::maps::HashMap;
+use redirect_common::{config::CaptureConfig, maps};
+
+use crate::{
+    addrs::LocalAddrs,
+    loader::{self, InstanceDirs, InstanceState, Loaded},
+    proxy::{Listeners, NetnsDialer, OrigDstTable, Proxy, ProxyConfig},
+    sys::{self, Netns},
+};
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyMode {
+    /// Listeners on the capture ports inside the workload's namespace forward to the original
+    /// destinations.
+    Embedded,
+    /// No listeners: another proxy (Envoy) owns the capture ports.
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub name: String,
+    pub cgroup: PathBuf,
+    pub netns: PathBuf,
+    pub proxy: ProxyMode,
+    pub capture: CaptureConfig,
+    pub max_tracked_connections: u32,
+    pub max_proxy_connections: usize,
+    pub connect_timeout: Duration,
+}
+
+/// Runs until `shutdown` resolves, then detaches and removes everything it created. Any error
+/// before that leaves nothing attached: each step's guard undoes it on the way out.
+pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    sys::require_privileges("redirect-agent run")?;
+    loader::check_kernel()?;
+    loader::validate_name(&opts.name)?;
+    let rules = redirect_common::chain::compile(&opts.capture)?;
+    let cgroup = sys::open_cgroup2_dir(&opts.cgroup)?;
+    let netns = Netns::open(&opts.netns)?;
+    let netns_cookie = netns
+        .cookie()
+        .with_context(|| format!("netns cookie of {}", opts.netns.display()))?;
+    sys::raise_nofile_limit();
+    sys::ensure_bpffs()?;
+
+    let dirs = InstanceDirs::claim(&opts.name)?;
+    let mut loaded = Loaded::load(dirs, opts.max_tracked_connections)?;
+    loaded.set_workload(
+        netns_cookie,
+        &rules,
+        opts.capture.envoy_port,
+        opts.capture.inbound_capture_port,
+    )?;
+
+    let local_map = HashMap::try_from(loaded.take_map(maps::LOCAL_ADDRS)?)
+        .map_err(|e| anyhow::anyhow!("map {}: {e}", maps::LOCAL_ADDRS))?;
+    let local = LocalAddrs::install(&netns, local_map, netns_cookie)
+        .with_context(|| format!("reading the addresses of {}", opts.netns.display()))?;
+    tracing::info!(addresses = ?local.addresses(), "local addresses of the workload");
+    let watch_ns = netns.try_clone()?;
+    let watcher = tokio::spawn(async move {
+        if let Err(e) = local.watch(watch_ns).await {
+            tracing::error!("local address watcher stopped: {e}; -o lo decisions may be stale");
+        }
+    });
+    let _watcher = AbortOnDrop(watcher);
+
+    let proxy = match opts.proxy {
+        ProxyMode::None => None,
+        ProxyMode::Embedded => {
+            let cfg = ProxyConfig {
+                outbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, opts.capture.envoy_port),
+                inbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, opts.capture.inbound_capture_port),
+                connect_timeout: opts.connect_timeout,
+                max_connections: opts.max_proxy_connections,
+            };
+            let listeners = Listeners::bind(&netns, &cfg)
+                .with_context(|| format!("proxy listeners in {}", opts.netns.display()))?;
+            let tuple_map = HashMap::try_from(loaded.take_map(maps::ORIG_BY_TUPLE)?)
+                .map_err(|e| anyhow::anyhow!("map {}: {e}", maps::ORIG_BY_TUPLE))?;
+            let table = OrigDstTable::new(tuple_map, netns_cookie);
+            let dialer = NetnsDialer::start(&netns)?;
+            Some(Proxy::start(listeners, table, dialer, cfg)?)
+        }
+    };
+
+    let programs = loaded.attach(&cgroup, &opts.cgroup)?;
+    loaded.dirs().write_state(&InstanceState {
+        name: opts.name.clone(),
+        pid: std::process::id(),
+        cgroup: opts.cgroup.clone(),
+        netns: opts.netns.clone(),
+        netns_cookie,
+        proxy: format!("{:?}", opts.proxy).to_lowercase(),
+        programs,
+    })?;
+    tracing::info!(
+        name = %opts.name,
+        cgroup = %opts.cgroup.display(),
+        netns = %opts.netns.display(),
+        netns_cookie,
+        rules = rules.len(),
+        "attached; capturing"
+    );
+
+    shutdown.await;
+
+    // Detach first so no new connection is sent to listeners that are about to close.
+    drop(loaded);
+    if let Some(proxy) = proxy {
+        let c = &proxy.counters;
+        tracing::info!(
+            accepted = c.accepted.load(std::sync::atomic::Ordering::Relaxed),
+            forwarded = c.forwarded.load(std::sync::atomic::Ordering::Relaxed),
+            no_original_dst = c.no_original_dst.load(std::sync::atomic::Ordering::Relaxed),
+            upstream_failed = c.upstream_failed.load(std::sync::atomic::Ordering::Relaxed),
+            "proxy stopped"
+        );
+        proxy.shutdown().await;
+    }
+    tracing::info!(name = %opts.name, "detached; pins removed");
+    Ok(())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn termination_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => tracing::info!("SIGINT: detaching"),
+                _ = term.recv() => tracing::info!("SIGTERM: detaching"),
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stopping now");
+        }
+    }
+}

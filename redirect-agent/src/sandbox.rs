@@ -1,0 +1,443 @@
+//! Throw-away workloads for `demo` and the integration tests: a network-namespace pair joined
+//! by a veth (10.200.0.0/16, no default route, so nothing can leave the machine), a cgroup,
+//! plain servers, the agent as a child process, and probes run from inside the workload.
+//! Every piece removes itself on drop, also when a test panics.
+
+use std::{
+    io::{self, BufRead, Read, Write},
+    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crate::{loader, probe::ProbeResult, sys};
+
+/// Largest request a test server buffers before answering.
+const SERVER_MAX_BYTES: usize = 16 << 20;
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// A name no other test or demo on this machine is using right now.
+pub fn unique(tag: &str) -> String {
+    format!(
+        "rd-{tag}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs a command, failing with its stderr.
+pub fn cmd(program: &str, args: &[&str]) -> io::Result<()> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(io::Error::other(format!(
+        "{program} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+pub struct NamedNetns {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl NamedNetns {
+    pub fn create(name: &str) -> io::Result<Self> {
+        cmd("ip", &["netns", "add", name])?;
+        let ns = Self {
+            name: name.into(),
+            path: Path::new("/run/netns").join(name),
+        };
+        cmd("ip", &["-n", name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn open(&self) -> io::Result<sys::Netns> {
+        sys::Netns::open(&self.path).map_err(io::Error::other)
+    }
+
+    /// `ip -n NAME ...`
+    pub fn ip(&self, args: &[&str]) -> io::Result<()> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        cmd("ip", &all)
+    }
+}
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        let _ = cmd("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// A workload namespace and a "remote host" namespace on one /24 of 10.200.0.0/16.
+pub struct NetnsPair {
+    pub workload: NamedNetns,
+    pub remote: NamedNetns,
+    pub workload_ip: Ipv4Addr,
+    pub remote_ip: Ipv4Addr,
+}
+
+impl NetnsPair {
+    /// Each pair is its own world, so every pair can use the same subnet.
+    pub fn create(tag: &str) -> io::Result<Self> {
+        let base = unique(tag);
+        let workload = NamedNetns::create(&format!("{base}-w"))?;
+        let remote = NamedNetns::create(&format!("{base}-r"))?;
+        let (workload_ip, remote_ip) = (Ipv4Addr::new(10, 200, 1, 1), Ipv4Addr::new(10, 200, 1, 2));
+        workload.ip(&[
+            "link",
+            "add",
+            "w0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "r0",
+            "netns",
+            &remote.name,
+        ])?;
+        workload.ip(&["addr", "add", "10.200.1.1/24", "dev", "w0"])?;
+        remote.ip(&["addr", "add", "10.200.1.2/24", "dev", "r0"])?;
+        workload.ip(&["link", "set", "w0", "up"])?;
+        remote.ip(&["link", "set", "r0", "up"])?;
+        Ok(Self {
+            workload,
+            remote,
+            workload_ip,
+            remote_ip,
+        })
+    }
+}
+
+/// A cgroup v2 directory under the cgroup2 mount; its processes are killed and the directory
+/// removed on drop.
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn create(tag: &str) -> io::Result<Self> {
+        let root = sys::cgroup2_root().map_err(io::Error::other)?;
+        let path = root.join(unique(tag));
+        std::fs::create_dir(&path)?;
+        Ok(Self { path })
+    }
+
+    pub fn procs(&self) -> Vec<i32> {
+        std::fs::read_to_string(self.path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            for pid in self.procs() {
+                // SAFETY: signalling a pid; a stale pid at worst gets ESRCH.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            if std::fs::remove_dir(&self.path).is_ok() || Instant::now() > deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A plain TCP server: on accept it sends one line naming itself and both addresses of the
+/// connection, reads the request until EOF (the client's half-close), then echoes it and
+/// closes. It records every peer it accepted.
+pub struct TestServer {
+    pub name: String,
+    pub addr: SocketAddrV4,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<Mutex<Vec<SocketAddr>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The first line a [`TestServer`] sends.
+pub fn server_banner(name: &str, local: SocketAddr, peer: SocketAddr) -> String {
+    format!("REDIRECT-TEST name={name} local={local} peer={peer}\n")
+}
+
+impl TestServer {
+    pub fn start(netns: &NamedNetns, addr: SocketAddrV4, name: &str) -> io::Result<Self> {
+        let listener = netns.open()?.run(move || TcpListener::bind(addr))?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let (stop2, accepted2, name2) = (stop.clone(), accepted.clone(), name.to_owned());
+        let thread = std::thread::spawn(move || {
+            let mut workers = Vec::new();
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, peer)) => {
+                        accepted2
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(peer);
+                        let name = name2.clone();
+                        workers.push(std::thread::spawn(move || {
+                            let _ = serve_one(stream, peer, &name);
+                        }));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+            for w in workers {
+                let _ = w.join();
+            }
+        });
+        Ok(Self {
+            name: name.into(),
+            addr,
+            stop,
+            accepted,
+            thread: Some(thread),
+        })
+    }
+
+    /// Peers accepted so far.
+    pub fn accepted(&self) -> Vec<SocketAddr> {
+        self.accepted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+fn serve_one(mut stream: TcpStream, peer: SocketAddr, name: &str) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let local = stream.local_addr()?;
+    stream.write_all(server_banner(name, local, peer).as_bytes())?;
+    let mut body = Vec::new();
+    (&mut stream)
+        .take(SERVER_MAX_BYTES as u64)
+        .read_to_end(&mut body)?;
+    stream.write_all(&body)?;
+    stream.shutdown(Shutdown::Write)
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What one probe does, from inside the workload.
+#[derive(Clone, Debug)]
+pub struct ProbeSpec {
+    pub cgroup: PathBuf,
+    pub netns: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    pub bind: Option<Ipv4Addr>,
+    pub connect: SocketAddrV4,
+    pub bytes: usize,
+}
+
+impl ProbeSpec {
+    pub fn new(cgroup: &Path, netns: &Path, connect: SocketAddrV4) -> Self {
+        Self {
+            cgroup: cgroup.into(),
+            netns: netns.into(),
+            uid: 0,
+            gid: 0,
+            bind: None,
+            connect,
+            bytes: 1024,
+        }
+    }
+
+    pub fn uid(mut self, uid: u32) -> Self {
+        self.uid = uid;
+        self
+    }
+
+    pub fn gid(mut self, gid: u32) -> Self {
+        self.gid = gid;
+        self
+    }
+
+    pub fn bind(mut self, ip: Ipv4Addr) -> Self {
+        self.bind = Some(ip);
+        self
+    }
+
+    pub fn bytes(mut self, n: usize) -> Self {
+        self.bytes = n;
+        self
+    }
+
+    /// Runs `agent probe` as a child process (it moves itself into the cgroup and namespace
+    /// and drops to uid/gid before connecting) and parses its one-line JSON report.
+    pub fn run(&self, agent: &Path) -> io::Result<ProbeResult> {
+        let mut c = Command::new(agent);
+        c.arg("probe")
+            .args(["--cgroup", &self.cgroup.to_string_lossy()])
+            .args(["--netns", &self.netns.to_string_lossy()])
+            .args([
+                "--uid",
+                &self.uid.to_string(),
+                "--gid",
+                &self.gid.to_string(),
+            ])
+            .args([
+                "--connect",
+                &self.connect.to_string(),
+                "--bytes",
+                &self.bytes.to_string(),
+            ]);
+        if let Some(b) = self.bind {
+            c.args(["--bind", &b.to_string()]);
+        }
+        let out = c.stdin(Stdio::null()).output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "probe {self:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        serde_json::from_slice(&out.stdout).map_err(io::Error::other)
+    }
+}
+
+/// `redirect-agent run` as a child process, stopped with SIGTERM (then SIGKILL) on drop.
+pub struct AgentProcess {
+    pub name: String,
+    child: Option<Child>,
+    /// The agent's stderr goes to a file: a pipe nobody drains could stall it.
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts the agent and waits until it has attached (its state file exists).
+    pub fn start(agent: &Path, name: &str, args: &[&str]) -> io::Result<Self> {
+        let log = std::env::temp_dir().join(format!("{name}.agent.log"));
+        let log_file = std::fs::File::create(&log)?;
+        let child = Command::new(agent)
+            .arg("run")
+            .args(["--name", name])
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("REDIRECT_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()?;
+        let mut me = Self {
+            name: name.into(),
+            child: Some(child),
+            log,
+        };
+        let state = loader::state_path(name);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !state.exists() {
+            if let Some(status) = me.child_mut().try_wait()? {
+                let err = me.take_log();
+                me.child = None;
+                return Err(io::Error::other(format!(
+                    "agent exited early ({status}): {}",
+                    err.trim()
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "agent did not attach within 30 s",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(me)
+    }
+
+    fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("child present until stopped")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM, then wait (SIGKILL after 10 s). Returns the exit status and what it logged.
+    pub fn stop(&mut self) -> io::Result<(std::process::ExitStatus, String)> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| io::Error::other("already stopped"))?;
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break child.wait()?;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        Ok((status, self.take_log()))
+    }
+
+    /// What the agent has logged so far; the file is removed.
+    fn take_log(&mut self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let _ = std::fs::remove_file(&self.log);
+        text
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Reads the banner line a [`TestServer`] sends (bounded).
+pub fn read_banner(r: &mut impl BufRead) -> io::Result<String> {
+    let mut line = Vec::new();
+    r.take(512).read_until(b'\n', &mut line)?;
+    if line.last() != Some(&b'\n') {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "no banner from server",
+        ));
+    }
+    Ok(String::from_utf8_lossy(&line).trim_end().to_owned())
+}

@@ -1,0 +1,133 @@
+//! `redirect-agent stats`: a running instance's per-rule counters, read from its pins.
+//!
+//! Rows come from the chain the programs are evaluating (the `WORKLOADS` map), not from the
+//! flags, so what is printed is what the kernel runs.
+
+use std::fmt::Write as _;
+
+use aya::maps::{HashMap, MapData, PerCpuArray};
+use redirect_common::{
+    ChainId, Target, Workload,
+    chain::{ListColumns, list_columns, match_text},
+};
+use serde::Serialize;
+
+use crate::{error::LoadError, loader};
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct RuleRow {
+    /// iptables chain name (`ISTIO_OUTPUT`, ...).
+    pub chain: String,
+    /// 1-based position in its chain, as `iptables -L --line-numbers`.
+    pub rule: usize,
+    /// The rule's iptables-save matches, e.g. `-o lo -m owner ! --uid-owner 1337`.
+    #[serde(rename = "match")]
+    pub match_: String,
+    pub target: String,
+    pub connections: u64,
+    /// The `iptables -L -v -n` columns, for the text view.
+    #[serde(skip)]
+    pub columns: Option<ListColumns>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct WorkloadStats {
+    pub netns_cookie: u64,
+    pub rules: Vec<RuleRow>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct InstanceStats {
+    pub name: String,
+    /// The first (for `run`, the only) workload's rows.
+    pub rules: Vec<RuleRow>,
+    pub workloads: Vec<WorkloadStats>,
+}
+
+fn rows(w: &Workload, counters: &PerCpuArray<MapData, u64>) -> Result<Vec<RuleRow>, LoadError> {
+    let mut out = Vec::new();
+    let mut per_chain = [0usize; 3];
+    for (i, r) in w.rules().iter().enumerate() {
+        let chain = r.chain_id();
+        per_chain[r.chain as usize % 3] += 1;
+        let slot = w.counter_base + i as u32;
+        let connections = counters
+            .get(&slot, 0)
+            .map_err(|source| LoadError::Map {
+                map: redirect_common::maps::RULE_COUNTERS,
+                source,
+            })?
+            .iter()
+            .sum();
+        out.push(RuleRow {
+            chain: chain.map_or("?", ChainId::iptables_name).into(),
+            rule: per_chain[r.chain as usize % 3],
+            match_: match_text(r),
+            target: r.target_kind().map_or("?", Target::iptables_name).into(),
+            connections,
+            columns: Some(list_columns(r)),
+        });
+    }
+    Ok(out)
+}
+
+pub fn read(name: &str) -> Result<InstanceStats, LoadError> {
+    let (workloads, counters): (HashMap<MapData, u64, Workload>, _) = loader::open_pinned(name)?;
+    let mut all = Vec::new();
+    for item in workloads.iter() {
+        let (cookie, w) = item.map_err(|source| LoadError::Map {
+            map: redirect_common::maps::WORKLOADS,
+            source,
+        })?;
+        all.push(WorkloadStats {
+            netns_cookie: cookie,
+            rules: rows(&w, &counters)?,
+        });
+    }
+    all.sort_by_key(|w| w.netns_cookie);
+    Ok(InstanceStats {
+        name: name.into(),
+        rules: all.first().map(|w| w.rules.clone()).unwrap_or_default(),
+        workloads: all,
+    })
+}
+
+/// `iptables -t nat -L ISTIO_OUTPUT -v -n --line-numbers`, with connections for packets.
+pub fn render_text(stats: &InstanceStats) -> String {
+    let mut s = String::new();
+    for w in &stats.workloads {
+        let mut chain = "";
+        for row in &w.rules {
+            if row.chain != chain {
+                chain = &row.chain;
+                let _ = writeln!(
+                    s,
+                    "Chain {chain} (instance {}, netns cookie {})",
+                    stats.name, w.netns_cookie
+                );
+                let _ = writeln!(
+                    s,
+                    "{:>4} {:>8} {:<18} {:<4} {:<3} {:<4} {:<4} {:<18} {:<18}",
+                    "num", "conns", "target", "prot", "opt", "in", "out", "source", "destination"
+                );
+            }
+            let c = row.columns.clone().unwrap_or(ListColumns {
+                prot: "?".into(),
+                out: "?".into(),
+                source: "?".into(),
+                destination: "?".into(),
+                extra: row.match_.clone(),
+            });
+            let (prot, out, src, dst, extra) = (c.prot, c.out, c.source, c.destination, c.extra);
+            let _ = writeln!(
+                s,
+                "{:>4} {:>8} {:<18} {:<4} {:<3} {:<4} {:<4} {:<18} {:<18} {}",
+                row.rule, row.connections, row.target, prot, "--", "*", out, src, dst, extra
+            );
+        }
+    }
+    if stats.workloads.is_empty() {
+        let _ = writeln!(s, "instance {} has no workload configured", stats.name);
+    }
+    s
+}

@@ -1,0 +1,224 @@
+//! Kernel-facing plumbing: network namespaces, cgroup v2, bpffs, privileges, limits.
+
+use std::{
+    ffi::CString,
+    fs::File,
+    io,
+    mem::MaybeUninit,
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use crate::error::SysError;
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// Where the agent pins maps: `/sys/fs/bpf/redirect/<name>/`.
+pub const BPFFS: &str = "/sys/fs/bpf";
+pub const PIN_ROOT: &str = "/sys/fs/bpf/redirect";
+/// Locks and state files of running instances.
+pub const RUN_DIR: &str = "/run/redirect";
+
+fn statfs_magic(path: &Path) -> io::Result<i64> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut buf = MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: valid C string and out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), buf.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statfs succeeded and filled the struct.
+    Ok(unsafe { buf.assume_init() }.f_type)
+}
+
+/// The cgroup v2 mount point, from `/proc/self/mounts` (it is `/sys/fs/cgroup/unified` on
+/// hybrid hosts and `/sys/fs/cgroup` on unified ones).
+pub fn cgroup2_root() -> Result<PathBuf, SysError> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")
+        .map_err(|e| SysError::Io("read /proc/self/mounts".into(), e))?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_src, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .next()
+        .ok_or(SysError::NoCgroup2)
+}
+
+/// Opens a cgroup v2 directory for attaching programs.
+pub fn open_cgroup2_dir(path: &Path) -> Result<File, SysError> {
+    match statfs_magic(path) {
+        Ok(CGROUP2_SUPER_MAGIC) if path.is_dir() => {}
+        Ok(_) => return Err(SysError::NotCgroup2(path.to_owned())),
+        Err(e) => return Err(SysError::Io(format!("cgroup {}", path.display()), e)),
+    }
+    File::open(path).map_err(|e| SysError::Io(format!("open cgroup {}", path.display()), e))
+}
+
+/// Mounts bpffs at /sys/fs/bpf when nothing is mounted there (fresh machines).
+pub fn ensure_bpffs() -> Result<(), SysError> {
+    if statfs_magic(Path::new(BPFFS)).ok() == Some(BPF_FS_MAGIC) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(BPFFS).map_err(|e| SysError::Io(format!("create {BPFFS}"), e))?;
+    let (src, dst, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
+    // SAFETY: constant C strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(SysError::Io(
+            format!("mount bpffs at {BPFFS}"),
+            io::Error::last_os_error(),
+        ));
+    }
+    tracing::info!("mounted bpffs at {BPFFS}");
+    Ok(())
+}
+
+/// Fails unless this process may load programs, enter namespaces and mount bpffs.
+pub fn require_privileges(what: &str) -> Result<(), SysError> {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let missing: Vec<&str> = [
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| eff & (1 << bit) == 0)
+    .map(|(_, n)| n)
+    .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no failure mode.
+    let uid = unsafe { libc::geteuid() };
+    Err(SysError::Privilege {
+        what: what.into(),
+        uid,
+        missing: missing.join(", "),
+    })
+}
+
+/// Raises RLIMIT_NOFILE to its hard limit: every proxied connection holds two descriptors.
+pub fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 && lim.rlim_cur < lim.rlim_max
+    {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: valid in-pointer.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+}
+
+/// A network namespace, held open by a file descriptor.
+#[derive(Debug)]
+pub struct Netns {
+    file: File,
+    path: PathBuf,
+}
+
+impl Netns {
+    /// Opens a namespace file such as `/run/netns/NAME` or `/proc/PID/ns/net`.
+    pub fn open(path: &Path) -> Result<Self, SysError> {
+        let file = File::open(path)
+            .map_err(|e| SysError::Io(format!("open netns {}", path.display()), e))?;
+        match statfs_magic(path) {
+            Ok(NSFS_MAGIC) => {}
+            _ => return Err(SysError::NotNetns(path.to_owned())),
+        }
+        // SAFETY: NS_GET_NSTYPE takes no argument; the fd is valid.
+        let ns_type = unsafe { libc::ioctl(file.as_raw_fd(), 0xb703) };
+        if ns_type != libc::CLONE_NEWNET {
+            return Err(SysError::NotNetns(path.to_owned()));
+        }
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            file: self.file.try_clone()?,
+            path: self.path.clone(),
+        })
+    }
+
+    /// Enters this namespace on the calling thread. Only for threads made for it: the
+    /// runtime's own threads never change namespace.
+    pub fn enter_current_thread(&self) -> io::Result<()> {
+        // SAFETY: valid namespace fd.
+        if unsafe { libc::setns(self.file.as_fd().as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on a short-lived thread inside this namespace. Sockets made there stay in the
+    /// namespace whichever thread uses them later.
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> io::Result<R> + Send) -> io::Result<R> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                self.enter_current_thread()?;
+                f()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("namespace worker thread panicked")))
+        })
+    }
+
+    /// The namespace's cookie, as `bpf_get_netns_cookie` sees it (SO_NETNS_COOKIE, 5.14+).
+    pub fn cookie(&self) -> io::Result<u64> {
+        self.run(|| {
+            // SAFETY: plain socket creation; the fd is owned right away.
+            let fd =
+                unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: fd is a fresh, valid descriptor.
+            let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+            let mut cookie: u64 = 0;
+            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+            // SAFETY: out-pointers sized for a u64.
+            let rc = unsafe {
+                libc::getsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    SO_NETNS_COOKIE,
+                    (&raw mut cookie).cast(),
+                    &mut len,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(cookie)
+        })
+    }
+}

@@ -1,0 +1,300 @@
+//! istio-iptables' capture flags as typed values, parsed with errors that name the flag, the
+//! value and what would be accepted.
+
+use std::{fmt, net::Ipv4Addr, string::String, vec::Vec};
+
+use crate::prefix_mask;
+
+/// An IPv4 CIDR, normalised (host bits cleared) as iptables does.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn addr_be(&self) -> u32 {
+        u32::from(self.addr).to_be()
+    }
+
+    pub fn mask_be(&self) -> u32 {
+        prefix_mask(self.prefix)
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip).to_be() & self.mask_be() == self.addr_be()
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// `*` (everything), or a list (empty: nothing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Include<T> {
+    All,
+    List(Vec<T>),
+}
+
+impl<T> Include<T> {
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Include::List(v) if v.is_empty())
+    }
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum InterceptionMode {
+    Redirect,
+}
+
+/// The flags of `istio-iptables` that shape the nat chains, with the sidecar injection's
+/// defaults (see [`CaptureConfig::default`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// `-p`
+    pub envoy_port: u16,
+    /// `-z`
+    pub inbound_capture_port: u16,
+    /// `-e`
+    pub inbound_tunnel_port: u16,
+    /// `-u`
+    pub proxy_uids: Vec<u32>,
+    /// `-g`
+    pub proxy_gids: Vec<u32>,
+    /// `-m`
+    pub inbound_mode: InterceptionMode,
+    /// `-i`
+    pub outbound_cidrs: Include<Cidr>,
+    /// `-x`
+    pub outbound_exclude_cidrs: Vec<Cidr>,
+    /// `-b`
+    pub inbound_ports: Include<u16>,
+    /// `-d`
+    pub inbound_exclude_ports: Vec<u16>,
+    /// `-q`
+    pub outbound_ports: Vec<u16>,
+    /// `-o`
+    pub outbound_exclude_ports: Vec<u16>,
+}
+
+impl Default for CaptureConfig {
+    /// `istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -b '*' -d 15090,15021,15020`.
+    fn default() -> Self {
+        Self {
+            envoy_port: 15001,
+            inbound_capture_port: 15006,
+            inbound_tunnel_port: 15008,
+            proxy_uids: std::vec![1337],
+            proxy_gids: std::vec![1337],
+            inbound_mode: InterceptionMode::Redirect,
+            outbound_cidrs: Include::All,
+            outbound_exclude_cidrs: Vec::new(),
+            inbound_ports: Include::All,
+            inbound_exclude_ports: std::vec![15090, 15021, 15020],
+            outbound_ports: Vec::new(),
+            outbound_exclude_ports: Vec::new(),
+        }
+    }
+}
+
+/// A flag value that cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub value: String,
+    pub expected: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid value '{}' for {}: expected {}",
+            self.value, self.flag, self.expected
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(flag: &'static str, value: &str, expected: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        value: value.into(),
+        expected: expected.into(),
+    }
+}
+
+const PORT_EXPECTED: &str = "a TCP port from 1 to 65535";
+
+/// One port, 1..=65535.
+pub fn parse_port(flag: &'static str, s: &str) -> Result<u16, ConfigError> {
+    match s.trim().parse::<u16>() {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(err(flag, s, PORT_EXPECTED)),
+    }
+}
+
+/// Split a comma list, ignoring blanks around items; an empty string is an empty list.
+fn items(s: &str) -> impl Iterator<Item = &str> {
+    s.split(',').map(str::trim).filter(|i| !i.is_empty())
+}
+
+/// A comma list of ports, e.g. `15090,15021,15020`; empty for none.
+pub fn parse_ports(flag: &'static str, s: &str) -> Result<Vec<u16>, ConfigError> {
+    items(s)
+        .map(|i| match i.parse::<u16>() {
+            Ok(p) if p != 0 => Ok(p),
+            _ => Err(err(
+                flag,
+                i,
+                std::format!("a comma list of {PORT_EXPECTED}s"),
+            )),
+        })
+        .collect()
+}
+
+/// `*` or a comma list of ports.
+pub fn parse_port_include(flag: &'static str, s: &str) -> Result<Include<u16>, ConfigError> {
+    if s.trim() == "*" {
+        Ok(Include::All)
+    } else {
+        parse_ports(flag, s).map(Include::List)
+    }
+}
+
+/// A comma list of numeric ids (uid or gid), at least one.
+pub fn parse_ids(flag: &'static str, s: &str) -> Result<Vec<u32>, ConfigError> {
+    let ids = items(s)
+        .map(|i| {
+            i.parse::<u32>()
+                .map_err(|_| err(flag, i, "a comma list of numeric ids (0 to 4294967294)"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if ids.is_empty() {
+        return Err(err(flag, s, "at least one numeric id"));
+    }
+    if let Some(bad) = ids.iter().find(|&&i| i == u32::MAX) {
+        return Err(err(
+            flag,
+            &std::format!("{bad}"),
+            "an id from 0 to 4294967294 (-1 is not an owner)",
+        ));
+    }
+    Ok(ids)
+}
+
+/// One IPv4 CIDR (`10.0.0.0/8`) or address (`/32`).
+pub fn parse_cidr(flag: &'static str, s: &str) -> Result<Cidr, ConfigError> {
+    let expected = "an IPv4 CIDR such as 10.0.0.0/8 or an IPv4 address";
+    let (ip, prefix) = match s.split_once('/') {
+        Some((ip, p)) => (
+            ip,
+            p.parse::<u8>()
+                .ok()
+                .filter(|p| *p <= 32)
+                .ok_or_else(|| err(flag, s, expected))?,
+        ),
+        None => (s, 32),
+    };
+    if ip.contains(':') {
+        return Err(err(
+            flag,
+            s,
+            "an IPv4 CIDR (IPv6 capture is not implemented; connect6 is not hooked)",
+        ));
+    }
+    let ip: Ipv4Addr = ip.parse().map_err(|_| err(flag, s, expected))?;
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix))
+    };
+    Ok(Cidr {
+        addr: Ipv4Addr::from(u32::from(ip) & mask),
+        prefix,
+    })
+}
+
+/// A comma list of CIDRs; empty for none.
+pub fn parse_cidrs(flag: &'static str, s: &str) -> Result<Vec<Cidr>, ConfigError> {
+    items(s).map(|i| parse_cidr(flag, i)).collect()
+}
+
+/// `*` or a comma list of CIDRs.
+pub fn parse_cidr_include(flag: &'static str, s: &str) -> Result<Include<Cidr>, ConfigError> {
+    if s.trim() == "*" {
+        Ok(Include::All)
+    } else {
+        parse_cidrs(flag, s).map(Include::List)
+    }
+}
+
+/// `-m`: REDIRECT only; TPROXY needs policy routing this agent does not program.
+pub fn parse_mode(flag: &'static str, s: &str) -> Result<InterceptionMode, ConfigError> {
+    match s.trim() {
+        "REDIRECT" => Ok(InterceptionMode::Redirect),
+        "TPROXY" => Err(err(
+            flag,
+            s,
+            "REDIRECT (TPROXY interception is not supported by redirect)",
+        )),
+        _ => Err(err(flag, s, "REDIRECT")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_normalise_and_reject() {
+        let c = parse_cidr("-i", "10.1.2.3/8").unwrap();
+        assert_eq!(c.to_string(), "10.0.0.0/8");
+        assert_eq!(
+            parse_cidr("-i", "10.1.2.3").unwrap().to_string(),
+            "10.1.2.3/32"
+        );
+        assert_eq!(parse_cidr("-i", "0.0.0.0/0").unwrap().mask_be(), 0);
+        for bad in ["10.0.0.0/33", "10.0.0/8", "fd00::/8", "x", "10.0.0.0/"] {
+            let e = parse_cidr("-i", bad).unwrap_err();
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn ports_and_ids() {
+        assert_eq!(
+            parse_ports("-d", "15090, 15021,15020").unwrap(),
+            [15090, 15021, 15020]
+        );
+        assert_eq!(parse_ports("-d", "").unwrap(), Vec::<u16>::new());
+        assert!(
+            parse_ports("-d", "1,0")
+                .unwrap_err()
+                .to_string()
+                .contains("'0'")
+        );
+        assert!(parse_ports("-d", "65536").is_err());
+        assert_eq!(parse_port_include("-b", "*").unwrap(), Include::All);
+        assert!(parse_port_include("-b", "").unwrap().is_empty());
+        assert_eq!(parse_ids("-u", "1337,0").unwrap(), [1337, 0]);
+        assert!(parse_ids("-u", "").is_err());
+        assert!(
+            parse_ids("-u", "root")
+                .unwrap_err()
+                .to_string()
+                .contains("'root'")
+        );
+        assert!(parse_ids("-u", "4294967295").is_err());
+        assert!(
+            parse_mode("-m", "TPROXY")
+                .unwrap_err()
+                .to_string()
+                .contains("not supported")
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! Types shared by the redirect eBPF programs and the agent.
+//!
+//! The rule chain lives here once: [`Rule`] is both what the eBPF programs evaluate (in map
+//! values) and what `stats`/`explain` render as iptables-save text, and a rule's index in its
+//! workload's chain is its counter slot. The agent compiles istio-iptables flags into rules with
+//! [`chain::compile`] (feature `user`).
+#![cfg_attr(not(feature = "std"), no_std)]
+
+mod rule;
+pub use rule::*;
+
+#[cfg(feature = "user")]
+pub mod chain;
+#[cfg(feature = "user")]
+pub mod config;
+
+/// Most rules one workload's chains may hold. Bounds the eBPF loop; large CIDR lists
+/// beyond this are rejected by the agent rather than silently truncated.
+pub const MAX_RULES: usize = 64;
+
+/// Most workloads one set of programs serves (counter slots = `MAX_WORKLOADS * MAX_RULES`).
+pub const MAX_WORKLOADS: u32 = 64;
+
+/// Map names, shared so the agent and `stats` find what the programs declare.
+pub mod maps {
+    /// netns cookie -> [`crate::Workload`].
+    pub const WORKLOADS: &str = "WORKLOADS";
+    /// [`crate::LocalAddrKey`] -> 1: the addresses `-o lo` means, per workload.
+    pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
+    /// Per-CPU u64 per counter slot.
+    pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
+    /// socket cookie -> [`crate::PendingOrigDst`], from connect until established.
+    pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
+    /// [`crate::TupleKey`] -> [`crate::OrigDst`], from established until close.
+    pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
+    /// Every map the agent pins while it runs.
+    pub const ALL: [&str; 5] = [
+        WORKLOADS,
+        LOCAL_ADDRS,
+        RULE_COUNTERS,
+        ORIG_BY_COOKIE,
+        ORIG_BY_TUPLE,
+    ];
+}
+
+/// Program names (the Rust function names in `redirect-ebpf`).
+pub mod programs {
+    pub const CONNECT4: &str = "redirect_connect4";
+    pub const SOCK_OPS: &str = "redirect_sockops";
+}
+
+/// One workload's configuration, keyed by its network namespace cookie.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    /// First counter slot of this workload in `RULE_COUNTERS`.
+    pub counter_base: u32,
+    /// Rules in use at the front of `rules`.
+    pub n_rules: u32,
+    /// `-p`: where `ISTIO_REDIRECT` sends connections (host order).
+    pub outbound_port: u16,
+    /// `-z`: where `ISTIO_IN_REDIRECT` sends connections (host order).
+    pub inbound_port: u16,
+    pub _pad: u32,
+    pub rules: [Rule; MAX_RULES],
+}
+
+impl Workload {
+    pub const fn empty() -> Self {
+        Self {
+            counter_base: 0,
+            n_rules: 0,
+            outbound_port: 0,
+            inbound_port: 0,
+            _pad: 0,
+            rules: [Rule::EMPTY; MAX_RULES],
+        }
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        let n = (self.n_rules as usize).min(MAX_RULES);
+        &self.rules[..n]
+    }
+}
+
+/// An address of a workload's network namespace: a destination routed over `lo`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct LocalAddrKey {
+    pub netns_cookie: u64,
+    /// Network byte order, as the kernel's `user_ip4`.
+    pub addr: u32,
+    pub _pad: u32,
+}
+
+/// What connect4 remembers about a redirected socket until sock_ops sees its 4-tuple.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct PendingOrigDst {
+    pub netns_cookie: u64,
+    pub orig: OrigDst,
+}
+
+/// A redirected connection's original destination.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Network byte order.
+    pub addr: u32,
+    /// Host byte order.
+    pub port: u16,
+    /// The [`Target`] that redirected it.
+    pub target: u8,
+    pub _pad: u8,
+}
+
+/// A connection as seen from the connecting (workload) side, within one network namespace.
+/// The proxy builds the same key from an accepted socket's peer and local addresses.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    pub netns_cookie: u64,
+    /// Network byte order.
+    pub src_addr: u32,
+    /// Network byte order.
+    pub dst_addr: u32,
+    /// Host byte order.
+    pub src_port: u16,
+    /// Host byte order.
+    pub dst_port: u16,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are #[repr(C)], Copy, and every byte (padding included) is a named field.
+    unsafe impl aya::Pod for super::Workload {}
+    unsafe impl aya::Pod for super::LocalAddrKey {}
+    unsafe impl aya::Pod for super::PendingOrigDst {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::TupleKey {}
+}
+
+#[cfg(test)]
+mod layout {
+    use super::*;
+    use core::mem::size_of;
+
+    // The eBPF side and the agent read these bytes; padding must be explicit and zeroed.
+    #[test]
+    fn sizes_have_no_implicit_padding() {
+        assert_eq!(size_of::<Rule>(), 36);
+        assert_eq!(size_of::<Workload>(), 16 + 36 * MAX_RULES);
+        assert_eq!(size_of::<LocalAddrKey>(), 16);
+        assert_eq!(size_of::<OrigDst>(), 8);
+        assert_eq!(size_of::<PendingOrigDst>(), 16);
+        assert_eq!(size_of::<TupleKey>(), 24);
+    }
+}

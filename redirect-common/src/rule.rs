@@ -1,0 +1,189 @@
+//! One iptables rule, as data the eBPF programs evaluate.
+
+/// The chain a rule belongs to (istio-iptables' names).
+#[repr(u8)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ChainId {
+    Output = 1,
+    Inbound = 2,
+}
+
+/// What a matching rule does. Discriminants are what the `target` byte of [`Rule`] holds.
+#[repr(u8)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Leave the connection alone.
+    Return = 1,
+    /// `ISTIO_REDIRECT`: to the outbound capture port on 127.0.0.1.
+    Redirect = 2,
+    /// `ISTIO_IN_REDIRECT`: to the inbound capture port on 127.0.0.1.
+    InRedirect = 3,
+}
+
+impl Target {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Return),
+            2 => Some(Self::Redirect),
+            3 => Some(Self::InRedirect),
+            _ => None,
+        }
+    }
+
+    /// The iptables jump target name.
+    pub const fn iptables_name(self) -> &'static str {
+        match self {
+            Self::Return => "RETURN",
+            Self::Redirect => "ISTIO_REDIRECT",
+            Self::InRedirect => "ISTIO_IN_REDIRECT",
+        }
+    }
+}
+
+impl ChainId {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Output),
+            2 => Some(Self::Inbound),
+            _ => None,
+        }
+    }
+
+    pub const fn iptables_name(self) -> &'static str {
+        match self {
+            Self::Output => "ISTIO_OUTPUT",
+            Self::Inbound => "ISTIO_INBOUND",
+        }
+    }
+}
+
+/// Bits of [`Rule::has`] and [`Rule::neg`]: which matches a rule carries, and which of
+/// those are negated (`!`).
+pub mod m {
+    /// `-o lo`: the destination is routed over loopback (127/8 or an address of the netns).
+    pub const OUT_LO: u16 = 1 << 0;
+    /// `-s ADDR/MASK`.
+    pub const SRC: u16 = 1 << 1;
+    /// `-d ADDR/MASK`.
+    pub const DST: u16 = 1 << 2;
+    /// `--dport PORT` (needs a protocol).
+    pub const DPORT: u16 = 1 << 3;
+    /// `-m owner --uid-owner UID`.
+    pub const UID: u16 = 1 << 4;
+    /// `-m owner --gid-owner GID`.
+    pub const GID: u16 = 1 << 5;
+}
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// One rule. Addresses and masks in network byte order, ports in host order.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// [`ChainId`] discriminant.
+    pub chain: u8,
+    /// [`Target`] discriminant.
+    pub target: u8,
+    /// Matches present ([`m`] bits).
+    pub has: u16,
+    /// Matches negated ([`m`] bits, subset of `has`).
+    pub neg: u16,
+    /// `-p`: 0 for any, else an IPPROTO number.
+    pub proto: u8,
+    pub _pad: u8,
+    pub src_addr: u32,
+    pub src_mask: u32,
+    pub dst_addr: u32,
+    pub dst_mask: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub dport: u16,
+    pub _pad2: u16,
+}
+
+/// What the kernel knows about a connection when a chain is evaluated.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ConnFacts {
+    pub proto: u8,
+    /// Network byte order.
+    pub dst_addr: u32,
+    /// Host byte order.
+    pub dst_port: u16,
+    /// Network byte order; 0 when the socket is not bound to an address.
+    pub src_addr: u32,
+    /// The destination is routed over loopback.
+    pub out_lo: bool,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Rule {
+    pub const EMPTY: Rule = Rule {
+        chain: 0,
+        target: 0,
+        has: 0,
+        neg: 0,
+        proto: 0,
+        _pad: 0,
+        src_addr: 0,
+        src_mask: 0,
+        dst_addr: 0,
+        dst_mask: 0,
+        uid: 0,
+        gid: 0,
+        dport: 0,
+        _pad2: 0,
+    };
+
+    pub const fn new(chain: ChainId, target: Target) -> Self {
+        let mut r = Self::EMPTY;
+        r.chain = chain as u8;
+        r.target = target as u8;
+        r
+    }
+
+    /// Does this rule match? Written for the verifier as much as for people: straight-line
+    /// tests, no loops, no allocation.
+    #[inline(always)]
+    pub fn matches(&self, c: &ConnFacts) -> bool {
+        if self.proto != 0 && self.proto != c.proto {
+            return false;
+        }
+        self.test(m::OUT_LO, c.out_lo)
+            && self.test(m::SRC, c.src_addr & self.src_mask == self.src_addr)
+            && self.test(m::DST, c.dst_addr & self.dst_mask == self.dst_addr)
+            && self.test(m::DPORT, c.dst_port == self.dport)
+            && self.test(m::UID, c.uid == self.uid)
+            && self.test(m::GID, c.gid == self.gid)
+    }
+
+    /// A match that is absent passes; a present one passes when `hit` differs from its `!`.
+    #[inline(always)]
+    fn test(&self, bit: u16, hit: bool) -> bool {
+        self.has & bit == 0 || hit != (self.neg & bit != 0)
+    }
+
+    pub fn chain_id(&self) -> Option<ChainId> {
+        ChainId::from_u8(self.chain)
+    }
+
+    pub fn target_kind(&self) -> Option<Target> {
+        Target::from_u8(self.target)
+    }
+}
+
+/// 127.0.0.0/8 in network byte order, as the kernel holds `user_ip4`.
+#[inline(always)]
+pub fn is_loopback(addr_be: u32) -> bool {
+    u32::from_be(addr_be) >> 24 == 127
+}
+
+/// A prefix length as a network-order mask.
+pub const fn prefix_mask(prefix: u8) -> u32 {
+    if prefix == 0 {
+        0
+    } else {
+        (u32::MAX << (32 - prefix as u32)).to_be()
+    }
+}

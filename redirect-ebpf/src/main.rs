@@ -1,0 +1,18 @@
+//! redirect's kernel programs: one module per attach point, maps in `maps`.
+#![no_std]
+#![no_main]
+
+mod connect4;
+mod maps;
+mod sockops;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+// GPL-compatible so the kernel lets the programs call GPL-only helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
