@@ -30,8 +30,7 @@ const IFA_LOCAL: u16 = 2;
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 
 fn netlink_socket(groups: u32, nonblocking: bool) -> io::Result<OwnedFd> {
-    let flags =
-        libc::SOCK_RAW | libc::SOCK_CLOEXEC | if nonblocking { libc::SOCK_NONBLOCK } else { 0 };
+    let flags = libc::SOCK_RAW | libc::SOCK_CLOEXEC | if nonblocking { libc::SOCK_NONBLOCK } else { 0 };
     // SAFETY: plain socket creation.
     let fd = unsafe { libc::socket(libc::AF_NETLINK, flags, libc::NETLINK_ROUTE) };
     if fd < 0 {
@@ -72,10 +71,7 @@ fn parse_addrs(buf: &[u8], out: &mut BTreeSet<Ipv4Addr>) -> io::Result<bool> {
         let len = u32_at(buf, off) as usize;
         let ty = u16_at(buf, off + 4);
         if len < NLMSG_HDR || off + len > buf.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "truncated netlink message",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
         }
         let msg = &buf[off..off + len];
         match ty {
@@ -88,9 +84,7 @@ fn parse_addrs(buf: &[u8], out: &mut BTreeSet<Ipv4Addr>) -> io::Result<bool> {
                 };
                 return Err(io::Error::from_raw_os_error(errno));
             }
-            RTM_NEWADDR
-                if msg.len() >= NLMSG_HDR + IFADDRMSG && msg[NLMSG_HDR] == libc::AF_INET as u8 =>
-            {
+            RTM_NEWADDR if msg.len() >= NLMSG_HDR + IFADDRMSG && msg[NLMSG_HDR] == libc::AF_INET as u8 => {
                 let (mut local, mut address) = (None, None);
                 let mut a = NLMSG_HDR + IFADDRMSG;
                 while a + 4 <= msg.len() {
@@ -160,11 +154,7 @@ pub struct LocalAddrs {
 impl LocalAddrs {
     /// Reads the current set and installs it; connect4 is not attached yet, so the first
     /// connection already sees it.
-    pub fn install(
-        netns: &Netns,
-        map: HashMap<MapData, LocalAddrKey, u8>,
-        netns_cookie: u64,
-    ) -> io::Result<Self> {
+    pub fn install(netns: &Netns, map: HashMap<MapData, LocalAddrKey, u8>, netns_cookie: u64) -> io::Result<Self> {
         let query = netns.run(|| netlink_socket(0, false))?;
         let mut me = Self {
             map,
@@ -191,9 +181,7 @@ impl LocalAddrs {
     fn refresh(&mut self) -> io::Result<()> {
         let now = dump(&self.query)?;
         for ip in now.difference(&self.current) {
-            self.map
-                .insert(self.key(*ip), 1, 0)
-                .map_err(io::Error::other)?;
+            self.map.insert(self.key(*ip), 1, 0).map_err(io::Error::other)?;
             tracing::info!(%ip, "local address added");
         }
         for ip in self.current.difference(&now) {
@@ -218,14 +206,7 @@ impl LocalAddrs {
             // Drain everything queued; the content does not matter, the re-read does.
             loop {
                 // SAFETY: buffer and length are valid; the socket is non-blocking.
-                let n = unsafe {
-                    libc::recv(
-                        events.get_ref().as_raw_fd(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        0,
-                    )
-                };
+                let n = unsafe { libc::recv(events.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
                 if n >= 0 {
                     continue;
                 }
@@ -272,19 +253,10 @@ mod tests {
     fn parses_local_over_address_and_skips_ipv6() {
         let mut buf = msg(
             RTM_NEWADDR,
-            &addr_body(
-                2,
-                &[(IFA_ADDRESS, [10, 200, 0, 9]), (IFA_LOCAL, [10, 200, 0, 1])],
-            ),
+            &addr_body(2, &[(IFA_ADDRESS, [10, 200, 0, 9]), (IFA_LOCAL, [10, 200, 0, 1])]),
         );
-        buf.extend(msg(
-            RTM_NEWADDR,
-            &addr_body(10, &[(IFA_ADDRESS, [1, 2, 3, 4])]),
-        ));
-        buf.extend(msg(
-            RTM_NEWADDR,
-            &addr_body(2, &[(IFA_ADDRESS, [127, 0, 0, 1])]),
-        ));
+        buf.extend(msg(RTM_NEWADDR, &addr_body(10, &[(IFA_ADDRESS, [1, 2, 3, 4])])));
+        buf.extend(msg(RTM_NEWADDR, &addr_body(2, &[(IFA_ADDRESS, [127, 0, 0, 1])])));
         let mut out = BTreeSet::new();
         assert!(!parse_addrs(&buf, &mut out).unwrap());
         assert_eq!(

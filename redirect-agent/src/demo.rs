@@ -13,11 +13,7 @@ use crate::{
 
 fn path_of(r: &ProbeResult, outbound: u16, inbound: u16) -> String {
     if r.outcome != Outcome::Ok {
-        return format!(
-            "failed: {:?} {}",
-            r.outcome,
-            r.error.as_deref().unwrap_or("")
-        );
+        return format!("failed: {:?} {}", r.outcome, r.error.as_deref().unwrap_or(""));
     }
     let via = match r.peer_port() {
         Some(p) if p == outbound => "captured -> proxy :15001 ->",
@@ -26,11 +22,7 @@ fn path_of(r: &ProbeResult, outbound: u16, inbound: u16) -> String {
     };
     let server = r.banner_field("name").unwrap_or("?");
     let saw = r.banner_field("peer").unwrap_or("?");
-    let intact = if r.intact {
-        "bytes intact"
-    } else {
-        "BYTES DIFFER"
-    };
+    let intact = if r.intact { "bytes intact" } else { "BYTES DIFFER" };
     format!("{via} {server} (server saw {saw}; {intact})")
 }
 
@@ -53,16 +45,13 @@ pub fn run() -> anyhow::Result<()> {
         pair.workload_ip,
         cgroup.path.display()
     );
-    println!(
-        "remote host: netns {} ({})",
-        pair.remote.name, pair.remote_ip
-    );
+    println!("remote host: netns {} ({})", pair.remote.name, pair.remote_ip);
 
     let name = unique("demo");
     let netns = pair.workload.path.to_string_lossy().into_owned();
     let cg = cgroup.path.to_string_lossy().into_owned();
-    let mut agent_proc = AgentProcess::start(&agent, &name, &["--cgroup", &cg, "--netns", &netns])
-        .context("starting the agent")?;
+    let mut agent_proc =
+        AgentProcess::start(&agent, &name, &["--cgroup", &cg, "--netns", &netns]).context("starting the agent")?;
     println!("agent: instance {name} attached (default istio-iptables flags, embedded proxy)\n");
 
     let spec = |to| ProbeSpec::new(&cgroup.path, &pair.workload.path, to);

@@ -13,14 +13,8 @@ pub enum SysError {
     NotCgroup2(PathBuf),
     #[error("'{0}' is not a network namespace (expected /run/netns/NAME or /proc/PID/ns/net)")]
     NotNetns(PathBuf),
-    #[error(
-        "{what} needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN); running as uid {uid} without {missing}"
-    )]
-    Privilege {
-        what: String,
-        uid: u32,
-        missing: String,
-    },
+    #[error("{what} needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN); running as uid {uid} without {missing}")]
+    Privilege { what: String, uid: u32, missing: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +23,10 @@ pub enum LoadError {
     Sys(#[from] SysError),
     #[error("instance name '{0}' is invalid: expected 1-64 characters of A-Z a-z 0-9 _ -")]
     BadName(String),
+    #[error(
+        "no running instance '{name}' (nothing pinned at {dir}); start one with `redirect-agent run --name {name}`"
+    )]
+    NotRunning { name: String, dir: PathBuf },
     #[error("instance '{name}' is already running (lock {lock} is held); pick another --name")]
     AlreadyRunning { name: String, lock: PathBuf },
     #[error("kernel {found} is too old: redirect needs {needed} or newer ({why})")]
@@ -43,9 +41,7 @@ pub enum LoadError {
     MissingProgram(&'static str),
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
-    #[error(
-        "loading program {prog} failed: {reason} (kernel {kernel}; RUST_LOG=debug shows the verifier log)"
-    )]
+    #[error("loading program {prog} failed: {reason} (kernel {kernel}; RUST_LOG=debug shows the verifier log)")]
     Verifier {
         prog: &'static str,
         reason: String,
@@ -63,10 +59,7 @@ pub enum LoadError {
         source: aya::maps::MapError,
     },
     #[error("pinning {path}: {source}")]
-    Pin {
-        path: PathBuf,
-        source: aya::pin::PinError,
-    },
+    Pin { path: PathBuf, source: aya::pin::PinError },
     #[error(transparent)]
     Rules(#[from] redirect_common::chain::TooManyRules),
 }

@@ -8,12 +8,7 @@ use redirect_common::config::{self, CaptureConfig, ConfigError};
 #[derive(Args, Debug, Clone)]
 pub struct CaptureFlags {
     /// Outbound capture port (ISTIO_REDIRECT target).
-    #[arg(
-        short = 'p',
-        long = "envoy-port",
-        default_value = "15001",
-        value_name = "PORT"
-    )]
+    #[arg(short = 'p', long = "envoy-port", default_value = "15001", value_name = "PORT")]
     pub envoy_port: String,
     /// Inbound capture port (ISTIO_IN_REDIRECT target).
     #[arg(
@@ -32,12 +27,7 @@ pub struct CaptureFlags {
     )]
     pub inbound_tunnel_port: String,
     /// Comma list of UIDs whose connections are never captured (the proxy's).
-    #[arg(
-        short = 'u',
-        long = "proxy-uid",
-        default_value = "1337",
-        value_name = "UIDS"
-    )]
+    #[arg(short = 'u', long = "proxy-uid", default_value = "1337", value_name = "UIDS")]
     pub proxy_uid: String,
     /// Comma list of GIDs whose connections are never captured (default: the -u list).
     #[arg(short = 'g', long = "proxy-gid", value_name = "GIDS")]
@@ -51,12 +41,7 @@ pub struct CaptureFlags {
     )]
     pub inbound_mode: String,
     /// Outbound CIDRs to capture: '*' for all, a comma list, or '' for none.
-    #[arg(
-        short = 'i',
-        long = "istio-service-cidr",
-        default_value = "*",
-        value_name = "CIDRS"
-    )]
+    #[arg(short = 'i', long = "istio-service-cidr", default_value = "*", value_name = "CIDRS")]
     pub service_cidr: String,
     /// Outbound CIDRs never captured.
     #[arg(
@@ -67,12 +52,7 @@ pub struct CaptureFlags {
     )]
     pub service_exclude_cidr: String,
     /// Inbound ports to capture: '*' for all, a comma list, or '' for none.
-    #[arg(
-        short = 'b',
-        long = "istio-inbound-ports",
-        default_value = "*",
-        value_name = "PORTS"
-    )]
+    #[arg(short = 'b', long = "istio-inbound-ports", default_value = "*", value_name = "PORTS")]
     pub inbound_ports: String,
     /// Inbound ports never captured (with -b '*').
     #[arg(
@@ -83,12 +63,7 @@ pub struct CaptureFlags {
     )]
     pub local_exclude_ports: String,
     /// Outbound ports always captured.
-    #[arg(
-        short = 'q',
-        long = "istio-outbound-ports",
-        default_value = "",
-        value_name = "PORTS"
-    )]
+    #[arg(short = 'q', long = "istio-outbound-ports", default_value = "", value_name = "PORTS")]
     pub outbound_ports: String,
     /// Outbound ports never captured.
     #[arg(
@@ -109,36 +84,15 @@ impl CaptureFlags {
         };
         Ok(CaptureConfig {
             envoy_port: config::parse_port("-p/--envoy-port", &self.envoy_port)?,
-            inbound_capture_port: config::parse_port(
-                "-z/--inbound-capture-port",
-                &self.inbound_capture_port,
-            )?,
-            inbound_tunnel_port: config::parse_port(
-                "-e/--inbound-tunnel-port",
-                &self.inbound_tunnel_port,
-            )?,
+            inbound_capture_port: config::parse_port("-z/--inbound-capture-port", &self.inbound_capture_port)?,
+            inbound_tunnel_port: config::parse_port("-e/--inbound-tunnel-port", &self.inbound_tunnel_port)?,
             proxy_uids: uids,
             proxy_gids: gids,
-            inbound_mode: config::parse_mode(
-                "-m/--istio-inbound-interception-mode",
-                &self.inbound_mode,
-            )?,
-            outbound_cidrs: config::parse_cidr_include(
-                "-i/--istio-service-cidr",
-                &self.service_cidr,
-            )?,
-            outbound_exclude_cidrs: config::parse_cidrs(
-                "-x/--istio-service-exclude-cidr",
-                &self.service_exclude_cidr,
-            )?,
-            inbound_ports: config::parse_port_include(
-                "-b/--istio-inbound-ports",
-                &self.inbound_ports,
-            )?,
-            inbound_exclude_ports: config::parse_ports(
-                "-d/--istio-local-exclude-ports",
-                &self.local_exclude_ports,
-            )?,
+            inbound_mode: config::parse_mode("-m/--istio-inbound-interception-mode", &self.inbound_mode)?,
+            outbound_cidrs: config::parse_cidr_include("-i/--istio-service-cidr", &self.service_cidr)?,
+            outbound_exclude_cidrs: config::parse_cidrs("-x/--istio-service-exclude-cidr", &self.service_exclude_cidr)?,
+            inbound_ports: config::parse_port_include("-b/--istio-inbound-ports", &self.inbound_ports)?,
+            inbound_exclude_ports: config::parse_ports("-d/--istio-local-exclude-ports", &self.local_exclude_ports)?,
             outbound_ports: config::parse_ports("-q/--istio-outbound-ports", &self.outbound_ports)?,
             outbound_exclude_ports: config::parse_ports(
                 "-o/--istio-local-outbound-ports-exclude",

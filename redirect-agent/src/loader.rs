@@ -27,8 +27,7 @@ use crate::{
 };
 
 /// The object built from `redirect-ebpf` by build.rs (aya-build).
-pub static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-ebpf"));
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-ebpf"));
 
 /// Flags 0: see [`Loaded::attach`].
 const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
@@ -108,8 +107,7 @@ impl InstanceDirs {
         if pin_dir.exists() {
             // Nobody holds the lock, so these are left over from a process that was killed.
             tracing::warn!(dir = %pin_dir.display(), "removing stale pins of a previous run");
-            std::fs::remove_dir_all(&pin_dir)
-                .map_err(io(format!("remove {}", pin_dir.display())))?;
+            std::fs::remove_dir_all(&pin_dir).map_err(io(format!("remove {}", pin_dir.display())))?;
         }
         std::fs::create_dir_all(&pin_dir).map_err(io(format!("create {}", pin_dir.display())))?;
         Ok(Self {
@@ -174,10 +172,7 @@ pub struct Loaded {
 
 fn verifier_error(prog: &'static str, e: ProgramError) -> LoadError {
     let reason = match &e {
-        ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        } => {
+        ProgramError::LoadError { io_error, verifier_log } => {
             tracing::debug!(prog, "verifier log:\n{verifier_log}");
             io_error.to_string()
         }
@@ -201,15 +196,12 @@ impl Loaded {
         for name in maps::ALL {
             let map = ebpf.map(name).ok_or(LoadError::MissingMap(name))?;
             let path = dirs.pin_dir.join(name);
-            map.pin(&path)
-                .map_err(|source| LoadError::Pin { path, source })?;
+            map.pin(&path).map_err(|source| LoadError::Pin { path, source })?;
         }
         let prog: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
-        prog.load()
-            .map_err(|e| verifier_error(programs::SOCK_OPS, e))?;
+        prog.load().map_err(|e| verifier_error(programs::SOCK_OPS, e))?;
         let prog: &mut CgroupSockAddr = program(&mut ebpf, programs::CONNECT4)?;
-        prog.load()
-            .map_err(|e| verifier_error(programs::CONNECT4, e))?;
+        prog.load().map_err(|e| verifier_error(programs::CONNECT4, e))?;
         Ok(Self { ebpf, dirs })
     }
 
@@ -237,17 +229,14 @@ impl Loaded {
             .ebpf
             .map_mut(maps::WORKLOADS)
             .ok_or(LoadError::MissingMap(maps::WORKLOADS))?;
-        let mut workloads: HashMap<_, u64, Workload> =
-            HashMap::try_from(map).map_err(|source| LoadError::Map {
-                map: maps::WORKLOADS,
-                source,
-            })?;
-        workloads
-            .insert(netns_cookie, w, 0)
-            .map_err(|source| LoadError::Map {
-                map: maps::WORKLOADS,
-                source,
-            })
+        let mut workloads: HashMap<_, u64, Workload> = HashMap::try_from(map).map_err(|source| LoadError::Map {
+            map: maps::WORKLOADS,
+            source,
+        })?;
+        workloads.insert(netns_cookie, w, 0).map_err(|source| LoadError::Map {
+            map: maps::WORKLOADS,
+            source,
+        })
     }
 
     /// Moves a map out, for a task that owns it (address watcher, proxy).
@@ -261,11 +250,7 @@ impl Loaded {
     /// bpf_link always joins the cgroup's multi-program list: it coexists with other agents'
     /// programs. The kernel refuses any flag on that path (EINVAL), BPF_F_ALLOW_MULTI
     /// included, so the mode passed is the flagless one.
-    pub fn attach(
-        &mut self,
-        cgroup: &File,
-        cgroup_path: &Path,
-    ) -> Result<Vec<ProgramState>, LoadError> {
+    pub fn attach(&mut self, cgroup: &File, cgroup_path: &Path) -> Result<Vec<ProgramState>, LoadError> {
         let attach_err = |prog, source| LoadError::Attach {
             prog,
             cgroup: cgroup_path.to_owned(),
@@ -302,18 +287,23 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, L
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
-    let p = ebpf
-        .program_mut(name)
-        .ok_or(LoadError::MissingProgram(name))?;
+    let p = ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;
     p.try_into().map_err(|_| LoadError::MissingProgram(name))
 }
 
-/// Opens an instance's pinned maps read-only for `stats`.
-pub fn open_pinned(
-    name: &str,
-) -> Result<(HashMap<MapData, u64, Workload>, PerCpuArray<MapData, u64>), LoadError> {
+/// A running instance's maps, opened from their pins.
+pub struct PinnedMaps {
+    pub workloads: HashMap<MapData, u64, Workload>,
+    pub counters: PerCpuArray<MapData, u64>,
+}
+
+/// Opens an instance's pinned maps for `stats`.
+pub fn open_pinned(name: &str) -> Result<PinnedMaps, LoadError> {
     validate_name(name)?;
     let dir = pin_dir(name);
+    if !dir.is_dir() {
+        return Err(LoadError::NotRunning { name: name.into(), dir });
+    }
     let open = |map: &'static str| {
         MapData::from_pin(dir.join(map))
             .map(Map::from_map_data)
@@ -335,5 +325,5 @@ pub fn open_pinned(
         map: maps::RULE_COUNTERS,
         source,
     })?;
-    Ok((workloads, counters))
+    Ok(PinnedMaps { workloads, counters })
 }

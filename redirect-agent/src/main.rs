@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Capture one workload's connections until SIGINT/SIGTERM, then detach.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print a running instance's per-rule counters.
     Stats {
         /// Instance name (as given to `run --name`).
@@ -90,10 +90,7 @@ fn main() -> ExitCode {
             // clap's first line names the flag and the value; the rest is a usage hint.
             let text = e.render().to_string();
             let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!(
-                "redirect-agent: {}",
-                first.trim_start_matches("error: ").trim()
-            );
+            eprintln!("redirect-agent: {}", first.trim_start_matches("error: ").trim());
             return ExitCode::from(2);
         }
     };

@@ -84,11 +84,7 @@ impl ProbeResult {
 
     /// The port the kernel connected the socket to.
     pub fn peer_port(&self) -> Option<u16> {
-        self.peer
-            .as_deref()?
-            .parse::<SocketAddr>()
-            .ok()
-            .map(|a| a.port())
+        self.peer.as_deref()?.parse::<SocketAddr>().ok().map(|a| a.port())
     }
 }
 
@@ -155,10 +151,7 @@ fn connect(args: &ProbeArgs, timeout: Duration) -> io::Result<TcpStream> {
     if let Some(ip) = args.bind {
         let sa = sockaddr(SocketAddrV4::new(ip, 0));
         // SAFETY: pointer and length describe `sa`.
-        check(
-            unsafe { libc::bind(raw, (&raw const sa).cast(), len) },
-            "bind",
-        )?;
+        check(unsafe { libc::bind(raw, (&raw const sa).cast(), len) }, "bind")?;
     }
     let sa = sockaddr(args.connect);
     // SAFETY: pointer and length describe `sa`.
@@ -170,9 +163,7 @@ fn connect(args: &ProbeArgs, timeout: Duration) -> io::Result<TcpStream> {
 
 fn pattern(n: usize) -> Vec<u8> {
     // Not a repeating short cycle, so a shifted or duplicated chunk shows up.
-    (0..n)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect()
+    (0..n).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()
 }
 
 fn exchange(args: &ProbeArgs, result: &mut ProbeResult) -> io::Result<()> {

@@ -90,22 +90,18 @@ impl NetnsDialer {
         let netns = netns.try_clone()?;
         let (tx, rx) = mpsc::channel::<SocketRequest>();
         let (ready_tx, ready_rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("netns-dialer".into())
-            .spawn(move || {
-                if let Err(e) = netns.enter_current_thread() {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-                let _ = ready_tx.send(Ok(()));
-                // Ends when every sender (the proxy) is gone.
-                while let Ok(reply) = rx.recv() {
-                    let _ = reply.send(TcpSocket::new_v4());
-                }
-            })?;
-        ready_rx
-            .recv()
-            .map_err(|_| io::Error::other("dialer thread died"))??;
+        std::thread::Builder::new().name("netns-dialer".into()).spawn(move || {
+            if let Err(e) = netns.enter_current_thread() {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+            let _ = ready_tx.send(Ok(()));
+            // Ends when every sender (the proxy) is gone.
+            while let Ok(reply) = rx.recv() {
+                let _ = reply.send(TcpSocket::new_v4());
+            }
+        })?;
+        ready_rx.recv().map_err(|_| io::Error::other("dialer thread died"))??;
         Ok(Self { tx })
     }
 
@@ -170,12 +166,8 @@ impl Listeners {
             Ok(s)
         };
         let (outbound, inbound) = (cfg.outbound, cfg.inbound);
-        let sockets = netns.run(move || {
-            Ok(vec![
-                (Side::Outbound, bind(outbound)?),
-                (Side::Inbound, bind(inbound)?),
-            ])
-        })?;
+        let sockets =
+            netns.run(move || Ok(vec![(Side::Outbound, bind(outbound)?), (Side::Inbound, bind(inbound)?)]))?;
         Ok(Self { sockets })
     }
 }
@@ -196,12 +188,7 @@ struct Shared {
 
 impl Proxy {
     /// Starts serving. Must run inside the tokio runtime.
-    pub fn start(
-        listeners: Listeners,
-        table: OrigDstTable,
-        dialer: NetnsDialer,
-        cfg: ProxyConfig,
-    ) -> io::Result<Self> {
+    pub fn start(listeners: Listeners, table: OrigDstTable, dialer: NetnsDialer, cfg: ProxyConfig) -> io::Result<Self> {
         let counters = Arc::new(ProxyCounters::default());
         let shared = Arc::new(Shared {
             table,
@@ -266,20 +253,14 @@ async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared)
         return reset(client);
     };
     let Some(dst) = shared.table.lookup(peer4, local) else {
-        shared
-            .counters
-            .no_original_dst
-            .fetch_add(1, Ordering::Relaxed);
+        shared.counters.no_original_dst.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%peer, %local, "no original destination recorded for this connection; resetting");
         return reset(client);
     };
     let upstream = match connect_upstream(dst.addr, side, shared).await {
         Ok(s) => s,
         Err(e) => {
-            shared
-                .counters
-                .upstream_failed
-                .fetch_add(1, Ordering::Relaxed);
+            shared.counters.upstream_failed.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%peer, dst = %dst.addr, "upstream connect failed: {e}; resetting");
             return reset(client);
         }
@@ -291,9 +272,7 @@ async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared)
     let (mut client, mut upstream) = (client, upstream);
     // Half-close is carried across: EOF on one side shuts down writing on the other, and the
     // other direction keeps flowing until it ends too.
-    match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUF, COPY_BUF)
-        .await
-    {
+    match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUF, COPY_BUF).await {
         Ok((up, down)) => tracing::debug!(%peer, dst = %dst.addr, up, down, "closed"),
         Err(e) => {
             tracing::debug!(%peer, dst = %dst.addr, "copy ended: {e}");

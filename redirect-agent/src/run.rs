@@ -145,10 +145,7 @@ impl Drop for AbortOnDrop {
 /// Resolves on SIGINT or SIGTERM.
 pub async fn termination_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
         (Ok(mut int), Ok(mut term)) => {
             tokio::select! {
                 _ = int.recv() => tracing::info!("SIGINT: detaching"),

@@ -35,10 +35,7 @@ pub fn unique(tag: &str) -> String {
 
 /// Runs a command, failing with its stderr.
 pub fn cmd(program: &str, args: &[&str]) -> io::Result<()> {
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()?;
+    let out = Command::new(program).args(args).stdin(Stdio::null()).output()?;
     if out.status.success() {
         return Ok(());
     }
@@ -191,10 +188,7 @@ impl TestServer {
             while !stop2.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, peer)) => {
-                        accepted2
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push(peer);
+                        accepted2.lock().unwrap_or_else(|e| e.into_inner()).push(peer);
                         let name = name2.clone();
                         workers.push(std::thread::spawn(move || {
                             let _ = serve_one(stream, peer, &name);
@@ -221,10 +215,7 @@ impl TestServer {
 
     /// Peers accepted so far.
     pub fn accepted(&self) -> Vec<SocketAddr> {
-        self.accepted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.accepted.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -235,9 +226,7 @@ fn serve_one(mut stream: TcpStream, peer: SocketAddr, name: &str) -> io::Result<
     let local = stream.local_addr()?;
     stream.write_all(server_banner(name, local, peer).as_bytes())?;
     let mut body = Vec::new();
-    (&mut stream)
-        .take(SERVER_MAX_BYTES as u64)
-        .read_to_end(&mut body)?;
+    (&mut stream).take(SERVER_MAX_BYTES as u64).read_to_end(&mut body)?;
     stream.write_all(&body)?;
     stream.shutdown(Shutdown::Write)
 }
@@ -303,12 +292,7 @@ impl ProbeSpec {
         c.arg("probe")
             .args(["--cgroup", &self.cgroup.to_string_lossy()])
             .args(["--netns", &self.netns.to_string_lossy()])
-            .args([
-                "--uid",
-                &self.uid.to_string(),
-                "--gid",
-                &self.gid.to_string(),
-            ])
+            .args(["--uid", &self.uid.to_string(), "--gid", &self.gid.to_string()])
             .args([
                 "--connect",
                 &self.connect.to_string(),
@@ -392,10 +376,7 @@ impl AgentProcess {
 
     /// SIGTERM, then wait (SIGKILL after 10 s). Returns the exit status and what it logged.
     pub fn stop(&mut self) -> io::Result<(std::process::ExitStatus, String)> {
-        let mut child = self
-            .child
-            .take()
-            .ok_or_else(|| io::Error::other("already stopped"))?;
+        let mut child = self.child.take().ok_or_else(|| io::Error::other("already stopped"))?;
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -434,10 +415,7 @@ pub fn read_banner(r: &mut impl BufRead) -> io::Result<String> {
     let mut line = Vec::new();
     r.take(512).read_until(b'\n', &mut line)?;
     if line.last() != Some(&b'\n') {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "no banner from server",
-        ));
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no banner from server"));
     }
     Ok(String::from_utf8_lossy(&line).trim_end().to_owned())
 }

@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::maps::{MapData, PerCpuArray};
 use redirect_common::{
     ChainId, Target, Workload,
     chain::{ListColumns, list_columns, match_text},
@@ -72,7 +72,7 @@ fn rows(w: &Workload, counters: &PerCpuArray<MapData, u64>) -> Result<Vec<RuleRo
 }
 
 pub fn read(name: &str) -> Result<InstanceStats, LoadError> {
-    let (workloads, counters): (HashMap<MapData, u64, Workload>, _) = loader::open_pinned(name)?;
+    let loader::PinnedMaps { workloads, counters } = loader::open_pinned(name)?;
     let mut all = Vec::new();
     for item in workloads.iter() {
         let (cookie, w) = item.map_err(|source| LoadError::Map {

@@ -36,8 +36,8 @@ fn statfs_magic(path: &Path) -> io::Result<i64> {
 /// The cgroup v2 mount point, from `/proc/self/mounts` (it is `/sys/fs/cgroup/unified` on
 /// hybrid hosts and `/sys/fs/cgroup` on unified ones).
 pub fn cgroup2_root() -> Result<PathBuf, SysError> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts")
-        .map_err(|e| SysError::Io("read /proc/self/mounts".into(), e))?;
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").map_err(|e| SysError::Io("read /proc/self/mounts".into(), e))?;
     mounts
         .lines()
         .filter_map(|l| {
@@ -67,15 +67,7 @@ pub fn ensure_bpffs() -> Result<(), SysError> {
     std::fs::create_dir_all(BPFFS).map_err(|e| SysError::Io(format!("create {BPFFS}"), e))?;
     let (src, dst, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
     // SAFETY: constant C strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            dst.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(SysError::Io(
             format!("mount bpffs at {BPFFS}"),
@@ -96,14 +88,11 @@ pub fn require_privileges(what: &str) -> Result<(), SysError> {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0);
-    let missing: Vec<&str> = [
-        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
-        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
-    ]
-    .into_iter()
-    .filter(|(bit, _)| eff & (1 << bit) == 0)
-    .map(|(_, n)| n)
-    .collect();
+    let missing: Vec<&str> = [(CAP_SYS_ADMIN, "CAP_SYS_ADMIN"), (CAP_NET_ADMIN, "CAP_NET_ADMIN")]
+        .into_iter()
+        .filter(|(bit, _)| eff & (1 << bit) == 0)
+        .map(|(_, n)| n)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -123,8 +112,7 @@ pub fn raise_nofile_limit() {
         rlim_max: 0,
     };
     // SAFETY: valid out-pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 && lim.rlim_cur < lim.rlim_max
-    {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 && lim.rlim_cur < lim.rlim_max {
         lim.rlim_cur = lim.rlim_max;
         // SAFETY: valid in-pointer.
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
@@ -141,8 +129,7 @@ pub struct Netns {
 impl Netns {
     /// Opens a namespace file such as `/run/netns/NAME` or `/proc/PID/ns/net`.
     pub fn open(path: &Path) -> Result<Self, SysError> {
-        let file = File::open(path)
-            .map_err(|e| SysError::Io(format!("open netns {}", path.display()), e))?;
+        let file = File::open(path).map_err(|e| SysError::Io(format!("open netns {}", path.display()), e))?;
         match statfs_magic(path) {
             Ok(NSFS_MAGIC) => {}
             _ => return Err(SysError::NotNetns(path.to_owned())),
@@ -196,8 +183,7 @@ impl Netns {
     pub fn cookie(&self) -> io::Result<u64> {
         self.run(|| {
             // SAFETY: plain socket creation; the fd is owned right away.
-            let fd =
-                unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
             if fd < 0 {
                 return Err(io::Error::last_os_error());
             }

@@ -115,11 +115,7 @@ pub fn compile(cfg: &CaptureConfig) -> Result<Vec<Rule>, TooManyRules> {
         b.push(with_dport(out(Target::Return), IPPROTO_UDP, p, false));
     }
 
-    b.push(out_lo(with_src(
-        out(Target::Return),
-        INBOUND_PASSTHROUGH_SRC,
-        32,
-    )));
+    b.push(out_lo(with_src(out(Target::Return), INBOUND_PASSTHROUGH_SRC, 32)));
 
     // istio-iptables skips the "app -> itself over lo" RETURN when -i names a loopback range.
     let include_has_loopback = match &cfg.outbound_cidrs {
@@ -160,9 +156,7 @@ pub fn compile(cfg: &CaptureConfig) -> Result<Vec<Rule>, TooManyRules> {
     }
 
     if b.rules.len() > MAX_RULES {
-        return Err(TooManyRules {
-            needed: b.rules.len(),
-        });
+        return Err(TooManyRules { needed: b.rules.len() });
     }
     Ok(b.rules)
 }
@@ -199,18 +193,10 @@ pub fn match_text(r: &Rule) -> String {
         s.push_str(t);
     };
     if r.has & m::SRC != 0 {
-        part(&format!(
-            "{}-s {}",
-            bang(r, m::SRC),
-            cidr_text(r.src_addr, r.src_mask)
-        ));
+        part(&format!("{}-s {}", bang(r, m::SRC), cidr_text(r.src_addr, r.src_mask)));
     }
     if r.has & m::DST != 0 {
-        part(&format!(
-            "{}-d {}",
-            bang(r, m::DST),
-            cidr_text(r.dst_addr, r.dst_mask)
-        ));
+        part(&format!("{}-d {}", bang(r, m::DST), cidr_text(r.dst_addr, r.dst_mask)));
     }
     if r.has & m::OUT_LO != 0 {
         part(&format!("{}-o lo", bang(r, m::OUT_LO)));
@@ -327,10 +313,7 @@ mod tests {
         assert_eq!(text, DEFAULT_OUTPUT);
         let c = list_columns(&rules[1]);
         assert_eq!((c.prot.as_str(), c.out.as_str()), ("tcp", "lo"));
-        assert_eq!(
-            (c.source.as_str(), c.destination.as_str()),
-            ("0.0.0.0/0", "!127.0.0.1")
-        );
+        assert_eq!((c.source.as_str(), c.destination.as_str()), ("0.0.0.0/0", "!127.0.0.1"));
         assert_eq!(c.extra, "tcp dpt:!15008 owner UID match 1337");
         assert_eq!(list_columns(&rules[2]).extra, "! owner UID match 1337");
     }
@@ -430,27 +413,15 @@ mod tests {
             ..CaptureConfig::default()
         };
         let text: Vec<String> = compile(&cfg).unwrap().iter().map(rule_text).collect();
-        assert_eq!(
-            text[0],
-            "-A ISTIO_OUTPUT -p tcp -m tcp --dport 5432 -j RETURN"
-        );
-        assert_eq!(
-            text[1],
-            "-A ISTIO_OUTPUT -p udp -m udp --dport 5432 -j RETURN"
-        );
+        assert_eq!(text[0], "-A ISTIO_OUTPUT -p tcp -m tcp --dport 5432 -j RETURN");
+        assert_eq!(text[1], "-A ISTIO_OUTPUT -p udp -m udp --dport 5432 -j RETURN");
         assert_eq!(text[2], "-A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN");
         assert!(text[6].contains("--uid-owner 1000"), "{}", text[6]);
         assert_eq!(text[12], "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN");
         assert_eq!(text[13], "-A ISTIO_OUTPUT -d 10.96.0.1/32 -j RETURN");
-        assert_eq!(
-            text[14],
-            "-A ISTIO_OUTPUT -p tcp -m tcp --dport 3306 -j ISTIO_REDIRECT"
-        );
+        assert_eq!(text[14], "-A ISTIO_OUTPUT -p tcp -m tcp --dport 3306 -j ISTIO_REDIRECT");
         assert_eq!(text[15], "-A ISTIO_OUTPUT -d 10.0.0.0/8 -j ISTIO_REDIRECT");
-        assert_eq!(
-            text[16],
-            "-A ISTIO_OUTPUT -d 172.16.0.0/12 -j ISTIO_REDIRECT"
-        );
+        assert_eq!(text[16], "-A ISTIO_OUTPUT -d 172.16.0.0/12 -j ISTIO_REDIRECT");
         assert_eq!(text.len(), 17);
 
         let none = CaptureConfig {
@@ -458,28 +429,16 @@ mod tests {
             ..CaptureConfig::default()
         };
         let rules = compile(&none).unwrap();
-        assert!(
-            rules
-                .iter()
-                .all(|r| r.target_kind() != Some(Target::Redirect))
-        );
+        assert!(rules.iter().all(|r| r.target_kind() != Some(Target::Redirect)));
     }
 
     #[test]
     fn oversized_flags_are_refused() {
-        let cidrs = (0..70)
-            .map(|i| format!("10.{i}.0.0/16"))
-            .collect::<Vec<_>>()
-            .join(",");
+        let cidrs = (0..70).map(|i| format!("10.{i}.0.0/16")).collect::<Vec<_>>().join(",");
         let cfg = CaptureConfig {
             outbound_exclude_cidrs: config::parse_cidrs("-x", &cidrs).unwrap(),
             ..CaptureConfig::default()
         };
-        assert!(
-            compile(&cfg)
-                .unwrap_err()
-                .to_string()
-                .contains("at most 64")
-        );
+        assert!(compile(&cfg).unwrap_err().to_string().contains("at most 64"));
     }
 }

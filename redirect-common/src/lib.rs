@@ -34,13 +34,7 @@ pub mod maps {
     /// [`crate::TupleKey`] -> [`crate::OrigDst`], from established until close.
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
     /// Every map the agent pins while it runs.
-    pub const ALL: [&str; 5] = [
-        WORKLOADS,
-        LOCAL_ADDRS,
-        RULE_COUNTERS,
-        ORIG_BY_COOKIE,
-        ORIG_BY_TUPLE,
-    ];
+    pub const ALL: [&str; 5] = [WORKLOADS, LOCAL_ADDRS, RULE_COUNTERS, ORIG_BY_COOKIE, ORIG_BY_TUPLE];
 }
 
 /// Program names (the Rust function names in `redirect-ebpf`).

@@ -12,8 +12,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    ChainId, ConnFacts, IPPROTO_TCP, LocalAddrKey, MAX_RULES, OrigDst, PendingOrigDst, Target,
-    Workload, is_loopback,
+    ChainId, ConnFacts, IPPROTO_TCP, LocalAddrKey, MAX_RULES, OrigDst, PendingOrigDst, Target, Workload, is_loopback,
 };
 
 use crate::maps::{LOCAL_ADDRS, ORIG_BY_COOKIE, RULE_COUNTERS, WORKLOADS};

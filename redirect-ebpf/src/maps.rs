@@ -4,9 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
-use redirect_common::{
-    LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, TupleKey, Workload,
-};
+use redirect_common::{LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, TupleKey, Workload};
 
 /// netns cookie -> that workload's chains. Written by the agent only.
 #[map]
@@ -18,8 +16,7 @@ pub static LOCAL_ADDRS: HashMap<LocalAddrKey, u8> = HashMap::with_max_entries(40
 
 /// One slot per rule per workload: `Workload::counter_base + rule index`.
 #[map]
-pub static RULE_COUNTERS: PerCpuArray<u64> =
-    PerCpuArray::with_max_entries(MAX_WORKLOADS * MAX_RULES as u32, 0);
+pub static RULE_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_WORKLOADS * MAX_RULES as u32, 0);
 
 /// Socket cookie -> original destination, from connect() until the handshake completes.
 #[map]

@@ -1,1 +1,178 @@
+//! Harness for redirect's integration tests: a workload (namespace pair, cgroup, servers) with
+//! a running agent, probes from inside it, and the agent's own `stats` output.
+//!
+//! Tests run as root against the real kernel (`cargo xtask test` sets REDIRECT_AGENT_BIN to
+//! the agent it built). Every resource is a guard, so a failing test still cleans up.
 
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use redirect_agent::{
+    probe::ProbeResult,
+    sandbox::{AgentProcess, NetnsPair, ProbeSpec, TestCgroup, TestServer, unique},
+    stats::InstanceStats,
+};
+
+pub use redirect_agent::probe::Outcome;
+
+/// Ports of the servers every workload has.
+pub const REMOTE_PORT: u16 = 8080;
+pub const APP_PORT: u16 = 9080;
+pub const TUNNEL_PORT: u16 = 15008;
+pub const OUTBOUND_CAPTURE: u16 = 15001;
+pub const INBOUND_CAPTURE: u16 = 15006;
+
+pub fn agent_bin() -> PathBuf {
+    let path = std::env::var_os("REDIRECT_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/redirect-agent"));
+    assert!(
+        path.is_file(),
+        "agent binary {} not found: run the tests with `cargo xtask test` (it builds the agent)",
+        path.display()
+    );
+    path
+}
+
+pub fn require_root() {
+    // SAFETY: geteuid cannot fail.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "integration tests need root: run `cargo xtask test` as root"
+    );
+}
+
+/// Runs the agent binary with arguments, capturing its output.
+pub fn agent_cmd(args: &[&str]) -> Output {
+    Command::new(agent_bin())
+        .args(args)
+        .output()
+        .expect("spawn redirect-agent")
+}
+
+/// A workload with its servers and (optionally) a running agent. Fields drop in order: the
+/// agent detaches before servers, cgroup and namespaces go.
+pub struct Workload {
+    pub agent: Option<AgentProcess>,
+    pub remote_server: TestServer,
+    pub app_server: TestServer,
+    pub tunnel_server: TestServer,
+    pub cgroup: TestCgroup,
+    pub pair: NetnsPair,
+    pub name: String,
+}
+
+impl Workload {
+    /// Namespaces, cgroup and servers: a remote host on 10.200.1.2:8080, the workload's own
+    /// app on *:9080 and a tunnel listener on *:15008.
+    pub fn new(tag: &str) -> Self {
+        require_root();
+        let pair = NetnsPair::create(tag).expect("create namespaces");
+        let cgroup = TestCgroup::create(tag).expect("create cgroup");
+        let any = |p| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, p);
+        let remote_server = TestServer::start(&pair.remote, SocketAddrV4::new(pair.remote_ip, REMOTE_PORT), "remote")
+            .expect("remote server");
+        let app_server = TestServer::start(&pair.workload, any(APP_PORT), "app").expect("app server");
+        let tunnel_server = TestServer::start(&pair.workload, any(TUNNEL_PORT), "tunnel").expect("tunnel server");
+        Self {
+            agent: None,
+            remote_server,
+            app_server,
+            tunnel_server,
+            cgroup,
+            pair,
+            name: unique(tag),
+        }
+    }
+
+    /// The same, with `redirect-agent run` attached (extra flags appended).
+    pub fn with_agent(tag: &str, flags: &[&str]) -> Self {
+        let mut w = Self::new(tag);
+        w.start_agent(flags).expect("agent starts");
+        w
+    }
+
+    pub fn run_args(&self) -> Vec<String> {
+        vec![
+            "--cgroup".into(),
+            self.cgroup.path.to_string_lossy().into_owned(),
+            "--netns".into(),
+            self.pair.workload.path.to_string_lossy().into_owned(),
+        ]
+    }
+
+    pub fn start_agent(&mut self, flags: &[&str]) -> std::io::Result<()> {
+        let mut args = self.run_args();
+        args.extend(flags.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.agent = Some(AgentProcess::start(&agent_bin(), &self.name, &args)?);
+        Ok(())
+    }
+
+    pub fn remote(&self, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(self.pair.remote_ip, port)
+    }
+
+    pub fn pod(&self, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(self.pair.workload_ip, port)
+    }
+
+    /// A probe from inside the workload, as uid 0 unless changed.
+    pub fn spec(&self, to: SocketAddrV4) -> ProbeSpec {
+        ProbeSpec::new(&self.cgroup.path, &self.pair.workload.path, to)
+    }
+
+    pub fn probe(&self, spec: &ProbeSpec) -> ProbeResult {
+        spec.run(&agent_bin()).unwrap_or_else(|e| panic!("probe {spec:?}: {e}"))
+    }
+
+    /// `redirect-agent stats --name N --json`, parsed.
+    pub fn stats(&self) -> InstanceStats {
+        let out = agent_cmd(&["stats", "--name", &self.name, "--json"]);
+        assert!(
+            out.status.success(),
+            "stats failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("stats --json parses")
+    }
+
+    /// Connections per ISTIO_OUTPUT rule, in rule order.
+    pub fn counts(&self) -> Vec<u64> {
+        self.stats()
+            .rules
+            .iter()
+            .filter(|r| r.chain == "ISTIO_OUTPUT")
+            .map(|r| r.connections)
+            .collect()
+    }
+}
+
+/// Where a probe landed, as the kernel connected it and as the server answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Landing {
+    /// Connected to the capture port; the proxy forwarded to `server`.
+    Proxied { capture_port: u16, server: String },
+    /// Connected straight to the destination; `server` answered.
+    Direct { server: String },
+    /// Did not complete: the outcome.
+    Failed(Outcome),
+}
+
+pub fn landing(r: &ProbeResult) -> Landing {
+    if r.outcome != Outcome::Ok {
+        return Landing::Failed(r.outcome);
+    }
+    let server = r.banner_field("name").unwrap_or("?").to_owned();
+    match r.peer_port() {
+        Some(p) if p == OUTBOUND_CAPTURE || p == INBOUND_CAPTURE => Landing::Proxied {
+            capture_port: p,
+            server,
+        },
+        _ => Landing::Direct { server },
+    }
+}

@@ -1,1 +1,256 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup|build|run|test`.
+//!
+//! `setup` installs what a fresh machine of this kind lacks and nothing else; `run` and `test`
+//! call it first, so the README's two commands work from a bare clone.
+
+use std::{
+    env,
+    ffi::OsStr,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: apt packages, rust-src for nightly, bpf-linker.
+    Setup,
+    /// Build the agent (and, through its build.rs, the eBPF object).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build, and run the agent's demo (root).
+    Run,
+    /// Set up, then run every check and test: fmt, clippy, unit and integration tests (root).
+    Test {
+        /// Only tests whose name contains this.
+        filter: Option<String>,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_owned()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Runs a command; on failure, one line naming the step.
+fn run(step: &str, mut c: Command) -> anyhow::Result<()> {
+    let status = c
+        .status()
+        .with_context(|| format!("{step}: cannot start {:?}", c.get_program()))?;
+    if !status.success() {
+        bail!(
+            "{step} failed: {:?} {} exited with {status}",
+            c.get_program(),
+            join(c.get_args())
+        );
+    }
+    Ok(())
+}
+
+fn join<'a>(args: impl Iterator<Item = &'a OsStr>) -> String {
+    args.map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn output(c: &mut Command) -> Option<String> {
+    let out = c.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn have(binary: &str) -> bool {
+    env::var_os("PATH")
+        .map(|p| env::split_paths(&p).any(|d| d.join(binary).is_file()))
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Debian packages the agent and its tests use, by the binary that shows each is present.
+const APT: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("bpftool", "bpftool"),
+    ("iptables-restore", "iptables"),
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn setup() -> anyhow::Result<()> {
+    let mut did = Vec::new();
+
+    let missing: Vec<&str> = APT.iter().filter(|(bin, _)| !have(bin)).map(|(_, pkg)| *pkg).collect();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!(
+                "setup: apt packages {} are missing and installing them needs root",
+                missing.join(" ")
+            );
+        }
+        println!("setup: installing {}", missing.join(" "));
+        let mut update = Command::new("apt-get");
+        update.args(["update", "-qq"]);
+        run("setup: apt-get update", update)?;
+        let mut install = Command::new("apt-get");
+        install
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing);
+        install.env("DEBIAN_FRONTEND", "noninteractive");
+        run("setup: apt-get install", install)?;
+        did.push("apt packages");
+    }
+
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context(
+        "setup: the nightly toolchain is missing (`rustup toolchain list` shows none); \
+         the eBPF crate builds with it and this project does not install toolchains",
+    )?;
+    let sysroot = PathBuf::from(sysroot);
+    if !sysroot.join("lib/rustlib/src/rust/library/core/Cargo.toml").is_file() {
+        println!("setup: adding rust-src to the nightly toolchain");
+        let mut c = Command::new("rustup");
+        c.args(["component", "add", "rust-src", "--toolchain", "nightly"]);
+        run("setup: rustup component add rust-src", c)?;
+        did.push("rust-src");
+    }
+
+    let linker_ok = output(Command::new("bpf-linker").arg("--version")).is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    if !linker_ok {
+        install_bpf_linker(&sysroot)?;
+        did.push("bpf-linker");
+    }
+
+    if did.is_empty() {
+        println!("setup: nothing to do (apt packages, nightly rust-src and bpf-linker {BPF_LINKER_VERSION} present)");
+    } else {
+        println!("setup: installed {}", did.join(", "));
+    }
+    Ok(())
+}
+
+/// bpf-linker against the LLVM library inside the nightly toolchain (no system LLVM 22 on
+/// Debian 12): a prefix whose lib/ links to it, kept where the binary's rpath will find it.
+fn install_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
+    let lib_dir = sysroot.join("lib");
+    let llvm = std::fs::read_dir(&lib_dir)
+        .with_context(|| format!("setup: bpf-linker: reading {}", lib_dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-"))
+        .with_context(|| format!("setup: bpf-linker: no libLLVM.so.*-rust-* in {}", lib_dir.display()))?;
+    // libLLVM.so.22.1-rust-1.97.0-nightly -> 22
+    let major = llvm
+        .trim_start_matches("libLLVM.so.")
+        .split('.')
+        .next()
+        .filter(|m| m.chars().all(|c| c.is_ascii_digit()))
+        .with_context(|| format!("setup: bpf-linker: cannot read the LLVM version from {llvm}"))?
+        .to_owned();
+    let home = env::var_os("HOME").context("setup: bpf-linker: HOME is not set")?;
+    let prefix = PathBuf::from(home).join(".local/share/redirect/llvm-prefix");
+    let plib = prefix.join("lib");
+    std::fs::create_dir_all(&plib).with_context(|| format!("setup: bpf-linker: creating {}", plib.display()))?;
+    for link in ["libLLVM.so".to_owned(), llvm.clone()] {
+        let at = plib.join(&link);
+        let _ = std::fs::remove_file(&at);
+        std::os::unix::fs::symlink(lib_dir.join(&llvm), &at)
+            .with_context(|| format!("setup: bpf-linker: linking {}", at.display()))?;
+    }
+    println!("setup: building bpf-linker {BPF_LINKER_VERSION} against {llvm} (about 3 minutes)");
+    let mut c = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.args([
+        "install",
+        "bpf-linker",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--force",
+        "--no-default-features",
+    ])
+    .args(["--features", &format!("llvm-{major}")])
+    .env("LLVM_PREFIX", &prefix);
+    run("setup: cargo install bpf-linker", c)
+}
+
+fn build(release: bool) -> anyhow::Result<PathBuf> {
+    let mut c = cargo();
+    c.args(["build", "--package", "redirect-agent"]);
+    if release {
+        c.arg("--release");
+    }
+    run("build", c)?;
+    Ok(root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("redirect-agent"))
+}
+
+fn test(filter: Option<String>) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("test: the integration tests load eBPF programs and create namespaces: run as root");
+    }
+    setup()?;
+    let mut c = cargo();
+    c.args(["fmt", "--all", "--check"]);
+    run("test: cargo fmt --check", c)?;
+    let mut c = cargo();
+    c.args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "redirect-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run("test: cargo clippy", c)?;
+    let agent = build(false)?;
+    let mut c = cargo();
+    c.args(["test", "--workspace", "--exclude", "redirect-ebpf"])
+        .env("REDIRECT_AGENT_BIN", &agent);
+    if let Some(f) = filter {
+        c.args(["--", &f]);
+    }
+    run("test: cargo test", c)
+}
+
+fn main() -> std::process::ExitCode {
+    let result = match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Build { release } => build(release).map(|p| println!("built {}", p.display())),
+        Task::Run => setup().and_then(|()| build(false)).and_then(|agent| {
+            let mut c = Command::new(agent);
+            c.arg("demo");
+            run("run: redirect-agent demo", c)
+        }),
+        Task::Test { filter } => test(filter),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

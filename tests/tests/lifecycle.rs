@@ -1,0 +1,224 @@
+//! Attach, detach and bad input: nothing left behind, one clear line for every mistake.
+
+use std::{
+    net::Ipv4Addr,
+    os::unix::process::CommandExt as _,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, Map, MapData};
+use redirect_agent::loader::{InstanceState, pin_dir, state_path};
+use redirect_common::{LocalAddrKey, maps};
+use redirect_tests::{APP_PORT, INBOUND_CAPTURE, Landing, Workload, agent_bin, agent_cmd, landing};
+
+fn bpftool_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .expect("bpftool (installed by xtask setup)");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // `cgroup show` prints nothing at all for a cgroup without programs.
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return serde_json::Value::Array(Vec::new());
+    }
+    serde_json::from_slice(&out.stdout).expect("bpftool json")
+}
+
+fn attached_prog_ids(cgroup: &Path) -> Vec<u64> {
+    let v = bpftool_json(&["cgroup", "show", &cgroup.to_string_lossy()]);
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn detach_leaves_no_program_link_or_pin() {
+    let mut w = Workload::with_agent("detach", &[]);
+    let state: InstanceState =
+        serde_json::from_slice(&std::fs::read(state_path(&w.name)).unwrap()).expect("state file");
+    let mut ids: Vec<u64> = state.programs.iter().map(|p| u64::from(p.id)).collect();
+    ids.sort();
+    let mut attached = attached_prog_ids(&w.cgroup.path);
+    attached.sort();
+    assert_eq!(attached, ids, "bpftool sees our programs on the cgroup");
+    assert!(pin_dir(&w.name).join(maps::RULE_COUNTERS).exists());
+
+    let (status, log) = w.agent.as_mut().unwrap().stop().unwrap();
+    assert!(status.success(), "agent exit {status}: {log}");
+
+    assert!(attached_prog_ids(&w.cgroup.path).is_empty(), "programs still attached");
+    assert!(
+        !pin_dir(&w.name).exists(),
+        "pins left in {}",
+        pin_dir(&w.name).display()
+    );
+    assert!(!state_path(&w.name).exists(), "state file left");
+    for id in &ids {
+        let out = Command::new("bpftool")
+            .args(["prog", "show", "id", &id.to_string()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "program {id} still loaded");
+    }
+    let links = bpftool_json(&["link", "show"]);
+    for l in links.as_array().unwrap() {
+        let prog = l["prog_id"].as_u64().unwrap_or(0);
+        assert!(!ids.contains(&prog), "link {l} still holds program {prog}");
+    }
+}
+
+/// Runs the agent expecting failure: non-zero exit, one line on stderr naming `needle`.
+fn rejected(args: &[&str], needle: &str) -> String {
+    let out = agent_cmd(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} succeeded: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?}: expected one line, got:\n{err}"
+    );
+    assert!(err.contains(needle), "{args:?}: '{needle}' not in: {err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    err
+}
+
+#[test]
+fn bad_input_gets_one_clear_line_and_changes_nothing() {
+    let w = Workload::new("badflags");
+    let base = w.run_args();
+    let run = |extra: &[&str]| -> Vec<String> {
+        let mut a = vec!["run".to_owned(), "--name".into(), w.name.clone()];
+        a.extend(base.iter().cloned());
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let cases: &[(&[&str], &str)] = &[
+        (&["-p", "0"], "'0'"),
+        (&["--envoy-port", "70000"], "'70000'"),
+        (&["-z", "http"], "'http'"),
+        (&["-i", "10.0.0.0/33"], "'10.0.0.0/33'"),
+        (&["-x", "fd00::/8"], "IPv6"),
+        (&["-u", "root"], "'root'"),
+        (&["-g", ""], "-g/--proxy-gid"),
+        (&["-m", "TPROXY"], "TPROXY"),
+        (&["-d", "15090,abc"], "'abc'"),
+        (&["-b", "80,-1"], "'-1'"),
+        (&["-q", "99999"], "'99999'"),
+        (&["--proxy", "sideways"], "'sideways'"),
+        (&["--max-tracked-connections", "5"], "5"),
+        (&["--frobnicate"], "--frobnicate"),
+    ];
+    for (extra, needle) in cases {
+        let args = run(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        println!("{}", rejected(&args, needle).trim_end());
+    }
+    let cg = w.cgroup.path.to_string_lossy().into_owned();
+    let ns = w.pair.workload.path.to_string_lossy().into_owned();
+    let path_cases: &[(&[&str], &str)] = &[
+        (
+            &["run", "--cgroup", "/tmp", "--netns", &ns, "--name", &w.name],
+            "'/tmp' is not a cgroup v2 directory",
+        ),
+        (
+            &["run", "--cgroup", "/nonexistent/cg", "--netns", &ns, "--name", &w.name],
+            "/nonexistent/cg",
+        ),
+        (
+            &["run", "--cgroup", &cg, "--netns", "/tmp", "--name", &w.name],
+            "'/tmp' is not a network namespace",
+        ),
+        (
+            &["run", "--cgroup", &cg, "--netns", &ns, "--name", "bad/name"],
+            "'bad/name'",
+        ),
+        (&["stats", "--name", &w.name], &w.name),
+    ];
+    for (args, needle) in path_cases {
+        println!("{}", rejected(args, needle).trim_end());
+    }
+    // Nothing was attached or pinned by any of them.
+    assert!(attached_prog_ids(&w.cgroup.path).is_empty());
+    assert!(!pin_dir(&w.name).exists());
+}
+
+#[test]
+fn missing_privilege_is_named() {
+    let w = Workload::new("nopriv");
+    let mut args = vec!["run".to_owned(), "--name".into(), w.name.clone()];
+    args.extend(w.run_args());
+    let out = Command::new(agent_bin())
+        .args(&args)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("needs root") && err.contains("uid 65534"), "{err}");
+}
+
+#[test]
+fn a_second_instance_of_the_same_name_is_refused() {
+    let w = Workload::with_agent("twice", &[]);
+    let mut args = vec!["run".to_owned(), "--name".into(), w.name.clone()];
+    args.extend(w.run_args());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    rejected(&args, "already running");
+    // The first one is untouched and still serving.
+    assert!(pin_dir(&w.name).join(maps::WORKLOADS).exists());
+}
+
+fn local_addrs(name: &str) -> Vec<Ipv4Addr> {
+    let map = Map::from_map_data(MapData::from_pin(pin_dir(name).join(maps::LOCAL_ADDRS)).unwrap()).unwrap();
+    let map: HashMap<MapData, LocalAddrKey, u8> = HashMap::try_from(map).unwrap();
+    map.keys()
+        .map(|k| Ipv4Addr::from(u32::from_be(k.unwrap().addr)))
+        .collect()
+}
+
+/// `-o lo` follows the namespace's addresses as they change (netlink), bounded in time.
+#[test]
+fn local_addresses_follow_the_namespace() {
+    let w = Workload::with_agent("addrs", &[]);
+    assert!(local_addrs(&w.name).contains(&w.pair.workload_ip));
+    let extra = Ipv4Addr::new(10, 200, 1, 5);
+    w.pair
+        .workload
+        .ip(&["addr", "add", "10.200.1.5/32", "dev", "w0"])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !local_addrs(&w.name).contains(&extra) {
+        assert!(Instant::now() < deadline, "agent did not pick up {extra}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The proxy dialing the new own address now goes to inbound capture, as with -o lo.
+    let r = w.probe(&w.spec(std::net::SocketAddrV4::new(extra, APP_PORT)).uid(1337));
+    assert_eq!(
+        landing(&r),
+        Landing::Proxied {
+            capture_port: INBOUND_CAPTURE,
+            server: "app".into()
+        },
+        "{r:?}"
+    );
+
+    w.pair
+        .workload
+        .ip(&["addr", "del", "10.200.1.5/32", "dev", "w0"])
+        .unwrap();
+    while local_addrs(&w.name).contains(&extra) {
+        assert!(Instant::now() < deadline, "agent did not drop {extra}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
