@@ -103,6 +103,11 @@ impl InstanceDirs {
                 lock: lock_path,
             });
         }
+        let state_path = state_path(name);
+        if state_path.exists() {
+            // Same reasoning: a "ready" left by a dead process must not describe this one.
+            std::fs::remove_file(&state_path).map_err(io(format!("remove {}", state_path.display())))?;
+        }
         let pin_dir = pin_dir(name);
         if pin_dir.exists() {
             // Nobody holds the lock, so these are left over from a process that was killed.
@@ -114,7 +119,7 @@ impl InstanceDirs {
             name: name.into(),
             pin_dir,
             lock_path,
-            state_path: state_path(name),
+            state_path,
             _lock: lock,
         })
     }
@@ -123,7 +128,7 @@ impl InstanceDirs {
         &self.name
     }
 
-    /// Written once everything is attached: its existence means "ready".
+    /// Written once everything is attached: a state file naming a live pid means "ready".
     pub fn write_state(&self, state: &InstanceState) -> std::io::Result<()> {
         let tmp = self.state_path.with_extension("json.tmp");
         let mut f = File::create(&tmp)?;

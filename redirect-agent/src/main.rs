@@ -106,6 +106,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => {
+                let termination = run::Termination::install()?;
                 let capture = args.capture.to_config()?;
                 let opts = RunOptions {
                     name: args.name,
@@ -117,7 +118,7 @@ fn main() -> ExitCode {
                     max_proxy_connections: args.max_proxy_connections as usize,
                     connect_timeout: Duration::from_millis(args.connect_timeout_ms),
                 };
-                run::run(opts, run::termination_signal()).await
+                run::run(opts, termination.wait()).await
             }
             Command::Stats { name, json } => {
                 let s = stats::read(&name)?;

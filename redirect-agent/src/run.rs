@@ -11,6 +11,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::HashMap;
 use redirect_common::{config::CaptureConfig, maps};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
     addrs::LocalAddrs,
@@ -142,18 +143,27 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn termination_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! {
-                _ = int.recv() => tracing::info!("SIGINT: detaching"),
-                _ = term.recv() => tracing::info!("SIGTERM: detaching"),
-            }
-        }
-        _ => {
-            tracing::error!("cannot install signal handlers; stopping now");
+/// SIGINT/SIGTERM, registered before any work starts: a stop that arrives while the agent is
+/// still attaching is held until it can unwind, instead of killing it half-way (which would
+/// leave pins and a lock behind).
+pub struct Termination {
+    int: Signal,
+    term: Signal,
+}
+
+impl Termination {
+    /// Must be called inside the runtime, before anything is created.
+    pub fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+
+    pub async fn wait(mut self) {
+        tokio::select! {
+            _ = self.int.recv() => tracing::info!("SIGINT: detaching"),
+            _ = self.term.recv() => tracing::info!("SIGTERM: detaching"),
         }
     }
 }

@@ -345,8 +345,16 @@ impl AgentProcess {
             log,
         };
         let state = loader::state_path(name);
+        let pid = me.child_mut().id();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !state.exists() {
+        // Ready means a state file written by this child, not one left by an earlier process.
+        let ready = || {
+            std::fs::read(&state)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<loader::InstanceState>(&b).ok())
+                .is_some_and(|s| s.pid == pid)
+        };
+        while !ready() {
             if let Some(status) = me.child_mut().try_wait()? {
                 let err = me.take_log();
                 me.child = None;

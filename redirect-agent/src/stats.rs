@@ -46,10 +46,9 @@ pub struct InstanceStats {
 
 fn rows(w: &Workload, counters: &PerCpuArray<MapData, u64>) -> Result<Vec<RuleRow>, LoadError> {
     let mut out = Vec::new();
-    let mut per_chain = [0usize; 3];
-    for (i, r) in w.rules().iter().enumerate() {
+    let rules = w.rules();
+    for (i, r) in rules.iter().enumerate() {
         let chain = r.chain_id();
-        per_chain[r.chain as usize % 3] += 1;
         let slot = w.counter_base + i as u32;
         let connections = counters
             .get(&slot, 0)
@@ -61,7 +60,7 @@ fn rows(w: &Workload, counters: &PerCpuArray<MapData, u64>) -> Result<Vec<RuleRo
             .sum();
         out.push(RuleRow {
             chain: chain.map_or("?", ChainId::iptables_name).into(),
-            rule: per_chain[r.chain as usize % 3],
+            rule: rules[..=i].iter().filter(|x| x.chain == r.chain).count(),
             match_: match_text(r),
             target: r.target_kind().map_or("?", Target::iptables_name).into(),
             connections,

@@ -222,3 +222,21 @@ fn without_the_agent_nothing_is_captured() {
     let r = w.probe(&w.spec(w.remote(REMOTE_PORT)));
     assert_eq!(landing(&r), direct("remote"), "{r:?}");
 }
+
+/// Many connections at once all arrive intact, each counted once.
+#[test]
+fn concurrent_captures_all_arrive() {
+    const N: usize = 32;
+    let w = Workload::with_agent("concurrent", &[]);
+    let spec = w.spec(w.remote(REMOTE_PORT)).bytes(64 << 10);
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..N).map(|_| s.spawn(|| w.probe(&spec))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in &results {
+        assert_eq!(landing(r), proxied(OUTBOUND_CAPTURE, "remote"), "{r:?}");
+        assert!(r.intact && r.received == 64 << 10, "{r:?}");
+    }
+    assert_eq!(w.counts()[8], N as u64);
+    assert_eq!(w.remote_server.accepted().len(), N);
+}

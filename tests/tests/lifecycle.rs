@@ -222,3 +222,82 @@ fn local_addresses_follow_the_namespace() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A killed agent leaves nothing attached (links die with their process); its stale pins are
+/// removed by the next run of the same name, which then captures as usual.
+#[test]
+fn restart_after_sigkill_recovers() {
+    let mut w = Workload::with_agent("sigkill", &[]);
+    let pid = w.agent.as_ref().unwrap().pid().unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let _ = w.agent.as_mut().unwrap().stop();
+    assert!(
+        attached_prog_ids(&w.cgroup.path).is_empty(),
+        "programs outlived the killed agent"
+    );
+    assert!(pin_dir(&w.name).exists(), "a killed agent cannot remove its pins");
+    let r = w.probe(&w.spec(w.remote(redirect_tests::REMOTE_PORT)));
+    assert_eq!(
+        landing(&r),
+        Landing::Direct {
+            server: "remote".into()
+        },
+        "{r:?}"
+    );
+
+    w.start_agent(&[]).expect("restart with the same name");
+    let r = w.probe(&w.spec(w.remote(redirect_tests::REMOTE_PORT)));
+    assert_eq!(
+        landing(&r),
+        Landing::Proxied {
+            capture_port: redirect_tests::OUTBOUND_CAPTURE,
+            server: "remote".into()
+        },
+        "{r:?}"
+    );
+    assert_eq!(w.counts()[8], 1, "counters start afresh");
+    let (status, log) = w.agent.as_mut().unwrap().stop().unwrap();
+    assert!(status.success(), "{log}");
+    assert!(!pin_dir(&w.name).exists());
+}
+
+/// SIGTERM at any point of startup leaves nothing behind. The delays sweep the phases
+/// (before the handler exists, loading, attaching, running); whichever is hit, the result must
+/// be the same, so this cannot pass by luck of timing.
+#[test]
+fn sigterm_during_startup_leaves_nothing_behind() {
+    let w = Workload::new("earlyterm");
+    for delay_ms in [0u64, 2, 10, 30, 80, 200] {
+        let name = format!("{}-{delay_ms}", w.name);
+        let mut args = vec!["run".to_owned(), "--name".into(), name.clone()];
+        args.extend(w.run_args());
+        let mut child = Command::new(agent_bin())
+            .args(&args)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "agent ignored SIGTERM after {delay_ms} ms");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        println!("SIGTERM after {delay_ms} ms: {status}");
+        assert!(
+            attached_prog_ids(&w.cgroup.path).is_empty(),
+            "{delay_ms} ms: programs left attached"
+        );
+        assert!(!pin_dir(&name).exists(), "{delay_ms} ms: pins left");
+        assert!(!state_path(&name).exists(), "{delay_ms} ms: state file left");
+        assert!(
+            !Path::new("/run/redirect").join(format!("{name}.lock")).exists(),
+            "{delay_ms} ms: lock left"
+        );
+    }
+}

@@ -7,7 +7,7 @@ use std::{
     env,
     ffi::OsStr,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, bail};
@@ -232,7 +232,42 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     if let Some(f) = filter {
         c.args(["--", &f]);
     }
-    run("test: cargo test", c)
+    let (passed, failed) = run_counting(c)?;
+    // One closing line over every test binary (cargo's own last line is a doc-test binary's).
+    println!("tests: {passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("test: {failed} tests failed");
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, passing its output through, and adds up its `test result:` lines.
+fn run_counting(mut c: Command) -> anyhow::Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    let mut child = c
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("test: cannot start cargo test")?;
+    let (mut passed, mut failed) = (0, 0);
+    let stdout = child.stdout.take().context("test: no stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let num = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += num("passed");
+            failed += num("failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && failed == 0 {
+        bail!("test: cargo test exited with {status}");
+    }
+    Ok((passed, failed))
 }
 
 fn main() -> std::process::ExitCode {
