@@ -37,7 +37,7 @@ unsafe fn decide(ctx: &SockAddrContext) {
         return;
     }
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(workload) = WORKLOADS.get_ptr(&netns_cookie) else {
+    let Some(workload) = WORKLOADS.get_ptr(netns_cookie) else {
         return;
     };
     let workload: &Workload = unsafe { &*workload };
@@ -55,7 +55,7 @@ unsafe fn decide(ctx: &SockAddrContext) {
     let uid_gid = bpf_get_current_uid_gid();
     let out_lo = is_loopback(dst_addr)
         || LOCAL_ADDRS
-            .get_ptr(&LocalAddrKey {
+            .get_ptr(LocalAddrKey {
                 netns_cookie,
                 addr: dst_addr,
                 _pad: 0,
@@ -101,7 +101,7 @@ unsafe fn decide(ctx: &SockAddrContext) {
         // Redirect even if the record fails (the LRU only fails under memory pressure): the
         // proxy then finds no original destination and resets the connection, which is loud,
         // where leaving it uncaptured would silently bypass the mesh.
-        let _ = ORIG_BY_COOKIE.insert(&cookie, &pending, 0);
+        let _ = ORIG_BY_COOKIE.insert(cookie, pending, 0);
         // Separate volatile stores: merged into one 8-byte store, the verifier refuses them.
         unsafe {
             write_volatile(&mut (*sa).user_ip4, LOCALHOST_BE);

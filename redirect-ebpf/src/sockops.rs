@@ -26,27 +26,25 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
             // Ask for state changes only on sockets connect4 redirected, so that entries of
             // connections that never establish are removed too.
-            if ORIG_BY_COOKIE.get_ptr(&cookie).is_some() {
+            if ORIG_BY_COOKIE.get_ptr(cookie).is_some() {
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
             }
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             // Runs before the final ACK leaves, so the entry exists before the proxy can
             // accept the connection.
-            if let Some(pending) = ORIG_BY_COOKIE.get_ptr(&cookie) {
+            if let Some(pending) = ORIG_BY_COOKIE.get_ptr(cookie) {
                 let pending = unsafe { *pending };
                 let key = tuple(&ctx, pending.netns_cookie);
-                let _ = ORIG_BY_TUPLE.insert(&key, &pending.orig, 0);
-                let _ = ORIG_BY_COOKIE.remove(&cookie);
+                let _ = ORIG_BY_TUPLE.insert(key, pending.orig, 0);
+                let _ = ORIG_BY_COOKIE.remove(cookie);
             }
         }
-        BPF_SOCK_OPS_STATE_CB => {
-            if ctx.arg(1) == BPF_TCP_CLOSE {
-                let _ = ORIG_BY_COOKIE.remove(&cookie);
-                // Addresses and ports are still set: STATE_CB runs before the port is released.
-                let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-                let _ = ORIG_BY_TUPLE.remove(&tuple(&ctx, netns_cookie));
-            }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            let _ = ORIG_BY_COOKIE.remove(cookie);
+            // Addresses and ports are still set: STATE_CB runs before the port is released.
+            let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+            let _ = ORIG_BY_TUPLE.remove(tuple(&ctx, netns_cookie));
         }
         _ => {}
     }

@@ -225,6 +225,21 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
         "warnings",
     ]);
     run("test: cargo clippy", c)?;
+    // The eBPF crate only builds for the BPF target, on nightly.
+    let mut c = Command::new("rustup");
+    c.current_dir(root())
+        .args(["run", "nightly", "cargo", "clippy", "--package", "redirect-ebpf"]);
+    c.args([
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run("test: cargo clippy (eBPF)", c)?;
     let agent = build(false)?;
     let mut c = cargo();
     c.args(["test", "--workspace", "--exclude", "redirect-ebpf"])
