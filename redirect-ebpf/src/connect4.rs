@@ -42,7 +42,6 @@ unsafe fn decide(ctx: &SockAddrContext) {
     };
     let workload: &Workload = unsafe { &*workload };
 
-    let dst_addr = unsafe { read_volatile(&(*sa).user_ip4) };
     let dst_port = u16::from_be(unsafe { read_volatile(&(*sa).user_port) } as u16);
     let sk = unsafe { (*sa).__bindgen_anon_1.sk };
     // An unbound socket gets its source from routing, which never picks 127.0.0.6: 0 stands
@@ -51,6 +50,13 @@ unsafe fn decide(ctx: &SockAddrContext) {
         0
     } else {
         unsafe { read_volatile(&(*sk).src_ip4) }
+    };
+    // connect() to 0.0.0.0 is routed to the bound source, else 127.0.0.1, over lo: that is the
+    // destination the nat table would see.
+    let dst_addr = match unsafe { read_volatile(&(*sa).user_ip4) } {
+        0 if src_addr != 0 => src_addr,
+        0 => LOCALHOST_BE,
+        addr => addr,
     };
     let uid_gid = bpf_get_current_uid_gid();
     let out_lo = is_loopback(dst_addr)
