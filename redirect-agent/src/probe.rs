@@ -41,6 +41,9 @@ pub struct ProbeArgs {
     pub bytes: usize,
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
+    /// connect() a UDP socket instead, and report where the kernel connected it (no data).
+    #[arg(long)]
+    pub udp: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -167,6 +170,13 @@ fn pattern(n: usize) -> Vec<u8> {
 }
 
 fn exchange(args: &ProbeArgs, result: &mut ProbeResult) -> io::Result<()> {
+    if args.udp {
+        let socket = std::net::UdpSocket::bind(SocketAddrV4::new(args.bind.unwrap_or(Ipv4Addr::UNSPECIFIED), 0))?;
+        socket.connect(args.connect)?;
+        result.local = socket.local_addr().ok().map(|a| a.to_string());
+        result.peer = socket.peer_addr().ok().map(|a| a.to_string());
+        return Ok(());
+    }
     let timeout = Duration::from_millis(args.timeout_ms);
     let stream = connect(args, timeout)?;
     result.local = stream.local_addr().ok().map(|a| a.to_string());

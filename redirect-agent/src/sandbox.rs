@@ -250,6 +250,7 @@ pub struct ProbeSpec {
     pub bind: Option<Ipv4Addr>,
     pub connect: SocketAddrV4,
     pub bytes: usize,
+    pub udp: bool,
 }
 
 impl ProbeSpec {
@@ -262,6 +263,7 @@ impl ProbeSpec {
             bind: None,
             connect,
             bytes: 1024,
+            udp: false,
         }
     }
 
@@ -277,6 +279,12 @@ impl ProbeSpec {
 
     pub fn bind(mut self, ip: Ipv4Addr) -> Self {
         self.bind = Some(ip);
+        self
+    }
+
+    /// A UDP connect() instead of a TCP exchange.
+    pub fn udp(mut self) -> Self {
+        self.udp = true;
         self
     }
 
@@ -301,6 +309,9 @@ impl ProbeSpec {
             ]);
         if let Some(b) = self.bind {
             c.args(["--bind", &b.to_string()]);
+        }
+        if self.udp {
+            c.arg("--udp");
         }
         let out = c.stdin(Stdio::null()).output()?;
         if !out.status.success() {

@@ -260,3 +260,18 @@ fn concurrent_captures_all_arrive() {
     assert_eq!(w.counts()[8], N as u64);
     assert_eq!(w.remote_server.accepted().len(), N);
 }
+
+/// The rule set's REDIRECT targets are `-p tcp`: a UDP connect() keeps its destination and no
+/// rule counts it.
+#[test]
+fn udp_is_untouched() {
+    let w = Workload::with_agent("udp", &[]);
+    let to = w.remote(53);
+    let r = w.probe(&w.spec(to).udp());
+    assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
+    assert_eq!(r.peer.as_deref(), Some(to.to_string().as_str()), "{r:?}");
+    assert!(w.counts().iter().all(|&c| c == 0), "{:?}", w.counts());
+    // A TCP connection right after is still captured: the agent was live.
+    let r = w.probe(&w.spec(w.remote(REMOTE_PORT)));
+    assert_eq!(landing(&r), proxied(OUTBOUND_CAPTURE, "remote"), "{r:?}");
+}
