@@ -20,8 +20,9 @@ use crate::maps::{LOCAL_ADDRS, ORIG_BY_COOKIE, RULE_COUNTERS, WORKLOADS};
 /// 127.0.0.1 in network order: where iptables REDIRECT sends locally generated packets.
 const LOCALHOST_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 
-/// Returning 1 lets connect() proceed; 0 would fail it with EPERM. We never refuse: a
-/// connection we cannot account for is better left untouched than broken.
+/// Returning 1 lets connect() proceed; 0 would fail it with EPERM. We never refuse: a mesh
+/// decision must not become an error the workload sees at connect(). Where a decision cannot be
+/// carried through, the proxy makes it visible instead (a reset).
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands connect4 a valid bpf_sock_addr.
@@ -58,6 +59,8 @@ unsafe fn decide(ctx: &SockAddrContext) {
         0 => LOCALHOST_BE,
         addr => addr,
     };
+    // The calling task's uid/gid. The owner match reads the socket file's fsuid/fsgid: the same
+    // unless a set-id program connects a socket, or one is passed to another process.
     let uid_gid = bpf_get_current_uid_gid();
     let out_lo = is_loopback(dst_addr)
         || LOCAL_ADDRS
