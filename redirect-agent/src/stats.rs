@@ -104,11 +104,11 @@ pub fn render_text(stats: &InstanceStats) -> String {
                     "Chain {chain} (instance {}, netns cookie {})",
                     stats.name, w.netns_cookie
                 );
-                let _ = writeln!(
-                    s,
+                let header = format!(
                     "{:>4} {:>8} {:<18} {:<4} {:<3} {:<4} {:<4} {:<18} {:<18}",
                     "num", "conns", "target", "prot", "opt", "in", "out", "source", "destination"
                 );
+                let _ = writeln!(s, "{}", header.trim_end());
             }
             let c = row.columns.clone().unwrap_or(ListColumns {
                 prot: "?".into(),
@@ -118,11 +118,11 @@ pub fn render_text(stats: &InstanceStats) -> String {
                 extra: row.match_.clone(),
             });
             let (prot, out, src, dst, extra) = (c.prot, c.out, c.source, c.destination, c.extra);
-            let _ = writeln!(
-                s,
+            let line = format!(
                 "{:>4} {:>8} {:<18} {:<4} {:<3} {:<4} {:<4} {:<18} {:<18} {}",
                 row.rule, row.connections, row.target, prot, "--", "*", out, src, dst, extra
             );
+            let _ = writeln!(s, "{}", line.trim_end());
         }
     }
     if stats.workloads.is_empty() {
