@@ -114,7 +114,7 @@ impl InstanceDirs {
             tracing::warn!(dir = %pin_dir.display(), "removing stale pins of a previous run");
             std::fs::remove_dir_all(&pin_dir).map_err(io(format!("remove {}", pin_dir.display())))?;
         }
-        std::fs::create_dir_all(&pin_dir).map_err(io(format!("create {}", pin_dir.display())))?;
+        create_pin_dir(&pin_dir).map_err(io(format!("create {}", pin_dir.display())))?;
         Ok(Self {
             name: name.into(),
             pin_dir,
@@ -135,6 +135,18 @@ impl InstanceDirs {
         serde_json::to_writer_pretty(&mut f, state)?;
         f.write_all(b"\n")?;
         std::fs::rename(tmp, &self.state_path)
+    }
+}
+
+/// An exiting instance removes the shared root when it is empty; that can land between our
+/// mkdir of the root and of our own directory, so try again (bounded) when the parent vanishes.
+fn create_pin_dir(dir: &Path) -> std::io::Result<()> {
+    let mut tries = 0;
+    loop {
+        match std::fs::create_dir_all(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 5 => tries += 1,
+            other => return other,
+        }
     }
 }
 

@@ -60,11 +60,23 @@ pub fn open_cgroup2_dir(path: &Path) -> Result<File, SysError> {
 }
 
 /// Mounts bpffs at /sys/fs/bpf when nothing is mounted there (fresh machines).
+///
+/// Agents starting together must not each mount one: a second bpffs stacked on the first hides
+/// the pins another agent has just made. Check-and-mount is serialised by a lock on the mount
+/// point directory itself, so no lock file is left behind.
 pub fn ensure_bpffs() -> Result<(), SysError> {
     if statfs_magic(Path::new(BPFFS)).ok() == Some(BPF_FS_MAGIC) {
         return Ok(());
     }
     std::fs::create_dir_all(BPFFS).map_err(|e| SysError::Io(format!("create {BPFFS}"), e))?;
+    let dir = File::open(BPFFS).map_err(|e| SysError::Io(format!("open {BPFFS}"), e))?;
+    // SAFETY: valid fd; the lock is released when `dir` closes.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(SysError::Io(format!("lock {BPFFS}"), io::Error::last_os_error()));
+    }
+    if statfs_magic(Path::new(BPFFS)).ok() == Some(BPF_FS_MAGIC) {
+        return Ok(());
+    }
     let (src, dst, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
     // SAFETY: constant C strings; no data argument.
     let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
