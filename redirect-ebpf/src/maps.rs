@@ -1,28 +1,32 @@
-//! Maps, named for what they hold. Sizes here are defaults; the agent resizes the connection
-//! maps at load time (`--max-tracked-connections`).
+//! Maps, named for what they hold. Declared as BTF maps so that `bpftool map dump` shows their
+//! keys and values as the structs of redirect-common, field by field. Sizes here are
+//! defaults; the agent resizes the connection maps at load (`--max-tracked-connections`).
 use aya_ebpf::{
-    macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
 };
 use redirect_common::{LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, TupleKey, Workload};
 
+const WORKLOAD_SLOTS: usize = MAX_WORKLOADS as usize;
+const COUNTER_SLOTS: usize = WORKLOAD_SLOTS * MAX_RULES;
+
 /// netns cookie -> that workload's chains. Written by the agent only.
-#[map]
-pub static WORKLOADS: HashMap<u64, Workload> = HashMap::with_max_entries(MAX_WORKLOADS, 0);
+#[btf_map]
+pub static WORKLOADS: HashMap<u64, Workload, WORKLOAD_SLOTS> = HashMap::new();
 
 /// Addresses of each workload's network namespace (what `-o lo` reaches besides 127/8).
-#[map]
-pub static LOCAL_ADDRS: HashMap<LocalAddrKey, u8> = HashMap::with_max_entries(4096, 0);
+#[btf_map]
+pub static LOCAL_ADDRS: HashMap<LocalAddrKey, u8, 4096> = HashMap::new();
 
 /// One slot per rule per workload: `Workload::counter_base + rule index`.
-#[map]
-pub static RULE_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_WORKLOADS * MAX_RULES as u32, 0);
+#[btf_map]
+pub static RULE_COUNTERS: PerCpuArray<u64, COUNTER_SLOTS> = PerCpuArray::new();
 
 /// Socket cookie -> original destination, from connect() until the handshake completes.
-#[map]
-pub static ORIG_BY_COOKIE: LruHashMap<u64, PendingOrigDst> = LruHashMap::with_max_entries(65536, 0);
+#[btf_map]
+pub static ORIG_BY_COOKIE: LruHashMap<u64, PendingOrigDst, 65536> = LruHashMap::new();
 
 /// Connection 4-tuple (+ netns) -> original destination, while the connection lives. The
 /// proxy finds it from its accepted socket's addresses.
-#[map]
-pub static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+#[btf_map]
+pub static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst, 65536> = LruHashMap::new();
