@@ -4,6 +4,7 @@
 use std::{net::SocketAddrV4, path::Path};
 
 use anyhow::Context as _;
+use redirect_common::config::CaptureConfig;
 
 use crate::{
     probe::{Outcome, ProbeResult},
@@ -16,9 +17,8 @@ fn path_of(r: &ProbeResult, outbound: u16, inbound: u16) -> String {
         return format!("failed: {:?} {}", r.outcome, r.error.as_deref().unwrap_or(""));
     }
     let via = match r.peer_port() {
-        Some(p) if p == outbound => "captured -> proxy :15001 ->",
-        Some(p) if p == inbound => "captured -> proxy :15006 ->",
-        _ => "direct ->",
+        Some(p) if p == outbound || p == inbound => format!("captured -> proxy :{p} ->"),
+        _ => "direct ->".to_owned(),
     };
     let server = r.banner_field("name").unwrap_or("?");
     let saw = r.banner_field("peer").unwrap_or("?");
@@ -68,10 +68,15 @@ pub fn run() -> anyhow::Result<()> {
             spec(pod).uid(1337).gid(1337),
         ),
     ];
+    // The agent runs with istio-iptables' defaults: its capture ports are those.
+    let defaults = CaptureConfig::default();
     println!("{:<46} where it landed", "connection");
     for (label, p) in &probes {
         let r = p.run(&agent).with_context(|| format!("probe {label}"))?;
-        println!("{label:<46} {}", path_of(&r, 15001, 15006));
+        println!(
+            "{label:<46} {}",
+            path_of(&r, defaults.envoy_port, defaults.inbound_capture_port)
+        );
     }
 
     println!("\nredirect-agent stats --name {name}:");
