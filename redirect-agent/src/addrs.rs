@@ -142,9 +142,11 @@ fn dump(fd: &OwnedFd) -> io::Result<BTreeSet<Ipv4Addr>> {
     }
 }
 
-/// The namespace's addresses as seen by connect4.
+/// The namespace's addresses as seen by connect4 (`LOCAL_ADDRS`: what `-o lo` reaches) and by
+/// sk_lookup (`ADDR_OWNERS`: which workload a connection from another host is for).
 pub struct LocalAddrs {
     map: HashMap<MapData, LocalAddrKey, u8>,
+    owners: HashMap<MapData, u32, u64>,
     netns_cookie: u64,
     current: BTreeSet<Ipv4Addr>,
     /// A blocking socket in the workload's namespace, for dumps.
@@ -154,10 +156,16 @@ pub struct LocalAddrs {
 impl LocalAddrs {
     /// Reads the current set and installs it; connect4 is not attached yet, so the first
     /// connection already sees it.
-    pub fn install(netns: &Netns, map: HashMap<MapData, LocalAddrKey, u8>, netns_cookie: u64) -> io::Result<Self> {
+    pub fn install(
+        netns: &Netns,
+        map: HashMap<MapData, LocalAddrKey, u8>,
+        owners: HashMap<MapData, u32, u64>,
+        netns_cookie: u64,
+    ) -> io::Result<Self> {
         let query = netns.run(|| netlink_socket(0, false))?;
         let mut me = Self {
             map,
+            owners,
             netns_cookie,
             current: BTreeSet::new(),
             query,
@@ -182,11 +190,19 @@ impl LocalAddrs {
         let now = dump(&self.query)?;
         for ip in now.difference(&self.current) {
             self.map.insert(self.key(*ip), 1, 0).map_err(io::Error::other)?;
+            // Loopback addresses are in every namespace and never reached from another host.
+            if !ip.is_loopback() {
+                let owner = u32::from(*ip).to_be();
+                self.owners
+                    .insert(owner, self.netns_cookie, 0)
+                    .map_err(io::Error::other)?;
+            }
             tracing::info!(%ip, "local address added");
         }
         for ip in self.current.difference(&now) {
             // Already gone is fine: the goal is absence.
             let _ = self.map.remove(&self.key(*ip));
+            let _ = self.owners.remove(&u32::from(*ip).to_be());
             tracing::info!(%ip, "local address removed");
         }
         self.current = now;

@@ -53,6 +53,12 @@ pub enum LoadError {
         cgroup: PathBuf,
         source: aya::programs::ProgramError,
     },
+    #[error("attaching {prog} to network namespace {netns} failed: {source} (sk_lookup links need kernel 5.9+)")]
+    AttachNetns {
+        prog: &'static str,
+        netns: PathBuf,
+        source: aya::programs::ProgramError,
+    },
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,
@@ -62,4 +68,11 @@ pub enum LoadError {
     Pin { path: PathBuf, source: aya::pin::PinError },
     #[error(transparent)]
     Rules(#[from] redirect_common::chain::TooManyRules),
+}
+
+/// Flags that parse but cannot work together.
+#[derive(Debug, thiserror::Error)]
+pub enum FlagError {
+    #[error("-p/--envoy-port and -z/--inbound-capture-port are both {0}: expected two different ports")]
+    SamePort(u16),
 }

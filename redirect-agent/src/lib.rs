@@ -5,6 +5,7 @@
 pub mod addrs;
 pub mod demo;
 pub mod error;
+pub mod explain;
 pub mod flags;
 pub mod loader;
 pub mod probe;

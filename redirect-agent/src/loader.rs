@@ -15,7 +15,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps},
     util::KernelVersion,
 };
 use redirect_common::{MAX_RULES, Rule, Workload, maps, programs};
@@ -32,7 +32,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 /// Flags 0: see [`Loaded::attach`].
 const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
-/// Oldest kernel with everything used: bpf_get_netns_cookie in sock_ops and SO_NETNS_COOKIE.
+/// Oldest kernel with everything used: bpf_get_netns_cookie in sock_ops and SO_NETNS_COOKIE
+/// (5.15 is the first LTS with both); sk_lookup and bpf_link on a netns need 5.9.
 const MIN_KERNEL: (u32, u32) = (5, 15);
 
 pub fn check_kernel() -> Result<(), LoadError> {
@@ -217,6 +218,8 @@ impl Loaded {
         }
         let prog: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
         prog.load().map_err(|e| verifier_error(programs::SOCK_OPS, e))?;
+        let prog: &mut SkLookup = program(&mut ebpf, programs::SK_LOOKUP)?;
+        prog.load().map_err(|e| verifier_error(programs::SK_LOOKUP, e))?;
         let prog: &mut CgroupSockAddr = program(&mut ebpf, programs::CONNECT4)?;
         prog.load().map_err(|e| verifier_error(programs::CONNECT4, e))?;
         Ok(Self { ebpf, dirs })
@@ -233,6 +236,7 @@ impl Loaded {
         rules: &[Rule],
         outbound_port: u16,
         inbound_port: u16,
+        flags: u32,
     ) -> Result<(), LoadError> {
         debug_assert!(rules.len() <= MAX_RULES, "chain::compile bounds the chain");
         let mut w = Workload::empty();
@@ -240,6 +244,7 @@ impl Loaded {
         w.rules[..rules.len()].copy_from_slice(rules);
         w.outbound_port = outbound_port;
         w.inbound_port = inbound_port;
+        w.flags = flags;
         // A single-workload instance uses counter slots from 0.
         w.counter_base = 0;
         let map = self
@@ -261,13 +266,20 @@ impl Loaded {
         self.ebpf.take_map(name).ok_or(LoadError::MissingMap(name))
     }
 
-    /// Attaches sock_ops, then connect4, to the cgroup.
+    /// Attaches sock_ops to the cgroup, sk_lookup to the namespace, then connect4 to the cgroup.
     ///
     /// On the kernels we support (5.7+) aya attaches through `bpf_link_create`, and a cgroup
     /// bpf_link always joins the cgroup's multi-program list: it coexists with other agents'
     /// programs. The kernel refuses any flag on that path (EINVAL), BPF_F_ALLOW_MULTI
-    /// included, so the mode passed is the flagless one.
-    pub fn attach(&mut self, cgroup: &File, cgroup_path: &Path) -> Result<Vec<ProgramState>, LoadError> {
+    /// included, so the mode passed is the flagless one. sk_lookup links on a namespace run
+    /// in attach order; ours passes over connections it does not decide.
+    pub fn attach(
+        &mut self,
+        cgroup: &File,
+        cgroup_path: &Path,
+        netns: &crate::sys::Netns,
+        netns_path: &Path,
+    ) -> Result<Vec<ProgramState>, LoadError> {
         let attach_err = |prog, source| LoadError::Attach {
             prog,
             cgroup: cgroup_path.to_owned(),
@@ -279,6 +291,16 @@ impl Loaded {
             .map_err(|e| attach_err(programs::SOCK_OPS, e))?;
         ids.push(ProgramState {
             name: programs::SOCK_OPS.into(),
+            id: prog_id(prog.info())?,
+        });
+        let prog: &mut SkLookup = program(&mut self.ebpf, programs::SK_LOOKUP)?;
+        prog.attach(netns).map_err(|source| LoadError::AttachNetns {
+            prog: programs::SK_LOOKUP,
+            netns: netns_path.to_owned(),
+            source,
+        })?;
+        ids.push(ProgramState {
+            name: programs::SK_LOOKUP.into(),
             id: prog_id(prog.info())?,
         });
         let prog: &mut CgroupSockAddr = program(&mut self.ebpf, programs::CONNECT4)?;

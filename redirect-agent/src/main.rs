@@ -2,7 +2,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, error::ErrorKind};
 use redirect_agent::{
-    demo,
+    demo, explain,
     flags::CaptureFlags,
     probe::{self, ProbeArgs},
     run::{self, ProxyMode, RunOptions},
@@ -31,11 +31,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the nat table istio-iptables writes for these flags (iptables-save text, ready
+    /// for iptables-restore) and the counter slot that implements each line.
+    Explain(Box<ExplainArgs>),
     /// Run the agent on a throw-away workload and show where its connections land.
     Demo,
     /// One client connection from inside a workload (used by demo and the tests).
     #[command(hide = true)]
     Probe(ProbeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ExplainArgs {
+    /// Print JSON: {"iptables_save": TEXT, "lines": [{"line","chain","num","slot","by"}, ...]}.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    capture: CaptureFlags,
 }
 
 #[derive(clap::Args, Debug)]
@@ -126,6 +138,16 @@ fn main() -> ExitCode {
                     println!("{}", serde_json::to_string_pretty(&s)?);
                 } else {
                     print!("{}", stats::render_text(&s));
+                }
+                Ok(())
+            }
+            Command::Explain(args) => {
+                let cfg = args.capture.to_config()?;
+                let e = explain::Explanation::new(&cfg)?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&e)?);
+                } else {
+                    print!("{}", e.render_text());
                 }
                 Ok(())
             }

@@ -56,10 +56,22 @@ impl OrigDstTable {
         Self { map, netns_cookie }
     }
 
-    /// `peer` is the accepted socket's remote address (the workload side), `local` its local
-    /// address (the capture listener). `None`: the kernel recorded nothing for this
-    /// connection (not redirected by us, or already closed by the workload).
-    pub fn lookup(&self, peer: SocketAddrV4, local: SocketAddrV4) -> Option<Destination> {
+    /// Where a connection accepted on a capture listener was going. `peer` and `local` are
+    /// the accepted socket's addresses, `listen_port` the listener's port.
+    ///
+    /// connect4 rewrote the workload's connect() to the capture port, so such a connection is
+    /// connected to `listen_port` and its destination is in the map, under the 4-tuple that
+    /// sockops wrote. sk_lookup rewrites nothing: a connection it handed to the inbound
+    /// listener still has its original destination as the local address. `None`: nothing is
+    /// known (not redirected by us, already closed, or a connection straight to the capture
+    /// port, which must not be forwarded back to the listener).
+    pub fn lookup(&self, peer: SocketAddrV4, local: SocketAddrV4, listen_port: u16) -> Option<Destination> {
+        if local.port() != listen_port {
+            return Some(Destination {
+                addr: local,
+                target: Some(Target::InRedirect),
+            });
+        }
         let key = TupleKey {
             netns_cookie: self.netns_cookie,
             src_addr: be(*peer.ip()),
@@ -151,9 +163,21 @@ pub struct ProxyCounters {
     pub over_limit: AtomicU64,
 }
 
-/// Listeners bound inside the namespace, not yet serving.
+/// Listeners bound inside the namespace, not yet listening.
 pub struct Listeners {
     sockets: Vec<(Side, TcpSocket)>,
+}
+
+/// Listening sockets, not yet served: the inbound one must be registered for sk_lookup
+/// (it can enter a sockhash only once it listens) before the first SYN can reach it.
+pub struct Listening {
+    listeners: Vec<(Side, TcpListener)>,
+}
+
+impl Listening {
+    pub fn get(&self, side: Side) -> Option<&TcpListener> {
+        self.listeners.iter().find(|(s, _)| *s == side).map(|(_, l)| l)
+    }
 }
 
 impl Listeners {
@@ -169,6 +193,16 @@ impl Listeners {
         let sockets =
             netns.run(move || Ok(vec![(Side::Outbound, bind(outbound)?), (Side::Inbound, bind(inbound)?)]))?;
         Ok(Self { sockets })
+    }
+
+    /// Must run inside the tokio runtime.
+    pub fn listen(self) -> io::Result<Listening> {
+        let listeners = self
+            .sockets
+            .into_iter()
+            .map(|(side, s)| Ok((side, s.listen(LISTEN_BACKLOG)?)))
+            .collect::<io::Result<_>>()?;
+        Ok(Listening { listeners })
     }
 }
 
@@ -188,7 +222,7 @@ struct Shared {
 
 impl Proxy {
     /// Starts serving. Must run inside the tokio runtime.
-    pub fn start(listeners: Listeners, table: OrigDstTable, dialer: NetnsDialer, cfg: ProxyConfig) -> io::Result<Self> {
+    pub fn start(listening: Listening, table: OrigDstTable, dialer: NetnsDialer, cfg: ProxyConfig) -> io::Result<Self> {
         let counters = Arc::new(ProxyCounters::default());
         let shared = Arc::new(Shared {
             table,
@@ -198,8 +232,7 @@ impl Proxy {
             counters: counters.clone(),
         });
         let mut tasks = JoinSet::new();
-        for (side, socket) in listeners.sockets {
-            let listener = socket.listen(LISTEN_BACKLOG)?;
+        for (side, listener) in listening.listeners {
             tracing::info!(side = side.name(), addr = %listener.local_addr()?, "proxy listening");
             tasks.spawn(accept_loop(listener, side, shared.clone()));
         }
@@ -252,7 +285,11 @@ async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared)
         tracing::warn!(%peer, "not an IPv4 connection; resetting");
         return reset(client);
     };
-    let Some(dst) = shared.table.lookup(peer4, local) else {
+    let listen_port = match side {
+        Side::Outbound => shared.cfg.outbound.port(),
+        Side::Inbound => shared.cfg.inbound.port(),
+    };
+    let Some(dst) = shared.table.lookup(peer4, local, listen_port) else {
         shared.counters.no_original_dst.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%peer, %local, "no original destination recorded for this connection; resetting");
         return reset(client);

@@ -8,15 +8,20 @@ use std::{
     time::Duration,
 };
 
+use std::os::fd::AsRawFd as _;
+
 use anyhow::Context as _;
-use aya::maps::HashMap;
-use redirect_common::{config::CaptureConfig, maps};
+use aya::maps::{HashMap, SockHash};
+use redirect_common::{
+    config::{CaptureConfig, Include},
+    maps,
+};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
     addrs::LocalAddrs,
     loader::{self, InstanceDirs, InstanceState, Loaded},
-    proxy::{Listeners, NetnsDialer, OrigDstTable, Proxy, ProxyConfig},
+    proxy::{Listeners, NetnsDialer, OrigDstTable, Proxy, ProxyConfig, Side},
     sys::{self, Netns},
 };
 
@@ -48,6 +53,7 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     loader::check_kernel()?;
     loader::validate_name(&opts.name)?;
     let rules = redirect_common::chain::compile(&opts.capture)?;
+    check_ports(&opts)?;
     let cgroup = sys::open_cgroup2_dir(&opts.cgroup)?;
     let netns = Netns::open(&opts.netns)?;
     let netns_cookie = netns
@@ -63,11 +69,14 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
         &rules,
         opts.capture.envoy_port,
         opts.capture.inbound_capture_port,
+        redirect_common::chain::flags(&opts.capture),
     )?;
 
     let local_map = HashMap::try_from(loaded.take_map(maps::LOCAL_ADDRS)?)
         .map_err(|e| anyhow::anyhow!("map {}: {e}", maps::LOCAL_ADDRS))?;
-    let local = LocalAddrs::install(&netns, local_map, netns_cookie)
+    let owners_map = HashMap::try_from(loaded.take_map(maps::ADDR_OWNERS)?)
+        .map_err(|e| anyhow::anyhow!("map {}: {e}", maps::ADDR_OWNERS))?;
+    let local = LocalAddrs::install(&netns, local_map, owners_map, netns_cookie)
         .with_context(|| format!("reading the addresses of {}", opts.netns.display()))?;
     tracing::info!(addresses = ?local.addresses(), "local addresses of the workload");
     let watch_ns = netns.try_clone()?;
@@ -87,17 +96,27 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
                 connect_timeout: opts.connect_timeout,
                 max_connections: opts.max_proxy_connections,
             };
-            let listeners = Listeners::bind(&netns, &cfg)
+            let listening = Listeners::bind(&netns, &cfg)
+                .and_then(Listeners::listen)
                 .with_context(|| format!("proxy listeners in {}", opts.netns.display()))?;
+            // sk_lookup hands connections from other hosts to this socket; sock_ops cannot
+            // register it because the agent is not in the workload's cgroup.
+            let mut inbound_listeners: SockHash<_, u64> = SockHash::try_from(loaded.take_map(maps::INBOUND_LISTENERS)?)
+                .map_err(|e| anyhow::anyhow!("map {}: {e}", maps::INBOUND_LISTENERS))?;
+            if let Some(l) = listening.get(Side::Inbound) {
+                inbound_listeners.insert(netns_cookie, l.as_raw_fd(), 0).map_err(|e| {
+                    anyhow::anyhow!("map {}: registering the inbound listener: {e}", maps::INBOUND_LISTENERS)
+                })?;
+            }
             let tuple_map = HashMap::try_from(loaded.take_map(maps::ORIG_BY_TUPLE)?)
                 .map_err(|e| anyhow::anyhow!("map {}: {e}", maps::ORIG_BY_TUPLE))?;
             let table = OrigDstTable::new(tuple_map, netns_cookie);
             let dialer = NetnsDialer::start(&netns)?;
-            Some(Proxy::start(listeners, table, dialer, cfg)?)
+            Some(Proxy::start(listening, table, dialer, cfg)?)
         }
     };
 
-    let programs = loaded.attach(&cgroup, &opts.cgroup)?;
+    let programs = loaded.attach(&cgroup, &opts.cgroup, &netns, &opts.netns)?;
     loaded.dirs().write_state(&InstanceState {
         name: opts.name.clone(),
         pid: std::process::id(),
@@ -132,6 +151,22 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
         proxy.shutdown().await;
     }
     tracing::info!(name = %opts.name, "detached; pins removed");
+    Ok(())
+}
+
+/// Combinations the agent cannot serve, refused before anything is loaded; and the one that
+/// istio-iptables accepts and ignores, said out loud.
+fn check_ports(opts: &RunOptions) -> Result<(), crate::error::FlagError> {
+    let c = &opts.capture;
+    if c.envoy_port == c.inbound_capture_port {
+        return Err(crate::error::FlagError::SamePort(c.envoy_port));
+    }
+    if matches!(c.inbound_ports, Include::List(_)) && !c.inbound_exclude_ports.is_empty() {
+        tracing::warn!(
+            excluded = ?c.inbound_exclude_ports,
+            "-d only applies with -b '*' (as in istio-iptables): ignored, only the -b ports are captured"
+        );
+    }
     Ok(())
 }
 

@@ -20,6 +20,8 @@ pub struct RuleRow {
     pub chain: String,
     /// 1-based position in its chain, as `iptables -L --line-numbers`.
     pub rule: usize,
+    /// Counter slot within the workload, as `explain` prints it.
+    pub slot: usize,
     /// The rule's iptables-save matches, e.g. `-o lo -m owner ! --uid-owner 1337`.
     #[serde(rename = "match")]
     pub match_: String,
@@ -61,6 +63,7 @@ fn rows(w: &Workload, counters: &PerCpuArray<MapData, u64>) -> Result<Vec<RuleRo
         out.push(RuleRow {
             chain: chain.map_or("?", ChainId::iptables_name).into(),
             rule: rules[..=i].iter().filter(|x| x.chain == r.chain).count(),
+            slot: i,
             match_: match_text(r),
             target: r.target_kind().map_or("?", Target::iptables_name).into(),
             connections,

@@ -138,6 +138,13 @@ pub struct Netns {
     path: PathBuf,
 }
 
+/// The namespace fd, for attaching programs to the namespace (sk_lookup).
+impl AsFd for Netns {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
 impl Netns {
     /// Opens a namespace file such as `/run/netns/NAME` or `/proc/PID/ns/net`.
     pub fn open(path: &Path) -> Result<Self, SysError> {

@@ -1,16 +1,20 @@
 //! istio-iptables flags -> the rule chain, and rules -> iptables-save text.
 //!
-//! The order of [`compile`] is istio-iptables' `Run()` order for the nat OUTPUT path
-//! (`tools/istio-iptables/pkg/capture/run.go`): per `-o` port RETURN, 127.0.0.6 RETURN, the
-//! three owner rules per UID then per GID, 127.0.0.1 RETURN, `-x` RETURNs, `-q` redirects,
-//! then the `-i` include. A rule's index in the returned list is its counter slot.
+//! The order of [`compile`] is istio-iptables' `Run()` order
+//! (`tools/istio-iptables/pkg/capture/run.go`). ISTIO_OUTPUT: per `-o` port RETURN, 127.0.0.6
+//! RETURN, the three owner rules per UID then per GID, 127.0.0.1 RETURN, `-x` RETURNs, `-q`
+//! redirects, then the `-i` include. ISTIO_INBOUND: the `-e` tunnel port RETURN, then with
+//! `-b '*'` the `-d` RETURNs and a catch-all redirect, or one redirect per `-b` port.
+//!
+//! Both chains live in one list, ISTIO_OUTPUT first; a rule's index in it is its counter slot,
+//! the number `explain` and `stats` print and the tests read.
 
 use std::{fmt::Write as _, format, net::Ipv4Addr, string::String, vec::Vec};
 
 use crate::{
     ChainId, IPPROTO_TCP, IPPROTO_UDP, MAX_RULES, Rule, Target,
     config::{CaptureConfig, Cidr, Include},
-    m, prefix_mask,
+    m, prefix_mask, workload_flags,
 };
 
 /// Envoy's inbound passthrough source (`ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN`).
@@ -155,10 +159,136 @@ pub fn compile(cfg: &CaptureConfig) -> Result<Vec<Rule>, TooManyRules> {
         }
     }
 
+    // Written unconditionally by istio-iptables, even when -b '' leaves the chain unused.
+    b.push(with_dport(
+        inb(Target::Return),
+        IPPROTO_TCP,
+        cfg.inbound_tunnel_port,
+        false,
+    ));
+    match &cfg.inbound_ports {
+        Include::All => {
+            for &p in &cfg.inbound_exclude_ports {
+                b.push(with_dport(inb(Target::Return), IPPROTO_TCP, p, false));
+            }
+            let mut all = inb(Target::InRedirect);
+            all.proto = IPPROTO_TCP;
+            b.push(all);
+        }
+        // istio-iptables ignores -d here: only the listed ports are captured anyway.
+        Include::List(ports) => {
+            for &p in ports {
+                b.push(with_dport(inb(Target::InRedirect), IPPROTO_TCP, p, false));
+            }
+        }
+    }
+
     if b.rules.len() > MAX_RULES {
         return Err(TooManyRules { needed: b.rules.len() });
     }
     Ok(b.rules)
+}
+
+fn inb(target: Target) -> Rule {
+    Rule::new(ChainId::Inbound, target)
+}
+
+/// [`workload_flags`] for these flags.
+pub fn flags(cfg: &CaptureConfig) -> u32 {
+    if cfg.inbound_ports.is_empty() {
+        0
+    } else {
+        workload_flags::INBOUND
+    }
+}
+
+/// One line of the nat table istio-iptables writes, and what implements it here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatLine {
+    /// The iptables-save line (`-A CHAIN ...`).
+    pub text: String,
+    /// The counter slot of a rule the programs evaluate; `None` for the jumps and REDIRECT
+    /// targets, which are the attach points and the rewrite themselves.
+    pub slot: Option<usize>,
+    /// 1-based position in its chain (`iptables -L --line-numbers`, and `stats`' `rule`).
+    pub num: usize,
+    /// Which program (or part of one) does what this line does.
+    pub by: &'static str,
+}
+
+const CHAINS: [&str; 4] = ["ISTIO_INBOUND", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT", "ISTIO_REDIRECT"];
+
+/// The nat table for these flags, chain by chain, in iptables-save's order. `rules` is what
+/// [`compile`] returned for the same flags.
+pub fn nat_table(cfg: &CaptureConfig, rules: &[Rule]) -> Vec<NatLine> {
+    let mut lines = Vec::new();
+    let fixed = |text: String, by| NatLine {
+        text,
+        slot: None,
+        num: 1,
+        by,
+    };
+    if flags(cfg) & workload_flags::INBOUND != 0 {
+        lines.push(fixed(
+            "-A PREROUTING -p tcp -j ISTIO_INBOUND".into(),
+            "sk_lookup attached to the workload's netns (connections from other hosts)",
+        ));
+    }
+    lines.push(fixed(
+        "-A OUTPUT -j ISTIO_OUTPUT".into(),
+        "connect4 attached to the workload's cgroup",
+    ));
+    for chain in [ChainId::Inbound, ChainId::Output] {
+        let in_chain = rules.iter().enumerate().filter(|(_, r)| r.chain == chain as u8);
+        for (n, (slot, r)) in in_chain.enumerate() {
+            lines.push(NatLine {
+                text: rule_text(r),
+                slot: Some(slot),
+                num: n + 1,
+                by: match chain {
+                    ChainId::Inbound => "sk_lookup",
+                    ChainId::Output => "connect4",
+                },
+            });
+        }
+        if chain == ChainId::Inbound {
+            lines.push(fixed(
+                format!(
+                    "-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports {}",
+                    cfg.inbound_capture_port
+                ),
+                "connect4 rewrites to 127.0.0.1; sk_lookup hands the SYN to the listener",
+            ));
+        }
+    }
+    lines.push(fixed(
+        format!("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports {}", cfg.envoy_port),
+        "connect4 rewrites the destination to 127.0.0.1",
+    ));
+    lines
+}
+
+impl NatLine {
+    /// The chain the line appends to.
+    pub fn chain(&self) -> &str {
+        self.text.split_whitespace().nth(1).unwrap_or("?")
+    }
+}
+
+/// The nat table as `iptables-save` prints it (and `iptables-restore` reads it).
+pub fn iptables_save(lines: &[NatLine]) -> String {
+    let mut s = String::from("*nat\n");
+    for builtin in ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"] {
+        let _ = writeln!(s, ":{builtin} ACCEPT [0:0]");
+    }
+    for chain in CHAINS {
+        let _ = writeln!(s, ":{chain} - [0:0]");
+    }
+    for l in lines {
+        let _ = writeln!(s, "{}", l.text);
+    }
+    s.push_str("COMMIT\n");
+    s
 }
 
 fn cidr_text(addr_be: u32, mask_be: u32) -> String {
@@ -309,13 +439,17 @@ mod tests {
     #[test]
     fn default_chain_renders_as_istio_iptables_writes_it() {
         let rules = compile(&CaptureConfig::default()).unwrap();
-        let text: Vec<String> = rules.iter().map(rule_text).collect();
+        let text: Vec<String> = output(&rules).map(rule_text).collect();
         assert_eq!(text, DEFAULT_OUTPUT);
         let c = list_columns(&rules[1]);
         assert_eq!((c.prot.as_str(), c.out.as_str()), ("tcp", "lo"));
         assert_eq!((c.source.as_str(), c.destination.as_str()), ("0.0.0.0/0", "!127.0.0.1"));
         assert_eq!(c.extra, "tcp dpt:!15008 owner UID match 1337");
         assert_eq!(list_columns(&rules[2]).extra, "! owner UID match 1337");
+    }
+
+    fn output(rules: &[Rule]) -> impl Iterator<Item = &Rule> {
+        rules.iter().filter(|r| r.chain == ChainId::Output as u8)
     }
 
     fn ip(s: &str) -> u32 {
@@ -412,7 +546,7 @@ mod tests {
             outbound_exclude_ports: std::vec![5432],
             ..CaptureConfig::default()
         };
-        let text: Vec<String> = compile(&cfg).unwrap().iter().map(rule_text).collect();
+        let text: Vec<String> = output(&compile(&cfg).unwrap()).map(rule_text).collect();
         assert_eq!(text[0], "-A ISTIO_OUTPUT -p tcp -m tcp --dport 5432 -j RETURN");
         assert_eq!(text[1], "-A ISTIO_OUTPUT -p udp -m udp --dport 5432 -j RETURN");
         assert_eq!(text[2], "-A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN");
@@ -430,6 +564,87 @@ mod tests {
         };
         let rules = compile(&none).unwrap();
         assert!(rules.iter().all(|r| r.target_kind() != Some(Target::Redirect)));
+    }
+
+    #[test]
+    fn inbound_chain_follows_b_and_d() {
+        let inbound = |cfg: &CaptureConfig| -> Vec<String> {
+            compile(cfg)
+                .unwrap()
+                .iter()
+                .filter(|r| r.chain == ChainId::Inbound as u8)
+                .map(rule_text)
+                .collect()
+        };
+        let cfg = CaptureConfig::default();
+        assert_eq!(
+            inbound(&cfg),
+            [
+                "-A ISTIO_INBOUND -p tcp -m tcp --dport 15008 -j RETURN",
+                "-A ISTIO_INBOUND -p tcp -m tcp --dport 15090 -j RETURN",
+                "-A ISTIO_INBOUND -p tcp -m tcp --dport 15021 -j RETURN",
+                "-A ISTIO_INBOUND -p tcp -m tcp --dport 15020 -j RETURN",
+                "-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT",
+            ]
+        );
+        assert_eq!(flags(&cfg), workload_flags::INBOUND);
+        let list = CaptureConfig {
+            inbound_ports: Include::List(std::vec![9080, 8081]),
+            ..CaptureConfig::default()
+        };
+        assert_eq!(
+            inbound(&list),
+            [
+                "-A ISTIO_INBOUND -p tcp -m tcp --dport 15008 -j RETURN",
+                "-A ISTIO_INBOUND -p tcp -m tcp --dport 9080 -j ISTIO_IN_REDIRECT",
+                "-A ISTIO_INBOUND -p tcp -m tcp --dport 8081 -j ISTIO_IN_REDIRECT",
+            ]
+        );
+        let none = CaptureConfig {
+            inbound_ports: Include::List(Vec::new()),
+            ..CaptureConfig::default()
+        };
+        assert_eq!(
+            inbound(&none),
+            ["-A ISTIO_INBOUND -p tcp -m tcp --dport 15008 -j RETURN"]
+        );
+        assert_eq!(flags(&none), 0);
+        let text = iptables_save(&nat_table(&none, &compile(&none).unwrap()));
+        assert!(!text.contains("PREROUTING -p tcp"), "{text}");
+    }
+
+    /// The default injection's nat table as istio-iptables writes it (the reference's listing,
+    /// in iptables-save order and spelling).
+    #[test]
+    fn default_nat_table_is_istio_iptables_output() {
+        let cfg = CaptureConfig::default();
+        let rules = compile(&cfg).unwrap();
+        let lines = nat_table(&cfg, &rules);
+        let mut want = std::vec![
+            "-A PREROUTING -p tcp -j ISTIO_INBOUND",
+            "-A OUTPUT -j ISTIO_OUTPUT",
+            "-A ISTIO_INBOUND -p tcp -m tcp --dport 15008 -j RETURN",
+            "-A ISTIO_INBOUND -p tcp -m tcp --dport 15090 -j RETURN",
+            "-A ISTIO_INBOUND -p tcp -m tcp --dport 15021 -j RETURN",
+            "-A ISTIO_INBOUND -p tcp -m tcp --dport 15020 -j RETURN",
+            "-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT",
+            "-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006",
+        ];
+        want.extend(DEFAULT_OUTPUT);
+        want.push("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001");
+        let got: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+        assert_eq!(got, want);
+        // Slots are indices into the compiled list, whichever order the chains print in.
+        for l in &lines {
+            if let Some(slot) = l.slot {
+                assert_eq!(rule_text(&rules[slot]), l.text);
+            }
+        }
+        assert_eq!(lines[2].slot, Some(DEFAULT_OUTPUT.len()));
+        assert_eq!(lines[8].slot, Some(0));
+        let save = iptables_save(&lines);
+        assert!(save.starts_with("*nat\n:PREROUTING ACCEPT [0:0]\n"), "{save}");
+        assert!(save.ends_with("COMMIT\n"), "{save}");
     }
 
     #[test]

@@ -33,14 +33,35 @@ pub mod maps {
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
     /// [`crate::TupleKey`] -> [`crate::OrigDst`], from established until close.
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
+    /// Address (network order) -> netns cookie of the workload that holds it: how sk_lookup,
+    /// which has no netns cookie helper, finds the workload a connection is addressed to.
+    pub const ADDR_OWNERS: &str = "ADDR_OWNERS";
+    /// netns cookie -> the socket listening on that workload's inbound capture port.
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     /// Every map the agent pins while it runs.
-    pub const ALL: [&str; 5] = [WORKLOADS, LOCAL_ADDRS, RULE_COUNTERS, ORIG_BY_COOKIE, ORIG_BY_TUPLE];
+    pub const ALL: [&str; 7] = [
+        WORKLOADS,
+        LOCAL_ADDRS,
+        RULE_COUNTERS,
+        ORIG_BY_COOKIE,
+        ORIG_BY_TUPLE,
+        ADDR_OWNERS,
+        INBOUND_LISTENERS,
+    ];
 }
 
 /// Program names (the Rust function names in `redirect-ebpf`).
 pub mod programs {
     pub const CONNECT4: &str = "redirect_connect4";
     pub const SOCK_OPS: &str = "redirect_sockops";
+    pub const SK_LOOKUP: &str = "redirect_sk_lookup";
+}
+
+/// Bits of [`Workload::flags`].
+pub mod workload_flags {
+    /// `nat PREROUTING -p tcp -j ISTIO_INBOUND` exists (`-b` is not empty): connections from
+    /// other hosts go through the inbound chain.
+    pub const INBOUND: u32 = 1 << 0;
 }
 
 /// One workload's configuration, keyed by its network namespace cookie.
@@ -55,7 +76,8 @@ pub struct Workload {
     pub outbound_port: u16,
     /// `-z`: where `ISTIO_IN_REDIRECT` sends connections (host order).
     pub inbound_port: u16,
-    pub _pad: u32,
+    /// [`workload_flags`] bits.
+    pub flags: u32,
     pub rules: [Rule; MAX_RULES],
 }
 
@@ -66,7 +88,7 @@ impl Workload {
             n_rules: 0,
             outbound_port: 0,
             inbound_port: 0,
-            _pad: 0,
+            flags: 0,
             rules: [Rule::EMPTY; MAX_RULES],
         }
     }

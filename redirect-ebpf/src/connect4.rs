@@ -15,7 +15,7 @@ use redirect_common::{
     ChainId, ConnFacts, IPPROTO_TCP, LocalAddrKey, MAX_RULES, OrigDst, PendingOrigDst, Target, Workload, is_loopback,
 };
 
-use crate::maps::{LOCAL_ADDRS, ORIG_BY_COOKIE, RULE_COUNTERS, WORKLOADS};
+use crate::maps::{LOCAL_ADDRS, ORIG_BY_COOKIE, WORKLOADS, count};
 
 /// 127.0.0.1 in network order: where iptables REDIRECT sends locally generated packets.
 const LOCALHOST_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -117,13 +117,5 @@ unsafe fn decide(ctx: &SockAddrContext) {
             write_volatile(&mut (*sa).user_port, u32::from(port.to_be()));
         }
         return;
-    }
-}
-
-#[inline(always)]
-fn count(slot: u32) {
-    if let Some(c) = RULE_COUNTERS.get_ptr_mut(slot) {
-        // Per-CPU slot: no other writer while this program runs on this CPU.
-        unsafe { *c += 1 };
     }
 }

@@ -4,6 +4,7 @@
 
 mod connect4;
 mod maps;
+mod sk_lookup;
 mod sockops;
 
 #[cfg(not(test))]

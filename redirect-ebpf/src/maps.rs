@@ -2,7 +2,7 @@
 //! keys and values as the structs of redirect-common, field by field. Sizes here are
 //! defaults; the agent resizes the connection maps at load (`--max-tracked-connections`).
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
     macros::btf_map,
 };
 use redirect_common::{LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, TupleKey, Workload};
@@ -30,3 +30,24 @@ pub static ORIG_BY_COOKIE: LruHashMap<u64, PendingOrigDst, 65536> = LruHashMap::
 /// proxy finds it from its accepted socket's addresses.
 #[btf_map]
 pub static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst, 65536> = LruHashMap::new();
+
+/// Workload address (network order) -> that workload's netns cookie. sk_lookup has no netns
+/// cookie helper; the address a connection is for names its workload instead (addresses of
+/// pods on one node are unique).
+#[btf_map]
+pub static ADDR_OWNERS: HashMap<u32, u64, 4096> = HashMap::new();
+
+/// netns cookie -> the socket listening on that workload's inbound capture port. Filled by
+/// sock_ops when a process of the workload listens on it, or by the agent for its own proxy;
+/// the kernel removes a socket when it closes.
+#[btf_map]
+pub static INBOUND_LISTENERS: SockHash<u64, WORKLOAD_SLOTS> = SockHash::new();
+
+/// Counts one decision of the rule in `slot`.
+#[inline(always)]
+pub fn count(slot: u32) {
+    if let Some(c) = RULE_COUNTERS.get_ptr_mut(slot) {
+        // Per-CPU slot: no other writer while this program runs on this CPU.
+        unsafe { *c += 1 };
+    }
+}

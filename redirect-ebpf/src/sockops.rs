@@ -1,10 +1,11 @@
 //! `sockops`: moves a redirected socket's original destination from its cookie (all connect4
-//! knows) to its 4-tuple (all the proxy's accepted socket knows), and forgets it at close.
+//! knows) to its 4-tuple (all the proxy's accepted socket knows), and forgets it at close; and
+//! registers the workload's inbound capture listener for sk_lookup.
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
@@ -12,7 +13,7 @@ use aya_ebpf::{
 };
 use redirect_common::TupleKey;
 
-use crate::maps::{ORIG_BY_COOKIE, ORIG_BY_TUPLE};
+use crate::maps::{INBOUND_LISTENERS, ORIG_BY_COOKIE, ORIG_BY_TUPLE, WORKLOADS};
 
 const AF_INET: u32 = 2;
 
@@ -38,6 +39,19 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
                 let key = tuple(&ctx, pending.netns_cookie);
                 let _ = ORIG_BY_TUPLE.insert(key, pending.orig, 0);
                 let _ = ORIG_BY_COOKIE.remove(cookie);
+            }
+        }
+        BPF_SOCK_OPS_TCP_LISTEN_CB => {
+            // A proxy of the workload (Envoy, with --proxy none) starts listening on the
+            // inbound capture port: that is where sk_lookup sends connections from other
+            // hosts. With SO_REUSEPORT the kernel still spreads them over the whole group.
+            let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+            if let Some(w) = WORKLOADS.get_ptr(netns_cookie)
+                && ctx.local_port() == u32::from(unsafe { (*w).inbound_port })
+            {
+                // SAFETY: the context pointer is the kernel's bpf_sock_ops for this call.
+                let ops = unsafe { &mut *ctx.ops };
+                let _ = INBOUND_LISTENERS.update(netns_cookie, ops, u64::from(BPF_ANY));
             }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {

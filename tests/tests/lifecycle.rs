@@ -2,7 +2,7 @@
 
 use std::{
     net::Ipv4Addr,
-    os::unix::process::CommandExt as _,
+    os::unix::{fs::MetadataExt as _, process::CommandExt as _},
     path::Path,
     process::Command,
     time::{Duration, Instant},
@@ -10,7 +10,7 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData};
 use redirect_agent::loader::{InstanceState, pin_dir, state_path};
-use redirect_common::{LocalAddrKey, maps};
+use redirect_common::{LocalAddrKey, maps, programs};
 use redirect_tests::{APP_PORT, INBOUND_CAPTURE, Landing, Workload, agent_bin, agent_cmd, landing};
 
 fn bpftool_json(args: &[&str]) -> serde_json::Value {
@@ -47,9 +47,29 @@ fn detach_leaves_no_program_link_or_pin() {
         serde_json::from_slice(&std::fs::read(state_path(&w.name)).unwrap()).expect("state file");
     let mut ids: Vec<u64> = state.programs.iter().map(|p| u64::from(p.id)).collect();
     ids.sort();
+    let lookup_id = state
+        .programs
+        .iter()
+        .find(|p| p.name == programs::SK_LOOKUP)
+        .map(|p| u64::from(p.id))
+        .expect("sk_lookup in the state file");
     let mut attached = attached_prog_ids(&w.cgroup.path);
+    attached.push(lookup_id);
     attached.sort();
-    assert_eq!(attached, ids, "bpftool sees our programs on the cgroup");
+    assert_eq!(attached, ids, "bpftool sees connect4 and sock_ops on the cgroup");
+    // sk_lookup is linked to the workload's namespace, not to the cgroup.
+    let netns_ino = std::fs::metadata(&w.pair.workload.path).unwrap().ino();
+    let links = bpftool_json(&["link", "show"]);
+    assert!(
+        links
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["prog_id"].as_u64() == Some(lookup_id)
+                && l["type"] == "netns"
+                && l["netns_ino"].as_u64() == Some(netns_ino)),
+        "no netns link of sk_lookup ({lookup_id}) on inode {netns_ino}: {links}"
+    );
     assert!(pin_dir(&w.name).join(maps::RULE_COUNTERS).exists());
 
     let (status, log) = w.agent.as_mut().unwrap().stop().unwrap();

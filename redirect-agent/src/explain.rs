@@ -1,0 +1,70 @@
+//! `redirect-agent explain`: the nat table istio-iptables would write for the same flags, and
+//! which counter slot (and program) implements each line.
+//!
+//! The text is valid `iptables-restore` input: the differential tests load it into a twin
+//! namespace and hold the agent to what the kernel does with it.
+
+use std::fmt::Write as _;
+
+use redirect_common::{
+    chain::{self, NatLine, TooManyRules},
+    config::CaptureConfig,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExplainedLine {
+    pub line: String,
+    pub chain: String,
+    /// 1-based position in its chain, as `iptables -L --line-numbers` and `stats`.
+    pub num: usize,
+    /// Counter slot (`stats`' `slot`); `None` for jumps and REDIRECT targets.
+    pub slot: Option<usize>,
+    pub by: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Explanation {
+    pub iptables_save: String,
+    pub lines: Vec<ExplainedLine>,
+}
+
+impl Explanation {
+    pub fn new(cfg: &CaptureConfig) -> Result<Self, TooManyRules> {
+        let rules = chain::compile(cfg)?;
+        let table = chain::nat_table(cfg, &rules);
+        Ok(Self {
+            iptables_save: chain::iptables_save(&table),
+            lines: table.iter().map(explained).collect(),
+        })
+    }
+
+    /// The iptables-save text, then the slot table as comments (which iptables-restore skips),
+    /// so the whole output can be piped to it.
+    pub fn render_text(&self) -> String {
+        let mut s = String::from("# nat table written by istio-iptables for these flags (redirect-agent explain)\n");
+        s.push_str(&self.iptables_save);
+        let _ = writeln!(s, "#");
+        let _ = writeln!(
+            s,
+            "# what implements each line ('slot' is the counter `redirect-agent stats` shows):"
+        );
+        let _ = writeln!(s, "# {:>4}  {:<20} line", "slot", "chain:num");
+        for l in &self.lines {
+            let slot = l.slot.map_or_else(|| "-".to_string(), |s| s.to_string());
+            let at = format!("{}:{}", l.chain, l.num);
+            let _ = writeln!(s, "# {slot:>4}  {at:<20} {}  [{}]", l.line, l.by);
+        }
+        s
+    }
+}
+
+fn explained(l: &NatLine) -> ExplainedLine {
+    ExplainedLine {
+        line: l.text.clone(),
+        chain: l.chain().into(),
+        num: l.num,
+        slot: l.slot,
+        by: l.by.into(),
+    }
+}

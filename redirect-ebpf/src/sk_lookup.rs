@@ -1,0 +1,96 @@
+//! `sk_lookup` on the workload's network namespace: ISTIO_INBOUND, evaluated where the kernel
+//! picks the socket for a new connection from another host.
+//!
+//! Why sk_lookup and not tc + `bpf_sk_assign` or a DNAT: it runs once per connection (on the
+//! SYN's listener lookup), not per packet; it rewrites nothing, so the accepted socket's local
+//! address *is* the original destination and no conntrack or NAT state exists to lose; and
+//! it is attached to the namespace, which is exactly the scope of nat PREROUTING. A tc program
+//! would see every packet and need its own connection tracking to pick the socket only once.
+use core::ptr::read_volatile;
+
+use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
+use redirect_common::{
+    ChainId, ConnFacts, IPPROTO_TCP, LocalAddrKey, MAX_RULES, Target, Workload, is_loopback, workload_flags,
+};
+
+use crate::maps::{ADDR_OWNERS, INBOUND_LISTENERS, LOCAL_ADDRS, WORKLOADS, count};
+
+const AF_INET: u32 = 2;
+
+#[sk_lookup]
+pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the kernel hands sk_lookup a valid bpf_sk_lookup.
+    unsafe { decide(&ctx) }
+}
+
+#[inline(always)]
+unsafe fn decide(ctx: &SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    let (family, protocol) = unsafe { (read_volatile(&(*l).family), read_volatile(&(*l).protocol)) };
+    if family != AF_INET || protocol != u32::from(IPPROTO_TCP) {
+        return sk_action::SK_PASS;
+    }
+    let local_ip4 = unsafe { read_volatile(&(*l).local_ip4) };
+    let Some(&netns_cookie) = (unsafe { ADDR_OWNERS.get(local_ip4) }) else {
+        return sk_action::SK_PASS;
+    };
+    let Some(workload) = WORKLOADS.get_ptr(netns_cookie) else {
+        return sk_action::SK_PASS;
+    };
+    let workload: &Workload = unsafe { &*workload };
+    if workload.flags & workload_flags::INBOUND == 0 {
+        return sk_action::SK_PASS;
+    }
+    // A connection made inside the namespace (its source is one of the namespace's own
+    // addresses) never passes nat PREROUTING: ISTIO_OUTPUT has decided it already. The kernel
+    // drops packets from other hosts that carry a local source address (martians), so the
+    // source tells the two apart.
+    let remote_ip4 = unsafe { read_volatile(&(*l).remote_ip4) };
+    if is_loopback(remote_ip4)
+        || remote_ip4 == local_ip4
+        || LOCAL_ADDRS
+            .get_ptr(LocalAddrKey {
+                netns_cookie,
+                addr: remote_ip4,
+                _pad: 0,
+            })
+            .is_some()
+    {
+        return sk_action::SK_PASS;
+    }
+    let facts = ConnFacts {
+        proto: IPPROTO_TCP,
+        dst_addr: local_ip4,
+        dst_port: unsafe { read_volatile(&(*l).local_port) } as u16,
+        src_addr: remote_ip4,
+        out_lo: false,
+        // PREROUTING has no owner: ISTIO_INBOUND has no owner rules.
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+
+    let n = workload.n_rules as usize;
+    for i in 0..MAX_RULES {
+        if i >= n {
+            break;
+        }
+        let rule = &workload.rules[i];
+        if rule.chain != ChainId::Inbound as u8 || !rule.matches(&facts) {
+            continue;
+        }
+        count(workload.counter_base + i as u32);
+        if rule.target != Target::InRedirect as u8 {
+            return sk_action::SK_PASS;
+        }
+        // The listener's local address is irrelevant here: the accepted socket keeps the
+        // original destination as its local address, which is what the proxy forwards to.
+        return match INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns_cookie, 0) {
+            Ok(()) => sk_action::SK_PASS,
+            // Nobody listens on the capture port: refuse (RST), as a REDIRECT to a closed port
+            // would. Passing instead would hand the connection to the app behind the proxy's
+            // back.
+            Err(_) => sk_action::SK_DROP,
+        };
+    }
+    sk_action::SK_PASS
+}
