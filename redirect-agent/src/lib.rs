@@ -12,5 +12,6 @@ pub mod probe;
 pub mod proxy;
 pub mod run;
 pub mod sandbox;
+pub mod serve;
 pub mod stats;
 pub mod sys;

@@ -6,7 +6,7 @@ use redirect_agent::{
     flags::CaptureFlags,
     probe::{self, ProbeArgs},
     run::{self, ProxyMode, RunOptions},
-    stats,
+    serve, stats,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -39,6 +39,9 @@ enum Command {
     /// One client connection from inside a workload (used by demo and the tests).
     #[command(hide = true)]
     Probe(ProbeArgs),
+    /// Test servers inside a workload (used by the tests).
+    #[command(hide = true)]
+    Serve(serve::ServeArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -110,6 +113,9 @@ fn main() -> ExitCode {
     if let Command::Probe(args) = &cli.command {
         return probe::main(args);
     }
+    if let Command::Serve(args) = &cli.command {
+        return serve::main(args);
+    }
     init_tracing();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -152,7 +158,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Demo => demo::run(),
-            Command::Probe(_) => unreachable!("handled before the runtime starts"),
+            Command::Probe(_) | Command::Serve(_) => unreachable!("handled before the runtime starts"),
         }
     });
     match result {

@@ -34,8 +34,10 @@ pub struct ProbeArgs {
     /// Source address to bind before connecting.
     #[arg(long)]
     pub bind: Option<Ipv4Addr>,
-    #[arg(long)]
-    pub connect: SocketAddrV4,
+    /// Destination; repeat for several connections made one after another (one JSON line
+    /// each, in order).
+    #[arg(long, required = true)]
+    pub connect: Vec<SocketAddrV4>,
     /// Bytes to send (then half-close) and expect back.
     #[arg(long, default_value_t = 1024)]
     pub bytes: usize,
@@ -131,7 +133,7 @@ fn enter(args: &ProbeArgs) -> io::Result<()> {
     Ok(())
 }
 
-fn connect(args: &ProbeArgs, timeout: Duration) -> io::Result<TcpStream> {
+fn connect(args: &ProbeArgs, to: SocketAddrV4, timeout: Duration) -> io::Result<TcpStream> {
     // SAFETY: plain socket creation; ownership taken at once.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     check(fd, "socket")?;
@@ -156,7 +158,7 @@ fn connect(args: &ProbeArgs, timeout: Duration) -> io::Result<TcpStream> {
         // SAFETY: pointer and length describe `sa`.
         check(unsafe { libc::bind(raw, (&raw const sa).cast(), len) }, "bind")?;
     }
-    let sa = sockaddr(args.connect);
+    let sa = sockaddr(to);
     // SAFETY: pointer and length describe `sa`.
     if unsafe { libc::connect(raw, (&raw const sa).cast(), len) } < 0 {
         return Err(io::Error::last_os_error());
@@ -169,16 +171,16 @@ fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()
 }
 
-fn exchange(args: &ProbeArgs, result: &mut ProbeResult) -> io::Result<()> {
+fn exchange(args: &ProbeArgs, to: SocketAddrV4, result: &mut ProbeResult) -> io::Result<()> {
     if args.udp {
         let socket = std::net::UdpSocket::bind(SocketAddrV4::new(args.bind.unwrap_or(Ipv4Addr::UNSPECIFIED), 0))?;
-        socket.connect(args.connect)?;
+        socket.connect(to)?;
         result.local = socket.local_addr().ok().map(|a| a.to_string());
         result.peer = socket.peer_addr().ok().map(|a| a.to_string());
         return Ok(());
     }
     let timeout = Duration::from_millis(args.timeout_ms);
-    let stream = connect(args, timeout)?;
+    let stream = connect(args, to, timeout)?;
     result.local = stream.local_addr().ok().map(|a| a.to_string());
     result.peer = stream.peer_addr().ok().map(|a| a.to_string());
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -199,31 +201,35 @@ pub fn main(args: &ProbeArgs) -> ExitCode {
         eprintln!("redirect-agent probe: {e}");
         return ExitCode::FAILURE;
     }
-    let start = Instant::now();
-    let mut result = ProbeResult {
-        outcome: Outcome::Ok,
-        error: None,
-        local: None,
-        peer: None,
-        banner: None,
-        sent: 0,
-        received: 0,
-        intact: false,
-        elapsed_ms: 0,
-    };
-    if let Err(e) = exchange(args, &mut result) {
-        result.outcome = classify(&e);
-        result.error = Some(e.to_string());
-    }
-    result.elapsed_ms = start.elapsed().as_millis() as u64;
-    match serde_json::to_string(&result) {
-        Ok(line) => {
-            println!("{line}");
-            ExitCode::SUCCESS
+    let mut out = io::stdout().lock();
+    for &to in &args.connect {
+        let start = Instant::now();
+        let mut result = ProbeResult {
+            outcome: Outcome::Ok,
+            error: None,
+            local: None,
+            peer: None,
+            banner: None,
+            sent: 0,
+            received: 0,
+            intact: false,
+            elapsed_ms: 0,
+        };
+        if let Err(e) = exchange(args, to, &mut result) {
+            result.outcome = classify(&e);
+            result.error = Some(e.to_string());
         }
-        Err(e) => {
-            eprintln!("redirect-agent probe: {e}");
-            ExitCode::FAILURE
+        result.elapsed_ms = start.elapsed().as_millis() as u64;
+        let line = match serde_json::to_string(&result) {
+            Ok(line) => line,
+            Err(e) => {
+                eprintln!("redirect-agent probe: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if writeln!(out, "{line}").is_err() {
+            return ExitCode::FAILURE;
         }
     }
+    ExitCode::SUCCESS
 }

@@ -219,7 +219,7 @@ impl TestServer {
     }
 }
 
-fn serve_one(mut stream: TcpStream, peer: SocketAddr, name: &str) -> io::Result<()> {
+pub(crate) fn serve_one(mut stream: TcpStream, peer: SocketAddr, name: &str) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -240,10 +240,10 @@ impl Drop for TestServer {
     }
 }
 
-/// What one probe does, from inside the workload.
+/// What one probe does, from inside the workload (or, without a cgroup, from any namespace).
 #[derive(Clone, Debug)]
 pub struct ProbeSpec {
-    pub cgroup: PathBuf,
+    pub cgroup: Option<PathBuf>,
     pub netns: PathBuf,
     pub uid: u32,
     pub gid: u32,
@@ -256,7 +256,7 @@ pub struct ProbeSpec {
 impl ProbeSpec {
     pub fn new(cgroup: &Path, netns: &Path, connect: SocketAddrV4) -> Self {
         Self {
-            cgroup: cgroup.into(),
+            cgroup: Some(cgroup.into()),
             netns: netns.into(),
             uid: 0,
             gid: 0,
@@ -264,6 +264,14 @@ impl ProbeSpec {
             connect,
             bytes: 1024,
             udp: false,
+        }
+    }
+
+    /// A probe from a namespace that is not a captured workload (the remote host).
+    pub fn outside(netns: &Path, connect: SocketAddrV4) -> Self {
+        Self {
+            cgroup: None,
+            ..Self::new(Path::new("/"), netns, connect)
         }
     }
 
@@ -296,17 +304,23 @@ impl ProbeSpec {
     /// Runs `agent probe` as a child process (it moves itself into the cgroup and namespace
     /// and drops to uid/gid before connecting) and parses its one-line JSON report.
     pub fn run(&self, agent: &Path) -> io::Result<ProbeResult> {
+        let mut all = self.run_batch(agent, &[self.connect])?;
+        all.pop().ok_or_else(|| io::Error::other("probe reported nothing"))
+    }
+
+    /// The same probe to each of `targets`, one after another, from one child process.
+    pub fn run_batch(&self, agent: &Path, targets: &[SocketAddrV4]) -> io::Result<Vec<ProbeResult>> {
         let mut c = Command::new(agent);
-        c.arg("probe")
-            .args(["--cgroup", &self.cgroup.to_string_lossy()])
-            .args(["--netns", &self.netns.to_string_lossy()])
+        c.arg("probe");
+        if let Some(cg) = &self.cgroup {
+            c.args(["--cgroup", &cg.to_string_lossy()]);
+        }
+        c.args(["--netns", &self.netns.to_string_lossy()])
             .args(["--uid", &self.uid.to_string(), "--gid", &self.gid.to_string()])
-            .args([
-                "--connect",
-                &self.connect.to_string(),
-                "--bytes",
-                &self.bytes.to_string(),
-            ]);
+            .args(["--bytes", &self.bytes.to_string()]);
+        for t in targets {
+            c.args(["--connect", &t.to_string()]);
+        }
         if let Some(b) = self.bind {
             c.args(["--bind", &b.to_string()]);
         }
@@ -321,7 +335,70 @@ impl ProbeSpec {
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
-        serde_json::from_slice(&out.stdout).map_err(io::Error::other)
+        let results = out
+            .stdout
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).map_err(io::Error::other))
+            .collect::<io::Result<Vec<ProbeResult>>>()?;
+        if results.len() != targets.len() {
+            return Err(io::Error::other(format!(
+                "probe reported {} results for {} targets",
+                results.len(),
+                targets.len()
+            )));
+        }
+        Ok(results)
+    }
+}
+
+/// `redirect-agent serve` as a child process: [`TestServer`]s inside a cgroup and namespace,
+/// as a workload's own process (sock_ops sees its listen()). Killed on drop.
+pub struct ServeProcess {
+    child: Child,
+}
+
+impl ServeProcess {
+    /// `listen`: (name, address) pairs. Returns once every socket listens.
+    pub fn start(
+        agent: &Path,
+        cgroup: Option<&Path>,
+        netns: &Path,
+        listen: &[(String, SocketAddrV4)],
+    ) -> io::Result<Self> {
+        let mut c = Command::new(agent);
+        c.arg("serve");
+        if let Some(cg) = cgroup {
+            c.args(["--cgroup", &cg.to_string_lossy()]);
+        }
+        c.args(["--netns", &netns.to_string_lossy()]);
+        for (name, addr) in listen {
+            c.args(["--listen", &format!("{name}={addr}")]);
+        }
+        let child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut me = Self { child };
+        let stdout = me.child.stdout.take().ok_or_else(|| io::Error::other("no stdout"))?;
+        let mut line = String::new();
+        io::BufReader::new(stdout).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            let mut err = String::new();
+            if let Some(mut e) = me.child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            return Err(io::Error::other(format!("serve did not start: {}", err.trim())));
+        }
+        Ok(me)
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

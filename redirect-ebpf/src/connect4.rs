@@ -70,6 +70,12 @@ unsafe fn decide(ctx: &SockAddrContext) {
                 _pad: 0,
             })
             .is_some();
+    // A socket bound to a loopback address cannot reach anything but lo: the kernel's route
+    // lookup fails the connect() (EINVAL) before nat OUTPUT ever sees a packet. Leave it to
+    // fail the same way rather than redirect it to a listener it could reach.
+    if is_loopback(src_addr) && !out_lo {
+        return;
+    }
     let facts = ConnFacts {
         proto: IPPROTO_TCP,
         dst_addr,

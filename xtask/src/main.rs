@@ -244,8 +244,10 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     let mut c = cargo();
     c.args(["test", "--workspace", "--exclude", "redirect-ebpf"])
         .env("REDIRECT_AGENT_BIN", &agent);
+    // Passing tests' output too: the differential tests print their verdict tables.
+    c.args(["--", "--show-output"]);
     if let Some(f) = filter {
-        c.args(["--", &f]);
+        c.arg(f);
     }
     let (passed, failed) = run_counting(c)?;
     // One closing line over every test binary (cargo's own last line is a doc-test binary's).

@@ -1,0 +1,429 @@
+//! The agent against its oracle: for the same flags, the kernel running istio-iptables' nat
+//! rules (loaded from `redirect-agent explain` with iptables-restore) and the kernel running
+//! the agent (`--proxy none`) must send every connection to the same place.
+//!
+//! Each configuration builds two identical topologies: a workload namespace (10.200.1.1) with a
+//! veth to a remote-host namespace (10.200.1.2), no default route, and a cgroup. In both, a
+//! workload process listens on the two capture ports and on every port of the matrix, and the
+//! remote host listens on the same ports; every server answers with a banner naming itself.
+//! The same scenarios run in both twins, and each one's verdict (which capture port, which
+//! original destination, or which failure) must be equal.
+
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    process::{Command, Stdio},
+};
+
+use redirect_agent::{
+    explain::Explanation,
+    probe::{Outcome, ProbeResult},
+    sandbox::{AgentProcess, NetnsPair, ProbeSpec, ServeProcess, TestCgroup, unique},
+    stats::InstanceStats,
+};
+use redirect_tests::{agent_bin, agent_cmd, require_root};
+
+const PASSTHROUGH: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+/// istio-validation's probe: uid 1337 dials 127.0.0.6:15002 from a socket bound to 127.0.0.1.
+const VALIDATION_PORT: u16 = 15002;
+/// Ports every configuration probes: a remote service, the app, the tunnel, the status port
+/// (excluded inbound by default) and a metrics port.
+const BASE_PORTS: [u16; 5] = [8080, 9080, 15008, 15020, 15021];
+
+/// Which flags a configuration passes, and the ports and ids they name.
+struct Config {
+    name: &'static str,
+    flags: &'static [&'static str],
+}
+
+/// A twin topology. Fields drop in order: agent, servers, cgroup, namespaces.
+struct Twin {
+    agent: Option<AgentProcess>,
+    _servers: Vec<ServeProcess>,
+    cgroup: TestCgroup,
+    pair: NetnsPair,
+    name: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Iptables,
+    Agent,
+}
+
+/// The flag's value in `flags`, if given (short form, as the configurations spell them).
+fn flag<'a>(flags: &[&'a str], short: &str) -> Option<&'a str> {
+    flags.windows(2).find(|w| w[0] == short).map(|w| w[1])
+}
+
+fn ports_of(flags: &[&str], short: &str) -> Vec<u16> {
+    flag(flags, short)
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|p| p.trim().parse().ok())
+        .collect()
+}
+
+fn ids_of(flags: &[&str], short: &str) -> Vec<u32> {
+    flag(flags, short)
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|p| p.trim().parse().ok())
+        .collect()
+}
+
+impl Twin {
+    fn new(kind: Kind, cfg: &Config, explain: &Explanation, listen_ports: &[u16], capture: (u16, u16)) -> Self {
+        let tag = match kind {
+            Kind::Iptables => "dfi",
+            Kind::Agent => "dfa",
+        };
+        let pair = NetnsPair::create(tag).expect("namespaces");
+        let cgroup = TestCgroup::create(tag).expect("cgroup");
+        let mut twin = Self {
+            agent: None,
+            _servers: Vec::new(),
+            cgroup,
+            pair,
+            name: unique(tag),
+        };
+        match kind {
+            Kind::Iptables => twin.restore(&explain.iptables_save),
+            Kind::Agent => {
+                let mut args = vec![
+                    "--cgroup".to_string(),
+                    twin.cgroup.path.to_string_lossy().into_owned(),
+                    "--netns".into(),
+                    twin.pair.workload.path.to_string_lossy().into_owned(),
+                    "--proxy".into(),
+                    "none".into(),
+                ];
+                args.extend(cfg.flags.iter().map(|s| s.to_string()));
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                twin.agent = Some(AgentProcess::start(&agent_bin(), &twin.name, &args).expect("agent starts"));
+            }
+        }
+        // After the agent: a proxy that listens on the inbound capture port once capture is in
+        // place is registered by sock_ops, as Envoy would be.
+        let any = |p| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, p);
+        let mut workload = vec![
+            ("cap-out".to_string(), any(capture.0)),
+            ("cap-in".to_string(), any(capture.1)),
+        ];
+        workload.extend(listen_ports.iter().map(|&p| (format!("pod-{p}"), any(p))));
+        let remote: Vec<_> = listen_ports
+            .iter()
+            .map(|&p| (format!("remote-{p}"), SocketAddrV4::new(twin.pair.remote_ip, p)))
+            .collect();
+        let agent = agent_bin();
+        twin._servers = vec![
+            ServeProcess::start(&agent, Some(&twin.cgroup.path), &twin.pair.workload.path, &workload)
+                .expect("workload servers"),
+            ServeProcess::start(&agent, None, &twin.pair.remote.path, &remote).expect("remote servers"),
+        ];
+        twin
+    }
+
+    fn restore(&self, text: &str) {
+        use std::io::Write as _;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.pair.workload.name, "iptables-restore"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ip netns exec iptables-restore (installed by xtask setup)");
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "iptables-restore refused explain's output: {}\n{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Per-rule counts of `chain`, in rule order: the agent's counters, or the packet counters
+    /// of the nat rules (only a connection's first packet traverses nat, so those count
+    /// connections too).
+    fn counts(&self, chain: &str) -> Vec<u64> {
+        match &self.agent {
+            Some(_) => {
+                let out = agent_cmd(&["stats", "--name", &self.name, "--json"]);
+                let stats: InstanceStats = serde_json::from_slice(&out.stdout).expect("stats --json");
+                stats
+                    .rules
+                    .iter()
+                    .filter(|r| r.chain == chain)
+                    .map(|r| r.connections)
+                    .collect()
+            }
+            None => {
+                let out = Command::new("ip")
+                    .args(["netns", "exec", &self.pair.workload.name])
+                    .args(["iptables", "-t", "nat", "-L", chain, "-v", "-n", "-x", "--line-numbers"])
+                    .output()
+                    .expect("iptables -L");
+                assert!(out.status.success(), "iptables -L {chain}");
+                // Two header lines, then "num pkts bytes target ...".
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .skip(2)
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+                    .collect()
+            }
+        }
+    }
+
+    fn counters(&self) -> String {
+        match &self.agent {
+            Some(_) => {
+                let out = agent_cmd(&["stats", "--name", &self.name]);
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            }
+            None => {
+                let out = Command::new("ip")
+                    .args(["netns", "exec", &self.pair.workload.name])
+                    .args(["iptables", "-t", "nat", "-L", "-v", "-n", "--line-numbers"])
+                    .output()
+                    .expect("iptables -L");
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            }
+        }
+    }
+}
+
+/// Who connects: from inside the workload (identity and source) or from the remote host.
+#[derive(Clone, Debug)]
+struct Client {
+    inbound: bool,
+    uid: u32,
+    gid: u32,
+    bind: Option<Ipv4Addr>,
+}
+
+impl Client {
+    fn label(&self) -> String {
+        if self.inbound {
+            return "remote host".into();
+        }
+        let bind = self.bind.map_or_else(String::new, |b| format!(" bind={b}"));
+        format!("uid={} gid={}{bind}", self.uid, self.gid)
+    }
+}
+
+/// Where a connection landed, named the same way in both twins.
+fn verdict(r: &ProbeResult) -> String {
+    match r.outcome {
+        Outcome::Ok => match r.banner_field("name") {
+            Some("cap-out") => "capture:outbound".into(),
+            Some("cap-in") => "capture:inbound".into(),
+            Some(server) => format!("original:{server}"),
+            None => "no banner".into(),
+        },
+        Outcome::Refused => "refused".into(),
+        other => {
+            let err = r.error.as_deref().unwrap_or("");
+            format!("{other:?}: {err}").to_lowercase()
+        }
+    }
+}
+
+struct Matrix {
+    clients: Vec<(Client, Vec<SocketAddrV4>)>,
+}
+
+impl Matrix {
+    fn build(cfg: &Config, listen_ports: &[u16], capture: (u16, u16)) -> Self {
+        let pod_ip = Ipv4Addr::new(10, 200, 1, 1);
+        let remote_ip = Ipv4Addr::new(10, 200, 1, 2);
+        let mut ids: Vec<(u32, u32)> = vec![(0, 0), (1337, 1337), (1337, 0), (1000, 1337)];
+        for u in ids_of(cfg.flags, "-u") {
+            ids.push((u, 0));
+        }
+        for g in ids_of(cfg.flags, "-g") {
+            ids.push((1000, g));
+        }
+        ids.sort();
+        ids.dedup();
+        let dsts = [remote_ip, pod_ip, Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 2)];
+        let mut clients = Vec::new();
+        for &(uid, gid) in &ids {
+            for bind in [None, Some(PASSTHROUGH)] {
+                let targets = dsts
+                    .iter()
+                    .flat_map(|&ip| listen_ports.iter().map(move |&p| SocketAddrV4::new(ip, p)))
+                    .collect();
+                clients.push((
+                    Client {
+                        inbound: false,
+                        uid,
+                        gid,
+                        bind,
+                    },
+                    targets,
+                ));
+            }
+            clients.push((
+                Client {
+                    inbound: false,
+                    uid,
+                    gid,
+                    bind: Some(Ipv4Addr::LOCALHOST),
+                },
+                vec![SocketAddrV4::new(PASSTHROUGH, VALIDATION_PORT)],
+            ));
+        }
+        let mut inbound_ports: BTreeSet<u16> = listen_ports.iter().copied().collect();
+        inbound_ports.extend([capture.0, capture.1]);
+        clients.push((
+            Client {
+                inbound: true,
+                uid: 0,
+                gid: 0,
+                bind: None,
+            },
+            inbound_ports.iter().map(|&p| SocketAddrV4::new(pod_ip, p)).collect(),
+        ));
+        Self { clients }
+    }
+
+    fn run(&self, twin: &Twin) -> Vec<String> {
+        let agent = agent_bin();
+        let mut out = Vec::new();
+        for (client, targets) in &self.clients {
+            let mut spec = if client.inbound {
+                ProbeSpec::outside(&twin.pair.remote.path, targets[0])
+            } else {
+                ProbeSpec::new(&twin.cgroup.path, &twin.pair.workload.path, targets[0])
+                    .uid(client.uid)
+                    .gid(client.gid)
+            };
+            if let Some(b) = client.bind {
+                spec = spec.bind(b);
+            }
+            let results = spec
+                .bytes(16)
+                .run_batch(&agent, targets)
+                .unwrap_or_else(|e| panic!("probes of {}: {e}", client.label()));
+            out.extend(results.iter().map(verdict));
+        }
+        out
+    }
+
+    fn len(&self) -> usize {
+        self.clients.iter().map(|(_, t)| t.len()).sum()
+    }
+}
+
+fn differential(cfg: Config) {
+    require_root();
+    let explain = {
+        let mut args = vec!["explain", "--json"];
+        args.extend_from_slice(cfg.flags);
+        let out = agent_cmd(&args);
+        assert!(
+            out.status.success(),
+            "explain {:?}: {}",
+            cfg.flags,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Explanation>(&out.stdout).expect("explain --json")
+    };
+    let capture = (
+        flag(cfg.flags, "-p").map_or(15001, |p| p.parse().unwrap()),
+        flag(cfg.flags, "-z").map_or(15006, |p| p.parse().unwrap()),
+    );
+    let mut ports: BTreeSet<u16> = BASE_PORTS.into_iter().collect();
+    for f in ["-q", "-o", "-b", "-d", "-e"] {
+        ports.extend(ports_of(cfg.flags, f));
+    }
+    ports.remove(&capture.0);
+    ports.remove(&capture.1);
+    let ports: Vec<u16> = ports.into_iter().collect();
+
+    let matrix = Matrix::build(&cfg, &ports, capture);
+    let oracle = Twin::new(Kind::Iptables, &cfg, &explain, &ports, capture);
+    let agent = Twin::new(Kind::Agent, &cfg, &explain, &ports, capture);
+    let want = matrix.run(&oracle);
+    let got = matrix.run(&agent);
+
+    let mut table = String::new();
+    let _ = writeln!(table, "differential '{}' (flags {:?}):", cfg.name, cfg.flags);
+    let _ = writeln!(
+        table,
+        "  {:<34} {:<20} {:<26} {:<26}",
+        "client", "destination", "iptables", "agent"
+    );
+    let mut mismatches = 0;
+    let mut i = 0;
+    for (client, targets) in &matrix.clients {
+        for t in targets {
+            let mark = if want[i] == got[i] { " " } else { "✗" };
+            if want[i] != got[i] {
+                mismatches += 1;
+            }
+            let _ = writeln!(
+                table,
+                "{mark} {:<34} {:<20} {:<26} {:<26}",
+                client.label(),
+                t.to_string(),
+                want[i],
+                got[i]
+            );
+            i += 1;
+        }
+    }
+    let _ = writeln!(table, "  {} scenarios, {} mismatches", matrix.len(), mismatches);
+    println!("{table}");
+    if mismatches > 0 {
+        panic!(
+            "{mismatches} of {} scenarios differ for '{}':\n{table}\nagent counters:\n{}\niptables counters:\n{}",
+            matrix.len(),
+            cfg.name,
+            agent.counters(),
+            oracle.counters()
+        );
+    }
+    // Every rule counted the same decisions as its iptables twin.
+    for chain in ["ISTIO_OUTPUT", "ISTIO_INBOUND"] {
+        let (want, got) = (oracle.counts(chain), agent.counts(chain));
+        println!("  {chain} per rule: iptables {want:?}, agent {got:?}");
+        assert_eq!(
+            got,
+            want,
+            "{chain} counters differ for '{}'\nagent:\n{}\niptables:\n{}",
+            cfg.name,
+            agent.counters(),
+            oracle.counters()
+        );
+    }
+    // Sanity: the matrix exercised every kind of verdict it can, so equality means something.
+    let kinds: BTreeSet<&str> = want.iter().map(|v| v.split(':').next().unwrap()).collect();
+    assert!(kinds.contains("original"), "no scenario went direct: {kinds:?}");
+}
+
+macro_rules! configs {
+    ($($test:ident: $name:literal => [$($flag:literal),*];)*) => {$(
+        #[test]
+        fn $test() {
+            differential(Config { name: $name, flags: &[$($flag),*] });
+        }
+    )*};
+}
+
+configs! {
+    default_injection: "default" => [];
+    include_two_cidrs: "-i two CIDRs" => ["-i", "10.200.9.0/24,10.200.1.2/32"];
+    include_loopback_cidr: "-i with loopback" => ["-i", "10.200.9.0/24,127.0.0.0/8"];
+    exclude_cidr: "-x" => ["-x", "10.200.1.2/32"];
+    outbound_ports: "-q/-o" => ["-i", "", "-q", "8080,15021", "-o", "9080"];
+    outbound_port_exclude_with_all: "-o with -i *" => ["-o", "8080,15008"];
+    inbound_port_list: "-b list" => ["-b", "9080,15021"];
+    inbound_excludes: "-d" => ["-d", "9080,15020"];
+    owner_lists: "-u/-g" => ["-u", "1337,1500", "-g", "1337,1600"];
+    no_inbound: "-b ''" => ["-b", ""];
+    no_outbound: "-i ''" => ["-i", ""];
+    tunnel_port: "-e" => ["-e", "9080"];
+    capture_ports: "-p/-z" => ["-p", "15011", "-z", "15016"];
+}
