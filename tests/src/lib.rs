@@ -143,12 +143,22 @@ impl Workload {
 
     /// Connections per ISTIO_OUTPUT rule, in rule order.
     pub fn counts(&self) -> Vec<u64> {
+        self.chain_counts("ISTIO_OUTPUT")
+    }
+
+    /// Connections per rule of `chain`, in rule order.
+    pub fn chain_counts(&self, chain: &str) -> Vec<u64> {
         self.stats()
             .rules
             .iter()
-            .filter(|r| r.chain == "ISTIO_OUTPUT")
+            .filter(|r| r.chain == chain)
             .map(|r| r.connections)
             .collect()
+    }
+
+    /// A probe from the remote host (10.200.1.2), outside any captured cgroup.
+    pub fn from_remote(&self, to: SocketAddrV4) -> ProbeSpec {
+        ProbeSpec::outside(&self.pair.remote.path, to)
     }
 }
 
