@@ -16,12 +16,15 @@ fn path_of(r: &ProbeResult, outbound: u16, inbound: u16) -> String {
     if r.outcome != Outcome::Ok {
         return format!("failed: {:?} {}", r.outcome, r.error.as_deref().unwrap_or(""));
     }
-    let via = match r.peer_port() {
-        Some(p) if p == outbound || p == inbound => format!("captured -> proxy :{p} ->"),
-        _ => "direct ->".to_owned(),
-    };
     let server = r.banner_field("name").unwrap_or("?");
     let saw = r.banner_field("peer").unwrap_or("?");
+    // sk_lookup rewrites nothing: the client stays connected to the app's address, and only the
+    // proxy's upstream source (127.0.0.6) shows the detour.
+    let via = match r.peer_port() {
+        Some(p) if p == outbound || p == inbound => format!("captured -> proxy :{p} ->"),
+        _ if saw.starts_with("127.0.0.6:") => format!("captured (sk_lookup) -> proxy :{inbound} ->"),
+        _ => "direct ->".to_owned(),
+    };
     let intact = if r.intact { "bytes intact" } else { "BYTES DIFFER" };
     format!("{via} {server} (server saw {saw}; {intact})")
 }
@@ -38,6 +41,12 @@ pub fn run() -> anyhow::Result<()> {
         &pair.workload,
         SocketAddrV4::new([0, 0, 0, 0].into(), 9080),
         "workload-app",
+    )?;
+    let status = SocketAddrV4::new(pair.workload_ip, 15020);
+    let _status_srv = TestServer::start(
+        &pair.workload,
+        SocketAddrV4::new([0, 0, 0, 0].into(), 15020),
+        "workload-status",
     )?;
     println!(
         "workload: netns {} ({}), cgroup {}",
@@ -66,6 +75,14 @@ pub fn run() -> anyhow::Result<()> {
         (
             "proxy (uid 1337) -> own pod 10.200.1.1:9080",
             spec(pod).uid(1337).gid(1337),
+        ),
+        (
+            "remote host -> pod 10.200.1.1:9080",
+            ProbeSpec::outside(&pair.remote.path, pod),
+        ),
+        (
+            "remote host -> pod 10.200.1.1:15020 (-d)",
+            ProbeSpec::outside(&pair.remote.path, status),
         ),
     ];
     // The agent runs with istio-iptables' defaults: its capture ports are those.

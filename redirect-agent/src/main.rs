@@ -90,8 +90,25 @@ fn init_tracing() {
 
 /// One line, non-zero exit: what the guide asks of every bad input.
 fn fail(e: &anyhow::Error) -> ExitCode {
-    eprintln!("redirect-agent: error: {e:#}");
+    eprintln!("redirect-agent: error: {}", one_line(e));
     ExitCode::FAILURE
+}
+
+/// The error and its causes on one line; a cause that its parent's message already quotes
+/// (typed errors name their source) is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn main() -> ExitCode {

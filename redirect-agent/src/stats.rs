@@ -94,7 +94,8 @@ pub fn read(name: &str) -> Result<InstanceStats, LoadError> {
     })
 }
 
-/// `iptables -t nat -L ISTIO_OUTPUT -v -n --line-numbers`, with connections for packets.
+/// `iptables -t nat -L ISTIO_OUTPUT -v -n --line-numbers`, with connections for packets and
+/// the counter slot (as `explain` numbers it) in front.
 pub fn render_text(stats: &InstanceStats) -> String {
     let mut s = String::new();
     for w in &stats.workloads {
@@ -108,8 +109,8 @@ pub fn render_text(stats: &InstanceStats) -> String {
                     stats.name, w.netns_cookie
                 );
                 let header = format!(
-                    "{:>4} {:>8} {:<18} {:<4} {:<3} {:<4} {:<4} {:<18} {:<18}",
-                    "num", "conns", "target", "prot", "opt", "in", "out", "source", "destination"
+                    "{:>4} {:>4} {:>8} {:<18} {:<4} {:<3} {:<4} {:<4} {:<18} {:<18}",
+                    "slot", "num", "conns", "target", "prot", "opt", "in", "out", "source", "destination"
                 );
                 let _ = writeln!(s, "{}", header.trim_end());
             }
@@ -122,8 +123,8 @@ pub fn render_text(stats: &InstanceStats) -> String {
             });
             let (prot, out, src, dst, extra) = (c.prot, c.out, c.source, c.destination, c.extra);
             let line = format!(
-                "{:>4} {:>8} {:<18} {:<4} {:<3} {:<4} {:<4} {:<18} {:<18} {}",
-                row.rule, row.connections, row.target, prot, "--", "*", out, src, dst, extra
+                "{:>4} {:>4} {:>8} {:<18} {:<4} {:<3} {:<4} {:<4} {:<18} {:<18} {}",
+                row.slot, row.rule, row.connections, row.target, prot, "--", "*", out, src, dst, extra
             );
             let _ = writeln!(s, "{}", line.trim_end());
         }

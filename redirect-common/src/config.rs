@@ -158,8 +158,21 @@ pub fn parse_port_include(flag: &'static str, s: &str) -> Result<Include<u16>, C
     if s.trim() == "*" {
         Ok(Include::All)
     } else {
+        star_alone(flag, s, "ports")?;
         parse_ports(flag, s).map(Include::List)
     }
+}
+
+/// istio-iptables takes `*` only as the whole value; in a list it is not a port or a CIDR.
+fn star_alone(flag: &'static str, s: &str, what: &str) -> Result<(), ConfigError> {
+    if items(s).any(|i| i == "*") {
+        return Err(err(
+            flag,
+            s,
+            format!("'*' alone, or a comma list of {what} without '*'"),
+        ));
+    }
+    Ok(())
 }
 
 /// A comma list of numeric ids (uid or gid), at least one.
@@ -225,6 +238,7 @@ pub fn parse_cidr_include(flag: &'static str, s: &str) -> Result<Include<Cidr>, 
     if s.trim() == "*" {
         Ok(Include::All)
     } else {
+        star_alone(flag, s, "CIDRs")?;
         parse_cidrs(flag, s).map(Include::List)
     }
 }

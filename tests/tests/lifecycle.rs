@@ -136,6 +136,9 @@ fn bad_input_gets_one_clear_line_and_changes_nothing() {
         (&["--proxy", "sideways"], "'sideways'"),
         (&["--max-tracked-connections", "5"], "5"),
         (&["--frobnicate"], "--frobnicate"),
+        (&["-p", "15006"], "both 15006"),
+        (&["-i", "*,10.0.0.0/8"], "'*' alone"),
+        (&["-b", "*,80"], "'*' alone"),
     ];
     for (extra, needle) in cases {
         let args = run(extra);
@@ -162,6 +165,8 @@ fn bad_input_gets_one_clear_line_and_changes_nothing() {
             "'bad/name'",
         ),
         (&["stats", "--name", &w.name], &w.name),
+        (&["explain", "-x", "10.0.0.1/40"], "'10.0.0.1/40'"),
+        (&["explain", "-o", "1,2,x"], "'x'"),
     ];
     for (args, needle) in path_cases {
         println!("{}", rejected(args, needle).trim_end());
