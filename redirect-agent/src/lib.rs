@@ -3,6 +3,7 @@
 //! integration tests drive the same code paths (and the same sandbox) as `demo`.
 
 pub mod addrs;
+pub mod adopt;
 pub mod demo;
 pub mod error;
 pub mod explain;

@@ -266,33 +266,37 @@ impl Loaded {
         self.ebpf.take_map(name).ok_or(LoadError::MissingMap(name))
     }
 
-    /// Attaches sock_ops to the cgroup, sk_lookup to the namespace, then connect4 to the cgroup.
+    /// Attaches sock_ops to the cgroup: first, so that every socket connect4 will redirect,
+    /// and every capture listener the workload opens from now on, is seen.
     ///
     /// On the kernels we support (5.7+) aya attaches through `bpf_link_create`, and a cgroup
     /// bpf_link always joins the cgroup's multi-program list: it coexists with other agents'
     /// programs. The kernel refuses any flag on that path (EINVAL), BPF_F_ALLOW_MULTI
-    /// included, so the mode passed is the flagless one. sk_lookup links on a namespace run
-    /// in attach order; ours passes over connections it does not decide.
-    pub fn attach(
+    /// included, so the mode passed is the flagless one.
+    pub fn attach_sock_ops(&mut self, cgroup: &File, cgroup_path: &Path) -> Result<ProgramState, LoadError> {
+        let prog: &mut SockOps = program(&mut self.ebpf, programs::SOCK_OPS)?;
+        prog.attach(cgroup, LINK_MODE).map_err(|source| LoadError::Attach {
+            prog: programs::SOCK_OPS,
+            cgroup: cgroup_path.to_owned(),
+            source,
+        })?;
+        Ok(ProgramState {
+            name: programs::SOCK_OPS.into(),
+            id: prog_id(prog.info())?,
+        })
+    }
+
+    /// Then the two that capture: sk_lookup on the namespace (inbound) and connect4 on the
+    /// cgroup (outbound). sk_lookup links on a namespace run in attach order; ours passes over
+    /// connections it does not decide.
+    pub fn attach_capture(
         &mut self,
         cgroup: &File,
         cgroup_path: &Path,
         netns: &crate::sys::Netns,
         netns_path: &Path,
     ) -> Result<Vec<ProgramState>, LoadError> {
-        let attach_err = |prog, source| LoadError::Attach {
-            prog,
-            cgroup: cgroup_path.to_owned(),
-            source,
-        };
         let mut ids = Vec::new();
-        let prog: &mut SockOps = program(&mut self.ebpf, programs::SOCK_OPS)?;
-        prog.attach(cgroup, LINK_MODE)
-            .map_err(|e| attach_err(programs::SOCK_OPS, e))?;
-        ids.push(ProgramState {
-            name: programs::SOCK_OPS.into(),
-            id: prog_id(prog.info())?,
-        });
         let prog: &mut SkLookup = program(&mut self.ebpf, programs::SK_LOOKUP)?;
         prog.attach(netns).map_err(|source| LoadError::AttachNetns {
             prog: programs::SK_LOOKUP,
@@ -304,8 +308,11 @@ impl Loaded {
             id: prog_id(prog.info())?,
         });
         let prog: &mut CgroupSockAddr = program(&mut self.ebpf, programs::CONNECT4)?;
-        prog.attach(cgroup, LINK_MODE)
-            .map_err(|e| attach_err(programs::CONNECT4, e))?;
+        prog.attach(cgroup, LINK_MODE).map_err(|source| LoadError::Attach {
+            prog: programs::CONNECT4,
+            cgroup: cgroup_path.to_owned(),
+            source,
+        })?;
         ids.push(ProgramState {
             name: programs::CONNECT4.into(),
             id: prog_id(prog.info())?,

@@ -20,6 +20,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
     addrs::LocalAddrs,
+    adopt,
     loader::{self, InstanceDirs, InstanceState, Loaded},
     proxy::{Listeners, NetnsDialer, OrigDstTable, Proxy, ProxyConfig, Side},
     sys::{self, Netns},
@@ -87,6 +88,8 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     });
     let _watcher = AbortOnDrop(watcher);
 
+    let mut inbound_listeners: SockHash<_, u64> = SockHash::try_from(loaded.take_map(maps::INBOUND_LISTENERS)?)
+        .map_err(|e| anyhow::anyhow!("map {}: {e}", maps::INBOUND_LISTENERS))?;
     let proxy = match opts.proxy {
         ProxyMode::None => None,
         ProxyMode::Embedded => {
@@ -101,8 +104,6 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
                 .with_context(|| format!("proxy listeners in {}", opts.netns.display()))?;
             // sk_lookup hands connections from other hosts to this socket; sock_ops cannot
             // register it because the agent is not in the workload's cgroup.
-            let mut inbound_listeners: SockHash<_, u64> = SockHash::try_from(loaded.take_map(maps::INBOUND_LISTENERS)?)
-                .map_err(|e| anyhow::anyhow!("map {}: {e}", maps::INBOUND_LISTENERS))?;
             if let Some(l) = listening.get(Side::Inbound) {
                 inbound_listeners.insert(netns_cookie, l.as_raw_fd(), 0).map_err(|e| {
                     anyhow::anyhow!("map {}: registering the inbound listener: {e}", maps::INBOUND_LISTENERS)
@@ -116,7 +117,26 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
         }
     };
 
-    let programs = loaded.attach(&cgroup, &opts.cgroup, &netns, &opts.netns)?;
+    let mut programs = vec![loaded.attach_sock_ops(&cgroup, &opts.cgroup)?];
+    if opts.proxy == ProxyMode::None && opts.capture.inbound_ports != Include::List(Vec::new()) {
+        // sock_ops sees listen() calls from now on; a proxy that listened before is found here.
+        let port = opts.capture.inbound_capture_port;
+        match adopt::existing_listener(&netns, port) {
+            Ok(Some((fd, pid))) => {
+                inbound_listeners.insert(netns_cookie, fd.as_raw_fd(), 0).map_err(|e| {
+                    anyhow::anyhow!("map {}: registering pid {pid}'s listener: {e}", maps::INBOUND_LISTENERS)
+                })?;
+                tracing::info!(pid, port, "inbound capture listener (already listening) registered");
+            }
+            Ok(None) => tracing::info!(
+                port,
+                "nothing listens on the inbound capture port yet; connections from other hosts are refused until a \
+                 workload process listens on it"
+            ),
+            Err(e) => tracing::warn!(port, "looking for an inbound capture listener: {e}"),
+        }
+    }
+    programs.extend(loaded.attach_capture(&cgroup, &opts.cgroup, &netns, &opts.netns)?);
     loaded.dirs().write_state(&InstanceState {
         name: opts.name.clone(),
         pid: std::process::id(),

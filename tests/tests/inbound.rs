@@ -131,3 +131,19 @@ fn a_restarted_capture_listener_is_registered_again() {
     assert_eq!(r.banner_field("name"), Some("envoy"), "{r:?}");
     assert!(w.app_server.accepted().is_empty());
 }
+
+/// A proxy that was listening before the agent started (agent restarted under a running
+/// Envoy) is found and registered, as REDIRECT would reach it.
+#[test]
+fn a_capture_listener_from_before_the_agent_is_adopted() {
+    let mut w = Workload::new("inbound-adopt");
+    let agent = redirect_tests::agent_bin();
+    let listen = [("envoy".to_string(), any(15006))];
+    let _envoy =
+        redirect_agent::sandbox::ServeProcess::start(&agent, Some(&w.cgroup.path), &w.pair.workload.path, &listen)
+            .unwrap();
+    w.start_agent(&["--proxy", "none"]).unwrap();
+    let r = w.probe(&w.from_remote(w.pod(APP_PORT)));
+    assert_eq!(r.banner_field("name"), Some("envoy"), "{r:?}");
+    assert!(w.app_server.accepted().is_empty());
+}
