@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, PerCpuArray},
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps},
     util::KernelVersion,
 };
@@ -261,9 +261,13 @@ impl Loaded {
         })
     }
 
-    /// Moves a map out, for a task that owns it (address watcher, proxy).
-    pub fn take_map(&mut self, name: &'static str) -> Result<Map, LoadError> {
-        self.ebpf.take_map(name).ok_or(LoadError::MissingMap(name))
+    /// Moves a map out as its typed view, for the task that owns it (address watcher, proxy).
+    pub fn take<T>(&mut self, name: &'static str) -> Result<T, LoadError>
+    where
+        T: TryFrom<Map, Error = MapError>,
+    {
+        let map = self.ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+        T::try_from(map).map_err(|source| LoadError::Map { map: name, source })
     }
 
     /// Attaches sock_ops to the cgroup: first, so that every socket connect4 will redirect,
@@ -318,6 +322,29 @@ impl Loaded {
             id: prog_id(prog.info())?,
         });
         Ok(ids)
+    }
+}
+
+/// The workload's slot in `INBOUND_LISTENERS`: the socket sk_lookup hands inbound
+/// connections to.
+pub struct InboundListener {
+    map: SockHash<MapData, u64>,
+    netns_cookie: u64,
+}
+
+impl InboundListener {
+    pub fn new(map: SockHash<MapData, u64>, netns_cookie: u64) -> Self {
+        Self { map, netns_cookie }
+    }
+
+    /// `socket` must be listening (the kernel refuses other TCP states in a sockhash).
+    pub fn register(&mut self, socket: &impl AsRawFd) -> Result<(), LoadError> {
+        self.map
+            .insert(self.netns_cookie, socket.as_raw_fd(), 0)
+            .map_err(|source| LoadError::Map {
+                map: maps::INBOUND_LISTENERS,
+                source,
+            })
     }
 }
 

@@ -8,10 +8,7 @@ use std::{
     time::Duration,
 };
 
-use std::os::fd::AsRawFd as _;
-
 use anyhow::Context as _;
-use aya::maps::{HashMap, SockHash};
 use redirect_common::{
     config::{CaptureConfig, Include},
     maps,
@@ -21,7 +18,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use crate::{
     addrs::LocalAddrs,
     adopt,
-    loader::{self, InstanceDirs, InstanceState, Loaded},
+    loader::{self, InboundListener, InstanceDirs, InstanceState, Loaded},
     proxy::{Listeners, NetnsDialer, OrigDstTable, Proxy, ProxyConfig, Side},
     sys::{self, Netns},
 };
@@ -73,10 +70,8 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
         redirect_common::chain::flags(&opts.capture),
     )?;
 
-    let local_map = HashMap::try_from(loaded.take_map(maps::LOCAL_ADDRS)?)
-        .map_err(|e| anyhow::anyhow!("map {}: {e}", maps::LOCAL_ADDRS))?;
-    let owners_map = HashMap::try_from(loaded.take_map(maps::ADDR_OWNERS)?)
-        .map_err(|e| anyhow::anyhow!("map {}: {e}", maps::ADDR_OWNERS))?;
+    let local_map = loaded.take(maps::LOCAL_ADDRS)?;
+    let owners_map = loaded.take(maps::ADDR_OWNERS)?;
     let local = LocalAddrs::install(&netns, local_map, owners_map, netns_cookie)
         .with_context(|| format!("reading the addresses of {}", opts.netns.display()))?;
     tracing::info!(addresses = ?local.addresses(), "local addresses of the workload");
@@ -88,8 +83,7 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     });
     let _watcher = AbortOnDrop(watcher);
 
-    let mut inbound_listeners: SockHash<_, u64> = SockHash::try_from(loaded.take_map(maps::INBOUND_LISTENERS)?)
-        .map_err(|e| anyhow::anyhow!("map {}: {e}", maps::INBOUND_LISTENERS))?;
+    let mut inbound_listener = InboundListener::new(loaded.take(maps::INBOUND_LISTENERS)?, netns_cookie);
     let proxy = match opts.proxy {
         ProxyMode::None => None,
         ProxyMode::Embedded => {
@@ -105,36 +99,18 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
             // sk_lookup hands connections from other hosts to this socket; sock_ops cannot
             // register it because the agent is not in the workload's cgroup.
             if let Some(l) = listening.get(Side::Inbound) {
-                inbound_listeners.insert(netns_cookie, l.as_raw_fd(), 0).map_err(|e| {
-                    anyhow::anyhow!("map {}: registering the inbound listener: {e}", maps::INBOUND_LISTENERS)
-                })?;
+                inbound_listener.register(l)?;
             }
-            let tuple_map = HashMap::try_from(loaded.take_map(maps::ORIG_BY_TUPLE)?)
-                .map_err(|e| anyhow::anyhow!("map {}: {e}", maps::ORIG_BY_TUPLE))?;
-            let table = OrigDstTable::new(tuple_map, netns_cookie);
+            let table = OrigDstTable::new(loaded.take(maps::ORIG_BY_TUPLE)?, netns_cookie);
             let dialer = NetnsDialer::start(&netns)?;
             Some(Proxy::start(listening, table, dialer, cfg)?)
         }
     };
 
     let mut programs = vec![loaded.attach_sock_ops(&cgroup, &opts.cgroup)?];
-    if opts.proxy == ProxyMode::None && opts.capture.inbound_ports != Include::List(Vec::new()) {
+    if opts.proxy == ProxyMode::None && !opts.capture.inbound_ports.is_empty() {
         // sock_ops sees listen() calls from now on; a proxy that listened before is found here.
-        let port = opts.capture.inbound_capture_port;
-        match adopt::existing_listener(&netns, port) {
-            Ok(Some((fd, pid))) => {
-                inbound_listeners.insert(netns_cookie, fd.as_raw_fd(), 0).map_err(|e| {
-                    anyhow::anyhow!("map {}: registering pid {pid}'s listener: {e}", maps::INBOUND_LISTENERS)
-                })?;
-                tracing::info!(pid, port, "inbound capture listener (already listening) registered");
-            }
-            Ok(None) => tracing::info!(
-                port,
-                "nothing listens on the inbound capture port yet; connections from other hosts are refused until a \
-                 workload process listens on it"
-            ),
-            Err(e) => tracing::warn!(port, "looking for an inbound capture listener: {e}"),
-        }
+        adopt_listener(&netns, opts.capture.inbound_capture_port, &mut inbound_listener)?;
     }
     programs.extend(loaded.attach_capture(&cgroup, &opts.cgroup, &netns, &opts.netns)?);
     loaded.dirs().write_state(&InstanceState {
@@ -171,6 +147,26 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
         proxy.shutdown().await;
     }
     tracing::info!(name = %opts.name, "detached; pins removed");
+    Ok(())
+}
+
+/// Registers a socket that already listens on the inbound capture port (another proxy's).
+/// Not finding one is normal (the proxy starts later); failing to look is logged, not fatal:
+/// sock_ops still registers the next listen().
+fn adopt_listener(netns: &Netns, port: u16, slot: &mut InboundListener) -> anyhow::Result<()> {
+    match adopt::existing_listener(netns, port) {
+        Ok(Some((fd, pid))) => {
+            slot.register(&fd)
+                .with_context(|| format!("registering pid {pid}'s listener on port {port}"))?;
+            tracing::info!(pid, port, "inbound capture listener (already listening) registered");
+        }
+        Ok(None) => tracing::info!(
+            port,
+            "nothing listens on the inbound capture port yet; connections from other hosts are refused until a \
+             workload process listens on it"
+        ),
+        Err(e) => tracing::warn!(port, "looking for an inbound capture listener: {e}"),
+    }
     Ok(())
 }
 
