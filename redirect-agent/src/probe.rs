@@ -114,15 +114,7 @@ fn check(rc: libc::c_int, what: &str) -> io::Result<()> {
 
 /// Moves this (single-threaded) process into the workload: cgroup, namespace, identity.
 fn enter(args: &ProbeArgs) -> io::Result<()> {
-    if let Some(cg) = &args.cgroup {
-        std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
-            .map_err(|e| io::Error::new(e.kind(), format!("join cgroup {}: {e}", cg.display())))?;
-    }
-    if let Some(ns) = &args.netns {
-        crate::sys::Netns::open(ns)
-            .map_err(io::Error::other)?
-            .enter_current_thread()?;
-    }
+    crate::sandbox::join(args.cgroup.as_deref(), args.netns.as_deref())?;
     // Groups first: after setuid the process may no longer change them.
     // SAFETY: plain credential syscalls on a single-threaded process.
     unsafe {

@@ -34,22 +34,9 @@ fn parse_listen(s: &str) -> Result<(String, SocketAddrV4), String> {
     Ok((name.to_owned(), addr))
 }
 
-fn enter(args: &ServeArgs) -> io::Result<()> {
-    if let Some(cg) = &args.cgroup {
-        std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
-            .map_err(|e| io::Error::new(e.kind(), format!("join cgroup {}: {e}", cg.display())))?;
-    }
-    if let Some(ns) = &args.netns {
-        crate::sys::Netns::open(ns)
-            .map_err(io::Error::other)?
-            .enter_current_thread()?;
-    }
-    Ok(())
-}
-
 pub fn main(args: &ServeArgs) -> ExitCode {
     // Before any thread exists: cgroup membership and namespace are per task.
-    let listeners = enter(args).and_then(|()| {
+    let listeners = crate::sandbox::join(args.cgroup.as_deref(), args.netns.as_deref()).and_then(|()| {
         args.listen
             .iter()
             .map(|(name, addr)| {

@@ -12,10 +12,13 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    ChainId, ConnFacts, IPPROTO_TCP, LocalAddrKey, MAX_RULES, OrigDst, PendingOrigDst, Target, Workload, is_loopback,
+    ChainId, ConnFacts, IPPROTO_TCP, LocalAddrKey, OrigDst, PendingOrigDst, Target, Workload, is_loopback,
 };
 
-use crate::maps::{LOCAL_ADDRS, ORIG_BY_COOKIE, WORKLOADS, count};
+use crate::{
+    chain,
+    maps::{LOCAL_ADDRS, ORIG_BY_COOKIE, WORKLOADS},
+};
 
 /// 127.0.0.1 in network order: where iptables REDIRECT sends locally generated packets.
 const LOCALHOST_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -86,42 +89,28 @@ unsafe fn decide(ctx: &SockAddrContext) {
         gid: (uid_gid >> 32) as u32,
     };
 
-    let n = workload.n_rules as usize;
-    for i in 0..MAX_RULES {
-        if i >= n {
-            return;
-        }
-        let rule = &workload.rules[i];
-        if rule.chain != ChainId::Output as u8 || !rule.matches(&facts) {
-            continue;
-        }
-        count(workload.counter_base + i as u32);
-        let port = if rule.target == Target::Redirect as u8 {
-            workload.outbound_port
-        } else if rule.target == Target::InRedirect as u8 {
-            workload.inbound_port
-        } else {
-            return;
-        };
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        let pending = PendingOrigDst {
-            netns_cookie,
-            orig: OrigDst {
-                addr: dst_addr,
-                port: dst_port,
-                target: rule.target,
-                _pad: 0,
-            },
-        };
-        // Redirect even if the record fails (the LRU only fails under memory pressure): the
-        // proxy then finds no original destination and resets the connection, which is loud,
-        // where leaving it uncaptured would silently bypass the mesh.
-        let _ = ORIG_BY_COOKIE.insert(cookie, pending, 0);
-        // Separate volatile stores: merged into one 8-byte store, the verifier refuses them.
-        unsafe {
-            write_volatile(&mut (*sa).user_ip4, LOCALHOST_BE);
-            write_volatile(&mut (*sa).user_port, u32::from(port.to_be()));
-        }
-        return;
+    let (target, port) = match chain::decide(workload, ChainId::Output, &facts) {
+        Some(t @ Target::Redirect) => (t, workload.outbound_port),
+        Some(t @ Target::InRedirect) => (t, workload.inbound_port),
+        Some(Target::Return) | None => return,
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let pending = PendingOrigDst {
+        netns_cookie,
+        orig: OrigDst {
+            addr: dst_addr,
+            port: dst_port,
+            target: target as u8,
+            _pad: 0,
+        },
+    };
+    // Redirect even if the record fails (the LRU only fails under memory pressure): the proxy
+    // then finds no original destination and resets the connection, which is loud, where
+    // leaving it uncaptured would silently bypass the mesh.
+    let _ = ORIG_BY_COOKIE.insert(cookie, pending, 0);
+    // Separate volatile stores: merged into one 8-byte store, the verifier refuses them.
+    unsafe {
+        write_volatile(&mut (*sa).user_ip4, LOCALHOST_BE);
+        write_volatile(&mut (*sa).user_port, u32::from(port.to_be()));
     }
 }

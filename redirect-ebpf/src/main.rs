@@ -1,7 +1,9 @@
-//! redirect's kernel programs: one module per attach point, maps in `maps`.
+//! redirect's kernel programs: one module per attach point, maps in `maps`, the chain walk
+//! they share in `chain`.
 #![no_std]
 #![no_main]
 
+mod chain;
 mod connect4;
 mod maps;
 mod sk_lookup;

@@ -9,11 +9,12 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
-use redirect_common::{
-    ChainId, ConnFacts, IPPROTO_TCP, LocalAddrKey, MAX_RULES, Target, Workload, is_loopback, workload_flags,
-};
+use redirect_common::{ChainId, ConnFacts, IPPROTO_TCP, LocalAddrKey, Target, Workload, is_loopback, workload_flags};
 
-use crate::maps::{ADDR_OWNERS, INBOUND_LISTENERS, LOCAL_ADDRS, WORKLOADS, count};
+use crate::{
+    chain,
+    maps::{ADDR_OWNERS, INBOUND_LISTENERS, LOCAL_ADDRS, WORKLOADS},
+};
 
 const AF_INET: u32 = 2;
 
@@ -44,7 +45,8 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
     // A connection made inside the namespace (its source is one of the namespace's own
     // addresses) never passes nat PREROUTING: ISTIO_OUTPUT has decided it already. The kernel
     // drops packets from other hosts that carry a local source address (martians), so the
-    // source tells the two apart.
+    // source tells the two apart. (`ingress_ifindex == lo` would say it directly, but needs
+    // 5.17; the agent supports 5.15.)
     let remote_ip4 = unsafe { read_volatile(&(*l).remote_ip4) };
     if is_loopback(remote_ip4)
         || remote_ip4 == local_ip4
@@ -69,28 +71,15 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
         gid: u32::MAX,
     };
 
-    let n = workload.n_rules as usize;
-    for i in 0..MAX_RULES {
-        if i >= n {
-            break;
-        }
-        let rule = &workload.rules[i];
-        if rule.chain != ChainId::Inbound as u8 || !rule.matches(&facts) {
-            continue;
-        }
-        count(workload.counter_base + i as u32);
-        if rule.target != Target::InRedirect as u8 {
-            return sk_action::SK_PASS;
-        }
-        // The listener's local address is irrelevant here: the accepted socket keeps the
-        // original destination as its local address, which is what the proxy forwards to.
-        return match INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns_cookie, 0) {
-            Ok(()) => sk_action::SK_PASS,
-            // Nobody listens on the capture port: refuse (RST), as a REDIRECT to a closed port
-            // would. Passing instead would hand the connection to the app behind the proxy's
-            // back.
-            Err(_) => sk_action::SK_DROP,
-        };
+    if chain::decide(workload, ChainId::Inbound, &facts) != Some(Target::InRedirect) {
+        return sk_action::SK_PASS;
     }
-    sk_action::SK_PASS
+    // The listener's local address is irrelevant here: the accepted socket keeps the original
+    // destination as its local address, which is what the proxy forwards to.
+    match INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns_cookie, 0) {
+        Ok(()) => sk_action::SK_PASS,
+        // Nobody listens on the capture port: refuse (RST), as a REDIRECT to a closed port
+        // would. Passing instead would hand the connection to the app behind the proxy's back.
+        Err(_) => sk_action::SK_DROP,
+    }
 }

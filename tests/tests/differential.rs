@@ -57,15 +57,8 @@ fn flag<'a>(flags: &[&'a str], short: &str) -> Option<&'a str> {
     flags.windows(2).find(|w| w[0] == short).map(|w| w[1])
 }
 
-fn ports_of(flags: &[&str], short: &str) -> Vec<u16> {
-    flag(flags, short)
-        .unwrap_or("")
-        .split(',')
-        .filter_map(|p| p.trim().parse().ok())
-        .collect()
-}
-
-fn ids_of(flags: &[&str], short: &str) -> Vec<u32> {
+/// The comma list a flag was given (ports or ids), empty when absent.
+fn list_of<T: std::str::FromStr>(flags: &[&str], short: &str) -> Vec<T> {
     flag(flags, short)
         .unwrap_or("")
         .split(',')
@@ -238,10 +231,10 @@ impl Matrix {
         let pod_ip = Ipv4Addr::new(10, 200, 1, 1);
         let remote_ip = Ipv4Addr::new(10, 200, 1, 2);
         let mut ids: Vec<(u32, u32)> = vec![(0, 0), (1337, 1337), (1337, 0), (1000, 1337)];
-        for u in ids_of(cfg.flags, "-u") {
+        for u in list_of::<u32>(cfg.flags, "-u") {
             ids.push((u, 0));
         }
-        for g in ids_of(cfg.flags, "-g") {
+        for g in list_of::<u32>(cfg.flags, "-g") {
             ids.push((1000, g));
         }
         ids.sort();
@@ -336,7 +329,7 @@ fn differential(cfg: Config) {
     );
     let mut ports: BTreeSet<u16> = BASE_PORTS.into_iter().collect();
     for f in ["-q", "-o", "-b", "-d", "-e"] {
-        ports.extend(ports_of(cfg.flags, f));
+        ports.extend(list_of::<u16>(cfg.flags, f));
     }
     ports.remove(&capture.0);
     ports.remove(&capture.1);
