@@ -67,7 +67,7 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
         &rules,
         opts.capture.envoy_port,
         opts.capture.inbound_capture_port,
-        redirect_common::chain::flags(&opts.capture),
+        workload_flags(&opts),
     )?;
 
     let local_map = loaded.take(maps::LOCAL_ADDRS)?;
@@ -148,6 +148,15 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     }
     tracing::info!(name = %opts.name, "detached; pins removed");
     Ok(())
+}
+
+/// The chain's flags, and who provides the inbound capture listener.
+fn workload_flags(opts: &RunOptions) -> u32 {
+    let mut flags = redirect_common::chain::flags(&opts.capture);
+    if opts.proxy == ProxyMode::None {
+        flags |= redirect_common::workload_flags::WORKLOAD_LISTENER;
+    }
+    flags
 }
 
 /// Registers a socket that already listens on the inbound capture port (another proxy's).

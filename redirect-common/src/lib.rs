@@ -62,6 +62,10 @@ pub mod workload_flags {
     /// `nat PREROUTING -p tcp -j ISTIO_INBOUND` exists (`-b` is not empty): connections from
     /// other hosts go through the inbound chain.
     pub const INBOUND: u32 = 1 << 0;
+    /// Another proxy owns the capture ports (`--proxy none`): sock_ops registers the
+    /// workload's own listener on the inbound capture port. Without it the agent registers its
+    /// embedded proxy's listener, and a workload socket on that port must not replace it.
+    pub const WORKLOAD_LISTENER: u32 = 1 << 1;
 }
 
 /// One workload's configuration, keyed by its network namespace cookie.

@@ -11,7 +11,7 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use redirect_common::TupleKey;
+use redirect_common::{TupleKey, workload_flags};
 
 use crate::maps::{INBOUND_LISTENERS, ORIG_BY_COOKIE, ORIG_BY_TUPLE, WORKLOADS};
 
@@ -47,6 +47,7 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
             // hosts. With SO_REUSEPORT the kernel still spreads them over the whole group.
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
             if let Some(w) = WORKLOADS.get_ptr(netns_cookie)
+                && unsafe { (*w).flags } & workload_flags::WORKLOAD_LISTENER != 0
                 && ctx.local_port() == u32::from(unsafe { (*w).inbound_port })
             {
                 // SAFETY: the context pointer is the kernel's bpf_sock_ops for this call.

@@ -147,3 +147,18 @@ fn a_capture_listener_from_before_the_agent_is_adopted() {
     assert_eq!(r.banner_field("name"), Some("envoy"), "{r:?}");
     assert!(w.app_server.accepted().is_empty());
 }
+
+/// With the embedded proxy, a workload socket that happens to listen on the capture port (on
+/// another address) does not take inbound capture away from the proxy.
+#[test]
+fn a_workload_listener_does_not_replace_the_embedded_proxy() {
+    let w = Workload::with_agent("inbound-squat", &[]);
+    let agent = redirect_tests::agent_bin();
+    let listen = [("squatter".to_string(), SocketAddrV4::new(w.pair.workload_ip, 15006))];
+    let _squatter =
+        redirect_agent::sandbox::ServeProcess::start(&agent, Some(&w.cgroup.path), &w.pair.workload.path, &listen)
+            .unwrap();
+    let r = w.probe(&w.from_remote(w.pod(APP_PORT)));
+    assert_eq!(r.banner_field("name"), Some("app"), "{r:?}");
+    assert_eq!(peer_ip(&r), Ipv4Addr::new(127, 0, 0, 6), "{r:?}");
+}
