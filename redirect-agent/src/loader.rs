@@ -368,6 +368,7 @@ where
 pub struct PinnedMaps {
     pub workloads: HashMap<MapData, u64, Workload>,
     pub counters: PerCpuArray<MapData, u64>,
+    pub events: PerCpuArray<MapData, u64>,
 }
 
 /// Opens an instance's pinned maps for `stats`.
@@ -377,26 +378,15 @@ pub fn open_pinned(name: &str) -> Result<PinnedMaps, LoadError> {
     if !dir.is_dir() {
         return Err(LoadError::NotRunning { name: name.into(), dir });
     }
-    let open = |map: &'static str| {
-        MapData::from_pin(dir.join(map))
-            .map(Map::from_map_data)
-            .map_err(|source| LoadError::Map { map, source })
-    };
-    let workloads = open(maps::WORKLOADS)?.map_err(|source| LoadError::Map {
-        map: maps::WORKLOADS,
-        source,
-    })?;
-    let counters = open(maps::RULE_COUNTERS)?.map_err(|source| LoadError::Map {
-        map: maps::RULE_COUNTERS,
-        source,
-    })?;
-    let workloads = HashMap::try_from(workloads).map_err(|source| LoadError::Map {
-        map: maps::WORKLOADS,
-        source,
-    })?;
-    let counters = PerCpuArray::try_from(counters).map_err(|source| LoadError::Map {
-        map: maps::RULE_COUNTERS,
-        source,
-    })?;
-    Ok(PinnedMaps { workloads, counters })
+    Ok(PinnedMaps {
+        workloads: open_typed(&dir, maps::WORKLOADS)?,
+        counters: open_typed(&dir, maps::RULE_COUNTERS)?,
+        events: open_typed(&dir, maps::EVENT_COUNTERS)?,
+    })
+}
+
+fn open_typed<T: TryFrom<Map, Error = MapError>>(dir: &Path, map: &'static str) -> Result<T, LoadError> {
+    let err = |source| LoadError::Map { map, source };
+    let data = MapData::from_pin(dir.join(map)).map_err(err)?;
+    T::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)
 }

@@ -3,12 +3,13 @@
 //! Rows come from the chain the programs are evaluating (the `WORKLOADS` map), not from the
 //! flags, so what is printed is what the kernel runs.
 
-use std::fmt::Write as _;
+use std::{collections::BTreeMap, fmt::Write as _};
 
 use aya::maps::{MapData, PerCpuArray};
 use redirect_common::{
     ChainId, Target, Workload,
     chain::{ListColumns, list_columns, match_text},
+    events,
 };
 use serde::Serialize;
 
@@ -36,6 +37,8 @@ pub struct RuleRow {
 pub struct WorkloadStats {
     pub netns_cookie: u64,
     pub rules: Vec<RuleRow>,
+    /// Connections the agent made fail instead of serving (see `redirect_common::events`).
+    pub events: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -43,6 +46,8 @@ pub struct InstanceStats {
     pub name: String,
     /// The first (for `run`, the only) workload's rows.
     pub rules: Vec<RuleRow>,
+    /// The first workload's events.
+    pub events: BTreeMap<String, u64>,
     pub workloads: Vec<WorkloadStats>,
 }
 
@@ -52,14 +57,7 @@ fn rows(w: &Workload, counters: &PerCpuArray<MapData, u64>) -> Result<Vec<RuleRo
     for (i, r) in rules.iter().enumerate() {
         let chain = r.chain_id();
         let slot = w.counter_base + i as u32;
-        let connections = counters
-            .get(&slot, 0)
-            .map_err(|source| LoadError::Map {
-                map: redirect_common::maps::RULE_COUNTERS,
-                source,
-            })?
-            .iter()
-            .sum();
+        let connections = sum(counters, slot, redirect_common::maps::RULE_COUNTERS)?;
         out.push(RuleRow {
             chain: chain.map_or("?", ChainId::iptables_name).into(),
             rule: rules[..=i].iter().filter(|x| x.chain == r.chain).count(),
@@ -73,8 +71,33 @@ fn rows(w: &Workload, counters: &PerCpuArray<MapData, u64>) -> Result<Vec<RuleRo
     Ok(out)
 }
 
+fn sum(counters: &PerCpuArray<MapData, u64>, slot: u32, map: &'static str) -> Result<u64, LoadError> {
+    Ok(counters
+        .get(&slot, 0)
+        .map_err(|source| LoadError::Map { map, source })?
+        .iter()
+        .sum())
+}
+
+fn event_counts(w: &Workload, counters: &PerCpuArray<MapData, u64>) -> Result<BTreeMap<String, u64>, LoadError> {
+    let mut out = BTreeMap::new();
+    for (e, name) in events::NAMES.iter().enumerate() {
+        let n = sum(
+            counters,
+            w.event_base() + e as u32,
+            redirect_common::maps::EVENT_COUNTERS,
+        )?;
+        out.insert((*name).to_owned(), n);
+    }
+    Ok(out)
+}
+
 pub fn read(name: &str) -> Result<InstanceStats, LoadError> {
-    let loader::PinnedMaps { workloads, counters } = loader::open_pinned(name)?;
+    let loader::PinnedMaps {
+        workloads,
+        counters,
+        events,
+    } = loader::open_pinned(name)?;
     let mut all = Vec::new();
     for item in workloads.iter() {
         let (cookie, w) = item.map_err(|source| LoadError::Map {
@@ -84,12 +107,14 @@ pub fn read(name: &str) -> Result<InstanceStats, LoadError> {
         all.push(WorkloadStats {
             netns_cookie: cookie,
             rules: rows(&w, &counters)?,
+            events: event_counts(&w, &events)?,
         });
     }
     all.sort_by_key(|w| w.netns_cookie);
     Ok(InstanceStats {
         name: name.into(),
         rules: all.first().map(|w| w.rules.clone()).unwrap_or_default(),
+        events: all.first().map(|w| w.events.clone()).unwrap_or_default(),
         workloads: all,
     })
 }
@@ -128,6 +153,12 @@ pub fn render_text(stats: &InstanceStats) -> String {
             );
             let _ = writeln!(s, "{}", line.trim_end());
         }
+        let failed: Vec<String> = w.events.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = writeln!(
+            s,
+            "Connections failed on purpose (reset or refused): {}",
+            failed.join(" ")
+        );
     }
     if stats.workloads.is_empty() {
         let _ = writeln!(s, "instance {} has no workload configured", stats.name);

@@ -21,6 +21,22 @@ pub const MAX_RULES: usize = 64;
 /// Most workloads one set of programs serves (counter slots = `MAX_WORKLOADS * MAX_RULES`).
 pub const MAX_WORKLOADS: u32 = 64;
 
+/// Things the programs count besides rule decisions: each is a connection the agent could not
+/// serve as the rules say, and made fail visibly instead. Slot of event `e` of a workload:
+/// `Workload::event_base() + e`.
+pub mod events {
+    /// sk_lookup chose ISTIO_IN_REDIRECT but no socket listens on the inbound capture port:
+    /// the connection was refused.
+    pub const INBOUND_NO_LISTENER: u32 = 0;
+    /// connect4 redirected a connection but could not record its original destination (map
+    /// full): the proxy will reset it.
+    pub const ORIG_DST_NOT_RECORDED: u32 = 1;
+    /// Slots per workload (room to grow without changing the map's layout).
+    pub const PER_WORKLOAD: u32 = 8;
+    /// Names as `stats` prints them, by slot.
+    pub const NAMES: [&str; 2] = ["inbound_no_listener", "orig_dst_not_recorded"];
+}
+
 /// Map names, shared so the agent and `stats` find what the programs declare.
 pub mod maps {
     /// netns cookie -> [`crate::Workload`].
@@ -29,6 +45,8 @@ pub mod maps {
     pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
     /// Per-CPU u64 per counter slot.
     pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
+    /// Per-CPU u64 per [`crate::events`] slot.
+    pub const EVENT_COUNTERS: &str = "EVENT_COUNTERS";
     /// socket cookie -> [`crate::PendingOrigDst`], from connect until established.
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
     /// [`crate::TupleKey`] -> [`crate::OrigDst`], from established until close.
@@ -39,10 +57,11 @@ pub mod maps {
     /// netns cookie -> the socket listening on that workload's inbound capture port.
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     /// Every map the agent pins while it runs.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         WORKLOADS,
         LOCAL_ADDRS,
         RULE_COUNTERS,
+        EVENT_COUNTERS,
         ORIG_BY_COOKIE,
         ORIG_BY_TUPLE,
         ADDR_OWNERS,
@@ -95,6 +114,11 @@ impl Workload {
             flags: 0,
             rules: [Rule::EMPTY; MAX_RULES],
         }
+    }
+
+    /// First slot of this workload's [`events`] counters.
+    pub const fn event_base(&self) -> u32 {
+        self.counter_base / MAX_RULES as u32 * events::PER_WORKLOAD
     }
 
     pub fn rules(&self) -> &[Rule] {

@@ -12,12 +12,12 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    ChainId, ConnFacts, IPPROTO_TCP, LocalAddrKey, OrigDst, PendingOrigDst, Target, Workload, is_loopback,
+    ChainId, ConnFacts, IPPROTO_TCP, LocalAddrKey, OrigDst, PendingOrigDst, Target, Workload, events, is_loopback,
 };
 
 use crate::{
     chain,
-    maps::{LOCAL_ADDRS, ORIG_BY_COOKIE, WORKLOADS},
+    maps::{LOCAL_ADDRS, ORIG_BY_COOKIE, WORKLOADS, count_event},
 };
 
 /// 127.0.0.1 in network order: where iptables REDIRECT sends locally generated packets.
@@ -107,7 +107,9 @@ unsafe fn decide(ctx: &SockAddrContext) {
     // Redirect even if the record fails (the LRU only fails under memory pressure): the proxy
     // then finds no original destination and resets the connection, which is loud, where
     // leaving it uncaptured would silently bypass the mesh.
-    let _ = ORIG_BY_COOKIE.insert(cookie, pending, 0);
+    if ORIG_BY_COOKIE.insert(cookie, pending, 0).is_err() {
+        count_event(workload, events::ORIG_DST_NOT_RECORDED);
+    }
     // Separate volatile stores: merged into one 8-byte store, the verifier refuses them.
     unsafe {
         write_volatile(&mut (*sa).user_ip4, LOCALHOST_BE);

@@ -5,10 +5,11 @@ use aya_ebpf::{
     btf_maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
     macros::btf_map,
 };
-use redirect_common::{LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, TupleKey, Workload};
+use redirect_common::{LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, TupleKey, Workload, events};
 
 const WORKLOAD_SLOTS: usize = MAX_WORKLOADS as usize;
 const COUNTER_SLOTS: usize = WORKLOAD_SLOTS * MAX_RULES;
+const EVENT_SLOTS: usize = WORKLOAD_SLOTS * events::PER_WORKLOAD as usize;
 
 /// netns cookie -> that workload's chains. Written by the agent only.
 #[btf_map]
@@ -21,6 +22,10 @@ pub static LOCAL_ADDRS: HashMap<LocalAddrKey, u8, 4096> = HashMap::new();
 /// One slot per rule per workload: `Workload::counter_base + rule index`.
 #[btf_map]
 pub static RULE_COUNTERS: PerCpuArray<u64, COUNTER_SLOTS> = PerCpuArray::new();
+
+/// One slot per event per workload: `Workload::event_base() + event`.
+#[btf_map]
+pub static EVENT_COUNTERS: PerCpuArray<u64, EVENT_SLOTS> = PerCpuArray::new();
 
 /// Socket cookie -> original destination, from connect() until the handshake completes.
 #[btf_map]
@@ -46,7 +51,18 @@ pub static INBOUND_LISTENERS: SockHash<u64, WORKLOAD_SLOTS> = SockHash::new();
 /// Counts one decision of the rule in `slot`.
 #[inline(always)]
 pub fn count(slot: u32) {
-    if let Some(c) = RULE_COUNTERS.get_ptr_mut(slot) {
+    bump(&RULE_COUNTERS, slot);
+}
+
+/// Counts one `event` (an [`events`] slot) of `workload`.
+#[inline(always)]
+pub fn count_event(workload: &Workload, event: u32) {
+    bump(&EVENT_COUNTERS, workload.event_base() + event);
+}
+
+#[inline(always)]
+fn bump<const N: usize>(array: &PerCpuArray<u64, N>, slot: u32) {
+    if let Some(c) = array.get_ptr_mut(slot) {
         // Per-CPU slot: no other writer while this program runs on this CPU.
         unsafe { *c += 1 };
     }

@@ -9,11 +9,13 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
-use redirect_common::{ChainId, ConnFacts, IPPROTO_TCP, LocalAddrKey, Target, Workload, is_loopback, workload_flags};
+use redirect_common::{
+    ChainId, ConnFacts, IPPROTO_TCP, LocalAddrKey, Target, Workload, events, is_loopback, workload_flags,
+};
 
 use crate::{
     chain,
-    maps::{ADDR_OWNERS, INBOUND_LISTENERS, LOCAL_ADDRS, WORKLOADS},
+    maps::{ADDR_OWNERS, INBOUND_LISTENERS, LOCAL_ADDRS, WORKLOADS, count_event},
 };
 
 const AF_INET: u32 = 2;
@@ -80,6 +82,9 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
         Ok(()) => sk_action::SK_PASS,
         // Nobody listens on the capture port: refuse (RST), as a REDIRECT to a closed port
         // would. Passing instead would hand the connection to the app behind the proxy's back.
-        Err(_) => sk_action::SK_DROP,
+        Err(_) => {
+            count_event(workload, events::INBOUND_NO_LISTENER);
+            sk_action::SK_DROP
+        }
     }
 }

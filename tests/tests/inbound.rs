@@ -80,6 +80,7 @@ fn inbound_without_a_capture_listener_is_refused() {
     assert_eq!(r.outcome, Outcome::Refused, "{r:?}");
     assert!(w.app_server.accepted().is_empty(), "the app was reached: {r:?}");
     assert_eq!(w.chain_counts("ISTIO_INBOUND")[INBOUND_REDIRECT], 1);
+    assert_eq!(w.stats().events["inbound_no_listener"], 1, "{:#?}", w.stats());
 }
 
 #[test]
