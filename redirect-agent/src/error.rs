@@ -29,12 +29,8 @@ pub enum LoadError {
     NotRunning { name: String, dir: PathBuf },
     #[error("instance '{name}' is already running (lock {lock} is held); pick another --name")]
     AlreadyRunning { name: String, lock: PathBuf },
-    #[error("kernel {found} is too old: redirect needs {needed} or newer ({why})")]
-    Kernel {
-        found: String,
-        needed: &'static str,
-        why: &'static str,
-    },
+    #[error(transparent)]
+    Kernel(#[from] crate::features::Missing),
     #[error("loading the eBPF object failed: {0}")]
     Object(#[source] aya::EbpfError),
     #[error("program {0} is missing from the eBPF object")]

@@ -7,6 +7,7 @@ pub mod adopt;
 pub mod demo;
 pub mod error;
 pub mod explain;
+pub mod features;
 pub mod flags;
 pub mod loader;
 pub mod probe;

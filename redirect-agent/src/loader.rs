@@ -16,7 +16,6 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps},
-    util::KernelVersion,
 };
 use redirect_common::{MAX_RULES, Rule, Workload, maps, programs};
 use serde::Serialize;
@@ -32,28 +31,51 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 /// Flags 0: see [`Loaded::attach`].
 const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
-/// Oldest kernel with everything used: bpf_get_netns_cookie in sock_ops and SO_NETNS_COOKIE
-/// (5.15 is the first LTS with both); sk_lookup and bpf_link on a netns need 5.9.
-const MIN_KERNEL: (u32, u32) = (5, 15);
-
-pub fn check_kernel() -> Result<(), LoadError> {
-    let v = KernelVersion::current().map_err(|e| LoadError::Kernel {
-        found: format!("(unknown: {e})"),
-        needed: "5.15",
-        why: "netns cookies in sock_ops and SO_NETNS_COOKIE",
-    })?;
-    if v < KernelVersion::new(MIN_KERNEL.0 as u8, MIN_KERNEL.1 as u8, 0) {
-        return Err(LoadError::Kernel {
-            found: v.to_string(),
-            needed: "5.15",
-            why: "netns cookies in sock_ops and SO_NETNS_COOKIE",
-        });
-    }
-    Ok(())
+fn kernel_string() -> String {
+    crate::features::kernel_string()
 }
 
-fn kernel_string() -> String {
-    KernelVersion::current().map_or_else(|_| "unknown".into(), |v| v.to_string())
+/// What the verifier made of one program on this kernel.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ProgramReport {
+    pub name: String,
+    /// Instructions after the kernel's rewrites (xlated), as `bpftool prog show` counts them.
+    pub instructions: Option<u32>,
+    /// Instructions the verifier processed on its walk (5.16+).
+    pub verified: Option<u32>,
+}
+
+/// Loads (verifies) every program without pinning or attaching anything, and reports their
+/// sizes: what `check --verifier` prints per kernel.
+pub fn verifier_report() -> Result<Vec<ProgramReport>, LoadError> {
+    let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(LoadError::Object)?;
+    let mut out = Vec::new();
+    for name in [programs::SOCK_OPS, programs::SK_LOOKUP, programs::CONNECT4] {
+        let info = match name {
+            programs::SOCK_OPS => {
+                let p: &mut SockOps = program(&mut ebpf, name)?;
+                p.load().map_err(|e| verifier_error(name, e))?;
+                p.info()
+            }
+            programs::SK_LOOKUP => {
+                let p: &mut SkLookup = program(&mut ebpf, name)?;
+                p.load().map_err(|e| verifier_error(name, e))?;
+                p.info()
+            }
+            _ => {
+                let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+                p.load().map_err(|e| verifier_error(name, e))?;
+                p.info()
+            }
+        }
+        .map_err(|e| verifier_error(name, e))?;
+        out.push(ProgramReport {
+            name: name.into(),
+            instructions: info.size_translated().map(|b| b / 8),
+            verified: info.verified_instruction_count(),
+        });
+    }
+    Ok(out)
 }
 
 /// An instance's pin directory, lock and state file. Claimed before loading, removed on drop.

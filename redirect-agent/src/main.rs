@@ -2,7 +2,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, error::ErrorKind};
 use redirect_agent::{
-    demo, explain,
+    demo, explain, features,
     flags::CaptureFlags,
     probe::{self, ProbeArgs},
     run::{self, ProxyMode, RunOptions},
@@ -34,6 +34,16 @@ enum Command {
     /// Print the nat table istio-iptables writes for these flags (iptables-save text, ready
     /// for iptables-restore) and the counter slot that implements each line.
     Explain(Box<ExplainArgs>),
+    /// Probe this kernel for every feature the programs use; with --verifier, also load them
+    /// and report their sizes. Exits 1 when a feature is missing.
+    Check {
+        /// Load (verify) the programs too, and print instruction counts.
+        #[arg(long)]
+        verifier: bool,
+        /// Print JSON: {"kernel", "features": [...], "programs": [...]}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the agent on a throw-away workload and show where its connections land.
     Demo,
     /// One client connection from inside a workload (used by demo and the tests).
@@ -78,6 +88,55 @@ struct RunArgs {
     connect_timeout_ms: u64,
     #[command(flatten)]
     capture: CaptureFlags,
+}
+
+#[derive(serde::Serialize)]
+struct CheckReport {
+    kernel: String,
+    features: Vec<features::Finding>,
+    programs: Vec<redirect_agent::loader::ProgramReport>,
+}
+
+fn check(verifier: bool, json: bool) -> anyhow::Result<()> {
+    redirect_agent::sys::require_privileges("redirect-agent check")?;
+    let report = CheckReport {
+        kernel: features::kernel_string(),
+        features: features::survey(features::probe),
+        programs: if verifier {
+            redirect_agent::loader::verifier_report()?
+        } else {
+            Vec::new()
+        },
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("kernel {}", report.kernel);
+        for f in &report.features {
+            let state = match f.present {
+                Some(true) => "yes".to_owned(),
+                Some(false) => "MISSING".to_owned(),
+                None => format!("probe failed: {}", f.error.as_deref().unwrap_or("?")),
+            };
+            println!("  {:<46} Linux {:<5} {state}", f.name, f.since);
+        }
+        for p in &report.programs {
+            let n = |v: Option<u32>| v.map_or_else(|| "?".to_owned(), |v| v.to_string());
+            println!(
+                "  program {:<22} {:>5} instructions, {:>6} processed by the verifier",
+                p.name,
+                n(p.instructions),
+                n(p.verified)
+            );
+        }
+    }
+    if let Some(m) = features::first_missing(&report.kernel, |f| {
+        let found = report.features.iter().find(|x| x.name == f.name);
+        found.and_then(|x| x.present).ok_or_else(|| "not probed".to_owned())
+    }) {
+        anyhow::bail!(m);
+    }
+    Ok(())
 }
 
 fn init_tracing() {
@@ -174,6 +233,7 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
+            Command::Check { verifier, json } => check(verifier, json),
             Command::Demo => demo::run(),
             Command::Probe(_) | Command::Serve(_) => unreachable!("handled before the runtime starts"),
         }

@@ -17,7 +17,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
     addrs::LocalAddrs,
-    adopt,
+    adopt, features,
     loader::{self, InboundListener, InstanceDirs, InstanceState, Loaded},
     proxy::{Listeners, NetnsDialer, OrigDstTable, Proxy, ProxyConfig, Side},
     sys::{self, Netns},
@@ -48,7 +48,7 @@ pub struct RunOptions {
 /// before that leaves nothing attached: each step's guard undoes it on the way out.
 pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     sys::require_privileges("redirect-agent run")?;
-    loader::check_kernel()?;
+    features::require_all()?;
     loader::validate_name(&opts.name)?;
     let rules = redirect_common::chain::compile(&opts.capture)?;
     check_ports(&opts)?;

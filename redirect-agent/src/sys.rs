@@ -200,30 +200,33 @@ impl Netns {
 
     /// The namespace's cookie, as `bpf_get_netns_cookie` sees it (SO_NETNS_COOKIE, 5.14+).
     pub fn cookie(&self) -> io::Result<u64> {
-        self.run(|| {
-            // SAFETY: plain socket creation; the fd is owned right away.
-            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: fd is a fresh, valid descriptor.
-            let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-            let mut cookie: u64 = 0;
-            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-            // SAFETY: out-pointers sized for a u64.
-            let rc = unsafe {
-                libc::getsockopt(
-                    sock.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    SO_NETNS_COOKIE,
-                    (&raw mut cookie).cast(),
-                    &mut len,
-                )
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(cookie)
-        })
+        self.run(current_netns_cookie)
     }
+}
+
+/// The calling thread's network namespace cookie (SO_NETNS_COOKIE, 5.14+).
+pub fn current_netns_cookie() -> io::Result<u64> {
+    // SAFETY: plain socket creation; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid descriptor.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: out-pointers sized for a u64.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
 }

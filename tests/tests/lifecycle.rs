@@ -326,3 +326,32 @@ fn sigterm_during_startup_leaves_nothing_behind() {
         );
     }
 }
+
+/// `check` probes every feature the programs use; on this kernel all are there, and the probe
+/// does say "no" for a helper a program type cannot call (so "yes" means something).
+#[test]
+fn kernel_features_are_probed() {
+    redirect_tests::require_root();
+    let out = agent_cmd(&["check", "--verifier", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let features = report["features"].as_array().unwrap();
+    assert_eq!(features.len(), redirect_agent::features::FEATURES.len());
+    assert!(features.iter().all(|f| f["present"] == true), "{report:#}");
+    let programs = report["programs"].as_array().unwrap();
+    assert_eq!(programs.len(), 3, "{report:#}");
+    assert!(
+        programs.iter().all(|p| p["instructions"].as_u64().unwrap() > 0),
+        "{report:#}"
+    );
+
+    use aya::{programs::ProgramType, sys::BpfHelper};
+    use redirect_agent::features::{Feature, Probe, probe};
+    let impossible = Feature {
+        name: "bpf_sk_assign in sock_ops",
+        since: "never",
+        why: "nothing",
+        probe: Probe::Helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_sk_assign),
+    };
+    assert_eq!(probe(&impossible), Ok(false));
+}
