@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup|build|run|test`.
+//! Project tasks: `cargo xtask setup|build|run|test|vm-test`.
 //!
 //! `setup` installs what a fresh machine of this kind lacks and nothing else; `run` and `test`
 //! call it first, so the README's two commands work from a bare clone.
@@ -12,6 +12,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+
+mod vm;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -31,10 +33,23 @@ enum Task {
     },
     /// Set up, build, and run the agent's demo (root).
     Run,
-    /// Set up, then run every check and test: fmt, clippy, unit and integration tests (root).
+    /// Set up, then run every check and test: fmt, clippy, unit and integration tests, and
+    /// the smoke subset under Debian 12's 6.1 kernel (root).
     Test {
-        /// Only tests whose name contains this.
+        /// Only tests whose name contains this (the kernel smoke run is then skipped).
         filter: Option<String>,
+    },
+    /// Boot another kernel with virtme-ng and run the integration tests inside it (root).
+    VmTest {
+        /// Kernel image to boot (default: the newest /boot/vmlinuz-*, Debian 12's 6.1).
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+        /// Only tests whose name contains this; repeat for several.
+        #[arg(long, value_name = "PATTERN")]
+        filter: Vec<String>,
+        /// Also print each program's instruction counts on the host and the guest kernel.
+        #[arg(long)]
+        report: bool,
     },
 }
 
@@ -103,22 +118,7 @@ fn setup() -> anyhow::Result<()> {
 
     let missing: Vec<&str> = APT.iter().filter(|(bin, _)| !have(bin)).map(|(_, pkg)| *pkg).collect();
     if !missing.is_empty() {
-        if !is_root() {
-            bail!(
-                "setup: apt packages {} are missing and installing them needs root",
-                missing.join(" ")
-            );
-        }
-        println!("setup: installing {}", missing.join(" "));
-        let mut update = Command::new("apt-get");
-        update.args(["update", "-qq"]);
-        run("setup: apt-get update", update)?;
-        let mut install = Command::new("apt-get");
-        install
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing);
-        install.env("DEBIAN_FRONTEND", "noninteractive");
-        run("setup: apt-get install", install)?;
+        apt_install("setup", &missing)?;
         did.push("apt packages");
     }
 
@@ -147,6 +147,26 @@ fn setup() -> anyhow::Result<()> {
         println!("setup: installed {}", did.join(", "));
     }
     Ok(())
+}
+
+/// `apt-get install` of Debian packages (after an update), as root.
+fn apt_install(step: &str, packages: &[&str]) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "{step}: apt packages {} are missing and installing them needs root",
+            packages.join(" ")
+        );
+    }
+    println!("{step}: installing {}", packages.join(" "));
+    let mut update = Command::new("apt-get");
+    update.args(["update", "-qq"]);
+    run(&format!("{step}: apt-get update"), update)?;
+    let mut install = Command::new("apt-get");
+    install
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    run(&format!("{step}: apt-get install"), install)
 }
 
 /// bpf-linker against the LLVM library inside the nightly toolchain (no system LLVM 22 on
@@ -246,14 +266,47 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
         .env("REDIRECT_AGENT_BIN", &agent);
     // Passing tests' output too: the differential tests print their verdict tables.
     c.args(["--", "--show-output"]);
-    if let Some(f) = filter {
+    if let Some(f) = &filter {
         c.arg(f);
     }
-    let (passed, failed) = run_counting(c)?;
+    let filtered = filter.is_some();
+    let (mut passed, mut failed) = run_counting(c)?;
+    if !filtered && failed == 0 {
+        // The smoke subset under the other kernel we claim (the full suite: `vm-test`).
+        let did = vm::setup()?;
+        if !did.is_empty() {
+            println!("setup: installed {}", did.join(", "));
+        }
+        let opts = vm::Options {
+            kernel: None,
+            filters: vm::SMOKE.iter().map(|s| s.to_string()).collect(),
+            report: false,
+        };
+        let vm = vm::vm_test(&opts, &agent)?;
+        passed += vm.passed;
+        failed += vm.failed;
+    }
     // One closing line over every test binary (cargo's own last line is a doc-test binary's).
     println!("tests: {passed} passed, {failed} failed");
     if failed > 0 {
         bail!("test: {failed} tests failed");
+    }
+    Ok(())
+}
+
+fn vm_test(opts: vm::Options) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("vm-test: booting a kernel and running the integration tests in it needs root");
+    }
+    setup()?;
+    let did = vm::setup()?;
+    if !did.is_empty() {
+        println!("setup: installed {}", did.join(", "));
+    }
+    let agent = build(false)?;
+    let out = vm::vm_test(&opts, &agent)?;
+    if out.failed > 0 {
+        bail!("vm-test: {} tests failed under {}", out.failed, out.kernel);
     }
     Ok(())
 }
@@ -297,6 +350,11 @@ fn main() -> std::process::ExitCode {
             run("run: redirect-agent demo", c)
         }),
         Task::Test { filter } => test(filter),
+        Task::VmTest { kernel, filter, report } => vm_test(vm::Options {
+            kernel,
+            filters: filter,
+            report,
+        }),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

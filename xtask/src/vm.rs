@@ -1,0 +1,392 @@
+//! `cargo xtask vm-test`: the integration tests under another kernel, booted with virtme-ng.
+//!
+//! virtme-ng boots the kernel in QEMU over a snapshot of this machine's own filesystem, so the
+//! test binaries and the agent built here run inside unchanged, as root, on the guest kernel.
+//! KVM on these machines fails on an MSR, so the guest runs under software emulation: slow
+//! (tens of seconds to boot), but the kernel is the real one.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{apt_install, cargo, have, output, root, run};
+
+/// What the guest needs from this machine: QEMU, busybox for virtme-ng's init, and Debian 12's
+/// own kernel (6.1 LTS), the second kernel the project claims.
+const VM_APT: &[(&str, &str)] = &[("qemu-system-x86_64", "qemu-system-x86"), ("busybox", "busybox-static")];
+const KERNEL_PACKAGE: &str = "linux-image-amd64";
+const VIRTME_NG: &str = "virtme-ng";
+
+/// The tests `cargo xtask test` also runs under 6.1: capture, the exemptions, inbound, detach,
+/// the default differential, and the feature probe.
+pub const SMOKE: &[&str] = &[
+    "captured_connection_reaches_its_destination_through_the_proxy",
+    "each_exemption_lands_where_the_rule_set_says",
+    "inbound_connection_reaches_the_app_through_the_proxy",
+    "excluded_inbound_ports_go_direct",
+    "detach_leaves_no_program_link_or_pin",
+    "default_injection",
+    "kernel_features_are_probed",
+];
+
+pub struct Options {
+    pub kernel: Option<PathBuf>,
+    pub filters: Vec<String>,
+    pub report: bool,
+}
+
+/// One guest run's results.
+pub struct Outcome {
+    pub kernel: String,
+    pub passed: u64,
+    pub failed: u64,
+}
+
+fn scripts_dir() -> Option<PathBuf> {
+    output(Command::new("python3").args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]))
+        .map(PathBuf::from)
+}
+
+/// `vng`, from PATH or where pip put it.
+fn vng() -> Option<PathBuf> {
+    if have("vng") {
+        return Some("vng".into());
+    }
+    scripts_dir().map(|d| d.join("vng")).filter(|p| p.is_file())
+}
+
+fn boot_kernels() -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+/// Installs what the guest needs, saying so; nothing when all is there.
+pub fn setup() -> anyhow::Result<Vec<&'static str>> {
+    let mut did = Vec::new();
+    let mut missing: Vec<&str> = VM_APT
+        .iter()
+        .filter(|(bin, _)| !have(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if boot_kernels().is_empty() {
+        missing.push(KERNEL_PACKAGE);
+    }
+    if !missing.is_empty() {
+        apt_install("vm-test", &missing)?;
+        did.push("VM packages");
+    }
+    if vng().is_none() {
+        println!("vm-test: installing {VIRTME_NG} from PyPI");
+        let mut c = Command::new("python3");
+        c.args(["-m", "pip", "install", "--quiet", VIRTME_NG]);
+        run("vm-test: pip install virtme-ng", c)?;
+        did.push(VIRTME_NG);
+    }
+    Ok(did)
+}
+
+/// The integration test binaries, built for this machine (they run unchanged in the guest).
+fn test_binaries() -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let mut c = cargo();
+    c.args([
+        "test",
+        "--package",
+        "redirect-tests",
+        "--no-run",
+        "--message-format=json",
+    ])
+    .stderr(Stdio::inherit());
+    let out = c.output().context("vm-test: cannot start cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("vm-test: building the test binaries failed");
+    }
+    let mut bins = Vec::new();
+    for line in out.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let Ok(msg) = serde_json::from_slice::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_test = msg["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "test"));
+        if let (true, Some(exe)) = (is_test, msg["executable"].as_str()) {
+            let name = msg["target"]["name"].as_str().unwrap_or("?").to_owned();
+            bins.push((name, PathBuf::from(exe)));
+        }
+    }
+    if bins.is_empty() {
+        bail!("vm-test: cargo built no integration test binary");
+    }
+    bins.sort();
+    Ok(bins)
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The script the guest runs: every test binary with the filters, then (with `report`) the
+/// agent's feature and verifier report. Markers let the host tell the parts apart.
+fn guest_script(agent: &Path, bins: &[(String, PathBuf)], filters: &[String], report: bool) -> String {
+    let mut s = String::from("#!/bin/sh\n");
+    s.push_str("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n");
+    s.push_str(&format!(
+        "export REDIRECT_AGENT_BIN={}\n",
+        shell_quote(&agent.to_string_lossy())
+    ));
+    s.push_str(&format!("cd {}\n", shell_quote(&root().to_string_lossy())));
+    s.push_str("echo \"VM-KERNEL $(uname -r)\"\n");
+    let filters: Vec<String> = filters.iter().map(|f| shell_quote(f)).collect();
+    for (name, exe) in bins {
+        s.push_str(&format!("echo 'VM-BINARY {name}'\n"));
+        s.push_str(&format!(
+            "{} --test-threads 2 {} 2>&1\n",
+            shell_quote(&exe.to_string_lossy()),
+            filters.join(" ")
+        ));
+    }
+    if report {
+        s.push_str("echo VM-REPORT-BEGIN\n");
+        s.push_str(&format!(
+            "{} check --verifier --json\n",
+            shell_quote(&agent.to_string_lossy())
+        ));
+        s.push_str("echo VM-REPORT-END\n");
+    }
+    s.push_str("echo VM-DONE\n");
+    s
+}
+
+/// What a guest console line shows: the text after the last carriage return, without
+/// terminal escape sequences or control characters (the console redraws with both).
+fn console_text(raw: &str) -> String {
+    let shown = raw.rsplit('\r').find(|s| !s.trim().is_empty()).unwrap_or("");
+    let mut out = String::with_capacity(shown.len());
+    let mut chars = shown.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ params final-byte; other escapes: ESC and one character.
+            if chars.next_if_eq(&'[').is_some() {
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            } else {
+                chars.next();
+            }
+        } else if !c.is_control() || c == '\t' {
+            out.push(c);
+        }
+    }
+    out.trim_end().to_owned()
+}
+
+/// `test NAME ... ok` / `... FAILED` / `... ignored`, as libtest prints them.
+fn parse_test_line(line: &str) -> Option<(&str, &str)> {
+    let rest = line.strip_prefix("test ")?;
+    let (name, result) = rest.rsplit_once(" ... ")?;
+    let result = result.split_whitespace().next()?;
+    matches!(result, "ok" | "FAILED" | "ignored").then_some((name, result))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ProgramReport {
+    name: String,
+    instructions: Option<u32>,
+    verified: Option<u32>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct CheckReport {
+    kernel: String,
+    programs: Vec<ProgramReport>,
+}
+
+fn print_report(reports: &[CheckReport]) {
+    println!("\nverifier report (instructions after the kernel's rewrites / processed by the verifier):");
+    println!(
+        "  {:<16} {:<22} {:>12} {:>10}",
+        "kernel", "program", "instructions", "verified"
+    );
+    for r in reports {
+        for p in &r.programs {
+            let n = |v: Option<u32>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+            println!(
+                "  {:<16} {:<22} {:>12} {:>10}",
+                r.kernel,
+                p.name,
+                n(p.instructions),
+                n(p.verified)
+            );
+        }
+    }
+}
+
+/// Boots the kernel, runs the tests inside, prints a line per test and the totals.
+pub fn vm_test(opts: &Options, agent: &Path) -> anyhow::Result<Outcome> {
+    let kernel = match &opts.kernel {
+        Some(k) if k.is_file() => k.clone(),
+        Some(k) => bail!(
+            "vm-test: kernel image '{}' does not exist (expected a vmlinuz file)",
+            k.display()
+        ),
+        None => boot_kernels()
+            .pop()
+            .context("vm-test: no kernel in /boot (setup installs linux-image-amd64)")?,
+    };
+    let vng = vng().context("vm-test: vng not found after setup")?;
+    let bins = test_binaries()?;
+    let script_path = std::env::temp_dir().join(format!("redirect-vm-test-{}.sh", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&script_path)
+            .with_context(|| format!("vm-test: writing {}", script_path.display()))?;
+        f.write_all(guest_script(agent, &bins, &opts.filters, opts.report).as_bytes())?;
+    }
+    std::fs::set_permissions(&script_path, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+
+    println!(
+        "vm-test: booting {} under QEMU (software emulation; about 30 s to boot)",
+        kernel.display()
+    );
+    // vng's own console redraws go to stderr: kept in a file, shown if the guest fails.
+    let log_path = script_path.with_extension("log");
+    let log = std::fs::File::create(&log_path).with_context(|| format!("vm-test: creating {}", log_path.display()))?;
+    let mut child = Command::new(&vng)
+        .arg("--run")
+        .arg(&kernel)
+        .args([
+            "--disable-kvm",
+            "--user",
+            "root",
+            "--memory",
+            "2G",
+            "--cpus",
+            "2",
+            "--exec",
+        ])
+        .arg(&script_path)
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("vm-test: cannot start {}", vng.display()))?;
+    let stdout = child.stdout.take().context("vm-test: no stdout from vng")?;
+    let mut guest_kernel = String::from("?");
+    let mut binary = String::new();
+    let mut results: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut done = false;
+    let mut report_json = String::new();
+    let mut in_report = false;
+    for line in BufReader::new(stdout).lines() {
+        let raw = line?;
+        let line = console_text(&raw);
+        if line.is_empty() {
+            continue;
+        }
+        let line = line.as_str();
+        println!("  | {line}");
+        if let Some(k) = line.strip_prefix("VM-KERNEL ") {
+            guest_kernel = k.trim().to_owned();
+        } else if let Some(b) = line.strip_prefix("VM-BINARY ") {
+            binary = b.trim().to_owned();
+        } else if line == "VM-REPORT-BEGIN" {
+            in_report = true;
+        } else if line == "VM-REPORT-END" {
+            in_report = false;
+        } else if line == "VM-DONE" {
+            done = true;
+        } else if in_report {
+            report_json.push_str(line);
+            report_json.push('\n');
+        } else if let Some((name, result)) = parse_test_line(line) {
+            results.insert((binary.clone(), name.to_owned()), result.to_owned());
+        }
+    }
+    let status = child.wait()?;
+    let _ = std::fs::remove_file(&script_path);
+    let vng_log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&log_path);
+    if !done {
+        let tail: Vec<String> = vng_log.lines().map(console_text).filter(|l| !l.is_empty()).collect();
+        for l in tail.iter().rev().take(40).rev() {
+            eprintln!("  vng: {l}");
+        }
+        bail!("vm-test: the guest did not finish its script (vng exited with {status})");
+    }
+
+    println!("\nvm-test: kernel {guest_kernel}");
+    let (mut passed, mut failed) = (0, 0);
+    for ((bin, name), result) in &results {
+        println!("  {result:<7} {bin}::{name}");
+        match result.as_str() {
+            "ok" => passed += 1,
+            "FAILED" => failed += 1,
+            _ => {}
+        }
+    }
+    println!("vm tests ({guest_kernel}): {passed} passed, {failed} failed");
+    if opts.report {
+        let mut reports = Vec::new();
+        let native = Command::new(agent)
+            .args(["check", "--verifier", "--json"])
+            .output()
+            .context("vm-test: running check on this kernel")?;
+        reports.push(serde_json::from_slice::<CheckReport>(&native.stdout).context("vm-test: check output (host)")?);
+        reports.push(serde_json::from_str::<CheckReport>(&report_json).context("vm-test: check output (guest)")?);
+        print_report(&reports);
+    }
+    if passed + failed == 0 {
+        bail!("vm-test: no test ran in the guest (filters {:?})", opts.filters);
+    }
+    Ok(Outcome {
+        kernel: guest_kernel,
+        passed,
+        failed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_libtest_lines() {
+        assert_eq!(parse_test_line("test detach ... ok"), Some(("detach", "ok")));
+        assert_eq!(parse_test_line("test a::b ... FAILED"), Some(("a::b", "FAILED")));
+        assert_eq!(parse_test_line("test result: ok. 1 passed"), None);
+        assert_eq!(parse_test_line("running 3 tests"), None);
+    }
+
+    #[test]
+    fn console_lines_lose_redraws_and_escapes() {
+        assert_eq!(console_text("junk\r\u{1b}[2KVM-KERNEL 6.1.0\r\n"), "VM-KERNEL 6.1.0");
+        assert_eq!(console_text("\u{1b}[1;32mtest a ... ok\u{1b}[0m"), "test a ... ok");
+        assert_eq!(console_text("   \r"), "");
+    }
+
+    #[test]
+    fn the_guest_script_runs_every_binary_with_the_filters() {
+        let bins = vec![("capture".to_owned(), PathBuf::from("/t/capture-1"))];
+        let s = guest_script(Path::new("/t/agent"), &bins, &["it's".to_owned()], true);
+        assert!(s.contains("'/t/capture-1' --test-threads 2 'it'\\''s' 2>&1"), "{s}");
+        assert!(s.contains("check --verifier --json"), "{s}");
+        assert!(s.ends_with("echo VM-DONE\n"), "{s}");
+    }
+}
