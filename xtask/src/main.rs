@@ -24,7 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing: apt packages, rust-src for nightly, bpf-linker.
+    /// Install what is missing: apt packages, rust-src for nightly, bpf-linker, and for
+    /// vm-test QEMU, busybox, Debian's kernel and virtme-ng.
     Setup,
     /// Build the agent (and, through its build.rs, the eBPF object).
     Build {
@@ -141,8 +142,13 @@ fn setup() -> anyhow::Result<()> {
         did.push("bpf-linker");
     }
 
+    did.extend(vm::setup()?);
+
     if did.is_empty() {
-        println!("setup: nothing to do (apt packages, nightly rust-src and bpf-linker {BPF_LINKER_VERSION} present)");
+        println!(
+            "setup: nothing to do (apt packages, nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, \
+             and virtme-ng with a 6.1 kernel for vm-test present)"
+        );
     } else {
         println!("setup: installed {}", did.join(", "));
     }
@@ -273,10 +279,6 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     let (mut passed, mut failed) = run_counting(c)?;
     if !filtered && failed == 0 {
         // The smoke subset under the other kernel we claim (the full suite: `vm-test`).
-        let did = vm::setup()?;
-        if !did.is_empty() {
-            println!("setup: installed {}", did.join(", "));
-        }
         let opts = vm::Options {
             kernel: None,
             filters: vm::SMOKE.iter().map(|s| s.to_string()).collect(),
@@ -299,10 +301,6 @@ fn vm_test(opts: vm::Options) -> anyhow::Result<()> {
         bail!("vm-test: booting a kernel and running the integration tests in it needs root");
     }
     setup()?;
-    let did = vm::setup()?;
-    if !did.is_empty() {
-        println!("setup: installed {}", did.join(", "));
-    }
     let agent = build(false)?;
     let out = vm::vm_test(&opts, &agent)?;
     if out.failed > 0 {

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{apt_install, cargo, have, output, root, run};
+use crate::{apt_install, cargo, have, root, run};
 
 /// What the guest needs from this machine: QEMU, busybox for virtme-ng's init, and Debian 12's
 /// own kernel (6.1 LTS), the second kernel the project claims.
@@ -47,17 +47,36 @@ pub struct Outcome {
     pub failed: u64,
 }
 
-fn scripts_dir() -> Option<PathBuf> {
-    output(Command::new("python3").args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]))
-        .map(PathBuf::from)
+/// Where setup installs virtme-ng: a virtualenv of the project's own, so that neither the
+/// interpreter's site-packages nor Debian's externally-managed Python are touched.
+fn venv_dir() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share/redirect/virtme-ng"))
 }
 
-/// `vng`, from PATH or where pip put it.
+/// `vng`, from PATH or from the project's virtualenv.
 fn vng() -> Option<PathBuf> {
     if have("vng") {
         return Some("vng".into());
     }
-    scripts_dir().map(|d| d.join("vng")).filter(|p| p.is_file())
+    venv_dir().map(|d| d.join("bin/vng")).filter(|p| p.is_file())
+}
+
+fn install_virtme_ng() -> anyhow::Result<()> {
+    let venv = venv_dir().context("vm-test: HOME is not set")?;
+    println!("vm-test: installing {VIRTME_NG} from PyPI into {}", venv.display());
+    let make_venv = || {
+        let mut c = Command::new("python3");
+        c.arg("-m").arg("venv").arg(&venv);
+        run("vm-test: python3 -m venv", c)
+    };
+    if make_venv().is_err() {
+        // Debian's own python3 has venv only with this package.
+        apt_install("vm-test", &["python3-venv"])?;
+        make_venv()?;
+    }
+    let mut c = Command::new(venv.join("bin/pip"));
+    c.args(["install", "--quiet", VIRTME_NG]);
+    run("vm-test: pip install virtme-ng", c)
 }
 
 fn boot_kernels() -> Vec<PathBuf> {
@@ -92,10 +111,7 @@ pub fn setup() -> anyhow::Result<Vec<&'static str>> {
         did.push("VM packages");
     }
     if vng().is_none() {
-        println!("vm-test: installing {VIRTME_NG} from PyPI");
-        let mut c = Command::new("python3");
-        c.args(["-m", "pip", "install", "--quiet", VIRTME_NG]);
-        run("vm-test: pip install virtme-ng", c)?;
+        install_virtme_ng()?;
         did.push(VIRTME_NG);
     }
     Ok(did)
@@ -264,10 +280,19 @@ pub fn vm_test(opts: &Options, agent: &Path) -> anyhow::Result<Outcome> {
         "vm-test: booting {} under QEMU (software emulation; about 30 s to boot)",
         kernel.display()
     );
+    let started = std::time::Instant::now();
     // vng's own console redraws go to stderr: kept in a file, shown if the guest fails.
     let log_path = script_path.with_extension("log");
     let log = std::fs::File::create(&log_path).with_context(|| format!("vm-test: creating {}", log_path.display()))?;
+    // vng runs its helpers (virtme-run, ...) through PATH: they sit beside it.
+    let mut path = std::env::var_os("PATH").unwrap_or_default();
+    if let Some(dir) = vng.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let mut dirs = vec![dir.to_owned()];
+        dirs.extend(std::env::split_paths(&path));
+        path = std::env::join_paths(dirs).context("vm-test: PATH")?;
+    }
     let mut child = Command::new(&vng)
+        .env("PATH", path)
         .arg("--run")
         .arg(&kernel)
         .args([
@@ -341,7 +366,10 @@ pub fn vm_test(opts: &Options, agent: &Path) -> anyhow::Result<Outcome> {
             _ => {}
         }
     }
-    println!("vm tests ({guest_kernel}): {passed} passed, {failed} failed");
+    println!(
+        "vm tests ({guest_kernel}, boot included {} s): {passed} passed, {failed} failed",
+        started.elapsed().as_secs()
+    );
     if opts.report {
         let mut reports = Vec::new();
         let native = Command::new(agent)
