@@ -15,5 +15,6 @@ pub mod proxy;
 pub mod run;
 pub mod sandbox;
 pub mod serve;
+pub mod standalone;
 pub mod stats;
 pub mod sys;

@@ -6,7 +6,7 @@ use redirect_agent::{
     flags::CaptureFlags,
     probe::{self, ProbeArgs},
     run::{self, ProxyMode, RunOptions},
-    serve, stats,
+    serve, standalone, stats,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -44,6 +44,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run only the proxy loop, behind istio-iptables' own REDIRECT rules (original
+    /// destinations from SO_ORIGINAL_DST), inside the workload as its proxy identity.
+    Proxy(Box<standalone::ProxyArgs>),
     /// Run the agent on a throw-away workload and show where its connections land.
     Demo,
     /// One client connection from inside a workload (used by demo and the tests).
@@ -193,6 +196,12 @@ fn main() -> ExitCode {
         return serve::main(args);
     }
     init_tracing();
+    // Namespace, cgroup and identity are per task: taken before the runtime's threads exist.
+    if let Command::Proxy(args) = &cli.command
+        && let Err(e) = standalone::enter(args)
+    {
+        return fail(&e);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => return fail(&e.into()),
@@ -234,6 +243,10 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Check { verifier, json } => check(verifier, json),
+            Command::Proxy(args) => {
+                let termination = run::Termination::install()?;
+                standalone::serve(&args, termination.wait()).await
+            }
             Command::Demo => demo::run(),
             Command::Probe(_) | Command::Serve(_) => unreachable!("handled before the runtime starts"),
         }

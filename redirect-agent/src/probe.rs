@@ -114,7 +114,7 @@ fn check(rc: libc::c_int, what: &str) -> io::Result<()> {
 
 /// Moves this (single-threaded) process into the workload: cgroup, namespace, identity.
 fn enter(args: &ProbeArgs) -> io::Result<()> {
-    crate::sandbox::join(args.cgroup.as_deref(), args.netns.as_deref())?;
+    crate::sys::join(args.cgroup.as_deref(), args.netns.as_deref())?;
     // Groups first: after setuid the process may no longer change them.
     // SAFETY: plain credential syscalls on a single-threaded process.
     unsafe {

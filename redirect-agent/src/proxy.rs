@@ -88,6 +88,77 @@ impl OrigDstTable {
     }
 }
 
+/// The original destination a REDIRECT target keeps for an accepted socket in conntrack
+/// (`getsockopt(SOL_IP, SO_ORIGINAL_DST)`), for a proxy behind istio-iptables' own rules.
+fn so_original_dst(stream: &TcpStream) -> io::Result<SocketAddrV4> {
+    use std::os::fd::AsRawFd as _;
+    const SO_ORIGINAL_DST: libc::c_int = 80;
+    // SAFETY: an all-zero sockaddr_in is valid; getsockopt writes at most `len` bytes.
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_IP,
+            SO_ORIGINAL_DST,
+            (&raw mut sa).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+        u16::from_be(sa.sin_port),
+    ))
+}
+
+/// Where the proxy learns an accepted connection's original destination.
+pub enum OriginalDst {
+    /// From redirect's own programs (the agent's embedded proxy).
+    Maps(OrigDstTable),
+    /// From conntrack, behind iptables REDIRECT (`redirect-agent proxy`).
+    Conntrack,
+}
+
+impl OriginalDst {
+    fn lookup(
+        &self,
+        stream: &TcpStream,
+        peer: SocketAddrV4,
+        local: SocketAddrV4,
+        listen_port: u16,
+    ) -> Option<Destination> {
+        match self {
+            Self::Maps(table) => table.lookup(peer, local, listen_port),
+            Self::Conntrack => {
+                let addr = so_original_dst(stream).ok()?;
+                // Not redirected (a connection straight to the capture port): nothing to forward to.
+                (addr != local).then_some(Destination { addr, target: None })
+            }
+        }
+    }
+}
+
+/// Makes the proxy's upstream sockets.
+#[derive(Clone)]
+pub enum Dialer {
+    /// Through a thread inside the workload's namespace (the agent lives outside it).
+    Netns(NetnsDialer),
+    /// In the calling thread's namespace (a proxy that runs inside the workload's).
+    Here,
+}
+
+impl Dialer {
+    async fn socket(&self) -> io::Result<TcpSocket> {
+        match self {
+            Self::Netns(d) => d.socket().await,
+            Self::Here => TcpSocket::new_v4(),
+        }
+    }
+}
+
 type SocketRequest = oneshot::Sender<io::Result<TcpSocket>>;
 
 /// Makes TCP sockets inside the workload's namespace, from one long-lived thread that entered
@@ -181,7 +252,14 @@ impl Listening {
 }
 
 impl Listeners {
+    /// Binds inside `netns`, from a thread that enters it.
     pub fn bind(netns: &Netns, cfg: &ProxyConfig) -> io::Result<Self> {
+        let cfg = cfg.clone();
+        netns.run(move || Self::bind_here(&cfg))
+    }
+
+    /// Binds in the calling thread's namespace.
+    pub fn bind_here(cfg: &ProxyConfig) -> io::Result<Self> {
         let bind = |addr: SocketAddrV4| -> io::Result<TcpSocket> {
             let s = TcpSocket::new_v4()?;
             s.set_reuseaddr(true)?;
@@ -189,10 +267,12 @@ impl Listeners {
                 .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
             Ok(s)
         };
-        let (outbound, inbound) = (cfg.outbound, cfg.inbound);
-        let sockets =
-            netns.run(move || Ok(vec![(Side::Outbound, bind(outbound)?), (Side::Inbound, bind(inbound)?)]))?;
-        Ok(Self { sockets })
+        Ok(Self {
+            sockets: vec![
+                (Side::Outbound, bind(cfg.outbound)?),
+                (Side::Inbound, bind(cfg.inbound)?),
+            ],
+        })
     }
 
     /// Must run inside the tokio runtime.
@@ -213,8 +293,8 @@ pub struct Proxy {
 }
 
 struct Shared {
-    table: OrigDstTable,
-    dialer: NetnsDialer,
+    table: OriginalDst,
+    dialer: Dialer,
     cfg: ProxyConfig,
     limit: Arc<Semaphore>,
     counters: Arc<ProxyCounters>,
@@ -222,7 +302,7 @@ struct Shared {
 
 impl Proxy {
     /// Starts serving. Must run inside the tokio runtime.
-    pub fn start(listening: Listening, table: OrigDstTable, dialer: NetnsDialer, cfg: ProxyConfig) -> io::Result<Self> {
+    pub fn start(listening: Listening, table: OriginalDst, dialer: Dialer, cfg: ProxyConfig) -> io::Result<Self> {
         let counters = Arc::new(ProxyCounters::default());
         let shared = Arc::new(Shared {
             table,
@@ -289,7 +369,7 @@ async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared)
         Side::Outbound => shared.cfg.outbound.port(),
         Side::Inbound => shared.cfg.inbound.port(),
     };
-    let Some(dst) = shared.table.lookup(peer4, local, listen_port) else {
+    let Some(dst) = shared.table.lookup(&client, peer4, local, listen_port) else {
         shared.counters.no_original_dst.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%peer, %local, "no original destination recorded for this connection; resetting");
         return reset(client);

@@ -19,7 +19,7 @@ use crate::{
     addrs::LocalAddrs,
     adopt, features,
     loader::{self, InboundListener, InstanceDirs, InstanceState, Loaded},
-    proxy::{Listeners, NetnsDialer, OrigDstTable, Proxy, ProxyConfig, Side},
+    proxy::{Dialer, Listeners, NetnsDialer, OrigDstTable, OriginalDst, Proxy, ProxyConfig, Side},
     sys::{self, Netns},
 };
 
@@ -101,8 +101,8 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
             if let Some(l) = listening.get(Side::Inbound) {
                 inbound_listener.register(l)?;
             }
-            let table = OrigDstTable::new(loaded.take(maps::ORIG_BY_TUPLE)?, netns_cookie);
-            let dialer = NetnsDialer::start(&netns)?;
+            let table = OriginalDst::Maps(OrigDstTable::new(loaded.take(maps::ORIG_BY_TUPLE)?, netns_cookie));
+            let dialer = Dialer::Netns(NetnsDialer::start(&netns)?);
             Some(Proxy::start(listening, table, dialer, cfg)?)
         }
     };

@@ -33,19 +33,6 @@ pub fn unique(tag: &str) -> String {
     )
 }
 
-/// Moves the calling (single-threaded) process into a workload: its cgroup, then its network
-/// namespace. Both are per task, so this must run before any thread exists.
-pub fn join(cgroup: Option<&Path>, netns: Option<&Path>) -> io::Result<()> {
-    if let Some(cg) = cgroup {
-        std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
-            .map_err(|e| io::Error::new(e.kind(), format!("join cgroup {}: {e}", cg.display())))?;
-    }
-    if let Some(ns) = netns {
-        sys::Netns::open(ns).map_err(io::Error::other)?.enter_current_thread()?;
-    }
-    Ok(())
-}
-
 /// Runs a command, failing with its stderr.
 pub fn cmd(program: &str, args: &[&str]) -> io::Result<()> {
     let out = Command::new(program).args(args).stdin(Stdio::null()).output()?;

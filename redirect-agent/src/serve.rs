@@ -36,7 +36,7 @@ fn parse_listen(s: &str) -> Result<(String, SocketAddrV4), String> {
 
 pub fn main(args: &ServeArgs) -> ExitCode {
     // Before any thread exists: cgroup membership and namespace are per task.
-    let listeners = crate::sandbox::join(args.cgroup.as_deref(), args.netns.as_deref()).and_then(|()| {
+    let listeners = crate::sys::join(args.cgroup.as_deref(), args.netns.as_deref()).and_then(|()| {
         args.listen
             .iter()
             .map(|(name, addr)| {

@@ -230,3 +230,16 @@ pub fn current_netns_cookie() -> io::Result<u64> {
     }
     Ok(cookie)
 }
+
+/// Moves the calling (single-threaded) process into a workload: its cgroup, then its network
+/// namespace. Both are per task, so this must run before any thread exists.
+pub fn join(cgroup: Option<&Path>, netns: Option<&Path>) -> io::Result<()> {
+    if let Some(cg) = cgroup {
+        std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
+            .map_err(|e| io::Error::new(e.kind(), format!("join cgroup {}: {e}", cg.display())))?;
+    }
+    if let Some(ns) = netns {
+        Netns::open(ns).map_err(io::Error::other)?.enter_current_thread()?;
+    }
+    Ok(())
+}

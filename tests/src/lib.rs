@@ -46,6 +46,25 @@ pub fn require_root() {
     );
 }
 
+/// Loads iptables-save text into a named network namespace (`ip netns exec NS iptables-restore`).
+pub fn iptables_restore(netns_name: &str, text: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns_name, "iptables-restore"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ip netns exec iptables-restore (installed by xtask setup)");
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "iptables-restore refused:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs the agent binary with arguments, capturing its output.
 pub fn agent_cmd(args: &[&str]) -> Output {
     Command::new(agent_bin())

@@ -22,7 +22,7 @@ use redirect_agent::{
     sandbox::{AgentProcess, NetnsPair, ProbeSpec, ServeProcess, TestCgroup, unique},
     stats::InstanceStats,
 };
-use redirect_tests::{agent_bin, agent_cmd, require_root};
+use redirect_tests::{agent_bin, agent_cmd, iptables_restore, require_root};
 
 const PASSTHROUGH: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 /// istio-validation's probe: uid 1337 dials 127.0.0.6:15002 from a socket bound to 127.0.0.1.
@@ -82,7 +82,7 @@ impl Twin {
             name: unique(tag),
         };
         match kind {
-            Kind::Iptables => twin.restore(&explain.iptables_save),
+            Kind::Iptables => iptables_restore(&twin.pair.workload.name, &explain.iptables_save),
             Kind::Agent => {
                 let mut args = vec![
                     "--cgroup".to_string(),
@@ -116,24 +116,6 @@ impl Twin {
             ServeProcess::start(&agent, None, &twin.pair.remote.path, &remote).expect("remote servers"),
         ];
         twin
-    }
-
-    fn restore(&self, text: &str) {
-        use std::io::Write as _;
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.pair.workload.name, "iptables-restore"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("ip netns exec iptables-restore (installed by xtask setup)");
-        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "iptables-restore refused explain's output: {}\n{text}",
-            String::from_utf8_lossy(&out.stderr)
-        );
     }
 
     /// Per-rule counts of `chain`, in rule order: the agent's counters, or the packet counters

@@ -1,0 +1,97 @@
+//! `redirect-agent proxy`: the embedded proxy loop alone, behind istio-iptables' own REDIRECT
+//! rules. Original destinations come from conntrack (`SO_ORIGINAL_DST`), as Envoy reads them.
+//!
+//! It runs as a workload's proxy does: inside the workload's namespace, as the proxy identity
+//! the rules exempt (`-u`/`-g`, 1337), so its upstream connections are not captured again;
+//! inbound upstreams leave from 127.0.0.6, which ISTIO_OUTPUT's first rule lets by.
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+
+use crate::{
+    proxy::{Dialer, Listeners, OriginalDst, Proxy, ProxyConfig},
+    sys,
+};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProxyArgs {
+    /// The workload's network namespace (default: this process's).
+    #[arg(long, value_name = "PATH")]
+    pub netns: Option<PathBuf>,
+    /// A cgroup v2 directory to join first (the workload's, as a sidecar container would be).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+    /// The identity to run as: the proxy UID the rules exempt (istio-iptables -u).
+    #[arg(long, default_value_t = 1337)]
+    pub uid: u32,
+    /// The proxy GID the rules exempt (istio-iptables -g).
+    #[arg(long, default_value_t = 1337)]
+    pub gid: u32,
+    /// Outbound capture port (istio-iptables -p).
+    #[arg(short = 'p', long = "envoy-port", default_value_t = 15001)]
+    pub envoy_port: u16,
+    /// Inbound capture port (istio-iptables -z).
+    #[arg(short = 'z', long = "inbound-capture-port", default_value_t = 15006)]
+    pub inbound_capture_port: u16,
+    /// Connections served at once; more are reset.
+    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub max_proxy_connections: u32,
+    /// Upstream connect timeout, in milliseconds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub connect_timeout_ms: u64,
+}
+
+/// Enters the workload and takes the proxy's identity. Must run before any thread exists:
+/// namespace and cgroup are per task, and the identity must cover every thread.
+pub fn enter(args: &ProxyArgs) -> anyhow::Result<()> {
+    if args.envoy_port == args.inbound_capture_port {
+        anyhow::bail!(crate::error::FlagError::SamePort(args.envoy_port));
+    }
+    sys::require_privileges("redirect-agent proxy")?;
+    sys::join(args.cgroup.as_deref(), args.netns.as_deref())?;
+    // Groups first: after setuid the process may no longer change them.
+    // SAFETY: credential syscalls on a single-threaded process.
+    let check = |rc: libc::c_int, what: &str| -> io::Result<()> {
+        if rc == 0 {
+            Ok(())
+        } else {
+            let e = io::Error::last_os_error();
+            Err(io::Error::new(e.kind(), format!("{what}: {e}")))
+        }
+    };
+    unsafe {
+        check(libc::setgroups(0, std::ptr::null()), "setgroups")?;
+        check(libc::setgid(args.gid), "setgid")?;
+        check(libc::setuid(args.uid), "setuid")?;
+    }
+    Ok(())
+}
+
+/// Serves until `shutdown` resolves. Listens on 0.0.0.0: REDIRECT sends locally made
+/// connections to 127.0.0.1 and connections from other hosts to the receiving address.
+pub async fn serve(args: &ProxyArgs, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    let cfg = ProxyConfig {
+        outbound: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, args.envoy_port),
+        inbound: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, args.inbound_capture_port),
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        max_connections: args.max_proxy_connections as usize,
+    };
+    let listening = Listeners::bind_here(&cfg)
+        .and_then(Listeners::listen)
+        .context("proxy listeners")?;
+    let proxy = Proxy::start(listening, OriginalDst::Conntrack, Dialer::Here, cfg)?;
+    tracing::info!(
+        uid = args.uid,
+        gid = args.gid,
+        "proxy serving (original destinations from SO_ORIGINAL_DST)"
+    );
+    shutdown.await;
+    proxy.shutdown().await;
+    Ok(())
+}
