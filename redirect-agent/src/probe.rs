@@ -115,13 +115,7 @@ fn check(rc: libc::c_int, what: &str) -> io::Result<()> {
 /// Moves this (single-threaded) process into the workload: cgroup, namespace, identity.
 fn enter(args: &ProbeArgs) -> io::Result<()> {
     crate::sys::join(args.cgroup.as_deref(), args.netns.as_deref())?;
-    // Groups first: after setuid the process may no longer change them.
-    // SAFETY: plain credential syscalls on a single-threaded process.
-    unsafe {
-        check(libc::setgroups(0, std::ptr::null()), "setgroups")?;
-        check(libc::setgid(args.gid), "setgid")?;
-        check(libc::setuid(args.uid), "setuid")?;
-    }
+    crate::sys::become_user(args.uid, args.gid)?;
     Ok(())
 }
 

@@ -91,23 +91,8 @@ impl OrigDstTable {
 /// The original destination a REDIRECT target keeps for an accepted socket in conntrack
 /// (`getsockopt(SOL_IP, SO_ORIGINAL_DST)`), for a proxy behind istio-iptables' own rules.
 fn so_original_dst(stream: &TcpStream) -> io::Result<SocketAddrV4> {
-    use std::os::fd::AsRawFd as _;
     const SO_ORIGINAL_DST: libc::c_int = 80;
-    // SAFETY: an all-zero sockaddr_in is valid; getsockopt writes at most `len` bytes.
-    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_IP,
-            SO_ORIGINAL_DST,
-            (&raw mut sa).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let sa: libc::sockaddr_in = crate::sys::getsockopt(stream, libc::SOL_IP, SO_ORIGINAL_DST)?;
     Ok(SocketAddrV4::new(
         Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
         u16::from_be(sa.sin_port),

@@ -6,7 +6,6 @@
 //! inbound upstreams leave from 127.0.0.6, which ISTIO_OUTPUT's first rule lets by.
 
 use std::{
-    io,
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
     time::Duration,
@@ -55,21 +54,7 @@ pub fn enter(args: &ProxyArgs) -> anyhow::Result<()> {
     }
     sys::require_privileges("redirect-agent proxy")?;
     sys::join(args.cgroup.as_deref(), args.netns.as_deref())?;
-    // Groups first: after setuid the process may no longer change them.
-    // SAFETY: credential syscalls on a single-threaded process.
-    let check = |rc: libc::c_int, what: &str| -> io::Result<()> {
-        if rc == 0 {
-            Ok(())
-        } else {
-            let e = io::Error::last_os_error();
-            Err(io::Error::new(e.kind(), format!("{what}: {e}")))
-        }
-    };
-    unsafe {
-        check(libc::setgroups(0, std::ptr::null()), "setgroups")?;
-        check(libc::setgid(args.gid), "setgid")?;
-        check(libc::setuid(args.uid), "setuid")?;
-    }
+    sys::become_user(args.uid, args.gid)?;
     Ok(())
 }
 

@@ -204,6 +204,19 @@ impl Netns {
     }
 }
 
+/// `getsockopt` of a fixed-size value `T` (a plain C struct or integer).
+pub fn getsockopt<T: Copy>(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
+    let mut value = MaybeUninit::<T>::zeroed();
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: the buffer is `len` bytes; the kernel writes at most that many.
+    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, value.as_mut_ptr().cast(), &mut len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zero-initialised, and T is a plain value for which any bytes are valid.
+    Ok(unsafe { value.assume_init() })
+}
+
 /// The calling thread's network namespace cookie (SO_NETNS_COOKIE, 5.14+).
 pub fn current_netns_cookie() -> io::Result<u64> {
     // SAFETY: plain socket creation; the fd is owned right away.
@@ -213,22 +226,26 @@ pub fn current_netns_cookie() -> io::Result<u64> {
     }
     // SAFETY: fd is a fresh, valid descriptor.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: out-pointers sized for a u64.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
+    getsockopt::<u64>(&sock, libc::SOL_SOCKET, SO_NETNS_COOKIE)
+}
+
+/// Drops to `uid`/`gid` with no supplementary groups. glibc applies it to every thread, but it
+/// is meant for a process that has not started any.
+pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
+    let check = |rc: libc::c_int, what: &str| -> io::Result<()> {
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        Err(io::Error::new(e.kind(), format!("{what}: {e}")))
     };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
+    // Groups first: after setuid the process may no longer change them.
+    // SAFETY: plain credential syscalls.
+    unsafe {
+        check(libc::setgroups(0, std::ptr::null()), "setgroups")?;
+        check(libc::setgid(gid), "setgid")?;
+        check(libc::setuid(uid), "setuid")
     }
-    Ok(cookie)
 }
 
 /// Moves the calling (single-threaded) process into a workload: its cgroup, then its network

@@ -13,7 +13,7 @@ use std::{
     collections::BTreeSet,
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use redirect_agent::{
@@ -443,22 +443,7 @@ fn explain_matches_iptables_save_spelling() {
         let out = agent_cmd(&args);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8(out.stdout).unwrap();
-        let mut restore = Command::new("ip")
-            .args(["netns", "exec", &pair.workload.name, "iptables-restore"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        {
-            use std::io::Write as _;
-            restore.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-        }
-        let done = restore.wait_with_output().unwrap();
-        assert!(
-            done.status.success(),
-            "iptables-restore refused explain {flags:?}: {}",
-            String::from_utf8_lossy(&done.stderr)
-        );
+        iptables_restore(&pair.workload.name, &text);
         let saved = Command::new("ip")
             .args(["netns", "exec", &pair.workload.name, "iptables-save", "-t", "nat"])
             .output()
