@@ -57,7 +57,15 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     let netns_cookie = netns
         .cookie()
         .with_context(|| format!("netns cookie of {}", opts.netns.display()))?;
-    sys::raise_nofile_limit();
+    let nofile = sys::raise_nofile_limit(opts.max_proxy_connections);
+    if opts.proxy == ProxyMode::Embedded && nofile < 2 * opts.max_proxy_connections as u64 {
+        tracing::warn!(
+            nofile,
+            max_proxy_connections = opts.max_proxy_connections,
+            "the descriptor limit allows about {} proxied connections (two descriptors each); later ones fail",
+            nofile / 2
+        );
+    }
     sys::ensure_bpffs()?;
 
     let dirs = InstanceDirs::claim(&opts.name)?;

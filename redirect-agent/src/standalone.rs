@@ -54,6 +54,8 @@ pub fn enter(args: &ProxyArgs) -> anyhow::Result<()> {
     }
     sys::require_privileges("redirect-agent proxy")?;
     sys::join(args.cgroup.as_deref(), args.netns.as_deref())?;
+    // While still root: the proxy identity cannot raise the hard limit.
+    sys::raise_nofile_limit(args.max_proxy_connections as usize);
     sys::become_user(args.uid, args.gid)?;
     Ok(())
 }

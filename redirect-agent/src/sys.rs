@@ -117,18 +117,40 @@ pub fn require_privileges(what: &str) -> Result<(), SysError> {
     })
 }
 
-/// Raises RLIMIT_NOFILE to its hard limit: every proxied connection holds two descriptors.
-pub fn raise_nofile_limit() {
+/// Raises RLIMIT_NOFILE so that `connections` proxied connections fit (each holds two
+/// descriptors), past the hard limit when the process may (CAP_SYS_RESOURCE, bounded by
+/// fs.nr_open), else to the hard limit. Returns the soft limit now in force.
+pub fn raise_nofile_limit(connections: usize) -> u64 {
+    const SPARE: u64 = 1024;
+    let want = (connections as u64).saturating_mul(2).saturating_add(SPARE);
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: valid out-pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 && lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(lim.rlim_max);
+    if want > lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: want.min(nr_open),
+            rlim_max: want.min(nr_open),
+        };
+        // SAFETY: valid in-pointer. Fails without CAP_SYS_RESOURCE; then the hard limit holds.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return raised.rlim_cur;
+        }
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max.min(want.max(lim.rlim_cur));
         // SAFETY: valid in-pointer.
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
     }
+    lim.rlim_cur
 }
 
 /// A network namespace, held open by a file descriptor.
