@@ -40,6 +40,13 @@ enum Task {
         /// Only tests whose name contains this (the kernel smoke run is then skipped).
         filter: Option<String>,
     },
+    /// Measure the cost of interception (direct, iptables, connect4) and write
+    /// docs/benchmarks.md with its plot (root).
+    Bench {
+        /// The short development run (under 2 minutes).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Boot another kernel with virtme-ng and run the integration tests inside it (root).
     VmTest {
         /// Kernel image to boot (default: the newest /boot/vmlinuz-*, Debian 12's 6.1).
@@ -296,6 +303,24 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn bench(quick: bool) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("bench: the benchmark creates namespaces and loads programs: run it as root");
+    }
+    setup()?;
+    // Release builds: the numbers are about the product, not a debug build of it.
+    let agent = build(true)?;
+    let mut c = cargo();
+    c.args(["build", "--release", "--package", "redirect-bench"]);
+    run("bench: build", c)?;
+    let mut c = Command::new(root().join("target/release/redirect-bench"));
+    c.current_dir(root()).arg("run").arg("--agent").arg(&agent);
+    if quick {
+        c.arg("--quick");
+    }
+    run("bench: redirect-bench run", c)
+}
+
 fn vm_test(opts: vm::Options) -> anyhow::Result<()> {
     if !is_root() {
         bail!("vm-test: booting a kernel and running the integration tests in it needs root");
@@ -348,6 +373,7 @@ fn main() -> std::process::ExitCode {
             run("run: redirect-agent demo", c)
         }),
         Task::Test { filter } => test(filter),
+        Task::Bench { quick } => bench(quick),
         Task::VmTest { kernel, filter, report } => vm_test(vm::Options {
             kernel,
             filters: filter,

@@ -1,0 +1,194 @@
+//! redirect-bench: the cost of interception, measured side by side (`cargo xtask bench`).
+//!
+//! `run` builds each configuration in its own namespace pair and cgroup and drives the load
+//! generator (`client`, inside the workload) against the server (`serve`, on the remote host
+//! namespace); the same binary plays all three parts.
+
+use std::{
+    net::SocketAddrV4,
+    path::PathBuf,
+    process::{Command, ExitCode},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod load;
+mod orchestrate;
+mod proto;
+mod report;
+
+#[derive(Parser)]
+#[command(name = "redirect-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Crr,
+    Rr,
+    Stream,
+    Hold,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Measure every configuration and write the report (root).
+    Run {
+        /// The short development run (under 2 minutes).
+        #[arg(long)]
+        quick: bool,
+        /// The redirect-agent binary to measure.
+        #[arg(long)]
+        agent: PathBuf,
+        /// Where the report goes; the plot is written beside it as benchmarks.svg.
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        out: PathBuf,
+    },
+    /// The benchmark server (in the remote host's namespace).
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        netns: Option<PathBuf>,
+        #[arg(long)]
+        listen: SocketAddrV4,
+    },
+    /// The load generator (in the workload).
+    #[command(hide = true)]
+    Client {
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[arg(long)]
+        netns: Option<PathBuf>,
+        #[arg(long)]
+        connect: SocketAddrV4,
+        #[arg(long, value_enum)]
+        mode: Mode,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        #[arg(long, default_value_t = 1)]
+        conns: usize,
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        /// Seconds.
+        #[arg(long, default_value_t = 2.0)]
+        duration: f64,
+    },
+}
+
+fn first_line(c: &mut Command) -> String {
+    c.output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
+fn machine() -> report::Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let kb: f64 = m
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some(format!("{:.0} GiB", kb / (1u64 << 20) as f64))
+        })
+        .unwrap_or_else(|| "? GiB".into());
+    report::Machine {
+        cpu,
+        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        memory,
+        kernel: first_line(Command::new("uname").arg("-r")),
+        date: first_line(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
+    }
+}
+
+fn run(quick: bool, agent: PathBuf, out: PathBuf) -> anyhow::Result<()> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("redirect-bench run creates namespaces and loads programs: run it as root");
+    }
+    let plan = orchestrate::Plan::new(quick);
+    let outcome = orchestrate::run(&plan, &agent)?;
+    let md = report::markdown(&outcome, &plan, &machine());
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
+    let svg = out.with_file_name("benchmarks.svg");
+    std::fs::write(&svg, report::svg(&outcome.samples)).with_context(|| format!("writing {}", svg.display()))?;
+    print!("{md}");
+    eprintln!("bench: wrote {} and {}", out.display(), svg.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Run { quick, agent, out } => run(quick, agent, out),
+        Cmd::Serve { netns, listen } => (|| {
+            redirect_agent::sys::raise_nofile_limit(50_000);
+            redirect_agent::sys::join(None, netns.as_deref())?;
+            proto::serve(listen)?;
+            Ok(())
+        })(),
+        Cmd::Client {
+            cgroup,
+            netns,
+            connect,
+            mode,
+            workers,
+            conns,
+            rate,
+            size,
+            duration,
+        } => (|| {
+            redirect_agent::sys::raise_nofile_limit(conns);
+            // Before any thread: cgroup and namespace are per task.
+            redirect_agent::sys::join(cgroup.as_deref(), netns.as_deref())?;
+            let d = Duration::from_secs_f64(duration);
+            let result = match mode {
+                Mode::Crr => load::crr(connect, workers, size, d),
+                Mode::Rr => load::rr(connect, conns, rate, size, d),
+                Mode::Stream => load::stream(connect, size, d),
+                Mode::Hold => {
+                    load::hold(connect, conns)?;
+                    return Ok(());
+                }
+            };
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        })(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("redirect-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,559 @@
+//! One benchmark run: every configuration in a fresh namespace pair and cgroup, interleaved
+//! round by round (A B C C0, A B C C0, ...) so that drift on the machine lands on all of them.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use redirect_agent::{
+    loader::{self, InstanceState, pin_dir},
+    sandbox::{AgentProcess, NetnsPair, TestCgroup, unique},
+};
+use redirect_common::programs;
+
+use crate::load::LoadResult;
+
+pub const SERVER_PORT: u16 = 8080;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Config {
+    /// A: client to server, no interception.
+    Direct,
+    /// B: istio-iptables' default rules (from `explain`) and `redirect-agent proxy`.
+    Iptables,
+    /// C: the agent with its defaults and its embedded proxy.
+    Connect4,
+    /// C0: the agent's programs attached, with flags under which no rule matches the client
+    /// (`-i '' -b ''`): the cost of connect4 alone.
+    Connect4Idle,
+}
+
+impl Config {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Direct => "A direct",
+            Self::Iptables => "B iptables + proxy",
+            Self::Connect4 => "C connect4 + proxy",
+            Self::Connect4Idle => "C0 connect4, no match",
+        }
+    }
+}
+
+pub struct Plan {
+    pub quick: bool,
+    pub rounds: usize,
+    pub crr: Duration,
+    pub rr: Duration,
+    pub stream: Duration,
+    pub hold: usize,
+}
+
+impl Plan {
+    pub fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                quick,
+                rounds: 1,
+                crr: Duration::from_secs(2),
+                rr: Duration::from_secs(2),
+                stream: Duration::from_secs(1),
+                hold: 1_000,
+            }
+        } else {
+            Self {
+                quick,
+                rounds: 3,
+                crr: Duration::from_secs(10),
+                rr: Duration::from_secs(10),
+                stream: Duration::from_secs(5),
+                hold: 10_000,
+            }
+        }
+    }
+}
+
+/// CRR: 1 KiB each way, two workers (one per core here).
+pub const CRR_WORKERS: usize = 2;
+pub const MESSAGE: usize = 1024;
+/// RR rates, well below what any configuration saturates at on 2 cores.
+pub const RR1_RATE: f64 = 1000.0;
+pub const RR64_RATE: f64 = 3200.0;
+pub const STREAM_SIZES: [usize; 4] = [64, 1024, 16 << 10, 256 << 10];
+
+/// A child process killed on drop.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One configuration's topology. Fields drop in order: interception first, then the server,
+/// the cgroup and the namespaces.
+struct Env {
+    agent: Option<AgentProcess>,
+    proxy: Option<Guard>,
+    _server: Guard,
+    cgroup: TestCgroup,
+    pair: NetnsPair,
+    name: String,
+}
+
+fn read_line(child: &mut Child) -> anyhow::Result<String> {
+    let out = child.stdout.as_mut().context("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line)?;
+    Ok(line.trim().to_owned())
+}
+
+fn explain_default(agent: &Path) -> anyhow::Result<String> {
+    let out = Command::new(agent).arg("explain").output()?;
+    if !out.status.success() {
+        bail!("explain: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn iptables_restore(netns: &str, text: &str) -> anyhow::Result<()> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns, "iptables-restore"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("iptables-restore: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+impl Env {
+    fn new(config: Config, agent: &Path, me: &Path) -> anyhow::Result<Self> {
+        let pair = NetnsPair::create("bn")?;
+        let cgroup = TestCgroup::create("bn")?;
+        let mut server = Guard(
+            Command::new(me)
+                .arg("serve")
+                .arg("--netns")
+                .arg(&pair.remote.path)
+                .arg("--listen")
+                .arg(SocketAddrV4::new(pair.remote_ip, SERVER_PORT).to_string())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .spawn()?,
+        );
+        if read_line(&mut server.0)? != "ready" {
+            bail!("the benchmark server did not start");
+        }
+        let mut env = Self {
+            agent: None,
+            proxy: None,
+            _server: server,
+            cgroup,
+            pair,
+            name: unique("bench"),
+        };
+        let run_args = |extra: &[&str]| -> Vec<String> {
+            let mut a = vec![
+                "--cgroup".to_owned(),
+                env.cgroup.path.to_string_lossy().into_owned(),
+                "--netns".to_owned(),
+                env.pair.workload.path.to_string_lossy().into_owned(),
+            ];
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a
+        };
+        match config {
+            Config::Direct => {}
+            Config::Iptables => {
+                iptables_restore(&env.pair.workload.name, &explain_default(agent)?)?;
+                let proxy = Command::new(agent)
+                    .arg("proxy")
+                    .args(run_args(&[]))
+                    // The readiness check below connects straight to :15001 and is reset on
+                    // purpose; its warning is not news.
+                    .env("RUST_LOG", "error")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .spawn()?;
+                env.proxy = Some(Guard(proxy));
+                env.wait_listening(15001)?;
+            }
+            Config::Connect4 | Config::Connect4Idle => {
+                let extra: &[&str] = if config == Config::Connect4Idle {
+                    &["-i", "", "-b", "", "--proxy", "none"]
+                } else {
+                    &[]
+                };
+                let args = run_args(extra);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                env.agent = Some(AgentProcess::start(agent, &env.name, &args)?);
+            }
+        }
+        Ok(env)
+    }
+
+    /// Until something accepts on 127.0.0.1:`port` inside the workload (bounded).
+    fn wait_listening(&self, port: u16) -> anyhow::Result<()> {
+        let ns = self.pair.workload.open()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let up = ns.run(move || {
+                Ok(TcpStream::connect_timeout(
+                    &SocketAddrV4::new(Ipv4Addr::LOCALHOST, port).into(),
+                    Duration::from_millis(200),
+                )
+                .is_ok())
+            })?;
+            if up {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("nothing listens on {port} in the workload after 10 s")
+    }
+
+    fn server(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(self.pair.remote_ip, SERVER_PORT)
+    }
+
+    /// Runs the load generator inside the workload and parses its report.
+    fn client(&self, me: &Path, args: &[String]) -> anyhow::Result<LoadResult> {
+        let out = Command::new(me)
+            .arg("client")
+            .arg("--cgroup")
+            .arg(&self.cgroup.path)
+            .arg("--netns")
+            .arg(&self.pair.workload.path)
+            .arg("--connect")
+            .arg(self.server().to_string())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!("client {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// The process doing the interception, for CPU and memory: the agent, or the proxy.
+    fn interceptor_pid(&self) -> Option<u32> {
+        self.agent
+            .as_ref()
+            .and_then(AgentProcess::pid)
+            .or_else(|| self.proxy.as_ref().map(|g| g.0.id()))
+    }
+
+    /// CPU seconds of the workload's cgroup (client and, for B, the proxy inside it) plus the
+    /// agent's (outside it).
+    fn cpu_seconds(&self) -> f64 {
+        let cgroup = std::fs::read_to_string(self.cgroup.path.join("cpu.stat"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse::<f64>().ok())
+            })
+            .unwrap_or(0.0)
+            / 1e6;
+        let agent = match (&self.agent, self.interceptor_pid()) {
+            (Some(_), Some(pid)) => process_cpu_seconds(pid),
+            _ => 0.0,
+        };
+        cgroup + agent
+    }
+
+    fn connect4_prog_id(&self) -> Option<u32> {
+        let state: InstanceState = serde_json::from_slice(&std::fs::read(loader::state_path(&self.name)).ok()?).ok()?;
+        state
+            .programs
+            .iter()
+            .find(|p| p.name == programs::CONNECT4)
+            .map(|p| p.id)
+    }
+}
+
+/// utime + stime of a process (all its threads), in seconds.
+fn process_cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse::<u64>()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+fn bpftool_json(args: &[&str]) -> Option<serde_json::Value> {
+    let out = Command::new("bpftool").arg("-j").args(args).output().ok()?;
+    out.status.success().then(|| serde_json::from_slice(&out.stdout).ok())?
+}
+
+/// (run_time_ns, run_cnt) of a program, from kernel.bpf_stats_enabled accounting.
+fn prog_stats(id: u32) -> Option<(u64, u64)> {
+    let v = bpftool_json(&["prog", "show", "id", &id.to_string()])?;
+    Some((
+        v["run_time_ns"].as_u64().unwrap_or(0),
+        v["run_cnt"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// Kernel memory charged for the instance's maps (bytes_memlock of each pinned map).
+fn map_bytes(name: &str) -> u64 {
+    let dir = pin_dir(name);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| bpftool_json(&["map", "show", "pinned", &e.path().to_string_lossy()]))
+        .filter_map(|v| v["bytes_memlock"].as_u64())
+        .sum()
+}
+
+/// Turns kernel.bpf_stats_enabled on until dropped (it costs a little on every program run).
+struct BpfStats {
+    before: String,
+}
+
+impl BpfStats {
+    const PATH: &'static str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn enable() -> Option<Self> {
+        let before = std::fs::read_to_string(Self::PATH).ok()?;
+        std::fs::write(Self::PATH, "1").ok()?;
+        Some(Self { before })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, self.before.trim());
+    }
+}
+
+/// Samples: metric key -> configuration -> one value per round.
+pub type Samples = BTreeMap<&'static str, BTreeMap<Config, Vec<f64>>>;
+
+/// One-off measurements.
+#[derive(Debug, Default, Clone)]
+pub struct Memory {
+    /// (idle RSS, RSS holding N connections), per configuration with a process.
+    pub rss: BTreeMap<Config, (u64, u64)>,
+    pub held: usize,
+    pub map_bytes: u64,
+}
+
+fn secs(d: Duration) -> String {
+    format!("{}", d.as_secs_f64())
+}
+
+fn record(samples: &mut Samples, key: &'static str, config: Config, v: Option<f64>) {
+    if let Some(v) = v.filter(|v| v.is_finite()) {
+        samples.entry(key).or_default().entry(config).or_default().push(v);
+    }
+}
+
+fn run_config(config: Config, plan: &Plan, agent: &Path, me: &Path, samples: &mut Samples) -> anyhow::Result<()> {
+    let env = Env::new(config, agent, me).with_context(|| format!("setting up {}", config.label()))?;
+    let s = |v: &str| v.to_owned();
+
+    // CRR, with the CPU it costs.
+    let cpu0 = env.cpu_seconds();
+    let crr = env.client(
+        me,
+        &[
+            s("--mode"),
+            s("crr"),
+            s("--workers"),
+            CRR_WORKERS.to_string(),
+            s("--size"),
+            MESSAGE.to_string(),
+            s("--duration"),
+            secs(plan.crr),
+        ],
+    )?;
+    let cpu = env.cpu_seconds() - cpu0;
+    if crr.errors > 0 {
+        eprintln!("bench: {}: {} CRR errors", config.label(), crr.errors);
+    }
+    record(samples, "crr_cps", config, Some(crr.per_second));
+    if crr.completed > 0 {
+        record(samples, "crr_cpu", config, Some(cpu / crr.completed as f64 * 10_000.0));
+    }
+
+    if matches!(config, Config::Connect4 | Config::Connect4Idle) {
+        // Program cost per connect(), on a separate run: the accounting slows every run.
+        if let (Some(id), Some(_stats)) = (env.connect4_prog_id(), BpfStats::enable()) {
+            let before = prog_stats(id);
+            env.client(
+                me,
+                &[
+                    s("--mode"),
+                    s("crr"),
+                    s("--workers"),
+                    CRR_WORKERS.to_string(),
+                    s("--size"),
+                    MESSAGE.to_string(),
+                    s("--duration"),
+                    secs(plan.crr / 2),
+                ],
+            )?;
+            if let (Some((t0, n0)), Some((t1, n1))) = (before, prog_stats(id))
+                && n1 > n0
+            {
+                record(
+                    samples,
+                    "connect4_ns",
+                    config,
+                    Some((t1 - t0) as f64 / (n1 - n0) as f64),
+                );
+            }
+        }
+    }
+    if config == Config::Connect4Idle {
+        return Ok(());
+    }
+
+    for (conns, rate, key50, key99, key999) in [
+        (1usize, RR1_RATE, "rr1_p50", "rr1_p99", "rr1_p999"),
+        (64, RR64_RATE, "rr64_p50", "rr64_p99", "rr64_p999"),
+    ] {
+        let rr = env.client(
+            me,
+            &[
+                s("--mode"),
+                s("rr"),
+                s("--conns"),
+                conns.to_string(),
+                s("--rate"),
+                rate.to_string(),
+                s("--size"),
+                MESSAGE.to_string(),
+                s("--duration"),
+                secs(plan.rr),
+            ],
+        )?;
+        if rr.errors > 0 {
+            eprintln!(
+                "bench: {}: {} RR errors ({conns} connections)",
+                config.label(),
+                rr.errors
+            );
+        }
+        record(samples, key50, config, rr.p50_us);
+        record(samples, key99, config, rr.p99_us);
+        record(samples, key999, config, rr.p999_us);
+    }
+
+    for (size, key) in STREAM_SIZES
+        .into_iter()
+        .zip(["stream_64", "stream_1k", "stream_16k", "stream_256k"])
+    {
+        let st = env.client(
+            me,
+            &[
+                s("--mode"),
+                s("stream"),
+                s("--size"),
+                size.to_string(),
+                s("--duration"),
+                secs(plan.stream),
+            ],
+        )?;
+        record(samples, key, config, (st.errors == 0).then_some(st.mb_per_s));
+    }
+    Ok(())
+}
+
+/// Resident memory idle and holding `plan.hold` proxied connections, and map memory.
+fn measure_memory(config: Config, plan: &Plan, agent: &Path, me: &Path, memory: &mut Memory) -> anyhow::Result<()> {
+    let env = Env::new(config, agent, me)?;
+    let pid = env.interceptor_pid().context("no interceptor process")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let idle = rss_bytes(pid).unwrap_or(0);
+    let mut holder = Guard(
+        Command::new(me)
+            .arg("client")
+            .arg("--cgroup")
+            .arg(&env.cgroup.path)
+            .arg("--netns")
+            .arg(&env.pair.workload.path)
+            .arg("--connect")
+            .arg(env.server().to_string())
+            .args(["--mode", "hold", "--conns", &plan.hold.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?,
+    );
+    let line = read_line(&mut holder.0)?;
+    if line != format!("held {}", plan.hold) {
+        bail!(
+            "{}: holding {} connections failed ({line:?})",
+            config.label(),
+            plan.hold
+        );
+    }
+    let loaded = rss_bytes(pid).unwrap_or(0);
+    memory.rss.insert(config, (idle, loaded));
+    memory.held = plan.hold;
+    if config == Config::Connect4 {
+        memory.map_bytes = map_bytes(&env.name);
+    }
+    drop(holder);
+    Ok(())
+}
+
+pub struct Outcome {
+    pub samples: Samples,
+    pub memory: Memory,
+    pub elapsed: Duration,
+}
+
+pub fn run(plan: &Plan, agent: &Path) -> anyhow::Result<Outcome> {
+    let me: PathBuf = std::env::current_exe()?;
+    let started = Instant::now();
+    let mut samples = Samples::new();
+    let order = [Config::Direct, Config::Iptables, Config::Connect4, Config::Connect4Idle];
+    for round in 1..=plan.rounds {
+        for config in order {
+            eprintln!("bench: round {round}/{}: {}", plan.rounds, config.label());
+            run_config(config, plan, agent, &me, &mut samples)?;
+        }
+    }
+    let mut memory = Memory::default();
+    for config in [Config::Iptables, Config::Connect4] {
+        eprintln!("bench: memory: {} holding {} connections", config.label(), plan.hold);
+        measure_memory(config, plan, agent, &me, &mut memory)?;
+    }
+    Ok(Outcome {
+        samples,
+        memory,
+        elapsed: started.elapsed(),
+    })
+}
