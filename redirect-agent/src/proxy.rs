@@ -209,6 +209,25 @@ pub struct ProxyConfig {
     pub max_connections: usize,
 }
 
+impl ProxyConfig {
+    /// Lowers `max_connections` to what `nofile` descriptors can hold, so that the connection
+    /// past the budget is reset at accept instead of left in the backlog by EMFILE.
+    pub fn fit_to_descriptors(mut self, nofile: u64) -> Self {
+        let fits = usize::try_from(nofile.saturating_sub(crate::sys::RESERVED_FDS) / 2)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        if fits < self.max_connections {
+            tracing::warn!(
+                nofile,
+                requested = self.max_connections,
+                "the descriptor limit fits {fits} proxied connections (two descriptors each); later ones are reset"
+            );
+            self.max_connections = fits;
+        }
+        self
+    }
+}
+
 /// Counts the proxy keeps for its logs (and, later, metrics).
 #[derive(Debug, Default)]
 pub struct ProxyCounters {
@@ -393,4 +412,30 @@ async fn connect_upstream(dst: SocketAddrV4, side: Side, shared: &Shared) -> io:
     tokio::time::timeout(shared.cfg.connect_timeout, socket.connect(dst.into()))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(max_connections: usize) -> ProxyConfig {
+        ProxyConfig {
+            outbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001),
+            inbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15006),
+            connect_timeout: Duration::from_secs(1),
+            max_connections,
+        }
+    }
+
+    #[test]
+    fn the_connection_budget_fits_the_descriptor_limit() {
+        let reserved = crate::sys::RESERVED_FDS;
+        assert_eq!(
+            cfg(16384).fit_to_descriptors(20_000).max_connections,
+            (20_000 - reserved as usize) / 2
+        );
+        assert_eq!(cfg(100).fit_to_descriptors(20_000).max_connections, 100);
+        // A limit below the reserve still serves one connection rather than none.
+        assert_eq!(cfg(100).fit_to_descriptors(10).max_connections, 1);
+    }
 }

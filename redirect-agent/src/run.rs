@@ -57,15 +57,6 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     let netns_cookie = netns
         .cookie()
         .with_context(|| format!("netns cookie of {}", opts.netns.display()))?;
-    let nofile = sys::raise_nofile_limit(opts.max_proxy_connections);
-    if opts.proxy == ProxyMode::Embedded && nofile < 2 * opts.max_proxy_connections as u64 {
-        tracing::warn!(
-            nofile,
-            max_proxy_connections = opts.max_proxy_connections,
-            "the descriptor limit allows about {} proxied connections (two descriptors each); later ones fail",
-            nofile / 2
-        );
-    }
     sys::ensure_bpffs()?;
 
     let dirs = InstanceDirs::claim(&opts.name)?;
@@ -100,7 +91,9 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
                 inbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, opts.capture.inbound_capture_port),
                 connect_timeout: opts.connect_timeout,
                 max_connections: opts.max_proxy_connections,
-            };
+            }
+            // Only now, with the instance claimed and loaded: a refused run prints one line.
+            .fit_to_descriptors(sys::raise_nofile_limit(opts.max_proxy_connections));
             let listening = Listeners::bind(&netns, &cfg)
                 .and_then(Listeners::listen)
                 .with_context(|| format!("proxy listeners in {}", opts.netns.display()))?;

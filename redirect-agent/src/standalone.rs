@@ -68,7 +68,9 @@ pub async fn serve(args: &ProxyArgs, shutdown: impl std::future::Future<Output =
         inbound: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, args.inbound_capture_port),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         max_connections: args.max_proxy_connections as usize,
-    };
+    }
+    // Raised in `enter` while root; as the proxy identity this only reads it back.
+    .fit_to_descriptors(sys::raise_nofile_limit(args.max_proxy_connections as usize));
     let listening = Listeners::bind_here(&cfg)
         .and_then(Listeners::listen)
         .context("proxy listeners")?;

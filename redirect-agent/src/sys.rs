@@ -117,12 +117,15 @@ pub fn require_privileges(what: &str) -> Result<(), SysError> {
     })
 }
 
+/// Descriptors kept for everything but proxied connections: listeners, maps, program links,
+/// netlink, the runtime.
+pub const RESERVED_FDS: u64 = 512;
+
 /// Raises RLIMIT_NOFILE so that `connections` proxied connections fit (each holds two
 /// descriptors), past the hard limit when the process may (CAP_SYS_RESOURCE, bounded by
 /// fs.nr_open), else to the hard limit. Returns the soft limit now in force.
 pub fn raise_nofile_limit(connections: usize) -> u64 {
-    const SPARE: u64 = 1024;
-    let want = (connections as u64).saturating_mul(2).saturating_add(SPARE);
+    let want = (connections as u64).saturating_mul(2).saturating_add(RESERVED_FDS);
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

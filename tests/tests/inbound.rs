@@ -1,7 +1,11 @@
 //! Inbound capture: connections from another host reach the inbound capture port through
 //! sk_lookup, and the embedded proxy forwards them to the original port from 127.0.0.6.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    io::{self, Read as _},
+    net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpStream},
+    time::{Duration, Instant},
+};
 
 use redirect_agent::sandbox::TestServer;
 use redirect_tests::{APP_PORT, Outcome, TUNNEL_PORT, Workload};
@@ -108,6 +112,65 @@ fn concurrent_inbound_connections_all_arrive() {
     }
     assert_eq!(w.chain_counts("ISTIO_INBOUND")[INBOUND_REDIRECT], N as u64);
     assert_eq!(w.app_server.accepted().len(), N);
+}
+
+/// Past `--max-proxy-connections` the proxy resets at once (no hang in the backlog), and a
+/// slot freed by a finished connection serves the next one.
+#[test]
+fn connections_past_the_proxy_limit_are_reset() {
+    const LIMIT: usize = 2;
+    const WAIT: Duration = Duration::from_secs(5);
+    let w = Workload::with_agent("inbound-limit", &["--max-proxy-connections", &LIMIT.to_string()]);
+    let remote = w.pair.remote.open().unwrap();
+    let dial = || {
+        remote
+            .run(|| TcpStream::connect_timeout(&w.pod(APP_PORT).into(), WAIT))
+            .unwrap()
+    };
+    // The app answers only after the client's FIN, so these hold their proxy slots.
+    let mut held: Vec<TcpStream> = (0..LIMIT).map(|_| dial()).collect();
+    let deadline = Instant::now() + WAIT;
+    while w.app_server.accepted().len() < LIMIT {
+        assert!(Instant::now() < deadline, "held connections never reached the app");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // The reset can beat connect() back to the client, so it may surface there or at read.
+    let got = remote
+        .run(|| TcpStream::connect_timeout(&w.pod(APP_PORT).into(), WAIT))
+        .and_then(|mut over| {
+            over.set_read_timeout(Some(WAIT))?;
+            over.read(&mut [0u8; 64])
+        });
+    assert_eq!(
+        got.as_ref().map_err(io::Error::kind).err(),
+        Some(io::ErrorKind::ConnectionReset),
+        "over the limit: {got:?}"
+    );
+    assert_eq!(
+        w.app_server.accepted().len(),
+        LIMIT,
+        "the app was reached past the limit"
+    );
+
+    // Finish one held connection; its slot comes back once the proxy has closed both sides.
+    let mut done = held.pop().unwrap();
+    done.shutdown(Shutdown::Write).unwrap();
+    done.set_read_timeout(Some(WAIT)).unwrap();
+    let mut banner = Vec::new();
+    done.read_to_end(&mut banner).unwrap();
+    assert!(String::from_utf8_lossy(&banner).contains("name=app"), "{banner:?}");
+    let r = (0..50)
+        .map(|_| {
+            let r = w.probe(&w.from_remote(w.pod(APP_PORT)));
+            if r.outcome != Outcome::Ok {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r
+        })
+        .find(|r| r.outcome == Outcome::Ok);
+    assert!(r.is_some(), "a freed slot never served again");
+    drop(held);
 }
 
 /// A capture listener that goes away takes inbound capture with it (refused), and one that
