@@ -8,6 +8,7 @@
 use std::{
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::AsRawFd as _,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -209,13 +210,18 @@ pub struct ProxyConfig {
     pub max_connections: usize,
 }
 
+/// Proxied connections that `nofile` descriptors hold: two each, after the reserve; at least one.
+pub fn connections_fitting(nofile: u64) -> usize {
+    usize::try_from(nofile.saturating_sub(crate::sys::RESERVED_FDS) / 2)
+        .unwrap_or(usize::MAX)
+        .max(1)
+}
+
 impl ProxyConfig {
     /// Lowers `max_connections` to what `nofile` descriptors can hold, so that the connection
     /// past the budget is reset at accept instead of left in the backlog by EMFILE.
     pub fn fit_to_descriptors(mut self, nofile: u64) -> Self {
-        let fits = usize::try_from(nofile.saturating_sub(crate::sys::RESERVED_FDS) / 2)
-            .unwrap_or(usize::MAX)
-            .max(1);
+        let fits = connections_fitting(nofile);
         if fits < self.max_connections {
             tracing::warn!(
                 nofile,
@@ -390,10 +396,9 @@ async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared)
     tracing::debug!(%peer, dst = %dst.addr, side = side.name(), "forwarding");
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let (mut client, mut upstream) = (client, upstream);
     // Half-close is carried across: EOF on one side shuts down writing on the other, and the
     // other direction keeps flowing until it ends too.
-    match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUF, COPY_BUF).await {
+    match tokio::try_join!(pump(&client, &upstream), pump(&upstream, &client)) {
         Ok((up, down)) => tracing::debug!(%peer, dst = %dst.addr, up, down, "closed"),
         Err(e) => {
             tracing::debug!(%peer, dst = %dst.addr, "copy ended: {e}");
@@ -402,6 +407,48 @@ async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared)
             reset(upstream);
         }
     }
+}
+
+/// Copies `from` to `to` until EOF, then shuts down writing on `to`. The buffer is taken only
+/// once `from` is readable and given back whenever a read drains it, so an idle connection
+/// holds no buffer: a proxy holding ten thousand quiet connections should not hold 1.3 GB.
+async fn pump(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        from.readable().await?;
+        buf.reserve_exact(COPY_BUF);
+        match from.try_read_buf(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+        let drained = buf.len() < COPY_BUF;
+        write_all(to, &buf).await?;
+        total += buf.len() as u64;
+        if drained {
+            buf = Vec::new();
+        } else {
+            buf.clear();
+        }
+    }
+    // SAFETY: a valid, open socket; SHUT_WR on a connection the peer already closed only
+    // returns ENOTCONN, which changes nothing here.
+    unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+    Ok(total)
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 async fn connect_upstream(dst: SocketAddrV4, side: Side, shared: &Shared) -> io::Result<TcpStream> {
