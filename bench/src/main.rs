@@ -47,6 +47,9 @@ enum Cmd {
         /// Where the report goes; the plot is written beside it as benchmarks.svg.
         #[arg(long, default_value = "docs/benchmarks.md")]
         out: PathBuf,
+        /// Proxied connections to hold for the memory measure (default: 1,000 quick, 10,000 full).
+        #[arg(long)]
+        hold: Option<usize>,
     },
     /// The benchmark server (in the remote host's namespace).
     #[command(hide = true)]
@@ -127,12 +130,15 @@ fn machine() -> report::Machine {
     }
 }
 
-fn run(quick: bool, agent: PathBuf, out: PathBuf) -> anyhow::Result<()> {
+fn run(quick: bool, agent: PathBuf, out: PathBuf, hold: Option<usize>) -> anyhow::Result<()> {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         anyhow::bail!("redirect-bench run creates namespaces and loads programs: run it as root");
     }
-    let plan = orchestrate::Plan::new(quick);
+    let mut plan = orchestrate::Plan::new(quick);
+    if let Some(n) = hold {
+        plan.hold = n;
+    }
     let outcome = orchestrate::run(&plan, &agent)?;
     let md = report::markdown(&outcome, &plan, &machine());
     if let Some(dir) = out.parent() {
@@ -149,7 +155,12 @@ fn run(quick: bool, agent: PathBuf, out: PathBuf) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Run { quick, agent, out } => run(quick, agent, out),
+        Cmd::Run {
+            quick,
+            agent,
+            out,
+            hold,
+        } => run(quick, agent, out, hold),
         Cmd::Serve { netns, listen } => (|| {
             redirect_agent::sys::raise_nofile_limit(50_000);
             redirect_agent::sys::join(None, netns.as_deref())?;

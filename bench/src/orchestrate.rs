@@ -181,7 +181,10 @@ impl Env {
                     .args(run_args(&[]))
                     // The readiness check below connects straight to :15001 and is reset on
                     // purpose; its warning is not news.
-                    .env("RUST_LOG", "error")
+                    .env(
+                        "RUST_LOG",
+                        std::env::var("REDIRECT_BENCH_LOG").unwrap_or_else(|_| "error".into()),
+                    )
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .spawn()?;
@@ -366,6 +369,8 @@ pub struct Memory {
     /// (idle RSS, RSS holding N connections), per configuration with a process.
     pub rss: BTreeMap<Config, (u64, u64)>,
     pub held: usize,
+    /// What the plan asked to hold, when the descriptor limit allowed fewer.
+    pub wanted: Option<(usize, u64)>,
     pub map_bytes: u64,
 }
 
@@ -491,8 +496,30 @@ fn run_config(config: Config, plan: &Plan, agent: &Path, me: &Path, samples: &mu
     Ok(())
 }
 
+/// The hard RLIMIT_NOFILE the interceptors inherit. Raising it takes CAP_SYS_RESOURCE, which
+/// some sandboxes withhold even from root.
+fn nofile_hard() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    lim.rlim_max
+}
+
+/// As many of `wanted` connections as a proxy can hold under the descriptor limit here (after
+/// trying to raise it as the proxy would); fewer is reported as such, never silently.
+fn holdable(wanted: usize) -> usize {
+    redirect_agent::sys::raise_nofile_limit(wanted);
+    wanted.min(redirect_agent::proxy::connections_fitting(nofile_hard()))
+}
+
 /// Resident memory idle and holding `plan.hold` proxied connections, and map memory.
 fn measure_memory(config: Config, plan: &Plan, agent: &Path, me: &Path, memory: &mut Memory) -> anyhow::Result<()> {
+    let hold = holdable(plan.hold);
     let env = Env::new(config, agent, me)?;
     let pid = env.interceptor_pid().context("no interceptor process")?;
     std::thread::sleep(Duration::from_millis(300));
@@ -506,22 +533,21 @@ fn measure_memory(config: Config, plan: &Plan, agent: &Path, me: &Path, memory: 
             .arg(&env.pair.workload.path)
             .arg("--connect")
             .arg(env.server().to_string())
-            .args(["--mode", "hold", "--conns", &plan.hold.to_string()])
+            .args(["--mode", "hold", "--conns", &hold.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()?,
     );
     let line = read_line(&mut holder.0)?;
-    if line != format!("held {}", plan.hold) {
-        bail!(
-            "{}: holding {} connections failed ({line:?})",
-            config.label(),
-            plan.hold
-        );
+    if line != format!("held {hold}") {
+        bail!("{}: holding {} connections failed ({line:?})", config.label(), hold);
     }
     let loaded = rss_bytes(pid).unwrap_or(0);
     memory.rss.insert(config, (idle, loaded));
-    memory.held = plan.hold;
+    memory.held = hold;
+    if hold < plan.hold {
+        memory.wanted = Some((plan.hold, nofile_hard()));
+    }
     if config == Config::Connect4 {
         memory.map_bytes = map_bytes(&env.name);
     }
@@ -548,7 +574,11 @@ pub fn run(plan: &Plan, agent: &Path) -> anyhow::Result<Outcome> {
     }
     let mut memory = Memory::default();
     for config in [Config::Iptables, Config::Connect4] {
-        eprintln!("bench: memory: {} holding {} connections", config.label(), plan.hold);
+        eprintln!(
+            "bench: memory: {} holding {} connections",
+            config.label(),
+            holdable(plan.hold)
+        );
         measure_memory(config, plan, agent, &me, &mut memory)?;
     }
     Ok(Outcome {

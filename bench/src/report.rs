@@ -231,17 +231,48 @@ pub fn markdown(out: &Outcome, plan: &Plan, m: &Machine) -> String {
     );
 
     let _ = writeln!(s, "## Memory\n");
-    let _ = writeln!(
-        s,
-        "| process | idle RSS | RSS with {} proxied connections |\n|---|---:|---:|",
-        out.memory.held
-    );
+    let held = out.memory.held;
+    let wanted = out.memory.wanted;
+    match wanted {
+        None => {
+            let _ = writeln!(
+                s,
+                "| process | idle RSS | RSS with {held} proxied connections | per connection |\n|---|---:|---:|---:|"
+            );
+        }
+        Some((want, _)) => {
+            let _ = writeln!(
+                s,
+                "| process | idle RSS | RSS with {held} proxied connections (measured) | per connection | \
+                 {want} connections (extrapolated) |\n|---|---:|---:|---:|---:|"
+            );
+        }
+    }
     for (config, (idle, loaded)) in &out.memory.rss {
         let who = match config {
             Config::Iptables => "B: `redirect-agent proxy`",
             _ => "C: `redirect-agent run` (programs, maps, embedded proxy)",
         };
-        let _ = writeln!(s, "| {who} | {} | {} |", mib(*idle), mib(*loaded));
+        let per = loaded.saturating_sub(*idle) as f64 / held.max(1) as f64;
+        let _ = write!(
+            s,
+            "| {who} | {} | {} | {:.1} KiB |",
+            mib(*idle),
+            mib(*loaded),
+            per / 1024.0
+        );
+        if let Some((want, _)) = wanted {
+            let _ = write!(s, " {} |", mib(*idle + (per * want as f64) as u64));
+        }
+        let _ = writeln!(s);
+    }
+    if let Some((want, hard)) = wanted {
+        let _ = writeln!(
+            s,
+            "\nThe plan asks for {want} connections; each proxied connection holds two descriptors, and \
+             the hard RLIMIT_NOFILE here is {hard} and cannot be raised (no CAP_SYS_RESOURCE), so {held} \
+             were held and the last column extrapolates linearly from the measured slope."
+        );
     }
     let _ = writeln!(
         s,
