@@ -50,6 +50,10 @@ enum Cmd {
         /// Proxied connections to hold for the memory measure (default: 1,000 quick, 10,000 full).
         #[arg(long)]
         hold: Option<usize>,
+        /// Also profile CRR through B and C with `perf record` and write profile.md beside
+        /// the report.
+        #[arg(long)]
+        profile: bool,
     },
     /// The benchmark server (in the remote host's namespace).
     #[command(hide = true)]
@@ -130,7 +134,7 @@ fn machine() -> report::Machine {
     }
 }
 
-fn run(quick: bool, agent: PathBuf, out: PathBuf, hold: Option<usize>) -> anyhow::Result<()> {
+fn run(quick: bool, agent: PathBuf, out: PathBuf, hold: Option<usize>, profile: bool) -> anyhow::Result<()> {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         anyhow::bail!("redirect-bench run creates namespaces and loads programs: run it as root");
@@ -149,6 +153,29 @@ fn run(quick: bool, agent: PathBuf, out: PathBuf, hold: Option<usize>) -> anyhow
     std::fs::write(&svg, report::svg(&outcome.samples)).with_context(|| format!("writing {}", svg.display()))?;
     print!("{md}");
     eprintln!("bench: wrote {} and {}", out.display(), svg.display());
+    if profile {
+        let path = out.with_file_name("profile.md");
+        let mut md = format!(
+            "# Where CRR spends CPU\n\nWritten by `cargo xtask bench --profile` on {}, kernel {}: \
+             system-wide `perf record -e cpu-clock -g` during one CRR run: CPU by thread name, then \
+             the hottest symbols by self time (comm, object, symbol), rows of 0.5% and more. \
+             `redirect-bench` is both the load client (in the workload) and the server (remote \
+             host); `tokio-rt-worker` and `netns-dialer` are the proxy. Without hardware counters \
+             (a VM) samples come from the timer interrupt, so kernel time that ran with \
+             interrupts off shows up at `_raw_spin_unlock_irqrestore`.\n",
+            machine().cpu,
+            machine().kernel
+        );
+        for config in [orchestrate::Config::Iptables, orchestrate::Config::Connect4] {
+            eprintln!("bench: profiling {}", config.label());
+            let data = std::env::temp_dir().join(format!("redirect-bench-{}.perf", std::process::id()));
+            let result = orchestrate::profile(config, &plan, &agent, &data);
+            let _ = std::fs::remove_file(&data);
+            md.push_str(&format!("\n## {}\n\n```text\n{}```\n", config.label(), result?));
+        }
+        std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("bench: wrote {}", path.display());
+    }
     Ok(())
 }
 
@@ -160,7 +187,8 @@ fn main() -> ExitCode {
             agent,
             out,
             hold,
-        } => run(quick, agent, out, hold),
+            profile,
+        } => run(quick, agent, out, hold, profile),
         Cmd::Serve { netns, listen } => (|| {
             redirect_agent::sys::raise_nofile_limit(50_000);
             redirect_agent::sys::join(None, netns.as_deref())?;

@@ -587,3 +587,71 @@ pub fn run(plan: &Plan, agent: &Path) -> anyhow::Result<Outcome> {
         elapsed: started.elapsed(),
     })
 }
+
+/// Where the CPU goes during CRR through an interceptor: a system-wide `perf record` (cpu-clock:
+/// hardware counters are often absent in VMs) for the length of one CRR run, reported as the
+/// hottest symbols by self time. System-wide, because most of the cost is kernel work done in
+/// softirq on behalf of whichever task happens to be running.
+pub fn profile(config: Config, plan: &Plan, agent: &Path, data: &Path) -> anyhow::Result<String> {
+    let me: PathBuf = std::env::current_exe()?;
+    let env = Env::new(config, agent, &me)?;
+    let mut perf = Guard(
+        Command::new("perf")
+            .args(["record", "-e", "cpu-clock", "-F", "997", "-a", "-g", "-q", "-o"])
+            .arg(data)
+            .args(["--", "sleep", &secs(plan.crr)])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("perf (Debian package linux-perf) is needed for --profile")?,
+    );
+    let s = |v: &str| v.to_owned();
+    let crr = env.client(
+        &me,
+        &[
+            s("--mode"),
+            s("crr"),
+            s("--workers"),
+            CRR_WORKERS.to_string(),
+            s("--size"),
+            MESSAGE.to_string(),
+            s("--duration"),
+            secs(plan.crr),
+        ],
+    )?;
+    let status = perf.0.wait()?;
+    if !status.success() {
+        bail!("perf record failed: {status}");
+    }
+    let report = |sort: &str, limit: &str| -> anyhow::Result<String> {
+        let out = Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "-g",
+                "none",
+                "--percent-limit",
+                limit,
+            ])
+            .args(["--sort", sort, "-i"])
+            .arg(data)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let rows: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .take(30)
+            .collect();
+        Ok(rows.join("\n"))
+    };
+    Ok(format!(
+        "{} connections in {:?} ({:.0}/s), {} errors\n\nBy thread name (swapper: idle):\n{}\n\n\
+         By symbol:\n{}\n",
+        crr.completed,
+        plan.crr,
+        crr.per_second,
+        crr.errors,
+        report("comm", "0.5")?,
+        report("comm,dso,sym", "0.5")?
+    ))
+}

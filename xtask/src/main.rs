@@ -46,6 +46,9 @@ enum Task {
         /// The short development run (under 2 minutes).
         #[arg(long)]
         quick: bool,
+        /// Also profile CRR through B and C with perf (docs/profile.md).
+        #[arg(long)]
+        profile: bool,
     },
     /// Boot another kernel with virtme-ng and run the integration tests inside it (root).
     VmTest {
@@ -303,11 +306,14 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench(quick: bool) -> anyhow::Result<()> {
+fn bench(quick: bool, profile: bool) -> anyhow::Result<()> {
     if !is_root() {
         bail!("bench: the benchmark creates namespaces and loads programs: run it as root");
     }
     setup()?;
+    if profile && !have("perf") {
+        apt_install("bench", &["linux-perf"])?;
+    }
     // Release builds: the numbers are about the product, not a debug build of it.
     let agent = build(true)?;
     let mut c = cargo();
@@ -317,6 +323,9 @@ fn bench(quick: bool) -> anyhow::Result<()> {
     c.current_dir(root()).arg("run").arg("--agent").arg(&agent);
     if quick {
         c.arg("--quick");
+    }
+    if profile {
+        c.arg("--profile");
     }
     run("bench: redirect-bench run", c)
 }
@@ -373,7 +382,7 @@ fn main() -> std::process::ExitCode {
             run("run: redirect-agent demo", c)
         }),
         Task::Test { filter } => test(filter),
-        Task::Bench { quick } => bench(quick),
+        Task::Bench { quick, profile } => bench(quick, profile),
         Task::VmTest { kernel, filter, report } => vm_test(vm::Options {
             kernel,
             filters: filter,
