@@ -227,12 +227,23 @@ fn unreachable_destinations_are_reset() {
     let w = Workload::with_agent("reset", &[]);
     // Nothing listens on port 1 of the remote host: the upstream connect is refused.
     let r = w.probe(&w.spec(w.remote(1)));
-    assert_eq!(r.outcome, Outcome::Reset, "{r:?}");
-    assert_eq!(r.peer_port(), Some(OUTBOUND_CAPTURE), "{r:?}");
+    assert_reset_by_the_proxy(&r);
     // No route to 10.200.9.9 in the workload namespace (there is no default route).
     let r = w.probe(&w.spec(SocketAddrV4::new(Ipv4Addr::new(10, 200, 9, 9), 80)));
-    assert_eq!(r.outcome, Outcome::Reset, "{r:?}");
+    assert_reset_by_the_proxy(&r);
     assert_eq!(w.counts()[8], 2);
+}
+
+/// Without the agent these would be refused or unreachable, not reset. The reset can beat
+/// connect() back to the client, leaving no peer to read; the local address, bound when
+/// connect4 sent the socket to loopback, still shows where it went.
+fn assert_reset_by_the_proxy(r: &redirect_agent::probe::ProbeResult) {
+    assert_eq!(r.outcome, Outcome::Reset, "{r:?}");
+    let local: SocketAddrV4 = r.local.as_deref().expect("local address").parse().unwrap();
+    assert_eq!(*local.ip(), Ipv4Addr::LOCALHOST, "{r:?}");
+    if r.peer.is_some() {
+        assert_eq!(r.peer_port(), Some(OUTBOUND_CAPTURE), "{r:?}");
+    }
 }
 
 /// Without the agent the same workload connects directly: the capture is the agent's doing.
