@@ -229,19 +229,22 @@ impl Env {
         SocketAddrV4::new(self.pair.remote_ip, SERVER_PORT)
     }
 
-    /// Runs the load generator inside the workload and parses its report.
-    fn client(&self, me: &Path, args: &[String]) -> anyhow::Result<LoadResult> {
-        let out = Command::new(me)
-            .arg("client")
+    /// The load generator, to run inside the workload against the server.
+    fn client_command(&self, me: &Path) -> Command {
+        let mut c = Command::new(me);
+        c.arg("client")
             .arg("--cgroup")
             .arg(&self.cgroup.path)
             .arg("--netns")
             .arg(&self.pair.workload.path)
             .arg("--connect")
-            .arg(self.server().to_string())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()?;
+            .arg(self.server().to_string());
+        c
+    }
+
+    /// Runs the load generator and parses its report.
+    fn client(&self, me: &Path, args: &[String]) -> anyhow::Result<LoadResult> {
+        let out = self.client_command(me).args(args).stdin(Stdio::null()).output()?;
         if !out.status.success() {
             bail!("client {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
@@ -249,6 +252,21 @@ impl Env {
     }
 
     /// The process doing the interception, for CPU and memory: the agent, or the proxy.
+    /// CRR for `duration`: new connection per request, CRR_WORKERS at once.
+    fn crr(&self, me: &Path, duration: Duration) -> anyhow::Result<LoadResult> {
+        let args = [
+            "--mode".to_owned(),
+            "crr".into(),
+            "--workers".into(),
+            CRR_WORKERS.to_string(),
+            "--size".into(),
+            MESSAGE.to_string(),
+            "--duration".into(),
+            secs(duration),
+        ];
+        self.client(me, &args)
+    }
+
     fn interceptor_pid(&self) -> Option<u32> {
         self.agent
             .as_ref()
@@ -390,19 +408,7 @@ fn run_config(config: Config, plan: &Plan, agent: &Path, me: &Path, samples: &mu
 
     // CRR, with the CPU it costs.
     let cpu0 = env.cpu_seconds();
-    let crr = env.client(
-        me,
-        &[
-            s("--mode"),
-            s("crr"),
-            s("--workers"),
-            CRR_WORKERS.to_string(),
-            s("--size"),
-            MESSAGE.to_string(),
-            s("--duration"),
-            secs(plan.crr),
-        ],
-    )?;
+    let crr = env.crr(me, plan.crr)?;
     let cpu = env.cpu_seconds() - cpu0;
     if crr.errors > 0 {
         eprintln!("bench: {}: {} CRR errors", config.label(), crr.errors);
@@ -416,19 +422,7 @@ fn run_config(config: Config, plan: &Plan, agent: &Path, me: &Path, samples: &mu
         // Program cost per connect(), on a separate run: the accounting slows every run.
         if let (Some(id), Some(_stats)) = (env.connect4_prog_id(), BpfStats::enable()) {
             let before = prog_stats(id);
-            env.client(
-                me,
-                &[
-                    s("--mode"),
-                    s("crr"),
-                    s("--workers"),
-                    CRR_WORKERS.to_string(),
-                    s("--size"),
-                    MESSAGE.to_string(),
-                    s("--duration"),
-                    secs(plan.crr / 2),
-                ],
-            )?;
+            env.crr(me, plan.crr / 2)?;
             if let (Some((t0, n0)), Some((t1, n1))) = (before, prog_stats(id))
                 && n1 > n0
             {
@@ -525,14 +519,7 @@ fn measure_memory(config: Config, plan: &Plan, agent: &Path, me: &Path, memory: 
     std::thread::sleep(Duration::from_millis(300));
     let idle = rss_bytes(pid).unwrap_or(0);
     let mut holder = Guard(
-        Command::new(me)
-            .arg("client")
-            .arg("--cgroup")
-            .arg(&env.cgroup.path)
-            .arg("--netns")
-            .arg(&env.pair.workload.path)
-            .arg("--connect")
-            .arg(env.server().to_string())
+        env.client_command(me)
             .args(["--mode", "hold", "--conns", &hold.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -604,20 +591,7 @@ pub fn profile(config: Config, plan: &Plan, agent: &Path, data: &Path) -> anyhow
             .spawn()
             .context("perf (Debian package linux-perf) is needed for --profile")?,
     );
-    let s = |v: &str| v.to_owned();
-    let crr = env.client(
-        &me,
-        &[
-            s("--mode"),
-            s("crr"),
-            s("--workers"),
-            CRR_WORKERS.to_string(),
-            s("--size"),
-            MESSAGE.to_string(),
-            s("--duration"),
-            secs(plan.crr),
-        ],
-    )?;
+    let crr = env.crr(&me, plan.crr)?;
     let status = perf.0.wait()?;
     if !status.success() {
         bail!("perf record failed: {status}");

@@ -150,6 +150,14 @@ impl Workload {
     }
 
     /// `redirect-agent stats --name N --json`, parsed.
+    /// `n` probes at once, each its own process, for connections that overlap in time.
+    pub fn probe_concurrently(&self, spec: &ProbeSpec, n: usize) -> Vec<ProbeResult> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..n).map(|_| s.spawn(|| self.probe(spec))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
     pub fn stats(&self) -> InstanceStats {
         let out = agent_cmd(&["stats", "--name", &self.name, "--json"]);
         assert!(

@@ -228,19 +228,19 @@ fn unreachable_destinations_are_reset() {
     // Nothing listens on port 1 of the remote host: the upstream connect is refused.
     let r = w.probe(&w.spec(w.remote(1)));
     assert_reset_by_the_proxy(&r);
+    assert_eq!(w.counts()[8], 1);
     // No route to 10.200.9.9 in the workload namespace (there is no default route).
     let r = w.probe(&w.spec(SocketAddrV4::new(Ipv4Addr::new(10, 200, 9, 9), 80)));
     assert_reset_by_the_proxy(&r);
     assert_eq!(w.counts()[8], 2);
 }
 
-/// Without the agent these would be refused or unreachable, not reset. The reset can beat
-/// connect() back to the client, leaving no peer to read; the local address, bound when
-/// connect4 sent the socket to loopback, still shows where it went.
+/// Without the agent these would be refused or unreachable, not reset; redirected to a closed
+/// capture port they would be refused, and closed by a proxy that gave up quietly. So a reset
+/// of a connection the redirect rule counted is the proxy's. The reset can beat connect()
+/// back to the client (then connect() itself fails and there is no peer to read).
 fn assert_reset_by_the_proxy(r: &redirect_agent::probe::ProbeResult) {
     assert_eq!(r.outcome, Outcome::Reset, "{r:?}");
-    let local: SocketAddrV4 = r.local.as_deref().expect("local address").parse().unwrap();
-    assert_eq!(*local.ip(), Ipv4Addr::LOCALHOST, "{r:?}");
     if r.peer.is_some() {
         assert_eq!(r.peer_port(), Some(OUTBOUND_CAPTURE), "{r:?}");
     }
@@ -260,10 +260,7 @@ fn concurrent_captures_all_arrive() {
     const N: usize = 32;
     let w = Workload::with_agent("concurrent", &[]);
     let spec = w.spec(w.remote(REMOTE_PORT)).bytes(64 << 10);
-    let results: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..N).map(|_| s.spawn(|| w.probe(&spec))).collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let results = w.probe_concurrently(&spec, N);
     for r in &results {
         assert_eq!(landing(r), proxied(OUTBOUND_CAPTURE, "remote"), "{r:?}");
         assert!(r.intact && r.received == 64 << 10, "{r:?}");

@@ -101,10 +101,7 @@ fn concurrent_inbound_connections_all_arrive() {
     const N: usize = 32;
     let w = Workload::with_agent("inbound-many", &[]);
     let spec = w.from_remote(w.pod(APP_PORT)).bytes(64 << 10);
-    let results: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..N).map(|_| s.spawn(|| w.probe(&spec))).collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let results = w.probe_concurrently(&spec, N);
     for r in &results {
         assert_eq!(r.banner_field("name"), Some("app"), "{r:?}");
         assert!(r.intact && r.received == 64 << 10, "{r:?}");
