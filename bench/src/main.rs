@@ -151,8 +151,19 @@ fn run(quick: bool, agent: PathBuf, out: PathBuf, hold: Option<usize>, profile: 
     std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
     let svg = out.with_file_name("benchmarks.svg");
     std::fs::write(&svg, report::svg(&outcome.samples)).with_context(|| format!("writing {}", svg.display()))?;
+    let json = out.with_file_name("benchmarks.json");
+    std::fs::write(
+        &json,
+        serde_json::to_string_pretty(&report::json(&outcome, &plan, &machine()))?,
+    )
+    .with_context(|| format!("writing {}", json.display()))?;
     print!("{md}");
-    eprintln!("bench: wrote {} and {}", out.display(), svg.display());
+    eprintln!(
+        "bench: wrote {}, {} and {}",
+        out.display(),
+        svg.display(),
+        json.display()
+    );
     if profile {
         let path = out.with_file_name("profile.md");
         let mut md = format!(

@@ -92,6 +92,44 @@ fn med(samples: &Samples, key: &str, c: Config) -> Option<f64> {
     median(samples.get(key)?.get(&c)?)
 }
 
+fn spread(samples: &Samples, key: &str, c: Config) -> String {
+    let Some(v) = samples.get(key).and_then(|m| m.get(&c)).filter(|v| !v.is_empty()) else {
+        return "–".into();
+    };
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{}–{}", num(Some(lo)), num(Some(hi)))
+}
+
+/// Every sample, per metric and configuration, in round order.
+pub fn json(out: &Outcome, plan: &Plan, m: &Machine) -> serde_json::Value {
+    let samples: serde_json::Map<String, serde_json::Value> = out
+        .samples
+        .iter()
+        .map(|(key, per)| {
+            let per: serde_json::Map<String, serde_json::Value> = per
+                .iter()
+                .map(|(c, v)| (c.label().to_owned(), serde_json::json!(v)))
+                .collect();
+            ((*key).to_owned(), per.into())
+        })
+        .collect();
+    serde_json::json!({
+        "date": m.date,
+        "kernel": m.kernel,
+        "cpu": m.cpu,
+        "cores": m.cores,
+        "mode": if plan.quick { "quick" } else { "full" },
+        "rounds": plan.rounds,
+        "samples": samples,
+        "memory": {
+            "held_connections": out.memory.held,
+            "rss_idle_loaded_bytes": out.memory.rss.iter().map(|(c, (i, l))| (c.label(), [*i, *l])).collect::<std::collections::BTreeMap<_, _>>(),
+            "map_bytes": out.memory.map_bytes,
+        },
+    })
+}
+
 fn num(v: Option<f64>) -> String {
     match v {
         None => "–".into(),
@@ -195,9 +233,25 @@ pub fn markdown(out: &Outcome, plan: &Plan, m: &Machine) -> String {
             ratio_text(ratio(c, b)),
         );
     }
+    if plan.rounds > 1 {
+        let _ = writeln!(
+            s,
+            "\nRound to round (lowest–highest of the {} rounds), to judge the medians by:\n\n\
+             | metric | A direct | B iptables | C connect4 |\n|---|---:|---:|---:|",
+            plan.rounds
+        );
+        for metric in METRICS {
+            let _ = write!(s, "| {} |", metric.label);
+            for c in [Config::Direct, Config::Iptables, Config::Connect4] {
+                let _ = write!(s, " {} |", spread(s_, metric.key, c));
+            }
+            let _ = writeln!(s);
+        }
+    }
     let _ = writeln!(
         s,
-        "\n↑: more is better; ↓: less is better. Ratios are value over value.\n"
+        "\n↑: more is better; ↓: less is better. Ratios are value over value. Every sample is in \
+         `benchmarks.json`.\n"
     );
 
     let _ = writeln!(s, "## The connect4 program alone\n");
