@@ -350,6 +350,8 @@ impl Proxy {
 
 async fn accept_loop(listener: TcpListener, side: Side, shared: Arc<Shared>) {
     let mut conns = JoinSet::new();
+    // Under overload every accept is over the limit: one warning a second, with the count.
+    let mut over_limit = Throttle::default();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -357,7 +359,14 @@ async fn accept_loop(listener: TcpListener, side: Side, shared: Arc<Shared>) {
                     shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
                     let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
                         shared.counters.over_limit.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(%peer, limit = shared.cfg.max_connections, "connection limit reached; resetting");
+                        if let Some(resets) = over_limit.hit() {
+                            tracing::warn!(
+                                %peer,
+                                limit = shared.cfg.max_connections,
+                                resets,
+                                "connection limit reached; resetting"
+                            );
+                        }
                         reset(stream);
                         continue;
                     };
@@ -375,6 +384,29 @@ async fn accept_loop(listener: TcpListener, side: Side, shared: Arc<Shared>) {
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
+    }
+}
+
+/// Lets a repeating event through at most once a second, counting the ones held back.
+#[derive(Default)]
+struct Throttle {
+    last: Option<std::time::Instant>,
+    held: u64,
+}
+
+impl Throttle {
+    /// `Some(n)`: report now, `n` events since the last report (this one included).
+    fn hit(&mut self) -> Option<u64> {
+        self.held += 1;
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held))
     }
 }
 
@@ -486,6 +518,16 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             max_connections,
         }
+    }
+
+    #[test]
+    fn a_throttle_reports_the_first_event_then_counts() {
+        let mut t = Throttle::default();
+        assert_eq!(t.hit(), Some(1));
+        assert_eq!(t.hit(), None);
+        assert_eq!(t.hit(), None);
+        t.last = Some(std::time::Instant::now() - Duration::from_secs(2));
+        assert_eq!(t.hit(), Some(3));
     }
 
     #[test]
