@@ -89,6 +89,10 @@ struct RunArgs {
     /// Upstream connect timeout of the embedded proxy, in milliseconds.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     connect_timeout_ms: u64,
+    /// On SIGTERM, after detaching: how long open proxied connections may finish before they
+    /// are reset, in milliseconds (istio's terminationDrainDuration is 5 s).
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    drain_timeout_ms: u64,
     #[command(flatten)]
     capture: CaptureFlags,
 }
@@ -220,6 +224,7 @@ fn main() -> ExitCode {
                     max_tracked_connections: args.max_tracked_connections,
                     max_proxy_connections: args.max_proxy_connections as usize,
                     connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+                    drain: Duration::from_millis(args.drain_timeout_ms),
                 };
                 run::run(opts, termination.wait()).await
             }

@@ -310,9 +310,12 @@ impl Listeners {
     }
 }
 
-/// The running proxy; dropping it stops the listeners and aborts open connections.
+/// The running proxy; dropping it stops the listeners and resets open connections.
 pub struct Proxy {
     tasks: JoinSet<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+    limit: Arc<Semaphore>,
+    max_connections: usize,
     pub counters: Arc<ProxyCounters>,
 }
 
@@ -328,27 +331,65 @@ impl Proxy {
     /// Starts serving. Must run inside the tokio runtime.
     pub fn start(listening: Listening, table: OriginalDst, dialer: Dialer, cfg: ProxyConfig) -> io::Result<Self> {
         let counters = Arc::new(ProxyCounters::default());
+        let limit = Arc::new(Semaphore::new(cfg.max_connections));
+        let max_connections = cfg.max_connections;
         let shared = Arc::new(Shared {
             table,
             dialer,
-            limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            limit: limit.clone(),
             cfg,
             counters: counters.clone(),
         });
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut tasks = JoinSet::new();
         for (side, listener) in listening.listeners {
             tracing::info!(side = side.name(), addr = %listener.local_addr()?, "proxy listening");
-            tasks.spawn(accept_loop(listener, side, shared.clone()));
+            tasks.spawn(accept_loop(listener, side, shared.clone(), stopped.clone()));
         }
-        Ok(Self { tasks, counters })
+        Ok(Self {
+            tasks,
+            stop,
+            limit,
+            max_connections,
+            counters,
+        })
     }
 
-    pub async fn shutdown(mut self) {
-        self.tasks.shutdown().await;
+    fn active(&self) -> usize {
+        self.max_connections - self.limit.available_permits()
+    }
+
+    /// Closes the listeners (what waits in their backlogs is reset), lets open connections
+    /// finish for up to `grace`, then resets the rest: a connection cut short must not look
+    /// complete to either side.
+    pub async fn drain(mut self, grace: Duration) {
+        let _ = self.stop.send(true);
+        let open = self.active();
+        if open > 0 {
+            tracing::info!(
+                open,
+                grace_ms = grace.as_millis() as u64,
+                "draining proxied connections"
+            );
+        }
+        let finished = tokio::time::timeout(grace, async { while self.tasks.join_next().await.is_some() {} }).await;
+        match finished {
+            Ok(()) if open > 0 => tracing::info!("drained"),
+            Ok(()) => {}
+            Err(_) => {
+                tracing::warn!(reset = self.active(), "drain time is up; resetting what is still open");
+                self.tasks.shutdown().await;
+            }
+        }
     }
 }
 
-async fn accept_loop(listener: TcpListener, side: Side, shared: Arc<Shared>) {
+async fn accept_loop(
+    listener: TcpListener,
+    side: Side,
+    shared: Arc<Shared>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
     let mut conns = JoinSet::new();
     // Under overload every accept is over the limit: one warning a second, with the count.
     let mut over_limit = Throttle::default();
@@ -383,8 +424,12 @@ async fn accept_loop(listener: TcpListener, side: Side, shared: Arc<Shared>) {
                 }
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            // Only ever set to true; a dropped sender (the proxy gone) stops as well.
+            _ = stopped.changed() => break,
         }
     }
+    drop(listener);
+    while conns.join_next().await.is_some() {}
 }
 
 /// Lets a repeating event through at most once a second, counting the ones held back.
@@ -442,15 +487,34 @@ async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared)
     tracing::debug!(%peer, dst = %dst.addr, side = side.name(), "forwarding");
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
+    // An error on either side, or the task aborted at the end of a drain, resets both: an
+    // abort passed on as a clean close would make a cut stream look complete.
+    let mut guard = ResetUnlessDone {
+        streams: [&client, &upstream],
+        done: false,
+    };
     // Half-close is carried across: EOF on one side shuts down writing on the other, and the
     // other direction keeps flowing until it ends too.
     match tokio::try_join!(pump(&client, &upstream), pump(&upstream, &client)) {
-        Ok((up, down)) => tracing::debug!(%peer, dst = %dst.addr, up, down, "closed"),
-        Err(e) => {
-            tracing::debug!(%peer, dst = %dst.addr, "copy ended: {e}");
-            // Pass an abort on rather than turning it into a clean close.
-            reset(client);
-            reset(upstream);
+        Ok((up, down)) => {
+            guard.done = true;
+            tracing::debug!(%peer, dst = %dst.addr, up, down, "closed");
+        }
+        Err(e) => tracing::debug!(%peer, dst = %dst.addr, "copy ended: {e}"),
+    }
+}
+
+struct ResetUnlessDone<'a> {
+    streams: [&'a TcpStream; 2],
+    done: bool,
+}
+
+impl Drop for ResetUnlessDone<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            for s in self.streams {
+                let _ = s.set_zero_linger();
+            }
         }
     }
 }

@@ -42,6 +42,8 @@ pub struct RunOptions {
     pub max_tracked_connections: u32,
     pub max_proxy_connections: usize,
     pub connect_timeout: Duration,
+    /// How long open proxied connections may finish after a stop.
+    pub drain: Duration,
 }
 
 /// Runs until `shutdown` resolves, then detaches and removes everything it created. Any error
@@ -134,7 +136,8 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
 
     shutdown.await;
 
-    // Detach first so no new connection is sent to listeners that are about to close.
+    // Detach first, so that new connections are no longer captured (they go direct, as with
+    // the rules removed) while the proxy drains the ones it holds.
     drop(loaded);
     if let Some(proxy) = proxy {
         let c = &proxy.counters;
@@ -145,7 +148,7 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
             upstream_failed = c.upstream_failed.load(std::sync::atomic::Ordering::Relaxed),
             "proxy stopped"
         );
-        proxy.shutdown().await;
+        proxy.drain(opts.drain).await;
     }
     tracing::info!(name = %opts.name, "detached; pins removed");
     Ok(())

@@ -472,10 +472,23 @@ impl AgentProcess {
 
     /// SIGTERM, then wait (SIGKILL after 10 s). Returns the exit status and what it logged.
     pub fn stop(&mut self) -> io::Result<(std::process::ExitStatus, String)> {
+        self.terminate();
+        self.wait(Duration::from_secs(10))
+    }
+
+    /// SIGTERM, without waiting: the agent detaches, then drains.
+    pub fn terminate(&self) {
+        if let Some(child) = &self.child {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+    }
+
+    /// Waits for the agent to exit (SIGKILL after `within`). Returns the exit status and what
+    /// it logged.
+    pub fn wait(&mut self, within: Duration) -> io::Result<(std::process::ExitStatus, String)> {
         let mut child = self.child.take().ok_or_else(|| io::Error::other("already stopped"))?;
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + within;
         let status = loop {
             if let Some(s) = child.try_wait()? {
                 break s;

@@ -44,6 +44,9 @@ pub struct ProxyArgs {
     /// Upstream connect timeout, in milliseconds.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub connect_timeout_ms: u64,
+    /// On SIGTERM: how long open connections may finish before they are reset, in milliseconds.
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub drain_timeout_ms: u64,
 }
 
 /// Enters the workload and takes the proxy's identity. Must run before any thread exists:
@@ -81,6 +84,6 @@ pub async fn serve(args: &ProxyArgs, shutdown: impl std::future::Future<Output =
         "proxy serving (original destinations from SO_ORIGINAL_DST)"
     );
     shutdown.await;
-    proxy.shutdown().await;
+    proxy.drain(Duration::from_millis(args.drain_timeout_ms)).await;
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! Attach, detach and bad input: nothing left behind, one clear line for every mistake.
 
 use std::{
-    net::Ipv4Addr,
+    io::{self, BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, Shutdown, TcpStream},
     os::unix::{fs::MetadataExt as _, process::CommandExt as _},
     path::Path,
     process::Command,
@@ -354,4 +355,73 @@ fn kernel_features_are_probed() {
         probe: Probe::Helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_sk_assign),
     };
     assert_eq!(probe(&impossible), Ok(false));
+}
+
+/// A proxied connection from the remote host to the app, with the app's banner read: the
+/// connection is through the proxy end to end.
+fn held_inbound(w: &Workload) -> (TcpStream, String) {
+    let remote = w.pair.remote.open().unwrap();
+    let stream = remote
+        .run(|| TcpStream::connect_timeout(&w.pod(APP_PORT).into(), Duration::from_secs(5)))
+        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut banner = String::new();
+    BufReader::new(&stream).read_line(&mut banner).unwrap();
+    assert!(
+        banner.contains("name=app") && banner.contains("peer=127.0.0.6"),
+        "{banner}"
+    );
+    (stream, banner)
+}
+
+/// On SIGTERM the agent detaches at once (new connections go direct, as with the rules
+/// removed) and lets the proxied connections it holds finish, then exits.
+#[test]
+fn sigterm_detaches_then_drains_open_connections() {
+    let mut w = Workload::with_agent("drain", &["--drain-timeout-ms", "60000"]);
+    let (mut held, _) = held_inbound(&w);
+    w.agent.as_ref().unwrap().terminate();
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = w.probe(&w.from_remote(w.pod(APP_PORT)));
+        let direct = r
+            .banner_field("peer")
+            .is_some_and(|p| p.starts_with(&format!("{}:", w.pair.remote_ip)));
+        if direct {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still captured after SIGTERM: {r:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The held connection still crosses the proxy, both ways, to a clean end.
+    let body = vec![7u8; 64 << 10];
+    held.write_all(&body).unwrap();
+    held.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    held.read_to_end(&mut back).unwrap();
+    assert!(back == body, "{} bytes back of {}", back.len(), body.len());
+    drop(held);
+
+    // Its end is the last one the agent waited for: it exits long before the 60 s drain time.
+    let (status, log) = w.agent.as_mut().unwrap().wait(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert!(!pin_dir(&w.name).exists());
+}
+
+/// What is still open when the drain time is up is reset, never closed as if complete.
+#[test]
+fn connections_open_past_the_drain_time_are_reset() {
+    let mut w = Workload::with_agent("drain-cut", &["--drain-timeout-ms", "200"]);
+    let (mut held, _) = held_inbound(&w);
+    w.agent.as_ref().unwrap().terminate();
+    let got = held.read(&mut [0u8; 64]);
+    assert_eq!(
+        got.as_ref().map_err(io::Error::kind).err(),
+        Some(io::ErrorKind::ConnectionReset),
+        "{got:?}"
+    );
+    let (status, log) = w.agent.as_mut().unwrap().wait(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{status}: {log}");
 }
