@@ -596,36 +596,42 @@ pub fn profile(config: Config, plan: &Plan, agent: &Path, data: &Path) -> anyhow
     if !status.success() {
         bail!("perf record failed: {status}");
     }
-    let report = |sort: &str, limit: &str| -> anyhow::Result<String> {
+    let report = |args: &[&str], rows: usize| -> anyhow::Result<String> {
         let out = Command::new("perf")
-            .args([
-                "report",
-                "--stdio",
-                "--no-children",
-                "-g",
-                "none",
-                "--percent-limit",
-                limit,
-            ])
-            .args(["--sort", sort, "-i"])
+            .args(["report", "--stdio", "-g", "none", "--percent-limit", "0.5"])
+            .args(args)
+            .arg("-i")
             .arg(data)
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         let rows: Vec<&str> = text
             .lines()
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .take(30)
+            .take(rows)
             .collect();
         Ok(rows.join("\n"))
     };
     Ok(format!(
         "{} connections in {:?} ({:.0}/s), {} errors\n\nBy thread name (swapper: idle):\n{}\n\n\
-         By symbol:\n{}\n",
+         The proxy's threads alone, inclusive of callees (share of the proxy's samples: where \
+         its time goes, by system call and kernel path):\n{}\n\nBy symbol, self time:\n{}\n",
         crr.completed,
         plan.crr,
         crr.per_second,
         crr.errors,
-        report("comm", "0.5")?,
-        report("comm,dso,sym", "0.5")?
+        report(&["--no-children", "--sort", "comm"], 30)?,
+        report(
+            &[
+                "--children",
+                "--percentage",
+                "relative",
+                "--comms",
+                "tokio-rt-worker,netns-dialer",
+                "--sort",
+                "sym",
+            ],
+            40
+        )?,
+        report(&["--no-children", "--sort", "comm,dso,sym"], 30)?
     ))
 }
