@@ -613,8 +613,9 @@ pub fn profile(config: Config, plan: &Plan, agent: &Path, data: &Path) -> anyhow
     };
     Ok(format!(
         "{} connections in {:?} ({:.0}/s), {} errors\n\nBy thread name (swapper: idle):\n{}\n\n\
-         The proxy's threads alone, inclusive of callees (share of the proxy's samples: where \
-         its time goes, by system call and kernel path):\n{}\n\nBy symbol, self time:\n{}\n",
+         The proxy's threads alone, inclusive of callees (children, then self; share of all \
+         the machine's samples; a sample counts toward every function on its stack, and user \
+         space stacks without frame pointers unwind poorly, so read the kernel rows):\n{}\n\nBy symbol, self time:\n{}\n",
         crr.completed,
         plan.crr,
         crr.per_second,
@@ -624,7 +625,7 @@ pub fn profile(config: Config, plan: &Plan, agent: &Path, data: &Path) -> anyhow
             &[
                 "--children",
                 "--percentage",
-                "relative",
+                "absolute",
                 "--comms",
                 "tokio-rt-worker,netns-dialer",
                 "--sort",
