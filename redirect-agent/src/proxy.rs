@@ -314,8 +314,7 @@ impl Listeners {
 pub struct Proxy {
     tasks: JoinSet<()>,
     stop: tokio::sync::watch::Sender<bool>,
-    limit: Arc<Semaphore>,
-    max_connections: usize,
+    shared: Arc<Shared>,
     pub counters: Arc<ProxyCounters>,
 }
 
@@ -331,12 +330,10 @@ impl Proxy {
     /// Starts serving. Must run inside the tokio runtime.
     pub fn start(listening: Listening, table: OriginalDst, dialer: Dialer, cfg: ProxyConfig) -> io::Result<Self> {
         let counters = Arc::new(ProxyCounters::default());
-        let limit = Arc::new(Semaphore::new(cfg.max_connections));
-        let max_connections = cfg.max_connections;
         let shared = Arc::new(Shared {
             table,
             dialer,
-            limit: limit.clone(),
+            limit: Arc::new(Semaphore::new(cfg.max_connections)),
             cfg,
             counters: counters.clone(),
         });
@@ -349,14 +346,13 @@ impl Proxy {
         Ok(Self {
             tasks,
             stop,
-            limit,
-            max_connections,
+            shared,
             counters,
         })
     }
 
     fn active(&self) -> usize {
-        self.max_connections - self.limit.available_permits()
+        self.shared.cfg.max_connections - self.shared.limit.available_permits()
     }
 
     /// Closes the listeners (what waits in their backlogs is reset), lets open connections

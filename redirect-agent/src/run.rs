@@ -140,7 +140,9 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     // the rules removed) while the proxy drains the ones it holds.
     drop(loaded);
     if let Some(proxy) = proxy {
-        let c = &proxy.counters;
+        let counters = proxy.counters.clone();
+        proxy.drain(opts.drain).await;
+        let c = &counters;
         tracing::info!(
             accepted = c.accepted.load(std::sync::atomic::Ordering::Relaxed),
             forwarded = c.forwarded.load(std::sync::atomic::Ordering::Relaxed),
@@ -148,7 +150,6 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
             upstream_failed = c.upstream_failed.load(std::sync::atomic::Ordering::Relaxed),
             "proxy stopped"
         );
-        proxy.drain(opts.drain).await;
     }
     tracing::info!(name = %opts.name, "detached; pins removed");
     Ok(())

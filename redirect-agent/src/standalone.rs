@@ -72,8 +72,8 @@ pub async fn serve(args: &ProxyArgs, shutdown: impl std::future::Future<Output =
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         max_connections: args.max_proxy_connections as usize,
     }
-    // Raised in `enter` while root; as the proxy identity this only reads it back.
-    .fit_to_descriptors(sys::raise_nofile_limit(args.max_proxy_connections as usize));
+    // Raised in `enter`, while still root.
+    .fit_to_descriptors(sys::nofile_limit().map_or(0, |l| l.rlim_cur));
     let listening = Listeners::bind_here(&cfg)
         .and_then(Listeners::listen)
         .context("proxy listeners")?;

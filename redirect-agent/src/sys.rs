@@ -121,19 +121,24 @@ pub fn require_privileges(what: &str) -> Result<(), SysError> {
 /// netlink, the runtime.
 pub const RESERVED_FDS: u64 = 512;
 
-/// Raises RLIMIT_NOFILE so that `connections` proxied connections fit (each holds two
-/// descriptors), past the hard limit when the process may (CAP_SYS_RESOURCE, bounded by
-/// fs.nr_open), else to the hard limit. Returns the soft limit now in force.
-pub fn raise_nofile_limit(connections: usize) -> u64 {
-    let want = (connections as u64).saturating_mul(2).saturating_add(RESERVED_FDS);
+/// RLIMIT_NOFILE as it is now (soft in `rlim_cur`, hard in `rlim_max`).
+pub fn nofile_limit() -> Option<libc::rlimit> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: valid out-pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim)
+}
+
+/// Raises RLIMIT_NOFILE so that `connections` proxied connections fit (each holds two
+/// descriptors), past the hard limit when the process may (CAP_SYS_RESOURCE, bounded by
+/// fs.nr_open), else to the hard limit. Returns the soft limit now in force.
+pub fn raise_nofile_limit(connections: usize) -> u64 {
+    let want = (connections as u64).saturating_mul(2).saturating_add(RESERVED_FDS);
+    let Some(mut lim) = nofile_limit() else {
         return 0;
-    }
+    };
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
