@@ -5,9 +5,10 @@
 //! the agent it built). Every resource is a guard, so a failing test still cleans up.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Output},
+    time::Duration,
 };
 
 use redirect_agent::{
@@ -149,7 +150,6 @@ impl Workload {
         spec.run(&agent_bin()).unwrap_or_else(|e| panic!("probe {spec:?}: {e}"))
     }
 
-    /// `redirect-agent stats --name N --json`, parsed.
     /// `n` probes at once, each its own process, for connections that overlap in time.
     pub fn probe_concurrently(&self, spec: &ProbeSpec, n: usize) -> Vec<ProbeResult> {
         std::thread::scope(|s| {
@@ -158,6 +158,15 @@ impl Workload {
         })
     }
 
+    /// A connection from the remote host to the pod's `port`, held by the test itself.
+    pub fn dial_from_remote(&self, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
+        self.pair
+            .remote
+            .open()?
+            .run(|| TcpStream::connect_timeout(&self.pod(port).into(), timeout))
+    }
+
+    /// `redirect-agent stats --name N --json`, parsed.
     pub fn stats(&self) -> InstanceStats {
         let out = agent_cmd(&["stats", "--name", &self.name, "--json"]);
         assert!(

@@ -118,14 +118,10 @@ fn connections_past_the_proxy_limit_are_reset() {
     const LIMIT: usize = 2;
     const WAIT: Duration = Duration::from_secs(5);
     let w = Workload::with_agent("inbound-limit", &["--max-proxy-connections", &LIMIT.to_string()]);
-    let remote = w.pair.remote.open().unwrap();
-    let dial = || {
-        remote
-            .run(|| TcpStream::connect_timeout(&w.pod(APP_PORT).into(), WAIT))
-            .unwrap()
-    };
     // The app answers only after the client's FIN, so these hold their proxy slots.
-    let mut held: Vec<TcpStream> = (0..LIMIT).map(|_| dial()).collect();
+    let mut held: Vec<TcpStream> = (0..LIMIT)
+        .map(|_| w.dial_from_remote(APP_PORT, WAIT).unwrap())
+        .collect();
     let deadline = Instant::now() + WAIT;
     while w.app_server.accepted().len() < LIMIT {
         assert!(Instant::now() < deadline, "held connections never reached the app");
@@ -133,12 +129,10 @@ fn connections_past_the_proxy_limit_are_reset() {
     }
 
     // The reset can beat connect() back to the client, so it may surface there or at read.
-    let got = remote
-        .run(|| TcpStream::connect_timeout(&w.pod(APP_PORT).into(), WAIT))
-        .and_then(|mut over| {
-            over.set_read_timeout(Some(WAIT))?;
-            over.read(&mut [0u8; 64])
-        });
+    let got = w.dial_from_remote(APP_PORT, WAIT).and_then(|mut over| {
+        over.set_read_timeout(Some(WAIT))?;
+        over.read(&mut [0u8; 64])
+    });
     assert_eq!(
         got.as_ref().map_err(io::Error::kind).err(),
         Some(io::ErrorKind::ConnectionReset),

@@ -359,11 +359,8 @@ fn kernel_features_are_probed() {
 
 /// A proxied connection from the remote host to the app, with the app's banner read: the
 /// connection is through the proxy end to end.
-fn held_inbound(w: &Workload) -> (TcpStream, String) {
-    let remote = w.pair.remote.open().unwrap();
-    let stream = remote
-        .run(|| TcpStream::connect_timeout(&w.pod(APP_PORT).into(), Duration::from_secs(5)))
-        .unwrap();
+fn held_inbound(w: &Workload) -> TcpStream {
+    let stream = w.dial_from_remote(APP_PORT, Duration::from_secs(5)).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut banner = String::new();
     BufReader::new(&stream).read_line(&mut banner).unwrap();
@@ -371,7 +368,7 @@ fn held_inbound(w: &Workload) -> (TcpStream, String) {
         banner.contains("name=app") && banner.contains("peer=127.0.0.6"),
         "{banner}"
     );
-    (stream, banner)
+    stream
 }
 
 /// On SIGTERM the agent detaches at once (new connections go direct, as with the rules
@@ -379,7 +376,7 @@ fn held_inbound(w: &Workload) -> (TcpStream, String) {
 #[test]
 fn sigterm_detaches_then_drains_open_connections() {
     let mut w = Workload::with_agent("drain", &["--drain-timeout-ms", "60000"]);
-    let (mut held, _) = held_inbound(&w);
+    let mut held = held_inbound(&w);
     w.agent.as_ref().unwrap().terminate();
 
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -414,7 +411,7 @@ fn sigterm_detaches_then_drains_open_connections() {
 #[test]
 fn connections_open_past_the_drain_time_are_reset() {
     let mut w = Workload::with_agent("drain-cut", &["--drain-timeout-ms", "200"]);
-    let (mut held, _) = held_inbound(&w);
+    let mut held = held_inbound(&w);
     w.agent.as_ref().unwrap().terminate();
     let got = held.read(&mut [0u8; 64]);
     assert_eq!(
