@@ -251,7 +251,6 @@ impl Env {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
-    /// The process doing the interception, for CPU and memory: the agent, or the proxy.
     /// CRR for `duration`: new connection per request, CRR_WORKERS at once.
     fn crr(&self, me: &Path, duration: Duration) -> anyhow::Result<LoadResult> {
         let args = [
@@ -267,6 +266,7 @@ impl Env {
         self.client(me, &args)
     }
 
+    /// The process doing the interception, for CPU and memory: the agent, or the proxy.
     fn interceptor_pid(&self) -> Option<u32> {
         self.agent
             .as_ref()
@@ -493,15 +493,7 @@ fn run_config(config: Config, plan: &Plan, agent: &Path, me: &Path, samples: &mu
 /// The hard RLIMIT_NOFILE the interceptors inherit. Raising it takes CAP_SYS_RESOURCE, which
 /// some sandboxes withhold even from root.
 fn nofile_hard() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid out-pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return 0;
-    }
-    lim.rlim_max
+    redirect_agent::sys::nofile_limit().map_or(0, |l| l.rlim_max)
 }
 
 /// As many of `wanted` connections as a proxy can hold under the descriptor limit here (after
@@ -512,8 +504,14 @@ fn holdable(wanted: usize) -> usize {
 }
 
 /// Resident memory idle and holding `plan.hold` proxied connections, and map memory.
-fn measure_memory(config: Config, plan: &Plan, agent: &Path, me: &Path, memory: &mut Memory) -> anyhow::Result<()> {
-    let hold = holdable(plan.hold);
+fn measure_memory(
+    config: Config,
+    hold: usize,
+    plan: &Plan,
+    agent: &Path,
+    me: &Path,
+    memory: &mut Memory,
+) -> anyhow::Result<()> {
     let env = Env::new(config, agent, me)?;
     let pid = env.interceptor_pid().context("no interceptor process")?;
     std::thread::sleep(Duration::from_millis(300));
@@ -560,13 +558,10 @@ pub fn run(plan: &Plan, agent: &Path) -> anyhow::Result<Outcome> {
         }
     }
     let mut memory = Memory::default();
+    let hold = holdable(plan.hold);
     for config in [Config::Iptables, Config::Connect4] {
-        eprintln!(
-            "bench: memory: {} holding {} connections",
-            config.label(),
-            holdable(plan.hold)
-        );
-        measure_memory(config, plan, agent, &me, &mut memory)?;
+        eprintln!("bench: memory: {} holding {hold} connections", config.label());
+        measure_memory(config, hold, plan, agent, &me, &mut memory)?;
     }
     Ok(Outcome {
         samples,
