@@ -57,7 +57,7 @@ fn find_owner(inode: u64) -> io::Result<Option<(i32, i32)>> {
 }
 
 /// Our own descriptor for another process's fd.
-fn dup_from(pid: i32, fd: i32) -> io::Result<OwnedFd> {
+pub(crate) fn dup_from(pid: i32, fd: i32) -> io::Result<OwnedFd> {
     // SAFETY: plain syscalls; each returned fd is owned at once.
     unsafe {
         let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);

@@ -55,6 +55,12 @@ pub enum LoadError {
         netns: PathBuf,
         source: aya::programs::ProgramError,
     },
+    #[error("attaching {prog} to map {map} failed: {source}")]
+    AttachMap {
+        prog: &'static str,
+        map: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,

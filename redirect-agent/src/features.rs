@@ -121,6 +121,42 @@ pub const FEATURES: &[Feature] = &[
         why: "keying original destinations by network namespace",
         probe: Probe::Helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_get_netns_cookie),
     },
+    Feature {
+        name: "cgroup/getsockopt programs",
+        since: "5.3",
+        why: "answering SO_ORIGINAL_DST",
+        probe: Probe::Program(ProgramType::CgroupSockopt),
+    },
+    Feature {
+        name: "bpf_get_netns_cookie in cgroup/getsockopt",
+        since: "5.15",
+        why: "answering SO_ORIGINAL_DST per network namespace",
+        probe: Probe::Helper(ProgramType::CgroupSockopt, BpfHelper::BPF_FUNC_get_netns_cookie),
+    },
+    Feature {
+        name: "sk_skb programs",
+        since: "4.14",
+        why: "the fast path's stream verdict",
+        probe: Probe::Program(ProgramType::SkSkb),
+    },
+    Feature {
+        name: "sk_msg programs",
+        since: "4.17",
+        why: "the fast path (--fast-path)",
+        probe: Probe::Program(ProgramType::SkMsg),
+    },
+    Feature {
+        name: "bpf_msg_redirect_hash in sk_msg",
+        since: "4.18",
+        why: "the fast path (--fast-path)",
+        probe: Probe::Helper(ProgramType::SkMsg, BpfHelper::BPF_FUNC_msg_redirect_hash),
+    },
+    Feature {
+        name: "bpf_get_netns_cookie in sk_msg",
+        since: "5.15",
+        why: "the fast path's keys (--fast-path)",
+        probe: Probe::Helper(ProgramType::SkMsg, BpfHelper::BPF_FUNC_get_netns_cookie),
+    },
 ];
 
 /// A feature this kernel lacks.

@@ -9,6 +9,7 @@ pub mod error;
 pub mod explain;
 pub mod features;
 pub mod flags;
+pub mod listen_in;
 pub mod loader;
 pub mod probe;
 pub mod proxy;

@@ -15,9 +15,9 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps},
+    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SkSkb, SockOps},
 };
-use redirect_common::{MAX_RULES, Rule, Workload, maps, programs};
+use redirect_common::{MAX_RULES, Rule, TupleKey, Workload, fast_path, maps, programs};
 use serde::Serialize;
 
 use crate::{
@@ -50,8 +50,30 @@ pub struct ProgramReport {
 pub fn verifier_report() -> Result<Vec<ProgramReport>, LoadError> {
     let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(LoadError::Object)?;
     let mut out = Vec::new();
-    for name in [programs::SOCK_OPS, programs::SK_LOOKUP, programs::CONNECT4] {
+    for name in [
+        programs::SOCK_OPS,
+        programs::SK_LOOKUP,
+        programs::CONNECT4,
+        programs::GETSOCKOPT,
+        programs::SK_MSG,
+        programs::SK_SKB,
+    ] {
         let info = match name {
+            programs::GETSOCKOPT => {
+                let p: &mut CgroupSockopt = program(&mut ebpf, name)?;
+                p.load().map_err(|e| verifier_error(name, e))?;
+                p.info()
+            }
+            programs::SK_MSG => {
+                let p: &mut SkMsg = program(&mut ebpf, name)?;
+                p.load().map_err(|e| verifier_error(name, e))?;
+                p.info()
+            }
+            programs::SK_SKB => {
+                let p: &mut SkSkb = program(&mut ebpf, name)?;
+                p.load().map_err(|e| verifier_error(name, e))?;
+                p.info()
+            }
             programs::SOCK_OPS => {
                 let p: &mut SockOps = program(&mut ebpf, name)?;
                 p.load().map_err(|e| verifier_error(name, e))?;
@@ -226,11 +248,16 @@ fn verifier_error(prog: &'static str, e: ProgramError) -> LoadError {
 }
 
 impl Loaded {
-    /// Loads the object, pins its maps and loads (verifies) every program, attaching nothing.
-    pub fn load(dirs: InstanceDirs, max_tracked_connections: u32) -> Result<Self, LoadError> {
+    /// Loads the object, pins its maps and loads (verifies) every program it will attach
+    /// (the fast path's two only when asked for), attaching nothing.
+    pub fn load(dirs: InstanceDirs, max_tracked_connections: u32, fast_path: bool) -> Result<Self, LoadError> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::ORIG_BY_COOKIE, max_tracked_connections)
             .map_max_entries(maps::ORIG_BY_TUPLE, max_tracked_connections)
+            .map_max_entries(maps::INBOUND_PENDING, max_tracked_connections)
+            // Both ends of each local pair.
+            .map_max_entries(maps::FAST_PATH_SOCKETS, max_tracked_connections.saturating_mul(2))
+            .map_max_entries(maps::FAST_PATH_SENDERS, max_tracked_connections.saturating_mul(2))
             .load(EBPF_OBJECT)
             .map_err(LoadError::Object)?;
         for name in maps::ALL {
@@ -244,6 +271,14 @@ impl Loaded {
         prog.load().map_err(|e| verifier_error(programs::SK_LOOKUP, e))?;
         let prog: &mut CgroupSockAddr = program(&mut ebpf, programs::CONNECT4)?;
         prog.load().map_err(|e| verifier_error(programs::CONNECT4, e))?;
+        let prog: &mut CgroupSockopt = program(&mut ebpf, programs::GETSOCKOPT)?;
+        prog.load().map_err(|e| verifier_error(programs::GETSOCKOPT, e))?;
+        if fast_path {
+            let prog: &mut SkMsg = program(&mut ebpf, programs::SK_MSG)?;
+            prog.load().map_err(|e| verifier_error(programs::SK_MSG, e))?;
+            let prog: &mut SkSkb = program(&mut ebpf, programs::SK_SKB)?;
+            prog.load().map_err(|e| verifier_error(programs::SK_SKB, e))?;
+        }
         Ok(Self { ebpf, dirs })
     }
 
@@ -292,6 +327,37 @@ impl Loaded {
         T::try_from(map).map_err(|source| LoadError::Map { map: name, source })
     }
 
+    /// Attaches the fast path's programs to its sockhash: before sock_ops, because a socket
+    /// takes the sockhash's programs when it joins, not later. The returned handle keeps them
+    /// attached: the kernel detaches a sockhash's programs when its last user reference goes.
+    pub fn attach_fast_path(&mut self) -> Result<(FastPathSockets, Vec<ProgramState>), LoadError> {
+        let map: SockHash<MapData, TupleKey> = self.take(maps::FAST_PATH_SOCKETS)?;
+        let senders: HashMap<MapData, TupleKey, u8> = self.take(maps::FAST_PATH_SENDERS)?;
+        let mut states = Vec::new();
+        let attach_err = |prog: &'static str| {
+            move |source| LoadError::AttachMap {
+                prog,
+                map: maps::FAST_PATH_SOCKETS,
+                source,
+            }
+        };
+        // The verdict first: a socket must never sit in the sockhash without it on the kernels
+        // whose readiness wakeups need it (see redirect-ebpf/src/sk_skb.rs).
+        let prog: &mut SkSkb = program(&mut self.ebpf, programs::SK_SKB)?;
+        prog.attach(map.fd()).map_err(attach_err(programs::SK_SKB))?;
+        states.push(ProgramState {
+            name: programs::SK_SKB.into(),
+            id: prog_id(prog.info())?,
+        });
+        let prog: &mut SkMsg = program(&mut self.ebpf, programs::SK_MSG)?;
+        prog.attach(map.fd()).map_err(attach_err(programs::SK_MSG))?;
+        states.push(ProgramState {
+            name: programs::SK_MSG.into(),
+            id: prog_id(prog.info())?,
+        });
+        Ok((FastPathSockets { map, senders }, states))
+    }
+
     /// Attaches sock_ops to the cgroup: first, so that every socket connect4 will redirect,
     /// and every capture listener the workload opens from now on, is seen.
     ///
@@ -333,6 +399,17 @@ impl Loaded {
             name: programs::SK_LOOKUP.into(),
             id: prog_id(prog.info())?,
         });
+        // Before connect4, so that a connection it captures can ask for its destination.
+        let prog: &mut CgroupSockopt = program(&mut self.ebpf, programs::GETSOCKOPT)?;
+        prog.attach(cgroup, LINK_MODE).map_err(|source| LoadError::Attach {
+            prog: programs::GETSOCKOPT,
+            cgroup: cgroup_path.to_owned(),
+            source,
+        })?;
+        ids.push(ProgramState {
+            name: programs::GETSOCKOPT.into(),
+            id: prog_id(prog.info())?,
+        });
         let prog: &mut CgroupSockAddr = program(&mut self.ebpf, programs::CONNECT4)?;
         prog.attach(cgroup, LINK_MODE).map_err(|source| LoadError::Attach {
             prog: programs::CONNECT4,
@@ -344,6 +421,33 @@ impl Loaded {
             id: prog_id(prog.info())?,
         });
         Ok(ids)
+    }
+}
+
+/// The fast path's sockhash and sender states, for sockets the agent itself owns (the
+/// embedded proxy's upstream connections, made outside the workload's cgroup, where sock_ops
+/// never sees them). Holding it keeps the fast path's programs attached.
+pub struct FastPathSockets {
+    map: SockHash<MapData, TupleKey>,
+    senders: HashMap<MapData, TupleKey, u8>,
+}
+
+impl FastPathSockets {
+    /// Enrolls a connected socket under `key` (its own view of the connection). Must happen
+    /// before it sends anything: its first message decides its path for good.
+    pub fn enroll(&mut self, key: TupleKey, socket: &impl AsRawFd) -> Result<(), MapError> {
+        // The state before the socket, as sock_ops does: sk_msg treats a socket without one as
+        // "TCP for good".
+        self.senders.insert(key, fast_path::UNDECIDED, 0)?;
+        self.map.insert(key, socket.as_raw_fd(), 0).inspect_err(|_| {
+            let _ = self.senders.remove(&key);
+        })
+    }
+
+    /// Forgets a socket's sender state once it is closed (the kernel drops the socket from
+    /// the sockhash itself).
+    pub fn forget(&mut self, key: &TupleKey) {
+        let _ = self.senders.remove(key);
     }
 }
 

@@ -55,6 +55,9 @@ enum Command {
     /// Test servers inside a workload (used by the tests).
     #[command(hide = true)]
     Serve(serve::ServeArgs),
+    /// Listens inside a workload's cgroup for the agent's proxy (`run --fast-path`).
+    #[command(hide = true)]
+    ListenIn(redirect_agent::listen_in::ListenInArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -93,6 +96,10 @@ struct RunArgs {
     /// are reset, in milliseconds (istio's terminationDrainDuration is 5 s).
     #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
     drain_timeout_ms: u64,
+    /// Hand bytes between the two local ends of captured connections (app and proxy) with
+    /// sk_msg, skipping TCP/IP on loopback. Off by default: see the README's "Fast path".
+    #[arg(long)]
+    fast_path: bool,
     #[command(flatten)]
     capture: CaptureFlags,
 }
@@ -199,6 +206,9 @@ fn main() -> ExitCode {
     if let Command::Serve(args) = &cli.command {
         return serve::main(args);
     }
+    if let Command::ListenIn(args) = &cli.command {
+        return redirect_agent::listen_in::main(args);
+    }
     init_tracing();
     // Namespace, cgroup and identity are per task: taken before the runtime's threads exist.
     if let Command::Proxy(args) = &cli.command
@@ -225,6 +235,7 @@ fn main() -> ExitCode {
                     max_proxy_connections: args.max_proxy_connections as usize,
                     connect_timeout: Duration::from_millis(args.connect_timeout_ms),
                     drain: Duration::from_millis(args.drain_timeout_ms),
+                    fast_path: args.fast_path,
                 };
                 run::run(opts, termination.wait()).await
             }
@@ -253,7 +264,9 @@ fn main() -> ExitCode {
                 standalone::serve(&args, termination.wait()).await
             }
             Command::Demo => demo::run(),
-            Command::Probe(_) | Command::Serve(_) => unreachable!("handled before the runtime starts"),
+            Command::Probe(_) | Command::Serve(_) | Command::ListenIn(_) => {
+                unreachable!("handled before the runtime starts")
+            }
         }
     });
     match result {

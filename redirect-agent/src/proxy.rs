@@ -29,15 +29,25 @@ use crate::sys::Netns;
 
 /// Bytes buffered per direction per connection.
 const COPY_BUF: usize = 64 * 1024;
-const LISTEN_BACKLOG: u32 = 1024;
+pub const LISTEN_BACKLOG: u32 = 1024;
 
 /// The original destination of connections accepted on the capture ports.
 ///
-/// This is the one lookup every listener uses: the key is the accepted socket's peer (the
-/// workload's socket) and local address (the capture listener), plus the namespace, exactly
-/// as `sockops` wrote it when the workload's side became established.
+/// This is the one lookup every listener uses, and the same one `cgroup/getsockopt` answers
+/// `SO_ORIGINAL_DST` from (`redirect-ebpf/src/maps.rs`, `orig_dst`), so the embedded proxy and
+/// a proxy behind `--proxy none` see the same destinations. The key is the connection as its
+/// connecting end sees it: the accepted socket's peer is the source, its local address the
+/// destination, plus the namespace.
+///
+/// - `ORIG_BY_TUPLE`: connections connect4 redirected (written by sock_ops when the workload's
+///   end became established), and inbound ones once a capture listener in the workload's cgroup
+///   accepted them.
+/// - `INBOUND_PENDING`: inbound connections sk_lookup handed to the capture listener, from
+///   their SYN. (sk_lookup rewrites nothing: the destination is also the accepted socket's
+///   local address, but only the map says the connection was captured.)
 pub struct OrigDstTable {
-    map: HashMap<MapData, TupleKey, OrigDst>,
+    established: HashMap<MapData, TupleKey, OrigDst>,
+    pending: std::sync::Mutex<HashMap<MapData, TupleKey, OrigDst>>,
     netns_cookie: u64,
 }
 
@@ -52,74 +62,79 @@ fn be(ip: Ipv4Addr) -> u32 {
     u32::from(ip).to_be()
 }
 
+/// A connection's key in the maps, from the socket at one end: `local` and `peer` are that
+/// socket's addresses. Seen from the connecting end, the source is `local`.
+pub fn tuple_key(netns_cookie: u64, src: SocketAddrV4, dst: SocketAddrV4) -> TupleKey {
+    TupleKey {
+        netns_cookie,
+        src_addr: be(*src.ip()),
+        dst_addr: be(*dst.ip()),
+        src_port: src.port(),
+        dst_port: dst.port(),
+        _pad: 0,
+    }
+}
+
 impl OrigDstTable {
-    pub fn new(map: HashMap<MapData, TupleKey, OrigDst>, netns_cookie: u64) -> Self {
-        Self { map, netns_cookie }
+    pub fn new(
+        established: HashMap<MapData, TupleKey, OrigDst>,
+        pending: HashMap<MapData, TupleKey, OrigDst>,
+        netns_cookie: u64,
+    ) -> Self {
+        Self {
+            established,
+            pending: std::sync::Mutex::new(pending),
+            netns_cookie,
+        }
     }
 
-    /// Where a connection accepted on a capture listener was going. `peer` and `local` are
-    /// the accepted socket's addresses, `listen_port` the listener's port.
-    ///
-    /// connect4 rewrote the workload's connect() to the capture port, so such a connection is
-    /// connected to `listen_port` and its destination is in the map, under the 4-tuple that
-    /// sockops wrote. sk_lookup rewrites nothing: a connection it handed to the inbound
-    /// listener still has its original destination as the local address. `None`: nothing is
-    /// known (not redirected by us, already closed, or a connection straight to the capture
-    /// port, which must not be forwarded back to the listener).
-    pub fn lookup(&self, peer: SocketAddrV4, local: SocketAddrV4, listen_port: u16) -> Option<Destination> {
-        if local.port() != listen_port {
-            return Some(Destination {
-                addr: local,
-                target: Some(Target::InRedirect),
-            });
-        }
-        let key = TupleKey {
-            netns_cookie: self.netns_cookie,
-            src_addr: be(*peer.ip()),
-            dst_addr: be(*local.ip()),
-            src_port: peer.port(),
-            dst_port: local.port(),
-            _pad: 0,
+    /// Where a connection accepted on a capture listener was going: `peer` and `local` are
+    /// the accepted socket's addresses. `None`: not captured by us (or already closed) — a
+    /// connection straight to a capture port, which must not be forwarded back to it.
+    pub fn lookup(&self, peer: SocketAddrV4, local: SocketAddrV4) -> Option<Destination> {
+        let key = tuple_key(self.netns_cookie, peer, local);
+        let v = match self.established.get(&key, 0) {
+            Ok(v) => v,
+            Err(_) => self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key, 0)
+                .ok()?,
         };
-        let v = self.map.get(&key, 0).ok()?;
         Some(Destination {
             addr: SocketAddrV4::new(Ipv4Addr::from(u32::from_be(v.addr)), v.port),
             target: Target::from_u8(v.target),
         })
     }
-}
 
-/// The original destination a REDIRECT target keeps for an accepted socket in conntrack
-/// (`getsockopt(SOL_IP, SO_ORIGINAL_DST)`), for a proxy behind istio-iptables' own rules.
-fn so_original_dst(stream: &TcpStream) -> io::Result<SocketAddrV4> {
-    const SO_ORIGINAL_DST: libc::c_int = 80;
-    let sa: libc::sockaddr_in = crate::sys::getsockopt(stream, libc::SOL_IP, SO_ORIGINAL_DST)?;
-    Ok(SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
-        u16::from_be(sa.sin_port),
-    ))
+    /// The embedded proxy has read an accepted connection's destination: a pending inbound
+    /// entry is dropped now, because its socket is not in the workload's cgroup and no sock_ops
+    /// close callback will remove it.
+    fn consumed(&self, peer: SocketAddrV4, local: SocketAddrV4) {
+        let key = tuple_key(self.netns_cookie, peer, local);
+        let _ = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+    }
 }
 
 /// Where the proxy learns an accepted connection's original destination.
 pub enum OriginalDst {
     /// From redirect's own programs (the agent's embedded proxy).
-    Maps(OrigDstTable),
+    Maps(Box<OrigDstTable>),
     /// From conntrack, behind iptables REDIRECT (`redirect-agent proxy`).
     Conntrack,
 }
 
 impl OriginalDst {
-    fn lookup(
-        &self,
-        stream: &TcpStream,
-        peer: SocketAddrV4,
-        local: SocketAddrV4,
-        listen_port: u16,
-    ) -> Option<Destination> {
+    fn lookup(&self, stream: &TcpStream, peer: SocketAddrV4, local: SocketAddrV4) -> Option<Destination> {
         match self {
-            Self::Maps(table) => table.lookup(peer, local, listen_port),
+            Self::Maps(table) => {
+                let dst = table.lookup(peer, local);
+                table.consumed(peer, local);
+                dst
+            }
             Self::Conntrack => {
-                let addr = so_original_dst(stream).ok()?;
+                let addr = crate::sys::original_dst(stream).ok()?;
                 // Not redirected (a connection straight to the capture port): nothing to forward to.
                 (addr != local).then_some(Destination { addr, target: None })
             }
@@ -270,6 +285,20 @@ pub struct Listening {
 }
 
 impl Listening {
+    /// Sockets already listening (made elsewhere, e.g. by `listen_in`). Must run inside the
+    /// tokio runtime.
+    pub fn from_fds(fds: impl IntoIterator<Item = (Side, std::os::fd::OwnedFd)>) -> io::Result<Self> {
+        let listeners = fds
+            .into_iter()
+            .map(|(side, fd)| {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true)?;
+                Ok((side, TcpListener::from_std(l)?))
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(Self { listeners })
+    }
+
     pub fn get(&self, side: Side) -> Option<&TcpListener> {
         self.listeners.iter().find(|(s, _)| *s == side).map(|(_, l)| l)
     }
@@ -318,8 +347,16 @@ pub struct Proxy {
     pub counters: Arc<ProxyCounters>,
 }
 
+/// The embedded proxy's part of `--fast-path`: its upstream connections to the workload's own
+/// app (source 127.0.0.6) join the sockhash, since sock_ops only sees the app's end.
+pub struct FastPath {
+    pub sockets: crate::loader::FastPathSockets,
+    pub netns_cookie: u64,
+}
+
 struct Shared {
     table: OriginalDst,
+    fast_path: Option<std::sync::Mutex<FastPath>>,
     dialer: Dialer,
     cfg: ProxyConfig,
     limit: Arc<Semaphore>,
@@ -328,10 +365,17 @@ struct Shared {
 
 impl Proxy {
     /// Starts serving. Must run inside the tokio runtime.
-    pub fn start(listening: Listening, table: OriginalDst, dialer: Dialer, cfg: ProxyConfig) -> io::Result<Self> {
+    pub fn start(
+        listening: Listening,
+        table: OriginalDst,
+        dialer: Dialer,
+        cfg: ProxyConfig,
+        fast_path: Option<FastPath>,
+    ) -> io::Result<Self> {
         let counters = Arc::new(ProxyCounters::default());
         let shared = Arc::new(Shared {
             table,
+            fast_path: fast_path.map(std::sync::Mutex::new),
             dialer,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
             cfg,
@@ -462,11 +506,7 @@ async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared)
         tracing::warn!(%peer, "not an IPv4 connection; resetting");
         return reset(client);
     };
-    let listen_port = match side {
-        Side::Outbound => shared.cfg.outbound.port(),
-        Side::Inbound => shared.cfg.inbound.port(),
-    };
-    let Some(dst) = shared.table.lookup(&client, peer4, local, listen_port) else {
+    let Some(dst) = shared.table.lookup(&client, peer4, local) else {
         shared.counters.no_original_dst.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%peer, %local, "no original destination recorded for this connection; resetting");
         return reset(client);
@@ -481,6 +521,10 @@ async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared)
     };
     shared.counters.forwarded.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(%peer, dst = %dst.addr, side = side.name(), "forwarding");
+    // Before the first byte is written to it.
+    let _enrolled = (side == Side::Inbound)
+        .then(|| shared.fast_path.as_ref().and_then(|f| Enrolled::new(f, &upstream)))
+        .flatten();
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     // An error on either side, or the task aborted at the end of a drain, resets both: an
@@ -497,6 +541,38 @@ async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared)
             tracing::debug!(%peer, dst = %dst.addr, up, down, "closed");
         }
         Err(e) => tracing::debug!(%peer, dst = %dst.addr, "copy ended: {e}"),
+    }
+}
+
+/// An upstream socket in the fast path's sockhash; its sender state is forgotten when the
+/// connection ends.
+struct Enrolled<'a> {
+    fast_path: &'a std::sync::Mutex<FastPath>,
+    key: TupleKey,
+}
+
+impl<'a> Enrolled<'a> {
+    fn new(fast_path: &'a std::sync::Mutex<FastPath>, socket: &TcpStream) -> Option<Self> {
+        let (Ok(SocketAddr::V4(local)), Ok(SocketAddr::V4(peer))) = (socket.local_addr(), socket.peer_addr()) else {
+            return None;
+        };
+        let mut f = fast_path.lock().unwrap_or_else(|e| e.into_inner());
+        let key = tuple_key(f.netns_cookie, local, peer);
+        match f.sockets.enroll(key, socket) {
+            Ok(()) => Some(Self { fast_path, key }),
+            Err(e) => {
+                // Not fatal: this connection keeps TCP.
+                tracing::debug!(%local, %peer, "fast path: not enrolled: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Enrolled<'_> {
+    fn drop(&mut self) {
+        let mut f = self.fast_path.lock().unwrap_or_else(|e| e.into_inner());
+        f.sockets.forget(&self.key);
     }
 }
 

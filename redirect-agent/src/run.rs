@@ -19,7 +19,10 @@ use crate::{
     addrs::LocalAddrs,
     adopt, features,
     loader::{self, InboundListener, InstanceDirs, InstanceState, Loaded},
-    proxy::{Dialer, Listeners, NetnsDialer, OrigDstTable, OriginalDst, Proxy, ProxyConfig, Side},
+    proxy::{
+        Dialer, FastPath, LISTEN_BACKLOG, Listeners, Listening, NetnsDialer, OrigDstTable, OriginalDst, Proxy,
+        ProxyConfig, Side,
+    },
     sys::{self, Netns},
 };
 
@@ -44,6 +47,8 @@ pub struct RunOptions {
     pub connect_timeout: Duration,
     /// How long open proxied connections may finish after a stop.
     pub drain: Duration,
+    /// `--fast-path`: sk_msg between the local ends of captured connections.
+    pub fast_path: bool,
 }
 
 /// Runs until `shutdown` resolves, then detaches and removes everything it created. Any error
@@ -62,7 +67,7 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     sys::ensure_bpffs()?;
 
     let dirs = InstanceDirs::claim(&opts.name)?;
-    let mut loaded = Loaded::load(dirs, opts.max_tracked_connections)?;
+    let mut loaded = Loaded::load(dirs, opts.max_tracked_connections, opts.fast_path)?;
     loaded.set_workload(
         netns_cookie,
         &rules,
@@ -85,6 +90,16 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     let _watcher = AbortOnDrop(watcher);
 
     let mut inbound_listener = InboundListener::new(loaded.take(maps::INBOUND_LISTENERS)?, netns_cookie);
+    // Attached before sock_ops (sockets take a sockhash's programs when they join it).
+    let mut programs = Vec::new();
+    let mut fast_path = match opts.fast_path {
+        true => {
+            let (sockets, attached) = loaded.attach_fast_path()?;
+            programs.extend(attached);
+            Some(sockets)
+        }
+        false => None,
+    };
     let proxy = match opts.proxy {
         ProxyMode::None => None,
         ProxyMode::Embedded => {
@@ -96,21 +111,31 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
             }
             // Only now, with the instance claimed and loaded: a refused run prints one line.
             .fit_to_descriptors(sys::raise_nofile_limit(opts.max_proxy_connections));
-            let listening = Listeners::bind(&netns, &cfg)
-                .and_then(Listeners::listen)
-                .with_context(|| format!("proxy listeners in {}", opts.netns.display()))?;
+            let listening = if opts.fast_path {
+                // The workload's own sockets, so that sock_ops sees the proxy's accepted ends.
+                crate::listen_in::listeners(&opts.cgroup, &opts.netns, &[cfg.outbound, cfg.inbound], LISTEN_BACKLOG)
+                    .and_then(|fds| Listening::from_fds([Side::Outbound, Side::Inbound].into_iter().zip(fds)))
+            } else {
+                Listeners::bind(&netns, &cfg).and_then(Listeners::listen)
+            }
+            .with_context(|| format!("proxy listeners in {}", opts.netns.display()))?;
             // sk_lookup hands connections from other hosts to this socket; sock_ops cannot
             // register it because the agent is not in the workload's cgroup.
             if let Some(l) = listening.get(Side::Inbound) {
                 inbound_listener.register(l)?;
             }
-            let table = OriginalDst::Maps(OrigDstTable::new(loaded.take(maps::ORIG_BY_TUPLE)?, netns_cookie));
+            let table = OriginalDst::Maps(Box::new(OrigDstTable::new(
+                loaded.take(maps::ORIG_BY_TUPLE)?,
+                loaded.take(maps::INBOUND_PENDING)?,
+                netns_cookie,
+            )));
             let dialer = Dialer::Netns(NetnsDialer::start(&netns)?);
-            Some(Proxy::start(listening, table, dialer, cfg)?)
+            let fast_path = fast_path.take().map(|sockets| FastPath { sockets, netns_cookie });
+            Some(Proxy::start(listening, table, dialer, cfg, fast_path)?)
         }
     };
 
-    let mut programs = vec![loaded.attach_sock_ops(&cgroup, &opts.cgroup)?];
+    programs.push(loaded.attach_sock_ops(&cgroup, &opts.cgroup)?);
     if opts.proxy == ProxyMode::None && !opts.capture.inbound_ports.is_empty() {
         // sock_ops sees listen() calls from now on; a proxy that listened before is found here.
         adopt_listener(&netns, opts.capture.inbound_capture_port, &mut inbound_listener)?;
@@ -137,7 +162,8 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     shutdown.await;
 
     // Detach first, so that new connections are no longer captured (they go direct, as with
-    // the rules removed) while the proxy drains the ones it holds.
+    // the rules removed) while the proxy drains the ones it holds. The fast path (held by the
+    // proxy, or here) stays attached until the connections on it are done.
     drop(loaded);
     if let Some(proxy) = proxy {
         let counters = proxy.counters.clone();
@@ -151,6 +177,7 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
             "proxy stopped"
         );
     }
+    drop(fast_path);
     tracing::info!(name = %opts.name, "detached; pins removed");
     Ok(())
 }

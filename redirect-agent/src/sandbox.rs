@@ -171,9 +171,11 @@ pub struct TestServer {
     thread: Option<JoinHandle<()>>,
 }
 
-/// The first line a [`TestServer`] sends.
-pub fn server_banner(name: &str, local: SocketAddr, peer: SocketAddr) -> String {
-    format!("REDIRECT-TEST name={name} local={local} peer={peer}\n")
+/// The first line a [`TestServer`] sends: its name, the connection's addresses, and what
+/// `getsockopt(SO_ORIGINAL_DST)` answered on the accepted socket (`-` for an error).
+pub fn server_banner(name: &str, local: SocketAddr, peer: SocketAddr, orig: Option<SocketAddrV4>) -> String {
+    let orig = orig.map_or_else(|| "-".to_owned(), |o| o.to_string());
+    format!("REDIRECT-TEST name={name} local={local} peer={peer} orig={orig}\n")
 }
 
 impl TestServer {
@@ -224,7 +226,8 @@ pub(crate) fn serve_one(mut stream: TcpStream, peer: SocketAddr, name: &str) -> 
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let local = stream.local_addr()?;
-    stream.write_all(server_banner(name, local, peer).as_bytes())?;
+    let orig = crate::sys::original_dst(&stream).ok();
+    stream.write_all(server_banner(name, local, peer, orig).as_bytes())?;
     let mut body = Vec::new();
     (&mut stream).take(SERVER_MAX_BYTES as u64).read_to_end(&mut body)?;
     stream.write_all(&body)?;

@@ -77,7 +77,7 @@ pub async fn serve(args: &ProxyArgs, shutdown: impl std::future::Future<Output =
     let listening = Listeners::bind_here(&cfg)
         .and_then(Listeners::listen)
         .context("proxy listeners")?;
-    let proxy = Proxy::start(listening, OriginalDst::Conntrack, Dialer::Here, cfg)?;
+    let proxy = Proxy::start(listening, OriginalDst::Conntrack, Dialer::Here, cfg, None)?;
     tracing::info!(
         uid = args.uid,
         gid = args.gid,

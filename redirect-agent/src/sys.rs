@@ -5,6 +5,7 @@ use std::{
     fs::File,
     io,
     mem::MaybeUninit,
+    net::{Ipv4Addr, SocketAddrV4},
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
@@ -245,6 +246,17 @@ pub fn getsockopt<T: Copy>(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_
     }
     // SAFETY: zero-initialised, and T is a plain value for which any bytes are valid.
     Ok(unsafe { value.assume_init() })
+}
+
+/// `getsockopt(SOL_IP, SO_ORIGINAL_DST)`: where an accepted connection was going before a
+/// REDIRECT (conntrack's answer), or before the agent captured it (its getsockopt program's).
+pub fn original_dst(socket: &impl AsRawFd) -> io::Result<SocketAddrV4> {
+    const SO_ORIGINAL_DST: libc::c_int = 80;
+    let sa: libc::sockaddr_in = getsockopt(socket, libc::SOL_IP, SO_ORIGINAL_DST)?;
+    Ok(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+        u16::from_be(sa.sin_port),
+    ))
 }
 
 /// The calling thread's network namespace cookie (SO_NETNS_COOKIE, 5.14+).

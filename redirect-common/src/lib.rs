@@ -18,6 +18,10 @@ pub mod config;
 /// beyond this are rejected by the agent rather than silently truncated.
 pub const MAX_RULES: usize = 64;
 
+/// 127.0.0.6, Envoy's inbound passthrough source, in network byte order as the kernel's
+/// address fields hold it: the proxy's connections to its own app come from here.
+pub const INBOUND_PASSTHROUGH_SRC_BE: u32 = u32::from_ne_bytes([127, 0, 0, 6]);
+
 /// Most workloads one set of programs serves (counter slots = `MAX_WORKLOADS * MAX_RULES`).
 pub const MAX_WORKLOADS: u32 = 64;
 
@@ -31,10 +35,26 @@ pub mod events {
     /// connect4 redirected a connection but could not record its original destination (map
     /// full): the proxy will reset it.
     pub const ORIG_DST_NOT_RECORDED: u32 = 1;
+    /// getsockopt(SOL_IP, SO_ORIGINAL_DST) answered from the maps, as conntrack would.
+    pub const ORIG_DST_ANSWERED: u32 = 2;
+    /// A socket of a captured local pair joined the fast path's sockhash.
+    pub const FAST_PATH_ENROLLED: u32 = 3;
+    /// A sender's first message found its peer in the sockhash: all its bytes skip TCP/IP.
+    pub const FAST_PATH_REDIRECTED: u32 = 4;
+    /// A sender's first message found no peer (it had not joined yet): the connection keeps
+    /// TCP in that direction, since mixing paths would reorder bytes.
+    pub const FAST_PATH_DECLINED: u32 = 5;
     /// Slots per workload (room to grow without changing the map's layout).
     pub const PER_WORKLOAD: u32 = 8;
     /// Names as `stats` prints them, by slot.
-    pub const NAMES: [&str; 2] = ["inbound_no_listener", "orig_dst_not_recorded"];
+    pub const NAMES: [&str; 6] = [
+        "inbound_no_listener",
+        "orig_dst_not_recorded",
+        "orig_dst_answered",
+        "fast_path_enrolled",
+        "fast_path_redirected",
+        "fast_path_declined",
+    ];
 }
 
 /// Map names, shared so the agent and `stats` find what the programs declare.
@@ -56,8 +76,16 @@ pub mod maps {
     pub const ADDR_OWNERS: &str = "ADDR_OWNERS";
     /// netns cookie -> the socket listening on that workload's inbound capture port.
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    /// [`crate::TupleKey`] -> [`crate::OrigDst`]: inbound connections sk_lookup handed to the
+    /// capture listener, from the SYN until accepted (or aged out, if never established).
+    pub const INBOUND_PENDING: &str = "INBOUND_PENDING";
+    /// [`crate::TupleKey`] (the socket's own view) -> socket: both ends of captured local
+    /// pairs, for sk_msg to hand bytes from one to the other (`--fast-path`).
+    pub const FAST_PATH_SOCKETS: &str = "FAST_PATH_SOCKETS";
+    /// [`crate::TupleKey`] (the sender's view) -> a [`crate::fast_path`] state.
+    pub const FAST_PATH_SENDERS: &str = "FAST_PATH_SENDERS";
     /// Every map the agent pins while it runs.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 11] = [
         WORKLOADS,
         LOCAL_ADDRS,
         RULE_COUNTERS,
@@ -66,7 +94,22 @@ pub mod maps {
         ORIG_BY_TUPLE,
         ADDR_OWNERS,
         INBOUND_LISTENERS,
+        INBOUND_PENDING,
+        FAST_PATH_SOCKETS,
+        FAST_PATH_SENDERS,
     ];
+}
+
+/// What sk_msg knows of a sender in `FAST_PATH_SENDERS`. A connection's bytes in one direction
+/// must all take one path: a receiver reads redirected bytes before any still queued by TCP, so
+/// a sender that switched paths mid-stream would reorder its own stream.
+pub mod fast_path {
+    /// Enrolled before it sent anything; its first message decides.
+    pub const UNDECIDED: u8 = 0;
+    /// Its first message reached the peer's socket directly; so do all later ones.
+    pub const REDIRECT: u8 = 1;
+    /// Its first message went over TCP (no peer yet), or a redirect failed: TCP for good.
+    pub const TCP: u8 = 2;
 }
 
 /// Program names (the Rust function names in `redirect-ebpf`).
@@ -74,6 +117,9 @@ pub mod programs {
     pub const CONNECT4: &str = "redirect_connect4";
     pub const SOCK_OPS: &str = "redirect_sockops";
     pub const SK_LOOKUP: &str = "redirect_sk_lookup";
+    pub const GETSOCKOPT: &str = "redirect_getsockopt";
+    pub const SK_MSG: &str = "redirect_sk_msg";
+    pub const SK_SKB: &str = "redirect_sk_skb";
 }
 
 /// Bits of [`Workload::flags`].
@@ -85,6 +131,8 @@ pub mod workload_flags {
     /// workload's own listener on the inbound capture port. Without it the agent registers its
     /// embedded proxy's listener, and a workload socket on that port must not replace it.
     pub const WORKLOAD_LISTENER: u32 = 1 << 1;
+    /// `--fast-path`: sock_ops enrolls both ends of captured local pairs in the sockhash.
+    pub const FAST_PATH: u32 = 1 << 2;
 }
 
 /// One workload's configuration, keyed by its network namespace cookie.
@@ -173,6 +221,21 @@ pub struct TupleKey {
     /// Host byte order.
     pub dst_port: u16,
     pub _pad: u32,
+}
+
+impl TupleKey {
+    /// The same connection seen from its other end.
+    #[inline(always)]
+    pub const fn reversed(&self) -> Self {
+        Self {
+            netns_cookie: self.netns_cookie,
+            src_addr: self.dst_addr,
+            dst_addr: self.src_addr,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            _pad: 0,
+        }
+    }
 }
 
 #[cfg(feature = "user")]

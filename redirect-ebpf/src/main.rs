@@ -5,8 +5,11 @@
 
 mod chain;
 mod connect4;
+mod getsockopt;
 mod maps;
 mod sk_lookup;
+mod sk_msg;
+mod sk_skb;
 mod sockops;
 
 #[cfg(not(test))]

@@ -48,6 +48,34 @@ pub static ADDR_OWNERS: HashMap<u32, u64, 4096> = HashMap::new();
 #[btf_map]
 pub static INBOUND_LISTENERS: SockHash<u64, WORKLOAD_SLOTS> = SockHash::new();
 
+/// Connection 4-tuple (+ netns) -> original destination of an inbound connection sk_lookup
+/// handed to the capture listener: from its SYN until sock_ops moves it to `ORIG_BY_TUPLE`
+/// (listeners inside the workload's cgroup) or the embedded proxy reads it. An LRU of its own,
+/// so that SYNs from other hosts that never complete age out here and never push established
+/// connections out of `ORIG_BY_TUPLE`.
+#[btf_map]
+pub static INBOUND_PENDING: LruHashMap<TupleKey, OrigDst, 65536> = LruHashMap::new();
+
+/// Each end of a captured local pair, under its own 4-tuple (+ netns): where sk_msg finds a
+/// sender's peer. The kernel removes a socket when it closes.
+#[btf_map]
+pub static FAST_PATH_SOCKETS: SockHash<TupleKey, 65536> = SockHash::new();
+
+/// Sender 4-tuple (+ netns) -> `redirect_common::fast_path` state: which path its bytes take.
+#[btf_map]
+pub static FAST_PATH_SENDERS: LruHashMap<TupleKey, u8, 65536> = LruHashMap::new();
+
+/// The original destination of a captured connection, from the 4-tuple as its connecting end
+/// sees it: what `getsockopt(SO_ORIGINAL_DST)` answers, and what the embedded proxy's
+/// `OrigDstTable` reads the same way from user space.
+#[inline(always)]
+pub fn orig_dst(key: &TupleKey) -> Option<OrigDst> {
+    if let Some(v) = unsafe { ORIG_BY_TUPLE.get(key) } {
+        return Some(*v);
+    }
+    unsafe { INBOUND_PENDING.get(key) }.copied()
+}
+
 /// Counts one decision of the rule in `slot`.
 #[inline(always)]
 pub fn count(slot: u32) {

@@ -10,12 +10,13 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
 use redirect_common::{
-    ChainId, ConnFacts, IPPROTO_TCP, LocalAddrKey, Target, Workload, events, is_loopback, workload_flags,
+    ChainId, ConnFacts, IPPROTO_TCP, LocalAddrKey, OrigDst, Target, TupleKey, Workload, events, is_loopback,
+    workload_flags,
 };
 
 use crate::{
     chain,
-    maps::{ADDR_OWNERS, INBOUND_LISTENERS, LOCAL_ADDRS, WORKLOADS, count_event},
+    maps::{ADDR_OWNERS, INBOUND_LISTENERS, INBOUND_PENDING, LOCAL_ADDRS, WORKLOADS, count_event},
 };
 
 const AF_INET: u32 = 2;
@@ -62,10 +63,11 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
     {
         return sk_action::SK_PASS;
     }
+    let local_port = unsafe { read_volatile(&(*l).local_port) } as u16;
     let facts = ConnFacts {
         proto: IPPROTO_TCP,
         dst_addr: local_ip4,
-        dst_port: unsafe { read_volatile(&(*l).local_port) } as u16,
+        dst_port: local_port,
         src_addr: remote_ip4,
         out_lo: false,
         // PREROUTING has no owner: ISTIO_INBOUND has no owner rules.
@@ -79,7 +81,32 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
     // The listener's local address is irrelevant here: the accepted socket keeps the original
     // destination as its local address, which is what the proxy forwards to.
     match INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns_cookie, 0) {
-        Ok(()) => sk_action::SK_PASS,
+        Ok(()) => {
+            // What conntrack would keep for a REDIRECT: SO_ORIGINAL_DST on the accepted socket
+            // (and the embedded proxy) read it under the 4-tuple. The 4-byte load of the
+            // network-order port works on every kernel (its field was narrowed to 16 bits in
+            // 5.19); the port sits in the low half.
+            let remote_port =
+                u16::from_be(unsafe { read_volatile((&raw const (*l).remote_port).cast::<u32>()) } as u16);
+            let key = TupleKey {
+                netns_cookie,
+                src_addr: remote_ip4,
+                dst_addr: local_ip4,
+                src_port: remote_port,
+                dst_port: local_port,
+                _pad: 0,
+            };
+            let orig = OrigDst {
+                addr: local_ip4,
+                port: local_port,
+                target: Target::InRedirect as u8,
+                _pad: 0,
+            };
+            if INBOUND_PENDING.insert(key, orig, 0).is_err() {
+                count_event(workload, events::ORIG_DST_NOT_RECORDED);
+            }
+            sk_action::SK_PASS
+        }
         // Nobody listens on the capture port: refuse (RST), as a REDIRECT to a closed port
         // would. Passing instead would hand the connection to the app behind the proxy's back.
         Err(_) => {

@@ -1,19 +1,27 @@
 //! `sockops`: moves a redirected socket's original destination from its cookie (all connect4
-//! knows) to its 4-tuple (all the proxy's accepted socket knows), and forgets it at close; and
-//! registers the workload's inbound capture listener for sk_lookup.
+//! knows) to its 4-tuple (all the proxy's accepted socket knows), and forgets it at close;
+//! registers the workload's inbound capture listener for sk_lookup; and, with `--fast-path`,
+//! enrolls both ends of captured local pairs in the sockhash at their handshake, before either
+//! can send a byte.
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
+        bpf_sock_ops,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use redirect_common::{TupleKey, workload_flags};
+use redirect_common::{
+    INBOUND_PASSTHROUGH_SRC_BE, LocalAddrKey, TupleKey, Workload, events, fast_path, is_loopback, workload_flags,
+};
 
-use crate::maps::{INBOUND_LISTENERS, ORIG_BY_COOKIE, ORIG_BY_TUPLE, WORKLOADS};
+use crate::maps::{
+    FAST_PATH_SENDERS, FAST_PATH_SOCKETS, INBOUND_LISTENERS, INBOUND_PENDING, LOCAL_ADDRS, ORIG_BY_COOKIE,
+    ORIG_BY_TUPLE, WORKLOADS, count_event,
+};
 
 const AF_INET: u32 = 2;
 
@@ -34,11 +42,38 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             // Runs before the final ACK leaves, so the entry exists before the proxy can
             // accept the connection.
-            if let Some(pending) = ORIG_BY_COOKIE.get_ptr(cookie) {
-                let pending = unsafe { *pending };
-                let key = tuple(&ctx, pending.netns_cookie);
-                let _ = ORIG_BY_TUPLE.insert(key, pending.orig, 0);
-                let _ = ORIG_BY_COOKIE.remove(cookie);
+            let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+            let key = tuple(&ctx, netns_cookie);
+            let redirected = match ORIG_BY_COOKIE.get_ptr(cookie) {
+                Some(pending) => {
+                    let pending = unsafe { *pending };
+                    let _ = ORIG_BY_TUPLE.insert(key, pending.orig, 0);
+                    let _ = ORIG_BY_COOKIE.remove(cookie);
+                    true
+                }
+                None => false,
+            };
+            // The workload's end of app -> capture listener, or the proxy's end of its
+            // passthrough connection to the app (source 127.0.0.6).
+            if redirected || key.src_addr == INBOUND_PASSTHROUGH_SRC_BE {
+                enroll(&ctx, &key);
+            }
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            // The accepted end, before accept() returns it. Its peer's view of the connection
+            // is the key the original destination was kept under.
+            let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+            let key = tuple(&ctx, netns_cookie);
+            let seen_from_peer = key.reversed();
+            if let Some(orig) = unsafe { INBOUND_PENDING.get(seen_from_peer) } {
+                // From a capture listener in this cgroup: kept until close, like outbound.
+                let _ = ORIG_BY_TUPLE.insert(seen_from_peer, *orig, 0);
+                let _ = INBOUND_PENDING.remove(seen_from_peer);
+                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            } else if ORIG_BY_TUPLE.get_ptr(seen_from_peer).is_some() || key.dst_addr == INBOUND_PASSTHROUGH_SRC_BE {
+                // The capture listener's end of a redirected connection, or the app's end of
+                // the proxy's passthrough connection: both are local pairs.
+                enroll(&ctx, &key);
             }
         }
         BPF_SOCK_OPS_TCP_LISTEN_CB => {
@@ -58,12 +93,57 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             let _ = ORIG_BY_COOKIE.remove(cookie);
             // Addresses and ports are still set: STATE_CB runs before the port is released.
+            // Either end may be the one that holds the original destination.
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-            let _ = ORIG_BY_TUPLE.remove(tuple(&ctx, netns_cookie));
+            let key = tuple(&ctx, netns_cookie);
+            let _ = ORIG_BY_TUPLE.remove(key);
+            let _ = ORIG_BY_TUPLE.remove(key.reversed());
+            // The kernel drops the socket from the sockhash itself.
+            let _ = FAST_PATH_SENDERS.remove(key);
         }
         _ => {}
     }
     1
+}
+
+/// Puts a socket of a captured local pair in the sockhash, if its workload asked for the fast
+/// path and its peer is in the same namespace (a connection from another host that sk_lookup
+/// sent to the capture listener has no local peer to hand bytes to).
+#[inline(always)]
+fn enroll(ctx: &SockOpsContext, key: &TupleKey) {
+    let Some(w) = WORKLOADS.get_ptr(key.netns_cookie) else {
+        return;
+    };
+    let w: &Workload = unsafe { &*w };
+    if w.flags & workload_flags::FAST_PATH == 0 {
+        return;
+    }
+    let peer_is_local = is_loopback(key.dst_addr)
+        || LOCAL_ADDRS
+            .get_ptr(LocalAddrKey {
+                netns_cookie: key.netns_cookie,
+                addr: key.dst_addr,
+                _pad: 0,
+            })
+            .is_some();
+    if !peer_is_local {
+        return;
+    }
+    // The sender state first: sk_msg treats a socket without one as "TCP for good", so a
+    // socket must never be in the sockhash without it. Overwrites a stale entry of an earlier
+    // connection with the same 4-tuple.
+    if FAST_PATH_SENDERS.insert(key, fast_path::UNDECIDED, 0).is_err() {
+        return;
+    }
+    // SAFETY: the context pointer is the kernel's bpf_sock_ops for this call.
+    let ops: &mut bpf_sock_ops = unsafe { &mut *ctx.ops };
+    if FAST_PATH_SOCKETS.update(*key, ops, u64::from(BPF_ANY)).is_ok() {
+        // Forget the sender state at close.
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        count_event(w, events::FAST_PATH_ENROLLED);
+    } else {
+        let _ = FAST_PATH_SENDERS.remove(key);
+    }
 }
 
 #[inline(always)]

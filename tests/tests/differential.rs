@@ -187,12 +187,17 @@ impl Client {
     }
 }
 
-/// Where a connection landed, named the same way in both twins.
+/// Where a connection landed, named the same way in both twins. A capture listener (the
+/// stand-in for Envoy) also says what `getsockopt(SO_ORIGINAL_DST)` answered on the accepted
+/// socket: conntrack's answer in the iptables twin, the agent's getsockopt program's in the
+/// other. (On a direct landing conntrack answers too, for any tracked connection, and the agent
+/// leaves the kernel's ENOENT: only captured connections are compared.)
 fn verdict(r: &ProbeResult) -> String {
+    let orig = r.banner_field("orig").unwrap_or("?");
     match r.outcome {
         Outcome::Ok => match r.banner_field("name") {
-            Some("cap-out") => "capture:outbound".into(),
-            Some("cap-in") => "capture:inbound".into(),
+            Some("cap-out") => format!("capture:outbound orig={orig}"),
+            Some("cap-in") => format!("capture:inbound orig={orig}"),
             Some(server) => format!("original:{server}"),
             None => "no banner".into(),
         },
@@ -327,7 +332,7 @@ fn differential(cfg: Config) {
     let _ = writeln!(table, "differential '{}' (flags {:?}):", cfg.name, cfg.flags);
     let _ = writeln!(
         table,
-        "  {:<34} {:<20} {:<26} {:<26}",
+        "  {:<34} {:<20} {:<44} {:<44}",
         "client", "destination", "iptables", "agent"
     );
     let mut mismatches = 0;
@@ -340,7 +345,7 @@ fn differential(cfg: Config) {
             }
             let _ = writeln!(
                 table,
-                "{mark} {:<34} {:<20} {:<26} {:<26}",
+                "{mark} {:<34} {:<20} {:<44} {:<44}",
                 client.label(),
                 t.to_string(),
                 want[i],
@@ -376,6 +381,17 @@ fn differential(cfg: Config) {
     // Sanity: the matrix exercised every kind of verdict it can, so equality means something.
     let kinds: BTreeSet<&str> = want.iter().map(|v| v.split(':').next().unwrap()).collect();
     assert!(kinds.contains("original"), "no scenario went direct: {kinds:?}");
+    // Conntrack answered SO_ORIGINAL_DST for every captured connection in the oracle, so the
+    // equal answers above are the agent's getsockopt program answering, not two failures.
+    let captured: Vec<&String> = want.iter().filter(|v| v.starts_with("capture:")).collect();
+    assert!(
+        captured.iter().all(|v| !v.ends_with("orig=-")),
+        "conntrack left SO_ORIGINAL_DST unanswered: {captured:?}"
+    );
+    println!(
+        "  {} captured connections, SO_ORIGINAL_DST equal in both",
+        captured.len()
+    );
 }
 
 macro_rules! configs {
