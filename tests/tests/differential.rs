@@ -191,9 +191,26 @@ impl Client {
 /// stand-in for Envoy) also says what `getsockopt(SO_ORIGINAL_DST)` answered on the accepted
 /// socket: conntrack's answer in the iptables twin, the agent's getsockopt program's in the
 /// other. (On a direct landing conntrack answers too, for any tracked connection, and the agent
-/// leaves the kernel's ENOENT: only captured connections are compared.)
-fn verdict(r: &ProbeResult) -> String {
-    let orig = r.banner_field("orig").unwrap_or("?");
+/// leaves the kernel's ENOENT: only captured connections are compared. For the same reason a
+/// connection made straight to a capture port, which nobody redirected, reads as `orig=none`
+/// in both: ENOENT from the agent, and conntrack's identity answer, the socket's own address.)
+fn verdict(r: &ProbeResult, capture: (u16, u16)) -> String {
+    let local = r.banner_field("local");
+    // The port the accepting listener listens on (sk_lookup leaves a captured connection's
+    // local port as it was dialed).
+    let listener_port = match r.banner_field("name") {
+        Some("cap-out") => Some(capture.0),
+        Some("cap-in") => Some(capture.1),
+        _ => None,
+    };
+    let on_capture_port = local
+        .and_then(|l| l.parse::<SocketAddrV4>().ok())
+        .is_some_and(|l| Some(l.port()) == listener_port);
+    let orig = match r.banner_field("orig") {
+        None | Some("-") => "none",
+        Some(o) if on_capture_port && Some(o) == local => "none",
+        Some(o) => o,
+    };
     match r.outcome {
         Outcome::Ok => match r.banner_field("name") {
             Some("cap-out") => format!("capture:outbound orig={orig}"),
@@ -211,6 +228,7 @@ fn verdict(r: &ProbeResult) -> String {
 
 struct Matrix {
     clients: Vec<(Client, Vec<SocketAddrV4>)>,
+    capture: (u16, u16),
 }
 
 impl Matrix {
@@ -265,7 +283,7 @@ impl Matrix {
             },
             inbound_ports.iter().map(|&p| SocketAddrV4::new(pod_ip, p)).collect(),
         ));
-        Self { clients }
+        Self { clients, capture }
     }
 
     fn run(&self, twin: &Twin) -> Vec<String> {
@@ -286,7 +304,7 @@ impl Matrix {
                 .bytes(16)
                 .run_batch(&agent, targets)
                 .unwrap_or_else(|e| panic!("probes of {}: {e}", client.label()));
-            out.extend(results.iter().map(verdict));
+            out.extend(results.iter().map(|r| verdict(r, self.capture)));
         }
         out
     }
