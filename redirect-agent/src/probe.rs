@@ -46,7 +46,45 @@ pub struct ProbeArgs {
     /// connect() a UDP socket instead, and report where the kernel connected it (no data).
     #[arg(long)]
     pub udp: bool,
+    /// Instead of one exchange: this many request/response round trips of `--bytes` each
+    /// (the server must echo as it reads), reporting the slowest.
+    #[arg(long, default_value_t = 0)]
+    pub round_trips: u64,
+    /// Instead of one exchange: write until a write blocks for a second (or 256 MiB went),
+    /// reporting how much the connection took in: a reader that stops must push back.
+    #[arg(long)]
+    pub fill: bool,
+    /// Exchange the bytes with tokio (non-blocking socket, epoll readiness), as the proxy and
+    /// most servers do, instead of blocking calls.
+    #[arg(long)]
+    pub tokio: bool,
+    /// Instead of an exchange: ask the kernel for socket options the agent's getsockopt
+    /// program must leave alone (see [`SockoptReport`]).
+    #[arg(long)]
+    pub sockopts: bool,
 }
+
+/// Supplementary groups the `--sockopts` probe takes: 2,000 of them make SO_PEERGROUPS 8,000
+/// bytes, past the page the getsockopt program sees.
+const PEER_GROUPS: u32 = 2000;
+
+/// What `--sockopts` saw, from inside the workload's cgroup (where the program runs).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SockoptReport {
+    /// TCP_INFO on the probe's connection: length and `tcpi_state`.
+    pub tcp_info_len: u32,
+    pub tcp_state: u8,
+    /// SO_PEERGROUPS of a unix socketpair, asked with a 16 KiB buffer: the length the kernel
+    /// returned, and whether the groups were ours.
+    pub peer_groups_len: u32,
+    pub peer_groups_intact: bool,
+    /// errno of SO_ORIGINAL_DST on the probe's own (connecting) socket, which nobody
+    /// redirected *to*: the kernel's answer must stand.
+    pub orig_dst_errno: Option<i32>,
+}
+
+/// Most `--fill` writes before giving up on back-pressure.
+const FILL_CAP: usize = 256 << 20;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -77,6 +115,13 @@ pub struct ProbeResult {
     /// The bytes that came back are the bytes that were sent.
     pub intact: bool,
     pub elapsed_ms: u64,
+    /// `--round-trips`: how many completed, and the slowest one.
+    #[serde(default)]
+    pub round_trips: u64,
+    #[serde(default)]
+    pub slowest_round_trip_us: u64,
+    #[serde(default)]
+    pub sockopts: Option<SockoptReport>,
 }
 
 impl ProbeResult {
@@ -169,8 +214,21 @@ fn exchange(args: &ProbeArgs, to: SocketAddrV4, result: &mut ProbeResult) -> io:
     let stream = connect(args, to, timeout)?;
     result.local = stream.local_addr().ok().map(|a| a.to_string());
     result.peer = stream.peer_addr().ok().map(|a| a.to_string());
+    if args.tokio {
+        return with_tokio(args, stream, timeout, result);
+    }
+    if args.sockopts {
+        result.sockopts = Some(sockopts(&stream)?);
+        return Ok(());
+    }
     let mut reader = BufReader::new(stream.try_clone()?);
     result.banner = Some(read_banner(&mut reader)?);
+    if args.round_trips > 0 {
+        return round_trips(args, &stream, &mut reader, result);
+    }
+    if args.fill {
+        return fill(&stream, result);
+    }
     let data = pattern(args.bytes);
     (&stream).write_all(&data)?;
     result.sent = data.len();
@@ -180,6 +238,151 @@ fn exchange(args: &ProbeArgs, to: SocketAddrV4, result: &mut ProbeResult) -> io:
     result.received = back.len();
     result.intact = back == data;
     Ok(())
+}
+
+fn raw_getsockopt(fd: &impl std::os::fd::AsRawFd, level: i32, name: i32, buf: &mut [u8]) -> io::Result<u32> {
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: the buffer is `len` bytes; the kernel writes at most that many.
+    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, buf.as_mut_ptr().cast(), &mut len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(len)
+}
+
+fn sockopts(stream: &TcpStream) -> io::Result<SockoptReport> {
+    let mut report = SockoptReport::default();
+    let mut buf = vec![0u8; 512];
+    report.tcp_info_len = raw_getsockopt(stream, libc::IPPROTO_TCP, libc::TCP_INFO, &mut buf)?;
+    report.tcp_state = buf[0];
+    report.orig_dst_errno = crate::sys::original_dst(stream).err().and_then(|e| e.raw_os_error());
+
+    let groups: Vec<libc::gid_t> = (0..PEER_GROUPS).map(|i| 100_000 + i).collect();
+    // SAFETY: plain credential syscall with a valid slice.
+    if unsafe { libc::setgroups(groups.len(), groups.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for two descriptors.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptors, owned from here.
+    let (a, _b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mut buf = vec![0u8; 16 * 1024];
+    report.peer_groups_len = raw_getsockopt(&a, libc::SOL_SOCKET, libc::SO_PEERGROUPS, &mut buf)?;
+    let got: Vec<libc::gid_t> = buf[..report.peer_groups_len as usize]
+        .chunks_exact(4)
+        .map(|c| libc::gid_t::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    report.peer_groups_intact = got == groups;
+    Ok(report)
+}
+
+fn round_trips(
+    args: &ProbeArgs,
+    stream: &TcpStream,
+    reader: &mut BufReader<TcpStream>,
+    result: &mut ProbeResult,
+) -> io::Result<()> {
+    let data = pattern(args.bytes);
+    let mut back = vec![0u8; data.len()];
+    result.intact = true;
+    for _ in 0..args.round_trips {
+        let start = Instant::now();
+        (&*stream).write_all(&data)?;
+        reader.read_exact(&mut back)?;
+        result.slowest_round_trip_us = result.slowest_round_trip_us.max(start.elapsed().as_micros() as u64);
+        result.sent += data.len();
+        result.received += back.len();
+        result.intact &= back == data;
+        result.round_trips += 1;
+    }
+    stream.shutdown(Shutdown::Write)?;
+    Ok(())
+}
+
+fn fill(stream: &TcpStream, result: &mut ProbeResult) -> io::Result<()> {
+    stream.set_write_timeout(Some(Duration::from_secs(1)))?;
+    let chunk = pattern(64 * 1024);
+    while result.sent < FILL_CAP {
+        match (&*stream).write(&chunk) {
+            Ok(n) => result.sent += n,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The same exchanges as the blocking path, driven by a current-thread tokio runtime (made
+/// after the process entered the workload, so it stays one thread).
+fn with_tokio(args: &ProbeArgs, stream: TcpStream, timeout: Duration, result: &mut ProbeResult) -> io::Result<()> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+
+    // Each step is bounded: a lost wakeup shows as a timeout, never as a hang.
+    async fn bounded<T>(t: Duration, f: impl std::future::Future<Output = io::Result<T>>) -> io::Result<T> {
+        tokio::time::timeout(t, f)
+            .await
+            .map_err(|_| io::Error::from_raw_os_error(libc::ETIMEDOUT))?
+    }
+
+    stream.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut stream = tokio::net::TcpStream::from_std(stream)?;
+        let (r, mut w) = stream.split();
+        let mut r = tokio::io::BufReader::new(r);
+        let mut banner = Vec::new();
+        bounded(timeout, (&mut r).take(512).read_until(b'\n', &mut banner)).await?;
+        if banner.last() != Some(&b'\n') {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no banner from server"));
+        }
+        result.banner = Some(String::from_utf8_lossy(&banner).trim_end().to_owned());
+        let data = pattern(args.bytes);
+        if args.round_trips > 0 {
+            let mut back = vec![0u8; data.len()];
+            result.intact = true;
+            for _ in 0..args.round_trips {
+                let start = Instant::now();
+                bounded(timeout, w.write_all(&data)).await?;
+                bounded(timeout, r.read_exact(&mut back)).await?;
+                let took = start.elapsed().as_micros() as u64;
+                result.slowest_round_trip_us = result.slowest_round_trip_us.max(took);
+                result.sent += data.len();
+                result.received += back.len();
+                result.intact &= back == data;
+                result.round_trips += 1;
+            }
+            return bounded(timeout, w.shutdown()).await;
+        }
+        if args.fill {
+            let chunk = pattern(64 * 1024);
+            while result.sent < FILL_CAP {
+                match tokio::time::timeout(Duration::from_secs(1), w.write(&chunk)).await {
+                    Ok(n) => result.sent += n?,
+                    Err(_) => break,
+                }
+            }
+            return Ok(());
+        }
+        bounded(timeout, w.write_all(&data)).await?;
+        result.sent = data.len();
+        bounded(timeout, w.shutdown()).await?;
+        let mut back = Vec::with_capacity(data.len());
+        bounded(timeout, (&mut r).take(data.len() as u64 + 1).read_to_end(&mut back)).await?;
+        result.received = back.len();
+        result.intact = back == data;
+        Ok(())
+    })
 }
 
 pub fn main(args: &ProbeArgs) -> ExitCode {
@@ -200,6 +403,9 @@ pub fn main(args: &ProbeArgs) -> ExitCode {
             received: 0,
             intact: false,
             elapsed_ms: 0,
+            round_trips: 0,
+            slowest_round_trip_us: 0,
+            sockopts: None,
         };
         if let Err(e) = exchange(args, to, &mut result) {
             result.outcome = classify(&e);

@@ -188,6 +188,9 @@ fn workload_flags(opts: &RunOptions) -> u32 {
     if opts.proxy == ProxyMode::None {
         flags |= redirect_common::workload_flags::WORKLOAD_LISTENER;
     }
+    if opts.fast_path {
+        flags |= redirect_common::workload_flags::FAST_PATH;
+    }
     flags
 }
 

@@ -228,6 +228,23 @@ pub(crate) fn serve_one(mut stream: TcpStream, peer: SocketAddr, name: &str) -> 
     let local = stream.local_addr()?;
     let orig = crate::sys::original_dst(&stream).ok();
     stream.write_all(server_banner(name, local, peer, orig).as_bytes())?;
+    if name.starts_with("echo") {
+        // Request/response: every chunk straight back, until EOF.
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                return stream.shutdown(Shutdown::Write);
+            }
+            stream.write_all(&buf[..n])?;
+        }
+    }
+    if name.starts_with("sink") {
+        // A reader that stops reading: holds the connection, reads nothing, until the peer
+        // goes or the timeout.
+        std::thread::sleep(IO_TIMEOUT);
+        return Ok(());
+    }
     let mut body = Vec::new();
     (&mut stream).take(SERVER_MAX_BYTES as u64).read_to_end(&mut body)?;
     stream.write_all(&body)?;
@@ -254,6 +271,10 @@ pub struct ProbeSpec {
     pub connect: SocketAddrV4,
     pub bytes: usize,
     pub udp: bool,
+    pub round_trips: u64,
+    pub fill: bool,
+    pub tokio: bool,
+    pub sockopts: bool,
 }
 
 impl ProbeSpec {
@@ -267,6 +288,10 @@ impl ProbeSpec {
             connect,
             bytes: 1024,
             udp: false,
+            round_trips: 0,
+            fill: false,
+            tokio: false,
+            sockopts: false,
         }
     }
 
@@ -304,6 +329,30 @@ impl ProbeSpec {
         self
     }
 
+    /// `n` request/response round trips of `bytes` each instead of one exchange.
+    pub fn round_trips(mut self, n: u64) -> Self {
+        self.round_trips = n;
+        self
+    }
+
+    /// With a tokio client (non-blocking, epoll readiness) instead of blocking calls.
+    pub fn tokio(mut self) -> Self {
+        self.tokio = true;
+        self
+    }
+
+    /// Socket options instead of an exchange (`probe --sockopts`).
+    pub fn sockopts(mut self) -> Self {
+        self.sockopts = true;
+        self
+    }
+
+    /// Write until the connection stops taking bytes instead of one exchange.
+    pub fn fill(mut self) -> Self {
+        self.fill = true;
+        self
+    }
+
     /// Runs `agent probe` as a child process (it moves itself into the cgroup and namespace
     /// and drops to uid/gid before connecting) and parses its one-line JSON report.
     pub fn run(&self, agent: &Path) -> io::Result<ProbeResult> {
@@ -329,6 +378,18 @@ impl ProbeSpec {
         }
         if self.udp {
             c.arg("--udp");
+        }
+        if self.round_trips > 0 {
+            c.args(["--round-trips", &self.round_trips.to_string()]);
+        }
+        if self.fill {
+            c.arg("--fill");
+        }
+        if self.tokio {
+            c.arg("--tokio");
+        }
+        if self.sockopts {
+            c.arg("--sockopts");
         }
         let out = c.stdin(Stdio::null()).output()?;
         if !out.status.success() {

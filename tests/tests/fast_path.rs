@@ -1,0 +1,184 @@
+//! `--fast-path`: bytes between the two local ends of captured connections (app and embedded
+//! proxy) go through sk_msg instead of TCP/IP on loopback. The proxy, a tokio reader, must see
+//! every byte in order, half-closes must pass, nothing may stall, a reader that stops must push
+//! back, and the sockhash must empty as connections close. The event counters prove the bytes
+//! did take the fast path (a silent fallback to TCP would pass every data check).
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, Map, MapData, SockHash};
+use redirect_agent::sandbox::{ServeProcess, TestServer};
+use redirect_common::{TupleKey, maps};
+use redirect_tests::{Outcome, REMOTE_PORT, Workload, agent_bin};
+
+/// An app of the workload's own cgroup (so sock_ops sees its accepted ends).
+const CGROUP_APP_PORT: u16 = 9090;
+const ECHO_PORT: u16 = 7070;
+const SINK_PORT: u16 = 7071;
+
+fn event(w: &Workload, name: &str) -> u64 {
+    w.stats().events.get(name).copied().unwrap_or(0)
+}
+
+fn fast_path_events(w: &Workload) -> String {
+    let s = w.stats();
+    format!("{:?}", s.events)
+}
+
+/// Entries of the instance's fast-path maps: (sockets, sender states).
+fn fast_path_entries(w: &Workload) -> (usize, usize) {
+    let dir = std::path::Path::new("/sys/fs/bpf/redirect").join(&w.name);
+    let open = |name: &str| Map::from_map_data(MapData::from_pin(dir.join(name)).expect("pinned map")).unwrap();
+    let sockets: SockHash<_, TupleKey> = SockHash::try_from(open(maps::FAST_PATH_SOCKETS)).unwrap();
+    let senders: HashMap<_, TupleKey, u8> = HashMap::try_from(open(maps::FAST_PATH_SENDERS)).unwrap();
+    (sockets.keys().count(), senders.keys().count())
+}
+
+/// Waits (bounded) for the fast-path maps to hold nothing: every socket closed was removed.
+fn assert_maps_empty(w: &Workload) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut left = fast_path_entries(w);
+    while left != (0, 0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        left = fast_path_entries(w);
+    }
+    assert_eq!(
+        left,
+        (0, 0),
+        "fast-path entries (sockets, senders) left after every connection closed"
+    );
+}
+
+#[test]
+fn outbound_bytes_take_the_fast_path_intact() {
+    let w = Workload::with_agent("fpo", &["--fast-path"]);
+    let to = w.remote(REMOTE_PORT);
+    let big = w.probe(&w.spec(to).bytes(1 << 20).tokio());
+    assert_eq!(big.outcome, Outcome::Ok, "{big:?}");
+    assert!(
+        big.intact && big.received == 1 << 20,
+        "1 MiB came back changed: {big:?}"
+    );
+    assert_eq!(big.banner_field("name"), Some("remote"));
+    // Many at once, each its own pair in the sockhash.
+    let many = w.probe_concurrently(&w.spec(to).bytes(64 * 1024).tokio(), 32);
+    for r in &many {
+        assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
+        assert!(r.intact, "{r:?}");
+    }
+    let connections = 33;
+    // Both ends of every app -> 15001 connection joined at their handshake, and the first
+    // message of each sender found its peer.
+    assert!(
+        event(&w, "fast_path_enrolled") >= 2 * connections,
+        "{}",
+        fast_path_events(&w)
+    );
+    assert!(
+        event(&w, "fast_path_redirected") >= connections,
+        "{}",
+        fast_path_events(&w)
+    );
+    assert_maps_empty(&w);
+}
+
+#[test]
+fn inbound_bytes_take_the_fast_path_intact() {
+    let w = Workload::with_agent("fpi", &["--fast-path"]);
+    let app = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, CGROUP_APP_PORT);
+    let _app = ServeProcess::start(
+        &agent_bin(),
+        Some(&w.cgroup.path),
+        &w.pair.workload.path,
+        &[("app-cg".to_string(), app)],
+    )
+    .expect("app in the workload's cgroup");
+    let to = w.pod(CGROUP_APP_PORT);
+    let big = w.probe(&w.from_remote(to).bytes(1 << 20));
+    assert_eq!(big.outcome, Outcome::Ok, "{big:?}");
+    assert!(big.intact && big.received == 1 << 20, "{big:?}");
+    // The app saw the proxy's passthrough source: the connection went through the proxy.
+    assert!(
+        big.banner_field("peer").unwrap_or("").starts_with("127.0.0.6:"),
+        "{big:?}"
+    );
+    let many = w.probe_concurrently(&w.from_remote(to).bytes(64 * 1024), 16);
+    for r in &many {
+        assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
+        assert!(r.intact, "{r:?}");
+    }
+    // The app's accepted ends, by sock_ops (the agent enrolls the proxy's upstream ends itself,
+    // which this counter does not see).
+    assert!(event(&w, "fast_path_enrolled") >= 17, "{}", fast_path_events(&w));
+    assert!(event(&w, "fast_path_redirected") >= 17, "{}", fast_path_events(&w));
+    assert_maps_empty(&w);
+}
+
+/// 100,000 request/response round trips on one connection through the fast path, read on the
+/// proxy's side by tokio: none may wait a second (the lost-wakeup regression of 6.6/6.12/6.18
+/// stables shows as stalls of many seconds).
+#[test]
+fn round_trips_through_the_fast_path_never_stall() {
+    let w = Workload::with_agent("fpr", &["--fast-path"]);
+    let _echo = TestServer::start(&w.pair.remote, w.remote(ECHO_PORT), "echo").expect("echo server");
+    let n = 100_000;
+    let r = w.probe(&w.spec(w.remote(ECHO_PORT)).bytes(64).round_trips(n).tokio());
+    assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
+    assert_eq!(r.round_trips, n, "{r:?}");
+    assert!(r.intact, "a response differed from its request: {r:?}");
+    println!(
+        "{n} round trips in {} ms, slowest {} us",
+        r.elapsed_ms, r.slowest_round_trip_us
+    );
+    assert!(
+        r.slowest_round_trip_us < 1_000_000,
+        "a round trip stalled for {} us",
+        r.slowest_round_trip_us
+    );
+    // Both directions of the app's connection skipped TCP/IP.
+    assert!(event(&w, "fast_path_redirected") >= 2, "{}", fast_path_events(&w));
+    assert_eq!(event(&w, "fast_path_declined"), 0, "{}", fast_path_events(&w));
+}
+
+/// A reader that stops reading (the remote server, so the proxy stops reading the app's end)
+/// must make the app's writes block, as TCP's windows would, and not queue without bound in
+/// the proxy's socket.
+///
+/// It does not, on 6.18.44 or 6.1.192: a message redirected to a peer's ingress is charged
+/// with `__sk_rmem_schedule` only (net/ipv4/tcp_bpf.c, `bpf_tcp_ingress`), which checks the
+/// global tcp_mem and the socket's memory cgroup, never its receive buffer, and the sender's
+/// own buffer is released at once. The writer here got its 256 MiB cap in. Kept as a test
+/// (run with `--ignored`) of the reason `--fast-path` stays off by default.
+#[test]
+#[ignore = "kernel limitation: sk_msg ingress redirect has no per-socket bound (see the README's Fast path)"]
+fn a_reader_that_stops_pushes_back() {
+    let w = Workload::with_agent("fps", &["--fast-path"]);
+    let _sink = TestServer::start(&w.pair.remote, w.remote(SINK_PORT), "sink").expect("sink server");
+    let r = w.probe(&w.spec(w.remote(SINK_PORT)).fill().tokio());
+    assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
+    println!("a stopped reader took {} KiB before writes blocked", r.sent / 1024);
+    assert!(event(&w, "fast_path_redirected") >= 1, "{}", fast_path_events(&w));
+    assert!(
+        r.sent < 64 << 20,
+        "{} MiB were taken in for a reader that reads nothing",
+        r.sent >> 20
+    );
+}
+
+/// The same 1 MiB exchange as `outbound_bytes_take_the_fast_path_intact`, with a client that
+/// uses blocking calls. On 6.18.44 its read fails with EAGAIN after about 100 ms, long before
+/// its 10 s timeout: a socket in a sockhash waits for data in `tcp_msg_wait_data`, and a wakeup
+/// that brings no message (an ACK, write space) ends a blocking read with -EAGAIN
+/// (`tcp_bpf_recvmsg`, `tcp_bpf_recvmsg_parser`). Without the stream verdict it is the write
+/// that fails so. Event-driven clients (tokio, epoll) retry on EAGAIN and are unaffected.
+#[test]
+#[ignore = "kernel behaviour: blocking reads on sockhash sockets can fail with EAGAIN (see the README's Fast path)"]
+fn blocking_clients_on_the_fast_path() {
+    let w = Workload::with_agent("fpb", &["--fast-path"]);
+    let big = w.probe(&w.spec(w.remote(REMOTE_PORT)).bytes(1 << 20));
+    assert_eq!(big.outcome, Outcome::Ok, "{big:?}");
+    assert!(big.intact, "{big:?}");
+}
