@@ -35,15 +35,67 @@ pub struct LoadResult {
     pub mb_per_s: f64,
 }
 
-fn connect(to: SocketAddrV4) -> io::Result<TcpStream> {
+/// A blocking connection that waits out EAGAIN. On 6.18 a blocking socket in a sockhash (the
+/// fast path, D) can end a read or write with EAGAIN long before its timeout, when a wakeup
+/// brings nothing; event-driven clients retry on readiness, and so does this one, within the
+/// same timeout. On other sockets EAGAIN only ever means the timeout passed.
+struct Conn {
+    stream: TcpStream,
+}
+
+impl Conn {
+    fn retry<T>(&self, events: libc::c_short, mut op: impl FnMut(&TcpStream) -> io::Result<T>) -> io::Result<T> {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            match op(&self.stream) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(e);
+                    }
+                    let mut pfd = libc::pollfd {
+                        fd: std::os::fd::AsRawFd::as_raw_fd(&self.stream),
+                        events,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        self.stream.shutdown(how)
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.retry(libc::POLLIN, |mut s| s.read(buf))
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.retry(libc::POLLOUT, |mut s| s.write(buf))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn connect(to: SocketAddrV4) -> io::Result<Conn> {
     let s = TcpStream::connect_timeout(&to.into(), IO_TIMEOUT)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
-    Ok(s)
+    Ok(Conn { stream: s })
 }
 
-fn exchange(s: &mut TcpStream, kind: Kind, request: &[u8], response: &mut [u8]) -> io::Result<()> {
+fn exchange(s: &mut Conn, kind: Kind, request: &[u8], response: &mut [u8]) -> io::Result<()> {
     let mut msg = Vec::with_capacity(9 + request.len());
     msg.extend_from_slice(&header(kind, request.len() as u32, response.len() as u32));
     msg.extend_from_slice(request);

@@ -29,6 +29,8 @@ pub enum Config {
     Iptables,
     /// C: the agent with its defaults and its embedded proxy.
     Connect4,
+    /// D: C with `--fast-path` (sk_msg between the app and the proxy).
+    FastPath,
     /// C0: the agent's programs attached, with flags under which no rule matches the client
     /// (`-i '' -b ''`): the cost of connect4 alone.
     Connect4Idle,
@@ -40,6 +42,7 @@ impl Config {
             Self::Direct => "A direct",
             Self::Iptables => "B iptables + proxy",
             Self::Connect4 => "C connect4 + proxy",
+            Self::FastPath => "D connect4 + sk_msg + proxy",
             Self::Connect4Idle => "C0 connect4, no match",
         }
     }
@@ -191,11 +194,11 @@ impl Env {
                 env.proxy = Some(Guard(proxy));
                 env.wait_listening(15001)?;
             }
-            Config::Connect4 | Config::Connect4Idle => {
-                let extra: &[&str] = if config == Config::Connect4Idle {
-                    &["-i", "", "-b", "", "--proxy", "none"]
-                } else {
-                    &[]
+            Config::Connect4 | Config::Connect4Idle | Config::FastPath => {
+                let extra: &[&str] = match config {
+                    Config::Connect4Idle => &["-i", "", "-b", "", "--proxy", "none"],
+                    Config::FastPath => &["--fast-path"],
+                    _ => &[],
                 };
                 let args = run_args(extra);
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -550,7 +553,13 @@ pub fn run(plan: &Plan, agent: &Path) -> anyhow::Result<Outcome> {
     let me: PathBuf = std::env::current_exe()?;
     let started = Instant::now();
     let mut samples = Samples::new();
-    let order = [Config::Direct, Config::Iptables, Config::Connect4, Config::Connect4Idle];
+    let order = [
+        Config::Direct,
+        Config::Iptables,
+        Config::Connect4,
+        Config::FastPath,
+        Config::Connect4Idle,
+    ];
     for round in 1..=plan.rounds {
         for config in order {
             eprintln!("bench: round {round}/{}: {}", plan.rounds, config.label());

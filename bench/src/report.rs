@@ -176,13 +176,13 @@ pub fn markdown(out: &Outcome, plan: &Plan, m: &Machine) -> String {
     let _ = writeln!(
         s,
         "- Machine: {}, {} cores, {}; kernel {}.\n- Mode: {} ({} round{}, configurations interleaved \
-         A B C C0 in each), each configuration in a fresh namespace pair and cgroup; client in the \
+         A B C D C0 in each), each configuration in a fresh namespace pair and cgroup; client in the \
          workload (10.200.1.1), server on the remote host namespace (10.200.1.2) across a veth.\n\
          - CRR: a new connection per request, {} B each way, {} workers, {} s. RR: persistent \
          connections at a fixed total rate ({} req/s on 1 connection, {} req/s over 64), {} B \
          each way, {} s; latency from each request's scheduled time. STREAM: one connection, {} s \
          per write size.\n- CPU for CRR: the workload cgroup's `cpu.stat` usage (client, and \
-         B's proxy, which runs in it) plus the agent process (C), per 10,000 connections. The \
+         B's proxy, which runs in it) plus the agent process (C, D), per 10,000 connections. The \
          remote server's CPU is not counted.\n- Values are medians over the rounds.\n",
         m.cpu,
         m.cores,
@@ -206,43 +206,50 @@ pub fn markdown(out: &Outcome, plan: &Plan, m: &Machine) -> String {
          (`redirect-agent explain` through iptables-restore) and `redirect-agent proxy` (original \
          destinations from SO_ORIGINAL_DST); **C** `redirect-agent run` with its defaults and its \
          embedded proxy; **C0** C's programs attached with `-i '' -b ''`, so that no rule \
-         redirects the client (the cost of connect4 alone); **D** connect4 + sk_msg fast path: \
-         not measured yet (the fast path is the next issue).\n"
+         redirects the client (the cost of connect4 alone); **D** C with `--fast-path` (sk_msg \
+         hands bytes between the app and the proxy's 15001 socket; the proxy's leg to the \
+         server is TCP over the veth, as in B and C). The load client retries a read or write \
+         that a blocking socket ends with EAGAIN before its timeout, as an event-driven client \
+         would: 6.18 does that to blocking sockets in a sockhash (see the README's Fast path).\n"
     );
     let _ = writeln!(
         s,
-        "| metric | A direct | B iptables | C connect4 | D sk_msg | B/A | C/A | C/B |"
+        "| metric | A direct | B iptables | C connect4 | D sk_msg | B/A | C/A | D/A | C/B | D/C |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for metric in METRICS {
-        let (a, b, c) = (
+        let (a, b, c, d) = (
             med(s_, metric.key, Config::Direct),
             med(s_, metric.key, Config::Iptables),
             med(s_, metric.key, Config::Connect4),
+            med(s_, metric.key, Config::FastPath),
         );
         let _ = writeln!(
             s,
-            "| {} {} | {} | {} | {} | – | {} | {} | {} |",
+            "| {} {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             metric.label,
             if metric.higher_is_better { "↑" } else { "↓" },
             num(a),
             num(b),
             num(c),
+            num(d),
             ratio_text(ratio(b, a)),
             ratio_text(ratio(c, a)),
+            ratio_text(ratio(d, a)),
             ratio_text(ratio(c, b)),
+            ratio_text(ratio(d, c)),
         );
     }
     if plan.rounds > 1 {
         let _ = writeln!(
             s,
             "\nRound to round (lowest–highest of the {} rounds), to judge the medians by:\n\n\
-             | metric | A direct | B iptables | C connect4 |\n|---|---:|---:|---:|",
+             | metric | A direct | B iptables | C connect4 | D sk_msg |\n|---|---:|---:|---:|---:|",
             plan.rounds
         );
         for metric in METRICS {
             let _ = write!(s, "| {} |", metric.label);
-            for c in [Config::Direct, Config::Iptables, Config::Connect4] {
+            for c in [Config::Direct, Config::Iptables, Config::Connect4, Config::FastPath] {
                 let _ = write!(s, " {} |", spread(s_, metric.key, c));
             }
             let _ = writeln!(s);
@@ -337,27 +344,29 @@ pub fn markdown(out: &Outcome, plan: &Plan, m: &Machine) -> String {
     s
 }
 
-/// A horizontal bar chart of B/A and C/A per metric, with 1.0 (direct) marked.
+/// Bar colors and legends of the series, in the order of [`svg`]'s rows.
+const SERIES: [(&str, &str); 3] = [("#5b7fa6", "B/A"), ("#e08a2e", "C/A"), ("#4a9a5b", "D/A")];
+
+/// A horizontal bar chart of B/A, C/A and D/A per metric, with 1.0 (direct) marked.
 pub fn svg(samples: &Samples) -> String {
-    let rows: Vec<(&str, Option<f64>, Option<f64>)> = METRICS
+    let rows: Vec<(&str, [Option<f64>; 3])> = METRICS
         .iter()
         .map(|m| {
             let a = med(samples, m.key, Config::Direct);
             (
                 m.label,
-                ratio(med(samples, m.key, Config::Iptables), a),
-                ratio(med(samples, m.key, Config::Connect4), a),
+                [Config::Iptables, Config::Connect4, Config::FastPath].map(|c| ratio(med(samples, m.key, c), a)),
             )
         })
         .collect();
     let max = rows
         .iter()
-        .flat_map(|(_, b, c)| [*b, *c])
+        .flat_map(|(_, v)| *v)
         .flatten()
         .fold(1.0f64, f64::max)
         .ceil()
         .max(2.0);
-    let (left, width, row_h, top) = (260.0, 420.0, 34.0, 40.0);
+    let (left, width, row_h, top) = (260.0, 420.0, 46.0, 40.0);
     let height = top + row_h * rows.len() as f64 + 40.0;
     let x = |v: f64| left + v / max * width;
     let mut s = String::new();
@@ -369,12 +378,12 @@ pub fn svg(samples: &Samples) -> String {
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(
         s,
-        r#"<text x="10" y="20" font-size="14">Relative to direct (A = 1): B iptables + proxy, C connect4 + proxy</text>"#
+        r#"<text x="10" y="20" font-size="14">Relative to direct (A = 1): B iptables + proxy, C connect4 + proxy, D + sk_msg</text>"#
     );
-    for (i, (label, b, c)) in rows.iter().enumerate() {
+    for (i, (label, values)) in rows.iter().enumerate() {
         let y = top + row_h * i as f64;
         let _ = writeln!(s, r#"<text x="10" y="{}">{label}</text>"#, y + 18.0);
-        for (j, (v, color)) in [(b, "#5b7fa6"), (c, "#e08a2e")].into_iter().enumerate() {
+        for (j, (v, (color, _))) in values.iter().zip(SERIES).enumerate() {
             if let Some(v) = v {
                 let yy = y + 4.0 + j as f64 * 13.0;
                 let _ = writeln!(
@@ -401,15 +410,16 @@ pub fn svg(samples: &Samples) -> String {
             bottom + 14.0
         );
     }
-    let _ = writeln!(
-        s,
-        r##"<rect x="{left}" y="{0:.1}" width="11" height="11" fill="#5b7fa6"/><text x="{1:.1}" y="{2:.1}">B/A</text><rect x="{3:.1}" y="{0:.1}" width="11" height="11" fill="#e08a2e"/><text x="{4:.1}" y="{2:.1}">C/A</text>"##,
-        bottom + 22.0,
-        left + 15.0,
-        bottom + 32.0,
-        left + 60.0,
-        left + 75.0
-    );
+    for (k, (color, legend)) in SERIES.iter().enumerate() {
+        let x0 = left + 60.0 * k as f64;
+        let _ = writeln!(
+            s,
+            r#"<rect x="{x0:.1}" y="{:.1}" width="11" height="11" fill="{color}"/><text x="{:.1}" y="{:.1}">{legend}</text>"#,
+            bottom + 22.0,
+            x0 + 15.0,
+            bottom + 32.0
+        );
+    }
     s.push_str("</svg>\n");
     s
 }

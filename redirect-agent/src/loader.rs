@@ -58,39 +58,7 @@ pub fn verifier_report() -> Result<Vec<ProgramReport>, LoadError> {
         programs::SK_MSG,
         programs::SK_SKB,
     ] {
-        let info = match name {
-            programs::GETSOCKOPT => {
-                let p: &mut CgroupSockopt = program(&mut ebpf, name)?;
-                p.load().map_err(|e| verifier_error(name, e))?;
-                p.info()
-            }
-            programs::SK_MSG => {
-                let p: &mut SkMsg = program(&mut ebpf, name)?;
-                p.load().map_err(|e| verifier_error(name, e))?;
-                p.info()
-            }
-            programs::SK_SKB => {
-                let p: &mut SkSkb = program(&mut ebpf, name)?;
-                p.load().map_err(|e| verifier_error(name, e))?;
-                p.info()
-            }
-            programs::SOCK_OPS => {
-                let p: &mut SockOps = program(&mut ebpf, name)?;
-                p.load().map_err(|e| verifier_error(name, e))?;
-                p.info()
-            }
-            programs::SK_LOOKUP => {
-                let p: &mut SkLookup = program(&mut ebpf, name)?;
-                p.load().map_err(|e| verifier_error(name, e))?;
-                p.info()
-            }
-            _ => {
-                let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-                p.load().map_err(|e| verifier_error(name, e))?;
-                p.info()
-            }
-        }
-        .map_err(|e| verifier_error(name, e))?;
+        let info = load_program(&mut ebpf, name)?;
         out.push(ProgramReport {
             name: name.into(),
             instructions: info.size_translated().map(|b| b / 8),
@@ -98,6 +66,29 @@ pub fn verifier_report() -> Result<Vec<ProgramReport>, LoadError> {
         });
     }
     Ok(out)
+}
+
+/// Loads (verifies) program `name` as the type it is declared with. A macro, because aya's
+/// program types share no trait for `load`.
+macro_rules! load_as {
+    ($ebpf:expr, $name:expr, $ty:ty) => {{
+        let p: &mut $ty = program($ebpf, $name)?;
+        p.load().map_err(|e| verifier_error($name, e))?;
+        p.info()
+    }};
+}
+
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::programs::ProgramInfo, LoadError> {
+    match name {
+        programs::SOCK_OPS => load_as!(ebpf, name, SockOps),
+        programs::SK_LOOKUP => load_as!(ebpf, name, SkLookup),
+        programs::CONNECT4 => load_as!(ebpf, name, CgroupSockAddr),
+        programs::GETSOCKOPT => load_as!(ebpf, name, CgroupSockopt),
+        programs::SK_MSG => load_as!(ebpf, name, SkMsg),
+        programs::SK_SKB => load_as!(ebpf, name, SkSkb),
+        _ => return Err(LoadError::MissingProgram(name)),
+    }
+    .map_err(|e| verifier_error(name, e))
 }
 
 /// An instance's pin directory, lock and state file. Claimed before loading, removed on drop.
@@ -265,19 +256,17 @@ impl Loaded {
             let path = dirs.pin_dir.join(name);
             map.pin(&path).map_err(|source| LoadError::Pin { path, source })?;
         }
-        let prog: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
-        prog.load().map_err(|e| verifier_error(programs::SOCK_OPS, e))?;
-        let prog: &mut SkLookup = program(&mut ebpf, programs::SK_LOOKUP)?;
-        prog.load().map_err(|e| verifier_error(programs::SK_LOOKUP, e))?;
-        let prog: &mut CgroupSockAddr = program(&mut ebpf, programs::CONNECT4)?;
-        prog.load().map_err(|e| verifier_error(programs::CONNECT4, e))?;
-        let prog: &mut CgroupSockopt = program(&mut ebpf, programs::GETSOCKOPT)?;
-        prog.load().map_err(|e| verifier_error(programs::GETSOCKOPT, e))?;
+        for name in [
+            programs::SOCK_OPS,
+            programs::SK_LOOKUP,
+            programs::CONNECT4,
+            programs::GETSOCKOPT,
+        ] {
+            load_program(&mut ebpf, name)?;
+        }
         if fast_path {
-            let prog: &mut SkMsg = program(&mut ebpf, programs::SK_MSG)?;
-            prog.load().map_err(|e| verifier_error(programs::SK_MSG, e))?;
-            let prog: &mut SkSkb = program(&mut ebpf, programs::SK_SKB)?;
-            prog.load().map_err(|e| verifier_error(programs::SK_SKB, e))?;
+            load_program(&mut ebpf, programs::SK_MSG)?;
+            load_program(&mut ebpf, programs::SK_SKB)?;
         }
         Ok(Self { ebpf, dirs })
     }

@@ -183,3 +183,22 @@ fn blocking_clients_on_the_fast_path() {
     assert_eq!(big.outcome, Outcome::Ok, "{big:?}");
     assert!(big.intact, "{big:?}");
 }
+
+/// A sender whose peer is not in the sockhash when it first writes keeps TCP for the whole
+/// connection (bytes of one direction never switch paths). With `--proxy none` and a stand-in
+/// proxy outside the workload's cgroup, sock_ops never enrolls the proxy's end: the app's end
+/// joins, finds no peer at its first message, and every byte goes over TCP, intact.
+#[test]
+fn a_sender_without_a_peer_keeps_tcp() {
+    let w = Workload::with_agent("fpn", &["--fast-path", "--proxy", "none"]);
+    let any = |p| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, p);
+    let _proxy = TestServer::start(&w.pair.workload, any(15001), "echo-proxy").expect("stand-in proxy");
+    let r = w.probe(&w.spec(w.remote(REMOTE_PORT)).bytes(4096).round_trips(100).tokio());
+    assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
+    assert_eq!(r.banner_field("name"), Some("echo-proxy"), "{r:?}");
+    assert!(r.intact && r.round_trips == 100, "{r:?}");
+    assert_eq!(event(&w, "fast_path_enrolled"), 1, "{}", fast_path_events(&w));
+    assert_eq!(event(&w, "fast_path_declined"), 1, "{}", fast_path_events(&w));
+    assert_eq!(event(&w, "fast_path_redirected"), 0, "{}", fast_path_events(&w));
+    assert_maps_empty(&w);
+}

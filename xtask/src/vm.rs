@@ -32,6 +32,8 @@ pub const SMOKE: &[&str] = &[
     "detach_leaves_no_program_link_or_pin",
     "default_injection",
     "kernel_features_are_probed",
+    "bytes_take_the_fast_path_intact",
+    "other_socket_options_get_the_kernels_answer",
 ];
 
 pub struct Options {
