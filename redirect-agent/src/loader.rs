@@ -242,13 +242,19 @@ impl Loaded {
     /// Loads the object, pins its maps and loads (verifies) every program it will attach
     /// (the fast path's two only when asked for), attaching nothing.
     pub fn load(dirs: InstanceDirs, max_tracked_connections: u32, fast_path: bool) -> Result<Self, LoadError> {
+        let fast_path_slots = if fast_path {
+            max_tracked_connections.saturating_mul(2)
+        } else {
+            1
+        };
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::ORIG_BY_COOKIE, max_tracked_connections)
             .map_max_entries(maps::ORIG_BY_TUPLE, max_tracked_connections)
             .map_max_entries(maps::INBOUND_PENDING, max_tracked_connections)
-            // Both ends of each local pair.
-            .map_max_entries(maps::FAST_PATH_SOCKETS, max_tracked_connections.saturating_mul(2))
-            .map_max_entries(maps::FAST_PATH_SENDERS, max_tracked_connections.saturating_mul(2))
+            // Both ends of each local pair; one slot when the fast path is off (a map cannot
+            // have none), so that an instance without it does not hold their memory.
+            .map_max_entries(maps::FAST_PATH_SOCKETS, fast_path_slots)
+            .map_max_entries(maps::FAST_PATH_SENDERS, fast_path_slots)
             .load(EBPF_OBJECT)
             .map_err(LoadError::Object)?;
         for name in maps::ALL {
