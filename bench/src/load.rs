@@ -33,6 +33,9 @@ pub struct LoadResult {
     /// STREAM: bytes the server counted, and the rate.
     pub bytes: u64,
     pub mb_per_s: f64,
+    /// What ended a run that failed (STREAM: its one connection).
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// A blocking connection that waits out EAGAIN. On 6.18 a blocking socket in a sockhash (the
@@ -227,8 +230,9 @@ pub fn stream(to: SocketAddrV4, size: usize, duration: Duration) -> LoadResult {
             mb_per_s: bytes as f64 / elapsed / 1e6,
             ..LoadResult::default()
         },
-        Err(_) => LoadResult {
+        Err(e) => LoadResult {
             errors: 1,
+            error: Some(e.to_string()),
             ..LoadResult::default()
         },
     }

@@ -405,7 +405,14 @@ fn record(samples: &mut Samples, key: &'static str, config: Config, v: Option<f6
     }
 }
 
-fn run_config(config: Config, plan: &Plan, agent: &Path, me: &Path, samples: &mut Samples) -> anyhow::Result<()> {
+fn run_config(
+    config: Config,
+    plan: &Plan,
+    agent: &Path,
+    me: &Path,
+    samples: &mut Samples,
+    failures: &mut Vec<String>,
+) -> anyhow::Result<()> {
     let env = Env::new(config, agent, me).with_context(|| format!("setting up {}", config.label()))?;
     let s = |v: &str| v.to_owned();
 
@@ -488,6 +495,15 @@ fn run_config(config: Config, plan: &Plan, agent: &Path, me: &Path, samples: &mu
                 secs(plan.stream),
             ],
         )?;
+        if st.errors > 0 {
+            let what = format!(
+                "{}: STREAM {size} B writes failed: {}",
+                config.label(),
+                st.error.as_deref().unwrap_or("?")
+            );
+            eprintln!("bench: {what}");
+            failures.push(what);
+        }
         record(samples, key, config, (st.errors == 0).then_some(st.mb_per_s));
     }
     Ok(())
@@ -545,6 +561,8 @@ fn measure_memory(
 
 pub struct Outcome {
     pub samples: Samples,
+    /// Runs that produced no sample, and why (shown as "–" in the tables).
+    pub failures: Vec<String>,
     pub memory: Memory,
     pub elapsed: Duration,
 }
@@ -553,6 +571,7 @@ pub fn run(plan: &Plan, agent: &Path) -> anyhow::Result<Outcome> {
     let me: PathBuf = std::env::current_exe()?;
     let started = Instant::now();
     let mut samples = Samples::new();
+    let mut failures = Vec::new();
     let order = [
         Config::Direct,
         Config::Iptables,
@@ -563,7 +582,7 @@ pub fn run(plan: &Plan, agent: &Path) -> anyhow::Result<Outcome> {
     for round in 1..=plan.rounds {
         for config in order {
             eprintln!("bench: round {round}/{}: {}", plan.rounds, config.label());
-            run_config(config, plan, agent, &me, &mut samples)?;
+            run_config(config, plan, agent, &me, &mut samples, &mut failures)?;
         }
     }
     let mut memory = Memory::default();
@@ -574,6 +593,7 @@ pub fn run(plan: &Plan, agent: &Path) -> anyhow::Result<Outcome> {
     }
     Ok(Outcome {
         samples,
+        failures,
         memory,
         elapsed: started.elapsed(),
     })

@@ -260,6 +260,13 @@ pub fn markdown(out: &Outcome, plan: &Plan, m: &Machine) -> String {
         "\n↑: more is better; ↓: less is better. Ratios are value over value. Every sample is in \
          `benchmarks.json`.\n"
     );
+    if !out.failures.is_empty() {
+        let _ = writeln!(s, "Runs that failed (no sample; \"–\" where every round failed):\n");
+        for f in &out.failures {
+            let _ = writeln!(s, "- {f}");
+        }
+        let _ = writeln!(s);
+    }
 
     let _ = writeln!(s, "## The connect4 program alone\n");
     let a = med(s_, "crr_cps", Config::Direct);
