@@ -340,16 +340,10 @@ impl Loaded {
         // whose readiness wakeups need it (see redirect-ebpf/src/sk_skb.rs).
         let prog: &mut SkSkb = program(&mut self.ebpf, programs::SK_SKB)?;
         prog.attach(map.fd()).map_err(attach_err(programs::SK_SKB))?;
-        states.push(ProgramState {
-            name: programs::SK_SKB.into(),
-            id: prog_id(prog.info())?,
-        });
+        states.push(attached(programs::SK_SKB, prog.info())?);
         let prog: &mut SkMsg = program(&mut self.ebpf, programs::SK_MSG)?;
         prog.attach(map.fd()).map_err(attach_err(programs::SK_MSG))?;
-        states.push(ProgramState {
-            name: programs::SK_MSG.into(),
-            id: prog_id(prog.info())?,
-        });
+        states.push(attached(programs::SK_MSG, prog.info())?);
         Ok((FastPathSockets { map, senders }, states))
     }
 
@@ -367,10 +361,7 @@ impl Loaded {
             cgroup: cgroup_path.to_owned(),
             source,
         })?;
-        Ok(ProgramState {
-            name: programs::SOCK_OPS.into(),
-            id: prog_id(prog.info())?,
-        })
+        attached(programs::SOCK_OPS, prog.info())
     }
 
     /// Then the two that capture: sk_lookup on the namespace (inbound) and connect4 on the
@@ -390,10 +381,7 @@ impl Loaded {
             netns: netns_path.to_owned(),
             source,
         })?;
-        ids.push(ProgramState {
-            name: programs::SK_LOOKUP.into(),
-            id: prog_id(prog.info())?,
-        });
+        ids.push(attached(programs::SK_LOOKUP, prog.info())?);
         // Before connect4, so that a connection it captures can ask for its destination.
         let prog: &mut CgroupSockopt = program(&mut self.ebpf, programs::GETSOCKOPT)?;
         prog.attach(cgroup, LINK_MODE).map_err(|source| LoadError::Attach {
@@ -401,20 +389,14 @@ impl Loaded {
             cgroup: cgroup_path.to_owned(),
             source,
         })?;
-        ids.push(ProgramState {
-            name: programs::GETSOCKOPT.into(),
-            id: prog_id(prog.info())?,
-        });
+        ids.push(attached(programs::GETSOCKOPT, prog.info())?);
         let prog: &mut CgroupSockAddr = program(&mut self.ebpf, programs::CONNECT4)?;
         prog.attach(cgroup, LINK_MODE).map_err(|source| LoadError::Attach {
             prog: programs::CONNECT4,
             cgroup: cgroup_path.to_owned(),
             source,
         })?;
-        ids.push(ProgramState {
-            name: programs::CONNECT4.into(),
-            id: prog_id(prog.info())?,
-        });
+        ids.push(attached(programs::CONNECT4, prog.info())?);
         Ok(ids)
     }
 }
@@ -469,12 +451,17 @@ impl InboundListener {
     }
 }
 
-fn prog_id(info: Result<aya::programs::ProgramInfo, ProgramError>) -> Result<u32, LoadError> {
-    info.map(|i| i.id()).map_err(|e| LoadError::Verifier {
+/// What the state file says of an attached program: its name and the id bpftool shows.
+fn attached(
+    name: &'static str,
+    info: Result<aya::programs::ProgramInfo, ProgramError>,
+) -> Result<ProgramState, LoadError> {
+    let id = info.map(|i| i.id()).map_err(|e| LoadError::Verifier {
         prog: "program info",
         reason: e.to_string(),
         kernel: kernel_string(),
-    })
+    })?;
+    Ok(ProgramState { name: name.into(), id })
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
