@@ -12,12 +12,12 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    ChainId, ConnFacts, IPPROTO_TCP, LocalAddrKey, OrigDst, PendingOrigDst, Target, Workload, events, is_loopback,
+    ChainId, ConnFacts, IPPROTO_TCP, OrigDst, PendingOrigDst, Target, Workload, events, is_loopback,
 };
 
 use crate::{
     chain,
-    maps::{LOCAL_ADDRS, ORIG_BY_COOKIE, WORKLOADS, count_event},
+    maps::{ORIG_BY_COOKIE, WORKLOADS, count_event, is_local_addr},
 };
 
 /// 127.0.0.1 in network order: where iptables REDIRECT sends locally generated packets.
@@ -65,14 +65,7 @@ unsafe fn decide(ctx: &SockAddrContext) {
     // The calling task's uid/gid. The owner match reads the socket file's fsuid/fsgid: the same
     // unless a set-id program connects a socket, or one is passed to another process.
     let uid_gid = bpf_get_current_uid_gid();
-    let out_lo = is_loopback(dst_addr)
-        || LOCAL_ADDRS
-            .get_ptr(LocalAddrKey {
-                netns_cookie,
-                addr: dst_addr,
-                _pad: 0,
-            })
-            .is_some();
+    let out_lo = is_local_addr(netns_cookie, dst_addr);
     // A socket bound to a loopback address cannot reach anything but lo: the kernel's route
     // lookup fails the connect() (EINVAL) before nat OUTPUT ever sees a packet. Leave it to
     // fail the same way rather than redirect it to a listener it could reach.

@@ -5,7 +5,9 @@ use aya_ebpf::{
     btf_maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
     macros::btf_map,
 };
-use redirect_common::{LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, TupleKey, Workload, events};
+use redirect_common::{
+    LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, TupleKey, Workload, events, is_loopback,
+};
 
 const WORKLOAD_SLOTS: usize = MAX_WORKLOADS as usize;
 const COUNTER_SLOTS: usize = WORKLOAD_SLOTS * MAX_RULES;
@@ -64,6 +66,21 @@ pub static FAST_PATH_SOCKETS: SockHash<TupleKey, 65536> = SockHash::new();
 /// Sender 4-tuple (+ netns) -> `redirect_common::fast_path` state: which path its bytes take.
 #[btf_map]
 pub static FAST_PATH_SENDERS: LruHashMap<TupleKey, u8, 65536> = LruHashMap::new();
+
+/// Whether `addr` (network order) is reached over `lo` from the workload's namespace: 127/8 or
+/// one of the namespace's own addresses. What "`-o lo`" means to connect4, what tells sk_lookup
+/// a connection started inside the namespace, and what makes a pair local for the fast path.
+#[inline(always)]
+pub fn is_local_addr(netns_cookie: u64, addr: u32) -> bool {
+    is_loopback(addr)
+        || LOCAL_ADDRS
+            .get_ptr(LocalAddrKey {
+                netns_cookie,
+                addr,
+                _pad: 0,
+            })
+            .is_some()
+}
 
 /// The original destination of a captured connection, from the 4-tuple as its connecting end
 /// sees it: what `getsockopt(SO_ORIGINAL_DST)` answers, and what the embedded proxy's

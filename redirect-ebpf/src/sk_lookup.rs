@@ -9,14 +9,11 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
-use redirect_common::{
-    ChainId, ConnFacts, IPPROTO_TCP, LocalAddrKey, OrigDst, Target, TupleKey, Workload, events, is_loopback,
-    workload_flags,
-};
+use redirect_common::{ChainId, ConnFacts, IPPROTO_TCP, OrigDst, Target, TupleKey, Workload, events, workload_flags};
 
 use crate::{
     chain,
-    maps::{ADDR_OWNERS, INBOUND_LISTENERS, INBOUND_PENDING, LOCAL_ADDRS, WORKLOADS, count_event},
+    maps::{ADDR_OWNERS, INBOUND_LISTENERS, INBOUND_PENDING, WORKLOADS, count_event, is_local_addr},
 };
 
 const AF_INET: u32 = 2;
@@ -51,16 +48,7 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
     // source tells the two apart. (`ingress_ifindex == lo` would say it directly, but needs
     // 5.17; the agent supports 5.15.)
     let remote_ip4 = unsafe { read_volatile(&(*l).remote_ip4) };
-    if is_loopback(remote_ip4)
-        || remote_ip4 == local_ip4
-        || LOCAL_ADDRS
-            .get_ptr(LocalAddrKey {
-                netns_cookie,
-                addr: remote_ip4,
-                _pad: 0,
-            })
-            .is_some()
-    {
+    if remote_ip4 == local_ip4 || is_local_addr(netns_cookie, remote_ip4) {
         return sk_action::SK_PASS;
     }
     let local_port = unsafe { read_volatile(&(*l).local_port) } as u16;

@@ -14,13 +14,11 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use redirect_common::{
-    INBOUND_PASSTHROUGH_SRC_BE, LocalAddrKey, TupleKey, Workload, events, fast_path, is_loopback, workload_flags,
-};
+use redirect_common::{INBOUND_PASSTHROUGH_SRC_BE, TupleKey, Workload, events, fast_path, workload_flags};
 
 use crate::maps::{
-    FAST_PATH_SENDERS, FAST_PATH_SOCKETS, INBOUND_LISTENERS, INBOUND_PENDING, LOCAL_ADDRS, ORIG_BY_COOKIE,
-    ORIG_BY_TUPLE, WORKLOADS, count_event,
+    FAST_PATH_SENDERS, FAST_PATH_SOCKETS, INBOUND_LISTENERS, INBOUND_PENDING, ORIG_BY_COOKIE, ORIG_BY_TUPLE, WORKLOADS,
+    count_event, is_local_addr,
 };
 
 const AF_INET: u32 = 2;
@@ -42,20 +40,20 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             // Runs before the final ACK leaves, so the entry exists before the proxy can
             // accept the connection.
-            let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-            let key = tuple(&ctx, netns_cookie);
-            let redirected = match ORIG_BY_COOKIE.get_ptr(cookie) {
-                Some(pending) => {
-                    let pending = unsafe { *pending };
-                    let _ = ORIG_BY_TUPLE.insert(key, pending.orig, 0);
-                    let _ = ORIG_BY_COOKIE.remove(cookie);
-                    true
-                }
-                None => false,
+            let local_pair_end = if let Some(pending) = ORIG_BY_COOKIE.get_ptr(cookie) {
+                let pending = unsafe { *pending };
+                let key = tuple(&ctx, pending.netns_cookie);
+                let _ = ORIG_BY_TUPLE.insert(key, pending.orig, 0);
+                let _ = ORIG_BY_COOKIE.remove(cookie);
+                // The workload's end of app -> capture listener.
+                Some(key)
+            } else if ctx.local_ip4() == INBOUND_PASSTHROUGH_SRC_BE {
+                // The proxy's end of its passthrough connection to the app.
+                Some(tuple(&ctx, unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }))
+            } else {
+                None
             };
-            // The workload's end of app -> capture listener, or the proxy's end of its
-            // passthrough connection to the app (source 127.0.0.6).
-            if redirected || key.src_addr == INBOUND_PASSTHROUGH_SRC_BE {
+            if let Some(key) = local_pair_end {
                 enroll(&ctx, &key);
             }
         }
@@ -118,15 +116,7 @@ fn enroll(ctx: &SockOpsContext, key: &TupleKey) {
     if w.flags & workload_flags::FAST_PATH == 0 {
         return;
     }
-    let peer_is_local = is_loopback(key.dst_addr)
-        || LOCAL_ADDRS
-            .get_ptr(LocalAddrKey {
-                netns_cookie: key.netns_cookie,
-                addr: key.dst_addr,
-                _pad: 0,
-            })
-            .is_some();
-    if !peer_is_local {
+    if !is_local_addr(key.netns_cookie, key.dst_addr) {
         return;
     }
     // The sender state first: sk_msg treats a socket without one as "TCP for good", so a
