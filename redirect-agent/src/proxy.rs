@@ -92,28 +92,32 @@ impl OrigDstTable {
     /// the accepted socket's addresses. `None`: not captured by us (or already closed) — a
     /// connection straight to a capture port, which must not be forwarded back to it.
     pub fn lookup(&self, peer: SocketAddrV4, local: SocketAddrV4) -> Option<Destination> {
-        let key = tuple_key(self.netns_cookie, peer, local);
-        let v = match self.established.get(&key, 0) {
+        self.find(&tuple_key(self.netns_cookie, peer, local), false)
+    }
+
+    /// [`Self::lookup`] for the embedded proxy, which reads each destination once: an entry
+    /// found in `INBOUND_PENDING` is removed, because the proxy's socket is not in the
+    /// workload's cgroup and no sock_ops close callback will remove it.
+    fn take(&self, peer: SocketAddrV4, local: SocketAddrV4) -> Option<Destination> {
+        self.find(&tuple_key(self.netns_cookie, peer, local), true)
+    }
+
+    fn find(&self, key: &TupleKey, take_pending: bool) -> Option<Destination> {
+        let v = match self.established.get(key, 0) {
             Ok(v) => v,
-            Err(_) => self
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&key, 0)
-                .ok()?,
+            Err(_) => {
+                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                let v = pending.get(key, 0).ok()?;
+                if take_pending {
+                    let _ = pending.remove(key);
+                }
+                v
+            }
         };
         Some(Destination {
             addr: SocketAddrV4::new(Ipv4Addr::from(u32::from_be(v.addr)), v.port),
             target: Target::from_u8(v.target),
         })
-    }
-
-    /// The embedded proxy has read an accepted connection's destination: a pending inbound
-    /// entry is dropped now, because its socket is not in the workload's cgroup and no sock_ops
-    /// close callback will remove it.
-    fn consumed(&self, peer: SocketAddrV4, local: SocketAddrV4) {
-        let key = tuple_key(self.netns_cookie, peer, local);
-        let _ = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
     }
 }
 
@@ -128,11 +132,7 @@ pub enum OriginalDst {
 impl OriginalDst {
     fn lookup(&self, stream: &TcpStream, peer: SocketAddrV4, local: SocketAddrV4) -> Option<Destination> {
         match self {
-            Self::Maps(table) => {
-                let dst = table.lookup(peer, local);
-                table.consumed(peer, local);
-                dst
-            }
+            Self::Maps(table) => table.take(peer, local),
             Self::Conntrack => {
                 let addr = crate::sys::original_dst(stream).ok()?;
                 // Not redirected (a connection straight to the capture port): nothing to forward to.
