@@ -142,6 +142,38 @@ fn dump(fd: &OwnedFd) -> io::Result<BTreeSet<Ipv4Addr>> {
     }
 }
 
+/// The namespace's IPv4 addresses now, read once (node mode checks them before enrolling).
+pub fn read(netns: &Netns) -> io::Result<BTreeSet<Ipv4Addr>> {
+    let query = netns.run(|| netlink_socket(0, false))?;
+    dump(&query)
+}
+
+/// Removes every address entry of the workload `netns_cookie` from both maps, whoever wrote
+/// them: what unenrolling a workload (or dropping one whose namespace is gone) must leave.
+pub fn remove_all(
+    map: &mut HashMap<MapData, LocalAddrKey, u8>,
+    owners: &mut HashMap<MapData, u32, u64>,
+    netns_cookie: u64,
+) {
+    let keys: Vec<LocalAddrKey> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.netns_cookie == netns_cookie)
+        .collect();
+    for k in keys {
+        let _ = map.remove(&k);
+    }
+    let owned: Vec<u32> = owners
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, c)| *c == netns_cookie)
+        .map(|(a, _)| a)
+        .collect();
+    for a in owned {
+        let _ = owners.remove(&a);
+    }
+}
+
 /// The namespace's addresses as seen by connect4 (`LOCAL_ADDRS`: what `-o lo` reaches) and by
 /// sk_lookup (`ADDR_OWNERS`: which workload a connection from another host is for).
 pub struct LocalAddrs {

@@ -440,6 +440,11 @@ impl InboundListener {
         Self { map, netns_cookie }
     }
 
+    /// Empties the slot (nothing registered is fine).
+    pub fn unregister(&mut self) {
+        let _ = self.map.remove(&self.netns_cookie);
+    }
+
     /// `socket` must be listening (the kernel refuses other TCP states in a sockhash).
     pub fn register(&mut self, socket: &impl AsRawFd) -> Result<(), LoadError> {
         self.map
@@ -493,8 +498,68 @@ pub fn open_pinned(name: &str) -> Result<PinnedMaps, LoadError> {
     })
 }
 
-fn open_typed<T: TryFrom<Map, Error = MapError>>(dir: &Path, map: &'static str) -> Result<T, LoadError> {
+/// One map of a pin directory, as its typed view.
+pub fn open_typed<T: TryFrom<Map, Error = MapError>>(dir: &Path, map: &'static str) -> Result<T, LoadError> {
     let err = |source| LoadError::Map { map, source };
     let data = MapData::from_pin(dir.join(map)).map_err(err)?;
     T::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)
+}
+
+/// Node mode's object: programs loaded against the maps pinned in the node's directory (made
+/// there on the first start, reused by every later one, so that what the programs know
+/// survives the agent), nothing attached. Attaching is [`crate::links`]' job: node mode pins
+/// its links.
+pub struct NodeObject {
+    ebpf: Ebpf,
+}
+
+impl NodeObject {
+    pub fn load(pin_dir: &Path, max_tracked_connections: u32) -> Result<Self, LoadError> {
+        let paths: Vec<(&'static str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_dir.join(m))).collect();
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(maps::ORIG_BY_COOKIE, max_tracked_connections)
+            .map_max_entries(maps::ORIG_BY_TUPLE, max_tracked_connections)
+            .map_max_entries(maps::INBOUND_PENDING, max_tracked_connections)
+            // The fast path is not offered in node mode (yet): one slot each.
+            .map_max_entries(maps::FAST_PATH_SOCKETS, 1)
+            .map_max_entries(maps::FAST_PATH_SENDERS, 1);
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
+        for name in [
+            programs::SOCK_OPS,
+            programs::SK_LOOKUP,
+            programs::CONNECT4,
+            programs::GETSOCKOPT,
+        ] {
+            load_program(&mut ebpf, name)?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// A loaded program's descriptor, for [`crate::links`].
+    pub fn program_fd(&self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>, LoadError> {
+        use std::os::fd::AsFd as _;
+        let p = self.ebpf.program(name).ok_or(LoadError::MissingProgram(name))?;
+        let fd = p.fd().map_err(|e| verifier_error(name, e))?;
+        Ok(fd.as_fd())
+    }
+
+    /// A program's id, as bpftool shows it.
+    pub fn program_id(&self, name: &'static str) -> Result<u32, LoadError> {
+        let p = self.ebpf.program(name).ok_or(LoadError::MissingProgram(name))?;
+        let info = p.info().map_err(|e| verifier_error(name, e))?;
+        Ok(info.id())
+    }
+
+    /// Moves a map out as its typed view.
+    pub fn take<T>(&mut self, name: &'static str) -> Result<T, LoadError>
+    where
+        T: TryFrom<Map, Error = MapError>,
+    {
+        let map = self.ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+        T::try_from(map).map_err(|source| LoadError::Map { map: name, source })
+    }
 }

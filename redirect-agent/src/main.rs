@@ -2,7 +2,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, error::ErrorKind};
 use redirect_agent::{
-    demo, explain, features,
+    demo, explain, features, node::{self, NodeOptions},
     flags::CaptureFlags,
     probe::{self, ProbeArgs},
     run::{self, ProxyMode, RunOptions},
@@ -22,6 +22,29 @@ struct Cli {
 enum Command {
     /// Capture one workload's connections until SIGINT/SIGTERM, then detach.
     Run(Box<RunArgs>),
+    /// Serve every meshed workload of this node: attach once (pinned), then enroll and
+    /// remove workloads over a Unix socket; a restart adopts the pins or takes over from the
+    /// running agent without dropping connections.
+    Node(Box<NodeArgs>),
+    /// Enroll a workload with the node agent (its network namespace and istio-iptables flags).
+    Enroll(Box<EnrollArgs>),
+    /// Remove a workload from the node agent: its connections are no longer captured.
+    Unenroll(UnenrollArgs),
+    /// List the node agent's workloads.
+    List {
+        #[command(flatten)]
+        agent: AgentSocket,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every pin, link and state file of a stopped instance (node or run): its
+    /// workloads are no longer captured.
+    Cleanup {
+        /// Instance name.
+        #[arg(long, default_value = "node")]
+        name: String,
+    },
     /// Print a running instance's per-rule counters.
     Stats {
         /// Instance name (as given to `run --name`).
@@ -67,6 +90,84 @@ struct ExplainArgs {
     json: bool,
     #[command(flatten)]
     capture: CaptureFlags,
+}
+
+#[derive(clap::Args, Debug)]
+struct AgentSocket {
+    /// The node agent's control socket.
+    #[arg(long, value_name = "PATH", default_value = "/run/redirect/node.sock")]
+    socket: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct NodeArgs {
+    /// Instance name: pins go to /sys/fs/bpf/redirect/NAME/, state to /run/redirect/NAME.node.json.
+    #[arg(long, default_value = "node")]
+    name: String,
+    /// cgroup v2 directory the programs attach to; every workload's processes must be under
+    /// it (default: the cgroup v2 root).
+    #[arg(long, value_name = "PATH")]
+    cgroup_parent: Option<PathBuf>,
+    /// Control socket (default: /run/redirect/NAME.sock).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Prometheus endpoint (GET /metrics, GET /ready), or `off`.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:15030")]
+    metrics: String,
+    /// Size of the original-destination maps (LRU), shared by all workloads.
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    max_tracked_connections: u32,
+    /// Connections each workload's embedded proxy serves at once; more are reset.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    max_proxy_connections: u32,
+    /// Upstream connect timeout of the embedded proxies, in milliseconds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    connect_timeout_ms: u64,
+    /// On stop or handover: how long open proxied connections may finish before they are
+    /// reset, in milliseconds.
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    drain_timeout_ms: u64,
+}
+
+#[derive(clap::Args, Debug)]
+struct EnrollArgs {
+    /// The workload's network namespace (/run/netns/NAME or /proc/PID/ns/net).
+    #[arg(long, value_name = "PATH")]
+    netns: PathBuf,
+    /// The workload's cgroup v2 directory (checked to be under the agent's attach point).
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<PathBuf>,
+    /// Workload id, unique on the node (default: the namespace's file name).
+    #[arg(long)]
+    id: Option<String>,
+    /// Serve the capture ports with the agent's embedded proxy, or leave them to the
+    /// workload's own proxy.
+    #[arg(long, value_enum, default_value_t = ProxyMode::Embedded)]
+    proxy: ProxyMode,
+    #[command(flatten)]
+    agent: AgentSocket,
+    /// istio-iptables flags for this workload (after `--`), e.g. `-- -b 8080 -d ''`.
+    #[arg(last = true, value_name = "FLAGS", allow_hyphen_values = true)]
+    flags: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = false)]
+struct UnenrollTarget {
+    /// Workload id.
+    #[arg(long)]
+    id: Option<String>,
+    /// The workload's network namespace.
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct UnenrollArgs {
+    #[command(flatten)]
+    target: UnenrollTarget,
+    #[command(flatten)]
+    agent: AgentSocket,
 }
 
 #[derive(clap::Args, Debug)]
@@ -151,6 +252,14 @@ fn check(verifier: bool, json: bool) -> anyhow::Result<()> {
         anyhow::bail!(m);
     }
     Ok(())
+}
+
+/// How long the CLI waits for the node agent (an enroll binds listeners and reads addresses).
+const API_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The agent resolves paths in its own mount namespace and working directory, not ours.
+fn absolute(p: &std::path::Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
 }
 
 fn init_tracing() {
@@ -264,6 +373,97 @@ fn main() -> ExitCode {
                 standalone::serve(&args, termination.wait()).await
             }
             Command::Demo => demo::run(),
+            Command::Node(args) => {
+                let termination = run::Termination::install()?;
+                let metrics = match args.metrics.as_str() {
+                    "off" => None,
+                    m => Some(m.parse().map_err(|_| {
+                        anyhow::anyhow!("invalid value '{m}' for --metrics: expected ADDR:PORT (e.g. 127.0.0.1:15030) or off")
+                    })?),
+                };
+                let opts = NodeOptions {
+                    socket: args
+                        .socket
+                        .unwrap_or_else(|| redirect_api::default_socket(&args.name)),
+                    name: args.name,
+                    cgroup_parent: args.cgroup_parent,
+                    metrics,
+                    max_tracked_connections: args.max_tracked_connections,
+                    max_proxy_connections: args.max_proxy_connections as usize,
+                    connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+                    drain: Duration::from_millis(args.drain_timeout_ms),
+                };
+                node::run(opts, termination.wait()).await
+            }
+            Command::Enroll(args) => {
+                let id = match args.id {
+                    Some(id) => id,
+                    None => args
+                        .netns
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .filter(|n| n != "net")
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "--netns {} has no usable name: give the workload an --id",
+                                args.netns.display()
+                            )
+                        })?,
+                };
+                let req = redirect_api::Request::Enroll(redirect_api::Enroll {
+                    id,
+                    netns: absolute(&args.netns),
+                    cgroup: args.cgroup.as_deref().map(absolute),
+                    proxy: format!("{:?}", args.proxy).to_lowercase(),
+                    args: args.flags,
+                });
+                let answer = redirect_api::call(&args.agent.socket, &req, API_TIMEOUT)?;
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+                Ok(())
+            }
+            Command::Unenroll(args) => {
+                let req = redirect_api::Request::Unenroll {
+                    id: args.target.id,
+                    netns: args.target.netns.as_deref().map(absolute),
+                };
+                if let redirect_api::Response::Unenrolled { id } = redirect_api::call(&args.agent.socket, &req, API_TIMEOUT)? {
+                    println!("unenrolled {id}");
+                }
+                Ok(())
+            }
+            Command::List { agent, json } => {
+                let answer = redirect_api::call(&agent.socket, &redirect_api::Request::List, API_TIMEOUT)?;
+                let redirect_api::Response::Workloads(list) = answer else {
+                    anyhow::bail!("unexpected answer: {answer:?}");
+                };
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&list)?);
+                } else {
+                    println!("{:<24} {:>6} {:>4} {:<9} {:<32} flags", "id", "cookie", "slot", "proxy", "netns");
+                    for w in list {
+                        println!(
+                            "{:<24} {:>6} {:>4} {:<9} {:<32} {}",
+                            w.id,
+                            w.netns_cookie,
+                            w.slot,
+                            w.proxy,
+                            w.netns.display(),
+                            w.args.join(" ")
+                        );
+                    }
+                }
+                Ok(())
+            }
+            Command::Cleanup { name } => {
+                let removed = node::cleanup(&name)?;
+                if removed.is_empty() {
+                    println!("nothing of instance '{name}' was left");
+                }
+                for p in removed {
+                    println!("removed {}", p.display());
+                }
+                Ok(())
+            }
             Command::Probe(_) | Command::Serve(_) | Command::ListenIn(_) => {
                 unreachable!("handled before the runtime starts")
             }

@@ -18,7 +18,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData};
-use redirect_common::{OrigDst, Target, TupleKey, chain::INBOUND_PASSTHROUGH_SRC};
+use redirect_common::{AGENT_SOCKET_MARK, OrigDst, Target, TupleKey, chain::INBOUND_PASSTHROUGH_SRC};
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
     sync::Semaphore,
@@ -185,7 +185,7 @@ impl NetnsDialer {
             let _ = ready_tx.send(Ok(()));
             // Ends when the proxy drops the receiver.
             loop {
-                let made = TcpSocket::new_v4();
+                let made = TcpSocket::new_v4().and_then(mark_as_agent);
                 let failed = made.is_err();
                 if tx.blocking_send(made).is_err() {
                     break;
@@ -213,6 +213,27 @@ impl NetnsDialer {
     }
 }
 
+/// Marks an upstream socket as the agent's own ([`AGENT_SOCKET_MARK`]): connect4 leaves it
+/// alone even where it runs for the agent's cgroup too (node mode attaches at the cgroup
+/// root). Needs CAP_NET_ADMIN, which the agent has.
+fn mark_as_agent(socket: TcpSocket) -> io::Result<TcpSocket> {
+    let mark: libc::c_uint = AGENT_SOCKET_MARK;
+    // SAFETY: valid socket and a 4-byte option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&raw const mark).cast(),
+            size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(socket)
+}
+
 /// Which capture port a listener serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Side {
@@ -223,7 +244,7 @@ pub enum Side {
 }
 
 impl Side {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Side::Outbound => "outbound",
             Side::Inbound => "inbound",
@@ -263,10 +284,14 @@ impl ProxyConfig {
     }
 }
 
-/// Counts the proxy keeps for its logs (and, later, metrics).
+/// Counts the proxy keeps for its logs and node mode's metrics.
 #[derive(Debug, Default)]
 pub struct ProxyCounters {
     pub accepted: AtomicU64,
+    /// Bytes from the connecting side to the original destination, as they are written.
+    pub bytes_to_upstream: AtomicU64,
+    /// Bytes back from the original destination.
+    pub bytes_from_upstream: AtomicU64,
     pub forwarded: AtomicU64,
     pub no_original_dst: AtomicU64,
     pub upstream_failed: AtomicU64,
@@ -297,6 +322,15 @@ impl Listening {
             })
             .collect::<io::Result<_>>()?;
         Ok(Self { listeners })
+    }
+
+    /// Second descriptors of the listening sockets, for handing them to another process.
+    pub fn dup_fds(&self) -> io::Result<Vec<(Side, std::os::fd::OwnedFd)>> {
+        use std::os::fd::AsFd as _;
+        self.listeners
+            .iter()
+            .map(|(side, l)| Ok((*side, l.as_fd().try_clone_to_owned()?)))
+            .collect()
     }
 
     pub fn get(&self, side: Side) -> Option<&TcpListener> {
@@ -395,7 +429,8 @@ impl Proxy {
         })
     }
 
-    fn active(&self) -> usize {
+    /// Connections being served now.
+    pub fn active(&self) -> usize {
         self.shared.cfg.max_connections - self.shared.limit.available_permits()
     }
 
@@ -535,7 +570,11 @@ async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared)
     };
     // Half-close is carried across: EOF on one side shuts down writing on the other, and the
     // other direction keeps flowing until it ends too.
-    match tokio::try_join!(pump(&client, &upstream), pump(&upstream, &client)) {
+    let counters = &shared.counters;
+    match tokio::try_join!(
+        pump(&client, &upstream, &counters.bytes_to_upstream),
+        pump(&upstream, &client, &counters.bytes_from_upstream)
+    ) {
         Ok((up, down)) => {
             guard.done = true;
             tracing::debug!(%peer, dst = %dst.addr, up, down, "closed");
@@ -594,7 +633,7 @@ impl Drop for ResetUnlessDone<'_> {
 /// Copies `from` to `to` until EOF, then shuts down writing on `to`. The buffer is taken only
 /// once `from` is readable and given back whenever a read drains it, so an idle connection
 /// holds no buffer: a proxy holding ten thousand quiet connections should not hold 1.3 GB.
-async fn pump(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+async fn pump(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64) -> io::Result<u64> {
     let mut total = 0u64;
     let mut buf: Vec<u8> = Vec::new();
     loop {
@@ -609,6 +648,7 @@ async fn pump(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
         let drained = buf.len() < COPY_BUF;
         write_all(to, &buf).await?;
         total += buf.len() as u64;
+        bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
         if drained {
             buf = Vec::new();
         } else {

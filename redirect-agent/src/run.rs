@@ -257,8 +257,8 @@ impl Termination {
 
     pub async fn wait(mut self) {
         tokio::select! {
-            _ = self.int.recv() => tracing::info!("SIGINT: detaching"),
-            _ = self.term.recv() => tracing::info!("SIGTERM: detaching"),
+            _ = self.int.recv() => tracing::info!("SIGINT: stopping"),
+            _ = self.term.recv() => tracing::info!("SIGTERM: stopping"),
         }
     }
 }

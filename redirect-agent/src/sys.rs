@@ -302,3 +302,102 @@ pub fn join(cgroup: Option<&Path>, netns: Option<&Path>) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Most descriptors passed in one SCM_RIGHTS message (a workload has three).
+pub const MAX_FDS_PER_MESSAGE: usize = 8;
+
+/// Sends `fds` over a Unix stream socket in one message (with one byte of data, which
+/// SCM_RIGHTS needs to travel with).
+pub fn send_fds(socket: &impl AsRawFd, fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<()> {
+    assert!(fds.len() <= MAX_FDS_PER_MESSAGE);
+    let payload = [b'F'];
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr() as *mut libc::c_void,
+        iov_len: 1,
+    };
+    // u64 words keep the control buffer aligned for cmsghdr.
+    let mut control = [0u64; 16];
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE((fds.len() * size_of::<i32>()) as u32) } as usize;
+    // SAFETY: zeroed msghdr is valid; every pointer set below outlives the sendmsg call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: the control buffer holds `space` bytes, enough for one header and the fds.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN((fds.len() * size_of::<i32>()) as u32) as usize;
+        let data = libc::CMSG_DATA(cmsg).cast::<i32>();
+        for (i, fd) in fds.iter().enumerate() {
+            data.add(i).write_unaligned(fd.as_raw_fd());
+        }
+    }
+    // SAFETY: msg is fully initialised.
+    if unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) } != 1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives one message of [`send_fds`]: its descriptors, owned (close-on-exec).
+pub fn recv_fds(socket: &impl AsRawFd) -> io::Result<Vec<OwnedFd>> {
+    let mut payload = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut control = [0u64; 16];
+    // SAFETY: zeroed msghdr is valid; pointers outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of_val(&control);
+    // SAFETY: msg describes valid buffers.
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n == 0 {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed before sending descriptors"));
+    }
+    let mut out = Vec::new();
+    // SAFETY: walking the control buffer the kernel filled, with the libc macros.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg).cast::<i32>();
+                let bytes = (*cmsg).cmsg_len as usize - (data as usize - cmsg as usize);
+                for i in 0..bytes / size_of::<i32>() {
+                    out.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::other("descriptors were cut short (MSG_CTRUNC)"));
+    }
+    Ok(out)
+}
+
+impl Netns {
+    /// A namespace received as a descriptor (from a predecessor agent), checked like
+    /// [`Netns::open`]; `path` is what it was known as.
+    pub fn from_fd(fd: OwnedFd, path: &Path) -> Result<Self, SysError> {
+        // SAFETY: NS_GET_NSTYPE takes no argument; the fd is valid.
+        let ns_type = unsafe { libc::ioctl(fd.as_raw_fd(), 0xb703) };
+        if ns_type != libc::CLONE_NEWNET {
+            return Err(SysError::NotNetns(path.to_owned()));
+        }
+        Ok(Self {
+            file: File::from(fd),
+            path: path.to_owned(),
+        })
+    }
+}

@@ -22,6 +22,13 @@ pub const MAX_RULES: usize = 64;
 /// address fields hold it: the proxy's connections to its own app come from here.
 pub const INBOUND_PASSTHROUGH_SRC_BE: u32 = u32::from_ne_bytes([127, 0, 0, 6]);
 
+/// SO_MARK of the sockets the agent itself connects from inside a workload's namespace (the
+/// embedded proxy's upstream connections). In node mode the programs are attached above the
+/// agent's own cgroup, so connect4 sees those connects too and must leave them alone, as
+/// ISTIO_OUTPUT leaves the proxy's uid alone. 0x539 (1337) is the mark Istio's node proxy
+/// gives its own traffic for the same reason.
+pub const AGENT_SOCKET_MARK: u32 = 0x539;
+
 /// Most workloads one set of programs serves (counter slots = `MAX_WORKLOADS * MAX_RULES`).
 pub const MAX_WORKLOADS: u32 = 64;
 

@@ -12,7 +12,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    ChainId, ConnFacts, IPPROTO_TCP, OrigDst, PendingOrigDst, Target, Workload, events, is_loopback,
+    AGENT_SOCKET_MARK, ChainId, ConnFacts, IPPROTO_TCP, OrigDst, PendingOrigDst, Target, Workload, events, is_loopback,
 };
 
 use crate::{
@@ -48,6 +48,10 @@ unsafe fn decide(ctx: &SockAddrContext) {
 
     let dst_port = u16::from_be(unsafe { read_volatile(&(*sa).user_port) } as u16);
     let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+    // The agent's own upstream connections (node mode attaches above the agent).
+    if !sk.is_null() && unsafe { read_volatile(&(*sk).mark) } == AGENT_SOCKET_MARK {
+        return;
+    }
     // An unbound socket gets its source from routing, which never picks 127.0.0.6: 0 stands
     // for "not chosen yet" and matches no -s rule.
     let src_addr = if sk.is_null() {

@@ -1,0 +1,110 @@
+//! bpf links the agent creates and pins itself, for node mode's restart without loss.
+//!
+//! aya 0.14 can pin the links of connect4 and sock_ops, but not those of cgroup/getsockopt or
+//! sk_lookup, and has no `BPF_LINK_UPDATE`. Node mode needs all four pinned (a pinned link
+//! keeps its program attached while no agent runs) and needs to move a pinned link to the
+//! programs a new agent process loaded, atomically, so that an upgrade never leaves a
+//! window in which connections go uncaptured. Those are four commands of `bpf(2)`; this is
+//! them, with the attribute layouts of `include/uapi/linux/bpf.h`.
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// `enum bpf_attach_type` values of the four attach points node mode links.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum AttachType {
+    SockOps = 3,
+    Connect4 = 10,
+    Getsockopt = 21,
+    SkLookup = 36,
+}
+
+/// `union bpf_attr` is 144 bytes on 6.x; the kernel accepts a shorter one if the bytes it does
+/// not know are absent, and refuses unknown non-zero ones, so a zeroed buffer of the fields we
+/// set is the portable shape.
+#[repr(C)]
+#[derive(Default)]
+struct Attr {
+    words: [u32; 16],
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a valid, initialised buffer of the size passed.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut Attr, size_of::<Attr>() as u32) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+fn fd_from(rc: libc::c_long) -> OwnedFd {
+    // SAFETY: the kernel just returned this descriptor to us.
+    unsafe { OwnedFd::from_raw_fd(rc as i32) }
+}
+
+/// `BPF_LINK_CREATE`: attaches `prog` to `target` (a cgroup directory or a network namespace).
+/// A cgroup link always joins the cgroup's multi-program list, so other agents' programs keep
+/// running beside ours.
+pub fn create(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, attach_type: AttachType) -> io::Result<OwnedFd> {
+    let mut attr = Attr::default();
+    attr.words[0] = prog.as_raw_fd() as u32;
+    attr.words[1] = target.as_raw_fd() as u32;
+    attr.words[2] = attach_type as u32;
+    bpf(BPF_LINK_CREATE, &mut attr).map(fd_from)
+}
+
+/// `BPF_LINK_UPDATE`: the link runs `prog` from now on; no packet or connect() sees neither.
+pub fn update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = Attr::default();
+    attr.words[0] = link.as_raw_fd() as u32;
+    attr.words[1] = prog.as_raw_fd() as u32;
+    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+fn path_attr(path: &Path, fd: u32) -> io::Result<(Attr, CString)> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+    let mut attr = Attr::default();
+    let ptr = c.as_ptr() as u64;
+    attr.words[0] = ptr as u32;
+    attr.words[1] = (ptr >> 32) as u32;
+    attr.words[2] = fd;
+    Ok((attr, c))
+}
+
+/// `BPF_OBJ_PIN`: the link outlives every descriptor to it until the pin is removed.
+pub fn pin(link: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let (mut attr, _keep) = path_attr(path, link.as_raw_fd() as u32)?;
+    bpf(BPF_OBJ_PIN, &mut attr)
+        .map(drop)
+        .map_err(|e| io::Error::new(e.kind(), format!("pin {}: {e}", path.display())))
+}
+
+/// `BPF_OBJ_GET`: a descriptor of a pinned link (or any pinned object).
+pub fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
+    let (mut attr, _keep) = path_attr(path, 0)?;
+    bpf(BPF_OBJ_GET, &mut attr)
+        .map(fd_from)
+        .map_err(|e| io::Error::new(e.kind(), format!("open pinned {}: {e}", path.display())))
+}
+
+/// Removes a pin; once no descriptor is left either, the kernel detaches the link.
+pub fn unpin(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}

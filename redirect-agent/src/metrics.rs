@@ -1,0 +1,281 @@
+//! Node mode's Prometheus endpoint: per-rule counters per workload, the embedded proxy's
+//! connections and bytes, and map occupancy, as text exposition format 0.0.4.
+//!
+//! A dozen lines of HTTP/1.1 rather than an HTTP stack: it serves two paths to a scraper and
+//! a kubelet probe, closes every connection after one answer, and bounds what it reads.
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use aya::maps::{HashMap, MapData};
+use redirect_common::{LocalAddrKey, OrigDst, PendingOrigDst, Rule, TupleKey, Workload, maps};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+use crate::node::Node;
+
+pub struct ProxySnapshot {
+    pub active: u64,
+    pub accepted: u64,
+    pub forwarded: u64,
+    pub no_original_dst: u64,
+    pub upstream_failed: u64,
+    pub over_limit: u64,
+    pub bytes_to_upstream: u64,
+    pub bytes_from_upstream: u64,
+}
+
+pub struct WorkloadSnapshot {
+    pub id: String,
+    /// Each rule of its chains, in order, with its connections.
+    pub rules: Vec<(Rule, u64)>,
+    pub events: Vec<(&'static str, u64)>,
+    pub proxy: Option<ProxySnapshot>,
+}
+
+pub struct MapOccupancy {
+    pub name: &'static str,
+    pub entries: u64,
+    pub max_entries: u32,
+}
+
+pub struct Snapshot {
+    pub workloads: Vec<WorkloadSnapshot>,
+    pub maps: Vec<MapOccupancy>,
+    pub uptime: Duration,
+}
+
+/// Entries of the hash maps (one syscall per key: a scrape of full 65536-entry maps costs tens
+/// of milliseconds, which is why it is not done more often than Prometheus asks).
+pub fn map_occupancy(pin_dir: &Path) -> Vec<MapOccupancy> {
+    fn count<K: aya::Pod, V: aya::Pod>(pin_dir: &Path, name: &'static str) -> Option<MapOccupancy> {
+        let data = MapData::from_pin(pin_dir.join(name)).ok()?;
+        let max_entries = data.info().ok()?.max_entries();
+        let map: HashMap<MapData, K, V> = HashMap::try_from(aya::maps::Map::from_map_data(data).ok()?).ok()?;
+        Some(MapOccupancy {
+            name,
+            entries: map.keys().filter(Result::is_ok).count() as u64,
+            max_entries,
+        })
+    }
+    [
+        count::<u64, Workload>(pin_dir, maps::WORKLOADS),
+        count::<LocalAddrKey, u8>(pin_dir, maps::LOCAL_ADDRS),
+        count::<u32, u64>(pin_dir, maps::ADDR_OWNERS),
+        count::<u64, PendingOrigDst>(pin_dir, maps::ORIG_BY_COOKIE),
+        count::<TupleKey, OrigDst>(pin_dir, maps::ORIG_BY_TUPLE),
+        count::<TupleKey, OrigDst>(pin_dir, maps::INBOUND_PENDING),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// A label value, escaped as the exposition format requires.
+fn label(v: &str) -> String {
+    v.replace('\\', r"\\").replace('"', "\\\"").replace('\n', r"\n")
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+pub fn render(s: &Snapshot) -> String {
+    let mut o = String::new();
+    family(&mut o, "redirect_workloads", "gauge", "Workloads enrolled.");
+    let _ = writeln!(o, "redirect_workloads {}", s.workloads.len());
+    family(
+        &mut o,
+        "redirect_rule_connections_total",
+        "counter",
+        "Connections each rule of a workload's chains decided (the rule's iptables packet counter, counted once per connection).",
+    );
+    for w in &s.workloads {
+        let mut nums = std::collections::HashMap::new();
+        for (r, n) in &w.rules {
+            let num = nums.entry(r.chain).or_insert(0u32);
+            *num += 1;
+            let chain = r.chain_id().map_or("?", |c| c.iptables_name());
+            let target = r.target_kind().map_or("?", |t| t.iptables_name());
+            let _ = writeln!(
+                o,
+                "redirect_rule_connections_total{{workload=\"{}\",chain=\"{chain}\",rule=\"{num}\",target=\"{target}\",match=\"{}\"}} {n}",
+                label(&w.id),
+                label(&redirect_common::chain::match_text(r)),
+            );
+        }
+    }
+    family(
+        &mut o,
+        "redirect_events_total",
+        "counter",
+        "Connections the programs could not serve as the rules say (made to fail visibly), and fast path events.",
+    );
+    for w in &s.workloads {
+        for (e, n) in &w.events {
+            let _ = writeln!(o, "redirect_events_total{{workload=\"{}\",event=\"{e}\"}} {n}", label(&w.id));
+        }
+    }
+    let proxies: Vec<(&str, &ProxySnapshot)> =
+        s.workloads.iter().filter_map(|w| Some((w.id.as_str(), w.proxy.as_ref()?))).collect();
+    family(&mut o, "redirect_proxy_connections_active", "gauge", "Connections the embedded proxy is serving.");
+    for (id, p) in &proxies {
+        let _ = writeln!(o, "redirect_proxy_connections_active{{workload=\"{}\"}} {}", label(id), p.active);
+    }
+    family(
+        &mut o,
+        "redirect_proxy_connections_total",
+        "counter",
+        "Connections the embedded proxy accepted.",
+    );
+    for (id, p) in &proxies {
+        let _ = writeln!(o, "redirect_proxy_connections_total{{workload=\"{}\"}} {}", label(id), p.accepted);
+    }
+    family(
+        &mut o,
+        "redirect_proxy_connections_failed_total",
+        "counter",
+        "Connections the embedded proxy reset, by reason.",
+    );
+    for (id, p) in &proxies {
+        for (reason, n) in [
+            ("no_original_dst", p.no_original_dst),
+            ("upstream_connect", p.upstream_failed),
+            ("over_limit", p.over_limit),
+        ] {
+            let _ = writeln!(
+                o,
+                "redirect_proxy_connections_failed_total{{workload=\"{}\",reason=\"{reason}\"}} {n}",
+                label(id)
+            );
+        }
+    }
+    family(
+        &mut o,
+        "redirect_proxy_upstream_connections_total",
+        "counter",
+        "Connections the embedded proxy forwarded to their original destination.",
+    );
+    for (id, p) in &proxies {
+        let _ = writeln!(o, "redirect_proxy_upstream_connections_total{{workload=\"{}\"}} {}", label(id), p.forwarded);
+    }
+    family(
+        &mut o,
+        "redirect_proxy_bytes_total",
+        "counter",
+        "Bytes the embedded proxy copied, by direction (to_upstream: from the connecting side to the original destination).",
+    );
+    for (id, p) in &proxies {
+        for (dir, n) in [("to_upstream", p.bytes_to_upstream), ("from_upstream", p.bytes_from_upstream)] {
+            let _ = writeln!(o, "redirect_proxy_bytes_total{{workload=\"{}\",direction=\"{dir}\"}} {n}", label(id));
+        }
+    }
+    family(&mut o, "redirect_map_entries", "gauge", "Entries in each eBPF hash map.");
+    for m in &s.maps {
+        let _ = writeln!(o, "redirect_map_entries{{map=\"{}\"}} {}", m.name, m.entries);
+    }
+    family(&mut o, "redirect_map_max_entries", "gauge", "Capacity of each eBPF hash map.");
+    for m in &s.maps {
+        let _ = writeln!(o, "redirect_map_max_entries{{map=\"{}\"}} {}", m.name, m.max_entries);
+    }
+    family(&mut o, "redirect_agent_uptime_seconds", "gauge", "Seconds since this agent process started serving.");
+    let _ = writeln!(o, "redirect_agent_uptime_seconds {:.3}", s.uptime.as_secs_f64());
+    o
+}
+
+/// Starts serving `GET /metrics` and `GET /ready` (200 while this process serves the node,
+/// 503 once it is handing over or stopping).
+pub async fn serve(
+    addr: SocketAddr,
+    node: Arc<tokio::sync::Mutex<Node>>,
+    ready: Arc<AtomicBool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics endpoint listening");
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let (node, ready) = (node.clone(), ready.clone());
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, node, ready)).await;
+            });
+        }
+    }))
+}
+
+async fn answer(mut stream: TcpStream, node: Arc<tokio::sync::Mutex<Node>>, ready: Arc<AtomicBool>) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || head.len() > 8192 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, ctype, body) = match (method, path.split('?').next().unwrap_or("")) {
+        ("GET", "/metrics") => {
+            let snapshot = node.lock().await.snapshot();
+            ("200 OK", "text/plain; version=0.0.4; charset=utf-8", render(&snapshot))
+        }
+        ("GET", "/ready") if ready.load(Ordering::Relaxed) => ("200 OK", "text/plain", "ready\n".to_owned()),
+        ("GET", "/ready") => ("503 Service Unavailable", "text/plain", "not serving\n".to_owned()),
+        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics or /ready\n".to_owned()),
+        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_owned()),
+    };
+    let reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(reply.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_and_escapes() {
+        let s = Snapshot {
+            workloads: vec![WorkloadSnapshot {
+                id: "a\"b".into(),
+                rules: Vec::new(),
+                events: vec![("inbound_no_listener", 2)],
+                proxy: None,
+            }],
+            maps: vec![MapOccupancy {
+                name: "WORKLOADS",
+                entries: 1,
+                max_entries: 64,
+            }],
+            uptime: Duration::from_millis(1500),
+        };
+        let text = render(&s);
+        assert!(text.contains("redirect_events_total{workload=\"a\\\"b\",event=\"inbound_no_listener\"} 2\n"), "{text}");
+        assert!(text.contains("# TYPE redirect_map_entries gauge\nredirect_map_entries{map=\"WORKLOADS\"} 1\n"));
+        assert!(text.contains("redirect_agent_uptime_seconds 1.500\n"));
+        // Every sample line belongs to a declared family.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = l.split(['{', ' ']).next().unwrap();
+            assert!(text.contains(&format!("# TYPE {name} ")), "{l}");
+        }
+    }
+}

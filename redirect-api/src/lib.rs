@@ -1,0 +1,214 @@
+//! The node agent's control API: one JSON request per connection on a Unix socket, one JSON
+//! answer, newline-terminated. Small enough to speak with `socat`, and shared by the agent's
+//! own `enroll`/`unenroll`/`list` commands and by `redirect-cni`, which must not link aya.
+//!
+//! The socket is created mode 0600 by a root agent: the API is as privileged as the agent.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Where `redirect-agent node --name NAME` listens unless told otherwise.
+pub fn default_socket(name: &str) -> PathBuf {
+    Path::new("/run/redirect").join(format!("{name}.sock"))
+}
+
+/// Longest request or answer accepted, so that a confused client cannot make the agent buffer
+/// without bound.
+pub const MAX_MESSAGE: u64 = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Enroll(Enroll),
+    /// By id, or by the namespace (whichever is given; the id wins).
+    Unenroll {
+        #[serde(default)]
+        id: Option<String>,
+        #[serde(default)]
+        netns: Option<PathBuf>,
+    },
+    List,
+    /// From a new agent process: take over the listeners and the workloads (see the agent's
+    /// `node` module). The answer carries descriptors, so only the agent itself sends this.
+    Handover,
+}
+
+/// One workload to capture: its network namespace, and istio-iptables' flags for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enroll {
+    /// A name unique on the node: the CNI container id, or any name for manual use.
+    pub id: String,
+    /// `/run/netns/NAME`, `/var/run/netns/cni-…` or `/proc/PID/ns/net`.
+    pub netns: PathBuf,
+    /// Optional: checked to be a cgroup v2 directory under the agent's attach point (its
+    /// processes are the ones the programs see), and shown by `list`.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    /// `embedded` (the agent's proxy listens on the capture ports) or `none` (the workload's
+    /// own proxy does).
+    #[serde(default = "default_proxy")]
+    pub proxy: String,
+    /// istio-iptables flags (`-p 15001 -b '*' …`), parsed by the agent exactly as `run` parses
+    /// them; unspecified flags take the sidecar injection's defaults.
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+fn default_proxy() -> String {
+    "embedded".into()
+}
+
+/// A workload as the agent holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadInfo {
+    pub id: String,
+    pub netns: PathBuf,
+    pub netns_cookie: u64,
+    pub cgroup: Option<PathBuf>,
+    pub proxy: String,
+    pub args: Vec<String>,
+    /// Its counter block: rule `i` counts in slot `slot * MAX_RULES + i`.
+    pub slot: u32,
+    /// The namespace's IPv4 addresses the programs know.
+    pub addresses: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Enrolled(WorkloadInfo),
+    Unenrolled { id: String },
+    Workloads(Vec<WorkloadInfo>),
+    /// Followed, on the same connection, by the descriptors of [`HandoverWorkload::fds`].
+    Handover(Vec<HandoverWorkload>),
+    Error(ApiError),
+}
+
+/// A workload passed to a new agent process, with the names of the descriptors sent after it
+/// (in this order, in one SCM_RIGHTS message per workload).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoverWorkload {
+    pub info: WorkloadInfo,
+    pub fds: Vec<String>,
+}
+
+/// What went wrong, in one line, and whether anything could have changed (never, by design:
+/// a refused request leaves the node as it was).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// A value in the request (flag, path, namespace) cannot be used.
+    Invalid,
+    /// The workload (id or namespace) is already enrolled.
+    Exists,
+    /// No such workload.
+    NotFound,
+    /// The agent failed doing something that should have worked (a map, a listener).
+    Internal,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach the node agent at {socket}: {source} (is `redirect-agent node` running? its --socket must match)"
+    )]
+    Connect { socket: PathBuf, source: std::io::Error },
+    #[error("talking to the node agent at {socket}: {source}")]
+    Io { socket: PathBuf, source: std::io::Error },
+    #[error("the node agent at {socket} answered something unreadable: {source}")]
+    Decode {
+        socket: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Refused(#[from] ApiError),
+}
+
+/// Sends one request and reads its answer; an [`Response::Error`] comes back as
+/// [`ClientError::Refused`].
+pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Response, ClientError> {
+    let io = |source| ClientError::Io {
+        socket: socket.to_owned(),
+        source,
+    };
+    let stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        socket: socket.to_owned(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let mut line = serde_json::to_vec(request).map_err(|source| ClientError::Decode {
+        socket: socket.to_owned(),
+        source,
+    })?;
+    line.push(b'\n');
+    (&stream).write_all(&line).map_err(io)?;
+    let answer = read_line(&stream).map_err(io)?;
+    match serde_json::from_slice(&answer).map_err(|source| ClientError::Decode {
+        socket: socket.to_owned(),
+        source,
+    })? {
+        Response::Error(e) => Err(ClientError::Refused(e)),
+        ok => Ok(ok),
+    }
+}
+
+/// One newline-terminated message, at most [`MAX_MESSAGE`] bytes.
+pub fn read_line(stream: &UnixStream) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut line = Vec::new();
+    BufReader::new(stream.take(MAX_MESSAGE)).read_until(b'\n', &mut line)?;
+    if line.last() != Some(&b'\n') {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "message ended early or exceeded 1 MiB",
+        ));
+    }
+    line.pop();
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_tagged_json_with_defaults() {
+        let r: Request = serde_json::from_str(r#"{"op":"enroll","id":"a","netns":"/run/netns/a"}"#).unwrap();
+        let Request::Enroll(e) = r else { panic!("{r:?}") };
+        assert_eq!((e.proxy.as_str(), e.args.len(), e.cgroup), ("embedded", 0, None));
+        let text = serde_json::to_string(&Request::Unenroll {
+            id: Some("a".into()),
+            netns: None,
+        })
+        .unwrap();
+        assert_eq!(text, r#"{"op":"unenroll","id":"a","netns":null}"#);
+        let e = Response::Error(ApiError::new(ErrorKind::Exists, "x"));
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"error":{"kind":"exists","message":"x"}}"#
+        );
+    }
+}
