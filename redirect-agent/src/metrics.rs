@@ -194,16 +194,29 @@ pub fn render(s: &Snapshot) -> String {
     o
 }
 
-/// Starts serving `GET /metrics` and `GET /ready` (200 while this process serves the node,
-/// 503 once it is handing over or stopping).
-pub async fn serve(
-    addr: SocketAddr,
+/// The endpoint's socket. SO_REUSEPORT lets a successor bind it while its predecessor is
+/// still serving; the predecessor closes its own when it hands over.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(128)
+}
+
+/// Serves `GET /metrics` and `GET /ready` (200 while this process serves the node, 503 once
+/// it is handing over or stopping).
+pub fn serve(
+    listener: TcpListener,
     node: Arc<tokio::sync::Mutex<Node>>,
     ready: Arc<AtomicBool>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "metrics endpoint listening");
-    Ok(tokio::spawn(async move {
+) -> tokio::task::JoinHandle<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "metrics endpoint listening");
+    }
+    tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -214,7 +227,7 @@ pub async fn serve(
                 let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, node, ready)).await;
             });
         }
-    }))
+    })
 }
 
 async fn answer(mut stream: TcpStream, node: Arc<tokio::sync::Mutex<Node>>, ready: Arc<AtomicBool>) -> std::io::Result<()> {

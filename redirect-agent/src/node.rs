@@ -802,10 +802,12 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         None => sys::cgroup2_root()?,
     };
     let cgroup = sys::open_cgroup2_dir(&cgroup_parent)?;
-    if let Some(addr) = opts.metrics {
-        // Refused before anything changes, like every other bad value.
-        std::net::TcpListener::bind(addr).with_context(|| format!("metrics address {addr} cannot be bound"))?;
-    }
+    // Bound before anything changes, so that a bad address is refused like every other bad
+    // value. SO_REUSEPORT: during a handover the predecessor still holds the port.
+    let metrics_listener = match opts.metrics {
+        Some(addr) => Some(crate::metrics::bind(addr).with_context(|| format!("metrics address {addr} cannot be bound"))?),
+        None => None,
+    };
 
     // A live predecessor hands over; otherwise its pins and state are adopted.
     let handover = tokio::task::block_in_place(|| receive_handover(&opts.socket))?;
@@ -902,10 +904,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
     std::fs::set_permissions(&opts.socket, std::fs::Permissions::from_mode(0o600))?;
     let node = Arc::new(tokio::sync::Mutex::new(node));
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let metrics = match opts.metrics {
-        Some(addr) => Some(AbortOnDrop(crate::metrics::serve(addr, node.clone(), ready.clone()).await?)),
-        None => None,
-    };
+    let metrics = metrics_listener.map(|l| AbortOnDrop(crate::metrics::serve(l, node.clone(), ready.clone())));
     tracing::info!(
         name = %opts.name,
         cgroup = %cgroup_parent.display(),

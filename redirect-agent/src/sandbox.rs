@@ -92,10 +92,16 @@ pub struct NetnsPair {
 impl NetnsPair {
     /// Each pair is its own world, so every pair can use the same subnet.
     pub fn create(tag: &str) -> io::Result<Self> {
+        Self::create_on(tag, 1)
+    }
+
+    /// On 10.200.`subnet`.0/24: workloads served by one node agent need distinct addresses,
+    /// as pods on one node have.
+    pub fn create_on(tag: &str, subnet: u8) -> io::Result<Self> {
         let base = unique(tag);
         let workload = NamedNetns::create(&format!("{base}-w"))?;
         let remote = NamedNetns::create(&format!("{base}-r"))?;
-        let (workload_ip, remote_ip) = (Ipv4Addr::new(10, 200, 1, 1), Ipv4Addr::new(10, 200, 1, 2));
+        let (workload_ip, remote_ip) = (Ipv4Addr::new(10, 200, subnet, 1), Ipv4Addr::new(10, 200, subnet, 2));
         workload.ip(&[
             "link",
             "add",
@@ -108,8 +114,8 @@ impl NetnsPair {
             "netns",
             &remote.name,
         ])?;
-        workload.ip(&["addr", "add", "10.200.1.1/24", "dev", "w0"])?;
-        remote.ip(&["addr", "add", "10.200.1.2/24", "dev", "r0"])?;
+        workload.ip(&["addr", "add", &format!("{workload_ip}/24"), "dev", "w0"])?;
+        remote.ip(&["addr", "add", &format!("{remote_ip}/24"), "dev", "r0"])?;
         workload.ip(&["link", "set", "w0", "up"])?;
         remote.ip(&["link", "set", "r0", "up"])?;
         Ok(Self {
@@ -192,9 +198,18 @@ impl TestServer {
                     Ok((stream, peer)) => {
                         accepted2.lock().unwrap_or_else(|e| e.into_inner()).push(peer);
                         let name = name2.clone();
-                        workers.push(std::thread::spawn(move || {
+                        // A finished thread's stack stays until it is joined: under a long
+                        // load that would be thousands of them.
+                        workers.retain_mut(|h: &mut Option<JoinHandle<()>>| match h.take_if(|h| h.is_finished()) {
+                            Some(done) => {
+                                let _ = done.join();
+                                false
+                            }
+                            None => true,
+                        });
+                        workers.push(Some(std::thread::spawn(move || {
                             let _ = serve_one(stream, peer, &name);
-                        }));
+                        })));
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(2));
@@ -202,7 +217,7 @@ impl TestServer {
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
             }
-            for w in workers {
+            for w in workers.into_iter().flatten() {
                 let _ = w.join();
             }
         });

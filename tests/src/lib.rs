@@ -19,6 +19,8 @@ use redirect_agent::{
 
 pub use redirect_agent::probe::Outcome;
 
+pub mod node;
+
 /// Ports of the servers every workload has.
 pub const REMOTE_PORT: u16 = 8080;
 pub const APP_PORT: u16 = 9080;
@@ -90,8 +92,13 @@ impl Workload {
     /// Namespaces, cgroup and servers: a remote host on 10.200.1.2:8080, the workload's own
     /// app on *:9080 and a tunnel listener on *:15008.
     pub fn new(tag: &str) -> Self {
+        Self::new_on(tag, 1)
+    }
+
+    /// On 10.200.`subnet`.0/24 (workloads of one node agent need distinct addresses).
+    pub fn new_on(tag: &str, subnet: u8) -> Self {
         require_root();
-        let pair = NetnsPair::create(tag).expect("create namespaces");
+        let pair = NetnsPair::create_on(tag, subnet).expect("create namespaces");
         let cgroup = TestCgroup::create(tag).expect("create cgroup");
         let any = |p| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, p);
         let remote_server = TestServer::start(&pair.remote, SocketAddrV4::new(pair.remote_ip, REMOTE_PORT), "remote")

@@ -1,0 +1,255 @@
+//! Node mode's harness: a `redirect-agent node` instance of the test's own (its name, socket
+//! and metrics port), processes of it that can be restarted, the CNI plugin invoked as a
+//! container runtime invokes it, and a scrape of the metrics endpoint.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use redirect_agent::{node::NodeState, sandbox::unique};
+
+use crate::{agent_bin, agent_cmd, require_root};
+
+/// The plugin binary `cargo xtask test` built next to the agent.
+pub fn cni_bin() -> PathBuf {
+    std::env::var_os("REDIRECT_CNI_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| agent_bin().with_file_name("redirect-cni"))
+}
+
+/// One node agent instance; every process of it is stopped, and its pins removed, on drop.
+pub struct NodeAgent {
+    pub name: String,
+    pub socket: PathBuf,
+    pub metrics: SocketAddrV4,
+    extra: Vec<String>,
+}
+
+/// One process of the instance.
+pub struct NodeProcess {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl NodeAgent {
+    /// Chooses the name, socket and a free loopback port; starts nothing.
+    pub fn new(tag: &str, extra: &[&str]) -> Self {
+        require_root();
+        let name = unique(tag);
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        Self {
+            socket: PathBuf::from(format!("/run/redirect/{name}.sock")),
+            metrics: SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
+            name,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// Starts a process and waits until it serves (its state names it and the socket answers).
+    pub fn start(&self) -> std::io::Result<NodeProcess> {
+        let log = std::env::temp_dir().join(format!("{}.node.log", unique(&self.name)));
+        let child = Command::new(agent_bin())
+            .args(["node", "--name", &self.name])
+            .args(["--socket", &self.socket.to_string_lossy()])
+            .args(["--metrics", &self.metrics.to_string()])
+            .args(&self.extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("REDIRECT_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let mut p = NodeProcess { child: Some(child), log };
+        let pid = p.pid();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.state().is_some_and(|s| s.pid == pid) && std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return Ok(p);
+            }
+            if let Some(status) = p.child.as_mut().unwrap().try_wait()? {
+                let log = p.take_log();
+                p.child = None;
+                return Err(std::io::Error::other(format!("node agent exited early ({status}): {}", log.trim())));
+            }
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other(format!("node agent not ready in 30 s: {}", p.take_log())));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn state(&self) -> Option<NodeState> {
+        let bytes = std::fs::read(redirect_agent::node::state_path(&self.name)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// `redirect-agent ARGS --socket S`, for enroll/unenroll/list.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut all: Vec<&str> = args.to_vec();
+        let socket = self.socket.to_string_lossy().into_owned();
+        let at = all.iter().position(|a| *a == "--").unwrap_or(all.len());
+        all.splice(at..at, ["--socket", socket.as_str()]);
+        agent_cmd(&all)
+    }
+
+    /// Workload ids, from `list --json`.
+    pub fn ids(&self) -> Vec<String> {
+        let out = self.cli(&["list", "--json"]);
+        assert!(out.status.success(), "list: {}", String::from_utf8_lossy(&out.stderr));
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        list.iter().map(|w| w["id"].as_str().unwrap().to_owned()).collect()
+    }
+
+    /// One scrape of the metrics endpoint: (status line, body).
+    pub fn scrape(&self, path: &str) -> std::io::Result<(String, String)> {
+        let mut s = TcpStream::connect_timeout(&self.metrics.into(), Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        Ok((head.lines().next().unwrap_or("").to_owned(), body.to_owned()))
+    }
+
+    /// The CNI plugin, run as a container runtime runs it.
+    pub fn cni(&self, command: &str, container: &str, netns: Option<&Path>, conf: &serde_json::Value) -> CniOutput {
+        let mut c = Command::new(cni_bin());
+        c.env_clear()
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/opt/cni/bin")
+            .env("CNI_ARGS", format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={container}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(ns) = netns {
+            c.env("CNI_NETNS", ns);
+        }
+        let mut child = c.spawn().expect("spawn redirect-cni");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(&serde_json::to_vec(conf).unwrap())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        CniOutput {
+            status: out.status,
+            stdout: serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// The network configuration a runtime would pass, for this agent.
+    pub fn cni_conf(&self, annotations: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "k8s-pod-network",
+            "type": "redirect-cni",
+            "agentSocket": self.socket,
+            "runtimeConfig": { "io.kubernetes.cri.pod-annotations": annotations },
+            "prevResult": {
+                "cniVersion": "1.0.0",
+                "interfaces": [{ "name": "eth0", "sandbox": "/run/netns/x" }],
+                "ips": [{ "address": "10.200.0.1/24", "interface": 0 }]
+            }
+        })
+    }
+}
+
+pub struct CniOutput {
+    pub status: ExitStatus,
+    pub stdout: serde_json::Value,
+    pub stderr: String,
+}
+
+impl Drop for NodeAgent {
+    fn drop(&mut self) {
+        // Processes are stopped by their own guards (declared after the agent in tests); the
+        // pins outlive them by design, and go here.
+        let out = agent_cmd(&["cleanup", "--name", &self.name]);
+        if !out.status.success() {
+            eprintln!("cleanup {}: {}", self.name, String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+impl NodeProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
+    /// SIGTERM and wait (SIGKILL after `within`): exit status and log.
+    pub fn stop(&mut self, within: Duration) -> (Option<ExitStatus>, String) {
+        self.signal(libc::SIGTERM);
+        self.wait(within)
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) -> String {
+        self.signal(libc::SIGKILL);
+        self.wait(Duration::from_secs(10)).1
+    }
+
+    /// Waits for an exit it did not ask for (a handover), SIGKILL after `within`.
+    pub fn wait(&mut self, within: Duration) -> (Option<ExitStatus>, String) {
+        let Some(mut child) = self.child.take() else {
+            return (None, self.take_log());
+        };
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                break Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (status, self.take_log())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn take_log(&mut self) -> String {
+        let text = self.log();
+        let _ = std::fs::remove_file(&self.log);
+        text
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop(Duration::from_secs(10));
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// The value of the sample `name{labels}` (labels as written, in order), if present.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
