@@ -2,8 +2,9 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, error::ErrorKind};
 use redirect_agent::{
-    demo, explain, features, node::{self, NodeOptions},
+    demo, explain, features,
     flags::CaptureFlags,
+    node::{self, NodeOptions},
     probe::{self, ProbeArgs},
     run::{self, ProxyMode, RunOptions},
     serve, standalone, stats,
@@ -378,13 +379,13 @@ fn main() -> ExitCode {
                 let metrics = match args.metrics.as_str() {
                     "off" => None,
                     m => Some(m.parse().map_err(|_| {
-                        anyhow::anyhow!("invalid value '{m}' for --metrics: expected ADDR:PORT (e.g. 127.0.0.1:15030) or off")
+                        anyhow::anyhow!(
+                            "invalid value '{m}' for --metrics: expected ADDR:PORT (e.g. 127.0.0.1:15030) or off"
+                        )
                     })?),
                 };
                 let opts = NodeOptions {
-                    socket: args
-                        .socket
-                        .unwrap_or_else(|| redirect_api::default_socket(&args.name)),
+                    socket: args.socket.unwrap_or_else(|| redirect_api::default_socket(&args.name)),
                     name: args.name,
                     cgroup_parent: args.cgroup_parent,
                     metrics,
@@ -426,7 +427,9 @@ fn main() -> ExitCode {
                     id: args.target.id,
                     netns: args.target.netns.as_deref().map(absolute),
                 };
-                if let redirect_api::Response::Unenrolled { id } = redirect_api::call(&args.agent.socket, &req, API_TIMEOUT)? {
+                if let redirect_api::Response::Unenrolled { id } =
+                    redirect_api::call(&args.agent.socket, &req, API_TIMEOUT)?
+                {
                     println!("unenrolled {id}");
                 }
                 Ok(())
@@ -439,7 +442,10 @@ fn main() -> ExitCode {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&list)?);
                 } else {
-                    println!("{:<24} {:>6} {:>4} {:<9} {:<32} flags", "id", "cookie", "slot", "proxy", "netns");
+                    println!(
+                        "{:<24} {:>6} {:>4} {:<9} {:<32} flags",
+                        "id", "cookie", "slot", "proxy", "netns"
+                    );
                     for w in list {
                         println!(
                             "{:<24} {:>6} {:>4} {:<9} {:<32} {}",

@@ -124,14 +124,31 @@ pub fn render(s: &Snapshot) -> String {
     );
     for w in &s.workloads {
         for (e, n) in &w.events {
-            let _ = writeln!(o, "redirect_events_total{{workload=\"{}\",event=\"{e}\"}} {n}", label(&w.id));
+            let _ = writeln!(
+                o,
+                "redirect_events_total{{workload=\"{}\",event=\"{e}\"}} {n}",
+                label(&w.id)
+            );
         }
     }
-    let proxies: Vec<(&str, &ProxySnapshot)> =
-        s.workloads.iter().filter_map(|w| Some((w.id.as_str(), w.proxy.as_ref()?))).collect();
-    family(&mut o, "redirect_proxy_connections_active", "gauge", "Connections the embedded proxy is serving.");
+    let proxies: Vec<(&str, &ProxySnapshot)> = s
+        .workloads
+        .iter()
+        .filter_map(|w| Some((w.id.as_str(), w.proxy.as_ref()?)))
+        .collect();
+    family(
+        &mut o,
+        "redirect_proxy_connections_active",
+        "gauge",
+        "Connections the embedded proxy is serving.",
+    );
     for (id, p) in &proxies {
-        let _ = writeln!(o, "redirect_proxy_connections_active{{workload=\"{}\"}} {}", label(id), p.active);
+        let _ = writeln!(
+            o,
+            "redirect_proxy_connections_active{{workload=\"{}\"}} {}",
+            label(id),
+            p.active
+        );
     }
     family(
         &mut o,
@@ -140,7 +157,12 @@ pub fn render(s: &Snapshot) -> String {
         "Connections the embedded proxy accepted.",
     );
     for (id, p) in &proxies {
-        let _ = writeln!(o, "redirect_proxy_connections_total{{workload=\"{}\"}} {}", label(id), p.accepted);
+        let _ = writeln!(
+            o,
+            "redirect_proxy_connections_total{{workload=\"{}\"}} {}",
+            label(id),
+            p.accepted
+        );
     }
     family(
         &mut o,
@@ -168,7 +190,12 @@ pub fn render(s: &Snapshot) -> String {
         "Connections the embedded proxy forwarded to their original destination.",
     );
     for (id, p) in &proxies {
-        let _ = writeln!(o, "redirect_proxy_upstream_connections_total{{workload=\"{}\"}} {}", label(id), p.forwarded);
+        let _ = writeln!(
+            o,
+            "redirect_proxy_upstream_connections_total{{workload=\"{}\"}} {}",
+            label(id),
+            p.forwarded
+        );
     }
     family(
         &mut o,
@@ -177,19 +204,41 @@ pub fn render(s: &Snapshot) -> String {
         "Bytes the embedded proxy copied, by direction (to_upstream: from the connecting side to the original destination).",
     );
     for (id, p) in &proxies {
-        for (dir, n) in [("to_upstream", p.bytes_to_upstream), ("from_upstream", p.bytes_from_upstream)] {
-            let _ = writeln!(o, "redirect_proxy_bytes_total{{workload=\"{}\",direction=\"{dir}\"}} {n}", label(id));
+        for (dir, n) in [
+            ("to_upstream", p.bytes_to_upstream),
+            ("from_upstream", p.bytes_from_upstream),
+        ] {
+            let _ = writeln!(
+                o,
+                "redirect_proxy_bytes_total{{workload=\"{}\",direction=\"{dir}\"}} {n}",
+                label(id)
+            );
         }
     }
-    family(&mut o, "redirect_map_entries", "gauge", "Entries in each eBPF hash map.");
+    family(
+        &mut o,
+        "redirect_map_entries",
+        "gauge",
+        "Entries in each eBPF hash map.",
+    );
     for m in &s.maps {
         let _ = writeln!(o, "redirect_map_entries{{map=\"{}\"}} {}", m.name, m.entries);
     }
-    family(&mut o, "redirect_map_max_entries", "gauge", "Capacity of each eBPF hash map.");
+    family(
+        &mut o,
+        "redirect_map_max_entries",
+        "gauge",
+        "Capacity of each eBPF hash map.",
+    );
     for m in &s.maps {
         let _ = writeln!(o, "redirect_map_max_entries{{map=\"{}\"}} {}", m.name, m.max_entries);
     }
-    family(&mut o, "redirect_agent_uptime_seconds", "gauge", "Seconds since this agent process started serving.");
+    family(
+        &mut o,
+        "redirect_agent_uptime_seconds",
+        "gauge",
+        "Seconds since this agent process started serving.",
+    );
     let _ = writeln!(o, "redirect_agent_uptime_seconds {:.3}", s.uptime.as_secs_f64());
     o
 }
@@ -230,7 +279,11 @@ pub fn serve(
     })
 }
 
-async fn answer(mut stream: TcpStream, node: Arc<tokio::sync::Mutex<Node>>, ready: Arc<AtomicBool>) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    node: Arc<tokio::sync::Mutex<Node>>,
+    ready: Arc<AtomicBool>,
+) -> std::io::Result<()> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -282,7 +335,10 @@ mod tests {
             uptime: Duration::from_millis(1500),
         };
         let text = render(&s);
-        assert!(text.contains("redirect_events_total{workload=\"a\\\"b\",event=\"inbound_no_listener\"} 2\n"), "{text}");
+        assert!(
+            text.contains("redirect_events_total{workload=\"a\\\"b\",event=\"inbound_no_listener\"} 2\n"),
+            "{text}"
+        );
         assert!(text.contains("# TYPE redirect_map_entries gauge\nredirect_map_entries{map=\"WORKLOADS\"} 1\n"));
         assert!(text.contains("redirect_agent_uptime_seconds 1.500\n"));
         // Every sample line belongs to a declared family.

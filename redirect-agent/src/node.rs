@@ -126,7 +126,12 @@ const CGROUP_LINKS: [(&str, AttachType); 3] = [
 /// The istio-iptables flags of an enroll request, parsed by the same clap definition as
 /// `run`'s.
 #[derive(clap::Parser, Debug)]
-#[command(name = "enroll", no_binary_name = true, disable_help_flag = true, disable_version_flag = true)]
+#[command(
+    name = "enroll",
+    no_binary_name = true,
+    disable_help_flag = true,
+    disable_version_flag = true
+)]
 struct FlagsOnly {
     #[command(flatten)]
     capture: CaptureFlags,
@@ -144,11 +149,20 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 pub fn parse_capture(args: &[String]) -> Result<CaptureConfig, ApiError> {
     let parsed = FlagsOnly::try_parse_from(args).map_err(|e| {
         let text = e.render().to_string();
-        invalid(text.lines().next().unwrap_or("invalid flags").trim_start_matches("error: ").trim().to_owned())
+        invalid(
+            text.lines()
+                .next()
+                .unwrap_or("invalid flags")
+                .trim_start_matches("error: ")
+                .trim()
+                .to_owned(),
+        )
     })?;
     let capture = parsed.capture.to_config().map_err(|e| invalid(e.to_string()))?;
     if capture.envoy_port == capture.inbound_capture_port {
-        return Err(invalid(crate::error::FlagError::SamePort(capture.envoy_port).to_string()));
+        return Err(invalid(
+            crate::error::FlagError::SamePort(capture.envoy_port).to_string(),
+        ));
     }
     if matches!(capture.inbound_ports, Include::List(_)) && !capture.inbound_exclude_ports.is_empty() {
         tracing::warn!(
@@ -229,10 +243,15 @@ impl Node {
     }
 
     fn state(&self) -> NodeState {
-        let programs = [programs::SOCK_OPS, programs::GETSOCKOPT, programs::CONNECT4, programs::SK_LOOKUP]
-            .into_iter()
-            .filter_map(|p| Some((p.to_owned(), self.object.program_id(p).ok()?)))
-            .collect();
+        let programs = [
+            programs::SOCK_OPS,
+            programs::GETSOCKOPT,
+            programs::CONNECT4,
+            programs::SK_LOOKUP,
+        ]
+        .into_iter()
+        .filter_map(|p| Some((p.to_owned(), self.object.program_id(p).ok()?)))
+        .collect();
         NodeState {
             name: self.opts.name.clone(),
             pid: std::process::id(),
@@ -319,7 +338,11 @@ impl Node {
     fn check(&self, req: &redirect_api::Enroll, netns: &Netns) -> Result<WorkloadInfo, ApiError> {
         let proxy = match req.proxy.as_str() {
             "embedded" | "none" => req.proxy.clone(),
-            other => return Err(invalid(format!("--proxy '{other}' is invalid: expected embedded or none"))),
+            other => {
+                return Err(invalid(format!(
+                    "--proxy '{other}' is invalid: expected embedded or none"
+                )));
+            }
         };
         let capture = parse_capture(&req.args)?;
         redirect_common::chain::compile(&capture).map_err(|e| invalid(e.to_string()))?;
@@ -354,7 +377,8 @@ impl Node {
                 )));
             }
         }
-        let addresses = addrs::read(netns).map_err(|e| internal(format!("addresses of {}: {e}", req.netns.display())))?;
+        let addresses =
+            addrs::read(netns).map_err(|e| internal(format!("addresses of {}: {e}", req.netns.display())))?;
         for ip in addresses.iter().filter(|ip| !ip.is_loopback()) {
             let owner = self.maps.owners.get(&u32::from(*ip).to_be(), 0).ok();
             if let Some(other) = owner.and_then(|c| self.workloads.values().find(|w| w.info.netns_cookie == c)) {
@@ -369,7 +393,9 @@ impl Node {
             }
         }
         let slot = self.free_slot().ok_or_else(|| {
-            invalid(format!("{MAX_WORKLOADS} workloads are enrolled, the most one node agent serves"))
+            invalid(format!(
+                "{MAX_WORKLOADS} workloads are enrolled, the most one node agent serves"
+            ))
         })?;
         Ok(WorkloadInfo {
             id: req.id.clone(),
@@ -449,7 +475,7 @@ impl Node {
             open_map(&pin_dir, maps::ADDR_OWNERS)?,
             cookie,
         )
-            .map_err(|e| internal(format!("addresses of {}: {e}", info.netns.display())))?;
+        .map_err(|e| internal(format!("addresses of {}: {e}", info.netns.display())))?;
         info.addresses = local.addresses().iter().map(ToString::to_string).collect();
         let watch_ns = netns.try_clone().map_err(internal)?;
         let id = info.id.clone();
@@ -463,8 +489,11 @@ impl Node {
         let pin = self.sk_lookup_pin(cookie);
         let sk_lookup = match links::open_pinned(&pin) {
             Ok(link) => {
-                links::update(link.as_fd(), self.object.program_fd(programs::SK_LOOKUP).map_err(internal)?)
-                    .map_err(|e| internal(format!("moving {} to this agent's program: {e}", pin.display())))?;
+                links::update(
+                    link.as_fd(),
+                    self.object.program_fd(programs::SK_LOOKUP).map_err(internal)?,
+                )
+                .map_err(|e| internal(format!("moving {} to this agent's program: {e}", pin.display())))?;
                 link
             }
             Err(_) => {
@@ -489,8 +518,8 @@ impl Node {
         w.rules[..rules.len()].copy_from_slice(&rules);
         w.outbound_port = capture.envoy_port;
         w.inbound_port = capture.inbound_capture_port;
-        w.flags = redirect_common::chain::flags(&capture)
-            | if embedded { 0 } else { workload_flags::WORKLOAD_LISTENER };
+        w.flags =
+            redirect_common::chain::flags(&capture) | if embedded { 0 } else { workload_flags::WORKLOAD_LISTENER };
         w.counter_base = info.slot * MAX_RULES as u32;
         self.maps.workloads.insert(cookie, w, 0).map_err(internal)?;
         Ok(Enrolled {
@@ -518,7 +547,10 @@ impl Node {
                     .find(|w| w.info.netns_cookie == cookie)
                     .map(|w| w.info.id.clone())
                     .ok_or_else(|| {
-                        ApiError::new(ErrorKind::NotFound, format!("no workload is enrolled for {}", path.display()))
+                        ApiError::new(
+                            ErrorKind::NotFound,
+                            format!("no workload is enrolled for {}", path.display()),
+                        )
                     })?
             }
             (None, None) => return Err(invalid("unenroll needs an id or a network namespace")),
@@ -587,7 +619,10 @@ impl Node {
             .filter(|c| !known.contains(c))
             .collect();
         for cookie in stale {
-            tracing::warn!(netns_cookie = cookie, "a workload in the pinned maps has no state; releasing it");
+            tracing::warn!(
+                netns_cookie = cookie,
+                "a workload in the pinned maps has no state; releasing it"
+            );
             self.purge(cookie);
         }
         // sk_lookup pins of namespaces nobody serves.
@@ -713,8 +748,11 @@ impl Lock {
     }
 }
 
+/// The workloads a predecessor handed over, and their descriptors by workload id.
+type Handover = (Vec<WorkloadInfo>, BTreeMap<String, HandedOver>);
+
 /// Asks a running predecessor to hand over. `None`: nobody answers on the socket.
-fn receive_handover(socket: &Path) -> anyhow::Result<Option<(Vec<WorkloadInfo>, BTreeMap<String, HandedOver>)>> {
+fn receive_handover(socket: &Path) -> anyhow::Result<Option<Handover>> {
     let stream = match std::os::unix::net::UnixStream::connect(socket) {
         Ok(s) => s,
         Err(_) => return Ok(None),
@@ -737,7 +775,12 @@ fn receive_handover(socket: &Path) -> anyhow::Result<Option<(Vec<WorkloadInfo>, 
     let mut handed = BTreeMap::new();
     for HandoverWorkload { info, fds: names } in list {
         let fds = sys::recv_fds(&stream).with_context(|| format!("descriptors of workload {}", info.id))?;
-        anyhow::ensure!(fds.len() == names.len(), "workload {}: {} descriptors for {names:?}", info.id, fds.len());
+        anyhow::ensure!(
+            fds.len() == names.len(),
+            "workload {}: {} descriptors for {names:?}",
+            info.id,
+            fds.len()
+        );
         let mut netns = None;
         let mut listeners = Vec::new();
         for (name, fd) in names.iter().zip(fds) {
@@ -805,7 +848,9 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
     // Bound before anything changes, so that a bad address is refused like every other bad
     // value. SO_REUSEPORT: during a handover the predecessor still holds the port.
     let metrics_listener = match opts.metrics {
-        Some(addr) => Some(crate::metrics::bind(addr).with_context(|| format!("metrics address {addr} cannot be bound"))?),
+        Some(addr) => {
+            Some(crate::metrics::bind(addr).with_context(|| format!("metrics address {addr} cannot be bound"))?)
+        }
         None => None,
     };
 
@@ -841,7 +886,10 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
                         opts.name
                     );
                 }
-                tracing::info!(workloads = state.workloads.len(), "adopting the pins of a stopped agent");
+                tracing::info!(
+                    workloads = state.workloads.len(),
+                    "adopting the pins of a stopped agent"
+                );
                 (state.workloads, BTreeMap::new())
             }
             _ => {
@@ -853,7 +901,8 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             }
         },
     };
-    std::fs::create_dir_all(links_dir(&opts.name)).with_context(|| format!("create {}", links_dir(&opts.name).display()))?;
+    std::fs::create_dir_all(links_dir(&opts.name))
+        .with_context(|| format!("create {}", links_dir(&opts.name).display()))?;
 
     let mut object = NodeObject::load(&pin_dir, opts.max_tracked_connections)?;
     let mut cgroup_links = Vec::new();
@@ -862,7 +911,8 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         let fd = object.program_fd(prog)?;
         let link = match links::open_pinned(&pin) {
             Ok(link) => {
-                links::update(link.as_fd(), fd).with_context(|| format!("moving {} to this agent's program", pin.display()))?;
+                links::update(link.as_fd(), fd)
+                    .with_context(|| format!("moving {} to this agent's program", pin.display()))?;
                 link
             }
             Err(_) => {

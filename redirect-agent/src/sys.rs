@@ -363,7 +363,10 @@ pub fn recv_fds(socket: &impl AsRawFd) -> io::Result<Vec<OwnedFd>> {
         return Err(io::Error::last_os_error());
     }
     if n == 0 {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed before sending descriptors"));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "peer closed before sending descriptors",
+        ));
     }
     let mut out = Vec::new();
     // SAFETY: walking the control buffer the kernel filled, with the libc macros.

@@ -83,7 +83,9 @@ pub struct WorkloadInfo {
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     Enrolled(WorkloadInfo),
-    Unenrolled { id: String },
+    Unenrolled {
+        id: String,
+    },
     Workloads(Vec<WorkloadInfo>),
     /// Followed, on the same connection, by the descriptors of [`HandoverWorkload::fds`].
     Handover(Vec<HandoverWorkload>),
@@ -138,10 +140,7 @@ pub enum ClientError {
     #[error("talking to the node agent at {socket}: {source}")]
     Io { socket: PathBuf, source: std::io::Error },
     #[error("the node agent at {socket} answered something unreadable: {source}")]
-    Decode {
-        socket: PathBuf,
-        source: serde_json::Error,
-    },
+    Decode { socket: PathBuf, source: serde_json::Error },
     #[error(transparent)]
     Refused(#[from] ApiError),
 }

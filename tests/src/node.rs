@@ -68,20 +68,31 @@ impl NodeAgent {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()?;
-        let mut p = NodeProcess { child: Some(child), log };
+        let mut p = NodeProcess {
+            child: Some(child),
+            log,
+        };
         let pid = p.pid();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if self.state().is_some_and(|s| s.pid == pid) && std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+            if self.state().is_some_and(|s| s.pid == pid)
+                && std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+            {
                 return Ok(p);
             }
             if let Some(status) = p.child.as_mut().unwrap().try_wait()? {
                 let log = p.take_log();
                 p.child = None;
-                return Err(std::io::Error::other(format!("node agent exited early ({status}): {}", log.trim())));
+                return Err(std::io::Error::other(format!(
+                    "node agent exited early ({status}): {}",
+                    log.trim()
+                )));
             }
             if Instant::now() > deadline {
-                return Err(std::io::Error::other(format!("node agent not ready in 30 s: {}", p.take_log())));
+                return Err(std::io::Error::other(format!(
+                    "node agent not ready in 30 s: {}",
+                    p.take_log()
+                )));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -128,7 +139,10 @@ impl NodeAgent {
             .env("CNI_CONTAINERID", container)
             .env("CNI_IFNAME", "eth0")
             .env("CNI_PATH", "/opt/cni/bin")
-            .env("CNI_ARGS", format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={container}"))
+            .env(
+                "CNI_ARGS",
+                format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={container}"),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -115,7 +115,14 @@ fn three_workloads_enrolled_through_cni_land_per_their_own_flags_and_one_is_remo
         Some(2.0),
         "{text}"
     );
-    assert!(metric(&text, "redirect_proxy_bytes_total{workload=\"pod-one\",direction=\"to_upstream\"}").unwrap() > 0.0);
+    assert!(
+        metric(
+            &text,
+            "redirect_proxy_bytes_total{workload=\"pod-one\",direction=\"to_upstream\"}"
+        )
+        .unwrap()
+            > 0.0
+    );
     assert_eq!(metric(&text, "redirect_map_entries{map=\"WORKLOADS\"}"), Some(3.0));
     assert_eq!(metric(&text, "redirect_map_max_entries{map=\"WORKLOADS\"}"), Some(64.0));
 
@@ -132,7 +139,13 @@ fn three_workloads_enrolled_through_cni_land_per_their_own_flags_and_one_is_remo
     assert_eq!(check.stdout["code"], 101, "{:?}", check.stdout);
     let pins = std::fs::read_dir(format!("/sys/fs/bpf/redirect/{}/links", agent.name))
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("sk_lookup-"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("sk_lookup-")
+        })
         .count();
     assert_eq!(pins, 2, "one sk_lookup link per enrolled namespace");
 }
@@ -165,7 +178,10 @@ fn load(
                 let text = String::from_utf8_lossy(&back);
                 let (banner, body) = text.split_once('\n').unwrap_or(("", ""));
                 if !banner.starts_with("REDIRECT-TEST") || body.as_bytes() != payload.as_slice() {
-                    return Err(std::io::Error::other(format!("bad answer: {banner:?}, {} bytes", body.len())));
+                    return Err(std::io::Error::other(format!(
+                        "bad answer: {banner:?}, {} bytes",
+                        body.len()
+                    )));
                 }
                 Ok(())
             })();
@@ -264,17 +280,31 @@ fn a_restart_under_load_hands_over_without_a_failed_request() {
     let trips = long_lived.join().unwrap();
     // The predecessor exits once its last connection (the long-lived one) is done.
     let (status, first_log) = first.wait(Duration::from_secs(30));
-    assert!(status.is_some_and(|s| s.success()), "first agent: {status:?}\n{first_log}");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "first agent: {status:?}\n{first_log}"
+    );
     assert!(first_log.contains("handed over"), "{first_log}");
 
     let after = (out_ok.load(Ordering::Relaxed), in_ok.load(Ordering::Relaxed));
-    assert!(out_failures.is_empty(), "outbound failures: {out_failures:?}\n{first_log}\n{}", second.log());
-    assert!(in_failures.is_empty(), "inbound failures: {in_failures:?}\n{first_log}\n{}", second.log());
+    assert!(
+        out_failures.is_empty(),
+        "outbound failures: {out_failures:?}\n{first_log}\n{}",
+        second.log()
+    );
+    assert!(
+        in_failures.is_empty(),
+        "inbound failures: {in_failures:?}\n{first_log}\n{}",
+        second.log()
+    );
     let trips = trips.unwrap_or_else(|e| panic!("long-lived connection: {e}\n{first_log}\n{}", second.log()));
     // Not vacuous: requests went before the restart and after it, on both sides, and the new
     // agent served some.
     assert!(before.0 > 20 && before.1 > 20, "{before:?}");
-    assert!(after.0 > at_handover.0 + 100 && after.1 > at_handover.1 + 100, "{at_handover:?} -> {after:?}");
+    assert!(
+        after.0 > at_handover.0 + 100 && after.1 > at_handover.1 + 100,
+        "{at_handover:?} -> {after:?}"
+    );
     println!(
         "requests (outbound, inbound): {before:?} before the restart, {at_handover:?} when the new agent was \
          ready, {after:?} in all, 0 failed"
@@ -295,17 +325,36 @@ fn after_a_crash_the_next_agent_adopts_the_pins_and_the_workloads() {
     let agent = NodeAgent::new("node-crash", &[]);
     let mut first = agent.start().expect("node agent starts");
     let w = Workload::new_on("nc", 31);
-    let out = agent.cli(&["enroll", "--netns", &w.pair.workload.path.to_string_lossy(), "--id", "crashy", "--", "-d", ""]);
+    let out = agent.cli(&[
+        "enroll",
+        "--netns",
+        &w.pair.workload.path.to_string_lossy(),
+        "--id",
+        "crashy",
+        "--",
+        "-d",
+        "",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(landing(&w.probe(&w.spec(w.remote(REMOTE_PORT)))), proxied(OUTBOUND_CAPTURE, "remote"));
+    assert_eq!(
+        landing(&w.probe(&w.spec(w.remote(REMOTE_PORT)))),
+        proxied(OUTBOUND_CAPTURE, "remote")
+    );
     let log = first.kill();
     // No agent: the pinned programs still capture, and a captured connection is refused at
     // once (nothing listens on the capture port), as with iptables while the sidecar is down.
     let r = w.probe(&w.spec(w.remote(REMOTE_PORT)));
-    assert_eq!(landing(&r), Landing::Failed(redirect_tests::Outcome::Refused), "{r:?}\n{log}");
+    assert_eq!(
+        landing(&r),
+        Landing::Failed(redirect_tests::Outcome::Refused),
+        "{r:?}\n{log}"
+    );
     let second = agent.start().expect("a new agent adopts");
     assert_eq!(agent.ids(), ["crashy"]);
-    assert_eq!(landing(&w.probe(&w.spec(w.remote(REMOTE_PORT)))), proxied(OUTBOUND_CAPTURE, "remote"));
+    assert_eq!(
+        landing(&w.probe(&w.spec(w.remote(REMOTE_PORT)))),
+        proxied(OUTBOUND_CAPTURE, "remote")
+    );
     assert_eq!(inbound(&w, APP_PORT), Inbound::Proxied);
     assert!(second.log().contains("workload adopted"), "{}", second.log());
     // The flags survived with it: with -d '' a connection to 15020 (where nothing listens)
@@ -326,19 +375,43 @@ fn bad_enrollments_are_refused_and_change_nothing() {
         let mut all = vec!["enroll"];
         all.extend_from_slice(args);
         let out = agent.cli(&all);
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        )
     };
     assert_eq!(enroll(&["--netns", &ns, "--id", "good"]).0, Some(0));
     let before = agent.scrape("/metrics").unwrap().1;
     let cases: [(&[&str], &str); 9] = [
-        (&["--netns", "/run/netns/does-not-exist", "--id", "x"], "/run/netns/does-not-exist"),
-        (&["--netns", "/proc/self/ns/net", "--id", "host"], "the node's own network namespace"),
+        (
+            &["--netns", "/run/netns/does-not-exist", "--id", "x"],
+            "/run/netns/does-not-exist",
+        ),
+        (
+            &["--netns", "/proc/self/ns/net", "--id", "host"],
+            "the node's own network namespace",
+        ),
         (&["--netns", &ns, "--id", "good"], "workload 'good' is already enrolled"),
-        (&["--netns", &ns, "--id", "again"], "is already enrolled as workload 'good'"),
-        (&["--netns", &same_ip.pair.workload.path.to_string_lossy(), "--id", "twin"], "address 10.200.41.1"),
-        (&["--netns", &free, "--id", "cg", "--cgroup", "/tmp"], "'/tmp' is not a cgroup v2 directory"),
-        (&["--netns", &free, "--id", "ports", "--", "-p", "15001", "-z", "15001"], "both 15001"),
-        (&["--netns", &free, "--id", "cidr", "--", "-i", "10.0.0.0/33"], "'10.0.0.0/33'"),
+        (
+            &["--netns", &ns, "--id", "again"],
+            "is already enrolled as workload 'good'",
+        ),
+        (
+            &["--netns", &same_ip.pair.workload.path.to_string_lossy(), "--id", "twin"],
+            "address 10.200.41.1",
+        ),
+        (
+            &["--netns", &free, "--id", "cg", "--cgroup", "/tmp"],
+            "'/tmp' is not a cgroup v2 directory",
+        ),
+        (
+            &["--netns", &free, "--id", "ports", "--", "-p", "15001", "-z", "15001"],
+            "both 15001",
+        ),
+        (
+            &["--netns", &free, "--id", "cidr", "--", "-i", "10.0.0.0/33"],
+            "'10.0.0.0/33'",
+        ),
         (&["--netns", &free, "--id", "proxy", "--proxy", "envoy"], "'envoy'"),
     ];
     for (args, want) in cases {
@@ -363,7 +436,11 @@ fn bad_enrollments_are_refused_and_change_nothing() {
     let conf = agent.cni_conf(json!({ "traffic.sidecar.istio.io/includeInboundPorts": "http" }));
     let out = agent.cni("ADD", "p", Some(&same_ip.pair.workload.path), &conf);
     assert_eq!(out.stdout["code"], 100, "{:?}", out.stdout);
-    assert!(out.stdout["msg"].as_str().unwrap().contains("'http'"), "{:?}", out.stdout);
+    assert!(
+        out.stdout["msg"].as_str().unwrap().contains("'http'"),
+        "{:?}",
+        out.stdout
+    );
     let out = agent.cni("ADD", "p", None, &agent.cni_conf(json!({})));
     assert_eq!(out.stdout["code"], 4, "{:?}", out.stdout);
     assert_eq!(agent.ids(), ["good"]);
@@ -379,7 +456,13 @@ fn stopping_keeps_the_pins_and_cleanup_releases_every_workload() {
     let agent = NodeAgent::new("node-clean", &[]);
     let mut p = agent.start().expect("node agent starts");
     let w = Workload::new_on("ncl", 51);
-    let out = agent.cli(&["enroll", "--netns", &w.pair.workload.path.to_string_lossy(), "--id", "c"]);
+    let out = agent.cli(&[
+        "enroll",
+        "--netns",
+        &w.pair.workload.path.to_string_lossy(),
+        "--id",
+        "c",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let programs: Vec<u32> = agent.state().unwrap().programs.values().copied().collect();
     assert_eq!(programs.len(), 4);

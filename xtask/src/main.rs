@@ -230,7 +230,8 @@ fn install_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
 
 fn build(release: bool) -> anyhow::Result<PathBuf> {
     let mut c = cargo();
-    c.args(["build", "--package", "redirect-agent"]);
+    // The CNI plugin too: node mode's tests invoke it as a container runtime would.
+    c.args(["build", "--package", "redirect-agent", "--package", "redirect-cni"]);
     if release {
         c.arg("--release");
     }
@@ -279,7 +280,8 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     let agent = build(false)?;
     let mut c = cargo();
     c.args(["test", "--workspace", "--exclude", "redirect-ebpf"])
-        .env("REDIRECT_AGENT_BIN", &agent);
+        .env("REDIRECT_AGENT_BIN", &agent)
+        .env("REDIRECT_CNI_BIN", agent.with_file_name("redirect-cni"));
     // Passing tests' output too: the differential tests print their verdict tables.
     c.args(["--", "--show-output"]);
     if let Some(f) = &filter {

@@ -23,7 +23,7 @@ const KERNEL_PACKAGE: &str = "linux-image-amd64";
 const VIRTME_NG: &str = "virtme-ng";
 
 /// The tests `cargo xtask test` also runs under 6.1: capture, the exemptions, inbound, detach,
-/// the default differential, and the feature probe.
+/// the default differential, the feature probe, the fast path, and node mode.
 pub const SMOKE: &[&str] = &[
     "captured_connection_reaches_its_destination_through_the_proxy",
     "each_exemption_lands_where_the_rule_set_says",
@@ -34,6 +34,8 @@ pub const SMOKE: &[&str] = &[
     "kernel_features_are_probed",
     "bytes_take_the_fast_path_intact",
     "other_socket_options_get_the_kernels_answer",
+    "three_workloads_enrolled_through_cni_land_per_their_own_flags_and_one_is_removed",
+    "a_restart_under_load_hands_over_without_a_failed_request",
 ];
 
 pub struct Options {

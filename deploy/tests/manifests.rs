@@ -1,0 +1,156 @@
+//! The DaemonSet against the Kubernetes API types (k8s-openapi, API 1.33), and the systemd
+//! unit against what the agent needs.
+
+use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Container};
+
+fn manifest() -> (serde_yaml::Value, DaemonSet) {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/daemonset.yaml")).unwrap();
+    let raw: serde_yaml::Value = serde_yaml::from_str(&text).expect("daemonset.yaml is YAML");
+    let ds: DaemonSet = serde_yaml::from_str(&text).expect("daemonset.yaml is an apps/v1 DaemonSet");
+    (raw, ds)
+}
+
+/// The API types ignore fields they do not know; serialising them back and comparing catches
+/// a misspelt or misplaced field, which the API server would reject (or silently drop).
+#[test]
+fn every_field_is_one_the_api_knows() {
+    let (raw, ds) = manifest();
+    let raw: serde_json::Value = serde_json::to_value(raw).unwrap();
+    let typed = serde_json::to_value(&ds).unwrap();
+    assert_eq!(typed, raw, "a field of daemonset.yaml is not in the Kubernetes API");
+}
+
+fn agent(ds: &DaemonSet) -> &Container {
+    let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    pod.containers
+        .iter()
+        .find(|c| c.name == "agent")
+        .expect("an agent container")
+}
+
+fn arg_after<'a>(c: &'a Container, flag: &str) -> &'a str {
+    let cmd = c.command.as_ref().unwrap();
+    let i = cmd
+        .iter()
+        .position(|a| a == flag)
+        .unwrap_or_else(|| panic!("no {flag} in {cmd:?}"));
+    &cmd[i + 1]
+}
+
+#[test]
+fn the_agent_gets_what_node_mode_needs() {
+    let (_, ds) = manifest();
+    let spec = ds.spec.as_ref().unwrap();
+    let pod = spec.template.spec.as_ref().unwrap();
+    let c = agent(&ds);
+    assert_eq!(c.command.as_ref().unwrap()[..2], ["redirect-agent", "node"]);
+    assert_eq!(c.security_context.as_ref().unwrap().privileged, Some(true));
+    assert_eq!(pod.host_pid, Some(true));
+    assert_eq!(pod.host_network, Some(true), "the kubelet probes the node's loopback");
+
+    // Mounts: bpffs shared back to the node (pins outlive the pod), the cgroup root, the
+    // runtime directory both pods of an update share, and the runtime's netns directory.
+    let mounts = c.volume_mounts.as_ref().unwrap();
+    let volumes = pod.volumes.as_ref().unwrap();
+    let host_path = |mount_path: &str| {
+        let m = mounts
+            .iter()
+            .find(|m| m.mount_path == mount_path)
+            .unwrap_or_else(|| panic!("no mount at {mount_path}"));
+        let v = volumes.iter().find(|v| v.name == m.name).unwrap();
+        (
+            v.host_path.as_ref().expect("a hostPath volume").path.clone(),
+            m.mount_propagation.clone(),
+        )
+    };
+    assert_eq!(
+        host_path("/sys/fs/bpf"),
+        ("/sys/fs/bpf".into(), Some("Bidirectional".into()))
+    );
+    assert_eq!(host_path("/sys/fs/cgroup").0, "/sys/fs/cgroup");
+    assert_eq!(host_path("/run/redirect").0, "/run/redirect");
+    assert_eq!(
+        host_path("/var/run/netns"),
+        ("/var/run/netns".into(), Some("HostToContainer".into()))
+    );
+    assert!(arg_after(c, "--socket").starts_with("/run/redirect/"));
+
+    // Readiness is the metrics endpoint's /ready, on the address the agent serves it.
+    let metrics = arg_after(c, "--metrics");
+    let probe = c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+    assert_eq!(probe.path.as_deref(), Some("/ready"));
+    let port = match &probe.port {
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p) => p.to_string(),
+        other => panic!("numeric port expected: {other:?}"),
+    };
+    assert_eq!(format!("{}:{port}", probe.host.as_deref().unwrap()), metrics);
+
+    let requests = c.resources.as_ref().unwrap().requests.as_ref().unwrap();
+    assert!(requests.contains_key("cpu") && requests.contains_key("memory"));
+
+    // An update must overlap old and new pod (the handover), and the kubelet must let the
+    // old one drain.
+    let rolling = spec.update_strategy.as_ref().unwrap().rolling_update.as_ref().unwrap();
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int;
+    assert_eq!(rolling.max_surge, Some(Int(1)));
+    assert_eq!(rolling.max_unavailable, Some(Int(0)));
+    let drain_s: i64 = arg_after(c, "--drain-timeout-ms").parse::<i64>().unwrap() / 1000;
+    assert!(pod.termination_grace_period_seconds.unwrap() > drain_s);
+}
+
+#[test]
+fn the_init_container_installs_the_cni_plugin_for_the_agents_socket() {
+    let (_, ds) = manifest();
+    let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let init = &pod.init_containers.as_ref().unwrap()[0];
+    let cmd = init.command.as_ref().unwrap();
+    assert_eq!(cmd[..2], ["redirect-cni", "install"]);
+    let after = |f: &str| &cmd[cmd.iter().position(|a| a == f).unwrap() + 1];
+    assert_eq!(after("--agent-socket"), arg_after(agent(&ds), "--socket"));
+    let mounted: Vec<&str> = init
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert!(mounted.contains(&after("--cni-bin-dir").as_str()));
+    assert!(mounted.contains(&after("--cni-conf-dir").as_str()));
+}
+
+#[test]
+fn the_systemd_unit_runs_node_mode_and_keeps_its_state_across_restarts() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/redirect-agent.service")).unwrap();
+    let mut section = "";
+    let mut keys = std::collections::BTreeMap::new();
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = s;
+            continue;
+        }
+        let (k, v) = line.split_once('=').unwrap_or_else(|| panic!("not KEY=VALUE: {line}"));
+        keys.insert(format!("{section}.{k}"), v.to_owned());
+    }
+    let exec = &keys["Service.ExecStart"];
+    assert!(exec.starts_with("/usr/local/bin/redirect-agent node "), "{exec}");
+    assert_eq!(keys["Service.KillSignal"], "SIGTERM");
+    // /run/redirect holds the state a restart adopts: systemd must not remove it on stop.
+    assert_eq!(keys["Service.RuntimeDirectory"], "redirect");
+    assert_eq!(keys["Service.RuntimeDirectoryPreserve"], "yes");
+    let drain_s: u64 = exec
+        .split("--drain-timeout-ms ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        / 1000;
+    assert!(keys["Service.TimeoutStopSec"].parse::<u64>().unwrap() > drain_s);
+    assert_eq!(keys["Install.WantedBy"], "multi-user.target");
+}
