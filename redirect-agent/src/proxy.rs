@@ -130,13 +130,24 @@ pub enum OriginalDst {
 }
 
 impl OriginalDst {
-    fn lookup(&self, stream: &TcpStream, peer: SocketAddrV4, local: SocketAddrV4) -> Option<Destination> {
+    /// `listen_port`: the capture port the connection was accepted on.
+    fn lookup(
+        &self,
+        stream: &TcpStream,
+        peer: SocketAddrV4,
+        local: SocketAddrV4,
+        listen_port: u16,
+    ) -> Option<Destination> {
         match self {
             Self::Maps(table) => table.take(peer, local),
             Self::Conntrack => {
                 let addr = crate::sys::original_dst(stream).ok()?;
-                // Not redirected (a connection straight to the capture port): nothing to forward to.
-                (addr != local).then_some(Destination { addr, target: None })
+                // Conntrack answers a connection nobody redirected (one made straight to the
+                // capture port) with its own address: nothing to forward to. A connection the
+                // agent's sk_lookup handed over also has its original destination as its local
+                // address (nothing was rewritten), but on its own port, not the capture port.
+                let straight_to_capture_port = addr == local && local.port() == listen_port;
+                (!straight_to_capture_port).then_some(Destination { addr, target: None })
             }
         }
     }
@@ -541,7 +552,11 @@ async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared)
         tracing::warn!(%peer, "not an IPv4 connection; resetting");
         return reset(client);
     };
-    let Some(dst) = shared.table.lookup(&client, peer4, local) else {
+    let listen_port = match side {
+        Side::Outbound => shared.cfg.outbound.port(),
+        Side::Inbound => shared.cfg.inbound.port(),
+    };
+    let Some(dst) = shared.table.lookup(&client, peer4, local, listen_port) else {
         shared.counters.no_original_dst.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%peer, %local, "no original destination recorded for this connection; resetting");
         return reset(client);
