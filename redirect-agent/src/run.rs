@@ -65,6 +65,12 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
         .cookie()
         .with_context(|| format!("netns cookie of {}", opts.netns.display()))?;
     sys::ensure_bpffs()?;
+    if let Some(other) = crate::node::captured_elsewhere(netns_cookie, &opts.name) {
+        anyhow::bail!(
+            "network namespace {} is already captured by {other}: one namespace, one agent",
+            opts.netns.display()
+        );
+    }
 
     let dirs = InstanceDirs::claim(&opts.name)?;
     let mut loaded = Loaded::load(dirs, opts.max_tracked_connections, opts.fast_path)?;
