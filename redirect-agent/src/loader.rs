@@ -28,6 +28,14 @@ use crate::{
 /// The object built from `redirect-ebpf` by build.rs (aya-build).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-ebpf"));
 
+/// The programs every instance loads (the fast path's two only when asked for).
+const CAPTURE_PROGRAMS: [&str; 4] = [
+    programs::SOCK_OPS,
+    programs::SK_LOOKUP,
+    programs::CONNECT4,
+    programs::GETSOCKOPT,
+];
+
 /// Flags 0: see [`Loaded::attach`].
 const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
@@ -262,12 +270,7 @@ impl Loaded {
             let path = dirs.pin_dir.join(name);
             map.pin(&path).map_err(|source| LoadError::Pin { path, source })?;
         }
-        for name in [
-            programs::SOCK_OPS,
-            programs::SK_LOOKUP,
-            programs::CONNECT4,
-            programs::GETSOCKOPT,
-        ] {
+        for name in CAPTURE_PROGRAMS {
             load_program(&mut ebpf, name)?;
         }
         if fast_path {
@@ -528,12 +531,7 @@ impl NodeObject {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
-        for name in [
-            programs::SOCK_OPS,
-            programs::SK_LOOKUP,
-            programs::CONNECT4,
-            programs::GETSOCKOPT,
-        ] {
+        for name in CAPTURE_PROGRAMS {
             load_program(&mut ebpf, name)?;
         }
         Ok(Self { ebpf })

@@ -86,160 +86,160 @@ fn label(v: &str) -> String {
     v.replace('\\', r"\\").replace('"', "\\\"").replace('\n', r"\n")
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+/// One metric family: its header, then one sample per (labels, value); labels are written as
+/// they go between the braces, none for an empty string.
+fn family<V: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (String, V)>,
+) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {value}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    }
 }
 
-pub fn render(s: &Snapshot) -> String {
-    let mut o = String::new();
-    family(&mut o, "redirect_workloads", "gauge", "Workloads enrolled.");
-    let _ = writeln!(o, "redirect_workloads {}", s.workloads.len());
-    family(
-        &mut o,
-        "redirect_rule_connections_total",
-        "counter",
-        "Connections each rule of a workload's chains decided (the rule's iptables packet counter, counted once per connection).",
-    );
-    for w in &s.workloads {
-        let mut nums = std::collections::HashMap::new();
-        for (r, n) in &w.rules {
+fn workload(id: &str) -> String {
+    format!("workload=\"{}\"", label(id))
+}
+
+/// A workload's rules as samples, numbered within their chain as iptables numbers them.
+fn rule_samples(w: &WorkloadSnapshot) -> Vec<(String, u64)> {
+    let mut nums = std::collections::HashMap::new();
+    w.rules
+        .iter()
+        .map(|(r, n)| {
             let num = nums.entry(r.chain).or_insert(0u32);
             *num += 1;
             let chain = r.chain_id().map_or("?", |c| c.iptables_name());
             let target = r.target_kind().map_or("?", |t| t.iptables_name());
-            let _ = writeln!(
-                o,
-                "redirect_rule_connections_total{{workload=\"{}\",chain=\"{chain}\",rule=\"{num}\",target=\"{target}\",match=\"{}\"}} {n}",
-                label(&w.id),
+            let labels = format!(
+                "{},chain=\"{chain}\",rule=\"{num}\",target=\"{target}\",match=\"{}\"",
+                workload(&w.id),
                 label(&redirect_common::chain::match_text(r)),
             );
-        }
-    }
-    family(
-        &mut o,
-        "redirect_events_total",
-        "counter",
-        "Connections the programs could not serve as the rules say (made to fail visibly), and fast path events.",
-    );
-    for w in &s.workloads {
-        for (e, n) in &w.events {
-            let _ = writeln!(
-                o,
-                "redirect_events_total{{workload=\"{}\",event=\"{e}\"}} {n}",
-                label(&w.id)
-            );
-        }
-    }
+            (labels, *n)
+        })
+        .collect()
+}
+
+pub fn render(s: &Snapshot) -> String {
+    let mut o = String::new();
     let proxies: Vec<(&str, &ProxySnapshot)> = s
         .workloads
         .iter()
         .filter_map(|w| Some((w.id.as_str(), w.proxy.as_ref()?)))
         .collect();
+    // One sample per proxy, or one per (label value, count) pair of each proxy.
+    let per_proxy = |f: fn(&ProxySnapshot) -> u64| proxies.iter().map(move |(id, p)| (workload(id), f(p)));
+    let per_proxy_by = |key: &'static str, f: fn(&ProxySnapshot) -> Vec<(&'static str, u64)>| {
+        proxies.iter().flat_map(move |(id, p)| {
+            f(p).into_iter()
+                .map(move |(v, n)| (format!("{},{key}=\"{v}\"", workload(id)), n))
+        })
+    };
+    family(
+        &mut o,
+        "redirect_workloads",
+        "gauge",
+        "Workloads enrolled.",
+        [(String::new(), s.workloads.len())],
+    );
+    family(
+        &mut o,
+        "redirect_rule_connections_total",
+        "counter",
+        "Connections each rule of a workload's chains decided (the rule's iptables packet counter, counted once per \
+         connection).",
+        s.workloads.iter().flat_map(rule_samples),
+    );
+    family(
+        &mut o,
+        "redirect_events_total",
+        "counter",
+        "Connections the programs could not serve as the rules say (made to fail visibly), and fast path events.",
+        s.workloads.iter().flat_map(|w| {
+            w.events
+                .iter()
+                .map(|(e, n)| (format!("{},event=\"{e}\"", workload(&w.id)), *n))
+        }),
+    );
     family(
         &mut o,
         "redirect_proxy_connections_active",
         "gauge",
         "Connections the embedded proxy is serving.",
+        per_proxy(|p| p.active),
     );
-    for (id, p) in &proxies {
-        let _ = writeln!(
-            o,
-            "redirect_proxy_connections_active{{workload=\"{}\"}} {}",
-            label(id),
-            p.active
-        );
-    }
     family(
         &mut o,
         "redirect_proxy_connections_total",
         "counter",
         "Connections the embedded proxy accepted.",
+        per_proxy(|p| p.accepted),
     );
-    for (id, p) in &proxies {
-        let _ = writeln!(
-            o,
-            "redirect_proxy_connections_total{{workload=\"{}\"}} {}",
-            label(id),
-            p.accepted
-        );
-    }
     family(
         &mut o,
         "redirect_proxy_connections_failed_total",
         "counter",
         "Connections the embedded proxy reset, by reason.",
+        per_proxy_by("reason", |p| {
+            vec![
+                ("no_original_dst", p.no_original_dst),
+                ("upstream_connect", p.upstream_failed),
+                ("over_limit", p.over_limit),
+            ]
+        }),
     );
-    for (id, p) in &proxies {
-        for (reason, n) in [
-            ("no_original_dst", p.no_original_dst),
-            ("upstream_connect", p.upstream_failed),
-            ("over_limit", p.over_limit),
-        ] {
-            let _ = writeln!(
-                o,
-                "redirect_proxy_connections_failed_total{{workload=\"{}\",reason=\"{reason}\"}} {n}",
-                label(id)
-            );
-        }
-    }
     family(
         &mut o,
         "redirect_proxy_upstream_connections_total",
         "counter",
         "Connections the embedded proxy forwarded to their original destination.",
+        per_proxy(|p| p.forwarded),
     );
-    for (id, p) in &proxies {
-        let _ = writeln!(
-            o,
-            "redirect_proxy_upstream_connections_total{{workload=\"{}\"}} {}",
-            label(id),
-            p.forwarded
-        );
-    }
     family(
         &mut o,
         "redirect_proxy_bytes_total",
         "counter",
-        "Bytes the embedded proxy copied, by direction (to_upstream: from the connecting side to the original destination).",
+        "Bytes the embedded proxy copied, by direction (to_upstream: from the connecting side to the original \
+         destination).",
+        per_proxy_by("direction", |p| {
+            vec![
+                ("to_upstream", p.bytes_to_upstream),
+                ("from_upstream", p.bytes_from_upstream),
+            ]
+        }),
     );
-    for (id, p) in &proxies {
-        for (dir, n) in [
-            ("to_upstream", p.bytes_to_upstream),
-            ("from_upstream", p.bytes_from_upstream),
-        ] {
-            let _ = writeln!(
-                o,
-                "redirect_proxy_bytes_total{{workload=\"{}\",direction=\"{dir}\"}} {n}",
-                label(id)
-            );
-        }
-    }
+    let per_map = |f: fn(&MapOccupancy) -> u64| s.maps.iter().map(move |m| (format!("map=\"{}\"", m.name), f(m)));
     family(
         &mut o,
         "redirect_map_entries",
         "gauge",
         "Entries in each eBPF hash map.",
+        per_map(|m| m.entries),
     );
-    for m in &s.maps {
-        let _ = writeln!(o, "redirect_map_entries{{map=\"{}\"}} {}", m.name, m.entries);
-    }
     family(
         &mut o,
         "redirect_map_max_entries",
         "gauge",
         "Capacity of each eBPF hash map.",
+        per_map(|m| u64::from(m.max_entries)),
     );
-    for m in &s.maps {
-        let _ = writeln!(o, "redirect_map_max_entries{{map=\"{}\"}} {}", m.name, m.max_entries);
-    }
     family(
         &mut o,
         "redirect_agent_uptime_seconds",
         "gauge",
         "Seconds since this agent process started serving.",
+        [(String::new(), format!("{:.3}", s.uptime.as_secs_f64()))],
     );
-    let _ = writeln!(o, "redirect_agent_uptime_seconds {:.3}", s.uptime.as_secs_f64());
     o
 }
 
