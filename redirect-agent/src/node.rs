@@ -227,6 +227,9 @@ pub struct Node {
     /// The cgroup links; dropping a descriptor does not detach a pinned link.
     _cgroup_links: Vec<OwnedFd>,
     started: Instant,
+    /// Set once a successor has the workloads: from then on this process must change
+    /// nothing, or the successor would not know of it.
+    handed_over: bool,
 }
 
 impl Node {
@@ -363,6 +366,15 @@ impl Node {
                     "network namespace {} is already enrolled as workload '{}'",
                     req.netns.display(),
                     w.info.id
+                ),
+            ));
+        }
+        if let Some(other) = captured_elsewhere(cookie, &self.opts.name) {
+            return Err(ApiError::new(
+                ErrorKind::Exists,
+                format!(
+                    "network namespace {} is already captured by {other}",
+                    req.netns.display()
                 ),
             ));
         }
@@ -701,6 +713,42 @@ impl Node {
     }
 }
 
+/// Another live instance that captures the namespace `netns_cookie`, named for an error:
+/// two sets of programs deciding one namespace's connections would redirect them twice.
+pub fn captured_elsewhere(netns_cookie: u64, except: &str) -> Option<String> {
+    let alive = |pid: u32| {
+        // SAFETY: signal 0 only checks that the process exists.
+        unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+    };
+    for entry in std::fs::read_dir(RUN_DIR).ok()?.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(bytes) = std::fs::read(&path) else { continue };
+        if let Some(node) = name.strip_suffix(".node.json") {
+            let Ok(state) = serde_json::from_slice::<NodeState>(&bytes) else {
+                continue;
+            };
+            if node != except
+                && alive(state.pid)
+                && let Some(w) = state.workloads.iter().find(|w| w.netns_cookie == netns_cookie)
+            {
+                return Some(format!(
+                    "node agent '{node}' (pid {}) as workload '{}'",
+                    state.pid, w.id
+                ));
+            }
+        } else if let Some(run) = name.strip_suffix(".json") {
+            let Ok(state) = serde_json::from_slice::<loader::InstanceState>(&bytes) else {
+                continue;
+            };
+            if run != except && alive(state.pid) && state.netns_cookie == netns_cookie {
+                return Some(format!("`run` instance '{run}' (pid {})", state.pid));
+            }
+        }
+    }
+    None
+}
+
 fn open_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     dir: &Path,
     name: &'static str,
@@ -738,8 +786,8 @@ impl Lock {
             }
             if Instant::now() > deadline {
                 anyhow::bail!(
-                    "instance '{name}' is held by another agent (lock {} is taken and it did not hand over); stop it \
-                     or pick another --name",
+                    "instance '{name}' is held by another agent (lock {} is taken and nothing answered a handover on \
+                     its socket); stop it, or give this one another --name",
                     path.display()
                 );
             }
@@ -748,8 +796,28 @@ impl Lock {
     }
 }
 
-/// The workloads a predecessor handed over, and their descriptors by workload id.
-type Handover = (Vec<WorkloadInfo>, BTreeMap<String, HandedOver>);
+/// What a predecessor handed over: its workloads, their descriptors by workload id, and the
+/// connection on which this process confirms it serves them.
+struct Handover {
+    infos: Vec<WorkloadInfo>,
+    handed: BTreeMap<String, HandedOver>,
+    predecessor: std::os::unix::net::UnixStream,
+}
+
+/// Tells the predecessor that this process serves the workloads now, and waits for it to
+/// stop serving them (its answer comes once it has).
+fn confirm_takeover(predecessor: &std::os::unix::net::UnixStream) -> anyhow::Result<()> {
+    (&*predecessor)
+        .write_all(b"serving\n")
+        .context("confirming the handover")?;
+    let bye = redirect_api::read_line(predecessor).context("waiting for the predecessor to stop")?;
+    anyhow::ensure!(
+        bye == b"bye",
+        "the predecessor answered {:?} to the takeover",
+        String::from_utf8_lossy(&bye)
+    );
+    Ok(())
+}
 
 /// Asks a running predecessor to hand over. `None`: nobody answers on the socket.
 fn receive_handover(socket: &Path) -> anyhow::Result<Option<Handover>> {
@@ -795,12 +863,18 @@ fn receive_handover(socket: &Path) -> anyhow::Result<Option<Handover>> {
         handed.insert(info.id.clone(), HandedOver { netns, listeners });
         infos.push(info);
     }
-    Ok(Some((infos, handed)))
+    Ok(Some(Handover {
+        infos,
+        handed,
+        predecessor: stream,
+    }))
 }
 
 /// The predecessor's side: the answer, then (once the successor is ready for them) each
-/// workload's descriptors.
-fn send_handover(stream: std::os::unix::net::UnixStream, node: &Node) -> std::io::Result<()> {
+/// workload's descriptors, then its word that it serves them. Until that word this process
+/// keeps serving (both accept from the same queues meanwhile), so a successor that fails to
+/// start costs nothing: `Ok(false)`, and this process goes on.
+fn send_handover(stream: std::os::unix::net::UnixStream, node: &Node) -> std::io::Result<bool> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let list: Vec<HandoverWorkload> = node
@@ -826,7 +900,21 @@ fn send_handover(stream: std::os::unix::net::UnixStream, node: &Node) -> std::io
         fds.extend(w.listener_fds.iter().map(|(_, fd)| fd.as_fd()));
         sys::send_fds(&stream, &fds)?;
     }
-    Ok(())
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    match redirect_api::read_line(&stream) {
+        Ok(word) if word == b"serving" => {
+            (&stream).write_all(b"bye\n")?;
+            Ok(true)
+        }
+        Ok(other) => {
+            tracing::error!(answer = %String::from_utf8_lossy(&other), "the successor did not take over; serving on");
+            Ok(false)
+        }
+        Err(e) => {
+            tracing::error!("the successor did not take over ({e}); serving on");
+            Ok(false)
+        }
+    }
 }
 
 /// How the serving loop ended.
@@ -855,13 +943,21 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
     };
 
     // A live predecessor hands over; otherwise its pins and state are adopted.
+    // The predecessor holds the lock until it has stopped serving, which it does once this
+    // process confirms it serves (below); without a handover, a held lock is an agent that
+    // does not answer on this socket, and waiting will not help.
     let handover = tokio::task::block_in_place(|| receive_handover(&opts.socket))?;
-    let lock = tokio::task::block_in_place(|| Lock::take(&opts.name, Duration::from_secs(30)))?;
+    let mut lock = match handover {
+        Some(_) => None,
+        None => Some(tokio::task::block_in_place(|| Lock::take(&opts.name, Duration::ZERO))?),
+    };
     let pin_dir = loader::pin_dir(&opts.name);
+    let mut predecessor = None;
     let (infos, handed) = match handover {
-        Some((infos, handed)) => {
-            tracing::info!(workloads = infos.len(), "a running agent handed over");
-            (infos, handed)
+        Some(h) => {
+            tracing::info!(workloads = h.infos.len(), "a running agent hands over");
+            predecessor = Some(h.predecessor);
+            (h.infos, h.handed)
         }
         None => match std::fs::read(state_path(&opts.name)) {
             Ok(bytes) if pin_dir.exists() => {
@@ -941,8 +1037,16 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         cgroup_parent: cgroup_parent.clone(),
         _cgroup_links: cgroup_links,
         started: Instant::now(),
+        handed_over: false,
     };
     node.restore(infos, handed);
+    if let Some(p) = predecessor {
+        tokio::task::block_in_place(|| confirm_takeover(&p))?;
+        lock = Some(tokio::task::block_in_place(|| {
+            Lock::take(&opts.name, Duration::from_secs(30))
+        })?);
+        tracing::info!("a running agent handed over");
+    }
     node.persist();
 
     // The predecessor closed its socket before handing over; a crashed one left the file.
@@ -1040,13 +1144,21 @@ async fn handle(stream: tokio::net::UnixStream, node: Arc<tokio::sync::Mutex<Nod
         };
         let rt = tokio::runtime::Handle::current();
         let mut node = rt.block_on(node_for_blocking.lock());
+        if node.handed_over {
+            let e = ApiError::new(
+                ErrorKind::Unavailable,
+                "this agent has handed the node over to a new process; retry (its socket takes over)",
+            );
+            reply(&std, &Response::Error(e))?;
+            return Ok(false);
+        }
         let response = match request {
             Request::Enroll(req) => node.enroll(req).map(Response::Enrolled),
             Request::Unenroll { id, netns } => node.unenroll(id, netns).map(|id| Response::Unenrolled { id }),
             Request::List => Ok(Response::Workloads(node.workloads())),
             Request::Handover => {
-                send_handover(std, &node)?;
-                return Ok(true);
+                node.handed_over = send_handover(std, &node)?;
+                return Ok(node.handed_over);
             }
         };
         reply(&std, &response.unwrap_or_else(Response::Error))?;

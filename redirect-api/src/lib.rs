@@ -120,6 +120,8 @@ pub enum ErrorKind {
     NotFound,
     /// The agent failed doing something that should have worked (a map, a listener).
     Internal,
+    /// The agent cannot take requests now (it is handing over to a new process): retry.
+    Unavailable,
 }
 
 impl ApiError {

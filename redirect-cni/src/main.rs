@@ -196,6 +196,7 @@ fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
 
 fn api_error(e: ClientError) -> CniError {
     match e {
+        ClientError::Refused(a) if a.kind == ErrorKind::Unavailable => fail(code::TRY_AGAIN_LATER, a.message),
         ClientError::Refused(a) => CniError {
             code: code::REFUSED,
             msg: a.message,

@@ -216,6 +216,19 @@ pub enum Landing {
     Failed(Outcome),
 }
 
+/// Connected to capture port `port`; the proxy forwarded it to `server`.
+pub fn proxied(port: u16, server: &str) -> Landing {
+    Landing::Proxied {
+        capture_port: port,
+        server: server.into(),
+    }
+}
+
+/// Connected straight to `server`.
+pub fn direct(server: &str) -> Landing {
+    Landing::Direct { server: server.into() }
+}
+
 pub fn landing(r: &ProbeResult) -> Landing {
     if r.outcome != Outcome::Ok {
         return Landing::Failed(r.outcome);

@@ -4,19 +4,9 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use redirect_tests::{
-    APP_PORT, INBOUND_CAPTURE, Landing, OUTBOUND_CAPTURE, Outcome, REMOTE_PORT, TUNNEL_PORT, Workload, landing,
+    APP_PORT, INBOUND_CAPTURE, Landing, OUTBOUND_CAPTURE, Outcome, REMOTE_PORT, TUNNEL_PORT, Workload, direct, landing,
+    proxied,
 };
-
-fn proxied(port: u16, server: &str) -> Landing {
-    Landing::Proxied {
-        capture_port: port,
-        server: server.into(),
-    }
-}
-
-fn direct(server: &str) -> Landing {
-    Landing::Direct { server: server.into() }
-}
 
 /// The server protocol answers only after the client's FIN, so "all bytes back" also proves
 /// that the half-close crossed the proxy while the other direction stayed open.

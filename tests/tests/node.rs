@@ -14,21 +14,11 @@ use std::{
 
 use redirect_agent::sandbox::{NamedNetns, TestServer};
 use redirect_tests::{
-    APP_PORT, Landing, OUTBOUND_CAPTURE, REMOTE_PORT, Workload, landing,
+    APP_PORT, Landing, OUTBOUND_CAPTURE, REMOTE_PORT, Workload, direct, landing,
     node::{NodeAgent, metric},
+    proxied,
 };
 use serde_json::json;
-
-fn proxied(port: u16, server: &str) -> Landing {
-    Landing::Proxied {
-        capture_port: port,
-        server: server.into(),
-    }
-}
-
-fn direct(server: &str) -> Landing {
-    Landing::Direct { server: server.into() }
-}
 
 /// Where a connection from the remote host to the pod's `port` landed: sk_lookup rewrites
 /// nothing, so the app telling 127.0.0.6 as its peer is what shows it crossed the proxy.
@@ -311,6 +301,7 @@ fn a_restart_under_load_hands_over_without_a_failed_request() {
     );
     assert!(trips > 10, "{trips}");
     println!("long-lived connection: {trips} round trips across the restart");
+    assert_eq!(agent.scrape("/ready").unwrap().0, "HTTP/1.1 200 OK");
     let (_, text) = agent.scrape("/metrics").unwrap();
     let served = metric(&text, "redirect_proxy_connections_total{workload=\"pod-load\"}").unwrap();
     assert!(served >= 200.0, "the new agent served {served}:\n{text}");
@@ -484,4 +475,94 @@ fn stopping_keeps_the_pins_and_cleanup_releases_every_workload() {
     assert_eq!(landing(&w.probe(&w.spec(w.remote(REMOTE_PORT)))), direct("remote"));
     let out = redirect_tests::agent_cmd(&["cleanup", "--name", &agent.name]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing"), "{out:?}");
+}
+
+#[test]
+fn a_node_agent_under_a_name_another_agent_holds_is_refused_at_once() {
+    let w = Workload::with_agent("node-taken", &[]);
+    let started = Instant::now();
+    let out = redirect_tests::agent_cmd(&[
+        "node",
+        "--name",
+        &w.name,
+        "--socket",
+        &format!("/run/redirect/{}.sock", w.name),
+        "--metrics",
+        "off",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("is held by another agent"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "no handover to wait for");
+    // The running instance is untouched.
+    assert_eq!(
+        landing(&w.probe(&w.spec(w.remote(REMOTE_PORT)))),
+        proxied(OUTBOUND_CAPTURE, "remote")
+    );
+}
+
+/// `redirect-agent proxy` as the workload's own proxy (Envoy's part): it listens on the
+/// capture ports as uid 1337 and asks SO_ORIGINAL_DST, which the root getsockopt program
+/// answers.
+struct WorkloadProxy(std::process::Child);
+
+impl Drop for WorkloadProxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_workload_with_its_own_proxy_is_captured_and_told_original_destinations() {
+    let agent = NodeAgent::new("node-own", &[]);
+    let _p = agent.start().expect("node agent starts");
+    let w = Workload::new_on("no", 71);
+    let conf = agent.cni_conf(json!({ "redirect.dev/proxy": "none" }));
+    let add = agent.cni("ADD", "pod-envoy", Some(&w.pair.workload.path), &conf);
+    assert!(add.status.success(), "{:?} {}", add.stdout, add.stderr);
+    // No proxy yet: captured connections fail at once, both ways.
+    let r = w.probe(&w.spec(w.remote(REMOTE_PORT)));
+    assert_eq!(landing(&r), Landing::Failed(redirect_tests::Outcome::Refused), "{r:?}");
+    assert_eq!(inbound(&w, APP_PORT), Inbound::Failed(redirect_tests::Outcome::Refused));
+
+    let _proxy = WorkloadProxy(
+        std::process::Command::new(redirect_tests::agent_bin())
+            .args(["proxy", "--netns"])
+            .arg(&w.pair.workload.path)
+            .arg("--cgroup")
+            .arg(&w.cgroup.path)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start the workload's proxy"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let r = loop {
+        let r = w.probe(&w.spec(w.remote(REMOTE_PORT)));
+        if landing(&r) != Landing::Failed(redirect_tests::Outcome::Refused) || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(landing(&r), proxied(OUTBOUND_CAPTURE, "remote"), "{r:?}");
+    assert!(r.intact, "{r:?}");
+    // The workload proxy's listener was registered for sk_lookup when it listened.
+    assert_eq!(inbound(&w, APP_PORT), Inbound::Proxied);
+    let (_, text) = agent.scrape("/metrics").unwrap();
+    let event = |e: &str| {
+        metric(
+            &text,
+            &format!("redirect_events_total{{workload=\"pod-envoy\",event=\"{e}\"}}"),
+        )
+    };
+    assert_eq!(event("inbound_no_listener"), Some(1.0), "{text}");
+    assert!(event("orig_dst_answered").unwrap() >= 2.0, "{text}");
+    // The agent runs no proxy for it.
+    assert_eq!(
+        metric(&text, "redirect_proxy_connections_total{workload=\"pod-envoy\"}"),
+        None
+    );
 }
