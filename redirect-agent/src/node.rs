@@ -1167,6 +1167,11 @@ async fn handle(stream: tokio::net::UnixStream, node: Arc<tokio::sync::Mutex<Nod
     .await;
     match outcome {
         Ok(Ok(handed_over)) => handed_over,
+        // A client that connects and leaves (a liveness check) is not worth a warning.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            tracing::debug!("control connection closed without a request");
+            false
+        }
         Ok(Err(e)) => {
             tracing::warn!("control request: {e}");
             false

@@ -566,3 +566,52 @@ fn a_workload_with_its_own_proxy_is_captured_and_told_original_destinations() {
         None
     );
 }
+
+/// The predecessor's side of a handover, against a successor that takes the descriptors and
+/// dies before it serves: the running agent must serve on, as if nothing had been asked.
+#[test]
+fn a_successor_that_dies_mid_handover_costs_nothing() {
+    let agent = NodeAgent::new("node-half", &[]);
+    let p = agent.start().expect("node agent starts");
+    let w = Workload::new_on("nh", 81);
+    let out = agent.cli(&[
+        "enroll",
+        "--netns",
+        &w.pair.workload.path.to_string_lossy(),
+        "--id",
+        "half",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    {
+        let s = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        (&s).write_all(b"{\"op\":\"handover\"}\n").unwrap();
+        let answer: serde_json::Value = serde_json::from_slice(&redirect_api::read_line(&s).unwrap()).unwrap();
+        let list = answer["handover"].as_array().unwrap_or_else(|| panic!("{answer}"));
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0]["fds"], json!(["netns", "outbound", "inbound"]));
+        (&s).write_all(b"ready\n").unwrap();
+        let fds = redirect_agent::sys::recv_fds(&s).unwrap();
+        assert_eq!(fds.len(), 3);
+        // The listener it was given is the agent's own: a connection to it is served.
+        let listener = std::net::TcpListener::from(fds.into_iter().nth(1).unwrap());
+        assert_eq!(listener.local_addr().unwrap().port(), OUTBOUND_CAPTURE);
+        // Dies here: no "serving".
+    }
+    assert_eq!(
+        landing(&w.probe(&w.spec(w.remote(REMOTE_PORT)))),
+        proxied(OUTBOUND_CAPTURE, "remote")
+    );
+    assert_eq!(inbound(&w, APP_PORT), Inbound::Proxied);
+    assert_eq!(agent.ids(), ["half"], "the API still answers");
+    assert_eq!(agent.state().unwrap().pid, p.pid());
+    let log = p.log();
+    assert!(
+        log.contains("the successor did not take over") && log.contains("serving on"),
+        "{log}"
+    );
+    let out = agent.cli(&["unenroll", "--netns", &w.pair.workload.path.to_string_lossy()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(agent.ids().is_empty());
+    assert_eq!(landing(&w.probe(&w.spec(w.remote(REMOTE_PORT)))), direct("remote"));
+}
