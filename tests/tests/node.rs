@@ -47,11 +47,12 @@ fn rule_count(text: &str, id: &str, chain: &str, rule: usize) -> u64 {
         .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"))
 }
 
-/// The three workloads of the done-when, each with its own flags, all through the plugin.
+/// The done-when of node mode: three workloads with their own flags, all through the plugin,
+/// each landing per its flags; one removed; the agent restarted under load, failing nothing.
 #[test]
-fn three_workloads_enrolled_through_cni_land_per_their_own_flags_and_one_is_removed() {
+fn three_workloads_through_cni_land_per_their_own_flags_then_one_removed_and_a_restart_loses_nothing() {
     let agent = NodeAgent::new("node-cni", &[]);
-    let _p = agent.start().expect("node agent starts");
+    let mut first = agent.start().expect("node agent starts");
     let w1 = Workload::new_on("n1", 11);
     let w2 = Workload::new_on("n2", 12);
     let w3 = Workload::new_on("n3", 13);
@@ -138,6 +139,46 @@ fn three_workloads_enrolled_through_cni_land_per_their_own_flags_and_one_is_remo
         })
         .count();
     assert_eq!(pins, 2, "one sk_lookup link per enrolled namespace");
+
+    // Restart under load: the two remaining pods, both ways, through a handover.
+    let w3_echo = TestServer::start(&w3.pair.remote, w3.remote(8081), "remote-8081").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_exit = StopOnDrop(stop.clone());
+    let ok = Arc::new(AtomicU64::new(0));
+    let loops = [
+        load(&w1.pair.workload, w1.remote(REMOTE_PORT), stop.clone(), ok.clone()), // captured
+        load(&w1.pair.remote, w1.pod(APP_PORT), stop.clone(), ok.clone()),         // captured
+        load(&w3.pair.workload, w3.remote(8081), stop.clone(), ok.clone()),        // captured
+        load(&w3.pair.remote, w3.pod(APP_PORT), stop.clone(), ok.clone()),         // -d 9080: direct
+    ];
+    let wait_for = |above: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ok.load(Ordering::Relaxed) <= above && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_for(40);
+    let second = agent.start().expect("a new agent takes over");
+    let at_handover = ok.load(Ordering::Relaxed);
+    wait_for(at_handover + 200);
+    stop.store(true, Ordering::Relaxed);
+    let failures: Vec<String> = loops.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let (status, first_log) = first.wait(Duration::from_secs(30));
+    assert!(failures.is_empty(), "{failures:?}\n{first_log}\n{}", second.log());
+    assert!(status.is_some_and(|s| s.success()), "{first_log}");
+    let total = ok.load(Ordering::Relaxed);
+    assert!(total > at_handover + 200, "{at_handover} -> {total}");
+    println!(
+        "three pods, one removed, restart under load: {total} requests ({at_handover} by the time the new agent was ready), 0 failed"
+    );
+    // After the restart each pod still lands per its own flags.
+    assert_eq!(agent.ids(), ["pod-one", "pod-three"]);
+    assert_eq!(out_to_remote(&w1), proxied(OUTBOUND_CAPTURE, "remote"));
+    assert_eq!(in_from_remote(&w1), Inbound::Proxied);
+    assert_eq!(out_to_remote(&w3), direct("remote"));
+    assert_eq!(in_from_remote(&w3), Inbound::Direct);
+    assert_eq!(in_from_remote(&w2), Inbound::Direct);
+    drop(w3_echo);
 }
 
 /// A loop of fresh connections, each checked end to end, counted until `stop`. Bounded in

@@ -34,7 +34,7 @@ pub const SMOKE: &[&str] = &[
     "kernel_features_are_probed",
     "bytes_take_the_fast_path_intact",
     "other_socket_options_get_the_kernels_answer",
-    "three_workloads_enrolled_through_cni_land_per_their_own_flags_and_one_is_removed",
+    "three_workloads_through_cni_land_per_their_own_flags_then_one_removed_and_a_restart_loses_nothing",
     "a_restart_under_load_hands_over_without_a_failed_request",
 ];
 
