@@ -537,6 +537,21 @@ impl NodeObject {
         Ok(Self { ebpf })
     }
 
+    /// Pins the programs in `dir`, in place of a predecessor's: once every link runs this
+    /// process's programs, the pins say which those are (`bpftool prog show pinned`), and a
+    /// predecessor's programs are freed when its process exits.
+    pub fn pin_programs(&mut self, dir: &Path) -> Result<(), LoadError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| LoadError::Sys(SysError::Io(format!("create {}", dir.display()), e)))?;
+        for name in CAPTURE_PROGRAMS {
+            let path = dir.join(name);
+            let _ = std::fs::remove_file(&path);
+            let p = self.ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;
+            p.pin(&path).map_err(|source| LoadError::Pin { path, source })?;
+        }
+        Ok(())
+    }
+
     /// A loaded program's descriptor, for [`crate::links`].
     pub fn program_fd(&self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>, LoadError> {
         use std::os::fd::AsFd as _;

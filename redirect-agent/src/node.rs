@@ -6,7 +6,7 @@
 //! removed over a Unix socket ([`redirect_api`]); each gets its counter block, its sk_lookup
 //! link and, with the embedded proxy, listeners opened inside its namespace.
 //!
-//! Restart without loss. Maps and links are pinned under `/sys/fs/bpf/redirect/<name>/`, so
+//! Restart without loss. Maps, links and programs are pinned under `/sys/fs/bpf/redirect/<name>/`, so
 //! the kernel side keeps capturing while no agent runs, and what the programs know (original
 //! destinations of open connections, counters) survives the process. A new process:
 //! - asks a running predecessor over the socket to hand over: it receives every workload with
@@ -1040,6 +1040,8 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         handed_over: false,
     };
     node.restore(infos, handed);
+    node.object
+        .pin_programs(&loader::pin_dir(&opts.name).join("programs"))?;
     if let Some(p) = predecessor {
         tokio::task::block_in_place(|| confirm_takeover(&p))?;
         lock = Some(tokio::task::block_in_place(|| {

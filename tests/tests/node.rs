@@ -299,6 +299,7 @@ fn a_restart_under_load_hands_over_without_a_failed_request() {
     wait_for(&in_ok, 20);
     let before = (out_ok.load(Ordering::Relaxed), in_ok.load(Ordering::Relaxed));
 
+    let old_programs: Vec<u32> = agent.state().unwrap().programs.values().copied().collect();
     let second = agent.start().expect("the new agent takes over");
     assert_eq!(agent.state().unwrap().pid, second.pid());
     assert!(second.log().contains("a running agent handed over"), "{}", second.log());
@@ -316,6 +317,17 @@ fn a_restart_under_load_hands_over_without_a_failed_request() {
         "first agent: {status:?}\n{first_log}"
     );
     assert!(first_log.contains("handed over"), "{first_log}");
+    // Every link moved to the new process's programs (BPF_LINK_UPDATE), so with the old
+    // process gone its programs are gone from the kernel.
+    let new_programs: Vec<u32> = agent.state().unwrap().programs.values().copied().collect();
+    for id in &old_programs {
+        assert!(!new_programs.contains(id), "{old_programs:?} {new_programs:?}");
+        let shown = std::process::Command::new("bpftool")
+            .args(["prog", "show", "id", &id.to_string()])
+            .output()
+            .unwrap();
+        assert!(!shown.status.success(), "old program {id} is still loaded");
+    }
 
     let after = (out_ok.load(Ordering::Relaxed), in_ok.load(Ordering::Relaxed));
     assert!(
@@ -502,6 +514,19 @@ fn stopping_keeps_the_pins_and_cleanup_releases_every_workload() {
     assert!(status.is_some_and(|s| s.success()), "{log}");
     let pins = format!("/sys/fs/bpf/redirect/{}", agent.name);
     assert!(std::path::Path::new(&pins).join("links/redirect_connect4").exists());
+    // The pinned programs are the ones the state names.
+    let shown = std::process::Command::new("bpftool")
+        .args([
+            "-j",
+            "prog",
+            "show",
+            "pinned",
+            &format!("{pins}/programs/redirect_connect4"),
+        ])
+        .output()
+        .unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert!(programs.contains(&(shown["id"].as_u64().unwrap() as u32)), "{shown}");
     let out = redirect_tests::agent_cmd(&["cleanup", "--name", &agent.name]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!std::path::Path::new(&pins).exists());
