@@ -48,7 +48,7 @@ enum Command {
     },
     /// Print a running instance's per-rule counters.
     Stats {
-        /// Instance name (as given to `run --name`).
+        /// Instance name (as given to `run --name` or `node --name`).
         #[arg(long, default_value = "default")]
         name: String,
         /// Print JSON: {"rules":[{"chain","rule","match","target","connections"}, ...]}.

@@ -36,6 +36,9 @@ pub struct RuleRow {
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct WorkloadStats {
     pub netns_cookie: u64,
+    /// The workload's id, for a node instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     pub rules: Vec<RuleRow>,
     /// Connections the agent made fail instead of serving (see `redirect_common::events`).
     pub events: BTreeMap<String, u64>,
@@ -98,6 +101,12 @@ pub fn read(name: &str) -> Result<InstanceStats, LoadError> {
         counters,
         events,
     } = loader::open_pinned(name)?;
+    // A node instance names its workloads; a run instance has one, named by the instance.
+    let ids: BTreeMap<u64, String> = std::fs::read(crate::node::state_path(name))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<crate::node::NodeState>(&b).ok())
+        .map(|s| s.workloads.into_iter().map(|w| (w.netns_cookie, w.id)).collect())
+        .unwrap_or_default();
     let mut all = Vec::new();
     for item in workloads.iter() {
         let (cookie, w) = item.map_err(|source| LoadError::Map {
@@ -106,6 +115,7 @@ pub fn read(name: &str) -> Result<InstanceStats, LoadError> {
         })?;
         all.push(WorkloadStats {
             netns_cookie: cookie,
+            id: ids.get(&cookie).cloned(),
             rules: rows(&w, &counters)?,
             events: event_counts(&w, &events)?,
         });
@@ -128,9 +138,10 @@ pub fn render_text(stats: &InstanceStats) -> String {
         for row in &w.rules {
             if row.chain != chain {
                 chain = &row.chain;
+                let workload = w.id.as_deref().map(|id| format!("workload {id}, ")).unwrap_or_default();
                 let _ = writeln!(
                     s,
-                    "Chain {chain} (instance {}, netns cookie {})",
+                    "Chain {chain} (instance {}, {workload}netns cookie {})",
                     stats.name, w.netns_cookie
                 );
                 let header = format!(

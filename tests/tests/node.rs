@@ -401,6 +401,18 @@ fn after_a_crash_the_next_agent_adopts_the_pins_and_the_workloads() {
     );
     assert_eq!(inbound(&w, APP_PORT), Inbound::Proxied);
     assert!(second.log().contains("workload adopted"), "{}", second.log());
+    // The counters live in the pinned maps: the connection before the crash, the refused one
+    // during it and the one after are all on ISTIO_REDIRECT's rule. `stats` names the workload.
+    let out = redirect_tests::agent_cmd(&["stats", "--name", &agent.name, "--json"]);
+    let stats: redirect_agent::stats::InstanceStats = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats.workloads.len(), 1);
+    assert_eq!(stats.workloads[0].id.as_deref(), Some("crashy"));
+    let redirect = stats.workloads[0]
+        .rules
+        .iter()
+        .find(|r| r.chain == "ISTIO_OUTPUT" && r.target == "ISTIO_REDIRECT")
+        .unwrap();
+    assert_eq!(redirect.connections, 3, "{stats:?}");
     // The flags survived with it: with -d '' a connection to 15020 (where nothing listens)
     // is captured, so the proxy resets it; with the defaults the kernel would refuse it.
     assert_eq!(inbound(&w, 15020), Inbound::Failed(redirect_tests::Outcome::Reset));
