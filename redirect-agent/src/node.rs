@@ -1000,6 +1000,19 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
     std::fs::create_dir_all(links_dir(&opts.name))
         .with_context(|| format!("create {}", links_dir(&opts.name).display()))?;
 
+    // Every workload's proxy draws on this process's descriptors: room for all of them at
+    // their limit if the system allows, and a word when it does not (past it, accepts wait
+    // for descriptors to free up).
+    let wanted = opts.max_proxy_connections.saturating_mul(MAX_WORKLOADS as usize);
+    let fits = crate::proxy::connections_fitting(sys::raise_nofile_limit(wanted));
+    if fits < wanted {
+        tracing::warn!(
+            fits,
+            wanted,
+            "the descriptor limit fits {fits} proxied connections across all workloads, fewer than \
+             {MAX_WORKLOADS} workloads x --max-proxy-connections"
+        );
+    }
     let mut object = NodeObject::load(&pin_dir, opts.max_tracked_connections)?;
     let mut cgroup_links = Vec::new();
     for (prog, attach_type) in CGROUP_LINKS {
