@@ -17,6 +17,7 @@ use std::{
     path::Path,
 };
 
+const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
@@ -64,6 +65,25 @@ pub fn create(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, attach_type: AttachT
     attr.words[1] = target.as_raw_fd() as u32;
     attr.words[2] = attach_type as u32;
     bpf(BPF_LINK_CREATE, &mut attr).map(fd_from)
+}
+
+/// `enum bpf_attach_type` values of a sockhash's programs.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum MapAttachType {
+    SkSkbStreamVerdict = 5,
+    SkMsgVerdict = 7,
+}
+
+/// `BPF_PROG_ATTACH` of a program to a sockhash: it stays attached for as long as the map
+/// lives (the map is pinned), not for as long as this process; attaching again replaces it.
+/// Sockets take the map's programs when they join it.
+pub fn attach_to_map(prog: BorrowedFd<'_>, map: BorrowedFd<'_>, attach_type: MapAttachType) -> io::Result<()> {
+    let mut attr = Attr::default();
+    attr.words[0] = map.as_raw_fd() as u32;
+    attr.words[1] = prog.as_raw_fd() as u32;
+    attr.words[2] = attach_type as u32;
+    bpf(BPF_PROG_ATTACH, &mut attr).map(drop)
 }
 
 /// `BPF_LINK_UPDATE`: the link runs `prog` from now on; no packet or connect() sees neither.

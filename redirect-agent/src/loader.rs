@@ -36,6 +36,19 @@ const CAPTURE_PROGRAMS: [&str; 4] = [
     programs::GETSOCKOPT,
 ];
 
+/// The fast path's programs, loaded only with `--fast-path`.
+const FAST_PATH_PROGRAMS: [&str; 2] = [programs::SK_SKB, programs::SK_MSG];
+
+/// Entries of each fast-path map: both ends of each local pair; one when the fast path is
+/// off (a map cannot have none), so that an instance without it does not hold their memory.
+pub fn fast_path_slots(max_tracked_connections: u32, fast_path: bool) -> u32 {
+    if fast_path {
+        max_tracked_connections.saturating_mul(2)
+    } else {
+        1
+    }
+}
+
 /// Flags 0: see [`Loaded::attach`].
 const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
@@ -250,17 +263,11 @@ impl Loaded {
     /// Loads the object, pins its maps and loads (verifies) every program it will attach
     /// (the fast path's two only when asked for), attaching nothing.
     pub fn load(dirs: InstanceDirs, max_tracked_connections: u32, fast_path: bool) -> Result<Self, LoadError> {
-        let fast_path_slots = if fast_path {
-            max_tracked_connections.saturating_mul(2)
-        } else {
-            1
-        };
+        let fast_path_slots = fast_path_slots(max_tracked_connections, fast_path);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::ORIG_BY_COOKIE, max_tracked_connections)
             .map_max_entries(maps::ORIG_BY_TUPLE, max_tracked_connections)
             .map_max_entries(maps::INBOUND_PENDING, max_tracked_connections)
-            // Both ends of each local pair; one slot when the fast path is off (a map cannot
-            // have none), so that an instance without it does not hold their memory.
             .map_max_entries(maps::FAST_PATH_SOCKETS, fast_path_slots)
             .map_max_entries(maps::FAST_PATH_SENDERS, fast_path_slots)
             .load(EBPF_OBJECT)
@@ -274,8 +281,9 @@ impl Loaded {
             load_program(&mut ebpf, name)?;
         }
         if fast_path {
-            load_program(&mut ebpf, programs::SK_MSG)?;
-            load_program(&mut ebpf, programs::SK_SKB)?;
+            for name in FAST_PATH_PROGRAMS {
+                load_program(&mut ebpf, name)?;
+            }
         }
         Ok(Self { ebpf, dirs })
     }
@@ -514,19 +522,20 @@ pub fn open_typed<T: TryFrom<Map, Error = MapError>>(dir: &Path, map: &'static s
 /// its links.
 pub struct NodeObject {
     ebpf: Ebpf,
+    fast_path: bool,
 }
 
 impl NodeObject {
-    pub fn load(pin_dir: &Path, max_tracked_connections: u32) -> Result<Self, LoadError> {
+    pub fn load(pin_dir: &Path, max_tracked_connections: u32, fast_path: bool) -> Result<Self, LoadError> {
         let paths: Vec<(&'static str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_dir.join(m))).collect();
+        let fast_path_slots = fast_path_slots(max_tracked_connections, fast_path);
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(maps::ORIG_BY_COOKIE, max_tracked_connections)
             .map_max_entries(maps::ORIG_BY_TUPLE, max_tracked_connections)
             .map_max_entries(maps::INBOUND_PENDING, max_tracked_connections)
-            // The fast path is not offered in node mode (yet): one slot each.
-            .map_max_entries(maps::FAST_PATH_SOCKETS, 1)
-            .map_max_entries(maps::FAST_PATH_SENDERS, 1);
+            .map_max_entries(maps::FAST_PATH_SOCKETS, fast_path_slots)
+            .map_max_entries(maps::FAST_PATH_SENDERS, fast_path_slots);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -534,7 +543,40 @@ impl NodeObject {
         for name in CAPTURE_PROGRAMS {
             load_program(&mut ebpf, name)?;
         }
-        Ok(Self { ebpf })
+        if fast_path {
+            for name in FAST_PATH_PROGRAMS {
+                load_program(&mut ebpf, name)?;
+            }
+        }
+        Ok(Self { ebpf, fast_path })
+    }
+
+    /// With `--fast-path`: attaches the verdict, then sk_msg, to the pinned sockhash (see
+    /// [`Loaded::attach_fast_path`] for the order). They stay with the map across restarts;
+    /// a new agent's replace them.
+    pub fn attach_fast_path(&self) -> Result<(), LoadError> {
+        use std::os::fd::AsFd as _;
+        let map = self
+            .ebpf
+            .map(maps::FAST_PATH_SOCKETS)
+            .ok_or(LoadError::MissingMap(maps::FAST_PATH_SOCKETS))?;
+        let map_fd = match map {
+            Map::SockHash(data) => data.fd().as_fd(),
+            _ => return Err(LoadError::MissingMap(maps::FAST_PATH_SOCKETS)),
+        };
+        for (prog, attach_type) in [
+            (programs::SK_SKB, crate::links::MapAttachType::SkSkbStreamVerdict),
+            (programs::SK_MSG, crate::links::MapAttachType::SkMsgVerdict),
+        ] {
+            crate::links::attach_to_map(self.program_fd(prog)?, map_fd, attach_type).map_err(|e| {
+                LoadError::Verifier {
+                    prog,
+                    reason: format!("attaching to {}: {e}", maps::FAST_PATH_SOCKETS),
+                    kernel: kernel_string(),
+                }
+            })?;
+        }
+        Ok(())
     }
 
     /// Pins the programs in `dir`, in place of a predecessor's: once every link runs this
@@ -543,7 +585,8 @@ impl NodeObject {
     pub fn pin_programs(&mut self, dir: &Path) -> Result<(), LoadError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| LoadError::Sys(SysError::Io(format!("create {}", dir.display()), e)))?;
-        for name in CAPTURE_PROGRAMS {
+        let fast_path: &[&'static str] = if self.fast_path { &FAST_PATH_PROGRAMS } else { &[] };
+        for &name in CAPTURE_PROGRAMS.iter().chain(fast_path) {
             let path = dir.join(name);
             let _ = std::fs::remove_file(&path);
             let p = self.ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;

@@ -128,6 +128,10 @@ struct NodeArgs {
     /// reset, in milliseconds.
     #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     drain_timeout_ms: u64,
+    /// Offer the fast path (sk_msg between a workload's local pairs) to workloads enrolled
+    /// with --fast-path. Sizes the fast-path maps; changing it needs a `cleanup`.
+    #[arg(long)]
+    fast_path: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -145,6 +149,10 @@ struct EnrollArgs {
     /// workload's own proxy.
     #[arg(long, value_enum, default_value_t = ProxyMode::Embedded)]
     proxy: ProxyMode,
+    /// Hand bytes between the workload's local pairs with sk_msg (the node agent must run
+    /// with --fast-path). See the README's "The fast path".
+    #[arg(long)]
+    fast_path: bool,
     #[command(flatten)]
     agent: AgentSocket,
     /// istio-iptables flags for this workload (after `--`), e.g. `-- -b 8080 -d ''`.
@@ -393,6 +401,7 @@ fn main() -> ExitCode {
                     max_proxy_connections: args.max_proxy_connections as usize,
                     connect_timeout: Duration::from_millis(args.connect_timeout_ms),
                     drain: Duration::from_millis(args.drain_timeout_ms),
+                    fast_path: args.fast_path,
                 };
                 node::run(opts, termination.wait()).await
             }
@@ -417,6 +426,7 @@ fn main() -> ExitCode {
                     cgroup: args.cgroup.as_deref().map(absolute),
                     proxy: format!("{:?}", args.proxy).to_lowercase(),
                     args: args.flags,
+                    fast_path: args.fast_path,
                 });
                 let answer = redirect_api::call(&args.agent.socket, &req, API_TIMEOUT)?;
                 println!("{}", serde_json::to_string_pretty(&answer)?);

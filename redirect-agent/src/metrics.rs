@@ -75,6 +75,7 @@ pub fn map_occupancy(pin_dir: &Path) -> Vec<MapOccupancy> {
         count::<u64, PendingOrigDst>(pin_dir, maps::ORIG_BY_COOKIE),
         count::<TupleKey, OrigDst>(pin_dir, maps::ORIG_BY_TUPLE),
         count::<TupleKey, OrigDst>(pin_dir, maps::INBOUND_PENDING),
+        count::<TupleKey, u8>(pin_dir, maps::FAST_PATH_SENDERS),
     ]
     .into_iter()
     .flatten()

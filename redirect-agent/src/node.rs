@@ -69,6 +69,8 @@ pub struct NodeOptions {
     pub max_proxy_connections: usize,
     pub connect_timeout: Duration,
     pub drain: Duration,
+    /// Offer the fast path to workloads that ask for it.
+    pub fast_path: bool,
 }
 
 /// What a running node agent publishes in `/run/redirect/<name>.node.json`, and what a
@@ -251,6 +253,8 @@ impl Node {
             programs::GETSOCKOPT,
             programs::CONNECT4,
             programs::SK_LOOKUP,
+            programs::SK_MSG,
+            programs::SK_SKB,
         ]
         .into_iter()
         .filter_map(|p| Some((p.to_owned(), self.object.program_id(p).ok()?)))
@@ -349,6 +353,11 @@ impl Node {
         };
         let capture = parse_capture(&req.args)?;
         redirect_common::chain::compile(&capture).map_err(|e| invalid(e.to_string()))?;
+        if req.fast_path && !self.opts.fast_path {
+            return Err(invalid(
+                "--fast-path: this node agent does not offer the fast path (start it with --fast-path)",
+            ));
+        }
         let cookie = netns
             .cookie()
             .map_err(|e| internal(format!("netns cookie of {}: {e}", req.netns.display())))?;
@@ -416,6 +425,7 @@ impl Node {
             cgroup: req.cgroup.clone(),
             proxy,
             args: req.args.clone(),
+            fast_path: req.fast_path,
             slot,
             addresses: addresses.iter().map(ToString::to_string).collect(),
         })
@@ -530,8 +540,11 @@ impl Node {
         w.rules[..rules.len()].copy_from_slice(&rules);
         w.outbound_port = capture.envoy_port;
         w.inbound_port = capture.inbound_capture_port;
-        w.flags =
-            redirect_common::chain::flags(&capture) | if embedded { 0 } else { workload_flags::WORKLOAD_LISTENER };
+        w.flags = redirect_common::chain::flags(&capture)
+            | if embedded { 0 } else { workload_flags::WORKLOAD_LISTENER }
+            // sock_ops runs for the agent's own sockets too (attached at the root), so it
+            // enrolls the proxy's ends itself: no listeners in the workload's cgroup needed.
+            | if info.fast_path && self.opts.fast_path { workload_flags::FAST_PATH } else { 0 };
         w.counter_base = info.slot * MAX_RULES as u32;
         self.maps.workloads.insert(cookie, w, 0).map_err(internal)?;
         Ok(Enrolled {
@@ -764,6 +777,41 @@ fn write_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
+/// Pinned maps keep the size they were made with. A different `--max-tracked-connections`
+/// is said and ignored; a different `--fast-path` is refused, since the fast-path maps would
+/// have one slot (or hold memory nobody uses). Checked before a handover is asked for, so a
+/// refused start leaves the running agent serving.
+fn check_pinned_sizes(opts: &NodeOptions) -> anyhow::Result<()> {
+    let dir = loader::pin_dir(&opts.name);
+    let size = |name: &str| {
+        aya::maps::MapData::from_pin(dir.join(name))
+            .ok()
+            .and_then(|m| m.info().ok())
+            .map(|i| i.max_entries())
+    };
+    if let Some(n) = size(maps::FAST_PATH_SOCKETS)
+        && (n > 1) != opts.fast_path
+    {
+        anyhow::bail!(
+            "the pinned maps of '{}' were made with --fast-path {}: start with the same setting, or run \
+             `redirect-agent cleanup --name {}` first (it releases every workload)",
+            opts.name,
+            if n > 1 { "on" } else { "off" },
+            opts.name
+        );
+    }
+    if let Some(n) = size(maps::ORIG_BY_TUPLE)
+        && n != opts.max_tracked_connections
+    {
+        tracing::warn!(
+            pinned = n,
+            asked = opts.max_tracked_connections,
+            "the pinned maps keep their size; --max-tracked-connections takes effect after a cleanup"
+        );
+    }
+    Ok(())
+}
+
 /// The node's lock: one agent per name holds it at a time; a handover passes it on.
 struct Lock(#[allow(dead_code, reason = "held for its flock")] File);
 
@@ -943,6 +991,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
     };
 
     // A live predecessor hands over; otherwise its pins and state are adopted.
+    check_pinned_sizes(&opts)?;
     // The predecessor holds the lock until it has stopped serving, which it does once this
     // process confirms it serves (below); without a handover, a held lock is an agent that
     // does not answer on this socket, and waiting will not help.
@@ -1013,7 +1062,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
              {MAX_WORKLOADS} workloads x --max-proxy-connections"
         );
     }
-    let mut object = NodeObject::load(&pin_dir, opts.max_tracked_connections)?;
+    let mut object = NodeObject::load(&pin_dir, opts.max_tracked_connections, opts.fast_path)?;
     let mut cgroup_links = Vec::new();
     for (prog, attach_type) in CGROUP_LINKS {
         let pin = links_dir(&opts.name).join(prog);
@@ -1032,6 +1081,10 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             }
         };
         cgroup_links.push(link);
+    }
+    if opts.fast_path {
+        // Before any workload is served: sockets take the sockhash's programs when they join.
+        object.attach_fast_path()?;
     }
     let maps = NodeMaps {
         workloads: object.take(maps::WORKLOADS)?,

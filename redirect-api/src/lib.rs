@@ -58,6 +58,10 @@ pub struct Enroll {
     /// them; unspecified flags take the sidecar injection's defaults.
     #[serde(default)]
     pub args: Vec<String>,
+    /// Hand bytes between the workload's local pairs with sk_msg (the node agent must run
+    /// with `--fast-path`).
+    #[serde(default)]
+    pub fast_path: bool,
 }
 
 fn default_proxy() -> String {
@@ -73,6 +77,8 @@ pub struct WorkloadInfo {
     pub cgroup: Option<PathBuf>,
     pub proxy: String,
     pub args: Vec<String>,
+    #[serde(default)]
+    pub fast_path: bool,
     /// Its counter block: rule `i` counts in slot `slot * MAX_RULES + i`.
     pub slot: u32,
     /// The namespace's IPv4 addresses the programs know.

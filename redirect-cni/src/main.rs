@@ -255,6 +255,7 @@ fn cni(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
                 cgroup: None,
                 proxy,
                 args: pod_flags(&conf, &annotations)?,
+                fast_path: annotations.get("redirect.dev/fast-path").map(String::as_str) == Some("true"),
             });
             call(&conf.agent_socket, &request).map_err(api_error)?;
             Ok(Some(result))

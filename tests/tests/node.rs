@@ -438,7 +438,7 @@ fn bad_enrollments_are_refused_and_change_nothing() {
     };
     assert_eq!(enroll(&["--netns", &ns, "--id", "good"]).0, Some(0));
     let before = agent.scrape("/metrics").unwrap().1;
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 10] = [
         (
             &["--netns", "/run/netns/does-not-exist", "--id", "x"],
             "/run/netns/does-not-exist",
@@ -469,6 +469,10 @@ fn bad_enrollments_are_refused_and_change_nothing() {
             "'10.0.0.0/33'",
         ),
         (&["--netns", &free, "--id", "proxy", "--proxy", "envoy"], "'envoy'"),
+        (
+            &["--netns", &free, "--id", "fp", "--fast-path"],
+            "does not offer the fast path",
+        ),
     ];
     for (args, want) in cases {
         let (code, err) = enroll(args);
@@ -692,4 +696,89 @@ fn a_successor_that_dies_mid_handover_costs_nothing() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(agent.ids().is_empty());
     assert_eq!(landing(&w.probe(&w.spec(w.remote(REMOTE_PORT)))), direct("remote"));
+}
+
+/// `node --fast-path`: sock_ops, attached at the root, sees the proxy's own sockets too, so the
+/// local pairs of a workload enrolled with `--fast-path` (and only those) join the sockhash
+/// with no help from user space.
+#[test]
+fn the_fast_path_carries_the_local_pairs_of_the_workloads_that_ask() {
+    let agent = NodeAgent::new("node-fp", &["--fast-path"]);
+    let mut first = agent.start().expect("node agent starts");
+    let fast = Workload::new_on("nf1", 91);
+    let plain = Workload::new_on("nf2", 92);
+    for (w, id, extra) in [(&fast, "fast", Some("--fast-path")), (&plain, "plain", None)] {
+        let ns = w.pair.workload.path.to_string_lossy().into_owned();
+        let mut args = vec!["enroll", "--netns", &ns, "--id", id];
+        args.extend(extra);
+        let out = agent.cli(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    for w in [&fast, &plain] {
+        let r = w.probe(&w.spec(w.remote(REMOTE_PORT)).bytes(1 << 20).tokio());
+        assert_eq!(landing(&r), proxied(OUTBOUND_CAPTURE, "remote"), "{r:?}");
+        assert!(r.intact && r.received == 1 << 20, "{r:?}");
+        let r = w.probe(&w.from_remote(w.pod(APP_PORT)).bytes(1 << 20).tokio());
+        assert!(r.intact && r.received == 1 << 20, "{r:?}");
+        assert!(r.banner_field("peer").unwrap().starts_with("127.0.0.6:"), "{r:?}");
+    }
+    let (_, text) = agent.scrape("/metrics").unwrap();
+    let event = |id: &str, e: &str| {
+        metric(
+            &text,
+            &format!("redirect_events_total{{workload=\"{id}\",event=\"{e}\"}}"),
+        )
+        .unwrap()
+    };
+    // Both ends of app -> 15001 and of proxy (127.0.0.6) -> app.
+    assert!(event("fast", "fast_path_enrolled") >= 4.0, "{text}");
+    assert!(event("fast", "fast_path_redirected") >= 1.0, "{text}");
+    assert_eq!(event("plain", "fast_path_enrolled"), 0.0, "{text}");
+    // Every sender state goes with its socket.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let senders = loop {
+        let (_, text) = agent.scrape("/metrics").unwrap();
+        let n = metric(&text, "redirect_map_entries{map=\"FAST_PATH_SENDERS\"}").unwrap();
+        if n == 0.0 || Instant::now() > deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(senders, 0.0);
+    println!(
+        "fast path: enrolled {}, redirected {}, declined {}",
+        event("fast", "fast_path_enrolled"),
+        event("fast", "fast_path_redirected"),
+        event("fast", "fast_path_declined")
+    );
+
+    // The setting is part of the pinned maps: a start without it is refused, and the running
+    // agent goes on.
+    let out = redirect_tests::agent_cmd(&[
+        "node",
+        "--name",
+        &agent.name,
+        "--socket",
+        &agent.socket.to_string_lossy(),
+        "--metrics",
+        "off",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("were made with --fast-path on"), "{err}");
+    assert_eq!(agent.state().unwrap().pid, first.pid());
+    // After a handover the sockhash runs the new agent's programs, and new pairs still take
+    // the fast path.
+    let second = agent.start().expect("a new agent takes over");
+    let (status, log) = first.wait(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    let r = fast.probe(&fast.spec(fast.remote(REMOTE_PORT)).bytes(1 << 20).tokio());
+    assert!(r.intact && r.received == 1 << 20, "{r:?}\n{}", second.log());
+    let (_, after) = agent.scrape("/metrics").unwrap();
+    let redirected = metric(
+        &after,
+        "redirect_events_total{workload=\"fast\",event=\"fast_path_redirected\"}",
+    )
+    .unwrap();
+    assert!(redirected > event("fast", "fast_path_redirected"), "{after}");
 }
