@@ -104,6 +104,15 @@ pub const FEATURES: &[Feature] = &[
         probe: Probe::Helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_netns_cookie),
     },
     Feature {
+        name: "bpf_get_current_ancestor_cgroup_id in cgroup/connect4",
+        since: "5.7",
+        why: "capturing only a workload's cgroup within its namespace (node mode, enroll --cgroup)",
+        probe: Probe::Helper(
+            ProgramType::CgroupSockAddr,
+            BpfHelper::BPF_FUNC_get_current_ancestor_cgroup_id,
+        ),
+    },
+    Feature {
         name: "bpf_sk_assign in sk_lookup",
         since: "5.9",
         why: "handing inbound connections to the capture listener",

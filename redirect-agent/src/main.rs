@@ -139,7 +139,8 @@ struct EnrollArgs {
     /// The workload's network namespace (/run/netns/NAME or /proc/PID/ns/net).
     #[arg(long, value_name = "PATH")]
     netns: PathBuf,
-    /// The workload's cgroup v2 directory (checked to be under the agent's attach point).
+    /// Capture only this cgroup v2 directory's processes (under the agent's attach point);
+    /// default: every process of the namespace.
     #[arg(long, value_name = "PATH")]
     cgroup: Option<PathBuf>,
     /// Workload id, unique on the node (default: the namespace's file name).
@@ -242,7 +243,7 @@ fn check(verifier: bool, json: bool) -> anyhow::Result<()> {
                 Some(false) => "MISSING".to_owned(),
                 None => format!("probe failed: {}", f.error.as_deref().unwrap_or("?")),
             };
-            println!("  {:<46} Linux {:<5} {state}", f.name, f.since);
+            println!("  {:<54} Linux {:<5} {state}", f.name, f.since);
         }
         for p in &report.programs {
             let n = |v: Option<u32>| v.map_or_else(|| "?".to_owned(), |v| v.to_string());

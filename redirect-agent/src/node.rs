@@ -445,6 +445,10 @@ impl Node {
         let cookie = info.netns_cookie;
         let pin_dir = self.pin_dir();
         let embedded = info.proxy == "embedded";
+        let (cgroup_id, cgroup_level) = match &info.cgroup {
+            Some(cg) => sys::cgroup_identity(cg).map_err(|e| invalid(e.to_string()))?,
+            None => (0, 0),
+        };
         let adopted = handed.is_some() || self.maps.workloads.get(&cookie, 0).is_ok();
         if !adopted {
             self.zero_counters(info.slot)?;
@@ -546,6 +550,8 @@ impl Node {
             // enrolls the proxy's ends itself: no listeners in the workload's cgroup needed.
             | if info.fast_path && self.opts.fast_path { workload_flags::FAST_PATH } else { 0 };
         w.counter_base = info.slot * MAX_RULES as u32;
+        w.cgroup_id = cgroup_id;
+        w.cgroup_level = cgroup_level;
         self.maps.workloads.insert(cookie, w, 0).map_err(internal)?;
         Ok(Enrolled {
             info,

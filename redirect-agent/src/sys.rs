@@ -50,6 +50,27 @@ pub fn cgroup2_root() -> Result<PathBuf, SysError> {
         .ok_or(SysError::NoCgroup2)
 }
 
+/// A cgroup v2 directory as the programs see it: its id (the directory's inode number on the
+/// cgroup2 filesystem, what `bpf_get_current_cgroup_id` returns) and its depth below the
+/// hierarchy's root (what `bpf_get_current_ancestor_cgroup_id` takes).
+pub fn cgroup_identity(path: &Path) -> Result<(u64, u32), SysError> {
+    use std::os::unix::fs::MetadataExt as _;
+    open_cgroup2_dir(path)?;
+    let io = |what: &Path| {
+        let what = what.to_owned();
+        move |e| SysError::Io(format!("cgroup {}", what.display()), e)
+    };
+    let dir = path.canonicalize().map_err(io(path))?;
+    let root = cgroup2_root()?;
+    let root = root.canonicalize().map_err(io(&root))?;
+    let below = dir
+        .strip_prefix(&root)
+        .map_err(|_| SysError::NotCgroup2(path.to_owned()))?;
+    let level = below.components().count() as u32;
+    let id = std::fs::metadata(&dir).map_err(io(&dir))?.ino();
+    Ok((id, level))
+}
+
 /// Opens a cgroup v2 directory for attaching programs.
 pub fn open_cgroup2_dir(path: &Path) -> Result<File, SysError> {
     match statfs_magic(path) {

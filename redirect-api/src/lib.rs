@@ -46,8 +46,9 @@ pub struct Enroll {
     pub id: String,
     /// `/run/netns/NAME`, `/var/run/netns/cni-…` or `/proc/PID/ns/net`.
     pub netns: PathBuf,
-    /// Optional: checked to be a cgroup v2 directory under the agent's attach point (its
-    /// processes are the ones the programs see), and shown by `list`.
+    /// Optional: only this cgroup's processes (and its descendants') are captured outbound,
+    /// as with `run --cgroup`; it must be a cgroup v2 directory under the agent's attach
+    /// point. Without it, every process of the namespace is (a pod's containers share one).
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
     /// `embedded` (the agent's proxy listens on the capture ports) or `none` (the workload's

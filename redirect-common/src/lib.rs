@@ -156,6 +156,13 @@ pub struct Workload {
     pub inbound_port: u16,
     /// [`workload_flags`] bits.
     pub flags: u32,
+    /// Depth of `cgroup_id` below the cgroup v2 root (the root is 0).
+    pub cgroup_level: u32,
+    pub _pad: u32,
+    /// Only tasks of this cgroup (or below) are captured outbound; 0: every task of the
+    /// namespace. Node mode's programs sit at the cgroup root and see them all; a `run`
+    /// instance is attached to the cgroup itself and leaves this 0.
+    pub cgroup_id: u64,
     pub rules: [Rule; MAX_RULES],
 }
 
@@ -167,6 +174,9 @@ impl Workload {
             outbound_port: 0,
             inbound_port: 0,
             flags: 0,
+            cgroup_level: 0,
+            _pad: 0,
+            cgroup_id: 0,
             rules: [Rule::EMPTY; MAX_RULES],
         }
     }
@@ -264,7 +274,7 @@ mod layout {
     #[test]
     fn sizes_have_no_implicit_padding() {
         assert_eq!(size_of::<Rule>(), 36);
-        assert_eq!(size_of::<Workload>(), 16 + 36 * MAX_RULES);
+        assert_eq!(size_of::<Workload>(), 32 + 36 * MAX_RULES);
         assert_eq!(size_of::<LocalAddrKey>(), 16);
         assert_eq!(size_of::<OrigDst>(), 8);
         assert_eq!(size_of::<PendingOrigDst>(), 16);

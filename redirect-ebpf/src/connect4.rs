@@ -7,7 +7,9 @@ use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie,
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -45,6 +47,13 @@ unsafe fn decide(ctx: &SockAddrContext) {
         return;
     };
     let workload: &Workload = unsafe { &*workload };
+    // A workload enrolled with its cgroup: ISTIO_OUTPUT is that cgroup's, as it is for a
+    // `run` instance attached there.
+    if workload.cgroup_id != 0
+        && unsafe { bpf_get_current_ancestor_cgroup_id(workload.cgroup_level as i32) } != workload.cgroup_id
+    {
+        return;
+    }
 
     let dst_port = u16::from_be(unsafe { read_volatile(&(*sa).user_port) } as u16);
     let sk = unsafe { (*sa).__bindgen_anon_1.sk };

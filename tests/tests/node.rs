@@ -782,3 +782,32 @@ fn the_fast_path_carries_the_local_pairs_of_the_workloads_that_ask() {
     .unwrap();
     assert!(redirected > event("fast", "fast_path_redirected"), "{after}");
 }
+
+/// `enroll --cgroup`: ISTIO_OUTPUT is that cgroup's only, as with `run --cgroup`; inbound
+/// capture stays the namespace's (PREROUTING has no owner).
+#[test]
+fn an_enrolled_cgroup_narrows_outbound_capture_to_its_processes() {
+    let agent = NodeAgent::new("node-cg", &[]);
+    let _p = agent.start().expect("node agent starts");
+    let w = Workload::new_on("ncg", 101);
+    let other = redirect_agent::sandbox::TestCgroup::create("ncg-other").unwrap();
+    let out = agent.cli(&[
+        "enroll",
+        "--netns",
+        &w.pair.workload.path.to_string_lossy(),
+        "--cgroup",
+        &w.cgroup.path.to_string_lossy(),
+        "--id",
+        "scoped",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let inside = w.probe(&w.spec(w.remote(REMOTE_PORT)));
+    assert_eq!(landing(&inside), proxied(OUTBOUND_CAPTURE, "remote"), "{inside:?}");
+    let elsewhere = redirect_agent::sandbox::ProbeSpec::new(&other.path, &w.pair.workload.path, w.remote(REMOTE_PORT));
+    let r = w.probe(&elsewhere);
+    assert_eq!(landing(&r), direct("remote"), "same namespace, another cgroup: {r:?}");
+    assert_eq!(inbound(&w, APP_PORT), Inbound::Proxied);
+    let out = agent.cli(&["list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["cgroup"], json!(w.cgroup.path));
+}
