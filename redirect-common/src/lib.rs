@@ -18,6 +18,10 @@ pub mod config;
 /// beyond this are rejected by the agent rather than silently truncated.
 pub const MAX_RULES: usize = 64;
 
+/// 127.0.0.1 in network byte order: where iptables REDIRECT sends locally generated
+/// connections, and so where connect4 sends every connection it captures.
+pub const LOCALHOST_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+
 /// 127.0.0.6, Envoy's inbound passthrough source, in network byte order as the kernel's
 /// address fields hold it: the proxy's connections to its own app come from here.
 pub const INBOUND_PASSTHROUGH_SRC_BE: u32 = u32::from_ne_bytes([127, 0, 0, 6]);

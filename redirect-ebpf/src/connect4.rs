@@ -14,16 +14,14 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    AGENT_SOCKET_MARK, ChainId, ConnFacts, IPPROTO_TCP, OrigDst, PendingOrigDst, Target, Workload, events, is_loopback,
+    AGENT_SOCKET_MARK, ChainId, ConnFacts, IPPROTO_TCP, LOCALHOST_BE, OrigDst, PendingOrigDst, Target, Workload,
+    events, is_loopback,
 };
 
 use crate::{
     chain,
     maps::{ORIG_BY_COOKIE, WORKLOADS, count_event, is_local_addr},
 };
-
-/// 127.0.0.1 in network order: where iptables REDIRECT sends locally generated packets.
-const LOCALHOST_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 
 /// Returning 1 lets connect() proceed; 0 would fail it with EPERM. We never refuse: a mesh
 /// decision must not become an error the workload sees at connect(). Where a decision cannot be

@@ -14,7 +14,9 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use redirect_common::{INBOUND_PASSTHROUGH_SRC_BE, TupleKey, Workload, events, fast_path, workload_flags};
+use redirect_common::{
+    INBOUND_PASSTHROUGH_SRC_BE, LOCALHOST_BE, PendingOrigDst, TupleKey, Workload, events, fast_path, workload_flags,
+};
 
 use crate::maps::{
     FAST_PATH_SENDERS, FAST_PATH_SOCKETS, INBOUND_LISTENERS, INBOUND_PENDING, ORIG_BY_COOKIE, ORIG_BY_TUPLE, WORKLOADS,
@@ -28,19 +30,18 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
     if ctx.family() != AF_INET {
         return 1;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
             // Ask for state changes only on sockets connect4 redirected, so that entries of
             // connections that never establish are removed too.
-            if ORIG_BY_COOKIE.get_ptr(cookie).is_some() {
+            if redirected(&ctx).is_some() {
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
             }
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             // Runs before the final ACK leaves, so the entry exists before the proxy can
             // accept the connection.
-            let local_pair_end = if let Some(pending) = ORIG_BY_COOKIE.get_ptr(cookie) {
+            let local_pair_end = if let Some((cookie, pending)) = redirected(&ctx) {
                 let pending = unsafe { *pending };
                 let key = tuple(&ctx, pending.netns_cookie);
                 let _ = ORIG_BY_TUPLE.insert(key, pending.orig, 0);
@@ -89,7 +90,8 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
             }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
-            let _ = ORIG_BY_COOKIE.remove(cookie);
+            // Only sockets this program flagged get here.
+            let _ = ORIG_BY_COOKIE.remove(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) });
             // Addresses and ports are still set: STATE_CB runs before the port is released.
             // Either end may be the one that holds the original destination.
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -102,6 +104,19 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
         _ => {}
     }
     1
+}
+
+/// A socket connect4 redirected: its cookie and what connect4 recorded under it. connect4
+/// sends every connection it captures to 127.0.0.1, so any other connection of the node
+/// (node mode runs this for all of them) is passed over before it pays for a socket cookie,
+/// which the kernel would otherwise make for it with a global atomic counter.
+#[inline(always)]
+fn redirected(ctx: &SockOpsContext) -> Option<(u64, *const PendingOrigDst)> {
+    if ctx.remote_ip4() != LOCALHOST_BE {
+        return None;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    ORIG_BY_COOKIE.get_ptr(cookie).map(|p| (cookie, p))
 }
 
 /// Puts a socket of a captured local pair in the sockhash, if its workload asked for the fast
