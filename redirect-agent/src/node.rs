@@ -783,12 +783,27 @@ fn write_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
-/// Pinned maps keep the size they were made with. A different `--max-tracked-connections`
+/// Pinned maps are reused only by an agent that reads them the same way (the layout the
+/// state records), and keep the size they were made with. A different `--max-tracked-connections`
 /// is said and ignored; a different `--fast-path` is refused, since the fast-path maps would
 /// have one slot (or hold memory nobody uses). Checked before a handover is asked for, so a
 /// refused start leaves the running agent serving.
-fn check_pinned_sizes(opts: &NodeOptions) -> anyhow::Result<()> {
+fn check_pins(opts: &NodeOptions) -> anyhow::Result<()> {
     let dir = loader::pin_dir(&opts.name);
+    if dir.exists()
+        && let Ok(bytes) = std::fs::read(state_path(&opts.name))
+        && let Ok(state) = serde_json::from_slice::<NodeState>(&bytes)
+        && state.layout != layout()
+    {
+        anyhow::bail!(
+            "the maps pinned at {} have layout {} but this agent's is {}: run `redirect-agent cleanup --name {}` \
+             (it releases every workload), then start again",
+            dir.display(),
+            state.layout,
+            layout(),
+            opts.name
+        );
+    }
     let size = |name: &str| {
         aya::maps::MapData::from_pin(dir.join(name))
             .ok()
@@ -997,7 +1012,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
     };
 
     // A live predecessor hands over; otherwise its pins and state are adopted.
-    check_pinned_sizes(&opts)?;
+    check_pins(&opts)?;
     // The predecessor holds the lock until it has stopped serving, which it does once this
     // process confirms it serves (below); without a handover, a held lock is an agent that
     // does not answer on this socket, and waiting will not help.
@@ -1017,16 +1032,6 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         None => match std::fs::read(state_path(&opts.name)) {
             Ok(bytes) if pin_dir.exists() => {
                 let state: NodeState = serde_json::from_slice(&bytes).context("reading the node state file")?;
-                if state.layout != layout() {
-                    anyhow::bail!(
-                        "the maps pinned at {} have layout {} but this agent's is {}: run `redirect-agent cleanup \
-                         --name {}` (it releases every workload), then start again",
-                        pin_dir.display(),
-                        state.layout,
-                        layout(),
-                        opts.name
-                    );
-                }
                 if state.cgroup_parent != cgroup_parent {
                     anyhow::bail!(
                         "the pinned programs of '{}' are attached at {}, not {}: run `redirect-agent cleanup --name {}` \

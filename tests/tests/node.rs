@@ -811,3 +811,48 @@ fn an_enrolled_cgroup_narrows_outbound_capture_to_its_processes() {
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list[0]["cgroup"], json!(w.cgroup.path));
 }
+
+/// Pinned maps are shared with the programs only by an agent that reads them the same way: a
+/// start whose layout differs (an upgrade that changed a shared type) is refused before it
+/// asks for a handover, and the running agent serves on.
+#[test]
+fn pins_of_another_layout_are_refused_before_a_handover() {
+    let agent = NodeAgent::new("node-layout", &[]);
+    let p = agent.start().expect("node agent starts");
+    let w = Workload::new_on("nl", 111);
+    let out = agent.cli(&[
+        "enroll",
+        "--netns",
+        &w.pair.workload.path.to_string_lossy(),
+        "--id",
+        "l",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // As an older agent would have written it.
+    let path = redirect_agent::node::state_path(&agent.name);
+    let mut state: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    state["layout"] = json!("workload2320-rules64-workloads64-events8-tuple24-orig8-pending16-addr16");
+    std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+    let out = redirect_tests::agent_cmd(&[
+        "node",
+        "--name",
+        &agent.name,
+        "--socket",
+        &agent.socket.to_string_lossy(),
+        "--metrics",
+        "off",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("have layout workload2320") && err.contains("cleanup"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!p.log().contains("handover"), "no handover was asked for: {}", p.log());
+    assert_eq!(
+        landing(&w.probe(&w.spec(w.remote(REMOTE_PORT)))),
+        proxied(OUTBOUND_CAPTURE, "remote")
+    );
+    assert_eq!(agent.ids(), ["l"]);
+}
