@@ -29,6 +29,24 @@ pub struct NodeAgent {
     extra: Vec<String>,
 }
 
+/// `redirect-agent node` under a name and socket that must be refused: the start exits 1 at
+/// once with a one-line error, which is returned.
+pub fn refused_node_start(name: &str, socket: &Path) -> String {
+    let out = agent_cmd(&[
+        "node",
+        "--name",
+        name,
+        "--socket",
+        &socket.to_string_lossy(),
+        "--metrics",
+        "off",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    err
+}
+
 /// One process of the instance.
 pub struct NodeProcess {
     child: Option<Child>,
@@ -110,6 +128,19 @@ impl NodeAgent {
         let at = all.iter().position(|a| *a == "--").unwrap_or(all.len());
         all.splice(at..at, ["--socket", socket.as_str()]);
         agent_cmd(&all)
+    }
+
+    /// `enroll --netns NETNS --id ID ARGS…`, which must succeed.
+    pub fn enroll(&self, netns: &Path, id: &str, args: &[&str]) {
+        let netns = netns.to_string_lossy();
+        let mut all = vec!["enroll", "--netns", &netns, "--id", id];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "enroll {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Workload ids, from `list --json`.

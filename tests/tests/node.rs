@@ -5,6 +5,7 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Shutdown, SocketAddrV4, TcpStream},
+    path::Path,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -15,7 +16,7 @@ use std::{
 use redirect_agent::sandbox::{NamedNetns, TestServer};
 use redirect_tests::{
     APP_PORT, Landing, OUTBOUND_CAPTURE, REMOTE_PORT, Workload, direct, landing,
-    node::{NodeAgent, metric},
+    node::{NodeAgent, metric, refused_node_start},
     proxied,
 };
 use serde_json::json;
@@ -369,17 +370,7 @@ fn after_a_crash_the_next_agent_adopts_the_pins_and_the_workloads() {
     let agent = NodeAgent::new("node-crash", &[]);
     let mut first = agent.start().expect("node agent starts");
     let w = Workload::new_on("nc", 31);
-    let out = agent.cli(&[
-        "enroll",
-        "--netns",
-        &w.pair.workload.path.to_string_lossy(),
-        "--id",
-        "crashy",
-        "--",
-        "-d",
-        "",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    agent.enroll(&w.pair.workload.path, "crashy", &["--", "-d", ""]);
     assert_eq!(
         landing(&w.probe(&w.spec(w.remote(REMOTE_PORT)))),
         proxied(OUTBOUND_CAPTURE, "remote")
@@ -516,14 +507,7 @@ fn stopping_keeps_the_pins_and_cleanup_releases_every_workload() {
     let agent = NodeAgent::new("node-clean", &[]);
     let mut p = agent.start().expect("node agent starts");
     let w = Workload::new_on("ncl", 51);
-    let out = agent.cli(&[
-        "enroll",
-        "--netns",
-        &w.pair.workload.path.to_string_lossy(),
-        "--id",
-        "c",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    agent.enroll(&w.pair.workload.path, "c", &[]);
     let programs: Vec<u32> = agent.state().unwrap().programs.values().copied().collect();
     assert_eq!(programs.len(), 4);
     let (status, log) = p.stop(Duration::from_secs(10));
@@ -563,19 +547,8 @@ fn stopping_keeps_the_pins_and_cleanup_releases_every_workload() {
 fn a_node_agent_under_a_name_another_agent_holds_is_refused_at_once() {
     let w = Workload::with_agent("node-taken", &[]);
     let started = Instant::now();
-    let out = redirect_tests::agent_cmd(&[
-        "node",
-        "--name",
-        &w.name,
-        "--socket",
-        &format!("/run/redirect/{}.sock", w.name),
-        "--metrics",
-        "off",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let err = refused_node_start(&w.name, Path::new(&format!("/run/redirect/{}.sock", w.name)));
     assert!(err.contains("is held by another agent"), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(started.elapsed() < Duration::from_secs(10), "no handover to wait for");
     // The running instance is untouched.
     assert_eq!(
@@ -656,14 +629,7 @@ fn a_successor_that_dies_mid_handover_costs_nothing() {
     let agent = NodeAgent::new("node-half", &[]);
     let p = agent.start().expect("node agent starts");
     let w = Workload::new_on("nh", 81);
-    let out = agent.cli(&[
-        "enroll",
-        "--netns",
-        &w.pair.workload.path.to_string_lossy(),
-        "--id",
-        "half",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    agent.enroll(&w.pair.workload.path, "half", &[]);
     {
         let s = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -708,11 +674,7 @@ fn the_fast_path_carries_the_local_pairs_of_the_workloads_that_ask() {
     let fast = Workload::new_on("nf1", 91);
     let plain = Workload::new_on("nf2", 92);
     for (w, id, extra) in [(&fast, "fast", Some("--fast-path")), (&plain, "plain", None)] {
-        let ns = w.pair.workload.path.to_string_lossy().into_owned();
-        let mut args = vec!["enroll", "--netns", &ns, "--id", id];
-        args.extend(extra);
-        let out = agent.cli(&args);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        agent.enroll(&w.pair.workload.path, id, extra.as_slice());
     }
     for w in [&fast, &plain] {
         let r = w.probe(&w.spec(w.remote(REMOTE_PORT)).bytes(1 << 20).tokio());
@@ -754,17 +716,7 @@ fn the_fast_path_carries_the_local_pairs_of_the_workloads_that_ask() {
 
     // The setting is part of the pinned maps: a start without it is refused, and the running
     // agent goes on.
-    let out = redirect_tests::agent_cmd(&[
-        "node",
-        "--name",
-        &agent.name,
-        "--socket",
-        &agent.socket.to_string_lossy(),
-        "--metrics",
-        "off",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let err = refused_node_start(&agent.name, &agent.socket);
     assert!(err.contains("were made with --fast-path on"), "{err}");
     assert_eq!(agent.state().unwrap().pid, first.pid());
     // After a handover the sockhash runs the new agent's programs, and new pairs still take
@@ -791,16 +743,11 @@ fn an_enrolled_cgroup_narrows_outbound_capture_to_its_processes() {
     let _p = agent.start().expect("node agent starts");
     let w = Workload::new_on("ncg", 101);
     let other = redirect_agent::sandbox::TestCgroup::create("ncg-other").unwrap();
-    let out = agent.cli(&[
-        "enroll",
-        "--netns",
-        &w.pair.workload.path.to_string_lossy(),
-        "--cgroup",
-        &w.cgroup.path.to_string_lossy(),
-        "--id",
+    agent.enroll(
+        &w.pair.workload.path,
         "scoped",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        &["--cgroup", &w.cgroup.path.to_string_lossy()],
+    );
     let inside = w.probe(&w.spec(w.remote(REMOTE_PORT)));
     assert_eq!(landing(&inside), proxied(OUTBOUND_CAPTURE, "remote"), "{inside:?}");
     let elsewhere = redirect_agent::sandbox::ProbeSpec::new(&other.path, &w.pair.workload.path, w.remote(REMOTE_PORT));
@@ -820,30 +767,13 @@ fn pins_of_another_layout_are_refused_before_a_handover() {
     let agent = NodeAgent::new("node-layout", &[]);
     let p = agent.start().expect("node agent starts");
     let w = Workload::new_on("nl", 111);
-    let out = agent.cli(&[
-        "enroll",
-        "--netns",
-        &w.pair.workload.path.to_string_lossy(),
-        "--id",
-        "l",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    agent.enroll(&w.pair.workload.path, "l", &[]);
     // As an older agent would have written it.
     let path = redirect_agent::node::state_path(&agent.name);
     let mut state: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     state["layout"] = json!("workload2320-rules64-workloads64-events8-tuple24-orig8-pending16-addr16");
     std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
-    let out = redirect_tests::agent_cmd(&[
-        "node",
-        "--name",
-        &agent.name,
-        "--socket",
-        &agent.socket.to_string_lossy(),
-        "--metrics",
-        "off",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let err = refused_node_start(&agent.name, &agent.socket);
     assert!(
         err.contains("have layout workload2320") && err.contains("cleanup"),
         "{err}"
