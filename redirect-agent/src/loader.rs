@@ -17,7 +17,7 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
     programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SkSkb, SockOps},
 };
-use redirect_common::{MAX_RULES, Rule, TupleKey, Workload, fast_path, maps, programs};
+use redirect_common::{TupleKey, Workload, fast_path, maps, programs};
 use serde::Serialize;
 
 use crate::{
@@ -39,14 +39,41 @@ const CAPTURE_PROGRAMS: [&str; 4] = [
 /// The fast path's programs, loaded only with `--fast-path`.
 const FAST_PATH_PROGRAMS: [&str; 2] = [programs::SK_SKB, programs::SK_MSG];
 
-/// Entries of each fast-path map: both ends of each local pair; one when the fast path is
-/// off (a map cannot have none), so that an instance without it does not hold their memory.
-pub fn fast_path_slots(max_tracked_connections: u32, fast_path: bool) -> u32 {
-    if fast_path {
+/// The programs an instance loads: the fast path's two only when asked for.
+pub fn programs_for(fast_path: bool) -> impl Iterator<Item = &'static str> {
+    let fast: &'static [&'static str] = if fast_path { &FAST_PATH_PROGRAMS } else { &[] };
+    CAPTURE_PROGRAMS.into_iter().chain(fast.iter().copied())
+}
+
+/// The object with its programs ([`programs_for`]) loaded and verified, nothing attached.
+/// The original-destination maps hold `max_tracked_connections`; the fast-path maps both
+/// ends of each local pair, or one entry when the fast path is off (a map cannot have none),
+/// so that an instance without it does not hold their memory. `pin_dir`: reuse the maps
+/// pinned there, or pin them there if there are none (node mode).
+fn load_object(max_tracked_connections: u32, fast_path: bool, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
+    let fast_path_slots = if fast_path {
         max_tracked_connections.saturating_mul(2)
     } else {
         1
+    };
+    let pins: Vec<(&'static str, PathBuf)> = pin_dir
+        .map(|dir| maps::ALL.iter().map(|m| (*m, dir.join(m))).collect())
+        .unwrap_or_default();
+    let mut loader = EbpfLoader::new();
+    loader
+        .map_max_entries(maps::ORIG_BY_COOKIE, max_tracked_connections)
+        .map_max_entries(maps::ORIG_BY_TUPLE, max_tracked_connections)
+        .map_max_entries(maps::INBOUND_PENDING, max_tracked_connections)
+        .map_max_entries(maps::FAST_PATH_SOCKETS, fast_path_slots)
+        .map_max_entries(maps::FAST_PATH_SENDERS, fast_path_slots);
+    for (name, path) in &pins {
+        loader.map_pin_path(name, path.as_path());
     }
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
+    for name in programs_for(fast_path) {
+        load_program(&mut ebpf, name)?;
+    }
+    Ok(ebpf)
 }
 
 /// Flags 0: see [`Loaded::attach`].
@@ -263,27 +290,11 @@ impl Loaded {
     /// Loads the object, pins its maps and loads (verifies) every program it will attach
     /// (the fast path's two only when asked for), attaching nothing.
     pub fn load(dirs: InstanceDirs, max_tracked_connections: u32, fast_path: bool) -> Result<Self, LoadError> {
-        let fast_path_slots = fast_path_slots(max_tracked_connections, fast_path);
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(maps::ORIG_BY_COOKIE, max_tracked_connections)
-            .map_max_entries(maps::ORIG_BY_TUPLE, max_tracked_connections)
-            .map_max_entries(maps::INBOUND_PENDING, max_tracked_connections)
-            .map_max_entries(maps::FAST_PATH_SOCKETS, fast_path_slots)
-            .map_max_entries(maps::FAST_PATH_SENDERS, fast_path_slots)
-            .load(EBPF_OBJECT)
-            .map_err(LoadError::Object)?;
+        let ebpf = load_object(max_tracked_connections, fast_path, None)?;
         for name in maps::ALL {
             let map = ebpf.map(name).ok_or(LoadError::MissingMap(name))?;
             let path = dirs.pin_dir.join(name);
             map.pin(&path).map_err(|source| LoadError::Pin { path, source })?;
-        }
-        for name in CAPTURE_PROGRAMS {
-            load_program(&mut ebpf, name)?;
-        }
-        if fast_path {
-            for name in FAST_PATH_PROGRAMS {
-                load_program(&mut ebpf, name)?;
-            }
         }
         Ok(Self { ebpf, dirs })
     }
@@ -292,24 +303,9 @@ impl Loaded {
         &self.dirs
     }
 
-    /// Installs one workload's chain, keyed by its namespace cookie.
-    pub fn set_workload(
-        &mut self,
-        netns_cookie: u64,
-        rules: &[Rule],
-        outbound_port: u16,
-        inbound_port: u16,
-        flags: u32,
-    ) -> Result<(), LoadError> {
-        debug_assert!(rules.len() <= MAX_RULES, "chain::compile bounds the chain");
-        let mut w = Workload::empty();
-        w.n_rules = rules.len() as u32;
-        w.rules[..rules.len()].copy_from_slice(rules);
-        w.outbound_port = outbound_port;
-        w.inbound_port = inbound_port;
-        w.flags = flags;
-        // A single-workload instance uses counter slots from 0.
-        w.counter_base = 0;
+    /// Installs one workload's entry ([`redirect_common::chain::workload`]), keyed by its
+    /// namespace cookie.
+    pub fn set_workload(&mut self, netns_cookie: u64, w: &Workload) -> Result<(), LoadError> {
         let map = self
             .ebpf
             .map_mut(maps::WORKLOADS)
@@ -527,27 +523,7 @@ pub struct NodeObject {
 
 impl NodeObject {
     pub fn load(pin_dir: &Path, max_tracked_connections: u32, fast_path: bool) -> Result<Self, LoadError> {
-        let paths: Vec<(&'static str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_dir.join(m))).collect();
-        let fast_path_slots = fast_path_slots(max_tracked_connections, fast_path);
-        let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(maps::ORIG_BY_COOKIE, max_tracked_connections)
-            .map_max_entries(maps::ORIG_BY_TUPLE, max_tracked_connections)
-            .map_max_entries(maps::INBOUND_PENDING, max_tracked_connections)
-            .map_max_entries(maps::FAST_PATH_SOCKETS, fast_path_slots)
-            .map_max_entries(maps::FAST_PATH_SENDERS, fast_path_slots);
-        for (name, path) in &paths {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
-        for name in CAPTURE_PROGRAMS {
-            load_program(&mut ebpf, name)?;
-        }
-        if fast_path {
-            for name in FAST_PATH_PROGRAMS {
-                load_program(&mut ebpf, name)?;
-            }
-        }
+        let ebpf = load_object(max_tracked_connections, fast_path, Some(pin_dir))?;
         Ok(Self { ebpf, fast_path })
     }
 
@@ -585,8 +561,7 @@ impl NodeObject {
     pub fn pin_programs(&mut self, dir: &Path) -> Result<(), LoadError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| LoadError::Sys(SysError::Io(format!("create {}", dir.display()), e)))?;
-        let fast_path: &[&'static str] = if self.fast_path { &FAST_PATH_PROGRAMS } else { &[] };
-        for &name in CAPTURE_PROGRAMS.iter().chain(fast_path) {
+        for name in programs_for(self.fast_path) {
             let path = dir.join(name);
             let _ = std::fs::remove_file(&path);
             let p = self.ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;

@@ -425,7 +425,7 @@ fn main() -> ExitCode {
                     id,
                     netns: absolute(&args.netns),
                     cgroup: args.cgroup.as_deref().map(absolute),
-                    proxy: format!("{:?}", args.proxy).to_lowercase(),
+                    proxy: args.proxy.as_str().to_owned(),
                     args: args.flags,
                     fast_path: args.fast_path,
                 });

@@ -16,13 +16,13 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData};
-use redirect_common::{LocalAddrKey, OrigDst, PendingOrigDst, Rule, TupleKey, Workload, maps};
+use redirect_common::{LocalAddrKey, OrigDst, PendingOrigDst, TupleKey, Workload, maps};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
 };
 
-use crate::node::Node;
+use crate::{node::Node, stats::RuleRow};
 
 pub struct ProxySnapshot {
     pub active: u64,
@@ -38,8 +38,8 @@ pub struct ProxySnapshot {
 pub struct WorkloadSnapshot {
     pub id: String,
     /// Each rule of its chains, in order, with its connections.
-    pub rules: Vec<(Rule, u64)>,
-    pub events: Vec<(&'static str, u64)>,
+    pub rules: Vec<RuleRow>,
+    pub events: std::collections::BTreeMap<String, u64>,
     pub proxy: Option<ProxySnapshot>,
 }
 
@@ -111,24 +111,19 @@ fn workload(id: &str) -> String {
     format!("workload=\"{}\"", label(id))
 }
 
-/// A workload's rules as samples, numbered within their chain as iptables numbers them.
-fn rule_samples(w: &WorkloadSnapshot) -> Vec<(String, u64)> {
-    let mut nums = std::collections::HashMap::new();
-    w.rules
-        .iter()
-        .map(|(r, n)| {
-            let num = nums.entry(r.chain).or_insert(0u32);
-            *num += 1;
-            let chain = r.chain_id().map_or("?", |c| c.iptables_name());
-            let target = r.target_kind().map_or("?", |t| t.iptables_name());
-            let labels = format!(
-                "{},chain=\"{chain}\",rule=\"{num}\",target=\"{target}\",match=\"{}\"",
-                workload(&w.id),
-                label(&redirect_common::chain::match_text(r)),
-            );
-            (labels, *n)
-        })
-        .collect()
+/// A workload's rules as samples, labelled as `stats` lists them.
+fn rule_samples(w: &WorkloadSnapshot) -> impl Iterator<Item = (String, u64)> + '_ {
+    w.rules.iter().map(|r| {
+        let labels = format!(
+            "{},chain=\"{}\",rule=\"{}\",target=\"{}\",match=\"{}\"",
+            workload(&w.id),
+            r.chain,
+            r.rule,
+            r.target,
+            label(&r.match_),
+        );
+        (labels, r.connections)
+    })
 }
 
 pub fn render(s: &Snapshot) -> String {
@@ -333,7 +328,7 @@ mod tests {
             workloads: vec![WorkloadSnapshot {
                 id: "a\"b".into(),
                 rules: Vec::new(),
-                events: vec![("inbound_no_listener", 2)],
+                events: [("inbound_no_listener".to_owned(), 2)].into(),
                 proxy: None,
             }],
             maps: vec![MapOccupancy {

@@ -41,9 +41,9 @@ use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuValues, SockHash};
 use clap::Parser as _;
 use redirect_api::{ApiError, ErrorKind, HandoverWorkload, Request, Response, WorkloadInfo};
 use redirect_common::{
-    LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, TupleKey, Workload,
+    LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, TupleKey, Workload, chain,
     config::{CaptureConfig, Include},
-    events, maps, programs, workload_flags,
+    events, maps, programs,
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
@@ -55,6 +55,7 @@ use crate::{
     links::{self, AttachType},
     loader::{self, InboundListener, NodeObject},
     proxy::{Dialer, Listeners, Listening, NetnsDialer, OrigDstTable, OriginalDst, Proxy, ProxyConfig, Side},
+    run::ProxyMode,
     sys::{self, Netns, PIN_ROOT, RUN_DIR},
 };
 
@@ -87,6 +88,13 @@ pub struct NodeState {
     pub metrics: Option<SocketAddr>,
     pub programs: BTreeMap<String, u32>,
     pub workloads: Vec<WorkloadInfo>,
+}
+
+impl NodeState {
+    /// Instance `name`'s state file, if it has a readable one.
+    pub fn read(name: &str) -> Option<Self> {
+        serde_json::from_slice(&std::fs::read(state_path(name)).ok()?).ok()
+    }
 }
 
 pub fn state_path(name: &str) -> PathBuf {
@@ -248,17 +256,9 @@ impl Node {
     }
 
     fn state(&self) -> NodeState {
-        let programs = [
-            programs::SOCK_OPS,
-            programs::GETSOCKOPT,
-            programs::CONNECT4,
-            programs::SK_LOOKUP,
-            programs::SK_MSG,
-            programs::SK_SKB,
-        ]
-        .into_iter()
-        .filter_map(|p| Some((p.to_owned(), self.object.program_id(p).ok()?)))
-        .collect();
+        let programs = loader::programs_for(self.opts.fast_path)
+            .filter_map(|p| Some((p.to_owned(), self.object.program_id(p).ok()?)))
+            .collect();
         NodeState {
             name: self.opts.name.clone(),
             pid: std::process::id(),
@@ -343,16 +343,10 @@ impl Node {
 
     /// Every check of an enroll request, before anything changes.
     fn check(&self, req: &redirect_api::Enroll, netns: &Netns) -> Result<WorkloadInfo, ApiError> {
-        let proxy = match req.proxy.as_str() {
-            "embedded" | "none" => req.proxy.clone(),
-            other => {
-                return Err(invalid(format!(
-                    "--proxy '{other}' is invalid: expected embedded or none"
-                )));
-            }
-        };
+        let proxy = ProxyMode::parse(&req.proxy)
+            .ok_or_else(|| invalid(format!("--proxy '{}' is invalid: expected embedded or none", req.proxy)))?;
         let capture = parse_capture(&req.args)?;
-        redirect_common::chain::compile(&capture).map_err(|e| invalid(e.to_string()))?;
+        chain::compile(&capture).map_err(|e| invalid(e.to_string()))?;
         if req.fast_path && !self.opts.fast_path {
             return Err(invalid(
                 "--fast-path: this node agent does not offer the fast path (start it with --fast-path)",
@@ -423,7 +417,7 @@ impl Node {
             netns: req.netns.clone(),
             netns_cookie: cookie,
             cgroup: req.cgroup.clone(),
-            proxy,
+            proxy: proxy.as_str().to_owned(),
             args: req.args.clone(),
             fast_path: req.fast_path,
             slot,
@@ -441,10 +435,10 @@ impl Node {
         handed: Option<Vec<(Side, OwnedFd)>>,
     ) -> Result<Enrolled, ApiError> {
         let capture = parse_capture(&info.args)?;
-        let rules = redirect_common::chain::compile(&capture).map_err(|e| invalid(e.to_string()))?;
+        let rules = chain::compile(&capture).map_err(|e| invalid(e.to_string()))?;
         let cookie = info.netns_cookie;
         let pin_dir = self.pin_dir();
-        let embedded = info.proxy == "embedded";
+        let embedded = ProxyMode::parse(&info.proxy) == Some(ProxyMode::Embedded);
         let (cgroup_id, cgroup_level) = match &info.cgroup {
             Some(cg) => sys::cgroup_identity(cg).map_err(|e| invalid(e.to_string()))?,
             None => (0, 0),
@@ -539,17 +533,13 @@ impl Node {
             }
         };
 
-        let mut w = Workload::empty();
-        w.n_rules = rules.len() as u32;
-        w.rules[..rules.len()].copy_from_slice(&rules);
-        w.outbound_port = capture.envoy_port;
-        w.inbound_port = capture.inbound_capture_port;
-        w.flags = redirect_common::chain::flags(&capture)
-            | if embedded { 0 } else { workload_flags::WORKLOAD_LISTENER }
+        let serving = chain::Serving {
+            own_proxy: !embedded,
             // sock_ops runs for the agent's own sockets too (attached at the root), so it
             // enrolls the proxy's ends itself: no listeners in the workload's cgroup needed.
-            | if info.fast_path && self.opts.fast_path { workload_flags::FAST_PATH } else { 0 };
-        w.counter_base = info.slot * MAX_RULES as u32;
+            fast_path: info.fast_path && self.opts.fast_path,
+        };
+        let mut w = chain::workload(&capture, &rules, info.slot, serving);
         w.cgroup_id = cgroup_id;
         w.cgroup_level = cgroup_level;
         self.maps.workloads.insert(cookie, w, 0).map_err(internal)?;
@@ -677,33 +667,14 @@ impl Node {
             let Ok(wl) = self.maps.workloads.get(&w.info.netns_cookie, 0) else {
                 continue;
             };
-            let rules = wl
-                .rules()
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    let n = self
-                        .maps
-                        .counters
-                        .get(&(wl.counter_base + i as u32), 0)
-                        .map(|v| v.iter().sum())
-                        .unwrap_or(0);
-                    (*r, n)
-                })
-                .collect();
-            let events = events::NAMES
-                .iter()
-                .enumerate()
-                .map(|(e, name)| {
-                    let n = self
-                        .maps
-                        .events
-                        .get(&(wl.event_base() + e as u32), 0)
-                        .map(|v| v.iter().sum())
-                        .unwrap_or(0);
-                    (*name, n)
-                })
-                .collect();
+            // Same rows as `stats`; a counter that cannot be read leaves the workload out of
+            // this scrape rather than showing it as zero.
+            let (Ok(rules), Ok(events)) = (
+                crate::stats::rows(&wl, &self.maps.counters),
+                crate::stats::event_counts(&wl, &self.maps.events),
+            ) else {
+                continue;
+            };
             let proxy = w.proxy.as_ref().map(|p| {
                 let c = &p.counters;
                 crate::metrics::ProxySnapshot {
@@ -791,8 +762,7 @@ fn write_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
 fn check_pins(opts: &NodeOptions) -> anyhow::Result<()> {
     let dir = loader::pin_dir(&opts.name);
     if dir.exists()
-        && let Ok(bytes) = std::fs::read(state_path(&opts.name))
-        && let Ok(state) = serde_json::from_slice::<NodeState>(&bytes)
+        && let Some(state) = NodeState::read(&opts.name)
         && state.layout != layout()
     {
         anyhow::bail!(
@@ -1274,21 +1244,16 @@ pub fn cleanup(name: &str) -> anyhow::Result<Vec<PathBuf>> {
     sys::require_privileges("redirect-agent cleanup")?;
     loader::validate_name(name)?;
     let lock = lock_path(name);
+    let state = NodeState::read(name);
     if let Ok(f) = File::options().write(true).open(&lock) {
         // SAFETY: valid fd; a non-blocking try, released at once by closing.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let pid = std::fs::read(state_path(name))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<NodeState>(&b).ok())
-                .map(|s| format!(" (pid {})", s.pid))
-                .unwrap_or_default();
+            let pid = state.map(|s| format!(" (pid {})", s.pid)).unwrap_or_default();
             anyhow::bail!("instance '{name}' is running{pid}: stop it first, then run cleanup");
         }
     }
     let mut removed = Vec::new();
-    let socket = std::fs::read(state_path(name))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<NodeState>(&b).ok())
+    let socket = state
         .map(|s| s.socket)
         .unwrap_or_else(|| redirect_api::default_socket(name));
     for path in [

@@ -10,6 +10,7 @@ use std::{
 
 use anyhow::Context as _;
 use redirect_common::{
+    chain,
     config::{CaptureConfig, Include},
     maps,
 };
@@ -35,6 +36,20 @@ pub enum ProxyMode {
     None,
 }
 
+impl ProxyMode {
+    /// As the command line and the node API spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Embedded => "embedded",
+            Self::None => "none",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        <Self as clap::ValueEnum>::from_str(s, false).ok()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub name: String,
@@ -57,7 +72,7 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     sys::require_privileges("redirect-agent run")?;
     features::require_all()?;
     loader::validate_name(&opts.name)?;
-    let rules = redirect_common::chain::compile(&opts.capture)?;
+    let rules = chain::compile(&opts.capture)?;
     check_ports(&opts)?;
     let cgroup = sys::open_cgroup2_dir(&opts.cgroup)?;
     let netns = Netns::open(&opts.netns)?;
@@ -74,13 +89,12 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
 
     let dirs = InstanceDirs::claim(&opts.name)?;
     let mut loaded = Loaded::load(dirs, opts.max_tracked_connections, opts.fast_path)?;
-    loaded.set_workload(
-        netns_cookie,
-        &rules,
-        opts.capture.envoy_port,
-        opts.capture.inbound_capture_port,
-        workload_flags(&opts),
-    )?;
+    let serving = chain::Serving {
+        own_proxy: opts.proxy == ProxyMode::None,
+        fast_path: opts.fast_path,
+    };
+    // A single-workload instance uses the first counter block.
+    loaded.set_workload(netns_cookie, &chain::workload(&opts.capture, &rules, 0, serving))?;
 
     let local_map = loaded.take(maps::LOCAL_ADDRS)?;
     let owners_map = loaded.take(maps::ADDR_OWNERS)?;
@@ -186,18 +200,6 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     drop(fast_path);
     tracing::info!(name = %opts.name, "detached; pins removed");
     Ok(())
-}
-
-/// The chain's flags, and who provides the inbound capture listener.
-fn workload_flags(opts: &RunOptions) -> u32 {
-    let mut flags = redirect_common::chain::flags(&opts.capture);
-    if opts.proxy == ProxyMode::None {
-        flags |= redirect_common::workload_flags::WORKLOAD_LISTENER;
-    }
-    if opts.fast_path {
-        flags |= redirect_common::workload_flags::FAST_PATH;
-    }
-    flags
 }
 
 /// Registers a socket that already listens on the inbound capture port (another proxy's).

@@ -54,7 +54,9 @@ pub struct InstanceStats {
     pub workloads: Vec<WorkloadStats>,
 }
 
-fn rows(w: &Workload, counters: &PerCpuArray<MapData, u64>) -> Result<Vec<RuleRow>, LoadError> {
+/// A workload's chain as the kernel runs it, rule by rule with its connections: what `stats`
+/// prints and node mode's metrics expose.
+pub(crate) fn rows(w: &Workload, counters: &PerCpuArray<MapData, u64>) -> Result<Vec<RuleRow>, LoadError> {
     let mut out = Vec::new();
     let rules = w.rules();
     for (i, r) in rules.iter().enumerate() {
@@ -82,7 +84,10 @@ fn sum(counters: &PerCpuArray<MapData, u64>, slot: u32, map: &'static str) -> Re
         .sum())
 }
 
-fn event_counts(w: &Workload, counters: &PerCpuArray<MapData, u64>) -> Result<BTreeMap<String, u64>, LoadError> {
+pub(crate) fn event_counts(
+    w: &Workload,
+    counters: &PerCpuArray<MapData, u64>,
+) -> Result<BTreeMap<String, u64>, LoadError> {
     let mut out = BTreeMap::new();
     for (e, name) in events::NAMES.iter().enumerate() {
         let n = sum(
@@ -102,9 +107,7 @@ pub fn read(name: &str) -> Result<InstanceStats, LoadError> {
         events,
     } = loader::open_pinned(name)?;
     // A node instance names its workloads; a run instance has one, named by the instance.
-    let ids: BTreeMap<u64, String> = std::fs::read(crate::node::state_path(name))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<crate::node::NodeState>(&b).ok())
+    let ids: BTreeMap<u64, String> = crate::node::NodeState::read(name)
         .map(|s| s.workloads.into_iter().map(|w| (w.netns_cookie, w.id)).collect())
         .unwrap_or_default();
     let mut all = Vec::new();

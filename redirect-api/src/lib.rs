@@ -65,7 +65,8 @@ pub struct Enroll {
     pub fast_path: bool,
 }
 
-fn default_proxy() -> String {
+/// The proxy a workload gets when nobody says: the agent's embedded one.
+pub fn default_proxy() -> String {
     "embedded".into()
 }
 

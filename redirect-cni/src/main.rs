@@ -65,7 +65,7 @@ struct NetConf {
     #[serde(default = "default_socket")]
     agent_socket: PathBuf,
     /// `embedded` or `none`; a pod's `redirect.dev/proxy` annotation overrides it.
-    #[serde(default = "default_proxy")]
+    #[serde(default = "redirect_api::default_proxy")]
     proxy: String,
     /// istio-iptables flags for every pod, as pairs (`["-d", "15090,15021,15020"]`).
     #[serde(default)]
@@ -81,9 +81,6 @@ struct NetConf {
 
 fn default_socket() -> PathBuf {
     redirect_api::default_socket("node")
-}
-fn default_proxy() -> String {
-    "embedded".into()
 }
 fn default_selector() -> String {
     "all".into()

@@ -12,7 +12,7 @@
 use std::{fmt::Write as _, format, net::Ipv4Addr, string::String, vec::Vec};
 
 use crate::{
-    ChainId, IPPROTO_TCP, IPPROTO_UDP, MAX_RULES, Rule, Target,
+    ChainId, IPPROTO_TCP, IPPROTO_UDP, MAX_RULES, Rule, Target, Workload,
     config::{CaptureConfig, Cidr, Include},
     m, prefix_mask, workload_flags,
 };
@@ -200,6 +200,41 @@ pub fn flags(cfg: &CaptureConfig) -> u32 {
     } else {
         workload_flags::INBOUND
     }
+}
+
+/// How the agent serves a workload, beyond what its flags say: the [`workload_flags`] that
+/// do not come from istio-iptables.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Serving {
+    /// Another proxy (the workload's own) listens on the capture ports.
+    pub own_proxy: bool,
+    /// Captured local pairs take the sk_msg fast path.
+    pub fast_path: bool,
+}
+
+/// The `WORKLOADS` entry the programs run for these flags: the chain `rules` ([`compile`]'s
+/// answer for the same flags), the capture ports, and the counter block of `slot`.
+pub fn workload(cfg: &CaptureConfig, rules: &[Rule], slot: u32, serving: Serving) -> Workload {
+    debug_assert!(rules.len() <= MAX_RULES, "compile bounds the chain");
+    let mut w = Workload::empty();
+    let n = rules.len().min(MAX_RULES);
+    w.n_rules = n as u32;
+    w.rules[..n].copy_from_slice(&rules[..n]);
+    w.outbound_port = cfg.envoy_port;
+    w.inbound_port = cfg.inbound_capture_port;
+    w.flags = flags(cfg)
+        | if serving.own_proxy {
+            workload_flags::WORKLOAD_LISTENER
+        } else {
+            0
+        }
+        | if serving.fast_path {
+            workload_flags::FAST_PATH
+        } else {
+            0
+        };
+    w.counter_base = slot * MAX_RULES as u32;
+    w
 }
 
 /// One line of the nat table istio-iptables writes, and what implements it here.
@@ -645,6 +680,26 @@ mod tests {
         let save = iptables_save(&lines);
         assert!(save.starts_with("*nat\n:PREROUTING ACCEPT [0:0]\n"), "{save}");
         assert!(save.ends_with("COMMIT\n"), "{save}");
+    }
+
+    #[test]
+    fn a_workload_entry_carries_the_chain_ports_counter_block_and_serving_flags() {
+        let cfg = CaptureConfig::default();
+        let rules = compile(&cfg).unwrap();
+        let w = workload(&cfg, &rules, 3, Serving::default());
+        assert_eq!(w.rules(), &rules[..]);
+        assert_eq!((w.outbound_port, w.inbound_port), (15001, 15006));
+        assert_eq!(w.counter_base, 3 * MAX_RULES as u32);
+        assert_eq!(w.flags, workload_flags::INBOUND);
+        let own = Serving {
+            own_proxy: true,
+            fast_path: true,
+        };
+        assert_eq!(
+            workload(&cfg, &rules, 0, own).flags,
+            workload_flags::INBOUND | workload_flags::WORKLOAD_LISTENER | workload_flags::FAST_PATH
+        );
+        assert_eq!((w.cgroup_id, w.cgroup_level), (0, 0));
     }
 
     #[test]

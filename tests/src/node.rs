@@ -117,8 +117,7 @@ impl NodeAgent {
     }
 
     pub fn state(&self) -> Option<NodeState> {
-        let bytes = std::fs::read(redirect_agent::node::state_path(&self.name)).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        NodeState::read(&self.name)
     }
 
     /// `redirect-agent ARGS --socket S`, for enroll/unenroll/list.
