@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use redirect_agent::{
-    loader::{self, InstanceState, pin_dir},
+    engine::pins::{self as loader, State, pin_dir},
     sandbox::{AgentProcess, NetnsPair, TestCgroup, unique},
 };
 use redirect_common::programs;
@@ -296,12 +296,8 @@ impl Env {
     }
 
     fn connect4_prog_id(&self) -> Option<u32> {
-        let state: InstanceState = serde_json::from_slice(&std::fs::read(loader::state_path(&self.name)).ok()?).ok()?;
-        state
-            .programs
-            .iter()
-            .find(|p| p.name == programs::CONNECT4)
-            .map(|p| p.id)
+        let state: State = serde_json::from_slice(&std::fs::read(loader::state_path(&self.name)).ok()?).ok()?;
+        state.programs.get(programs::CONNECT4).copied()
     }
 }
 

@@ -101,3 +101,70 @@ impl CaptureFlags {
         })
     }
 }
+
+/// The istio-iptables flags of an enroll request (after `--`), parsed by the same clap
+/// definition as `run`'s.
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "enroll",
+    no_binary_name = true,
+    disable_help_flag = true,
+    disable_version_flag = true
+)]
+struct FlagsOnly {
+    #[command(flatten)]
+    capture: CaptureFlags,
+}
+
+/// Parses a workload's flags as `run` parses its command line, then [`check`]s them. The
+/// error is one line: clap's first (it names the flag and the value) or ours.
+pub fn parse_args(args: &[String]) -> Result<CaptureConfig, String> {
+    use clap::Parser as _;
+    let parsed = FlagsOnly::try_parse_from(args).map_err(|e| {
+        let text = e.render().to_string();
+        text.lines()
+            .next()
+            .unwrap_or("invalid flags")
+            .trim_start_matches("error: ")
+            .trim()
+            .to_owned()
+    })?;
+    let capture = parsed.capture.to_config().map_err(|e| e.to_string())?;
+    check(&capture).map_err(|e| e.to_string())?;
+    Ok(capture)
+}
+
+/// Combinations the agent cannot serve, refused before anything changes; and the one that
+/// istio-iptables accepts and ignores, said out loud.
+pub fn check(c: &CaptureConfig) -> Result<(), crate::error::FlagError> {
+    if c.envoy_port == c.inbound_capture_port {
+        return Err(crate::error::FlagError::SamePort(c.envoy_port));
+    }
+    if matches!(c.inbound_ports, config::Include::List(_)) && !c.inbound_exclude_ports.is_empty() {
+        tracing::warn!(
+            excluded = ?c.inbound_exclude_ports,
+            "-d only applies with -b '*' (as in istio-iptables): ignored, only the -b ports are captured"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enroll_flags_parse_as_runs_do() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let c = parse_args(&args(&["-p", "15101", "-b", "8080"])).unwrap();
+        assert_eq!(c.envoy_port, 15101);
+        assert_eq!(c.inbound_capture_port, 15006);
+        assert!(parse_args(&args(&["-z", "http"])).unwrap_err().contains("'http'"));
+        assert!(parse_args(&args(&["-p", "15006"])).unwrap_err().contains("both 15006"));
+        assert!(
+            parse_args(&args(&["--frobnicate"]))
+                .unwrap_err()
+                .contains("--frobnicate")
+        );
+    }
+}

@@ -22,7 +22,11 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::{node::Node, stats::RuleRow};
+use crate::stats::RuleRow;
+
+/// Takes a snapshot of the node; called off the runtime's threads (it reads maps a syscall
+/// per key).
+pub type Snapshotter = Arc<dyn Fn() -> Snapshot + Send + Sync>;
 
 pub struct ProxySnapshot {
     pub active: u64,
@@ -253,11 +257,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Serves `GET /metrics` and `GET /ready` (200 while this process serves the node, 503 once
 /// it is handing over or stopping).
-pub fn serve(
-    listener: TcpListener,
-    node: Arc<tokio::sync::Mutex<Node>>,
-    ready: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<()> {
+pub fn serve(listener: TcpListener, snapshot: Snapshotter, ready: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "metrics endpoint listening");
     }
@@ -267,19 +267,15 @@ pub fn serve(
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
-            let (node, ready) = (node.clone(), ready.clone());
+            let (snapshot, ready) = (snapshot.clone(), ready.clone());
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, node, ready)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, snapshot, ready)).await;
             });
         }
     })
 }
 
-async fn answer(
-    mut stream: TcpStream,
-    node: Arc<tokio::sync::Mutex<Node>>,
-    ready: Arc<AtomicBool>,
-) -> std::io::Result<()> {
+async fn answer(mut stream: TcpStream, snapshot: Snapshotter, ready: Arc<AtomicBool>) -> std::io::Result<()> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -295,7 +291,7 @@ async fn answer(
     let (status, ctype, body) = match (method, path.split('?').next().unwrap_or("")) {
         ("GET", "/metrics") => {
             // Counting map entries is a syscall per key: off the runtime's threads.
-            let snapshot = tokio::task::spawn_blocking(move || node.blocking_lock().snapshot()).await;
+            let snapshot = tokio::task::spawn_blocking(move || snapshot()).await;
             match snapshot {
                 Ok(s) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", render(&s)),
                 Err(_) => (

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{loader, probe::ProbeResult, sys};
+use crate::{engine::pins as loader, probe::ProbeResult, sys};
 
 /// Largest request a test server buffers before answering.
 const SERVER_MAX_BYTES: usize = 16 << 20;
@@ -518,7 +518,7 @@ impl AgentProcess {
         let ready = || {
             std::fs::read(&state)
                 .ok()
-                .and_then(|b| serde_json::from_slice::<loader::InstanceState>(&b).ok())
+                .and_then(|b| serde_json::from_slice::<loader::State>(&b).ok())
                 .is_some_and(|s| s.pid == pid)
         };
         while !ready() {

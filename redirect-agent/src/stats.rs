@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use aya::maps::{MapData, PerCpuArray};
+use aya::maps::{HashMap, MapData, PerCpuArray};
 use redirect_common::{
     ChainId, Target, Workload,
     chain::{ListColumns, list_columns, match_text},
@@ -13,7 +13,13 @@ use redirect_common::{
 };
 use serde::Serialize;
 
-use crate::{error::LoadError, loader};
+use crate::{
+    engine::{
+        open_typed,
+        pins::{self, Mode, State},
+    },
+    error::LoadError,
+};
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct RuleRow {
@@ -101,13 +107,17 @@ pub(crate) fn event_counts(
 }
 
 pub fn read(name: &str) -> Result<InstanceStats, LoadError> {
-    let loader::PinnedMaps {
-        workloads,
-        counters,
-        events,
-    } = loader::open_pinned(name)?;
+    pins::validate_name(name)?;
+    let dir = pins::pin_dir(name);
+    if !dir.is_dir() {
+        return Err(LoadError::NotRunning { name: name.into(), dir });
+    }
+    let workloads: HashMap<MapData, u64, Workload> = open_typed(&dir, redirect_common::maps::WORKLOADS)?;
+    let counters: PerCpuArray<MapData, u64> = open_typed(&dir, redirect_common::maps::RULE_COUNTERS)?;
+    let events: PerCpuArray<MapData, u64> = open_typed(&dir, redirect_common::maps::EVENT_COUNTERS)?;
     // A node instance names its workloads; a run instance has one, named by the instance.
-    let ids: BTreeMap<u64, String> = crate::node::NodeState::read(name)
+    let ids: BTreeMap<u64, String> = State::read(name)
+        .filter(|s| s.mode == Mode::Node)
         .map(|s| s.workloads.into_iter().map(|w| (w.netns_cookie, w.id)).collect())
         .unwrap_or_default();
     let mut all = Vec::new();

@@ -10,7 +10,20 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::error::SysError;
+/// What went wrong with a path, a privilege or a system call; every message names the value.
+#[derive(Debug, thiserror::Error)]
+pub enum SysError {
+    #[error("{0}: {1}")]
+    Io(String, #[source] io::Error),
+    #[error("no cgroup v2 hierarchy is mounted (none of type cgroup2 in /proc/self/mounts)")]
+    NoCgroup2,
+    #[error("'{0}' is not a cgroup v2 directory (expected a directory under the cgroup2 mount)")]
+    NotCgroup2(PathBuf),
+    #[error("'{0}' is not a network namespace (expected /run/netns/NAME or /proc/PID/ns/net)")]
+    NotNetns(PathBuf),
+    #[error("{what} needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN); running as uid {uid} without {missing}")]
+    Privilege { what: String, uid: u32, missing: String },
+}
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -69,6 +82,23 @@ pub fn cgroup_identity(path: &Path) -> Result<(u64, u32), SysError> {
     let level = below.components().count() as u32;
     let id = std::fs::metadata(&dir).map_err(io(&dir))?.ino();
     Ok((id, level))
+}
+
+/// Whether this process's cgroup is `dir` or below it: then programs attached at `dir` see
+/// the agent's own sockets.
+pub fn process_under_cgroup(dir: &Path) -> bool {
+    let (Ok(text), Ok(root), Ok(dir)) = (
+        std::fs::read_to_string("/proc/self/cgroup"),
+        cgroup2_root(),
+        dir.canonicalize(),
+    ) else {
+        return false;
+    };
+    // The v2 line is `0::/path`, relative to the cgroup2 mount.
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .and_then(|own| root.join(own.trim_start_matches('/')).canonicalize().ok())
+        .is_some_and(|own| own.starts_with(&dir))
 }
 
 /// Opens a cgroup v2 directory for attaching programs.

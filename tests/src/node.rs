@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirect_agent::{node::NodeState, sandbox::unique};
+use redirect_agent::{engine::pins::State as NodeState, sandbox::unique};
 
 use crate::{agent_bin, agent_cmd, require_root};
 

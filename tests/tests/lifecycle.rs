@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use redirect_agent::loader::{InstanceState, pin_dir, state_path};
+use redirect_agent::engine::pins::{State, pin_dir, state_path};
 use redirect_common::{LocalAddrKey, maps, programs};
 use redirect_tests::{APP_PORT, INBOUND_CAPTURE, Landing, Workload, agent_bin, agent_cmd, landing};
 
@@ -44,15 +44,13 @@ fn attached_prog_ids(cgroup: &Path) -> Vec<u64> {
 #[test]
 fn detach_leaves_no_program_link_or_pin() {
     let mut w = Workload::with_agent("detach", &[]);
-    let state: InstanceState =
-        serde_json::from_slice(&std::fs::read(state_path(&w.name)).unwrap()).expect("state file");
-    let mut ids: Vec<u64> = state.programs.iter().map(|p| u64::from(p.id)).collect();
+    let state: State = serde_json::from_slice(&std::fs::read(state_path(&w.name)).unwrap()).expect("state file");
+    let mut ids: Vec<u64> = state.programs.values().map(|id| u64::from(*id)).collect();
     ids.sort();
     let lookup_id = state
         .programs
-        .iter()
-        .find(|p| p.name == programs::SK_LOOKUP)
-        .map(|p| u64::from(p.id))
+        .get(programs::SK_LOOKUP)
+        .map(|id| u64::from(*id))
         .expect("sk_lookup in the state file");
     let mut attached = attached_prog_ids(&w.cgroup.path);
     attached.push(lookup_id);

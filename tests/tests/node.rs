@@ -769,7 +769,7 @@ fn pins_of_another_layout_are_refused_before_a_handover() {
     let w = Workload::new_on("nl", 111);
     agent.enroll(&w.pair.workload.path, "l", &[]);
     // As an older agent would have written it.
-    let path = redirect_agent::node::state_path(&agent.name);
+    let path = redirect_agent::engine::pins::state_path(&agent.name);
     let mut state: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     state["layout"] = json!("workload2320-rules64-workloads64-events8-tuple24-orig8-pending16-addr16");
     std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();

@@ -1,0 +1,523 @@
+//! The command line: clap's definitions, and each command's call into the modules that do it.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand, error::ErrorKind};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+use crate::{
+    ProxyMode, demo, engine, explain, features,
+    flags::CaptureFlags,
+    node::{self, NodeOptions},
+    probe::{self, ProbeArgs},
+    run::{self, RunOptions},
+    serve, standalone, stats,
+};
+
+/// eBPF replacement for istio-iptables' NAT chains, with an embedded proxy loop.
+#[derive(Parser, Debug)]
+#[command(name = "redirect-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Capture one workload's connections until SIGINT/SIGTERM, then detach.
+    Run(Box<RunArgs>),
+    /// Serve every meshed workload of this node: attach once (pinned), then enroll and
+    /// remove workloads over a Unix socket; a restart adopts the pins or takes over from the
+    /// running agent without dropping connections.
+    Node(Box<NodeArgs>),
+    /// Enroll a workload with the node agent (its network namespace and istio-iptables flags).
+    Enroll(Box<EnrollArgs>),
+    /// Remove a workload from the node agent: its connections are no longer captured.
+    Unenroll(UnenrollArgs),
+    /// List the node agent's workloads.
+    List {
+        #[command(flatten)]
+        agent: AgentSocket,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every pin, link and state file of a stopped instance (node or run): its
+    /// workloads are no longer captured.
+    Cleanup {
+        /// Instance name.
+        #[arg(long, default_value = "node")]
+        name: String,
+    },
+    /// Print a running instance's per-rule counters.
+    Stats {
+        /// Instance name (as given to `run --name` or `node --name`).
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Print JSON: {"rules":[{"chain","rule","match","target","connections"}, ...]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the nat table istio-iptables writes for these flags (iptables-save text, ready
+    /// for iptables-restore) and the counter slot that implements each line.
+    Explain(Box<ExplainArgs>),
+    /// Probe this kernel for every feature the programs use; with --verifier, also load them
+    /// and report their sizes. Exits 1 when a feature is missing.
+    Check {
+        /// Load (verify) the programs too, and print instruction counts.
+        #[arg(long)]
+        verifier: bool,
+        /// Print JSON: {"kernel", "features": [...], "programs": [...]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run only the proxy loop, behind istio-iptables' own REDIRECT rules (original
+    /// destinations from SO_ORIGINAL_DST), inside the workload as its proxy identity.
+    Proxy(Box<standalone::ProxyArgs>),
+    /// Run the agent on a throw-away workload and show where its connections land.
+    Demo,
+    /// One client connection from inside a workload (used by demo and the tests).
+    #[command(hide = true)]
+    Probe(ProbeArgs),
+    /// Test servers inside a workload (used by the tests).
+    #[command(hide = true)]
+    Serve(serve::ServeArgs),
+    /// Listens inside a workload's cgroup for the agent's proxy (`run --fast-path`).
+    #[command(hide = true)]
+    ListenIn(crate::listen_in::ListenInArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ExplainArgs {
+    /// Print JSON: {"iptables_save": TEXT, "lines": [{"line","chain","num","slot","by"}, ...]}.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    capture: CaptureFlags,
+}
+
+#[derive(clap::Args, Debug)]
+struct AgentSocket {
+    /// The node agent's control socket.
+    #[arg(long, value_name = "PATH", default_value = "/run/redirect/node.sock")]
+    socket: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct NodeArgs {
+    /// Instance name: pins go to /sys/fs/bpf/redirect/NAME/, state to /run/redirect/NAME.node.json.
+    #[arg(long, default_value = "node")]
+    name: String,
+    /// cgroup v2 directory the programs attach to; every workload's processes must be under
+    /// it (default: the cgroup v2 root).
+    #[arg(long, value_name = "PATH")]
+    cgroup_parent: Option<PathBuf>,
+    /// Control socket (default: /run/redirect/NAME.sock).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Prometheus endpoint (GET /metrics, GET /ready), or `off`.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:15030")]
+    metrics: String,
+    /// Size of the original-destination maps (LRU), shared by all workloads.
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    max_tracked_connections: u32,
+    /// Connections each workload's embedded proxy serves at once; more are reset.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    max_proxy_connections: u32,
+    /// Upstream connect timeout of the embedded proxies, in milliseconds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    connect_timeout_ms: u64,
+    /// On stop or handover: how long open proxied connections may finish before they are
+    /// reset, in milliseconds.
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    drain_timeout_ms: u64,
+    /// Offer the fast path (sk_msg between a workload's local pairs) to workloads enrolled
+    /// with --fast-path. Sizes the fast-path maps; changing it needs a `cleanup`.
+    #[arg(long)]
+    fast_path: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct EnrollArgs {
+    /// The workload's network namespace (/run/netns/NAME or /proc/PID/ns/net).
+    #[arg(long, value_name = "PATH")]
+    netns: PathBuf,
+    /// Capture only this cgroup v2 directory's processes (under the agent's attach point);
+    /// default: every process of the namespace.
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<PathBuf>,
+    /// Workload id, unique on the node (default: the namespace's file name).
+    #[arg(long)]
+    id: Option<String>,
+    /// Serve the capture ports with the agent's embedded proxy, or leave them to the
+    /// workload's own proxy.
+    #[arg(long, value_enum, default_value_t = ProxyMode::Embedded)]
+    proxy: ProxyMode,
+    /// Hand bytes between the workload's local pairs with sk_msg (the node agent must run
+    /// with --fast-path). See the README's "The fast path".
+    #[arg(long)]
+    fast_path: bool,
+    #[command(flatten)]
+    agent: AgentSocket,
+    /// istio-iptables flags for this workload (after `--`), e.g. `-- -b 8080 -d ''`.
+    #[arg(last = true, value_name = "FLAGS", allow_hyphen_values = true)]
+    flags: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = false)]
+struct UnenrollTarget {
+    /// Workload id.
+    #[arg(long)]
+    id: Option<String>,
+    /// The workload's network namespace.
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct UnenrollArgs {
+    #[command(flatten)]
+    target: UnenrollTarget,
+    #[command(flatten)]
+    agent: AgentSocket,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// cgroup v2 directory whose processes are captured.
+    #[arg(long, value_name = "PATH")]
+    cgroup: PathBuf,
+    /// The workload's network namespace (default: the agent's own).
+    #[arg(long, value_name = "PATH", default_value = "/proc/self/ns/net")]
+    netns: PathBuf,
+    /// Serve the capture ports with the embedded proxy, or leave them to another proxy.
+    #[arg(long, value_enum, default_value_t = ProxyMode::Embedded)]
+    proxy: ProxyMode,
+    /// Instance name: pins go to /sys/fs/bpf/redirect/NAME/.
+    #[arg(long, default_value = "default")]
+    name: String,
+    /// Size of the original-destination maps (LRU): connections tracked at once.
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    max_tracked_connections: u32,
+    /// Connections the embedded proxy serves at once; more are reset.
+    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    max_proxy_connections: u32,
+    /// Upstream connect timeout of the embedded proxy, in milliseconds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    connect_timeout_ms: u64,
+    /// On SIGTERM, after detaching: how long open proxied connections may finish before they
+    /// are reset, in milliseconds (istio's terminationDrainDuration is 5 s).
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    drain_timeout_ms: u64,
+    /// Hand bytes between the two local ends of captured connections (app and proxy) with
+    /// sk_msg, skipping TCP/IP on loopback. Off by default: see the README's "Fast path".
+    #[arg(long)]
+    fast_path: bool,
+    #[command(flatten)]
+    capture: CaptureFlags,
+}
+
+#[derive(serde::Serialize)]
+struct CheckReport {
+    kernel: String,
+    features: Vec<features::Finding>,
+    programs: Vec<engine::ProgramReport>,
+}
+
+fn check(verifier: bool, json: bool) -> anyhow::Result<()> {
+    crate::sys::require_privileges("redirect-agent check")?;
+    let report = CheckReport {
+        kernel: features::kernel_string(),
+        features: features::survey(features::probe),
+        programs: if verifier {
+            engine::verifier_report()?
+        } else {
+            Vec::new()
+        },
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("kernel {}", report.kernel);
+        for f in &report.features {
+            let state = match f.present {
+                Some(true) => "yes".to_owned(),
+                Some(false) => "MISSING".to_owned(),
+                None => format!("probe failed: {}", f.error.as_deref().unwrap_or("?")),
+            };
+            println!("  {:<54} Linux {:<5} {state}", f.name, f.since);
+        }
+        for p in &report.programs {
+            let n = |v: Option<u32>| v.map_or_else(|| "?".to_owned(), |v| v.to_string());
+            println!(
+                "  program {:<22} {:>5} instructions, {:>6} processed by the verifier",
+                p.name,
+                n(p.instructions),
+                n(p.verified)
+            );
+        }
+    }
+    if let Some(m) = features::first_missing(&report.kernel, |f| {
+        let found = report.features.iter().find(|x| x.name == f.name);
+        found.and_then(|x| x.present).ok_or_else(|| "not probed".to_owned())
+    }) {
+        anyhow::bail!(m);
+    }
+    Ok(())
+}
+
+/// How long the CLI waits for the node agent (an enroll binds listeners and reads addresses).
+const API_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The agent resolves paths in its own mount namespace and working directory, not ours.
+fn absolute(p: &std::path::Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// One line, non-zero exit: what the guide asks of every bad input.
+fn fail(e: &anyhow::Error) -> ExitCode {
+    eprintln!("redirect-agent: error: {}", one_line(e));
+    ExitCode::FAILURE
+}
+
+/// The error and its causes on one line; a cause that its parent's message already quotes
+/// (typed errors name their source) is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// `redirect-agent`'s whole command line.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap's first line names the flag and the value; the rest is a usage hint.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("redirect-agent: {}", first.trim_start_matches("error: ").trim());
+            return ExitCode::from(2);
+        }
+    };
+    // The probe switches cgroup, namespace and identity: it must stay single-threaded.
+    if let Command::Probe(args) = &cli.command {
+        return probe::main(args);
+    }
+    if let Command::Serve(args) = &cli.command {
+        return serve::main(args);
+    }
+    if let Command::ListenIn(args) = &cli.command {
+        return crate::listen_in::main(args);
+    }
+    init_tracing();
+    // Namespace, cgroup and identity are per task: taken before the runtime's threads exist.
+    if let Command::Proxy(args) = &cli.command
+        && let Err(e) = standalone::enter(args)
+    {
+        return fail(&e);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e.into()),
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => {
+                let termination = Termination::install()?;
+                let capture = args.capture.to_config()?;
+                let opts = RunOptions {
+                    name: args.name,
+                    cgroup: args.cgroup,
+                    netns: args.netns,
+                    proxy: args.proxy,
+                    capture,
+                    max_tracked_connections: args.max_tracked_connections,
+                    max_proxy_connections: args.max_proxy_connections as usize,
+                    connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+                    drain: Duration::from_millis(args.drain_timeout_ms),
+                    fast_path: args.fast_path,
+                };
+                run::run(opts, termination.wait()).await
+            }
+            Command::Stats { name, json } => {
+                let s = stats::read(&name)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&s)?);
+                } else {
+                    print!("{}", stats::render_text(&s));
+                }
+                Ok(())
+            }
+            Command::Explain(args) => {
+                let cfg = args.capture.to_config()?;
+                let e = explain::Explanation::new(&cfg)?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&e)?);
+                } else {
+                    print!("{}", e.render_text());
+                }
+                Ok(())
+            }
+            Command::Check { verifier, json } => check(verifier, json),
+            Command::Proxy(args) => {
+                let termination = Termination::install()?;
+                standalone::serve(&args, termination.wait()).await
+            }
+            Command::Demo => demo::run(),
+            Command::Node(args) => {
+                let termination = Termination::install()?;
+                let metrics = match args.metrics.as_str() {
+                    "off" => None,
+                    m => Some(m.parse().map_err(|_| {
+                        anyhow::anyhow!(
+                            "invalid value '{m}' for --metrics: expected ADDR:PORT (e.g. 127.0.0.1:15030) or off"
+                        )
+                    })?),
+                };
+                let opts = NodeOptions {
+                    socket: args.socket.unwrap_or_else(|| redirect_api::default_socket(&args.name)),
+                    name: args.name,
+                    cgroup_parent: args.cgroup_parent,
+                    metrics,
+                    max_tracked_connections: args.max_tracked_connections,
+                    max_proxy_connections: args.max_proxy_connections as usize,
+                    connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+                    drain: Duration::from_millis(args.drain_timeout_ms),
+                    fast_path: args.fast_path,
+                };
+                node::run(opts, termination.wait()).await
+            }
+            Command::Enroll(args) => {
+                let id = match args.id {
+                    Some(id) => id,
+                    None => args
+                        .netns
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .filter(|n| n != "net")
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "--netns {} has no usable name: give the workload an --id",
+                                args.netns.display()
+                            )
+                        })?,
+                };
+                let req = redirect_api::Request::Enroll(redirect_api::Enroll {
+                    id,
+                    netns: absolute(&args.netns),
+                    cgroup: args.cgroup.as_deref().map(absolute),
+                    proxy: args.proxy.as_str().to_owned(),
+                    args: args.flags,
+                    fast_path: args.fast_path,
+                });
+                let answer = redirect_api::call(&args.agent.socket, &req, API_TIMEOUT)?;
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+                Ok(())
+            }
+            Command::Unenroll(args) => {
+                let req = redirect_api::Request::Unenroll {
+                    id: args.target.id,
+                    netns: args.target.netns.as_deref().map(absolute),
+                };
+                if let redirect_api::Response::Unenrolled { id } =
+                    redirect_api::call(&args.agent.socket, &req, API_TIMEOUT)?
+                {
+                    println!("unenrolled {id}");
+                }
+                Ok(())
+            }
+            Command::List { agent, json } => {
+                let answer = redirect_api::call(&agent.socket, &redirect_api::Request::List, API_TIMEOUT)?;
+                let redirect_api::Response::Workloads(list) = answer else {
+                    anyhow::bail!("unexpected answer: {answer:?}");
+                };
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&list)?);
+                } else {
+                    println!(
+                        "{:<24} {:>6} {:>4} {:<9} {:<32} flags",
+                        "id", "cookie", "slot", "proxy", "netns"
+                    );
+                    for w in list {
+                        println!(
+                            "{:<24} {:>6} {:>4} {:<9} {:<32} {}",
+                            w.id,
+                            w.netns_cookie,
+                            w.slot,
+                            w.proxy,
+                            w.netns.display(),
+                            w.args.join(" ")
+                        );
+                    }
+                }
+                Ok(())
+            }
+            Command::Cleanup { name } => {
+                let removed = engine::pins::cleanup(&name)?;
+                if removed.is_empty() {
+                    println!("nothing of instance '{name}' was left");
+                }
+                for p in removed {
+                    println!("removed {}", p.display());
+                }
+                Ok(())
+            }
+            Command::Probe(_) | Command::Serve(_) | Command::ListenIn(_) => {
+                unreachable!("handled before the runtime starts")
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// SIGINT/SIGTERM, registered before any work starts: a stop that arrives while the agent is
+/// still attaching is held until it can unwind, instead of killing it half-way (which would
+/// leave pins and a lock behind).
+struct Termination {
+    int: Signal,
+    term: Signal,
+}
+
+impl Termination {
+    /// Must be called inside the runtime, before anything is created.
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.int.recv() => tracing::info!("SIGINT: stopping"),
+            _ = self.term.recv() => tracing::info!("SIGTERM: stopping"),
+        }
+    }
+}

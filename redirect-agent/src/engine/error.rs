@@ -1,0 +1,113 @@
+//! Why the engine refused or failed a workload. Every message is one line naming the value at
+//! fault and what would be accepted; [`EnrollError::kind`] is what the control API answers.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use redirect_api::{ApiError, ErrorKind};
+use redirect_common::MAX_WORKLOADS;
+
+use crate::error::{LoadError, SysError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("workload id '{0}' is invalid: expected 1-128 characters of A-Z a-z 0-9 _ - .")]
+    BadId(String),
+    #[error("--proxy '{0}' is invalid: expected embedded or none")]
+    BadProxy(String),
+    /// istio-iptables flags that do not parse or cannot work together (clap's or ours).
+    #[error("{0}")]
+    Flags(String),
+    #[error("--fast-path: this node agent does not offer the fast path (start it with --fast-path)")]
+    FastPathOff,
+    #[error(
+        "{0} is the node's own network namespace: enrolling it would capture the node itself (expected a \
+         workload's namespace)"
+    )]
+    HostNetns(PathBuf),
+    #[error(
+        "cgroup {cgroup} is not under the agent's attach point {attach}: the programs would never see its processes"
+    )]
+    CgroupOutside { cgroup: PathBuf, attach: PathBuf },
+    #[error("{MAX_WORKLOADS} workloads are enrolled, the most one node agent serves")]
+    Full,
+    #[error("workload '{0}' is already enrolled; unenroll it first")]
+    IdTaken(String),
+    #[error("network namespace {netns} is already enrolled as workload '{id}'")]
+    NetnsTaken { netns: PathBuf, id: String },
+    #[error("network namespace {netns} is already captured by {by}: one namespace, one agent")]
+    CapturedElsewhere { netns: PathBuf, by: String },
+    #[error("address {ip} of {netns} is already held by workload '{id}': workload addresses on a node must be unique")]
+    AddressTaken { ip: Ipv4Addr, netns: PathBuf, id: String },
+    #[error("no workload '{0}' is enrolled")]
+    NoSuchId(String),
+    #[error("no workload is enrolled for {0}")]
+    NoSuchNetns(PathBuf),
+    #[error("unenroll needs an id or a network namespace")]
+    NoTarget,
+    #[error("this agent has handed the node over to a new process; retry (its socket takes over)")]
+    HandedOver,
+    /// A path that is not what it should be (a namespace, a cgroup directory).
+    #[error(transparent)]
+    Path(SysError),
+    /// Something that should have worked: a map, a listener, a link.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Load(#[from] LoadError),
+}
+
+impl EnrollError {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |source| Self::Io { what, source }
+    }
+
+    /// The control API's category: bad input, a clash, a missing workload, a failure.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::BadId(_)
+            | Self::BadProxy(_)
+            | Self::Flags(_)
+            | Self::FastPathOff
+            | Self::HostNetns(_)
+            | Self::CgroupOutside { .. }
+            | Self::Full
+            | Self::NoTarget
+            | Self::Path(_) => ErrorKind::Invalid,
+            Self::IdTaken(_) | Self::NetnsTaken { .. } | Self::CapturedElsewhere { .. } | Self::AddressTaken { .. } => {
+                ErrorKind::Exists
+            }
+            Self::NoSuchId(_) | Self::NoSuchNetns(_) => ErrorKind::NotFound,
+            Self::HandedOver => ErrorKind::Unavailable,
+            Self::Io { .. } | Self::Load(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+impl From<EnrollError> for ApiError {
+    fn from(e: EnrollError) -> Self {
+        ApiError::new(e.kind(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clashes_and_bad_values_are_told_apart() {
+        assert_eq!(EnrollError::IdTaken("a".into()).kind(), ErrorKind::Exists);
+        assert_eq!(
+            EnrollError::HostNetns("/proc/1/ns/net".into()).kind(),
+            ErrorKind::Invalid
+        );
+        assert_eq!(EnrollError::NoSuchId("a".into()).kind(), ErrorKind::NotFound);
+        assert_eq!(EnrollError::HandedOver.kind(), ErrorKind::Unavailable);
+        let e = ApiError::from(EnrollError::IdTaken("good".into()));
+        assert_eq!(e.message, "workload 'good' is already enrolled; unenroll it first");
+    }
+}

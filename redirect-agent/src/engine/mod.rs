@@ -1,0 +1,348 @@
+//! The engine: one owner for a set of workloads and for the programs, maps, pins and links
+//! that serve them. `run` is the engine with one workload enrolled from its flags, for as long
+//! as the process lives; `node` is the same engine with a control socket in front, whose pins
+//! outlive the process so that a restart adopts or takes over what it served.
+//!
+//! The order of everything is the engine's, once, for both:
+//! 1. [`Engine::start`]: load and verify the programs against the instance's pinned maps,
+//!    attach the fast path to its sockhash, then the cgroup programs (sock_ops first, so every
+//!    socket connect4 redirects is tracked; getsockopt before connect4, so a captured
+//!    connection can ask for its destination). With no workload in `WORKLOADS`, they decide
+//!    nothing yet.
+//! 2. [`Engine::enroll`]: the workload's proxy listens, its addresses and listener are in the
+//!    maps and its sk_lookup link is made; its `WORKLOADS` entry goes in last, so until then
+//!    no connection is captured and a failure part-way is undone whole.
+//! 3. [`Engine::stop`]: an instance that keeps nothing detaches first (new connections
+//!    go direct, as with the rules removed) and removes its pins, then every proxy drains.
+//!    One that keeps its pins leaves the kernel side capturing for its successor.
+
+mod error;
+pub(crate) mod handover;
+mod links;
+mod object;
+pub mod pins;
+mod workload;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    os::fd::{AsFd as _, OwnedFd},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, MapData, PerCpuArray, SockHash};
+pub(crate) use error::EnrollError;
+pub(crate) use object::{ProgramReport, open_typed, verifier_report};
+use redirect_api::WorkloadInfo;
+use redirect_common::{LocalAddrKey, Workload, maps, programs};
+pub(crate) use workload::Request;
+
+use self::{
+    links::AttachType,
+    object::Object,
+    pins::{Lock, Mode, State},
+    workload::Enrolled,
+};
+use crate::{error::LoadError, proxy::ProxyCounters, sys};
+
+/// How the engine serves: what differs between `run` and `node` is said here, not coded twice.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub name: String,
+    pub mode: Mode,
+    /// The cgroup v2 directory the cgroup programs attach to: every workload's processes are
+    /// under it.
+    pub attach: PathBuf,
+    /// The control socket and metrics endpoint, recorded in the state for other commands.
+    pub socket: Option<PathBuf>,
+    pub metrics: Option<SocketAddr>,
+    pub max_tracked_connections: u32,
+    pub max_proxy_connections: usize,
+    pub connect_timeout: Duration,
+    /// How long open proxied connections may finish after a stop or an unenroll.
+    pub drain: Duration,
+    /// Load the fast path's programs and size its maps; workloads that ask get it.
+    pub fast_path: bool,
+    /// Workloads the descriptor budget is planned for.
+    pub max_workloads: usize,
+    /// Whether a workload may be the agent's own network namespace: yes where the attach
+    /// point is the workload's own cgroup (`run`), never where it is the node's.
+    pub allow_host_netns: bool,
+}
+
+/// The maps the engine reads and writes itself (each workload's proxy and address watcher
+/// open their own descriptors of the same pins).
+struct Maps {
+    workloads: HashMap<MapData, u64, Workload>,
+    counters: PerCpuArray<MapData, u64>,
+    events: PerCpuArray<MapData, u64>,
+    local: HashMap<MapData, LocalAddrKey, u8>,
+    owners: HashMap<MapData, u32, u64>,
+    listeners: SockHash<MapData, u64>,
+}
+
+/// The cgroup programs, in attach order: sock_ops first so that every socket connect4
+/// redirects is tracked, getsockopt before connect4 so a captured connection can ask.
+const CGROUP_LINKS: [(&str, AttachType); 3] = [
+    (programs::SOCK_OPS, AttachType::SockOps),
+    (programs::GETSOCKOPT, AttachType::Getsockopt),
+    (programs::CONNECT4, AttachType::Connect4),
+];
+
+pub(crate) struct Engine {
+    settings: Settings,
+    object: Object,
+    maps: Maps,
+    workloads: BTreeMap<String, Enrolled>,
+    host_netns_cookie: u64,
+    /// The agent's own process is under the attach point, so sock_ops sees the embedded
+    /// proxies' sockets (node mode at the root). Otherwise the fast path needs the proxy's
+    /// listeners made inside the workload's cgroup, and the proxy enrolls its upstream ends.
+    agent_under_attach: bool,
+    /// Descriptors the process may hold, for sizing each proxy.
+    nofile: u64,
+    /// The cgroup links. Dropping a descriptor detaches an unpinned link, not a pinned one.
+    cgroup_links: Vec<OwnedFd>,
+    started: Instant,
+    /// Set once a successor has the workloads: from then on this process must change
+    /// nothing, or the successor would not know of it.
+    handed_over: bool,
+    lock: Option<Lock>,
+    /// Set by [`Engine::stop`] once an instance that keeps nothing has removed its pins.
+    removed: bool,
+}
+
+impl Engine {
+    /// Loads and attaches everything that serves workloads, before any is enrolled. An
+    /// instance that keeps its pins reuses the maps and moves the pinned links to this
+    /// process's programs (`BPF_LINK_UPDATE`: no connection sees neither); one that keeps
+    /// nothing starts from none (the caller removed any leftovers under the lock).
+    pub(crate) fn start(settings: Settings, lock: Option<Lock>) -> Result<Self, LoadError> {
+        let pin_dir = pins::pin_dir(&settings.name);
+        pins::create_pin_dir(&pin_dir)?;
+        let persist = settings.mode == Mode::Node;
+        if persist {
+            pins::create_pin_dir(&pins::links_dir(&settings.name))?;
+        }
+        let cgroup = sys::open_cgroup2_dir(&settings.attach)?;
+
+        // Every workload's proxy draws on this process's descriptors: room for all of them at
+        // their limit if the system allows, and a word when it does not.
+        let wanted = settings.max_proxy_connections.saturating_mul(settings.max_workloads);
+        let nofile = sys::raise_nofile_limit(wanted);
+        let fits = crate::proxy::connections_fitting(nofile);
+        if settings.max_workloads > 1 && fits < wanted {
+            tracing::warn!(
+                fits,
+                wanted,
+                "the descriptor limit fits {fits} proxied connections across all workloads, fewer than {} workloads \
+                 x --max-proxy-connections",
+                settings.max_workloads
+            );
+        }
+
+        let mut object = Object::load(&pin_dir, settings.max_tracked_connections, settings.fast_path)?;
+        if settings.fast_path {
+            object.attach_fast_path()?;
+        }
+        let mut cgroup_links = Vec::new();
+        for (prog, attach_type) in CGROUP_LINKS {
+            let fd = object.program_fd(prog)?;
+            let pin = pins::links_dir(&settings.name).join(prog);
+            let link_err = |what: String| move |source| LoadError::Link { what, source };
+            let link = match persist.then(|| links::open_pinned(&pin).ok()).flatten() {
+                Some(link) => {
+                    links::update(link.as_fd(), fd)
+                        .map_err(link_err(format!("moving {} to this agent's program", pin.display())))?;
+                    link
+                }
+                None => {
+                    let link = links::create(fd, cgroup.as_fd(), attach_type).map_err(link_err(format!(
+                        "attaching {prog} to cgroup {}",
+                        settings.attach.display()
+                    )))?;
+                    if persist {
+                        links::pin(link.as_fd(), &pin).map_err(link_err(format!("pinning {prog}")))?;
+                    }
+                    link
+                }
+            };
+            cgroup_links.push(link);
+        }
+        let maps = Maps {
+            workloads: object.take(maps::WORKLOADS)?,
+            counters: object.take(maps::RULE_COUNTERS)?,
+            events: object.take(maps::EVENT_COUNTERS)?,
+            local: object.take(maps::LOCAL_ADDRS)?,
+            owners: object.take(maps::ADDR_OWNERS)?,
+            listeners: object.take(maps::INBOUND_LISTENERS)?,
+        };
+        let host_netns_cookie = sys::current_netns_cookie()
+            .map_err(|e| LoadError::Sys(crate::error::SysError::Io("the agent's own netns cookie".into(), e)))?;
+        Ok(Self {
+            agent_under_attach: sys::process_under_cgroup(&settings.attach),
+            settings,
+            object,
+            maps,
+            workloads: BTreeMap::new(),
+            host_netns_cookie,
+            nofile,
+            cgroup_links,
+            started: Instant::now(),
+            handed_over: false,
+            lock,
+            removed: false,
+        })
+    }
+
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The lock, once a predecessor that handed over has let go of it.
+    pub(crate) fn hold(&mut self, lock: Lock) {
+        self.lock = Some(lock);
+    }
+
+    pub(crate) fn workloads(&self) -> Vec<WorkloadInfo> {
+        self.workloads.values().map(|w| w.info.clone()).collect()
+    }
+
+    pub(crate) fn handed_over(&self) -> bool {
+        self.handed_over
+    }
+
+    pub(crate) fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The state this process publishes.
+    fn state(&self) -> State {
+        State {
+            name: self.settings.name.clone(),
+            pid: std::process::id(),
+            mode: self.settings.mode,
+            layout: pins::layout(),
+            cgroup_parent: self.settings.attach.clone(),
+            socket: self.settings.socket.clone(),
+            metrics: self.settings.metrics,
+            programs: self.object.program_ids(),
+            workloads: self.workloads(),
+        }
+    }
+
+    /// Writes the state: after every change, and once the instance serves. What a successor
+    /// adopts if this process dies, and what `stats`, `list` and the tests read.
+    pub(crate) fn persist(&self) {
+        if let Err(e) = self.state().write() {
+            tracing::error!(
+                "writing {}: {e}; a restart after a crash may not find every workload",
+                pins::state_path(&self.settings.name).display()
+            );
+        }
+    }
+
+    /// For an instance that keeps its pins: pins this process's programs in place of a
+    /// predecessor's, once every link runs them.
+    pub(crate) fn pin_programs(&mut self) -> Result<(), LoadError> {
+        if self.settings.mode == Mode::Node {
+            self.object.pin_programs(&pins::programs_dir(&self.settings.name))?;
+        }
+        Ok(())
+    }
+
+    /// Each workload's chain as the kernel runs it, with its proxy's counters: what the
+    /// metrics endpoint shows.
+    pub(crate) fn views(&self) -> Vec<View<'_>> {
+        self.workloads
+            .values()
+            .filter_map(|w| {
+                Some(View {
+                    info: &w.info,
+                    entry: self.maps.workloads.get(&w.info.netns_cookie, 0).ok()?,
+                    proxy: w.proxy.as_ref().map(|p| (p.active(), &*p.counters)),
+                })
+            })
+            .collect()
+    }
+
+    /// The per-CPU rule and event counters, for [`View`]s.
+    pub(crate) fn counters(&self) -> (&PerCpuArray<MapData, u64>, &PerCpuArray<MapData, u64>) {
+        (&self.maps.counters, &self.maps.events)
+    }
+
+    /// Stops serving. An instance that keeps nothing detaches everything first, so that new
+    /// connections go direct while the proxies drain, and removes its pins, state and lock;
+    /// one that keeps its pins only lets go of its lock. What is returned drains the proxies.
+    pub(crate) fn stop(&mut self) -> Draining {
+        let proxies: Vec<_> = std::mem::take(&mut self.workloads)
+            .into_values()
+            .filter_map(|w| w.proxy)
+            .collect();
+        if self.settings.mode == Mode::Run {
+            // The workloads' sk_lookup links went with them, above.
+            self.cgroup_links.clear();
+            self.remove_everything();
+        }
+        drop(self.lock.take());
+        Draining {
+            proxies,
+            grace: self.settings.drain,
+        }
+    }
+
+    fn remove_everything(&mut self) {
+        if self.removed {
+            return;
+        }
+        self.removed = true;
+        for (path, gone) in pins::remove_all(&self.settings.name) {
+            if let Err(e) = gone {
+                tracing::warn!(path = %path.display(), "removing: {e}");
+            }
+        }
+        if let Some(lock) = self.lock.take() {
+            lock.remove();
+        }
+    }
+}
+
+/// An instance that keeps nothing leaves nothing, also when it fails half-way: its links
+/// close with their descriptors (after this), its pins, state and lock go here.
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if self.settings.mode == Mode::Run {
+            self.remove_everything();
+        }
+    }
+}
+
+/// The proxies of a stopped engine, finishing their open connections.
+#[must_use = "open connections are reset unless they are drained"]
+pub(crate) struct Draining {
+    proxies: Vec<crate::proxy::Proxy>,
+    grace: Duration,
+}
+
+impl Draining {
+    /// Open proxied connections may finish for the drain time; whatever is still open then
+    /// is reset, never closed as if complete.
+    pub(crate) async fn wait(self) {
+        // Side by side: each proxy's grace runs from the stop, not from the previous one's end.
+        let mut drains = tokio::task::JoinSet::new();
+        for p in self.proxies {
+            drains.spawn(p.drain(self.grace));
+        }
+        while drains.join_next().await.is_some() {}
+    }
+}
+
+/// One workload as the metrics endpoint reads it.
+pub(crate) struct View<'a> {
+    pub info: &'a WorkloadInfo,
+    /// Its `WORKLOADS` entry: the chain the programs evaluate.
+    pub entry: Workload,
+    /// Connections its embedded proxy holds now, and its counters.
+    pub proxy: Option<(usize, &'a ProxyCounters)>,
+}

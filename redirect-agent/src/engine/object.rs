@@ -1,0 +1,255 @@
+//! The eBPF object: loading and verifying the programs against an instance's pinned maps,
+//! pinning the programs, attaching the fast path to its sockhash, and what the verifier made
+//! of each program (`check --verifier`).
+//!
+//! Attaching to cgroups and namespaces is [`super::links`]' job: every link the engine makes
+//! is a `BPF_LINK_CREATE` link, pinned or not depending on the instance's lifetime.
+
+use std::{
+    os::fd::{AsFd as _, AsRawFd, BorrowedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Map, MapData, MapError, SockHash},
+    programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SkSkb, SockOps},
+};
+use redirect_common::{maps, programs};
+use serde::Serialize;
+
+use super::links::{self, MapAttachType};
+use crate::error::{LoadError, SysError};
+
+/// The object built from `redirect-ebpf` by build.rs (aya-build).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-ebpf"));
+
+/// The programs every instance loads.
+const CAPTURE_PROGRAMS: [&str; 4] = [
+    programs::SOCK_OPS,
+    programs::SK_LOOKUP,
+    programs::CONNECT4,
+    programs::GETSOCKOPT,
+];
+
+/// The fast path's programs, loaded only with `--fast-path`.
+const FAST_PATH_PROGRAMS: [&str; 2] = [programs::SK_SKB, programs::SK_MSG];
+
+/// The programs an instance loads: the fast path's two only when asked for.
+pub(crate) fn programs_for(fast_path: bool) -> impl Iterator<Item = &'static str> {
+    let fast: &'static [&'static str] = if fast_path { &FAST_PATH_PROGRAMS } else { &[] };
+    CAPTURE_PROGRAMS.into_iter().chain(fast.iter().copied())
+}
+
+/// What the verifier made of one program on this kernel.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ProgramReport {
+    pub name: String,
+    /// Instructions after the kernel's rewrites (xlated), as `bpftool prog show` counts them.
+    pub instructions: Option<u32>,
+    /// Instructions the verifier processed on its walk (5.16+).
+    pub verified: Option<u32>,
+}
+
+/// Loads (verifies) every program without pinning or attaching anything, and reports their
+/// sizes: what `check --verifier` prints per kernel.
+pub fn verifier_report() -> Result<Vec<ProgramReport>, LoadError> {
+    let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(LoadError::Object)?;
+    programs_for(true)
+        .map(|name| {
+            let info = load_program(&mut ebpf, name)?;
+            Ok(ProgramReport {
+                name: name.into(),
+                instructions: info.size_translated().map(|b| b / 8),
+                verified: info.verified_instruction_count(),
+            })
+        })
+        .collect()
+}
+
+/// Loads (verifies) program `name` as the type it is declared with. A macro, because aya's
+/// program types share no trait for `load`.
+macro_rules! load_as {
+    ($ebpf:expr, $name:expr, $ty:ty) => {{
+        let p: &mut $ty = program($ebpf, $name)?;
+        p.load().map_err(|e| verifier_error($name, e))?;
+        p.info()
+    }};
+}
+
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::programs::ProgramInfo, LoadError> {
+    match name {
+        programs::SOCK_OPS => load_as!(ebpf, name, SockOps),
+        programs::SK_LOOKUP => load_as!(ebpf, name, SkLookup),
+        programs::CONNECT4 => load_as!(ebpf, name, CgroupSockAddr),
+        programs::GETSOCKOPT => load_as!(ebpf, name, CgroupSockopt),
+        programs::SK_MSG => load_as!(ebpf, name, SkMsg),
+        programs::SK_SKB => load_as!(ebpf, name, SkSkb),
+        _ => return Err(LoadError::MissingProgram(name)),
+    }
+    .map_err(|e| verifier_error(name, e))
+}
+
+fn verifier_error(prog: &'static str, e: ProgramError) -> LoadError {
+    let reason = match &e {
+        ProgramError::LoadError { io_error, verifier_log } => {
+            tracing::debug!(prog, "verifier log:\n{verifier_log}");
+            io_error.to_string()
+        }
+        other => other.to_string(),
+    };
+    LoadError::Verifier {
+        prog,
+        reason,
+        kernel: crate::features::kernel_string(),
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let p = ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;
+    p.try_into().map_err(|_| LoadError::MissingProgram(name))
+}
+
+/// The loaded object: its programs ([`programs_for`]) verified, its maps those pinned in the
+/// instance's directory (made and pinned there if there are none, reused otherwise, so that
+/// what the programs know survives an agent that keeps its pins), nothing attached.
+pub(crate) struct Object {
+    ebpf: Ebpf,
+    fast_path: bool,
+}
+
+impl Object {
+    /// The original-destination maps hold `max_tracked_connections`; the fast-path maps both
+    /// ends of each local pair, or one entry when the fast path is off (a map cannot have
+    /// none), so that an instance without it does not hold their memory.
+    pub(crate) fn load(pin_dir: &Path, max_tracked_connections: u32, fast_path: bool) -> Result<Self, LoadError> {
+        let fast_path_slots = if fast_path {
+            max_tracked_connections.saturating_mul(2)
+        } else {
+            1
+        };
+        let pins: Vec<(&'static str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_dir.join(m))).collect();
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(maps::ORIG_BY_COOKIE, max_tracked_connections)
+            .map_max_entries(maps::ORIG_BY_TUPLE, max_tracked_connections)
+            .map_max_entries(maps::INBOUND_PENDING, max_tracked_connections)
+            .map_max_entries(maps::FAST_PATH_SOCKETS, fast_path_slots)
+            .map_max_entries(maps::FAST_PATH_SENDERS, fast_path_slots);
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
+        for name in programs_for(fast_path) {
+            load_program(&mut ebpf, name)?;
+        }
+        Ok(Self { ebpf, fast_path })
+    }
+
+    /// With `--fast-path`: attaches the verdict, then sk_msg, to the pinned sockhash. Before
+    /// any workload is served: a socket takes the sockhash's programs when it joins, not
+    /// later, and it must never sit there without the verdict on the kernels whose readiness
+    /// wakeups need it (see redirect-ebpf/src/sk_skb.rs). They stay with the map for as long
+    /// as it lives; a later agent's replace them.
+    pub(crate) fn attach_fast_path(&self) -> Result<(), LoadError> {
+        let map = self
+            .ebpf
+            .map(maps::FAST_PATH_SOCKETS)
+            .ok_or(LoadError::MissingMap(maps::FAST_PATH_SOCKETS))?;
+        let Map::SockHash(data) = map else {
+            return Err(LoadError::MissingMap(maps::FAST_PATH_SOCKETS));
+        };
+        for (prog, attach_type) in [
+            (programs::SK_SKB, MapAttachType::SkSkbStreamVerdict),
+            (programs::SK_MSG, MapAttachType::SkMsgVerdict),
+        ] {
+            links::attach_to_map(self.program_fd(prog)?, data.fd().as_fd(), attach_type).map_err(|e| {
+                LoadError::Verifier {
+                    prog,
+                    reason: format!("attaching to {}: {e}", maps::FAST_PATH_SOCKETS),
+                    kernel: crate::features::kernel_string(),
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Pins the programs in `dir`, in place of a predecessor's: once every link runs this
+    /// process's programs, the pins say which those are (`bpftool prog show pinned`), and a
+    /// predecessor's programs are freed when its process exits.
+    pub(crate) fn pin_programs(&mut self, dir: &Path) -> Result<(), LoadError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| LoadError::Sys(SysError::Io(format!("create {}", dir.display()), e)))?;
+        for name in programs_for(self.fast_path) {
+            let path = dir.join(name);
+            let _ = std::fs::remove_file(&path);
+            let p = self.ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;
+            p.pin(&path).map_err(|source| LoadError::Pin { path, source })?;
+        }
+        Ok(())
+    }
+
+    /// A loaded program's descriptor, for [`super::links`].
+    pub(crate) fn program_fd(&self, name: &'static str) -> Result<BorrowedFd<'_>, LoadError> {
+        let p = self.ebpf.program(name).ok_or(LoadError::MissingProgram(name))?;
+        let fd = p.fd().map_err(|e| verifier_error(name, e))?;
+        Ok(fd.as_fd())
+    }
+
+    /// A program's id, as bpftool shows it.
+    pub(crate) fn program_id(&self, name: &'static str) -> Result<u32, LoadError> {
+        let p = self.ebpf.program(name).ok_or(LoadError::MissingProgram(name))?;
+        let info = p.info().map_err(|e| verifier_error(name, e))?;
+        Ok(info.id())
+    }
+
+    /// The loaded programs by name with their ids.
+    pub(crate) fn program_ids(&self) -> std::collections::BTreeMap<String, u32> {
+        programs_for(self.fast_path)
+            .filter_map(|p| Some((p.to_owned(), self.program_id(p).ok()?)))
+            .collect()
+    }
+
+    /// Moves a map out as its typed view.
+    pub(crate) fn take<T>(&mut self, name: &'static str) -> Result<T, LoadError>
+    where
+        T: TryFrom<Map, Error = MapError>,
+    {
+        let map = self.ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+        T::try_from(map).map_err(|source| LoadError::Map { map: name, source })
+    }
+}
+
+/// One map of a pin directory, as its typed view (a second descriptor of the same map: each
+/// workload's proxy and address watcher own theirs).
+pub(crate) fn open_typed<T: TryFrom<Map, Error = MapError>>(dir: &Path, map: &'static str) -> Result<T, LoadError> {
+    let err = |source| LoadError::Map { map, source };
+    let data = MapData::from_pin(dir.join(map)).map_err(err)?;
+    T::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)
+}
+
+/// The workload's slot in `INBOUND_LISTENERS`: the socket sk_lookup hands inbound
+/// connections to.
+pub(crate) struct InboundListener {
+    map: SockHash<MapData, u64>,
+    netns_cookie: u64,
+}
+
+impl InboundListener {
+    pub(crate) fn new(map: SockHash<MapData, u64>, netns_cookie: u64) -> Self {
+        Self { map, netns_cookie }
+    }
+
+    /// `socket` must be listening (the kernel refuses other TCP states in a sockhash).
+    pub(crate) fn register(&mut self, socket: &impl AsRawFd) -> Result<(), LoadError> {
+        self.map
+            .insert(self.netns_cookie, socket.as_raw_fd(), 0)
+            .map_err(|source| LoadError::Map {
+                map: maps::INBOUND_LISTENERS,
+                source,
+            })
+    }
+}

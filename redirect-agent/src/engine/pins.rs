@@ -1,0 +1,382 @@
+//! Where an instance lives outside its process: its pins under `/sys/fs/bpf/redirect/NAME/`
+//! (maps, and for an instance that outlives its process, `links/` and `programs/`), its lock
+//! and its state file under `/run/redirect/`. One layout for `run` and `node`.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::Write as _,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use redirect_api::WorkloadInfo;
+use redirect_common::{LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, TupleKey, Workload, events};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    error::{LoadError, SysError},
+    sys::{PIN_ROOT, RUN_DIR},
+};
+
+pub fn validate_name(name: &str) -> Result<(), LoadError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(LoadError::BadName(name.into()))
+    }
+}
+
+/// `/sys/fs/bpf/redirect/NAME`: the instance's maps.
+pub fn pin_dir(name: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(name)
+}
+
+/// The links an instance that outlives its process keeps attached.
+pub(crate) fn links_dir(name: &str) -> PathBuf {
+    pin_dir(name).join("links")
+}
+
+pub(crate) fn programs_dir(name: &str) -> PathBuf {
+    pin_dir(name).join("programs")
+}
+
+/// `/run/redirect/NAME.json`: written once the instance serves; a state naming a live pid
+/// means "ready".
+pub fn state_path(name: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("{name}.json"))
+}
+
+/// Where node agents before the engine wrote their state; read when there is no other, so
+/// that an upgraded agent adopts a crashed predecessor's workloads.
+fn legacy_state_path(name: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("{name}.node.json"))
+}
+
+fn lock_path(name: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("{name}.lock"))
+}
+
+/// How an instance relates to its process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// `run`: everything goes with the process (its links are not pinned).
+    Run,
+    /// `node`: links and programs are pinned and outlive the process.
+    Node,
+}
+
+fn node_mode() -> Mode {
+    Mode::Node
+}
+
+/// What a running instance publishes, and what a successor adopts when no agent hands over.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    pub name: String,
+    pub pid: u32,
+    #[serde(default = "node_mode")]
+    pub mode: Mode,
+    /// The shared types' layout: pinned maps are reused only by an agent that reads them the
+    /// same way.
+    pub layout: String,
+    /// The cgroup v2 directory the cgroup programs are attached to.
+    pub cgroup_parent: PathBuf,
+    /// The control socket, for an instance that has one.
+    pub socket: Option<PathBuf>,
+    pub metrics: Option<SocketAddr>,
+    /// Attached programs by name, with the ids bpftool shows.
+    pub programs: BTreeMap<String, u32>,
+    pub workloads: Vec<WorkloadInfo>,
+}
+
+impl State {
+    /// Instance `name`'s state, if it has a readable one.
+    pub fn read(name: &str) -> Option<Self> {
+        [state_path(name), legacy_state_path(name)]
+            .iter()
+            .find_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
+    }
+
+    /// Written whole or not at all (a rename), so a reader never sees half a state.
+    pub(crate) fn write(&self) -> std::io::Result<()> {
+        std::fs::create_dir_all(RUN_DIR)?;
+        let path = state_path(&self.name);
+        let tmp = path.with_extension("json.tmp");
+        let mut f = File::create(&tmp)?;
+        serde_json::to_writer_pretty(&mut f, self)?;
+        f.write_all(b"\n")?;
+        std::fs::rename(tmp, &path)?;
+        // The legacy file would shadow nothing now, but would mislead a reader.
+        let _ = std::fs::remove_file(legacy_state_path(&self.name));
+        Ok(())
+    }
+}
+
+/// Sizes of everything the programs and the agent exchange through pinned maps.
+pub fn layout() -> String {
+    use std::mem::size_of;
+    format!(
+        "workload{}-rules{}-workloads{}-events{}-tuple{}-orig{}-pending{}-addr{}",
+        size_of::<Workload>(),
+        MAX_RULES,
+        MAX_WORKLOADS,
+        events::PER_WORKLOAD,
+        size_of::<TupleKey>(),
+        size_of::<OrigDst>(),
+        size_of::<PendingOrigDst>(),
+        size_of::<LocalAddrKey>(),
+    )
+}
+
+/// An instance's lock: one process per name holds it at a time; a handover passes it on.
+#[derive(Debug)]
+pub(crate) struct Lock {
+    _file: File,
+    path: PathBuf,
+}
+
+/// Why a lock was not had.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LockError {
+    #[error("{0}")]
+    Io(#[from] SysError),
+    #[error("lock {0} is held")]
+    Held(PathBuf),
+}
+
+impl Lock {
+    /// Waits up to `within` (a predecessor releases it right after a handover).
+    pub(crate) fn take(name: &str, within: Duration) -> Result<Self, LockError> {
+        let io = |what: String| move |e| SysError::Io(what, e);
+        std::fs::create_dir_all(RUN_DIR).map_err(io(format!("create {RUN_DIR}")))?;
+        let path = lock_path(name);
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(format!("open {}", path.display())))?;
+        let deadline = Instant::now() + within;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(Self { _file: file, path }),
+                Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => return Err(LockError::Held(path)),
+                Err(std::fs::TryLockError::Error(e)) => return Err(io(format!("lock {}", path.display()))(e).into()),
+            }
+        }
+    }
+
+    /// Releases the lock and removes its file (an instance that leaves nothing behind).
+    pub(crate) fn remove(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Whether a process holds instance `name`'s lock (without taking it for long).
+fn is_locked(name: &str) -> bool {
+    let Ok(f) = File::options().write(true).open(lock_path(name)) else {
+        return false;
+    };
+    // Released at once when `f` closes.
+    matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock))
+}
+
+/// Removes what a killed instance of `name` that kept nothing (a `run`) left: its state
+/// file and pins. Only with the lock held, so nobody else is using them.
+pub(crate) fn remove_leftovers(_held: &Lock, name: &str) -> Result<(), SysError> {
+    let io = |what: String| move |e| SysError::Io(what, e);
+    for path in [state_path(name), legacy_state_path(name)] {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io(format!("remove {}", path.display()))(e));
+            }
+            _ => {}
+        }
+    }
+    let dir = pin_dir(name);
+    if dir.exists() {
+        tracing::warn!(dir = %dir.display(), "removing the pins a stopped instance left");
+        std::fs::remove_dir_all(&dir).map_err(io(format!("remove {}", dir.display())))?;
+    }
+    Ok(())
+}
+
+/// Makes the pin directory. An exiting instance removes the shared root when it is empty;
+/// that can land between our mkdir of the root and of our own directory, so try again
+/// (bounded) when the parent vanishes.
+pub(crate) fn create_pin_dir(dir: &Path) -> Result<(), SysError> {
+    let mut tries = 0;
+    loop {
+        match std::fs::create_dir_all(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 5 => tries += 1,
+            other => return other.map_err(|e| SysError::Io(format!("create {}", dir.display()), e)),
+        }
+    }
+}
+
+/// Removes an instance's pins and state (the end of an instance that keeps nothing, or
+/// `cleanup`), and the shared root when it was the last one.
+pub(crate) fn remove_all(name: &str) -> Vec<(PathBuf, std::io::Result<()>)> {
+    let mut done = Vec::new();
+    for path in [
+        pin_dir(name),
+        state_path(name),
+        legacy_state_path(name),
+        state_path(name).with_extension("json.tmp"),
+    ] {
+        let gone = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if !matches!(&gone, Err(e) if e.kind() == std::io::ErrorKind::NotFound) {
+            done.push((path, gone));
+        }
+    }
+    let _ = std::fs::remove_dir(PIN_ROOT);
+    done
+}
+
+/// `redirect-agent cleanup`: every pin, link and state file of an instance whose agent is
+/// not running. What a pinned link kept attached detaches once its pin is gone.
+pub fn cleanup(name: &str) -> anyhow::Result<Vec<PathBuf>> {
+    crate::sys::require_privileges("redirect-agent cleanup")?;
+    validate_name(name)?;
+    let state = State::read(name);
+    if is_locked(name) {
+        let pid = state.map(|s| format!(" (pid {})", s.pid)).unwrap_or_default();
+        anyhow::bail!("instance '{name}' is running{pid}: stop it first, then run cleanup");
+    }
+    let socket = state
+        .and_then(|s| s.socket)
+        .unwrap_or_else(|| redirect_api::default_socket(name));
+    let mut removed = Vec::new();
+    for (path, gone) in remove_all(name) {
+        gone.map_err(|e| anyhow::anyhow!("remove {}: {e}", path.display()))?;
+        removed.push(path);
+    }
+    for path in [socket, lock_path(name)] {
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!("remove {}: {e}", path.display()),
+        }
+    }
+    Ok(removed)
+}
+
+/// Another live instance that captures the namespace `netns_cookie`, named for an error:
+/// two sets of programs deciding one namespace's connections would redirect them twice.
+pub(crate) fn captured_elsewhere(netns_cookie: u64, except: &str) -> Option<String> {
+    let alive = |pid: u32| {
+        i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
+    };
+    let mut names: Vec<String> = std::fs::read_dir(RUN_DIR)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_suffix(".node.json")
+                .or_else(|| n.strip_suffix(".json"))
+                .map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names.into_iter().filter(|n| n != except).find_map(|name| {
+        let state = State::read(&name)?;
+        let w = state.workloads.iter().find(|w| w.netns_cookie == netns_cookie)?;
+        alive(state.pid).then(|| match state.mode {
+            Mode::Node => format!("node agent '{name}' (pid {}) as workload '{}'", state.pid, w.id),
+            Mode::Run => format!("`run` instance '{name}' (pid {})", state.pid),
+        })
+    })
+}
+
+/// What the pins of instance `name` were made with, checked before a start changes anything
+/// (and so before a node asks a running agent to hand over): pinned maps are reused only by an
+/// agent that reads them the same way (the layout the state records), and keep the size they
+/// were made with. A different `--max-tracked-connections` is said and ignored; a different
+/// `--fast-path` is refused, since the fast-path maps would have one slot (or hold memory
+/// nobody uses).
+pub(crate) fn check_pins(name: &str, fast_path: bool, max_tracked_connections: u32) -> anyhow::Result<()> {
+    let dir = pin_dir(name);
+    if !dir.exists() {
+        return Ok(());
+    }
+    if let Some(state) = State::read(name)
+        && state.layout != layout()
+    {
+        anyhow::bail!(
+            "the maps pinned at {} have layout {} but this agent's is {}: run `redirect-agent cleanup --name {name}` \
+             (it releases every workload), then start again",
+            dir.display(),
+            state.layout,
+            layout(),
+        );
+    }
+    let size = |map: &str| {
+        aya::maps::MapData::from_pin(dir.join(map))
+            .ok()
+            .and_then(|m| m.info().ok())
+            .map(|i| i.max_entries())
+    };
+    if let Some(n) = size(redirect_common::maps::FAST_PATH_SOCKETS)
+        && (n > 1) != fast_path
+    {
+        anyhow::bail!(
+            "the pinned maps of '{name}' were made with --fast-path {}: start with the same setting, or run \
+             `redirect-agent cleanup --name {name}` first (it releases every workload)",
+            if n > 1 { "on" } else { "off" },
+        );
+    }
+    if let Some(n) = size(redirect_common::maps::ORIG_BY_TUPLE)
+        && n != max_tracked_connections
+    {
+        tracing::warn!(
+            pinned = n,
+            asked = max_tracked_connections,
+            "the pinned maps keep their size; --max-tracked-connections takes effect after a cleanup"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_path_safe() {
+        for good in ["node", "a-b_c", &"x".repeat(64)] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "a/b", "..", "a b", &"x".repeat(65)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_state_written_before_the_engine_still_reads() {
+        // A node agent's state file as the last release wrote it (no mode, socket required).
+        let old = r#"{"name":"node","pid":7,"layout":"x","cgroup_parent":"/sys/fs/cgroup","socket":"/run/redirect/node.sock",
+            "metrics":null,"programs":{"redirect_connect4":12},"workloads":[]}"#;
+        let s: State = serde_json::from_str(old).unwrap();
+        assert_eq!(s.mode, Mode::Node);
+        assert_eq!(s.socket.as_deref(), Some(Path::new("/run/redirect/node.sock")));
+        assert_eq!(s.programs["redirect_connect4"], 12);
+    }
+}

@@ -1,0 +1,563 @@
+//! Enrolling and removing workloads: every check before anything changes, then the steps
+//! that make one live, in the order that keeps a failure part-way invisible to connections.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::maps::PerCpuValues;
+use redirect_api::WorkloadInfo;
+use redirect_common::{MAX_RULES, MAX_WORKLOADS, chain, config::CaptureConfig, events, maps, programs};
+
+use super::{
+    Engine, EnrollError,
+    links::{self, AttachType},
+    object::{InboundListener, open_typed},
+    pins,
+};
+use crate::{
+    ProxyMode,
+    addrs::{self, LocalAddrs},
+    adopt,
+    proxy::{
+        Dialer, FastPath, FastPathSockets, LISTEN_BACKLOG, Listeners, Listening, NetnsDialer, OrigDstTable,
+        OriginalDst, Proxy, ProxyConfig, Side,
+    },
+    sys::{self, Netns},
+};
+
+/// A workload to enroll, its values parsed.
+#[derive(Debug, Clone)]
+pub(crate) struct Request {
+    pub id: String,
+    pub netns: PathBuf,
+    /// Capture only this cgroup's processes (under the attach point).
+    pub cgroup: Option<PathBuf>,
+    pub proxy: ProxyMode,
+    pub capture: CaptureConfig,
+    /// The flags as given, recorded for `list` and for a successor to parse again.
+    pub args: Vec<String>,
+    pub fast_path: bool,
+}
+
+impl Request {
+    /// From the control API, parsing the proxy mode and the istio-iptables flags.
+    pub(crate) fn from_api(req: redirect_api::Enroll) -> Result<Self, EnrollError> {
+        let proxy = ProxyMode::parse(&req.proxy).ok_or_else(|| EnrollError::BadProxy(req.proxy.clone()))?;
+        let capture = crate::flags::parse_args(&req.args).map_err(EnrollError::Flags)?;
+        Ok(Self {
+            id: req.id,
+            netns: req.netns,
+            cgroup: req.cgroup,
+            proxy,
+            capture,
+            args: req.args,
+            fast_path: req.fast_path,
+        })
+    }
+}
+
+/// One enrolled workload, live.
+pub(super) struct Enrolled {
+    pub(super) info: WorkloadInfo,
+    pub(super) netns: Netns,
+    /// Its sk_lookup link (pinned too, in an instance that keeps its pins).
+    _sk_lookup: OwnedFd,
+    pub(super) proxy: Option<Proxy>,
+    /// Second descriptors of the proxy's listeners, for a handover.
+    pub(super) listener_fds: Vec<(Side, OwnedFd)>,
+    _watcher: AbortOnDrop,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// The first counter block no workload holds.
+fn free_slot<'a>(taken: impl Iterator<Item = &'a WorkloadInfo> + Clone) -> Option<u32> {
+    (0..MAX_WORKLOADS).find(|s| taken.clone().all(|w| w.slot != *s))
+}
+
+/// Whether `cgroup` is `attach` or below it (both canonical).
+fn is_under(cgroup: &Path, attach: &Path) -> bool {
+    matches!((cgroup.canonicalize(), attach.canonicalize()), (Ok(c), Ok(a)) if c.starts_with(&a))
+}
+
+impl Engine {
+    fn sk_lookup_pin(&self, netns_cookie: u64) -> PathBuf {
+        pins::links_dir(&self.settings.name).join(format!("sk_lookup-{netns_cookie}"))
+    }
+
+    fn open_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+        &self,
+        name: &'static str,
+    ) -> Result<T, EnrollError> {
+        Ok(open_typed(&pins::pin_dir(&self.settings.name), name)?)
+    }
+
+    /// Enrolls a workload: checked whole first, then made live; a failure part-way removes
+    /// whatever it had put in place.
+    pub(crate) fn enroll(&mut self, req: Request) -> Result<WorkloadInfo, EnrollError> {
+        if self.handed_over {
+            return Err(EnrollError::HandedOver);
+        }
+        if !valid_id(&req.id) {
+            return Err(EnrollError::BadId(req.id));
+        }
+        if self.workloads.contains_key(&req.id) {
+            return Err(EnrollError::IdTaken(req.id));
+        }
+        let netns = Netns::open(&req.netns).map_err(EnrollError::Path)?;
+        let info = self.check(&req, &netns)?;
+        let cookie = info.netns_cookie;
+        match self.start_workload(info, &req.capture, netns, None) {
+            Ok(w) => {
+                let info = w.info.clone();
+                tracing::info!(id = %info.id, netns = %info.netns.display(), netns_cookie = cookie, slot = info.slot, "enrolled");
+                self.workloads.insert(info.id.clone(), w);
+                self.persist();
+                Ok(info)
+            }
+            Err(e) => {
+                self.purge(cookie);
+                Err(e)
+            }
+        }
+    }
+
+    /// Every check of an enroll request, before anything changes.
+    fn check(&self, req: &Request, netns: &Netns) -> Result<WorkloadInfo, EnrollError> {
+        chain::compile(&req.capture).map_err(|e| EnrollError::Flags(e.to_string()))?;
+        if req.fast_path && !self.settings.fast_path {
+            return Err(EnrollError::FastPathOff);
+        }
+        let cookie = netns
+            .cookie()
+            .map_err(EnrollError::io(format!("netns cookie of {}", req.netns.display())))?;
+        if cookie == self.host_netns_cookie && !self.settings.allow_host_netns {
+            return Err(EnrollError::HostNetns(req.netns.clone()));
+        }
+        if let Some(w) = self.workloads.values().find(|w| w.info.netns_cookie == cookie) {
+            return Err(EnrollError::NetnsTaken {
+                netns: req.netns.clone(),
+                id: w.info.id.clone(),
+            });
+        }
+        if let Some(by) = pins::captured_elsewhere(cookie, &self.settings.name) {
+            return Err(EnrollError::CapturedElsewhere {
+                netns: req.netns.clone(),
+                by,
+            });
+        }
+        if let Some(cg) = &req.cgroup {
+            sys::open_cgroup2_dir(cg).map_err(EnrollError::Path)?;
+            if !is_under(cg, &self.settings.attach) {
+                return Err(EnrollError::CgroupOutside {
+                    cgroup: cg.clone(),
+                    attach: self.settings.attach.clone(),
+                });
+            }
+        }
+        let addresses = addrs::read(netns).map_err(EnrollError::io(format!("addresses of {}", req.netns.display())))?;
+        for ip in addresses.iter().filter(|ip| !ip.is_loopback()) {
+            let owner = self.maps.owners.get(&u32::from(*ip).to_be(), 0).ok();
+            if let Some(other) = owner.and_then(|c| self.workloads.values().find(|w| w.info.netns_cookie == c)) {
+                return Err(EnrollError::AddressTaken {
+                    ip: *ip,
+                    netns: req.netns.clone(),
+                    id: other.info.id.clone(),
+                });
+            }
+        }
+        let slot = free_slot(self.workloads.values().map(|w| &w.info)).ok_or(EnrollError::Full)?;
+        Ok(WorkloadInfo {
+            id: req.id.clone(),
+            netns: req.netns.clone(),
+            netns_cookie: cookie,
+            cgroup: req.cgroup.clone(),
+            proxy: req.proxy.as_str().to_owned(),
+            args: req.args.clone(),
+            fast_path: req.fast_path,
+            slot,
+            addresses: addresses.iter().map(ToString::to_string).collect(),
+        })
+    }
+
+    fn zero_counters(&mut self, slot: u32) -> Result<(), EnrollError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| EnrollError::io("counting CPUs")(e))?;
+        let map_err = |map: &'static str| move |source| crate::error::LoadError::Map { map, source };
+        for i in 0..MAX_RULES as u32 {
+            let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(EnrollError::io("counters"))?;
+            self.maps
+                .counters
+                .set(slot * MAX_RULES as u32 + i, zeros, 0)
+                .map_err(map_err(maps::RULE_COUNTERS))?;
+        }
+        for e in 0..events::PER_WORKLOAD {
+            let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(EnrollError::io("counters"))?;
+            self.maps
+                .events
+                .set(slot * events::PER_WORKLOAD + e, zeros, 0)
+                .map_err(map_err(maps::EVENT_COUNTERS))?;
+        }
+        Ok(())
+    }
+
+    /// Everything a workload may have left in the maps and pins, removed whoever wrote it:
+    /// the undo of a failed enroll, unenroll itself, and the end of a stale workload.
+    pub(super) fn purge(&mut self, netns_cookie: u64) {
+        // First, so that no new connection is captured while the rest goes.
+        let _ = self.maps.workloads.remove(&netns_cookie);
+        let _ = links::unpin(&self.sk_lookup_pin(netns_cookie));
+        addrs::remove_all(&mut self.maps.local, &mut self.maps.owners, netns_cookie);
+        let _ = self.maps.listeners.remove(&netns_cookie);
+    }
+
+    /// The proxy's listeners: handed over, made inside the workload's cgroup (so that
+    /// sock_ops, attached there, sees the accepted ends the fast path needs), or bound in its
+    /// namespace.
+    fn listening(
+        &self,
+        info: &WorkloadInfo,
+        netns: &Netns,
+        cfg: &ProxyConfig,
+        handed: Option<Vec<(Side, OwnedFd)>>,
+        fast_path: bool,
+    ) -> std::io::Result<Listening> {
+        match handed {
+            Some(fds) => Listening::from_fds(fds),
+            None if fast_path && !self.agent_under_attach => {
+                let cgroup = info.cgroup.as_deref().unwrap_or(&self.settings.attach);
+                crate::listen_in::listeners(cgroup, &info.netns, &[cfg.outbound, cfg.inbound], LISTEN_BACKLOG)
+                    .and_then(|fds| Listening::from_fds([Side::Outbound, Side::Inbound].into_iter().zip(fds)))
+            }
+            None => Listeners::bind(netns, cfg).and_then(Listeners::listen),
+        }
+    }
+
+    /// Makes a checked workload live (new, adopted or handed over). The `WORKLOADS` entry
+    /// goes in last: until then no connection is captured, so a failure part-way changes
+    /// nothing a connection could see, and the caller's [`Engine::purge`] removes the rest.
+    pub(super) fn start_workload(
+        &mut self,
+        mut info: WorkloadInfo,
+        capture: &CaptureConfig,
+        netns: Netns,
+        handed: Option<Vec<(Side, OwnedFd)>>,
+    ) -> Result<Enrolled, EnrollError> {
+        let rules = chain::compile(capture).map_err(|e| EnrollError::Flags(e.to_string()))?;
+        let cookie = info.netns_cookie;
+        let embedded = ProxyMode::parse(&info.proxy) == Some(ProxyMode::Embedded);
+        let fast_path = info.fast_path && self.settings.fast_path;
+        let (cgroup_id, cgroup_level) = match &info.cgroup {
+            Some(cg) => sys::cgroup_identity(cg).map_err(EnrollError::Path)?,
+            None => (0, 0),
+        };
+        let adopted = handed.is_some() || self.maps.workloads.get(&cookie, 0).is_ok();
+        if !adopted {
+            self.zero_counters(info.slot)?;
+        }
+
+        // The proxy, listening before anything is captured.
+        let mut inbound = InboundListener::new(self.open_map(maps::INBOUND_LISTENERS)?, cookie);
+        let (proxy, listener_fds) = if embedded {
+            let cfg = ProxyConfig {
+                outbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, capture.envoy_port),
+                inbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, capture.inbound_capture_port),
+                connect_timeout: self.settings.connect_timeout,
+                max_connections: self.settings.max_proxy_connections,
+            }
+            .fit_to_descriptors(self.nofile);
+            let listening = self
+                .listening(&info, &netns, &cfg, handed, fast_path)
+                .map_err(EnrollError::io(format!("proxy listeners in {}", info.netns.display())))?;
+            // sk_lookup hands connections from other hosts to this socket.
+            if let Some(l) = listening.get(Side::Inbound) {
+                inbound.register(l)?;
+            }
+            let fds = listening.dup_fds().map_err(EnrollError::io("listener descriptors"))?;
+            let table = OriginalDst::Maps(Box::new(OrigDstTable::new(
+                self.open_map(maps::ORIG_BY_TUPLE)?,
+                self.open_map(maps::INBOUND_PENDING)?,
+                cookie,
+            )));
+            let dialer = Dialer::Netns(NetnsDialer::start(&netns).map_err(EnrollError::io("upstream dialer"))?);
+            // Where sock_ops does not see the proxy's upstream sockets, the proxy enrolls
+            // them in the fast path itself.
+            let own_fast_path = match fast_path && !self.agent_under_attach {
+                true => Some(FastPath {
+                    sockets: FastPathSockets::new(
+                        self.open_map(maps::FAST_PATH_SOCKETS)?,
+                        self.open_map(maps::FAST_PATH_SENDERS)?,
+                    ),
+                    netns_cookie: cookie,
+                }),
+                false => None,
+            };
+            let proxy = Proxy::start(listening, table, dialer, cfg, own_fast_path)
+                .map_err(EnrollError::io("starting the proxy"))?;
+            (Some(proxy), fds)
+        } else {
+            // sock_ops registers the workload's proxy's listener when it calls listen(); one
+            // that listened before is found here.
+            if !capture.inbound_ports.is_empty() {
+                adopt_listener(&netns, capture.inbound_capture_port, &mut inbound, &info.id)?;
+            }
+            (None, Vec::new())
+        };
+
+        // Its addresses: what `-o lo` reaches, and which workload sk_lookup serves.
+        let local = LocalAddrs::install(
+            &netns,
+            self.open_map(maps::LOCAL_ADDRS)?,
+            self.open_map(maps::ADDR_OWNERS)?,
+            cookie,
+        )
+        .map_err(EnrollError::io(format!("addresses of {}", info.netns.display())))?;
+        info.addresses = local.addresses().iter().map(ToString::to_string).collect();
+        let watch_ns = netns.try_clone().map_err(EnrollError::io("namespace descriptor"))?;
+        let id = info.id.clone();
+        let watcher = AbortOnDrop(tokio::spawn(async move {
+            if let Err(e) = local.watch(watch_ns).await {
+                tracing::error!(%id, "local address watcher stopped: {e}; -o lo decisions may be stale");
+            }
+        }));
+
+        let sk_lookup = self.sk_lookup_link(cookie, &netns)?;
+        let serving = chain::Serving {
+            own_proxy: !embedded,
+            fast_path,
+        };
+        let mut w = chain::workload(capture, &rules, info.slot, serving);
+        w.cgroup_id = cgroup_id;
+        w.cgroup_level = cgroup_level;
+        self.maps
+            .workloads
+            .insert(cookie, w, 0)
+            .map_err(|source| crate::error::LoadError::Map {
+                map: maps::WORKLOADS,
+                source,
+            })?;
+        Ok(Enrolled {
+            info,
+            netns,
+            _sk_lookup: sk_lookup,
+            proxy,
+            listener_fds,
+            _watcher: watcher,
+        })
+    }
+
+    /// sk_lookup on the workload's namespace: a pinned link of an adopted workload moved to
+    /// this process's program, else a new one, pinned if the instance keeps its pins. Links on
+    /// a namespace run in attach order; ours passes over connections it does not decide.
+    fn sk_lookup_link(&self, cookie: u64, netns: &Netns) -> Result<OwnedFd, EnrollError> {
+        let prog = self.object.program_fd(programs::SK_LOOKUP)?;
+        let pin = self.sk_lookup_pin(cookie);
+        let persist = self.settings.mode == pins::Mode::Node;
+        if persist && let Ok(link) = links::open_pinned(&pin) {
+            links::update(link.as_fd(), prog).map_err(EnrollError::io(format!(
+                "moving {} to this agent's program",
+                pin.display()
+            )))?;
+            return Ok(link);
+        }
+        let link = links::create(prog, netns.as_fd(), AttachType::SkLookup).map_err(EnrollError::io(format!(
+            "attaching sk_lookup to {} (sk_lookup links need kernel 5.9+)",
+            netns.path().display()
+        )))?;
+        if persist {
+            links::pin(link.as_fd(), &pin).map_err(EnrollError::io("pinning sk_lookup"))?;
+        }
+        Ok(link)
+    }
+
+    /// Removes a workload: captured no more from this moment; its proxy's open connections
+    /// may finish for the drain time.
+    pub(crate) fn unenroll(&mut self, id: Option<String>, netns: Option<PathBuf>) -> Result<String, EnrollError> {
+        if self.handed_over {
+            return Err(EnrollError::HandedOver);
+        }
+        let id = match (id, netns) {
+            (Some(id), _) => id,
+            (None, Some(path)) => {
+                let cookie = Netns::open(&path)
+                    .map_err(EnrollError::Path)?
+                    .cookie()
+                    .map_err(EnrollError::io(format!("netns cookie of {}", path.display())))?;
+                self.workloads
+                    .values()
+                    .find(|w| w.info.netns_cookie == cookie)
+                    .map(|w| w.info.id.clone())
+                    .ok_or(EnrollError::NoSuchNetns(path))?
+            }
+            (None, None) => return Err(EnrollError::NoTarget),
+        };
+        let w = self
+            .workloads
+            .remove(&id)
+            .ok_or_else(|| EnrollError::NoSuchId(id.clone()))?;
+        self.purge(w.info.netns_cookie);
+        self.persist();
+        tracing::info!(%id, "unenrolled");
+        if let Some(proxy) = w.proxy {
+            tokio::spawn(proxy.drain(self.settings.drain));
+        }
+        Ok(id)
+    }
+
+    /// Serves again the workloads a predecessor served (handed over with their descriptors,
+    /// or adopted from its state). Those whose namespace is gone, or that cannot be started
+    /// again, are released rather than left half-served; so are entries and pins no state
+    /// names (a state file lost with a crash).
+    pub(crate) fn restore(&mut self, infos: Vec<WorkloadInfo>, mut handed: BTreeMap<String, super::handover::Handed>) {
+        for info in infos {
+            let cookie = info.netns_cookie;
+            let from_peer = handed.remove(&info.id);
+            let netns = match &from_peer {
+                Some(h) => h
+                    .netns
+                    .try_clone()
+                    .map_err(|e| e.to_string())
+                    .and_then(|fd| Netns::from_fd(fd, &info.netns).map_err(|e| e.to_string())),
+                None => Netns::open(&info.netns).map_err(|e| e.to_string()),
+            };
+            let netns = match netns {
+                Ok(ns) if ns.cookie().ok() == Some(cookie) => ns,
+                Ok(_) => {
+                    tracing::warn!(id = %info.id, netns = %info.netns.display(), "namespace is gone (its path names another now); releasing the workload");
+                    self.purge(cookie);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(id = %info.id, "namespace is gone ({e}); releasing the workload");
+                    self.purge(cookie);
+                    continue;
+                }
+            };
+            let id = info.id.clone();
+            let started = crate::flags::parse_args(&info.args)
+                .map_err(EnrollError::Flags)
+                .and_then(|capture| self.start_workload(info, &capture, netns, from_peer.map(|h| h.listeners)));
+            match started {
+                Ok(w) => {
+                    tracing::info!(%id, netns_cookie = cookie, "workload adopted");
+                    self.workloads.insert(id, w);
+                }
+                Err(e) => {
+                    tracing::error!(%id, "cannot serve the workload again: {e}; releasing it");
+                    self.purge(cookie);
+                }
+            }
+        }
+        let known: Vec<u64> = self.workloads.values().map(|w| w.info.netns_cookie).collect();
+        let stale: Vec<u64> = self
+            .maps
+            .workloads
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|c| !known.contains(c))
+            .collect();
+        for cookie in stale {
+            tracing::warn!(
+                netns_cookie = cookie,
+                "a workload in the pinned maps has no state; releasing it"
+            );
+            self.purge(cookie);
+        }
+        if let Ok(dir) = std::fs::read_dir(pins::links_dir(&self.settings.name)) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(c) = name.strip_prefix("sk_lookup-").and_then(|c| c.parse::<u64>().ok())
+                    && !known.contains(&c)
+                {
+                    let _ = links::unpin(&e.path());
+                }
+            }
+        }
+    }
+}
+
+/// Registers a socket that already listens on the inbound capture port (the workload's own
+/// proxy's). Not finding one is normal (the proxy starts later); failing to look is logged,
+/// not fatal: sock_ops still registers the next listen().
+fn adopt_listener(netns: &Netns, port: u16, slot: &mut InboundListener, id: &str) -> Result<(), EnrollError> {
+    match adopt::existing_listener(netns, port) {
+        Ok(Some((fd, pid))) => {
+            slot.register(&fd)?;
+            tracing::info!(%id, pid, port, "inbound capture listener (already listening) registered");
+        }
+        Ok(None) => tracing::info!(
+            %id,
+            port,
+            "nothing listens on the inbound capture port yet; connections from other hosts are refused until a \
+             workload process listens on it"
+        ),
+        Err(e) => tracing::warn!(%id, port, "looking for an inbound capture listener: {e}"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(slot: u32) -> WorkloadInfo {
+        WorkloadInfo {
+            id: format!("w{slot}"),
+            netns: "/run/netns/x".into(),
+            netns_cookie: u64::from(slot) + 100,
+            cgroup: None,
+            proxy: "embedded".into(),
+            args: Vec::new(),
+            fast_path: false,
+            slot,
+            addresses: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn ids_are_names_a_runtime_gives() {
+        assert!(valid_id("2f4c0e1d9a"));
+        assert!(valid_id("pod-a.default_1"));
+        for bad in ["", "a/b", "a b", "é", &"x".repeat(129)] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_freed_counter_block_is_reused_first_and_a_full_node_has_none() {
+        let taken = [info(0), info(2)];
+        assert_eq!(free_slot(taken.iter()), Some(1));
+        let all: Vec<_> = (0..MAX_WORKLOADS).map(info).collect();
+        assert_eq!(free_slot(all.iter()), None);
+        assert_eq!(free_slot([].iter()), Some(0));
+    }
+
+    #[test]
+    fn a_cgroup_outside_the_attach_point_is_not_under_it() {
+        let dir = std::env::temp_dir().join(format!("rd-under-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("a/b")).unwrap();
+        assert!(is_under(&dir.join("a/b"), &dir.join("a")));
+        assert!(is_under(&dir.join("a"), &dir.join("a")));
+        assert!(!is_under(&dir.join("a"), &dir.join("a/b")));
+        // `..` does not escape the check.
+        assert!(!is_under(&dir.join("a/b/../.."), &dir.join("a")));
+        assert!(!is_under(&dir.join("missing"), &dir));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
