@@ -127,7 +127,7 @@ pub fn render(r: &Report) -> String {
     let count = |what: &str| r.results.values().filter(|v| v.as_str() == what).count();
     let (passed, failed, ignored) = (count("ok"), count("FAILED"), count("ignored"));
     s.push_str(&format!(
-        "\nIntegration tests in the guest ({}, booted with virtme-ng, {} s with the boot): ",
+        "\nIntegration tests in the guest ({}, booted with virtme-ng; {} s, boot included): ",
         r.guest.release, r.seconds
     ));
     if r.filters.is_empty() {
