@@ -13,6 +13,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod docs;
 mod vm;
 
 #[derive(Parser)]
@@ -58,7 +59,7 @@ enum Task {
         /// Only tests whose name contains this; repeat for several.
         #[arg(long, value_name = "PATTERN")]
         filter: Vec<String>,
-        /// Also print each program's instruction counts on the host and the guest kernel.
+        /// Also report each program's instruction counts on the host and the guest kernel (into docs/kernels.md).
         #[arg(long)]
         report: bool,
     },

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{apt_install, cargo, have, root, run};
+use crate::{apt_install, cargo, docs, have, root, run};
 
 /// What the guest needs from this machine: QEMU, busybox for virtme-ng's init, and Debian 12's
 /// own kernel (6.1 LTS), the second kernel the project claims.
@@ -225,17 +225,19 @@ fn parse_test_line(line: &str) -> Option<(&str, &str)> {
     matches!(result, "ok" | "FAILED" | "ignored").then_some((name, result))
 }
 
+/// One program in `redirect-agent check --verifier --json`.
 #[derive(Debug, serde::Deserialize)]
-struct ProgramReport {
-    name: String,
-    instructions: Option<u32>,
-    verified: Option<u32>,
+pub struct ProgramReport {
+    pub name: String,
+    pub instructions: Option<u32>,
+    pub verified: Option<u32>,
 }
 
+/// `redirect-agent check --verifier --json`: the parts the report uses.
 #[derive(Debug, serde::Deserialize)]
-struct CheckReport {
-    kernel: String,
-    programs: Vec<ProgramReport>,
+pub struct CheckReport {
+    pub kernel: String,
+    pub programs: Vec<ProgramReport>,
 }
 
 fn print_report(reports: &[CheckReport]) {
@@ -370,10 +372,8 @@ pub fn vm_test(opts: &Options, agent: &Path) -> anyhow::Result<Outcome> {
             _ => {}
         }
     }
-    println!(
-        "vm tests ({guest_kernel}, boot included {} s): {passed} passed, {failed} failed",
-        started.elapsed().as_secs()
-    );
+    let seconds = started.elapsed().as_secs();
+    println!("vm tests ({guest_kernel}, boot included {seconds} s): {passed} passed, {failed} failed");
     if opts.report {
         let mut reports = Vec::new();
         let native = Command::new(agent)
@@ -383,6 +383,28 @@ pub fn vm_test(opts: &Options, agent: &Path) -> anyhow::Result<Outcome> {
         reports.push(serde_json::from_slice::<CheckReport>(&native.stdout).context("vm-test: check output (host)")?);
         reports.push(serde_json::from_str::<CheckReport>(&report_json).context("vm-test: check output (guest)")?);
         print_report(&reports);
+        if passed + failed > 0 {
+            let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map_or_else(|_| "?".to_owned(), |r| r.trim().to_owned());
+            let report = docs::Report {
+                date: docs::today(),
+                host: docs::Kernel {
+                    role: "host",
+                    release: &host_release,
+                    check: &reports[0],
+                },
+                guest: docs::Kernel {
+                    role: "guest",
+                    release: &guest_kernel,
+                    check: &reports[1],
+                },
+                filters: &opts.filters,
+                results: &results,
+                seconds,
+            };
+            let (path, block) = docs::write_kernels_report(&root(), &report)?;
+            println!("\nvm-test --report: wrote {}:\n{block}", path.display());
+        }
     }
     if passed + failed == 0 {
         bail!("vm-test: no test ran in the guest (filters {:?})", opts.filters);
