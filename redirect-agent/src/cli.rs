@@ -106,7 +106,7 @@ struct AgentSocket {
 
 #[derive(clap::Args, Debug)]
 struct NodeArgs {
-    /// Instance name: pins go to /sys/fs/bpf/redirect/NAME/, state to /run/redirect/NAME.node.json.
+    /// Instance name: pins go to /sys/fs/bpf/redirect/NAME/, state to /run/redirect/NAME.json.
     #[arg(long, default_value = "node")]
     name: String,
     /// cgroup v2 directory the programs attach to; every workload's processes must be under
@@ -155,7 +155,7 @@ struct EnrollArgs {
     #[arg(long, value_enum, default_value_t = ProxyMode::Embedded)]
     proxy: ProxyMode,
     /// Hand bytes between the workload's local pairs with sk_msg (the node agent must run
-    /// with --fast-path). See the README's "The fast path".
+    /// with --fast-path). See docs/fast-path.md.
     #[arg(long)]
     fast_path: bool,
     #[command(flatten)]
@@ -212,7 +212,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
     drain_timeout_ms: u64,
     /// Hand bytes between the two local ends of captured connections (app and proxy) with
-    /// sk_msg, skipping TCP/IP on loopback. Off by default: see the README's "Fast path".
+    /// sk_msg, skipping TCP/IP on loopback. Off by default: see docs/fast-path.md.
     #[arg(long)]
     fast_path: bool,
     #[command(flatten)]
