@@ -1,0 +1,365 @@
+//! The embedded proxy loop: listeners on the capture ports inside the workload's namespace,
+//! forwarding each accepted connection to its original destination.
+//!
+//! Sockets are created by threads that entered the workload's namespace; tokio's own threads
+//! never change namespace. The agent is outside the captured cgroup, so its upstream connects
+//! are never redirected back to itself.
+
+use std::{
+    io,
+    net::{SocketAddr, SocketAddrV4},
+    os::fd::AsRawFd as _,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use redirect_common::chain::INBOUND_PASSTHROUGH_SRC;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+    task::JoinSet,
+};
+
+mod dialer;
+mod fast_path;
+mod listen;
+mod orig_dst;
+
+pub use dialer::{Dialer, NetnsDialer};
+use fast_path::Enrolled;
+pub use fast_path::{FastPath, FastPathSockets};
+pub use listen::{LISTEN_BACKLOG, Listeners, Listening, ProxyConfig, Side, connections_fitting};
+pub use orig_dst::{Destination, OrigDstTable, OriginalDst, tuple_key};
+
+/// Bytes buffered per direction per connection.
+const COPY_BUF: usize = 64 * 1024;
+
+/// Counts the proxy keeps for its logs and node mode's metrics.
+#[derive(Debug, Default)]
+pub struct ProxyCounters {
+    pub accepted: AtomicU64,
+    /// Bytes from the connecting side to the original destination, as they are written.
+    pub bytes_to_upstream: AtomicU64,
+    /// Bytes back from the original destination.
+    pub bytes_from_upstream: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub no_original_dst: AtomicU64,
+    pub upstream_failed: AtomicU64,
+    pub over_limit: AtomicU64,
+}
+
+/// The running proxy; dropping it stops the listeners and resets open connections.
+pub struct Proxy {
+    tasks: JoinSet<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+    shared: Arc<Shared>,
+    pub counters: Arc<ProxyCounters>,
+}
+
+struct Shared {
+    table: OriginalDst,
+    fast_path: Option<std::sync::Mutex<FastPath>>,
+    dialer: Dialer,
+    cfg: ProxyConfig,
+    limit: Arc<Semaphore>,
+    counters: Arc<ProxyCounters>,
+}
+
+impl Proxy {
+    /// Starts serving. Must run inside the tokio runtime.
+    pub fn start(
+        listening: Listening,
+        table: OriginalDst,
+        dialer: Dialer,
+        cfg: ProxyConfig,
+        fast_path: Option<FastPath>,
+    ) -> io::Result<Self> {
+        let counters = Arc::new(ProxyCounters::default());
+        let shared = Arc::new(Shared {
+            table,
+            fast_path: fast_path.map(std::sync::Mutex::new),
+            dialer,
+            limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            cfg,
+            counters: counters.clone(),
+        });
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut tasks = JoinSet::new();
+        for (side, listener) in listening.listeners {
+            tracing::info!(side = side.name(), addr = %listener.local_addr()?, "proxy listening");
+            tasks.spawn(accept_loop(listener, side, shared.clone(), stopped.clone()));
+        }
+        Ok(Self {
+            tasks,
+            stop,
+            shared,
+            counters,
+        })
+    }
+
+    /// Connections being served now.
+    pub fn active(&self) -> usize {
+        self.shared.cfg.max_connections - self.shared.limit.available_permits()
+    }
+
+    /// Closes the listeners (what waits in their backlogs is reset), lets open connections
+    /// finish for up to `grace`, then resets the rest: a connection cut short must not look
+    /// complete to either side.
+    pub async fn drain(mut self, grace: Duration) {
+        let _ = self.stop.send(true);
+        let open = self.active();
+        if open > 0 {
+            tracing::info!(
+                open,
+                grace_ms = grace.as_millis() as u64,
+                "draining proxied connections"
+            );
+        }
+        let finished = tokio::time::timeout(grace, async { while self.tasks.join_next().await.is_some() {} }).await;
+        match finished {
+            Ok(()) if open > 0 => tracing::info!("drained"),
+            Ok(()) => {}
+            Err(_) => {
+                tracing::warn!(reset = self.active(), "drain time is up; resetting what is still open");
+                self.tasks.shutdown().await;
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    side: Side,
+    shared: Arc<Shared>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut conns = JoinSet::new();
+    // Under overload every accept is over the limit: one warning a second, with the count.
+    let mut over_limit = Throttle::default();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                    let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
+                        shared.counters.over_limit.fetch_add(1, Ordering::Relaxed);
+                        if let Some(resets) = over_limit.hit() {
+                            tracing::warn!(
+                                %peer,
+                                limit = shared.cfg.max_connections,
+                                resets,
+                                "connection limit reached; resetting"
+                            );
+                        }
+                        reset(stream);
+                        continue;
+                    };
+                    let shared = shared.clone();
+                    conns.spawn(async move {
+                        serve(stream, peer, side, &shared).await;
+                        drop(permit);
+                    });
+                }
+                // EMFILE and friends: back off instead of spinning.
+                Err(e) => {
+                    tracing::warn!(side = side.name(), "accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            // Only ever set to true; a dropped sender (the proxy gone) stops as well.
+            _ = stopped.changed() => break,
+        }
+    }
+    drop(listener);
+    while conns.join_next().await.is_some() {}
+}
+
+/// Lets a repeating event through at most once a second, counting the ones held back.
+#[derive(Default)]
+struct Throttle {
+    last: Option<std::time::Instant>,
+    held: u64,
+}
+
+impl Throttle {
+    /// `Some(n)`: report now, `n` events since the last report (this one included).
+    fn hit(&mut self) -> Option<u64> {
+        self.held += 1;
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held))
+    }
+}
+
+/// Closes with RST, so the workload sees a failure at once instead of a clean EOF or a hang.
+fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared) {
+    let (SocketAddr::V4(peer4), Ok(SocketAddr::V4(local))) = (peer, client.local_addr()) else {
+        tracing::warn!(%peer, "not an IPv4 connection; resetting");
+        return reset(client);
+    };
+    let listen_port = match side {
+        Side::Outbound => shared.cfg.outbound.port(),
+        Side::Inbound => shared.cfg.inbound.port(),
+    };
+    let Some(dst) = shared.table.lookup(&client, peer4, local, listen_port) else {
+        shared.counters.no_original_dst.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%peer, %local, "no original destination recorded for this connection; resetting");
+        return reset(client);
+    };
+    let upstream = match connect_upstream(dst.addr, side, shared).await {
+        Ok(s) => s,
+        Err(e) => {
+            shared.counters.upstream_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, dst = %dst.addr, "upstream connect failed: {e}; resetting");
+            return reset(client);
+        }
+    };
+    shared.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(%peer, dst = %dst.addr, side = side.name(), "forwarding");
+    // Before the first byte is written to it.
+    let _enrolled = (side == Side::Inbound)
+        .then(|| shared.fast_path.as_ref().and_then(|f| Enrolled::new(f, &upstream)))
+        .flatten();
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    // An error on either side, or the task aborted at the end of a drain, resets both: an
+    // abort passed on as a clean close would make a cut stream look complete.
+    let mut guard = ResetUnlessDone {
+        streams: [&client, &upstream],
+        done: false,
+    };
+    // Half-close is carried across: EOF on one side shuts down writing on the other, and the
+    // other direction keeps flowing until it ends too.
+    let counters = &shared.counters;
+    match tokio::try_join!(
+        pump(&client, &upstream, &counters.bytes_to_upstream),
+        pump(&upstream, &client, &counters.bytes_from_upstream)
+    ) {
+        Ok((up, down)) => {
+            guard.done = true;
+            tracing::debug!(%peer, dst = %dst.addr, up, down, "closed");
+        }
+        Err(e) => tracing::debug!(%peer, dst = %dst.addr, "copy ended: {e}"),
+    }
+}
+
+struct ResetUnlessDone<'a> {
+    streams: [&'a TcpStream; 2],
+    done: bool,
+}
+
+impl Drop for ResetUnlessDone<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            for s in self.streams {
+                let _ = s.set_zero_linger();
+            }
+        }
+    }
+}
+
+/// Copies `from` to `to` until EOF, then shuts down writing on `to`. The buffer is taken only
+/// once `from` is readable and given back whenever a read drains it, so an idle connection
+/// holds no buffer: a proxy holding ten thousand quiet connections should not hold 1.3 GB.
+async fn pump(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        from.readable().await?;
+        buf.reserve_exact(COPY_BUF);
+        match from.try_read_buf(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+        let drained = buf.len() < COPY_BUF;
+        write_all(to, &buf).await?;
+        total += buf.len() as u64;
+        bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        if drained {
+            buf = Vec::new();
+        } else {
+            buf.clear();
+        }
+    }
+    // SAFETY: a valid, open socket; SHUT_WR on a connection the peer already closed only
+    // returns ENOTCONN, which changes nothing here.
+    unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+    Ok(total)
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn connect_upstream(dst: SocketAddrV4, side: Side, shared: &Shared) -> io::Result<TcpStream> {
+    let socket = shared.dialer.socket().await?;
+    if side == Side::Inbound {
+        socket.bind(SocketAddrV4::new(INBOUND_PASSTHROUGH_SRC, 0).into())?;
+    }
+    tokio::time::timeout(shared.cfg.connect_timeout, socket.connect(dst.into()))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn cfg(max_connections: usize) -> ProxyConfig {
+        ProxyConfig {
+            outbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001),
+            inbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15006),
+            connect_timeout: Duration::from_secs(1),
+            max_connections,
+        }
+    }
+
+    #[test]
+    fn a_throttle_reports_the_first_event_then_counts() {
+        let mut t = Throttle::default();
+        assert_eq!(t.hit(), Some(1));
+        assert_eq!(t.hit(), None);
+        assert_eq!(t.hit(), None);
+        t.last = Some(std::time::Instant::now() - Duration::from_secs(2));
+        assert_eq!(t.hit(), Some(3));
+    }
+
+    #[test]
+    fn the_connection_budget_fits_the_descriptor_limit() {
+        let reserved = crate::sys::RESERVED_FDS;
+        assert_eq!(
+            cfg(16384).fit_to_descriptors(20_000).max_connections,
+            (20_000 - reserved as usize) / 2
+        );
+        assert_eq!(cfg(100).fit_to_descriptors(20_000).max_connections, 100);
+        // A limit below the reserve still serves one connection rather than none.
+        assert_eq!(cfg(100).fit_to_descriptors(10).max_connections, 1);
+    }
+}

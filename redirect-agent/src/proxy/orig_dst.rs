@@ -1,0 +1,130 @@
+//! Where an accepted connection was going: the programs' maps (embedded proxy) or conntrack
+//! (`redirect-agent proxy`, behind iptables).
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::maps::{HashMap, MapData};
+use redirect_common::{OrigDst, Target, TupleKey};
+use tokio::net::TcpStream;
+
+/// The original destination of connections accepted on the capture ports.
+///
+/// This is the one lookup every listener uses, and the same one `cgroup/getsockopt` answers
+/// `SO_ORIGINAL_DST` from (`redirect-ebpf/src/maps.rs`, `orig_dst`), so the embedded proxy and
+/// a proxy behind `--proxy none` see the same destinations. The key is the connection as its
+/// connecting end sees it: the accepted socket's peer is the source, its local address the
+/// destination, plus the namespace.
+///
+/// - `ORIG_BY_TUPLE`: connections connect4 redirected (written by sock_ops when the workload's
+///   end became established), and inbound ones once a capture listener in the workload's cgroup
+///   accepted them.
+/// - `INBOUND_PENDING`: inbound connections sk_lookup handed to the capture listener, from
+///   their SYN. (sk_lookup rewrites nothing: the destination is also the accepted socket's
+///   local address, but only the map says the connection was captured.)
+pub struct OrigDstTable {
+    established: HashMap<MapData, TupleKey, OrigDst>,
+    pending: std::sync::Mutex<HashMap<MapData, TupleKey, OrigDst>>,
+    netns_cookie: u64,
+}
+
+/// Where and why a connection was redirected.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Destination {
+    pub addr: SocketAddrV4,
+    pub target: Option<Target>,
+}
+
+fn be(ip: Ipv4Addr) -> u32 {
+    u32::from(ip).to_be()
+}
+
+/// A connection's key in the maps, from the socket at one end: `local` and `peer` are that
+/// socket's addresses. Seen from the connecting end, the source is `local`.
+pub fn tuple_key(netns_cookie: u64, src: SocketAddrV4, dst: SocketAddrV4) -> TupleKey {
+    TupleKey {
+        netns_cookie,
+        src_addr: be(*src.ip()),
+        dst_addr: be(*dst.ip()),
+        src_port: src.port(),
+        dst_port: dst.port(),
+        _pad: 0,
+    }
+}
+
+impl OrigDstTable {
+    pub fn new(
+        established: HashMap<MapData, TupleKey, OrigDst>,
+        pending: HashMap<MapData, TupleKey, OrigDst>,
+        netns_cookie: u64,
+    ) -> Self {
+        Self {
+            established,
+            pending: std::sync::Mutex::new(pending),
+            netns_cookie,
+        }
+    }
+
+    /// Where a connection accepted on a capture listener was going: `peer` and `local` are
+    /// the accepted socket's addresses. `None`: not captured by us (or already closed) — a
+    /// connection straight to a capture port, which must not be forwarded back to it.
+    pub fn lookup(&self, peer: SocketAddrV4, local: SocketAddrV4) -> Option<Destination> {
+        self.find(&tuple_key(self.netns_cookie, peer, local), false)
+    }
+
+    /// [`Self::lookup`] for the embedded proxy, which reads each destination once: an entry
+    /// found in `INBOUND_PENDING` is removed, because the proxy's socket is not in the
+    /// workload's cgroup and no sock_ops close callback will remove it.
+    fn take(&self, peer: SocketAddrV4, local: SocketAddrV4) -> Option<Destination> {
+        self.find(&tuple_key(self.netns_cookie, peer, local), true)
+    }
+
+    fn find(&self, key: &TupleKey, take_pending: bool) -> Option<Destination> {
+        let v = match self.established.get(key, 0) {
+            Ok(v) => v,
+            Err(_) => {
+                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                let v = pending.get(key, 0).ok()?;
+                if take_pending {
+                    let _ = pending.remove(key);
+                }
+                v
+            }
+        };
+        Some(Destination {
+            addr: SocketAddrV4::new(Ipv4Addr::from(u32::from_be(v.addr)), v.port),
+            target: Target::from_u8(v.target),
+        })
+    }
+}
+
+/// Where the proxy learns an accepted connection's original destination.
+pub enum OriginalDst {
+    /// From redirect's own programs (the agent's embedded proxy).
+    Maps(Box<OrigDstTable>),
+    /// From conntrack, behind iptables REDIRECT (`redirect-agent proxy`).
+    Conntrack,
+}
+
+impl OriginalDst {
+    /// `listen_port`: the capture port the connection was accepted on.
+    pub(super) fn lookup(
+        &self,
+        stream: &TcpStream,
+        peer: SocketAddrV4,
+        local: SocketAddrV4,
+        listen_port: u16,
+    ) -> Option<Destination> {
+        match self {
+            Self::Maps(table) => table.take(peer, local),
+            Self::Conntrack => {
+                let addr = crate::sys::original_dst(stream).ok()?;
+                // Conntrack answers a connection nobody redirected (one made straight to the
+                // capture port) with its own address: nothing to forward to. A connection the
+                // agent's sk_lookup handed over also has its original destination as its local
+                // address (nothing was rewritten), but on its own port, not the capture port.
+                let straight_to_capture_port = addr == local && local.port() == listen_port;
+                (!straight_to_capture_port).then_some(Destination { addr, target: None })
+            }
+        }
+    }
+}
