@@ -32,7 +32,8 @@ use tokio::net::UnixListener;
 use crate::{
     api::{self, Ended},
     engine::{
-        Engine, Settings, handover,
+        Engine, Settings,
+        handover::{self, Adoption},
         pins::{self, Lock, LockError, Mode, State},
     },
     metrics, stats, sys,
@@ -75,31 +76,17 @@ fn prior(
         return Ok(std::mem::take(&mut h.infos));
     }
     let pin_dir = pins::pin_dir(&opts.name);
-    match State::read(&opts.name) {
-        Some(state) if pin_dir.exists() => {
-            if state.cgroup_parent != attach {
-                anyhow::bail!(
-                    "the pinned programs of '{}' are attached at {}, not {}: run `redirect-agent cleanup --name {}` \
-                     to move them",
-                    opts.name,
-                    state.cgroup_parent.display(),
-                    attach.display(),
-                    opts.name
-                );
-            }
-            tracing::info!(
-                workloads = state.workloads.len(),
-                "adopting the pins of a stopped agent"
-            );
-            Ok(state.workloads)
+    match handover::adoption(&opts.name, State::read(&opts.name), pin_dir.exists(), attach)? {
+        Adoption::Adopt(workloads) => {
+            tracing::info!(workloads = workloads.len(), "adopting the pins of a stopped agent");
+            Ok(workloads)
         }
-        _ => {
-            if pin_dir.exists() {
-                tracing::warn!(dir = %pin_dir.display(), "pins without a state file; removing them");
-                std::fs::remove_dir_all(&pin_dir).with_context(|| format!("remove {}", pin_dir.display()))?;
-            }
+        Adoption::RemovePins => {
+            tracing::warn!(dir = %pin_dir.display(), "pins without a state file; removing them");
+            std::fs::remove_dir_all(&pin_dir).with_context(|| format!("remove {}", pin_dir.display()))?;
             Ok(Vec::new())
         }
+        Adoption::Fresh => Ok(Vec::new()),
     }
 }
 

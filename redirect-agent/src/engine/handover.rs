@@ -1,4 +1,5 @@
-//! Handing the workloads to a new agent process without dropping a connection.
+//! Handing the workloads to a new agent process without dropping a connection, and adopting
+//! a stopped one's.
 //!
 //! The successor asks over the control socket; the predecessor answers with its workloads and,
 //! once the successor is ready for them, each workload's namespace and listening sockets
@@ -111,6 +112,38 @@ impl Handover {
     }
 }
 
+/// What a start with no live predecessor does with what a stopped one left.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Adoption {
+    /// Its pins and state: serve its workloads again.
+    Adopt(Vec<WorkloadInfo>),
+    /// Pins without a state: nobody can say whose they are; start afresh.
+    RemovePins,
+    /// Nothing was left.
+    Fresh,
+}
+
+/// Decides [`Adoption`] from the state file and the pins; pins attached elsewhere than this
+/// start's attach point are refused (moving them would leave workloads uncaptured).
+pub(crate) fn adoption(
+    name: &str,
+    state: Option<super::pins::State>,
+    pins_exist: bool,
+    attach: &Path,
+) -> anyhow::Result<Adoption> {
+    match (state, pins_exist) {
+        (Some(state), true) if state.cgroup_parent != attach => anyhow::bail!(
+            "the pinned programs of '{name}' are attached at {}, not {}: run `redirect-agent cleanup --name {name}` \
+             to move them",
+            state.cgroup_parent.display(),
+            attach.display(),
+        ),
+        (Some(state), true) => Ok(Adoption::Adopt(state.workloads)),
+        (None, true) => Ok(Adoption::RemovePins),
+        (_, false) => Ok(Adoption::Fresh),
+    }
+}
+
 impl Engine {
     /// The predecessor's side: the answer, then (once the successor is ready for them) each
     /// workload's descriptors, then its word that it serves them. Until that word this process
@@ -189,6 +222,47 @@ mod tests {
                 .listeners
                 .is_empty()
         );
+    }
+
+    fn state(attach: &str, ids: &[&str]) -> super::super::pins::State {
+        let w = |id: &&str| WorkloadInfo {
+            id: id.to_string(),
+            netns: "/run/netns/x".into(),
+            netns_cookie: 1,
+            cgroup: None,
+            proxy: "embedded".into(),
+            args: Vec::new(),
+            fast_path: false,
+            slot: 0,
+            addresses: Vec::new(),
+        };
+        super::super::pins::State {
+            name: "node".into(),
+            pid: 1,
+            mode: super::super::pins::Mode::Node,
+            layout: String::new(),
+            cgroup_parent: attach.into(),
+            socket: None,
+            metrics: None,
+            programs: BTreeMap::new(),
+            workloads: ids.iter().map(w).collect(),
+        }
+    }
+
+    #[test]
+    fn a_stopped_agents_pins_are_adopted_only_where_they_are_attached() {
+        let root = Path::new("/sys/fs/cgroup");
+        let adopted = adoption("node", Some(state("/sys/fs/cgroup", &["a"])), true, root).unwrap();
+        assert!(matches!(adopted, Adoption::Adopt(w) if w.len() == 1 && w[0].id == "a"));
+        let e = adoption("node", Some(state("/sys/fs/cgroup/k8s", &["a"])), true, root).unwrap_err();
+        assert!(e.to_string().contains("cleanup --name node"), "{e}");
+        assert_eq!(adoption("node", None, true, root).unwrap(), Adoption::RemovePins);
+        // A state without pins describes nothing the kernel still runs.
+        assert_eq!(
+            adoption("node", Some(state("/x", &["a"])), false, root).unwrap(),
+            Adoption::Fresh
+        );
+        assert_eq!(adoption("node", None, false, root).unwrap(), Adoption::Fresh);
     }
 
     #[test]

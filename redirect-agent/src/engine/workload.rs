@@ -465,31 +465,43 @@ impl Engine {
             }
         }
         let known: Vec<u64> = self.workloads.values().map(|w| w.info.netns_cookie).collect();
-        let stale: Vec<u64> = self
-            .maps
-            .workloads
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|c| !known.contains(c))
-            .collect();
-        for cookie in stale {
+        let in_maps: Vec<u64> = self.maps.workloads.keys().filter_map(Result::ok).collect();
+        for cookie in unknown(in_maps, &known) {
             tracing::warn!(
                 netns_cookie = cookie,
                 "a workload in the pinned maps has no state; releasing it"
             );
             self.purge(cookie);
         }
-        if let Ok(dir) = std::fs::read_dir(pins::links_dir(&self.settings.name)) {
-            for e in dir.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(c) = name.strip_prefix("sk_lookup-").and_then(|c| c.parse::<u64>().ok())
-                    && !known.contains(&c)
-                {
-                    let _ = links::unpin(&e.path());
-                }
-            }
+        let link_pins = std::fs::read_dir(pins::links_dir(&self.settings.name))
+            .map(|dir| {
+                dir.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for name in orphan_sk_lookup_pins(link_pins, &known) {
+            let _ = links::unpin(&pins::links_dir(&self.settings.name).join(name));
         }
     }
+}
+
+/// Workloads in the pinned maps that no state names (a state file lost with a crash).
+fn unknown(in_maps: Vec<u64>, known: &[u64]) -> Vec<u64> {
+    in_maps.into_iter().filter(|c| !known.contains(c)).collect()
+}
+
+/// sk_lookup link pins (`sk_lookup-COOKIE`) of namespaces nobody serves; other pins are not
+/// this function's business.
+fn orphan_sk_lookup_pins(names: Vec<String>, known: &[u64]) -> Vec<String> {
+    names
+        .into_iter()
+        .filter(|n| {
+            n.strip_prefix("sk_lookup-")
+                .and_then(|c| c.parse::<u64>().ok())
+                .is_some_and(|c| !known.contains(&c))
+        })
+        .collect()
 }
 
 /// Registers a socket that already listens on the inbound capture port (the workload's own
@@ -546,6 +558,23 @@ mod tests {
         let all: Vec<_> = (0..MAX_WORKLOADS).map(info).collect();
         assert_eq!(free_slot(all.iter()), None);
         assert_eq!(free_slot([].iter()), Some(0));
+    }
+
+    #[test]
+    fn what_no_state_names_is_released_and_nothing_else() {
+        assert_eq!(unknown(vec![5, 7, 9], &[7]), [5, 9]);
+        assert!(unknown(vec![7], &[7, 8]).is_empty());
+        let pins = [
+            "sk_lookup-7",
+            "sk_lookup-9",
+            "redirect_connect4",
+            "sk_lookup-x",
+            "sk_lookup-",
+        ]
+        .map(String::from)
+        .to_vec();
+        // The cgroup links and names that are not a cookie stay.
+        assert_eq!(orphan_sk_lookup_pins(pins, &[7]), ["sk_lookup-9"]);
     }
 
     #[test]
