@@ -9,134 +9,95 @@
 use std::{
     collections::BTreeSet,
     io,
-    net::Ipv4Addr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    net::{IpAddr, Ipv4Addr},
 };
 
 use aya::maps::{HashMap, MapData};
+use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NLMSG_ALIGNTO, NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage},
+};
+use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 use redirect_common::LocalAddrKey;
 use tokio::io::unix::AsyncFd;
 
 use crate::sys::Netns;
 
+/// A netlink message header's size: a shorter tail of a datagram holds no message.
 const NLMSG_HDR: usize = 16;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const RTM_NEWADDR: u16 = 20;
-const RTM_GETADDR: u16 = 22;
-const IFADDRMSG: usize = 8;
-const IFA_ADDRESS: u16 = 1;
-const IFA_LOCAL: u16 = 2;
-const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+/// Receive buffer: the kernel sizes a dump's datagrams to the reader's buffer, up to 32 KiB.
+const RECV_BUFFER: usize = 64 * 1024;
 
-fn netlink_socket(groups: u32, nonblocking: bool) -> io::Result<OwnedFd> {
-    let flags = libc::SOCK_RAW | libc::SOCK_CLOEXEC | if nonblocking { libc::SOCK_NONBLOCK } else { 0 };
-    // SAFETY: plain socket creation.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, flags, libc::NETLINK_ROUTE) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fresh valid fd.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: zeroed sockaddr_nl is valid; we set family and groups.
-    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    sa.nl_family = libc::AF_NETLINK as u16;
-    sa.nl_groups = groups;
-    // SAFETY: pointer and length describe `sa`.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&raw const sa).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
+/// A route netlink socket in the calling thread's namespace (blocking), for dumps.
+fn query_socket() -> io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    Ok(socket)
 }
 
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_ne_bytes([b[at], b[at + 1]])
+/// A non-blocking route netlink socket in the calling thread's namespace, subscribed to its
+/// IPv4 address changes (RTM_NEWADDR/RTM_DELADDR).
+fn event_socket() -> io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.add_membership(libc::RTNLGRP_IPV4_IFADDR)?;
+    socket.set_non_blocking(true)?;
+    Ok(socket)
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+/// The address an RTM_NEWADDR message gives the namespace, if it is IPv4.
+fn ipv4_of(msg: &AddressMessage) -> Option<Ipv4Addr> {
+    if msg.header.family != AddressFamily::Inet {
+        return None;
+    }
+    let (mut local, mut address) = (None, None);
+    for attr in &msg.attributes {
+        match attr {
+            AddressAttribute::Local(IpAddr::V4(ip)) => local = Some(*ip),
+            AddressAttribute::Address(IpAddr::V4(ip)) => address = Some(*ip),
+            _ => {}
+        }
+    }
+    // IFA_LOCAL is this side of a point-to-point link; IFA_ADDRESS otherwise.
+    local.or(address)
 }
 
 /// Parses one datagram of RTM_NEWADDR messages. Returns true when the dump is complete.
-fn parse_addrs(buf: &[u8], out: &mut BTreeSet<Ipv4Addr>) -> io::Result<bool> {
-    let mut off = 0;
-    while off + NLMSG_HDR <= buf.len() {
-        let len = u32_at(buf, off) as usize;
-        let ty = u16_at(buf, off + 4);
-        if len < NLMSG_HDR || off + len > buf.len() {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
-        }
-        let msg = &buf[off..off + len];
-        match ty {
-            NLMSG_DONE => return Ok(true),
-            NLMSG_ERROR => {
-                let errno = if msg.len() >= NLMSG_HDR + 4 {
-                    -(u32_at(msg, NLMSG_HDR) as i32)
-                } else {
-                    0
-                };
-                return Err(io::Error::from_raw_os_error(errno));
-            }
-            RTM_NEWADDR if msg.len() >= NLMSG_HDR + IFADDRMSG && msg[NLMSG_HDR] == libc::AF_INET as u8 => {
-                let (mut local, mut address) = (None, None);
-                let mut a = NLMSG_HDR + IFADDRMSG;
-                while a + 4 <= msg.len() {
-                    let alen = u16_at(msg, a) as usize;
-                    let aty = u16_at(msg, a + 2);
-                    if alen < 4 || a + alen > msg.len() {
-                        break;
-                    }
-                    if alen == 8 {
-                        let ip = Ipv4Addr::new(msg[a + 4], msg[a + 5], msg[a + 6], msg[a + 7]);
-                        match aty {
-                            IFA_LOCAL => local = Some(ip),
-                            IFA_ADDRESS => address = Some(ip),
-                            _ => {}
-                        }
-                    }
-                    a += (alen + 3) & !3;
-                }
-                // IFA_LOCAL is this side of a point-to-point link; IFA_ADDRESS otherwise.
-                if let Some(ip) = local.or(address) {
-                    out.insert(ip);
-                }
-            }
+fn parse_addrs(mut buf: &[u8], out: &mut BTreeSet<Ipv4Addr>) -> io::Result<bool> {
+    while buf.len() >= NLMSG_HDR {
+        let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(buf)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("netlink message: {e}")))?;
+        match &msg.payload {
+            NetlinkPayload::Done(_) => return Ok(true),
+            NetlinkPayload::Error(e) => return Err(e.to_io()),
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(m)) => out.extend(ipv4_of(m)),
             _ => {}
         }
-        off += (len + 3) & !3;
+        // deserialize checked that the length is at least a header and within `buf`.
+        let len = (msg.header.length as usize).next_multiple_of(usize::from(NLMSG_ALIGNTO));
+        buf = buf.get(len..).unwrap_or_default();
     }
     Ok(false)
 }
 
 /// Reads every IPv4 address of the namespace the socket lives in.
-fn dump(fd: &OwnedFd) -> io::Result<BTreeSet<Ipv4Addr>> {
-    let mut req = [0u8; NLMSG_HDR + IFADDRMSG];
-    req[0..4].copy_from_slice(&((NLMSG_HDR + IFADDRMSG) as u32).to_ne_bytes());
-    req[4..6].copy_from_slice(&RTM_GETADDR.to_ne_bytes());
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
-    req[6..8].copy_from_slice(&flags.to_ne_bytes());
-    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    req[NLMSG_HDR] = libc::AF_INET as u8;
-    // SAFETY: buffer and length are valid.
-    if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+fn dump(socket: &Socket) -> io::Result<BTreeSet<Ipv4Addr>> {
+    let mut get = AddressMessage::default();
+    get.header.family = AddressFamily::Inet;
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetAddress(get));
+    req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    req.header.sequence_number = 1;
+    req.finalize();
+    let mut bytes = vec![0u8; req.buffer_len()];
+    req.serialize(&mut bytes);
+    socket.send(&bytes, 0)?;
     let mut out = BTreeSet::new();
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = Vec::with_capacity(RECV_BUFFER);
     loop {
-        // SAFETY: buffer and length are valid.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if parse_addrs(&buf[..n as usize], &mut out)? {
+        buf.clear();
+        socket.recv(&mut buf, 0)?;
+        if parse_addrs(&buf, &mut out)? {
             return Ok(out);
         }
     }
@@ -144,7 +105,7 @@ fn dump(fd: &OwnedFd) -> io::Result<BTreeSet<Ipv4Addr>> {
 
 /// The namespace's IPv4 addresses now, read once (node mode checks them before enrolling).
 pub fn read(netns: &Netns) -> io::Result<BTreeSet<Ipv4Addr>> {
-    let query = netns.run(|| netlink_socket(0, false))?;
+    let query = netns.run(query_socket)?;
     dump(&query)
 }
 
@@ -182,7 +143,7 @@ pub struct LocalAddrs {
     netns_cookie: u64,
     current: BTreeSet<Ipv4Addr>,
     /// A blocking socket in the workload's namespace, for dumps.
-    query: OwnedFd,
+    query: Socket,
 }
 
 impl LocalAddrs {
@@ -194,7 +155,7 @@ impl LocalAddrs {
         owners: HashMap<MapData, u32, u64>,
         netns_cookie: u64,
     ) -> io::Result<Self> {
-        let query = netns.run(|| netlink_socket(0, false))?;
+        let query = netns.run(query_socket)?;
         let mut me = Self {
             map,
             owners,
@@ -243,27 +204,26 @@ impl LocalAddrs {
 
     /// Follows address changes until the task is dropped.
     pub async fn watch(mut self, netns: Netns) -> io::Result<()> {
-        let socket = netns.run(|| netlink_socket(RTMGRP_IPV4_IFADDR, true))?;
-        // SAFETY: the OwnedFd is valid, non-blocking, and owned by the AsyncFd until it drops.
+        let socket = netns.run(event_socket)?;
+        // SAFETY: `netlink_sys::Socket` owns its descriptor (it closes it on drop, and nothing
+        // else does) and `as_raw_fd` always returns that one; the AsyncFd owns the socket until
+        // it drops, and this code never swaps it through `get_mut`. (netlink-sys's own
+        // TokioSocket makes the same registration through tokio's deprecated `AsyncFd::new`.)
         let events = unsafe { AsyncFd::register(socket)? };
         // Changes between install() and subscribing would be missed otherwise.
         self.refresh()?;
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = Vec::with_capacity(RECV_BUFFER);
         loop {
             let mut guard = events.readable().await?;
             // Drain everything queued; the content does not matter, the re-read does.
             loop {
-                // SAFETY: buffer and length are valid; the socket is non-blocking.
-                let n = unsafe { libc::recv(events.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-                if n >= 0 {
-                    continue;
-                }
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::WouldBlock => break,
+                buf.clear();
+                match events.get_ref().recv(&mut buf, 0) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     // ENOBUFS: events were dropped; the full re-read below covers them.
-                    _ if e.raw_os_error() == Some(libc::ENOBUFS) => continue,
-                    _ => return Err(e),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+                    Err(e) => return Err(e),
                 }
             }
             guard.clear_ready();
@@ -276,6 +236,9 @@ impl LocalAddrs {
 
 #[cfg(test)]
 mod tests {
+    use libc::{IFA_ADDRESS, IFA_LOCAL, RTM_NEWADDR};
+    use netlink_packet_core::{NLMSG_DONE, NLMSG_ERROR};
+
     use super::*;
 
     fn msg(ty: u16, body: &[u8]) -> Vec<u8> {
@@ -315,5 +278,38 @@ mod tests {
         assert!(parse_addrs(&msg(NLMSG_DONE, &[0; 4]), &mut out).unwrap());
         assert!(parse_addrs(&msg(NLMSG_ERROR, &(-1i32).to_ne_bytes()), &mut out).is_err());
         assert!(parse_addrs(&buf[..20], &mut out).is_err());
+    }
+
+    /// A dump read from a kernel (6.x): `lo` 127.0.0.1/8, then on a veth
+    /// `10.200.9.1 peer 10.200.9.2/32` (IFA_LOCAL and IFA_ADDRESS differ) and 10.200.8.1/24,
+    /// each with IFA_LABEL, IFA_FLAGS and IFA_CACHEINFO; then NLMSG_DONE in its own datagram.
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn parses_a_dump_captured_from_the_kernel() {
+        const ADDRS: &str = "4c0000001400020001000000873b0000020880fe01000000080001007f000001080002007f000001\
+            070003006c6f0000080008008000000014000600ffffffffffffffff0be702000be70200\
+            4c0000001400020001000000873b00000220800002000000080001000ac80902080002000ac80901\
+            0700030076300000080008008000000014000600ffffffffffffffff0de702000de70200\
+            4c0000001400020001000000873b00000218800002000000080001000ac80801080002000ac80801\
+            0700030076300000080008008000000014000600ffffffffffffffff0de702000de70200";
+        const DONE: &str = "140000000300020001000000873b000000000000";
+        let bytes = |hex: &str| -> Vec<u8> {
+            (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect()
+        };
+        let mut out = BTreeSet::new();
+        assert!(!parse_addrs(&bytes(ADDRS), &mut out).unwrap());
+        assert_eq!(
+            out.iter().copied().collect::<Vec<_>>(),
+            [
+                Ipv4Addr::new(10, 200, 8, 1),
+                Ipv4Addr::new(10, 200, 9, 1),
+                Ipv4Addr::new(127, 0, 0, 1)
+            ]
+        );
+        assert!(parse_addrs(&bytes(DONE), &mut out).unwrap());
+        assert_eq!(out.len(), 3);
     }
 }

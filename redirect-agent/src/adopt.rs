@@ -6,11 +6,7 @@
 //! that socket the way `ss -lp` does (the namespace's `/proc/net/tcp`, then the owning
 //! process's fds) and takes its own reference with `pidfd_getfd` (5.6+) to register it.
 
-use std::{
-    io,
-    os::fd::{FromRawFd as _, OwnedFd},
-    path::Path,
-};
+use std::{io, os::fd::OwnedFd, path::Path};
 
 use crate::sys::Netns;
 
@@ -58,19 +54,10 @@ fn find_owner(inode: u64) -> io::Result<Option<(i32, i32)>> {
 
 /// Our own descriptor for another process's fd.
 pub(crate) fn dup_from(pid: i32, fd: i32) -> io::Result<OwnedFd> {
-    // SAFETY: plain syscalls; each returned fd is owned at once.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
-        if pidfd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
-        let mine = libc::syscall(libc::SYS_pidfd_getfd, std::os::fd::AsRawFd::as_raw_fd(&pidfd), fd, 0);
-        if mine < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(OwnedFd::from_raw_fd(mine as i32))
-    }
+    use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
+    let pid = Pid::from_raw(pid).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("pid {pid}")))?;
+    let pidfd = pidfd_open(pid, PidfdFlags::empty())?;
+    Ok(pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty())?)
 }
 
 /// A socket already listening on `port` in the namespace, if any: a descriptor the agent owns

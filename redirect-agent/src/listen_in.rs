@@ -42,10 +42,7 @@ pub fn main(args: &ListenInArgs) -> ExitCode {
                 let l =
                     TcpListener::bind(addr).map_err(|e| io::Error::new(e.kind(), format!("listen on {addr}: {e}")))?;
                 // std's backlog is fixed; listen() again only sets a new one.
-                // SAFETY: a valid listening socket.
-                if unsafe { libc::listen(l.as_raw_fd(), args.backlog) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
+                rustix::net::listen(&l, args.backlog)?;
                 Ok(l)
             })
             .collect::<io::Result<Vec<_>>>()

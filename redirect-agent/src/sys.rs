@@ -1,13 +1,22 @@
 //! Kernel-facing plumbing: network namespaces, cgroup v2, bpffs, privileges, limits.
 
 use std::{
-    ffi::CString,
     fs::File,
-    io,
+    io::{self, IoSlice, IoSliceMut},
     mem::MaybeUninit,
-    net::{Ipv4Addr, SocketAddrV4},
-    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    net::SocketAddrV4,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
+};
+
+use rustix::{
+    fs::FsWord,
+    net::{
+        AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
+        SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
+    },
+    process::{Resource, Rlimit},
+    thread::LinkNameSpaceType,
 };
 
 /// What went wrong with a path, a privilege or a system call; every message names the value.
@@ -25,10 +34,9 @@ pub enum SysError {
     Privilege { what: String, uid: u32, missing: String },
 }
 
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const NSFS_MAGIC: i64 = 0x6e73_6673;
-const SO_NETNS_COOKIE: libc::c_int = 71;
+const CGROUP2_SUPER_MAGIC: FsWord = 0x6367_7270;
+const BPF_FS_MAGIC: FsWord = 0xcafe_4a11;
+const NSFS_MAGIC: FsWord = 0x6e73_6673;
 
 /// Where the agent pins maps: `/sys/fs/bpf/redirect/<name>/`.
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -36,15 +44,9 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/redirect";
 /// Locks and state files of running instances.
 pub const RUN_DIR: &str = "/run/redirect";
 
-fn statfs_magic(path: &Path) -> io::Result<i64> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-    let mut buf = MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: valid C string and out-pointer.
-    if unsafe { libc::statfs(c.as_ptr(), buf.as_mut_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: statfs succeeded and filled the struct.
-    Ok(unsafe { buf.assume_init() }.f_type)
+/// The type of the filesystem `path` is on (statfs's `f_type`).
+fn statfs_magic(path: &Path) -> io::Result<FsWord> {
+    Ok(rustix::fs::statfs(path)?.f_type)
 }
 
 /// The cgroup v2 mount point, from `/proc/self/mounts` (it is `/sys/fs/cgroup/unified` on
@@ -122,22 +124,13 @@ pub fn ensure_bpffs() -> Result<(), SysError> {
     }
     std::fs::create_dir_all(BPFFS).map_err(|e| SysError::Io(format!("create {BPFFS}"), e))?;
     let dir = File::open(BPFFS).map_err(|e| SysError::Io(format!("open {BPFFS}"), e))?;
-    // SAFETY: valid fd; the lock is released when `dir` closes.
-    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(SysError::Io(format!("lock {BPFFS}"), io::Error::last_os_error()));
-    }
+    // flock(LOCK_EX), released when `dir` closes.
+    dir.lock().map_err(|e| SysError::Io(format!("lock {BPFFS}"), e))?;
     if statfs_magic(Path::new(BPFFS)).ok() == Some(BPF_FS_MAGIC) {
         return Ok(());
     }
-    let (src, dst, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
-    // SAFETY: constant C strings; no data argument.
-    let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        return Err(SysError::Io(
-            format!("mount bpffs at {BPFFS}"),
-            io::Error::last_os_error(),
-        ));
-    }
+    rustix::mount::mount("bpf", BPFFS, "bpf", rustix::mount::MountFlags::empty(), None)
+        .map_err(|e| SysError::Io(format!("mount bpffs at {BPFFS}"), e.into()))?;
     tracing::info!("mounted bpffs at {BPFFS}");
     Ok(())
 }
@@ -160,11 +153,9 @@ pub fn require_privileges(what: &str) -> Result<(), SysError> {
     if missing.is_empty() {
         return Ok(());
     }
-    // SAFETY: geteuid has no failure mode.
-    let uid = unsafe { libc::geteuid() };
     Err(SysError::Privilege {
         what: what.into(),
-        uid,
+        uid: rustix::process::geteuid().as_raw(),
         missing: missing.join(", "),
     })
 }
@@ -173,14 +164,28 @@ pub fn require_privileges(what: &str) -> Result<(), SysError> {
 /// netlink, the runtime.
 pub const RESERVED_FDS: u64 = 512;
 
-/// RLIMIT_NOFILE as it is now (soft in `rlim_cur`, hard in `rlim_max`).
+/// RLIMIT_NOFILE as it is now (soft in `rlim_cur`, hard in `rlim_max`; `RLIM_INFINITY` for
+/// no limit). getrlimit cannot fail for a valid resource: this is always `Some`.
 pub fn nofile_limit() -> Option<libc::rlimit> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid out-pointer.
-    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim)
+    let lim = rustix::process::getrlimit(Resource::Nofile);
+    let raw = |v: Option<u64>| v.unwrap_or(libc::RLIM_INFINITY);
+    Some(libc::rlimit {
+        rlim_cur: raw(lim.current),
+        rlim_max: raw(lim.maximum),
+    })
+}
+
+/// Sets RLIMIT_NOFILE to `soft`/`hard` as [`nofile_limit`] spells them.
+fn set_nofile_limit(soft: u64, hard: u64) -> io::Result<()> {
+    let limit = |v: u64| (v != libc::RLIM_INFINITY).then_some(v);
+    rustix::process::setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: limit(soft),
+            maximum: limit(hard),
+        },
+    )?;
+    Ok(())
 }
 
 /// Raises RLIMIT_NOFILE so that `connections` proxied connections fit (each holds two
@@ -196,19 +201,18 @@ pub fn raise_nofile_limit(connections: usize) -> u64 {
         .and_then(|s| s.trim().parse::<u64>().ok())
         .unwrap_or(lim.rlim_max);
     if want > lim.rlim_max {
-        let raised = libc::rlimit {
-            rlim_cur: want.min(nr_open),
-            rlim_max: want.min(nr_open),
-        };
-        // SAFETY: valid in-pointer. Fails without CAP_SYS_RESOURCE; then the hard limit holds.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            return raised.rlim_cur;
+        let raised = want.min(nr_open);
+        // Fails without CAP_SYS_RESOURCE; then the hard limit holds.
+        if set_nofile_limit(raised, raised).is_ok() {
+            return raised;
         }
     }
     if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max.min(want.max(lim.rlim_cur));
-        // SAFETY: valid in-pointer.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+        let soft = lim.rlim_max.min(want.max(lim.rlim_cur));
+        // Lowering nothing and staying within the hard limit, this cannot be refused.
+        if set_nofile_limit(soft, lim.rlim_max).is_ok() {
+            lim.rlim_cur = soft;
+        }
     }
     lim.rlim_cur
 }
@@ -231,13 +235,7 @@ impl Netns {
     /// Opens a namespace file such as `/run/netns/NAME` or `/proc/PID/ns/net`.
     pub fn open(path: &Path) -> Result<Self, SysError> {
         let file = File::open(path).map_err(|e| SysError::Io(format!("open netns {}", path.display()), e))?;
-        match statfs_magic(path) {
-            Ok(NSFS_MAGIC) => {}
-            _ => return Err(SysError::NotNetns(path.to_owned())),
-        }
-        // SAFETY: NS_GET_NSTYPE takes no argument; the fd is valid.
-        let ns_type = unsafe { libc::ioctl(file.as_raw_fd(), 0xb703) };
-        if ns_type != libc::CLONE_NEWNET {
+        if !is_net_namespace(file.as_fd()) {
             return Err(SysError::NotNetns(path.to_owned()));
         }
         Ok(Self {
@@ -260,10 +258,7 @@ impl Netns {
     /// Enters this namespace on the calling thread. Only for threads made for it: the
     /// runtime's own threads never change namespace.
     pub fn enter_current_thread(&self) -> io::Result<()> {
-        // SAFETY: valid namespace fd.
-        if unsafe { libc::setns(self.file.as_fd().as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        rustix::thread::move_into_link_name_space(self.file.as_fd(), Some(LinkNameSpaceType::Network))?;
         Ok(())
     }
 
@@ -286,59 +281,90 @@ impl Netns {
     }
 }
 
-/// `getsockopt` of a fixed-size value `T` (a plain C struct or integer).
-pub fn getsockopt<T: Copy>(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
-    let mut value = MaybeUninit::<T>::zeroed();
-    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
-    // SAFETY: the buffer is `len` bytes; the kernel writes at most that many.
-    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, value.as_mut_ptr().cast(), &mut len) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
+/// Whether `fd` is a network namespace: a file of nsfs whose type (NS_GET_NSTYPE, 4.11+) is
+/// CLONE_NEWNET.
+fn is_net_namespace(fd: BorrowedFd<'_>) -> bool {
+    /// `_IO(0xb7, 0x3)` of linux/nsfs.h.
+    const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
+    // Checked first so that the request number only ever reaches nsfs, which defines it; on
+    // another file type the same number could mean something else.
+    if !rustix::fs::fstatfs(fd).is_ok_and(|st| st.f_type == NSFS_MAGIC) {
+        return false;
     }
-    // SAFETY: zero-initialised, and T is a plain value for which any bytes are valid.
-    Ok(unsafe { value.assume_init() })
+    // SAFETY: `fd` is borrowed, so open for the call, and is an nsfs file (checked above), for
+    // which NS_GET_NSTYPE takes no argument, touches no memory of ours, and returns the
+    // namespace type or -1. (rustix's no-argument ioctl pattern discards the return value,
+    // which is the answer here.)
+    unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE) == libc::CLONE_NEWNET }
 }
 
 /// `getsockopt(SOL_IP, SO_ORIGINAL_DST)`: where an accepted connection was going before a
 /// REDIRECT (conntrack's answer), or before the agent captured it (its getsockopt program's).
-pub fn original_dst(socket: &impl AsRawFd) -> io::Result<SocketAddrV4> {
-    const SO_ORIGINAL_DST: libc::c_int = 80;
-    let sa: libc::sockaddr_in = getsockopt(socket, libc::SOL_IP, SO_ORIGINAL_DST)?;
-    Ok(SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
-        u16::from_be(sa.sin_port),
-    ))
+pub fn original_dst(socket: &impl AsFd) -> io::Result<SocketAddrV4> {
+    Ok(rustix::net::sockopt::ip_original_dst(socket)?)
 }
 
 /// The calling thread's network namespace cookie (SO_NETNS_COOKIE, 5.14+).
 pub fn current_netns_cookie() -> io::Result<u64> {
-    // SAFETY: plain socket creation; the fd is owned right away.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh, valid descriptor.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    getsockopt::<u64>(&sock, libc::SOL_SOCKET, SO_NETNS_COOKIE)
+    let socket = rustix::net::socket_with(AddressFamily::INET, SocketType::DGRAM, SocketFlags::CLOEXEC, None)?;
+    netns_cookie(socket.as_fd())
 }
 
-/// Drops to `uid`/`gid` with no supplementary groups. glibc applies it to every thread, but it
-/// is meant for a process that has not started any.
-pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
-    let check = |rc: libc::c_int, what: &str| -> io::Result<()> {
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        Err(io::Error::new(e.kind(), format!("{what}: {e}")))
+/// `getsockopt(SOL_SOCKET, SO_NETNS_COOKIE)`: the cookie of the namespace `socket` was made in.
+/// Neither rustix nor socket2 has an accessor for this option.
+fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `socket` is borrowed, so open for the call; the value pointer and `len` describe
+    // `cookie`, a live, writable u64, and the kernel writes at most `len` bytes there (and the
+    // length it wrote into `len`). Any 8 bytes are a valid u64.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
     };
-    // Groups first: after setuid the process may no longer change them.
-    // SAFETY: plain credential syscalls.
-    unsafe {
-        check(libc::setgroups(0, std::ptr::null()), "setgroups")?;
-        check(libc::setgid(gid), "setgid")?;
-        check(libc::setuid(uid), "setuid")
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
+    if len as usize != size_of::<u64>() {
+        return Err(io::Error::other(format!("SO_NETNS_COOKIE: {len} bytes, not 8")));
+    }
+    Ok(cookie)
+}
+
+/// Drops to `uid`/`gid` with no supplementary groups, in a process that has started no thread.
+///
+/// These are the raw system calls, which change the calling thread's credentials only
+/// (glibc's wrappers would make every thread follow); threads started afterwards inherit them.
+/// Every caller runs before its process's first thread (`redirect-agent proxy` before its
+/// runtime, the test probe, which never starts one), so the whole process changes; this checks
+/// that and fails rather than leave other threads with the old credentials.
+pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
+    let context = |what: &'static str| move |e: rustix::io::Errno| io::Error::new(e.kind(), format!("{what}: {e}"));
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map_err(|e| io::Error::new(e.kind(), format!("counting threads in /proc/self/task: {e}")))?
+        .count();
+    if threads != 1 {
+        return Err(io::Error::other(format!(
+            "changing identity needs a single-threaded process; this one has {threads} threads"
+        )));
+    }
+    // -1 means "leave unchanged" to the kernel, and rustix's ids must not hold it.
+    if uid == u32::MAX || gid == u32::MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("uid {uid}, gid {gid}"),
+        ));
+    }
+    // Groups first: after setuid the process may no longer change them.
+    rustix::thread::set_thread_groups(&[]).map_err(context("setgroups"))?;
+    rustix::thread::set_thread_gid(rustix::process::Gid::from_raw(gid)).map_err(context("setgid"))?;
+    rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(uid)).map_err(context("setuid"))
 }
 
 /// Moves the calling (single-threaded) process into a workload: its cgroup, then its network
@@ -359,82 +385,46 @@ pub const MAX_FDS_PER_MESSAGE: usize = 8;
 
 /// Sends `fds` over a Unix stream socket in one message (with one byte of data, which
 /// SCM_RIGHTS needs to travel with).
-pub fn send_fds(socket: &impl AsRawFd, fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<()> {
+pub fn send_fds(socket: &impl AsFd, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     assert!(fds.len() <= MAX_FDS_PER_MESSAGE);
-    let payload = [b'F'];
-    let mut iov = libc::iovec {
-        iov_base: payload.as_ptr() as *mut libc::c_void,
-        iov_len: 1,
-    };
-    // u64 words keep the control buffer aligned for cmsghdr.
-    let mut control = [0u64; 16];
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE((fds.len() * size_of::<i32>()) as u32) } as usize;
-    // SAFETY: zeroed msghdr is valid; every pointer set below outlives the sendmsg call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space;
-    // SAFETY: the control buffer holds `space` bytes, enough for one header and the fds.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN((fds.len() * size_of::<i32>()) as u32) as usize;
-        let data = libc::CMSG_DATA(cmsg).cast::<i32>();
-        for (i, fd) in fds.iter().enumerate() {
-            data.add(i).write_unaligned(fd.as_raw_fd());
-        }
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other("descriptors do not fit the control buffer"));
     }
-    // SAFETY: msg is fully initialised.
-    if unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) } != 1 {
-        return Err(io::Error::last_os_error());
+    let sent = rustix::net::sendmsg(socket, &[IoSlice::new(b"F")], &mut control, SendFlags::NOSIGNAL)?;
+    if sent != 1 {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, "descriptors not sent"));
     }
     Ok(())
 }
 
 /// Receives one message of [`send_fds`]: its descriptors, owned (close-on-exec).
-pub fn recv_fds(socket: &impl AsRawFd) -> io::Result<Vec<OwnedFd>> {
+pub fn recv_fds(socket: &impl AsFd) -> io::Result<Vec<OwnedFd>> {
     let mut payload = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: payload.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut control = [0u64; 16];
-    // SAFETY: zeroed msghdr is valid; pointers outlive the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = size_of_val(&control);
-    // SAFETY: msg describes valid buffers.
-    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if n == 0 {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = rustix::net::recvmsg(
+        socket,
+        &mut [IoSliceMut::new(&mut payload)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    if msg.bytes == 0 {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "peer closed before sending descriptors",
         ));
     }
-    let mut out = Vec::new();
-    // SAFETY: walking the control buffer the kernel filled, with the libc macros.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(cmsg).cast::<i32>();
-                let bytes = (*cmsg).cmsg_len as usize - (data as usize - cmsg as usize);
-                for i in 0..bytes / size_of::<i32>() {
-                    out.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-        }
-    }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+    let out: Vec<OwnedFd> = control
+        .drain()
+        .filter_map(|m| match m {
+            RecvAncillaryMessage::ScmRights(fds) => Some(fds),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    if msg.flags.contains(ReturnFlags::CTRUNC) {
         return Err(io::Error::other("descriptors were cut short (MSG_CTRUNC)"));
     }
     Ok(out)
@@ -444,9 +434,7 @@ impl Netns {
     /// A namespace received as a descriptor (from a predecessor agent), checked like
     /// [`Netns::open`]; `path` is what it was known as.
     pub fn from_fd(fd: OwnedFd, path: &Path) -> Result<Self, SysError> {
-        // SAFETY: NS_GET_NSTYPE takes no argument; the fd is valid.
-        let ns_type = unsafe { libc::ioctl(fd.as_raw_fd(), 0xb703) };
-        if ns_type != libc::CLONE_NEWNET {
+        if !is_net_namespace(fd.as_fd()) {
             return Err(SysError::NotNetns(path.to_owned()));
         }
         Ok(Self {

@@ -2,7 +2,6 @@
 
 use std::{
     io,
-    os::fd::AsRawFd as _,
     sync::{Arc, mpsc},
     time::Duration,
 };
@@ -87,19 +86,6 @@ impl NetnsDialer {
 /// alone even where it runs for the agent's cgroup too (node mode attaches at the cgroup
 /// root). Needs CAP_NET_ADMIN, which the agent has.
 fn mark_as_agent(socket: TcpSocket) -> io::Result<TcpSocket> {
-    let mark: libc::c_uint = AGENT_SOCKET_MARK;
-    // SAFETY: valid socket and a 4-byte option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MARK,
-            (&raw const mark).cast(),
-            size_of::<libc::c_uint>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    socket2::SockRef::from(&socket).set_mark(AGENT_SOCKET_MARK)?;
     Ok(socket)
 }

@@ -8,7 +8,6 @@
 use std::{
     io,
     net::{SocketAddr, SocketAddrV4},
-    os::fd::AsRawFd as _,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -298,9 +297,9 @@ async fn pump(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64) -> io::Result
             buf.clear();
         }
     }
-    // SAFETY: a valid, open socket; SHUT_WR on a connection the peer already closed only
-    // returns ENOTCONN, which changes nothing here.
-    unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+    // SHUT_WR on a connection the peer already closed only fails with ENOTCONN, which changes
+    // nothing here.
+    let _ = rustix::net::shutdown(to, rustix::net::Shutdown::Write);
     Ok(total)
 }
 
