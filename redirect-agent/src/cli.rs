@@ -7,7 +7,9 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 use crate::{
-    ProxyMode, demo, engine, explain, features,
+    ProxyMode, demo,
+    engine::{self, Sizing},
+    explain, features,
     flags::CaptureFlags,
     node::{self, NodeOptions},
     probe::{self, ProbeArgs},
@@ -268,6 +270,17 @@ fn check(verifier: bool, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `run`'s and `node`'s shared flags (each with its own defaults) as the engine takes them.
+fn sizing(max_tracked: u32, max_proxy: u32, connect_timeout_ms: u64, drain_timeout_ms: u64, fast_path: bool) -> Sizing {
+    Sizing {
+        max_tracked_connections: max_tracked,
+        max_proxy_connections: max_proxy as usize,
+        connect_timeout: Duration::from_millis(connect_timeout_ms),
+        drain: Duration::from_millis(drain_timeout_ms),
+        fast_path,
+    }
+}
+
 /// How long the CLI waits for the node agent (an enroll binds listeners and reads addresses).
 const API_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -355,11 +368,13 @@ pub fn main() -> ExitCode {
                     netns: args.netns,
                     proxy: args.proxy,
                     capture,
-                    max_tracked_connections: args.max_tracked_connections,
-                    max_proxy_connections: args.max_proxy_connections as usize,
-                    connect_timeout: Duration::from_millis(args.connect_timeout_ms),
-                    drain: Duration::from_millis(args.drain_timeout_ms),
-                    fast_path: args.fast_path,
+                    sizing: sizing(
+                        args.max_tracked_connections,
+                        args.max_proxy_connections,
+                        args.connect_timeout_ms,
+                        args.drain_timeout_ms,
+                        args.fast_path,
+                    ),
                 };
                 run::run(opts, termination.wait()).await
             }
@@ -403,11 +418,13 @@ pub fn main() -> ExitCode {
                     name: args.name,
                     cgroup_parent: args.cgroup_parent,
                     metrics,
-                    max_tracked_connections: args.max_tracked_connections,
-                    max_proxy_connections: args.max_proxy_connections as usize,
-                    connect_timeout: Duration::from_millis(args.connect_timeout_ms),
-                    drain: Duration::from_millis(args.drain_timeout_ms),
-                    fast_path: args.fast_path,
+                    sizing: sizing(
+                        args.max_tracked_connections,
+                        args.max_proxy_connections,
+                        args.connect_timeout_ms,
+                        args.drain_timeout_ms,
+                        args.fast_path,
+                    ),
                 };
                 node::run(opts, termination.wait()).await
             }

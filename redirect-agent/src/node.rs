@@ -32,7 +32,7 @@ use tokio::net::UnixListener;
 use crate::{
     api::{self, Ended},
     engine::{
-        Engine, Settings,
+        Engine, Settings, Sizing,
         handover::{self, Adoption},
         pins::{self, Lock, LockError, Mode, State},
     },
@@ -46,12 +46,8 @@ pub struct NodeOptions {
     pub cgroup_parent: Option<PathBuf>,
     pub socket: PathBuf,
     pub metrics: Option<SocketAddr>,
-    pub max_tracked_connections: u32,
-    pub max_proxy_connections: usize,
-    pub connect_timeout: Duration,
-    pub drain: Duration,
-    /// Offer the fast path to workloads that ask for it.
-    pub fast_path: bool,
+    /// `fast_path`: offer the fast path to workloads that ask for it.
+    pub sizing: Sizing,
 }
 
 fn held(name: &str, e: LockError) -> anyhow::Error {
@@ -109,7 +105,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
 
     // Checked before a handover is asked for, so a refused start leaves the running agent
     // serving.
-    pins::check_pins(&opts.name, opts.fast_path, opts.max_tracked_connections)?;
+    pins::check_pins(&opts.name, opts.sizing.fast_path, opts.sizing.max_tracked_connections)?;
     // The predecessor holds the lock until it has stopped serving, which it does once this
     // process confirms it serves (below); without a handover, a held lock is an agent that
     // does not answer on this socket, and waiting will not help.
@@ -128,11 +124,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         attach: attach.clone(),
         socket: Some(opts.socket.clone()),
         metrics: opts.metrics,
-        max_tracked_connections: opts.max_tracked_connections,
-        max_proxy_connections: opts.max_proxy_connections,
-        connect_timeout: opts.connect_timeout,
-        drain: opts.drain,
-        fast_path: opts.fast_path,
+        sizing: opts.sizing,
         max_workloads: MAX_WORKLOADS as usize,
         allow_host_netns: false,
     };

@@ -9,7 +9,7 @@ use redirect_common::{chain, config::CaptureConfig};
 use crate::{
     ProxyMode,
     engine::{
-        self, Engine, Settings,
+        self, Engine, Settings, Sizing,
         pins::{self, Lock, LockError, Mode},
     },
     error::LoadError,
@@ -23,13 +23,7 @@ pub struct RunOptions {
     pub netns: PathBuf,
     pub proxy: ProxyMode,
     pub capture: CaptureConfig,
-    pub max_tracked_connections: u32,
-    pub max_proxy_connections: usize,
-    pub connect_timeout: Duration,
-    /// How long open proxied connections may finish after a stop.
-    pub drain: Duration,
-    /// `--fast-path`: sk_msg between the local ends of captured connections.
-    pub fast_path: bool,
+    pub sizing: Sizing,
 }
 
 /// Runs until `shutdown` resolves, then detaches and removes everything it created. Any error
@@ -62,11 +56,7 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
         attach: opts.cgroup.clone(),
         socket: None,
         metrics: None,
-        max_tracked_connections: opts.max_tracked_connections,
-        max_proxy_connections: opts.max_proxy_connections,
-        connect_timeout: opts.connect_timeout,
-        drain: opts.drain,
-        fast_path: opts.fast_path,
+        sizing: opts.sizing,
         max_workloads: 1,
         allow_host_netns: true,
     };
@@ -78,7 +68,7 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
         proxy: opts.proxy,
         capture: opts.capture.clone(),
         args: Vec::new(),
-        fast_path: opts.fast_path,
+        fast_path: opts.sizing.fast_path,
     })?;
     tracing::info!(
         name = %opts.name,

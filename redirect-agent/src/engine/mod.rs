@@ -57,18 +57,27 @@ pub(crate) struct Settings {
     /// The control socket and metrics endpoint, recorded in the state for other commands.
     pub socket: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
+    pub sizing: Sizing,
+    /// Workloads the descriptor budget is planned for.
+    pub max_workloads: usize,
+    /// Whether a workload may be the agent's own network namespace: yes where the attach
+    /// point is the workload's own cgroup (`run`), never where it is the node's.
+    pub allow_host_netns: bool,
+}
+
+/// What the engine is sized and timed for: the same flags for `run` and `node`, each with its
+/// own defaults.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sizing {
+    /// Entries of the original-destination maps (LRU), shared by all workloads.
     pub max_tracked_connections: u32,
+    /// Connections each embedded proxy serves at once; more are reset.
     pub max_proxy_connections: usize,
     pub connect_timeout: Duration,
     /// How long open proxied connections may finish after a stop or an unenroll.
     pub drain: Duration,
     /// Load the fast path's programs and size its maps; workloads that ask get it.
     pub fast_path: bool,
-    /// Workloads the descriptor budget is planned for.
-    pub max_workloads: usize,
-    /// Whether a workload may be the agent's own network namespace: yes where the attach
-    /// point is the workload's own cgroup (`run`), never where it is the node's.
-    pub allow_host_netns: bool,
 }
 
 /// The maps the engine reads and writes itself (each workload's proxy and address watcher
@@ -129,7 +138,10 @@ impl Engine {
 
         // Every workload's proxy draws on this process's descriptors: room for all of them at
         // their limit if the system allows, and a word when it does not.
-        let wanted = settings.max_proxy_connections.saturating_mul(settings.max_workloads);
+        let wanted = settings
+            .sizing
+            .max_proxy_connections
+            .saturating_mul(settings.max_workloads);
         let nofile = sys::raise_nofile_limit(wanted);
         let fits = crate::proxy::connections_fitting(nofile);
         if settings.max_workloads > 1 && fits < wanted {
@@ -142,8 +154,12 @@ impl Engine {
             );
         }
 
-        let mut object = Object::load(&pin_dir, settings.max_tracked_connections, settings.fast_path)?;
-        if settings.fast_path {
+        let mut object = Object::load(
+            &pin_dir,
+            settings.sizing.max_tracked_connections,
+            settings.sizing.fast_path,
+        )?;
+        if settings.sizing.fast_path {
             object.attach_fast_path()?;
         }
         let mut cgroup_links = Vec::new();
@@ -288,7 +304,7 @@ impl Engine {
         drop(self.lock.take());
         Draining {
             proxies,
-            grace: self.settings.drain,
+            grace: self.settings.sizing.drain,
         }
     }
 

@@ -142,7 +142,7 @@ impl Engine {
     /// Every check of an enroll request, before anything changes.
     fn check(&self, req: &Request, netns: &Netns) -> Result<WorkloadInfo, EnrollError> {
         chain::compile(&req.capture).map_err(|e| EnrollError::Flags(e.to_string()))?;
-        if req.fast_path && !self.settings.fast_path {
+        if req.fast_path && !self.settings.sizing.fast_path {
             return Err(EnrollError::FastPathOff);
         }
         let cookie = netns
@@ -262,7 +262,7 @@ impl Engine {
         let rules = chain::compile(capture).map_err(|e| EnrollError::Flags(e.to_string()))?;
         let cookie = info.netns_cookie;
         let embedded = ProxyMode::parse(&info.proxy) == Some(ProxyMode::Embedded);
-        let fast_path = info.fast_path && self.settings.fast_path;
+        let fast_path = info.fast_path && self.settings.sizing.fast_path;
         let (cgroup_id, cgroup_level) = match &info.cgroup {
             Some(cg) => sys::cgroup_identity(cg).map_err(EnrollError::Path)?,
             None => (0, 0),
@@ -278,8 +278,8 @@ impl Engine {
             let cfg = ProxyConfig {
                 outbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, capture.envoy_port),
                 inbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, capture.inbound_capture_port),
-                connect_timeout: self.settings.connect_timeout,
-                max_connections: self.settings.max_proxy_connections,
+                connect_timeout: self.settings.sizing.connect_timeout,
+                max_connections: self.settings.sizing.max_proxy_connections,
             }
             .fit_to_descriptors(self.nofile);
             let listening = self
@@ -415,7 +415,7 @@ impl Engine {
         self.persist();
         tracing::info!(%id, "unenrolled");
         if let Some(proxy) = w.proxy {
-            tokio::spawn(proxy.drain(self.settings.drain));
+            tokio::spawn(proxy.drain(self.settings.sizing.drain));
         }
         Ok(id)
     }
