@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use redirect_common::{
     AGENT_SOCKET_MARK, ChainId, ConnFacts, IPPROTO_TCP, LOCALHOST_BE, OrigDst, PendingOrigDst, Target, Workload,
-    events, is_loopback,
+    events, is_loopback, port,
 };
 
 use crate::{
@@ -53,7 +53,7 @@ unsafe fn decide(ctx: &SockAddrContext) {
         return;
     }
 
-    let dst_port = u16::from_be(unsafe { read_volatile(&(*sa).user_port) } as u16);
+    let dst_port = port::be_low(unsafe { read_volatile(&(*sa).user_port) });
     let sk = unsafe { (*sa).__bindgen_anon_1.sk };
     // The agent's own upstream connections (node mode attaches above the agent).
     if !sk.is_null() && unsafe { read_volatile(&(*sk).mark) } == AGENT_SOCKET_MARK {
@@ -93,7 +93,7 @@ unsafe fn decide(ctx: &SockAddrContext) {
         gid: (uid_gid >> 32) as u32,
     };
 
-    let (target, port) = match chain::decide(workload, ChainId::Output, &facts) {
+    let (target, capture_port) = match chain::decide(workload, ChainId::Output, &facts) {
         Some(t @ Target::Redirect) => (t, workload.outbound_port),
         Some(t @ Target::InRedirect) => (t, workload.inbound_port),
         Some(Target::Return) | None => return,
@@ -117,6 +117,6 @@ unsafe fn decide(ctx: &SockAddrContext) {
     // Separate volatile stores: merged into one 8-byte store, the verifier refuses them.
     unsafe {
         write_volatile(&mut (*sa).user_ip4, LOCALHOST_BE);
-        write_volatile(&mut (*sa).user_port, u32::from(port.to_be()));
+        write_volatile(&mut (*sa).user_port, port::to_be_low(capture_port));
     }
 }

@@ -7,7 +7,7 @@
 use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{EbpfContext as _, helpers::bpf_get_netns_cookie, macros::cgroup_sockopt, programs::SockoptContext};
-use redirect_common::{IPPROTO_TCP, TupleKey, events};
+use redirect_common::{IPPROTO_TCP, TupleKey, events, port};
 
 use crate::maps::{WORKLOADS, count_event, orig_dst};
 
@@ -71,18 +71,24 @@ unsafe fn answer(ctx: &SockoptContext) {
         return;
     };
     // The map holds the connection as its connecting end saw it: this accepted socket's peer
-    // is the source. dst_port is network order in the low half of a 4-byte load on every
-    // kernel (the field became 16 bits wide in 5.19).
-    let key = unsafe {
-        TupleKey {
-            netns_cookie,
-            src_addr: read_volatile(&(*sk).dst_ip4),
-            dst_addr: read_volatile(&(*sk).src_ip4),
-            src_port: u16::from_be(read_volatile((&raw const (*sk).dst_port).cast::<u32>()) as u16),
-            dst_port: read_volatile(&(*sk).src_port) as u16,
-            _pad: 0,
-        }
+    // (`dst_*`) is the source, its own address (`src_*`) the destination. `dst_port` is
+    // network order in the low half of a 4-byte load on every kernel (the field became 16 bits
+    // wide in 5.19), `src_port` host order: `redirect_common::port`.
+    let (peer_ip, local_ip, peer_port, local_port) = unsafe {
+        (
+            read_volatile(&(*sk).dst_ip4),
+            read_volatile(&(*sk).src_ip4),
+            read_volatile((&raw const (*sk).dst_port).cast::<u32>()),
+            read_volatile(&(*sk).src_port),
+        )
     };
+    let key = TupleKey::new(
+        netns_cookie,
+        peer_ip,
+        port::be_low(peer_port),
+        local_ip,
+        port::host(local_port),
+    );
     // Unknown to us: the kernel's own answer stands (ENOENT from conntrack, or its entry).
     let Some(orig) = orig_dst(&key) else {
         return;

@@ -72,14 +72,7 @@ pub static FAST_PATH_SENDERS: LruHashMap<TupleKey, u8, 65536> = LruHashMap::new(
 /// a connection started inside the namespace, and what makes a pair local for the fast path.
 #[inline(always)]
 pub fn is_local_addr(netns_cookie: u64, addr: u32) -> bool {
-    is_loopback(addr)
-        || LOCAL_ADDRS
-            .get_ptr(LocalAddrKey {
-                netns_cookie,
-                addr,
-                _pad: 0,
-            })
-            .is_some()
+    is_loopback(addr) || LOCAL_ADDRS.get_ptr(LocalAddrKey::new(netns_cookie, addr)).is_some()
 }
 
 /// The original destination of a captured connection, from the 4-tuple as its connecting end

@@ -9,7 +9,9 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
-use redirect_common::{ChainId, ConnFacts, IPPROTO_TCP, OrigDst, Target, TupleKey, Workload, events, workload_flags};
+use redirect_common::{
+    ChainId, ConnFacts, IPPROTO_TCP, OrigDst, Target, TupleKey, Workload, events, port, workload_flags,
+};
 
 use crate::{
     chain,
@@ -51,7 +53,7 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
     if remote_ip4 == local_ip4 || is_local_addr(netns_cookie, remote_ip4) {
         return sk_action::SK_PASS;
     }
-    let local_port = unsafe { read_volatile(&(*l).local_port) } as u16;
+    let local_port = port::host(unsafe { read_volatile(&(*l).local_port) });
     let facts = ConnFacts {
         proto: IPPROTO_TCP,
         dst_addr: local_ip4,
@@ -71,19 +73,17 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
     match INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns_cookie, 0) {
         Ok(()) => {
             // What conntrack would keep for a REDIRECT: SO_ORIGINAL_DST on the accepted socket
-            // (and the embedded proxy) read it under the 4-tuple. The 4-byte load of the
-            // network-order port works on every kernel (its field was narrowed to 16 bits in
-            // 5.19); the port sits in the low half.
-            let remote_port =
-                u16::from_be(unsafe { read_volatile((&raw const (*l).remote_port).cast::<u32>()) } as u16);
-            let key = TupleKey {
+            // (and the embedded proxy) read it under the 4-tuple, as the remote end connected.
+            // The 4-byte load of the network-order port works on every kernel (its field was
+            // narrowed to 16 bits in 5.19); the port sits in the low half.
+            let remote_port = unsafe { read_volatile((&raw const (*l).remote_port).cast::<u32>()) };
+            let key = TupleKey::new(
                 netns_cookie,
-                src_addr: remote_ip4,
-                dst_addr: local_ip4,
-                src_port: remote_port,
-                dst_port: local_port,
-                _pad: 0,
-            };
+                remote_ip4,
+                port::be_low(remote_port),
+                local_ip4,
+                local_port,
+            );
             let orig = OrigDst {
                 addr: local_ip4,
                 port: local_port,

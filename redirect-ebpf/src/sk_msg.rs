@@ -18,7 +18,7 @@ use aya_ebpf::{
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use redirect_common::{TupleKey, events, fast_path};
+use redirect_common::{TupleKey, events, fast_path, port};
 
 use crate::maps::{FAST_PATH_SENDERS, FAST_PATH_SOCKETS, WORKLOADS, count_event};
 
@@ -40,17 +40,23 @@ unsafe fn forward(ctx: &SkMsgContext) {
         return;
     }
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let me = unsafe {
-        TupleKey {
-            netns_cookie,
-            src_addr: read_volatile(&(*m).local_ip4),
-            dst_addr: read_volatile(&(*m).remote_ip4),
-            src_port: read_volatile(&(*m).local_port) as u16,
-            // Network order in the upper half of the 4-byte field on little-endian.
-            dst_port: u16::from_be((read_volatile(&(*m).remote_port) >> 16) as u16),
-            _pad: 0,
-        }
+    // The sender's own view: local -> remote. `local_port` is host order; `remote_port` holds
+    // the network-order port in its upper half (`redirect_common::port::be_high`).
+    let (local_ip, remote_ip, local_port, remote_port) = unsafe {
+        (
+            read_volatile(&(*m).local_ip4),
+            read_volatile(&(*m).remote_ip4),
+            read_volatile(&(*m).local_port),
+            read_volatile(&(*m).remote_port),
+        )
     };
+    let me = TupleKey::new(
+        netns_cookie,
+        local_ip,
+        port::host(local_port),
+        remote_ip,
+        port::be_high(remote_port),
+    );
     let Some(state) = FAST_PATH_SENDERS.get_ptr_mut(me) else {
         // No state (aged out of the LRU, or never enrolled by us): TCP, the path that is
         // always safe.

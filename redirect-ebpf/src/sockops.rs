@@ -15,7 +15,8 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use redirect_common::{
-    INBOUND_PASSTHROUGH_SRC_BE, LOCALHOST_BE, PendingOrigDst, TupleKey, Workload, events, fast_path, workload_flags,
+    INBOUND_PASSTHROUGH_SRC_BE, LOCALHOST_BE, PendingOrigDst, TupleKey, Workload, events, fast_path, port,
+    workload_flags,
 };
 
 use crate::maps::{
@@ -151,15 +152,15 @@ fn enroll(ctx: &SockOpsContext, key: &TupleKey) {
     }
 }
 
+/// The socket's own view of its connection: local -> remote. `local_port` is host order;
+/// `remote_port` holds the network-order port in its upper half (`redirect_common::port`).
 #[inline(always)]
 fn tuple(ctx: &SockOpsContext, netns_cookie: u64) -> TupleKey {
-    TupleKey {
+    TupleKey::new(
         netns_cookie,
-        src_addr: ctx.local_ip4(),
-        dst_addr: ctx.remote_ip4(),
-        src_port: ctx.local_port() as u16,
-        // remote_port holds the network-order port in its upper half on little-endian.
-        dst_port: u16::from_be((ctx.remote_port() >> 16) as u16),
-        _pad: 0,
-    }
+        ctx.local_ip4(),
+        port::host(ctx.local_port()),
+        ctx.remote_ip4(),
+        port::be_high(ctx.remote_port()),
+    )
 }
