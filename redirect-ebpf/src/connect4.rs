@@ -14,13 +14,13 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    AGENT_SOCKET_MARK, ChainId, ConnFacts, IPPROTO_TCP, LOCALHOST_BE, OrigDst, PendingOrigDst, Target, Workload,
-    events, is_loopback, port,
+    AGENT_SOCKET_MARK, ChainId, ConnFacts, IPPROTO_TCP, LOCALHOST_BE, OrigDst, PendingOrigDst, Target, events,
+    is_loopback, port,
 };
 
 use crate::{
     chain,
-    maps::{ORIG_BY_COOKIE, WORKLOADS, count_event, is_local_addr},
+    maps::{ORIG_BY_COOKIE, count_event, is_local_addr, workload},
 };
 
 /// Returning 1 lets connect() proceed; 0 would fail it with EPERM. We never refuse: a mesh
@@ -41,10 +41,9 @@ unsafe fn decide(ctx: &SockAddrContext) {
         return;
     }
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(workload) = WORKLOADS.get_ptr(netns_cookie) else {
+    let Some(workload) = workload(netns_cookie) else {
         return;
     };
-    let workload: &Workload = unsafe { &*workload };
     // A workload enrolled with its cgroup: ISTIO_OUTPUT is that cgroup's, as it is for a
     // `run` instance attached there.
     if workload.cgroup_id != 0

@@ -9,7 +9,7 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{EbpfContext as _, helpers::bpf_get_netns_cookie, macros::cgroup_sockopt, programs::SockoptContext};
 use redirect_common::{IPPROTO_TCP, TupleKey, events, port};
 
-use crate::maps::{WORKLOADS, count_event, orig_dst};
+use crate::maps::{count_event, orig_dst, workload};
 
 const SOL_IP: i32 = 0;
 /// `SO_ORIGINAL_DST` from linux/netfilter_ipv4.h.
@@ -67,7 +67,7 @@ unsafe fn answer(ctx: &SockoptContext) {
         return;
     }
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(workload) = WORKLOADS.get_ptr(netns_cookie) else {
+    let Some(workload) = workload(netns_cookie) else {
         return;
     };
     // The map holds the connection as its connecting end saw it: this accepted socket's peer
@@ -115,5 +115,5 @@ unsafe fn answer(ctx: &SockoptContext) {
         write_volatile(&mut (*so).optlen, SOCKADDR_IN_LEN as i32);
         write_volatile(&mut (*so).retval, 0);
     }
-    count_event(unsafe { &*workload }, events::ORIG_DST_ANSWERED);
+    count_event(workload, events::ORIG_DST_ANSWERED);
 }

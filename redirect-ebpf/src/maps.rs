@@ -67,6 +67,15 @@ pub static FAST_PATH_SOCKETS: SockHash<TupleKey, 65536> = SockHash::new();
 #[btf_map]
 pub static FAST_PATH_SENDERS: LruHashMap<TupleKey, u8, 65536> = LruHashMap::new();
 
+/// The chains of the workload whose namespace has cookie `netns_cookie`, if the agent enrolled
+/// one. The reference is good for the rest of this program run, which is as long as any
+/// program can hold it.
+#[inline(always)]
+pub fn workload(netns_cookie: u64) -> Option<&'static Workload> {
+    let w = WORKLOADS.get_ptr(netns_cookie)?;
+    Some(unsafe { &*w })
+}
+
 /// Whether `addr` (network order) is reached over `lo` from the workload's namespace: 127/8 or
 /// one of the namespace's own addresses. What "`-o lo`" means to connect4, what tells sk_lookup
 /// a connection started inside the namespace, and what makes a pair local for the fast path.

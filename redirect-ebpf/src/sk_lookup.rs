@@ -9,13 +9,11 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
-use redirect_common::{
-    ChainId, ConnFacts, IPPROTO_TCP, OrigDst, Target, TupleKey, Workload, events, port, workload_flags,
-};
+use redirect_common::{ChainId, ConnFacts, IPPROTO_TCP, OrigDst, Target, TupleKey, events, port, workload_flags};
 
 use crate::{
     chain,
-    maps::{ADDR_OWNERS, INBOUND_LISTENERS, INBOUND_PENDING, WORKLOADS, count_event, is_local_addr},
+    maps::{ADDR_OWNERS, INBOUND_LISTENERS, INBOUND_PENDING, count_event, is_local_addr, workload},
 };
 
 const AF_INET: u32 = 2;
@@ -37,10 +35,9 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
     let Some(&netns_cookie) = (unsafe { ADDR_OWNERS.get(local_ip4) }) else {
         return sk_action::SK_PASS;
     };
-    let Some(workload) = WORKLOADS.get_ptr(netns_cookie) else {
+    let Some(workload) = workload(netns_cookie) else {
         return sk_action::SK_PASS;
     };
-    let workload: &Workload = unsafe { &*workload };
     if workload.flags & workload_flags::INBOUND == 0 {
         return sk_action::SK_PASS;
     }

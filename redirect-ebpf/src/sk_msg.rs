@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 use redirect_common::{TupleKey, events, fast_path, port};
 
-use crate::maps::{FAST_PATH_SENDERS, FAST_PATH_SOCKETS, WORKLOADS, count_event};
+use crate::maps::{FAST_PATH_SENDERS, FAST_PATH_SOCKETS, count_event, workload};
 
 const AF_INET: u32 = 2;
 
@@ -78,13 +78,13 @@ unsafe fn forward(ctx: &SkMsgContext) {
                 fast_path::TCP
             }
         };
-        if let Some(w) = WORKLOADS.get_ptr(netns_cookie) {
+        if let Some(w) = workload(netns_cookie) {
             let event = if redirected {
                 events::FAST_PATH_REDIRECTED
             } else {
                 events::FAST_PATH_DECLINED
             };
-            count_event(unsafe { &*w }, event);
+            count_event(w, event);
         }
     } else if !redirected {
         // The peer left the sockhash: it closed, so nothing it could still read is reordered.

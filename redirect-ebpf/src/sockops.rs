@@ -15,13 +15,12 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use redirect_common::{
-    INBOUND_PASSTHROUGH_SRC_BE, LOCALHOST_BE, PendingOrigDst, TupleKey, Workload, events, fast_path, port,
-    workload_flags,
+    INBOUND_PASSTHROUGH_SRC_BE, LOCALHOST_BE, PendingOrigDst, TupleKey, events, fast_path, port, workload_flags,
 };
 
 use crate::maps::{
-    FAST_PATH_SENDERS, FAST_PATH_SOCKETS, INBOUND_LISTENERS, INBOUND_PENDING, ORIG_BY_COOKIE, ORIG_BY_TUPLE, WORKLOADS,
-    count_event, is_local_addr,
+    FAST_PATH_SENDERS, FAST_PATH_SOCKETS, INBOUND_LISTENERS, INBOUND_PENDING, ORIG_BY_COOKIE, ORIG_BY_TUPLE,
+    count_event, is_local_addr, workload,
 };
 
 const AF_INET: u32 = 2;
@@ -81,9 +80,9 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
             // inbound capture port: that is where sk_lookup sends connections from other
             // hosts. With SO_REUSEPORT the kernel still spreads them over the whole group.
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-            if let Some(w) = WORKLOADS.get_ptr(netns_cookie)
-                && unsafe { (*w).flags } & workload_flags::WORKLOAD_LISTENER != 0
-                && ctx.local_port() == u32::from(unsafe { (*w).inbound_port })
+            if let Some(w) = workload(netns_cookie)
+                && w.flags & workload_flags::WORKLOAD_LISTENER != 0
+                && ctx.local_port() == u32::from(w.inbound_port)
             {
                 // SAFETY: the context pointer is the kernel's bpf_sock_ops for this call.
                 let ops = unsafe { &mut *ctx.ops };
@@ -125,10 +124,9 @@ fn redirected(ctx: &SockOpsContext) -> Option<(u64, *const PendingOrigDst)> {
 /// sent to the capture listener has no local peer to hand bytes to).
 #[inline(always)]
 fn enroll(ctx: &SockOpsContext, key: &TupleKey) {
-    let Some(w) = WORKLOADS.get_ptr(key.netns_cookie) else {
+    let Some(w) = workload(key.netns_cookie) else {
         return;
     };
-    let w: &Workload = unsafe { &*w };
     if w.flags & workload_flags::FAST_PATH == 0 {
         return;
     }
