@@ -359,13 +359,25 @@ pub mod port {
     }
 }
 
+/// aya copies these to and from the kernel's map memory as plain bytes. What makes that sound
+/// for each: `#[repr(C)]` and `Copy`; no implicit padding, so every byte aya writes is a
+/// named, initialized field (the sizes are pinned by `layout::sizes_have_no_implicit_padding`,
+/// which would fail if the compiler inserted any); and only integer fields, so any bytes the
+/// kernel hands back are a valid value (enums such as [`Target`] are kept as `u8` and decoded
+/// with `from_u8`, never transmuted).
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all are #[repr(C)], Copy, and every byte (padding included) is a named field.
+    // SAFETY: repr(C), Copy; integers and `[Rule; MAX_RULES]` (Rule: repr(C), integers only,
+    // padding in `_pad`/`_pad2`), explicit `_pad`; 32 + 36 * MAX_RULES bytes, no gaps.
     unsafe impl aya::Pod for super::Workload {}
+    // SAFETY: repr(C), Copy; u64, u32, explicit u32 `_pad`; 16 bytes, no gaps.
     unsafe impl aya::Pod for super::LocalAddrKey {}
+    // SAFETY: repr(C), Copy; u64 then an 8-byte, 4-aligned OrigDst; 16 bytes, no gaps.
     unsafe impl aya::Pod for super::PendingOrigDst {}
+    // SAFETY: repr(C), Copy; u32, u16, u8 (`target`, decoded with Target::from_u8), u8
+    // `_pad`; 8 bytes, no gaps.
     unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: repr(C), Copy; u64, 2 x u32, 2 x u16, explicit u32 `_pad`; 24 bytes, no gaps.
     unsafe impl aya::Pod for super::TupleKey {}
 }
 

@@ -26,28 +26,43 @@ const AF_INET: u32 = 2;
 
 #[sk_msg]
 pub fn redirect_sk_msg(ctx: SkMsgContext) -> u32 {
-    // SAFETY: the kernel hands sk_msg a valid sk_msg_md.
+    // SAFETY: `ctx` is this invocation's context: the macro builds it from the program's only
+    // argument, the `sk_msg_md` the kernel passes, which is what `forward` requires.
     unsafe { forward(&ctx) };
     // Always SK_PASS: with a redirect set it goes to the peer, without one over TCP. SK_DROP
     // would fail the sender's write.
     sk_action::SK_PASS
 }
 
+/// Sets the redirect of one message to the sender's peer when its connection takes the fast
+/// path, and settles that on its first message.
+///
+/// # Safety
+///
+/// `ctx.msg` must be the context the kernel passed to this run of an `sk_msg` program. Its
+/// field reads are then context accesses: the verifier checked each one's offset and size
+/// against what sk_msg may read when the program was loaded (refusing the program otherwise)
+/// and rewrote it into a read of the kernel's `sk_msg` and its socket.
 #[inline(always)]
 unsafe fn forward(ctx: &SkMsgContext) {
     let m = ctx.msg;
-    if unsafe { read_volatile(&(*m).family) } != AF_INET {
+    // SAFETY: a 4-byte read of the context's `family` (see `# Safety`).
+    if unsafe { read_volatile(&raw const (*m).family) } != AF_INET {
         return;
     }
+    // SAFETY: the helper's one argument is the program's own context (it reads the socket's
+    // namespace from it); sk_msg may call it (5.15+, which the agent probes for).
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // The sender's own view: local -> remote. `local_port` is host order; `remote_port` holds
     // the network-order port in its upper half (`redirect_common::port::be_high`).
+    // SAFETY: 4-byte reads of the context's `local_ip4`, `remote_ip4`, `local_port` and
+    // `remote_port`.
     let (local_ip, remote_ip, local_port, remote_port) = unsafe {
         (
-            read_volatile(&(*m).local_ip4),
-            read_volatile(&(*m).remote_ip4),
-            read_volatile(&(*m).local_port),
-            read_volatile(&(*m).remote_port),
+            read_volatile(&raw const (*m).local_ip4),
+            read_volatile(&raw const (*m).remote_ip4),
+            read_volatile(&raw const (*m).local_port),
+            read_volatile(&raw const (*m).remote_port),
         )
     };
     let me = TupleKey::new(
@@ -62,7 +77,13 @@ unsafe fn forward(ctx: &SkMsgContext) {
         // always safe.
         return;
     };
-    // SAFETY: one sender's messages are serialized by its socket lock.
+    // SAFETY: `state` is a non-null lookup result: one byte of map memory that stays mapped
+    // until the program returns, and any byte is a valid u8. This sender's messages reach
+    // sk_msg one at a time (under its socket lock), so no other run of this program writes
+    // the entry meanwhile. (sock_ops and the agent replace or remove entries, which may
+    // recycle the slot while we hold it: an LRU hash map reuses freed slots at once. The
+    // same holds for the writes below; a write into a recycled slot cannot corrupt memory,
+    // only another sender's state.)
     let decided = unsafe { *state };
     if decided == fast_path::TCP {
         return;
@@ -71,6 +92,7 @@ unsafe fn forward(ctx: &SkMsgContext) {
     let redirected =
         FAST_PATH_SOCKETS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(sk_action::SK_PASS);
     if decided == fast_path::UNDECIDED {
+        // SAFETY: `state` as above.
         unsafe {
             *state = if redirected {
                 fast_path::REDIRECT
@@ -88,6 +110,7 @@ unsafe fn forward(ctx: &SkMsgContext) {
         }
     } else if !redirected {
         // The peer left the sockhash: it closed, so nothing it could still read is reordered.
+        // SAFETY: `state` as above.
         unsafe { *state = fast_path::TCP };
     }
 }
