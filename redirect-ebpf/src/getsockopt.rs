@@ -105,6 +105,10 @@ unsafe fn answer(ctx: &SockoptContext) {
     // (`dst_*`) is the source, its own address (`src_*`) the destination. `dst_port` is
     // network order in the low half of a 4-byte load on every kernel (the field became 16 bits
     // wide in 5.19), `src_port` host order: `redirect_common::port`.
+    #[allow(
+        clippy::cast_ptr_alignment,
+        reason = "dst_port's offset in bpf_sock is 4-aligned (the `const _` assertion in this module)"
+    )]
     // SAFETY: `sk` is the non-null full socket above; 4-byte reads of its `dst_ip4`, `src_ip4`,
     // `dst_port` and `src_port`. `dst_port` is read as 4 bytes through a cast: the field is a
     // `__be16` followed by 16 bits of padding in the bindings (both inside `bpf_sock`), and the

@@ -102,6 +102,10 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
         Ok(()) => {
             // What conntrack would keep for a REDIRECT: SO_ORIGINAL_DST on the accepted socket
             // (and the embedded proxy) read it under the 4-tuple, as the remote end connected.
+            #[allow(
+                clippy::cast_ptr_alignment,
+                reason = "remote_port's offset in bpf_sk_lookup is 4-aligned (the `const _` assertion in this module)"
+            )]
             // SAFETY: a 4-byte read at the context's `remote_port`, through a cast: the field
             // is a `__be16` followed by 16 bits of padding in the bindings (both inside
             // `bpf_sk_lookup`), and the verifier accepts the 4-byte load at its offset on every
