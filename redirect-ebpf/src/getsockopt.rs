@@ -6,10 +6,13 @@
 //! so everything but that one option must leave the kernel's answer exactly as it was.
 use core::ptr::{read_volatile, write_volatile};
 
-use aya_ebpf::{EbpfContext as _, helpers::bpf_get_netns_cookie, macros::cgroup_sockopt, programs::SockoptContext};
-use redirect_common::{IPPROTO_TCP, TupleKey, events};
+use aya_ebpf::{
+    EbpfContext as _, bindings::bpf_sock, helpers::bpf_get_netns_cookie, macros::cgroup_sockopt,
+    programs::SockoptContext,
+};
+use redirect_common::{IPPROTO_TCP, TupleKey, events, port};
 
-use crate::maps::{WORKLOADS, count_event, orig_dst};
+use crate::maps::{count_event, orig_dst, workload};
 
 const SOL_IP: i32 = 0;
 /// `SO_ORIGINAL_DST` from linux/netfilter_ipv4.h.
@@ -31,22 +34,37 @@ struct SockaddrIn {
 
 const SOCKADDR_IN_LEN: usize = core::mem::size_of::<SockaddrIn>();
 
+// `bpf_sock.dst_port` is read as a `u32` (see `answer`): its offset keeps that read aligned.
+const _: () = assert!(core::mem::offset_of!(bpf_sock, dst_port) % 4 == 0);
+
 #[cgroup_sockopt(getsockopt)]
 pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
-    // SAFETY: the kernel hands getsockopt a valid bpf_sockopt.
+    // SAFETY: `ctx` is this invocation's context: the macro builds it from the program's only
+    // argument, the `bpf_sockopt` the kernel passes, which is what `answer` requires.
     unsafe { answer(&ctx) };
     // 1 keeps the (possibly rewritten) answer; 0 would fail the call with EPERM.
     1
 }
 
+/// Answers `getsockopt(SOL_IP, SO_ORIGINAL_DST)` from the maps; trims oversized values of any
+/// other option to what the kernel documents.
+///
+/// # Safety
+///
+/// `ctx.sockopt` must be the context the kernel passed to this run of a `cgroup/getsockopt`
+/// program. Its field accesses are then context accesses: the verifier checked each one's
+/// offset, size and direction against what getsockopt may touch when the program was loaded
+/// (refusing the program otherwise) and rewrote it into an access of the kernel's
+/// `bpf_sockopt_kern`.
 #[inline(always)]
 unsafe fn answer(ctx: &SockoptContext) {
     let so = ctx.sockopt;
+    // SAFETY: 4-byte reads of the context's `level`, `optname` and `optlen` (see `# Safety`).
     let (level, optname, optlen) = unsafe {
         (
-            read_volatile(&(*so).level),
-            read_volatile(&(*so).optname),
-            read_volatile(&(*so).optlen),
+            read_volatile(&raw const (*so).level),
+            read_volatile(&raw const (*so).optname),
+            read_volatile(&raw const (*so).optlen),
         )
     };
     if level != SOL_IP || optname != SO_ORIGINAL_DST {
@@ -54,46 +72,89 @@ unsafe fn answer(ctx: &SockoptContext) {
         // would either fail the call (EFAULT, before 6.4) or rely on the kernel ignoring us.
         // optlen 0 is the documented "use the kernel's value untouched".
         if optlen > PAGE_SIZE {
-            unsafe { write_volatile(&mut (*so).optlen, 0) };
+            // SAFETY: a 4-byte write of the context's `optlen`, which getsockopt may write.
+            unsafe { write_volatile(&raw mut (*so).optlen, 0) };
         }
         return;
     }
+    // SAFETY: an 8-byte read of the context's `sk`, the socket getsockopt was called on,
+    // which the verifier types as a full socket (`PTR_TO_SOCKET`, never null for this hook;
+    // the check below guards the derefs anyway).
     let sk = unsafe { (*so).__bindgen_anon_1.sk };
     if sk.is_null() {
         return;
     }
-    let (family, protocol) = unsafe { (read_volatile(&(*sk).family), read_volatile(&(*sk).protocol)) };
+    // SAFETY: `sk` is a non-null full socket: 4-byte reads of `bpf_sock` fields the verifier
+    // lets any program that holds one read.
+    let (family, protocol) = unsafe {
+        (
+            read_volatile(&raw const (*sk).family),
+            read_volatile(&raw const (*sk).protocol),
+        )
+    };
     if family != AF_INET || protocol != u32::from(IPPROTO_TCP) {
         return;
     }
+    // SAFETY: the helper's one argument is the program's own context (it reads the socket's
+    // namespace from it); getsockopt may call it (5.15+, which the agent probes for).
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(workload) = WORKLOADS.get_ptr(netns_cookie) else {
+    let Some(workload) = workload(netns_cookie) else {
         return;
     };
     // The map holds the connection as its connecting end saw it: this accepted socket's peer
-    // is the source. dst_port is network order in the low half of a 4-byte load on every
-    // kernel (the field became 16 bits wide in 5.19).
-    let key = unsafe {
-        TupleKey {
-            netns_cookie,
-            src_addr: read_volatile(&(*sk).dst_ip4),
-            dst_addr: read_volatile(&(*sk).src_ip4),
-            src_port: u16::from_be(read_volatile((&raw const (*sk).dst_port).cast::<u32>()) as u16),
-            dst_port: read_volatile(&(*sk).src_port) as u16,
-            _pad: 0,
-        }
+    // (`dst_*`) is the source, its own address (`src_*`) the destination. `dst_port` is
+    // network order in the low half of a 4-byte load on every kernel (the field became 16 bits
+    // wide in 5.19), `src_port` host order: `redirect_common::port`.
+    #[allow(
+        clippy::cast_ptr_alignment,
+        reason = "dst_port's offset in bpf_sock is 4-aligned (the `const _` assertion in this module)"
+    )]
+    // SAFETY: `sk` is the non-null full socket above; 4-byte reads of its `dst_ip4`, `src_ip4`,
+    // `dst_port` and `src_port`. `dst_port` is read as 4 bytes through a cast: the field is a
+    // `__be16` followed by 16 bits of padding in the bindings (both inside `bpf_sock`), and the
+    // verifier accepts the 4-byte load at its offset on every kernel, as before 5.19.
+    let (peer_ip, local_ip, peer_port, local_port) = unsafe {
+        (
+            read_volatile(&raw const (*sk).dst_ip4),
+            read_volatile(&raw const (*sk).src_ip4),
+            read_volatile((&raw const (*sk).dst_port).cast::<u32>()),
+            read_volatile(&raw const (*sk).src_port),
+        )
     };
+    let key = TupleKey::new(
+        netns_cookie,
+        peer_ip,
+        port::be_low(peer_port),
+        local_ip,
+        port::host(local_port),
+    );
     // Unknown to us: the kernel's own answer stands (ENOENT from conntrack, or its entry).
     let Some(orig) = orig_dst(&key) else {
         return;
     };
-    let start = unsafe { (*so).__bindgen_anon_2.optval } as usize;
-    let end = unsafe { (*so).__bindgen_anon_3.optval_end } as usize;
+    // SAFETY: 8-byte reads of the context's `optval` and `optval_end`, the bounds of the
+    // kernel's copy of the caller's buffer.
+    let (start, end) = unsafe {
+        (
+            (*so).__bindgen_anon_2.optval as usize,
+            (*so).__bindgen_anon_3.optval_end as usize,
+        )
+    };
     // A caller's buffer shorter than a sockaddr_in keeps the kernel's EINVAL.
     if start + SOCKADDR_IN_LEN > end {
         return;
     }
     let sa = start as *mut SockaddrIn;
+    // SAFETY: `sa..sa + 16` lies within `optval..optval_end` (checked just above; the verifier
+    // treats the buffer as packet data and refuses any store it cannot prove inside it), the
+    // kernel's own buffer for the value, which it copies to the caller after we return.
+    // Rust's `write_volatile` also wants `sa` 4-aligned: a buffer over 32 bytes is kzalloc'd
+    // (8-aligned); a smaller one (the usual `sizeof(struct sockaddr_in)`) is the 32-byte `u8`
+    // array of `struct bpf_sockopt_buf` on the kernel stack, whose C type promises no
+    // alignment. What the kernel checks are the stores this compiles to (2, 2, 4, 4 and 4
+    // bytes), which it accepts at any alignment on architectures without strict alignment
+    // (x86-64, arm64), whose JITs emit plain stores. Then 4-byte writes of the context's
+    // `optlen` and `retval`, which getsockopt may write.
     unsafe {
         write_volatile(
             sa,
@@ -106,8 +167,8 @@ unsafe fn answer(ctx: &SockoptContext) {
         );
         // Separate stores: adjacent context fields merged into one 8-byte store are refused
         // by the verifier.
-        write_volatile(&mut (*so).optlen, SOCKADDR_IN_LEN as i32);
-        write_volatile(&mut (*so).retval, 0);
+        write_volatile(&raw mut (*so).optlen, SOCKADDR_IN_LEN as i32);
+        write_volatile(&raw mut (*so).retval, 0);
     }
-    count_event(unsafe { &*workload }, events::ORIG_DST_ANSWERED);
+    count_event(workload, events::ORIG_DST_ANSWERED);
 }

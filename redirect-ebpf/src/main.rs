@@ -19,6 +19,9 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 }
 
 // GPL-compatible so the kernel lets the programs call GPL-only helpers.
+// Both `unsafe` attributes are sound: `LICENSE` is the only symbol of that name in the object
+// and the only item in the "license" section, which the loader reads as a NUL-terminated
+// string (the array ends in NUL); nothing in the program refers to it.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

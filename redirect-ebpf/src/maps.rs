@@ -67,19 +67,30 @@ pub static FAST_PATH_SOCKETS: SockHash<TupleKey, 65536> = SockHash::new();
 #[btf_map]
 pub static FAST_PATH_SENDERS: LruHashMap<TupleKey, u8, 65536> = LruHashMap::new();
 
+/// The chains of the workload whose namespace has cookie `netns_cookie`, if the agent enrolled
+/// one. The reference is good for the rest of this program run, which is as long as any
+/// program can hold it.
+#[inline(always)]
+pub fn workload(netns_cookie: u64) -> Option<&'static Workload> {
+    let w = WORKLOADS.get_ptr(netns_cookie)?;
+    // SAFETY: a non-null lookup result points at a whole, 8-aligned Workload value in
+    // WORKLOADS (the kernel allocates `value_size` bytes, 8-aligned, per entry), which stays
+    // mapped until the program returns: the map outlives every program that uses it. The
+    // programs only read it. The agent writes it, by replacing whole entries, and a
+    // replacement can reuse this slot while a program reads it (aya's `get` caveat: a
+    // preallocated hash map recycles freed slots at once): every byte pattern is a valid
+    // Workload (integers only; `n_rules` is bounded by MAX_RULES wherever it is used), so the
+    // worst case is a decision taken on a mix of the old and new chain, for a connection that
+    // races the agent's update of its workload.
+    Some(unsafe { &*w })
+}
+
 /// Whether `addr` (network order) is reached over `lo` from the workload's namespace: 127/8 or
 /// one of the namespace's own addresses. What "`-o lo`" means to connect4, what tells sk_lookup
 /// a connection started inside the namespace, and what makes a pair local for the fast path.
 #[inline(always)]
 pub fn is_local_addr(netns_cookie: u64, addr: u32) -> bool {
-    is_loopback(addr)
-        || LOCAL_ADDRS
-            .get_ptr(LocalAddrKey {
-                netns_cookie,
-                addr,
-                _pad: 0,
-            })
-            .is_some()
+    is_loopback(addr) || LOCAL_ADDRS.get_ptr(LocalAddrKey::new(netns_cookie, addr)).is_some()
 }
 
 /// The original destination of a captured connection, from the 4-tuple as its connecting end
@@ -87,9 +98,17 @@ pub fn is_local_addr(netns_cookie: u64, addr: u32) -> bool {
 /// `OrigDstTable` reads the same way from user space.
 #[inline(always)]
 pub fn orig_dst(key: &TupleKey) -> Option<OrigDst> {
+    // SAFETY: (this lookup and the next) the reference is copied from at once (8 bytes), while
+    // the value is mapped (until the program returns), and never kept. The programs write an
+    // entry at its connection's handshake and remove it at its close (an INBOUND_PENDING one
+    // also when sock_ops moves it or the agent's proxy takes it), so the entry a proxy asks
+    // about is stable; if an LRU eviction recycles the slot while we copy (aya's `get`
+    // caveat), we copy other integers: still a valid OrigDst (`target` is a u8 decoded with
+    // `Target::from_u8`).
     if let Some(v) = unsafe { ORIG_BY_TUPLE.get(key) } {
         return Some(*v);
     }
+    // SAFETY: as above.
     unsafe { INBOUND_PENDING.get(key) }.copied()
 }
 
@@ -108,7 +127,12 @@ pub fn count_event(workload: &Workload, event: u32) {
 #[inline(always)]
 fn bump<const N: usize>(array: &PerCpuArray<u64, N>, slot: u32) {
     if let Some(c) = array.get_ptr_mut(slot) {
-        // Per-CPU slot: no other writer while this program runs on this CPU.
+        // SAFETY: a non-null lookup result: this CPU's 8-aligned u64 in the slot, mapped until
+        // the program returns. Programs on other CPUs have their own copy; the agent only
+        // reads. Another run on this CPU can interleave with this read-modify-write (a
+        // program in softirq interrupting it, or a preempting task's, as cgroup programs run
+        // with only migration disabled) and then one count is lost; memory is never
+        // corrupted, and any u64 is valid.
         unsafe { *c += 1 };
     }
 }

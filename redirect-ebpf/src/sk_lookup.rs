@@ -8,37 +8,65 @@
 //! would see every packet and need its own connection tracking to pick the socket only once.
 use core::ptr::read_volatile;
 
-use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
-use redirect_common::{ChainId, ConnFacts, IPPROTO_TCP, OrigDst, Target, TupleKey, Workload, events, workload_flags};
+use aya_ebpf::{
+    bindings::{bpf_sk_lookup, sk_action},
+    macros::sk_lookup,
+    programs::SkLookupContext,
+};
+use redirect_common::{ChainId, ConnFacts, IPPROTO_TCP, OrigDst, Target, TupleKey, events, port, workload_flags};
 
 use crate::{
     chain,
-    maps::{ADDR_OWNERS, INBOUND_LISTENERS, INBOUND_PENDING, WORKLOADS, count_event, is_local_addr},
+    maps::{ADDR_OWNERS, INBOUND_LISTENERS, INBOUND_PENDING, count_event, is_local_addr, workload},
 };
 
 const AF_INET: u32 = 2;
 
+// `bpf_sk_lookup.remote_port` is read as a `u32` (see `decide`): its offset keeps that read
+// aligned.
+const _: () = assert!(core::mem::offset_of!(bpf_sk_lookup, remote_port) % 4 == 0);
+
 #[sk_lookup]
 pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
-    // SAFETY: the kernel hands sk_lookup a valid bpf_sk_lookup.
+    // SAFETY: `ctx` is this invocation's context: the macro builds it from the program's only
+    // argument, the `bpf_sk_lookup` the kernel passes, which is what `decide` requires.
     unsafe { decide(&ctx) }
 }
 
+/// ISTIO_INBOUND for one SYN from another host: hands the connection to the workload's
+/// capture listener when the chain says IN_REDIRECT, and records its original destination.
+///
+/// # Safety
+///
+/// `ctx.lookup` must be the context the kernel passed to this run of an `sk_lookup` program.
+/// Its field reads are then context accesses: the verifier checked each one's offset and size
+/// against what sk_lookup may read when the program was loaded (refusing the program
+/// otherwise) and rewrote it into a read of the kernel's `bpf_sk_lookup_kern`.
 #[inline(always)]
 unsafe fn decide(ctx: &SkLookupContext) -> u32 {
     let l = ctx.lookup;
-    let (family, protocol) = unsafe { (read_volatile(&(*l).family), read_volatile(&(*l).protocol)) };
+    // SAFETY: 4-byte reads of the context's `family` and `protocol` (see `# Safety`).
+    let (family, protocol) = unsafe {
+        (
+            read_volatile(&raw const (*l).family),
+            read_volatile(&raw const (*l).protocol),
+        )
+    };
     if family != AF_INET || protocol != u32::from(IPPROTO_TCP) {
         return sk_action::SK_PASS;
     }
-    let local_ip4 = unsafe { read_volatile(&(*l).local_ip4) };
+    // SAFETY: a 4-byte read of the context's `local_ip4`.
+    let local_ip4 = unsafe { read_volatile(&raw const (*l).local_ip4) };
+    // SAFETY: the reference is dereferenced at once (an 8-byte copy) while the value is mapped
+    // (until the program returns). Only the agent writes ADDR_OWNERS; if it replaces this
+    // entry as we read, the slot may be reused (aya's `get` caveat) and we copy some other
+    // cookie, which any u64 is: at worst this SYN is judged by another workload's chain.
     let Some(&netns_cookie) = (unsafe { ADDR_OWNERS.get(local_ip4) }) else {
         return sk_action::SK_PASS;
     };
-    let Some(workload) = WORKLOADS.get_ptr(netns_cookie) else {
+    let Some(workload) = workload(netns_cookie) else {
         return sk_action::SK_PASS;
     };
-    let workload: &Workload = unsafe { &*workload };
     if workload.flags & workload_flags::INBOUND == 0 {
         return sk_action::SK_PASS;
     }
@@ -47,11 +75,13 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
     // drops packets from other hosts that carry a local source address (martians), so the
     // source tells the two apart. (`ingress_ifindex == lo` would say it directly, but needs
     // 5.17; the agent supports 5.15.)
-    let remote_ip4 = unsafe { read_volatile(&(*l).remote_ip4) };
+    // SAFETY: a 4-byte read of the context's `remote_ip4`.
+    let remote_ip4 = unsafe { read_volatile(&raw const (*l).remote_ip4) };
     if remote_ip4 == local_ip4 || is_local_addr(netns_cookie, remote_ip4) {
         return sk_action::SK_PASS;
     }
-    let local_port = unsafe { read_volatile(&(*l).local_port) } as u16;
+    // SAFETY: a 4-byte read of the context's `local_port` (host order).
+    let local_port = port::host(unsafe { read_volatile(&raw const (*l).local_port) });
     let facts = ConnFacts {
         proto: IPPROTO_TCP,
         dst_addr: local_ip4,
@@ -71,19 +101,24 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
     match INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns_cookie, 0) {
         Ok(()) => {
             // What conntrack would keep for a REDIRECT: SO_ORIGINAL_DST on the accepted socket
-            // (and the embedded proxy) read it under the 4-tuple. The 4-byte load of the
-            // network-order port works on every kernel (its field was narrowed to 16 bits in
-            // 5.19); the port sits in the low half.
-            let remote_port =
-                u16::from_be(unsafe { read_volatile((&raw const (*l).remote_port).cast::<u32>()) } as u16);
-            let key = TupleKey {
+            // (and the embedded proxy) read it under the 4-tuple, as the remote end connected.
+            #[allow(
+                clippy::cast_ptr_alignment,
+                reason = "remote_port's offset in bpf_sk_lookup is 4-aligned (the `const _` assertion in this module)"
+            )]
+            // SAFETY: a 4-byte read at the context's `remote_port`, through a cast: the field
+            // is a `__be16` followed by 16 bits of padding in the bindings (both inside
+            // `bpf_sk_lookup`), and the verifier accepts the 4-byte load at its offset on every
+            // kernel (the field was narrowed to 16 bits in 5.19); the port is network order in
+            // the low half (`redirect_common::port::be_low`).
+            let remote_port = unsafe { read_volatile((&raw const (*l).remote_port).cast::<u32>()) };
+            let key = TupleKey::new(
                 netns_cookie,
-                src_addr: remote_ip4,
-                dst_addr: local_ip4,
-                src_port: remote_port,
-                dst_port: local_port,
-                _pad: 0,
-            };
+                remote_ip4,
+                port::be_low(remote_port),
+                local_ip4,
+                local_port,
+            );
             let orig = OrigDst {
                 addr: local_ip4,
                 port: local_port,

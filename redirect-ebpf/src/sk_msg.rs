@@ -18,45 +18,72 @@ use aya_ebpf::{
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use redirect_common::{TupleKey, events, fast_path};
+use redirect_common::{TupleKey, events, fast_path, port};
 
-use crate::maps::{FAST_PATH_SENDERS, FAST_PATH_SOCKETS, WORKLOADS, count_event};
+use crate::maps::{FAST_PATH_SENDERS, FAST_PATH_SOCKETS, count_event, workload};
 
 const AF_INET: u32 = 2;
 
 #[sk_msg]
 pub fn redirect_sk_msg(ctx: SkMsgContext) -> u32 {
-    // SAFETY: the kernel hands sk_msg a valid sk_msg_md.
+    // SAFETY: `ctx` is this invocation's context: the macro builds it from the program's only
+    // argument, the `sk_msg_md` the kernel passes, which is what `forward` requires.
     unsafe { forward(&ctx) };
     // Always SK_PASS: with a redirect set it goes to the peer, without one over TCP. SK_DROP
     // would fail the sender's write.
     sk_action::SK_PASS
 }
 
+/// Sets the redirect of one message to the sender's peer when its connection takes the fast
+/// path, and settles that on its first message.
+///
+/// # Safety
+///
+/// `ctx.msg` must be the context the kernel passed to this run of an `sk_msg` program. Its
+/// field reads are then context accesses: the verifier checked each one's offset and size
+/// against what sk_msg may read when the program was loaded (refusing the program otherwise)
+/// and rewrote it into a read of the kernel's `sk_msg` and its socket.
 #[inline(always)]
 unsafe fn forward(ctx: &SkMsgContext) {
     let m = ctx.msg;
-    if unsafe { read_volatile(&(*m).family) } != AF_INET {
+    // SAFETY: a 4-byte read of the context's `family` (see `# Safety`).
+    if unsafe { read_volatile(&raw const (*m).family) } != AF_INET {
         return;
     }
+    // SAFETY: the helper's one argument is the program's own context (it reads the socket's
+    // namespace from it); sk_msg may call it (5.15+, which the agent probes for).
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let me = unsafe {
-        TupleKey {
-            netns_cookie,
-            src_addr: read_volatile(&(*m).local_ip4),
-            dst_addr: read_volatile(&(*m).remote_ip4),
-            src_port: read_volatile(&(*m).local_port) as u16,
-            // Network order in the upper half of the 4-byte field on little-endian.
-            dst_port: u16::from_be((read_volatile(&(*m).remote_port) >> 16) as u16),
-            _pad: 0,
-        }
+    // The sender's own view: local -> remote. `local_port` is host order; `remote_port` holds
+    // the network-order port in its upper half (`redirect_common::port::be_high`).
+    // SAFETY: 4-byte reads of the context's `local_ip4`, `remote_ip4`, `local_port` and
+    // `remote_port`.
+    let (local_ip, remote_ip, local_port, remote_port) = unsafe {
+        (
+            read_volatile(&raw const (*m).local_ip4),
+            read_volatile(&raw const (*m).remote_ip4),
+            read_volatile(&raw const (*m).local_port),
+            read_volatile(&raw const (*m).remote_port),
+        )
     };
+    let me = TupleKey::new(
+        netns_cookie,
+        local_ip,
+        port::host(local_port),
+        remote_ip,
+        port::be_high(remote_port),
+    );
     let Some(state) = FAST_PATH_SENDERS.get_ptr_mut(me) else {
         // No state (aged out of the LRU, or never enrolled by us): TCP, the path that is
         // always safe.
         return;
     };
-    // SAFETY: one sender's messages are serialized by its socket lock.
+    // SAFETY: `state` is a non-null lookup result: one byte of map memory that stays mapped
+    // until the program returns, and any byte is a valid u8. This sender's messages reach
+    // sk_msg one at a time (under its socket lock), so no other run of this program writes
+    // the entry meanwhile. (sock_ops and the agent replace or remove entries, which may
+    // recycle the slot while we hold it: an LRU hash map reuses freed slots at once. The
+    // same holds for the writes below; a write into a recycled slot cannot corrupt memory,
+    // only another sender's state.)
     let decided = unsafe { *state };
     if decided == fast_path::TCP {
         return;
@@ -65,6 +92,7 @@ unsafe fn forward(ctx: &SkMsgContext) {
     let redirected =
         FAST_PATH_SOCKETS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(sk_action::SK_PASS);
     if decided == fast_path::UNDECIDED {
+        // SAFETY: `state` as above.
         unsafe {
             *state = if redirected {
                 fast_path::REDIRECT
@@ -72,16 +100,17 @@ unsafe fn forward(ctx: &SkMsgContext) {
                 fast_path::TCP
             }
         };
-        if let Some(w) = WORKLOADS.get_ptr(netns_cookie) {
+        if let Some(w) = workload(netns_cookie) {
             let event = if redirected {
                 events::FAST_PATH_REDIRECTED
             } else {
                 events::FAST_PATH_DECLINED
             };
-            count_event(unsafe { &*w }, event);
+            count_event(w, event);
         }
     } else if !redirected {
         // The peer left the sockhash: it closed, so nothing it could still read is reordered.
+        // SAFETY: `state` as above.
         unsafe { *state = fast_path::TCP };
     }
 }

@@ -15,15 +15,20 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use redirect_common::{
-    INBOUND_PASSTHROUGH_SRC_BE, LOCALHOST_BE, PendingOrigDst, TupleKey, Workload, events, fast_path, workload_flags,
+    INBOUND_PASSTHROUGH_SRC_BE, LOCALHOST_BE, PendingOrigDst, TupleKey, events, fast_path, port, workload_flags,
 };
 
 use crate::maps::{
-    FAST_PATH_SENDERS, FAST_PATH_SOCKETS, INBOUND_LISTENERS, INBOUND_PENDING, ORIG_BY_COOKIE, ORIG_BY_TUPLE, WORKLOADS,
-    count_event, is_local_addr,
+    FAST_PATH_SENDERS, FAST_PATH_SOCKETS, INBOUND_LISTENERS, INBOUND_PENDING, ORIG_BY_COOKIE, ORIG_BY_TUPLE,
+    count_event, is_local_addr, workload,
 };
 
 const AF_INET: u32 = 2;
+
+// Every `ctx` below is the one the `#[sock_ops]` macro built from the program's only argument,
+// the `bpf_sock_ops` the kernel passes to this run: the invariant aya's own safe accessors
+// (`ctx.op()`, `ctx.local_ip4()`, ...) rely on, and the one the SAFETY comments here cite as
+// "the program's own context".
 
 #[sock_ops]
 pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
@@ -42,6 +47,11 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
             // Runs before the final ACK leaves, so the entry exists before the proxy can
             // accept the connection.
             let local_pair_end = if let Some((cookie, pending)) = redirected(&ctx) {
+                // SAFETY: a non-null lookup result: a whole, 8-aligned PendingOrigDst in
+                // ORIG_BY_COOKIE, mapped until the program returns, copied out at once. Only
+                // connect4 writes this socket's cookie, before connect() proceeds, and only
+                // this socket's own sock_ops runs remove it; if an LRU eviction recycles the
+                // slot while we copy, we copy other integers: still a valid PendingOrigDst.
                 let pending = unsafe { *pending };
                 let key = tuple(&ctx, pending.netns_cookie);
                 let _ = ORIG_BY_TUPLE.insert(key, pending.orig, 0);
@@ -50,6 +60,8 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
                 Some(key)
             } else if ctx.local_ip4() == INBOUND_PASSTHROUGH_SRC_BE {
                 // The proxy's end of its passthrough connection to the app.
+                // SAFETY: the helper's one argument is the program's own context (it reads
+                // the socket's namespace from it); sock_ops may call it (5.15+, probed).
                 Some(tuple(&ctx, unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }))
             } else {
                 None
@@ -61,9 +73,14 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             // The accepted end, before accept() returns it. Its peer's view of the connection
             // is the key the original destination was kept under.
+            // SAFETY: as above: the program's own context is the helper's one argument.
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
             let key = tuple(&ctx, netns_cookie);
             let seen_from_peer = key.reversed();
+            // SAFETY: the reference is only copied from (into the insert below), while the
+            // value is mapped (until the program returns). sk_lookup wrote this key on the
+            // connection's SYN, before this handshake could complete; if an LRU eviction
+            // recycles the slot while we copy, we copy other integers: still a valid OrigDst.
             if let Some(orig) = unsafe { INBOUND_PENDING.get(seen_from_peer) } {
                 // From a capture listener in this cgroup: kept until close, like outbound.
                 let _ = ORIG_BY_TUPLE.insert(seen_from_peer, *orig, 0);
@@ -79,21 +96,28 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
             // A proxy of the workload (Envoy, with --proxy none) starts listening on the
             // inbound capture port: that is where sk_lookup sends connections from other
             // hosts. With SO_REUSEPORT the kernel still spreads them over the whole group.
+            // SAFETY: as above: the program's own context is the helper's one argument.
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-            if let Some(w) = WORKLOADS.get_ptr(netns_cookie)
-                && unsafe { (*w).flags } & workload_flags::WORKLOAD_LISTENER != 0
-                && ctx.local_port() == u32::from(unsafe { (*w).inbound_port })
+            if let Some(w) = workload(netns_cookie)
+                && w.flags & workload_flags::WORKLOAD_LISTENER != 0
+                && ctx.local_port() == u32::from(w.inbound_port)
             {
-                // SAFETY: the context pointer is the kernel's bpf_sock_ops for this call.
+                // SAFETY: `ctx.ops` is the program's own context, which the verifier lets
+                // sock_ops pass to `bpf_sock_hash_update`; the reference only carries it to
+                // that helper (nothing reads or writes through it in Rust) and ends with the
+                // call, so it aliases none of the accessors' reads.
                 let ops = unsafe { &mut *ctx.ops };
                 let _ = INBOUND_LISTENERS.update(netns_cookie, ops, u64::from(BPF_ANY));
             }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             // Only sockets this program flagged get here.
+            // SAFETY: the helper's one argument is the program's own context (it reads, or
+            // makes, the socket's cookie).
             let _ = ORIG_BY_COOKIE.remove(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) });
             // Addresses and ports are still set: STATE_CB runs before the port is released.
             // Either end may be the one that holds the original destination.
+            // SAFETY: as above: the program's own context is the helper's one argument.
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
             let key = tuple(&ctx, netns_cookie);
             let _ = ORIG_BY_TUPLE.remove(key);
@@ -115,6 +139,8 @@ fn redirected(ctx: &SockOpsContext) -> Option<(u64, *const PendingOrigDst)> {
     if ctx.remote_ip4() != LOCALHOST_BE {
         return None;
     }
+    // SAFETY: the helper's one argument is the program's own context (it reads, or makes, the
+    // socket's cookie).
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     ORIG_BY_COOKIE.get_ptr(cookie).map(|p| (cookie, p))
 }
@@ -124,10 +150,9 @@ fn redirected(ctx: &SockOpsContext) -> Option<(u64, *const PendingOrigDst)> {
 /// sent to the capture listener has no local peer to hand bytes to).
 #[inline(always)]
 fn enroll(ctx: &SockOpsContext, key: &TupleKey) {
-    let Some(w) = WORKLOADS.get_ptr(key.netns_cookie) else {
+    let Some(w) = workload(key.netns_cookie) else {
         return;
     };
-    let w: &Workload = unsafe { &*w };
     if w.flags & workload_flags::FAST_PATH == 0 {
         return;
     }
@@ -140,7 +165,10 @@ fn enroll(ctx: &SockOpsContext, key: &TupleKey) {
     if FAST_PATH_SENDERS.insert(key, fast_path::UNDECIDED, 0).is_err() {
         return;
     }
-    // SAFETY: the context pointer is the kernel's bpf_sock_ops for this call.
+    // SAFETY: `ctx.ops` is the program's own context, which the verifier lets sock_ops pass to
+    // `bpf_sock_hash_update`; the reference only carries it to that helper (nothing reads or
+    // writes through it in Rust) and ends with the call, so it aliases none of the accessors'
+    // reads.
     let ops: &mut bpf_sock_ops = unsafe { &mut *ctx.ops };
     if FAST_PATH_SOCKETS.update(*key, ops, u64::from(BPF_ANY)).is_ok() {
         // Forget the sender state at close.
@@ -151,15 +179,15 @@ fn enroll(ctx: &SockOpsContext, key: &TupleKey) {
     }
 }
 
+/// The socket's own view of its connection: local -> remote. `local_port` is host order;
+/// `remote_port` holds the network-order port in its upper half (`redirect_common::port`).
 #[inline(always)]
 fn tuple(ctx: &SockOpsContext, netns_cookie: u64) -> TupleKey {
-    TupleKey {
+    TupleKey::new(
         netns_cookie,
-        src_addr: ctx.local_ip4(),
-        dst_addr: ctx.remote_ip4(),
-        src_port: ctx.local_port() as u16,
-        // remote_port holds the network-order port in its upper half on little-endian.
-        dst_port: u16::from_be((ctx.remote_port() >> 16) as u16),
-        _pad: 0,
-    }
+        ctx.local_ip4(),
+        port::host(ctx.local_port()),
+        ctx.remote_ip4(),
+        port::be_high(ctx.remote_port()),
+    )
 }
