@@ -172,11 +172,7 @@ impl LocalAddrs {
     }
 
     fn key(&self, ip: Ipv4Addr) -> LocalAddrKey {
-        LocalAddrKey {
-            netns_cookie: self.netns_cookie,
-            addr: u32::from(ip).to_be(),
-            _pad: 0,
-        }
+        LocalAddrKey::from_ip(self.netns_cookie, ip)
     }
 
     fn refresh(&mut self) -> io::Result<()> {

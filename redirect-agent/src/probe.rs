@@ -243,7 +243,7 @@ fn exchange(args: &ProbeArgs, to: SocketAddrV4, result: &mut ProbeResult) -> io:
 fn raw_getsockopt(fd: &impl std::os::fd::AsRawFd, level: i32, name: i32, buf: &mut [u8]) -> io::Result<u32> {
     let mut len = buf.len() as libc::socklen_t;
     // SAFETY: the buffer is `len` bytes; the kernel writes at most that many.
-    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, buf.as_mut_ptr().cast(), &mut len) };
+    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, buf.as_mut_ptr().cast(), &raw mut len) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }

@@ -325,7 +325,7 @@ fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
             libc::SOL_SOCKET,
             SO_NETNS_COOKIE,
             (&raw mut cookie).cast(),
-            &mut len,
+            &raw mut len,
         )
     };
     if rc != 0 {

@@ -6,8 +6,6 @@ use aya::maps::{HashMap, MapData};
 use redirect_common::TupleKey;
 use tokio::net::TcpStream;
 
-use super::tuple_key;
-
 /// The embedded proxy's part of `--fast-path`: its upstream connections to the workload's own
 /// app (source 127.0.0.6) join the sockhash, since sock_ops only sees the app's end.
 pub struct FastPath {
@@ -59,7 +57,8 @@ impl<'a> Enrolled<'a> {
             return None;
         };
         let mut f = fast_path.lock().unwrap_or_else(|e| e.into_inner());
-        let key = tuple_key(f.netns_cookie, local, peer);
+        // Its own view of the connection: the local end is the source.
+        let key = TupleKey::from_addrs(f.netns_cookie, local, peer);
         match f.sockets.enroll(key, socket) {
             Ok(()) => Some(Self { fast_path, key }),
             Err(e) => {

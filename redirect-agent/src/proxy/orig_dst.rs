@@ -34,23 +34,6 @@ pub struct Destination {
     pub target: Option<Target>,
 }
 
-fn be(ip: Ipv4Addr) -> u32 {
-    u32::from(ip).to_be()
-}
-
-/// A connection's key in the maps, from the socket at one end: `local` and `peer` are that
-/// socket's addresses. Seen from the connecting end, the source is `local`.
-pub fn tuple_key(netns_cookie: u64, src: SocketAddrV4, dst: SocketAddrV4) -> TupleKey {
-    TupleKey {
-        netns_cookie,
-        src_addr: be(*src.ip()),
-        dst_addr: be(*dst.ip()),
-        src_port: src.port(),
-        dst_port: dst.port(),
-        _pad: 0,
-    }
-}
-
 impl OrigDstTable {
     pub fn new(
         established: HashMap<MapData, TupleKey, OrigDst>,
@@ -68,14 +51,14 @@ impl OrigDstTable {
     /// the accepted socket's addresses. `None`: not captured by us (or already closed) — a
     /// connection straight to a capture port, which must not be forwarded back to it.
     pub fn lookup(&self, peer: SocketAddrV4, local: SocketAddrV4) -> Option<Destination> {
-        self.find(&tuple_key(self.netns_cookie, peer, local), false)
+        self.find(&TupleKey::from_addrs(self.netns_cookie, peer, local), false)
     }
 
     /// [`Self::lookup`] for the embedded proxy, which reads each destination once: an entry
     /// found in `INBOUND_PENDING` is removed, because the proxy's socket is not in the
     /// workload's cgroup and no sock_ops close callback will remove it.
     fn take(&self, peer: SocketAddrV4, local: SocketAddrV4) -> Option<Destination> {
-        self.find(&tuple_key(self.netns_cookie, peer, local), true)
+        self.find(&TupleKey::from_addrs(self.netns_cookie, peer, local), true)
     }
 
     fn find(&self, key: &TupleKey, take_pending: bool) -> Option<Destination> {
