@@ -1,0 +1,525 @@
+//! The probe: one connection (or several, one after another) made from inside a workload.
+//!
+//! [`ProbeSpec`] is the test's side: it runs `redirect-testkit probe` as a child process and
+//! parses its report. [`main`] is the child's side: it joins the cgroup and namespace and drops
+//! to the given uid/gid itself, before any thread exists, so what the kernel sees is exactly a
+//! workload process; then it connects and prints one JSON line ([`ProbeResult`]) per
+//! connection.
+//!
+//! The report says where the connection landed as the kernel saw it: `peer` is what
+//! getpeername returns after connect (the capture port when connect4 rewrote it), `banner` is
+//! what the server that answered said about itself and the addresses it saw.
+
+use std::{
+    io::{self, BufReader, Read, Write},
+    net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpStream},
+    os::fd::{FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use redirect_agent::sys;
+
+use crate::{
+    report::{Outcome, ProbeResult, SockoptReport},
+    server::read_banner,
+};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProbeArgs {
+    /// cgroup v2 directory to join first.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// Network namespace to enter.
+    #[arg(long)]
+    pub netns: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub uid: u32,
+    #[arg(long, default_value_t = 0)]
+    pub gid: u32,
+    /// Source address to bind before connecting.
+    #[arg(long)]
+    pub bind: Option<Ipv4Addr>,
+    /// Destination; repeat for several connections made one after another (one JSON line
+    /// each, in order).
+    #[arg(long, required = true)]
+    pub connect: Vec<SocketAddrV4>,
+    /// Bytes to send (then half-close) and expect back.
+    #[arg(long, default_value_t = 1024)]
+    pub bytes: usize,
+    #[arg(long, default_value_t = 10_000)]
+    pub timeout_ms: u64,
+    /// connect() a UDP socket instead, and report where the kernel connected it (no data).
+    #[arg(long)]
+    pub udp: bool,
+    /// Instead of one exchange: this many request/response round trips of `--bytes` each
+    /// (the server must echo as it reads), reporting the slowest.
+    #[arg(long, default_value_t = 0)]
+    pub round_trips: u64,
+    /// Instead of one exchange: write until a write blocks for a second (or 256 MiB went),
+    /// reporting how much the connection took in: a reader that stops must push back.
+    #[arg(long)]
+    pub fill: bool,
+    /// Exchange the bytes with tokio (non-blocking socket, epoll readiness), as the proxy and
+    /// most servers do, instead of blocking calls.
+    #[arg(long)]
+    pub tokio: bool,
+    /// Instead of an exchange: ask the kernel for socket options the agent's getsockopt
+    /// program must leave alone (see [`SockoptReport`]).
+    #[arg(long)]
+    pub sockopts: bool,
+}
+
+/// What one probe does, from inside the workload (or, without a cgroup, from any namespace).
+#[derive(Clone, Debug)]
+pub struct ProbeSpec {
+    pub cgroup: Option<PathBuf>,
+    pub netns: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    pub bind: Option<Ipv4Addr>,
+    pub connect: SocketAddrV4,
+    pub bytes: usize,
+    pub udp: bool,
+    pub round_trips: u64,
+    pub fill: bool,
+    pub tokio: bool,
+    pub sockopts: bool,
+}
+
+impl ProbeSpec {
+    pub fn new(cgroup: &Path, netns: &Path, connect: SocketAddrV4) -> Self {
+        Self {
+            cgroup: Some(cgroup.into()),
+            netns: netns.into(),
+            uid: 0,
+            gid: 0,
+            bind: None,
+            connect,
+            bytes: 1024,
+            udp: false,
+            round_trips: 0,
+            fill: false,
+            tokio: false,
+            sockopts: false,
+        }
+    }
+
+    /// A probe from a namespace that is not a captured workload (the remote host).
+    pub fn outside(netns: &Path, connect: SocketAddrV4) -> Self {
+        Self {
+            cgroup: None,
+            ..Self::new(Path::new("/"), netns, connect)
+        }
+    }
+
+    pub fn uid(mut self, uid: u32) -> Self {
+        self.uid = uid;
+        self
+    }
+
+    pub fn gid(mut self, gid: u32) -> Self {
+        self.gid = gid;
+        self
+    }
+
+    pub fn bind(mut self, ip: Ipv4Addr) -> Self {
+        self.bind = Some(ip);
+        self
+    }
+
+    /// A UDP connect() instead of a TCP exchange.
+    pub fn udp(mut self) -> Self {
+        self.udp = true;
+        self
+    }
+
+    pub fn bytes(mut self, n: usize) -> Self {
+        self.bytes = n;
+        self
+    }
+
+    /// `n` request/response round trips of `bytes` each instead of one exchange.
+    pub fn round_trips(mut self, n: u64) -> Self {
+        self.round_trips = n;
+        self
+    }
+
+    /// With a tokio client (non-blocking, epoll readiness) instead of blocking calls.
+    pub fn tokio(mut self) -> Self {
+        self.tokio = true;
+        self
+    }
+
+    /// Socket options instead of an exchange (`probe --sockopts`).
+    pub fn sockopts(mut self) -> Self {
+        self.sockopts = true;
+        self
+    }
+
+    /// Write until the connection stops taking bytes instead of one exchange.
+    pub fn fill(mut self) -> Self {
+        self.fill = true;
+        self
+    }
+
+    /// Runs `testkit probe` (the `redirect-testkit` binary) as a child process (it moves
+    /// itself into the cgroup and namespace and drops to uid/gid before connecting) and parses
+    /// its one-line JSON report.
+    pub fn run(&self, testkit: &Path) -> io::Result<ProbeResult> {
+        let mut all = self.run_batch(testkit, &[self.connect])?;
+        all.pop().ok_or_else(|| io::Error::other("probe reported nothing"))
+    }
+
+    /// The same probe to each of `targets`, one after another, from one child process.
+    pub fn run_batch(&self, testkit: &Path, targets: &[SocketAddrV4]) -> io::Result<Vec<ProbeResult>> {
+        let mut c = Command::new(testkit);
+        c.arg("probe");
+        if let Some(cg) = &self.cgroup {
+            c.args(["--cgroup", &cg.to_string_lossy()]);
+        }
+        c.args(["--netns", &self.netns.to_string_lossy()])
+            .args(["--uid", &self.uid.to_string(), "--gid", &self.gid.to_string()])
+            .args(["--bytes", &self.bytes.to_string()]);
+        for t in targets {
+            c.args(["--connect", &t.to_string()]);
+        }
+        if let Some(b) = self.bind {
+            c.args(["--bind", &b.to_string()]);
+        }
+        if self.udp {
+            c.arg("--udp");
+        }
+        if self.round_trips > 0 {
+            c.args(["--round-trips", &self.round_trips.to_string()]);
+        }
+        if self.fill {
+            c.arg("--fill");
+        }
+        if self.tokio {
+            c.arg("--tokio");
+        }
+        if self.sockopts {
+            c.arg("--sockopts");
+        }
+        let out = c.stdin(Stdio::null()).output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "probe {self:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let results = out
+            .stdout
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).map_err(io::Error::other))
+            .collect::<io::Result<Vec<ProbeResult>>>()?;
+        if results.len() != targets.len() {
+            return Err(io::Error::other(format!(
+                "probe reported {} results for {} targets",
+                results.len(),
+                targets.len()
+            )));
+        }
+        Ok(results)
+    }
+}
+
+/// Supplementary groups the `--sockopts` probe takes: 2,000 of them make SO_PEERGROUPS 8,000
+/// bytes, past the page the getsockopt program sees.
+const PEER_GROUPS: u32 = 2000;
+
+/// Most `--fill` writes before giving up on back-pressure.
+const FILL_CAP: usize = 256 << 20;
+
+fn classify(e: &io::Error) -> Outcome {
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => Outcome::Refused,
+        Some(libc::ECONNRESET | libc::EPIPE | libc::ECONNABORTED) => Outcome::Reset,
+        Some(libc::ETIMEDOUT | libc::EAGAIN | libc::EINPROGRESS) => Outcome::Timeout,
+        Some(libc::ENETUNREACH | libc::EHOSTUNREACH) => Outcome::Unreachable,
+        _ if e.kind() == io::ErrorKind::UnexpectedEof => Outcome::Closed,
+        _ => Outcome::Other,
+    }
+}
+
+fn check(rc: libc::c_int, what: &str) -> io::Result<()> {
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("{what}: {e}")));
+    }
+    Ok(())
+}
+
+/// Moves this (single-threaded) process into the workload: cgroup, namespace, identity.
+fn enter(args: &ProbeArgs) -> io::Result<()> {
+    sys::join(args.cgroup.as_deref(), args.netns.as_deref())?;
+    sys::become_user(args.uid, args.gid)?;
+    Ok(())
+}
+
+fn connect(args: &ProbeArgs, to: SocketAddrV4, timeout: Duration) -> io::Result<TcpStream> {
+    // SAFETY: plain socket creation; ownership taken at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    check(fd, "socket")?;
+    // SAFETY: `fd` is the descriptor socket() just returned (`check` refused a negative one),
+    // and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let stream = TcpStream::from(fd);
+    // connect() honours SO_SNDTIMEO on Linux, which bounds a SYN nobody answers.
+    stream.set_write_timeout(Some(timeout))?;
+    stream.set_read_timeout(Some(timeout))?;
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&stream);
+    let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+    if let Some(ip) = args.bind {
+        let sa = sockaddr(SocketAddrV4::new(ip, 0));
+        // SAFETY: pointer and length describe `sa`.
+        check(unsafe { libc::bind(raw, (&raw const sa).cast(), len) }, "bind")?;
+    }
+    let sa = sockaddr(to);
+    // SAFETY: pointer and length describe `sa`.
+    if unsafe { libc::connect(raw, (&raw const sa).cast(), len) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    // Not a repeating short cycle, so a shifted or duplicated chunk shows up.
+    (0..n).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()
+}
+
+fn exchange(args: &ProbeArgs, to: SocketAddrV4, result: &mut ProbeResult) -> io::Result<()> {
+    if args.udp {
+        let socket = std::net::UdpSocket::bind(SocketAddrV4::new(args.bind.unwrap_or(Ipv4Addr::UNSPECIFIED), 0))?;
+        socket.connect(to)?;
+        result.local = socket.local_addr().ok().map(|a| a.to_string());
+        result.peer = socket.peer_addr().ok().map(|a| a.to_string());
+        return Ok(());
+    }
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let stream = connect(args, to, timeout)?;
+    result.local = stream.local_addr().ok().map(|a| a.to_string());
+    result.peer = stream.peer_addr().ok().map(|a| a.to_string());
+    if args.tokio {
+        return with_tokio(args, stream, timeout, result);
+    }
+    if args.sockopts {
+        result.sockopts = Some(sockopts(&stream)?);
+        return Ok(());
+    }
+    let mut reader = BufReader::new(stream.try_clone()?);
+    result.banner = Some(read_banner(&mut reader)?);
+    if args.round_trips > 0 {
+        return round_trips(args, &stream, &mut reader, result);
+    }
+    if args.fill {
+        return fill(&stream, result);
+    }
+    let data = pattern(args.bytes);
+    (&stream).write_all(&data)?;
+    result.sent = data.len();
+    stream.shutdown(Shutdown::Write)?;
+    let mut back = Vec::with_capacity(data.len());
+    reader.take(data.len() as u64 + 1).read_to_end(&mut back)?;
+    result.received = back.len();
+    result.intact = back == data;
+    Ok(())
+}
+
+fn raw_getsockopt(fd: &impl std::os::fd::AsRawFd, level: i32, name: i32, buf: &mut [u8]) -> io::Result<u32> {
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: the buffer is `len` bytes; the kernel writes at most that many.
+    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, buf.as_mut_ptr().cast(), &mut len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(len)
+}
+
+fn sockopts(stream: &TcpStream) -> io::Result<SockoptReport> {
+    let mut report = SockoptReport::default();
+    let mut buf = vec![0u8; 512];
+    report.tcp_info_len = raw_getsockopt(stream, libc::IPPROTO_TCP, libc::TCP_INFO, &mut buf)?;
+    report.tcp_state = buf[0];
+    report.orig_dst_errno = sys::original_dst(stream).err().and_then(|e| e.raw_os_error());
+
+    let groups: Vec<libc::gid_t> = (0..PEER_GROUPS).map(|i| 100_000 + i).collect();
+    // SAFETY: plain credential syscall with a valid slice.
+    if unsafe { libc::setgroups(groups.len(), groups.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for two descriptors.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptors, owned from here.
+    let (a, _b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mut buf = vec![0u8; 16 * 1024];
+    report.peer_groups_len = raw_getsockopt(&a, libc::SOL_SOCKET, libc::SO_PEERGROUPS, &mut buf)?;
+    let got: Vec<libc::gid_t> = buf[..report.peer_groups_len as usize]
+        .chunks_exact(4)
+        .map(|c| libc::gid_t::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    report.peer_groups_intact = got == groups;
+    Ok(report)
+}
+
+fn round_trips(
+    args: &ProbeArgs,
+    stream: &TcpStream,
+    reader: &mut BufReader<TcpStream>,
+    result: &mut ProbeResult,
+) -> io::Result<()> {
+    let data = pattern(args.bytes);
+    let mut back = vec![0u8; data.len()];
+    result.intact = true;
+    for _ in 0..args.round_trips {
+        let start = Instant::now();
+        (&*stream).write_all(&data)?;
+        reader.read_exact(&mut back)?;
+        result.slowest_round_trip_us = result.slowest_round_trip_us.max(start.elapsed().as_micros() as u64);
+        result.sent += data.len();
+        result.received += back.len();
+        result.intact &= back == data;
+        result.round_trips += 1;
+    }
+    stream.shutdown(Shutdown::Write)?;
+    Ok(())
+}
+
+fn fill(stream: &TcpStream, result: &mut ProbeResult) -> io::Result<()> {
+    stream.set_write_timeout(Some(Duration::from_secs(1)))?;
+    let chunk = pattern(64 * 1024);
+    while result.sent < FILL_CAP {
+        match (&*stream).write(&chunk) {
+            Ok(n) => result.sent += n,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The same exchanges as the blocking path, driven by a current-thread tokio runtime (made
+/// after the process entered the workload, so it stays one thread).
+fn with_tokio(args: &ProbeArgs, stream: TcpStream, timeout: Duration, result: &mut ProbeResult) -> io::Result<()> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+
+    // Each step is bounded: a lost wakeup shows as a timeout, never as a hang.
+    async fn bounded<T>(t: Duration, f: impl std::future::Future<Output = io::Result<T>>) -> io::Result<T> {
+        tokio::time::timeout(t, f)
+            .await
+            .map_err(|_| io::Error::from_raw_os_error(libc::ETIMEDOUT))?
+    }
+
+    stream.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut stream = tokio::net::TcpStream::from_std(stream)?;
+        let (r, mut w) = stream.split();
+        let mut r = tokio::io::BufReader::new(r);
+        let mut banner = Vec::new();
+        bounded(timeout, (&mut r).take(512).read_until(b'\n', &mut banner)).await?;
+        if banner.last() != Some(&b'\n') {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no banner from server"));
+        }
+        result.banner = Some(String::from_utf8_lossy(&banner).trim_end().to_owned());
+        let data = pattern(args.bytes);
+        if args.round_trips > 0 {
+            let mut back = vec![0u8; data.len()];
+            result.intact = true;
+            for _ in 0..args.round_trips {
+                let start = Instant::now();
+                bounded(timeout, w.write_all(&data)).await?;
+                bounded(timeout, r.read_exact(&mut back)).await?;
+                let took = start.elapsed().as_micros() as u64;
+                result.slowest_round_trip_us = result.slowest_round_trip_us.max(took);
+                result.sent += data.len();
+                result.received += back.len();
+                result.intact &= back == data;
+                result.round_trips += 1;
+            }
+            return bounded(timeout, w.shutdown()).await;
+        }
+        if args.fill {
+            let chunk = pattern(64 * 1024);
+            while result.sent < FILL_CAP {
+                match tokio::time::timeout(Duration::from_secs(1), w.write(&chunk)).await {
+                    Ok(n) => result.sent += n?,
+                    Err(_) => break,
+                }
+            }
+            return Ok(());
+        }
+        bounded(timeout, w.write_all(&data)).await?;
+        result.sent = data.len();
+        bounded(timeout, w.shutdown()).await?;
+        let mut back = Vec::with_capacity(data.len());
+        bounded(timeout, (&mut r).take(data.len() as u64 + 1).read_to_end(&mut back)).await?;
+        result.received = back.len();
+        result.intact = back == data;
+        Ok(())
+    })
+}
+
+pub fn main(args: &ProbeArgs) -> ExitCode {
+    if let Err(e) = enter(args) {
+        eprintln!("redirect-testkit probe: {e}");
+        return ExitCode::FAILURE;
+    }
+    let mut out = io::stdout().lock();
+    for &to in &args.connect {
+        let start = Instant::now();
+        let mut result = ProbeResult {
+            outcome: Outcome::Ok,
+            error: None,
+            local: None,
+            peer: None,
+            banner: None,
+            sent: 0,
+            received: 0,
+            intact: false,
+            elapsed_ms: 0,
+            round_trips: 0,
+            slowest_round_trip_us: 0,
+            sockopts: None,
+        };
+        if let Err(e) = exchange(args, to, &mut result) {
+            result.outcome = classify(&e);
+            result.error = Some(e.to_string());
+        }
+        result.elapsed_ms = start.elapsed().as_millis() as u64;
+        let line = match serde_json::to_string(&result) {
+            Ok(line) => line,
+            Err(e) => {
+                eprintln!("redirect-testkit probe: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if writeln!(out, "{line}").is_err() {
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
