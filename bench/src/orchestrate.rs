@@ -11,11 +11,9 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use redirect_agent::{
-    loader::{self, InstanceState, pin_dir},
-    sandbox::{AgentProcess, NetnsPair, TestCgroup, unique},
-};
+use redirect_agent::loader::{self, InstanceState, pin_dir};
 use redirect_common::programs;
+use redirect_testkit::{agent::AgentProcess, cgroup::TestCgroup, netns::NetnsPair, unique};
 
 use crate::load::LoadResult;
 

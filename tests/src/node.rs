@@ -10,7 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirect_agent::{node::NodeState, sandbox::unique};
+use redirect_agent::node::NodeState;
+use redirect_testkit::unique;
 
 use crate::{agent_bin, agent_cmd, require_root};
 

@@ -10,9 +10,9 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData, SockHash};
-use redirect_agent::sandbox::{ServeProcess, TestServer};
 use redirect_common::{TupleKey, maps};
-use redirect_tests::{Outcome, REMOTE_PORT, Workload, agent_bin};
+use redirect_testkit::{serve::ServeProcess, server::TestServer};
+use redirect_tests::{Outcome, REMOTE_PORT, Workload, testkit_bin};
 
 /// An app of the workload's own cgroup (so sock_ops sees its accepted ends).
 const CGROUP_APP_PORT: u16 = 9090;
@@ -90,7 +90,7 @@ fn inbound_bytes_take_the_fast_path_intact() {
     let w = Workload::with_agent("fpi", &["--fast-path"]);
     let app = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, CGROUP_APP_PORT);
     let _app = ServeProcess::start(
-        &agent_bin(),
+        &testkit_bin(),
         Some(&w.cgroup.path),
         &w.pair.workload.path,
         &[("app-cg".to_string(), app)],
