@@ -1,10 +1,10 @@
 //! redirect-agent: loads redirect's eBPF programs for a workload, serves original destinations
 //! to its embedded proxy, and reports per-rule counters. The library half exists so that the
-//! integration tests drive the same code paths (and the same sandbox) as `demo`.
+//! integration tests can reach the same code paths; the test kit (`redirect-testkit`) lives in
+//! a crate of its own.
 
 pub mod addrs;
 pub mod adopt;
-pub mod demo;
 pub mod error;
 pub mod explain;
 pub mod features;
@@ -14,11 +14,8 @@ pub mod listen_in;
 pub mod loader;
 pub mod metrics;
 pub mod node;
-pub mod probe;
 pub mod proxy;
 pub mod run;
-pub mod sandbox;
-pub mod serve;
 pub mod standalone;
 pub mod stats;
 pub mod sys;

@@ -2,12 +2,11 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, error::ErrorKind};
 use redirect_agent::{
-    demo, explain, features,
+    explain, features,
     flags::CaptureFlags,
     node::{self, NodeOptions},
-    probe::{self, ProbeArgs},
     run::{self, ProxyMode, RunOptions},
-    serve, standalone, stats,
+    standalone, stats,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -71,14 +70,6 @@ enum Command {
     /// Run only the proxy loop, behind istio-iptables' own REDIRECT rules (original
     /// destinations from SO_ORIGINAL_DST), inside the workload as its proxy identity.
     Proxy(Box<standalone::ProxyArgs>),
-    /// Run the agent on a throw-away workload and show where its connections land.
-    Demo,
-    /// One client connection from inside a workload (used by demo and the tests).
-    #[command(hide = true)]
-    Probe(ProbeArgs),
-    /// Test servers inside a workload (used by the tests).
-    #[command(hide = true)]
-    Serve(serve::ServeArgs),
     /// Listens inside a workload's cgroup for the agent's proxy (`run --fast-path`).
     #[command(hide = true)]
     ListenIn(redirect_agent::listen_in::ListenInArgs),
@@ -318,13 +309,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // The probe switches cgroup, namespace and identity: it must stay single-threaded.
-    if let Command::Probe(args) = &cli.command {
-        return probe::main(args);
-    }
-    if let Command::Serve(args) = &cli.command {
-        return serve::main(args);
-    }
+    // listen-in switches cgroup and namespace: it must stay single-threaded.
     if let Command::ListenIn(args) = &cli.command {
         return redirect_agent::listen_in::main(args);
     }
@@ -382,7 +367,6 @@ fn main() -> ExitCode {
                 let termination = run::Termination::install()?;
                 standalone::serve(&args, termination.wait()).await
             }
-            Command::Demo => demo::run(),
             Command::Node(args) => {
                 let termination = run::Termination::install()?;
                 let metrics = match args.metrics.as_str() {
@@ -481,7 +465,7 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
-            Command::Probe(_) | Command::Serve(_) | Command::ListenIn(_) => {
+            Command::ListenIn(_) => {
                 unreachable!("handled before the runtime starts")
             }
         }
