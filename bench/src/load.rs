@@ -61,8 +61,9 @@ impl Conn {
                         events,
                         revents: 0,
                     };
-                    // SAFETY: one valid pollfd.
-                    unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+                    // SAFETY: `pfd` is one live, initialised pollfd for the call (nfds 1); poll only writes
+                    // its `revents`, and the descriptor stays open, borrowed from `self.stream`.
+                    unsafe { libc::poll(&raw mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
                 }
                 other => return other,
             }

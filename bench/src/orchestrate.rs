@@ -11,11 +11,9 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use redirect_agent::{
-    engine::pins::{self as loader, State, pin_dir},
-    sandbox::{AgentProcess, NetnsPair, TestCgroup, unique},
-};
+use redirect_agent::engine::pins::{self as loader, State, pin_dir};
 use redirect_common::programs;
+use redirect_testkit::{agent::AgentProcess, cgroup::TestCgroup, netns::NetnsPair, unique};
 
 use crate::load::LoadResult;
 
@@ -515,7 +513,7 @@ fn nofile_hard() -> u64 {
 /// trying to raise it as the proxy would); fewer is reported as such, never silently.
 fn holdable(wanted: usize) -> usize {
     redirect_agent::sys::raise_nofile_limit(wanted);
-    wanted.min(redirect_agent::proxy::connections_fitting(nofile_hard()))
+    wanted.min(redirect_agent::connections_fitting(nofile_hard()))
 }
 
 /// Resident memory idle and holding `plan.hold` proxied connections, and map memory.

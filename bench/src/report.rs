@@ -159,7 +159,7 @@ pub struct Machine {
 }
 
 fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+    format!("{:.1} MiB", b as f64 / f64::from(1 << 20))
 }
 
 pub fn markdown(out: &Outcome, plan: &Plan, m: &Machine) -> String {
@@ -210,7 +210,7 @@ pub fn markdown(out: &Outcome, plan: &Plan, m: &Machine) -> String {
          hands bytes between the app and the proxy's 15001 socket; the proxy's leg to the \
          server is TCP over the veth, as in B and C). The load client retries a read or write \
          that a blocking socket ends with EAGAIN before its timeout, as an event-driven client \
-         would: 6.18 does that to blocking sockets in a sockhash (see the README's Fast path).\n"
+         would: 6.18 does that to blocking sockets in a sockhash (see docs/fast-path.md).\n"
     );
     let _ = writeln!(
         s,

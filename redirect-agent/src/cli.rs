@@ -7,14 +7,13 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 use crate::{
-    ProxyMode, demo,
+    ProxyMode,
     engine::{self, Sizing},
     explain, features,
     flags::CaptureFlags,
     node::{self, NodeOptions},
-    probe::{self, ProbeArgs},
     run::{self, RunOptions},
-    serve, standalone, stats,
+    standalone, stats,
 };
 
 /// eBPF replacement for istio-iptables' NAT chains, with an embedded proxy loop.
@@ -77,14 +76,6 @@ enum Command {
     /// Run only the proxy loop, behind istio-iptables' own REDIRECT rules (original
     /// destinations from SO_ORIGINAL_DST), inside the workload as its proxy identity.
     Proxy(Box<standalone::ProxyArgs>),
-    /// Run the agent on a throw-away workload and show where its connections land.
-    Demo,
-    /// One client connection from inside a workload (used by demo and the tests).
-    #[command(hide = true)]
-    Probe(ProbeArgs),
-    /// Test servers inside a workload (used by the tests).
-    #[command(hide = true)]
-    Serve(serve::ServeArgs),
     /// Listens inside a workload's cgroup for the agent's proxy (`run --fast-path`).
     #[command(hide = true)]
     ListenIn(crate::listen_in::ListenInArgs),
@@ -336,13 +327,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // The probe switches cgroup, namespace and identity: it must stay single-threaded.
-    if let Command::Probe(args) = &cli.command {
-        return probe::main(args);
-    }
-    if let Command::Serve(args) = &cli.command {
-        return serve::main(args);
-    }
+    // listen-in switches cgroup and namespace: it must stay single-threaded.
     if let Command::ListenIn(args) = &cli.command {
         return crate::listen_in::main(args);
     }
@@ -402,7 +387,6 @@ pub fn main() -> ExitCode {
                 let termination = Termination::install()?;
                 standalone::serve(&args, termination.wait()).await
             }
-            Command::Demo => demo::run(),
             Command::Node(args) => {
                 let termination = Termination::install()?;
                 let metrics = match args.metrics.as_str() {
@@ -503,7 +487,7 @@ pub fn main() -> ExitCode {
                 }
                 Ok(())
             }
-            Command::Probe(_) | Command::Serve(_) | Command::ListenIn(_) => {
+            Command::ListenIn(_) => {
                 unreachable!("handled before the runtime starts")
             }
         }

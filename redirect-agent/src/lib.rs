@@ -18,17 +18,11 @@ mod flags;
 mod listen_in;
 mod metrics;
 mod node;
-pub mod proxy;
+mod proxy;
 mod run;
 mod standalone;
 pub mod stats;
 pub mod sys;
-
-// The test harness, until it moves to its own crate.
-pub mod demo;
-pub mod probe;
-pub mod sandbox;
-pub mod serve;
 
 /// Who serves a workload's capture ports.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -55,3 +49,5 @@ impl ProxyMode {
 }
 
 pub use cli::main;
+/// Proxied connections that a descriptor limit holds (the benchmark sizes its load by it).
+pub use proxy::connections_fitting;

@@ -2,7 +2,8 @@
 //! a running agent, probes from inside it, and the agent's own `stats` output.
 //!
 //! Tests run as root against the real kernel (`cargo xtask test` sets REDIRECT_AGENT_BIN to
-//! the agent it built). Every resource is a guard, so a failing test still cleans up.
+//! the agent it built, and REDIRECT_TESTKIT_BIN to the test kit's binary, which runs the probes
+//! and workload servers). Every resource is a guard, so a failing test still cleans up.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
@@ -11,13 +12,13 @@ use std::{
     time::Duration,
 };
 
-use redirect_agent::{
-    probe::ProbeResult,
-    sandbox::{AgentProcess, NetnsPair, ProbeSpec, TestCgroup, TestServer, unique},
-    stats::InstanceStats,
+use redirect_agent::stats::InstanceStats;
+use redirect_testkit::{
+    agent::AgentProcess, cgroup::TestCgroup, netns::NetnsPair, probe::ProbeSpec, report::ProbeResult,
+    server::TestServer, unique,
 };
 
-pub use redirect_agent::probe::Outcome;
+pub use redirect_testkit::report::Outcome;
 
 pub mod node;
 
@@ -40,10 +41,31 @@ pub fn agent_bin() -> PathBuf {
     path
 }
 
+/// The `redirect-testkit` binary (probes and workload servers run as its child processes):
+/// REDIRECT_TESTKIT_BIN, else beside the agent binary (REDIRECT_AGENT_BIN's directory, or
+/// target/debug), which is also where it is inside `cargo xtask vm-test`'s guest.
+pub fn testkit_bin() -> PathBuf {
+    let path = std::env::var_os("REDIRECT_TESTKIT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("REDIRECT_AGENT_BIN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/redirect-agent"))
+                .with_file_name("redirect-testkit")
+        });
+    assert!(
+        path.is_file(),
+        "test kit binary {} not found: run the tests with `cargo xtask test` (it builds \
+         redirect-testkit beside the agent), or `cargo build -p redirect-testkit`, or set \
+         REDIRECT_TESTKIT_BIN",
+        path.display()
+    );
+    path
+}
+
 pub fn require_root() {
-    // SAFETY: geteuid cannot fail.
     assert_eq!(
-        unsafe { libc::geteuid() },
+        rustix::process::geteuid().as_raw(),
         0,
         "integration tests need root: run `cargo xtask test` as root"
     );
@@ -154,7 +176,8 @@ impl Workload {
     }
 
     pub fn probe(&self, spec: &ProbeSpec) -> ProbeResult {
-        spec.run(&agent_bin()).unwrap_or_else(|e| panic!("probe {spec:?}: {e}"))
+        spec.run(&testkit_bin())
+            .unwrap_or_else(|e| panic!("probe {spec:?}: {e}"))
     }
 
     /// `n` probes at once, each its own process, for connections that overlap in time.

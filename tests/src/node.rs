@@ -10,7 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirect_agent::{engine::pins::State as NodeState, sandbox::unique};
+use redirect_agent::engine::pins::State as NodeState;
+use redirect_testkit::unique;
 
 use crate::{agent_bin, agent_cmd, require_root};
 

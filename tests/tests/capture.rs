@@ -229,7 +229,7 @@ fn unreachable_destinations_are_reset() {
 /// capture port they would be refused, and closed by a proxy that gave up quietly. So a reset
 /// of a connection the redirect rule counted is the proxy's. The reset can beat connect()
 /// back to the client (then connect() itself fails and there is no peer to read).
-fn assert_reset_by_the_proxy(r: &redirect_agent::probe::ProbeResult) {
+fn assert_reset_by_the_proxy(r: &redirect_testkit::report::ProbeResult) {
     assert_eq!(r.outcome, Outcome::Reset, "{r:?}");
     if r.peer.is_some() {
         assert_eq!(r.peer_port(), Some(OUTBOUND_CAPTURE), "{r:?}");

@@ -16,13 +16,17 @@ use std::{
     process::Command,
 };
 
-use redirect_agent::{
-    explain::Explanation,
-    probe::{Outcome, ProbeResult},
-    sandbox::{AgentProcess, NetnsPair, ProbeSpec, ServeProcess, TestCgroup, unique},
-    stats::InstanceStats,
+use redirect_agent::{explain::Explanation, stats::InstanceStats};
+use redirect_testkit::{
+    agent::AgentProcess,
+    cgroup::TestCgroup,
+    netns::NetnsPair,
+    probe::ProbeSpec,
+    report::{Outcome, ProbeResult},
+    serve::ServeProcess,
+    unique,
 };
-use redirect_tests::{agent_bin, agent_cmd, iptables_restore, require_root};
+use redirect_tests::{agent_bin, agent_cmd, iptables_restore, require_root, testkit_bin};
 
 const PASSTHROUGH: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 /// istio-validation's probe: uid 1337 dials 127.0.0.6:15002 from a socket bound to 127.0.0.1.
@@ -109,11 +113,11 @@ impl Twin {
             .iter()
             .map(|&p| (format!("remote-{p}"), SocketAddrV4::new(twin.pair.remote_ip, p)))
             .collect();
-        let agent = agent_bin();
+        let testkit = testkit_bin();
         twin._servers = vec![
-            ServeProcess::start(&agent, Some(&twin.cgroup.path), &twin.pair.workload.path, &workload)
+            ServeProcess::start(&testkit, Some(&twin.cgroup.path), &twin.pair.workload.path, &workload)
                 .expect("workload servers"),
-            ServeProcess::start(&agent, None, &twin.pair.remote.path, &remote).expect("remote servers"),
+            ServeProcess::start(&testkit, None, &twin.pair.remote.path, &remote).expect("remote servers"),
         ];
         twin
     }
@@ -287,7 +291,7 @@ impl Matrix {
     }
 
     fn run(&self, twin: &Twin) -> Vec<String> {
-        let agent = agent_bin();
+        let testkit = testkit_bin();
         let mut out = Vec::new();
         for (client, targets) in &self.clients {
             let mut spec = if client.inbound {
@@ -302,7 +306,7 @@ impl Matrix {
             }
             let results = spec
                 .bytes(16)
-                .run_batch(&agent, targets)
+                .run_batch(&testkit, targets)
                 .unwrap_or_else(|e| panic!("probes of {}: {e}", client.label()));
             out.extend(results.iter().map(|r| verdict(r, self.capture)));
         }

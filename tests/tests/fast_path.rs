@@ -10,9 +10,9 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData, SockHash};
-use redirect_agent::sandbox::{ServeProcess, TestServer};
 use redirect_common::{TupleKey, maps};
-use redirect_tests::{Outcome, REMOTE_PORT, Workload, agent_bin};
+use redirect_testkit::{serve::ServeProcess, server::TestServer};
+use redirect_tests::{Outcome, REMOTE_PORT, Workload, testkit_bin};
 
 /// An app of the workload's own cgroup (so sock_ops sees its accepted ends).
 const CGROUP_APP_PORT: u16 = 9090;
@@ -90,7 +90,7 @@ fn inbound_bytes_take_the_fast_path_intact() {
     let w = Workload::with_agent("fpi", &["--fast-path"]);
     let app = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, CGROUP_APP_PORT);
     let _app = ServeProcess::start(
-        &agent_bin(),
+        &testkit_bin(),
         Some(&w.cgroup.path),
         &w.pair.workload.path,
         &[("app-cg".to_string(), app)],
@@ -154,7 +154,7 @@ fn round_trips_through_the_fast_path_never_stall() {
 /// 118 MiB in, then its write failed with ENOMEM when TCP memory ran out for everyone. Kept as
 /// a test (run with `--ignored`) of the reason `--fast-path` stays off by default.
 #[test]
-#[ignore = "kernel limitation: sk_msg ingress redirect has no per-socket bound (see the README's Fast path)"]
+#[ignore = "kernel limitation: sk_msg ingress redirect has no per-socket bound (see docs/fast-path.md)"]
 fn a_reader_that_stops_pushes_back() {
     let w = Workload::with_agent("fps", &["--fast-path"]);
     let _sink = TestServer::start(&w.pair.remote, w.remote(SINK_PORT), "sink").expect("sink server");
@@ -176,7 +176,7 @@ fn a_reader_that_stops_pushes_back() {
 /// (`tcp_bpf_recvmsg`, `tcp_bpf_recvmsg_parser`). Without the stream verdict it is the write
 /// that fails so. Event-driven clients (tokio, epoll) retry on EAGAIN and are unaffected.
 #[test]
-#[ignore = "kernel behaviour: blocking reads on sockhash sockets can fail with EAGAIN (see the README's Fast path)"]
+#[ignore = "kernel behaviour: blocking reads on sockhash sockets can fail with EAGAIN (see docs/fast-path.md)"]
 fn blocking_clients_on_the_fast_path() {
     let w = Workload::with_agent("fpb", &["--fast-path"]);
     let big = w.probe(&w.spec(w.remote(REMOTE_PORT)).bytes(1 << 20));

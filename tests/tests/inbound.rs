@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirect_agent::sandbox::TestServer;
+use redirect_testkit::{report::ProbeResult, serve::ServeProcess, server::TestServer};
 use redirect_tests::{APP_PORT, Outcome, TUNNEL_PORT, Workload};
 
 /// istio's status port: excluded inbound by the default `-d`.
@@ -17,7 +17,7 @@ fn any(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)
 }
 
-fn peer_ip(r: &redirect_agent::probe::ProbeResult) -> Ipv4Addr {
+fn peer_ip(r: &ProbeResult) -> Ipv4Addr {
     let saw: SocketAddrV4 = r
         .banner_field("peer")
         .unwrap_or_else(|| panic!("no banner: {r:?}"))
@@ -169,19 +169,15 @@ fn connections_past_the_proxy_limit_are_reset() {
 #[test]
 fn a_restarted_capture_listener_is_registered_again() {
     let w = Workload::with_agent("inbound-relisten", &["--proxy", "none"]);
-    let agent = redirect_tests::agent_bin();
+    let testkit = redirect_tests::testkit_bin();
     let listen = [("envoy".to_string(), any(15006))];
-    let envoy =
-        redirect_agent::sandbox::ServeProcess::start(&agent, Some(&w.cgroup.path), &w.pair.workload.path, &listen)
-            .unwrap();
+    let envoy = ServeProcess::start(&testkit, Some(&w.cgroup.path), &w.pair.workload.path, &listen).unwrap();
     let r = w.probe(&w.from_remote(w.pod(APP_PORT)));
     assert_eq!(r.banner_field("name"), Some("envoy"), "{r:?}");
     drop(envoy);
     let r = w.probe(&w.from_remote(w.pod(APP_PORT)));
     assert_eq!(r.outcome, Outcome::Refused, "{r:?}");
-    let _envoy =
-        redirect_agent::sandbox::ServeProcess::start(&agent, Some(&w.cgroup.path), &w.pair.workload.path, &listen)
-            .unwrap();
+    let _envoy = ServeProcess::start(&testkit, Some(&w.cgroup.path), &w.pair.workload.path, &listen).unwrap();
     let r = w.probe(&w.from_remote(w.pod(APP_PORT)));
     assert_eq!(r.banner_field("name"), Some("envoy"), "{r:?}");
     assert!(w.app_server.accepted().is_empty());
@@ -192,11 +188,9 @@ fn a_restarted_capture_listener_is_registered_again() {
 #[test]
 fn a_capture_listener_from_before_the_agent_is_adopted() {
     let mut w = Workload::new("inbound-adopt");
-    let agent = redirect_tests::agent_bin();
+    let testkit = redirect_tests::testkit_bin();
     let listen = [("envoy".to_string(), any(15006))];
-    let _envoy =
-        redirect_agent::sandbox::ServeProcess::start(&agent, Some(&w.cgroup.path), &w.pair.workload.path, &listen)
-            .unwrap();
+    let _envoy = ServeProcess::start(&testkit, Some(&w.cgroup.path), &w.pair.workload.path, &listen).unwrap();
     w.start_agent(&["--proxy", "none"]).unwrap();
     let r = w.probe(&w.from_remote(w.pod(APP_PORT)));
     assert_eq!(r.banner_field("name"), Some("envoy"), "{r:?}");
@@ -208,11 +202,9 @@ fn a_capture_listener_from_before_the_agent_is_adopted() {
 #[test]
 fn a_workload_listener_does_not_replace_the_embedded_proxy() {
     let w = Workload::with_agent("inbound-squat", &[]);
-    let agent = redirect_tests::agent_bin();
+    let testkit = redirect_tests::testkit_bin();
     let listen = [("squatter".to_string(), SocketAddrV4::new(w.pair.workload_ip, 15006))];
-    let _squatter =
-        redirect_agent::sandbox::ServeProcess::start(&agent, Some(&w.cgroup.path), &w.pair.workload.path, &listen)
-            .unwrap();
+    let _squatter = ServeProcess::start(&testkit, Some(&w.cgroup.path), &w.pair.workload.path, &listen).unwrap();
     let r = w.probe(&w.from_remote(w.pod(APP_PORT)));
     assert_eq!(r.banner_field("name"), Some("app"), "{r:?}");
     assert_eq!(peer_ip(&r), Ipv4Addr::new(127, 0, 0, 6), "{r:?}");

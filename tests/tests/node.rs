@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirect_agent::sandbox::{NamedNetns, TestServer};
+use redirect_testkit::{netns::NamedNetns, server::TestServer};
 use redirect_tests::{
     APP_PORT, Landing, OUTBOUND_CAPTURE, REMOTE_PORT, Workload, direct, landing,
     node::{NodeAgent, metric, refused_node_start},
@@ -742,7 +742,7 @@ fn an_enrolled_cgroup_narrows_outbound_capture_to_its_processes() {
     let agent = NodeAgent::new("node-cg", &[]);
     let _p = agent.start().expect("node agent starts");
     let w = Workload::new_on("ncg", 101);
-    let other = redirect_agent::sandbox::TestCgroup::create("ncg-other").unwrap();
+    let other = redirect_testkit::cgroup::TestCgroup::create("ncg-other").unwrap();
     agent.enroll(
         &w.pair.workload.path,
         "scoped",
@@ -750,7 +750,7 @@ fn an_enrolled_cgroup_narrows_outbound_capture_to_its_processes() {
     );
     let inside = w.probe(&w.spec(w.remote(REMOTE_PORT)));
     assert_eq!(landing(&inside), proxied(OUTBOUND_CAPTURE, "remote"), "{inside:?}");
-    let elsewhere = redirect_agent::sandbox::ProbeSpec::new(&other.path, &w.pair.workload.path, w.remote(REMOTE_PORT));
+    let elsewhere = redirect_testkit::probe::ProbeSpec::new(&other.path, &w.pair.workload.path, w.remote(REMOTE_PORT));
     let r = w.probe(&elsewhere);
     assert_eq!(landing(&r), direct("remote"), "same namespace, another cgroup: {r:?}");
     assert_eq!(inbound(&w, APP_PORT), Inbound::Proxied);

@@ -4,7 +4,7 @@
 
 use redirect_tests::{Outcome, REMOTE_PORT, Workload};
 
-fn sockopts(w: &Workload) -> redirect_agent::probe::SockoptReport {
+fn sockopts(w: &Workload) -> redirect_testkit::report::SockoptReport {
     let r = w.probe(&w.spec(w.remote(REMOTE_PORT)).sockopts());
     assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
     r.sockopts.clone().unwrap_or_else(|| panic!("no sockopt report: {r:?}"))

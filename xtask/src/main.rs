@@ -28,12 +28,13 @@ enum Task {
     /// Install what is missing: apt packages, rust-src for nightly, bpf-linker, and for
     /// vm-test QEMU, busybox, Debian's kernel and virtme-ng.
     Setup,
-    /// Build the agent (and, through its build.rs, the eBPF object).
+    /// Build the agent (and, through its build.rs, the eBPF object), the CNI plugin and the
+    /// test kit.
     Build {
         #[arg(long)]
         release: bool,
     },
-    /// Set up, build, and run the agent's demo (root).
+    /// Set up, build, and run the demo: the agent on a throw-away workload (root).
     Run,
     /// Set up, then run every check and test: fmt, clippy, unit and integration tests, and
     /// the smoke subset under Debian 12's 6.1 kernel (root).
@@ -231,8 +232,18 @@ fn install_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
 
 fn build(release: bool) -> anyhow::Result<PathBuf> {
     let mut c = cargo();
-    // The CNI plugin too: node mode's tests invoke it as a container runtime would.
-    c.args(["build", "--package", "redirect-agent", "--package", "redirect-cni"]);
+    // The CNI plugin too: node mode's tests invoke it as a container runtime would. And the
+    // test kit, beside the agent: the tests and the demo run its probes and servers inside
+    // workloads.
+    c.args([
+        "build",
+        "--package",
+        "redirect-agent",
+        "--package",
+        "redirect-cni",
+        "--package",
+        "redirect-testkit",
+    ]);
     if release {
         c.arg("--release");
     }
@@ -282,7 +293,8 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     let mut c = cargo();
     c.args(["test", "--workspace", "--exclude", "redirect-ebpf"])
         .env("REDIRECT_AGENT_BIN", &agent)
-        .env("REDIRECT_CNI_BIN", agent.with_file_name("redirect-cni"));
+        .env("REDIRECT_CNI_BIN", agent.with_file_name("redirect-cni"))
+        .env("REDIRECT_TESTKIT_BIN", agent.with_file_name("redirect-testkit"));
     // Passing tests' output too: the differential tests print their verdict tables.
     c.args(["--", "--show-output"]);
     if let Some(f) = &filter {
@@ -380,9 +392,9 @@ fn main() -> std::process::ExitCode {
         Task::Setup => setup(),
         Task::Build { release } => build(release).map(|p| println!("built {}", p.display())),
         Task::Run => setup().and_then(|()| build(false)).and_then(|agent| {
-            let mut c = Command::new(agent);
-            c.arg("demo");
-            run("run: redirect-agent demo", c)
+            let mut c = Command::new(agent.with_file_name("redirect-testkit"));
+            c.arg("demo").arg("--agent").arg(&agent);
+            run("run: redirect-testkit demo", c)
         }),
         Task::Test { filter } => test(filter),
         Task::Bench { quick, profile } => bench(quick, profile),

@@ -31,7 +31,7 @@ pub use dialer::{Dialer, NetnsDialer};
 use fast_path::Enrolled;
 pub use fast_path::{FastPath, FastPathSockets};
 pub use listen::{LISTEN_BACKLOG, Listeners, Listening, ProxyConfig, Side, connections_fitting};
-pub use orig_dst::{Destination, OrigDstTable, OriginalDst};
+pub use orig_dst::{OrigDstTable, OriginalDst};
 
 /// Bytes buffered per direction per connection.
 const COPY_BUF: usize = 64 * 1024;

@@ -50,26 +50,18 @@ impl OrigDstTable {
     /// Where a connection accepted on a capture listener was going: `peer` and `local` are
     /// the accepted socket's addresses. `None`: not captured by us (or already closed) — a
     /// connection straight to a capture port, which must not be forwarded back to it.
-    pub fn lookup(&self, peer: SocketAddrV4, local: SocketAddrV4) -> Option<Destination> {
-        self.find(&TupleKey::from_addrs(self.netns_cookie, peer, local), false)
-    }
-
-    /// [`Self::lookup`] for the embedded proxy, which reads each destination once: an entry
-    /// found in `INBOUND_PENDING` is removed, because the proxy's socket is not in the
-    /// workload's cgroup and no sock_ops close callback will remove it.
+    ///
+    /// The embedded proxy reads each destination once: an entry found in `INBOUND_PENDING` is
+    /// removed, because the proxy's socket is not in the workload's cgroup and no sock_ops
+    /// close callback will remove it.
     fn take(&self, peer: SocketAddrV4, local: SocketAddrV4) -> Option<Destination> {
-        self.find(&TupleKey::from_addrs(self.netns_cookie, peer, local), true)
-    }
-
-    fn find(&self, key: &TupleKey, take_pending: bool) -> Option<Destination> {
-        let v = match self.established.get(key, 0) {
+        let key = TupleKey::from_addrs(self.netns_cookie, peer, local);
+        let v = match self.established.get(&key, 0) {
             Ok(v) => v,
             Err(_) => {
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-                let v = pending.get(key, 0).ok()?;
-                if take_pending {
-                    let _ = pending.remove(key);
-                }
+                let v = pending.get(&key, 0).ok()?;
+                let _ = pending.remove(&key);
                 v
             }
         };

@@ -1,6 +1,10 @@
-//! `redirect-agent probe` (hidden): one connection made from inside a workload, reported as
-//! one JSON line. It joins the cgroup and namespace and drops to the given uid/gid itself,
-//! before any thread exists, so what the kernel sees is exactly a workload process.
+//! The probe: one connection (or several, one after another) made from inside a workload.
+//!
+//! [`ProbeSpec`] is the test's side: it runs `redirect-testkit probe` as a child process and
+//! parses its report. [`main`] is the child's side: it joins the cgroup and namespace and drops
+//! to the given uid/gid itself, before any thread exists, so what the kernel sees is exactly a
+//! workload process; then it connects and prints one JSON line ([`ProbeResult`]) per
+//! connection.
 //!
 //! The report says where the connection landed as the kernel saw it: `peer` is what
 //! getpeername returns after connect (the capture port when connect4 rewrote it), `banner` is
@@ -8,16 +12,19 @@
 
 use std::{
     io::{self, BufReader, Read, Write},
-    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpStream},
     os::fd::{FromRawFd, OwnedFd},
-    path::PathBuf,
-    process::ExitCode,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
     time::{Duration, Instant},
 };
 
-use serde::{Deserialize, Serialize};
+use redirect_agent::sys;
 
-use crate::sandbox::read_banner;
+use crate::{
+    report::{Outcome, ProbeResult, SockoptReport},
+    server::read_banner,
+};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ProbeArgs {
@@ -64,79 +71,169 @@ pub struct ProbeArgs {
     pub sockopts: bool,
 }
 
+/// What one probe does, from inside the workload (or, without a cgroup, from any namespace).
+#[derive(Clone, Debug)]
+pub struct ProbeSpec {
+    pub cgroup: Option<PathBuf>,
+    pub netns: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    pub bind: Option<Ipv4Addr>,
+    pub connect: SocketAddrV4,
+    pub bytes: usize,
+    pub udp: bool,
+    pub round_trips: u64,
+    pub fill: bool,
+    pub tokio: bool,
+    pub sockopts: bool,
+}
+
+impl ProbeSpec {
+    pub fn new(cgroup: &Path, netns: &Path, connect: SocketAddrV4) -> Self {
+        Self {
+            cgroup: Some(cgroup.into()),
+            netns: netns.into(),
+            uid: 0,
+            gid: 0,
+            bind: None,
+            connect,
+            bytes: 1024,
+            udp: false,
+            round_trips: 0,
+            fill: false,
+            tokio: false,
+            sockopts: false,
+        }
+    }
+
+    /// A probe from a namespace that is not a captured workload (the remote host).
+    pub fn outside(netns: &Path, connect: SocketAddrV4) -> Self {
+        Self {
+            cgroup: None,
+            ..Self::new(Path::new("/"), netns, connect)
+        }
+    }
+
+    pub fn uid(mut self, uid: u32) -> Self {
+        self.uid = uid;
+        self
+    }
+
+    pub fn gid(mut self, gid: u32) -> Self {
+        self.gid = gid;
+        self
+    }
+
+    pub fn bind(mut self, ip: Ipv4Addr) -> Self {
+        self.bind = Some(ip);
+        self
+    }
+
+    /// A UDP connect() instead of a TCP exchange.
+    pub fn udp(mut self) -> Self {
+        self.udp = true;
+        self
+    }
+
+    pub fn bytes(mut self, n: usize) -> Self {
+        self.bytes = n;
+        self
+    }
+
+    /// `n` request/response round trips of `bytes` each instead of one exchange.
+    pub fn round_trips(mut self, n: u64) -> Self {
+        self.round_trips = n;
+        self
+    }
+
+    /// With a tokio client (non-blocking, epoll readiness) instead of blocking calls.
+    pub fn tokio(mut self) -> Self {
+        self.tokio = true;
+        self
+    }
+
+    /// Socket options instead of an exchange (`probe --sockopts`).
+    pub fn sockopts(mut self) -> Self {
+        self.sockopts = true;
+        self
+    }
+
+    /// Write until the connection stops taking bytes instead of one exchange.
+    pub fn fill(mut self) -> Self {
+        self.fill = true;
+        self
+    }
+
+    /// Runs `testkit probe` (the `redirect-testkit` binary) as a child process (it moves
+    /// itself into the cgroup and namespace and drops to uid/gid before connecting) and parses
+    /// its one-line JSON report.
+    pub fn run(&self, testkit: &Path) -> io::Result<ProbeResult> {
+        let mut all = self.run_batch(testkit, &[self.connect])?;
+        all.pop().ok_or_else(|| io::Error::other("probe reported nothing"))
+    }
+
+    /// The same probe to each of `targets`, one after another, from one child process.
+    pub fn run_batch(&self, testkit: &Path, targets: &[SocketAddrV4]) -> io::Result<Vec<ProbeResult>> {
+        let mut c = Command::new(testkit);
+        c.arg("probe");
+        if let Some(cg) = &self.cgroup {
+            c.args(["--cgroup", &cg.to_string_lossy()]);
+        }
+        c.args(["--netns", &self.netns.to_string_lossy()])
+            .args(["--uid", &self.uid.to_string(), "--gid", &self.gid.to_string()])
+            .args(["--bytes", &self.bytes.to_string()]);
+        for t in targets {
+            c.args(["--connect", &t.to_string()]);
+        }
+        if let Some(b) = self.bind {
+            c.args(["--bind", &b.to_string()]);
+        }
+        if self.udp {
+            c.arg("--udp");
+        }
+        if self.round_trips > 0 {
+            c.args(["--round-trips", &self.round_trips.to_string()]);
+        }
+        if self.fill {
+            c.arg("--fill");
+        }
+        if self.tokio {
+            c.arg("--tokio");
+        }
+        if self.sockopts {
+            c.arg("--sockopts");
+        }
+        let out = c.stdin(Stdio::null()).output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "probe {self:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let results = out
+            .stdout
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).map_err(io::Error::other))
+            .collect::<io::Result<Vec<ProbeResult>>>()?;
+        if results.len() != targets.len() {
+            return Err(io::Error::other(format!(
+                "probe reported {} results for {} targets",
+                results.len(),
+                targets.len()
+            )));
+        }
+        Ok(results)
+    }
+}
+
 /// Supplementary groups the `--sockopts` probe takes: 2,000 of them make SO_PEERGROUPS 8,000
 /// bytes, past the page the getsockopt program sees.
 const PEER_GROUPS: u32 = 2000;
 
-/// What `--sockopts` saw, from inside the workload's cgroup (where the program runs).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SockoptReport {
-    /// TCP_INFO on the probe's connection: length and `tcpi_state`.
-    pub tcp_info_len: u32,
-    pub tcp_state: u8,
-    /// SO_PEERGROUPS of a unix socketpair, asked with a 16 KiB buffer: the length the kernel
-    /// returned, and whether the groups were ours.
-    pub peer_groups_len: u32,
-    pub peer_groups_intact: bool,
-    /// errno of SO_ORIGINAL_DST on the probe's own (connecting) socket, which nobody
-    /// redirected *to*: the kernel's answer must stand.
-    pub orig_dst_errno: Option<i32>,
-}
-
 /// Most `--fill` writes before giving up on back-pressure.
 const FILL_CAP: usize = 256 << 20;
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Outcome {
-    /// Connected, exchanged the bytes, saw a clean EOF.
-    Ok,
-    Refused,
-    Reset,
-    Timeout,
-    Unreachable,
-    /// A clean EOF before the exchange finished.
-    Closed,
-    Other,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ProbeResult {
-    pub outcome: Outcome,
-    pub error: Option<String>,
-    /// The socket's local address after connect.
-    pub local: Option<String>,
-    /// getpeername after connect: where the kernel connected the socket.
-    pub peer: Option<String>,
-    /// The first line the server sent (see `sandbox::server_banner`).
-    pub banner: Option<String>,
-    pub sent: usize,
-    pub received: usize,
-    /// The bytes that came back are the bytes that were sent.
-    pub intact: bool,
-    pub elapsed_ms: u64,
-    /// `--round-trips`: how many completed, and the slowest one.
-    #[serde(default)]
-    pub round_trips: u64,
-    #[serde(default)]
-    pub slowest_round_trip_us: u64,
-    #[serde(default)]
-    pub sockopts: Option<SockoptReport>,
-}
-
-impl ProbeResult {
-    /// A `key=value` field of the banner (`name`, `local`, `peer`).
-    pub fn banner_field(&self, key: &str) -> Option<&str> {
-        let b = self.banner.as_deref()?;
-        b.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-    }
-
-    /// The port the kernel connected the socket to.
-    pub fn peer_port(&self) -> Option<u16> {
-        self.peer.as_deref()?.parse::<SocketAddr>().ok().map(|a| a.port())
-    }
-}
 
 fn classify(e: &io::Error) -> Outcome {
     match e.raw_os_error() {
@@ -159,8 +256,8 @@ fn check(rc: libc::c_int, what: &str) -> io::Result<()> {
 
 /// Moves this (single-threaded) process into the workload: cgroup, namespace, identity.
 fn enter(args: &ProbeArgs) -> io::Result<()> {
-    crate::sys::join(args.cgroup.as_deref(), args.netns.as_deref())?;
-    crate::sys::become_user(args.uid, args.gid)?;
+    sys::join(args.cgroup.as_deref(), args.netns.as_deref())?;
+    sys::become_user(args.uid, args.gid)?;
     Ok(())
 }
 
@@ -168,7 +265,8 @@ fn connect(args: &ProbeArgs, to: SocketAddrV4, timeout: Duration) -> io::Result<
     // SAFETY: plain socket creation; ownership taken at once.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     check(fd, "socket")?;
-    // SAFETY: fresh valid fd.
+    // SAFETY: `fd` is the descriptor socket() just returned (`check` refused a negative one),
+    // and nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let stream = TcpStream::from(fd);
     // connect() honours SO_SNDTIMEO on Linux, which bounds a SYN nobody answers.
@@ -255,7 +353,7 @@ fn sockopts(stream: &TcpStream) -> io::Result<SockoptReport> {
     let mut buf = vec![0u8; 512];
     report.tcp_info_len = raw_getsockopt(stream, libc::IPPROTO_TCP, libc::TCP_INFO, &mut buf)?;
     report.tcp_state = buf[0];
-    report.orig_dst_errno = crate::sys::original_dst(stream).err().and_then(|e| e.raw_os_error());
+    report.orig_dst_errno = sys::original_dst(stream).err().and_then(|e| e.raw_os_error());
 
     let groups: Vec<libc::gid_t> = (0..PEER_GROUPS).map(|i| 100_000 + i).collect();
     // SAFETY: plain credential syscall with a valid slice.
@@ -387,7 +485,7 @@ fn with_tokio(args: &ProbeArgs, stream: TcpStream, timeout: Duration, result: &m
 
 pub fn main(args: &ProbeArgs) -> ExitCode {
     if let Err(e) = enter(args) {
-        eprintln!("redirect-agent probe: {e}");
+        eprintln!("redirect-testkit probe: {e}");
         return ExitCode::FAILURE;
     }
     let mut out = io::stdout().lock();
@@ -415,7 +513,7 @@ pub fn main(args: &ProbeArgs) -> ExitCode {
         let line = match serde_json::to_string(&result) {
             Ok(line) => line,
             Err(e) => {
-                eprintln!("redirect-agent probe: {e}");
+                eprintln!("redirect-testkit probe: {e}");
                 return ExitCode::FAILURE;
             }
         };

@@ -1,16 +1,36 @@
-//! `redirect-agent demo`: the agent on a throw-away workload, showing where each kind of
-//! connection lands and the counters that decided it.
+//! `redirect-testkit demo`: the agent binary on a throw-away workload, showing where each kind
+//! of connection lands and the counters that decided it.
 
-use std::{net::SocketAddrV4, path::Path};
+use std::{
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::Context as _;
-use redirect_common::config::CaptureConfig;
+use redirect_agent::sys;
 
 use crate::{
-    probe::{Outcome, ProbeResult},
-    sandbox::{AgentProcess, NetnsPair, ProbeSpec, TestCgroup, TestServer, unique},
-    stats, sys,
+    agent::AgentProcess,
+    cgroup::TestCgroup,
+    netns::NetnsPair,
+    probe::ProbeSpec,
+    report::{Outcome, ProbeResult},
+    server::TestServer,
+    util::unique,
 };
+
+/// The capture ports of istio-iptables' defaults (`-p 15001 -z 15006`), which the demo's agent
+/// runs with.
+const OUTBOUND_CAPTURE: u16 = 15001;
+const INBOUND_CAPTURE: u16 = 15006;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// The redirect-agent binary to run (default: `redirect-agent` beside this binary).
+    #[arg(long, value_name = "PATH")]
+    pub agent: Option<PathBuf>,
+}
 
 fn path_of(r: &ProbeResult, outbound: u16, inbound: u16) -> String {
     if r.outcome != Outcome::Ok {
@@ -29,9 +49,19 @@ fn path_of(r: &ProbeResult, outbound: u16, inbound: u16) -> String {
     format!("{via} {server} (server saw {saw}; {intact})")
 }
 
-pub fn run() -> anyhow::Result<()> {
-    sys::require_privileges("redirect-agent demo")?;
-    let agent = std::env::current_exe().context("locating this binary")?;
+pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
+    sys::require_privileges("redirect-testkit demo")?;
+    // The probes are this binary's own `probe` subcommand.
+    let testkit = std::env::current_exe().context("locating this binary")?;
+    let agent = match &args.agent {
+        Some(a) => a.clone(),
+        None => testkit.with_file_name("redirect-agent"),
+    };
+    anyhow::ensure!(
+        agent.is_file(),
+        "agent binary {} not found: build it (`cargo build -p redirect-agent`) or pass --agent PATH",
+        agent.display()
+    );
     let pair = NetnsPair::create("demo").context("creating the demo namespaces")?;
     let cgroup = TestCgroup::create("demo").context("creating the demo cgroup")?;
     let remote = SocketAddrV4::new(pair.remote_ip, 8080);
@@ -85,19 +115,25 @@ pub fn run() -> anyhow::Result<()> {
             ProbeSpec::outside(&pair.remote.path, status),
         ),
     ];
-    // The agent runs with istio-iptables' defaults: its capture ports are those.
-    let defaults = CaptureConfig::default();
     println!("{:<46} where it landed", "connection");
     for (label, p) in &probes {
-        let r = p.run(&agent).with_context(|| format!("probe {label}"))?;
-        println!(
-            "{label:<46} {}",
-            path_of(&r, defaults.envoy_port, defaults.inbound_capture_port)
-        );
+        let r = p.run(&testkit).with_context(|| format!("probe {label}"))?;
+        println!("{label:<46} {}", path_of(&r, OUTBOUND_CAPTURE, INBOUND_CAPTURE));
     }
 
     println!("\nredirect-agent stats --name {name}:");
-    print!("{}", stats::render_text(&stats::read(&name)?));
+    let out = Command::new(&agent)
+        .args(["stats", "--name", &name])
+        .output()
+        .with_context(|| format!("running {} stats", agent.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "redirect-agent stats failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    print!("{}", String::from_utf8_lossy(&out.stdout));
 
     let (status, log) = agent_proc.stop()?;
     let pins_left = Path::new(sys::PIN_ROOT).join(&name).exists();

@@ -1,0 +1,134 @@
+//! `redirect-agent run` as a child process, driven as a user drives it: the binary, its
+//! signals, and its documented state file.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use redirect_agent::sys;
+
+/// The file a running `redirect-agent run --name NAME` writes once it has attached:
+/// `/run/redirect/NAME.json`. Of its contents only `"pid"` is relied on.
+pub fn state_file(name: &str) -> PathBuf {
+    Path::new(sys::RUN_DIR).join(format!("{name}.json"))
+}
+
+/// The `"pid"` recorded in an instance's state file, if the file exists and says.
+pub fn state_pid(name: &str) -> Option<u64> {
+    let bytes = std::fs::read(state_file(name)).ok()?;
+    let state: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    state.get("pid")?.as_u64()
+}
+
+/// `redirect-agent run` as a child process, stopped with SIGTERM (then SIGKILL) on drop.
+pub struct AgentProcess {
+    pub name: String,
+    child: Option<Child>,
+    /// The agent's stderr goes to a file: a pipe nobody drains could stall it.
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts the agent and waits until it has attached (its state file names this child).
+    pub fn start(agent: &Path, name: &str, args: &[&str]) -> io::Result<Self> {
+        let log = std::env::temp_dir().join(format!("{name}.agent.log"));
+        let log_file = std::fs::File::create(&log)?;
+        let child = Command::new(agent)
+            .arg("run")
+            .args(["--name", name])
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("REDIRECT_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()?;
+        let mut me = Self {
+            name: name.into(),
+            child: Some(child),
+            log,
+        };
+        let pid = u64::from(me.child_mut().id());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // Ready means a state file written by this child, not one left by an earlier process.
+        while state_pid(name) != Some(pid) {
+            if let Some(status) = me.child_mut().try_wait()? {
+                let err = me.take_log();
+                me.child = None;
+                return Err(io::Error::other(format!(
+                    "agent exited early ({status}): {}",
+                    err.trim()
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "agent did not attach within 30 s",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(me)
+    }
+
+    fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("child present until stopped")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM, then wait (SIGKILL after 10 s). Returns the exit status and what it logged.
+    pub fn stop(&mut self) -> io::Result<(ExitStatus, String)> {
+        self.terminate();
+        self.wait(Duration::from_secs(10))
+    }
+
+    /// SIGTERM, without waiting: the agent detaches, then drains.
+    pub fn terminate(&self) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) takes no pointers; the pid is our own child, not yet reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+    }
+
+    /// Waits for the agent to exit (SIGKILL after `within`). Returns the exit status and what
+    /// it logged.
+    pub fn wait(&mut self, within: Duration) -> io::Result<(ExitStatus, String)> {
+        let mut child = self.child.take().ok_or_else(|| io::Error::other("already stopped"))?;
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break child.wait()?;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        Ok((status, self.take_log()))
+    }
+
+    /// What the agent has logged so far; the file is removed.
+    fn take_log(&mut self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let _ = std::fs::remove_file(&self.log);
+        text
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}

@@ -1,0 +1,43 @@
+//! `redirect-testkit`: the child processes the tests and the demo run inside a workload
+//! (`probe`, `serve`), and the demo itself.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use redirect_testkit::{demo, probe, serve};
+
+/// Test kit of redirect: throw-away workloads for its tests and demo.
+#[derive(Parser, Debug)]
+#[command(name = "redirect-testkit", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run redirect-agent on a throw-away workload and show where its connections land (root).
+    Demo(demo::DemoArgs),
+    /// One client connection from inside a workload (used by demo and the tests).
+    #[command(hide = true)]
+    Probe(probe::ProbeArgs),
+    /// Test servers inside a workload (used by the tests).
+    #[command(hide = true)]
+    Serve(serve::ServeArgs),
+}
+
+fn main() -> ExitCode {
+    // Nothing before the dispatch starts a thread: the probe and the servers switch cgroup,
+    // namespace and identity, which are per task.
+    match Cli::parse().command {
+        Command::Probe(args) => probe::main(&args),
+        Command::Serve(args) => serve::main(&args),
+        Command::Demo(args) => match demo::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("redirect-testkit demo: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
