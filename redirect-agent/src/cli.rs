@@ -7,10 +7,10 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 use crate::{
-    ProxyMode,
     engine::{self, Sizing},
     explain, features,
     flags::CaptureFlags,
+    flags::ProxyMode,
     node::{self, NodeOptions},
     run::{self, RunOptions},
     standalone, stats,

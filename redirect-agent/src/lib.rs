@@ -24,30 +24,6 @@ mod standalone;
 pub mod stats;
 pub mod sys;
 
-/// Who serves a workload's capture ports.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ProxyMode {
-    /// Listeners on the capture ports inside the workload's namespace forward to the original
-    /// destinations.
-    Embedded,
-    /// No listeners: another proxy (Envoy) owns the capture ports.
-    None,
-}
-
-impl ProxyMode {
-    /// As the command line and the node API spell it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Embedded => "embedded",
-            Self::None => "none",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        <Self as clap::ValueEnum>::from_str(s, false).ok()
-    }
-}
-
 pub use cli::main;
 /// Proxied connections that a descriptor limit holds (the benchmark sizes its load by it).
 pub use proxy::connections_fitting;

@@ -7,12 +7,12 @@ use std::{future::Future, path::PathBuf, time::Duration};
 use redirect_common::{chain, config::CaptureConfig};
 
 use crate::{
-    ProxyMode,
     engine::{
         self, Engine, Settings, Sizing,
         pins::{self, Lock, LockError, Mode},
     },
     error::LoadError,
+    flags::ProxyMode,
     sys::{self, Netns},
 };
 

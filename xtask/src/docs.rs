@@ -11,7 +11,20 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::vm::CheckReport;
+/// One program in `redirect-agent check --verifier --json`.
+#[derive(Debug, serde::Deserialize)]
+pub struct ProgramReport {
+    pub name: String,
+    pub instructions: Option<u32>,
+    pub verified: Option<u32>,
+}
+
+/// `redirect-agent check --verifier --json`: the parts the report uses.
+#[derive(Debug, serde::Deserialize)]
+pub struct CheckReport {
+    pub kernel: String,
+    pub programs: Vec<ProgramReport>,
+}
 
 /// The page, relative to the workspace root.
 pub const KERNELS_MD: &str = "docs/kernels.md";
@@ -188,7 +201,6 @@ pub fn write_kernels_report(root: &Path, r: &Report) -> anyhow::Result<(PathBuf,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::ProgramReport;
 
     fn check(kernel: &str, verified: u32) -> CheckReport {
         CheckReport {

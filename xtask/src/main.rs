@@ -5,7 +5,6 @@
 
 use std::{
     env,
-    ffi::OsStr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
@@ -14,7 +13,10 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod docs;
+mod sh;
 mod vm;
+
+use sh::{apt_install, cargo, have, is_root, output, root, run};
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -66,58 +68,6 @@ enum Task {
     },
 }
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask sits in the workspace")
-        .to_owned()
-}
-
-fn cargo() -> Command {
-    let mut c = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    c.current_dir(root());
-    c
-}
-
-/// Runs a command; on failure, one line naming the step.
-fn run(step: &str, mut c: Command) -> anyhow::Result<()> {
-    let status = c
-        .status()
-        .with_context(|| format!("{step}: cannot start {:?}", c.get_program()))?;
-    if !status.success() {
-        bail!(
-            "{step} failed: {:?} {} exited with {status}",
-            c.get_program(),
-            join(c.get_args())
-        );
-    }
-    Ok(())
-}
-
-fn join<'a>(args: impl Iterator<Item = &'a OsStr>) -> String {
-    args.map(|a| a.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn output(c: &mut Command) -> Option<String> {
-    let out = c.output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-fn have(binary: &str) -> bool {
-    env::var_os("PATH")
-        .map(|p| env::split_paths(&p).any(|d| d.join(binary).is_file()))
-        .unwrap_or(false)
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// Debian packages the agent and its tests use, by the binary that shows each is present.
 const APT: &[(&str, &str)] = &[
     ("ip", "iproute2"),
@@ -165,26 +115,6 @@ fn setup() -> anyhow::Result<()> {
         println!("setup: installed {}", did.join(", "));
     }
     Ok(())
-}
-
-/// `apt-get install` of Debian packages (after an update), as root.
-fn apt_install(step: &str, packages: &[&str]) -> anyhow::Result<()> {
-    if !is_root() {
-        bail!(
-            "{step}: apt packages {} are missing and installing them needs root",
-            packages.join(" ")
-        );
-    }
-    println!("{step}: installing {}", packages.join(" "));
-    let mut update = Command::new("apt-get");
-    update.args(["update", "-qq"]);
-    run(&format!("{step}: apt-get update"), update)?;
-    let mut install = Command::new("apt-get");
-    install
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(packages)
-        .env("DEBIAN_FRONTEND", "noninteractive");
-    run(&format!("{step}: apt-get install"), install)
 }
 
 /// bpf-linker against the LLVM library inside the nightly toolchain (no system LLVM 22 on

@@ -14,7 +14,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{apt_install, cargo, docs, have, root, run};
+use crate::{
+    docs::{self, CheckReport},
+    sh::{apt_install, cargo, have, root, run},
+};
 
 /// What the guest needs from this machine: QEMU, busybox for virtme-ng's init, and Debian 12's
 /// own kernel (6.1 LTS), the second kernel the project claims.
@@ -223,21 +226,6 @@ fn parse_test_line(line: &str) -> Option<(&str, &str)> {
     let (name, result) = rest.rsplit_once(" ... ")?;
     let result = result.split_whitespace().next()?;
     matches!(result, "ok" | "FAILED" | "ignored").then_some((name, result))
-}
-
-/// One program in `redirect-agent check --verifier --json`.
-#[derive(Debug, serde::Deserialize)]
-pub struct ProgramReport {
-    pub name: String,
-    pub instructions: Option<u32>,
-    pub verified: Option<u32>,
-}
-
-/// `redirect-agent check --verifier --json`: the parts the report uses.
-#[derive(Debug, serde::Deserialize)]
-pub struct CheckReport {
-    pub kernel: String,
-    pub programs: Vec<ProgramReport>,
 }
 
 fn print_report(reports: &[CheckReport]) {

@@ -19,9 +19,9 @@ use super::{
     pins,
 };
 use crate::{
-    ProxyMode,
     addrs::{self, LocalAddrs},
     adopt,
+    flags::ProxyMode,
     proxy::{
         Dialer, FastPath, FastPathSockets, LISTEN_BACKLOG, Listeners, Listening, NetnsDialer, OrigDstTable,
         OriginalDst, Proxy, ProxyConfig, Side,
