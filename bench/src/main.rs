@@ -15,6 +15,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod load;
+mod measure;
 mod orchestrate;
 mod proto;
 mod report;

@@ -11,11 +11,14 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use redirect_agent::engine::pins::{self as loader, State, pin_dir};
+use redirect_agent::engine::pins::{self, State};
 use redirect_common::programs;
 use redirect_testkit::{agent::AgentProcess, cgroup::TestCgroup, netns::NetnsPair, unique};
 
-use crate::load::LoadResult;
+use crate::{
+    load::LoadResult,
+    measure::{BpfStats, map_bytes, process_cpu_seconds, prog_stats, rss_bytes},
+};
 
 pub const SERVER_PORT: u16 = 8080;
 
@@ -294,84 +297,8 @@ impl Env {
     }
 
     fn connect4_prog_id(&self) -> Option<u32> {
-        let state: State = serde_json::from_slice(&std::fs::read(loader::state_path(&self.name)).ok()?).ok()?;
+        let state: State = serde_json::from_slice(&std::fs::read(pins::state_path(&self.name)).ok()?).ok()?;
         state.programs.get(programs::CONNECT4).copied()
-    }
-}
-
-/// utime + stime of a process (all its threads), in seconds.
-fn process_cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) / hz
-}
-
-fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse::<u64>()
-        .ok()?;
-    Some(kb * 1024)
-}
-
-fn bpftool_json(args: &[&str]) -> Option<serde_json::Value> {
-    let out = Command::new("bpftool").arg("-j").args(args).output().ok()?;
-    out.status.success().then(|| serde_json::from_slice(&out.stdout).ok())?
-}
-
-/// (run_time_ns, run_cnt) of a program, from kernel.bpf_stats_enabled accounting.
-fn prog_stats(id: u32) -> Option<(u64, u64)> {
-    let v = bpftool_json(&["prog", "show", "id", &id.to_string()])?;
-    Some((
-        v["run_time_ns"].as_u64().unwrap_or(0),
-        v["run_cnt"].as_u64().unwrap_or(0),
-    ))
-}
-
-/// Kernel memory charged for the instance's maps (bytes_memlock of each pinned map).
-fn map_bytes(name: &str) -> u64 {
-    let dir = pin_dir(name);
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return 0;
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|e| bpftool_json(&["map", "show", "pinned", &e.path().to_string_lossy()]))
-        .filter_map(|v| v["bytes_memlock"].as_u64())
-        .sum()
-}
-
-/// Turns kernel.bpf_stats_enabled on until dropped (it costs a little on every program run).
-struct BpfStats {
-    before: String,
-}
-
-impl BpfStats {
-    const PATH: &'static str = "/proc/sys/kernel/bpf_stats_enabled";
-
-    fn enable() -> Option<Self> {
-        let before = std::fs::read_to_string(Self::PATH).ok()?;
-        std::fs::write(Self::PATH, "1").ok()?;
-        Some(Self { before })
-    }
-}
-
-impl Drop for BpfStats {
-    fn drop(&mut self) {
-        let _ = std::fs::write(Self::PATH, self.before.trim());
     }
 }
 
