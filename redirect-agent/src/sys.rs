@@ -87,20 +87,29 @@ pub fn cgroup_identity(path: &Path) -> Result<(u64, u32), SysError> {
 }
 
 /// Whether this process's cgroup is `dir` or below it: then programs attached at `dir` see
-/// the agent's own sockets.
+/// the agent's own sockets. `false` when it cannot tell (an attach point above this process's
+/// cgroup namespace): the engine then takes the way that works either way.
 pub fn process_under_cgroup(dir: &Path) -> bool {
-    let (Ok(text), Ok(root), Ok(dir)) = (
+    use std::os::unix::fs::MetadataExt as _;
+    let (Ok(text), Ok(root), Ok(target)) = (
         std::fs::read_to_string("/proc/self/cgroup"),
         cgroup2_root(),
-        dir.canonicalize(),
+        std::fs::metadata(dir),
     ) else {
         return false;
     };
-    // The v2 line is `0::/path`, relative to the cgroup2 mount.
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .and_then(|own| root.join(own.trim_start_matches('/')).canonicalize().ok())
-        .is_some_and(|own| own.starts_with(&dir))
+    // The v2 line is `0::/path`, relative to the root of this process's cgroup namespace,
+    // which is where the cgroup2 mount it sees starts. Directories are compared by identity
+    // (a cgroup's inode is its id), not by path: `dir` may be the same cgroup seen through
+    // another mount of the hierarchy.
+    let Some(own) = text.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return false;
+    };
+    let own = root.join(own.trim_start_matches('/'));
+    own.ancestors()
+        .take_while(|a| a.starts_with(&root))
+        .filter_map(|a| std::fs::metadata(a).ok())
+        .any(|m| m.ino() == target.ino() && m.dev() == target.dev())
 }
 
 /// Opens a cgroup v2 directory for attaching programs.
@@ -441,5 +450,20 @@ impl Netns {
             file: File::from(fd),
             path: path.to_owned(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_process_is_under_its_cgroup_root_and_nowhere_else() {
+        // Machines without cgroup v2 have nothing to check.
+        let Ok(root) = cgroup2_root() else { return };
+        assert!(process_under_cgroup(&root));
+        // A directory that is no ancestor of ours (nor a cgroup at all).
+        assert!(!process_under_cgroup(&std::env::temp_dir()));
+        assert!(!process_under_cgroup(Path::new("/nonexistent/cgroup")));
     }
 }

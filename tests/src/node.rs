@@ -57,8 +57,13 @@ pub struct NodeProcess {
 impl NodeAgent {
     /// Chooses the name, socket and a free loopback port; starts nothing.
     pub fn new(tag: &str, extra: &[&str]) -> Self {
+        Self::named(&unique(tag), extra)
+    }
+
+    /// [`NodeAgent::new`] under a given instance name.
+    pub fn named(name: &str, extra: &[&str]) -> Self {
         require_root();
-        let name = unique(tag);
+        let name = name.to_owned();
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free loopback port")

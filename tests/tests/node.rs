@@ -557,6 +557,32 @@ fn a_node_agent_under_a_name_another_agent_holds_is_refused_at_once() {
     );
 }
 
+/// A `run` that was killed leaves its maps pinned under its name. A node agent started under
+/// that name later removes them, whatever they were made with (here: `--fast-path`, which a
+/// node's own pins would have to match), and serves nothing of the dead run's.
+#[test]
+fn a_killed_runs_pins_do_not_stop_a_node_of_that_name() {
+    let mut w = Workload::with_agent("run-node", &["--fast-path"]);
+    let pid = w.agent.as_ref().unwrap().pid().unwrap();
+    // SAFETY: signalling our own child; a stale pid cannot be reused before it is reaped below.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let _ = w.agent.as_mut().unwrap().stop();
+    assert!(
+        std::path::Path::new("/sys/fs/bpf/redirect").join(&w.name).exists(),
+        "a killed run cannot remove its pins"
+    );
+    let agent = NodeAgent::named(&w.name, &[]);
+    let p = agent.start().expect("a node agent starts over a killed run's pins");
+    assert!(agent.ids().is_empty(), "nothing of the dead run is served");
+    assert_eq!(agent.state().unwrap().pid, p.pid());
+    // The namespace is free to enroll, and is captured as usual.
+    agent.enroll(&w.pair.workload.path, "again", &[]);
+    assert_eq!(
+        landing(&w.probe(&w.spec(w.remote(REMOTE_PORT)))),
+        proxied(OUTBOUND_CAPTURE, "remote")
+    );
+}
+
 /// `redirect-agent proxy` as the workload's own proxy (Envoy's part): it listens on the
 /// capture ports as uid 1337 and asks SO_ORIGINAL_DST, which the root getsockopt program
 /// answers.

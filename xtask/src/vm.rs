@@ -224,7 +224,8 @@ fn console_text(raw: &str) -> String {
 fn parse_test_line(line: &str) -> Option<(&str, &str)> {
     let rest = line.strip_prefix("test ")?;
     let (name, result) = rest.rsplit_once(" ... ")?;
-    let result = result.split_whitespace().next()?;
+    // An ignored test with a reason reads `ignored, REASON`.
+    let result = result.split_whitespace().next()?.trim_end_matches(',');
     matches!(result, "ok" | "FAILED" | "ignored").then_some((name, result))
 }
 
@@ -412,6 +413,10 @@ mod tests {
     fn reads_libtest_lines() {
         assert_eq!(parse_test_line("test detach ... ok"), Some(("detach", "ok")));
         assert_eq!(parse_test_line("test a::b ... FAILED"), Some(("a::b", "FAILED")));
+        assert_eq!(
+            parse_test_line("test slow ... ignored, kernel limitation: no bound (see docs/fast-path.md)"),
+            Some(("slow", "ignored"))
+        );
         assert_eq!(parse_test_line("test result: ok. 1 passed"), None);
         assert_eq!(parse_test_line("running 3 tests"), None);
     }

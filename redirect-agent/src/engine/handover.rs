@@ -132,6 +132,8 @@ pub(crate) fn adoption(
     attach: &Path,
 ) -> anyhow::Result<Adoption> {
     match (state, pins_exist) {
+        // A `run` of this name that was killed: its pins serve nobody.
+        (Some(state), true) if state.mode == super::pins::Mode::Run => Ok(Adoption::RemovePins),
         (Some(state), true) if state.cgroup_parent != attach => anyhow::bail!(
             "the pinned programs of '{name}' are attached at {}, not {}: run `redirect-agent cleanup --name {name}` \
              to move them",
@@ -257,6 +259,12 @@ mod tests {
         let e = adoption("node", Some(state("/sys/fs/cgroup/k8s", &["a"])), true, root).unwrap_err();
         assert!(e.to_string().contains("cleanup --name node"), "{e}");
         assert_eq!(adoption("node", None, true, root).unwrap(), Adoption::RemovePins);
+        let mut killed_run = state("/sys/fs/cgroup/pod", &["default"]);
+        killed_run.mode = super::super::pins::Mode::Run;
+        assert_eq!(
+            adoption("node", Some(killed_run), true, root).unwrap(),
+            Adoption::RemovePins
+        );
         // A state without pins describes nothing the kernel still runs.
         assert_eq!(
             adoption("node", Some(state("/x", &["a"])), false, root).unwrap(),

@@ -109,8 +109,10 @@ pub(crate) struct Engine {
     /// proxies' sockets (node mode at the root). Otherwise the fast path needs the proxy's
     /// listeners made inside the workload's cgroup, and the proxy enrolls its upstream ends.
     agent_under_attach: bool,
-    /// Descriptors the process may hold, for sizing each proxy.
-    nofile: u64,
+    /// Descriptors one workload's proxy may count on: the whole limit for an engine of one
+    /// workload; for a node, the limit is shared and only said at start (an idle workload
+    /// leaves its share to the busy ones), so each proxy keeps its `--max-proxy-connections`.
+    proxy_budget: u64,
     /// The cgroup links. Dropping a descriptor detaches an unpinned link, not a pinned one.
     cgroup_links: Vec<OwnedFd>,
     started: Instant,
@@ -128,6 +130,27 @@ impl Engine {
     /// process's programs (`BPF_LINK_UPDATE`: no connection sees neither); one that keeps
     /// nothing starts from none (the caller removed any leftovers under the lock).
     pub(crate) fn start(settings: Settings, lock: Option<Lock>) -> Result<Self, LoadError> {
+        let (mode, name) = (settings.mode, settings.name.clone());
+        match Self::load_and_attach(settings) {
+            Ok(mut engine) => {
+                engine.lock = lock;
+                Ok(engine)
+            }
+            Err(e) => {
+                // The links made so far closed with their descriptors; what aya pinned stays
+                // unless removed, and one that keeps nothing must leave nothing.
+                if mode == Mode::Run {
+                    drop(pins::remove_all(&name));
+                    if let Some(lock) = lock {
+                        lock.remove();
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn load_and_attach(settings: Settings) -> Result<Self, LoadError> {
         let pin_dir = pins::pin_dir(&settings.name);
         pins::create_pin_dir(&pin_dir)?;
         let persist = settings.mode == Mode::Node;
@@ -196,6 +219,7 @@ impl Engine {
         };
         let host_netns_cookie = sys::current_netns_cookie()
             .map_err(|e| LoadError::Sys(crate::error::SysError::Io("the agent's own netns cookie".into(), e)))?;
+        let proxy_budget = if settings.max_workloads == 1 { nofile } else { u64::MAX };
         Ok(Self {
             agent_under_attach: sys::process_under_cgroup(&settings.attach),
             settings,
@@ -203,11 +227,11 @@ impl Engine {
             maps,
             workloads: BTreeMap::new(),
             host_netns_cookie,
-            nofile,
+            proxy_budget,
             cgroup_links,
             started: Instant::now(),
             handed_over: false,
-            lock,
+            lock: None,
             removed: false,
         })
     }

@@ -297,13 +297,25 @@ pub(crate) fn captured_elsewhere(netns_cookie: u64, except: &str) -> Option<Stri
     names.sort();
     names.dedup();
     names.into_iter().filter(|n| n != except).find_map(|name| {
-        let state = State::read(&name)?;
+        let Some(state) = State::read(&name) else {
+            // A `run` of the release before the engine: {"pid", "netns_cookie", ...}.
+            let legacy: LegacyRun = serde_json::from_slice(&std::fs::read(state_path(&name)).ok()?).ok()?;
+            return (legacy.netns_cookie == netns_cookie && alive(legacy.pid))
+                .then(|| format!("`run` instance '{name}' (pid {})", legacy.pid));
+        };
         let w = state.workloads.iter().find(|w| w.netns_cookie == netns_cookie)?;
         alive(state.pid).then(|| match state.mode {
             Mode::Node => format!("node agent '{name}' (pid {}) as workload '{}'", state.pid, w.id),
             Mode::Run => format!("`run` instance '{name}' (pid {})", state.pid),
         })
     })
+}
+
+/// The state file of a `run` before the engine, as far as [`captured_elsewhere`] reads it.
+#[derive(Deserialize)]
+struct LegacyRun {
+    pid: u32,
+    netns_cookie: u64,
 }
 
 /// What the pins of instance `name` were made with, checked before a start changes anything
@@ -314,12 +326,12 @@ pub(crate) fn captured_elsewhere(netns_cookie: u64, except: &str) -> Option<Stri
 /// nobody uses).
 pub(crate) fn check_pins(name: &str, fast_path: bool, max_tracked_connections: u32) -> anyhow::Result<()> {
     let dir = pin_dir(name);
-    if !dir.exists() {
+    // Only a node agent's pins are reused; others (a killed `run`'s, or pins without a
+    // state) are removed, whatever they were made with.
+    let Some(state) = State::read(name).filter(|s| s.mode == Mode::Node && dir.exists()) else {
         return Ok(());
-    }
-    if let Some(state) = State::read(name)
-        && state.layout != layout()
-    {
+    };
+    if state.layout != layout() {
         anyhow::bail!(
             "the maps pinned at {} have layout {} but this agent's is {}: run `redirect-agent cleanup --name {name}` \
              (it releases every workload), then start again",

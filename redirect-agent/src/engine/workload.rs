@@ -240,12 +240,35 @@ impl Engine {
     ) -> std::io::Result<Listening> {
         match handed {
             Some(fds) => Listening::from_fds(fds),
-            None if fast_path && !self.agent_under_attach => {
-                let cgroup = info.cgroup.as_deref().unwrap_or(&self.settings.attach);
+            // The workload's own cgroup: `run`'s attach point, or the one it was enrolled with.
+            // (A node's attach point is a parent, which a process may not join once its
+            // controllers are delegated to children.)
+            None if fast_path
+                && !self.agent_under_attach
+                && let Some(cgroup) = self.workload_cgroup(info) =>
+            {
                 crate::listen_in::listeners(cgroup, &info.netns, &[cfg.outbound, cfg.inbound], LISTEN_BACKLOG)
                     .and_then(|fds| Listening::from_fds([Side::Outbound, Side::Inbound].into_iter().zip(fds)))
             }
+            None if fast_path && !self.agent_under_attach => {
+                tracing::warn!(
+                    id = %info.id,
+                    "the fast path may miss the proxy's accepted connections: the agent's cgroup is not known to be \
+                     under the attach point and the workload was enrolled without --cgroup; those it misses keep TCP"
+                );
+                Listeners::bind(netns, cfg).and_then(Listeners::listen)
+            }
             None => Listeners::bind(netns, cfg).and_then(Listeners::listen),
+        }
+    }
+
+    /// The cgroup v2 directory that holds exactly the workload's processes, if the engine
+    /// knows one.
+    fn workload_cgroup<'a>(&'a self, info: &'a WorkloadInfo) -> Option<&'a Path> {
+        match (&info.cgroup, self.settings.mode) {
+            (Some(cg), _) => Some(cg),
+            (None, pins::Mode::Run) => Some(&self.settings.attach),
+            (None, pins::Mode::Node) => None,
         }
     }
 
@@ -281,7 +304,7 @@ impl Engine {
                 connect_timeout: self.settings.sizing.connect_timeout,
                 max_connections: self.settings.sizing.max_proxy_connections,
             }
-            .fit_to_descriptors(self.nofile);
+            .fit_to_descriptors(self.proxy_budget);
             let listening = self
                 .listening(&info, &netns, &cfg, handed, fast_path)
                 .map_err(EnrollError::io(format!("proxy listeners in {}", info.netns.display())))?;
@@ -315,7 +338,15 @@ impl Engine {
             // sock_ops registers the workload's proxy's listener when it calls listen(); one
             // that listened before is found here.
             if !capture.inbound_ports.is_empty() {
-                adopt_listener(&netns, capture.inbound_capture_port, &mut inbound, &info.id)?;
+                let found = adopt_listener(&netns, capture.inbound_capture_port, &mut inbound, &info.id)?;
+                if !found {
+                    tracing::info!(
+                        id = %info.id,
+                        port = capture.inbound_capture_port,
+                        "nothing listens on the inbound capture port yet; connections from other hosts are refused \
+                         until a workload process listens on it"
+                    );
+                }
             }
             (None, Vec::new())
         };
@@ -352,6 +383,11 @@ impl Engine {
                 map: maps::WORKLOADS,
                 source,
             })?;
+        // sock_ops registers a listen() only once the entry is in: a listener the workload's
+        // proxy opened between the search above and now is found by searching again.
+        if !embedded && !capture.inbound_ports.is_empty() {
+            adopt_listener(&netns, capture.inbound_capture_port, &mut inbound, &info.id)?;
+        }
         Ok(Enrolled {
             info,
             netns,
@@ -505,23 +541,21 @@ fn orphan_sk_lookup_pins(names: Vec<String>, known: &[u64]) -> Vec<String> {
 }
 
 /// Registers a socket that already listens on the inbound capture port (the workload's own
-/// proxy's). Not finding one is normal (the proxy starts later); failing to look is logged,
-/// not fatal: sock_ops still registers the next listen().
-fn adopt_listener(netns: &Netns, port: u16, slot: &mut InboundListener, id: &str) -> Result<(), EnrollError> {
+/// proxy's); `false`: none does yet, which is normal (the proxy starts later). Failing to look
+/// is logged, not fatal: sock_ops still registers the next listen().
+fn adopt_listener(netns: &Netns, port: u16, slot: &mut InboundListener, id: &str) -> Result<bool, EnrollError> {
     match adopt::existing_listener(netns, port) {
         Ok(Some((fd, pid))) => {
             slot.register(&fd)?;
             tracing::info!(%id, pid, port, "inbound capture listener (already listening) registered");
+            Ok(true)
         }
-        Ok(None) => tracing::info!(
-            %id,
-            port,
-            "nothing listens on the inbound capture port yet; connections from other hosts are refused until a \
-             workload process listens on it"
-        ),
-        Err(e) => tracing::warn!(%id, port, "looking for an inbound capture listener: {e}"),
+        Ok(None) => Ok(false),
+        Err(e) => {
+            tracing::warn!(%id, port, "looking for an inbound capture listener: {e}");
+            Ok(false)
+        }
     }
-    Ok(())
 }
 
 #[cfg(test)]
