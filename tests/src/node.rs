@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirect_agent::engine::pins::State as NodeState;
+use redirect_agent::engine::pins::State;
 use redirect_testkit::unique;
 
 use crate::{agent_bin, agent_cmd, require_root};
@@ -122,8 +122,8 @@ impl NodeAgent {
         }
     }
 
-    pub fn state(&self) -> Option<NodeState> {
-        NodeState::read(&self.name)
+    pub fn state(&self) -> Option<State> {
+        State::read(&self.name)
     }
 
     /// `redirect-agent ARGS --socket S`, for enroll/unenroll/list.
