@@ -21,6 +21,7 @@ pub(crate) mod handover;
 mod links;
 mod object;
 pub mod pins;
+mod restore;
 mod workload;
 
 use std::{
