@@ -11,7 +11,7 @@ use std::{
     ffi::CString,
     io,
     os::{
-        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        fd::{AsFd as _, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
         unix::ffi::OsStrExt as _,
     },
     path::Path,
@@ -126,6 +126,33 @@ pub fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
     bpf(BPF_OBJ_GET, &mut attr)
         .map(fd_from)
         .map_err(|e| io::Error::new(e.kind(), format!("open pinned {}: {e}", path.display())))
+}
+
+/// A link that runs `prog` on `target`. With `pin`: the link pinned there, moved to `prog`
+/// with [`update`] if a predecessor left one (no connection sees neither program), else made
+/// and pinned. Without: a new link, attached for as long as its descriptor lives.
+pub fn attach(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach_type: AttachType,
+    pin: Option<&Path>,
+) -> io::Result<OwnedFd> {
+    if let Some(pin) = pin
+        && let Ok(link) = open_pinned(pin)
+    {
+        update(link.as_fd(), prog).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("moving {} to this agent's program: {e}", pin.display()),
+            )
+        })?;
+        return Ok(link);
+    }
+    let link = create(prog, target, attach_type)?;
+    if let Some(pin) = pin {
+        self::pin(link.as_fd(), pin)?;
+    }
+    Ok(link)
 }
 
 /// Removes a pin; once no descriptor is left either, the kernel detaches the link.

@@ -188,26 +188,17 @@ impl Engine {
         }
         let mut cgroup_links = Vec::new();
         for (prog, attach_type) in CGROUP_LINKS {
-            let fd = object.program_fd(prog)?;
             let pin = pins::links_dir(&settings.name).join(prog);
-            let link_err = |what: String| move |source| LoadError::Link { what, source };
-            let link = match persist.then(|| links::open_pinned(&pin).ok()).flatten() {
-                Some(link) => {
-                    links::update(link.as_fd(), fd)
-                        .map_err(link_err(format!("moving {} to this agent's program", pin.display())))?;
-                    link
-                }
-                None => {
-                    let link = links::create(fd, cgroup.as_fd(), attach_type).map_err(link_err(format!(
-                        "attaching {prog} to cgroup {}",
-                        settings.attach.display()
-                    )))?;
-                    if persist {
-                        links::pin(link.as_fd(), &pin).map_err(link_err(format!("pinning {prog}")))?;
-                    }
-                    link
-                }
-            };
+            let link = links::attach(
+                object.program_fd(prog)?,
+                cgroup.as_fd(),
+                attach_type,
+                persist.then_some(pin.as_path()),
+            )
+            .map_err(|source| LoadError::Link {
+                what: format!("attaching {prog} to cgroup {}", settings.attach.display()),
+                source,
+            })?;
             cgroup_links.push(link);
         }
         let maps = Maps {

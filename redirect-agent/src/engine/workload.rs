@@ -401,24 +401,18 @@ impl Engine {
     /// this process's program, else a new one, pinned if the instance keeps its pins. Links on
     /// a namespace run in attach order; ours passes over connections it does not decide.
     fn sk_lookup_link(&self, cookie: u64, netns: &Netns) -> Result<OwnedFd, EnrollError> {
-        let prog = self.object.program_fd(programs::SK_LOOKUP)?;
         let pin = self.sk_lookup_pin(cookie);
         let persist = self.settings.mode == pins::Mode::Node;
-        if persist && let Ok(link) = links::open_pinned(&pin) {
-            links::update(link.as_fd(), prog).map_err(EnrollError::io(format!(
-                "moving {} to this agent's program",
-                pin.display()
-            )))?;
-            return Ok(link);
-        }
-        let link = links::create(prog, netns.as_fd(), AttachType::SkLookup).map_err(EnrollError::io(format!(
+        links::attach(
+            self.object.program_fd(programs::SK_LOOKUP)?,
+            netns.as_fd(),
+            AttachType::SkLookup,
+            persist.then_some(pin.as_path()),
+        )
+        .map_err(EnrollError::io(format!(
             "attaching sk_lookup to {} (sk_lookup links need kernel 5.9+)",
             netns.path().display()
-        )))?;
-        if persist {
-            links::pin(link.as_fd(), &pin).map_err(EnrollError::io("pinning sk_lookup"))?;
-        }
-        Ok(link)
+        )))
     }
 
     /// Removes a workload: captured no more from this moment; its proxy's open connections
