@@ -4,6 +4,8 @@
 
 use std::{future::Future, path::PathBuf, time::Duration};
 
+use anyhow::Context as _;
+
 use redirect_common::{chain, config::CaptureConfig};
 
 use crate::{
@@ -49,7 +51,10 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     })?;
     // Nobody holds the lock, so pins and state of this name are left over from a process
     // that was killed (its links died with it).
-    pins::remove_leftovers(&lock, &opts.name)?;
+    for (path, gone) in pins::remove_all(&opts.name) {
+        gone.with_context(|| format!("removing {}, left by a run that was killed", path.display()))?;
+        tracing::warn!(path = %path.display(), "removed what a run that was killed left");
+    }
     let settings = Settings {
         name: opts.name.clone(),
         mode: Mode::Run,

@@ -191,26 +191,6 @@ fn is_locked(name: &str) -> bool {
     matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock))
 }
 
-/// Removes what a killed instance of `name` that kept nothing (a `run`) left: its state
-/// file and pins. Only with the lock held, so nobody else is using them.
-pub(crate) fn remove_leftovers(_held: &Lock, name: &str) -> Result<(), SysError> {
-    let io = |what: String| move |e| SysError::Io(what, e);
-    for path in [state_path(name), legacy_state_path(name)] {
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(io(format!("remove {}", path.display()))(e));
-            }
-            _ => {}
-        }
-    }
-    let dir = pin_dir(name);
-    if dir.exists() {
-        tracing::warn!(dir = %dir.display(), "removing the pins a stopped instance left");
-        std::fs::remove_dir_all(&dir).map_err(io(format!("remove {}", dir.display())))?;
-    }
-    Ok(())
-}
-
 /// Makes the pin directory. An exiting instance removes the shared root when it is empty;
 /// that can land between our mkdir of the root and of our own directory, so try again
 /// (bounded) when the parent vanishes.
