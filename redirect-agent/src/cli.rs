@@ -83,11 +83,30 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct ExplainArgs {
-    /// Print JSON: {"iptables_save": TEXT, "lines": [{"line","chain","num","slot","by"}, ...]}.
+    /// Print JSON: {"family", "iptables_save": TEXT, "lines": [{"line","chain","num","slot","by"}, ...]}.
     #[arg(long)]
     json: bool,
+    /// Whose table: `ipv4` (iptables) or `ipv6` (ip6tables, installed for a pod with an IPv6
+    /// address).
+    #[arg(long, value_enum, default_value_t = FamilyArg::Ipv4)]
+    family: FamilyArg,
     #[command(flatten)]
     capture: CaptureFlags,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum FamilyArg {
+    Ipv4,
+    Ipv6,
+}
+
+impl From<FamilyArg> for redirect_common::addr::Family {
+    fn from(f: FamilyArg) -> Self {
+        match f {
+            FamilyArg::Ipv4 => Self::V4,
+            FamilyArg::Ipv6 => Self::V6,
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -374,7 +393,7 @@ pub fn main() -> ExitCode {
             }
             Command::Explain(args) => {
                 let cfg = args.capture.to_config()?;
-                let e = explain::Explanation::new(&cfg)?;
+                let e = explain::Explanation::new(&cfg, args.family.into())?;
                 if args.json {
                     println!("{}", serde_json::to_string_pretty(&e)?);
                 } else {

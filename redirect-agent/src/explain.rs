@@ -7,6 +7,7 @@
 use std::fmt::Write as _;
 
 use redirect_common::{
+    addr::Family,
     chain::{self, NatLine, TooManyRules},
     config::CaptureConfig,
 };
@@ -25,15 +26,22 @@ pub struct ExplainedLine {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Explanation {
+    /// `ipv4` (iptables) or `ipv6` (ip6tables).
+    pub family: String,
+    /// iptables-save (or ip6tables-save) text: valid iptables-restore (ip6tables-restore)
+    /// input. The field keeps its name for both families.
     pub iptables_save: String,
     pub lines: Vec<ExplainedLine>,
 }
 
 impl Explanation {
-    pub fn new(cfg: &CaptureConfig) -> Result<Self, TooManyRules> {
+    /// The table of `family`: iptables' for IPv4, ip6tables' for IPv6 (which istio-iptables
+    /// installs for a pod with an IPv6 address, and the agent evaluates while it has one).
+    pub fn new(cfg: &CaptureConfig, family: Family) -> Result<Self, TooManyRules> {
         let rules = chain::compile(cfg)?;
-        let table = chain::nat_table(cfg, &rules);
+        let table = chain::nat_table(cfg, &rules, family);
         Ok(Self {
+            family: family.name().into(),
             iptables_save: chain::iptables_save(&table),
             lines: table.iter().map(explained).collect(),
         })
@@ -42,7 +50,8 @@ impl Explanation {
     /// The iptables-save text, then the slot table as comments (which iptables-restore skips),
     /// so the whole output can be piped to it.
     pub fn render_text(&self) -> String {
-        let mut s = String::from("# nat table written by istio-iptables for these flags (redirect-agent explain)\n");
+        let tool = if self.family == Family::V6.name() { "ip6tables" } else { "iptables" };
+        let mut s = format!("# nat table ({tool}) written by istio-iptables for these flags (redirect-agent explain)\n");
         s.push_str(&self.iptables_save);
         let _ = writeln!(s, "#");
         let _ = writeln!(

@@ -44,9 +44,9 @@ pub const FEATURES: &[Feature] = &[
         probe: Probe::Program(ProgramType::SockOps),
     },
     Feature {
-        name: "cgroup/connect4 programs",
+        name: "cgroup/connect4 and connect6 programs",
         since: "4.17",
-        why: "ISTIO_OUTPUT",
+        why: "ISTIO_OUTPUT (AF_INET and AF_INET6 sockets)",
         probe: Probe::Program(ProgramType::CgroupSockAddr),
     },
     Feature {

@@ -11,11 +11,13 @@
 
 use std::{
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddrV4, TcpListener},
+    net::SocketAddr,
     os::fd::{AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
 };
+
+use crate::proxy::{Side, no_ipv6};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ListenInArgs {
@@ -25,25 +27,24 @@ pub struct ListenInArgs {
     /// Network namespace to enter.
     #[arg(long)]
     pub netns: PathBuf,
-    /// ADDR:PORT to listen on; repeat for more.
+    /// ADDR:PORT to listen on (`[ADDR]:PORT` for IPv6); repeat for more.
     #[arg(long, required = true)]
-    pub listen: Vec<SocketAddrV4>,
+    pub listen: Vec<SocketAddr>,
     #[arg(long, default_value_t = 1024)]
     pub backlog: i32,
 }
 
-/// The child: prints `fds N M ...` once every socket listens, then holds them until stdin
+/// The child: prints `fds N M ...` once every socket listens (one word per `--listen`, in
+/// order; `-` for an IPv6 one the namespace has no IPv6 for), then holds them until stdin
 /// closes.
 pub fn main(args: &ListenInArgs) -> ExitCode {
     let made = crate::sys::join(Some(&args.cgroup), Some(&args.netns)).and_then(|()| {
         args.listen
             .iter()
-            .map(|addr| {
-                let l =
-                    TcpListener::bind(addr).map_err(|e| io::Error::new(e.kind(), format!("listen on {addr}: {e}")))?;
-                // std's backlog is fixed; listen() again only sets a new one.
-                rustix::net::listen(&l, args.backlog)?;
-                Ok(l)
+            .map(|addr| match listen(*addr, args.backlog) {
+                Ok(l) => Ok(Some(l)),
+                Err(e) if addr.is_ipv6() && no_ipv6(&e) => Ok(None),
+                Err(e) => Err(io::Error::new(e.kind(), format!("listen on {addr}: {e}"))),
             })
             .collect::<io::Result<Vec<_>>>()
     });
@@ -54,15 +55,36 @@ pub fn main(args: &ListenInArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let fds: Vec<String> = listeners.iter().map(|l| l.as_raw_fd().to_string()).collect();
+    let fds: Vec<String> = listeners
+        .iter()
+        .map(|l| l.as_ref().map_or_else(|| "-".to_owned(), |l| l.as_raw_fd().to_string()))
+        .collect();
     println!("fds {}", fds.join(" "));
     let _ = io::stdout().flush();
     let _ = io::stdin().read_to_end(&mut Vec::new());
     ExitCode::SUCCESS
 }
 
-/// Listening sockets on `addrs`, made inside `cgroup` and `netns` by a child, owned by us.
-pub fn listeners(cgroup: &Path, netns: &Path, addrs: &[SocketAddrV4], backlog: u32) -> io::Result<Vec<OwnedFd>> {
+/// A capture listener as the proxy makes them (`proxy::listen::bind`), listening.
+fn listen(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(backlog)?;
+    Ok(s.into())
+}
+
+/// Listening sockets on `addrs`, made inside `cgroup` and `netns` by a child, owned by us
+/// (without the IPv6 ones where the namespace has no IPv6).
+pub fn listeners(
+    cgroup: &Path,
+    netns: &Path,
+    addrs: &[(Side, SocketAddr)],
+    backlog: u32,
+) -> io::Result<Vec<(Side, OwnedFd)>> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
     cmd.arg("listen-in")
@@ -72,7 +94,7 @@ pub fn listeners(cgroup: &Path, netns: &Path, addrs: &[SocketAddrV4], backlog: u
         .arg(netns)
         .arg("--backlog")
         .arg(backlog.to_string());
-    for a in addrs {
+    for (_, a) in addrs {
         cmd.arg("--listen").arg(a.to_string());
     }
     let mut child = cmd
@@ -95,12 +117,20 @@ pub fn listeners(cgroup: &Path, netns: &Path, addrs: &[SocketAddrV4], backlog: u
                 err.trim()
             )));
         };
-        fds.split_whitespace()
-            .map(|fd| {
-                let fd: i32 = fd.parse().map_err(|_| io::Error::other(format!("bad fd '{fd}'")))?;
-                crate::adopt::dup_from(pid, fd)
-            })
-            .collect::<io::Result<Vec<_>>>()
+        let words: Vec<&str> = fds.split_whitespace().collect();
+        if words.len() != addrs.len() {
+            return Err(io::Error::other(format!("listen-in answered '{}'", line.trim())));
+        }
+        let mut out = Vec::new();
+        for ((side, addr), fd) in addrs.iter().zip(words) {
+            if fd == "-" {
+                tracing::warn!(%addr, "no IPv6 in this namespace: listening on IPv4 only");
+                continue;
+            }
+            let fd: i32 = fd.parse().map_err(|_| io::Error::other(format!("bad fd '{fd}'")))?;
+            out.push((*side, crate::adopt::dup_from(pid, fd)?));
+        }
+        Ok(out)
     });
     // Closing its stdin ends it; our duplicates keep the sockets.
     drop(child.stdin.take());

@@ -16,7 +16,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData};
-use redirect_common::{LocalAddrKey, OrigDst, PendingOrigDst, TupleKey, Workload, maps};
+use redirect_common::{FamilyKey, LocalAddrKey, OrigDst, PendingOrigDst, TupleKey, Workload, addr::Addr, maps};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
@@ -75,7 +75,8 @@ pub fn map_occupancy(pin_dir: &Path) -> Vec<MapOccupancy> {
     [
         count::<u64, Workload>(pin_dir, maps::WORKLOADS),
         count::<LocalAddrKey, u8>(pin_dir, maps::LOCAL_ADDRS),
-        count::<u32, u64>(pin_dir, maps::ADDR_OWNERS),
+        count::<Addr, u64>(pin_dir, maps::ADDR_OWNERS),
+        count::<FamilyKey, Addr>(pin_dir, maps::POD_ADDRS),
         count::<u64, PendingOrigDst>(pin_dir, maps::ORIG_BY_COOKIE),
         count::<TupleKey, OrigDst>(pin_dir, maps::ORIG_BY_TUPLE),
         count::<TupleKey, OrigDst>(pin_dir, maps::INBOUND_PENDING),
@@ -119,8 +120,9 @@ fn workload(id: &str) -> String {
 fn rule_samples(w: &WorkloadSnapshot) -> impl Iterator<Item = (String, u64)> + '_ {
     w.rules.iter().map(|r| {
         let labels = format!(
-            "{},chain=\"{}\",rule=\"{}\",target=\"{}\",match=\"{}\"",
+            "{},family=\"{}\",chain=\"{}\",rule=\"{}\",target=\"{}\",match=\"{}\"",
             workload(&w.id),
+            r.family,
             r.chain,
             r.rule,
             r.target,

@@ -6,7 +6,6 @@
 //! inbound upstreams leave from 127.0.0.6, which ISTIO_OUTPUT's first rule lets by.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
     time::Duration,
 };
@@ -63,12 +62,14 @@ pub fn enter(args: &ProxyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serves until `shutdown` resolves. Listens on 0.0.0.0: REDIRECT sends locally made
-/// connections to 127.0.0.1 and connections from other hosts to the receiving address.
+/// Serves until `shutdown` resolves. Listens on 0.0.0.0 and `::`: REDIRECT sends locally made
+/// connections to 127.0.0.1 (`::1`) and connections from other hosts to the receiving
+/// address.
 pub async fn serve(args: &ProxyArgs, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let cfg = ProxyConfig {
-        outbound: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, args.envoy_port),
-        inbound: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, args.inbound_capture_port),
+        outbound_port: args.envoy_port,
+        inbound_port: args.inbound_capture_port,
+        listen_on: ProxyConfig::ANY.to_vec(),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         max_connections: args.max_proxy_connections as usize,
     }

@@ -8,6 +8,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use redirect_common::{
     ChainId, Target, Workload,
+    addr::Family,
     chain::{ListColumns, list_columns, match_text},
     events,
 };
@@ -23,9 +24,12 @@ use crate::{
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct RuleRow {
+    /// Whose table the chain is in: `ipv4` (iptables) or `ipv6` (ip6tables).
+    #[serde(default = "ipv4")]
+    pub family: String,
     /// iptables chain name (`ISTIO_OUTPUT`, ...).
     pub chain: String,
-    /// 1-based position in its chain, as `iptables -L --line-numbers`.
+    /// 1-based position in its chain, as `iptables -L --line-numbers` (ip6tables').
     pub rule: usize,
     /// Counter slot within the workload, as `explain` prints it.
     pub slot: usize,
@@ -60,6 +64,10 @@ pub struct InstanceStats {
     pub workloads: Vec<WorkloadStats>,
 }
 
+fn ipv4() -> String {
+    Family::V4.name().into()
+}
+
 /// A workload's chain as the kernel runs it, rule by rule with its connections: what `stats`
 /// prints and node mode's metrics expose.
 pub(crate) fn rows(w: &Workload, counters: &PerCpuArray<MapData, u64>) -> Result<Vec<RuleRow>, LoadError> {
@@ -70,8 +78,12 @@ pub(crate) fn rows(w: &Workload, counters: &PerCpuArray<MapData, u64>) -> Result
         let slot = w.counter_base + i as u32;
         let connections = sum(counters, slot, redirect_common::maps::RULE_COUNTERS)?;
         out.push(RuleRow {
+            family: r.family_kind().map_or("?", Family::name).into(),
             chain: chain.map_or("?", ChainId::iptables_name).into(),
-            rule: rules[..=i].iter().filter(|x| x.chain == r.chain).count(),
+            rule: rules[..=i]
+                .iter()
+                .filter(|x| x.chain == r.chain && x.family == r.family)
+                .count(),
             slot: i,
             match_: match_text(r),
             target: r.target_kind().map_or("?", Target::iptables_name).into(),
@@ -142,20 +154,22 @@ pub fn read(name: &str) -> Result<InstanceStats, LoadError> {
     })
 }
 
-/// `iptables -t nat -L ISTIO_OUTPUT -v -n --line-numbers`, with connections for packets and
-/// the counter slot (as `explain` numbers it) in front.
+/// `iptables -t nat -L ISTIO_OUTPUT -v -n --line-numbers` (and ip6tables' for the IPv6
+/// chains), with connections for packets and the counter slot (as `explain` numbers it) in
+/// front.
 pub fn render_text(stats: &InstanceStats) -> String {
     let mut s = String::new();
     for w in &stats.workloads {
-        let mut chain = "";
+        let mut chain = ("", "");
         for row in &w.rules {
-            if row.chain != chain {
-                chain = &row.chain;
+            if (row.family.as_str(), row.chain.as_str()) != chain {
+                chain = (&row.family, &row.chain);
                 let workload = w.id.as_deref().map(|id| format!("workload {id}, ")).unwrap_or_default();
+                let tool = if row.family == Family::V6.name() { "ip6tables" } else { "iptables" };
                 let _ = writeln!(
                     s,
-                    "Chain {chain} (instance {}, {workload}netns cookie {})",
-                    stats.name, w.netns_cookie
+                    "Chain {} ({tool}; instance {}, {workload}netns cookie {})",
+                    row.chain, stats.name, w.netns_cookie
                 );
                 let header = format!(
                     "{:>4} {:>4} {:>8} {:<18} {:<4} {:<3} {:<4} {:<4} {:<18} {:<18}",

@@ -4,7 +4,7 @@ use std::{
     fs::File,
     io::{self, IoSlice, IoSliceMut},
     mem::MaybeUninit,
-    net::SocketAddrV4,
+    net::SocketAddr,
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
@@ -307,10 +307,19 @@ fn is_net_namespace(fd: BorrowedFd<'_>) -> bool {
     unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE) == libc::CLONE_NEWNET }
 }
 
-/// `getsockopt(SOL_IP, SO_ORIGINAL_DST)`: where an accepted connection was going before a
-/// REDIRECT (conntrack's answer), or before the agent captured it (its getsockopt program's).
-pub fn original_dst(socket: &impl AsFd) -> io::Result<SocketAddrV4> {
-    Ok(rustix::net::sockopt::ip_original_dst(socket)?)
+/// `SO_ORIGINAL_DST`: where an accepted connection was going before a REDIRECT (conntrack's
+/// answer), or before the agent captured it (its getsockopt program's).
+///
+/// Conntrack answers at the level of the connection's family: `SOL_IP` for IPv4 (also on an
+/// AF_INET6 socket of a v4-mapped connection), `SOL_IPV6` (`IP6T_SO_ORIGINAL_DST`) for IPv6.
+/// `local` is the socket's own address, which tells them apart.
+pub fn original_dst(socket: &impl AsFd, local: SocketAddr) -> io::Result<SocketAddr> {
+    match local {
+        SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_none() => {
+            Ok(SocketAddr::V6(rustix::net::sockopt::ipv6_original_dst(socket)?))
+        }
+        _ => Ok(SocketAddr::V4(rustix::net::sockopt::ip_original_dst(socket)?)),
+    }
 }
 
 /// The calling thread's network namespace cookie (SO_NETNS_COOKIE, 5.14+).

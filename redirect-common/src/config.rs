@@ -1,28 +1,60 @@
 //! istio-iptables' capture flags as typed values, parsed with errors that name the flag, the
 //! value and what would be accepted.
 
-use std::{fmt, net::Ipv4Addr, string::String, vec::Vec};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    string::String,
+    vec::Vec,
+};
 
-use crate::prefix_mask;
+use crate::addr::{self, Addr, Family};
 
-/// An IPv4 CIDR, normalised (host bits cleared) as iptables does.
+/// An IPv4 or IPv6 CIDR, normalised (host bits cleared) as iptables does.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Cidr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
+    /// Within the family: 0..=32 for IPv4, 0..=128 for IPv6.
     pub prefix: u8,
 }
 
 impl Cidr {
-    pub fn addr_be(&self) -> u32 {
-        u32::from(self.addr).to_be()
+    pub fn family(&self) -> Family {
+        match self.addr {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
     }
 
-    pub fn mask_be(&self) -> u32 {
-        prefix_mask(self.prefix)
+    /// The network and its mask in [`crate::addr`] form (IPv4 as its v4-mapped /96+n).
+    pub fn words(&self) -> (Addr, Addr) {
+        let prefix = match self.addr {
+            IpAddr::V4(_) => 96 + self.prefix,
+            IpAddr::V6(_) => self.prefix,
+        };
+        let mask = addr::prefix_mask(prefix);
+        (addr::and(&addr::from_ip(self.addr), &mask), mask)
     }
 
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip).to_be() & self.mask_be() == self.addr_be()
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let (net, mask) = self.words();
+        addr::masked_eq(&addr::from_ip(ip), &mask, &net)
+    }
+
+    /// The CIDR `net`/`mask` of a rule of `family` ([`Cidr::words`] backwards).
+    pub fn from_words(family: Family, net: &Addr, mask: &Addr) -> Self {
+        let prefix = addr::mask_prefix(mask);
+        match (family, addr::to_ip(net)) {
+            (Family::V4, ip @ IpAddr::V4(_)) => Self {
+                addr: ip,
+                prefix: prefix.saturating_sub(96),
+            },
+            (_, IpAddr::V4(v4)) => Self {
+                addr: IpAddr::V6(v4.to_ipv6_mapped()),
+                prefix,
+            },
+            (_, ip) => Self { addr: ip, prefix },
+        }
     }
 }
 
@@ -66,9 +98,9 @@ pub struct CaptureConfig {
     pub proxy_gids: Vec<u32>,
     /// `-m`
     pub inbound_mode: InterceptionMode,
-    /// `-i`
+    /// `-i`: both families; each family's chain takes its own.
     pub outbound_cidrs: Include<Cidr>,
-    /// `-x`
+    /// `-x`: both families; each family's chain takes its own.
     pub outbound_exclude_cidrs: Vec<Cidr>,
     /// `-b`
     pub inbound_ports: Include<u16>,
@@ -196,36 +228,30 @@ pub fn parse_ids(flag: &'static str, s: &str) -> Result<Vec<u32>, ConfigError> {
     Ok(ids)
 }
 
-/// One IPv4 CIDR (`10.0.0.0/8`) or address (`/32`).
+/// One IPv4 or IPv6 CIDR (`10.0.0.0/8`, `fd00::/8`) or address (a /32 or /128).
 pub fn parse_cidr(flag: &'static str, s: &str) -> Result<Cidr, ConfigError> {
-    let expected = "an IPv4 CIDR such as 10.0.0.0/8 or an IPv4 address";
+    let expected = "an IPv4 or IPv6 CIDR such as 10.0.0.0/8 or fd00::/8, or an address";
     let (ip, prefix) = match s.split_once('/') {
-        Some((ip, p)) => (
-            ip,
-            p.parse::<u8>()
-                .ok()
-                .filter(|p| *p <= 32)
-                .ok_or_else(|| err(flag, s, expected))?,
-        ),
-        None => (s, 32),
+        Some((ip, p)) => (ip, Some(p.parse::<u8>().map_err(|_| err(flag, s, expected))?)),
+        None => (s, None),
     };
-    if ip.contains(':') {
-        return Err(err(
-            flag,
-            s,
-            "an IPv4 CIDR (IPv6 capture is not implemented; connect6 is not hooked)",
-        ));
+    let ip: IpAddr = ip.parse().map_err(|_| err(flag, s, expected))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let prefix = prefix.unwrap_or(max);
+    if prefix > max {
+        return Err(err(flag, s, expected));
     }
-    let ip: Ipv4Addr = ip.parse().map_err(|_| err(flag, s, expected))?;
-    let mask = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(prefix))
+    let addr = match ip {
+        IpAddr::V4(v4) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
+        }
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+        }
     };
-    Ok(Cidr {
-        addr: Ipv4Addr::from(u32::from(ip) & mask),
-        prefix,
-    })
+    Ok(Cidr { addr, prefix })
 }
 
 /// A comma list of CIDRs; empty for none.
@@ -265,8 +291,21 @@ mod tests {
         let c = parse_cidr("-i", "10.1.2.3/8").unwrap();
         assert_eq!(c.to_string(), "10.0.0.0/8");
         assert_eq!(parse_cidr("-i", "10.1.2.3").unwrap().to_string(), "10.1.2.3/32");
-        assert_eq!(parse_cidr("-i", "0.0.0.0/0").unwrap().mask_be(), 0);
-        for bad in ["10.0.0.0/33", "10.0.0/8", "fd00::/8", "x", "10.0.0.0/"] {
+        assert_eq!(parse_cidr("-i", "0.0.0.0/0").unwrap().words().1, addr::prefix_mask(96));
+        assert_eq!(parse_cidr("-x", "2001:db8::1/32").unwrap().to_string(), "2001:db8::/32");
+        assert_eq!(parse_cidr("-x", "fd00::1").unwrap().to_string(), "fd00::1/128");
+        assert_eq!(parse_cidr("-x", "::/0").unwrap().words(), ([0; 4], [0; 4]));
+        let c = parse_cidr("-i", "2001:db8::/32").unwrap();
+        assert!(c.contains("2001:db8:1::5".parse().unwrap()));
+        assert!(!c.contains("10.0.0.1".parse().unwrap()));
+        let v4 = parse_cidr("-i", "10.0.0.0/8").unwrap();
+        assert!(v4.contains("10.1.2.3".parse().unwrap()));
+        assert!(v4.contains("::ffff:10.1.2.3".parse().unwrap()));
+        for c in [v4, parse_cidr("-i", "2001:db8::/32").unwrap(), parse_cidr("-i", "::ffff:0:0/96").unwrap()] {
+            let (net, mask) = c.words();
+            assert_eq!(Cidr::from_words(c.family(), &net, &mask), c);
+        }
+        for bad in ["10.0.0.0/33", "10.0.0/8", "fd00::/129", "x", "10.0.0.0/", "fd00::/"] {
             let e = parse_cidr("-i", bad).unwrap_err();
             assert!(e.to_string().contains(bad), "{e}");
         }

@@ -1,5 +1,7 @@
 //! One iptables rule, as data the eBPF programs evaluate.
 
+use crate::addr::{self, Addr, Family};
+
 /// The chain a rule belongs to (istio-iptables' names).
 #[repr(u8)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -77,7 +79,8 @@ pub mod m {
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-/// One rule. Addresses and masks in network byte order, ports in host order.
+/// One rule of an iptables (IPv4) or ip6tables (IPv6) chain. Addresses and masks in
+/// [`crate::addr`] form (an IPv4 CIDR as its v4-mapped /96+n), ports in host order.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
@@ -91,11 +94,12 @@ pub struct Rule {
     pub neg: u16,
     /// `-p`: 0 for any, else an IPPROTO number.
     pub proto: u8,
-    pub _pad: u8,
-    pub src_addr: u32,
-    pub src_mask: u32,
-    pub dst_addr: u32,
-    pub dst_mask: u32,
+    /// [`Family`] discriminant: whose table the rule is in, iptables' or ip6tables'.
+    pub family: u8,
+    pub src_addr: Addr,
+    pub src_mask: Addr,
+    pub dst_addr: Addr,
+    pub dst_mask: Addr,
     pub uid: u32,
     pub gid: u32,
     pub dport: u16,
@@ -105,13 +109,15 @@ pub struct Rule {
 /// What the kernel knows about a connection when a chain is evaluated.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct ConnFacts {
+    /// [`Family`] discriminant: the family on the wire (a v4-mapped connect is IPv4).
+    pub family: u8,
     pub proto: u8,
-    /// Network byte order.
-    pub dst_addr: u32,
+    /// [`crate::addr`] form.
+    pub dst_addr: Addr,
     /// Host byte order.
     pub dst_port: u16,
-    /// Network byte order; 0 when the socket is not bound to an address.
-    pub src_addr: u32,
+    /// [`crate::addr`] form; all zeros when the socket is not bound to an address.
+    pub src_addr: Addr,
     /// The destination is routed over loopback.
     pub out_lo: bool,
     pub uid: u32,
@@ -125,19 +131,20 @@ impl Rule {
         has: 0,
         neg: 0,
         proto: 0,
-        _pad: 0,
-        src_addr: 0,
-        src_mask: 0,
-        dst_addr: 0,
-        dst_mask: 0,
+        family: 0,
+        src_addr: addr::UNSPECIFIED,
+        src_mask: addr::UNSPECIFIED,
+        dst_addr: addr::UNSPECIFIED,
+        dst_mask: addr::UNSPECIFIED,
         uid: 0,
         gid: 0,
         dport: 0,
         _pad2: 0,
     };
 
-    pub const fn new(chain: ChainId, target: Target) -> Self {
+    pub const fn new(family: Family, chain: ChainId, target: Target) -> Self {
         let mut r = Self::EMPTY;
+        r.family = family as u8;
         r.chain = chain as u8;
         r.target = target as u8;
         r
@@ -147,12 +154,12 @@ impl Rule {
     /// tests, no loops, no allocation.
     #[inline(always)]
     pub fn matches(&self, c: &ConnFacts) -> bool {
-        if self.proto != 0 && self.proto != c.proto {
+        if self.family != c.family || (self.proto != 0 && self.proto != c.proto) {
             return false;
         }
         self.test(m::OUT_LO, c.out_lo)
-            && self.test(m::SRC, c.src_addr & self.src_mask == self.src_addr)
-            && self.test(m::DST, c.dst_addr & self.dst_mask == self.dst_addr)
+            && self.test(m::SRC, addr::masked_eq(&c.src_addr, &self.src_mask, &self.src_addr))
+            && self.test(m::DST, addr::masked_eq(&c.dst_addr, &self.dst_mask, &self.dst_addr))
             && self.test(m::DPORT, c.dst_port == self.dport)
             && self.test(m::UID, c.uid == self.uid)
             && self.test(m::GID, c.gid == self.gid)
@@ -171,19 +178,14 @@ impl Rule {
     pub fn target_kind(&self) -> Option<Target> {
         Target::from_u8(self.target)
     }
-}
 
-/// 127.0.0.0/8 in network byte order, as the kernel holds `user_ip4`.
-#[inline(always)]
-pub fn is_loopback(addr_be: u32) -> bool {
-    u32::from_be(addr_be) >> 24 == 127
-}
-
-/// A prefix length as a network-order mask.
-pub const fn prefix_mask(prefix: u8) -> u32 {
-    if prefix == 0 {
-        0
-    } else {
-        (u32::MAX << (32 - prefix as u32)).to_be()
+    pub fn family_kind(&self) -> Option<Family> {
+        Family::from_u8(self.family)
     }
+}
+
+/// Whether `addr_be` (network byte order, as the kernel holds `user_ip4`) is in 127.0.0.0/8.
+#[inline(always)]
+pub fn is_loopback4(addr_be: u32) -> bool {
+    u32::from_be(addr_be) >> 24 == 127
 }

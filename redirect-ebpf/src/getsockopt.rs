@@ -1,6 +1,9 @@
 //! `cgroup/getsockopt`: `getsockopt(SOL_IP, SO_ORIGINAL_DST)` on a socket accepted on a
-//! capture port answers the original destination, as conntrack does behind iptables REDIRECT,
-//! so that Envoy or any proxy written for REDIRECT works unmodified (`--proxy none`).
+//! capture port answers the original destination of an IPv4 connection, and
+//! `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` that of an IPv6 one, as conntrack does behind
+//! iptables/ip6tables REDIRECT, so that Envoy or any proxy written for REDIRECT works
+//! unmodified (`--proxy none`). As with conntrack, each level answers only its own family: an
+//! AF_INET6 socket of a v4-mapped connection answers at SOL_IP, not SOL_IPV6.
 //!
 //! The hook runs after the kernel has handled every getsockopt of every socket in the cgroup,
 //! so everything but that one option must leave the kernel's answer exactly as it was.
@@ -10,16 +13,23 @@ use aya_ebpf::{
     EbpfContext as _, bindings::bpf_sock, helpers::bpf_get_netns_cookie, macros::cgroup_sockopt,
     programs::SockoptContext,
 };
-use redirect_common::{IPPROTO_TCP, TupleKey, events, port};
+use redirect_common::{
+    IPPROTO_TCP, OrigDst, TupleKey,
+    addr::{self, Addr},
+    events, port,
+};
 
 use crate::maps::{count_event, orig_dst, workload};
 
 const SOL_IP: i32 = 0;
-/// `SO_ORIGINAL_DST` from linux/netfilter_ipv4.h.
+const SOL_IPV6: i32 = 41;
+/// `SO_ORIGINAL_DST` from linux/netfilter_ipv4.h, and `IP6T_SO_ORIGINAL_DST` from
+/// linux/netfilter_ipv6/ip6_tables.h: the same number at each family's level.
 const SO_ORIGINAL_DST: i32 = 80;
 /// The program sees at most a page of the value (the kernel's rule for large optval).
 const PAGE_SIZE: i32 = 4096;
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 /// `struct sockaddr_in`, as the kernel's own answer lays it out.
 #[repr(C)]
@@ -32,7 +42,21 @@ struct SockaddrIn {
     zero: [u8; 8],
 }
 
-const SOCKADDR_IN_LEN: usize = core::mem::size_of::<SockaddrIn>();
+// The sizes the kernel's own answers have.
+const _: () = assert!(core::mem::size_of::<SockaddrIn>() == 16);
+
+/// `struct sockaddr_in6`, as the kernel's own answer lays it out.
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    /// Network byte order.
+    port: u16,
+    flowinfo: u32,
+    addr: Addr,
+    scope_id: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<SockaddrIn6>() == 28);
 
 // `bpf_sock.dst_port` is read as a `u32` (see `answer`): its offset keeps that read aligned.
 const _: () = assert!(core::mem::offset_of!(bpf_sock, dst_port) % 4 == 0);
@@ -46,8 +70,8 @@ pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
     1
 }
 
-/// Answers `getsockopt(SOL_IP, SO_ORIGINAL_DST)` from the maps; trims oversized values of any
-/// other option to what the kernel documents.
+/// Answers `getsockopt(SOL_IP, SO_ORIGINAL_DST)` and `(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` from
+/// the maps; trims oversized values of any other option to what the kernel documents.
 ///
 /// # Safety
 ///
@@ -67,7 +91,7 @@ unsafe fn answer(ctx: &SockoptContext) {
             read_volatile(&raw const (*so).optlen),
         )
     };
-    if level != SOL_IP || optname != SO_ORIGINAL_DST {
+    if (level != SOL_IP && level != SOL_IPV6) || optname != SO_ORIGINAL_DST {
         // A value longer than a page reached us truncated to that page; leaving optlen as is
         // would either fail the call (EFAULT, before 6.4) or rely on the kernel ignoring us.
         // optlen 0 is the documented "use the kernel's value untouched".
@@ -92,7 +116,7 @@ unsafe fn answer(ctx: &SockoptContext) {
             read_volatile(&raw const (*sk).protocol),
         )
     };
-    if family != AF_INET || protocol != u32::from(IPPROTO_TCP) {
+    if (family != AF_INET && family != AF_INET6) || protocol != u32::from(IPPROTO_TCP) {
         return;
     }
     // SAFETY: the helper's one argument is the program's own context (it reads the socket's
@@ -109,18 +133,48 @@ unsafe fn answer(ctx: &SockoptContext) {
         clippy::cast_ptr_alignment,
         reason = "dst_port's offset in bpf_sock is 4-aligned (the `const _` assertion in this module)"
     )]
-    // SAFETY: `sk` is the non-null full socket above; 4-byte reads of its `dst_ip4`, `src_ip4`,
-    // `dst_port` and `src_port`. `dst_port` is read as 4 bytes through a cast: the field is a
-    // `__be16` followed by 16 bits of padding in the bindings (both inside `bpf_sock`), and the
+    // SAFETY: `sk` is the non-null full socket above; 4-byte reads of its `dst_port` and
+    // `src_port`. `dst_port` is read as 4 bytes through a cast: the field is a `__be16`
+    // followed by 16 bits of padding in the bindings (both inside `bpf_sock`), and the
     // verifier accepts the 4-byte load at its offset on every kernel, as before 5.19.
-    let (peer_ip, local_ip, peer_port, local_port) = unsafe {
+    let (peer_port, local_port) = unsafe {
         (
-            read_volatile(&raw const (*sk).dst_ip4),
-            read_volatile(&raw const (*sk).src_ip4),
             read_volatile((&raw const (*sk).dst_port).cast::<u32>()),
             read_volatile(&raw const (*sk).src_port),
         )
     };
+    // All addresses are read and the family picks: loads in two branches get merged into one
+    // through a computed pointer, which the verifier refuses.
+    // SAFETY: 4-byte reads of the full socket's `dst_ip4`, `src_ip4` and the `dst_ip6` and
+    // `src_ip6` words, which programs may read one word at a time for either family.
+    let (peer4, local4, peer6, local6) = unsafe {
+        (
+            read_volatile(&raw const (*sk).dst_ip4),
+            read_volatile(&raw const (*sk).src_ip4),
+            [
+                read_volatile(&raw const (*sk).dst_ip6[0]),
+                read_volatile(&raw const (*sk).dst_ip6[1]),
+                read_volatile(&raw const (*sk).dst_ip6[2]),
+                read_volatile(&raw const (*sk).dst_ip6[3]),
+            ],
+            [
+                read_volatile(&raw const (*sk).src_ip6[0]),
+                read_volatile(&raw const (*sk).src_ip6[1]),
+                read_volatile(&raw const (*sk).src_ip6[2]),
+                read_volatile(&raw const (*sk).src_ip6[3]),
+            ],
+        )
+    };
+    let (peer_ip, local_ip) = if family == AF_INET {
+        (addr::v4(peer4), addr::v4(local4))
+    } else {
+        (peer6, local6)
+    };
+    // Conntrack answers each level for its own family only (the other level's lookup finds no
+    // entry: ENOENT), so does this.
+    if addr::is_v4(&local_ip) != (level == SOL_IP) {
+        return;
+    }
     let key = TupleKey::new(
         netns_cookie,
         peer_ip,
@@ -132,6 +186,49 @@ unsafe fn answer(ctx: &SockoptContext) {
     let Some(orig) = orig_dst(&key) else {
         return;
     };
+    // SAFETY: `so` is the program's own context (see `# Safety`).
+    let written = unsafe {
+        if level == SOL_IP {
+            write_answer(so, sockaddr_in(&orig))
+        } else {
+            write_answer(so, sockaddr_in6(&orig))
+        }
+    };
+    if !written {
+        return;
+    }
+    count_event(workload, events::ORIG_DST_ANSWERED);
+}
+
+fn sockaddr_in(orig: &OrigDst) -> SockaddrIn {
+    SockaddrIn {
+        family: AF_INET as u16,
+        port: orig.port.to_be(),
+        addr: orig.addr[3],
+        zero: [0; 8],
+    }
+}
+
+/// As ip6tables' conntrack answers it for a global address: no flow label, no scope.
+fn sockaddr_in6(orig: &OrigDst) -> SockaddrIn6 {
+    SockaddrIn6 {
+        family: AF_INET6 as u16,
+        port: orig.port.to_be(),
+        flowinfo: 0,
+        addr: orig.addr,
+        scope_id: 0,
+    }
+}
+
+/// Puts `value` in the caller's buffer and makes the call succeed with it. `false`: the
+/// caller's buffer is too short, and the kernel's EINVAL stands.
+///
+/// # Safety
+///
+/// `so` must be the context the kernel passed to this run of a `cgroup/getsockopt` program.
+#[inline(always)]
+unsafe fn write_answer<T>(so: *mut aya_ebpf::bindings::bpf_sockopt, value: T) -> bool {
+    let len = core::mem::size_of::<T>();
     // SAFETY: 8-byte reads of the context's `optval` and `optval_end`, the bounds of the
     // kernel's copy of the caller's buffer.
     let (start, end) = unsafe {
@@ -140,35 +237,26 @@ unsafe fn answer(ctx: &SockoptContext) {
             (*so).__bindgen_anon_3.optval_end as usize,
         )
     };
-    // A caller's buffer shorter than a sockaddr_in keeps the kernel's EINVAL.
-    if start + SOCKADDR_IN_LEN > end {
-        return;
+    if start + len > end {
+        return false;
     }
-    let sa = start as *mut SockaddrIn;
-    // SAFETY: `sa..sa + 16` lies within `optval..optval_end` (checked just above; the verifier
-    // treats the buffer as packet data and refuses any store it cannot prove inside it), the
-    // kernel's own buffer for the value, which it copies to the caller after we return.
-    // Rust's `write_volatile` also wants `sa` 4-aligned: a buffer over 32 bytes is kzalloc'd
-    // (8-aligned); a smaller one (the usual `sizeof(struct sockaddr_in)`) is the 32-byte `u8`
-    // array of `struct bpf_sockopt_buf` on the kernel stack, whose C type promises no
-    // alignment. What the kernel checks are the stores this compiles to (2, 2, 4, 4 and 4
-    // bytes), which it accepts at any alignment on architectures without strict alignment
-    // (x86-64, arm64), whose JITs emit plain stores. Then 4-byte writes of the context's
-    // `optlen` and `retval`, which getsockopt may write.
+    let at = start as *mut T;
+    // SAFETY: `at..at + len` lies within `optval..optval_end` (checked just above; the
+    // verifier treats the buffer as packet data and refuses any store it cannot prove inside
+    // it), the kernel's own buffer for the value, which it copies to the caller after we
+    // return. Rust's `write_volatile` also wants `at` 4-aligned: a buffer over 32 bytes is
+    // kzalloc'd (8-aligned); a smaller one (the usual `sizeof(struct sockaddr_in)`) is the
+    // 32-byte `u8` array of `struct bpf_sockopt_buf` on the kernel stack, whose C type
+    // promises no alignment. What the kernel checks are the stores this compiles to (2-
+    // and 4-byte ones), which it accepts at any alignment on architectures without strict
+    // alignment (x86-64, arm64), whose JITs emit plain stores. Then 4-byte writes of the
+    // context's `optlen` and `retval`, which getsockopt may write.
     unsafe {
-        write_volatile(
-            sa,
-            SockaddrIn {
-                family: AF_INET as u16,
-                port: orig.port.to_be(),
-                addr: orig.addr,
-                zero: [0; 8],
-            },
-        );
+        write_volatile(at, value);
         // Separate stores: adjacent context fields merged into one 8-byte store are refused
         // by the verifier.
-        write_volatile(&raw mut (*so).optlen, SOCKADDR_IN_LEN as i32);
+        write_volatile(&raw mut (*so).optlen, len as i32);
         write_volatile(&raw mut (*so).retval, 0);
     }
-    count_event(workload, events::ORIG_DST_ANSWERED);
+    true
 }

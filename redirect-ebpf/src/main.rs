@@ -1,12 +1,14 @@
 //! redirect's kernel programs: one module per attach point, maps in `maps`, the chain walk
-//! they share in `chain`.
+//! they share in `chain`, the nat OUTPUT decision connect4 and connect6 share in `output`.
 #![no_std]
 #![no_main]
 
 mod chain;
 mod connect4;
+mod connect6;
 mod getsockopt;
 mod maps;
+mod output;
 mod sk_lookup;
 mod sk_msg;
 mod sk_skb;

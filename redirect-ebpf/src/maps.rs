@@ -6,7 +6,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use redirect_common::{
-    LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, TupleKey, Workload, events, is_loopback,
+    FamilyKey, LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, TupleKey, Workload,
+    addr::{self, Addr, Family},
+    events,
 };
 
 const WORKLOAD_SLOTS: usize = MAX_WORKLOADS as usize;
@@ -20,6 +22,11 @@ pub static WORKLOADS: HashMap<u64, Workload, WORKLOAD_SLOTS> = HashMap::new();
 /// Addresses of each workload's network namespace (what `-o lo` reaches besides 127/8).
 #[btf_map]
 pub static LOCAL_ADDRS: HashMap<LocalAddrKey, u8, 4096> = HashMap::new();
+
+/// A workload's own address per family (`redirect_common::maps::POD_ADDRS`): an IPv6 one
+/// turns its ip6tables chains on.
+#[btf_map]
+pub static POD_ADDRS: HashMap<FamilyKey, Addr, { 2 * WORKLOAD_SLOTS }> = HashMap::new();
 
 /// One slot per rule per workload: `Workload::counter_base + rule index`.
 #[btf_map]
@@ -38,17 +45,17 @@ pub static ORIG_BY_COOKIE: LruHashMap<u64, PendingOrigDst, 65536> = LruHashMap::
 #[btf_map]
 pub static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst, 65536> = LruHashMap::new();
 
-/// Workload address (network order) -> that workload's netns cookie. sk_lookup has no netns
-/// cookie helper; the address a connection is for names its workload instead (addresses of
-/// pods on one node are unique).
+/// Workload address -> that workload's netns cookie. sk_lookup has no netns cookie helper;
+/// the address a connection is for names its workload instead (addresses of pods on one node
+/// are unique).
 #[btf_map]
-pub static ADDR_OWNERS: HashMap<u32, u64, 4096> = HashMap::new();
+pub static ADDR_OWNERS: HashMap<Addr, u64, 4096> = HashMap::new();
 
-/// netns cookie -> the socket listening on that workload's inbound capture port. Filled by
-/// sock_ops when a process of the workload listens on it, or by the agent for its own proxy;
-/// the kernel removes a socket when it closes.
+/// (netns cookie, family) -> the socket listening on that workload's inbound capture port
+/// for connections of that family. Filled by sock_ops when a process of the workload listens
+/// on it, or by the agent for its own proxy; the kernel removes a socket when it closes.
 #[btf_map]
-pub static INBOUND_LISTENERS: SockHash<u64, WORKLOAD_SLOTS> = SockHash::new();
+pub static INBOUND_LISTENERS: SockHash<FamilyKey, { 2 * WORKLOAD_SLOTS }> = SockHash::new();
 
 /// Connection 4-tuple (+ netns) -> original destination of an inbound connection sk_lookup
 /// handed to the capture listener: from its SYN until sock_ops moves it to `ORIG_BY_TUPLE`
@@ -85,12 +92,18 @@ pub fn workload(netns_cookie: u64) -> Option<&'static Workload> {
     Some(unsafe { &*w })
 }
 
-/// Whether `addr` (network order) is reached over `lo` from the workload's namespace: 127/8 or
-/// one of the namespace's own addresses. What "`-o lo`" means to connect4, what tells sk_lookup
-/// a connection started inside the namespace, and what makes a pair local for the fast path.
+/// Whether `a` is reached over `lo` from the workload's namespace: 127/8, `::1`, or one of the
+/// namespace's own addresses. What "`-o lo`" means to connect4/6, what tells sk_lookup a
+/// connection started inside the namespace, and what makes a pair local for the fast path.
 #[inline(always)]
-pub fn is_local_addr(netns_cookie: u64, addr: u32) -> bool {
-    is_loopback(addr) || LOCAL_ADDRS.get_ptr(LocalAddrKey::new(netns_cookie, addr)).is_some()
+pub fn is_local_addr(netns_cookie: u64, a: &Addr) -> bool {
+    addr::is_loopback(a) || LOCAL_ADDRS.get_ptr(LocalAddrKey::new(netns_cookie, *a)).is_some()
+}
+
+/// Whether the workload's ip6tables chains are on: it has an IPv6 address of its own.
+#[inline(always)]
+pub fn ipv6_on(netns_cookie: u64) -> bool {
+    POD_ADDRS.get_ptr(FamilyKey::new(netns_cookie, Family::V6)).is_some()
 }
 
 /// The original destination of a captured connection, from the 4-tuple as its connecting end

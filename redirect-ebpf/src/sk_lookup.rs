@@ -13,14 +13,19 @@ use aya_ebpf::{
     macros::sk_lookup,
     programs::SkLookupContext,
 };
-use redirect_common::{ChainId, ConnFacts, IPPROTO_TCP, OrigDst, Target, TupleKey, events, port, workload_flags};
+use redirect_common::{
+    ChainId, ConnFacts, FamilyKey, IPPROTO_TCP, OrigDst, Target, TupleKey,
+    addr::{self, Addr, Family},
+    events, port, workload_flags,
+};
 
 use crate::{
     chain,
-    maps::{ADDR_OWNERS, INBOUND_LISTENERS, INBOUND_PENDING, count_event, is_local_addr, workload},
+    maps::{ADDR_OWNERS, INBOUND_LISTENERS, INBOUND_PENDING, count_event, ipv6_on, is_local_addr, workload},
 };
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 // `bpf_sk_lookup.remote_port` is read as a `u32` (see `decide`): its offset keeps that read
 // aligned.
@@ -33,8 +38,9 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
     unsafe { decide(&ctx) }
 }
 
-/// ISTIO_INBOUND for one SYN from another host: hands the connection to the workload's
-/// capture listener when the chain says IN_REDIRECT, and records its original destination.
+/// ISTIO_INBOUND (iptables' for IPv4, ip6tables' for IPv6) for one SYN from another host:
+/// hands the connection to the workload's capture listener when the chain says IN_REDIRECT,
+/// and records its original destination.
 ///
 /// # Safety
 ///
@@ -52,16 +58,17 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
             read_volatile(&raw const (*l).protocol),
         )
     };
-    if family != AF_INET || protocol != u32::from(IPPROTO_TCP) {
+    if (family != AF_INET && family != AF_INET6) || protocol != u32::from(IPPROTO_TCP) {
         return sk_action::SK_PASS;
     }
-    // SAFETY: a 4-byte read of the context's `local_ip4`.
-    let local_ip4 = unsafe { read_volatile(&raw const (*l).local_ip4) };
+    let family = if family == AF_INET { Family::V4 } else { Family::V6 };
+    // SAFETY: 4-byte reads of the context's addresses (see `# Safety`).
+    let (local_ip, remote_ip) = unsafe { addresses(l, family) };
     // SAFETY: the reference is dereferenced at once (an 8-byte copy) while the value is mapped
     // (until the program returns). Only the agent writes ADDR_OWNERS; if it replaces this
     // entry as we read, the slot may be reused (aya's `get` caveat) and we copy some other
     // cookie, which any u64 is: at worst this SYN is judged by another workload's chain.
-    let Some(&netns_cookie) = (unsafe { ADDR_OWNERS.get(local_ip4) }) else {
+    let Some(&netns_cookie) = (unsafe { ADDR_OWNERS.get(local_ip) }) else {
         return sk_action::SK_PASS;
     };
     let Some(workload) = workload(netns_cookie) else {
@@ -70,23 +77,26 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
     if workload.flags & workload_flags::INBOUND == 0 {
         return sk_action::SK_PASS;
     }
+    // ip6tables has no rules for a pod without an IPv6 address of its own.
+    if family == Family::V6 && !ipv6_on(netns_cookie) {
+        return sk_action::SK_PASS;
+    }
     // A connection made inside the namespace (its source is one of the namespace's own
     // addresses) never passes nat PREROUTING: ISTIO_OUTPUT has decided it already. The kernel
     // drops packets from other hosts that carry a local source address (martians), so the
     // source tells the two apart. (`ingress_ifindex == lo` would say it directly, but needs
     // 5.17; the agent supports 5.15.)
-    // SAFETY: a 4-byte read of the context's `remote_ip4`.
-    let remote_ip4 = unsafe { read_volatile(&raw const (*l).remote_ip4) };
-    if remote_ip4 == local_ip4 || is_local_addr(netns_cookie, remote_ip4) {
+    if addr::words_eq(&remote_ip, &local_ip) || is_local_addr(netns_cookie, &remote_ip) {
         return sk_action::SK_PASS;
     }
     // SAFETY: a 4-byte read of the context's `local_port` (host order).
     let local_port = port::host(unsafe { read_volatile(&raw const (*l).local_port) });
     let facts = ConnFacts {
+        family: family as u8,
         proto: IPPROTO_TCP,
-        dst_addr: local_ip4,
+        dst_addr: local_ip,
         dst_port: local_port,
-        src_addr: remote_ip4,
+        src_addr: remote_ip,
         out_lo: false,
         // PREROUTING has no owner: ISTIO_INBOUND has no owner rules.
         uid: u32::MAX,
@@ -98,7 +108,7 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
     }
     // The listener's local address is irrelevant here: the accepted socket keeps the original
     // destination as its local address, which is what the proxy forwards to.
-    match INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns_cookie, 0) {
+    match assign(ctx, netns_cookie, family) {
         Ok(()) => {
             // What conntrack would keep for a REDIRECT: SO_ORIGINAL_DST on the accepted socket
             // (and the embedded proxy) read it under the 4-tuple, as the remote end connected.
@@ -114,17 +124,12 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
             let remote_port = unsafe { read_volatile((&raw const (*l).remote_port).cast::<u32>()) };
             let key = TupleKey::new(
                 netns_cookie,
-                remote_ip4,
+                remote_ip,
                 port::be_low(remote_port),
-                local_ip4,
+                local_ip,
                 local_port,
             );
-            let orig = OrigDst {
-                addr: local_ip4,
-                port: local_port,
-                target: Target::InRedirect as u8,
-                _pad: 0,
-            };
+            let orig = OrigDst::new(local_ip, local_port, Target::InRedirect);
             if INBOUND_PENDING.insert(key, orig, 0).is_err() {
                 count_event(workload, events::ORIG_DST_NOT_RECORDED);
             }
@@ -136,5 +141,54 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
             count_event(workload, events::INBOUND_NO_LISTENER);
             sk_action::SK_DROP
         }
+    }
+}
+
+/// Hands the connection to the workload's capture listener of its family; an IPv4 one may
+/// also go to an AF_INET6 listener (a dual-stack `[::]` one) when there is no AF_INET one:
+/// the kernel refuses it with EAFNOSUPPORT if that listener is IPv6-only.
+#[inline(always)]
+fn assign(ctx: &SkLookupContext, netns_cookie: u64, family: Family) -> Result<(), i32> {
+    let own = INBOUND_LISTENERS.redirect_sk_lookup(ctx, FamilyKey::new(netns_cookie, family), 0);
+    if own.is_ok() || family == Family::V6 {
+        return own;
+    }
+    INBOUND_LISTENERS.redirect_sk_lookup(ctx, FamilyKey::new(netns_cookie, Family::V6), 0)
+}
+
+/// The SYN's destination (local) and source (remote) addresses in key form.
+///
+/// Every field is read, whatever the family, and the family picks among the values: read in
+/// two branches, the compiler merges the loads into one through a computed context pointer,
+/// which the verifier refuses ("dereference of modified ctx ptr").
+///
+/// # Safety
+///
+/// `l` must be the context the kernel passed to this run of an `sk_lookup` program.
+#[inline(always)]
+unsafe fn addresses(l: *mut bpf_sk_lookup, family: Family) -> (Addr, Addr) {
+    // SAFETY: 4-byte reads of the context's `local_ip4`, `remote_ip4` and the `local_ip6` and
+    // `remote_ip6` words, which sk_lookup may read (one word at a time) for either family.
+    let (local4, remote4, local6, remote6) = unsafe {
+        (
+            read_volatile(&raw const (*l).local_ip4),
+            read_volatile(&raw const (*l).remote_ip4),
+            [
+                read_volatile(&raw const (*l).local_ip6[0]),
+                read_volatile(&raw const (*l).local_ip6[1]),
+                read_volatile(&raw const (*l).local_ip6[2]),
+                read_volatile(&raw const (*l).local_ip6[3]),
+            ],
+            [
+                read_volatile(&raw const (*l).remote_ip6[0]),
+                read_volatile(&raw const (*l).remote_ip6[1]),
+                read_volatile(&raw const (*l).remote_ip6[2]),
+                read_volatile(&raw const (*l).remote_ip6[3]),
+            ],
+        )
+    };
+    match family {
+        Family::V4 => (addr::v4(local4), addr::v4(remote4)),
+        Family::V6 => (local6, remote6),
     }
 }

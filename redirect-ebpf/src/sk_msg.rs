@@ -18,11 +18,12 @@ use aya_ebpf::{
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use redirect_common::{TupleKey, events, fast_path, port};
+use redirect_common::{TupleKey, addr, events, fast_path, port};
 
 use crate::maps::{FAST_PATH_SENDERS, FAST_PATH_SOCKETS, count_event, workload};
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 #[sk_msg]
 pub fn redirect_sk_msg(ctx: SkMsgContext) -> u32 {
@@ -47,7 +48,8 @@ pub fn redirect_sk_msg(ctx: SkMsgContext) -> u32 {
 unsafe fn forward(ctx: &SkMsgContext) {
     let m = ctx.msg;
     // SAFETY: a 4-byte read of the context's `family` (see `# Safety`).
-    if unsafe { read_volatile(&raw const (*m).family) } != AF_INET {
+    let family = unsafe { read_volatile(&raw const (*m).family) };
+    if family != AF_INET && family != AF_INET6 {
         return;
     }
     // SAFETY: the helper's one argument is the program's own context (it reads the socket's
@@ -55,15 +57,41 @@ unsafe fn forward(ctx: &SkMsgContext) {
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // The sender's own view: local -> remote. `local_port` is host order; `remote_port` holds
     // the network-order port in its upper half (`redirect_common::port::be_high`).
-    // SAFETY: 4-byte reads of the context's `local_ip4`, `remote_ip4`, `local_port` and
-    // `remote_port`.
-    let (local_ip, remote_ip, local_port, remote_port) = unsafe {
+    // SAFETY: 4-byte reads of the context's `local_port` and `remote_port`.
+    let (local_port, remote_port) = unsafe {
         (
-            read_volatile(&raw const (*m).local_ip4),
-            read_volatile(&raw const (*m).remote_ip4),
             read_volatile(&raw const (*m).local_port),
             read_volatile(&raw const (*m).remote_port),
         )
+    };
+    // Addresses in key form: `*_ip4` of an AF_INET socket, the `*_ip6` words of an AF_INET6
+    // one (v4-mapped for an IPv4 connection). All are read and the family picks: loads in two
+    // branches get merged into one through a computed context pointer, which the verifier
+    // refuses.
+    // SAFETY: 4-byte reads of the context's `local_ip4`, `remote_ip4` and the `local_ip6` and
+    // `remote_ip6` words, which sk_msg may read one word at a time.
+    let (local4, remote4, local6, remote6) = unsafe {
+        (
+            read_volatile(&raw const (*m).local_ip4),
+            read_volatile(&raw const (*m).remote_ip4),
+            [
+                read_volatile(&raw const (*m).local_ip6[0]),
+                read_volatile(&raw const (*m).local_ip6[1]),
+                read_volatile(&raw const (*m).local_ip6[2]),
+                read_volatile(&raw const (*m).local_ip6[3]),
+            ],
+            [
+                read_volatile(&raw const (*m).remote_ip6[0]),
+                read_volatile(&raw const (*m).remote_ip6[1]),
+                read_volatile(&raw const (*m).remote_ip6[2]),
+                read_volatile(&raw const (*m).remote_ip6[3]),
+            ],
+        )
+    };
+    let (local_ip, remote_ip) = if family == AF_INET {
+        (addr::v4(local4), addr::v4(remote4))
+    } else {
+        (local6, remote6)
     };
     let me = TupleKey::new(
         netns_cookie,

@@ -14,8 +14,12 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
+use core::ptr::read_volatile;
+
 use redirect_common::{
-    INBOUND_PASSTHROUGH_SRC_BE, LOCALHOST_BE, PendingOrigDst, TupleKey, events, fast_path, port, workload_flags,
+    FamilyKey, PendingOrigDst, TupleKey,
+    addr::{self, Addr, Family},
+    events, fast_path, port, workload_flags,
 };
 
 use crate::maps::{
@@ -24,6 +28,7 @@ use crate::maps::{
 };
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 // Every `ctx` below is the one the `#[sock_ops]` macro built from the program's only argument,
 // the `bpf_sock_ops` the kernel passes to this run: the invariant aya's own safe accessors
@@ -32,7 +37,10 @@ const AF_INET: u32 = 2;
 
 #[sock_ops]
 pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.family() != AF_INET {
+    // AF_INET6 sockets include those connected to v4-mapped addresses: their `*_ip6` fields
+    // hold the v4-mapped form, which is the key form of IPv4 (`redirect_common::addr`).
+    let family = ctx.family();
+    if family != AF_INET && family != AF_INET6 {
         return 1;
     }
     match ctx.op() {
@@ -58,7 +66,7 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
                 let _ = ORIG_BY_COOKIE.remove(cookie);
                 // The workload's end of app -> capture listener.
                 Some(key)
-            } else if ctx.local_ip4() == INBOUND_PASSTHROUGH_SRC_BE {
+            } else if is_passthrough_src(&addresses(&ctx).0) {
                 // The proxy's end of its passthrough connection to the app.
                 // SAFETY: the helper's one argument is the program's own context (it reads
                 // the socket's namespace from it); sock_ops may call it (5.15+, probed).
@@ -86,7 +94,7 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
                 let _ = ORIG_BY_TUPLE.insert(seen_from_peer, *orig, 0);
                 let _ = INBOUND_PENDING.remove(seen_from_peer);
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-            } else if ORIG_BY_TUPLE.get_ptr(seen_from_peer).is_some() || key.dst_addr == INBOUND_PASSTHROUGH_SRC_BE {
+            } else if ORIG_BY_TUPLE.get_ptr(seen_from_peer).is_some() || is_passthrough_src(&key.dst_addr) {
                 // The capture listener's end of a redirected connection, or the app's end of
                 // the proxy's passthrough connection: both are local pairs.
                 enroll(&ctx, &key);
@@ -95,7 +103,9 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_LISTEN_CB => {
             // A proxy of the workload (Envoy, with --proxy none) starts listening on the
             // inbound capture port: that is where sk_lookup sends connections from other
-            // hosts. With SO_REUSEPORT the kernel still spreads them over the whole group.
+            // hosts of the listener's family (an AF_INET6 one also takes IPv4 ones when
+            // there is no AF_INET one). With SO_REUSEPORT the kernel still spreads them over
+            // the whole group.
             // SAFETY: as above: the program's own context is the helper's one argument.
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
             if let Some(w) = workload(netns_cookie)
@@ -107,7 +117,8 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
                 // that helper (nothing reads or writes through it in Rust) and ends with the
                 // call, so it aliases none of the accessors' reads.
                 let ops = unsafe { &mut *ctx.ops };
-                let _ = INBOUND_LISTENERS.update(netns_cookie, ops, u64::from(BPF_ANY));
+                let family = if family == AF_INET6 { Family::V6 } else { Family::V4 };
+                let _ = INBOUND_LISTENERS.update(FamilyKey::new(netns_cookie, family), ops, u64::from(BPF_ANY));
             }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
@@ -130,13 +141,14 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// A socket connect4 redirected: its cookie and what connect4 recorded under it. connect4
-/// sends every connection it captures to 127.0.0.1, so any other connection of the node
+/// A socket connect4/6 redirected: its cookie and what they recorded under it. They send
+/// every connection they capture to 127.0.0.1 or `::1`, so any other connection of the node
 /// (node mode runs this for all of them) is passed over before it pays for a socket cookie,
 /// which the kernel would otherwise make for it with a global atomic counter.
 #[inline(always)]
 fn redirected(ctx: &SockOpsContext) -> Option<(u64, *const PendingOrigDst)> {
-    if ctx.remote_ip4() != LOCALHOST_BE {
+    let (_, remote) = addresses(ctx);
+    if !addr::words_eq(&remote, &addr::localhost(Family::V4)) && !addr::words_eq(&remote, &addr::LOCALHOST6) {
         return None;
     }
     // SAFETY: the helper's one argument is the program's own context (it reads, or makes, the
@@ -156,7 +168,7 @@ fn enroll(ctx: &SockOpsContext, key: &TupleKey) {
     if w.flags & workload_flags::FAST_PATH == 0 {
         return;
     }
-    if !is_local_addr(key.netns_cookie, key.dst_addr) {
+    if !is_local_addr(key.netns_cookie, &key.dst_addr) {
         return;
     }
     // The sender state first: sk_msg treats a socket without one as "TCP for good", so a
@@ -179,15 +191,58 @@ fn enroll(ctx: &SockOpsContext, key: &TupleKey) {
     }
 }
 
+/// 127.0.0.6 or `::6`: the source Envoy (and the embedded proxy) connects to the app from.
+#[inline(always)]
+fn is_passthrough_src(a: &Addr) -> bool {
+    addr::words_eq(a, &addr::passthrough_src(Family::V4)) || addr::words_eq(a, &addr::passthrough_src(Family::V6))
+}
+
+/// The socket's local and remote addresses in key form: `*_ip4` of an AF_INET socket, the
+/// `*_ip6` words of an AF_INET6 one (v4-mapped for an IPv4 connection). Every field is read
+/// and the family picks: loads in two branches get merged by the compiler into one through a
+/// computed context pointer, which the verifier refuses.
+#[inline(always)]
+fn addresses(ctx: &SockOpsContext) -> (Addr, Addr) {
+    let o = ctx.ops;
+    // SAFETY: 4-byte reads of the program's own context's `local_ip4`, `remote_ip4` and the
+    // `local_ip6` and `remote_ip6` words, which sock_ops may read one word at a time (aya's
+    // `local_ip6()` copies the array in one go, which the compiler may widen into loads the
+    // verifier refuses).
+    let (local4, remote4, local6, remote6) = unsafe {
+        (
+            read_volatile(&raw const (*o).local_ip4),
+            read_volatile(&raw const (*o).remote_ip4),
+            [
+                read_volatile(&raw const (*o).local_ip6[0]),
+                read_volatile(&raw const (*o).local_ip6[1]),
+                read_volatile(&raw const (*o).local_ip6[2]),
+                read_volatile(&raw const (*o).local_ip6[3]),
+            ],
+            [
+                read_volatile(&raw const (*o).remote_ip6[0]),
+                read_volatile(&raw const (*o).remote_ip6[1]),
+                read_volatile(&raw const (*o).remote_ip6[2]),
+                read_volatile(&raw const (*o).remote_ip6[3]),
+            ],
+        )
+    };
+    if ctx.family() == AF_INET {
+        (addr::v4(local4), addr::v4(remote4))
+    } else {
+        (local6, remote6)
+    }
+}
+
 /// The socket's own view of its connection: local -> remote. `local_port` is host order;
 /// `remote_port` holds the network-order port in its upper half (`redirect_common::port`).
 #[inline(always)]
 fn tuple(ctx: &SockOpsContext, netns_cookie: u64) -> TupleKey {
+    let (local, remote) = addresses(ctx);
     TupleKey::new(
         netns_cookie,
-        ctx.local_ip4(),
+        local,
         port::host(ctx.local_port()),
-        ctx.remote_ip4(),
+        remote,
         port::be_high(ctx.remote_port()),
     )
 }

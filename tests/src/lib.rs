@@ -207,17 +207,23 @@ impl Workload {
         serde_json::from_slice(&out.stdout).expect("stats --json parses")
     }
 
-    /// Connections per ISTIO_OUTPUT rule, in rule order.
+    /// Connections per rule of iptables' ISTIO_OUTPUT, in rule order.
     pub fn counts(&self) -> Vec<u64> {
         self.chain_counts("ISTIO_OUTPUT")
     }
 
-    /// Connections per rule of `chain`, in rule order.
+    /// Connections per rule of iptables' `chain`, in rule order.
     pub fn chain_counts(&self, chain: &str) -> Vec<u64> {
+        self.family_counts("ipv4", chain)
+    }
+
+    /// Connections per rule of `chain` in the table of `family` (`ipv4`: iptables, `ipv6`:
+    /// ip6tables), in rule order.
+    pub fn family_counts(&self, family: &str, chain: &str) -> Vec<u64> {
         self.stats()
             .rules
             .iter()
-            .filter(|r| r.chain == chain)
+            .filter(|r| r.chain == chain && r.family == family)
             .map(|r| r.connections)
             .collect()
     }

@@ -133,7 +133,7 @@ impl Twin {
                 stats
                     .rules
                     .iter()
-                    .filter(|r| r.chain == chain)
+                    .filter(|r| r.chain == chain && r.family == "ipv4")
                     .map(|r| r.connections)
                     .collect()
             }

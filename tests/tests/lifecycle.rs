@@ -125,7 +125,7 @@ fn bad_input_gets_one_clear_line_and_changes_nothing() {
         (&["--envoy-port", "70000"], "'70000'"),
         (&["-z", "http"], "'http'"),
         (&["-i", "10.0.0.0/33"], "'10.0.0.0/33'"),
-        (&["-x", "fd00::/8"], "IPv6"),
+        (&["-x", "fd00::/129"], "'fd00::/129'"),
         (&["-u", "root"], "'root'"),
         (&["-g", ""], "-g/--proxy-gid"),
         (&["-m", "TPROXY"], "TPROXY"),
@@ -203,26 +203,24 @@ fn a_second_instance_of_the_same_name_is_refused() {
     assert!(pin_dir(&w.name).join(maps::WORKLOADS).exists());
 }
 
-fn local_addrs(name: &str) -> Vec<Ipv4Addr> {
+fn local_addrs(name: &str) -> Vec<std::net::IpAddr> {
     let map = Map::from_map_data(MapData::from_pin(pin_dir(name).join(maps::LOCAL_ADDRS)).unwrap()).unwrap();
     let map: HashMap<MapData, LocalAddrKey, u8> = HashMap::try_from(map).unwrap();
-    map.keys()
-        .map(|k| Ipv4Addr::from(u32::from_be(k.unwrap().addr)))
-        .collect()
+    map.keys().map(|k| redirect_common::addr::to_ip(&k.unwrap().addr)).collect()
 }
 
 /// `-o lo` follows the namespace's addresses as they change (netlink), bounded in time.
 #[test]
 fn local_addresses_follow_the_namespace() {
     let w = Workload::with_agent("addrs", &[]);
-    assert!(local_addrs(&w.name).contains(&w.pair.workload_ip));
+    assert!(local_addrs(&w.name).contains(&w.pair.workload_ip.into()));
     let extra = Ipv4Addr::new(10, 200, 1, 5);
     w.pair
         .workload
         .ip(&["addr", "add", "10.200.1.5/32", "dev", "w0"])
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !local_addrs(&w.name).contains(&extra) {
+    while !local_addrs(&w.name).contains(&extra.into()) {
         assert!(Instant::now() < deadline, "agent did not pick up {extra}");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -241,7 +239,7 @@ fn local_addresses_follow_the_namespace() {
         .workload
         .ip(&["addr", "del", "10.200.1.5/32", "dev", "w0"])
         .unwrap();
-    while local_addrs(&w.name).contains(&extra) {
+    while local_addrs(&w.name).contains(&extra.into()) {
         assert!(Instant::now() < deadline, "agent did not drop {extra}");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -1,7 +1,7 @@
 //! Why the engine refused or failed a workload. Every message is one line naming the value at
 //! fault and what would be accepted; [`EnrollError::kind`] is what the control API answers.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{net::IpAddr, path::PathBuf};
 
 use redirect_api::{ApiError, ErrorKind};
 use redirect_common::MAX_WORKLOADS;
@@ -37,7 +37,7 @@ pub enum EnrollError {
     #[error("network namespace {netns} is already captured by {by}: one namespace, one agent")]
     CapturedElsewhere { netns: PathBuf, by: String },
     #[error("address {ip} of {netns} is already held by workload '{id}': workload addresses on a node must be unique")]
-    AddressTaken { ip: Ipv4Addr, netns: PathBuf, id: String },
+    AddressTaken { ip: IpAddr, netns: PathBuf, id: String },
     #[error("no workload '{0}' is enrolled")]
     NoSuchId(String),
     #[error("no workload is enrolled for {0}")]

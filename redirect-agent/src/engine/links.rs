@@ -29,6 +29,7 @@ const BPF_LINK_UPDATE: libc::c_long = 29;
 pub enum AttachType {
     SockOps = 3,
     Connect4 = 10,
+    Connect6 = 11,
     Getsockopt = 21,
     SkLookup = 36,
 }

@@ -36,7 +36,7 @@ use aya::maps::{HashMap, MapData, PerCpuArray, SockHash};
 pub(crate) use error::EnrollError;
 pub(crate) use object::{ProgramReport, open_typed, verifier_report};
 use redirect_api::WorkloadInfo;
-use redirect_common::{LocalAddrKey, Workload, maps, programs};
+use redirect_common::{FamilyKey, Workload, maps, programs};
 pub(crate) use workload::Request;
 
 use self::{
@@ -45,7 +45,7 @@ use self::{
     pins::{Lock, Mode, State},
     workload::Enrolled,
 };
-use crate::{error::LoadError, proxy::ProxyCounters, sys};
+use crate::{addrs::AddrMaps, error::LoadError, proxy::ProxyCounters, sys};
 
 /// How the engine serves: what differs between `run` and `node` is said here, not coded twice.
 #[derive(Debug, Clone)]
@@ -87,17 +87,17 @@ struct Maps {
     workloads: HashMap<MapData, u64, Workload>,
     counters: PerCpuArray<MapData, u64>,
     events: PerCpuArray<MapData, u64>,
-    local: HashMap<MapData, LocalAddrKey, u8>,
-    owners: HashMap<MapData, u32, u64>,
-    listeners: SockHash<MapData, u64>,
+    addrs: AddrMaps,
+    listeners: SockHash<MapData, FamilyKey>,
 }
 
-/// The cgroup programs, in attach order: sock_ops first so that every socket connect4
-/// redirects is tracked, getsockopt before connect4 so a captured connection can ask.
-const CGROUP_LINKS: [(&str, AttachType); 3] = [
+/// The cgroup programs, in attach order: sock_ops first so that every socket connect4/6
+/// redirect is tracked, getsockopt before them so a captured connection can ask.
+const CGROUP_LINKS: [(&str, AttachType); 4] = [
     (programs::SOCK_OPS, AttachType::SockOps),
     (programs::GETSOCKOPT, AttachType::Getsockopt),
     (programs::CONNECT4, AttachType::Connect4),
+    (programs::CONNECT6, AttachType::Connect6),
 ];
 
 pub(crate) struct Engine {
@@ -205,8 +205,11 @@ impl Engine {
             workloads: object.take(maps::WORKLOADS)?,
             counters: object.take(maps::RULE_COUNTERS)?,
             events: object.take(maps::EVENT_COUNTERS)?,
-            local: object.take(maps::LOCAL_ADDRS)?,
-            owners: object.take(maps::ADDR_OWNERS)?,
+            addrs: AddrMaps {
+                local: object.take(maps::LOCAL_ADDRS)?,
+                owners: object.take(maps::ADDR_OWNERS)?,
+                pods: object.take(maps::POD_ADDRS)?,
+            },
             listeners: object.take(maps::INBOUND_LISTENERS)?,
         };
         let host_netns_cookie = sys::current_netns_cookie()

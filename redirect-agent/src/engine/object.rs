@@ -6,7 +6,7 @@
 //! is a `BPF_LINK_CREATE` link, pinned or not depending on the instance's lifetime.
 
 use std::{
-    os::fd::{AsFd as _, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::{Path, PathBuf},
 };
 
@@ -15,7 +15,7 @@ use aya::{
     maps::{Map, MapData, MapError, SockHash},
     programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SkSkb, SockOps},
 };
-use redirect_common::{maps, programs};
+use redirect_common::{FamilyKey, addr::Family, maps, programs};
 use serde::Serialize;
 
 use super::links::{self, MapAttachType};
@@ -25,10 +25,11 @@ use crate::error::{LoadError, SysError};
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-ebpf"));
 
 /// The programs every instance loads.
-const CAPTURE_PROGRAMS: [&str; 4] = [
+const CAPTURE_PROGRAMS: [&str; 5] = [
     programs::SOCK_OPS,
     programs::SK_LOOKUP,
     programs::CONNECT4,
+    programs::CONNECT6,
     programs::GETSOCKOPT,
 ];
 
@@ -81,7 +82,7 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::programs::Pr
     match name {
         programs::SOCK_OPS => load_as!(ebpf, name, SockOps),
         programs::SK_LOOKUP => load_as!(ebpf, name, SkLookup),
-        programs::CONNECT4 => load_as!(ebpf, name, CgroupSockAddr),
+        programs::CONNECT4 | programs::CONNECT6 => load_as!(ebpf, name, CgroupSockAddr),
         programs::GETSOCKOPT => load_as!(ebpf, name, CgroupSockopt),
         programs::SK_MSG => load_as!(ebpf, name, SkMsg),
         programs::SK_SKB => load_as!(ebpf, name, SkSkb),
@@ -231,22 +232,27 @@ pub(crate) fn open_typed<T: TryFrom<Map, Error = MapError>>(dir: &Path, map: &'s
     T::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)
 }
 
-/// The workload's slot in `INBOUND_LISTENERS`: the socket sk_lookup hands inbound
-/// connections to.
+/// The workload's slots in `INBOUND_LISTENERS`, one per address family: the sockets
+/// sk_lookup hands inbound connections to.
 pub(crate) struct InboundListener {
-    map: SockHash<MapData, u64>,
+    map: SockHash<MapData, FamilyKey>,
     netns_cookie: u64,
 }
 
 impl InboundListener {
-    pub(crate) fn new(map: SockHash<MapData, u64>, netns_cookie: u64) -> Self {
+    pub(crate) fn new(map: SockHash<MapData, FamilyKey>, netns_cookie: u64) -> Self {
         Self { map, netns_cookie }
     }
 
-    /// `socket` must be listening (the kernel refuses other TCP states in a sockhash).
-    pub(crate) fn register(&mut self, socket: &impl AsRawFd) -> Result<(), LoadError> {
+    /// `socket` must be listening (the kernel refuses other TCP states in a sockhash). It
+    /// takes the connections of its own family: an AF_INET6 socket the IPv6 ones.
+    pub(crate) fn register(&mut self, socket: &(impl AsRawFd + AsFd)) -> Result<(), LoadError> {
+        let family = match rustix::net::getsockname(socket).map(|a| a.address_family()) {
+            Ok(rustix::net::AddressFamily::INET6) => Family::V6,
+            _ => Family::V4,
+        };
         self.map
-            .insert(self.netns_cookie, socket.as_raw_fd(), 0)
+            .insert(FamilyKey::new(self.netns_cookie, family), socket.as_raw_fd(), 0)
             .map_err(|source| LoadError::Map {
                 map: maps::INBOUND_LISTENERS,
                 source,

@@ -12,7 +12,7 @@ use std::{
 };
 
 use redirect_api::WorkloadInfo;
-use redirect_common::{LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, TupleKey, Workload, events};
+use redirect_common::{FamilyKey, LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, TupleKey, Workload, events};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -123,7 +123,7 @@ impl State {
 pub fn layout() -> String {
     use std::mem::size_of;
     format!(
-        "workload{}-rules{}-workloads{}-events{}-tuple{}-orig{}-pending{}-addr{}",
+        "workload{}-rules{}-workloads{}-events{}-tuple{}-orig{}-pending{}-addr{}-family{}",
         size_of::<Workload>(),
         MAX_RULES,
         MAX_WORKLOADS,
@@ -132,6 +132,7 @@ pub fn layout() -> String {
         size_of::<OrigDst>(),
         size_of::<PendingOrigDst>(),
         size_of::<LocalAddrKey>(),
+        size_of::<FamilyKey>(),
     )
 }
 

@@ -2,14 +2,19 @@
 //! that make one live, in the order that keeps a failure part-way invisible to connections.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
     os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use aya::maps::PerCpuValues;
 use redirect_api::WorkloadInfo;
-use redirect_common::{MAX_RULES, MAX_WORKLOADS, chain, config::CaptureConfig, events, maps, programs};
+use redirect_common::{
+    FamilyKey, MAX_RULES, MAX_WORKLOADS,
+    addr::{self, Family},
+    chain,
+    config::CaptureConfig,
+    events, maps, programs,
+};
 
 use super::{
     Engine, EnrollError,
@@ -18,7 +23,7 @@ use super::{
     pins,
 };
 use crate::{
-    addrs::{self, LocalAddrs},
+    addrs::{self, AddrMaps, LocalAddrs},
     adopt,
     flags::ProxyMode,
     proxy::{
@@ -173,7 +178,7 @@ impl Engine {
         }
         let addresses = addrs::read(netns).map_err(EnrollError::io(format!("addresses of {}", req.netns.display())))?;
         for ip in addresses.iter().filter(|ip| !ip.is_loopback()) {
-            let owner = self.maps.owners.get(&u32::from(*ip).to_be(), 0).ok();
+            let owner = self.maps.addrs.owners.get(&addr::from_ip(*ip), 0).ok();
             if let Some(other) = owner.and_then(|c| self.workloads.values().find(|w| w.info.netns_cookie == c)) {
                 return Err(EnrollError::AddressTaken {
                     ip: *ip,
@@ -222,8 +227,10 @@ impl Engine {
         // First, so that no new connection is captured while the rest goes.
         let _ = self.maps.workloads.remove(&netns_cookie);
         let _ = links::unpin(&self.sk_lookup_pin(netns_cookie));
-        addrs::remove_all(&mut self.maps.local, &mut self.maps.owners, netns_cookie);
-        let _ = self.maps.listeners.remove(&netns_cookie);
+        self.maps.addrs.remove_all(netns_cookie);
+        for family in [Family::V4, Family::V6] {
+            let _ = self.maps.listeners.remove(&FamilyKey::new(netns_cookie, family));
+        }
     }
 
     /// The proxy's listeners: handed over, made inside the workload's cgroup (so that
@@ -246,8 +253,8 @@ impl Engine {
                 && !self.agent_under_attach
                 && let Some(cgroup) = self.workload_cgroup(info) =>
             {
-                crate::listen_in::listeners(cgroup, &info.netns, &[cfg.outbound, cfg.inbound], LISTEN_BACKLOG)
-                    .and_then(|fds| Listening::from_fds([Side::Outbound, Side::Inbound].into_iter().zip(fds)))
+                crate::listen_in::listeners(cgroup, &info.netns, &cfg.listen_addrs(), LISTEN_BACKLOG)
+                    .and_then(Listening::from_fds)
             }
             None if fast_path && !self.agent_under_attach => {
                 tracing::warn!(
@@ -298,8 +305,9 @@ impl Engine {
         let mut inbound = InboundListener::new(self.open_map(maps::INBOUND_LISTENERS)?, cookie);
         let (proxy, listener_fds) = if embedded {
             let cfg = ProxyConfig {
-                outbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, capture.envoy_port),
-                inbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, capture.inbound_capture_port),
+                outbound_port: capture.envoy_port,
+                inbound_port: capture.inbound_capture_port,
+                listen_on: ProxyConfig::LOOPBACK.to_vec(),
                 connect_timeout: self.settings.sizing.connect_timeout,
                 max_connections: self.settings.sizing.max_proxy_connections,
             }
@@ -307,8 +315,8 @@ impl Engine {
             let listening = self
                 .listening(&info, &netns, &cfg, handed, fast_path)
                 .map_err(EnrollError::io(format!("proxy listeners in {}", info.netns.display())))?;
-            // sk_lookup hands connections from other hosts to this socket.
-            if let Some(l) = listening.get(Side::Inbound) {
+            // sk_lookup hands connections from other hosts to these sockets, by family.
+            for l in listening.of(Side::Inbound) {
                 inbound.register(l)?;
             }
             let fds = listening.dup_fds().map_err(EnrollError::io("listener descriptors"))?;
@@ -351,12 +359,12 @@ impl Engine {
         };
 
         // Its addresses: what `-o lo` reaches, and which workload sk_lookup serves.
-        let local = LocalAddrs::install(
-            &netns,
-            self.open_map(maps::LOCAL_ADDRS)?,
-            self.open_map(maps::ADDR_OWNERS)?,
-            cookie,
-        )
+        let addr_maps = AddrMaps {
+            local: self.open_map(maps::LOCAL_ADDRS)?,
+            owners: self.open_map(maps::ADDR_OWNERS)?,
+            pods: self.open_map(maps::POD_ADDRS)?,
+        };
+        let local = LocalAddrs::install(&netns, addr_maps, cookie)
         .map_err(EnrollError::io(format!("addresses of {}", info.netns.display())))?;
         info.addresses = local.addresses().iter().map(ToString::to_string).collect();
         let watch_ns = netns.try_clone().map_err(EnrollError::io("namespace descriptor"))?;

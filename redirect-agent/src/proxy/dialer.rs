@@ -21,32 +21,74 @@ pub enum Dialer {
 }
 
 impl Dialer {
-    pub(super) async fn socket(&self) -> io::Result<TcpSocket> {
+    /// A socket for an upstream connection of the family of the original destination: IPv4
+    /// (also for a v4-mapped connect, which was IPv4 on the wire) or IPv6.
+    pub(super) async fn socket(&self, v6: bool) -> io::Result<TcpSocket> {
         match self {
-            Self::Netns(d) => d.socket().await,
+            Self::Netns(d) => d.socket(v6).await,
+            Self::Here if v6 => TcpSocket::new_v6(),
             Self::Here => TcpSocket::new_v4(),
         }
     }
 }
 
-/// Sockets the dialer thread keeps made ahead of demand (each holds a descriptor).
+/// Sockets each of the dialer's threads keeps made ahead of demand (each holds a descriptor).
 pub const SPARE_SOCKETS: usize = 32;
 
-/// Makes TCP sockets inside the workload's namespace from one long-lived thread that entered
-/// it. A socket's namespace is fixed when it is made, so the thread makes them ahead of
-/// demand and a connection takes a ready one: no thread hop on the connection's path (a hop
-/// per connection showed in CRR profiles as futex contention and context switches).
+/// Makes TCP sockets inside the workload's namespace from long-lived threads that entered
+/// it, one per address family. A socket's namespace is fixed when it is made, so a thread
+/// makes them ahead of demand and a connection takes a ready one: no thread hop on the
+/// connection's path (a hop per connection showed in CRR profiles as futex contention and
+/// context switches). The IPv6 thread starts with the first IPv6 connection: most workloads
+/// never make one, and a namespace without IPv6 would only ever hand it errors.
 #[derive(Clone)]
 pub struct NetnsDialer {
+    v4: Pool,
+    v6: Arc<tokio::sync::OnceCell<Pool>>,
+    netns: Arc<Netns>,
+}
+
+/// One thread's queue of ready sockets.
+#[derive(Clone)]
+struct Pool {
     ready: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<io::Result<TcpSocket>>>>,
 }
 
 impl NetnsDialer {
     pub fn start(netns: &Netns) -> io::Result<Self> {
+        Ok(Self {
+            v4: Pool::start(netns, false)?,
+            v6: Arc::default(),
+            netns: Arc::new(netns.try_clone()?),
+        })
+    }
+
+    pub async fn socket(&self, v6: bool) -> io::Result<TcpSocket> {
+        if !v6 {
+            return self.v4.take().await;
+        }
+        let pool = self
+            .v6
+            .get_or_try_init(|| {
+                let netns = self.netns.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || Pool::start(&netns, true))
+                        .await
+                        .map_err(io::Error::other)?
+                }
+            })
+            .await?;
+        pool.take().await
+    }
+}
+
+impl Pool {
+    fn start(netns: &Netns, v6: bool) -> io::Result<Self> {
         let netns = netns.try_clone()?;
         let (tx, rx) = tokio::sync::mpsc::channel(SPARE_SOCKETS);
         let (ready_tx, ready_rx) = mpsc::channel();
-        std::thread::Builder::new().name("netns-dialer".into()).spawn(move || {
+        let name = if v6 { "netns-dialer6" } else { "netns-dialer" };
+        std::thread::Builder::new().name(name.into()).spawn(move || {
             if let Err(e) = netns.enter_current_thread() {
                 let _ = ready_tx.send(Err(e));
                 return;
@@ -54,14 +96,16 @@ impl NetnsDialer {
             let _ = ready_tx.send(Ok(()));
             // Ends when the proxy drops the receiver.
             loop {
-                let made = TcpSocket::new_v4().and_then(mark_as_agent);
+                let made = if v6 { TcpSocket::new_v6() } else { TcpSocket::new_v4() };
+                let made = made.and_then(mark_as_agent);
                 let failed = made.is_err();
                 if tx.blocking_send(made).is_err() {
                     break;
                 }
                 if failed {
-                    // Out of descriptors, most likely: hand out the error (that connection is
-                    // reset) without queueing a burst of stale ones behind it.
+                    // Out of descriptors, most likely (or no IPv6 here): hand out the error
+                    // (that connection is reset) without queueing a burst of stale ones behind
+                    // it.
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
@@ -72,7 +116,7 @@ impl NetnsDialer {
         })
     }
 
-    pub async fn socket(&self) -> io::Result<TcpSocket> {
+    async fn take(&self) -> io::Result<TcpSocket> {
         self.ready
             .lock()
             .await
@@ -82,8 +126,8 @@ impl NetnsDialer {
     }
 }
 
-/// Marks an upstream socket as the agent's own ([`AGENT_SOCKET_MARK`]): connect4 leaves it
-/// alone even where it runs for the agent's cgroup too (node mode attaches at the cgroup
+/// Marks an upstream socket as the agent's own ([`AGENT_SOCKET_MARK`]): connect4/6 leave it
+/// alone even where they run for the agent's cgroup too (node mode attaches at the cgroup
 /// root). Needs CAP_NET_ADMIN, which the agent has.
 fn mark_as_agent(socket: TcpSocket) -> io::Result<TcpSocket> {
     socket2::SockRef::from(&socket).set_mark(AGENT_SOCKET_MARK)?;

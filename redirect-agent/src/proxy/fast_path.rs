@@ -1,7 +1,5 @@
 //! The embedded proxy's part of `--fast-path`.
 
-use std::net::SocketAddr;
-
 use aya::maps::{HashMap, MapData};
 use redirect_common::TupleKey;
 use tokio::net::TcpStream;
@@ -53,7 +51,7 @@ pub(super) struct Enrolled<'a> {
 
 impl<'a> Enrolled<'a> {
     pub(super) fn new(fast_path: &'a std::sync::Mutex<FastPath>, socket: &TcpStream) -> Option<Self> {
-        let (Ok(SocketAddr::V4(local)), Ok(SocketAddr::V4(peer))) = (socket.local_addr(), socket.peer_addr()) else {
+        let (Ok(local), Ok(peer)) = (socket.local_addr(), socket.peer_addr()) else {
             return None;
         };
         let mut f = fast_path.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,6 +1,10 @@
 //! The capture listeners and the proxy's limits.
 
-use std::{io, net::SocketAddrV4, time::Duration};
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
 
 use tokio::net::{TcpListener, TcpSocket};
 
@@ -14,7 +18,8 @@ pub const LISTEN_BACKLOG: u32 = 1024;
 pub enum Side {
     /// `-p` (15001): outbound; upstream connects from the workload's own addresses.
     Outbound,
-    /// `-z` (15006): inbound; upstream binds 127.0.0.6 so ISTIO_OUTPUT's first rule lets it by.
+    /// `-z` (15006): inbound; upstream binds 127.0.0.6 (`::6` for IPv6) so ISTIO_OUTPUT's first
+    /// rule lets it by.
     Inbound,
 }
 
@@ -29,8 +34,14 @@ impl Side {
 
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
-    pub outbound: SocketAddrV4,
-    pub inbound: SocketAddrV4,
+    /// `-p`.
+    pub outbound_port: u16,
+    /// `-z`.
+    pub inbound_port: u16,
+    /// Where each capture port listens: [`ProxyConfig::LOOPBACK`] in a workload (where
+    /// connect4/6 send what they capture), [`ProxyConfig::ANY`] behind iptables. The IPv6 ones
+    /// are skipped, with a warning, where the namespace has no IPv6.
+    pub listen_on: Vec<IpAddr>,
     pub connect_timeout: Duration,
     pub max_connections: usize,
 }
@@ -43,6 +54,29 @@ pub fn connections_fitting(nofile: u64) -> usize {
 }
 
 impl ProxyConfig {
+    /// 127.0.0.1 and `::1`: the addresses connect4 and connect6 redirect to.
+    pub const LOOPBACK: [IpAddr; 2] = [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)];
+    /// 0.0.0.0 and `::`: where iptables and ip6tables REDIRECT send connections (each to the
+    /// primary address of the interface the SYN arrived on, or loopback).
+    pub const ANY: [IpAddr; 2] = [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)];
+
+    /// Every (side, address) a capture listener is bound to.
+    pub fn listen_addrs(&self) -> Vec<(Side, SocketAddr)> {
+        let mut out = Vec::new();
+        for (side, port) in [(Side::Outbound, self.outbound_port), (Side::Inbound, self.inbound_port)] {
+            out.extend(self.listen_on.iter().map(|ip| (side, SocketAddr::new(*ip, port))));
+        }
+        out
+    }
+
+    /// The capture port of `side`.
+    pub fn port(&self, side: Side) -> u16 {
+        match side {
+            Side::Outbound => self.outbound_port,
+            Side::Inbound => self.inbound_port,
+        }
+    }
+
     /// Lowers `max_connections` to what `nofile` descriptors can hold, so that the connection
     /// past the budget is reset at accept instead of left in the backlog by EMFILE.
     pub fn fit_to_descriptors(mut self, nofile: u64) -> Self {
@@ -94,8 +128,9 @@ impl Listening {
             .collect()
     }
 
-    pub fn get(&self, side: Side) -> Option<&TcpListener> {
-        self.listeners.iter().find(|(s, _)| *s == side).map(|(_, l)| l)
+    /// The listeners of `side`, one per address family it listens on.
+    pub fn of(&self, side: Side) -> impl Iterator<Item = &TcpListener> {
+        self.listeners.iter().filter(move |(s, _)| *s == side).map(|(_, l)| l)
     }
 }
 
@@ -108,19 +143,17 @@ impl Listeners {
 
     /// Binds in the calling thread's namespace.
     pub fn bind_here(cfg: &ProxyConfig) -> io::Result<Self> {
-        let bind = |addr: SocketAddrV4| -> io::Result<TcpSocket> {
-            let s = TcpSocket::new_v4()?;
-            s.set_reuseaddr(true)?;
-            s.bind(addr.into())
-                .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
-            Ok(s)
-        };
-        Ok(Self {
-            sockets: vec![
-                (Side::Outbound, bind(cfg.outbound)?),
-                (Side::Inbound, bind(cfg.inbound)?),
-            ],
-        })
+        let mut sockets = Vec::new();
+        for (side, addr) in cfg.listen_addrs() {
+            match bind(addr) {
+                Ok(s) => sockets.push((side, s)),
+                Err(e) if addr.is_ipv6() && no_ipv6(&e) => {
+                    tracing::warn!(%addr, "no IPv6 in this namespace ({e}): listening on IPv4 only");
+                }
+                Err(e) => return Err(io::Error::new(e.kind(), format!("bind {addr}: {e}"))),
+            }
+        }
+        Ok(Self { sockets })
     }
 
     /// Must run inside the tokio runtime.
@@ -132,4 +165,26 @@ impl Listeners {
             .collect::<io::Result<_>>()?;
         Ok(Listening { listeners })
     }
+}
+
+/// A capture listener's socket on `addr`. An IPv6 one takes IPv6 only: IPv4 has its own
+/// listener, and a dual-stack one would take the other's port.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpSocket> {
+    let s = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => {
+            let s = TcpSocket::new_v6()?;
+            socket2::SockRef::from(&s).set_only_v6(true)?;
+            s
+        }
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    Ok(s)
+}
+
+/// The namespace (or the kernel) has no IPv6: the module is off, the namespace disabled it,
+/// or `lo` has no `::1`.
+pub fn no_ipv6(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL))
 }

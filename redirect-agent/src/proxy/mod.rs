@@ -7,7 +7,7 @@
 
 use std::{
     io,
-    net::{SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use redirect_common::chain::INBOUND_PASSTHROUGH_SRC;
+use redirect_common::chain::{INBOUND_PASSTHROUGH_SRC, INBOUND_PASSTHROUGH_SRC6};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::Semaphore,
@@ -30,7 +30,7 @@ mod orig_dst;
 pub use dialer::{Dialer, NetnsDialer};
 use fast_path::Enrolled;
 pub use fast_path::{FastPath, FastPathSockets};
-pub use listen::{LISTEN_BACKLOG, Listeners, Listening, ProxyConfig, Side, connections_fitting};
+pub use listen::{LISTEN_BACKLOG, Listeners, Listening, ProxyConfig, Side, connections_fitting, no_ipv6};
 pub use orig_dst::{OrigDstTable, OriginalDst};
 
 /// Bytes buffered per direction per connection.
@@ -207,15 +207,11 @@ fn reset(stream: TcpStream) {
 }
 
 async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared) {
-    let (SocketAddr::V4(peer4), Ok(SocketAddr::V4(local))) = (peer, client.local_addr()) else {
-        tracing::warn!(%peer, "not an IPv4 connection; resetting");
+    let Ok(local) = client.local_addr() else {
         return reset(client);
     };
-    let listen_port = match side {
-        Side::Outbound => shared.cfg.outbound.port(),
-        Side::Inbound => shared.cfg.inbound.port(),
-    };
-    let Some(dst) = shared.table.lookup(&client, peer4, local, listen_port) else {
+    let listen_port = shared.cfg.port(side);
+    let Some(dst) = shared.table.lookup(&client, peer, local, listen_port) else {
         shared.counters.no_original_dst.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%peer, %local, "no original destination recorded for this connection; resetting");
         return reset(client);
@@ -315,26 +311,29 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-async fn connect_upstream(dst: SocketAddrV4, side: Side, shared: &Shared) -> io::Result<TcpStream> {
-    let socket = shared.dialer.socket().await?;
+async fn connect_upstream(dst: SocketAddr, side: Side, shared: &Shared) -> io::Result<TcpStream> {
+    let socket = shared.dialer.socket(dst.is_ipv6()).await?;
     if side == Side::Inbound {
-        socket.bind(SocketAddrV4::new(INBOUND_PASSTHROUGH_SRC, 0).into())?;
+        let src = match dst {
+            SocketAddr::V4(_) => IpAddr::V4(INBOUND_PASSTHROUGH_SRC),
+            SocketAddr::V6(_) => IpAddr::V6(INBOUND_PASSTHROUGH_SRC6),
+        };
+        socket.bind(SocketAddr::new(src, 0))?;
     }
-    tokio::time::timeout(shared.cfg.connect_timeout, socket.connect(dst.into()))
+    tokio::time::timeout(shared.cfg.connect_timeout, socket.connect(dst))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
-
     use super::*;
 
     fn cfg(max_connections: usize) -> ProxyConfig {
         ProxyConfig {
-            outbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001),
-            inbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15006),
+            outbound_port: 15001,
+            inbound_port: 15006,
+            listen_on: ProxyConfig::LOOPBACK.to_vec(),
             connect_timeout: Duration::from_secs(1),
             max_connections,
         }
@@ -360,5 +359,19 @@ mod tests {
         assert_eq!(cfg(100).fit_to_descriptors(20_000).max_connections, 100);
         // A limit below the reserve still serves one connection rather than none.
         assert_eq!(cfg(100).fit_to_descriptors(10).max_connections, 1);
+    }
+
+    #[test]
+    fn each_capture_port_listens_on_each_address() {
+        let addrs: Vec<String> = cfg(1).listen_addrs().iter().map(|(s, a)| format!("{} {a}", s.name())).collect();
+        assert_eq!(
+            addrs,
+            [
+                "outbound 127.0.0.1:15001",
+                "outbound [::1]:15001",
+                "inbound 127.0.0.1:15006",
+                "inbound [::1]:15006"
+            ]
+        );
     }
 }

@@ -1,10 +1,10 @@
 //! Where an accepted connection was going: the programs' maps (embedded proxy) or conntrack
 //! (`redirect-agent proxy`, behind iptables).
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddr;
 
 use aya::maps::{HashMap, MapData};
-use redirect_common::{OrigDst, Target, TupleKey};
+use redirect_common::{OrigDst, Target, TupleKey, addr};
 use tokio::net::TcpStream;
 
 /// The original destination of connections accepted on the capture ports.
@@ -30,7 +30,8 @@ pub struct OrigDstTable {
 /// Where and why a connection was redirected.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Destination {
-    pub addr: SocketAddrV4,
+    /// IPv4 for a v4-mapped connection (the family on the wire).
+    pub addr: SocketAddr,
     pub target: Option<Target>,
 }
 
@@ -54,7 +55,7 @@ impl OrigDstTable {
     /// The embedded proxy reads each destination once: an entry found in `INBOUND_PENDING` is
     /// removed, because the proxy's socket is not in the workload's cgroup and no sock_ops
     /// close callback will remove it.
-    fn take(&self, peer: SocketAddrV4, local: SocketAddrV4) -> Option<Destination> {
+    fn take(&self, peer: SocketAddr, local: SocketAddr) -> Option<Destination> {
         let key = TupleKey::from_addrs(self.netns_cookie, peer, local);
         let v = match self.established.get(&key, 0) {
             Ok(v) => v,
@@ -66,7 +67,7 @@ impl OrigDstTable {
             }
         };
         Some(Destination {
-            addr: SocketAddrV4::new(Ipv4Addr::from(u32::from_be(v.addr)), v.port),
+            addr: SocketAddr::new(addr::to_ip(&v.addr), v.port),
             target: Target::from_u8(v.target),
         })
     }
@@ -85,14 +86,14 @@ impl OriginalDst {
     pub(super) fn lookup(
         &self,
         stream: &TcpStream,
-        peer: SocketAddrV4,
-        local: SocketAddrV4,
+        peer: SocketAddr,
+        local: SocketAddr,
         listen_port: u16,
     ) -> Option<Destination> {
         match self {
             Self::Maps(table) => table.take(peer, local),
             Self::Conntrack => {
-                let addr = crate::sys::original_dst(stream).ok()?;
+                let addr = crate::sys::original_dst(stream, local).ok()?;
                 // Conntrack answers a connection nobody redirected (one made straight to the
                 // capture port) with its own address: nothing to forward to. A connection the
                 // agent's sk_lookup handed over also has its original destination as its local

@@ -6,20 +6,47 @@
 //! redirects, then the `-i` include. ISTIO_INBOUND: the `-e` tunnel port RETURN, then with
 //! `-b '*'` the `-d` RETURNs and a catch-all redirect, or one redirect per `-b` port.
 //!
-//! Both chains live in one list, ISTIO_OUTPUT first; a rule's index in it is its counter slot,
-//! the number `explain` and `stats` print and the tests read.
+//! istio-iptables writes the same chains with ip6tables for a pod with an IPv6 address, with
+//! `::6` for 127.0.0.6, `::1/128` for 127.0.0.1/32, and each family's own `-i`/`-x` CIDRs
+//! (`separateV4V6`). All four chains live in one list: iptables' ISTIO_OUTPUT and
+//! ISTIO_INBOUND, then ip6tables' two; a rule's index in it is its counter slot, the number
+//! `explain` and `stats` print and the tests read. The ip6tables rules are always compiled (so
+//! slots never move) and evaluated only while the workload has an IPv6 address.
 
-use std::{net::Ipv4Addr, vec::Vec};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    vec::Vec,
+};
 
 use crate::{
     ChainId, IPPROTO_TCP, IPPROTO_UDP, MAX_RULES, Rule, Target, Workload,
-    config::{CaptureConfig, Include},
-    m, prefix_mask, workload_flags,
+    addr::Family,
+    config::{CaptureConfig, Cidr, Include},
+    m, workload_flags,
 };
 
 /// Envoy's inbound passthrough source (`ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN`).
 pub const INBOUND_PASSTHROUGH_SRC: Ipv4Addr = Ipv4Addr::from_bits(u32::from_be(crate::INBOUND_PASSTHROUGH_SRC_BE));
-const LOCALHOST: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+/// The same for ip6tables (`-s ::6/128`), which istio-iptables adds to `lo`.
+pub const INBOUND_PASSTHROUGH_SRC6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
+/// A family's 127.0.0.6 and 127.0.0.1/32 (`HostIPv4LoopbackCidr`, or `::1/128`).
+fn family_addrs(family: Family) -> (Cidr, Cidr) {
+    let host = |ip: IpAddr| Cidr {
+        addr: ip,
+        prefix: if ip.is_ipv4() { 32 } else { 128 },
+    };
+    match family {
+        Family::V4 => (
+            host(IpAddr::V4(INBOUND_PASSTHROUGH_SRC)),
+            host(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        ),
+        Family::V6 => (
+            host(IpAddr::V6(INBOUND_PASSTHROUGH_SRC6)),
+            host(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+        ),
+    }
+}
 
 /// The flags need more rules than one workload's chain holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,16 +69,21 @@ impl std::error::Error for TooManyRules {}
 
 struct Builder {
     rules: Vec<Rule>,
+    family: Family,
 }
 
 impl Builder {
     fn push(&mut self, r: Rule) {
         self.rules.push(r);
     }
-}
 
-fn out(target: Target) -> Rule {
-    Rule::new(ChainId::Output, target)
+    fn out(&self, target: Target) -> Rule {
+        Rule::new(self.family, ChainId::Output, target)
+    }
+
+    fn inb(&self, target: Target) -> Rule {
+        Rule::new(self.family, ChainId::Inbound, target)
+    }
 }
 
 fn with_dport(mut r: Rule, proto: u8, port: u16, negate: bool) -> Rule {
@@ -64,20 +96,18 @@ fn with_dport(mut r: Rule, proto: u8, port: u16, negate: bool) -> Rule {
     r
 }
 
-fn with_dst(mut r: Rule, addr: Ipv4Addr, prefix: u8, negate: bool) -> Rule {
+fn with_dst(mut r: Rule, cidr: &Cidr, negate: bool) -> Rule {
     r.has |= m::DST;
-    r.dst_mask = prefix_mask(prefix);
-    r.dst_addr = u32::from(addr).to_be() & r.dst_mask;
+    (r.dst_addr, r.dst_mask) = cidr.words();
     if negate {
         r.neg |= m::DST;
     }
     r
 }
 
-fn with_src(mut r: Rule, addr: Ipv4Addr, prefix: u8) -> Rule {
+fn with_src(mut r: Rule, cidr: &Cidr) -> Rule {
     r.has |= m::SRC;
-    r.src_mask = prefix_mask(prefix);
-    r.src_addr = u32::from(addr).to_be() & r.src_mask;
+    (r.src_addr, r.src_mask) = cidr.words();
     r
 }
 
@@ -110,18 +140,41 @@ fn with_owner(mut r: Rule, owner: Owner, negate: bool) -> Rule {
     r
 }
 
-/// The ISTIO_OUTPUT chain for these flags, in evaluation order.
+/// The chains for these flags, in evaluation order: iptables' ISTIO_OUTPUT and ISTIO_INBOUND,
+/// then ip6tables' ISTIO_OUTPUT and ISTIO_INBOUND.
 pub fn compile(cfg: &CaptureConfig) -> Result<Vec<Rule>, TooManyRules> {
-    let mut b = Builder { rules: Vec::new() };
+    let mut rules = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let mut b = Builder {
+            rules: Vec::new(),
+            family,
+        };
+        family_chains(&mut b, cfg);
+        rules.append(&mut b.rules);
+    }
+    if rules.len() > MAX_RULES {
+        return Err(TooManyRules { needed: rules.len() });
+    }
+    Ok(rules)
+}
 
+/// The CIDRs of `family` in a list of both (istio-iptables' `separateV4V6`).
+fn of_family(cidrs: &[Cidr], family: Family) -> impl Iterator<Item = &Cidr> {
+    cidrs.iter().filter(move |c| c.family() == family)
+}
+
+/// One family's ISTIO_OUTPUT and ISTIO_INBOUND.
+fn family_chains(b: &mut Builder, cfg: &CaptureConfig) {
+    let (passthrough_src, localhost) = family_addrs(b.family);
     for &p in &cfg.outbound_exclude_ports {
-        b.push(with_dport(out(Target::Return), IPPROTO_TCP, p, false));
-        b.push(with_dport(out(Target::Return), IPPROTO_UDP, p, false));
+        b.push(with_dport(b.out(Target::Return), IPPROTO_TCP, p, false));
+        b.push(with_dport(b.out(Target::Return), IPPROTO_UDP, p, false));
     }
 
-    b.push(out_lo(with_src(out(Target::Return), INBOUND_PASSTHROUGH_SRC, 32)));
+    b.push(out_lo(with_src(b.out(Target::Return), &passthrough_src)));
 
-    // istio-iptables skips the "app -> itself over lo" RETURN when -i names a loopback range.
+    // istio-iptables skips the "app -> itself over lo" RETURN when -i names a loopback
+    // address of either family (`HasLoopBackIP`, checked for both in both tables).
     let include_has_loopback = match &cfg.outbound_cidrs {
         Include::All => false,
         Include::List(c) => c.iter().any(|c| c.addr.is_loopback()),
@@ -133,35 +186,37 @@ pub fn compile(cfg: &CaptureConfig) -> Result<Vec<Rule>, TooManyRules> {
         .chain(cfg.proxy_gids.iter().map(|&g| Owner::Gid(g)));
     for owner in owners {
         // The proxy dialing its own pod through a VIP goes back to it as inbound traffic.
-        let to_self = with_dst(out(Target::InRedirect), LOCALHOST, 32, true);
+        let to_self = with_dst(b.out(Target::InRedirect), &localhost, true);
         let to_self = with_dport(out_lo(to_self), IPPROTO_TCP, cfg.inbound_tunnel_port, true);
         b.push(with_owner(to_self, owner, false));
         if !include_has_loopback {
-            b.push(with_owner(out_lo(out(Target::Return)), owner, true));
+            b.push(with_owner(out_lo(b.out(Target::Return)), owner, true));
         }
-        b.push(with_owner(out(Target::Return), owner, false));
+        b.push(with_owner(b.out(Target::Return), owner, false));
     }
 
-    b.push(with_dst(out(Target::Return), LOCALHOST, 32, false));
+    b.push(with_dst(b.out(Target::Return), &localhost, false));
 
-    for c in &cfg.outbound_exclude_cidrs {
-        b.push(with_dst(out(Target::Return), c.addr, c.prefix, false));
+    let exclude: Vec<Cidr> = of_family(&cfg.outbound_exclude_cidrs, b.family).copied().collect();
+    for c in &exclude {
+        b.push(with_dst(b.out(Target::Return), c, false));
     }
     for &p in &cfg.outbound_ports {
-        b.push(with_dport(out(Target::Redirect), IPPROTO_TCP, p, false));
+        b.push(with_dport(b.out(Target::Redirect), IPPROTO_TCP, p, false));
     }
     match &cfg.outbound_cidrs {
-        Include::All => b.push(out(Target::Redirect)),
+        Include::All => b.push(b.out(Target::Redirect)),
         Include::List(cidrs) => {
-            for c in cidrs {
-                b.push(with_dst(out(Target::Redirect), c.addr, c.prefix, false));
+            let include: Vec<Cidr> = of_family(cidrs, b.family).copied().collect();
+            for c in &include {
+                b.push(with_dst(b.out(Target::Redirect), c, false));
             }
         }
     }
 
     // Written unconditionally by istio-iptables, even when -b '' leaves the chain unused.
     b.push(with_dport(
-        inb(Target::Return),
+        b.inb(Target::Return),
         IPPROTO_TCP,
         cfg.inbound_tunnel_port,
         false,
@@ -169,28 +224,19 @@ pub fn compile(cfg: &CaptureConfig) -> Result<Vec<Rule>, TooManyRules> {
     match &cfg.inbound_ports {
         Include::All => {
             for &p in &cfg.inbound_exclude_ports {
-                b.push(with_dport(inb(Target::Return), IPPROTO_TCP, p, false));
+                b.push(with_dport(b.inb(Target::Return), IPPROTO_TCP, p, false));
             }
-            let mut all = inb(Target::InRedirect);
+            let mut all = b.inb(Target::InRedirect);
             all.proto = IPPROTO_TCP;
             b.push(all);
         }
         // istio-iptables ignores -d here: only the listed ports are captured anyway.
         Include::List(ports) => {
             for &p in ports {
-                b.push(with_dport(inb(Target::InRedirect), IPPROTO_TCP, p, false));
+                b.push(with_dport(b.inb(Target::InRedirect), IPPROTO_TCP, p, false));
             }
         }
     }
-
-    if b.rules.len() > MAX_RULES {
-        return Err(TooManyRules { needed: b.rules.len() });
-    }
-    Ok(b.rules)
-}
-
-fn inb(target: Target) -> Rule {
-    Rule::new(ChainId::Inbound, target)
 }
 
 /// [`workload_flags`] for these flags.

@@ -1,5 +1,5 @@
 use super::*;
-use crate::{ConnFacts, config};
+use crate::{ConnFacts, addr, config};
 
 /// The default sidecar injection's ISTIO_OUTPUT, as quoted in the foundation issue (with
 /// the `-m tcp` that iptables-save prints for `--dport`).
@@ -27,12 +27,18 @@ fn default_chain_renders_as_istio_iptables_writes_it() {
     assert_eq!(list_columns(&rules[2]).extra, "! owner UID match 1337");
 }
 
-fn output(rules: &[Rule]) -> impl Iterator<Item = &Rule> {
-    rules.iter().filter(|r| r.chain == ChainId::Output as u8)
+fn chain(rules: &[Rule], chain: ChainId, family: Family) -> impl Iterator<Item = &Rule> {
+    rules
+        .iter()
+        .filter(move |r| r.chain == chain as u8 && r.family == family as u8)
 }
 
-fn ip(s: &str) -> u32 {
-    u32::from(s.parse::<Ipv4Addr>().unwrap()).to_be()
+fn output(rules: &[Rule]) -> impl Iterator<Item = &Rule> {
+    chain(rules, ChainId::Output, Family::V4)
+}
+
+fn ip(s: &str) -> addr::Addr {
+    addr::from_ip(s.parse::<IpAddr>().unwrap())
 }
 
 fn first_match(rules: &[Rule], c: &ConnFacts) -> Option<usize> {
@@ -43,10 +49,11 @@ fn first_match(rules: &[Rule], c: &ConnFacts) -> Option<usize> {
 fn default_chain_decides_like_the_rule_set() {
     let rules = compile(&CaptureConfig::default()).unwrap();
     let base = ConnFacts {
+        family: Family::V4 as u8,
         proto: IPPROTO_TCP,
         dst_addr: ip("10.200.0.2"),
         dst_port: 80,
-        src_addr: 0,
+        src_addr: addr::UNSPECIFIED,
         out_lo: false,
         uid: 0,
         gid: 0,
@@ -148,10 +155,7 @@ fn every_flag_shapes_the_chain_in_istio_order() {
 #[test]
 fn inbound_chain_follows_b_and_d() {
     let inbound = |cfg: &CaptureConfig| -> Vec<String> {
-        compile(cfg)
-            .unwrap()
-            .iter()
-            .filter(|r| r.chain == ChainId::Inbound as u8)
+        chain(&compile(cfg).unwrap(), ChainId::Inbound, Family::V4)
             .map(rule_text)
             .collect()
     };
@@ -188,7 +192,7 @@ fn inbound_chain_follows_b_and_d() {
         ["-A ISTIO_INBOUND -p tcp -m tcp --dport 15008 -j RETURN"]
     );
     assert_eq!(flags(&none), 0);
-    let text = iptables_save(&nat_table(&none, &compile(&none).unwrap()));
+    let text = iptables_save(&nat_table(&none, &compile(&none).unwrap(), Family::V4));
     assert!(!text.contains("PREROUTING -p tcp"), "{text}");
 }
 
@@ -198,7 +202,7 @@ fn inbound_chain_follows_b_and_d() {
 fn default_nat_table_is_istio_iptables_output() {
     let cfg = CaptureConfig::default();
     let rules = compile(&cfg).unwrap();
-    let lines = nat_table(&cfg, &rules);
+    let lines = nat_table(&cfg, &rules, Family::V4);
     let mut want = std::vec![
         "-A PREROUTING -p tcp -j ISTIO_INBOUND",
         "-A OUTPUT -j ISTIO_OUTPUT",
@@ -248,10 +252,118 @@ fn a_workload_entry_carries_the_chain_ports_counter_block_and_serving_flags() {
 
 #[test]
 fn oversized_flags_are_refused() {
-    let cidrs = (0..70).map(|i| format!("10.{i}.0.0/16")).collect::<Vec<_>>().join(",");
+    let cidrs = (0..40).map(|i| format!("10.{i}.0.0/16")).collect::<Vec<_>>().join(",");
     let cfg = CaptureConfig {
         outbound_exclude_cidrs: config::parse_cidrs("-x", &cidrs).unwrap(),
         ..CaptureConfig::default()
     };
     assert!(compile(&cfg).unwrap_err().to_string().contains("at most 64"));
+}
+
+/// ip6tables' chains for the flags of Istio's `ipv6-uid-gid` golden case (`-b 4000,5000
+/// -d 6000,7000 -g 1,2 -u 3,4 -x 2001:db8::/32 -i 2001:db8::/32`), in ip6tables-save
+/// spelling; the IPv4 chains of the same flags take no IPv6 CIDR.
+#[test]
+fn ip6tables_chains_take_v6_addresses_and_cidrs() {
+    let cfg = CaptureConfig {
+        inbound_ports: Include::List(std::vec![4000, 5000]),
+        inbound_exclude_ports: std::vec![6000, 7000],
+        proxy_uids: std::vec![3, 4],
+        proxy_gids: std::vec![1, 2],
+        outbound_exclude_cidrs: config::parse_cidrs("-x", "2001:db8::/32").unwrap(),
+        outbound_cidrs: config::parse_cidr_include("-i", "2001:db8::/32").unwrap(),
+        ..CaptureConfig::default()
+    };
+    let rules = compile(&cfg).unwrap();
+    let v6: Vec<String> = chain(&rules, ChainId::Output, Family::V6).map(rule_text).collect();
+    let owner = |m: &str| {
+        [
+            format!("-A ISTIO_OUTPUT ! -d ::1/128 -o lo -p tcp -m tcp ! --dport 15008 -m owner {m} -j ISTIO_IN_REDIRECT"),
+            format!("-A ISTIO_OUTPUT -o lo -m owner ! {m} -j RETURN"),
+            format!("-A ISTIO_OUTPUT -m owner {m} -j RETURN"),
+        ]
+    };
+    let mut want = std::vec!["-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN".to_string()];
+    for m in ["--uid-owner 3", "--uid-owner 4", "--gid-owner 1", "--gid-owner 2"] {
+        want.extend(owner(m));
+    }
+    want.push("-A ISTIO_OUTPUT -d ::1/128 -j RETURN".into());
+    want.push("-A ISTIO_OUTPUT -d 2001:db8::/32 -j RETURN".into());
+    want.push("-A ISTIO_OUTPUT -d 2001:db8::/32 -j ISTIO_REDIRECT".into());
+    assert_eq!(v6, want);
+    let v4: Vec<String> = output(&rules).map(rule_text).collect();
+    assert_eq!(v4.last().unwrap(), "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN");
+    let inbound6: Vec<String> = chain(&rules, ChainId::Inbound, Family::V6).map(rule_text).collect();
+    assert_eq!(
+        inbound6,
+        [
+            "-A ISTIO_INBOUND -p tcp -m tcp --dport 15008 -j RETURN",
+            "-A ISTIO_INBOUND -p tcp -m tcp --dport 4000 -j ISTIO_IN_REDIRECT",
+            "-A ISTIO_INBOUND -p tcp -m tcp --dport 5000 -j ISTIO_IN_REDIRECT",
+        ]
+    );
+    // Slots: IPv4 first, so the IPv4 chains keep the slots they had before IPv6.
+    let first_v6 = rules.iter().position(|r| r.family == Family::V6 as u8).unwrap();
+    assert!(rules[..first_v6].iter().all(|r| r.family == Family::V4 as u8));
+    let table = nat_table(&cfg, &rules, Family::V6);
+    assert!(table.iter().all(|l| l.slot.is_none_or(|s| rules[s].family == Family::V6 as u8)));
+    assert!(iptables_save(&table).contains("-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN\n"));
+    let c = list_columns(&rules[first_v6]);
+    assert_eq!((c.source.as_str(), c.destination.as_str()), ("::6/128", "::/0"));
+}
+
+/// The v6 chain decides for native IPv6 connections only; v4-mapped ones are IPv4.
+#[test]
+fn ip6tables_chain_decides_native_ipv6() {
+    let rules = compile(&CaptureConfig::default()).unwrap();
+    let remote6 = ConnFacts {
+        family: Family::V6 as u8,
+        proto: IPPROTO_TCP,
+        dst_addr: ip("fd00:200:0:1::2"),
+        dst_port: 80,
+        src_addr: addr::UNSPECIFIED,
+        out_lo: false,
+        uid: 0,
+        gid: 0,
+    };
+    let slot = first_match(&rules, &remote6).unwrap();
+    assert_eq!(rule_text(&rules[slot]), "-A ISTIO_OUTPUT -j ISTIO_REDIRECT");
+    assert_eq!(rules[slot].family, Family::V6 as u8);
+    let lo6 = ConnFacts {
+        dst_addr: addr::LOCALHOST6,
+        out_lo: true,
+        ..remote6
+    };
+    assert_eq!(rule_text(&rules[first_match(&rules, &lo6).unwrap()]), "-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN");
+    let passthrough = ConnFacts {
+        src_addr: addr::INBOUND_PASSTHROUGH_SRC6,
+        dst_addr: ip("fd00:200:0:1::1"),
+        out_lo: true,
+        uid: 1337,
+        ..remote6
+    };
+    assert_eq!(rule_text(&rules[first_match(&rules, &passthrough).unwrap()]), "-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN");
+    let mapped = ConnFacts {
+        family: Family::V4 as u8,
+        dst_addr: ip("::ffff:10.200.0.2"),
+        ..remote6
+    };
+    assert_eq!(first_match(&rules, &mapped), Some(8));
+}
+
+/// A loopback CIDR of either family in -i drops the `-o lo ! --uid-owner` RETURNs from both
+/// tables (istio-iptables checks `HasLoopBackIP` of both lists for each).
+#[test]
+fn a_loopback_include_of_either_family_affects_both_tables() {
+    for include in ["127.1.2.3/32", "::1/128"] {
+        let cfg = CaptureConfig {
+            outbound_cidrs: config::parse_cidr_include("-i", include).unwrap(),
+            ..CaptureConfig::default()
+        };
+        let rules = compile(&cfg).unwrap();
+        assert!(
+            !rules.iter().any(|r| rule_text(r).contains("-o lo -m owner !")),
+            "{include}"
+        );
+    }
 }

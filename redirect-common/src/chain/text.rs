@@ -1,11 +1,12 @@
 //! Rules as iptables prints them: the nat table istio-iptables writes (`explain`), each rule's
 //! match text (`stats`, metrics) and the `iptables -L -v -n` columns.
 
-use std::{fmt::Write as _, format, net::Ipv4Addr, string::String, vec::Vec};
+use std::{fmt::Write as _, format, string::String, vec::Vec};
 
 use super::flags;
 use crate::{
     ChainId, IPPROTO_TCP, IPPROTO_UDP, Rule, Target,
+    addr::{Addr, Family},
     config::{CaptureConfig, Cidr},
     m, workload_flags,
 };
@@ -26,9 +27,13 @@ pub struct NatLine {
 
 const CHAINS: [&str; 4] = ["ISTIO_INBOUND", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT", "ISTIO_REDIRECT"];
 
-/// The nat table for these flags, chain by chain, in iptables-save's order. `rules` is what
-/// [`compile`] returned for the same flags.
-pub fn nat_table(cfg: &CaptureConfig, rules: &[Rule]) -> Vec<NatLine> {
+/// The nat table of `family` for these flags (what iptables-save, or ip6tables-save, prints),
+/// chain by chain. `rules` is what [`compile`] returned for the same flags.
+pub fn nat_table(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<NatLine> {
+    let connect = match family {
+        Family::V4 => "connect4",
+        Family::V6 => "connect6",
+    };
     let mut lines = Vec::new();
     let fixed = |text: String, by| NatLine {
         text,
@@ -44,10 +49,16 @@ pub fn nat_table(cfg: &CaptureConfig, rules: &[Rule]) -> Vec<NatLine> {
     }
     lines.push(fixed(
         "-A OUTPUT -j ISTIO_OUTPUT".into(),
-        "connect4 attached to the workload's cgroup",
+        match family {
+            Family::V4 => "connect4 (and connect6 for v4-mapped addresses) attached to the workload's cgroup",
+            Family::V6 => "connect6 attached to the workload's cgroup",
+        },
     ));
     for chain in [ChainId::Inbound, ChainId::Output] {
-        let in_chain = rules.iter().enumerate().filter(|(_, r)| r.chain == chain as u8);
+        let in_chain = rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.chain == chain as u8 && r.family == family as u8);
         for (n, (slot, r)) in in_chain.enumerate() {
             lines.push(NatLine {
                 text: rule_text(r),
@@ -55,7 +66,7 @@ pub fn nat_table(cfg: &CaptureConfig, rules: &[Rule]) -> Vec<NatLine> {
                 num: n + 1,
                 by: match chain {
                     ChainId::Inbound => "sk_lookup",
-                    ChainId::Output => "connect4",
+                    ChainId::Output => connect,
                 },
             });
         }
@@ -65,13 +76,20 @@ pub fn nat_table(cfg: &CaptureConfig, rules: &[Rule]) -> Vec<NatLine> {
                     "-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports {}",
                     cfg.inbound_capture_port
                 ),
-                "connect4 rewrites to 127.0.0.1; sk_lookup hands the SYN to the listener",
+                match family {
+                    Family::V4 => "connect4/6 rewrite to 127.0.0.1; sk_lookup hands the SYN to the listener",
+                    Family::V6 => "connect6 rewrites to ::1; sk_lookup hands the SYN to the listener",
+                },
             ));
         }
     }
+    let rewrite = match family {
+        Family::V4 => "connect4/6 rewrite the destination to 127.0.0.1",
+        Family::V6 => "connect6 rewrites the destination to ::1",
+    };
     lines.push(fixed(
         format!("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports {}", cfg.envoy_port),
-        "connect4 rewrites the destination to 127.0.0.1",
+        rewrite,
     ));
     lines
 }
@@ -99,13 +117,12 @@ pub fn iptables_save(lines: &[NatLine]) -> String {
     s
 }
 
-fn cidr_text(addr_be: u32, mask_be: u32) -> String {
-    let prefix = u32::from_be(mask_be).leading_ones() as u8;
-    Cidr {
-        addr: Ipv4Addr::from(u32::from_be(addr_be)),
-        prefix,
-    }
-    .to_string()
+fn family(r: &Rule) -> Family {
+    r.family_kind().unwrap_or(Family::V4)
+}
+
+fn cidr_text(r: &Rule, addr: &Addr, mask: &Addr) -> String {
+    Cidr::from_words(family(r), addr, mask).to_string()
 }
 
 fn bang(r: &Rule, bit: u16) -> &'static str {
@@ -131,10 +148,10 @@ pub fn match_text(r: &Rule) -> String {
         s.push_str(t);
     };
     if r.has & m::SRC != 0 {
-        part(&format!("{}-s {}", bang(r, m::SRC), cidr_text(r.src_addr, r.src_mask)));
+        part(&format!("{}-s {}", bang(r, m::SRC), cidr_text(r, &r.src_addr, &r.src_mask)));
     }
     if r.has & m::DST != 0 {
-        part(&format!("{}-d {}", bang(r, m::DST), cidr_text(r.dst_addr, r.dst_mask)));
+        part(&format!("{}-d {}", bang(r, m::DST), cidr_text(r, &r.dst_addr, &r.dst_mask)));
     }
     if r.has & m::OUT_LO != 0 {
         part(&format!("{}-o lo", bang(r, m::OUT_LO)));
@@ -181,16 +198,21 @@ pub struct ListColumns {
     pub extra: String,
 }
 
-fn list_addr(r: &Rule, bit: u16, addr: u32, mask: u32) -> String {
+/// An address column: iptables prints a host address bare, ip6tables always with its prefix.
+fn list_addr(r: &Rule, bit: u16, addr: &Addr, mask: &Addr) -> String {
+    let family = family(r);
     if r.has & bit == 0 {
-        return "0.0.0.0/0".into();
+        return match family {
+            Family::V4 => "0.0.0.0/0",
+            Family::V6 => "::/0",
+        }
+        .into();
     }
-    let prefix = u32::from_be(mask).leading_ones();
-    let ip = Ipv4Addr::from(u32::from_be(addr));
-    let text = if prefix == 32 {
-        format!("{ip}")
+    let cidr = Cidr::from_words(family, addr, mask);
+    let text = if family == Family::V4 && cidr.prefix == 32 {
+        format!("{}", cidr.addr)
     } else {
-        format!("{ip}/{prefix}")
+        cidr.to_string()
     };
     format!("{}{text}", if r.neg & bit != 0 { "!" } else { "" })
 }
@@ -219,8 +241,8 @@ pub fn list_columns(r: &Rule) -> ListColumns {
             (true, false) => "lo".into(),
             (true, true) => "!lo".into(),
         },
-        source: list_addr(r, m::SRC, r.src_addr, r.src_mask),
-        destination: list_addr(r, m::DST, r.dst_addr, r.dst_mask),
+        source: list_addr(r, m::SRC, &r.src_addr, &r.src_mask),
+        destination: list_addr(r, m::DST, &r.dst_addr, &r.dst_mask),
         extra: extra.join(" "),
     }
 }

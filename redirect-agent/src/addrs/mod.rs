@@ -1,0 +1,253 @@
+//! The workload's addresses, kept in the programs' maps from rtnetlink.
+//!
+//! iptables' `-o lo` is a routing fact: a destination that is one of the namespace's own
+//! addresses leaves through loopback. connect4/6 see no route, so the agent mirrors the
+//! namespace's addresses of both families into `LOCAL_ADDRS` (127/8 and `::1` are checked in
+//! the programs), the ones other hosts reach into `ADDR_OWNERS` (for sk_lookup), and the pod's
+//! own address of each family into `POD_ADDRS`: an IPv6 one turns the ip6tables chains on, as
+//! istio-iptables installs them only for a pod with an IPv6 address. It follows
+//! RTM_NEWADDR/RTM_DELADDR; on any notification it re-reads the whole set and applies the
+//! difference, which cannot drift the way applying single events can after an overrun.
+
+mod netlink;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    net::IpAddr,
+};
+
+use aya::maps::{HashMap, MapData};
+use netlink_sys::Socket;
+pub use netlink::NetnsAddr;
+use redirect_common::{
+    FamilyKey, LocalAddrKey,
+    addr::{self, Addr, Family},
+    chain::INBOUND_PASSTHROUGH_SRC6,
+};
+use tokio::io::unix::AsyncFd;
+
+use crate::sys::Netns;
+
+/// Receive buffer for change notifications.
+const RECV_BUFFER: usize = 64 * 1024;
+
+/// The namespace's addresses of both families now, read once (node mode checks them before
+/// enrolling).
+pub fn read(netns: &Netns) -> io::Result<BTreeSet<IpAddr>> {
+    let query = netns.run(netlink::query_socket)?;
+    Ok(netlink::ips(&netlink::dump(&query)?))
+}
+
+/// Whether connections from other hosts can be addressed to `ip`, so that it names its
+/// workload in `ADDR_OWNERS`: not loopback, not link-local (the same fe80:: address may be on
+/// many links), not on `lo` (`::6` is on every dual-stack pod's).
+fn reachable_from_other_hosts(a: &NetnsAddr) -> bool {
+    let link_local = match a.ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    !a.ip.is_loopback() && !link_local && a.ifindex != netlink::LOOPBACK_IFINDEX
+}
+
+/// The pod's own address of each family: the first global one, not on `lo`, in the kernel's
+/// order (the primary address of the first device that has one: a pod's `eth0`).
+fn pod_addrs(addrs: &[NetnsAddr]) -> BTreeMap<Family, IpAddr> {
+    let mut out = BTreeMap::new();
+    for a in addrs.iter().filter(|a| a.global && reachable_from_other_hosts(a)) {
+        let family = if a.ip.is_ipv4() { Family::V4 } else { Family::V6 };
+        out.entry(family).or_insert(a.ip);
+    }
+    out
+}
+
+/// The programs' maps of addresses.
+pub struct AddrMaps {
+    pub local: HashMap<MapData, LocalAddrKey, u8>,
+    pub owners: HashMap<MapData, Addr, u64>,
+    pub pods: HashMap<MapData, FamilyKey, Addr>,
+}
+
+impl AddrMaps {
+    /// Removes every address entry of the workload `netns_cookie`, whoever wrote them: what
+    /// unenrolling a workload (or dropping one whose namespace is gone) must leave.
+    pub fn remove_all(&mut self, netns_cookie: u64) {
+        let keys: Vec<LocalAddrKey> = self
+            .local
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.netns_cookie == netns_cookie)
+            .collect();
+        for k in keys {
+            let _ = self.local.remove(&k);
+        }
+        let owned: Vec<Addr> = self
+            .owners
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, c)| *c == netns_cookie)
+            .map(|(a, _)| a)
+            .collect();
+        for a in owned {
+            let _ = self.owners.remove(&a);
+        }
+        for family in [Family::V4, Family::V6] {
+            let _ = self.pods.remove(&FamilyKey::new(netns_cookie, family));
+        }
+    }
+}
+
+/// The namespace's addresses as seen by the programs.
+pub struct LocalAddrs {
+    maps: AddrMaps,
+    netns_cookie: u64,
+    current: Vec<NetnsAddr>,
+    /// A blocking socket in the workload's namespace, for dumps and for adding `::6`.
+    query: Socket,
+}
+
+impl LocalAddrs {
+    /// Reads the current set and installs it; connect4/6 are not attached yet, so the first
+    /// connection already sees it.
+    pub fn install(netns: &Netns, maps: AddrMaps, netns_cookie: u64) -> io::Result<Self> {
+        let query = netns.run(netlink::query_socket)?;
+        let mut me = Self {
+            maps,
+            netns_cookie,
+            current: Vec::new(),
+            query,
+        };
+        me.refresh()?;
+        Ok(me)
+    }
+
+    /// Every address of the namespace, both families.
+    pub fn addresses(&self) -> BTreeSet<IpAddr> {
+        netlink::ips(&self.current)
+    }
+
+    fn refresh(&mut self) -> io::Result<()> {
+        let mut now = netlink::dump(&self.query)?;
+        let pods = pod_addrs(&now);
+        // The ip6tables rules come with `::6` on lo, which the proxy connects to the app from.
+        if pods.contains_key(&Family::V6) && !now.iter().any(|a| a.ip == IpAddr::V6(INBOUND_PASSTHROUGH_SRC6)) {
+            netlink::add_to_lo(&self.query, INBOUND_PASSTHROUGH_SRC6)
+                .map_err(|e| io::Error::new(e.kind(), format!("adding ::6/128 to lo: {e}")))?;
+            tracing::info!("::6/128 added to lo (the IPv6 inbound passthrough source)");
+            now = netlink::dump(&self.query)?;
+        }
+        let (before, after) = (netlink::ips(&self.current), netlink::ips(&now));
+        let owned = |addrs: &[NetnsAddr]| -> BTreeSet<IpAddr> {
+            addrs
+                .iter()
+                .filter(|a| reachable_from_other_hosts(a))
+                .map(|a| a.ip)
+                .collect()
+        };
+        let (owned_before, owned_after) = (owned(&self.current), owned(&now));
+        for ip in after.difference(&before) {
+            self.maps
+                .local
+                .insert(LocalAddrKey::from_ip(self.netns_cookie, *ip), 1, 0)
+                .map_err(io::Error::other)?;
+            tracing::info!(%ip, "local address added");
+        }
+        for ip in owned_after.difference(&owned_before) {
+            self.maps
+                .owners
+                .insert(addr::from_ip(*ip), self.netns_cookie, 0)
+                .map_err(io::Error::other)?;
+        }
+        for ip in owned_before.difference(&owned_after) {
+            // Already gone is fine: the goal is absence.
+            let _ = self.maps.owners.remove(&addr::from_ip(*ip));
+        }
+        for ip in before.difference(&after) {
+            let _ = self.maps.local.remove(&LocalAddrKey::from_ip(self.netns_cookie, *ip));
+            tracing::info!(%ip, "local address removed");
+        }
+        let pods_before = pod_addrs(&self.current);
+        for family in [Family::V4, Family::V6] {
+            let key = FamilyKey::new(self.netns_cookie, family);
+            match (pods_before.get(&family), pods.get(&family)) {
+                (old, Some(ip)) if old != Some(ip) => {
+                    self.maps.pods.insert(key, addr::from_ip(*ip), 0).map_err(io::Error::other)?;
+                    tracing::info!(%ip, family = family.name(), "pod address");
+                }
+                (Some(_), None) => {
+                    let _ = self.maps.pods.remove(&key);
+                    tracing::info!(family = family.name(), "no pod address of this family any more");
+                }
+                _ => {}
+            }
+        }
+        self.current = now;
+        Ok(())
+    }
+
+    /// Follows address changes until the task is dropped.
+    pub async fn watch(mut self, netns: Netns) -> io::Result<()> {
+        let socket = netns.run(netlink::event_socket)?;
+        // SAFETY: `netlink_sys::Socket` owns its descriptor (it closes it on drop, and nothing
+        // else does) and `as_raw_fd` always returns that one; the AsyncFd owns the socket until
+        // it drops, and this code never swaps it through `get_mut`. (netlink-sys's own
+        // TokioSocket makes the same registration through tokio's deprecated `AsyncFd::new`.)
+        let events = unsafe { AsyncFd::register(socket)? };
+        // Changes between install() and subscribing would be missed otherwise.
+        self.refresh()?;
+        let mut buf = Vec::with_capacity(RECV_BUFFER);
+        loop {
+            let mut guard = events.readable().await?;
+            // Drain everything queued; the content does not matter, the re-read does.
+            loop {
+                buf.clear();
+                match events.get_ref().recv(&mut buf, 0) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    // ENOBUFS: events were dropped; the full re-read below covers them.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            guard.clear_ready();
+            if let Err(e) = self.refresh() {
+                tracing::warn!("re-reading local addresses: {e}");
+            }
+        }
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(ip: &str, ifindex: u32, global: bool) -> NetnsAddr {
+        NetnsAddr {
+            ip: ip.parse().unwrap(),
+            ifindex,
+            global,
+        }
+    }
+
+    #[test]
+    fn the_pod_address_of_a_family_is_its_first_global_one_off_lo() {
+        let addrs = [
+            a("127.0.0.1", 1, false),
+            a("::1", 1, false),
+            a("::6", 1, true),
+            a("fe80::1", 2, false),
+            a("10.200.1.1", 2, true),
+            a("fd00:200:0:1::1", 2, true),
+            a("10.200.2.1", 3, true),
+        ];
+        let pods = pod_addrs(&addrs);
+        assert_eq!(pods[&Family::V4], "10.200.1.1".parse::<IpAddr>().unwrap());
+        assert_eq!(pods[&Family::V6], "fd00:200:0:1::1".parse::<IpAddr>().unwrap());
+        // An IPv4-only pod: no IPv6 one, however many link-local and lo addresses it has.
+        let v4_only = [a("::1", 1, false), a("fe80::1", 2, false), a("10.200.1.1", 2, true)];
+        assert!(!pod_addrs(&v4_only).contains_key(&Family::V6));
+        let owned: Vec<_> = addrs.iter().filter(|x| reachable_from_other_hosts(x)).map(|x| x.ip).collect();
+        assert_eq!(owned, ["10.200.1.1", "fd00:200:0:1::1", "10.200.2.1"].map(|s| s.parse::<IpAddr>().unwrap()));
+    }
+}

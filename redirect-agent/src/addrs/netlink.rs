@@ -1,0 +1,253 @@
+//! The namespace's addresses from rtnetlink: dumps, change notifications, and adding `::6`.
+
+use std::{
+    collections::BTreeSet,
+    io,
+    net::{IpAddr, Ipv6Addr},
+};
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NLMSG_ALIGNTO, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage, AddressScope},
+};
+use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
+
+/// A netlink message header's size: a shorter tail of a datagram holds no message.
+const NLMSG_HDR: usize = 16;
+/// Receive buffer: the kernel sizes a dump's datagrams to the reader's buffer, up to 32 KiB.
+const RECV_BUFFER: usize = 64 * 1024;
+/// `lo` is the first device of every network namespace.
+pub(super) const LOOPBACK_IFINDEX: u32 = 1;
+
+/// One address of the namespace, as the kernel lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NetnsAddr {
+    pub ip: IpAddr,
+    pub ifindex: u32,
+    /// Global scope (not host or link): an address other hosts can reach.
+    pub global: bool,
+}
+
+/// A route netlink socket in the calling thread's namespace (blocking), for dumps.
+pub(super) fn query_socket() -> io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    Ok(socket)
+}
+
+/// A non-blocking route netlink socket in the calling thread's namespace, subscribed to its
+/// address changes of both families (RTM_NEWADDR/RTM_DELADDR).
+pub(super) fn event_socket() -> io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.add_membership(libc::RTNLGRP_IPV4_IFADDR)?;
+    socket.add_membership(libc::RTNLGRP_IPV6_IFADDR)?;
+    socket.set_non_blocking(true)?;
+    Ok(socket)
+}
+
+/// The address an RTM_NEWADDR message gives the namespace.
+fn address_of(msg: &AddressMessage) -> Option<NetnsAddr> {
+    if !matches!(msg.header.family, AddressFamily::Inet | AddressFamily::Inet6) {
+        return None;
+    }
+    let (mut local, mut address) = (None, None);
+    for attr in &msg.attributes {
+        match attr {
+            AddressAttribute::Local(ip) => local = Some(*ip),
+            AddressAttribute::Address(ip) => address = Some(*ip),
+            _ => {}
+        }
+    }
+    // IFA_LOCAL is this side of a point-to-point link; IFA_ADDRESS otherwise.
+    Some(NetnsAddr {
+        ip: local.or(address)?,
+        ifindex: msg.header.index,
+        global: msg.header.scope == AddressScope::Universe,
+    })
+}
+
+/// Parses one datagram of RTM_NEWADDR messages, in the kernel's order. Returns true when the
+/// dump is complete.
+pub(super) fn parse_addrs(mut buf: &[u8], out: &mut Vec<NetnsAddr>) -> io::Result<bool> {
+    while buf.len() >= NLMSG_HDR {
+        let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(buf)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("netlink message: {e}")))?;
+        match &msg.payload {
+            NetlinkPayload::Done(_) => return Ok(true),
+            NetlinkPayload::Error(e) => return Err(e.to_io()),
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(m)) => out.extend(address_of(m)),
+            _ => {}
+        }
+        // deserialize checked that the length is at least a header and within `buf`.
+        let len = (msg.header.length as usize).next_multiple_of(usize::from(NLMSG_ALIGNTO));
+        buf = buf.get(len..).unwrap_or_default();
+    }
+    Ok(false)
+}
+
+fn send(socket: &Socket, msg: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
+    let mut req = NetlinkMessage::from(msg);
+    req.header.flags = flags;
+    req.header.sequence_number = 1;
+    req.finalize();
+    let mut bytes = vec![0u8; req.buffer_len()];
+    req.serialize(&mut bytes);
+    socket.send(&bytes, 0)?;
+    Ok(())
+}
+
+/// Every address of both families of the namespace the socket lives in, in the kernel's order
+/// (by device, primary addresses first).
+pub(super) fn dump(socket: &Socket) -> io::Result<Vec<NetnsAddr>> {
+    // AF_UNSPEC: one dump of both families.
+    send(
+        socket,
+        RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+        NLM_F_REQUEST | NLM_F_DUMP,
+    )?;
+    let mut out = Vec::new();
+    let mut buf = Vec::with_capacity(RECV_BUFFER);
+    loop {
+        buf.clear();
+        socket.recv(&mut buf, 0)?;
+        if parse_addrs(&buf, &mut out)? {
+            return Ok(out);
+        }
+    }
+}
+
+/// The addresses alone, for the enroll checks.
+pub(super) fn ips(addrs: &[NetnsAddr]) -> BTreeSet<IpAddr> {
+    addrs.iter().map(|a| a.ip).collect()
+}
+
+/// `ip -6 addr add ADDR/128 dev lo`: what istio-iptables does for `::6` when it installs the
+/// ip6tables rules (IPv6 gives `lo` only `::1`, where IPv4 has all of 127/8), so that the
+/// proxy can connect to the app from it. An address already there is fine.
+pub(super) fn add_to_lo(socket: &Socket, ip: Ipv6Addr) -> io::Result<()> {
+    let mut msg = AddressMessage::default();
+    msg.header.family = AddressFamily::Inet6;
+    msg.header.prefix_len = 128;
+    msg.header.scope = AddressScope::Universe;
+    msg.header.index = LOOPBACK_IFINDEX;
+    msg.attributes.push(AddressAttribute::Local(IpAddr::V6(ip)));
+    msg.attributes.push(AddressAttribute::Address(IpAddr::V6(ip)));
+    send(
+        socket,
+        RouteNetlinkMessage::NewAddress(msg),
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+    )?;
+    let mut buf = Vec::with_capacity(RECV_BUFFER);
+    socket.recv(&mut buf, 0)?;
+    let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("netlink message: {e}")))?;
+    match msg.payload {
+        NetlinkPayload::Error(e) if e.code.is_some() => {
+            let err = e.to_io();
+            match err.raw_os_error() {
+                Some(libc::EEXIST) => Ok(()),
+                _ => Err(err),
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use libc::{IFA_ADDRESS, IFA_LOCAL, RTM_NEWADDR};
+    use netlink_packet_core::{NLMSG_DONE, NLMSG_ERROR};
+
+    use super::*;
+
+    fn msg(ty: u16, body: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&((NLMSG_HDR + body.len()) as u32).to_ne_bytes());
+        m.extend_from_slice(&ty.to_ne_bytes());
+        m.extend_from_slice(&[0; 10]);
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// An ifaddrmsg (family, prefix, flags, scope, index 2) and its attributes.
+    fn addr_body(family: u8, scope: u8, attrs: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut b = vec![family, 24, 0, scope, 2, 0, 0, 0];
+        for (ty, ip) in attrs {
+            b.extend_from_slice(&(4 + ip.len() as u16).to_ne_bytes());
+            b.extend_from_slice(&ty.to_ne_bytes());
+            b.extend_from_slice(ip);
+        }
+        b
+    }
+
+    fn ips(v: &[NetnsAddr]) -> Vec<IpAddr> {
+        v.iter().map(|a| a.ip).collect()
+    }
+
+    #[test]
+    fn parses_local_over_address_and_both_families_in_order() {
+        let v6: Ipv6Addr = "fd00:200:0:1::1".parse().unwrap();
+        let mut buf = msg(
+            RTM_NEWADDR,
+            &addr_body(2, 0, &[(IFA_ADDRESS, &[10, 200, 0, 9]), (IFA_LOCAL, &[10, 200, 0, 1])]),
+        );
+        buf.extend(msg(RTM_NEWADDR, &addr_body(10, 0, &[(IFA_ADDRESS, &v6.octets())])));
+        buf.extend(msg(RTM_NEWADDR, &addr_body(2, 254, &[(IFA_ADDRESS, &[127, 0, 0, 1])])));
+        let mut out = Vec::new();
+        assert!(!parse_addrs(&buf, &mut out).unwrap());
+        assert_eq!(
+            ips(&out),
+            [
+                IpAddr::V4(Ipv4Addr::new(10, 200, 0, 1)),
+                IpAddr::V6(v6),
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            ]
+        );
+        assert_eq!(out.iter().map(|a| a.global).collect::<Vec<_>>(), [true, true, false]);
+        let mut out = Vec::new();
+        assert!(parse_addrs(&msg(NLMSG_DONE, &[0; 4]), &mut out).unwrap());
+        assert!(parse_addrs(&msg(NLMSG_ERROR, &(-1i32).to_ne_bytes()), &mut out).is_err());
+        assert!(parse_addrs(&buf[..20], &mut out).is_err());
+    }
+
+    /// A dump read from a kernel (6.x): `lo` 127.0.0.1/8, then on a veth
+    /// `10.200.9.1 peer 10.200.9.2/32` (IFA_LOCAL and IFA_ADDRESS differ) and 10.200.8.1/24,
+    /// each with IFA_LABEL, IFA_FLAGS and IFA_CACHEINFO; then NLMSG_DONE in its own datagram.
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn parses_a_dump_captured_from_the_kernel() {
+        const ADDRS: &str = "4c0000001400020001000000873b0000020880fe01000000080001007f000001080002007f000001\
+            070003006c6f0000080008008000000014000600ffffffffffffffff0be702000be70200\
+            4c0000001400020001000000873b00000220800002000000080001000ac80902080002000ac80901\
+            0700030076300000080008008000000014000600ffffffffffffffff0de702000de70200\
+            4c0000001400020001000000873b00000218800002000000080001000ac80801080002000ac80801\
+            0700030076300000080008008000000014000600ffffffffffffffff0de702000de70200";
+        const DONE: &str = "140000000300020001000000873b000000000000";
+        let bytes = |hex: &str| -> Vec<u8> {
+            (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect()
+        };
+        let mut out = Vec::new();
+        assert!(!parse_addrs(&bytes(ADDRS), &mut out).unwrap());
+        assert_eq!(
+            ips(&out),
+            [
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V4(Ipv4Addr::new(10, 200, 9, 1)),
+                IpAddr::V4(Ipv4Addr::new(10, 200, 8, 1)),
+            ]
+        );
+        assert_eq!(out[0].ifindex, LOOPBACK_IFINDEX);
+        assert!(!out[0].global && out[1].global);
+        assert!(parse_addrs(&bytes(DONE), &mut out).unwrap());
+        assert_eq!(out.len(), 3);
+    }
+}

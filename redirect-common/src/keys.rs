@@ -1,0 +1,228 @@
+//! Map keys and values the programs and the agent both build. Each has one constructor (and a
+//! user-space one from socket addresses); never build them field by field: the programs read
+//! addresses and ports from context fields in several layouts ([`port`], [`crate::addr`]), and
+//! the agent and the programs must agree on every byte.
+
+use crate::addr::{Addr, Family};
+
+/// An address of a workload's network namespace: a destination routed over `lo`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct LocalAddrKey {
+    pub netns_cookie: u64,
+    /// [`crate::addr`] form: IPv4 v4-mapped.
+    pub addr: Addr,
+}
+
+impl LocalAddrKey {
+    /// The key of address `addr` of the namespace whose cookie is `netns_cookie`.
+    #[inline(always)]
+    pub const fn new(netns_cookie: u64, addr: Addr) -> Self {
+        Self { netns_cookie, addr }
+    }
+
+    /// [`LocalAddrKey::new`] from an address as user space holds it.
+    #[cfg(any(feature = "user", test))]
+    pub const fn from_ip(netns_cookie: u64, ip: core::net::IpAddr) -> Self {
+        Self::new(netns_cookie, crate::addr::from_ip(ip))
+    }
+}
+
+/// Something a workload has once per address family: its capture listener
+/// (`INBOUND_LISTENERS`), its own address (`POD_ADDRS`).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FamilyKey {
+    pub netns_cookie: u64,
+    /// [`Family`] discriminant.
+    pub family: u8,
+    pub _pad: [u8; 7],
+}
+
+impl FamilyKey {
+    #[inline(always)]
+    pub const fn new(netns_cookie: u64, family: Family) -> Self {
+        Self {
+            netns_cookie,
+            family: family as u8,
+            _pad: [0; 7],
+        }
+    }
+}
+
+/// What connect4/connect6 remember about a redirected socket until sock_ops sees its 4-tuple.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct PendingOrigDst {
+    pub netns_cookie: u64,
+    pub orig: OrigDst,
+    pub _pad: u32,
+}
+
+/// A redirected connection's original destination.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    /// [`crate::addr`] form: IPv4 v4-mapped.
+    pub addr: Addr,
+    /// Host byte order.
+    pub port: u16,
+    /// The [`crate::Target`] that redirected it.
+    pub target: u8,
+    pub _pad: u8,
+}
+
+impl OrigDst {
+    #[inline(always)]
+    pub const fn new(addr: Addr, port: u16, target: crate::Target) -> Self {
+        Self {
+            addr,
+            port,
+            target: target as u8,
+            _pad: 0,
+        }
+    }
+}
+
+/// A connection as seen from the connecting (workload) side, within one network namespace.
+/// The proxy builds the same key from an accepted socket's peer and local addresses.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    pub netns_cookie: u64,
+    /// [`crate::addr`] form: IPv4 v4-mapped.
+    pub src_addr: Addr,
+    /// [`crate::addr`] form.
+    pub dst_addr: Addr,
+    /// Host byte order.
+    pub src_port: u16,
+    /// Host byte order.
+    pub dst_port: u16,
+    pub _pad: u32,
+}
+
+impl TupleKey {
+    /// The key of the connection from `src` to `dst` (as its connecting end sees it) in the
+    /// namespace whose cookie is `netns_cookie`. Addresses in [`crate::addr`] form; ports in
+    /// host byte order (the number itself, e.g. `15001`): convert a context's port field with
+    /// the [`port`] function named for its layout.
+    #[inline(always)]
+    pub const fn new(netns_cookie: u64, src: Addr, src_port_host: u16, dst: Addr, dst_port_host: u16) -> Self {
+        Self {
+            netns_cookie,
+            src_addr: src,
+            dst_addr: dst,
+            src_port: src_port_host,
+            dst_port: dst_port_host,
+            _pad: 0,
+        }
+    }
+
+    /// [`TupleKey::new`] from socket addresses as user space holds them: `src` is the
+    /// connecting end (an accepted socket's peer, a connected socket's local address). An
+    /// AF_INET6 socket's v4-mapped addresses give the same key as the AF_INET ones.
+    #[cfg(any(feature = "user", test))]
+    pub const fn from_addrs(netns_cookie: u64, src: core::net::SocketAddr, dst: core::net::SocketAddr) -> Self {
+        Self::new(
+            netns_cookie,
+            crate::addr::from_ip(src.ip()),
+            src.port(),
+            crate::addr::from_ip(dst.ip()),
+            dst.port(),
+        )
+    }
+
+    /// The same connection seen from its other end.
+    #[inline(always)]
+    pub const fn reversed(&self) -> Self {
+        Self::new(
+            self.netns_cookie,
+            self.dst_addr,
+            self.dst_port,
+            self.src_addr,
+            self.src_port,
+        )
+    }
+}
+
+/// Ports as the kernel's program contexts present them, to the host-order `u16` the keys and
+/// rules hold. Each takes the whole 4-byte field (read as a `u32`, the access the kernel
+/// accepts on every version) and is named for where the port sits in it. The BPF target is
+/// little-endian (`bpfel`), which these layouts assume: on big-endian the kernel lays the
+/// remote ports out differently.
+pub mod port {
+    /// Host byte order in the low 16 bits: every *local* port (`bpf_sock_ops.local_port`,
+    /// `sk_msg_md.local_port`, `bpf_sock.src_port`, for which the kernel loads the socket's
+    /// `skc_num`; `bpf_sk_lookup.local_port`, the SYN's destination port in host order).
+    #[inline(always)]
+    pub const fn host(field: u32) -> u16 {
+        field as u16
+    }
+
+    /// Network byte order in the field's first two bytes, so in the low half of the `u32`:
+    /// `bpf_sk_lookup.remote_port`, `bpf_sock.dst_port` (both `__be16` plus 16 bits of zeros
+    /// since 5.19, a `__u32` holding the `__be16` before) and `bpf_sock_addr.user_port`.
+    #[inline(always)]
+    pub const fn be_low(field: u32) -> u16 {
+        u16::from_be(field as u16)
+    }
+
+    /// Network byte order in the high half of the `u32`: `bpf_sock_ops.remote_port` and
+    /// `sk_msg_md.remote_port`, for which the kernel loads `skc_dport` and shifts it left by
+    /// 16 on little-endian.
+    #[inline(always)]
+    pub const fn be_high(field: u32) -> u16 {
+        u16::from_be((field >> 16) as u16)
+    }
+
+    /// `port` (host order) as `bpf_sock_addr.user_port` takes it: network order in the low
+    /// half. The inverse of [`be_low`].
+    #[inline(always)]
+    pub fn to_be_low(port: u16) -> u32 {
+        u32::from(port.to_be())
+    }
+}
+
+/// aya copies these to and from the kernel's map memory as plain bytes. What makes that sound
+/// for each: `#[repr(C)]` and `Copy`; no implicit padding, so every byte aya writes is a
+/// named, initialized field (the sizes are pinned by `layout::sizes_have_no_implicit_padding`,
+/// which would fail if the compiler inserted any); and only integer fields, so any bytes the
+/// kernel hands back are a valid value (enums such as [`crate::Target`] are kept as `u8` and
+/// decoded with `from_u8`, never transmuted).
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), Copy; u64 then [u32; 4]; 24 bytes, no gaps.
+    unsafe impl aya::Pod for super::LocalAddrKey {}
+    // SAFETY: repr(C), Copy; u64, u8 (`family`, decoded with Family::from_u8), [u8; 7]
+    // `_pad`; 16 bytes, no gaps.
+    unsafe impl aya::Pod for super::FamilyKey {}
+    // SAFETY: repr(C), Copy; u64, a 20-byte 4-aligned OrigDst, explicit u32 `_pad`; 32
+    // bytes, no gaps.
+    unsafe impl aya::Pod for super::PendingOrigDst {}
+    // SAFETY: repr(C), Copy; [u32; 4], u16, u8 (`target`, decoded with Target::from_u8), u8
+    // `_pad`; 20 bytes, no gaps.
+    unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: repr(C), Copy; u64, 2 x [u32; 4], 2 x u16, explicit u32 `_pad`; 48 bytes, no
+    // gaps.
+    unsafe impl aya::Pod for super::TupleKey {}
+}
+
+#[cfg(test)]
+mod layout {
+    use core::mem::size_of;
+
+    use super::*;
+
+    // The eBPF side and the agent read these bytes; padding must be explicit and zeroed.
+    #[test]
+    fn sizes_have_no_implicit_padding() {
+        assert_eq!(size_of::<LocalAddrKey>(), 24);
+        assert_eq!(size_of::<FamilyKey>(), 16);
+        assert_eq!(size_of::<OrigDst>(), 20);
+        assert_eq!(size_of::<PendingOrigDst>(), 32);
+        assert_eq!(size_of::<TupleKey>(), 48);
+    }
+}
+
+#[cfg(all(test, target_endian = "little"))]
+mod tests;

@@ -1,0 +1,131 @@
+//! ISTIO_OUTPUT for one connect(), whichever hook saw it: `connect4` (AF_INET sockets) or
+//! `connect6` (AF_INET6 sockets, to a native IPv6 address or a v4-mapped IPv4 one). The hooks
+//! read and write their own contexts; what iptables or ip6tables would decide, and what is
+//! recorded for the proxy, is decided here once.
+use core::ffi::c_void;
+
+use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_uid_gid, bpf_get_socket_cookie};
+use redirect_common::{
+    ChainId, ConnFacts, IPPROTO_TCP, OrigDst, PendingOrigDst, Target,
+    addr::{self, Addr, Family},
+    events,
+};
+
+use crate::{
+    chain,
+    maps::{ORIG_BY_COOKIE, count_event, ipv6_on, is_local_addr, workload},
+};
+
+/// A connect() as its hook read it.
+pub struct Connect {
+    pub netns_cookie: u64,
+    /// Where the app connects, in [`redirect_common::addr`] form (IPv4 v4-mapped), as it
+    /// passed it: `0.0.0.0` and `::` are resolved here, as the kernel would.
+    pub dst: Addr,
+    /// Host order.
+    pub dst_port: u16,
+    /// The socket's bound address; [`addr::UNSPECIFIED`] (or 0.0.0.0) when unbound.
+    pub src: Addr,
+}
+
+/// Where the hook must send a redirected connect: the capture listener's address and port.
+pub struct Redirect {
+    pub addr: Addr,
+    pub port: u16,
+}
+
+/// The nat OUTPUT decision for `c`: `Some` when the chain of its family says REDIRECT or
+/// IN_REDIRECT, after the original destination has been recorded under the socket's cookie.
+///
+/// # Safety
+///
+/// `ctx` must be the context the kernel passed to this run of a `cgroup/connect4` or
+/// `cgroup/connect6` program (the socket cookie helper reads the socket from it).
+#[inline(always)]
+pub unsafe fn decide(ctx: *mut c_void, c: &Connect) -> Option<Redirect> {
+    let workload = workload(c.netns_cookie)?;
+    // A workload enrolled with its cgroup: ISTIO_OUTPUT is that cgroup's, as it is for a
+    // `run` instance attached there.
+    if workload.cgroup_id != 0
+        // SAFETY: the helper takes only an integer (the ancestor's depth: any value is
+        // accepted, and one deeper than the task's own cgroup gives 0) and reads the current
+        // task.
+        && unsafe { bpf_get_current_ancestor_cgroup_id(workload.cgroup_level as i32) } != workload.cgroup_id
+    {
+        return None;
+    }
+    let (dst, family) = resolve_unspecified(c);
+    // ip6tables has rules for a pod only once it has an IPv6 address (Istio decides dual
+    // stack from the pod's addresses); without them nat OUTPUT lets IPv6 through.
+    if family == Family::V6 && !ipv6_on(c.netns_cookie) {
+        return None;
+    }
+    // The calling task's uid/gid. The owner match reads the socket file's fsuid/fsgid: the same
+    // unless a set-id program connects a socket, or one is passed to another process.
+    let uid_gid = bpf_get_current_uid_gid();
+    let out_lo = is_local_addr(c.netns_cookie, &dst);
+    // A socket bound to a loopback address cannot reach anything but lo: the kernel's route
+    // lookup fails the connect() before nat OUTPUT ever sees a packet. Leave it to fail the
+    // same way rather than redirect it to a listener it could reach.
+    if addr::is_loopback(&c.src) && !out_lo {
+        return None;
+    }
+    let facts = ConnFacts {
+        family: family as u8,
+        proto: IPPROTO_TCP,
+        dst_addr: dst,
+        dst_port: c.dst_port,
+        src_addr: c.src,
+        out_lo,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+    };
+    let (target, port) = match chain::decide(workload, ChainId::Output, &facts) {
+        Some(t @ Target::Redirect) => (t, workload.outbound_port),
+        Some(t @ Target::InRedirect) => (t, workload.inbound_port),
+        Some(Target::Return) | None => return None,
+    };
+    // SAFETY: the program's own context is the one argument (for sock_addr programs the
+    // kernel's variant of the helper reads the socket from it); see `# Safety`.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx) };
+    let pending = PendingOrigDst {
+        netns_cookie: c.netns_cookie,
+        orig: OrigDst::new(dst, c.dst_port, target),
+        _pad: 0,
+    };
+    // Redirect even if the record fails (the LRU only fails under memory pressure): the proxy
+    // then finds no original destination and resets the connection, which is loud, where
+    // leaving it uncaptured would silently bypass the mesh.
+    if ORIG_BY_COOKIE.insert(cookie, pending, 0).is_err() {
+        count_event(workload, events::ORIG_DST_NOT_RECORDED);
+    }
+    Some(Redirect {
+        addr: addr::localhost(family),
+        port,
+    })
+}
+
+/// The destination the kernel will route `c` to, and the family on the wire. connect() to
+/// 0.0.0.0 goes to the bound source, else 127.0.0.1; to `::`, to `::1` (or 127.0.0.1 from a
+/// socket bound to a v4-mapped address): the destination the nat table would see.
+#[inline(always)]
+fn resolve_unspecified(c: &Connect) -> (Addr, Family) {
+    let family = addr::family(&c.dst);
+    match family {
+        Family::V4 if c.dst[3] == 0 => {
+            if addr::is_v4(&c.src) && c.src[3] != 0 {
+                (c.src, Family::V4)
+            } else {
+                (addr::localhost(Family::V4), Family::V4)
+            }
+        }
+        Family::V6 if addr::words_eq(&c.dst, &addr::UNSPECIFIED) => {
+            if addr::is_v4(&c.src) {
+                (addr::localhost(Family::V4), Family::V4)
+            } else {
+                (addr::LOCALHOST6, Family::V6)
+            }
+        }
+        _ => (c.dst, family),
+    }
+}
