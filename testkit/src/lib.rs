@@ -19,6 +19,7 @@ pub mod probe;
 pub mod report;
 pub mod serve;
 pub mod server;
+pub mod sock;
 pub mod util;
 
 pub use util::unique;
