@@ -153,9 +153,10 @@ pub fn read_banner(r: &mut impl BufRead) -> io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::{Outcome, ProbeResult};
 
     #[test]
-    fn the_banner_writes_addresses_as_given() {
+    fn the_banner_writes_addresses_as_given_and_they_read_back() {
         let a = |s: &str| s.parse::<SocketAddr>().unwrap();
         let line = server_banner(
             "cap-out",
@@ -173,5 +174,33 @@ mod tests {
             v4,
             "REDIRECT-TEST name=remote local=10.200.1.2:8080 peer=10.200.1.1:40000 orig=-\n"
         );
+
+        let r = ProbeResult {
+            outcome: Outcome::Ok,
+            error: None,
+            dialed: Some("[::ffff:10.200.1.2]:8080".into()),
+            local: Some("[::ffff:10.200.1.1]:40000".into()),
+            peer: Some("[::ffff:127.0.0.1]:15001".into()),
+            banner: Some(line.trim_end().to_owned()),
+            sent: 0,
+            received: 0,
+            intact: false,
+            elapsed_ms: 0,
+            round_trips: 0,
+            slowest_round_trip_us: 0,
+            sockopts: None,
+        };
+        assert_eq!(r.peer_port(), Some(15001));
+        assert_eq!(r.peer_addr(), Some(a("[::ffff:127.0.0.1]:15001")));
+        assert_eq!(r.local_addr(), Some(a("[::ffff:10.200.1.1]:40000")));
+        assert_eq!(r.banner_field("orig"), Some("[fd00:200:0:1::2]:8080"));
+        assert_eq!(r.banner_addr("orig"), Some(a("[fd00:200:0:1::2]:8080")));
+        assert_eq!(r.banner_addr("local"), Some(a("[::ffff:127.0.0.1]:15001")));
+        // A report of an older probe, without `dialed`, still reads.
+        let mut json: serde_json::Value = serde_json::to_value(&r).unwrap();
+        json.as_object_mut().unwrap().remove("dialed");
+        let old: ProbeResult = serde_json::from_value(json).unwrap();
+        assert_eq!(old.dialed, None);
+        assert_eq!(old.peer, r.peer);
     }
 }
