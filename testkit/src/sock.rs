@@ -9,8 +9,6 @@ use std::{
     os::fd::{AsFd, AsRawFd},
 };
 
-use redirect_agent::sys;
-
 /// The address a probe gives connect() for `to`: with `v4_mapped`, an IPv4 destination
 /// `a.b.c.d:p` becomes `[::ffff:a.b.c.d]:p` (dialed from an AF_INET6 socket); an IPv6
 /// destination, or any destination without `v4_mapped`, stays as it is.
@@ -179,30 +177,32 @@ pub fn parse_sockaddr(buf: &[u8]) -> Option<SocketAddr> {
 
 /// Where an accepted connection was going before a REDIRECT (conntrack's answer) or before the
 /// agent captured it (its getsockopt program's), asked as Envoy asks, by the socket's family
-/// (SO_DOMAIN): `getsockopt(SOL_IP, SO_ORIGINAL_DST)` answering a `sockaddr_in` on an AF_INET
-/// socket ([`sys::original_dst`], unchanged), `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)`
-/// with room for a `sockaddr_in6` on an AF_INET6 one, also when its connection is IPv4 (a
-/// v4-mapped peer on a dual-stack listener). The answer is read by the family it carries.
+/// (SO_DOMAIN): `getsockopt(SOL_IP, SO_ORIGINAL_DST)` on an AF_INET socket,
+/// `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` on an AF_INET6 one, also when its connection
+/// is IPv4 (a v4-mapped peer on a dual-stack listener). Both with room for a
+/// `sockaddr_storage`, as Envoy and rustix's `ip_original_dst` (what the kit asked before)
+/// give; the answer (a `sockaddr_in` or `sockaddr_in6`) is read by the family it carries.
 pub fn original_dst(socket: &impl AsFd) -> io::Result<SocketAddr> {
     let mut domain = [0u8; std::mem::size_of::<libc::c_int>()];
     getsockopt_bytes(socket, libc::SOL_SOCKET, libc::SO_DOMAIN, &mut domain)?;
-    match libc::c_int::from_ne_bytes(domain) {
-        libc::AF_INET => Ok(sys::original_dst(socket)?.into()),
-        libc::AF_INET6 => {
-            let mut buf = [0u8; std::mem::size_of::<libc::sockaddr_in6>()];
-            let len = getsockopt_bytes(socket, libc::SOL_IPV6, libc::IP6T_SO_ORIGINAL_DST, &mut buf)?;
-            parse_sockaddr(&buf[..(len as usize).min(buf.len())]).ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("IP6T_SO_ORIGINAL_DST answered {len} bytes that are no address"),
-                )
-            })
+    let (level, name) = match libc::c_int::from_ne_bytes(domain) {
+        libc::AF_INET => (libc::SOL_IP, libc::SO_ORIGINAL_DST),
+        libc::AF_INET6 => (libc::SOL_IPV6, libc::IP6T_SO_ORIGINAL_DST),
+        other => {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("no original destination for a socket of family {other}"),
+            ));
         }
-        other => Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            format!("no original destination for a socket of family {other}"),
-        )),
-    }
+    };
+    let mut buf = [0u8; std::mem::size_of::<libc::sockaddr_storage>()];
+    let len = getsockopt_bytes(socket, level, name, &mut buf)?;
+    parse_sockaddr(&buf[..(len as usize).min(buf.len())]).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the original destination answered {len} bytes that are no address"),
+        )
+    })
 }
 
 #[cfg(test)]
