@@ -139,6 +139,19 @@ fn a_pair_is_dual_stack_and_the_probe_dials_either_family() {
     assert_eq!(r.peer.as_deref(), Some("[::ffff:10.200.1.2]:53"));
     assert!(r.local.as_deref().unwrap().starts_with("[::ffff:10.200.1.1]:"), "{r:?}");
 
+    // The probe's own socket, which nobody redirected: the original destination query finds
+    // nothing, asked as SO_ORIGINAL_DST on AF_INET and IP6T_SO_ORIGINAL_DST on AF_INET6.
+    for spec in [
+        from_workload(SocketAddrV4::new(pair.remote_ip, 8080).into()),
+        from_workload(SocketAddrV4::new(pair.remote_ip, 8080).into()).v4_mapped(),
+        from_workload(v6(pair.remote_ip6, 8080).into()),
+    ] {
+        let r = probe(&spec.sockopts());
+        let s = r.sockopts.as_ref().unwrap_or_else(|| panic!("{r:?}"));
+        assert_eq!(s.orig_dst_errno, Some(libc::ENOENT), "{r:?}");
+        assert!(s.tcp_info_len > 0 && s.peer_groups_intact, "{r:?}");
+    }
+
     // Nobody listens: refused, in either family.
     let r = probe(&from_workload(v6(pair.remote_ip6, 1).into()));
     assert_eq!(r.outcome, Outcome::Refused, "{r:?}");
