@@ -4,7 +4,9 @@
 //! A workload is a network-namespace pair joined by a veth ([`netns`]), a cgroup ([`cgroup`]),
 //! plain servers ([`server`], or [`serve`] as the workload's own process), the agent as a child
 //! process ([`agent`]), and probes run from inside the workload ([`probe`], reporting
-//! [`report`]s). Every piece removes itself on drop, also when a test panics.
+//! [`report`]s). Every piece removes itself on drop, also when a test panics. All of it is
+//! dual-stack: the pair has IPv4 and IPv6 addresses, servers listen on either, and a probe
+//! dials from an AF_INET or an AF_INET6 socket, also to a v4-mapped address ([`sock`]).
 //!
 //! The `redirect-testkit` binary is the child process that enters a workload (`probe`,
 //! `serve`), and runs the `demo`. Of the agent, this crate uses the library's `sys` module
@@ -19,6 +21,7 @@ pub mod probe;
 pub mod report;
 pub mod serve;
 pub mod server;
+pub mod sock;
 pub mod util;
 
 pub use util::unique;

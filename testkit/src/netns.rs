@@ -1,10 +1,11 @@
 //! Network namespaces: a named one (`ip netns add`), and the pair every throw-away workload
-//! lives in, joined by a veth (10.200.0.0/16, no default route, so nothing can leave the
-//! machine). Each removes itself on drop, also when a test panics.
+//! lives in, joined by a veth, dual-stack (10.200.0.0/16 and the ULA prefix fd00:200::/48, no
+//! default route of either family, so nothing can leave the machine). Each removes itself on
+//! drop, also when a test panics.
 
 use std::{
     io,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -19,14 +20,30 @@ pub struct NamedNetns {
 }
 
 impl NamedNetns {
+    /// A new namespace with IPv6 enabled (whatever the host's defaults) and `lo` up, so it has
+    /// 127.0.0.1 and ::1.
     pub fn create(name: &str) -> io::Result<Self> {
         cmd("ip", &["netns", "add", name])?;
         let ns = Self {
             name: name.into(),
             path: Path::new("/run/netns").join(name),
         };
+        // Before any link is up or made: `all` reaches the links there are (lo), `default`
+        // the ones made later.
+        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "0")?;
+        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "0")?;
         cmd("ip", &["-n", name, "link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// Sets a sysctl of this namespace (`net.ipv6.conf.all.disable_ipv6`): /proc/sys/net
+    /// answers for the namespace of the thread that opens it, so the write is made from a
+    /// thread inside.
+    pub fn sysctl(&self, key: &str, value: &str) -> io::Result<()> {
+        let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+        self.open()?
+            .run(|| std::fs::write(&path, value))
+            .map_err(|e| io::Error::new(e.kind(), format!("sysctl {key}={value} in {}: {e}", self.name)))
     }
 
     pub fn open(&self) -> io::Result<sys::Netns> {
@@ -47,12 +64,25 @@ impl Drop for NamedNetns {
     }
 }
 
-/// A workload namespace and a "remote host" namespace on one /24 of 10.200.0.0/16.
+/// A workload namespace and a "remote host" namespace, dual-stack: on one /24 of 10.200.0.0/16
+/// and on the matching /64 of fd00:200::/48 (see [`NetnsPair::create_on`]). Both ends also have
+/// 127.0.0.1 and ::1 on `lo`, and IPv6 link-local addresses on the veth; neither has a default
+/// route.
 pub struct NetnsPair {
     pub workload: NamedNetns,
     pub remote: NamedNetns,
     pub workload_ip: Ipv4Addr,
     pub remote_ip: Ipv4Addr,
+    /// `fd00:200:0:SUBNET::1` on w0 (SUBNET in hex, as an IPv6 group is written).
+    pub workload_ip6: Ipv6Addr,
+    /// `fd00:200:0:SUBNET::2` on r0.
+    pub remote_ip6: Ipv6Addr,
+}
+
+/// The pair's IPv6 addresses on `subnet`: (workload, remote), `fd00:200:0:SUBNET::1` and `::2`.
+pub fn pair_ip6(subnet: u8) -> (Ipv6Addr, Ipv6Addr) {
+    let on = |host| Ipv6Addr::new(0xfd00, 0x200, 0, u16::from(subnet), 0, 0, 0, host);
+    (on(1), on(2))
 }
 
 impl NetnsPair {
@@ -61,13 +91,16 @@ impl NetnsPair {
         Self::create_on(tag, 1)
     }
 
-    /// On 10.200.`subnet`.0/24: workloads served by one node agent need distinct addresses,
-    /// as pods on one node have.
+    /// On 10.200.`subnet`.0/24 and fd00:200:0:`subnet`::/64 (`subnet` in hex there, see
+    /// [`pair_ip6`]): workloads served by one node agent need distinct addresses, as pods on
+    /// one node have. The IPv6 addresses are added without duplicate address detection, so
+    /// they can be bound and dialed as soon as this returns; the IPv4 side is as it always was.
     pub fn create_on(tag: &str, subnet: u8) -> io::Result<Self> {
         let base = unique(tag);
         let workload = NamedNetns::create(&format!("{base}-w"))?;
         let remote = NamedNetns::create(&format!("{base}-r"))?;
         let (workload_ip, remote_ip) = (Ipv4Addr::new(10, 200, subnet, 1), Ipv4Addr::new(10, 200, subnet, 2));
+        let (workload_ip6, remote_ip6) = pair_ip6(subnet);
         workload.ip(&[
             "link",
             "add",
@@ -84,11 +117,17 @@ impl NetnsPair {
         remote.ip(&["addr", "add", &format!("{remote_ip}/24"), "dev", "r0"])?;
         workload.ip(&["link", "set", "w0", "up"])?;
         remote.ip(&["link", "set", "r0", "up"])?;
+        // `nodad`: never tentative, so bind() and connect() can use them at once (the
+        // link-local addresses the kernel adds still go through DAD; nothing here uses them).
+        workload.ip(&["addr", "add", &format!("{workload_ip6}/64"), "dev", "w0", "nodad"])?;
+        remote.ip(&["addr", "add", &format!("{remote_ip6}/64"), "dev", "r0", "nodad"])?;
         Ok(Self {
             workload,
             remote,
             workload_ip,
             remote_ip,
+            workload_ip6,
+            remote_ip6,
         })
     }
 }

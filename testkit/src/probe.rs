@@ -6,13 +6,19 @@
 //! workload process; then it connects and prints one JSON line ([`ProbeResult`]) per
 //! connection.
 //!
-//! The report says where the connection landed as the kernel saw it: `peer` is what
-//! getpeername returns after connect (the capture port when connect4 rewrote it), `banner` is
-//! what the server that answered said about itself and the addresses it saw.
+//! The report says where the connection landed as the kernel saw it: `local` and `peer` are
+//! what getsockname and getpeername return right after connect (`peer` is the capture port when
+//! connect4 rewrote it), `banner` is what the server that answered said about itself and the
+//! addresses it saw.
+//!
+//! Either family: an IPv4 destination is dialed from an AF_INET socket, an IPv6 one from an
+//! AF_INET6 socket, and with `--v4-mapped` an IPv4 destination `a.b.c.d` from an AF_INET6
+//! socket (not V6ONLY) as `::ffff:a.b.c.d`, as a dual-stack application does. The addresses an
+//! AF_INET6 socket reports stay as the kernel gave them (`[::ffff:10.200.1.1]:40000`).
 
 use std::{
     io::{self, BufReader, Read, Write},
-    net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpStream},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket},
     os::fd::{FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
@@ -24,6 +30,7 @@ use redirect_agent::sys;
 use crate::{
     report::{Outcome, ProbeResult, SockoptReport},
     server::read_banner,
+    sock::{self, RawSockAddr},
 };
 
 #[derive(clap::Args, Debug, Clone)]
@@ -38,13 +45,18 @@ pub struct ProbeArgs {
     pub uid: u32,
     #[arg(long, default_value_t = 0)]
     pub gid: u32,
-    /// Source address to bind before connecting.
+    /// Source address to bind before connecting (port 0): IPv4 or IPv6, in the family of the
+    /// socket (an IPv4 one is bound v4-mapped by an AF_INET6 socket).
     #[arg(long)]
-    pub bind: Option<Ipv4Addr>,
-    /// Destination; repeat for several connections made one after another (one JSON line
-    /// each, in order).
+    pub bind: Option<IpAddr>,
+    /// Destination, `A.B.C.D:PORT` or `[IPV6]:PORT`; repeat for several connections made one
+    /// after another (one JSON line each, in order).
     #[arg(long, required = true)]
-    pub connect: Vec<SocketAddrV4>,
+    pub connect: Vec<SocketAddr>,
+    /// Dial each IPv4 destination from an AF_INET6 socket (not V6ONLY), as its v4-mapped
+    /// address `::ffff:A.B.C.D`; IPv6 destinations are dialed as they are.
+    #[arg(long)]
+    pub v4_mapped: bool,
     /// Bytes to send (then half-close) and expect back.
     #[arg(long, default_value_t = 1024)]
     pub bytes: usize,
@@ -78,8 +90,10 @@ pub struct ProbeSpec {
     pub netns: PathBuf,
     pub uid: u32,
     pub gid: u32,
-    pub bind: Option<Ipv4Addr>,
-    pub connect: SocketAddrV4,
+    pub bind: Option<IpAddr>,
+    pub connect: SocketAddr,
+    /// IPv4 destinations dialed v4-mapped from an AF_INET6 socket (`probe --v4-mapped`).
+    pub v4_mapped: bool,
     pub bytes: usize,
     pub udp: bool,
     pub round_trips: u64,
@@ -89,14 +103,16 @@ pub struct ProbeSpec {
 }
 
 impl ProbeSpec {
-    pub fn new(cgroup: &Path, netns: &Path, connect: SocketAddrV4) -> Self {
+    /// `connect`: a `SocketAddrV4`, `SocketAddrV6` or `SocketAddr`.
+    pub fn new(cgroup: &Path, netns: &Path, connect: impl Into<SocketAddr>) -> Self {
         Self {
             cgroup: Some(cgroup.into()),
             netns: netns.into(),
             uid: 0,
             gid: 0,
             bind: None,
-            connect,
+            connect: connect.into(),
+            v4_mapped: false,
             bytes: 1024,
             udp: false,
             round_trips: 0,
@@ -107,7 +123,7 @@ impl ProbeSpec {
     }
 
     /// A probe from a namespace that is not a captured workload (the remote host).
-    pub fn outside(netns: &Path, connect: SocketAddrV4) -> Self {
+    pub fn outside(netns: &Path, connect: impl Into<SocketAddr>) -> Self {
         Self {
             cgroup: None,
             ..Self::new(Path::new("/"), netns, connect)
@@ -124,8 +140,16 @@ impl ProbeSpec {
         self
     }
 
-    pub fn bind(mut self, ip: Ipv4Addr) -> Self {
-        self.bind = Some(ip);
+    /// Source address (an `Ipv4Addr`, `Ipv6Addr` or `IpAddr`), bound before connecting.
+    pub fn bind(mut self, ip: impl Into<IpAddr>) -> Self {
+        self.bind = Some(ip.into());
+        self
+    }
+
+    /// IPv4 destinations dialed from an AF_INET6 socket as `::ffff:a.b.c.d` (IPv6 ones as they
+    /// are); an IPv4 [`ProbeSpec::bind`] address is then bound v4-mapped too.
+    pub fn v4_mapped(mut self) -> Self {
+        self.v4_mapped = true;
         self
     }
 
@@ -172,8 +196,9 @@ impl ProbeSpec {
         all.pop().ok_or_else(|| io::Error::other("probe reported nothing"))
     }
 
-    /// The same probe to each of `targets`, one after another, from one child process.
-    pub fn run_batch(&self, testkit: &Path, targets: &[SocketAddrV4]) -> io::Result<Vec<ProbeResult>> {
+    /// The same probe to each of `targets` (`SocketAddrV4`s, `SocketAddrV6`s or `SocketAddr`s),
+    /// one after another, from one child process.
+    pub fn run_batch<A: Into<SocketAddr> + Copy>(&self, testkit: &Path, targets: &[A]) -> io::Result<Vec<ProbeResult>> {
         let mut c = Command::new(testkit);
         c.arg("probe");
         if let Some(cg) = &self.cgroup {
@@ -182,11 +207,14 @@ impl ProbeSpec {
         c.args(["--netns", &self.netns.to_string_lossy()])
             .args(["--uid", &self.uid.to_string(), "--gid", &self.gid.to_string()])
             .args(["--bytes", &self.bytes.to_string()]);
-        for t in targets {
-            c.args(["--connect", &t.to_string()]);
+        for &t in targets {
+            c.args(["--connect", &t.into().to_string()]);
         }
         if let Some(b) = self.bind {
             c.args(["--bind", &b.to_string()]);
+        }
+        if self.v4_mapped {
+            c.arg("--v4-mapped");
         }
         if self.udp {
             c.arg("--udp");
@@ -246,14 +274,6 @@ fn classify(e: &io::Error) -> Outcome {
     }
 }
 
-fn check(rc: libc::c_int, what: &str) -> io::Result<()> {
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(e.kind(), format!("{what}: {e}")));
-    }
-    Ok(())
-}
-
 /// Moves this (single-threaded) process into the workload: cgroup, namespace, identity.
 fn enter(args: &ProbeArgs) -> io::Result<()> {
     sys::join(args.cgroup.as_deref(), args.netns.as_deref())?;
@@ -261,37 +281,44 @@ fn enter(args: &ProbeArgs) -> io::Result<()> {
     Ok(())
 }
 
-fn connect(args: &ProbeArgs, to: SocketAddrV4, timeout: Duration) -> io::Result<TcpStream> {
+/// A socket of `to`'s family, close-on-exec; an AF_INET6 one accepts v4-mapped addresses
+/// whatever `net.ipv6.bindv6only` says. Bound to `--bind` if given, else (with `always_bind`)
+/// to its family's unspecified address and port 0.
+fn socket(args: &ProbeArgs, to: SocketAddr, ty: libc::c_int, always_bind: bool) -> io::Result<OwnedFd> {
+    let family = RawSockAddr::from(to).family();
     // SAFETY: plain socket creation; ownership taken at once.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    check(fd, "socket")?;
-    // SAFETY: `fd` is the descriptor socket() just returned (`check` refused a negative one),
-    // and nothing else owns it.
+    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("socket: {e}")));
+    }
+    // SAFETY: `fd` is the descriptor socket() just returned (checked not negative above), and
+    // nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let stream = TcpStream::from(fd);
+    let inet6 = family == libc::AF_INET6;
+    if inet6 {
+        sock::set_int_option(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+    }
+    let unspecified = if inet6 {
+        IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED)
+    };
+    match args.bind {
+        Some(ip) => sock::bind(&fd, sock::bind_addr(ip, inet6)?)?,
+        None if always_bind => sock::bind(&fd, sock::bind_addr(unspecified, inet6)?)?,
+        None => {}
+    }
+    Ok(fd)
+}
+
+/// `to` is the address as dialed (already v4-mapped if asked).
+fn connect(args: &ProbeArgs, to: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = TcpStream::from(socket(args, to, libc::SOCK_STREAM, false)?);
     // connect() honours SO_SNDTIMEO on Linux, which bounds a SYN nobody answers.
     stream.set_write_timeout(Some(timeout))?;
     stream.set_read_timeout(Some(timeout))?;
-    let raw = std::os::fd::AsRawFd::as_raw_fd(&stream);
-    let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
-    if let Some(ip) = args.bind {
-        let sa = sockaddr(SocketAddrV4::new(ip, 0));
-        // SAFETY: pointer and length describe `sa`.
-        check(unsafe { libc::bind(raw, (&raw const sa).cast(), len) }, "bind")?;
-    }
-    let sa = sockaddr(to);
-    // SAFETY: pointer and length describe `sa`.
-    if unsafe { libc::connect(raw, (&raw const sa).cast(), len) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    sock::connect(&stream, to)?;
     Ok(stream)
 }
 
@@ -300,10 +327,11 @@ fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()
 }
 
-fn exchange(args: &ProbeArgs, to: SocketAddrV4, result: &mut ProbeResult) -> io::Result<()> {
+/// `to` is the address as dialed (already v4-mapped if asked).
+fn exchange(args: &ProbeArgs, to: SocketAddr, result: &mut ProbeResult) -> io::Result<()> {
     if args.udp {
-        let socket = std::net::UdpSocket::bind(SocketAddrV4::new(args.bind.unwrap_or(Ipv4Addr::UNSPECIFIED), 0))?;
-        socket.connect(to)?;
+        let socket = UdpSocket::from(socket(args, to, libc::SOCK_DGRAM, true)?);
+        sock::connect(&socket, to)?;
         result.local = socket.local_addr().ok().map(|a| a.to_string());
         result.peer = socket.peer_addr().ok().map(|a| a.to_string());
         return Ok(());
@@ -338,22 +366,12 @@ fn exchange(args: &ProbeArgs, to: SocketAddrV4, result: &mut ProbeResult) -> io:
     Ok(())
 }
 
-fn raw_getsockopt(fd: &impl std::os::fd::AsRawFd, level: i32, name: i32, buf: &mut [u8]) -> io::Result<u32> {
-    let mut len = buf.len() as libc::socklen_t;
-    // SAFETY: the buffer is `len` bytes; the kernel writes at most that many.
-    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, buf.as_mut_ptr().cast(), &raw mut len) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(len)
-}
-
 fn sockopts(stream: &TcpStream) -> io::Result<SockoptReport> {
     let mut report = SockoptReport::default();
     let mut buf = vec![0u8; 512];
-    report.tcp_info_len = raw_getsockopt(stream, libc::IPPROTO_TCP, libc::TCP_INFO, &mut buf)?;
+    report.tcp_info_len = sock::getsockopt_bytes(stream, libc::IPPROTO_TCP, libc::TCP_INFO, &mut buf)?;
     report.tcp_state = buf[0];
-    report.orig_dst_errno = sys::original_dst(stream).err().and_then(|e| e.raw_os_error());
+    report.orig_dst_errno = sock::original_dst(stream).err().and_then(|e| e.raw_os_error());
 
     let groups: Vec<libc::gid_t> = (0..PEER_GROUPS).map(|i| 100_000 + i).collect();
     // SAFETY: plain credential syscall with a valid slice.
@@ -376,7 +394,7 @@ fn sockopts(stream: &TcpStream) -> io::Result<SockoptReport> {
     // SAFETY: fresh descriptors, owned from here.
     let (a, _b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let mut buf = vec![0u8; 16 * 1024];
-    report.peer_groups_len = raw_getsockopt(&a, libc::SOL_SOCKET, libc::SO_PEERGROUPS, &mut buf)?;
+    report.peer_groups_len = sock::getsockopt_bytes(&a, libc::SOL_SOCKET, libc::SO_PEERGROUPS, &mut buf)?;
     let got: Vec<libc::gid_t> = buf[..report.peer_groups_len as usize]
         .chunks_exact(4)
         .map(|c| libc::gid_t::from_ne_bytes([c[0], c[1], c[2], c[3]]))
@@ -491,9 +509,11 @@ pub fn main(args: &ProbeArgs) -> ExitCode {
     let mut out = io::stdout().lock();
     for &to in &args.connect {
         let start = Instant::now();
+        let to = sock::dial_addr(to, args.v4_mapped);
         let mut result = ProbeResult {
             outcome: Outcome::Ok,
             error: None,
+            dialed: Some(to.to_string()),
             local: None,
             peer: None,
             banner: None,
@@ -522,4 +542,71 @@ pub fn main(args: &ProbeArgs) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        probe: ProbeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<ProbeArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("probe").chain(args.iter().copied())).map(|c| c.probe)
+    }
+
+    #[test]
+    fn connect_takes_either_family() {
+        let a = parse(&[
+            "--connect",
+            "10.200.1.2:8080",
+            "--connect",
+            "[fd00::1]:80",
+            "--connect",
+            "[::ffff:10.200.1.2]:8080",
+        ])
+        .unwrap();
+        let want: Vec<SocketAddr> = vec![
+            "10.200.1.2:8080".parse().unwrap(),
+            "[fd00::1]:80".parse().unwrap(),
+            "[::ffff:10.200.1.2]:8080".parse().unwrap(),
+        ];
+        assert_eq!(a.connect, want);
+        assert!(!a.v4_mapped);
+        assert!(a.bind.is_none());
+        assert!(parse(&["--connect", "fd00::1:80"]).is_err(), "IPv6 without brackets");
+        assert!(parse(&["--connect", "[fd00::1]"]).is_err(), "no port");
+    }
+
+    #[test]
+    fn v4_mapped_and_bind_of_either_family() {
+        let a = parse(&["--v4-mapped", "--bind", "127.0.0.6", "--connect", "10.200.1.2:8080"]).unwrap();
+        assert!(a.v4_mapped);
+        assert_eq!(a.bind, Some(IpAddr::from([127, 0, 0, 6])));
+        assert_eq!(
+            sock::dial_addr(a.connect[0], a.v4_mapped).to_string(),
+            "[::ffff:10.200.1.2]:8080"
+        );
+        let a = parse(&["--bind", "fd00:200:0:1::1", "--connect", "[fd00:200:0:1::2]:8080"]).unwrap();
+        assert_eq!(a.bind, Some("fd00:200:0:1::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_spec_takes_either_family_and_stays_what_it_was_for_ipv4() {
+        let v4 = std::net::SocketAddrV4::new([10, 200, 1, 2].into(), 8080);
+        let spec = ProbeSpec::new(Path::new("/cg"), Path::new("/ns"), v4).bind(std::net::Ipv4Addr::LOCALHOST);
+        assert_eq!(spec.connect, SocketAddr::from(v4));
+        assert_eq!(spec.bind, Some(IpAddr::from([127, 0, 0, 1])));
+        assert!(!spec.v4_mapped);
+        assert!(spec.v4_mapped().v4_mapped);
+        let v6: std::net::SocketAddrV6 = "[fd00:200:0:1::2]:8080".parse().unwrap();
+        let spec = ProbeSpec::outside(Path::new("/ns"), v6);
+        assert_eq!(spec.connect.to_string(), "[fd00:200:0:1::2]:8080");
+        assert!(spec.cgroup.is_none());
+    }
 }

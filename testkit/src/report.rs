@@ -29,8 +29,9 @@ pub struct SockoptReport {
     /// returned, and whether the groups were ours.
     pub peer_groups_len: u32,
     pub peer_groups_intact: bool,
-    /// errno of SO_ORIGINAL_DST on the probe's own (connecting) socket, which nobody
-    /// redirected *to*: the kernel's answer must stand.
+    /// errno of the original destination query on the probe's own (connecting) socket, which
+    /// nobody redirected *to*: the kernel's answer must stand. SO_ORIGINAL_DST on an AF_INET
+    /// socket, IP6T_SO_ORIGINAL_DST on an AF_INET6 one (see [`crate::sock::original_dst`]).
     pub orig_dst_errno: Option<i32>,
 }
 
@@ -38,9 +39,15 @@ pub struct SockoptReport {
 pub struct ProbeResult {
     pub outcome: Outcome,
     pub error: Option<String>,
-    /// The socket's local address after connect.
+    /// The address connect() was given, as the probe formatted it: the destination, or its
+    /// v4-mapped form (`[::ffff:10.200.1.2]:8080`) with `--v4-mapped`.
+    #[serde(default)]
+    pub dialed: Option<String>,
+    /// getsockname right after connect: the socket's local address, as the kernel returned it
+    /// (an AF_INET6 socket's stays in its v4-mapped form, `[::ffff:10.200.1.1]:40000`).
     pub local: Option<String>,
-    /// getpeername after connect: where the kernel connected the socket.
+    /// getpeername right after connect: where the kernel connected the socket (the capture
+    /// port when connect rewrote it), as the kernel returned it (`[::ffff:127.0.0.1]:15001`).
     pub peer: Option<String>,
     /// The first line the server sent (see [`crate::server::server_banner`]).
     pub banner: Option<String>,
@@ -68,6 +75,21 @@ impl ProbeResult {
 
     /// The port the kernel connected the socket to.
     pub fn peer_port(&self) -> Option<u16> {
-        self.peer.as_deref()?.parse::<SocketAddr>().ok().map(|a| a.port())
+        self.peer_addr().map(|a| a.port())
+    }
+
+    /// `peer`, parsed (a v4-mapped address stays an IPv6 one).
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer.as_deref()?.parse().ok()
+    }
+
+    /// `local`, parsed (a v4-mapped address stays an IPv6 one).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local.as_deref()?.parse().ok()
+    }
+
+    /// An address field of the banner (`local`, `peer`, `orig`), parsed; `None` for `orig=-`.
+    pub fn banner_addr(&self, key: &str) -> Option<SocketAddr> {
+        self.banner_field(key)?.parse().ok()
     }
 }

@@ -8,7 +8,7 @@
 
 use std::{
     io::{self, BufRead as _, Read as _, Write as _},
-    net::{SocketAddrV4, TcpListener},
+    net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, ExitCode, Stdio},
 };
@@ -25,18 +25,20 @@ pub struct ServeArgs {
     /// Network namespace to enter.
     #[arg(long)]
     pub netns: Option<PathBuf>,
-    /// NAME=ADDR:PORT to listen on; repeat for more.
+    /// NAME=ADDR:PORT (`remote=10.200.1.2:8080`, `remote6=[fd00:200:0:1::2]:8080`) to listen
+    /// on; repeat for more.
     #[arg(long, required = true, value_parser = parse_listen)]
-    pub listen: Vec<(String, SocketAddrV4)>,
+    pub listen: Vec<(String, SocketAddr)>,
 }
 
-fn parse_listen(s: &str) -> Result<(String, SocketAddrV4), String> {
+/// `NAME=A.B.C.D:PORT` or `NAME=[IPV6]:PORT`.
+pub fn parse_listen(s: &str) -> Result<(String, SocketAddr), String> {
     let (name, addr) = s
         .split_once('=')
         .ok_or_else(|| format!("'{s}': expected NAME=ADDR:PORT"))?;
     let addr = addr
         .parse()
-        .map_err(|_| format!("'{addr}': expected an IPv4 ADDR:PORT"))?;
+        .map_err(|_| format!("'{addr}': expected A.B.C.D:PORT or [IPV6]:PORT"))?;
     Ok((name.to_owned(), addr))
 }
 
@@ -86,13 +88,13 @@ pub struct ServeProcess {
 }
 
 impl ServeProcess {
-    /// `testkit`: the `redirect-testkit` binary. `listen`: (name, address) pairs. Returns once
-    /// every socket listens.
-    pub fn start(
+    /// `testkit`: the `redirect-testkit` binary. `listen`: (name, address) pairs, the address a
+    /// `SocketAddrV4`, `SocketAddrV6` or `SocketAddr`. Returns once every socket listens.
+    pub fn start<A: Into<SocketAddr> + Copy>(
         testkit: &Path,
         cgroup: Option<&Path>,
         netns: &Path,
-        listen: &[(String, SocketAddrV4)],
+        listen: &[(String, A)],
     ) -> io::Result<Self> {
         let mut c = Command::new(testkit);
         c.arg("serve");
@@ -101,7 +103,7 @@ impl ServeProcess {
         }
         c.args(["--netns", &netns.to_string_lossy()]);
         for (name, addr) in listen {
-            c.args(["--listen", &format!("{name}={addr}")]);
+            c.args(["--listen", &format!("{name}={}", (*addr).into())]);
         }
         let child = c
             .stdin(Stdio::piped())
@@ -127,5 +129,26 @@ impl Drop for ServeProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_takes_either_family() {
+        let (name, addr) = parse_listen("remote=10.200.1.2:8080").unwrap();
+        assert_eq!(
+            (name.as_str(), addr.to_string().as_str()),
+            ("remote", "10.200.1.2:8080")
+        );
+        let (name, addr) = parse_listen("remote6=[fd00:200:0:1::2]:8080").unwrap();
+        assert_eq!(name, "remote6");
+        assert_eq!(addr, "[fd00:200:0:1::2]:8080".parse::<SocketAddr>().unwrap());
+        let (_, addr) = parse_listen("any6=[::]:15006").unwrap();
+        assert!(addr.is_ipv6() && addr.ip().is_unspecified());
+        assert!(parse_listen("10.200.1.2:8080").is_err(), "no name");
+        assert!(parse_listen("x=fd00::2:8080").is_err(), "IPv6 without brackets");
     }
 }

@@ -3,10 +3,14 @@
 //! On accept a server sends one line naming itself and both addresses of the connection, reads
 //! the request until EOF (the client's half-close), then echoes it and closes. Servers whose
 //! name starts with `echo` answer each chunk as it arrives; `sink` ones never read.
+//!
+//! Servers listen on IPv4 or IPv6 addresses (`[fd00:200:0:1::2]:8080`, `[::1]:9080`; `[::]`
+//! is dual-stack unless `net.ipv6.bindv6only` says otherwise, and an IPv4 peer then shows
+//! v4-mapped, as the kernel reports it).
 
 use std::{
     io::{self, BufRead, Read, Write},
-    net::{Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -15,9 +19,7 @@ use std::{
     time::Duration,
 };
 
-use redirect_agent::sys;
-
-use crate::netns::NamedNetns;
+use crate::{netns::NamedNetns, sock};
 
 /// Largest request a test server buffers before answering.
 const SERVER_MAX_BYTES: usize = 16 << 20;
@@ -27,21 +29,27 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// every peer it accepted.
 pub struct TestServer {
     pub name: String,
-    pub addr: SocketAddrV4,
+    /// The address it listens on, as given.
+    pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
     accepted: Arc<Mutex<Vec<SocketAddr>>>,
     thread: Option<JoinHandle<()>>,
 }
 
 /// The first line a [`TestServer`] sends: its name, the connection's addresses, and what
-/// `getsockopt(SO_ORIGINAL_DST)` answered on the accepted socket (`-` for an error).
-pub fn server_banner(name: &str, local: SocketAddr, peer: SocketAddr, orig: Option<SocketAddrV4>) -> String {
+/// the original destination query answered on the accepted socket (`-` for an error):
+/// `SO_ORIGINAL_DST` on an AF_INET socket, `IP6T_SO_ORIGINAL_DST` on an AF_INET6 one (see
+/// [`sock::original_dst`]). Addresses are written as `SocketAddr` displays them:
+/// `10.200.1.2:8080`, `[fd00:200:0:1::2]:8080`, `[::ffff:10.200.1.1]:40000`.
+pub fn server_banner(name: &str, local: SocketAddr, peer: SocketAddr, orig: Option<SocketAddr>) -> String {
     let orig = orig.map_or_else(|| "-".to_owned(), |o| o.to_string());
     format!("REDIRECT-TEST name={name} local={local} peer={peer} orig={orig}\n")
 }
 
 impl TestServer {
-    pub fn start(netns: &NamedNetns, addr: SocketAddrV4, name: &str) -> io::Result<Self> {
+    /// `addr`: a `SocketAddrV4`, `SocketAddrV6` or `SocketAddr` to listen on inside `netns`.
+    pub fn start(netns: &NamedNetns, addr: impl Into<SocketAddr>, name: &str) -> io::Result<Self> {
+        let addr = addr.into();
         let listener = netns.open()?.run(move || TcpListener::bind(addr))?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -107,7 +115,7 @@ pub fn serve_one(mut stream: TcpStream, peer: SocketAddr, name: &str) -> io::Res
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let local = stream.local_addr()?;
-    let orig = sys::original_dst(&stream).ok();
+    let orig = sock::original_dst(&stream).ok();
     stream.write_all(server_banner(name, local, peer, orig).as_bytes())?;
     if name.starts_with("echo") {
         // Request/response: every chunk straight back, until EOF.
@@ -140,4 +148,59 @@ pub fn read_banner(r: &mut impl BufRead) -> io::Result<String> {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no banner from server"));
     }
     Ok(String::from_utf8_lossy(&line).trim_end().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::{Outcome, ProbeResult};
+
+    #[test]
+    fn the_banner_writes_addresses_as_given_and_they_read_back() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let line = server_banner(
+            "cap-out",
+            a("[::ffff:127.0.0.1]:15001"),
+            a("[::ffff:10.200.1.1]:40000"),
+            Some(a("[fd00:200:0:1::2]:8080")),
+        );
+        assert_eq!(
+            line,
+            "REDIRECT-TEST name=cap-out local=[::ffff:127.0.0.1]:15001 peer=[::ffff:10.200.1.1]:40000 \
+             orig=[fd00:200:0:1::2]:8080\n"
+        );
+        let v4 = server_banner("remote", a("10.200.1.2:8080"), a("10.200.1.1:40000"), None);
+        assert_eq!(
+            v4,
+            "REDIRECT-TEST name=remote local=10.200.1.2:8080 peer=10.200.1.1:40000 orig=-\n"
+        );
+
+        let r = ProbeResult {
+            outcome: Outcome::Ok,
+            error: None,
+            dialed: Some("[::ffff:10.200.1.2]:8080".into()),
+            local: Some("[::ffff:10.200.1.1]:40000".into()),
+            peer: Some("[::ffff:127.0.0.1]:15001".into()),
+            banner: Some(line.trim_end().to_owned()),
+            sent: 0,
+            received: 0,
+            intact: false,
+            elapsed_ms: 0,
+            round_trips: 0,
+            slowest_round_trip_us: 0,
+            sockopts: None,
+        };
+        assert_eq!(r.peer_port(), Some(15001));
+        assert_eq!(r.peer_addr(), Some(a("[::ffff:127.0.0.1]:15001")));
+        assert_eq!(r.local_addr(), Some(a("[::ffff:10.200.1.1]:40000")));
+        assert_eq!(r.banner_field("orig"), Some("[fd00:200:0:1::2]:8080"));
+        assert_eq!(r.banner_addr("orig"), Some(a("[fd00:200:0:1::2]:8080")));
+        assert_eq!(r.banner_addr("local"), Some(a("[::ffff:127.0.0.1]:15001")));
+        // A report of an older probe, without `dialed`, still reads.
+        let mut json: serde_json::Value = serde_json::to_value(&r).unwrap();
+        json.as_object_mut().unwrap().remove("dialed");
+        let old: ProbeResult = serde_json::from_value(json).unwrap();
+        assert_eq!(old.dialed, None);
+        assert_eq!(old.peer, r.peer);
+    }
 }
