@@ -50,8 +50,13 @@ impl Explanation {
     /// The iptables-save text, then the slot table as comments (which iptables-restore skips),
     /// so the whole output can be piped to it.
     pub fn render_text(&self) -> String {
-        let tool = if self.family == Family::V6.name() { "ip6tables" } else { "iptables" };
-        let mut s = format!("# nat table ({tool}) written by istio-iptables for these flags (redirect-agent explain)\n");
+        let tool = if self.family == Family::V6.name() {
+            "ip6tables"
+        } else {
+            "iptables"
+        };
+        let mut s =
+            format!("# nat table ({tool}) written by istio-iptables for these flags (redirect-agent explain)\n");
         s.push_str(&self.iptables_save);
         let _ = writeln!(s, "#");
         let _ = writeln!(

@@ -5,10 +5,7 @@
 //! the rules exempt (`-u`/`-g`, 1337), so its upstream connections are not captured again;
 //! inbound upstreams leave from 127.0.0.6, which ISTIO_OUTPUT's first rule lets by.
 
-use std::{
-    path::PathBuf,
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 

@@ -165,7 +165,11 @@ pub fn render_text(stats: &InstanceStats) -> String {
             if (row.family.as_str(), row.chain.as_str()) != chain {
                 chain = (&row.family, &row.chain);
                 let workload = w.id.as_deref().map(|id| format!("workload {id}, ")).unwrap_or_default();
-                let tool = if row.family == Family::V6.name() { "ip6tables" } else { "iptables" };
+                let tool = if row.family == Family::V6.name() {
+                    "ip6tables"
+                } else {
+                    "iptables"
+                };
                 let _ = writeln!(
                     s,
                     "Chain {} ({tool}; instance {}, {workload}netns cookie {})",

@@ -215,7 +215,10 @@ mod tests {
         assert_eq!(to_ip(&LOCALHOST6), IpAddr::V6(Ipv6Addr::LOCALHOST));
         assert_eq!(to_ip(&INBOUND_PASSTHROUGH_SRC6), "::6".parse::<IpAddr>().unwrap());
         assert_eq!(to_ip(&localhost(Family::V4)), IpAddr::V4(Ipv4Addr::LOCALHOST));
-        assert_eq!(to_ip(&passthrough_src(Family::V4)), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)));
+        assert_eq!(
+            to_ip(&passthrough_src(Family::V4)),
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6))
+        );
         assert!(is_loopback(&LOCALHOST6));
         assert!(is_loopback(&from_ip(IpAddr::V4(Ipv4Addr::new(127, 1, 2, 3)))));
         assert!(!is_loopback(&INBOUND_PASSTHROUGH_SRC6));

@@ -301,7 +301,11 @@ mod tests {
         let v4 = parse_cidr("-i", "10.0.0.0/8").unwrap();
         assert!(v4.contains("10.1.2.3".parse().unwrap()));
         assert!(v4.contains("::ffff:10.1.2.3".parse().unwrap()));
-        for c in [v4, parse_cidr("-i", "2001:db8::/32").unwrap(), parse_cidr("-i", "::ffff:0:0/96").unwrap()] {
+        for c in [
+            v4,
+            parse_cidr("-i", "2001:db8::/32").unwrap(),
+            parse_cidr("-i", "::ffff:0:0/96").unwrap(),
+        ] {
             let (net, mask) = c.words();
             assert_eq!(Cidr::from_words(c.family(), &net, &mask), c);
         }

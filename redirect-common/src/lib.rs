@@ -208,7 +208,6 @@ impl Workload {
     }
 }
 
-
 // SAFETY: repr(C), Copy; integers and `[Rule; MAX_RULES]` (Rule: repr(C), integers only,
 // padding in `_pad2`), explicit `_pad`; 32 + 84 * MAX_RULES bytes, no gaps (pinned by
 // `layout` below). Any bytes the kernel hands back are a valid value: enums are kept as `u8`.

@@ -122,13 +122,7 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
             // kernel (the field was narrowed to 16 bits in 5.19); the port is network order in
             // the low half (`redirect_common::port::be_low`).
             let remote_port = unsafe { read_volatile((&raw const (*l).remote_port).cast::<u32>()) };
-            let key = TupleKey::new(
-                netns_cookie,
-                remote_ip,
-                port::be_low(remote_port),
-                local_ip,
-                local_port,
-            );
+            let key = TupleKey::new(netns_cookie, remote_ip, port::be_low(remote_port), local_ip, local_port);
             let orig = OrigDst::new(local_ip, local_port, Target::InRedirect);
             if INBOUND_PENDING.insert(key, orig, 0).is_err() {
                 count_event(workload, events::ORIG_DST_NOT_RECORDED);

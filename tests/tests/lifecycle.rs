@@ -206,7 +206,9 @@ fn a_second_instance_of_the_same_name_is_refused() {
 fn local_addrs(name: &str) -> Vec<std::net::IpAddr> {
     let map = Map::from_map_data(MapData::from_pin(pin_dir(name).join(maps::LOCAL_ADDRS)).unwrap()).unwrap();
     let map: HashMap<MapData, LocalAddrKey, u8> = HashMap::try_from(map).unwrap();
-    map.keys().map(|k| redirect_common::addr::to_ip(&k.unwrap().addr)).collect()
+    map.keys()
+        .map(|k| redirect_common::addr::to_ip(&k.unwrap().addr))
+        .collect()
 }
 
 /// `-o lo` follows the namespace's addresses as they change (netlink), bounded in time.
@@ -336,7 +338,7 @@ fn kernel_features_are_probed() {
     assert_eq!(features.len(), redirect_agent::features::FEATURES.len());
     assert!(features.iter().all(|f| f["present"] == true), "{report:#}");
     let programs = report["programs"].as_array().unwrap();
-    assert_eq!(programs.len(), 6, "{report:#}");
+    assert_eq!(programs.len(), 7, "{report:#}");
     assert!(
         programs.iter().all(|p| p["instructions"].as_u64().unwrap() > 0),
         "{report:#}"

@@ -39,9 +39,12 @@ fn inbound(w: &Workload, port: u16) -> Inbound {
     }
 }
 
-/// Connections rule `rule` (1-based) of `chain` decided for workload `id`, from a scrape.
+/// Connections rule `rule` (1-based) of iptables' `chain` decided for workload `id`, from a
+/// scrape.
 fn rule_count(text: &str, id: &str, chain: &str, rule: usize) -> u64 {
-    let prefix = format!("redirect_rule_connections_total{{workload=\"{id}\",chain=\"{chain}\",rule=\"{rule}\",");
+    let prefix = format!(
+        "redirect_rule_connections_total{{workload=\"{id}\",family=\"ipv4\",chain=\"{chain}\",rule=\"{rule}\","
+    );
     text.lines()
         .find(|l| l.starts_with(&prefix))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
@@ -509,7 +512,7 @@ fn stopping_keeps_the_pins_and_cleanup_releases_every_workload() {
     let w = Workload::new_on("ncl", 51);
     agent.enroll(&w.pair.workload.path, "c", &[]);
     let programs: Vec<u32> = agent.state().unwrap().programs.values().copied().collect();
-    assert_eq!(programs.len(), 4);
+    assert_eq!(programs.len(), 5);
     let (status, log) = p.stop(Duration::from_secs(10));
     assert!(status.is_some_and(|s| s.success()), "{log}");
     let pins = format!("/sys/fs/bpf/redirect/{}", agent.name);
@@ -663,10 +666,14 @@ fn a_successor_that_dies_mid_handover_costs_nothing() {
         let answer: serde_json::Value = serde_json::from_slice(&redirect_api::read_line(&s).unwrap()).unwrap();
         let list = answer["handover"].as_array().unwrap_or_else(|| panic!("{answer}"));
         assert_eq!(list.len(), 1);
-        assert_eq!(list[0]["fds"], json!(["netns", "outbound", "inbound"]));
+        // Each capture port listens on 127.0.0.1 and on ::1.
+        assert_eq!(
+            list[0]["fds"],
+            json!(["netns", "outbound", "outbound", "inbound", "inbound"])
+        );
         (&s).write_all(b"ready\n").unwrap();
         let fds = redirect_agent::sys::recv_fds(&s).unwrap();
-        assert_eq!(fds.len(), 3);
+        assert_eq!(fds.len(), 5);
         // The listener it was given is the agent's own: a connection to it is served.
         let listener = std::net::TcpListener::from(fds.into_iter().nth(1).unwrap());
         assert_eq!(listener.local_addr().unwrap().port(), OUTBOUND_CAPTURE);

@@ -18,8 +18,8 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData};
-use netlink_sys::Socket;
 pub use netlink::NetnsAddr;
+use netlink_sys::Socket;
 use redirect_common::{
     FamilyKey, LocalAddrKey,
     addr::{self, Addr, Family},
@@ -171,7 +171,10 @@ impl LocalAddrs {
             let key = FamilyKey::new(self.netns_cookie, family);
             match (pods_before.get(&family), pods.get(&family)) {
                 (old, Some(ip)) if old != Some(ip) => {
-                    self.maps.pods.insert(key, addr::from_ip(*ip), 0).map_err(io::Error::other)?;
+                    self.maps
+                        .pods
+                        .insert(key, addr::from_ip(*ip), 0)
+                        .map_err(io::Error::other)?;
                     tracing::info!(%ip, family = family.name(), "pod address");
                 }
                 (Some(_), None) => {
@@ -217,7 +220,6 @@ impl LocalAddrs {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,7 +249,14 @@ mod tests {
         // An IPv4-only pod: no IPv6 one, however many link-local and lo addresses it has.
         let v4_only = [a("::1", 1, false), a("fe80::1", 2, false), a("10.200.1.1", 2, true)];
         assert!(!pod_addrs(&v4_only).contains_key(&Family::V6));
-        let owned: Vec<_> = addrs.iter().filter(|x| reachable_from_other_hosts(x)).map(|x| x.ip).collect();
-        assert_eq!(owned, ["10.200.1.1", "fd00:200:0:1::1", "10.200.2.1"].map(|s| s.parse::<IpAddr>().unwrap()));
+        let owned: Vec<_> = addrs
+            .iter()
+            .filter(|x| reachable_from_other_hosts(x))
+            .map(|x| x.ip)
+            .collect();
+        assert_eq!(
+            owned,
+            ["10.200.1.1", "fd00:200:0:1::1", "10.200.2.1"].map(|s| s.parse::<IpAddr>().unwrap())
+        );
     }
 }

@@ -12,7 +12,9 @@ use std::{
 };
 
 use redirect_api::WorkloadInfo;
-use redirect_common::{FamilyKey, LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, TupleKey, Workload, events};
+use redirect_common::{
+    FamilyKey, LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, TupleKey, Workload, events,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{

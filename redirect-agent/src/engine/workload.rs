@@ -365,7 +365,7 @@ impl Engine {
             pods: self.open_map(maps::POD_ADDRS)?,
         };
         let local = LocalAddrs::install(&netns, addr_maps, cookie)
-        .map_err(EnrollError::io(format!("addresses of {}", info.netns.display())))?;
+            .map_err(EnrollError::io(format!("addresses of {}", info.netns.display())))?;
         info.addresses = local.addresses().iter().map(ToString::to_string).collect();
         let watch_ns = netns.try_clone().map_err(EnrollError::io("namespace descriptor"))?;
         let id = info.id.clone();

@@ -363,7 +363,11 @@ mod tests {
 
     #[test]
     fn each_capture_port_listens_on_each_address() {
-        let addrs: Vec<String> = cfg(1).listen_addrs().iter().map(|(s, a)| format!("{} {a}", s.name())).collect();
+        let addrs: Vec<String> = cfg(1)
+            .listen_addrs()
+            .iter()
+            .map(|(s, a)| format!("{} {a}", s.name()))
+            .collect();
         assert_eq!(
             addrs,
             [

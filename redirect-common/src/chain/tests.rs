@@ -278,7 +278,9 @@ fn ip6tables_chains_take_v6_addresses_and_cidrs() {
     let v6: Vec<String> = chain(&rules, ChainId::Output, Family::V6).map(rule_text).collect();
     let owner = |m: &str| {
         [
-            format!("-A ISTIO_OUTPUT ! -d ::1/128 -o lo -p tcp -m tcp ! --dport 15008 -m owner {m} -j ISTIO_IN_REDIRECT"),
+            format!(
+                "-A ISTIO_OUTPUT ! -d ::1/128 -o lo -p tcp -m tcp ! --dport 15008 -m owner {m} -j ISTIO_IN_REDIRECT"
+            ),
             format!("-A ISTIO_OUTPUT -o lo -m owner ! {m} -j RETURN"),
             format!("-A ISTIO_OUTPUT -m owner {m} -j RETURN"),
         ]
@@ -306,7 +308,11 @@ fn ip6tables_chains_take_v6_addresses_and_cidrs() {
     let first_v6 = rules.iter().position(|r| r.family == Family::V6 as u8).unwrap();
     assert!(rules[..first_v6].iter().all(|r| r.family == Family::V4 as u8));
     let table = nat_table(&cfg, &rules, Family::V6);
-    assert!(table.iter().all(|l| l.slot.is_none_or(|s| rules[s].family == Family::V6 as u8)));
+    assert!(
+        table
+            .iter()
+            .all(|l| l.slot.is_none_or(|s| rules[s].family == Family::V6 as u8))
+    );
     assert!(iptables_save(&table).contains("-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN\n"));
     let c = list_columns(&rules[first_v6]);
     assert_eq!((c.source.as_str(), c.destination.as_str()), ("::6/128", "::/0"));
@@ -334,7 +340,10 @@ fn ip6tables_chain_decides_native_ipv6() {
         out_lo: true,
         ..remote6
     };
-    assert_eq!(rule_text(&rules[first_match(&rules, &lo6).unwrap()]), "-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN");
+    assert_eq!(
+        rule_text(&rules[first_match(&rules, &lo6).unwrap()]),
+        "-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN"
+    );
     let passthrough = ConnFacts {
         src_addr: addr::INBOUND_PASSTHROUGH_SRC6,
         dst_addr: ip("fd00:200:0:1::1"),
@@ -342,7 +351,10 @@ fn ip6tables_chain_decides_native_ipv6() {
         uid: 1337,
         ..remote6
     };
-    assert_eq!(rule_text(&rules[first_match(&rules, &passthrough).unwrap()]), "-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN");
+    assert_eq!(
+        rule_text(&rules[first_match(&rules, &passthrough).unwrap()]),
+        "-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN"
+    );
     let mapped = ConnFacts {
         family: Family::V4 as u8,
         dst_addr: ip("::ffff:10.200.0.2"),

@@ -148,10 +148,18 @@ pub fn match_text(r: &Rule) -> String {
         s.push_str(t);
     };
     if r.has & m::SRC != 0 {
-        part(&format!("{}-s {}", bang(r, m::SRC), cidr_text(r, &r.src_addr, &r.src_mask)));
+        part(&format!(
+            "{}-s {}",
+            bang(r, m::SRC),
+            cidr_text(r, &r.src_addr, &r.src_mask)
+        ));
     }
     if r.has & m::DST != 0 {
-        part(&format!("{}-d {}", bang(r, m::DST), cidr_text(r, &r.dst_addr, &r.dst_mask)));
+        part(&format!(
+            "{}-d {}",
+            bang(r, m::DST),
+            cidr_text(r, &r.dst_addr, &r.dst_mask)
+        ));
     }
     if r.has & m::OUT_LO != 0 {
         part(&format!("{}-o lo", bang(r, m::OUT_LO)));

@@ -36,13 +36,17 @@ fn mapped(a: SocketAddr) -> SocketAddr {
 
 /// Every `*_ip4` field: the address's octets in order in memory, loaded as a `u32`.
 fn ip4_field(a: SocketAddr) -> u32 {
-    let IpAddr::V4(ip) = a.ip() else { panic!("{a} is not IPv4") };
+    let IpAddr::V4(ip) = a.ip() else {
+        panic!("{a} is not IPv4")
+    };
     u32::from_le_bytes(ip.octets())
 }
 
 /// Every `*_ip6[4]` field: four loads of four octets each.
 fn ip6_fields(a: SocketAddr) -> [u32; 4] {
-    let IpAddr::V6(ip) = a.ip() else { panic!("{a} is not IPv6") };
+    let IpAddr::V6(ip) = a.ip() else {
+        panic!("{a} is not IPv6")
+    };
     let o = ip.octets();
     core::array::from_fn(|i| u32::from_le_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
 }
@@ -195,5 +199,8 @@ fn local_addr_key() {
     assert_eq!(from_ctx, LocalAddrKey::from_ip(NETNS, IpAddr::V6(ip.to_ipv6_mapped())));
     let ip6: Ipv6Addr = "fd00:200:0:1::1".parse().unwrap();
     let a = SocketAddr::V6(SocketAddrV6::new(ip6, 0, 0, 0));
-    assert_eq!(LocalAddrKey::new(NETNS, ip6_fields(a)), LocalAddrKey::from_ip(NETNS, IpAddr::V6(ip6)));
+    assert_eq!(
+        LocalAddrKey::new(NETNS, ip6_fields(a)),
+        LocalAddrKey::from_ip(NETNS, IpAddr::V6(ip6))
+    );
 }
