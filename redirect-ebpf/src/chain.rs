@@ -9,17 +9,27 @@ use crate::maps::count;
 /// these chains means the connection is left alone).
 #[inline(always)]
 pub fn decide(workload: &Workload, chain: ChainId, facts: &ConnFacts) -> Option<Target> {
-    Target::from_u8(walk(workload, chain as u8, facts))
+    Target::from_u8(redirect_walk_chain(workload, chain as u8, facts))
 }
 
-/// The walk itself, as a BPF-to-BPF call rather than inlined: the verifier then leaves the
-/// loop's up-to-64 exits (one per rule that can decide) inside this frame, and the caller goes
-/// on from one state per returned target, instead of walking the rest of the program once per
-/// exit (connect6 went past the verifier's 1M-instruction budget that way). The loop is
-/// bounded by `MAX_RULES` for the verifier; `n_rules` ends it early. Returns the deciding
-/// rule's `target` byte, 0 when none decides.
+/// The walk itself, as a *global* BPF function: the verifier checks it once, on its own, for
+/// any workload and any connection (its arguments as the BTF types say, the pointers possibly
+/// null), and a call to it costs the caller one step. Inlined, or as a static function, it is
+/// verified again for every distinct state a caller reaches it in: connect6's paths (IPv4 or
+/// IPv6, `0.0.0.0`/`::` resolved or not, over `lo` or not) times 64 rules took the verifier
+/// past a million instructions, and seconds per program. The loop is bounded by `MAX_RULES`;
+/// `n_rules` ends it early. Returns the deciding rule's `target` byte, 0 when none decides.
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn walk(workload: &Workload, chain: u8, facts: &ConnFacts) -> u8 {
+pub extern "C" fn redirect_walk_chain(workload: *const Workload, chain: u8, facts: *const ConnFacts) -> u8 {
+    if workload.is_null() || facts.is_null() {
+        return 0;
+    }
+    // SAFETY: both are non-null (checked above) and, from every caller, point at a whole value
+    // of their type: `workload` into WORKLOADS (see `maps::workload`), `facts` at the caller's
+    // stack. The verifier checks the global function against exactly that: each pointer
+    // argument is memory of its BTF type's size, possibly null.
+    let (workload, facts) = unsafe { (&*workload, &*facts) };
     let n = workload.n_rules as usize;
     for i in 0..MAX_RULES {
         if i >= n {
