@@ -112,3 +112,64 @@ fn a_workload_without_ipv6_leaves_ipv6_to_the_kernel() {
     let r = w.probe(&w.spec(w.remote(REMOTE_PORT)).v4_mapped());
     assert_eq!(landing(&r), proxied(OUTBOUND_CAPTURE, "remote"), "{r:?}");
 }
+
+/// Node mode through the CNI plugin: a dual-stack pod (its prevResult carries both families'
+/// addresses) with an IPv6 CIDR in its excludeOutboundIPRanges annotation. The exclusion lands
+/// in ip6tables' chain only; IPv4, v4-mapped and the rest of IPv6 are captured; the metrics
+/// count each in its own table.
+#[test]
+fn a_dual_stack_pod_enrolled_through_cni_takes_each_familys_cidrs() {
+    use redirect_tests::node::NodeAgent;
+    use serde_json::json;
+
+    let agent = NodeAgent::new("node-ds", &[]);
+    let _node = agent.start().expect("node agent starts");
+    let w = Workload::new_on("nds", 31);
+    let _remote6 = TestServer::start(&w.pair.remote, w.remote6(REMOTE_PORT), "remote6").expect("IPv6 server");
+    let excluded = format!("{}/128", w.pair.remote_ip6);
+    let mut conf = agent.cni_conf(json!({ "traffic.sidecar.istio.io/excludeOutboundIPRanges": excluded }));
+    conf["prevResult"]["ips"] = json!([
+        { "address": format!("{}/24", w.pair.workload_ip), "interface": 0 },
+        { "address": format!("{}/64", w.pair.workload_ip6), "interface": 0 }
+    ]);
+    let out = agent.cni("ADD", "pod-ds", Some(&w.pair.workload.path), &conf);
+    assert!(out.status.success(), "ADD: {:?} {}", out.stdout, out.stderr);
+    assert_eq!(out.stdout, conf["prevResult"]);
+
+    let landed = |spec| landing(&w.probe(&spec));
+    assert_eq!(
+        landed(w.spec(w.remote(REMOTE_PORT))),
+        proxied(OUTBOUND_CAPTURE, "remote")
+    );
+    assert_eq!(
+        landed(w.spec(w.remote(REMOTE_PORT)).v4_mapped()),
+        proxied(OUTBOUND_CAPTURE, "remote")
+    );
+    // The remote's IPv6 address is excluded (-x, ip6tables' table only): direct.
+    assert_eq!(
+        landed(w.spec(w.remote6(REMOTE_PORT))),
+        redirect_tests::direct("remote6")
+    );
+
+    let (_, text) = agent.scrape("/metrics").expect("metrics");
+    let count = |family: &str, rule: usize| -> u64 {
+        let prefix = format!(
+            "redirect_rule_connections_total{{workload=\"pod-ds\",family=\"{family}\",chain=\"ISTIO_OUTPUT\",rule=\"{rule}\","
+        );
+        text.lines()
+            .find(|l| l.starts_with(&prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"))
+    };
+    // iptables: rule 9 is -j ISTIO_REDIRECT (the CIDR is not IPv4: no -d rule there).
+    assert_eq!(count("ipv4", 9), 2, "{text}");
+    // ip6tables: 8 is -d ::1/128 RETURN, 9 the excluded CIDR, 10 -j ISTIO_REDIRECT.
+    assert_eq!((count("ipv6", 9), count("ipv6", 10)), (1, 0), "{text}");
+
+    let out = agent.cni("DEL", "pod-ds", Some(&w.pair.workload.path), &conf);
+    assert!(out.status.success(), "DEL: {}", out.stderr);
+    assert_eq!(
+        landed(w.spec(w.remote(REMOTE_PORT)).v4_mapped()),
+        redirect_tests::direct("remote")
+    );
+}
