@@ -1,10 +1,7 @@
 //! The kit's own check of its dual-stack pieces against the real kernel, with no agent: a
 //! namespace pair, servers on IPv4 and IPv6 addresses, and probes over AF_INET, AF_INET6 to a
-//! v4-mapped address and AF_INET6 to an IPv6 one. Needs root, so ignored by default:
-//!
-//! ```text
-//! sudo cargo test -p redirect-testkit --test dual_stack -- --ignored --nocapture
-//! ```
+//! v4-mapped address and AF_INET6 to an IPv6 one. Needs root, as every
+//! integration test of the project does (`cargo xtask test` runs them as root).
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
@@ -59,7 +56,6 @@ fn nat(ns: &NamedNetns, tool: &str, rule: &[&str]) {
 }
 
 #[test]
-#[ignore = "needs root: namespaces and a veth"]
 fn a_pair_is_dual_stack_and_the_probe_dials_either_family() {
     require_root();
     let pair = NetnsPair::create("ds").expect("namespaces");
@@ -201,7 +197,6 @@ fn a_pair_is_dual_stack_and_the_probe_dials_either_family() {
 }
 
 #[test]
-#[ignore = "needs root: namespaces"]
 fn a_sysctl_is_set_in_the_namespace_not_on_the_host() {
     require_root();
     let key = "net.ipv4.ip_unprivileged_port_start";
