@@ -18,11 +18,11 @@ pub mod cgroup;
 pub mod demo;
 pub mod netns;
 pub mod probe;
-pub mod procnet;
 pub mod report;
 pub mod serve;
 pub mod server;
 pub mod sock;
+pub mod sockdiag;
 pub mod util;
 
 pub use util::unique;
