@@ -635,6 +635,12 @@ configs! {
     no_outbound: "-i ''" => ["-i", ""];
     tunnel_port: "-e" => ["-e", "9080"];
     capture_ports: "-p/-z" => ["-p", "15011", "-z", "15016"];
+    include_v6_cidr: "-i IPv6 CIDR" => ["-i", "fd00:200::/48"];
+    exclude_v6_cidr: "-x IPv6" => ["-x", "fd00:200:0:1::2/128"];
+    include_v6_loopback: "-i with ::1" => ["-i", "fd00:200:0:9::/64,::1/128"];
+    cidrs_of_both_families: "-i/-x both families" => [
+        "-i", "10.200.0.0/16,fd00:200::/48", "-x", "10.200.1.1/32,fd00:200:0:1::2/128"
+    ];
 }
 
 /// `explain`'s text output is what iptables itself prints: loaded with iptables-restore and
