@@ -11,8 +11,8 @@
 //! server answers with a banner naming itself. The same scenarios run in both twins, in three
 //! phases: IPv4 from AF_INET sockets, the same over AF_INET6 sockets dialing v4-mapped
 //! addresses (judged by the IPv4 chains), and native IPv6 (judged by ip6tables' chains). Each
-//! one's verdict (which capture port, which original destination, or which failure) must be
-//! equal, and after each phase so must the
+//! one's verdict (which capture port, which original destination, what the app's own socket
+//! says its addresses are, or which failure) must be equal, and after each phase so must the
 //! per-rule counters of both families' chains.
 
 use std::{
@@ -319,6 +319,17 @@ fn capture_listener(name: &str, capture: (u16, u16)) -> Option<(u16, &'static st
     }
 }
 
+/// What the app sees of its own connection, which NAT leaves as the app made it: getpeername
+/// exactly (under REDIRECT, the destination it dialed, never the capture port), and
+/// getsockname's address (under REDIRECT, the source routing chose for that destination; the
+/// port is ephemeral, so left out). Part of the verdict of every connection that completed,
+/// captured or not.
+fn app_view(r: &ProbeResult) -> String {
+    let peer = r.peer.as_deref().unwrap_or("?");
+    let local = r.local_addr().map_or_else(|| "?".to_owned(), |a| a.ip().to_string());
+    format!("peer={peer} local={local}")
+}
+
 /// Where a connection landed, named the same way in both twins. A capture listener (the
 /// stand-in for Envoy) also says what the original destination query answered on the accepted
 /// socket (`SO_ORIGINAL_DST` on the 0.0.0.0 one, `IP6T_SO_ORIGINAL_DST` on the [::] one):
@@ -326,7 +337,8 @@ fn capture_listener(name: &str, capture: (u16, u16)) -> Option<(u16, &'static st
 /// a direct landing conntrack answers too, for any tracked connection, and the agent leaves the
 /// kernel's ENOENT: only captured connections are compared. For the same reason a connection
 /// made straight to a capture port, which nobody redirected, reads as `orig=none` in both:
-/// ENOENT from the agent, and conntrack's identity answer, the socket's own address.)
+/// ENOENT from the agent, and conntrack's identity answer, the socket's own address.) A
+/// connection that completed also carries what the app's own socket says ([`app_view`]).
 fn verdict(r: &ProbeResult, capture: (u16, u16)) -> String {
     let local = r.banner_field("local");
     let name = r.banner_field("name");
@@ -342,11 +354,14 @@ fn verdict(r: &ProbeResult, capture: (u16, u16)) -> String {
         Some(o) => o,
     };
     match r.outcome {
-        Outcome::Ok => match (listener, name) {
-            (Some((_, what)), _) => format!("capture:{what} orig={orig}"),
-            (None, Some(server)) => format!("original:{server}"),
-            (None, None) => "no banner".into(),
-        },
+        Outcome::Ok => {
+            let landed = match (listener, name) {
+                (Some((_, what)), _) => format!("capture:{what} orig={orig}"),
+                (None, Some(server)) => format!("original:{server}"),
+                (None, None) => "no banner".into(),
+            };
+            format!("{landed} {}", app_view(r))
+        }
         Outcome::Refused => "refused".into(),
         other => {
             let err = r.error.as_deref().unwrap_or("");
@@ -609,7 +624,7 @@ fn differential(cfg: Config) {
             }
         }
     }
-    println!("  {captured} captured connections, original destinations equal in both");
+    println!("  {captured} captured connections, original destinations and the app's addresses equal in both");
 }
 
 macro_rules! configs {
