@@ -83,7 +83,7 @@ pub struct WorkloadInfo {
     pub fast_path: bool,
     /// Its counter block: rule `i` counts in slot `slot * MAX_RULES + i`.
     pub slot: u32,
-    /// The namespace's IPv4 addresses the programs know.
+    /// The namespace's addresses (both families) the programs know.
     pub addresses: Vec<String>,
 }
 

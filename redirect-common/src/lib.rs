@@ -138,6 +138,8 @@ pub mod fast_path {
 pub mod programs {
     pub const CONNECT4: &str = "redirect_connect4";
     pub const CONNECT6: &str = "redirect_connect6";
+    pub const GETPEERNAME4: &str = "redirect_getpeername4";
+    pub const GETPEERNAME6: &str = "redirect_getpeername6";
     pub const SOCK_OPS: &str = "redirect_sockops";
     pub const SK_LOOKUP: &str = "redirect_sk_lookup";
     pub const GETSOCKOPT: &str = "redirect_getsockopt";

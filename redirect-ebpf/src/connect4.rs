@@ -6,10 +6,19 @@
 //! the original destination must be carried to it through maps (see `sockops`).
 use core::ptr::{read_volatile, write_volatile};
 
-use aya_ebpf::{EbpfContext as _, helpers::bpf_get_netns_cookie, macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::sockaddr,
+    helpers::{bpf_bind, bpf_get_netns_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
 use redirect_common::{AGENT_SOCKET_MARK, IPPROTO_TCP, addr, port};
 
-use crate::output::{self, Connect};
+use crate::{
+    output::{self, Connect},
+    sockaddr::SockaddrIn,
+};
 
 /// Returning 1 lets connect() proceed; 0 would fail it with EPERM. We never refuse: a mesh
 /// decision must not become an error the workload sees at connect(). Where a decision cannot be
@@ -79,6 +88,22 @@ unsafe fn decide(ctx: &SockAddrContext) {
     let Some(to) = (unsafe { output::decide(ctx.as_ptr(), &c) }) else {
         return;
     };
+    let src = to.bind;
+    if !addr::words_eq(&src, &addr::UNSPECIFIED) {
+        let mut sin = SockaddrIn::new(src[3], 0);
+        // Best effort: should it fail (the address just went away), the socket keeps the
+        // source the kernel picks for 127.0.0.1, and only what getsockname shows differs.
+        // SAFETY: `ctx.sock_addr` is this connect4 run's own context, which the helper may
+        // take here (connect4/connect6 only); `sin` is a whole sockaddr_in on our stack and the
+        // length is its size, which the kernel checks before reading.
+        let _ = unsafe {
+            bpf_bind(
+                ctx.sock_addr,
+                (&raw mut sin).cast::<sockaddr>(),
+                core::mem::size_of::<SockaddrIn>() as i32,
+            )
+        };
+    }
     // Separate volatile stores: merged into one 8-byte store, the verifier refuses them.
     // SAFETY: 4-byte writes of the context's `user_ip4` and `user_port`, the two fields a
     // connect4 program may write (see `# Safety`); the kernel connects to what they hold.

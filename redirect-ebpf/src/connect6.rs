@@ -5,10 +5,19 @@
 //! is judged by the ip6tables chain (when the workload has an IPv6 address) and sent to `::1`.
 use core::ptr::{read_volatile, write_volatile};
 
-use aya_ebpf::{EbpfContext as _, helpers::bpf_get_netns_cookie, macros::cgroup_sock_addr, programs::SockAddrContext};
-use redirect_common::{AGENT_SOCKET_MARK, IPPROTO_TCP, port};
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::sockaddr,
+    helpers::{bpf_bind, bpf_get_netns_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use redirect_common::{AGENT_SOCKET_MARK, IPPROTO_TCP, addr, port};
 
-use crate::output::{self, Connect};
+use crate::{
+    output::{self, Connect},
+    sockaddr::SockaddrIn6,
+};
 
 /// Returns 1 always, as connect4: see there.
 #[cgroup_sock_addr(connect6)]
@@ -81,6 +90,21 @@ unsafe fn decide(ctx: &SockAddrContext) {
     let Some(to) = (unsafe { output::decide(ctx.as_ptr(), &c) }) else {
         return;
     };
+    let src = to.bind;
+    if !addr::words_eq(&src, &addr::UNSPECIFIED) {
+        // An IPv4 source is bound v4-mapped, as an AF_INET6 socket holds it.
+        let mut sin6 = SockaddrIn6::new(src, 0);
+        // Best effort, as in connect4.
+        // SAFETY: `ctx.sock_addr` is this connect6 run's own context, which the helper may
+        // take here; `sin6` is a whole sockaddr_in6 on our stack and the length is its size.
+        let _ = unsafe {
+            bpf_bind(
+                ctx.sock_addr,
+                (&raw mut sin6).cast::<sockaddr>(),
+                core::mem::size_of::<SockaddrIn6>() as i32,
+            )
+        };
+    }
     // One 4-byte store per word: the verifier refuses wider stores to the context.
     // SAFETY: 4-byte writes of the context's `user_ip6` words and `user_port`, the fields a
     // connect6 program may write (see `# Safety`); the kernel connects to what they hold.

@@ -13,13 +13,12 @@ use aya_ebpf::{
     EbpfContext as _, bindings::bpf_sock, helpers::bpf_get_netns_cookie, macros::cgroup_sockopt,
     programs::SockoptContext,
 };
-use redirect_common::{
-    IPPROTO_TCP, OrigDst, TupleKey,
-    addr::{self, Addr},
-    events, port,
-};
+use redirect_common::{IPPROTO_TCP, TupleKey, addr, events, port};
 
-use crate::maps::{count_event, orig_dst, workload};
+use crate::{
+    maps::{count_event, orig_dst, workload},
+    sockaddr::{SockaddrIn, SockaddrIn6},
+};
 
 const SOL_IP: i32 = 0;
 const SOL_IPV6: i32 = 41;
@@ -30,33 +29,6 @@ const SO_ORIGINAL_DST: i32 = 80;
 const PAGE_SIZE: i32 = 4096;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
-
-/// `struct sockaddr_in`, as the kernel's own answer lays it out.
-#[repr(C)]
-struct SockaddrIn {
-    family: u16,
-    /// Network byte order.
-    port: u16,
-    /// Network byte order.
-    addr: u32,
-    zero: [u8; 8],
-}
-
-// The sizes the kernel's own answers have.
-const _: () = assert!(core::mem::size_of::<SockaddrIn>() == 16);
-
-/// `struct sockaddr_in6`, as the kernel's own answer lays it out.
-#[repr(C)]
-struct SockaddrIn6 {
-    family: u16,
-    /// Network byte order.
-    port: u16,
-    flowinfo: u32,
-    addr: Addr,
-    scope_id: u32,
-}
-
-const _: () = assert!(core::mem::size_of::<SockaddrIn6>() == 28);
 
 // `bpf_sock.dst_port` is read as a `u32` (see `answer`): its offset keeps that read aligned.
 const _: () = assert!(core::mem::offset_of!(bpf_sock, dst_port) % 4 == 0);
@@ -189,35 +161,15 @@ unsafe fn answer(ctx: &SockoptContext) {
     // SAFETY: `so` is the program's own context (see `# Safety`).
     let written = unsafe {
         if level == SOL_IP {
-            write_answer(so, sockaddr_in(&orig))
+            write_answer(so, SockaddrIn::new(orig.addr[3], orig.port))
         } else {
-            write_answer(so, sockaddr_in6(&orig))
+            write_answer(so, SockaddrIn6::new(orig.addr, orig.port))
         }
     };
     if !written {
         return;
     }
     count_event(workload, events::ORIG_DST_ANSWERED);
-}
-
-fn sockaddr_in(orig: &OrigDst) -> SockaddrIn {
-    SockaddrIn {
-        family: AF_INET as u16,
-        port: orig.port.to_be(),
-        addr: orig.addr[3],
-        zero: [0; 8],
-    }
-}
-
-/// As ip6tables' conntrack answers it for a global address: no flow label, no scope.
-fn sockaddr_in6(orig: &OrigDst) -> SockaddrIn6 {
-    SockaddrIn6 {
-        family: AF_INET6 as u16,
-        port: orig.port.to_be(),
-        flowinfo: 0,
-        addr: orig.addr,
-        scope_id: 0,
-    }
 }
 
 /// Puts `value` in the caller's buffer and makes the call succeed with it. `false`: the

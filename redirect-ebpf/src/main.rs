@@ -6,12 +6,15 @@
 mod chain;
 mod connect4;
 mod connect6;
+mod getpeername4;
+mod getpeername6;
 mod getsockopt;
 mod maps;
 mod output;
 mod sk_lookup;
 mod sk_msg;
 mod sk_skb;
+mod sockaddr;
 mod sockops;
 
 #[cfg(not(test))]

@@ -100,6 +100,15 @@ pub fn is_local_addr(netns_cookie: u64, a: &Addr) -> bool {
     addr::is_loopback(a) || LOCAL_ADDRS.get_ptr(LocalAddrKey::new(netns_cookie, *a)).is_some()
 }
 
+/// The workload's own address of `family`, if it has one.
+#[inline(always)]
+pub fn pod_addr(netns_cookie: u64, family: Family) -> Option<Addr> {
+    // SAFETY: the reference is copied from at once (16 bytes) while the value is mapped (until
+    // the program returns), and never kept. Only the agent writes POD_ADDRS, replacing whole
+    // entries; a slot recycled while we copy gives other integers, still a valid Addr.
+    unsafe { POD_ADDRS.get(FamilyKey::new(netns_cookie, family)) }.copied()
+}
+
 /// Whether the workload's ip6tables chains are on: it has an IPv6 address of its own.
 #[inline(always)]
 pub fn ipv6_on(netns_cookie: u64) -> bool {
@@ -123,6 +132,17 @@ pub fn orig_dst(key: &TupleKey) -> Option<OrigDst> {
     }
     // SAFETY: as above.
     unsafe { INBOUND_PENDING.get(key) }.copied()
+}
+
+/// The original destination of a connection connect4/6 redirected, from the 4-tuple as its
+/// connecting end sees it: only `ORIG_BY_TUPLE`, which sock_ops fills at the connecting end's
+/// handshake (inbound ones, kept under the remote client's view, never match a local
+/// socket's own view).
+#[inline(always)]
+pub fn captured_orig_dst(key: &TupleKey) -> Option<OrigDst> {
+    // SAFETY: as in `orig_dst`: copied at once while mapped, never kept; any bytes are a
+    // valid OrigDst.
+    unsafe { ORIG_BY_TUPLE.get(key) }.copied()
 }
 
 /// Counts one decision of the rule in `slot`.

@@ -13,7 +13,7 @@ use redirect_common::{
 
 use crate::{
     chain,
-    maps::{ORIG_BY_COOKIE, count_event, ipv6_on, is_local_addr, workload},
+    maps::{ORIG_BY_COOKIE, count_event, ipv6_on, is_local_addr, pod_addr, workload},
 };
 
 /// A connect() as its hook read it.
@@ -28,10 +28,12 @@ pub struct Connect {
     pub src: Addr,
 }
 
-/// Where the hook must send a redirected connect: the capture listener's address and port.
+/// Where the hook must send a redirected connect: the capture listener's address and port,
+/// and the source to bind the socket to first (see [`source`]; [`addr::UNSPECIFIED`]: none).
 pub struct Redirect {
     pub addr: Addr,
     pub port: u16,
+    pub bind: Addr,
 }
 
 /// The nat OUTPUT decision for `c`: `Some` when the chain of its family says REDIRECT or
@@ -80,6 +82,10 @@ pub unsafe fn decide(ctx: *mut c_void, c: &Connect) -> Option<Redirect> {
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
     };
+    // Before the walk, though only a redirect needs it: what is live across the walk's call
+    // is what the verifier must tell apart there, and this one value, rather than the
+    // destination and `out_lo` it comes from, keeps the number of states it walks with small.
+    let bind = source(c, &dst, out_lo, family);
     let (target, port) = match chain::decide(workload, ChainId::Output, &facts) {
         Some(t @ Target::Redirect) => (t, workload.outbound_port),
         Some(t @ Target::InRedirect) => (t, workload.inbound_port),
@@ -102,7 +108,34 @@ pub unsafe fn decide(ctx: *mut c_void, c: &Connect) -> Option<Redirect> {
     Some(Redirect {
         addr: addr::localhost(family),
         port,
+        bind,
     })
+}
+
+/// The address routing would have given an unbound socket for its original destination,
+/// which under REDIRECT it keeps (the NAT rewrites only the destination): the app's
+/// `getsockname()` shows it, and the proxy sees it as the connection's source. Connected to
+/// the capture listener on loopback instead, the kernel would pick 127.0.0.1 (`::1`), so the
+/// hooks bind it first (`bpf_bind`, port 0: the port is still the kernel's pick at connect).
+///
+/// - A destination that is one of the namespace's own addresses: that address (a local
+///   route's source is its destination).
+/// - Any other non-loopback destination: the pod's address of the family (`POD_ADDRS`), the
+///   source of every route of a pod with one address per family. A pod with several
+///   addresses and source-specific routes may see another one under iptables.
+/// - Loopback destinations, and sockets the app bound itself: nothing to do
+///   ([`addr::UNSPECIFIED`]; not an `Option`, whose `None` leaves the payload's registers
+///   unwritten, and the verifier refuses to copy an unwritten register).
+#[inline(always)]
+fn source(c: &Connect, dst: &Addr, out_lo: bool, family: Family) -> Addr {
+    let unbound = addr::words_eq(&c.src, &addr::UNSPECIFIED) || addr::words_eq(&c.src, &addr::v4(0));
+    if !unbound || addr::is_loopback(dst) {
+        return addr::UNSPECIFIED;
+    }
+    if out_lo {
+        return *dst;
+    }
+    pod_addr(c.netns_cookie, family).unwrap_or(addr::UNSPECIFIED)
 }
 
 /// The destination the kernel will route `c` to, and the family on the wire. connect() to

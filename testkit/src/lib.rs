@@ -18,6 +18,7 @@ pub mod cgroup;
 pub mod demo;
 pub mod netns;
 pub mod probe;
+pub mod procnet;
 pub mod report;
 pub mod serve;
 pub mod server;

@@ -340,6 +340,7 @@ fn exchange(args: &ProbeArgs, to: SocketAddr, result: &mut ProbeResult) -> io::R
     let stream = connect(args, to, timeout)?;
     result.local = stream.local_addr().ok().map(|a| a.to_string());
     result.peer = stream.peer_addr().ok().map(|a| a.to_string());
+    result.kernel_peer = crate::procnet::remote_of(&stream).ok().flatten().map(|a| a.to_string());
     if args.tokio {
         return with_tokio(args, stream, timeout, result);
     }
@@ -516,6 +517,7 @@ pub fn main(args: &ProbeArgs) -> ExitCode {
             dialed: Some(to.to_string()),
             local: None,
             peer: None,
+            kernel_peer: None,
             banner: None,
             sent: 0,
             received: 0,

@@ -46,9 +46,13 @@ pub struct ProbeResult {
     /// getsockname right after connect: the socket's local address, as the kernel returned it
     /// (an AF_INET6 socket's stays in its v4-mapped form, `[::ffff:10.200.1.1]:40000`).
     pub local: Option<String>,
-    /// getpeername right after connect: where the kernel connected the socket (the capture
-    /// port when connect rewrote it), as the kernel returned it (`[::ffff:127.0.0.1]:15001`).
+    /// getpeername right after connect, as the kernel returned it: what the app sees, which
+    /// for a captured connection is its original destination (as behind iptables REDIRECT).
     pub peer: Option<String>,
+    /// Where the kernel really connected the socket (the capture listener when captured), from
+    /// its socket table (`/proc/net/tcp`, `tcp6`): how a test tells proxied from direct.
+    #[serde(default)]
+    pub kernel_peer: Option<String>,
     /// The first line the server sent (see [`crate::server::server_banner`]).
     pub banner: Option<String>,
     pub sent: usize,
@@ -73,9 +77,14 @@ impl ProbeResult {
             .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
     }
 
-    /// The port the kernel connected the socket to.
+    /// The port the kernel really connected the socket to (its socket table's view, else
+    /// getpeername's).
     pub fn peer_port(&self) -> Option<u16> {
-        self.peer_addr().map(|a| a.port())
+        self.kernel_peer
+            .as_deref()
+            .and_then(|p| p.parse::<std::net::SocketAddr>().ok())
+            .or_else(|| self.peer_addr())
+            .map(|a| a.port())
     }
 
     /// `peer`, parsed (a v4-mapped address stays an IPv6 one).

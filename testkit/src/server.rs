@@ -180,7 +180,8 @@ mod tests {
             error: None,
             dialed: Some("[::ffff:10.200.1.2]:8080".into()),
             local: Some("[::ffff:10.200.1.1]:40000".into()),
-            peer: Some("[::ffff:127.0.0.1]:15001".into()),
+            peer: Some("[::ffff:10.200.1.2]:8080".into()),
+            kernel_peer: Some("[::ffff:127.0.0.1]:15001".into()),
             banner: Some(line.trim_end().to_owned()),
             sent: 0,
             received: 0,
@@ -190,8 +191,9 @@ mod tests {
             slowest_round_trip_us: 0,
             sockopts: None,
         };
+        // Captured: the app sees the original destination, the socket table the listener.
         assert_eq!(r.peer_port(), Some(15001));
-        assert_eq!(r.peer_addr(), Some(a("[::ffff:127.0.0.1]:15001")));
+        assert_eq!(r.peer_addr(), Some(a("[::ffff:10.200.1.2]:8080")));
         assert_eq!(r.local_addr(), Some(a("[::ffff:10.200.1.1]:40000")));
         assert_eq!(r.banner_field("orig"), Some("[fd00:200:0:1::2]:8080"));
         assert_eq!(r.banner_addr("orig"), Some(a("[fd00:200:0:1::2]:8080")));

@@ -6,7 +6,7 @@
 //! and workload servers). Every resource is a guard, so a failing test still cleans up.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Output},
     time::Duration,
@@ -196,8 +196,18 @@ impl Workload {
         SocketAddrV4::new(self.pair.workload_ip, port)
     }
 
+    /// The remote host's IPv6 address (fd00:200:0:1::2) and `port`.
+    pub fn remote6(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.pair.remote_ip6.into(), port)
+    }
+
+    /// The workload's own IPv6 address (fd00:200:0:1::1) and `port`.
+    pub fn pod6(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.pair.workload_ip6.into(), port)
+    }
+
     /// A probe from inside the workload, as uid 0 unless changed.
-    pub fn spec(&self, to: SocketAddrV4) -> ProbeSpec {
+    pub fn spec(&self, to: impl Into<SocketAddr>) -> ProbeSpec {
         ProbeSpec::new(&self.cgroup.path, &self.pair.workload.path, to)
     }
 
@@ -255,7 +265,7 @@ impl Workload {
     }
 
     /// A probe from the remote host (10.200.1.2), outside any captured cgroup.
-    pub fn from_remote(&self, to: SocketAddrV4) -> ProbeSpec {
+    pub fn from_remote(&self, to: impl Into<SocketAddr>) -> ProbeSpec {
         ProbeSpec::outside(&self.pair.remote.path, to)
     }
 }

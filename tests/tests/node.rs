@@ -512,7 +512,7 @@ fn stopping_keeps_the_pins_and_cleanup_releases_every_workload() {
     let w = Workload::new_on("ncl", 51);
     agent.enroll(&w.pair.workload.path, "c", &[]);
     let programs: Vec<u32> = agent.state().unwrap().programs.values().copied().collect();
-    assert_eq!(programs.len(), 5);
+    assert_eq!(programs.len(), 7);
     let (status, log) = p.stop(Duration::from_secs(10));
     assert!(status.is_some_and(|s| s.success()), "{log}");
     let pins = format!("/sys/fs/bpf/redirect/{}", agent.name);

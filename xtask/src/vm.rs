@@ -26,7 +26,7 @@ const KERNEL_PACKAGE: &str = "linux-image-amd64";
 const VIRTME_NG: &str = "virtme-ng";
 
 /// The tests `cargo xtask test` also runs under 6.1: capture, the exemptions, inbound, detach,
-/// the default differential, the feature probe, the fast path, and node mode.
+/// the default differential, the feature probe, the fast path, node mode, and dual stack.
 pub const SMOKE: &[&str] = &[
     "captured_connection_reaches_its_destination_through_the_proxy",
     "each_exemption_lands_where_the_rule_set_says",
@@ -39,6 +39,8 @@ pub const SMOKE: &[&str] = &[
     "other_socket_options_get_the_kernels_answer",
     "three_workloads_through_cni_land_per_their_own_flags_then_one_removed_and_a_restart_loses_nothing",
     "a_restart_under_load_hands_over_without_a_failed_request",
+    "every_socket_family_is_captured_and_counted_in_its_own_table",
+    "ipv6_connections_from_another_host_are_captured_inbound",
 ];
 
 pub struct Options {

@@ -31,6 +31,8 @@ pub enum AttachType {
     Connect4 = 10,
     Connect6 = 11,
     Getsockopt = 21,
+    Getpeername4 = 29,
+    Getpeername6 = 30,
     SkLookup = 36,
 }
 

@@ -92,10 +92,13 @@ struct Maps {
 }
 
 /// The cgroup programs, in attach order: sock_ops first so that every socket connect4/6
-/// redirect is tracked, getsockopt before them so a captured connection can ask.
-const CGROUP_LINKS: [(&str, AttachType); 4] = [
+/// redirect is tracked, getsockopt and getpeername before them so a captured connection can
+/// ask.
+const CGROUP_LINKS: [(&str, AttachType); 6] = [
     (programs::SOCK_OPS, AttachType::SockOps),
     (programs::GETSOCKOPT, AttachType::Getsockopt),
+    (programs::GETPEERNAME4, AttachType::Getpeername4),
+    (programs::GETPEERNAME6, AttachType::Getpeername6),
     (programs::CONNECT4, AttachType::Connect4),
     (programs::CONNECT6, AttachType::Connect6),
 ];

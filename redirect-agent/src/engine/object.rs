@@ -25,12 +25,14 @@ use crate::error::{LoadError, SysError};
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-ebpf"));
 
 /// The programs every instance loads.
-const CAPTURE_PROGRAMS: [&str; 5] = [
+const CAPTURE_PROGRAMS: [&str; 7] = [
     programs::SOCK_OPS,
     programs::SK_LOOKUP,
     programs::CONNECT4,
     programs::CONNECT6,
     programs::GETSOCKOPT,
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
 ];
 
 /// The fast path's programs, loaded only with `--fast-path`.
@@ -82,7 +84,9 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::programs::Pr
     match name {
         programs::SOCK_OPS => load_as!(ebpf, name, SockOps),
         programs::SK_LOOKUP => load_as!(ebpf, name, SkLookup),
-        programs::CONNECT4 | programs::CONNECT6 => load_as!(ebpf, name, CgroupSockAddr),
+        programs::CONNECT4 | programs::CONNECT6 | programs::GETPEERNAME4 | programs::GETPEERNAME6 => {
+            load_as!(ebpf, name, CgroupSockAddr)
+        }
         programs::GETSOCKOPT => load_as!(ebpf, name, CgroupSockopt),
         programs::SK_MSG => load_as!(ebpf, name, SkMsg),
         programs::SK_SKB => load_as!(ebpf, name, SkSkb),
