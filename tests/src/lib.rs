@@ -90,6 +90,32 @@ pub fn iptables_restore(netns_name: &str, text: &str) {
     );
 }
 
+/// Loads ip6tables-save text into a named network namespace (`ip netns exec NS
+/// ip6tables-restore`).
+pub fn ip6tables_restore(netns_name: &str, text: &str) {
+    restore_with("ip6tables-restore", netns_name, text);
+}
+
+/// Loads `*-save` text with `tool` (`iptables-restore`, `ip6tables-restore`) inside a named
+/// network namespace.
+pub fn restore_with(tool: &str, netns_name: &str, text: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns_name, tool])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("ip netns exec {tool} (installed by xtask setup): {e}"));
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{tool} refused:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs the agent binary with arguments, capturing its output.
 pub fn agent_cmd(args: &[&str]) -> Output {
     Command::new(agent_bin())
