@@ -18,7 +18,7 @@
 
 use std::{
     io::{self, BufReader, Read, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket},
     os::fd::{FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
@@ -43,10 +43,6 @@ pub struct ProbeArgs {
     pub netns: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub uid: u32,
-    /// Capture ports the report's `kernel_peer` looks for on the loopback address (besides the
-    /// destination itself).
-    #[arg(long, value_delimiter = ',', default_value = "15001,15006")]
-    pub capture_port: Vec<u16>,
     #[arg(long, default_value_t = 0)]
     pub gid: u32,
     /// Source address to bind before connecting (port 0): IPv4 or IPv6, in the family of the
@@ -331,19 +327,10 @@ fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()
 }
 
-/// Where the kernel connected `stream`: `to` itself, or one of the capture ports on the
-/// loopback address of the connection's family (as the socket holds it: v4-mapped on an
-/// AF_INET6 socket of an IPv4 connection).
-fn kernel_peer(args: &ProbeArgs, stream: &TcpStream, to: SocketAddr) -> Option<SocketAddr> {
-    let local = stream.local_addr().ok()?;
-    let loopback: IpAddr = match to.ip() {
-        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => Ipv4Addr::LOCALHOST.to_ipv6_mapped().into(),
-        IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
-        IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
-    };
-    let mut candidates = vec![to];
-    candidates.extend(args.capture_port.iter().map(|&p| SocketAddr::new(loopback, p)));
-    crate::sockdiag::connected_to(local, &candidates).ok().flatten()
+/// Where the kernel connected `stream` (the socket table's view), as the socket holds it:
+/// v4-mapped on an AF_INET6 socket of an IPv4 connection.
+fn kernel_peer(stream: &TcpStream) -> Option<SocketAddr> {
+    crate::sockdiag::remote_of(stream.local_addr().ok()?).ok().flatten()
 }
 
 /// `to` is the address as dialed (already v4-mapped if asked).
@@ -359,7 +346,7 @@ fn exchange(args: &ProbeArgs, to: SocketAddr, result: &mut ProbeResult) -> io::R
     let stream = connect(args, to, timeout)?;
     result.local = stream.local_addr().ok().map(|a| a.to_string());
     result.peer = stream.peer_addr().ok().map(|a| a.to_string());
-    result.kernel_peer = kernel_peer(args, &stream, to).map(|a| a.to_string());
+    result.kernel_peer = kernel_peer(&stream).map(|a| a.to_string());
     if args.tokio {
         return with_tokio(args, stream, timeout, result);
     }
