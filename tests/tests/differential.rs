@@ -691,16 +691,28 @@ fn explain_matches_iptables_save_spelling() {
         ],
         &["-b", "", "-i", "127.0.0.0/8"],
     ];
-    for flags in flag_sets {
+    let v6_sets: &[&[&str]] = &[
+        &["-i", "fd00::/8,10.0.0.0/8", "-x", "fd00:200::1,10.96.0.1"],
+        &["-i", "::1/128"],
+    ];
+    let cases = flag_sets
+        .iter()
+        .map(|f| ("ipv4", *f))
+        .chain(flag_sets.iter().chain(v6_sets).map(|f| ("ipv6", *f)));
+    for (family, flags) in cases {
+        let (restore, save) = match family {
+            "ipv4" => ("iptables-restore", "iptables-save"),
+            _ => ("ip6tables-restore", "ip6tables-save"),
+        };
         let pair = NetnsPair::create("dfx").expect("namespaces");
-        let mut args = vec!["explain"];
+        let mut args = vec!["explain", "--family", family];
         args.extend_from_slice(flags);
         let out = agent_cmd(&args);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8(out.stdout).unwrap();
-        iptables_restore(&pair.workload.name, &text);
+        redirect_tests::restore_with(restore, &pair.workload.name, &text);
         let saved = Command::new("ip")
-            .args(["netns", "exec", &pair.workload.name, "iptables-save", "-t", "nat"])
+            .args(["netns", "exec", &pair.workload.name, save, "-t", "nat"])
             .output()
             .unwrap();
         let saved = String::from_utf8_lossy(&saved.stdout);
@@ -716,7 +728,7 @@ fn explain_matches_iptables_save_spelling() {
         assert_eq!(
             rules_by_chain(&text),
             rules_by_chain(&saved),
-            "explain {flags:?} differs from iptables-save:\n{text}\n---\n{saved}"
+            "explain --family {family} {flags:?} differs from {save}:\n{text}\n---\n{saved}"
         );
     }
 }
