@@ -67,6 +67,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let remote = SocketAddrV4::new(pair.remote_ip, 8080);
     let pod = SocketAddrV4::new(pair.workload_ip, 9080);
     let _remote_srv = TestServer::start(&pair.remote, remote, "remote-host")?;
+    let remote6 = std::net::SocketAddr::new(pair.remote_ip6.into(), 8080);
+    let _remote6_srv = TestServer::start(&pair.remote, remote6, "remote-host")?;
     let _app_srv = TestServer::start(
         &pair.workload,
         SocketAddrV4::new([0, 0, 0, 0].into(), 9080),
@@ -93,10 +95,16 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         AgentProcess::start(&agent, &name, &["--cgroup", &cg, "--netns", &netns]).context("starting the agent")?;
     println!("agent: instance {name} attached (default istio-iptables flags, embedded proxy)\n");
 
-    let spec = |to| ProbeSpec::new(&cgroup.path, &pair.workload.path, to);
-    let local = SocketAddrV4::new([127, 0, 0, 1].into(), 9080);
+    let spec = |to: std::net::SocketAddr| ProbeSpec::new(&cgroup.path, &pair.workload.path, to);
+    let (remote, pod, status) = (remote.into(), pod.into(), std::net::SocketAddr::from(status));
+    let local = SocketAddrV4::new([127, 0, 0, 1].into(), 9080).into();
     let probes = [
         ("app (uid 0) -> remote 10.200.1.2:8080", spec(remote)),
+        (
+            "app, AF_INET6 -> remote [::ffff:10.200.1.2]:8080",
+            spec(remote).v4_mapped(),
+        ),
+        ("app, AF_INET6 -> remote [fd00:200:0:1::2]:8080", spec(remote6)),
         (
             "proxy (uid 1337) -> remote 10.200.1.2:8080",
             spec(remote).uid(1337).gid(1337),
@@ -115,10 +123,10 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             ProbeSpec::outside(&pair.remote.path, status),
         ),
     ];
-    println!("{:<46} where it landed", "connection");
+    println!("{:<48} where it landed", "connection");
     for (label, p) in &probes {
         let r = p.run(&testkit).with_context(|| format!("probe {label}"))?;
-        println!("{label:<46} {}", path_of(&r, OUTBOUND_CAPTURE, INBOUND_CAPTURE));
+        println!("{label:<48} {}", path_of(&r, OUTBOUND_CAPTURE, INBOUND_CAPTURE));
     }
 
     println!("\nredirect-agent stats --name {name}:");
