@@ -116,6 +116,28 @@ pub fn restore_with(tool: &str, netns_name: &str, text: &str) {
     );
 }
 
+/// Runs the agent binary with arguments, capturing its output; `None` if it was still
+/// running after `within` (it is killed then): for commands that must end by themselves, such
+/// as a refusal, so that one that does not fails the test instead of hanging it.
+pub fn agent_cmd_within(args: &[&str], within: Duration) -> Option<Output> {
+    let mut child = Command::new(agent_bin())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn redirect-agent");
+    let deadline = std::time::Instant::now() + within;
+    while child.try_wait().expect("wait for redirect-agent").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(child.wait_with_output().expect("redirect-agent output"))
+}
+
 /// Runs the agent binary with arguments, capturing its output.
 pub fn agent_cmd(args: &[&str]) -> Output {
     Command::new(agent_bin())

@@ -97,7 +97,8 @@ fn detach_leaves_no_program_link_or_pin() {
 
 /// Runs the agent expecting failure: non-zero exit, one line on stderr naming `needle`.
 fn rejected(args: &[&str], needle: &str) -> String {
-    let out = agent_cmd(args);
+    let out = redirect_tests::agent_cmd_within(args, Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("{args:?} was not refused: still running after 30 s"));
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "{args:?} succeeded: {err}");
     assert_eq!(
