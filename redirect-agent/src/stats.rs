@@ -72,19 +72,22 @@ fn ipv4() -> String {
 /// prints and node mode's metrics expose.
 pub(crate) fn rows(w: &Workload, counters: &PerCpuArray<MapData, u64>) -> Result<Vec<RuleRow>, LoadError> {
     let mut out = Vec::new();
-    let rules = w.rules();
-    for (i, r) in rules.iter().enumerate() {
+    let rules: Vec<(usize, &redirect_common::Rule)> = w.slotted().collect();
+    for (i, &(slot, r)) in rules.iter().enumerate() {
         let chain = r.chain_id();
-        let slot = w.counter_base + i as u32;
-        let connections = sum(counters, slot, redirect_common::maps::RULE_COUNTERS)?;
+        let connections = sum(
+            counters,
+            w.counter_base + slot as u32,
+            redirect_common::maps::RULE_COUNTERS,
+        )?;
         out.push(RuleRow {
             family: r.family_kind().map_or("?", Family::name).into(),
             chain: chain.map_or("?", ChainId::iptables_name).into(),
             rule: rules[..=i]
                 .iter()
-                .filter(|x| x.chain == r.chain && x.family == r.family)
+                .filter(|(_, x)| x.chain == r.chain && x.family == r.family)
                 .count(),
-            slot: i,
+            slot,
             match_: match_text(r),
             target: r.target_kind().map_or("?", Target::iptables_name).into(),
             connections,

@@ -17,9 +17,13 @@ pub mod chain;
 #[cfg(feature = "user")]
 pub mod config;
 
-/// Most rules one workload's chains may hold. Bounds the eBPF loop; large CIDR lists
-/// beyond this are rejected by the agent rather than silently truncated.
-pub const MAX_RULES: usize = 64;
+/// Most rules one family's chains may hold (iptables' ISTIO_OUTPUT and ISTIO_INBOUND, or
+/// ip6tables'): the bound of the eBPF walk, which only walks the connection's family. Large
+/// CIDR or port lists beyond this are rejected by the agent rather than silently truncated.
+pub const MAX_RULES_PER_FAMILY: usize = 64;
+
+/// Most rules one workload holds: both families' (the flags' port lists appear in both).
+pub const MAX_RULES: usize = 2 * MAX_RULES_PER_FAMILY;
 
 /// 127.0.0.1 in network byte order: where iptables REDIRECT sends locally generated
 /// connections, and so where connect4 sends every connection it captures.
@@ -166,7 +170,7 @@ pub mod workload_flags {
 pub struct Workload {
     /// First counter slot of this workload in `RULE_COUNTERS`.
     pub counter_base: u32,
-    /// Rules in use at the front of `rules`.
+    /// iptables' rules in use at the front of `rules`.
     pub n_rules: u32,
     /// `-p`: where `ISTIO_REDIRECT` sends connections (host order).
     pub outbound_port: u16,
@@ -176,11 +180,15 @@ pub struct Workload {
     pub flags: u32,
     /// Depth of `cgroup_id` below the cgroup v2 root (the root is 0).
     pub cgroup_level: u32,
-    pub _pad: u32,
+    /// ip6tables' rules in use at the front of `rules[MAX_RULES_PER_FAMILY..]`.
+    pub n_rules6: u32,
     /// Only tasks of this cgroup (or below) are captured outbound; 0: every task of the
     /// namespace. Node mode's programs sit at the cgroup root and see them all; a `run`
     /// instance is attached to the cgroup itself and leaves this 0.
     pub cgroup_id: u64,
+    /// iptables' rules from index 0, ip6tables' from `MAX_RULES_PER_FAMILY`: each family's
+    /// table is a fixed half, which is what the walk of a connection's family takes, and a
+    /// rule's index here is its counter slot (`counter_base + index`).
     pub rules: [Rule; MAX_RULES],
 }
 
@@ -193,7 +201,7 @@ impl Workload {
             inbound_port: 0,
             flags: 0,
             cgroup_level: 0,
-            _pad: 0,
+            n_rules6: 0,
             cgroup_id: 0,
             rules: [Rule::EMPTY; MAX_RULES],
         }
@@ -204,14 +212,27 @@ impl Workload {
         self.counter_base / MAX_RULES as u32 * events::PER_WORKLOAD
     }
 
-    pub fn rules(&self) -> &[Rule] {
-        let n = (self.n_rules as usize).min(MAX_RULES);
-        &self.rules[..n]
+    /// The rules of `family`'s table in use, and the slot of the first.
+    pub fn family_rules(&self, family: addr::Family) -> (&[Rule], usize) {
+        let (start, n) = match family {
+            addr::Family::V4 => (0, self.n_rules),
+            addr::Family::V6 => (MAX_RULES_PER_FAMILY, self.n_rules6),
+        };
+        let n = (n as usize).min(MAX_RULES_PER_FAMILY);
+        (&self.rules[start..start + n], start)
+    }
+
+    /// Every rule in use with its slot: iptables' table, then ip6tables'.
+    pub fn slotted(&self) -> impl Iterator<Item = (usize, &Rule)> {
+        [addr::Family::V4, addr::Family::V6].into_iter().flat_map(move |f| {
+            let (rules, start) = self.family_rules(f);
+            rules.iter().enumerate().map(move |(i, r)| (start + i, r))
+        })
     }
 }
 
 // SAFETY: repr(C), Copy; integers and `[Rule; MAX_RULES]` (Rule: repr(C), integers only,
-// padding in `_pad2`), explicit `_pad`; 32 + 84 * MAX_RULES bytes, no gaps (pinned by
+// padding in `_pad2`); 32 + 84 * MAX_RULES bytes, no gaps (pinned by
 // `layout` below). Any bytes the kernel hands back are a valid value: enums are kept as `u8`.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Workload {}

@@ -1,45 +1,69 @@
 //! Walking one chain of a workload's rules, shared by the programs that implement the chains
 //! (connect4/connect6: ISTIO_OUTPUT, sk_lookup: ISTIO_INBOUND).
-use redirect_common::{ChainId, ConnFacts, MAX_RULES, Target, Workload};
+use redirect_common::{ChainId, ConnFacts, MAX_RULES_PER_FAMILY, Rule, Target, Workload, addr::Family};
 
 use crate::maps::count;
 
 /// As iptables walks a chain: the first rule of `chain` that matches decides, and its counter
 /// slot counts the decision. `None` when no rule matches (the chain falls through, which for
-/// these chains means the connection is left alone).
+/// these chains means the connection is left alone). Only the table of the connection's
+/// family is walked: iptables' for IPv4 (v4-mapped included), ip6tables' for IPv6.
 #[inline(always)]
 pub fn decide(workload: &Workload, chain: ChainId, facts: &ConnFacts) -> Option<Target> {
-    Target::from_u8(redirect_walk_chain(workload, chain as u8, facts))
+    let (half, n) = if facts.family == Family::V6 as u8 {
+        (MAX_RULES_PER_FAMILY, workload.n_rules6)
+    } else {
+        (0, workload.n_rules)
+    };
+    // SAFETY: the two halves of `rules` are each a whole `[Rule; MAX_RULES_PER_FAMILY]`
+    // (`MAX_RULES` is twice it), so the pointer at `half` is one to such an array, live for
+    // the call as `workload` is; `facts` comes from a reference.
+    let target = unsafe {
+        let table = (&raw const workload.rules[half]).cast::<[Rule; MAX_RULES_PER_FAMILY]>();
+        redirect_walk_chain(table, n, workload.counter_base + half as u32, chain as u8, facts)
+    };
+    Target::from_u8(target)
 }
 
 /// The walk itself, as a *global* BPF function: the verifier checks it once, on its own, for
-/// any workload and any connection (its arguments as the BTF types say, the pointers possibly
+/// any table and any connection (its arguments as the BTF types say, the pointers possibly
 /// null), and a call to it costs the caller one step. Inlined, or as a static function, it is
 /// verified again for every distinct state a caller reaches it in: connect6's paths (IPv4 or
-/// IPv6, `0.0.0.0`/`::` resolved or not, over `lo` or not) times 64 rules took the verifier
-/// past a million instructions, and seconds per program. The loop is bounded by `MAX_RULES`;
-/// `n_rules` ends it early. Returns the deciding rule's `target` byte, 0 when none decides.
+/// IPv6, `0.0.0.0`/`::` resolved or not, over `lo` or not) times the rules took the verifier
+/// past a million instructions, and seconds per program. It takes one family's table (a fixed
+/// half of the workload's rules) so that its loop is a family's 64 rules, not both tables'.
+/// `n` ends the loop early. Returns the deciding rule's `target` byte, 0 when none decides.
+///
+/// # Safety
+///
+/// Each pointer is null or points at a whole, live value of its type for the call (`table`
+/// into WORKLOADS, see `maps::workload`; `facts` on the caller's stack). The verifier holds
+/// every caller to that: it checks each pointer argument of a global function as memory of its
+/// BTF type's size, possibly null.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn redirect_walk_chain(workload: *const Workload, chain: u8, facts: *const ConnFacts) -> u8 {
-    if workload.is_null() || facts.is_null() {
+pub unsafe extern "C" fn redirect_walk_chain(
+    table: *const [Rule; MAX_RULES_PER_FAMILY],
+    n: u32,
+    first_slot: u32,
+    chain: u8,
+    facts: *const ConnFacts,
+) -> u8 {
+    if table.is_null() || facts.is_null() {
         return 0;
     }
-    // SAFETY: both are non-null (checked above) and, from every caller, point at a whole value
-    // of their type: `workload` into WORKLOADS (see `maps::workload`), `facts` at the caller's
-    // stack. The verifier checks the global function against exactly that: each pointer
-    // argument is memory of its BTF type's size, possibly null.
-    let (workload, facts) = unsafe { (&*workload, &*facts) };
-    let n = workload.n_rules as usize;
-    for i in 0..MAX_RULES {
+    // SAFETY: both are non-null (checked above), and by this function's contract point at
+    // whole, live values of their types.
+    let (table, facts) = unsafe { (&*table, &*facts) };
+    let n = n as usize;
+    for (i, rule) in table.iter().enumerate() {
         if i >= n {
             return 0;
         }
-        let rule = &workload.rules[i];
         if rule.chain != chain || !rule.matches(facts) {
             continue;
         }
-        count(workload.counter_base + i as u32);
+        count(first_slot + i as u32);
         return rule.target;
     }
     0

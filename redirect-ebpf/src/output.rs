@@ -66,26 +66,31 @@ pub unsafe fn decide(ctx: *mut c_void, c: &Connect) -> Option<Redirect> {
     // unless a set-id program connects a socket, or one is passed to another process.
     let uid_gid = bpf_get_current_uid_gid();
     let out_lo = is_local_addr(c.netns_cookie, &dst);
-    // A socket bound to a loopback address cannot reach anything but lo: the kernel's route
-    // lookup fails the connect() before nat OUTPUT ever sees a packet. Leave it to fail the
-    // same way rather than redirect it to a listener it could reach.
-    if addr::is_loopback(&c.src) && !out_lo {
+    if never_leaves(c, family, out_lo) {
         return None;
     }
+    // The source nat OUTPUT sees: the bound one, or for an unbound socket the one routing
+    // picks, which the redirect then binds (`source`). `-s ::6/128` must see the `::6` a
+    // socket dialing `[::6]:P` gets from routing, as `-s 127.0.0.6/32` never sees 127.0.0.6
+    // from an unbound socket (127/8 routes have source 127.0.0.1). Computed before the walk,
+    // though only a redirect binds it: what is live across the walk's call is what the
+    // verifier must tell apart there, and this one value, rather than the destination and
+    // `out_lo` it comes from, keeps the number of states it walks with small.
+    let bind = source(c, &dst, out_lo, family);
     let facts = ConnFacts {
         family: family as u8,
         proto: IPPROTO_TCP,
         dst_addr: dst,
         dst_port: c.dst_port,
-        src_addr: c.src,
+        src_addr: if addr::words_eq(&bind, &addr::UNSPECIFIED) {
+            c.src
+        } else {
+            bind
+        },
         out_lo,
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
     };
-    // Before the walk, though only a redirect needs it: what is live across the walk's call
-    // is what the verifier must tell apart there, and this one value, rather than the
-    // destination and `out_lo` it comes from, keeps the number of states it walks with small.
-    let bind = source(c, &dst, out_lo, family);
     let (target, port) = match chain::decide(workload, ChainId::Output, &facts) {
         Some(t @ Target::Redirect) => (t, workload.outbound_port),
         Some(t @ Target::InRedirect) => (t, workload.inbound_port),
@@ -136,6 +141,26 @@ fn source(c: &Connect, dst: &Addr, out_lo: bool, family: Family) -> Addr {
         return *dst;
     }
     pod_addr(c.netns_cookie, family).unwrap_or(addr::UNSPECIFIED)
+}
+
+/// Connects the kernel fails before nat OUTPUT would see a packet; they are left to fail as
+/// they would (judging them would count a decision iptables never makes, and redirecting them
+/// would let them reach a listener they could not):
+///
+/// - IPv4 from a socket bound to a loopback address, to anything but lo: the route lookup
+///   fails it (EINVAL). IPv6 has no such rule: a socket bound to `::1` dialing out is captured
+///   by ip6tables like any other.
+/// - A v4-mapped destination from an AF_INET6 socket bound to an IPv6 address (not
+///   v4-mapped): ENETUNREACH.
+#[inline(always)]
+fn never_leaves(c: &Connect, family: Family, out_lo: bool) -> bool {
+    match family {
+        Family::V4 => {
+            (addr::is_loopback(&c.src) && !out_lo)
+                || (!addr::is_v4(&c.src) && !addr::words_eq(&c.src, &addr::UNSPECIFIED))
+        }
+        Family::V6 => false,
+    }
 }
 
 /// The destination the kernel will route `c` to, and the family on the wire. connect() to

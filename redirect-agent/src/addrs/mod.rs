@@ -40,21 +40,23 @@ pub fn read(netns: &Netns) -> io::Result<BTreeSet<IpAddr>> {
 }
 
 /// Whether connections from other hosts can be addressed to `ip`, so that it names its
-/// workload in `ADDR_OWNERS`: not loopback, not link-local (the same fe80:: address may be on
-/// many links), not on `lo` (`::6` is on every dual-stack pod's).
+/// workload in `ADDR_OWNERS` (and nat PREROUTING would see them): every address but loopback
+/// and `::6`, which is on every dual-stack pod's `lo`. Link-local ones too: ip6tables'
+/// ISTIO_INBOUND takes them like any other, so leaving them out would let the node and the
+/// pods of the same link reach the app around the proxy. (A link-local address another
+/// enrolled workload holds is refused at enroll, as any address is.)
 fn reachable_from_other_hosts(a: &NetnsAddr) -> bool {
-    let link_local = match a.ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => v6.is_unicast_link_local(),
-    };
-    !a.ip.is_loopback() && !link_local && a.ifindex != netlink::LOOPBACK_IFINDEX
+    !a.ip.is_loopback() && a.ip != IpAddr::V6(INBOUND_PASSTHROUGH_SRC6)
 }
 
 /// The pod's own address of each family: the first global one, not on `lo`, in the kernel's
 /// order (the primary address of the first device that has one: a pod's `eth0`).
 fn pod_addrs(addrs: &[NetnsAddr]) -> BTreeMap<Family, IpAddr> {
     let mut out = BTreeMap::new();
-    for a in addrs.iter().filter(|a| a.global && reachable_from_other_hosts(a)) {
+    let candidates = addrs
+        .iter()
+        .filter(|a| a.global && a.ifindex != netlink::LOOPBACK_IFINDEX && reachable_from_other_hosts(a));
+    for a in candidates {
         let family = if a.ip.is_ipv4() { Family::V4 } else { Family::V6 };
         out.entry(family).or_insert(a.ip);
     }
@@ -254,9 +256,10 @@ mod tests {
             .filter(|x| reachable_from_other_hosts(x))
             .map(|x| x.ip)
             .collect();
+        // Link-local included (nat PREROUTING sees them too); loopback and ::6 not.
         assert_eq!(
             owned,
-            ["10.200.1.1", "fd00:200:0:1::1", "10.200.2.1"].map(|s| s.parse::<IpAddr>().unwrap())
+            ["fe80::1", "10.200.1.1", "fd00:200:0:1::1", "10.200.2.1"].map(|s| s.parse::<IpAddr>().unwrap())
         );
     }
 }

@@ -19,7 +19,7 @@ use std::{
 };
 
 use crate::{
-    ChainId, IPPROTO_TCP, IPPROTO_UDP, MAX_RULES, Rule, Target, Workload,
+    ChainId, IPPROTO_TCP, IPPROTO_UDP, MAX_RULES, MAX_RULES_PER_FAMILY, Rule, Target, Workload,
     addr::Family,
     config::{CaptureConfig, Cidr, Include},
     m, workload_flags,
@@ -52,15 +52,17 @@ fn family_addrs(family: Family) -> (Cidr, Cidr) {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TooManyRules {
     pub needed: usize,
+    pub family: Family,
 }
 
 impl core::fmt::Display for TooManyRules {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(
             f,
-            "these flags need {} nat rules; redirect holds at most {MAX_RULES} per workload \
-             (shorten the -i/-x CIDR or -o/-q port lists)",
-            self.needed
+            "these flags need {} nat rules in {}' chains; redirect holds at most \
+             {MAX_RULES_PER_FAMILY} per family (shorten the -i/-x CIDR or -o/-q port lists)",
+            self.needed,
+            self.family.iptables()
         )
     }
 }
@@ -150,10 +152,13 @@ pub fn compile(cfg: &CaptureConfig) -> Result<Vec<Rule>, TooManyRules> {
             family,
         };
         family_chains(&mut b, cfg);
+        if b.rules.len() > MAX_RULES_PER_FAMILY {
+            return Err(TooManyRules {
+                needed: b.rules.len(),
+                family,
+            });
+        }
         rules.append(&mut b.rules);
-    }
-    if rules.len() > MAX_RULES {
-        return Err(TooManyRules { needed: rules.len() });
     }
     Ok(rules)
 }
@@ -239,6 +244,22 @@ fn family_chains(b: &mut Builder, cfg: &CaptureConfig) {
     }
 }
 
+/// The counter slot of each rule of [`compile`]'s list: its index in the `Workload` entry,
+/// where each family's table is a fixed half (iptables' from 0, ip6tables' from
+/// `MAX_RULES_PER_FAMILY`). What `explain` and `stats` print as `slot`.
+pub fn slots(rules: &[Rule]) -> Vec<usize> {
+    let mut next = [0, MAX_RULES_PER_FAMILY];
+    rules
+        .iter()
+        .map(|r| {
+            let half = usize::from(r.family == Family::V6 as u8);
+            let slot = next[half];
+            next[half] += 1;
+            slot.min(MAX_RULES - 1)
+        })
+        .collect()
+}
+
 /// [`workload_flags`] for these flags.
 pub fn flags(cfg: &CaptureConfig) -> u32 {
     if cfg.inbound_ports.is_empty() {
@@ -259,13 +280,19 @@ pub struct Serving {
 }
 
 /// The `WORKLOADS` entry the programs run for these flags: the chain `rules` ([`compile`]'s
-/// answer for the same flags), the capture ports, and the counter block of `slot`.
+/// answer for the same flags, each at its [`slots`] index), the capture ports, and the counter
+/// block of `slot`.
 pub fn workload(cfg: &CaptureConfig, rules: &[Rule], slot: u32, serving: Serving) -> Workload {
     debug_assert!(rules.len() <= MAX_RULES, "compile bounds the chain");
     let mut w = Workload::empty();
-    let n = rules.len().min(MAX_RULES);
-    w.n_rules = n as u32;
-    w.rules[..n].copy_from_slice(&rules[..n]);
+    for (slot, r) in slots(rules).into_iter().zip(rules) {
+        w.rules[slot] = *r;
+        if r.family == Family::V6 as u8 {
+            w.n_rules6 += 1;
+        } else {
+            w.n_rules += 1;
+        }
+    }
     w.outbound_port = cfg.envoy_port;
     w.inbound_port = cfg.inbound_capture_port;
     w.flags = flags(cfg)

@@ -235,7 +235,9 @@ fn a_workload_entry_carries_the_chain_ports_counter_block_and_serving_flags() {
     let cfg = CaptureConfig::default();
     let rules = compile(&cfg).unwrap();
     let w = workload(&cfg, &rules, 3, Serving::default());
-    assert_eq!(w.rules(), &rules[..]);
+    assert_eq!(w.slotted().map(|(_, r)| *r).collect::<Vec<_>>(), rules);
+    let slots: Vec<usize> = w.slotted().map(|(s, _)| s).collect();
+    assert_eq!(slots, super::slots(&rules));
     assert_eq!((w.outbound_port, w.inbound_port), (15001, 15006));
     assert_eq!(w.counter_base, 3 * MAX_RULES as u32);
     assert_eq!(w.flags, workload_flags::INBOUND);
@@ -252,12 +254,17 @@ fn a_workload_entry_carries_the_chain_ports_counter_block_and_serving_flags() {
 
 #[test]
 fn oversized_flags_are_refused() {
-    let cidrs = (0..40).map(|i| format!("10.{i}.0.0/16")).collect::<Vec<_>>().join(",");
+    let cidrs = (0..60).map(|i| format!("10.{i}.0.0/16")).collect::<Vec<_>>().join(",");
     let cfg = CaptureConfig {
         outbound_exclude_cidrs: config::parse_cidrs("-x", &cidrs).unwrap(),
         ..CaptureConfig::default()
     };
-    assert!(compile(&cfg).unwrap_err().to_string().contains("at most 64"));
+    assert!(
+        compile(&cfg)
+            .unwrap_err()
+            .to_string()
+            .contains("iptables' chains; redirect holds at most 64 per family")
+    );
 }
 
 /// ip6tables' chains for the flags of Istio's `ipv6-uid-gid` golden case (`-b 4000,5000
@@ -378,4 +385,36 @@ fn a_loopback_include_of_either_family_affects_both_tables() {
             "{include}"
         );
     }
+}
+
+/// Each family has its own budget, as each had its own table: flags that fit before dual
+/// stack (long `-o`/`-b` lists, which both tables repeat) still fit, and the entry says where
+/// ip6tables' rules start.
+#[test]
+fn each_family_has_its_own_budget() {
+    let cfg = CaptureConfig {
+        outbound_exclude_ports: (30001..=30010).collect(),
+        inbound_ports: Include::List((40001..=40026).collect()),
+        ..CaptureConfig::default()
+    };
+    let rules = compile(&cfg).unwrap();
+    assert!(rules.len() > MAX_RULES_PER_FAMILY, "{}", rules.len());
+    let w = workload(&cfg, &rules, 0, Serving::default());
+    assert_eq!((w.n_rules * 2) as usize, rules.len());
+    assert_eq!(w.n_rules, w.n_rules6);
+    let (v4, first4) = w.family_rules(Family::V4);
+    let (v6, first6) = w.family_rules(Family::V6);
+    assert_eq!((first4, first6), (0, MAX_RULES_PER_FAMILY));
+    assert!(v4.iter().all(|r| r.family == Family::V4 as u8));
+    assert!(v6.iter().all(|r| r.family == Family::V6 as u8));
+    let cidrs = (0..60)
+        .map(|i| format!("fd00:{i:x}::/32"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let v6_heavy = CaptureConfig {
+        outbound_exclude_cidrs: config::parse_cidrs("-x", &cidrs).unwrap(),
+        ..CaptureConfig::default()
+    };
+    let e = compile(&v6_heavy).unwrap_err().to_string();
+    assert!(e.contains("ip6tables' chains"), "{e}");
 }

@@ -55,9 +55,9 @@ pub fn nat_table(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<Nat
         },
     ));
     for chain in [ChainId::Inbound, ChainId::Output] {
-        let in_chain = rules
-            .iter()
-            .enumerate()
+        let in_chain = super::slots(rules)
+            .into_iter()
+            .zip(rules)
             .filter(|(_, r)| r.chain == chain as u8 && r.family == family as u8);
         for (n, (slot, r)) in in_chain.enumerate() {
             lines.push(NatLine {
