@@ -50,6 +50,44 @@ impl FamilyKey {
     }
 }
 
+/// A destination as seen from one workload's namespace: the data of a `ROUTE_SOURCES` key
+/// (an LPM trie: the namespace's bits always match in full, then the address's prefix).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RouteDst {
+    /// The netns cookie, as two words (no padding after the trie key's `u32` prefix length).
+    pub netns: [u32; 2],
+    /// [`crate::addr`] form: IPv4 v4-mapped.
+    pub addr: Addr,
+}
+
+impl RouteDst {
+    /// The key length that looks a whole address up.
+    pub const FULL: u32 = 64 + 128;
+
+    #[inline(always)]
+    pub const fn new(netns_cookie: u64, addr: Addr) -> Self {
+        Self {
+            netns: [netns_cookie as u32, (netns_cookie >> 32) as u32],
+            addr,
+        }
+    }
+
+    /// The key length of a route of `family` whose prefix is `prefix` bits of its family's
+    /// address (an IPv4 route covers the v4-mapped /96 too).
+    pub const fn prefix_len(family: Family, prefix: u8) -> u32 {
+        64 + match family {
+            Family::V4 => 96 + prefix as u32,
+            Family::V6 => prefix as u32,
+        }
+    }
+
+    /// The netns cookie the key is for.
+    pub const fn netns_cookie(&self) -> u64 {
+        self.netns[0] as u64 | (self.netns[1] as u64) << 32
+    }
+}
+
 /// What connect4/connect6 remember about a redirected socket until sock_ops sees its 4-tuple.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -193,6 +231,8 @@ pub mod port {
 mod pod {
     // SAFETY: repr(C), Copy; u64 then [u32; 4]; 24 bytes, no gaps.
     unsafe impl aya::Pod for super::LocalAddrKey {}
+    // SAFETY: repr(C), Copy; [u32; 2] and [u32; 4]; 24 bytes, no gaps.
+    unsafe impl aya::Pod for super::RouteDst {}
     // SAFETY: repr(C), Copy; u64, u8 (`family`, decoded with Family::from_u8), [u8; 7]
     // `_pad`; 16 bytes, no gaps.
     unsafe impl aya::Pod for super::FamilyKey {}
@@ -221,6 +261,11 @@ mod layout {
         assert_eq!(size_of::<OrigDst>(), 20);
         assert_eq!(size_of::<PendingOrigDst>(), 32);
         assert_eq!(size_of::<TupleKey>(), 48);
+        assert_eq!(size_of::<RouteDst>(), 24);
+        assert_eq!(
+            RouteDst::new(0x0102_0304_0506_0708, [0; 4]).netns_cookie(),
+            0x0102_0304_0506_0708
+        );
     }
 }
 

@@ -86,6 +86,10 @@ pub mod maps {
     /// it has (not on `lo`, not link-local). An IPv6 one turns the workload's ip6tables chains
     /// on, as istio-iptables installs them only for a pod with an IPv6 address.
     pub const POD_ADDRS: &str = "POD_ADDRS";
+    /// LPM trie of [`crate::RouteDst`] -> [`crate::addr::Addr`]: the workload's main routing
+    /// table as the source each route gives a connection (its preferred source, else its
+    /// device's address): what an unbound captured socket is bound to.
+    pub const ROUTE_SOURCES: &str = "ROUTE_SOURCES";
     /// Per-CPU u64 per counter slot.
     pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
     /// Per-CPU u64 per [`crate::events`] slot.
@@ -110,10 +114,11 @@ pub mod maps {
     /// [`crate::TupleKey`] (the sender's view) -> a [`crate::fast_path`] state.
     pub const FAST_PATH_SENDERS: &str = "FAST_PATH_SENDERS";
     /// Every map the agent pins while it runs.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         WORKLOADS,
         LOCAL_ADDRS,
         POD_ADDRS,
+        ROUTE_SOURCES,
         RULE_COUNTERS,
         EVENT_COUNTERS,
         ORIG_BY_COOKIE,

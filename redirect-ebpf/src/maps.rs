@@ -2,11 +2,11 @@
 //! keys and values as the structs of redirect-common, field by field. Sizes here are
 //! defaults; the agent resizes the connection maps at load (`--max-tracked-connections`).
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
     macros::btf_map,
 };
 use redirect_common::{
-    FamilyKey, LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, TupleKey, Workload,
+    FamilyKey, LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, RouteDst, TupleKey, Workload,
     addr::{self, Addr, Family},
     events,
 };
@@ -35,6 +35,11 @@ pub static RULE_COUNTERS: PerCpuArray<u64, COUNTER_SLOTS> = PerCpuArray::new();
 /// One slot per event per workload: `Workload::event_base() + event`.
 #[btf_map]
 pub static EVENT_COUNTERS: PerCpuArray<u64, EVENT_SLOTS> = PerCpuArray::new();
+
+/// Each workload's main routing table: destination prefix -> the source it gives
+/// (`redirect_common::maps::ROUTE_SOURCES`).
+#[btf_map]
+pub static ROUTE_SOURCES: LpmTrie<RouteDst, Addr, 4096> = LpmTrie::new();
 
 /// Socket cookie -> original destination, from connect() until the handshake completes.
 #[btf_map]
@@ -107,6 +112,16 @@ pub fn pod_addr(netns_cookie: u64, family: Family) -> Option<Addr> {
     // the program returns), and never kept. Only the agent writes POD_ADDRS, replacing whole
     // entries; a slot recycled while we copy gives other integers, still a valid Addr.
     unsafe { POD_ADDRS.get(FamilyKey::new(netns_cookie, family)) }.copied()
+}
+
+/// The source the workload's routes give a connection to `dst`, if a route covers it.
+#[inline(always)]
+pub fn route_source(netns_cookie: u64, dst: &Addr) -> Option<Addr> {
+    // `get` hands out a reference into the trie's node, copied at once (16 bytes, any bytes a
+    // valid Addr) while the program holds the RCU read lock that keeps it alive.
+    ROUTE_SOURCES
+        .get(&Key::new(RouteDst::FULL, RouteDst::new(netns_cookie, *dst)))
+        .copied()
 }
 
 /// Whether the workload's ip6tables chains are on: it has an IPv6 address of its own.

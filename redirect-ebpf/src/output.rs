@@ -13,7 +13,7 @@ use redirect_common::{
 
 use crate::{
     chain,
-    maps::{ORIG_BY_COOKIE, count_event, ipv6_on, is_local_addr, pod_addr, workload},
+    maps::{ORIG_BY_COOKIE, count_event, ipv6_on, is_local_addr, pod_addr, route_source, workload},
 };
 
 /// A connect() as its hook read it.
@@ -125,9 +125,10 @@ pub unsafe fn decide(ctx: *mut c_void, c: &Connect) -> Option<Redirect> {
 ///
 /// - A destination that is one of the namespace's own addresses: that address (a local
 ///   route's source is its destination).
-/// - Any other non-loopback destination: the pod's address of the family (`POD_ADDRS`), the
-///   source of every route of a pod with one address per family. A pod with several
-///   addresses and source-specific routes may see another one under iptables.
+/// - Any other non-loopback destination: the source the namespace's main routing table gives
+///   it (`ROUTE_SOURCES`: the longest matching route's preferred source, else its device's
+///   address), else the pod's address of the family (`POD_ADDRS`). Policy routing (rules
+///   other than the main table) is not mirrored.
 /// - Loopback destinations, and sockets the app bound itself: nothing to do
 ///   ([`addr::UNSPECIFIED`]; not an `Option`, whose `None` leaves the payload's registers
 ///   unwritten, and the verifier refuses to copy an unwritten register).
@@ -140,7 +141,9 @@ fn source(c: &Connect, dst: &Addr, out_lo: bool, family: Family) -> Addr {
     if out_lo {
         return *dst;
     }
-    pod_addr(c.netns_cookie, family).unwrap_or(addr::UNSPECIFIED)
+    route_source(c.netns_cookie, dst)
+        .or_else(|| pod_addr(c.netns_cookie, family))
+        .unwrap_or(addr::UNSPECIFIED)
 }
 
 /// Connects the kernel fails before nat OUTPUT would see a packet; they are left to fail as

@@ -5,16 +5,20 @@
 
 use std::{
     io::{BufReader, Read as _},
-    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream},
     process::Command,
     time::Duration,
 };
 
 use redirect_testkit::{
-    netns::NamedNetns,
+    cgroup::TestCgroup,
+    netns::{NamedNetns, NetnsPair, pair_ip6},
     server::{TestServer, read_banner},
+    unique,
 };
-use redirect_tests::{OUTBOUND_CAPTURE, REMOTE_PORT, Workload, agent_cmd, direct, landing, proxied};
+use redirect_tests::{
+    APP_PORT, OUTBOUND_CAPTURE, REMOTE_PORT, TUNNEL_PORT, Workload, agent_cmd, direct, landing, proxied,
+};
 
 /// A port only these tests listen on, for an IPv6 app (the kit's app is IPv4 on 9080).
 const APP6_PORT: u16 = 9091;
@@ -152,5 +156,94 @@ fn inbound_to_the_pods_ipv6_link_local_address_never_reaches_the_app_directly() 
         direct_from_link.is_empty(),
         "the app accepted {direct_from_link:?} straight from the link (banner {banner:?}): \
          ip6tables would have sent it to 15006"
+    );
+}
+
+/// A pod whose second interface has a lower ifindex than its primary (a Multus network made
+/// inside the namespace while eth0 was moved in from the host, so eth0 kept its high index):
+/// routing picks the primary's address for a destination behind the primary, and so does the
+/// agent (the main table mirrored in ROUTE_SOURCES), not the first address in the kernel's
+/// order: getsockname and the proxy see what they would under NAT.
+#[test]
+fn a_secondary_interface_does_not_change_the_source_the_app_sees() {
+    redirect_tests::require_root();
+    let base = unique("rv-2nd");
+    let workload = NamedNetns::create(&format!("{base}-w")).expect("netns");
+    let remote = NamedNetns::create(&format!("{base}-r")).expect("netns");
+    // The secondary first (ifindex 2/3), then the primary (4, with its peer in the remote).
+    workload
+        .ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"])
+        .expect("secondary veth");
+    workload.ip(&["addr", "add", "10.200.233.1/24", "dev", "d0"]).unwrap();
+    workload
+        .ip(&["addr", "add", "fd00:200:0:233::1/64", "dev", "d0", "nodad"])
+        .unwrap();
+    workload.ip(&["link", "set", "d0", "up"]).unwrap();
+    workload.ip(&["link", "set", "d1", "up"]).unwrap();
+    let subnet = 41;
+    let (workload_ip, remote_ip) = (Ipv4Addr::new(10, 200, subnet, 1), Ipv4Addr::new(10, 200, subnet, 2));
+    let (workload_ip6, remote_ip6) = pair_ip6(subnet);
+    workload
+        .ip(&[
+            "link",
+            "add",
+            "w0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "r0",
+            "netns",
+            &remote.name,
+        ])
+        .unwrap();
+    workload
+        .ip(&["addr", "add", &format!("{workload_ip}/24"), "dev", "w0"])
+        .unwrap();
+    remote
+        .ip(&["addr", "add", &format!("{remote_ip}/24"), "dev", "r0"])
+        .unwrap();
+    workload.ip(&["link", "set", "w0", "up"]).unwrap();
+    remote.ip(&["link", "set", "r0", "up"]).unwrap();
+    workload
+        .ip(&["addr", "add", &format!("{workload_ip6}/64"), "dev", "w0", "nodad"])
+        .unwrap();
+    remote
+        .ip(&["addr", "add", &format!("{remote_ip6}/64"), "dev", "r0", "nodad"])
+        .unwrap();
+    let pair = NetnsPair {
+        workload,
+        remote,
+        workload_ip,
+        remote_ip,
+        workload_ip6,
+        remote_ip6,
+    };
+    let any = |p| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, p);
+    let mut w = Workload {
+        agent: None,
+        remote_server: TestServer::start(&pair.remote, SocketAddrV4::new(remote_ip, REMOTE_PORT), "remote").unwrap(),
+        app_server: TestServer::start(&pair.workload, any(APP_PORT), "app").unwrap(),
+        tunnel_server: TestServer::start(&pair.workload, any(TUNNEL_PORT), "tunnel").unwrap(),
+        cgroup: TestCgroup::create("rv-2nd").unwrap(),
+        pair,
+        name: unique("rv-2nd"),
+    };
+    w.start_agent(&[]).expect("agent starts");
+    let _remote6 = TestServer::start(&w.pair.remote, w.remote6(REMOTE_PORT), "remote6").expect("IPv6 server");
+
+    let r = w.probe(&w.spec(w.remote(REMOTE_PORT)));
+    assert_eq!(landing(&r), proxied(OUTBOUND_CAPTURE, "remote"), "{r:?}");
+    assert_eq!(
+        r.local_addr().map(|a| a.ip()),
+        Some(IpAddr::V4(workload_ip)),
+        "the source routing picks for 10.200.41.2 (via w0): {r:?}"
+    );
+    let r = w.probe(&w.spec(w.remote6(REMOTE_PORT)));
+    assert_eq!(landing(&r), proxied(OUTBOUND_CAPTURE, "remote6"), "{r:?}");
+    assert_eq!(
+        r.local_addr().map(|a| a.ip()),
+        Some(IpAddr::V6(workload_ip6)),
+        "the source routing picks for fd00:200:0:41::2 (via w0): {r:?}"
     );
 }

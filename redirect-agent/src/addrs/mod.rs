@@ -5,8 +5,10 @@
 //! namespace's addresses of both families into `LOCAL_ADDRS` (127/8 and `::1` are checked in
 //! the programs), the ones other hosts reach into `ADDR_OWNERS` (for sk_lookup), and the pod's
 //! own address of each family into `POD_ADDRS`: an IPv6 one turns the ip6tables chains on, as
-//! istio-iptables installs them only for a pod with an IPv6 address. It follows
-//! RTM_NEWADDR/RTM_DELADDR; on any notification it re-reads the whole set and applies the
+//! istio-iptables installs them only for a pod with an IPv6 address; and its main routing
+//! table into `ROUTE_SOURCES` (each route's prefix -> the source it gives), from which connect4/6
+//! bind an unbound captured socket to the source routing would have picked. It follows address
+//! and route changes; on any notification it re-reads the whole set and applies the
 //! difference, which cannot drift the way applying single events can after an overrun.
 
 mod netlink;
@@ -17,11 +19,11 @@ use std::{
     net::IpAddr,
 };
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
 pub use netlink::NetnsAddr;
 use netlink_sys::Socket;
 use redirect_common::{
-    FamilyKey, LocalAddrKey,
+    FamilyKey, LocalAddrKey, RouteDst,
     addr::{self, Addr, Family},
     chain::INBOUND_PASSTHROUGH_SRC6,
 };
@@ -68,6 +70,53 @@ pub struct AddrMaps {
     pub local: HashMap<MapData, LocalAddrKey, u8>,
     pub owners: HashMap<MapData, Addr, u64>,
     pub pods: HashMap<MapData, FamilyKey, Addr>,
+    pub routes: LpmTrie<MapData, RouteDst, Addr>,
+}
+
+/// A route's prefix and the source it gives (what `ROUTE_SOURCES` holds for a namespace).
+type RouteSources = BTreeMap<(IpAddr, u8), IpAddr>;
+
+/// The source each main-table route gives: its preferred source (`src`, which the kernel sets
+/// on the routes of connected subnets), else an address of its device of the family (global
+/// ones first). Of several routes to one prefix, the one of lowest metric decides. Link-local
+/// prefixes are left out: a link-local source cannot be bound without its scope.
+fn route_sources(routes: &[netlink::MainRoute], addrs: &[NetnsAddr]) -> RouteSources {
+    let mut best: BTreeMap<(IpAddr, u8), (u32, IpAddr)> = BTreeMap::new();
+    for r in routes {
+        let link_local = match r.prefix {
+            IpAddr::V4(v4) => v4.is_link_local(),
+            IpAddr::V6(v6) => v6.is_unicast_link_local(),
+        };
+        if link_local {
+            continue;
+        }
+        let of_device = || {
+            let mut on_dev = addrs
+                .iter()
+                .filter(|a| Some(a.ifindex) == r.oif && a.ip.is_ipv4() == r.prefix.is_ipv4());
+            on_dev
+                .clone()
+                .find(|a| a.global)
+                .or_else(|| on_dev.next())
+                .map(|a| a.ip)
+        };
+        let Some(src) = r.prefsrc.or_else(of_device) else {
+            continue;
+        };
+        let entry = best.entry((r.prefix, r.len)).or_insert((r.priority, src));
+        if r.priority < entry.0 {
+            *entry = (r.priority, src);
+        }
+    }
+    best.into_iter().map(|(k, (_, src))| (k, src)).collect()
+}
+
+fn route_key(netns_cookie: u64, (prefix, len): (IpAddr, u8)) -> Key<RouteDst> {
+    let family = if prefix.is_ipv4() { Family::V4 } else { Family::V6 };
+    Key::new(
+        RouteDst::prefix_len(family, len),
+        RouteDst::new(netns_cookie, addr::from_ip(prefix)),
+    )
 }
 
 impl AddrMaps {
@@ -96,6 +145,15 @@ impl AddrMaps {
         for family in [Family::V4, Family::V6] {
             let _ = self.pods.remove(&FamilyKey::new(netns_cookie, family));
         }
+        let routes: Vec<Key<RouteDst>> = self
+            .routes
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().netns_cookie() == netns_cookie)
+            .collect();
+        for k in routes {
+            let _ = self.routes.remove(&k);
+        }
     }
 }
 
@@ -104,6 +162,7 @@ pub struct LocalAddrs {
     maps: AddrMaps,
     netns_cookie: u64,
     current: Vec<NetnsAddr>,
+    current_routes: RouteSources,
     /// A blocking socket in the workload's namespace, for dumps and for adding `::6`.
     query: Socket,
 }
@@ -117,6 +176,7 @@ impl LocalAddrs {
             maps,
             netns_cookie,
             current: Vec::new(),
+            current_routes: RouteSources::new(),
             query,
         };
         me.refresh()?;
@@ -186,7 +246,27 @@ impl LocalAddrs {
                 _ => {}
             }
         }
+        self.refresh_routes(&now)?;
         self.current = now;
+        Ok(())
+    }
+
+    fn refresh_routes(&mut self, addrs: &[NetnsAddr]) -> io::Result<()> {
+        let now = route_sources(&netlink::dump_routes(&self.query)?, addrs);
+        for (route, src) in &now {
+            if self.current_routes.get(route) != Some(src) {
+                let key = route_key(self.netns_cookie, *route);
+                self.maps
+                    .routes
+                    .insert(&key, addr::from_ip(*src), 0)
+                    .map_err(io::Error::other)?;
+                tracing::debug!(prefix = %route.0, len = route.1, %src, "route source");
+            }
+        }
+        for route in self.current_routes.keys().filter(|r| !now.contains_key(r)) {
+            let _ = self.maps.routes.remove(&route_key(self.netns_cookie, *route));
+        }
+        self.current_routes = now;
         Ok(())
     }
 
@@ -225,6 +305,41 @@ impl LocalAddrs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_route_gives_its_preferred_source_else_its_devices_address() {
+        let addrs = [
+            a("10.200.233.1", 2, true),
+            a("fd00:200:0:233::1", 2, true),
+            a("fe80::2", 4, false),
+            a("10.200.41.1", 4, true),
+            a("fd00:200:0:41::1", 4, true),
+        ];
+        let route = |p: &str, len, oif, prefsrc: Option<&str>, priority| netlink::MainRoute {
+            prefix: p.parse().unwrap(),
+            len,
+            oif: Some(oif),
+            prefsrc: prefsrc.map(|s| s.parse().unwrap()),
+            priority,
+        };
+        let routes = [
+            route("10.200.41.0", 24, 4, Some("10.200.41.1"), 0),
+            route("fd00:200:0:41::", 64, 4, None, 256),
+            route("fd00:200:0:41::", 64, 2, None, 1024),
+            route("fe80::", 64, 4, None, 256),
+            route("10.96.0.0", 12, 4, None, 0),
+        ];
+        let got = route_sources(&routes, &addrs);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(got[&(ip("10.200.41.0"), 24)], ip("10.200.41.1"));
+        assert_eq!(
+            got[&(ip("fd00:200:0:41::"), 64)],
+            ip("fd00:200:0:41::1"),
+            "lowest metric"
+        );
+        assert_eq!(got[&(ip("10.96.0.0"), 12)], ip("10.200.41.1"), "the device's address");
+        assert!(!got.contains_key(&(ip("fe80::"), 64)), "link-local left out");
+    }
 
     fn a(ip: &str, ifindex: u32, global: bool) -> NetnsAddr {
         NetnsAddr {

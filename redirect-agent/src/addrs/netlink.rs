@@ -12,6 +12,7 @@ use netlink_packet_core::{
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage, AddressScope},
+    route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
 };
 use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 
@@ -39,12 +40,14 @@ pub(super) fn query_socket() -> io::Result<Socket> {
 }
 
 /// A non-blocking route netlink socket in the calling thread's namespace, subscribed to its
-/// address changes of both families (RTM_NEWADDR/RTM_DELADDR).
+/// address and route changes of both families.
 pub(super) fn event_socket() -> io::Result<Socket> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
     socket.add_membership(libc::RTNLGRP_IPV4_IFADDR)?;
     socket.add_membership(libc::RTNLGRP_IPV6_IFADDR)?;
+    socket.add_membership(libc::RTNLGRP_IPV4_ROUTE)?;
+    socket.add_membership(libc::RTNLGRP_IPV6_ROUTE)?;
     socket.set_non_blocking(true)?;
     Ok(socket)
 }
@@ -72,14 +75,102 @@ fn address_of(msg: &AddressMessage) -> Option<NetnsAddr> {
 
 /// Parses one datagram of RTM_NEWADDR messages, in the kernel's order. Returns true when the
 /// dump is complete.
-pub(super) fn parse_addrs(mut buf: &[u8], out: &mut Vec<NetnsAddr>) -> io::Result<bool> {
+pub(super) fn parse_addrs(buf: &[u8], out: &mut Vec<NetnsAddr>) -> io::Result<bool> {
+    parse_dump(buf, |m| {
+        if let RouteNetlinkMessage::NewAddress(m) = m {
+            out.extend(address_of(m));
+        }
+    })
+}
+
+/// One route of the namespace's main table: where it goes and the source it gives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MainRoute {
+    pub prefix: IpAddr,
+    pub len: u8,
+    pub oif: Option<u32>,
+    pub prefsrc: Option<IpAddr>,
+    pub priority: u32,
+}
+
+fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+/// A unicast route of the main table (the one a pod without policy routing uses).
+fn main_route(m: &RouteMessage) -> Option<MainRoute> {
+    let table = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table));
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || m.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let unspecified = match m.header.address_family {
+        AddressFamily::Inet => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => return None,
+    };
+    let mut r = MainRoute {
+        prefix: unspecified,
+        len: m.header.destination_prefix_length,
+        oif: None,
+        prefsrc: None,
+        priority: 0,
+    };
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(d) => r.prefix = ip_of(d)?,
+            RouteAttribute::PrefSource(s) => r.prefsrc = ip_of(s),
+            RouteAttribute::Oif(i) => r.oif = Some(*i),
+            RouteAttribute::Priority(p) => r.priority = *p,
+            _ => {}
+        }
+    }
+    Some(r)
+}
+
+/// Every unicast route of the main table of both families.
+pub(super) fn dump_routes(socket: &Socket) -> io::Result<Vec<MainRoute>> {
+    send(
+        socket,
+        RouteNetlinkMessage::GetRoute(RouteMessage::default()),
+        NLM_F_REQUEST | NLM_F_DUMP,
+    )?;
+    let mut out = Vec::new();
+    let mut buf = Vec::with_capacity(RECV_BUFFER);
+    loop {
+        buf.clear();
+        socket.recv(&mut buf, 0)?;
+        let done = parse_dump(&buf, |m| {
+            if let RouteNetlinkMessage::NewRoute(m) = m {
+                out.extend(main_route(m));
+            }
+        })?;
+        if done {
+            return Ok(out);
+        }
+    }
+}
+
+/// Parses one datagram of a dump, handing each message to `each`. Returns true when the dump
+/// is complete.
+fn parse_dump(mut buf: &[u8], mut each: impl FnMut(&RouteNetlinkMessage)) -> io::Result<bool> {
     while buf.len() >= NLMSG_HDR {
         let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(buf)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("netlink message: {e}")))?;
         match &msg.payload {
             NetlinkPayload::Done(_) => return Ok(true),
             NetlinkPayload::Error(e) => return Err(e.to_io()),
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(m)) => out.extend(address_of(m)),
+            NetlinkPayload::InnerMessage(m) => each(m),
             _ => {}
         }
         // deserialize checked that the length is at least a header and within `buf`.

@@ -212,6 +212,7 @@ impl Engine {
                 local: object.take(maps::LOCAL_ADDRS)?,
                 owners: object.take(maps::ADDR_OWNERS)?,
                 pods: object.take(maps::POD_ADDRS)?,
+                routes: object.take(maps::ROUTE_SOURCES)?,
             },
             listeners: object.take(maps::INBOUND_LISTENERS)?,
         };

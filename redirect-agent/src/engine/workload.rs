@@ -363,6 +363,7 @@ impl Engine {
             local: self.open_map(maps::LOCAL_ADDRS)?,
             owners: self.open_map(maps::ADDR_OWNERS)?,
             pods: self.open_map(maps::POD_ADDRS)?,
+            routes: self.open_map(maps::ROUTE_SOURCES)?,
         };
         let local = LocalAddrs::install(&netns, addr_maps, cookie)
             .map_err(EnrollError::io(format!("addresses of {}", info.netns.display())))?;
