@@ -311,15 +311,14 @@ fn ip6tables_chains_take_v6_addresses_and_cidrs() {
             "-A ISTIO_INBOUND -p tcp -m tcp --dport 5000 -j ISTIO_IN_REDIRECT",
         ]
     );
-    // Slots: IPv4 first, so the IPv4 chains keep the slots they had before IPv6.
+    // Slots: IPv4 from 0, so the IPv4 chains keep the slots they had before IPv6; IPv6 from
+    // the second half of the entry.
     let first_v6 = rules.iter().position(|r| r.family == Family::V6 as u8).unwrap();
     assert!(rules[..first_v6].iter().all(|r| r.family == Family::V4 as u8));
     let table = nat_table(&cfg, &rules, Family::V6);
-    assert!(
-        table
-            .iter()
-            .all(|l| l.slot.is_none_or(|s| rules[s].family == Family::V6 as u8))
-    );
+    let v6_slots: Vec<usize> = table.iter().filter_map(|l| l.slot).collect();
+    assert!(v6_slots.iter().all(|&s| s >= MAX_RULES_PER_FAMILY), "{v6_slots:?}");
+    assert_eq!(v6_slots.iter().min(), Some(&MAX_RULES_PER_FAMILY));
     assert!(iptables_save(&table).contains("-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN\n"));
     let c = list_columns(&rules[first_v6]);
     assert_eq!((c.source.as_str(), c.destination.as_str()), ("::6/128", "::/0"));
