@@ -73,6 +73,7 @@ fn address_of(msg: &AddressMessage) -> Option<NetnsAddr> {
     })
 }
 
+#[cfg(test)]
 /// Parses one datagram of RTM_NEWADDR messages, in the kernel's order. Returns true when the
 /// dump is complete.
 pub(super) fn parse_addrs(buf: &[u8], out: &mut Vec<NetnsAddr>) -> io::Result<bool> {
@@ -140,23 +141,29 @@ fn main_route(m: &RouteMessage) -> Option<MainRoute> {
 
 /// Every unicast route of the main table of both families.
 pub(super) fn dump_routes(socket: &Socket) -> io::Result<Vec<MainRoute>> {
-    send(
-        socket,
-        RouteNetlinkMessage::GetRoute(RouteMessage::default()),
-        NLM_F_REQUEST | NLM_F_DUMP,
-    )?;
     let mut out = Vec::new();
+    dump_each(socket, RouteNetlinkMessage::GetRoute(RouteMessage::default()), |m| {
+        if let RouteNetlinkMessage::NewRoute(m) = m {
+            out.extend(main_route(m));
+        }
+    })?;
+    Ok(out)
+}
+
+/// Sends a dump request (AF_UNSPEC in it: both families) and hands every message of the
+/// answer to `each`, until the dump is complete.
+fn dump_each(
+    socket: &Socket,
+    request: RouteNetlinkMessage,
+    mut each: impl FnMut(&RouteNetlinkMessage),
+) -> io::Result<()> {
+    send(socket, request, NLM_F_REQUEST | NLM_F_DUMP)?;
     let mut buf = Vec::with_capacity(RECV_BUFFER);
     loop {
         buf.clear();
         socket.recv(&mut buf, 0)?;
-        let done = parse_dump(&buf, |m| {
-            if let RouteNetlinkMessage::NewRoute(m) = m {
-                out.extend(main_route(m));
-            }
-        })?;
-        if done {
-            return Ok(out);
+        if parse_dump(&buf, &mut each)? {
+            return Ok(());
         }
     }
 }
@@ -194,21 +201,17 @@ fn send(socket: &Socket, msg: RouteNetlinkMessage, flags: u16) -> io::Result<()>
 /// Every address of both families of the namespace the socket lives in, in the kernel's order
 /// (by device, primary addresses first).
 pub(super) fn dump(socket: &Socket) -> io::Result<Vec<NetnsAddr>> {
-    // AF_UNSPEC: one dump of both families.
-    send(
+    let mut out = Vec::new();
+    dump_each(
         socket,
         RouteNetlinkMessage::GetAddress(AddressMessage::default()),
-        NLM_F_REQUEST | NLM_F_DUMP,
+        |m| {
+            if let RouteNetlinkMessage::NewAddress(m) = m {
+                out.extend(address_of(m));
+            }
+        },
     )?;
-    let mut out = Vec::new();
-    let mut buf = Vec::with_capacity(RECV_BUFFER);
-    loop {
-        buf.clear();
-        socket.recv(&mut buf, 0)?;
-        if parse_addrs(&buf, &mut out)? {
-            return Ok(out);
-        }
-    }
+    Ok(out)
 }
 
 /// The addresses alone, for the enroll checks.
