@@ -6,14 +6,8 @@
 //! the original destination must be carried to it through maps (see `sockops`).
 use core::ptr::{read_volatile, write_volatile};
 
-use aya_ebpf::{
-    EbpfContext as _,
-    bindings::sockaddr,
-    helpers::{bpf_bind, bpf_get_netns_cookie},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
-};
-use redirect_common::{AGENT_SOCKET_MARK, IPPROTO_TCP, addr, port};
+use aya_ebpf::{EbpfContext as _, helpers::bpf_get_netns_cookie, macros::cgroup_sock_addr, programs::SockAddrContext};
+use redirect_common::{addr, port};
 
 use crate::{
     output::{self, Connect},
@@ -44,37 +38,19 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 unsafe fn decide(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
-    // SAFETY: a 4-byte read of the context's `protocol`, readable by connect4 (see `# Safety`).
-    let protocol = unsafe { read_volatile(&raw const (*sa).protocol) };
-    // UDP "connections" are untouched, as the rule set's REDIRECT targets are -p tcp.
-    if protocol != u32::from(IPPROTO_TCP) {
+    // SAFETY: `sa` is this connect4 run's own context (see `# Safety`).
+    let Some(sk) = (unsafe { output::judged_socket(sa) }) else {
         return;
-    }
-    // SAFETY: context reads (see `# Safety`): the 4-byte `user_port`, and the 8-byte `sk`, the
-    // socket being connected, which the verifier types as a full socket (`PTR_TO_SOCKET`,
-    // never null for connect4; the null checks below cost a branch and guard the derefs
-    // anyway).
-    let (user_port, user_ip4, sk) = unsafe {
+    };
+    // An unbound socket gets its source from routing: 0.0.0.0 stands for "not chosen yet".
+    // SAFETY: context reads (see `# Safety`) of the 4-byte `user_port` and `user_ip4`; and of
+    // the full socket `sk`'s `src_ip4`, which the verifier lets programs read.
+    let (user_port, user_ip4, src_ip4) = unsafe {
         (
             read_volatile(&raw const (*sa).user_port),
             read_volatile(&raw const (*sa).user_ip4),
-            (*sa).__bindgen_anon_1.sk,
+            read_volatile(&raw const (*sk).src_ip4),
         )
-    };
-    // The agent's own upstream connections (node mode attaches above the agent).
-    // SAFETY: `sk` is non-null here and a full socket, whose `mark` the verifier lets
-    // programs read (a 4-byte load it rewrites into one of `sk->sk_mark`).
-    if !sk.is_null() && unsafe { read_volatile(&raw const (*sk).mark) } == AGENT_SOCKET_MARK {
-        return;
-    }
-    // An unbound socket gets its source from routing, which never picks 127.0.0.6: 0.0.0.0
-    // stands for "not chosen yet" and matches no -s rule.
-    let src_ip4 = if sk.is_null() {
-        0
-    } else {
-        // SAFETY: `sk` is non-null (this branch) and `src_ip4` is a readable field of a full
-        // socket's `bpf_sock`, as `mark` above.
-        unsafe { read_volatile(&raw const (*sk).src_ip4) }
     };
     let c = Connect {
         // SAFETY: the helper's one argument is the program's own context (it reads the
@@ -88,21 +64,9 @@ unsafe fn decide(ctx: &SockAddrContext) {
     let Some(to) = (unsafe { output::decide(ctx.as_ptr(), &c) }) else {
         return;
     };
-    let src = to.bind;
-    if !addr::words_eq(&src, &addr::UNSPECIFIED) {
-        let mut sin = SockaddrIn::new(src[3], 0);
-        // Best effort: should it fail (the address just went away), the socket keeps the
-        // source the kernel picks for 127.0.0.1, and only what getsockname shows differs.
-        // SAFETY: `ctx.sock_addr` is this connect4 run's own context, which the helper may
-        // take here (connect4/connect6 only); `sin` is a whole sockaddr_in on our stack and the
-        // length is its size, which the kernel checks before reading.
-        let _ = unsafe {
-            bpf_bind(
-                ctx.sock_addr,
-                (&raw mut sin).cast::<sockaddr>(),
-                core::mem::size_of::<SockaddrIn>() as i32,
-            )
-        };
+    if !addr::words_eq(&to.bind, &addr::UNSPECIFIED) {
+        // SAFETY: `sa` is this connect4 run's own context (see `# Safety`).
+        unsafe { output::bind(sa, &mut SockaddrIn::new(to.bind[3], 0)) };
     }
     // Separate volatile stores: merged into one 8-byte store, the verifier refuses them.
     // SAFETY: 4-byte writes of the context's `user_ip4` and `user_port`, the two fields a

@@ -5,14 +5,8 @@
 //! is judged by the ip6tables chain (when the workload has an IPv6 address) and sent to `::1`.
 use core::ptr::{read_volatile, write_volatile};
 
-use aya_ebpf::{
-    EbpfContext as _,
-    bindings::sockaddr,
-    helpers::{bpf_bind, bpf_get_netns_cookie},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
-};
-use redirect_common::{AGENT_SOCKET_MARK, IPPROTO_TCP, addr, port};
+use aya_ebpf::{EbpfContext as _, helpers::bpf_get_netns_cookie, macros::cgroup_sock_addr, programs::SockAddrContext};
+use redirect_common::{addr, port};
 
 use crate::{
     output::{self, Connect},
@@ -41,15 +35,13 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 unsafe fn decide(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
-    // SAFETY: a 4-byte read of the context's `protocol`, readable by connect6 (see `# Safety`).
-    let protocol = unsafe { read_volatile(&raw const (*sa).protocol) };
-    if protocol != u32::from(IPPROTO_TCP) {
+    // SAFETY: `sa` is this connect6 run's own context (see `# Safety`).
+    let Some(sk) = (unsafe { output::judged_socket(sa) }) else {
         return;
-    }
-    // SAFETY: context reads (see `# Safety`): the 4-byte `user_port`, each 4-byte word of
-    // `user_ip6` (the verifier takes them one word at a time), and the 8-byte `sk`, a full
-    // socket (`PTR_TO_SOCKET`, never null for connect6; checked anyway).
-    let (user_port, user_ip6, sk) = unsafe {
+    };
+    // SAFETY: context reads (see `# Safety`): the 4-byte `user_port` and each 4-byte word of
+    // `user_ip6` (the verifier takes them one word at a time).
+    let (user_port, user_ip6) = unsafe {
         (
             read_volatile(&raw const (*sa).user_port),
             [
@@ -58,16 +50,8 @@ unsafe fn decide(ctx: &SockAddrContext) {
                 read_volatile(&raw const (*sa).user_ip6[2]),
                 read_volatile(&raw const (*sa).user_ip6[3]),
             ],
-            (*sa).__bindgen_anon_1.sk,
         )
     };
-    if sk.is_null() {
-        return;
-    }
-    // SAFETY: `sk` is a non-null full socket, whose `mark` the verifier lets programs read.
-    if unsafe { read_volatile(&raw const (*sk).mark) } == AGENT_SOCKET_MARK {
-        return;
-    }
     // SAFETY: `sk` is a non-null full AF_INET6 socket: 4-byte reads of its `src_ip6` words
     // (`sk_v6_rcv_saddr`: `::` when unbound, v4-mapped when bound to an IPv4 address).
     let src = unsafe {
@@ -90,20 +74,10 @@ unsafe fn decide(ctx: &SockAddrContext) {
     let Some(to) = (unsafe { output::decide(ctx.as_ptr(), &c) }) else {
         return;
     };
-    let src = to.bind;
-    if !addr::words_eq(&src, &addr::UNSPECIFIED) {
+    if !addr::words_eq(&to.bind, &addr::UNSPECIFIED) {
         // An IPv4 source is bound v4-mapped, as an AF_INET6 socket holds it.
-        let mut sin6 = SockaddrIn6::new(src, 0);
-        // Best effort, as in connect4.
-        // SAFETY: `ctx.sock_addr` is this connect6 run's own context, which the helper may
-        // take here; `sin6` is a whole sockaddr_in6 on our stack and the length is its size.
-        let _ = unsafe {
-            bpf_bind(
-                ctx.sock_addr,
-                (&raw mut sin6).cast::<sockaddr>(),
-                core::mem::size_of::<SockaddrIn6>() as i32,
-            )
-        };
+        // SAFETY: `sa` is this connect6 run's own context (see `# Safety`).
+        unsafe { output::bind(sa, &mut SockaddrIn6::new(to.bind, 0)) };
     }
     // One 4-byte store per word: the verifier refuses wider stores to the context.
     // SAFETY: 4-byte writes of the context's `user_ip6` words and `user_port`, the fields a

@@ -2,11 +2,14 @@
 //! `connect6` (AF_INET6 sockets, to a native IPv6 address or a v4-mapped IPv4 one). The hooks
 //! read and write their own contexts; what iptables or ip6tables would decide, and what is
 //! recorded for the proxy, is decided here once.
-use core::ffi::c_void;
+use core::{ffi::c_void, ptr::read_volatile};
 
-use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_uid_gid, bpf_get_socket_cookie};
+use aya_ebpf::{
+    bindings::{bpf_sock, bpf_sock_addr, sockaddr},
+    helpers::{bpf_bind, bpf_get_current_ancestor_cgroup_id, bpf_get_current_uid_gid, bpf_get_socket_cookie},
+};
 use redirect_common::{
-    ChainId, ConnFacts, IPPROTO_TCP, OrigDst, PendingOrigDst, Target,
+    AGENT_SOCKET_MARK, ChainId, ConnFacts, IPPROTO_TCP, OrigDst, PendingOrigDst, Target,
     addr::{self, Addr, Family},
     events,
 };
@@ -15,6 +18,53 @@ use crate::{
     chain,
     maps::{ORIG_BY_COOKIE, count_event, ipv6_on, is_local_addr, pod_addr, route_source, workload},
 };
+
+/// The socket a connect hook judges: a TCP one (UDP "connections" are untouched, as the rule
+/// set's REDIRECT targets are `-p tcp`) that is not the agent's own (its upstream connections
+/// carry [`AGENT_SOCKET_MARK`]: node mode attaches above the agent). `None` for any other.
+///
+/// # Safety
+///
+/// `sa` must be the context the kernel passed to this run of a `cgroup/connect4` or
+/// `cgroup/connect6` program: its field reads are then context accesses the verifier checked
+/// at load and rewrote into reads of the kernel's `bpf_sock_addr_kern`.
+#[inline(always)]
+pub unsafe fn judged_socket(sa: *mut bpf_sock_addr) -> Option<*mut bpf_sock> {
+    // SAFETY: 4-byte read of the context's `protocol`, and the 8-byte `sk`, a full socket
+    // (`PTR_TO_SOCKET`, never null for these hooks; checked anyway); see `# Safety`.
+    let (protocol, sk) = unsafe { (read_volatile(&raw const (*sa).protocol), (*sa).__bindgen_anon_1.sk) };
+    if protocol != u32::from(IPPROTO_TCP) || sk.is_null() {
+        return None;
+    }
+    // SAFETY: `sk` is a non-null full socket, whose `mark` the verifier lets programs read (a
+    // 4-byte load it rewrites into one of `sk->sk_mark`).
+    if unsafe { read_volatile(&raw const (*sk).mark) } == AGENT_SOCKET_MARK {
+        return None;
+    }
+    Some(sk)
+}
+
+/// Binds the socket to `addr` (a `SockaddrIn`/`SockaddrIn6` of port 0) before the hook lets
+/// the connect proceed: [`Redirect::bind`]. Best effort: should it fail (the address just went
+/// away), the socket keeps the source the kernel picks for the loopback listener, and only
+/// what getsockname shows differs.
+///
+/// # Safety
+///
+/// As [`judged_socket`]: `sa` is this connect4/connect6 run's own context, which `bpf_bind`
+/// may take (those two hooks only).
+#[inline(always)]
+pub unsafe fn bind<T>(sa: *mut bpf_sock_addr, addr: &mut T) {
+    // SAFETY: `addr` is a whole sockaddr of the family the hook's socket takes, on our stack,
+    // and the length is its size, which the kernel checks before reading; see `# Safety`.
+    let _ = unsafe {
+        bpf_bind(
+            sa,
+            core::ptr::from_mut::<T>(addr).cast::<sockaddr>(),
+            core::mem::size_of::<T>() as i32,
+        )
+    };
+}
 
 /// A connect() as its hook read it.
 pub struct Connect {
