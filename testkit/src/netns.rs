@@ -99,6 +99,13 @@ impl NetnsPair {
         let base = unique(tag);
         let workload = NamedNetns::create(&format!("{base}-w"))?;
         let remote = NamedNetns::create(&format!("{base}-r"))?;
+        Self::wire(workload, remote, subnet)
+    }
+
+    /// The pair's veth (`w0` in `workload`, `r0` in `remote`) and both families' addresses on
+    /// `subnet`, between two namespaces the caller made (and may have given other interfaces
+    /// first).
+    pub fn wire(workload: NamedNetns, remote: NamedNetns, subnet: u8) -> io::Result<Self> {
         let (workload_ip, remote_ip) = (Ipv4Addr::new(10, 200, subnet, 1), Ipv4Addr::new(10, 200, subnet, 2));
         let (workload_ip6, remote_ip6) = pair_ip6(subnet);
         workload.ip(&[

@@ -168,7 +168,11 @@ impl Workload {
     /// On 10.200.`subnet`.0/24 (workloads of one node agent need distinct addresses).
     pub fn new_on(tag: &str, subnet: u8) -> Self {
         require_root();
-        let pair = NetnsPair::create_on(tag, subnet).expect("create namespaces");
+        Self::on_pair(tag, NetnsPair::create_on(tag, subnet).expect("create namespaces"))
+    }
+
+    /// A cgroup and the servers, on a pair the caller made.
+    pub fn on_pair(tag: &str, pair: NetnsPair) -> Self {
         let cgroup = TestCgroup::create(tag).expect("create cgroup");
         let any = |p| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, p);
         let remote_server = TestServer::start(&pair.remote, SocketAddrV4::new(pair.remote_ip, REMOTE_PORT), "remote")

@@ -5,20 +5,17 @@
 
 use std::{
     io::{BufReader, Read as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream},
+    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpStream},
     process::Command,
     time::Duration,
 };
 
 use redirect_testkit::{
-    cgroup::TestCgroup,
-    netns::{NamedNetns, NetnsPair, pair_ip6},
+    netns::{NamedNetns, NetnsPair},
     server::{TestServer, read_banner},
     unique,
 };
-use redirect_tests::{
-    APP_PORT, OUTBOUND_CAPTURE, REMOTE_PORT, TUNNEL_PORT, Workload, agent_cmd, direct, landing, proxied,
-};
+use redirect_tests::{OUTBOUND_CAPTURE, REMOTE_PORT, Workload, agent_cmd, direct, landing, proxied};
 
 /// A port only these tests listen on, for an IPv6 app (the kit's app is IPv4 on 9080).
 const APP6_PORT: u16 = 9091;
@@ -180,55 +177,9 @@ fn a_secondary_interface_does_not_change_the_source_the_app_sees() {
         .unwrap();
     workload.ip(&["link", "set", "d0", "up"]).unwrap();
     workload.ip(&["link", "set", "d1", "up"]).unwrap();
-    let subnet = 41;
-    let (workload_ip, remote_ip) = (Ipv4Addr::new(10, 200, subnet, 1), Ipv4Addr::new(10, 200, subnet, 2));
-    let (workload_ip6, remote_ip6) = pair_ip6(subnet);
-    workload
-        .ip(&[
-            "link",
-            "add",
-            "w0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "r0",
-            "netns",
-            &remote.name,
-        ])
-        .unwrap();
-    workload
-        .ip(&["addr", "add", &format!("{workload_ip}/24"), "dev", "w0"])
-        .unwrap();
-    remote
-        .ip(&["addr", "add", &format!("{remote_ip}/24"), "dev", "r0"])
-        .unwrap();
-    workload.ip(&["link", "set", "w0", "up"]).unwrap();
-    remote.ip(&["link", "set", "r0", "up"]).unwrap();
-    workload
-        .ip(&["addr", "add", &format!("{workload_ip6}/64"), "dev", "w0", "nodad"])
-        .unwrap();
-    remote
-        .ip(&["addr", "add", &format!("{remote_ip6}/64"), "dev", "r0", "nodad"])
-        .unwrap();
-    let pair = NetnsPair {
-        workload,
-        remote,
-        workload_ip,
-        remote_ip,
-        workload_ip6,
-        remote_ip6,
-    };
-    let any = |p| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, p);
-    let mut w = Workload {
-        agent: None,
-        remote_server: TestServer::start(&pair.remote, SocketAddrV4::new(remote_ip, REMOTE_PORT), "remote").unwrap(),
-        app_server: TestServer::start(&pair.workload, any(APP_PORT), "app").unwrap(),
-        tunnel_server: TestServer::start(&pair.workload, any(TUNNEL_PORT), "tunnel").unwrap(),
-        cgroup: TestCgroup::create("rv-2nd").unwrap(),
-        pair,
-        name: unique("rv-2nd"),
-    };
+    let pair = NetnsPair::wire(workload, remote, 41).expect("the primary veth");
+    let (workload_ip, workload_ip6) = (pair.workload_ip, pair.workload_ip6);
+    let mut w = Workload::on_pair("rv-2nd", pair);
     w.start_agent(&[]).expect("agent starts");
     let _remote6 = TestServer::start(&w.pair.remote, w.remote6(REMOTE_PORT), "remote6").expect("IPv6 server");
 
