@@ -45,6 +45,8 @@ pub enum LoadError {
     Pin { path: PathBuf, source: aya::pin::PinError },
     #[error(transparent)]
     Rules(#[from] redirect_common::chain::TooManyRules),
+    #[error(transparent)]
+    Btf(#[from] crate::btf::BtfError),
 }
 
 /// Flags that parse but cannot work together.

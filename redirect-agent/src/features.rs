@@ -23,6 +23,8 @@ pub enum Probe {
     Helper(ProgramType, BpfHelper),
     /// getsockopt(SO_NETNS_COOKIE), which the agent uses to key workloads.
     NetnsCookieSockopt,
+    /// The kernel's BTF, with the socket-to-owner fields the owner match reads.
+    KernelBtf,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -74,12 +76,6 @@ pub const FEATURES: &[Feature] = &[
         probe: Probe::Map(MapType::SockHash),
     },
     Feature {
-        name: "bpf_get_current_uid_gid in cgroup/connect4",
-        since: "4.17",
-        why: "the owner matches (-u, -g)",
-        probe: Probe::Helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_current_uid_gid),
-    },
-    Feature {
         name: "bpf_sock_hash_update in sock_ops",
         since: "4.18",
         why: "registering a proxy's inbound capture listener",
@@ -113,10 +109,22 @@ pub const FEATURES: &[Feature] = &[
         ),
     },
     Feature {
+        name: "bpf_skc_to_tcp_sock in cgroup/connect4",
+        since: "5.9",
+        why: "the owner matches (-u, -g): the socket file's fsuid and fsgid, as iptables reads them",
+        probe: Probe::Helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_skc_to_tcp_sock),
+    },
+    Feature {
         name: "bpf_sk_assign in sk_lookup",
         since: "5.9",
         why: "handing inbound connections to the capture listener",
         probe: Probe::Helper(ProgramType::SkLookup, BpfHelper::BPF_FUNC_sk_assign),
+    },
+    Feature {
+        name: "kernel BTF (/sys/kernel/btf/vmlinux)",
+        since: "5.4",
+        why: "the owner matches (-u, -g): where a socket's owner is, in this kernel's structs",
+        probe: Probe::KernelBtf,
     },
     Feature {
         name: "SO_NETNS_COOKIE",
@@ -214,6 +222,9 @@ pub fn probe(f: &Feature) -> Result<bool, String> {
         Probe::Map(t) => is_map_supported(t).map_err(|e| e.to_string()),
         Probe::Helper(t, h) => is_helper_supported(t, h).map_err(|e| e.to_string()),
         Probe::NetnsCookieSockopt => netns_cookie_sockopt().map_err(|e| e.to_string()),
+        // Missing BTF is a missing feature; BTF without the fields is one too (said in full
+        // when loading).
+        Probe::KernelBtf => Ok(crate::btf::owner_offsets().is_ok()),
     }
 }
 

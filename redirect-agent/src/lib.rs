@@ -9,6 +9,7 @@
 mod addrs;
 mod adopt;
 mod api;
+mod btf;
 mod cli;
 pub mod engine;
 mod error;

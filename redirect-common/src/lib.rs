@@ -8,6 +8,7 @@
 
 pub mod addr;
 mod keys;
+pub mod owner;
 mod rule;
 pub use keys::*;
 pub use rule::*;
@@ -34,10 +35,10 @@ pub const LOCALHOST_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 pub const INBOUND_PASSTHROUGH_SRC_BE: u32 = u32::from_ne_bytes([127, 0, 0, 6]);
 
 /// SO_MARK of the sockets the agent itself connects from inside a workload's namespace (the
-/// embedded proxy's upstream connections). In node mode the programs are attached above the
-/// agent's own cgroup, so connect4 sees those connects too and must leave them alone, as
-/// ISTIO_OUTPUT leaves the proxy's uid alone. 0x539 (1337) is the mark Istio's node proxy
-/// gives its own traffic for the same reason.
+/// embedded proxy's upstream connections): 0x539 (1337), the mark Istio's node proxy gives its
+/// own traffic, so that the node's own rules can tell them apart. It exempts nothing from
+/// capture: a workload with CAP_NET_ADMIN can set any mark. The connect hooks leave the
+/// agent's sockets alone by their cookies instead ([`maps::AGENT_SOCKETS`]).
 pub const AGENT_SOCKET_MARK: u32 = 0x539;
 
 /// Most workloads one set of programs serves (counter slots = `MAX_WORKLOADS * MAX_RULES`).
@@ -113,8 +114,12 @@ pub mod maps {
     pub const FAST_PATH_SOCKETS: &str = "FAST_PATH_SOCKETS";
     /// [`crate::TupleKey`] (the sender's view) -> a [`crate::fast_path`] state.
     pub const FAST_PATH_SENDERS: &str = "FAST_PATH_SENDERS";
+    /// Socket cookie -> 1, for each upstream socket the embedded proxy made and has not yet
+    /// connected: the sockets connect4/6 leave alone (node mode attaches above the agent, so
+    /// they see its connects too), each once.
+    pub const AGENT_SOCKETS: &str = "AGENT_SOCKETS";
     /// Every map the agent pins while it runs.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         WORKLOADS,
         LOCAL_ADDRS,
         POD_ADDRS,
@@ -128,6 +133,7 @@ pub mod maps {
         INBOUND_PENDING,
         FAST_PATH_SOCKETS,
         FAST_PATH_SENDERS,
+        AGENT_SOCKETS,
     ];
 }
 

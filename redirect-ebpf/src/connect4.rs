@@ -39,7 +39,7 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
 unsafe fn decide(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is this connect4 run's own context (see `# Safety`).
-    let Some(sk) = (unsafe { output::judged_socket(sa) }) else {
+    let Some((sk, cookie)) = (unsafe { output::judged_socket(sa) }) else {
         return;
     };
     // An unbound socket gets its source from routing: 0.0.0.0 stands for "not chosen yet".
@@ -53,6 +53,8 @@ unsafe fn decide(ctx: &SockAddrContext) {
         )
     };
     let c = Connect {
+        sk,
+        cookie,
         // SAFETY: the helper's one argument is the program's own context (it reads the
         // socket's namespace from it); connect4 may call it (5.7+, which the agent probes for).
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
@@ -60,8 +62,8 @@ unsafe fn decide(ctx: &SockAddrContext) {
         dst_port: port::be_low(user_port),
         src: addr::v4(src_ip4),
     };
-    // SAFETY: `ctx` is this connect4 run's own context (see `# Safety`).
-    let Some(to) = (unsafe { output::decide(ctx.as_ptr(), &c) }) else {
+    // SAFETY: `c.sk` is the socket `judged_socket` returned for this run's context.
+    let Some(to) = (unsafe { output::decide(&c) }) else {
         return;
     };
     if !addr::words_eq(&to.bind, &addr::UNSPECIFIED) {

@@ -11,6 +11,7 @@ mod getpeername6;
 mod getsockopt;
 mod maps;
 mod output;
+mod owner;
 mod sk_lookup;
 mod sk_msg;
 mod sk_skb;

@@ -70,6 +70,13 @@ pub static INBOUND_LISTENERS: SockHash<FamilyKey, { 2 * WORKLOAD_SLOTS }> = Sock
 #[btf_map]
 pub static INBOUND_PENDING: LruHashMap<TupleKey, OrigDst, 65536> = LruHashMap::new();
 
+/// Socket cookie -> 1 for each upstream socket the agent made and has not connected yet: the
+/// connect hooks leave these alone, and remove each as they do (`output::judged_socket`). An
+/// LRU so that the spare sockets of an agent that died are forgotten in time. Written by the
+/// agent only: a workload cannot name a socket of its own here, where it could set a mark.
+#[btf_map]
+pub static AGENT_SOCKETS: LruHashMap<u64, u8, 16384> = LruHashMap::new();
+
 /// Each end of a captured local pair, under its own 4-tuple (+ netns): where sk_msg finds a
 /// sender's peer. The kernel removes a socket when it closes.
 #[btf_map]

@@ -2,26 +2,32 @@
 //! `connect6` (AF_INET6 sockets, to a native IPv6 address or a v4-mapped IPv4 one). The hooks
 //! read and write their own contexts; what iptables or ip6tables would decide, and what is
 //! recorded for the proxy, is decided here once.
-use core::{ffi::c_void, ptr::read_volatile};
+use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr, sockaddr},
-    helpers::{bpf_bind, bpf_get_current_ancestor_cgroup_id, bpf_get_current_uid_gid, bpf_get_socket_cookie},
+    helpers::{bpf_bind, bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie},
 };
 use redirect_common::{
-    AGENT_SOCKET_MARK, ChainId, ConnFacts, IPPROTO_TCP, OrigDst, PendingOrigDst, Target,
+    ChainId, ConnFacts, IPPROTO_TCP, OrigDst, PendingOrigDst, Target,
     addr::{self, Addr, Family},
     events,
 };
 
 use crate::{
     chain,
-    maps::{ORIG_BY_COOKIE, count_event, ipv6_on, is_local_addr, pod_addr, route_source, workload},
+    maps::{AGENT_SOCKETS, ORIG_BY_COOKIE, count_event, ipv6_on, is_local_addr, pod_addr, route_source, workload},
+    owner::owner,
 };
 
-/// The socket a connect hook judges: a TCP one (UDP "connections" are untouched, as the rule
-/// set's REDIRECT targets are `-p tcp`) that is not the agent's own (its upstream connections
-/// carry [`AGENT_SOCKET_MARK`]: node mode attaches above the agent). `None` for any other.
+/// The socket a connect hook judges, with its cookie: a TCP one (UDP "connections" are
+/// untouched, as the rule set's REDIRECT targets are `-p tcp`) that is not the agent's own.
+/// `None` for any other.
+///
+/// The agent's upstream sockets are the ones it put in `AGENT_SOCKETS` (node mode attaches
+/// above the agent, so the hooks see its connects too). Each is left alone once: its entry
+/// goes as it connects. Not a mark, which a workload with CAP_NET_ADMIN in its namespace can
+/// set too (iptables exempts the proxy by owner, and the sidecar rules have no mark rule).
 ///
 /// # Safety
 ///
@@ -29,19 +35,22 @@ use crate::{
 /// `cgroup/connect6` program: its field reads are then context accesses the verifier checked
 /// at load and rewrote into reads of the kernel's `bpf_sock_addr_kern`.
 #[inline(always)]
-pub unsafe fn judged_socket(sa: *mut bpf_sock_addr) -> Option<*mut bpf_sock> {
+pub unsafe fn judged_socket(sa: *mut bpf_sock_addr) -> Option<(*mut bpf_sock, u64)> {
     // SAFETY: 4-byte read of the context's `protocol`, and the 8-byte `sk`, a full socket
     // (`PTR_TO_SOCKET`, never null for these hooks; checked anyway); see `# Safety`.
     let (protocol, sk) = unsafe { (read_volatile(&raw const (*sa).protocol), (*sa).__bindgen_anon_1.sk) };
     if protocol != u32::from(IPPROTO_TCP) || sk.is_null() {
         return None;
     }
-    // SAFETY: `sk` is a non-null full socket, whose `mark` the verifier lets programs read (a
-    // 4-byte load it rewrites into one of `sk->sk_mark`).
-    if unsafe { read_volatile(&raw const (*sk).mark) } == AGENT_SOCKET_MARK {
+    // SAFETY: the program's own context is the one argument (for sock_addr programs the
+    // kernel's variant of the helper reads the socket from it); see `# Safety`.
+    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+    // SAFETY: the reference is only tested for presence, never read.
+    if unsafe { AGENT_SOCKETS.get(cookie) }.is_some() {
+        let _ = AGENT_SOCKETS.remove(cookie);
         return None;
     }
-    Some(sk)
+    Some((sk, cookie))
 }
 
 /// Binds the socket to `addr` (a `SockaddrIn`/`SockaddrIn6` of port 0) before the hook lets
@@ -68,6 +77,9 @@ pub unsafe fn bind<T>(sa: *mut bpf_sock_addr, addr: &mut T) {
 
 /// A connect() as its hook read it.
 pub struct Connect {
+    /// The socket and its cookie ([`judged_socket`]).
+    pub sk: *mut bpf_sock,
+    pub cookie: u64,
     pub netns_cookie: u64,
     /// Where the app connects, in [`redirect_common::addr`] form (IPv4 v4-mapped), as it
     /// passed it: `0.0.0.0` and `::` are resolved here, as the kernel would.
@@ -91,10 +103,10 @@ pub struct Redirect {
 ///
 /// # Safety
 ///
-/// `ctx` must be the context the kernel passed to this run of a `cgroup/connect4` or
-/// `cgroup/connect6` program (the socket cookie helper reads the socket from it).
+/// `c.sk` must be the socket [`judged_socket`] returned for this run's context (the owner is
+/// read through it).
 #[inline(always)]
-pub unsafe fn decide(ctx: *mut c_void, c: &Connect) -> Option<Redirect> {
+pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
     let workload = workload(c.netns_cookie)?;
     // A workload enrolled with its cgroup: ISTIO_OUTPUT is that cgroup's, as it is for a
     // `run` instance attached there.
@@ -112,9 +124,8 @@ pub unsafe fn decide(ctx: *mut c_void, c: &Connect) -> Option<Redirect> {
     if family == Family::V6 && !ipv6_on(c.netns_cookie) {
         return None;
     }
-    // The calling task's uid/gid. The owner match reads the socket file's fsuid/fsgid: the same
-    // unless a set-id program connects a socket, or one is passed to another process.
-    let uid_gid = bpf_get_current_uid_gid();
+    // SAFETY: `c.sk` is this run's socket, a full TCP one (`judged_socket`).
+    let (uid, gid) = unsafe { owner(c.sk) };
     let out_lo = is_local_addr(c.netns_cookie, &dst);
     if never_leaves(c, family, out_lo) {
         return None;
@@ -138,17 +149,14 @@ pub unsafe fn decide(ctx: *mut c_void, c: &Connect) -> Option<Redirect> {
             bind
         },
         out_lo,
-        uid: uid_gid as u32,
-        gid: (uid_gid >> 32) as u32,
+        uid,
+        gid,
     };
     let (target, port) = match chain::decide(workload, ChainId::Output, &facts) {
         Some(t @ Target::Redirect) => (t, workload.outbound_port),
         Some(t @ Target::InRedirect) => (t, workload.inbound_port),
         Some(Target::Return) | None => return None,
     };
-    // SAFETY: the program's own context is the one argument (for sock_addr programs the
-    // kernel's variant of the helper reads the socket from it); see `# Safety`.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx) };
     let pending = PendingOrigDst {
         netns_cookie: c.netns_cookie,
         orig: OrigDst::new(dst, c.dst_port, target),
@@ -157,7 +165,7 @@ pub unsafe fn decide(ctx: *mut c_void, c: &Connect) -> Option<Redirect> {
     // Redirect even if the record fails (the LRU only fails under memory pressure): the proxy
     // then finds no original destination and resets the connection, which is loud, where
     // leaving it uncaptured would silently bypass the mesh.
-    if ORIG_BY_COOKIE.insert(cookie, pending, 0).is_err() {
+    if ORIG_BY_COOKIE.insert(c.cookie, pending, 0).is_err() {
         count_event(workload, events::ORIG_DST_NOT_RECORDED);
     }
     Some(Redirect {

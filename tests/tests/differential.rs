@@ -287,6 +287,10 @@ struct Client {
     bind: Option<IpAddr>,
     /// IPv4 destinations (and source) dialed v4-mapped from an AF_INET6 socket.
     v4_mapped: bool,
+    /// Real (uid, gid) of a set-id client, whose `uid`/`gid` are the effective ones.
+    real: Option<(u32, u32)>,
+    /// SO_MARK the client sets on its socket.
+    mark: Option<u32>,
 }
 
 impl Client {
@@ -296,7 +300,9 @@ impl Client {
             return format!("remote host{mapped}");
         }
         let bind = self.bind.map_or_else(String::new, |b| format!(" bind={b}"));
-        format!("uid={} gid={}{bind}{mapped}", self.uid, self.gid)
+        let real = self.real.map_or_else(String::new, |(u, g)| format!(" real={u}/{g}"));
+        let mark = self.mark.map_or_else(String::new, |m| format!(" mark={m:#x}"));
+        format!("uid={} gid={}{real}{mark}{bind}{mapped}", self.uid, self.gid)
     }
 
     /// The destination as the client dials it (v4-mapped if it dials so).
@@ -407,19 +413,38 @@ impl Matrix {
                 gid,
                 bind,
                 v4_mapped,
+                real: None,
+                mark: None,
             };
             let mut clients: Scenarios = Vec::new();
+            let every_dst = || -> Vec<SocketAddr> {
+                dsts.iter()
+                    .flat_map(|&ip| listen_ports.iter().map(move |&p| SocketAddr::new(ip, p)))
+                    .collect()
+            };
             for &(uid, gid) in &ids {
                 for bind in [None, Some(passthrough)] {
-                    let targets = dsts
-                        .iter()
-                        .flat_map(|&ip| listen_ports.iter().map(move |&p| SocketAddr::new(ip, p)))
-                        .collect();
-                    clients.push((client(uid, gid, bind), targets));
+                    clients.push((client(uid, gid, bind), every_dst()));
                 }
                 clients.push((
                     client(uid, gid, Some(loopback)),
                     vec![SocketAddr::new(passthrough, VALIDATION_PORT)],
+                ));
+            }
+            // The owner match reads the socket file's fsuid/fsgid, not the real ids; and the
+            // agent's mark, set by the app itself, is nothing to the sidecar rules.
+            for (uid, real, mark) in [
+                (1000, Some((1337, 1337)), None),
+                (1337, Some((1000, 1000)), None),
+                (0, None, Some(redirect_common::AGENT_SOCKET_MARK)),
+            ] {
+                clients.push((
+                    Client {
+                        real,
+                        mark,
+                        ..client(uid, uid, None)
+                    },
+                    every_dst(),
                 ));
             }
             clients.push((
@@ -474,6 +499,12 @@ impl Matrix {
             };
             if let Some(b) = client.bind {
                 spec = spec.bind(b);
+            }
+            if let Some((uid, gid)) = client.real {
+                spec = spec.real_ids(uid, gid);
+            }
+            if let Some(m) = client.mark {
+                spec = spec.mark(m);
             }
             if client.v4_mapped {
                 spec = spec.v4_mapped();

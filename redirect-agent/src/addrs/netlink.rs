@@ -11,7 +11,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
-    address::{AddressAttribute, AddressMessage, AddressScope},
+    address::{AddressAttribute, AddressHeaderFlags, AddressMessage, AddressScope},
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
 };
 use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
@@ -228,6 +228,10 @@ pub(super) fn add_to_lo(socket: &Socket, ip: Ipv6Addr) -> io::Result<()> {
     msg.header.prefix_len = 128;
     msg.header.scope = AddressScope::Universe;
     msg.header.index = LOOPBACK_IFINDEX;
+    // No duplicate address detection: until it ends (a workqueue run later, even on lo) the
+    // address is tentative, and source selection passes it over, so a socket dialing `::6`
+    // right after would get the pod's address as its source instead of `::6`.
+    msg.header.flags = AddressHeaderFlags::Nodad;
     msg.attributes.push(AddressAttribute::Local(IpAddr::V6(ip)));
     msg.attributes.push(AddressAttribute::Address(IpAddr::V6(ip)));
     send(

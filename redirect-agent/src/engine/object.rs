@@ -15,7 +15,7 @@ use aya::{
     maps::{Map, MapData, MapError, SockHash},
     programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SkSkb, SockOps},
 };
-use redirect_common::{FamilyKey, addr::Family, maps, programs};
+use redirect_common::{FamilyKey, addr::Family, maps, owner, programs};
 use serde::Serialize;
 
 use super::links::{self, MapAttachType};
@@ -57,7 +57,11 @@ pub struct ProgramReport {
 /// Loads (verifies) every program without pinning or attaching anything, and reports their
 /// sizes: what `check --verifier` prints per kernel.
 pub fn verifier_report() -> Result<Vec<ProgramReport>, LoadError> {
-    let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(LoadError::Object)?;
+    let owner = crate::btf::owner_offsets()?;
+    let mut ebpf = EbpfLoader::new()
+        .override_global(owner::OWNER_OFFSETS, &owner, true)
+        .load(EBPF_OBJECT)
+        .map_err(LoadError::Object)?;
     programs_for(true)
         .map(|name| {
             let info = load_program(&mut ebpf, name)?;
@@ -137,8 +141,10 @@ impl Object {
             1
         };
         let pins: Vec<(&'static str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_dir.join(m))).collect();
+        let owner = crate::btf::owner_offsets()?;
         let mut loader = EbpfLoader::new();
         loader
+            .override_global(owner::OWNER_OFFSETS, &owner, true)
             .map_max_entries(maps::ORIG_BY_COOKIE, max_tracked_connections)
             .map_max_entries(maps::ORIG_BY_TUPLE, max_tracked_connections)
             .map_max_entries(maps::INBOUND_PENDING, max_tracked_connections)

@@ -27,8 +27,8 @@ use crate::{
     adopt,
     flags::ProxyMode,
     proxy::{
-        Dialer, FastPath, FastPathSockets, LISTEN_BACKLOG, Listeners, Listening, NetnsDialer, OrigDstTable,
-        OriginalDst, Proxy, ProxyConfig, Side,
+        AgentSockets, Dialer, FastPath, FastPathSockets, LISTEN_BACKLOG, Listeners, Listening, NetnsDialer,
+        OrigDstTable, OriginalDst, Proxy, ProxyConfig, Side,
     },
     sys::{self, Netns},
 };
@@ -325,7 +325,9 @@ impl Engine {
                 self.open_map(maps::INBOUND_PENDING)?,
                 cookie,
             )));
-            let dialer = Dialer::Netns(NetnsDialer::start(&netns).map_err(EnrollError::io("upstream dialer"))?);
+            let agent_sockets = AgentSockets::new(self.open_map(maps::AGENT_SOCKETS)?);
+            let dialer =
+                Dialer::Netns(NetnsDialer::start(&netns, agent_sockets).map_err(EnrollError::io("upstream dialer"))?);
             // Where sock_ops does not see the proxy's upstream sockets, the proxy enrolls
             // them in the fast path itself.
             let own_fast_path = match fast_path && !self.agent_under_attach {

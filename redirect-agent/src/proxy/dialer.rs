@@ -2,10 +2,11 @@
 
 use std::{
     io,
-    sync::{Arc, mpsc},
+    sync::{Arc, Mutex, mpsc},
     time::Duration,
 };
 
+use aya::maps::{HashMap, MapData};
 use redirect_common::AGENT_SOCKET_MARK;
 use tokio::net::TcpSocket;
 
@@ -46,6 +47,26 @@ pub struct NetnsDialer {
     v4: Pool,
     v6: Arc<tokio::sync::OnceCell<Pool>>,
     netns: Arc<Netns>,
+    agent: AgentSockets,
+}
+
+/// `AGENT_SOCKETS`: the upstream sockets connect4/6 must leave alone. Each socket goes in as it
+/// is made, before any connect; the hook removes it as it lets it by. Shared by a workload's
+/// two dialer threads.
+#[derive(Clone)]
+pub struct AgentSockets(Arc<Mutex<HashMap<MapData, u64, u8>>>);
+
+impl AgentSockets {
+    pub fn new(map: HashMap<MapData, u64, u8>) -> Self {
+        Self(Arc::new(Mutex::new(map)))
+    }
+
+    fn register(&self, socket: &TcpSocket) -> io::Result<()> {
+        let cookie = rustix::net::sockopt::socket_cookie(socket)?;
+        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.insert(cookie, 1, 0)
+            .map_err(|e| io::Error::other(format!("AGENT_SOCKETS: {e}")))
+    }
 }
 
 /// One thread's queue of ready sockets.
@@ -55,11 +76,12 @@ struct Pool {
 }
 
 impl NetnsDialer {
-    pub fn start(netns: &Netns) -> io::Result<Self> {
+    pub fn start(netns: &Netns, agent: AgentSockets) -> io::Result<Self> {
         Ok(Self {
-            v4: Pool::start(netns, false)?,
+            v4: Pool::start(netns, false, agent.clone())?,
             v6: Arc::default(),
             netns: Arc::new(netns.try_clone()?),
+            agent,
         })
     }
 
@@ -70,9 +92,9 @@ impl NetnsDialer {
         let pool = self
             .v6
             .get_or_try_init(|| {
-                let netns = self.netns.clone();
+                let (netns, agent) = (self.netns.clone(), self.agent.clone());
                 async move {
-                    tokio::task::spawn_blocking(move || Pool::start(&netns, true))
+                    tokio::task::spawn_blocking(move || Pool::start(&netns, true, agent))
                         .await
                         .map_err(io::Error::other)?
                 }
@@ -83,7 +105,7 @@ impl NetnsDialer {
 }
 
 impl Pool {
-    fn start(netns: &Netns, v6: bool) -> io::Result<Self> {
+    fn start(netns: &Netns, v6: bool, agent: AgentSockets) -> io::Result<Self> {
         let netns = netns.try_clone()?;
         let (tx, rx) = tokio::sync::mpsc::channel(SPARE_SOCKETS);
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -97,7 +119,10 @@ impl Pool {
             // Ends when the proxy drops the receiver.
             loop {
                 let made = if v6 { TcpSocket::new_v6() } else { TcpSocket::new_v4() };
-                let made = made.and_then(mark_as_agent);
+                let made = made.and_then(mark_as_agent).and_then(|s| {
+                    agent.register(&s)?;
+                    Ok(s)
+                });
                 let failed = made.is_err();
                 if tx.blocking_send(made).is_err() {
                     break;
@@ -126,9 +151,9 @@ impl Pool {
     }
 }
 
-/// Marks an upstream socket as the agent's own ([`AGENT_SOCKET_MARK`]): connect4/6 leave it
-/// alone even where they run for the agent's cgroup too (node mode attaches at the cgroup
-/// root). Needs CAP_NET_ADMIN, which the agent has.
+/// Marks an upstream socket as the agent's own ([`AGENT_SOCKET_MARK`]), for the node's own
+/// rules; capture tells the agent's sockets by [`AgentSockets`]. Needs CAP_NET_ADMIN, which
+/// the agent has.
 fn mark_as_agent(socket: TcpSocket) -> io::Result<TcpSocket> {
     socket2::SockRef::from(&socket).set_mark(AGENT_SOCKET_MARK)?;
     Ok(socket)

@@ -27,7 +27,7 @@ mod fast_path;
 mod listen;
 mod orig_dst;
 
-pub use dialer::{Dialer, NetnsDialer};
+pub use dialer::{AgentSockets, Dialer, NetnsDialer};
 use fast_path::Enrolled;
 pub use fast_path::{FastPath, FastPathSockets};
 pub use listen::{LISTEN_BACKLOG, Listeners, Listening, ProxyConfig, Side, connections_fitting, no_ipv6};

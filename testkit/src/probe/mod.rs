@@ -50,6 +50,16 @@ pub struct ProbeArgs {
     pub uid: u32,
     #[arg(long, default_value_t = 0)]
     pub gid: u32,
+    /// Keep this real uid while `--uid` becomes the effective (and so filesystem) one, as a
+    /// set-uid program runs: iptables' owner match reads the fsuid.
+    #[arg(long)]
+    pub real_uid: Option<u32>,
+    /// Keep this real gid while `--gid` becomes the effective (and filesystem) one.
+    #[arg(long)]
+    pub real_gid: Option<u32>,
+    /// SO_MARK to set on the socket before connecting (needs CAP_NET_ADMIN in the namespace).
+    #[arg(long)]
+    pub mark: Option<u32>,
     /// Source address to bind before connecting (port 0): IPv4 or IPv6, in the family of the
     /// socket (an IPv4 one is bound v4-mapped by an AF_INET6 socket).
     #[arg(long)]
@@ -95,6 +105,9 @@ pub struct ProbeSpec {
     pub netns: PathBuf,
     pub uid: u32,
     pub gid: u32,
+    /// Real (uid, gid) kept while `uid`/`gid` are the effective and filesystem ones.
+    pub real: Option<(u32, u32)>,
+    pub mark: Option<u32>,
     pub bind: Option<IpAddr>,
     pub connect: SocketAddr,
     /// IPv4 destinations dialed v4-mapped from an AF_INET6 socket (`probe --v4-mapped`).
@@ -115,6 +128,8 @@ impl ProbeSpec {
             netns: netns.into(),
             uid: 0,
             gid: 0,
+            real: None,
+            mark: None,
             bind: None,
             connect: connect.into(),
             v4_mapped: false,
@@ -142,6 +157,19 @@ impl ProbeSpec {
 
     pub fn gid(mut self, gid: u32) -> Self {
         self.gid = gid;
+        self
+    }
+
+    /// Keep real ids `(uid, gid)` while [`ProbeSpec::uid`]/[`ProbeSpec::gid`] are the effective
+    /// and filesystem ones.
+    pub fn real_ids(mut self, uid: u32, gid: u32) -> Self {
+        self.real = Some((uid, gid));
+        self
+    }
+
+    /// SO_MARK `mark` on the socket before it connects.
+    pub fn mark(mut self, mark: u32) -> Self {
+        self.mark = Some(mark);
         self
     }
 
@@ -218,6 +246,12 @@ impl ProbeSpec {
         if let Some(b) = self.bind {
             c.args(["--bind", &b.to_string()]);
         }
+        if let Some((uid, gid)) = self.real {
+            c.args(["--real-uid", &uid.to_string(), "--real-gid", &gid.to_string()]);
+        }
+        if let Some(m) = self.mark {
+            c.args(["--mark", &m.to_string()]);
+        }
         if self.v4_mapped {
             c.arg("--v4-mapped");
         }
@@ -282,8 +316,33 @@ fn classify(e: &io::Error) -> Outcome {
 /// Moves this (single-threaded) process into the workload: cgroup, namespace, identity.
 fn enter(args: &ProbeArgs) -> io::Result<()> {
     sys::join(args.cgroup.as_deref(), args.netns.as_deref())?;
-    sys::become_user(args.uid, args.gid)?;
-    Ok(())
+    if args.real_uid.is_some() || args.real_gid.is_some() {
+        become_setid(args)
+    } else {
+        sys::become_user(args.uid, args.gid)
+    }
+}
+
+/// [`sys::become_user`] for a set-id program: effective (and so filesystem) ids `--uid` and
+/// `--gid`, real and saved ones `--real-uid`/`--real-gid`; no supplementary groups. From root,
+/// in this single-threaded process.
+fn become_setid(args: &ProbeArgs) -> io::Result<()> {
+    let (ruid, rgid) = (args.real_uid.unwrap_or(args.uid), args.real_gid.unwrap_or(args.gid));
+    let check = |rc: libc::c_int, what: &str| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            let e = io::Error::last_os_error();
+            Err(io::Error::new(e.kind(), format!("{what}: {e}")))
+        }
+    };
+    // SAFETY: plain id syscalls on this single-threaded process (the probe starts no thread
+    // before it connects); groups first, while still root.
+    unsafe {
+        check(libc::setgroups(0, std::ptr::null()), "setgroups")?;
+        check(libc::setresgid(rgid, args.gid, rgid), "setresgid")?;
+        check(libc::setresuid(ruid, args.uid, ruid), "setresuid")
+    }
 }
 
 /// A socket of `to`'s family, close-on-exec; an AF_INET6 one accepts v4-mapped addresses
@@ -301,6 +360,9 @@ fn socket(args: &ProbeArgs, to: SocketAddr, ty: libc::c_int, always_bind: bool) 
     // nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let inet6 = family == libc::AF_INET6;
+    if let Some(mark) = args.mark {
+        sock::set_int_option(&fd, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)?;
+    }
     if inet6 {
         sock::set_int_option(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
     }
