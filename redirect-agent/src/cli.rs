@@ -131,8 +131,9 @@ struct NodeArgs {
     /// Prometheus endpoint (GET /metrics, GET /ready), or `off`.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:15030")]
     metrics: String,
-    /// Size of the original-destination maps (LRU), shared by all workloads.
-    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    /// Size of the original-destination maps (LRU), shared by all workloads: about 380 bytes
+    /// of kernel memory each (1,048,576 take about 400 MiB; the start log says how much).
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=1_048_576))]
     max_tracked_connections: u32,
     /// Connections each workload's embedded proxy serves at once; more are reset.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
@@ -201,17 +202,22 @@ struct RunArgs {
     /// cgroup v2 directory whose processes are captured.
     #[arg(long, value_name = "PATH")]
     cgroup: PathBuf,
-    /// The workload's network namespace (default: the agent's own).
-    #[arg(long, value_name = "PATH", default_value = "/proc/self/ns/net")]
-    netns: PathBuf,
+    /// The workload's network namespace (/run/netns/NAME or /proc/PID/ns/net).
+    #[arg(long, value_name = "PATH", required_unless_present = "host_netns")]
+    netns: Option<PathBuf>,
+    /// Capture the agent's own network namespace instead, inbound included: the host's,
+    /// unless the agent runs in a container's. Only on purpose, never by default.
+    #[arg(long, conflicts_with = "netns")]
+    host_netns: bool,
     /// Serve the capture ports with the embedded proxy, or leave them to another proxy.
     #[arg(long, value_enum, default_value_t = ProxyMode::Embedded)]
     proxy: ProxyMode,
     /// Instance name: pins go to /sys/fs/bpf/redirect/NAME/.
     #[arg(long, default_value = "default")]
     name: String,
-    /// Size of the original-destination maps (LRU): connections tracked at once.
-    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    /// Size of the original-destination maps (LRU): connections tracked at once, about 380
+    /// bytes of kernel memory each (1,048,576 take about 400 MiB; the start log says how much).
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=1_048_576))]
     max_tracked_connections: u32,
     /// Connections the embedded proxy serves at once; more are reset.
     #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
@@ -339,10 +345,16 @@ pub fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // clap's first line names the flag and the value; the rest is a usage hint.
+            // clap's first paragraph names the flag and the value (a missing argument on the
+            // lines under it); the rest is a usage hint.
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("redirect-agent: {}", first.trim_start_matches("error: ").trim());
+            let first: Vec<&str> = text.lines().map(str::trim).take_while(|l| !l.is_empty()).collect();
+            let first = if first.is_empty() {
+                "invalid arguments".into()
+            } else {
+                first.join(" ")
+            };
+            eprintln!("redirect-agent: {}", first.trim_start_matches("error: "));
             return ExitCode::from(2);
         }
     };
@@ -369,7 +381,8 @@ pub fn main() -> ExitCode {
                 let opts = RunOptions {
                     name: args.name,
                     cgroup: args.cgroup,
-                    netns: args.netns,
+                    netns: args.netns.unwrap_or_else(|| "/proc/self/ns/net".into()),
+                    host_netns: args.host_netns,
                     proxy: args.proxy,
                     capture,
                     sizing: sizing(

@@ -23,6 +23,8 @@ pub struct RunOptions {
     pub name: String,
     pub cgroup: PathBuf,
     pub netns: PathBuf,
+    /// `--host-netns`: the agent's own namespace is the workload, on purpose.
+    pub host_netns: bool,
     pub proxy: ProxyMode,
     pub capture: CaptureConfig,
     pub sizing: Sizing,
@@ -38,7 +40,10 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     chain::compile(&opts.capture)?;
     crate::flags::check(&opts.capture)?;
     sys::open_cgroup2_dir(&opts.cgroup)?;
-    Netns::open(&opts.netns)?;
+    let netns = Netns::open(&opts.netns)?;
+    if !opts.host_netns && netns.cookie()? == sys::current_netns_cookie()? {
+        return Err(engine::EnrollError::HostNetns(opts.netns.clone()).into());
+    }
     sys::ensure_bpffs()?;
 
     let lock = Lock::take(&opts.name, Duration::ZERO).map_err(|e| match e {
@@ -63,7 +68,7 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
         metrics: None,
         sizing: opts.sizing,
         max_workloads: 1,
-        allow_host_netns: true,
+        allow_host_netns: opts.host_netns,
     };
     let mut engine = Engine::start(settings, Some(lock))?;
     let info = engine.enroll(engine::Request {
@@ -81,6 +86,7 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
         netns = %opts.netns.display(),
         netns_cookie = info.netns_cookie,
         addresses = ?info.addresses,
+        maps_kernel_memory_mib = engine.kernel_memory() >> 20,
         "attached; capturing"
     );
 

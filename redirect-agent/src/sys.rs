@@ -323,6 +323,15 @@ pub fn original_dst(socket: &impl AsFd, local: SocketAddr) -> io::Result<SocketA
 }
 
 /// The calling thread's network namespace cookie (SO_NETNS_COOKIE, 5.14+).
+/// The kernel memory a BPF map takes, as `/proc/self/fdinfo` says (`memlock:`, what bpftool
+/// shows as `memlock`). `None` when it cannot be read.
+pub fn memlock(map: BorrowedFd<'_>) -> Option<u64> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", map.as_raw_fd())).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 pub fn current_netns_cookie() -> io::Result<u64> {
     let socket = rustix::net::socket_with(AddressFamily::INET, SocketType::DGRAM, SocketFlags::CLOEXEC, None)?;
     netns_cookie(socket.as_fd())

@@ -135,6 +135,8 @@ fn bad_input_gets_one_clear_line_and_changes_nothing() {
         (&["-q", "99999"], "'99999'"),
         (&["--proxy", "sideways"], "'sideways'"),
         (&["--max-tracked-connections", "5"], "5"),
+        // Past a million the maps would take gigabytes of kernel memory (~380 bytes each).
+        (&["--max-tracked-connections", "16777216"], "'16777216'"),
         (&["--frobnicate"], "--frobnicate"),
         (&["-p", "15006"], "both 15006"),
         (&["-i", "*,10.0.0.0/8"], "'*' alone"),
@@ -163,6 +165,20 @@ fn bad_input_gets_one_clear_line_and_changes_nothing() {
         (
             &["run", "--cgroup", &cg, "--netns", &ns, "--name", "bad/name"],
             "'bad/name'",
+        ),
+        // The host's own namespace is captured only when asked for by name.
+        (&["run", "--cgroup", &cg, "--name", &w.name], "--netns <PATH>"),
+        (
+            &[
+                "run",
+                "--cgroup",
+                &cg,
+                "--netns",
+                "/proc/self/ns/net",
+                "--name",
+                &w.name,
+            ],
+            "--host-netns",
         ),
         (&["stats", "--name", &w.name], &w.name),
         (&["explain", "-x", "10.0.0.1/40"], "'10.0.0.1/40'"),

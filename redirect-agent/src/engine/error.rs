@@ -20,8 +20,8 @@ pub enum EnrollError {
     #[error("--fast-path: this node agent does not offer the fast path (start it with --fast-path)")]
     FastPathOff,
     #[error(
-        "{0} is the node's own network namespace: enrolling it would capture the node itself (expected a \
-         workload's namespace)"
+        "{0} is the agent's own network namespace: capturing it would capture the host itself, inbound included \
+         (expected a workload's namespace; only `run --host-netns` captures the agent's own, on purpose)"
     )]
     HostNetns(PathBuf),
     #[error(

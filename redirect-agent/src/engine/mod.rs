@@ -61,8 +61,8 @@ pub(crate) struct Settings {
     pub sizing: Sizing,
     /// Workloads the descriptor budget is planned for.
     pub max_workloads: usize,
-    /// Whether a workload may be the agent's own network namespace: yes where the attach
-    /// point is the workload's own cgroup (`run`), never where it is the node's.
+    /// Whether a workload may be the agent's own network namespace: only for `run
+    /// --host-netns`, which asks for it; never for a node.
     pub allow_host_netns: bool,
 }
 
@@ -126,6 +126,8 @@ pub(crate) struct Engine {
     lock: Option<Lock>,
     /// Set by [`Engine::stop`] once an instance that keeps nothing has removed its pins.
     removed: bool,
+    /// What the instance's maps take in the kernel, in bytes ([`Engine::kernel_memory`]).
+    kernel_memory: u64,
 }
 
 impl Engine {
@@ -216,6 +218,12 @@ impl Engine {
             },
             listeners: object.take(maps::INBOUND_LISTENERS)?,
         };
+        let kernel_memory: u64 = maps::ALL
+            .iter()
+            .filter_map(|m| aya::maps::MapInfo::from_pin(pin_dir.join(m)).ok())
+            .filter_map(|info| info.fd().ok())
+            .filter_map(|fd| sys::memlock(fd.as_fd()))
+            .sum();
         let host_netns_cookie = sys::current_netns_cookie()
             .map_err(|e| LoadError::Sys(crate::error::SysError::Io("the agent's own netns cookie".into(), e)))?;
         let proxy_budget = if settings.max_workloads == 1 { nofile } else { u64::MAX };
@@ -232,7 +240,15 @@ impl Engine {
             handed_over: false,
             lock: None,
             removed: false,
+            kernel_memory,
         })
+    }
+
+    /// Kernel memory the instance's maps take, as the kernel counts it (`memlock`), when they
+    /// were loaded. Said at start, not left silent: the original-destination maps take about
+    /// 380 bytes per tracked connection, which `--max-tracked-connections` multiplies.
+    pub(crate) fn kernel_memory(&self) -> u64 {
+        self.kernel_memory
     }
 
     pub(crate) fn settings(&self) -> &Settings {
