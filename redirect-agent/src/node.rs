@@ -91,6 +91,8 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
     crate::features::require_all()?;
     pins::validate_name(&opts.name)?;
     sys::ensure_bpffs()?;
+    // Before anything changes: directories others could rename are refused, not used.
+    pins::check_dirs(&opts.name)?;
     let attach = match &opts.cgroup_parent {
         Some(p) => p.clone(),
         None => sys::cgroup2_root()?,

@@ -156,11 +156,8 @@ impl Engine {
 
     fn load_and_attach(settings: Settings) -> Result<Self, LoadError> {
         let pin_dir = pins::pin_dir(&settings.name);
-        pins::create_pin_dir(&pin_dir)?;
         let persist = settings.mode == Mode::Node;
-        if persist {
-            pins::create_pin_dir(&pins::links_dir(&settings.name))?;
-        }
+        pins::make_dirs(&settings.name, persist)?;
         let cgroup = sys::open_cgroup2_dir(&settings.attach)?;
 
         // Every workload's proxy draws on this process's descriptors: room for all of them at
