@@ -149,7 +149,7 @@ pub fn layout() -> String {
 /// An instance's lock: one process per name holds it at a time; a handover passes it on.
 #[derive(Debug)]
 pub(crate) struct Lock {
-    _file: File,
+    file: File,
     path: PathBuf,
 }
 
@@ -177,7 +177,7 @@ impl Lock {
         let deadline = Instant::now() + within;
         loop {
             match file.try_lock() {
-                Ok(()) => return Ok(Self { _file: file, path }),
+                Ok(()) => return Ok(Self { file, path }),
                 Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -187,14 +187,30 @@ impl Lock {
         }
     }
 
+    /// The lock file, whose identity a successor proves it awaits (see [`super::peer`]).
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Releases the lock and removes its file (an instance that leaves nothing behind).
     pub(crate) fn remove(self) {
         let _ = std::fs::remove_file(&self.path);
     }
 }
 
+/// Instance `name`'s lock file, opened (not locked): a successor keeps it open while it asks
+/// for a handover, which is how the running agent knows it awaits this instance's lock.
+pub(crate) fn open_lock(name: &str) -> std::io::Result<File> {
+    std::fs::create_dir_all(RUN_DIR)?;
+    File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock_path(name))
+}
+
 /// Whether a process holds instance `name`'s lock (without taking it for long).
-fn is_locked(name: &str) -> bool {
+pub(crate) fn is_locked(name: &str) -> bool {
     let Ok(f) = File::options().write(true).open(lock_path(name)) else {
         return false;
     };
