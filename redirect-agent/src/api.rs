@@ -1,32 +1,57 @@
 //! The node agent's side of the control socket ([`redirect_api`]): one JSON request per
 //! connection, one answer, then the connection closes; a handover keeps it for the
 //! descriptors that follow.
+//!
+//! Every connection is served on its own thread with a deadline for its request, and the
+//! engine's lock is held only to compute an answer, never while waiting on a client: a client
+//! that connects and stalls (or starts a handover and stalls) holds up nobody else. A
+//! handover is only taken from a peer that passes [`crate::engine::handover`]'s checks.
 
-use std::{io::Write as _, os::unix::net::UnixStream, sync::Arc, time::Duration};
+use std::{
+    io::Write as _,
+    os::{
+        fd::{AsFd as _, OwnedFd},
+        unix::net::UnixStream,
+    },
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use redirect_api::{ApiError, ErrorKind, Request, Response};
 use tokio::{net::UnixListener, sync::Mutex};
 
-use crate::engine::{self, Engine, EnrollError};
+use crate::engine::{self, Engine, EnrollError, handover};
+
+/// How long a client may take to send its request, in all.
+const REQUEST_WITHIN: Duration = Duration::from_secs(5);
+/// How long an answer may take to be taken.
+const REPLY_WITHIN: Duration = Duration::from_secs(5);
+/// The largest request, as [`redirect_api::read_line`] takes.
+const MAX_REQUEST: usize = redirect_api::MAX_MESSAGE as usize;
 
 /// How the node's serving ended.
 pub(crate) enum Ended {
     Signal,
-    HandedOver,
+    /// Handed over to the process `successor`, which said it serves and attached.
+    HandedOver {
+        successor: u32,
+    },
 }
 
-/// Serves API connections until one of them is a completed handover.
-pub(crate) async fn serve(listener: &UnixListener, engine: Arc<Mutex<Engine>>) -> Ended {
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
+/// Serves API connections until one of them is a completed handover. `metrics`: a second
+/// descriptor of the metrics listener, for a successor that asks for it.
+pub(crate) async fn serve(listener: &UnixListener, engine: Arc<Mutex<Engine>>, metrics: Option<Arc<OwnedFd>>) -> Ended {
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<u32>(1);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let engine = engine.clone();
                     let done = done_tx.clone();
+                    let metrics = metrics.clone();
                     tokio::spawn(async move {
-                        if handle(stream, engine).await {
-                            let _ = done.send(()).await;
+                        if let Some(pid) = handle(stream, engine, metrics).await {
+                            let _ = done.send(pid).await;
                         }
                     });
                 }
@@ -35,15 +60,16 @@ pub(crate) async fn serve(listener: &UnixListener, engine: Arc<Mutex<Engine>>) -
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            _ = done_rx.recv() => return Ended::HandedOver,
+            Some(successor) = done_rx.recv() => return Ended::HandedOver { successor },
         }
     }
 }
 
-/// What a request asks of the engine, answered (a handover is answered by the engine itself,
-/// on the stream).
+/// What a request asks of the engine, answered (a handover is answered on its stream).
 fn answer(engine: &mut Engine, request: Request) -> Response {
     let result = match request {
+        // Until the handover ends, the successor is being given the workloads as they are.
+        Request::Enroll(_) | Request::Unenroll { .. } if engine.handing_over() => Err(EnrollError::HandoverInProgress),
         Request::Enroll(req) => engine::Request::from_api(req)
             .and_then(|r| engine.enroll(r))
             .map(Response::Enrolled),
@@ -58,34 +84,33 @@ fn answer(engine: &mut Engine, request: Request) -> Response {
     result.unwrap_or_else(|e| Response::Error(e.into()))
 }
 
-/// One request. `true`: it was a handover, and this agent must stop serving.
-async fn handle(stream: tokio::net::UnixStream, engine: Arc<Mutex<Engine>>) -> bool {
-    let Ok(std) = stream.into_std() else { return false };
-    // The API is tiny and rare: a blocking exchange on a worker thread keeps it simple, with
-    // timeouts so that a stuck client cannot hold the engine's lock.
-    let outcome = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
+/// One connection. `Some(pid)`: it was a handover to process `pid`, and this agent must stop
+/// serving.
+async fn handle(
+    stream: tokio::net::UnixStream,
+    engine: Arc<Mutex<Engine>>,
+    metrics: Option<Arc<OwnedFd>>,
+) -> Option<u32> {
+    let std = stream.into_std().ok()?;
+    let outcome = tokio::task::spawn_blocking(move || -> std::io::Result<Option<u32>> {
         std.set_nonblocking(false)?;
-        std.set_read_timeout(Some(Duration::from_secs(10)))?;
-        std.set_write_timeout(Some(Duration::from_secs(10)))?;
-        let line = redirect_api::read_line(&std)?;
+        std.set_write_timeout(Some(REPLY_WITHIN))?;
+        let line = handover::read_line_by(&std, Instant::now() + REQUEST_WITHIN, MAX_REQUEST)?;
         let request: Request = match serde_json::from_slice(&line) {
             Ok(r) => r,
             Err(e) => {
                 let e = ApiError::new(ErrorKind::Invalid, format!("unreadable request: {e}"));
                 reply(&std, &Response::Error(e))?;
-                return Ok(false);
+                return Ok(None);
             }
         };
-        let mut engine = engine.blocking_lock();
         if matches!(request, Request::Handover) {
-            if engine.handed_over() {
-                reply(&std, &Response::Error(EnrollError::HandedOver.into()))?;
-                return Ok(false);
-            }
-            return engine.hand_over(std);
+            return hand_over(&std, &engine, metrics.as_deref());
         }
-        reply(&std, &answer(&mut engine, request))?;
-        Ok(false)
+        // Answered under the lock, sent without it.
+        let response = answer(&mut engine.blocking_lock(), request);
+        reply(&std, &response)?;
+        Ok(None)
     })
     .await;
     match outcome {
@@ -93,15 +118,59 @@ async fn handle(stream: tokio::net::UnixStream, engine: Arc<Mutex<Engine>>) -> b
         // A client that connects and leaves (a liveness check) is not worth a warning.
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             tracing::debug!("control connection closed without a request");
-            false
+            None
         }
         Ok(Err(e)) => {
             tracing::warn!("control request: {e}");
-            false
+            None
         }
         Err(e) => {
             tracing::error!("control request handler failed: {e}");
-            false
+            None
+        }
+    }
+}
+
+/// A handover asked on `stream`: refused unless the peer is a successor of this instance; the
+/// exchange runs without the engine's lock; taken only if the successor then shows, in the
+/// kernel, that it attached. Otherwise this process serves on, with its own programs.
+fn hand_over(stream: &UnixStream, engine: &Mutex<Engine>, metrics: Option<&OwnedFd>) -> std::io::Result<Option<u32>> {
+    let refuse = |e: ApiError| reply(stream, &Response::Error(e)).map(|()| None);
+    let Some(lock) = engine.blocking_lock().lock_file() else {
+        return refuse(EnrollError::HandedOver.into());
+    };
+    let pid = match engine::peer_check(stream, &lock) {
+        Ok(pid) => pid,
+        Err(why) => {
+            tracing::warn!("handover refused: {why}");
+            return refuse(ApiError::new(ErrorKind::Invalid, format!("handover refused: {why}")));
+        }
+    };
+    let offer = match engine.blocking_lock().begin_handover() {
+        Ok(offer) => offer,
+        Err(e) => return refuse(e.into()),
+    };
+    tracing::info!(successor = pid, "handing over");
+    let mut sent = false;
+    let verdict = handover::offer(stream, offer, metrics.map(|m| m.as_fd()), &mut sent)
+        .map_err(|e| e.to_string())
+        .and_then(|()| engine.blocking_lock().check_successor(pid));
+    let mut engine = engine.blocking_lock();
+    match verdict {
+        Ok(()) => {
+            engine.end_handover(true);
+            // A successor that is gone by now shows when this process checks it serves.
+            let _ = (&*stream).write_all(b"bye\n");
+            Ok(Some(pid))
+        }
+        Err(why) => {
+            tracing::error!("the successor did not take over ({why}); serving on");
+            if sent && let Err(e) = engine.reclaim() {
+                tracing::error!("taking the links back: {e}");
+            }
+            engine.end_handover(false);
+            let _ = (&*stream).write_all(format!("refused: {why}\n").as_bytes());
+            Ok(None)
         }
     }
 }

@@ -13,6 +13,9 @@ const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 pub enum BtfError {
     #[error("reading the kernel's BTF at {VMLINUX}: {0} (the agent needs a kernel built with CONFIG_DEBUG_INFO_BTF)")]
     Read(String),
+    /// An earlier read's error, said again.
+    #[error("{0}")]
+    Cached(String),
     #[error("the kernel's BTF has no struct {0}")]
     NoStruct(&'static str),
     #[error("the kernel's struct {strukt} has no field {field} of {size} bytes at a byte offset")]
@@ -23,8 +26,16 @@ pub enum BtfError {
     },
 }
 
-/// The running kernel's [`OwnerOffsets`].
+/// The running kernel's [`OwnerOffsets`], read once per process (the feature probe and the
+/// load both ask; parsing the kernel's BTF takes a while).
 pub fn owner_offsets() -> Result<OwnerOffsets, BtfError> {
+    static ONCE: std::sync::OnceLock<Result<OwnerOffsets, String>> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| read_owner_offsets().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(BtfError::Cached)
+}
+
+fn read_owner_offsets() -> Result<OwnerOffsets, BtfError> {
     let btf = Btf::from_file(VMLINUX).map_err(|e| BtfError::Read(e.to_string()))?;
     let ptr = size_of::<u64>();
     Ok(OwnerOffsets {

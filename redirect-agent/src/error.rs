@@ -47,6 +47,38 @@ pub enum LoadError {
     Rules(#[from] redirect_common::chain::TooManyRules),
     #[error(transparent)]
     Btf(#[from] crate::btf::BtfError),
+    #[error(transparent)]
+    PinDir(#[from] PinDirError),
+}
+
+/// Why a pin directory was refused; one line naming the path and what is required.
+#[derive(Debug, thiserror::Error)]
+pub enum PinDirError {
+    #[error(
+        "pin directory {path} is owned by uid {uid} with mode {mode:04o}: expected a directory owned by root (uid \
+         {want}) that group and others cannot write (the agent makes them 0700); remove it, or chown it to root and \
+         chmod it 0700"
+    )]
+    Unsafe {
+        path: PathBuf,
+        uid: u32,
+        mode: u32,
+        want: u32,
+    },
+    #[error(
+        "pin directory {path} is a symlink (to {to}): expected a real directory owned by root with mode 0700; remove \
+         the symlink"
+    )]
+    Symlink { path: PathBuf, to: String },
+    #[error("pin directory {path} is not a directory: expected a directory owned by root with mode 0700; remove it")]
+    NotDir { path: PathBuf },
+    #[error(
+        "{path} (the bpffs root) is writable by others without the sticky bit (mode {mode:04o}): any user could \
+         rename the agent's pins; mount bpffs there (its root is 1777)"
+    )]
+    OpenRoot { path: PathBuf, mode: u32 },
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
 }
 
 /// Flags that parse but cannot work together.

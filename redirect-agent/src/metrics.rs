@@ -245,14 +245,18 @@ pub fn render(s: &Snapshot) -> String {
     o
 }
 
-/// The endpoint's socket. SO_REUSEPORT lets a successor bind it while its predecessor is
-/// still serving; the predecessor closes its own when it hands over.
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// The endpoint's socket. Without `reuseport` it is this process's alone: a second agent on
+/// the port is refused (with SO_REUSEPORT the kernel would spread the scrapes over both), and a
+/// successor is handed its predecessor's listener instead. With it: only to join an agent of
+/// the release before, which bound with SO_REUSEPORT, when it hands over.
+pub fn bind(addr: SocketAddr, reuseport: bool) -> std::io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
-    socket.set_reuseport(true)?;
+    // SO_REUSEADDR (not REUSEPORT): a restart binds past its predecessor's TIME_WAITs.
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(reuseport)?;
     socket.bind(addr)?;
     socket.listen(128)
 }

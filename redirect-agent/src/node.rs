@@ -14,9 +14,11 @@
 //! Stopping the agent leaves the pins (that is what a restart adopts); `redirect-agent
 //! cleanup` removes them and so releases every workload.
 
+mod endpoints;
+
 use std::{
     net::SocketAddr,
-    os::unix::fs::PermissionsExt as _,
+    os::fd::AsFd as _,
     path::PathBuf,
     sync::{
         Arc,
@@ -27,12 +29,11 @@ use std::{
 
 use anyhow::Context as _;
 use redirect_common::MAX_WORKLOADS;
-use tokio::net::UnixListener;
 
 use crate::{
     api::{self, Ended},
     engine::{
-        Engine, Settings, Sizing,
+        self, Engine, Settings, Sizing,
         handover::{self, Adoption},
         pins::{self, Lock, LockError, Mode, State},
     },
@@ -91,17 +92,18 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
     crate::features::require_all()?;
     pins::validate_name(&opts.name)?;
     sys::ensure_bpffs()?;
+    // Before anything changes: directories others could rename are refused, not used.
+    pins::check_dirs(&opts.name)?;
     let attach = match &opts.cgroup_parent {
         Some(p) => p.clone(),
         None => sys::cgroup2_root()?,
     };
     sys::open_cgroup2_dir(&attach)?;
-    // Bound before anything changes, so that a bad address is refused like every other bad
-    // value. SO_REUSEPORT: during a handover the predecessor still holds the port.
-    let metrics_listener = match opts.metrics {
-        Some(addr) => Some(metrics::bind(addr).with_context(|| format!("metrics address {addr} cannot be bound"))?),
-        None => None,
-    };
+    // Both endpoints are checked before anything changes, so that a bad path or a taken port
+    // is refused like every other bad value.
+    endpoints::check_socket_path(&opts.socket)?;
+    let metrics_port = endpoints::bind_metrics(opts.metrics)?;
+    let metrics_busy = matches!(metrics_port, endpoints::Metrics::Busy(_));
 
     // Checked before a handover is asked for, so a refused start leaves the running agent
     // serving.
@@ -109,7 +111,13 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
     // The predecessor holds the lock until it has stopped serving, which it does once this
     // process confirms it serves (below); without a handover, a held lock is an agent that
     // does not answer on this socket, and waiting will not help.
-    let mut handover = tokio::task::block_in_place(|| handover::receive(&opts.socket))?;
+    let mut handover = tokio::task::block_in_place(|| handover::receive(&opts.socket, &opts.name, metrics_busy))?;
+    // Refused here, the predecessor (if any) serves on: nothing has been attached.
+    let metrics_listener = endpoints::settle_metrics(
+        metrics_port,
+        handover.is_some(),
+        handover.as_mut().and_then(|h| h.metrics.take()),
+    )?;
     let lock = match handover {
         Some(_) => None,
         None => Some(
@@ -144,16 +152,14 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
     }
     engine.persist();
 
-    // The predecessor closed its socket before handing over; a crashed one left the file.
-    let _ = std::fs::remove_file(&opts.socket);
-    if let Some(dir) = opts.socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    }
-    let listener = UnixListener::bind(&opts.socket).with_context(|| format!("bind {}", opts.socket.display()))?;
-    std::fs::set_permissions(&opts.socket, std::fs::Permissions::from_mode(0o600))?;
     let workloads = engine.workloads().len();
     let engine = Arc::new(tokio::sync::Mutex::new(engine));
     let ready = Arc::new(AtomicBool::new(true));
+    // A second descriptor of the metrics listener, for a successor.
+    let metrics_fd = match &metrics_listener {
+        Some(l) => Some(Arc::new(l.as_fd().try_clone_to_owned()?)),
+        None => None,
+    };
     let metrics = metrics_listener.map(|l| {
         let engine = engine.clone();
         AbortOnDrop(metrics::serve(
@@ -170,19 +176,48 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         "node agent ready"
     );
 
-    let ended = tokio::select! {
-        _ = shutdown => Ended::Signal,
-        r = api::serve(&listener, engine.clone()) => r,
+    tokio::pin!(shutdown);
+    let ended = loop {
+        // The predecessor closed its socket before handing over; a crashed one (or a successor
+        // that did not serve) left the file.
+        let listener = endpoints::bind_socket(&opts.socket)?;
+        let ended = tokio::select! {
+            _ = &mut shutdown => Ended::Signal,
+            r = api::serve(&listener, engine.clone(), metrics_fd.clone()) => r,
+        };
+        // Not ready from here: a successor (or nobody) serves new connections.
+        ready.store(false, Ordering::Relaxed);
+        drop(listener);
+        let Ended::HandedOver { successor } = ended else {
+            break ended;
+        };
+        // The successor's word is not enough to exit on: it must take the lock this process
+        // lets go of now, publish its state and answer on the socket.
+        engine.lock().await.release_lock();
+        let serves = tokio::task::block_in_place(|| {
+            engine::successor_serves(&opts.name, &opts.socket, successor, SUCCESSOR_WITHIN)
+        });
+        let Err(why) = serves else { break ended };
+        tracing::error!("{why}; serving on");
+        match tokio::task::block_in_place(|| Lock::take(&opts.name, Duration::from_secs(5))) {
+            Ok(lock) => engine.lock().await.resume(lock)?,
+            // Whoever holds it now is an agent of this instance; two must not serve.
+            Err(e) => {
+                tracing::error!("the lock cannot be taken back ({}); stopping", held(&opts.name, e));
+                break ended;
+            }
+        }
+        ready.store(true, Ordering::Relaxed);
+        tracing::info!("serving again");
     };
-    // Not ready from here: a successor (or nobody) serves new connections.
-    ready.store(false, Ordering::Relaxed);
-    drop(listener);
     if matches!(ended, Ended::Signal) {
         let _ = std::fs::remove_file(&opts.socket);
     }
     drop(metrics);
     match ended {
-        Ended::HandedOver => tracing::info!("handed over; finishing open connections"),
+        Ended::HandedOver { successor } => {
+            tracing::info!(successor, "handed over; finishing open connections");
+        }
         Ended::Signal => tracing::info!(
             "stopping; the pins stay (workloads remain captured, refused until an agent serves them): \
              `redirect-agent cleanup` releases them"
@@ -194,6 +229,10 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
     draining.wait().await;
     Ok(())
 }
+
+/// How long a successor that was handed everything may take to serve (take the lock, write
+/// its state, bind the socket) before this process serves on.
+const SUCCESSOR_WITHIN: Duration = Duration::from_secs(30);
 
 /// What the metrics endpoint scrapes: the same rows as `stats`, per workload. A counter that
 /// cannot be read leaves the workload out of this scrape rather than showing it as zero.

@@ -45,6 +45,8 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
         return Err(engine::EnrollError::HostNetns(opts.netns.clone()).into());
     }
     sys::ensure_bpffs()?;
+    // Before anything is removed or made: directories others could rename are refused.
+    pins::check_dirs(&opts.name)?;
 
     let lock = Lock::take(&opts.name, Duration::ZERO).map_err(|e| match e {
         LockError::Held(lock) => LoadError::AlreadyRunning {

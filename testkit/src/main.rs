@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use redirect_testkit::{demo, probe, serve};
+use redirect_testkit::{demo, handover_peer, probe, serve};
 
 /// Test kit of redirect: throw-away workloads for its tests and demo.
 #[derive(Parser, Debug)]
@@ -24,6 +24,9 @@ enum Command {
     /// Test servers inside a workload (used by the tests).
     #[command(hide = true)]
     Serve(serve::ServeArgs),
+    /// A node agent's successor, played part-way (used by the tests).
+    #[command(hide = true)]
+    HandoverPeer(handover_peer::HandoverPeerArgs),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Probe(args) => probe::main(&args),
         Command::Serve(args) => serve::main(&args),
+        Command::HandoverPeer(args) => handover_peer::main(&args),
         Command::Demo(args) => match demo::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -13,7 +13,7 @@ use std::{
 use redirect_agent::engine::pins::State;
 use redirect_testkit::unique;
 
-use crate::{agent_bin, agent_cmd, require_root};
+use crate::{agent_bin, agent_cmd, require_root, testkit_bin};
 
 /// The plugin binary `cargo xtask test` built next to the agent.
 pub fn cni_bin() -> PathBuf {
@@ -302,4 +302,82 @@ impl Drop for NodeProcess {
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A successor of a node agent played part-way by the test kit (`handover-peer`), under the
+/// name `redirect-agent` (a hard link beside the test kit's binary) so that the running agent
+/// takes it for an agent process; it holds the instance's lock file open as a successor does
+/// when `with_lock`. Killed on drop.
+pub struct HandoverPeer {
+    child: Option<Child>,
+    link: PathBuf,
+}
+
+impl HandoverPeer {
+    pub fn start(agent: &NodeAgent, until: &str, with_lock: bool, stall: Duration) -> Self {
+        let dir = testkit_bin().with_file_name(unique("peer"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let link = dir.join("redirect-agent");
+        std::fs::hard_link(testkit_bin(), &link).expect("hard link of the test kit");
+        let mut c = Command::new(&link);
+        c.args(["handover-peer", "--socket", &agent.socket.to_string_lossy()])
+            .args(["--until", until, "--stall-ms", &stall.as_millis().to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if with_lock {
+            c.args(["--lock", &format!("/run/redirect/{}.lock", agent.name)]);
+        }
+        Self {
+            child: Some(c.spawn().expect("spawn handover-peer")),
+            link,
+        }
+    }
+
+    /// The first line it prints: the agent's answer to the handover (it waits up to 60 s for
+    /// it), so that the test knows the handover has started.
+    pub fn answer(&mut self) -> String {
+        let out = self.child.as_mut().and_then(|c| c.stdout.as_mut()).expect("running");
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while out.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        String::from_utf8_lossy(&line).into_owned()
+    }
+
+    /// Waits for it to end (killed after `within`): (exit status, stdout, stderr).
+    pub fn finish(&mut self, within: Duration) -> (Option<ExitStatus>, String, String) {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                break Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut out = String::new();
+        let mut err = String::new();
+        let _ = child.stdout.take().unwrap().read_to_string(&mut out);
+        let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+        (status, out, err)
+    }
+}
+
+impl Drop for HandoverPeer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.link);
+        if let Some(dir) = self.link.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }

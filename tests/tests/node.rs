@@ -16,7 +16,7 @@ use std::{
 use redirect_testkit::{netns::NamedNetns, server::TestServer};
 use redirect_tests::{
     APP_PORT, Landing, OUTBOUND_CAPTURE, REMOTE_PORT, Workload, direct, landing,
-    node::{NodeAgent, metric, refused_node_start},
+    node::{HandoverPeer, NodeAgent, metric, refused_node_start},
     proxied,
 };
 use serde_json::json;
@@ -659,26 +659,21 @@ fn a_successor_that_dies_mid_handover_costs_nothing() {
     let p = agent.start().expect("node agent starts");
     let w = Workload::new_on("nh", 81);
     agent.enroll(&w.pair.workload.path, "half", &[]);
-    {
-        let s = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        (&s).write_all(b"{\"op\":\"handover\"}\n").unwrap();
-        let answer: serde_json::Value = serde_json::from_slice(&redirect_api::read_line(&s).unwrap()).unwrap();
-        let list = answer["handover"].as_array().unwrap_or_else(|| panic!("{answer}"));
-        assert_eq!(list.len(), 1);
-        // Each capture port listens on 127.0.0.1 and on ::1.
-        assert_eq!(
-            list[0]["fds"],
-            json!(["netns", "outbound", "outbound", "inbound", "inbound"])
-        );
-        (&s).write_all(b"ready\n").unwrap();
-        let fds = redirect_agent::sys::recv_fds(&s).unwrap();
-        assert_eq!(fds.len(), 5);
-        // The listener it was given is the agent's own: a connection to it is served.
-        let listener = std::net::TcpListener::from(fds.into_iter().nth(1).unwrap());
-        assert_eq!(listener.local_addr().unwrap().port(), OUTBOUND_CAPTURE);
-        // Dies here: no "serving".
-    }
+    // A successor the agent accepts (an agent process holding the instance's lock file) that
+    // takes the descriptors and dies before it serves.
+    let (status, out, err) =
+        HandoverPeer::start(&agent, "descriptors", true, Duration::ZERO).finish(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "{out} {err}");
+    let mut lines = out.lines();
+    let answer: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    let list = answer["handover"].as_array().unwrap_or_else(|| panic!("{answer}"));
+    assert_eq!(list.len(), 1);
+    // Each capture port listens on 127.0.0.1 and on ::1.
+    assert_eq!(
+        list[0]["fds"],
+        json!(["netns", "outbound", "outbound", "inbound", "inbound"])
+    );
+    assert_eq!(lines.next(), Some("descriptors 5"), "{out}");
     assert_eq!(
         landing(&w.probe(&w.spec(w.remote(REMOTE_PORT)))),
         proxied(OUTBOUND_CAPTURE, "remote")

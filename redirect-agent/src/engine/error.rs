@@ -46,6 +46,8 @@ pub enum EnrollError {
     NoTarget,
     #[error("this agent has handed the node over to a new process; retry (its socket takes over)")]
     HandedOver,
+    #[error("this agent is handing the node over to a new process; retry in a moment")]
+    HandoverInProgress,
     /// A path that is not what it should be (a namespace, a cgroup directory).
     #[error(transparent)]
     Path(SysError),
@@ -82,7 +84,7 @@ impl EnrollError {
                 ErrorKind::Exists
             }
             Self::NoSuchId(_) | Self::NoSuchNetns(_) => ErrorKind::NotFound,
-            Self::HandedOver => ErrorKind::Unavailable,
+            Self::HandedOver | Self::HandoverInProgress => ErrorKind::Unavailable,
             Self::Io { .. } | Self::Load(_) => ErrorKind::Internal,
         }
     }

@@ -11,18 +11,18 @@ use std::{
     collections::BTreeMap,
     io::Write as _,
     os::{
-        fd::{AsFd as _, OwnedFd},
+        fd::{AsFd as _, BorrowedFd, OwnedFd},
         unix::net::UnixStream,
     },
     path::Path,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use redirect_api::{HandoverWorkload, Request, Response, WorkloadInfo};
 
-use super::Engine;
-use crate::{proxy::Side, sys};
+use super::{Engine, EnrollError, links};
+use crate::{error::LoadError, proxy::Side, sys};
 
 /// Descriptors a predecessor handed over for one workload.
 pub(crate) struct Handed {
@@ -35,7 +35,13 @@ pub(crate) struct Handed {
 pub(crate) struct Handover {
     pub(crate) infos: Vec<WorkloadInfo>,
     pub(crate) handed: BTreeMap<String, Handed>,
+    /// The predecessor's metrics listener, when it was asked for (this process could not
+    /// bind the port, which the predecessor holds).
+    pub(crate) metrics: Option<OwnedFd>,
     predecessor: UnixStream,
+    /// The instance's lock file, open from before the ask: the predecessor checks that the
+    /// peer awaits its lock ([`super::peer`]).
+    _awaiting: std::fs::File,
 }
 
 /// The names descriptors go by in [`HandoverWorkload::fds`].
@@ -62,8 +68,10 @@ fn sort_descriptors(id: &str, names: &[String], fds: Vec<OwnedFd>) -> anyhow::Re
     Ok(Handed { netns, listeners })
 }
 
-/// Asks a running predecessor to hand over. `None`: nobody answers on the socket.
-pub(crate) fn receive(socket: &Path) -> anyhow::Result<Option<Handover>> {
+/// Asks a running predecessor of instance `name` to hand over. `None`: nobody answers on the
+/// socket. With `want_metrics`, it also asks for the predecessor's metrics listener.
+pub(crate) fn receive(socket: &Path, name: &str, want_metrics: bool) -> anyhow::Result<Option<Handover>> {
+    let awaiting = super::pins::open_lock(name).context("opening the instance lock")?;
     let Ok(stream) = UnixStream::connect(socket) else {
         return Ok(None);
     };
@@ -88,12 +96,28 @@ pub(crate) fn receive(socket: &Path) -> anyhow::Result<Option<Handover>> {
         handed.insert(info.id.clone(), sort_descriptors(&info.id, &names, fds)?);
         infos.push(info);
     }
+    let mut metrics = None;
+    if want_metrics {
+        (&stream).write_all(format!("{METRICS}\n").as_bytes())?;
+        // One message, with the listener or without any descriptor; read as a message and not
+        // as a line, so that no descriptor is dropped with buffered bytes.
+        metrics = sys::recv_fds(&stream)
+            .context("asking for the metrics listener")?
+            .into_iter()
+            .next();
+    }
     Ok(Some(Handover {
         infos,
         handed,
+        metrics,
         predecessor: stream,
+        _awaiting: awaiting,
     }))
 }
+
+/// The successor's ask for the metrics listener (answered with one message of [`sys::send_fds`],
+/// holding it or nothing).
+const METRICS: &str = "metrics";
 
 impl Handover {
     /// Tells the predecessor that this process serves the workloads now, and waits for it to
@@ -105,7 +129,7 @@ impl Handover {
         let bye = redirect_api::read_line(&self.predecessor).context("waiting for the predecessor to stop")?;
         anyhow::ensure!(
             bye == b"bye",
-            "the predecessor answered {:?} to the takeover",
+            "the predecessor answered {:?} to the takeover (it serves on)",
             String::from_utf8_lossy(&bye)
         );
         Ok(())
@@ -146,56 +170,179 @@ pub(crate) fn adoption(
     }
 }
 
+/// What a predecessor hands: the list, and second descriptors of everything in it, taken
+/// under the engine's lock and sent without it.
+pub(crate) struct Offer {
+    list: Vec<HandoverWorkload>,
+    fds: Vec<Vec<OwnedFd>>,
+}
+
+/// How long a successor may take: to say it is ready for the descriptors, and (it loads and
+/// attaches its programs meanwhile) to say it serves.
+const READY_WITHIN: Duration = Duration::from_secs(10);
+const SERVING_WITHIN: Duration = Duration::from_secs(60);
+
 impl Engine {
-    /// The predecessor's side: the answer, then (once the successor is ready for them) each
-    /// workload's descriptors, then its word that it serves them. Until that word this process
-    /// keeps serving (both accept from the same queues meanwhile), so a successor that fails
-    /// to start costs nothing: `Ok(false)`, and this process goes on. `Ok(true)`: from now on
-    /// this process changes nothing.
-    pub(crate) fn hand_over(&mut self, stream: UnixStream) -> std::io::Result<bool> {
-        stream.set_nonblocking(false)?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let list: Vec<HandoverWorkload> = self
-            .workloads
-            .values()
-            .map(|w| {
-                let mut fds = vec![NETNS.to_owned()];
-                fds.extend(w.listener_fds.iter().map(|(s, _)| s.name().to_owned()));
-                HandoverWorkload {
-                    info: w.info.clone(),
-                    fds,
-                }
-            })
-            .collect();
-        let mut line = serde_json::to_vec(&Response::Handover(list))?;
-        line.push(b'\n');
-        (&stream).write_all(&line)?;
-        if redirect_api::read_line(&stream)? != b"ready" {
-            return Err(std::io::Error::other("successor did not confirm"));
+    /// Starts a handover: one at a time, and from now until it ends, no workload changes (the
+    /// successor is given them as they are now).
+    pub(crate) fn begin_handover(&mut self) -> Result<Offer, EnrollError> {
+        if self.handed_over {
+            return Err(EnrollError::HandedOver);
         }
+        if self.handing_over {
+            return Err(EnrollError::HandoverInProgress);
+        }
+        let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map_err(EnrollError::io("a handed descriptor"));
+        let mut list = Vec::new();
+        let mut fds = Vec::new();
         for w in self.workloads.values() {
-            let mut fds = vec![w.netns.as_fd()];
-            fds.extend(w.listener_fds.iter().map(|(_, fd)| fd.as_fd()));
-            sys::send_fds(&stream, &fds)?;
+            let mut names = vec![NETNS.to_owned()];
+            let mut these = vec![dup(w.netns.as_fd())?];
+            for (side, fd) in &w.listener_fds {
+                names.push(side.name().to_owned());
+                these.push(dup(fd.as_fd())?);
+            }
+            list.push(HandoverWorkload {
+                info: w.info.clone(),
+                fds: names,
+            });
+            fds.push(these);
         }
-        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-        let taken = match redirect_api::read_line(&stream) {
-            Ok(word) if word == b"serving" => {
-                (&stream).write_all(b"bye\n")?;
-                true
-            }
-            Ok(other) => {
-                tracing::error!(answer = %String::from_utf8_lossy(&other), "the successor did not take over; serving on");
-                false
-            }
-            Err(e) => {
-                tracing::error!("the successor did not take over ({e}); serving on");
-                false
-            }
-        };
-        self.handed_over = taken;
-        Ok(taken)
+        self.handing_over = true;
+        Ok(Offer { list, fds })
     }
+
+    /// Ends a handover: `taken`, the successor serves and this process changes nothing more.
+    pub(crate) fn end_handover(&mut self, taken: bool) {
+        self.handing_over = false;
+        self.handed_over = taken;
+    }
+
+    /// Whether the peer `pid` moved every cgroup link to programs of its own.
+    pub(crate) fn check_successor(&self, pid: u32) -> Result<(), super::peer::Refusal> {
+        let links: Vec<BorrowedFd<'_>> = self.cgroup_links.iter().map(|l| l.as_fd()).collect();
+        let own: Vec<u32> = self.object.program_ids().into_values().collect();
+        super::peer::attached_by(pid, &links, &own)
+    }
+
+    /// After a handover that did not complete: every link runs this process's programs again
+    /// and the pins say so (a successor may have moved them before it failed).
+    pub(crate) fn reclaim(&mut self) -> Result<(), LoadError> {
+        for ((prog, _), link) in super::CGROUP_LINKS.iter().zip(&self.cgroup_links) {
+            links::update(link.as_fd(), self.object.program_fd(prog)?).map_err(|source| LoadError::Link {
+                what: format!("moving the {prog} link back to this agent's program"),
+                source,
+            })?;
+        }
+        let dir = super::pins::links_dir(&self.settings.name);
+        for w in self.workloads.values() {
+            let pin = dir.join(format!("sk_lookup-{}", w.info.netns_cookie));
+            if let Ok(link) = links::open_pinned(&pin) {
+                let prog = self.object.program_fd(redirect_common::programs::SK_LOOKUP)?;
+                links::update(link.as_fd(), prog).map_err(|source| LoadError::Link {
+                    what: format!("moving {} back to this agent's program", pin.display()),
+                    source,
+                })?;
+            }
+        }
+        if self.settings.sizing.fast_path {
+            self.object.attach_fast_path()?;
+        }
+        self.pin_programs()
+    }
+
+    /// The instance lock's file, to check a successor against; `None` if this process does
+    /// not hold it (then it has nothing to hand over).
+    pub(crate) fn lock_file(&self) -> Option<std::fs::File> {
+        self.lock.as_ref().and_then(|l| l.file().try_clone().ok())
+    }
+
+    /// Lets go of the lock, for a successor to take.
+    pub(crate) fn release_lock(&mut self) {
+        drop(self.lock.take());
+    }
+}
+
+/// One line (without its newline) that must arrive whole by `deadline`: a client that sends
+/// slowly is cut off like one that sends nothing. Read a byte at a time, so that nothing after
+/// the line (descriptors of a handover) is taken from the stream.
+pub(crate) fn read_line_by(stream: &UnixStream, deadline: Instant, max: usize) -> std::io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no whole line in time",
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
+        match std::io::Read::read(&mut &*stream, &mut byte) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed before a whole request",
+                ));
+            }
+            Ok(_) if byte[0] == b'\n' => return Ok(line),
+            Ok(_) if line.len() >= max => {
+                return Err(std::io::Error::other(format!("a line longer than {max} bytes")));
+            }
+            Ok(_) => line.push(byte[0]),
+            // The read timed out: the deadline above says so.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The predecessor's side of the exchange, on the successor's connection, without the
+/// engine's lock: the list, (once the successor is ready for them) each workload's
+/// descriptors, the metrics listener if asked for, then the successor's word that it serves.
+/// `sent` says whether descriptors went out (after which the successor may have moved links).
+pub(crate) fn offer(
+    stream: &UnixStream,
+    offer: Offer,
+    metrics: Option<BorrowedFd<'_>>,
+    sent: &mut bool,
+) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(READY_WITHIN))?;
+    let mut line = serde_json::to_vec(&Response::Handover(offer.list))?;
+    line.push(b'\n');
+    (&*stream).write_all(&line)?;
+    // Words are read a byte at a time: one that follows another at once must not be taken
+    // into a buffer and lost.
+    let word = |within: Duration| read_line_by(stream, Instant::now() + within, 64);
+    if word(READY_WITHIN)? != b"ready" {
+        return Err(std::io::Error::other("the successor did not say it was ready"));
+    }
+    *sent = true;
+    for fds in &offer.fds {
+        let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+        sys::send_fds(stream, &fds)?;
+    }
+    let mut said = word(SERVING_WITHIN)?;
+    if said == METRICS.as_bytes() {
+        match metrics {
+            Some(fd) => sys::send_fds(stream, &[fd])?,
+            // The same one-byte message, without descriptors.
+            None => drop(rustix::net::send(stream, b"N", rustix::net::SendFlags::NOSIGNAL)?),
+        }
+        said = word(SERVING_WITHIN)?;
+    }
+    if said != b"serving" {
+        return Err(std::io::Error::other(format!(
+            "the successor answered {:?}",
+            String::from_utf8_lossy(&said)
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
 /// `enum bpf_attach_type` values of the four attach points node mode links.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -156,6 +157,21 @@ pub fn attach(
         self::pin(link.as_fd(), pin)?;
     }
     Ok(link)
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` of a link: its id and the id of the program it runs now.
+pub fn info(link: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    // struct bpf_link_info starts { __u32 type; __u32 id; __u32 prog_id; }; the kernel fills
+    // as much as the buffer holds.
+    let mut info = [0u32; 4];
+    let ptr = info.as_mut_ptr() as u64;
+    let mut attr = Attr::default();
+    attr.words[0] = link.as_raw_fd() as u32;
+    attr.words[1] = size_of_val(&info) as u32;
+    attr.words[2] = ptr as u32;
+    attr.words[3] = (ptr >> 32) as u32;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok((info[1], info[2]))
 }
 
 /// Removes a pin; once no descriptor is left either, the kernel detaches the link.

@@ -20,6 +20,7 @@ mod error;
 pub(crate) mod handover;
 mod links;
 mod object;
+mod peer;
 pub mod pins;
 mod restore;
 mod workload;
@@ -35,6 +36,7 @@ use std::{
 use aya::maps::{HashMap, MapData, PerCpuArray, SockHash};
 pub(crate) use error::EnrollError;
 pub(crate) use object::{ProgramReport, open_typed, verifier_report};
+pub(crate) use peer::{authenticate as peer_check, successor_serves};
 use redirect_api::WorkloadInfo;
 use redirect_common::{FamilyKey, Workload, maps, programs};
 pub(crate) use workload::Request;
@@ -123,6 +125,8 @@ pub(crate) struct Engine {
     /// Set once a successor has the workloads: from then on this process must change
     /// nothing, or the successor would not know of it.
     handed_over: bool,
+    /// A handover is under way: workloads do not change until it ends.
+    handing_over: bool,
     lock: Option<Lock>,
     /// Set by [`Engine::stop`] once an instance that keeps nothing has removed its pins.
     removed: bool,
@@ -158,11 +162,8 @@ impl Engine {
 
     fn load_and_attach(settings: Settings) -> Result<Self, LoadError> {
         let pin_dir = pins::pin_dir(&settings.name);
-        pins::create_pin_dir(&pin_dir)?;
         let persist = settings.mode == Mode::Node;
-        if persist {
-            pins::create_pin_dir(&pins::links_dir(&settings.name))?;
-        }
+        pins::make_dirs(&settings.name, persist)?;
         let cgroup = sys::open_cgroup2_dir(&settings.attach)?;
 
         // Every workload's proxy draws on this process's descriptors: room for all of them at
@@ -238,6 +239,7 @@ impl Engine {
             cgroup_links,
             started: Instant::now(),
             handed_over: false,
+            handing_over: false,
             lock: None,
             removed: false,
             kernel_memory,
@@ -266,6 +268,21 @@ impl Engine {
 
     pub(crate) fn handed_over(&self) -> bool {
         self.handed_over
+    }
+
+    pub(crate) fn handing_over(&self) -> bool {
+        self.handing_over
+    }
+
+    /// Serves again after a successor that was handed everything did not serve: this process
+    /// holds the lock again, every link runs its programs, and the state names it.
+    pub(crate) fn resume(&mut self, lock: Lock) -> Result<(), LoadError> {
+        self.lock = Some(lock);
+        self.handed_over = false;
+        self.handing_over = false;
+        self.reclaim()?;
+        self.persist();
+        Ok(())
     }
 
     pub(crate) fn uptime(&self) -> Duration {

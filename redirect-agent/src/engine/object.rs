@@ -19,7 +19,7 @@ use redirect_common::{FamilyKey, addr::Family, maps, owner, programs};
 use serde::Serialize;
 
 use super::links::{self, MapAttachType};
-use crate::error::{LoadError, SysError};
+use crate::error::LoadError;
 
 /// The object built from `redirect-ebpf` by build.rs (aya-build).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-ebpf"));
@@ -191,9 +191,8 @@ impl Object {
     /// Pins the programs in `dir`, in place of a predecessor's: once every link runs this
     /// process's programs, the pins say which those are (`bpftool prog show pinned`), and a
     /// predecessor's programs are freed when its process exits.
+    /// `dir` was made and checked at start ([`super::pins::make_dirs`]).
     pub(crate) fn pin_programs(&mut self, dir: &Path) -> Result<(), LoadError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| LoadError::Sys(SysError::Io(format!("create {}", dir.display()), e)))?;
         for name in programs_for(self.fast_path) {
             let path = dir.join(name);
             let _ = std::fs::remove_file(&path);

@@ -17,10 +17,18 @@ use redirect_common::{
 };
 use serde::{Deserialize, Serialize};
 
+pub(crate) use self::dirs::make_dirs;
+pub use self::{cleanup::cleanup, dirs::check_dirs};
 use crate::{
     error::{LoadError, SysError},
     sys::{PIN_ROOT, RUN_DIR},
 };
+
+mod cleanup;
+mod dirs;
+
+/// [`PIN_ROOT`]'s name below the bpffs root.
+const PIN_ROOT_NAME: &str = "redirect";
 
 pub fn validate_name(name: &str) -> Result<(), LoadError> {
     let ok = (1..=64).contains(&name.len())
@@ -141,7 +149,7 @@ pub fn layout() -> String {
 /// An instance's lock: one process per name holds it at a time; a handover passes it on.
 #[derive(Debug)]
 pub(crate) struct Lock {
-    _file: File,
+    file: File,
     path: PathBuf,
 }
 
@@ -169,7 +177,7 @@ impl Lock {
         let deadline = Instant::now() + within;
         loop {
             match file.try_lock() {
-                Ok(()) => return Ok(Self { _file: file, path }),
+                Ok(()) => return Ok(Self { file, path }),
                 Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -179,32 +187,35 @@ impl Lock {
         }
     }
 
+    /// The lock file, whose identity a successor proves it awaits (see [`super::peer`]).
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Releases the lock and removes its file (an instance that leaves nothing behind).
     pub(crate) fn remove(self) {
         let _ = std::fs::remove_file(&self.path);
     }
 }
 
+/// Instance `name`'s lock file, opened (not locked): a successor keeps it open while it asks
+/// for a handover, which is how the running agent knows it awaits this instance's lock.
+pub(crate) fn open_lock(name: &str) -> std::io::Result<File> {
+    std::fs::create_dir_all(RUN_DIR)?;
+    File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock_path(name))
+}
+
 /// Whether a process holds instance `name`'s lock (without taking it for long).
-fn is_locked(name: &str) -> bool {
+pub(crate) fn is_locked(name: &str) -> bool {
     let Ok(f) = File::options().write(true).open(lock_path(name)) else {
         return false;
     };
     // Released at once when `f` closes.
     matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock))
-}
-
-/// Makes the pin directory. An exiting instance removes the shared root when it is empty;
-/// that can land between our mkdir of the root and of our own directory, so try again
-/// (bounded) when the parent vanishes.
-pub(crate) fn create_pin_dir(dir: &Path) -> Result<(), SysError> {
-    let mut tries = 0;
-    loop {
-        match std::fs::create_dir_all(dir) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 5 => tries += 1,
-            other => return other.map_err(|e| SysError::Io(format!("create {}", dir.display()), e)),
-        }
-    }
 }
 
 /// Removes an instance's pins and state (the end of an instance that keeps nothing, or
@@ -228,34 +239,6 @@ pub(crate) fn remove_all(name: &str) -> Vec<(PathBuf, std::io::Result<()>)> {
     }
     let _ = std::fs::remove_dir(PIN_ROOT);
     done
-}
-
-/// `redirect-agent cleanup`: every pin, link and state file of an instance whose agent is
-/// not running. What a pinned link kept attached detaches once its pin is gone.
-pub fn cleanup(name: &str) -> anyhow::Result<Vec<PathBuf>> {
-    crate::sys::require_privileges("redirect-agent cleanup")?;
-    validate_name(name)?;
-    let state = State::read(name);
-    if is_locked(name) {
-        let pid = state.map(|s| format!(" (pid {})", s.pid)).unwrap_or_default();
-        anyhow::bail!("instance '{name}' is running{pid}: stop it first, then run cleanup");
-    }
-    let socket = state
-        .and_then(|s| s.socket)
-        .unwrap_or_else(|| redirect_api::default_socket(name));
-    let mut removed = Vec::new();
-    for (path, gone) in remove_all(name) {
-        gone.map_err(|e| anyhow::anyhow!("remove {}: {e}", path.display()))?;
-        removed.push(path);
-    }
-    for path in [socket, lock_path(name)] {
-        match std::fs::remove_file(&path) {
-            Ok(()) => removed.push(path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => anyhow::bail!("remove {}: {e}", path.display()),
-        }
-    }
-    Ok(removed)
 }
 
 /// Another live instance that captures the namespace `netns_cookie`, named for an error:
@@ -353,6 +336,11 @@ pub(crate) fn check_pins(name: &str, fast_path: bool, max_tracked_connections: u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pin_root_is_named_below_bpffs() {
+        assert_eq!(Path::new(crate::sys::BPFFS).join(PIN_ROOT_NAME), Path::new(PIN_ROOT));
+    }
 
     #[test]
     fn names_are_path_safe() {
