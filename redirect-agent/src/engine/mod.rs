@@ -157,6 +157,9 @@ impl Engine {
     fn load_and_attach(settings: Settings) -> Result<Self, LoadError> {
         let pin_dir = pins::pin_dir(&settings.name);
         pins::create_pin_dir(&pin_dir)?;
+        // The address -> workload map of agents before sk_lookup knew its namespace: nothing
+        // reads it any more (a predecessor's programs hold their own descriptor of it).
+        let _ = std::fs::remove_file(pin_dir.join("ADDR_OWNERS"));
         let persist = settings.mode == Mode::Node;
         if persist {
             pins::create_pin_dir(&pins::links_dir(&settings.name))?;
@@ -210,7 +213,6 @@ impl Engine {
             events: object.take(maps::EVENT_COUNTERS)?,
             addrs: AddrMaps {
                 local: object.take(maps::LOCAL_ADDRS)?,
-                owners: object.take(maps::ADDR_OWNERS)?,
                 pods: object.take(maps::POD_ADDRS)?,
                 routes: object.take(maps::ROUTE_SOURCES)?,
             },
