@@ -32,7 +32,7 @@ use tokio::net::UnixListener;
 use crate::{
     api::{self, Ended},
     engine::{
-        Engine, Settings, Sizing,
+        Engine, Settings, Sizing, gone,
         handover::{self, Adoption},
         pins::{self, Lock, LockError, Mode, State},
     },
@@ -162,6 +162,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             ready.clone(),
         ))
     });
+    let reaper = AbortOnDrop(tokio::spawn(release_gone_namespaces(engine.clone())));
     tracing::info!(
         name = %opts.name,
         cgroup = %attach.display(),
@@ -181,6 +182,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         let _ = std::fs::remove_file(&opts.socket);
     }
     drop(metrics);
+    drop(reaper);
     match ended {
         Ended::HandedOver => tracing::info!("handed over; finishing open connections"),
         Ended::Signal => tracing::info!(
@@ -193,6 +195,24 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
     let draining = engine.lock().await.stop();
     draining.wait().await;
     Ok(())
+}
+
+/// Releases, every [`gone::CHECK_EVERY`], the workloads whose namespace went away without an
+/// unenroll. The engine's lock is held only to copy the workloads out and to release; the
+/// look at `/proc` runs without it.
+async fn release_gone_namespaces(engine: Arc<tokio::sync::Mutex<Engine>>) {
+    let mut tick = tokio::time::interval(gone::CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let candidates = engine.lock().await.gone_candidates();
+        let Ok(gone) = tokio::task::spawn_blocking(move || gone::gone(candidates)).await else {
+            continue;
+        };
+        if !gone.is_empty() {
+            engine.lock().await.release_gone(gone);
+        }
+    }
 }
 
 /// What the metrics endpoint scrapes: the same rows as `stats`, per workload. A counter that

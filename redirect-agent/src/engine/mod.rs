@@ -17,6 +17,7 @@
 //!    One that keeps its pins leaves the kernel side capturing for its successor.
 
 mod error;
+pub(crate) mod gone;
 pub(crate) mod handover;
 mod links;
 mod object;
