@@ -28,11 +28,11 @@ pub enum BtfError {
 
 /// The running kernel's [`OwnerOffsets`], read once per process (the feature probe and the
 /// load both ask; parsing the kernel's BTF takes a while).
-pub fn owner_offsets() -> Result<OwnerOffsets, BtfError> {
+pub fn owner_offsets() -> Result<&'static OwnerOffsets, BtfError> {
     static ONCE: std::sync::OnceLock<Result<OwnerOffsets, String>> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| read_owner_offsets().map_err(|e| e.to_string()))
-        .clone()
-        .map_err(BtfError::Cached)
+        .as_ref()
+        .map_err(|e| BtfError::Cached(e.clone()))
 }
 
 fn read_owner_offsets() -> Result<OwnerOffsets, BtfError> {
@@ -118,6 +118,6 @@ mod tests {
         let o = owner_offsets().expect("owner offsets");
         assert_eq!(o.cred_fsgid, o.cred_fsuid + 4, "{o:?}");
         assert!(o.sock_sk_socket > 0 && o.file_f_cred > 0, "{o:?}");
-        assert_ne!(o, OwnerOffsets::UNSET);
+        assert_ne!(*o, OwnerOffsets::UNSET);
     }
 }

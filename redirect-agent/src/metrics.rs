@@ -75,7 +75,6 @@ pub fn map_occupancy(pin_dir: &Path) -> Vec<MapOccupancy> {
     [
         count::<u64, Workload>(pin_dir, maps::WORKLOADS),
         count::<LocalAddrKey, u8>(pin_dir, maps::LOCAL_ADDRS),
-        count::<Addr, u64>(pin_dir, maps::ADDR_OWNERS),
         count::<FamilyKey, Addr>(pin_dir, maps::POD_ADDRS),
         count::<u64, PendingOrigDst>(pin_dir, maps::ORIG_BY_COOKIE),
         count::<TupleKey, OrigDst>(pin_dir, maps::ORIG_BY_TUPLE),

@@ -33,7 +33,7 @@ use redirect_common::MAX_WORKLOADS;
 use crate::{
     api::{self, Ended},
     engine::{
-        self, Engine, Settings, Sizing,
+        self, Engine, Settings, Sizing, gone,
         handover::{self, Adoption},
         pins::{self, Lock, LockError, Mode, State},
     },
@@ -168,6 +168,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             ready.clone(),
         ))
     });
+    let reaper = AbortOnDrop(tokio::spawn(release_gone_namespaces(engine.clone())));
     tracing::info!(
         name = %opts.name,
         cgroup = %attach.display(),
@@ -214,6 +215,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         let _ = std::fs::remove_file(&opts.socket);
     }
     drop(metrics);
+    drop(reaper);
     match ended {
         Ended::HandedOver { successor } => {
             tracing::info!(successor, "handed over; finishing open connections");
@@ -233,6 +235,24 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
 /// How long a successor that was handed everything may take to serve (take the lock, write
 /// its state, bind the socket) before this process serves on.
 const SUCCESSOR_WITHIN: Duration = Duration::from_secs(30);
+
+/// Releases, every [`gone::CHECK_EVERY`], the workloads whose namespace went away without an
+/// unenroll. The engine's lock is held only to copy the workloads out and to release; the
+/// look at `/proc` runs without it.
+async fn release_gone_namespaces(engine: Arc<tokio::sync::Mutex<Engine>>) {
+    let mut tick = tokio::time::interval(gone::CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let candidates = engine.lock().await.gone_candidates();
+        let Ok(gone) = tokio::task::spawn_blocking(move || gone::gone(candidates)).await else {
+            continue;
+        };
+        if !gone.is_empty() {
+            engine.lock().await.release_gone(gone);
+        }
+    }
+}
 
 /// What the metrics endpoint scrapes: the same rows as `stats`, per workload. A counter that
 /// cannot be read leaves the workload out of this scrape rather than showing it as zero.

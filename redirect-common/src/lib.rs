@@ -99,10 +99,6 @@ pub mod maps {
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
     /// [`crate::TupleKey`] -> [`crate::OrigDst`], from established until close.
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
-    /// Address ([`crate::addr`] form) -> netns cookie of the workload that holds it: how
-    /// sk_lookup, which has no netns cookie helper, finds the workload a connection is
-    /// addressed to.
-    pub const ADDR_OWNERS: &str = "ADDR_OWNERS";
     /// [`crate::FamilyKey`] -> the socket listening on that workload's inbound capture port
     /// for connections of that family.
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
@@ -119,7 +115,7 @@ pub mod maps {
     /// they see its connects too), each once.
     pub const AGENT_SOCKETS: &str = "AGENT_SOCKETS";
     /// Every map the agent pins while it runs.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 13] = [
         WORKLOADS,
         LOCAL_ADDRS,
         POD_ADDRS,
@@ -128,7 +124,6 @@ pub mod maps {
         EVENT_COUNTERS,
         ORIG_BY_COOKIE,
         ORIG_BY_TUPLE,
-        ADDR_OWNERS,
         INBOUND_LISTENERS,
         INBOUND_PENDING,
         FAST_PATH_SOCKETS,
@@ -160,6 +155,14 @@ pub mod programs {
     pub const GETSOCKOPT: &str = "redirect_getsockopt";
     pub const SK_MSG: &str = "redirect_sk_msg";
     pub const SK_SKB: &str = "redirect_sk_skb";
+}
+
+/// Read-only globals of the programs, which the agent sets when it loads them.
+pub mod globals {
+    /// `u64`: the netns cookie of the one namespace an instance of the sk_lookup program is
+    /// linked to (sk_lookup has no helper that says which namespace it runs in). The agent
+    /// loads one instance per workload.
+    pub const SK_LOOKUP_NETNS_COOKIE: &str = "NETNS_COOKIE";
 }
 
 /// Bits of [`Workload::flags`].

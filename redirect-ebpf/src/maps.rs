@@ -50,12 +50,6 @@ pub static ORIG_BY_COOKIE: LruHashMap<u64, PendingOrigDst, 65536> = LruHashMap::
 #[btf_map]
 pub static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst, 65536> = LruHashMap::new();
 
-/// Workload address -> that workload's netns cookie. sk_lookup has no netns cookie helper;
-/// the address a connection is for names its workload instead (addresses of pods on one node
-/// are unique).
-#[btf_map]
-pub static ADDR_OWNERS: HashMap<Addr, u64, 4096> = HashMap::new();
-
 /// (netns cookie, family) -> the socket listening on that workload's inbound capture port
 /// for connections of that family. Filled by sock_ops when a process of the workload listens
 /// on it, or by the agent for its own proxy; the kernel removes a socket when it closes.

@@ -6,9 +6,17 @@
 //! address *is* the original destination and no conntrack or NAT state exists to lose; and
 //! it is attached to the namespace, which is exactly the scope of nat PREROUTING. A tc program
 //! would see every packet and need its own connection tracking to pick the socket only once.
+//!
+//! Which workload a connection is for is the namespace the program runs in, and sk_lookup has
+//! no helper that names it (`bpf_get_netns_cookie` is not offered to sk_lookup on any kernel up
+//! to 6.18, nor `bpf_get_attach_cookie`). So the agent loads one instance of this program per
+//! workload, with that workload's netns cookie as a read-only constant ([`NETNS_COOKIE`]), and
+//! links it to that namespace only: a SYN is judged by the chain of the namespace it arrived
+//! in, whatever addresses other namespaces hold.
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
+    Global,
     bindings::{bpf_sk_lookup, sk_action},
     macros::sk_lookup,
     programs::SkLookupContext,
@@ -21,8 +29,16 @@ use redirect_common::{
 
 use crate::{
     chain,
-    maps::{ADDR_OWNERS, INBOUND_LISTENERS, INBOUND_PENDING, count_event, ipv6_on, is_local_addr, workload},
+    maps::{INBOUND_LISTENERS, INBOUND_PENDING, count_event, ipv6_on, is_local_addr, workload},
 };
+
+/// The cookie of the network namespace this instance is linked to
+/// (`redirect_common::globals::SK_LOOKUP_NETNS_COOKIE`): set by the agent when it loads the
+/// instance for one workload, in a frozen read-only map. 0 (no namespace has it) in the
+/// instance the agent loads only to verify the program: that one decides nothing. Not checked
+/// for 0 here, so that the verifier, which knows the constant, still walks the whole program.
+#[unsafe(no_mangle)]
+static NETNS_COOKIE: Global<u64> = Global::new(0);
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -64,13 +80,10 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
     let family = if family == AF_INET { Family::V4 } else { Family::V6 };
     // SAFETY: 4-byte reads of the context's addresses (see `# Safety`).
     let (local_ip, remote_ip) = unsafe { addresses(l, family) };
-    // SAFETY: the reference is dereferenced at once (an 8-byte copy) while the value is mapped
-    // (until the program returns). Only the agent writes ADDR_OWNERS; if it replaces this
-    // entry as we read, the slot may be reused (aya's `get` caveat) and we copy some other
-    // cookie, which any u64 is: at worst this SYN is judged by another workload's chain.
-    let Some(&netns_cookie) = (unsafe { ADDR_OWNERS.get(local_ip) }) else {
-        return sk_action::SK_PASS;
-    };
+    // Whatever the destination: nat PREROUTING's ISTIO_INBOUND sees every TCP connection that
+    // enters the namespace, and the kernel only looks for a listener here for a destination
+    // it delivers locally.
+    let netns_cookie = NETNS_COOKIE.load();
     let Some(workload) = workload(netns_cookie) else {
         return sk_action::SK_PASS;
     };

@@ -92,7 +92,7 @@ fn ifindex(ns: &NamedNetns, dev: &str) -> u32 {
 /// ip6tables' `PREROUTING -p tcp -j ISTIO_INBOUND` sees every destination, the pod's
 /// link-local address too: a connection from the link (the node, or any pod on the same
 /// bridge) to [fe80::pod%eth0]:PORT is REDIRECTed to 15006. Link-local addresses name their
-/// workload in ADDR_OWNERS like any other, so sk_lookup hands the SYN to the capture listener:
+/// workload like any other, so sk_lookup hands the SYN to the capture listener:
 /// the app is never reached around the proxy. (The embedded proxy cannot dial the link-local
 /// original destination without its scope, so it resets the connection: visible, not open.)
 #[test]

@@ -3,8 +3,8 @@
 //! iptables' `-o lo` is a routing fact: a destination that is one of the namespace's own
 //! addresses leaves through loopback. connect4/6 see no route, so the agent mirrors the
 //! namespace's addresses of both families into `LOCAL_ADDRS` (127/8 and `::1` are checked in
-//! the programs), the ones other hosts reach into `ADDR_OWNERS` (for sk_lookup), and the pod's
-//! own address of each family into `POD_ADDRS`: an IPv6 one turns the ip6tables chains on, as
+//! the programs; sk_lookup reads it to tell connections made inside the namespace), and the
+//! pod's own address of each family into `POD_ADDRS`: an IPv6 one turns the ip6tables chains on, as
 //! istio-iptables installs them only for a pod with an IPv6 address; and its main routing
 //! table into `ROUTE_SOURCES` (each route's prefix -> the source it gives), from which connect4/6
 //! bind an unbound captured socket to the source routing would have picked. It follows address
@@ -41,12 +41,10 @@ pub fn read(netns: &Netns) -> io::Result<BTreeSet<IpAddr>> {
     Ok(netlink::ips(&netlink::dump(&query)?))
 }
 
-/// Whether connections from other hosts can be addressed to `ip`, so that it names its
-/// workload in `ADDR_OWNERS` (and nat PREROUTING would see them): every address but loopback
+/// Whether connections from other hosts can be addressed to `ip` (nat PREROUTING would see
+/// them), so that another workload holding it too is worth a word: every address but loopback
 /// and `::6`, which is on every dual-stack pod's `lo`. Link-local ones too: ip6tables'
-/// ISTIO_INBOUND takes them like any other, so leaving them out would let the node and the
-/// pods of the same link reach the app around the proxy. (A link-local address another
-/// enrolled workload holds is refused at enroll, as any address is.)
+/// ISTIO_INBOUND takes them like any other.
 fn reachable_from_other_hosts(a: &NetnsAddr) -> bool {
     !a.ip.is_loopback() && a.ip != IpAddr::V6(INBOUND_PASSTHROUGH_SRC6)
 }
@@ -68,7 +66,6 @@ fn pod_addrs(addrs: &[NetnsAddr]) -> BTreeMap<Family, IpAddr> {
 /// The programs' maps of addresses.
 pub struct AddrMaps {
     pub local: HashMap<MapData, LocalAddrKey, u8>,
-    pub owners: HashMap<MapData, Addr, u64>,
     pub pods: HashMap<MapData, FamilyKey, Addr>,
     pub routes: LpmTrie<MapData, RouteDst, Addr>,
 }
@@ -132,16 +129,6 @@ impl AddrMaps {
         for k in keys {
             let _ = self.local.remove(&k);
         }
-        let owned: Vec<Addr> = self
-            .owners
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, c)| *c == netns_cookie)
-            .map(|(a, _)| a)
-            .collect();
-        for a in owned {
-            let _ = self.owners.remove(&a);
-        }
         for family in [Family::V4, Family::V6] {
             let _ = self.pods.remove(&FamilyKey::new(netns_cookie, family));
         }
@@ -161,6 +148,8 @@ impl AddrMaps {
 pub struct LocalAddrs {
     maps: AddrMaps,
     netns_cookie: u64,
+    /// The workload's id, for the log.
+    id: String,
     current: Vec<NetnsAddr>,
     current_routes: RouteSources,
     /// A blocking socket in the workload's namespace, for dumps and for adding `::6`.
@@ -170,11 +159,12 @@ pub struct LocalAddrs {
 impl LocalAddrs {
     /// Reads the current set and installs it; connect4/6 are not attached yet, so the first
     /// connection already sees it.
-    pub fn install(netns: &Netns, maps: AddrMaps, netns_cookie: u64) -> io::Result<Self> {
+    pub fn install(netns: &Netns, maps: AddrMaps, netns_cookie: u64, id: &str) -> io::Result<Self> {
         let query = netns.run(netlink::query_socket)?;
         let mut me = Self {
             maps,
             netns_cookie,
+            id: id.to_owned(),
             current: Vec::new(),
             current_routes: RouteSources::new(),
             query,
@@ -214,16 +204,8 @@ impl LocalAddrs {
                 .map_err(io::Error::other)?;
             tracing::info!(%ip, "local address added");
         }
-        for ip in owned_after.difference(&owned_before) {
-            self.maps
-                .owners
-                .insert(addr::from_ip(*ip), self.netns_cookie, 0)
-                .map_err(io::Error::other)?;
-        }
-        for ip in owned_before.difference(&owned_after) {
-            // Already gone is fine: the goal is absence.
-            let _ = self.maps.owners.remove(&addr::from_ip(*ip));
-        }
+        let gained: Vec<IpAddr> = owned_after.difference(&owned_before).copied().collect();
+        self.warn_of_shared(&gained);
         for ip in before.difference(&after) {
             let _ = self.maps.local.remove(&LocalAddrKey::from_ip(self.netns_cookie, *ip));
             tracing::info!(%ip, "local address removed");
@@ -249,6 +231,34 @@ impl LocalAddrs {
         self.refresh_routes(&now)?;
         self.current = now;
         Ok(())
+    }
+
+    /// Says, once per address gained, which other namespaces hold it too. Nothing depends on
+    /// it: each namespace's sk_lookup instance judges the connections that arrive there by its
+    /// own workload's chain, so a workload that takes another's address captures nothing of
+    /// the other's. Two pods with one address is still a misconfiguration (or a pod trying to
+    /// take another's traffic), worth a word.
+    fn warn_of_shared(&self, gained: &[IpAddr]) {
+        if gained.is_empty() {
+            return;
+        }
+        let keys: Vec<LocalAddrKey> = self.maps.local.keys().filter_map(Result::ok).collect();
+        for ip in gained {
+            let a = addr::from_ip(*ip);
+            let others: Vec<u64> = keys
+                .iter()
+                .filter(|k| k.addr == a && k.netns_cookie != self.netns_cookie)
+                .map(|k| k.netns_cookie)
+                .collect();
+            if !others.is_empty() {
+                tracing::warn!(
+                    id = %self.id,
+                    %ip,
+                    other_netns_cookies = ?others,
+                    "address {ip} is held by another enrolled namespace too; each keeps its own inbound capture"
+                );
+            }
+        }
     }
 
     fn refresh_routes(&mut self, addrs: &[NetnsAddr]) -> io::Result<()> {

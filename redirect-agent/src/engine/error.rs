@@ -1,7 +1,7 @@
 //! Why the engine refused or failed a workload. Every message is one line naming the value at
 //! fault and what would be accepted; [`EnrollError::kind`] is what the control API answers.
 
-use std::{net::IpAddr, path::PathBuf};
+use std::path::PathBuf;
 
 use redirect_api::{ApiError, ErrorKind};
 use redirect_common::MAX_WORKLOADS;
@@ -36,8 +36,6 @@ pub enum EnrollError {
     NetnsTaken { netns: PathBuf, id: String },
     #[error("network namespace {netns} is already captured by {by}: one namespace, one agent")]
     CapturedElsewhere { netns: PathBuf, by: String },
-    #[error("address {ip} of {netns} is already held by workload '{id}': workload addresses on a node must be unique")]
-    AddressTaken { ip: IpAddr, netns: PathBuf, id: String },
     #[error("no workload '{0}' is enrolled")]
     NoSuchId(String),
     #[error("no workload is enrolled for {0}")]
@@ -80,9 +78,7 @@ impl EnrollError {
             | Self::Full
             | Self::NoTarget
             | Self::Path(_) => ErrorKind::Invalid,
-            Self::IdTaken(_) | Self::NetnsTaken { .. } | Self::CapturedElsewhere { .. } | Self::AddressTaken { .. } => {
-                ErrorKind::Exists
-            }
+            Self::IdTaken(_) | Self::NetnsTaken { .. } | Self::CapturedElsewhere { .. } => ErrorKind::Exists,
             Self::NoSuchId(_) | Self::NoSuchNetns(_) => ErrorKind::NotFound,
             Self::HandedOver | Self::HandoverInProgress => ErrorKind::Unavailable,
             Self::Io { .. } | Self::Load(_) => ErrorKind::Internal,

@@ -238,8 +238,7 @@ impl Engine {
         for w in self.workloads.values() {
             let pin = dir.join(format!("sk_lookup-{}", w.info.netns_cookie));
             if let Ok(link) = links::open_pinned(&pin) {
-                let prog = self.object.program_fd(redirect_common::programs::SK_LOOKUP)?;
-                links::update(link.as_fd(), prog).map_err(|source| LoadError::Link {
+                links::update(link.as_fd(), w.sk_lookup_program.fd()?).map_err(|source| LoadError::Link {
                     what: format!("moving {} back to this agent's program", pin.display()),
                     source,
                 })?;

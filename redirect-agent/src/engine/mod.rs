@@ -17,6 +17,7 @@
 //!    One that keeps its pins leaves the kernel side capturing for its successor.
 
 mod error;
+pub(crate) mod gone;
 pub(crate) mod handover;
 mod links;
 mod object;
@@ -164,6 +165,9 @@ impl Engine {
         let pin_dir = pins::pin_dir(&settings.name);
         let persist = settings.mode == Mode::Node;
         pins::make_dirs(&settings.name, persist)?;
+        // The address -> workload map of agents before sk_lookup knew its namespace: nothing
+        // reads it any more (a predecessor's programs hold their own descriptor of it).
+        let _ = std::fs::remove_file(pin_dir.join("ADDR_OWNERS"));
         let cgroup = sys::open_cgroup2_dir(&settings.attach)?;
 
         // Every workload's proxy draws on this process's descriptors: room for all of them at
@@ -213,7 +217,6 @@ impl Engine {
             events: object.take(maps::EVENT_COUNTERS)?,
             addrs: AddrMaps {
                 local: object.take(maps::LOCAL_ADDRS)?,
-                owners: object.take(maps::ADDR_OWNERS)?,
                 pods: object.take(maps::POD_ADDRS)?,
                 routes: object.take(maps::ROUTE_SOURCES)?,
             },

@@ -15,7 +15,7 @@ use aya::{
     maps::{Map, MapData, MapError, SockHash},
     programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SkSkb, SockOps},
 };
-use redirect_common::{FamilyKey, addr::Family, maps, owner, programs};
+use redirect_common::{FamilyKey, addr::Family, globals, maps, owner, programs};
 use serde::Serialize;
 
 use super::links::{self, MapAttachType};
@@ -59,7 +59,7 @@ pub struct ProgramReport {
 pub fn verifier_report() -> Result<Vec<ProgramReport>, LoadError> {
     let owner = crate::btf::owner_offsets()?;
     let mut ebpf = EbpfLoader::new()
-        .override_global(owner::OWNER_OFFSETS, &owner, true)
+        .override_global(owner::OWNER_OFFSETS, owner, true)
         .load(EBPF_OBJECT)
         .map_err(LoadError::Object)?;
     programs_for(true)
@@ -128,36 +128,89 @@ where
 pub(crate) struct Object {
     ebpf: Ebpf,
     fast_path: bool,
+    pin_dir: PathBuf,
+    max_tracked_connections: u32,
+}
+
+/// One workload's sk_lookup program ([`Object::sk_lookup_for`]), loaded, not yet linked.
+pub(crate) struct SkLookupInstance {
+    ebpf: Ebpf,
+}
+
+impl SkLookupInstance {
+    pub(crate) fn fd(&self) -> Result<BorrowedFd<'_>, LoadError> {
+        let name = programs::SK_LOOKUP;
+        let p = self.ebpf.program(name).ok_or(LoadError::MissingProgram(name))?;
+        Ok(p.fd().map_err(|e| verifier_error(name, e))?.as_fd())
+    }
+}
+
+/// The loader of the object against an instance's pinned maps: each map pinned in `pin_dir` is
+/// reused (made and pinned there if there is none yet).
+/// `owner`: the running kernel's field offsets ([`crate::btf::owner_offsets`]), which connect4/6
+/// read a socket's owner with.
+fn loader<'a>(
+    pin_dir: &Path,
+    max_tracked_connections: u32,
+    fast_path: bool,
+    owner: &'a owner::OwnerOffsets,
+) -> EbpfLoader<'a> {
+    let fast_path_slots = if fast_path {
+        max_tracked_connections.saturating_mul(2)
+    } else {
+        1
+    };
+    let mut loader = EbpfLoader::new();
+    loader
+        .override_global(owner::OWNER_OFFSETS, owner, true)
+        .map_max_entries(maps::ORIG_BY_COOKIE, max_tracked_connections)
+        .map_max_entries(maps::ORIG_BY_TUPLE, max_tracked_connections)
+        .map_max_entries(maps::INBOUND_PENDING, max_tracked_connections)
+        .map_max_entries(maps::FAST_PATH_SOCKETS, fast_path_slots)
+        .map_max_entries(maps::FAST_PATH_SENDERS, fast_path_slots);
+    for name in maps::ALL {
+        loader.map_pin_path(name, pin_dir.join(name));
+    }
+    loader
 }
 
 impl Object {
     /// The original-destination maps hold `max_tracked_connections`; the fast-path maps both
     /// ends of each local pair, or one entry when the fast path is off (a map cannot have
     /// none), so that an instance without it does not hold their memory.
+    ///
+    /// sk_lookup is loaded here too, with no namespace's cookie, only so that a kernel that
+    /// refuses it fails the start rather than the first enroll: each workload gets its own
+    /// instance ([`Object::sk_lookup_for`]).
     pub(crate) fn load(pin_dir: &Path, max_tracked_connections: u32, fast_path: bool) -> Result<Self, LoadError> {
-        let fast_path_slots = if fast_path {
-            max_tracked_connections.saturating_mul(2)
-        } else {
-            1
-        };
-        let pins: Vec<(&'static str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_dir.join(m))).collect();
         let owner = crate::btf::owner_offsets()?;
-        let mut loader = EbpfLoader::new();
-        loader
-            .override_global(owner::OWNER_OFFSETS, &owner, true)
-            .map_max_entries(maps::ORIG_BY_COOKIE, max_tracked_connections)
-            .map_max_entries(maps::ORIG_BY_TUPLE, max_tracked_connections)
-            .map_max_entries(maps::INBOUND_PENDING, max_tracked_connections)
-            .map_max_entries(maps::FAST_PATH_SOCKETS, fast_path_slots)
-            .map_max_entries(maps::FAST_PATH_SENDERS, fast_path_slots);
-        for (name, path) in &pins {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
+        let mut ebpf = loader(pin_dir, max_tracked_connections, fast_path, owner)
+            .load(EBPF_OBJECT)
+            .map_err(LoadError::Object)?;
         for name in programs_for(fast_path) {
             load_program(&mut ebpf, name)?;
         }
-        Ok(Self { ebpf, fast_path })
+        Ok(Self {
+            ebpf,
+            fast_path,
+            pin_dir: pin_dir.to_owned(),
+            max_tracked_connections,
+        })
+    }
+
+    /// The sk_lookup program for the one workload whose namespace has cookie `netns_cookie`,
+    /// loaded (verified) against the same pinned maps: it judges every connection by that
+    /// workload's chain, so it must be linked to that namespace and no other. sk_lookup has no
+    /// helper that names the namespace it runs in; the cookie is a constant of this instance,
+    /// in a read-only map the kernel freezes. The link holds the program once made; dropping
+    /// the returned value then only closes this process's descriptors.
+    pub(crate) fn sk_lookup_for(&self, netns_cookie: u64) -> Result<SkLookupInstance, LoadError> {
+        let owner = crate::btf::owner_offsets()?;
+        let mut loader = loader(&self.pin_dir, self.max_tracked_connections, self.fast_path, owner);
+        loader.override_global(globals::SK_LOOKUP_NETNS_COOKIE, &netns_cookie, true);
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
+        load_program(&mut ebpf, programs::SK_LOOKUP)?;
+        Ok(SkLookupInstance { ebpf })
     }
 
     /// With `--fast-path`: attaches the verdict, then sk_msg, to the pinned sockhash. Before
@@ -188,12 +241,21 @@ impl Object {
         Ok(())
     }
 
+    /// The programs this object's own links and sockhash run: all but sk_lookup, whose
+    /// instances are per workload.
+    fn shared_programs(&self) -> impl Iterator<Item = &'static str> {
+        programs_for(self.fast_path).filter(|p| *p != programs::SK_LOOKUP)
+    }
+
     /// Pins the programs in `dir`, in place of a predecessor's: once every link runs this
     /// process's programs, the pins say which those are (`bpftool prog show pinned`), and a
-    /// predecessor's programs are freed when its process exits.
-    /// `dir` was made and checked at start ([`super::pins::make_dirs`]).
+    /// predecessor's programs are freed when its process exits. (A workload's sk_lookup
+    /// program is held by its pinned link.) `dir` was made and checked at start
+    /// ([`super::pins::make_dirs`]).
     pub(crate) fn pin_programs(&mut self, dir: &Path) -> Result<(), LoadError> {
-        for name in programs_for(self.fast_path) {
+        // A predecessor's pin of the one sk_lookup program all workloads once shared.
+        let _ = std::fs::remove_file(dir.join(programs::SK_LOOKUP));
+        for name in self.shared_programs().collect::<Vec<_>>() {
             let path = dir.join(name);
             let _ = std::fs::remove_file(&path);
             let p = self.ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;
@@ -216,9 +278,10 @@ impl Object {
         Ok(info.id())
     }
 
-    /// The loaded programs by name with their ids.
+    /// The programs this object's links run, by name with their ids (each workload's
+    /// sk_lookup instance is its own program: `bpftool link show` names it on the namespace).
     pub(crate) fn program_ids(&self) -> std::collections::BTreeMap<String, u32> {
-        programs_for(self.fast_path)
+        self.shared_programs()
             .filter_map(|p| Some((p.to_owned(), self.program_id(p).ok()?)))
             .collect()
     }

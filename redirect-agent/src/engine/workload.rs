@@ -8,18 +8,12 @@ use std::{
 
 use aya::maps::PerCpuValues;
 use redirect_api::WorkloadInfo;
-use redirect_common::{
-    FamilyKey, MAX_RULES, MAX_WORKLOADS,
-    addr::{self, Family},
-    chain,
-    config::CaptureConfig,
-    events, maps, programs,
-};
+use redirect_common::{FamilyKey, MAX_RULES, MAX_WORKLOADS, addr::Family, chain, config::CaptureConfig, events, maps};
 
 use super::{
     Engine, EnrollError,
     links::{self, AttachType},
-    object::{InboundListener, open_typed},
+    object::{InboundListener, SkLookupInstance, open_typed},
     pins,
 };
 use crate::{
@@ -70,6 +64,9 @@ pub(super) struct Enrolled {
     pub(super) netns: Netns,
     /// Its sk_lookup link (pinned too, in an instance that keeps its pins).
     _sk_lookup: OwnedFd,
+    /// The sk_lookup program instance the link runs (its namespace's cookie built in): what a
+    /// handover that did not complete moves the link back to.
+    pub(super) sk_lookup_program: SkLookupInstance,
     pub(super) proxy: Option<Proxy>,
     /// Second descriptors of the proxy's listeners, for a handover.
     pub(super) listener_fds: Vec<(Side, OwnedFd)>,
@@ -176,17 +173,10 @@ impl Engine {
                 });
             }
         }
+        // An address another workload holds too is no reason to refuse: each namespace's
+        // inbound connections are judged by its own sk_lookup instance, whatever addresses
+        // others hold (the address watcher says so in the log).
         let addresses = addrs::read(netns).map_err(EnrollError::io(format!("addresses of {}", req.netns.display())))?;
-        for ip in addresses.iter().filter(|ip| !ip.is_loopback()) {
-            let owner = self.maps.addrs.owners.get(&addr::from_ip(*ip), 0).ok();
-            if let Some(other) = owner.and_then(|c| self.workloads.values().find(|w| w.info.netns_cookie == c)) {
-                return Err(EnrollError::AddressTaken {
-                    ip: *ip,
-                    netns: req.netns.clone(),
-                    id: other.info.id.clone(),
-                });
-            }
-        }
         let slot = free_slot(self.workloads.values().map(|w| &w.info)).ok_or(EnrollError::Full)?;
         Ok(WorkloadInfo {
             id: req.id.clone(),
@@ -360,14 +350,13 @@ impl Engine {
             (None, Vec::new())
         };
 
-        // Its addresses: what `-o lo` reaches, and which workload sk_lookup serves.
+        // Its addresses: what `-o lo` reaches, and where connections come from inside.
         let addr_maps = AddrMaps {
             local: self.open_map(maps::LOCAL_ADDRS)?,
-            owners: self.open_map(maps::ADDR_OWNERS)?,
             pods: self.open_map(maps::POD_ADDRS)?,
             routes: self.open_map(maps::ROUTE_SOURCES)?,
         };
-        let local = LocalAddrs::install(&netns, addr_maps, cookie)
+        let local = LocalAddrs::install(&netns, addr_maps, cookie, &info.id)
             .map_err(EnrollError::io(format!("addresses of {}", info.netns.display())))?;
         info.addresses = local.addresses().iter().map(ToString::to_string).collect();
         let watch_ns = netns.try_clone().map_err(EnrollError::io("namespace descriptor"))?;
@@ -378,7 +367,7 @@ impl Engine {
             }
         }));
 
-        let sk_lookup = self.sk_lookup_link(cookie, &netns)?;
+        let (sk_lookup, sk_lookup_program) = self.sk_lookup_link(cookie, &netns)?;
         let serving = chain::Serving {
             own_proxy: !embedded,
             fast_path,
@@ -402,20 +391,23 @@ impl Engine {
             info,
             netns,
             _sk_lookup: sk_lookup,
+            sk_lookup_program,
             proxy,
             listener_fds,
             _watcher: watcher,
         })
     }
 
-    /// sk_lookup on the workload's namespace: a pinned link of an adopted workload moved to
-    /// this process's program, else a new one, pinned if the instance keeps its pins. Links on
-    /// a namespace run in attach order; ours passes over connections it does not decide.
-    fn sk_lookup_link(&self, cookie: u64, netns: &Netns) -> Result<OwnedFd, EnrollError> {
+    /// sk_lookup on the workload's namespace, the instance loaded for it (which knows no other
+    /// workload): a pinned link of an adopted workload moved to this process's instance, else
+    /// a new one, pinned if the instance keeps its pins. Links on a namespace run in attach
+    /// order; ours passes over connections it does not decide.
+    fn sk_lookup_link(&self, cookie: u64, netns: &Netns) -> Result<(OwnedFd, SkLookupInstance), EnrollError> {
         let pin = self.sk_lookup_pin(cookie);
         let persist = self.settings.mode == pins::Mode::Node;
-        links::attach(
-            self.object.program_fd(programs::SK_LOOKUP)?,
+        let program = self.object.sk_lookup_for(cookie)?;
+        let link = links::attach(
+            program.fd()?,
             netns.as_fd(),
             AttachType::SkLookup,
             persist.then_some(pin.as_path()),
@@ -423,7 +415,8 @@ impl Engine {
         .map_err(EnrollError::io(format!(
             "attaching sk_lookup to {} (sk_lookup links need kernel 5.9+)",
             netns.path().display()
-        )))
+        )))?;
+        Ok((link, program))
     }
 
     /// Removes a workload: captured no more from this moment; its proxy's open connections
