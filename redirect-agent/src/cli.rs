@@ -209,6 +209,10 @@ struct RunArgs {
     /// unless the agent runs in a container's. Only on purpose, never by default.
     #[arg(long, conflicts_with = "netns")]
     host_netns: bool,
+    /// While no agent runs (killed, crashed), let the workload's connections go direct instead
+    /// of being refused: capture then ends with the process. Off by default (fail-closed).
+    #[arg(long)]
+    fail_open: bool,
     /// Serve the capture ports with the embedded proxy, or leave them to another proxy.
     #[arg(long, value_enum, default_value_t = ProxyMode::Embedded)]
     proxy: ProxyMode,
@@ -383,6 +387,7 @@ pub fn main() -> ExitCode {
                     cgroup: args.cgroup,
                     netns: args.netns.unwrap_or_else(|| "/proc/self/ns/net".into()),
                     host_netns: args.host_netns,
+                    fail_open: args.fail_open,
                     proxy: args.proxy,
                     capture,
                     sizing: sizing(

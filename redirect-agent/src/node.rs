@@ -135,6 +135,8 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         sizing: opts.sizing,
         max_workloads: MAX_WORKLOADS as usize,
         allow_host_netns: false,
+        keep_links: true,
+        adopting: false,
     };
     let mut engine = Engine::start(settings, lock)?;
     let handed = handover

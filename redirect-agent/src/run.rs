@@ -25,6 +25,9 @@ pub struct RunOptions {
     pub netns: PathBuf,
     /// `--host-netns`: the agent's own namespace is the workload, on purpose.
     pub host_netns: bool,
+    /// `--fail-open`: links are not pinned, so that while no agent runs the workload's
+    /// connections go direct instead of being refused.
+    pub fail_open: bool,
     pub proxy: ProxyMode,
     pub capture: CaptureConfig,
     pub sizing: Sizing,
@@ -41,7 +44,8 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     crate::flags::check(&opts.capture)?;
     sys::open_cgroup2_dir(&opts.cgroup)?;
     let netns = Netns::open(&opts.netns)?;
-    if !opts.host_netns && netns.cookie()? == sys::current_netns_cookie()? {
+    let netns_cookie = netns.cookie()?;
+    if !opts.host_netns && netns_cookie == sys::current_netns_cookie()? {
         return Err(engine::EnrollError::HostNetns(opts.netns.clone()).into());
     }
     sys::ensure_bpffs()?;
@@ -57,10 +61,20 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
         LockError::Io(e) => anyhow::Error::from(e),
     })?;
     // Nobody holds the lock, so pins and state of this name are left over from a process
-    // that was killed (its links died with it).
-    for (path, gone) in pins::remove_all(&opts.name) {
-        gone.with_context(|| format!("removing {}, left by a run that was killed", path.display()))?;
-        tracing::warn!(path = %path.display(), "removed what a run that was killed left");
+    // that was killed. Its pinned links kept capturing (the workload's connections refused
+    // meanwhile): serving the same workload from the same cgroup, this run moves them to its
+    // own programs without a gap. Anything else is removed.
+    let adopting = !opts.fail_open && killed_run_of(&opts, netns_cookie);
+    if adopting {
+        tracing::warn!(
+            name = %opts.name,
+            "a run of this name was killed; its programs kept capturing (connections refused meanwhile): taking over"
+        );
+    } else {
+        for (path, gone) in pins::remove_all(&opts.name) {
+            gone.with_context(|| format!("removing {}, left by a run that was killed", path.display()))?;
+            tracing::warn!(path = %path.display(), "removed what a run that was killed left");
+        }
     }
     let settings = Settings {
         name: opts.name.clone(),
@@ -71,6 +85,8 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
         sizing: opts.sizing,
         max_workloads: 1,
         allow_host_netns: opts.host_netns,
+        keep_links: !opts.fail_open,
+        adopting,
     };
     let mut engine = Engine::start(settings, Some(lock))?;
     let info = engine.enroll(engine::Request {
@@ -97,4 +113,26 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     engine.stop().wait().await;
     tracing::info!(name = %opts.name, "detached; pins removed");
     Ok(())
+}
+
+/// Whether the pins of `opts.name` are those of a killed `run` that served this same workload
+/// (namespace) from this same cgroup, with maps this agent reads the same way and of the same
+/// sizes: then its links are taken over, not removed.
+fn killed_run_of(opts: &RunOptions, netns_cookie: u64) -> bool {
+    let Some(state) = pins::State::read(&opts.name) else {
+        return false;
+    };
+    let size = |map: &str| {
+        aya::maps::MapData::from_pin(pins::pin_dir(&opts.name).join(map))
+            .ok()
+            .and_then(|m| m.info().ok())
+            .map(|i| i.max_entries())
+    };
+    state.mode == Mode::Run
+        && state.layout == pins::layout()
+        && state.cgroup_parent == opts.cgroup
+        && state.workloads.iter().any(|w| w.netns_cookie == netns_cookie)
+        && pins::links_dir(&opts.name).exists()
+        && size(redirect_common::maps::ORIG_BY_TUPLE) == Some(opts.sizing.max_tracked_connections)
+        && size(redirect_common::maps::FAST_PATH_SOCKETS).map(|n| n > 1) == Some(opts.sizing.fast_path)
 }

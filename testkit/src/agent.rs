@@ -34,7 +34,11 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts the agent and waits until it has attached (its state file names this child).
     pub fn start(agent: &Path, name: &str, args: &[&str]) -> io::Result<Self> {
-        let log = std::env::temp_dir().join(format!("{name}.agent.log"));
+        // One file per process: a restart under the same name must not share the file its
+        // predecessor's handle removes when dropped.
+        static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = std::env::temp_dir().join(format!("{name}.{n}.agent.log"));
         let log_file = std::fs::File::create(&log)?;
         let child = Command::new(agent)
             .arg("run")

@@ -12,7 +12,7 @@ use std::{
 use aya::maps::{HashMap, Map, MapData};
 use redirect_agent::engine::pins::{State, pin_dir, state_path};
 use redirect_common::{LocalAddrKey, maps, programs};
-use redirect_tests::{APP_PORT, INBOUND_CAPTURE, Landing, Workload, agent_bin, agent_cmd, landing};
+use redirect_tests::{APP_PORT, INBOUND_CAPTURE, Landing, Outcome, Workload, agent_bin, agent_cmd, landing};
 
 fn bpftool_json(args: &[&str]) -> serde_json::Value {
     let out = Command::new("bpftool")
@@ -260,15 +260,70 @@ fn local_addresses_follow_the_namespace() {
     }
 }
 
-/// A killed agent leaves nothing attached (links die with their process); its stale pins are
-/// removed by the next run of the same name, which then captures as usual.
-#[test]
-fn restart_after_sigkill_recovers() {
-    let mut w = Workload::with_agent("sigkill", &[]);
+/// SIGKILLs the run agent of `w` and reaps it.
+fn kill_agent(w: &mut Workload) {
     let pid = w.agent.as_ref().unwrap().pid().unwrap();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let _ = w.agent.as_mut().unwrap().stop();
+}
+
+/// Fail-closed: a killed run's pinned links keep capturing, so while no agent runs the
+/// workload's connections are refused, outbound and inbound, and none reaches its destination
+/// around the proxy. The next run of the same name takes the links over (no gap) and serves.
+#[test]
+fn a_killed_run_keeps_capturing_until_its_restart_takes_over() {
+    let mut w = Workload::with_agent("sigkill", &[]);
+    kill_agent(&mut w);
+    assert!(
+        !attached_prog_ids(&w.cgroup.path).is_empty(),
+        "capture ended with the killed agent"
+    );
+    for i in 0..10 {
+        let r = w.probe(&w.spec(w.remote(redirect_tests::REMOTE_PORT)));
+        assert!(
+            matches!(landing(&r), Landing::Failed(Outcome::Refused | Outcome::Reset)),
+            "outbound {i} while no agent runs: {r:?}"
+        );
+        let r = w.probe(&w.from_remote(w.pod(redirect_tests::APP_PORT)));
+        assert!(
+            matches!(landing(&r), Landing::Failed(Outcome::Refused | Outcome::Reset)),
+            "inbound {i} while no agent runs: {r:?}"
+        );
+    }
+    assert!(
+        w.remote_server.accepted().is_empty(),
+        "reached the remote host directly"
+    );
+    assert!(w.app_server.accepted().is_empty(), "reached the app directly");
+
+    w.start_agent(&[]).expect("restart with the same name");
+    let r = w.probe(&w.spec(w.remote(redirect_tests::REMOTE_PORT)));
+    assert_eq!(
+        landing(&r),
+        Landing::Proxied {
+            capture_port: redirect_tests::OUTBOUND_CAPTURE,
+            server: "remote".into()
+        },
+        "{r:?}"
+    );
+    // The rules never went away: the 10 refused connections were decided (and counted) by
+    // ISTIO_REDIRECT as under iptables with Envoy down, and the counters were taken over.
+    assert_eq!(w.counts()[8], 11, "counters kept across the restart");
+    let (status, log) = w.agent.as_mut().unwrap().stop().unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("taking over"), "{log}");
+    assert!(!pin_dir(&w.name).exists());
+    assert!(attached_prog_ids(&w.cgroup.path).is_empty());
+}
+
+/// `--fail-open` asks for the other choice: links die with the process, so a killed agent
+/// leaves nothing attached and the workload's connections go direct; its stale pins are removed
+/// by the next run of the same name, which then captures as usual.
+#[test]
+fn with_fail_open_a_killed_run_lets_connections_through() {
+    let mut w = Workload::with_agent("sigkill-open", &["--fail-open"]);
+    kill_agent(&mut w);
     assert!(
         attached_prog_ids(&w.cgroup.path).is_empty(),
         "programs outlived the killed agent"
@@ -283,7 +338,7 @@ fn restart_after_sigkill_recovers() {
         "{r:?}"
     );
 
-    w.start_agent(&[]).expect("restart with the same name");
+    w.start_agent(&["--fail-open"]).expect("restart with the same name");
     let r = w.probe(&w.spec(w.remote(redirect_tests::REMOTE_PORT)));
     assert_eq!(
         landing(&r),

@@ -1,7 +1,7 @@
 //! The engine: one owner for a set of workloads and for the programs, maps, pins and links
-//! that serve them. `run` is the engine with one workload enrolled from its flags, for as long
-//! as the process lives; `node` is the same engine with a control socket in front, whose pins
-//! outlive the process so that a restart adopts or takes over what it served.
+//! that serve them. `run` is the engine with one workload enrolled from its flags; `node` is the
+//! same engine with a control socket in front. Both pin their links (`run` unless
+//! `--fail-open`), so that capture outlives a killed process and a restart takes it over.
 //!
 //! The order of everything is the engine's, once, for both:
 //! 1. [`Engine::start`]: load and verify the programs against the instance's pinned maps,
@@ -67,6 +67,13 @@ pub(crate) struct Settings {
     /// Whether a workload may be the agent's own network namespace: only for `run
     /// --host-netns`, which asks for it; never for a node.
     pub allow_host_netns: bool,
+    /// Pin the links, so that capture outlives the process: a killed agent's workloads are
+    /// refused (RST) until a successor serves them, never let through around the proxy.
+    /// Always for a node; for `run` unless `--fail-open`.
+    pub keep_links: bool,
+    /// This start takes over the pins of a `run` of the same name that was killed: a failure
+    /// then leaves them as they were (capturing) instead of removing them.
+    pub adopting: bool,
 }
 
 /// What the engine is sized and timed for: the same flags for `run` and `node`, each with its
@@ -141,7 +148,7 @@ impl Engine {
     /// process's programs (`BPF_LINK_UPDATE`: no connection sees neither); one that keeps
     /// nothing starts from none (the caller removed any leftovers under the lock).
     pub(crate) fn start(settings: Settings, lock: Option<Lock>) -> Result<Self, LoadError> {
-        let (mode, name) = (settings.mode, settings.name.clone());
+        let (mode, name, adopting) = (settings.mode, settings.name.clone(), settings.adopting);
         match Self::load_and_attach(settings) {
             Ok(mut engine) => {
                 engine.lock = lock;
@@ -149,8 +156,9 @@ impl Engine {
             }
             Err(e) => {
                 // The links made so far closed with their descriptors; what aya pinned stays
-                // unless removed, and one that keeps nothing must leave nothing.
-                if mode == Mode::Run {
+                // unless removed, and a run must leave what it found: nothing, or the pins of
+                // a killed predecessor, still capturing.
+                if mode == Mode::Run && !adopting {
                     drop(pins::remove_all(&name));
                     if let Some(lock) = lock {
                         lock.remove();
@@ -163,7 +171,7 @@ impl Engine {
 
     fn load_and_attach(settings: Settings) -> Result<Self, LoadError> {
         let pin_dir = pins::pin_dir(&settings.name);
-        let persist = settings.mode == Mode::Node;
+        let persist = settings.keep_links;
         pins::make_dirs(&settings.name, persist)?;
         // The address -> workload map of agents before sk_lookup knew its namespace: nothing
         // reads it any more (a predecessor's programs hold their own descriptor of it).
@@ -387,7 +395,9 @@ impl Engine {
 /// close with their descriptors (after this), its pins, state and lock go here.
 impl Drop for Engine {
     fn drop(&mut self) {
-        if self.settings.mode == Mode::Run {
+        // A run that took over a killed predecessor's pins and then failed leaves them
+        // capturing (fail-closed); `stop` removes them on a deliberate stop.
+        if self.settings.mode == Mode::Run && !self.settings.adopting {
             self.remove_everything();
         }
     }

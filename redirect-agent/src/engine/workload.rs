@@ -404,7 +404,7 @@ impl Engine {
     /// order; ours passes over connections it does not decide.
     fn sk_lookup_link(&self, cookie: u64, netns: &Netns) -> Result<(OwnedFd, SkLookupInstance), EnrollError> {
         let pin = self.sk_lookup_pin(cookie);
-        let persist = self.settings.mode == pins::Mode::Node;
+        let persist = self.settings.keep_links;
         let program = self.object.sk_lookup_for(cookie)?;
         let link = links::attach(
             program.fd()?,
