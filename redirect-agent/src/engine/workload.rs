@@ -310,6 +310,7 @@ impl Engine {
                 listen_on: ProxyConfig::LOOPBACK.to_vec(),
                 connect_timeout: self.settings.sizing.connect_timeout,
                 max_connections: self.settings.sizing.max_proxy_connections,
+                liveness: self.settings.sizing.liveness,
             }
             .fit_to_descriptors(self.proxy_budget);
             let listening = self
@@ -325,7 +326,10 @@ impl Engine {
                 self.open_map(maps::INBOUND_PENDING)?,
                 cookie,
             )));
-            let dialer = Dialer::Netns(NetnsDialer::start(&netns).map_err(EnrollError::io("upstream dialer"))?);
+            let dialer = Dialer::Netns(
+                NetnsDialer::start(&netns, self.settings.sizing.liveness.keepalive)
+                    .map_err(EnrollError::io("upstream dialer"))?,
+            );
             // Where sock_ops does not see the proxy's upstream sockets, the proxy enrolls
             // them in the fast path itself.
             let own_fast_path = match fast_path && !self.agent_under_attach {

@@ -9,6 +9,7 @@ use std::{
 use redirect_common::AGENT_SOCKET_MARK;
 use tokio::net::TcpSocket;
 
+use super::Keepalive;
 use crate::sys::Netns;
 
 /// Makes the proxy's upstream sockets.
@@ -23,12 +24,17 @@ pub enum Dialer {
 impl Dialer {
     /// A socket for an upstream connection of the family of the original destination: IPv4
     /// (also for a v4-mapped connect, which was IPv4 on the wire) or IPv6.
-    pub(super) async fn socket(&self, v6: bool) -> io::Result<TcpSocket> {
-        match self {
-            Self::Netns(d) => d.socket(v6).await,
-            Self::Here if v6 => TcpSocket::new_v6(),
-            Self::Here => TcpSocket::new_v4(),
+    /// `keepalive`: for [`Dialer::Here`]; a [`NetnsDialer`]'s threads set their own.
+    pub(super) async fn socket(&self, v6: bool, keepalive: Option<Keepalive>) -> io::Result<TcpSocket> {
+        let made = match self {
+            Self::Netns(d) => return d.socket(v6).await,
+            Self::Here if v6 => TcpSocket::new_v6()?,
+            Self::Here => TcpSocket::new_v4()?,
+        };
+        if let Some(k) = keepalive {
+            k.apply(&made)?;
         }
+        Ok(made)
     }
 }
 
@@ -46,6 +52,7 @@ pub struct NetnsDialer {
     v4: Pool,
     v6: Arc<tokio::sync::OnceCell<Pool>>,
     netns: Arc<Netns>,
+    keepalive: Option<Keepalive>,
 }
 
 /// One thread's queue of ready sockets.
@@ -55,11 +62,13 @@ struct Pool {
 }
 
 impl NetnsDialer {
-    pub fn start(netns: &Netns) -> io::Result<Self> {
+    /// `keepalive`: set on every socket made (before it connects), off the connection's path.
+    pub fn start(netns: &Netns, keepalive: Option<Keepalive>) -> io::Result<Self> {
         Ok(Self {
-            v4: Pool::start(netns, false)?,
+            v4: Pool::start(netns, false, keepalive)?,
             v6: Arc::default(),
             netns: Arc::new(netns.try_clone()?),
+            keepalive,
         })
     }
 
@@ -70,9 +79,9 @@ impl NetnsDialer {
         let pool = self
             .v6
             .get_or_try_init(|| {
-                let netns = self.netns.clone();
+                let (netns, keepalive) = (self.netns.clone(), self.keepalive);
                 async move {
-                    tokio::task::spawn_blocking(move || Pool::start(&netns, true))
+                    tokio::task::spawn_blocking(move || Pool::start(&netns, true, keepalive))
                         .await
                         .map_err(io::Error::other)?
                 }
@@ -83,7 +92,7 @@ impl NetnsDialer {
 }
 
 impl Pool {
-    fn start(netns: &Netns, v6: bool) -> io::Result<Self> {
+    fn start(netns: &Netns, v6: bool, keepalive: Option<Keepalive>) -> io::Result<Self> {
         let netns = netns.try_clone()?;
         let (tx, rx) = tokio::sync::mpsc::channel(SPARE_SOCKETS);
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -97,7 +106,10 @@ impl Pool {
             // Ends when the proxy drops the receiver.
             loop {
                 let made = if v6 { TcpSocket::new_v6() } else { TcpSocket::new_v4() };
-                let made = made.and_then(mark_as_agent);
+                let made = made.and_then(mark_as_agent).and_then(|s| {
+                    keepalive.map_or(Ok(()), |k| k.apply(&s))?;
+                    Ok(s)
+                });
                 let failed = made.is_err();
                 if tx.blocking_send(made).is_err() {
                     break;

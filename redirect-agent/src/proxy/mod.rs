@@ -26,15 +26,15 @@ mod dialer;
 mod fast_path;
 mod listen;
 mod orig_dst;
+mod relay;
 
 pub use dialer::{Dialer, NetnsDialer};
 use fast_path::Enrolled;
 pub use fast_path::{FastPath, FastPathSockets};
 pub use listen::{LISTEN_BACKLOG, Listeners, Listening, ProxyConfig, Side, connections_fitting, no_ipv6};
 pub use orig_dst::{OrigDstTable, OriginalDst};
-
-/// Bytes buffered per direction per connection.
-const COPY_BUF: usize = 64 * 1024;
+use relay::{Ended, relay};
+pub use relay::{Keepalive, Liveness};
 
 /// Counts the proxy keeps for its logs and node mode's metrics.
 #[derive(Debug, Default)]
@@ -48,6 +48,8 @@ pub struct ProxyCounters {
     pub no_original_dst: AtomicU64,
     pub upstream_failed: AtomicU64,
     pub over_limit: AtomicU64,
+    /// Connections closed after the idle timeout.
+    pub idle_closed: AtomicU64,
 }
 
 /// The running proxy; dropping it stops the listeners and resets open connections.
@@ -88,6 +90,11 @@ impl Proxy {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut tasks = JoinSet::new();
         for (side, listener) in listening.listeners {
+            // Accepted sockets inherit keepalive from their listener: set once here, it costs
+            // no syscall per connection.
+            if let Some(k) = shared.cfg.liveness.keepalive {
+                k.apply(&listener)?;
+            }
             tracing::info!(side = side.name(), addr = %listener.local_addr()?, "proxy listening");
             tasks.spawn(accept_loop(listener, side, shared.clone(), stopped.clone()));
         }
@@ -240,16 +247,19 @@ async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared)
     };
     // Half-close is carried across: EOF on one side shuts down writing on the other, and the
     // other direction keeps flowing until it ends too.
-    let counters = &shared.counters;
-    match tokio::try_join!(
-        pump(&client, &upstream, &counters.bytes_to_upstream),
-        pump(&upstream, &client, &counters.bytes_from_upstream)
-    ) {
-        Ok((up, down)) => {
+    match relay(&client, &upstream, shared.cfg.liveness.idle_timeout, &shared.counters).await {
+        Ended::Done { up, down } => {
             guard.done = true;
             tracing::debug!(%peer, dst = %dst.addr, up, down, "closed");
         }
-        Err(e) => tracing::debug!(%peer, dst = %dst.addr, "copy ended: {e}"),
+        // As Envoy's TCP proxy does at its idle timeout: both sides closed (FIN), since every
+        // byte read was delivered; one that could not be is a cut stream, reset.
+        Ended::Idle { stalled } => {
+            shared.counters.idle_closed.fetch_add(1, Ordering::Relaxed);
+            guard.done = !stalled;
+            tracing::debug!(%peer, dst = %dst.addr, stalled, "idle timeout; closing");
+        }
+        Ended::Failed(e) => tracing::debug!(%peer, dst = %dst.addr, "copy ended: {e}"),
     }
 }
 
@@ -268,51 +278,11 @@ impl Drop for ResetUnlessDone<'_> {
     }
 }
 
-/// Copies `from` to `to` until EOF, then shuts down writing on `to`. The buffer is taken only
-/// once `from` is readable and given back whenever a read drains it, so an idle connection
-/// holds no buffer: a proxy holding ten thousand quiet connections should not hold 1.3 GB.
-async fn pump(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64) -> io::Result<u64> {
-    let mut total = 0u64;
-    let mut buf: Vec<u8> = Vec::new();
-    loop {
-        from.readable().await?;
-        buf.reserve_exact(COPY_BUF);
-        match from.try_read_buf(&mut buf) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-        let drained = buf.len() < COPY_BUF;
-        write_all(to, &buf).await?;
-        total += buf.len() as u64;
-        bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        if drained {
-            buf = Vec::new();
-        } else {
-            buf.clear();
-        }
-    }
-    // SHUT_WR on a connection the peer already closed only fails with ENOTCONN, which changes
-    // nothing here.
-    let _ = rustix::net::shutdown(to, rustix::net::Shutdown::Write);
-    Ok(total)
-}
-
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 async fn connect_upstream(dst: SocketAddr, side: Side, shared: &Shared) -> io::Result<TcpStream> {
-    let socket = shared.dialer.socket(dst.is_ipv6()).await?;
+    let socket = shared
+        .dialer
+        .socket(dst.is_ipv6(), shared.cfg.liveness.keepalive)
+        .await?;
     if side == Side::Inbound {
         let src = match dst {
             SocketAddr::V4(_) => IpAddr::V4(INBOUND_PASSTHROUGH_SRC),
@@ -336,6 +306,10 @@ mod tests {
             listen_on: ProxyConfig::LOOPBACK.to_vec(),
             connect_timeout: Duration::from_secs(1),
             max_connections,
+            liveness: Liveness {
+                idle_timeout: Some(Liveness::DEFAULT_IDLE_TIMEOUT),
+                keepalive: Some(Keepalive::DEFAULT),
+            },
         }
     }
 
