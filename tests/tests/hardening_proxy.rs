@@ -176,3 +176,81 @@ fn both_legs_of_a_proxied_connection_keep_alive() {
         assert_eq!(keepalive_of(upstream), want, "upstream, flags {flags:?}");
     }
 }
+
+/// The agent's log without the colour codes `tracing` writes.
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Thousands of connections straight to the capture port (nothing redirected them, so there
+/// is no original destination) are each reset, and logged as a handful of lines whose counts
+/// add up to all of them: the first with its addresses, then at most one a second, the rest
+/// when the agent stops.
+#[test]
+fn direct_hits_on_a_capture_port_log_a_bounded_number_of_lines() {
+    const N: u64 = 2000;
+    let mut w = Workload::with_agent("hard-noise", &[]);
+    let t0 = Instant::now();
+    let resets = w
+        .pair
+        .workload
+        .open()
+        .unwrap()
+        .run(|| {
+            let mut resets = 0;
+            for _ in 0..N {
+                let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, redirect_tests::OUTBOUND_CAPTURE))?;
+                s.set_read_timeout(Some(BOUND))?;
+                // Waiting for each reset also means the agent handled each one.
+                if s.read(&mut [0u8; 16])
+                    .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionReset)
+                {
+                    resets += 1;
+                }
+            }
+            Ok(resets)
+        })
+        .unwrap();
+    assert_eq!(resets, N, "every direct hit is reset");
+    let (_, log) = w.agent.as_mut().unwrap().stop().unwrap();
+    let elapsed = t0.elapsed();
+
+    let lines: Vec<String> = plain(&log)
+        .lines()
+        .filter(|l| l.contains("no original destination"))
+        .map(str::to_owned)
+        .collect();
+    let count = |l: &str| -> u64 {
+        let at = l.find("count=").unwrap_or_else(|| panic!("no count in {l:?}")) + "count=".len();
+        let digits: String = l[at..].chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().unwrap()
+    };
+    // The first, one a second at most, and the last at the stop.
+    let bound = 2 + elapsed.as_secs() as usize + 1;
+    assert!(
+        lines.len() <= bound,
+        "{} lines for {N} direct hits in {elapsed:?} (at most {bound}):\n{}",
+        lines.len(),
+        lines[..lines.len().min(5)].join("\n")
+    );
+    assert_eq!(
+        lines.iter().map(|l| count(l)).sum::<u64>(),
+        N,
+        "the counts add up to every hit:\n{}",
+        lines.join("\n")
+    );
+}

@@ -27,6 +27,7 @@ mod fast_path;
 mod listen;
 mod orig_dst;
 mod relay;
+mod throttle;
 
 pub use dialer::{Dialer, NetnsDialer};
 use fast_path::Enrolled;
@@ -35,6 +36,7 @@ pub use listen::{LISTEN_BACKLOG, Listeners, Listening, ProxyConfig, Side, connec
 pub use orig_dst::{OrigDstTable, OriginalDst};
 use relay::{Ended, relay};
 pub use relay::{Keepalive, Liveness};
+use throttle::{Noise, Throttles};
 
 /// Counts the proxy keeps for its logs and node mode's metrics.
 #[derive(Debug, Default)]
@@ -67,6 +69,8 @@ struct Shared {
     cfg: ProxyConfig,
     limit: Arc<Semaphore>,
     counters: Arc<ProxyCounters>,
+    /// Per-connection log lines, throttled.
+    noise: Throttles,
 }
 
 impl Proxy {
@@ -86,6 +90,7 @@ impl Proxy {
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
             cfg,
             counters: counters.clone(),
+            noise: Throttles::new(),
         });
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -98,6 +103,7 @@ impl Proxy {
             tracing::info!(side = side.name(), addr = %listener.local_addr()?, "proxy listening");
             tasks.spawn(accept_loop(listener, side, shared.clone(), stopped.clone()));
         }
+        tasks.spawn(summaries(shared.clone(), stopped));
         Ok(Self {
             tasks,
             stop,
@@ -143,8 +149,6 @@ async fn accept_loop(
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
-    // Under overload every accept is over the limit: one warning a second, with the count.
-    let mut over_limit = Throttle::default();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -152,11 +156,12 @@ async fn accept_loop(
                     shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
                     let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
                         shared.counters.over_limit.fetch_add(1, Ordering::Relaxed);
-                        if let Some(resets) = over_limit.hit() {
+                        // Under overload every accept is over the limit.
+                        if let Some(count) = shared.noise.hit(Noise::OverLimit) {
                             tracing::warn!(
                                 %peer,
                                 limit = shared.cfg.max_connections,
-                                resets,
+                                count,
                                 "connection limit reached; resetting"
                             );
                         }
@@ -171,7 +176,9 @@ async fn accept_loop(
                 }
                 // EMFILE and friends: back off instead of spinning.
                 Err(e) => {
-                    tracing::warn!(side = side.name(), "accept: {e}");
+                    if let Some(count) = shared.noise.hit(Noise::AcceptFailed) {
+                        tracing::warn!(side = side.name(), count, "accept failed: {e}");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
@@ -184,27 +191,18 @@ async fn accept_loop(
     while conns.join_next().await.is_some() {}
 }
 
-/// Lets a repeating event through at most once a second, counting the ones held back.
-#[derive(Default)]
-struct Throttle {
-    last: Option<std::time::Instant>,
-    held: u64,
-}
-
-impl Throttle {
-    /// `Some(n)`: report now, `n` events since the last report (this one included).
-    fn hit(&mut self) -> Option<u64> {
-        self.held += 1;
-        let now = std::time::Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
-        {
-            return None;
+/// The throttled log lines' counts, once a second while something is held back, and whatever
+/// is left when the proxy stops.
+async fn summaries(shared: Arc<Shared>, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Throttles::PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => shared.noise.summarize(false, shared.cfg.max_connections),
+            _ = stopped.changed() => break,
         }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.held))
     }
+    shared.noise.summarize(true, shared.cfg.max_connections);
 }
 
 /// Closes with RST, so the workload sees a failure at once instead of a clean EOF or a hang.
@@ -220,14 +218,24 @@ async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared)
     let listen_port = shared.cfg.port(side);
     let Some(dst) = shared.table.lookup(&client, peer, local, listen_port) else {
         shared.counters.no_original_dst.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%peer, %local, "no original destination recorded for this connection; resetting");
+        // A client dialling a capture port straight, in a loop, is a line a second.
+        if let Some(count) = shared.noise.hit(Noise::NoOriginalDst) {
+            tracing::warn!(
+                %peer,
+                %local,
+                count,
+                "no original destination recorded for this connection; resetting"
+            );
+        }
         return reset(client);
     };
     let upstream = match connect_upstream(dst.addr, side, shared).await {
         Ok(s) => s,
         Err(e) => {
             shared.counters.upstream_failed.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(%peer, dst = %dst.addr, "upstream connect failed: {e}; resetting");
+            if let Some(count) = shared.noise.hit(Noise::UpstreamFailed) {
+                tracing::info!(%peer, dst = %dst.addr, count, "upstream connect failed: {e}; resetting");
+            }
             return reset(client);
         }
     };
@@ -311,16 +319,6 @@ mod tests {
                 keepalive: Some(Keepalive::DEFAULT),
             },
         }
-    }
-
-    #[test]
-    fn a_throttle_reports_the_first_event_then_counts() {
-        let mut t = Throttle::default();
-        assert_eq!(t.hit(), Some(1));
-        assert_eq!(t.hit(), None);
-        assert_eq!(t.hit(), None);
-        t.last = Some(std::time::Instant::now() - Duration::from_secs(2));
-        assert_eq!(t.hit(), Some(3));
     }
 
     #[test]
