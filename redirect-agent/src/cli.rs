@@ -361,6 +361,8 @@ pub fn main() -> ExitCode {
     if let Command::ListenIn(args) = &cli.command {
         return crate::listen_in::main(args);
     }
+    // Before the runtime's threads: see proxy/trim.rs.
+    crate::proxy::one_arena();
     init_tracing();
     // Namespace, cgroup and identity are per task: taken before the runtime's threads exist.
     if let Command::Proxy(args) = &cli.command

@@ -28,6 +28,7 @@ mod listen;
 mod orig_dst;
 mod relay;
 mod throttle;
+mod trim;
 
 pub use dialer::{Dialer, NetnsDialer};
 use fast_path::Enrolled;
@@ -37,6 +38,7 @@ pub use orig_dst::{OrigDstTable, OriginalDst};
 use relay::{Ended, relay};
 pub use relay::{Keepalive, Liveness};
 use throttle::{Noise, Throttles};
+pub use trim::one_arena;
 
 /// Counts the proxy keeps for its logs and node mode's metrics.
 #[derive(Debug, Default)]
@@ -103,7 +105,7 @@ impl Proxy {
             tracing::info!(side = side.name(), addr = %listener.local_addr()?, "proxy listening");
             tasks.spawn(accept_loop(listener, side, shared.clone(), stopped.clone()));
         }
-        tasks.spawn(summaries(shared.clone(), stopped));
+        tasks.spawn(housekeeping(shared.clone(), stopped));
         Ok(Self {
             tasks,
             stop,
@@ -114,7 +116,7 @@ impl Proxy {
 
     /// Connections being served now.
     pub fn active(&self) -> usize {
-        self.shared.cfg.max_connections - self.shared.limit.available_permits()
+        self.shared.active()
     }
 
     /// Closes the listeners (what waits in their backlogs is reset), lets open connections
@@ -191,18 +193,33 @@ async fn accept_loop(
     while conns.join_next().await.is_some() {}
 }
 
-/// The throttled log lines' counts, once a second while something is held back, and whatever
-/// is left when the proxy stops.
-async fn summaries(shared: Arc<Shared>, mut stopped: tokio::sync::watch::Receiver<bool>) {
+/// Once a second: the throttled log lines' counts while something is held back (and whatever
+/// is left when the proxy stops), and memory given back after connections ended.
+async fn housekeeping(shared: Arc<Shared>, mut stopped: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Throttles::PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut trimmer = trim::Trimmer::default();
+    let mut active_before = 0;
     loop {
         tokio::select! {
-            _ = tick.tick() => shared.noise.summarize(false, shared.cfg.max_connections),
+            _ = tick.tick() => {
+                shared.noise.summarize(false, shared.cfg.max_connections);
+                let active = shared.active();
+                let ended = shared.counters.accepted.load(Ordering::Relaxed).saturating_sub(active as u64);
+                trimmer.tick(ended, active, active_before);
+                active_before = active;
+            }
             _ = stopped.changed() => break,
         }
     }
     shared.noise.summarize(true, shared.cfg.max_connections);
+}
+
+impl Shared {
+    /// Connections being served now.
+    fn active(&self) -> usize {
+        self.cfg.max_connections - self.limit.available_permits()
+    }
 }
 
 /// Closes with RST, so the workload sees a failure at once instead of a clean EOF or a hang.
