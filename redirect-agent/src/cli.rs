@@ -9,8 +9,7 @@ use tracing_subscriber::EnvFilter;
 use crate::{
     engine::{self, Sizing},
     explain, features,
-    flags::CaptureFlags,
-    flags::ProxyMode,
+    flags::{CaptureFlags, LivenessFlags, ProxyMode},
     node::{self, NodeOptions},
     run::{self, RunOptions},
     standalone, stats,
@@ -149,6 +148,8 @@ struct NodeArgs {
     /// with --fast-path. Sizes the fast-path maps; changing it needs a `cleanup`.
     #[arg(long)]
     fast_path: bool,
+    #[command(flatten)]
+    liveness: LivenessFlags,
 }
 
 #[derive(clap::Args, Debug)]
@@ -238,6 +239,8 @@ struct RunArgs {
     #[arg(long)]
     fast_path: bool,
     #[command(flatten)]
+    liveness: LivenessFlags,
+    #[command(flatten)]
     capture: CaptureFlags,
 }
 
@@ -291,8 +294,16 @@ fn check(verifier: bool, json: bool) -> anyhow::Result<()> {
 }
 
 /// `run`'s and `node`'s shared flags (each with its own defaults) as the engine takes them.
-fn sizing(max_tracked: u32, max_proxy: u32, connect_timeout_ms: u64, drain_timeout_ms: u64, fast_path: bool) -> Sizing {
+fn sizing(
+    max_tracked: u32,
+    max_proxy: u32,
+    connect_timeout_ms: u64,
+    drain_timeout_ms: u64,
+    fast_path: bool,
+    liveness: LivenessFlags,
+) -> Sizing {
     Sizing {
+        liveness: liveness.to_liveness(),
         max_tracked_connections: max_tracked,
         max_proxy_connections: max_proxy as usize,
         connect_timeout: Duration::from_millis(connect_timeout_ms),
@@ -366,6 +377,8 @@ pub fn main() -> ExitCode {
     if let Command::ListenIn(args) = &cli.command {
         return crate::listen_in::main(args);
     }
+    // Before the runtime's threads: see proxy/trim.rs.
+    crate::proxy::one_arena();
     init_tracing();
     // Namespace, cgroup and identity are per task: taken before the runtime's threads exist.
     if let Command::Proxy(args) = &cli.command
@@ -396,6 +409,7 @@ pub fn main() -> ExitCode {
                         args.connect_timeout_ms,
                         args.drain_timeout_ms,
                         args.fast_path,
+                        args.liveness,
                     ),
                 };
                 run::run(opts, termination.wait()).await
@@ -445,6 +459,7 @@ pub fn main() -> ExitCode {
                         args.connect_timeout_ms,
                         args.drain_timeout_ms,
                         args.fast_path,
+                        args.liveness,
                     ),
                 };
                 node::run(opts, termination.wait()).await

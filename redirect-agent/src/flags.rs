@@ -3,6 +3,8 @@
 use clap::Args;
 use redirect_common::config::{self, CaptureConfig, ConfigError};
 
+use crate::proxy::{Keepalive, Liveness};
+
 /// The capture flags, named and defaulted as `istio-iptables` for the default injection
 /// (`-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -b '*' -d 15090,15021,15020`).
 #[derive(Args, Debug, Clone)]
@@ -190,5 +192,39 @@ mod tests {
                 .unwrap_err()
                 .contains("--frobnicate")
         );
+    }
+}
+
+/// How long a proxied connection may live with its peers quiet or gone (`run`, `node` and
+/// `proxy` alike).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct LivenessFlags {
+    /// Close a proxied connection after this long without a byte in either direction, in
+    /// milliseconds; 0: never (Envoy's TCP proxy default: 1 h).
+    #[arg(long, default_value_t = Liveness::DEFAULT_IDLE_TIMEOUT.as_millis() as u64, value_parser = clap::value_parser!(u64).range(0..=604_800_000))]
+    pub idle_timeout_ms: u64,
+    /// TCP keepalive on both legs of each proxied connection: seconds of silence before the
+    /// first probe; 0: keepalive off.
+    #[arg(long, default_value_t = Keepalive::DEFAULT.time.as_secs() as u32, value_parser = clap::value_parser!(u32).range(0..=32_767))]
+    pub keepalive_time_secs: u32,
+    /// Seconds between unanswered keepalive probes.
+    #[arg(long, default_value_t = Keepalive::DEFAULT.interval.as_secs() as u32, value_parser = clap::value_parser!(u32).range(1..=32_767))]
+    pub keepalive_interval_secs: u32,
+    /// Unanswered keepalive probes before the connection is dropped.
+    #[arg(long, default_value_t = Keepalive::DEFAULT.probes, value_parser = clap::value_parser!(u32).range(1..=127))]
+    pub keepalive_probes: u32,
+}
+
+impl LivenessFlags {
+    pub fn to_liveness(self) -> Liveness {
+        use std::time::Duration;
+        Liveness {
+            idle_timeout: (self.idle_timeout_ms > 0).then(|| Duration::from_millis(self.idle_timeout_ms)),
+            keepalive: (self.keepalive_time_secs > 0).then(|| Keepalive {
+                time: Duration::from_secs(self.keepalive_time_secs.into()),
+                interval: Duration::from_secs(self.keepalive_interval_secs.into()),
+                probes: self.keepalive_probes,
+            }),
+        }
     }
 }

@@ -43,6 +43,8 @@ pub struct ProxyArgs {
     /// On SIGTERM: how long open connections may finish before they are reset, in milliseconds.
     #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
     pub drain_timeout_ms: u64,
+    #[command(flatten)]
+    pub liveness: crate::flags::LivenessFlags,
 }
 
 /// Enters the workload and takes the proxy's identity. Must run before any thread exists:
@@ -69,6 +71,7 @@ pub async fn serve(args: &ProxyArgs, shutdown: impl std::future::Future<Output =
         listen_on: ProxyConfig::ANY.to_vec(),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         max_connections: args.max_proxy_connections as usize,
+        liveness: args.liveness.to_liveness(),
     }
     // Raised in `enter`, while still root.
     .fit_to_descriptors(sys::nofile_limit().map_or(0, |l| l.rlim_cur));

@@ -24,6 +24,7 @@ pub mod serve;
 pub mod server;
 pub mod sock;
 pub mod sockdiag;
+pub mod stress;
 pub mod util;
 
 pub use util::unique;

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use redirect_testkit::{demo, handover_peer, probe, serve};
+use redirect_testkit::{demo, handover_peer, probe, serve, stress};
 
 /// Test kit of redirect: throw-away workloads for its tests and demo.
 #[derive(Parser, Debug)]
@@ -27,6 +27,15 @@ enum Command {
     /// A node agent's successor, played part-way (used by the tests).
     #[command(hide = true)]
     HandoverPeer(handover_peer::HandoverPeerArgs),
+    /// Bursts of concurrent proxied connections; prints the agent's resident memory idle, at
+    /// each peak and after each burst, as JSON (root).
+    Stress {
+        /// The redirect-agent binary to run.
+        #[arg(long, value_name = "PATH")]
+        agent: std::path::PathBuf,
+        #[command(flatten)]
+        args: stress::StressArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -36,6 +45,16 @@ fn main() -> ExitCode {
         Command::Probe(args) => probe::main(&args),
         Command::Serve(args) => serve::main(&args),
         Command::HandoverPeer(args) => handover_peer::main(&args),
+        Command::Stress { agent, args } => match stress::run(&agent, &args) {
+            Ok(report) => {
+                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("redirect-testkit stress: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Demo(args) => match demo::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -21,6 +21,7 @@ use redirect_testkit::{
 pub use redirect_testkit::report::Outcome;
 
 pub mod node;
+pub mod procfd;
 
 /// Ports of the servers every workload has.
 pub const REMOTE_PORT: u16 = 8080;

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup|build|run|test|vm-test`.
+//! Project tasks: `cargo xtask setup|build|run|test|bench|stress|vm-test`.
 //!
 //! `setup` installs what a fresh machine of this kind lacks and nothing else; `run` and `test`
 //! call it first, so the README's two commands work from a bare clone.
@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 mod docs;
 mod sh;
+mod stress;
 mod vm;
 
 use sh::{apt_install, cargo, have, is_root, output, root, run};
@@ -53,6 +54,17 @@ enum Task {
         /// Also profile CRR through B and C with perf (docs/profile.md).
         #[arg(long)]
         profile: bool,
+    },
+    /// Bursts of concurrent proxied connections with the agent's resident memory measured
+    /// idle and after each; writes docs/reliability.md and fails past the target (root).
+    Stress {
+        #[arg(long, default_value_t = 5)]
+        bursts: usize,
+        #[arg(long, default_value_t = 3000)]
+        connections: usize,
+        /// Measure a debug build (quicker to build) instead of the release one.
+        #[arg(long)]
+        debug: bool,
     },
     /// Boot another kernel with virtme-ng and run the integration tests inside it (root).
     VmTest {
@@ -275,6 +287,20 @@ fn bench(quick: bool, profile: bool) -> anyhow::Result<()> {
     run("bench: redirect-bench run", c)
 }
 
+fn stress(bursts: usize, connections: usize, debug: bool) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("stress: the bursts create namespaces and load programs: run it as root");
+    }
+    setup()?;
+    let agent = build(!debug)?;
+    let opts = stress::Options {
+        bursts,
+        connections,
+        profile: if debug { "debug" } else { "release" },
+    };
+    stress::run(&root(), &agent, &opts)
+}
+
 fn vm_test(opts: vm::Options) -> anyhow::Result<()> {
     if !is_root() {
         bail!("vm-test: booting a kernel and running the integration tests in it needs root");
@@ -328,6 +354,11 @@ fn main() -> std::process::ExitCode {
         }),
         Task::Test { filter } => test(filter),
         Task::Bench { quick, profile } => bench(quick, profile),
+        Task::Stress {
+            bursts,
+            connections,
+            debug,
+        } => stress(bursts, connections, debug),
         Task::VmTest { kernel, filter, report } => vm_test(vm::Options {
             kernel,
             filters: filter,

@@ -89,6 +89,8 @@ pub(crate) struct Sizing {
     pub drain: Duration,
     /// Load the fast path's programs and size its maps; workloads that ask get it.
     pub fast_path: bool,
+    /// Idle timeout and keepalive of the embedded proxies' connections.
+    pub liveness: crate::proxy::Liveness,
 }
 
 /// The maps the engine reads and writes itself (each workload's proxy and address watcher

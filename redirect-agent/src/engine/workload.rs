@@ -300,6 +300,7 @@ impl Engine {
                 listen_on: ProxyConfig::LOOPBACK.to_vec(),
                 connect_timeout: self.settings.sizing.connect_timeout,
                 max_connections: self.settings.sizing.max_proxy_connections,
+                liveness: self.settings.sizing.liveness,
             }
             .fit_to_descriptors(self.proxy_budget);
             let listening = self
@@ -316,8 +317,10 @@ impl Engine {
                 cookie,
             )));
             let agent_sockets = AgentSockets::new(self.open_map(maps::AGENT_SOCKETS)?);
-            let dialer =
-                Dialer::Netns(NetnsDialer::start(&netns, agent_sockets).map_err(EnrollError::io("upstream dialer"))?);
+            let dialer = Dialer::Netns(
+                NetnsDialer::start(&netns, agent_sockets, self.settings.sizing.liveness.keepalive)
+                    .map_err(EnrollError::io("upstream dialer"))?,
+            );
             // Where sock_ops does not see the proxy's upstream sockets, the proxy enrolls
             // them in the fast path itself.
             let own_fast_path = match fast_path && !self.agent_under_attach {

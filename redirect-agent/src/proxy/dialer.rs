@@ -10,6 +10,7 @@ use aya::maps::{HashMap, MapData};
 use redirect_common::AGENT_SOCKET_MARK;
 use tokio::net::TcpSocket;
 
+use super::Keepalive;
 use crate::sys::Netns;
 
 /// Makes the proxy's upstream sockets.
@@ -24,12 +25,17 @@ pub enum Dialer {
 impl Dialer {
     /// A socket for an upstream connection of the family of the original destination: IPv4
     /// (also for a v4-mapped connect, which was IPv4 on the wire) or IPv6.
-    pub(super) async fn socket(&self, v6: bool) -> io::Result<TcpSocket> {
-        match self {
-            Self::Netns(d) => d.socket(v6).await,
-            Self::Here if v6 => TcpSocket::new_v6(),
-            Self::Here => TcpSocket::new_v4(),
+    /// `keepalive`: for [`Dialer::Here`]; a [`NetnsDialer`]'s threads set their own.
+    pub(super) async fn socket(&self, v6: bool, keepalive: Option<Keepalive>) -> io::Result<TcpSocket> {
+        let made = match self {
+            Self::Netns(d) => return d.socket(v6).await,
+            Self::Here if v6 => TcpSocket::new_v6()?,
+            Self::Here => TcpSocket::new_v4()?,
+        };
+        if let Some(k) = keepalive {
+            k.apply(&made)?;
         }
+        Ok(made)
     }
 }
 
@@ -48,6 +54,7 @@ pub struct NetnsDialer {
     v6: Arc<tokio::sync::OnceCell<Pool>>,
     netns: Arc<Netns>,
     agent: AgentSockets,
+    keepalive: Option<Keepalive>,
 }
 
 /// `AGENT_SOCKETS`: the upstream sockets connect4/6 must leave alone. Each socket goes in as it
@@ -76,12 +83,14 @@ struct Pool {
 }
 
 impl NetnsDialer {
-    pub fn start(netns: &Netns, agent: AgentSockets) -> io::Result<Self> {
+    /// `keepalive`: set on every socket made (before it connects), off the connection's path.
+    pub fn start(netns: &Netns, agent: AgentSockets, keepalive: Option<Keepalive>) -> io::Result<Self> {
         Ok(Self {
-            v4: Pool::start(netns, false, agent.clone())?,
+            v4: Pool::start(netns, false, agent.clone(), keepalive)?,
             v6: Arc::default(),
             netns: Arc::new(netns.try_clone()?),
             agent,
+            keepalive,
         })
     }
 
@@ -92,9 +101,9 @@ impl NetnsDialer {
         let pool = self
             .v6
             .get_or_try_init(|| {
-                let (netns, agent) = (self.netns.clone(), self.agent.clone());
+                let (netns, agent, keepalive) = (self.netns.clone(), self.agent.clone(), self.keepalive);
                 async move {
-                    tokio::task::spawn_blocking(move || Pool::start(&netns, true, agent))
+                    tokio::task::spawn_blocking(move || Pool::start(&netns, true, agent, keepalive))
                         .await
                         .map_err(io::Error::other)?
                 }
@@ -105,7 +114,7 @@ impl NetnsDialer {
 }
 
 impl Pool {
-    fn start(netns: &Netns, v6: bool, agent: AgentSockets) -> io::Result<Self> {
+    fn start(netns: &Netns, v6: bool, agent: AgentSockets, keepalive: Option<Keepalive>) -> io::Result<Self> {
         let netns = netns.try_clone()?;
         let (tx, rx) = tokio::sync::mpsc::channel(SPARE_SOCKETS);
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -120,6 +129,7 @@ impl Pool {
             loop {
                 let made = if v6 { TcpSocket::new_v6() } else { TcpSocket::new_v4() };
                 let made = made.and_then(mark_as_agent).and_then(|s| {
+                    keepalive.map_or(Ok(()), |k| k.apply(&s))?;
                     agent.register(&s)?;
                     Ok(s)
                 });

@@ -44,6 +44,8 @@ pub struct ProxyConfig {
     pub listen_on: Vec<IpAddr>,
     pub connect_timeout: Duration,
     pub max_connections: usize,
+    /// Idle timeout and keepalive of every proxied connection.
+    pub liveness: super::Liveness,
 }
 
 /// Proxied connections that `nofile` descriptors hold: two each, after the reserve; at least one.

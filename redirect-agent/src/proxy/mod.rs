@@ -26,15 +26,19 @@ mod dialer;
 mod fast_path;
 mod listen;
 mod orig_dst;
+mod relay;
+mod throttle;
+mod trim;
 
 pub use dialer::{AgentSockets, Dialer, NetnsDialer};
 use fast_path::Enrolled;
 pub use fast_path::{FastPath, FastPathSockets};
 pub use listen::{LISTEN_BACKLOG, Listeners, Listening, ProxyConfig, Side, connections_fitting, no_ipv6};
 pub use orig_dst::{OrigDstTable, OriginalDst};
-
-/// Bytes buffered per direction per connection.
-const COPY_BUF: usize = 64 * 1024;
+use relay::{Ended, relay};
+pub use relay::{Keepalive, Liveness};
+use throttle::{Noise, Throttles};
+pub use trim::one_arena;
 
 /// Counts the proxy keeps for its logs and node mode's metrics.
 #[derive(Debug, Default)]
@@ -48,6 +52,8 @@ pub struct ProxyCounters {
     pub no_original_dst: AtomicU64,
     pub upstream_failed: AtomicU64,
     pub over_limit: AtomicU64,
+    /// Connections closed after the idle timeout.
+    pub idle_closed: AtomicU64,
 }
 
 /// The running proxy; dropping it stops the listeners and resets open connections.
@@ -65,6 +71,8 @@ struct Shared {
     cfg: ProxyConfig,
     limit: Arc<Semaphore>,
     counters: Arc<ProxyCounters>,
+    /// Per-connection log lines, throttled.
+    noise: Throttles,
 }
 
 impl Proxy {
@@ -84,13 +92,20 @@ impl Proxy {
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
             cfg,
             counters: counters.clone(),
+            noise: Throttles::new(),
         });
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut tasks = JoinSet::new();
         for (side, listener) in listening.listeners {
+            // Accepted sockets inherit keepalive from their listener: set once here, it costs
+            // no syscall per connection.
+            if let Some(k) = shared.cfg.liveness.keepalive {
+                k.apply(&listener)?;
+            }
             tracing::info!(side = side.name(), addr = %listener.local_addr()?, "proxy listening");
             tasks.spawn(accept_loop(listener, side, shared.clone(), stopped.clone()));
         }
+        tasks.spawn(housekeeping(shared.clone(), stopped));
         Ok(Self {
             tasks,
             stop,
@@ -101,7 +116,7 @@ impl Proxy {
 
     /// Connections being served now.
     pub fn active(&self) -> usize {
-        self.shared.cfg.max_connections - self.shared.limit.available_permits()
+        self.shared.active()
     }
 
     /// Closes the listeners (what waits in their backlogs is reset), lets open connections
@@ -136,8 +151,6 @@ async fn accept_loop(
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
-    // Under overload every accept is over the limit: one warning a second, with the count.
-    let mut over_limit = Throttle::default();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -145,11 +158,12 @@ async fn accept_loop(
                     shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
                     let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
                         shared.counters.over_limit.fetch_add(1, Ordering::Relaxed);
-                        if let Some(resets) = over_limit.hit() {
+                        // Under overload every accept is over the limit.
+                        if let Some(count) = shared.noise.hit(Noise::OverLimit) {
                             tracing::warn!(
                                 %peer,
                                 limit = shared.cfg.max_connections,
-                                resets,
+                                count,
                                 "connection limit reached; resetting"
                             );
                         }
@@ -164,7 +178,9 @@ async fn accept_loop(
                 }
                 // EMFILE and friends: back off instead of spinning.
                 Err(e) => {
-                    tracing::warn!(side = side.name(), "accept: {e}");
+                    if let Some(count) = shared.noise.hit(Noise::AcceptFailed) {
+                        tracing::warn!(side = side.name(), count, "accept failed: {e}");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
@@ -177,26 +193,32 @@ async fn accept_loop(
     while conns.join_next().await.is_some() {}
 }
 
-/// Lets a repeating event through at most once a second, counting the ones held back.
-#[derive(Default)]
-struct Throttle {
-    last: Option<std::time::Instant>,
-    held: u64,
+/// Once a second: the throttled log lines' counts while something is held back (and whatever
+/// is left when the proxy stops), and memory given back after connections ended.
+async fn housekeeping(shared: Arc<Shared>, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Throttles::PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut trimmer = trim::Trimmer::default();
+    let mut active_before = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                shared.noise.summarize(false, shared.cfg.max_connections);
+                let active = shared.active();
+                let ended = shared.counters.accepted.load(Ordering::Relaxed).saturating_sub(active as u64);
+                trimmer.tick(ended, active, active_before);
+                active_before = active;
+            }
+            _ = stopped.changed() => break,
+        }
+    }
+    shared.noise.summarize(true, shared.cfg.max_connections);
 }
 
-impl Throttle {
-    /// `Some(n)`: report now, `n` events since the last report (this one included).
-    fn hit(&mut self) -> Option<u64> {
-        self.held += 1;
-        let now = std::time::Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
-        {
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.held))
+impl Shared {
+    /// Connections being served now.
+    fn active(&self) -> usize {
+        self.cfg.max_connections - self.limit.available_permits()
     }
 }
 
@@ -213,14 +235,24 @@ async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared)
     let listen_port = shared.cfg.port(side);
     let Some(dst) = shared.table.lookup(&client, peer, local, listen_port) else {
         shared.counters.no_original_dst.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%peer, %local, "no original destination recorded for this connection; resetting");
+        // A client dialling a capture port straight, in a loop, is a line a second.
+        if let Some(count) = shared.noise.hit(Noise::NoOriginalDst) {
+            tracing::warn!(
+                %peer,
+                %local,
+                count,
+                "no original destination recorded for this connection; resetting"
+            );
+        }
         return reset(client);
     };
     let upstream = match connect_upstream(dst.addr, side, shared).await {
         Ok(s) => s,
         Err(e) => {
             shared.counters.upstream_failed.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(%peer, dst = %dst.addr, "upstream connect failed: {e}; resetting");
+            if let Some(count) = shared.noise.hit(Noise::UpstreamFailed) {
+                tracing::info!(%peer, dst = %dst.addr, count, "upstream connect failed: {e}; resetting");
+            }
             return reset(client);
         }
     };
@@ -240,16 +272,19 @@ async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared)
     };
     // Half-close is carried across: EOF on one side shuts down writing on the other, and the
     // other direction keeps flowing until it ends too.
-    let counters = &shared.counters;
-    match tokio::try_join!(
-        pump(&client, &upstream, &counters.bytes_to_upstream),
-        pump(&upstream, &client, &counters.bytes_from_upstream)
-    ) {
-        Ok((up, down)) => {
+    match relay(&client, &upstream, shared.cfg.liveness.idle_timeout, &shared.counters).await {
+        Ended::Done { up, down } => {
             guard.done = true;
             tracing::debug!(%peer, dst = %dst.addr, up, down, "closed");
         }
-        Err(e) => tracing::debug!(%peer, dst = %dst.addr, "copy ended: {e}"),
+        // As Envoy's TCP proxy does at its idle timeout: both sides closed (FIN), since every
+        // byte read was delivered; one that could not be is a cut stream, reset.
+        Ended::Idle { stalled } => {
+            shared.counters.idle_closed.fetch_add(1, Ordering::Relaxed);
+            guard.done = !stalled;
+            tracing::debug!(%peer, dst = %dst.addr, stalled, "idle timeout; closing");
+        }
+        Ended::Failed(e) => tracing::debug!(%peer, dst = %dst.addr, "copy ended: {e}"),
     }
 }
 
@@ -268,51 +303,11 @@ impl Drop for ResetUnlessDone<'_> {
     }
 }
 
-/// Copies `from` to `to` until EOF, then shuts down writing on `to`. The buffer is taken only
-/// once `from` is readable and given back whenever a read drains it, so an idle connection
-/// holds no buffer: a proxy holding ten thousand quiet connections should not hold 1.3 GB.
-async fn pump(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64) -> io::Result<u64> {
-    let mut total = 0u64;
-    let mut buf: Vec<u8> = Vec::new();
-    loop {
-        from.readable().await?;
-        buf.reserve_exact(COPY_BUF);
-        match from.try_read_buf(&mut buf) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-        let drained = buf.len() < COPY_BUF;
-        write_all(to, &buf).await?;
-        total += buf.len() as u64;
-        bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        if drained {
-            buf = Vec::new();
-        } else {
-            buf.clear();
-        }
-    }
-    // SHUT_WR on a connection the peer already closed only fails with ENOTCONN, which changes
-    // nothing here.
-    let _ = rustix::net::shutdown(to, rustix::net::Shutdown::Write);
-    Ok(total)
-}
-
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 async fn connect_upstream(dst: SocketAddr, side: Side, shared: &Shared) -> io::Result<TcpStream> {
-    let socket = shared.dialer.socket(dst.is_ipv6()).await?;
+    let socket = shared
+        .dialer
+        .socket(dst.is_ipv6(), shared.cfg.liveness.keepalive)
+        .await?;
     if side == Side::Inbound {
         let src = match dst {
             SocketAddr::V4(_) => IpAddr::V4(INBOUND_PASSTHROUGH_SRC),
@@ -336,17 +331,11 @@ mod tests {
             listen_on: ProxyConfig::LOOPBACK.to_vec(),
             connect_timeout: Duration::from_secs(1),
             max_connections,
+            liveness: Liveness {
+                idle_timeout: Some(Liveness::DEFAULT_IDLE_TIMEOUT),
+                keepalive: Some(Keepalive::DEFAULT),
+            },
         }
-    }
-
-    #[test]
-    fn a_throttle_reports_the_first_event_then_counts() {
-        let mut t = Throttle::default();
-        assert_eq!(t.hit(), Some(1));
-        assert_eq!(t.hit(), None);
-        assert_eq!(t.hit(), None);
-        t.last = Some(std::time::Instant::now() - Duration::from_secs(2));
-        assert_eq!(t.hit(), Some(3));
     }
 
     #[test]
