@@ -104,6 +104,28 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
     }
     // SAFETY: a 4-byte read of the context's `local_port` (host order).
     let local_port = port::host(unsafe { read_volatile(&raw const (*l).local_port) });
+    #[allow(
+        clippy::cast_ptr_alignment,
+        reason = "remote_port's offset in bpf_sk_lookup is 4-aligned (the `const _` assertion in this module)"
+    )]
+    // SAFETY: a 4-byte read at the context's `remote_port`, through a cast: the field is a
+    // `__be16` followed by 16 bits of padding in the bindings (both inside `bpf_sk_lookup`),
+    // and the verifier accepts the 4-byte load at its offset on every kernel (the field was
+    // narrowed to 16 bits in 5.19); the port is network order in the low half
+    // (`redirect_common::port::be_low`).
+    let remote_port = unsafe { read_volatile((&raw const (*l).remote_port).cast::<u32>()) };
+    let key = TupleKey::new(netns_cookie, remote_ip, port::be_low(remote_port), local_ip, local_port);
+    // A connection judged already (its SYN was handed over, and it has no socket yet): a
+    // retransmitted SYN after the first was dropped (a full accept queue), or another segment
+    // of the same 4-tuple. nat PREROUTING sees only a connection's first packet (conntrack
+    // NEW); later ones follow its decision uncounted. So does this: same listener, no count.
+    // SAFETY: the reference is only tested for presence, never read.
+    if unsafe { INBOUND_PENDING.get(key) }.is_some() {
+        return match assign(ctx, netns_cookie, family) {
+            Ok(()) => sk_action::SK_PASS,
+            Err(_) => sk_action::SK_DROP,
+        };
+    }
     let facts = ConnFacts {
         family: family as u8,
         proto: IPPROTO_TCP,
@@ -125,17 +147,6 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
         Ok(()) => {
             // What conntrack would keep for a REDIRECT: SO_ORIGINAL_DST on the accepted socket
             // (and the embedded proxy) read it under the 4-tuple, as the remote end connected.
-            #[allow(
-                clippy::cast_ptr_alignment,
-                reason = "remote_port's offset in bpf_sk_lookup is 4-aligned (the `const _` assertion in this module)"
-            )]
-            // SAFETY: a 4-byte read at the context's `remote_port`, through a cast: the field
-            // is a `__be16` followed by 16 bits of padding in the bindings (both inside
-            // `bpf_sk_lookup`), and the verifier accepts the 4-byte load at its offset on every
-            // kernel (the field was narrowed to 16 bits in 5.19); the port is network order in
-            // the low half (`redirect_common::port::be_low`).
-            let remote_port = unsafe { read_volatile((&raw const (*l).remote_port).cast::<u32>()) };
-            let key = TupleKey::new(netns_cookie, remote_ip, port::be_low(remote_port), local_ip, local_port);
             let orig = OrigDst::new(local_ip, local_port, Target::InRedirect);
             if INBOUND_PENDING.insert(key, orig, 0).is_err() {
                 count_event(workload, events::ORIG_DST_NOT_RECORDED);
