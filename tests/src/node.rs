@@ -263,18 +263,7 @@ impl NodeProcess {
         let Some(mut child) = self.child.take() else {
             return (None, self.take_log());
         };
-        let deadline = Instant::now() + within;
-        let status = loop {
-            if let Ok(Some(s)) = child.try_wait() {
-                break Some(s);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = wait_or_kill(&mut child, within);
         (status, self.take_log())
     }
 
@@ -349,18 +338,7 @@ impl HandoverPeer {
     /// Waits for it to end (killed after `within`): (exit status, stdout, stderr).
     pub fn finish(&mut self, within: Duration) -> (Option<ExitStatus>, String, String) {
         let mut child = self.child.take().expect("running");
-        let deadline = Instant::now() + within;
-        let status = loop {
-            if let Ok(Some(s)) = child.try_wait() {
-                break Some(s);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = wait_or_kill(&mut child, within);
         let mut out = String::new();
         let mut err = String::new();
         let _ = child.stdout.take().unwrap().read_to_string(&mut out);
@@ -379,5 +357,22 @@ impl Drop for HandoverPeer {
         if let Some(dir) = self.link.parent() {
             let _ = std::fs::remove_dir(dir);
         }
+    }
+}
+
+/// Waits for `child` to exit, killing it after `within`: its status, or `None` if it had to be
+/// killed.
+fn wait_or_kill(child: &mut std::process::Child, within: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -268,6 +268,20 @@ fn kill_agent(w: &mut Workload) {
     let _ = w.agent.as_mut().unwrap().stop();
 }
 
+/// Starts `w`'s agent again under the same name (with `flags`) and checks that it captures.
+fn restart_and_capture(w: &mut Workload, flags: &[&str]) {
+    w.start_agent(flags).expect("restart with the same name");
+    let r = w.probe(&w.spec(w.remote(redirect_tests::REMOTE_PORT)));
+    assert_eq!(
+        landing(&r),
+        Landing::Proxied {
+            capture_port: redirect_tests::OUTBOUND_CAPTURE,
+            server: "remote".into()
+        },
+        "{r:?}"
+    );
+}
+
 /// Fail-closed: a killed run's pinned links keep capturing, so while no agent runs the
 /// workload's connections are refused, outbound and inbound, and none reaches its destination
 /// around the proxy. The next run of the same name takes the links over (no gap) and serves.
@@ -297,16 +311,7 @@ fn a_killed_run_keeps_capturing_until_its_restart_takes_over() {
     );
     assert!(w.app_server.accepted().is_empty(), "reached the app directly");
 
-    w.start_agent(&[]).expect("restart with the same name");
-    let r = w.probe(&w.spec(w.remote(redirect_tests::REMOTE_PORT)));
-    assert_eq!(
-        landing(&r),
-        Landing::Proxied {
-            capture_port: redirect_tests::OUTBOUND_CAPTURE,
-            server: "remote".into()
-        },
-        "{r:?}"
-    );
+    restart_and_capture(&mut w, &[]);
     // The rules never went away: the 10 refused connections were decided (and counted) by
     // ISTIO_REDIRECT as under iptables with Envoy down, and the counters were taken over.
     assert_eq!(w.counts()[8], 11, "counters kept across the restart");
@@ -338,16 +343,7 @@ fn with_fail_open_a_killed_run_lets_connections_through() {
         "{r:?}"
     );
 
-    w.start_agent(&["--fail-open"]).expect("restart with the same name");
-    let r = w.probe(&w.spec(w.remote(redirect_tests::REMOTE_PORT)));
-    assert_eq!(
-        landing(&r),
-        Landing::Proxied {
-            capture_port: redirect_tests::OUTBOUND_CAPTURE,
-            server: "remote".into()
-        },
-        "{r:?}"
-    );
+    restart_and_capture(&mut w, &["--fail-open"]);
     assert_eq!(w.counts()[8], 1, "counters start afresh");
     let (status, log) = w.agent.as_mut().unwrap().stop().unwrap();
     assert!(status.success(), "{log}");
