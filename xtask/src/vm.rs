@@ -41,6 +41,15 @@ pub const SMOKE: &[&str] = &[
     "a_restart_under_load_hands_over_without_a_failed_request",
     "every_socket_family_is_captured_and_counted_in_its_own_table",
     "ipv6_connections_from_another_host_are_captured_inbound",
+    // Hardening whose kernel side differs between kernels: the owner match through BTF
+    // offsets, the cookie exemption, per-workload sk_lookup instances and their one-judgement
+    // per 4-tuple, pinned links of a killed run, cleanup's look at the kernel's links.
+    "the_owner_match_reads_the_sockets_fsuid_not_the_real_uid",
+    "an_app_that_sets_the_agents_mark_is_still_captured",
+    "a_workload_that_takes_anothers_address_gets_none_of_its_inbound",
+    "stray_segments_are_judged_once_per_four_tuple",
+    "a_killed_run_keeps_capturing_until_its_restart_takes_over",
+    "cleanup_fails_while_moved_pins_keep_the_programs_attached",
 ];
 
 pub struct Options {
