@@ -143,7 +143,14 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         .as_mut()
         .map(|h| std::mem::take(&mut h.handed))
         .unwrap_or_default();
-    engine.restore(infos, handed);
+    let unserved = engine.restore(infos, handed);
+    if handover.is_some() && unserved > 0 {
+        // The predecessor still serves them: saying "serving" would end that. Leaving now, it
+        // serves on (and moves back any link this process moved).
+        anyhow::bail!(
+            "{unserved} handed-over workload(s) could not be served here (see the log); the running agent serves on"
+        );
+    }
     engine.pin_programs()?;
     if let Some(h) = handover {
         tokio::task::block_in_place(|| h.confirm())?;
@@ -238,14 +245,17 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
 /// its state, bind the socket) before this process serves on.
 const SUCCESSOR_WITHIN: Duration = Duration::from_secs(30);
 
-/// Releases, every [`gone::CHECK_EVERY`], the workloads whose namespace went away without an
-/// unenroll. The engine's lock is held only to copy the workloads out and to release; the
-/// look at `/proc` runs without it.
+/// The node's housekeeping, every [`gone::CHECK_EVERY`]: serves the workloads a restart could
+/// not serve again, if it can now, and releases those whose namespace went away without an
+/// unenroll. The engine's lock is held only to copy the workloads out and to release; the look
+/// at `/proc` runs without it.
 async fn release_gone_namespaces(engine: Arc<tokio::sync::Mutex<Engine>>) {
     let mut tick = tokio::time::interval(gone::CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tick.tick().await;
+        // Workloads a restart could not serve again (still refused meanwhile): tried again.
+        engine.lock().await.retry_unserved();
         let candidates = engine.lock().await.gone_candidates();
         let Ok(gone) = tokio::task::spawn_blocking(move || gone::gone(candidates)).await else {
             continue;

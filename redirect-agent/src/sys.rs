@@ -34,6 +34,14 @@ pub enum SysError {
     Privilege { what: String, uid: u32, missing: String },
 }
 
+impl SysError {
+    /// Whether the path named nothing (ENOENT): a namespace that is positively gone, where
+    /// any other failure (out of descriptors, say) says nothing about it.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::Io(_, e) if e.kind() == io::ErrorKind::NotFound)
+    }
+}
+
 const CGROUP2_SUPER_MAGIC: FsWord = 0x6367_7270;
 const BPF_FS_MAGIC: FsWord = 0xcafe_4a11;
 const NSFS_MAGIC: FsWord = 0x6e73_6673;

@@ -12,6 +12,16 @@ use redirect_agent::sys;
 
 /// The file a running `redirect-agent run --name NAME` writes once it has attached:
 /// `/run/redirect/NAME.json`. Of its contents only `"pid"` is relied on.
+/// How long an agent may take to load, verify, attach and serve before a test gives up on it:
+/// 30 s, or `REDIRECT_TEST_START_SECS` (`cargo xtask vm-test` sets 180 for its guest, whose
+/// kernel runs under software emulation: the verifier there is tens of times slower).
+pub fn start_timeout() -> Duration {
+    std::env::var("REDIRECT_TEST_START_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(Duration::from_secs(30), Duration::from_secs)
+}
+
 pub fn state_file(name: &str) -> PathBuf {
     Path::new(sys::RUN_DIR).join(format!("{name}.json"))
 }
@@ -58,7 +68,8 @@ impl AgentProcess {
             log,
         };
         let pid = u64::from(me.child_mut().id());
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let within = start_timeout();
+        let deadline = Instant::now() + within;
         // Ready means a state file written by this child, not one left by an earlier process.
         while state_pid(name) != Some(pid) {
             if let Some(status) = me.child_mut().try_wait()? {
@@ -72,7 +83,7 @@ impl AgentProcess {
             if Instant::now() > deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    "agent did not attach within 30 s",
+                    format!("agent did not attach within {} s", within.as_secs()),
                 ));
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -97,7 +97,7 @@ impl NodeAgent {
             log,
         };
         let pid = p.pid();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + redirect_testkit::agent::start_timeout();
         loop {
             if self.state().is_some_and(|s| s.pid == pid)
                 && std::os::unix::net::UnixStream::connect(&self.socket).is_ok()

@@ -183,6 +183,8 @@ fn guest_script(agent: &Path, bins: &[(String, PathBuf)], filters: &[String], re
         "export REDIRECT_AGENT_BIN={}\n",
         shell_quote(&agent.to_string_lossy())
     ));
+    // Software emulation: the verifier runs tens of times slower than on the host.
+    s.push_str("export REDIRECT_TEST_START_SECS=180\n");
     s.push_str(&format!("cd {}\n", shell_quote(&root().to_string_lossy())));
     s.push_str("echo \"VM-KERNEL $(uname -r)\"\n");
     let filters: Vec<String> = filters.iter().map(|f| shell_quote(f)).collect();

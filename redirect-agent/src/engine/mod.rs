@@ -142,6 +142,9 @@ pub(crate) struct Engine {
     removed: bool,
     /// What the instance's maps take in the kernel, in bytes ([`Engine::kernel_memory`]).
     kernel_memory: u64,
+    /// Workloads a predecessor served that this process could not serve again: still
+    /// captured (refused), kept in the state and retried ([`Engine::retry_unserved`]).
+    unserved: BTreeMap<String, WorkloadInfo>,
 }
 
 impl Engine {
@@ -256,6 +259,7 @@ impl Engine {
             lock: None,
             removed: false,
             kernel_memory,
+            unserved: BTreeMap::new(),
         })
     }
 
@@ -313,7 +317,13 @@ impl Engine {
             socket: self.settings.socket.clone(),
             metrics: self.settings.metrics,
             programs: self.object.program_ids(),
-            workloads: self.workloads(),
+            // The unserved too: a restart retries them, and must not take them for
+            // leftovers no state names.
+            workloads: self
+                .workloads()
+                .into_iter()
+                .chain(self.unserved.values().cloned())
+                .collect(),
         }
     }
 

@@ -10,50 +10,31 @@ use crate::sys::Netns;
 
 impl Engine {
     /// Serves again the workloads a predecessor served (handed over with their descriptors,
-    /// or adopted from its state). Those whose namespace is gone, or that cannot be started
-    /// again, are released rather than left half-served; so are entries and pins no state
-    /// names (a state file lost with a crash).
-    pub(crate) fn restore(&mut self, infos: Vec<WorkloadInfo>, mut handed: BTreeMap<String, Handed>) {
+    /// or adopted from its state). One whose namespace is positively gone (no such path, or
+    /// the path names another namespace now) is released. One that cannot be started again
+    /// is not: its chain and sk_lookup link stay, so its connections are refused rather than
+    /// let through, and it is kept (in the state, for the next start) and tried again
+    /// ([`Engine::retry_unserved`]). Entries and pins no state names (a state file lost with
+    /// a crash) are released. Returns how many workloads are left unserved.
+    pub(crate) fn restore(&mut self, infos: Vec<WorkloadInfo>, mut handed: BTreeMap<String, Handed>) -> usize {
         for info in infos {
-            let cookie = info.netns_cookie;
             let from_peer = handed.remove(&info.id);
             let netns = match &from_peer {
                 Some(h) => h
                     .netns
                     .try_clone()
-                    .map_err(|e| e.to_string())
-                    .and_then(|fd| Netns::from_fd(fd, &info.netns).map_err(|e| e.to_string())),
-                None => Netns::open(&info.netns).map_err(|e| e.to_string()),
+                    .map_err(|e| crate::error::SysError::Io("the handed netns".into(), e))
+                    .and_then(|fd| Netns::from_fd(fd, &info.netns)),
+                None => Netns::open(&info.netns),
             };
-            let netns = match netns {
-                Ok(ns) if ns.cookie().ok() == Some(cookie) => ns,
-                Ok(_) => {
-                    tracing::warn!(id = %info.id, netns = %info.netns.display(), "namespace is gone (its path names another now); releasing the workload");
-                    self.purge(cookie);
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(id = %info.id, "namespace is gone ({e}); releasing the workload");
-                    self.purge(cookie);
-                    continue;
-                }
-            };
-            let id = info.id.clone();
-            let started = crate::flags::parse_args(&info.args)
-                .map_err(EnrollError::Flags)
-                .and_then(|capture| self.start_workload(info, &capture, netns, from_peer.map(|h| h.listeners)));
-            match started {
-                Ok(w) => {
-                    tracing::info!(%id, netns_cookie = cookie, "workload adopted");
-                    self.workloads.insert(id, w);
-                }
-                Err(e) => {
-                    tracing::error!(%id, "cannot serve the workload again: {e}; releasing it");
-                    self.purge(cookie);
-                }
-            }
+            self.serve_again(info, netns, from_peer.map(|h| h.listeners));
         }
-        let known: Vec<u64> = self.workloads.values().map(|w| w.info.netns_cookie).collect();
+        let known: Vec<u64> = self
+            .workloads
+            .values()
+            .map(|w| w.info.netns_cookie)
+            .chain(self.unserved.values().map(|i| i.netns_cookie))
+            .collect();
         let in_maps: Vec<u64> = self.maps.workloads.keys().filter_map(Result::ok).collect();
         for cookie in unknown(in_maps, &known) {
             tracing::warn!(
@@ -72,6 +53,70 @@ impl Engine {
         for name in orphan_sk_lookup_pins(link_pins, &known) {
             let _ = links::unpin(&pins::links_dir(&self.settings.name).join(name));
         }
+        self.unserved.len()
+    }
+
+    /// Tries again to serve the workloads [`Engine::restore`] could not: periodically, from
+    /// the node's housekeeping.
+    pub(crate) fn retry_unserved(&mut self) {
+        if self.handed_over || self.unserved.is_empty() {
+            return;
+        }
+        let waiting: Vec<WorkloadInfo> = std::mem::take(&mut self.unserved).into_values().collect();
+        let before = self.workloads.len();
+        for info in waiting {
+            let netns = Netns::open(&info.netns);
+            self.serve_again(info, netns, None);
+        }
+        if self.workloads.len() != before {
+            self.persist();
+        }
+    }
+
+    fn serve_again(
+        &mut self,
+        info: WorkloadInfo,
+        netns: Result<Netns, crate::error::SysError>,
+        handed: Option<Vec<(crate::proxy::Side, std::os::fd::OwnedFd)>>,
+    ) {
+        let (cookie, id) = (info.netns_cookie, info.id.clone());
+        let netns = match netns {
+            Ok(ns) => match ns.cookie() {
+                Ok(c) if c == cookie => ns,
+                Ok(_) => {
+                    tracing::warn!(%id, netns = %info.netns.display(), "namespace is gone (its path names another now); releasing the workload");
+                    self.purge(cookie);
+                    return;
+                }
+                Err(e) => return self.keep_unserved(info, &format!("netns cookie: {e}")),
+            },
+            Err(e) if e.is_not_found() => {
+                tracing::warn!(%id, "namespace is gone ({e}); releasing the workload");
+                self.purge(cookie);
+                return;
+            }
+            Err(e) => return self.keep_unserved(info, &e.to_string()),
+        };
+        let started = crate::flags::parse_args(&info.args)
+            .map_err(EnrollError::Flags)
+            .and_then(|capture| self.start_workload(info.clone(), &capture, netns, handed));
+        match started {
+            Ok(w) => {
+                tracing::info!(%id, netns_cookie = cookie, "workload adopted");
+                self.workloads.insert(id, w);
+            }
+            Err(e) => self.keep_unserved(info, &e.to_string()),
+        }
+    }
+
+    /// Fail-closed: a workload that cannot be served keeps its chain and sk_lookup link, so
+    /// its connections are refused (nothing listens on its capture ports), never let through.
+    fn keep_unserved(&mut self, info: WorkloadInfo, why: &str) {
+        tracing::error!(
+            id = %info.id,
+            "cannot serve the workload again: {why}; its connections are refused until it can be (retried; unenroll releases it)"
+        );
+        self.unserved.insert(info.id.clone(), info);
     }
 }
 

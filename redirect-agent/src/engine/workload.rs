@@ -119,12 +119,15 @@ impl Engine {
         if !valid_id(&req.id) {
             return Err(EnrollError::BadId(req.id));
         }
-        if self.workloads.contains_key(&req.id) {
+        if self.workloads.contains_key(&req.id) || self.unserved.contains_key(&req.id) {
             return Err(EnrollError::IdTaken(req.id));
         }
         let netns = Netns::open(&req.netns).map_err(EnrollError::Path)?;
         let info = self.check(&req, &netns)?;
         let cookie = info.netns_cookie;
+        // A chain already in the maps for this namespace is a killed `run`'s, taken over:
+        // should serving it fail, it stays (capturing, refused), as it was before this start.
+        let took_over = self.maps.workloads.get(&cookie, 0).is_ok();
         match self.start_workload(info, &req.capture, netns, None) {
             Ok(w) => {
                 let info = w.info.clone();
@@ -132,6 +135,10 @@ impl Engine {
                 self.workloads.insert(info.id.clone(), w);
                 self.persist();
                 Ok(info)
+            }
+            Err(e) if took_over => {
+                tracing::error!(netns_cookie = cookie, "{e}: the killed agent's capture stays (refused)");
+                Err(e)
             }
             Err(e) => {
                 self.purge(cookie);
@@ -152,10 +159,11 @@ impl Engine {
         if cookie == self.host_netns_cookie && !self.settings.allow_host_netns {
             return Err(EnrollError::HostNetns(req.netns.clone()));
         }
-        if let Some(w) = self.workloads.values().find(|w| w.info.netns_cookie == cookie) {
+        let taken = self.workloads.values().map(|w| &w.info).chain(self.unserved.values());
+        if let Some(w) = taken.into_iter().find(|w| w.netns_cookie == cookie) {
             return Err(EnrollError::NetnsTaken {
                 netns: req.netns.clone(),
-                id: w.info.id.clone(),
+                id: w.id.clone(),
             });
         }
         if let Some(by) = pins::captured_elsewhere(cookie, &self.settings.name) {
@@ -437,12 +445,20 @@ impl Engine {
                     .map_err(EnrollError::io(format!("netns cookie of {}", path.display())))?;
                 self.workloads
                     .values()
-                    .find(|w| w.info.netns_cookie == cookie)
-                    .map(|w| w.info.id.clone())
+                    .map(|w| &w.info)
+                    .chain(self.unserved.values())
+                    .find(|w| w.netns_cookie == cookie)
+                    .map(|w| w.id.clone())
                     .ok_or(EnrollError::NoSuchNetns(path))?
             }
             (None, None) => return Err(EnrollError::NoTarget),
         };
+        if let Some(info) = self.unserved.remove(&id) {
+            self.purge(info.netns_cookie);
+            self.persist();
+            tracing::info!(%id, "unenrolled (it was not served)");
+            return Ok(id);
+        }
         let w = self
             .workloads
             .remove(&id)
