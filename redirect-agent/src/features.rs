@@ -76,6 +76,12 @@ pub const FEATURES: &[Feature] = &[
         probe: Probe::Map(MapType::SockHash),
     },
     Feature {
+        name: "socket-local storage maps",
+        since: "5.2",
+        why: "telling the agent's own upstream sockets apart",
+        probe: Probe::Map(MapType::SkStorage),
+    },
+    Feature {
         name: "bpf_sock_hash_update in sock_ops",
         since: "4.18",
         why: "registering a proxy's inbound capture listener",
@@ -92,6 +98,12 @@ pub const FEATURES: &[Feature] = &[
         since: "4.19",
         why: "carrying the original destination from connect to sock_ops",
         probe: Probe::Helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_get_socket_cookie),
+    },
+    Feature {
+        name: "bpf_sk_storage_get in cgroup/connect4",
+        since: "5.3",
+        why: "telling the agent's own upstream sockets apart",
+        probe: Probe::Helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_sk_storage_get),
     },
     Feature {
         name: "bpf_get_netns_cookie in cgroup/connect4",

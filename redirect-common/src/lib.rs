@@ -110,9 +110,9 @@ pub mod maps {
     pub const FAST_PATH_SOCKETS: &str = "FAST_PATH_SOCKETS";
     /// [`crate::TupleKey`] (the sender's view) -> a [`crate::fast_path`] state.
     pub const FAST_PATH_SENDERS: &str = "FAST_PATH_SENDERS";
-    /// Socket cookie -> 1, for each upstream socket the embedded proxy made and has not yet
-    /// connected: the sockets connect4/6 leave alone (node mode attaches above the agent, so
-    /// they see its connects too), each once.
+    /// Socket-local storage (1) on each upstream socket the embedded proxy made: the sockets
+    /// connect4/6 leave alone (node mode attaches above the agent, so they see its connects
+    /// too). Freed by the kernel with the socket.
     pub const AGENT_SOCKETS: &str = "AGENT_SOCKETS";
     /// Every map the agent pins while it runs.
     pub const ALL: [&str; 13] = [

@@ -2,7 +2,7 @@
 //! keys and values as the structs of redirect-common, field by field. Sizes here are
 //! defaults; the agent resizes the connection maps at load (`--max-tracked-connections`).
 use aya_ebpf::{
-    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
+    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage, SockHash, lpm_trie::Key},
     macros::btf_map,
 };
 use redirect_common::{
@@ -64,12 +64,13 @@ pub static INBOUND_LISTENERS: SockHash<FamilyKey, { 2 * WORKLOAD_SLOTS }> = Sock
 #[btf_map]
 pub static INBOUND_PENDING: LruHashMap<TupleKey, OrigDst, 65536> = LruHashMap::new();
 
-/// Socket cookie -> 1 for each upstream socket the agent made and has not connected yet: the
-/// connect hooks leave these alone, and remove each as they do (`output::judged_socket`). An
-/// LRU so that the spare sockets of an agent that died are forgotten in time. Written by the
-/// agent only: a workload cannot name a socket of its own here, where it could set a mark.
+/// Socket-local storage, 1 on each upstream socket the agent made: the connect hooks leave
+/// these alone (`output::judged_socket`). Storage lives and dies with its socket, so there is
+/// nothing to forget or evict (a map keyed by cookie would keep the spares of an agent that
+/// died, and an LRU would evict live ones). Written by the agent only, through the socket's
+/// descriptor: a workload cannot mark a socket of its own here, as it could set a mark.
 #[btf_map]
-pub static AGENT_SOCKETS: LruHashMap<u64, u8, 16384> = LruHashMap::new();
+pub static AGENT_SOCKETS: SkStorage<u8> = SkStorage::new();
 
 /// Each end of a captured local pair, under its own 4-tuple (+ netns): where sk_msg finds a
 /// sender's peer. The kernel removes a socket when it closes.

@@ -7,6 +7,7 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr, sockaddr},
     helpers::{bpf_bind, bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie},
+    programs::SockAddrContext,
 };
 use redirect_common::{
     ChainId, ConnFacts, IPPROTO_TCP, OrigDst, PendingOrigDst, Target,
@@ -24,10 +25,10 @@ use crate::{
 /// untouched, as the rule set's REDIRECT targets are `-p tcp`) that is not the agent's own.
 /// `None` for any other.
 ///
-/// The agent's upstream sockets are the ones it put in `AGENT_SOCKETS` (node mode attaches
-/// above the agent, so the hooks see its connects too). Each is left alone once: its entry
-/// goes as it connects. Not a mark, which a workload with CAP_NET_ADMIN in its namespace can
-/// set too (iptables exempts the proxy by owner, and the sidecar rules have no mark rule).
+/// The agent's upstream sockets are the ones it gave storage in `AGENT_SOCKETS` (node mode
+/// attaches above the agent, so the hooks see its connects too). Not a mark, which a workload
+/// with CAP_NET_ADMIN in its namespace can set too (iptables exempts the proxy by owner, and
+/// the sidecar rules have no mark rule).
 ///
 /// # Safety
 ///
@@ -42,14 +43,14 @@ pub unsafe fn judged_socket(sa: *mut bpf_sock_addr) -> Option<(*mut bpf_sock, u6
     if protocol != u32::from(IPPROTO_TCP) || sk.is_null() {
         return None;
     }
+    // SAFETY: the helper reads `ctx->sk` (non-null, checked above) and returns its storage in
+    // the map, or null; the pointer is only tested, never dereferenced.
+    if !unsafe { AGENT_SOCKETS.get_ptr_mut(&SockAddrContext::new(sa)) }.is_null() {
+        return None;
+    }
     // SAFETY: the program's own context is the one argument (for sock_addr programs the
     // kernel's variant of the helper reads the socket from it); see `# Safety`.
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
-    // SAFETY: the reference is only tested for presence, never read.
-    if unsafe { AGENT_SOCKETS.get(cookie) }.is_some() {
-        let _ = AGENT_SOCKETS.remove(cookie);
-        return None;
-    }
     Some((sk, cookie))
 }
 

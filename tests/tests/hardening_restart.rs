@@ -68,7 +68,11 @@ fn a_node_restart_that_cannot_serve_a_workload_keeps_it_refused_then_serves_it()
     let _ = first.kill();
     let squatter = squat(&w);
     let second = agent.start().expect("a new agent starts");
-    assert!(second.log().contains("cannot serve the workload again"), "{}", second.log());
+    assert!(
+        second.log().contains("cannot serve the workload again"),
+        "{}",
+        second.log()
+    );
     let state = agent.state().expect("state");
     assert!(
         state.workloads.iter().any(|i| i.id == "victim"),

@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{MapData, SkStorage};
 use redirect_common::AGENT_SOCKET_MARK;
 use tokio::net::TcpSocket;
 
@@ -57,21 +57,20 @@ pub struct NetnsDialer {
     keepalive: Option<Keepalive>,
 }
 
-/// `AGENT_SOCKETS`: the upstream sockets connect4/6 must leave alone. Each socket goes in as it
-/// is made, before any connect; the hook removes it as it lets it by. Shared by a workload's
-/// two dialer threads.
+/// `AGENT_SOCKETS`: the upstream sockets connect4/6 must leave alone. Each socket gets its
+/// storage there as it is made, before any connect; the kernel frees it with the socket.
+/// Shared by a workload's two dialer threads.
 #[derive(Clone)]
-pub struct AgentSockets(Arc<Mutex<HashMap<MapData, u64, u8>>>);
+pub struct AgentSockets(Arc<Mutex<SkStorage<MapData, u8>>>);
 
 impl AgentSockets {
-    pub fn new(map: HashMap<MapData, u64, u8>) -> Self {
+    pub fn new(map: SkStorage<MapData, u8>) -> Self {
         Self(Arc::new(Mutex::new(map)))
     }
 
     fn register(&self, socket: &TcpSocket) -> io::Result<()> {
-        let cookie = rustix::net::sockopt::socket_cookie(socket)?;
         let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.insert(cookie, 1, 0)
+        map.insert(socket, 1, 0)
             .map_err(|e| io::Error::other(format!("AGENT_SOCKETS: {e}")))
     }
 }
