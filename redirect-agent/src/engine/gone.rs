@@ -41,9 +41,14 @@ fn ns_id(netns: &Netns) -> io::Result<NsId> {
     Ok((st.st_dev, st.st_ino))
 }
 
-/// Whether `path` still opens the namespace whose cookie is `cookie`.
-fn path_names(path: &Path, cookie: u64) -> bool {
-    Netns::open(path).is_ok_and(|ns| ns.cookie().ok() == Some(cookie))
+/// Whether `path` positively no longer names the namespace whose cookie is `cookie`: it names
+/// nothing (ENOENT) or another namespace. Any other failure (out of descriptors, say) tells
+/// nothing, and a workload is never released on nothing.
+fn path_lost(path: &Path, cookie: u64) -> bool {
+    match Netns::open(path) {
+        Ok(ns) => ns.cookie().is_ok_and(|c| c != cookie),
+        Err(e) => e.is_not_found(),
+    }
 }
 
 /// The namespaces some thread of another process is in (this process's own threads are the
@@ -57,29 +62,50 @@ fn in_use_by_processes() -> io::Result<BTreeSet<NsId>> {
         if name == me || !name.bytes().all(|b| b.is_ascii_digit()) {
             continue;
         }
-        // A process may exit while we look: its entries vanish, which is not an error.
-        let Ok(tasks) = std::fs::read_dir(pid.path().join("task")) else {
-            continue;
+        // A process may exit while we look: its entries vanish (ENOENT, or ESRCH for a
+        // zombie's namespaces), which is not an error; nor is a process whose namespaces even
+        // root may not see (EACCES: a sandbox's own init, say), which no pod process is. Any
+        // other failure is (out of descriptors or memory): not knowing where a process is must
+        // not count as it being nowhere.
+        let tasks = match std::fs::read_dir(pid.path().join("task")) {
+            Ok(t) => t,
+            Err(e) if vanished(&e) || e.kind() == io::ErrorKind::PermissionDenied => continue,
+            Err(e) => return Err(e),
         };
-        for task in tasks.flatten() {
-            if let Ok(st) = rustix::fs::stat(task.path().join("ns/net")) {
-                out.insert((st.st_dev, st.st_ino));
+        for task in tasks {
+            let task = match task {
+                Ok(t) => t,
+                Err(e) if vanished(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            match rustix::fs::stat(task.path().join("ns/net")) {
+                Ok(st) => {
+                    out.insert((st.st_dev, st.st_ino));
+                }
+                Err(e) if vanished(&e.into()) || e == rustix::io::Errno::ACCESS || e == rustix::io::Errno::PERM => {}
+                Err(e) => return Err(e.into()),
             }
         }
     }
     Ok(out)
 }
 
+/// An entry of `/proc` that went away while it was read: its process exited.
+fn vanished(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH)
+}
+
 /// Inodes of the network namespaces bind-mounted in this mount namespace (nsfs mounts show
 /// their namespace as the root, `net:[INODE]`).
-fn mounted() -> BTreeSet<u64> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
+fn mounted() -> io::Result<BTreeSet<u64>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(text
+        .lines()
         .filter_map(|l| {
             let root = l.split(' ').nth(3)?;
             root.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
         })
-        .collect()
+        .collect())
 }
 
 /// Of `candidates`, the ones whose namespace is gone (see the module's doc). Blocking: reads
@@ -87,7 +113,7 @@ fn mounted() -> BTreeSet<u64> {
 pub(crate) fn gone(candidates: Vec<Candidate>) -> Vec<Candidate> {
     let orphaned: Vec<Candidate> = candidates
         .into_iter()
-        .filter(|c| !path_names(&c.path, c.netns_cookie))
+        .filter(|c| path_lost(&c.path, c.netns_cookie))
         .collect();
     if orphaned.is_empty() {
         return orphaned;
@@ -100,7 +126,13 @@ pub(crate) fn gone(candidates: Vec<Candidate>) -> Vec<Candidate> {
             return Vec::new();
         }
     };
-    let mounts = mounted();
+    let mounts = match mounted() {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("reading /proc/self/mountinfo: {e}");
+            return Vec::new();
+        }
+    };
     orphaned
         .into_iter()
         .filter(|c| !used.contains(&c.ns) && !mounts.contains(&c.ns.1))
