@@ -71,6 +71,11 @@ pub fn main(args: &DialInArgs) -> ExitCode {
     if orphaned {
         return ExitCode::FAILURE;
     }
+    // Whatever the agent inherited without close-on-exec (its supervisor's pipes, say) is not
+    // the workload's to hold.
+    // SAFETY: close_range takes no pointers; descriptors 3 and up are owned by nothing in this
+    // process yet (clap and the runtime's startup open none that stay open).
+    unsafe { libc::close_range(3, u32::MAX, 0) };
     if let Err(e) = enter(args, &conn) {
         let mut msg = vec![FAILED];
         msg.extend_from_slice(e.to_string().as_bytes());

@@ -258,6 +258,9 @@ fn the_dialer_process_is_replaced_when_killed_and_goes_with_the_agent() {
     assert_eq!(field("Uid:"), "1337", "{status}");
     assert_eq!(field("Gid:"), "1337", "{status}");
     assert_eq!(field("CapEff:"), "0000000000000000", "{status}");
+    // Its socket pair to the agent and /dev/null: nothing of the agent's.
+    let fds = std::fs::read_dir(format!("/proc/{first}/fd")).unwrap().count();
+    assert_eq!(fds, 3, "descriptors of the dialer process");
 
     // SAFETY: kill(2) takes no pointers; the pid is the agent's child, not yet reaped.
     assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);

@@ -191,8 +191,11 @@ fn ask(shared: &Shared, v6: bool, want: usize) -> io::Result<(Vec<OwnedFd>, Opti
         .map_err(io::Error::from)
         .and_then(|_| recv_reply(&live.conn));
     if let Err(e) = &answer {
-        // Dead, hung (the receive timed out) or talking nonsense: replaced.
-        tracing::warn!("upstream dialer process failed: {e}; restarting it");
+        // Dead, hung (the receive timed out) or talking nonsense: replaced. (At a stop the
+        // child is ended on purpose.)
+        if !shared.stopped.load(Ordering::SeqCst) {
+            tracing::warn!("upstream dialer process failed: {e}; restarting it");
+        }
         shared.end(&live);
     }
     answer
