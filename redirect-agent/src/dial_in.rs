@@ -15,7 +15,7 @@
 //! Protocol over a SOCK_SEQPACKET pair (the child's end is its stdin):
 //! 1. agent -> child: one byte and the workload's namespace descriptor;
 //! 2. child -> agent: `R` once it is in the cgroup and namespace as the proxy identity, or
-//!    `E` and the error's text (then it exits);
+//!    `E`, the error's errno (4 bytes, little-endian, 0 for none) and its text (then it exits);
 //! 3. then, repeatedly, agent -> child: `[family, count]` (family 4 or 6, count 1..=8);
 //!    child -> agent: `[made, errno (4 bytes, little-endian)]` with `made` sockets attached;
 //!    `errno` is that of the first socket it could not make (0 when all were made).
@@ -56,7 +56,7 @@ pub struct DialInArgs {
 
 /// Ready (step 2).
 pub const READY: u8 = b'R';
-/// Failed to start (step 2), followed by the error's text.
+/// Failed to start (step 2), followed by the errno and the error's text.
 pub const FAILED: u8 = b'E';
 
 /// The child. Single-threaded throughout: cgroup, namespace and identity are per task.
@@ -78,6 +78,7 @@ pub fn main(args: &DialInArgs) -> ExitCode {
     unsafe { libc::close_range(3, u32::MAX, 0) };
     if let Err(e) = enter(args, &conn) {
         let mut msg = vec![FAILED];
+        msg.extend_from_slice(&e.raw_os_error().unwrap_or(0).to_le_bytes());
         msg.extend_from_slice(e.to_string().as_bytes());
         msg.truncate(512);
         let _ = rustix::net::send(&conn, &msg, SendFlags::NOSIGNAL);

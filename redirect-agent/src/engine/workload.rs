@@ -296,9 +296,24 @@ impl Engine {
             uid: capture.proxy_uids.first().copied().unwrap_or(0),
             gid: capture.proxy_gids.first().copied().unwrap_or(0),
         };
-        Ok(Dialer::Cgroup(
-            CgroupDialer::start(netns, spec, agent_sockets, keepalive).map_err(EnrollError::io("upstream dialer"))?,
-        ))
+        match CgroupDialer::start(netns, spec, agent_sockets.clone(), keepalive) {
+            Ok(d) => Ok(Dialer::Cgroup(d)),
+            // EBUSY: a cgroup whose controllers are delegated to child cgroups, which no
+            // process may join (a Kubernetes pod's, whose containers have one each). Enrolling
+            // it worked before the dialer process existed, so it still does, dialled as then.
+            Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => {
+                tracing::warn!(
+                    id = %info.id,
+                    cgroup = %cgroup.display(),
+                    "no process may join this cgroup ({e}): the proxy dials upstream from the agent's cgroup, so \
+                     cgroup-scoped egress rules of the workload do not apply to its upstream connections"
+                );
+                Ok(Dialer::Netns(
+                    NetnsDialer::start(netns, agent_sockets, keepalive).map_err(EnrollError::io("upstream dialer"))?,
+                ))
+            }
+            Err(e) => Err(EnrollError::io("upstream dialer")(e)),
+        }
     }
 
     /// Makes a checked workload live (new, adopted or handed over). The `WORKLOADS` entry

@@ -298,11 +298,21 @@ fn handshake(conn: &OwnedFd, netns: &Netns, cgroup: &Path) -> io::Result<()> {
         .map_err(|e| io::Error::new(e.kind(), format!("waiting for the upstream dialer process: {e}")))?;
     match answer.get(..n) {
         Some([READY]) => Ok(()),
-        Some([FAILED, text @ ..]) => Err(io::Error::other(format!(
-            "upstream dialer process in cgroup {}: {}",
-            cgroup.display(),
-            String::from_utf8_lossy(text)
-        ))),
+        Some([FAILED, a, b, c, d, text @ ..]) => {
+            let errno = i32::from_le_bytes([*a, *b, *c, *d]);
+            let kind = match errno {
+                0 => io::ErrorKind::Other,
+                e => io::Error::from_raw_os_error(e).kind(),
+            };
+            Err(io::Error::new(
+                kind,
+                format!(
+                    "upstream dialer process in cgroup {}: {}",
+                    cgroup.display(),
+                    String::from_utf8_lossy(text)
+                ),
+            ))
+        }
         _ => Err(io::Error::other(format!(
             "upstream dialer process in cgroup {}: exited before it was ready",
             cgroup.display()
