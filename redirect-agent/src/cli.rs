@@ -78,6 +78,9 @@ enum Command {
     /// Listens inside a workload's cgroup for the agent's proxy (`run --fast-path`).
     #[command(hide = true)]
     ListenIn(crate::listen_in::ListenInArgs),
+    /// Makes the embedded proxy's upstream sockets inside a workload's cgroup for the agent.
+    #[command(hide = true)]
+    DialIn(crate::dial_in::DialInArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -377,6 +380,10 @@ pub fn main() -> ExitCode {
     if let Command::ListenIn(args) = &cli.command {
         return crate::listen_in::main(args);
     }
+    // So does dial-in, and it takes another identity.
+    if let Command::DialIn(args) = &cli.command {
+        return crate::dial_in::main(args);
+    }
     // Before the runtime's threads: see proxy/trim.rs.
     crate::proxy::one_arena();
     init_tracing();
@@ -539,7 +546,7 @@ pub fn main() -> ExitCode {
                 }
                 Ok(())
             }
-            Command::ListenIn(_) => {
+            Command::ListenIn(_) | Command::DialIn(_) => {
                 unreachable!("handled before the runtime starts")
             }
         }

@@ -11,6 +11,7 @@ mod adopt;
 mod api;
 mod btf;
 mod cli;
+mod dial_in;
 pub mod engine;
 mod error;
 pub mod explain;

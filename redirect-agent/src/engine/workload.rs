@@ -21,8 +21,8 @@ use crate::{
     adopt,
     flags::ProxyMode,
     proxy::{
-        AgentSockets, Dialer, FastPath, FastPathSockets, LISTEN_BACKLOG, Listeners, Listening, NetnsDialer,
-        OrigDstTable, OriginalDst, Proxy, ProxyConfig, Side,
+        AgentSockets, CgroupDialer, ChildSpec, Dialer, FastPath, FastPathSockets, LISTEN_BACKLOG, Listeners, Listening,
+        NetnsDialer, OrigDstTable, OriginalDst, Proxy, ProxyConfig, Side,
     },
     sys::{self, Netns},
 };
@@ -276,6 +276,54 @@ impl Engine {
         }
     }
 
+    /// The embedded proxy's upstream dialer: a child process in the workload's cgroup, which
+    /// makes the sockets as the proxy identity (`-u`/`-g`), as a sidecar would, so that the
+    /// workload's cgroup-scoped egress rules apply to them; a workload whose cgroup the
+    /// engine does not know (node mode, enrolled without `--cgroup`) is dialled from the
+    /// agent's own process, in its namespace.
+    fn dialer(
+        &self,
+        info: &WorkloadInfo,
+        capture: &CaptureConfig,
+        netns: &Netns,
+        agent_sockets: AgentSockets,
+    ) -> Result<Dialer, EnrollError> {
+        let keepalive = self.settings.sizing.liveness.keepalive;
+        let Some(cgroup) = self.workload_cgroup(info) else {
+            tracing::info!(
+                id = %info.id,
+                "enrolled without --cgroup: the proxy dials upstream from the agent's cgroup, so cgroup-scoped \
+                 egress rules of the workload do not apply to its upstream connections"
+            );
+            return Ok(Dialer::Netns(
+                NetnsDialer::start(netns, agent_sockets, keepalive).map_err(EnrollError::io("upstream dialer"))?,
+            ));
+        };
+        let spec = ChildSpec {
+            cgroup: cgroup.to_owned(),
+            uid: capture.proxy_uids.first().copied().unwrap_or(0),
+            gid: capture.proxy_gids.first().copied().unwrap_or(0),
+        };
+        match CgroupDialer::start(netns, spec, agent_sockets.clone(), keepalive) {
+            Ok(d) => Ok(Dialer::Cgroup(d)),
+            // EBUSY: a cgroup whose controllers are delegated to child cgroups, which no
+            // process may join (a Kubernetes pod's, whose containers have one each). Enrolling
+            // it worked before the dialer process existed, so it still does, dialled as then.
+            Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => {
+                tracing::warn!(
+                    id = %info.id,
+                    cgroup = %cgroup.display(),
+                    "no process may join this cgroup ({e}): the proxy dials upstream from the agent's cgroup, so \
+                     cgroup-scoped egress rules of the workload do not apply to its upstream connections"
+                );
+                Ok(Dialer::Netns(
+                    NetnsDialer::start(netns, agent_sockets, keepalive).map_err(EnrollError::io("upstream dialer"))?,
+                ))
+            }
+            Err(e) => Err(EnrollError::io("upstream dialer")(e)),
+        }
+    }
+
     /// Makes a checked workload live (new, adopted or handed over). The `WORKLOADS` entry
     /// goes in last: until then no connection is captured, so a failure part-way changes
     /// nothing a connection could see, and the caller's [`Engine::purge`] removes the rest.
@@ -325,13 +373,10 @@ impl Engine {
                 cookie,
             )));
             let agent_sockets = AgentSockets::new(self.open_map(maps::AGENT_SOCKETS)?);
-            let dialer = Dialer::Netns(
-                NetnsDialer::start(&netns, agent_sockets, self.settings.sizing.liveness.keepalive)
-                    .map_err(EnrollError::io("upstream dialer"))?,
-            );
-            // Where sock_ops does not see the proxy's upstream sockets, the proxy enrolls
-            // them in the fast path itself.
-            let own_fast_path = match fast_path && !self.agent_under_attach {
+            let dialer = self.dialer(&info, capture, &netns, agent_sockets)?;
+            // Where sock_ops does not see the proxy's upstream sockets (the agent's own,
+            // outside the attach point), the proxy enrolls them in the fast path itself.
+            let own_fast_path = match fast_path && !self.agent_under_attach && !matches!(dialer, Dialer::Cgroup(_)) {
                 true => Some(FastPath {
                     sockets: FastPathSockets::new(
                         self.open_map(maps::FAST_PATH_SOCKETS)?,

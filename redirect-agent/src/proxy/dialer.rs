@@ -10,13 +10,17 @@ use aya::maps::{MapData, SkStorage};
 use redirect_common::AGENT_SOCKET_MARK;
 use tokio::net::TcpSocket;
 
-use super::Keepalive;
+use super::{Keepalive, cgroup_dialer::CgroupDialer};
 use crate::sys::Netns;
 
 /// Makes the proxy's upstream sockets.
 #[derive(Clone)]
 pub enum Dialer {
-    /// Through a thread inside the workload's namespace (the agent lives outside it).
+    /// Through a child process inside the workload's cgroup and namespace, as a sidecar's
+    /// sockets are made (`cgroup_dialer.rs`).
+    Cgroup(CgroupDialer),
+    /// Through a thread inside the workload's namespace: the agent's own cgroup (a workload
+    /// enrolled without one).
     Netns(NetnsDialer),
     /// In the calling thread's namespace (a proxy that runs inside the workload's).
     Here,
@@ -28,6 +32,7 @@ impl Dialer {
     /// `keepalive`: for [`Dialer::Here`]; a [`NetnsDialer`]'s threads set their own.
     pub(super) async fn socket(&self, v6: bool, keepalive: Option<Keepalive>) -> io::Result<TcpSocket> {
         let made = match self {
+            Self::Cgroup(d) => return d.socket(v6).await,
             Self::Netns(d) => return d.socket(v6).await,
             Self::Here if v6 => TcpSocket::new_v6()?,
             Self::Here => TcpSocket::new_v4()?,
@@ -68,7 +73,7 @@ impl AgentSockets {
         Self(Arc::new(Mutex::new(map)))
     }
 
-    fn register(&self, socket: &TcpSocket) -> io::Result<()> {
+    pub(super) fn register(&self, socket: &TcpSocket) -> io::Result<()> {
         let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         map.insert(socket, 1, 0)
             .map_err(|e| io::Error::other(format!("AGENT_SOCKETS: {e}")))
@@ -77,7 +82,7 @@ impl AgentSockets {
 
 /// One thread's queue of ready sockets.
 #[derive(Clone)]
-struct Pool {
+pub(super) struct Pool {
     ready: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<io::Result<TcpSocket>>>>,
 }
 
@@ -113,33 +118,60 @@ impl NetnsDialer {
 }
 
 impl Pool {
+    /// A thread that entered `netns` and makes sockets there, one at a time.
     fn start(netns: &Netns, v6: bool, agent: AgentSockets, keepalive: Option<Keepalive>) -> io::Result<Self> {
         let netns = netns.try_clone()?;
-        let (tx, rx) = tokio::sync::mpsc::channel(SPARE_SOCKETS);
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let name = if v6 { "netns-dialer6" } else { "netns-dialer" };
-        std::thread::Builder::new().name(name.into()).spawn(move || {
-            if let Err(e) = netns.enter_current_thread() {
-                let _ = ready_tx.send(Err(e));
-                return;
-            }
-            let _ = ready_tx.send(Ok(()));
-            // Ends when the proxy drops the receiver.
-            loop {
+        Self::spawn_with(
+            if v6 { "netns-dialer6" } else { "netns-dialer" },
+            move || netns.enter_current_thread(),
+            move |_| {
                 let made = if v6 { TcpSocket::new_v6() } else { TcpSocket::new_v4() };
                 let made = made.and_then(mark_as_agent).and_then(|s| {
                     keepalive.map_or(Ok(()), |k| k.apply(&s))?;
                     agent.register(&s)?;
                     Ok(s)
                 });
-                let failed = made.is_err();
-                if tx.blocking_send(made).is_err() {
-                    break;
+                Some(vec![made])
+            },
+        )
+    }
+
+    /// A thread that fills the queue with what `make` returns, given the room left in the
+    /// queue; `make` returning `None` ends it, as does the pool's receiver going. After an
+    /// error or an empty batch it pauses briefly.
+    pub(super) fn spawn(
+        name: &str,
+        make: impl FnMut(usize) -> Option<Vec<io::Result<TcpSocket>>> + Send + 'static,
+    ) -> io::Result<Self> {
+        Self::spawn_with(name, || Ok(()), make)
+    }
+
+    /// [`Pool::spawn`], after `setup` succeeded on the thread (its error is returned).
+    fn spawn_with(
+        name: &str,
+        setup: impl FnOnce() -> io::Result<()> + Send + 'static,
+        mut make: impl FnMut(usize) -> Option<Vec<io::Result<TcpSocket>>> + Send + 'static,
+    ) -> io::Result<Self> {
+        let (tx, rx) = tokio::sync::mpsc::channel(SPARE_SOCKETS);
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::Builder::new().name(name.into()).spawn(move || {
+            if let Err(e) = setup() {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+            let _ = ready_tx.send(Ok(()));
+            // Ends when the proxy drops the receiver.
+            while let Some(batch) = make(tx.capacity()) {
+                let failed = batch.is_empty() || batch.iter().any(Result::is_err);
+                for made in batch {
+                    if tx.blocking_send(made).is_err() {
+                        return;
+                    }
                 }
                 if failed {
-                    // Out of descriptors, most likely (or no IPv6 here): hand out the error
-                    // (that connection is reset) without queueing a burst of stale ones behind
-                    // it.
+                    // Out of descriptors, most likely (or no IPv6 here, or the dialer process
+                    // gone): hand out the error (that connection is reset) without queueing a
+                    // burst of stale ones behind it.
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
@@ -150,7 +182,7 @@ impl Pool {
         })
     }
 
-    async fn take(&self) -> io::Result<TcpSocket> {
+    pub(super) async fn take(&self) -> io::Result<TcpSocket> {
         self.ready
             .lock()
             .await
@@ -163,7 +195,7 @@ impl Pool {
 /// Marks an upstream socket as the agent's own ([`AGENT_SOCKET_MARK`]), for the node's own
 /// rules; capture tells the agent's sockets by [`AgentSockets`]. Needs CAP_NET_ADMIN, which
 /// the agent has.
-fn mark_as_agent(socket: TcpSocket) -> io::Result<TcpSocket> {
+pub(super) fn mark_as_agent(socket: TcpSocket) -> io::Result<TcpSocket> {
     socket2::SockRef::from(&socket).set_mark(AGENT_SOCKET_MARK)?;
     Ok(socket)
 }

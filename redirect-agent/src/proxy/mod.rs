@@ -22,6 +22,7 @@ use tokio::{
     task::JoinSet,
 };
 
+mod cgroup_dialer;
 mod dialer;
 mod fast_path;
 mod listen;
@@ -30,6 +31,7 @@ mod relay;
 mod throttle;
 mod trim;
 
+pub use cgroup_dialer::{CgroupDialer, ChildSpec};
 pub use dialer::{AgentSockets, Dialer, NetnsDialer};
 use fast_path::Enrolled;
 pub use fast_path::{FastPath, FastPathSockets};
