@@ -28,6 +28,10 @@ const REQUEST_WITHIN: Duration = Duration::from_secs(5);
 const REPLY_WITHIN: Duration = Duration::from_secs(5);
 /// The largest request, as [`redirect_api::read_line`] takes.
 const MAX_REQUEST: usize = redirect_api::MAX_MESSAGE as usize;
+/// Clients served at once; the next waits in the listen backlog until one is done (each is
+/// done within [`REQUEST_WITHIN`] + [`REPLY_WITHIN`] of its accept, plus its turn at the
+/// engine). Bounds the control plane's descriptors, which the engine's budget sets aside.
+pub(crate) const MAX_CONNECTIONS: usize = 32;
 
 /// How the node's serving ended.
 pub(crate) enum Ended {
@@ -42,7 +46,12 @@ pub(crate) enum Ended {
 /// descriptor of the metrics listener, for a successor that asks for it.
 pub(crate) async fn serve(listener: &UnixListener, engine: Arc<Mutex<Engine>>, metrics: Option<Arc<OwnedFd>>) -> Ended {
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<u32>(1);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // A slot first, then the accept: past the bound, clients wait in the backlog rather
+        // than take descriptors.
+        // (Never closed: `ok()` only keeps this free of a panic path.)
+        let slot = slots.clone().acquire_owned().await.ok();
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
@@ -50,7 +59,9 @@ pub(crate) async fn serve(listener: &UnixListener, engine: Arc<Mutex<Engine>>, m
                     let done = done_tx.clone();
                     let metrics = metrics.clone();
                     tokio::spawn(async move {
-                        if let Some(pid) = handle(stream, engine, metrics).await {
+                        let handed_over = handle(stream, engine, metrics).await;
+                        drop(slot);
+                        if let Some(pid) = handed_over {
                             let _ = done.send(pid).await;
                         }
                     });

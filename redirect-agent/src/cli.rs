@@ -137,9 +137,16 @@ struct NodeArgs {
     /// of kernel memory each (1,048,576 take about 400 MiB; the start log says how much).
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=1_048_576))]
     max_tracked_connections: u32,
-    /// Connections each workload's embedded proxy serves at once; more are reset.
+    /// Connections each workload's embedded proxy serves at once; more are reset. All
+    /// workloads' proxies also share one budget, what the descriptor limit leaves after the
+    /// reserve for the control plane and --max-workloads workloads (the start log and the
+    /// metrics say how much).
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     max_proxy_connections: u32,
+    /// The most workloads enrolled at once (an enroll past it is refused): the descriptor
+    /// reserve keeps room for each one's listeners, maps and dialer.
+    #[arg(long, default_value_t = redirect_common::MAX_WORKLOADS, value_parser = clap::value_parser!(u32).range(1..=redirect_common::MAX_WORKLOADS as i64))]
+    max_workloads: u32,
     /// Upstream connect timeout of the embedded proxies, in milliseconds.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     connect_timeout_ms: u64,
@@ -460,6 +467,7 @@ pub fn main() -> ExitCode {
                     name: args.name,
                     cgroup_parent: args.cgroup_parent,
                     metrics,
+                    max_workloads: args.max_workloads as usize,
                     sizing: sizing(
                         args.max_tracked_connections,
                         args.max_proxy_connections,

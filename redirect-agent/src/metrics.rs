@@ -3,8 +3,16 @@
 //!
 //! A dozen lines of HTTP/1.1 rather than an HTTP stack: it serves two paths to a scraper and
 //! a kubelet probe, closes every connection after one answer, and bounds what it reads.
+//!
+//! Anyone on the node can connect to it, so it bounds what they can hold: at most
+//! [`MAX_CONNECTIONS`] clients at once, each cut if its request is not in within
+//! [`REQUEST_WITHIN`] or its answer not taken within [`CONNECTION_WITHIN`]. A client past the
+//! bound takes the place of the oldest one that has not sent its request (else the oldest):
+//! a flood of idle connections only ever cuts idle connections, and a probe, which asks at
+//! once, is answered.
 
 use std::{
+    collections::VecDeque,
     fmt::Write as _,
     net::SocketAddr,
     path::Path,
@@ -35,6 +43,7 @@ pub struct ProxySnapshot {
     pub no_original_dst: u64,
     pub upstream_failed: u64,
     pub over_limit: u64,
+    pub over_budget: u64,
     pub bytes_to_upstream: u64,
     pub bytes_from_upstream: u64,
 }
@@ -53,9 +62,18 @@ pub struct MapOccupancy {
     pub max_entries: u32,
 }
 
+/// The agent's descriptors and the connection budget its proxies share.
+pub struct BudgetSnapshot {
+    pub nofile: u64,
+    pub reserved: u64,
+    pub connections: u64,
+    pub active: u64,
+}
+
 pub struct Snapshot {
     pub workloads: Vec<WorkloadSnapshot>,
     pub maps: Vec<MapOccupancy>,
+    pub budget: BudgetSnapshot,
     pub uptime: Duration,
 }
 
@@ -196,6 +214,7 @@ pub fn render(s: &Snapshot) -> String {
                 ("no_original_dst", p.no_original_dst),
                 ("upstream_connect", p.upstream_failed),
                 ("over_limit", p.over_limit),
+                ("over_budget", p.over_budget),
             ]
         }),
     );
@@ -218,6 +237,37 @@ pub fn render(s: &Snapshot) -> String {
                 ("from_upstream", p.bytes_from_upstream),
             ]
         }),
+    );
+    let b = &s.budget;
+    family(
+        &mut o,
+        "redirect_proxy_budget_connections",
+        "gauge",
+        "Proxied connections all workloads' proxies may hold together: the descriptor limit less the reserve, two \
+         descriptors each. Past it, connections are reset (reason=\"over_budget\").",
+        [(String::new(), b.connections)],
+    );
+    family(
+        &mut o,
+        "redirect_proxy_budget_connections_active",
+        "gauge",
+        "Proxied connections held now against that budget.",
+        [(String::new(), b.active)],
+    );
+    family(
+        &mut o,
+        "redirect_descriptors_limit",
+        "gauge",
+        "The agent's descriptor limit (RLIMIT_NOFILE).",
+        [(String::new(), b.nofile)],
+    );
+    family(
+        &mut o,
+        "redirect_descriptors_reserved",
+        "gauge",
+        "Descriptors kept from proxied connections for the control plane and the workloads' listeners, maps and \
+         dialers.",
+        [(String::new(), b.reserved)],
     );
     let per_map = |f: fn(&MapOccupancy) -> u64| s.maps.iter().map(move |m| (format!("map=\"{}\"", m.name), f(m)));
     family(
@@ -260,6 +310,13 @@ pub fn bind(addr: SocketAddr, reuseport: bool) -> std::io::Result<TcpListener> {
     socket.listen(128)
 }
 
+/// Clients served at once (the engine's descriptor reserve counts them).
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long a client may take to send its request: a probe or a scraper sends it at once.
+pub const REQUEST_WITHIN: Duration = Duration::from_secs(2);
+/// A connection's whole life, its answer taken included.
+pub const CONNECTION_WITHIN: Duration = Duration::from_secs(10);
+
 /// Serves `GET /metrics` and `GET /ready` (200 while this process serves the node, 503 once
 /// it is handing over or stopping).
 pub fn serve(listener: TcpListener, snapshot: Snapshotter, ready: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
@@ -267,29 +324,85 @@ pub fn serve(listener: TcpListener, snapshot: Snapshotter, ready: Arc<AtomicBool
         tracing::info!(%addr, "metrics endpoint listening");
     }
     tokio::spawn(async move {
+        let mut clients = Clients::default();
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                // Out of descriptors (beyond this endpoint's share) or a connection aborted
+                // before it was taken: back off instead of spinning, then accept again.
+                Err(e) => {
+                    tracing::debug!("metrics accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
             };
+            clients.make_room().await;
             let (snapshot, ready) = (snapshot.clone(), ready.clone());
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, snapshot, ready)).await;
+            let asked = Arc::new(AtomicBool::new(false));
+            let said = asked.clone();
+            let task = tokio::spawn(async move {
+                let _ = tokio::time::timeout(CONNECTION_WITHIN, answer(stream, snapshot, ready, &said)).await;
             });
+            clients.0.push_back(Client { task, asked });
         }
     })
 }
 
-async fn answer(mut stream: TcpStream, snapshot: Snapshotter, ready: Arc<AtomicBool>) -> std::io::Result<()> {
+/// A client being served.
+struct Client {
+    task: tokio::task::JoinHandle<()>,
+    /// Its request is in: it is being answered.
+    asked: Arc<AtomicBool>,
+}
+
+/// The clients being served, oldest first.
+#[derive(Default)]
+struct Clients(VecDeque<Client>);
+
+impl Clients {
+    /// Room for one more: the ones done are forgotten; at [`MAX_CONNECTIONS`], the oldest
+    /// that has not sent its request (else the oldest) is cut, and its socket closed before
+    /// this returns.
+    async fn make_room(&mut self) {
+        self.0.retain(|c| !c.task.is_finished());
+        if self.0.len() < MAX_CONNECTIONS {
+            return;
+        }
+        let idle = self.0.iter().position(|c| !c.asked.load(Ordering::Relaxed));
+        if let Some(cut) = self.0.remove(idle.unwrap_or(0)) {
+            cut.task.abort();
+            // Returns once the task (and so its stream) is dropped.
+            let _ = cut.task.await;
+        }
+    }
+}
+
+async fn answer(
+    mut stream: TcpStream,
+    snapshot: Snapshotter,
+    ready: Arc<AtomicBool>,
+    asked: &AtomicBool,
+) -> std::io::Result<()> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 || head.len() > 8192 {
-            return Ok(());
+    let read_head = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 || head.len() > 8192 {
+                return Ok(false);
+            }
+            head.extend_from_slice(&buf[..n]);
         }
-        head.extend_from_slice(&buf[..n]);
+        Ok::<_, std::io::Error>(true)
+    };
+    // A slow or idle client is cut.
+    if !tokio::time::timeout(REQUEST_WITHIN, read_head)
+        .await
+        .unwrap_or(Ok(false))?
+    {
+        return Ok(());
     }
+    asked.store(true, Ordering::Relaxed);
     let line = String::from_utf8_lossy(&head);
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
@@ -337,6 +450,12 @@ mod tests {
                 entries: 1,
                 max_entries: 64,
             }],
+            budget: BudgetSnapshot {
+                nofile: 1024,
+                reserved: 600,
+                connections: 212,
+                active: 3,
+            },
             uptime: Duration::from_millis(1500),
         };
         let text = render(&s);
@@ -346,6 +465,9 @@ mod tests {
         );
         assert!(text.contains("# TYPE redirect_map_entries gauge\nredirect_map_entries{map=\"WORKLOADS\"} 1\n"));
         assert!(text.contains("redirect_agent_uptime_seconds 1.500\n"));
+        assert!(text.contains("\nredirect_proxy_budget_connections 212\n"));
+        assert!(text.contains("\nredirect_proxy_budget_connections_active 3\n"));
+        assert!(text.contains("redirect_descriptors_reserved 600\n"));
         // Every sample line belongs to a declared family.
         for l in text.lines().filter(|l| !l.starts_with('#')) {
             let name = l.split(['{', ' ']).next().unwrap();

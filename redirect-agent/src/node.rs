@@ -49,6 +49,8 @@ pub struct NodeOptions {
     pub metrics: Option<SocketAddr>,
     /// `fast_path`: offer the fast path to workloads that ask for it.
     pub sizing: Sizing,
+    /// The most workloads enrolled at once, which the descriptor reserve is planned for.
+    pub max_workloads: usize,
 }
 
 fn held(name: &str, e: LockError) -> anyhow::Error {
@@ -133,7 +135,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         socket: Some(opts.socket.clone()),
         metrics: opts.metrics,
         sizing: opts.sizing,
-        max_workloads: MAX_WORKLOADS as usize,
+        max_workloads: opts.max_workloads.clamp(1, MAX_WORKLOADS as usize),
         allow_host_netns: false,
         keep_links: true,
         adopting: false,
@@ -284,6 +286,7 @@ fn snapshot(engine: &Engine) -> metrics::Snapshot {
                 no_original_dst: c.no_original_dst.load(Relaxed),
                 upstream_failed: c.upstream_failed.load(Relaxed),
                 over_limit: c.over_limit.load(Relaxed),
+                over_budget: c.over_budget.load(Relaxed),
                 bytes_to_upstream: c.bytes_to_upstream.load(Relaxed),
                 bytes_from_upstream: c.bytes_from_upstream.load(Relaxed),
             });
@@ -295,9 +298,16 @@ fn snapshot(engine: &Engine) -> metrics::Snapshot {
             })
         })
         .collect();
+    let plan = engine.plan();
     metrics::Snapshot {
         workloads,
         maps: metrics::map_occupancy(&pins::pin_dir(&engine.settings().name)),
+        budget: metrics::BudgetSnapshot {
+            nofile: plan.nofile,
+            reserved: plan.reserved,
+            connections: plan.budget.size() as u64,
+            active: plan.budget.in_use() as u64,
+        },
         uptime: engine.uptime(),
     }
 }

@@ -10,7 +10,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::Context as _;
 
 use crate::{
-    proxy::{Dialer, Listeners, OriginalDst, Proxy, ProxyConfig},
+    proxy::{Budget, Dialer, Listeners, OriginalDst, Proxy, ProxyConfig},
     sys,
 };
 
@@ -78,7 +78,10 @@ pub async fn serve(args: &ProxyArgs, shutdown: impl std::future::Future<Output =
     let listening = Listeners::bind_here(&cfg)
         .and_then(Listeners::listen)
         .context("proxy listeners")?;
-    let proxy = Proxy::start(listening, OriginalDst::Conntrack, Dialer::Here, cfg, None)?;
+    // The only proxy of its process: its own limit, fitted to the descriptors above, is the
+    // whole budget.
+    let budget = Budget::new(cfg.max_connections);
+    let proxy = Proxy::start(listening, OriginalDst::Conntrack, Dialer::Here, cfg, None, budget)?;
     tracing::info!(
         uid = args.uid,
         gid = args.gid,

@@ -209,7 +209,12 @@ fn set_nofile_limit(soft: u64, hard: u64) -> io::Result<()> {
 /// descriptors), past the hard limit when the process may (CAP_SYS_RESOURCE, bounded by
 /// fs.nr_open), else to the hard limit. Returns the soft limit now in force.
 pub fn raise_nofile_limit(connections: usize) -> u64 {
-    let want = (connections as u64).saturating_mul(2).saturating_add(RESERVED_FDS);
+    raise_nofile_to((connections as u64).saturating_mul(2).saturating_add(RESERVED_FDS))
+}
+
+/// Raises RLIMIT_NOFILE towards `want` descriptors, as [`raise_nofile_limit`] does. Returns
+/// the soft limit now in force.
+pub fn raise_nofile_to(want: u64) -> u64 {
     let Some(mut lim) = nofile_limit() else {
         return 0;
     };

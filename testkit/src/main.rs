@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use redirect_testkit::{demo, handover_peer, probe, serve, stress};
+use redirect_testkit::{demo, flood, handover_peer, probe, serve, stress};
 
 /// Test kit of redirect: throw-away workloads for its tests and demo.
 #[derive(Parser, Debug)]
@@ -27,6 +27,10 @@ enum Command {
     /// A node agent's successor, played part-way (used by the tests).
     #[command(hide = true)]
     HandoverPeer(handover_peer::HandoverPeerArgs),
+    /// Idle or slow connections held against a port (used by the tests, as an unprivileged
+    /// user).
+    #[command(hide = true)]
+    Flood(flood::FloodArgs),
     /// Bursts of concurrent proxied connections; prints the agent's resident memory idle, at
     /// each peak and after each burst, as JSON (root).
     Stress {
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
         Command::Probe(args) => probe::main(&args),
         Command::Serve(args) => serve::main(&args),
         Command::HandoverPeer(args) => handover_peer::main(&args),
+        Command::Flood(args) => flood::main(&args),
         Command::Stress { agent, args } => match stress::run(&agent, &args) {
             Ok(report) => {
                 println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());

@@ -28,6 +28,8 @@ pub struct NodeAgent {
     pub socket: PathBuf,
     pub metrics: SocketAddrV4,
     extra: Vec<String>,
+    /// RLIMIT_NOFILE the agent's processes start with and cannot raise.
+    nofile: Option<u64>,
 }
 
 /// `redirect-agent node` under a name and socket that must be refused: the start exits 1 at
@@ -73,13 +75,38 @@ impl NodeAgent {
             metrics: SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
             name,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            nofile: None,
         }
+    }
+
+    /// Its processes start with `nofile` descriptors at most (soft and hard), without
+    /// CAP_SYS_RESOURCE, so the agent cannot raise it: a descriptor limit a test can reach.
+    pub fn with_nofile(mut self, nofile: u64) -> Self {
+        self.nofile = Some(nofile);
+        self
     }
 
     /// Starts a process and waits until it serves (its state names it and the socket answers).
     pub fn start(&self) -> std::io::Result<NodeProcess> {
         let log = std::env::temp_dir().join(format!("{}.node.log", unique(&self.name)));
-        let child = Command::new(agent_bin())
+        let mut command = Command::new(agent_bin());
+        if let Some(nofile) = self.nofile {
+            use std::os::unix::process::CommandExt as _;
+            let limit = rustix::process::Rlimit {
+                current: Some(nofile),
+                maximum: Some(nofile),
+            };
+            // SAFETY: between fork and exec the closure only makes two syscalls (prctl,
+            // setrlimit), which allocate nothing and take no lock.
+            unsafe {
+                command.pre_exec(move || {
+                    rustix::thread::remove_capability_from_bounding_set(rustix::thread::CapabilitySet::SYS_RESOURCE)?;
+                    rustix::process::setrlimit(rustix::process::Resource::Nofile, limit)?;
+                    Ok(())
+                });
+            }
+        }
+        let child = command
             .args(["node", "--name", &self.name])
             .args(["--socket", &self.socket.to_string_lossy()])
             .args(["--metrics", &self.metrics.to_string()])

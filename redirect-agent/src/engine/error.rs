@@ -28,8 +28,10 @@ pub enum EnrollError {
         "cgroup {cgroup} is not under the agent's attach point {attach}: the programs would never see its processes"
     )]
     CgroupOutside { cgroup: PathBuf, attach: PathBuf },
-    #[error("{MAX_WORKLOADS} workloads are enrolled, the most one node agent serves")]
-    Full,
+    #[error(
+        "{0} workloads are enrolled, the most this node agent serves (its --max-workloads, at most {MAX_WORKLOADS})"
+    )]
+    Full(usize),
     #[error("workload '{0}' is already enrolled; unenroll it first")]
     IdTaken(String),
     #[error("network namespace {netns} is already enrolled as workload '{id}'")]
@@ -75,7 +77,7 @@ impl EnrollError {
             | Self::FastPathOff
             | Self::HostNetns(_)
             | Self::CgroupOutside { .. }
-            | Self::Full
+            | Self::Full(_)
             | Self::NoTarget
             | Self::Path(_) => ErrorKind::Invalid,
             Self::IdTaken(_) | Self::NetnsTaken { .. } | Self::CapturedElsewhere { .. } => ErrorKind::Exists,

@@ -16,6 +16,7 @@
 //!    go direct, as with the rules removed) and removes its pins, then every proxy drains.
 //!    One that keeps its pins leaves the kernel side capturing for its successor.
 
+pub mod budget;
 mod error;
 pub(crate) mod gone;
 pub(crate) mod handover;
@@ -62,7 +63,7 @@ pub(crate) struct Settings {
     pub socket: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
     pub sizing: Sizing,
-    /// Workloads the descriptor budget is planned for.
+    /// Workloads the descriptor budget is planned for, and the most that may be enrolled.
     pub max_workloads: usize,
     /// Whether a workload may be the agent's own network namespace: only for `run
     /// --host-netns`, which asks for it; never for a node.
@@ -125,10 +126,10 @@ pub(crate) struct Engine {
     /// proxies' sockets (node mode at the root). Otherwise the fast path needs the proxy's
     /// listeners made inside the workload's cgroup, and the proxy enrolls its upstream ends.
     agent_under_attach: bool,
-    /// Descriptors one workload's proxy may count on: the whole limit for an engine of one
-    /// workload; for a node, the limit is shared and only said at start (an idle workload
-    /// leaves its share to the busy ones), so each proxy keeps its `--max-proxy-connections`.
-    proxy_budget: u64,
+    /// The descriptor limit, what the control plane and the workloads keep of it, and the
+    /// connection budget every workload's proxy shares (on top of its own
+    /// `--max-proxy-connections`).
+    plan: budget::Plan,
     /// The cgroup links. Dropping a descriptor detaches an unpinned link, not a pinned one.
     cgroup_links: Vec<OwnedFd>,
     started: Instant,
@@ -184,22 +185,17 @@ impl Engine {
         let cgroup = sys::open_cgroup2_dir(&settings.attach)?;
 
         // Every workload's proxy draws on this process's descriptors: room for all of them at
-        // their limit if the system allows, and a word when it does not.
+        // their limit if the system allows (the descriptors open now stand in for those the
+        // programs will hold: the plan below counts them once loaded).
         let wanted = settings
             .sizing
             .max_proxy_connections
             .saturating_mul(settings.max_workloads);
-        let nofile = sys::raise_nofile_limit(wanted);
-        let fits = crate::proxy::connections_fitting(nofile);
-        if settings.max_workloads > 1 && fits < wanted {
-            tracing::warn!(
-                fits,
-                wanted,
-                "the descriptor limit fits {fits} proxied connections across all workloads, fewer than {} workloads \
-                 x --max-proxy-connections",
-                settings.max_workloads
-            );
-        }
+        let nofile = sys::raise_nofile_to(
+            (wanted as u64)
+                .saturating_mul(2)
+                .saturating_add(budget::reserve(budget::open_now() + 64, settings.max_workloads)),
+        );
 
         let mut object = Object::load(
             &pin_dir,
@@ -243,7 +239,34 @@ impl Engine {
             .sum();
         let host_netns_cookie = sys::current_netns_cookie()
             .map_err(|e| LoadError::Sys(crate::error::SysError::Io("the agent's own netns cookie".into(), e)))?;
-        let proxy_budget = if settings.max_workloads == 1 { nofile } else { u64::MAX };
+        let plan = budget::Plan::new(nofile, budget::open_now(), settings.max_workloads);
+        let fits = plan.budget.size();
+        tracing::info!(
+            nofile,
+            reserved = plan.reserved,
+            per_workload = budget::PER_WORKLOAD,
+            workloads = settings.max_workloads,
+            connections = fits,
+            "descriptor budget: {fits} proxied connections across all workloads; the rest is kept for the control \
+             plane and {} workloads' listeners, maps and dialers",
+            settings.max_workloads
+        );
+        if nofile < plan.reserved + 2 {
+            tracing::warn!(
+                nofile,
+                reserved = plan.reserved,
+                "the descriptor limit does not cover what the control plane and the workloads keep: every proxy \
+                 shares one connection; raise the limit or lower --max-workloads"
+            );
+        } else if fits < wanted {
+            tracing::warn!(
+                fits,
+                wanted,
+                "the descriptor limit fits {fits} proxied connections across all workloads, fewer than {} \
+                 workload(s) x --max-proxy-connections: connections past it are reset",
+                settings.max_workloads
+            );
+        }
         Ok(Self {
             agent_under_attach: sys::process_under_cgroup(&settings.attach),
             settings,
@@ -251,7 +274,7 @@ impl Engine {
             maps,
             workloads: BTreeMap::new(),
             host_netns_cookie,
-            proxy_budget,
+            plan,
             cgroup_links,
             started: Instant::now(),
             handed_over: false,
@@ -272,6 +295,11 @@ impl Engine {
 
     pub(crate) fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// The descriptor limit, the reserve and the connection budget the proxies share.
+    pub(crate) fn plan(&self) -> &budget::Plan {
+        &self.plan
     }
 
     /// The lock, once a predecessor that handed over has let go of it.

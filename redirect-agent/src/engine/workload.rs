@@ -122,6 +122,10 @@ impl Engine {
         if self.workloads.contains_key(&req.id) || self.unserved.contains_key(&req.id) {
             return Err(EnrollError::IdTaken(req.id));
         }
+        // The descriptor reserve is planned for this many.
+        if self.workloads.len() >= self.settings.max_workloads {
+            return Err(EnrollError::Full(self.settings.max_workloads));
+        }
         let netns = Netns::open(&req.netns).map_err(EnrollError::Path)?;
         let info = self.check(&req, &netns)?;
         let cookie = info.netns_cookie;
@@ -185,7 +189,8 @@ impl Engine {
         // inbound connections are judged by its own sk_lookup instance, whatever addresses
         // others hold (the address watcher says so in the log).
         let addresses = addrs::read(netns).map_err(EnrollError::io(format!("addresses of {}", req.netns.display())))?;
-        let slot = free_slot(self.workloads.values().map(|w| &w.info)).ok_or(EnrollError::Full)?;
+        let slot =
+            free_slot(self.workloads.values().map(|w| &w.info)).ok_or(EnrollError::Full(MAX_WORKLOADS as usize))?;
         Ok(WorkloadInfo {
             id: req.id.clone(),
             netns: req.netns.clone(),
@@ -357,8 +362,7 @@ impl Engine {
                 connect_timeout: self.settings.sizing.connect_timeout,
                 max_connections: self.settings.sizing.max_proxy_connections,
                 liveness: self.settings.sizing.liveness,
-            }
-            .fit_to_descriptors(self.proxy_budget);
+            };
             let listening = self
                 .listening(&info, &netns, &cfg, handed, fast_path)
                 .map_err(EnrollError::io(format!("proxy listeners in {}", info.netns.display())))?;
@@ -386,7 +390,7 @@ impl Engine {
                 }),
                 false => None,
             };
-            let proxy = Proxy::start(listening, table, dialer, cfg, own_fast_path)
+            let proxy = Proxy::start(listening, table, dialer, cfg, own_fast_path, self.plan.budget.clone())
                 .map_err(EnrollError::io("starting the proxy"))?;
             (Some(proxy), fds)
         } else {

@@ -18,10 +18,11 @@ use std::{
 use redirect_common::chain::{INBOUND_PASSTHROUGH_SRC, INBOUND_PASSTHROUGH_SRC6};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
+    sync::{OwnedSemaphorePermit, Semaphore},
     task::JoinSet,
 };
 
+mod budget;
 mod cgroup_dialer;
 mod dialer;
 mod fast_path;
@@ -31,8 +32,9 @@ mod relay;
 mod throttle;
 mod trim;
 
+pub use budget::Budget;
 pub use cgroup_dialer::{CgroupDialer, ChildSpec};
-pub use dialer::{AgentSockets, Dialer, NetnsDialer};
+pub use dialer::{AgentSockets, Dialer, NetnsDialer, SPARE_SOCKETS};
 use fast_path::Enrolled;
 pub use fast_path::{FastPath, FastPathSockets};
 pub use listen::{LISTEN_BACKLOG, Listeners, Listening, ProxyConfig, Side, connections_fitting, no_ipv6};
@@ -53,7 +55,10 @@ pub struct ProxyCounters {
     pub forwarded: AtomicU64,
     pub no_original_dst: AtomicU64,
     pub upstream_failed: AtomicU64,
+    /// Reset at accept: the proxy's own `--max-proxy-connections` were in use.
     pub over_limit: AtomicU64,
+    /// Reset at accept: the connection budget the process's proxies share was spent.
+    pub over_budget: AtomicU64,
     /// Connections closed after the idle timeout.
     pub idle_closed: AtomicU64,
 }
@@ -72,19 +77,23 @@ struct Shared {
     dialer: Dialer,
     cfg: ProxyConfig,
     limit: Arc<Semaphore>,
+    /// Shared with every other proxy of the process.
+    budget: Budget,
     counters: Arc<ProxyCounters>,
     /// Per-connection log lines, throttled.
     noise: Throttles,
 }
 
 impl Proxy {
-    /// Starts serving. Must run inside the tokio runtime.
+    /// Starts serving. Must run inside the tokio runtime. A connection needs a share of
+    /// `budget` on top of one of the proxy's own `cfg.max_connections`.
     pub fn start(
         listening: Listening,
         table: OriginalDst,
         dialer: Dialer,
         cfg: ProxyConfig,
         fast_path: Option<FastPath>,
+        budget: Budget,
     ) -> io::Result<Self> {
         let counters = Arc::new(ProxyCounters::default());
         let shared = Arc::new(Shared {
@@ -92,6 +101,7 @@ impl Proxy {
             fast_path: fast_path.map(std::sync::Mutex::new),
             dialer,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            budget,
             cfg,
             counters: counters.clone(),
             noise: Throttles::new(),
@@ -158,27 +168,19 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
-                    let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
-                        shared.counters.over_limit.fetch_add(1, Ordering::Relaxed);
-                        // Under overload every accept is over the limit.
-                        if let Some(count) = shared.noise.hit(Noise::OverLimit) {
-                            tracing::warn!(
-                                %peer,
-                                limit = shared.cfg.max_connections,
-                                count,
-                                "connection limit reached; resetting"
-                            );
-                        }
+                    // Reset at once, never left waiting: the client sees the refusal.
+                    let Some(permits) = shared.admit(peer) else {
                         reset(stream);
                         continue;
                     };
                     let shared = shared.clone();
                     conns.spawn(async move {
                         serve(stream, peer, side, &shared).await;
-                        drop(permit);
+                        drop(permits);
                     });
                 }
-                // EMFILE and friends: back off instead of spinning.
+                // EMFILE and friends (descriptors the budget does not know of, such as another
+                // process's on ENFILE): back off instead of spinning, and accept again after.
                 Err(e) => {
                     if let Some(count) = shared.noise.hit(Noise::AcceptFailed) {
                         tracing::warn!(side = side.name(), count, "accept failed: {e}");
@@ -205,7 +207,7 @@ async fn housekeeping(shared: Arc<Shared>, mut stopped: tokio::sync::watch::Rece
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                shared.noise.summarize(false, shared.cfg.max_connections);
+                shared.noise.summarize(false, shared.cfg.max_connections, shared.budget.size());
                 let active = shared.active();
                 let ended = shared.counters.accepted.load(Ordering::Relaxed).saturating_sub(active as u64);
                 trimmer.tick(ended, active, active_before);
@@ -214,13 +216,46 @@ async fn housekeeping(shared: Arc<Shared>, mut stopped: tokio::sync::watch::Rece
             _ = stopped.changed() => break,
         }
     }
-    shared.noise.summarize(true, shared.cfg.max_connections);
+    shared
+        .noise
+        .summarize(true, shared.cfg.max_connections, shared.budget.size());
 }
 
 impl Shared {
     /// Connections being served now.
     fn active(&self) -> usize {
         self.cfg.max_connections - self.limit.available_permits()
+    }
+
+    /// A connection's shares of the proxy's own limit and of the process's budget, held while
+    /// it is served; `None` (counted and logged): it is over one of them.
+    fn admit(&self, peer: SocketAddr) -> Option<[OwnedSemaphorePermit; 2]> {
+        let Ok(own) = self.limit.clone().try_acquire_owned() else {
+            self.counters.over_limit.fetch_add(1, Ordering::Relaxed);
+            // Under overload every accept is over the limit.
+            if let Some(count) = self.noise.hit(Noise::OverLimit) {
+                tracing::warn!(
+                    %peer,
+                    limit = self.cfg.max_connections,
+                    count,
+                    "connection limit reached; resetting"
+                );
+            }
+            return None;
+        };
+        let Some(shared) = self.budget.take() else {
+            self.counters.over_budget.fetch_add(1, Ordering::Relaxed);
+            if let Some(count) = self.noise.hit(Noise::OverBudget) {
+                tracing::warn!(
+                    %peer,
+                    budget = self.budget.size(),
+                    count,
+                    "the node's connection budget is spent; resetting"
+                );
+            }
+            return None;
+        };
+        Some([own, shared])
     }
 }
 

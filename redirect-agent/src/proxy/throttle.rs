@@ -1,5 +1,6 @@
 //! The proxy's per-connection log lines, throttled: a flood of connections that all fail the
-//! same way (direct hits on a capture port, an unreachable destination, the connection limit)
+//! same way (direct hits on a capture port, an unreachable destination, the connection limit or
+//! the node's connection budget)
 //! must not become a flood of lines. The first of a kind is logged with its details; later ones
 //! are counted, and a line with the count goes out at most once a second, the last ones when the
 //! proxy stops. The counters in [`super::ProxyCounters`] still see every connection.
@@ -62,14 +63,16 @@ impl Throttle {
 #[derive(Copy, Clone, Debug)]
 pub(super) enum Noise {
     OverLimit,
+    OverBudget,
     NoOriginalDst,
     UpstreamFailed,
     AcceptFailed,
 }
 
 impl Noise {
-    const ALL: [Noise; 4] = [
+    const ALL: [Noise; 5] = [
         Noise::OverLimit,
+        Noise::OverBudget,
         Noise::NoOriginalDst,
         Noise::UpstreamFailed,
         Noise::AcceptFailed,
@@ -77,7 +80,7 @@ impl Noise {
 }
 
 /// One [`Throttle`] per kind of [`Noise`].
-pub(super) struct Throttles([Throttle; 4]);
+pub(super) struct Throttles([Throttle; 5]);
 
 impl Throttles {
     pub(super) const PERIOD: Duration = Duration::from_secs(1);
@@ -92,14 +95,18 @@ impl Throttles {
     }
 
     /// Logs the count of each kind held back since its last line, once its period is over
-    /// (`all`: now, as the proxy stops).
-    pub(super) fn summarize(&self, all: bool, limit: usize) {
+    /// (`all`: now, as the proxy stops). `limit`: the proxy's own; `budget`: the one its
+    /// process shares among its proxies.
+    pub(super) fn summarize(&self, all: bool, limit: usize, budget: usize) {
         for kind in Noise::ALL {
             let Some(count) = self.0[kind as usize].take(all) else {
                 continue;
             };
             match kind {
                 Noise::OverLimit => tracing::warn!(limit, count, "connection limit reached; resetting"),
+                Noise::OverBudget => {
+                    tracing::warn!(budget, count, "the node's connection budget is spent; resetting")
+                }
                 Noise::NoOriginalDst => {
                     tracing::warn!(
                         count,
