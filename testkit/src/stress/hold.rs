@@ -32,6 +32,10 @@ const SETTLE: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Serialize)]
 pub struct HoldReport {
+    /// Connections asked for, and held: fewer when RLIMIT_NOFILE (`nofile`, raised as far as
+    /// this process may) cannot fit both ends here and in the agent.
+    pub asked: usize,
+    pub nofile: u64,
     pub connections: usize,
     pub held_secs: u64,
     /// From the first connect until every connection had its first answer.
@@ -50,11 +54,18 @@ pub struct HoldReport {
 }
 
 pub fn run(agent: &Path, args: &StressArgs) -> anyhow::Result<HoldReport> {
-    let n = args.hold;
-    // Both ends of every connection are this process's (the app's server runs here).
-    let nofile = redirect_agent::sys::raise_nofile_limit(n * 2);
-    if (nofile as usize) < n * 2 + 256 {
-        bail!("RLIMIT_NOFILE is {nofile}, too low to hold {n} connections (two descriptors each)");
+    let asked = args.hold;
+    // Both ends of every connection are this process's (the app's server runs here); the
+    // agent holds two descriptors per connection as well, under the same limits (it raises
+    // its own). Without CAP_SYS_RESOURCE neither can go past the hard limit: hold what fits
+    // both, with room for everything else, and say so.
+    let nofile = redirect_agent::sys::raise_nofile_limit(asked);
+    let fits = usize::try_from(nofile.saturating_sub(redirect_agent::sys::RESERVED_FDS) / 2)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(64);
+    let n = asked.min(fits);
+    if n == 0 {
+        bail!("RLIMIT_NOFILE is {nofile}: no room to hold connections");
     }
     let max = (n + 64).to_string();
     let t = Target::start(agent, Mode::Run, "hold", &["--max-proxy-connections", &max])?;
@@ -145,6 +156,8 @@ pub fn run(agent: &Path, args: &StressArgs) -> anyhow::Result<HoldReport> {
     }
     problems.extend(map_problems);
     Ok(HoldReport {
+        asked,
+        nofile,
         connections: n,
         held_secs: args.hold_secs,
         open_secs,

@@ -159,10 +159,21 @@ fn memory(r: &Value, cx: &Context<'_>) -> anyhow::Result<String> {
 }
 
 fn hold(h: &Value) -> anyhow::Result<String> {
+    let (asked, held) = (n(h, "asked")?, n(h, "connections")?);
+    let capped = if held < asked {
+        format!(
+            " ({asked} asked for: RLIMIT_NOFILE's hard limit here is {} and the agent and the test \
+             process lack CAP_SYS_RESOURCE to raise it, so each can hold both ends of at most \
+             that many, after its reserve)",
+            n(h, "nofile")?
+        )
+    } else {
+        String::new()
+    };
     Ok(format!(
-        "{} connections from the remote host to the app, through sk_lookup and the proxy of one \
-         `redirect-agent run`, all open at once: each sends a request and reads its echo, all are \
-         held {} s, then each does it again and closes.\n\n\
+        "{held} connections{capped} from the remote host to the app, through sk_lookup and the \
+         proxy of one `redirect-agent run`, all open at once: each sends a request and reads its \
+         echo, all are held {} s, then each does it again and closes.\n\n\
          | | value |\n|---|---|\n\
          | all open (first answer on each) after | {:.1} s |\n\
          | failed | {} |\n\
@@ -173,7 +184,6 @@ fn hold(h: &Value) -> anyhow::Result<String> {
          | maps held | {} |\n\
          | maps after | {} |\n\
          | problems | {} |\n",
-        n(h, "connections")?,
         n(h, "held_secs")?,
         h["open_secs"].as_f64().unwrap_or(0.0),
         n(h, "failed")?,
