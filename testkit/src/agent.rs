@@ -44,6 +44,11 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts the agent and waits until it has attached (its state file names this child).
     pub fn start(agent: &Path, name: &str, args: &[&str]) -> io::Result<Self> {
+        Self::start_as(agent, "run", name, args)
+    }
+
+    /// [`AgentProcess::start`] of another mode of the agent (`node`), ready by the same sign.
+    pub fn start_as(agent: &Path, mode: &str, name: &str, args: &[&str]) -> io::Result<Self> {
         // One file per process: a restart under the same name must not share the file its
         // predecessor's handle removes when dropped.
         static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -51,7 +56,7 @@ impl AgentProcess {
         let log = std::env::temp_dir().join(format!("{name}.{n}.agent.log"));
         let log_file = std::fs::File::create(&log)?;
         let child = Command::new(agent)
-            .arg("run")
+            .arg(mode)
             .args(["--name", name])
             .args(args)
             .env(
@@ -107,9 +112,14 @@ impl AgentProcess {
 
     /// SIGTERM, without waiting: the agent detaches, then drains.
     pub fn terminate(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Sends `signal` (SIGKILL, SIGSTOP, SIGCONT…) to the agent, if it has not been reaped.
+    pub fn signal(&self, signal: i32) {
         if let Some(child) = &self.child {
             // SAFETY: kill(2) takes no pointers; the pid is our own child, not yet reaped.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            unsafe { libc::kill(child.id() as i32, signal) };
         }
     }
 

@@ -31,8 +31,9 @@ enum Command {
     /// user).
     #[command(hide = true)]
     Flood(flood::FloodArgs),
-    /// Bursts of concurrent proxied connections; prints the agent's resident memory idle, at
-    /// each peak and after each burst, as JSON (root).
+    /// The stress routines (memory over bursts, held connections, churn, SIGKILL and SIGSTOP
+    /// under load) against agents of their own; prints every figure as JSON, and fails when a
+    /// check did (root).
     Stress {
         /// The redirect-agent binary to run.
         #[arg(long, value_name = "PATH")]
@@ -40,6 +41,10 @@ enum Command {
         #[command(flatten)]
         args: stress::StressArgs,
     },
+    /// A stress routine's load generator, inside a workload or the remote host (used by
+    /// `stress`).
+    #[command(hide = true)]
+    StressLoad(stress::load::LoadArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,16 +55,20 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::main(&args),
         Command::HandoverPeer(args) => handover_peer::main(&args),
         Command::Flood(args) => flood::main(&args),
-        Command::Stress { agent, args } => match stress::run(&agent, &args) {
-            Ok(report) => {
-                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
-                ExitCode::SUCCESS
+        Command::StressLoad(args) => stress::load::main(&args),
+        Command::Stress { agent, args } => {
+            let report = stress::run_all(&agent, &args);
+            println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+            let problems = report.problems();
+            for p in &problems {
+                eprintln!("redirect-testkit stress: {p}");
             }
-            Err(e) => {
-                eprintln!("redirect-testkit stress: error: {e:#}");
+            if problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
                 ExitCode::FAILURE
             }
-        },
+        }
         Command::Demo(args) => match demo::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -39,8 +39,9 @@ enum Task {
     },
     /// Set up, build, and run the demo: the agent on a throw-away workload (root).
     Run,
-    /// Set up, then run every check and test: fmt, clippy, unit and integration tests, and
-    /// the smoke subset under Debian 12's 6.1 kernel (root).
+    /// Set up, then run every check and test: fmt, clippy, unit and integration tests, the
+    /// stress routines in a bounded form, and the smoke subset under Debian 12's 6.1 kernel
+    /// (root).
     Test {
         /// Only tests whose name contains this (the kernel smoke run is then skipped).
         filter: Option<String>,
@@ -55,13 +56,25 @@ enum Task {
         #[arg(long)]
         profile: bool,
     },
-    /// Bursts of concurrent proxied connections with the agent's resident memory measured
-    /// idle and after each; writes docs/reliability.md and fails past the target (root).
+    /// The stress routines: memory over bursts, held connections, churn in both modes, SIGKILL
+    /// and SIGSTOP under load in both modes; writes docs/reliability.md and fails on any
+    /// uncaptured connection, leak or memory past the target (root).
     Stress {
+        /// Bursts of the memory routine.
         #[arg(long, default_value_t = 5)]
         bursts: usize,
+        /// Concurrent connections per burst.
         #[arg(long, default_value_t = 3000)]
         connections: usize,
+        /// Connections held open at once.
+        #[arg(long, default_value_t = 10_000)]
+        hold: usize,
+        /// Short connections churned per mode.
+        #[arg(long, default_value_t = 200_000)]
+        churn: u64,
+        /// Seconds each agent stays killed or stopped under load.
+        #[arg(long, default_value_t = 5)]
+        outage_secs: u64,
         /// Measure a debug build (quicker to build) instead of the release one.
         #[arg(long)]
         debug: bool,
@@ -245,6 +258,13 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     let filtered = filter.is_some();
     let (mut passed, mut failed) = run_counting(c)?;
     if !filtered && failed == 0 {
+        // The stress routines, bounded: any uncaptured connection, leaked map entry or
+        // descriptor fails the run.
+        let s = stress::run(&agent, &stress::BOUNDED, "debug", None)?;
+        passed += s.passed;
+        failed += s.failed;
+    }
+    if !filtered && failed == 0 {
         // The smoke subset under the other kernel we claim (the full suite: `vm-test`).
         let opts = vm::Options {
             kernel: None,
@@ -287,18 +307,18 @@ fn bench(quick: bool, profile: bool) -> anyhow::Result<()> {
     run("bench: redirect-bench run", c)
 }
 
-fn stress(bursts: usize, connections: usize, debug: bool) -> anyhow::Result<()> {
+fn stress(counts: &stress::Counts, debug: bool) -> anyhow::Result<()> {
     if !is_root() {
-        bail!("stress: the bursts create namespaces and load programs: run it as root");
+        bail!("stress: the routines create namespaces and load programs: run it as root");
     }
     setup()?;
     let agent = build(!debug)?;
-    let opts = stress::Options {
-        bursts,
-        connections,
-        profile: if debug { "debug" } else { "release" },
-    };
-    stress::run(&root(), &agent, &opts)
+    let profile = if debug { "debug" } else { "release" };
+    let out = stress::run(&agent, counts, profile, Some(&root()))?;
+    if out.failed > 0 {
+        bail!("stress: {} routines failed", out.failed);
+    }
+    Ok(())
 }
 
 fn vm_test(opts: vm::Options) -> anyhow::Result<()> {
@@ -357,8 +377,23 @@ fn main() -> std::process::ExitCode {
         Task::Stress {
             bursts,
             connections,
+            hold,
+            churn,
+            outage_secs,
             debug,
-        } => stress(bursts, connections, debug),
+        } => stress(
+            &stress::Counts {
+                bursts,
+                connections,
+                bytes: 256 << 10,
+                hold,
+                hold_secs: 5,
+                churn,
+                churn_concurrency: 64,
+                outage_secs,
+            },
+            debug,
+        ),
         Task::VmTest { kernel, filter, report } => vm_test(vm::Options {
             kernel,
             filters: filter,

@@ -1,7 +1,6 @@
 //! Bursts of concurrent proxied connections against a running agent, with the agent's
 //! resident memory measured idle, at each burst's peak and after each burst: whether the
-//! proxy gives memory back (issue 16, item 4). Bounded in count and time; run by
-//! `redirect-testkit stress` (and `cargo xtask stress`), which prints the figures as JSON.
+//! proxy gives memory back (issue 16, item 4). Bounded in count and time.
 //!
 //! A burst: `connections` clients in the remote namespace connect at once to a server in the
 //! workload's namespace (inbound capture: through sk_lookup and the proxy), each sends
@@ -19,26 +18,15 @@ use anyhow::{Context as _, bail};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+use super::{StressArgs, fd_count, rss_kib, settled_fds, status_kib};
 use crate::{agent::AgentProcess, cgroup::TestCgroup, netns::NetnsPair};
 
 /// The workload's port the bursts dial (captured inbound, served by the stress's own server).
 const PORT: u16 = 9400;
+/// The issue's target: after a burst, within 20 % of the idle size.
+pub const MAX_RATIO: f64 = 1.2;
 /// Every wait of a burst is bounded by this.
 const BOUND: Duration = Duration::from_secs(120);
-
-#[derive(Debug, Clone, Copy, clap::Args)]
-pub struct StressArgs {
-    /// Bursts, one after the other.
-    #[arg(long, default_value_t = 5)]
-    pub bursts: usize,
-    /// Concurrent connections per burst (the test process holds two descriptors each, the
-    /// agent two).
-    #[arg(long, default_value_t = 3000)]
-    pub connections: usize,
-    /// Bytes each connection sends and reads back.
-    #[arg(long, default_value_t = 256 << 10)]
-    pub bytes: usize,
-}
 
 /// Resident memory of the agent, in KiB (VmRSS).
 #[derive(Debug, Clone, Serialize)]
@@ -70,25 +58,6 @@ impl StressReport {
     }
 }
 
-/// VmRSS of `pid`, in KiB.
-pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    status_kib(pid, "VmRSS")
-}
-
-/// A `/proc/PID/status` size (`VmRSS`, `RssAnon`, `RssFile`), in KiB.
-pub fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))
-}
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
 /// Waits (bounded) until `pid` holds at most `fds` descriptors.
 fn wait_fds(pid: u32, fds: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + BOUND;
@@ -115,20 +84,6 @@ fn settled_rss(pid: u32) -> anyhow::Result<u64> {
         }
         last = now;
     }
-}
-
-/// The agent's descriptor count once it stops changing (its dialer makes spare sockets).
-fn settled_fds(pid: u32) -> usize {
-    let mut last = fd_count(pid);
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(200));
-        let now = fd_count(pid);
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
-    last
 }
 
 /// Runs `args.bursts` bursts against `redirect-agent run` (`agent`) on a throw-away workload.
