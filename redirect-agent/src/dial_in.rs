@@ -24,17 +24,13 @@
 //! (PR_SET_PDEATHSIG).
 
 use std::{
-    io::{self, IoSlice, IoSliceMut},
-    mem::MaybeUninit,
+    io,
     os::fd::{AsFd, BorrowedFd, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     process::ExitCode,
 };
 
-use rustix::net::{
-    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
-    SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
-};
+use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType};
 
 use crate::sys::{self, MAX_FDS_PER_MESSAGE};
 
@@ -160,44 +156,23 @@ fn send_reply(conn: &impl AsFd, fds: &[BorrowedFd<'_>], errno: i32) -> io::Resul
     let mut payload = [0u8; 5];
     payload[0] = fds.len() as u8;
     payload[1..].copy_from_slice(&errno.to_le_bytes());
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
-        return Err(io::Error::other("descriptors do not fit the control buffer"));
-    }
-    rustix::net::sendmsg(conn, &[IoSlice::new(&payload)], &mut control, SendFlags::NOSIGNAL)?;
+    sys::send_with_fds(conn, &payload, fds)?;
     Ok(())
 }
 
 /// Receives a step 3 reply: the sockets made, and the error that stopped the child short.
 pub fn recv_reply(conn: &impl AsFd) -> io::Result<(Vec<OwnedFd>, Option<io::Error>)> {
     let mut payload = [0u8; 5];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let msg = rustix::net::recvmsg(
-        conn,
-        &mut [IoSliceMut::new(&mut payload)],
-        &mut control,
-        RecvFlags::CMSG_CLOEXEC,
-    )?;
-    if msg.bytes == 0 {
+    let (bytes, fds) = sys::recv_with_fds(conn, &mut payload)?;
+    if bytes == 0 {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "the upstream dialer process closed its end",
         ));
     }
-    let fds: Vec<OwnedFd> = control
-        .drain()
-        .filter_map(|m| match m {
-            RecvAncillaryMessage::ScmRights(fds) => Some(fds),
-            _ => None,
-        })
-        .flatten()
-        .collect();
-    if msg.flags.contains(ReturnFlags::CTRUNC) || msg.bytes != payload.len() || fds.len() != usize::from(payload[0]) {
+    if bytes != payload.len() || fds.len() != usize::from(payload[0]) {
         return Err(io::Error::other(format!(
-            "malformed reply from the upstream dialer process ({} bytes, {} descriptors)",
-            msg.bytes,
+            "malformed reply from the upstream dialer process ({bytes} bytes, {} descriptors)",
             fds.len()
         )));
     }

@@ -423,40 +423,41 @@ pub fn join(cgroup: Option<&Path>, netns: Option<&Path>) -> io::Result<()> {
 /// Most descriptors passed in one SCM_RIGHTS message (a workload has three).
 pub const MAX_FDS_PER_MESSAGE: usize = 8;
 
-/// Sends `fds` over a Unix stream socket in one message (with one byte of data, which
-/// SCM_RIGHTS needs to travel with).
-pub fn send_fds(socket: &impl AsFd, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    assert!(fds.len() <= MAX_FDS_PER_MESSAGE);
+/// Sends `payload` with `fds` in one message (SCM_RIGHTS needs at least a byte to travel
+/// with); the bytes sent.
+pub fn send_with_fds(socket: &impl AsFd, payload: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    if fds.len() > MAX_FDS_PER_MESSAGE {
+        return Err(io::Error::other(format!(
+            "{} descriptors in one message: at most {MAX_FDS_PER_MESSAGE}",
+            fds.len()
+        )));
+    }
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
     let mut control = SendAncillaryBuffer::new(&mut space);
-    if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
         return Err(io::Error::other("descriptors do not fit the control buffer"));
     }
-    let sent = rustix::net::sendmsg(socket, &[IoSlice::new(b"F")], &mut control, SendFlags::NOSIGNAL)?;
-    if sent != 1 {
-        return Err(io::Error::new(io::ErrorKind::WriteZero, "descriptors not sent"));
-    }
-    Ok(())
+    Ok(rustix::net::sendmsg(
+        socket,
+        &[IoSlice::new(payload)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?)
 }
 
-/// Receives one message of [`send_fds`]: its descriptors, owned (close-on-exec).
-pub fn recv_fds(socket: &impl AsFd) -> io::Result<Vec<OwnedFd>> {
-    let mut payload = [0u8; 1];
+/// Receives one message of [`send_with_fds`] into `payload`: the bytes received (0: the peer
+/// closed) and its descriptors, owned (close-on-exec). Descriptors cut short (MSG_CTRUNC) are
+/// an error.
+pub fn recv_with_fds(socket: &impl AsFd, payload: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let msg = rustix::net::recvmsg(
         socket,
-        &mut [IoSliceMut::new(&mut payload)],
+        &mut [IoSliceMut::new(payload)],
         &mut control,
         RecvFlags::CMSG_CLOEXEC,
     )?;
-    if msg.bytes == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "peer closed before sending descriptors",
-        ));
-    }
-    let out: Vec<OwnedFd> = control
+    let fds: Vec<OwnedFd> = control
         .drain()
         .filter_map(|m| match m {
             RecvAncillaryMessage::ScmRights(fds) => Some(fds),
@@ -467,7 +468,27 @@ pub fn recv_fds(socket: &impl AsFd) -> io::Result<Vec<OwnedFd>> {
     if msg.flags.contains(ReturnFlags::CTRUNC) {
         return Err(io::Error::other("descriptors were cut short (MSG_CTRUNC)"));
     }
-    Ok(out)
+    Ok((msg.bytes, fds))
+}
+
+/// Sends `fds` over a Unix stream socket in one message (with one byte of data).
+pub fn send_fds(socket: &impl AsFd, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    if send_with_fds(socket, b"F", fds)? != 1 {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, "descriptors not sent"));
+    }
+    Ok(())
+}
+
+/// Receives one message of [`send_fds`]: its descriptors, owned (close-on-exec).
+pub fn recv_fds(socket: &impl AsFd) -> io::Result<Vec<OwnedFd>> {
+    let (bytes, fds) = recv_with_fds(socket, &mut [0u8; 1])?;
+    if bytes == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "peer closed before sending descriptors",
+        ));
+    }
+    Ok(fds)
 }
 
 impl Netns {

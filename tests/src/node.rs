@@ -331,10 +331,23 @@ pub struct HandoverPeer {
 
 impl HandoverPeer {
     pub fn start(agent: &NodeAgent, until: &str, with_lock: bool, stall: Duration) -> Self {
-        let dir = testkit_bin().with_file_name(unique("peer"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let link = dir.join("redirect-agent");
-        std::fs::hard_link(testkit_bin(), &link).expect("hard link of the test kit");
+        // A hard link beside the test kit; where that tree is read-only (`vm-test`'s guest
+        // sees the host's files so), a copy in the temporary directory.
+        let beside = testkit_bin().with_file_name(unique("peer"));
+        let link = match std::fs::create_dir_all(&beside) {
+            Ok(()) => {
+                let link = beside.join("redirect-agent");
+                std::fs::hard_link(testkit_bin(), &link).expect("hard link of the test kit");
+                link
+            }
+            Err(_) => {
+                let dir = std::env::temp_dir().join(unique("peer"));
+                std::fs::create_dir_all(&dir).expect("a directory for the peer");
+                let copy = dir.join("redirect-agent");
+                std::fs::copy(testkit_bin(), &copy).expect("copy of the test kit");
+                copy
+            }
+        };
         let mut c = Command::new(&link);
         c.args(["handover-peer", "--socket", &agent.socket.to_string_lossy()])
             .args(["--until", until, "--stall-ms", &stall.as_millis().to_string()])
