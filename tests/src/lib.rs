@@ -159,6 +159,18 @@ pub struct Workload {
     pub name: String,
 }
 
+/// A run killed by its test (or a test that failed after killing it) leaves its links pinned,
+/// capturing: that is fail-closed by design. The test's instance is released once its agent
+/// is gone, so that a failing test leaves the machine clean too.
+impl Drop for Workload {
+    fn drop(&mut self) {
+        drop(self.agent.take());
+        if redirect_agent::engine::pins::pin_dir(&self.name).exists() {
+            let _ = agent_cmd_within(&["cleanup", "--name", &self.name], Duration::from_secs(30));
+        }
+    }
+}
+
 impl Workload {
     /// Namespaces, cgroup and servers: a remote host on 10.200.1.2:8080, the workload's own
     /// app on *:9080 and a tunnel listener on *:15008.
