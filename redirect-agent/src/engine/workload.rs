@@ -8,7 +8,9 @@ use std::{
 
 use aya::maps::PerCpuValues;
 use redirect_api::WorkloadInfo;
-use redirect_common::{FamilyKey, MAX_RULES, MAX_WORKLOADS, addr::Family, chain, config::CaptureConfig, events, maps};
+use redirect_common::{
+    FamilyKey, MAX_RULES, MAX_WORKLOADS, OrigDst, TupleKey, addr::Family, chain, config::CaptureConfig, events, maps,
+};
 
 use super::{
     Engine, EnrollError,
@@ -234,6 +236,29 @@ impl Engine {
         for family in [Family::V4, Family::V6] {
             let _ = self.maps.listeners.remove(&FamilyKey::new(netns_cookie, family));
         }
+        self.forget_pending(netns_cookie);
+    }
+
+    /// Drops the namespace's inbound connections that sk_lookup handed to a listener which is
+    /// gone (closed with the proxy, or by a killed agent, before it accepted them): their
+    /// handshakes ended with that listener, and nothing else would ever remove their entries.
+    /// Only while the namespace has no listener in `INBOUND_LISTENERS`, so that sk_lookup
+    /// cannot add one for a live connection as this runs.
+    fn forget_pending(&self, netns_cookie: u64) {
+        let Ok(mut pending) = self.open_map::<aya::maps::HashMap<_, TupleKey, OrigDst>>(maps::INBOUND_PENDING) else {
+            return;
+        };
+        let stale: Vec<TupleKey> = pending
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.netns_cookie == netns_cookie)
+            .collect();
+        for key in &stale {
+            let _ = pending.remove(key);
+        }
+        if !stale.is_empty() {
+            tracing::debug!(netns_cookie, entries = stale.len(), "forgot inbound connections of a closed listener");
+        }
     }
 
     /// The proxy's listeners: handed over, made inside the workload's cgroup (so that
@@ -363,6 +388,11 @@ impl Engine {
                 max_connections: self.settings.sizing.max_proxy_connections,
                 liveness: self.settings.sizing.liveness,
             };
+            // New listeners (not handed over): whatever sk_lookup gave the previous ones, which
+            // closed with their proxy, never completes.
+            if handed.is_none() {
+                self.forget_pending(cookie);
+            }
             let listening = self
                 .listening(&info, &netns, &cfg, handed, fast_path)
                 .map_err(EnrollError::io(format!("proxy listeners in {}", info.netns.display())))?;
