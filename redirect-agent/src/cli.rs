@@ -9,7 +9,7 @@ use tracing_subscriber::EnvFilter;
 use crate::{
     engine::{self, Sizing},
     explain, features,
-    flags::{CaptureFlags, LivenessFlags, ProxyMode},
+    flags::{self, CaptureFlags, LivenessFlags, ProxyMode},
     node::{self, NodeOptions},
     run::{self, RunOptions},
     standalone, stats,
@@ -85,7 +85,7 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct ExplainArgs {
-    /// Print JSON: {"family", "iptables_save": TEXT, "lines": [{"line","chain","num","slot","by"}, ...]}.
+    /// Print JSON: {"family", "iptables_save": TEXT, "lines": [{"table","line","chain","num","slot","by"}, ...]}.
     #[arg(long)]
     json: bool,
     /// Whose table: `ipv4` (iptables) or `ipv6` (ip6tables, installed for a pod with an IPv6
@@ -408,7 +408,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => {
                 let termination = Termination::install()?;
-                let capture = args.capture.to_config()?;
+                let capture = args.capture.to_config_with(&flags::process_env)?;
                 let opts = RunOptions {
                     name: args.name,
                     cgroup: args.cgroup,
@@ -438,7 +438,7 @@ pub fn main() -> ExitCode {
                 Ok(())
             }
             Command::Explain(args) => {
-                let cfg = args.capture.to_config()?;
+                let cfg = args.capture.to_config_with(&flags::process_env)?;
                 let e = explain::Explanation::new(&cfg, args.family.into())?;
                 if args.json {
                     println!("{}", serde_json::to_string_pretty(&e)?);

@@ -1,5 +1,5 @@
-//! `redirect-agent explain`: the nat table istio-iptables would write for the same flags, and
-//! which counter slot (and program) implements each line.
+//! `redirect-agent explain`: the tables istio-iptables would write for the same flags (mangle,
+//! nat, raw), and which counter slot (and program) implements each line.
 //!
 //! The text is valid `iptables-restore` input: the differential tests load it into a twin
 //! namespace and hold the agent to what the kernel does with it.
@@ -8,18 +8,21 @@ use std::fmt::Write as _;
 
 use redirect_common::{
     addr::Family,
-    chain::{self, NatLine, TooManyRules},
+    chain::{self, TableLine, TooManyRules},
     config::CaptureConfig,
 };
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ExplainedLine {
+    /// `mangle`, `nat` or `raw`.
+    pub table: String,
     pub line: String,
     pub chain: String,
     /// 1-based position in its chain, as `iptables -L --line-numbers` and `stats`.
     pub num: usize,
-    /// Counter slot (`stats`' `slot`); `None` for jumps and REDIRECT targets.
+    /// Counter slot (`stats`' `slot`); `None` for jumps, targets and the lines no rule walk
+    /// implements.
     pub slot: Option<usize>,
     pub by: String,
 }
@@ -28,22 +31,22 @@ pub struct ExplainedLine {
 pub struct Explanation {
     /// `ipv4` (iptables) or `ipv6` (ip6tables).
     pub family: String,
-    /// iptables-save (or ip6tables-save) text: valid iptables-restore (ip6tables-restore)
-    /// input. The field keeps its name for both families.
+    /// iptables-save (or ip6tables-save) text of every table the flags need: valid
+    /// iptables-restore (ip6tables-restore) input. The field keeps its name for both families.
     pub iptables_save: String,
     pub lines: Vec<ExplainedLine>,
 }
 
 impl Explanation {
-    /// The table of `family`: iptables' for IPv4, ip6tables' for IPv6 (which istio-iptables
+    /// The tables of `family`: iptables' for IPv4, ip6tables' for IPv6 (which istio-iptables
     /// installs for a pod with an IPv6 address, and the agent evaluates while it has one).
     pub fn new(cfg: &CaptureConfig, family: Family) -> Result<Self, TooManyRules> {
         let rules = chain::compile(cfg)?;
-        let table = chain::nat_table(cfg, &rules, family);
+        let lines = chain::tables(cfg, &rules, family);
         Ok(Self {
             family: family.name().into(),
-            iptables_save: chain::iptables_save(&table),
-            lines: table.iter().map(explained).collect(),
+            iptables_save: chain::iptables_save(&lines),
+            lines: lines.iter().map(explained).collect(),
         })
     }
 
@@ -55,26 +58,26 @@ impl Explanation {
         } else {
             "iptables"
         };
-        let mut s =
-            format!("# nat table ({tool}) written by istio-iptables for these flags (redirect-agent explain)\n");
+        let mut s = format!("# tables ({tool}) written by istio-iptables for these flags (redirect-agent explain)\n");
         s.push_str(&self.iptables_save);
         let _ = writeln!(s, "#");
         let _ = writeln!(
             s,
             "# what implements each line ('slot' is the counter `redirect-agent stats` shows):"
         );
-        let _ = writeln!(s, "# {:>4}  {:<20} line", "slot", "chain:num");
+        let _ = writeln!(s, "# {:>4}  {:<28} line", "slot", "table:chain:num");
         for l in &self.lines {
             let slot = l.slot.map_or_else(|| "-".to_string(), |s| s.to_string());
-            let at = format!("{}:{}", l.chain, l.num);
-            let _ = writeln!(s, "# {slot:>4}  {at:<20} {}  [{}]", l.line, l.by);
+            let at = format!("{}:{}:{}", l.table, l.chain, l.num);
+            let _ = writeln!(s, "# {slot:>4}  {at:<28} {}  [{}]", l.line, l.by);
         }
         s
     }
 }
 
-fn explained(l: &NatLine) -> ExplainedLine {
+fn explained(l: &TableLine) -> ExplainedLine {
     ExplainedLine {
+        table: l.table.name().into(),
         line: l.text.clone(),
         chain: l.chain().into(),
         num: l.num,

@@ -1,106 +1,335 @@
 //! istio-iptables' flags, as clap sees them, with the sidecar injection's values as defaults.
 
 use clap::Args;
-use redirect_common::config::{self, CaptureConfig, ConfigError};
+use redirect_common::config::{self, CaptureConfig, ConfigError, DnsCapture};
 
 use crate::proxy::{Keepalive, Liveness};
 
-/// The capture flags, named and defaulted as `istio-iptables` for the default injection
-/// (`-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -b '*' -d 15090,15021,15020`).
-#[derive(Args, Debug, Clone)]
+/// The capture flags, named as `istio-iptables` names them and defaulted as the sidecar
+/// injection passes them (`-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -b '*' -d
+/// 15090,15021,15020`). Where a flag is absent, `run` and `explain` read istio-iptables'
+/// environment variable for it (the flag wins, as in istio-iptables); a node enrollment's
+/// flags are the workload's own and read no environment.
+#[derive(Args, Debug, Clone, Default)]
 pub struct CaptureFlags {
-    /// Outbound capture port (ISTIO_REDIRECT target).
-    #[arg(short = 'p', long = "envoy-port", default_value = "15001", value_name = "PORT")]
-    pub envoy_port: String,
-    /// Inbound capture port (ISTIO_IN_REDIRECT target).
-    #[arg(
-        short = 'z',
-        long = "inbound-capture-port",
-        default_value = "15006",
-        value_name = "PORT"
-    )]
-    pub inbound_capture_port: String,
-    /// HBONE tunnel port: never redirected from the proxy to its own pod.
-    #[arg(
-        short = 'e',
-        long = "inbound-tunnel-port",
-        default_value = "15008",
-        value_name = "PORT"
-    )]
-    pub inbound_tunnel_port: String,
-    /// Comma list of UIDs whose connections are never captured (the proxy's).
-    #[arg(short = 'u', long = "proxy-uid", default_value = "1337", value_name = "UIDS")]
-    pub proxy_uid: String,
-    /// Comma list of GIDs whose connections are never captured (default: the -u list).
+    /// Outbound capture port (ISTIO_REDIRECT target) [default: 15001].
+    #[arg(short = 'p', long = "envoy-port", value_name = "PORT")]
+    pub envoy_port: Option<String>,
+    /// Inbound capture port (ISTIO_IN_REDIRECT target) [default: 15006; env INBOUND_CAPTURE_PORT].
+    #[arg(short = 'z', long = "inbound-capture-port", value_name = "PORT")]
+    pub inbound_capture_port: Option<String>,
+    /// HBONE tunnel port: never redirected from the proxy to its own pod [default: 15008; env
+    /// INBOUND_TUNNEL_PORT].
+    #[arg(short = 'e', long = "inbound-tunnel-port", value_name = "PORT")]
+    pub inbound_tunnel_port: Option<String>,
+    /// Comma list of UIDs whose connections are never captured (the proxy's) [default: 1337;
+    /// env PROXY_UID].
+    #[arg(short = 'u', long = "proxy-uid", value_name = "UIDS")]
+    pub proxy_uid: Option<String>,
+    /// Comma list of GIDs whose connections are never captured [default: the -u list; env
+    /// PROXY_GID].
     #[arg(short = 'g', long = "proxy-gid", value_name = "GIDS")]
     pub proxy_gid: Option<String>,
-    /// Inbound interception mode; only REDIRECT is supported.
-    #[arg(
-        short = 'm',
-        long = "istio-inbound-interception-mode",
-        default_value = "REDIRECT",
-        value_name = "MODE"
-    )]
-    pub inbound_mode: String,
-    /// Outbound CIDRs to capture: '*' for all, a comma list, or '' for none.
-    #[arg(short = 'i', long = "istio-service-cidr", default_value = "*", value_name = "CIDRS")]
-    pub service_cidr: String,
-    /// Outbound CIDRs never captured.
-    #[arg(
-        short = 'x',
-        long = "istio-service-exclude-cidr",
-        default_value = "",
-        value_name = "CIDRS"
-    )]
-    pub service_exclude_cidr: String,
-    /// Inbound ports to capture: '*' for all, a comma list, or '' for none.
-    #[arg(short = 'b', long = "istio-inbound-ports", default_value = "*", value_name = "PORTS")]
-    pub inbound_ports: String,
-    /// Inbound ports never captured (with -b '*').
-    #[arg(
-        short = 'd',
-        long = "istio-local-exclude-ports",
-        default_value = "15090,15021,15020",
-        value_name = "PORTS"
-    )]
-    pub local_exclude_ports: String,
-    /// Outbound ports always captured.
-    #[arg(short = 'q', long = "istio-outbound-ports", default_value = "", value_name = "PORTS")]
-    pub outbound_ports: String,
-    /// Outbound ports never captured.
-    #[arg(
-        short = 'o',
-        long = "istio-local-outbound-ports-exclude",
-        default_value = "",
-        value_name = "PORTS"
-    )]
-    pub outbound_ports_exclude: String,
+    /// Inbound interception mode: REDIRECT or TPROXY [default: REDIRECT; env
+    /// ISTIO_INBOUND_INTERCEPTION_MODE].
+    #[arg(short = 'm', long = "istio-inbound-interception-mode", value_name = "MODE")]
+    pub inbound_mode: Option<String>,
+    /// Outbound CIDRs to capture: '*' for all, a comma list, or '' for none [default: '*'; env
+    /// ISTIO_SERVICE_CIDR].
+    #[arg(short = 'i', long = "istio-service-cidr", value_name = "CIDRS")]
+    pub service_cidr: Option<String>,
+    /// Outbound CIDRs never captured [env ISTIO_SERVICE_EXCLUDE_CIDR].
+    #[arg(short = 'x', long = "istio-service-exclude-cidr", value_name = "CIDRS")]
+    pub service_exclude_cidr: Option<String>,
+    /// Inbound ports to capture: '*' for all, a comma list, or '' for none [default: '*'; env
+    /// ISTIO_INBOUND_PORTS].
+    #[arg(short = 'b', long = "istio-inbound-ports", value_name = "PORTS")]
+    pub inbound_ports: Option<String>,
+    /// Inbound ports never captured (with -b '*') [default: 15090,15021,15020; env
+    /// ISTIO_LOCAL_EXCLUDE_PORTS].
+    #[arg(short = 'd', long = "istio-local-exclude-ports", value_name = "PORTS")]
+    pub local_exclude_ports: Option<String>,
+    /// Outbound ports always captured [env ISTIO_OUTBOUND_PORTS].
+    #[arg(short = 'q', long = "istio-outbound-ports", value_name = "PORTS")]
+    pub outbound_ports: Option<String>,
+    /// Outbound ports never captured, TCP and UDP [env ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE].
+    #[arg(short = 'o', long = "istio-local-outbound-ports-exclude", value_name = "PORTS")]
+    pub outbound_ports_exclude: Option<String>,
+    /// Interfaces whose traffic is never captured, either way [env ISTIO_EXCLUDE_INTERFACES].
+    #[arg(short = 'c', long = "istio-exclude-interfaces", value_name = "IFACES")]
+    pub exclude_interfaces: Option<String>,
+    /// Interfaces whose arriving connections are captured as outbound ones (a KubeVirt VM's)
+    /// [env KUBE_VIRT_INTERFACES].
+    #[arg(short = 'k', long = "kube-virt-interfaces", value_name = "IFACES")]
+    pub kube_virt_interfaces: Option<String>,
+    /// TPROXY mode's mark [default: 1337; env ISTIO_INBOUND_TPROXY_MARK].
+    #[arg(short = 't', long = "istio-inbound-tproxy-mark", value_name = "MARK")]
+    pub tproxy_mark: Option<String>,
+    /// TPROXY mode's routing table [default: 133; env ISTIO_INBOUND_TPROXY_ROUTE_TABLE].
+    #[arg(short = 'r', long = "istio-inbound-tproxy-route-table", value_name = "TABLE")]
+    pub tproxy_route_table: Option<String>,
+    /// Capture DNS to the resolvers of resolv.conf (port 53, UDP and TCP) to 15053 [env
+    /// REDIRECT_DNS, ISTIO_META_DNS_CAPTURE].
+    #[arg(long = "redirect-dns", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub redirect_dns: Option<String>,
+    /// With --redirect-dns: capture DNS to every address, not only resolv.conf's [env
+    /// CAPTURE_ALL_DNS].
+    #[arg(long = "capture-all-dns", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub capture_all_dns: Option<String>,
+    /// Drop packets conntrack finds invalid instead of resetting [env DROP_INVALID,
+    /// INVALID_DROP].
+    #[arg(long = "drop-invalid", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub drop_invalid: Option<String>,
+    /// The resolv.conf whose `nameserver`s --redirect-dns captures [default: the workload's
+    /// /etc/resolv.conf as istio-iptables reads it; explain: this host's].
+    #[arg(long = "resolv-conf", value_name = "PATH")]
+    pub resolv_conf: Option<std::path::PathBuf>,
+    /// The Istio release whose istio-iptables rules to reproduce, where releases differ
+    /// (docs/istio.md lists how) [default: current; env COMPATIBILITY_VERSION].
+    #[arg(long = "compatibility-version", value_name = "MAJOR.MINOR")]
+    pub compatibility_version: Option<String>,
+}
+
+/// Where a flag's value came from: the command line, or an environment variable (named in
+/// errors instead of the flag).
+type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// No environment: a node enrollment's flags are all there is.
+pub fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+/// The process environment, as istio-iptables reads it.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// The value of one flag: the command line's, else the first of `envs` that is set (later
+/// ones win, as istio-iptables' additional variables do), else `default`; with the name to
+/// put in an error.
+fn pick(
+    cli: &Option<String>,
+    flag: &'static str,
+    envs: &[&'static str],
+    env: Env,
+    default: &str,
+) -> (String, &'static str) {
+    if let Some(v) = cli {
+        return (v.clone(), flag);
+    }
+    let mut found = None;
+    for &name in envs {
+        if let Some(v) = env(name) {
+            found = Some((v, name));
+        }
+    }
+    found.unwrap_or_else(|| (default.to_owned(), flag))
+}
+
+/// istio-iptables' booleans (Go's `strconv.ParseBool`).
+fn parse_bool(flag: &'static str, s: &str) -> Result<bool, ConfigError> {
+    match s.trim() {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" | "" => Ok(false),
+        _ => Err(ConfigError {
+            flag,
+            value: s.to_owned(),
+            expected: "true or false".into(),
+        }),
+    }
 }
 
 impl CaptureFlags {
+    /// The flags alone (a node enrollment's).
     pub fn to_config(&self) -> Result<CaptureConfig, ConfigError> {
-        let uids = config::parse_ids("-u/--proxy-uid", &self.proxy_uid)?;
-        let gids = match &self.proxy_gid {
-            Some(g) => config::parse_ids("-g/--proxy-gid", g)?,
-            None => uids.clone(),
+        self.to_config_with(&no_env)
+    }
+
+    /// The flags, then istio-iptables' environment variables for those absent.
+    pub fn to_config_with(&self, env: Env) -> Result<CaptureConfig, ConfigError> {
+        let p = |cli, flag, envs, default| pick(cli, flag, envs, env, default);
+        let (v, f) = p(&self.proxy_uid, "-u/--proxy-uid", &["PROXY_UID"], "1337");
+        let uids = config::parse_ids(f, &v)?;
+        // An empty PROXY_GID is unset (istio-iptables then takes -u's list); an empty -g on the
+        // command line is refused, as a list of no owner.
+        let gids = match p(&self.proxy_gid, "-g/--proxy-gid", &["PROXY_GID"], "") {
+            (v, f) if self.proxy_gid.is_some() || !v.trim().is_empty() => config::parse_ids(f, &v)?,
+            _ => uids.clone(),
         };
+        let port = |cli, flag, envs, default| {
+            let (v, f) = p(cli, flag, envs, default);
+            config::parse_port(f, &v)
+        };
+        let ports = |cli, flag, envs, default| {
+            let (v, f) = p(cli, flag, envs, default);
+            config::parse_ports(f, &v)
+        };
+        let boolean = |cli, flag, envs| {
+            let (v, f) = p(cli, flag, envs, "false");
+            parse_bool(f, &v)
+        };
+        let (v, f) = p(
+            &self.inbound_mode,
+            "-m/--istio-inbound-interception-mode",
+            &["ISTIO_INBOUND_INTERCEPTION_MODE"],
+            "REDIRECT",
+        );
+        let inbound_mode = config::parse_mode(f, &v)?;
+        let (v, f) = p(
+            &self.service_cidr,
+            "-i/--istio-service-cidr",
+            &["ISTIO_SERVICE_CIDR"],
+            "*",
+        );
+        let outbound_cidrs = config::parse_cidr_include(f, &v)?;
+        let (v, f) = p(
+            &self.service_exclude_cidr,
+            "-x/--istio-service-exclude-cidr",
+            &["ISTIO_SERVICE_EXCLUDE_CIDR"],
+            "",
+        );
+        let outbound_exclude_cidrs = config::parse_cidrs(f, &v)?;
+        let (v, f) = p(
+            &self.inbound_ports,
+            "-b/--istio-inbound-ports",
+            &["ISTIO_INBOUND_PORTS"],
+            "*",
+        );
+        let inbound_ports = config::parse_port_include(f, &v)?;
+        let (v, f) = p(
+            &self.exclude_interfaces,
+            "-c/--istio-exclude-interfaces",
+            &["ISTIO_EXCLUDE_INTERFACES"],
+            "",
+        );
+        let exclude_interfaces = config::parse_interfaces(f, &v)?;
+        let (v, f) = p(
+            &self.kube_virt_interfaces,
+            "-k/--kube-virt-interfaces",
+            &["KUBE_VIRT_INTERFACES"],
+            "",
+        );
+        let kube_virt_interfaces = config::parse_interfaces(f, &v)?;
+        let (v, f) = p(
+            &self.tproxy_mark,
+            "-t/--istio-inbound-tproxy-mark",
+            &["ISTIO_INBOUND_TPROXY_MARK"],
+            "1337",
+        );
+        let mark = config::parse_u32_nonzero(f, &v)?;
+        let (v, f) = p(
+            &self.tproxy_route_table,
+            "-r/--istio-inbound-tproxy-route-table",
+            &["ISTIO_INBOUND_TPROXY_ROUTE_TABLE"],
+            "133",
+        );
+        let route_table = config::parse_u32_nonzero(f, &v)?;
+        let (v, f) = p(
+            &self.compatibility_version,
+            "--compatibility-version",
+            &["COMPATIBILITY_VERSION"],
+            "",
+        );
+        let compat = config::parse_compat(f, &v)?;
+
+        let redirect = boolean(
+            &self.redirect_dns,
+            "--redirect-dns",
+            &["REDIRECT_DNS", "ISTIO_META_DNS_CAPTURE"],
+        )?;
+        let capture_all = boolean(&self.capture_all_dns, "--capture-all-dns", &["CAPTURE_ALL_DNS"])?;
+        let mut dns = DnsCapture {
+            redirect,
+            capture_all,
+            ..DnsCapture::default()
+        };
+        // istio-iptables reads resolv.conf only for DNS capture limited to its servers.
+        if redirect && !capture_all {
+            let path = self
+                .resolv_conf
+                .clone()
+                .unwrap_or_else(|| std::path::PathBuf::from("/etc/resolv.conf"));
+            let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
+                flag: "--resolv-conf",
+                value: path.display().to_string(),
+                expected: format!("a readable resolv.conf ({e})"),
+            })?;
+            (dns.servers_v4, dns.servers_v6) = DnsCapture::servers_from_resolv_conf(&text);
+        }
+
+        let include = env("ISTIO_OUTBOUND_OWNER_GROUPS").unwrap_or_else(|| "*".into());
+        let exclude = env("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE").unwrap_or_default();
+        let mut owner_groups = config::parse_owner_groups(&include, &exclude)?;
+        resolve_groups(&mut owner_groups);
+        let ipv4_loopback = match env("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR") {
+            Some(v) => config::parse_ipv4_loopback("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", &v)?,
+            None => config::DEFAULT_IPV4_LOOPBACK,
+        };
+
         Ok(CaptureConfig {
-            envoy_port: config::parse_port("-p/--envoy-port", &self.envoy_port)?,
-            inbound_capture_port: config::parse_port("-z/--inbound-capture-port", &self.inbound_capture_port)?,
-            inbound_tunnel_port: config::parse_port("-e/--inbound-tunnel-port", &self.inbound_tunnel_port)?,
+            envoy_port: port(&self.envoy_port, "-p/--envoy-port", &[], "15001")?,
+            inbound_capture_port: port(
+                &self.inbound_capture_port,
+                "-z/--inbound-capture-port",
+                &["INBOUND_CAPTURE_PORT"],
+                "15006",
+            )?,
+            inbound_tunnel_port: port(
+                &self.inbound_tunnel_port,
+                "-e/--inbound-tunnel-port",
+                &["INBOUND_TUNNEL_PORT"],
+                "15008",
+            )?,
             proxy_uids: uids,
             proxy_gids: gids,
-            inbound_mode: config::parse_mode("-m/--istio-inbound-interception-mode", &self.inbound_mode)?,
-            outbound_cidrs: config::parse_cidr_include("-i/--istio-service-cidr", &self.service_cidr)?,
-            outbound_exclude_cidrs: config::parse_cidrs("-x/--istio-service-exclude-cidr", &self.service_exclude_cidr)?,
-            inbound_ports: config::parse_port_include("-b/--istio-inbound-ports", &self.inbound_ports)?,
-            inbound_exclude_ports: config::parse_ports("-d/--istio-local-exclude-ports", &self.local_exclude_ports)?,
-            outbound_ports: config::parse_ports("-q/--istio-outbound-ports", &self.outbound_ports)?,
-            outbound_exclude_ports: config::parse_ports(
-                "-o/--istio-local-outbound-ports-exclude",
-                &self.outbound_ports_exclude,
+            inbound_mode,
+            outbound_cidrs,
+            outbound_exclude_cidrs,
+            inbound_ports,
+            inbound_exclude_ports: ports(
+                &self.local_exclude_ports,
+                "-d/--istio-local-exclude-ports",
+                &["ISTIO_LOCAL_EXCLUDE_PORTS"],
+                "15090,15021,15020",
             )?,
+            outbound_ports: ports(
+                &self.outbound_ports,
+                "-q/--istio-outbound-ports",
+                &["ISTIO_OUTBOUND_PORTS"],
+                "",
+            )?,
+            outbound_exclude_ports: ports(
+                &self.outbound_ports_exclude,
+                "-o/--istio-local-outbound-ports-exclude",
+                &["ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"],
+                "",
+            )?,
+            dns,
+            tproxy: config::Tproxy { mark, route_table },
+            exclude_interfaces,
+            kube_virt_interfaces,
+            drop_invalid: boolean(&self.drop_invalid, "--drop-invalid", &["DROP_INVALID", "INVALID_DROP"])?,
+            owner_groups,
+            ipv4_loopback,
+            compat,
         })
+    }
+}
+
+/// Owner-group names to gids, as iptables-restore resolves `--gid-owner NAME` where it runs
+/// (`getgrnam`): here, from the agent's /etc/group. A name left unresolved is refused by
+/// [`check`] for anything that captures; `explain` prints it as given.
+fn resolve_groups(groups: &mut config::OwnerGroups) {
+    let table = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    for g in groups.groups_mut() {
+        if g.gid.is_none() {
+            g.gid = table.lines().find_map(|l| {
+                let mut f = l.split(':');
+                (f.next() == Some(g.name.as_str()))
+                    .then(|| f.nth(1).and_then(|gid| gid.parse().ok()))
+                    .flatten()
+            });
+        }
     }
 }
 
@@ -163,8 +392,24 @@ pub fn parse_args(args: &[String]) -> Result<CaptureConfig, String> {
 /// Combinations the agent cannot serve, refused before anything changes; and the one that
 /// istio-iptables accepts and ignores, said out loud.
 pub fn check(c: &CaptureConfig) -> Result<(), crate::error::FlagError> {
+    use crate::error::FlagError;
     if c.envoy_port == c.inbound_capture_port {
-        return Err(crate::error::FlagError::SamePort(c.envoy_port));
+        return Err(FlagError::SamePort(c.envoy_port));
+    }
+    // Modes whose programs are not built yet: refused whole rather than half-applied (the
+    // TCP half of DNS capture without its UDP half would differ from iptables).
+    let not_yet = [
+        (c.dns.enabled(), "--redirect-dns"),
+        (c.inbound_mode == config::InterceptionMode::Tproxy, "-m TPROXY"),
+        (!c.exclude_interfaces.is_empty(), "-c/--istio-exclude-interfaces"),
+        (!c.kube_virt_interfaces.is_empty(), "-k/--kube-virt-interfaces"),
+        (c.drop_invalid, "--drop-invalid"),
+    ];
+    if let Some((_, flag)) = not_yet.iter().find(|(on, _)| *on) {
+        return Err(FlagError::NotYet(flag));
+    }
+    if let Some(g) = c.owner_groups.groups().iter().find(|g| g.gid.is_none()) {
+        return Err(FlagError::UnknownGroup(g.name.clone()));
     }
     if matches!(c.inbound_ports, config::Include::List(_)) && !c.inbound_exclude_ports.is_empty() {
         tracing::warn!(
@@ -192,6 +437,77 @@ mod tests {
                 .unwrap_err()
                 .contains("--frobnicate")
         );
+    }
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    /// istio-iptables' precedence: the flag, then the later of two variables, then the default.
+    #[test]
+    fn environment_fills_what_the_flags_leave_out() {
+        let env = env_of(&[
+            ("ISTIO_INBOUND_PORTS", "8080"),
+            ("PROXY_UID", "3"),
+            ("DROP_INVALID", "false"),
+            ("INVALID_DROP", "true"),
+            ("ISTIO_OUTBOUND_OWNER_GROUPS", "202"),
+            ("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/8"),
+            ("ENVOY_PORT", "1"),
+        ]);
+        let flags = CaptureFlags {
+            proxy_uid: Some("7".into()),
+            ..CaptureFlags::default()
+        };
+        let c = flags.to_config_with(&env).unwrap();
+        assert_eq!(c.inbound_ports, config::Include::List(vec![8080]));
+        assert_eq!(c.proxy_uids, [7], "the flag wins");
+        assert_eq!(c.proxy_gids, [7]);
+        assert!(c.drop_invalid, "INVALID_DROP wins over DROP_INVALID");
+        assert_eq!(c.envoy_port, 15001, "-p has no variable");
+        assert!(matches!(&c.owner_groups, config::OwnerGroups::Only(g) if g[0].gid == Some(202)));
+        assert_eq!(c.ipv4_loopback.to_string(), "127.0.0.0/8");
+        let e = CaptureFlags::default()
+            .to_config_with(&env_of(&[("INBOUND_CAPTURE_PORT", "http")]))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("INBOUND_CAPTURE_PORT") && e.to_string().contains("'http'"),
+            "{e}"
+        );
+        // A node enrollment reads no environment.
+        assert_eq!(
+            CaptureFlags::default().to_config().unwrap().inbound_ports,
+            config::Include::All
+        );
+    }
+
+    /// Modes whose programs are not built yet are refused whole, naming the flag; DNS capture
+    /// with no resolver to capture is off (as in istio-iptables), and so not refused.
+    #[test]
+    fn modes_not_carried_out_yet_are_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("redirect-flags-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.conf");
+        let one = dir.join("one.conf");
+        std::fs::write(&empty, "search x\n").unwrap();
+        std::fs::write(&one, "nameserver 10.96.0.10\n").unwrap();
+        let with = |a: &[&str]| {
+            let mut v: Vec<String> = a.iter().map(|s| s.to_string()).collect();
+            v.insert(0, "-b".into());
+            v.insert(1, "*".into());
+            parse_args(&v)
+        };
+        assert!(with(&["-m", "TPROXY"]).unwrap_err().contains("-m TPROXY"));
+        assert!(with(&["-c", "eth1"]).unwrap_err().contains("-c/"));
+        assert!(with(&["-k", "eth1"]).unwrap_err().contains("-k/"));
+        assert!(with(&["--drop-invalid"]).unwrap_err().contains("--drop-invalid"));
+        let e = with(&["--redirect-dns", "--resolv-conf", one.to_str().unwrap()]).unwrap_err();
+        assert!(e.contains("--redirect-dns"), "{e}");
+        assert!(with(&["--redirect-dns", "--resolv-conf", empty.to_str().unwrap()]).is_ok());
+        let missing = dir.join("missing.conf");
+        let e = with(&["--redirect-dns", "--resolv-conf", missing.to_str().unwrap()]).unwrap_err();
+        assert!(e.contains("missing.conf"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 

@@ -34,12 +34,20 @@ pub const LOCALHOST_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 /// address fields hold it: the proxy's connections to its own app come from here.
 pub const INBOUND_PASSTHROUGH_SRC_BE: u32 = u32::from_ne_bytes([127, 0, 0, 6]);
 
+/// Where istio-agent's DNS proxy listens (`IstioAgentDNSListenerPort`): istio-iptables
+/// redirects captured DNS here, and no flag changes it.
+pub const DNS_PROXY_PORT: u16 = 15053;
+
 /// SO_MARK of the sockets the agent itself connects from inside a workload's namespace (the
 /// embedded proxy's upstream connections): 0x539 (1337), the mark Istio's node proxy gives its
 /// own traffic, so that the node's own rules can tell them apart. It exempts nothing from
 /// capture: a workload with CAP_NET_ADMIN can set any mark. The connect hooks leave the
 /// agent's sockets alone by their cookies instead ([`maps::AGENT_SOCKETS`]).
 pub const AGENT_SOCKET_MARK: u32 = 0x539;
+
+/// Most groups `ISTIO_OUTBOUND_OWNER_GROUPS` may name (istio-iptables' own limit on the
+/// include list); the programs test them with a loop of this bound.
+pub const MAX_OWNER_GROUPS: usize = 64;
 
 /// Most workloads one set of programs serves (counter slots = `MAX_WORKLOADS * MAX_RULES`).
 pub const MAX_WORKLOADS: u32 = 64;
@@ -200,6 +208,11 @@ pub struct Workload {
     /// namespace. Node mode's programs sit at the cgroup root and see them all; a `run`
     /// instance is attached to the cgroup itself and leaves this 0.
     pub cgroup_id: u64,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS`' gids, the first `n_owner_groups`: a rule with
+    /// [`m::GROUPS`] matches a socket whose group is one of them.
+    pub owner_groups: [u32; MAX_OWNER_GROUPS],
+    pub n_owner_groups: u32,
+    pub _pad: u32,
     /// iptables' rules from index 0, ip6tables' from `MAX_RULES_PER_FAMILY`: each family's
     /// table is a fixed half, which is what the walk of a connection's family takes, and a
     /// rule's index here is its counter slot (`counter_base + index`).
@@ -217,8 +230,25 @@ impl Workload {
             cgroup_level: 0,
             n_rules6: 0,
             cgroup_id: 0,
+            owner_groups: [0; MAX_OWNER_GROUPS],
+            n_owner_groups: 0,
+            _pad: 0,
             rules: [Rule::EMPTY; MAX_RULES],
         }
+    }
+
+    /// Whether `gid` is one of the owner groups (what a [`m::GROUPS`] match tests).
+    #[inline(always)]
+    pub fn in_owner_groups(&self, gid: u32) -> bool {
+        let n = (self.n_owner_groups as usize).min(MAX_OWNER_GROUPS);
+        let mut i = 0;
+        while i < n {
+            if self.owner_groups[i] == gid {
+                return true;
+            }
+            i += 1;
+        }
+        false
     }
 
     /// First slot of this workload's [`events`] counters.
@@ -246,8 +276,8 @@ impl Workload {
 }
 
 // SAFETY: repr(C), Copy; integers and `[Rule; MAX_RULES]` (Rule: repr(C), integers only,
-// padding in `_pad2`); 32 + 84 * MAX_RULES bytes, no gaps (pinned by
-// `layout` below). Any bytes the kernel hands back are a valid value: enums are kept as `u8`.
+// no padding); 296 + 84 * MAX_RULES bytes, no gaps, `_pad` explicit (pinned by `layout`
+// below). Any bytes the kernel hands back are a valid value: enums are kept as `u8`.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Workload {}
 
@@ -261,6 +291,6 @@ mod layout {
     #[test]
     fn sizes_have_no_implicit_padding() {
         assert_eq!(size_of::<Rule>(), 84);
-        assert_eq!(size_of::<Workload>(), 32 + 84 * MAX_RULES);
+        assert_eq!(size_of::<Workload>(), 296 + 84 * MAX_RULES);
     }
 }

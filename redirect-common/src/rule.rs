@@ -8,6 +8,9 @@ use crate::addr::{self, Addr, Family};
 pub enum ChainId {
     Output = 1,
     Inbound = 2,
+    /// `ISTIO_OUTPUT_DNS` (nat), walked where ISTIO_OUTPUT jumps to it: its rules follow the
+    /// jump in the list.
+    OutputDns = 3,
 }
 
 /// What a matching rule does. Discriminants are what the `target` byte of [`Rule`] holds.
@@ -20,6 +23,11 @@ pub enum Target {
     Redirect = 2,
     /// `ISTIO_IN_REDIRECT`: to the inbound capture port on 127.0.0.1.
     InRedirect = 3,
+    /// `REDIRECT --to-ports 15053`: to the DNS proxy on 127.0.0.1.
+    DnsRedirect = 4,
+    /// `-j ISTIO_OUTPUT_DNS`: counted, then the walk goes on into that chain's rules (and on
+    /// in ISTIO_OUTPUT when none of them decides).
+    JumpDns = 5,
 }
 
 impl Target {
@@ -28,17 +36,26 @@ impl Target {
             1 => Some(Self::Return),
             2 => Some(Self::Redirect),
             3 => Some(Self::InRedirect),
+            4 => Some(Self::DnsRedirect),
+            5 => Some(Self::JumpDns),
             _ => None,
         }
     }
 
-    /// The iptables jump target name.
+    /// The iptables jump target, with its options.
     pub const fn iptables_name(self) -> &'static str {
         match self {
             Self::Return => "RETURN",
             Self::Redirect => "ISTIO_REDIRECT",
             Self::InRedirect => "ISTIO_IN_REDIRECT",
+            Self::DnsRedirect => "REDIRECT --to-ports 15053",
+            Self::JumpDns => "ISTIO_OUTPUT_DNS",
         }
+    }
+
+    /// Whether a matching rule ends the walk (a jump goes on into the chain it names).
+    pub const fn decides(self) -> bool {
+        !matches!(self, Self::JumpDns)
     }
 }
 
@@ -47,6 +64,7 @@ impl ChainId {
         match v {
             1 => Some(Self::Output),
             2 => Some(Self::Inbound),
+            3 => Some(Self::OutputDns),
             _ => None,
         }
     }
@@ -55,6 +73,7 @@ impl ChainId {
         match self {
             Self::Output => "ISTIO_OUTPUT",
             Self::Inbound => "ISTIO_INBOUND",
+            Self::OutputDns => "ISTIO_OUTPUT_DNS",
         }
     }
 }
@@ -74,6 +93,11 @@ pub mod m {
     pub const UID: u16 = 1 << 4;
     /// `-m owner --gid-owner GID`.
     pub const GID: u16 = 1 << 5;
+    /// `-m multiport --dports PORT,PORT2` (needs a protocol; `DPORT` is not set with it).
+    pub const DPORTS: u16 = 1 << 6;
+    /// `-m owner --gid-owner G1 [-m owner --gid-owner G2 ...]` over the workload's owner
+    /// groups ([`crate::Workload::owner_groups`]); negated: `! G1 ! G2 ...`, none of them.
+    pub const GROUPS: u16 = 1 << 7;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -103,7 +127,8 @@ pub struct Rule {
     pub uid: u32,
     pub gid: u32,
     pub dport: u16,
-    pub _pad2: u16,
+    /// The second port of `-m multiport --dports` ([`m::DPORTS`]).
+    pub dport2: u16,
 }
 
 /// What the kernel knows about a connection when a chain is evaluated.
@@ -122,6 +147,8 @@ pub struct ConnFacts {
     pub out_lo: bool,
     pub uid: u32,
     pub gid: u32,
+    /// The socket's group is one of the workload's owner groups.
+    pub in_owner_groups: bool,
 }
 
 impl Rule {
@@ -139,7 +166,7 @@ impl Rule {
         uid: 0,
         gid: 0,
         dport: 0,
-        _pad2: 0,
+        dport2: 0,
     };
 
     pub const fn new(family: Family, chain: ChainId, target: Target) -> Self {
@@ -161,8 +188,10 @@ impl Rule {
             && self.test(m::SRC, addr::masked_eq(&c.src_addr, &self.src_mask, &self.src_addr))
             && self.test(m::DST, addr::masked_eq(&c.dst_addr, &self.dst_mask, &self.dst_addr))
             && self.test(m::DPORT, c.dst_port == self.dport)
+            && self.test(m::DPORTS, c.dst_port == self.dport || c.dst_port == self.dport2)
             && self.test(m::UID, c.uid == self.uid)
             && self.test(m::GID, c.gid == self.gid)
+            && self.test(m::GROUPS, c.in_owner_groups)
     }
 
     /// A match that is absent passes; a present one passes when `hit` differs from its `!`.

@@ -60,10 +60,17 @@ pub unsafe extern "C" fn redirect_walk_chain(
         if i >= n {
             return 0;
         }
-        if rule.chain != chain || !rule.matches(facts) {
+        // ISTIO_OUTPUT_DNS's rules follow ISTIO_OUTPUT's jump to it: walked in place, they
+        // decide as the chain would, and fall back into ISTIO_OUTPUT when none does.
+        let in_chain =
+            rule.chain == chain || (chain == ChainId::Output as u8 && rule.chain == ChainId::OutputDns as u8);
+        if !in_chain || !rule.matches(facts) {
             continue;
         }
         count(first_slot + i as u32);
+        if rule.target == Target::JumpDns as u8 {
+            continue;
+        }
         return rule.target;
     }
     0

@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    ChainId, ConnFacts, IPPROTO_TCP, OrigDst, PendingOrigDst, Target,
+    ChainId, ConnFacts, DNS_PROXY_PORT, IPPROTO_TCP, OrigDst, PendingOrigDst, Target,
     addr::{self, Addr, Family},
     events,
 };
@@ -152,11 +152,13 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
         out_lo,
         uid,
         gid,
+        in_owner_groups: workload.in_owner_groups(gid),
     };
     let (target, port) = match chain::decide(workload, ChainId::Output, &facts) {
         Some(t @ Target::Redirect) => (t, workload.outbound_port),
         Some(t @ Target::InRedirect) => (t, workload.inbound_port),
-        Some(Target::Return) | None => return None,
+        Some(t @ Target::DnsRedirect) => (t, DNS_PROXY_PORT),
+        Some(Target::Return | Target::JumpDns) | None => return None,
     };
     let pending = PendingOrigDst {
         netns_cookie: c.netns_cookie,

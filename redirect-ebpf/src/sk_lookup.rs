@@ -136,6 +136,7 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
         // PREROUTING has no owner: ISTIO_INBOUND has no owner rules.
         uid: u32::MAX,
         gid: u32::MAX,
+        in_owner_groups: false,
     };
 
     if chain::decide(workload, ChainId::Inbound, &facts) != Some(Target::InRedirect) {

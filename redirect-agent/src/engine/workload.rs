@@ -257,7 +257,11 @@ impl Engine {
             let _ = pending.remove(key);
         }
         if !stale.is_empty() {
-            tracing::debug!(netns_cookie, entries = stale.len(), "forgot inbound connections of a closed listener");
+            tracing::debug!(
+                netns_cookie,
+                entries = stale.len(),
+                "forgot inbound connections of a closed listener"
+            );
         }
     }
 

@@ -19,9 +19,9 @@ use std::{
 };
 
 use crate::{
-    ChainId, IPPROTO_TCP, IPPROTO_UDP, MAX_RULES, MAX_RULES_PER_FAMILY, Rule, Target, Workload,
+    ChainId, IPPROTO_TCP, IPPROTO_UDP, MAX_OWNER_GROUPS, MAX_RULES, MAX_RULES_PER_FAMILY, Rule, Target, Workload,
     addr::Family,
-    config::{CaptureConfig, Cidr, Include},
+    config::{CaptureConfig, Cidr, DnsCapture, Include, OwnerGroup, OwnerGroups},
     m, workload_flags,
 };
 
@@ -30,23 +30,24 @@ pub const INBOUND_PASSTHROUGH_SRC: Ipv4Addr = Ipv4Addr::from_bits(u32::from_be(c
 /// The same for ip6tables (`-s ::6/128`), which istio-iptables adds to `lo`.
 pub const INBOUND_PASSTHROUGH_SRC6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 
-/// A family's 127.0.0.6 and 127.0.0.1/32 (`HostIPv4LoopbackCidr`, or `::1/128`).
-fn family_addrs(family: Family) -> (Cidr, Cidr) {
+/// A family's 127.0.0.6 and its loopback CIDR (`ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`, by
+/// default 127.0.0.1/32; always `::1/128` for ip6tables).
+fn family_addrs(family: Family, ipv4_loopback: Cidr) -> (Cidr, Cidr) {
     let host = |ip: IpAddr| Cidr {
         addr: ip,
         prefix: if ip.is_ipv4() { 32 } else { 128 },
     };
     match family {
-        Family::V4 => (
-            host(IpAddr::V4(INBOUND_PASSTHROUGH_SRC)),
-            host(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        ),
+        Family::V4 => (host(IpAddr::V4(INBOUND_PASSTHROUGH_SRC)), ipv4_loopback),
         Family::V6 => (
             host(IpAddr::V6(INBOUND_PASSTHROUGH_SRC6)),
             host(IpAddr::V6(Ipv6Addr::LOCALHOST)),
         ),
     }
 }
+
+/// DNS's port.
+pub const DNS_PORT: u16 = 53;
 
 /// The flags need more rules than one workload's chain holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,6 +96,16 @@ fn with_dport(mut r: Rule, proto: u8, port: u16, negate: bool) -> Rule {
     if negate {
         r.neg |= m::DPORT;
     }
+    r
+}
+
+/// `-m multiport ! --dports A,B`: the one multiport rule istio-iptables writes is negated.
+fn with_dports(mut r: Rule, proto: u8, a: u16, b: u16) -> Rule {
+    r.proto = proto;
+    r.has |= m::DPORTS;
+    r.neg |= m::DPORTS;
+    r.dport = a;
+    r.dport2 = b;
     r
 }
 
@@ -170,7 +181,8 @@ fn of_family(cidrs: &[Cidr], family: Family) -> impl Iterator<Item = &Cidr> {
 
 /// One family's ISTIO_OUTPUT and ISTIO_INBOUND.
 fn family_chains(b: &mut Builder, cfg: &CaptureConfig) {
-    let (passthrough_src, localhost) = family_addrs(b.family);
+    let (passthrough_src, localhost) = family_addrs(b.family, cfg.ipv4_loopback);
+    let dns = cfg.dns.enabled();
     for &p in &cfg.outbound_exclude_ports {
         b.push(with_dport(b.out(Target::Return), IPPROTO_TCP, p, false));
         b.push(with_dport(b.out(Target::Return), IPPROTO_UDP, p, false));
@@ -191,13 +203,44 @@ fn family_chains(b: &mut Builder, cfg: &CaptureConfig) {
         .chain(cfg.proxy_gids.iter().map(|&g| Owner::Gid(g)));
     for owner in owners {
         // The proxy dialing its own pod through a VIP goes back to it as inbound traffic.
-        let to_self = with_dst(b.out(Target::InRedirect), &localhost, true);
-        let to_self = with_dport(out_lo(to_self), IPPROTO_TCP, cfg.inbound_tunnel_port, true);
+        // With DNS capture, the proxy's own TCP queries to a resolver in the pod are not
+        // (istio-iptables writes that multiport form for the UIDs only, not the GIDs).
+        let to_self = out_lo(with_dst(b.out(Target::InRedirect), &localhost, true));
+        let to_self = match owner {
+            Owner::Uid(_) if dns => with_dports(to_self, IPPROTO_TCP, DNS_PORT, cfg.inbound_tunnel_port),
+            _ => with_dport(to_self, IPPROTO_TCP, cfg.inbound_tunnel_port, true),
+        };
         b.push(with_owner(to_self, owner, false));
         if !include_has_loopback {
-            b.push(with_owner(out_lo(b.out(Target::Return)), owner, true));
+            // The app calling itself over lo, except (with DNS capture) TCP to a resolver on
+            // loopback, which must reach the DNS rules below.
+            let app_to_self = out_lo(b.out(Target::Return));
+            let app_to_self = match dns {
+                true => with_dport(app_to_self, IPPROTO_TCP, DNS_PORT, true),
+                false => app_to_self,
+            };
+            b.push(with_owner(app_to_self, owner, true));
         }
         b.push(with_owner(b.out(Target::Return), owner, false));
+    }
+
+    match &cfg.owner_groups {
+        OwnerGroups::All => {}
+        OwnerGroups::Only(_) => {
+            let mut r = b.out(Target::Return);
+            r.has |= m::GROUPS;
+            r.neg |= m::GROUPS;
+            b.push(r);
+        }
+        OwnerGroups::Except(groups) => {
+            for g in groups {
+                b.push(with_owner(b.out(Target::Return), Owner::Gid(group_gid(g)), false));
+            }
+        }
+    }
+
+    if dns {
+        dns_rules(b, &cfg.dns);
     }
 
     b.push(with_dst(b.out(Target::Return), &localhost, false));
@@ -228,6 +271,9 @@ fn family_chains(b: &mut Builder, cfg: &CaptureConfig) {
     ));
     match &cfg.inbound_ports {
         Include::All => {
+            if cfg.compat.inbound_ssh_return() {
+                b.push(with_dport(b.inb(Target::Return), IPPROTO_TCP, SSH_PORT, false));
+            }
             for &p in &cfg.inbound_exclude_ports {
                 b.push(with_dport(b.inb(Target::Return), IPPROTO_TCP, p, false));
             }
@@ -243,6 +289,52 @@ fn family_chains(b: &mut Builder, cfg: &CaptureConfig) {
         }
     }
 }
+
+/// istio-iptables' `SetupDNSRedir` in nat, for one family: the jump to ISTIO_OUTPUT_DNS when
+/// that family has something to capture, then its TCP rules and its UDP rules.
+fn dns_rules(b: &mut Builder, dns: &DnsCapture) {
+    let servers: Vec<Cidr> = match b.family {
+        Family::V4 => dns.servers_v4.iter().map(|&a| host_cidr(IpAddr::V4(a))).collect(),
+        Family::V6 => dns.servers_v6.iter().map(|&a| host_cidr(IpAddr::V6(a))).collect(),
+    };
+    if !dns.capture_all && servers.is_empty() {
+        return;
+    }
+    b.push(b.out(Target::JumpDns));
+    let to_proxy = |b: &Builder, proto| {
+        with_dport(
+            Rule::new(b.family, ChainId::OutputDns, Target::DnsRedirect),
+            proto,
+            DNS_PORT,
+            false,
+        )
+    };
+    for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+        if dns.capture_all {
+            b.push(to_proxy(b, proto));
+        } else {
+            for s in &servers {
+                b.push(with_dst(to_proxy(b, proto), s, false));
+            }
+        }
+    }
+}
+
+fn host_cidr(ip: IpAddr) -> Cidr {
+    Cidr {
+        addr: ip,
+        prefix: if ip.is_ipv4() { 32 } else { 128 },
+    }
+}
+
+/// The gid of an owner group; a name not resolved (only `explain` compiles one) stands as
+/// `u32::MAX`, which no socket has.
+fn group_gid(g: &OwnerGroup) -> u32 {
+    g.gid.unwrap_or(u32::MAX)
+}
+
+/// SSH's port, which older istio-iptables releases left alone under `-b '*'`.
+pub const SSH_PORT: u16 = 22;
 
 /// The counter slot of each rule of [`compile`]'s list: its index in the `Workload` entry,
 /// where each family's table is a fixed half (iptables' from 0, ip6tables' from
@@ -307,11 +399,19 @@ pub fn workload(cfg: &CaptureConfig, rules: &[Rule], slot: u32, serving: Serving
             0
         };
     w.counter_base = slot * MAX_RULES as u32;
+    if let OwnerGroups::Only(groups) = &cfg.owner_groups {
+        for (i, g) in groups.iter().take(MAX_OWNER_GROUPS).enumerate() {
+            w.owner_groups[i] = group_gid(g);
+        }
+        w.n_owner_groups = groups.len().min(MAX_OWNER_GROUPS) as u32;
+    }
     w
 }
 
+mod tables;
 #[cfg(test)]
 mod tests;
 mod text;
 
-pub use text::{ListColumns, NatLine, iptables_save, list_columns, match_text, nat_table, rule_text};
+pub use tables::{NOT_YET, Table, TableLine, iptables_save, line_matches, tables};
+pub use text::{ListColumns, list_columns, match_text, match_text_named, rule_text, rule_text_named};

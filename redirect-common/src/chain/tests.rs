@@ -57,6 +57,7 @@ fn default_chain_decides_like_the_rule_set() {
         out_lo: false,
         uid: 0,
         gid: 0,
+        in_owner_groups: false,
     };
     let pod = ConnFacts {
         dst_addr: ip("10.200.0.1"),
@@ -192,7 +193,7 @@ fn inbound_chain_follows_b_and_d() {
         ["-A ISTIO_INBOUND -p tcp -m tcp --dport 15008 -j RETURN"]
     );
     assert_eq!(flags(&none), 0);
-    let text = iptables_save(&nat_table(&none, &compile(&none).unwrap(), Family::V4));
+    let text = iptables_save(&tables(&none, &compile(&none).unwrap(), Family::V4));
     assert!(!text.contains("PREROUTING -p tcp"), "{text}");
 }
 
@@ -202,29 +203,31 @@ fn inbound_chain_follows_b_and_d() {
 fn default_nat_table_is_istio_iptables_output() {
     let cfg = CaptureConfig::default();
     let rules = compile(&cfg).unwrap();
-    let lines = nat_table(&cfg, &rules, Family::V4);
+    let lines = tables(&cfg, &rules, Family::V4);
+    // Chains in the order istio-iptables first writes to them, each chain in rule order.
     let mut want = std::vec![
-        "-A PREROUTING -p tcp -j ISTIO_INBOUND",
-        "-A OUTPUT -j ISTIO_OUTPUT",
         "-A ISTIO_INBOUND -p tcp -m tcp --dport 15008 -j RETURN",
         "-A ISTIO_INBOUND -p tcp -m tcp --dport 15090 -j RETURN",
         "-A ISTIO_INBOUND -p tcp -m tcp --dport 15021 -j RETURN",
         "-A ISTIO_INBOUND -p tcp -m tcp --dport 15020 -j RETURN",
         "-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT",
+        "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
         "-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006",
+        "-A PREROUTING -p tcp -j ISTIO_INBOUND",
+        "-A OUTPUT -j ISTIO_OUTPUT",
     ];
     want.extend(DEFAULT_OUTPUT);
-    want.push("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001");
     let got: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
     assert_eq!(got, want);
+    assert!(lines.iter().all(|l| l.table == Table::Nat));
     // Slots are indices into the compiled list, whichever order the chains print in.
     for l in &lines {
         if let Some(slot) = l.slot {
             assert_eq!(rule_text(&rules[slot]), l.text);
         }
     }
-    assert_eq!(lines[2].slot, Some(DEFAULT_OUTPUT.len()));
-    assert_eq!(lines[8].slot, Some(0));
+    assert_eq!(lines[0].slot, Some(DEFAULT_OUTPUT.len()));
+    assert_eq!(lines[9].slot, Some(0));
     let save = iptables_save(&lines);
     assert!(save.starts_with("*nat\n:PREROUTING ACCEPT [0:0]\n"), "{save}");
     assert!(save.ends_with("COMMIT\n"), "{save}");
@@ -315,7 +318,7 @@ fn ip6tables_chains_take_v6_addresses_and_cidrs() {
     // the second half of the entry.
     let first_v6 = rules.iter().position(|r| r.family == Family::V6 as u8).unwrap();
     assert!(rules[..first_v6].iter().all(|r| r.family == Family::V4 as u8));
-    let table = nat_table(&cfg, &rules, Family::V6);
+    let table = tables(&cfg, &rules, Family::V6);
     let v6_slots: Vec<usize> = table.iter().filter_map(|l| l.slot).collect();
     assert!(v6_slots.iter().all(|&s| s >= MAX_RULES_PER_FAMILY), "{v6_slots:?}");
     assert_eq!(v6_slots.iter().min(), Some(&MAX_RULES_PER_FAMILY));
@@ -337,6 +340,7 @@ fn ip6tables_chain_decides_native_ipv6() {
         out_lo: false,
         uid: 0,
         gid: 0,
+        in_owner_groups: false,
     };
     let slot = first_match(&rules, &remote6).unwrap();
     assert_eq!(rule_text(&rules[slot]), "-A ISTIO_OUTPUT -j ISTIO_REDIRECT");
@@ -416,4 +420,149 @@ fn each_family_has_its_own_budget() {
     };
     let e = compile(&v6_heavy).unwrap_err().to_string();
     assert!(e.contains("ip6tables' chains"), "{e}");
+}
+
+/// As the programs walk ISTIO_OUTPUT: ISTIO_OUTPUT_DNS's rules in place after the jump, the
+/// jump counted and passed over. The deciding rule's index and every rule counted before it.
+fn walk_output(rules: &[Rule], c: &ConnFacts) -> (Option<usize>, Vec<usize>) {
+    let mut counted = Vec::new();
+    for (i, r) in rules.iter().enumerate() {
+        let in_chain = r.chain == ChainId::Output as u8 || r.chain == ChainId::OutputDns as u8;
+        if !in_chain || !r.matches(c) {
+            continue;
+        }
+        counted.push(i);
+        if r.target_kind().is_some_and(Target::decides) {
+            return (Some(i), counted);
+        }
+    }
+    (None, counted)
+}
+
+fn dns_cfg() -> CaptureConfig {
+    CaptureConfig {
+        dns: config::DnsCapture {
+            redirect: true,
+            servers_v4: std::vec![std::net::Ipv4Addr::new(10, 96, 0, 10)],
+            ..Default::default()
+        },
+        ..CaptureConfig::default()
+    }
+}
+
+/// With DNS capture, TCP to a resolver of resolv.conf goes to 15053 through the jump (both
+/// counted); the proxy's own query does not; another address on port 53 is ordinary outbound.
+#[test]
+fn dns_capture_walks_into_istio_output_dns() {
+    let rules = compile(&dns_cfg()).unwrap();
+    let app = ConnFacts {
+        family: Family::V4 as u8,
+        proto: IPPROTO_TCP,
+        dst_addr: ip("10.96.0.10"),
+        dst_port: 53,
+        src_addr: addr::UNSPECIFIED,
+        out_lo: false,
+        uid: 0,
+        gid: 0,
+        in_owner_groups: false,
+    };
+    let (hit, counted) = walk_output(&rules, &app);
+    let hit = hit.unwrap();
+    assert_eq!(rules[hit].target_kind(), Some(Target::DnsRedirect));
+    assert_eq!(
+        rule_text(&rules[hit]),
+        "-A ISTIO_OUTPUT_DNS -d 10.96.0.10/32 -p tcp -m tcp --dport 53 -j REDIRECT --to-ports 15053"
+    );
+    assert_eq!(counted.len(), 2, "the jump and the deciding rule");
+    assert_eq!(rule_text(&rules[counted[0]]), "-A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS");
+    let proxy = ConnFacts { uid: 1337, ..app };
+    assert_eq!(
+        rules[walk_output(&rules, &proxy).0.unwrap()].target_kind(),
+        Some(Target::Return)
+    );
+    let other = ConnFacts {
+        dst_addr: ip("10.96.0.11"),
+        ..app
+    };
+    assert_eq!(
+        rules[walk_output(&rules, &other).0.unwrap()].target_kind(),
+        Some(Target::Redirect)
+    );
+    // The proxy's TCP query to a resolver in its own pod is not sent to its inbound port.
+    let to_self = ConnFacts {
+        dst_addr: ip("10.200.0.1"),
+        out_lo: true,
+        uid: 1337,
+        ..app
+    };
+    assert_eq!(
+        rules[walk_output(&rules, &to_self).0.unwrap()].target_kind(),
+        Some(Target::Return)
+    );
+    // No resolver of the family: no jump in ip6tables' chain.
+    assert!(
+        !rules
+            .iter()
+            .any(|r| r.family == Family::V6 as u8 && r.target == Target::JumpDns as u8)
+    );
+}
+
+/// `ISTIO_OUTBOUND_OWNER_GROUPS=a,b`: one rule, RETURN for a socket of neither group.
+#[test]
+fn owner_groups_only_returns_the_others() {
+    let cfg = CaptureConfig {
+        owner_groups: config::parse_owner_groups("java,202", "").unwrap(),
+        ..CaptureConfig::default()
+    };
+    let rules = compile(&cfg).unwrap();
+    let groups = ["java", "202"];
+    let texts: Vec<String> = rules.iter().map(|r| rule_text_named(r, &groups)).collect();
+    assert!(texts.contains(&"-A ISTIO_OUTPUT -m owner ! --gid-owner java -m owner ! --gid-owner 202 -j RETURN".into()));
+    let w = workload(&cfg, &rules, 0, Serving::default());
+    assert_eq!(w.n_owner_groups, 2);
+    assert!(w.in_owner_groups(202) && !w.in_owner_groups(7));
+    let remote = ConnFacts {
+        family: Family::V4 as u8,
+        proto: IPPROTO_TCP,
+        dst_addr: ip("10.200.0.2"),
+        dst_port: 80,
+        src_addr: addr::UNSPECIFIED,
+        out_lo: false,
+        uid: 0,
+        gid: 7,
+        in_owner_groups: w.in_owner_groups(7),
+    };
+    assert_eq!(
+        rules[walk_output(&rules, &remote).0.unwrap()].target_kind(),
+        Some(Target::Return)
+    );
+    let member = ConnFacts {
+        gid: 202,
+        in_owner_groups: true,
+        ..remote
+    };
+    assert_eq!(
+        rules[walk_output(&rules, &member).0.unwrap()].target_kind(),
+        Some(Target::Redirect)
+    );
+}
+
+/// `--compatibility-version 1.12`: `-b '*'` also leaves SSH alone, right after the tunnel
+/// port, as istio-iptables did up to 1.12.
+#[test]
+fn compatibility_version_brings_back_the_ssh_return() {
+    let old = CaptureConfig {
+        compat: config::parse_compat("v", "1.12").unwrap(),
+        ..CaptureConfig::default()
+    };
+    let inbound: Vec<String> = compile(&old)
+        .unwrap()
+        .iter()
+        .filter(|r| r.chain == ChainId::Inbound as u8 && r.family == Family::V4 as u8)
+        .map(rule_text)
+        .collect();
+    assert_eq!(inbound[1], "-A ISTIO_INBOUND -p tcp -m tcp --dport 22 -j RETURN");
+    assert_eq!(inbound[2], "-A ISTIO_INBOUND -p tcp -m tcp --dport 15090 -j RETURN");
+    let now = compile(&CaptureConfig::default()).unwrap();
+    assert!(!now.iter().any(|r| r.dport == 22));
 }

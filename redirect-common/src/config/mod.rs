@@ -77,10 +77,27 @@ impl<T> Include<T> {
     }
 }
 
+/// `-m`: how inbound connections reach the proxy.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum InterceptionMode {
+    /// nat `REDIRECT`: the app behind the proxy sees connections from 127.0.0.6.
     Redirect,
+    /// mangle `TPROXY`: the proxy answers as the original destination and connects to the app
+    /// from the client's address.
+    Tproxy,
 }
+
+impl InterceptionMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Redirect => "REDIRECT",
+            Self::Tproxy => "TPROXY",
+        }
+    }
+}
+
+mod modes;
+pub use modes::*;
 
 /// The flags of `istio-iptables` that shape the nat chains, with the sidecar injection's
 /// defaults (see [`CaptureConfig::default`]).
@@ -110,6 +127,22 @@ pub struct CaptureConfig {
     pub outbound_ports: Vec<u16>,
     /// `-o`
     pub outbound_exclude_ports: Vec<u16>,
+    /// `--redirect-dns`, `--capture-all-dns` and the resolvers.
+    pub dns: DnsCapture,
+    /// `-t`, `-r`: used with `-m TPROXY`.
+    pub tproxy: Tproxy,
+    /// `-c`: interfaces whose traffic is never captured, either way.
+    pub exclude_interfaces: Vec<Interface>,
+    /// `-k`: interfaces whose arriving connections are captured as outbound ones.
+    pub kube_virt_interfaces: Vec<Interface>,
+    /// `--drop-invalid`.
+    pub drop_invalid: bool,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS` / `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`.
+    pub owner_groups: OwnerGroups,
+    /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`: the `127.0.0.1/32` of the IPv4 rules.
+    pub ipv4_loopback: Cidr,
+    /// The Istio release whose rules these are.
+    pub compat: Compat,
 }
 
 impl Default for CaptureConfig {
@@ -128,6 +161,14 @@ impl Default for CaptureConfig {
             inbound_exclude_ports: std::vec![15090, 15021, 15020],
             outbound_ports: Vec::new(),
             outbound_exclude_ports: Vec::new(),
+            dns: DnsCapture::default(),
+            tproxy: Tproxy::default(),
+            exclude_interfaces: Vec::new(),
+            kube_virt_interfaces: Vec::new(),
+            drop_invalid: false,
+            owner_groups: OwnerGroups::All,
+            ipv4_loopback: DEFAULT_IPV4_LOOPBACK,
+            compat: Compat::default(),
         }
     }
 }
@@ -152,7 +193,7 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn err(flag: &'static str, value: &str, expected: impl Into<String>) -> ConfigError {
+pub(crate) fn err(flag: &'static str, value: &str, expected: impl Into<String>) -> ConfigError {
     ConfigError {
         flag,
         value: value.into(),
@@ -171,7 +212,7 @@ pub fn parse_port(flag: &'static str, s: &str) -> Result<u16, ConfigError> {
 }
 
 /// Split a comma list, ignoring blanks around items; an empty string is an empty list.
-fn items(s: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn items(s: &str) -> impl Iterator<Item = &str> {
     s.split(',').map(str::trim).filter(|i| !i.is_empty())
 }
 
@@ -269,16 +310,12 @@ pub fn parse_cidr_include(flag: &'static str, s: &str) -> Result<Include<Cidr>, 
     }
 }
 
-/// `-m`: REDIRECT only; TPROXY needs policy routing this agent does not program.
+/// `-m`: `REDIRECT` or `TPROXY`, as istio-iptables spells them.
 pub fn parse_mode(flag: &'static str, s: &str) -> Result<InterceptionMode, ConfigError> {
     match s.trim() {
         "REDIRECT" => Ok(InterceptionMode::Redirect),
-        "TPROXY" => Err(err(
-            flag,
-            s,
-            "REDIRECT (TPROXY interception is not supported by redirect)",
-        )),
-        _ => Err(err(flag, s, "REDIRECT")),
+        "TPROXY" => Ok(InterceptionMode::Tproxy),
+        _ => Err(err(flag, s, "REDIRECT or TPROXY")),
     }
 }
 
@@ -327,11 +364,12 @@ mod tests {
         assert!(parse_ids("-u", "").is_err());
         assert!(parse_ids("-u", "root").unwrap_err().to_string().contains("'root'"));
         assert!(parse_ids("-u", "4294967295").is_err());
+        assert_eq!(parse_mode("-m", "TPROXY").unwrap(), InterceptionMode::Tproxy);
         assert!(
-            parse_mode("-m", "TPROXY")
+            parse_mode("-m", "tproxy")
                 .unwrap_err()
                 .to_string()
-                .contains("not supported")
+                .contains("REDIRECT or TPROXY")
         );
     }
 }

@@ -1,0 +1,535 @@
+//! Every table istio-iptables writes for a set of flags (mangle, nat, raw), line by line in
+//! iptables-save spelling and final chain order, with what implements each line here.
+//!
+//! The order is istio-iptables' `Run()` (`tools/istio-iptables/pkg/capture/run.go`); `-I CHAIN
+//! N` insertions are applied where `Run()` makes them, so each chain lists its rules as the
+//! kernel would hold them. The rules the programs evaluate come from [`super::compile`] (with
+//! their counter slots); the rest are the jumps, targets and marks around them.
+
+use std::{
+    fmt::Write as _,
+    format,
+    string::{String, ToString},
+    vec::Vec,
+};
+
+use super::{flags, match_text_named, rule_text_named, slots};
+use crate::{
+    ChainId, Rule,
+    addr::Family,
+    config::{CaptureConfig, Cidr, DnsCapture, InterceptionMode, TPROXY_OUTBOUND_MARK},
+    workload_flags,
+};
+
+/// The tables istio-iptables writes, in the order iptables-save prints them.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Table {
+    Mangle,
+    Nat,
+    Raw,
+}
+
+impl Table {
+    pub const ALL: [Table; 3] = [Table::Mangle, Table::Nat, Table::Raw];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mangle => "mangle",
+            Self::Nat => "nat",
+            Self::Raw => "raw",
+        }
+    }
+
+    fn builtins(self) -> &'static [&'static str] {
+        match self {
+            Self::Mangle => &["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"],
+            Self::Nat => &["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"],
+            Self::Raw => &["PREROUTING", "OUTPUT"],
+        }
+    }
+}
+
+/// One line of a table istio-iptables writes, and what implements it here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableLine {
+    pub table: Table,
+    /// The iptables-save line (`-A CHAIN ...`).
+    pub text: String,
+    /// The counter slot of a rule the programs evaluate; `None` for the jumps, targets and
+    /// the lines something other than a rule walk implements.
+    pub slot: Option<usize>,
+    /// 1-based position in its chain (`iptables -L --line-numbers`, and `stats`' `rule`).
+    pub num: usize,
+    /// Which program (or part of one) does what this line does.
+    pub by: &'static str,
+}
+
+impl TableLine {
+    /// The chain the line appends to.
+    pub fn chain(&self) -> &str {
+        self.text.split_whitespace().nth(1).unwrap_or("?")
+    }
+}
+
+/// What a line of a mode this agent does not carry out yet says it is.
+pub const NOT_YET: &str = "not carried out yet: run and enroll refuse the flag that writes it";
+
+/// Lines being placed as `Run()` places them: appended, or inserted at a chain position.
+struct Tables {
+    lines: Vec<TableLine>,
+}
+
+impl Tables {
+    fn append(&mut self, table: Table, text: String, slot: Option<usize>, by: &'static str) {
+        self.lines.push(TableLine {
+            table,
+            text,
+            slot,
+            num: 0,
+            by,
+        });
+    }
+
+    /// `-I CHAIN pos`: before the chain's `pos`th rule (after its last when it has fewer).
+    fn insert(&mut self, table: Table, pos: usize, text: String, by: &'static str) {
+        let line = TableLine {
+            table,
+            text,
+            slot: None,
+            num: 0,
+            by,
+        };
+        let chain = line.chain().to_string();
+        let at = self
+            .lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.table == table && l.chain() == chain)
+            .map(|(i, _)| i)
+            .nth(pos.saturating_sub(1))
+            .unwrap_or(self.lines.len());
+        self.lines.insert(at, line);
+    }
+
+    /// Chains in order of first appearance, their lines in order, numbered.
+    fn finish(self) -> Vec<TableLine> {
+        let mut out: Vec<TableLine> = Vec::new();
+        for table in Table::ALL {
+            let mut chains: Vec<String> = Vec::new();
+            for l in self.lines.iter().filter(|l| l.table == table) {
+                if !chains.iter().any(|c| c == l.chain()) {
+                    chains.push(l.chain().to_string());
+                }
+            }
+            for chain in chains {
+                let in_chain = self.lines.iter().filter(|l| l.table == table && l.chain() == chain);
+                for (n, l) in in_chain.enumerate() {
+                    out.push(TableLine {
+                        num: n + 1,
+                        ..l.clone()
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+fn connect(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "connect4 (and connect6 for v4-mapped addresses) attached to the workload's cgroup",
+        Family::V6 => "connect6 attached to the workload's cgroup",
+    }
+}
+
+fn walker(chain: ChainId, family: Family) -> &'static str {
+    match (chain, family) {
+        (ChainId::Inbound, _) => "sk_lookup",
+        (_, Family::V4) => "connect4",
+        (_, Family::V6) => "connect6",
+    }
+}
+
+fn loopback(cfg: &CaptureConfig, family: Family) -> Cidr {
+    match family {
+        Family::V4 => cfg.ipv4_loopback,
+        Family::V6 => Cidr {
+            addr: core::net::IpAddr::V6(core::net::Ipv6Addr::LOCALHOST),
+            prefix: 128,
+        },
+    }
+}
+
+fn passthrough(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "127.0.0.6/32",
+        Family::V6 => "::6/128",
+    }
+}
+
+/// Every table of `family` for these flags. `rules` is what [`super::compile`] returned for
+/// the same flags.
+pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableLine> {
+    use Table::{Mangle, Nat};
+    let mut t = Tables { lines: Vec::new() };
+    let tproxy = cfg.inbound_mode == InterceptionMode::Tproxy;
+    let groups: Vec<&str> = cfg.owner_groups.groups().iter().map(|g| g.name.as_str()).collect();
+    let slotted: Vec<(usize, &Rule)> = slots(rules)
+        .into_iter()
+        .zip(rules)
+        .filter(|(_, r)| r.family == family as u8)
+        .collect();
+    let compiled = |t: &mut Tables, table: Table, chain: ChainId| {
+        for &(slot, r) in slotted.iter().filter(|(_, r)| r.chain == chain as u8) {
+            t.append(table, rule_text_named(r, &groups), Some(slot), walker(chain, family));
+        }
+    };
+
+    for c in &cfg.exclude_interfaces {
+        let c = c.as_str();
+        t.append(Nat, format!("-A PREROUTING -i {c} -j RETURN"), None, NOT_YET);
+        t.append(Nat, format!("-A OUTPUT -o {c} -j RETURN"), None, NOT_YET);
+    }
+    if tproxy {
+        for c in &cfg.exclude_interfaces {
+            let c = c.as_str();
+            t.append(Mangle, format!("-A PREROUTING -i {c} -j RETURN"), None, NOT_YET);
+            t.append(Mangle, format!("-A OUTPUT -o {c} -j RETURN"), None, NOT_YET);
+        }
+    }
+    for k in &cfg.kube_virt_interfaces {
+        t.insert(Nat, 1, format!("-A PREROUTING -i {} -j RETURN", k.as_str()), NOT_YET);
+    }
+    if cfg.drop_invalid {
+        let by = NOT_YET;
+        t.append(
+            Mangle,
+            "-A PREROUTING -m conntrack --ctstate INVALID -j ISTIO_DROP".into(),
+            None,
+            by,
+        );
+        t.append(Mangle, "-A ISTIO_DROP -j DROP".into(), None, by);
+    }
+
+    // nat ISTIO_INBOUND's tunnel-port RETURN, written in every mode (`compile` puts it first).
+    let inbound: Vec<(usize, &Rule)> = slotted
+        .iter()
+        .copied()
+        .filter(|(_, r)| r.chain == ChainId::Inbound as u8)
+        .collect();
+    let by_inbound = if tproxy {
+        "not evaluated: TPROXY mode does not jump to nat ISTIO_INBOUND"
+    } else {
+        walker(ChainId::Inbound, family)
+    };
+    if let Some(&(slot, r)) = inbound.first() {
+        t.append(Nat, rule_text_named(r, &groups), Some(slot), by_inbound);
+    }
+    t.append(
+        Nat,
+        format!("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports {}", cfg.envoy_port),
+        None,
+        match family {
+            Family::V4 => "connect4/6 rewrite the destination to 127.0.0.1",
+            Family::V6 => "connect6 rewrites the destination to ::1",
+        },
+    );
+    t.append(
+        Nat,
+        format!(
+            "-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports {}",
+            cfg.inbound_capture_port
+        ),
+        None,
+        match family {
+            Family::V4 => "connect4/6 rewrite to 127.0.0.1; sk_lookup hands the SYN to the listener",
+            Family::V6 => "connect6 rewrites to ::1; sk_lookup hands the SYN to the listener",
+        },
+    );
+
+    if tproxy {
+        if !cfg.inbound_ports.is_empty() {
+            tproxy_inbound(&mut t, cfg, family);
+        }
+    } else if flags(cfg) & workload_flags::INBOUND != 0 {
+        t.append(
+            Nat,
+            "-A PREROUTING -p tcp -j ISTIO_INBOUND".into(),
+            None,
+            "sk_lookup attached to the workload's netns (connections from other hosts)",
+        );
+        for &(slot, r) in inbound.iter().skip(1) {
+            t.append(Nat, rule_text_named(r, &groups), Some(slot), by_inbound);
+        }
+    }
+
+    t.append(Nat, "-A OUTPUT -j ISTIO_OUTPUT".into(), None, connect(family));
+    compiled(&mut t, Nat, ChainId::Output);
+    compiled(&mut t, Nat, ChainId::OutputDns);
+    if cfg.dns.enabled() {
+        dns_zones(&mut t, cfg, family);
+    }
+    virt_redirects(&mut t, cfg, family);
+    if tproxy {
+        tproxy_marks(&mut t, cfg, family);
+    }
+    t.finish()
+}
+
+/// `handleInboundPortsInclude` in TPROXY mode: mangle's ISTIO_DIVERT, ISTIO_TPROXY and
+/// ISTIO_INBOUND (which, unlike nat's, has no tunnel-port RETURN).
+fn tproxy_inbound(t: &mut Tables, cfg: &CaptureConfig, family: Family) {
+    let by = NOT_YET;
+    let mark = cfg.tproxy.mark;
+    let m = Table::Mangle;
+    t.append(
+        m,
+        format!("-A ISTIO_DIVERT -j MARK --set-xmark {mark:#x}/0xffffffff"),
+        None,
+        by,
+    );
+    t.append(m, "-A ISTIO_DIVERT -j ACCEPT".into(), None, by);
+    let on_ip = match family {
+        Family::V4 => "0.0.0.0",
+        Family::V6 => "::",
+    };
+    t.append(
+        m,
+        format!(
+            "-A ISTIO_TPROXY ! -d {} -p tcp -j TPROXY --on-port {} --on-ip {on_ip} --tproxy-mark {mark:#x}/0xffffffff",
+            loopback(cfg, family),
+            cfg.inbound_capture_port
+        ),
+        None,
+        by,
+    );
+    t.append(m, "-A PREROUTING -p tcp -j ISTIO_INBOUND".into(), None, by);
+    const DIVERT: &str = "-m conntrack --ctstate RELATED,ESTABLISHED -j ISTIO_DIVERT";
+    match &cfg.inbound_ports {
+        crate::config::Include::All => {
+            for p in &cfg.inbound_exclude_ports {
+                t.append(
+                    m,
+                    format!("-A ISTIO_INBOUND -p tcp -m tcp --dport {p} -j RETURN"),
+                    None,
+                    by,
+                );
+            }
+            t.append(m, format!("-A ISTIO_INBOUND -p tcp {DIVERT}"), None, by);
+            t.append(m, "-A ISTIO_INBOUND -p tcp -j ISTIO_TPROXY".into(), None, by);
+        }
+        crate::config::Include::List(ports) => {
+            for p in ports {
+                t.append(
+                    m,
+                    format!("-A ISTIO_INBOUND -p tcp -m tcp --dport {p} {DIVERT}"),
+                    None,
+                    by,
+                );
+                t.append(
+                    m,
+                    format!("-A ISTIO_INBOUND -p tcp -m tcp --dport {p} -j ISTIO_TPROXY"),
+                    None,
+                    by,
+                );
+            }
+        }
+    }
+}
+
+/// The end of `Run()` in TPROXY mode: the marks that route the proxy's replies and its own
+/// connections to its pod, and the three RETURNs inserted at the top of ISTIO_INBOUND.
+fn tproxy_marks(t: &mut Tables, cfg: &CaptureConfig, family: Family) {
+    let by = NOT_YET;
+    let mark = cfg.tproxy.mark;
+    let m = Table::Mangle;
+    let save = "--nfmask 0xffffffff --ctmask 0xffffffff";
+    t.append(
+        m,
+        format!("-A PREROUTING -p tcp -m mark --mark {mark:#x} -j CONNMARK --save-mark {save}"),
+        None,
+        by,
+    );
+    t.append(
+        m,
+        format!("-A OUTPUT -o lo -p tcp -m mark --mark {mark:#x} -j RETURN"),
+        None,
+        by,
+    );
+    let lo = loopback(cfg, family);
+    let owners = cfg
+        .proxy_uids
+        .iter()
+        .map(|u| format!("--uid-owner {u}"))
+        .chain(cfg.proxy_gids.iter().map(|g| format!("--gid-owner {g}")));
+    for owner in owners {
+        t.append(
+            m,
+            format!("-A OUTPUT ! -d {lo} -o lo -p tcp -m owner {owner} -j MARK --set-xmark {TPROXY_OUTBOUND_MARK:#x}/0xffffffff"),
+            None,
+            by,
+        );
+    }
+    t.append(
+        m,
+        format!("-A OUTPUT -p tcp -m connmark --mark {mark:#x} -j CONNMARK --restore-mark {save}"),
+        None,
+        by,
+    );
+    t.insert(
+        m,
+        1,
+        format!("-A ISTIO_INBOUND -p tcp -m mark --mark {mark:#x} -j RETURN"),
+        by,
+    );
+    t.insert(
+        m,
+        2,
+        format!("-A ISTIO_INBOUND -s {} -i lo -p tcp -j RETURN", passthrough(family)),
+        by,
+    );
+    t.insert(
+        m,
+        3,
+        format!("-A ISTIO_INBOUND -i lo -p tcp -m mark ! --mark {TPROXY_OUTBOUND_MARK:#x} -j RETURN"),
+        by,
+    );
+}
+
+/// `addDNSConntrackZones`: raw-table zones that keep the app's flow to the resolver apart from
+/// the proxy's flow to it. Nothing here needs them (see the line's `by`).
+fn dns_zones(t: &mut Tables, cfg: &CaptureConfig, family: Family) {
+    let by = "not needed: sendmsg/recvmsg rewrite each socket's datagrams, no conntrack entry \
+              is made or shared";
+    let r = Table::Raw;
+    t.append(r, "-A OUTPUT -j ISTIO_OUTPUT_DNS".into(), None, by);
+    let owners = cfg
+        .proxy_uids
+        .iter()
+        .map(|u| format!("--uid-owner {u}"))
+        .chain(cfg.proxy_gids.iter().map(|g| format!("--gid-owner {g}")));
+    for owner in owners {
+        t.append(
+            r,
+            format!("-A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -m owner {owner} -j CT --zone 1"),
+            None,
+            by,
+        );
+        t.append(
+            r,
+            format!("-A ISTIO_OUTPUT_DNS -p udp -m udp --sport 15053 -m owner {owner} -j CT --zone 2"),
+            None,
+            by,
+        );
+    }
+    let dns: &DnsCapture = &cfg.dns;
+    if dns.capture_all {
+        t.append(r, "-A PREROUTING -j ISTIO_INBOUND".into(), None, by);
+        t.append(
+            r,
+            "-A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -j CT --zone 2".into(),
+            None,
+            by,
+        );
+        t.append(
+            r,
+            "-A ISTIO_INBOUND -p udp -m udp --sport 53 -j CT --zone 1".into(),
+            None,
+            by,
+        );
+        return;
+    }
+    let servers: Vec<String> = match family {
+        Family::V4 => dns.servers_v4.iter().map(|a| format!("{a}/32")).collect(),
+        Family::V6 => dns.servers_v6.iter().map(|a| format!("{a}/128")).collect(),
+    };
+    if !servers.is_empty() {
+        t.append(r, "-A PREROUTING -j ISTIO_INBOUND".into(), None, by);
+    }
+    for s in servers {
+        t.append(
+            r,
+            format!("-A ISTIO_OUTPUT_DNS -d {s} -p udp -m udp --dport 53 -j CT --zone 2"),
+            None,
+            by,
+        );
+        t.append(
+            r,
+            format!("-A ISTIO_INBOUND -s {s} -p udp -m udp --sport 53 -j CT --zone 1"),
+            None,
+            by,
+        );
+    }
+}
+
+/// `handleOutboundIncludeRules`' PREROUTING insertions: connections arriving from a `-k`
+/// interface are captured as outbound ones, for `-i '*'` or per included CIDR of the family.
+fn virt_redirects(t: &mut Tables, cfg: &CaptureConfig, family: Family) {
+    use crate::config::Include;
+    let by = NOT_YET;
+    match &cfg.outbound_cidrs {
+        Include::All => {
+            for k in &cfg.kube_virt_interfaces {
+                t.insert(
+                    Table::Nat,
+                    1,
+                    format!("-A PREROUTING -i {} -j ISTIO_REDIRECT", k.as_str()),
+                    by,
+                );
+            }
+        }
+        Include::List(cidrs) => {
+            for c in cidrs.iter().filter(|c| c.family() == family) {
+                for k in &cfg.kube_virt_interfaces {
+                    t.insert(
+                        Table::Nat,
+                        1,
+                        format!("-A PREROUTING -d {c} -i {} -j ISTIO_REDIRECT", k.as_str()),
+                        by,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The tables as `iptables-save` prints them (and `iptables-restore` reads them): only those
+/// with a line, each with its built-in chains and the chains its lines use.
+pub fn iptables_save(lines: &[TableLine]) -> String {
+    let mut s = String::new();
+    for table in Table::ALL {
+        let of: Vec<&TableLine> = lines.iter().filter(|l| l.table == table).collect();
+        if of.is_empty() {
+            continue;
+        }
+        let _ = writeln!(s, "*{}", table.name());
+        for builtin in table.builtins() {
+            let _ = writeln!(s, ":{builtin} ACCEPT [0:0]");
+        }
+        let mut custom: Vec<&str> = Vec::new();
+        for l in &of {
+            let mut words = l.text.split_whitespace().skip(1);
+            let chain = words.next().unwrap_or("?");
+            let jump = l.text.split(" -j ").nth(1).and_then(|t| t.split_whitespace().next());
+            for c in [Some(chain), jump].into_iter().flatten() {
+                if c.starts_with("ISTIO_") && !custom.contains(&c) {
+                    custom.push(c);
+                }
+            }
+        }
+        for c in custom {
+            let _ = writeln!(s, ":{c} - [0:0]");
+        }
+        for l in of {
+            let _ = writeln!(s, "{}", l.text);
+        }
+        s.push_str("COMMIT\n");
+    }
+    s
+}
+
+/// A rule's match text, with owner-group names as the flags gave them.
+pub fn line_matches(r: &Rule, cfg: &CaptureConfig) -> String {
+    let groups: Vec<&str> = cfg.owner_groups.groups().iter().map(|g| g.name.as_str()).collect();
+    match_text_named(r, &groups)
+}
