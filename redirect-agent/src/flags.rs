@@ -403,7 +403,6 @@ pub fn check(c: &CaptureConfig) -> Result<(), crate::error::FlagError> {
         (c.inbound_mode == config::InterceptionMode::Tproxy, "-m TPROXY"),
         (!c.exclude_interfaces.is_empty(), "-c/--istio-exclude-interfaces"),
         (!c.kube_virt_interfaces.is_empty(), "-k/--kube-virt-interfaces"),
-        (c.drop_invalid, "--drop-invalid"),
     ];
     if let Some((_, flag)) = not_yet.iter().find(|(on, _)| *on) {
         return Err(FlagError::NotYet(flag));
@@ -500,7 +499,8 @@ mod tests {
         assert!(with(&["-m", "TPROXY"]).unwrap_err().contains("-m TPROXY"));
         assert!(with(&["-c", "eth1"]).unwrap_err().contains("-c/"));
         assert!(with(&["-k", "eth1"]).unwrap_err().contains("-k/"));
-        assert!(with(&["--drop-invalid"]).unwrap_err().contains("--drop-invalid"));
+        // Nothing to carry out: no packet is NATed (redirect-common's `DROP_INVALID_BY`).
+        assert!(with(&["--drop-invalid"]).is_ok());
         let e = with(&["--redirect-dns", "--resolv-conf", one.to_str().unwrap()]).unwrap_err();
         assert!(e.contains("--redirect-dns"), "{e}");
         assert!(with(&["--redirect-dns", "--resolv-conf", empty.to_str().unwrap()]).is_ok());

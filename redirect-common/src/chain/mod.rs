@@ -413,5 +413,5 @@ mod tables;
 mod tests;
 mod text;
 
-pub use tables::{NOT_YET, Table, TableLine, iptables_save, line_matches, tables};
+pub use tables::{DROP_INVALID_BY, NOT_YET, Table, TableLine, iptables_save, tables};
 pub use text::{ListColumns, list_columns, match_text, match_text_named, rule_text, rule_text_named};

@@ -13,7 +13,7 @@ use std::{
     vec::Vec,
 };
 
-use super::{flags, match_text_named, rule_text_named, slots};
+use super::{flags, rule_text_named, slots};
 use crate::{
     ChainId, Rule,
     addr::Family,
@@ -74,12 +74,26 @@ impl TableLine {
 /// What a line of a mode this agent does not carry out yet says it is.
 pub const NOT_YET: &str = "not carried out yet: run and enroll refuse the flag that writes it";
 
+/// What `--drop-invalid`'s lines say. istio-iptables drops packets conntrack finds invalid
+/// (out of window, mostly) because conntrack does not NAT them: under REDIRECT such a packet of
+/// a captured connection reaches the port behind the proxy, where no socket has its 4-tuple,
+/// and the reset that answers it kills the connection. Here nothing is NATed: a connection's
+/// packets reach the socket that owns its 4-tuple (the proxy's, or the app's own connected to
+/// the proxy), whose TCP answers an out-of-window segment as it would any.
+pub const DROP_INVALID_BY: &str = "not needed: nothing is NATed, so an invalid (out-of-window) \
+                                   segment reaches its connection's own socket, never a port behind the proxy";
+
 /// Lines being placed as `Run()` places them: appended, or inserted at a chain position.
 struct Tables {
     lines: Vec<TableLine>,
 }
 
 impl Tables {
+    /// A line no rule walk evaluates (no counter slot).
+    fn line(&mut self, table: Table, text: String, by: &'static str) {
+        self.append(table, text, None, by);
+    }
+
     fn append(&mut self, table: Table, text: String, slot: Option<usize>, by: &'static str) {
         self.lines.push(TableLine {
             table,
@@ -187,28 +201,27 @@ pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableL
 
     for c in &cfg.exclude_interfaces {
         let c = c.as_str();
-        t.append(Nat, format!("-A PREROUTING -i {c} -j RETURN"), None, NOT_YET);
-        t.append(Nat, format!("-A OUTPUT -o {c} -j RETURN"), None, NOT_YET);
+        t.line(Nat, format!("-A PREROUTING -i {c} -j RETURN"), NOT_YET);
+        t.line(Nat, format!("-A OUTPUT -o {c} -j RETURN"), NOT_YET);
     }
     if tproxy {
         for c in &cfg.exclude_interfaces {
             let c = c.as_str();
-            t.append(Mangle, format!("-A PREROUTING -i {c} -j RETURN"), None, NOT_YET);
-            t.append(Mangle, format!("-A OUTPUT -o {c} -j RETURN"), None, NOT_YET);
+            t.line(Mangle, format!("-A PREROUTING -i {c} -j RETURN"), NOT_YET);
+            t.line(Mangle, format!("-A OUTPUT -o {c} -j RETURN"), NOT_YET);
         }
     }
     for k in &cfg.kube_virt_interfaces {
         t.insert(Nat, 1, format!("-A PREROUTING -i {} -j RETURN", k.as_str()), NOT_YET);
     }
     if cfg.drop_invalid {
-        let by = NOT_YET;
-        t.append(
+        let by = DROP_INVALID_BY;
+        t.line(
             Mangle,
             "-A PREROUTING -m conntrack --ctstate INVALID -j ISTIO_DROP".into(),
-            None,
             by,
         );
-        t.append(Mangle, "-A ISTIO_DROP -j DROP".into(), None, by);
+        t.line(Mangle, "-A ISTIO_DROP -j DROP".into(), by);
     }
 
     // nat ISTIO_INBOUND's tunnel-port RETURN, written in every mode (`compile` puts it first).
@@ -282,54 +295,41 @@ fn tproxy_inbound(t: &mut Tables, cfg: &CaptureConfig, family: Family) {
     let by = NOT_YET;
     let mark = cfg.tproxy.mark;
     let m = Table::Mangle;
-    t.append(
+    t.line(
         m,
         format!("-A ISTIO_DIVERT -j MARK --set-xmark {mark:#x}/0xffffffff"),
-        None,
         by,
     );
-    t.append(m, "-A ISTIO_DIVERT -j ACCEPT".into(), None, by);
+    t.line(m, "-A ISTIO_DIVERT -j ACCEPT".into(), by);
     let on_ip = match family {
         Family::V4 => "0.0.0.0",
         Family::V6 => "::",
     };
-    t.append(
+    t.line(
         m,
         format!(
             "-A ISTIO_TPROXY ! -d {} -p tcp -j TPROXY --on-port {} --on-ip {on_ip} --tproxy-mark {mark:#x}/0xffffffff",
             loopback(cfg, family),
             cfg.inbound_capture_port
         ),
-        None,
         by,
     );
-    t.append(m, "-A PREROUTING -p tcp -j ISTIO_INBOUND".into(), None, by);
+    t.line(m, "-A PREROUTING -p tcp -j ISTIO_INBOUND".into(), by);
     const DIVERT: &str = "-m conntrack --ctstate RELATED,ESTABLISHED -j ISTIO_DIVERT";
     match &cfg.inbound_ports {
         crate::config::Include::All => {
             for p in &cfg.inbound_exclude_ports {
-                t.append(
-                    m,
-                    format!("-A ISTIO_INBOUND -p tcp -m tcp --dport {p} -j RETURN"),
-                    None,
-                    by,
-                );
+                t.line(m, format!("-A ISTIO_INBOUND -p tcp -m tcp --dport {p} -j RETURN"), by);
             }
-            t.append(m, format!("-A ISTIO_INBOUND -p tcp {DIVERT}"), None, by);
-            t.append(m, "-A ISTIO_INBOUND -p tcp -j ISTIO_TPROXY".into(), None, by);
+            t.line(m, format!("-A ISTIO_INBOUND -p tcp {DIVERT}"), by);
+            t.line(m, "-A ISTIO_INBOUND -p tcp -j ISTIO_TPROXY".into(), by);
         }
         crate::config::Include::List(ports) => {
             for p in ports {
-                t.append(
-                    m,
-                    format!("-A ISTIO_INBOUND -p tcp -m tcp --dport {p} {DIVERT}"),
-                    None,
-                    by,
-                );
-                t.append(
+                t.line(m, format!("-A ISTIO_INBOUND -p tcp -m tcp --dport {p} {DIVERT}"), by);
+                t.line(
                     m,
                     format!("-A ISTIO_INBOUND -p tcp -m tcp --dport {p} -j ISTIO_TPROXY"),
-                    None,
                     by,
                 );
             }
@@ -344,16 +344,14 @@ fn tproxy_marks(t: &mut Tables, cfg: &CaptureConfig, family: Family) {
     let mark = cfg.tproxy.mark;
     let m = Table::Mangle;
     let save = "--nfmask 0xffffffff --ctmask 0xffffffff";
-    t.append(
+    t.line(
         m,
         format!("-A PREROUTING -p tcp -m mark --mark {mark:#x} -j CONNMARK --save-mark {save}"),
-        None,
         by,
     );
-    t.append(
+    t.line(
         m,
         format!("-A OUTPUT -o lo -p tcp -m mark --mark {mark:#x} -j RETURN"),
-        None,
         by,
     );
     let lo = loopback(cfg, family);
@@ -363,17 +361,11 @@ fn tproxy_marks(t: &mut Tables, cfg: &CaptureConfig, family: Family) {
         .map(|u| format!("--uid-owner {u}"))
         .chain(cfg.proxy_gids.iter().map(|g| format!("--gid-owner {g}")));
     for owner in owners {
-        t.append(
-            m,
-            format!("-A OUTPUT ! -d {lo} -o lo -p tcp -m owner {owner} -j MARK --set-xmark {TPROXY_OUTBOUND_MARK:#x}/0xffffffff"),
-            None,
-            by,
-        );
+        t.line(m, format!("-A OUTPUT ! -d {lo} -o lo -p tcp -m owner {owner} -j MARK --set-xmark {TPROXY_OUTBOUND_MARK:#x}/0xffffffff"), by);
     }
-    t.append(
+    t.line(
         m,
         format!("-A OUTPUT -p tcp -m connmark --mark {mark:#x} -j CONNMARK --restore-mark {save}"),
-        None,
         by,
     );
     t.insert(
@@ -402,41 +394,33 @@ fn dns_zones(t: &mut Tables, cfg: &CaptureConfig, family: Family) {
     let by = "not needed: sendmsg/recvmsg rewrite each socket's datagrams, no conntrack entry \
               is made or shared";
     let r = Table::Raw;
-    t.append(r, "-A OUTPUT -j ISTIO_OUTPUT_DNS".into(), None, by);
+    t.line(r, "-A OUTPUT -j ISTIO_OUTPUT_DNS".into(), by);
     let owners = cfg
         .proxy_uids
         .iter()
         .map(|u| format!("--uid-owner {u}"))
         .chain(cfg.proxy_gids.iter().map(|g| format!("--gid-owner {g}")));
     for owner in owners {
-        t.append(
+        t.line(
             r,
             format!("-A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -m owner {owner} -j CT --zone 1"),
-            None,
             by,
         );
-        t.append(
+        t.line(
             r,
             format!("-A ISTIO_OUTPUT_DNS -p udp -m udp --sport 15053 -m owner {owner} -j CT --zone 2"),
-            None,
             by,
         );
     }
     let dns: &DnsCapture = &cfg.dns;
     if dns.capture_all {
-        t.append(r, "-A PREROUTING -j ISTIO_INBOUND".into(), None, by);
-        t.append(
+        t.line(r, "-A PREROUTING -j ISTIO_INBOUND".into(), by);
+        t.line(
             r,
             "-A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -j CT --zone 2".into(),
-            None,
             by,
         );
-        t.append(
-            r,
-            "-A ISTIO_INBOUND -p udp -m udp --sport 53 -j CT --zone 1".into(),
-            None,
-            by,
-        );
+        t.line(r, "-A ISTIO_INBOUND -p udp -m udp --sport 53 -j CT --zone 1".into(), by);
         return;
     }
     let servers: Vec<String> = match family {
@@ -444,19 +428,17 @@ fn dns_zones(t: &mut Tables, cfg: &CaptureConfig, family: Family) {
         Family::V6 => dns.servers_v6.iter().map(|a| format!("{a}/128")).collect(),
     };
     if !servers.is_empty() {
-        t.append(r, "-A PREROUTING -j ISTIO_INBOUND".into(), None, by);
+        t.line(r, "-A PREROUTING -j ISTIO_INBOUND".into(), by);
     }
     for s in servers {
-        t.append(
+        t.line(
             r,
             format!("-A ISTIO_OUTPUT_DNS -d {s} -p udp -m udp --dport 53 -j CT --zone 2"),
-            None,
             by,
         );
-        t.append(
+        t.line(
             r,
             format!("-A ISTIO_INBOUND -s {s} -p udp -m udp --sport 53 -j CT --zone 1"),
-            None,
             by,
         );
     }
@@ -526,10 +508,4 @@ pub fn iptables_save(lines: &[TableLine]) -> String {
         s.push_str("COMMIT\n");
     }
     s
-}
-
-/// A rule's match text, with owner-group names as the flags gave them.
-pub fn line_matches(r: &Rule, cfg: &CaptureConfig) -> String {
-    let groups: Vec<&str> = cfg.owner_groups.groups().iter().map(|g| g.name.as_str()).collect();
-    match_text_named(r, &groups)
 }
