@@ -264,6 +264,21 @@ impl Workload {
     }
 
     /// A connection from the remote host to the pod's `port`, held by the test itself.
+    /// A non-blocking listener on `0.0.0.0:port` inside the workload's namespace, held by the
+    /// test (a stand-in for the app whose accepted connections the test keeps).
+    pub fn listen(&self, port: u16) -> std::net::TcpListener {
+        let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
+        let l = self
+            .pair
+            .workload
+            .open()
+            .unwrap()
+            .run(move || std::net::TcpListener::bind(addr))
+            .unwrap();
+        l.set_nonblocking(true).unwrap();
+        l
+    }
+
     pub fn dial_from_remote(&self, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
         self.pair
             .remote

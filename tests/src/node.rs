@@ -4,16 +4,20 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use redirect_agent::engine::pins::State;
-use redirect_testkit::unique;
+use redirect_testkit::{netns::NamedNetns, unique};
 
-use crate::{agent_bin, agent_cmd, require_root, testkit_bin};
+use crate::{Landing, Workload, agent_bin, agent_cmd, landing, require_root, testkit_bin};
 
 /// The plugin binary `cargo xtask test` built next to the agent.
 pub fn cni_bin() -> PathBuf {
@@ -414,5 +418,90 @@ fn wait_or_kill(child: &mut std::process::Child, within: Duration) -> Option<Exi
             return None;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Where a connection from the remote host to the pod's `port` landed: sk_lookup rewrites
+/// nothing, so the app telling 127.0.0.6 as its peer is what shows it crossed the proxy.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inbound {
+    Proxied,
+    Direct,
+    Failed(crate::Outcome),
+}
+
+pub fn inbound(w: &Workload, port: u16) -> Inbound {
+    let r = w.probe(&w.from_remote(w.pod(port)));
+    match landing(&r) {
+        Landing::Failed(o) => Inbound::Failed(o),
+        _ if r.banner_field("peer").is_some_and(|p| p.starts_with("127.0.0.6:")) => Inbound::Proxied,
+        _ => Inbound::Direct,
+    }
+}
+
+/// Connections rule `rule` (1-based) of iptables' `chain` decided for workload `id`, from a
+/// scrape.
+pub fn rule_count(text: &str, id: &str, chain: &str, rule: usize) -> u64 {
+    let prefix = format!(
+        "redirect_rule_connections_total{{workload=\"{id}\",family=\"ipv4\",chain=\"{chain}\",rule=\"{rule}\","
+    );
+    text.lines()
+        .find(|l| l.starts_with(&prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"))
+}
+
+/// A loop of fresh connections, each checked end to end, counted until `stop`. Bounded in
+/// count and time.
+pub fn load(
+    netns: &NamedNetns,
+    to: SocketAddrV4,
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<Vec<String>> {
+    let ns = netns.open().unwrap();
+    std::thread::spawn(move || {
+        ns.enter_current_thread().unwrap();
+        let mut failures = Vec::new();
+        let payload = vec![b'x'; 4096];
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for _ in 0..20_000 {
+            if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                break;
+            }
+            let r = (|| -> std::io::Result<()> {
+                let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(5))?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                s.write_all(&payload)?;
+                s.shutdown(Shutdown::Write)?;
+                let mut back = Vec::new();
+                s.read_to_end(&mut back)?;
+                let text = String::from_utf8_lossy(&back);
+                let (banner, body) = text.split_once('\n').unwrap_or(("", ""));
+                if !banner.starts_with("REDIRECT-TEST") || body.as_bytes() != payload.as_slice() {
+                    return Err(std::io::Error::other(format!(
+                        "bad answer: {banner:?}, {} bytes",
+                        body.len()
+                    )));
+                }
+                Ok(())
+            })();
+            match r {
+                Ok(()) => {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => failures.push(e.to_string()),
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        failures
+    })
+}
+
+pub struct StopOnDrop(pub Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }

@@ -5,7 +5,7 @@
 
 use std::{
     io::{self, BufRead as _, BufReader, Read as _},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    net::{TcpListener, TcpStream},
     os::unix::process::CommandExt as _,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -33,20 +33,6 @@ const NOBODY: u32 = 65534;
 /// Lets the test process hold its side of every connection.
 fn raise_own_nofile() {
     redirect_agent::sys::raise_nofile_limit(4 * MAX_HELD);
-}
-
-/// A listener on `port` inside the workload's namespace, held by the test.
-fn listen_in_workload(w: &Workload, port: u16) -> TcpListener {
-    let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
-    let l = w
-        .pair
-        .workload
-        .open()
-        .unwrap()
-        .run(move || TcpListener::bind(addr))
-        .unwrap();
-    l.set_nonblocking(true).unwrap();
-    l
 }
 
 /// What became of one connection from the remote host to a workload's port.
@@ -134,7 +120,7 @@ fn the_proxies_share_one_budget_and_the_control_plane_keeps_its_reserve() {
     let c = Workload::new_on("bgc", 183);
     agent.enroll(&a.pair.workload.path, "a", &[]);
     agent.enroll(&b.pair.workload.path, "b", &[]);
-    let (la, lb) = (listen_in_workload(&a, HELD_PORT), listen_in_workload(&b, HELD_PORT));
+    let (la, lb) = (a.listen(HELD_PORT), b.listen(HELD_PORT));
 
     // Both workloads, in turn, until one connection is refused.
     let mut held = Vec::new();

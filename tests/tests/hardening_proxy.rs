@@ -3,7 +3,7 @@
 
 use std::{
     io::{self, Read as _},
-    net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv4Addr, Shutdown, TcpListener, TcpStream},
     time::{Duration, Instant},
 };
 
@@ -16,20 +16,6 @@ use redirect_tests::{
 const HELD_PORT: u16 = 9301;
 /// Generous: the idle timeout in these tests is 1.5 s.
 const BOUND: Duration = Duration::from_secs(30);
-
-/// A listener on `port` inside the workload's namespace, held by the test.
-fn listen_in_workload(w: &Workload, port: u16) -> TcpListener {
-    let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
-    let l = w
-        .pair
-        .workload
-        .open()
-        .unwrap()
-        .run(move || TcpListener::bind(addr))
-        .unwrap();
-    l.set_nonblocking(true).unwrap();
-    l
-}
 
 /// The next connection `l` accepts (bounded).
 fn accept(l: &TcpListener) -> TcpStream {
@@ -82,7 +68,7 @@ fn closed_by_proxy(s: &mut TcpStream) -> Result<(), String> {
 fn idle_and_half_closed_connections_are_closed_and_their_descriptors_freed() {
     let w = Workload::with_agent("hard-idle", &["--idle-timeout-ms", "1500"]);
     let pid = w.agent.as_ref().unwrap().pid().unwrap();
-    let listener = listen_in_workload(&w, HELD_PORT);
+    let listener = w.listen(HELD_PORT);
     let idle_fds = settled_fd_count(pid);
 
     let mut held = w.dial_from_remote(HELD_PORT, BOUND).unwrap();
@@ -160,7 +146,7 @@ fn both_legs_of_a_proxied_connection_keep_alive() {
     for (flags, want) in cases {
         let w = Workload::with_agent("hard-keepalive", flags);
         let pid = w.agent.as_ref().unwrap().pid().unwrap();
-        let listener = listen_in_workload(&w, HELD_PORT);
+        let listener = w.listen(HELD_PORT);
         let client = w.dial_from_remote(HELD_PORT, BOUND).unwrap();
         let server = accept(&listener);
         let sockets = connected_sockets(pid).unwrap();
