@@ -9,7 +9,7 @@ use aya::maps::{HashMap, MapData, PerCpuArray};
 use redirect_common::{
     ChainId, Target, Workload,
     addr::Family,
-    chain::{ListColumns, list_columns, match_text},
+    chain::{ListColumns, list_columns, match_text_named},
     events,
 };
 use serde::Serialize;
@@ -73,6 +73,10 @@ fn ipv4() -> String {
 pub(crate) fn rows(w: &Workload, counters: &PerCpuArray<MapData, u64>) -> Result<Vec<RuleRow>, LoadError> {
     let mut out = Vec::new();
     let rules: Vec<(usize, &redirect_common::Rule)> = w.slotted().collect();
+    // ISTIO_OUTBOUND_OWNER_GROUPS' gids, as its rule lists them.
+    let n = (w.n_owner_groups as usize).min(w.owner_groups.len());
+    let groups: Vec<String> = w.owner_groups[..n].iter().map(u32::to_string).collect();
+    let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
     for (i, &(slot, r)) in rules.iter().enumerate() {
         let chain = r.chain_id();
         let connections = sum(
@@ -88,7 +92,7 @@ pub(crate) fn rows(w: &Workload, counters: &PerCpuArray<MapData, u64>) -> Result
                 .filter(|(_, x)| x.chain == r.chain && x.family == r.family)
                 .count(),
             slot,
-            match_: match_text(r),
+            match_: match_text_named(r, &groups),
             target: r.target_kind().map_or("?", Target::iptables_name).into(),
             connections,
             columns: Some(list_columns(r)),

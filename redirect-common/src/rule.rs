@@ -98,6 +98,9 @@ pub mod m {
     /// `-m owner --gid-owner G1 [-m owner --gid-owner G2 ...]` over the workload's owner
     /// groups ([`crate::Workload::owner_groups`]); negated: `! G1 ! G2 ...`, none of them.
     pub const GROUPS: u16 = 1 << 7;
+    /// Not a match: the `GID` match is owner group number `uid` of
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`, printed by the name it was given.
+    pub const NAMED: u16 = 1 << 8;
 }
 
 pub const IPPROTO_TCP: u8 = 6;

@@ -22,6 +22,7 @@ pub use redirect_testkit::report::Outcome;
 
 pub mod node;
 pub mod procfd;
+pub mod rules_text;
 
 /// Ports of the servers every workload has.
 pub const REMOTE_PORT: u16 = 8080;

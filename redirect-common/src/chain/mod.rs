@@ -233,8 +233,11 @@ fn family_chains(b: &mut Builder, cfg: &CaptureConfig) {
             b.push(r);
         }
         OwnerGroups::Except(groups) => {
-            for g in groups {
-                b.push(with_owner(b.out(Target::Return), Owner::Gid(group_gid(g)), false));
+            for (i, g) in groups.iter().enumerate() {
+                let mut r = with_owner(b.out(Target::Return), Owner::Gid(group_gid(g)), false);
+                r.has |= m::NAMED;
+                r.uid = i as u32;
+                b.push(r);
             }
         }
     }

@@ -31,13 +31,14 @@ fn proto_name(p: u8) -> String {
 }
 
 /// The rule's matches as `iptables-save` prints them (without `-A CHAIN` and `-j TARGET`),
-/// e.g. `-o lo -m owner ! --uid-owner 1337`. Owner groups ([`m::GROUPS`]) print as `GROUPS`;
-/// [`match_text_named`] names them.
+/// e.g. `-o lo -m owner ! --uid-owner 1337`. Owner groups print as gids
+/// ([`match_text_named`] with the names given).
 pub fn match_text(r: &Rule) -> String {
-    match_text_named(r, &["GROUPS"])
+    match_text_named(r, &[])
 }
 
-/// [`match_text`], with the workload's owner groups (`ISTIO_OUTBOUND_OWNER_GROUPS`) as given.
+/// [`match_text`], with the workload's owner groups (`ISTIO_OUTBOUND_OWNER_GROUPS(_EXCLUDE)`)
+/// as given: what a [`m::GROUPS`] match lists, and what a [`m::NAMED`] one's index names.
 pub fn match_text_named(r: &Rule, groups: &[&str]) -> String {
     let mut s = String::new();
     let mut part = |t: &str| {
@@ -84,7 +85,15 @@ pub fn match_text_named(r: &Rule, groups: &[&str]) -> String {
             let _ = write!(owner, " {}--uid-owner {}", bang(r, m::UID), r.uid);
         }
         if r.has & m::GID != 0 {
-            let _ = write!(owner, " {}--gid-owner {}", bang(r, m::GID), r.gid);
+            let named = (r.has & m::NAMED != 0).then(|| groups.get(r.uid as usize)).flatten();
+            match named {
+                Some(name) => {
+                    let _ = write!(owner, " {}--gid-owner {name}", bang(r, m::GID));
+                }
+                None => {
+                    let _ = write!(owner, " {}--gid-owner {}", bang(r, m::GID), r.gid);
+                }
+            }
         }
         part(&owner);
     }
@@ -102,7 +111,7 @@ pub fn match_text_named(r: &Rule, groups: &[&str]) -> String {
 
 /// The whole rule as an `iptables-save` line: `-A ISTIO_OUTPUT <matches> -j <target>`.
 pub fn rule_text(r: &Rule) -> String {
-    rule_text_named(r, &["GROUPS"])
+    rule_text_named(r, &[])
 }
 
 /// [`rule_text`], with the workload's owner groups as given.
