@@ -44,6 +44,7 @@ fn read_owner_offsets() -> Result<OwnerOffsets, BtfError> {
         file_f_cred: field_offset(&btf, "file", "f_cred", ptr)?,
         cred_fsuid: field_offset(&btf, "cred", "fsuid", 4)?,
         cred_fsgid: field_offset(&btf, "cred", "fsgid", 4)?,
+        task_cred: field_offset(&btf, "task_struct", "cred", ptr)?,
     })
 }
 

@@ -396,10 +396,8 @@ pub fn check(c: &CaptureConfig) -> Result<(), crate::error::FlagError> {
     if c.envoy_port == c.inbound_capture_port {
         return Err(FlagError::SamePort(c.envoy_port));
     }
-    // Modes whose programs are not built yet: refused whole rather than half-applied (the
-    // TCP half of DNS capture without its UDP half would differ from iptables).
+    // Modes whose programs are not built yet: refused whole rather than half-applied.
     let not_yet = [
-        (c.dns.enabled(), "--redirect-dns"),
         (c.inbound_mode == config::InterceptionMode::Tproxy, "-m TPROXY"),
         (!c.exclude_interfaces.is_empty(), "-c/--istio-exclude-interfaces"),
         (!c.kube_virt_interfaces.is_empty(), "-k/--kube-virt-interfaces"),
@@ -481,7 +479,7 @@ mod tests {
     }
 
     /// Modes whose programs are not built yet are refused whole, naming the flag; DNS capture
-    /// with no resolver to capture is off (as in istio-iptables), and so not refused.
+    /// takes its resolvers from the resolv.conf named, and with none is off (as in istio-iptables).
     #[test]
     fn modes_not_carried_out_yet_are_refused_by_name() {
         let dir = std::env::temp_dir().join(format!("redirect-flags-{}", std::process::id()));
@@ -501,9 +499,14 @@ mod tests {
         assert!(with(&["-k", "eth1"]).unwrap_err().contains("-k/"));
         // Nothing to carry out: no packet is NATed (redirect-common's `DROP_INVALID_BY`).
         assert!(with(&["--drop-invalid"]).is_ok());
-        let e = with(&["--redirect-dns", "--resolv-conf", one.to_str().unwrap()]).unwrap_err();
-        assert!(e.contains("--redirect-dns"), "{e}");
-        assert!(with(&["--redirect-dns", "--resolv-conf", empty.to_str().unwrap()]).is_ok());
+        let dns = with(&["--redirect-dns", "--resolv-conf", one.to_str().unwrap()]).unwrap();
+        assert_eq!(dns.dns.servers_v4, [std::net::Ipv4Addr::new(10, 96, 0, 10)]);
+        assert!(
+            !with(&["--redirect-dns", "--resolv-conf", empty.to_str().unwrap()])
+                .unwrap()
+                .dns
+                .enabled()
+        );
         let missing = dir.join("missing.conf");
         let e = with(&["--redirect-dns", "--resolv-conf", missing.to_str().unwrap()]).unwrap_err();
         assert!(e.contains("missing.conf"), "{e}");

@@ -97,6 +97,33 @@ pub struct PendingOrigDst {
     pub _pad: u32,
 }
 
+/// A UDP flow as conntrack would tell it apart, from the sending socket's side: the socket
+/// (its cookie: its source address and port are fixed once it sent) and the destination.
+/// `UDP_FLOWS` keeps when each was last seen, so that a flow's first datagram counts on the
+/// rule that decides it and later ones, as conntrack's, follow uncounted.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct UdpFlowKey {
+    pub cookie: u64,
+    /// [`crate::addr`] form.
+    pub dst: Addr,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+impl UdpFlowKey {
+    #[inline(always)]
+    pub const fn new(cookie: u64, dst: Addr, port: u16) -> Self {
+        Self {
+            cookie,
+            dst,
+            port,
+            _pad: [0; 6],
+        }
+    }
+}
+
 /// A redirected connection's original destination.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -245,6 +272,9 @@ mod pod {
     // SAFETY: repr(C), Copy; u64, 2 x [u32; 4], 2 x u16, explicit u32 `_pad`; 48 bytes, no
     // gaps.
     unsafe impl aya::Pod for super::TupleKey {}
+    // SAFETY: repr(C), Copy; u64, [u32; 4], u16 and explicit padding: no implicit padding,
+    // any bytes valid.
+    unsafe impl aya::Pod for super::UdpFlowKey {}
 }
 
 #[cfg(test)]
@@ -262,6 +292,7 @@ mod layout {
         assert_eq!(size_of::<PendingOrigDst>(), 32);
         assert_eq!(size_of::<TupleKey>(), 48);
         assert_eq!(size_of::<RouteDst>(), 24);
+        assert_eq!(size_of::<UdpFlowKey>(), 32);
         assert_eq!(
             RouteDst::new(0x0102_0304_0506_0708, [0; 4]).netns_cookie(),
             0x0102_0304_0506_0708

@@ -122,8 +122,14 @@ pub mod maps {
     /// connect4/6 leave alone (node mode attaches above the agent, so they see its connects
     /// too). Freed by the kernel with the socket.
     pub const AGENT_SOCKETS: &str = "AGENT_SOCKETS";
+    /// socket cookie -> [`crate::OrigDst`]: where a UDP socket's latest captured DNS datagram
+    /// (or its connect) was going, so that the DNS proxy's answer reads as the resolver's.
+    pub const UDP_ORIG: &str = "UDP_ORIG";
+    /// [`crate::UdpFlowKey`] -> when the flow last sent (ns, monotonic): the UDP flows
+    /// ISTIO_OUTPUT judged, counted once each as conntrack's first packet.
+    pub const UDP_FLOWS: &str = "UDP_FLOWS";
     /// Every map the agent pins while it runs.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
         WORKLOADS,
         LOCAL_ADDRS,
         POD_ADDRS,
@@ -137,6 +143,8 @@ pub mod maps {
         FAST_PATH_SOCKETS,
         FAST_PATH_SENDERS,
         AGENT_SOCKETS,
+        UDP_ORIG,
+        UDP_FLOWS,
     ];
 }
 
@@ -156,6 +164,10 @@ pub mod fast_path {
 pub mod programs {
     pub const CONNECT4: &str = "redirect_connect4";
     pub const CONNECT6: &str = "redirect_connect6";
+    pub const SENDMSG4: &str = "redirect_sendmsg4";
+    pub const SENDMSG6: &str = "redirect_sendmsg6";
+    pub const RECVMSG4: &str = "redirect_recvmsg4";
+    pub const RECVMSG6: &str = "redirect_recvmsg6";
     pub const GETPEERNAME4: &str = "redirect_getpeername4";
     pub const GETPEERNAME6: &str = "redirect_getpeername6";
     pub const SOCK_OPS: &str = "redirect_sockops";

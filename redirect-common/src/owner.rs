@@ -29,6 +29,10 @@ pub struct OwnerOffsets {
     pub cred_fsuid: u32,
     /// `struct cred`'s `fsgid`.
     pub cred_fsgid: u32,
+    /// `struct task_struct`'s `cred` (the subjective credentials, which a socket file opened
+    /// now would carry): UDP sockets have no BTF helper to reach their file from a sock_addr
+    /// program, so their hooks read the sending task's.
+    pub task_cred: u32,
 }
 
 impl OwnerOffsets {
@@ -40,9 +44,10 @@ impl OwnerOffsets {
         file_f_cred: u32::MAX,
         cred_fsuid: u32::MAX,
         cred_fsgid: u32::MAX,
+        task_cred: u32::MAX,
     };
 }
 
-// SAFETY: repr(C), Copy, five u32s: no padding, and any bytes are a valid value.
+// SAFETY: repr(C), Copy, six u32s: no padding, and any bytes are a valid value.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for OwnerOffsets {}

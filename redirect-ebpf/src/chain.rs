@@ -1,6 +1,9 @@
 //! Walking one chain of a workload's rules, shared by the programs that implement the chains
 //! (connect4/connect6: ISTIO_OUTPUT, sk_lookup: ISTIO_INBOUND).
-use redirect_common::{ChainId, ConnFacts, MAX_RULES_PER_FAMILY, Rule, Target, Workload, addr::Family};
+use redirect_common::{ChainId, ConnFacts, IPPROTO_UDP, MAX_RULES_PER_FAMILY, Rule, Target, Workload, addr::Family};
+
+/// Set in the walk's `chain` byte: walk without counting (a UDP flow's later datagrams).
+const NO_COUNT: u8 = 0x80;
 
 use crate::maps::count;
 
@@ -9,7 +12,7 @@ use crate::maps::count;
 /// these chains means the connection is left alone). Only the table of the connection's
 /// family is walked: iptables' for IPv4 (v4-mapped included), ip6tables' for IPv6.
 #[inline(always)]
-pub fn decide(workload: &Workload, chain: ChainId, facts: &ConnFacts) -> Option<Target> {
+pub fn decide(workload: &Workload, chain: ChainId, facts: &ConnFacts, counting: bool) -> Option<Target> {
     let (half, n) = if facts.family == Family::V6 as u8 {
         (MAX_RULES_PER_FAMILY, workload.n_rules6)
     } else {
@@ -20,7 +23,8 @@ pub fn decide(workload: &Workload, chain: ChainId, facts: &ConnFacts) -> Option<
     // the call as `workload` is; `facts` comes from a reference.
     let target = unsafe {
         let table = (&raw const workload.rules[half]).cast::<[Rule; MAX_RULES_PER_FAMILY]>();
-        redirect_walk_chain(table, n, workload.counter_base + half as u32, chain as u8, facts)
+        let chain = chain as u8 | if counting { 0 } else { NO_COUNT };
+        redirect_walk_chain(table, n, workload.counter_base + half as u32, chain, facts)
     };
     Target::from_u8(target)
 }
@@ -56,6 +60,8 @@ pub unsafe extern "C" fn redirect_walk_chain(
     // whole, live values of their types.
     let (table, facts) = unsafe { (&*table, &*facts) };
     let n = n as usize;
+    let counting = chain & NO_COUNT == 0;
+    let chain = chain & !NO_COUNT;
     for (i, rule) in table.iter().enumerate() {
         if i >= n {
             return 0;
@@ -67,11 +73,19 @@ pub unsafe extern "C" fn redirect_walk_chain(
         if !in_chain || !rule.matches(facts) {
             continue;
         }
-        count(first_slot + i as u32);
-        if rule.target == Target::JumpDns as u8 {
+        if counting {
+            count(first_slot + i as u32);
+        }
+        // A jump to ISTIO_OUTPUT_DNS goes on into its rules. ISTIO_REDIRECT and
+        // ISTIO_IN_REDIRECT hold one `-p tcp` REDIRECT each: a UDP flow jumping there matches
+        // nothing and comes back to walk on.
+        let t = rule.target;
+        let passes = t == Target::JumpDns as u8
+            || (facts.proto == IPPROTO_UDP && (t == Target::Redirect as u8 || t == Target::InRedirect as u8));
+        if passes {
             continue;
         }
-        return rule.target;
+        return t;
     }
     0
 }

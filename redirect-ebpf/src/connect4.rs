@@ -39,7 +39,7 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
 unsafe fn decide(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is this connect4 run's own context (see `# Safety`).
-    let Some((sk, cookie)) = (unsafe { output::judged_socket(sa) }) else {
+    let Some((sk, cookie, proto)) = (unsafe { output::judged_socket(sa) }) else {
         return;
     };
     // An unbound socket gets its source from routing: 0.0.0.0 stands for "not chosen yet".
@@ -55,6 +55,7 @@ unsafe fn decide(ctx: &SockAddrContext) {
     let c = Connect {
         sk,
         cookie,
+        proto,
         // SAFETY: the helper's one argument is the program's own context (it reads the
         // socket's namespace from it); connect4 may call it (5.7+, which the agent probes for).
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },

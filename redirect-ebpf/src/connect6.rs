@@ -36,7 +36,7 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
 unsafe fn decide(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is this connect6 run's own context (see `# Safety`).
-    let Some((sk, cookie)) = (unsafe { output::judged_socket(sa) }) else {
+    let Some((sk, cookie, proto)) = (unsafe { output::judged_socket(sa) }) else {
         return;
     };
     // SAFETY: context reads (see `# Safety`): the 4-byte `user_port` and each 4-byte word of
@@ -65,6 +65,7 @@ unsafe fn decide(ctx: &SockAddrContext) {
     let c = Connect {
         sk,
         cookie,
+        proto,
         // SAFETY: the helper's one argument is the program's own context (it reads the
         // socket's namespace from it); connect6 may call it (5.7+, which the agent probes for).
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },

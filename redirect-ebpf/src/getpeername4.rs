@@ -4,10 +4,15 @@
 //! captured connecting ends and keep their own view.
 use core::ptr::{read_volatile, write_volatile};
 
-use aya_ebpf::{EbpfContext as _, helpers::bpf_get_netns_cookie, macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
 use redirect_common::{LOCALHOST_BE, TupleKey, addr, port};
 
-use crate::maps::captured_orig_dst;
+use crate::maps::{captured_orig_dst, dns_answer_source};
 
 /// getpeername cannot be refused: 1 always.
 #[cgroup_sock_addr(getpeername4)]
@@ -58,7 +63,13 @@ unsafe fn answer(ctx: &SockAddrContext) {
         addr::v4(peer_ip),
         port::be_low(peer_port),
     );
-    let Some(orig) = captured_orig_dst(&key) else {
+    // A TCP connection's original destination; else a connected UDP socket's DNS resolver.
+    let orig = captured_orig_dst(&key).or_else(|| {
+        // SAFETY: the program's own context is the helper's one argument (it reads the socket).
+        let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+        dns_answer_source(cookie, &addr::v4(peer_ip), port::be_low(peer_port))
+    });
+    let Some(orig) = orig else {
         return;
     };
     // SAFETY: 4-byte writes of the context's `user_ip4` and `user_port`, which getpeername4

@@ -6,7 +6,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use redirect_common::{
-    FamilyKey, LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, RouteDst, TupleKey, Workload,
+    FamilyKey, LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, RouteDst, TupleKey, UdpFlowKey,
+    Workload,
     addr::{self, Addr, Family},
     events,
 };
@@ -49,6 +50,18 @@ pub static ORIG_BY_COOKIE: LruHashMap<u64, PendingOrigDst, 65536> = LruHashMap::
 /// proxy finds it from its accepted socket's addresses.
 #[btf_map]
 pub static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst, 65536> = LruHashMap::new();
+
+/// Socket cookie -> where the UDP socket's latest captured DNS datagram (or its connect) was
+/// going: recvmsg4/6 and getpeername4/6 give the DNS proxy's answers that address, as NAT's
+/// reverse translation would. Keyed by socket, not flow: the answer names the proxy, not the
+/// resolver, so of two resolvers one socket queried at once the later is named.
+#[btf_map]
+pub static UDP_ORIG: LruHashMap<u64, OrigDst, 65536> = LruHashMap::new();
+
+/// UDP flows ISTIO_OUTPUT judged -> when each last sent (ns): conntrack's flows, so that only a
+/// flow's first datagram counts.
+#[btf_map]
+pub static UDP_FLOWS: LruHashMap<UdpFlowKey, u64, 65536> = LruHashMap::new();
 
 /// (netns cookie, family) -> the socket listening on that workload's inbound capture port
 /// for connections of that family. Filled by sock_ops when a process of the workload listens
@@ -185,4 +198,41 @@ fn bump<const N: usize>(array: &PerCpuArray<u64, N>, slot: u32) {
         // corrupted, and any u64 is valid.
         unsafe { *c += 1 };
     }
+}
+
+/// The resolver a UDP socket's datagram from `from`:`port` answers for, when that is the DNS
+/// proxy (127.0.0.1:15053, `::1`:15053, or v4-mapped 127.0.0.1 on an AF_INET6 socket) and the
+/// socket's latest captured query of the same family went to a resolver: what NAT's reverse
+/// translation would make the answer's source.
+#[inline(always)]
+pub fn dns_answer_source(cookie: u64, from: &Addr, port: u16) -> Option<OrigDst> {
+    if port != redirect_common::DNS_PROXY_PORT {
+        return None;
+    }
+    let family = addr::family(from);
+    if !addr::words_eq(from, &addr::localhost(family)) {
+        return None;
+    }
+    // SAFETY: the reference is copied from at once (20 bytes), while the value is mapped.
+    let orig = unsafe { UDP_ORIG.get(cookie) }.copied()?;
+    (addr::family(&orig.addr) == family).then_some(orig)
+}
+
+/// A datagram of an enrolled workload's socket came from `from`:`port`. Unless the socket sent
+/// there first (its own flow), the peer began this flow, and what the socket sends back is the
+/// flow's reply direction, which nat OUTPUT never sees (`output::udp_flow`). Only for enrolled
+/// namespaces: node mode runs this for every socket of the node.
+#[inline(always)]
+pub fn note_udp_peer(netns_cookie: u64, cookie: u64, from: &Addr, port: u16) {
+    if workload(netns_cookie).is_none() {
+        return;
+    }
+    let key = redirect_common::UdpFlowKey::new(cookie, *from, port);
+    // SAFETY: the reference is only tested for presence, never read.
+    if unsafe { UDP_FLOWS.get(key) }.is_some() {
+        return;
+    }
+    // SAFETY: the helper takes no argument and reads a clock.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() } | crate::output::UDP_FLOW_REPLY;
+    let _ = UDP_FLOWS.insert(key, now, 0);
 }

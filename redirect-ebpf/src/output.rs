@@ -6,24 +6,27 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr, sockaddr},
-    helpers::{bpf_bind, bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie},
+    helpers::{bpf_bind, bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
     programs::SockAddrContext,
 };
 use redirect_common::{
-    ChainId, ConnFacts, DNS_PROXY_PORT, IPPROTO_TCP, OrigDst, PendingOrigDst, Target,
+    ChainId, ConnFacts, DNS_PROXY_PORT, IPPROTO_TCP, IPPROTO_UDP, OrigDst, PendingOrigDst, Target, UdpFlowKey,
     addr::{self, Addr, Family},
     events,
 };
 
 use crate::{
     chain,
-    maps::{AGENT_SOCKETS, ORIG_BY_COOKIE, count_event, ipv6_on, is_local_addr, pod_addr, route_source, workload},
-    owner::owner,
+    maps::{
+        AGENT_SOCKETS, ORIG_BY_COOKIE, UDP_FLOWS, UDP_ORIG, count_event, ipv6_on, is_local_addr, pod_addr,
+        route_source, workload,
+    },
+    owner::{owner, task_owner},
 };
 
-/// The socket a connect hook judges, with its cookie: a TCP one (UDP "connections" are
-/// untouched, as the rule set's REDIRECT targets are `-p tcp`) that is not the agent's own.
-/// `None` for any other.
+/// The socket a connect or sendmsg hook judges, with its cookie and protocol: a TCP or UDP
+/// one that is not the agent's own. `None` for any other (a ping socket's connect, say, which
+/// no hook of ours can follow to its packets).
 ///
 /// The agent's upstream sockets are the ones it gave storage in `AGENT_SOCKETS` (node mode
 /// attaches above the agent, so the hooks see its connects too). Not a mark, which a workload
@@ -36,11 +39,16 @@ use crate::{
 /// `cgroup/connect6` program: its field reads are then context accesses the verifier checked
 /// at load and rewrote into reads of the kernel's `bpf_sock_addr_kern`.
 #[inline(always)]
-pub unsafe fn judged_socket(sa: *mut bpf_sock_addr) -> Option<(*mut bpf_sock, u64)> {
+pub unsafe fn judged_socket(sa: *mut bpf_sock_addr) -> Option<(*mut bpf_sock, u64, u8)> {
     // SAFETY: 4-byte read of the context's `protocol`, and the 8-byte `sk`, a full socket
     // (`PTR_TO_SOCKET`, never null for these hooks; checked anyway); see `# Safety`.
     let (protocol, sk) = unsafe { (read_volatile(&raw const (*sa).protocol), (*sa).__bindgen_anon_1.sk) };
-    if protocol != u32::from(IPPROTO_TCP) || sk.is_null() {
+    let proto = match protocol {
+        p if p == u32::from(IPPROTO_TCP) => IPPROTO_TCP,
+        p if p == u32::from(IPPROTO_UDP) => IPPROTO_UDP,
+        _ => return None,
+    };
+    if sk.is_null() {
         return None;
     }
     // SAFETY: the helper reads `ctx->sk` (non-null, checked above) and returns its storage in
@@ -51,7 +59,7 @@ pub unsafe fn judged_socket(sa: *mut bpf_sock_addr) -> Option<(*mut bpf_sock, u6
     // SAFETY: the program's own context is the one argument (for sock_addr programs the
     // kernel's variant of the helper reads the socket from it); see `# Safety`.
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
-    Some((sk, cookie))
+    Some((sk, cookie, proto))
 }
 
 /// Binds the socket to `addr` (a `SockaddrIn`/`SockaddrIn6` of port 0) before the hook lets
@@ -76,11 +84,12 @@ pub unsafe fn bind<T>(sa: *mut bpf_sock_addr, addr: &mut T) {
     };
 }
 
-/// A connect() as its hook read it.
+/// A connect() (or a UDP sendmsg() to an address) as its hook read it.
 pub struct Connect {
-    /// The socket and its cookie ([`judged_socket`]).
+    /// The socket, its cookie and protocol ([`judged_socket`]).
     pub sk: *mut bpf_sock,
     pub cookie: u64,
+    pub proto: u8,
     pub netns_cookie: u64,
     /// Where the app connects, in [`redirect_common::addr`] form (IPv4 v4-mapped), as it
     /// passed it: `0.0.0.0` and `::` are resolved here, as the kernel would.
@@ -99,8 +108,11 @@ pub struct Redirect {
     pub bind: Addr,
 }
 
-/// The nat OUTPUT decision for `c`: `Some` when the chain of its family says REDIRECT or
-/// IN_REDIRECT, after the original destination has been recorded under the socket's cookie.
+/// The nat OUTPUT decision for `c`: `Some` when the chain of its family says REDIRECT,
+/// IN_REDIRECT or (DNS) REDIRECT to 15053, after the original destination has been recorded
+/// under the socket's cookie. A UDP flow is counted on its first datagram only, as conntrack
+/// sends only that one through nat; TCP's REDIRECT chains hold `-p tcp` rules only, so a UDP
+/// flow jumping to them comes back and walks on (`chain::decide`).
 ///
 /// # Safety
 ///
@@ -125,8 +137,12 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
     if family == Family::V6 && !ipv6_on(c.netns_cookie) {
         return None;
     }
-    // SAFETY: `c.sk` is this run's socket, a full TCP one (`judged_socket`).
-    let (uid, gid) = unsafe { owner(c.sk) };
+    let (uid, gid) = match c.proto {
+        // SAFETY: `c.sk` is this run's socket, a full TCP one (`judged_socket`).
+        IPPROTO_TCP => unsafe { owner(c.sk) },
+        // SAFETY: reads the current task's credentials, through the kernel's BTF.
+        _ => unsafe { task_owner() },
+    };
     let out_lo = is_local_addr(c.netns_cookie, &dst);
     if never_leaves(c, family, out_lo) {
         return None;
@@ -141,7 +157,7 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
     let bind = source(c, &dst, out_lo, family);
     let facts = ConnFacts {
         family: family as u8,
-        proto: IPPROTO_TCP,
+        proto: c.proto,
         dst_addr: dst,
         dst_port: c.dst_port,
         src_addr: if addr::words_eq(&bind, &addr::UNSPECIFIED) {
@@ -154,21 +170,38 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
         gid,
         in_owner_groups: workload.in_owner_groups(gid),
     };
-    let (target, port) = match chain::decide(workload, ChainId::Output, &facts) {
+    let counting = match c.proto {
+        IPPROTO_TCP => true,
+        _ => match udp_flow(c.cookie, &dst, c.dst_port) {
+            UdpFlow::New => true,
+            UdpFlow::Seen => false,
+            // conntrack's reverse direction: no nat rule sees it.
+            UdpFlow::Reply => return None,
+        },
+    };
+    let (target, port) = match chain::decide(workload, ChainId::Output, &facts, counting) {
         Some(t @ Target::Redirect) => (t, workload.outbound_port),
         Some(t @ Target::InRedirect) => (t, workload.inbound_port),
         Some(t @ Target::DnsRedirect) => (t, DNS_PROXY_PORT),
         Some(Target::Return | Target::JumpDns) | None => return None,
     };
-    let pending = PendingOrigDst {
-        netns_cookie: c.netns_cookie,
-        orig: OrigDst::new(dst, c.dst_port, target),
-        _pad: 0,
-    };
+    let orig = OrigDst::new(dst, c.dst_port, target);
     // Redirect even if the record fails (the LRU only fails under memory pressure): the proxy
     // then finds no original destination and resets the connection, which is loud, where
     // leaving it uncaptured would silently bypass the mesh.
-    if ORIG_BY_COOKIE.insert(c.cookie, pending, 0).is_err() {
+    let recorded = match c.proto {
+        IPPROTO_TCP => {
+            let pending = PendingOrigDst {
+                netns_cookie: c.netns_cookie,
+                orig,
+                _pad: 0,
+            };
+            ORIG_BY_COOKIE.insert(c.cookie, pending, 0)
+        }
+        // For the answer's source (recvmsg) and the connected socket's peer (getpeername).
+        _ => UDP_ORIG.insert(c.cookie, orig, 0),
+    };
+    if recorded.is_err() {
         count_event(workload, events::ORIG_DST_NOT_RECORDED);
     }
     Some(Redirect {
@@ -176,6 +209,45 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
         port,
         bind,
     })
+}
+
+/// conntrack's UDP timeout for a flow that saw no reply (`nf_conntrack_udp_timeout`, 30 s):
+/// a flow quiet for longer is a new one, counted again.
+const UDP_FLOW_IDLE_NS: u64 = 30_000_000_000;
+
+/// The low bit of a `UDP_FLOWS` value: the flow began with a datagram this socket received
+/// (recvmsg4/6 noted it), so what the socket sends back is its reply direction.
+pub const UDP_FLOW_REPLY: u64 = 1;
+
+/// How a UDP datagram relates to the flows conntrack would hold.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum UdpFlow {
+    /// The first of a flow (or the first after it went quiet): nat sees it, and counts it.
+    New,
+    /// A later datagram of a flow this socket began: nat decided at its first, uncounted now.
+    Seen,
+    /// A reply to a peer that began the flow: nat never sees it.
+    Reply,
+}
+
+/// Where this datagram stands among the socket's flows, noting it sent now.
+#[inline(always)]
+fn udp_flow(cookie: u64, dst: &Addr, port: u16) -> UdpFlow {
+    let key = UdpFlowKey::new(cookie, *dst, port);
+    // SAFETY: the helper takes no argument and reads a clock.
+    let now = unsafe { bpf_ktime_get_ns() } & !UDP_FLOW_REPLY;
+    // SAFETY: the reference is copied from at once (8 bytes), while the value is mapped.
+    let (flow, reply) = match unsafe { UDP_FLOWS.get(key) }.copied() {
+        Some(last) if now.saturating_sub(last & !UDP_FLOW_REPLY) <= UDP_FLOW_IDLE_NS => {
+            match last & UDP_FLOW_REPLY != 0 {
+                true => (UdpFlow::Reply, UDP_FLOW_REPLY),
+                false => (UdpFlow::Seen, 0),
+            }
+        }
+        _ => (UdpFlow::New, 0),
+    };
+    let _ = UDP_FLOWS.insert(key, now | reply, 0);
+    flow
 }
 
 /// The address routing would have given an unbound socket for its original destination,

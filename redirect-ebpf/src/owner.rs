@@ -2,7 +2,10 @@
 //! and fsgid of the credentials its file was opened with.
 use core::ptr::read_volatile;
 
-use aya_ebpf::{bindings::bpf_sock, helpers::bpf_skc_to_tcp_sock};
+use aya_ebpf::{
+    bindings::bpf_sock,
+    helpers::{bpf_get_current_task_btf, bpf_skc_to_tcp_sock},
+};
 use redirect_common::owner::{NO_OWNER, OwnerOffsets};
 
 /// The running kernel's field offsets, set by the agent at load (`EbpfLoader::override_global`).
@@ -45,6 +48,33 @@ pub unsafe fn owner(sk: *mut bpf_sock) -> (u32, u32) {
     }
     // SAFETY: `cred` is BTF-typed (read through `field`); the offsets are `fsuid`'s and
     // `fsgid`'s, each a `kuid_t`/`kgid_t`: a struct of one u32.
+    unsafe { (field(cred, off.cred_fsuid), field(cred, off.cred_fsgid)) }
+}
+
+/// `(fsuid, fsgid)` of the running task's credentials: what a socket file it opened now would
+/// carry. For UDP sockets, which no BTF helper takes from a sock_addr program to their file: it
+/// differs from iptables' answer only for a socket another task opened (passed over a Unix
+/// socket, or inherited across a credential change).
+///
+/// # Safety
+///
+/// Only reads through BTF-typed pointers the verifier tracks (see [`field`]).
+#[inline(always)]
+pub unsafe fn task_owner() -> (u32, u32) {
+    // SAFETY: a read of our own `.rodata` global (a frozen map value to the verifier).
+    let off = unsafe { read_volatile(&raw const OWNER_OFFSETS) };
+    // SAFETY: the helper takes nothing and returns the current task as a BTF-typed pointer.
+    let task = unsafe { bpf_get_current_task_btf() }.cast::<u8>().cast_const();
+    if task.is_null() {
+        return (NO_OWNER, NO_OWNER);
+    }
+    // SAFETY: `task` is BTF-typed (the helper's result); `task_cred` is `cred`'s offset.
+    let cred: *const u8 = unsafe { field(task, off.task_cred) };
+    if cred.is_null() {
+        return (NO_OWNER, NO_OWNER);
+    }
+    // SAFETY: `cred` is BTF-typed (read through `field`); the offsets are `fsuid`'s and
+    // `fsgid`'s.
     unsafe { (field(cred, off.cred_fsuid), field(cred, off.cred_fsgid)) }
 }
 

@@ -139,7 +139,7 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
         in_owner_groups: false,
     };
 
-    if chain::decide(workload, ChainId::Inbound, &facts) != Some(Target::InRedirect) {
+    if chain::decide(workload, ChainId::Inbound, &facts, true) != Some(Target::InRedirect) {
         return sk_action::SK_PASS;
     }
     // The listener's local address is irrelevant here: the accepted socket keeps the original

@@ -8,7 +8,7 @@
 
 use std::{
     io::{self, BufRead as _, Read as _, Write as _},
-    net::{SocketAddr, TcpListener},
+    net::{SocketAddr, TcpListener, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Command, ExitCode, Stdio},
 };
@@ -27,8 +27,16 @@ pub struct ServeArgs {
     pub netns: Option<PathBuf>,
     /// NAME=ADDR:PORT (`remote=10.200.1.2:8080`, `remote6=[fd00:200:0:1::2]:8080`) to listen
     /// on; repeat for more.
-    #[arg(long, required = true, value_parser = parse_listen)]
+    #[arg(long, required_unless_present = "udp", value_parser = parse_listen)]
     pub listen: Vec<(String, SocketAddr)>,
+    /// NAME=ADDR:PORT to answer UDP on: each datagram gets the banner back, its peer the
+    /// sender as the server saw it.
+    #[arg(long, value_parser = parse_listen)]
+    pub udp: Vec<(String, SocketAddr)>,
+    /// Once every socket is bound, run as this uid and gid (istio-agent's 1337, say, whose
+    /// sockets the owner rules leave alone).
+    #[arg(long)]
+    pub uid: Option<u32>,
 }
 
 /// `NAME=A.B.C.D:PORT` or `NAME=[IPV6]:PORT`.
@@ -45,7 +53,18 @@ pub fn parse_listen(s: &str) -> Result<(String, SocketAddr), String> {
 /// `redirect-testkit serve`.
 pub fn main(args: &ServeArgs) -> ExitCode {
     // Before any thread exists: cgroup membership and namespace are per task.
-    let listeners = sys::join(args.cgroup.as_deref(), args.netns.as_deref()).and_then(|()| {
+    // As the given uid from here on, so that the sockets (their files) are its, as an owner
+    // match reads them.
+    let joined = sys::join(args.cgroup.as_deref(), args.netns.as_deref()).and_then(|()| match args.uid {
+        // SAFETY: plain syscalls on integers; the groups and gid first, while still root.
+        Some(id)
+            if unsafe { (libc::setgroups(0, std::ptr::null()), libc::setgid(id), libc::setuid(id)) } != (0, 0, 0) =>
+        {
+            Err(io::Error::last_os_error())
+        }
+        _ => Ok(()),
+    });
+    let listeners = joined.and_then(|()| {
         args.listen
             .iter()
             .map(|(name, addr)| {
@@ -55,13 +74,36 @@ pub fn main(args: &ServeArgs) -> ExitCode {
             })
             .collect::<io::Result<Vec<_>>>()
     });
-    let listeners = match listeners {
+    let udp = listeners.and_then(|l| {
+        let udp = args
+            .udp
+            .iter()
+            .map(|(name, addr)| {
+                UdpSocket::bind(addr)
+                    .map(|s| (name.clone(), s))
+                    .map_err(|e| io::Error::new(e.kind(), format!("udp {name}={addr}: {e}")))
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok((l, udp))
+    });
+    let (listeners, udp) = match udp {
         Ok(l) => l,
         Err(e) => {
             eprintln!("redirect-testkit serve: {e}");
             return ExitCode::FAILURE;
         }
     };
+    for (name, socket) in udp {
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            let local = socket.local_addr().ok();
+            while let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                if let Some(local) = local {
+                    let _ = socket.send_to(crate::server::server_banner(&name, local, peer, None).as_bytes(), peer);
+                }
+            }
+        });
+    }
     for (name, listener) in listeners {
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
@@ -96,14 +138,43 @@ impl ServeProcess {
         netns: &Path,
         listen: &[(String, A)],
     ) -> io::Result<Self> {
+        Self::start_with_udp(testkit, cgroup, netns, listen, &[])
+    }
+
+    /// [`ServeProcess::start`], also answering UDP on `udp` (see `--udp`).
+    pub fn start_with_udp<A: Into<SocketAddr> + Copy>(
+        testkit: &Path,
+        cgroup: Option<&Path>,
+        netns: &Path,
+        listen: &[(String, A)],
+        udp: &[(String, SocketAddr)],
+    ) -> io::Result<Self> {
+        Self::start_full(testkit, cgroup, netns, listen, udp, None)
+    }
+
+    /// [`ServeProcess::start_with_udp`], running as `uid` (and gid) once its sockets are bound.
+    pub fn start_full<A: Into<SocketAddr> + Copy>(
+        testkit: &Path,
+        cgroup: Option<&Path>,
+        netns: &Path,
+        listen: &[(String, A)],
+        udp: &[(String, SocketAddr)],
+        uid: Option<u32>,
+    ) -> io::Result<Self> {
         let mut c = Command::new(testkit);
         c.arg("serve");
+        if let Some(id) = uid {
+            c.args(["--uid", &id.to_string()]);
+        }
         if let Some(cg) = cgroup {
             c.args(["--cgroup", &cg.to_string_lossy()]);
         }
         c.args(["--netns", &netns.to_string_lossy()]);
         for (name, addr) in listen {
             c.args(["--listen", &format!("{name}={}", (*addr).into())]);
+        }
+        for (name, addr) in udp {
+            c.args(["--udp", &format!("{name}={addr}")]);
         }
         let child = c
             .stdin(Stdio::piped())

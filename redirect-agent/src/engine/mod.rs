@@ -105,15 +105,19 @@ struct Maps {
 }
 
 /// The cgroup programs, in attach order: sock_ops first so that every socket connect4/6
-/// redirect is tracked, getsockopt and getpeername before them so a captured connection can
-/// ask.
-const CGROUP_LINKS: [(&str, AttachType); 6] = [
+/// redirect is tracked, getsockopt, getpeername and recvmsg before them so a captured
+/// connection (or DNS query) can ask and be answered, sendmsg with connect.
+const CGROUP_LINKS: [(&str, AttachType); 10] = [
     (programs::SOCK_OPS, AttachType::SockOps),
     (programs::GETSOCKOPT, AttachType::Getsockopt),
     (programs::GETPEERNAME4, AttachType::Getpeername4),
     (programs::GETPEERNAME6, AttachType::Getpeername6),
+    (programs::RECVMSG4, AttachType::Recvmsg4),
+    (programs::RECVMSG6, AttachType::Recvmsg6),
     (programs::CONNECT4, AttachType::Connect4),
     (programs::CONNECT6, AttachType::Connect6),
+    (programs::SENDMSG4, AttachType::Sendmsg4),
+    (programs::SENDMSG6, AttachType::Sendmsg6),
 ];
 
 pub(crate) struct Engine {

@@ -25,11 +25,15 @@ use crate::error::LoadError;
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-ebpf"));
 
 /// The programs every instance loads.
-const CAPTURE_PROGRAMS: [&str; 7] = [
+const CAPTURE_PROGRAMS: [&str; 11] = [
     programs::SOCK_OPS,
     programs::SK_LOOKUP,
     programs::CONNECT4,
     programs::CONNECT6,
+    programs::SENDMSG4,
+    programs::SENDMSG6,
+    programs::RECVMSG4,
+    programs::RECVMSG6,
     programs::GETSOCKOPT,
     programs::GETPEERNAME4,
     programs::GETPEERNAME6,
@@ -88,9 +92,14 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::programs::Pr
     match name {
         programs::SOCK_OPS => load_as!(ebpf, name, SockOps),
         programs::SK_LOOKUP => load_as!(ebpf, name, SkLookup),
-        programs::CONNECT4 | programs::CONNECT6 | programs::GETPEERNAME4 | programs::GETPEERNAME6 => {
-            load_as!(ebpf, name, CgroupSockAddr)
-        }
+        programs::CONNECT4
+        | programs::CONNECT6
+        | programs::SENDMSG4
+        | programs::SENDMSG6
+        | programs::RECVMSG4
+        | programs::RECVMSG6
+        | programs::GETPEERNAME4
+        | programs::GETPEERNAME6 => load_as!(ebpf, name, CgroupSockAddr),
         programs::GETSOCKOPT => load_as!(ebpf, name, CgroupSockopt),
         programs::SK_MSG => load_as!(ebpf, name, SkMsg),
         programs::SK_SKB => load_as!(ebpf, name, SkSkb),

@@ -156,6 +156,13 @@ impl Engine {
     /// Every check of an enroll request, before anything changes.
     fn check(&self, req: &Request, netns: &Netns) -> Result<WorkloadInfo, EnrollError> {
         chain::compile(&req.capture).map_err(|e| EnrollError::Flags(e.to_string()))?;
+        if req.proxy == ProxyMode::Embedded && req.capture.dns.enabled() {
+            return Err(EnrollError::Flags(
+                "--redirect-dns needs a DNS proxy on port 15053 in the workload (istio-agent's; --proxy none): the \
+                 embedded proxy does not answer DNS yet"
+                    .into(),
+            ));
+        }
         if req.fast_path && !self.settings.sizing.fast_path {
             return Err(EnrollError::FastPathOff);
         }

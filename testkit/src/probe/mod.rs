@@ -83,6 +83,13 @@ pub struct ProbeArgs {
     /// connect() a UDP socket instead, and report where the kernel connected it (no data).
     #[arg(long)]
     pub udp: bool,
+    /// Send one UDP datagram instead (`sendto`, or `send` on a socket connected first with
+    /// `--udp-connected`) and wait for the answer: the banner is its text, `peer` who sent it
+    /// (`recvfrom`'s address; on a connected socket, `getpeername`).
+    #[arg(long)]
+    pub udp_exchange: bool,
+    #[arg(long, requires = "udp_exchange")]
+    pub udp_connected: bool,
     /// Instead of one exchange: this many request/response round trips of `--bytes` each
     /// (the server must echo as it reads), reporting the slowest.
     #[arg(long, default_value_t = 0)]
@@ -206,8 +213,33 @@ fn kernel_peer(stream: &TcpStream) -> Option<SocketAddr> {
     crate::sockdiag::remote_of(stream.local_addr().ok()?).ok().flatten()
 }
 
+/// One datagram to `to` and its answer (`--udp-exchange`).
+fn udp_exchange(args: &ProbeArgs, to: SocketAddr, result: &mut ProbeResult) -> io::Result<()> {
+    let socket = UdpSocket::from(socket(args, to, libc::SOCK_DGRAM, args.bind.is_some())?);
+    socket.set_read_timeout(Some(Duration::from_millis(args.timeout_ms)))?;
+    let request = b"REDIRECT-TEST udp request\n";
+    if args.udp_connected {
+        sock::connect(&socket, to)?;
+        socket.send(request)?;
+    } else {
+        socket.send_to(request, to)?;
+    }
+    let mut buf = [0u8; 512];
+    let (n, from) = socket.recv_from(&mut buf)?;
+    result.local = socket.local_addr().ok().map(|a| a.to_string());
+    result.peer = Some(match args.udp_connected {
+        true => socket.peer_addr()?.to_string(),
+        false => from.to_string(),
+    });
+    result.banner = Some(String::from_utf8_lossy(&buf[..n]).trim_end().to_owned());
+    Ok(())
+}
+
 /// `to` is the address as dialed (already v4-mapped if asked).
 fn exchange(args: &ProbeArgs, to: SocketAddr, result: &mut ProbeResult) -> io::Result<()> {
+    if args.udp_exchange {
+        return udp_exchange(args, to, result);
+    }
     if args.udp {
         let socket = UdpSocket::from(socket(args, to, libc::SOCK_DGRAM, true)?);
         sock::connect(&socket, to)?;
@@ -366,6 +398,8 @@ pub fn main(args: &ProbeArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use clap::Parser;
+
+    use std::path::Path;
 
     use super::*;
 

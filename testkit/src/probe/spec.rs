@@ -26,6 +26,8 @@ pub struct ProbeSpec {
     pub v4_mapped: bool,
     pub bytes: usize,
     pub udp: bool,
+    /// `Some(connected)`: one datagram and its answer (`--udp-exchange`).
+    pub udp_exchange: Option<bool>,
     pub round_trips: u64,
     pub fill: bool,
     pub tokio: bool,
@@ -47,6 +49,7 @@ impl ProbeSpec {
             v4_mapped: false,
             bytes: 1024,
             udp: false,
+            udp_exchange: None,
             round_trips: 0,
             fill: false,
             tokio: false,
@@ -101,6 +104,12 @@ impl ProbeSpec {
     /// A UDP connect() instead of a TCP exchange.
     pub fn udp(mut self) -> Self {
         self.udp = true;
+        self
+    }
+
+    /// One UDP datagram and its answer: sent with `sendto`, or on a socket `connected` first.
+    pub fn udp_exchange(mut self, connected: bool) -> Self {
+        self.udp_exchange = Some(connected);
         self
     }
 
@@ -169,6 +178,12 @@ impl ProbeSpec {
         }
         if self.udp {
             c.arg("--udp");
+        }
+        if let Some(connected) = self.udp_exchange {
+            c.arg("--udp-exchange");
+            if connected {
+                c.arg("--udp-connected");
+            }
         }
         if self.round_trips > 0 {
             c.args(["--round-trips", &self.round_trips.to_string()]);

@@ -1,0 +1,280 @@
+//! DNS capture against its oracle: for the same flags (`--redirect-dns`, with the resolvers of
+//! a resolv.conf or `--capture-all-dns`), the kernel running istio-iptables' tables (nat with
+//! ISTIO_OUTPUT_DNS, raw with its conntrack zones, loaded from `explain`) and the kernel running
+//! the agent (`--proxy none`, a stand-in for istio-agent's DNS proxy listening on 15053 in the
+//! workload) must send every query to the same place, the app must see the same answering
+//! address (NAT's reverse translation in one, recvmsg/getpeername in the other), and every
+//! rule of ISTIO_OUTPUT and ISTIO_OUTPUT_DNS must count the same: UDP flows included, each
+//! counted once as conntrack sends only a flow's first datagram through nat.
+//!
+//! Each twin: a workload namespace (10.200.1.1) with a veth to a remote-host namespace that
+//! holds a resolver on 10.200.1.2:53 and another on 10.200.1.3:53 (UDP and TCP), and a UDP
+//! service on 10.200.1.2:5353; no default route. The workload listens on 127.0.0.1:15053 (UDP
+//! and TCP: "dnsproxy") and 127.0.0.1:15001 (TCP: "cap-out").
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use redirect_agent::{explain::Explanation, stats::InstanceStats};
+use redirect_testkit::{
+    agent::AgentProcess,
+    cgroup::TestCgroup,
+    netns::NetnsPair,
+    probe::ProbeSpec,
+    report::{Outcome, ProbeResult},
+    serve::ServeProcess,
+    unique,
+};
+use redirect_tests::{agent_bin, agent_cmd, iptables_restore, require_root, testkit_bin};
+
+const RESOLVER: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 2);
+/// A resolver the workload's resolv.conf does not name.
+const OTHER: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 3);
+const CHAINS: [&str; 2] = ["ISTIO_OUTPUT", "ISTIO_OUTPUT_DNS"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Iptables,
+    Agent,
+}
+
+/// What a client does, from inside the workload.
+#[derive(Clone, Copy, Debug)]
+enum Ask {
+    /// One datagram with `sendto`, and its answer.
+    Udp,
+    /// One datagram on a socket `connect`ed first.
+    UdpConnected,
+    /// A TCP connection (its banner).
+    Tcp,
+}
+
+/// A twin. Fields drop in order: agent, servers, cgroup, namespaces, the resolv.conf.
+struct Twin {
+    agent: Option<AgentProcess>,
+    _servers: Vec<ServeProcess>,
+    cgroup: TestCgroup,
+    pair: NetnsPair,
+    name: String,
+}
+
+fn explain(flags: &[String]) -> Explanation {
+    let mut args = vec!["explain", "--json", "--family", "ipv4"];
+    args.extend(flags.iter().map(String::as_str));
+    let out = agent_cmd(&args);
+    assert!(
+        out.status.success(),
+        "explain {flags:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("explain --json")
+}
+
+impl Twin {
+    fn new(kind: Kind, flags: &[String]) -> Self {
+        let tag = match kind {
+            Kind::Iptables => "dni",
+            Kind::Agent => "dna",
+        };
+        let pair = NetnsPair::create(tag).expect("namespaces");
+        assert_eq!(pair.remote_ip, RESOLVER, "the pair's remote address");
+        pair.remote
+            .ip(&["addr", "add", &format!("{OTHER}/24"), "dev", "r0"])
+            .expect("second resolver address");
+        let cgroup = TestCgroup::create(tag).expect("cgroup");
+        let mut twin = Self {
+            agent: None,
+            _servers: Vec::new(),
+            cgroup,
+            pair,
+            name: unique(tag),
+        };
+        match kind {
+            Kind::Iptables => iptables_restore(&twin.pair.workload.name, &explain(flags).iptables_save),
+            Kind::Agent => {
+                let mut args = vec![
+                    "--cgroup".to_string(),
+                    twin.cgroup.path.to_string_lossy().into_owned(),
+                    "--netns".into(),
+                    twin.pair.workload.path.to_string_lossy().into_owned(),
+                    "--proxy".into(),
+                    "none".into(),
+                ];
+                args.extend(flags.iter().cloned());
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                twin.agent = Some(AgentProcess::start(&agent_bin(), &twin.name, &args).expect("agent starts"));
+            }
+        }
+        let local = |port| SocketAddr::from(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
+        let remote = |ip, port| SocketAddr::from(SocketAddrV4::new(ip, port));
+        let testkit = testkit_bin();
+        twin._servers = vec![
+            // istio-agent's DNS proxy runs as the proxy's uid: the raw table's zones (and the
+            // owner rules) know its answers by it.
+            ServeProcess::start_full(
+                &testkit,
+                Some(&twin.cgroup.path),
+                &twin.pair.workload.path,
+                &[("dnsproxy".to_string(), local(15053))],
+                &[("dnsproxy".to_string(), local(15053))],
+                Some(1337),
+            )
+            .expect("DNS proxy stand-in"),
+            ServeProcess::start(
+                &testkit,
+                Some(&twin.cgroup.path),
+                &twin.pair.workload.path,
+                &[("cap-out".to_string(), local(15001))],
+            )
+            .expect("workload servers"),
+            ServeProcess::start_with_udp(
+                &testkit,
+                None,
+                &twin.pair.remote.path,
+                &[
+                    ("resolver".to_string(), remote(RESOLVER, 53)),
+                    ("other".to_string(), remote(OTHER, 53)),
+                ],
+                &[
+                    ("resolver".to_string(), remote(RESOLVER, 53)),
+                    ("other".to_string(), remote(OTHER, 53)),
+                    ("svc".to_string(), remote(RESOLVER, 5353)),
+                ],
+            )
+            .expect("remote servers"),
+        ];
+        twin
+    }
+
+    /// Per-rule counts of ISTIO_OUTPUT and ISTIO_OUTPUT_DNS (iptables' nat packet counters
+    /// count flows: only a flow's first packet traverses nat).
+    fn counts(&self) -> BTreeMap<&'static str, Vec<u64>> {
+        let mut counts = BTreeMap::new();
+        match &self.agent {
+            Some(_) => {
+                let out = agent_cmd(&["stats", "--name", &self.name, "--json"]);
+                assert!(out.status.success(), "stats: {}", String::from_utf8_lossy(&out.stderr));
+                let stats: InstanceStats = serde_json::from_slice(&out.stdout).expect("stats --json");
+                for chain in CHAINS {
+                    let rows = stats
+                        .rules
+                        .iter()
+                        .filter(|r| r.chain == chain && r.family == "ipv4")
+                        .map(|r| r.connections)
+                        .collect();
+                    counts.insert(chain, rows);
+                }
+            }
+            None => {
+                for chain in CHAINS {
+                    let out = Command::new("ip")
+                        .args(["netns", "exec", &self.pair.workload.name])
+                        .args(["iptables", "-t", "nat", "-L", chain, "-v", "-n", "-x"])
+                        .output()
+                        .expect("iptables -L");
+                    assert!(out.status.success(), "iptables -L {chain}");
+                    let rows = String::from_utf8_lossy(&out.stdout)
+                        .lines()
+                        .skip(2)
+                        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+                        .collect();
+                    counts.insert(chain, rows);
+                }
+            }
+        }
+        counts
+    }
+
+    fn ask(&self, uid: u32, ask: Ask, to: SocketAddrV4) -> String {
+        let spec = ProbeSpec::new(&self.cgroup.path, &self.pair.workload.path, to)
+            .uid(uid)
+            .gid(uid);
+        let spec = match ask {
+            Ask::Udp => spec.udp_exchange(false),
+            Ask::UdpConnected => spec.udp_exchange(true),
+            Ask::Tcp => spec,
+        };
+        verdict(&spec.run(&testkit_bin()).expect("probe runs"))
+    }
+}
+
+/// Who answered, and who the app's socket says answered (for UDP, the datagram's source or
+/// the connected peer; for TCP, its peer).
+fn verdict(r: &ProbeResult) -> String {
+    match r.outcome {
+        Outcome::Ok => format!(
+            "{} from {}",
+            r.banner_field("name").unwrap_or("?"),
+            r.peer.as_deref().unwrap_or("?")
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
+fn resolv_conf(dir: &Path) -> PathBuf {
+    let path = dir.join("resolv.conf");
+    std::fs::write(&path, format!("search svc.cluster.local\nnameserver {RESOLVER}\n")).unwrap();
+    path
+}
+
+/// Runs the clients in both twins and holds the agent to iptables, verdict by verdict and
+/// counter by counter.
+fn dns_differential(extra: &[&str]) {
+    require_root();
+    let dir = std::env::temp_dir().join(unique("dns"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut flags: Vec<String> = vec!["--redirect-dns".into(), "--resolv-conf".into()];
+    flags.push(resolv_conf(&dir).to_string_lossy().into_owned());
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    let twins = [Twin::new(Kind::Iptables, &flags), Twin::new(Kind::Agent, &flags)];
+    let to = |ip, port| SocketAddrV4::new(ip, port);
+    let mut scenarios = Vec::new();
+    for uid in [0, 1337] {
+        for ask in [Ask::Udp, Ask::UdpConnected, Ask::Tcp] {
+            for dst in [to(RESOLVER, 53), to(OTHER, 53)] {
+                scenarios.push((uid, ask, dst));
+            }
+        }
+        scenarios.push((uid, Ask::Udp, to(RESOLVER, 5353)));
+    }
+    let mut report = String::new();
+    let mut differ = 0;
+    for &(uid, ask, dst) in &scenarios {
+        let [a, b] = [&twins[0], &twins[1]].map(|t| t.ask(uid, ask, dst));
+        let mark = if a == b { " " } else { "!" };
+        if a != b {
+            differ += 1;
+        }
+        report.push_str(&format!(
+            "{mark} uid={uid:<5} {ask:<13?} {dst:<16} iptables: {a:<40} agent: {b}\n"
+        ));
+    }
+    let [ca, cb] = [&twins[0], &twins[1]].map(Twin::counts);
+    println!("DNS capture {extra:?}:\n{report}counters iptables {ca:?}\n         agent    {cb:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(differ, 0, "{differ} verdicts differ:\n{report}");
+    assert_eq!(ca, cb, "counters differ");
+    // The scenarios reached the DNS rules (each twin alike, so this is about the scenarios).
+    assert!(
+        ca["ISTIO_OUTPUT_DNS"].iter().sum::<u64>() > 0,
+        "no query was captured: {ca:?}"
+    );
+}
+
+/// DNS to the resolvers of resolv.conf goes to the DNS proxy; the proxy's own queries, and
+/// queries to another resolver, do not (the latter are ordinary outbound traffic: TCP to
+/// ISTIO_REDIRECT, UDP left alone).
+#[test]
+fn dns_to_resolv_conf_servers_is_captured_as_iptables_does() {
+    dns_differential(&[]);
+}
+
+/// With `--capture-all-dns`, port 53 to any address.
+#[test]
+fn capture_all_dns_is_captured_as_iptables_does() {
+    dns_differential(&["--capture-all-dns"]);
+}
