@@ -20,6 +20,7 @@ use redirect_testkit::{
 
 pub use redirect_testkit::report::Outcome;
 
+pub mod differential;
 pub mod node;
 pub mod procfd;
 
