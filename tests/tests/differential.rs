@@ -31,7 +31,7 @@ macro_rules! configs {
     ($($test:ident: $name:literal => [$($flag:literal),*];)*) => {$(
         #[test]
         fn $test() {
-            differential(Config { name: $name, flags: &[$($flag),*] });
+            differential(Config { name: $name, flags: &[$($flag),*], env: &[] });
         }
     )*};
 }

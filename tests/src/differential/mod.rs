@@ -53,6 +53,9 @@ const CHAINS: [&str; 2] = ["ISTIO_OUTPUT", "ISTIO_INBOUND"];
 pub struct Config {
     pub name: &'static str,
     pub flags: &'static [&'static str],
+    /// Environment variables set for both `explain`s and for the agent twin's `run`
+    /// (istio-iptables' `ISTIO_*`); the iptables twin's rules come from `explain`, so follow.
+    pub env: &'static [(&'static str, &'static str)],
 }
 
 /// The flag's value in `flags`, if given (short form, as the configurations spell them).
@@ -73,8 +76,8 @@ fn list_of<T: std::str::FromStr>(flags: &[&str], short: &str) -> Vec<T> {
 pub fn differential(cfg: Config) {
     require_root();
     let tables = Tables {
-        ipv4: explain(cfg.flags, "ipv4"),
-        ipv6: explain(cfg.flags, "ipv6"),
+        ipv4: explain(&cfg, "ipv4"),
+        ipv6: explain(&cfg, "ipv6"),
     };
     let capture = (
         flag(cfg.flags, "-p").map_or(15001, |p| p.parse().unwrap()),

@@ -19,7 +19,11 @@ pub(super) fn judge(
     (agent, got): (&Twin, Run),
 ) {
     let mut table = String::new();
-    let _ = writeln!(table, "differential '{}' (flags {:?}):", cfg.name, cfg.flags);
+    let _ = writeln!(
+        table,
+        "differential '{}' (flags {:?}, env {:?}):",
+        cfg.name, cfg.flags, cfg.env
+    );
     let all_verdicts = want.iter().chain(&got).flat_map(|(v, _)| v);
     let width = all_verdicts.map(|v| v.chars().count()).max().unwrap_or(0);
     let mut mismatches = 0;

@@ -11,7 +11,7 @@ use redirect_agent::{explain::Explanation, stats::InstanceStats};
 use redirect_testkit::{agent::AgentProcess, cgroup::TestCgroup, netns::NetnsPair, serve::ServeProcess, unique};
 
 use super::{CHAINS, Config, TABLES};
-use crate::{agent_bin, agent_cmd, ip6tables_restore, iptables_restore, testkit_bin};
+use crate::{agent_bin, agent_cmd, agent_cmd_with_env, ip6tables_restore, iptables_restore, testkit_bin};
 
 /// A twin topology. Fields drop in order: agent, servers, cgroup, namespaces.
 pub(super) struct Twin {
@@ -37,13 +37,16 @@ pub(super) struct Tables {
     pub(super) ipv6: Explanation,
 }
 
-pub(super) fn explain(flags: &[&str], family: &str) -> Explanation {
+/// `explain` of a configuration's flags, in its environment.
+pub(super) fn explain(cfg: &Config, family: &str) -> Explanation {
     let mut args = vec!["explain", "--json", "--family", family];
-    args.extend_from_slice(flags);
-    let out = agent_cmd(&args);
+    args.extend_from_slice(cfg.flags);
+    let out = agent_cmd_with_env(&args, cfg.env);
     assert!(
         out.status.success(),
-        "explain --family {family} {flags:?}: {}",
+        "explain --family {family} {:?} (env {:?}): {}",
+        cfg.flags,
+        cfg.env,
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice::<Explanation>(&out.stdout).expect("explain --json")
@@ -113,7 +116,8 @@ impl Twin {
                 ];
                 args.extend(cfg.flags.iter().map(|s| s.to_string()));
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                twin.agent = Some(AgentProcess::start(&agent_bin(), &twin.name, &args).expect("agent starts"));
+                let agent = AgentProcess::start_with_env(&agent_bin(), &twin.name, &args, cfg.env);
+                twin.agent = Some(agent.expect("agent starts"));
             }
         }
         // After the agent: a proxy that listens on the inbound capture port once capture is in
