@@ -18,23 +18,41 @@
 //! The twins, the scenario matrix and the comparison are `redirect_tests::differential`; here
 //! are the configurations, and the checks of `explain`'s own output.
 
-use std::process::Command;
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    process::Command,
+};
 
 use redirect_testkit::netns::NetnsPair;
 use redirect_tests::{
     agent_cmd,
-    differential::{Config, differential},
+    differential::{Config, Ids, differential},
     require_root,
 };
 
+/// A test per configuration: its name, its flags, then any other [`Config`] field it sets
+/// (its environment, the clients, destinations and ports it adds).
 macro_rules! configs {
-    ($($test:ident: $name:literal => [$($flag:literal),*];)*) => {$(
+    ($($test:ident: $name:literal => [$($flag:literal),*] $(, $field:ident: $value:expr)*;)*) => {$(
         #[test]
         fn $test() {
-            differential(Config { name: $name, flags: &[$($flag),*], env: &[] });
+            differential(Config { name: $name, flags: &[$($flag),*], $($field: $value,)* ..Config::BASE });
         }
     )*};
 }
+
+/// Clients of the owner-group configurations: gid 4242 and gid 0 (listed), and 4243 (not),
+/// beside the base matrix's (0, 0), whose gid 0 is listed too. uid 1000, not the proxy's, so
+/// that the uid rules before the group rule leave them to it; and uid 0 in 4242.
+const GROUP_IDS: &[Ids] = &[(1000, 4242), (0, 4242), (1000, 0), (1000, 4243)];
+/// Set-gid clients of the same: the owner match reads the effective gid (the socket's fsgid),
+/// not the real one.
+const GROUP_SET_IDS: &[(Ids, Ids)] = &[((1000, 4243), (1000, 4242)), ((1000, 4242), (1000, 4243))];
+/// Destinations inside 127.0.0.0/30 (127.0.0.3) and just outside it (127.0.0.4).
+const AROUND_SLASH_30: &[IpAddr] = &[
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)),
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4)),
+];
 
 configs! {
     default_injection: "default" => [];
@@ -56,6 +74,33 @@ configs! {
     cidrs_of_both_families: "-i/-x both families" => [
         "-i", "10.200.0.0/16,fd00:200::/48", "-x", "10.200.1.1/32,fd00:200:0:1::2/128"
     ];
+    // Only gids 4242 and 0 captured: gid 4243's (and 1000's, the set-uid clients') outbound
+    // connections RETURN on the group rule, where without the list they would be captured.
+    owner_groups_include: "ISTIO_OUTBOUND_OWNER_GROUPS" => [],
+        env: &[("ISTIO_OUTBOUND_OWNER_GROUPS", "4242,0")], ids: GROUP_IDS, set_ids: GROUP_SET_IDS;
+    // Every gid but 4242 captured.
+    owner_groups_exclude: "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE" => [],
+        env: &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "4242")], ids: GROUP_IDS, set_ids: GROUP_SET_IDS;
+    // uid 1337 (and gid 1337) to 127.0.0.2 over lo: ISTIO_IN_REDIRECT under `! -d
+    // 127.0.0.1/32`, RETURN under `! -d 127.0.0.0/8`. (The app's own uids to 127.0.0.2 RETURN
+    // either way, on `-o lo ! --uid-owner 1337`: the next configuration makes them count.)
+    loopback_cidr: "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR /8" => [],
+        env: &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/8")];
+    // With a loopback CIDR in -i, the app-to-itself RETURN is not written: the app's uids to
+    // 127.0.0.2 reach `-d 127.0.0.0/8 -j RETURN` (direct) where `-d 127.0.0.1/32` would let
+    // them on to the -i rule (captured).
+    loopback_cidr_with_include_loopback: "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR /8, -i with loopback" => [
+        "-i", "10.200.9.0/24,127.0.0.0/8"
+    ], env: &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/8")];
+    // A prefix between the two (with -i naming loopback, so that the app's uids count too):
+    // 127.0.0.1 to .3 in it, .4 not.
+    loopback_cidr_slash_30: "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR /30, -i with loopback" => ["-i", "10.200.9.0/24,127.0.0.0/8"],
+        env: &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/30")], dsts: AROUND_SLASH_30;
+    // The remote host to the pod's port 22: RETURN (to the app) under 1.12's rules, where the
+    // current ones capture it.
+    compatibility_1_12: "--compatibility-version 1.12" => ["--compatibility-version", "1.12"], ports: &[22];
+    // The same from istio-iptables' environment variable.
+    compatibility_env: "COMPATIBILITY_VERSION" => [], env: &[("COMPATIBILITY_VERSION", "1.12")], ports: &[22];
 }
 
 /// `explain`'s text output is what iptables itself prints: loaded with iptables-restore and

@@ -38,6 +38,7 @@ impl Matrix {
         for g in list_of::<u32>(cfg.flags, "-g") {
             ids.push((1000, g));
         }
+        ids.extend_from_slice(cfg.ids);
         ids.sort();
         ids.dedup();
         let mut inbound_ports: BTreeSet<u16> = listen_ports.iter().copied().collect();
@@ -72,16 +73,23 @@ impl Matrix {
             }
             // The owner match reads the socket file's fsuid/fsgid, not the real ids; and the
             // agent's mark, set by the app itself, is nothing to the sidecar rules.
-            for (uid, real, mark) in [
-                (1000, Some((1337, 1337)), None),
-                (1337, Some((1000, 1000)), None),
-                (0, None, Some(redirect_common::AGENT_SOCKET_MARK)),
-            ] {
+            let set_ids = cfg
+                .set_ids
+                .iter()
+                .map(|&((uid, gid), real)| (uid, gid, Some(real), None));
+            for (uid, gid, real, mark) in [
+                (1000, 1000, Some((1337, 1337)), None),
+                (1337, 1337, Some((1000, 1000)), None),
+                (0, 0, None, Some(redirect_common::AGENT_SOCKET_MARK)),
+            ]
+            .into_iter()
+            .chain(set_ids)
+            {
                 clients.push((
                     Client {
                         real,
                         mark,
-                        ..client(uid, uid, None)
+                        ..client(uid, gid, None)
                     },
                     every_dst(),
                 ));
@@ -95,10 +103,12 @@ impl Matrix {
             ));
             clients
         };
-        let v4_dsts: Vec<IpAddr> = [remote_ip, pod_ip, Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 2)]
+        let mut v4_dsts: Vec<IpAddr> = [remote_ip, pod_ip, Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 2)]
             .map(IpAddr::from)
             .to_vec();
-        let v6_dsts: Vec<IpAddr> = [remote_ip6, pod_ip6, Ipv6Addr::LOCALHOST].map(IpAddr::from).to_vec();
+        let mut v6_dsts: Vec<IpAddr> = [remote_ip6, pod_ip6, Ipv6Addr::LOCALHOST].map(IpAddr::from).to_vec();
+        v4_dsts.extend(cfg.dsts.iter().filter(|d| d.is_ipv4()));
+        v6_dsts.extend(cfg.dsts.iter().filter(|d| d.is_ipv6()));
         let v4 = |mapped| {
             scenarios(
                 mapped,

@@ -21,7 +21,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use crate::require_root;
@@ -49,13 +49,44 @@ const BASE_PORTS: [u16; 5] = [8080, 9080, 15008, 15020, 15021];
 const TABLES: [(&str, &str); 2] = [("ipv4", "iptables"), ("ipv6", "ip6tables")];
 const CHAINS: [&str; 2] = ["ISTIO_OUTPUT", "ISTIO_INBOUND"];
 
-/// Which flags a configuration passes, and the ports and ids they name.
+/// A client's (uid, gid).
+pub type Ids = (u32, u32);
+
+/// Which flags a configuration passes, and the ports and ids they name; the environment it
+/// sets, and what it adds to the base matrix for a setting that only those would show.
 pub struct Config {
     pub name: &'static str,
     pub flags: &'static [&'static str],
     /// Environment variables set for both `explain`s and for the agent twin's `run`
     /// (istio-iptables' `ISTIO_*`); the iptables twin's rules come from `explain`, so follow.
     pub env: &'static [(&'static str, &'static str)],
+    /// More (uid, gid) clients, beside the base ones and those `-u`/`-g` name: each dials
+    /// every destination unbound and bound to the passthrough source, and makes
+    /// istio-validation's probe.
+    pub ids: &'static [Ids],
+    /// More set-id clients, `((uid, gid), (real uid, real gid))`: the first pair is the
+    /// effective one (the socket's fsuid/fsgid, which the owner match reads).
+    pub set_ids: &'static [(Ids, Ids)],
+    /// More destinations, each in its family's phases (an IPv4 one in the v4-mapped phase
+    /// too), on every port.
+    pub dsts: &'static [IpAddr],
+    /// More ports every server listens on and every client dials, beside `BASE_PORTS` and
+    /// those the flags name.
+    pub ports: &'static [u16],
+}
+
+impl Config {
+    /// No flags, no environment, nothing beyond the base matrix: the start of a
+    /// configuration's `..` (its `name` and `flags` are always its own).
+    pub const BASE: Self = Self {
+        name: "",
+        flags: &[],
+        env: &[],
+        ids: &[],
+        set_ids: &[],
+        dsts: &[],
+        ports: &[],
+    };
 }
 
 /// The flag's value in `flags`, if given (short form, as the configurations spell them).
@@ -87,6 +118,7 @@ pub fn differential(cfg: Config) {
     for f in ["-q", "-o", "-b", "-d", "-e"] {
         ports.extend(list_of::<u16>(cfg.flags, f));
     }
+    ports.extend(cfg.ports);
     ports.remove(&capture.0);
     ports.remove(&capture.1);
     let ports: Vec<u16> = ports.into_iter().collect();
