@@ -47,8 +47,19 @@ impl AgentProcess {
         Self::start_as(agent, "run", name, args)
     }
 
+    /// [`AgentProcess::start`] with environment variables set for the agent (istio-iptables'
+    /// `ISTIO_*`, which `run` reads for flags left off its command line), beside what it
+    /// inherits.
+    pub fn start_with_env(agent: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> io::Result<Self> {
+        Self::spawn(agent, "run", name, args, env)
+    }
+
     /// [`AgentProcess::start`] of another mode of the agent (`node`), ready by the same sign.
     pub fn start_as(agent: &Path, mode: &str, name: &str, args: &[&str]) -> io::Result<Self> {
+        Self::spawn(agent, mode, name, args, &[])
+    }
+
+    fn spawn(agent: &Path, mode: &str, name: &str, args: &[&str], env: &[(&str, &str)]) -> io::Result<Self> {
         // One file per process: a restart under the same name must not share the file its
         // predecessor's handle removes when dropped.
         static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -63,6 +74,7 @@ impl AgentProcess {
                 "RUST_LOG",
                 std::env::var("REDIRECT_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)

@@ -20,6 +20,7 @@ use redirect_testkit::{
 
 pub use redirect_testkit::report::Outcome;
 
+pub mod differential;
 pub mod node;
 pub mod procfd;
 pub mod rules_text;
@@ -142,8 +143,16 @@ pub fn agent_cmd_within(args: &[&str], within: Duration) -> Option<Output> {
 
 /// Runs the agent binary with arguments, capturing its output.
 pub fn agent_cmd(args: &[&str]) -> Output {
+    agent_cmd_with_env(args, &[])
+}
+
+/// [`agent_cmd`] with environment variables set for the agent (istio-iptables' `ISTIO_*`,
+/// which `run` and `explain` read for flags left off the command line), beside what it
+/// inherits.
+pub fn agent_cmd_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(agent_bin())
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("spawn redirect-agent")
 }

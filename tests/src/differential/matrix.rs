@@ -1,0 +1,181 @@
+//! The scenarios of a configuration: every client with the destinations it dials, phase by
+//! phase, and their run in one twin.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use redirect_testkit::{netns::pair_ip6, probe::ProbeSpec};
+
+use super::{
+    Config, PASSTHROUGH, PASSTHROUGH6, VALIDATION_PORT, list_of,
+    twin::{Counts, Twin},
+    verdict::{Client, Phase, verdict},
+};
+use crate::testkit_bin;
+
+/// One phase's scenarios: each client with the destinations it dials, one after another.
+pub(super) type Scenarios = Vec<(Client, Vec<SocketAddr>)>;
+
+pub(super) struct Matrix {
+    pub(super) phases: Vec<(Phase, Scenarios)>,
+    capture: (u16, u16),
+}
+
+/// What one twin saw: per phase, the verdicts in scenario order and the counters after it.
+pub(super) type Run = Vec<(Vec<String>, Counts)>;
+
+impl Matrix {
+    pub(super) fn build(cfg: &Config, listen_ports: &[u16], capture: (u16, u16)) -> Self {
+        let pod_ip = Ipv4Addr::new(10, 200, 1, 1);
+        let remote_ip = Ipv4Addr::new(10, 200, 1, 2);
+        let (pod_ip6, remote_ip6) = pair_ip6(1);
+        let mut ids: Vec<(u32, u32)> = vec![(0, 0), (1337, 1337), (1337, 0), (1000, 1337)];
+        for u in list_of::<u32>(cfg.flags, "-u") {
+            ids.push((u, 0));
+        }
+        for g in list_of::<u32>(cfg.flags, "-g") {
+            ids.push((1000, g));
+        }
+        ids.extend_from_slice(cfg.ids);
+        ids.sort();
+        ids.dedup();
+        let mut inbound_ports: BTreeSet<u16> = listen_ports.iter().copied().collect();
+        inbound_ports.extend([capture.0, capture.1]);
+
+        // The same scenarios over either stack: `dsts` on every port, unbound and bound to
+        // the passthrough source, istio-validation's probe, and the remote host to the pod.
+        let scenarios = |v4_mapped: bool, dsts: &[IpAddr], passthrough: IpAddr, loopback: IpAddr, pod: IpAddr| {
+            let client = |uid, gid, bind| Client {
+                inbound: false,
+                uid,
+                gid,
+                bind,
+                v4_mapped,
+                real: None,
+                mark: None,
+            };
+            let mut clients: Scenarios = Vec::new();
+            let every_dst = || -> Vec<SocketAddr> {
+                dsts.iter()
+                    .flat_map(|&ip| listen_ports.iter().map(move |&p| SocketAddr::new(ip, p)))
+                    .collect()
+            };
+            for &(uid, gid) in &ids {
+                for bind in [None, Some(passthrough)] {
+                    clients.push((client(uid, gid, bind), every_dst()));
+                }
+                clients.push((
+                    client(uid, gid, Some(loopback)),
+                    vec![SocketAddr::new(passthrough, VALIDATION_PORT)],
+                ));
+            }
+            // The owner match reads the socket file's fsuid/fsgid, not the real ids; and the
+            // agent's mark, set by the app itself, is nothing to the sidecar rules.
+            let set_ids = cfg
+                .set_ids
+                .iter()
+                .map(|&((uid, gid), real)| (uid, gid, Some(real), None));
+            for (uid, gid, real, mark) in [
+                (1000, 1000, Some((1337, 1337)), None),
+                (1337, 1337, Some((1000, 1000)), None),
+                (0, 0, None, Some(redirect_common::AGENT_SOCKET_MARK)),
+            ]
+            .into_iter()
+            .chain(set_ids)
+            {
+                clients.push((
+                    Client {
+                        real,
+                        mark,
+                        ..client(uid, gid, None)
+                    },
+                    every_dst(),
+                ));
+            }
+            clients.push((
+                Client {
+                    inbound: true,
+                    ..client(0, 0, None)
+                },
+                inbound_ports.iter().map(|&p| SocketAddr::new(pod, p)).collect(),
+            ));
+            clients
+        };
+        let mut v4_dsts: Vec<IpAddr> = [remote_ip, pod_ip, Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 2)]
+            .map(IpAddr::from)
+            .to_vec();
+        let mut v6_dsts: Vec<IpAddr> = [remote_ip6, pod_ip6, Ipv6Addr::LOCALHOST].map(IpAddr::from).to_vec();
+        v4_dsts.extend(cfg.dsts.iter().filter(|d| d.is_ipv4()));
+        v6_dsts.extend(cfg.dsts.iter().filter(|d| d.is_ipv6()));
+        let v4 = |mapped| {
+            scenarios(
+                mapped,
+                &v4_dsts,
+                PASSTHROUGH.into(),
+                Ipv4Addr::LOCALHOST.into(),
+                pod_ip.into(),
+            )
+        };
+        let phases = vec![
+            (Phase::V4, v4(false)),
+            (Phase::V4Mapped, v4(true)),
+            (
+                Phase::V6,
+                scenarios(
+                    false,
+                    &v6_dsts,
+                    PASSTHROUGH6.into(),
+                    Ipv6Addr::LOCALHOST.into(),
+                    pod_ip6.into(),
+                ),
+            ),
+        ];
+        Self { phases, capture }
+    }
+
+    fn run_phase(&self, twin: &Twin, scenarios: &Scenarios) -> Vec<String> {
+        let testkit = testkit_bin();
+        let mut out = Vec::new();
+        for (client, targets) in scenarios {
+            let mut spec = if client.inbound {
+                ProbeSpec::outside(&twin.pair.remote.path, targets[0])
+            } else {
+                ProbeSpec::new(&twin.cgroup.path, &twin.pair.workload.path, targets[0])
+                    .uid(client.uid)
+                    .gid(client.gid)
+            };
+            if let Some(b) = client.bind {
+                spec = spec.bind(b);
+            }
+            if let Some((uid, gid)) = client.real {
+                spec = spec.real_ids(uid, gid);
+            }
+            if let Some(m) = client.mark {
+                spec = spec.mark(m);
+            }
+            if client.v4_mapped {
+                spec = spec.v4_mapped();
+            }
+            let results = spec
+                .bytes(16)
+                .run_batch(&testkit, targets)
+                .unwrap_or_else(|e| panic!("probes of {}: {e}", client.label()));
+            out.extend(results.iter().map(|r| verdict(r, self.capture)));
+        }
+        out
+    }
+
+    /// Every phase in order, with the counters after each.
+    pub(super) fn run(&self, twin: &Twin) -> Run {
+        self.phases
+            .iter()
+            .map(|(_, scenarios)| (self.run_phase(twin, scenarios), twin.counts()))
+            .collect()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.phases.iter().flat_map(|(_, s)| s).map(|(_, t)| t.len()).sum()
+    }
+}

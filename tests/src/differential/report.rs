@@ -1,0 +1,119 @@
+//! Both twins' runs compared: the verdict table, the counters phase by phase, and the checks
+//! that the comparison meant something.
+
+use std::{collections::BTreeSet, fmt::Write as _};
+
+use super::{
+    Config,
+    matrix::{Matrix, Run},
+    twin::Twin,
+};
+
+/// Fails the test, with the whole table and both twins' counters, if any verdict or any
+/// counter differs between the oracle's run (`want`) and the agent's (`got`).
+pub(super) fn judge(
+    cfg: &Config,
+    matrix: &Matrix,
+    capture: (u16, u16),
+    (oracle, want): (&Twin, Run),
+    (agent, got): (&Twin, Run),
+) {
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "differential '{}' (flags {:?}, env {:?}):",
+        cfg.name, cfg.flags, cfg.env
+    );
+    let all_verdicts = want.iter().chain(&got).flat_map(|(v, _)| v);
+    let width = all_verdicts.map(|v| v.chars().count()).max().unwrap_or(0);
+    let mut mismatches = 0;
+    for ((phase, scenarios), ((want, _), (got, _))) in matrix.phases.iter().zip(want.iter().zip(&got)) {
+        let _ = writeln!(table, "  {}:", phase.name());
+        let _ = writeln!(
+            table,
+            "  {:<48} {:<28} {:<width$} agent",
+            "client", "destination", "iptables"
+        );
+        let mut i = 0;
+        for (client, targets) in scenarios {
+            for &t in targets {
+                let mark = if want[i] == got[i] { " " } else { "✗" };
+                if want[i] != got[i] {
+                    mismatches += 1;
+                }
+                let _ = writeln!(
+                    table,
+                    "{mark} {:<48} {:<28} {:<width$} {}",
+                    client.label(),
+                    client.dialed(t).to_string(),
+                    want[i],
+                    got[i]
+                );
+                i += 1;
+            }
+        }
+    }
+    let _ = writeln!(table, "  {} scenarios, {} mismatches", matrix.len(), mismatches);
+    println!("{table}");
+
+    // Every rule counted the same decisions as its iptables twin, phase by phase (the counters
+    // are cumulative: each phase moves its own family's chains and leaves the other's alone).
+    let mut counter_diffs = Vec::new();
+    for ((phase, _), ((_, want), (_, got))) in matrix.phases.iter().zip(want.iter().zip(&got)) {
+        for (key, w) in want {
+            let g = &got[key];
+            let mark = if w == g { " " } else { "✗" };
+            let line = format!(
+                "{mark} after {:<9} {} {:<13} iptables {w:?}, agent {g:?}",
+                phase.name(),
+                key.0,
+                key.1
+            );
+            println!("  {line}");
+            if w != g {
+                counter_diffs.push(line);
+            }
+        }
+    }
+    if mismatches > 0 || !counter_diffs.is_empty() {
+        panic!(
+            "{mismatches} of {} scenarios differ for '{}':\n{table}\n{} counter rows differ:\n{}\n\
+             agent counters:\n{}\niptables counters:\n{}",
+            matrix.len(),
+            cfg.name,
+            counter_diffs.len(),
+            counter_diffs.join("\n"),
+            agent.counters(),
+            oracle.counters()
+        );
+    }
+    // Sanity: every phase exercised both kinds of landing, so equality means something.
+    for ((phase, _), (want, _)) in matrix.phases.iter().zip(&want) {
+        let kinds: BTreeSet<&str> = want.iter().map(|v| v.split(':').next().unwrap()).collect();
+        assert!(
+            kinds.contains("original") && kinds.contains("capture"),
+            "{}: the matrix did not both capture and go direct: {kinds:?}",
+            phase.name()
+        );
+    }
+    // Conntrack answered the original destination of every connection it redirected in the
+    // oracle (only one dialed straight at a capture port reads `none`), so the equal answers
+    // above are the agent's getsockopt program answering, not two failures.
+    let mut captured = 0;
+    for ((_, scenarios), (want, _)) in matrix.phases.iter().zip(&want) {
+        let targets = scenarios.iter().flat_map(|(_, t)| t);
+        for (t, v) in targets.zip(want) {
+            if !v.starts_with("capture:") {
+                continue;
+            }
+            captured += 1;
+            if t.port() != capture.0 && t.port() != capture.1 {
+                assert!(
+                    !v.contains("orig=none"),
+                    "conntrack left the original destination of {t} unanswered: {v}"
+                );
+            }
+        }
+    }
+    println!("  {captured} captured connections, original destinations and the app's addresses equal in both");
+}

@@ -1,0 +1,208 @@
+//! A twin topology: the namespace pair, cgroup and servers, with either istio-iptables' rules
+//! loaded or the agent attached; and what each twin's counters say.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    process::Command,
+};
+
+use redirect_agent::{explain::Explanation, stats::InstanceStats};
+use redirect_testkit::{agent::AgentProcess, cgroup::TestCgroup, netns::NetnsPair, serve::ServeProcess, unique};
+
+use super::{CHAINS, Config, TABLES};
+use crate::{agent_bin, agent_cmd, agent_cmd_with_env, ip6tables_restore, iptables_restore, testkit_bin};
+
+/// A twin topology. Fields drop in order: agent, servers, cgroup, namespaces.
+pub(super) struct Twin {
+    agent: Option<AgentProcess>,
+    _servers: Vec<ServeProcess>,
+    pub(super) cgroup: TestCgroup,
+    pub(super) pair: NetnsPair,
+    name: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kind {
+    Iptables,
+    Agent,
+}
+
+/// Per-rule counts of each (family, chain), in rule order.
+pub(super) type Counts = BTreeMap<(&'static str, &'static str), Vec<u64>>;
+
+/// The nat tables istio-iptables writes for these flags: iptables' and ip6tables'.
+pub(super) struct Tables {
+    pub(super) ipv4: Explanation,
+    pub(super) ipv6: Explanation,
+}
+
+/// `explain` of a configuration's flags, in its environment.
+pub(super) fn explain(cfg: &Config, family: &str) -> Explanation {
+    let mut args = vec!["explain", "--json", "--family", family];
+    args.extend_from_slice(cfg.flags);
+    let out = agent_cmd_with_env(&args, cfg.env);
+    assert!(
+        out.status.success(),
+        "explain --family {family} {:?} (env {:?}): {}",
+        cfg.flags,
+        cfg.env,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Explanation>(&out.stdout).expect("explain --json")
+}
+
+/// A server's listener: `base` (`cap-out`, `cap-in`, `pod`, `remote`), with a `6` on an IPv6
+/// address, and the port for the servers of the matrix's ports (`cap-in6`, `pod-9080`,
+/// `remote6-8080`), as the banner names it.
+fn listener(base: &str, ip: IpAddr, port: u16) -> (String, SocketAddr) {
+    let six = if ip.is_ipv6() { "6" } else { "" };
+    let name = match base {
+        "pod" | "remote" => format!("{base}{six}-{port}"),
+        _ => format!("{base}{six}"),
+    };
+    (name, SocketAddr::new(ip, port))
+}
+
+impl Twin {
+    pub(super) fn new(kind: Kind, cfg: &Config, tables: &Tables, listen_ports: &[u16], capture: (u16, u16)) -> Self {
+        let tag = match kind {
+            Kind::Iptables => "dfi",
+            Kind::Agent => "dfa",
+        };
+        let pair = NetnsPair::create(tag).expect("namespaces");
+        let cgroup = TestCgroup::create(tag).expect("cgroup");
+        let mut twin = Self {
+            agent: None,
+            _servers: Vec::new(),
+            cgroup,
+            pair,
+            name: unique(tag),
+        };
+        // The servers' [::] listeners are V6ONLY, as Envoy's are, so that they and the 0.0.0.0
+        // ones share their ports (each family's connections on its own listener, each asked
+        // its original destination at its own level). The probes set V6ONLY themselves.
+        for ns in [&twin.pair.workload, &twin.pair.remote] {
+            ns.sysctl("net.ipv6.bindv6only", "1").expect("bindv6only");
+        }
+        // The remote host routes ::6 back to the pod (a host route, not a default one): a
+        // connection from ::6 that leaves direct then completes where IPv4's from 127.0.0.6 is
+        // refused at once (EINVAL), instead of waiting out its SYN retries. Both twins alike.
+        let via = twin.pair.workload_ip6.to_string();
+        twin.pair
+            .remote
+            .ip(&["-6", "route", "add", "::6/128", "via", &via, "dev", "r0"])
+            .expect("route to ::6");
+        match kind {
+            Kind::Iptables => {
+                let ns = &twin.pair.workload.name;
+                iptables_restore(ns, &tables.ipv4.iptables_save);
+                ip6tables_restore(ns, &tables.ipv6.iptables_save);
+                // istio-iptables adds the IPv6 passthrough source with its ip6tables rules (the
+                // agent does it itself).
+                twin.pair
+                    .workload
+                    .ip(&["-6", "addr", "add", "::6/128", "dev", "lo"])
+                    .expect("::6 on lo");
+            }
+            Kind::Agent => {
+                let mut args = vec![
+                    "--cgroup".to_string(),
+                    twin.cgroup.path.to_string_lossy().into_owned(),
+                    "--netns".into(),
+                    twin.pair.workload.path.to_string_lossy().into_owned(),
+                    "--proxy".into(),
+                    "none".into(),
+                ];
+                args.extend(cfg.flags.iter().map(|s| s.to_string()));
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let agent = AgentProcess::start_with_env(&agent_bin(), &twin.name, &args, cfg.env);
+                twin.agent = Some(agent.expect("agent starts"));
+            }
+        }
+        // After the agent: a proxy that listens on the inbound capture port once capture is in
+        // place is registered by sock_ops, as Envoy would be.
+        let (mut workload, mut remote) = (Vec::new(), Vec::new());
+        for (any, remote_ip) in [
+            (Ipv4Addr::UNSPECIFIED.into(), twin.pair.remote_ip.into()),
+            (Ipv6Addr::UNSPECIFIED.into(), twin.pair.remote_ip6.into()),
+        ] {
+            workload.push(listener("cap-out", any, capture.0));
+            workload.push(listener("cap-in", any, capture.1));
+            workload.extend(listen_ports.iter().map(|&p| listener("pod", any, p)));
+            remote.extend(listen_ports.iter().map(|&p| listener("remote", remote_ip, p)));
+        }
+        let testkit = testkit_bin();
+        twin._servers = vec![
+            ServeProcess::start(&testkit, Some(&twin.cgroup.path), &twin.pair.workload.path, &workload)
+                .expect("workload servers"),
+            ServeProcess::start(&testkit, None, &twin.pair.remote.path, &remote).expect("remote servers"),
+        ];
+        twin
+    }
+
+    /// Per-rule counts of both families' ISTIO_OUTPUT and ISTIO_INBOUND: the agent's
+    /// counters, or the packet counters of the nat rules (only a connection's first packet
+    /// traverses nat, so those count connections too).
+    pub(super) fn counts(&self) -> Counts {
+        let mut counts = Counts::new();
+        match &self.agent {
+            Some(_) => {
+                let out = agent_cmd(&["stats", "--name", &self.name, "--json"]);
+                assert!(out.status.success(), "stats: {}", String::from_utf8_lossy(&out.stderr));
+                let stats: InstanceStats = serde_json::from_slice(&out.stdout).expect("stats --json");
+                for (family, _) in TABLES {
+                    for chain in CHAINS {
+                        let rows = stats
+                            .rules
+                            .iter()
+                            .filter(|r| r.chain == chain && r.family == family)
+                            .map(|r| r.connections)
+                            .collect();
+                        counts.insert((family, chain), rows);
+                    }
+                }
+            }
+            None => {
+                for (family, tool) in TABLES {
+                    for chain in CHAINS {
+                        let out = Command::new("ip")
+                            .args(["netns", "exec", &self.pair.workload.name])
+                            .args([tool, "-t", "nat", "-L", chain, "-v", "-n", "-x", "--line-numbers"])
+                            .output()
+                            .expect("iptables -L");
+                        assert!(out.status.success(), "{tool} -L {chain}");
+                        // Two header lines, then "num pkts bytes target ...".
+                        let rows = String::from_utf8_lossy(&out.stdout)
+                            .lines()
+                            .skip(2)
+                            .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+                            .collect();
+                        counts.insert((family, chain), rows);
+                    }
+                }
+            }
+        }
+        counts
+    }
+
+    pub(super) fn counters(&self) -> String {
+        match &self.agent {
+            Some(_) => {
+                let out = agent_cmd(&["stats", "--name", &self.name]);
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            }
+            None => TABLES
+                .iter()
+                .map(|(_, tool)| {
+                    let out = Command::new("ip")
+                        .args(["netns", "exec", &self.pair.workload.name])
+                        .args([*tool, "-t", "nat", "-L", "-v", "-n", "--line-numbers"])
+                        .output()
+                        .expect("iptables -L");
+                    format!("{tool}:\n{}", String::from_utf8_lossy(&out.stdout))
+                })
+                .collect(),
+        }
+    }
+}
