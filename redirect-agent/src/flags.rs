@@ -114,12 +114,26 @@ fn pick(
     env: Env,
     default: &str,
 ) -> (String, &'static str) {
+    pick_if(cli, flag, envs, env, default, |_| true)
+}
+
+/// [`pick`], taking only the variables whose value `usable` accepts: istio-iptables sets a
+/// flag from each variable and drops a value the flag refuses (an empty boolean), keeping the
+/// one before.
+fn pick_if(
+    cli: &Option<String>,
+    flag: &'static str,
+    envs: &[&'static str],
+    env: Env,
+    default: &str,
+    usable: impl Fn(&str) -> bool,
+) -> (String, &'static str) {
     if let Some(v) = cli {
         return (v.clone(), flag);
     }
     let mut found = None;
     for &name in envs {
-        if let Some(v) = env(name) {
+        if let Some(v) = env(name).filter(|v| usable(v)) {
             found = Some((v, name));
         }
     }
@@ -165,7 +179,7 @@ impl CaptureFlags {
             config::parse_ports(f, &v)
         };
         let boolean = |cli, flag, envs| {
-            let (v, f) = p(cli, flag, envs, "false");
+            let (v, f) = pick_if(cli, flag, envs, env, "false", |v| !v.trim().is_empty());
             parse_bool(f, &v)
         };
         let (v, f) = p(
@@ -385,6 +399,14 @@ pub fn parse_args(args: &[String]) -> Result<CaptureConfig, String> {
             .to_owned()
     })?;
     let capture = parsed.capture.to_config().map_err(|e| e.to_string())?;
+    // The agent's own resolv.conf is not the workload's: a node enrollment names it.
+    if capture.dns.redirect && !capture.dns.capture_all && parsed.capture.resolv_conf.is_none() {
+        return Err(
+            "--redirect-dns: name the workload's resolv.conf with --resolv-conf PATH (the agent's own is another \
+             file), or capture all port-53 traffic with --capture-all-dns"
+                .into(),
+        );
+    }
     check(&capture).map_err(|e| e.to_string())?;
     Ok(capture)
 }
@@ -450,6 +472,9 @@ mod tests {
             ("INVALID_DROP", "true"),
             ("ISTIO_OUTBOUND_OWNER_GROUPS", "202"),
             ("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/8"),
+            ("REDIRECT_DNS", "true"),
+            ("ISTIO_META_DNS_CAPTURE", ""),
+            ("CAPTURE_ALL_DNS", "true"),
             ("ENVOY_PORT", "1"),
         ]);
         let flags = CaptureFlags {
@@ -464,6 +489,7 @@ mod tests {
         assert_eq!(c.envoy_port, 15001, "-p has no variable");
         assert!(matches!(&c.owner_groups, config::OwnerGroups::Only(g) if g[0].gid == Some(202)));
         assert_eq!(c.ipv4_loopback.to_string(), "127.0.0.0/8");
+        assert!(c.dns.redirect, "an empty later variable leaves the earlier one's value");
         let e = CaptureFlags::default()
             .to_config_with(&env_of(&[("INBOUND_CAPTURE_PORT", "http")]))
             .unwrap_err();
@@ -508,6 +534,12 @@ mod tests {
                 .enabled()
         );
         let missing = dir.join("missing.conf");
+        let e = with(&["--redirect-dns"]).unwrap_err();
+        assert!(
+            e.contains("--resolv-conf"),
+            "a node enrollment names the workload's: {e}"
+        );
+        assert!(with(&["--redirect-dns", "--capture-all-dns"]).is_ok());
         let e = with(&["--redirect-dns", "--resolv-conf", missing.to_str().unwrap()]).unwrap_err();
         assert!(e.contains("missing.conf"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);

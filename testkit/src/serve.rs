@@ -55,14 +55,17 @@ pub fn main(args: &ServeArgs) -> ExitCode {
     // Before any thread exists: cgroup membership and namespace are per task.
     // As the given uid from here on, so that the sockets (their files) are its, as an owner
     // match reads them.
-    let joined = sys::join(args.cgroup.as_deref(), args.netns.as_deref()).and_then(|()| match args.uid {
-        // SAFETY: plain syscalls on integers; the groups and gid first, while still root.
-        Some(id)
-            if unsafe { (libc::setgroups(0, std::ptr::null()), libc::setgid(id), libc::setuid(id)) } != (0, 0, 0) =>
-        {
-            Err(io::Error::last_os_error())
+    let joined = sys::join(args.cgroup.as_deref(), args.netns.as_deref()).and_then(|()| {
+        let Some(id) = args.uid else {
+            return Ok(());
+        };
+        // SAFETY: plain syscalls on integers (a null list of no groups); the groups and gid
+        // first, while still root.
+        let rc = unsafe { (libc::setgroups(0, std::ptr::null()), libc::setgid(id), libc::setuid(id)) };
+        match rc {
+            (0, 0, 0) => Ok(()),
+            _ => Err(io::Error::last_os_error()),
         }
-        _ => Ok(()),
     });
     let listeners = joined.and_then(|()| {
         args.listen

@@ -61,7 +61,8 @@ impl core::fmt::Display for TooManyRules {
         write!(
             f,
             "these flags need {} nat rules in {}' chains; redirect holds at most \
-             {MAX_RULES_PER_FAMILY} per family (shorten the -i/-x CIDR or -o/-q port lists)",
+             {MAX_RULES_PER_FAMILY} per family (shorten the -i/-x CIDR or -o/-q port lists, or \
+             ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE)",
             self.needed,
             self.family.iptables()
         )

@@ -196,15 +196,15 @@ fn owner_group_list(flag: &'static str, s: &str) -> Result<Vec<OwnerGroup>, Conf
         .collect()
 }
 
-/// `ISTIO_OUTBOUND_OWNER_GROUPS` (`include`, default `*`) and
+/// `ISTIO_OUTBOUND_OWNER_GROUPS` (`include`; unset: `*`) and
 /// `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE` (`exclude`), as istio-iptables' `ParseInterceptFilter`:
-/// with `include` `*` (or unset, or empty), every group but `exclude`'s; otherwise only
-/// `include`'s, and `exclude` is ignored (Istio says to set one of the two). An include list of
-/// no group at all (`,`) leaves every connection alone, as Istio's rule then does.
+/// with `include` `*`, every group but `exclude`'s; otherwise only `include`'s, and `exclude`
+/// is ignored (Istio says to set one of the two). An include list of no group at all (set but
+/// empty, or `,`) leaves every connection alone, as Istio's rule then does.
 pub fn parse_owner_groups(include: &str, exclude: &str) -> Result<OwnerGroups, ConfigError> {
     const INCLUDE: &str = "ISTIO_OUTBOUND_OWNER_GROUPS";
     const EXCLUDE: &str = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE";
-    if include.trim().is_empty() || include.trim() == "*" {
+    if include.trim() == "*" {
         let except = owner_group_list(EXCLUDE, exclude)?;
         return Ok(match except.is_empty() {
             true => OwnerGroups::All,
@@ -309,6 +309,7 @@ mod tests {
         assert!(matches!(parse_owner_groups("*", "888,ftp").unwrap(), OwnerGroups::Except(v) if v.len() == 2));
         assert!(matches!(parse_owner_groups("java", "888").unwrap(), OwnerGroups::Only(v) if v.len() == 1));
         assert!(matches!(parse_owner_groups(",", "").unwrap(), OwnerGroups::Only(v) if v.is_empty()));
+        assert!(matches!(parse_owner_groups("", "888").unwrap(), OwnerGroups::Only(v) if v.is_empty()));
         let many = (0..65).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
         assert!(
             parse_owner_groups(&many, "")
