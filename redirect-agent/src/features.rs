@@ -127,16 +127,16 @@ pub const FEATURES: &[Feature] = &[
         probe: Probe::Helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_skc_to_tcp_sock),
     },
     Feature {
-        name: "bpf_get_current_task_btf in cgroup/sendmsg4",
-        since: "5.11",
-        why: "the owner matches for UDP (DNS capture): the sending task's fsuid and fsgid",
-        probe: Probe::Helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_current_task_btf),
-    },
-    Feature {
         name: "bpf_sk_assign in sk_lookup",
         since: "5.9",
         why: "handing inbound connections to the capture listener",
         probe: Probe::Helper(ProgramType::SkLookup, BpfHelper::BPF_FUNC_sk_assign),
+    },
+    Feature {
+        name: "bpf_get_current_task_btf in cgroup/sendmsg4",
+        since: "5.11",
+        why: "the owner matches for UDP (DNS capture): the sending task's fsuid and fsgid",
+        probe: Probe::Helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_current_task_btf),
     },
     Feature {
         name: "kernel BTF (/sys/kernel/btf/vmlinux)",

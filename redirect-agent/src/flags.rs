@@ -1,6 +1,8 @@
 //! istio-iptables' flags, as clap sees them, with the sidecar injection's values as defaults.
 
 use clap::Args;
+use std::net::IpAddr;
+
 use redirect_common::config::{self, CaptureConfig, ConfigError, DnsCapture};
 
 use crate::proxy::{Keepalive, Liveness};
@@ -257,18 +259,36 @@ impl CaptureFlags {
             capture_all,
             ..DnsCapture::default()
         };
-        // istio-iptables reads resolv.conf only for DNS capture limited to its servers.
-        if redirect && !capture_all {
+        // istio-iptables reads resolv.conf only for DNS capture limited to its servers; the
+        // embedded DNS proxy forwards to them either way (as istio-agent does), so with
+        // capture-all they are read if they can be.
+        if redirect {
             let path = self
                 .resolv_conf
                 .clone()
                 .unwrap_or_else(|| std::path::PathBuf::from("/etc/resolv.conf"));
-            let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
-                flag: "--resolv-conf",
-                value: path.display().to_string(),
-                expected: format!("a readable resolv.conf ({e})"),
-            })?;
-            (dns.servers_v4, dns.servers_v6) = DnsCapture::servers_from_resolv_conf(&text);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    let (v4, v6) = DnsCapture::servers_from_resolv_conf(&text);
+                    dns.upstreams = v4
+                        .iter()
+                        .copied()
+                        .map(IpAddr::V4)
+                        .chain(v6.iter().copied().map(IpAddr::V6))
+                        .collect();
+                    if !capture_all {
+                        (dns.servers_v4, dns.servers_v6) = (v4, v6);
+                    }
+                }
+                Err(e) if !capture_all => {
+                    return Err(ConfigError {
+                        flag: "--resolv-conf",
+                        value: path.display().to_string(),
+                        expected: format!("a readable resolv.conf ({e})"),
+                    });
+                }
+                Err(_) => {}
+            }
         }
 
         let include = env("ISTIO_OUTBOUND_OWNER_GROUPS").unwrap_or_else(|| "*".into());

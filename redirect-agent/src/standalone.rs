@@ -72,6 +72,7 @@ pub async fn serve(args: &ProxyArgs, shutdown: impl std::future::Future<Output =
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         max_connections: args.max_proxy_connections as usize,
         liveness: args.liveness.to_liveness(),
+        dns_port: None,
     }
     // Raised in `enter`, while still root.
     .fit_to_descriptors(sys::nofile_limit().map_or(0, |l| l.rlim_cur));
@@ -81,7 +82,7 @@ pub async fn serve(args: &ProxyArgs, shutdown: impl std::future::Future<Output =
     // The only proxy of its process: its own limit, fitted to the descriptors above, is the
     // whole budget.
     let budget = Budget::new(cfg.max_connections);
-    let proxy = Proxy::start(listening, OriginalDst::Conntrack, Dialer::Here, cfg, None, budget)?;
+    let proxy = Proxy::start(listening, OriginalDst::Conntrack, Dialer::Here, cfg, None, budget, None)?;
     tracing::info!(
         uid = args.uid,
         gid = args.gid,

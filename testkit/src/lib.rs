@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod demo;
+pub mod dns_server;
 pub mod flood;
 pub mod handover_peer;
 pub mod netns;

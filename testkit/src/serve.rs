@@ -27,12 +27,17 @@ pub struct ServeArgs {
     pub netns: Option<PathBuf>,
     /// NAME=ADDR:PORT (`remote=10.200.1.2:8080`, `remote6=[fd00:200:0:1::2]:8080`) to listen
     /// on; repeat for more.
-    #[arg(long, required_unless_present = "udp", value_parser = parse_listen)]
+    #[arg(long, required_unless_present_any = ["udp", "dns"], value_parser = parse_listen)]
     pub listen: Vec<(String, SocketAddr)>,
     /// NAME=ADDR:PORT to answer UDP on: each datagram gets the banner back, its peer the
     /// sender as the server saw it.
     #[arg(long, value_parser = parse_listen)]
     pub udp: Vec<(String, SocketAddr)>,
+    /// ADDR:PORT to answer DNS on (UDP and TCP): every A query gets `--dns-a`.
+    #[arg(long, requires = "dns_a")]
+    pub dns: Vec<SocketAddr>,
+    #[arg(long)]
+    pub dns_a: Option<std::net::Ipv4Addr>,
     /// Once every socket is bound, run as this uid and gid (istio-agent's 1337, say, whose
     /// sockets the owner rules leave alone).
     #[arg(long)]
@@ -76,6 +81,13 @@ pub fn main(args: &ServeArgs) -> ExitCode {
                     .map_err(|e| io::Error::new(e.kind(), format!("listen {name}={addr}: {e}")))
             })
             .collect::<io::Result<Vec<_>>>()
+    });
+    let listeners = listeners.and_then(|l| {
+        for &addr in &args.dns {
+            let a = args.dns_a.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+            crate::dns_server::spawn(addr, a).map_err(|e| io::Error::new(e.kind(), format!("dns {addr}: {e}")))?;
+        }
+        Ok(l)
     });
     let udp = listeners.and_then(|l| {
         let udp = args
@@ -155,6 +167,14 @@ impl ServeProcess {
         Self::start_full(testkit, cgroup, netns, listen, udp, None)
     }
 
+    /// A resolver on `addr` (UDP and TCP) in `netns`, answering every A query with `a`.
+    pub fn start_dns(testkit: &Path, netns: &Path, addr: SocketAddr, a: std::net::Ipv4Addr) -> io::Result<Self> {
+        let mut c = Command::new(testkit);
+        c.args(["serve", "--netns", &netns.to_string_lossy()]);
+        c.args(["--dns", &addr.to_string(), "--dns-a", &a.to_string()]);
+        Self::spawn(c)
+    }
+
     /// [`ServeProcess::start_with_udp`], running as `uid` (and gid) once its sockets are bound.
     pub fn start_full<A: Into<SocketAddr> + Copy>(
         testkit: &Path,
@@ -179,6 +199,11 @@ impl ServeProcess {
         for (name, addr) in udp {
             c.args(["--udp", &format!("{name}={addr}")]);
         }
+        Self::spawn(c)
+    }
+
+    /// Starts `c` (a `serve` command) and waits for its `ready`.
+    fn spawn(mut c: Command) -> io::Result<Self> {
         let child = c
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -278,3 +278,70 @@ fn dns_to_resolv_conf_servers_is_captured_as_iptables_does() {
 fn capture_all_dns_is_captured_as_iptables_does() {
     dns_differential(&["--capture-all-dns"]);
 }
+
+/// `/etc/netns/NAME/resolv.conf`, which `ip netns exec NAME` mounts over the resolver's file;
+/// removed on drop.
+struct NetnsResolvConf(PathBuf);
+
+impl NetnsResolvConf {
+    fn write(netns: &str, text: &str) -> Self {
+        let dir = Path::new("/etc/netns").join(netns);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("resolv.conf"), text).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for NetnsResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An app resolves a name with glibc's resolver (`getent`), over UDP and (`use-vc`) over TCP,
+/// against a resolver in the remote namespace, through the embedded proxy's DNS on 15053: it
+/// gets the resolver's answer, and the DNS rules counted each query.
+#[test]
+fn the_embedded_proxy_answers_dns_from_the_workloads_resolver() {
+    require_root();
+    let answer = Ipv4Addr::new(10, 200, 1, 77);
+    let mut w = redirect_tests::Workload::new("dnse");
+    let resolver = SocketAddr::from(SocketAddrV4::new(w.pair.remote_ip, 53));
+    let conf = format!("nameserver {}\n", w.pair.remote_ip);
+    let dir = std::env::temp_dir().join(unique("dnse"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("resolv.conf");
+    std::fs::write(&file, &conf).unwrap();
+    let _netns_conf = NetnsResolvConf::write(&w.pair.workload.name, &conf);
+    let _resolver = ServeProcess::start_dns(&testkit_bin(), &w.pair.remote.path, resolver, answer).expect("resolver");
+    w.start_agent(&["--redirect-dns", "--resolv-conf", &file.to_string_lossy()])
+        .expect("agent starts");
+    let resolve = |options: &str| {
+        // Inside the workload's cgroup (where `run` captures) and namespace.
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec ip netns exec {} getent ahostsv4 svc.test",
+            w.cgroup.path.display(),
+            w.pair.workload.name
+        );
+        let out = Command::new("timeout")
+            .args(["20", "sh", "-c", &script])
+            .env("RES_OPTIONS", options)
+            .output()
+            .expect("getent");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dns_counts = |w: &redirect_tests::Workload| w.chain_counts("ISTIO_OUTPUT_DNS");
+    assert_eq!(dns_counts(&w), [0, 0]);
+    let udp = resolve("attempts:1");
+    assert!(udp.contains(&answer.to_string()), "over UDP: {udp:?}");
+    let after_udp = dns_counts(&w);
+    assert!(
+        after_udp[0] == 0 && after_udp[1] >= 1,
+        "the UDP rule counted the query: {after_udp:?}"
+    );
+    let tcp = resolve("use-vc attempts:1");
+    assert!(tcp.contains(&answer.to_string()), "over TCP: {tcp:?}");
+    let after_tcp = dns_counts(&w);
+    assert!(after_tcp[0] >= 1, "the TCP rule counted the query: {after_tcp:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -201,7 +201,7 @@ fn stopping_keeps_the_pins_and_cleanup_releases_every_workload() {
     agent.enroll(&w.pair.workload.path, "c", &[]);
     let programs: Vec<u32> = agent.state().unwrap().programs.values().copied().collect();
     // The cgroup programs; each workload's sk_lookup instance is held by its pinned link.
-    assert_eq!(programs.len(), 6);
+    assert_eq!(programs.len(), 10);
     let (status, log) = p.stop(Duration::from_secs(10));
     assert!(status.is_some_and(|s| s.success()), "{log}");
     let pins = format!("/sys/fs/bpf/redirect/{}", agent.name);

@@ -15,9 +15,10 @@ use crate::proxy::{Budget, SPARE_SOCKETS};
 /// program, 1 link, 1 BTF, 33 dialer sockets, 2 netlink); the parts below are those at their
 /// most.
 pub const PER_WORKLOAD: u64 = {
-    // The capture listeners (two ports, IPv4 and IPv6) and a second descriptor of each, kept
-    // for a handover.
-    let listeners = 4 * 2;
+    // The capture listeners (two ports, IPv4 and IPv6) and, with DNS capture, the DNS proxy's
+    // TCP listeners and UDP sockets (IPv4 and IPv6), and a second descriptor of each, kept for
+    // a handover; the DNS proxy's upstream UDP socket per family.
+    let listeners = (4 + 2 + 2) * 2 + 2;
     // The namespace: the workload's, its address watcher's, its dialer's and each dialer
     // thread's (one per family).
     let netns = 5;

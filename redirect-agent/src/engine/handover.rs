@@ -59,9 +59,10 @@ fn sort_descriptors(id: &str, names: &[String], fds: Vec<OwnedFd>) -> anyhow::Re
     for (name, fd) in names.iter().zip(fds) {
         match name.as_str() {
             NETNS => netns = Some(fd),
-            n if n == Side::Outbound.name() => listeners.push((Side::Outbound, fd)),
-            n if n == Side::Inbound.name() => listeners.push((Side::Inbound, fd)),
-            other => anyhow::bail!("unknown descriptor '{other}' in a handover"),
+            other => match Side::from_name(other) {
+                Some(side) => listeners.push((side, fd)),
+                None => anyhow::bail!("unknown descriptor '{other}' in a handover"),
+            },
         }
     }
     let netns = netns.with_context(|| format!("workload {id}: no namespace in the handover"))?;

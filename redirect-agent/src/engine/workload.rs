@@ -23,8 +23,8 @@ use crate::{
     adopt,
     flags::ProxyMode,
     proxy::{
-        AgentSockets, CgroupDialer, ChildSpec, Dialer, FastPath, FastPathSockets, LISTEN_BACKLOG, Listeners, Listening,
-        NetnsDialer, OrigDstTable, OriginalDst, Proxy, ProxyConfig, Side,
+        AgentSockets, CgroupDialer, ChildSpec, Dialer, DnsUpstream, FastPath, FastPathSockets, LISTEN_BACKLOG,
+        Listeners, Listening, NetnsDialer, OrigDstTable, OriginalDst, Proxy, ProxyConfig, Side,
     },
     sys::{self, Netns},
 };
@@ -156,10 +156,14 @@ impl Engine {
     /// Every check of an enroll request, before anything changes.
     fn check(&self, req: &Request, netns: &Netns) -> Result<WorkloadInfo, EnrollError> {
         chain::compile(&req.capture).map_err(|e| EnrollError::Flags(e.to_string()))?;
-        if req.proxy == ProxyMode::Embedded && req.capture.dns.enabled() {
+        // The embedded proxy forwards DNS to the workload's resolvers: it must know them (a
+        // node's own resolv.conf is not a pod's).
+        let named = req.args.iter().any(|a| a.starts_with("--resolv-conf"));
+        let unknown = req.capture.dns.upstreams.is_empty() || (self.settings.mode == pins::Mode::Node && !named);
+        if req.proxy == ProxyMode::Embedded && req.capture.dns.enabled() && unknown {
             return Err(EnrollError::Flags(
-                "--redirect-dns needs a DNS proxy on port 15053 in the workload (istio-agent's; --proxy none): the \
-                 embedded proxy does not answer DNS yet"
+                "--redirect-dns with the embedded proxy: the resolv.conf names no resolver to forward DNS to (name \
+                 the workload's with --resolv-conf PATH)"
                     .into(),
             ));
         }
@@ -294,6 +298,7 @@ impl Engine {
             {
                 crate::listen_in::listeners(cgroup, &info.netns, &cfg.listen_addrs(), LISTEN_BACKLOG)
                     .and_then(Listening::from_fds)
+                    .and_then(|l| l.with_udp(netns, cfg))
             }
             None if fast_path && !self.agent_under_attach => {
                 tracing::warn!(
@@ -398,6 +403,7 @@ impl Engine {
                 connect_timeout: self.settings.sizing.connect_timeout,
                 max_connections: self.settings.sizing.max_proxy_connections,
                 liveness: self.settings.sizing.liveness,
+                dns_port: capture.dns.enabled().then_some(redirect_common::DNS_PROXY_PORT),
             };
             // New listeners (not handed over): whatever sk_lookup gave the previous ones, which
             // closed with their proxy, never completes.
@@ -418,6 +424,13 @@ impl Engine {
                 cookie,
             )));
             let agent_sockets = AgentSockets::new(self.open_map(maps::AGENT_SOCKETS)?);
+            let dns = match capture.dns.enabled() {
+                true => Some(
+                    DnsUpstream::make(&netns, &capture.dns.upstreams, &agent_sockets)
+                        .map_err(EnrollError::io("the DNS proxy's upstream sockets"))?,
+                ),
+                false => None,
+            };
             let dialer = self.dialer(&info, capture, &netns, agent_sockets)?;
             // Where sock_ops does not see the proxy's upstream sockets (the agent's own,
             // outside the attach point), the proxy enrolls them in the fast path itself.
@@ -431,8 +444,16 @@ impl Engine {
                 }),
                 false => None,
             };
-            let proxy = Proxy::start(listening, table, dialer, cfg, own_fast_path, self.plan.budget.clone())
-                .map_err(EnrollError::io("starting the proxy"))?;
+            let proxy = Proxy::start(
+                listening,
+                table,
+                dialer,
+                cfg,
+                own_fast_path,
+                self.plan.budget.clone(),
+                dns,
+            )
+            .map_err(EnrollError::io("starting the proxy"))?;
             (Some(proxy), fds)
         } else {
             // sock_ops registers the workload's proxy's listener when it calls listen(); one

@@ -73,7 +73,7 @@ impl AgentSockets {
         Self(Arc::new(Mutex::new(map)))
     }
 
-    pub(super) fn register(&self, socket: &TcpSocket) -> io::Result<()> {
+    pub(crate) fn register(&self, socket: &impl std::os::fd::AsRawFd) -> io::Result<()> {
         let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         map.insert(socket, 1, 0)
             .map_err(|e| io::Error::other(format!("AGENT_SOCKETS: {e}")))

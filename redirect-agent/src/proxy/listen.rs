@@ -21,14 +21,26 @@ pub enum Side {
     /// `-z` (15006): inbound; upstream binds 127.0.0.6 (`::6` for IPv6) so ISTIO_OUTPUT's first
     /// rule lets it by.
     Inbound,
+    /// 15053 over TCP (DNS capture): forwarded to the resolver the app dialed, as outbound.
+    Dns,
+    /// 15053 over UDP: a UDP socket, answered by the DNS forwarder (`dns.rs`).
+    DnsUdp,
 }
 
 impl Side {
+    pub const ALL: [Side; 4] = [Side::Outbound, Side::Inbound, Side::Dns, Side::DnsUdp];
+
     pub fn name(self) -> &'static str {
         match self {
             Side::Outbound => "outbound",
             Side::Inbound => "inbound",
+            Side::Dns => "dns",
+            Side::DnsUdp => "dns-udp",
         }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
     }
 }
 
@@ -46,6 +58,8 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Idle timeout and keepalive of every proxied connection.
     pub liveness: super::Liveness,
+    /// DNS capture: the port the DNS proxy answers on (UDP and TCP), where the rules send it.
+    pub dns_port: Option<u16>,
 }
 
 /// Proxied connections that `nofile` descriptors hold: two each, after the reserve; at least one.
@@ -62,13 +76,24 @@ impl ProxyConfig {
     /// primary address of the interface the SYN arrived on, or loopback).
     pub const ANY: [IpAddr; 2] = [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)];
 
-    /// Every (side, address) a capture listener is bound to.
+    /// Every (side, address) a TCP capture listener is bound to.
     pub fn listen_addrs(&self) -> Vec<(Side, SocketAddr)> {
+        let mut sides = vec![(Side::Outbound, self.outbound_port), (Side::Inbound, self.inbound_port)];
+        if let Some(port) = self.dns_port {
+            sides.push((Side::Dns, port));
+        }
         let mut out = Vec::new();
-        for (side, port) in [(Side::Outbound, self.outbound_port), (Side::Inbound, self.inbound_port)] {
+        for (side, port) in sides {
             out.extend(self.listen_on.iter().map(|ip| (side, SocketAddr::new(*ip, port))));
         }
         out
+    }
+
+    /// Every address the DNS proxy's UDP sockets are bound to.
+    pub fn udp_addrs(&self) -> Vec<SocketAddr> {
+        self.dns_port
+            .map(|port| self.listen_on.iter().map(|ip| SocketAddr::new(*ip, port)).collect())
+            .unwrap_or_default()
     }
 
     /// The capture port of `side`.
@@ -76,6 +101,7 @@ impl ProxyConfig {
         match side {
             Side::Outbound => self.outbound_port,
             Side::Inbound => self.inbound_port,
+            Side::Dns | Side::DnsUdp => self.dns_port.unwrap_or(redirect_common::DNS_PROXY_PORT),
         }
     }
 
@@ -98,36 +124,52 @@ impl ProxyConfig {
 /// Listeners bound inside the namespace, not yet listening.
 pub struct Listeners {
     sockets: Vec<(Side, TcpSocket)>,
+    udp: Vec<std::net::UdpSocket>,
 }
 
 /// Listening sockets, not yet served: the inbound one must be registered for sk_lookup
 /// (it can enter a sockhash only once it listens) before the first SYN can reach it.
 pub struct Listening {
     pub(super) listeners: Vec<(Side, TcpListener)>,
+    /// The DNS proxy's UDP sockets ([`Side::DnsUdp`]).
+    pub(super) udp: Vec<std::net::UdpSocket>,
 }
 
 impl Listening {
-    /// Sockets already listening (made elsewhere, e.g. by `listen_in`). Must run inside the
-    /// tokio runtime.
+    /// Sockets already listening (made elsewhere, e.g. by `listen_in`, or handed over). Must
+    /// run inside the tokio runtime.
     pub fn from_fds(fds: impl IntoIterator<Item = (Side, std::os::fd::OwnedFd)>) -> io::Result<Self> {
-        let listeners = fds
-            .into_iter()
-            .map(|(side, fd)| {
-                let l = std::net::TcpListener::from(fd);
-                l.set_nonblocking(true)?;
-                Ok((side, TcpListener::from_std(l)?))
-            })
-            .collect::<io::Result<_>>()?;
-        Ok(Self { listeners })
+        let mut listeners = Vec::new();
+        let mut udp = Vec::new();
+        for (side, fd) in fds {
+            if side == Side::DnsUdp {
+                udp.push(std::net::UdpSocket::from(fd));
+                continue;
+            }
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true)?;
+            listeners.push((side, TcpListener::from_std(l)?));
+        }
+        Ok(Self { listeners, udp })
+    }
+
+    /// Adds the DNS proxy's UDP sockets, bound in `netns` (where the TCP listeners were made
+    /// by another process that makes no UDP ones).
+    pub fn with_udp(mut self, netns: &Netns, cfg: &ProxyConfig) -> io::Result<Self> {
+        let addrs = cfg.udp_addrs();
+        self.udp = netns.run(move || bind_udp(&addrs))?;
+        Ok(self)
     }
 
     /// Second descriptors of the listening sockets, for handing them to another process.
     pub fn dup_fds(&self) -> io::Result<Vec<(Side, std::os::fd::OwnedFd)>> {
         use std::os::fd::AsFd as _;
-        self.listeners
+        let tcp = self
+            .listeners
             .iter()
-            .map(|(side, l)| Ok((*side, l.as_fd().try_clone_to_owned()?)))
-            .collect()
+            .map(|(side, l)| (*side, l.as_fd().try_clone_to_owned()));
+        let udp = self.udp.iter().map(|u| (Side::DnsUdp, u.as_fd().try_clone_to_owned()));
+        tcp.chain(udp).map(|(side, fd)| Ok((side, fd?))).collect()
     }
 
     /// The listeners of `side`, one per address family it listens on.
@@ -155,7 +197,10 @@ impl Listeners {
                 Err(e) => return Err(io::Error::new(e.kind(), format!("bind {addr}: {e}"))),
             }
         }
-        Ok(Self { sockets })
+        Ok(Self {
+            sockets,
+            udp: bind_udp(&cfg.udp_addrs())?,
+        })
     }
 
     /// Must run inside the tokio runtime.
@@ -165,8 +210,25 @@ impl Listeners {
             .into_iter()
             .map(|(side, s)| Ok((side, s.listen(LISTEN_BACKLOG)?)))
             .collect::<io::Result<_>>()?;
-        Ok(Listening { listeners })
+        Ok(Listening {
+            listeners,
+            udp: self.udp,
+        })
     }
+}
+
+/// The DNS proxy's UDP sockets on `addrs`, in the calling thread's namespace (an IPv6 one
+/// skipped where the namespace has no IPv6, as the TCP listeners are).
+fn bind_udp(addrs: &[SocketAddr]) -> io::Result<Vec<std::net::UdpSocket>> {
+    let mut out = Vec::new();
+    for &addr in addrs {
+        match std::net::UdpSocket::bind(addr) {
+            Ok(s) => out.push(s),
+            Err(e) if addr.is_ipv6() && no_ipv6(&e) => {}
+            Err(e) => return Err(io::Error::new(e.kind(), format!("bind udp {addr}: {e}"))),
+        }
+    }
+    Ok(out)
 }
 
 /// A capture listener's socket on `addr`. An IPv6 one takes IPv6 only: IPv4 has its own

@@ -25,6 +25,7 @@ use tokio::{
 mod budget;
 mod cgroup_dialer;
 mod dialer;
+mod dns;
 mod fast_path;
 mod listen;
 mod orig_dst;
@@ -35,6 +36,7 @@ mod trim;
 pub use budget::Budget;
 pub use cgroup_dialer::{CgroupDialer, ChildSpec};
 pub use dialer::{AgentSockets, Dialer, NetnsDialer, SPARE_SOCKETS};
+pub use dns::DnsUpstream;
 use fast_path::Enrolled;
 pub use fast_path::{FastPath, FastPathSockets};
 pub use listen::{LISTEN_BACKLOG, Listeners, Listening, ProxyConfig, Side, connections_fitting, no_ipv6};
@@ -86,7 +88,8 @@ struct Shared {
 
 impl Proxy {
     /// Starts serving. Must run inside the tokio runtime. A connection needs a share of
-    /// `budget` on top of one of the proxy's own `cfg.max_connections`.
+    /// `budget` on top of one of the proxy's own `cfg.max_connections`. `dns`: where the DNS
+    /// sockets of `listening` (if any) send their queries.
     pub fn start(
         listening: Listening,
         table: OriginalDst,
@@ -94,6 +97,7 @@ impl Proxy {
         cfg: ProxyConfig,
         fast_path: Option<FastPath>,
         budget: Budget,
+        dns: Option<DnsUpstream>,
     ) -> io::Result<Self> {
         let counters = Arc::new(ProxyCounters::default());
         let shared = Arc::new(Shared {
@@ -116,6 +120,20 @@ impl Proxy {
             }
             tracing::info!(side = side.name(), addr = %listener.local_addr()?, "proxy listening");
             tasks.spawn(accept_loop(listener, side, shared.clone(), stopped.clone()));
+        }
+        if let Some(upstream) = dns
+            && !listening.udp.is_empty()
+        {
+            for u in &listening.udp {
+                tracing::info!(side = Side::DnsUdp.name(), addr = %u.local_addr()?, "proxy listening");
+            }
+            let stopped = stopped.clone();
+            let udp = listening.udp;
+            tasks.spawn(async move {
+                if let Err(e) = dns::serve(udp, upstream, stopped).await {
+                    tracing::error!("the DNS proxy stopped: {e}");
+                }
+            });
         }
         tasks.spawn(housekeeping(shared.clone(), stopped));
         Ok(Self {
@@ -372,6 +390,7 @@ mod tests {
                 idle_timeout: Some(Liveness::DEFAULT_IDLE_TIMEOUT),
                 keepalive: Some(Keepalive::DEFAULT),
             },
+            dns_port: None,
         }
     }
 

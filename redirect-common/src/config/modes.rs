@@ -30,6 +30,9 @@ pub struct DnsCapture {
     pub capture_all: bool,
     pub servers_v4: Vec<Ipv4Addr>,
     pub servers_v6: Vec<Ipv6Addr>,
+    /// The resolv.conf's resolvers, whichever the capture: where the embedded DNS proxy sends
+    /// the UDP queries it answers (istio-agent forwards names it does not own to them too).
+    pub upstreams: Vec<IpAddr>,
 }
 
 impl DnsCapture {
