@@ -32,7 +32,7 @@ use std::{
 
 use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType};
 
-use crate::sys::{self, MAX_FDS_PER_MESSAGE};
+use crate::sys::{self, DIAL_BATCH};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DialInArgs {
@@ -127,7 +127,7 @@ fn serve(conn: &OwnedFd) {
             6 => AddressFamily::INET6,
             _ => return,
         };
-        let count = usize::from(req[1]).clamp(1, MAX_FDS_PER_MESSAGE);
+        let count = usize::from(req[1]).clamp(1, DIAL_BATCH);
         let mut made = Vec::with_capacity(count);
         let mut errno = 0;
         for _ in 0..count {

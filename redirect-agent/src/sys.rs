@@ -420,8 +420,12 @@ pub fn join(cgroup: Option<&Path>, netns: Option<&Path>) -> io::Result<()> {
     Ok(())
 }
 
-/// Most descriptors passed in one SCM_RIGHTS message (a workload has three).
-pub const MAX_FDS_PER_MESSAGE: usize = 8;
+/// Most descriptors passed in one SCM_RIGHTS message: a handed-over workload's (its namespace,
+/// four capture listeners, and with DNS capture two TCP and two UDP DNS sockets), with room.
+pub const MAX_FDS_PER_MESSAGE: usize = 16;
+
+/// Sockets a dialer process sends at once (the descriptor budget counts a batch per family).
+pub const DIAL_BATCH: usize = 8;
 
 /// Sends `payload` with `fds` in one message (SCM_RIGHTS needs at least a byte to travel
 /// with); the bytes sent.

@@ -298,6 +298,61 @@ impl Drop for NetnsResolvConf {
     }
 }
 
+/// `svc.test` as glibc's resolver in the workload finds it (`getent`, inside its cgroup, where
+/// `run` captures, and namespace), with `RES_OPTIONS` `options`: what it printed.
+fn resolve(w: &redirect_tests::Workload, options: &str) -> String {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec ip netns exec {} getent ahostsv4 svc.test",
+        w.cgroup.path.display(),
+        w.pair.workload.name
+    );
+    let out = Command::new("timeout")
+        .args(["20", "sh", "-c", &script])
+        .env("RES_OPTIONS", options)
+        .output()
+        .expect("getent");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Node mode: a pod enrolled with DNS capture resolves through the embedded proxy, and still
+/// does after a new agent took over (the DNS proxy's sockets are handed over with the
+/// listeners: the new one could not bind 15053 while the old one holds it).
+#[test]
+fn embedded_dns_survives_a_node_handover() {
+    require_root();
+    let answer = Ipv4Addr::new(10, 200, 1, 78);
+    let agent = redirect_tests::node::NodeAgent::new("node-dns", &[]);
+    let first = agent.start().expect("node agent starts");
+    let w = redirect_tests::Workload::new_on("ndns", 61);
+    let resolver = SocketAddr::from(SocketAddrV4::new(w.pair.remote_ip, 53));
+    let conf = format!("nameserver {}\n", w.pair.remote_ip);
+    let dir = std::env::temp_dir().join(unique("ndns"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("resolv.conf");
+    std::fs::write(&file, &conf).unwrap();
+    let _netns_conf = NetnsResolvConf::write(&w.pair.workload.name, &conf);
+    let _resolver = ServeProcess::start_dns(&testkit_bin(), &w.pair.remote.path, resolver, answer).expect("resolver");
+    let cg = w.cgroup.path.to_string_lossy().into_owned();
+    let file_arg = file.to_string_lossy().into_owned();
+    agent.enroll(
+        &w.pair.workload.path,
+        "dns",
+        &["--cgroup", &cg, "--", "--redirect-dns", "--resolv-conf", &file_arg],
+    );
+    let before = resolve(&w, "attempts:1");
+    assert!(before.contains(&answer.to_string()), "before the handover: {before:?}");
+    let second = agent.start().expect("the new agent takes over");
+    assert!(second.log().contains("a running agent handed over"), "{}", second.log());
+    drop(first);
+    let after = resolve(&w, "attempts:2");
+    assert!(
+        after.contains(&answer.to_string()),
+        "after the handover: {after:?}\n{}",
+        second.log()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// An app resolves a name with glibc's resolver (`getent`), over UDP and (`use-vc`) over TCP,
 /// against a resolver in the remote namespace, through the embedded proxy's DNS on 15053: it
 /// gets the resolver's answer, and the DNS rules counted each query.
@@ -316,20 +371,7 @@ fn the_embedded_proxy_answers_dns_from_the_workloads_resolver() {
     let _resolver = ServeProcess::start_dns(&testkit_bin(), &w.pair.remote.path, resolver, answer).expect("resolver");
     w.start_agent(&["--redirect-dns", "--resolv-conf", &file.to_string_lossy()])
         .expect("agent starts");
-    let resolve = |options: &str| {
-        // Inside the workload's cgroup (where `run` captures) and namespace.
-        let script = format!(
-            "echo $$ > {}/cgroup.procs && exec ip netns exec {} getent ahostsv4 svc.test",
-            w.cgroup.path.display(),
-            w.pair.workload.name
-        );
-        let out = Command::new("timeout")
-            .args(["20", "sh", "-c", &script])
-            .env("RES_OPTIONS", options)
-            .output()
-            .expect("getent");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let resolve = |options: &str| resolve(&w, options);
     let dns_counts = |w: &redirect_tests::Workload| w.chain_counts("ISTIO_OUTPUT_DNS");
     assert_eq!(dns_counts(&w), [0, 0]);
     let udp = resolve("attempts:1");

@@ -30,7 +30,7 @@ use super::{
 };
 use crate::{
     dial_in::{FAILED, READY, recv_reply},
-    sys::{MAX_FDS_PER_MESSAGE, Netns},
+    sys::{DIAL_BATCH, Netns},
 };
 
 /// How long the agent waits for the child's answer before it takes it for hung, kills it and
@@ -155,7 +155,7 @@ fn pump(shared: &Arc<Shared>, v6: bool, agent: AgentSockets, keepalive: Option<K
         if shared.stopped.load(Ordering::SeqCst) {
             return None;
         }
-        let want = room.clamp(1, MAX_FDS_PER_MESSAGE);
+        let want = room.clamp(1, DIAL_BATCH);
         let (fds, err) = match ask(&shared, v6, want) {
             Ok(answer) => answer,
             Err(e) => (Vec::new(), Some(e)),
