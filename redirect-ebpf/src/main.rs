@@ -21,6 +21,7 @@ mod sk_msg;
 mod sk_skb;
 mod sockaddr;
 mod sockops;
+mod user_addr;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -5,8 +5,11 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{bpf_sock, bpf_sock_addr, sockaddr},
-    helpers::{bpf_bind, bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{
+        bpf_bind, bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
+    },
     programs::SockAddrContext,
 };
 use redirect_common::{
@@ -60,6 +63,43 @@ pub unsafe fn judged_socket(sa: *mut bpf_sock_addr) -> Option<(*mut bpf_sock, u6
     // kernel's variant of the helper reads the socket from it); see `# Safety`.
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
     Some((sk, cookie, proto))
+}
+
+/// A connect or sendmsg hook's judgement: the context's socket ([`judged_socket`]; a UDP one
+/// only with `udp_only`), the destination and the socket's own address as `read` takes them
+/// from the context and the socket, and [`decide`]'s answer.
+///
+/// # Safety
+///
+/// `ctx` must be this run's context of a connect4/6 or sendmsg4/6 hook, and `read` read only
+/// context fields and the full socket it is given (the `user_addr` functions of the hook's
+/// family).
+#[inline(always)]
+pub unsafe fn judge(
+    ctx: &SockAddrContext,
+    udp_only: bool,
+    read: impl FnOnce(*mut bpf_sock_addr, *mut bpf_sock) -> (Addr, u16, Addr),
+) -> Option<Redirect> {
+    let sa = ctx.sock_addr;
+    // SAFETY: `sa` is this run's own context (see `# Safety`).
+    let (sk, cookie, proto) = unsafe { judged_socket(sa) }?;
+    if udp_only && proto != IPPROTO_UDP {
+        return None;
+    }
+    let (dst, dst_port, src) = read(sa, sk);
+    let c = Connect {
+        sk,
+        cookie,
+        proto,
+        // SAFETY: the helper's one argument is the program's own context (it reads the
+        // socket's namespace from it); every sock_addr hook may call it (5.7+, probed).
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        dst,
+        dst_port,
+        src,
+    };
+    // SAFETY: `c.sk` is the socket `judged_socket` returned for this run's context.
+    unsafe { decide(&c) }
 }
 
 /// Binds the socket to `addr` (a `SockaddrIn`/`SockaddrIn6` of port 0) before the hook lets
