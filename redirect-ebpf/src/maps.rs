@@ -218,21 +218,25 @@ pub fn dns_answer_source(cookie: u64, from: &Addr, port: u16) -> Option<OrigDst>
     (addr::family(&orig.addr) == family).then_some(orig)
 }
 
-/// A datagram of an enrolled workload's socket came from `from`:`port`. Unless the socket sent
-/// there first (its own flow), the peer began this flow, and what the socket sends back is the
-/// flow's reply direction, which nat OUTPUT never sees (`output::udp_flow`). Only for enrolled
-/// namespaces: node mode runs this for every socket of the node.
+/// A datagram of an enrolled workload's socket came from `from`:`port`: as conntrack, the
+/// flow is alive again now; if the socket had none with that peer (or it had gone quiet), the
+/// peer began this one, and what the socket sends back is its reply direction, which nat OUTPUT
+/// never sees (`output::udp_flow`); a flow the socket began has now been answered. Only for
+/// enrolled namespaces: node mode runs this for every socket of the node.
 #[inline(always)]
 pub fn note_udp_peer(netns_cookie: u64, cookie: u64, from: &Addr, port: u16) {
+    use crate::output::{flow_bits, udp_flow_alive};
     if workload(netns_cookie).is_none() {
         return;
     }
     let key = redirect_common::UdpFlowKey::new(cookie, *from, port);
-    // SAFETY: the reference is only tested for presence, never read.
-    if unsafe { UDP_FLOWS.get(key) }.is_some() {
-        return;
-    }
     // SAFETY: the helper takes no argument and reads a clock.
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() } | crate::output::UDP_FLOW_REPLY;
-    let _ = UDP_FLOWS.insert(key, now, 0);
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() } & !flow_bits::ALL;
+    // SAFETY: the reference is copied from at once (8 bytes), while the value is mapped.
+    let bits = match unsafe { UDP_FLOWS.get(key) }.copied() {
+        Some(v) if udp_flow_alive(v, now) && v & flow_bits::REPLY == 0 => v & flow_bits::ALL | flow_bits::BOTH,
+        Some(v) if udp_flow_alive(v, now) => v & flow_bits::ALL,
+        _ => flow_bits::REPLY,
+    };
+    let _ = UDP_FLOWS.insert(key, now | bits, 0);
 }

@@ -251,13 +251,27 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
     })
 }
 
-/// conntrack's UDP timeout for a flow that saw no reply (`nf_conntrack_udp_timeout`, 30 s):
-/// a flow quiet for longer is a new one, counted again.
-const UDP_FLOW_IDLE_NS: u64 = 30_000_000_000;
+/// The low bits of a `UDP_FLOWS` value (the rest is when the flow last saw a datagram, ns).
+pub mod flow_bits {
+    /// The flow began with a datagram this socket received (recvmsg4/6 noted it): what the
+    /// socket sends back is its reply direction.
+    pub const REPLY: u64 = 1;
+    /// Both directions were seen: conntrack keeps such a flow for its stream timeout.
+    pub const BOTH: u64 = 2;
+    pub const ALL: u64 = REPLY | BOTH;
+}
 
-/// The low bit of a `UDP_FLOWS` value: the flow began with a datagram this socket received
-/// (recvmsg4/6 noted it), so what the socket sends back is its reply direction.
-pub const UDP_FLOW_REPLY: u64 = 1;
+/// Whether the flow whose `UDP_FLOWS` value is `v` is still one conntrack keeps at `now`: quiet
+/// for at most `nf_conntrack_udp_timeout` (30 s), or `_stream` (120 s) once it was answered.
+#[inline(always)]
+pub fn udp_flow_alive(v: u64, now: u64) -> bool {
+    let timeout = if v & flow_bits::BOTH != 0 {
+        120_000_000_000
+    } else {
+        30_000_000_000
+    };
+    now.saturating_sub(v & !flow_bits::ALL) <= timeout
+}
 
 /// How a UDP datagram relates to the flows conntrack would hold.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -275,18 +289,16 @@ enum UdpFlow {
 fn udp_flow(cookie: u64, dst: &Addr, port: u16) -> UdpFlow {
     let key = UdpFlowKey::new(cookie, *dst, port);
     // SAFETY: the helper takes no argument and reads a clock.
-    let now = unsafe { bpf_ktime_get_ns() } & !UDP_FLOW_REPLY;
+    let now = unsafe { bpf_ktime_get_ns() } & !flow_bits::ALL;
     // SAFETY: the reference is copied from at once (8 bytes), while the value is mapped.
-    let (flow, reply) = match unsafe { UDP_FLOWS.get(key) }.copied() {
-        Some(last) if now.saturating_sub(last & !UDP_FLOW_REPLY) <= UDP_FLOW_IDLE_NS => {
-            match last & UDP_FLOW_REPLY != 0 {
-                true => (UdpFlow::Reply, UDP_FLOW_REPLY),
-                false => (UdpFlow::Seen, 0),
-            }
-        }
+    let (flow, bits) = match unsafe { UDP_FLOWS.get(key) }.copied() {
+        Some(v) if udp_flow_alive(v, now) => match v & flow_bits::REPLY != 0 {
+            true => (UdpFlow::Reply, v & flow_bits::ALL | flow_bits::BOTH),
+            false => (UdpFlow::Seen, v & flow_bits::ALL),
+        },
         _ => (UdpFlow::New, 0),
     };
-    let _ = UDP_FLOWS.insert(key, now | reply, 0);
+    let _ = UDP_FLOWS.insert(key, now | bits, 0);
     flow
 }
 

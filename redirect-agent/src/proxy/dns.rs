@@ -1,7 +1,9 @@
 //! The embedded proxy's DNS over UDP: what istio-agent does on 15053 for names it does not own.
-//! Each captured query is sent on to a resolver of the workload's resolv.conf under a fresh
-//! transaction id, and the answer goes back to the client under its own id, from the socket it
-//! asked (127.0.0.1:15053 or `[::1]:15053`; recvmsg4/6 then name the resolver the app asked).
+//! Each captured query is sent on to the workload's resolv.conf resolvers, in order (the next
+//! after 1.5 s without an answer; SERVFAIL past the last), from a random one of several sockets
+//! under a random transaction id; an answer counts only from the resolver asked, to the question
+//! asked. It goes back to the client under its own id, from the socket it asked (127.0.0.1:15053
+//! or `[::1]:15053`; recvmsg4/6 then name the resolver the app asked).
 //! DNS over TCP takes the proxy's TCP path to the resolver the app dialed (`Side::Dns`).
 //!
 //! The upstream sockets are the agent's (in `AGENT_SOCKETS`), so the capture hooks leave them
@@ -17,28 +19,30 @@ use std::{
 
 use tokio::net::UdpSocket;
 
-/// How long a query waits for its resolver; later answers are dropped (the client retries, as
-/// it would after a lost datagram).
-const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+/// How long a query waits for one resolver before it is asked of the next (or, past the last,
+/// answered SERVFAIL).
+const ATTEMPT: Duration = Duration::from_millis(1500);
 /// Queries awaiting an answer at once; one past it is dropped.
 const MAX_PENDING: usize = 4096;
 /// Largest DNS message over UDP with EDNS(0).
 const MAX_MESSAGE: usize = 65_535;
+/// Upstream sockets per family: a query goes out from one picked at random, so that an answer
+/// must guess the port as well as the (random) id, as against a stub resolver's own query.
+const SOCKETS_PER_FAMILY: usize = 8;
 
 /// Where the forwarder sends queries, and the sockets it sends them from.
 pub struct DnsUpstream {
-    /// The resolvers of the workload's resolv.conf, in its order: the first of the family a
-    /// socket exists for is asked.
+    /// The resolvers of the workload's resolv.conf, in its order: asked one after another.
     pub servers: Vec<SocketAddr>,
-    /// An unbound UDP socket per family, made in the workload's namespace and registered in
+    /// Unbound UDP sockets per family, made in the workload's namespace and registered in
     /// `AGENT_SOCKETS`.
-    pub v4: Option<StdUdpSocket>,
-    pub v6: Option<StdUdpSocket>,
+    pub v4: Vec<StdUdpSocket>,
+    pub v6: Vec<StdUdpSocket>,
 }
 
 impl DnsUpstream {
-    /// An upstream socket per family of `servers`, made inside `netns` and registered in
-    /// `AGENT_SOCKETS` before it sends anything.
+    /// Upstream sockets for each family of `servers`, made inside `netns` and registered in
+    /// `AGENT_SOCKETS` before they send anything.
     pub fn make(
         netns: &crate::sys::Netns,
         servers: &[std::net::IpAddr],
@@ -48,14 +52,13 @@ impl DnsUpstream {
         let want = |v6: bool| servers.iter().any(|s| s.is_ipv6() == v6);
         let (want4, want6) = (want(false), want(true));
         let (v4, v6) = netns.run(move || {
-            let any = |v6: bool| -> io::Result<Option<StdUdpSocket>> {
+            let make = |v6: bool, want: bool| -> io::Result<Vec<StdUdpSocket>> {
                 let bind: SocketAddr = if v6 { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("an address");
-                Ok(Some(StdUdpSocket::bind(bind)?))
+                (0..if want { SOCKETS_PER_FAMILY } else { 0 })
+                    .map(|_| StdUdpSocket::bind(bind))
+                    .collect()
             };
-            Ok((
-                if want4 { any(false)? } else { None },
-                if want6 { any(true)? } else { None },
-            ))
+            Ok((make(false, want4)?, make(true, want6)?))
         })?;
         for s in v4.iter().chain(v6.iter()) {
             agent.register(s)?;
@@ -64,164 +67,269 @@ impl DnsUpstream {
     }
 }
 
-/// A query sent on: who asked, under which id, on which of the proxy's sockets.
+/// A query on its way: who asked, under which id, on which of the proxy's sockets, the query
+/// itself (to ask the next resolver, and to tell its answer by the question), and the resolver
+/// asked now.
 struct Pending {
     client: SocketAddr,
     id: [u8; 2],
     listener: usize,
+    query: Vec<u8>,
+    server: usize,
     at: Instant,
 }
 
-#[derive(Default)]
+/// The queries on their way, by (upstream socket, transaction id).
 struct Table {
-    pending: HashMap<u16, Pending>,
-    next: u16,
+    pending: HashMap<(usize, u16), Pending>,
+    random: std::hash::RandomState,
+    count: u64,
 }
 
 impl Table {
-    /// A transaction id no pending query holds, for `p`; `None` when the table is full.
-    fn add(&mut self, p: Pending) -> Option<u16> {
-        self.expire(p.at);
-        if self.pending.len() >= MAX_PENDING {
-            return None;
-        }
-        loop {
-            self.next = self.next.wrapping_add(1);
-            if !self.pending.contains_key(&self.next) {
-                self.pending.insert(self.next, p);
-                return Some(self.next);
-            }
+    fn new() -> Self {
+        Self {
+            pending: HashMap::new(),
+            random: std::hash::RandomState::new(),
+            count: 0,
         }
     }
 
-    fn expire(&mut self, now: Instant) {
-        self.pending.retain(|_, p| now.duration_since(p.at) < ANSWER_WITHIN);
+    /// An unpredictable number (SipHash under the process's random keys, of a counter).
+    fn random(&mut self) -> u64 {
+        use std::hash::BuildHasher as _;
+        self.count += 1;
+        self.random.hash_one(self.count)
     }
 }
 
-/// Answers on `listeners` until `stopped`. Queries without a resolver to go to are dropped
-/// (and logged once); a malformed one (shorter than a DNS header) too.
+/// The question of a DNS message (from after the header to the end of its first question),
+/// or `None` for something that is no query.
+fn question(msg: &[u8]) -> Option<&[u8]> {
+    let mut at = 12;
+    loop {
+        let len = usize::from(*msg.get(at)?);
+        at += 1;
+        if len == 0 {
+            break;
+        }
+        if len & 0xc0 != 0 {
+            return None;
+        }
+        at += len;
+    }
+    msg.get(12..at + 4)
+}
+
+/// SERVFAIL for `query`: its id and question, no records; what istio-agent answers when no
+/// upstream does.
+fn servfail(query: &[u8]) -> Option<Vec<u8>> {
+    let q = question(query)?;
+    let mut out = Vec::with_capacity(12 + q.len());
+    out.extend_from_slice(&query[..2]);
+    out.extend_from_slice(&[0x80 | (query[2] & 0x79), 0x80 | 2]);
+    out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(q);
+    Some(out)
+}
+
+/// The forwarder's sockets and state, shared by its tasks.
+struct Forwarder {
+    listeners: Vec<Arc<UdpSocket>>,
+    /// Every upstream socket, with whether it is IPv6.
+    upstream: Vec<(bool, Arc<UdpSocket>)>,
+    servers: Vec<SocketAddr>,
+    table: Mutex<Table>,
+}
+
+impl Forwarder {
+    /// Sends `p`'s query to resolver `p.server` from a random socket of its family under a
+    /// random id; `false` when no socket of that family exists.
+    async fn send(&self, mut p: Pending) -> bool {
+        let server = self.servers[p.server];
+        let (socket, id) = {
+            let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            if t.pending.len() >= MAX_PENDING {
+                return false;
+            }
+            let family: Vec<usize> = (0..self.upstream.len())
+                .filter(|&i| self.upstream[i].0 == server.is_ipv6())
+                .collect();
+            if family.is_empty() {
+                return false;
+            }
+            let r = t.random();
+            let socket = family[(r >> 16) as usize % family.len()];
+            let mut id = r as u16;
+            while t.pending.contains_key(&(socket, id)) {
+                id = id.wrapping_add(1);
+            }
+            p.query[..2].copy_from_slice(&id.to_be_bytes());
+            p.at = Instant::now();
+            let query = p.query.clone();
+            t.pending.insert((socket, id), p);
+            (socket, query)
+        };
+        let _ = self.upstream[socket].1.send_to(&id, server).await;
+        true
+    }
+
+    /// Queries arriving on listener `index`.
+    async fn queries(self: Arc<Self>, index: usize) {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        loop {
+            let Ok((n, client)) = self.listeners[index].recv_from(&mut buf).await else {
+                continue;
+            };
+            if question(&buf[..n]).is_none() {
+                continue;
+            }
+            let p = Pending {
+                client,
+                id: [buf[0], buf[1]],
+                listener: index,
+                query: buf[..n].to_vec(),
+                server: 0,
+                at: Instant::now(),
+            };
+            self.clone().ask(p).await;
+        }
+    }
+
+    /// Asks resolver `p.server` or the next that has sockets of its family; past the last,
+    /// answers SERVFAIL.
+    async fn ask(self: Arc<Self>, mut p: Pending) {
+        while p.server < self.servers.len() {
+            let has_sockets = self
+                .upstream
+                .iter()
+                .any(|(v6, _)| *v6 == self.servers[p.server].is_ipv6());
+            if has_sockets {
+                self.send(p).await;
+                return;
+            }
+            p.server += 1;
+        }
+        let mut query = p.query;
+        query[..2].copy_from_slice(&p.id);
+        if let Some(reply) = servfail(&query) {
+            let _ = self.listeners[p.listener].send_to(&reply, p.client).await;
+        }
+    }
+
+    /// Answers on upstream socket `index`: from the resolver asked, to the question asked,
+    /// back to the client under its own id.
+    async fn answers(self: Arc<Self>, index: usize) {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        loop {
+            let Ok((n, from)) = self.upstream[index].1.recv_from(&mut buf).await else {
+                continue;
+            };
+            if n < 12 {
+                continue;
+            }
+            let id = u16::from_be_bytes([buf[0], buf[1]]);
+            let p = {
+                let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(p) = t.pending.get(&(index, id)) else { continue };
+                if self.servers[p.server] != from || question(&buf[..n]) != question(&p.query) {
+                    continue;
+                }
+                t.pending.remove(&(index, id)).expect("just found")
+            };
+            buf[..2].copy_from_slice(&p.id);
+            let _ = self.listeners[p.listener].send_to(&buf[..n], p.client).await;
+        }
+    }
+
+    /// Every quarter second: a query its resolver left unanswered for [`ATTEMPT`] goes to the
+    /// next resolver.
+    async fn retries(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            let late: Vec<Pending> = {
+                let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+                let keys: Vec<(usize, u16)> = t
+                    .pending
+                    .iter()
+                    .filter(|(_, p)| now.duration_since(p.at) >= ATTEMPT)
+                    .map(|(k, _)| *k)
+                    .collect();
+                keys.iter().filter_map(|k| t.pending.remove(k)).collect()
+            };
+            for mut p in late {
+                p.server += 1;
+                self.clone().ask(p).await;
+            }
+        }
+    }
+}
+
+/// Answers on `listeners` until `stopped`.
 pub(super) async fn serve(
     listeners: Vec<StdUdpSocket>,
     upstream: DnsUpstream,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) -> io::Result<()> {
-    let listeners: Vec<Arc<UdpSocket>> = listeners
-        .into_iter()
-        .map(|s| {
-            s.set_nonblocking(true)?;
-            Ok(Arc::new(UdpSocket::from_std(s)?))
-        })
-        .collect::<io::Result<_>>()?;
-    let table = Arc::new(Mutex::new(Table::default()));
+    let tokio = |s: StdUdpSocket| -> io::Result<Arc<UdpSocket>> {
+        s.set_nonblocking(true)?;
+        Ok(Arc::new(UdpSocket::from_std(s)?))
+    };
+    let listeners = listeners.into_iter().map(tokio).collect::<io::Result<Vec<_>>>()?;
+    let mut sockets = Vec::new();
+    for (v6, list) in [(false, upstream.v4), (true, upstream.v6)] {
+        for s in list {
+            sockets.push((v6, tokio(s)?));
+        }
+    }
+    if upstream.servers.is_empty() {
+        tracing::warn!("no resolver to forward DNS to (resolv.conf named none): queries get SERVFAIL");
+    }
+    let f = Arc::new(Forwarder {
+        listeners,
+        upstream: sockets,
+        servers: upstream.servers,
+        table: Mutex::new(Table::new()),
+    });
     let mut tasks = tokio::task::JoinSet::new();
-    // (IPv6?, socket, the first resolver of that family).
-    let mut ways = Vec::new();
-    for (v6, sock) in [(false, upstream.v4), (true, upstream.v6)] {
-        let (Some(sock), Some(server)) = (sock, upstream.servers.iter().copied().find(|s| s.is_ipv6() == v6)) else {
-            continue;
-        };
-        sock.set_nonblocking(true)?;
-        let sock = Arc::new(UdpSocket::from_std(sock)?);
-        tasks.spawn(answers(sock.clone(), server, listeners.clone(), table.clone()));
-        ways.push((v6, sock, server));
+    for i in 0..f.listeners.len() {
+        tasks.spawn(f.clone().queries(i));
     }
-    for (i, l) in listeners.iter().enumerate() {
-        // A listener's queries go to a resolver of its own family, else of the other (a
-        // resolv.conf of IPv6 resolvers still answers 127.0.0.1).
-        let v6 = l.local_addr()?.is_ipv6();
-        let way = ways.iter().find(|w| w.0 == v6).or_else(|| ways.first());
-        if let Some((_, sock, server)) = way {
-            tasks.spawn(queries(l.clone(), i, sock.clone(), *server, table.clone()));
-        }
+    for i in 0..f.upstream.len() {
+        tasks.spawn(f.clone().answers(i));
     }
-    if tasks.is_empty() {
-        tracing::warn!("no resolver to forward DNS to (resolv.conf named none): UDP queries go unanswered");
-    }
-    tokio::select! {
-        _ = stopped.changed() => {}
-        Some(_) = tasks.join_next() => {}
-    }
+    tasks.spawn(f.clone().retries());
+    let _ = stopped.changed().await;
     Ok(())
-}
-
-/// Queries arriving on one of the proxy's sockets, sent on to `server`.
-async fn queries(
-    listener: Arc<UdpSocket>,
-    index: usize,
-    upstream: Arc<UdpSocket>,
-    server: SocketAddr,
-    table: Arc<Mutex<Table>>,
-) {
-    let mut buf = vec![0u8; MAX_MESSAGE];
-    loop {
-        let Ok((n, client)) = listener.recv_from(&mut buf).await else {
-            continue;
-        };
-        if n < 12 {
-            continue;
-        }
-        let pending = Pending {
-            client,
-            id: [buf[0], buf[1]],
-            listener: index,
-            at: Instant::now(),
-        };
-        let Some(id) = table.lock().unwrap_or_else(|e| e.into_inner()).add(pending) else {
-            tracing::debug!(%client, "too many DNS queries awaiting an answer; dropped");
-            continue;
-        };
-        buf[..2].copy_from_slice(&id.to_be_bytes());
-        if let Err(e) = upstream.send_to(&buf[..n], server).await {
-            tracing::debug!(%server, "DNS query not sent on: {e}");
-        }
-    }
-}
-
-/// Answers from `server`, back to whoever asked under the id they carry.
-async fn answers(
-    upstream: Arc<UdpSocket>,
-    server: SocketAddr,
-    listeners: Vec<Arc<UdpSocket>>,
-    table: Arc<Mutex<Table>>,
-) {
-    let mut buf = vec![0u8; MAX_MESSAGE];
-    loop {
-        let Ok((n, from)) = upstream.recv_from(&mut buf).await else {
-            continue;
-        };
-        if from != server || n < 12 {
-            continue;
-        }
-        let id = u16::from_be_bytes([buf[0], buf[1]]);
-        let Some(p) = table.lock().unwrap_or_else(|e| e.into_inner()).pending.remove(&id) else {
-            continue;
-        };
-        buf[..2].copy_from_slice(&p.id);
-        if let Some(l) = listeners.get(p.listener) {
-            let _ = l.send_to(&buf[..n], p.client).await;
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn query() -> Vec<u8> {
+        let mut q = vec![0x12, 0x34, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        q.extend_from_slice(b"\x03svc\x04test\x00\x00\x01\x00\x01");
+        q
+    }
+
     #[test]
-    fn ids_are_unique_while_pending_and_expire() {
-        let mut t = Table::default();
-        let p = |at| Pending {
-            client: "127.0.0.1:1".parse().unwrap(),
-            id: [0, 1],
-            listener: 0,
-            at,
-        };
-        let now = Instant::now();
-        let a = t.add(p(now)).unwrap();
-        let b = t.add(p(now)).unwrap();
-        assert_ne!(a, b);
-        t.expire(now + ANSWER_WITHIN);
-        assert!(t.pending.is_empty(), "answers later than the bound are dropped");
+    fn a_query_is_told_by_its_question_and_answered_servfail_by_its_id() {
+        let q = query();
+        assert_eq!(question(&q), Some(&q[12..]));
+        assert_eq!(question(&q[..14]), None);
+        let r = servfail(&q).unwrap();
+        assert_eq!(&r[..2], &[0x12, 0x34]);
+        assert_eq!(r[3] & 0x0f, 2, "SERVFAIL");
+        assert_eq!(question(&r), question(&q));
+    }
+
+    #[test]
+    fn ids_are_not_a_sequence() {
+        let mut t = Table::new();
+        let ids: Vec<u16> = (0..4).map(|_| t.random() as u16).collect();
+        assert!(ids.windows(2).any(|w| w[1] != w[0].wrapping_add(1)), "{ids:?}");
     }
 }
