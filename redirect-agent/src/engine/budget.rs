@@ -7,7 +7,7 @@
 
 use redirect_common::maps;
 
-use crate::proxy::{Budget, SPARE_SOCKETS};
+use crate::proxy::{Budget, DNS_SOCKETS_PER_FAMILY, SPARE_SOCKETS};
 
 /// Descriptors one enrolled workload holds whatever its traffic, by part. Counted in
 /// `/proc/PID/fd` of a node agent before and after an enroll: 70 for a workload with IPv4
@@ -17,8 +17,8 @@ use crate::proxy::{Budget, SPARE_SOCKETS};
 pub const PER_WORKLOAD: u64 = {
     // The capture listeners (two ports, IPv4 and IPv6) and, with DNS capture, the DNS proxy's
     // TCP listeners and UDP sockets (IPv4 and IPv6), and a second descriptor of each, kept for
-    // a handover; the DNS proxy's upstream UDP socket per family.
-    let listeners = (4 + 2 + 2) * 2 + 2;
+    // a handover; the DNS proxy's upstream UDP sockets per family.
+    let listeners = (4 + 2 + 2) * 2 + 2 * DNS_SOCKETS_PER_FAMILY as u64;
     // The namespace: the workload's, its address watcher's, its dialer's and each dialer
     // thread's (one per family).
     let netns = 5;

@@ -28,7 +28,7 @@ const MAX_PENDING: usize = 4096;
 const MAX_MESSAGE: usize = 65_535;
 /// Upstream sockets per family: a query goes out from one picked at random, so that an answer
 /// must guess the port as well as the (random) id, as against a stub resolver's own query.
-const SOCKETS_PER_FAMILY: usize = 8;
+pub const SOCKETS_PER_FAMILY: usize = 8;
 
 /// Where the forwarder sends queries, and the sockets it sends them from.
 pub struct DnsUpstream {

@@ -36,7 +36,7 @@ mod trim;
 pub use budget::Budget;
 pub use cgroup_dialer::{CgroupDialer, ChildSpec};
 pub use dialer::{AgentSockets, Dialer, NetnsDialer, SPARE_SOCKETS};
-pub use dns::DnsUpstream;
+pub use dns::{DnsUpstream, SOCKETS_PER_FAMILY as DNS_SOCKETS_PER_FAMILY};
 use fast_path::Enrolled;
 pub use fast_path::{FastPath, FastPathSockets};
 pub use listen::{LISTEN_BACKLOG, Listeners, Listening, ProxyConfig, Side, connections_fitting, no_ipv6};
