@@ -318,6 +318,10 @@ fn tproxy_inbound(t: &mut Tables, cfg: &CaptureConfig, family: Family) {
     const DIVERT: &str = "-m conntrack --ctstate RELATED,ESTABLISHED -j ISTIO_DIVERT";
     match &cfg.inbound_ports {
         crate::config::Include::All => {
+            // Releases up to 1.12 wrote their SSH RETURN into the inbound table of the mode.
+            if cfg.compat.inbound_ssh_return() {
+                t.line(m, "-A ISTIO_INBOUND -p tcp -m tcp --dport 22 -j RETURN".into(), by);
+            }
             for p in &cfg.inbound_exclude_ports {
                 t.line(m, format!("-A ISTIO_INBOUND -p tcp -m tcp --dport {p} -j RETURN"), by);
             }
