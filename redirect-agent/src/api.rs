@@ -163,7 +163,8 @@ fn hand_over(stream: &UnixStream, engine: &Mutex<Engine>, metrics: Option<&Owned
     };
     tracing::info!(successor = pid, "handing over");
     let mut sent = false;
-    let verdict = handover::offer(stream, offer, metrics.map(|m| m.as_fd()), &mut sent)
+    let within = engine.blocking_lock().handover_within();
+    let verdict = handover::offer(stream, offer, metrics.map(|m| m.as_fd()), within, &mut sent)
         .map_err(|e| e.to_string())
         .and_then(|()| engine.blocking_lock().check_successor(pid));
     let mut engine = engine.blocking_lock();

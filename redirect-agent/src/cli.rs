@@ -158,6 +158,10 @@ struct NodeArgs {
     /// with --fast-path. Sizes the fast-path maps; changing it needs a `cleanup`.
     #[arg(long)]
     fast_path: bool,
+    /// How long a new agent taking over may take to load its programs and say it serves, in
+    /// seconds, before this one serves on (enrollments wait meanwhile).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    handover_timeout_secs: u64,
     #[command(flatten)]
     liveness: LivenessFlags,
 }
@@ -319,6 +323,7 @@ fn sizing(
         connect_timeout: Duration::from_millis(connect_timeout_ms),
         drain: Duration::from_millis(drain_timeout_ms),
         fast_path,
+        handover_within: Duration::from_secs(60),
     }
 }
 
@@ -468,14 +473,17 @@ pub fn main() -> ExitCode {
                     cgroup_parent: args.cgroup_parent,
                     metrics,
                     max_workloads: args.max_workloads as usize,
-                    sizing: sizing(
-                        args.max_tracked_connections,
-                        args.max_proxy_connections,
-                        args.connect_timeout_ms,
-                        args.drain_timeout_ms,
-                        args.fast_path,
-                        args.liveness,
-                    ),
+                    sizing: Sizing {
+                        handover_within: Duration::from_secs(args.handover_timeout_secs),
+                        ..sizing(
+                            args.max_tracked_connections,
+                            args.max_proxy_connections,
+                            args.connect_timeout_ms,
+                            args.drain_timeout_ms,
+                            args.fast_path,
+                            args.liveness,
+                        )
+                    },
                 };
                 node::run(opts, termination.wait()).await
             }

@@ -114,6 +114,12 @@ impl NodeAgent {
             .args(["node", "--name", &self.name])
             .args(["--socket", &self.socket.to_string_lossy()])
             .args(["--metrics", &self.metrics.to_string()])
+            // A successor's start takes minutes where the programs are verified under
+            // emulation (the 6.1 VM): as long as the tests wait for any agent to start.
+            .args([
+                "--handover-timeout-secs",
+                &redirect_testkit::agent::start_timeout().as_secs().max(60).to_string(),
+            ])
             .args(&self.extra)
             .env(
                 "RUST_LOG",
@@ -464,7 +470,9 @@ pub fn load(
         ns.enter_current_thread().unwrap();
         let mut failures = Vec::new();
         let payload = vec![b'x'; 4096];
-        let deadline = Instant::now() + Duration::from_secs(60);
+        // Past the restart the test makes, however long an agent takes to start (its programs
+        // verified under emulation in the 6.1 VM take minutes), and bounded all the same.
+        let deadline = Instant::now() + Duration::from_secs(30) + 2 * redirect_testkit::agent::start_timeout();
         for _ in 0..20_000 {
             if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
                 break;

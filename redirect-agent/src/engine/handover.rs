@@ -178,12 +178,16 @@ pub(crate) struct Offer {
     fds: Vec<Vec<OwnedFd>>,
 }
 
-/// How long a successor may take: to say it is ready for the descriptors, and (it loads and
-/// attaches its programs meanwhile) to say it serves.
+/// How long a successor may take to say it is ready for the descriptors (to say it serves:
+/// `--handover-timeout-secs`, [`super::Sizing::handover_within`]).
 const READY_WITHIN: Duration = Duration::from_secs(10);
-const SERVING_WITHIN: Duration = Duration::from_secs(60);
 
 impl Engine {
+    /// How long a successor may take to say it serves.
+    pub(crate) fn handover_within(&self) -> Duration {
+        self.settings.sizing.handover_within
+    }
+
     /// Starts a handover: one at a time, and from now until it ends, no workload changes (the
     /// successor is given them as they are now).
     pub(crate) fn begin_handover(&mut self) -> Result<Offer, EnrollError> {
@@ -309,6 +313,7 @@ pub(crate) fn offer(
     stream: &UnixStream,
     offer: Offer,
     metrics: Option<BorrowedFd<'_>>,
+    serving_within: Duration,
     sent: &mut bool,
 ) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
@@ -327,14 +332,14 @@ pub(crate) fn offer(
         let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
         sys::send_fds(stream, &fds)?;
     }
-    let mut said = word(SERVING_WITHIN)?;
+    let mut said = word(serving_within)?;
     if said == METRICS.as_bytes() {
         match metrics {
             Some(fd) => sys::send_fds(stream, &[fd])?,
             // The same one-byte message, without descriptors.
             None => drop(rustix::net::send(stream, b"N", rustix::net::SendFlags::NOSIGNAL)?),
         }
-        said = word(SERVING_WITHIN)?;
+        said = word(serving_within)?;
     }
     if said != b"serving" {
         return Err(std::io::Error::other(format!(

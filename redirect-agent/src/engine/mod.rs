@@ -92,6 +92,9 @@ pub(crate) struct Sizing {
     pub fast_path: bool,
     /// Idle timeout and keepalive of the embedded proxies' connections.
     pub liveness: crate::proxy::Liveness,
+    /// How long a successor may take, from the descriptors to its word that it serves (it
+    /// loads and verifies its programs meanwhile), before this process serves on.
+    pub handover_within: Duration,
 }
 
 /// The maps the engine reads and writes itself (each workload's proxy and address watcher
