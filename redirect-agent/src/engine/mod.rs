@@ -24,6 +24,7 @@ mod links;
 mod object;
 mod peer;
 pub mod pins;
+mod release;
 mod restore;
 mod workload;
 

@@ -7,6 +7,11 @@ use redirect_common::config::{self, CaptureConfig, ConfigError, DnsCapture};
 
 use crate::proxy::{Keepalive, Liveness};
 
+mod env;
+
+use env::{Env, parse_bool, pick, pick_if, resolve_groups};
+pub use env::{no_env, process_env};
+
 /// The capture flags, named as `istio-iptables` names them and defaulted as the sidecar
 /// injection passes them (`-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -b '*' -d
 /// 15090,15021,15020`). Where a flag is absent, `run` and `explain` read istio-iptables'
@@ -90,69 +95,6 @@ pub struct CaptureFlags {
     /// (docs/istio.md lists how) [default: current; env COMPATIBILITY_VERSION].
     #[arg(long = "compatibility-version", value_name = "MAJOR.MINOR")]
     pub compatibility_version: Option<String>,
-}
-
-/// Where a flag's value came from: the command line, or an environment variable (named in
-/// errors instead of the flag).
-type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
-
-/// No environment: a node enrollment's flags are all there is.
-pub fn no_env(_: &str) -> Option<String> {
-    None
-}
-
-/// The process environment, as istio-iptables reads it.
-pub fn process_env(name: &str) -> Option<String> {
-    std::env::var(name).ok()
-}
-
-/// The value of one flag: the command line's, else the first of `envs` that is set (later
-/// ones win, as istio-iptables' additional variables do), else `default`; with the name to
-/// put in an error.
-fn pick(
-    cli: &Option<String>,
-    flag: &'static str,
-    envs: &[&'static str],
-    env: Env,
-    default: &str,
-) -> (String, &'static str) {
-    pick_if(cli, flag, envs, env, default, |_| true)
-}
-
-/// [`pick`], taking only the variables whose value `usable` accepts: istio-iptables sets a
-/// flag from each variable and drops a value the flag refuses (an empty boolean), keeping the
-/// one before.
-fn pick_if(
-    cli: &Option<String>,
-    flag: &'static str,
-    envs: &[&'static str],
-    env: Env,
-    default: &str,
-    usable: impl Fn(&str) -> bool,
-) -> (String, &'static str) {
-    if let Some(v) = cli {
-        return (v.clone(), flag);
-    }
-    let mut found = None;
-    for &name in envs {
-        if let Some(v) = env(name).filter(|v| usable(v)) {
-            found = Some((v, name));
-        }
-    }
-    found.unwrap_or_else(|| (default.to_owned(), flag))
-}
-
-/// istio-iptables' booleans (Go's `strconv.ParseBool`).
-fn parse_bool(flag: &'static str, s: &str) -> Result<bool, ConfigError> {
-    match s.trim() {
-        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
-        "0" | "f" | "F" | "false" | "FALSE" | "False" | "" => Ok(false),
-        _ => Err(ConfigError {
-            flag,
-            value: s.to_owned(),
-            expected: "true or false".into(),
-        }),
-    }
 }
 
 impl CaptureFlags {
@@ -347,23 +289,6 @@ impl CaptureFlags {
             ipv4_loopback,
             compat,
         })
-    }
-}
-
-/// Owner-group names to gids, as iptables-restore resolves `--gid-owner NAME` where it runs
-/// (`getgrnam`): here, from the agent's /etc/group. A name left unresolved is refused by
-/// [`check`] for anything that captures; `explain` prints it as given.
-fn resolve_groups(groups: &mut config::OwnerGroups) {
-    let table = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    for g in groups.groups_mut() {
-        if g.gid.is_none() {
-            g.gid = table.lines().find_map(|l| {
-                let mut f = l.split(':');
-                (f.next() == Some(g.name.as_str()))
-                    .then(|| f.nth(1).and_then(|gid| gid.parse().ok()))
-                    .flatten()
-            });
-        }
     }
 }
 
