@@ -298,6 +298,39 @@ impl Drop for NetnsResolvConf {
     }
 }
 
+/// A resolver in the remote namespace answering every A query with one address, and the
+/// resolv.conf that names it (a file to give the agent, and the workload namespace's own for
+/// `ip netns exec`); everything removed on drop.
+struct ResolverWorld {
+    resolv_conf: PathBuf,
+    dir: PathBuf,
+    _netns_conf: NetnsResolvConf,
+    _resolver: ServeProcess,
+}
+
+impl ResolverWorld {
+    fn new(w: &redirect_tests::Workload, conf: String, answer: Ipv4Addr) -> Self {
+        let dir = std::env::temp_dir().join(unique("dnsw"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let resolv_conf = dir.join("resolv.conf");
+        std::fs::write(&resolv_conf, &conf).unwrap();
+        let resolver = SocketAddr::from(SocketAddrV4::new(w.pair.remote_ip, 53));
+        Self {
+            resolv_conf,
+            dir,
+            _netns_conf: NetnsResolvConf::write(&w.pair.workload.name, &conf),
+            _resolver: ServeProcess::start_dns(&testkit_bin(), &w.pair.remote.path, resolver, answer)
+                .expect("resolver"),
+        }
+    }
+}
+
+impl Drop for ResolverWorld {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// `svc.test` as glibc's resolver in the workload finds it (`getent`, inside its cgroup, where
 /// `run` captures, and namespace), with `RES_OPTIONS` `options`: what it printed.
 fn resolve(w: &redirect_tests::Workload, options: &str) -> String {
@@ -324,14 +357,8 @@ fn embedded_dns_survives_a_node_handover() {
     let agent = redirect_tests::node::NodeAgent::new("node-dns", &[]);
     let first = agent.start().expect("node agent starts");
     let w = redirect_tests::Workload::new_on("ndns", 61);
-    let resolver = SocketAddr::from(SocketAddrV4::new(w.pair.remote_ip, 53));
-    let conf = format!("nameserver {}\n", w.pair.remote_ip);
-    let dir = std::env::temp_dir().join(unique("ndns"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("resolv.conf");
-    std::fs::write(&file, &conf).unwrap();
-    let _netns_conf = NetnsResolvConf::write(&w.pair.workload.name, &conf);
-    let _resolver = ServeProcess::start_dns(&testkit_bin(), &w.pair.remote.path, resolver, answer).expect("resolver");
+    let world = ResolverWorld::new(&w, format!("nameserver {}\n", w.pair.remote_ip), answer);
+    let file = &world.resolv_conf;
     let cg = w.cgroup.path.to_string_lossy().into_owned();
     let file_arg = file.to_string_lossy().into_owned();
     agent.enroll(
@@ -350,7 +377,6 @@ fn embedded_dns_survives_a_node_handover() {
         "after the handover: {after:?}\n{}",
         second.log()
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// An app resolves a name with glibc's resolver (`getent`), over UDP and (`use-vc`) over TCP,
@@ -361,14 +387,8 @@ fn the_embedded_proxy_answers_dns_from_the_workloads_resolver() {
     require_root();
     let answer = Ipv4Addr::new(10, 200, 1, 77);
     let mut w = redirect_tests::Workload::new("dnse");
-    let resolver = SocketAddr::from(SocketAddrV4::new(w.pair.remote_ip, 53));
-    let conf = format!("nameserver {}\n", w.pair.remote_ip);
-    let dir = std::env::temp_dir().join(unique("dnse"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("resolv.conf");
-    std::fs::write(&file, &conf).unwrap();
-    let _netns_conf = NetnsResolvConf::write(&w.pair.workload.name, &conf);
-    let _resolver = ServeProcess::start_dns(&testkit_bin(), &w.pair.remote.path, resolver, answer).expect("resolver");
+    let world = ResolverWorld::new(&w, format!("nameserver {}\n", w.pair.remote_ip), answer);
+    let file = &world.resolv_conf;
     w.start_agent(&["--redirect-dns", "--resolv-conf", &file.to_string_lossy()])
         .expect("agent starts");
     let resolve = |options: &str| resolve(&w, options);
@@ -385,7 +405,6 @@ fn the_embedded_proxy_answers_dns_from_the_workloads_resolver() {
     assert!(tcp.contains(&answer.to_string()), "over TCP: {tcp:?}");
     let after_tcp = dns_counts(&w);
     assert!(after_tcp[0] >= 1, "the TCP rule counted the query: {after_tcp:?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Runs python `script` in the twin's workload (its cgroup and namespace) and `remote` in the
@@ -514,19 +533,16 @@ fn the_embedded_proxy_fails_over_to_the_next_resolver() {
     require_root();
     let answer = Ipv4Addr::new(10, 200, 1, 79);
     let mut w = redirect_tests::Workload::new("dnsv");
-    let resolver = SocketAddr::from(SocketAddrV4::new(w.pair.remote_ip, 53));
-    let conf = format!("nameserver 10.200.1.99\nnameserver {}\n", w.pair.remote_ip);
-    let dir = std::env::temp_dir().join(unique("dnsv"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("resolv.conf");
-    std::fs::write(&file, &conf).unwrap();
-    let _netns_conf = NetnsResolvConf::write(&w.pair.workload.name, &conf);
-    let _resolver = ServeProcess::start_dns(&testkit_bin(), &w.pair.remote.path, resolver, answer).expect("resolver");
+    let world = ResolverWorld::new(
+        &w,
+        format!("nameserver 10.200.1.99\nnameserver {}\n", w.pair.remote_ip),
+        answer,
+    );
+    let file = &world.resolv_conf;
     w.start_agent(&["--redirect-dns", "--resolv-conf", &file.to_string_lossy()])
         .expect("agent starts");
     // One attempt of 5 s at the first server the app knows: the proxy must fail over within it.
     let got = resolve(&w, "attempts:1 timeout:5");
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         got.contains(&answer.to_string()),
         "through the second resolver: {got:?}"

@@ -289,6 +289,15 @@ pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableL
     t.finish()
 }
 
+/// The owner matches of the proxy's ids, each UID's then each GID's, as istio-iptables writes
+/// one rule per id.
+fn proxy_owners(cfg: &CaptureConfig) -> impl Iterator<Item = String> + '_ {
+    cfg.proxy_uids
+        .iter()
+        .map(|u| format!("--uid-owner {u}"))
+        .chain(cfg.proxy_gids.iter().map(|g| format!("--gid-owner {g}")))
+}
+
 /// `handleInboundPortsInclude` in TPROXY mode: mangle's ISTIO_DIVERT, ISTIO_TPROXY and
 /// ISTIO_INBOUND (which, unlike nat's, has no tunnel-port RETURN).
 fn tproxy_inbound(t: &mut Tables, cfg: &CaptureConfig, family: Family) {
@@ -359,12 +368,7 @@ fn tproxy_marks(t: &mut Tables, cfg: &CaptureConfig, family: Family) {
         by,
     );
     let lo = loopback(cfg, family);
-    let owners = cfg
-        .proxy_uids
-        .iter()
-        .map(|u| format!("--uid-owner {u}"))
-        .chain(cfg.proxy_gids.iter().map(|g| format!("--gid-owner {g}")));
-    for owner in owners {
+    for owner in proxy_owners(cfg) {
         t.line(m, format!("-A OUTPUT ! -d {lo} -o lo -p tcp -m owner {owner} -j MARK --set-xmark {TPROXY_OUTBOUND_MARK:#x}/0xffffffff"), by);
     }
     t.line(
@@ -399,12 +403,7 @@ fn dns_zones(t: &mut Tables, cfg: &CaptureConfig, family: Family) {
               is made or shared";
     let r = Table::Raw;
     t.line(r, "-A OUTPUT -j ISTIO_OUTPUT_DNS".into(), by);
-    let owners = cfg
-        .proxy_uids
-        .iter()
-        .map(|u| format!("--uid-owner {u}"))
-        .chain(cfg.proxy_gids.iter().map(|g| format!("--gid-owner {g}")));
-    for owner in owners {
+    for owner in proxy_owners(cfg) {
         t.line(
             r,
             format!("-A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -m owner {owner} -j CT --zone 1"),
