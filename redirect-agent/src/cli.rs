@@ -26,6 +26,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Capture one workload's connections until SIGINT/SIGTERM, then detach.
+    #[command(args_override_self = true)]
     Run(Box<RunArgs>),
     /// Serve every meshed workload of this node: attach once (pinned), then enroll and
     /// remove workloads over a Unix socket; a restart adopts the pins or takes over from the
@@ -61,6 +62,7 @@ enum Command {
     },
     /// Print the nat table istio-iptables writes for these flags (iptables-save text, ready
     /// for iptables-restore) and the counter slot that implements each line.
+    #[command(args_override_self = true)]
     Explain(Box<ExplainArgs>),
     /// Probe this kernel for every feature the programs use; with --verifier, also load them
     /// and report their sizes. Exits 1 when a feature is missing.
@@ -218,7 +220,7 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     cgroup: PathBuf,
     /// The workload's network namespace (/run/netns/NAME or /proc/PID/ns/net).
-    #[arg(long, value_name = "PATH", required_unless_present = "host_netns")]
+    #[arg(long, value_name = "PATH")]
     netns: Option<PathBuf>,
     /// Capture the agent's own network namespace instead, inbound included: the host's,
     /// unless the agent runs in a container's. Only on purpose, never by default.
@@ -414,10 +416,12 @@ pub fn main() -> ExitCode {
             Command::Run(args) => {
                 let termination = Termination::install()?;
                 let capture = args.capture.to_config_with(&flags::process_env)?;
+                let execution = args.capture.execution.to_execution(&flags::process_env)?;
                 let opts = RunOptions {
                     name: args.name,
                     cgroup: args.cgroup,
-                    netns: args.netns.unwrap_or_else(|| "/proc/self/ns/net".into()),
+                    netns: args.netns,
+                    execution,
                     host_netns: args.host_netns,
                     fail_open: args.fail_open,
                     proxy: args.proxy,
@@ -431,7 +435,7 @@ pub fn main() -> ExitCode {
                         args.liveness,
                     ),
                 };
-                run::run(opts, termination.wait()).await
+                run::main(opts, termination.wait()).await
             }
             Command::Stats { name, json } => {
                 let s = stats::read(&name)?;
@@ -444,6 +448,8 @@ pub fn main() -> ExitCode {
             }
             Command::Explain(args) => {
                 let cfg = args.capture.to_config_with(&flags::process_env)?;
+                // Checked, so a bad value fails here as it would in `run`; none changes the tables.
+                args.capture.execution.to_execution(&flags::process_env)?;
                 let e = explain::Explanation::new(&cfg, args.family.into())?;
                 if args.json {
                     println!("{}", serde_json::to_string_pretty(&e)?);

@@ -6,7 +6,7 @@ use std::{future::Future, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 
-use redirect_common::{chain, config::CaptureConfig};
+use redirect_common::{addr::Family, chain, config::CaptureConfig};
 
 use crate::{
     engine::{
@@ -14,7 +14,7 @@ use crate::{
         pins::{self, Lock, LockError, Mode},
     },
     error::LoadError,
-    flags::ProxyMode,
+    flags::{Execution, ProxyMode},
     sys::{self, Netns},
 };
 
@@ -22,7 +22,8 @@ use crate::{
 pub struct RunOptions {
     pub name: String,
     pub cgroup: PathBuf,
-    pub netns: PathBuf,
+    /// `--netns`; istio-iptables' `--network-namespace` (in `execution`) says the same.
+    pub netns: Option<PathBuf>,
     /// `--host-netns`: the agent's own namespace is the workload, on purpose.
     pub host_netns: bool,
     /// `--fail-open`: links are not pinned, so that while no agent runs the workload's
@@ -30,12 +31,72 @@ pub struct RunOptions {
     pub fail_open: bool,
     pub proxy: ProxyMode,
     pub capture: CaptureConfig,
+    /// istio-iptables' flags that say what to do besides capturing.
+    pub execution: Execution,
     pub sizing: Sizing,
+}
+
+/// `run` as istio-iptables' flags ask: a dry run prints the tables and loads nothing,
+/// `--cleanup-only` removes a killed run's leftovers, `--skip-rule-apply` installs nothing;
+/// otherwise capture until `shutdown`.
+pub async fn main(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let x = &opts.execution;
+    x.log_without_effect();
+    if x.dry_run {
+        // Checked as a real run would check them, so a dry run that passes is one that runs.
+        crate::flags::check(&opts.capture)?;
+        for family in [Family::V4, Family::V6] {
+            print!(
+                "{}",
+                crate::explain::Explanation::new(&opts.capture, family)?.render_text()
+            );
+        }
+        return Ok(());
+    }
+    if x.cleanup_only {
+        pins::validate_name(&opts.name)?;
+        for path in pins::cleanup(&opts.name)? {
+            tracing::info!(path = %path.display(), "removed");
+        }
+        return Ok(());
+    }
+    if x.run_validation {
+        return Err(crate::error::FlagError::NotYet("--run-validation").into());
+    }
+    if x.skip_rule_apply {
+        tracing::info!("--skip-rule-apply: nothing installed");
+        return Ok(());
+    }
+    run(opts, shutdown).await
+}
+
+/// The namespace to capture: `--netns`, istio-iptables' `--network-namespace` (the same one if
+/// both), or with `--host-netns` the agent's own.
+fn workload_netns(opts: &RunOptions) -> anyhow::Result<PathBuf> {
+    let named = opts.execution.network_namespace.as_ref();
+    match (opts.netns.as_ref(), named) {
+        (Some(a), Some(b)) if !sys::same_file(a, b) => anyhow::bail!(
+            "--network-namespace {} and --netns {} name two namespaces: expected one of them, or both naming the same",
+            b.display(),
+            a.display()
+        ),
+        (Some(p), _) | (None, Some(p)) if opts.host_netns => anyhow::bail!(
+            "--host-netns captures the agent's own namespace, but {} names one: expected one of them",
+            p.display()
+        ),
+        (Some(p), _) | (None, Some(p)) => Ok(p.clone()),
+        (None, None) if opts.host_netns => Ok("/proc/self/ns/net".into()),
+        (None, None) => anyhow::bail!(
+            "the workload's namespace is missing: expected --netns PATH (or istio-iptables' --network-namespace PATH), \
+             or --host-netns to capture the agent's own"
+        ),
+    }
 }
 
 /// Runs until `shutdown` resolves, then detaches and removes everything it created. Any error
 /// before that leaves nothing attached: the engine undoes what it did when it is dropped.
-pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let netns_path = workload_netns(&opts)?;
     sys::require_privileges("redirect-agent run")?;
     crate::features::require_all()?;
     pins::validate_name(&opts.name)?;
@@ -43,10 +104,10 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     chain::compile(&opts.capture)?;
     crate::flags::check(&opts.capture)?;
     sys::open_cgroup2_dir(&opts.cgroup)?;
-    let netns = Netns::open(&opts.netns)?;
+    let netns = Netns::open(&netns_path)?;
     let netns_cookie = netns.cookie()?;
     if !opts.host_netns && netns_cookie == sys::current_netns_cookie()? {
-        return Err(engine::EnrollError::HostNetns(opts.netns.clone()).into());
+        return Err(engine::EnrollError::HostNetns(netns_path.clone()).into());
     }
     sys::ensure_bpffs()?;
     // Before anything is removed or made: directories others could rename are refused.
@@ -91,7 +152,7 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     let mut engine = Engine::start(settings, Some(lock))?;
     let info = engine.enroll(engine::Request {
         id: opts.name.clone(),
-        netns: opts.netns.clone(),
+        netns: netns_path.clone(),
         cgroup: None,
         proxy: opts.proxy,
         capture: opts.capture.clone(),
@@ -101,7 +162,7 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     tracing::info!(
         name = %opts.name,
         cgroup = %opts.cgroup.display(),
-        netns = %opts.netns.display(),
+        netns = %netns_path.display(),
         netns_cookie = info.netns_cookie,
         addresses = ?info.addresses,
         maps_kernel_memory_mib = engine.kernel_memory() >> 20,

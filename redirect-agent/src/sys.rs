@@ -152,6 +152,15 @@ pub fn ensure_bpffs() -> Result<(), SysError> {
     Ok(())
 }
 
+/// Whether two paths name the same file (device and inode), e.g. one namespace as
+/// /run/netns/NAME and as /proc/PID/ns/net. Unreadable paths are not the same.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (rustix::fs::stat(a), rustix::fs::stat(b)) {
+        (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino),
+        _ => false,
+    }
+}
+
 /// Fails unless this process may load programs, enter namespaces and mount bpffs.
 pub fn require_privileges(what: &str) -> Result<(), SysError> {
     const CAP_NET_ADMIN: u32 = 12;

@@ -124,7 +124,10 @@ fn bad_input_gets_one_clear_line_and_changes_nothing() {
         (&["-i", "10.0.0.0/33"], "'10.0.0.0/33'"),
         (&["-x", "fd00::/129"], "'fd00::/129'"),
         (&["-u", "root"], "'root'"),
-        (&["-g", ""], "-g/--proxy-gid"),
+        (&["-g", "1337,x"], "-g/--proxy-gid"),
+        (&["--probe-timeout", "3"], "'3'"),
+        (&["--dry-run=maybe"], "'maybe'"),
+        (&["--network-namespace", "/tmp"], "--network-namespace /tmp"),
         (&["-m", "TPROXY"], "TPROXY"),
         (&["-d", "15090,abc"], "'abc'"),
         (&["-b", "80,-1"], "'-1'"),
@@ -163,7 +166,7 @@ fn bad_input_gets_one_clear_line_and_changes_nothing() {
             "'bad/name'",
         ),
         // The host's own namespace is captured only when asked for by name.
-        (&["run", "--cgroup", &cg, "--name", &w.name], "--netns <PATH>"),
+        (&["run", "--cgroup", &cg, "--name", &w.name], "--netns PATH"),
         (
             &[
                 "run",
@@ -186,6 +189,65 @@ fn bad_input_gets_one_clear_line_and_changes_nothing() {
     // Nothing was attached or pinned by any of them.
     assert!(attached_prog_ids(&w.cgroup.path).is_empty());
     assert!(!pin_dir(&w.name).exists());
+}
+
+/// istio-iptables' flags that say how to run it, not which rules to write, are taken as it
+/// takes them: a dry run (flag or DRY_RUN) prints both families' tables and attaches nothing,
+/// `--skip-rule-apply` installs nothing, `--cleanup-only` removes leftovers and exits, the
+/// plumbing flags change nothing, a repeated flag keeps its last value, and an empty -u/-g
+/// falls back to ENVOY_USER's uid (else 1337) as istio-iptables' do.
+#[test]
+fn istio_iptables_run_flags_are_taken_as_it_takes_them() {
+    let w = Workload::new("runflags");
+    let base = w.run_args();
+    let agent = |cmd: &str, extra: &[&str], env: &[(&str, &str)]| {
+        let mut c = Command::new(agent_bin());
+        c.arg(cmd);
+        if cmd == "run" {
+            c.args(["--name", w.name.as_str()]).args(&base);
+        }
+        let out = c.args(extra).envs(env.iter().copied()).output().expect("agent");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        assert!(out.status.success(), "{cmd} {extra:?} {env:?}: {}", text(&out.stderr));
+        (text(&out.stdout), text(&out.stderr))
+    };
+    let (tables, _) = agent("run", &["-n", "-b", "80", "-b", "8080"], &[]);
+    assert!(
+        tables.contains("(iptables)") && tables.contains("(ip6tables)"),
+        "{tables}"
+    );
+    assert!(tables.contains("--dport 8080 -j ISTIO_IN_REDIRECT"), "{tables}");
+    assert!(!tables.contains("--dport 80 "), "the last -b wins: {tables}");
+    let (tables, _) = agent("run", &[], &[("DRY_RUN", "true")]);
+    assert!(tables.contains("(ip6tables)"), "{tables}");
+    let plumbing = [
+        "--dual-stack",
+        "--cni-mode",
+        "--reconcile",
+        "--force-apply",
+        "--native-nftables",
+        "--force-iptables-binary=legacy",
+        "--iptables-probe-port=15102",
+        "--probe-timeout=2s",
+    ];
+    let (_, log) = agent("run", &[&["--dry-run"][..], &plumbing].concat(), &[]);
+    assert!(log.contains("no effect here"), "{log}");
+    agent("run", &["--skip-rule-apply"], &[]);
+    agent("run", &["--cleanup-only"], &[]);
+    assert!(attached_prog_ids(&w.cgroup.path).is_empty());
+    assert!(!pin_dir(&w.name).exists());
+
+    let (default, _) = agent("explain", &[], &[]);
+    let (empty, _) = agent("explain", &["-u", "", "-g", ""], &[("ENVOY_USER", "no-such-user")]);
+    assert_eq!(
+        empty, default,
+        "an empty -u is ENVOY_USER's uid, else 1337; an empty -g is -u's"
+    );
+    let (nobody, _) = agent("explain", &["-u", ""], &[("ENVOY_USER", "nobody")]);
+    assert!(
+        nobody.contains("--uid-owner 65534") && nobody.contains("--gid-owner 65534"),
+        "{nobody}"
+    );
 }
 
 #[test]

@@ -99,7 +99,7 @@ impl Engine {
         };
         let started = crate::flags::parse_args(&info.args)
             .map_err(EnrollError::Flags)
-            .and_then(|capture| self.start_workload(info.clone(), &capture, netns, handed));
+            .and_then(|(capture, _)| self.start_workload(info.clone(), &capture, netns, handed));
         match started {
             Ok(w) => {
                 tracing::info!(%id, netns_cookie = cookie, "workload adopted");

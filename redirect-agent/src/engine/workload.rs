@@ -45,7 +45,19 @@ impl Request {
     /// From the control API, parsing the proxy mode and the istio-iptables flags.
     pub(crate) fn from_api(req: redirect_api::Enroll) -> Result<Self, EnrollError> {
         let proxy = ProxyMode::parse(&req.proxy).ok_or_else(|| EnrollError::BadProxy(req.proxy.clone()))?;
-        let capture = crate::flags::parse_args(&req.args).map_err(EnrollError::Flags)?;
+        let (capture, named) = crate::flags::parse_args(&req.args).map_err(EnrollError::Flags)?;
+        // istio-iptables' --network-namespace names the namespace to program: here the
+        // enrollment's own, so another one is a contradiction, not a choice.
+        if let Some(named) = named
+            && !crate::sys::same_file(&named, &req.netns)
+        {
+            return Err(EnrollError::Flags(format!(
+                "--network-namespace {} is not the enrollment's namespace {}: expected the same namespace or no \
+                 --network-namespace",
+                named.display(),
+                req.netns.display()
+            )));
+        }
         Ok(Self {
             id: req.id,
             netns: req.netns,

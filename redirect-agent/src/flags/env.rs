@@ -83,3 +83,14 @@ pub(super) fn resolve_groups(groups: &mut config::OwnerGroups) {
         }
     }
 }
+
+/// A user's uid from /etc/passwd, as istio-iptables' `user.Lookup(ENVOY_USER)`.
+pub(super) fn user_uid(name: &str) -> Option<u32> {
+    let table = std::fs::read_to_string("/etc/passwd").ok()?;
+    table.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next() == Some(name))
+            .then(|| f.nth(1).and_then(|uid| uid.parse().ok()))
+            .flatten()
+    })
+}

@@ -8,9 +8,11 @@ use redirect_common::config::{self, CaptureConfig, ConfigError, DnsCapture};
 use crate::proxy::{Keepalive, Liveness};
 
 mod env;
+mod execution;
 
-use env::{Env, parse_bool, pick, pick_if, resolve_groups};
+use env::{Env, parse_bool, pick, pick_if, resolve_groups, user_uid};
 pub use env::{no_env, process_env};
+pub use execution::{Execution, ExecutionFlags};
 
 /// The capture flags, named as `istio-iptables` names them and defaulted as the sidecar
 /// injection passes them (`-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -b '*' -d
@@ -95,23 +97,38 @@ pub struct CaptureFlags {
     /// (docs/istio.md lists how) [default: current; env COMPATIBILITY_VERSION].
     #[arg(long = "compatibility-version", value_name = "MAJOR.MINOR")]
     pub compatibility_version: Option<String>,
+
+    #[command(flatten)]
+    pub execution: ExecutionFlags,
 }
 
 impl CaptureFlags {
-    /// The flags alone (a node enrollment's).
+    /// The flags alone (a node enrollment's): no environment, and the proxy's uid, when `-u`
+    /// leaves it out, is 1337 (the agent's user database is not the pod's).
     pub fn to_config(&self) -> Result<CaptureConfig, ConfigError> {
-        self.to_config_with(&no_env)
+        self.build(&no_env, false)
     }
 
-    /// The flags, then istio-iptables' environment variables for those absent.
+    /// The flags, then istio-iptables' environment variables for those absent; without `-u`,
+    /// the uid of `ENVOY_USER` (istio-proxy) in /etc/passwd, else 1337, as istio-iptables.
     pub fn to_config_with(&self, env: Env) -> Result<CaptureConfig, ConfigError> {
+        self.build(env, true)
+    }
+
+    fn build(&self, env: Env, users: bool) -> Result<CaptureConfig, ConfigError> {
         let p = |cli, flag, envs, default| pick(cli, flag, envs, env, default);
-        let (v, f) = p(&self.proxy_uid, "-u/--proxy-uid", &["PROXY_UID"], "1337");
-        let uids = config::parse_ids(f, &v)?;
-        // An empty PROXY_GID is unset (istio-iptables then takes -u's list); an empty -g on the
-        // command line is refused, as a list of no owner.
+        // istio-iptables takes an empty -u (or PROXY_UID) as absent, and an empty -g as -u's.
+        let (v, f) = p(&self.proxy_uid, "-u/--proxy-uid", &["PROXY_UID"], "");
+        let uids = match v.trim() {
+            "" if users => {
+                let name = env("ENVOY_USER").unwrap_or_else(|| "istio-proxy".into());
+                vec![user_uid(&name).unwrap_or(1337)]
+            }
+            "" => vec![1337],
+            _ => config::parse_ids(f, &v)?,
+        };
         let gids = match p(&self.proxy_gid, "-g/--proxy-gid", &["PROXY_GID"], "") {
-            (v, f) if self.proxy_gid.is_some() || !v.trim().is_empty() => config::parse_ids(f, &v)?,
+            (v, f) if !v.trim().is_empty() => config::parse_ids(f, &v)?,
             _ => uids.clone(),
         };
         let port = |cli, flag, envs, default| {
@@ -322,6 +339,7 @@ impl ProxyMode {
 #[command(
     name = "enroll",
     no_binary_name = true,
+    args_override_self = true,
     disable_help_flag = true,
     disable_version_flag = true
 )]
@@ -331,8 +349,9 @@ struct FlagsOnly {
 }
 
 /// Parses a workload's flags as `run` parses its command line, then [`check`]s them. The
-/// error is one line: clap's first (it names the flag and the value) or ours.
-pub fn parse_args(args: &[String]) -> Result<CaptureConfig, String> {
+/// error is one line: clap's first (it names the flag and the value) or ours. The
+/// `--network-namespace` given, if any, comes back for the caller to compare.
+pub fn parse_args(args: &[String]) -> Result<(CaptureConfig, Option<std::path::PathBuf>), String> {
     use clap::Parser as _;
     let parsed = FlagsOnly::try_parse_from(args).map_err(|e| {
         let text = e.render().to_string();
@@ -344,6 +363,15 @@ pub fn parse_args(args: &[String]) -> Result<CaptureConfig, String> {
             .to_owned()
     })?;
     let capture = parsed.capture.to_config().map_err(|e| e.to_string())?;
+    let execution = parsed
+        .capture
+        .execution
+        .to_execution(&no_env)
+        .map_err(|e| e.to_string())?;
+    if let Some(refusal) = execution.enrollment_refusal() {
+        return Err(refusal);
+    }
+    execution.log_without_effect();
     // The agent's own resolv.conf is not the workload's: a node enrollment names it.
     if capture.dns.redirect && !capture.dns.capture_all && parsed.capture.resolv_conf.is_none() {
         return Err(
@@ -353,7 +381,7 @@ pub fn parse_args(args: &[String]) -> Result<CaptureConfig, String> {
         );
     }
     check(&capture).map_err(|e| e.to_string())?;
-    Ok(capture)
+    Ok((capture, execution.network_namespace))
 }
 
 /// Combinations the agent cannot serve, refused before anything changes; and the one that
@@ -391,7 +419,7 @@ mod tests {
     #[test]
     fn enroll_flags_parse_as_runs_do() {
         let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let c = parse_args(&args(&["-p", "15101", "-b", "8080"])).unwrap();
+        let (c, _) = parse_args(&args(&["-p", "15101", "-b", "8080"])).unwrap();
         assert_eq!(c.envoy_port, 15101);
         assert_eq!(c.inbound_capture_port, 15006);
         assert!(parse_args(&args(&["-z", "http"])).unwrap_err().contains("'http'"));
@@ -463,11 +491,15 @@ mod tests {
             let mut v: Vec<String> = a.iter().map(|s| s.to_string()).collect();
             v.insert(0, "-b".into());
             v.insert(1, "*".into());
-            parse_args(&v)
+            parse_args(&v).map(|(c, _)| c)
         };
         assert!(with(&["-m", "TPROXY"]).unwrap_err().contains("-m TPROXY"));
         assert!(with(&["-c", "eth1"]).unwrap_err().contains("-c/"));
         assert!(with(&["-k", "eth1"]).unwrap_err().contains("-k/"));
+        // Commands, not settings: an enrollment names the command that does it.
+        assert!(with(&["--dry-run"]).unwrap_err().contains("explain"));
+        assert!(with(&["--cleanup-only=true"]).unwrap_err().contains("unenroll"));
+        assert!(with(&["--reconcile", "--cni-mode", "--dual-stack"]).is_ok());
         // Nothing to carry out: no packet is NATed (redirect-common's `DROP_INVALID_BY`).
         assert!(with(&["--drop-invalid"]).is_ok());
         let dns = with(&["--redirect-dns", "--resolv-conf", one.to_str().unwrap()]).unwrap();
