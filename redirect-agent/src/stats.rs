@@ -92,7 +92,14 @@ pub(crate) fn rows(w: &Workload, counters: &PerCpuArray<MapData, u64>) -> Result
                 .filter(|(_, x)| x.chain == r.chain && x.family == r.family)
                 .count(),
             slot,
-            match_: match_text_named(r, &groups),
+            // Interface names are not in the kernel's copy of the chain: entries print by number.
+            match_: match_text_named(
+                r,
+                &redirect_common::chain::Names {
+                    groups: &groups,
+                    ifaces: &[],
+                },
+            ),
             target: r.target_kind().map_or("?", Target::iptables_name).into(),
             connections,
             columns: Some(list_columns(r)),

@@ -88,6 +88,44 @@ impl RouteDst {
     }
 }
 
+/// What a workload's main routing table says of a destination (`ROUTE_SOURCES`' value).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct RouteInfo {
+    /// The source it gives (its preferred source, else its device's address); all zeros for
+    /// none.
+    pub src: Addr,
+    /// Its device (nat OUTPUT's `-o`); 0 for none (an unreachable route).
+    pub oif: u32,
+}
+
+impl RouteInfo {
+    #[inline(always)]
+    pub const fn new(src: Addr, oif: u32) -> Self {
+        Self { src, oif }
+    }
+}
+
+/// A device of one workload's namespace: the `IFACES` key.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct IfaceKey {
+    pub netns_cookie: u64,
+    pub ifindex: u32,
+    pub _pad: u32,
+}
+
+impl IfaceKey {
+    #[inline(always)]
+    pub const fn new(netns_cookie: u64, ifindex: u32) -> Self {
+        Self {
+            netns_cookie,
+            ifindex,
+            _pad: 0,
+        }
+    }
+}
+
 /// What connect4/connect6 remember about a redirected socket until sock_ops sees its 4-tuple.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -275,6 +313,10 @@ mod pod {
     // SAFETY: repr(C), Copy; u64, [u32; 4], u16 and explicit padding: no implicit padding,
     // any bytes valid.
     unsafe impl aya::Pod for super::UdpFlowKey {}
+    // SAFETY: repr(C), Copy; [u32; 4] and u32; 20 bytes, no gaps.
+    unsafe impl aya::Pod for super::RouteInfo {}
+    // SAFETY: repr(C), Copy; u64, u32 and an explicit u32 `_pad`; 16 bytes, no gaps.
+    unsafe impl aya::Pod for super::IfaceKey {}
 }
 
 #[cfg(test)]
@@ -293,6 +335,8 @@ mod layout {
         assert_eq!(size_of::<TupleKey>(), 48);
         assert_eq!(size_of::<RouteDst>(), 24);
         assert_eq!(size_of::<UdpFlowKey>(), 32);
+        assert_eq!(size_of::<RouteInfo>(), 20);
+        assert_eq!(size_of::<IfaceKey>(), 16);
         assert_eq!(
             RouteDst::new(0x0102_0304_0506_0708, [0; 4]).netns_cookie(),
             0x0102_0304_0506_0708

@@ -95,10 +95,15 @@ pub mod maps {
     /// it has (not on `lo`, not link-local). An IPv6 one turns the workload's ip6tables chains
     /// on, as istio-iptables installs them only for a pod with an IPv6 address.
     pub const POD_ADDRS: &str = "POD_ADDRS";
-    /// LPM trie of [`crate::RouteDst`] -> [`crate::addr::Addr`]: the workload's main routing
+    /// LPM trie of [`crate::RouteDst`] -> [`crate::RouteInfo`]: the workload's main routing
     /// table as the source each route gives a connection (its preferred source, else its
-    /// device's address): what an unbound captured socket is bound to.
+    /// device's address: what an unbound captured socket is bound to) and its device (what
+    /// `-o IFACE` sees).
     pub const ROUTE_SOURCES: &str = "ROUTE_SOURCES";
+    /// [`crate::IfaceKey`] -> u32: which entries of the workload's interface list (`-c`, then
+    /// `-k`; bit `i` for entry `i`) name that device of its namespace. Devices no entry names
+    /// are absent.
+    pub const IFACES: &str = "IFACES";
     /// Per-CPU u64 per counter slot.
     pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
     /// Per-CPU u64 per [`crate::events`] slot.
@@ -129,11 +134,12 @@ pub mod maps {
     /// ISTIO_OUTPUT judged, counted once each as conntrack's first packet.
     pub const UDP_FLOWS: &str = "UDP_FLOWS";
     /// Every map the agent pins while it runs.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         WORKLOADS,
         LOCAL_ADDRS,
         POD_ADDRS,
         ROUTE_SOURCES,
+        IFACES,
         RULE_COUNTERS,
         EVENT_COUNTERS,
         ORIG_BY_COOKIE,
@@ -183,6 +189,9 @@ pub mod globals {
     /// linked to (sk_lookup has no helper that says which namespace it runs in). The agent
     /// loads one instance per workload.
     pub const SK_LOOKUP_NETNS_COOKIE: &str = "NETNS_COOKIE";
+    /// `u8`: 1 when sk_lookup may read its context's `ingress_ifindex` (Linux 5.17+), which
+    /// `-c`'s `PREROUTING -i IFACE` rules need; 0 leaves those rules unmatched.
+    pub const SK_LOOKUP_INGRESS_IFINDEX: &str = "INGRESS_IFINDEX";
 }
 
 /// Bits of [`Workload::flags`].

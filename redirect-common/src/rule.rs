@@ -6,11 +6,19 @@ use crate::addr::{self, Addr, Family};
 #[repr(u8)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum ChainId {
+    // Outbound ones (walked by connect4/6 and sendmsg4/6) odd, inbound ones (sk_lookup) even:
+    // the walk tells them apart by that bit alone.
     Output = 1,
     Inbound = 2,
     /// `ISTIO_OUTPUT_DNS` (nat), walked where ISTIO_OUTPUT jumps to it: its rules follow the
     /// jump in the list.
     OutputDns = 3,
+    /// nat `PREROUTING`'s own rules (`-c`'s `-i IFACE -j RETURN`), walked before the jump to
+    /// ISTIO_INBOUND: they come first in the list.
+    Prerouting = 4,
+    /// nat `OUTPUT`'s own rules (`-c`'s `-o IFACE -j RETURN`), walked before the jump to
+    /// ISTIO_OUTPUT: they come first in the list.
+    OutputNat = 5,
 }
 
 /// What a matching rule does. Discriminants are what the `target` byte of [`Rule`] holds.
@@ -65,6 +73,8 @@ impl ChainId {
             1 => Some(Self::Output),
             2 => Some(Self::Inbound),
             3 => Some(Self::OutputDns),
+            4 => Some(Self::Prerouting),
+            5 => Some(Self::OutputNat),
             _ => None,
         }
     }
@@ -74,6 +84,8 @@ impl ChainId {
             Self::Output => "ISTIO_OUTPUT",
             Self::Inbound => "ISTIO_INBOUND",
             Self::OutputDns => "ISTIO_OUTPUT_DNS",
+            Self::Prerouting => "PREROUTING",
+            Self::OutputNat => "OUTPUT",
         }
     }
 }
@@ -101,6 +113,10 @@ pub mod m {
     /// Not a match: the `GID` match is owner group number `uid` of
     /// `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`, printed by the name it was given.
     pub const NAMED: u16 = 1 << 8;
+    /// `-i IFACE` (PREROUTING) or `-o IFACE` (OUTPUT): the packet's interface is one that
+    /// entry `i` of the workload's interface list names, `uid` holding `1 << i`
+    /// ([`super::ConnFacts::ifaces`]).
+    pub const IFACE: u16 = 1 << 9;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -152,6 +168,10 @@ pub struct ConnFacts {
     pub gid: u32,
     /// The socket's group is one of the workload's owner groups.
     pub in_owner_groups: bool,
+    /// The entries of the workload's interface list (`-c`, then `-k`) that name the packet's
+    /// interface (the route's device outbound, the arrival device inbound), bit `i` for entry
+    /// `i`: the `IFACES` map's value for it.
+    pub ifaces: u32,
 }
 
 impl Rule {
@@ -195,6 +215,7 @@ impl Rule {
             && self.test(m::UID, c.uid == self.uid)
             && self.test(m::GID, c.gid == self.gid)
             && self.test(m::GROUPS, c.in_owner_groups)
+            && self.test(m::IFACE, c.ifaces & self.uid != 0)
     }
 
     /// A match that is absent passes; a present one passes when `hit` differs from its `!`.

@@ -6,8 +6,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use redirect_common::{
-    FamilyKey, LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, RouteDst, TupleKey, UdpFlowKey,
-    Workload,
+    FamilyKey, IfaceKey, LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, RouteDst, RouteInfo,
+    TupleKey, UdpFlowKey, Workload,
     addr::{self, Addr, Family},
     events,
 };
@@ -37,10 +37,15 @@ pub static RULE_COUNTERS: PerCpuArray<u64, COUNTER_SLOTS> = PerCpuArray::new();
 #[btf_map]
 pub static EVENT_COUNTERS: PerCpuArray<u64, EVENT_SLOTS> = PerCpuArray::new();
 
-/// Each workload's main routing table: destination prefix -> the source it gives
-/// (`redirect_common::maps::ROUTE_SOURCES`).
+/// Each workload's main routing table: destination prefix -> the source it gives and its
+/// device (`redirect_common::maps::ROUTE_SOURCES`).
 #[btf_map]
-pub static ROUTE_SOURCES: LpmTrie<RouteDst, Addr, 4096> = LpmTrie::new();
+pub static ROUTE_SOURCES: LpmTrie<RouteDst, RouteInfo, 4096> = LpmTrie::new();
+
+/// The devices of each workload's namespace that its interface list (`-c`, `-k`) names ->
+/// which entries name them (`redirect_common::maps::IFACES`).
+#[btf_map]
+pub static IFACES: HashMap<IfaceKey, u32, 4096> = HashMap::new();
 
 /// Socket cookie -> original destination, from connect() until the handshake completes.
 #[btf_map]
@@ -129,14 +134,28 @@ pub fn pod_addr(netns_cookie: u64, family: Family) -> Option<Addr> {
     unsafe { POD_ADDRS.get(FamilyKey::new(netns_cookie, family)) }.copied()
 }
 
-/// The source the workload's routes give a connection to `dst`, if a route covers it.
+/// What the workload's routes say of a connection to `dst`: no source and no device when no
+/// route covers it (a plain value, not an `Option`: fewer states for the verifier to tell
+/// apart in the callers).
 #[inline(always)]
-pub fn route_source(netns_cookie: u64, dst: &Addr) -> Option<Addr> {
-    // `get` hands out a reference into the trie's node, copied at once (16 bytes, any bytes a
-    // valid Addr) while the program holds the RCU read lock that keeps it alive.
+pub fn route(netns_cookie: u64, dst: &Addr) -> RouteInfo {
+    // `get` hands out a reference into the trie's node, copied at once (20 bytes, any bytes a
+    // valid RouteInfo) while the program holds the RCU read lock that keeps it alive.
     ROUTE_SOURCES
         .get(&Key::new(RouteDst::FULL, RouteDst::new(netns_cookie, *dst)))
         .copied()
+        .unwrap_or(RouteInfo::new(addr::UNSPECIFIED, 0))
+}
+
+/// Which entries of the workload's interface list name device `ifindex` of its namespace
+/// ([`redirect_common::ConnFacts::ifaces`]).
+#[inline(always)]
+pub fn iface_entries(netns_cookie: u64, ifindex: u32) -> u32 {
+    // SAFETY: the reference is copied from at once (8 bytes) while the value is mapped, and
+    // never kept; only the agent writes IFACES, whole values.
+    unsafe { IFACES.get(IfaceKey::new(netns_cookie, ifindex)) }
+        .copied()
+        .unwrap_or(0)
 }
 
 /// Whether the workload's ip6tables chains are on: it has an IPv6 address of its own.

@@ -13,7 +13,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    ChainId, ConnFacts, DNS_PROXY_PORT, IPPROTO_TCP, IPPROTO_UDP, OrigDst, PendingOrigDst, Target, UdpFlowKey,
+    ChainId, ConnFacts, DNS_PROXY_PORT, IPPROTO_TCP, IPPROTO_UDP, OrigDst, PendingOrigDst, RouteInfo, Target,
+    UdpFlowKey,
     addr::{self, Addr, Family},
     events,
 };
@@ -21,11 +22,14 @@ use redirect_common::{
 use crate::{
     chain,
     maps::{
-        AGENT_SOCKETS, ORIG_BY_COOKIE, UDP_FLOWS, UDP_ORIG, count_event, ipv6_on, is_local_addr, pod_addr,
-        route_source, workload,
+        AGENT_SOCKETS, ORIG_BY_COOKIE, UDP_FLOWS, UDP_ORIG, count_event, iface_entries, ipv6_on, is_local_addr,
+        pod_addr, route, workload,
     },
     owner::{owner, task_owner},
 };
+
+/// The loopback device's index, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 /// The socket a connect or sendmsg hook judges, with its cookie and protocol: a TCP or UDP
 /// one that is not the agent's own. `None` for any other (a ping socket's connect, say, which
@@ -194,7 +198,15 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
     // though only a redirect binds it: what is live across the walk's call is what the
     // verifier must tell apart there, and this one value, rather than the destination and
     // `out_lo` it comes from, keeps the number of states it walks with small.
-    let bind = source(c, &dst, out_lo, family);
+    // `-o IFACE` (`-c`) sees the route's device; over loopback that is lo, ifindex 1 in every
+    // namespace.
+    let route = if out_lo {
+        RouteInfo::new(addr::UNSPECIFIED, LOOPBACK_IFINDEX)
+    } else {
+        route(c.netns_cookie, &dst)
+    };
+    let bind = source(c, &dst, out_lo, family, &route.src);
+    let ifaces = iface_entries(c.netns_cookie, route.oif);
     let facts = ConnFacts {
         family: family as u8,
         proto: c.proto,
@@ -209,6 +221,7 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
         uid,
         gid,
         in_owner_groups: workload.in_owner_groups(gid),
+        ifaces,
     };
     let counting = match c.proto {
         IPPROTO_TCP => true,
@@ -318,7 +331,7 @@ fn udp_flow(cookie: u64, dst: &Addr, port: u16) -> UdpFlow {
 ///   ([`addr::UNSPECIFIED`]; not an `Option`, whose `None` leaves the payload's registers
 ///   unwritten, and the verifier refuses to copy an unwritten register).
 #[inline(always)]
-fn source(c: &Connect, dst: &Addr, out_lo: bool, family: Family) -> Addr {
+fn source(c: &Connect, dst: &Addr, out_lo: bool, family: Family, route_src: &Addr) -> Addr {
     let unbound = addr::words_eq(&c.src, &addr::UNSPECIFIED) || addr::words_eq(&c.src, &addr::v4(0));
     if !unbound || addr::is_loopback(dst) {
         return addr::UNSPECIFIED;
@@ -326,9 +339,10 @@ fn source(c: &Connect, dst: &Addr, out_lo: bool, family: Family) -> Addr {
     if out_lo {
         return *dst;
     }
-    route_source(c.netns_cookie, dst)
-        .or_else(|| pod_addr(c.netns_cookie, family))
-        .unwrap_or(addr::UNSPECIFIED)
+    if !addr::words_eq(route_src, &addr::UNSPECIFIED) {
+        return *route_src;
+    }
+    pod_addr(c.netns_cookie, family).unwrap_or(addr::UNSPECIFIED)
 }
 
 /// Connects the kernel fails before nat OUTPUT would see a packet; they are left to fail as

@@ -29,7 +29,7 @@ use redirect_common::{
 
 use crate::{
     chain,
-    maps::{INBOUND_LISTENERS, INBOUND_PENDING, count_event, ipv6_on, is_local_addr, workload},
+    maps::{INBOUND_LISTENERS, INBOUND_PENDING, count_event, iface_entries, ipv6_on, is_local_addr, workload},
 };
 
 /// The cookie of the network namespace this instance is linked to
@@ -39,6 +39,12 @@ use crate::{
 /// for 0 here, so that the verifier, which knows the constant, still walks the whole program.
 #[unsafe(no_mangle)]
 static NETNS_COOKIE: Global<u64> = Global::new(0);
+
+/// 1 when this kernel has the context's `ingress_ifindex` (Linux 5.17+;
+/// `redirect_common::globals::SK_LOOKUP_INGRESS_IFINDEX`), set by the agent at load. A
+/// constant, so the verifier of an older kernel never walks the read it could not allow.
+#[unsafe(no_mangle)]
+static INGRESS_IFINDEX: Global<u8> = Global::new(0);
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -126,6 +132,14 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
             Err(_) => sk_action::SK_DROP,
         };
     }
+    // `PREROUTING -i IFACE` (`-c`) sees the device the SYN arrived on.
+    let ifaces = if INGRESS_IFINDEX.load() != 0 {
+        // SAFETY: a 4-byte read of the context's `ingress_ifindex`, which this kernel has
+        // (the agent sets INGRESS_IFINDEX only on 5.17+).
+        iface_entries(netns_cookie, unsafe { read_volatile(&raw const (*l).ingress_ifindex) })
+    } else {
+        0
+    };
     let facts = ConnFacts {
         family: family as u8,
         proto: IPPROTO_TCP,
@@ -137,6 +151,7 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
         uid: u32::MAX,
         gid: u32::MAX,
         in_owner_groups: false,
+        ifaces,
     };
 
     if chain::decide(workload, ChainId::Inbound, &facts, true) != Some(Target::InRedirect) {

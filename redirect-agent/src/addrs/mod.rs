@@ -7,9 +7,11 @@
 //! pod's own address of each family into `POD_ADDRS`: an IPv6 one turns the ip6tables chains on, as
 //! istio-iptables installs them only for a pod with an IPv6 address; and its main routing
 //! table into `ROUTE_SOURCES` (each route's prefix -> the source it gives), from which connect4/6
-//! bind an unbound captured socket to the source routing would have picked. It follows address
-//! and route changes; on any notification it re-reads the whole set and applies the
-//! difference, which cannot drift the way applying single events can after an overrun.
+//! bind an unbound captured socket to the source routing would have picked and read the device
+//! `-o IFACE` sees. For a workload with an interface list (`-c`), the devices its entries name
+//! go into `IFACES`. It follows address, route and device changes; on any notification it
+//! re-reads the whole set and applies the difference, which cannot drift the way applying
+//! single events can after an overrun.
 
 mod netlink;
 
@@ -23,9 +25,10 @@ use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
 pub use netlink::NetnsAddr;
 use netlink_sys::Socket;
 use redirect_common::{
-    FamilyKey, LocalAddrKey, RouteDst,
+    FamilyKey, IfaceKey, LocalAddrKey, RouteDst, RouteInfo,
     addr::{self, Addr, Family},
     chain::INBOUND_PASSTHROUGH_SRC6,
+    config::Interface,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -67,26 +70,31 @@ fn pod_addrs(addrs: &[NetnsAddr]) -> BTreeMap<Family, IpAddr> {
 pub struct AddrMaps {
     pub local: HashMap<MapData, LocalAddrKey, u8>,
     pub pods: HashMap<MapData, FamilyKey, Addr>,
-    pub routes: LpmTrie<MapData, RouteDst, Addr>,
+    pub routes: LpmTrie<MapData, RouteDst, RouteInfo>,
+    pub ifaces: HashMap<MapData, IfaceKey, u32>,
 }
 
-/// A route's prefix and the source it gives (what `ROUTE_SOURCES` holds for a namespace).
-type RouteSources = BTreeMap<(IpAddr, u8), IpAddr>;
+/// What a route gives a connection: a source (none for a link-local prefix, whose source
+/// cannot be bound without its scope, or a device without an address) and its device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RouteGives {
+    src: Option<IpAddr>,
+    oif: u32,
+}
 
-/// The source each main-table route gives: its preferred source (`src`, which the kernel sets
-/// on the routes of connected subnets), else an address of its device of the family (global
-/// ones first). Of several routes to one prefix, the one of lowest metric decides. Link-local
-/// prefixes are left out: a link-local source cannot be bound without its scope.
+/// A route's prefix and what it gives (what `ROUTE_SOURCES` holds for a namespace).
+type RouteSources = BTreeMap<(IpAddr, u8), RouteGives>;
+
+/// What each main-table route gives: its preferred source (`src`, which the kernel sets on the
+/// routes of connected subnets), else an address of its device of the family (global ones
+/// first); and its device. Of several routes to one prefix, the one of lowest metric decides.
 fn route_sources(routes: &[netlink::MainRoute], addrs: &[NetnsAddr]) -> RouteSources {
-    let mut best: BTreeMap<(IpAddr, u8), (u32, IpAddr)> = BTreeMap::new();
+    let mut best: BTreeMap<(IpAddr, u8), (u32, RouteGives)> = BTreeMap::new();
     for r in routes {
         let link_local = match r.prefix {
             IpAddr::V4(v4) => v4.is_link_local(),
             IpAddr::V6(v6) => v6.is_unicast_link_local(),
         };
-        if link_local {
-            continue;
-        }
         let of_device = || {
             let mut on_dev = addrs
                 .iter()
@@ -97,15 +105,33 @@ fn route_sources(routes: &[netlink::MainRoute], addrs: &[NetnsAddr]) -> RouteSou
                 .or_else(|| on_dev.next())
                 .map(|a| a.ip)
         };
-        let Some(src) = r.prefsrc.or_else(of_device) else {
-            continue;
+        let gives = RouteGives {
+            src: r.prefsrc.or_else(of_device).filter(|_| !link_local),
+            oif: r.oif.unwrap_or(0),
         };
-        let entry = best.entry((r.prefix, r.len)).or_insert((r.priority, src));
+        let entry = best.entry((r.prefix, r.len)).or_insert((r.priority, gives));
         if r.priority < entry.0 {
-            *entry = (r.priority, src);
+            *entry = (r.priority, gives);
         }
     }
-    best.into_iter().map(|(k, (_, src))| (k, src)).collect()
+    best.into_iter().map(|(k, (_, gives))| (k, gives)).collect()
+}
+
+/// Which entries of an interface list name each device: bit `i` for entry `i`, as `IFACES`
+/// holds them; devices no entry names are left out.
+fn iface_entries(links: &[(u32, String)], list: &[Interface]) -> BTreeMap<u32, u32> {
+    links
+        .iter()
+        .filter_map(|(ifindex, name)| {
+            let bits = list
+                .iter()
+                .take(32)
+                .enumerate()
+                .filter(|(_, i)| i.matches(name))
+                .fold(0u32, |b, (n, _)| b | 1 << n);
+            (bits != 0).then_some((*ifindex, bits))
+        })
+        .collect()
 }
 
 fn route_key(netns_cookie: u64, (prefix, len): (IpAddr, u8)) -> Key<RouteDst> {
@@ -141,6 +167,15 @@ impl AddrMaps {
         for k in routes {
             let _ = self.routes.remove(&k);
         }
+        let ifaces: Vec<IfaceKey> = self
+            .ifaces
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.netns_cookie == netns_cookie)
+            .collect();
+        for k in ifaces {
+            let _ = self.ifaces.remove(&k);
+        }
     }
 }
 
@@ -152,6 +187,9 @@ pub struct LocalAddrs {
     id: String,
     current: Vec<NetnsAddr>,
     current_routes: RouteSources,
+    /// The workload's interface list (`-c`, then `-k`), and what `IFACES` holds for it.
+    interfaces: Vec<Interface>,
+    current_ifaces: BTreeMap<u32, u32>,
     /// A blocking socket in the workload's namespace, for dumps and for adding `::6`.
     query: Socket,
 }
@@ -159,7 +197,13 @@ pub struct LocalAddrs {
 impl LocalAddrs {
     /// Reads the current set and installs it; connect4/6 are not attached yet, so the first
     /// connection already sees it.
-    pub fn install(netns: &Netns, maps: AddrMaps, netns_cookie: u64, id: &str) -> io::Result<Self> {
+    pub fn install(
+        netns: &Netns,
+        maps: AddrMaps,
+        netns_cookie: u64,
+        id: &str,
+        interfaces: Vec<Interface>,
+    ) -> io::Result<Self> {
         let query = netns.run(netlink::query_socket)?;
         let mut me = Self {
             maps,
@@ -167,6 +211,8 @@ impl LocalAddrs {
             id: id.to_owned(),
             current: Vec::new(),
             current_routes: RouteSources::new(),
+            interfaces,
+            current_ifaces: BTreeMap::new(),
             query,
         };
         me.refresh()?;
@@ -229,7 +275,31 @@ impl LocalAddrs {
             }
         }
         self.refresh_routes(&now)?;
+        self.refresh_ifaces()?;
         self.current = now;
+        Ok(())
+    }
+
+    /// `IFACES` for the devices the interface list names now (renamed, added or removed ones
+    /// included).
+    fn refresh_ifaces(&mut self) -> io::Result<()> {
+        if self.interfaces.is_empty() {
+            return Ok(());
+        }
+        let now = iface_entries(&netlink::dump_links(&self.query)?, &self.interfaces);
+        for (&ifindex, &bits) in &now {
+            if self.current_ifaces.get(&ifindex) != Some(&bits) {
+                self.maps
+                    .ifaces
+                    .insert(IfaceKey::new(self.netns_cookie, ifindex), bits, 0)
+                    .map_err(io::Error::other)?;
+                tracing::info!(ifindex, entries = bits, "device named by the interface list");
+            }
+        }
+        for ifindex in self.current_ifaces.keys().filter(|i| !now.contains_key(i)) {
+            let _ = self.maps.ifaces.remove(&IfaceKey::new(self.netns_cookie, *ifindex));
+        }
+        self.current_ifaces = now;
         Ok(())
     }
 
@@ -263,14 +333,15 @@ impl LocalAddrs {
 
     fn refresh_routes(&mut self, addrs: &[NetnsAddr]) -> io::Result<()> {
         let now = route_sources(&netlink::dump_routes(&self.query)?, addrs);
-        for (route, src) in &now {
-            if self.current_routes.get(route) != Some(src) {
+        for (route, gives) in &now {
+            if self.current_routes.get(route) != Some(gives) {
                 let key = route_key(self.netns_cookie, *route);
+                let src = gives.src.map_or(addr::UNSPECIFIED, addr::from_ip);
                 self.maps
                     .routes
-                    .insert(&key, addr::from_ip(*src), 0)
+                    .insert(&key, RouteInfo::new(src, gives.oif), 0)
                     .map_err(io::Error::other)?;
-                tracing::debug!(prefix = %route.0, len = route.1, %src, "route source");
+                tracing::debug!(prefix = %route.0, len = route.1, src = ?gives.src, oif = gives.oif, "route");
             }
         }
         for route in self.current_routes.keys().filter(|r| !now.contains_key(r)) {
@@ -341,14 +412,32 @@ mod tests {
         ];
         let got = route_sources(&routes, &addrs);
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(got[&(ip("10.200.41.0"), 24)], ip("10.200.41.1"));
+        let src = |k: (&str, u8)| got[&(ip(k.0), k.1)].src;
+        assert_eq!(src(("10.200.41.0", 24)), Some(ip("10.200.41.1")));
         assert_eq!(
-            got[&(ip("fd00:200:0:41::"), 64)],
-            ip("fd00:200:0:41::1"),
+            src(("fd00:200:0:41::", 64)),
+            Some(ip("fd00:200:0:41::1")),
             "lowest metric"
         );
-        assert_eq!(got[&(ip("10.96.0.0"), 12)], ip("10.200.41.1"), "the device's address");
-        assert!(!got.contains_key(&(ip("fe80::"), 64)), "link-local left out");
+        assert_eq!(got[&(ip("fd00:200:0:41::"), 64)].oif, 4, "lowest metric's device");
+        assert_eq!(src(("10.96.0.0", 12)), Some(ip("10.200.41.1")), "the device's address");
+        assert_eq!(src(("fe80::", 64)), None, "no link-local source, but the device");
+        assert_eq!(got[&(ip("fe80::"), 64)].oif, 4);
+    }
+
+    #[test]
+    fn interface_entries_name_devices_by_name_and_prefix() {
+        let list = redirect_common::config::parse_interfaces("-c", "eth1,veth+,eth1").unwrap();
+        let links = [
+            (1, "lo".to_owned()),
+            (2, "eth0".into()),
+            (3, "eth1".into()),
+            (4, "veth9".into()),
+        ];
+        let got = iface_entries(&links, &list);
+        assert_eq!(got.get(&3), Some(&0b101), "both entries that name eth1");
+        assert_eq!(got.get(&4), Some(&0b010));
+        assert!(!got.contains_key(&2) && !got.contains_key(&1));
     }
 
     fn a(ip: &str, ifindex: u32, global: bool) -> NetnsAddr {

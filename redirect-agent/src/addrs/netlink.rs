@@ -12,6 +12,7 @@ use netlink_packet_core::{
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressHeaderFlags, AddressMessage, AddressScope},
+    link::{LinkAttribute, LinkMessage},
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
 };
 use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
@@ -40,7 +41,7 @@ pub(super) fn query_socket() -> io::Result<Socket> {
 }
 
 /// A non-blocking route netlink socket in the calling thread's namespace, subscribed to its
-/// address and route changes of both families.
+/// address and route changes of both families and its devices' (names, for `-c`).
 pub(super) fn event_socket() -> io::Result<Socket> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
@@ -48,6 +49,7 @@ pub(super) fn event_socket() -> io::Result<Socket> {
     socket.add_membership(libc::RTNLGRP_IPV6_IFADDR)?;
     socket.add_membership(libc::RTNLGRP_IPV4_ROUTE)?;
     socket.add_membership(libc::RTNLGRP_IPV6_ROUTE)?;
+    socket.add_membership(libc::RTNLGRP_LINK)?;
     socket.set_non_blocking(true)?;
     Ok(socket)
 }
@@ -211,6 +213,21 @@ pub(super) fn dump(socket: &Socket) -> io::Result<Vec<NetnsAddr>> {
             }
         },
     )?;
+    Ok(out)
+}
+
+/// Every device of the namespace the socket lives in: index and name.
+pub(super) fn dump_links(socket: &Socket) -> io::Result<Vec<(u32, String)>> {
+    let mut out = Vec::new();
+    dump_each(socket, RouteNetlinkMessage::GetLink(LinkMessage::default()), |m| {
+        if let RouteNetlinkMessage::NewLink(m) = m {
+            let name = m.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            });
+            out.extend(name.map(|n| (m.header.index, n)));
+        }
+    })?;
     Ok(out)
 }
 

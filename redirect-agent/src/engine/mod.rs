@@ -236,6 +236,7 @@ impl Engine {
                 local: object.take(maps::LOCAL_ADDRS)?,
                 pods: object.take(maps::POD_ADDRS)?,
                 routes: object.take(maps::ROUTE_SOURCES)?,
+                ifaces: object.take(maps::IFACES)?,
             },
             listeners: object.take(maps::INBOUND_LISTENERS)?,
         };

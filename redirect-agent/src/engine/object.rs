@@ -169,9 +169,16 @@ fn loader<'a>(
     } else {
         1
     };
+    // sk_lookup reads its context's `ingress_ifindex` (for `-c`) only where the kernel has it.
+    let ingress_ifindex: &'static u8 =
+        match aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 17, 0)) {
+            true => &1,
+            false => &0,
+        };
     let mut loader = EbpfLoader::new();
     loader
         .override_global(owner::OWNER_OFFSETS, owner, true)
+        .override_global(globals::SK_LOOKUP_INGRESS_IFINDEX, ingress_ifindex, true)
         .map_max_entries(maps::ORIG_BY_COOKIE, max_tracked_connections)
         .map_max_entries(maps::ORIG_BY_TUPLE, max_tracked_connections)
         .map_max_entries(maps::INBOUND_PENDING, max_tracked_connections)

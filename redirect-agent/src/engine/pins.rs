@@ -133,7 +133,7 @@ impl State {
 pub fn layout() -> String {
     use std::mem::size_of;
     format!(
-        "workload{}-rules{}-workloads{}-events{}-tuple{}-orig{}-pending{}-addr{}-family{}",
+        "workload{}-rules{}-workloads{}-events{}-tuple{}-orig{}-pending{}-addr{}-family{}-route{}-iface{}",
         size_of::<Workload>(),
         MAX_RULES,
         MAX_WORKLOADS,
@@ -143,6 +143,8 @@ pub fn layout() -> String {
         size_of::<PendingOrigDst>(),
         size_of::<LocalAddrKey>(),
         size_of::<FamilyKey>(),
+        size_of::<redirect_common::RouteInfo>(),
+        size_of::<redirect_common::IfaceKey>(),
     )
 }
 

@@ -448,8 +448,10 @@ impl Engine {
             local: self.open_map(maps::LOCAL_ADDRS)?,
             pods: self.open_map(maps::POD_ADDRS)?,
             routes: self.open_map(maps::ROUTE_SOURCES)?,
+            ifaces: self.open_map(maps::IFACES)?,
         };
-        let local = LocalAddrs::install(&netns, addr_maps, cookie, &info.id)
+        let interfaces = capture.interface_list().cloned().collect();
+        let local = LocalAddrs::install(&netns, addr_maps, cookie, &info.id, interfaces)
             .map_err(EnrollError::io(format!("addresses of {}", info.netns.display())))?;
         info.addresses = local.addresses().iter().map(ToString::to_string).collect();
         let watch_ns = netns.try_clone().map_err(EnrollError::io("namespace descriptor"))?;

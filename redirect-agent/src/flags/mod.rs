@@ -394,7 +394,6 @@ pub fn check(c: &CaptureConfig) -> Result<(), crate::error::FlagError> {
     // Modes whose programs are not built yet: refused whole rather than half-applied.
     let not_yet = [
         (c.inbound_mode == config::InterceptionMode::Tproxy, "-m TPROXY"),
-        (!c.exclude_interfaces.is_empty(), "-c/--istio-exclude-interfaces"),
         (!c.kube_virt_interfaces.is_empty(), "-k/--kube-virt-interfaces"),
     ];
     if let Some((_, flag)) = not_yet.iter().find(|(on, _)| *on) {
@@ -494,7 +493,7 @@ mod tests {
             parse_args(&v).map(|(c, _)| c)
         };
         assert!(with(&["-m", "TPROXY"]).unwrap_err().contains("-m TPROXY"));
-        assert!(with(&["-c", "eth1"]).unwrap_err().contains("-c/"));
+        assert!(with(&["-c", "eth1,veth+"]).is_ok());
         assert!(with(&["-k", "eth1"]).unwrap_err().contains("-k/"));
         // Commands, not settings: an enrollment names the command that does it.
         assert!(with(&["--dry-run"]).unwrap_err().contains("explain"));

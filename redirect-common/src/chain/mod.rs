@@ -180,10 +180,19 @@ fn of_family(cidrs: &[Cidr], family: Family) -> impl Iterator<Item = &Cidr> {
     cidrs.iter().filter(move |c| c.family() == family)
 }
 
-/// One family's ISTIO_OUTPUT and ISTIO_INBOUND.
+/// One family's ISTIO_OUTPUT and ISTIO_INBOUND, after nat PREROUTING's and OUTPUT's own
+/// rules (`-c`: traffic on an excluded interface is left alone both ways).
 fn family_chains(b: &mut Builder, cfg: &CaptureConfig) {
     let (passthrough_src, localhost) = family_addrs(b.family, cfg.ipv4_loopback);
     let dns = cfg.dns.enabled();
+    for (i, _) in cfg.exclude_interfaces.iter().enumerate() {
+        for chain in [ChainId::Prerouting, ChainId::OutputNat] {
+            let mut r = Rule::new(b.family, chain, Target::Return);
+            r.has |= m::IFACE;
+            r.uid = 1 << i;
+            b.push(r);
+        }
+    }
     for &p in &cfg.outbound_exclude_ports {
         b.push(with_dport(b.out(Target::Return), IPPROTO_TCP, p, false));
         b.push(with_dport(b.out(Target::Return), IPPROTO_UDP, p, false));
@@ -418,4 +427,4 @@ mod tests;
 mod text;
 
 pub use tables::{DROP_INVALID_BY, NOT_YET, Table, TableLine, iptables_save, tables};
-pub use text::{ListColumns, list_columns, match_text, match_text_named, rule_text, rule_text_named};
+pub use text::{ListColumns, Names, list_columns, match_text, match_text_named, rule_text, rule_text_named};

@@ -13,7 +13,7 @@ use std::{
     vec::Vec,
 };
 
-use super::{flags, rule_text_named, slots};
+use super::{Names, flags, rule_text_named, slots};
 use crate::{
     ChainId, Rule,
     addr::Family,
@@ -188,6 +188,11 @@ pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableL
     let mut t = Tables { lines: Vec::new() };
     let tproxy = cfg.inbound_mode == InterceptionMode::Tproxy;
     let groups: Vec<&str> = cfg.owner_groups.groups().iter().map(|g| g.name.as_str()).collect();
+    let ifaces: Vec<&str> = cfg.interface_list().map(|i| i.as_str()).collect();
+    let names = Names {
+        groups: &groups,
+        ifaces: &ifaces,
+    };
     let slotted: Vec<(usize, &Rule)> = slots(rules)
         .into_iter()
         .zip(rules)
@@ -195,14 +200,20 @@ pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableL
         .collect();
     let compiled = |t: &mut Tables, table: Table, chain: ChainId| {
         for &(slot, r) in slotted.iter().filter(|(_, r)| r.chain == chain as u8) {
-            t.append(table, rule_text_named(r, &groups), Some(slot), walker(chain, family));
+            t.append(table, rule_text_named(r, &names), Some(slot), walker(chain, family));
         }
     };
 
-    for c in &cfg.exclude_interfaces {
-        let c = c.as_str();
-        t.line(Nat, format!("-A PREROUTING -i {c} -j RETURN"), NOT_YET);
-        t.line(Nat, format!("-A OUTPUT -o {c} -j RETURN"), NOT_YET);
+    // `-c`: compiled in pairs, PREROUTING's then OUTPUT's, as istio-iptables appends them.
+    for &(slot, r) in slotted
+        .iter()
+        .filter(|(_, r)| r.chain == ChainId::Prerouting as u8 || r.chain == ChainId::OutputNat as u8)
+    {
+        let by = match r.chain_id() {
+            Some(ChainId::Prerouting) => "sk_lookup (the SYN's arrival device)",
+            _ => "connect4/6, sendmsg4/6 (the route's device)",
+        };
+        t.append(Nat, rule_text_named(r, &names), Some(slot), by);
     }
     if tproxy {
         for c in &cfg.exclude_interfaces {
@@ -236,7 +247,7 @@ pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableL
         walker(ChainId::Inbound, family)
     };
     if let Some(&(slot, r)) = inbound.first() {
-        t.append(Nat, rule_text_named(r, &groups), Some(slot), by_inbound);
+        t.append(Nat, rule_text_named(r, &names), Some(slot), by_inbound);
     }
     t.append(
         Nat,
@@ -272,7 +283,7 @@ pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableL
             "sk_lookup attached to the workload's netns (connections from other hosts)",
         );
         for &(slot, r) in inbound.iter().skip(1) {
-            t.append(Nat, rule_text_named(r, &groups), Some(slot), by_inbound);
+            t.append(Nat, rule_text_named(r, &names), Some(slot), by_inbound);
         }
     }
 

@@ -58,6 +58,7 @@ fn default_chain_decides_like_the_rule_set() {
         uid: 0,
         gid: 0,
         in_owner_groups: false,
+        ifaces: 0,
     };
     let pod = ConnFacts {
         dst_addr: ip("10.200.0.1"),
@@ -341,6 +342,7 @@ fn ip6tables_chain_decides_native_ipv6() {
         uid: 0,
         gid: 0,
         in_owner_groups: false,
+        ifaces: 0,
     };
     let slot = first_match(&rules, &remote6).unwrap();
     assert_eq!(rule_text(&rules[slot]), "-A ISTIO_OUTPUT -j ISTIO_REDIRECT");
@@ -465,6 +467,7 @@ fn dns_capture_walks_into_istio_output_dns() {
         uid: 0,
         gid: 0,
         in_owner_groups: false,
+        ifaces: 0,
     };
     let (hit, counted) = walk_output(&rules, &app);
     let hit = hit.unwrap();
@@ -516,7 +519,18 @@ fn owner_groups_only_returns_the_others() {
     };
     let rules = compile(&cfg).unwrap();
     let groups = ["java", "202"];
-    let texts: Vec<String> = rules.iter().map(|r| rule_text_named(r, &groups)).collect();
+    let texts: Vec<String> = rules
+        .iter()
+        .map(|r| {
+            rule_text_named(
+                r,
+                &super::Names {
+                    groups: &groups,
+                    ifaces: &[],
+                },
+            )
+        })
+        .collect();
     assert!(texts.contains(&"-A ISTIO_OUTPUT -m owner ! --gid-owner java -m owner ! --gid-owner 202 -j RETURN".into()));
     let w = workload(&cfg, &rules, 0, Serving::default());
     assert_eq!(w.n_owner_groups, 2);
@@ -531,6 +545,7 @@ fn owner_groups_only_returns_the_others() {
         uid: 0,
         gid: 7,
         in_owner_groups: w.in_owner_groups(7),
+        ifaces: 0,
     };
     assert_eq!(
         rules[walk_output(&rules, &remote).0.unwrap()].target_kind(),

@@ -34,12 +34,22 @@ fn proto_name(p: u8) -> String {
 /// e.g. `-o lo -m owner ! --uid-owner 1337`. Owner groups print as gids
 /// ([`match_text_named`] with the names given).
 pub fn match_text(r: &Rule) -> String {
-    match_text_named(r, &[])
+    match_text_named(r, &Names::default())
 }
 
-/// [`match_text`], with the workload's owner groups (`ISTIO_OUTBOUND_OWNER_GROUPS(_EXCLUDE)`)
-/// as given: what a [`m::GROUPS`] match lists, and what a [`m::NAMED`] one's index names.
-pub fn match_text_named(r: &Rule, groups: &[&str]) -> String {
+/// The names a workload's rules refer to by index: its owner groups
+/// (`ISTIO_OUTBOUND_OWNER_GROUPS(_EXCLUDE)`, as given) and its interface list (`-c`, then
+/// `-k`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Names<'a> {
+    pub groups: &'a [&'a str],
+    pub ifaces: &'a [&'a str],
+}
+
+/// [`match_text`], with the workload's names: what a [`m::GROUPS`] match lists, what a
+/// [`m::NAMED`] one's index names, and the interface an [`m::IFACE`] one's index names.
+pub fn match_text_named(r: &Rule, names: &Names) -> String {
+    let groups = names.groups;
     let mut s = String::new();
     let mut part = |t: &str| {
         if !s.is_empty() {
@@ -47,6 +57,19 @@ pub fn match_text_named(r: &Rule, groups: &[&str]) -> String {
         }
         s.push_str(t);
     };
+    if r.has & m::IFACE != 0 {
+        let dir = if r.chain == ChainId::Prerouting as u8 {
+            "-i"
+        } else {
+            "-o"
+        };
+        let entry = r.uid.trailing_zeros();
+        match names.ifaces.get(entry as usize) {
+            Some(name) => part(&format!("{}{dir} {name}", bang(r, m::IFACE))),
+            // Without the names (the kernel's copy of a chain): the list entry's number.
+            None => part(&format!("{}{dir} #{entry}", bang(r, m::IFACE))),
+        }
+    }
     if r.has & m::SRC != 0 {
         part(&format!(
             "{}-s {}",
@@ -111,14 +134,14 @@ pub fn match_text_named(r: &Rule, groups: &[&str]) -> String {
 
 /// The whole rule as an `iptables-save` line: `-A ISTIO_OUTPUT <matches> -j <target>`.
 pub fn rule_text(r: &Rule) -> String {
-    rule_text_named(r, &[])
+    rule_text_named(r, &Names::default())
 }
 
 /// [`rule_text`], with the workload's owner groups as given.
-pub fn rule_text_named(r: &Rule, groups: &[&str]) -> String {
+pub fn rule_text_named(r: &Rule, names: &Names) -> String {
     let chain = r.chain_id().map_or("?", ChainId::iptables_name);
     let target = r.target_kind().map_or("?", Target::iptables_name);
-    let matches = match_text_named(r, groups);
+    let matches = match_text_named(r, names);
     if matches.is_empty() {
         format!("-A {chain} -j {target}")
     } else {

@@ -145,6 +145,13 @@ pub struct CaptureConfig {
     pub compat: Compat,
 }
 
+impl CaptureConfig {
+    /// The workload's interface list: `-c`'s, then `-k`'s (rules name an entry by its index).
+    pub fn interface_list(&self) -> impl Iterator<Item = &Interface> {
+        self.exclude_interfaces.iter().chain(self.kube_virt_interfaces.iter())
+    }
+}
+
 impl Default for CaptureConfig {
     /// `istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -b '*' -d 15090,15021,15020`.
     fn default() -> Self {
