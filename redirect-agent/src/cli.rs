@@ -83,6 +83,9 @@ enum Command {
     /// Makes the embedded proxy's upstream sockets inside a workload's cgroup for the agent.
     #[command(hide = true)]
     DialIn(crate::dial_in::DialInArgs),
+    /// istio-validation's probe inside a workload, for `run --run-validation`.
+    #[command(hide = true)]
+    ValidateIn(crate::validate::ValidateInArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -348,6 +351,10 @@ fn init_tracing() {
 /// One line, non-zero exit: what the guide asks of every bad input.
 fn fail(e: &anyhow::Error) -> ExitCode {
     eprintln!("redirect-agent: error: {}", one_line(e));
+    // istio-validation's status, which an init container's caller may test for.
+    if e.downcast_ref::<crate::validate::ValidationFailed>().is_some() {
+        return ExitCode::from(crate::validate::FAILED_STATUS);
+    }
     ExitCode::FAILURE
 }
 
@@ -397,6 +404,10 @@ pub fn main() -> ExitCode {
     // So does dial-in, and it takes another identity.
     if let Command::DialIn(args) = &cli.command {
         return crate::dial_in::main(args);
+    }
+    // And the validation probe.
+    if let Command::ValidateIn(args) = &cli.command {
+        return crate::validate::main(args);
     }
     // Before the runtime's threads: see proxy/trim.rs.
     crate::proxy::one_arena();
@@ -568,7 +579,7 @@ pub fn main() -> ExitCode {
                 }
                 Ok(())
             }
-            Command::ListenIn(_) | Command::DialIn(_) => {
+            Command::ListenIn(_) | Command::DialIn(_) | Command::ValidateIn(_) => {
                 unreachable!("handled before the runtime starts")
             }
         }

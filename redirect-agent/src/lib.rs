@@ -25,6 +25,7 @@ mod run;
 mod standalone;
 pub mod stats;
 pub mod sys;
+mod validate;
 
 pub use cli::main;
 /// Proxied connections that a descriptor limit holds (the benchmark sizes its load by it).

@@ -60,14 +60,30 @@ pub async fn main(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyho
         }
         return Ok(());
     }
-    if x.run_validation {
-        return Err(crate::error::FlagError::NotYet("--run-validation").into());
-    }
     if x.skip_rule_apply {
         tracing::info!("--skip-rule-apply: nothing installed");
+        if x.run_validation {
+            // Whatever captures the workload now (a node agent's enrollment, say) is proven.
+            let probe = validation(&opts, &workload_netns(&opts)?);
+            return tokio::task::spawn_blocking(move || crate::validate::validate(&probe)).await?;
+        }
         return Ok(());
     }
     run(opts, shutdown).await
+}
+
+/// istio-validation's probe for this workload, as its proxy's first uid and gid.
+fn validation(opts: &RunOptions, netns: &std::path::Path) -> crate::validate::ValidateInArgs {
+    let c = &opts.capture;
+    crate::validate::ValidateInArgs {
+        cgroup: opts.cgroup.clone(),
+        netns: netns.to_owned(),
+        uid: c.proxy_uids.first().copied().unwrap_or(1337),
+        gid: c.proxy_gids.first().copied().unwrap_or(1337),
+        probe_port: opts.execution.probe_port,
+        capture_port: c.inbound_capture_port,
+        timeout_ms: opts.execution.probe_timeout.as_millis() as u64,
+    }
 }
 
 /// The namespace to capture: `--netns`, istio-iptables' `--network-namespace` (the same one if
@@ -168,6 +184,14 @@ async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow::Re
         maps_kernel_memory_mib = engine.kernel_memory() >> 20,
         "attached; capturing"
     );
+    if opts.execution.run_validation {
+        let probe = validation(&opts, &netns_path);
+        let proven = tokio::task::spawn_blocking(move || crate::validate::validate(&probe)).await?;
+        if let Err(e) = proven {
+            engine.stop().wait().await;
+            return Err(e);
+        }
+    }
 
     shutdown.await;
 

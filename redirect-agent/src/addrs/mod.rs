@@ -146,15 +146,8 @@ impl AddrMaps {
     /// Removes every address entry of the workload `netns_cookie`, whoever wrote them: what
     /// unenrolling a workload (or dropping one whose namespace is gone) must leave.
     pub fn remove_all(&mut self, netns_cookie: u64) {
-        let keys: Vec<LocalAddrKey> = self
-            .local
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.netns_cookie == netns_cookie)
-            .collect();
-        for k in keys {
-            let _ = self.local.remove(&k);
-        }
+        remove_keys(&mut self.local, |k| k.netns_cookie == netns_cookie);
+        remove_keys(&mut self.ifaces, |k| k.netns_cookie == netns_cookie);
         for family in [Family::V4, Family::V6] {
             let _ = self.pods.remove(&FamilyKey::new(netns_cookie, family));
         }
@@ -167,15 +160,15 @@ impl AddrMaps {
         for k in routes {
             let _ = self.routes.remove(&k);
         }
-        let ifaces: Vec<IfaceKey> = self
-            .ifaces
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.netns_cookie == netns_cookie)
-            .collect();
-        for k in ifaces {
-            let _ = self.ifaces.remove(&k);
-        }
+    }
+}
+
+/// Removes the keys of `map` that `which` picks (read first: removing while iterating a hash
+/// map's keys can skip some).
+fn remove_keys<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, which: impl Fn(&K) -> bool) {
+    let keys: Vec<K> = map.keys().filter_map(Result::ok).filter(|k| which(k)).collect();
+    for k in keys {
+        let _ = map.remove(&k);
     }
 }
 
