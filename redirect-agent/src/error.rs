@@ -96,4 +96,11 @@ pub enum FlagError {
          group name known there (iptables-restore refuses it too)"
     )]
     UnknownGroup(String),
+    #[error("{flag} needs Linux {needs} or later ({what}); this kernel is {kernel}")]
+    Kernel {
+        flag: &'static str,
+        needs: &'static str,
+        what: &'static str,
+        kernel: String,
+    },
 }

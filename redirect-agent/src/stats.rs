@@ -89,7 +89,7 @@ pub(crate) fn rows(w: &Workload, counters: &PerCpuArray<MapData, u64>) -> Result
             chain: chain.map_or("?", ChainId::iptables_name).into(),
             rule: rules[..=i]
                 .iter()
-                .filter(|(_, x)| x.chain == r.chain && x.family == r.family)
+                .filter(|(_, x)| x.chain_id() == chain && x.family == r.family)
                 .count(),
             slot,
             // Interface names are not in the kernel's copy of the chain: entries print by number.

@@ -6,18 +6,18 @@ use crate::addr::{self, Addr, Family};
 #[repr(u8)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum ChainId {
-    // Outbound ones (walked by connect4/6 and sendmsg4/6) odd, inbound ones (sk_lookup) even:
-    // the walk tells them apart by that bit alone.
     Output = 1,
     Inbound = 2,
     /// `ISTIO_OUTPUT_DNS` (nat), walked where ISTIO_OUTPUT jumps to it: its rules follow the
     /// jump in the list.
     OutputDns = 3,
     /// nat `PREROUTING`'s own rules (`-c`'s `-i IFACE -j RETURN`), walked before the jump to
-    /// ISTIO_INBOUND: they come first in the list.
+    /// ISTIO_INBOUND. Never stored: such a rule is an ISTIO_INBOUND one with
+    /// [`m::BUILTIN`] (see [`Rule::chain_id`]), first in the list, so that the walk needs no
+    /// test of its own for it.
     Prerouting = 4,
     /// nat `OUTPUT`'s own rules (`-c`'s `-o IFACE -j RETURN`), walked before the jump to
-    /// ISTIO_OUTPUT: they come first in the list.
+    /// ISTIO_OUTPUT: stored as ISTIO_OUTPUT ones with [`m::BUILTIN`], first in the list.
     OutputNat = 5,
 }
 
@@ -117,6 +117,10 @@ pub mod m {
     /// entry `i` of the workload's interface list names, `uid` holding `1 << i`
     /// ([`super::ConnFacts::ifaces`]).
     pub const IFACE: u16 = 1 << 9;
+    /// Not a match: the rule is nat's built-in chain's own, walked before its jump to the
+    /// chain the rule is stored in (PREROUTING before ISTIO_INBOUND, OUTPUT before
+    /// ISTIO_OUTPUT).
+    pub const BUILTIN: u16 = 1 << 10;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -224,8 +228,15 @@ impl Rule {
         self.has & bit == 0 || hit != (self.neg & bit != 0)
     }
 
+    /// The chain the rule is in, as iptables names it ([`m::BUILTIN`] ones in PREROUTING or
+    /// OUTPUT).
     pub fn chain_id(&self) -> Option<ChainId> {
-        ChainId::from_u8(self.chain)
+        let stored = ChainId::from_u8(self.chain)?;
+        Some(match (stored, self.has & m::BUILTIN != 0) {
+            (ChainId::Inbound, true) => ChainId::Prerouting,
+            (ChainId::Output, true) => ChainId::OutputNat,
+            (c, _) => c,
+        })
     }
 
     pub fn target_kind(&self) -> Option<Target> {

@@ -67,11 +67,9 @@ pub unsafe extern "C" fn redirect_walk_chain(
             return 0;
         }
         // ISTIO_OUTPUT_DNS's rules follow ISTIO_OUTPUT's jump to it: walked in place, they
-        // decide as the chain would, and fall back into ISTIO_OUTPUT when none does. nat
-        // OUTPUT's and PREROUTING's own rules come first in the list, walked before the jump
-        // to ISTIO_OUTPUT and ISTIO_INBOUND, as iptables walks them. The outbound chains' ids
-        // are odd and the inbound ones' even (`ChainId`), one test for all five.
-        let in_chain = rule.chain & 1 == chain & 1;
+        // decide as the chain would, and fall back into ISTIO_OUTPUT when none does.
+        let in_chain =
+            rule.chain == chain || (chain == ChainId::Output as u8 && rule.chain == ChainId::OutputDns as u8);
         if !in_chain || !rule.matches(facts) {
             continue;
         }

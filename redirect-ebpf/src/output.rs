@@ -13,8 +13,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    ChainId, ConnFacts, DNS_PROXY_PORT, IPPROTO_TCP, IPPROTO_UDP, OrigDst, PendingOrigDst, RouteInfo, Target,
-    UdpFlowKey,
+    ChainId, ConnFacts, DNS_PROXY_PORT, IPPROTO_TCP, IPPROTO_UDP, OrigDst, PendingOrigDst, Target, UdpFlowKey,
     addr::{self, Addr, Family},
     events,
 };
@@ -198,15 +197,9 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
     // though only a redirect binds it: what is live across the walk's call is what the
     // verifier must tell apart there, and this one value, rather than the destination and
     // `out_lo` it comes from, keeps the number of states it walks with small.
-    // `-o IFACE` (`-c`) sees the route's device; over loopback that is lo, ifindex 1 in every
-    // namespace.
-    let route = if out_lo {
-        RouteInfo::new(addr::UNSPECIFIED, LOOPBACK_IFINDEX)
-    } else {
-        route(c.netns_cookie, &dst)
-    };
-    let bind = source(c, &dst, out_lo, family, &route.src);
-    let ifaces = iface_entries(c.netns_cookie, route.oif);
+    let bind = source(c, &dst, out_lo, family);
+    // SAFETY: `dst` is a live local for the call, a whole Addr.
+    let ifaces = unsafe { redirect_out_ifaces(c.netns_cookie, &raw const dst, u32::from(out_lo)) };
     let facts = ConnFacts {
         family: family as u8,
         proto: c.proto,
@@ -331,7 +324,7 @@ fn udp_flow(cookie: u64, dst: &Addr, port: u16) -> UdpFlow {
 ///   ([`addr::UNSPECIFIED`]; not an `Option`, whose `None` leaves the payload's registers
 ///   unwritten, and the verifier refuses to copy an unwritten register).
 #[inline(always)]
-fn source(c: &Connect, dst: &Addr, out_lo: bool, family: Family, route_src: &Addr) -> Addr {
+fn source(c: &Connect, dst: &Addr, out_lo: bool, family: Family) -> Addr {
     let unbound = addr::words_eq(&c.src, &addr::UNSPECIFIED) || addr::words_eq(&c.src, &addr::v4(0));
     if !unbound || addr::is_loopback(dst) {
         return addr::UNSPECIFIED;
@@ -339,10 +332,35 @@ fn source(c: &Connect, dst: &Addr, out_lo: bool, family: Family, route_src: &Add
     if out_lo {
         return *dst;
     }
-    if !addr::words_eq(route_src, &addr::UNSPECIFIED) {
-        return *route_src;
+    let route_src = route(c.netns_cookie, dst).src;
+    if !addr::words_eq(&route_src, &addr::UNSPECIFIED) {
+        return route_src;
     }
     pod_addr(c.netns_cookie, family).unwrap_or(addr::UNSPECIFIED)
+}
+
+/// Which entries of the workload's interface list name the device a connection to `dst`
+/// leaves by (`-o IFACE`, `-c`): the main routing table's for it, lo (ifindex 1 in every
+/// namespace) when `out_lo`. A *global* BPF function, verified once on its own: inlined, its
+/// lookups multiplied the states connect6 is verified in past what 6.1's verifier allows.
+///
+/// # Safety
+///
+/// `dst` is null or points at a whole, live Addr for the call (the verifier checks it as
+/// memory of its BTF type's size, possibly null).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub unsafe extern "C" fn redirect_out_ifaces(netns_cookie: u64, dst: *const Addr, out_lo: u32) -> u32 {
+    if dst.is_null() {
+        return 0;
+    }
+    let oif = if out_lo != 0 {
+        LOOPBACK_IFINDEX
+    } else {
+        // SAFETY: non-null (checked above) and, by the contract, a whole live Addr.
+        route(netns_cookie, unsafe { &*dst }).oif
+    };
+    iface_entries(netns_cookie, oif)
 }
 
 /// Connects the kernel fails before nat OUTPUT would see a packet; they are left to fail as

@@ -74,6 +74,12 @@ configs! {
     cidrs_of_both_families: "-i/-x both families" => [
         "-i", "10.200.0.0/16,fd00:200::/48", "-x", "10.200.1.1/32,fd00:200:0:1::2/128"
     ];
+    // A second interface to a side host: without -c it is captured like the first (both
+    // ways); with -c naming it, neither way, each counted on nat PREROUTING's and OUTPUT's own
+    // RETURN; with a `+` prefix naming it, the same.
+    side_link: "a second interface" => [], side: true;
+    exclude_interface: "-c" => ["-c", "x0"], side: true;
+    exclude_interface_prefix: "-c prefix" => ["-c", "eth9,x+"], side: true;
     // Only gids 4242 and 0 captured: gid 4243's (and 1000's, the set-uid clients') outbound
     // connections RETURN on the group rule, where without the list they would be captured.
     owner_groups_include: "ISTIO_OUTBOUND_OWNER_GROUPS" => [],

@@ -399,6 +399,17 @@ pub fn check(c: &CaptureConfig) -> Result<(), crate::error::FlagError> {
     if let Some((_, flag)) = not_yet.iter().find(|(on, _)| *on) {
         return Err(FlagError::NotYet(flag));
     }
+    // sk_lookup reads the arrival device only where the kernel has it (see sk_lookup.rs).
+    if !c.exclude_interfaces.is_empty()
+        && aya::util::KernelVersion::current().is_ok_and(|v| v < aya::util::KernelVersion::new(5, 17, 0))
+    {
+        return Err(FlagError::Kernel {
+            flag: "-c/--istio-exclude-interfaces",
+            needs: "5.17",
+            what: "sk_lookup's ingress_ifindex, for PREROUTING -i",
+            kernel: crate::features::kernel_string(),
+        });
+    }
     if let Some(g) = c.owner_groups.groups().iter().find(|g| g.gid.is_none()) {
         return Err(FlagError::UnknownGroup(g.name.clone()));
     }

@@ -186,9 +186,10 @@ fn family_chains(b: &mut Builder, cfg: &CaptureConfig) {
     let (passthrough_src, localhost) = family_addrs(b.family, cfg.ipv4_loopback);
     let dns = cfg.dns.enabled();
     for (i, _) in cfg.exclude_interfaces.iter().enumerate() {
-        for chain in [ChainId::Prerouting, ChainId::OutputNat] {
+        // PREROUTING's then OUTPUT's, stored with the chain each is walked before.
+        for chain in [ChainId::Inbound, ChainId::Output] {
             let mut r = Rule::new(b.family, chain, Target::Return);
-            r.has |= m::IFACE;
+            r.has |= m::IFACE | m::BUILTIN;
             r.uid = 1 << i;
             b.push(r);
         }

@@ -199,7 +199,7 @@ pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableL
         .filter(|(_, r)| r.family == family as u8)
         .collect();
     let compiled = |t: &mut Tables, table: Table, chain: ChainId| {
-        for &(slot, r) in slotted.iter().filter(|(_, r)| r.chain == chain as u8) {
+        for &(slot, r) in slotted.iter().filter(|(_, r)| r.chain_id() == Some(chain)) {
             t.append(table, rule_text_named(r, &names), Some(slot), walker(chain, family));
         }
     };
@@ -207,7 +207,7 @@ pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableL
     // `-c`: compiled in pairs, PREROUTING's then OUTPUT's, as istio-iptables appends them.
     for &(slot, r) in slotted
         .iter()
-        .filter(|(_, r)| r.chain == ChainId::Prerouting as u8 || r.chain == ChainId::OutputNat as u8)
+        .filter(|(_, r)| matches!(r.chain_id(), Some(ChainId::Prerouting | ChainId::OutputNat)))
     {
         let by = match r.chain_id() {
             Some(ChainId::Prerouting) => "sk_lookup (the SYN's arrival device)",
@@ -239,7 +239,7 @@ pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableL
     let inbound: Vec<(usize, &Rule)> = slotted
         .iter()
         .copied()
-        .filter(|(_, r)| r.chain == ChainId::Inbound as u8)
+        .filter(|(_, r)| r.chain_id() == Some(ChainId::Inbound))
         .collect();
     let by_inbound = if tproxy {
         "not evaluated: TPROXY mode does not jump to nat ISTIO_INBOUND"

@@ -58,7 +58,7 @@ pub fn match_text_named(r: &Rule, names: &Names) -> String {
         s.push_str(t);
     };
     if r.has & m::IFACE != 0 {
-        let dir = if r.chain == ChainId::Prerouting as u8 {
+        let dir = if r.chain_id() == Some(ChainId::Prerouting) {
             "-i"
         } else {
             "-o"

@@ -9,7 +9,7 @@ use std::{
 use redirect_testkit::{netns::pair_ip6, probe::ProbeSpec};
 
 use super::{
-    Config, PASSTHROUGH, PASSTHROUGH6, VALIDATION_PORT, list_of,
+    Config, PASSTHROUGH, PASSTHROUGH6, SIDE_SUBNET, VALIDATION_PORT, list_of,
     twin::{Counts, Twin},
     verdict::{Client, Phase, verdict},
 };
@@ -31,6 +31,11 @@ impl Matrix {
         let pod_ip = Ipv4Addr::new(10, 200, 1, 1);
         let remote_ip = Ipv4Addr::new(10, 200, 1, 2);
         let (pod_ip6, remote_ip6) = pair_ip6(1);
+        let (side_pod_ip, side_ip) = (
+            Ipv4Addr::new(10, 200, SIDE_SUBNET, 1),
+            Ipv4Addr::new(10, 200, SIDE_SUBNET, 2),
+        );
+        let (side_pod_ip6, side_ip6) = pair_ip6(SIDE_SUBNET);
         let mut ids: Vec<(u32, u32)> = vec![(0, 0), (1337, 1337), (1337, 0), (1000, 1337)];
         for u in list_of::<u32>(cfg.flags, "-u") {
             ids.push((u, 0));
@@ -46,69 +51,85 @@ impl Matrix {
 
         // The same scenarios over either stack: `dsts` on every port, unbound and bound to
         // the passthrough source, istio-validation's probe, and the remote host to the pod.
-        let scenarios = |v4_mapped: bool, dsts: &[IpAddr], passthrough: IpAddr, loopback: IpAddr, pod: IpAddr| {
-            let client = |uid, gid, bind| Client {
-                inbound: false,
-                uid,
-                gid,
-                bind,
-                v4_mapped,
-                real: None,
-                mark: None,
-            };
-            let mut clients: Scenarios = Vec::new();
-            let every_dst = || -> Vec<SocketAddr> {
-                dsts.iter()
-                    .flat_map(|&ip| listen_ports.iter().map(move |&p| SocketAddr::new(ip, p)))
-                    .collect()
-            };
-            for &(uid, gid) in &ids {
-                for bind in [None, Some(passthrough)] {
-                    clients.push((client(uid, gid, bind), every_dst()));
+        let scenarios =
+            |v4_mapped: bool, dsts: &[IpAddr], passthrough: IpAddr, loopback: IpAddr, pod: IpAddr, side_pod: IpAddr| {
+                let client = |uid, gid, bind| Client {
+                    inbound: false,
+                    from_side: false,
+                    uid,
+                    gid,
+                    bind,
+                    v4_mapped,
+                    real: None,
+                    mark: None,
+                };
+                let mut clients: Scenarios = Vec::new();
+                let every_dst = || -> Vec<SocketAddr> {
+                    dsts.iter()
+                        .flat_map(|&ip| listen_ports.iter().map(move |&p| SocketAddr::new(ip, p)))
+                        .collect()
+                };
+                for &(uid, gid) in &ids {
+                    for bind in [None, Some(passthrough)] {
+                        clients.push((client(uid, gid, bind), every_dst()));
+                    }
+                    clients.push((
+                        client(uid, gid, Some(loopback)),
+                        vec![SocketAddr::new(passthrough, VALIDATION_PORT)],
+                    ));
+                }
+                // The owner match reads the socket file's fsuid/fsgid, not the real ids; and the
+                // agent's mark, set by the app itself, is nothing to the sidecar rules.
+                let set_ids = cfg
+                    .set_ids
+                    .iter()
+                    .map(|&((uid, gid), real)| (uid, gid, Some(real), None));
+                for (uid, gid, real, mark) in [
+                    (1000, 1000, Some((1337, 1337)), None),
+                    (1337, 1337, Some((1000, 1000)), None),
+                    (0, 0, None, Some(redirect_common::AGENT_SOCKET_MARK)),
+                ]
+                .into_iter()
+                .chain(set_ids)
+                {
+                    clients.push((
+                        Client {
+                            real,
+                            mark,
+                            ..client(uid, gid, None)
+                        },
+                        every_dst(),
+                    ));
                 }
                 clients.push((
-                    client(uid, gid, Some(loopback)),
-                    vec![SocketAddr::new(passthrough, VALIDATION_PORT)],
-                ));
-            }
-            // The owner match reads the socket file's fsuid/fsgid, not the real ids; and the
-            // agent's mark, set by the app itself, is nothing to the sidecar rules.
-            let set_ids = cfg
-                .set_ids
-                .iter()
-                .map(|&((uid, gid), real)| (uid, gid, Some(real), None));
-            for (uid, gid, real, mark) in [
-                (1000, 1000, Some((1337, 1337)), None),
-                (1337, 1337, Some((1000, 1000)), None),
-                (0, 0, None, Some(redirect_common::AGENT_SOCKET_MARK)),
-            ]
-            .into_iter()
-            .chain(set_ids)
-            {
-                clients.push((
                     Client {
-                        real,
-                        mark,
-                        ..client(uid, gid, None)
+                        inbound: true,
+                        ..client(0, 0, None)
                     },
-                    every_dst(),
+                    inbound_ports.iter().map(|&p| SocketAddr::new(pod, p)).collect(),
                 ));
-            }
-            clients.push((
-                Client {
-                    inbound: true,
-                    ..client(0, 0, None)
-                },
-                inbound_ports.iter().map(|&p| SocketAddr::new(pod, p)).collect(),
-            ));
-            clients
-        };
+                if cfg.side {
+                    clients.push((
+                        Client {
+                            inbound: true,
+                            from_side: true,
+                            ..client(0, 0, None)
+                        },
+                        inbound_ports.iter().map(|&p| SocketAddr::new(side_pod, p)).collect(),
+                    ));
+                }
+                clients
+            };
         let mut v4_dsts: Vec<IpAddr> = [remote_ip, pod_ip, Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 2)]
             .map(IpAddr::from)
             .to_vec();
         let mut v6_dsts: Vec<IpAddr> = [remote_ip6, pod_ip6, Ipv6Addr::LOCALHOST].map(IpAddr::from).to_vec();
         v4_dsts.extend(cfg.dsts.iter().filter(|d| d.is_ipv4()));
         v6_dsts.extend(cfg.dsts.iter().filter(|d| d.is_ipv6()));
+        if cfg.side {
+            v4_dsts.push(side_ip.into());
+            v6_dsts.push(side_ip6.into());
+        }
         let v4 = |mapped| {
             scenarios(
                 mapped,
@@ -116,6 +137,7 @@ impl Matrix {
                 PASSTHROUGH.into(),
                 Ipv4Addr::LOCALHOST.into(),
                 pod_ip.into(),
+                side_pod_ip.into(),
             )
         };
         let phases = vec![
@@ -129,6 +151,7 @@ impl Matrix {
                     PASSTHROUGH6.into(),
                     Ipv6Addr::LOCALHOST.into(),
                     pod_ip6.into(),
+                    side_pod_ip6.into(),
                 ),
             ),
         ];
@@ -140,7 +163,11 @@ impl Matrix {
         let mut out = Vec::new();
         for (client, targets) in scenarios {
             let mut spec = if client.inbound {
-                ProbeSpec::outside(&twin.pair.remote.path, targets[0])
+                let from = match (&twin.side, client.from_side) {
+                    (Some(side), true) => &side.path,
+                    _ => &twin.pair.remote.path,
+                };
+                ProbeSpec::outside(from, targets[0])
             } else {
                 ProbeSpec::new(&twin.cgroup.path, &twin.pair.workload.path, targets[0])
                     .uid(client.uid)

@@ -47,7 +47,13 @@ const BASE_PORTS: [u16; 5] = [8080, 9080, 15008, 15020, 15021];
 /// The tables both twins have, by `stats --json`'s family name, with the command that lists
 /// each in the oracle, and the chains compared.
 const TABLES: [(&str, &str); 2] = [("ipv4", "iptables"), ("ipv6", "ip6tables")];
-const CHAINS: [&str; 2] = ["ISTIO_OUTPUT", "ISTIO_INBOUND"];
+/// nat PREROUTING's and OUTPUT's own rules (`-c`'s RETURNs; their jumps to the ISTIO chains
+/// are not counted by the agent, so only RETURN rows are compared) and the ISTIO chains.
+const CHAINS: [&str; 4] = ["PREROUTING", "OUTPUT", "ISTIO_OUTPUT", "ISTIO_INBOUND"];
+/// The side host's subnet ([`Config::side`]): 10.200.2.0/24 and fd00:200:0:2::/64.
+const SIDE_SUBNET: u8 = 2;
+/// The workload's interface to the side host, which `-c` configurations name.
+pub const SIDE_LINK: &str = "x0";
 
 /// A client's (uid, gid).
 pub type Ids = (u32, u32);
@@ -73,6 +79,9 @@ pub struct Config {
     /// More ports every server listens on and every client dials, beside `BASE_PORTS` and
     /// those the flags name.
     pub ports: &'static [u16],
+    /// A second interface ([`SIDE_LINK`]) to a side host on its own subnet, with servers on
+    /// every port: the workload dials it, and it dials the workload's address there.
+    pub side: bool,
 }
 
 impl Config {
@@ -86,6 +95,7 @@ impl Config {
         set_ids: &[],
         dsts: &[],
         ports: &[],
+        side: false,
     };
 }
 

@@ -8,9 +8,15 @@ use std::{
 };
 
 use redirect_agent::{explain::Explanation, stats::InstanceStats};
-use redirect_testkit::{agent::AgentProcess, cgroup::TestCgroup, netns::NetnsPair, serve::ServeProcess, unique};
+use redirect_testkit::{
+    agent::AgentProcess,
+    cgroup::TestCgroup,
+    netns::{NamedNetns, NetnsPair, pair_ip6},
+    serve::ServeProcess,
+    unique,
+};
 
-use super::{CHAINS, Config, TABLES};
+use super::{CHAINS, Config, SIDE_LINK, SIDE_SUBNET, TABLES};
 use crate::{agent_bin, agent_cmd, agent_cmd_with_env, ip6tables_restore, iptables_restore, testkit_bin};
 
 /// A twin topology. Fields drop in order: agent, servers, cgroup, namespaces.
@@ -19,6 +25,8 @@ pub(super) struct Twin {
     _servers: Vec<ServeProcess>,
     pub(super) cgroup: TestCgroup,
     pub(super) pair: NetnsPair,
+    /// The side host ([`Config::side`]), behind the workload's [`SIDE_LINK`].
+    pub(super) side: Option<NamedNetns>,
     name: String,
 }
 
@@ -58,7 +66,7 @@ pub(super) fn explain(cfg: &Config, family: &str) -> Explanation {
 fn listener(base: &str, ip: IpAddr, port: u16) -> (String, SocketAddr) {
     let six = if ip.is_ipv6() { "6" } else { "" };
     let name = match base {
-        "pod" | "remote" => format!("{base}{six}-{port}"),
+        "pod" | "remote" | "side" => format!("{base}{six}-{port}"),
         _ => format!("{base}{six}"),
     };
     (name, SocketAddr::new(ip, port))
@@ -77,8 +85,12 @@ impl Twin {
             _servers: Vec::new(),
             cgroup,
             pair,
+            side: None,
             name: unique(tag),
         };
+        if cfg.side {
+            twin.side = Some(wire_side(&twin.pair.workload, &format!("{}-x", twin.name)));
+        }
         // The servers' [::] listeners are V6ONLY, as Envoy's are, so that they and the 0.0.0.0
         // ones share their ports (each family's connections on its own listener, each asked
         // its original destination at its own level). The probes set V6ONLY themselves.
@@ -138,6 +150,15 @@ impl Twin {
                 .expect("workload servers"),
             ServeProcess::start(&testkit, None, &twin.pair.remote.path, &remote).expect("remote servers"),
         ];
+        if let Some(side) = &twin.side {
+            let (ip, ip6) = side_addrs().1;
+            let listeners: Vec<_> = [IpAddr::from(ip), ip6.into()]
+                .into_iter()
+                .flat_map(|ip| listen_ports.iter().map(move |&p| listener("side", ip, p)))
+                .collect();
+            twin._servers
+                .push(ServeProcess::start(&testkit, None, &side.path, &listeners).expect("side servers"));
+        }
         twin
     }
 
@@ -172,10 +193,13 @@ impl Twin {
                             .output()
                             .expect("iptables -L");
                         assert!(out.status.success(), "{tool} -L {chain}");
-                        // Two header lines, then "num pkts bytes target ...".
+                        // Two header lines, then "num pkts bytes target ...". Of the built-in
+                        // chains, only RETURN rows (`-c`'s): the agent counts no jumps.
+                        let builtin = !chain.starts_with("ISTIO_");
                         let rows = String::from_utf8_lossy(&out.stdout)
                             .lines()
                             .skip(2)
+                            .filter(|l| !builtin || l.split_whitespace().nth(3) == Some("RETURN"))
                             .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
                             .collect();
                         counts.insert((family, chain), rows);
@@ -205,4 +229,33 @@ impl Twin {
                 .collect(),
         }
     }
+}
+
+/// The workload's and the side host's addresses on the side link, both families.
+fn side_addrs() -> ((Ipv4Addr, Ipv6Addr), (Ipv4Addr, Ipv6Addr)) {
+    let (w6, s6) = pair_ip6(SIDE_SUBNET);
+    (
+        (Ipv4Addr::new(10, 200, SIDE_SUBNET, 1), w6),
+        (Ipv4Addr::new(10, 200, SIDE_SUBNET, 2), s6),
+    )
+}
+
+/// A side host namespace named `name`, behind a veth [`SIDE_LINK`] of the workload.
+fn wire_side(workload: &NamedNetns, name: &str) -> NamedNetns {
+    let side = NamedNetns::create(name).expect("side netns");
+    side.sysctl("net.ipv6.bindv6only", "1").expect("bindv6only");
+    let ((w4, w6), (s4, s6)) = side_addrs();
+    workload
+        .ip(&[
+            "link", "add", SIDE_LINK, "type", "veth", "peer", "name", "x1", "netns", &side.name,
+        ])
+        .expect("side veth");
+    for (ns, dev, v4, v6) in [(workload, SIDE_LINK, w4, w6), (&side, "x1", s4, s6)] {
+        ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev])
+            .expect("side v4");
+        ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])
+            .expect("side v6");
+        ns.ip(&["link", "set", dev, "up"]).expect("side up");
+    }
+    side
 }

@@ -28,6 +28,8 @@ impl Phase {
 #[derive(Clone, Debug)]
 pub(super) struct Client {
     pub(super) inbound: bool,
+    /// Inbound from the side host ([`super::Config::side`]) rather than the remote one.
+    pub(super) from_side: bool,
     pub(super) uid: u32,
     pub(super) gid: u32,
     pub(super) bind: Option<IpAddr>,
@@ -43,7 +45,8 @@ impl Client {
     pub(super) fn label(&self) -> String {
         let mapped = if self.v4_mapped { " (v4-mapped)" } else { "" };
         if self.inbound {
-            return format!("remote host{mapped}");
+            let who = if self.from_side { "side" } else { "remote" };
+            return format!("{who} host{mapped}");
         }
         let bind = self.bind.map_or_else(String::new, |b| format!(" bind={b}"));
         let real = self.real.map_or_else(String::new, |(u, g)| format!(" real={u}/{g}"));
