@@ -14,7 +14,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     process::Command,
 };
@@ -29,12 +29,17 @@ use redirect_testkit::{
     serve::ServeProcess,
     unique,
 };
-use redirect_tests::{agent_bin, agent_cmd, iptables_restore, require_root, testkit_bin};
+use redirect_tests::{agent_bin, agent_cmd, ip6tables_restore, iptables_restore, require_root, testkit_bin};
 
 const RESOLVER: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 2);
 /// A resolver the workload's resolv.conf does not name.
 const OTHER: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 3);
+/// The same over IPv6: the resolver resolv.conf names, and one it does not.
+const RESOLVER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 1, 0, 0, 0, 2);
+const OTHER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 1, 0, 0, 0, 3);
 const CHAINS: [&str; 2] = ["ISTIO_OUTPUT", "ISTIO_OUTPUT_DNS"];
+/// Both families' tables: `stats --json`'s family name and the oracle's command.
+const TABLES: [(&str, &str); 2] = [("ipv4", "iptables"), ("ipv6", "ip6tables")];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -62,8 +67,8 @@ struct Twin {
     name: String,
 }
 
-fn explain(flags: &[String]) -> Explanation {
-    let mut args = vec!["explain", "--json", "--family", "ipv4"];
+fn explain(flags: &[String], family: &str) -> Explanation {
+    let mut args = vec!["explain", "--json", "--family", family];
     args.extend(flags.iter().map(String::as_str));
     let out = agent_cmd(&args);
     assert!(
@@ -82,9 +87,13 @@ impl Twin {
         };
         let pair = NetnsPair::create(tag).expect("namespaces");
         assert_eq!(pair.remote_ip, RESOLVER, "the pair's remote address");
+        assert_eq!(pair.remote_ip6, RESOLVER6, "the pair's remote IPv6 address");
         pair.remote
             .ip(&["addr", "add", &format!("{OTHER}/24"), "dev", "r0"])
             .expect("second resolver address");
+        pair.remote
+            .ip(&["addr", "add", &format!("{OTHER6}/64"), "dev", "r0", "nodad"])
+            .expect("second IPv6 resolver address");
         let cgroup = TestCgroup::create(tag).expect("cgroup");
         let mut twin = Self {
             agent: None,
@@ -94,7 +103,16 @@ impl Twin {
             name: unique(tag),
         };
         match kind {
-            Kind::Iptables => iptables_restore(&twin.pair.workload.name, &explain(flags).iptables_save),
+            Kind::Iptables => {
+                let ns = &twin.pair.workload.name;
+                iptables_restore(ns, &explain(flags, "ipv4").iptables_save);
+                ip6tables_restore(ns, &explain(flags, "ipv6").iptables_save);
+                // istio-iptables adds the IPv6 passthrough source with its ip6tables rules.
+                twin.pair
+                    .workload
+                    .ip(&["-6", "addr", "add", "::6/128", "dev", "lo"])
+                    .expect("::6 on lo");
+            }
             Kind::Agent => {
                 let mut args = vec![
                     "--cgroup".to_string(),
@@ -110,7 +128,13 @@ impl Twin {
             }
         }
         let local = |port| SocketAddr::from(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
-        let remote = |ip, port| SocketAddr::from(SocketAddrV4::new(ip, port));
+        let local6 = |port| SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port);
+        let remote = |ip: IpAddr, port| SocketAddr::new(ip, port);
+        let (r4, o4, r6, o6) = (RESOLVER.into(), OTHER.into(), RESOLVER6.into(), OTHER6.into());
+        let proxy = vec![
+            ("dnsproxy".to_string(), local(15053)),
+            ("dnsproxy6".to_string(), local6(15053)),
+        ];
         let testkit = testkit_bin();
         twin._servers = vec![
             // istio-agent's DNS proxy runs as the proxy's uid: the raw table's zones (and the
@@ -119,8 +143,8 @@ impl Twin {
                 &testkit,
                 Some(&twin.cgroup.path),
                 &twin.pair.workload.path,
-                &[("dnsproxy".to_string(), local(15053))],
-                &[("dnsproxy".to_string(), local(15053))],
+                &proxy,
+                &proxy,
                 Some(1337),
             )
             .expect("DNS proxy stand-in"),
@@ -128,7 +152,10 @@ impl Twin {
                 &testkit,
                 Some(&twin.cgroup.path),
                 &twin.pair.workload.path,
-                &[("cap-out".to_string(), local(15001))],
+                &[
+                    ("cap-out".to_string(), local(15001)),
+                    ("cap-out6".to_string(), local6(15001)),
+                ],
             )
             .expect("workload servers"),
             ServeProcess::start_with_udp(
@@ -136,13 +163,18 @@ impl Twin {
                 None,
                 &twin.pair.remote.path,
                 &[
-                    ("resolver".to_string(), remote(RESOLVER, 53)),
-                    ("other".to_string(), remote(OTHER, 53)),
+                    ("resolver".to_string(), remote(r4, 53)),
+                    ("other".to_string(), remote(o4, 53)),
+                    ("resolver6".to_string(), remote(r6, 53)),
+                    ("other6".to_string(), remote(o6, 53)),
                 ],
                 &[
-                    ("resolver".to_string(), remote(RESOLVER, 53)),
-                    ("other".to_string(), remote(OTHER, 53)),
-                    ("svc".to_string(), remote(RESOLVER, 5353)),
+                    ("resolver".to_string(), remote(r4, 53)),
+                    ("other".to_string(), remote(o4, 53)),
+                    ("svc".to_string(), remote(r4, 5353)),
+                    ("resolver6".to_string(), remote(r6, 53)),
+                    ("other6".to_string(), remote(o6, 53)),
+                    ("svc6".to_string(), remote(r6, 5353)),
                 ],
             )
             .expect("remote servers"),
@@ -150,46 +182,46 @@ impl Twin {
         twin
     }
 
-    /// Per-rule counts of ISTIO_OUTPUT and ISTIO_OUTPUT_DNS (iptables' nat packet counters
-    /// count flows: only a flow's first packet traverses nat).
-    fn counts(&self) -> BTreeMap<&'static str, Vec<u64>> {
+    /// Per-rule counts of both families' ISTIO_OUTPUT and ISTIO_OUTPUT_DNS (iptables' nat
+    /// packet counters count flows: only a flow's first packet traverses nat).
+    fn counts(&self) -> BTreeMap<(&'static str, &'static str), Vec<u64>> {
         let mut counts = BTreeMap::new();
         match &self.agent {
             Some(_) => {
                 let out = agent_cmd(&["stats", "--name", &self.name, "--json"]);
                 assert!(out.status.success(), "stats: {}", String::from_utf8_lossy(&out.stderr));
                 let stats: InstanceStats = serde_json::from_slice(&out.stdout).expect("stats --json");
-                for chain in CHAINS {
+                for ((family, _), chain) in TABLES.iter().flat_map(|t| CHAINS.map(|c| (*t, c))) {
                     let rows = stats
                         .rules
                         .iter()
-                        .filter(|r| r.chain == chain && r.family == "ipv4")
+                        .filter(|r| r.chain == chain && r.family == family)
                         .map(|r| r.connections)
                         .collect();
-                    counts.insert(chain, rows);
+                    counts.insert((family, chain), rows);
                 }
             }
             None => {
-                for chain in CHAINS {
+                for ((family, tool), chain) in TABLES.iter().flat_map(|t| CHAINS.map(|c| (*t, c))) {
                     let out = Command::new("ip")
                         .args(["netns", "exec", &self.pair.workload.name])
-                        .args(["iptables", "-t", "nat", "-L", chain, "-v", "-n", "-x"])
+                        .args([tool, "-t", "nat", "-L", chain, "-v", "-n", "-x"])
                         .output()
                         .expect("iptables -L");
-                    assert!(out.status.success(), "iptables -L {chain}");
+                    // ip6tables has no ISTIO_OUTPUT_DNS without an IPv6 server to capture.
                     let rows = String::from_utf8_lossy(&out.stdout)
                         .lines()
                         .skip(2)
                         .filter_map(|l| l.split_whitespace().next()?.parse().ok())
                         .collect();
-                    counts.insert(chain, rows);
+                    counts.insert((family, chain), rows);
                 }
             }
         }
         counts
     }
 
-    fn ask(&self, uid: u32, ask: Ask, to: SocketAddrV4) -> String {
+    fn ask(&self, uid: u32, ask: Ask, to: SocketAddr) -> String {
         let spec = ProbeSpec::new(&self.cgroup.path, &self.pair.workload.path, to)
             .uid(uid)
             .gid(uid);
@@ -217,7 +249,11 @@ fn verdict(r: &ProbeResult) -> String {
 
 fn resolv_conf(dir: &Path) -> PathBuf {
     let path = dir.join("resolv.conf");
-    std::fs::write(&path, format!("search svc.cluster.local\nnameserver {RESOLVER}\n")).unwrap();
+    std::fs::write(
+        &path,
+        format!("search svc.cluster.local\nnameserver {RESOLVER}\nnameserver {RESOLVER6}\n"),
+    )
+    .unwrap();
     path
 }
 
@@ -231,15 +267,17 @@ fn dns_differential(extra: &[&str]) {
     flags.push(resolv_conf(&dir).to_string_lossy().into_owned());
     flags.extend(extra.iter().map(|s| s.to_string()));
     let twins = [Twin::new(Kind::Iptables, &flags), Twin::new(Kind::Agent, &flags)];
-    let to = |ip, port| SocketAddrV4::new(ip, port);
+    let to = |ip: IpAddr, port| SocketAddr::new(ip, port);
     let mut scenarios = Vec::new();
     for uid in [0, 1337] {
-        for ask in [Ask::Udp, Ask::UdpConnected, Ask::Tcp] {
-            for dst in [to(RESOLVER, 53), to(OTHER, 53)] {
-                scenarios.push((uid, ask, dst));
+        for (resolver, other) in [(RESOLVER.into(), OTHER.into()), (RESOLVER6.into(), OTHER6.into())] {
+            for ask in [Ask::Udp, Ask::UdpConnected, Ask::Tcp] {
+                for dst in [to(resolver, 53), to(other, 53)] {
+                    scenarios.push((uid, ask, dst));
+                }
             }
+            scenarios.push((uid, Ask::Udp, to(resolver, 5353)));
         }
-        scenarios.push((uid, Ask::Udp, to(RESOLVER, 5353)));
     }
     let mut report = String::new();
     let mut differ = 0;
@@ -250,7 +288,7 @@ fn dns_differential(extra: &[&str]) {
             differ += 1;
         }
         report.push_str(&format!(
-            "{mark} uid={uid:<5} {ask:<13?} {dst:<16} iptables: {a:<40} agent: {b}\n"
+            "{mark} uid={uid:<5} {ask:<13?} {dst:<24} iptables: {a:<48} agent: {b}\n"
         ));
     }
     let [ca, cb] = [&twins[0], &twins[1]].map(Twin::counts);
@@ -259,10 +297,12 @@ fn dns_differential(extra: &[&str]) {
     assert_eq!(differ, 0, "{differ} verdicts differ:\n{report}");
     assert_eq!(ca, cb, "counters differ");
     // The scenarios reached the DNS rules (each twin alike, so this is about the scenarios).
-    assert!(
-        ca["ISTIO_OUTPUT_DNS"].iter().sum::<u64>() > 0,
-        "no query was captured: {ca:?}"
-    );
+    for family in ["ipv4", "ipv6"] {
+        assert!(
+            ca[&(family, "ISTIO_OUTPUT_DNS")].iter().sum::<u64>() > 0,
+            "no {family} query was captured: {ca:?}"
+        );
+    }
 }
 
 /// DNS to the resolvers of resolv.conf goes to the DNS proxy; the proxy's own queries, and
@@ -475,7 +515,7 @@ fn udp_flows(workload: &str, remote: &str) {
         out[0], out[1]
     );
     assert!(
-        ca["ISTIO_OUTPUT"].iter().sum::<u64>() > 0,
+        ca[&("ipv4", "ISTIO_OUTPUT")].iter().sum::<u64>() > 0,
         "no flow counted: {ca:?} {out:?}"
     );
 }
