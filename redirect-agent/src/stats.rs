@@ -70,13 +70,19 @@ fn ipv4() -> String {
 
 /// A workload's chain as the kernel runs it, rule by rule with its connections: what `stats`
 /// prints and node mode's metrics expose.
-pub(crate) fn rows(w: &Workload, counters: &PerCpuArray<MapData, u64>) -> Result<Vec<RuleRow>, LoadError> {
+/// `interfaces` names the entries of its interface list (the enrollment's record of them).
+pub(crate) fn rows(
+    w: &Workload,
+    counters: &PerCpuArray<MapData, u64>,
+    interfaces: &[String],
+) -> Result<Vec<RuleRow>, LoadError> {
     let mut out = Vec::new();
     let rules: Vec<(usize, &redirect_common::Rule)> = w.slotted().collect();
     // ISTIO_OUTBOUND_OWNER_GROUPS' gids, as its rule lists them.
     let n = (w.n_owner_groups as usize).min(w.owner_groups.len());
     let groups: Vec<String> = w.owner_groups[..n].iter().map(u32::to_string).collect();
     let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+    let ifaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
     for (i, &(slot, r)) in rules.iter().enumerate() {
         let chain = r.chain_id();
         let connections = sum(
@@ -92,12 +98,13 @@ pub(crate) fn rows(w: &Workload, counters: &PerCpuArray<MapData, u64>) -> Result
                 .filter(|(_, x)| x.chain_id() == chain && x.family == r.family)
                 .count(),
             slot,
-            // Interface names are not in the kernel's copy of the chain: entries print by number.
+            // Interface names are not in the kernel's copy of the chain, but in the
+            // enrollment's record; without one, entries print by number.
             match_: match_text_named(
                 r,
                 &redirect_common::chain::Names {
                     groups: &groups,
-                    ifaces: &[],
+                    ifaces: &ifaces,
                 },
             ),
             target: r.target_kind().map_or("?", Target::iptables_name).into(),
@@ -142,10 +149,16 @@ pub fn read(name: &str) -> Result<InstanceStats, LoadError> {
     let counters: PerCpuArray<MapData, u64> = open_typed(&dir, redirect_common::maps::RULE_COUNTERS)?;
     let events: PerCpuArray<MapData, u64> = open_typed(&dir, redirect_common::maps::EVENT_COUNTERS)?;
     // A node instance names its workloads; a run instance has one, named by the instance.
-    let ids: BTreeMap<u64, String> = State::read(name)
+    let state = State::read(name);
+    let ids: BTreeMap<u64, String> = state
+        .iter()
         .filter(|s| s.mode == Mode::Node)
-        .map(|s| s.workloads.into_iter().map(|w| (w.netns_cookie, w.id)).collect())
-        .unwrap_or_default();
+        .flat_map(|s| s.workloads.iter().map(|w| (w.netns_cookie, w.id.clone())))
+        .collect();
+    let interfaces: BTreeMap<u64, Vec<String>> = state
+        .iter()
+        .flat_map(|s| s.workloads.iter().map(|w| (w.netns_cookie, w.interfaces.clone())))
+        .collect();
     let mut all = Vec::new();
     for item in workloads.iter() {
         let (cookie, w) = item.map_err(|source| LoadError::Map {
@@ -155,7 +168,7 @@ pub fn read(name: &str) -> Result<InstanceStats, LoadError> {
         all.push(WorkloadStats {
             netns_cookie: cookie,
             id: ids.get(&cookie).cloned(),
-            rules: rows(&w, &counters)?,
+            rules: rows(&w, &counters, interfaces.get(&cookie).map_or(&[][..], Vec::as_slice))?,
             events: event_counts(&w, &events)?,
         });
     }

@@ -85,6 +85,9 @@ pub struct WorkloadInfo {
     pub slot: u32,
     /// The namespace's addresses (both families) the programs know.
     pub addresses: Vec<String>,
+    /// Its interface list (`-c`'s, then `-k`'s entries), which its rules name by number.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

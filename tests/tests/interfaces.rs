@@ -84,6 +84,19 @@ fn an_excluded_interface_is_left_alone_both_ways_and_counted_on_its_rules() {
     let w = &t.w;
     assert_eq!(t.count("PREROUTING"), [0], "one -i x0 RETURN");
     assert_eq!(t.count("OUTPUT"), [0], "one -o x0 RETURN");
+    let matches: Vec<(String, String)> = w
+        .stats()
+        .rules
+        .iter()
+        .filter(|r| r.family == "ipv4" && (r.chain == "PREROUTING" || r.chain == "OUTPUT"))
+        .map(|r| (r.chain.clone(), r.match_.clone()))
+        .collect();
+    let named = |c: &str, m: &str| (c.to_owned(), m.to_owned());
+    assert_eq!(
+        matches,
+        [named("PREROUTING", "-i x0"), named("OUTPUT", "-o x0")],
+        "stats names the interface"
+    );
     let output_before = w.counts();
 
     // Out through x0: OUTPUT's RETURN, before ISTIO_OUTPUT is reached.

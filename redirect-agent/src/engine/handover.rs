@@ -389,6 +389,7 @@ mod tests {
             fast_path: false,
             slot: 0,
             addresses: Vec::new(),
+            interfaces: Vec::new(),
         };
         super::super::pins::State {
             name: "node".into(),

@@ -224,6 +224,7 @@ impl Engine {
             fast_path: req.fast_path,
             slot,
             addresses: addresses.iter().map(ToString::to_string).collect(),
+            interfaces: req.capture.interface_list().map(|i| i.as_str().to_owned()).collect(),
         })
     }
 
@@ -548,6 +549,7 @@ mod tests {
             fast_path: false,
             slot,
             addresses: Vec::new(),
+            interfaces: Vec::new(),
         }
     }
 
