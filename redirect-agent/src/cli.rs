@@ -138,8 +138,9 @@ struct NodeArgs {
     /// Prometheus endpoint (GET /metrics, GET /ready), or `off`.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:15030")]
     metrics: String,
-    /// Size of the original-destination maps (LRU), shared by all workloads: about 380 bytes
-    /// of kernel memory each (1,048,576 take about 400 MiB; the start log says how much).
+    /// Size of the original-destination and UDP-flow maps (LRU), shared by all workloads:
+    /// about 580 bytes of kernel memory each (1,048,576 take about 600 MiB; the start log says
+    /// how much).
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=1_048_576))]
     max_tracked_connections: u32,
     /// Connections each workload's embedded proxy serves at once; more are reset. All
@@ -239,8 +240,9 @@ struct RunArgs {
     /// Instance name: pins go to /sys/fs/bpf/redirect/NAME/.
     #[arg(long, default_value = "default")]
     name: String,
-    /// Size of the original-destination maps (LRU): connections tracked at once, about 380
-    /// bytes of kernel memory each (1,048,576 take about 400 MiB; the start log says how much).
+    /// Size of the original-destination and UDP-flow maps (LRU): connections and UDP flows
+    /// tracked at once, about 580 bytes of kernel memory each (1,048,576 take about 600 MiB;
+    /// the start log says how much).
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=1_048_576))]
     max_tracked_connections: u32,
     /// Connections the embedded proxy serves at once; more are reset.

@@ -98,6 +98,9 @@ pub fn map_occupancy(pin_dir: &Path) -> Vec<MapOccupancy> {
         count::<TupleKey, OrigDst>(pin_dir, maps::ORIG_BY_TUPLE),
         count::<TupleKey, OrigDst>(pin_dir, maps::INBOUND_PENDING),
         count::<TupleKey, u8>(pin_dir, maps::FAST_PATH_SENDERS),
+        count::<u64, OrigDst>(pin_dir, maps::UDP_ORIG),
+        count::<redirect_common::UdpFlowKey, u64>(pin_dir, maps::UDP_FLOWS),
+        count::<redirect_common::IfaceKey, u32>(pin_dir, maps::IFACES),
     ]
     .into_iter()
     .flatten()

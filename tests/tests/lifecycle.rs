@@ -134,7 +134,7 @@ fn bad_input_gets_one_clear_line_and_changes_nothing() {
         (&["-q", "99999"], "'99999'"),
         (&["--proxy", "sideways"], "'sideways'"),
         (&["--max-tracked-connections", "5"], "5"),
-        // Past a million the maps would take gigabytes of kernel memory (~380 bytes each).
+        // Past a million the maps would take gigabytes of kernel memory (~580 bytes each).
         (&["--max-tracked-connections", "16777216"], "'16777216'"),
         (&["--frobnicate"], "--frobnicate"),
         (&["-p", "15006"], "both 15006"),

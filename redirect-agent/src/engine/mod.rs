@@ -297,7 +297,7 @@ impl Engine {
 
     /// Kernel memory the instance's maps take, as the kernel counts it (`memlock`), when they
     /// were loaded. Said at start, not left silent: the original-destination maps take about
-    /// 380 bytes per tracked connection, which `--max-tracked-connections` multiplies.
+    /// 580 bytes per tracked connection (TCP or UDP), which `--max-tracked-connections` multiplies.
     pub(crate) fn kernel_memory(&self) -> u64 {
         self.kernel_memory
     }

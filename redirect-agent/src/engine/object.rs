@@ -182,6 +182,9 @@ fn loader<'a>(
         .map_max_entries(maps::ORIG_BY_COOKIE, max_tracked_connections)
         .map_max_entries(maps::ORIG_BY_TUPLE, max_tracked_connections)
         .map_max_entries(maps::INBOUND_PENDING, max_tracked_connections)
+        // UDP flows are tracked connections too (conntrack's flows, a socket's DNS peer).
+        .map_max_entries(maps::UDP_ORIG, max_tracked_connections)
+        .map_max_entries(maps::UDP_FLOWS, max_tracked_connections)
         .map_max_entries(maps::FAST_PATH_SOCKETS, fast_path_slots)
         .map_max_entries(maps::FAST_PATH_SENDERS, fast_path_slots);
     for name in maps::ALL {
