@@ -123,59 +123,65 @@ pub fn main(args: &ValidateInArgs) -> ExitCode {
     }
 }
 
-/// `Ok(Ok(how))` when the probe arrived captured, `Ok(Err(why))` when it did not.
+/// `Ok(Ok(how))` when a probe arrived captured, `Ok(Err(why))` when none did before the
+/// deadline. As istio-validation's client, it dials again every second until then: capture put
+/// in place a moment later (an enrollment racing the probe) still passes.
 fn probe(args: &ValidateInArgs) -> io::Result<Result<String, String>> {
     let at = |ip, port| SocketAddr::V4(SocketAddrV4::new(ip, port));
-    let passthrough = TcpListener::bind(at(PROBE_IP, args.probe_port))
-        .map_err(|e| io::Error::new(e.kind(), format!("listening on {PROBE_IP}:{}: {e}", args.probe_port)))?;
+    let probe_at = at(PROBE_IP, args.probe_port);
+    // The probe port may be taken (an app listening on *:PORT): then only the capture port's
+    // own listener can tell, as istio-validation's only can.
+    let passthrough = TcpListener::bind(probe_at).ok();
     // Taken when a proxy serves it already; then the probe must come out of that proxy.
     let capture = TcpListener::bind(at(Ipv4Addr::LOCALHOST, args.capture_port)).ok();
-    passthrough.set_nonblocking(true)?;
-    if let Some(l) = &capture {
+    if passthrough.is_none() && capture.is_none() {
+        return Err(io::Error::other(format!(
+            "{probe_at} and 127.0.0.1:{} are both taken: nothing could tell where the probe lands",
+            args.capture_port
+        )));
+    }
+    for l in passthrough.iter().chain(capture.iter()) {
         l.set_nonblocking(true)?;
     }
-    let probe = dial(at(PROBE_IP, args.probe_port))?;
     let deadline = Instant::now() + Duration::from_millis(args.timeout_ms);
+    let mut last = format!("no connection from 127.0.0.1 to {probe_at} arrived");
     loop {
-        if let Some(l) = &capture
-            && let Ok((conn, _)) = l.accept()
-        {
-            let local = conn.local_addr()?;
-            return Ok(match sys::original_dst(&conn, local) {
-                Ok(orig) if orig == at(PROBE_IP, args.probe_port) => {
-                    Ok(format!("captured: reached {local} with original destination {orig}"))
+        let probe = dial(probe_at)?;
+        let next_dial = (Instant::now() + Duration::from_secs(1)).min(deadline);
+        while Instant::now() < next_dial {
+            if let Some(l) = &capture
+                && let Ok((conn, _)) = l.accept()
+            {
+                let local = conn.local_addr()?;
+                match sys::original_dst(&conn, local) {
+                    Ok(orig) if orig == probe_at => {
+                        return Ok(Ok(format!(
+                            "captured: reached {local} with original destination {orig}"
+                        )));
+                    }
+                    Ok(orig) => last = format!("reached {local} with original destination {orig}, not {probe_at}"),
+                    Err(e) => last = format!("reached {local}, but SO_ORIGINAL_DST: {e}"),
                 }
-                Ok(orig) => Err(format!(
-                    "reached {local} with original destination {orig}, not {PROBE_IP}:{}",
-                    args.probe_port
-                )),
-                Err(e) => Err(format!("reached {local}, but SO_ORIGINAL_DST: {e}")),
-            });
+            }
+            if let Some(l) = &passthrough
+                && let Ok((_conn, peer)) = l.accept()
+            {
+                if peer.ip() == PROBE_IP {
+                    return Ok(Ok(format!(
+                        "captured: came out of the proxy on :{} from {peer}",
+                        args.capture_port
+                    )));
+                }
+                last = format!("{probe_at} was reached straight from {peer}: not captured");
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        if let Ok((_conn, peer)) = passthrough.accept() {
-            return Ok(if peer.ip() == PROBE_IP {
-                Ok(format!(
-                    "captured: came out of the proxy on :{} from {peer}",
-                    args.capture_port
-                ))
-            } else {
-                Err(format!(
-                    "{PROBE_IP}:{} was reached straight from {peer}: not captured",
-                    args.probe_port
-                ))
-            });
+        if Instant::now() >= deadline {
+            if let Ok(Err(e)) = rustix::net::sockopt::socket_error(&probe) {
+                last.push_str(&format!(" (the last probe's connect: {e})"));
+            }
+            return Ok(Err(format!("{last} within {} ms", args.timeout_ms)));
         }
-        if Instant::now() > deadline {
-            let state = match rustix::net::sockopt::socket_error(&probe) {
-                Ok(Err(e)) => format!(" (the probe's connect: {e})"),
-                _ => String::new(),
-            };
-            return Ok(Err(format!(
-                "no connection from 127.0.0.1 to {PROBE_IP}:{} arrived within {} ms{state}",
-                args.probe_port, args.timeout_ms
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -198,8 +198,11 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
     // verifier must tell apart there, and this one value, rather than the destination and
     // `out_lo` it comes from, keeps the number of states it walks with small.
     let bind = source(c, &dst, out_lo, family);
+    // SAFETY: `c.sk` is this run's socket (`judged_socket`), whose fields the context lets a
+    // program read; a 4-byte read of `bound_dev_if` (SO_BINDTODEVICE, 0 for none).
+    let bound_dev_if = unsafe { read_volatile(&raw const (*c.sk).bound_dev_if) };
     // SAFETY: `dst` is a live local for the call, a whole Addr.
-    let ifaces = unsafe { redirect_out_ifaces(c.netns_cookie, &raw const dst, u32::from(out_lo)) };
+    let ifaces = unsafe { redirect_out_ifaces(c.netns_cookie, &raw const dst, u32::from(out_lo), bound_dev_if) };
     let facts = ConnFacts {
         family: family as u8,
         proto: c.proto,
@@ -340,8 +343,8 @@ fn source(c: &Connect, dst: &Addr, out_lo: bool, family: Family) -> Addr {
 }
 
 /// Which entries of the workload's interface list name the device a connection to `dst`
-/// leaves by (`-o IFACE`, `-c`): the main routing table's for it, lo (ifindex 1 in every
-/// namespace) when `out_lo`. A *global* BPF function, verified once on its own: inlined, its
+/// leaves by (`-o IFACE`, `-c`): lo (ifindex 1 in every namespace) when `out_lo`, else the
+/// device the socket is bound to (SO_BINDTODEVICE), else the main routing table's for it. A *global* BPF function, verified once on its own: inlined, its
 /// lookups multiplied the states connect6 is verified in past what 6.1's verifier allows.
 ///
 /// # Safety
@@ -350,12 +353,19 @@ fn source(c: &Connect, dst: &Addr, out_lo: bool, family: Family) -> Addr {
 /// memory of its BTF type's size, possibly null).
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub unsafe extern "C" fn redirect_out_ifaces(netns_cookie: u64, dst: *const Addr, out_lo: u32) -> u32 {
+pub unsafe extern "C" fn redirect_out_ifaces(
+    netns_cookie: u64,
+    dst: *const Addr,
+    out_lo: u32,
+    bound_dev_if: u32,
+) -> u32 {
     if dst.is_null() {
         return 0;
     }
     let oif = if out_lo != 0 {
         LOOPBACK_IFINDEX
+    } else if bound_dev_if != 0 {
+        bound_dev_if
     } else {
         // SAFETY: non-null (checked above) and, by the contract, a whole live Addr.
         route(netns_cookie, unsafe { &*dst }).oif

@@ -135,6 +135,22 @@ pub fn set_int_option(fd: &impl AsFd, level: libc::c_int, name: libc::c_int, val
     check(rc, "setsockopt")
 }
 
+/// SO_BINDTODEVICE: the socket is bound to device `name`.
+pub fn bind_to_device(fd: &impl AsFd, name: &str) -> io::Result<()> {
+    // SAFETY: pointer and length describe `name`'s bytes, which the kernel only reads; the
+    // descriptor is borrowed, so open.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    check(rc, "setsockopt(SO_BINDTODEVICE)")
+}
+
 /// getsockopt(2) into `buf`: the length the kernel answered.
 pub fn getsockopt_bytes(fd: &impl AsFd, level: libc::c_int, name: libc::c_int, buf: &mut [u8]) -> io::Result<u32> {
     let mut len = buf.len() as libc::socklen_t;

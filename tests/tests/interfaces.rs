@@ -163,3 +163,39 @@ fn a_prefix_entry_follows_interfaces_added_later() {
     assert_eq!(t.inbound_from_side(), Inbound::Direct);
     assert_eq!(t.count("PREROUTING"), [1]);
 }
+
+/// `-o` sees the device a socket is bound to (SO_BINDTODEVICE), not the one the main table
+/// would route its destination by: bound to x0, a connection to the remote host (routed by
+/// w0) is left alone on `-o x0 -j RETURN`, as nat OUTPUT's interface match leaves it.
+#[test]
+fn a_socket_bound_to_an_excluded_device_is_left_alone() {
+    let t = TwoLinks::new("ifb", &["-c", "x0"]);
+    let w = &t.w;
+    let before = w.counts();
+    let r = w.probe(&w.spec(w.remote(REMOTE_PORT)).device("x0"));
+    assert!(
+        !matches!(landing(&r), redirect_tests::Landing::Proxied { .. }),
+        "bound to x0 yet captured: {r:?}"
+    );
+    assert_eq!(t.count("OUTPUT"), [1], "{r:?}");
+    assert_eq!(w.counts(), before, "ISTIO_OUTPUT never saw it");
+    // Unbound, the same destination is captured.
+    let r = w.probe(&w.spec(w.remote(REMOTE_PORT)));
+    assert_eq!(landing(&r), proxied(OUTBOUND_CAPTURE, "remote"), "{r:?}");
+}
+
+/// A run that takes over a killed one's pins with another interface list judges every device
+/// afresh: what the killed run wrote for its list is gone.
+#[test]
+fn a_takeover_with_another_list_keeps_nothing_of_the_old_one() {
+    let mut t = TwoLinks::new("ift", &["-c", "x0"]);
+    let r = t.w.probe(&t.w.spec(SocketAddrV4::new(side_ip(2), REMOTE_PORT)));
+    assert_eq!(landing(&r), direct("side"), "{r:?}");
+    let mut killed = t.w.agent.take().expect("agent");
+    killed.signal(libc::SIGKILL);
+    let _ = killed.wait(std::time::Duration::from_secs(10));
+    t.w.start_agent(&["-c", "nosuch0"]).expect("a new run takes over");
+    let r = t.w.probe(&t.w.spec(SocketAddrV4::new(side_ip(2), REMOTE_PORT)));
+    assert_eq!(landing(&r), proxied(OUTBOUND_CAPTURE, "side"), "{r:?}");
+    assert_eq!(t.inbound_from_side(), Inbound::Proxied);
+}

@@ -74,3 +74,49 @@ fn a_run_that_fails_its_validation_exits_126_and_detaches() {
         "the failed run left its pins"
     );
 }
+
+/// The probe port taken by an app (on every address): only the capture port's own listener
+/// can tell, as istio-validation's only can, and it does.
+#[test]
+fn a_taken_probe_port_leaves_the_capture_listener_to_tell() {
+    let mut w = Workload::new("vldbusy");
+    let _app = redirect_testkit::server::TestServer::start(
+        &w.pair.workload,
+        std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 15002),
+        "app15002",
+    )
+    .expect("an app on *:15002");
+    w.start_agent(&["--proxy", "none"]).expect("agent starts");
+    let out = validate_only(&w, &[]);
+    assert!(out.status.success(), "{}", said(&out));
+    stop(&mut w);
+}
+
+/// As istio-validation's client, the probe dials again every second until its timeout: capture
+/// that comes a moment after the probe started (an enrollment racing it) still passes.
+#[test]
+fn capture_that_comes_during_the_probe_passes_it() {
+    let w = Workload::new("vldlate");
+    let out = std::thread::scope(|s| {
+        let probe = s.spawn(|| {
+            let mut args = vec!["run".to_owned(), "--name".into(), format!("{}-v", w.name)];
+            args.extend(w.run_args());
+            args.extend(["--skip-rule-apply", "--run-validation", "--probe-timeout", "60s"].map(String::from));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            agent_cmd_within(&args, Duration::from_secs(90)).expect("the validation ends within 90 s")
+        });
+        // Uncaptured first: the probe's first dials reach the probe port straight.
+        std::thread::sleep(Duration::from_secs(1));
+        // --proxy none: its listeners are the sidecar's, which starts after the validation (the
+        // probe holds 127.0.0.1:15006 meanwhile, as istio-validation does).
+        let mut args = w.run_args();
+        args.extend(["--proxy".to_owned(), "none".into()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let agent = redirect_testkit::agent::AgentProcess::start(&redirect_tests::agent_bin(), &w.name, &args)
+            .expect("agent starts");
+        let out = probe.join().expect("probe thread");
+        drop(agent);
+        out
+    });
+    assert!(out.status.success(), "{}", said(&out));
+}

@@ -208,6 +208,9 @@ impl LocalAddrs {
             current_ifaces: BTreeMap::new(),
             query,
         };
+        // What a killed predecessor (or an earlier enrollment of the namespace) wrote is not
+        // this list's: every device is judged afresh.
+        remove_keys(&mut me.maps.ifaces, |k| k.netns_cookie == netns_cookie);
         me.refresh()?;
         Ok(me)
     }

@@ -134,6 +134,15 @@ fn main_route(m: &RouteMessage) -> Option<MainRoute> {
             RouteAttribute::Destination(d) => r.prefix = ip_of(d)?,
             RouteAttribute::PrefSource(s) => r.prefsrc = ip_of(s),
             RouteAttribute::Oif(i) => r.oif = Some(*i),
+            // A multipath route's device, when all its nexthops share one (`-o` then sees it
+            // whichever the kernel picks); several devices leave it unknown.
+            RouteAttribute::MultiPath(hops) => {
+                let mut devices = hops.iter().map(|h| h.interface_index);
+                let first = devices.next();
+                if first.is_some() && devices.all(|d| Some(d) == first) {
+                    r.oif = first;
+                }
+            }
             RouteAttribute::Priority(p) => r.priority = *p,
             _ => {}
         }

@@ -15,15 +15,15 @@ use super::env::{Env, parse_bool, pick, pick_if};
 #[derive(Args, Debug, Clone, Default)]
 pub struct ExecutionFlags {
     /// Print what would be installed (`explain`'s tables, both families) and load nothing.
-    #[arg(short = 'n', long = "dry-run", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    #[arg(short = 'n', long = "dry-run", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub dry_run: Option<String>,
     /// Install nothing (istio-cni installed the capture); with --run-validation, only validate.
-    #[arg(long = "skip-rule-apply", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    #[arg(long = "skip-rule-apply", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub skip_rule_apply: Option<String>,
     /// Once capture is in place, prove it as istio-validation does (a connection from the
     /// proxy's identity to 127.0.0.6:--iptables-probe-port must reach the inbound capture
     /// port); exit 126 when it does not.
-    #[arg(long = "run-validation", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    #[arg(long = "run-validation", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub run_validation: Option<String>,
     /// The port --run-validation dials.
     #[arg(long = "iptables-probe-port", value_name = "PORT")]
@@ -32,25 +32,25 @@ pub struct ExecutionFlags {
     #[arg(long = "probe-timeout", value_name = "DURATION")]
     pub probe_timeout: Option<String>,
     /// Remove what a killed run of this --name left (as `redirect-agent cleanup`) and exit.
-    #[arg(long = "cleanup-only", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    #[arg(long = "cleanup-only", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub cleanup_only: Option<String>,
     /// The network namespace to capture (the same as `run --netns`).
     #[arg(long = "network-namespace", value_name = "PATH")]
     pub network_namespace: Option<PathBuf>,
     /// Accepted; every workload is dual-stack here (see docs/istio.md).
-    #[arg(long = "dual-stack", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    #[arg(long = "dual-stack", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub dual_stack: Option<String>,
     /// Accepted, no effect: no xtables lock is taken.
-    #[arg(long = "cni-mode", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    #[arg(long = "cni-mode", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub cni_mode: Option<String>,
     /// Accepted, no effect: a workload's programs are always replaced whole.
-    #[arg(long = "reconcile", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    #[arg(long = "reconcile", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub reconcile: Option<String>,
     /// Accepted, no effect: a workload's programs are always replaced whole.
-    #[arg(long = "force-apply", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    #[arg(long = "force-apply", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub force_apply: Option<String>,
     /// Accepted, no effect: neither iptables nor nftables is used.
-    #[arg(long = "native-nftables", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    #[arg(long = "native-nftables", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub native_nftables: Option<String>,
     /// Accepted, no effect: no iptables binary is run.
     #[arg(long = "force-iptables-binary", value_name = "BINARY")]
@@ -183,8 +183,8 @@ impl Execution {
     }
 }
 
-/// Go's `time.ParseDuration`, for the units a timeout is written in (ns, us, µs, ms, s, m, h),
-/// one or more `<number><unit>` terms; a bare 0 is 0.
+/// Go's `time.ParseDuration` (ns, us, µs, ms, s, m, h; one or more `<number><unit>` terms, an
+/// optional `+`; a bare 0 is 0), without the negative durations a timeout cannot be.
 pub fn parse_go_duration(flag: &'static str, s: &str) -> Result<Duration, ConfigError> {
     let bad = || ConfigError {
         flag,
@@ -192,6 +192,14 @@ pub fn parse_go_duration(flag: &'static str, s: &str) -> Result<Duration, Config
         expected: "a duration such as 5s, 500ms, 1m30s or 0".into(),
     };
     let t = s.trim();
+    if t.starts_with('-') {
+        return Err(ConfigError {
+            flag,
+            value: s.to_owned(),
+            expected: "a duration that is not negative, such as 5s".into(),
+        });
+    }
+    let t = t.strip_prefix('+').unwrap_or(t);
     if t == "0" {
         return Ok(Duration::ZERO);
     }
@@ -219,10 +227,7 @@ pub fn parse_go_duration(flag: &'static str, s: &str) -> Result<Duration, Config
         rest = &rest[u..];
         total += number * scale;
     }
-    Duration::try_from_secs_f64(total)
-        .ok()
-        .filter(|d| *d <= Duration::from_secs(24 * 3600))
-        .ok_or_else(bad)
+    Duration::try_from_secs_f64(total).map_err(|_| bad())
 }
 
 #[cfg(test)]
@@ -235,7 +240,15 @@ mod tests {
         assert_eq!(parse_go_duration("f", "1m30s").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_go_duration("f", "250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_go_duration("f", "0").unwrap(), Duration::ZERO);
-        for bad in ["", "5", "s", "5x", "-1s", "1e3s", "100h"] {
+        assert_eq!(parse_go_duration("f", "+5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_go_duration("f", "30h").unwrap(), Duration::from_secs(30 * 3600));
+        assert!(
+            parse_go_duration("f", "-1s")
+                .unwrap_err()
+                .to_string()
+                .contains("not negative")
+        );
+        for bad in ["", "5", "s", "5x", "1e3s", "--1s"] {
             let e = parse_go_duration("--probe-timeout", bad).unwrap_err().to_string();
             assert!(e.contains("--probe-timeout") && e.contains(&format!("'{bad}'")), "{e}");
         }

@@ -79,15 +79,15 @@ pub struct CaptureFlags {
     pub tproxy_route_table: Option<String>,
     /// Capture DNS to the resolvers of resolv.conf (port 53, UDP and TCP) to 15053 [env
     /// REDIRECT_DNS, ISTIO_META_DNS_CAPTURE].
-    #[arg(long = "redirect-dns", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    #[arg(long = "redirect-dns", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub redirect_dns: Option<String>,
     /// With --redirect-dns: capture DNS to every address, not only resolv.conf's [env
     /// CAPTURE_ALL_DNS].
-    #[arg(long = "capture-all-dns", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    #[arg(long = "capture-all-dns", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub capture_all_dns: Option<String>,
     /// Drop packets conntrack finds invalid instead of resetting [env DROP_INVALID,
     /// INVALID_DROP].
-    #[arg(long = "drop-invalid", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    #[arg(long = "drop-invalid", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub drop_invalid: Option<String>,
     /// The resolv.conf whose `nameserver`s --redirect-dns captures [default: the workload's
     /// /etc/resolv.conf as istio-iptables reads it; explain: this host's].

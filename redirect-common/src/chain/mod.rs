@@ -190,7 +190,8 @@ fn family_chains(b: &mut Builder, cfg: &CaptureConfig) {
         for chain in [ChainId::Inbound, ChainId::Output] {
             let mut r = Rule::new(b.family, chain, Target::Return);
             r.has |= m::IFACE | m::BUILTIN;
-            r.uid = 1 << i;
+            // `parse_interfaces` holds a list to MAX_INTERFACES (32) entries.
+            r.uid = 1u32.checked_shl(i as u32).unwrap_or(0);
             b.push(r);
         }
     }

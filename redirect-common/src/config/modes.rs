@@ -112,8 +112,15 @@ impl Interface {
     }
 }
 
-/// A comma list of interface names; empty for none.
+/// The most entries an interface list (`-c`, `-k`) holds: each is a bit of a 32-bit mask in
+/// the programs.
+pub const MAX_INTERFACES: usize = 32;
+
+/// A comma list of interface names, at most [`MAX_INTERFACES`]; empty for none.
 pub fn parse_interfaces(flag: &'static str, s: &str) -> Result<Vec<Interface>, ConfigError> {
+    if items(s).count() > MAX_INTERFACES {
+        return Err(err(flag, s, std::format!("at most {MAX_INTERFACES} interface names")));
+    }
     items(s)
         .map(|i| {
             let plus = i.find('+');

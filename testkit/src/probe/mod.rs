@@ -63,6 +63,9 @@ pub struct ProbeArgs {
     /// SO_MARK to set on the socket before connecting (needs CAP_NET_ADMIN in the namespace).
     #[arg(long)]
     pub mark: Option<u32>,
+    /// SO_BINDTODEVICE: the device the socket is bound to before connecting (CAP_NET_RAW).
+    #[arg(long)]
+    pub device: Option<String>,
     /// Source address to bind before connecting (port 0): IPv4 or IPv6, in the family of the
     /// socket (an IPv4 one is bound v4-mapped by an AF_INET6 socket).
     #[arg(long)]
@@ -175,6 +178,9 @@ fn socket(args: &ProbeArgs, to: SocketAddr, ty: libc::c_int, always_bind: bool) 
     let inet6 = family == libc::AF_INET6;
     if let Some(mark) = args.mark {
         sock::set_int_option(&fd, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)?;
+    }
+    if let Some(device) = &args.device {
+        sock::bind_to_device(&fd, device)?;
     }
     if inet6 {
         sock::set_int_option(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;

@@ -20,6 +20,8 @@ pub struct ProbeSpec {
     /// Real (uid, gid) kept while `uid`/`gid` are the effective and filesystem ones.
     pub real: Option<(u32, u32)>,
     pub mark: Option<u32>,
+    /// SO_BINDTODEVICE.
+    pub device: Option<String>,
     pub bind: Option<IpAddr>,
     pub connect: SocketAddr,
     /// IPv4 destinations dialed v4-mapped from an AF_INET6 socket (`probe --v4-mapped`).
@@ -44,6 +46,7 @@ impl ProbeSpec {
             gid: 0,
             real: None,
             mark: None,
+            device: None,
             bind: None,
             connect: connect.into(),
             v4_mapped: false,
@@ -79,6 +82,12 @@ impl ProbeSpec {
     /// and filesystem ones.
     pub fn real_ids(mut self, uid: u32, gid: u32) -> Self {
         self.real = Some((uid, gid));
+        self
+    }
+
+    /// SO_BINDTODEVICE `device` on the socket before it connects.
+    pub fn device(mut self, device: &str) -> Self {
+        self.device = Some(device.to_owned());
         self
     }
 
@@ -172,6 +181,9 @@ impl ProbeSpec {
         }
         if let Some(m) = self.mark {
             c.args(["--mark", &m.to_string()]);
+        }
+        if let Some(d) = &self.device {
+            c.args(["--device", d]);
         }
         if self.v4_mapped {
             c.arg("--v4-mapped");
