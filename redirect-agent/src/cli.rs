@@ -8,7 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::{
     engine::{self, Sizing},
-    explain, features,
+    explain,
     flags::{self, CaptureFlags, LivenessFlags, ProxyMode},
     node::{self, NodeOptions},
     run::{self, RunOptions},
@@ -265,55 +265,6 @@ struct RunArgs {
     capture: CaptureFlags,
 }
 
-#[derive(serde::Serialize)]
-struct CheckReport {
-    kernel: String,
-    features: Vec<features::Finding>,
-    programs: Vec<engine::ProgramReport>,
-}
-
-fn check(verifier: bool, json: bool) -> anyhow::Result<()> {
-    crate::sys::require_privileges("redirect-agent check")?;
-    let report = CheckReport {
-        kernel: features::kernel_string(),
-        features: features::survey(features::probe),
-        programs: if verifier {
-            engine::verifier_report()?
-        } else {
-            Vec::new()
-        },
-    };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!("kernel {}", report.kernel);
-        for f in &report.features {
-            let state = match f.present {
-                Some(true) => "yes".to_owned(),
-                Some(false) => "MISSING".to_owned(),
-                None => format!("probe failed: {}", f.error.as_deref().unwrap_or("?")),
-            };
-            println!("  {:<54} Linux {:<5} {state}", f.name, f.since);
-        }
-        for p in &report.programs {
-            let n = |v: Option<u32>| v.map_or_else(|| "?".to_owned(), |v| v.to_string());
-            println!(
-                "  program {:<22} {:>5} instructions, {:>6} processed by the verifier",
-                p.name,
-                n(p.instructions),
-                n(p.verified)
-            );
-        }
-    }
-    if let Some(m) = features::first_missing(&report.kernel, |f| {
-        let found = report.features.iter().find(|x| x.name == f.name);
-        found.and_then(|x| x.present).ok_or_else(|| "not probed".to_owned())
-    }) {
-        anyhow::bail!(m);
-    }
-    Ok(())
-}
-
 /// `run`'s and `node`'s shared flags (each with its own defaults) as the engine takes them.
 fn sizing(
     max_tracked: u32,
@@ -471,7 +422,7 @@ pub fn main() -> ExitCode {
                 }
                 Ok(())
             }
-            Command::Check { verifier, json } => check(verifier, json),
+            Command::Check { verifier, json } => crate::check::check(verifier, json),
             Command::Proxy(args) => {
                 let termination = Termination::install()?;
                 standalone::serve(&args, termination.wait()).await

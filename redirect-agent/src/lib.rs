@@ -10,6 +10,7 @@ mod addrs;
 mod adopt;
 mod api;
 mod btf;
+mod check;
 mod cli;
 mod dial_in;
 pub mod engine;
