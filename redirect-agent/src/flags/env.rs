@@ -34,7 +34,7 @@ pub(super) fn pick(
 /// [`pick`], taking only the variables whose value `usable` accepts: istio-iptables sets a
 /// flag from each variable and drops a value the flag refuses (an empty boolean), keeping the
 /// one before.
-pub(super) fn pick_if(
+fn pick_if(
     cli: &Option<String>,
     flag: &'static str,
     envs: &[&'static str],
@@ -54,8 +54,20 @@ pub(super) fn pick_if(
     found.unwrap_or_else(|| (default.to_owned(), flag))
 }
 
+/// A boolean flag: the command line's, else the last of `envs` that is set and not empty (an
+/// empty value is one pflag refuses, keeping the one before), else false.
+pub(super) fn boolean(
+    cli: &Option<String>,
+    flag: &'static str,
+    envs: &[&'static str],
+    env: Env,
+) -> Result<bool, ConfigError> {
+    let (v, f) = pick_if(cli, flag, envs, env, "false", |v| !v.trim().is_empty());
+    parse_bool(f, &v)
+}
+
 /// istio-iptables' booleans (Go's `strconv.ParseBool`).
-pub(super) fn parse_bool(flag: &'static str, s: &str) -> Result<bool, ConfigError> {
+fn parse_bool(flag: &'static str, s: &str) -> Result<bool, ConfigError> {
     match s.trim() {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" | "" => Ok(false),

@@ -8,7 +8,7 @@ use clap::Args;
 
 use redirect_common::config::{self, ConfigError};
 
-use super::env::{Env, parse_bool, pick, pick_if};
+use super::env::{Env, pick};
 
 /// The flags as clap sees them (all optional strings, so that an absent flag falls back to its
 /// variable as in istio-iptables).
@@ -89,10 +89,7 @@ impl Default for Execution {
 impl ExecutionFlags {
     /// The flags, then istio-iptables' variables for those absent.
     pub fn to_execution(&self, env: Env) -> Result<Execution, ConfigError> {
-        let boolean = |cli: &Option<String>, flag, envs: &[&'static str]| {
-            let (v, f) = pick_if(cli, flag, envs, env, "false", |v| !v.trim().is_empty());
-            parse_bool(f, &v)
-        };
+        let boolean = |cli, flag, envs| super::env::boolean(cli, flag, envs, env);
         let (v, f) = pick(
             &self.probe_port,
             "--iptables-probe-port",

@@ -10,7 +10,7 @@ use crate::proxy::{Keepalive, Liveness};
 mod env;
 mod execution;
 
-use env::{Env, parse_bool, pick, pick_if, resolve_groups, user_uid};
+use env::{Env, pick, resolve_groups, user_uid};
 pub use env::{no_env, process_env};
 pub use execution::{Execution, ExecutionFlags};
 
@@ -139,10 +139,7 @@ impl CaptureFlags {
             let (v, f) = p(cli, flag, envs, default);
             config::parse_ports(f, &v)
         };
-        let boolean = |cli, flag, envs| {
-            let (v, f) = pick_if(cli, flag, envs, env, "false", |v| !v.trim().is_empty());
-            parse_bool(f, &v)
-        };
+        let boolean = |cli, flag, envs| env::boolean(cli, flag, envs, env);
         let (v, f) = p(
             &self.inbound_mode,
             "-m/--istio-inbound-interception-mode",
