@@ -108,26 +108,7 @@ impl NetnsPair {
     pub fn wire(workload: NamedNetns, remote: NamedNetns, subnet: u8) -> io::Result<Self> {
         let (workload_ip, remote_ip) = (Ipv4Addr::new(10, 200, subnet, 1), Ipv4Addr::new(10, 200, subnet, 2));
         let (workload_ip6, remote_ip6) = pair_ip6(subnet);
-        workload.ip(&[
-            "link",
-            "add",
-            "w0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "r0",
-            "netns",
-            &remote.name,
-        ])?;
-        workload.ip(&["addr", "add", &format!("{workload_ip}/24"), "dev", "w0"])?;
-        remote.ip(&["addr", "add", &format!("{remote_ip}/24"), "dev", "r0"])?;
-        workload.ip(&["link", "set", "w0", "up"])?;
-        remote.ip(&["link", "set", "r0", "up"])?;
-        // `nodad`: never tentative, so bind() and connect() can use them at once (the
-        // link-local addresses the kernel adds still go through DAD; nothing here uses them).
-        workload.ip(&["addr", "add", &format!("{workload_ip6}/64"), "dev", "w0", "nodad"])?;
-        remote.ip(&["addr", "add", &format!("{remote_ip6}/64"), "dev", "r0", "nodad"])?;
+        veth((&workload, "w0"), (&remote, "r0"), subnet)?;
         Ok(Self {
             workload,
             remote,
@@ -137,4 +118,22 @@ impl NetnsPair {
             remote_ip6,
         })
     }
+}
+
+/// A veth between two namespaces (`a`'s device and `b`'s), up, with both families' addresses on
+/// `subnet`: 10.200.`subnet`.1 and the first of [`pair_ip6`] on `a`'s end, .2 and the second
+/// on `b`'s. The IPv6 ones without duplicate address detection, usable at once.
+pub fn veth((a, a_dev): (&NamedNetns, &str), (b, b_dev): (&NamedNetns, &str), subnet: u8) -> io::Result<()> {
+    let (a6, b6) = pair_ip6(subnet);
+    a.ip(&[
+        "link", "add", a_dev, "type", "veth", "peer", "name", b_dev, "netns", &b.name,
+    ])?;
+    for (ns, dev, v4, v6) in [(a, a_dev, 1, a6), (b, b_dev, 2, b6)] {
+        ns.ip(&["addr", "add", &format!("10.200.{subnet}.{v4}/24"), "dev", dev])?;
+        ns.ip(&["link", "set", dev, "up"])?;
+        // `nodad`: never tentative, so bind() and connect() can use them at once (the
+        // link-local addresses the kernel adds still go through DAD; nothing here uses them).
+        ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])?;
+    }
+    Ok(())
 }

@@ -437,7 +437,12 @@ pub enum Inbound {
 }
 
 pub fn inbound(w: &Workload, port: u16) -> Inbound {
-    let r = w.probe(&w.from_remote(w.pod(port)));
+    inbound_from(w, &w.pair.remote.path, w.pod(port).into())
+}
+
+/// [`inbound`] from the host of namespace `from`, to `to` (an address of the workload's).
+pub fn inbound_from(w: &Workload, from: &std::path::Path, to: std::net::SocketAddr) -> Inbound {
+    let r = w.probe(&redirect_testkit::probe::ProbeSpec::outside(from, to));
     match landing(&r) {
         Landing::Failed(o) => Inbound::Failed(o),
         _ if r.banner_field("peer").is_some_and(|p| p.starts_with("127.0.0.6:")) => Inbound::Proxied,

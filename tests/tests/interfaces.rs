@@ -5,13 +5,13 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use redirect_testkit::{
-    netns::{NamedNetns, NetnsPair},
-    probe::ProbeSpec,
+    netns::{NamedNetns, NetnsPair, veth},
     server::TestServer,
     unique,
 };
 use redirect_tests::{
-    APP_PORT, INBOUND_CAPTURE, OUTBOUND_CAPTURE, REMOTE_PORT, Workload, direct, landing, node::Inbound, node::inbound,
+    APP_PORT, OUTBOUND_CAPTURE, REMOTE_PORT, Workload, direct, landing,
+    node::{Inbound, inbound, inbound_from},
     proxied,
 };
 
@@ -36,18 +36,7 @@ impl TwoLinks {
         let workload = NamedNetns::create(&format!("{base}-w")).expect("netns");
         let remote = NamedNetns::create(&format!("{base}-r")).expect("netns");
         let side = NamedNetns::create(&format!("{base}-x")).expect("netns");
-        workload
-            .ip(&[
-                "link", "add", "x0", "type", "veth", "peer", "name", "x1", "netns", &side.name,
-            ])
-            .expect("second veth");
-        workload
-            .ip(&["addr", "add", &format!("{}/24", side_ip(1)), "dev", "x0"])
-            .unwrap();
-        side.ip(&["addr", "add", &format!("{}/24", side_ip(2)), "dev", "x1"])
-            .unwrap();
-        workload.ip(&["link", "set", "x0", "up"]).unwrap();
-        side.ip(&["link", "set", "x1", "up"]).unwrap();
+        veth((&workload, "x0"), (&side, "x1"), SIDE_SUBNET).expect("second veth");
         let pair = NetnsPair::wire(workload, remote, 42).expect("the primary veth");
         let side_server =
             TestServer::start(&side, SocketAddrV4::new(side_ip(2), REMOTE_PORT), "side").expect("side server");
@@ -62,15 +51,7 @@ impl TwoLinks {
 
     /// A connection from the side host to the app on the workload's `x0` address.
     fn inbound_from_side(&self) -> Inbound {
-        let r = self.w.probe(&ProbeSpec::outside(
-            &self.side.path,
-            SocketAddrV4::new(side_ip(1), APP_PORT),
-        ));
-        match landing(&r) {
-            redirect_tests::Landing::Failed(o) => Inbound::Failed(o),
-            _ if r.banner_field("peer").is_some_and(|p| p.starts_with("127.0.0.6:")) => Inbound::Proxied,
-            _ => Inbound::Direct,
-        }
+        inbound_from(&self.w, &self.side.path, SocketAddrV4::new(side_ip(1), APP_PORT).into())
     }
 
     fn count(&self, chain: &str) -> Vec<u64> {
@@ -117,7 +98,6 @@ fn an_excluded_interface_is_left_alone_both_ways_and_counted_on_its_rules() {
     // In through w0: captured, the app sees the proxy's 127.0.0.6.
     assert_eq!(inbound(w, APP_PORT), Inbound::Proxied);
     assert_eq!(t.count("PREROUTING"), [1]);
-    let _ = INBOUND_CAPTURE;
 }
 
 /// A `+` entry names every interface of that prefix, including one added after the agent

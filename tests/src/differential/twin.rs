@@ -11,7 +11,7 @@ use redirect_agent::{explain::Explanation, stats::InstanceStats};
 use redirect_testkit::{
     agent::AgentProcess,
     cgroup::TestCgroup,
-    netns::{NamedNetns, NetnsPair, pair_ip6},
+    netns::{NamedNetns, NetnsPair, pair_ip6, veth},
     serve::ServeProcess,
     unique,
 };
@@ -244,18 +244,6 @@ fn side_addrs() -> ((Ipv4Addr, Ipv6Addr), (Ipv4Addr, Ipv6Addr)) {
 fn wire_side(workload: &NamedNetns, name: &str) -> NamedNetns {
     let side = NamedNetns::create(name).expect("side netns");
     side.sysctl("net.ipv6.bindv6only", "1").expect("bindv6only");
-    let ((w4, w6), (s4, s6)) = side_addrs();
-    workload
-        .ip(&[
-            "link", "add", SIDE_LINK, "type", "veth", "peer", "name", "x1", "netns", &side.name,
-        ])
-        .expect("side veth");
-    for (ns, dev, v4, v6) in [(workload, SIDE_LINK, w4, w6), (&side, "x1", s4, s6)] {
-        ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev])
-            .expect("side v4");
-        ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])
-            .expect("side v6");
-        ns.ip(&["link", "set", dev, "up"]).expect("side up");
-    }
+    veth((workload, SIDE_LINK), (&side, "x1"), SIDE_SUBNET).expect("side veth");
     side
 }
