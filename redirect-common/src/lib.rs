@@ -205,6 +205,9 @@ pub mod workload_flags {
     pub const WORKLOAD_LISTENER: u32 = 1 << 1;
     /// `--fast-path`: sock_ops enrolls both ends of captured local pairs in the sockhash.
     pub const FAST_PATH: u32 = 1 << 2;
+    /// The workload has an interface list (`-c`): its rules match devices, so the programs
+    /// look up which (`IFACES`); without one they skip the lookups.
+    pub const IFACES: u32 = 1 << 3;
 }
 
 /// One workload's configuration, keyed by its network namespace cookie.

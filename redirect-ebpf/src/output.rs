@@ -15,7 +15,7 @@ use aya_ebpf::{
 use redirect_common::{
     ChainId, ConnFacts, DNS_PROXY_PORT, IPPROTO_TCP, IPPROTO_UDP, OrigDst, PendingOrigDst, Target, UdpFlowKey,
     addr::{self, Addr, Family},
-    events,
+    events, workload_flags,
 };
 
 use crate::{
@@ -198,11 +198,17 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
     // verifier must tell apart there, and this one value, rather than the destination and
     // `out_lo` it comes from, keeps the number of states it walks with small.
     let bind = source(c, &dst, out_lo, family);
-    // SAFETY: `c.sk` is this run's socket (`judged_socket`), whose fields the context lets a
-    // program read; a 4-byte read of `bound_dev_if` (SO_BINDTODEVICE, 0 for none).
-    let bound_dev_if = unsafe { read_volatile(&raw const (*c.sk).bound_dev_if) };
-    // SAFETY: `dst` is a live local for the call, a whole Addr.
-    let ifaces = unsafe { redirect_out_ifaces(c.netns_cookie, &raw const dst, u32::from(out_lo), bound_dev_if) };
+    // Only a workload with an interface list (`-c`) has rules that match devices: the others'
+    // connects skip a second route lookup.
+    let ifaces = if workload.flags & workload_flags::IFACES != 0 {
+        // SAFETY: `c.sk` is this run's socket (`judged_socket`), whose fields the context lets
+        // a program read; a 4-byte read of `bound_dev_if` (SO_BINDTODEVICE, 0 for none).
+        let bound_dev_if = unsafe { read_volatile(&raw const (*c.sk).bound_dev_if) };
+        // SAFETY: `dst` is a live local for the call, a whole Addr.
+        unsafe { redirect_out_ifaces(c.netns_cookie, &raw const dst, u32::from(out_lo), bound_dev_if) }
+    } else {
+        0
+    };
     let facts = ConnFacts {
         family: family as u8,
         proto: c.proto,

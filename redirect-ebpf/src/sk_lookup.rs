@@ -133,7 +133,7 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
         };
     }
     // `PREROUTING -i IFACE` (`-c`) sees the device the SYN arrived on.
-    let ifaces = if INGRESS_IFINDEX.load() != 0 {
+    let ifaces = if INGRESS_IFINDEX.load() != 0 && workload.flags & workload_flags::IFACES != 0 {
         // SAFETY: a 4-byte read of the context's `ingress_ifindex`, which this kernel has
         // (the agent sets INGRESS_IFINDEX only on 5.17+).
         iface_entries(netns_cookie, unsafe { read_volatile(&raw const (*l).ingress_ifindex) })

@@ -369,11 +369,17 @@ pub fn slots(rules: &[Rule]) -> Vec<usize> {
 
 /// [`workload_flags`] for these flags.
 pub fn flags(cfg: &CaptureConfig) -> u32 {
-    if cfg.inbound_ports.is_empty() {
+    let inbound = if cfg.inbound_ports.is_empty() {
         0
     } else {
         workload_flags::INBOUND
-    }
+    };
+    let ifaces = if cfg.exclude_interfaces.is_empty() {
+        0
+    } else {
+        workload_flags::IFACES
+    };
+    inbound | ifaces
 }
 
 /// How the agent serves a workload, beyond what its flags say: the [`workload_flags`] that
