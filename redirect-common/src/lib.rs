@@ -45,6 +45,10 @@ pub const DNS_PROXY_PORT: u16 = 15053;
 /// agent's sockets alone by their cookies instead ([`maps::AGENT_SOCKETS`]).
 pub const AGENT_SOCKET_MARK: u32 = 0x539;
 
+/// The mark istio-iptables gives the proxy's own connections to its pod in TPROXY mode
+/// (`OutboundMark`), fixed like the DNS port.
+pub const TPROXY_OUTBOUND_MARK: u32 = 1338;
+
 /// Most groups `ISTIO_OUTBOUND_OWNER_GROUPS` may name (istio-iptables' own limit on the
 /// include list); the programs test them with a loop of this bound.
 pub const MAX_OWNER_GROUPS: usize = 64;
@@ -133,8 +137,16 @@ pub mod maps {
     /// [`crate::UdpFlowKey`] -> when the flow last sent (ns, monotonic): the UDP flows
     /// ISTIO_OUTPUT judged, counted once each as conntrack's first packet.
     pub const UDP_FLOWS: &str = "UDP_FLOWS";
+    /// socket cookie -> the mark mangle OUTPUT gives a TPROXY-mode workload's loopback
+    /// connection (1338, the proxy's own), from connect until sock_ops moves it to
+    /// `SYN_MARKS` at the SYN.
+    pub const SYN_MARK_BY_COOKIE: &str = "SYN_MARK_BY_COOKIE";
+    /// [`crate::TupleKey`] (the connecting side's view) -> the mark a TPROXY-mode workload's
+    /// loopback SYN carries (its socket's, or mangle OUTPUT's): what sk_lookup's `-m mark`
+    /// reads, from the SYN until sk_lookup judges it.
+    pub const SYN_MARKS: &str = "SYN_MARKS";
     /// Every map the agent pins while it runs.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 18] = [
         WORKLOADS,
         LOCAL_ADDRS,
         POD_ADDRS,
@@ -151,6 +163,8 @@ pub mod maps {
         AGENT_SOCKETS,
         UDP_ORIG,
         UDP_FLOWS,
+        SYN_MARK_BY_COOKIE,
+        SYN_MARKS,
     ];
 }
 
@@ -208,6 +222,10 @@ pub mod workload_flags {
     /// The workload has an interface list (`-c`): its rules match devices, so the programs
     /// look up which (`IFACES`); without one they skip the lookups.
     pub const IFACES: u32 = 1 << 3;
+    /// `-m TPROXY`: ISTIO_INBOUND is mangle's, which judges connections made in the namespace
+    /// too (`-i lo`, by their mark), so sk_lookup walks those as well, and connect4/6 note the
+    /// mark the proxy's loopback connections leave with (mangle OUTPUT).
+    pub const TPROXY: u32 = 1 << 4;
 }
 
 /// One workload's configuration, keyed by its network namespace cookie.
@@ -300,7 +318,7 @@ impl Workload {
 }
 
 // SAFETY: repr(C), Copy; integers and `[Rule; MAX_RULES]` (Rule: repr(C), integers only,
-// no padding); 296 + 84 * MAX_RULES bytes, no gaps, `_pad` explicit (pinned by `layout`
+// no padding); 296 + 88 * MAX_RULES bytes, no gaps, `_pad` explicit (pinned by `layout`
 // below). Any bytes the kernel hands back are a valid value: enums are kept as `u8`.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Workload {}
@@ -314,7 +332,7 @@ mod layout {
     // The eBPF side and the agent read these bytes; padding must be explicit and zeroed.
     #[test]
     fn sizes_have_no_implicit_padding() {
-        assert_eq!(size_of::<Rule>(), 84);
-        assert_eq!(size_of::<Workload>(), 296 + 84 * MAX_RULES);
+        assert_eq!(size_of::<Rule>(), 88);
+        assert_eq!(size_of::<Workload>(), 296 + 88 * MAX_RULES);
     }
 }

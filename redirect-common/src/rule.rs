@@ -19,6 +19,15 @@ pub enum ChainId {
     /// nat `OUTPUT`'s own rules (`-c`'s `-o IFACE -j RETURN`), walked before the jump to
     /// ISTIO_OUTPUT: stored as ISTIO_OUTPUT ones with [`m::BUILTIN`], first in the list.
     OutputNat = 5,
+    /// mangle `ISTIO_TPROXY` (TPROXY mode): its one rule, `! -d LOOPBACK -p tcp -j TPROXY`,
+    /// stored just before mangle ISTIO_INBOUND's rules, which jump to it
+    /// ([`Target::JumpTproxy`]). Walked with ISTIO_INBOUND: the walk notes whether it matches
+    /// and counts it where a jump reaches it.
+    Tproxy = 6,
+    /// mangle `OUTPUT`'s own rules in TPROXY mode: `-o lo -m mark --mark MARK -j RETURN`, then
+    /// the proxy's `-o lo` connections marked 1338 ([`Target::Mark`]), which mangle
+    /// ISTIO_INBOUND tells apart when they come back in on lo.
+    MarkOutput = 7,
 }
 
 /// What a matching rule does. Discriminants are what the `target` byte of [`Rule`] holds.
@@ -36,6 +45,18 @@ pub enum Target {
     /// `-j ISTIO_OUTPUT_DNS`: counted, then the walk goes on into that chain's rules (and on
     /// in ISTIO_OUTPUT when none of them decides).
     JumpDns = 5,
+    /// `-j ISTIO_TPROXY`: counted, then ISTIO_TPROXY's rule decides ([`ChainId::Tproxy`]);
+    /// when it does not match, the walk goes on in ISTIO_INBOUND.
+    JumpTproxy = 6,
+    /// `TPROXY --on-port PORT --tproxy-mark MARK`: to the inbound capture listener, the
+    /// connection's own addresses kept (the rule's `dport2` and `mark` hold the two options).
+    Tproxy = 7,
+    /// `-j ISTIO_DIVERT` (mark and accept a packet of a connection conntrack knows): the
+    /// connection keeps the socket it has.
+    Divert = 8,
+    /// `MARK --set-xmark MARK/0xffffffff` (the rule's `mark`): the packets leave marked, and
+    /// nothing else is decided (mangle OUTPUT's marks are the only ones it sets).
+    Mark = 9,
 }
 
 impl Target {
@@ -46,11 +67,16 @@ impl Target {
             3 => Some(Self::InRedirect),
             4 => Some(Self::DnsRedirect),
             5 => Some(Self::JumpDns),
+            6 => Some(Self::JumpTproxy),
+            7 => Some(Self::Tproxy),
+            8 => Some(Self::Divert),
+            9 => Some(Self::Mark),
             _ => None,
         }
     }
 
-    /// The iptables jump target, with its options.
+    /// The iptables jump target, with its options (TPROXY's and MARK's come from the rule:
+    /// `crate::chain::rule_text`).
     pub const fn iptables_name(self) -> &'static str {
         match self {
             Self::Return => "RETURN",
@@ -58,12 +84,16 @@ impl Target {
             Self::InRedirect => "ISTIO_IN_REDIRECT",
             Self::DnsRedirect => "REDIRECT --to-ports 15053",
             Self::JumpDns => "ISTIO_OUTPUT_DNS",
+            Self::JumpTproxy => "ISTIO_TPROXY",
+            Self::Tproxy => "TPROXY",
+            Self::Divert => "ISTIO_DIVERT",
+            Self::Mark => "MARK",
         }
     }
 
     /// Whether a matching rule ends the walk (a jump goes on into the chain it names).
     pub const fn decides(self) -> bool {
-        !matches!(self, Self::JumpDns)
+        !matches!(self, Self::JumpDns | Self::JumpTproxy)
     }
 }
 
@@ -75,6 +105,8 @@ impl ChainId {
             3 => Some(Self::OutputDns),
             4 => Some(Self::Prerouting),
             5 => Some(Self::OutputNat),
+            6 => Some(Self::Tproxy),
+            7 => Some(Self::MarkOutput),
             _ => None,
         }
     }
@@ -85,7 +117,8 @@ impl ChainId {
             Self::Inbound => "ISTIO_INBOUND",
             Self::OutputDns => "ISTIO_OUTPUT_DNS",
             Self::Prerouting => "PREROUTING",
-            Self::OutputNat => "OUTPUT",
+            Self::OutputNat | Self::MarkOutput => "OUTPUT",
+            Self::Tproxy => "ISTIO_TPROXY",
         }
     }
 }
@@ -93,7 +126,9 @@ impl ChainId {
 /// Bits of [`Rule::has`] and [`Rule::neg`]: which matches a rule carries, and which of
 /// those are negated (`!`).
 pub mod m {
-    /// `-o lo`: the destination is routed over loopback (127/8 or an address of the netns).
+    /// `-o lo`: the destination is routed over loopback (127/8 or an address of the netns);
+    /// in an inbound chain `-i lo`: the connection arrived over loopback (made in the
+    /// namespace).
     pub const OUT_LO: u16 = 1 << 0;
     /// `-s ADDR/MASK`.
     pub const SRC: u16 = 1 << 1;
@@ -121,6 +156,12 @@ pub mod m {
     /// chain the rule is stored in (PREROUTING before ISTIO_INBOUND, OUTPUT before
     /// ISTIO_OUTPUT).
     pub const BUILTIN: u16 = 1 << 10;
+    /// `-m mark --mark MARK` (the rule's `mark`): the packet's mark, which for the first
+    /// packet of a connection is what its socket and mangle OUTPUT gave it.
+    pub const MARK: u16 = 1 << 11;
+    /// `-m conntrack --ctstate RELATED,ESTABLISHED`: never a connection's first packet,
+    /// which is the only one the programs judge.
+    pub const ESTABLISHED: u16 = 1 << 12;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -150,8 +191,12 @@ pub struct Rule {
     pub uid: u32,
     pub gid: u32,
     pub dport: u16,
-    /// The second port of `-m multiport --dports` ([`m::DPORTS`]).
+    /// The second port of `-m multiport --dports` ([`m::DPORTS`]); a [`Target::Tproxy`]
+    /// rule's `--on-port`.
     pub dport2: u16,
+    /// `-m mark --mark` ([`m::MARK`]); the mark a [`Target::Tproxy`] or [`Target::Mark`] rule
+    /// sets.
+    pub mark: u32,
 }
 
 /// What the kernel knows about a connection when a chain is evaluated.
@@ -176,6 +221,15 @@ pub struct ConnFacts {
     /// interface (the route's device outbound, the arrival device inbound), bit `i` for entry
     /// `i`: the `IFACES` map's value for it.
     pub ifaces: u32,
+    /// The first packet's mark: the socket's `SO_MARK` outbound, as mangle OUTPUT left it
+    /// inbound over loopback; 0 from other hosts (a packet's mark does not cross namespaces).
+    pub mark: u32,
+    /// The connection is one conntrack knows already (`--ctstate RELATED,ESTABLISHED`).
+    pub established: bool,
+    /// ISTIO_TPROXY's one rule matches the connection: a jump there decides (TPROXY), else
+    /// the walk comes back and goes on. Worked out before the walk of ISTIO_INBOUND, so that
+    /// the walk carries no state of its own from rule to rule.
+    pub tproxy: bool,
 }
 
 impl Rule {
@@ -194,6 +248,7 @@ impl Rule {
         gid: 0,
         dport: 0,
         dport2: 0,
+        mark: 0,
     };
 
     pub const fn new(family: Family, chain: ChainId, target: Target) -> Self {
@@ -220,6 +275,8 @@ impl Rule {
             && self.test(m::GID, c.gid == self.gid)
             && self.test(m::GROUPS, c.in_owner_groups)
             && self.test(m::IFACE, c.ifaces & self.uid != 0)
+            && self.test(m::MARK, c.mark == self.mark)
+            && self.test(m::ESTABLISHED, c.established)
     }
 
     /// A match that is absent passes; a present one passes when `hit` differs from its `!`.

@@ -1,5 +1,6 @@
 //! Walking one chain of a workload's rules, shared by the programs that implement the chains
-//! (connect4/connect6: ISTIO_OUTPUT, sk_lookup: ISTIO_INBOUND).
+//! (connect4/connect6: ISTIO_OUTPUT and, in TPROXY mode, mangle OUTPUT; sk_lookup:
+//! ISTIO_INBOUND, nat's or in TPROXY mode mangle's, and ISTIO_TPROXY).
 use redirect_common::{ChainId, ConnFacts, IPPROTO_UDP, MAX_RULES_PER_FAMILY, Rule, Target, Workload, addr::Family};
 
 /// Set in the walk's `chain` byte: walk without counting (a UDP flow's later datagrams).
@@ -78,10 +79,13 @@ pub unsafe extern "C" fn redirect_walk_chain(
         }
         // A jump to ISTIO_OUTPUT_DNS goes on into its rules. ISTIO_REDIRECT and
         // ISTIO_IN_REDIRECT hold one `-p tcp` REDIRECT each: a UDP flow jumping there matches
-        // nothing and comes back to walk on.
+        // nothing and comes back to walk on. So does a jump to ISTIO_TPROXY whose one rule
+        // does not match (the caller worked that out first: `ConnFacts::tproxy`); one that
+        // does decides, and the caller counts that rule.
         let t = rule.target;
         let passes = t == Target::JumpDns as u8
-            || (facts.proto == IPPROTO_UDP && (t == Target::Redirect as u8 || t == Target::InRedirect as u8));
+            || (facts.proto == IPPROTO_UDP && (t == Target::Redirect as u8 || t == Target::InRedirect as u8))
+            || (t == Target::JumpTproxy as u8 && !facts.tproxy);
         if passes {
             continue;
         }

@@ -95,6 +95,19 @@ pub static AGENT_SOCKETS: SkStorage<u8> = SkStorage::new();
 #[btf_map]
 pub static FAST_PATH_SOCKETS: SockHash<TupleKey, 65536> = SockHash::new();
 
+/// Socket cookie -> the mark mangle OUTPUT gives a TPROXY-mode workload's loopback
+/// connection (`Target::Mark`: the proxy's own, 1338), from connect4/6 to sock_ops'
+/// TCP_CONNECT_CB, which moves it to `SYN_MARKS` once the 4-tuple is known. Microseconds
+/// apart; an entry of a connect that failed in between ages out of the LRU.
+#[btf_map]
+pub static SYN_MARK_BY_COOKIE: LruHashMap<u64, u32, 4096> = LruHashMap::new();
+
+/// Connecting side's 4-tuple (+ netns) -> the mark a TPROXY-mode workload's loopback SYN
+/// carries: what mangle PREROUTING's `-m mark` sees when sk_lookup judges that SYN, which has
+/// no access to the packet's mark. Only nonzero marks are kept; sk_lookup removes the entry.
+#[btf_map]
+pub static SYN_MARKS: LruHashMap<TupleKey, u32, 8192> = LruHashMap::new();
+
 /// Sender 4-tuple (+ netns) -> `redirect_common::fast_path` state: which path its bytes take.
 #[btf_map]
 pub static FAST_PATH_SENDERS: LruHashMap<TupleKey, u8, 65536> = LruHashMap::new();

@@ -13,7 +13,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    ChainId, ConnFacts, DNS_PROXY_PORT, IPPROTO_TCP, IPPROTO_UDP, OrigDst, PendingOrigDst, Target, UdpFlowKey,
+    ChainId, ConnFacts, DNS_PROXY_PORT, IPPROTO_TCP, IPPROTO_UDP, OrigDst, PendingOrigDst, TPROXY_OUTBOUND_MARK,
+    Target, UdpFlowKey,
     addr::{self, Addr, Family},
     events, workload_flags,
 };
@@ -21,8 +22,8 @@ use redirect_common::{
 use crate::{
     chain,
     maps::{
-        AGENT_SOCKETS, ORIG_BY_COOKIE, UDP_FLOWS, UDP_ORIG, count_event, iface_entries, ipv6_on, is_local_addr,
-        pod_addr, route, workload,
+        AGENT_SOCKETS, ORIG_BY_COOKIE, SYN_MARK_BY_COOKIE, UDP_FLOWS, UDP_ORIG, count_event, iface_entries, ipv6_on,
+        is_local_addr, pod_addr, route, workload,
     },
     owner::{owner, task_owner},
 };
@@ -224,6 +225,10 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
         gid,
         in_owner_groups: workload.in_owner_groups(gid),
         ifaces,
+        // nat OUTPUT has no mark rule; mangle OUTPUT's (TPROXY) read the socket's below.
+        mark: 0,
+        established: false,
+        tproxy: false,
     };
     let counting = match c.proto {
         IPPROTO_TCP => true,
@@ -234,11 +239,23 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
             UdpFlow::Reply => return None,
         },
     };
-    let (target, port) = match chain::decide(workload, ChainId::Output, &facts, counting) {
+    let decided = chain::decide(workload, ChainId::Output, &facts, counting);
+    // TPROXY mode: mangle OUTPUT (before nat's, on the same destination) marks the proxy's
+    // own loopback connections, which mangle ISTIO_INBOUND tells apart when they come back in.
+    if workload.flags & workload_flags::TPROXY != 0 && c.proto == IPPROTO_TCP && out_lo {
+        // SAFETY: `c.sk` is this run's socket (`judged_socket`), whose fields the context lets
+        // a program read; a 4-byte read of `mark` (SO_MARK).
+        let mark = unsafe { read_volatile(&raw const (*c.sk).mark) };
+        let marked = ConnFacts { mark, ..facts };
+        if chain::decide(workload, ChainId::MarkOutput, &marked, true) == Some(Target::Mark) {
+            let _ = SYN_MARK_BY_COOKIE.insert(c.cookie, TPROXY_OUTBOUND_MARK, 0);
+        }
+    }
+    let (target, port) = match decided {
         Some(t @ Target::Redirect) => (t, workload.outbound_port),
         Some(t @ Target::InRedirect) => (t, workload.inbound_port),
         Some(t @ Target::DnsRedirect) => (t, DNS_PROXY_PORT),
-        Some(Target::Return | Target::JumpDns) | None => return None,
+        _ => return None,
     };
     let orig = OrigDst::new(dst, c.dst_port, target);
     // Redirect even if the record fails (the LRU only fails under memory pressure): the proxy

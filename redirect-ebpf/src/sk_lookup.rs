@@ -22,14 +22,16 @@ use aya_ebpf::{
     programs::SkLookupContext,
 };
 use redirect_common::{
-    ChainId, ConnFacts, FamilyKey, IPPROTO_TCP, OrigDst, Target, TupleKey,
+    ChainId, ConnFacts, FamilyKey, IPPROTO_TCP, OrigDst, Target, TupleKey, Workload,
     addr::{self, Addr, Family},
     events, port, workload_flags,
 };
 
 use crate::{
     chain,
-    maps::{INBOUND_LISTENERS, INBOUND_PENDING, count_event, iface_entries, ipv6_on, is_local_addr, workload},
+    maps::{
+        INBOUND_LISTENERS, INBOUND_PENDING, SYN_MARKS, count_event, iface_entries, ipv6_on, is_local_addr, workload,
+    },
 };
 
 /// The cookie of the network namespace this instance is linked to
@@ -48,6 +50,8 @@ static INGRESS_IFINDEX: Global<u8> = Global::new(0);
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
+/// The loopback device's index, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 // `bpf_sk_lookup.remote_port` is read as a `u32` (see `decide`): its offset keeps that read
 // aligned.
@@ -104,8 +108,11 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
     // addresses) never passes nat PREROUTING: ISTIO_OUTPUT has decided it already. The kernel
     // drops packets from other hosts that carry a local source address (martians), so the
     // source tells the two apart. (`ingress_ifindex == lo` would say it directly, but needs
-    // 5.17; the agent supports 5.15.)
-    if addr::words_eq(&remote_ip, &local_ip) || is_local_addr(netns_cookie, &remote_ip) {
+    // 5.17; the agent supports 5.15.) In TPROXY mode ISTIO_INBOUND is mangle's, which sees
+    // them too, as `-i lo`.
+    let from_self = addr::words_eq(&remote_ip, &local_ip) || is_local_addr(netns_cookie, &remote_ip);
+    let tproxy = workload.flags & workload_flags::TPROXY != 0;
+    if from_self && !tproxy {
         return sk_action::SK_PASS;
     }
     // SAFETY: a 4-byte read of the context's `local_port` (host order).
@@ -132,13 +139,37 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
             Err(_) => sk_action::SK_DROP,
         };
     }
-    // `PREROUTING -i IFACE` (`-c`) sees the device the SYN arrived on.
-    let ifaces = if INGRESS_IFINDEX.load() != 0 && workload.flags & workload_flags::IFACES != 0 {
+    let ifindex = if INGRESS_IFINDEX.load() != 0 {
         // SAFETY: a 4-byte read of the context's `ingress_ifindex`, which this kernel has
         // (the agent sets INGRESS_IFINDEX only on 5.17+).
-        iface_entries(netns_cookie, unsafe { read_volatile(&raw const (*l).ingress_ifindex) })
+        unsafe { read_volatile(&raw const (*l).ingress_ifindex) }
     } else {
         0
+    };
+    // `PREROUTING -i IFACE` (`-c`) sees the device the SYN arrived on.
+    let ifaces = if ifindex != 0 && workload.flags & workload_flags::IFACES != 0 {
+        iface_entries(netns_cookie, ifindex)
+    } else {
+        0
+    };
+    // TPROXY's `-m mark`: a SYN from another host carries none (a packet's mark does not cross
+    // namespaces); one sent in the namespace, what sock_ops noted at its connect. Such a SYN
+    // arrived on lo, even from a transparent socket's foreign source, which only the arrival
+    // device or the note tells.
+    let (mark, in_lo) = if tproxy {
+        let mark = match SYN_MARKS.get_ptr(key) {
+            Some(p) => {
+                // SAFETY: a non-null lookup result, a whole u32 in SYN_MARKS, copied at once
+                // while the value is mapped (until the program returns).
+                let m = unsafe { *p };
+                let _ = SYN_MARKS.remove(key);
+                m
+            }
+            None => 0,
+        };
+        (mark, from_self || ifindex == LOOPBACK_IFINDEX || mark != 0)
+    } else {
+        (0, false)
     };
     let facts = ConnFacts {
         family: family as u8,
@@ -146,15 +177,20 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
         dst_addr: local_ip,
         dst_port: local_port,
         src_addr: remote_ip,
-        out_lo: false,
+        // `-i lo` (TPROXY's mangle ISTIO_INBOUND; nat's has no such rule).
+        out_lo: in_lo,
         // PREROUTING has no owner: ISTIO_INBOUND has no owner rules.
         uid: u32::MAX,
         gid: u32::MAX,
         in_owner_groups: false,
         ifaces,
+        mark,
+        // A SYN with no socket yet: conntrack's NEW (a repeat of a judged one is above).
+        established: false,
+        tproxy: false,
     };
 
-    if chain::decide(workload, ChainId::Inbound, &facts, true) != Some(Target::InRedirect) {
+    if !matches!(inbound(workload, &facts), Some(Target::InRedirect | Target::Tproxy)) {
         return sk_action::SK_PASS;
     }
     // The listener's local address is irrelevant here: the accepted socket keeps the original
@@ -176,6 +212,22 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
             sk_action::SK_DROP
         }
     }
+}
+
+/// ISTIO_INBOUND's verdict, nat's, or in TPROXY mode mangle's. ISTIO_TPROXY's one rule is
+/// judged first, uncounted, so that the walk knows what a jump there meets; a jump that
+/// decides is then counted at that rule too.
+#[inline(always)]
+fn inbound(workload: &Workload, facts: &ConnFacts) -> Option<Target> {
+    let tproxy = workload.flags & workload_flags::TPROXY != 0
+        && chain::decide(workload, ChainId::Tproxy, facts, false) == Some(Target::Tproxy);
+    let facts = ConnFacts { tproxy, ..*facts };
+    let verdict = chain::decide(workload, ChainId::Inbound, &facts, true);
+    if verdict == Some(Target::JumpTproxy) {
+        let _ = chain::decide(workload, ChainId::Tproxy, &facts, true);
+        return Some(Target::Tproxy);
+    }
+    verdict
 }
 
 /// Hands the connection to the workload's capture listener of its family; an IPv4 one may

@@ -24,7 +24,7 @@ use redirect_common::{
 
 use crate::maps::{
     FAST_PATH_SENDERS, FAST_PATH_SOCKETS, INBOUND_LISTENERS, INBOUND_PENDING, ORIG_BY_COOKIE, ORIG_BY_TUPLE,
-    count_event, is_local_addr, workload,
+    SYN_MARK_BY_COOKIE, SYN_MARKS, count_event, is_local_addr, workload,
 };
 
 const AF_INET: u32 = 2;
@@ -50,6 +50,7 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
             if redirected(&ctx).is_some() {
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
             }
+            note_syn_mark(&ctx);
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             // Runs before the final ACK leaves, so the entry exists before the proxy can
@@ -139,6 +140,50 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
         _ => {}
     }
     1
+}
+
+/// TPROXY mode: the mark this connection's SYN leaves with, kept under its 4-tuple for
+/// sk_lookup's `-m mark` when it comes back in over loopback. Mangle OUTPUT's (connect4/6
+/// noted it under the cookie: the proxy's own, 1338), else the socket's own SO_MARK (the
+/// proxy's transparent dial to the app, 1337). Nothing is kept for an unmarked socket, the
+/// common case, which costs one lookup here; nor for a destination off the namespace.
+#[inline(always)]
+fn note_syn_mark(ctx: &SockOpsContext) {
+    // SAFETY: the helper's one argument is the program's own context (it reads, or makes, the
+    // socket's cookie).
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the reference is copied from at once (4 bytes), while the value is mapped.
+    let noted = unsafe { SYN_MARK_BY_COOKIE.get(cookie) }.copied();
+    let mark = match noted {
+        Some(m) => {
+            let _ = SYN_MARK_BY_COOKIE.remove(cookie);
+            m
+        }
+        None => {
+            // SAFETY: a read of the program's own context's `sk` (TCP_CONNECT_CB runs on a
+            // full socket; the verifier still makes the pointer nullable, checked below).
+            let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+            if sk.is_null() {
+                return;
+            }
+            // SAFETY: `sk` is non-null, a socket the context hands out, whose `mark` field
+            // sock_ops may read (4 bytes).
+            unsafe { read_volatile(&raw const (*sk).mark) }
+        }
+    };
+    if mark == 0 {
+        return;
+    }
+    // SAFETY: as above: the program's own context is the helper's one argument.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(w) = workload(netns_cookie) else {
+        return;
+    };
+    let key = tuple(ctx, netns_cookie);
+    if w.flags & workload_flags::TPROXY == 0 || !is_local_addr(netns_cookie, &key.dst_addr) {
+        return;
+    }
+    let _ = SYN_MARKS.insert(key, mark, 0);
 }
 
 /// A socket connect4/6 redirected: its cookie and what they recorded under it. They send

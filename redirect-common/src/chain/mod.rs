@@ -21,7 +21,9 @@ use std::{
 use crate::{
     ChainId, IPPROTO_TCP, IPPROTO_UDP, MAX_OWNER_GROUPS, MAX_RULES, MAX_RULES_PER_FAMILY, Rule, Target, Workload,
     addr::Family,
-    config::{CaptureConfig, Cidr, DnsCapture, Include, OwnerGroup, OwnerGroups},
+    config::{
+        CaptureConfig, Cidr, DnsCapture, Include, InterceptionMode, OwnerGroup, OwnerGroups, TPROXY_OUTBOUND_MARK,
+    },
     m, workload_flags,
 };
 
@@ -277,6 +279,11 @@ fn family_chains(b: &mut Builder, cfg: &CaptureConfig) {
         }
     }
 
+    if cfg.inbound_mode == InterceptionMode::Tproxy {
+        tproxy_chains(b, cfg, passthrough_src, localhost);
+        return;
+    }
+
     // Written unconditionally by istio-iptables, even when -b '' leaves the chain unused.
     b.push(with_dport(
         b.inb(Target::Return),
@@ -302,6 +309,88 @@ fn family_chains(b: &mut Builder, cfg: &CaptureConfig) {
                 b.push(with_dport(b.inb(Target::InRedirect), IPPROTO_TCP, p, false));
             }
         }
+    }
+}
+
+/// TPROXY mode's inbound chains, which are mangle's (nat's ISTIO_INBOUND is written but
+/// never jumped to: `tables` prints its tunnel-port RETURN uncounted): ISTIO_TPROXY's one
+/// rule, then ISTIO_INBOUND as `Run()` leaves it (its three `-I ... 1/2/3` RETURNs first), then
+/// mangle OUTPUT's rules, which give the proxy's own loopback connections the mark those
+/// RETURNs read. With `-b ''` (an empty list) nothing jumps to ISTIO_INBOUND, which holds only
+/// the RETURNs.
+fn tproxy_chains(b: &mut Builder, cfg: &CaptureConfig, passthrough_src: Cidr, localhost: Cidr) {
+    let mark = cfg.tproxy.mark;
+    let tcp = |mut r: Rule| {
+        r.proto = IPPROTO_TCP;
+        r
+    };
+    let with_mark = |mut r: Rule, value: u32, negate: bool| {
+        r.has |= m::MARK;
+        r.mark = value;
+        if negate {
+            r.neg |= m::MARK;
+        }
+        r
+    };
+    let jumped = !cfg.inbound_ports.is_empty();
+    if jumped {
+        let mut tproxy = tcp(with_dst(
+            Rule::new(b.family, ChainId::Tproxy, Target::Tproxy),
+            &localhost,
+            true,
+        ));
+        tproxy.dport2 = cfg.inbound_capture_port;
+        tproxy.mark = mark;
+        b.push(tproxy);
+    }
+    // What comes back from the proxy's transparent dial (already marked), from its
+    // passthrough source, and whatever else the namespace sends itself, except the proxy's
+    // own connections (1338: mangle OUTPUT below). Written with `-b ''` too, unused.
+    b.push(with_mark(tcp(b.inb(Target::Return)), mark, false));
+    b.push(out_lo(tcp(with_src(b.inb(Target::Return), &passthrough_src))));
+    b.push(with_mark(
+        out_lo(tcp(b.inb(Target::Return))),
+        TPROXY_OUTBOUND_MARK,
+        true,
+    ));
+    let divert = |b: &Builder| {
+        let mut r = tcp(b.inb(Target::Divert));
+        r.has |= m::ESTABLISHED;
+        r
+    };
+    match &cfg.inbound_ports {
+        Include::All => {
+            if cfg.compat.inbound_ssh_return() {
+                b.push(with_dport(b.inb(Target::Return), IPPROTO_TCP, SSH_PORT, false));
+            }
+            for &p in &cfg.inbound_exclude_ports {
+                b.push(with_dport(b.inb(Target::Return), IPPROTO_TCP, p, false));
+            }
+            b.push(divert(b));
+            b.push(tcp(b.inb(Target::JumpTproxy)));
+        }
+        Include::List(ports) => {
+            for &p in ports {
+                b.push(with_dport(divert(b), IPPROTO_TCP, p, false));
+                b.push(with_dport(b.inb(Target::JumpTproxy), IPPROTO_TCP, p, false));
+            }
+        }
+    }
+    let out = |b: &Builder, target| Rule::new(b.family, ChainId::MarkOutput, target);
+    b.push(with_mark(out_lo(tcp(out(b, Target::Return))), mark, false));
+    let owners = cfg
+        .proxy_uids
+        .iter()
+        .map(|&u| Owner::Uid(u))
+        .chain(cfg.proxy_gids.iter().map(|&g| Owner::Gid(g)));
+    for owner in owners {
+        let mut r = with_owner(
+            out_lo(tcp(with_dst(out(b, Target::Mark), &localhost, true))),
+            owner,
+            false,
+        );
+        r.mark = TPROXY_OUTBOUND_MARK;
+        b.push(r);
     }
 }
 
@@ -379,7 +468,12 @@ pub fn flags(cfg: &CaptureConfig) -> u32 {
     } else {
         workload_flags::IFACES
     };
-    inbound | ifaces
+    let tproxy = if cfg.inbound_mode == InterceptionMode::Tproxy {
+        workload_flags::TPROXY
+    } else {
+        0
+    };
+    inbound | ifaces | tproxy
 }
 
 /// How the agent serves a workload, beyond what its flags say: the [`workload_flags`] that

@@ -17,7 +17,7 @@ use super::{Names, flags, rule_text_named, slots};
 use crate::{
     ChainId, Rule,
     addr::Family,
-    config::{CaptureConfig, Cidr, DnsCapture, InterceptionMode, TPROXY_OUTBOUND_MARK},
+    config::{CaptureConfig, DnsCapture, InterceptionMode},
     workload_flags,
 };
 
@@ -159,25 +159,16 @@ fn connect(family: Family) -> &'static str {
 fn walker(chain: ChainId, family: Family) -> &'static str {
     match (chain, family) {
         (ChainId::Inbound, _) => "sk_lookup",
+        (ChainId::Tproxy, _) => {
+            "sk_lookup hands the SYN to the inbound capture listener; the accepted socket keeps \
+                                 the connection's own addresses, as TPROXY's does"
+        }
+        (ChainId::MarkOutput, _) => {
+            "connect4/6 (the mark a loopback connection's SYN leaves with, which sk_lookup's \
+                                     -m mark reads)"
+        }
         (_, Family::V4) => "connect4",
         (_, Family::V6) => "connect6",
-    }
-}
-
-fn loopback(cfg: &CaptureConfig, family: Family) -> Cidr {
-    match family {
-        Family::V4 => cfg.ipv4_loopback,
-        Family::V6 => Cidr {
-            addr: core::net::IpAddr::V6(core::net::Ipv6Addr::LOCALHOST),
-            prefix: 128,
-        },
-    }
-}
-
-fn passthrough(family: Family) -> &'static str {
-    match family {
-        Family::V4 => "127.0.0.6/32",
-        Family::V6 => "::6/128",
     }
 }
 
@@ -198,28 +189,36 @@ pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableL
         .zip(rules)
         .filter(|(_, r)| r.family == family as u8)
         .collect();
+    // TPROXY mode's rules are compiled, and walked by the programs, but `run` and `enroll`
+    // refuse `-m TPROXY` until its policy routing and differential test land: until then its
+    // lines say so.
+    let by = |chain: ChainId| if tproxy { NOT_YET } else { walker(chain, family) };
     let compiled = |t: &mut Tables, table: Table, chain: ChainId| {
         for &(slot, r) in slotted.iter().filter(|(_, r)| r.chain_id() == Some(chain)) {
-            t.append(table, rule_text_named(r, &names), Some(slot), walker(chain, family));
+            t.append(table, rule_text_named(r, &names), Some(slot), by(chain));
         }
     };
 
-    // `-c`: compiled in pairs, PREROUTING's then OUTPUT's, as istio-iptables appends them.
+    // `-c`: compiled in pairs, PREROUTING's then OUTPUT's, as istio-iptables appends them. In
+    // TPROXY mode inbound connections are judged in mangle PREROUTING, so its copy is the one
+    // that counts; nat's only says where the connection would have gone.
     for &(slot, r) in slotted
         .iter()
         .filter(|(_, r)| matches!(r.chain_id(), Some(ChainId::Prerouting | ChainId::OutputNat)))
     {
-        let by = match r.chain_id() {
-            Some(ChainId::Prerouting) => "sk_lookup (the SYN's arrival device)",
-            _ => "connect4/6, sendmsg4/6 (the route's device)",
-        };
-        t.append(Nat, rule_text_named(r, &names), Some(slot), by);
-    }
-    if tproxy {
-        for c in &cfg.exclude_interfaces {
-            let c = c.as_str();
-            t.line(Mangle, format!("-A PREROUTING -i {c} -j RETURN"), NOT_YET);
-            t.line(Mangle, format!("-A OUTPUT -o {c} -j RETURN"), NOT_YET);
+        let text = rule_text_named(r, &names);
+        match r.chain_id() {
+            Some(ChainId::Prerouting) if tproxy => {
+                t.line(Nat, text.clone(), NOT_YET);
+                t.append(Mangle, text, Some(slot), NOT_YET);
+            }
+            Some(ChainId::Prerouting) => t.append(Nat, text, Some(slot), "sk_lookup (the SYN's arrival device)"),
+            _ => {
+                if tproxy {
+                    t.line(Mangle, text.clone(), NOT_YET);
+                }
+                t.append(Nat, text, Some(slot), "connect4/6, sendmsg4/6 (the route's device)");
+            }
         }
     }
     for k in &cfg.kube_virt_interfaces {
@@ -235,19 +234,29 @@ pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableL
         t.line(Mangle, "-A ISTIO_DROP -j DROP".into(), by);
     }
 
-    // nat ISTIO_INBOUND's tunnel-port RETURN, written in every mode (`compile` puts it first).
+    // nat ISTIO_INBOUND's tunnel-port RETURN, written in every mode (`compile` puts it first,
+    // except in TPROXY mode, whose ISTIO_INBOUND is mangle's).
     let inbound: Vec<(usize, &Rule)> = slotted
         .iter()
         .copied()
         .filter(|(_, r)| r.chain_id() == Some(ChainId::Inbound))
         .collect();
-    let by_inbound = if tproxy {
-        "not evaluated: TPROXY mode does not jump to nat ISTIO_INBOUND"
-    } else {
-        walker(ChainId::Inbound, family)
-    };
-    if let Some(&(slot, r)) = inbound.first() {
-        t.append(Nat, rule_text_named(r, &names), Some(slot), by_inbound);
+    if tproxy {
+        t.line(
+            Nat,
+            format!(
+                "-A ISTIO_INBOUND -p tcp -m tcp --dport {} -j RETURN",
+                cfg.inbound_tunnel_port
+            ),
+            "not evaluated: TPROXY mode does not jump to nat ISTIO_INBOUND (its ISTIO_INBOUND is mangle's)",
+        );
+    } else if let Some(&(slot, r)) = inbound.first() {
+        t.append(
+            Nat,
+            rule_text_named(r, &names),
+            Some(slot),
+            walker(ChainId::Inbound, family),
+        );
     }
     t.append(
         Nat,
@@ -273,8 +282,10 @@ pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableL
 
     if tproxy {
         if !cfg.inbound_ports.is_empty() {
-            tproxy_inbound(&mut t, cfg, family);
+            tproxy_inbound(&mut t, cfg);
         }
+        compiled(&mut t, Mangle, ChainId::Tproxy);
+        compiled(&mut t, Mangle, ChainId::Inbound);
     } else if flags(cfg) & workload_flags::INBOUND != 0 {
         t.append(
             Nat,
@@ -283,7 +294,12 @@ pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableL
             "sk_lookup attached to the workload's netns (connections from other hosts)",
         );
         for &(slot, r) in inbound.iter().skip(1) {
-            t.append(Nat, rule_text_named(r, &names), Some(slot), by_inbound);
+            t.append(
+                Nat,
+                rule_text_named(r, &names),
+                Some(slot),
+                walker(ChainId::Inbound, family),
+            );
         }
     }
 
@@ -295,7 +311,9 @@ pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableL
     }
     virt_redirects(&mut t, cfg, family);
     if tproxy {
-        tproxy_marks(&mut t, cfg, family);
+        tproxy_marks(&mut t, cfg);
+        compiled(&mut t, Mangle, ChainId::MarkOutput);
+        tproxy_restore(&mut t, cfg);
     }
     t.finish()
 }
@@ -309,101 +327,41 @@ fn proxy_owners(cfg: &CaptureConfig) -> impl Iterator<Item = String> + '_ {
         .chain(cfg.proxy_gids.iter().map(|g| format!("--gid-owner {g}")))
 }
 
-/// `handleInboundPortsInclude` in TPROXY mode: mangle's ISTIO_DIVERT, ISTIO_TPROXY and
-/// ISTIO_INBOUND (which, unlike nat's, has no tunnel-port RETURN).
-fn tproxy_inbound(t: &mut Tables, cfg: &CaptureConfig, family: Family) {
+/// `handleInboundPortsInclude` in TPROXY mode, around the rules [`super::compile`] holds
+/// (mangle ISTIO_TPROXY's and ISTIO_INBOUND's): ISTIO_DIVERT and PREROUTING's jump.
+fn tproxy_inbound(t: &mut Tables, cfg: &CaptureConfig) {
+    let m = Table::Mangle;
     let by = NOT_YET;
     let mark = cfg.tproxy.mark;
-    let m = Table::Mangle;
     t.line(
         m,
         format!("-A ISTIO_DIVERT -j MARK --set-xmark {mark:#x}/0xffffffff"),
         by,
     );
     t.line(m, "-A ISTIO_DIVERT -j ACCEPT".into(), by);
-    let on_ip = match family {
-        Family::V4 => "0.0.0.0",
-        Family::V6 => "::",
-    };
-    t.line(
-        m,
-        format!(
-            "-A ISTIO_TPROXY ! -d {} -p tcp -j TPROXY --on-port {} --on-ip {on_ip} --tproxy-mark {mark:#x}/0xffffffff",
-            loopback(cfg, family),
-            cfg.inbound_capture_port
-        ),
-        by,
-    );
     t.line(m, "-A PREROUTING -p tcp -j ISTIO_INBOUND".into(), by);
-    const DIVERT: &str = "-m conntrack --ctstate RELATED,ESTABLISHED -j ISTIO_DIVERT";
-    match &cfg.inbound_ports {
-        crate::config::Include::All => {
-            // Releases up to 1.12 wrote their SSH RETURN into the inbound table of the mode.
-            if cfg.compat.inbound_ssh_return() {
-                t.line(m, "-A ISTIO_INBOUND -p tcp -m tcp --dport 22 -j RETURN".into(), by);
-            }
-            for p in &cfg.inbound_exclude_ports {
-                t.line(m, format!("-A ISTIO_INBOUND -p tcp -m tcp --dport {p} -j RETURN"), by);
-            }
-            t.line(m, format!("-A ISTIO_INBOUND -p tcp {DIVERT}"), by);
-            t.line(m, "-A ISTIO_INBOUND -p tcp -j ISTIO_TPROXY".into(), by);
-        }
-        crate::config::Include::List(ports) => {
-            for p in ports {
-                t.line(m, format!("-A ISTIO_INBOUND -p tcp -m tcp --dport {p} {DIVERT}"), by);
-                t.line(
-                    m,
-                    format!("-A ISTIO_INBOUND -p tcp -m tcp --dport {p} -j ISTIO_TPROXY"),
-                    by,
-                );
-            }
-        }
-    }
 }
 
-/// The end of `Run()` in TPROXY mode: the marks that route the proxy's replies and its own
-/// connections to its pod, and the three RETURNs inserted at the top of ISTIO_INBOUND.
-fn tproxy_marks(t: &mut Tables, cfg: &CaptureConfig, family: Family) {
-    let by = NOT_YET;
+/// The end of `Run()` in TPROXY mode: PREROUTING's save of the proxy's mark (mangle OUTPUT's
+/// own rules are compiled).
+fn tproxy_marks(t: &mut Tables, cfg: &CaptureConfig) {
     let mark = cfg.tproxy.mark;
-    let m = Table::Mangle;
     let save = "--nfmask 0xffffffff --ctmask 0xffffffff";
     t.line(
-        m,
+        Table::Mangle,
         format!("-A PREROUTING -p tcp -m mark --mark {mark:#x} -j CONNMARK --save-mark {save}"),
-        by,
+        NOT_YET,
     );
+}
+
+/// mangle OUTPUT's last rule in TPROXY mode: the proxy's mark restored onto the app's replies.
+fn tproxy_restore(t: &mut Tables, cfg: &CaptureConfig) {
+    let mark = cfg.tproxy.mark;
+    let save = "--nfmask 0xffffffff --ctmask 0xffffffff";
     t.line(
-        m,
-        format!("-A OUTPUT -o lo -p tcp -m mark --mark {mark:#x} -j RETURN"),
-        by,
-    );
-    let lo = loopback(cfg, family);
-    for owner in proxy_owners(cfg) {
-        t.line(m, format!("-A OUTPUT ! -d {lo} -o lo -p tcp -m owner {owner} -j MARK --set-xmark {TPROXY_OUTBOUND_MARK:#x}/0xffffffff"), by);
-    }
-    t.line(
-        m,
+        Table::Mangle,
         format!("-A OUTPUT -p tcp -m connmark --mark {mark:#x} -j CONNMARK --restore-mark {save}"),
-        by,
-    );
-    t.insert(
-        m,
-        1,
-        format!("-A ISTIO_INBOUND -p tcp -m mark --mark {mark:#x} -j RETURN"),
-        by,
-    );
-    t.insert(
-        m,
-        2,
-        format!("-A ISTIO_INBOUND -s {} -i lo -p tcp -j RETURN", passthrough(family)),
-        by,
-    );
-    t.insert(
-        m,
-        3,
-        format!("-A ISTIO_INBOUND -i lo -p tcp -m mark ! --mark {TPROXY_OUTBOUND_MARK:#x} -j RETURN"),
-        by,
+        NOT_YET,
     );
 }
 

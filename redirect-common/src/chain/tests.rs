@@ -59,6 +59,9 @@ fn default_chain_decides_like_the_rule_set() {
         gid: 0,
         in_owner_groups: false,
         ifaces: 0,
+        mark: 0,
+        established: false,
+        tproxy: false,
     };
     let pod = ConnFacts {
         dst_addr: ip("10.200.0.1"),
@@ -343,6 +346,9 @@ fn ip6tables_chain_decides_native_ipv6() {
         gid: 0,
         in_owner_groups: false,
         ifaces: 0,
+        mark: 0,
+        established: false,
+        tproxy: false,
     };
     let slot = first_match(&rules, &remote6).unwrap();
     assert_eq!(rule_text(&rules[slot]), "-A ISTIO_OUTPUT -j ISTIO_REDIRECT");
@@ -468,6 +474,9 @@ fn dns_capture_walks_into_istio_output_dns() {
         gid: 0,
         in_owner_groups: false,
         ifaces: 0,
+        mark: 0,
+        established: false,
+        tproxy: false,
     };
     let (hit, counted) = walk_output(&rules, &app);
     let hit = hit.unwrap();
@@ -546,6 +555,9 @@ fn owner_groups_only_returns_the_others() {
         gid: 7,
         in_owner_groups: w.in_owner_groups(7),
         ifaces: 0,
+        mark: 0,
+        established: false,
+        tproxy: false,
     };
     assert_eq!(
         rules[walk_output(&rules, &remote).0.unwrap()].target_kind(),

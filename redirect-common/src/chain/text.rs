@@ -85,7 +85,11 @@ pub fn match_text_named(r: &Rule, names: &Names) -> String {
         ));
     }
     if r.has & m::OUT_LO != 0 {
-        part(&format!("{}-o lo", bang(r, m::OUT_LO)));
+        let dir = match r.chain_id() {
+            Some(ChainId::Inbound | ChainId::Prerouting) => "-i",
+            _ => "-o",
+        };
+        part(&format!("{}{dir} lo", bang(r, m::OUT_LO)));
     }
     if r.proto != 0 {
         part(&format!("-p {}", proto_name(r.proto)));
@@ -100,6 +104,15 @@ pub fn match_text_named(r: &Rule, names: &Names) -> String {
             bang(r, m::DPORTS),
             r.dport,
             r.dport2
+        ));
+    }
+    if r.has & m::MARK != 0 {
+        part(&format!("-m mark {}--mark {:#x}", bang(r, m::MARK), r.mark));
+    }
+    if r.has & m::ESTABLISHED != 0 {
+        part(&format!(
+            "-m conntrack {}--ctstate RELATED,ESTABLISHED",
+            bang(r, m::ESTABLISHED)
         ));
     }
     if r.has & (m::UID | m::GID) != 0 {
@@ -140,7 +153,19 @@ pub fn rule_text(r: &Rule) -> String {
 /// [`rule_text`], with the workload's owner groups as given.
 pub fn rule_text_named(r: &Rule, names: &Names) -> String {
     let chain = r.chain_id().map_or("?", ChainId::iptables_name);
-    let target = r.target_kind().map_or("?", Target::iptables_name);
+    let target = match r.target_kind() {
+        Some(Target::Tproxy) => format!(
+            "TPROXY --on-port {} --on-ip {} --tproxy-mark {:#x}/0xffffffff",
+            r.dport2,
+            match family(r) {
+                Family::V4 => "0.0.0.0",
+                Family::V6 => "::",
+            },
+            r.mark
+        ),
+        Some(Target::Mark) => format!("MARK --set-xmark {:#x}/0xffffffff", r.mark),
+        other => other.map_or("?", Target::iptables_name).into(),
+    };
     let matches = match_text_named(r, names);
     if matches.is_empty() {
         format!("-A {chain} -j {target}")

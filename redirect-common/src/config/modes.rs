@@ -10,11 +10,7 @@ use std::{
 
 use super::{Cidr, ConfigError, err, items, parse_cidr};
 
-pub use crate::DNS_PROXY_PORT;
-
-/// The mark istio-iptables gives the proxy's own connections to its pod in TPROXY mode
-/// (`OutboundMark`), fixed like the DNS port.
-pub const TPROXY_OUTBOUND_MARK: u32 = 1338;
+pub use crate::{DNS_PROXY_PORT, TPROXY_OUTBOUND_MARK};
 
 /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`'s default.
 pub const DEFAULT_IPV4_LOOPBACK: Cidr = Cidr {
