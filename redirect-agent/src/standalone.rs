@@ -73,6 +73,7 @@ pub async fn serve(args: &ProxyArgs, shutdown: impl std::future::Future<Output =
         max_connections: args.max_proxy_connections as usize,
         liveness: args.liveness.to_liveness(),
         dns_port: None,
+        tproxy_mark: None,
     }
     // Raised in `enter`, while still root.
     .fit_to_descriptors(sys::nofile_limit().map_or(0, |l| l.rlim_cur));

@@ -8,7 +8,11 @@ use std::{
 
 use aya::maps::PerCpuValues;
 use redirect_api::WorkloadInfo;
-use redirect_common::{MAX_RULES, MAX_WORKLOADS, chain, config::CaptureConfig, events, maps};
+use redirect_common::{
+    MAX_RULES, MAX_WORKLOADS, chain,
+    config::{CaptureConfig, InterceptionMode},
+    events, maps,
+};
 
 use super::{
     Engine, EnrollError,
@@ -376,6 +380,7 @@ impl Engine {
                 max_connections: self.settings.sizing.max_proxy_connections,
                 liveness: self.settings.sizing.liveness,
                 dns_port: capture.dns.enabled().then_some(redirect_common::DNS_PROXY_PORT),
+                tproxy_mark: (capture.inbound_mode == InterceptionMode::Tproxy).then_some(capture.tproxy.mark),
             };
             // New listeners (not handed over): whatever sk_lookup gave the previous ones, which
             // closed with their proxy, never completes.

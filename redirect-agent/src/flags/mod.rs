@@ -389,10 +389,7 @@ pub fn check(c: &CaptureConfig) -> Result<(), crate::error::FlagError> {
         return Err(FlagError::SamePort(c.envoy_port));
     }
     // Modes whose programs are not built yet: refused whole rather than half-applied.
-    let not_yet = [
-        (c.inbound_mode == config::InterceptionMode::Tproxy, "-m TPROXY"),
-        (!c.kube_virt_interfaces.is_empty(), "-k/--kube-virt-interfaces"),
-    ];
+    let not_yet = [(!c.kube_virt_interfaces.is_empty(), "-k/--kube-virt-interfaces")];
     if let Some((_, flag)) = not_yet.iter().find(|(on, _)| *on) {
         return Err(FlagError::NotYet(flag));
     }

@@ -60,6 +60,10 @@ pub struct ProxyConfig {
     pub liveness: super::Liveness,
     /// DNS capture: the port the DNS proxy answers on (UDP and TCP), where the rules send it.
     pub dns_port: Option<u16>,
+    /// TPROXY mode (`-m TPROXY`): the `--inbound-tproxy-mark`. Inbound connections go to the
+    /// app from the client's own address (IP_TRANSPARENT), on a socket with this mark, which
+    /// the namespace's policy routing sends the app's replies back to.
+    pub tproxy_mark: Option<u32>,
 }
 
 /// Proxied connections that `nofile` descriptors hold: two each, after the reserve; at least one.

@@ -301,7 +301,7 @@ async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared)
         }
         return reset(client);
     };
-    let upstream = match connect_upstream(dst.addr, side, shared).await {
+    let upstream = match connect_upstream(dst.addr, peer, side, shared).await {
         Ok(s) => s,
         Err(e) => {
             shared.counters.upstream_failed.fetch_add(1, Ordering::Relaxed);
@@ -358,21 +358,42 @@ impl Drop for ResetUnlessDone<'_> {
     }
 }
 
-async fn connect_upstream(dst: SocketAddr, side: Side, shared: &Shared) -> io::Result<TcpStream> {
+async fn connect_upstream(dst: SocketAddr, peer: SocketAddr, side: Side, shared: &Shared) -> io::Result<TcpStream> {
     let socket = shared
         .dialer
         .socket(dst.is_ipv6(), shared.cfg.liveness.keepalive)
         .await?;
     if side == Side::Inbound {
-        let src = match dst {
-            SocketAddr::V4(_) => IpAddr::V4(INBOUND_PASSTHROUGH_SRC),
-            SocketAddr::V6(_) => IpAddr::V6(INBOUND_PASSTHROUGH_SRC6),
-        };
-        socket.bind(SocketAddr::new(src, 0))?;
+        match shared.cfg.tproxy_mark {
+            // As Envoy's original_src filter in TPROXY mode: the app sees the client.
+            Some(mark) => transparent_from(&socket, peer, mark)?,
+            None => {
+                let src = match dst {
+                    SocketAddr::V4(_) => IpAddr::V4(INBOUND_PASSTHROUGH_SRC),
+                    SocketAddr::V6(_) => IpAddr::V6(INBOUND_PASSTHROUGH_SRC6),
+                };
+                socket.bind(SocketAddr::new(src, 0))?;
+            }
+        }
     }
     tokio::time::timeout(shared.cfg.connect_timeout, socket.connect(dst))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// Binds an inbound upstream socket to the client's address (any port), which is not one of
+/// the namespace's: IP_TRANSPARENT allows it (the agent holds CAP_NET_ADMIN), and the mark
+/// routes the app's replies to it back through `lo` (the `ip rule fwmark MARK` the agent
+/// installs with TPROXY mode). The mark replaces the agent's own (`AGENT_SOCKET_MARK`), which
+/// connect4/6 do not go by.
+fn transparent_from(socket: &tokio::net::TcpSocket, client: SocketAddr, mark: u32) -> io::Result<()> {
+    let s = socket2::SockRef::from(socket);
+    match client {
+        SocketAddr::V4(_) => s.set_ip_transparent_v4(true)?,
+        SocketAddr::V6(_) => s.set_ip_transparent_v6(true)?,
+    }
+    s.set_mark(mark)?;
+    socket.bind(SocketAddr::new(client.ip(), 0))
 }
 
 #[cfg(test)]
@@ -391,6 +412,7 @@ mod tests {
                 keepalive: Some(Keepalive::DEFAULT),
             },
             dns_port: None,
+            tproxy_mark: None,
         }
     }
 
