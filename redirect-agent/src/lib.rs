@@ -26,6 +26,7 @@ mod run;
 mod standalone;
 pub mod stats;
 pub mod sys;
+pub mod tproxy_route;
 mod validate;
 
 pub use cli::main;

@@ -1,0 +1,621 @@
+//! The policy routing of istio-iptables' TPROXY mode, in a workload's network namespace.
+//!
+//! With `-m TPROXY`, istio-iptables runs, besides its mangle rules,
+//! `ip -f inet rule add fwmark MARK lookup TABLE` and
+//! `ip -f inet route add local default dev lo table TABLE`, and the same for inet6 (`local ::/0`):
+//! a packet carrying the mark is delivered locally whatever its destination. That is how the
+//! app's replies to a connection the proxy made transparently (from the original client's
+//! address) come back to the proxy instead of leaving the pod. [`TproxyRouting`] installs these
+//! and takes away again what it installed; [`cleanup`] removes them after a run that was killed.
+//!
+//! Both are netlink requests from a socket made inside the namespace, and the sysctl they need
+//! (see [`TproxyRouting`]) is written from a thread inside it: the agent's own threads never
+//! change namespace.
+
+use std::{
+    io,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NLMSG_ALIGNTO, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    route::{RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType},
+    rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage},
+};
+use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
+
+use crate::sys::Netns;
+
+/// `lo` is the first device of every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+/// A netlink message header's size: a shorter tail of a datagram holds no message.
+const NLMSG_HDR: usize = 16;
+/// Receive buffer: the kernel sizes a dump's datagrams to the reader's buffer, up to 32 KiB.
+const RECV_BUFFER: usize = 64 * 1024;
+/// Per namespace: /proc/sys/net answers for the namespace of the thread that opens it.
+const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+
+/// Sequence numbers of this process's requests, so that an answer is matched to its request.
+static SEQ: AtomicU32 = AtomicU32::new(1);
+
+/// Why the routing could not be set up or removed; one line naming what failed and where.
+#[derive(Debug, thiserror::Error)]
+pub enum TproxyRouteError {
+    #[error("TPROXY routing with mark {mark:#x} and table {table}: {why}")]
+    Invalid { mark: u32, table: u32, why: &'static str },
+    /// A netlink request: `what` names it (``adding `ip rule fwmark 0x539 lookup 133` ``).
+    #[error("{what} in the workload's namespace {}: {source}", netns.display())]
+    Netlink {
+        what: String,
+        netns: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("setting net.ipv4.tcp_fwmark_accept to 1 in the workload's namespace {}: {source}", netns.display())]
+    Sysctl {
+        netns: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn af(self) -> AddressFamily {
+        match self {
+            Self::V4 => AddressFamily::Inet,
+            Self::V6 => AddressFamily::Inet6,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        }
+    }
+}
+
+/// One of the four entries, named in messages as the `ip` command that adds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Item {
+    Rule(Family),
+    Route(Family),
+}
+
+impl Item {
+    fn command(self, mark: u32, table: u32) -> String {
+        match self {
+            Self::Rule(Family::V4) => format!("ip rule fwmark {mark:#x} lookup {table}"),
+            Self::Rule(Family::V6) => format!("ip -6 rule fwmark {mark:#x} lookup {table}"),
+            Self::Route(Family::V4) => format!("ip route local default dev lo table {table}"),
+            Self::Route(Family::V6) => format!("ip -6 route local ::/0 dev lo table {table}"),
+        }
+    }
+}
+
+/// An entry [`TproxyRouting::install`] added (and so [`TproxyRouting::remove`] deletes).
+#[derive(Clone, Copy, Debug)]
+struct Added {
+    item: Item,
+    /// A rule's priority, which the kernel chose: deleting by it takes exactly this rule, not
+    /// another `fwmark MARK` rule that also names the table (one with `iif`, say).
+    priority: Option<u32>,
+}
+
+/// The TPROXY policy routing in one namespace, as installed by [`TproxyRouting::install`].
+///
+/// Besides the rules and routes, `net.ipv4.tcp_fwmark_accept` is set to 1 there. In
+/// istio-iptables' TPROXY mode, `OUTPUT -m connmark --mark 1337 -j CONNMARK --restore-mark`
+/// marks the app's replies on the proxy's transparent connection, so that they route through
+/// table 133 back to the proxy. Here there is no conntrack to remember the mark; but with
+/// tcp_fwmark_accept=1 the socket the app accepts takes the mark of the SYN that made it (the
+/// proxy's upstream socket carries mark 1337), so every reply carries it, the SYN-ACK included
+/// (sent with the request socket's `ir_mark`, which is the SYN's mark too).
+///
+/// Dropping it leaves everything in place (a handover keeps the routing for the successor);
+/// [`TproxyRouting::remove`] takes away what `install` added.
+#[derive(Debug)]
+#[must_use = "dropping it leaves the routing in place; remove() takes it away"]
+pub struct TproxyRouting {
+    netns: Netns,
+    mark: u32,
+    table: u32,
+    /// In the order added; entries that were there before are not in it and stay at remove.
+    added: Vec<Added>,
+    /// Whether IPv6's rule and route are in place (added or there before).
+    ipv6: bool,
+    /// tcp_fwmark_accept before install, when install changed it (it was not 1).
+    fwmark_accept_before: Option<String>,
+}
+
+impl TproxyRouting {
+    /// Installs `fwmark MARK lookup TABLE` and `local default dev lo table TABLE` for IPv4, the
+    /// same for IPv6 where the namespace has IPv6, and tcp_fwmark_accept=1.
+    ///
+    /// IPv6 is left out, without an error, when the kernel has no IPv6 (the answer is
+    /// EAFNOSUPPORT or EOPNOTSUPP) or `lo` has it disabled (`disable_ipv6`, EACCES): no IPv6
+    /// packet can then be delivered through `lo`. An identical rule, or a local default route
+    /// on `lo` in the table, that is already there counts as someone else's: it is used and
+    /// left in place at [`TproxyRouting::remove`]. Another default route in the table is an
+    /// error. On any failure, what this call added is taken away again before it returns.
+    pub fn install(netns: &Netns, mark: u32, table: u32) -> Result<Self, TproxyRouteError> {
+        validate(mark, table)?;
+        let held = netns
+            .try_clone()
+            .map_err(|e| netlink_error(netns, "holding the namespace open".into(), e))?;
+        let socket = open_socket(netns)?;
+        let mut this = Self {
+            netns: held,
+            mark,
+            table,
+            added: Vec::new(),
+            ipv6: false,
+            fwmark_accept_before: None,
+        };
+        if let Err(e) = this.install_with(&socket) {
+            this.delete_added(&socket);
+            return Err(e);
+        }
+        Ok(this)
+    }
+
+    /// Whether IPv6's rule and route are in place (`false`: the namespace has no IPv6).
+    pub fn ipv6(&self) -> bool {
+        self.ipv6
+    }
+
+    /// Deletes what [`TproxyRouting::install`] added and restores tcp_fwmark_accept. Best
+    /// effort: a failure is logged and the rest still done; an entry someone else deleted
+    /// meanwhile is fine.
+    pub fn remove(self) {
+        if let Some(before) = &self.fwmark_accept_before
+            && let Err(e) = write_fwmark_accept(&self.netns, before)
+        {
+            tracing::warn!(
+                netns = %self.netns.path().display(),
+                "restoring net.ipv4.tcp_fwmark_accept to {before}: {e}"
+            );
+        }
+        match open_socket(&self.netns) {
+            Ok(socket) => self.delete_added(&socket),
+            Err(e) if !self.added.is_empty() => tracing::warn!("{e}; the TPROXY routing stays in place"),
+            Err(_) => {}
+        }
+    }
+
+    fn install_with(&mut self, socket: &Socket) -> Result<(), TproxyRouteError> {
+        self.add_family(socket, Family::V4)?;
+        self.ipv6 = self.add_family(socket, Family::V6)?;
+        // Last, as it is what makes replies carry the mark: only once the mark routes somewhere.
+        self.fwmark_accept_before = enable_fwmark_accept(&self.netns).map_err(|source| TproxyRouteError::Sysctl {
+            netns: self.netns.path().to_owned(),
+            source,
+        })?;
+        Ok(())
+    }
+
+    /// The route, then the rule: the rule sends marked packets to the table only once the
+    /// table has its route. `Ok(false)`: IPv6 is absent from the namespace, nothing was added.
+    fn add_family(&mut self, socket: &Socket, family: Family) -> Result<bool, TproxyRouteError> {
+        let (mark, table) = (self.mark, self.table);
+        let (rule, route) = (Item::Rule(family), Item::Route(family));
+        let no_ipv6 = |e: &io::Error| family == Family::V6 && is_no_ipv6(e);
+        let existing = match find_rules(socket, family, mark, table) {
+            Ok(existing) => existing,
+            Err(e) if no_ipv6(&e) => return Ok(self.without_ipv6(&e)),
+            Err(e) => return Err(self.listing(family, e)),
+        };
+        match add_route(socket, family, table) {
+            Ok(true) => self.added.push(Added {
+                item: route,
+                priority: None,
+            }),
+            Ok(false) => tracing::info!("`{}` was already there: kept at removal", route.command(mark, table)),
+            Err(e) if no_ipv6(&e) => return Ok(self.without_ipv6(&e)),
+            Err(e) => return Err(self.failed("adding", route, e)),
+        }
+        if !existing.is_empty() {
+            tracing::info!("`{}` was already there: kept at removal", rule.command(mark, table));
+            return Ok(true);
+        }
+        request(
+            socket,
+            RouteNetlinkMessage::NewRule(rule_message(family, mark, table, None)),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map_err(|e| self.failed("adding", rule, e))?;
+        // None was there before, so the one there is now is ours. Recorded before a failure
+        // to list it, so that undoing deletes it (by its selectors then).
+        let at = self.added.len();
+        self.added.push(Added {
+            item: rule,
+            priority: None,
+        });
+        self.added[at].priority = find_rules(socket, family, mark, table)
+            .map_err(|e| self.listing(family, e))?
+            .first()
+            .copied();
+        Ok(true)
+    }
+
+    /// Notes that IPv6 is left out; `false` for [`TproxyRouting::add_family`] to return.
+    fn without_ipv6(&self, why: &io::Error) -> bool {
+        tracing::info!(
+            netns = %self.netns.path().display(),
+            "no IPv6 in the namespace ({why}): TPROXY routing for IPv4 only"
+        );
+        false
+    }
+
+    fn listing(&self, family: Family, source: io::Error) -> TproxyRouteError {
+        netlink_error(&self.netns, format!("listing the {} rules", family.name()), source)
+    }
+
+    /// Deletes the added entries, last first; logs what could not be deleted.
+    fn delete_added(&self, socket: &Socket) {
+        for a in self.added.iter().rev() {
+            match delete(socket, a.item, self.mark, self.table, a.priority) {
+                Err(e) if !is_gone(&e) => tracing::warn!("{}", self.failed("removing", a.item, e)),
+                _ => {}
+            }
+        }
+    }
+
+    fn failed(&self, doing: &str, item: Item, source: io::Error) -> TproxyRouteError {
+        netlink_error(
+            &self.netns,
+            format!("{doing} `{}`", item.command(self.mark, self.table)),
+            source,
+        )
+    }
+}
+
+/// Removes `fwmark MARK lookup TABLE` and `local default dev lo table TABLE` of both families
+/// where they are, for `--cleanup-only` after a run that was killed: it cannot tell them from
+/// identical ones someone else had installed before, and removes those too.
+///
+/// tcp_fwmark_accept is left as it is: the value before the killed run is not known (a pod's
+/// own sysctls may have set 1), and with the rule gone, 1 only copies a SYN's mark onto the
+/// socket that accepts it, which no routing acts on. All four deletions are tried; the first
+/// failure is returned (the others are logged).
+pub fn cleanup(netns: &Netns, mark: u32, table: u32) -> Result<(), TproxyRouteError> {
+    validate(mark, table)?;
+    let socket = open_socket(netns)?;
+    let mut errors = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let (rule, route) = (Item::Rule(family), Item::Route(family));
+        let absent = |e: &io::Error| is_gone(e) || (family == Family::V6 && is_no_ipv6(e));
+        let removing = |item: Item, e| netlink_error(netns, format!("removing `{}`", item.command(mark, table)), e);
+        match find_rules(&socket, family, mark, table) {
+            // Every identical one: a rule is removed by its priority, so another rule with
+            // the same mark and table but more selectors stays.
+            Ok(priorities) => errors.extend(
+                priorities
+                    .into_iter()
+                    .filter_map(|p| delete(&socket, rule, mark, table, Some(p)).err())
+                    .filter(|e| !absent(e))
+                    .map(|e| removing(rule, e)),
+            ),
+            Err(e) if absent(&e) => {}
+            Err(e) => errors.push(netlink_error(netns, format!("listing the {} rules", family.name()), e)),
+        }
+        match delete(&socket, route, mark, table, None) {
+            Err(e) if !absent(&e) => errors.push(removing(route, e)),
+            _ => {}
+        }
+    }
+    let mut errors = errors.into_iter();
+    let first = errors.next();
+    for e in errors {
+        tracing::warn!("{e}");
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// Refuses a mark or table that would take over the namespace's routing.
+fn validate(mark: u32, table: u32) -> Result<(), TproxyRouteError> {
+    let why = match (mark, table) {
+        // The kernel compares all bits only of a nonzero mark: `fwmark 0` has mask 0 and
+        // matches every packet, which would deliver all traffic locally.
+        (0, _) => "mark 0 matches every packet; expected a nonzero mark",
+        (_, 0) => "table 0 is no table (RT_TABLE_UNSPEC); expected 1-252 or above 255",
+        (_, 253..=255) => "tables 253-255 are the kernel's default, main and local tables; expected 1-252 or above 255",
+        _ => return Ok(()),
+    };
+    Err(TproxyRouteError::Invalid { mark, table, why })
+}
+
+fn netlink_error(netns: &Netns, what: String, source: io::Error) -> TproxyRouteError {
+    TproxyRouteError::Netlink {
+        what,
+        netns: netns.path().to_owned(),
+        source,
+    }
+}
+
+/// A route netlink socket made inside the namespace (it stays there whichever thread uses it).
+fn open_socket(netns: &Netns) -> Result<Socket, TproxyRouteError> {
+    netns
+        .run(|| {
+            let mut socket = Socket::new(NETLINK_ROUTE)?;
+            socket.bind_auto()?;
+            Ok(socket)
+        })
+        .map_err(|e| netlink_error(netns, "opening a route netlink socket".into(), e))
+}
+
+/// The answer of a namespace without IPv6: rules of a family the kernel has none of
+/// (EAFNOSUPPORT), routes of one (EOPNOTSUPP: no handler), or a device with IPv6 disabled
+/// (EACCES, "IPv6 is disabled on nexthop device").
+fn is_no_ipv6(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EOPNOTSUPP | libc::EACCES)
+    )
+}
+
+/// An entry that is not there: ENOENT for a rule, ESRCH for a route.
+fn is_gone(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH))
+}
+
+/// The table in a header's one byte: tables above 255 go only in the attribute (as `ip` does).
+fn header_table(table: u32) -> u8 {
+    u8::try_from(table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC)
+}
+
+/// `fwmark MARK lookup TABLE` (mask all ones, the kernel's default for a nonzero mark);
+/// with a priority, a deletion takes that rule only.
+fn rule_message(family: Family, mark: u32, table: u32, priority: Option<u32>) -> RuleMessage {
+    let mut msg = RuleMessage::default();
+    msg.header.family = family.af();
+    msg.header.action = RuleAction::ToTable;
+    msg.header.table = header_table(table);
+    msg.attributes.push(RuleAttribute::FwMark(mark));
+    msg.attributes.push(RuleAttribute::Table(table));
+    msg.attributes.extend(priority.map(RuleAttribute::Priority));
+    msg
+}
+
+/// `local default dev lo table TABLE`. As `ip route add` makes it: host scope (a local route's)
+/// and the boot protocol; as `ip route del` names it: any scope (RT_SCOPE_NOWHERE is the
+/// kernel's wildcard) and any protocol.
+fn route_message(family: Family, table: u32, adding: bool) -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = family.af();
+    msg.header.destination_prefix_length = 0;
+    msg.header.table = header_table(table);
+    msg.header.kind = RouteType::Local;
+    if adding {
+        msg.header.scope = RouteScope::Host;
+        msg.header.protocol = RouteProtocol::Boot;
+    } else {
+        msg.header.scope = RouteScope::NoWhere;
+    }
+    msg.attributes.push(RouteAttribute::Table(table));
+    msg.attributes.push(RouteAttribute::Oif(LOOPBACK_IFINDEX));
+    msg
+}
+
+/// Whether a dumped rule is `fwmark MARK lookup TABLE` and selects on nothing else.
+fn is_our_rule(msg: &RuleMessage, mark: u32, table: u32) -> bool {
+    let h = &msg.header;
+    if h.action != RuleAction::ToTable
+        || h.dst_len != 0
+        || h.src_len != 0
+        || h.tos != 0
+        || h.flags.contains(RuleFlags::Invert)
+    {
+        return false;
+    }
+    let (mut fwmark, mut mask, mut rule_table) = (None, u32::MAX, u32::from(h.table));
+    for a in &msg.attributes {
+        match a {
+            RuleAttribute::FwMark(m) => fwmark = Some(*m),
+            RuleAttribute::FwMask(m) => mask = *m,
+            RuleAttribute::Table(t) => rule_table = *t,
+            // What the kernel lists for every rule; all ones is "not set".
+            RuleAttribute::Priority(_) | RuleAttribute::Protocol(_) => {}
+            RuleAttribute::SuppressPrefixLen(u32::MAX) | RuleAttribute::SuppressIfGroup(u32::MAX) => {}
+            // Any other selector (addresses, devices, ports, uid range...) or action detail.
+            _ => return false,
+        }
+    }
+    fwmark == Some(mark) && mask == u32::MAX && rule_table == table
+}
+
+/// The priorities of the family's rules `fwmark MARK lookup TABLE`, in the kernel's order.
+///
+/// Listed rather than left to `NLM_F_EXCL`: a rule added without a priority gets a new one
+/// (one below the second rule's), so the kernel never finds an identical rule at it and
+/// would add a duplicate, as `ip rule add` does when run twice.
+fn find_rules(socket: &Socket, family: Family, mark: u32, table: u32) -> io::Result<Vec<u32>> {
+    let mut query = RuleMessage::default();
+    query.header.family = family.af();
+    let mut found = Vec::new();
+    dump(socket, RouteNetlinkMessage::GetRule(query), |m| {
+        if let RouteNetlinkMessage::NewRule(r) = m
+            && r.header.family == family.af()
+            && is_our_rule(r, mark, table)
+        {
+            let priority = r.attributes.iter().find_map(|a| match a {
+                RuleAttribute::Priority(p) => Some(*p),
+                _ => None,
+            });
+            found.push(priority.unwrap_or(0));
+        }
+    })?;
+    Ok(found)
+}
+
+/// Adds the local default route; `Ok(false)` when an identical one was there.
+fn add_route(socket: &Socket, family: Family, table: u32) -> io::Result<bool> {
+    let msg = RouteNetlinkMessage::NewRoute(route_message(family, table, true));
+    match request(socket, msg, NLM_F_CREATE | NLM_F_EXCL) {
+        Ok(()) => Ok(true),
+        // EEXIST says only that the table has a default route (IPv6: of the same metric).
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            if has_local_default(socket, family, table)? {
+                Ok(false)
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("table {table} already has a default route other than `local` on lo"),
+                ))
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the table has `local default dev lo` of the family.
+fn has_local_default(socket: &Socket, family: Family, table: u32) -> io::Result<bool> {
+    let mut query = RouteMessage::default();
+    query.header.address_family = family.af();
+    let mut found = false;
+    dump(socket, RouteNetlinkMessage::GetRoute(query), |m| {
+        let RouteNetlinkMessage::NewRoute(r) = m else { return };
+        let mut route_table = u32::from(r.header.table);
+        let mut oif = None;
+        for a in &r.attributes {
+            match a {
+                RouteAttribute::Table(t) => route_table = *t,
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                _ => {}
+            }
+        }
+        found |= r.header.address_family == family.af()
+            && route_table == table
+            && r.header.destination_prefix_length == 0
+            && r.header.kind == RouteType::Local
+            && oif == Some(LOOPBACK_IFINDEX);
+    })?;
+    Ok(found)
+}
+
+/// Deletes an entry: a rule by its selectors, and by its priority when given.
+fn delete(socket: &Socket, item: Item, mark: u32, table: u32, priority: Option<u32>) -> io::Result<()> {
+    let msg = match item {
+        Item::Rule(family) => RouteNetlinkMessage::DelRule(rule_message(family, mark, table, priority)),
+        Item::Route(family) => RouteNetlinkMessage::DelRoute(route_message(family, table, false)),
+    };
+    request(socket, msg, 0)
+}
+
+/// Sends a request with NLM_F_ACK (and `flags`) and waits for its acknowledgement.
+fn request(socket: &Socket, msg: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
+    let seq = send(socket, msg, NLM_F_REQUEST | NLM_F_ACK | flags)?;
+    answers(socket, seq, |_| {})
+}
+
+/// Sends a dump request and hands every message of the answer to `each`.
+fn dump(socket: &Socket, msg: RouteNetlinkMessage, each: impl FnMut(&RouteNetlinkMessage)) -> io::Result<()> {
+    let seq = send(socket, msg, NLM_F_REQUEST | NLM_F_DUMP)?;
+    answers(socket, seq, each)
+}
+
+fn send(socket: &Socket, msg: RouteNetlinkMessage, flags: u16) -> io::Result<u32> {
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let mut req = NetlinkMessage::from(msg);
+    req.header.flags = flags;
+    req.header.sequence_number = seq;
+    req.finalize();
+    let mut bytes = vec![0u8; req.buffer_len()];
+    req.serialize(&mut bytes);
+    socket.send(&bytes, 0)?;
+    Ok(seq)
+}
+
+/// Reads the answer to request `seq` until its acknowledgement (the kernel's error, if any)
+/// or the end of its dump, handing the messages in between to `each`.
+fn answers(socket: &Socket, seq: u32, mut each: impl FnMut(&RouteNetlinkMessage)) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(RECV_BUFFER);
+    loop {
+        buf.clear();
+        socket.recv(&mut buf, 0)?;
+        let mut rest = &buf[..];
+        while rest.len() >= NLMSG_HDR {
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("netlink message: {e}")))?;
+            // deserialize checked that the length is at least a header and within `rest`.
+            let len = (msg.header.length as usize).next_multiple_of(usize::from(NLMSG_ALIGNTO));
+            rest = rest.get(len..).unwrap_or_default();
+            if msg.header.sequence_number != seq {
+                continue;
+            }
+            match msg.payload {
+                NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+                NetlinkPayload::Error(_) => return Ok(()),
+                NetlinkPayload::Done(d) if d.code < 0 => return Err(io::Error::from_raw_os_error(-d.code)),
+                NetlinkPayload::Done(_) => return Ok(()),
+                NetlinkPayload::InnerMessage(m) => each(&m),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Sets tcp_fwmark_accept to 1 inside the namespace; its value before when that was not 1.
+fn enable_fwmark_accept(netns: &Netns) -> io::Result<Option<String>> {
+    netns.run(|| {
+        let before = std::fs::read_to_string(FWMARK_ACCEPT)?.trim().to_owned();
+        if before == "1" {
+            return Ok(None);
+        }
+        std::fs::write(FWMARK_ACCEPT, "1")?;
+        Ok(Some(before))
+    })
+}
+
+fn write_fwmark_accept(netns: &Netns, value: &str) -> io::Result<()> {
+    netns.run(|| std::fs::write(FWMARK_ACCEPT, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_and_tables_that_would_take_over_routing_are_refused() {
+        assert!(validate(1337, 133).is_ok());
+        assert!(validate(1, 256).is_ok());
+        for (mark, table) in [(0, 133), (1337, 0), (1337, 253), (1337, 254), (1337, 255)] {
+            let e = validate(mark, table).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("TPROXY routing with mark {mark:#x} and table {table}: ")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_rule_with_another_selector_or_mask_is_not_ours() {
+        let ours = rule_message(Family::V4, 1337, 133, Some(32765));
+        assert!(is_our_rule(&ours, 1337, 133));
+        assert!(!is_our_rule(&ours, 1338, 133));
+        assert!(!is_our_rule(&ours, 1337, 134));
+        let mut masked = ours.clone();
+        masked.attributes.push(RuleAttribute::FwMask(0xff));
+        assert!(!is_our_rule(&masked, 1337, 133));
+        let mut iif = ours.clone();
+        iif.attributes.push(RuleAttribute::Iifname("eth0".into()));
+        assert!(!is_our_rule(&iif, 1337, 133));
+        let mut inverted = ours;
+        inverted.header.flags = RuleFlags::Invert;
+        assert!(!is_our_rule(&inverted, 1337, 133));
+        // A table above 255 is in the attribute only.
+        let big = rule_message(Family::V6, 1, 5000, None);
+        assert_eq!(big.header.table, 0);
+        assert!(is_our_rule(&big, 1, 5000));
+    }
+}
