@@ -389,7 +389,11 @@ pub fn check(c: &CaptureConfig) -> Result<(), crate::error::FlagError> {
         return Err(FlagError::SamePort(c.envoy_port));
     }
     // Modes whose programs are not built yet: refused whole rather than half-applied.
-    let not_yet = [(!c.kube_virt_interfaces.is_empty(), "-k/--kube-virt-interfaces")];
+    // TPROXY's rules are compiled and walked, but its policy routing is not installed yet.
+    let not_yet = [
+        (c.inbound_mode == config::InterceptionMode::Tproxy, "-m TPROXY"),
+        (!c.kube_virt_interfaces.is_empty(), "-k/--kube-virt-interfaces"),
+    ];
     if let Some((_, flag)) = not_yet.iter().find(|(on, _)| *on) {
         return Err(FlagError::NotYet(flag));
     }
