@@ -138,6 +138,14 @@ enum Owner {
     Gid(u32),
 }
 
+/// The proxy's ids as istio-iptables writes one rule per id: each UID, then each GID.
+fn proxy_owners(cfg: &CaptureConfig) -> impl Iterator<Item = Owner> + '_ {
+    cfg.proxy_uids
+        .iter()
+        .map(|&u| Owner::Uid(u))
+        .chain(cfg.proxy_gids.iter().map(|&g| Owner::Gid(g)))
+}
+
 fn with_owner(mut r: Rule, owner: Owner, negate: bool) -> Rule {
     let bit = match owner {
         Owner::Uid(u) => {
@@ -210,12 +218,7 @@ fn family_chains(b: &mut Builder, cfg: &CaptureConfig) {
         Include::All => false,
         Include::List(c) => c.iter().any(|c| c.addr.is_loopback()),
     };
-    let owners = cfg
-        .proxy_uids
-        .iter()
-        .map(|&u| Owner::Uid(u))
-        .chain(cfg.proxy_gids.iter().map(|&g| Owner::Gid(g)));
-    for owner in owners {
+    for owner in proxy_owners(cfg) {
         // The proxy dialing its own pod through a VIP goes back to it as inbound traffic.
         // With DNS capture, the proxy's own TCP queries to a resolver in the pod are not
         // (istio-iptables writes that multiport form for the UIDs only, not the GIDs).
@@ -293,12 +296,7 @@ fn family_chains(b: &mut Builder, cfg: &CaptureConfig) {
     ));
     match &cfg.inbound_ports {
         Include::All => {
-            if cfg.compat.inbound_ssh_return() {
-                b.push(with_dport(b.inb(Target::Return), IPPROTO_TCP, SSH_PORT, false));
-            }
-            for &p in &cfg.inbound_exclude_ports {
-                b.push(with_dport(b.inb(Target::Return), IPPROTO_TCP, p, false));
-            }
+            inbound_returns(b, cfg);
             let mut all = b.inb(Target::InRedirect);
             all.proto = IPPROTO_TCP;
             b.push(all);
@@ -360,12 +358,7 @@ fn tproxy_chains(b: &mut Builder, cfg: &CaptureConfig, passthrough_src: Cidr, lo
     };
     match &cfg.inbound_ports {
         Include::All => {
-            if cfg.compat.inbound_ssh_return() {
-                b.push(with_dport(b.inb(Target::Return), IPPROTO_TCP, SSH_PORT, false));
-            }
-            for &p in &cfg.inbound_exclude_ports {
-                b.push(with_dport(b.inb(Target::Return), IPPROTO_TCP, p, false));
-            }
+            inbound_returns(b, cfg);
             b.push(divert(b));
             b.push(tcp(b.inb(Target::JumpTproxy)));
         }
@@ -378,12 +371,7 @@ fn tproxy_chains(b: &mut Builder, cfg: &CaptureConfig, passthrough_src: Cidr, lo
     }
     let out = |b: &Builder, target| Rule::new(b.family, ChainId::MarkOutput, target);
     b.push(with_mark(out_lo(tcp(out(b, Target::Return))), mark, false));
-    let owners = cfg
-        .proxy_uids
-        .iter()
-        .map(|&u| Owner::Uid(u))
-        .chain(cfg.proxy_gids.iter().map(|&g| Owner::Gid(g)));
-    for owner in owners {
+    for owner in proxy_owners(cfg) {
         let mut r = with_owner(
             out_lo(tcp(with_dst(out(b, Target::Mark), &localhost, true))),
             owner,
@@ -391,6 +379,17 @@ fn tproxy_chains(b: &mut Builder, cfg: &CaptureConfig, passthrough_src: Cidr, lo
         );
         r.mark = TPROXY_OUTBOUND_MARK;
         b.push(r);
+    }
+}
+
+/// ISTIO_INBOUND's RETURNs under `-b '*'`, in either mode's table: the SSH port of older
+/// releases, then each `-d` port.
+fn inbound_returns(b: &mut Builder, cfg: &CaptureConfig) {
+    if cfg.compat.inbound_ssh_return() {
+        b.push(with_dport(b.inb(Target::Return), IPPROTO_TCP, SSH_PORT, false));
+    }
+    for &p in &cfg.inbound_exclude_ports {
+        b.push(with_dport(b.inb(Target::Return), IPPROTO_TCP, p, false));
     }
 }
 
