@@ -254,7 +254,9 @@ pub struct Workload {
     /// [`m::GROUPS`] matches a socket whose group is one of them.
     pub owner_groups: [u32; MAX_OWNER_GROUPS],
     pub n_owner_groups: u32,
-    pub _pad: u32,
+    /// `-t` in TPROXY mode: the mark whose `ip rule` (installed with the workload) routes a
+    /// socket over lo whatever its destination; 0 otherwise.
+    pub tproxy_mark: u32,
     /// iptables' rules from index 0, ip6tables' from `MAX_RULES_PER_FAMILY`: each family's
     /// table is a fixed half, which is what the walk of a connection's family takes, and a
     /// rule's index here is its counter slot (`counter_base + index`).
@@ -274,7 +276,7 @@ impl Workload {
             cgroup_id: 0,
             owner_groups: [0; MAX_OWNER_GROUPS],
             n_owner_groups: 0,
-            _pad: 0,
+            tproxy_mark: 0,
             rules: [Rule::EMPTY; MAX_RULES],
         }
     }
@@ -318,7 +320,7 @@ impl Workload {
 }
 
 // SAFETY: repr(C), Copy; integers and `[Rule; MAX_RULES]` (Rule: repr(C), integers only,
-// no padding); 296 + 88 * MAX_RULES bytes, no gaps, `_pad` explicit (pinned by `layout`
+// no padding); 296 + 88 * MAX_RULES bytes, no gaps (pinned by `layout`
 // below). Any bytes the kernel hands back are a valid value: enums are kept as `u8`.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Workload {}

@@ -188,6 +188,21 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
         _ => unsafe { task_owner() },
     };
     let out_lo = is_local_addr(c.netns_cookie, &dst);
+    // SAFETY: `c.sk` is this run's socket (`judged_socket`), whose fields the context lets a
+    // program read; a 4-byte read of `mark` (SO_MARK).
+    let sk_mark = unsafe { read_volatile(&raw const (*c.sk).mark) };
+    // TPROXY's `ip rule fwmark MARK lookup TABLE` (`local default dev lo`), which the agent
+    // installs with the workload (whose `tproxy_mark` is 0 otherwise): a socket with that mark
+    // goes over lo whatever its destination. Unbound, an IPv4 one to an address not of the
+    // namespace gets no source and its connect fails (ENETUNREACH) before nat OUTPUT would
+    // see it; an IPv6 one leaves from `::6`, lo's address that source selection picks for it.
+    // Worked out without branches where it can be: each one doubles what the verifier walks.
+    let marked_to_lo = (workload.tproxy_mark != 0) & (sk_mark == workload.tproxy_mark) & !out_lo;
+    let unbound = addr::words_eq(&c.src, &addr::UNSPECIFIED) || addr::words_eq(&c.src, &addr::v4(0));
+    if marked_to_lo && family == Family::V4 && unbound {
+        return None;
+    }
+    let out_lo = out_lo | marked_to_lo;
     if never_leaves(c, family, out_lo) {
         return None;
     }
@@ -198,7 +213,7 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
     // though only a redirect binds it: what is live across the walk's call is what the
     // verifier must tell apart there, and this one value, rather than the destination and
     // `out_lo` it comes from, keeps the number of states it walks with small.
-    let bind = source(c, &dst, out_lo, family);
+    let bind = source(c, &dst, out_lo, family, marked_to_lo);
     // Only a workload with an interface list (`-c`) has rules that match devices: the others'
     // connects skip a second route lookup.
     let ifaces = if workload.flags & workload_flags::IFACES != 0 {
@@ -243,10 +258,7 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
     // TPROXY mode: mangle OUTPUT (before nat's, on the same destination) marks the proxy's
     // own loopback connections, which mangle ISTIO_INBOUND tells apart when they come back in.
     if workload.flags & workload_flags::TPROXY != 0 && c.proto == IPPROTO_TCP && out_lo {
-        // SAFETY: `c.sk` is this run's socket (`judged_socket`), whose fields the context lets
-        // a program read; a 4-byte read of `mark` (SO_MARK).
-        let mark = unsafe { read_volatile(&raw const (*c.sk).mark) };
-        let marked = ConnFacts { mark, ..facts };
+        let marked = ConnFacts { mark: sk_mark, ..facts };
         if chain::decide(workload, ChainId::MarkOutput, &marked, true) == Some(Target::Mark) {
             let _ = SYN_MARK_BY_COOKIE.insert(c.cookie, TPROXY_OUTBOUND_MARK, 0);
         }
@@ -342,21 +354,27 @@ fn udp_flow(cookie: u64, dst: &Addr, port: u16) -> UdpFlow {
 ///
 /// - A destination that is one of the namespace's own addresses: that address (a local
 ///   route's source is its destination).
+/// - An IPv6 destination a TPROXY workload's marked socket reaches over lo
+///   (`marked_to_lo`): `::6`.
 /// - Any other non-loopback destination: the source the namespace's main routing table gives
 ///   it (`ROUTE_SOURCES`: the longest matching route's preferred source, else its device's
-///   address), else the pod's address of the family (`POD_ADDRS`). Policy routing (rules
-///   other than the main table) is not mirrored.
+///   address), else the pod's address of the family (`POD_ADDRS`). Other policy routing
+///   (rules other than the main table and TPROXY's own) is not mirrored.
 /// - Loopback destinations, and sockets the app bound itself: nothing to do
 ///   ([`addr::UNSPECIFIED`]; not an `Option`, whose `None` leaves the payload's registers
 ///   unwritten, and the verifier refuses to copy an unwritten register).
 #[inline(always)]
-fn source(c: &Connect, dst: &Addr, out_lo: bool, family: Family) -> Addr {
+fn source(c: &Connect, dst: &Addr, out_lo: bool, family: Family, marked_to_lo: bool) -> Addr {
     let unbound = addr::words_eq(&c.src, &addr::UNSPECIFIED) || addr::words_eq(&c.src, &addr::v4(0));
     if !unbound || addr::is_loopback(dst) {
         return addr::UNSPECIFIED;
     }
     if out_lo {
-        return *dst;
+        return if marked_to_lo {
+            addr::passthrough_src(Family::V6)
+        } else {
+            *dst
+        };
     }
     let route_src = route(c.netns_cookie, dst).src;
     if !addr::words_eq(&route_src, &addr::UNSPECIFIED) {

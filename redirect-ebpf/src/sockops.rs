@@ -146,7 +146,8 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
 /// sk_lookup's `-m mark` when it comes back in over loopback. Mangle OUTPUT's (connect4/6
 /// noted it under the cookie: the proxy's own, 1338), else the socket's own SO_MARK (the
 /// proxy's transparent dial to the app, 1337). Nothing is kept for an unmarked socket, the
-/// common case, which costs one lookup here; nor for a destination off the namespace.
+/// common case, which costs one lookup here; nor for a destination off the namespace, unless
+/// TPROXY's own mark routes it back in over lo.
 #[inline(always)]
 fn note_syn_mark(ctx: &SockOpsContext) {
     // SAFETY: the helper's one argument is the program's own context (it reads, or makes, the
@@ -180,7 +181,9 @@ fn note_syn_mark(ctx: &SockOpsContext) {
         return;
     };
     let key = tuple(ctx, netns_cookie);
-    if w.flags & workload_flags::TPROXY == 0 || !is_local_addr(netns_cookie, &key.dst_addr) {
+    // Over lo: to the namespace's own addresses, or anywhere with TPROXY's own mark (its
+    // `ip rule` sends that mark to `local default dev lo`).
+    if w.flags & workload_flags::TPROXY == 0 || (mark != w.tproxy_mark && !is_local_addr(netns_cookie, &key.dst_addr)) {
         return;
     }
     let _ = SYN_MARKS.insert(key, mark, 0);

@@ -513,6 +513,9 @@ pub fn workload(cfg: &CaptureConfig, rules: &[Rule], slot: u32, serving: Serving
             0
         };
     w.counter_base = slot * MAX_RULES as u32;
+    if cfg.inbound_mode == InterceptionMode::Tproxy {
+        w.tproxy_mark = cfg.tproxy.mark;
+    }
     if let OwnerGroups::Only(groups) = &cfg.owner_groups {
         for (i, g) in groups.iter().take(MAX_OWNER_GROUPS).enumerate() {
             w.owner_groups[i] = group_gid(g);
@@ -527,5 +530,5 @@ mod tables;
 mod tests;
 mod text;
 
-pub use tables::{DROP_INVALID_BY, NOT_YET, Table, TableLine, iptables_save, tables};
+pub use tables::{DROP_INVALID_BY, NOT_YET, Table, TableLine, iptables_save, rule_table, tables};
 pub use text::{ListColumns, Names, list_columns, match_text, match_text_named, rule_text, rule_text_named};
