@@ -96,6 +96,12 @@ pub enum FlagError {
          group name known there (iptables-restore refuses it too)"
     )]
     UnknownGroup(String),
+    #[error(
+        "-r/--istio-inbound-tproxy-route-table {0} is one of the kernel's own tables (253 default, 254 main, 255 \
+         local), where TPROXY's `local default dev lo` route would deliver every packet locally: expected 1-252 or \
+         above 255"
+    )]
+    KernelTable(u32),
     #[error("{flag} needs Linux {needs} or later ({what}); this kernel is {kernel}")]
     Kernel {
         flag: &'static str,

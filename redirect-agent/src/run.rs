@@ -58,6 +58,14 @@ pub async fn main(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyho
         for path in pins::cleanup(&opts.name)? {
             tracing::info!(path = %path.display(), "removed");
         }
+        // TPROXY's routing lives in the workload's namespace, not in the pins: removed when the
+        // flags say TPROXY and name the namespace (tcp_fwmark_accept stays: its earlier value
+        // went with the killed run).
+        if opts.capture.inbound_mode == redirect_common::config::InterceptionMode::Tproxy {
+            let netns = sys::Netns::open(&workload_netns(&opts)?)?;
+            crate::tproxy_route::cleanup(&netns, opts.capture.tproxy.mark, opts.capture.tproxy.route_table)?;
+            tracing::info!("TPROXY policy routing removed");
+        }
         return Ok(());
     }
     if x.skip_rule_apply {

@@ -128,7 +128,12 @@ fn bad_input_gets_one_clear_line_and_changes_nothing() {
         (&["--probe-timeout", "3"], "'3'"),
         (&["--dry-run=maybe"], "'maybe'"),
         (&["--network-namespace", "/tmp"], "--network-namespace /tmp"),
-        (&["-m", "TPROXY"], "TPROXY"),
+        (
+            &["-m", "TPROXY", "-r", "254"],
+            "-r/--istio-inbound-tproxy-route-table 254",
+        ),
+        (&["-m", "tproxy"], "'tproxy'"),
+        (&["-k", "eth9"], "-k/--kube-virt-interfaces"),
         (&["-d", "15090,abc"], "'abc'"),
         (&["-b", "80,-1"], "'-1'"),
         (&["-q", "99999"], "'99999'"),

@@ -60,6 +60,9 @@ pub enum EnrollError {
     },
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// TPROXY mode's policy routing could not be put in place (undone whole).
+    #[error(transparent)]
+    TproxyRoute(#[from] crate::tproxy_route::TproxyRouteError),
 }
 
 impl EnrollError {
@@ -83,7 +86,7 @@ impl EnrollError {
             Self::IdTaken(_) | Self::NetnsTaken { .. } | Self::CapturedElsewhere { .. } => ErrorKind::Exists,
             Self::NoSuchId(_) | Self::NoSuchNetns(_) => ErrorKind::NotFound,
             Self::HandedOver | Self::HandoverInProgress => ErrorKind::Unavailable,
-            Self::Io { .. } | Self::Load(_) => ErrorKind::Internal,
+            Self::Io { .. } | Self::Load(_) | Self::TproxyRoute(_) => ErrorKind::Internal,
         }
     }
 }

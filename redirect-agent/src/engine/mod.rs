@@ -408,11 +408,18 @@ impl Engine {
     /// connections go direct while the proxies drain, and removes its pins, state and lock;
     /// one that keeps its pins only lets go of its lock. What is returned drains the proxies.
     pub(crate) fn stop(&mut self) -> Draining {
+        let keeps_nothing = self.settings.mode == Mode::Run;
         let proxies: Vec<_> = std::mem::take(&mut self.workloads)
             .into_values()
-            .filter_map(|w| w.proxy)
+            .filter_map(|w| {
+                // An instance that keeps its pins keeps the routing they capture with.
+                if keeps_nothing && let Some(t) = w.tproxy {
+                    t.remove();
+                }
+                w.proxy
+            })
             .collect();
-        if self.settings.mode == Mode::Run {
+        if keeps_nothing {
             // The workloads' sk_lookup links went with them, above.
             self.cgroup_links.clear();
             self.remove_everything();

@@ -82,6 +82,9 @@ impl Engine {
             .remove(&id)
             .ok_or_else(|| EnrollError::NoSuchId(id.clone()))?;
         self.purge(w.info.netns_cookie);
+        if let Some(t) = w.tproxy {
+            t.remove();
+        }
         self.persist();
         tracing::info!(%id, "unenrolled");
         if let Some(proxy) = w.proxy {

@@ -29,6 +29,7 @@ use crate::{
         Listeners, Listening, NetnsDialer, OrigDstTable, OriginalDst, Proxy, ProxyConfig, Side,
     },
     sys::{self, Netns},
+    tproxy_route::TproxyRouting,
 };
 
 /// A workload to enroll, its values parsed.
@@ -86,6 +87,9 @@ pub(super) struct Enrolled {
     pub(super) proxy: Option<Proxy>,
     /// Second descriptors of the proxy's listeners, for a handover.
     pub(super) listener_fds: Vec<(Side, OwnedFd)>,
+    /// TPROXY mode's policy routing in the namespace: removed with the workload (unenroll, a
+    /// run's end), left for the successor at a handover.
+    pub(super) tproxy: Option<TproxyRouting>,
     _watcher: AbortOnDrop,
 }
 
@@ -476,17 +480,38 @@ impl Engine {
         let mut w = chain::workload(capture, &rules, info.slot, serving);
         w.cgroup_id = cgroup_id;
         w.cgroup_level = cgroup_level;
-        self.maps
+        // TPROXY mode: the mark routes the app's replies to a transparent connection back to the
+        // proxy. In place before anything is captured; taken away again if what follows fails.
+        let tproxy = match capture.inbound_mode {
+            InterceptionMode::Tproxy => Some(TproxyRouting::install(
+                &netns,
+                capture.tproxy.mark,
+                capture.tproxy.route_table,
+            )?),
+            InterceptionMode::Redirect => None,
+        };
+        let live = self
+            .maps
             .workloads
             .insert(cookie, w, 0)
-            .map_err(|source| crate::error::LoadError::Map {
-                map: maps::WORKLOADS,
-                source,
-            })?;
-        // sock_ops registers a listen() only once the entry is in: a listener the workload's
-        // proxy opened between the search above and now is found by searching again.
-        if !embedded && !capture.inbound_ports.is_empty() {
-            adopt_listener(&netns, capture.inbound_capture_port, &mut inbound, &info.id)?;
+            .map_err(|source| {
+                EnrollError::from(crate::error::LoadError::Map {
+                    map: maps::WORKLOADS,
+                    source,
+                })
+            })
+            // sock_ops registers a listen() only once the entry is in: a listener the
+            // workload's proxy opened between the search above and now is found by searching
+            // again.
+            .and_then(|()| match !embedded && !capture.inbound_ports.is_empty() {
+                true => adopt_listener(&netns, capture.inbound_capture_port, &mut inbound, &info.id).map(drop),
+                false => Ok(()),
+            });
+        if let Err(e) = live {
+            if let Some(t) = tproxy {
+                t.remove();
+            }
+            return Err(e);
         }
         Ok(Enrolled {
             info,
@@ -495,6 +520,7 @@ impl Engine {
             sk_lookup_program,
             proxy,
             listener_fds,
+            tproxy,
             _watcher: watcher,
         })
     }

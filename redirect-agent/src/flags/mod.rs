@@ -389,11 +389,10 @@ pub fn check(c: &CaptureConfig) -> Result<(), crate::error::FlagError> {
         return Err(FlagError::SamePort(c.envoy_port));
     }
     // Modes whose programs are not built yet: refused whole rather than half-applied.
-    // TPROXY's rules are compiled and walked, but its policy routing is not installed yet.
-    let not_yet = [
-        (c.inbound_mode == config::InterceptionMode::Tproxy, "-m TPROXY"),
-        (!c.kube_virt_interfaces.is_empty(), "-k/--kube-virt-interfaces"),
-    ];
+    let not_yet = [(!c.kube_virt_interfaces.is_empty(), "-k/--kube-virt-interfaces")];
+    if c.inbound_mode == config::InterceptionMode::Tproxy && (253..=255).contains(&c.tproxy.route_table) {
+        return Err(FlagError::KernelTable(c.tproxy.route_table));
+    }
     if let Some((_, flag)) = not_yet.iter().find(|(on, _)| *on) {
         return Err(FlagError::NotYet(flag));
     }
@@ -488,7 +487,7 @@ mod tests {
     /// Modes whose programs are not built yet are refused whole, naming the flag; DNS capture
     /// takes its resolvers from the resolv.conf named, and with none is off (as in istio-iptables).
     #[test]
-    fn modes_not_carried_out_yet_are_refused_by_name() {
+    fn modes_not_carried_out_yet_and_kernel_tables_are_refused_by_name() {
         let dir = std::env::temp_dir().join(format!("redirect-flags-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let empty = dir.join("empty.conf");
@@ -501,7 +500,14 @@ mod tests {
             v.insert(1, "*".into());
             parse_args(&v).map(|(c, _)| c)
         };
-        assert!(with(&["-m", "TPROXY"]).unwrap_err().contains("-m TPROXY"));
+        assert!(with(&["-m", "TPROXY"]).is_ok());
+        assert!(
+            with(&["-m", "TPROXY", "-r", "255"])
+                .unwrap_err()
+                .contains("255 is one of the kernel's own tables")
+        );
+        // Only TPROXY mode installs a route there.
+        assert!(with(&["-r", "255"]).is_ok());
         assert!(with(&["-c", "eth1,veth+"]).is_ok());
         assert!(with(&["-k", "eth1"]).unwrap_err().contains("-k/"));
         // Commands, not settings: an enrollment names the command that does it.

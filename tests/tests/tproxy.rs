@@ -1,0 +1,98 @@
+//! TPROXY mode (`-m TPROXY`) carried out: sk_lookup judges mangle's ISTIO_INBOUND, the embedded
+//! proxy dials the app from the client's own address, and the namespace's policy routing
+//! brings the app's replies back to it, in place while the agent runs and gone after.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    process::Command,
+};
+
+use redirect_testkit::report::ProbeResult;
+use redirect_tests::{APP_PORT, Outcome, Workload};
+
+const TPROXY: [&str; 2] = ["-m", "TPROXY"];
+
+fn peer_ip(r: &ProbeResult) -> Ipv4Addr {
+    let saw: SocketAddrV4 = r
+        .banner_field("peer")
+        .unwrap_or_else(|| panic!("no banner: {r:?}"))
+        .parse()
+        .unwrap();
+    *saw.ip()
+}
+
+/// `cmd` run in the workload's namespace, its stdout.
+fn in_workload(w: &Workload, cmd: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &w.pair.workload.name])
+        .args(cmd)
+        .output()
+        .expect("ip netns exec");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// mangle ISTIO_INBOUND of the default injection in TPROXY mode, 0-based: the three RETURNs
+/// istio-iptables inserts first, then 15090, 15021, 15020, the ESTABLISHED divert, the jump.
+const MARKED: usize = 0;
+const JUMP: usize = 7;
+
+#[test]
+fn the_app_sees_the_client_and_its_replies_come_back() {
+    let w = Workload::with_agent("tpx-in", &TPROXY);
+    let r = w.probe(&w.from_remote(w.pod(APP_PORT)).bytes(1 << 20));
+    assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
+    assert_eq!(r.banner_field("name"), Some("app"), "{r:?}");
+    assert_eq!((r.sent, r.received), (1 << 20, 1 << 20), "{r:?}");
+    assert!(r.intact, "bytes changed on the way: {r:?}");
+    // The app sees the remote host, not 127.0.0.6: the proxy dialed from the client's address.
+    assert_eq!(peer_ip(&r), w.pair.remote_ip, "{r:?}");
+    assert_eq!(
+        r.banner_field("local"),
+        Some(w.pod(APP_PORT).to_string().as_str()),
+        "{r:?}"
+    );
+    assert_eq!(w.app_server.accepted().len(), 1, "one connection reached the app");
+    // The remote SYN: the jump and ISTIO_TPROXY's rule. The proxy's transparent SYN to the app
+    // comes back in on lo with its mark: the first RETURN.
+    let inbound = w.chain_counts("ISTIO_INBOUND");
+    assert_eq!(inbound.len(), 8, "{:#?}", w.stats());
+    let mut want = vec![0; 8];
+    want[MARKED] = 1;
+    want[JUMP] = 1;
+    assert_eq!(inbound, want, "{:#?}", w.stats());
+    assert_eq!(w.chain_counts("ISTIO_TPROXY"), [1], "{:#?}", w.stats());
+    // The proxy's own upstream connect is the agent's: ISTIO_OUTPUT never judged it.
+    assert!(w.counts().iter().all(|&c| c == 0), "{:?}", w.counts());
+}
+
+#[test]
+fn the_routing_is_there_while_the_agent_runs_and_gone_after() {
+    let mut w = Workload::with_agent("tpx-rt", &["-m", "TPROXY", "-t", "0x600", "-r", "2100"]);
+    let rules = in_workload(&w, &["ip", "rule"]);
+    assert!(rules.contains("fwmark 0x600 lookup 2100"), "{rules}");
+    let route = in_workload(&w, &["ip", "route", "show", "table", "2100"]);
+    assert!(route.contains("local default dev lo"), "{route}");
+    let accept = |w: &Workload| in_workload(w, &["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"]);
+    assert_eq!(accept(&w).trim(), "1");
+    let (status, stderr) = w.agent.as_mut().expect("agent").stop().expect("agent stops");
+    assert!(status.success(), "{status:?}: {stderr}");
+    let rules = in_workload(&w, &["ip", "rule"]);
+    assert!(!rules.contains("lookup 2100"), "{rules}");
+    let route = in_workload(&w, &["ip", "route", "show", "table", "2100"]);
+    assert!(route.trim().is_empty(), "{route}");
+    assert_eq!(accept(&w).trim(), "0", "tcp_fwmark_accept restored");
+}
+
+#[test]
+fn a_kernel_table_is_refused_before_anything_changes() {
+    let mut w = Workload::new("tpx-bad");
+    let err = w.start_agent(&["-m", "TPROXY", "-r", "254"]);
+    assert!(err.is_err(), "the agent started with table 254");
+    let rules = in_workload(&w, &["ip", "rule"]);
+    assert!(!rules.contains("fwmark"), "{rules}");
+}
