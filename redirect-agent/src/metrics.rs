@@ -140,9 +140,10 @@ fn workload(id: &str) -> String {
 fn rule_samples(w: &WorkloadSnapshot) -> impl Iterator<Item = (String, u64)> + '_ {
     w.rules.iter().map(|r| {
         let labels = format!(
-            "{},family=\"{}\",chain=\"{}\",rule=\"{}\",target=\"{}\",match=\"{}\"",
+            "{},family=\"{}\",table=\"{}\",chain=\"{}\",rule=\"{}\",target=\"{}\",match=\"{}\"",
             workload(&w.id),
             r.family,
+            r.table,
             r.chain,
             r.rule,
             r.target,

@@ -27,6 +27,9 @@ pub struct RuleRow {
     /// Whose table the chain is in: `ipv4` (iptables) or `ipv6` (ip6tables).
     #[serde(default = "ipv4")]
     pub family: String,
+    /// The chain's table: `nat`, or `mangle` for TPROXY mode's inbound chains and marks.
+    #[serde(default = "nat")]
+    pub table: String,
     /// iptables chain name (`ISTIO_OUTPUT`, ...).
     pub chain: String,
     /// 1-based position in its chain, as `iptables -L --line-numbers` (ip6tables').
@@ -68,6 +71,10 @@ fn ipv4() -> String {
     Family::V4.name().into()
 }
 
+fn nat() -> String {
+    redirect_common::chain::Table::Nat.name().into()
+}
+
 /// A workload's chain as the kernel runs it, rule by rule with its connections: what `stats`
 /// prints and node mode's metrics expose.
 /// `interfaces` names the entries of its interface list (the enrollment's record of them).
@@ -92,6 +99,7 @@ pub(crate) fn rows(
         )?;
         out.push(RuleRow {
             family: r.family_kind().map_or("?", Family::name).into(),
+            table: redirect_common::chain::rule_table(r, w.flags).name().into(),
             chain: chain.map_or("?", ChainId::iptables_name).into(),
             rule: rules[..=i]
                 .iter()
@@ -187,10 +195,10 @@ pub fn read(name: &str) -> Result<InstanceStats, LoadError> {
 pub fn render_text(stats: &InstanceStats) -> String {
     let mut s = String::new();
     for w in &stats.workloads {
-        let mut chain = ("", "");
+        let mut chain = ("", "", "");
         for row in &w.rules {
-            if (row.family.as_str(), row.chain.as_str()) != chain {
-                chain = (&row.family, &row.chain);
+            if (row.family.as_str(), row.table.as_str(), row.chain.as_str()) != chain {
+                chain = (&row.family, &row.table, &row.chain);
                 let workload = w.id.as_deref().map(|id| format!("workload {id}, ")).unwrap_or_default();
                 let tool = if row.family == Family::V6.name() {
                     "ip6tables"
@@ -199,8 +207,8 @@ pub fn render_text(stats: &InstanceStats) -> String {
                 };
                 let _ = writeln!(
                     s,
-                    "Chain {} ({tool}; instance {}, {workload}netns cookie {})",
-                    row.chain, stats.name, w.netns_cookie
+                    "Chain {} ({tool} -t {}; instance {}, {workload}netns cookie {})",
+                    row.chain, row.table, stats.name, w.netns_cookie
                 );
                 let header = format!(
                     "{:>4} {:>4} {:>8} {:<18} {:<4} {:<3} {:<4} {:<4} {:<18} {:<18}",

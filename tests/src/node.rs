@@ -454,7 +454,7 @@ pub fn inbound_from(w: &Workload, from: &std::path::Path, to: std::net::SocketAd
 /// scrape.
 pub fn rule_count(text: &str, id: &str, chain: &str, rule: usize) -> u64 {
     let prefix = format!(
-        "redirect_rule_connections_total{{workload=\"{id}\",family=\"ipv4\",chain=\"{chain}\",rule=\"{rule}\","
+        "redirect_rule_connections_total{{workload=\"{id}\",family=\"ipv4\",table=\"nat\",chain=\"{chain}\",rule=\"{rule}\","
     );
     text.lines()
         .find(|l| l.starts_with(&prefix))

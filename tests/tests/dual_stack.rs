@@ -154,7 +154,7 @@ fn a_dual_stack_pod_enrolled_through_cni_takes_each_familys_cidrs() {
     let (_, text) = agent.scrape("/metrics").expect("metrics");
     let count = |family: &str, rule: usize| -> u64 {
         let prefix = format!(
-            "redirect_rule_connections_total{{workload=\"pod-ds\",family=\"{family}\",chain=\"ISTIO_OUTPUT\",rule=\"{rule}\","
+            "redirect_rule_connections_total{{workload=\"pod-ds\",family=\"{family}\",table=\"nat\",chain=\"ISTIO_OUTPUT\",rule=\"{rule}\","
         );
         text.lines()
             .find(|l| l.starts_with(&prefix))

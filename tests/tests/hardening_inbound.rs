@@ -34,7 +34,9 @@ fn inbound(w: &Workload) -> Inbound {
 /// ISTIO_INBOUND, connections its embedded proxy took), from one scrape.
 fn counted(agent: &NodeAgent, id: &str) -> (u64, u64) {
     let text = agent.scrape("/metrics").expect("scrape").1;
-    let prefix = format!("redirect_rule_connections_total{{workload=\"{id}\",family=\"ipv4\",chain=\"ISTIO_INBOUND\",");
+    let prefix = format!(
+        "redirect_rule_connections_total{{workload=\"{id}\",family=\"ipv4\",table=\"nat\",chain=\"ISTIO_INBOUND\","
+    );
     let redirects = text
         .lines()
         .filter(|l| l.starts_with(&prefix) && l.contains("target=\"ISTIO_IN_REDIRECT\""))

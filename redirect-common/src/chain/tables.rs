@@ -49,6 +49,16 @@ impl Table {
     }
 }
 
+/// The table a compiled rule is istio-iptables' line of, for a workload with these
+/// [`workload_flags`]: TPROXY mode's inbound chains and its OUTPUT marks are mangle's.
+pub fn rule_table(r: &Rule, flags: u32) -> Table {
+    match r.chain_id() {
+        Some(ChainId::Tproxy | ChainId::MarkOutput) => Table::Mangle,
+        Some(ChainId::Inbound | ChainId::Prerouting) if flags & workload_flags::TPROXY != 0 => Table::Mangle,
+        _ => Table::Nat,
+    }
+}
+
 /// One line of a table istio-iptables writes, and what implements it here.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TableLine {
@@ -189,13 +199,9 @@ pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableL
         .zip(rules)
         .filter(|(_, r)| r.family == family as u8)
         .collect();
-    // TPROXY mode's rules are compiled, and walked by the programs, but `run` and `enroll`
-    // refuse `-m TPROXY` until its policy routing and differential test land: until then its
-    // lines say so.
-    let by = |chain: ChainId| if tproxy { NOT_YET } else { walker(chain, family) };
     let compiled = |t: &mut Tables, table: Table, chain: ChainId| {
         for &(slot, r) in slotted.iter().filter(|(_, r)| r.chain_id() == Some(chain)) {
-            t.append(table, rule_text_named(r, &names), Some(slot), by(chain));
+            t.append(table, rule_text_named(r, &names), Some(slot), walker(chain, family));
         }
     };
 
@@ -209,13 +215,21 @@ pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableL
         let text = rule_text_named(r, &names);
         match r.chain_id() {
             Some(ChainId::Prerouting) if tproxy => {
-                t.line(Nat, text.clone(), NOT_YET);
-                t.append(Mangle, text, Some(slot), NOT_YET);
+                t.line(
+                    Nat,
+                    text.clone(),
+                    "counted in mangle PREROUTING's copy (sk_lookup): in TPROXY mode nat PREROUTING jumps nowhere",
+                );
+                t.append(Mangle, text, Some(slot), "sk_lookup (the SYN's arrival device)");
             }
             Some(ChainId::Prerouting) => t.append(Nat, text, Some(slot), "sk_lookup (the SYN's arrival device)"),
             _ => {
                 if tproxy {
-                    t.line(Mangle, text.clone(), NOT_YET);
+                    t.line(
+                        Mangle,
+                        text.clone(),
+                        "not needed: mangle OUTPUT's own rules mark only connections over lo",
+                    );
                 }
                 t.append(Nat, text, Some(slot), "connect4/6, sendmsg4/6 (the route's device)");
             }
@@ -327,11 +341,16 @@ fn proxy_owners(cfg: &CaptureConfig) -> impl Iterator<Item = String> + '_ {
         .chain(cfg.proxy_gids.iter().map(|g| format!("--gid-owner {g}")))
 }
 
+/// What replaces TPROXY mode's connmark save and restore.
+const TPROXY_CONNMARK_BY: &str = "net.ipv4.tcp_fwmark_accept=1, set by the agent in the workload's namespace: the \
+                                  app's socket accepted from the proxy's marked SYN keeps the mark, so every reply \
+                                  routes back to the proxy (the fwmark rule and table the agent installs)";
+
 /// `handleInboundPortsInclude` in TPROXY mode, around the rules [`super::compile`] holds
 /// (mangle ISTIO_TPROXY's and ISTIO_INBOUND's): ISTIO_DIVERT and PREROUTING's jump.
 fn tproxy_inbound(t: &mut Tables, cfg: &CaptureConfig) {
     let m = Table::Mangle;
-    let by = NOT_YET;
+    let by = "not needed: a connection's later packets reach the socket that owns its 4-tuple, marked or not";
     let mark = cfg.tproxy.mark;
     t.line(
         m,
@@ -339,7 +358,12 @@ fn tproxy_inbound(t: &mut Tables, cfg: &CaptureConfig) {
         by,
     );
     t.line(m, "-A ISTIO_DIVERT -j ACCEPT".into(), by);
-    t.line(m, "-A PREROUTING -p tcp -j ISTIO_INBOUND".into(), by);
+    t.line(
+        m,
+        "-A PREROUTING -p tcp -j ISTIO_INBOUND".into(),
+        "sk_lookup attached to the workload's netns (connections from other hosts, and over lo those the \
+         namespace makes to itself)",
+    );
 }
 
 /// The end of `Run()` in TPROXY mode: PREROUTING's save of the proxy's mark (mangle OUTPUT's
@@ -350,7 +374,7 @@ fn tproxy_marks(t: &mut Tables, cfg: &CaptureConfig) {
     t.line(
         Table::Mangle,
         format!("-A PREROUTING -p tcp -m mark --mark {mark:#x} -j CONNMARK --save-mark {save}"),
-        NOT_YET,
+        TPROXY_CONNMARK_BY,
     );
 }
 
@@ -361,7 +385,7 @@ fn tproxy_restore(t: &mut Tables, cfg: &CaptureConfig) {
     t.line(
         Table::Mangle,
         format!("-A OUTPUT -p tcp -m connmark --mark {mark:#x} -j CONNMARK --restore-mark {save}"),
-        NOT_YET,
+        TPROXY_CONNMARK_BY,
     );
 }
 
