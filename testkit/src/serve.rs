@@ -38,6 +38,10 @@ pub struct ServeArgs {
     pub dns: Vec<SocketAddr>,
     #[arg(long)]
     pub dns_a: Option<std::net::Ipv4Addr>,
+    /// NAME of a `--listen` socket to make IP_TRANSPARENT before it binds (Envoy's TPROXY-mode
+    /// listeners are: iptables' TPROXY target hands connections only to such a socket).
+    #[arg(long)]
+    pub transparent: Vec<String>,
     /// Once every socket is bound, run as this uid and gid (istio-agent's 1337, say, whose
     /// sockets the owner rules leave alone).
     #[arg(long)]
@@ -53,6 +57,27 @@ pub fn parse_listen(s: &str) -> Result<(String, SocketAddr), String> {
         .parse()
         .map_err(|_| format!("'{addr}': expected A.B.C.D:PORT or [IPV6]:PORT"))?;
     Ok((name.to_owned(), addr))
+}
+
+/// A listener on `addr`, IP_TRANSPARENT first when asked (needs CAP_NET_ADMIN: set while still
+/// root, before any `--uid`).
+fn bind(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
+    if !transparent {
+        return TcpListener::bind(addr);
+    }
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        // As the namespaces of the tests that ask for one set `bindv6only`, and Envoy does.
+        s.set_only_v6(true)?;
+        s.set_ip_transparent_v6(true)?;
+    } else {
+        s.set_ip_transparent_v4(true)?;
+    }
+    // What std's bind sets too.
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
 }
 
 /// `redirect-testkit serve`.
@@ -76,7 +101,7 @@ pub fn main(args: &ServeArgs) -> ExitCode {
         args.listen
             .iter()
             .map(|(name, addr)| {
-                TcpListener::bind(addr)
+                bind(*addr, args.transparent.contains(name))
                     .map(|l| (name.clone(), l))
                     .map_err(|e| io::Error::new(e.kind(), format!("listen {name}={addr}: {e}")))
             })
@@ -184,8 +209,24 @@ impl ServeProcess {
         udp: &[(String, SocketAddr)],
         uid: Option<u32>,
     ) -> io::Result<Self> {
+        Self::start_transparent(testkit, cgroup, netns, listen, udp, uid, &[])
+    }
+
+    /// [`ServeProcess::start_full`], with the `transparent` listeners (by name) IP_TRANSPARENT.
+    pub fn start_transparent<A: Into<SocketAddr> + Copy>(
+        testkit: &Path,
+        cgroup: Option<&Path>,
+        netns: &Path,
+        listen: &[(String, A)],
+        udp: &[(String, SocketAddr)],
+        uid: Option<u32>,
+        transparent: &[&str],
+    ) -> io::Result<Self> {
         let mut c = Command::new(testkit);
         c.arg("serve");
+        for name in transparent {
+            c.args(["--transparent", name]);
+        }
         if let Some(id) = uid {
             c.args(["--uid", &id.to_string()]);
         }

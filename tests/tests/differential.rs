@@ -107,6 +107,15 @@ configs! {
     compatibility_1_12: "--compatibility-version 1.12" => ["--compatibility-version", "1.12"], ports: &[22];
     // The same from istio-iptables' environment variable.
     compatibility_env: "COMPATIBILITY_VERSION" => [], env: &[("COMPATIBILITY_VERSION", "1.12")], ports: &[22];
+    // TPROXY: mangle's ISTIO_INBOUND judges connections from other hosts and, by their mark,
+    // those the namespace makes to itself (the proxy's own to its pod's 15008 is TPROXY'd
+    // where nat leaves it alone); each verdict and each rule's SYN count equal.
+    tproxy: "-m TPROXY" => ["-m", "TPROXY"];
+    tproxy_inbound_ports: "-m TPROXY, -b list" => ["-m", "TPROXY", "-b", "9080,15021"];
+    tproxy_excludes: "-m TPROXY, -d" => ["-m", "TPROXY", "-d", "9080,15020"];
+    tproxy_mark_and_table: "-m TPROXY, -t/-r" => ["-m", "TPROXY", "-t", "0x600", "-r", "2100"];
+    // mangle PREROUTING's `-i x0 -j RETURN` keeps the side host's connections from TPROXY.
+    tproxy_exclude_interface: "-m TPROXY, -c" => ["-m", "TPROXY", "-c", "x0"], side: true;
 }
 
 /// `explain`'s text output is what iptables itself prints: loaded with iptables-restore and

@@ -56,6 +56,10 @@ pub const SMOKE: &[&str] = &[
     "owner_groups_include",
     // sk_lookup reads ingress_ifindex (5.17+) only where the kernel has it.
     "an_excluded_interface_is_left_alone",
+    // TPROXY: the transparent dial and its policy routing, sk_lookup's mangle walk with the
+    // SYN marks sock_ops notes, connect4/6's marked-to-lo sockets.
+    "the_app_sees_the_client_and_its_replies_come_back",
+    "tproxy_inbound_ports",
 ];
 
 pub struct Options {

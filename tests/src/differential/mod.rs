@@ -48,8 +48,22 @@ const BASE_PORTS: [u16; 5] = [8080, 9080, 15008, 15020, 15021];
 /// each in the oracle, and the chains compared.
 const TABLES: [(&str, &str); 2] = [("ipv4", "iptables"), ("ipv6", "ip6tables")];
 /// nat PREROUTING's and OUTPUT's own rules (`-c`'s RETURNs; their jumps to the ISTIO chains
-/// are not counted by the agent, so only RETURN rows are compared) and the ISTIO chains.
-const CHAINS: [&str; 4] = ["PREROUTING", "OUTPUT", "ISTIO_OUTPUT", "ISTIO_INBOUND"];
+/// are not counted by the agent, so only RETURN rows are compared) and the ISTIO chains, each
+/// with its table. In TPROXY mode ISTIO_INBOUND is mangle's, with ISTIO_TPROXY.
+fn chains(tproxy: bool) -> Vec<(&'static str, &'static str)> {
+    // PREROUTING's `-c` RETURN too: in TPROXY mode mangle's decides (nat's only counts).
+    let inbound = if tproxy { "mangle" } else { "nat" };
+    let mut c = vec![
+        (inbound, "PREROUTING"),
+        ("nat", "OUTPUT"),
+        ("nat", "ISTIO_OUTPUT"),
+        (inbound, "ISTIO_INBOUND"),
+    ];
+    if tproxy {
+        c.push(("mangle", "ISTIO_TPROXY"));
+    }
+    c
+}
 /// The side host's subnet ([`Config::side`]): 10.200.2.0/24 and fd00:200:0:2::/64.
 const SIDE_SUBNET: u8 = 2;
 /// The workload's interface to the side host, which `-c` configurations name.
@@ -84,7 +98,21 @@ pub struct Config {
     pub side: bool,
 }
 
+/// TPROXY mode's mark and table, when the configuration's flags ask for it.
+pub(crate) struct TproxyOf {
+    mark: String,
+    table: String,
+}
+
 impl Config {
+    /// `-m TPROXY`'s `-t` and `-r` (istio-iptables' defaults when not given).
+    fn tproxy(&self) -> Option<TproxyOf> {
+        (flag(self.flags, "-m") == Some("TPROXY")).then(|| TproxyOf {
+            mark: flag(self.flags, "-t").unwrap_or("1337").to_owned(),
+            table: flag(self.flags, "-r").unwrap_or("133").to_owned(),
+        })
+    }
+
     /// No flags, no environment, nothing beyond the base matrix: the start of a
     /// configuration's `..` (its `name` and `flags` are always its own).
     pub const BASE: Self = Self {

@@ -16,12 +16,14 @@ use redirect_testkit::{
     unique,
 };
 
-use super::{CHAINS, Config, SIDE_LINK, SIDE_SUBNET, TABLES};
+use super::{Config, SIDE_LINK, SIDE_SUBNET, TABLES, chains};
 use crate::{agent_bin, agent_cmd, agent_cmd_with_env, ip6tables_restore, iptables_restore, testkit_bin};
 
 /// A twin topology. Fields drop in order: agent, servers, cgroup, namespaces.
 pub(super) struct Twin {
     agent: Option<AgentProcess>,
+    /// TPROXY mode: ISTIO_INBOUND (and ISTIO_TPROXY) are mangle's.
+    tproxy: bool,
     _servers: Vec<ServeProcess>,
     pub(super) cgroup: TestCgroup,
     pub(super) pair: NetnsPair,
@@ -82,6 +84,7 @@ impl Twin {
         let cgroup = TestCgroup::create(tag).expect("cgroup");
         let mut twin = Self {
             agent: None,
+            tproxy: cfg.tproxy().is_some(),
             _servers: Vec::new(),
             cgroup,
             pair,
@@ -108,8 +111,20 @@ impl Twin {
         match kind {
             Kind::Iptables => {
                 let ns = &twin.pair.workload.name;
-                iptables_restore(ns, &tables.ipv4.iptables_save);
-                ip6tables_restore(ns, &tables.ipv6.iptables_save);
+                iptables_restore(ns, &syn_counted(&tables.ipv4.iptables_save));
+                ip6tables_restore(ns, &syn_counted(&tables.ipv6.iptables_save));
+                // What istio-iptables installs with TPROXY's rules (the agent, itself).
+                if let Some(t) = cfg.tproxy() {
+                    for family in ["-4", "-6"] {
+                        let w = &twin.pair.workload;
+                        w.ip(&[family, "rule", "add", "fwmark", &t.mark, "lookup", &t.table])
+                            .expect("ip rule");
+                        w.ip(&[
+                            family, "route", "add", "local", "default", "dev", "lo", "table", &t.table,
+                        ])
+                        .expect("ip route");
+                    }
+                }
                 // istio-iptables adds the IPv6 passthrough source with its ip6tables rules (the
                 // agent does it itself).
                 twin.pair
@@ -145,9 +160,20 @@ impl Twin {
             remote.extend(listen_ports.iter().map(|&p| listener("remote", remote_ip, p)));
         }
         let testkit = testkit_bin();
+        // Envoy's TPROXY-mode inbound listener is transparent: iptables' TPROXY hands
+        // connections to no other.
+        let transparent: &[&str] = if twin.tproxy { &["cap-in", "cap-in6"] } else { &[] };
         twin._servers = vec![
-            ServeProcess::start(&testkit, Some(&twin.cgroup.path), &twin.pair.workload.path, &workload)
-                .expect("workload servers"),
+            ServeProcess::start_transparent(
+                &testkit,
+                Some(&twin.cgroup.path),
+                &twin.pair.workload.path,
+                &workload,
+                &[],
+                None,
+                transparent,
+            )
+            .expect("workload servers"),
             ServeProcess::start(&testkit, None, &twin.pair.remote.path, &remote).expect("remote servers"),
         ];
         if let Some(side) = &twin.side {
@@ -162,9 +188,10 @@ impl Twin {
         twin
     }
 
-    /// Per-rule counts of both families' ISTIO_OUTPUT and ISTIO_INBOUND: the agent's
-    /// counters, or the packet counters of the nat rules (only a connection's first packet
-    /// traverses nat, so those count connections too).
+    /// Per-rule counts of both families' chains ([`chains`]): the agent's counters; or the
+    /// packet counters of the nat rules (only a connection's first packet traverses nat, so
+    /// those count connections too), and of mangle's those of each rule's SYN-only copy
+    /// ([`syn_counted`]), which mangle's own counters, counting every packet, are not.
     pub(super) fn counts(&self) -> Counts {
         let mut counts = Counts::new();
         match &self.agent {
@@ -173,11 +200,11 @@ impl Twin {
                 assert!(out.status.success(), "stats: {}", String::from_utf8_lossy(&out.stderr));
                 let stats: InstanceStats = serde_json::from_slice(&out.stdout).expect("stats --json");
                 for (family, _) in TABLES {
-                    for chain in CHAINS {
+                    for (table, chain) in chains(self.tproxy) {
                         let rows = stats
                             .rules
                             .iter()
-                            .filter(|r| r.chain == chain && r.family == family)
+                            .filter(|r| r.chain == chain && r.family == family && r.table == table)
                             .map(|r| r.connections)
                             .collect();
                         counts.insert((family, chain), rows);
@@ -186,28 +213,56 @@ impl Twin {
             }
             None => {
                 for (family, tool) in TABLES {
-                    for chain in CHAINS {
-                        let out = Command::new("ip")
-                            .args(["netns", "exec", &self.pair.workload.name])
-                            .args([tool, "-t", "nat", "-L", chain, "-v", "-n", "-x", "--line-numbers"])
-                            .output()
-                            .expect("iptables -L");
-                        assert!(out.status.success(), "{tool} -L {chain}");
-                        // Two header lines, then "num pkts bytes target ...". Of the built-in
-                        // chains, only RETURN rows (`-c`'s): the agent counts no jumps.
-                        let builtin = !chain.starts_with("ISTIO_");
-                        let rows = String::from_utf8_lossy(&out.stdout)
-                            .lines()
-                            .skip(2)
-                            .filter(|l| !builtin || l.split_whitespace().nth(3) == Some("RETURN"))
-                            .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
-                            .collect();
+                    for (table, chain) in chains(self.tproxy) {
+                        let rows = match table {
+                            "mangle" => self.syn_counts(tool, chain),
+                            _ => self.nat_counts(tool, chain),
+                        };
                         counts.insert((family, chain), rows);
                     }
                 }
             }
         }
         counts
+    }
+
+    /// The packet counts of nat `chain`'s rules.
+    fn nat_counts(&self, tool: &str, chain: &str) -> Vec<u64> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.pair.workload.name])
+            .args([tool, "-t", "nat", "-L", chain, "-v", "-n", "-x", "--line-numbers"])
+            .output()
+            .expect("iptables -L");
+        assert!(out.status.success(), "{tool} -L {chain}");
+        // Two header lines, then "num pkts bytes target ...". Of the built-in chains, only
+        // RETURN rows (`-c`'s): the agent counts no jumps.
+        let builtin = !chain.starts_with("ISTIO_");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(2)
+            .filter(|l| !builtin || l.split_whitespace().nth(3) == Some("RETURN"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .collect()
+    }
+
+    /// The SYNs that reached and matched each rule of mangle `chain`: its target-less copies'
+    /// packet counts, read with `iptables-save -c` (`[packets:bytes] -A CHAIN ...`).
+    fn syn_counts(&self, tool: &str, chain: &str) -> Vec<u64> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.pair.workload.name])
+            .args([&format!("{tool}-save"), "-c", "-t", "mangle"])
+            .output()
+            .expect("iptables-save");
+        assert!(out.status.success(), "{tool}-save -t mangle");
+        let append = format!("-A {chain} ");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let (counters, rule) = l.split_once("] ")?;
+                (rule.starts_with(&append) && !rule.contains(" -j ")).then_some(counters)
+            })
+            .filter_map(|c| c.trim_start_matches('[').split(':').next()?.parse().ok())
+            .collect()
     }
 
     pub(super) fn counters(&self) -> String {
@@ -229,6 +284,35 @@ impl Twin {
                 .collect(),
         }
     }
+}
+
+/// istio-iptables' tables with, before each rule of mangle's ISTIO_INBOUND and ISTIO_TPROXY, a
+/// copy of its matches restricted to SYNs and with no target: it counts the connections that
+/// reach the rule and match it, and decides nothing (a rule without a target only counts).
+/// The agent counts connections; mangle's own counters count every packet.
+fn syn_counted(save: &str) -> String {
+    let mut out = String::new();
+    let mut mangle = false;
+    for line in save.lines() {
+        if line.starts_with('*') {
+            mangle = line == "*mangle";
+        }
+        // PREROUTING's own: only `-c`'s RETURNs, the agent's rows there.
+        let judged = line.starts_with("-A ISTIO_INBOUND ")
+            || line.starts_with("-A ISTIO_TPROXY ")
+            || (line.starts_with("-A PREROUTING -i ") && line.ends_with(" -j RETURN"));
+        if mangle && judged {
+            let matches = line.split(" -j ").next().unwrap_or(line);
+            out.push_str(matches);
+            if !matches.contains(" -p tcp") {
+                out.push_str(" -p tcp");
+            }
+            out.push_str(" -m tcp --syn\n");
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// The workload's and the side host's addresses on the side link, both families.
