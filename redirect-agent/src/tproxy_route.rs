@@ -136,6 +136,8 @@ pub struct TproxyRouting {
     ipv6: bool,
     /// tcp_fwmark_accept before install, when install changed it (it was not 1).
     fwmark_accept_before: Option<String>,
+    /// Entries already there are a predecessor's, taken over ([`TproxyRouting::adopt`]).
+    adopt: bool,
 }
 
 impl TproxyRouting {
@@ -149,6 +151,18 @@ impl TproxyRouting {
     /// left in place at [`TproxyRouting::remove`]. Another default route in the table is an
     /// error. On any failure, what this call added is taken away again before it returns.
     pub fn install(netns: &Netns, mark: u32, table: u32) -> Result<Self, TproxyRouteError> {
+        Self::install_as(netns, mark, table, false)
+    }
+
+    /// [`TproxyRouting::install`] for a workload this agent takes over (a handover, or a
+    /// killed predecessor's pins): identical entries already there are the predecessor's, so
+    /// they are this value's to remove; and tcp_fwmark_accept found at 1 was the predecessor's
+    /// doing, so removal sets it back to the kernel's default, 0 (the value before it is gone).
+    pub fn adopt(netns: &Netns, mark: u32, table: u32) -> Result<Self, TproxyRouteError> {
+        Self::install_as(netns, mark, table, true)
+    }
+
+    fn install_as(netns: &Netns, mark: u32, table: u32, adopt: bool) -> Result<Self, TproxyRouteError> {
         validate(mark, table)?;
         let held = netns
             .try_clone()
@@ -161,6 +175,7 @@ impl TproxyRouting {
             added: Vec::new(),
             ipv6: false,
             fwmark_accept_before: None,
+            adopt,
         };
         if let Err(e) = this.install_with(&socket) {
             this.delete_added(&socket);
@@ -201,6 +216,9 @@ impl TproxyRouting {
             netns: self.netns.path().to_owned(),
             source,
         })?;
+        if self.adopt && self.fwmark_accept_before.is_none() {
+            self.fwmark_accept_before = Some("0".into());
+        }
         Ok(())
     }
 
@@ -220,12 +238,23 @@ impl TproxyRouting {
                 item: route,
                 priority: None,
             }),
+            Ok(false) if self.adopt => self.added.push(Added {
+                item: route,
+                priority: None,
+            }),
             Ok(false) => tracing::info!("`{}` was already there: kept at removal", route.command(mark, table)),
             Err(e) if no_ipv6(&e) => return Ok(self.without_ipv6(&e)),
             Err(e) => return Err(self.failed("adding", route, e)),
         }
-        if !existing.is_empty() {
-            tracing::info!("`{}` was already there: kept at removal", rule.command(mark, table));
+        if let Some(&priority) = existing.first() {
+            if self.adopt {
+                self.added.push(Added {
+                    item: rule,
+                    priority: Some(priority),
+                });
+            } else {
+                tracing::info!("`{}` was already there: kept at removal", rule.command(mark, table));
+            }
             return Ok(true);
         }
         request(

@@ -83,9 +83,12 @@ pub unsafe extern "C" fn redirect_walk_chain(
         // does not match (the caller worked that out first: `ConnFacts::tproxy`); one that
         // does decides, and the caller counts that rule.
         let t = rule.target;
+        // MARK does not end iptables' walk either: a counted walk goes past it, counting each
+        // one that matches; an uncounted one stops at the first, to say that one did.
         let passes = t == Target::JumpDns as u8
             || (facts.proto == IPPROTO_UDP && (t == Target::Redirect as u8 || t == Target::InRedirect as u8))
-            || (t == Target::JumpTproxy as u8 && !facts.tproxy);
+            || (t == Target::JumpTproxy as u8 && !facts.tproxy)
+            || (t == Target::Mark as u8 && counting);
         if passes {
             continue;
         }

@@ -95,6 +95,7 @@ pub unsafe fn judge(
         sk,
         cookie,
         proto,
+        sending: udp_only,
         // SAFETY: the helper's one argument is the program's own context (it reads the
         // socket's namespace from it); every sock_addr hook may call it (5.7+, probed).
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
@@ -134,6 +135,8 @@ pub struct Connect {
     pub sk: *mut bpf_sock,
     pub cookie: u64,
     pub proto: u8,
+    /// A datagram's sendmsg (an unconnected UDP send), not a connect.
+    pub sending: bool,
     pub netns_cookie: u64,
     /// Where the app connects, in [`redirect_common::addr`] form (IPv4 v4-mapped), as it
     /// passed it: `0.0.0.0` and `::` are resolved here, as the kernel would.
@@ -193,13 +196,14 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
     let sk_mark = unsafe { read_volatile(&raw const (*c.sk).mark) };
     // TPROXY's `ip rule fwmark MARK lookup TABLE` (`local default dev lo`), which the agent
     // installs with the workload (whose `tproxy_mark` is 0 otherwise): a socket with that mark
-    // goes over lo whatever its destination. Unbound, an IPv4 one to an address not of the
-    // namespace gets no source and its connect fails (ENETUNREACH) before nat OUTPUT would
-    // see it; an IPv6 one leaves from `::6`, lo's address that source selection picks for it.
+    // goes over lo whatever its destination. Unbound, an IPv4 one's connect to an address not
+    // of the namespace fails (ENETUNREACH) before nat OUTPUT would see it, where a datagram
+    // sent unconnected leaves from its destination; an IPv6 one leaves from `::6`, lo's
+    // address that source selection picks for it.
     // Worked out without branches where it can be: each one doubles what the verifier walks.
     let marked_to_lo = (workload.tproxy_mark != 0) & (sk_mark == workload.tproxy_mark) & !out_lo;
     let unbound = addr::words_eq(&c.src, &addr::UNSPECIFIED) || addr::words_eq(&c.src, &addr::v4(0));
-    if marked_to_lo && family == Family::V4 && unbound {
+    if marked_to_lo && family == Family::V4 && unbound && !c.sending {
         return None;
     }
     let out_lo = out_lo | marked_to_lo;
@@ -259,8 +263,14 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
     // own loopback connections, which mangle ISTIO_INBOUND tells apart when they come back in.
     if workload.flags & workload_flags::TPROXY != 0 && c.proto == IPPROTO_TCP && out_lo {
         let marked = ConnFacts { mark: sk_mark, ..facts };
-        if chain::decide(workload, ChainId::MarkOutput, &marked, true) == Some(Target::Mark) {
+        // Counted (every MARK that matches counts, as none ends the walk), then asked whether
+        // one did before a RETURN.
+        let _ = chain::decide(workload, ChainId::MarkOutput, &marked, true);
+        if chain::decide(workload, ChainId::MarkOutput, &marked, false) == Some(Target::Mark) {
             let _ = SYN_MARK_BY_COOKIE.insert(c.cookie, TPROXY_OUTBOUND_MARK, 0);
+        } else {
+            // A connect again after one that failed: its SYN is not marked this time.
+            let _ = SYN_MARK_BY_COOKIE.remove(c.cookie);
         }
     }
     let (target, port) = match decided {
@@ -355,7 +365,7 @@ fn udp_flow(cookie: u64, dst: &Addr, port: u16) -> UdpFlow {
 /// - A destination that is one of the namespace's own addresses: that address (a local
 ///   route's source is its destination).
 /// - An IPv6 destination a TPROXY workload's marked socket reaches over lo
-///   (`marked_to_lo`): `::6`.
+///   (`marked_to_lo`): `::6`; an IPv4 one (a datagram's): the destination.
 /// - Any other non-loopback destination: the source the namespace's main routing table gives
 ///   it (`ROUTE_SOURCES`: the longest matching route's preferred source, else its device's
 ///   address), else the pod's address of the family (`POD_ADDRS`). Other policy routing
@@ -370,7 +380,7 @@ fn source(c: &Connect, dst: &Addr, out_lo: bool, family: Family, marked_to_lo: b
         return addr::UNSPECIFIED;
     }
     if out_lo {
-        return if marked_to_lo {
+        return if marked_to_lo && family == Family::V6 {
             addr::passthrough_src(Family::V6)
         } else {
             *dst

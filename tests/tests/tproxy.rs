@@ -8,7 +8,7 @@ use std::{
 };
 
 use redirect_testkit::report::ProbeResult;
-use redirect_tests::{APP_PORT, Outcome, Workload};
+use redirect_tests::{APP_PORT, Outcome, REMOTE_PORT, Workload};
 
 const TPROXY: [&str; 2] = ["-m", "TPROXY"];
 
@@ -68,6 +68,28 @@ fn the_app_sees_the_client_and_its_replies_come_back() {
     assert_eq!(w.chain_counts("ISTIO_TPROXY"), [1], "{:#?}", w.stats());
     // The proxy's own upstream connect is the agent's: ISTIO_OUTPUT never judged it.
     assert!(w.counts().iter().all(|&c| c == 0), "{:?}", w.counts());
+}
+
+/// The embedded proxy's outbound sockets carry the agent's mark, 0x539, which is also TPROXY's
+/// default mark: they must not carry it in TPROXY mode, where its `ip rule` routes into lo.
+#[test]
+fn outbound_through_the_proxy_still_leaves_the_pod() {
+    let w = Workload::with_agent("tpx-out", &TPROXY);
+    let r = w.probe(&w.spec(w.remote(REMOTE_PORT)).bytes(1 << 16));
+    assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
+    assert_eq!(r.banner_field("name"), Some("remote"), "{r:?}");
+    assert!(r.intact, "{r:?}");
+    assert_eq!(
+        w.remote_server.accepted().len(),
+        1,
+        "through the proxy to the remote host"
+    );
+    assert_eq!(
+        *w.counts().last().unwrap(),
+        1,
+        "captured on the catch-all: {:?}",
+        w.counts()
+    );
 }
 
 #[test]

@@ -192,3 +192,19 @@ fn cleanup_removes_a_killed_runs_routing_and_leaves_the_sysctl() {
     // Nothing left: a second cleanup has nothing to do and succeeds.
     tproxy_route::cleanup(&ns.open().unwrap(), MARK, TABLE).expect("second cleanup");
 }
+
+#[test]
+fn a_successor_adopts_its_predecessors_routing_and_removes_it() {
+    let ns = netns("tpr-adopt");
+    let before = routing(&ns, TABLE);
+    let handle = ns.open().expect("open netns");
+    // The predecessor (handed over, or killed) leaves its routing in place.
+    drop(TproxyRouting::install(&handle, MARK, TABLE).expect("install"));
+    assert_installed(&routing(&ns, TABLE), MARK, TABLE);
+    // Its successor takes it over, adding nothing, and removes all of it at its own end, the
+    // sysctl back to the kernel's default.
+    let adopted = TproxyRouting::adopt(&handle, MARK, TABLE).expect("adopt");
+    assert_installed(&routing(&ns, TABLE), MARK, TABLE);
+    adopted.remove();
+    assert_eq!(routing(&ns, TABLE), before);
+}

@@ -409,16 +409,17 @@ impl Engine {
     /// one that keeps its pins only lets go of its lock. What is returned drains the proxies.
     pub(crate) fn stop(&mut self) -> Draining {
         let keeps_nothing = self.settings.mode == Mode::Run;
-        let proxies: Vec<_> = std::mem::take(&mut self.workloads)
-            .into_values()
-            .filter_map(|w| {
-                // An instance that keeps its pins keeps the routing they capture with.
-                if keeps_nothing && let Some(t) = w.tproxy {
-                    t.remove();
-                }
-                w.proxy
-            })
-            .collect();
+        let mut proxies = Vec::new();
+        let mut routing = Vec::new();
+        for w in std::mem::take(&mut self.workloads).into_values() {
+            proxies.extend(w.proxy);
+            // An instance that keeps its pins keeps the routing they capture with; one that
+            // keeps nothing removes it once its proxies drained (their open TPROXY
+            // connections' replies need it until then).
+            if keeps_nothing {
+                routing.extend(w.tproxy);
+            }
+        }
         if keeps_nothing {
             // The workloads' sk_lookup links went with them, above.
             self.cgroup_links.clear();
@@ -427,6 +428,7 @@ impl Engine {
         drop(self.lock.take());
         Draining {
             proxies,
+            routing,
             grace: self.settings.sizing.drain,
         }
     }
@@ -463,6 +465,8 @@ impl Drop for Engine {
 #[must_use = "open connections are reset unless they are drained"]
 pub(crate) struct Draining {
     proxies: Vec<crate::proxy::Proxy>,
+    /// TPROXY routing to remove once the proxies are done.
+    routing: Vec<crate::tproxy_route::TproxyRouting>,
     grace: Duration,
 }
 
@@ -476,6 +480,10 @@ impl Draining {
             drains.spawn(p.drain(self.grace));
         }
         while drains.join_next().await.is_some() {}
+        if !self.routing.is_empty() {
+            let routing = self.routing;
+            let _ = tokio::task::spawn_blocking(move || routing.into_iter().for_each(|t| t.remove())).await;
+        }
     }
 }
 

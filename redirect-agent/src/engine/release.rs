@@ -82,13 +82,22 @@ impl Engine {
             .remove(&id)
             .ok_or_else(|| EnrollError::NoSuchId(id.clone()))?;
         self.purge(w.info.netns_cookie);
-        if let Some(t) = w.tproxy {
-            t.remove();
-        }
         self.persist();
         tracing::info!(%id, "unenrolled");
-        if let Some(proxy) = w.proxy {
-            tokio::spawn(proxy.drain(self.settings.sizing.drain));
+        // TPROXY's routing goes once the proxy drained: its open connections' replies to the
+        // client's address come back to it through that routing.
+        let grace = self.settings.sizing.drain;
+        match (w.proxy, w.tproxy) {
+            (Some(proxy), routing) => {
+                tokio::spawn(async move {
+                    proxy.drain(grace).await;
+                    if let Some(t) = routing {
+                        let _ = tokio::task::spawn_blocking(move || t.remove()).await;
+                    }
+                });
+            }
+            (None, Some(t)) => t.remove(),
+            (None, None) => {}
         }
         Ok(id)
     }

@@ -482,13 +482,13 @@ impl Engine {
         w.cgroup_level = cgroup_level;
         // TPROXY mode: the mark routes the app's replies to a transparent connection back to the
         // proxy. In place before anything is captured; taken away again if what follows fails.
-        let tproxy = match capture.inbound_mode {
-            InterceptionMode::Tproxy => Some(TproxyRouting::install(
-                &netns,
-                capture.tproxy.mark,
-                capture.tproxy.route_table,
-            )?),
-            InterceptionMode::Redirect => None,
+        // An adopted workload's routing (a handover's, a killed predecessor's) is this
+        // agent's to remove now.
+        let (mark, table) = (capture.tproxy.mark, capture.tproxy.route_table);
+        let tproxy = match (capture.inbound_mode, adopted) {
+            (InterceptionMode::Tproxy, false) => Some(TproxyRouting::install(&netns, mark, table)?),
+            (InterceptionMode::Tproxy, true) => Some(TproxyRouting::adopt(&netns, mark, table)?),
+            (InterceptionMode::Redirect, _) => None,
         };
         let live = self
             .maps

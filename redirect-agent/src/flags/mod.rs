@@ -393,6 +393,18 @@ pub fn check(c: &CaptureConfig) -> Result<(), crate::error::FlagError> {
     if c.inbound_mode == config::InterceptionMode::Tproxy && (253..=255).contains(&c.tproxy.route_table) {
         return Err(FlagError::KernelTable(c.tproxy.route_table));
     }
+    // mangle's ISTIO_INBOUND tells SYNs the namespace sends itself (`-i lo`) by their arrival
+    // device: the proxy's transparent dial comes from the client's own address.
+    if c.inbound_mode == config::InterceptionMode::Tproxy
+        && aya::util::KernelVersion::current().is_ok_and(|v| v < aya::util::KernelVersion::new(5, 17, 0))
+    {
+        return Err(FlagError::Kernel {
+            flag: "-m TPROXY",
+            needs: "5.17",
+            what: "sk_lookup's ingress_ifindex, for mangle ISTIO_INBOUND's -i lo",
+            kernel: crate::features::kernel_string(),
+        });
+    }
     if let Some((_, flag)) = not_yet.iter().find(|(on, _)| *on) {
         return Err(FlagError::NotYet(flag));
     }

@@ -363,18 +363,22 @@ async fn connect_upstream(dst: SocketAddr, peer: SocketAddr, side: Side, shared:
         .dialer
         .socket(dst.is_ipv6(), shared.cfg.liveness.keepalive)
         .await?;
-    if side == Side::Inbound {
-        match shared.cfg.tproxy_mark {
-            // As Envoy's original_src filter in TPROXY mode: the app sees the client.
-            Some(mark) => transparent_from(&socket, peer, mark)?,
-            None => {
-                let src = match dst {
-                    SocketAddr::V4(_) => IpAddr::V4(INBOUND_PASSTHROUGH_SRC),
-                    SocketAddr::V6(_) => IpAddr::V6(INBOUND_PASSTHROUGH_SRC6),
-                };
-                socket.bind(SocketAddr::new(src, 0))?;
-            }
+    match (side, shared.cfg.tproxy_mark) {
+        // As Envoy's original_src filter in TPROXY mode: the app sees the client.
+        (Side::Inbound, Some(mark)) => transparent_from(&socket, peer, mark)?,
+        // The agent's own mark is 0x539, TPROXY's default: its `ip rule` would route the
+        // socket into lo whatever it dials. Envoy's outbound sockets carry no mark there.
+        (_, Some(mark)) if mark == redirect_common::AGENT_SOCKET_MARK => {
+            socket2::SockRef::from(&socket).set_mark(0)?;
         }
+        (Side::Inbound, None) => {
+            let src = match dst {
+                SocketAddr::V4(_) => IpAddr::V4(INBOUND_PASSTHROUGH_SRC),
+                SocketAddr::V6(_) => IpAddr::V6(INBOUND_PASSTHROUGH_SRC6),
+            };
+            socket.bind(SocketAddr::new(src, 0))?;
+        }
+        _ => {}
     }
     tokio::time::timeout(shared.cfg.connect_timeout, socket.connect(dst))
         .await

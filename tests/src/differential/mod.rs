@@ -60,9 +60,21 @@ fn chains(tproxy: bool) -> Vec<(&'static str, &'static str)> {
         (inbound, "ISTIO_INBOUND"),
     ];
     if tproxy {
+        // And mangle OUTPUT's `-o lo` marks, which connect4/6 walk.
         c.push(("mangle", "ISTIO_TPROXY"));
+        c.push(("mangle", "OUTPUT"));
     }
     c
+}
+
+/// How the report names a chain: mangle's with its table, as nat and mangle both have OUTPUT.
+fn label(table: &str, chain: &'static str) -> &'static str {
+    match (table, chain) {
+        ("mangle", "OUTPUT") => "mangle OUTPUT",
+        ("mangle", "PREROUTING") => "mangle PREROUTING",
+        ("mangle", "ISTIO_INBOUND") => "mangle ISTIO_INBOUND",
+        _ => chain,
+    }
 }
 /// The side host's subnet ([`Config::side`]): 10.200.2.0/24 and fd00:200:0:2::/64.
 const SIDE_SUBNET: u8 = 2;

@@ -16,7 +16,7 @@ use redirect_testkit::{
     unique,
 };
 
-use super::{Config, SIDE_LINK, SIDE_SUBNET, TABLES, chains};
+use super::{Config, SIDE_LINK, SIDE_SUBNET, TABLES, chains, label};
 use crate::{agent_bin, agent_cmd, agent_cmd_with_env, ip6tables_restore, iptables_restore, testkit_bin};
 
 /// A twin topology. Fields drop in order: agent, servers, cgroup, namespaces.
@@ -207,7 +207,7 @@ impl Twin {
                             .filter(|r| r.chain == chain && r.family == family && r.table == table)
                             .map(|r| r.connections)
                             .collect();
-                        counts.insert((family, chain), rows);
+                        counts.insert((family, label(table, chain)), rows);
                     }
                 }
             }
@@ -218,7 +218,7 @@ impl Twin {
                             "mangle" => self.syn_counts(tool, chain),
                             _ => self.nat_counts(tool, chain),
                         };
-                        counts.insert((family, chain), rows);
+                        counts.insert((family, label(table, chain)), rows);
                     }
                 }
             }
@@ -297,10 +297,14 @@ fn syn_counted(save: &str) -> String {
         if line.starts_with('*') {
             mangle = line == "*mangle";
         }
-        // PREROUTING's own: only `-c`'s RETURNs, the agent's rows there.
+        // PREROUTING's own: only `-c`'s RETURNs; OUTPUT's: only the `-o lo` marks (and their
+        // RETURN), the agent's rows there.
         let judged = line.starts_with("-A ISTIO_INBOUND ")
             || line.starts_with("-A ISTIO_TPROXY ")
-            || (line.starts_with("-A PREROUTING -i ") && line.ends_with(" -j RETURN"));
+            || (line.starts_with("-A PREROUTING -i ") && line.ends_with(" -j RETURN"))
+            || (line.starts_with("-A OUTPUT ")
+                && line.contains(" -o lo ")
+                && (line.contains(" -j MARK ") || line.ends_with(" -j RETURN")));
         if mangle && judged {
             let matches = line.split(" -j ").next().unwrap_or(line);
             out.push_str(matches);
