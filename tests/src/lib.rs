@@ -371,3 +371,13 @@ pub fn landing(r: &ProbeResult) -> Landing {
         _ => Landing::Direct { server },
     }
 }
+
+/// The address the server that answered saw the probe come from (its banner's `peer`).
+pub fn banner_peer_ip(r: &ProbeResult) -> std::net::Ipv4Addr {
+    let saw: SocketAddrV4 = r
+        .banner_field("peer")
+        .unwrap_or_else(|| panic!("no banner: {r:?}"))
+        .parse()
+        .unwrap();
+    *saw.ip()
+}

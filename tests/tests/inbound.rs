@@ -7,23 +7,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirect_testkit::{report::ProbeResult, serve::ServeProcess, server::TestServer};
-use redirect_tests::{APP_PORT, Outcome, TUNNEL_PORT, Workload};
+use redirect_testkit::{serve::ServeProcess, server::TestServer};
+use redirect_tests::{APP_PORT, Outcome, TUNNEL_PORT, Workload, banner_peer_ip as peer_ip};
 
 /// istio's status port: excluded inbound by the default `-d`.
 const STATUS_PORT: u16 = 15020;
 
 fn any(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)
-}
-
-fn peer_ip(r: &ProbeResult) -> Ipv4Addr {
-    let saw: SocketAddrV4 = r
-        .banner_field("peer")
-        .unwrap_or_else(|| panic!("no banner: {r:?}"))
-        .parse()
-        .unwrap();
-    *saw.ip()
 }
 
 /// ISTIO_INBOUND of the default injection, 1-based: 15008, 15090, 15021, 15020, catch-all.

@@ -2,24 +2,11 @@
 //! proxy dials the app from the client's own address, and the namespace's policy routing
 //! brings the app's replies back to it, in place while the agent runs and gone after.
 
-use std::{
-    net::{Ipv4Addr, SocketAddrV4},
-    process::Command,
-};
+use std::process::Command;
 
-use redirect_testkit::report::ProbeResult;
-use redirect_tests::{APP_PORT, Outcome, REMOTE_PORT, Workload};
+use redirect_tests::{APP_PORT, Outcome, REMOTE_PORT, Workload, banner_peer_ip as peer_ip};
 
 const TPROXY: [&str; 2] = ["-m", "TPROXY"];
-
-fn peer_ip(r: &ProbeResult) -> Ipv4Addr {
-    let saw: SocketAddrV4 = r
-        .banner_field("peer")
-        .unwrap_or_else(|| panic!("no banner: {r:?}"))
-        .parse()
-        .unwrap();
-    *saw.ip()
-}
 
 /// `cmd` run in the workload's namespace, its stdout.
 fn in_workload(w: &Workload, cmd: &[&str]) -> String {

@@ -393,29 +393,31 @@ pub fn check(c: &CaptureConfig) -> Result<(), crate::error::FlagError> {
     if c.inbound_mode == config::InterceptionMode::Tproxy && (253..=255).contains(&c.tproxy.route_table) {
         return Err(FlagError::KernelTable(c.tproxy.route_table));
     }
-    // mangle's ISTIO_INBOUND tells SYNs the namespace sends itself (`-i lo`) by their arrival
-    // device: the proxy's transparent dial comes from the client's own address.
-    if c.inbound_mode == config::InterceptionMode::Tproxy
-        && aya::util::KernelVersion::current().is_ok_and(|v| v < aya::util::KernelVersion::new(5, 17, 0))
-    {
-        return Err(FlagError::Kernel {
-            flag: "-m TPROXY",
-            needs: "5.17",
-            what: "sk_lookup's ingress_ifindex, for mangle ISTIO_INBOUND's -i lo",
-            kernel: crate::features::kernel_string(),
-        });
-    }
     if let Some((_, flag)) = not_yet.iter().find(|(on, _)| *on) {
         return Err(FlagError::NotYet(flag));
     }
-    // sk_lookup reads the arrival device only where the kernel has it (see sk_lookup.rs).
-    if !c.exclude_interfaces.is_empty()
+    // sk_lookup reads the SYN's arrival device only where the kernel has it (see sk_lookup.rs):
+    // `-c`'s `PREROUTING -i`, and TPROXY's `-i lo` (the proxy's transparent dial comes from the
+    // client's own address, so only the device tells it came from the namespace itself).
+    let arrival_device = [
+        (
+            !c.exclude_interfaces.is_empty(),
+            "-c/--istio-exclude-interfaces",
+            "sk_lookup's ingress_ifindex, for PREROUTING -i",
+        ),
+        (
+            c.inbound_mode == config::InterceptionMode::Tproxy,
+            "-m TPROXY",
+            "sk_lookup's ingress_ifindex, for mangle ISTIO_INBOUND's -i lo",
+        ),
+    ];
+    if let Some(&(_, flag, what)) = arrival_device.iter().find(|(on, ..)| *on)
         && aya::util::KernelVersion::current().is_ok_and(|v| v < aya::util::KernelVersion::new(5, 17, 0))
     {
         return Err(FlagError::Kernel {
-            flag: "-c/--istio-exclude-interfaces",
+            flag,
             needs: "5.17",
-            what: "sk_lookup's ingress_ifindex, for PREROUTING -i",
+            what,
             kernel: crate::features::kernel_string(),
         });
     }
