@@ -350,3 +350,26 @@ impl InboundListener {
             })
     }
 }
+
+/// Registers a socket that already listens on the inbound capture port (the workload's own
+/// proxy's); `false`: none does yet, which is normal (the proxy starts later). Failing to look
+/// is logged, not fatal: sock_ops still registers the next listen().
+pub(super) fn adopt_listener(
+    netns: &crate::sys::Netns,
+    port: u16,
+    slot: &mut InboundListener,
+    id: &str,
+) -> Result<bool, super::EnrollError> {
+    match crate::adopt::existing_listener(netns, port) {
+        Ok(Some((fd, pid))) => {
+            slot.register(&fd)?;
+            tracing::info!(%id, pid, port, "inbound capture listener (already listening) registered");
+            Ok(true)
+        }
+        Ok(None) => Ok(false),
+        Err(e) => {
+            tracing::warn!(%id, port, "looking for an inbound capture listener: {e}");
+            Ok(false)
+        }
+    }
+}

@@ -17,12 +17,11 @@ use redirect_common::{
 use super::{
     Engine, EnrollError,
     links::{self, AttachType},
-    object::{InboundListener, SkLookupInstance, open_typed},
+    object::{InboundListener, SkLookupInstance, adopt_listener, open_typed},
     pins,
 };
 use crate::{
     addrs::{self, AddrMaps, LocalAddrs},
-    adopt,
     flags::ProxyMode,
     proxy::{
         AgentSockets, CgroupDialer, ChildSpec, Dialer, DnsUpstream, FastPath, FastPathSockets, LISTEN_BACKLOG,
@@ -544,24 +543,6 @@ impl Engine {
             netns.path().display()
         )))?;
         Ok((link, program))
-    }
-}
-
-/// Registers a socket that already listens on the inbound capture port (the workload's own
-/// proxy's); `false`: none does yet, which is normal (the proxy starts later). Failing to look
-/// is logged, not fatal: sock_ops still registers the next listen().
-fn adopt_listener(netns: &Netns, port: u16, slot: &mut InboundListener, id: &str) -> Result<bool, EnrollError> {
-    match adopt::existing_listener(netns, port) {
-        Ok(Some((fd, pid))) => {
-            slot.register(&fd)?;
-            tracing::info!(%id, pid, port, "inbound capture listener (already listening) registered");
-            Ok(true)
-        }
-        Ok(None) => Ok(false),
-        Err(e) => {
-            tracing::warn!(%id, port, "looking for an inbound capture listener: {e}");
-            Ok(false)
-        }
     }
 }
 
