@@ -69,6 +69,7 @@ pub async fn serve(args: &ProxyArgs, shutdown: impl std::future::Future<Output =
         outbound_port: args.envoy_port,
         inbound_port: args.inbound_capture_port,
         listen_on: ProxyConfig::ANY.to_vec(),
+        outbound_on_any: false,
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         max_connections: args.max_proxy_connections as usize,
         liveness: args.liveness.to_liveness(),

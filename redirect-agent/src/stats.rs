@@ -9,7 +9,7 @@ use aya::maps::{HashMap, MapData, PerCpuArray};
 use redirect_common::{
     ChainId, Target, Workload,
     addr::Family,
-    chain::{ListColumns, list_columns, match_text_named},
+    chain::{ListColumns, Names, list_columns_named, match_text_named},
     events,
 };
 use serde::Serialize;
@@ -90,6 +90,12 @@ pub(crate) fn rows(
     let groups: Vec<String> = w.owner_groups[..n].iter().map(u32::to_string).collect();
     let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
     let ifaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
+    // Interface names are not in the kernel's copy of the chain, but in the enrollment's
+    // record; without one, entries print by number.
+    let names = Names {
+        groups: &groups,
+        ifaces: &ifaces,
+    };
     for (i, &(slot, r)) in rules.iter().enumerate() {
         let chain = r.chain_id();
         let connections = sum(
@@ -106,18 +112,10 @@ pub(crate) fn rows(
                 .filter(|(_, x)| x.chain_id() == chain && x.family == r.family)
                 .count(),
             slot,
-            // Interface names are not in the kernel's copy of the chain, but in the
-            // enrollment's record; without one, entries print by number.
-            match_: match_text_named(
-                r,
-                &redirect_common::chain::Names {
-                    groups: &groups,
-                    ifaces: &ifaces,
-                },
-            ),
+            match_: match_text_named(r, &names),
             target: r.target_kind().map_or("?", Target::iptables_name).into(),
             connections,
-            columns: Some(list_columns(r)),
+            columns: Some(list_columns_named(r, &names)),
         });
     }
     Ok(out)
@@ -218,15 +216,17 @@ pub fn render_text(stats: &InstanceStats) -> String {
             }
             let c = row.columns.clone().unwrap_or(ListColumns {
                 prot: "?".into(),
+                input: "?".into(),
                 out: "?".into(),
                 source: "?".into(),
                 destination: "?".into(),
                 extra: row.match_.clone(),
             });
-            let (prot, out, src, dst, extra) = (c.prot, c.out, c.source, c.destination, c.extra);
+            let (prot, input, out) = (c.prot, c.input, c.out);
+            let (src, dst, extra) = (c.source, c.destination, c.extra);
             let line = format!(
                 "{:>4} {:>4} {:>8} {:<18} {:<4} {:<3} {:<4} {:<4} {:<18} {:<18} {}",
-                row.slot, row.rule, row.connections, row.target, prot, "--", "*", out, src, dst, extra
+                row.slot, row.rule, row.connections, row.target, prot, "--", input, out, src, dst, extra
             );
             let _ = writeln!(s, "{}", line.trim_end());
         }

@@ -248,6 +248,138 @@ impl TupleKey {
     }
 }
 
+/// A `-k` device's REDIRECT addresses (`VIRT_IFACES`' value): where iptables' REDIRECT in
+/// PREROUTING sends a connection, the first address of the arrival device of its family, and
+/// how the device frames its packets.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct VirtIface {
+    /// [`crate::addr`] form (v4-mapped); meaningful when `has & VirtIface::V4`.
+    pub v4: Addr,
+    /// Meaningful when `has & VirtIface::V6`.
+    pub v6: Addr,
+    /// Bytes before the IP header in what tc sees: 14 on an Ethernet device (a veth, a tap,
+    /// a bridge), 0 on an IP one (a tun).
+    pub l2_len: u32,
+    pub has: u32,
+}
+
+impl VirtIface {
+    pub const V4: u32 = 1;
+    pub const V6: u32 = 2;
+
+    #[inline(always)]
+    pub const fn new(v4: Option<Addr>, v6: Option<Addr>, l2_len: u32) -> Self {
+        let mut has = 0;
+        if v4.is_some() {
+            has |= Self::V4;
+        }
+        if v6.is_some() {
+            has |= Self::V6;
+        }
+        Self {
+            v4: match v4 {
+                Some(a) => a,
+                None => crate::addr::UNSPECIFIED,
+            },
+            v6: match v6 {
+                Some(a) => a,
+                None => crate::addr::UNSPECIFIED,
+            },
+            l2_len,
+            has,
+        }
+    }
+
+    /// The address of `family` a REDIRECT sends to, if the device has one.
+    #[inline(always)]
+    pub const fn redirect_addr(&self, family: Family) -> Option<Addr> {
+        match family {
+            Family::V4 if self.has & Self::V4 != 0 => Some(self.v4),
+            Family::V6 if self.has & Self::V6 != 0 => Some(self.v6),
+            _ => None,
+        }
+    }
+}
+
+/// A TCP connection that arrived on a `-k` device, by its source (the VM's end) in one
+/// workload's namespace (`VIRT_FLOWS`' key). conntrack tells connections apart by their whole
+/// tuple; after a REDIRECT, every connection of a VM has the same destination (the device's
+/// address and the capture port), so the VM's address and port alone name each, both ways.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct VirtFlowKey {
+    pub netns_cookie: u64,
+    /// [`crate::addr`] form.
+    pub addr: Addr,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+impl VirtFlowKey {
+    #[inline(always)]
+    pub const fn new(netns_cookie: u64, addr: Addr, port_host: u16) -> Self {
+        Self {
+            netns_cookie,
+            addr,
+            port: port_host,
+            _pad: [0; 6],
+        }
+    }
+}
+
+/// What nat PREROUTING decided for a connection from a `-k` device (`VIRT_FLOWS`' value):
+/// where it was going, and for a redirected one where it goes instead.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct VirtFlow {
+    /// The destination the VM dialed, [`crate::addr`] form.
+    pub orig: Addr,
+    /// The device's address the connection was redirected to (unspecified when not).
+    pub to: Addr,
+    /// Host byte order.
+    pub orig_port: u16,
+    /// Host byte order: the outbound capture port, 0 when not redirected.
+    pub to_port: u16,
+    /// A FIN or RST went by, either way: a SYN on the same ports after it opens a new
+    /// connection (conntrack's reopen), judged and counted afresh.
+    pub closing: u8,
+    pub _pad: [u8; 3],
+}
+
+impl VirtFlow {
+    #[inline(always)]
+    pub const fn new(orig: Addr, orig_port: u16, to: Addr, to_port: u16) -> Self {
+        Self {
+            orig,
+            to,
+            orig_port,
+            to_port,
+            closing: 0,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The same, once a FIN or RST went by.
+    #[inline(always)]
+    pub const fn closed(self) -> Self {
+        Self { closing: 1, ..self }
+    }
+
+    /// A connection nat PREROUTING let by (RETURN): remembered so that a retransmitted SYN
+    /// is not counted again, as conntrack's NEW is counted once.
+    #[inline(always)]
+    pub const fn returned(orig: Addr, orig_port: u16) -> Self {
+        Self::new(orig, orig_port, crate::addr::UNSPECIFIED, 0)
+    }
+
+    #[inline(always)]
+    pub const fn redirected(&self) -> bool {
+        self.to_port != 0
+    }
+}
+
 /// Ports as the kernel's program contexts present them, to the host-order `u16` the keys and
 /// rules hold. Each takes the whole 4-byte field (read as a `u32`, the access the kernel
 /// accepts on every version) and is named for where the port sits in it. The BPF target is
@@ -317,6 +449,13 @@ mod pod {
     unsafe impl aya::Pod for super::RouteInfo {}
     // SAFETY: repr(C), Copy; u64, u32 and an explicit u32 `_pad`; 16 bytes, no gaps.
     unsafe impl aya::Pod for super::IfaceKey {}
+    // SAFETY: repr(C), Copy; 2 x [u32; 4], 2 x u32; 40 bytes, no gaps.
+    unsafe impl aya::Pod for super::VirtIface {}
+    // SAFETY: repr(C), Copy; u64, [u32; 4], u16, explicit [u8; 6] `_pad`; 32 bytes, no gaps.
+    unsafe impl aya::Pod for super::VirtFlowKey {}
+    // SAFETY: repr(C), Copy; 2 x [u32; 4], 2 x u16, u8, explicit [u8; 3] `_pad`; 40 bytes,
+    // no gaps.
+    unsafe impl aya::Pod for super::VirtFlow {}
 }
 
 #[cfg(test)]
@@ -337,6 +476,9 @@ mod layout {
         assert_eq!(size_of::<UdpFlowKey>(), 32);
         assert_eq!(size_of::<RouteInfo>(), 20);
         assert_eq!(size_of::<IfaceKey>(), 16);
+        assert_eq!(size_of::<VirtIface>(), 40);
+        assert_eq!(size_of::<VirtFlowKey>(), 32);
+        assert_eq!(size_of::<VirtFlow>(), 40);
         assert_eq!(
             RouteDst::new(0x0102_0304_0506_0708, [0; 4]).netns_cookie(),
             0x0102_0304_0506_0708

@@ -76,16 +76,24 @@ pub mod events {
     /// A sender's first message found no peer (it had not joined yet): the connection keeps
     /// TCP in that direction, since mixing paths would reorder bytes.
     pub const FAST_PATH_DECLINED: u32 = 5;
+    /// A connection from a `-k` interface was to be redirected, but the interface has no
+    /// address of its family to redirect it to: dropped, as iptables' REDIRECT drops it.
+    pub const VIRT_NO_ADDRESS: u32 = 6;
+    /// A connection from a `-k` interface was redirected but its flow could not be recorded
+    /// (map full): its SYN was dropped, to be retried, rather than sent on half-translated.
+    pub const VIRT_FLOW_NOT_RECORDED: u32 = 7;
     /// Slots per workload (room to grow without changing the map's layout).
     pub const PER_WORKLOAD: u32 = 8;
     /// Names as `stats` prints them, by slot.
-    pub const NAMES: [&str; 6] = [
+    pub const NAMES: [&str; 8] = [
         "inbound_no_listener",
         "orig_dst_not_recorded",
         "orig_dst_answered",
         "fast_path_enrolled",
         "fast_path_redirected",
         "fast_path_declined",
+        "virt_no_address",
+        "virt_flow_not_recorded",
     ];
 }
 
@@ -145,8 +153,15 @@ pub mod maps {
     /// loopback SYN carries (its socket's, or mangle OUTPUT's): what sk_lookup's `-m mark`
     /// reads, from the SYN until sk_lookup judges it.
     pub const SYN_MARKS: &str = "SYN_MARKS";
+    /// [`crate::IfaceKey`] -> [`crate::VirtIface`]: a `-k` device of a workload's namespace,
+    /// with the addresses its REDIRECT sends connections to (its first of each family).
+    pub const VIRT_IFACES: &str = "VIRT_IFACES";
+    /// [`crate::VirtFlowKey`] -> [`crate::VirtFlow`]: the TCP connections that arrived on a
+    /// `-k` device, by the VM's end: what nat PREROUTING decided for each, and the
+    /// translation both directions of a redirected one take (conntrack's NAT entry).
+    pub const VIRT_FLOWS: &str = "VIRT_FLOWS";
     /// Every map the agent pins while it runs.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 20] = [
         WORKLOADS,
         LOCAL_ADDRS,
         POD_ADDRS,
@@ -165,6 +180,8 @@ pub mod maps {
         UDP_FLOWS,
         SYN_MARK_BY_COOKIE,
         SYN_MARKS,
+        VIRT_IFACES,
+        VIRT_FLOWS,
     ];
 }
 
@@ -195,13 +212,19 @@ pub mod programs {
     pub const GETSOCKOPT: &str = "redirect_getsockopt";
     pub const SK_MSG: &str = "redirect_sk_msg";
     pub const SK_SKB: &str = "redirect_sk_skb";
+    /// tc ingress of a `-k` device: nat PREROUTING's `-i IFACE` rules (one instance per
+    /// workload, like sk_lookup).
+    pub const VIRT_INGRESS: &str = "redirect_virt_ingress";
+    /// tc egress of a `-k` device: the replies of the connections ingress redirected.
+    pub const VIRT_EGRESS: &str = "redirect_virt_egress";
 }
 
 /// Read-only globals of the programs, which the agent sets when it loads them.
 pub mod globals {
-    /// `u64`: the netns cookie of the one namespace an instance of the sk_lookup program is
-    /// linked to (sk_lookup has no helper that says which namespace it runs in). The agent
-    /// loads one instance per workload.
+    /// `u64`: the netns cookie of the one namespace an instance of the sk_lookup program (and
+    /// of the tc programs of its `-k` devices) runs in: neither has a helper that says which
+    /// namespace it runs in on the kernels supported. The agent loads one instance per
+    /// workload.
     pub const SK_LOOKUP_NETNS_COOKIE: &str = "NETNS_COOKIE";
     /// `u8`: 1 when sk_lookup may read its context's `ingress_ifindex` (Linux 5.17+), which
     /// `-c`'s `PREROUTING -i IFACE` rules need; 0 leaves those rules unmatched.
@@ -257,6 +280,11 @@ pub struct Workload {
     /// `-t` in TPROXY mode: the mark whose `ip rule` (installed with the workload) routes a
     /// socket over lo whatever its destination; 0 otherwise.
     pub tproxy_mark: u32,
+    /// The entries of the interface list that are `-k`'s (bit `i` for entry `i`): connections
+    /// arriving on those devices are nat PREROUTING's `-k` rules' alone, which the tc programs
+    /// judge, so sk_lookup leaves them be.
+    pub virt_ifaces: u32,
+    pub _pad: u32,
     /// iptables' rules from index 0, ip6tables' from `MAX_RULES_PER_FAMILY`: each family's
     /// table is a fixed half, which is what the walk of a connection's family takes, and a
     /// rule's index here is its counter slot (`counter_base + index`).
@@ -277,6 +305,8 @@ impl Workload {
             owner_groups: [0; MAX_OWNER_GROUPS],
             n_owner_groups: 0,
             tproxy_mark: 0,
+            virt_ifaces: 0,
+            _pad: 0,
             rules: [Rule::EMPTY; MAX_RULES],
         }
     }
@@ -320,7 +350,7 @@ impl Workload {
 }
 
 // SAFETY: repr(C), Copy; integers and `[Rule; MAX_RULES]` (Rule: repr(C), integers only,
-// no padding); 296 + 88 * MAX_RULES bytes, no gaps (pinned by `layout`
+// no padding); 304 + 88 * MAX_RULES bytes, no gaps (pinned by `layout`
 // below). Any bytes the kernel hands back are a valid value: enums are kept as `u8`.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Workload {}
@@ -335,6 +365,6 @@ mod layout {
     #[test]
     fn sizes_have_no_implicit_padding() {
         assert_eq!(size_of::<Rule>(), 88);
-        assert_eq!(size_of::<Workload>(), 296 + 88 * MAX_RULES);
+        assert_eq!(size_of::<Workload>(), 304 + 88 * MAX_RULES);
     }
 }

@@ -9,6 +9,7 @@ mod connect6;
 mod getpeername4;
 mod getpeername6;
 mod getsockopt;
+mod instance;
 mod maps;
 mod output;
 mod owner;
@@ -22,6 +23,9 @@ mod sk_skb;
 mod sockaddr;
 mod sockops;
 mod user_addr;
+mod virt;
+mod virt_egress;
+mod virt_ingress;
 
 #[cfg(not(test))]
 #[panic_handler]

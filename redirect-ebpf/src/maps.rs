@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use redirect_common::{
     FamilyKey, IfaceKey, LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, RouteDst, RouteInfo,
-    TupleKey, UdpFlowKey, Workload,
+    TupleKey, UdpFlowKey, VirtFlow, VirtFlowKey, VirtIface, Workload,
     addr::{self, Addr, Family},
     events,
 };
@@ -46,6 +46,17 @@ pub static ROUTE_SOURCES: LpmTrie<RouteDst, RouteInfo, 4096> = LpmTrie::new();
 /// which entries name them (`redirect_common::maps::IFACES`).
 #[btf_map]
 pub static IFACES: HashMap<IfaceKey, u32, 4096> = HashMap::new();
+
+/// The `-k` devices of each workload's namespace, with the addresses their REDIRECT sends
+/// connections to (`redirect_common::maps::VIRT_IFACES`). Written by the agent only.
+#[btf_map]
+pub static VIRT_IFACES: HashMap<IfaceKey, VirtIface, 4096> = HashMap::new();
+
+/// The TCP connections that arrived on a `-k` device, by the VM's end: nat PREROUTING's
+/// decision for each and a redirected one's translation (`redirect_common::maps::VIRT_FLOWS`).
+/// LRU, sized with the other connection maps: conntrack's NAT entries, without conntrack.
+#[btf_map]
+pub static VIRT_FLOWS: LruHashMap<VirtFlowKey, VirtFlow, 65536> = LruHashMap::new();
 
 /// Socket cookie -> original destination, from connect() until the handshake completes.
 #[btf_map]
@@ -169,6 +180,24 @@ pub fn iface_entries(netns_cookie: u64, ifindex: u32) -> u32 {
     unsafe { IFACES.get(IfaceKey::new(netns_cookie, ifindex)) }
         .copied()
         .unwrap_or(0)
+}
+
+/// The `-k` device `ifindex` of the workload's namespace, if it is one.
+#[inline(always)]
+pub fn virt_iface(netns_cookie: u64, ifindex: u32) -> Option<VirtIface> {
+    // SAFETY: the reference is copied from at once (40 bytes, integers only: any bytes a valid
+    // VirtIface) while the value is mapped, and never kept; only the agent writes VIRT_IFACES,
+    // whole values.
+    unsafe { VIRT_IFACES.get(IfaceKey::new(netns_cookie, ifindex)) }.copied()
+}
+
+/// What nat PREROUTING decided for the connection from a `-k` device whose VM end is `key`.
+#[inline(always)]
+pub fn virt_flow(key: &VirtFlowKey) -> Option<VirtFlow> {
+    // SAFETY: the reference is copied from at once (40 bytes, integers only) while the value
+    // is mapped (until the program returns), and never kept; if an LRU eviction recycles the
+    // slot while we copy, we copy other integers: still a valid VirtFlow.
+    unsafe { VIRT_FLOWS.get(key) }.copied()
 }
 
 /// Whether the workload's ip6tables chains are on: it has an IPv6 address of its own.

@@ -29,18 +29,11 @@ use redirect_common::{
 
 use crate::{
     chain,
+    instance::NETNS_COOKIE,
     maps::{
         INBOUND_LISTENERS, INBOUND_PENDING, SYN_MARKS, count_event, iface_entries, ipv6_on, is_local_addr, workload,
     },
 };
-
-/// The cookie of the network namespace this instance is linked to
-/// (`redirect_common::globals::SK_LOOKUP_NETNS_COOKIE`): set by the agent when it loads the
-/// instance for one workload, in a frozen read-only map. 0 (no namespace has it) in the
-/// instance the agent loads only to verify the program: that one decides nothing. Not checked
-/// for 0 here, so that the verifier, which knows the constant, still walks the whole program.
-#[unsafe(no_mangle)]
-static NETNS_COOKIE: Global<u64> = Global::new(0);
 
 /// 1 when this kernel has the context's `ingress_ifindex` (Linux 5.17+;
 /// `redirect_common::globals::SK_LOOKUP_INGRESS_IFINDEX`), set by the agent at load. A
@@ -128,6 +121,26 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
     // (`redirect_common::port::be_low`).
     let remote_port = unsafe { read_volatile((&raw const (*l).remote_port).cast::<u32>()) };
     let key = TupleKey::new(netns_cookie, remote_ip, port::be_low(remote_port), local_ip, local_port);
+    let ifindex = if INGRESS_IFINDEX.load() != 0 {
+        // SAFETY: a 4-byte read of the context's `ingress_ifindex`, which this kernel has
+        // (the agent sets INGRESS_IFINDEX only on 5.17+).
+        unsafe { read_volatile(&raw const (*l).ingress_ifindex) }
+    } else {
+        0
+    };
+    // `PREROUTING -i IFACE` (`-c`, `-k`) sees the device the SYN arrived on.
+    let ifaces = if ifindex != 0 && (workload.flags & workload_flags::IFACES != 0 || workload.virt_ifaces != 0) {
+        iface_entries(netns_cookie, ifindex)
+    } else {
+        0
+    };
+    // From a `-k` device: nat PREROUTING's `-k` rules, first in the chain, decide every TCP
+    // connection from there (REDIRECT or RETURN), and tc ingress on the device judged and
+    // counted it already (a redirected one arrives here addressed to the outbound capture
+    // port, for whatever listens there).
+    if ifaces & workload.virt_ifaces != 0 {
+        return sk_action::SK_PASS;
+    }
     // A connection judged already (its SYN was handed over, and it has no socket yet): a
     // retransmitted SYN after the first was dropped (a full accept queue), or another segment
     // of the same 4-tuple. nat PREROUTING sees only a connection's first packet (conntrack
@@ -139,19 +152,6 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
             Err(_) => sk_action::SK_DROP,
         };
     }
-    let ifindex = if INGRESS_IFINDEX.load() != 0 {
-        // SAFETY: a 4-byte read of the context's `ingress_ifindex`, which this kernel has
-        // (the agent sets INGRESS_IFINDEX only on 5.17+).
-        unsafe { read_volatile(&raw const (*l).ingress_ifindex) }
-    } else {
-        0
-    };
-    // `PREROUTING -i IFACE` (`-c`) sees the device the SYN arrived on.
-    let ifaces = if ifindex != 0 && workload.flags & workload_flags::IFACES != 0 {
-        iface_entries(netns_cookie, ifindex)
-    } else {
-        0
-    };
     // TPROXY's `-m mark`: a SYN from another host carries none (a packet's mark does not cross
     // namespaces); one sent in the namespace, what sock_ops noted at its connect. Such a SYN
     // arrived on lo, even from a transparent socket's foreign source, which only the arrival

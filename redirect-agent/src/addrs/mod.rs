@@ -22,7 +22,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
-pub use netlink::NetnsAddr;
+pub use netlink::{Link, NetnsAddr};
 use netlink_sys::Socket;
 use redirect_common::{
     FamilyKey, IfaceKey, LocalAddrKey, RouteDst, RouteInfo,
@@ -42,6 +42,11 @@ const RECV_BUFFER: usize = 64 * 1024;
 pub fn read(netns: &Netns) -> io::Result<BTreeSet<IpAddr>> {
     let query = netns.run(netlink::query_socket)?;
     Ok(netlink::ips(&netlink::dump(&query)?))
+}
+
+/// The namespace's devices now, read once.
+pub fn links(netns: &Netns) -> io::Result<Vec<Link>> {
+    netlink::dump_links(&netns.run(netlink::query_socket)?)
 }
 
 /// Whether connections from other hosts can be addressed to `ip` (nat PREROUTING would see
@@ -119,17 +124,54 @@ fn route_sources(routes: &[netlink::MainRoute], addrs: &[NetnsAddr]) -> RouteSou
 
 /// Which entries of an interface list name each device: bit `i` for entry `i`, as `IFACES`
 /// holds them; devices no entry names are left out.
-fn iface_entries(links: &[(u32, String)], list: &[Interface]) -> BTreeMap<u32, u32> {
+fn iface_entries(links: &[Link], list: &[Interface]) -> BTreeMap<u32, u32> {
     links
         .iter()
-        .filter_map(|(ifindex, name)| {
+        .filter_map(|l| {
             let bits = list
                 .iter()
                 .take(32)
                 .enumerate()
-                .filter(|(_, i)| i.matches(name))
+                .filter(|(_, i)| i.matches(&l.name))
                 .fold(0u32, |b, (n, _)| b | 1 << n);
-            (bits != 0).then_some((*ifindex, bits))
+            (bits != 0).then_some((l.ifindex, bits))
+        })
+        .collect()
+}
+
+/// A device a workload's `-k` entries name, as it is now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VirtDevice {
+    pub link: Link,
+    /// Its first address of each family, in the kernel's order: where iptables' REDIRECT in
+    /// PREROUTING sends what arrives on it (`nf_nat_redirect_ipv4/6` take the head of the
+    /// device's list: IPv4's primary address, IPv6's first by scope, global first).
+    pub v4: Option<IpAddr>,
+    pub v6: Option<IpAddr>,
+}
+
+/// Told, at install and after every change, which `-k` devices the namespace has now.
+pub trait VirtDevices: Send {
+    fn devices(&mut self, devices: &[VirtDevice]) -> io::Result<()>;
+}
+
+/// The `-k` devices among `links`: those with a bit of `mask` in `entries`.
+fn virt_devices(links: &[Link], entries: &BTreeMap<u32, u32>, mask: u32, addrs: &[NetnsAddr]) -> Vec<VirtDevice> {
+    links
+        .iter()
+        .filter(|l| entries.get(&l.ifindex).is_some_and(|bits| bits & mask != 0))
+        .map(|l| {
+            let first = |v4: bool| {
+                addrs
+                    .iter()
+                    .find(|a| a.ifindex == l.ifindex && a.ip.is_ipv4() == v4)
+                    .map(|a| a.ip)
+            };
+            VirtDevice {
+                link: l.clone(),
+                v4: first(true),
+                v6: first(false),
+            }
         })
         .collect()
 }
@@ -183,6 +225,8 @@ pub struct LocalAddrs {
     /// The workload's interface list (`-c`, then `-k`), and what `IFACES` holds for it.
     interfaces: Vec<Interface>,
     current_ifaces: BTreeMap<u32, u32>,
+    /// The list's `-k` entries (their bits), and who attaches to the devices they name.
+    virt: Option<(u32, Box<dyn VirtDevices>)>,
     /// A blocking socket in the workload's namespace, for dumps and for adding `::6`.
     query: Socket,
 }
@@ -196,6 +240,7 @@ impl LocalAddrs {
         netns_cookie: u64,
         id: &str,
         interfaces: Vec<Interface>,
+        virt: Option<(u32, Box<dyn VirtDevices>)>,
     ) -> io::Result<Self> {
         let query = netns.run(netlink::query_socket)?;
         let mut me = Self {
@@ -206,6 +251,7 @@ impl LocalAddrs {
             current_routes: RouteSources::new(),
             interfaces,
             current_ifaces: BTreeMap::new(),
+            virt,
             query,
         };
         // What a killed predecessor (or an earlier enrollment of the namespace) wrote is not
@@ -271,18 +317,19 @@ impl LocalAddrs {
             }
         }
         self.refresh_routes(&now)?;
-        self.refresh_ifaces()?;
+        self.refresh_ifaces(&now)?;
         self.current = now;
         Ok(())
     }
 
     /// `IFACES` for the devices the interface list names now (renamed, added or removed ones
     /// included).
-    fn refresh_ifaces(&mut self) -> io::Result<()> {
+    fn refresh_ifaces(&mut self, addrs: &[NetnsAddr]) -> io::Result<()> {
         if self.interfaces.is_empty() {
             return Ok(());
         }
-        let now = iface_entries(&netlink::dump_links(&self.query)?, &self.interfaces);
+        let links = netlink::dump_links(&self.query)?;
+        let now = iface_entries(&links, &self.interfaces);
         for (&ifindex, &bits) in &now {
             if self.current_ifaces.get(&ifindex) != Some(&bits) {
                 self.maps
@@ -295,8 +342,15 @@ impl LocalAddrs {
         for ifindex in self.current_ifaces.keys().filter(|i| !now.contains_key(i)) {
             let _ = self.maps.ifaces.remove(&IfaceKey::new(self.netns_cookie, *ifindex));
         }
+        let virt = self
+            .virt
+            .as_mut()
+            .map(|(mask, hook)| (hook, virt_devices(&links, &now, *mask, addrs)));
         self.current_ifaces = now;
-        Ok(())
+        match virt {
+            Some((hook, devices)) => hook.devices(&devices),
+            None => Ok(()),
+        }
     }
 
     /// Says, once per address gained, which other namespaces hold it too. Nothing depends on
@@ -424,16 +478,47 @@ mod tests {
     #[test]
     fn interface_entries_name_devices_by_name_and_prefix() {
         let list = redirect_common::config::parse_interfaces("-c", "eth1,veth+,eth1").unwrap();
-        let links = [
-            (1, "lo".to_owned()),
-            (2, "eth0".into()),
-            (3, "eth1".into()),
-            (4, "veth9".into()),
-        ];
+        let link = |ifindex, name: &str| Link {
+            ifindex,
+            name: name.to_owned(),
+            ether: true,
+        };
+        let links = [link(1, "lo"), link(2, "eth0"), link(3, "eth1"), link(4, "veth9")];
         let got = iface_entries(&links, &list);
         assert_eq!(got.get(&3), Some(&0b101), "both entries that name eth1");
         assert_eq!(got.get(&4), Some(&0b010));
         assert!(!got.contains_key(&2) && !got.contains_key(&1));
+    }
+
+    #[test]
+    fn a_virt_device_redirects_to_its_first_address_of_each_family() {
+        let link = |ifindex, name: &str, ether| Link {
+            ifindex,
+            name: name.to_owned(),
+            ether,
+        };
+        let links = [link(2, "eth0", true), link(5, "k6t-eth0", true), link(6, "tun0", false)];
+        let list = redirect_common::config::parse_interfaces("-k", "k6t-eth0,tun0").unwrap();
+        let entries = iface_entries(&links, &list);
+        // In the kernel's order: the IPv4 primary; IPv6's global one ahead of link-local.
+        let addrs = [
+            a("10.0.2.1", 5, true),
+            a("10.0.3.1", 5, true),
+            a("fd10::1", 5, true),
+            a("fe80::1", 5, false),
+            a("10.200.1.1", 2, true),
+        ];
+        let got = virt_devices(&links, &entries, 0b11, &addrs);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].v4, Some("10.0.2.1".parse().unwrap()));
+        assert_eq!(got[0].v6, Some("fd10::1".parse().unwrap()));
+        assert!(got[1].v4.is_none() && got[1].v6.is_none() && !got[1].link.ether);
+        // A `-c` entry's device is no `-k` device.
+        assert!(
+            virt_devices(&links, &entries, 0b10, &addrs)
+                .iter()
+                .all(|d| d.link.ifindex == 6)
+        );
     }
 
     fn a(ip: &str, ifindex: u32, global: bool) -> NetnsAddr {

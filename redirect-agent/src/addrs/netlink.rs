@@ -12,7 +12,7 @@ use netlink_packet_core::{
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressHeaderFlags, AddressMessage, AddressScope},
-    link::{LinkAttribute, LinkMessage},
+    link::{LinkAttribute, LinkLayerType, LinkMessage},
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
 };
 use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
@@ -225,8 +225,18 @@ pub(super) fn dump(socket: &Socket) -> io::Result<Vec<NetnsAddr>> {
     Ok(out)
 }
 
-/// Every device of the namespace the socket lives in: index and name.
-pub(super) fn dump_links(socket: &Socket) -> io::Result<Vec<(u32, String)>> {
+/// A device of the namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub ifindex: u32,
+    pub name: String,
+    /// Its packets carry an Ethernet header (a veth, a tap, a bridge), which tc sees before
+    /// the IP header; an IP device's (a tun) start with the IP header.
+    pub ether: bool,
+}
+
+/// Every device of the namespace the socket lives in.
+pub(super) fn dump_links(socket: &Socket) -> io::Result<Vec<Link>> {
     let mut out = Vec::new();
     dump_each(socket, RouteNetlinkMessage::GetLink(LinkMessage::default()), |m| {
         if let RouteNetlinkMessage::NewLink(m) = m {
@@ -234,7 +244,11 @@ pub(super) fn dump_links(socket: &Socket) -> io::Result<Vec<(u32, String)>> {
                 LinkAttribute::IfName(n) => Some(n.clone()),
                 _ => None,
             });
-            out.extend(name.map(|n| (m.header.index, n)));
+            out.extend(name.map(|name| Link {
+                ifindex: m.header.index,
+                name,
+                ether: m.header.link_layer_type == LinkLayerType::Ether,
+            }));
         }
     })?;
     Ok(out)

@@ -249,6 +249,9 @@ impl Engine {
                 })?;
             }
         }
+        for v in self.workloads.values().filter_map(|w| w.virt.as_ref()) {
+            v.reclaim()?;
+        }
         if self.settings.sizing.fast_path {
             self.object.attach_fast_path()?;
         }

@@ -26,6 +26,7 @@ mod peer;
 pub mod pins;
 mod release;
 mod restore;
+mod virt;
 mod workload;
 
 use std::{
@@ -42,6 +43,7 @@ pub(crate) use object::{ProgramReport, open_typed, verifier_report};
 pub(crate) use peer::{authenticate as peer_check, successor_serves};
 use redirect_api::WorkloadInfo;
 use redirect_common::{FamilyKey, Workload, maps, programs};
+pub(crate) use virt::cleanup as cleanup_virt;
 pub(crate) use workload::Request;
 
 use self::{
@@ -411,13 +413,20 @@ impl Engine {
         let keeps_nothing = self.settings.mode == Mode::Run;
         let mut proxies = Vec::new();
         let mut routing = Vec::new();
+        let mut virt = Vec::new();
         for w in std::mem::take(&mut self.workloads).into_values() {
             proxies.extend(w.proxy);
-            // An instance that keeps its pins keeps the routing they capture with; one that
-            // keeps nothing removes it once its proxies drained (their open TPROXY
-            // connections' replies need it until then).
+            // An instance that keeps its pins keeps the routing and tc programs they capture
+            // with; one that keeps nothing removes them once its proxies drained (their open
+            // TPROXY connections' replies, a VM's redirected ones, need them until then).
             if keeps_nothing {
                 routing.extend(w.tproxy);
+                // New connections from its VM go direct from now (tc finds no workload);
+                // redirected ones keep their translation until the drain ends.
+                let _ = self.maps.workloads.remove(&w.info.netns_cookie);
+                virt.extend(w.virt);
+            } else if let Some(v) = &w.virt {
+                v.release();
             }
         }
         if keeps_nothing {
@@ -429,6 +438,7 @@ impl Engine {
         Draining {
             proxies,
             routing,
+            virt,
             grace: self.settings.sizing.drain,
         }
     }
@@ -467,6 +477,8 @@ pub(crate) struct Draining {
     proxies: Vec<crate::proxy::Proxy>,
     /// TPROXY routing to remove once the proxies are done.
     routing: Vec<crate::tproxy_route::TproxyRouting>,
+    /// `-k` tc programs to remove then.
+    virt: Vec<virt::SharedVirt>,
     grace: Duration,
 }
 
@@ -480,9 +492,13 @@ impl Draining {
             drains.spawn(p.drain(self.grace));
         }
         while drains.join_next().await.is_some() {}
-        if !self.routing.is_empty() {
-            let routing = self.routing;
-            let _ = tokio::task::spawn_blocking(move || routing.into_iter().for_each(|t| t.remove())).await;
+        if !self.routing.is_empty() || !self.virt.is_empty() {
+            let (routing, virt) = (self.routing, self.virt);
+            let _ = tokio::task::spawn_blocking(move || {
+                routing.into_iter().for_each(|t| t.remove());
+                virt.iter().for_each(virt::SharedVirt::remove);
+            })
+            .await;
         }
     }
 }

@@ -13,7 +13,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData, MapError, SockHash},
-    programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SkSkb, SockOps},
+    programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SchedClassifier, SkLookup, SkMsg, SkSkb, SockOps},
 };
 use redirect_common::{FamilyKey, addr::Family, globals, maps, owner, programs};
 use serde::Serialize;
@@ -25,9 +25,11 @@ use crate::error::LoadError;
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-ebpf"));
 
 /// The programs every instance loads.
-const CAPTURE_PROGRAMS: [&str; 11] = [
+const CAPTURE_PROGRAMS: [&str; 13] = [
     programs::SOCK_OPS,
     programs::SK_LOOKUP,
+    programs::VIRT_INGRESS,
+    programs::VIRT_EGRESS,
     programs::CONNECT4,
     programs::CONNECT6,
     programs::SENDMSG4,
@@ -38,6 +40,10 @@ const CAPTURE_PROGRAMS: [&str; 11] = [
     programs::GETPEERNAME4,
     programs::GETPEERNAME6,
 ];
+
+/// The programs each workload gets an instance of, its namespace's cookie built in: sk_lookup,
+/// and the tc programs of its `-k` devices. The object's own copies are only verified.
+const PER_WORKLOAD_PROGRAMS: [&str; 3] = [programs::SK_LOOKUP, programs::VIRT_INGRESS, programs::VIRT_EGRESS];
 
 /// The fast path's programs, loaded only with `--fast-path`.
 const FAST_PATH_PROGRAMS: [&str; 2] = [programs::SK_SKB, programs::SK_MSG];
@@ -103,6 +109,7 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::programs::Pr
         programs::GETSOCKOPT => load_as!(ebpf, name, CgroupSockopt),
         programs::SK_MSG => load_as!(ebpf, name, SkMsg),
         programs::SK_SKB => load_as!(ebpf, name, SkSkb),
+        programs::VIRT_INGRESS | programs::VIRT_EGRESS => load_as!(ebpf, name, SchedClassifier),
         _ => return Err(LoadError::MissingProgram(name)),
     }
     .map_err(|e| verifier_error(name, e))
@@ -146,6 +153,19 @@ pub(crate) struct SkLookupInstance {
     ebpf: Ebpf,
 }
 
+/// One workload's tc programs for its `-k` devices ([`Object::virt_for`]), loaded, not
+/// attached.
+pub(crate) struct VirtInstance {
+    ebpf: Ebpf,
+}
+
+impl VirtInstance {
+    /// `name`: [`programs::VIRT_INGRESS`] or [`programs::VIRT_EGRESS`].
+    pub(crate) fn program_mut(&mut self, name: &'static str) -> Result<&mut SchedClassifier, LoadError> {
+        program(&mut self.ebpf, name)
+    }
+}
+
 impl SkLookupInstance {
     pub(crate) fn fd(&self) -> Result<BorrowedFd<'_>, LoadError> {
         let name = programs::SK_LOOKUP;
@@ -185,6 +205,8 @@ fn loader<'a>(
         // UDP flows are tracked connections too (conntrack's flows, a socket's DNS peer).
         .map_max_entries(maps::UDP_ORIG, max_tracked_connections)
         .map_max_entries(maps::UDP_FLOWS, max_tracked_connections)
+        // A VM's connections through its pod are tracked connections of the pod's.
+        .map_max_entries(maps::VIRT_FLOWS, max_tracked_connections)
         .map_max_entries(maps::FAST_PATH_SOCKETS, fast_path_slots)
         .map_max_entries(maps::FAST_PATH_SENDERS, fast_path_slots);
     for name in maps::ALL {
@@ -232,6 +254,21 @@ impl Object {
         Ok(SkLookupInstance { ebpf })
     }
 
+    /// The tc programs for the `-k` devices of the one workload whose namespace has cookie
+    /// `netns_cookie`, loaded against the same pinned maps: like sk_lookup, tc has no helper
+    /// that names its namespace on the kernels supported (6.15 added one), and a device's
+    /// index is only unique within its namespace.
+    pub(crate) fn virt_for(&self, netns_cookie: u64) -> Result<VirtInstance, LoadError> {
+        let owner = crate::btf::owner_offsets()?;
+        let mut loader = loader(&self.pin_dir, self.max_tracked_connections, self.fast_path, owner);
+        loader.override_global(globals::SK_LOOKUP_NETNS_COOKIE, &netns_cookie, true);
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
+        for name in [programs::VIRT_INGRESS, programs::VIRT_EGRESS] {
+            load_program(&mut ebpf, name)?;
+        }
+        Ok(VirtInstance { ebpf })
+    }
+
     /// With `--fast-path`: attaches the verdict, then sk_msg, to the pinned sockhash. Before
     /// any workload is served: a socket takes the sockhash's programs when it joins, not
     /// later, and it must never sit there without the verdict on the kernels whose readiness
@@ -260,10 +297,10 @@ impl Object {
         Ok(())
     }
 
-    /// The programs this object's own links and sockhash run: all but sk_lookup, whose
-    /// instances are per workload.
+    /// The programs this object's own links and sockhash run: all but those whose instances
+    /// are per workload.
     fn shared_programs(&self) -> impl Iterator<Item = &'static str> {
-        programs_for(self.fast_path).filter(|p| *p != programs::SK_LOOKUP)
+        programs_for(self.fast_path).filter(|p| !PER_WORKLOAD_PROGRAMS.contains(p))
     }
 
     /// Pins the programs in `dir`, in place of a predecessor's: once every link runs this

@@ -15,6 +15,11 @@ impl Engine {
         // First, so that no new connection is captured while the rest goes.
         let _ = self.maps.workloads.remove(&netns_cookie);
         let _ = links::unpin(&self.sk_lookup_pin(netns_cookie));
+        // A killed predecessor's tcx links on the workload's `-k` devices (this process's
+        // own go with its `SharedVirt`).
+        if self.settings.keep_links {
+            super::virt::remove_pins(&super::pins::links_dir(&self.settings.name), netns_cookie);
+        }
         self.maps.addrs.remove_all(netns_cookie);
         for family in [Family::V4, Family::V6] {
             let _ = self.maps.listeners.remove(&FamilyKey::new(netns_cookie, family));
@@ -84,20 +89,28 @@ impl Engine {
         self.purge(w.info.netns_cookie);
         self.persist();
         tracing::info!(%id, "unenrolled");
-        // TPROXY's routing goes once the proxy drained: its open connections' replies to the
-        // client's address come back to it through that routing.
+        // TPROXY's routing and `-k`'s tc programs go once the proxy drained: its open
+        // connections' replies to the client's address come back to it through that routing,
+        // and a VM's redirected connections are translated by those programs. (New ones are
+        // not captured any more: the programs find no workload.)
         let grace = self.settings.sizing.drain;
-        match (w.proxy, w.tproxy) {
-            (Some(proxy), routing) => {
+        let (routing, virt) = (w.tproxy, w.virt);
+        let after_drain = move || {
+            if let Some(t) = routing {
+                t.remove();
+            }
+            if let Some(v) = virt {
+                v.remove();
+            }
+        };
+        match w.proxy {
+            Some(proxy) => {
                 tokio::spawn(async move {
                     proxy.drain(grace).await;
-                    if let Some(t) = routing {
-                        let _ = tokio::task::spawn_blocking(move || t.remove()).await;
-                    }
+                    let _ = tokio::task::spawn_blocking(after_drain).await;
                 });
             }
-            (None, Some(t)) => t.remove(),
-            (None, None) => {}
+            None => after_drain(),
         }
         Ok(id)
     }

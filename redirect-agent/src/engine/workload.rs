@@ -21,7 +21,7 @@ use super::{
     pins,
 };
 use crate::{
-    addrs::{self, AddrMaps, LocalAddrs},
+    addrs::{self, AddrMaps, LocalAddrs, VirtDevices},
     flags::ProxyMode,
     proxy::{
         AgentSockets, CgroupDialer, ChildSpec, Dialer, DnsUpstream, FastPath, FastPathSockets, LISTEN_BACKLOG,
@@ -89,6 +89,9 @@ pub(super) struct Enrolled {
     /// TPROXY mode's policy routing in the namespace: removed with the workload (unenroll, a
     /// run's end), left for the successor at a handover.
     pub(super) tproxy: Option<TproxyRouting>,
+    /// `-k`'s tc attachments: like the routing, removed once the proxy drained, left for a
+    /// successor.
+    pub(super) virt: Option<super::virt::SharedVirt>,
     _watcher: AbortOnDrop,
 }
 
@@ -379,6 +382,7 @@ impl Engine {
                 outbound_port: capture.envoy_port,
                 inbound_port: capture.inbound_capture_port,
                 listen_on: ProxyConfig::LOOPBACK.to_vec(),
+                outbound_on_any: !capture.kube_virt_interfaces.is_empty(),
                 connect_timeout: self.settings.sizing.connect_timeout,
                 max_connections: self.settings.sizing.max_proxy_connections,
                 liveness: self.settings.sizing.liveness,
@@ -460,8 +464,14 @@ impl Engine {
             ifaces: self.open_map(maps::IFACES)?,
         };
         let interfaces = capture.interface_list().cloned().collect();
-        let local = LocalAddrs::install(&netns, addr_maps, cookie, &info.id, interfaces)
-            .map_err(EnrollError::io(format!("addresses of {}", info.netns.display())))?;
+        // `-k` devices get their tc programs as the watcher finds them.
+        let virt = self.virt_capture(capture, &netns, cookie)?;
+        let hook = virt
+            .clone()
+            .map(|v| (chain::virt_entries(capture), Box::new(v) as Box<dyn VirtDevices>));
+        let local = LocalAddrs::install(&netns, addr_maps, cookie, &info.id, interfaces, hook).map_err(
+            EnrollError::io(format!("addresses and -k devices of {}", info.netns.display())),
+        )?;
         info.addresses = local.addresses().iter().map(ToString::to_string).collect();
         let watch_ns = netns.try_clone().map_err(EnrollError::io("namespace descriptor"))?;
         let id = info.id.clone();
@@ -520,6 +530,7 @@ impl Engine {
             proxy,
             listener_fds,
             tproxy,
+            virt,
             _watcher: watcher,
         })
     }

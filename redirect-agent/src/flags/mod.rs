@@ -388,8 +388,13 @@ pub fn check(c: &CaptureConfig) -> Result<(), crate::error::FlagError> {
     if c.envoy_port == c.inbound_capture_port {
         return Err(FlagError::SamePort(c.envoy_port));
     }
-    // Modes whose programs are not built yet: refused whole rather than half-applied.
-    let not_yet = [(!c.kube_virt_interfaces.is_empty(), "-k/--kube-virt-interfaces")];
+    // Combinations whose programs are not built yet: refused whole rather than half-applied.
+    // (In TPROXY mode mangle ISTIO_INBOUND, before nat's `-k` rules, would TPROXY a VM's
+    // forwarded connections to the inbound port: tc would have to mark and steer them.)
+    let not_yet = [(
+        !c.kube_virt_interfaces.is_empty() && c.inbound_mode == config::InterceptionMode::Tproxy,
+        "-k/--kube-virt-interfaces with -m TPROXY",
+    )];
     if c.inbound_mode == config::InterceptionMode::Tproxy && (253..=255).contains(&c.tproxy.route_table) {
         return Err(FlagError::KernelTable(c.tproxy.route_table));
     }
@@ -404,6 +409,11 @@ pub fn check(c: &CaptureConfig) -> Result<(), crate::error::FlagError> {
             !c.exclude_interfaces.is_empty(),
             "-c/--istio-exclude-interfaces",
             "sk_lookup's ingress_ifindex, for PREROUTING -i",
+        ),
+        (
+            !c.kube_virt_interfaces.is_empty(),
+            "-k/--kube-virt-interfaces",
+            "sk_lookup's ingress_ifindex, to leave the connections tc judged on a -k device alone",
         ),
         (
             c.inbound_mode == config::InterceptionMode::Tproxy,
@@ -523,7 +533,12 @@ mod tests {
         // Only TPROXY mode installs a route there.
         assert!(with(&["-r", "255"]).is_ok());
         assert!(with(&["-c", "eth1,veth+"]).is_ok());
-        assert!(with(&["-k", "eth1"]).unwrap_err().contains("-k/"));
+        assert!(with(&["-k", "eth1,tap+"]).is_ok());
+        assert!(
+            with(&["-k", "eth1", "-m", "TPROXY"])
+                .unwrap_err()
+                .contains("-k/--kube-virt-interfaces with -m TPROXY")
+        );
         // Commands, not settings: an enrollment names the command that does it.
         assert!(with(&["--dry-run"]).unwrap_err().contains("explain"));
         assert!(with(&["--cleanup-only=true"]).unwrap_err().contains("unenroll"));

@@ -54,6 +54,10 @@ pub struct ProxyConfig {
     /// connect4/6 send what they capture), [`ProxyConfig::ANY`] behind iptables. The IPv6 ones
     /// are skipped, with a warning, where the namespace has no IPv6.
     pub listen_on: Vec<IpAddr>,
+    /// `-k`: the outbound capture port listens on [`ProxyConfig::ANY`] instead, where
+    /// connect4/6's connections (to loopback) and a VM's (REDIRECTed to its device's
+    /// address) both reach it, as Envoy's `0.0.0.0:15001` does.
+    pub outbound_on_any: bool,
     pub connect_timeout: Duration,
     pub max_connections: usize,
     /// Idle timeout and keepalive of every proxied connection.
@@ -88,7 +92,11 @@ impl ProxyConfig {
         }
         let mut out = Vec::new();
         for (side, port) in sides {
-            out.extend(self.listen_on.iter().map(|ip| (side, SocketAddr::new(*ip, port))));
+            let on: &[IpAddr] = match side {
+                Side::Outbound if self.outbound_on_any => &Self::ANY,
+                _ => &self.listen_on,
+            };
+            out.extend(on.iter().map(|ip| (side, SocketAddr::new(*ip, port))));
         }
         out
     }

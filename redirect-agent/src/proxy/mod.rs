@@ -409,6 +409,7 @@ mod tests {
             outbound_port: 15001,
             inbound_port: 15006,
             listen_on: ProxyConfig::LOOPBACK.to_vec(),
+            outbound_on_any: false,
             connect_timeout: Duration::from_secs(1),
             max_connections,
             liveness: Liveness {

@@ -185,6 +185,39 @@ pub fn compile(cfg: &CaptureConfig) -> Result<Vec<Rule>, TooManyRules> {
     Ok(rules)
 }
 
+/// nat PREROUTING's `-k` rules, first in the chain as the kernel holds them: istio-iptables
+/// inserts each at position 1, the RETURNs (`-i K -j RETURN`) first, then, for `-i '*'` or
+/// per included CIDR of the family, the jumps to ISTIO_REDIRECT above them. Each `-I ... 1`
+/// lands above the one before, so the chain lists them in the reverse of the order written.
+/// A `-k` entry's bit follows `-c`'s entries in the interface list.
+fn virt_rules(b: &mut Builder, cfg: &CaptureConfig) {
+    let first = cfg.exclude_interfaces.len();
+    let entries: Vec<u32> = (first..first + cfg.kube_virt_interfaces.len())
+        .map(|i| 1u32.checked_shl(i as u32).unwrap_or(0))
+        .collect();
+    let on = |mut r: Rule, bit: u32| {
+        r.has |= m::IFACE | m::BUILTIN;
+        r.uid = bit;
+        r
+    };
+    let mut written: Vec<Rule> = entries.iter().map(|&bit| on(b.inb(Target::Return), bit)).collect();
+    match &cfg.outbound_cidrs {
+        Include::All => written.extend(entries.iter().map(|&bit| on(b.inb(Target::Redirect), bit))),
+        Include::List(cidrs) => {
+            for c in of_family(cidrs, b.family) {
+                written.extend(
+                    entries
+                        .iter()
+                        .map(|&bit| on(with_dst(b.inb(Target::Redirect), c, false), bit)),
+                );
+            }
+        }
+    }
+    for r in written.into_iter().rev() {
+        b.push(r);
+    }
+}
+
 /// The CIDRs of `family` in a list of both (istio-iptables' `separateV4V6`).
 fn of_family(cidrs: &[Cidr], family: Family) -> impl Iterator<Item = &Cidr> {
     cidrs.iter().filter(move |c| c.family() == family)
@@ -195,6 +228,7 @@ fn of_family(cidrs: &[Cidr], family: Family) -> impl Iterator<Item = &Cidr> {
 fn family_chains(b: &mut Builder, cfg: &CaptureConfig) {
     let (passthrough_src, localhost) = family_addrs(b.family, cfg.ipv4_loopback);
     let dns = cfg.dns.enabled();
+    virt_rules(b, cfg);
     for (i, _) in cfg.exclude_interfaces.iter().enumerate() {
         // PREROUTING's then OUTPUT's, stored with the chain each is walked before.
         for chain in [ChainId::Inbound, ChainId::Output] {
@@ -462,6 +496,8 @@ pub fn flags(cfg: &CaptureConfig) -> u32 {
     } else {
         workload_flags::INBOUND
     };
+    // `-c`'s rules match devices both ways; `-k`'s only what arrives, which sk_lookup tells
+    // by `Workload::virt_ifaces` (connect4/6 need not look their route's device up for it).
     let ifaces = if cfg.exclude_interfaces.is_empty() {
         0
     } else {
@@ -473,6 +509,12 @@ pub fn flags(cfg: &CaptureConfig) -> u32 {
         0
     };
     inbound | ifaces | tproxy
+}
+
+/// The bits of the interface list's `-k` entries (they follow `-c`'s).
+pub fn virt_entries(cfg: &CaptureConfig) -> u32 {
+    let first = cfg.exclude_interfaces.len();
+    (first..first + cfg.kube_virt_interfaces.len()).fold(0, |bits, i| bits | 1u32.checked_shl(i as u32).unwrap_or(0))
 }
 
 /// How the agent serves a workload, beyond what its flags say: the [`workload_flags`] that
@@ -516,6 +558,7 @@ pub fn workload(cfg: &CaptureConfig, rules: &[Rule], slot: u32, serving: Serving
     if cfg.inbound_mode == InterceptionMode::Tproxy {
         w.tproxy_mark = cfg.tproxy.mark;
     }
+    w.virt_ifaces = virt_entries(cfg);
     if let OwnerGroups::Only(groups) = &cfg.owner_groups {
         for (i, g) in groups.iter().take(MAX_OWNER_GROUPS).enumerate() {
             w.owner_groups[i] = group_gid(g);
@@ -529,6 +572,10 @@ mod tables;
 #[cfg(test)]
 mod tests;
 mod text;
+#[cfg(test)]
+mod virt_tests;
 
-pub use tables::{DROP_INVALID_BY, NOT_YET, Table, TableLine, iptables_save, rule_table, tables};
-pub use text::{ListColumns, Names, list_columns, match_text, match_text_named, rule_text, rule_text_named};
+pub use tables::{DROP_INVALID_BY, Table, TableLine, iptables_save, rule_table, tables};
+pub use text::{
+    ListColumns, Names, list_columns, list_columns_named, match_text, match_text_named, rule_text, rule_text_named,
+};

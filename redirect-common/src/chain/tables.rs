@@ -82,7 +82,11 @@ impl TableLine {
 }
 
 /// What a line of a mode this agent does not carry out yet says it is.
-pub const NOT_YET: &str = "not carried out yet: run and enroll refuse the flag that writes it";
+/// What implements `-k`'s jumps to ISTIO_REDIRECT.
+const VIRT_REDIRECT_BY: &str = "tc ingress on the -k device rewrites the connection to the device's address and \
+                                the outbound capture port; tc egress rewrites its replies back";
+/// What implements `-k`'s RETURNs.
+const VIRT_RETURN_BY: &str = "tc ingress on the -k device (sk_lookup leaves the device's connections alone)";
 
 /// What `--drop-invalid`'s lines say. istio-iptables drops packets conntrack finds invalid
 /// (out of window, mostly) because conntrack does not NAT them: under REDIRECT such a packet of
@@ -114,12 +118,13 @@ impl Tables {
         });
     }
 
-    /// `-I CHAIN pos`: before the chain's `pos`th rule (after its last when it has fewer).
-    fn insert(&mut self, table: Table, pos: usize, text: String, by: &'static str) {
+    /// `-I CHAIN pos` (before the chain's `pos`th rule, after its last when it has fewer) of
+    /// a rule the programs evaluate, with its counter slot.
+    fn insert_slotted(&mut self, table: Table, pos: usize, text: String, slot: Option<usize>, by: &'static str) {
         let line = TableLine {
             table,
             text,
-            slot: None,
+            slot,
             num: 0,
             by,
         };
@@ -208,10 +213,12 @@ pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableL
     // `-c`: compiled in pairs, PREROUTING's then OUTPUT's, as istio-iptables appends them. In
     // TPROXY mode inbound connections are judged in mangle PREROUTING, so its copy is the one
     // that counts; nat's only says where the connection would have gone.
-    for &(slot, r) in slotted
-        .iter()
-        .filter(|(_, r)| matches!(r.chain_id(), Some(ChainId::Prerouting | ChainId::OutputNat)))
-    {
+    let virt = super::virt_entries(cfg);
+    for &(slot, r) in slotted.iter().filter(|(_, r)| match r.chain_id() {
+        Some(ChainId::Prerouting) => r.uid & virt == 0,
+        Some(ChainId::OutputNat) => true,
+        _ => false,
+    }) {
         let text = rule_text_named(r, &names);
         match r.chain_id() {
             Some(ChainId::Prerouting) if tproxy => {
@@ -234,9 +241,6 @@ pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableL
                 t.append(Nat, text, Some(slot), "connect4/6, sendmsg4/6 (the route's device)");
             }
         }
-    }
-    for k in &cfg.kube_virt_interfaces {
-        t.insert(Nat, 1, format!("-A PREROUTING -i {} -j RETURN", k.as_str()), NOT_YET);
     }
     if cfg.drop_invalid {
         let by = DROP_INVALID_BY;
@@ -323,7 +327,7 @@ pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableL
     if cfg.dns.enabled() {
         dns_zones(&mut t, cfg, family);
     }
-    virt_redirects(&mut t, cfg, family);
+    virt_rules(&mut t, cfg, &slotted, &names);
     if tproxy {
         tproxy_marks(&mut t, cfg);
         compiled(&mut t, Mangle, ChainId::MarkOutput);
@@ -440,34 +444,23 @@ fn dns_zones(t: &mut Tables, cfg: &CaptureConfig, family: Family) {
     }
 }
 
-/// `handleOutboundIncludeRules`' PREROUTING insertions: connections arriving from a `-k`
-/// interface are captured as outbound ones, for `-i '*'` or per included CIDR of the family.
-fn virt_redirects(t: &mut Tables, cfg: &CaptureConfig, family: Family) {
-    use crate::config::Include;
-    let by = NOT_YET;
-    match &cfg.outbound_cidrs {
-        Include::All => {
-            for k in &cfg.kube_virt_interfaces {
-                t.insert(
-                    Table::Nat,
-                    1,
-                    format!("-A PREROUTING -i {} -j ISTIO_REDIRECT", k.as_str()),
-                    by,
-                );
-            }
-        }
-        Include::List(cidrs) => {
-            for c in cidrs.iter().filter(|c| c.family() == family) {
-                for k in &cfg.kube_virt_interfaces {
-                    t.insert(
-                        Table::Nat,
-                        1,
-                        format!("-A PREROUTING -d {c} -i {} -j ISTIO_REDIRECT", k.as_str()),
-                        by,
-                    );
-                }
-            }
-        }
+/// nat PREROUTING's `-k` rules: the RETURNs `Run()` inserts at position 1, and the jumps to
+/// ISTIO_REDIRECT `handleOutboundIncludeRules` inserts above them (for `-i '*'` or per
+/// included CIDR of the family). [`super::compile`] holds them in the order they end up in,
+/// first in the chain; inserted at 1 last to first, they end up in that order here too.
+fn virt_rules(t: &mut Tables, cfg: &CaptureConfig, slotted: &[(usize, &Rule)], names: &Names) {
+    let virt = super::virt_entries(cfg);
+    let rules: Vec<(usize, &Rule)> = slotted
+        .iter()
+        .copied()
+        .filter(|(_, r)| r.chain_id() == Some(ChainId::Prerouting) && r.uid & virt != 0)
+        .collect();
+    for &(slot, r) in rules.iter().rev() {
+        let by = match r.target_kind() {
+            Some(crate::Target::Redirect) => VIRT_REDIRECT_BY,
+            _ => VIRT_RETURN_BY,
+        };
+        t.insert_slotted(Table::Nat, 1, rule_text_named(r, names), Some(slot), by);
     }
 }
 

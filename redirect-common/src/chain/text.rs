@@ -57,19 +57,6 @@ pub fn match_text_named(r: &Rule, names: &Names) -> String {
         }
         s.push_str(t);
     };
-    if r.has & m::IFACE != 0 {
-        let dir = if r.chain_id() == Some(ChainId::Prerouting) {
-            "-i"
-        } else {
-            "-o"
-        };
-        let entry = r.uid.trailing_zeros();
-        match names.ifaces.get(entry as usize) {
-            Some(name) => part(&format!("{}{dir} {name}", bang(r, m::IFACE))),
-            // Without the names (the kernel's copy of a chain): the list entry's number.
-            None => part(&format!("{}{dir} #{entry}", bang(r, m::IFACE))),
-        }
-    }
     if r.has & m::SRC != 0 {
         part(&format!(
             "{}-s {}",
@@ -83,6 +70,20 @@ pub fn match_text_named(r: &Rule, names: &Names) -> String {
             bang(r, m::DST),
             cidr_text(r, &r.dst_addr, &r.dst_mask)
         ));
+    }
+    // iptables-save's order: -s, -d, then -i/-o.
+    if r.has & m::IFACE != 0 {
+        let dir = if r.chain_id() == Some(ChainId::Prerouting) {
+            "-i"
+        } else {
+            "-o"
+        };
+        let entry = r.uid.trailing_zeros();
+        match names.ifaces.get(entry as usize) {
+            Some(name) => part(&format!("{}{dir} {name}", bang(r, m::IFACE))),
+            // Without the names (the kernel's copy of a chain): the list entry's number.
+            None => part(&format!("{}{dir} #{entry}", bang(r, m::IFACE))),
+        }
     }
     if r.has & m::OUT_LO != 0 {
         let dir = match r.chain_id() {
@@ -174,10 +175,18 @@ pub fn rule_text_named(r: &Rule, names: &Names) -> String {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ColumnOf {
+    In,
+    Out,
+}
+
 /// The columns `iptables -t nat -L CHAIN -v -n` prints for a rule.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListColumns {
     pub prot: String,
+    /// `in`: `-i` (an inbound chain's `lo`, a PREROUTING rule's device).
+    pub input: String,
     pub out: String,
     pub source: String,
     pub destination: String,
@@ -205,6 +214,12 @@ fn list_addr(r: &Rule, bit: u16, addr: &Addr, mask: &Addr) -> String {
 
 /// A rule in `iptables -L -v -n` columns.
 pub fn list_columns(r: &Rule) -> ListColumns {
+    list_columns_named(r, &Names::default())
+}
+
+/// [`list_columns`], with the interface an [`m::IFACE`] match names (its list entry's number
+/// without the names).
+pub fn list_columns_named(r: &Rule, names: &Names) -> ListColumns {
     let mut extra = Vec::new();
     if r.has & m::DPORT != 0 {
         let not = if r.neg & m::DPORT != 0 { "!" } else { "" };
@@ -224,17 +239,32 @@ pub fn list_columns(r: &Rule) -> ListColumns {
             extra.push(format!("{not}owner {what} match {id}"));
         }
     }
+    let inbound = matches!(r.chain_id(), Some(ChainId::Inbound | ChainId::Prerouting));
+    let device = |column: ColumnOf| {
+        let bang = |bit| if r.neg & bit != 0 { "!" } else { "" };
+        if (column == ColumnOf::In) != inbound {
+            return "*".to_owned();
+        }
+        if r.has & m::OUT_LO != 0 {
+            return format!("{}lo", bang(m::OUT_LO));
+        }
+        if r.has & m::IFACE != 0 {
+            let entry = r.uid.trailing_zeros();
+            return match names.ifaces.get(entry as usize) {
+                Some(name) => format!("{}{name}", bang(m::IFACE)),
+                None => format!("{}#{entry}", bang(m::IFACE)),
+            };
+        }
+        "*".to_owned()
+    };
     ListColumns {
         prot: if r.proto == 0 {
             "all".into()
         } else {
             proto_name(r.proto)
         },
-        out: match (r.has & m::OUT_LO != 0, r.neg & m::OUT_LO != 0) {
-            (false, _) => "*".into(),
-            (true, false) => "lo".into(),
-            (true, true) => "!lo".into(),
-        },
+        input: device(ColumnOf::In),
+        out: device(ColumnOf::Out),
         source: list_addr(r, m::SRC, &r.src_addr, &r.src_mask),
         destination: list_addr(r, m::DST, &r.dst_addr, &r.dst_mask),
         extra: extra.join(" "),
