@@ -1,0 +1,275 @@
+//! `-k` (`--kube-virt-interfaces`): a VM behind a device of the pod's namespace. Its TCP
+//! connections through the pod (forwarded) and to the pod itself are redirected to the outbound
+//! capture port as istio-iptables' `nat PREROUTING -i K -j ISTIO_REDIRECT` sends them, and the
+//! embedded proxy takes them on from the pod; what the `-i` list leaves out goes direct, on
+//! `-i K -j RETURN`. Each is counted on its rule. (tests/tests/differential.rs holds the same
+//! against iptables itself, addresses and SO_ORIGINAL_DST included.)
+//!
+//! The VM is a namespace behind the workload's `x0` (10.200.`VM_SUBNET`.0/24 and its ULA /64),
+//! routed to the remote host's subnet through the pod, which forwards; the remote host routes
+//! back through the pod. No default route anywhere.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use redirect_testkit::{
+    netns::{NamedNetns, NetnsPair, pair_ip6, veth},
+    probe::ProbeSpec,
+    report::Outcome,
+    server::TestServer,
+    unique,
+};
+use redirect_tests::{APP_PORT, Landing, REMOTE_PORT, Workload, landing};
+
+const POD_SUBNET: u8 = 46;
+const VM_SUBNET: u8 = 47;
+
+/// A workload wired to a remote host and, behind `x0`, a VM.
+struct PodWithVm {
+    w: Workload,
+    vm: NamedNetns,
+    _remote6: TestServer,
+    _app6: TestServer,
+}
+
+impl PodWithVm {
+    /// `wire_vm`: the VM's link is made before the agent starts (else later, by the test).
+    fn new(tag: &str, flags: &[&str], wire_vm: bool) -> Self {
+        redirect_tests::require_root();
+        let base = unique(tag);
+        let workload = NamedNetns::create(&format!("{base}-w")).expect("netns");
+        let remote = NamedNetns::create(&format!("{base}-r")).expect("netns");
+        let vm = NamedNetns::create(&format!("{base}-v")).expect("netns");
+        let pair = NetnsPair::wire(workload, remote, POD_SUBNET).expect("the pod's veth");
+        // The remote host answers the VM through the pod.
+        let (pod4, pod6) = (pair.workload_ip.to_string(), pair.workload_ip6.to_string());
+        for args in [
+            vec!["route", "add", &net4(VM_SUBNET), "via", &pod4],
+            vec!["-6", "route", "add", &net6(VM_SUBNET), "via", &pod6],
+        ] {
+            pair.remote.ip(&args).expect("remote's route to the VM");
+        }
+        for (key, value) in [("net.ipv4.ip_forward", "1"), ("net.ipv6.conf.all.forwarding", "1")] {
+            pair.workload.sysctl(key, value).expect("the pod forwards");
+        }
+        let remote6 = TestServer::start(
+            &pair.remote,
+            SocketAddr::new(pair.remote_ip6.into(), REMOTE_PORT),
+            "remote6",
+        )
+        .expect("IPv6 remote server");
+        let app6 = TestServer::start(
+            &pair.workload,
+            SocketAddr::new(pair.workload_ip6.into(), APP_PORT),
+            "app6",
+        )
+        .expect("IPv6 app");
+        let mut w = Workload::on_pair(tag, pair);
+        let t = |w| Self {
+            w,
+            vm,
+            _remote6: remote6,
+            _app6: app6,
+        };
+        if wire_vm {
+            let mut t = t(w);
+            t.wire_vm();
+            t.w.start_agent(flags).expect("agent starts");
+            t
+        } else {
+            w.start_agent(flags).expect("agent starts");
+            let mut t = t(w);
+            t.wire_vm();
+            t
+        }
+    }
+
+    /// The VM's link (`x0` in the pod, `v0` in the VM) and its routes to the remote host.
+    fn wire_vm(&mut self) {
+        veth((&self.w.pair.workload, "x0"), (&self.vm, "v0"), VM_SUBNET).expect("the VM's veth");
+        let x0 = (format!("10.200.{VM_SUBNET}.1"), pair_ip6(VM_SUBNET).0.to_string());
+        for args in [
+            vec!["route", "add", &net4(POD_SUBNET), "via", &x0.0],
+            vec!["-6", "route", "add", &net6(POD_SUBNET), "via", &x0.1],
+        ] {
+            self.vm.ip(&args).expect("the VM's route through the pod");
+        }
+    }
+
+    /// A connection from the VM to `to`.
+    fn dial_from_vm(&self, to: impl Into<SocketAddr>) -> redirect_testkit::report::ProbeResult {
+        self.w.probe(&ProbeSpec::outside(&self.vm.path, to.into()))
+    }
+
+    fn vm_ip(&self, v6: bool) -> IpAddr {
+        match v6 {
+            false => "10.200.47.2".parse().unwrap(),
+            true => pair_ip6(VM_SUBNET).1.into(),
+        }
+    }
+
+    fn prerouting(&self, family: &str) -> Vec<u64> {
+        self.w.family_counts(family, "PREROUTING")
+    }
+}
+
+/// 10.200.`subnet`.0/24.
+fn net4(subnet: u8) -> String {
+    format!("10.200.{subnet}.0/24")
+}
+
+/// The ULA /64 of `subnet` ([`pair_ip6`]'s).
+fn net6(subnet: u8) -> String {
+    let s = pair_ip6(subnet).0.segments();
+    format!("{}/64", std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+}
+
+/// Who the server that answered saw the connection come from.
+fn seen_from(r: &redirect_testkit::report::ProbeResult) -> IpAddr {
+    let peer: SocketAddr = r
+        .banner_field("peer")
+        .unwrap_or_else(|| panic!("no banner: {r:?}"))
+        .parse()
+        .unwrap();
+    peer.ip()
+}
+
+fn answered_by(r: &redirect_testkit::report::ProbeResult) -> String {
+    match landing(r) {
+        Landing::Direct { server } | Landing::Proxied { server, .. } => server,
+        Landing::Failed(o) => panic!("failed ({o:?}): {r:?}"),
+    }
+}
+
+#[test]
+fn a_vms_connections_through_the_pod_and_to_it_are_redirected_to_the_proxy() {
+    let t = PodWithVm::new("kv", &["-k", "x0"], true);
+    let w = &t.w;
+    // Forwarded: the remote host is dialed by the proxy, from the pod.
+    let r = t.dial_from_vm(w.remote(REMOTE_PORT));
+    assert_eq!(answered_by(&r), "remote", "{r:?}");
+    assert_eq!(
+        seen_from(&r),
+        IpAddr::from(w.pair.workload_ip),
+        "the pod's proxy dialed it: {r:?}"
+    );
+    let r = t.dial_from_vm(w.remote6(REMOTE_PORT));
+    assert_eq!(answered_by(&r), "remote6", "{r:?}");
+    assert_eq!(seen_from(&r), IpAddr::from(w.pair.workload_ip6), "{r:?}");
+    // To the pod itself (delivered, but arriving on x0): redirected too, under `-i '*'`.
+    let r = t.dial_from_vm(w.pod(APP_PORT));
+    assert_eq!(answered_by(&r), "app", "{r:?}");
+    assert_ne!(seen_from(&r), t.vm_ip(false), "through the proxy: {r:?}");
+    // Each on `-i x0 -j ISTIO_REDIRECT`, none on the RETURN below it.
+    assert_eq!(t.prerouting("ipv4"), [2, 0]);
+    assert_eq!(t.prerouting("ipv6"), [1, 0]);
+    let rules: Vec<String> = w
+        .stats()
+        .rules
+        .iter()
+        .filter(|r| r.family == "ipv4" && r.chain == "PREROUTING")
+        .map(|r| format!("{} {}", r.match_, r.target))
+        .collect();
+    assert_eq!(rules, ["-i x0 ISTIO_REDIRECT", "-i x0 RETURN"], "stats names them");
+    // The VM's own view: it talked to the remote host, on the port it dialed.
+    let r = t.dial_from_vm(w.remote(REMOTE_PORT));
+    assert_eq!(
+        r.peer,
+        Some(w.remote(REMOTE_PORT).to_string()),
+        "the VM's socket sees the address it dialed: {r:?}"
+    );
+}
+
+#[test]
+fn an_include_list_redirects_only_its_cidrs_and_returns_the_rest() {
+    let remote = "10.200.46.2/32";
+    let t = PodWithVm::new("kvi", &["-k", "x0", "-i", remote], true);
+    let w = &t.w;
+    let r = t.dial_from_vm(w.remote(REMOTE_PORT));
+    assert_eq!(seen_from(&r), IpAddr::from(w.pair.workload_ip), "in -i: proxied: {r:?}");
+    // The pod's own address is not in the list: RETURN, straight to the app.
+    let r = t.dial_from_vm(w.pod(APP_PORT));
+    assert_eq!(answered_by(&r), "app", "{r:?}");
+    assert_eq!(seen_from(&r), t.vm_ip(false), "direct: {r:?}");
+    // ip6tables has no -i CIDR of its family: every IPv6 connection from x0 RETURNs.
+    let r = t.dial_from_vm(w.remote6(REMOTE_PORT));
+    assert_eq!(seen_from(&r), t.vm_ip(true), "direct: {r:?}");
+    assert_eq!(
+        t.prerouting("ipv4"),
+        [1, 1],
+        "-d {remote} -i x0 -j ISTIO_REDIRECT, then RETURN"
+    );
+    assert_eq!(t.prerouting("ipv6"), [1], "only the RETURN");
+}
+
+/// The VM's device usually appears after the pod started: the agent attaches to it then. A
+/// killed agent leaves the VM captured (its connections refused, never direct); the next run
+/// takes the attachments over; a run's end removes them.
+#[test]
+fn a_device_added_later_is_captured_fail_closed_and_released_at_the_end() {
+    let mut t = PodWithVm::new("kvl", &["-k", "x0"], false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = t.dial_from_vm(t.w.remote(REMOTE_PORT));
+        if r.outcome == Outcome::Ok && seen_from(&r) == IpAddr::from(t.w.pair.workload_ip) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "x0 not captured 10 s after it appeared: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let mut killed = t.w.agent.take().expect("agent");
+    killed.signal(libc::SIGKILL);
+    let _ = killed.wait(Duration::from_secs(10));
+    let r = t.dial_from_vm(t.w.remote(REMOTE_PORT));
+    assert_ne!(
+        r.outcome,
+        Outcome::Ok,
+        "nothing serves the capture port, and nothing goes around it: {r:?}"
+    );
+
+    t.w.start_agent(&["-k", "x0"]).expect("a new run takes over");
+    let r = t.dial_from_vm(t.w.remote(REMOTE_PORT));
+    assert_eq!(seen_from(&r), IpAddr::from(t.w.pair.workload_ip), "served again: {r:?}");
+
+    let mut agent = t.w.agent.take().expect("agent");
+    agent.signal(libc::SIGTERM);
+    agent.wait(Duration::from_secs(30)).expect("the run ends");
+    let r = t.dial_from_vm(t.w.remote(REMOTE_PORT));
+    assert_eq!(
+        seen_from(&r),
+        t.vm_ip(false),
+        "after the run, straight through the pod: {r:?}"
+    );
+}
+
+/// istio-iptables' `--cleanup-only` after a killed run: the VM's connections go straight
+/// through the pod again (before 6.6 it deletes the cls_bpf filters from the devices `-k`
+/// names, which no pin holds; on 6.6+ the tcx links go with their pins).
+#[test]
+fn cleanup_only_releases_a_killed_runs_vm_devices() {
+    let mut t = PodWithVm::new("kvc", &["-k", "x0"], true);
+    let r = t.dial_from_vm(t.w.remote(REMOTE_PORT));
+    assert_eq!(seen_from(&r), IpAddr::from(t.w.pair.workload_ip), "captured: {r:?}");
+    let mut killed = t.w.agent.take().expect("agent");
+    killed.signal(libc::SIGKILL);
+    let _ = killed.wait(Duration::from_secs(10));
+
+    let mut args = vec![
+        "run".to_owned(),
+        "--cleanup-only".into(),
+        "--name".into(),
+        t.w.name.clone(),
+    ];
+    args.extend(t.w.run_args());
+    args.extend(["-k".into(), "x0".into()]);
+    let out = redirect_tests::agent_cmd(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = t.dial_from_vm(t.w.remote(REMOTE_PORT));
+    assert_eq!(seen_from(&r), t.vm_ip(false), "straight through the pod: {r:?}");
+}
