@@ -169,6 +169,18 @@ pub const FEATURES: &[Feature] = &[
         probe: Probe::Helper(ProgramType::CgroupSockopt, BpfHelper::BPF_FUNC_get_netns_cookie),
     },
     Feature {
+        name: "tc (sched_cls) programs",
+        since: "4.1",
+        why: "-k: a VM's connections REDIRECTed on its device",
+        probe: Probe::Program(ProgramType::SchedClassifier),
+    },
+    Feature {
+        name: "bpf_l4_csum_replace in tc",
+        since: "4.1",
+        why: "-k: the rewritten segment's TCP checksum",
+        probe: Probe::Helper(ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_l4_csum_replace),
+    },
+    Feature {
         name: "sk_skb programs",
         since: "4.14",
         why: "the fast path's stream verdict",

@@ -21,7 +21,7 @@ use redirect_testkit::{
     server::TestServer,
     unique,
 };
-use redirect_tests::{APP_PORT, Landing, REMOTE_PORT, Workload, landing};
+use redirect_tests::{APP_PORT, Landing, REMOTE_PORT, Workload, landing, node::NodeAgent};
 
 const POD_SUBNET: u8 = 46;
 const VM_SUBNET: u8 = 47;
@@ -37,6 +37,11 @@ struct PodWithVm {
 impl PodWithVm {
     /// `wire_vm`: the VM's link is made before the agent starts (else later, by the test).
     fn new(tag: &str, flags: &[&str], wire_vm: bool) -> Self {
+        Self::with(tag, Some(flags), wire_vm)
+    }
+
+    /// `flags`: a `run` of them, or (`None`) no agent: a node agent enrolls it.
+    fn with(tag: &str, flags: Option<&[&str]>, wire_vm: bool) -> Self {
         redirect_tests::require_root();
         let base = unique(tag);
         let workload = NamedNetns::create(&format!("{base}-w")).expect("netns");
@@ -73,17 +78,15 @@ impl PodWithVm {
             _remote6: remote6,
             _app6: app6,
         };
-        if wire_vm {
-            let mut t = t(w);
-            t.wire_vm();
-            t.w.start_agent(flags).expect("agent starts");
-            t
-        } else {
+        if !wire_vm && let Some(flags) = flags {
             w.start_agent(flags).expect("agent starts");
-            let mut t = t(w);
-            t.wire_vm();
-            t
         }
+        let mut t = t(w);
+        t.wire_vm();
+        if wire_vm && let Some(flags) = flags {
+            t.w.start_agent(flags).expect("agent starts");
+        }
+        t
     }
 
     /// The VM's link (`x0` in the pod, `v0` in the VM) and its routes to the remote host.
@@ -272,4 +275,58 @@ fn cleanup_only_releases_a_killed_runs_vm_devices() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r = t.dial_from_vm(t.w.remote(REMOTE_PORT));
     assert_eq!(seen_from(&r), t.vm_ip(false), "straight through the pod: {r:?}");
+}
+
+/// Node mode: a new agent process takes the VM's devices over from the running one (its tc
+/// programs replace the old ones in place), and a connection the VM opened before goes on
+/// through the old proxy's drain; unenrolled, the VM goes straight through the pod.
+#[test]
+fn a_handover_keeps_the_vm_captured_and_its_open_connection_alive() {
+    let agent = NodeAgent::new("node-kv", &["--drain-timeout-ms", "60000"]);
+    let mut first = agent.start().expect("node agent starts");
+    let t = PodWithVm::with("kvn", None, true);
+    let _echo = TestServer::start(&t.w.pair.remote, t.w.remote(8081), "echo-remote").expect("echo server");
+    agent.enroll(&t.w.pair.workload.path, "vm-pod", &["--", "-k", "x0"]);
+    let r = t.dial_from_vm(t.w.remote(REMOTE_PORT));
+    assert_eq!(seen_from(&r), IpAddr::from(t.w.pair.workload_ip), "captured: {r:?}");
+
+    // Open from the VM, through the first agent's proxy, before the handover.
+    let stream = t
+        .vm
+        .open()
+        .unwrap()
+        .run(|| std::net::TcpStream::connect_timeout(&t.w.remote(8081).into(), Duration::from_secs(5)))
+        .expect("the VM's long-lived connection");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+    let mut banner = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut banner).unwrap();
+    assert!(banner.contains("name=echo-remote"), "{banner}");
+    let mut round_trip = |n: u32| {
+        use std::io::{Read as _, Write as _};
+        let msg = format!("{n:08}");
+        (&stream).write_all(msg.as_bytes()).unwrap();
+        let mut back = [0u8; 8];
+        reader.read_exact(&mut back).unwrap();
+        assert_eq!(&back, msg.as_bytes());
+    };
+    round_trip(1);
+
+    let second = agent.start().expect("the new agent takes over");
+    assert!(second.log().contains("a running agent handed over"), "{}", second.log());
+    round_trip(2);
+    let r = t.dial_from_vm(t.w.remote(REMOTE_PORT));
+    assert_eq!(seen_from(&r), IpAddr::from(t.w.pair.workload_ip), "captured by the new agent: {r:?}");
+    round_trip(3);
+    // Closed by the VM (both descriptors): the old proxy's last connection ends.
+    drop(round_trip);
+    drop((reader, stream));
+    let (status, log) = first.wait(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "first agent: {status:?}\n{log}");
+
+    let out = agent.cli(&["unenroll", "--id", "vm-pod"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = t.dial_from_vm(t.w.remote(REMOTE_PORT));
+    assert_eq!(seen_from(&r), t.vm_ip(false), "unenrolled: straight through the pod: {r:?}");
+    drop(second);
 }

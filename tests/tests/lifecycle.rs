@@ -472,7 +472,7 @@ fn kernel_features_are_probed() {
     assert_eq!(features.len(), redirect_agent::features::FEATURES.len());
     assert!(features.iter().all(|f| f["present"] == true), "{report:#}");
     let programs = report["programs"].as_array().unwrap();
-    assert_eq!(programs.len(), 13, "{report:#}");
+    assert_eq!(programs.len(), 15, "{report:#}");
     assert!(
         programs.iter().all(|p| p["instructions"].as_u64().unwrap() > 0),
         "{report:#}"
