@@ -85,6 +85,25 @@ fn app_view(r: &ProbeResult) -> String {
     format!("peer={peer} local={local}")
 }
 
+/// What the server's accepted socket says of itself, from its banner: `from=` its peer's
+/// address (the port is ephemeral), and on a capture listener (`capture`: what the verdict
+/// calls it) `at=` its local address: under REDIRECT the address NAT chose, 127.0.0.1 or `::1`
+/// in OUTPUT, the arriving interface's own in PREROUTING. Of an inbound capture, `at=` is the
+/// address alone: sk_lookup keeps the port dialed where REDIRECT makes it the capture port, and
+/// `orig` names it in both.
+fn accepted(r: &ProbeResult, capture: Option<&str>) -> String {
+    let from = r.banner_addr("peer").map_or_else(|| "?".into(), |p| p.ip().to_string());
+    let Some(what) = capture else {
+        return format!("from={from}");
+    };
+    let at = match r.banner_addr("local") {
+        Some(l) if what.starts_with("inbound") => l.ip().to_string(),
+        Some(l) => l.to_string(),
+        None => "?".into(),
+    };
+    format!("at={at} from={from}")
+}
+
 /// Where a connection landed, named the same way in both twins. A capture listener (the
 /// stand-in for Envoy) also says what the original destination query answered on the accepted
 /// socket (`SO_ORIGINAL_DST` on the 0.0.0.0 one, `IP6T_SO_ORIGINAL_DST` on the [::] one):
@@ -93,7 +112,8 @@ fn app_view(r: &ProbeResult) -> String {
 /// kernel's ENOENT: only captured connections are compared. For the same reason a connection
 /// made straight to a capture port, which nobody redirected, reads as `orig=none` in both:
 /// ENOENT from the agent, and conntrack's identity answer, the socket's own address.) A
-/// connection that completed also carries what the app's own socket says ([`app_view`]).
+/// connection that completed also carries what the server's socket says ([`accepted`]) and
+/// what the app's own socket says ([`app_view`]).
 pub(super) fn verdict(r: &ProbeResult, capture: (u16, u16)) -> String {
     let local = r.banner_field("local");
     let name = r.banner_field("name");
@@ -111,8 +131,8 @@ pub(super) fn verdict(r: &ProbeResult, capture: (u16, u16)) -> String {
     match r.outcome {
         Outcome::Ok => {
             let landed = match (listener, name) {
-                (Some((_, what)), _) => format!("capture:{what} orig={orig}"),
-                (None, Some(server)) => format!("original:{server}"),
+                (Some((_, what)), _) => format!("capture:{what} orig={orig} {}", accepted(r, Some(what))),
+                (None, Some(server)) => format!("original:{server} {}", accepted(r, None)),
                 (None, None) => "no banner".into(),
             };
             format!("{landed} {}", app_view(r))
