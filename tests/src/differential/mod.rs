@@ -47,9 +47,10 @@ const BASE_PORTS: [u16; 5] = [8080, 9080, 15008, 15020, 15021];
 /// The tables both twins have, by `stats --json`'s family name, with the command that lists
 /// each in the oracle, and the chains compared.
 const TABLES: [(&str, &str); 2] = [("ipv4", "iptables"), ("ipv6", "ip6tables")];
-/// nat PREROUTING's and OUTPUT's own rules (`-c`'s RETURNs; their jumps to the ISTIO chains
-/// are not counted by the agent, so only RETURN rows are compared) and the ISTIO chains, each
-/// with its table. In TPROXY mode ISTIO_INBOUND is mangle's, with ISTIO_TPROXY.
+/// nat PREROUTING's and OUTPUT's own rules (`-c`'s RETURNs and `-k`'s `-i IFACE [-d CIDR] -j
+/// ISTIO_REDIRECT`, each row compared with its rule's text; the jumps to ISTIO_OUTPUT and
+/// ISTIO_INBOUND are not counted by the agent, so not compared) and the ISTIO chains, each with
+/// its table. In TPROXY mode ISTIO_INBOUND is mangle's, with ISTIO_TPROXY.
 fn chains(tproxy: bool) -> Vec<(&'static str, &'static str)> {
     // PREROUTING's `-c` RETURN too: in TPROXY mode mangle's decides (nat's only counts).
     let inbound = if tproxy { "mangle" } else { "nat" };

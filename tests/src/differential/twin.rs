@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeMap,
+    fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     process::Command,
 };
@@ -39,7 +40,32 @@ pub(super) enum Kind {
 }
 
 /// Per-rule counts of each (family, chain), in rule order.
-pub(super) type Counts = BTreeMap<(&'static str, &'static str), Vec<u64>>;
+pub(super) type Counts = BTreeMap<(&'static str, &'static str), Vec<Row>>;
+
+/// One rule's count. The rows of nat's built-in chains carry the rule's text (`-A PREROUTING
+/// -i x0 -j RETURN`: iptables-save's, which is `explain`'s, and in the agent's `stats` its
+/// match and target), so that each is compared with its own rule.
+#[derive(Clone, PartialEq, Eq)]
+pub(super) struct Row {
+    rule: Option<String>,
+    n: u64,
+}
+
+impl fmt::Debug for Row {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.rule {
+            Some(rule) => write!(f, "{rule:?}: {}", self.n),
+            None => write!(f, "{}", self.n),
+        }
+    }
+}
+
+/// Whether a rule of nat's built-in chains is one the agent counts: `-c`'s RETURNs and `-k`'s
+/// `-i IFACE [-d CIDR] -j ISTIO_REDIRECT` (not the jumps to ISTIO_OUTPUT and ISTIO_INBOUND).
+fn counted_builtin(rule: &str) -> bool {
+    rule.ends_with(" -j RETURN")
+        || (rule.starts_with("-A PREROUTING ") && rule.contains(" -i ") && rule.ends_with(" -j ISTIO_REDIRECT"))
+}
 
 /// The nat tables istio-iptables writes for these flags: iptables' and ip6tables'.
 pub(super) struct Tables {
@@ -190,7 +216,8 @@ impl Twin {
 
     /// Per-rule counts of both families' chains ([`chains`]): the agent's counters; or the
     /// packet counters of the nat rules (only a connection's first packet traverses nat, so
-    /// those count connections too), and of mangle's those of each rule's SYN-only copy
+    /// those count connections too; of the built-in chains only the rules the agent counts,
+    /// [`counted_builtin`]), and of mangle's those of each rule's SYN-only copy
     /// ([`syn_counted`]), which mangle's own counters, counting every packet, are not.
     pub(super) fn counts(&self) -> Counts {
         let mut counts = Counts::new();
@@ -201,11 +228,18 @@ impl Twin {
                 let stats: InstanceStats = serde_json::from_slice(&out.stdout).expect("stats --json");
                 for (family, _) in TABLES {
                     for (table, chain) in chains(self.tproxy) {
+                        let builtin = table == "nat" && !chain.starts_with("ISTIO_");
                         let rows = stats
                             .rules
                             .iter()
                             .filter(|r| r.chain == chain && r.family == family && r.table == table)
-                            .map(|r| r.connections)
+                            .map(|r| Row {
+                                rule: builtin.then(|| match r.match_.as_str() {
+                                    "" => format!("-A {chain} -j {}", r.target),
+                                    m => format!("-A {chain} {m} -j {}", r.target),
+                                }),
+                                n: r.connections,
+                            })
                             .collect();
                         counts.insert((family, label(table, chain)), rows);
                     }
@@ -216,6 +250,7 @@ impl Twin {
                     for (table, chain) in chains(self.tproxy) {
                         let rows = match table {
                             "mangle" => self.syn_counts(tool, chain),
+                            _ if !chain.starts_with("ISTIO_") => self.builtin_counts(tool, chain),
                             _ => self.nat_counts(tool, chain),
                         };
                         counts.insert((family, label(table, chain)), rows);
@@ -226,42 +261,61 @@ impl Twin {
         counts
     }
 
-    /// The packet counts of nat `chain`'s rules.
-    fn nat_counts(&self, tool: &str, chain: &str) -> Vec<u64> {
+    /// The packet counts of nat `chain`'s rules, an ISTIO chain's.
+    fn nat_counts(&self, tool: &str, chain: &str) -> Vec<Row> {
         let out = Command::new("ip")
             .args(["netns", "exec", &self.pair.workload.name])
             .args([tool, "-t", "nat", "-L", chain, "-v", "-n", "-x", "--line-numbers"])
             .output()
             .expect("iptables -L");
         assert!(out.status.success(), "{tool} -L {chain}");
-        // Two header lines, then "num pkts bytes target ...". Of the built-in chains, only
-        // RETURN rows (`-c`'s): the agent counts no jumps.
-        let builtin = !chain.starts_with("ISTIO_");
+        // Two header lines, then "num pkts bytes target ...".
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .skip(2)
-            .filter(|l| !builtin || l.split_whitespace().nth(3) == Some("RETURN"))
             .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .map(|n| Row { rule: None, n })
+            .collect()
+    }
+
+    /// The packet counts of the rules of nat's built-in `chain` the agent counts
+    /// ([`counted_builtin`]), each with its text.
+    fn builtin_counts(&self, tool: &str, chain: &str) -> Vec<Row> {
+        let append = format!("-A {chain} ");
+        self.saved(tool, "nat")
+            .into_iter()
+            .filter(|(rule, _)| rule.starts_with(&append) && counted_builtin(rule))
+            .map(|(rule, n)| Row { rule: Some(rule), n })
             .collect()
     }
 
     /// The SYNs that reached and matched each rule of mangle `chain`: its target-less copies'
-    /// packet counts, read with `iptables-save -c` (`[packets:bytes] -A CHAIN ...`).
-    fn syn_counts(&self, tool: &str, chain: &str) -> Vec<u64> {
+    /// packet counts.
+    fn syn_counts(&self, tool: &str, chain: &str) -> Vec<Row> {
+        let append = format!("-A {chain} ");
+        self.saved(tool, "mangle")
+            .into_iter()
+            .filter(|(rule, _)| rule.starts_with(&append) && !rule.contains(" -j "))
+            .map(|(_, n)| Row { rule: None, n })
+            .collect()
+    }
+
+    /// Every rule of `table` with its packet count, read with `iptables-save -c`
+    /// (`[packets:bytes] -A CHAIN ...`).
+    fn saved(&self, tool: &str, table: &str) -> Vec<(String, u64)> {
         let out = Command::new("ip")
             .args(["netns", "exec", &self.pair.workload.name])
-            .args([&format!("{tool}-save"), "-c", "-t", "mangle"])
+            .args([&format!("{tool}-save"), "-c", "-t", table])
             .output()
             .expect("iptables-save");
-        assert!(out.status.success(), "{tool}-save -t mangle");
-        let append = format!("-A {chain} ");
+        assert!(out.status.success(), "{tool}-save -t {table}");
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| {
                 let (counters, rule) = l.split_once("] ")?;
-                (rule.starts_with(&append) && !rule.contains(" -j ")).then_some(counters)
+                let packets = counters.trim_start_matches('[').split(':').next()?.parse().ok()?;
+                Some((rule.to_owned(), packets))
             })
-            .filter_map(|c| c.trim_start_matches('[').split(':').next()?.parse().ok())
             .collect()
     }
 
