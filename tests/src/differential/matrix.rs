@@ -23,6 +23,19 @@ pub(super) struct Matrix {
     capture: (u16, u16),
 }
 
+/// One family's addresses a phase's clients use.
+#[derive(Clone, Copy)]
+struct Addrs {
+    /// The inbound passthrough source, 127.0.0.6 or `::6`.
+    passthrough: IpAddr,
+    loopback: IpAddr,
+    /// The pod's address on its primary interface.
+    pod: IpAddr,
+    /// The pod's address on the side link.
+    side_pod: IpAddr,
+    remote: IpAddr,
+}
+
 /// What one twin saw: per phase, the verdicts in scenario order and the counters after it.
 pub(super) type Run = Vec<(Vec<String>, Counts)>;
 
@@ -50,110 +63,120 @@ impl Matrix {
         inbound_ports.extend([capture.0, capture.1]);
 
         // The same scenarios over either stack: `dsts` on every port, unbound and bound to
-        // the passthrough source, istio-validation's probe, and the remote host to the pod.
-        let scenarios =
-            |v4_mapped: bool, dsts: &[IpAddr], passthrough: IpAddr, loopback: IpAddr, pod: IpAddr, side_pod: IpAddr| {
-                let client = |uid, gid, bind| Client {
-                    inbound: false,
-                    from_side: false,
-                    uid,
-                    gid,
-                    bind,
-                    v4_mapped,
-                    real: None,
-                    mark: None,
-                };
-                let mut clients: Scenarios = Vec::new();
-                let every_dst = || -> Vec<SocketAddr> {
-                    dsts.iter()
-                        .flat_map(|&ip| listen_ports.iter().map(move |&p| SocketAddr::new(ip, p)))
-                        .collect()
-                };
-                for &(uid, gid) in &ids {
-                    for bind in [None, Some(passthrough)] {
-                        clients.push((client(uid, gid, bind), every_dst()));
-                    }
-                    clients.push((
-                        client(uid, gid, Some(loopback)),
-                        vec![SocketAddr::new(passthrough, VALIDATION_PORT)],
-                    ));
-                }
-                // The owner match reads the socket file's fsuid/fsgid, not the real ids; and the
-                // agent's mark, set by the app itself, is nothing to the sidecar rules.
-                let set_ids = cfg
-                    .set_ids
-                    .iter()
-                    .map(|&((uid, gid), real)| (uid, gid, Some(real), None));
-                for (uid, gid, real, mark) in [
-                    (1000, 1000, Some((1337, 1337)), None),
-                    (1337, 1337, Some((1000, 1000)), None),
-                    (0, 0, None, Some(redirect_common::AGENT_SOCKET_MARK)),
-                ]
-                .into_iter()
-                .chain(set_ids)
-                {
-                    clients.push((
-                        Client {
-                            real,
-                            mark,
-                            ..client(uid, gid, None)
-                        },
-                        every_dst(),
-                    ));
+        // the passthrough source, istio-validation's probe, the remote host to the pod, and the
+        // side host's (the VM's).
+        let scenarios = |v4_mapped: bool, dsts: &[IpAddr], a: &Addrs| {
+            let Addrs {
+                passthrough,
+                loopback,
+                pod,
+                side_pod,
+                remote,
+            } = *a;
+            let client = |uid, gid, bind| Client {
+                inbound: false,
+                from_side: false,
+                uid,
+                gid,
+                bind,
+                v4_mapped,
+                real: None,
+                mark: None,
+            };
+            let mut clients: Scenarios = Vec::new();
+            let every_dst = || -> Vec<SocketAddr> {
+                dsts.iter()
+                    .flat_map(|&ip| listen_ports.iter().map(move |&p| SocketAddr::new(ip, p)))
+                    .collect()
+            };
+            for &(uid, gid) in &ids {
+                for bind in [None, Some(passthrough)] {
+                    clients.push((client(uid, gid, bind), every_dst()));
                 }
                 clients.push((
-                    Client {
-                        inbound: true,
-                        ..client(0, 0, None)
-                    },
-                    inbound_ports.iter().map(|&p| SocketAddr::new(pod, p)).collect(),
+                    client(uid, gid, Some(loopback)),
+                    vec![SocketAddr::new(passthrough, VALIDATION_PORT)],
                 ));
-                if cfg.side {
-                    clients.push((
-                        Client {
-                            inbound: true,
-                            from_side: true,
-                            ..client(0, 0, None)
-                        },
-                        inbound_ports.iter().map(|&p| SocketAddr::new(side_pod, p)).collect(),
-                    ));
-                }
-                clients
+            }
+            // The owner match reads the socket file's fsuid/fsgid, not the real ids; and the
+            // agent's mark, set by the app itself, is nothing to the sidecar rules.
+            let set_ids = cfg
+                .set_ids
+                .iter()
+                .map(|&((uid, gid), real)| (uid, gid, Some(real), None));
+            for (uid, gid, real, mark) in [
+                (1000, 1000, Some((1337, 1337)), None),
+                (1337, 1337, Some((1000, 1000)), None),
+                (0, 0, None, Some(redirect_common::AGENT_SOCKET_MARK)),
+            ]
+            .into_iter()
+            .chain(set_ids)
+            {
+                clients.push((
+                    Client {
+                        real,
+                        mark,
+                        ..client(uid, gid, None)
+                    },
+                    every_dst(),
+                ));
+            }
+            clients.push((
+                Client {
+                    inbound: true,
+                    ..client(0, 0, None)
+                },
+                inbound_ports.iter().map(|&p| SocketAddr::new(pod, p)).collect(),
+            ));
+            let side_host = Client {
+                inbound: true,
+                from_side: true,
+                ..client(0, 0, None)
             };
+            if cfg.side_host() {
+                let to_side_pod = inbound_ports.iter().map(|&p| SocketAddr::new(side_pod, p));
+                clients.push((side_host.clone(), to_side_pod.collect()));
+            }
+            // The VM's connections through the pod (to the remote host, on the ports it
+            // serves) and to the pod's primary address (on every port the pod's own
+            // clients dial, the capture ports too), both arriving on the side link.
+            if cfg.vm {
+                let through = listen_ports.iter().map(|&p| SocketAddr::new(remote, p));
+                let to_pod = inbound_ports.iter().map(|&p| SocketAddr::new(pod, p));
+                clients.push((side_host.clone(), through.collect()));
+                clients.push((side_host, to_pod.collect()));
+            }
+            clients
+        };
         let mut v4_dsts: Vec<IpAddr> = [remote_ip, pod_ip, Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 2)]
             .map(IpAddr::from)
             .to_vec();
         let mut v6_dsts: Vec<IpAddr> = [remote_ip6, pod_ip6, Ipv6Addr::LOCALHOST].map(IpAddr::from).to_vec();
         v4_dsts.extend(cfg.dsts.iter().filter(|d| d.is_ipv4()));
         v6_dsts.extend(cfg.dsts.iter().filter(|d| d.is_ipv6()));
-        if cfg.side {
+        if cfg.side_host() {
             v4_dsts.push(side_ip.into());
             v6_dsts.push(side_ip6.into());
         }
-        let v4 = |mapped| {
-            scenarios(
-                mapped,
-                &v4_dsts,
-                PASSTHROUGH.into(),
-                Ipv4Addr::LOCALHOST.into(),
-                pod_ip.into(),
-                side_pod_ip.into(),
-            )
+        // The v4-mapped phase's side host dials the same IPv4 addresses from AF_INET6 sockets.
+        let v4 = Addrs {
+            passthrough: PASSTHROUGH.into(),
+            loopback: Ipv4Addr::LOCALHOST.into(),
+            pod: pod_ip.into(),
+            side_pod: side_pod_ip.into(),
+            remote: remote_ip.into(),
+        };
+        let v6 = Addrs {
+            passthrough: PASSTHROUGH6.into(),
+            loopback: Ipv6Addr::LOCALHOST.into(),
+            pod: pod_ip6.into(),
+            side_pod: side_pod_ip6.into(),
+            remote: remote_ip6.into(),
         };
         let phases = vec![
-            (Phase::V4, v4(false)),
-            (Phase::V4Mapped, v4(true)),
-            (
-                Phase::V6,
-                scenarios(
-                    false,
-                    &v6_dsts,
-                    PASSTHROUGH6.into(),
-                    Ipv6Addr::LOCALHOST.into(),
-                    pod_ip6.into(),
-                    side_pod_ip6.into(),
-                ),
-            ),
+            (Phase::V4, scenarios(false, &v4_dsts, &v4)),
+            (Phase::V4Mapped, scenarios(true, &v4_dsts, &v4)),
+            (Phase::V6, scenarios(false, &v6_dsts, &v6)),
         ];
         Self { phases, capture }
     }

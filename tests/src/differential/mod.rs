@@ -8,11 +8,13 @@
 //! fd00:200:0:1::2), no default route, and a cgroup. In both, a workload process listens on the
 //! two capture ports and on every port of the matrix, on 0.0.0.0 and on [::] (V6ONLY, as Envoy's
 //! listeners are), and the remote host listens on the same ports on both its addresses; every
-//! server answers with a banner naming itself. The same scenarios run in both twins, in three
-//! phases: IPv4 from AF_INET sockets, the same over AF_INET6 sockets dialing v4-mapped
-//! addresses (judged by the IPv4 chains), and native IPv6 (judged by ip6tables' chains). Each
-//! one's verdict (which capture port, which original destination, what the app's own socket
-//! says its addresses are, or which failure) must be equal, and after each phase so must the
+//! server answers with a banner naming itself. Some configurations add a side host behind a
+//! second interface of the workload ([`Config::side`]), or that host as a VM routed through the
+//! pod ([`Config::vm`], for `-k`). The same scenarios run in both twins, in three phases: IPv4
+//! from AF_INET sockets, the same over AF_INET6 sockets dialing v4-mapped addresses (judged by
+//! the IPv4 chains), and native IPv6 (judged by ip6tables' chains). Each one's verdict (which
+//! capture port, which original destination, what the accepting socket and the app's own say
+//! their addresses are, or which failure) must be equal, and after each phase so must the
 //! per-rule counters of both families' chains.
 //!
 //! The configurations themselves are tests/tests/differential.rs; this module is the machinery:
@@ -109,6 +111,12 @@ pub struct Config {
     /// A second interface ([`SIDE_LINK`]) to a side host on its own subnet, with servers on
     /// every port: the workload dials it, and it dials the workload's address there.
     pub side: bool,
+    /// The side host as a VM behind the pod (`-k`'s KubeVirt interface): [`Config::side`],
+    /// routed through the workload (which forwards) to the remote host's subnet and back, no
+    /// default route anywhere. The side host then also dials the remote host's addresses
+    /// (forwarded through the pod) and the pod's own address on the primary interface
+    /// (delivered locally, arriving on [`SIDE_LINK`]), on every port.
+    pub vm: bool,
 }
 
 /// TPROXY mode's mark and table, when the configuration's flags ask for it.
@@ -137,7 +145,13 @@ impl Config {
         dsts: &[],
         ports: &[],
         side: false,
+        vm: false,
     };
+
+    /// Whether the twins have the side host: asked for, or as the VM.
+    fn side_host(&self) -> bool {
+        self.side || self.vm
+    }
 }
 
 /// The flag's value in `flags`, if given (short form, as the configurations spell them).

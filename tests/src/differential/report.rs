@@ -96,6 +96,21 @@ pub(super) fn judge(
             phase.name()
         );
     }
+    // The VM's routes worked: every connection the side host made in the oracle completed
+    // (captured, or delivered or forwarded to a server), so that equal verdicts there are
+    // landings, not two timeouts.
+    if cfg.vm {
+        for ((phase, scenarios), (want, _)) in matrix.phases.iter().zip(&want) {
+            let dials = scenarios.iter().flat_map(|(c, t)| t.iter().map(move |&t| (c, t)));
+            for ((client, t), v) in dials.zip(want) {
+                assert!(
+                    !client.from_side || v.starts_with("capture:") || v.starts_with("original:"),
+                    "{}: the side host's connection to {t} did not complete in the oracle: {v}",
+                    phase.name()
+                );
+            }
+        }
+    }
     // Conntrack answered the original destination of every connection it redirected in the
     // oracle (only one dialed straight at a capture port reads `none`), so the equal answers
     // above are the agent's getsockopt program answering, not two failures.

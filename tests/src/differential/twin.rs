@@ -117,8 +117,12 @@ impl Twin {
             side: None,
             name: unique(tag),
         };
-        if cfg.side {
-            twin.side = Some(wire_side(&twin.pair.workload, &format!("{}-x", twin.name)));
+        if cfg.side_host() {
+            let side = wire_side(&twin.pair.workload, &format!("{}-x", twin.name));
+            if cfg.vm {
+                route_vm(&twin.pair, &side);
+            }
+            twin.side = Some(side);
         }
         // The servers' [::] listeners are V6ONLY, as Envoy's are, so that they and the 0.0.0.0
         // ones share their ports (each family's connections on its own listener, each asked
@@ -380,6 +384,38 @@ fn side_addrs() -> ((Ipv4Addr, Ipv6Addr), (Ipv4Addr, Ipv6Addr)) {
         (Ipv4Addr::new(10, 200, SIDE_SUBNET, 1), w6),
         (Ipv4Addr::new(10, 200, SIDE_SUBNET, 2), s6),
     )
+}
+
+/// The side host as a VM behind the pod ([`Config::vm`]): the workload forwards both families,
+/// the side host reaches the remote host's subnet through the workload's [`SIDE_LINK`]
+/// addresses, and the remote host the side subnet back through the workload's primary ones.
+/// Host routes of the test's own namespaces only (no default route), gone with them.
+fn route_vm(pair: &NetnsPair, side: &NamedNetns) {
+    let w = &pair.workload;
+    w.sysctl("net.ipv4.ip_forward", "1").expect("ip_forward");
+    w.sysctl("net.ipv6.conf.all.forwarding", "1").expect("ipv6 forwarding");
+    let ((side_w, side_w6), _) = side_addrs();
+    let (remote_net, remote_net6) = (
+        format!("{}/24", Ipv4Addr::from(u32::from(pair.workload_ip) & !0xff)),
+        format!(
+            "{}/64",
+            Ipv6Addr::from(u128::from(pair.workload_ip6) & !u128::from(u64::MAX))
+        ),
+    );
+    let (side_net, side_net6) = (
+        format!("{}/24", Ipv4Addr::from(u32::from(side_w) & !0xff)),
+        format!("{}/64", Ipv6Addr::from(u128::from(side_w6) & !u128::from(u64::MAX))),
+    );
+    let routes = [
+        (side, "x1", "-4", &remote_net, side_w.to_string()),
+        (side, "x1", "-6", &remote_net6, side_w6.to_string()),
+        (&pair.remote, "r0", "-4", &side_net, pair.workload_ip.to_string()),
+        (&pair.remote, "r0", "-6", &side_net6, pair.workload_ip6.to_string()),
+    ];
+    for (ns, dev, family, to, via) in routes {
+        ns.ip(&[family, "route", "add", to, "via", &via, "dev", dev])
+            .unwrap_or_else(|e| panic!("route to {to} via {via} in {}: {e}", ns.name));
+    }
 }
 
 /// A side host namespace named `name`, behind a veth [`SIDE_LINK`] of the workload.
