@@ -80,6 +80,16 @@ configs! {
     side_link: "a second interface" => [], side: true;
     exclude_interface: "-c" => ["-c", "x0"], side: true;
     exclude_interface_prefix: "-c prefix" => ["-c", "eth9,x+"], side: true;
+    // The side host as a VM behind the pod, routed through it: with -k naming its interface,
+    // every TCP connection it makes (through the pod to the remote host, to the pod's own
+    // addresses on either interface) is captured as an outbound one, accepted on the side
+    // link's address at 15001 with the destination it dialed as the original one, and counted
+    // on nat PREROUTING's `-i x0 -j ISTIO_REDIRECT`.
+    kube_virt: "-k" => ["-k", "x0"], vm: true;
+    // With -i, only the VM's connections to those CIDRs (the remote host's addresses) are
+    // captured, on `-d CIDR -i x0 -j ISTIO_REDIRECT`; the rest (to the pod's addresses) RETURN
+    // on `-i x0 -j RETURN` and reach the pod's own servers, never inbound-captured.
+    kube_virt_include_cidrs: "-k, -i CIDRs" => ["-k", "x0", "-i", "10.200.1.2/32,fd00:200:0:1::2/128"], vm: true;
     // Only gids 4242 and 0 captured: gid 4243's (and 1000's, the set-uid clients') outbound
     // connections RETURN on the group rule, where without the list they would be captured.
     owner_groups_include: "ISTIO_OUTBOUND_OWNER_GROUPS" => [],
