@@ -90,6 +90,10 @@ configs! {
     // captured, on `-d CIDR -i x0 -j ISTIO_REDIRECT`; the rest (to the pod's addresses) RETURN
     // on `-i x0 -j RETURN` and reach the pod's own servers, never inbound-captured.
     kube_virt_include_cidrs: "-k, -i CIDRs" => ["-k", "x0", "-i", "10.200.1.2/32,fd00:200:0:1::2/128"], vm: true;
+    // The other way round: the VM's connections to the pod's primary address are captured,
+    // those to the remote host RETURN and are forwarded through the pod to its servers (which
+    // see the VM's own address).
+    kube_virt_forwarded: "-k, -i pod addresses" => ["-k", "x0", "-i", "10.200.1.1/32,fd00:200:0:1::1/128"], vm: true;
     // Only gids 4242 and 0 captured: gid 4243's (and 1000's, the set-uid clients') outbound
     // connections RETURN on the group rule, where without the list they would be captured.
     owner_groups_include: "ISTIO_OUTBOUND_OWNER_GROUPS" => [],
