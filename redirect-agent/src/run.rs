@@ -66,11 +66,14 @@ pub async fn main(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyho
             crate::tproxy_route::cleanup(&netns, opts.capture.tproxy.mark, opts.capture.tproxy.route_table)?;
             tracing::info!("TPROXY policy routing removed");
         }
-        // So do `-k`'s cls_bpf filters, before 6.6 (tcx links went with the pins).
-        if !opts.capture.kube_virt_interfaces.is_empty() {
+        // So do `-k`'s cls_bpf filters (before 6.6; tcx links went with the pins), on whichever
+        // devices have them: the flags given now need not name them as the killed run's did.
+        if opts.netns.is_some() || x.network_namespace.is_some() || opts.host_netns {
             let netns = sys::Netns::open(&workload_netns(&opts)?)?;
-            let n = crate::engine::cleanup_virt(&netns, &opts.capture.kube_virt_interfaces)?;
-            tracing::info!(devices = n, "-k tc filters removed");
+            let n = crate::engine::cleanup_virt(&netns)?;
+            if n > 0 {
+                tracing::info!(devices = n, "-k tc filters removed");
+            }
         }
         return Ok(());
     }

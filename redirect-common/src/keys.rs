@@ -302,10 +302,9 @@ impl VirtIface {
     }
 }
 
-/// A TCP connection that arrived on a `-k` device, by its source (the VM's end) in one
-/// workload's namespace (`VIRT_FLOWS`' key). conntrack tells connections apart by their whole
-/// tuple; after a REDIRECT, every connection of a VM has the same destination (the device's
-/// address and the capture port), so the VM's address and port alone name each, both ways.
+/// The VM's end of a redirected connection in one workload's namespace (`VIRT_REPLIES`' key):
+/// after a REDIRECT, every connection of a VM has the same far end (the device's address and
+/// the capture port), so the VM's address and port alone name one, as its replies show it.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct VirtFlowKey {

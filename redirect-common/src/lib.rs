@@ -82,10 +82,14 @@ pub mod events {
     /// A connection from a `-k` interface was redirected but its flow could not be recorded
     /// (map full): its SYN was dropped, to be retried, rather than sent on half-translated.
     pub const VIRT_FLOW_NOT_RECORDED: u32 = 7;
+    /// A connection from a `-k` interface was to be redirected from a VM port whose earlier
+    /// redirected connection (to another destination) is still open: after the REDIRECT both
+    /// would be one connection, so its SYN was dropped, as conntrack drops a NAT clash.
+    pub const VIRT_PORT_CLASH: u32 = 8;
     /// Slots per workload (room to grow without changing the map's layout).
-    pub const PER_WORKLOAD: u32 = 8;
+    pub const PER_WORKLOAD: u32 = 16;
     /// Names as `stats` prints them, by slot.
-    pub const NAMES: [&str; 8] = [
+    pub const NAMES: [&str; 9] = [
         "inbound_no_listener",
         "orig_dst_not_recorded",
         "orig_dst_answered",
@@ -94,6 +98,7 @@ pub mod events {
         "fast_path_declined",
         "virt_no_address",
         "virt_flow_not_recorded",
+        "virt_port_clash",
     ];
 }
 
@@ -156,12 +161,15 @@ pub mod maps {
     /// [`crate::IfaceKey`] -> [`crate::VirtIface`]: a `-k` device of a workload's namespace,
     /// with the addresses its REDIRECT sends connections to (its first of each family).
     pub const VIRT_IFACES: &str = "VIRT_IFACES";
-    /// [`crate::VirtFlowKey`] -> [`crate::VirtFlow`]: the TCP connections that arrived on a
-    /// `-k` device, by the VM's end: what nat PREROUTING decided for each, and the
-    /// translation both directions of a redirected one take (conntrack's NAT entry).
+    /// [`crate::TupleKey`] (as the VM dialed it) -> [`crate::VirtFlow`]: what nat PREROUTING
+    /// decided for each TCP connection that arrived on a `-k` device.
     pub const VIRT_FLOWS: &str = "VIRT_FLOWS";
+    /// [`crate::VirtFlowKey`] (the VM's end) -> [`crate::VirtFlow`]: the redirected ones, by
+    /// what their replies carry (after a REDIRECT every connection of a VM port has the same
+    /// far end, the device's address and the capture port): conntrack's reply tuple.
+    pub const VIRT_REPLIES: &str = "VIRT_REPLIES";
     /// Every map the agent pins while it runs.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 21] = [
         WORKLOADS,
         LOCAL_ADDRS,
         POD_ADDRS,
@@ -182,6 +190,7 @@ pub mod maps {
         SYN_MARKS,
         VIRT_IFACES,
         VIRT_FLOWS,
+        VIRT_REPLIES,
     ];
 }
 

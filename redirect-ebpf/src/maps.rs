@@ -52,11 +52,16 @@ pub static IFACES: HashMap<IfaceKey, u32, 4096> = HashMap::new();
 #[btf_map]
 pub static VIRT_IFACES: HashMap<IfaceKey, VirtIface, 4096> = HashMap::new();
 
-/// The TCP connections that arrived on a `-k` device, by the VM's end: nat PREROUTING's
-/// decision for each and a redirected one's translation (`redirect_common::maps::VIRT_FLOWS`).
-/// LRU, sized with the other connection maps: conntrack's NAT entries, without conntrack.
+/// The TCP connections that arrived on a `-k` device, by their tuple as the VM dialed it: nat
+/// PREROUTING's decision for each (`redirect_common::maps::VIRT_FLOWS`). LRU, sized with the
+/// other connection maps.
 #[btf_map]
-pub static VIRT_FLOWS: LruHashMap<VirtFlowKey, VirtFlow, 65536> = LruHashMap::new();
+pub static VIRT_FLOWS: LruHashMap<TupleKey, VirtFlow, 65536> = LruHashMap::new();
+
+/// The redirected ones, by the VM's end, which is what their replies show
+/// (`redirect_common::maps::VIRT_REPLIES`): conntrack's NAT entries, without conntrack.
+#[btf_map]
+pub static VIRT_REPLIES: LruHashMap<VirtFlowKey, VirtFlow, 65536> = LruHashMap::new();
 
 /// Socket cookie -> original destination, from connect() until the handshake completes.
 #[btf_map]
@@ -182,22 +187,37 @@ pub fn iface_entries(netns_cookie: u64, ifindex: u32) -> u32 {
         .unwrap_or(0)
 }
 
-/// The `-k` device `ifindex` of the workload's namespace, if it is one.
+/// The `-k` device `ifindex` of the workload's namespace, if it is one. A reference, as
+/// [`workload`]'s, so that the tc programs' frames hold no copies (BPF's stack is 512 bytes
+/// for a whole call chain).
 #[inline(always)]
-pub fn virt_iface(netns_cookie: u64, ifindex: u32) -> Option<VirtIface> {
-    // SAFETY: the reference is copied from at once (40 bytes, integers only: any bytes a valid
-    // VirtIface) while the value is mapped, and never kept; only the agent writes VIRT_IFACES,
-    // whole values.
-    unsafe { VIRT_IFACES.get(IfaceKey::new(netns_cookie, ifindex)) }.copied()
+pub fn virt_iface(netns_cookie: u64, ifindex: u32) -> Option<&'static VirtIface> {
+    let p = VIRT_IFACES.get_ptr(IfaceKey::new(netns_cookie, ifindex))?;
+    // SAFETY: a non-null lookup result points at a whole, 4-aligned VirtIface in VIRT_IFACES,
+    // mapped until the program returns; the programs only read it. The agent replaces whole
+    // entries, and a replacement may reuse the slot while a program reads it: every byte
+    // pattern is a valid VirtIface (integers only).
+    Some(unsafe { &*p })
 }
 
-/// What nat PREROUTING decided for the connection from a `-k` device whose VM end is `key`.
+/// What nat PREROUTING decided for the connection from a `-k` device `key` names. A
+/// reference into the map (see [`virt_iface`]).
 #[inline(always)]
-pub fn virt_flow(key: &VirtFlowKey) -> Option<VirtFlow> {
-    // SAFETY: the reference is copied from at once (40 bytes, integers only) while the value
-    // is mapped (until the program returns), and never kept; if an LRU eviction recycles the
-    // slot while we copy, we copy other integers: still a valid VirtFlow.
-    unsafe { VIRT_FLOWS.get(key) }.copied()
+pub fn virt_flow(key: &TupleKey) -> Option<&'static VirtFlow> {
+    let p = VIRT_FLOWS.get_ptr(key)?;
+    // SAFETY: a non-null lookup result points at a whole, 4-aligned VirtFlow, mapped until the
+    // program returns (an LRU entry evicted meanwhile is recycled, not unmapped); integers
+    // only, so whatever another CPU writes there meanwhile is still a valid VirtFlow, and the
+    // callers copy what they keep.
+    Some(unsafe { &*p })
+}
+
+/// The redirected connection whose VM end is `key` (a reference, as [`virt_flow`]'s).
+#[inline(always)]
+pub fn virt_reply(key: &VirtFlowKey) -> Option<&'static VirtFlow> {
+    let p = VIRT_REPLIES.get_ptr(key)?;
+    // SAFETY: as in `virt_flow`.
+    Some(unsafe { &*p })
 }
 
 /// Whether the workload's ip6tables chains are on: it has an IPv6 address of its own.

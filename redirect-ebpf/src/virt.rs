@@ -19,7 +19,8 @@ const RECOMPUTE_CSUM: u64 = 1;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
-const TCP_FIN_SYN_RST_ACK: u8 = TCP_FIN | TCP_SYN | TCP_RST | 0x10;
+const TCP_ACK: u8 = 0x10;
+const TCP_FIN_SYN_RST_ACK: u8 = TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK;
 
 /// A TCP segment's addresses, as the keys hold them, and where its headers are.
 #[derive(Clone, Copy)]
@@ -33,6 +34,8 @@ pub struct Segment {
     pub dport: u16,
     /// The segment opens a connection: SYN, no ACK (nor RST or FIN).
     pub syn: bool,
+    /// Conntrack would start a connection on it: a SYN, or a lone ACK.
+    pub opens: bool,
     /// A FIN or RST: the connection is closing.
     pub fin_or_rst: bool,
     l3: usize,
@@ -46,21 +49,47 @@ pub enum End {
     Dst,
 }
 
-/// The TCP segment in `ctx`, whose IP header starts `l2_len` bytes in; `None` for anything
-/// else (another protocol, a fragment, an IPv6 extension header, a short packet).
+/// What a packet on a `-k` device is to the tc programs.
+pub enum Parsed {
+    Tcp(Segment),
+    /// Not TCP over IP (or TCP behind IPv6 extension headers, which nat's `-p tcp` does not
+    /// see either), or on a VLAN of the device (`-i K` does not match `K.N`): none of theirs.
+    Other,
+    /// A TCP fragment: conntrack would reassemble it and translate the whole; a VM's TCP does
+    /// not fragment (it follows the path's MTU), and half a translation must not leave.
+    Unreadable,
+}
+
+/// The TCP segment in `ctx`, whose IP header starts `l2_len` bytes in.
 #[inline(always)]
-pub fn segment(ctx: &TcContext, l2_len: u32) -> Option<Segment> {
+pub fn segment(ctx: &TcContext, l2_len: u32) -> Parsed {
+    match read(ctx, l2_len) {
+        Some(p) => p,
+        // Too short to hold the headers it says it has.
+        None => Parsed::Unreadable,
+    }
+}
+
+#[inline(always)]
+fn read(ctx: &TcContext, l2_len: u32) -> Option<Parsed> {
     let l3 = l2_len as usize;
+    // SAFETY: `skb` is the context the kernel passed to this run; `vlan_present` is a field
+    // tc programs may read.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        return Some(Parsed::Other);
+    }
     // `protocol` is the skb's, set by the device (ETH_P_* in network order).
     let proto = u16::from_be(ctx.skb.protocol() as u16);
     let (family, src, dst, l4) = if proto == ETH_P_IP {
         let ver_ihl: u8 = ctx.load(l3).ok()?;
         let frag: u16 = ctx.load(l3 + 6).ok()?;
         let ip_proto: u8 = ctx.load(l3 + 9).ok()?;
-        // More fragments, or an offset: conntrack would reassemble; a VM's TCP does not
-        // fragment (it clamps to the path's MTU), so these are left as they come.
-        if ver_ihl >> 4 != 4 || ip_proto != IPPROTO_TCP || u16::from_be(frag) & 0x3fff != 0 {
-            return None;
+        if ver_ihl >> 4 != 4 || ip_proto != IPPROTO_TCP {
+            return Some(Parsed::Other);
+        }
+        // More fragments, or an offset.
+        if u16::from_be(frag) & 0x3fff != 0 {
+            return Some(Parsed::Unreadable);
         }
         let ihl = usize::from(ver_ihl & 0x0f) * 4;
         if ihl < 20 {
@@ -72,28 +101,32 @@ pub fn segment(ctx: &TcContext, l2_len: u32) -> Option<Segment> {
     } else if proto == ETH_P_IPV6 {
         let next: u8 = ctx.load(l3 + 6).ok()?;
         if next != IPPROTO_TCP {
-            return None;
+            return Some(Parsed::Other);
         }
         let src: Addr = ctx.load(l3 + 8).ok()?;
         let dst: Addr = ctx.load(l3 + 24).ok()?;
         (Family::V6, src, dst, l3 + 40)
     } else {
-        return None;
+        return Some(Parsed::Other);
     };
     let sport: u16 = ctx.load(l4).ok()?;
     let dport: u16 = ctx.load(l4 + 2).ok()?;
     let flags: u8 = ctx.load(l4 + 13).ok()?;
-    Some(Segment {
+    let syn = flags & TCP_FIN_SYN_RST_ACK == TCP_SYN;
+    Some(Parsed::Tcp(Segment {
         family,
         src,
         dst,
         sport: u16::from_be(sport),
         dport: u16::from_be(dport),
-        syn: flags & TCP_FIN_SYN_RST_ACK == TCP_SYN,
+        syn,
+        // conntrack's NEW with `nf_conntrack_tcp_loose` (the default): a SYN, or a lone ACK
+        // of a connection it never saw; a FIN, RST or SYN-ACK is INVALID, never NATed.
+        opens: syn || flags & TCP_FIN_SYN_RST_ACK == TCP_ACK,
         fin_or_rst: flags & (TCP_FIN | TCP_RST) != 0,
         l3,
         l4,
-    })
+    }))
 }
 
 /// Rewrites one end of `seg` (address and port) to `to`/`port` (host order), with the

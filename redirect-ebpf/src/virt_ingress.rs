@@ -6,22 +6,28 @@
 //! to the device's own address and the outbound capture port (REDIRECT in PREROUTING), so the
 //! proxy accepts it there, reads the VM's destination with SO_ORIGINAL_DST, and its replies
 //! are translated back by conntrack; `-i K -j RETURN` lets every other connection from the
-//! device by, away from ISTIO_INBOUND. Here the SYN is judged by the same walk as every chain
-//! (counting each rule as nat counts a connection's first packet), and what it decided is kept
-//! per connection in `VIRT_FLOWS`, by the VM's address and port: every later segment from the
-//! VM is rewritten as the SYN was, and tc egress (`virt_egress`) rewrites the replies back. The
-//! original destination is left where sk_lookup leaves an inbound one (`INBOUND_PENDING`), for
-//! SO_ORIGINAL_DST and the embedded proxy to find under the connection's 4-tuple.
+//! device by, away from ISTIO_INBOUND. Here a connection's first segment is judged by the same
+//! walk as every chain (counting each rule as nat counts a connection's first packet), and what
+//! it decided is kept per connection in `VIRT_FLOWS`, by its tuple as the VM dialed it: every
+//! later segment is rewritten as the first was. A redirected one is also kept by the VM's end
+//! (`VIRT_REPLIES`), which is what its replies show: tc egress (`virt_egress`) rewrites them
+//! back by it. The original destination is left where sk_lookup leaves an inbound one
+//! (`INBOUND_PENDING`), for SO_ORIGINAL_DST and the embedded proxy to find under the
+//! connection's 4-tuple.
+//!
+//! Each verdict passes the packet on to the device's next program (`TC_ACT_UNSPEC`, tcx's
+//! NEXT), never ends the chain for others; during a takeover two instances' programs may both
+//! run, and the second finds the segment translated already and leaves it.
 //!
 //! One instance per workload, like sk_lookup (`crate::instance`): a device's index names it
 //! only within its namespace.
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::classifier,
     programs::TcContext,
 };
 use redirect_common::{
-    ChainId, ConnFacts, IPPROTO_TCP, OrigDst, Target, TupleKey, VirtFlow, VirtFlowKey,
+    ChainId, ConnFacts, IPPROTO_TCP, OrigDst, Target, TupleKey, VirtFlow, VirtFlowKey, VirtIface, Workload,
     addr::{self, Family},
     events,
 };
@@ -29,20 +35,23 @@ use redirect_common::{
 use crate::{
     chain,
     instance::NETNS_COOKIE,
-    maps::{INBOUND_PENDING, VIRT_FLOWS, count_event, iface_entries, ipv6_on, virt_flow, virt_iface, workload},
-    virt::{End, rewrite, segment},
+    maps::{
+        INBOUND_PENDING, VIRT_FLOWS, VIRT_REPLIES, count_event, iface_entries, ipv6_on, virt_flow, virt_iface,
+        virt_reply, workload,
+    },
+    virt::{End, Parsed, Segment, rewrite, segment},
 };
 
 #[classifier]
 pub fn redirect_virt_ingress(ctx: TcContext) -> i32 {
     match judge(&ctx) {
-        Ok(()) => TC_ACT_OK,
+        Ok(()) => TC_ACT_UNSPEC,
         Err(()) => TC_ACT_SHOT,
     }
 }
 
-/// `Err`: the segment must not go on (a translation that failed half-way, or a REDIRECT
-/// with nowhere to go, which iptables drops too).
+/// `Err`: the segment must not go on (a translation that failed half-way or cannot be made,
+/// or a REDIRECT with nowhere to go, which iptables drops too).
 #[inline(always)]
 fn judge(ctx: &TcContext) -> Result<(), ()> {
     let netns_cookie = NETNS_COOKIE.load();
@@ -52,38 +61,69 @@ fn judge(ctx: &TcContext) -> Result<(), ()> {
     let Some(dev) = virt_iface(netns_cookie, ifindex) else {
         return Ok(());
     };
-    let Some(seg) = segment(ctx, dev.l2_len) else {
-        return Ok(());
+    let seg = match segment(ctx, dev.l2_len) {
+        Parsed::Tcp(seg) => seg,
+        Parsed::Other => return Ok(()),
+        Parsed::Unreadable => return Err(()),
     };
-    let key = VirtFlowKey::new(netns_cookie, seg.src, seg.sport);
-    if let Some(flow) = virt_flow(&key)
-        && addr::words_eq(&flow.orig, &seg.dst)
-        && flow.orig_port == seg.dport
+    if let Some(done) = known(ctx, &seg, netns_cookie) {
+        return done;
+    }
+    // A FIN, RST or SYN-ACK of a connection never seen is conntrack's INVALID: not NATed.
+    if !seg.opens {
+        return Ok(());
+    }
+    match decide(&seg, ifindex, netns_cookie) {
+        Some(workload) => redirect(ctx, &seg, dev, workload, netns_cookie),
+        None => Ok(()),
+    }
+}
+
+/// A segment of a connection judged already, or translated already: what becomes of it.
+/// `None`: the segment opens a connection to be judged (or is a stray one).
+///
+/// This and the next two steps are functions of their own (not inlined) so that each has its
+/// own stack frame: inlined together their keys and values overflow BPF's 512 bytes.
+#[inline(never)]
+fn known(ctx: &TcContext, seg: &Segment, netns_cookie: u64) -> Option<Result<(), ()>> {
+    let tuple = TupleKey::new(netns_cookie, seg.src, seg.sport, seg.dst, seg.dport);
+    let end = VirtFlowKey::new(netns_cookie, seg.src, seg.sport);
+    if let Some(flow) = virt_flow(&tuple)
         // A SYN after a FIN or RST opens a new connection on the same ports (conntrack's
         // reopen), judged below.
         && !(seg.syn && flow.closing != 0)
     {
         // A segment of a connection judged already (its retransmitted SYN too, uncounted as
-        // conntrack's NEW is counted once): as its SYN went.
+        // conntrack's NEW is counted once): as its first went.
         if seg.fin_or_rst && flow.closing == 0 {
-            let _ = VIRT_FLOWS.insert(key, flow.closed(), 0);
+            let _ = VIRT_FLOWS.insert(tuple, flow.closed(), 0);
+            if flow.redirected() {
+                let _ = VIRT_REPLIES.insert(end, flow.closed(), 0);
+            }
+        } else if flow.redirected() && VIRT_REPLIES.get_ptr(end).is_none() {
+            // Its reply entry aged out of the LRU: the replies need it back.
+            let _ = VIRT_REPLIES.insert(end, *flow, 0);
         }
         if flow.redirected() {
-            return rewrite(ctx, &seg, End::Dst, &flow.to, flow.to_port).map_err(drop);
+            return Some(rewrite(ctx, seg, End::Dst, &flow.to, flow.to_port).map_err(drop));
         }
-        return Ok(());
+        return Some(Ok(()));
     }
-    if !seg.syn {
-        // Not a connection this program saw open (one from before the agent, or aged out):
-        // left as it comes, as conntrack leaves what it picks up mid-stream unNATed.
-        return Ok(());
+    // Translated already, by another instance's program before this one.
+    match virt_reply(&end) {
+        Some(r) if r.to_port == seg.dport && addr::words_eq(&r.to, &seg.dst) => Some(Ok(())),
+        _ => None,
     }
-    let Some(workload) = workload(netns_cookie) else {
-        return Ok(());
-    };
+}
+
+/// A connection's first segment: nat PREROUTING's walk, counted. The workload, when the walk
+/// says REDIRECT; `None` when the connection is left alone (RETURN), which is remembered.
+#[inline(never)]
+fn decide(seg: &Segment, ifindex: u32, netns_cookie: u64) -> Option<&'static Workload> {
+    let workload = workload(netns_cookie)?;
     // ip6tables has no rules for a pod without an IPv6 address of its own.
     if seg.family == Family::V6 && !ipv6_on(netns_cookie) {
-        return Ok(());
+        return None;
     }
     let facts = ConnFacts {
         family: seg.family as u8,
@@ -101,20 +141,36 @@ fn judge(ctx: &TcContext) -> Result<(), ()> {
         established: false,
         tproxy: false,
     };
-    if chain::decide(workload, ChainId::Inbound, &facts, true) != Some(Target::Redirect) {
-        let _ = VIRT_FLOWS.insert(key, VirtFlow::returned(seg.dst, seg.dport), 0);
-        return Ok(());
+    if chain::decide(workload, ChainId::Inbound, &facts, true) == Some(Target::Redirect) {
+        return Some(workload);
     }
-    // REDIRECT in PREROUTING: to the first address of the arrival device of the family.
+    let tuple = TupleKey::new(netns_cookie, seg.src, seg.sport, seg.dst, seg.dport);
+    let _ = VIRT_FLOWS.insert(tuple, VirtFlow::returned(seg.dst, seg.dport), 0);
+    None
+}
+
+/// REDIRECT in PREROUTING: to the first address of the arrival device of the family, and the
+/// outbound capture port.
+#[inline(never)]
+fn redirect(ctx: &TcContext, seg: &Segment, dev: &VirtIface, workload: &Workload, netns_cookie: u64) -> Result<(), ()> {
     let Some(to) = dev.redirect_addr(seg.family) else {
         count_event(workload, events::VIRT_NO_ADDRESS);
         return Err(());
     };
-    let port = workload.outbound_port;
-    if VIRT_FLOWS
-        .insert(key, VirtFlow::new(seg.dst, seg.dport, to, port), 0)
-        .is_err()
+    let end = VirtFlowKey::new(netns_cookie, seg.src, seg.sport);
+    // Another open connection from this VM port, redirected too: after the REDIRECT both would
+    // have one reply tuple, which conntrack refuses (the SYN is dropped; the first goes on).
+    if let Some(r) = virt_reply(&end)
+        && r.closing == 0
+        && !(r.orig_port == seg.dport && addr::words_eq(&r.orig, &seg.dst))
     {
+        count_event(workload, events::VIRT_PORT_CLASH);
+        return Err(());
+    }
+    let port = workload.outbound_port;
+    let flow = VirtFlow::new(seg.dst, seg.dport, to, port);
+    let tuple = TupleKey::new(netns_cookie, seg.src, seg.sport, seg.dst, seg.dport);
+    if VIRT_REPLIES.insert(end, flow, 0).is_err() || VIRT_FLOWS.insert(tuple, flow, 0).is_err() {
         count_event(workload, events::VIRT_FLOW_NOT_RECORDED);
         return Err(());
     }
@@ -127,5 +183,5 @@ fn judge(ctx: &TcContext) -> Result<(), ()> {
     {
         count_event(workload, events::ORIG_DST_NOT_RECORDED);
     }
-    rewrite(ctx, &seg, End::Dst, &to, port).map_err(drop)
+    rewrite(ctx, seg, End::Dst, &to, port).map_err(drop)
 }

@@ -21,7 +21,7 @@ use redirect_testkit::{
     server::TestServer,
     unique,
 };
-use redirect_tests::{APP_PORT, Landing, REMOTE_PORT, Workload, landing, node::NodeAgent};
+use redirect_tests::{APP_PORT, Landing, REMOTE_PORT, TUNNEL_PORT, Workload, landing, node::NodeAgent};
 
 const POD_SUBNET: u8 = 46;
 const VM_SUBNET: u8 = 47;
@@ -291,12 +291,11 @@ fn a_handover_keeps_the_vm_captured_and_its_open_connection_alive() {
     assert_eq!(seen_from(&r), IpAddr::from(t.w.pair.workload_ip), "captured: {r:?}");
 
     // Open from the VM, through the first agent's proxy, before the handover.
-    let stream = t
-        .vm
-        .open()
-        .unwrap()
-        .run(|| std::net::TcpStream::connect_timeout(&t.w.remote(8081).into(), Duration::from_secs(5)))
-        .expect("the VM's long-lived connection");
+    let stream =
+        t.vm.open()
+            .unwrap()
+            .run(|| std::net::TcpStream::connect_timeout(&t.w.remote(8081).into(), Duration::from_secs(5)))
+            .expect("the VM's long-lived connection");
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
     let mut banner = String::new();
@@ -316,10 +315,13 @@ fn a_handover_keeps_the_vm_captured_and_its_open_connection_alive() {
     assert!(second.log().contains("a running agent handed over"), "{}", second.log());
     round_trip(2);
     let r = t.dial_from_vm(t.w.remote(REMOTE_PORT));
-    assert_eq!(seen_from(&r), IpAddr::from(t.w.pair.workload_ip), "captured by the new agent: {r:?}");
+    assert_eq!(
+        seen_from(&r),
+        IpAddr::from(t.w.pair.workload_ip),
+        "captured by the new agent: {r:?}"
+    );
     round_trip(3);
     // Closed by the VM (both descriptors): the old proxy's last connection ends.
-    drop(round_trip);
     drop((reader, stream));
     let (status, log) = first.wait(Duration::from_secs(30));
     assert!(status.is_some_and(|s| s.success()), "first agent: {status:?}\n{log}");
@@ -327,6 +329,74 @@ fn a_handover_keeps_the_vm_captured_and_its_open_connection_alive() {
     let out = agent.cli(&["unenroll", "--id", "vm-pod"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r = t.dial_from_vm(t.w.remote(REMOTE_PORT));
-    assert_eq!(seen_from(&r), t.vm_ip(false), "unenrolled: straight through the pod: {r:?}");
+    assert_eq!(
+        seen_from(&r),
+        t.vm_ip(false),
+        "unenrolled: straight through the pod: {r:?}"
+    );
     drop(second);
+}
+
+/// A connection from the VM, from port `sport`, to `to`; connect gives up after 2 s.
+fn vm_socket_from_port(t: &PodWithVm, sport: u16, to: SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    let vm_ip = t.vm_ip(to.is_ipv6());
+    t.vm.open()?.run(move || {
+        use rustix::net::{AddressFamily, SocketType, bind, connect, socket, sockopt};
+        let family = if to.is_ipv6() {
+            AddressFamily::INET6
+        } else {
+            AddressFamily::INET
+        };
+        let fd = socket(family, SocketType::STREAM, None)?;
+        sockopt::set_socket_reuseaddr(&fd, true)?;
+        // A blocking connect gives up after the send timeout.
+        sockopt::set_socket_timeout(&fd, sockopt::Timeout::Send, Some(Duration::from_secs(2)))?;
+        bind(&fd, &SocketAddr::new(vm_ip, sport))?;
+        connect(&fd, &to)?;
+        let s = std::net::TcpStream::from(fd);
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(s)
+    })
+}
+
+/// The first line a server sent.
+fn first_line(s: &std::net::TcpStream) -> String {
+    let mut line = String::new();
+    let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line);
+    line
+}
+
+/// Linux gives one source port to connections to different destinations. conntrack keeps each
+/// by its whole tuple: a connection the `-i` list leaves alone does not disturb a redirected
+/// one from the same VM port; a second redirected one would share the first's reply tuple, so
+/// its SYN is dropped (a NAT clash) and the first goes on.
+#[test]
+fn a_vm_port_used_for_two_destinations_keeps_each_connection_its_own() {
+    let t = PodWithVm::new("kvp", &["-k", "x0", "-i", "10.200.46.2/32"], true);
+    let a = vm_socket_from_port(&t, 40000, t.w.remote(REMOTE_PORT).into()).expect("A connects");
+    assert!(first_line(&a).contains("name=remote"), "A reached the remote host");
+    let b = vm_socket_from_port(&t, 40000, t.w.pod(APP_PORT).into()).expect("B connects");
+    assert!(first_line(&b).contains("name=app"), "B reached the app");
+    let clash = vm_socket_from_port(&t, 40000, t.w.remote(TUNNEL_PORT).into());
+    assert!(
+        clash.is_err(),
+        "a second redirected connection from port 40000 is dropped"
+    );
+    // Each SYN of it (the first and those retransmitted within the 2 s) was dropped, and each
+    // counted on ISTIO_REDIRECT: conntrack never confirmed it, so each was NEW again for nat.
+    let events = &t.w.stats().workloads[0].events;
+    let clashes = events.get("virt_port_clash").copied().unwrap_or(0);
+    assert!(clashes >= 1, "{events:?}");
+    // A still works: an echo, then its close.
+    use std::io::{Read as _, Write as _};
+    (&a).write_all(b"hello-from-A").unwrap();
+    a.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = String::new();
+    (&a).read_to_string(&mut got).unwrap();
+    assert_eq!(got, "hello-from-A", "connection A goes on");
+    assert_eq!(
+        t.prerouting("ipv4"),
+        [1 + clashes, 1],
+        "A and the dropped SYNs on ISTIO_REDIRECT, B on RETURN"
+    );
 }

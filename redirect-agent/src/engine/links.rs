@@ -185,3 +185,30 @@ pub fn unpin(path: &Path) -> io::Result<()> {
         other => other,
     }
 }
+
+impl super::Engine {
+    /// sk_lookup on the workload's namespace, the instance loaded for it (which knows no other
+    /// workload): a pinned link of an adopted workload moved to this process's instance, else
+    /// a new one, pinned if the instance keeps its pins. Links on a namespace run in attach
+    /// order; ours passes over connections it does not decide.
+    pub(super) fn sk_lookup_link(
+        &self,
+        cookie: u64,
+        netns: &crate::sys::Netns,
+    ) -> Result<(OwnedFd, super::object::SkLookupInstance), super::EnrollError> {
+        let pin = self.sk_lookup_pin(cookie);
+        let persist = self.settings.keep_links;
+        let program = self.object.sk_lookup_for(cookie)?;
+        let link = attach(
+            program.fd()?,
+            netns.as_fd(),
+            AttachType::SkLookup,
+            persist.then_some(pin.as_path()),
+        )
+        .map_err(super::EnrollError::io(format!(
+            "attaching sk_lookup to {} (sk_lookup links need kernel 5.9+)",
+            netns.path().display()
+        )))?;
+        Ok((link, program))
+    }
+}

@@ -496,7 +496,7 @@ impl Draining {
             let (routing, virt) = (self.routing, self.virt);
             let _ = tokio::task::spawn_blocking(move || {
                 routing.into_iter().for_each(|t| t.remove());
-                virt.iter().for_each(virt::SharedVirt::remove);
+                virt.iter().for_each(|v| v.remove(virt::Removal::Stopped));
             })
             .await;
         }

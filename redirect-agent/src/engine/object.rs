@@ -160,10 +160,30 @@ pub(crate) struct VirtInstance {
 }
 
 impl VirtInstance {
-    /// `name`: [`programs::VIRT_INGRESS`] or [`programs::VIRT_EGRESS`].
-    pub(crate) fn program_mut(&mut self, name: &'static str) -> Result<&mut SchedClassifier, LoadError> {
-        program(&mut self.ebpf, name)
+    /// The ingress and the egress program, at once (a device takes both in one step).
+    pub(crate) fn both_mut(&mut self) -> Result<(&mut SchedClassifier, &mut SchedClassifier), LoadError> {
+        let (mut ingress, mut egress) = (None, None);
+        for (name, p) in self.ebpf.programs_mut() {
+            match name {
+                programs::VIRT_INGRESS => ingress = Some(p),
+                programs::VIRT_EGRESS => egress = Some(p),
+                _ => {}
+            }
+        }
+        Ok((
+            classifier(ingress, programs::VIRT_INGRESS)?,
+            classifier(egress, programs::VIRT_EGRESS)?,
+        ))
     }
+}
+
+fn classifier<'a>(
+    p: Option<&'a mut aya::programs::Program>,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, LoadError> {
+    p.ok_or(LoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(|_| LoadError::MissingProgram(name))
 }
 
 impl SkLookupInstance {
@@ -207,6 +227,7 @@ fn loader<'a>(
         .map_max_entries(maps::UDP_FLOWS, max_tracked_connections)
         // A VM's connections through its pod are tracked connections of the pod's.
         .map_max_entries(maps::VIRT_FLOWS, max_tracked_connections)
+        .map_max_entries(maps::VIRT_REPLIES, max_tracked_connections)
         .map_max_entries(maps::FAST_PATH_SOCKETS, fast_path_slots)
         .map_max_entries(maps::FAST_PATH_SENDERS, fast_path_slots);
     for name in maps::ALL {

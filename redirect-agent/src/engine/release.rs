@@ -100,7 +100,7 @@ impl Engine {
                 t.remove();
             }
             if let Some(v) = virt {
-                v.remove();
+                v.remove(super::virt::Removal::Unenrolled);
             }
         };
         match w.proxy {

@@ -34,7 +34,7 @@ use aya::{
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
     },
 };
-use redirect_common::{IfaceKey, VirtFlow, VirtFlowKey, VirtIface, addr, programs};
+use redirect_common::{IfaceKey, TupleKey, VirtFlow, VirtFlowKey, VirtIface, addr, maps as names, programs};
 
 use super::object::VirtInstance;
 use crate::{
@@ -84,12 +84,30 @@ impl Attached {
 #[derive(Clone)]
 pub(crate) struct SharedVirt(Arc<Mutex<VirtCapture>>);
 
+/// The maps a capture writes, and the one that says whether its workload is enrolled again.
+pub(crate) struct VirtMaps {
+    pub(crate) devices: HashMap<MapData, IfaceKey, VirtIface>,
+    pub(crate) flows: HashMap<MapData, TupleKey, VirtFlow>,
+    pub(crate) replies: HashMap<MapData, VirtFlowKey, VirtFlow>,
+    pub(crate) workloads: HashMap<MapData, u64, redirect_common::Workload>,
+}
+
+/// Why a capture goes, which says how to tell that another has taken its place since.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Removal {
+    /// Unenrolled: the namespace may be enrolled again (by this process) during the drain.
+    Unenrolled,
+    /// Its instance stopped: another process may have taken the instance's name since.
+    Stopped,
+}
+
 pub(crate) struct VirtCapture {
     programs: VirtInstance,
     netns: Netns,
     netns_cookie: u64,
-    devices: HashMap<MapData, IfaceKey, VirtIface>,
-    flows: HashMap<MapData, VirtFlowKey, VirtFlow>,
+    maps: VirtMaps,
+    /// The instance's name, whose lock a successor holds.
+    instance: String,
     attached: BTreeMap<u32, Attached>,
     /// Where tcx links are pinned (`virt-COOKIE-IFINDEX-DIRECTION`); `None`: not pinned.
     pin_dir: Option<PathBuf>,
@@ -103,23 +121,19 @@ pub(crate) struct VirtCapture {
 }
 
 impl SharedVirt {
-    pub(crate) fn new(
+    fn new(
         programs: VirtInstance,
         netns: Netns,
         netns_cookie: u64,
-        maps: (
-            HashMap<MapData, IfaceKey, VirtIface>,
-            HashMap<MapData, VirtFlowKey, VirtFlow>,
-        ),
-        pin_dir: Option<PathBuf>,
+        maps: VirtMaps,
+        (instance, pin_dir, tcx): (String, Option<PathBuf>, bool),
     ) -> Self {
-        let tcx = aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
         Self(Arc::new(Mutex::new(VirtCapture {
             programs,
             netns,
             netns_cookie,
-            devices: maps.0,
-            flows: maps.1,
+            maps,
+            instance,
             attached: BTreeMap::new(),
             pin_dir,
             tcx,
@@ -135,9 +149,25 @@ impl SharedVirt {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Detaches from every device and forgets the workload's devices and flows.
-    pub(crate) fn remove(&self) {
-        self.lock().remove();
+    /// Detaches from every device and forgets the workload's devices and flows, unless
+    /// another capture took its place since (then all of that is the other's, and this one
+    /// only lets go of its handles).
+    pub(crate) fn remove(&self, why: Removal) {
+        let mut me = self.lock();
+        let cookie = me.netns_cookie;
+        let taken_over = match why {
+            Removal::Unenrolled => me.maps.workloads.get(&cookie, 0).is_ok(),
+            Removal::Stopped => super::pins::is_locked(&me.instance),
+        };
+        if taken_over {
+            tracing::info!(
+                netns_cookie = cookie,
+                "-k devices taken over by a newer enrollment: left to it"
+            );
+            me.released = true;
+        } else {
+            me.remove();
+        }
     }
 
     /// Leaves the attachments (and pins) for a successor, which replaces them in place.
@@ -178,8 +208,8 @@ impl VirtCapture {
             let addr_of = |ip: Option<IpAddr>| ip.map(addr::from_ip);
             let entry = VirtIface::new(addr_of(d.v4), addr_of(d.v6), if d.link.ether { ETH_HLEN } else { 0 });
             let key = IfaceKey::new(self.netns_cookie, ifindex);
-            if self.devices.get(&key, 0).ok() != Some(entry) {
-                self.devices.insert(key, entry, 0).map_err(io::Error::other)?;
+            if self.maps.devices.get(&key, 0).ok() != Some(entry) {
+                self.maps.devices.insert(key, entry, 0).map_err(io::Error::other)?;
                 self.written.insert(ifindex);
                 tracing::info!(
                     device = d.link.name,
@@ -240,7 +270,7 @@ impl VirtCapture {
         }) {
             tracing::warn!(ifindex, "detaching the tc programs of a -k device: {e}");
         }
-        let _ = self.devices.remove(&IfaceKey::new(self.netns_cookie, ifindex));
+        let _ = self.maps.devices.remove(&IfaceKey::new(self.netns_cookie, ifindex));
         self.written.remove(&ifindex);
     }
 
@@ -256,17 +286,23 @@ impl VirtCapture {
         let tcx = self.tcx;
         let netns = self.netns.try_clone()?;
         let [held_in, held_eg] = held;
-        let ingress = self
-            .programs
-            .program_mut(programs::VIRT_INGRESS)
-            .map_err(io::Error::other)?;
-        let ingress =
-            netns.run(|| attach_one(ingress, name, TcAttachType::Ingress, pin_in.as_deref(), tcx, held_in))?;
-        let egress = self
-            .programs
-            .program_mut(programs::VIRT_EGRESS)
-            .map_err(io::Error::other)?;
-        let egress = netns.run(|| attach_one(egress, name, TcAttachType::Egress, pin_eg.as_deref(), tcx, held_eg))?;
+        let (ingress, egress) = self.programs.both_mut().map_err(io::Error::other)?;
+        // Both directions in one visit to the namespace, or neither: ingress alone would send
+        // the VM's connections to the proxy with no way back. A failed egress takes ingress's
+        // attachment down there too (a cls_bpf filter is deleted by the namespace's ifindex).
+        let (ingress, egress) = netns.run(|| {
+            let ingress = attach_one(ingress, name, TcAttachType::Ingress, pin_in.as_deref(), tcx, held_in)?;
+            match attach_one(egress, name, TcAttachType::Egress, pin_eg.as_deref(), tcx, held_eg) {
+                Ok(egress) => Ok((ingress, egress)),
+                Err(e) => {
+                    if let Attachment::Tcx { pin: Some(pin), .. } = &ingress {
+                        let _ = std::fs::remove_file(pin);
+                    }
+                    drop(ingress);
+                    Err(e)
+                }
+            }
+        })?;
         Ok(Attached {
             name: name.to_owned(),
             ingress,
@@ -284,17 +320,28 @@ impl VirtCapture {
             self.forget_device(ifindex, a);
         }
         for ifindex in std::mem::take(&mut self.written) {
-            let _ = self.devices.remove(&IfaceKey::new(self.netns_cookie, ifindex));
+            let _ = self.maps.devices.remove(&IfaceKey::new(self.netns_cookie, ifindex));
         }
         let cookie = self.netns_cookie;
-        let flows: Vec<VirtFlowKey> = self
+        let flows: Vec<TupleKey> = self
+            .maps
             .flows
             .keys()
             .filter_map(Result::ok)
             .filter(|k| k.netns_cookie == cookie)
             .collect();
         for k in flows {
-            let _ = self.flows.remove(&k);
+            let _ = self.maps.flows.remove(&k);
+        }
+        let replies: Vec<VirtFlowKey> = self
+            .maps
+            .replies
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.netns_cookie == cookie)
+            .collect();
+        for k in replies {
+            let _ = self.maps.replies.remove(&k);
         }
     }
 }
@@ -411,11 +458,23 @@ impl super::Engine {
         if capture.kube_virt_interfaces.is_empty() {
             return Ok(None);
         }
+        let tcx = aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+        // Before 6.6 the programs are cls_bpf filters, which the kernel keeps until deleted:
+        // they would outlive a killed --fail-open agent and refuse the VM's connections.
+        if !self.settings.keep_links && !tcx {
+            return Err(super::EnrollError::Flags(format!(
+                "-k with --fail-open needs Linux 6.6 or later (tcx links, which end with the agent; before 6.6 \
+                 the tc filters outlive it and would keep refusing the VM's connections); this kernel is {}",
+                crate::features::kernel_string()
+            )));
+        }
         let programs = self.object.virt_for(netns_cookie)?;
-        let maps = (
-            self.open_map(redirect_common::maps::VIRT_IFACES)?,
-            self.open_map(redirect_common::maps::VIRT_FLOWS)?,
-        );
+        let maps = VirtMaps {
+            devices: self.open_map(names::VIRT_IFACES)?,
+            flows: self.open_map(names::VIRT_FLOWS)?,
+            replies: self.open_map(names::VIRT_REPLIES)?,
+            workloads: self.open_map(names::WORKLOADS)?,
+        };
         let netns = netns
             .try_clone()
             .map_err(super::EnrollError::io("namespace descriptor"))?;
@@ -423,21 +482,19 @@ impl super::Engine {
             .settings
             .keep_links
             .then(|| super::pins::links_dir(&self.settings.name));
-        Ok(Some(SharedVirt::new(programs, netns, netns_cookie, maps, pin_dir)))
+        let how = (self.settings.name.clone(), pin_dir, tcx);
+        Ok(Some(SharedVirt::new(programs, netns, netns_cookie, maps, how)))
     }
 }
 
 /// `--cleanup-only`: deletes the cls_bpf filters (before 6.6) a killed agent left on the
-/// namespace's devices that `list` (`-k`'s entries) names; tcx links go with their pins.
-/// Returns how many devices had one.
-pub(crate) fn cleanup(netns: &Netns, list: &[redirect_common::config::Interface]) -> io::Result<usize> {
+/// namespace's devices, found by their programs' names; tcx links go with their pins. Returns
+/// how many devices had one.
+pub(crate) fn cleanup(netns: &Netns) -> io::Result<usize> {
     let devices = crate::addrs::links(netns)?;
     netns.run(|| {
         let mut cleaned = 0;
         for dev in devices.iter().map(|l| l.name.clone()) {
-            if !list.iter().any(|i| i.matches(&dev)) {
-                continue;
-            }
             let mut had = false;
             for (direction, prog) in [
                 (TcAttachType::Ingress, programs::VIRT_INGRESS),

@@ -2,7 +2,7 @@
 //! that make one live, in the order that keeps a failure part-way invisible to connections.
 
 use std::{
-    os::fd::{AsFd as _, OwnedFd},
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
 };
 
@@ -16,7 +16,6 @@ use redirect_common::{
 
 use super::{
     Engine, EnrollError,
-    links::{self, AttachType},
     object::{InboundListener, SkLookupInstance, adopt_listener, open_typed},
     pins,
 };
@@ -533,27 +532,6 @@ impl Engine {
             virt,
             _watcher: watcher,
         })
-    }
-
-    /// sk_lookup on the workload's namespace, the instance loaded for it (which knows no other
-    /// workload): a pinned link of an adopted workload moved to this process's instance, else
-    /// a new one, pinned if the instance keeps its pins. Links on a namespace run in attach
-    /// order; ours passes over connections it does not decide.
-    fn sk_lookup_link(&self, cookie: u64, netns: &Netns) -> Result<(OwnedFd, SkLookupInstance), EnrollError> {
-        let pin = self.sk_lookup_pin(cookie);
-        let persist = self.settings.keep_links;
-        let program = self.object.sk_lookup_for(cookie)?;
-        let link = links::attach(
-            program.fd()?,
-            netns.as_fd(),
-            AttachType::SkLookup,
-            persist.then_some(pin.as_path()),
-        )
-        .map_err(EnrollError::io(format!(
-            "attaching sk_lookup to {} (sk_lookup links need kernel 5.9+)",
-            netns.path().display()
-        )))?;
-        Ok((link, program))
     }
 }
 
