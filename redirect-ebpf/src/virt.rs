@@ -19,8 +19,7 @@ const RECOMPUTE_CSUM: u64 = 1;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
-const TCP_FIN_SYN_RST_ACK: u8 = TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK;
+const TCP_FIN_SYN_RST_ACK: u8 = TCP_FIN | TCP_SYN | TCP_RST | 0x10;
 
 /// A TCP segment's addresses, as the keys hold them, and where its headers are.
 #[derive(Clone, Copy)]
@@ -34,8 +33,6 @@ pub struct Segment {
     pub dport: u16,
     /// The segment opens a connection: SYN, no ACK (nor RST or FIN).
     pub syn: bool,
-    /// Conntrack would start a connection on it: a SYN, or a lone ACK.
-    pub opens: bool,
     /// A FIN or RST: the connection is closing.
     pub fin_or_rst: bool,
     l3: usize,
@@ -49,9 +46,26 @@ pub enum End {
     Dst,
 }
 
+impl Segment {
+    /// Filled in by [`segment`].
+    pub const EMPTY: Self = Self {
+        family: Family::V4,
+        src: addr::UNSPECIFIED,
+        dst: addr::UNSPECIFIED,
+        sport: 0,
+        dport: 0,
+        syn: false,
+        fin_or_rst: false,
+        l3: 0,
+        l4: 0,
+    };
+}
+
 /// What a packet on a `-k` device is to the tc programs.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Parsed {
-    Tcp(Segment),
+    /// A TCP segment, read into the caller's [`Segment`].
+    Tcp,
     /// Not TCP over IP (or TCP behind IPv6 extension headers, which nat's `-p tcp` does not
     /// see either), or on a VLAN of the device (`-i K` does not match `K.N`): none of theirs.
     Other,
@@ -60,10 +74,14 @@ pub enum Parsed {
     Unreadable,
 }
 
-/// The TCP segment in `ctx`, whose IP header starts `l2_len` bytes in.
-#[inline(always)]
-pub fn segment(ctx: &TcContext, l2_len: u32) -> Parsed {
-    match read(ctx, l2_len) {
+/// The TCP segment in `ctx`, whose IP header starts `l2_len` bytes in, read into `seg`.
+///
+/// Not inlined, and writing into its caller's `seg`: the reads' temporaries then live in a
+/// frame of their own, beside (not under) the callers' later steps, which BPF's 512-byte stack
+/// for a whole call chain needs (6.1's verifier rounds each frame up to 32 bytes, too).
+#[inline(never)]
+pub fn segment(ctx: &TcContext, l2_len: u32, seg: &mut Segment) -> Parsed {
+    match read(ctx, l2_len, seg) {
         Some(p) => p,
         // Too short to hold the headers it says it has.
         None => Parsed::Unreadable,
@@ -71,7 +89,7 @@ pub fn segment(ctx: &TcContext, l2_len: u32) -> Parsed {
 }
 
 #[inline(always)]
-fn read(ctx: &TcContext, l2_len: u32) -> Option<Parsed> {
+fn read(ctx: &TcContext, l2_len: u32, seg: &mut Segment) -> Option<Parsed> {
     let l3 = l2_len as usize;
     // SAFETY: `skb` is the context the kernel passed to this run; `vlan_present` is a field
     // tc programs may read.
@@ -113,20 +131,18 @@ fn read(ctx: &TcContext, l2_len: u32) -> Option<Parsed> {
     let dport: u16 = ctx.load(l4 + 2).ok()?;
     let flags: u8 = ctx.load(l4 + 13).ok()?;
     let syn = flags & TCP_FIN_SYN_RST_ACK == TCP_SYN;
-    Some(Parsed::Tcp(Segment {
+    *seg = Segment {
         family,
         src,
         dst,
         sport: u16::from_be(sport),
         dport: u16::from_be(dport),
         syn,
-        // conntrack's NEW with `nf_conntrack_tcp_loose` (the default): a SYN, or a lone ACK
-        // of a connection it never saw; a FIN, RST or SYN-ACK is INVALID, never NATed.
-        opens: syn || flags & TCP_FIN_SYN_RST_ACK == TCP_ACK,
         fin_or_rst: flags & (TCP_FIN | TCP_RST) != 0,
         l3,
         l4,
-    }))
+    };
+    Some(Parsed::Tcp)
 }
 
 /// Rewrites one end of `seg` (address and port) to `to`/`port` (host order), with the

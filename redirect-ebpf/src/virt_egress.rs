@@ -12,7 +12,7 @@ use redirect_common::{TupleKey, VirtFlowKey, addr};
 use crate::{
     instance::NETNS_COOKIE,
     maps::{VIRT_FLOWS, VIRT_REPLIES, virt_iface, virt_reply},
-    virt::{End, Parsed, rewrite, segment},
+    virt::{End, Parsed, Segment, rewrite, segment},
 };
 
 #[classifier]
@@ -34,9 +34,10 @@ fn translate(ctx: &TcContext) -> Result<(), ()> {
         return Ok(());
     };
     // What the local stack sends is never a fragment (GSO segments are whole TCP).
-    let Parsed::Tcp(seg) = segment(ctx, dev.l2_len) else {
+    let mut seg = Segment::EMPTY;
+    if segment(ctx, dev.l2_len, &mut seg) != Parsed::Tcp {
         return Ok(());
-    };
+    }
     // To the VM: its end is the destination.
     let end = VirtFlowKey::new(netns_cookie, seg.dst, seg.dport);
     let Some(flow) = virt_reply(&end) else {

@@ -61,16 +61,20 @@ fn judge(ctx: &TcContext) -> Result<(), ()> {
     let Some(dev) = virt_iface(netns_cookie, ifindex) else {
         return Ok(());
     };
-    let seg = match segment(ctx, dev.l2_len) {
-        Parsed::Tcp(seg) => seg,
+    let mut seg = Segment::EMPTY;
+    match segment(ctx, dev.l2_len, &mut seg) {
+        Parsed::Tcp => {}
         Parsed::Other => return Ok(()),
         Parsed::Unreadable => return Err(()),
-    };
+    }
     if let Some(done) = known(ctx, &seg, netns_cookie) {
         return done;
     }
-    // A FIN, RST or SYN-ACK of a connection never seen is conntrack's INVALID: not NATed.
-    if !seg.opens {
+    // Only a SYN opens a connection here. conntrack would also pick up a lone ACK of one it
+    // never saw (`nf_conntrack_tcp_loose`), but what it has seen these programs cannot know:
+    // the namespace's own connections to the VM, or any from before the agent started, whose
+    // segments must pass as they are.
+    if !seg.syn {
         return Ok(());
     }
     match decide(&seg, ifindex, netns_cookie) {
@@ -109,9 +113,17 @@ fn known(ctx: &TcContext, seg: &Segment, netns_cookie: u64) -> Option<Result<(),
         }
         return Some(Ok(()));
     }
-    // Translated already, by another instance's program before this one.
     match virt_reply(&end) {
-        Some(r) if r.to_port == seg.dport && addr::words_eq(&r.to, &seg.dst) => Some(Ok(())),
+        // Translated already, by another instance's program before this one. (Not when that
+        // connection is closing: the VM may then dial the device's address and capture port
+        // itself from the same port, a connection of its own.)
+        Some(r) if r.closing == 0 && r.to_port == seg.dport && addr::words_eq(&r.to, &seg.dst) => Some(Ok(())),
+        // A redirected connection whose decision aged out of the LRU while its reply record
+        // lasted: translated as before, never let through to the destination unproxied.
+        Some(r) if !seg.syn && r.orig_port == seg.dport && addr::words_eq(&r.orig, &seg.dst) => {
+            let _ = VIRT_FLOWS.insert(tuple, *r, 0);
+            Some(rewrite(ctx, seg, End::Dst, &r.to, r.to_port).map_err(drop))
+        }
         _ => None,
     }
 }
@@ -146,6 +158,15 @@ fn decide(seg: &Segment, ifindex: u32, netns_cookie: u64) -> Option<&'static Wor
     }
     let tuple = TupleKey::new(netns_cookie, seg.src, seg.sport, seg.dst, seg.dport);
     let _ = VIRT_FLOWS.insert(tuple, VirtFlow::returned(seg.dst, seg.dport), 0);
+    // A connection straight to the device's address and capture port, from the port of a
+    // closing redirected one: its replies are its own, not that one's to translate.
+    let end = VirtFlowKey::new(netns_cookie, seg.src, seg.sport);
+    if let Some(r) = virt_reply(&end)
+        && r.to_port == seg.dport
+        && addr::words_eq(&r.to, &seg.dst)
+    {
+        let _ = VIRT_REPLIES.remove(end);
+    }
     None
 }
 
