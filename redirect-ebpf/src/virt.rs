@@ -7,8 +7,17 @@
 //! no packet bounds to track. Only what iptables' REDIRECT meets in a VM's traffic is
 //! handled: TCP straight over IPv4 (not a fragment) or IPv6 (no extension header). Anything
 //! else passes untouched, as it passes nat PREROUTING's `-p tcp` REDIRECT.
-use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, helpers::bpf_csum_diff, programs::TcContext};
-use redirect_common::addr::{self, Addr, Family};
+use aya_ebpf::{
+    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::bpf_csum_diff,
+    programs::TcContext,
+};
+use redirect_common::{
+    VirtIface,
+    addr::{self, Addr, Family},
+};
+
+use crate::{instance::NETNS_COOKIE, maps::virt_iface};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -184,4 +193,25 @@ pub fn rewrite(ctx: &TcContext, seg: &Segment, end: End, to: &Addr, port: u16) -
     ctx.l4_csum_replace(csum, u64::from(old_be), u64::from(new_be), 2)?;
     ctx.store(port_off, &new_be, 0)?;
     Ok(())
+}
+
+/// What a tc program of a `-k` device returns: on to the device's next program (tcx's NEXT,
+/// cls_bpf's next filter) whatever it did, for these programs end no chain; or the segment
+/// dropped.
+#[inline(always)]
+pub fn verdict(r: Result<(), ()>) -> i32 {
+    match r {
+        Ok(()) => TC_ACT_UNSPEC,
+        Err(()) => TC_ACT_SHOT,
+    }
+}
+
+/// The `-k` device of this instance's namespace the packet is on (and its index), if it is
+/// one.
+#[inline(always)]
+pub fn device(ctx: &TcContext) -> Option<(&'static VirtIface, u32)> {
+    // SAFETY: `skb` is the context the kernel passed to this run; `ifindex` (the device the
+    // packet is on, arriving or leaving) is a field tc programs may read.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    Some((virt_iface(NETNS_COOKIE.load(), ifindex)?, ifindex))
 }

@@ -2,35 +2,24 @@
 //! redirected leave with the address and port the VM dialed, as conntrack translates a
 //! REDIRECT's replies back (the proxy's SYN-ACK, its data, and the reset a closed capture port
 //! answers with alike).
-use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    macros::classifier,
-    programs::TcContext,
-};
+use aya_ebpf::{macros::classifier, programs::TcContext};
 use redirect_common::{TupleKey, VirtFlowKey, addr};
 
 use crate::{
     instance::NETNS_COOKIE,
-    maps::{VIRT_FLOWS, VIRT_REPLIES, virt_iface, virt_reply},
-    virt::{End, Parsed, Segment, rewrite, segment},
+    maps::{VIRT_FLOWS, VIRT_REPLIES, virt_reply},
+    virt::{End, Parsed, Segment, device, rewrite, segment, verdict},
 };
 
 #[classifier]
 pub fn redirect_virt_egress(ctx: TcContext) -> i32 {
-    // On to the device's next program either way (tcx's NEXT): this one ends no chain.
-    match translate(&ctx) {
-        Ok(()) => TC_ACT_UNSPEC,
-        Err(()) => TC_ACT_SHOT,
-    }
+    verdict(translate(&ctx))
 }
 
 #[inline(always)]
 fn translate(ctx: &TcContext) -> Result<(), ()> {
     let netns_cookie = NETNS_COOKIE.load();
-    // SAFETY: `skb` is the context the kernel passed to this run; `ifindex` (the device the
-    // packet leaves by) is a field tc programs may read.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let Some(dev) = virt_iface(netns_cookie, ifindex) else {
+    let Some((dev, _)) = device(ctx) else {
         return Ok(());
     };
     // What the local stack sends is never a fragment (GSO segments are whole TCP).

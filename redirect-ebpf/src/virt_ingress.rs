@@ -21,11 +21,7 @@
 //!
 //! One instance per workload, like sk_lookup (`crate::instance`): a device's index names it
 //! only within its namespace.
-use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    macros::classifier,
-    programs::TcContext,
-};
+use aya_ebpf::{macros::classifier, programs::TcContext};
 use redirect_common::{
     ChainId, ConnFacts, IPPROTO_TCP, OrigDst, Target, TupleKey, VirtFlow, VirtFlowKey, VirtIface, Workload,
     addr::{self, Family},
@@ -36,18 +32,14 @@ use crate::{
     chain,
     instance::NETNS_COOKIE,
     maps::{
-        INBOUND_PENDING, VIRT_FLOWS, VIRT_REPLIES, count_event, iface_entries, ipv6_on, virt_flow, virt_iface,
-        virt_reply, workload,
+        INBOUND_PENDING, VIRT_FLOWS, VIRT_REPLIES, count_event, iface_entries, ipv6_on, virt_flow, virt_reply, workload,
     },
-    virt::{End, Parsed, Segment, rewrite, segment},
+    virt::{End, Parsed, Segment, device, rewrite, segment, verdict},
 };
 
 #[classifier]
 pub fn redirect_virt_ingress(ctx: TcContext) -> i32 {
-    match judge(&ctx) {
-        Ok(()) => TC_ACT_UNSPEC,
-        Err(()) => TC_ACT_SHOT,
-    }
+    verdict(judge(&ctx))
 }
 
 /// `Err`: the segment must not go on (a translation that failed half-way or cannot be made,
@@ -55,10 +47,7 @@ pub fn redirect_virt_ingress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn judge(ctx: &TcContext) -> Result<(), ()> {
     let netns_cookie = NETNS_COOKIE.load();
-    // SAFETY: `skb` is the context the kernel passed to this run; `ifindex` (the device the
-    // packet is on) is a field tc programs may read.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let Some(dev) = virt_iface(netns_cookie, ifindex) else {
+    let Some((dev, ifindex)) = device(ctx) else {
         return Ok(());
     };
     let mut seg = Segment::EMPTY;

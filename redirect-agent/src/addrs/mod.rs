@@ -207,7 +207,7 @@ impl AddrMaps {
 
 /// Removes the keys of `map` that `which` picks (read first: removing while iterating a hash
 /// map's keys can skip some).
-fn remove_keys<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, which: impl Fn(&K) -> bool) {
+pub(crate) fn remove_keys<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, which: impl Fn(&K) -> bool) {
     let keys: Vec<K> = map.keys().filter_map(Result::ok).filter(|k| which(k)).collect();
     for k in keys {
         let _ = map.remove(&k);

@@ -38,7 +38,7 @@ use redirect_common::{IfaceKey, TupleKey, VirtFlow, VirtFlowKey, VirtIface, addr
 
 use super::object::VirtInstance;
 use crate::{
-    addrs::{VirtDevice, VirtDevices},
+    addrs::{VirtDevice, VirtDevices, remove_keys},
     error::LoadError,
     sys::Netns,
 };
@@ -323,26 +323,8 @@ impl VirtCapture {
             let _ = self.maps.devices.remove(&IfaceKey::new(self.netns_cookie, ifindex));
         }
         let cookie = self.netns_cookie;
-        let flows: Vec<TupleKey> = self
-            .maps
-            .flows
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.netns_cookie == cookie)
-            .collect();
-        for k in flows {
-            let _ = self.maps.flows.remove(&k);
-        }
-        let replies: Vec<VirtFlowKey> = self
-            .maps
-            .replies
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.netns_cookie == cookie)
-            .collect();
-        for k in replies {
-            let _ = self.maps.replies.remove(&k);
-        }
+        remove_keys(&mut self.maps.flows, |k| k.netns_cookie == cookie);
+        remove_keys(&mut self.maps.replies, |k| k.netns_cookie == cookie);
     }
 }
 
