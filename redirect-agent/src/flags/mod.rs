@@ -443,129 +443,6 @@ pub fn check(c: &CaptureConfig) -> Result<(), crate::error::FlagError> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn enroll_flags_parse_as_runs_do() {
-        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let (c, _) = parse_args(&args(&["-p", "15101", "-b", "8080"])).unwrap();
-        assert_eq!(c.envoy_port, 15101);
-        assert_eq!(c.inbound_capture_port, 15006);
-        assert!(parse_args(&args(&["-z", "http"])).unwrap_err().contains("'http'"));
-        assert!(parse_args(&args(&["-p", "15006"])).unwrap_err().contains("both 15006"));
-        assert!(
-            parse_args(&args(&["--frobnicate"]))
-                .unwrap_err()
-                .contains("--frobnicate")
-        );
-    }
-
-    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
-    }
-
-    /// istio-iptables' precedence: the flag, then the later of two variables, then the default.
-    #[test]
-    fn environment_fills_what_the_flags_leave_out() {
-        let env = env_of(&[
-            ("ISTIO_INBOUND_PORTS", "8080"),
-            ("PROXY_UID", "3"),
-            ("DROP_INVALID", "false"),
-            ("INVALID_DROP", "true"),
-            ("ISTIO_OUTBOUND_OWNER_GROUPS", "202"),
-            ("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/8"),
-            ("REDIRECT_DNS", "true"),
-            ("ISTIO_META_DNS_CAPTURE", ""),
-            ("CAPTURE_ALL_DNS", "true"),
-            ("ENVOY_PORT", "1"),
-        ]);
-        let flags = CaptureFlags {
-            proxy_uid: Some("7".into()),
-            ..CaptureFlags::default()
-        };
-        let c = flags.to_config_with(&env).unwrap();
-        assert_eq!(c.inbound_ports, config::Include::List(vec![8080]));
-        assert_eq!(c.proxy_uids, [7], "the flag wins");
-        assert_eq!(c.proxy_gids, [7]);
-        assert!(c.drop_invalid, "INVALID_DROP wins over DROP_INVALID");
-        assert_eq!(c.envoy_port, 15001, "-p has no variable");
-        assert!(matches!(&c.owner_groups, config::OwnerGroups::Only(g) if g[0].gid == Some(202)));
-        assert_eq!(c.ipv4_loopback.to_string(), "127.0.0.0/8");
-        assert!(c.dns.redirect, "an empty later variable leaves the earlier one's value");
-        let e = CaptureFlags::default()
-            .to_config_with(&env_of(&[("INBOUND_CAPTURE_PORT", "http")]))
-            .unwrap_err();
-        assert!(
-            e.to_string().contains("INBOUND_CAPTURE_PORT") && e.to_string().contains("'http'"),
-            "{e}"
-        );
-        // A node enrollment reads no environment.
-        assert_eq!(
-            CaptureFlags::default().to_config().unwrap().inbound_ports,
-            config::Include::All
-        );
-    }
-
-    /// Modes whose programs are not built yet are refused whole, naming the flag; DNS capture
-    /// takes its resolvers from the resolv.conf named, and with none is off (as in istio-iptables).
-    #[test]
-    fn modes_not_carried_out_yet_and_kernel_tables_are_refused_by_name() {
-        let dir = std::env::temp_dir().join(format!("redirect-flags-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let empty = dir.join("empty.conf");
-        let one = dir.join("one.conf");
-        std::fs::write(&empty, "search x\n").unwrap();
-        std::fs::write(&one, "nameserver 10.96.0.10\n").unwrap();
-        let with = |a: &[&str]| {
-            let mut v: Vec<String> = a.iter().map(|s| s.to_string()).collect();
-            v.insert(0, "-b".into());
-            v.insert(1, "*".into());
-            parse_args(&v).map(|(c, _)| c)
-        };
-        assert!(with(&["-m", "TPROXY"]).is_ok());
-        assert!(
-            with(&["-m", "TPROXY", "-r", "255"])
-                .unwrap_err()
-                .contains("255 is one of the kernel's own tables")
-        );
-        // Only TPROXY mode installs a route there.
-        assert!(with(&["-r", "255"]).is_ok());
-        assert!(with(&["-c", "eth1,veth+"]).is_ok());
-        assert!(with(&["-k", "eth1,tap+"]).is_ok());
-        assert!(
-            with(&["-k", "eth1", "-m", "TPROXY"])
-                .unwrap_err()
-                .contains("-k/--kube-virt-interfaces with -m TPROXY")
-        );
-        // Commands, not settings: an enrollment names the command that does it.
-        assert!(with(&["--dry-run"]).unwrap_err().contains("explain"));
-        assert!(with(&["--cleanup-only=true"]).unwrap_err().contains("unenroll"));
-        assert!(with(&["--reconcile", "--cni-mode", "--dual-stack"]).is_ok());
-        // Nothing to carry out: no packet is NATed (redirect-common's `DROP_INVALID_BY`).
-        assert!(with(&["--drop-invalid"]).is_ok());
-        let dns = with(&["--redirect-dns", "--resolv-conf", one.to_str().unwrap()]).unwrap();
-        assert_eq!(dns.dns.servers_v4, [std::net::Ipv4Addr::new(10, 96, 0, 10)]);
-        assert!(
-            !with(&["--redirect-dns", "--resolv-conf", empty.to_str().unwrap()])
-                .unwrap()
-                .dns
-                .enabled()
-        );
-        let missing = dir.join("missing.conf");
-        let e = with(&["--redirect-dns"]).unwrap_err();
-        assert!(
-            e.contains("--resolv-conf"),
-            "a node enrollment names the workload's: {e}"
-        );
-        assert!(with(&["--redirect-dns", "--capture-all-dns"]).is_ok());
-        let e = with(&["--redirect-dns", "--resolv-conf", missing.to_str().unwrap()]).unwrap_err();
-        assert!(e.contains("missing.conf"), "{e}");
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-}
-
 /// How long a proxied connection may live with its peers quiet or gone (`run`, `node` and
 /// `proxy` alike).
 #[derive(Args, Debug, Clone, Copy)]
@@ -599,3 +476,6 @@ impl LivenessFlags {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -191,10 +191,7 @@ pub fn compile(cfg: &CaptureConfig) -> Result<Vec<Rule>, TooManyRules> {
 /// lands above the one before, so the chain lists them in the reverse of the order written.
 /// A `-k` entry's bit follows `-c`'s entries in the interface list.
 fn virt_rules(b: &mut Builder, cfg: &CaptureConfig) {
-    let first = cfg.exclude_interfaces.len();
-    let entries: Vec<u32> = (first..first + cfg.kube_virt_interfaces.len())
-        .map(|i| 1u32.checked_shl(i as u32).unwrap_or(0))
-        .collect();
+    let entries: Vec<u32> = virt_entry_bits(cfg).collect();
     let on = |mut r: Rule, bit: u32| {
         r.has |= m::IFACE | m::BUILTIN;
         r.uid = bit;
@@ -513,8 +510,13 @@ pub fn flags(cfg: &CaptureConfig) -> u32 {
 
 /// The bits of the interface list's `-k` entries (they follow `-c`'s).
 pub fn virt_entries(cfg: &CaptureConfig) -> u32 {
+    virt_entry_bits(cfg).fold(0, |bits, bit| bits | bit)
+}
+
+/// Each `-k` entry's bit, in the list's order.
+fn virt_entry_bits(cfg: &CaptureConfig) -> impl Iterator<Item = u32> {
     let first = cfg.exclude_interfaces.len();
-    (first..first + cfg.kube_virt_interfaces.len()).fold(0, |bits, i| bits | 1u32.checked_shl(i as u32).unwrap_or(0))
+    (first..first + cfg.kube_virt_interfaces.len()).map(|i| 1u32.checked_shl(i as u32).unwrap_or(0))
 }
 
 /// How the agent serves a workload, beyond what its flags say: the [`workload_flags`] that
