@@ -130,9 +130,13 @@ impl Twin {
         for ns in [&twin.pair.workload, &twin.pair.remote] {
             ns.sysctl("net.ipv6.bindv6only", "1").expect("bindv6only");
         }
-        // The remote host routes ::6 back to the pod (a host route, not a default one): a
-        // connection from ::6 that leaves direct then completes where IPv4's from 127.0.0.6 is
-        // refused at once (EINVAL), instead of waiting out its SYN retries. Both twins alike.
+        // The remote host routes ::6 back to the pod (a host route, not a default one), and
+        // so does the side host ([`wire_side`]): a connection from ::6 that leaves direct then
+        // completes where IPv4's from 127.0.0.6 is refused at once (EINVAL), instead of waiting
+        // out its SYN retries. Both twins alike. An attempt that times out would also leave
+        // conntrack an entry in SYN_SENT for two minutes, and a later client bound to ::6 that
+        // drew the same port would match it: no new connection, so no nat rule counted, where
+        // the agent judges and counts every connect.
         let via = twin.pair.workload_ip6.to_string();
         twin.pair
             .remote
@@ -423,5 +427,9 @@ fn wire_side(workload: &NamedNetns, name: &str) -> NamedNetns {
     let side = NamedNetns::create(name).expect("side netns");
     side.sysctl("net.ipv6.bindv6only", "1").expect("bindv6only");
     veth((workload, SIDE_LINK), (&side, "x1"), SIDE_SUBNET).expect("side veth");
+    // ::6 back to the pod, as the remote host has it (see `Twin::new`).
+    let via = side_addrs().0.1.to_string();
+    side.ip(&["-6", "route", "add", "::6/128", "via", &via, "dev", "x1"])
+        .expect("side host's route to ::6");
     side
 }
