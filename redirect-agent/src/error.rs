@@ -87,11 +87,6 @@ pub enum FlagError {
     #[error("-p/--envoy-port and -z/--inbound-capture-port are both {0}: expected two different ports")]
     SamePort(u16),
     #[error(
-        "{0}: the agent does not carry this out yet (redirect-agent explain shows the rules istio-iptables \
-         writes for it); expected the flags without it"
-    )]
-    NotYet(&'static str),
-    #[error(
         "ISTIO_OUTBOUND_OWNER_GROUPS(_EXCLUDE) names group '{0}', which is not in /etc/group: expected a gid or a \
          group name known there (iptables-restore refuses it too)"
     )]

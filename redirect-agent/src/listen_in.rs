@@ -32,6 +32,10 @@ pub struct ListenInArgs {
     pub listen: Vec<SocketAddr>,
     #[arg(long, default_value_t = 1024)]
     pub backlog: i32,
+    /// A `--listen` address to make IP_TRANSPARENT before it binds (TPROXY mode's inbound
+    /// listener); repeat for more.
+    #[arg(long)]
+    pub transparent: Vec<SocketAddr>,
 }
 
 /// The child: prints `fds N M ...` once every socket listens (one word per `--listen`, in
@@ -41,11 +45,13 @@ pub fn main(args: &ListenInArgs) -> ExitCode {
     let made = crate::sys::join(Some(&args.cgroup), Some(&args.netns)).and_then(|()| {
         args.listen
             .iter()
-            .map(|addr| match listen(*addr, args.backlog) {
-                Ok(l) => Ok(Some(l)),
-                Err(e) if addr.is_ipv6() && no_ipv6(&e) => Ok(None),
-                Err(e) => Err(io::Error::new(e.kind(), format!("listen on {addr}: {e}"))),
-            })
+            .map(
+                |addr| match listen(*addr, args.backlog, args.transparent.contains(addr)) {
+                    Ok(l) => Ok(Some(l)),
+                    Err(e) if addr.is_ipv6() && no_ipv6(&e) => Ok(None),
+                    Err(e) => Err(io::Error::new(e.kind(), format!("listen on {addr}: {e}"))),
+                },
+            )
             .collect::<io::Result<Vec<_>>>()
     });
     let listeners = match made {
@@ -66,10 +72,15 @@ pub fn main(args: &ListenInArgs) -> ExitCode {
 }
 
 /// A capture listener as the proxy makes them (`proxy::listen::bind`), listening.
-fn listen(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+fn listen(addr: SocketAddr, backlog: i32, transparent: bool) -> io::Result<std::net::TcpListener> {
     let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
+    }
+    match (transparent, addr) {
+        (true, SocketAddr::V4(_)) => s.set_ip_transparent_v4(true)?,
+        (true, SocketAddr::V6(_)) => s.set_ip_transparent_v6(true)?,
+        _ => {}
     }
     s.set_reuse_address(true)?;
     s.bind(&addr.into())?;
@@ -84,6 +95,7 @@ pub fn listeners(
     netns: &Path,
     addrs: &[(Side, SocketAddr)],
     backlog: u32,
+    transparent_inbound: bool,
 ) -> io::Result<Vec<(Side, OwnedFd)>> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
@@ -94,8 +106,11 @@ pub fn listeners(
         .arg(netns)
         .arg("--backlog")
         .arg(backlog.to_string());
-    for (_, a) in addrs {
+    for (side, a) in addrs {
         cmd.arg("--listen").arg(a.to_string());
+        if transparent_inbound && *side == Side::Inbound {
+            cmd.arg("--transparent").arg(a.to_string());
+        }
     }
     let mut child = cmd
         .stdin(Stdio::piped())

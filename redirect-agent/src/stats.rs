@@ -105,7 +105,9 @@ pub(crate) fn rows(
         )?;
         out.push(RuleRow {
             family: r.family_kind().map_or("?", Family::name).into(),
-            table: redirect_common::chain::rule_table(r, w.flags).name().into(),
+            table: redirect_common::chain::rule_table(r, w.flags, w.virt_ifaces)
+                .name()
+                .into(),
             chain: chain.map_or("?", ChainId::iptables_name).into(),
             rule: rules[..=i]
                 .iter()

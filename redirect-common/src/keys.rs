@@ -344,7 +344,10 @@ pub struct VirtFlow {
     /// A FIN or RST went by, either way: a SYN on the same ports after it opens a new
     /// connection (conntrack's reopen), judged and counted afresh.
     pub closing: u8,
-    pub _pad: [u8; 3],
+    /// mangle's ISTIO_TPROXY took the connection (TPROXY mode): each of its packets is
+    /// marked [`crate::VIRT_DIVERT_MARK`] for local delivery, as ISTIO_DIVERT marks them.
+    pub divert: u8,
+    pub _pad: [u8; 2],
 }
 
 impl VirtFlow {
@@ -356,8 +359,15 @@ impl VirtFlow {
             orig_port,
             to_port,
             closing: 0,
-            _pad: [0; 3],
+            divert: 0,
+            _pad: [0; 2],
         }
+    }
+
+    /// The same, for a connection mangle's ISTIO_TPROXY took.
+    #[inline(always)]
+    pub const fn diverted(self) -> Self {
+        Self { divert: 1, ..self }
     }
 
     /// The same, once a FIN or RST went by.

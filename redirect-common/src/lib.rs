@@ -49,6 +49,15 @@ pub const AGENT_SOCKET_MARK: u32 = 0x539;
 /// (`OutboundMark`), fixed like the DNS port.
 pub const TPROXY_OUTBOUND_MARK: u32 = 1338;
 
+/// In TPROXY mode, the mark tc ingress of a `-k` device gives each packet of a VM's connection
+/// that mangle's ISTIO_TPROXY took, where iptables' TPROXY (its SYN) and ISTIO_DIVERT (the
+/// rest) give the TPROXY mark. The agent's `ip rule iif DEVICE fwmark 0x52440000 lookup TABLE`
+/// delivers them locally. Not the TPROXY mark: the socket accepted from the SYN takes the SYN's
+/// mark (`tcp_fwmark_accept`, which the agent sets in TPROXY mode), and with the TPROXY mark its
+/// replies would match `fwmark MARK lookup TABLE` and loop into lo. This rule matches only what
+/// arrives on the device.
+pub const VIRT_DIVERT_MARK: u32 = 0x5244_0000;
+
 /// Most groups `ISTIO_OUTBOUND_OWNER_GROUPS` may name (istio-iptables' own limit on the
 /// include list); the programs test them with a loop of this bound.
 pub const MAX_OWNER_GROUPS: usize = 64;

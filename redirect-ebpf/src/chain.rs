@@ -1,7 +1,10 @@
 //! Walking one chain of a workload's rules, shared by the programs that implement the chains
 //! (connect4/connect6: ISTIO_OUTPUT and, in TPROXY mode, mangle OUTPUT; sk_lookup:
-//! ISTIO_INBOUND, nat's or in TPROXY mode mangle's, and ISTIO_TPROXY).
-use redirect_common::{ChainId, ConnFacts, IPPROTO_UDP, MAX_RULES_PER_FAMILY, Rule, Target, Workload, addr::Family};
+//! ISTIO_INBOUND, nat's or in TPROXY mode mangle's, and ISTIO_TPROXY; tc ingress of a `-k`
+//! device: nat PREROUTING's `-k` rules and, in TPROXY mode, mangle's ISTIO_INBOUND).
+use redirect_common::{
+    ChainId, ConnFacts, IPPROTO_UDP, MAX_RULES_PER_FAMILY, Rule, Target, Workload, addr::Family, workload_flags,
+};
 
 /// Set in the walk's `chain` byte: walk without counting (a UDP flow's later datagrams).
 const NO_COUNT: u8 = 0x80;
@@ -28,6 +31,22 @@ pub fn decide(workload: &Workload, chain: ChainId, facts: &ConnFacts, counting: 
         redirect_walk_chain(table, n, workload.counter_base + half as u32, chain, facts)
     };
     Target::from_u8(target)
+}
+
+/// ISTIO_INBOUND's verdict, nat's, or in TPROXY mode mangle's. ISTIO_TPROXY's one rule is
+/// judged first, uncounted, so that the walk knows what a jump there meets; a jump that
+/// decides is then counted at that rule too.
+#[inline(always)]
+pub fn inbound(workload: &Workload, facts: &ConnFacts) -> Option<Target> {
+    let tproxy = workload.flags & workload_flags::TPROXY != 0
+        && decide(workload, ChainId::Tproxy, facts, false) == Some(Target::Tproxy);
+    let facts = ConnFacts { tproxy, ..*facts };
+    let verdict = decide(workload, ChainId::Inbound, &facts, true);
+    if verdict == Some(Target::JumpTproxy) {
+        let _ = decide(workload, ChainId::Tproxy, &facts, true);
+        return Some(Target::Tproxy);
+    }
+    verdict
 }
 
 /// The walk itself, as a *global* BPF function: the verifier checks it once, on its own, for

@@ -22,7 +22,7 @@ use aya_ebpf::{
     programs::SkLookupContext,
 };
 use redirect_common::{
-    ChainId, ConnFacts, FamilyKey, IPPROTO_TCP, OrigDst, Target, TupleKey, Workload,
+    ConnFacts, FamilyKey, IPPROTO_TCP, OrigDst, Target, TupleKey,
     addr::{self, Addr, Family},
     events, port, workload_flags,
 };
@@ -190,7 +190,10 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
         tproxy: false,
     };
 
-    if !matches!(inbound(workload, &facts), Some(Target::InRedirect | Target::Tproxy)) {
+    if !matches!(
+        chain::inbound(workload, &facts),
+        Some(Target::InRedirect | Target::Tproxy)
+    ) {
         return sk_action::SK_PASS;
     }
     // The listener's local address is irrelevant here: the accepted socket keeps the original
@@ -212,22 +215,6 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
             sk_action::SK_DROP
         }
     }
-}
-
-/// ISTIO_INBOUND's verdict, nat's, or in TPROXY mode mangle's. ISTIO_TPROXY's one rule is
-/// judged first, uncounted, so that the walk knows what a jump there meets; a jump that
-/// decides is then counted at that rule too.
-#[inline(always)]
-fn inbound(workload: &Workload, facts: &ConnFacts) -> Option<Target> {
-    let tproxy = workload.flags & workload_flags::TPROXY != 0
-        && chain::decide(workload, ChainId::Tproxy, facts, false) == Some(Target::Tproxy);
-    let facts = ConnFacts { tproxy, ..*facts };
-    let verdict = chain::decide(workload, ChainId::Inbound, &facts, true);
-    if verdict == Some(Target::JumpTproxy) {
-        let _ = chain::decide(workload, ChainId::Tproxy, &facts, true);
-        return Some(Target::Tproxy);
-    }
-    verdict
 }
 
 /// Hands the connection to the workload's capture listener of its family; an IPv4 one may

@@ -15,27 +15,53 @@
 //! (`INBOUND_PENDING`), for SO_ORIGINAL_DST and the embedded proxy to find under the
 //! connection's 4-tuple.
 //!
+//! In TPROXY mode mangle PREROUTING comes first: its ISTIO_INBOUND sees every TCP connection
+//! entering the namespace, forwarded ones too, and its TPROXY hands one to the inbound capture
+//! listener (and marks it to be delivered locally) before nat's `-k` rules rewrite it or not.
+//! Here the same walk of mangle's chain goes first; a connection it TPROXYs is handed to the
+//! listener with `bpf_sk_assign`, and each of its packets marked [`VIRT_DIVERT_MARK`] (see
+//! there) as ISTIO_DIVERT marks them.
+//!
 //! Each verdict passes the packet on to the device's next program (`TC_ACT_UNSPEC`, tcx's
 //! NEXT), never ends the chain for others; during a takeover two instances' programs may both
 //! run, and the second finds the segment translated already and leaves it.
 //!
 //! One instance per workload, like sk_lookup (`crate::instance`): a device's index names it
 //! only within its namespace.
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release},
+    macros::classifier,
+    programs::TcContext,
+};
 use redirect_common::{
-    ChainId, ConnFacts, IPPROTO_TCP, OrigDst, Target, TupleKey, VirtFlow, VirtFlowKey, VirtIface, Workload,
+    ChainId, ConnFacts, FamilyKey, IPPROTO_TCP, OrigDst, Target, TupleKey, VIRT_DIVERT_MARK, VirtFlow, VirtFlowKey,
+    VirtIface,
     addr::{self, Family},
-    events,
+    events, workload_flags,
 };
 
 use crate::{
     chain,
     instance::NETNS_COOKIE,
     maps::{
-        INBOUND_PENDING, VIRT_FLOWS, VIRT_REPLIES, count_event, iface_entries, ipv6_on, virt_flow, virt_reply, workload,
+        INBOUND_LISTENERS, INBOUND_PENDING, VIRT_FLOWS, VIRT_REPLIES, count_event, iface_entries, ipv6_on, virt_flow,
+        virt_reply, workload,
     },
     virt::{End, Parsed, Segment, device, rewrite, segment, verdict},
 };
+
+/// What PREROUTING decided for a connection's first segment ([`decide`]'s bits; none: let by).
+/// Bits, not a struct: a non-inlined function's return type goes into the object's BTF, and
+/// the compiler's layout of an `Option` of a tuple is one the kernel's BTF check refuses.
+mod steer {
+    /// nat's `-k` ISTIO_REDIRECT: to the device's address and the outbound capture port.
+    pub const REDIRECT: u8 = 1;
+    /// mangle's ISTIO_TPROXY (TPROXY mode): to the inbound capture listener, delivered
+    /// locally.
+    pub const DIVERT: u8 = 2;
+}
 
 #[classifier]
 pub fn redirect_virt_ingress(ctx: TcContext) -> i32 {
@@ -67,8 +93,8 @@ fn judge(ctx: &TcContext) -> Result<(), ()> {
         return Ok(());
     }
     match decide(&seg, ifindex, netns_cookie) {
-        Some(workload) => redirect(ctx, &seg, dev, workload, netns_cookie),
-        None => Ok(()),
+        0 => Ok(()),
+        how => steer(ctx, &seg, dev, how),
     }
 }
 
@@ -97,10 +123,7 @@ fn known(ctx: &TcContext, seg: &Segment, netns_cookie: u64) -> Option<Result<(),
             // Its reply entry aged out of the LRU: the replies need it back.
             let _ = VIRT_REPLIES.insert(end, *flow, 0);
         }
-        if flow.redirected() {
-            return Some(rewrite(ctx, seg, End::Dst, &flow.to, flow.to_port).map_err(drop));
-        }
-        return Some(Ok(()));
+        return Some(follow(ctx, seg, flow, netns_cookie));
     }
     match virt_reply(&end) {
         // Translated already, by another instance's program before this one. (Not when that
@@ -111,21 +134,42 @@ fn known(ctx: &TcContext, seg: &Segment, netns_cookie: u64) -> Option<Result<(),
         // lasted: translated as before, never let through to the destination unproxied.
         Some(r) if !seg.syn && r.orig_port == seg.dport && addr::words_eq(&r.orig, &seg.dst) => {
             let _ = VIRT_FLOWS.insert(tuple, *r, 0);
-            Some(rewrite(ctx, seg, End::Dst, &r.to, r.to_port).map_err(drop))
+            Some(follow(ctx, seg, r, netns_cookie))
         }
         _ => None,
     }
 }
 
-/// A connection's first segment: nat PREROUTING's walk, counted. The workload, when the walk
-/// says REDIRECT; `None` when the connection is left alone (RETURN), which is remembered.
+/// A later segment of a judged connection: as its first went. Marked for local delivery when
+/// ISTIO_TPROXY took it (ISTIO_DIVERT's mark; a SYN sent again is handed to the listener again,
+/// in case the first never reached it), and rewritten when nat redirected it.
+#[inline(always)]
+fn follow(ctx: &TcContext, seg: &Segment, flow: &VirtFlow, netns_cookie: u64) -> Result<(), ()> {
+    if flow.divert != 0 {
+        ctx.set_mark(VIRT_DIVERT_MARK);
+        if seg.syn {
+            assign(ctx, netns_cookie, seg.family).map_err(drop)?;
+        }
+    }
+    if flow.redirected() {
+        return rewrite(ctx, seg, End::Dst, &flow.to, flow.to_port).map_err(drop);
+    }
+    Ok(())
+}
+
+/// A connection's first segment: PREROUTING's walks, counted (in TPROXY mode mangle's
+/// ISTIO_INBOUND, then nat's `-k` rules). What they decided ([`steer`]'s bits); 0 when the
+/// connection is left alone (RETURN), which is remembered.
 #[inline(never)]
-fn decide(seg: &Segment, ifindex: u32, netns_cookie: u64) -> Option<&'static Workload> {
-    let workload = workload(netns_cookie)?;
+fn decide(seg: &Segment, ifindex: u32, netns_cookie: u64) -> u8 {
+    let Some(workload) = workload(netns_cookie) else {
+        return 0;
+    };
     // ip6tables has no rules for a pod without an IPv6 address of its own.
     if seg.family == Family::V6 && !ipv6_on(netns_cookie) {
-        return None;
+        return 0;
     }
+    let ifaces = iface_entries(netns_cookie, ifindex);
     let facts = ConnFacts {
         family: seg.family as u8,
         proto: IPPROTO_TCP,
@@ -137,61 +181,138 @@ fn decide(seg: &Segment, ifindex: u32, netns_cookie: u64) -> Option<&'static Wor
         uid: u32::MAX,
         gid: u32::MAX,
         in_owner_groups: false,
-        ifaces: iface_entries(netns_cookie, ifindex),
+        ifaces,
+        // Packets from another host carry no mark; nor does conntrack know the connection yet.
         mark: 0,
         established: false,
         tproxy: false,
     };
-    if chain::decide(workload, ChainId::Inbound, &facts, true) == Some(Target::Redirect) {
-        return Some(workload);
+    // mangle's walk leaves out the `-k` entries' bits: their rules are nat's, stored in the
+    // same list (first, before mangle's), and must not decide there. (`-c`'s mangle RETURN for
+    // the same device still does.) As in sk_lookup, nothing jumps to mangle's ISTIO_INBOUND
+    // without inbound capture (`-b ''`).
+    let divert = workload.flags & workload_flags::TPROXY != 0
+        && workload.flags & workload_flags::INBOUND != 0
+        && chain::inbound(
+            workload,
+            &ConnFacts {
+                ifaces: ifaces & !workload.virt_ifaces,
+                ..facts
+            },
+        ) == Some(Target::Tproxy);
+    // nat PREROUTING: one of the `-k` rules, first in the chain, matches whatever the device.
+    let redirect = chain::decide(workload, ChainId::Inbound, &facts, true) == Some(Target::Redirect);
+    let end = VirtFlowKey::new(netns_cookie, seg.src, seg.sport);
+    if !redirect {
+        // A connection straight to the device's address and capture port, from the port of a
+        // closing redirected one: its replies are its own, not that one's to translate.
+        if let Some(r) = virt_reply(&end)
+            && r.to_port == seg.dport
+            && addr::words_eq(&r.to, &seg.dst)
+        {
+            let _ = VIRT_REPLIES.remove(end);
+        }
+    }
+    if redirect || divert {
+        return (u8::from(redirect) * steer::REDIRECT) | (u8::from(divert) * steer::DIVERT);
     }
     let tuple = TupleKey::new(netns_cookie, seg.src, seg.sport, seg.dst, seg.dport);
     let _ = VIRT_FLOWS.insert(tuple, VirtFlow::returned(seg.dst, seg.dport), 0);
-    // A connection straight to the device's address and capture port, from the port of a
-    // closing redirected one: its replies are its own, not that one's to translate.
-    let end = VirtFlowKey::new(netns_cookie, seg.src, seg.sport);
-    if let Some(r) = virt_reply(&end)
-        && r.to_port == seg.dport
-        && addr::words_eq(&r.to, &seg.dst)
-    {
-        let _ = VIRT_REPLIES.remove(end);
-    }
-    None
+    0
 }
 
-/// REDIRECT in PREROUTING: to the first address of the arrival device of the family, and the
-/// outbound capture port.
+/// Carries out what [`decide`] said: REDIRECT in PREROUTING (to the first address of the
+/// arrival device of the family, and the outbound capture port), TPROXY (to the inbound
+/// capture listener), or both, as iptables does both when both tables say so.
 #[inline(never)]
-fn redirect(ctx: &TcContext, seg: &Segment, dev: &VirtIface, workload: &Workload, netns_cookie: u64) -> Result<(), ()> {
-    let Some(to) = dev.redirect_addr(seg.family) else {
-        count_event(workload, events::VIRT_NO_ADDRESS);
-        return Err(());
+fn steer(ctx: &TcContext, seg: &Segment, dev: &VirtIface, how: u8) -> Result<(), ()> {
+    let netns_cookie = NETNS_COOKIE.load();
+    let Some(workload) = workload(netns_cookie) else {
+        return Ok(());
     };
+    let (redirect, divert) = (how & steer::REDIRECT != 0, how & steer::DIVERT != 0);
     let end = VirtFlowKey::new(netns_cookie, seg.src, seg.sport);
-    // Another open connection from this VM port, redirected too: after the REDIRECT both would
-    // have one reply tuple, which conntrack refuses (the SYN is dropped; the first goes on).
-    if let Some(r) = virt_reply(&end)
-        && r.closing == 0
-        && !(r.orig_port == seg.dport && addr::words_eq(&r.orig, &seg.dst))
-    {
-        count_event(workload, events::VIRT_PORT_CLASH);
-        return Err(());
+    let mut flow = VirtFlow::returned(seg.dst, seg.dport);
+    if redirect {
+        let Some(to) = dev.redirect_addr(seg.family) else {
+            count_event(workload, events::VIRT_NO_ADDRESS);
+            return Err(());
+        };
+        // Another open connection from this VM port, redirected too: after the REDIRECT both
+        // would have one reply tuple, which conntrack refuses (the SYN is dropped; the first
+        // goes on).
+        if let Some(r) = virt_reply(&end)
+            && r.closing == 0
+            && !(r.orig_port == seg.dport && addr::words_eq(&r.orig, &seg.dst))
+        {
+            count_event(workload, events::VIRT_PORT_CLASH);
+            return Err(());
+        }
+        flow = VirtFlow::new(seg.dst, seg.dport, to, workload.outbound_port);
     }
-    let port = workload.outbound_port;
-    let flow = VirtFlow::new(seg.dst, seg.dport, to, port);
+    if divert {
+        flow = flow.diverted();
+    }
     let tuple = TupleKey::new(netns_cookie, seg.src, seg.sport, seg.dst, seg.dport);
-    if VIRT_REPLIES.insert(end, flow, 0).is_err() || VIRT_FLOWS.insert(tuple, flow, 0).is_err() {
+    if (redirect && VIRT_REPLIES.insert(end, flow, 0).is_err()) || VIRT_FLOWS.insert(tuple, flow, 0).is_err() {
         count_event(workload, events::VIRT_FLOW_NOT_RECORDED);
         return Err(());
     }
     // Where SO_ORIGINAL_DST (and the embedded proxy) look for a connection accepted from
-    // another host, under its 4-tuple as the VM's end sees it after the rewrite.
+    // another host, under its 4-tuple as the VM's end sees it after any rewrite. (After a
+    // TPROXY alone conntrack answers the socket's own address: the destination dialed, too.)
+    let (to, port, target) = match redirect {
+        true => (flow.to, flow.to_port, Target::Redirect),
+        false => (seg.dst, seg.dport, Target::InRedirect),
+    };
     let accepted = TupleKey::new(netns_cookie, seg.src, seg.sport, to, port);
     if INBOUND_PENDING
-        .insert(accepted, OrigDst::new(seg.dst, seg.dport, Target::Redirect), 0)
+        .insert(accepted, OrigDst::new(seg.dst, seg.dport, target), 0)
         .is_err()
     {
         count_event(workload, events::ORIG_DST_NOT_RECORDED);
     }
-    rewrite(ctx, seg, End::Dst, &to, port).map_err(drop)
+    if redirect {
+        rewrite(ctx, seg, End::Dst, &to, port).map_err(drop)?;
+    }
+    if divert {
+        ctx.set_mark(VIRT_DIVERT_MARK);
+        // TPROXY with nobody listening drops the SYN.
+        if assign(ctx, netns_cookie, seg.family).is_err() {
+            count_event(workload, events::INBOUND_NO_LISTENER);
+            return Err(());
+        }
+    }
+    Ok(())
+}
+
+/// Hands the segment to the workload's inbound capture listener of its family (an IPv4 one to
+/// a dual-stack `[::]` listener when there is no AF_INET one), as TPROXY does: the socket
+/// lookup that follows routing takes it from the packet.
+#[inline(always)]
+fn assign(ctx: &TcContext, netns_cookie: u64, family: Family) -> Result<(), i64> {
+    let own = assign_to(ctx, FamilyKey::new(netns_cookie, family));
+    if own.is_ok() || family == Family::V6 {
+        return own;
+    }
+    assign_to(ctx, FamilyKey::new(netns_cookie, Family::V6))
+}
+
+#[inline(always)]
+fn assign_to(ctx: &TcContext, key: FamilyKey) -> Result<(), i64> {
+    // aya's SockHash offers the lookup only to sk_lookup programs; tc may look a socket up in
+    // it too (5.10+), and must release what it got.
+    let map = core::ptr::from_ref(&INBOUND_LISTENERS).cast_mut().cast::<c_void>();
+    // SAFETY: `map` is the map's definition, which the loader relocates to the map; `key` is a
+    // whole FamilyKey on this stack frame, which the helper only reads.
+    let sk = unsafe { bpf_map_lookup_elem(map, (&raw const key).cast()) };
+    if sk.is_null() {
+        return Err(-2);
+    }
+    // SAFETY: `skb` is the context the kernel passed to this run; `sk` is the socket the
+    // lookup returned (non-null, referenced), released right after, as the verifier requires.
+    let ret = unsafe { bpf_sk_assign(ctx.skb.skb.cast(), sk.cast(), 0) };
+    // SAFETY: as above; `sk` is not used again.
+    let _ = unsafe { bpf_sk_release(sk.cast()) };
+    if ret == 0 { Ok(()) } else { Err(ret) }
 }

@@ -94,6 +94,19 @@ configs! {
     // those to the remote host RETURN and are forwarded through the pod to its servers (which
     // see the VM's own address).
     kube_virt_forwarded: "-k, -i pod addresses" => ["-k", "x0", "-i", "10.200.1.1/32,fd00:200:0:1::1/128"], vm: true;
+    // TPROXY mode: mangle PREROUTING runs before nat's, so its ISTIO_INBOUND TPROXYs the VM's
+    // connections (forwarded ones too) to the inbound capture listener, counted there, before
+    // nat's `-i x0 -j ISTIO_REDIRECT` rewrites their destination to the side link's address and
+    // 15001, counted too: they are accepted on the inbound listener at that address, with the
+    // destination dialed as SO_ORIGINAL_DST. Its excluded ports (15020, 15021, 15090) RETURN
+    // from mangle and reach the outbound listener as in REDIRECT mode.
+    kube_virt_tproxy: "-k, -m TPROXY" => ["-k", "x0", "-m", "TPROXY"], vm: true;
+    // With only the pod's primary addresses in -i and -b naming two ports: to those ports,
+    // TPROXY alone (nat RETURNs) accepts the connection at the address dialed, the remote
+    // host's included (not the namespace's: the listener is transparent), or with the REDIRECT
+    // too for the pod's own address; other ports go nat's way.
+    kube_virt_tproxy_forwarded: "-k, -m TPROXY, -i pod, -b list" =>
+        ["-k", "x0", "-m", "TPROXY", "-i", "10.200.1.1/32,fd00:200:0:1::1/128", "-b", "8080,9080"], vm: true;
     // Only gids 4242 and 0 captured: gid 4243's (and 1000's, the set-uid clients') outbound
     // connections RETURN on the group rule, where without the list they would be captured.
     owner_groups_include: "ISTIO_OUTBOUND_OWNER_GROUPS" => [],

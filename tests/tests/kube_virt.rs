@@ -207,6 +207,57 @@ fn an_include_list_redirects_only_its_cidrs_and_returns_the_rest() {
     assert_eq!(t.prerouting("ipv6"), [1], "only the RETURN");
 }
 
+/// TPROXY mode: mangle's ISTIO_INBOUND (before nat's `-k` rules) takes a VM's connection to the
+/// inbound capture listener, as iptables' TPROXY does; tc ingress hands it over and marks it,
+/// and the per-device rule delivers it locally. The embedded proxy then dials the app from the
+/// VM's own address, as it dials every client TPROXY brought. One through the pod to the
+/// remote host reaches the inbound side too, whose transparent dial (the TPROXY mark routes it
+/// into lo) finds nobody: a reset, never a way around the proxy. The rules go with the run.
+#[test]
+fn in_tproxy_mode_a_vms_connection_to_the_pod_reaches_the_app_from_the_vms_address() {
+    let mut t = PodWithVm::new("kvt", &["-k", "x0", "-m", "TPROXY"], true);
+    let rules = |ns: &NamedNetns, v6: bool| {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name, "ip"]);
+        if v6 {
+            cmd.arg("-6");
+        }
+        let out = cmd.arg("rule").output().expect("ip rule");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for v6 in [false, true] {
+        let r = rules(&t.w.pair.workload, v6);
+        assert!(
+            r.contains("fwmark 0x52440000 iif x0 lookup 133"),
+            "the divert rule (v6: {v6}): {r}"
+        );
+    }
+    let w = &t.w;
+    let r = t.dial_from_vm(w.pod(APP_PORT));
+    assert_eq!(answered_by(&r), "app", "{r:?}");
+    assert_eq!(seen_from(&r), t.vm_ip(false), "the app sees the VM: {r:?}");
+    let r = t.dial_from_vm(w.pod6(APP_PORT));
+    assert_eq!(answered_by(&r), "app6", "{r:?}");
+    assert_eq!(seen_from(&r), t.vm_ip(true), "the app sees the VM: {r:?}");
+    let r = t.dial_from_vm(w.remote(REMOTE_PORT));
+    assert!(
+        matches!(r.outcome, Outcome::Refused | Outcome::Reset | Outcome::Closed),
+        "the remote host is not reached around the proxy: {r:?}"
+    );
+    // Counted where iptables counts them: mangle's TPROXY, and nat's `-i x0 -j ISTIO_REDIRECT`.
+    assert_eq!(t.prerouting("ipv4"), [2, 0]);
+    assert_eq!(t.w.family_counts("ipv4", "ISTIO_TPROXY"), [2]);
+
+    let mut agent = t.w.agent.take().expect("agent");
+    agent.signal(libc::SIGTERM);
+    let (status, log) = agent.wait(Duration::from_secs(30)).expect("the agent ends");
+    assert!(status.success(), "{status}: {log}");
+    for v6 in [false, true] {
+        let r = rules(&t.w.pair.workload, v6);
+        assert!(!r.contains("0x52440000"), "the divert rule is gone (v6: {v6}): {r}");
+    }
+}
+
 /// The VM's device usually appears after the pod started: the agent attaches to it then. A
 /// killed agent leaves the VM captured (its connections refused, never direct); the next run
 /// takes the attachments over; a run's end removes them.

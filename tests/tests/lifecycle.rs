@@ -133,10 +133,7 @@ fn bad_input_gets_one_clear_line_and_changes_nothing() {
             "-r/--istio-inbound-tproxy-route-table 254",
         ),
         (&["-m", "tproxy"], "'tproxy'"),
-        (
-            &["-k", "eth9", "-m", "TPROXY"],
-            "-k/--kube-virt-interfaces with -m TPROXY",
-        ),
+        (&["-k", "eth9,ta+p"], "'ta+p'"),
         (&["-d", "15090,abc"], "'abc'"),
         (&["-b", "80,-1"], "'-1'"),
         (&["-q", "99999"], "'99999'"),

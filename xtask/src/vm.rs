@@ -65,6 +65,9 @@ pub const SMOKE: &[&str] = &[
     "a_vms_connections_through_the_pod_and_to_it_are_redirected_to_the_proxy",
     "a_device_added_later_is_captured_fail_closed_and_released_at_the_end",
     "cleanup_only_releases_a_killed_runs_vm_devices",
+    // -k with TPROXY: tc's socket lookup in a sockhash and bpf_sk_assign, the divert rule.
+    "in_tproxy_mode_a_vms_connection_to_the_pod_reaches_the_app_from_the_vms_address",
+    "kube_virt_tproxy",
 ];
 
 pub struct Options {

@@ -118,6 +118,9 @@ pub(crate) struct VirtCapture {
     removed: bool,
     /// The devices whose `VIRT_IFACES` entry this capture wrote.
     written: std::collections::BTreeSet<u32>,
+    /// TPROXY mode's route table: each device gets its rule delivering the VM's TPROXYed
+    /// connections locally (`tproxy_route::divert_device`), removed with the TPROXY routing.
+    divert_table: Option<u32>,
 }
 
 impl SharedVirt {
@@ -126,7 +129,7 @@ impl SharedVirt {
         netns: Netns,
         netns_cookie: u64,
         maps: VirtMaps,
-        (instance, pin_dir, tcx): (String, Option<PathBuf>, bool),
+        (instance, pin_dir, tcx, divert_table): (String, Option<PathBuf>, bool, Option<u32>),
     ) -> Self {
         Self(Arc::new(Mutex::new(VirtCapture {
             programs,
@@ -140,6 +143,7 @@ impl SharedVirt {
             released: false,
             removed: false,
             written: std::collections::BTreeSet::new(),
+            divert_table,
         })))
     }
 
@@ -222,6 +226,14 @@ impl VirtCapture {
             // Attached already (under another name, if renamed: the device is the same).
             if let Some(a) = self.attached.get_mut(&ifindex) {
                 a.name.clone_from(&d.link.name);
+                continue;
+            }
+            // The rule before the programs: a packet they mark must already route locally.
+            if let Some(table) = self.divert_table
+                && let Err(e) = crate::tproxy_route::divert_device(&self.netns, &d.link.name, table)
+            {
+                tracing::error!(device = d.link.name, "-k device: {e}");
+                first_error.get_or_insert(io::Error::other(e.to_string()));
                 continue;
             }
             match self.attach(ifindex, &d.link.name, [None, None]) {
@@ -464,7 +476,9 @@ impl super::Engine {
             .settings
             .keep_links
             .then(|| super::pins::links_dir(&self.settings.name));
-        let how = (self.settings.name.clone(), pin_dir, tcx);
+        let divert_table = (capture.inbound_mode == redirect_common::config::InterceptionMode::Tproxy)
+            .then_some(capture.tproxy.route_table);
+        let how = (self.settings.name.clone(), pin_dir, tcx, divert_table);
         Ok(Some(SharedVirt::new(programs, netns, netns_cookie, maps, how)))
     }
 }

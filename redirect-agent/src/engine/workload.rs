@@ -277,9 +277,15 @@ impl Engine {
                 && !self.agent_under_attach
                 && let Some(cgroup) = self.workload_cgroup(info) =>
             {
-                crate::listen_in::listeners(cgroup, &info.netns, &cfg.listen_addrs(), LISTEN_BACKLOG)
-                    .and_then(Listening::from_fds)
-                    .and_then(|l| l.with_udp(netns, cfg))
+                crate::listen_in::listeners(
+                    cgroup,
+                    &info.netns,
+                    &cfg.listen_addrs(),
+                    LISTEN_BACKLOG,
+                    cfg.tproxy_mark.is_some(),
+                )
+                .and_then(Listening::from_fds)
+                .and_then(|l| l.with_udp(netns, cfg))
             }
             None if fast_path && !self.agent_under_attach => {
                 tracing::warn!(

@@ -388,18 +388,8 @@ pub fn check(c: &CaptureConfig) -> Result<(), crate::error::FlagError> {
     if c.envoy_port == c.inbound_capture_port {
         return Err(FlagError::SamePort(c.envoy_port));
     }
-    // Combinations whose programs are not built yet: refused whole rather than half-applied.
-    // (In TPROXY mode mangle ISTIO_INBOUND, before nat's `-k` rules, would TPROXY a VM's
-    // forwarded connections to the inbound port: tc would have to mark and steer them.)
-    let not_yet = [(
-        !c.kube_virt_interfaces.is_empty() && c.inbound_mode == config::InterceptionMode::Tproxy,
-        "-k/--kube-virt-interfaces with -m TPROXY",
-    )];
     if c.inbound_mode == config::InterceptionMode::Tproxy && (253..=255).contains(&c.tproxy.route_table) {
         return Err(FlagError::KernelTable(c.tproxy.route_table));
-    }
-    if let Some((_, flag)) = not_yet.iter().find(|(on, _)| *on) {
-        return Err(FlagError::NotYet(flag));
     }
     // sk_lookup reads the SYN's arrival device only where the kernel has it (see sk_lookup.rs):
     // `-c`'s `PREROUTING -i`, and TPROXY's `-i lo` (the proxy's transparent dial comes from the

@@ -201,7 +201,12 @@ impl Listeners {
     pub fn bind_here(cfg: &ProxyConfig) -> io::Result<Self> {
         let mut sockets = Vec::new();
         for (side, addr) in cfg.listen_addrs() {
-            match bind(addr) {
+            // Envoy's TPROXY-mode inbound listener is transparent, as iptables' TPROXY needs:
+            // here a `-k` VM's connection TPROXY takes is handed to it with its destination
+            // as dialed, a forwarded one's not one of the namespace's addresses, and only a
+            // transparent listener's connection may answer from such an address.
+            let transparent = side == Side::Inbound && cfg.tproxy_mark.is_some();
+            match bind(addr, transparent) {
                 Ok(s) => sockets.push((side, s)),
                 Err(e) if addr.is_ipv6() && no_ipv6(&e) => {
                     tracing::warn!(%addr, "no IPv6 in this namespace ({e}): listening on IPv4 only");
@@ -243,9 +248,10 @@ fn bind_udp(addrs: &[SocketAddr]) -> io::Result<Vec<std::net::UdpSocket>> {
     Ok(out)
 }
 
-/// A capture listener's socket on `addr`. An IPv6 one takes IPv6 only: IPv4 has its own
-/// listener, and a dual-stack one would take the other's port.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpSocket> {
+/// A capture listener's socket on `addr`, IP_TRANSPARENT when asked (the agent holds
+/// CAP_NET_ADMIN). An IPv6 one takes IPv6 only: IPv4 has its own listener, and a dual-stack
+/// one would take the other's port.
+pub fn bind(addr: SocketAddr, transparent: bool) -> io::Result<TcpSocket> {
     let s = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => {
@@ -254,6 +260,11 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpSocket> {
             s
         }
     };
+    match (transparent, addr) {
+        (true, SocketAddr::V4(_)) => socket2::SockRef::from(&s).set_ip_transparent_v4(true)?,
+        (true, SocketAddr::V6(_)) => socket2::SockRef::from(&s).set_ip_transparent_v6(true)?,
+        _ => {}
+    }
     s.set_reuseaddr(true)?;
     s.bind(addr)?;
     Ok(s)

@@ -30,7 +30,9 @@ use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 
 use crate::sys::Netns;
 
+mod divert;
 mod messages;
+pub use divert::{divert_device, remove_all as remove_divert_rules};
 use messages::*;
 
 /// `lo` is the first device of every network namespace.
@@ -204,6 +206,10 @@ impl TproxyRouting {
                 "restoring net.ipv4.tcp_fwmark_accept to {before}: {e}"
             );
         }
+        // `-k` devices' divert rules (`divert`), whoever added them: this workload's.
+        if let Err(e) = divert::remove_all(&self.netns, self.table) {
+            tracing::warn!("{e}");
+        }
         match open_socket(&self.netns) {
             Ok(socket) => self.delete_added(&socket),
             Err(e) if !self.added.is_empty() => tracing::warn!("{e}; the TPROXY routing stays in place"),
@@ -345,6 +351,9 @@ pub fn cleanup(netns: &Netns, mark: u32, table: u32) -> Result<(), TproxyRouteEr
             Err(e) if !absent(&e) => errors.push(removing(route, e)),
             _ => {}
         }
+    }
+    if let Err(e) = divert::remove_all(netns, table) {
+        errors.push(e);
     }
     let mut errors = errors.into_iter();
     let first = errors.next();

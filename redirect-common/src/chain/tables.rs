@@ -50,10 +50,12 @@ impl Table {
 }
 
 /// The table a compiled rule is istio-iptables' line of, for a workload with these
-/// [`workload_flags`]: TPROXY mode's inbound chains and its OUTPUT marks are mangle's.
-pub fn rule_table(r: &Rule, flags: u32) -> Table {
+/// [`workload_flags`] and `-k` entries (`Workload::virt_ifaces`): TPROXY mode's inbound chains
+/// and its OUTPUT marks are mangle's; `-k`'s PREROUTING rules are nat's in either mode.
+pub fn rule_table(r: &Rule, flags: u32, virt_ifaces: u32) -> Table {
     match r.chain_id() {
         Some(ChainId::Tproxy | ChainId::MarkOutput) => Table::Mangle,
+        Some(ChainId::Prerouting) if r.uid & virt_ifaces != 0 => Table::Nat,
         Some(ChainId::Inbound | ChainId::Prerouting) if flags & workload_flags::TPROXY != 0 => Table::Mangle,
         _ => Table::Nat,
     }
@@ -354,7 +356,14 @@ const TPROXY_CONNMARK_BY: &str = "net.ipv4.tcp_fwmark_accept=1, set by the agent
 /// (mangle ISTIO_TPROXY's and ISTIO_INBOUND's): ISTIO_DIVERT and PREROUTING's jump.
 fn tproxy_inbound(t: &mut Tables, cfg: &CaptureConfig) {
     let m = Table::Mangle;
-    let by = "not needed: a connection's later packets reach the socket that owns its 4-tuple, marked or not";
+    let by = match cfg.kube_virt_interfaces.is_empty() {
+        true => "not needed: a connection's later packets reach the socket that owns its 4-tuple, marked or not",
+        false => {
+            "tc ingress of a -k device marks each packet of a VM's connection TPROXY took (0x52440000, which the \
+             agent's `ip rule iif DEVICE` delivers locally); other connections' packets reach the socket that \
+             owns their 4-tuple, marked or not"
+        }
+    };
     let mark = cfg.tproxy.mark;
     t.line(
         m,
@@ -365,8 +374,17 @@ fn tproxy_inbound(t: &mut Tables, cfg: &CaptureConfig) {
     t.line(
         m,
         "-A PREROUTING -p tcp -j ISTIO_INBOUND".into(),
-        "sk_lookup attached to the workload's netns (connections from other hosts, and over lo those the \
-         namespace makes to itself)",
+        match cfg.kube_virt_interfaces.is_empty() {
+            true => {
+                "sk_lookup attached to the workload's netns (connections from other hosts, and over lo those the \
+                 namespace makes to itself)"
+            }
+            false => {
+                "sk_lookup attached to the workload's netns (connections from other hosts, and over lo those the \
+                 namespace makes to itself); tc ingress of each -k device (a VM's connections, forwarded ones \
+                 too, before nat's -k rules)"
+            }
+        },
     );
 }
 

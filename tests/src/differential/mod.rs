@@ -52,8 +52,9 @@ const TABLES: [(&str, &str); 2] = [("ipv4", "iptables"), ("ipv6", "ip6tables")];
 /// nat PREROUTING's and OUTPUT's own rules (`-c`'s RETURNs and `-k`'s `-i IFACE [-d CIDR] -j
 /// ISTIO_REDIRECT`, each row compared with its rule's text; the jumps to ISTIO_OUTPUT and
 /// ISTIO_INBOUND are not counted by the agent, so not compared) and the ISTIO chains, each with
-/// its table. In TPROXY mode ISTIO_INBOUND is mangle's, with ISTIO_TPROXY.
-fn chains(tproxy: bool) -> Vec<(&'static str, &'static str)> {
+/// its table. In TPROXY mode ISTIO_INBOUND is mangle's, with ISTIO_TPROXY, and with `-k`
+/// (`virt`) nat PREROUTING is compared too: `-k`'s rules are nat's in either mode.
+fn chains(tproxy: bool, virt: bool) -> Vec<(&'static str, &'static str)> {
     // PREROUTING's `-c` RETURN too: in TPROXY mode mangle's decides (nat's only counts).
     let inbound = if tproxy { "mangle" } else { "nat" };
     let mut c = vec![
@@ -66,6 +67,9 @@ fn chains(tproxy: bool) -> Vec<(&'static str, &'static str)> {
         // And mangle OUTPUT's `-o lo` marks, which connect4/6 walk.
         c.push(("mangle", "ISTIO_TPROXY"));
         c.push(("mangle", "OUTPUT"));
+        if virt {
+            c.push(("nat", "PREROUTING"));
+        }
     }
     c
 }

@@ -25,6 +25,8 @@ pub(super) struct Twin {
     agent: Option<AgentProcess>,
     /// TPROXY mode: ISTIO_INBOUND (and ISTIO_TPROXY) are mangle's.
     tproxy: bool,
+    /// `-k` given: nat PREROUTING holds its rules.
+    virt: bool,
     _servers: Vec<ServeProcess>,
     pub(super) cgroup: TestCgroup,
     pub(super) pair: NetnsPair,
@@ -111,6 +113,7 @@ impl Twin {
         let mut twin = Self {
             agent: None,
             tproxy: cfg.tproxy().is_some(),
+            virt: super::flag(cfg.flags, "-k").is_some(),
             _servers: Vec::new(),
             cgroup,
             pair,
@@ -235,7 +238,7 @@ impl Twin {
                 assert!(out.status.success(), "stats: {}", String::from_utf8_lossy(&out.stderr));
                 let stats: InstanceStats = serde_json::from_slice(&out.stdout).expect("stats --json");
                 for (family, _) in TABLES {
-                    for (table, chain) in chains(self.tproxy) {
+                    for (table, chain) in chains(self.tproxy, self.virt) {
                         let builtin = table == "nat" && !chain.starts_with("ISTIO_");
                         let rows = stats
                             .rules
@@ -255,7 +258,7 @@ impl Twin {
             }
             None => {
                 for (family, tool) in TABLES {
-                    for (table, chain) in chains(self.tproxy) {
+                    for (table, chain) in chains(self.tproxy, self.virt) {
                         let rows = match table {
                             "mangle" => self.syn_counts(tool, chain),
                             _ if !chain.starts_with("ISTIO_") => self.builtin_counts(tool, chain),
