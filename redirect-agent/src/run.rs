@@ -58,22 +58,23 @@ pub async fn main(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyho
         for path in pins::cleanup(&opts.name)? {
             tracing::info!(path = %path.display(), "removed");
         }
-        // TPROXY's routing lives in the workload's namespace, not in the pins: removed when the
-        // flags say TPROXY and name the namespace (tcp_fwmark_accept stays: its earlier value
-        // went with the killed run).
-        if opts.capture.inbound_mode == redirect_common::config::InterceptionMode::Tproxy {
-            let netns = sys::Netns::open(&workload_netns(&opts)?)?;
-            crate::tproxy_route::cleanup(&netns, opts.capture.tproxy.mark, opts.capture.tproxy.route_table)?;
-            tracing::info!("TPROXY policy routing removed");
-        }
-        // So do `-k`'s cls_bpf filters (before 6.6; tcx links went with the pins), on whichever
+        // `-k`'s cls_bpf filters (before 6.6; tcx links went with the pins), on whichever
         // devices have them: the flags given now need not name them as the killed run's did.
+        // Before the TPROXY routing: they mark connections for its table.
         if opts.netns.is_some() || x.network_namespace.is_some() || opts.host_netns {
             let netns = sys::Netns::open(&workload_netns(&opts)?)?;
             let n = crate::engine::cleanup_virt(&netns)?;
             if n > 0 {
                 tracing::info!(devices = n, "-k tc filters removed");
             }
+        }
+        // So does TPROXY's routing, not in the pins either: removed when the
+        // flags say TPROXY and name the namespace (tcp_fwmark_accept stays: its earlier value
+        // went with the killed run).
+        if opts.capture.inbound_mode == redirect_common::config::InterceptionMode::Tproxy {
+            let netns = sys::Netns::open(&workload_netns(&opts)?)?;
+            crate::tproxy_route::cleanup(&netns, opts.capture.tproxy.mark, opts.capture.tproxy.route_table)?;
+            tracing::info!("TPROXY policy routing removed");
         }
         return Ok(());
     }

@@ -52,7 +52,8 @@ pub const TPROXY_OUTBOUND_MARK: u32 = 1338;
 /// In TPROXY mode, the mark tc ingress of a `-k` device gives each packet of a VM's connection
 /// that mangle's ISTIO_TPROXY took, where iptables' TPROXY (its SYN) and ISTIO_DIVERT (the
 /// rest) give the TPROXY mark. The agent's `ip rule iif DEVICE fwmark 0x52440000 lookup TABLE`
-/// delivers them locally. Not the TPROXY mark: the socket accepted from the SYN takes the SYN's
+/// delivers them locally (and the `prohibit` after it refuses them should that table lose its
+/// route), where sk_lookup hands the SYN to the inbound listener. Not the TPROXY mark: the socket accepted from the SYN takes the SYN's
 /// mark (`tcp_fwmark_accept`, which the agent sets in TPROXY mode), and with the TPROXY mark its
 /// replies would match `fwmark MARK lookup TABLE` and loop into lo. This rule matches only what
 /// arrives on the device.

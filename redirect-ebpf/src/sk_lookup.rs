@@ -137,8 +137,23 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
     // From a `-k` device: nat PREROUTING's `-k` rules, first in the chain, decide every TCP
     // connection from there (REDIRECT or RETURN), and tc ingress on the device judged and
     // counted it already (a redirected one arrives here addressed to the outbound capture
-    // port, for whatever listens there).
+    // port, for whatever listens there). In TPROXY mode one that mangle's ISTIO_TPROXY took
+    // came with TPROXY's mark (delivered locally, whatever its destination), and tc left its
+    // original destination with TPROXY's target: handed to the inbound listener here, as
+    // TPROXY hands it over. (The kernel looked for a socket of its 4-tuple first.)
     if ifaces & workload.virt_ifaces != 0 {
+        // SAFETY: the reference's one byte is copied at once, while the value is mapped.
+        let target = unsafe { INBOUND_PENDING.get(key) }.map(|o| o.target);
+        if tproxy && target == Some(Target::Tproxy as u8) {
+            return match assign(ctx, netns_cookie, family) {
+                Ok(()) => sk_action::SK_PASS,
+                // TPROXY drops a SYN nobody listens for.
+                Err(_) => {
+                    count_event(workload, events::INBOUND_NO_LISTENER);
+                    sk_action::SK_DROP
+                }
+            };
+        }
         return sk_action::SK_PASS;
     }
     // A connection judged already (its SYN was handed over, and it has no socket yet): a

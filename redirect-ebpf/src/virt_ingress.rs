@@ -18,9 +18,10 @@
 //! In TPROXY mode mangle PREROUTING comes first: its ISTIO_INBOUND sees every TCP connection
 //! entering the namespace, forwarded ones too, and its TPROXY hands one to the inbound capture
 //! listener (and marks it to be delivered locally) before nat's `-k` rules rewrite it or not.
-//! Here the same walk of mangle's chain goes first; a connection it TPROXYs is handed to the
-//! listener with `bpf_sk_assign`, and each of its packets marked [`VIRT_DIVERT_MARK`] (see
-//! there) as ISTIO_DIVERT marks them.
+//! Here the same walk of mangle's chain goes first; each packet of a connection it TPROXYs is
+//! marked [`VIRT_DIVERT_MARK`] (see there) as TPROXY and ISTIO_DIVERT mark them, which routes
+//! it locally, and its SYN is handed to the listener by sk_lookup, by the original destination
+//! recorded here with TPROXY's target.
 //!
 //! Each verdict passes the packet on to the device's next program (`TC_ACT_UNSPEC`, tcx's
 //! NEXT), never ends the chain for others; during a takeover two instances' programs may both
@@ -28,16 +29,9 @@
 //!
 //! One instance per workload, like sk_lookup (`crate::instance`): a device's index names it
 //! only within its namespace.
-use core::ffi::c_void;
-
-use aya_ebpf::{
-    helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release},
-    macros::classifier,
-    programs::TcContext,
-};
+use aya_ebpf::{macros::classifier, programs::TcContext};
 use redirect_common::{
-    ChainId, ConnFacts, FamilyKey, IPPROTO_TCP, OrigDst, Target, TupleKey, VIRT_DIVERT_MARK, VirtFlow, VirtFlowKey,
-    VirtIface,
+    ChainId, ConnFacts, IPPROTO_TCP, OrigDst, Target, TupleKey, VIRT_DIVERT_MARK, VirtFlow, VirtFlowKey, VirtIface,
     addr::{self, Family},
     events, workload_flags,
 };
@@ -46,8 +40,7 @@ use crate::{
     chain,
     instance::NETNS_COOKIE,
     maps::{
-        INBOUND_LISTENERS, INBOUND_PENDING, VIRT_FLOWS, VIRT_REPLIES, count_event, iface_entries, ipv6_on, virt_flow,
-        virt_reply, workload,
+        INBOUND_PENDING, VIRT_FLOWS, VIRT_REPLIES, count_event, iface_entries, ipv6_on, virt_flow, virt_reply, workload,
     },
     virt::{End, Parsed, Segment, device, rewrite, segment, verdict},
 };
@@ -123,7 +116,7 @@ fn known(ctx: &TcContext, seg: &Segment, netns_cookie: u64) -> Option<Result<(),
             // Its reply entry aged out of the LRU: the replies need it back.
             let _ = VIRT_REPLIES.insert(end, *flow, 0);
         }
-        return Some(follow(ctx, seg, flow, netns_cookie));
+        return Some(follow(ctx, seg, flow));
     }
     match virt_reply(&end) {
         // Translated already, by another instance's program before this one. (Not when that
@@ -134,22 +127,18 @@ fn known(ctx: &TcContext, seg: &Segment, netns_cookie: u64) -> Option<Result<(),
         // lasted: translated as before, never let through to the destination unproxied.
         Some(r) if !seg.syn && r.orig_port == seg.dport && addr::words_eq(&r.orig, &seg.dst) => {
             let _ = VIRT_FLOWS.insert(tuple, *r, 0);
-            Some(follow(ctx, seg, r, netns_cookie))
+            Some(follow(ctx, seg, r))
         }
         _ => None,
     }
 }
 
 /// A later segment of a judged connection: as its first went. Marked for local delivery when
-/// ISTIO_TPROXY took it (ISTIO_DIVERT's mark; a SYN sent again is handed to the listener again,
-/// in case the first never reached it), and rewritten when nat redirected it.
+/// ISTIO_TPROXY took it (ISTIO_DIVERT's mark), and rewritten when nat redirected it.
 #[inline(always)]
-fn follow(ctx: &TcContext, seg: &Segment, flow: &VirtFlow, netns_cookie: u64) -> Result<(), ()> {
+fn follow(ctx: &TcContext, seg: &Segment, flow: &VirtFlow) -> Result<(), ()> {
     if flow.divert != 0 {
         ctx.set_mark(VIRT_DIVERT_MARK);
-        if seg.syn {
-            assign(ctx, netns_cookie, seg.family).map_err(drop)?;
-        }
     }
     if flow.redirected() {
         return rewrite(ctx, seg, End::Dst, &flow.to, flow.to_port).map_err(drop);
@@ -261,10 +250,12 @@ fn steer(ctx: &TcContext, seg: &Segment, dev: &VirtIface, how: u8) -> Result<(),
     // Where SO_ORIGINAL_DST (and the embedded proxy) look for a connection accepted from
     // another host, under its 4-tuple as the VM's end sees it after any rewrite. (After a
     // TPROXY alone conntrack answers the socket's own address: the destination dialed, too.)
-    let (to, port, target) = match redirect {
-        true => (flow.to, flow.to_port, Target::Redirect),
-        false => (seg.dst, seg.dport, Target::InRedirect),
+    // TPROXY's target says sk_lookup is to hand it to the inbound listener.
+    let (to, port) = match redirect {
+        true => (flow.to, flow.to_port),
+        false => (seg.dst, seg.dport),
     };
+    let target = if divert { Target::Tproxy } else { Target::Redirect };
     let accepted = TupleKey::new(netns_cookie, seg.src, seg.sport, to, port);
     if INBOUND_PENDING
         .insert(accepted, OrigDst::new(seg.dst, seg.dport, target), 0)
@@ -272,47 +263,16 @@ fn steer(ctx: &TcContext, seg: &Segment, dev: &VirtIface, how: u8) -> Result<(),
     {
         count_event(workload, events::ORIG_DST_NOT_RECORDED);
     }
+    // Marked, the SYN is delivered locally (the agent's `iif` rule) and sk_lookup hands it to
+    // the listener by that record, as TPROXY would; the kernel's own lookup runs first, so a
+    // SYN for a connection that has a socket already (a retransmission, a TIME_WAIT reopen)
+    // goes to it. (tc's own bpf_sk_assign would skip that lookup, and before 6.6 refuses the
+    // reuseport listeners Envoy makes.)
+    if divert {
+        ctx.set_mark(VIRT_DIVERT_MARK);
+    }
     if redirect {
         rewrite(ctx, seg, End::Dst, &to, port).map_err(drop)?;
     }
-    if divert {
-        ctx.set_mark(VIRT_DIVERT_MARK);
-        // TPROXY with nobody listening drops the SYN.
-        if assign(ctx, netns_cookie, seg.family).is_err() {
-            count_event(workload, events::INBOUND_NO_LISTENER);
-            return Err(());
-        }
-    }
     Ok(())
-}
-
-/// Hands the segment to the workload's inbound capture listener of its family (an IPv4 one to
-/// a dual-stack `[::]` listener when there is no AF_INET one), as TPROXY does: the socket
-/// lookup that follows routing takes it from the packet.
-#[inline(always)]
-fn assign(ctx: &TcContext, netns_cookie: u64, family: Family) -> Result<(), i64> {
-    let own = assign_to(ctx, FamilyKey::new(netns_cookie, family));
-    if own.is_ok() || family == Family::V6 {
-        return own;
-    }
-    assign_to(ctx, FamilyKey::new(netns_cookie, Family::V6))
-}
-
-#[inline(always)]
-fn assign_to(ctx: &TcContext, key: FamilyKey) -> Result<(), i64> {
-    // aya's SockHash offers the lookup only to sk_lookup programs; tc may look a socket up in
-    // it too (5.10+), and must release what it got.
-    let map = core::ptr::from_ref(&INBOUND_LISTENERS).cast_mut().cast::<c_void>();
-    // SAFETY: `map` is the map's definition, which the loader relocates to the map; `key` is a
-    // whole FamilyKey on this stack frame, which the helper only reads.
-    let sk = unsafe { bpf_map_lookup_elem(map, (&raw const key).cast()) };
-    if sk.is_null() {
-        return Err(-2);
-    }
-    // SAFETY: `skb` is the context the kernel passed to this run; `sk` is the socket the
-    // lookup returned (non-null, referenced), released right after, as the verifier requires.
-    let ret = unsafe { bpf_sk_assign(ctx.skb.skb.cast(), sk.cast(), 0) };
-    // SAFETY: as above; `sk` is not used again.
-    let _ = unsafe { bpf_sk_release(sk.cast()) };
-    if ret == 0 { Ok(()) } else { Err(ret) }
 }

@@ -208,14 +208,16 @@ fn an_include_list_redirects_only_its_cidrs_and_returns_the_rest() {
 }
 
 /// TPROXY mode: mangle's ISTIO_INBOUND (before nat's `-k` rules) takes a VM's connection to the
-/// inbound capture listener, as iptables' TPROXY does; tc ingress hands it over and marks it,
-/// and the per-device rule delivers it locally. The embedded proxy then dials the app from the
-/// VM's own address, as it dials every client TPROXY brought. One through the pod to the
-/// remote host reaches the inbound side too, whose transparent dial (the TPROXY mark routes it
-/// into lo) finds nobody: a reset, never a way around the proxy. The rules go with the run.
+/// inbound capture listener, as iptables' TPROXY does: tc ingress marks it, the per-device rule
+/// delivers it locally, sk_lookup hands it over. The embedded proxy dials the app from the VM's
+/// own address, as it dials every client TPROXY brought. With `-i` naming only the pod, one
+/// through the pod to the remote host is TPROXYed alone (nat RETURNs it): the proxy's
+/// transparent dial (the TPROXY mark routes it into lo) finds nobody, a reset; and with TPROXY's
+/// table emptied, the rule after the lookup refuses it. Never around the proxy. The rules go
+/// with the run.
 #[test]
 fn in_tproxy_mode_a_vms_connection_to_the_pod_reaches_the_app_from_the_vms_address() {
-    let mut t = PodWithVm::new("kvt", &["-k", "x0", "-m", "TPROXY"], true);
+    let mut t = PodWithVm::new("kvt", &["-k", "x0", "-m", "TPROXY", "-i", "10.200.46.1/32"], true);
     let rules = |ns: &NamedNetns, v6: bool| {
         let mut cmd = std::process::Command::new("ip");
         cmd.args(["netns", "exec", &ns.name, "ip"]);
@@ -227,26 +229,40 @@ fn in_tproxy_mode_a_vms_connection_to_the_pod_reaches_the_app_from_the_vms_addre
     };
     for v6 in [false, true] {
         let r = rules(&t.w.pair.workload, v6);
-        assert!(
-            r.contains("fwmark 0x52440000 iif x0 lookup 133"),
-            "the divert rule (v6: {v6}): {r}"
-        );
+        for rule in [
+            "32700:\tfrom all fwmark 0x52440000 iif x0 lookup 133",
+            "32701:\tfrom all fwmark 0x52440000 iif x0 prohibit",
+        ] {
+            assert!(r.contains(rule), "{rule} (v6: {v6}): {r}");
+        }
     }
     let w = &t.w;
+    // In -i: REDIRECTed by nat too, accepted at x0's address; IPv6 (no -i CIDR): TPROXY alone.
     let r = t.dial_from_vm(w.pod(APP_PORT));
     assert_eq!(answered_by(&r), "app", "{r:?}");
     assert_eq!(seen_from(&r), t.vm_ip(false), "the app sees the VM: {r:?}");
     let r = t.dial_from_vm(w.pod6(APP_PORT));
     assert_eq!(answered_by(&r), "app6", "{r:?}");
     assert_eq!(seen_from(&r), t.vm_ip(true), "the app sees the VM: {r:?}");
-    let r = t.dial_from_vm(w.remote(REMOTE_PORT));
-    assert!(
-        matches!(r.outcome, Outcome::Refused | Outcome::Reset | Outcome::Closed),
-        "the remote host is not reached around the proxy: {r:?}"
+    let not_around = |r: &redirect_testkit::report::ProbeResult| {
+        assert!(
+            r.outcome != Outcome::Ok && r.banner_field("name").is_none(),
+            "the remote host is not reached around the proxy: {r:?}"
+        );
+    };
+    not_around(&t.dial_from_vm(w.remote(REMOTE_PORT)));
+    w.pair
+        .workload
+        .ip(&["route", "del", "local", "default", "dev", "lo", "table", "133"])
+        .expect("TPROXY's route deleted");
+    not_around(&t.dial_from_vm(w.remote(REMOTE_PORT)));
+    // Counted where iptables counts them: mangle's TPROXY, and nat's `-k` rules.
+    assert_eq!(t.w.family_counts("ipv4", "ISTIO_TPROXY"), [3]);
+    assert_eq!(
+        t.prerouting("ipv4"),
+        [1, 2],
+        "-d 10.200.46.1/32 -i x0 -j ISTIO_REDIRECT, RETURN"
     );
-    // Counted where iptables counts them: mangle's TPROXY, and nat's `-i x0 -j ISTIO_REDIRECT`.
-    assert_eq!(t.prerouting("ipv4"), [2, 0]);
-    assert_eq!(t.w.family_counts("ipv4", "ISTIO_TPROXY"), [2]);
 
     let mut agent = t.w.agent.take().expect("agent");
     agent.signal(libc::SIGTERM);
@@ -254,7 +270,7 @@ fn in_tproxy_mode_a_vms_connection_to_the_pod_reaches_the_app_from_the_vms_addre
     assert!(status.success(), "{status}: {log}");
     for v6 in [false, true] {
         let r = rules(&t.w.pair.workload, v6);
-        assert!(!r.contains("0x52440000"), "the divert rule is gone (v6: {v6}): {r}");
+        assert!(!r.contains("0x52440000"), "the divert rules are gone (v6: {v6}): {r}");
     }
 }
 

@@ -495,8 +495,9 @@ impl Draining {
         if !self.routing.is_empty() || !self.virt.is_empty() {
             let (routing, virt) = (self.routing, self.virt);
             let _ = tokio::task::spawn_blocking(move || {
-                routing.into_iter().for_each(|t| t.remove());
+                // The -k programs (which mark connections for TPROXY's table) first.
                 virt.iter().for_each(|v| v.remove(virt::Removal::Stopped));
+                routing.into_iter().for_each(|t| t.remove());
             })
             .await;
         }

@@ -95,12 +95,13 @@ impl Engine {
         // not captured any more: the programs find no workload.)
         let grace = self.settings.sizing.drain;
         let (routing, virt) = (w.tproxy, w.virt);
+        // The -k programs (which mark connections for TPROXY's table) before the routing.
         let after_drain = move || {
-            if let Some(t) = routing {
-                t.remove();
-            }
             if let Some(v) = virt {
                 v.remove(super::virt::Removal::Unenrolled);
+            }
+            if let Some(t) = routing {
+                t.remove();
             }
         };
         match w.proxy {

@@ -223,8 +223,16 @@ impl VirtCapture {
                     "-k device: REDIRECT addresses"
                 );
             }
-            // Attached already (under another name, if renamed: the device is the same).
+            // Attached already (under another name, if renamed: the device is the same, but
+            // the divert rule names it, and the kernel unbinds a rule from a renamed device).
             if let Some(a) = self.attached.get_mut(&ifindex) {
+                if a.name != d.link.name
+                    && let Some(table) = self.divert_table
+                    && let Err(e) = crate::tproxy_route::divert_device(&self.netns, &d.link.name, table)
+                {
+                    tracing::error!(device = d.link.name, "-k device renamed: {e}");
+                    first_error.get_or_insert(io::Error::other(e.to_string()));
+                }
                 a.name.clone_from(&d.link.name);
                 continue;
             }
@@ -337,6 +345,13 @@ impl VirtCapture {
         let cookie = self.netns_cookie;
         remove_keys(&mut self.maps.flows, |k| k.netns_cookie == cookie);
         remove_keys(&mut self.maps.replies, |k| k.netns_cookie == cookie);
+        // Every device's, renamed or gone ones' too (here, not with the TPROXY routing: this
+        // is skipped when a newer capture took the namespace over, whose rules they are).
+        if let Some(table) = self.divert_table
+            && let Err(e) = crate::tproxy_route::remove_divert_rules(&self.netns, table)
+        {
+            tracing::warn!("{e}");
+        }
     }
 }
 

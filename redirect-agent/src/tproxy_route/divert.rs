@@ -1,13 +1,17 @@
-//! TPROXY mode with `-k`: the rule that delivers a VM's TPROXYed connections locally.
+//! TPROXY mode with `-k`: the rules that deliver a VM's TPROXYed connections locally.
 //!
 //! tc ingress of a `-k` device marks each packet of a VM's connection that mangle's
 //! ISTIO_TPROXY took with [`VIRT_DIVERT_MARK`] (iptables' TPROXY and ISTIO_DIVERT give the
-//! TPROXY mark). `iif DEVICE fwmark 0x52440000 lookup TABLE`, per device and family, sends those
-//! to TPROXY's table, `local default dev lo`. Per device because the socket that accepts such
-//! a connection takes its SYN's mark (`tcp_fwmark_accept`): a rule without `iif` would also
-//! match the replies it sends (a local socket's route lookups come from `lo`), and loop them
-//! into lo. Rules name a device, not an index, so one for a device that goes stays harmless
-//! until [`remove_all`].
+//! TPROXY mark). Per device and family, `iif DEVICE fwmark 0x52440000 lookup TABLE` sends those
+//! to TPROXY's table, `local default dev lo`, and `iif DEVICE fwmark 0x52440000 prohibit` right
+//! after it refuses them if that table has no route: a marked connection is never forwarded
+//! to its destination around the proxy (iptables' TPROXY has assigned the SYN a socket, which
+//! `ip_forward` drops).
+//!
+//! Per device because the socket that accepts such a connection takes its SYN's mark
+//! (`tcp_fwmark_accept`): a rule without `iif` would also match the replies it sends (a local
+//! socket's route lookups come from `lo`), and loop them into lo. Rules name a device, not an
+//! index, so those of a device that went stay, matching nothing, until [`remove_all`].
 
 use redirect_common::VIRT_DIVERT_MARK;
 
@@ -17,90 +21,159 @@ use redirect_common::VIRT_DIVERT_MARK;
 )]
 use super::*;
 
-/// `ip rule iif DEVICE fwmark 0x52440000 lookup TABLE`, as messages name it.
-fn command(family: Family, device: &str, table: u32) -> String {
-    let ip = match family {
-        Family::V4 => "ip",
-        Family::V6 => "ip -6",
-    };
-    format!("{ip} rule iif {device} fwmark {VIRT_DIVERT_MARK:#x} lookup {table}")
+/// The lookup rule's priority; the prohibit rule's is the next. Fixed, so that the two keep
+/// their order whichever is added first: before `main` (32766) and the TPROXY rule the kernel
+/// places just above it.
+const LOOKUP_PREF: u32 = 32_700;
+const PROHIBIT_PREF: u32 = LOOKUP_PREF + 1;
+
+/// One of a device's two rules.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Lookup,
+    Prohibit,
 }
 
-/// The priorities of the family's divert rules for `table`: every device's, or `device`'s.
-fn find(socket: &Socket, family: Family, table: u32, device: Option<&str>) -> io::Result<Vec<u32>> {
+impl Kind {
+    fn pref(self) -> u32 {
+        match self {
+            Self::Lookup => LOOKUP_PREF,
+            Self::Prohibit => PROHIBIT_PREF,
+        }
+    }
+
+    /// As `ip rule` shows it, for messages.
+    fn command(self, family: Family, device: &str, table: u32) -> String {
+        let ip = match family {
+            Family::V4 => "ip",
+            Family::V6 => "ip -6",
+        };
+        let action = match self {
+            Self::Lookup => format!("lookup {table}"),
+            Self::Prohibit => "prohibit".to_owned(),
+        };
+        format!(
+            "{ip} rule pref {} iif {device} fwmark {VIRT_DIVERT_MARK:#x} {action}",
+            self.pref()
+        )
+    }
+
+    fn message(self, family: Family, device: &str, table: u32) -> RuleMessage {
+        let mut msg = RuleMessage::default();
+        msg.header.family = family.af();
+        match self {
+            Self::Lookup => {
+                msg.header.action = RuleAction::ToTable;
+                msg.header.table = header_table(table);
+                msg.attributes.push(RuleAttribute::Table(table));
+            }
+            Self::Prohibit => msg.header.action = RuleAction::Prohibit,
+        }
+        msg.attributes.push(RuleAttribute::FwMark(VIRT_DIVERT_MARK));
+        msg.attributes.push(RuleAttribute::Iifname(device.to_owned()));
+        msg.attributes.push(RuleAttribute::Priority(self.pref()));
+        msg
+    }
+}
+
+/// A divert rule found in a dump: its kind, device and priority.
+struct Found {
+    kind: Kind,
+    device: String,
+    pref: u32,
+}
+
+/// The family's divert rules (the mark is the agent's own: every rule with it is one).
+fn find(socket: &Socket, family: Family) -> io::Result<Vec<Found>> {
     let mut query = RuleMessage::default();
     query.header.family = family.af();
     let mut found = Vec::new();
     dump(socket, RouteNetlinkMessage::GetRule(query), |m| {
         let RouteNetlinkMessage::NewRule(r) = m else { return };
-        let (mut fwmark, mut rule_table, mut iif, mut priority) = (None, u32::from(r.header.table), None, 0);
+        let (mut fwmark, mut device, mut pref) = (None, None, 0);
         for a in &r.attributes {
             match a {
                 RuleAttribute::FwMark(v) => fwmark = Some(*v),
-                RuleAttribute::Table(t) => rule_table = *t,
-                RuleAttribute::Iifname(n) => iif = Some(n.as_str()),
-                RuleAttribute::Priority(p) => priority = *p,
+                RuleAttribute::Iifname(n) => device = Some(n.clone()),
+                RuleAttribute::Priority(p) => pref = *p,
                 _ => {}
             }
         }
+        let kind = match r.header.action {
+            RuleAction::Prohibit => Kind::Prohibit,
+            _ => Kind::Lookup,
+        };
         if r.header.family == family.af()
             && fwmark == Some(VIRT_DIVERT_MARK)
-            && rule_table == table
-            && iif.is_some()
-            && device.is_none_or(|d| iif == Some(d))
+            && let Some(device) = device
         {
-            found.push(priority);
+            found.push(Found { kind, device, pref });
         }
     })?;
     Ok(found)
 }
 
-/// Adds the divert rule for `device` in both families, unless there already (a predecessor's,
-/// at a handover). IPv6 is left out where the namespace has none.
+/// Adds `device`'s two rules in both families, each unless there already (a predecessor's, at
+/// a handover). IPv6 is left out where the namespace has none.
 pub fn divert_device(netns: &Netns, device: &str, table: u32) -> Result<(), TproxyRouteError> {
     let socket = open_socket(netns)?;
     for family in [Family::V4, Family::V6] {
-        let failed = |e| netlink_error(netns, format!("adding `{}`", command(family, device, table)), e);
-        match find(&socket, family, table, Some(device)) {
-            Ok(found) if !found.is_empty() => continue,
-            Ok(_) => {}
+        let found = match find(&socket, family) {
+            Ok(found) => found,
             Err(e) if family == Family::V6 && is_no_ipv6(&e) => continue,
-            Err(e) => return Err(failed(e)),
-        }
-        let mut msg = rule_message(family, VIRT_DIVERT_MARK, table, None);
-        msg.attributes.push(RuleAttribute::Iifname(device.to_owned()));
-        match request(&socket, RouteNetlinkMessage::NewRule(msg), NLM_F_CREATE | NLM_F_EXCL) {
-            Ok(()) => {}
-            Err(e) if family == Family::V6 && is_no_ipv6(&e) => {}
-            Err(e) => return Err(failed(e)),
+            Err(e) => return Err(netlink_error(netns, format!("listing the {} rules", family.name()), e)),
+        };
+        // The prohibit rule first: the lookup is never without it.
+        for kind in [Kind::Prohibit, Kind::Lookup] {
+            if found.iter().any(|f| f.kind == kind && f.device == device) {
+                continue;
+            }
+            let msg = RouteNetlinkMessage::NewRule(kind.message(family, device, table));
+            match request(&socket, msg, NLM_F_CREATE | NLM_F_EXCL) {
+                Ok(()) => {}
+                Err(e) if family == Family::V6 && is_no_ipv6(&e) => break,
+                Err(e) => {
+                    let what = format!("adding `{}`", kind.command(family, device, table));
+                    return Err(netlink_error(netns, what, e));
+                }
+            }
         }
     }
     Ok(())
 }
 
-/// Deletes every device's divert rule for `table`, both families, by priority (a request
-/// without `iif` matches a rule with any). Best effort: failures are returned as one line.
+/// Deletes every device's divert rules, both families (after the programs that mark went).
+/// The first failure is returned, after trying the rest.
 pub fn remove_all(netns: &Netns, table: u32) -> Result<(), TproxyRouteError> {
     let socket = open_socket(netns)?;
+    let mut first = None;
     for family in [Family::V4, Family::V6] {
-        let found = match find(&socket, family, table, None) {
+        let found = match find(&socket, family) {
             Ok(found) => found,
             Err(e) if is_gone(&e) || (family == Family::V6 && is_no_ipv6(&e)) => continue,
-            Err(e) => return Err(netlink_error(netns, format!("listing the {} rules", family.name()), e)),
+            Err(e) => {
+                first.get_or_insert(netlink_error(netns, format!("listing the {} rules", family.name()), e));
+                continue;
+            }
         };
-        for priority in found {
-            let msg = rule_message(family, VIRT_DIVERT_MARK, table, Some(priority));
+        for f in found {
+            let mut msg = f.kind.message(family, &f.device, table);
+            // By the priority it has (a predecessor's may differ), with its other selectors.
+            msg.attributes.retain(|a| !matches!(a, RuleAttribute::Priority(_)));
+            msg.attributes.push(RuleAttribute::Priority(f.pref));
+            if f.kind == Kind::Lookup {
+                // A lookup rule of another table (a run with other flags) is deleted too.
+                msg.attributes.retain(|a| !matches!(a, RuleAttribute::Table(_)));
+                msg.header.table = RouteHeader::RT_TABLE_UNSPEC;
+            }
             match request(&socket, RouteNetlinkMessage::DelRule(msg), 0) {
                 Err(e) if !is_gone(&e) => {
-                    return Err(netlink_error(
-                        netns,
-                        format!("removing the {} divert rule at priority {priority}", family.name()),
-                        e,
-                    ));
+                    let what = format!("removing `{}`", f.kind.command(family, &f.device, table));
+                    first.get_or_insert(netlink_error(netns, what, e));
                 }
                 _ => {}
             }
         }
     }
-    Ok(())
+    first.map_or(Ok(()), Err)
 }

@@ -206,10 +206,6 @@ impl TproxyRouting {
                 "restoring net.ipv4.tcp_fwmark_accept to {before}: {e}"
             );
         }
-        // `-k` devices' divert rules (`divert`), whoever added them: this workload's.
-        if let Err(e) = divert::remove_all(&self.netns, self.table) {
-            tracing::warn!("{e}");
-        }
         match open_socket(&self.netns) {
             Ok(socket) => self.delete_added(&socket),
             Err(e) if !self.added.is_empty() => tracing::warn!("{e}; the TPROXY routing stays in place"),
