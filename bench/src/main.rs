@@ -19,6 +19,7 @@ mod measure;
 mod orchestrate;
 mod proto;
 mod report;
+mod scale;
 
 #[derive(Parser)]
 #[command(name = "redirect-bench", version)]
@@ -55,6 +56,28 @@ enum Cmd {
         /// the report.
         #[arg(long)]
         profile: bool,
+    },
+    /// One node agent and many workloads: enrollment latency, memory, connect4's cost for a
+    /// process of no workload; writes its section of docs/benchmarks.md (root).
+    Scale {
+        /// The redirect-agent binary to measure.
+        #[arg(long)]
+        agent: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        workloads: usize,
+        /// The report whose scale section is (re)written.
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        out: PathBuf,
+    },
+    /// A process of no workload (`scale`): connects to a closed loopback port, `count` times.
+    #[command(hide = true)]
+    Connects {
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[arg(long)]
+        netns: PathBuf,
+        #[arg(long)]
+        count: u32,
     },
     /// The benchmark server (in the remote host's namespace).
     #[command(hide = true)]
@@ -145,9 +168,17 @@ fn run(quick: bool, agent: PathBuf, out: PathBuf, hold: Option<usize>, profile: 
         plan.hold = n;
     }
     let outcome = orchestrate::run(&plan, &agent)?;
-    let md = report::markdown(&outcome, &plan, &machine());
+    let mut md = report::markdown(&outcome, &plan, &machine());
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // `--scale`'s section is that command's to write: kept as it is.
+    if let Some(section) = std::fs::read_to_string(&out)
+        .ok()
+        .as_deref()
+        .and_then(scale::section_of)
+    {
+        md = scale::with_section(&md, section);
     }
     std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
     let svg = out.with_file_name("benchmarks.svg");
@@ -191,6 +222,21 @@ fn run(quick: bool, agent: PathBuf, out: PathBuf, hold: Option<usize>, profile: 
     Ok(())
 }
 
+fn scale_run(agent: &std::path::Path, workloads: usize, out: &std::path::Path) -> anyhow::Result<()> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("redirect-bench scale creates namespaces and loads programs: run it as root");
+    }
+    let me = std::env::current_exe()?;
+    let outcome = scale::run(agent, &me, workloads)?;
+    let section = scale::markdown(&outcome, &machine());
+    let doc = std::fs::read_to_string(out).unwrap_or_else(|_| "# Benchmarks\n".into());
+    std::fs::write(out, scale::with_section(&doc, &section)).with_context(|| format!("writing {}", out.display()))?;
+    print!("{section}");
+    eprintln!("bench: wrote the scale section of {}", out.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -201,6 +247,11 @@ fn main() -> ExitCode {
             hold,
             profile,
         } => run(quick, agent, out, hold, profile),
+        Cmd::Scale { agent, workloads, out } => scale_run(&agent, workloads, &out),
+        Cmd::Connects { cgroup, netns, count } => (|| {
+            redirect_agent::sys::join(Some(&cgroup), Some(&netns))?;
+            scale::connects(count)
+        })(),
         Cmd::Serve { netns, listen } => (|| {
             redirect_agent::sys::raise_nofile_limit(50_000);
             redirect_agent::sys::join(None, netns.as_deref())?;

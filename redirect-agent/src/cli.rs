@@ -149,10 +149,12 @@ struct NodeArgs {
     /// metrics say how much).
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     max_proxy_connections: u32,
-    /// The most workloads enrolled at once (an enroll past it is refused): the descriptor
-    /// reserve keeps room for each one's listeners, maps and dialer.
-    #[arg(long, default_value_t = redirect_common::MAX_WORKLOADS, value_parser = clap::value_parser!(u32).range(1..=redirect_common::MAX_WORKLOADS as i64))]
-    max_workloads: u32,
+    /// The most workloads enrolled at once (an enroll past it is refused), at most 1024: the
+    /// descriptor reserve keeps room for each one's listeners, maps and dialer. Default: as
+    /// many as the descriptor limit holds with half of it left to proxied connections (1024
+    /// under the usual container limit); set it to the kubelet's --max-pods or more.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=redirect_common::MAX_WORKLOADS as i64))]
+    max_workloads: Option<u32>,
     /// Upstream connect timeout of the embedded proxies, in milliseconds.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     connect_timeout_ms: u64,
@@ -442,7 +444,7 @@ pub fn main() -> ExitCode {
                     name: args.name,
                     cgroup_parent: args.cgroup_parent,
                     metrics,
-                    max_workloads: args.max_workloads as usize,
+                    max_workloads: args.max_workloads.map(|n| n as usize),
                     sizing: Sizing {
                         handover_within: Duration::from_secs(args.handover_timeout_secs),
                         ..sizing(

@@ -58,10 +58,10 @@ pub const FEATURES: &[Feature] = &[
         probe: Probe::Program(ProgramType::SkLookup),
     },
     Feature {
-        name: "per-CPU array maps",
-        since: "4.6",
-        why: "rule counters",
-        probe: Probe::Map(MapType::PerCpuArray),
+        name: "array maps",
+        since: "3.19",
+        why: "rule and event counters",
+        probe: Probe::Map(MapType::Array),
     },
     Feature {
         name: "LRU hash maps",

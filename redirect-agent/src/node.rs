@@ -49,8 +49,9 @@ pub struct NodeOptions {
     pub metrics: Option<SocketAddr>,
     /// `fast_path`: offer the fast path to workloads that ask for it.
     pub sizing: Sizing,
-    /// The most workloads enrolled at once, which the descriptor reserve is planned for.
-    pub max_workloads: usize,
+    /// The most workloads enrolled at once, which the descriptor reserve is planned for;
+    /// `None`: as many as the descriptor limit holds (`engine::budget::fitting_workloads`).
+    pub max_workloads: Option<usize>,
 }
 
 fn held(name: &str, e: LockError) -> anyhow::Error {
@@ -135,7 +136,10 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         socket: Some(opts.socket.clone()),
         metrics: opts.metrics,
         sizing: opts.sizing,
-        max_workloads: opts.max_workloads.clamp(1, MAX_WORKLOADS as usize),
+        max_workloads: match opts.max_workloads {
+            Some(n) => n.clamp(1, MAX_WORKLOADS as usize),
+            None => crate::engine::fitting_workloads(&opts.sizing),
+        },
         allow_host_netns: false,
         keep_links: true,
         adopting: false,

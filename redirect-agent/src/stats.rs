@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData};
 use redirect_common::{
     ChainId, Target, Workload,
     addr::Family,
@@ -80,7 +80,7 @@ fn nat() -> String {
 /// `interfaces` names the entries of its interface list (the enrollment's record of them).
 pub(crate) fn rows(
     w: &Workload,
-    counters: &PerCpuArray<MapData, u64>,
+    counters: &Array<MapData, u64>,
     interfaces: &[String],
 ) -> Result<Vec<RuleRow>, LoadError> {
     let mut out = Vec::new();
@@ -123,18 +123,11 @@ pub(crate) fn rows(
     Ok(out)
 }
 
-fn sum(counters: &PerCpuArray<MapData, u64>, slot: u32, map: &'static str) -> Result<u64, LoadError> {
-    Ok(counters
-        .get(&slot, 0)
-        .map_err(|source| LoadError::Map { map, source })?
-        .iter()
-        .sum())
+fn sum(counters: &Array<MapData, u64>, slot: u32, map: &'static str) -> Result<u64, LoadError> {
+    counters.get(&slot, 0).map_err(|source| LoadError::Map { map, source })
 }
 
-pub(crate) fn event_counts(
-    w: &Workload,
-    counters: &PerCpuArray<MapData, u64>,
-) -> Result<BTreeMap<String, u64>, LoadError> {
+pub(crate) fn event_counts(w: &Workload, counters: &Array<MapData, u64>) -> Result<BTreeMap<String, u64>, LoadError> {
     let mut out = BTreeMap::new();
     for (e, name) in events::NAMES.iter().enumerate() {
         let n = sum(
@@ -154,8 +147,8 @@ pub fn read(name: &str) -> Result<InstanceStats, LoadError> {
         return Err(LoadError::NotRunning { name: name.into(), dir });
     }
     let workloads: HashMap<MapData, u64, Workload> = open_typed(&dir, redirect_common::maps::WORKLOADS)?;
-    let counters: PerCpuArray<MapData, u64> = open_typed(&dir, redirect_common::maps::RULE_COUNTERS)?;
-    let events: PerCpuArray<MapData, u64> = open_typed(&dir, redirect_common::maps::EVENT_COUNTERS)?;
+    let counters: Array<MapData, u64> = open_typed(&dir, redirect_common::maps::RULE_COUNTERS)?;
+    let events: Array<MapData, u64> = open_typed(&dir, redirect_common::maps::EVENT_COUNTERS)?;
     // A node instance names its workloads; a run instance has one, named by the instance.
     let state = State::read(name);
     let ids: BTreeMap<u64, String> = state

@@ -63,8 +63,11 @@ pub const VIRT_DIVERT_MARK: u32 = 0x5244_0000;
 /// include list); the programs test them with a loop of this bound.
 pub const MAX_OWNER_GROUPS: usize = 64;
 
-/// Most workloads one set of programs serves (counter slots = `MAX_WORKLOADS * MAX_RULES`).
-pub const MAX_WORKLOADS: u32 = 64;
+/// Most workloads one set of programs serves (counter slots = `MAX_WORKLOADS * MAX_RULES`):
+/// the kubelet's default of 110 pods per node many times over. The maps that hold an entry per
+/// workload allocate it as it is added; the counters are preallocated, one u64 per slot
+/// (1 MiB of rule counters at 1,024).
+pub const MAX_WORKLOADS: u32 = 1024;
 
 /// Things the programs count besides rule decisions: each is a connection the agent could not
 /// serve as the rules say, and made fail visibly instead. Slot of event `e` of a workload:

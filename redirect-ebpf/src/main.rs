@@ -2,6 +2,11 @@
 //! they share in `chain`, the nat OUTPUT decision connect4 and connect6 share in `output`.
 #![no_std]
 #![no_main]
+// `atomic_xadd` for the counters: the BPF target offers no atomic read-modify-write through
+// `core::sync::atomic` (it has no compare-and-swap before BPF v3), but the kernel has always
+// had the plain atomic add.
+#![feature(core_intrinsics)]
+#![allow(internal_features, reason = "core_intrinsics: atomic_xadd, see above")]
 
 mod chain;
 mod connect4;

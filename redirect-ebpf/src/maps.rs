@@ -2,7 +2,8 @@
 //! keys and values as the structs of redirect-common, field by field. Sizes here are
 //! defaults; the agent resizes the connection maps at load (`--max-tracked-connections`).
 use aya_ebpf::{
-    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage, SockHash, lpm_trie::Key},
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, SkStorage, SockHash, lpm_trie::Key},
     macros::btf_map,
 };
 use redirect_common::{
@@ -15,42 +16,51 @@ use redirect_common::{
 const WORKLOAD_SLOTS: usize = MAX_WORKLOADS as usize;
 const COUNTER_SLOTS: usize = WORKLOAD_SLOTS * MAX_RULES;
 const EVENT_SLOTS: usize = WORKLOAD_SLOTS * events::PER_WORKLOAD as usize;
+/// The per-namespace maps below hold this many entries per workload (a namespace's addresses,
+/// routes, named devices), room for what a pod has several times over.
+const PER_WORKLOAD: usize = 16;
+/// Hash maps that hold an entry per enrolled workload (or per address or device of one):
+/// allocated as entries are added, so that room for `MAX_WORKLOADS` costs nothing until used.
+const ON_DEMAND: usize = BPF_F_NO_PREALLOC as usize;
 
 /// netns cookie -> that workload's chains. Written by the agent only.
 #[btf_map]
-pub static WORKLOADS: HashMap<u64, Workload, WORKLOAD_SLOTS> = HashMap::new();
+pub static WORKLOADS: HashMap<u64, Workload, WORKLOAD_SLOTS, ON_DEMAND> = HashMap::new();
 
 /// Addresses of each workload's network namespace (what `-o lo` reaches besides 127/8).
 #[btf_map]
-pub static LOCAL_ADDRS: HashMap<LocalAddrKey, u8, 4096> = HashMap::new();
+pub static LOCAL_ADDRS: HashMap<LocalAddrKey, u8, { PER_WORKLOAD * WORKLOAD_SLOTS }, ON_DEMAND> = HashMap::new();
 
 /// A workload's own address per family (`redirect_common::maps::POD_ADDRS`): an IPv6 one
 /// turns its ip6tables chains on.
 #[btf_map]
-pub static POD_ADDRS: HashMap<FamilyKey, Addr, { 2 * WORKLOAD_SLOTS }> = HashMap::new();
+pub static POD_ADDRS: HashMap<FamilyKey, Addr, { 2 * WORKLOAD_SLOTS }, ON_DEMAND> = HashMap::new();
 
-/// One slot per rule per workload: `Workload::counter_base + rule index`.
+/// One slot per rule per workload: `Workload::counter_base + rule index`. One array for all
+/// CPUs, added to atomically: a rule counts connections, not packets, so the adds are rare
+/// next to what a connect costs, and per-CPU copies for every slot of every workload would
+/// take `MAX_WORKLOADS * MAX_RULES * 8` bytes per CPU (a MiB each at 1,024 workloads).
 #[btf_map]
-pub static RULE_COUNTERS: PerCpuArray<u64, COUNTER_SLOTS> = PerCpuArray::new();
+pub static RULE_COUNTERS: Array<u64, COUNTER_SLOTS> = Array::new();
 
-/// One slot per event per workload: `Workload::event_base() + event`.
+/// One slot per event per workload: `Workload::event_base() + event`; as RULE_COUNTERS.
 #[btf_map]
-pub static EVENT_COUNTERS: PerCpuArray<u64, EVENT_SLOTS> = PerCpuArray::new();
+pub static EVENT_COUNTERS: Array<u64, EVENT_SLOTS> = Array::new();
 
 /// Each workload's main routing table: destination prefix -> the source it gives and its
 /// device (`redirect_common::maps::ROUTE_SOURCES`).
 #[btf_map]
-pub static ROUTE_SOURCES: LpmTrie<RouteDst, RouteInfo, 4096> = LpmTrie::new();
+pub static ROUTE_SOURCES: LpmTrie<RouteDst, RouteInfo, { PER_WORKLOAD * WORKLOAD_SLOTS }> = LpmTrie::new();
 
 /// The devices of each workload's namespace that its interface list (`-c`, `-k`) names ->
 /// which entries name them (`redirect_common::maps::IFACES`).
 #[btf_map]
-pub static IFACES: HashMap<IfaceKey, u32, 4096> = HashMap::new();
+pub static IFACES: HashMap<IfaceKey, u32, { PER_WORKLOAD * WORKLOAD_SLOTS }, ON_DEMAND> = HashMap::new();
 
 /// The `-k` devices of each workload's namespace, with the addresses their REDIRECT sends
 /// connections to (`redirect_common::maps::VIRT_IFACES`). Written by the agent only.
 #[btf_map]
-pub static VIRT_IFACES: HashMap<IfaceKey, VirtIface, 4096> = HashMap::new();
+pub static VIRT_IFACES: HashMap<IfaceKey, VirtIface, { PER_WORKLOAD * WORKLOAD_SLOTS }, ON_DEMAND> = HashMap::new();
 
 /// The TCP connections that arrived on a `-k` device, by their tuple as the VM dialed it: nat
 /// PREROUTING's decision for each (`redirect_common::maps::VIRT_FLOWS`). LRU, sized with the
@@ -269,15 +279,15 @@ pub fn count_event(workload: &Workload, event: u32) {
 }
 
 #[inline(always)]
-fn bump<const N: usize>(array: &PerCpuArray<u64, N>, slot: u32) {
+fn bump<const N: usize>(array: &Array<u64, N>, slot: u32) {
     if let Some(c) = array.get_ptr_mut(slot) {
-        // SAFETY: a non-null lookup result: this CPU's 8-aligned u64 in the slot, mapped until
-        // the program returns. Programs on other CPUs have their own copy; the agent only
-        // reads. Another run on this CPU can interleave with this read-modify-write (a
-        // program in softirq interrupting it, or a preempting task's, as cgroup programs run
-        // with only migration disabled) and then one count is lost; memory is never
-        // corrupted, and any u64 is valid.
-        unsafe { *c += 1 };
+        // SAFETY: a non-null lookup result: the slot's 8-aligned u64, mapped as long as the
+        // map (an array's values never move or go). The programs only add to it atomically;
+        // the agent reads it, and zeroes it before the slot's workload is enrolled. The old
+        // value is dropped, so this is BPF's plain atomic add (XADD), which every kernel's
+        // verifier takes.
+        let _ =
+            unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(c, 1) };
     }
 }
 

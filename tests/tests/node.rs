@@ -86,7 +86,10 @@ fn three_workloads_through_cni_land_per_their_own_flags_then_one_removed_and_a_r
             > 0.0
     );
     assert_eq!(metric(&text, "redirect_map_entries{map=\"WORKLOADS\"}"), Some(3.0));
-    assert_eq!(metric(&text, "redirect_map_max_entries{map=\"WORKLOADS\"}"), Some(64.0));
+    assert_eq!(
+        metric(&text, "redirect_map_max_entries{map=\"WORKLOADS\"}"),
+        Some(f64::from(redirect_common::MAX_WORKLOADS))
+    );
 
     // DEL: pod-two is released at once, the others keep their capture; DEL again is fine.
     let conf = agent.cni_conf(json!({}));

@@ -55,6 +55,10 @@ enum Task {
         /// Also profile CRR through B and C with perf (docs/profile.md).
         #[arg(long)]
         profile: bool,
+        /// Instead: one node agent with this many workloads (enrollment latency, memory,
+        /// connect4's cost for a process of no workload), docs/benchmarks.md's scale section.
+        #[arg(long, value_name = "WORKLOADS", num_args = 0..=1, default_missing_value = "1000")]
+        scale: Option<usize>,
     },
     /// The stress routines: memory over bursts, held connections, churn in both modes, SIGKILL
     /// and SIGSTOP under load in both modes; writes docs/reliability.md and fails on any
@@ -283,7 +287,7 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench(quick: bool, profile: bool) -> anyhow::Result<()> {
+fn bench(quick: bool, profile: bool, scale: Option<usize>) -> anyhow::Result<()> {
     if !is_root() {
         bail!("bench: the benchmark creates namespaces and loads programs: run it as root");
     }
@@ -297,6 +301,11 @@ fn bench(quick: bool, profile: bool) -> anyhow::Result<()> {
     c.args(["build", "--release", "--package", "redirect-bench"]);
     run("bench: build", c)?;
     let mut c = Command::new(root().join("target/release/redirect-bench"));
+    if let Some(n) = scale {
+        c.current_dir(root()).arg("scale").arg("--agent").arg(&agent);
+        c.arg("--workloads").arg(n.to_string());
+        return run("bench: redirect-bench scale", c);
+    }
     c.current_dir(root()).arg("run").arg("--agent").arg(&agent);
     if quick {
         c.arg("--quick");
@@ -373,7 +382,7 @@ fn main() -> std::process::ExitCode {
             run("run: redirect-testkit demo", c)
         }),
         Task::Test { filter } => test(filter),
-        Task::Bench { quick, profile } => bench(quick, profile),
+        Task::Bench { quick, profile, scale } => bench(quick, profile, scale),
         Task::Stress {
             bursts,
             connections,

@@ -10,10 +10,10 @@ use redirect_common::maps;
 use crate::proxy::{Budget, DNS_SOCKETS_PER_FAMILY, SPARE_SOCKETS};
 
 /// Descriptors one enrolled workload holds whatever its traffic, by part. Counted in
-/// `/proc/PID/fd` of a node agent before and after an enroll: 70 for a workload with IPv4
-/// only and no fast path (4 listeners and their 4 copies, 4 namespace descriptors, 20 maps, 1
-/// program, 1 link, 1 BTF, 33 dialer sockets, 2 netlink); the parts below are those at their
-/// most.
+/// `/proc/PID/fd` of a node agent before and after an enroll: 55 for a workload with both
+/// families and no fast path (8 listeners and their copies, 3 namespace descriptors, 8 maps, 1
+/// program, 1 link, the dialer's sockets, 2 netlink); the parts below are those at their most.
+/// One enrolled with `--proxy none` holds about 10.
 pub const PER_WORKLOAD: u64 = {
     // The capture listeners (two ports, IPv4 and IPv6) and, with DNS capture, the DNS proxy's
     // TCP listeners and UDP sockets (IPv4 and IPv6), and a second descriptor of each, kept for
@@ -22,11 +22,11 @@ pub const PER_WORKLOAD: u64 = {
     // The namespace: the workload's, its address watcher's, its dialer's and each dialer
     // thread's (one per family).
     let netns = 5;
-    // Pinned maps its proxy, address watcher and sk_lookup program instance hold open: 20
-    // counted, 2 more with the fast path, and 2 spare.
-    let map_fds = 24;
-    // Its sk_lookup link, program and the program's BTF.
-    let sk_lookup = 3;
+    // Pinned maps its proxy and address watcher hold open: 8 counted, 2 more with the fast
+    // path, and 2 spare. (Its sk_lookup instance keeps none: `SkLookupInstance`.)
+    let map_fds = 12;
+    // Its sk_lookup link and program.
+    let sk_lookup = 2;
     // The address watcher's netlink sockets.
     let netlink = 2;
     // Sockets the dialer makes ahead of demand, a thread per family, each with one more in
@@ -90,6 +90,17 @@ pub(crate) fn reserve(open: u64, workloads: usize) -> u64 {
     open + CONTROL + ENROLL + METRICS + ODDS + PER_WORKLOAD.saturating_mul(workloads as u64)
 }
 
+/// `--max-workloads` left out: as many workloads as `nofile` holds the reserve of with half of
+/// it left to proxied connections (`open` held already), at most `MAX_WORKLOADS`, at least
+/// one. A node with the usual container limit (2^20) gets all 1,024; one held to 20,000
+/// descriptors, about 70.
+pub(crate) fn fitting_workloads(nofile: u64, open: u64) -> usize {
+    let room = (nofile / 2).saturating_sub(reserve(open, 0)) / PER_WORKLOAD;
+    usize::try_from(room)
+        .unwrap_or(usize::MAX)
+        .clamp(1, redirect_common::MAX_WORKLOADS as usize)
+}
+
 /// Proxied connections (two descriptors each) that fit in `nofile` beside `reserved`; at least
 /// one.
 pub(crate) fn connections_fitting(nofile: u64, reserved: u64) -> usize {
@@ -117,5 +128,15 @@ mod tests {
         assert_eq!(Plan::new(100, 50, 4).budget.size(), 1);
         // The workloads' part grows with the workloads planned for.
         assert!(reserve(50, 64) > reserve(50, 4) + 60 * 100);
+    }
+
+    #[test]
+    fn without_a_cap_the_workloads_take_half_the_descriptors_at_most() {
+        let max = redirect_common::MAX_WORKLOADS as usize;
+        assert_eq!(fitting_workloads(1 << 20, 100), max);
+        let n = fitting_workloads(20_000, 100);
+        assert!((2..max).contains(&n), "{n}");
+        assert!(reserve(100, n) <= 10_000 && reserve(100, n + 1) > 10_000);
+        assert_eq!(fitting_workloads(100, 100), 1);
     }
 }

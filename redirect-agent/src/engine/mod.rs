@@ -37,7 +37,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, MapData, PerCpuArray, SockHash};
+use aya::maps::{Array, HashMap, MapData, SockHash};
 pub(crate) use error::EnrollError;
 pub(crate) use object::{ProgramReport, open_typed, verifier_report};
 pub(crate) use peer::{authenticate as peer_check, successor_serves};
@@ -45,6 +45,18 @@ use redirect_api::WorkloadInfo;
 use redirect_common::{FamilyKey, Workload, maps, programs};
 pub(crate) use virt::cleanup as cleanup_virt;
 pub(crate) use workload::Request;
+
+/// The workloads a node plans for when `--max-workloads` is left out: the descriptor limit,
+/// raised as far as the system allows for all `MAX_WORKLOADS` at their most (as
+/// [`Engine::new`] would), shared half and half with proxied connections
+/// ([`budget::fitting_workloads`]).
+pub(crate) fn fitting_workloads(sizing: &Sizing) -> usize {
+    let max = redirect_common::MAX_WORKLOADS as usize;
+    let open = budget::open_now() + 64;
+    let wanted = sizing.max_proxy_connections.saturating_mul(max) as u64;
+    let nofile = sys::raise_nofile_to(wanted.saturating_mul(2).saturating_add(budget::reserve(open, max)));
+    budget::fitting_workloads(nofile, open)
+}
 
 use self::{
     links::AttachType,
@@ -104,8 +116,8 @@ pub(crate) struct Sizing {
 /// open their own descriptors of the same pins).
 struct Maps {
     workloads: HashMap<MapData, u64, Workload>,
-    counters: PerCpuArray<MapData, u64>,
-    events: PerCpuArray<MapData, u64>,
+    counters: Array<MapData, u64>,
+    events: Array<MapData, u64>,
     addrs: AddrMaps,
     listeners: SockHash<MapData, FamilyKey>,
 }
@@ -402,7 +414,7 @@ impl Engine {
     }
 
     /// The per-CPU rule and event counters, for [`View`]s.
-    pub(crate) fn counters(&self) -> (&PerCpuArray<MapData, u64>, &PerCpuArray<MapData, u64>) {
+    pub(crate) fn counters(&self) -> (&Array<MapData, u64>, &Array<MapData, u64>) {
         (&self.maps.counters, &self.maps.events)
     }
 

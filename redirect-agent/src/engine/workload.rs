@@ -6,7 +6,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::PerCpuValues;
 use redirect_api::WorkloadInfo;
 use redirect_common::{
     MAX_RULES, MAX_WORKLOADS, chain,
@@ -238,20 +237,17 @@ impl Engine {
     }
 
     fn zero_counters(&mut self, slot: u32) -> Result<(), EnrollError> {
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| EnrollError::io("counting CPUs")(e))?;
         let map_err = |map: &'static str| move |source| crate::error::LoadError::Map { map, source };
         for i in 0..MAX_RULES as u32 {
-            let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(EnrollError::io("counters"))?;
             self.maps
                 .counters
-                .set(slot * MAX_RULES as u32 + i, zeros, 0)
+                .set(slot * MAX_RULES as u32 + i, 0, 0)
                 .map_err(map_err(maps::RULE_COUNTERS))?;
         }
         for e in 0..events::PER_WORKLOAD {
-            let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(EnrollError::io("counters"))?;
             self.maps
                 .events
-                .set(slot * events::PER_WORKLOAD + e, zeros, 0)
+                .set(slot * events::PER_WORKLOAD + e, 0, 0)
                 .map_err(map_err(maps::EVENT_COUNTERS))?;
         }
         Ok(())

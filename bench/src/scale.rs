@@ -1,0 +1,292 @@
+//! `redirect-bench scale` (`cargo xtask bench --scale`): one node agent and many workloads.
+//! How long each enrollment takes as the node fills up; what the agent's process and its maps
+//! hold with one workload and with all of them; and what connect4 costs a process that belongs
+//! to no workload (every process under the attach point pays it) with one workload enrolled and
+//! with all of them. The workloads are sidecar pods in effect: a namespace each, enrolled with
+//! `--proxy none` (no proxy of the agent's), as the CNI plugin enrolls injected pods.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use redirect_agent::engine::pins::{self, State};
+use redirect_common::programs;
+use redirect_testkit::{agent::AgentProcess, cgroup::TestCgroup, netns::NamedNetns, unique};
+
+use crate::measure::{BpfStats, map_bytes, prog_stats, rss_bytes};
+
+/// Connects a process of no workload makes per connect4 measurement.
+const CONNECTS: u32 = 20_000;
+/// Where the process of no workload connects: a closed loopback port, refused at once, so
+/// each connect is a run of connect4 and little else.
+const CLOSED_PORT: u16 = 9;
+
+/// What one run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    pub workloads: usize,
+    /// Each enrollment's latency, in milliseconds, in order (the control API's answer, as
+    /// the CNI plugin waits for it; the namespace is made before the clock starts).
+    pub enroll_ms: Vec<f64>,
+    /// Agent RSS with one workload enrolled, and with all.
+    pub rss_bytes: (u64, u64),
+    /// Kernel memory of the instance's maps (bytes_memlock), with one workload and with all.
+    pub map_bytes: (u64, u64),
+    /// The agent's open descriptors, with one workload and with all.
+    pub fds: (u64, u64),
+    /// connect4's mean run time for a process of no workload, in ns: with one workload
+    /// enrolled, and with all.
+    pub connect4_ns: (f64, f64),
+    pub elapsed_s: f64,
+}
+
+impl Outcome {
+    /// The `q` quantile of the enrollment latencies (nearest rank).
+    pub fn enroll_quantile(&self, q: f64) -> f64 {
+        let mut v = self.enroll_ms.clone();
+        v.sort_by(f64::total_cmp);
+        let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1));
+        v.get(rank - 1).copied().unwrap_or(0.0)
+    }
+
+    /// Mean of the enrollment latencies `range` (by order of enrollment).
+    pub fn enroll_mean(&self, range: std::ops::Range<usize>) -> f64 {
+        let v = &self.enroll_ms[range.start.min(self.enroll_ms.len())..range.end.min(self.enroll_ms.len())];
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    }
+}
+
+pub fn run(agent: &Path, me: &Path, workloads: usize) -> anyhow::Result<Outcome> {
+    let started = Instant::now();
+    let _stats = BpfStats::enable().context("turning kernel.bpf_stats_enabled on")?;
+    // The node's attach point, and under it the cgroup of the process of no workload.
+    let attach = TestCgroup::create("scale")?;
+    let bystander_cg = attach.path.join("bystander");
+    std::fs::create_dir(&bystander_cg).context("the bystander's cgroup")?;
+    let _bystander_cg = RemoveDir(bystander_cg.clone());
+    let name = unique("scale");
+    let socket = std::env::temp_dir().join(format!("{name}.sock"));
+    let mut node = AgentProcess::start_as(
+        agent,
+        "node",
+        &name,
+        &[
+            "--cgroup-parent",
+            &attach.path.to_string_lossy(),
+            "--socket",
+            &socket.to_string_lossy(),
+            "--metrics",
+            "off",
+            "--max-workloads",
+            &workloads.to_string(),
+        ],
+    )?;
+    let pid = node.pid().context("the node agent's pid")?;
+    let state: State = serde_json::from_slice(&std::fs::read(pins::state_path(&name))?)?;
+    let connect4 = *state
+        .programs
+        .get(programs::CONNECT4)
+        .context("connect4's id in the state file")?;
+    let bystander = NamedNetns::create(&format!("{name}-by"))?;
+
+    let mut namespaces = Vec::with_capacity(workloads);
+    let mut enroll_ms = Vec::with_capacity(workloads);
+    let mut first = None;
+    for i in 0..workloads {
+        let ns = NamedNetns::create(&format!("{name}-{i}"))?;
+        let request = redirect_api::Request::Enroll(redirect_api::Enroll {
+            id: format!("pod-{i}"),
+            netns: ns.path.clone(),
+            cgroup: None,
+            proxy: "none".into(),
+            args: Vec::new(),
+            fast_path: false,
+        });
+        let t = Instant::now();
+        let answer = redirect_api::call(&socket, &request, Duration::from_secs(60))
+            .with_context(|| format!("enrolling workload {i}"))?;
+        enroll_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        if let redirect_api::Response::Error(e) = answer {
+            bail!("enrolling workload {i}: {e}");
+        }
+        namespaces.push(ns);
+        if i == 0 {
+            first = Some((
+                rss_bytes(pid).unwrap_or(0),
+                map_bytes(&name),
+                open_fds(pid),
+                connect4_cost(me, &bystander_cg, &bystander, connect4)?,
+            ));
+        }
+        if (i + 1) % 100 == 0 {
+            eprintln!("scale: {} workloads enrolled", i + 1);
+        }
+    }
+    let (rss1, maps1, fds1, c1) = first.context("no workload enrolled")?;
+    let outcome = Outcome {
+        workloads,
+        rss_bytes: (rss1, rss_bytes(pid).unwrap_or(0)),
+        map_bytes: (maps1, map_bytes(&name)),
+        fds: (fds1, open_fds(pid)),
+        connect4_ns: (c1, connect4_cost(me, &bystander_cg, &bystander, connect4)?),
+        enroll_ms,
+        elapsed_s: 0.0,
+    };
+    // The agent first (it lets go of every workload), then the namespaces, then the cgroups.
+    node.stop()?;
+    drop(namespaces);
+    Ok(Outcome {
+        elapsed_s: started.elapsed().as_secs_f64(),
+        ..outcome
+    })
+}
+
+/// Descriptors process `pid` holds.
+fn open_fds(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
+}
+
+/// connect4's mean run time over [`CONNECTS`] connects of a process in `cgroup` and `netns`
+/// (a namespace no workload has): the delta of its run time over the delta of its runs.
+fn connect4_cost(me: &Path, cgroup: &Path, netns: &NamedNetns, prog: u32) -> anyhow::Result<f64> {
+    let (t0, n0) = prog_stats(prog).context("connect4's run statistics")?;
+    let out = Command::new(me)
+        .arg("connects")
+        .arg("--cgroup")
+        .arg(cgroup)
+        .arg("--netns")
+        .arg(&netns.path)
+        .arg("--count")
+        .arg(CONNECTS.to_string())
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        bail!("connects: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let (t1, n1) = prog_stats(prog).context("connect4's run statistics")?;
+    let runs = n1.saturating_sub(n0);
+    if runs < u64::from(CONNECTS) {
+        bail!("connect4 ran {runs} times for {CONNECTS} connects: is the process under the attach point?");
+    }
+    Ok(t1.saturating_sub(t0) as f64 / runs as f64)
+}
+
+/// The process of no workload (`redirect-bench connects`, after joining its cgroup and
+/// namespace): `count` connects to a closed loopback port, each refused.
+pub fn connects(count: u32) -> anyhow::Result<()> {
+    let to = SocketAddrV4::new(Ipv4Addr::LOCALHOST, CLOSED_PORT);
+    for _ in 0..count {
+        if TcpStream::connect(to).is_ok() {
+            bail!("{to} accepted a connection: expected it closed");
+        }
+    }
+    Ok(())
+}
+
+/// A directory removed on drop (a cgroup made under a test cgroup, which must go first).
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// The section `cargo xtask bench --scale` writes into docs/benchmarks.md, between these
+/// markers; `redirect-bench run` keeps it when it rewrites the rest.
+pub const BEGIN: &str = "<!-- scale: written by `cargo xtask bench --scale` -->";
+pub const END: &str = "<!-- /scale -->";
+
+/// `doc` with its scale section replaced by `section` (appended when it has none).
+pub fn with_section(doc: &str, section: &str) -> String {
+    let block = format!("{BEGIN}\n{}\n{END}\n", section.trim_end());
+    match (doc.find(BEGIN), doc.find(END)) {
+        (Some(b), Some(e)) if e > b => format!("{}{block}{}", &doc[..b], doc[e + END.len()..].trim_start_matches('\n')),
+        _ => format!("{}\n\n{block}", doc.trim_end()),
+    }
+}
+
+/// The scale section of `doc`, if it has one (markers excluded).
+pub fn section_of(doc: &str) -> Option<&str> {
+    let b = doc.find(BEGIN)? + BEGIN.len();
+    let e = doc[b..].find(END)? + b;
+    Some(doc[b..e].trim_matches('\n'))
+}
+
+/// The section's text.
+pub fn markdown(o: &Outcome, machine: &crate::report::Machine) -> String {
+    let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+    let n = o.workloads;
+    format!(
+        "## Scale: {n} workloads on one node agent\n\n\
+         Written by `cargo xtask bench --scale` on {cpu}, {mem}, kernel {kernel} ({secs:.0} s). \
+         One `redirect-agent node` (release build) enrolls {n} workloads one after another over \
+         its control socket, each a network namespace of its own enrolled with `--proxy none` \
+         (a sidecar pod: capture without the agent's proxy). A process of no workload under the \
+         attach point connects {connects} times to a closed loopback port with one workload \
+         enrolled and again with all {n}; connect4's run time per connect is the kernel's own \
+         accounting (`kernel.bpf_stats_enabled`).\n\n\
+         | | |\n|---|---|\n\
+         | enroll latency p50 / p99 / max | {p50:.1} / {p99:.1} / {max:.1} ms |\n\
+         | enroll latency, mean of the first 100 / the last 100 | {first:.1} / {last:.1} ms |\n\
+         | agent RSS, 1 / {n} workloads | {rss1:.1} / {rssn:.1} MiB |\n\
+         | map memory (bytes_memlock), 1 / {n} workloads | {m1:.1} / {mn:.1} MiB |\n\
+         | agent descriptors, 1 / {n} workloads | {f1} / {fnn} |\n\
+         | connect4 per connect of a process of no workload, 1 / {n} workloads | {c1:.0} / {cn:.0} ns |\n",
+        cpu = machine.cpu,
+        mem = machine.memory,
+        kernel = machine.kernel,
+        secs = o.elapsed_s,
+        connects = CONNECTS,
+        p50 = o.enroll_quantile(0.5),
+        p99 = o.enroll_quantile(0.99),
+        max = o.enroll_quantile(1.0),
+        first = o.enroll_mean(0..100),
+        last = o.enroll_mean(n.saturating_sub(100)..n),
+        rss1 = mib(o.rss_bytes.0),
+        rssn = mib(o.rss_bytes.1),
+        f1 = o.fds.0,
+        fnn = o.fds.1,
+        m1 = mib(o.map_bytes.0),
+        mn = mib(o.map_bytes.1),
+        c1 = o.connect4_ns.0,
+        cn = o.connect4_ns.1,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_section_is_replaced_in_place_or_appended() {
+        let doc = "# Benchmarks\n\nbody\n";
+        let once = with_section(doc, "## Scale\nA");
+        assert!(once.starts_with("# Benchmarks\n\nbody\n\n<!-- scale"));
+        assert_eq!(section_of(&once), Some("## Scale\nA"));
+        let twice = with_section(&format!("{once}\n## After\n"), "## Scale\nB");
+        assert_eq!(section_of(&twice), Some("## Scale\nB"));
+        assert!(twice.ends_with("<!-- /scale -->\n## After\n"), "{twice}");
+        assert_eq!(twice.matches(BEGIN).count(), 1);
+    }
+
+    #[test]
+    fn quantiles_take_the_nearest_rank() {
+        let o = Outcome {
+            workloads: 4,
+            enroll_ms: vec![4.0, 1.0, 3.0, 2.0],
+            rss_bytes: (0, 0),
+            map_bytes: (0, 0),
+            fds: (0, 0),
+            connect4_ns: (0.0, 0.0),
+            elapsed_s: 0.0,
+        };
+        assert_eq!(o.enroll_quantile(0.5), 2.0);
+        assert_eq!(o.enroll_quantile(0.99), 4.0);
+        assert_eq!(o.enroll_mean(0..2), 2.5);
+    }
+}
