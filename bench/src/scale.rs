@@ -15,7 +15,12 @@ use std::{
 use anyhow::{Context as _, bail};
 use redirect_agent::engine::pins::{self, State};
 use redirect_common::programs;
-use redirect_testkit::{agent::AgentProcess, cgroup::TestCgroup, netns::NamedNetns, unique};
+use redirect_testkit::{
+    agent::{AgentProcess, Pins},
+    cgroup::TestCgroup,
+    netns::NamedNetns,
+    unique,
+};
 
 use crate::measure::{BpfStats, map_bytes, prog_stats, rss_bytes};
 
@@ -72,10 +77,7 @@ pub fn run(agent: &Path, me: &Path, workloads: usize) -> anyhow::Result<Outcome>
     let socket = std::env::temp_dir().join(format!("{name}.sock"));
     // A node keeps its pins when it stops: `cleanup` releases them, however this run ends
     // (declared before the agent, so dropped after it).
-    let _pins = Cleanup {
-        agent: agent.to_owned(),
-        name: name.clone(),
-    };
+    let _pins = Pins::new(agent, &name);
     let mut node = AgentProcess::start_as(
         agent,
         "node",
@@ -191,22 +193,6 @@ pub fn connects(count: u32) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// `redirect-agent cleanup --name NAME` on drop: the node instance's pins and lock.
-struct Cleanup {
-    agent: std::path::PathBuf,
-    name: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.agent)
-            .args(["cleanup", "--name", &self.name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
 }
 
 /// A directory removed on drop (a cgroup made under a test cgroup, which must go first).

@@ -32,6 +32,7 @@
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use redirect_common::{
     ChainId, ConnFacts, IPPROTO_TCP, OrigDst, Target, TupleKey, VIRT_DIVERT_MARK, VirtFlow, VirtFlowKey, VirtIface,
+    Workload,
     addr::{self, Family},
     events, workload_flags,
 };
@@ -85,9 +86,14 @@ fn judge(ctx: &TcContext) -> Result<(), ()> {
     if !seg.syn {
         return Ok(());
     }
-    match decide(&seg, ifindex, netns_cookie) {
+    // No workload (unenrolled): new connections go by; those judged before still follow
+    // their records (`known`) until the agent removes them.
+    let Some(workload) = workload(netns_cookie) else {
+        return Ok(());
+    };
+    match decide(&seg, ifindex, workload, netns_cookie) {
         0 => Ok(()),
-        how => steer(ctx, &seg, dev, how),
+        how => steer(ctx, &seg, dev, workload, how),
     }
 }
 
@@ -150,10 +156,7 @@ fn follow(ctx: &TcContext, seg: &Segment, flow: &VirtFlow) -> Result<(), ()> {
 /// ISTIO_INBOUND, then nat's `-k` rules). What they decided ([`steer`]'s bits); 0 when the
 /// connection is left alone (RETURN), which is remembered.
 #[inline(never)]
-fn decide(seg: &Segment, ifindex: u32, netns_cookie: u64) -> u8 {
-    let Some(workload) = workload(netns_cookie) else {
-        return 0;
-    };
+fn decide(seg: &Segment, ifindex: u32, workload: &Workload, netns_cookie: u64) -> u8 {
     // ip6tables has no rules for a pod without an IPv6 address of its own.
     if seg.family == Family::V6 && !ipv6_on(netns_cookie) {
         return 0;
@@ -214,11 +217,8 @@ fn decide(seg: &Segment, ifindex: u32, netns_cookie: u64) -> u8 {
 /// arrival device of the family, and the outbound capture port), TPROXY (to the inbound
 /// capture listener), or both, as iptables does both when both tables say so.
 #[inline(never)]
-fn steer(ctx: &TcContext, seg: &Segment, dev: &VirtIface, how: u8) -> Result<(), ()> {
+fn steer(ctx: &TcContext, seg: &Segment, dev: &VirtIface, workload: &Workload, how: u8) -> Result<(), ()> {
     let netns_cookie = NETNS_COOKIE.load();
-    let Some(workload) = workload(netns_cookie) else {
-        return Ok(());
-    };
     let (redirect, divert) = (how & steer::REDIRECT != 0, how & steer::DIVERT != 0);
     let end = VirtFlowKey::new(netns_cookie, seg.src, seg.sport);
     let mut flow = VirtFlow::returned(seg.dst, seg.dport);
@@ -263,16 +263,10 @@ fn steer(ctx: &TcContext, seg: &Segment, dev: &VirtIface, how: u8) -> Result<(),
     {
         count_event(workload, events::ORIG_DST_NOT_RECORDED);
     }
-    // Marked, the SYN is delivered locally (the agent's `iif` rule) and sk_lookup hands it to
-    // the listener by that record, as TPROXY would; the kernel's own lookup runs first, so a
-    // SYN for a connection that has a socket already (a retransmission, a TIME_WAIT reopen)
-    // goes to it. (tc's own bpf_sk_assign would skip that lookup, and before 6.6 refuses the
-    // reuseport listeners Envoy makes.)
-    if divert {
-        ctx.set_mark(VIRT_DIVERT_MARK);
-    }
-    if redirect {
-        rewrite(ctx, seg, End::Dst, &to, port).map_err(drop)?;
-    }
-    Ok(())
+    // The SYN as every later segment ([`follow`]). Marked, it is delivered locally (the
+    // agent's `iif` rule) and sk_lookup hands it to the listener by that record, as TPROXY
+    // would; the kernel's own lookup runs first, so a SYN for a connection that has a socket
+    // already (a retransmission, a TIME_WAIT reopen) goes to it. (tc's own bpf_sk_assign would
+    // skip that lookup, and before 6.6 refuses the reuseport listeners Envoy makes.)
+    follow(ctx, seg, &flow)
 }

@@ -169,3 +169,30 @@ impl Drop for AgentProcess {
         let _ = std::fs::remove_file(&self.log);
     }
 }
+
+/// Removes an instance's pins (`redirect-agent cleanup --name`) on drop: a killed agent's stay
+/// by design, and a node's outlive its process.
+pub struct Pins {
+    agent_bin: PathBuf,
+    name: String,
+}
+
+impl Pins {
+    pub fn new(agent_bin: &Path, name: &str) -> Self {
+        Self {
+            agent_bin: agent_bin.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.agent_bin)
+            .args(["cleanup", "--name", &self.name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}

@@ -51,11 +51,20 @@ pub(crate) use workload::Request;
 /// [`Engine::new`] would), shared half and half with proxied connections
 /// ([`budget::fitting_workloads`]).
 pub(crate) fn fitting_workloads(sizing: &Sizing) -> usize {
-    let max = redirect_common::MAX_WORKLOADS as usize;
-    let open = budget::open_now() + 64;
-    let wanted = sizing.max_proxy_connections.saturating_mul(max) as u64;
-    let nofile = sys::raise_nofile_to(wanted.saturating_mul(2).saturating_add(budget::reserve(open, max)));
-    budget::fitting_workloads(nofile, open)
+    let nofile = raise_nofile_for(sizing, redirect_common::MAX_WORKLOADS as usize);
+    budget::fitting_workloads(nofile, budget::open_now() + 64)
+}
+
+/// Raises RLIMIT_NOFILE towards room for `workloads` proxies at their limit and the reserve
+/// beside them, as far as the system allows (the descriptors open now, and 64 more, stand in
+/// for those the programs will hold: the plan counts them once loaded). Returns the limit.
+fn raise_nofile_for(sizing: &Sizing, workloads: usize) -> u64 {
+    let wanted = sizing.max_proxy_connections.saturating_mul(workloads) as u64;
+    sys::raise_nofile_to(
+        wanted
+            .saturating_mul(2)
+            .saturating_add(budget::reserve(budget::open_now() + 64, workloads)),
+    )
 }
 
 use self::{
@@ -207,17 +216,12 @@ impl Engine {
         let cgroup = sys::open_cgroup2_dir(&settings.attach)?;
 
         // Every workload's proxy draws on this process's descriptors: room for all of them at
-        // their limit if the system allows (the descriptors open now stand in for those the
-        // programs will hold: the plan below counts them once loaded).
+        // their limit if the system allows.
+        let nofile = raise_nofile_for(&settings.sizing, settings.max_workloads);
         let wanted = settings
             .sizing
             .max_proxy_connections
             .saturating_mul(settings.max_workloads);
-        let nofile = sys::raise_nofile_to(
-            (wanted as u64)
-                .saturating_mul(2)
-                .saturating_add(budget::reserve(budget::open_now() + 64, settings.max_workloads)),
-        );
 
         let mut object = Object::load(
             &pin_dir,

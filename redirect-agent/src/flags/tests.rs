@@ -61,10 +61,11 @@ fn environment_fills_what_the_flags_leave_out() {
     );
 }
 
-/// Modes whose programs are not built yet are refused whole, naming the flag; DNS capture
-/// takes its resolvers from the resolv.conf named, and with none is off (as in istio-iptables).
+/// Every mode is accepted, in every combination; a kernel table for TPROXY's route is refused
+/// by name; DNS capture takes its resolvers from the resolv.conf named, and with none is off
+/// (as in istio-iptables).
 #[test]
-fn modes_not_carried_out_yet_and_kernel_tables_are_refused_by_name() {
+fn every_mode_is_accepted_and_kernel_tables_are_refused_by_name() {
     let dir = std::env::temp_dir().join(format!("redirect-flags-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let empty = dir.join("empty.conf");

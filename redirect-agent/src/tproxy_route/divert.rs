@@ -58,20 +58,16 @@ impl Kind {
         )
     }
 
+    /// TPROXY's own rule's message ([`rule_message`]) with the device; the prohibit one
+    /// without its table.
     fn message(self, family: Family, device: &str, table: u32) -> RuleMessage {
-        let mut msg = RuleMessage::default();
-        msg.header.family = family.af();
-        match self {
-            Self::Lookup => {
-                msg.header.action = RuleAction::ToTable;
-                msg.header.table = header_table(table);
-                msg.attributes.push(RuleAttribute::Table(table));
-            }
-            Self::Prohibit => msg.header.action = RuleAction::Prohibit,
+        let mut msg = rule_message(family, VIRT_DIVERT_MARK, table, Some(self.pref()));
+        if self == Self::Prohibit {
+            msg.header.action = RuleAction::Prohibit;
+            msg.header.table = RouteHeader::RT_TABLE_UNSPEC;
+            msg.attributes.retain(|a| !matches!(a, RuleAttribute::Table(_)));
         }
-        msg.attributes.push(RuleAttribute::FwMark(VIRT_DIVERT_MARK));
         msg.attributes.push(RuleAttribute::Iifname(device.to_owned()));
-        msg.attributes.push(RuleAttribute::Priority(self.pref()));
         msg
     }
 }

@@ -13,7 +13,12 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::servers::{GENERATOR_IP, Servers};
-use crate::{agent::AgentProcess, cgroup::TestCgroup, netns::NetnsPair, unique};
+use crate::{
+    agent::{AgentProcess, Pins},
+    cgroup::TestCgroup,
+    netns::NetnsPair,
+    unique,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -30,24 +35,6 @@ impl std::fmt::Display for Mode {
             Self::Run => "run",
             Self::Node => "node",
         })
-    }
-}
-
-/// Removes an instance's pins (`redirect-agent cleanup --name`) on drop: a killed agent's stay
-/// by design, and a node's outlive its process.
-struct Pins {
-    agent_bin: PathBuf,
-    name: String,
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.agent_bin)
-            .args(["cleanup", "--name", &self.name])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
     }
 }
 
@@ -94,10 +81,7 @@ impl Target {
         let mut me = Self {
             agent: None,
             stopped: false,
-            _pins: Pins {
-                agent_bin: agent_bin.to_owned(),
-                name: name.clone(),
-            },
+            _pins: Pins::new(agent_bin, &name),
             servers,
             cgroup,
             pair,
