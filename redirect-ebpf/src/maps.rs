@@ -102,8 +102,7 @@ pub static INBOUND_LISTENERS: SockHash<FamilyKey, { 2 * WORKLOAD_SLOTS }> = Sock
 
 /// Connection 4-tuple (+ netns) -> original destination of an inbound connection sk_lookup
 /// handed to the capture listener: from its SYN until sock_ops moves it to `ORIG_BY_TUPLE`
-/// (listeners inside the workload's cgroup), or until a moment after the embedded proxy served
-/// it (so that a late segment of the connection is known as its own). An LRU of its own,
+/// (listeners inside the workload's cgroup) or the embedded proxy reads it. An LRU of its own,
 /// so that SYNs from other hosts that never complete age out here and never push established
 /// connections out of `ORIG_BY_TUPLE`.
 #[btf_map]
@@ -245,7 +244,7 @@ pub fn orig_dst(key: &TupleKey) -> Option<OrigDst> {
     // SAFETY: (this lookup and the next) the reference is copied from at once (8 bytes), while
     // the value is mapped (until the program returns), and never kept. The programs write an
     // entry at its connection's handshake and remove it at its close (an INBOUND_PENDING one
-    // also when sock_ops moves it), so the entry a proxy asks
+    // also when sock_ops moves it or the agent's proxy takes it), so the entry a proxy asks
     // about is stable; if an LRU eviction recycles the slot while we copy (aya's `get`
     // caveat), we copy other integers: still a valid OrigDst (`target` is a u8 decoded with
     // `Target::from_u8`).

@@ -156,11 +156,10 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
         }
         return sk_action::SK_PASS;
     }
-    // A connection judged already (its SYN was handed over, and it has no socket yet, or no
-    // more): a retransmitted SYN after the first was dropped (a full accept queue), another
-    // segment of the same 4-tuple, or a late one of a connection the embedded proxy served a
-    // moment ago. nat PREROUTING sees only a connection's first packet (conntrack NEW); later
-    // ones follow its decision uncounted. So does this: same listener, no count.
+    // A connection judged already (its SYN was handed over, and it has no socket yet): a
+    // retransmitted SYN after the first was dropped (a full accept queue), or another segment
+    // of the same 4-tuple. nat PREROUTING sees only a connection's first packet (conntrack
+    // NEW); later ones follow its decision uncounted. So does this: same listener, no count.
     // SAFETY: the reference is only tested for presence, never read.
     if unsafe { INBOUND_PENDING.get(key) }.is_some() {
         return match assign(ctx, netns_cookie, family) {

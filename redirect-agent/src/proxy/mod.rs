@@ -40,7 +40,6 @@ pub use dns::{DnsUpstream, SOCKETS_PER_FAMILY as DNS_SOCKETS_PER_FAMILY};
 use fast_path::Enrolled;
 pub use fast_path::{FastPath, FastPathSockets};
 pub use listen::{LISTEN_BACKLOG, Listeners, Listening, ProxyConfig, Side, connections_fitting, no_ipv6};
-use orig_dst::Destination;
 pub use orig_dst::{OrigDstTable, OriginalDst};
 use relay::{Ended, relay};
 pub use relay::{Keepalive, Liveness};
@@ -172,8 +171,6 @@ impl Proxy {
                 self.tasks.shutdown().await;
             }
         }
-        // Housekeeping stopped with the listeners: the records of what ended since go now.
-        self.shared.table.forget_ended(true);
     }
 }
 
@@ -191,9 +188,6 @@ async fn accept_loop(
                     shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
                     // Reset at once, never left waiting: the client sees the refusal.
                     let Some(permits) = shared.admit(peer) else {
-                        if let Ok(local) = stream.local_addr() {
-                            shared.table.ended(peer, local, None);
-                        }
                         reset(stream);
                         continue;
                     };
@@ -231,7 +225,6 @@ async fn housekeeping(shared: Arc<Shared>, mut stopped: tokio::sync::watch::Rece
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                shared.table.forget_ended(false);
                 shared.noise.summarize(false, shared.cfg.max_connections, shared.budget.size());
                 let active = shared.active();
                 let ended = shared.counters.accepted.load(Ordering::Relaxed).saturating_sub(active as u64);
@@ -241,7 +234,6 @@ async fn housekeeping(shared: Arc<Shared>, mut stopped: tokio::sync::watch::Rece
             _ = stopped.changed() => break,
         }
     }
-    shared.table.forget_ended(true);
     shared
         .noise
         .summarize(true, shared.cfg.max_connections, shared.budget.size());
@@ -309,12 +301,6 @@ async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared)
         }
         return reset(client);
     };
-    forward(client, peer, &dst, side, shared).await;
-    shared.table.ended(peer, local, Some(&dst));
-}
-
-/// Serves an accepted connection whose original destination is `dst`, until it ends.
-async fn forward(client: TcpStream, peer: SocketAddr, dst: &Destination, side: Side, shared: &Shared) {
     let upstream = match connect_upstream(dst.addr, peer, side, shared).await {
         Ok(s) => s,
         Err(e) => {

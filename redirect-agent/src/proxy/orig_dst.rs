@@ -1,12 +1,7 @@
 //! Where an accepted connection was going: the programs' maps (embedded proxy) or conntrack
 //! (`redirect-agent proxy`, behind iptables).
 
-use std::{
-    collections::VecDeque,
-    net::SocketAddr,
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::net::SocketAddr;
 
 use aya::maps::{HashMap, MapData};
 use redirect_common::{OrigDst, Target, TupleKey, addr};
@@ -25,27 +20,12 @@ use tokio::net::TcpStream;
 ///   accepted them.
 /// - `INBOUND_PENDING`: inbound connections sk_lookup handed to the capture listener, from
 ///   their SYN. (sk_lookup rewrites nothing: the destination is also the accepted socket's
-///   local address, but only the map says the connection was captured.) Also where sk_lookup
-///   learns that a segment belongs to a connection it judged already (see [`Self::ended`]).
+///   local address, but only the map says the connection was captured.)
 pub struct OrigDstTable {
     established: HashMap<MapData, TupleKey, OrigDst>,
-    pending: Mutex<HashMap<MapData, TupleKey, OrigDst>>,
+    pending: std::sync::Mutex<HashMap<MapData, TupleKey, OrigDst>>,
     netns_cookie: u64,
-    /// `INBOUND_PENDING` records of connections that ended, with when each may go: first in,
-    /// first due, since every one waits [`LINGER`].
-    ended: Mutex<VecDeque<(Instant, TupleKey)>>,
 }
-
-/// How long a proxied connection's `INBOUND_PENDING` record outlives it. A segment of the
-/// connection can reach the namespace after the proxy's socket is gone (sent before the close
-/// but delayed in another CPU's backlog, as under load): it finds no socket, so sk_lookup runs
-/// for it. While the record lasts, sk_lookup takes it for what it is, a packet of a connection
-/// judged already: handed to the listener (which answers with a reset, as the capture port
-/// does behind iptables) and not counted, as conntrack's entry keeps it out of nat. Without
-/// the record, it would be judged and counted as a new connection and leave a record nobody
-/// takes. Reordering lasts milliseconds; conntrack keeps a closed entry far longer, but a
-/// longer linger would fill the LRU with the records of short connections.
-pub const LINGER: Duration = Duration::from_secs(1);
 
 /// Where and why a connection was redirected.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -53,8 +33,6 @@ pub struct Destination {
     /// IPv4 for a v4-mapped connection (the family on the wire).
     pub addr: SocketAddr,
     pub target: Option<Target>,
-    /// Found in `INBOUND_PENDING`, which the proxy cleans up after the connection.
-    pending: bool,
 }
 
 impl OrigDstTable {
@@ -65,9 +43,8 @@ impl OrigDstTable {
     ) -> Self {
         Self {
             established,
-            pending: Mutex::new(pending),
+            pending: std::sync::Mutex::new(pending),
             netns_cookie,
-            ended: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -75,58 +52,24 @@ impl OrigDstTable {
     /// the accepted socket's addresses. `None`: not captured by us (or already closed) — a
     /// connection straight to a capture port, which must not be forwarded back to it.
     ///
-    /// An `INBOUND_PENDING` record stays while the connection is served: the proxy's socket is
-    /// not in the workload's cgroup, so no sock_ops callback moves or removes it, and the
-    /// proxy removes it after the connection's end ([`Self::ended`]).
-    fn find(&self, peer: SocketAddr, local: SocketAddr) -> Option<Destination> {
+    /// The embedded proxy reads each destination once: an entry found in `INBOUND_PENDING` is
+    /// removed, because the proxy's socket is not in the workload's cgroup and no sock_ops
+    /// close callback will remove it.
+    fn take(&self, peer: SocketAddr, local: SocketAddr) -> Option<Destination> {
         let key = TupleKey::from_addrs(self.netns_cookie, peer, local);
-        let (v, pending) = match self.established.get(&key, 0) {
-            Ok(v) => (v, false),
-            Err(_) => (self.lock_pending().get(&key, 0).ok()?, true),
+        let v = match self.established.get(&key, 0) {
+            Ok(v) => v,
+            Err(_) => {
+                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                let v = pending.get(&key, 0).ok()?;
+                let _ = pending.remove(&key);
+                v
+            }
         };
         Some(Destination {
             addr: SocketAddr::new(addr::to_ip(&v.addr), v.port),
             target: Target::from_u8(v.target),
-            pending,
         })
-    }
-
-    /// The connection accepted with these addresses is over (served, or reset at accept): its
-    /// `INBOUND_PENDING` record, if any, goes once it has outlived it by [`LINGER`].
-    fn ended(&self, peer: SocketAddr, local: SocketAddr) {
-        let key = TupleKey::from_addrs(self.netns_cookie, peer, local);
-        self.lock_ended().push_back((Instant::now() + LINGER, key));
-    }
-
-    /// Removes the records of ended connections that are due (all of them with `all`, when
-    /// the proxy stops).
-    fn forget_ended(&self, all: bool) {
-        let now = Instant::now();
-        let due: Vec<TupleKey> = {
-            let mut ended = self.lock_ended();
-            let n = if all {
-                ended.len()
-            } else {
-                ended.partition_point(|(at, _)| *at <= now)
-            };
-            ended.drain(..n).map(|(_, k)| k).collect()
-        };
-        if due.is_empty() {
-            return;
-        }
-        let mut pending = self.lock_pending();
-        for key in &due {
-            // Gone already when the listener closed and the engine forgot its records.
-            let _ = pending.remove(key);
-        }
-    }
-
-    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<MapData, TupleKey, OrigDst>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn lock_ended(&self) -> std::sync::MutexGuard<'_, VecDeque<(Instant, TupleKey)>> {
-        self.ended.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -148,7 +91,7 @@ impl OriginalDst {
         listen_port: u16,
     ) -> Option<Destination> {
         match self {
-            Self::Maps(table) => table.find(peer, local),
+            Self::Maps(table) => table.take(peer, local),
             Self::Conntrack => {
                 let addr = crate::sys::original_dst(stream, local).ok()?;
                 // Conntrack answers a connection nobody redirected (one made straight to the
@@ -156,29 +99,8 @@ impl OriginalDst {
                 // agent's sk_lookup handed over also has its original destination as its local
                 // address (nothing was rewritten), but on its own port, not the capture port.
                 let straight_to_capture_port = addr == local && local.port() == listen_port;
-                (!straight_to_capture_port).then_some(Destination {
-                    addr,
-                    target: None,
-                    pending: false,
-                })
+                (!straight_to_capture_port).then_some(Destination { addr, target: None })
             }
-        }
-    }
-
-    /// A connection accepted with these addresses is over; `dst`: what [`Self::lookup`] found
-    /// for it (`None` when it was never looked up, as for one reset at accept).
-    pub(super) fn ended(&self, peer: SocketAddr, local: SocketAddr, dst: Option<&Destination>) {
-        if let Self::Maps(table) = self
-            && dst.is_none_or(|d| d.pending)
-        {
-            table.ended(peer, local);
-        }
-    }
-
-    /// Removes the records of ended connections that are due; all of them with `all`.
-    pub(super) fn forget_ended(&self, all: bool) {
-        if let Self::Maps(table) = self {
-            table.forget_ended(all);
         }
     }
 }
