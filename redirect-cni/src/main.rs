@@ -22,6 +22,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 mod install;
+mod pod;
+
+use pod::{Decision, Pod, Selection, Selector};
 
 const SUPPORTED: [&str; 4] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
 
@@ -36,24 +39,12 @@ mod code {
     pub const REFUSED: u32 = 100;
     /// Plugin-specific: CHECK found the pod not enrolled.
     pub const NOT_ENROLLED: u32 = 101;
+    /// Plugin-specific: an annotation of the pod has a value Istio would refuse.
+    pub const BAD_POD: u32 = 102;
 }
 
 /// Annotation that carries the runtime's pod annotations in `runtimeConfig`.
 const POD_ANNOTATIONS: &str = "io.kubernetes.cri.pod-annotations";
-
-/// Istio's per-pod annotations, and the istio-iptables flag each sets.
-const ANNOTATION_FLAGS: [(&str, &str); 7] = [
-    ("traffic.sidecar.istio.io/includeOutboundIPRanges", "-i"),
-    ("traffic.sidecar.istio.io/excludeOutboundIPRanges", "-x"),
-    ("traffic.sidecar.istio.io/includeInboundPorts", "-b"),
-    ("traffic.sidecar.istio.io/excludeInboundPorts", "-d"),
-    ("traffic.sidecar.istio.io/includeOutboundPorts", "-q"),
-    ("traffic.sidecar.istio.io/excludeOutboundPorts", "-o"),
-    ("sidecar.istio.io/interceptionMode", "-m"),
-];
-
-/// The sidecar's own ports, which Istio's injector always adds to `-d`.
-const STATUS_PORTS: &str = "15090,15021,15020";
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -66,26 +57,59 @@ struct NetConf {
     /// The node agent's control socket.
     #[serde(default = "default_socket")]
     agent_socket: PathBuf,
-    /// `embedded` or `none`; a pod's `redirect.dev/proxy` annotation overrides it.
+    /// The proxy of a pod without a sidecar that `selector: all` captures (`embedded` or
+    /// `none`); a pod's `redirect.dev/proxy` annotation overrides it. A pod with a sidecar is
+    /// always `none`: its Envoy serves the capture ports.
     #[serde(default = "redirect_api::default_proxy")]
     proxy: String,
-    /// istio-iptables flags for every pod, as pairs (`["-d", "15090,15021,15020"]`).
+    /// istio-iptables flags (pairs, `["-b", "9080"]`) in place of Istio's defaults for every
+    /// pod; a pod's annotations override them.
     #[serde(default)]
     args: Vec<String>,
-    /// `all`: every pod but those excluded; `injected`: only pods Istio's injector marked
-    /// (annotation `sidecar.istio.io/status`), which needs the runtime to pass annotations.
+    /// `injected` (istio-cni's choice): pods Istio injected with a sidecar, and pods that ask
+    /// for a proxy of redirect's (`redirect.dev/proxy`). `all`: every other pod as well.
     #[serde(default = "default_selector")]
     selector: String,
-    /// Kubernetes namespaces never enrolled.
-    #[serde(default = "default_excluded")]
+    /// Kubernetes namespaces never enrolled. istio-cni's spelling is accepted, at the top level
+    /// (Istio 1.23+) and under `kubernetes` (earlier).
+    #[serde(default = "default_excluded", alias = "exclude_namespaces")]
     exclude_namespaces: Vec<String>,
+    #[serde(default)]
+    kubernetes: Option<KubernetesConf>,
+}
+
+/// istio-cni's configuration before 1.23 nested its Kubernetes settings.
+#[derive(Debug, Deserialize)]
+struct KubernetesConf {
+    #[serde(default)]
+    exclude_namespaces: Option<Vec<String>>,
+}
+
+impl NetConf {
+    fn selection(&self) -> Selection {
+        let excluded = self
+            .kubernetes
+            .as_ref()
+            .and_then(|k| k.exclude_namespaces.clone())
+            .unwrap_or_else(|| self.exclude_namespaces.clone());
+        Selection {
+            selector: if self.selector == "all" {
+                Selector::All
+            } else {
+                Selector::Injected
+            },
+            exclude_namespaces: excluded,
+            proxy: self.proxy.clone(),
+            args: self.args.clone(),
+        }
+    }
 }
 
 fn default_socket() -> PathBuf {
     redirect_api::default_socket("node")
 }
 fn default_selector() -> String {
-    "all".into()
+    "injected".into()
 }
 fn default_excluded() -> Vec<String> {
     vec!["kube-system".into()]
@@ -136,57 +160,9 @@ fn annotations(conf: &NetConf) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-/// The flags for one pod: the configuration's pairs, each overridden by its annotation.
-fn pod_flags(conf: &NetConf, annotations: &BTreeMap<String, String>) -> Result<Vec<String>, CniError> {
-    if !conf.args.len().is_multiple_of(2) || conf.args.iter().step_by(2).any(|f| !f.starts_with('-')) {
-        return Err(fail(
-            code::INVALID_CONFIG,
-            format!(
-                "args {:?}: expected pairs of an istio-iptables flag and its value",
-                conf.args
-            ),
-        ));
-    }
-    let mut flags: Vec<(String, String)> = conf.args.chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect();
-    for (annotation, flag) in ANNOTATION_FLAGS {
-        let Some(value) = annotations.get(annotation) else {
-            continue;
-        };
-        let value = if flag == "-d" {
-            [value.as_str(), STATUS_PORTS]
-                .into_iter()
-                .filter(|s| !s.is_empty())
-                .collect::<Vec<_>>()
-                .join(",")
-        } else {
-            value.clone()
-        };
-        flags.retain(|(f, _)| f != flag);
-        flags.push((flag.to_owned(), value));
-    }
-    Ok(flags.into_iter().flat_map(|(f, v)| [f, v]).collect())
-}
-
-/// Whether this pod is the mesh's, and why not when it is not.
-fn selected(
-    conf: &NetConf,
-    annotations: &BTreeMap<String, String>,
-    args: &BTreeMap<String, String>,
-) -> Result<(), String> {
-    if let Some(ns) = args.get("K8S_POD_NAMESPACE")
-        && conf.exclude_namespaces.contains(ns)
-    {
-        return Err(format!("namespace {ns} is excluded"));
-    }
-    if annotations.get("sidecar.istio.io/inject").map(String::as_str) == Some("false") {
-        return Err("annotated sidecar.istio.io/inject=false".into());
-    }
-    match conf.selector.as_str() {
-        "all" => Ok(()),
-        "injected" if annotations.contains_key("sidecar.istio.io/status") => Ok(()),
-        "injected" => Err("no sidecar.istio.io/status annotation (selector: injected)".into()),
-        _ => unreachable!("checked in parse"),
-    }
+/// The pod, as far as the runtime tells it.
+fn pod_of(conf: &NetConf, args: &BTreeMap<String, String>) -> Pod {
+    Pod::from_annotations(args.get("K8S_POD_NAMESPACE").cloned(), annotations(conf))
 }
 
 fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
@@ -219,9 +195,16 @@ fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
     if !matches!(conf.selector.as_str(), "all" | "injected") {
         return Err(fail(
             code::INVALID_CONFIG,
-            format!("selector '{}': expected all or injected", conf.selector),
+            format!("selector '{}': expected injected or all", conf.selector),
         ));
     }
+    if !matches!(conf.proxy.as_str(), "embedded" | "none") {
+        return Err(fail(
+            code::INVALID_CONFIG,
+            format!("proxy '{}': expected embedded or none", conf.proxy),
+        ));
+    }
+    pod::check_args(&conf.args).map_err(|e| fail(code::INVALID_CONFIG, e))?;
     Ok(conf)
 }
 
@@ -236,25 +219,24 @@ fn cni(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
     match command {
         "ADD" => {
             let netns = PathBuf::from(env("CNI_NETNS")?);
-            let annotations = annotations(&conf);
             // The previous plugin's result is this one's: it adds no interface or address.
             let mut result = conf.prev_result.clone().unwrap_or_else(|| json!({}));
             result["cniVersion"] = json!(conf.cni_version);
-            if let Err(why) = selected(&conf, &annotations, &args) {
-                eprintln!("redirect-cni: {id}: not enrolled: {why}");
-                return Ok(Some(result));
-            }
-            let proxy = annotations
-                .get("redirect.dev/proxy")
-                .cloned()
-                .unwrap_or_else(|| conf.proxy.clone());
+            let pod = pod_of(&conf, &args);
+            let (proxy, flags) = match pod::decide(&conf.selection(), &pod).map_err(|e| fail(code::BAD_POD, e))? {
+                Decision::Skip(why) => {
+                    eprintln!("redirect-cni: {id}: not enrolled: {why}");
+                    return Ok(Some(result));
+                }
+                Decision::Enroll { proxy, flags } => (proxy, flags),
+            };
             let request = Request::Enroll(redirect_api::Enroll {
                 id: id.clone(),
                 netns,
                 cgroup: None,
                 proxy,
-                args: pod_flags(&conf, &annotations)?,
-                fast_path: annotations.get("redirect.dev/fast-path").map(String::as_str) == Some("true"),
+                args: flags,
+                fast_path: pod.annotations.get("redirect.dev/fast-path").map(String::as_str) == Some("true"),
             });
             call(&conf.agent_socket, &request).map_err(api_error)?;
             Ok(Some(result))
@@ -283,8 +265,10 @@ fn cni(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
             let Response::Workloads(list) = call(&conf.agent_socket, &Request::List).map_err(api_error)? else {
                 return Err(fail(code::TRY_AGAIN_LATER, "unexpected answer from the agent"));
             };
-            let annotations = annotations(&conf);
-            let should = selected(&conf, &annotations, &args).is_ok();
+            let should = matches!(
+                pod::decide(&conf.selection(), &pod_of(&conf, &args)),
+                Ok(Decision::Enroll { .. })
+            );
             match (should, list.iter().any(|w| w.id == id)) {
                 (true, false) => Err(fail(
                     code::NOT_ENROLLED,
@@ -303,19 +287,23 @@ fn cni(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(first) = args.first() {
-        if first != "install" {
-            eprintln!(
-                "redirect-cni: unknown command '{first}': a runtime calls this plugin without arguments; `install` installs it"
-            );
-            return ExitCode::from(2);
-        }
-        return match install::install(&args[1..]) {
+        let run = match first.as_str() {
+            "install" => install::install,
+            "uninstall" => install::uninstall,
+            _ => {
+                eprintln!(
+                    "redirect-cni: unknown command '{first}': a runtime calls this plugin without arguments; `install` installs it, `uninstall` removes it"
+                );
+                return ExitCode::from(2);
+            }
+        };
+        return match run(&args[1..]) {
             Ok(done) => {
                 println!("redirect-cni: {done}");
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("redirect-cni: install: {e}");
+                eprintln!("redirect-cni: {first}: {e}");
                 ExitCode::FAILURE
             }
         };
@@ -358,37 +346,15 @@ mod tests {
     }
 
     #[test]
-    fn annotations_override_configured_flags_and_keep_status_ports_excluded() {
-        let c = conf(json!({ "args": ["-b", "*", "-i", "10.0.0.0/8"] }));
-        let a = BTreeMap::from([
-            (
-                "traffic.sidecar.istio.io/includeOutboundIPRanges".to_owned(),
-                "10.96.0.0/12".to_owned(),
-            ),
-            (
-                "traffic.sidecar.istio.io/excludeInboundPorts".to_owned(),
-                "9090".to_owned(),
-            ),
-        ]);
-        assert_eq!(
-            pod_flags(&c, &a).unwrap(),
-            ["-b", "*", "-i", "10.96.0.0/12", "-d", "9090,15090,15021,15020"]
-        );
-        assert!(pod_flags(&conf(json!({ "args": ["-b"] })), &a).is_err());
-    }
-
-    #[test]
-    fn selection_follows_namespace_annotations_and_selector() {
-        let c = conf(json!({}));
-        let sys = BTreeMap::from([("K8S_POD_NAMESPACE".to_owned(), "kube-system".to_owned())]);
-        assert!(selected(&c, &BTreeMap::new(), &sys).is_err());
-        assert!(selected(&c, &BTreeMap::new(), &BTreeMap::new()).is_ok());
-        let off = BTreeMap::from([("sidecar.istio.io/inject".to_owned(), "false".to_owned())]);
-        assert!(selected(&c, &off, &BTreeMap::new()).is_err());
-        let injected = conf(json!({ "selector": "injected" }));
-        assert!(selected(&injected, &BTreeMap::new(), &BTreeMap::new()).is_err());
-        let status = BTreeMap::from([("sidecar.istio.io/status".to_owned(), "{}".to_owned())]);
-        assert!(selected(&injected, &status, &BTreeMap::new()).is_ok());
+    fn istio_cnis_spellings_of_excluded_namespaces_are_read() {
+        assert_eq!(conf(json!({})).selection().exclude_namespaces, ["kube-system"]);
+        assert_eq!(conf(json!({})).selection().selector, Selector::Injected);
+        let top = conf(json!({ "exclude_namespaces": ["istio-system", "kube-system"] }));
+        assert_eq!(top.selection().exclude_namespaces, ["istio-system", "kube-system"]);
+        let nested = conf(json!({ "kubernetes": { "exclude_namespaces": ["a"] } }));
+        assert_eq!(nested.selection().exclude_namespaces, ["a"]);
+        let ours = conf(json!({ "excludeNamespaces": [] }));
+        assert!(ours.selection().exclude_namespaces.is_empty());
     }
 
     #[test]
@@ -398,7 +364,13 @@ mod tests {
         let e = parse(br#"{"cniVersion":"0.2.0"}"#).unwrap_err();
         assert_eq!(e.code, code::INCOMPATIBLE_VERSION);
         assert_eq!(parse(b"{").unwrap_err().code, code::DECODING);
-        let e = parse(br#"{"cniVersion":"1.0.0","selector":"some"}"#).unwrap_err();
-        assert_eq!(e.code, code::INVALID_CONFIG);
+        for bad in [
+            r#"{"cniVersion":"1.0.0","selector":"some"}"#,
+            r#"{"cniVersion":"1.0.0","proxy":"envoy"}"#,
+            r#"{"cniVersion":"1.0.0","args":["-b"]}"#,
+        ] {
+            let e = parse(bad.as_bytes()).unwrap_err();
+            assert_eq!(e.code, code::INVALID_CONFIG, "{bad}: {}", e.msg);
+        }
     }
 }

@@ -237,8 +237,16 @@ impl NodeAgent {
         }
     }
 
-    /// The network configuration a runtime would pass, for this agent.
+    /// The network configuration a runtime would pass, for this agent, with `selector: all`:
+    /// every pod not excluded is enrolled, those without a sidecar with the embedded proxy.
     pub fn cni_conf(&self, annotations: serde_json::Value) -> serde_json::Value {
+        let mut conf = self.cni_conf_default(annotations);
+        conf["selector"] = serde_json::json!("all");
+        conf
+    }
+
+    /// The same with the plugin's defaults: istio-cni's choice of pods.
+    pub fn cni_conf_default(&self, annotations: serde_json::Value) -> serde_json::Value {
         serde_json::json!({
             "cniVersion": "1.0.0",
             "name": "k8s-pod-network",

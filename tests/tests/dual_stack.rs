@@ -161,10 +161,11 @@ fn a_dual_stack_pod_enrolled_through_cni_takes_each_familys_cidrs() {
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
             .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"))
     };
-    // iptables: rule 9 is -j ISTIO_REDIRECT (the CIDR is not IPv4: no -d rule there).
-    assert_eq!(count("ipv4", 9), 2, "{text}");
-    // ip6tables: 8 is -d ::1/128 RETURN, 9 the excluded CIDR, 10 -j ISTIO_REDIRECT.
-    assert_eq!((count("ipv6", 9), count("ipv6", 10)), (1, 0), "{text}");
+    // The plugin's flags open ISTIO_OUTPUT with istio-cni's `-o 15020` (a tcp and a udp
+    // RETURN). iptables: rule 11 is -j ISTIO_REDIRECT (the CIDR is not IPv4: no -d rule there).
+    assert_eq!(count("ipv4", 11), 2, "{text}");
+    // ip6tables: 10 is -d ::1/128 RETURN, 11 the excluded CIDR, 12 -j ISTIO_REDIRECT.
+    assert_eq!((count("ipv6", 11), count("ipv6", 12)), (1, 0), "{text}");
 
     let out = agent.cni("DEL", "pod-ds", Some(&w.pair.workload.path), &conf);
     assert!(out.status.success(), "DEL: {}", out.stderr);

@@ -68,7 +68,8 @@ fn three_workloads_through_cni_land_per_their_own_flags_then_one_removed_and_a_r
     // Each decision counted on its own workload's rule, as `iptables -L -v` would per pod.
     let (status, text) = agent.scrape("/metrics").unwrap();
     assert_eq!(status, "HTTP/1.1 200 OK");
-    let last_output = 9;
+    // The last ISTIO_OUTPUT rule (-j ISTIO_REDIRECT), after the plugin's `-o 15020` pair.
+    let last_output = 11;
     assert_eq!(rule_count(&text, "pod-one", "ISTIO_OUTPUT", last_output), 1, "{text}");
     assert_eq!(rule_count(&text, "pod-two", "ISTIO_OUTPUT", last_output), 0, "{text}");
     assert_eq!(metric(&text, "redirect_workloads"), Some(3.0));
@@ -226,11 +227,22 @@ fn bad_enrollments_are_refused_and_change_nothing() {
     let out = agent.cni("ADD", "p", Some(&same_ip.pair.workload.path), &conf);
     assert!(!out.status.success());
     assert_eq!(out.stdout["code"], 1, "{:?}", out.stdout);
+    // Checked by the plugin, as istio-cni checks it, before the agent is asked.
     let conf = agent.cni_conf(json!({ "traffic.sidecar.istio.io/includeInboundPorts": "http" }));
+    let out = agent.cni("ADD", "p", Some(&same_ip.pair.workload.path), &conf);
+    assert_eq!(out.stdout["code"], 102, "{:?}", out.stdout);
+    assert!(
+        out.stdout["msg"].as_str().unwrap().contains("'http'"),
+        "{:?}",
+        out.stdout
+    );
+    // A flag only the agent can judge: its one-line refusal, as code 100.
+    let mut conf = agent.cni_conf(json!({}));
+    conf["args"] = json!(["-p", "70000"]);
     let out = agent.cni("ADD", "p", Some(&same_ip.pair.workload.path), &conf);
     assert_eq!(out.stdout["code"], 100, "{:?}", out.stdout);
     assert!(
-        out.stdout["msg"].as_str().unwrap().contains("'http'"),
+        out.stdout["msg"].as_str().unwrap().contains("70000"),
         "{:?}",
         out.stdout
     );

@@ -146,7 +146,8 @@ fn a_restart_under_load_hands_over_without_a_failed_request() {
     let served = metric(&text, "redirect_proxy_connections_total{workload=\"pod-load\"}").unwrap();
     assert!(served >= 200.0, "the new agent served {served}:\n{text}");
     // Counters live in the pinned maps: the restart did not reset them.
-    let total = rule_count(&text, "pod-load", "ISTIO_OUTPUT", 9);
+    // The last ISTIO_OUTPUT rule (-j ISTIO_REDIRECT), after the plugin's `-o 15020` pair.
+    let total = rule_count(&text, "pod-load", "ISTIO_OUTPUT", 11);
     assert!(total >= after.0, "{total} < {}", after.0);
     drop(echo);
 }
