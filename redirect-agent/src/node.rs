@@ -35,6 +35,7 @@ use crate::{
     engine::{
         self, Engine, Settings, Sizing, gone,
         handover::{self, Adoption},
+        pending::PendingSweep,
         pins::{self, Lock, LockError, Mode, State},
     },
     metrics, stats, sys,
@@ -184,6 +185,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         ))
     });
     let reaper = AbortOnDrop(tokio::spawn(release_gone_namespaces(engine.clone())));
+    let sweeper = sweep_pending(&opts.name);
     tracing::info!(
         name = %opts.name,
         cgroup = %attach.display(),
@@ -231,6 +233,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
     }
     drop(metrics);
     drop(reaper);
+    drop(sweeper);
     match ended {
         Ended::HandedOver { successor } => {
             tracing::info!(successor, "handed over; finishing open connections");
@@ -316,7 +319,18 @@ fn snapshot(engine: &Engine) -> metrics::Snapshot {
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// The sweep of inbound records nothing took ([`engine::pending`]), while this process serves.
+pub(crate) fn sweep_pending(name: &str) -> Option<AbortOnDrop> {
+    match PendingSweep::open(name) {
+        Ok(sweep) => Some(AbortOnDrop(tokio::spawn(sweep.run()))),
+        Err(e) => {
+            tracing::warn!("no sweep of {}: {e}", redirect_common::maps::INBOUND_PENDING);
+            None
+        }
+    }
+}
+
+pub(crate) struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

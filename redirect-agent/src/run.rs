@@ -211,7 +211,9 @@ async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow::Re
         }
     }
 
+    let sweeper = crate::node::sweep_pending(&opts.name);
     shutdown.await;
+    drop(sweeper);
 
     engine.stop().wait().await;
     tracing::info!(name = %opts.name, "detached; pins removed");

@@ -172,7 +172,9 @@ pub struct OrigDst {
     pub port: u16,
     /// The [`crate::Target`] that redirected it.
     pub target: u8,
-    pub _pad: u8,
+    /// `INBOUND_PENDING` only: 1 once the agent's sweep found the record still there, which the
+    /// next sweep then removes (a record nothing will take). 0 as the programs write it.
+    pub swept: u8,
 }
 
 impl OrigDst {
@@ -182,7 +184,7 @@ impl OrigDst {
             addr,
             port,
             target: target as u8,
-            _pad: 0,
+            swept: 0,
         }
     }
 }

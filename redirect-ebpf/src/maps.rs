@@ -102,9 +102,11 @@ pub static INBOUND_LISTENERS: SockHash<FamilyKey, { 2 * WORKLOAD_SLOTS }> = Sock
 
 /// Connection 4-tuple (+ netns) -> original destination of an inbound connection sk_lookup
 /// handed to the capture listener: from its SYN until sock_ops moves it to `ORIG_BY_TUPLE`
-/// (listeners inside the workload's cgroup) or the embedded proxy reads it. An LRU of its own,
-/// so that SYNs from other hosts that never complete age out here and never push established
-/// connections out of `ORIG_BY_TUPLE`.
+/// (listeners inside the workload's cgroup) or the embedded proxy reads it. Records nothing
+/// takes (segments that were no SYN, handshakes never completed) are removed by the agent's
+/// sweep (`redirect-agent/src/engine/pending.rs`, which writes `OrigDst::swept`). An LRU of its
+/// own, so that a flood of such records never pushes established connections out of
+/// `ORIG_BY_TUPLE`.
 #[btf_map]
 pub static INBOUND_PENDING: LruHashMap<TupleKey, OrigDst, 65536> = LruHashMap::new();
 

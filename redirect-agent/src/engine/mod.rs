@@ -23,6 +23,7 @@ pub(crate) mod handover;
 mod links;
 mod object;
 mod peer;
+pub mod pending;
 pub mod pins;
 mod release;
 mod restore;
