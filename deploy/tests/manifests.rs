@@ -44,9 +44,23 @@ fn the_agent_gets_what_node_mode_needs() {
     let pod = spec.template.spec.as_ref().unwrap();
     let c = agent(&ds);
     assert_eq!(c.command.as_ref().unwrap()[..2], ["redirect-agent", "node"]);
-    assert_eq!(c.security_context.as_ref().unwrap().privileged, Some(true));
+    // Least privilege: a list of capabilities, not privileged (tests/tests/node_privilege.rs
+    // runs node mode with exactly this list).
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.privileged, Some(false));
+    let caps = sc.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    let mut added = caps.add.clone().unwrap();
+    added.sort();
+    assert_eq!(added, ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]);
     assert_eq!(pod.host_pid, Some(true));
-    assert_eq!(pod.host_network, Some(true), "the kubelet probes the node's loopback");
+    // The handover passes the metrics listener, so both pods of an update share the node's
+    // network; and no container declares a port, which hostNetwork would make a host port
+    // that the update's surge pod could not be scheduled with.
+    assert_eq!(pod.host_network, Some(true));
+    for c in pod.containers.iter().chain(pod.init_containers.iter().flatten()) {
+        assert!(c.ports.is_none(), "{} declares a port", c.name);
+    }
 
     // Mounts: bpffs shared back to the node (pins outlive the pod), the cgroup root, the
     // runtime directory both pods of an update share, and the runtime's netns directory.
@@ -75,15 +89,27 @@ fn the_agent_gets_what_node_mode_needs() {
     );
     assert!(arg_after(c, "--socket").starts_with("/run/redirect/"));
 
-    // Readiness is the metrics endpoint's /ready, on the address the agent serves it.
+    // Metrics on the node's address (scraped in the cluster, named for Prometheus), and
+    // readiness is their /ready there: the kubelet probes the pod's address, the node's.
     let metrics = arg_after(c, "--metrics");
     let probe = c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
     assert_eq!(probe.path.as_deref(), Some("/ready"));
+    assert_eq!(probe.host, None);
     let port = match &probe.port {
         k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p) => p.to_string(),
         other => panic!("numeric port expected: {other:?}"),
     };
-    assert_eq!(format!("{}:{port}", probe.host.as_deref().unwrap()), metrics);
+    assert_eq!(metrics, format!("$(NODE_IP):{port}"));
+    let node_ip = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_IP")
+        .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(node_ip, Some("status.hostIP"));
+    let annotations = spec.template.metadata.as_ref().unwrap().annotations.as_ref().unwrap();
+    assert_eq!(annotations["prometheus.io/port"], port);
 
     let requests = c.resources.as_ref().unwrap().requests.as_ref().unwrap();
     assert!(requests.contains_key("cpu") && requests.contains_key("memory"));
@@ -99,12 +125,16 @@ fn the_agent_gets_what_node_mode_needs() {
 }
 
 #[test]
-fn the_init_container_installs_the_cni_plugin_for_the_agents_socket() {
+fn the_install_sidecar_keeps_the_cni_plugin_chained_for_the_agents_socket() {
     let (_, ds) = manifest();
     let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     let init = &pod.init_containers.as_ref().unwrap()[0];
     let cmd = init.command.as_ref().unwrap();
-    assert_eq!(cmd[..2], ["redirect-cni", "install"]);
+    assert_eq!(cmd[..3], ["redirect-cni", "install", "--watch"]);
+    // A native sidecar: before the agent, and running while it runs.
+    assert_eq!(init.restart_policy.as_deref(), Some("Always"));
+    let sc = init.security_context.as_ref().unwrap();
+    assert_eq!(sc.capabilities.as_ref().unwrap().add, None);
     let after = |f: &str| &cmd[cmd.iter().position(|a| a == f).unwrap() + 1];
     assert_eq!(after("--agent-socket"), arg_after(agent(&ds), "--socket"));
     let mounted: Vec<&str> = init

@@ -34,6 +34,9 @@ pub struct NodeAgent {
     extra: Vec<String>,
     /// RLIMIT_NOFILE the agent's processes start with and cannot raise.
     nofile: Option<u64>,
+    /// The only capabilities its processes may have (their bounding set), as Kubernetes names
+    /// them (`NET_ADMIN`).
+    capabilities: Option<rustix::thread::CapabilitySet>,
 }
 
 /// `redirect-agent node` under a name and socket that must be refused: the start exits 1 at
@@ -80,7 +83,19 @@ impl NodeAgent {
             name,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             nofile: None,
+            capabilities: None,
         }
+    }
+
+    /// Its processes start with these capabilities at most (a container's `capabilities.add`
+    /// over `drop: [ALL]`), named as Kubernetes names them. Panics on a name that is none.
+    pub fn with_capabilities(mut self, names: &[String]) -> Self {
+        let mut set = rustix::thread::CapabilitySet::empty();
+        for name in names {
+            set |= rustix::thread::CapabilitySet::from_name(name).unwrap_or_else(|| panic!("no capability {name}"));
+        }
+        self.capabilities = Some(set);
+        self
     }
 
     /// Its processes start with `nofile` descriptors at most (soft and hard), without
@@ -94,6 +109,35 @@ impl NodeAgent {
     pub fn start(&self) -> std::io::Result<NodeProcess> {
         let log = std::env::temp_dir().join(format!("{}.node.log", unique(&self.name)));
         let mut command = Command::new(agent_bin());
+        if let Some(allowed) = self.capabilities {
+            use rustix::thread::{self as t, CapabilitySet};
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: between fork and exec the closure only makes syscalls (prctl, capget,
+            // capset), which allocate nothing and take no lock.
+            unsafe {
+                command.pre_exec(move || {
+                    // Root's exec takes every capability in the bounding set: the set is
+                    // what the agent gets. SETPCAP, which removing needs, goes last.
+                    for cap in CapabilitySet::all().iter() {
+                        if cap != CapabilitySet::SETPCAP && !allowed.contains(cap) {
+                            match t::remove_capability_from_bounding_set(cap) {
+                                // One this kernel does not have.
+                                Err(rustix::io::Errno::INVAL) => {}
+                                other => other?,
+                            }
+                        }
+                    }
+                    t::clear_ambient_capability_set()?;
+                    let mut sets = t::capabilities(None)?;
+                    sets.inheritable = CapabilitySet::empty();
+                    t::set_capabilities(None, sets)?;
+                    if !allowed.contains(CapabilitySet::SETPCAP) {
+                        t::remove_capability_from_bounding_set(CapabilitySet::SETPCAP)?;
+                    }
+                    Ok(())
+                });
+            }
+        }
         if let Some(nofile) = self.nofile {
             use std::os::unix::process::CommandExt as _;
             let limit = rustix::process::Rlimit {
