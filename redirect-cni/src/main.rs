@@ -22,6 +22,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 mod install;
+mod kube;
 mod pod;
 
 use pod::{Decision, Pod, Selection, Selector};
@@ -76,6 +77,16 @@ struct NetConf {
     exclude_namespaces: Vec<String>,
     #[serde(default)]
     kubernetes: Option<KubernetesConf>,
+    /// A kubeconfig for the API server (istio-cni's `ZZZ-istio-cni-kubeconfig`): each pod is
+    /// then read from the API, as istio-cni reads it, not from the runtime's annotations.
+    #[serde(default)]
+    kubeconfig: Option<PathBuf>,
+    /// The agent's own pods (a name prefix in a namespace), let through unenrolled while the
+    /// API server fails, so that a new agent can start (istio-cni's fail-safe).
+    #[serde(default = "default_agent_pod_prefix")]
+    agent_pod_prefix: String,
+    #[serde(default = "default_agent_namespace")]
+    agent_namespace: String,
 }
 
 /// istio-cni's configuration before 1.23 nested its Kubernetes settings.
@@ -113,6 +124,12 @@ fn default_selector() -> String {
 }
 fn default_excluded() -> Vec<String> {
     vec!["kube-system".into()]
+}
+fn default_agent_pod_prefix() -> String {
+    kube::ApiConf::new("").agent_pod_prefix
+}
+fn default_agent_namespace() -> String {
+    kube::ApiConf::new("").agent_namespace
 }
 
 /// A failure as CNI reports it.
@@ -160,9 +177,32 @@ fn annotations(conf: &NetConf) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-/// The pod, as far as the runtime tells it.
-fn pod_of(conf: &NetConf, args: &BTreeMap<String, String>) -> Pod {
-    Pod::from_annotations(args.get("K8S_POD_NAMESPACE").cloned(), annotations(conf))
+/// The pod: read from the API server when a kubeconfig is configured (istio-cni's way), else as
+/// far as the runtime tells it. `Ok(Err(why))`: a pod left alone without reading it.
+fn pod_of(conf: &NetConf, args: &BTreeMap<String, String>) -> Result<Result<Pod, String>, CniError> {
+    let namespace = args.get("K8S_POD_NAMESPACE").filter(|v| !v.is_empty());
+    let Some(kubeconfig) = &conf.kubeconfig else {
+        return Ok(Ok(Pod::from_annotations(namespace.cloned(), annotations(conf))));
+    };
+    let name = args.get("K8S_POD_NAME").filter(|v| !v.is_empty());
+    let (Some(namespace), Some(name)) = (namespace, name) else {
+        return Ok(Err("not a kubernetes pod".into()));
+    };
+    // istio-cni's order: an excluded namespace is never read, so its pods start while the API
+    // server is down.
+    if conf.selection().exclude_namespaces.contains(namespace) {
+        return Ok(Err(format!("namespace {namespace} is excluded")));
+    }
+    let api = kube::ApiConf {
+        agent_pod_prefix: conf.agent_pod_prefix.clone(),
+        agent_namespace: conf.agent_namespace.clone(),
+        ..kube::ApiConf::new(kubeconfig)
+    };
+    match kube::fetch_pod(&api, namespace, name) {
+        Ok(pod) => Ok(Ok(pod)),
+        Err(e @ kube::FetchError::AgentPod(_)) => Ok(Err(e.to_string())),
+        Err(kube::FetchError::Failed(e)) => Err(fail(code::TRY_AGAIN_LATER, e)),
+    }
 }
 
 fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
@@ -222,7 +262,13 @@ fn cni(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
             // The previous plugin's result is this one's: it adds no interface or address.
             let mut result = conf.prev_result.clone().unwrap_or_else(|| json!({}));
             result["cniVersion"] = json!(conf.cni_version);
-            let pod = pod_of(&conf, &args);
+            let pod = match pod_of(&conf, &args)? {
+                Ok(pod) => pod,
+                Err(why) => {
+                    eprintln!("redirect-cni: {id}: not enrolled: {why}");
+                    return Ok(Some(result));
+                }
+            };
             let (proxy, flags) = match pod::decide(&conf.selection(), &pod).map_err(|e| fail(code::BAD_POD, e))? {
                 Decision::Skip(why) => {
                     eprintln!("redirect-cni: {id}: not enrolled: {why}");
@@ -265,10 +311,10 @@ fn cni(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
             let Response::Workloads(list) = call(&conf.agent_socket, &Request::List).map_err(api_error)? else {
                 return Err(fail(code::TRY_AGAIN_LATER, "unexpected answer from the agent"));
             };
-            let should = matches!(
-                pod::decide(&conf.selection(), &pod_of(&conf, &args)),
-                Ok(Decision::Enroll { .. })
-            );
+            let should = match pod_of(&conf, &args)? {
+                Ok(pod) => matches!(pod::decide(&conf.selection(), &pod), Ok(Decision::Enroll { .. })),
+                Err(_) => false,
+            };
             match (should, list.iter().any(|w| w.id == id)) {
                 (true, false) => Err(fail(
                     code::NOT_ENROLLED,
