@@ -13,7 +13,7 @@ use std::{
 use redirect_testkit::server::TestServer;
 use redirect_tests::{
     APP_PORT, Landing, OUTBOUND_CAPTURE, REMOTE_PORT, Workload, direct, landing,
-    node::{Inbound, NodeAgent, StopOnDrop, inbound, load, metric, refused_node_start, rule_count},
+    node::{Inbound, NodeAgent, PodProxy, StopOnDrop, inbound, load, metric, refused_node_start, rule_count},
     proxied,
 };
 use serde_json::json;
@@ -256,18 +256,6 @@ fn bad_enrollments_are_refused_and_change_nothing() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is running"));
 }
 
-/// `redirect-agent proxy` as the workload's own proxy (Envoy's part): it listens on the
-/// capture ports as uid 1337 and asks SO_ORIGINAL_DST, which the root getsockopt program
-/// answers.
-struct WorkloadProxy(std::process::Child);
-
-impl Drop for WorkloadProxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn a_workload_with_its_own_proxy_is_captured_and_told_original_destinations() {
     let agent = NodeAgent::new("node-own", &[]);
@@ -281,18 +269,7 @@ fn a_workload_with_its_own_proxy_is_captured_and_told_original_destinations() {
     assert_eq!(landing(&r), Landing::Failed(redirect_tests::Outcome::Refused), "{r:?}");
     assert_eq!(inbound(&w, APP_PORT), Inbound::Failed(redirect_tests::Outcome::Refused));
 
-    let _proxy = WorkloadProxy(
-        std::process::Command::new(redirect_tests::agent_bin())
-            .args(["proxy", "--netns"])
-            .arg(&w.pair.workload.path)
-            .arg("--cgroup")
-            .arg(&w.cgroup.path)
-            .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("start the workload's proxy"),
-    );
+    let _proxy = PodProxy::start(&w);
     let deadline = Instant::now() + Duration::from_secs(20);
     let r = loop {
         let r = w.probe(&w.spec(w.remote(REMOTE_PORT)));

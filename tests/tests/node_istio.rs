@@ -11,41 +11,13 @@ use std::{
 use redirect_testkit::server::TestServer;
 use redirect_tests::{
     APP_PORT, OUTBOUND_CAPTURE, REMOTE_PORT, Workload, landing,
-    node::{Inbound, NodeAgent, inbound},
+    node::{Inbound, NodeAgent, PodProxy, inbound},
     proxied,
 };
 use serde_json::json;
 
 /// What the injector writes in CNI mode: istio-validation in place of istio-init.
 const INJECTED: &str = r#"{"initContainers":["istio-validation"],"containers":["istio-proxy"],"volumes":["istio-envoy"],"imagePullSecrets":null,"revision":"default"}"#;
-
-/// `redirect-agent proxy` in the pod's namespace and cgroup, as Envoy: it listens on
-/// 0.0.0.0:15001 and 0.0.0.0:15006, which fails if anything holds 127.0.0.1 on those ports.
-struct Sidecar(std::process::Child);
-
-impl Sidecar {
-    fn start(w: &Workload) -> Self {
-        Self(
-            std::process::Command::new(redirect_tests::agent_bin())
-                .args(["proxy", "--netns"])
-                .arg(&w.pair.workload.path)
-                .arg("--cgroup")
-                .arg(&w.cgroup.path)
-                .env("RUST_LOG", "warn")
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .expect("start the sidecar's stand-in"),
-        )
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn by_default_an_injected_pod_is_captured_to_its_sidecar_and_other_pods_are_left_alone() {
@@ -102,7 +74,7 @@ fn by_default_an_injected_pod_is_captured_to_its_sidecar_and_other_pods_are_left
     assert_eq!(landing(&r), redirect_tests::direct("remote"), "{r:?}");
 
     // The sidecar takes its ports (it would exit on EADDRINUSE) and gets both directions.
-    let _sidecar = Sidecar::start(&injected);
+    let _sidecar = PodProxy::start(&injected);
     let deadline = Instant::now() + Duration::from_secs(20);
     let r = loop {
         let r = injected.probe(&injected.spec(injected.remote(REMOTE_PORT)));

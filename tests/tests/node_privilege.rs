@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use redirect_tests::{
     APP_PORT, OUTBOUND_CAPTURE, Outcome, REMOTE_PORT, Workload, banner_peer_ip, landing,
-    node::{Inbound, NodeAgent, inbound},
+    node::{Inbound, NodeAgent, PodProxy, inbound},
     proxied,
 };
 use serde_json::json;
@@ -36,16 +36,6 @@ fn capabilities(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let hex = status.lines().find_map(|l| l.strip_prefix(field)).unwrap().trim();
     u64::from_str_radix(hex, 16).unwrap()
-}
-
-/// `redirect-agent proxy` as the pod's own proxy, in its namespace and cgroup.
-struct PodProxy(std::process::Child);
-
-impl Drop for PodProxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
@@ -92,20 +82,9 @@ fn the_daemonsets_capabilities_are_enough_for_every_kind_of_pod() {
 
     // The pod's own proxy listens before the enrollment: the agent takes its listener.
     let own = Workload::new_on("np3", 93);
-    let _proxy = PodProxy(
-        std::process::Command::new(redirect_tests::agent_bin())
-            .args(["proxy", "--netns"])
-            .arg(&own.pair.workload.path)
-            .arg("--cgroup")
-            .arg(&own.cgroup.path)
-            .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("start the pod's proxy"),
-    );
+    let proxy = PodProxy::start(&own);
     let listening = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(format!("/proc/{}/net/tcp", _proxy.0.id()))
+    while !std::fs::read_to_string(format!("/proc/{}/net/tcp", proxy.pid()))
         .unwrap_or_default()
         .lines()
         .any(|l| {
