@@ -381,3 +381,37 @@ pub fn banner_peer_ip(r: &ProbeResult) -> std::net::Ipv4Addr {
         .unwrap();
     *saw.ip()
 }
+
+/// `redirect-agent proxy` as a workload's own proxy (Envoy's part), in its namespace and
+/// cgroup: it listens on 0.0.0.0:15001 and :15006 (and fails if anything holds 127.0.0.1 on
+/// those ports) as uid 1337, and asks SO_ORIGINAL_DST, which the root getsockopt program
+/// answers. Killed when dropped.
+pub struct PodProxy(std::process::Child);
+
+impl PodProxy {
+    pub fn start(w: &Workload) -> Self {
+        Self(
+            std::process::Command::new(agent_bin())
+                .args(["proxy", "--netns"])
+                .arg(&w.pair.workload.path)
+                .arg("--cgroup")
+                .arg(&w.cgroup.path)
+                .env("RUST_LOG", "warn")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("start the workload's own proxy"),
+        )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for PodProxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -7,13 +7,13 @@
 use std::{
     net::SocketAddrV4,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use redirect_testkit::server::TestServer;
 use redirect_tests::{
-    Landing, OUTBOUND_CAPTURE, Outcome, REMOTE_PORT, Workload, agent_bin, agent_cmd, iptables_restore, landing,
+    Landing, OUTBOUND_CAPTURE, Outcome, PodProxy, REMOTE_PORT, Workload, agent_cmd, iptables_restore, landing,
     node::NodeAgent, proxied,
 };
 
@@ -108,16 +108,6 @@ fn landings(w: &Workload) -> [Landing; 3] {
     [REMOTE_PORT, ALLOWED_PORT, OWNER_PORT].map(|p| landing(&w.probe(&w.spec(w.remote(p)))))
 }
 
-/// The sidecar: `redirect-agent proxy` in the workload's cgroup and namespace, as uid 1337.
-struct Sidecar(Child);
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// What the sidecar's connections see under the rules (the oracle), and that without them
 /// every destination is reached.
 fn with_a_sidecar() -> [Result<String, Outcome>; 3] {
@@ -126,19 +116,7 @@ fn with_a_sidecar() -> [Result<String, Outcome>; 3] {
     let out = agent_cmd(&["explain"]);
     assert!(out.status.success());
     iptables_restore(&w.pair.workload.name, &String::from_utf8(out.stdout).unwrap());
-    let _sidecar = Sidecar(
-        Command::new(agent_bin())
-            .args(["proxy", "--uid", "1337", "--gid", "1337"])
-            .arg("--netns")
-            .arg(&w.pair.workload.path)
-            .arg("--cgroup")
-            .arg(&w.cgroup.path)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start redirect-agent proxy"),
-    );
+    let _sidecar = PodProxy::start(&w);
     // Under REDIRECT the app sees its original peer: a proxied connection looks direct to it.
     let open = landings(&w).map(reached);
     assert_eq!(

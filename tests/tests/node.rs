@@ -12,8 +12,8 @@ use std::{
 
 use redirect_testkit::server::TestServer;
 use redirect_tests::{
-    APP_PORT, Landing, OUTBOUND_CAPTURE, REMOTE_PORT, Workload, direct, landing,
-    node::{Inbound, NodeAgent, PodProxy, StopOnDrop, inbound, load, metric, refused_node_start, rule_count},
+    APP_PORT, Landing, OUTBOUND_CAPTURE, PodProxy, REMOTE_PORT, Workload, direct, landing,
+    node::{Inbound, NodeAgent, StopOnDrop, inbound, load, metric, refused_node_start, rule_count},
     proxied,
 };
 use serde_json::json;

@@ -10,8 +10,8 @@ use std::{
 
 use redirect_testkit::server::TestServer;
 use redirect_tests::{
-    APP_PORT, OUTBOUND_CAPTURE, REMOTE_PORT, Workload, landing,
-    node::{Inbound, NodeAgent, PodProxy, inbound},
+    APP_PORT, OUTBOUND_CAPTURE, PodProxy, REMOTE_PORT, Workload, landing,
+    node::{Inbound, NodeAgent, inbound},
     proxied,
 };
 use serde_json::json;

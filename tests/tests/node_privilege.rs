@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use redirect_tests::{
-    APP_PORT, OUTBOUND_CAPTURE, Outcome, REMOTE_PORT, Workload, banner_peer_ip, landing,
-    node::{Inbound, NodeAgent, PodProxy, inbound},
+    APP_PORT, OUTBOUND_CAPTURE, Outcome, PodProxy, REMOTE_PORT, Workload, banner_peer_ip, landing,
+    node::{Inbound, NodeAgent, inbound},
     proxied,
 };
 use serde_json::json;

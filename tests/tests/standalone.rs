@@ -3,21 +3,10 @@
 
 use std::{
     net::Ipv4Addr,
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use redirect_tests::{APP_PORT, Outcome, REMOTE_PORT, Workload, agent_bin, agent_cmd, iptables_restore};
-
-/// The proxy as a child process, killed on drop.
-struct ProxyProcess(Child);
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use redirect_tests::{APP_PORT, Outcome, PodProxy, REMOTE_PORT, Workload, agent_cmd, iptables_restore};
 
 fn explain_default() -> String {
     let out = agent_cmd(&["explain"]);
@@ -32,19 +21,7 @@ fn the_proxy_serves_iptables_redirect_both_ways() {
     // The rules alone send the app's connection to a port nobody listens on yet.
     let r = w.probe(&w.spec(w.remote(REMOTE_PORT)));
     assert_eq!(r.outcome, Outcome::Refused, "not redirected: {r:?}");
-    let _proxy = ProxyProcess(
-        Command::new(agent_bin())
-            .arg("proxy")
-            .arg("--netns")
-            .arg(&w.pair.workload.path)
-            .arg("--cgroup")
-            .arg(&w.cgroup.path)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start redirect-agent proxy"),
-    );
+    let _proxy = PodProxy::start(&w);
 
     // Outbound: the app's connection is REDIRECTed to :15001 by the nat table; the proxy (uid
     // 1337, exempt) dials the original destination from the pod. Retried while it starts.
