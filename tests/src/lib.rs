@@ -24,6 +24,7 @@ pub mod differential;
 pub mod node;
 pub mod procfd;
 pub mod rules_text;
+pub mod runtime;
 
 /// Ports of the servers every workload has.
 pub const REMOTE_PORT: u16 = 8080;

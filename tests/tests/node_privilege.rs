@@ -14,21 +14,8 @@ use serde_json::json;
 
 /// The agent container's `securityContext.capabilities.add` in the DaemonSet.
 fn daemonset_capabilities() -> Vec<String> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml")).unwrap();
-    let ds: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
-    let containers = ds["spec"]["template"]["spec"]["containers"].as_sequence().unwrap();
-    let agent = containers
-        .iter()
-        .find(|c| c["name"] == "agent")
-        .expect("an agent container");
-    let caps = &agent["securityContext"]["capabilities"];
-    assert_eq!(caps["drop"][0], "ALL", "{caps:?}");
-    caps["add"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_str().unwrap().to_owned())
-        .collect()
+    use redirect_tests::runtime;
+    runtime::capabilities(&runtime::container(&runtime::daemonset(), "agent"))
 }
 
 /// A capability set of `pid` (`field`: `CapEff:`, `CapBnd:`), from /proc.

@@ -13,6 +13,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod docs;
+mod image;
 mod sh;
 mod stress;
 mod vm;
@@ -36,6 +37,13 @@ enum Task {
     Build {
         #[arg(long)]
         release: bool,
+    },
+    /// Build the container image deploy/daemonset.yaml names, offline (no base image), into
+    /// target/release/redirect.oci.tar (`podman load -i`, `ctr -n k8s.io images import`).
+    Image {
+        /// From a debug build (quicker to build; what the tests run) instead of the release one.
+        #[arg(long)]
+        debug: bool,
     },
     /// Set up, build, and run the demo: the agent on a throw-away workload (root).
     Run,
@@ -102,6 +110,15 @@ const APT: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("bpftool", "bpftool"),
     ("iptables-restore", "iptables"),
+    // A real container runtime for the runtime tests and `image`: podman with runc (crun
+    // refuses hybrid cgroups), its pause process, and the reference CNI plugins it chains
+    // redirect-cni after.
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("catatonit", "catatonit"),
+    ("/usr/lib/cni/bridge", "containernetworking-plugins"),
+    // The image's shell.
+    ("/bin/busybox", "busybox-static"),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -249,8 +266,12 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     ]);
     run("test: cargo clippy (eBPF)", c)?;
     let agent = build(false)?;
+    // The image the runtime tests run containers of, from the binaries they test.
+    let archive = agent.with_file_name("redirect.oci.tar");
+    image::build(agent.parent().context("test: the agent's directory")?, &archive)?;
     let mut c = cargo();
     c.args(["test", "--workspace", "--exclude", "redirect-ebpf"])
+        .env("REDIRECT_IMAGE_ARCHIVE", &archive)
         .env("REDIRECT_AGENT_BIN", &agent)
         .env("REDIRECT_CNI_BIN", agent.with_file_name("redirect-cni"))
         .env("REDIRECT_TESTKIT_BIN", agent.with_file_name("redirect-testkit"));
@@ -314,6 +335,21 @@ fn bench(quick: bool, profile: bool, scale: Option<usize>) -> anyhow::Result<()>
         c.arg("--profile");
     }
     run("bench: redirect-bench run", c)
+}
+
+fn image(debug: bool) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("image: podman builds into a store of its own under target/, as root");
+    }
+    setup()?;
+    let agent = build(!debug)?;
+    let archive = agent.with_file_name("redirect.oci.tar");
+    let tag = image::build(agent.parent().context("image: the agent's directory")?, &archive)?;
+    println!(
+        "image: {tag} in {} (load it with `podman load -i` or `ctr -n k8s.io images import`)",
+        archive.display()
+    );
+    Ok(())
 }
 
 fn stress(counts: &stress::Counts, debug: bool) -> anyhow::Result<()> {
@@ -381,6 +417,7 @@ fn main() -> std::process::ExitCode {
             c.arg("demo").arg("--agent").arg(&agent);
             run("run: redirect-testkit demo", c)
         }),
+        Task::Image { debug } => image(debug),
         Task::Test { filter } => test(filter),
         Task::Bench { quick, profile, scale } => bench(quick, profile, scale),
         Task::Stress {

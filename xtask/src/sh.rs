@@ -50,7 +50,11 @@ pub(crate) fn output(c: &mut Command) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// A command on PATH, or a file by absolute path.
 pub(crate) fn have(binary: &str) -> bool {
+    if binary.starts_with('/') {
+        return Path::new(binary).is_file();
+    }
     env::var_os("PATH")
         .map(|p| env::split_paths(&p).any(|d| d.join(binary).is_file()))
         .unwrap_or(false)

@@ -178,6 +178,12 @@ fn test_binaries() -> anyhow::Result<Vec<(String, PathBuf)>> {
             .is_some_and(|k| k.iter().any(|k| k == "test"));
         if let (true, Some(exe)) = (is_test, msg["executable"].as_str()) {
             let name = msg["target"]["name"].as_str().unwrap_or("?").to_owned();
+            // The container runtime's tests run on the host only: what they add is the
+            // runtime and the image, not another kernel's behaviour, and podman's state
+            // directories are not writable in the guest's view of the host.
+            if name == "runtime" {
+                continue;
+            }
             bins.push((name, PathBuf::from(exe)));
         }
     }
