@@ -1,7 +1,11 @@
-//! The DaemonSet against the Kubernetes API types (k8s-openapi, API 1.33), and the systemd
+//! The DaemonSet and its RBAC against the Kubernetes API types (k8s-openapi, API 1.33), and the systemd
 //! unit against what the agent needs.
 
-use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Container};
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{Container, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
 
 fn manifest() -> (serde_yaml::Value, DaemonSet) {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/daemonset.yaml")).unwrap();
@@ -146,6 +150,60 @@ fn the_install_sidecar_keeps_the_cni_plugin_chained_for_the_agents_socket() {
         .collect();
     assert!(mounted.contains(&after("--cni-bin-dir").as_str()));
     assert!(mounted.contains(&after("--cni-conf-dir").as_str()));
+    assert!(mounted.contains(&after("--service-account").as_str()));
+}
+
+/// deploy/rbac.yaml's documents, each against its API type.
+fn rbac() -> (ServiceAccount, ClusterRole, ClusterRoleBinding) {
+    use serde::Deserialize as _;
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/rbac.yaml")).unwrap();
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_yaml::Value::deserialize(d).expect("rbac.yaml is YAML"))
+        .collect();
+    assert_eq!(docs.len(), 3, "a ServiceAccount, a ClusterRole and its binding");
+    // As for the DaemonSet: a field the types drop is one the API server would not know.
+    fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(raw: &serde_yaml::Value) -> T {
+        let v: T = serde_yaml::from_value(raw.clone()).expect("an API object");
+        assert_eq!(
+            serde_json::to_value(&v).unwrap(),
+            serde_json::to_value(raw).unwrap(),
+            "a field of rbac.yaml is not in the Kubernetes API"
+        );
+        v
+    }
+    (typed(&docs[0]), typed(&docs[1]), typed(&docs[2]))
+}
+
+#[test]
+fn the_plugin_may_read_pods_and_nothing_else_and_only_install_cni_has_the_token() {
+    let (sa, role, binding) = rbac();
+    let rules = role.rules.unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0].api_groups.as_deref(), Some(&["".to_owned()][..]));
+    assert_eq!(rules[0].resources.as_deref(), Some(&["pods".to_owned()][..]));
+    assert_eq!(rules[0].verbs, ["get"]);
+    assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
+    let subject = &binding.subjects.unwrap()[0];
+    assert_eq!(subject.kind, "ServiceAccount");
+    assert_eq!(Some(&subject.name), sa.metadata.name.as_ref());
+    assert_eq!(subject.namespace, sa.metadata.namespace);
+
+    let (_, ds) = manifest();
+    assert_eq!(ds.metadata.namespace, sa.metadata.namespace);
+    let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(pod.service_account_name, sa.metadata.name);
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    // The token's volume is mounted in install-cni and nowhere else.
+    let mounts_token = |c: &Container| c.volume_mounts.iter().flatten().any(|m| m.name == "cni-token");
+    assert!(mounts_token(&pod.init_containers.as_ref().unwrap()[0]));
+    assert!(!mounts_token(agent(&ds)));
+    let volume = pod.volumes.iter().flatten().find(|v| v.name == "cni-token").unwrap();
+    let sources = volume.projected.as_ref().unwrap().sources.as_ref().unwrap();
+    assert!(
+        sources
+            .iter()
+            .any(|s| s.service_account_token.as_ref().is_some_and(|t| t.path == "token"))
+    );
 }
 
 #[test]

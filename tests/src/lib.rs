@@ -21,6 +21,7 @@ use redirect_testkit::{
 pub use redirect_testkit::report::Outcome;
 
 pub mod differential;
+pub mod kube_api;
 pub mod node;
 pub mod procfd;
 pub mod rules_text;

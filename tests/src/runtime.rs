@@ -182,6 +182,17 @@ volume_path = "{tmp}/volumes"
         self.dir.join("bin")
     }
 
+    /// The CNI configuration directory: the node's /etc/cni/net.d.
+    pub fn conf_dir(&self) -> PathBuf {
+        self.dir.join("net.d")
+    }
+
+    /// Where a volume of the DaemonSet that is not a host path (a projected service account
+    /// token) comes from; the test fills it.
+    pub fn volume_dir(&self, volume: &str) -> PathBuf {
+        self.dir.join("volumes").join(volume)
+    }
+
     /// `podman ARGS` on this node's store, in its network namespace; `env` as the kubelet
     /// passes a pod's identity (CNI_ARGS, which podman passes on to the plugins).
     pub fn podman_with(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -212,13 +223,16 @@ volume_path = "{tmp}/volumes"
     /// `agent`: its command with the instance's socket, name and metrics address; its
     /// capabilities, security options, environment; the node's namespaces as `hostNetwork`
     /// and `hostPID` give them; its hostPath volumes, with the test's CNI directories in place
-    /// of /opt/cni/bin and /etc/cni/net.d.
+    /// of /opt/cni/bin and /etc/cni/net.d. Volumes that are not hostPath (the service
+    /// account's projected token) come from [`Node::volume_dir`]; `env` adds to the
+    /// container's (as the kubelet adds `KUBERNETES_SERVICE_HOST`).
     pub fn run_daemonset_container(
         &self,
         name: &str,
         spec: &serde_yaml::Value,
         agent: &NodeAgent,
         extra: &[&str],
+        env: &[(&str, String)],
     ) -> Container<'_> {
         let ds = daemonset();
         let pod = &ds["spec"]["template"]["spec"];
@@ -264,17 +278,20 @@ volume_path = "{tmp}/volumes"
             };
             args.extend(["--env".into(), format!("{key}={value}")]);
         }
+        for (key, value) in env {
+            args.extend(["--env".into(), format!("{key}={value}")]);
+        }
         let volumes = pod["volumes"].as_sequence().unwrap();
         for mount in spec["volumeMounts"].as_sequence().into_iter().flatten() {
             let volume = volumes
                 .iter()
                 .find(|v| v["name"] == mount["name"])
                 .expect("a volume of each mount");
-            let host = volume["hostPath"]["path"].as_str().expect("hostPath volumes");
-            let host = match host {
-                "/opt/cni/bin" => self.bin_dir(),
-                "/etc/cni/net.d" => self.dir.join("net.d"),
-                other => PathBuf::from(other),
+            let host = match volume["hostPath"]["path"].as_str() {
+                Some("/opt/cni/bin") => self.bin_dir(),
+                Some("/etc/cni/net.d") => self.conf_dir(),
+                Some(other) => PathBuf::from(other),
+                None => self.volume_dir(volume["name"].as_str().unwrap()),
             };
             std::fs::create_dir_all(&host).unwrap();
             let propagation = match mount["mountPropagation"].as_str() {
@@ -321,7 +338,7 @@ volume_path = "{tmp}/volumes"
     /// The DaemonSet's agent container as instance `agent`, waited for until it serves.
     pub fn start_agent(&self, name: &str, agent: &NodeAgent) -> Container<'_> {
         let spec = container(&daemonset(), "agent");
-        let c = self.run_daemonset_container(name, &spec, agent, &["--name", &agent.name]);
+        let c = self.run_daemonset_container(name, &spec, agent, &["--name", &agent.name], &[]);
         let deadline = Instant::now() + redirect_testkit::agent::start_timeout();
         loop {
             let pid = c.pid();

@@ -1,17 +1,21 @@
 //! Through a real container runtime: podman creates the pods, the reference `bridge` plugin
 //! gives them their network, and redirect-cni, chained after it by the install-cni container,
-//! enrolls them with the agent, which runs as the DaemonSet's agent container. Every container
-//! is from the image `cargo xtask image` builds, the one deploy/daemonset.yaml names; the
-//! test kit is mounted into the pods' app containers.
+//! reads each pod from the API server (a stand-in, with the kubeconfig install-cni wrote from
+//! its service account) and enrolls the pods Istio injected with the agent, which runs as the
+//! DaemonSet's agent container. Every container is from the image `cargo xtask image` builds,
+//! the one deploy/daemonset.yaml names; the test kit is mounted into the pods' app containers.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
     time::{Duration, Instant},
 };
 
 use redirect_testkit::{probe::ProbeSpec, server::TestServer};
 use redirect_tests::{
-    OUTBOUND_CAPTURE, banner_peer_ip, landing,
+    OUTBOUND_CAPTURE, banner_peer_ip,
+    kube_api::{self, ApiServer},
+    landing,
     node::NodeAgent,
     proxied,
     runtime::{self, Node, Pod},
@@ -19,22 +23,42 @@ use redirect_tests::{
 };
 
 const APP: u16 = 8080;
+/// The app's second port, which its annotation excludes from capture.
+const ADMIN: u16 = 8081;
 const REMOTE: u16 = 9090;
 /// What Istio's sidecar needs of its own, as the stand-in (`redirect-agent proxy`) asks for:
 /// it takes the proxy's uid and gid, and its listeners are made in the pod's namespace.
 const SIDECAR_CAPS: &[&str] = &["NET_ADMIN", "SYS_ADMIN", "SETUID", "SETGID"];
 
-/// A pod as the injector leaves it: the app (the test kit's server on 8080) and its sidecar.
-fn meshed_pod(node: &Node, name: &str) -> Result<Pod, String> {
+/// What the injector writes in CNI mode: istio-validation in place of istio-init.
+const INJECTED: &str = r#"{"initContainers":["istio-validation"],"containers":["istio-proxy"],"volumes":["istio-envoy"],"imagePullSecrets":null,"revision":"default"}"#;
+
+/// A pod as the injector leaves it, known to the API server: the app (the test kit's server on
+/// 8080 and 8081, which its annotation excludes) and its sidecar.
+fn meshed_pod(node: &Node, api: &ApiServer, name: &str) -> Result<Pod, String> {
+    api.add(kube_api::pod(
+        "default",
+        name,
+        &["istio-proxy", "app"],
+        serde_json::json!({
+            "sidecar.istio.io/status": INJECTED,
+            "traffic.sidecar.istio.io/excludeInboundPorts": ADMIN.to_string(),
+        }),
+    ));
     let sidecar = format!("{name}-sidecar");
     let app = format!("{name}-app");
     let listen = format!("app=0.0.0.0:{APP}");
+    let admin = format!("admin=0.0.0.0:{ADMIN}");
     let pod = node.pod(
         name,
         "default",
         &[
             (&sidecar, SIDECAR_CAPS, &["redirect-agent", "proxy"]),
-            (&app, &[], &["/testkit", "serve", "--listen", &listen]),
+            (
+                &app,
+                &[],
+                &["/testkit", "serve", "--listen", &listen, "--listen", &admin],
+            ),
         ],
     )?;
     node.wait_for_output(&sidecar, "proxy serving");
@@ -42,22 +66,32 @@ fn meshed_pod(node: &Node, name: &str) -> Result<Pod, String> {
     Ok(pod)
 }
 
+/// Inbound to `port` of `pod` from the node: whether the app saw it come from the sidecar.
+fn through_sidecar(node: &Node, pod: &Pod, port: u16) -> bool {
+    let r = ProbeSpec::outside(&node.netns.path, SocketAddrV4::new(pod.ip, port))
+        .run(&testkit_bin())
+        .unwrap();
+    assert!(r.banner_field("name").is_some(), "{}:{port}: {r:?}", pod.name);
+    r.banner_field("peer").is_some_and(|p| p.starts_with("127.0.0.6:"))
+}
+
 /// Both directions of `pod` go through its sidecar, as behind istio-iptables' REDIRECT: in,
 /// the app sees the sidecar's 127.0.0.6; out, the connection lands on the sidecar's 15001 and
 /// the remote host sees the pod's address.
+/// Its excluded port is left alone.
 fn assert_captured(node: &Node, pod: &Pod) {
-    let testkit = testkit_bin();
-    let r = ProbeSpec::outside(&node.netns.path, SocketAddrV4::new(pod.ip, APP))
-        .run(&testkit)
-        .unwrap();
-    assert_eq!(r.banner_field("name"), Some("app"), "{}: {r:?}", pod.name);
     assert!(
-        r.banner_field("peer").is_some_and(|p| p.starts_with("127.0.0.6:")),
-        "{} inbound not through its sidecar: {r:?}",
+        through_sidecar(node, pod, APP),
+        "{} inbound not through its sidecar",
+        pod.name
+    );
+    assert!(
+        !through_sidecar(node, pod, ADMIN),
+        "{}'s excluded port captured",
         pod.name
     );
     let r = ProbeSpec::outside(&pod.netns, SocketAddrV4::new(node.gateway, REMOTE))
-        .run(&testkit)
+        .run(&testkit_bin())
         .unwrap();
     assert_eq!(landing(&r), proxied(OUTBOUND_CAPTURE, "remote"), "{}: {r:?}", pod.name);
     assert_eq!(banner_peer_ip(&r), pod.ip, "{}: {r:?}", pod.name);
@@ -79,7 +113,8 @@ fn chained(node: &Node) -> bool {
         .flatten()
         .filter_map(|p| p["type"].as_str())
         .collect();
-    types == ["bridge", "redirect-cni"] && node.plugin("redirect-cni").is_file()
+    let kubeconfig = conf["plugins"][1]["kubeconfig"].as_str().unwrap_or_default();
+    types == ["bridge", "redirect-cni"] && node.plugin("redirect-cni").is_file() && Path::new(kubeconfig).is_file()
 }
 
 #[test]
@@ -89,14 +124,27 @@ fn pods_of_a_real_runtime_are_captured_to_their_sidecar_deleted_and_kept_through
     // On every address of the node's namespace: the bridge's comes with the first pod.
     let _remote = TestServer::start(&node.netns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, REMOTE), "remote").unwrap();
     let ds = runtime::daemonset();
+    // The API server, on the node's loopback (the plugin runs there, in the runtime's
+    // namespace), and the service account the kubelet would mount into install-cni.
+    let token = "rt-service-account-token";
+    let api = ApiServer::start(&node.netns, token);
+    let account = node.volume_dir("cni-token");
+    std::fs::create_dir_all(&account).unwrap();
+    std::fs::write(account.join("token"), token).unwrap();
 
-    // install-cni, as the DaemonSet runs it (`install --watch`), told to enroll every pod
-    // toward its own sidecar (the runtime passes no annotations: `selector all`).
+    // install-cni, as the DaemonSet runs it (`install --watch`), with the kubelet's
+    // KUBERNETES_SERVICE_* pointing at the stand-in (plain HTTP: istio-cni's
+    // KUBERNETES_SERVICE_PROTOCOL), and the node's view of the CNI directory.
     let install = node.run_daemonset_container(
         "rt-install-cni",
         &runtime::container(&ds, "install-cni"),
         &agent,
-        &["--selector", "all", "--proxy", "none"],
+        &["--host-cni-conf-dir", &node.conf_dir().to_string_lossy()],
+        &[
+            ("KUBERNETES_SERVICE_HOST", api.addr.ip().to_string()),
+            ("KUBERNETES_SERVICE_PORT", api.addr.port().to_string()),
+            ("KUBERNETES_SERVICE_PROTOCOL", "http".into()),
+        ],
     );
     wait_until("install-cni chains redirect-cni", Duration::from_secs(30), || {
         chained(&node)
@@ -104,19 +152,33 @@ fn pods_of_a_real_runtime_are_captured_to_their_sidecar_deleted_and_kept_through
     let entry = &node.conflist()["plugins"][1];
     assert_eq!(entry["agentSocket"], agent.socket.to_string_lossy().as_ref(), "{entry}");
 
-    // With the plugin chained and no agent, a pod's sandbox fails: nothing starts uncaptured.
-    let early = node.pod(
-        "early",
-        "default",
-        &[("early-app", &[], &["/testkit", "serve", "--listen", "app=0.0.0.0:8080"])],
-    );
+    // With the plugin chained and no agent, an injected pod's sandbox fails: nothing starts
+    // uncaptured.
+    let early = meshed_pod(&node, &api, "early");
     let err = early.err().expect("a pod with no agent to enroll it must not start");
     assert!(err.contains("redirect-cni"), "{err}");
     let out = node.podman(&["pod", "rm", "--force", "early"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let first = node.start_agent("rt-agent-1", &agent);
-    let web = meshed_pod(&node, "web").expect("web starts");
+    // A pod with no sidecar is left alone, as istio-cni leaves it.
+    api.add(kube_api::pod("default", "plain", &["app"], serde_json::json!({})));
+    let plain = node
+        .pod(
+            "plain",
+            "default",
+            &[("plain-app", &[], &["/testkit", "serve", "--listen", "app=0.0.0.0:8080"])],
+        )
+        .expect("plain starts");
+    node.wait_for_output("plain-app", "ready");
+    assert!(!through_sidecar(&node, &plain, APP));
+    let web = meshed_pod(&node, &api, "web").expect("web starts");
+    let got = api.requests();
+    assert!(
+        got.iter()
+            .any(|r| r.starts_with("GET /api/v1/namespaces/default/pods/web ")),
+        "{got:?}"
+    );
     assert_eq!(agent.ids(), std::slice::from_ref(&web.sandbox));
     let out = agent.cli(&["list", "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -130,19 +192,19 @@ fn pods_of_a_real_runtime_are_captured_to_their_sidecar_deleted_and_kept_through
     assert_eq!(first.exited(Duration::from_secs(60)), Some(0), "{}", first.logs());
     assert_eq!(agent.ids(), std::slice::from_ref(&web.sandbox));
     assert_captured(&node, &web);
-    let api = meshed_pod(&node, "api").expect("api starts under the new agent");
+    let shop = meshed_pod(&node, &api, "shop").expect("shop starts under the new agent");
     let mut ids = agent.ids();
     ids.sort();
-    let mut want = vec![web.sandbox.clone(), api.sandbox.clone()];
+    let mut want = vec![web.sandbox.clone(), shop.sandbox.clone()];
     want.sort();
     assert_eq!(ids, want);
-    assert_captured(&node, &api);
+    assert_captured(&node, &shop);
 
     // Deleting a pod runs CNI DEL: it leaves the agent, its namespace goes.
     node.remove_pod(&web);
-    assert_eq!(agent.ids(), std::slice::from_ref(&api.sandbox));
+    assert_eq!(agent.ids(), std::slice::from_ref(&shop.sandbox));
     assert!(!web.netns.exists(), "{}", web.netns.display());
-    assert_captured(&node, &api);
+    assert_captured(&node, &shop);
 
     // The primary CNI rewrites its configuration (as Cilium does): install-cni chains again.
     let primary = {
@@ -158,7 +220,8 @@ fn pods_of_a_real_runtime_are_captured_to_their_sidecar_deleted_and_kept_through
     assert_eq!(install.stop(), Some(0), "{}", install.logs());
     assert!(chained(&node), "{}", node.conflist());
 
-    node.remove_pod(&api);
+    node.remove_pod(&shop);
+    node.remove_pod(&plain);
     assert!(agent.ids().is_empty());
     assert_eq!(second.stop(), Some(0), "{}", second.logs());
 }

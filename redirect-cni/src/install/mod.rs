@@ -3,6 +3,7 @@
 //! §5), keep it chained (`--watch`), and take it out again.
 
 mod conf;
+mod kubeconfig;
 #[cfg(test)]
 mod tests;
 mod watch;
@@ -78,6 +79,20 @@ struct InstallArgs {
     /// next install)
     #[arg(long)]
     uninstall_on_exit: bool,
+    /// Write the plugin a kubeconfig from this service account directory (its token and
+    /// ca.crt, as mounted in the install container) into the CNI configuration directory, so
+    /// that it reads each pod from the API server as istio-cni does; --watch rewrites it when
+    /// the token rotates [entry: kubeconfig]
+    #[arg(long, value_name = "DIR")]
+    service_account: Option<PathBuf>,
+    /// The API server for that kubeconfig [default: from KUBERNETES_SERVICE_HOST and _PORT,
+    /// which the kubelet sets]
+    #[arg(long, value_name = "URL", requires = "service_account")]
+    kube_server: Option<String>,
+    /// The CNI configuration directory as the node sees it, where the runtime's plugin reads
+    /// the kubeconfig (--cni-conf-dir is where this container sees it)
+    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+    host_cni_conf_dir: PathBuf,
 }
 
 #[derive(Debug, Parser)]
@@ -166,12 +181,22 @@ fn parse<T: Parser>(command: &str, args: &[String]) -> Result<Parsed<T>, String>
     }
 }
 
-/// The node's directories, checked.
+/// The node's directories, checked, and where the plugin's kubeconfig comes from.
 #[derive(Debug, Clone)]
 struct Node {
     bin_dir: PathBuf,
     conf_dir: PathBuf,
     conf_name: Option<String>,
+    kubeconfig: Option<kubeconfig::Source>,
+}
+
+/// Writes the plugin's kubeconfig if one is configured and it changed: its path then.
+fn write_kubeconfig(node: &Node) -> Result<Option<String>, String> {
+    let Some(source) = &node.kubeconfig else {
+        return Ok(None);
+    };
+    let wrote = kubeconfig::write(&node.conf_dir, &source.render()?)?;
+    Ok(wrote.then(|| node.conf_dir.join(kubeconfig::FILE).display().to_string()))
 }
 
 impl Dirs {
@@ -203,6 +228,7 @@ impl Dirs {
             bin_dir: self.cni_bin_dir,
             conf_dir: self.cni_conf_dir,
             conf_name: self.cni_conf_name,
+            kubeconfig: None,
         })
     }
 }
@@ -234,6 +260,18 @@ impl InstallArgs {
         if let Some(IptablesArgs(args)) = &self.iptables_args {
             entry.insert("args".into(), json!(args));
         }
+        if self.service_account.is_some() {
+            if !self.host_cni_conf_dir.is_absolute() {
+                return Err(format!(
+                    "--host-cni-conf-dir {}: expected an absolute path",
+                    self.host_cni_conf_dir.display()
+                ));
+            }
+            entry.insert(
+                "kubeconfig".into(),
+                json!(self.host_cni_conf_dir.join(kubeconfig::FILE)),
+            );
+        }
         entry.insert("capabilities".into(), json!({ POD_ANNOTATIONS: true }));
         Ok(Value::Object(entry))
     }
@@ -252,7 +290,13 @@ pub fn install(args: &[String]) -> Result<String, String> {
         return Err("--uninstall-on-exit applies to --watch only: add --watch or leave it out".into());
     }
     let entry = args.entry()?;
-    let node = args.dirs.check()?;
+    let mut node = args.dirs.check()?;
+    if let Some(account) = args.service_account {
+        let source = kubeconfig::Source::new(account, args.kube_server)?;
+        // Before anything is written: a missing token fails install and changes nothing.
+        source.render()?;
+        node.kubeconfig = Some(source);
+    }
     if args.watch {
         return watch::run(&node, &entry, args.uninstall_on_exit);
     }
@@ -260,8 +304,13 @@ pub fn install(args: &[String]) -> Result<String, String> {
     let scan = find(&node)?;
     report_skipped(&scan.skipped);
     let conf = scan.chosen.ok_or_else(|| missing(&node))?;
+    // The kubeconfig before the entry that names it: the plugin never reads a missing one.
+    let wrote = write_kubeconfig(&node)?;
     let chained = conf::chain(&conf, &entry)?;
-    Ok(format!("{bin}; {chained}"))
+    Ok(match wrote {
+        Some(path) => format!("{bin}; wrote {path}; {chained}"),
+        None => format!("{bin}; {chained}"),
+    })
 }
 
 /// `redirect-cni uninstall`: takes the plugin out of every file that chains it (only
@@ -294,6 +343,9 @@ fn remove(node: &Node) -> Result<String, String> {
         if conf::unchain(&file)? {
             done.push(file.display().to_string());
         }
+    }
+    if kubeconfig::remove(&node.conf_dir)? {
+        done.push(node.conf_dir.join(kubeconfig::FILE).display().to_string());
     }
     let bin = node.bin_dir.join(PLUGIN);
     match fs::remove_file(&bin) {

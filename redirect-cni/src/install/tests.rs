@@ -344,3 +344,71 @@ fn a_file_rewritten_since_it_was_read_is_not_overwritten() {
     assert_eq!(node.read("10-k8s.conflist"), list(json!([{ "type": "ptp" }])));
     assert_eq!(node.names(), ["10-k8s.conflist"], "a temporary file was left");
 }
+
+#[test]
+fn a_service_account_becomes_the_plugins_kubeconfig_rewritten_as_the_token_rotates() {
+    let node = Node::new();
+    node.write("10-k8s.conflist", &list(json!([{ "type": "ptp" }])));
+    let account = node.0.join("serviceaccount");
+    std::fs::create_dir_all(&account).unwrap();
+    let account_arg = account.to_str().unwrap();
+    let flags = [
+        "--service-account",
+        account_arg,
+        "--kube-server",
+        "https://10.96.0.1:443",
+        "--host-cni-conf-dir",
+        "/etc/cni/net.d",
+    ];
+
+    // No token: install fails, naming it, and writes nothing.
+    let e = install(&node.args(&flags)).unwrap_err();
+    assert!(e.contains(account_arg) && e.contains("token"), "{e}");
+    assert_eq!(node.names(), ["10-k8s.conflist"]);
+    assert!(!node.0.join("bin/redirect-cni").exists());
+
+    std::fs::write(account.join("token"), "first-token\n").unwrap();
+    std::fs::write(account.join("ca.crt"), "-----BEGIN CERTIFICATE-----\n").unwrap();
+    install(&node.args(&flags)).unwrap();
+    assert_eq!(
+        node.read("10-k8s.conflist")["plugins"][1]["kubeconfig"],
+        "/etc/cni/net.d/ZZZ-redirect-cni-kubeconfig"
+    );
+    let path = node.conf(kubeconfig::FILE);
+    assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+    // What the plugin's client reads.
+    let config = ::kube::config::Kubeconfig::read_from(&path).unwrap();
+    let cluster = config.clusters[0].cluster.as_ref().unwrap();
+    assert_eq!(cluster.server.as_deref(), Some("https://10.96.0.1:443"));
+    use base64::Engine as _;
+    let ca = base64::engine::general_purpose::STANDARD
+        .decode(cluster.certificate_authority_data.as_ref().unwrap())
+        .unwrap();
+    assert_eq!(ca, b"-----BEGIN CERTIFICATE-----\n");
+    assert!(config.auth_infos[0].auth_info.as_ref().unwrap().token.is_some());
+    // The client keeps its token secret (no Debug of it): read it as the JSON it is.
+    let token = |path: &Path| {
+        let v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        v["users"][0]["user"]["token"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(token(&path), "first-token");
+
+    std::fs::write(account.join("token"), "second-token").unwrap();
+    let done = install(&node.args(&flags)).unwrap();
+    assert!(done.contains(kubeconfig::FILE), "{done}");
+    assert_eq!(token(&path), "second-token");
+
+    // Bad input names the value; --kube-server needs --service-account.
+    let mut bad = flags;
+    bad[3] = "10.96.0.1";
+    assert!(
+        install(&node.args(&bad))
+            .unwrap_err()
+            .contains("--kube-server '10.96.0.1'")
+    );
+    let e = install(&node.args(&["--kube-server", "https://10.96.0.1"])).unwrap_err();
+    assert!(e.contains("--service-account"), "{e}");
+
+    uninstall(&node.args(&[])).unwrap();
+    assert!(!path.exists());
+}

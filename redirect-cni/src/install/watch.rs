@@ -23,7 +23,9 @@ use signal_hook::{
     consts::{SIGINT, SIGTERM},
 };
 
-use super::{Bin, Node, PLUGIN, Stamp, conf, conf::Chained, find, install_bin_cached, missing, remove};
+use super::{
+    Bin, Node, PLUGIN, Stamp, conf, conf::Chained, find, install_bin_cached, missing, remove, write_kubeconfig,
+};
 
 /// The safety net under inotify: events can be lost (queue overflow, a directory mounted over).
 const RECHECK: Duration = Duration::from_secs(10);
@@ -51,6 +53,9 @@ pub(super) fn run(node: &Node, entry: &Value, uninstall_on_exit: bool) -> Result
     // As plain install, errors included; only a missing configuration is waited for.
     let bin = install_bin_cached(&node.bin_dir, &mut w.bin)?;
     eprintln!("{PLUGIN}: {bin}");
+    if let Some(path) = write_kubeconfig(node)? {
+        eprintln!("{PLUGIN}: wrote {path}");
+    }
     let scan = find(node)?;
     w.said = scan.skipped.iter().map(|(f, why)| skip_line(f, why)).collect();
     w.said.iter().for_each(|l| eprintln!("{PLUGIN}: {l}"));
@@ -156,6 +161,17 @@ impl Watcher<'_> {
                 wrote = true;
             }
             Ok(Bin::Current(_)) => {}
+            Err(e) => {
+                standing.insert(e);
+            }
+        }
+        // A projected token rotates (hourly by default): the plugin's copy follows it.
+        match write_kubeconfig(self.node) {
+            Ok(Some(path)) => {
+                eprintln!("{PLUGIN}: rewrote {path}: the service account's token or CA changed");
+                wrote = true;
+            }
+            Ok(None) => {}
             Err(e) => {
                 standing.insert(e);
             }

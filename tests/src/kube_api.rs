@@ -1,0 +1,138 @@
+//! A stand-in Kubernetes API server for the CNI plugin's one request: `GET
+//! /api/v1/namespaces/NS/pods/NAME` with a bearer token, answered from the pods the test
+//! gives it (404 with a `Status` otherwise, 401 for another token). Plain HTTP, in a network
+//! namespace of the test's; it stops on drop.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use redirect_testkit::netns::NamedNetns;
+use serde_json::{Value, json};
+
+type Pods = Arc<Mutex<BTreeMap<(String, String), Value>>>;
+
+pub struct ApiServer {
+    pub addr: SocketAddrV4,
+    pods: Pods,
+    /// Every request line, in order.
+    requests: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Listens on 127.0.0.1 (an ephemeral port) inside `netns`.
+    pub fn start(netns: &NamedNetns, token: &str) -> Self {
+        let listener = netns
+            .open()
+            .unwrap()
+            .run(|| TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)))
+            .expect("the API server's listener");
+        listener.set_nonblocking(true).unwrap();
+        let addr = match listener.local_addr().unwrap() {
+            std::net::SocketAddr::V4(a) => a,
+            other => panic!("{other}"),
+        };
+        let pods: Pods = Arc::default();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (pods2, requests2, stop2) = (pods.clone(), requests.clone(), stop.clone());
+        let bearer = format!("bearer {}", token.to_ascii_lowercase());
+        let thread = std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let _ = stream.set_nonblocking(false);
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                        let _ = answer(stream, &bearer, &pods2, &requests2);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Self {
+            addr,
+            pods,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Serves `pod` (its metadata's namespace and name) from now on.
+    pub fn add(&self, pod: Value) {
+        let ns = pod["metadata"]["namespace"].as_str().unwrap().to_owned();
+        let name = pod["metadata"]["name"].as_str().unwrap().to_owned();
+        self.pods.lock().unwrap().insert((ns, name), pod);
+    }
+
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+/// A pod object as the API returns it: `containers` by name, the annotations given.
+pub fn pod(namespace: &str, name: &str, containers: &[&str], annotations: Value) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "namespace": namespace, "name": name, "annotations": annotations },
+        "spec": { "containers": containers.iter().map(|c| json!({ "name": c })).collect::<Vec<_>>() }
+    })
+}
+
+fn answer(
+    stream: std::net::TcpStream,
+    bearer: &str,
+    pods: &Pods,
+    requests: &Mutex<Vec<String>>,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut authorized = false;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header)? == 0 || header == "\r\n" {
+            break;
+        }
+        authorized |= header.to_ascii_lowercase().trim() == format!("authorization: {bearer}");
+    }
+    requests.lock().unwrap().push(line.trim().to_owned());
+    let path = line.split_whitespace().nth(1).unwrap_or_default();
+    let found = path
+        .strip_prefix("/api/v1/namespaces/")
+        .and_then(|rest| rest.split_once("/pods/"))
+        .and_then(|(ns, name)| pods.lock().unwrap().get(&(ns.to_owned(), name.to_owned())).cloned());
+    let status = |code: u16, reason: &str| json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code });
+    let (code, body) = match (authorized, found) {
+        (false, _) => (401, status(401, "Unauthorized")),
+        (true, Some(pod)) => (200, pod),
+        (true, None) => (404, status(404, "NotFound")),
+    };
+    let body = body.to_string();
+    let mut stream = stream;
+    write!(
+        stream,
+        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
