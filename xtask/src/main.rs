@@ -119,6 +119,8 @@ const APT: &[(&str, &str)] = &[
     ("/usr/lib/cni/bridge", "containernetworking-plugins"),
     // The image's shell.
     ("/bin/busybox", "busybox-static"),
+    // `kubectl kustomize`, which renders deploy/ in its tests.
+    ("kubectl", "kubernetes-client"),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
