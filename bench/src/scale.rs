@@ -113,6 +113,7 @@ pub fn run(agent: &Path, me: &Path, workloads: usize) -> anyhow::Result<Outcome>
             proxy: "none".into(),
             args: Vec::new(),
             fast_path: false,
+            pod: None,
         });
         let t = Instant::now();
         let answer = redirect_api::call(&socket, &request, Duration::from_secs(60))

@@ -3,13 +3,14 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, error::ErrorKind};
+use redirect_api::PodRef;
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tracing_subscriber::EnvFilter;
 
 use crate::{
     engine::{self, Sizing},
     explain,
     flags::{self, CaptureFlags, LivenessFlags, ProxyMode},
+    logging::{self, LogFormat},
     node::{self, NodeOptions},
     run::{self, RunOptions},
     standalone, stats,
@@ -21,6 +22,16 @@ use crate::{
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines on stderr as text or as JSON objects, one a line (RUST_LOG filters both).
+    #[arg(
+        long,
+        global = true,
+        value_name = "FORMAT",
+        value_enum,
+        env = "REDIRECT_LOG_FORMAT",
+        default_value_t = LogFormat::Text
+    )]
+    log_format: LogFormat,
 }
 
 #[derive(Subcommand, Debug)]
@@ -194,6 +205,9 @@ struct EnrollArgs {
     /// with --fast-path). See docs/fast-path.md.
     #[arg(long)]
     fast_path: bool,
+    /// The workload's Kubernetes pod, for the metrics' namespace and pod labels and `list`.
+    #[arg(long, value_name = "NAMESPACE/NAME", value_parser = pod_arg)]
+    pod: Option<PodRef>,
     #[command(flatten)]
     agent: AgentSocket,
     /// istio-iptables flags for this workload (after `--`), e.g. `-- -b 8080 -d ''`.
@@ -295,12 +309,16 @@ fn absolute(p: &std::path::Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
 }
 
-fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+/// `--pod NAMESPACE/NAME`, checked here as the agent checks it, so that a typo is told before
+/// anything is sent.
+fn pod_arg(s: &str) -> Result<PodRef, String> {
+    let (namespace, name) = s.split_once('/').ok_or("expected NAMESPACE/NAME, e.g. default/web-0")?;
+    let pod = PodRef {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    };
+    pod.check().map_err(|e| e.to_string())?;
+    Ok(pod)
 }
 
 /// One line, non-zero exit: what the guide asks of every bad input.
@@ -366,7 +384,7 @@ pub fn main() -> ExitCode {
     }
     // Before the runtime's threads: see proxy/trim.rs.
     crate::proxy::one_arena();
-    init_tracing();
+    logging::init(cli.log_format);
     // Namespace, cgroup and identity are per task: taken before the runtime's threads exist.
     if let Command::Proxy(args) = &cli.command
         && let Err(e) = standalone::enter(args)
@@ -481,6 +499,7 @@ pub fn main() -> ExitCode {
                     proxy: args.proxy.as_str().to_owned(),
                     args: args.flags,
                     fast_path: args.fast_path,
+                    pod: args.pod,
                 });
                 let answer = redirect_api::call(&args.agent.socket, &req, API_TIMEOUT)?;
                 println!("{}", serde_json::to_string_pretty(&answer)?);
@@ -506,13 +525,15 @@ pub fn main() -> ExitCode {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&list)?);
                 } else {
+                    // The pod last: the columns before it read as they did before pods were known.
                     println!(
-                        "{:<24} {:>6} {:>4} {:<9} {:<32} flags",
-                        "id", "cookie", "slot", "proxy", "netns"
+                        "{:<24} {:>6} {:>4} {:<9} {:<32} {:<24} pod",
+                        "id", "cookie", "slot", "proxy", "netns", "flags"
                     );
                     for w in list {
+                        let pod = w.pod.as_ref().map_or_else(|| "-".to_owned(), PodRef::to_string);
                         println!(
-                            "{:<24} {:>6} {:>4} {:<9} {:<32} {}",
+                            "{:<24} {:>6} {:>4} {:<9} {:<32} {:<24} {pod}",
                             w.id,
                             w.netns_cookie,
                             w.slot,

@@ -19,6 +19,7 @@ pub mod explain;
 pub mod features;
 mod flags;
 mod listen_in;
+mod logging;
 mod metrics;
 mod node;
 mod proxy;

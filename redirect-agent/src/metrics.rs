@@ -50,6 +50,8 @@ pub struct ProxySnapshot {
 
 pub struct WorkloadSnapshot {
     pub id: String,
+    /// Its Kubernetes pod, if enrolled with one: every sample of the workload names it too.
+    pub pod: Option<redirect_api::PodRef>,
     /// Each rule of its chains, in order, with its connections.
     pub rules: Vec<RuleRow>,
     pub events: std::collections::BTreeMap<String, u64>,
@@ -132,16 +134,27 @@ fn family<V: std::fmt::Display>(
     }
 }
 
-fn workload(id: &str) -> String {
-    format!("workload=\"{}\"", label(id))
+/// A workload's sample labels: `workload="ID"`, then `more` (`,key="value"…`, or empty), then
+/// its pod's. The pod's go last so that the labels before them read as they did before pods
+/// were known (dashboards and tests matching that prefix keep working).
+fn workload(w: &WorkloadSnapshot, more: &str) -> String {
+    let mut labels = format!("workload=\"{}\"{more}", label(&w.id));
+    if let Some(pod) = &w.pod {
+        let _ = write!(
+            labels,
+            ",namespace=\"{}\",pod=\"{}\"",
+            label(&pod.namespace),
+            label(&pod.name)
+        );
+    }
+    labels
 }
 
 /// A workload's rules as samples, labelled as `stats` lists them.
 fn rule_samples(w: &WorkloadSnapshot) -> impl Iterator<Item = (String, u64)> + '_ {
-    w.rules.iter().map(|r| {
-        let labels = format!(
-            "{},family=\"{}\",table=\"{}\",chain=\"{}\",rule=\"{}\",target=\"{}\",match=\"{}\"",
-            workload(&w.id),
+    w.rules.iter().map(move |r| {
+        let rule = format!(
+            ",family=\"{}\",table=\"{}\",chain=\"{}\",rule=\"{}\",target=\"{}\",match=\"{}\"",
             r.family,
             r.table,
             r.chain,
@@ -149,25 +162,32 @@ fn rule_samples(w: &WorkloadSnapshot) -> impl Iterator<Item = (String, u64)> + '
             r.target,
             label(&r.match_),
         );
-        (labels, r.connections)
+        (workload(w, &rule), r.connections)
     })
 }
 
 pub fn render(s: &Snapshot) -> String {
     let mut o = String::new();
-    let proxies: Vec<(&str, &ProxySnapshot)> = s
+    let proxies: Vec<(&WorkloadSnapshot, &ProxySnapshot)> = s
         .workloads
         .iter()
-        .filter_map(|w| Some((w.id.as_str(), w.proxy.as_ref()?)))
+        .filter_map(|w| Some((w, w.proxy.as_ref()?)))
         .collect();
     // One sample per proxy, or one per (label value, count) pair of each proxy.
-    let per_proxy = |f: fn(&ProxySnapshot) -> u64| proxies.iter().map(move |(id, p)| (workload(id), f(p)));
+    let per_proxy = |f: fn(&ProxySnapshot) -> u64| proxies.iter().map(move |(w, p)| (workload(w, ""), f(p)));
     let per_proxy_by = |key: &'static str, f: fn(&ProxySnapshot) -> Vec<(&'static str, u64)>| {
-        proxies.iter().flat_map(move |(id, p)| {
+        proxies.iter().flat_map(move |(w, p)| {
             f(p).into_iter()
-                .map(move |(v, n)| (format!("{},{key}=\"{v}\"", workload(id)), n))
+                .map(move |(v, n)| (workload(w, &format!(",{key}=\"{v}\"")), n))
         })
     };
+    family(
+        &mut o,
+        "redirect_build_info",
+        "gauge",
+        "Always 1: the agent's version, as a label (which release each node runs during a rollout).",
+        [(format!("version=\"{}\"", label(env!("CARGO_PKG_VERSION"))), 1)],
+    );
     family(
         &mut o,
         "redirect_workloads",
@@ -191,7 +211,7 @@ pub fn render(s: &Snapshot) -> String {
         s.workloads.iter().flat_map(|w| {
             w.events
                 .iter()
-                .map(|(e, n)| (format!("{},event=\"{e}\"", workload(&w.id)), *n))
+                .map(|(e, n)| (workload(w, &format!(",event=\"{e}\"")), *n))
         }),
     );
     family(
@@ -437,45 +457,4 @@ async fn answer(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exposition_names_and_escapes() {
-        let s = Snapshot {
-            workloads: vec![WorkloadSnapshot {
-                id: "a\"b".into(),
-                rules: Vec::new(),
-                events: [("inbound_no_listener".to_owned(), 2)].into(),
-                proxy: None,
-            }],
-            maps: vec![MapOccupancy {
-                name: "WORKLOADS",
-                entries: 1,
-                max_entries: 64,
-            }],
-            budget: BudgetSnapshot {
-                nofile: 1024,
-                reserved: 600,
-                connections: 212,
-                active: 3,
-            },
-            uptime: Duration::from_millis(1500),
-        };
-        let text = render(&s);
-        assert!(
-            text.contains("redirect_events_total{workload=\"a\\\"b\",event=\"inbound_no_listener\"} 2\n"),
-            "{text}"
-        );
-        assert!(text.contains("# TYPE redirect_map_entries gauge\nredirect_map_entries{map=\"WORKLOADS\"} 1\n"));
-        assert!(text.contains("redirect_agent_uptime_seconds 1.500\n"));
-        assert!(text.contains("\nredirect_proxy_budget_connections 212\n"));
-        assert!(text.contains("\nredirect_proxy_budget_connections_active 3\n"));
-        assert!(text.contains("redirect_descriptors_reserved 600\n"));
-        // Every sample line belongs to a declared family.
-        for l in text.lines().filter(|l| !l.starts_with('#')) {
-            let name = l.split(['{', ' ']).next().unwrap();
-            assert!(text.contains(&format!("# TYPE {name} ")), "{l}");
-        }
-    }
-}
+mod tests;

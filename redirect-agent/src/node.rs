@@ -299,6 +299,7 @@ fn snapshot(engine: &Engine) -> metrics::Snapshot {
             });
             Some(metrics::WorkloadSnapshot {
                 id: v.info.id.clone(),
+                pod: v.info.pod.clone(),
                 rules,
                 events,
                 proxy,

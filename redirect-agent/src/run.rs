@@ -192,6 +192,8 @@ async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow::Re
         capture: opts.capture.clone(),
         args: Vec::new(),
         fast_path: opts.sizing.fast_path,
+        // A run serves one workload by its own --name, pod or not.
+        pod: None,
     })?;
     tracing::info!(
         name = %opts.name,

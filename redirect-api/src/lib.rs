@@ -63,6 +63,86 @@ pub struct Enroll {
     /// with `--fast-path`).
     #[serde(default)]
     pub fast_path: bool,
+    /// The Kubernetes pod the namespace belongs to (the CNI plugin knows it from CNI_ARGS), so
+    /// that metrics and `list` can name it instead of the container id alone. Optional and
+    /// left out when absent: clients that predate it (and manual enrolls) send none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+}
+
+/// A Kubernetes pod, by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// A [`PodRef`] part that Kubernetes would not accept as a namespace or pod name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("pod {part} '{value}' is invalid: expected {expected}")]
+pub struct BadPodRef {
+    /// `namespace` or `name`.
+    pub part: &'static str,
+    pub value: String,
+    pub expected: &'static str,
+}
+
+impl PodRef {
+    /// Checks both parts as the API server would: the namespace is an RFC 1123 label, the
+    /// name a DNS subdomain. Label values built from anything else could not be joined with
+    /// the pods Kubernetes reports, so they are refused rather than published.
+    pub fn check(&self) -> Result<(), BadPodRef> {
+        let bad = |part, value: &str, expected| BadPodRef {
+            part,
+            value: value.to_owned(),
+            expected,
+        };
+        if !rfc1123_label(&self.namespace) {
+            return Err(bad(
+                "namespace",
+                &self.namespace,
+                "an RFC 1123 label, 1-63 characters of a-z 0-9 - starting and ending with a letter or digit",
+            ));
+        }
+        if !dns_subdomain(&self.name) {
+            return Err(bad(
+                "name",
+                &self.name,
+                "a DNS subdomain, 1-253 characters of a-z 0-9 - . starting and ending with a letter or digit",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `NAMESPACE/NAME`, as kubectl writes a pod.
+impl std::fmt::Display for PodRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+fn alnum_ends(s: &str) -> bool {
+    let ok = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    ok(s.as_bytes().first()) && ok(s.as_bytes().last())
+}
+
+/// A Kubernetes namespace name: an RFC 1123 label.
+pub fn rfc1123_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && alnum_ends(s)
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// A Kubernetes object name (a pod's, a DaemonSet's): a DNS subdomain. Kubernetes'
+/// IsDNS1123Subdomain checks the characters and the ends only (not each dot-separated label),
+/// and so does this.
+pub fn dns_subdomain(s: &str) -> bool {
+    (1..=253).contains(&s.len())
+        && alnum_ends(s)
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.'))
 }
 
 /// The proxy a workload gets when nobody says: the agent's embedded one.
@@ -88,6 +168,11 @@ pub struct WorkloadInfo {
     /// Its interface list (`-c`'s, then `-k`'s entries), which its rules name by number.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interfaces: Vec<String>,
+    /// Its pod, if the enroll named one. Optional both ways: the state file of an agent that
+    /// predates it, and a predecessor's handover, have none; an older successor reading ours
+    /// ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,5 +307,68 @@ mod tests {
             serde_json::to_string(&e).unwrap(),
             r#"{"error":{"kind":"exists","message":"x"}}"#
         );
+    }
+
+    #[test]
+    fn the_pod_is_optional_both_ways() {
+        let mut e = Enroll {
+            id: "a".into(),
+            netns: "/run/netns/a".into(),
+            cgroup: None,
+            proxy: default_proxy(),
+            args: Vec::new(),
+            fast_path: false,
+            pod: None,
+        };
+        // Without one, the message is what an older agent reads.
+        let text = serde_json::to_string(&e).unwrap();
+        assert!(!text.contains("pod"), "{text}");
+        e.pod = Some(PodRef {
+            namespace: "default".into(),
+            name: "web-0".into(),
+        });
+        let text = serde_json::to_string(&e).unwrap();
+        assert!(
+            text.ends_with(r#","pod":{"namespace":"default","name":"web-0"}}"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Enroll>(&text).unwrap(), e);
+        // An older agent's state file (or handover) names no pod.
+        let old = r#"{"id":"a","netns":"/n","netns_cookie":1,"cgroup":null,"proxy":"none","args":[],"slot":0,"addresses":[]}"#;
+        assert_eq!(serde_json::from_str::<WorkloadInfo>(old).unwrap().pod, None);
+    }
+
+    #[test]
+    fn pod_names_are_checked_as_kubernetes_does() {
+        let pod = |namespace: &str, name: &str| PodRef {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        for good in [
+            pod("default", "web"),
+            pod("a", "b"),
+            pod("kube-system", "coredns-5d78c9869d-x.y"),
+        ] {
+            assert_eq!(good.check(), Ok(()), "{good}");
+        }
+        let long = "x".repeat(64);
+        for bad_ns in ["", "-a", "a-", "A", "a.b", "a_b", long.as_str()] {
+            assert_eq!(pod(bad_ns, "web").check().unwrap_err().part, "namespace", "{bad_ns:?}");
+        }
+        let long = "x".repeat(254);
+        for bad_name in ["", ".a", "a-", "Web", "a/b", "a b", long.as_str()] {
+            assert_eq!(
+                pod("default", bad_name).check().unwrap_err().part,
+                "name",
+                "{bad_name:?}"
+            );
+        }
+        assert!(pod("default", &"x".repeat(253)).check().is_ok());
+        let e = pod("Default", "web").check().unwrap_err().to_string();
+        assert!(
+            e.starts_with("pod namespace 'Default' is invalid: expected an RFC 1123 label"),
+            "{e}"
+        );
+        assert_eq!(pod("default", "web").to_string(), "default/web");
     }
 }

@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use redirect_api::{ClientError, ErrorKind, Request, Response};
+use redirect_api::{ClientError, ErrorKind, PodRef, Request, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -155,14 +155,27 @@ fn env(name: &str) -> Result<String, CniError> {
         .ok_or_else(|| fail(code::INVALID_ENV, format!("{name} is not set")))
 }
 
-/// `K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p;…`
+/// The runtime's CNI_ARGS, by key.
 fn cni_args() -> BTreeMap<String, String> {
-    std::env::var("CNI_ARGS")
-        .unwrap_or_default()
-        .split(';')
+    split_cni_args(&std::env::var("CNI_ARGS").unwrap_or_default())
+}
+
+/// `K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p;…`
+fn split_cni_args(text: &str) -> BTreeMap<String, String> {
+    text.split(';')
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect()
+}
+
+/// The pod as the runtime names it, for the agent's metrics and `list`: both parts or none
+/// (a sandbox that is not a Kubernetes pod has neither).
+fn pod_ref(args: &BTreeMap<String, String>) -> Option<PodRef> {
+    let part = |key| args.get(key).filter(|v| !v.is_empty()).cloned();
+    Some(PodRef {
+        namespace: part("K8S_POD_NAMESPACE")?,
+        name: part("K8S_POD_NAME")?,
+    })
 }
 
 fn annotations(conf: &NetConf) -> BTreeMap<String, String> {
@@ -283,6 +296,7 @@ fn cni(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
                 proxy,
                 args: flags,
                 fast_path: pod.annotations.get("redirect.dev/fast-path").map(String::as_str) == Some("true"),
+                pod: pod_ref(&args),
             });
             call(&conf.agent_socket, &request).map_err(api_error)?;
             Ok(Some(result))
@@ -401,6 +415,16 @@ mod tests {
         assert_eq!(nested.selection().exclude_namespaces, ["a"]);
         let ours = conf(json!({ "excludeNamespaces": [] }));
         assert!(ours.selection().exclude_namespaces.is_empty());
+    }
+
+    #[test]
+    fn the_pod_is_named_only_when_the_runtime_gives_both_parts() {
+        let args = split_cni_args;
+        let both = pod_ref(&args("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"));
+        assert_eq!(both.map(|p| p.to_string()).as_deref(), Some("default/web-0"));
+        assert_eq!(pod_ref(&args("K8S_POD_NAMESPACE=default")), None);
+        assert_eq!(pod_ref(&args("K8S_POD_NAMESPACE=default;K8S_POD_NAME=")), None);
+        assert_eq!(pod_ref(&args("")), None);
     }
 
     #[test]

@@ -376,10 +376,18 @@ impl Drop for NodeProcess {
     }
 }
 
-/// The value of the sample `name{labels}` (labels as written, in order), if present.
+/// The value of the sample `name{labels}` (labels as written, in order), if present. The
+/// `namespace` and `pod` labels the agent appends for a workload enrolled with its pod (every
+/// CNI enroll) need not be written: they name the same workload as its `workload` label.
 pub fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        let without_pod = match name.find(",namespace=\"") {
+            Some(at) if name.ends_with('}') => format!("{}}}", &name[..at]),
+            _ => name.to_owned(),
+        };
+        (name == series || without_pod == series).then(|| value.trim().parse().ok())?
+    })
 }
 
 /// A successor of a node agent played part-way by the test kit (`handover-peer`), under the

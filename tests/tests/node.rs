@@ -78,6 +78,15 @@ fn three_workloads_through_cni_land_per_their_own_flags_then_one_removed_and_a_r
         Some(2.0),
         "{text}"
     );
+    // The plugin named each pod (CNI_ARGS): its samples carry it, after the other labels.
+    assert_eq!(
+        metric(
+            &text,
+            "redirect_proxy_connections_total{workload=\"pod-one\",namespace=\"default\",pod=\"pod-one\"}"
+        ),
+        Some(2.0),
+        "{text}"
+    );
     assert!(
         metric(
             &text,
@@ -146,8 +155,14 @@ fn three_workloads_through_cni_land_per_their_own_flags_then_one_removed_and_a_r
     println!(
         "three pods, one removed, restart under load: {total} requests ({at_handover} by the time the new agent was ready), 0 failed"
     );
-    // After the restart each pod still lands per its own flags.
+    // After the restart each pod still lands per its own flags, and is still named.
     assert_eq!(agent.ids(), ["pod-one", "pod-three"]);
+    let list: serde_json::Value = serde_json::from_slice(&agent.cli(&["list", "--json"]).stdout).unwrap();
+    assert_eq!(
+        list[0]["pod"],
+        json!({ "namespace": "default", "name": "pod-one" }),
+        "{list}"
+    );
     assert_eq!(out_to_remote(&w1), proxied(OUTBOUND_CAPTURE, "remote"));
     assert_eq!(in_from_remote(&w1), Inbound::Proxied);
     assert_eq!(out_to_remote(&w3), direct("remote"));

@@ -14,6 +14,9 @@ pub enum EnrollError {
     BadId(String),
     #[error("--proxy '{0}' is invalid: expected embedded or none")]
     BadProxy(String),
+    /// A pod namespace or name Kubernetes would not accept (it would label the metrics).
+    #[error(transparent)]
+    BadPod(#[from] redirect_api::BadPodRef),
     /// istio-iptables flags that do not parse or cannot work together (clap's or ours).
     #[error("{0}")]
     Flags(String),
@@ -76,6 +79,7 @@ impl EnrollError {
         match self {
             Self::BadId(_)
             | Self::BadProxy(_)
+            | Self::BadPod(_)
             | Self::Flags(_)
             | Self::FastPathOff
             | Self::HostNetns(_)
@@ -112,5 +116,30 @@ mod tests {
         assert_eq!(EnrollError::HandedOver.kind(), ErrorKind::Unavailable);
         let e = ApiError::from(EnrollError::IdTaken("good".into()));
         assert_eq!(e.message, "workload 'good' is already enrolled; unenroll it first");
+    }
+
+    #[test]
+    fn a_bad_pod_is_refused_as_a_bad_value_before_anything_else() {
+        let enroll = |namespace: &str| redirect_api::Enroll {
+            id: "a".into(),
+            netns: "/run/netns/a".into(),
+            cgroup: None,
+            proxy: "none".into(),
+            args: Vec::new(),
+            fast_path: false,
+            pod: Some(redirect_api::PodRef {
+                namespace: namespace.into(),
+                name: "web".into(),
+            }),
+        };
+        let e = super::super::Request::from_api(enroll("Bad_NS")).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Invalid);
+        let message = ApiError::from(e).message;
+        assert!(
+            message.starts_with("pod namespace 'Bad_NS' is invalid: expected"),
+            "{message}"
+        );
+        let ok = super::super::Request::from_api(enroll("default")).unwrap();
+        assert_eq!(ok.pod.map(|p| p.to_string()).as_deref(), Some("default/web"));
     }
 }

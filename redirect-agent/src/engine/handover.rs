@@ -393,6 +393,7 @@ mod tests {
             slot: 0,
             addresses: Vec::new(),
             interfaces: Vec::new(),
+            pod: None,
         };
         super::super::pins::State {
             name: "node".into(),

@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use redirect_api::WorkloadInfo;
+use redirect_api::{PodRef, WorkloadInfo};
 use redirect_common::{
     MAX_RULES, MAX_WORKLOADS, chain,
     config::{CaptureConfig, InterceptionMode},
@@ -41,12 +41,17 @@ pub(crate) struct Request {
     /// The flags as given, recorded for `list` and for a successor to parse again.
     pub args: Vec<String>,
     pub fast_path: bool,
+    /// Its Kubernetes pod, checked: the metrics label its samples with it.
+    pub pod: Option<PodRef>,
 }
 
 impl Request {
     /// From the control API, parsing the proxy mode and the istio-iptables flags.
     pub(crate) fn from_api(req: redirect_api::Enroll) -> Result<Self, EnrollError> {
         let proxy = ProxyMode::parse(&req.proxy).ok_or_else(|| EnrollError::BadProxy(req.proxy.clone()))?;
+        if let Some(pod) = &req.pod {
+            pod.check()?;
+        }
         let (capture, named) = crate::flags::parse_args(&req.args).map_err(EnrollError::Flags)?;
         // istio-iptables' --network-namespace names the namespace to program: here the
         // enrollment's own, so another one is a contradiction, not a choice.
@@ -68,6 +73,7 @@ impl Request {
             capture,
             args: req.args,
             fast_path: req.fast_path,
+            pod: req.pod,
         })
     }
 }
@@ -233,6 +239,7 @@ impl Engine {
             slot,
             addresses: addresses.iter().map(ToString::to_string).collect(),
             interfaces: req.capture.interface_list().map(|i| i.as_str().to_owned()).collect(),
+            pod: req.pod.clone(),
         })
     }
 
@@ -553,6 +560,7 @@ mod tests {
             slot,
             addresses: Vec::new(),
             interfaces: Vec::new(),
+            pod: None,
         }
     }
 
