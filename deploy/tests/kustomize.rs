@@ -7,7 +7,7 @@ use std::{path::Path, process::Command};
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
     core::v1::ServiceAccount,
-    rbac::v1::{ClusterRole, ClusterRoleBinding},
+    rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
 };
 use serde::Deserialize as _;
 use serde_json::Value;
@@ -52,6 +52,8 @@ fn check_typed(v: &Value) {
         (Some("v1"), Some("ServiceAccount")) => typed::<ServiceAccount>(v),
         (Some("rbac.authorization.k8s.io/v1"), Some("ClusterRole")) => typed::<ClusterRole>(v),
         (Some("rbac.authorization.k8s.io/v1"), Some("ClusterRoleBinding")) => typed::<ClusterRoleBinding>(v),
+        (Some("rbac.authorization.k8s.io/v1"), Some("Role")) => typed::<Role>(v),
+        (Some("rbac.authorization.k8s.io/v1"), Some("RoleBinding")) => typed::<RoleBinding>(v),
         other => panic!("an object of an unexpected kind: {other:?}"),
     }
 }
@@ -70,7 +72,9 @@ fn the_base_renders_the_checked_in_objects_each_valid() {
     let rendered = sorted(render(Path::new(DEPLOY)));
     let mut sources = Vec::new();
     for file in ["rbac.yaml", "daemonset.yaml"] {
-        sources.extend(documents(&std::fs::read_to_string(Path::new(DEPLOY).join(file)).unwrap()));
+        sources.extend(documents(
+            &std::fs::read_to_string(Path::new(DEPLOY).join(file)).unwrap(),
+        ));
     }
     assert_eq!(rendered, sorted(sources));
     rendered.iter().for_each(check_typed);

@@ -4,7 +4,7 @@
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
     core::v1::{Container, ServiceAccount},
-    rbac::v1::{ClusterRole, ClusterRoleBinding},
+    rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
 };
 
 fn manifest() -> (serde_yaml::Value, DaemonSet) {
@@ -154,13 +154,17 @@ fn the_install_sidecar_keeps_the_cni_plugin_chained_for_the_agents_socket() {
 }
 
 /// deploy/rbac.yaml's documents, each against its API type.
-fn rbac() -> (ServiceAccount, ClusterRole, ClusterRoleBinding) {
+fn rbac() -> (ServiceAccount, ClusterRole, ClusterRoleBinding, Role, RoleBinding) {
     use serde::Deserialize as _;
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/rbac.yaml")).unwrap();
     let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
         .map(|d| serde_yaml::Value::deserialize(d).expect("rbac.yaml is YAML"))
         .collect();
-    assert_eq!(docs.len(), 3, "a ServiceAccount, a ClusterRole and its binding");
+    assert_eq!(
+        docs.len(),
+        5,
+        "a ServiceAccount, a ClusterRole, a Role and their bindings"
+    );
     // As for the DaemonSet: a field the types drop is one the API server would not know.
     fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(raw: &serde_yaml::Value) -> T {
         let v: T = serde_yaml::from_value(raw.clone()).expect("an API object");
@@ -171,12 +175,18 @@ fn rbac() -> (ServiceAccount, ClusterRole, ClusterRoleBinding) {
         );
         v
     }
-    (typed(&docs[0]), typed(&docs[1]), typed(&docs[2]))
+    (
+        typed(&docs[0]),
+        typed(&docs[1]),
+        typed(&docs[2]),
+        typed(&docs[3]),
+        typed(&docs[4]),
+    )
 }
 
 #[test]
-fn the_plugin_may_read_pods_and_nothing_else_and_only_install_cni_has_the_token() {
-    let (sa, role, binding) = rbac();
+fn the_plugin_may_read_pods_and_its_daemonset_and_only_install_cni_has_the_token() {
+    let (sa, role, binding, ds_role, ds_binding) = rbac();
     let rules = role.rules.unwrap();
     assert_eq!(rules.len(), 1);
     assert_eq!(rules[0].api_groups.as_deref(), Some(&["".to_owned()][..]));
@@ -190,6 +200,34 @@ fn the_plugin_may_read_pods_and_nothing_else_and_only_install_cni_has_the_token(
 
     let (_, ds) = manifest();
     assert_eq!(ds.metadata.namespace, sa.metadata.namespace);
+    // The one DaemonSet install-cni asks about, in its own namespace, read only.
+    let rules = ds_role.rules.unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0].api_groups.as_deref(), Some(&["apps".to_owned()][..]));
+    assert_eq!(rules[0].resources.as_deref(), Some(&["daemonsets".to_owned()][..]));
+    assert_eq!(rules[0].resource_names, ds.metadata.name.clone().map(|n| vec![n]));
+    assert_eq!(rules[0].verbs, ["get"]);
+    assert_eq!(ds_role.metadata.namespace, ds.metadata.namespace);
+    assert_eq!(ds_binding.role_ref.kind, "Role");
+    assert_eq!(ds_binding.role_ref.name, ds_role.metadata.name.unwrap());
+    assert_eq!(ds_binding.subjects.unwrap()[0].name, subject.name);
+    let init = &ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .init_containers
+        .as_ref()
+        .unwrap()[0];
+    let cmd = init.command.as_ref().unwrap();
+    let asked = &cmd[cmd.iter().position(|a| a == "--uninstall-if-removed").unwrap() + 1];
+    assert_eq!(
+        asked,
+        &format!("$(POD_NAMESPACE)/{}", ds.metadata.name.as_ref().unwrap())
+    );
     let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     assert_eq!(pod.service_account_name, sa.metadata.name);
     assert_eq!(pod.automount_service_account_token, Some(false));

@@ -1,6 +1,6 @@
-//! A stand-in Kubernetes API server for the CNI plugin's one request: `GET
-//! /api/v1/namespaces/NS/pods/NAME` with a bearer token, answered from the pods the test
-//! gives it (404 with a `Status` otherwise, 401 for another token). Plain HTTP, in a network
+//! A stand-in Kubernetes API server for redirect-cni's GETs (a pod, at ADD; its DaemonSet, when
+//! install-cni stops), with a bearer token: each answered from the objects the test gives it
+//! by path (404 with a `Status` otherwise, 401 for another token). Plain HTTP, in a network
 //! namespace of the test's; it stops on drop.
 
 use std::{
@@ -17,11 +17,12 @@ use std::{
 use redirect_testkit::netns::NamedNetns;
 use serde_json::{Value, json};
 
-type Pods = Arc<Mutex<BTreeMap<(String, String), Value>>>;
+/// Objects by their API path (`/api/v1/namespaces/NS/pods/NAME`).
+type Objects = Arc<Mutex<BTreeMap<String, Value>>>;
 
 pub struct ApiServer {
     pub addr: SocketAddrV4,
-    pods: Pods,
+    objects: Objects,
     /// Every request line, in order.
     requests: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
@@ -41,10 +42,10 @@ impl ApiServer {
             std::net::SocketAddr::V4(a) => a,
             other => panic!("{other}"),
         };
-        let pods: Pods = Arc::default();
+        let objects: Objects = Arc::default();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (pods2, requests2, stop2) = (pods.clone(), requests.clone(), stop.clone());
+        let (objects2, requests2, stop2) = (objects.clone(), requests.clone(), stop.clone());
         let bearer = format!("bearer {}", token.to_ascii_lowercase());
         let thread = std::thread::spawn(move || {
             while !stop2.load(Ordering::Relaxed) {
@@ -52,7 +53,7 @@ impl ApiServer {
                     Ok((stream, _)) => {
                         let _ = stream.set_nonblocking(false);
                         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                        let _ = answer(stream, &bearer, &pods2, &requests2);
+                        let _ = answer(stream, &bearer, &objects2, &requests2);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
@@ -60,7 +61,7 @@ impl ApiServer {
         });
         Self {
             addr,
-            pods,
+            objects,
             requests,
             stop,
             thread: Some(thread),
@@ -69,9 +70,19 @@ impl ApiServer {
 
     /// Serves `pod` (its metadata's namespace and name) from now on.
     pub fn add(&self, pod: Value) {
-        let ns = pod["metadata"]["namespace"].as_str().unwrap().to_owned();
-        let name = pod["metadata"]["name"].as_str().unwrap().to_owned();
-        self.pods.lock().unwrap().insert((ns, name), pod);
+        let ns = pod["metadata"]["namespace"].as_str().unwrap();
+        let name = pod["metadata"]["name"].as_str().unwrap();
+        self.put(&format!("/api/v1/namespaces/{ns}/pods/{name}"), pod.clone());
+    }
+
+    /// Serves `object` at `path` from now on.
+    pub fn put(&self, path: &str, object: Value) {
+        self.objects.lock().unwrap().insert(path.to_owned(), object);
+    }
+
+    /// `path` is 404 from now on.
+    pub fn delete(&self, path: &str) {
+        self.objects.lock().unwrap().remove(path);
     }
 
     pub fn requests(&self) -> Vec<String> {
@@ -92,7 +103,7 @@ pub fn pod(namespace: &str, name: &str, containers: &[&str], annotations: Value)
 fn answer(
     stream: std::net::TcpStream,
     bearer: &str,
-    pods: &Pods,
+    objects: &Objects,
     requests: &Mutex<Vec<String>>,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -108,10 +119,8 @@ fn answer(
     }
     requests.lock().unwrap().push(line.trim().to_owned());
     let path = line.split_whitespace().nth(1).unwrap_or_default();
-    let found = path
-        .strip_prefix("/api/v1/namespaces/")
-        .and_then(|rest| rest.split_once("/pods/"))
-        .and_then(|(ns, name)| pods.lock().unwrap().get(&(ns.to_owned(), name.to_owned())).cloned());
+    let path = path.split('?').next().unwrap_or_default();
+    let found = objects.lock().unwrap().get(path).cloned();
     let status = |code: u16, reason: &str| json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code });
     let (code, body) = match (authorized, found) {
         (false, _) => (401, status(401, "Unauthorized")),

@@ -269,16 +269,25 @@ volume_path = "{tmp}/volumes"
         if let Some(uid) = security["runAsUser"].as_u64() {
             args.extend(["--user".into(), uid.to_string()]);
         }
+        // The container's environment as the kubelet makes it (`fieldRef`s resolved), which
+        // its command's `$(VAR)`s then take.
+        let mut vars: Vec<(String, String)> = Vec::new();
         for env in spec["env"].as_sequence().into_iter().flatten() {
             let key = env["name"].as_str().unwrap();
-            let value = match env["value"].as_str() {
-                Some(v) => v.to_owned(),
-                // status.hostIP: where the test's metrics listen.
-                None => agent.metrics.ip().to_string(),
+            let value = match (
+                env["value"].as_str(),
+                env["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+            ) {
+                (Some(v), _) => v.to_owned(),
+                // Where the test's metrics listen.
+                (None, Some("status.hostIP")) => agent.metrics.ip().to_string(),
+                (None, Some("metadata.namespace")) => ds["metadata"]["namespace"].as_str().unwrap().to_owned(),
+                other => panic!("env {key}: {other:?} is not one the harness resolves"),
             };
-            args.extend(["--env".into(), format!("{key}={value}")]);
+            vars.push((key.to_owned(), value));
         }
-        for (key, value) in env {
+        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        for (key, value) in &vars {
             args.extend(["--env".into(), format!("{key}={value}")]);
         }
         let volumes = pod["volumes"].as_sequence().unwrap();
@@ -312,11 +321,15 @@ volume_path = "{tmp}/volumes"
         let socket = agent.socket.to_string_lossy().into_owned();
         let metrics = agent.metrics.to_string();
         let mut command = strings(&spec["command"]);
-        for (i, arg) in command.clone().iter().enumerate() {
+        for arg in command.iter_mut() {
             match arg.as_str() {
-                "/run/redirect/node.sock" => command[i] = socket.clone(),
-                "$(NODE_IP):15030" => command[i] = metrics.clone(),
-                _ => {}
+                "/run/redirect/node.sock" => *arg = socket.clone(),
+                "$(NODE_IP):15030" => *arg = metrics.clone(),
+                _ => {
+                    for (key, value) in &vars {
+                        *arg = arg.replace(&format!("$({key})"), value);
+                    }
+                }
             }
         }
         args.extend(command);

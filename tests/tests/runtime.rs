@@ -135,16 +135,19 @@ fn pods_of_a_real_runtime_are_captured_to_their_sidecar_deleted_and_kept_through
     // install-cni, as the DaemonSet runs it (`install --watch`), with the kubelet's
     // KUBERNETES_SERVICE_* pointing at the stand-in (plain HTTP: istio-cni's
     // KUBERNETES_SERVICE_PROTOCOL), and the node's view of the CNI directory.
+    let conf_dir = node.conf_dir().to_string_lossy().into_owned();
+    let install_args = ["--host-cni-conf-dir", conf_dir.as_str()];
+    let install_env = [
+        ("KUBERNETES_SERVICE_HOST", api.addr.ip().to_string()),
+        ("KUBERNETES_SERVICE_PORT", api.addr.port().to_string()),
+        ("KUBERNETES_SERVICE_PROTOCOL", "http".into()),
+    ];
     let install = node.run_daemonset_container(
         "rt-install-cni",
         &runtime::container(&ds, "install-cni"),
         &agent,
-        &["--host-cni-conf-dir", &node.conf_dir().to_string_lossy()],
-        &[
-            ("KUBERNETES_SERVICE_HOST", api.addr.ip().to_string()),
-            ("KUBERNETES_SERVICE_PORT", api.addr.port().to_string()),
-            ("KUBERNETES_SERVICE_PROTOCOL", "http".into()),
-        ],
+        &install_args,
+        &install_env,
     );
     wait_until("install-cni chains redirect-cni", Duration::from_secs(30), || {
         chained(&node)
@@ -216,12 +219,61 @@ fn pods_of_a_real_runtime_are_captured_to_their_sidecar_deleted_and_kept_through
     wait_until("install-cni chains redirect-cni again", Duration::from_secs(30), || {
         chained(&node)
     });
-    // Its stop (an update, a reboot) leaves the plugin chained: pods must not start uncaptured.
-    assert_eq!(install.stop(), Some(0), "{}", install.logs());
-    assert!(chained(&node), "{}", node.conflist());
-
     node.remove_pod(&shop);
     node.remove_pod(&plain);
     assert!(agent.ids().is_empty());
+
+    // install-cni stopped while its DaemonSet stays (an update, a drain, a reboot): the plugin
+    // stays chained, so that no pod starts uncaptured.
+    let ds_path = format!(
+        "/apis/apps/v1/namespaces/{}/daemonsets/{}",
+        ds["metadata"]["namespace"].as_str().unwrap(),
+        ds["metadata"]["name"].as_str().unwrap()
+    );
+    api.put(
+        &ds_path,
+        serde_json::json!({
+            "apiVersion": "apps/v1",
+            "kind": "DaemonSet",
+            "metadata": { "name": ds["metadata"]["name"], "namespace": ds["metadata"]["namespace"] }
+        }),
+    );
+    assert_eq!(install.stop(), Some(0), "{}", install.logs());
+    let said = format!("{ds_path} stays");
+    let said = said
+        .trim_start_matches("/apis/apps/v1/namespaces/")
+        .replacen("/daemonsets/", "/", 1);
+    assert!(
+        install.logs().contains(&format!("daemonset {said}")),
+        "{}",
+        install.logs()
+    );
+    assert!(chained(&node), "{}", node.conflist());
+    let got = api.requests();
+    assert!(got.iter().any(|r| r.starts_with(&format!("GET {ds_path}"))), "{got:?}");
+
+    // Stopped because the DaemonSet is gone (`kubectl delete`): the plugin leaves the chain,
+    // and its binary and kubeconfig go, so that pods start without it.
+    let again = node.run_daemonset_container(
+        "rt-install-cni-2",
+        &runtime::container(&ds, "install-cni"),
+        &agent,
+        &install_args,
+        &install_env,
+    );
+    wait_until("install-cni chains redirect-cni", Duration::from_secs(30), || {
+        chained(&node)
+    });
+    api.delete(&ds_path);
+    assert_eq!(again.stop(), Some(0), "{}", again.logs());
+    let types: Vec<_> = node.conflist()["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["type"].clone())
+        .collect();
+    assert_eq!(types, ["bridge"], "{}", again.logs());
+    assert!(!node.plugin("redirect-cni").exists());
+    assert!(!node.conf_dir().join("ZZZ-redirect-cni-kubeconfig").exists());
     assert_eq!(second.stop(), Some(0), "{}", second.logs());
 }

@@ -2,8 +2,8 @@
 //!
 //! No base image is pulled: the image is `FROM scratch` plus a root filesystem assembled from
 //! this machine's Debian 12: the agent and the CNI plugin, the shared objects `ldd` says they
-//! load (glibc's, the same files the binaries were linked and tested against), and Debian's
-//! static busybox for `kubectl exec` debugging. podman builds it into a throw-away store and
+//! load (glibc's, the same files the binaries were linked and tested against), Debian's CA
+//! bundle, and Debian's static busybox for `kubectl exec` debugging. podman builds it into a throw-away store and
 //! writes an OCI archive, which `podman load` or `ctr images import` take.
 
 use std::{
@@ -15,6 +15,9 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::sh::{output, root, run};
+
+/// Debian's `ca-certificates` bundle.
+const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// The one image the DaemonSet's containers run, as it names it.
 pub(crate) fn tag() -> anyhow::Result<String> {
@@ -58,6 +61,9 @@ pub(crate) fn build(bin_dir: &Path, archive: &Path) -> anyhow::Result<String> {
         copy_into(&rootfs, &lib, lib.parent().unwrap_or(Path::new("/")))?;
     }
     copy_into(&rootfs, Path::new("/bin/busybox"), Path::new("/bin"))?;
+    // Debian's CA bundle: the API client loads the system's roots whenever a kubeconfig has no
+    // CA of its own (and fails with none), and `kubectl exec` users may want them.
+    copy_into(&rootfs, Path::new(CA_BUNDLE), Path::new("/etc/ssl/certs"))?;
     for applet in ["sh", "ls", "cat", "ps", "ip"] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
     }

@@ -117,8 +117,9 @@ const APT: &[(&str, &str)] = &[
     ("runc", "runc"),
     ("catatonit", "catatonit"),
     ("/usr/lib/cni/bridge", "containernetworking-plugins"),
-    // The image's shell.
+    // The image's shell and CA bundle.
     ("/bin/busybox", "busybox-static"),
+    ("/etc/ssl/certs/ca-certificates.crt", "ca-certificates"),
     // `kubectl kustomize`, which renders deploy/ in its tests.
     ("kubectl", "kubernetes-client"),
 ];

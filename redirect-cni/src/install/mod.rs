@@ -77,8 +77,13 @@ struct InstallArgs {
     watch: bool,
     /// With --watch: uninstall on SIGTERM or SIGINT (new pods then start uncaptured until the
     /// next install)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "uninstall_if_removed")]
     uninstall_on_exit: bool,
+    /// With --watch and --service-account: on SIGTERM or SIGINT, ask the API server whether
+    /// this DaemonSet is gone or being deleted, and uninstall only then; an update, a drain or
+    /// a reboot leaves the plugin chained, and so does an API server that does not answer
+    #[arg(long, value_name = "NAMESPACE/NAME", value_parser = daemonset, requires = "service_account")]
+    uninstall_if_removed: Option<(String, String)>,
     /// Write the plugin a kubeconfig from this service account directory (its token and
     /// ca.crt, as mounted in the install container) into the CNI configuration directory, so
     /// that it reads each pod from the API server as istio-cni does; --watch rewrites it when
@@ -118,13 +123,7 @@ struct IptablesArgs(Vec<String>);
 fn namespaces(value: &str) -> Result<Namespaces, String> {
     let mut names = Vec::new();
     for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        let label = name.len() <= 63
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !name.starts_with('-')
-            && !name.ends_with('-');
-        if !label {
+        if !redirect_api::rfc1123_label(name) {
             return Err(format!(
                 "'{name}' is not a namespace name (lower-case letters, digits and '-', at most 63 characters)"
             ));
@@ -132,6 +131,26 @@ fn namespaces(value: &str) -> Result<Namespaces, String> {
         names.push(name.to_owned());
     }
     Ok(Namespaces(names))
+}
+
+/// `NAMESPACE/NAME` of a DaemonSet: a namespace name and an object name (a DNS subdomain).
+fn daemonset(value: &str) -> Result<(String, String), String> {
+    let bad = || format!("'{value}': expected NAMESPACE/NAME of a DaemonSet, e.g. kube-system/redirect-agent");
+    let (namespace, name) = value.split_once('/').ok_or_else(bad)?;
+    if !redirect_api::rfc1123_label(namespace) || !redirect_api::dns_subdomain(name) {
+        return Err(bad());
+    }
+    Ok((namespace.to_owned(), name.to_owned()))
+}
+
+/// What `install --watch` does with the plugin when it is stopped.
+#[derive(Debug, Clone)]
+enum OnExit {
+    /// Leave it chained: an update or a reboot must not let pods start uncaptured.
+    Keep,
+    Uninstall,
+    /// Uninstall if the API server says this DaemonSet (namespace, name) is going away.
+    UninstallIfRemoved(String, String),
 }
 
 /// Pairs, as the plugin's `args` holds them: a value that starts with '-' is a flag whose own
@@ -289,6 +308,14 @@ pub fn install(args: &[String]) -> Result<String, String> {
     if args.uninstall_on_exit && !args.watch {
         return Err("--uninstall-on-exit applies to --watch only: add --watch or leave it out".into());
     }
+    if args.uninstall_if_removed.is_some() && !args.watch {
+        return Err("--uninstall-if-removed applies to --watch only: add --watch or leave it out".into());
+    }
+    let on_exit = match (&args.uninstall_if_removed, args.uninstall_on_exit) {
+        (Some((namespace, name)), _) => OnExit::UninstallIfRemoved(namespace.clone(), name.clone()),
+        (None, true) => OnExit::Uninstall,
+        (None, false) => OnExit::Keep,
+    };
     let entry = args.entry()?;
     let mut node = args.dirs.check()?;
     if let Some(account) = args.service_account {
@@ -298,7 +325,7 @@ pub fn install(args: &[String]) -> Result<String, String> {
         node.kubeconfig = Some(source);
     }
     if args.watch {
-        return watch::run(&node, &entry, args.uninstall_on_exit);
+        return watch::run(&node, &entry, &on_exit);
     }
     let bin = install_bin(&node.bin_dir)?;
     let scan = find(&node)?;

@@ -412,3 +412,51 @@ fn a_service_account_becomes_the_plugins_kubeconfig_rewritten_as_the_token_rotat
     uninstall(&node.args(&[])).unwrap();
     assert!(!path.exists());
 }
+
+#[test]
+fn uninstall_if_removed_names_one_daemonset_and_needs_watch_and_an_account() {
+    assert_eq!(
+        daemonset("kube-system/redirect-agent").unwrap(),
+        ("kube-system".to_owned(), "redirect-agent".to_owned())
+    );
+    for bad in [
+        "redirect-agent",
+        "kube-system/",
+        "/redirect-agent",
+        "Kube/x",
+        "a/b/c",
+        "ns/-x",
+    ] {
+        let e = daemonset(bad).unwrap_err();
+        assert!(
+            e.contains(&format!("'{bad}'")) || e.contains("not a namespace name"),
+            "{bad}: {e}"
+        );
+    }
+    let node = Node::new();
+    node.write("10-k8s.conflist", &list(json!([{ "type": "ptp" }])));
+    let account = node.0.join("serviceaccount");
+    std::fs::create_dir_all(&account).unwrap();
+    std::fs::write(account.join("token"), "t").unwrap();
+    let e = install(&node.args(&["--uninstall-if-removed", "kube-system/redirect-agent"])).unwrap_err();
+    assert!(e.contains("--service-account"), "{e}");
+    let e = install(&node.args(&[
+        "--uninstall-if-removed",
+        "kube-system/redirect-agent",
+        "--service-account",
+        account.to_str().unwrap(),
+        "--kube-server",
+        "http://127.0.0.1:1",
+    ]))
+    .unwrap_err();
+    assert!(e.contains("add --watch"), "{e}");
+    let e = install(&node.args(&[
+        "--watch",
+        "--uninstall-on-exit",
+        "--uninstall-if-removed",
+        "kube-system/x",
+    ]))
+    .unwrap_err();
+    assert!(e.contains("--uninstall-if-removed") && !e.contains('\n'), "{e}");
+    assert_eq!(node.names(), ["10-k8s.conflist"], "nothing written");
+}

@@ -24,7 +24,7 @@ use signal_hook::{
 };
 
 use super::{
-    Bin, Node, PLUGIN, Stamp, conf, conf::Chained, find, install_bin_cached, missing, remove, write_kubeconfig,
+    Bin, Node, OnExit, PLUGIN, Stamp, conf, conf::Chained, find, install_bin_cached, missing, remove, write_kubeconfig,
 };
 
 /// The safety net under inotify: events can be lost (queue overflow, a directory mounted over).
@@ -37,9 +37,12 @@ const MAX_DELAY: Duration = Duration::from_secs(1);
 /// Between a check that wrote and the next: another installer that insists on its own version
 /// of the file makes us rewrite once a second at most, not in a tight loop.
 const MIN_GAP: Duration = Duration::from_secs(1);
+/// The bound on asking the API server, at a stop, whether the DaemonSet is being removed: well
+/// inside the DaemonSet's termination grace.
+const ASK_WITHIN: Duration = Duration::from_secs(5);
 
 /// Runs until SIGTERM or SIGINT.
-pub(super) fn run(node: &Node, entry: &Value, uninstall_on_exit: bool) -> Result<String, String> {
+pub(super) fn run(node: &Node, entry: &Value, on_exit: &OnExit) -> Result<String, String> {
     // First, so that a signal during the first install ends the loop instead of the process.
     let signals = Signals::new()?;
     let mut w = Watcher {
@@ -119,19 +122,46 @@ pub(super) fn run(node: &Node, entry: &Value, uninstall_on_exit: bool) -> Result
             periodic = Instant::now() + RECHECK;
         }
     }
-    if uninstall_on_exit {
-        return remove(node).map(|done| format!("stopped; {done}"));
-    }
-    Ok(match &w.chained {
-        // An upgrade or a reboot restarts this; pods started meanwhile must still be captured.
-        Some(file) if conf::chains_us(file) => {
-            format!("stopped; {PLUGIN} stays installed and chained in {}", file.display())
+    let kept = |why: &str| -> String {
+        match &w.chained {
+            // An upgrade or a reboot restarts this; pods started meanwhile must still be captured.
+            Some(file) if conf::chains_us(file) => {
+                format!(
+                    "stopped; {PLUGIN} stays installed and chained in {}{why}",
+                    file.display()
+                )
+            }
+            _ => format!(
+                "stopped; no configuration in {} chains {PLUGIN} now",
+                node.conf_dir.display()
+            ),
         }
-        _ => format!(
-            "stopped; no configuration in {} chains {PLUGIN} now",
-            node.conf_dir.display()
-        ),
-    })
+    };
+    match on_exit {
+        OnExit::Keep => Ok(kept("")),
+        OnExit::Uninstall => remove(node).map(|done| format!("stopped; {done}")),
+        OnExit::UninstallIfRemoved(namespace, name) => {
+            let removed = node
+                .kubeconfig
+                .as_ref()
+                .ok_or_else(|| "no service account to ask the API server with".to_owned())
+                .and_then(|source| source.render())
+                .and_then(|text| crate::kube::daemonset_removed(&text, namespace, name, ASK_WITHIN));
+            match removed {
+                Ok(true) => {
+                    remove(node).map(|done| format!("stopped; daemonset {namespace}/{name} is being removed; {done}"))
+                }
+                Ok(false) => Ok(kept(&format!(
+                    ": daemonset {namespace}/{name} stays (an update, a drain or a reboot)"
+                ))),
+                // Kept: an update while the API server is down must not let pods start
+                // uncaptured; a removal then leaves `redirect-cni uninstall` to the operator.
+                Err(e) => Ok(kept(&format!(
+                    ": could not tell whether daemonset {namespace}/{name} is removed ({e})"
+                ))),
+            }
+        }
+    }
 }
 
 fn skip_line(file: &std::path::Path, why: &str) -> String {

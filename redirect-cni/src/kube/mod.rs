@@ -196,6 +196,44 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// Whether DaemonSet `namespace/name` is going away: gone, or marked for deletion. `install
+/// --watch` asks when it is stopped, as Istio's CNI agent asks before its cleanup: a rolling
+/// update or a drain leaves the DaemonSet as it is, and the plugin must stay chained for the
+/// next pod; `kubectl delete` removes it (background deletion) or marks it (foreground) before
+/// its pods are stopped. `kubeconfig` is the text of one; the one GET is bounded by `timeout`.
+pub fn daemonset_removed(kubeconfig: &str, namespace: &str, name: &str, timeout: Duration) -> Result<bool, String> {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async {
+        let kubeconfig = Kubeconfig::from_yaml(kubeconfig).map_err(|e| format!("kubeconfig: {}", chain(&e)))?;
+        let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| format!("kubeconfig: {}", chain(&e)))?;
+        let server = config.cluster_url.to_string();
+        config.connect_timeout = Some(timeout);
+        config.read_timeout = Some(timeout);
+        config.write_timeout = Some(timeout);
+        config.default_retry = false;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = Client::try_from(config).map_err(|e| format!("client for {server}: {}", chain(&e)))?;
+        let daemonsets = Api::<DaemonSet>::namespaced(client, namespace);
+        match tokio::time::timeout(timeout, daemonsets.get_opt(name)).await {
+            Ok(Ok(None)) => Ok(true),
+            Ok(Ok(Some(ds))) => Ok(ds.metadata.deletion_timestamp.is_some()),
+            Ok(Err(e)) => Err(format!(
+                "GET daemonset {namespace}/{name} from {server}: {}",
+                describe(&e)
+            )),
+            Err(_) => Err(format!(
+                "GET daemonset {namespace}/{name} from {server}: no answer within {timeout:?}"
+            )),
+        }
+    })
+}
+
 /// What `getK8sPodInfo` keeps of the pod.
 fn from_k8s(pod: K8sPod, namespace: &str) -> Pod {
     let meta = pod.metadata;
