@@ -142,16 +142,20 @@ fn pods_of_a_real_runtime_are_captured_to_their_sidecar_deleted_and_kept_through
         ("KUBERNETES_SERVICE_PORT", api.addr.port().to_string()),
         ("KUBERNETES_SERVICE_PROTOCOL", "http".into()),
     ];
-    let install = node.run_daemonset_container(
-        "rt-install-cni",
-        &runtime::container(&ds, "install-cni"),
-        &agent,
-        &install_args,
-        &install_env,
-    );
-    wait_until("install-cni chains redirect-cni", Duration::from_secs(30), || {
-        chained(&node)
-    });
+    let start_install = |name: &str| {
+        let c = node.run_daemonset_container(
+            name,
+            &runtime::container(&ds, "install-cni"),
+            &agent,
+            &install_args,
+            &install_env,
+        );
+        wait_until("install-cni chains redirect-cni", Duration::from_secs(30), || {
+            chained(&node)
+        });
+        c
+    };
+    let install = start_install("rt-install-cni");
     let entry = &node.conflist()["plugins"][1];
     assert_eq!(entry["agentSocket"], agent.socket.to_string_lossy().as_ref(), "{entry}");
 
@@ -254,16 +258,7 @@ fn pods_of_a_real_runtime_are_captured_to_their_sidecar_deleted_and_kept_through
 
     // Stopped because the DaemonSet is gone (`kubectl delete`): the plugin leaves the chain,
     // and its binary and kubeconfig go, so that pods start without it.
-    let again = node.run_daemonset_container(
-        "rt-install-cni-2",
-        &runtime::container(&ds, "install-cni"),
-        &agent,
-        &install_args,
-        &install_env,
-    );
-    wait_until("install-cni chains redirect-cni", Duration::from_secs(30), || {
-        chained(&node)
-    });
+    let again = start_install("rt-install-cni-2");
     api.delete(&ds_path);
     assert_eq!(again.stop(), Some(0), "{}", again.logs());
     let types: Vec<_> = node.conflist()["plugins"]
