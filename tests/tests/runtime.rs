@@ -156,6 +156,13 @@ fn pods_of_a_real_runtime_are_captured_to_their_sidecar_deleted_and_kept_through
         c
     };
     let install = start_install("rt-install-cni");
+    // What it copied onto the node links nothing of the node's: a node's glibc may be older.
+    let ldd = std::process::Command::new("ldd")
+        .arg(node.plugin("redirect-cni"))
+        .output()
+        .unwrap();
+    let ldd = String::from_utf8_lossy(&ldd.stdout);
+    assert!(ldd.contains("statically linked"), "{ldd}");
     let entry = &node.conflist()["plugins"][1];
     assert_eq!(entry["agentSocket"], agent.socket.to_string_lossy().as_ref(), "{entry}");
 

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::sh::{output, root, run};
+use crate::sh::{cargo, output, root, run};
 
 /// Debian's `ca-certificates` bundle.
 const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -38,14 +38,15 @@ pub(crate) fn tag() -> anyhow::Result<String> {
     }
 }
 
-/// Builds the image from the binaries in `bin_dir` (target/debug or target/release) into the
-/// OCI archive `archive`; returns the tag.
+/// Builds the image from the agent in `bin_dir` (target/debug or target/release) and a static
+/// build of the CNI plugin of the same profile into the OCI archive `archive`; returns the tag.
 pub(crate) fn build(bin_dir: &Path, archive: &Path) -> anyhow::Result<String> {
     let tag = tag()?;
     let work = archive.with_extension("build");
     let _ = std::fs::remove_dir_all(&work);
     let rootfs = work.join("context/rootfs");
-    let binaries = ["redirect-agent", "redirect-cni"].map(|b| bin_dir.join(b));
+    let release = bin_dir.file_name().is_some_and(|p| p == "release");
+    let binaries = [bin_dir.join("redirect-agent"), static_plugin(release)?];
     for bin in &binaries {
         if !bin.is_file() {
             bail!("image: {} is missing: build it first", bin.display());
@@ -57,7 +58,7 @@ pub(crate) fn build(bin_dir: &Path, archive: &Path) -> anyhow::Result<String> {
             .arg(rootfs.join("usr/local/bin").join(bin.file_name().unwrap_or_default()));
         run("image: strip", c)?;
     }
-    for lib in shared_objects(&binaries)? {
+    for lib in shared_objects(&binaries[..1])? {
         copy_into(&rootfs, &lib, lib.parent().unwrap_or(Path::new("/")))?;
     }
     copy_into(&rootfs, Path::new("/bin/busybox"), Path::new("/bin"))?;
@@ -102,6 +103,41 @@ pub(crate) fn build(bin_dir: &Path, archive: &Path) -> anyhow::Result<String> {
     run("image: podman system reset", c)?;
     std::fs::remove_dir_all(&work)?;
     Ok(tag)
+}
+
+/// The CNI plugin linked statically (glibc's `crt-static`), built for the host's target with
+/// the flag for that target only, so build scripts and the workspace's other builds are left
+/// alone. install-cni copies it onto the node, whose glibc may be older than the one it was
+/// built with (a dynamic build from Debian 12 needs 2.34 or later and would fail every pod's
+/// ADD there); inside the image only the agent loads shared objects.
+fn static_plugin(release: bool) -> anyhow::Result<PathBuf> {
+    let host = output(Command::new("rustc").arg("-vV"))
+        .and_then(|v| v.lines().find_map(|l| l.strip_prefix("host: ").map(str::to_owned)))
+        .context("image: rustc -vV names no host target")?;
+    let mut c = cargo();
+    c.args(["build", "--package", "redirect-cni", "--target", &host]).env(
+        format!("CARGO_TARGET_{}_RUSTFLAGS", host.to_uppercase().replace('-', "_")),
+        "-C target-feature=+crt-static",
+    );
+    if release {
+        c.arg("--release");
+    }
+    run("image: static build of redirect-cni", c)?;
+    let plugin = root()
+        .join("target")
+        .join(&host)
+        .join(if release { "release" } else { "debug" })
+        .join("redirect-cni");
+    let ldd = Command::new("ldd").arg(&plugin).output().context("image: ldd")?;
+    let linked = String::from_utf8_lossy(&ldd.stdout);
+    if !linked.contains("statically linked") {
+        bail!(
+            "image: {} is not statically linked: {}",
+            plugin.display(),
+            linked.trim()
+        );
+    }
+    Ok(plugin)
 }
 
 /// Copies `file` to `dir` inside `rootfs`, keeping its mode.
