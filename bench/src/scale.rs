@@ -26,6 +26,9 @@ use crate::measure::{BpfStats, map_bytes, prog_stats, rss_bytes};
 
 /// Connects a process of no workload makes per connect4 measurement.
 const CONNECTS: u32 = 20_000;
+/// Measurements at each point, reported as their median and range: one is within a few tens
+/// of percent of the next on a shared machine.
+const ROUNDS: usize = 7;
 /// Where the process of no workload connects: a closed loopback port, refused at once, so
 /// each connect is a run of connect4 and little else.
 const CLOSED_PORT: u16 = 9;
@@ -43,19 +46,19 @@ pub struct Outcome {
     pub map_bytes: (u64, u64),
     /// The agent's open descriptors, with one workload and with all.
     pub fds: (u64, u64),
-    /// connect4's mean run time for a process of no workload, in ns: with one workload
-    /// enrolled, and with all.
-    pub connect4_ns: (f64, f64),
+    /// connect4's mean run time for a process of no workload, in ns, [`ROUNDS`] measurements
+    /// each: with one workload enrolled, with all, and with one again after the others were
+    /// unenrolled (what drifted over the run, whatever the number of workloads).
+    pub connect4_ns: [Vec<f64>; 3],
+    /// Each unenrollment's latency, in milliseconds, in order (all but the first workload).
+    pub unenroll_ms: Vec<f64>,
     pub elapsed_s: f64,
 }
 
 impl Outcome {
     /// The `q` quantile of the enrollment latencies (nearest rank).
     pub fn enroll_quantile(&self, q: f64) -> f64 {
-        let mut v = self.enroll_ms.clone();
-        v.sort_by(f64::total_cmp);
-        let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1));
-        v.get(rank - 1).copied().unwrap_or(0.0)
+        quantile(&self.enroll_ms, q)
     }
 
     /// Mean of the enrollment latencies `range` (by order of enrollment).
@@ -63,6 +66,24 @@ impl Outcome {
         let v = &self.enroll_ms[range.start.min(self.enroll_ms.len())..range.end.min(self.enroll_ms.len())];
         v.iter().sum::<f64>() / v.len().max(1) as f64
     }
+}
+
+/// The `q` quantile of `values` (nearest rank; 0 for none).
+fn quantile(values: &[f64], q: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1));
+    v.get(rank - 1).copied().unwrap_or(0.0)
+}
+
+/// `median [min-max]` of `values`, rounded.
+fn spread(values: &[f64]) -> String {
+    format!(
+        "{:.0} [{:.0}-{:.0}]",
+        quantile(values, 0.5),
+        quantile(values, 0.0),
+        quantile(values, 1.0)
+    )
 }
 
 pub fn run(agent: &Path, me: &Path, workloads: usize) -> anyhow::Result<Outcome> {
@@ -128,7 +149,7 @@ pub fn run(agent: &Path, me: &Path, workloads: usize) -> anyhow::Result<Outcome>
                 rss_bytes(pid).unwrap_or(0),
                 map_bytes(&name),
                 open_fds(pid),
-                connect4_cost(me, &bystander_cg, &bystander, connect4)?,
+                connect4_rounds(me, &bystander_cg, &bystander, connect4)?,
             ));
         }
         if (i + 1) % 100 == 0 {
@@ -136,13 +157,33 @@ pub fn run(agent: &Path, me: &Path, workloads: usize) -> anyhow::Result<Outcome>
         }
     }
     let (rss1, maps1, fds1, c1) = first.context("no workload enrolled")?;
+    let (rss_n, maps_n, fds_n) = (rss_bytes(pid).unwrap_or(0), map_bytes(&name), open_fds(pid));
+    let cn = connect4_rounds(me, &bystander_cg, &bystander, connect4)?;
+    // All but the first go again, which measures unenrolling and, with one workload left,
+    // what the machine drifted meanwhile.
+    let mut unenroll_ms = Vec::with_capacity(workloads);
+    for i in 1..workloads {
+        let request = redirect_api::Request::Unenroll {
+            id: Some(format!("pod-{i}")),
+            netns: None,
+        };
+        let t = Instant::now();
+        let answer = redirect_api::call(&socket, &request, Duration::from_secs(60))
+            .with_context(|| format!("unenrolling workload {i}"))?;
+        unenroll_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        if let redirect_api::Response::Error(e) = answer {
+            bail!("unenrolling workload {i}: {e}");
+        }
+    }
+    let c1_again = connect4_rounds(me, &bystander_cg, &bystander, connect4)?;
     let outcome = Outcome {
         workloads,
-        rss_bytes: (rss1, rss_bytes(pid).unwrap_or(0)),
-        map_bytes: (maps1, map_bytes(&name)),
-        fds: (fds1, open_fds(pid)),
-        connect4_ns: (c1, connect4_cost(me, &bystander_cg, &bystander, connect4)?),
+        rss_bytes: (rss1, rss_n),
+        map_bytes: (maps1, maps_n),
+        fds: (fds1, fds_n),
+        connect4_ns: [c1, cn, c1_again],
         enroll_ms,
+        unenroll_ms,
         elapsed_s: 0.0,
     };
     // The agent first (it lets go of every workload), then the namespaces, then the cgroups.
@@ -157,6 +198,11 @@ pub fn run(agent: &Path, me: &Path, workloads: usize) -> anyhow::Result<Outcome>
 /// Descriptors process `pid` holds.
 fn open_fds(pid: u32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
+}
+
+/// [`ROUNDS`] measurements of [`connect4_cost`].
+fn connect4_rounds(me: &Path, cgroup: &Path, netns: &NamedNetns, prog: u32) -> anyhow::Result<Vec<f64>> {
+    (0..ROUNDS).map(|_| connect4_cost(me, cgroup, netns, prog)).collect()
 }
 
 /// connect4's mean run time over [`CONNECTS`] connects of a process in `cgroup` and `netns`
@@ -235,22 +281,26 @@ pub fn markdown(o: &Outcome, machine: &crate::report::Machine) -> String {
          Written by `cargo xtask bench --scale` on {cpu}, {mem}, kernel {kernel} ({secs:.0} s). \
          One `redirect-agent node` (release build) enrolls {n} workloads one after another over \
          its control socket, each a network namespace of its own enrolled with `--proxy none` \
-         (a sidecar pod: capture without the agent's proxy). A process of no workload under the \
-         attach point connects {connects} times to a closed loopback port with one workload \
-         enrolled and again with all {n}; connect4's run time per connect is the kernel's own \
-         accounting (`kernel.bpf_stats_enabled`).\n\n\
+         (a sidecar pod: capture without the agent's proxy), then unenrolls all but the first. A \
+         process of no workload under the attach point connects {connects} times to a closed \
+         loopback port, {rounds} times over, with one workload enrolled, with all {n}, and with \
+         one again after the others went (what the machine drifted over the run, whatever the \
+         number of workloads); connect4's run time per connect is the kernel's own accounting \
+         (`kernel.bpf_stats_enabled`), given as the median of the {rounds} and their range.\n\n\
          | | |\n|---|---|\n\
          | enroll latency p50 / p99 / max | {p50:.1} / {p99:.1} / {max:.1} ms |\n\
          | enroll latency, mean of the first 100 / the last 100 | {first:.1} / {last:.1} ms |\n\
          | agent RSS, 1 / {n} workloads | {rss1:.1} / {rssn:.1} MiB |\n\
          | map memory (bytes_memlock), 1 / {n} workloads | {m1:.1} / {mn:.1} MiB |\n\
          | agent descriptors, 1 / {n} workloads | {f1} / {fnn} |\n\
-         | connect4 per connect of a process of no workload, 1 / {n} workloads | {c1:.0} / {cn:.0} ns |\n",
+         | unenroll latency p50 / p99 / max | {u50:.1} / {u99:.1} / {umax:.1} ms |\n\
+         | connect4 per connect of a process of no workload: 1 / {n} / 1 again | {c1} / {cn} / {c1again} ns |\n",
         cpu = machine.cpu,
         mem = machine.memory,
         kernel = machine.kernel,
         secs = o.elapsed_s,
         connects = CONNECTS,
+        rounds = ROUNDS,
         p50 = o.enroll_quantile(0.5),
         p99 = o.enroll_quantile(0.99),
         max = o.enroll_quantile(1.0),
@@ -262,8 +312,12 @@ pub fn markdown(o: &Outcome, machine: &crate::report::Machine) -> String {
         fnn = o.fds.1,
         m1 = mib(o.map_bytes.0),
         mn = mib(o.map_bytes.1),
-        c1 = o.connect4_ns.0,
-        cn = o.connect4_ns.1,
+        u50 = quantile(&o.unenroll_ms, 0.5),
+        u99 = quantile(&o.unenroll_ms, 0.99),
+        umax = quantile(&o.unenroll_ms, 1.0),
+        c1 = spread(&o.connect4_ns[0]),
+        cn = spread(&o.connect4_ns[1]),
+        c1again = spread(&o.connect4_ns[2]),
     )
 }
 
@@ -291,9 +345,11 @@ mod tests {
             rss_bytes: (0, 0),
             map_bytes: (0, 0),
             fds: (0, 0),
-            connect4_ns: (0.0, 0.0),
+            connect4_ns: [vec![3.0, 1.0, 2.0], Vec::new(), Vec::new()],
+            unenroll_ms: Vec::new(),
             elapsed_s: 0.0,
         };
+        assert_eq!(spread(&o.connect4_ns[0]), "2 [1-3]");
         assert_eq!(o.enroll_quantile(0.5), 2.0);
         assert_eq!(o.enroll_quantile(0.99), 4.0);
         assert_eq!(o.enroll_mean(0..2), 2.5);

@@ -65,7 +65,7 @@ enum Task {
         profile: bool,
         /// Instead: one node agent with this many workloads (enrollment latency, memory,
         /// connect4's cost for a process of no workload), docs/benchmarks.md's scale section.
-        #[arg(long, value_name = "WORKLOADS", num_args = 0..=1, default_missing_value = "1000")]
+        #[arg(long, value_name = "WORKLOADS", num_args = 0..=1, default_missing_value = "1024")]
         scale: Option<usize>,
     },
     /// The stress routines: memory over bursts, held connections, churn in both modes, SIGKILL
