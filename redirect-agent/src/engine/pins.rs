@@ -119,9 +119,11 @@ impl State {
         std::fs::create_dir_all(RUN_DIR)?;
         let path = state_path(&self.name);
         let tmp = path.with_extension("json.tmp");
-        let mut f = File::create(&tmp)?;
-        serde_json::to_writer_pretty(&mut f, self)?;
-        f.write_all(b"\n")?;
+        // One write: serde_json writes a field at a time, which unbuffered is a syscall each,
+        // tens of thousands for a node of a thousand workloads, at every enroll.
+        let mut text = serde_json::to_vec_pretty(self)?;
+        text.push(b'\n');
+        File::create(&tmp)?.write_all(&text)?;
         std::fs::rename(tmp, &path)?;
         // The legacy file would shadow nothing now, but would mislead a reader.
         let _ = std::fs::remove_file(legacy_state_path(&self.name));
