@@ -154,6 +154,11 @@ impl AgentProcess {
     }
 
     /// What the agent has logged so far; the file is removed.
+    /// What it has logged so far (its stderr; `warn` and up unless `REDIRECT_AGENT_LOG` says).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     fn take_log(&mut self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let _ = std::fs::remove_file(&self.log);

@@ -91,9 +91,13 @@ pub fn run(agent: &Path, args: &StressArgs) -> anyhow::Result<HoldReport> {
         let (all_open, mut released) = (all_open.clone(), released.clone());
         tasks.spawn_on(
             async move {
+                // Which step failed goes with the error: a reset at the connect, at the first
+                // answer or after the hold points at different parts of the path.
+                let step =
+                    |what: &'static str| move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"));
                 let opened = async {
-                    let mut s = socket.connect(to).await?;
-                    exchange(&mut s, b'H', i).await?;
+                    let mut s = socket.connect(to).await.map_err(step("connect"))?;
+                    exchange(&mut s, b'H', i).await.map_err(step("first exchange"))?;
                     Ok::<_, std::io::Error>(s)
                 }
                 .await;
@@ -101,10 +105,12 @@ pub fn run(agent: &Path, args: &StressArgs) -> anyhow::Result<HoldReport> {
                 let _ = released.wait_for(|r| *r).await;
                 let mut s = opened?;
                 // Still through the proxy after the hold: a second round, then the close.
-                exchange(&mut s, b'h', i).await?;
-                s.shutdown().await?;
+                exchange(&mut s, b'h', i)
+                    .await
+                    .map_err(step("exchange after the hold"))?;
+                s.shutdown().await.map_err(step("shutdown"))?;
                 let mut rest = Vec::new();
-                (&mut s).take(1).read_to_end(&mut rest).await?;
+                (&mut s).take(1).read_to_end(&mut rest).await.map_err(step("close"))?;
                 if !rest.is_empty() {
                     return Err(std::io::Error::other("bytes after the last answer"));
                 }
@@ -145,7 +151,18 @@ pub fn run(agent: &Path, args: &StressArgs) -> anyhow::Result<HoldReport> {
 
     let mut problems = Vec::new();
     if let Some(first) = first {
-        problems.push(format!("{failed} of {n} held connections failed (the first: {first})"));
+        // The agent's own account (warnings and up, each kind at most once a second): why it
+        // reset, if it did.
+        let log = t.agent_log();
+        let said: Vec<&str> = log.lines().rev().take(8).collect();
+        problems.push(format!(
+            "{failed} of {n} held connections failed (the first: {first}); the agent's last log lines: {}",
+            if said.is_empty() {
+                "none".to_owned()
+            } else {
+                said.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            }
+        ));
     }
     problems.extend(uncaptured("the app", app, &t.servers.app));
     if after_fds > idle_fds {

@@ -129,6 +129,11 @@ impl Target {
     }
 
     /// The running agent's pid.
+    /// The running agent's log so far (empty when none runs).
+    pub fn agent_log(&self) -> String {
+        self.agent.as_ref().map(AgentProcess::log).unwrap_or_default()
+    }
+
     pub fn pid(&self) -> anyhow::Result<u32> {
         self.agent
             .as_ref()
