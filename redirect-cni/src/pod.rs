@@ -274,10 +274,17 @@ pub fn flags(sel: &Selection, pod: &Pod) -> Result<Vec<String>, String> {
 
 /// The configuration's `args`: pairs of a flag and its value.
 pub fn check_args(args: &[String]) -> Result<(), String> {
-    if !args.len().is_multiple_of(2) || args.iter().step_by(2).any(|f| !f.starts_with('-')) {
-        return Err(format!(
-            "args {args:?}: expected pairs of an istio-iptables flag and its value"
-        ));
+    for pair in args.chunks(2) {
+        match pair {
+            [flag, value] if flag.len() > 1 && flag.starts_with('-') && !value.starts_with('-') => {}
+            [flag, ..] if !flag.starts_with('-') || flag.len() == 1 => {
+                return Err(format!(
+                    "args: '{flag}' is not an istio-iptables flag: expected FLAG VALUE pairs"
+                ));
+            }
+            [flag, ..] => return Err(format!("args: {flag} has no value: expected FLAG VALUE pairs")),
+            [] => {}
+        }
     }
     Ok(())
 }

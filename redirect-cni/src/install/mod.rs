@@ -153,23 +153,11 @@ enum OnExit {
     UninstallIfRemoved(String, String),
 }
 
-/// Pairs, as the plugin's `args` holds them: a value that starts with '-' is a flag whose own
-/// value is missing.
+/// Pairs, as the plugin's `args` holds them, checked as the plugin checks them.
 fn iptables_args(value: &str) -> Result<IptablesArgs, String> {
-    let words: Vec<&str> = value.split_whitespace().collect();
-    for pair in words.chunks(2) {
-        match pair {
-            [flag, value] if flag.len() > 1 && flag.starts_with('-') && !value.starts_with('-') => {}
-            [flag, ..] if !flag.starts_with('-') || flag.len() == 1 => {
-                return Err(format!(
-                    "'{flag}' is not an istio-iptables flag: expected FLAG VALUE pairs"
-                ));
-            }
-            [flag, ..] => return Err(format!("{flag} has no value: expected FLAG VALUE pairs")),
-            [] => {}
-        }
-    }
-    Ok(IptablesArgs(words.into_iter().map(str::to_owned).collect()))
+    let words: Vec<String> = value.split_whitespace().map(str::to_owned).collect();
+    crate::pod::check_args(&words).map_err(|e| e.trim_start_matches("args: ").to_owned())?;
+    Ok(IptablesArgs(words))
 }
 
 enum Parsed<T> {
