@@ -169,13 +169,22 @@ fn split_cni_args(text: &str) -> BTreeMap<String, String> {
 }
 
 /// The pod as the runtime names it, for the agent's metrics and `list`: both parts or none
-/// (a sandbox that is not a Kubernetes pod has neither).
+/// (a sandbox that is not a Kubernetes pod has neither). Names Kubernetes would not accept are
+/// left out, not sent: they only label metrics, and the agent would refuse the whole
+/// enrollment for them.
 fn pod_ref(args: &BTreeMap<String, String>) -> Option<PodRef> {
     let part = |key| args.get(key).filter(|v| !v.is_empty()).cloned();
-    Some(PodRef {
+    let pod = PodRef {
         namespace: part("K8S_POD_NAMESPACE")?,
         name: part("K8S_POD_NAME")?,
-    })
+    };
+    match pod.check() {
+        Ok(()) => Some(pod),
+        Err(e) => {
+            eprintln!("redirect-cni: {e}; the workload is enrolled without its pod's name");
+            None
+        }
+    }
 }
 
 fn annotations(conf: &NetConf) -> BTreeMap<String, String> {
@@ -425,6 +434,12 @@ mod tests {
         assert_eq!(pod_ref(&args("K8S_POD_NAMESPACE=default")), None);
         assert_eq!(pod_ref(&args("K8S_POD_NAMESPACE=default;K8S_POD_NAME=")), None);
         assert_eq!(pod_ref(&args("")), None);
+        // A name Kubernetes would not give is left out, not sent for the agent to refuse.
+        assert_eq!(pod_ref(&args("K8S_POD_NAMESPACE=default;K8S_POD_NAME=Web_1")), None);
+        // podman puts its own K8S_POD_NAME (the infra container's) before the caller's
+        // CNI_ARGS; the last one is the pod's, as libcni's LoadArgs reads them too.
+        let podman = args("IgnoreUnknown=1;K8S_POD_NAME=3352eefd608c-infra;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart-0");
+        assert_eq!(pod_ref(&podman).map(|p| p.to_string()).as_deref(), Some("shop/cart-0"));
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct ApiServer {
     objects: Objects,
     /// Every request line, in order.
     requests: Arc<Mutex<Vec<String>>>,
+    /// Set: every request is refused with 401 (the service account was deleted).
+    revoked: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -45,7 +47,8 @@ impl ApiServer {
         let objects: Objects = Arc::default();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (objects2, requests2, stop2) = (objects.clone(), requests.clone(), stop.clone());
+        let revoked = Arc::new(AtomicBool::new(false));
+        let (objects2, requests2, stop2, revoked2) = (objects.clone(), requests.clone(), stop.clone(), revoked.clone());
         let bearer = format!("bearer {}", token.to_ascii_lowercase());
         let thread = std::thread::spawn(move || {
             while !stop2.load(Ordering::Relaxed) {
@@ -53,7 +56,12 @@ impl ApiServer {
                     Ok((stream, _)) => {
                         let _ = stream.set_nonblocking(false);
                         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                        let _ = answer(stream, &bearer, &objects2, &requests2);
+                        let bearer = if revoked2.load(Ordering::Relaxed) {
+                            ""
+                        } else {
+                            bearer.as_str()
+                        };
+                        let _ = answer(stream, bearer, &objects2, &requests2);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
@@ -63,6 +71,7 @@ impl ApiServer {
             addr,
             objects,
             requests,
+            revoked,
             stop,
             thread: Some(thread),
         }
@@ -83,6 +92,11 @@ impl ApiServer {
     /// `path` is 404 from now on.
     pub fn delete(&self, path: &str) {
         self.objects.lock().unwrap().remove(path);
+    }
+
+    /// From now on every request gets 401, as after its service account was deleted.
+    pub fn revoke(&self) {
+        self.revoked.store(true, Ordering::Relaxed);
     }
 
     pub fn requests(&self) -> Vec<String> {
@@ -115,7 +129,7 @@ fn answer(
         if reader.read_line(&mut header)? == 0 || header == "\r\n" {
             break;
         }
-        authorized |= header.to_ascii_lowercase().trim() == format!("authorization: {bearer}");
+        authorized |= !bearer.is_empty() && header.to_ascii_lowercase().trim() == format!("authorization: {bearer}");
     }
     requests.lock().unwrap().push(line.trim().to_owned());
     let path = line.split_whitespace().nth(1).unwrap_or_default();

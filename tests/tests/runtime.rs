@@ -105,6 +105,19 @@ fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// The DaemonSet as the API server returns it (what install-cni reads of it: its uid).
+fn api_object(ds: &serde_yaml::Value) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {
+            "name": ds["metadata"]["name"].as_str(),
+            "namespace": ds["metadata"]["namespace"].as_str(),
+            "uid": "6b1e0a52-0d7e-4f4e-9c1a-5f1f0d3b2a10"
+        }
+    })
+}
+
 fn chained(node: &Node) -> bool {
     let conf = node.conflist();
     let types: Vec<&str> = conf["plugins"]
@@ -128,6 +141,13 @@ fn pods_of_a_real_runtime_are_captured_to_their_sidecar_deleted_and_kept_through
     // namespace), and the service account the kubelet would mount into install-cni.
     let token = "rt-service-account-token";
     let api = ApiServer::start(&node.netns, token);
+    // The DaemonSet is there while its pods run.
+    let ds_path = format!(
+        "/apis/apps/v1/namespaces/{}/daemonsets/{}",
+        ds["metadata"]["namespace"].as_str().unwrap(),
+        ds["metadata"]["name"].as_str().unwrap()
+    );
+    api.put(&ds_path, api_object(&ds));
     let account = node.volume_dir("cni-token");
     std::fs::create_dir_all(&account).unwrap();
     std::fs::write(account.join("token"), token).unwrap();
@@ -198,6 +218,12 @@ fn pods_of_a_real_runtime_are_captured_to_their_sidecar_deleted_and_kept_through
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list[0]["proxy"], "none", "{list}");
     assert_eq!(list[0]["netns"], web.netns.to_string_lossy().as_ref(), "{list}");
+    // Named by the kubelet's CNI_ARGS (podman puts its own K8S_POD_NAME first).
+    assert_eq!(
+        list[0]["pod"],
+        serde_json::json!({ "namespace": "default", "name": "web" }),
+        "{list}"
+    );
     assert_captured(&node, &web);
 
     // A rolling update: the new agent pod starts beside the old one and takes over; the old
@@ -236,19 +262,6 @@ fn pods_of_a_real_runtime_are_captured_to_their_sidecar_deleted_and_kept_through
 
     // install-cni stopped while its DaemonSet stays (an update, a drain, a reboot): the plugin
     // stays chained, so that no pod starts uncaptured.
-    let ds_path = format!(
-        "/apis/apps/v1/namespaces/{}/daemonsets/{}",
-        ds["metadata"]["namespace"].as_str().unwrap(),
-        ds["metadata"]["name"].as_str().unwrap()
-    );
-    api.put(
-        &ds_path,
-        serde_json::json!({
-            "apiVersion": "apps/v1",
-            "kind": "DaemonSet",
-            "metadata": { "name": ds["metadata"]["name"], "namespace": ds["metadata"]["namespace"] }
-        }),
-    );
     assert_eq!(install.stop(), Some(0), "{}", install.logs());
     let said = format!("{ds_path} stays");
     let said = said
@@ -265,17 +278,33 @@ fn pods_of_a_real_runtime_are_captured_to_their_sidecar_deleted_and_kept_through
 
     // Stopped because the DaemonSet is gone (`kubectl delete`): the plugin leaves the chain,
     // and its binary and kubeconfig go, so that pods start without it.
+    let ds_object = api_object(&ds);
+    let removed = |install: &runtime::Container<'_>| {
+        assert_eq!(install.stop(), Some(0), "{}", install.logs());
+        let types: Vec<_> = node.conflist()["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["type"].clone())
+            .collect();
+        assert_eq!(types, ["bridge"], "{}", install.logs());
+        assert!(!node.plugin("redirect-cni").exists());
+        assert!(!node.conf_dir().join("ZZZ-redirect-cni-kubeconfig").exists());
+    };
     let again = start_install("rt-install-cni-2");
+    wait_until("install-cni finds its daemonset", Duration::from_secs(30), || {
+        again.logs().contains("found")
+    });
     api.delete(&ds_path);
-    assert_eq!(again.stop(), Some(0), "{}", again.logs());
-    let types: Vec<_> = node.conflist()["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["type"].clone())
-        .collect();
-    assert_eq!(types, ["bridge"], "{}", again.logs());
-    assert!(!node.plugin("redirect-cni").exists());
-    assert!(!node.conf_dir().join("ZZZ-redirect-cni-kubeconfig").exists());
+    removed(&again);
+    // `kubectl delete -k` deletes the service account and the roles with the DaemonSet, often
+    // before install-cni stops: a token the API server no longer accepts means the same.
+    api.put(&ds_path, ds_object);
+    let third = start_install("rt-install-cni-3");
+    wait_until("install-cni finds its daemonset", Duration::from_secs(30), || {
+        third.logs().contains("found")
+    });
+    api.revoke();
+    removed(&third);
     assert_eq!(second.stop(), Some(0), "{}", second.logs());
 }

@@ -61,6 +61,9 @@ pub(crate) fn build(bin_dir: &Path, archive: &Path) -> anyhow::Result<String> {
     for lib in shared_objects(&binaries[..1])? {
         copy_into(&rootfs, &lib, lib.parent().unwrap_or(Path::new("/")))?;
     }
+    // busybox-static's: the dynamic `busybox` package installs the same path, and its
+    // libraries are not in the image.
+    require_static(Path::new("/bin/busybox"), "install busybox-static")?;
     copy_into(&rootfs, Path::new("/bin/busybox"), Path::new("/bin"))?;
     // Debian's CA bundle: the API client loads the system's roots whenever a kubeconfig has no
     // CA of its own (and fails with none), and `kubectl exec` users may want them.
@@ -115,10 +118,14 @@ fn static_plugin(release: bool) -> anyhow::Result<PathBuf> {
         .and_then(|v| v.lines().find_map(|l| l.strip_prefix("host: ").map(str::to_owned)))
         .context("image: rustc -vV names no host target")?;
     let mut c = cargo();
-    c.args(["build", "--package", "redirect-cni", "--target", &host]).env(
-        format!("CARGO_TARGET_{}_RUSTFLAGS", host.to_uppercase().replace('-', "_")),
-        "-C target-feature=+crt-static",
-    );
+    // RUSTFLAGS, which overrides the per-target flags, is extended rather than left to drop
+    // the one that matters; with `--target` it reaches the target's code only, not build
+    // scripts.
+    let mut flags = std::env::var("RUSTFLAGS").unwrap_or_default();
+    flags.push_str(" -C target-feature=+crt-static");
+    c.args(["build", "--package", "redirect-cni", "--target", &host])
+        .env("RUSTFLAGS", flags.trim())
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
     if release {
         c.arg("--release");
     }
@@ -128,16 +135,24 @@ fn static_plugin(release: bool) -> anyhow::Result<PathBuf> {
         .join(&host)
         .join(if release { "release" } else { "debug" })
         .join("redirect-cni");
-    let ldd = Command::new("ldd").arg(&plugin).output().context("image: ldd")?;
+    require_static(&plugin, "its build did not take -C target-feature=+crt-static")?;
+    Ok(plugin)
+}
+
+/// Fails unless `ldd` calls `file` static: "statically linked" for a static PIE (stdout), "not
+/// a dynamic executable" for a plain static one (stderr); `hint` says what to do.
+fn require_static(file: &Path, hint: &str) -> anyhow::Result<()> {
+    let ldd = Command::new("ldd").arg(file).output().context("image: ldd")?;
     let linked = String::from_utf8_lossy(&ldd.stdout);
-    if !linked.contains("statically linked") {
+    let plain = String::from_utf8_lossy(&ldd.stderr).contains("not a dynamic executable");
+    if !linked.contains("statically linked") && !plain {
         bail!(
-            "image: {} is not statically linked: {}",
-            plugin.display(),
-            linked.trim()
+            "image: {} is not statically linked ({}): {hint}",
+            file.display(),
+            linked.trim().lines().next().unwrap_or_default()
         );
     }
-    Ok(plugin)
+    Ok(())
 }
 
 /// Copies `file` to `dir` inside `rootfs`, keeping its mode.

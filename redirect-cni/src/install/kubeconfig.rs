@@ -11,6 +11,8 @@ use std::{
     io::Write as _,
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+    time::SystemTime,
 };
 
 use base64::Engine as _;
@@ -47,8 +49,11 @@ impl Source {
                 format!("{protocol}://{host}:{port}")
             }
         };
-        let scheme_ok = server.starts_with("https://") || server.starts_with("http://");
-        if !scheme_ok || server.len() <= "https://".len() {
+        let host = server
+            .strip_prefix("https://")
+            .or_else(|| server.strip_prefix("http://"))
+            .unwrap_or_default();
+        if host.is_empty() {
             return Err(format!("--kube-server '{server}': expected a URL, https://HOST:PORT"));
         }
         Ok(Self { account, server })
@@ -89,28 +94,62 @@ impl Source {
     }
 }
 
-/// Writes `text` to `dir/FILE` (mode 0600: it holds a token) unless it is there already;
-/// whether it wrote.
-pub(super) fn write(dir: &Path, text: &str) -> Result<bool, String> {
-    let target = dir.join(FILE);
-    if fs::read_to_string(&target).is_ok_and(|t| t == text) {
-        return Ok(false);
+/// Who writes `dir/FILE`. During a rolling update two install-cni containers run, each with a
+/// token of its own pod (both valid): the newer one owns the file. Each writes it when it is
+/// missing, when it holds what this writer wrote last and the token or CA changed since, or
+/// when it was written before this process started (by the predecessor, or before a reboot).
+/// So the predecessor, seeing its successor's file, leaves it; the two never take turns.
+pub(super) struct Writer {
+    started: SystemTime,
+    last: Option<String>,
+}
+
+impl Writer {
+    pub fn new() -> Self {
+        Self {
+            started: SystemTime::now(),
+            last: None,
+        }
     }
-    // A write and a rename: the plugin reads the old file or the new one, never half of one.
-    let tmp = dir.join(format!(".{FILE}.tmp"));
-    let written = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
-        .and_then(|()| fs::rename(&tmp, &target));
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(format!("write {}: {e}", target.display()));
+
+    /// Writes `text` to `dir/FILE` (mode 0600: it holds a token) if this writer should;
+    /// whether it wrote.
+    pub fn write(&mut self, dir: &Path, text: &str) -> Result<bool, String> {
+        let target = dir.join(FILE);
+        let current = fs::read_to_string(&target).ok();
+        if current.as_deref() == Some(text) {
+            self.last = Some(text.to_owned());
+            return Ok(false);
+        }
+        let ours = current.is_some() && current == self.last;
+        let before_us = fs::metadata(&target)
+            .and_then(|m| m.modified())
+            .is_ok_and(|m| m < self.started);
+        if current.is_some() && !ours && !before_us {
+            return Ok(false);
+        }
+        // A write and a rename: the plugin reads the old file or the new one, never half of
+        // one. The temporary name is this process's, so two writers never share it.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let tmp = dir.join(format!(
+            ".{FILE}.{}.{}.tmp",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let written = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .and_then(|()| fs::rename(&tmp, &target));
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(format!("write {}: {e}", target.display()));
+        }
+        self.last = Some(text.to_owned());
+        Ok(true)
     }
-    Ok(true)
 }
 
 /// Removes `dir/FILE`; whether it was there.

@@ -4,6 +4,7 @@
 
 mod conf;
 mod kubeconfig;
+mod removal;
 #[cfg(test)]
 mod tests;
 mod watch;
@@ -197,12 +198,12 @@ struct Node {
     kubeconfig: Option<kubeconfig::Source>,
 }
 
-/// Writes the plugin's kubeconfig if one is configured and it changed: its path then.
-fn write_kubeconfig(node: &Node) -> Result<Option<String>, String> {
+/// Writes the plugin's kubeconfig if one is configured and `writer` should: its path then.
+fn write_kubeconfig(node: &Node, writer: &mut kubeconfig::Writer) -> Result<Option<String>, String> {
     let Some(source) = &node.kubeconfig else {
         return Ok(None);
     };
-    let wrote = kubeconfig::write(&node.conf_dir, &source.render()?)?;
+    let wrote = writer.write(&node.conf_dir, &source.render()?)?;
     Ok(wrote.then(|| node.conf_dir.join(kubeconfig::FILE).display().to_string()))
 }
 
@@ -274,10 +275,11 @@ impl InstallArgs {
                     self.host_cni_conf_dir.display()
                 ));
             }
-            entry.insert(
-                "kubeconfig".into(),
-                json!(self.host_cni_conf_dir.join(kubeconfig::FILE)),
-            );
+            let path = self.host_cni_conf_dir.join(kubeconfig::FILE);
+            let path = path
+                .to_str()
+                .ok_or_else(|| format!("--host-cni-conf-dir {}: not UTF-8", self.host_cni_conf_dir.display()))?;
+            entry.insert("kubeconfig".into(), json!(path));
         }
         entry.insert("capabilities".into(), json!({ POD_ANNOTATIONS: true }));
         Ok(Value::Object(entry))
@@ -320,7 +322,7 @@ pub fn install(args: &[String]) -> Result<String, String> {
     report_skipped(&scan.skipped);
     let conf = scan.chosen.ok_or_else(|| missing(&node))?;
     // The kubeconfig before the entry that names it: the plugin never reads a missing one.
-    let wrote = write_kubeconfig(&node)?;
+    let wrote = write_kubeconfig(&node, &mut kubeconfig::Writer::new())?;
     let chained = conf::chain(&conf, &entry)?;
     Ok(match wrote {
         Some(path) => format!("{bin}; wrote {path}; {chained}"),

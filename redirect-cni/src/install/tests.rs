@@ -460,3 +460,25 @@ fn uninstall_if_removed_names_one_daemonset_and_needs_watch_and_an_account() {
     assert!(e.contains("--uninstall-if-removed") && !e.contains('\n'), "{e}");
     assert_eq!(node.names(), ["10-k8s.conflist"], "nothing written");
 }
+
+#[test]
+fn the_newer_install_owns_the_kubeconfig_and_the_older_leaves_it() {
+    let node = Node::new();
+    let dir = node.0.join("net.d");
+    let read = || std::fs::read_to_string(dir.join(kubeconfig::FILE)).unwrap();
+    let mut old = kubeconfig::Writer::new();
+    assert!(old.write(&dir, "old token").unwrap());
+    assert!(!old.write(&dir, "old token").unwrap(), "unchanged: not written again");
+    // A rolling update: the successor starts later and writes its own token...
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let mut new = kubeconfig::Writer::new();
+    assert!(new.write(&dir, "new token").unwrap());
+    // ...which the predecessor, seeing the file change, leaves alone.
+    assert!(!old.write(&dir, "old token").unwrap());
+    assert_eq!(read(), "new token");
+    // The owner follows its token's rotation; a missing file is written by anyone.
+    assert!(new.write(&dir, "new token, rotated").unwrap());
+    std::fs::remove_file(dir.join(kubeconfig::FILE)).unwrap();
+    assert!(old.write(&dir, "old token").unwrap());
+    assert_eq!(node.names(), [kubeconfig::FILE], "no temporary file left");
+}

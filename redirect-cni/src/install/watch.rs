@@ -24,7 +24,11 @@ use signal_hook::{
 };
 
 use super::{
-    Bin, Node, OnExit, PLUGIN, Stamp, conf, conf::Chained, find, install_bin_cached, missing, remove, write_kubeconfig,
+    Bin, Node, OnExit, PLUGIN, Stamp, conf,
+    conf::Chained,
+    find, install_bin_cached, kubeconfig, missing,
+    removal::{AtStop, RemovalCheck},
+    remove, write_kubeconfig,
 };
 
 /// The safety net under inotify: events can be lost (queue overflow, a directory mounted over).
@@ -37,9 +41,6 @@ const MAX_DELAY: Duration = Duration::from_secs(1);
 /// Between a check that wrote and the next: another installer that insists on its own version
 /// of the file makes us rewrite once a second at most, not in a tight loop.
 const MIN_GAP: Duration = Duration::from_secs(1);
-/// The bound on asking the API server, at a stop, whether the DaemonSet is being removed: well
-/// inside the DaemonSet's termination grace.
-const ASK_WITHIN: Duration = Duration::from_secs(5);
 
 /// Runs until SIGTERM or SIGINT.
 pub(super) fn run(node: &Node, entry: &Value, on_exit: &OnExit) -> Result<String, String> {
@@ -52,13 +53,20 @@ pub(super) fn run(node: &Node, entry: &Value, on_exit: &OnExit) -> Result<String
         bin: None,
         said: BTreeSet::new(),
         last_write: None,
+        kubeconfig: kubeconfig::Writer::new(),
+        removal: match on_exit {
+            OnExit::UninstallIfRemoved(namespace, name) => Some(RemovalCheck::new(namespace, name)),
+            _ => None,
+        },
+        said_removal: None,
     };
     // As plain install, errors included; only a missing configuration is waited for.
     let bin = install_bin_cached(&node.bin_dir, &mut w.bin)?;
     eprintln!("{PLUGIN}: {bin}");
-    if let Some(path) = write_kubeconfig(node)? {
+    if let Some(path) = write_kubeconfig(node, &mut w.kubeconfig)? {
         eprintln!("{PLUGIN}: wrote {path}");
     }
+    w.look_for_daemonset();
     let scan = find(node)?;
     w.said = scan.skipped.iter().map(|(f, why)| skip_line(f, why)).collect();
     w.said.iter().for_each(|l| eprintln!("{PLUGIN}: {l}"));
@@ -114,6 +122,7 @@ pub(super) fn run(node: &Node, entry: &Value, on_exit: &OnExit) -> Result<String
         if (burst_due || now >= periodic) && gap.is_none_or(|g| now >= g) {
             if now >= periodic {
                 inotify.rewatch(node);
+                w.look_for_daemonset();
             }
             if w.check() {
                 w.last_write = Some(Instant::now());
@@ -140,27 +149,11 @@ pub(super) fn run(node: &Node, entry: &Value, on_exit: &OnExit) -> Result<String
     match on_exit {
         OnExit::Keep => Ok(kept("")),
         OnExit::Uninstall => remove(node).map(|done| format!("stopped; {done}")),
-        OnExit::UninstallIfRemoved(namespace, name) => {
-            let removed = node
-                .kubeconfig
-                .as_ref()
-                .ok_or_else(|| "no service account to ask the API server with".to_owned())
-                .and_then(|source| source.render())
-                .and_then(|text| crate::kube::daemonset_removed(&text, namespace, name, ASK_WITHIN));
-            match removed {
-                Ok(true) => {
-                    remove(node).map(|done| format!("stopped; daemonset {namespace}/{name} is being removed; {done}"))
-                }
-                Ok(false) => Ok(kept(&format!(
-                    ": daemonset {namespace}/{name} stays (an update, a drain or a reboot)"
-                ))),
-                // Kept: an update while the API server is down must not let pods start
-                // uncaptured; a removal then leaves `redirect-cni uninstall` to the operator.
-                Err(e) => Ok(kept(&format!(
-                    ": could not tell whether daemonset {namespace}/{name} is removed ({e})"
-                ))),
-            }
-        }
+        OnExit::UninstallIfRemoved(..) => match w.removal.as_ref().map(|r| r.at_stop(node)) {
+            Some(AtStop::Uninstall(why)) => remove(node).map(|done| format!("stopped; {why}; {done}")),
+            Some(AtStop::Keep(why)) => Ok(kept(&format!(": {why}"))),
+            None => Ok(kept("")),
+        },
     }
 }
 
@@ -178,9 +171,29 @@ struct Watcher<'a> {
     /// they hold, not at every check.
     said: BTreeSet<String>,
     last_write: Option<Instant>,
+    kubeconfig: kubeconfig::Writer,
+    removal: Option<RemovalCheck>,
+    /// The last line said about looking for the DaemonSet, so that it is said once.
+    said_removal: Option<String>,
 }
 
 impl Watcher<'_> {
+    /// `--uninstall-if-removed`: looks for the DaemonSet until it is seen.
+    fn look_for_daemonset(&mut self) {
+        let Some(removal) = self.removal.as_mut() else {
+            return;
+        };
+        let line = match removal.look(self.node) {
+            Ok(None) => return,
+            Ok(Some(found)) => found,
+            Err(why) => why,
+        };
+        if self.said_removal.as_ref() != Some(&line) {
+            eprintln!("{PLUGIN}: {line}");
+            self.said_removal = Some(line);
+        }
+    }
+
     /// One pass over the binary and the configuration; whether it wrote anything.
     fn check(&mut self) -> bool {
         let mut standing = BTreeSet::new();
@@ -196,7 +209,7 @@ impl Watcher<'_> {
             }
         }
         // A projected token rotates (hourly by default): the plugin's copy follows it.
-        match write_kubeconfig(self.node) {
+        match write_kubeconfig(self.node, &mut self.kubeconfig) {
             Ok(Some(path)) => {
                 eprintln!("{PLUGIN}: rewrote {path}: the service account's token or CA changed");
                 wrote = true;

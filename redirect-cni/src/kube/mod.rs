@@ -196,12 +196,28 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Whether DaemonSet `namespace/name` is going away: gone, or marked for deletion. `install
-/// --watch` asks when it is stopped, as Istio's CNI agent asks before its cleanup: a rolling
-/// update or a drain leaves the DaemonSet as it is, and the plugin must stay chained for the
-/// next pod; `kubectl delete` removes it (background deletion) or marks it (foreground) before
-/// its pods are stopped. `kubeconfig` is the text of one; the one GET is bounded by `timeout`.
-pub fn daemonset_removed(kubeconfig: &str, namespace: &str, name: &str, timeout: Duration) -> Result<bool, String> {
+/// What the API server says of a DaemonSet (`install --uninstall-if-removed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DaemonSetState {
+    /// There, not being deleted: its uid.
+    Present(String),
+    /// Marked for deletion (foreground deletion keeps it while its pods stop).
+    Deleting,
+    /// 404: deleted (background deletion removes it before its pods stop).
+    Gone,
+    /// 401 or 403: the service account or its role is gone, which `kubectl delete -k` does
+    /// in the same breath as the DaemonSet.
+    Revoked(u16),
+}
+
+/// One GET of DaemonSet `namespace/name` with the kubeconfig `kubeconfig` (its text), bounded
+/// by `timeout`. An error is everything that is not an answer about the DaemonSet.
+pub fn daemonset_state(
+    kubeconfig: &str,
+    namespace: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<DaemonSetState, String> {
     use k8s_openapi::api::apps::v1::DaemonSet;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -221,8 +237,10 @@ pub fn daemonset_removed(kubeconfig: &str, namespace: &str, name: &str, timeout:
         let client = Client::try_from(config).map_err(|e| format!("client for {server}: {}", chain(&e)))?;
         let daemonsets = Api::<DaemonSet>::namespaced(client, namespace);
         match tokio::time::timeout(timeout, daemonsets.get_opt(name)).await {
-            Ok(Ok(None)) => Ok(true),
-            Ok(Ok(Some(ds))) => Ok(ds.metadata.deletion_timestamp.is_some()),
+            Ok(Ok(None)) => Ok(DaemonSetState::Gone),
+            Ok(Ok(Some(ds))) if ds.metadata.deletion_timestamp.is_some() => Ok(DaemonSetState::Deleting),
+            Ok(Ok(Some(ds))) => Ok(DaemonSetState::Present(ds.metadata.uid.unwrap_or_default())),
+            Ok(Err(::kube::Error::Api(s))) if s.code == 401 || s.code == 403 => Ok(DaemonSetState::Revoked(s.code)),
             Ok(Err(e)) => Err(format!(
                 "GET daemonset {namespace}/{name} from {server}: {}",
                 describe(&e)
