@@ -80,12 +80,15 @@ pub(crate) fn build(bin_dir: &Path, archive: &Path) -> anyhow::Result<String> {
     std::os::unix::fs::symlink("../run", rootfs.join("var/run"))?;
     std::fs::copy(root().join("deploy/Containerfile"), work.join("context/Containerfile"))?;
 
-    // A store of the build's own, so the machine's podman images are left alone.
+    // A store of the build's own, so the machine's podman images are left alone. podman
+    // refuses a run root longer than 50 bytes (its sockets live there), and the checkout's path
+    // can be anything, so the run root goes in /tmp.
+    let runroot = RunRoot(PathBuf::from(format!("/tmp/redirect-image.{}", std::process::id())));
     let store = |c: &mut Command| {
         c.arg("--root")
             .arg(work.join("store"))
             .arg("--runroot")
-            .arg(work.join("run"))
+            .arg(&runroot.0)
             .args(["--storage-driver", "vfs"]);
     };
     let mut c = Command::new("podman");
@@ -106,6 +109,15 @@ pub(crate) fn build(bin_dir: &Path, archive: &Path) -> anyhow::Result<String> {
     run("image: podman system reset", c)?;
     std::fs::remove_dir_all(&work)?;
     Ok(tag)
+}
+
+/// podman's run root for one build, removed however the build ends.
+struct RunRoot(PathBuf);
+
+impl Drop for RunRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The CNI plugin linked statically (glibc's `crt-static`), built for the host's target with

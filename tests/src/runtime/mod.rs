@@ -140,6 +140,12 @@ volume_path = "{tmp}/volumes"
         node
     }
 
+    /// podman's run root: in /tmp whatever TMPDIR says, as podman refuses one longer than 50
+    /// bytes.
+    fn runroot(&self) -> PathBuf {
+        PathBuf::from(format!("/tmp/{}.run", self.network))
+    }
+
     pub fn conflist_path(&self) -> PathBuf {
         self.dir.join("net.d/10-pods.conflist")
     }
@@ -173,7 +179,7 @@ volume_path = "{tmp}/volumes"
             .arg("--root")
             .arg(self.dir.join("store"))
             .arg("--runroot")
-            .arg(self.dir.join("run"))
+            .arg(self.runroot())
             .args(["--storage-driver", "vfs"])
             .args(args)
             .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
@@ -421,5 +427,6 @@ impl Drop for Node {
         }
         remove_cgroups(&self.cgroup_parent());
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(self.runroot());
     }
 }
