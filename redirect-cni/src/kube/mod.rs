@@ -135,20 +135,10 @@ async fn get(api: &ApiConf, namespace: &str, name: &str) -> Result<K8sPod, Strin
         other => format!("kubeconfig {path}: {}", chain(&other)),
     };
     let kubeconfig = Kubeconfig::read_from(&api.kubeconfig).map_err(bad_kubeconfig)?;
-    // Local work only (files, no request): the bound below covers what the network can stall.
-    let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .map_err(bad_kubeconfig)?;
-    let server = config.cluster_url.to_string();
-    config.connect_timeout = Some(api.timeout);
-    config.read_timeout = Some(api.timeout);
-    config.write_timeout = Some(api.timeout);
-    // Each try is one request: the pause between tries is ours, istio-cni's.
-    config.default_retry = false;
-    // TLS through rustls wants one process-wide crypto provider; this crate enables ring only,
-    // but should another dependency enable a second one, rustls would have to guess (and panic).
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = Client::try_from(config).map_err(|e| format!("client for {server}: {}", chain(&e)))?;
+    let (client, server) = client(kubeconfig, api.timeout).await.map_err(|e| match e {
+        ClientError::Kubeconfig(e) => bad_kubeconfig(e),
+        ClientError::Client(e) => e,
+    })?;
     // Connecting, TLS, the token, the request and the whole answer: one bound, whatever the
     // client's own timeouts cover.
     let pods = Api::<K8sPod>::namespaced(client, namespace);
@@ -157,6 +147,33 @@ async fn get(api: &ApiConf, namespace: &str, name: &str) -> Result<K8sPod, Strin
         Ok(Err(e)) => Err(format!("GET from {server}: {}", describe(&e))),
         Err(_) => Err(format!("GET from {server}: no answer within {:?}", api.timeout)),
     }
+}
+
+enum ClientError {
+    Kubeconfig(KubeconfigError),
+    /// Building the client failed; the message names the server.
+    Client(String),
+}
+
+/// A client for `kubeconfig` whose every request is one try bounded by `timeout`, and the
+/// server it talks to (for messages).
+async fn client(kubeconfig: Kubeconfig, timeout: Duration) -> Result<(Client, String), ClientError> {
+    // Local work only (files, no request): the callers bound what the network can stall.
+    let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(ClientError::Kubeconfig)?;
+    let server = config.cluster_url.to_string();
+    config.connect_timeout = Some(timeout);
+    config.read_timeout = Some(timeout);
+    config.write_timeout = Some(timeout);
+    // Each try is one request: the pause between tries is ours, istio-cni's.
+    config.default_retry = false;
+    // TLS through rustls wants one process-wide crypto provider; this crate enables ring only,
+    // but should another dependency enable a second one, rustls would have to guess (and panic).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client =
+        Client::try_from(config).map_err(|e| ClientError::Client(format!("client for {server}: {}", chain(&e))))?;
+    Ok((client, server))
 }
 
 /// A client error in one line: the HTTP status and the server's message where there is one,
@@ -225,16 +242,10 @@ pub fn daemonset_state(
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     runtime.block_on(async {
         let kubeconfig = Kubeconfig::from_yaml(kubeconfig).map_err(|e| format!("kubeconfig: {}", chain(&e)))?;
-        let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .map_err(|e| format!("kubeconfig: {}", chain(&e)))?;
-        let server = config.cluster_url.to_string();
-        config.connect_timeout = Some(timeout);
-        config.read_timeout = Some(timeout);
-        config.write_timeout = Some(timeout);
-        config.default_retry = false;
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = Client::try_from(config).map_err(|e| format!("client for {server}: {}", chain(&e)))?;
+        let (client, server) = client(kubeconfig, timeout).await.map_err(|e| match e {
+            ClientError::Kubeconfig(e) => format!("kubeconfig: {}", chain(&e)),
+            ClientError::Client(e) => e,
+        })?;
         let daemonsets = Api::<DaemonSet>::namespaced(client, namespace);
         match tokio::time::timeout(timeout, daemonsets.get_opt(name)).await {
             Ok(Ok(None)) => Ok(DaemonSetState::Gone),
