@@ -284,7 +284,7 @@ fn snapshot(engine: &Engine) -> metrics::Snapshot {
         .views()
         .into_iter()
         .filter_map(|v| {
-            let rules = stats::rows(&v.entry, counters, &v.info.interfaces).ok()?;
+            let rules = stats::rows(&v.entry, v.info.netns_cookie, &counters, &v.info.interfaces).ok()?;
             let events = stats::event_counts(&v.entry, events).ok()?;
             let proxy = v.proxy.map(|(active, c)| metrics::ProxySnapshot {
                 active: active as u64,

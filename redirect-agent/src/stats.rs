@@ -1,15 +1,16 @@
 //! `redirect-agent stats`: a running instance's per-rule counters, read from its pins.
 //!
-//! Rows come from the chain the programs are evaluating (the `WORKLOADS` map), not from the
-//! flags, so what is printed is what the kernel runs.
+//! Rows come from the chain the programs are evaluating (the `WORKLOADS` map, and the members
+//! of its set entries in `CIDR_SETS` and `PORT_SETS`), not from the flags, so what is printed
+//! is what the kernel runs.
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use aya::maps::{Array, HashMap, MapData};
+use aya::maps::{Array, HashMap, MapData, lpm_trie::LpmTrie};
 use redirect_common::{
-    ChainId, Target, Workload,
+    ChainId, CounterKey, Target, Workload,
     addr::Family,
-    chain::{ListColumns, Names, list_columns_named, match_text_named},
+    chain::{CidrMember, ListColumns, Names, PortMember, list_columns_named, match_text_named, unpack},
     events,
 };
 use serde::Serialize;
@@ -75,16 +76,42 @@ fn nat() -> String {
     redirect_common::chain::Table::Nat.name().into()
 }
 
+/// What the kernel holds of every workload's rules besides its `WORKLOADS` entry: the
+/// counters, and the set members read once for all workloads.
+pub(crate) struct KernelRules<'a> {
+    counters: &'a HashMap<MapData, CounterKey, u64>,
+    members: BTreeMap<u64, (Vec<CidrMember>, Vec<PortMember>)>,
+}
+
+impl<'a> KernelRules<'a> {
+    pub(crate) fn read(
+        counters: &'a HashMap<MapData, CounterKey, u64>,
+        cidrs: &LpmTrie<MapData, redirect_common::CidrSetKey, redirect_common::SetMember>,
+        ports: &HashMap<MapData, redirect_common::PortSetKey, redirect_common::SetMember>,
+    ) -> Self {
+        Self {
+            counters,
+            members: crate::engine::set_members(cidrs, ports),
+        }
+    }
+}
+
 /// A workload's chain as the kernel runs it, rule by rule with its connections: what `stats`
 /// prints and node mode's metrics expose.
 /// `interfaces` names the entries of its interface list (the enrollment's record of them).
 pub(crate) fn rows(
     w: &Workload,
-    counters: &Array<MapData, u64>,
+    netns_cookie: u64,
+    kernel: &KernelRules<'_>,
     interfaces: &[String],
 ) -> Result<Vec<RuleRow>, LoadError> {
     let mut out = Vec::new();
-    let rules: Vec<(usize, &redirect_common::Rule)> = w.slotted().collect();
+    let entries: Vec<(usize, redirect_common::Rule)> = w.entries().map(|(i, r)| (i, *r)).collect();
+    let (cidrs, ports) = kernel
+        .members
+        .get(&netns_cookie)
+        .map_or((&[][..], &[][..]), |(c, p)| (c.as_slice(), p.as_slice()));
+    let rules = unpack(&entries, cidrs, ports);
     // ISTIO_OUTBOUND_OWNER_GROUPS' gids, as its rule lists them.
     let n = (w.n_owner_groups as usize).min(w.owner_groups.len());
     let groups: Vec<String> = w.owner_groups[..n].iter().map(u32::to_string).collect();
@@ -96,24 +123,32 @@ pub(crate) fn rows(
         groups: &groups,
         ifaces: &ifaces,
     };
-    for (i, &(slot, r)) in rules.iter().enumerate() {
+    // Each rule's position in its chain, as `iptables -L --line-numbers` numbers it.
+    let mut position: BTreeMap<(u8, Option<u8>), usize> = BTreeMap::new();
+    for r in &rules {
         let chain = r.chain_id();
-        let connections = sum(
-            counters,
-            w.counter_base + slot as u32,
-            redirect_common::maps::RULE_COUNTERS,
-        )?;
+        let rule = position.entry((r.family, chain.map(|c| c as u8))).or_default();
+        *rule += 1;
+        let connections = match kernel.counters.get(&CounterKey::new(netns_cookie, r.slot), 0) {
+            Ok(n) => n,
+            // A rule whose counter is gone (removed under a running stats) counted nothing
+            // this process can see.
+            Err(aya::maps::MapError::KeyNotFound) => 0,
+            Err(source) => {
+                return Err(LoadError::Map {
+                    map: redirect_common::maps::RULE_COUNTERS,
+                    source,
+                });
+            }
+        };
         out.push(RuleRow {
             family: r.family_kind().map_or("?", Family::name).into(),
             table: redirect_common::chain::rule_table(r, w.flags, w.virt_ifaces)
                 .name()
                 .into(),
             chain: chain.map_or("?", ChainId::iptables_name).into(),
-            rule: rules[..=i]
-                .iter()
-                .filter(|(_, x)| x.chain_id() == chain && x.family == r.family)
-                .count(),
-            slot,
+            rule: *rule,
+            slot: r.slot as usize,
             match_: match_text_named(r, &names),
             target: r.target_kind().map_or("?", Target::iptables_name).into(),
             connections,
@@ -147,7 +182,10 @@ pub fn read(name: &str) -> Result<InstanceStats, LoadError> {
         return Err(LoadError::NotRunning { name: name.into(), dir });
     }
     let workloads: HashMap<MapData, u64, Workload> = open_typed(&dir, redirect_common::maps::WORKLOADS)?;
-    let counters: Array<MapData, u64> = open_typed(&dir, redirect_common::maps::RULE_COUNTERS)?;
+    let counters: HashMap<MapData, CounterKey, u64> = open_typed(&dir, redirect_common::maps::RULE_COUNTERS)?;
+    let cidrs = open_typed(&dir, redirect_common::maps::CIDR_SETS)?;
+    let ports = open_typed(&dir, redirect_common::maps::PORT_SETS)?;
+    let kernel = KernelRules::read(&counters, &cidrs, &ports);
     let events: Array<MapData, u64> = open_typed(&dir, redirect_common::maps::EVENT_COUNTERS)?;
     // A node instance names its workloads; a run instance has one, named by the instance.
     let state = State::read(name);
@@ -169,7 +207,12 @@ pub fn read(name: &str) -> Result<InstanceStats, LoadError> {
         all.push(WorkloadStats {
             netns_cookie: cookie,
             id: ids.get(&cookie).cloned(),
-            rules: rows(&w, &counters, interfaces.get(&cookie).map_or(&[][..], Vec::as_slice))?,
+            rules: rows(
+                &w,
+                cookie,
+                &kernel,
+                interfaces.get(&cookie).map_or(&[][..], Vec::as_slice),
+            )?,
             events: event_counts(&w, &events)?,
         });
     }

@@ -161,7 +161,7 @@ pub struct WorkloadInfo {
     pub args: Vec<String>,
     #[serde(default)]
     pub fast_path: bool,
-    /// Its counter block: rule `i` counts in slot `slot * MAX_RULES + i`.
+    /// Its place among the programs' workloads: its block of event counters.
     pub slot: u32,
     /// The namespace's addresses (both families) the programs know.
     pub addresses: Vec<String>,

@@ -3,28 +3,41 @@
 //! The rule chain lives here once: [`Rule`] is both what the eBPF programs evaluate (in map
 //! values) and what `stats`/`explain` render as iptables-save text, and a rule's index in its
 //! workload's chain is its counter slot. The agent compiles istio-iptables flags into rules with
-//! [`chain::compile`] (feature `user`).
+//! [`chain::compile`] and packs runs of them into set entries with [`chain::pack`] (feature
+//! `user`).
 #![cfg_attr(not(feature = "std"), no_std)]
 
 pub mod addr;
 mod keys;
 pub mod owner;
 mod rule;
+mod sets;
 pub use keys::*;
 pub use rule::*;
+pub use sets::*;
 
 #[cfg(feature = "user")]
 pub mod chain;
 #[cfg(feature = "user")]
 pub mod config;
 
-/// Most rules one family's chains may hold (iptables' ISTIO_OUTPUT and ISTIO_INBOUND, or
-/// ip6tables'): the bound of the eBPF walk, which only walks the connection's family. Large
-/// CIDR or port lists beyond this are rejected by the agent rather than silently truncated.
+/// Most entries one family's chains may hold once packed (iptables' ISTIO_OUTPUT and
+/// ISTIO_INBOUND, or ip6tables'): the bound of the eBPF walk, which only walks the
+/// connection's family. A CIDR or port list of any length is one entry ([`chain::pack`]), so
+/// only flags with more than this many rules that no set can hold (owner ids, interfaces)
+/// are refused, rather than silently truncated.
 pub const MAX_RULES_PER_FAMILY: usize = 64;
 
-/// Most rules one workload holds: both families' (the flags' port lists appear in both).
+/// Most entries one workload holds: both families'.
 pub const MAX_RULES: usize = 2 * MAX_RULES_PER_FAMILY;
+
+/// Most rule counters all workloads together hold (`RULE_COUNTERS`, one per rule as
+/// istio-iptables would write it): a thousand workloads of a hundred rules, or fewer with
+/// longer lists. Allocated as workloads enroll.
+pub const MAX_RULE_COUNTERS: u32 = 1 << 17;
+
+/// Most members all set entries together hold, per kind (`CIDR_SETS`, `PORT_SETS`).
+pub const MAX_SET_MEMBERS: u32 = 1 << 16;
 
 /// 127.0.0.1 in network byte order: where iptables REDIRECT sends locally generated
 /// connections, and so where connect4 sends every connection it captures.
@@ -63,10 +76,8 @@ pub const VIRT_DIVERT_MARK: u32 = 0x5244_0000;
 /// include list); the programs test them with a loop of this bound.
 pub const MAX_OWNER_GROUPS: usize = 64;
 
-/// Most workloads one set of programs serves (counter slots = `MAX_WORKLOADS * MAX_RULES`):
-/// the kubelet's default of 110 pods per node many times over. The maps that hold an entry per
-/// workload allocate it as it is added; the counters are preallocated, one u64 per slot
-/// (1 MiB of rule counters at 1,024).
+/// Most workloads one set of programs serves: the kubelet's default of 110 pods per node many
+/// times over. The maps that hold an entry per workload allocate it as it is added.
 pub const MAX_WORKLOADS: u32 = 1024;
 
 /// Things the programs count besides rule decisions: each is a connection the agent could not
@@ -134,9 +145,15 @@ pub mod maps {
     /// `-k`; bit `i` for entry `i`) name that device of its namespace. Devices no entry names
     /// are absent.
     pub const IFACES: &str = "IFACES";
-    /// Per-CPU u64 per counter slot.
+    /// [`crate::CounterKey`] -> u64: connections each rule decided.
     pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
-    /// Per-CPU u64 per [`crate::events`] slot.
+    /// LPM trie of [`crate::CidrSetKey`] -> [`crate::SetMember`]: the CIDRs of the
+    /// workloads' CIDR set entries ([`crate::m::DST_SET`]).
+    pub const CIDR_SETS: &str = "CIDR_SETS";
+    /// [`crate::PortSetKey`] -> [`crate::SetMember`]: the (protocol, port) pairs of the
+    /// workloads' port set entries ([`crate::m::PORT_SET`]).
+    pub const PORT_SETS: &str = "PORT_SETS";
+    /// u64 per [`crate::events`] slot.
     pub const EVENT_COUNTERS: &str = "EVENT_COUNTERS";
     /// socket cookie -> [`crate::PendingOrigDst`], from connect until established.
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
@@ -182,13 +199,15 @@ pub mod maps {
     /// far end, the device's address and the capture port): conntrack's reply tuple.
     pub const VIRT_REPLIES: &str = "VIRT_REPLIES";
     /// Every map the agent pins while it runs.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 23] = [
         WORKLOADS,
         LOCAL_ADDRS,
         POD_ADDRS,
         ROUTE_SOURCES,
         IFACES,
         RULE_COUNTERS,
+        CIDR_SETS,
+        PORT_SETS,
         EVENT_COUNTERS,
         ORIG_BY_COOKIE,
         ORIG_BY_TUPLE,
@@ -277,9 +296,9 @@ pub mod workload_flags {
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
-    /// First counter slot of this workload in `RULE_COUNTERS`.
-    pub counter_base: u32,
-    /// iptables' rules in use at the front of `rules`.
+    /// The workload's slot among the programs' `MAX_WORKLOADS`: its block of `EVENT_COUNTERS`.
+    pub slot: u32,
+    /// iptables' entries in use at the front of `rules`.
     pub n_rules: u32,
     /// `-p`: where `ISTIO_REDIRECT` sends connections (host order).
     pub outbound_port: u16,
@@ -289,7 +308,7 @@ pub struct Workload {
     pub flags: u32,
     /// Depth of `cgroup_id` below the cgroup v2 root (the root is 0).
     pub cgroup_level: u32,
-    /// ip6tables' rules in use at the front of `rules[MAX_RULES_PER_FAMILY..]`.
+    /// ip6tables' entries in use at the front of `rules[MAX_RULES_PER_FAMILY..]`.
     pub n_rules6: u32,
     /// Only tasks of this cgroup (or below) are captured outbound; 0: every task of the
     /// namespace. Node mode's programs sit at the cgroup root and see them all; a `run`
@@ -307,16 +326,16 @@ pub struct Workload {
     /// judge, so sk_lookup leaves them be.
     pub virt_ifaces: u32,
     pub _pad: u32,
-    /// iptables' rules from index 0, ip6tables' from `MAX_RULES_PER_FAMILY`: each family's
-    /// table is a fixed half, which is what the walk of a connection's family takes, and a
-    /// rule's index here is its counter slot (`counter_base + index`).
+    /// iptables' entries from index 0, ip6tables' from `MAX_RULES_PER_FAMILY`: each family's
+    /// table is a fixed half, which is what the walk of a connection's family takes. An entry
+    /// is a rule (counted in its [`Rule::slot`]) or a set of them ([`chain::pack`]).
     pub rules: [Rule; MAX_RULES],
 }
 
 impl Workload {
     pub const fn empty() -> Self {
         Self {
-            counter_base: 0,
+            slot: 0,
             n_rules: 0,
             outbound_port: 0,
             inbound_port: 0,
@@ -349,10 +368,10 @@ impl Workload {
 
     /// First slot of this workload's [`events`] counters.
     pub const fn event_base(&self) -> u32 {
-        self.counter_base / MAX_RULES as u32 * events::PER_WORKLOAD
+        self.slot * events::PER_WORKLOAD
     }
 
-    /// The rules of `family`'s table in use, and the slot of the first.
+    /// The entries of `family`'s table in use, and the index of the first.
     pub fn family_rules(&self, family: addr::Family) -> (&[Rule], usize) {
         let (start, n) = match family {
             addr::Family::V4 => (0, self.n_rules),
@@ -362,8 +381,8 @@ impl Workload {
         (&self.rules[start..start + n], start)
     }
 
-    /// Every rule in use with its slot: iptables' table, then ip6tables'.
-    pub fn slotted(&self) -> impl Iterator<Item = (usize, &Rule)> {
+    /// Every entry in use with its index: iptables' table, then ip6tables'.
+    pub fn entries(&self) -> impl Iterator<Item = (usize, &Rule)> {
         [addr::Family::V4, addr::Family::V6].into_iter().flat_map(move |f| {
             let (rules, start) = self.family_rules(f);
             rules.iter().enumerate().map(move |(i, r)| (start + i, r))
@@ -372,7 +391,7 @@ impl Workload {
 }
 
 // SAFETY: repr(C), Copy; integers and `[Rule; MAX_RULES]` (Rule: repr(C), integers only,
-// no padding); 304 + 88 * MAX_RULES bytes, no gaps (pinned by `layout`
+// no padding); 304 + 92 * MAX_RULES bytes, no gaps (pinned by `layout`
 // below). Any bytes the kernel hands back are a valid value: enums are kept as `u8`.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Workload {}
@@ -386,7 +405,7 @@ mod layout {
     // The eBPF side and the agent read these bytes; padding must be explicit and zeroed.
     #[test]
     fn sizes_have_no_implicit_padding() {
-        assert_eq!(size_of::<Rule>(), 88);
-        assert_eq!(size_of::<Workload>(), 304 + 88 * MAX_RULES);
+        assert_eq!(size_of::<Rule>(), 92);
+        assert_eq!(size_of::<Workload>(), 304 + 92 * MAX_RULES);
     }
 }

@@ -162,6 +162,15 @@ pub mod m {
     /// `-m conntrack --ctstate RELATED,ESTABLISHED`: never a connection's first packet,
     /// which is the only one the programs judge.
     pub const ESTABLISHED: u16 = 1 << 12;
+    /// Not a match of iptables': the entry stands for a run of rules that differ only in their
+    /// `-d CIDR` (none negated), whose CIDRs are its members in `CIDR_SETS`; the entry's own
+    /// DST fields are unused.
+    pub const DST_SET: u16 = 1 << 13;
+    /// The same for a run that differs only in `-p PROTO --dport PORT` (none negated): the
+    /// entry's `proto` is 0 and its members in `PORT_SETS` hold each rule's pair.
+    pub const PORT_SET: u16 = 1 << 14;
+    /// Either kind of set entry.
+    pub const SETS: u16 = DST_SET | PORT_SET;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -197,6 +206,9 @@ pub struct Rule {
     /// `-m mark --mark` ([`m::MARK`]); the mark a [`Target::Tproxy`] or [`Target::Mark`] rule
     /// sets.
     pub mark: u32,
+    /// The rule's counter slot (`crate::CounterKey`); unused in a set entry, whose members
+    /// say theirs.
+    pub slot: u32,
 }
 
 /// What the kernel knows about a connection when a chain is evaluated.
@@ -226,10 +238,6 @@ pub struct ConnFacts {
     pub mark: u32,
     /// The connection is one conntrack knows already (`--ctstate RELATED,ESTABLISHED`).
     pub established: bool,
-    /// ISTIO_TPROXY's one rule matches the connection: a jump there decides (TPROXY), else
-    /// the walk comes back and goes on. Worked out before the walk of ISTIO_INBOUND, so that
-    /// the walk carries no state of its own from rule to rule.
-    pub tproxy: bool,
 }
 
 impl Rule {
@@ -249,6 +257,7 @@ impl Rule {
         dport: 0,
         dport2: 0,
         mark: 0,
+        slot: 0,
     };
 
     pub const fn new(family: Family, chain: ChainId, target: Target) -> Self {

@@ -7,14 +7,14 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use redirect_common::{
-    FamilyKey, IfaceKey, LocalAddrKey, MAX_RULES, MAX_WORKLOADS, OrigDst, PendingOrigDst, RouteDst, RouteInfo,
-    TupleKey, UdpFlowKey, VirtFlow, VirtFlowKey, VirtIface, Workload,
+    CidrSetKey, CounterKey, FamilyKey, IfaceKey, LocalAddrKey, MAX_RULE_COUNTERS, MAX_SET_MEMBERS, MAX_WORKLOADS,
+    OrigDst, PendingOrigDst, PortSetKey, RouteDst, RouteInfo, SetMember, TupleKey, UdpFlowKey, VirtFlow, VirtFlowKey,
+    VirtIface, Workload,
     addr::{self, Addr, Family},
     events,
 };
 
 const WORKLOAD_SLOTS: usize = MAX_WORKLOADS as usize;
-const COUNTER_SLOTS: usize = WORKLOAD_SLOTS * MAX_RULES;
 const EVENT_SLOTS: usize = WORKLOAD_SLOTS * events::PER_WORKLOAD as usize;
 /// The per-namespace maps below hold this many entries per workload (a namespace's addresses,
 /// routes, named devices), room for what a pod has several times over.
@@ -36,14 +36,24 @@ pub static LOCAL_ADDRS: HashMap<LocalAddrKey, u8, { PER_WORKLOAD * WORKLOAD_SLOT
 #[btf_map]
 pub static POD_ADDRS: HashMap<FamilyKey, Addr, { 2 * WORKLOAD_SLOTS }, ON_DEMAND> = HashMap::new();
 
-/// One slot per rule per workload: `Workload::counter_base + rule index`. One array for all
-/// CPUs, added to atomically: a rule counts connections, not packets, so the adds are rare
-/// next to what a connect costs, and per-CPU copies for every slot of every workload would
-/// take `MAX_WORKLOADS * MAX_RULES * 8` bytes per CPU (a MiB each at 1,024 workloads).
+/// One counter per rule per workload, by its slot (`redirect_common::CounterKey`): allocated
+/// as workloads enroll (the agent writes each workload's zeros before its chain), so a
+/// workload's rule lists may be of any length. One value for all CPUs, added to atomically: a
+/// rule counts connections, not packets, so the adds are rare next to what a connect costs.
 #[btf_map]
-pub static RULE_COUNTERS: Array<u64, COUNTER_SLOTS> = Array::new();
+pub static RULE_COUNTERS: HashMap<CounterKey, u64, { MAX_RULE_COUNTERS as usize }, ON_DEMAND> = HashMap::new();
 
-/// One slot per event per workload: `Workload::event_base() + event`; as RULE_COUNTERS.
+/// The CIDRs of the workloads' CIDR set entries (`redirect_common::maps::CIDR_SETS`).
+/// Written by the agent only.
+#[btf_map]
+pub static CIDR_SETS: LpmTrie<CidrSetKey, SetMember, { MAX_SET_MEMBERS as usize }> = LpmTrie::new();
+
+/// The (protocol, port) pairs of the workloads' port set entries
+/// (`redirect_common::maps::PORT_SETS`). Written by the agent only.
+#[btf_map]
+pub static PORT_SETS: HashMap<PortSetKey, SetMember, { MAX_SET_MEMBERS as usize }, ON_DEMAND> = HashMap::new();
+
+/// One slot per event per workload: `Workload::event_base() + event`, added to atomically.
 #[btf_map]
 pub static EVENT_COUNTERS: Array<u64, EVENT_SLOTS> = Array::new();
 
@@ -268,10 +278,35 @@ pub fn captured_orig_dst(key: &TupleKey) -> Option<OrigDst> {
     unsafe { ORIG_BY_TUPLE.get(key) }.copied()
 }
 
-/// Counts one decision of the rule in `slot`.
+/// Counts one decision of the workload's rule in `slot`.
 #[inline(always)]
-pub fn count(slot: u32) {
-    bump(&RULE_COUNTERS, slot);
+pub fn count(netns_cookie: u64, slot: u32) {
+    if let Some(c) = RULE_COUNTERS.get_ptr_mut(CounterKey::new(netns_cookie, slot)) {
+        // SAFETY: a non-null lookup result: the entry's 8-aligned u64, mapped until the
+        // program returns (an entry the agent removes meanwhile is freed after an RCU grace
+        // period). As `bump`.
+        let _ =
+            unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(c, 1) };
+    }
+}
+
+/// The slot of the rule that decides when `dst` is in CIDR set entry `entry` of the workload:
+/// its longest matching member's answer. `None`: in no member.
+#[inline(always)]
+pub fn cidr_member(netns_cookie: u64, entry: u32, dst: &Addr) -> Option<u32> {
+    // `get` hands out a reference into the trie's node, copied from at once while the program
+    // holds the RCU read lock that keeps it alive.
+    CIDR_SETS
+        .get(&Key::new(CidrSetKey::FULL, CidrSetKey::new(netns_cookie, entry, *dst)))
+        .map(|m| m.decides)
+}
+
+/// The same for port set entry `entry`: the member for the pair, if one is.
+#[inline(always)]
+pub fn port_member(netns_cookie: u64, entry: u32, proto: u8, port: u16) -> Option<u32> {
+    // SAFETY: the reference is copied from at once (4 bytes) while the value is mapped, and
+    // never kept; only the agent writes PORT_SETS, whole values.
+    unsafe { PORT_SETS.get(PortSetKey::new(netns_cookie, entry as u16, proto, port)) }.map(|m| m.decides)
 }
 
 /// Counts one `event` (an [`events`] slot) of `workload`.

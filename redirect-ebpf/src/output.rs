@@ -247,7 +247,6 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
         // nat OUTPUT has no mark rule; mangle OUTPUT's (TPROXY) read the socket's below.
         mark: 0,
         established: false,
-        tproxy: false,
     };
     let counting = match c.proto {
         IPPROTO_TCP => true,
@@ -258,15 +257,15 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
             UdpFlow::Reply => return None,
         },
     };
-    let decided = chain::decide(workload, ChainId::Output, &facts, counting);
+    let decided = chain::decide(c.netns_cookie, workload, ChainId::Output, &facts, counting);
     // TPROXY mode: mangle OUTPUT (before nat's, on the same destination) marks the proxy's
     // own loopback connections, which mangle ISTIO_INBOUND tells apart when they come back in.
     if workload.flags & workload_flags::TPROXY != 0 && c.proto == IPPROTO_TCP && out_lo {
         let marked = ConnFacts { mark: sk_mark, ..facts };
         // Counted (every MARK that matches counts, as none ends the walk), then asked whether
         // one did before a RETURN.
-        let _ = chain::decide(workload, ChainId::MarkOutput, &marked, true);
-        if chain::decide(workload, ChainId::MarkOutput, &marked, false) == Some(Target::Mark) {
+        let _ = chain::decide(c.netns_cookie, workload, ChainId::MarkOutput, &marked, true);
+        if chain::decide(c.netns_cookie, workload, ChainId::MarkOutput, &marked, false) == Some(Target::Mark) {
             let _ = SYN_MARK_BY_COOKIE.insert(c.cookie, TPROXY_OUTBOUND_MARK, 0);
         } else {
             // A connect again after one that failed: its SYN is not marked this time.

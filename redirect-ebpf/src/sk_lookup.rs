@@ -202,11 +202,10 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
         mark,
         // A SYN with no socket yet: conntrack's NEW (a repeat of a judged one is above).
         established: false,
-        tproxy: false,
     };
 
     if !matches!(
-        chain::inbound(workload, &facts),
+        chain::inbound(netns_cookie, workload, &facts),
         Some(Target::InRedirect | Target::Tproxy)
     ) {
         return sk_action::SK_PASS;

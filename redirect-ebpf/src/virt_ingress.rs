@@ -91,7 +91,8 @@ fn judge(ctx: &TcContext) -> Result<(), ()> {
     let Some(workload) = workload(netns_cookie) else {
         return Ok(());
     };
-    match decide(&seg, ifindex, workload, netns_cookie) {
+    let (redirect, divert) = walks(&seg, ifindex, workload, netns_cookie);
+    match decide(&seg, netns_cookie, redirect, divert) {
         0 => Ok(()),
         how => steer(ctx, &seg, dev, workload, how),
     }
@@ -153,16 +154,21 @@ fn follow(ctx: &TcContext, seg: &Segment, flow: &VirtFlow) -> Result<(), ()> {
 }
 
 /// A connection's first segment: PREROUTING's walks, counted (in TPROXY mode mangle's
-/// ISTIO_INBOUND, then nat's `-k` rules). What they decided ([`steer`]'s bits); 0 when the
-/// connection is left alone (RETURN), which is remembered.
+/// ISTIO_INBOUND, then nat's `-k` rules): whether nat REDIRECTs it and whether mangle
+/// TPROXYs it. A function of its own, holding only the connection's facts, so that its frame
+/// and the walk's stay well within the 512 bytes the verifier allows the call chain.
 #[inline(never)]
-fn decide(seg: &Segment, ifindex: u32, workload: &Workload, netns_cookie: u64) -> u8 {
+fn walks(seg: &Segment, ifindex: u32, workload: &Workload, netns_cookie: u64) -> (bool, bool) {
     // ip6tables has no rules for a pod without an IPv6 address of its own.
     if seg.family == Family::V6 && !ipv6_on(netns_cookie) {
-        return 0;
+        return (false, false);
     }
     let ifaces = iface_entries(netns_cookie, ifindex);
-    let facts = ConnFacts {
+    // mangle's walk first, with the `-k` entries' bits left out: their rules are nat's, stored
+    // in the same list (first, before mangle's), and must not decide there. (`-c`'s mangle
+    // RETURN for the same device still does.) One value changed in place for nat's walk, not a
+    // copy, which would grow this frame by the facts' size.
+    let mut facts = ConnFacts {
         family: seg.family as u8,
         proto: IPPROTO_TCP,
         dst_addr: seg.dst,
@@ -173,27 +179,26 @@ fn decide(seg: &Segment, ifindex: u32, workload: &Workload, netns_cookie: u64) -
         uid: u32::MAX,
         gid: u32::MAX,
         in_owner_groups: false,
-        ifaces,
+        ifaces: ifaces & !workload.virt_ifaces,
         // Packets from another host carry no mark; nor does conntrack know the connection yet.
         mark: 0,
         established: false,
-        tproxy: false,
     };
-    // mangle's walk leaves out the `-k` entries' bits: their rules are nat's, stored in the
-    // same list (first, before mangle's), and must not decide there. (`-c`'s mangle RETURN for
-    // the same device still does.) As in sk_lookup, nothing jumps to mangle's ISTIO_INBOUND
-    // without inbound capture (`-b ''`).
+    // As in sk_lookup, nothing jumps to mangle's ISTIO_INBOUND without inbound capture
+    // (`-b ''`).
     let divert = workload.flags & workload_flags::TPROXY != 0
         && workload.flags & workload_flags::INBOUND != 0
-        && chain::inbound(
-            workload,
-            &ConnFacts {
-                ifaces: ifaces & !workload.virt_ifaces,
-                ..facts
-            },
-        ) == Some(Target::Tproxy);
+        && chain::inbound(netns_cookie, workload, &facts) == Some(Target::Tproxy);
+    facts.ifaces = ifaces;
     // nat PREROUTING: one of the `-k` rules, first in the chain, matches whatever the device.
-    let redirect = chain::decide(workload, ChainId::Inbound, &facts, true) == Some(Target::Redirect);
+    let redirect = chain::decide(netns_cookie, workload, ChainId::Inbound, &facts, true) == Some(Target::Redirect);
+    (redirect, divert)
+}
+
+/// What [`walks`] said, as [`steer`]'s bits; 0 when the connection is left alone (RETURN),
+/// which is remembered.
+#[inline(never)]
+fn decide(seg: &Segment, netns_cookie: u64, redirect: bool, divert: bool) -> u8 {
     let end = VirtFlowKey::new(netns_cookie, seg.src, seg.sport);
     if !redirect {
         // A connection straight to the device's address and capture port, from the port of a

@@ -35,6 +35,11 @@ pub enum EnrollError {
         "{0} workloads are enrolled, the most this node agent serves (its --max-workloads, at most {MAX_WORKLOADS})"
     )]
     Full(usize),
+    #[error(
+        "{map} has no room for this workload's {needed} entries (it holds {max} for all workloads together): \
+         unenroll workloads, or shorten this one's CIDR or port lists"
+    )]
+    RulesFull { map: &'static str, needed: usize, max: u32 },
     #[error("workload '{0}' is already enrolled; unenroll it first")]
     IdTaken(String),
     #[error("network namespace {netns} is already enrolled as workload '{id}'")]
@@ -85,6 +90,7 @@ impl EnrollError {
             | Self::HostNetns(_)
             | Self::CgroupOutside { .. }
             | Self::Full(_)
+            | Self::RulesFull { .. }
             | Self::NoTarget
             | Self::Path(_) => ErrorKind::Invalid,
             Self::IdTaken(_) | Self::NetnsTaken { .. } | Self::CapturedElsewhere { .. } => ErrorKind::Exists,

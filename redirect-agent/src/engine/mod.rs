@@ -27,7 +27,10 @@ pub mod pending;
 pub mod pins;
 mod release;
 mod restore;
+mod rules;
 mod virt;
+
+pub(crate) use rules::members as set_members;
 mod workload;
 
 use std::{
@@ -126,7 +129,7 @@ pub(crate) struct Sizing {
 /// open their own descriptors of the same pins).
 struct Maps {
     workloads: HashMap<MapData, u64, Workload>,
-    counters: Array<MapData, u64>,
+    rules: rules::RuleMaps,
     events: Array<MapData, u64>,
     addrs: AddrMaps,
     listeners: SockHash<MapData, FamilyKey>,
@@ -249,7 +252,11 @@ impl Engine {
         }
         let maps = Maps {
             workloads: object.take(maps::WORKLOADS)?,
-            counters: object.take(maps::RULE_COUNTERS)?,
+            rules: rules::RuleMaps::new(
+                object.take(maps::RULE_COUNTERS)?,
+                object.take(maps::CIDR_SETS)?,
+                object.take(maps::PORT_SETS)?,
+            ),
             events: object.take(maps::EVENT_COUNTERS)?,
             addrs: AddrMaps {
                 local: object.take(maps::LOCAL_ADDRS)?,
@@ -418,9 +425,13 @@ impl Engine {
             .collect()
     }
 
-    /// The per-CPU rule and event counters, for [`View`]s.
-    pub(crate) fn counters(&self) -> (&Array<MapData, u64>, &Array<MapData, u64>) {
-        (&self.maps.counters, &self.maps.events)
+    /// The rule counters and set members, and the event counters, for [`View`]s.
+    pub(crate) fn counters(&self) -> (crate::stats::KernelRules<'_>, &Array<MapData, u64>) {
+        let r = &self.maps.rules;
+        (
+            crate::stats::KernelRules::read(&r.counters, &r.cidrs, &r.ports),
+            &self.maps.events,
+        )
     }
 
     /// Stops serving. An instance that keeps nothing detaches everything first, so that new

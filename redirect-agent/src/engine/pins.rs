@@ -131,11 +131,15 @@ impl State {
     }
 }
 
+/// How `chain::pack` packs a chain: raised when the same flags would pack into other set
+/// entries, so that an agent never adopts set members it would not have written itself.
+const PACKING: u32 = 1;
+
 /// Sizes of everything the programs and the agent exchange through pinned maps.
 pub fn layout() -> String {
     use std::mem::size_of;
     format!(
-        "workload{}-rules{}-workloads{}-events{}-tuple{}-orig{}-pending{}-addr{}-family{}-route{}-iface{}",
+        "workload{}-rules{}-workloads{}-events{}-tuple{}-orig{}-pending{}-addr{}-family{}-route{}-iface{}-counter{}-cidrset{}-portset{}-pack{}",
         size_of::<Workload>(),
         MAX_RULES,
         MAX_WORKLOADS,
@@ -147,6 +151,10 @@ pub fn layout() -> String {
         size_of::<FamilyKey>(),
         size_of::<redirect_common::RouteInfo>(),
         size_of::<redirect_common::IfaceKey>(),
+        size_of::<redirect_common::CounterKey>(),
+        size_of::<redirect_common::CidrSetKey>(),
+        size_of::<redirect_common::PortSetKey>(),
+        PACKING,
     )
 }
 

@@ -21,6 +21,7 @@ impl Engine {
             super::virt::remove_pins(&super::pins::links_dir(&self.settings.name), netns_cookie);
         }
         self.maps.addrs.remove_all(netns_cookie);
+        self.maps.rules.remove(netns_cookie);
         for family in [Family::V4, Family::V6] {
             let _ = self.maps.listeners.remove(&FamilyKey::new(netns_cookie, family));
         }

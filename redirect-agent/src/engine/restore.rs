@@ -43,6 +43,15 @@ impl Engine {
             );
             self.purge(cookie);
         }
+        // Counters and set members of workloads that never got (or lost) their entry: a start
+        // that failed part-way in a process that then died.
+        let stray = self.maps.rules.sweep(|cookie| known.contains(&cookie));
+        if stray > 0 {
+            tracing::warn!(
+                entries = stray,
+                "rule counters and set members no state names; removed them"
+            );
+        }
         let link_pins = std::fs::read_dir(pins::links_dir(&self.settings.name))
             .map(|dir| {
                 dir.flatten()

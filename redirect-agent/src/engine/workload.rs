@@ -8,7 +8,7 @@ use std::{
 
 use redirect_api::{PodRef, WorkloadInfo};
 use redirect_common::{
-    MAX_RULES, MAX_WORKLOADS, chain,
+    MAX_WORKLOADS, chain,
     config::{CaptureConfig, InterceptionMode},
     events, maps,
 };
@@ -243,14 +243,8 @@ impl Engine {
         })
     }
 
-    fn zero_counters(&mut self, slot: u32) -> Result<(), EnrollError> {
+    fn zero_events(&mut self, slot: u32) -> Result<(), EnrollError> {
         let map_err = |map: &'static str| move |source| crate::error::LoadError::Map { map, source };
-        for i in 0..MAX_RULES as u32 {
-            self.maps
-                .counters
-                .set(slot * MAX_RULES as u32 + i, 0, 0)
-                .map_err(map_err(maps::RULE_COUNTERS))?;
-        }
         for e in 0..events::PER_WORKLOAD {
             self.maps
                 .events
@@ -371,6 +365,7 @@ impl Engine {
         handed: Option<Vec<(Side, OwnedFd)>>,
     ) -> Result<Enrolled, EnrollError> {
         let rules = chain::compile(capture).map_err(|e| EnrollError::Flags(e.to_string()))?;
+        let packed = chain::pack(&rules).map_err(|e| EnrollError::Flags(e.to_string()))?;
         let cookie = info.netns_cookie;
         let embedded = ProxyMode::parse(&info.proxy) == Some(ProxyMode::Embedded);
         let fast_path = info.fast_path && self.settings.sizing.fast_path;
@@ -380,8 +375,10 @@ impl Engine {
         };
         let adopted = handed.is_some() || self.maps.workloads.get(&cookie, 0).is_ok();
         if !adopted {
-            self.zero_counters(info.slot)?;
+            self.zero_events(info.slot)?;
         }
+        // Counters and set members before anything could be captured by them.
+        self.maps.rules.install(cookie, rules.len(), &packed, adopted)?;
 
         // The proxy, listening before anything is captured.
         let mut inbound = InboundListener::new(self.open_map(maps::INBOUND_LISTENERS)?, cookie);
@@ -494,7 +491,7 @@ impl Engine {
             own_proxy: !embedded,
             fast_path,
         };
-        let mut w = chain::workload(capture, &rules, info.slot, serving);
+        let mut w = chain::workload(capture, &packed, info.slot, serving);
         w.cgroup_id = cgroup_id;
         w.cgroup_level = cgroup_level;
         // TPROXY mode: the mark routes the app's replies to a transparent connection back to the

@@ -11,7 +11,8 @@
 //! (`separateV4V6`). All four chains live in one list: iptables' ISTIO_OUTPUT and
 //! ISTIO_INBOUND, then ip6tables' two; a rule's index in it is its counter slot, the number
 //! `explain` and `stats` print and the tests read. The ip6tables rules are always compiled (so
-//! slots never move) and evaluated only while the workload has an IPv6 address.
+//! slots never move) and evaluated only while the workload has an IPv6 address. [`pack`] turns
+//! the list into what the programs walk: runs of CIDR or port rules become set entries.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -19,7 +20,7 @@ use std::{
 };
 
 use crate::{
-    ChainId, IPPROTO_TCP, IPPROTO_UDP, MAX_OWNER_GROUPS, MAX_RULES, MAX_RULES_PER_FAMILY, Rule, Target, Workload,
+    ChainId, IPPROTO_TCP, IPPROTO_UDP, MAX_OWNER_GROUPS, MAX_RULES_PER_FAMILY, Rule, Target, Workload,
     addr::Family,
     config::{
         CaptureConfig, Cidr, DnsCapture, Include, InterceptionMode, OwnerGroup, OwnerGroups, TPROXY_OUTBOUND_MARK,
@@ -51,7 +52,7 @@ fn family_addrs(family: Family, ipv4_loopback: Cidr) -> (Cidr, Cidr) {
 /// DNS's port.
 pub const DNS_PORT: u16 = 53;
 
-/// The flags need more rules than one workload's chain holds.
+/// The flags need more entries than one workload's table holds, once packed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TooManyRules {
     pub needed: usize,
@@ -62,9 +63,10 @@ impl core::fmt::Display for TooManyRules {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(
             f,
-            "these flags need {} nat rules in {}' chains; redirect holds at most \
-             {MAX_RULES_PER_FAMILY} per family (shorten the -i/-x CIDR or -o/-q port lists, or \
-             ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE)",
+            "these flags need {} entries in {}' chains once their CIDR and port lists are \
+             packed; redirect holds at most {MAX_RULES_PER_FAMILY} per family (shorten the lists \
+             it cannot pack: -u/-g owner ids, -c/-k interfaces, \
+             ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE, or -b with -m TPROXY)",
             self.needed,
             self.family.iptables()
         )
@@ -165,7 +167,8 @@ fn with_owner(mut r: Rule, owner: Owner, negate: bool) -> Rule {
 }
 
 /// The chains for these flags, in evaluation order: iptables' ISTIO_OUTPUT and ISTIO_INBOUND,
-/// then ip6tables' ISTIO_OUTPUT and ISTIO_INBOUND.
+/// then ip6tables' ISTIO_OUTPUT and ISTIO_INBOUND, each rule's `slot` its index. Refused when
+/// [`pack`] cannot fit them in a workload's table.
 pub fn compile(cfg: &CaptureConfig) -> Result<Vec<Rule>, TooManyRules> {
     let mut rules = Vec::new();
     for family in [Family::V4, Family::V6] {
@@ -174,14 +177,12 @@ pub fn compile(cfg: &CaptureConfig) -> Result<Vec<Rule>, TooManyRules> {
             family,
         };
         family_chains(&mut b, cfg);
-        if b.rules.len() > MAX_RULES_PER_FAMILY {
-            return Err(TooManyRules {
-                needed: b.rules.len(),
-                family,
-            });
-        }
         rules.append(&mut b.rules);
     }
+    for (slot, r) in rules.iter_mut().enumerate() {
+        r.slot = slot as u32;
+    }
+    pack(&rules)?;
     Ok(rules)
 }
 
@@ -470,20 +471,10 @@ fn group_gid(g: &OwnerGroup) -> u32 {
 /// SSH's port, which older istio-iptables releases left alone under `-b '*'`.
 pub const SSH_PORT: u16 = 22;
 
-/// The counter slot of each rule of [`compile`]'s list: its index in the `Workload` entry,
-/// where each family's table is a fixed half (iptables' from 0, ip6tables' from
-/// `MAX_RULES_PER_FAMILY`). What `explain` and `stats` print as `slot`.
+/// The counter slot of each rule of [`compile`]'s list: its index there. What `explain` and
+/// `stats` print as `slot`.
 pub fn slots(rules: &[Rule]) -> Vec<usize> {
-    let mut next = [0, MAX_RULES_PER_FAMILY];
-    rules
-        .iter()
-        .map(|r| {
-            let half = usize::from(r.family == Family::V6 as u8);
-            let slot = next[half];
-            next[half] += 1;
-            slot.min(MAX_RULES - 1)
-        })
-        .collect()
+    rules.iter().map(|r| r.slot as usize).collect()
 }
 
 /// [`workload_flags`] for these flags.
@@ -529,20 +520,19 @@ pub struct Serving {
     pub fast_path: bool,
 }
 
-/// The `WORKLOADS` entry the programs run for these flags: the chain `rules` ([`compile`]'s
-/// answer for the same flags, each at its [`slots`] index), the capture ports, and the counter
-/// block of `slot`.
-pub fn workload(cfg: &CaptureConfig, rules: &[Rule], slot: u32, serving: Serving) -> Workload {
-    debug_assert!(rules.len() <= MAX_RULES, "compile bounds the chain");
+/// The `WORKLOADS` entry the programs run for these flags: the entries of `packed` ([`pack`]
+/// of [`compile`]'s answer for the same flags), the capture ports, and the event counters of
+/// `slot`.
+pub fn workload(cfg: &CaptureConfig, packed: &Packed, slot: u32, serving: Serving) -> Workload {
     let mut w = Workload::empty();
-    for (slot, r) in slots(rules).into_iter().zip(rules) {
-        w.rules[slot] = *r;
-        if r.family == Family::V6 as u8 {
-            w.n_rules6 += 1;
-        } else {
-            w.n_rules += 1;
-        }
+    for (half, entries) in packed.entries.iter().enumerate() {
+        let start = half * MAX_RULES_PER_FAMILY;
+        // `pack` bounds each family's entries.
+        let n = entries.len().min(MAX_RULES_PER_FAMILY);
+        w.rules[start..start + n].copy_from_slice(&entries[..n]);
     }
+    w.n_rules = packed.entries[0].len().min(MAX_RULES_PER_FAMILY) as u32;
+    w.n_rules6 = packed.entries[1].len().min(MAX_RULES_PER_FAMILY) as u32;
     w.outbound_port = cfg.envoy_port;
     w.inbound_port = cfg.inbound_capture_port;
     w.flags = flags(cfg)
@@ -556,7 +546,7 @@ pub fn workload(cfg: &CaptureConfig, rules: &[Rule], slot: u32, serving: Serving
         } else {
             0
         };
-    w.counter_base = slot * MAX_RULES as u32;
+    w.slot = slot;
     if cfg.inbound_mode == InterceptionMode::Tproxy {
         w.tproxy_mark = cfg.tproxy.mark;
     }
@@ -570,6 +560,9 @@ pub fn workload(cfg: &CaptureConfig, rules: &[Rule], slot: u32, serving: Serving
     w
 }
 
+mod pack;
+#[cfg(test)]
+mod pack_tests;
 mod tables;
 #[cfg(test)]
 mod tests;
@@ -577,6 +570,7 @@ mod text;
 #[cfg(test)]
 mod virt_tests;
 
+pub use pack::{CidrMember, Packed, PortMember, pack, unpack};
 pub use tables::{DROP_INVALID_BY, Table, TableLine, iptables_save, rule_table, tables};
 pub use text::{
     ListColumns, Names, list_columns, list_columns_named, match_text, match_text_named, rule_text, rule_text_named,

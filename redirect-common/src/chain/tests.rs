@@ -61,7 +61,6 @@ fn default_chain_decides_like_the_rule_set() {
         ifaces: 0,
         mark: 0,
         established: false,
-        tproxy: false,
     };
     let pod = ConnFacts {
         dst_addr: ip("10.200.0.1"),
@@ -241,36 +240,41 @@ fn default_nat_table_is_istio_iptables_output() {
 fn a_workload_entry_carries_the_chain_ports_counter_block_and_serving_flags() {
     let cfg = CaptureConfig::default();
     let rules = compile(&cfg).unwrap();
-    let w = workload(&cfg, &rules, 3, Serving::default());
-    assert_eq!(w.slotted().map(|(_, r)| *r).collect::<Vec<_>>(), rules);
-    let slots: Vec<usize> = w.slotted().map(|(s, _)| s).collect();
-    assert_eq!(slots, super::slots(&rules));
+    let packed = pack(&rules).unwrap();
+    let w = workload(&cfg, &packed, 3, Serving::default());
+    // The default ISTIO_INBOUND RETURNs (15008, 15090, 15021, 15020) are one port set entry
+    // in each family; the entries and the set's members give back every rule, each counted
+    // in its index in the list.
+    let entries: Vec<(usize, Rule)> = w.entries().map(|(i, r)| (i, *r)).collect();
+    assert_eq!(entries.iter().filter(|(_, r)| r.has & m::PORT_SET != 0).count(), 2);
+    assert_eq!(entries.len() + 2 * 3, rules.len());
+    assert_eq!(unpack(&entries, &packed.cidrs, &packed.ports), rules);
+    assert_eq!(super::slots(&rules), (0..rules.len()).collect::<Vec<_>>());
     assert_eq!((w.outbound_port, w.inbound_port), (15001, 15006));
-    assert_eq!(w.counter_base, 3 * MAX_RULES as u32);
+    assert_eq!(w.slot, 3);
     assert_eq!(w.flags, workload_flags::INBOUND);
     let own = Serving {
         own_proxy: true,
         fast_path: true,
     };
     assert_eq!(
-        workload(&cfg, &rules, 0, own).flags,
+        workload(&cfg, &packed, 0, own).flags,
         workload_flags::INBOUND | workload_flags::WORKLOAD_LISTENER | workload_flags::FAST_PATH
     );
     assert_eq!((w.cgroup_id, w.cgroup_level), (0, 0));
 }
 
+/// Lists no set can hold (one owner rule of three per id) still meet the walk's bound.
 #[test]
 fn oversized_flags_are_refused() {
-    let cidrs = (0..60).map(|i| format!("10.{i}.0.0/16")).collect::<Vec<_>>().join(",");
     let cfg = CaptureConfig {
-        outbound_exclude_cidrs: config::parse_cidrs("-x", &cidrs).unwrap(),
+        proxy_uids: (1000..1030).collect(),
         ..CaptureConfig::default()
     };
+    let e = compile(&cfg).unwrap_err().to_string();
     assert!(
-        compile(&cfg)
-            .unwrap_err()
-            .to_string()
-            .contains("iptables' chains; redirect holds at most 64 per family")
+        e.contains("iptables' chains once their CIDR and port lists are packed; redirect holds at most 64 per family"),
+        "{e}"
     );
 }
 
@@ -318,14 +322,14 @@ fn ip6tables_chains_take_v6_addresses_and_cidrs() {
             "-A ISTIO_INBOUND -p tcp -m tcp --dport 5000 -j ISTIO_IN_REDIRECT",
         ]
     );
-    // Slots: IPv4 from 0, so the IPv4 chains keep the slots they had before IPv6; IPv6 from
-    // the second half of the entry.
+    // Slots: IPv4 from 0, so the IPv4 chains keep the slots they had before IPv6; IPv6 after
+    // the last of them.
     let first_v6 = rules.iter().position(|r| r.family == Family::V6 as u8).unwrap();
     assert!(rules[..first_v6].iter().all(|r| r.family == Family::V4 as u8));
     let table = tables(&cfg, &rules, Family::V6);
     let v6_slots: Vec<usize> = table.iter().filter_map(|l| l.slot).collect();
-    assert!(v6_slots.iter().all(|&s| s >= MAX_RULES_PER_FAMILY), "{v6_slots:?}");
-    assert_eq!(v6_slots.iter().min(), Some(&MAX_RULES_PER_FAMILY));
+    assert!(v6_slots.iter().all(|&s| s >= first_v6), "{v6_slots:?}");
+    assert_eq!(v6_slots.iter().min(), Some(&first_v6));
     assert!(iptables_save(&table).contains("-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN\n"));
     let c = list_columns(&rules[first_v6]);
     assert_eq!((c.source.as_str(), c.destination.as_str()), ("::6/128", "::/0"));
@@ -348,7 +352,6 @@ fn ip6tables_chain_decides_native_ipv6() {
         ifaces: 0,
         mark: 0,
         established: false,
-        tproxy: false,
     };
     let slot = first_match(&rules, &remote6).unwrap();
     assert_eq!(rule_text(&rules[slot]), "-A ISTIO_OUTPUT -j ISTIO_REDIRECT");
@@ -398,9 +401,8 @@ fn a_loopback_include_of_either_family_affects_both_tables() {
     }
 }
 
-/// Each family has its own budget, as each had its own table: flags that fit before dual
-/// stack (long `-o`/`-b` lists, which both tables repeat) still fit, and the entry says where
-/// ip6tables' rules start.
+/// Each family has its own budget, as each had its own table: the entry says where
+/// ip6tables' entries start.
 #[test]
 fn each_family_has_its_own_budget() {
     let cfg = CaptureConfig {
@@ -410,20 +412,24 @@ fn each_family_has_its_own_budget() {
     };
     let rules = compile(&cfg).unwrap();
     assert!(rules.len() > MAX_RULES_PER_FAMILY, "{}", rules.len());
-    let w = workload(&cfg, &rules, 0, Serving::default());
-    assert_eq!((w.n_rules * 2) as usize, rules.len());
+    let packed = pack(&rules).unwrap();
+    let w = workload(&cfg, &packed, 0, Serving::default());
+    // Both lists are a set entry in each family.
     assert_eq!(w.n_rules, w.n_rules6);
+    assert_eq!(w.entries().filter(|(_, r)| r.has & m::SETS != 0).count(), 4);
     let (v4, first4) = w.family_rules(Family::V4);
     let (v6, first6) = w.family_rules(Family::V6);
     assert_eq!((first4, first6), (0, MAX_RULES_PER_FAMILY));
     assert!(v4.iter().all(|r| r.family == Family::V4 as u8));
     assert!(v6.iter().all(|r| r.family == Family::V6 as u8));
-    let cidrs = (0..60)
-        .map(|i| format!("fd00:{i:x}::/32"))
+    // A list only ip6tables' chains hold (v6 CIDRs), of members none packs with the one
+    // before (each inside the one before it, under a REDIRECT a UDP flow walks past).
+    let cidrs = (0..70)
+        .map(|i| format!("fd00::/{}", 16 + i))
         .collect::<Vec<_>>()
         .join(",");
     let v6_heavy = CaptureConfig {
-        outbound_exclude_cidrs: config::parse_cidrs("-x", &cidrs).unwrap(),
+        outbound_cidrs: config::parse_cidr_include("-i", &cidrs).unwrap(),
         ..CaptureConfig::default()
     };
     let e = compile(&v6_heavy).unwrap_err().to_string();
@@ -476,7 +482,6 @@ fn dns_capture_walks_into_istio_output_dns() {
         ifaces: 0,
         mark: 0,
         established: false,
-        tproxy: false,
     };
     let (hit, counted) = walk_output(&rules, &app);
     let hit = hit.unwrap();
@@ -541,7 +546,7 @@ fn owner_groups_only_returns_the_others() {
         })
         .collect();
     assert!(texts.contains(&"-A ISTIO_OUTPUT -m owner ! --gid-owner java -m owner ! --gid-owner 202 -j RETURN".into()));
-    let w = workload(&cfg, &rules, 0, Serving::default());
+    let w = workload(&cfg, &pack(&rules).unwrap(), 0, Serving::default());
     assert_eq!(w.n_owner_groups, 2);
     assert!(w.in_owner_groups(202) && !w.in_owner_groups(7));
     let remote = ConnFacts {
@@ -557,7 +562,6 @@ fn owner_groups_only_returns_the_others() {
         ifaces: 0,
         mark: 0,
         established: false,
-        tproxy: false,
     };
     assert_eq!(
         rules[walk_output(&rules, &remote).0.unwrap()].target_kind(),

@@ -66,7 +66,10 @@ fn a_syn_from_a_virt_device_is_redirected_in_the_include_list_and_returned_outsi
     let c = cfg(&[("-c", "eth9"), ("-k", "eth1"), ("-i", "10.0.0.0/8")]);
     let rules = compile(&c).unwrap();
     // eth9 is entry 0, eth1 entry 1.
-    assert_eq!(workload(&c, &rules, 0, Serving::default()).virt_ifaces, 0b10);
+    assert_eq!(
+        workload(&c, &pack(&rules).unwrap(), 0, Serving::default()).virt_ifaces,
+        0b10
+    );
     assert_eq!(flags(&c) & workload_flags::IFACES, workload_flags::IFACES);
     let syn = |dst: &str, ifaces: u32| ConnFacts {
         family: Family::V4 as u8,
@@ -81,7 +84,6 @@ fn a_syn_from_a_virt_device_is_redirected_in_the_include_list_and_returned_outsi
         ifaces,
         mark: 0,
         established: false,
-        tproxy: false,
     };
     let decided = |f: &ConnFacts| {
         rules

@@ -1,0 +1,252 @@
+//! [`compile`](super::compile)'s list -> the entries the programs walk.
+//!
+//! istio-iptables writes one rule per `-i`/`-x` CIDR and per `-q`/`-o`/`-b`/`-d` port, and
+//! walking them one by one would make a connect's cost grow with the lists (and their length
+//! would be bounded by the walk's). A run of consecutive rules that differ only in their
+//! `-d CIDR`, or only in `-p PROTO --dport PORT`, is one *set entry* instead: one lookup in an
+//! LPM trie (`CIDR_SETS`) or a hash (`PORT_SETS`), whose answer is the rule of the run that
+//! iptables would have stopped at, which is then counted as that rule. So the walk's cost is
+//! the number of entries, which no list changes, and the counters stay per rule.
+//!
+//! What keeps this exact:
+//! - A run's rules share everything but the varying field, so they match or fail together
+//!   on the rest; the first of them whose CIDR (or pair) matches is the one iptables stops at.
+//!   Nested CIDRs are allowed: each member's answer is the earliest member containing it
+//!   (iptables takes the first rule that matches, not the longest prefix), and an address's
+//!   longest matching member is contained in every other member that matches it.
+//! - Only targets that end the walk are packed, except a REDIRECT jump whose chain (one
+//!   `-p tcp` rule) a UDP flow comes back from and walks on, counted at every rule it
+//!   matched: such a run never holds two members one address or pair can match (a
+//!   containing CIDR or a repeated one starts the next entry), so that it counts exactly one.
+//! - Repeated members (the same CIDR or pair twice) end a run too, so each member has its own
+//!   key and `stats` can list every rule from the maps.
+
+use std::{collections::HashMap, vec::Vec};
+
+use super::TooManyRules;
+use crate::{
+    IPPROTO_TCP, MAX_RULES_PER_FAMILY, Rule, SetMember, Target,
+    addr::{self, Addr, Family},
+    m,
+};
+
+/// Runs shorter than this stay rules: a set costs a lookup, a rule a few compares.
+const MIN_RUN: usize = 2;
+
+/// A compiled chain as the programs hold it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Packed {
+    /// iptables' entries, then ip6tables': each at most [`MAX_RULES_PER_FAMILY`], in walk
+    /// order; the index in the workload's table of `entries[f][i]` is
+    /// `f * MAX_RULES_PER_FAMILY + i`.
+    pub entries: [Vec<Rule>; 2],
+    pub cidrs: Vec<CidrMember>,
+    pub ports: Vec<PortMember>,
+}
+
+/// A member of a CIDR set entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CidrMember {
+    /// The entry's index in the workload's table.
+    pub entry: u32,
+    /// The CIDR, [`crate::addr`] form (the network's address, its mask).
+    pub addr: Addr,
+    pub mask: Addr,
+    pub member: SetMember,
+}
+
+/// A member of a port set entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortMember {
+    pub entry: u16,
+    pub proto: u8,
+    pub port: u16,
+    pub member: SetMember,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Cidr,
+    Port,
+}
+
+/// Packs `rules` (one [`compile`](super::compile) answer, each rule's `slot` its index).
+pub fn pack(rules: &[Rule]) -> Result<Packed, TooManyRules> {
+    let mut packed = Packed::default();
+    for (half, family) in [Family::V4, Family::V6].into_iter().enumerate() {
+        let of_family: Vec<Rule> = rules.iter().filter(|r| r.family == family as u8).copied().collect();
+        let mut i = 0;
+        while i < of_family.len() {
+            let index = half * MAX_RULES_PER_FAMILY + packed.entries[half].len();
+            let (run, kind) = run_at(&of_family[i..]);
+            let mut entry = of_family[i];
+            match kind {
+                Some(Kind::Cidr) if run.len() >= MIN_RUN => {
+                    entry.has = (entry.has & !m::DST) | m::DST_SET;
+                    (entry.dst_addr, entry.dst_mask, entry.slot) = (addr::UNSPECIFIED, addr::UNSPECIFIED, 0);
+                    packed.cidrs.extend(cidr_members(run, index as u32));
+                }
+                Some(Kind::Port) if run.len() >= MIN_RUN => {
+                    entry.has = (entry.has & !m::DPORT) | m::PORT_SET;
+                    (entry.proto, entry.dport, entry.slot) = (0, 0, 0);
+                    packed.ports.extend(run.iter().map(|r| PortMember {
+                        entry: index as u16,
+                        proto: r.proto,
+                        port: r.dport,
+                        member: SetMember::new(r.slot, r.slot),
+                    }));
+                }
+                // A rule on its own.
+                _ => {
+                    packed.entries[half].push(entry);
+                    i += 1;
+                    continue;
+                }
+            }
+            packed.entries[half].push(entry);
+            i += run.len();
+        }
+        if packed.entries[half].len() > MAX_RULES_PER_FAMILY {
+            return Err(TooManyRules {
+                needed: packed.entries[half].len(),
+                family,
+            });
+        }
+    }
+    Ok(packed)
+}
+
+/// The run that starts at `rules[0]` and what varies in it: it alone, or it and the rules
+/// after it it packs with.
+fn run_at(rules: &[Rule]) -> (&[Rule], Option<Kind>) {
+    let Some(kind) = rules.first().and_then(kind) else {
+        return (rules.get(..1).unwrap_or_default(), None);
+    };
+    let mut end = 1;
+    while end < rules.len() && joins(&rules[..end], &rules[end], kind) {
+        end += 1;
+    }
+    (&rules[..end], Some(kind))
+}
+
+/// What a rule could be packed by: its one varying field. `None` for a rule no set can hold.
+fn kind(r: &Rule) -> Option<Kind> {
+    let t = Target::from_u8(r.target)?;
+    // MARK and the jumps go on walking after they count, each matching rule counting.
+    if !matches!(
+        t,
+        Target::Return | Target::Redirect | Target::InRedirect | Target::DnsRedirect | Target::Divert
+    ) {
+        return None;
+    }
+    let dst = r.has & m::DST != 0 && r.neg & m::DST == 0;
+    let port = r.has & m::DPORT != 0 && r.neg & m::DPORT == 0 && r.proto != 0;
+    match (dst, port) {
+        // The DNS rules (`-d SERVER -p tcp --dport 53`) vary in the server.
+        (true, _) => Some(Kind::Cidr),
+        (false, true) => Some(Kind::Port),
+        (false, false) => None,
+    }
+}
+
+/// Whether `r` joins the run `run` of `kind`: the same rule but for the varying field, not a
+/// repeat of a member, and for a REDIRECT a UDP flow walks past (see the module's doc), not
+/// overlapping any member.
+fn joins(run: &[Rule], r: &Rule, kind: Kind) -> bool {
+    let shape = |x: &Rule| {
+        let mut x = *x;
+        x.slot = 0;
+        match kind {
+            Kind::Cidr => (x.dst_addr, x.dst_mask) = (addr::UNSPECIFIED, addr::UNSPECIFIED),
+            Kind::Port => (x.proto, x.dport) = (0, 0),
+        }
+        x
+    };
+    if shape(r) != shape(&run[0]) || self::kind(r) != Some(kind) {
+        return false;
+    }
+    match kind {
+        Kind::Cidr => {
+            let walks_past = walked_past(r);
+            run.iter().all(|x| {
+                let (a, b) = (cidr(x), cidr(r));
+                a != b && !(walks_past && (contains(a, b) || contains(b, a)))
+            })
+        }
+        // A pair repeated is the one overlap ports have.
+        Kind::Port => run.iter().all(|x| (x.proto, x.dport) != (r.proto, r.dport)),
+    }
+}
+
+/// A REDIRECT a UDP flow can match: ISTIO_REDIRECT and ISTIO_IN_REDIRECT hold one `-p tcp`
+/// rule, so it comes back and walks on (`redirect_walk_chain`).
+fn walked_past(r: &Rule) -> bool {
+    let t = r.target;
+    (t == Target::Redirect as u8 || t == Target::InRedirect as u8) && r.proto != IPPROTO_TCP
+}
+
+/// A rule's `-d` CIDR: its network's address and its mask.
+fn cidr(r: &Rule) -> (Addr, Addr) {
+    (addr::and(&r.dst_addr, &r.dst_mask), r.dst_mask)
+}
+
+/// Whether CIDR `outer` holds every address of `inner`.
+fn contains(outer: (Addr, Addr), inner: (Addr, Addr)) -> bool {
+    addr::mask_prefix(&outer.1) <= addr::mask_prefix(&inner.1) && addr::and(&inner.0, &outer.1) == outer.0
+}
+
+/// The members of a CIDR run, each answering with the earliest member that contains it:
+/// looked up by each prefix of its own (at most 129), not by comparing every pair, so that a
+/// list of thousands costs milliseconds.
+fn cidr_members(run: &[Rule], entry: u32) -> Vec<CidrMember> {
+    let mut first: HashMap<(Addr, u8), u32> = HashMap::new();
+    for r in run {
+        let (net, mask) = cidr(r);
+        let slot = first.entry((net, addr::mask_prefix(&mask))).or_insert(r.slot);
+        *slot = (*slot).min(r.slot);
+    }
+    run.iter()
+        .map(|r| {
+            let (net, mask) = cidr(r);
+            let decides = (0..=addr::mask_prefix(&mask))
+                .filter_map(|p| first.get(&(addr::and(&net, &addr::prefix_mask(p)), p)))
+                .copied()
+                .min()
+                .unwrap_or(r.slot);
+            CidrMember {
+                entry,
+                addr: net,
+                mask,
+                member: SetMember::new(decides, r.slot),
+            }
+        })
+        .collect()
+}
+
+/// The rules of `packed` as [`compile`](super::compile) listed them, from its entries and
+/// their members: what `stats` lists from the kernel's maps. Rules the kernel holds no
+/// member for (a map entry lost) are missing, which a reader sees as a gap in the slots.
+pub fn unpack(entries: &[(usize, Rule)], cidrs: &[CidrMember], ports: &[PortMember]) -> Vec<Rule> {
+    let mut rules = Vec::new();
+    for &(index, entry) in entries {
+        if entry.has & m::DST_SET != 0 {
+            rules.extend(cidrs.iter().filter(|c| c.entry as usize == index).map(|c| {
+                let mut r = entry;
+                r.has = (r.has & !m::DST_SET) | m::DST;
+                (r.dst_addr, r.dst_mask, r.slot) = (c.addr, c.mask, c.member.own);
+                r
+            }));
+        } else if entry.has & m::PORT_SET != 0 {
+            rules.extend(ports.iter().filter(|p| p.entry as usize == index).map(|p| {
+                let mut r = entry;
+                r.has = (r.has & !m::PORT_SET) | m::DPORT;
+                (r.proto, r.dport, r.slot) = (p.proto, p.port, p.member.own);
+                r
+            }));
+        } else {
+            rules.push(entry);
+        }
+    }
+    rules.sort_by_key(|r| r.slot);
+    rules
+}

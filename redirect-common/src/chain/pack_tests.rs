@@ -1,0 +1,249 @@
+//! [`pack`] against the rules it packs: for random chains and connections, walking the
+//! entries with set lookups (as `redirect_walk_chain` does, the trie answering with its
+//! longest matching member) decides the same and counts the same rules as walking every rule
+//! (as iptables does).
+
+use super::*;
+use crate::{ConnFacts, IPPROTO_TCP, IPPROTO_UDP, addr, config};
+
+/// xorshift64: the same chains on every run, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn pick<T: Copy>(&mut self, of: &[T]) -> T {
+        of[self.below(of.len() as u64) as usize]
+    }
+}
+
+/// Addresses in a small space (10.200.{0..3}.{0..3}) so that CIDRs nest and repeat, and
+/// connections hit them.
+fn small_addr(rng: &mut Rng) -> addr::Addr {
+    let ip = std::net::Ipv4Addr::new(10, 200, rng.below(4) as u8, rng.below(4) as u8);
+    addr::from_ip(ip.into())
+}
+
+fn random_rule(rng: &mut Rng, shape: &Rule, kind: u64) -> Rule {
+    let mut r = *shape;
+    match kind {
+        0 => {
+            let prefix = rng.pick(&[0u8, 8, 16, 22, 24, 30, 31, 32]);
+            let mask = addr::prefix_mask(96 + prefix);
+            r.has |= m::DST;
+            (r.dst_addr, r.dst_mask) = (addr::and(&small_addr(rng), &mask), mask);
+        }
+        _ => {
+            r.has |= m::DPORT;
+            r.proto = rng.pick(&[IPPROTO_TCP, IPPROTO_UDP]);
+            r.dport = rng.pick(&[53, 80, 81, 82, 8080]);
+        }
+    }
+    r
+}
+
+/// A chain of runs: each a shape (target, protocol, an owner match or not) and rules that
+/// vary in a CIDR or a port, sometimes with a rule of another shape between.
+fn random_chain(rng: &mut Rng) -> Vec<Rule> {
+    let mut rules = Vec::new();
+    for _ in 0..rng.below(6) + 1 {
+        let target = rng.pick(&[
+            Target::Return,
+            Target::Redirect,
+            Target::InRedirect,
+            Target::DnsRedirect,
+        ]);
+        let mut shape = Rule::new(Family::V4, ChainId::Output, target);
+        shape.proto = rng.pick(&[0, 0, IPPROTO_TCP, IPPROTO_UDP]);
+        if rng.below(3) == 0 {
+            shape.has |= m::UID;
+            shape.uid = rng.pick(&[0, 1337]);
+        }
+        let kind = rng.below(2);
+        if kind == 1 && shape.proto == 0 {
+            shape.proto = IPPROTO_TCP;
+        }
+        for _ in 0..rng.below(12) + 1 {
+            rules.push(random_rule(rng, &shape, kind));
+        }
+        if rng.below(4) == 0 {
+            rules.push(Rule::new(Family::V4, ChainId::Output, Target::Return));
+            rules.last_mut().unwrap().has |= m::GID;
+        }
+    }
+    for (slot, r) in rules.iter_mut().enumerate() {
+        r.slot = slot as u32;
+    }
+    rules
+}
+
+/// What a walk decided, and the slots it counted.
+type Walked = (Option<u8>, Vec<u32>);
+
+/// After a matching rule (or member) with target `t`: whether the walk goes on, as
+/// `redirect_walk_chain` does for a counted walk of nat's chains.
+fn passes(t: u8, facts: &ConnFacts) -> bool {
+    t == Target::JumpDns as u8
+        || (facts.proto == IPPROTO_UDP && (t == Target::Redirect as u8 || t == Target::InRedirect as u8))
+}
+
+/// iptables: every rule in order.
+fn walk_rules(rules: &[Rule], facts: &ConnFacts) -> Walked {
+    let mut counted = Vec::new();
+    for r in rules.iter().filter(|r| r.matches(facts)) {
+        counted.push(r.slot);
+        if !passes(r.target, facts) {
+            return (Some(r.target), counted);
+        }
+    }
+    (None, counted)
+}
+
+/// The programs: the entries in order, a set entry answering from its members as the maps
+/// would (the trie with its longest matching member, the hash with the exact pair).
+fn walk_packed(p: &Packed, facts: &ConnFacts) -> Walked {
+    let mut counted = Vec::new();
+    for (i, e) in p.entries[0].iter().enumerate() {
+        if !e.matches(facts) {
+            continue;
+        }
+        let slot = if e.has & m::DST_SET != 0 {
+            let hit = p
+                .cidrs
+                .iter()
+                .filter(|c| c.entry as usize == i && addr::masked_eq(&facts.dst_addr, &c.mask, &c.addr))
+                .max_by_key(|c| addr::mask_prefix(&c.mask));
+            match hit {
+                Some(c) => c.member.decides,
+                None => continue,
+            }
+        } else if e.has & m::PORT_SET != 0 {
+            match p
+                .ports
+                .iter()
+                .find(|x| x.entry as usize == i && x.proto == facts.proto && x.port == facts.dst_port)
+            {
+                Some(x) => x.member.decides,
+                None => continue,
+            }
+        } else {
+            e.slot
+        };
+        counted.push(slot);
+        if !passes(e.target, facts) {
+            return (Some(e.target), counted);
+        }
+    }
+    (None, counted)
+}
+
+fn facts(rng: &mut Rng) -> ConnFacts {
+    ConnFacts {
+        family: Family::V4 as u8,
+        proto: rng.pick(&[IPPROTO_TCP, IPPROTO_UDP]),
+        dst_addr: small_addr(rng),
+        dst_port: rng.pick(&[53, 80, 81, 82, 8080, 9999]),
+        src_addr: addr::UNSPECIFIED,
+        out_lo: false,
+        uid: rng.pick(&[0, 1337]),
+        gid: 0,
+        in_owner_groups: false,
+        ifaces: 0,
+        mark: 0,
+        established: false,
+    }
+}
+
+#[test]
+fn packed_walk_decides_and_counts_as_the_rules() {
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let mut sets = 0;
+    for _ in 0..2_000 {
+        let rules = random_chain(&mut rng);
+        let packed = pack(&rules).unwrap();
+        sets += packed.entries[0].iter().filter(|e| e.has & m::SETS != 0).count();
+        for _ in 0..50 {
+            let f = facts(&mut rng);
+            assert_eq!(walk_packed(&packed, &f), walk_rules(&rules, &f), "{rules:#?}\n{f:#?}");
+        }
+        let entries: Vec<(usize, Rule)> = packed.entries[0].iter().copied().enumerate().collect();
+        assert_eq!(unpack(&entries, &packed.cidrs, &packed.ports), rules);
+    }
+    // The chains made sets, many of them: the walk above compared lookups, not just rules.
+    assert!(sets > 2_000, "{sets}");
+}
+
+#[test]
+fn a_thousand_cidrs_and_ports_are_one_entry_each() {
+    let cidrs: Vec<String> = (0..1000)
+        .map(|i| format!("10.{}.{}.0/24", 100 + i / 256, i % 256))
+        .collect();
+    let ports: Vec<u16> = (1..=1000).collect();
+    let cfg = config::CaptureConfig {
+        outbound_cidrs: config::Include::List(cidrs.iter().map(|c| config::parse_cidr("-i", c).unwrap()).collect()),
+        outbound_exclude_cidrs: cidrs.iter().map(|c| config::parse_cidr("-x", c).unwrap()).collect(),
+        outbound_exclude_ports: ports.clone(),
+        inbound_ports: config::Include::List(ports.clone()),
+        ..Default::default()
+    };
+    let rules = compile(&cfg).unwrap();
+    // 1,000 each of -x, -i and -b, and 2,000 of -o (TCP and UDP), plus the fixed rules.
+    assert!(rules.len() > 5_000, "{}", rules.len());
+    let packed = pack(&rules).unwrap();
+    let sets = |f: usize| packed.entries[f].iter().filter(|e| e.has & m::SETS != 0).count();
+    assert_eq!(sets(0), 4, "{:#?}", packed.entries[0]);
+    assert!(packed.entries[0].len() < 20, "{}", packed.entries[0].len());
+    // -x's and -i's, and the 127.0.0.1/32 RETURN just before -x's, which is one of its run.
+    assert_eq!(packed.cidrs.len(), 2_001);
+    // -o's in both families, -b's in both.
+    assert_eq!(packed.ports.len(), 2 * (2_000 + 1_000));
+    let entries: Vec<(usize, Rule)> = packed
+        .entries
+        .iter()
+        .enumerate()
+        .flat_map(|(f, e)| {
+            e.iter()
+                .enumerate()
+                .map(move |(i, r)| (f * MAX_RULES_PER_FAMILY + i, *r))
+        })
+        .collect();
+    assert_eq!(unpack(&entries, &packed.cidrs, &packed.ports), rules);
+}
+
+/// A REDIRECT a UDP flow walks past counts every rule it matches, so its run must not hold
+/// two members one address matches: the /24 inside the /16 starts a new entry. RETURN ends the
+/// walk, so its /24 stays in the run, answering with the /16 before it.
+#[test]
+fn nested_cidrs_split_a_redirect_run_but_not_a_return_run() {
+    let cidr = |target, s: &str, slot| {
+        let c = config::parse_cidr("-i", s).unwrap();
+        let mut r = with_dst(Rule::new(Family::V4, ChainId::Output, target), &c, false);
+        r.slot = slot;
+        r
+    };
+    let redirect = [
+        cidr(Target::Redirect, "10.200.0.0/16", 0),
+        cidr(Target::Redirect, "10.201.0.0/16", 1),
+        cidr(Target::Redirect, "10.200.1.0/24", 2),
+    ];
+    let p = pack(&redirect).unwrap();
+    assert_eq!(p.entries[0].len(), 2);
+    assert_eq!(p.entries[0][1].slot, 2);
+    let ret = redirect.map(|mut r| {
+        r.target = Target::Return as u8;
+        r
+    });
+    let p = pack(&ret).unwrap();
+    assert_eq!(p.entries[0].len(), 1);
+    let inner = p.cidrs.iter().find(|c| c.member.own == 2).unwrap();
+    assert_eq!(inner.member.decides, 0);
+}
