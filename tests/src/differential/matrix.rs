@@ -152,8 +152,9 @@ impl Matrix {
             .map(IpAddr::from)
             .to_vec();
         let mut v6_dsts: Vec<IpAddr> = [remote_ip6, pod_ip6, Ipv6Addr::LOCALHOST].map(IpAddr::from).to_vec();
-        v4_dsts.extend(cfg.dsts.iter().filter(|d| d.is_ipv4()));
-        v6_dsts.extend(cfg.dsts.iter().filter(|d| d.is_ipv6()));
+        let dsts = || cfg.dsts.iter().chain(cfg.remote_addrs);
+        v4_dsts.extend(dsts().filter(|d| d.is_ipv4()));
+        v6_dsts.extend(dsts().filter(|d| d.is_ipv6()));
         if cfg.side_host() {
             v4_dsts.push(side_ip.into());
             v6_dsts.push(side_ip6.into());

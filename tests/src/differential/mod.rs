@@ -112,6 +112,15 @@ pub struct Config {
     /// More ports every server listens on and every client dials, beside `BASE_PORTS` and
     /// those the flags name.
     pub ports: &'static [u16],
+    /// Whether the ports the flags name (`-q`, `-o`, `-b`, `-d`, `-e`) are listened on and
+    /// dialed too. A configuration whose lists are too long to dial every member (hundreds of
+    /// ports) clears it and names the few it dials in `ports`.
+    pub flag_ports: bool,
+    /// More addresses of the remote host (on its veth, each reached from the workload by a
+    /// host route through the remote's primary address, so anywhere in 10.200.0.0/16 or
+    /// fd00:200::/48), with the remote's servers on every port: each dialed like `dsts`. For
+    /// CIDR lists with members around several hosts.
+    pub remote_addrs: &'static [IpAddr],
     /// A second interface ([`SIDE_LINK`]) to a side host on its own subnet, with servers on
     /// every port: the workload dials it, and it dials the workload's address there.
     pub side: bool,
@@ -148,6 +157,8 @@ impl Config {
         set_ids: &[],
         dsts: &[],
         ports: &[],
+        flag_ports: true,
+        remote_addrs: &[],
         side: false,
         vm: false,
     };
@@ -161,6 +172,25 @@ impl Config {
 /// The flag's value in `flags`, if given (short form, as the configurations spell them).
 fn flag<'a>(flags: &[&'a str], short: &str) -> Option<&'a str> {
     flags.windows(2).find(|w| w[0] == short).map(|w| w[1])
+}
+
+/// Past this many items a flag's list, or a chain's rows, are too many to read in full in a
+/// message (a chain of istio-iptables' fixed rules and short lists has fewer).
+const READABLE: usize = 64;
+
+/// The flags as messages name them: a list of more than [`READABLE`] items (CIDRs, ports) as
+/// its first few and its length.
+fn shown_flags(flags: &[&str]) -> Vec<String> {
+    flags
+        .iter()
+        .map(|f| {
+            let items: Vec<&str> = f.split(',').collect();
+            match items.len() {
+                n if n > READABLE => format!("{},... ({n} items)", items[..3].join(",")),
+                _ => (*f).to_owned(),
+            }
+        })
+        .collect()
 }
 
 /// The comma list a flag was given (ports or ids), empty when absent.
@@ -184,8 +214,10 @@ pub fn differential(cfg: Config) {
         flag(cfg.flags, "-z").map_or(15006, |p| p.parse().unwrap()),
     );
     let mut ports: BTreeSet<u16> = BASE_PORTS.into_iter().collect();
-    for f in ["-q", "-o", "-b", "-d", "-e"] {
-        ports.extend(list_of::<u16>(cfg.flags, f));
+    if cfg.flag_ports {
+        for f in ["-q", "-o", "-b", "-d", "-e"] {
+            ports.extend(list_of::<u16>(cfg.flags, f));
+        }
     }
     ports.extend(cfg.ports);
     ports.remove(&capture.0);

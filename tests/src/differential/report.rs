@@ -4,10 +4,27 @@
 use std::{collections::BTreeSet, fmt::Write as _};
 
 use super::{
-    Config,
+    Config, READABLE,
     matrix::{Matrix, Run},
-    twin::Twin,
+    shown_flags,
+    twin::{Row, Twin},
 };
+
+/// A chain's counts as a report line shows them: every row, or for a chain of more than
+/// [`READABLE`] rows only those that counted, by index (`#i: n`), so that a difference can be
+/// found.
+fn shown_rows(rows: &[Row]) -> String {
+    if rows.len() <= READABLE {
+        return format!("{rows:?}");
+    }
+    let counted: Vec<String> = rows
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.n != 0)
+        .map(|(i, r)| format!("#{i}: {r:?}"))
+        .collect();
+    format!("{} rows, counted [{}]", rows.len(), counted.join(", "))
+}
 
 /// Fails the test, with the whole table and both twins' counters, if any verdict or any
 /// counter differs between the oracle's run (`want`) and the agent's (`got`).
@@ -22,7 +39,9 @@ pub(super) fn judge(
     let _ = writeln!(
         table,
         "differential '{}' (flags {:?}, env {:?}):",
-        cfg.name, cfg.flags, cfg.env
+        cfg.name,
+        shown_flags(cfg.flags),
+        cfg.env
     );
     let all_verdicts = want.iter().chain(&got).flat_map(|(v, _)| v);
     let width = all_verdicts.map(|v| v.chars().count()).max().unwrap_or(0);
@@ -64,10 +83,12 @@ pub(super) fn judge(
             let g = &got[key];
             let mark = if w == g { " " } else { "✗" };
             let line = format!(
-                "{mark} after {:<9} {} {:<13} iptables {w:?}, agent {g:?}",
+                "{mark} after {:<9} {} {:<13} iptables {}, agent {}",
                 phase.name(),
                 key.0,
-                key.1
+                key.1,
+                shown_rows(w),
+                shown_rows(g)
             );
             println!("  {line}");
             if w != g {

@@ -50,7 +50,7 @@ pub(super) type Counts = BTreeMap<(&'static str, &'static str), Vec<Row>>;
 #[derive(Clone, PartialEq, Eq)]
 pub(super) struct Row {
     rule: Option<String>,
-    n: u64,
+    pub(super) n: u64,
 }
 
 impl fmt::Debug for Row {
@@ -83,7 +83,7 @@ pub(super) fn explain(cfg: &Config, family: &str) -> Explanation {
     assert!(
         out.status.success(),
         "explain --family {family} {:?} (env {:?}): {}",
-        cfg.flags,
+        super::shown_flags(cfg.flags),
         cfg.env,
         String::from_utf8_lossy(&out.stderr)
     );
@@ -145,6 +145,30 @@ impl Twin {
             .remote
             .ip(&["-6", "route", "add", "::6/128", "via", &via, "dev", "r0"])
             .expect("route to ::6");
+        // The remote host's further addresses ([`Config::remote_addrs`]), each behind a host
+        // route of the workload's: a wider route would change where other destinations go.
+        for &addr in cfg.remote_addrs {
+            let (family, host, via) = match addr {
+                IpAddr::V4(_) => ("-4", format!("{addr}/32"), twin.pair.remote_ip.to_string()),
+                IpAddr::V6(_) => ("-6", format!("{addr}/128"), twin.pair.remote_ip6.to_string()),
+            };
+            // IPv6 ones without duplicate address detection, as the pair's own (usable at once),
+            // and deprecated, so that the remote host's own connections keep its primary address
+            // as their source: a /128 would win the kernel's longest-match choice. They are still
+            // bound, dialed and answered from.
+            let mut add = vec![family, "addr", "add", host.as_str(), "dev", "r0"];
+            if addr.is_ipv6() {
+                add.extend(["nodad", "preferred_lft", "0"]);
+            }
+            twin.pair
+                .remote
+                .ip(&add)
+                .unwrap_or_else(|e| panic!("{host} on the remote host: {e}"));
+            twin.pair
+                .workload
+                .ip(&[family, "route", "add", &host, "via", &via, "dev", "w0"])
+                .unwrap_or_else(|e| panic!("route to {host}: {e}"));
+        }
         match kind {
             Kind::Iptables => {
                 let ns = &twin.pair.workload.name;
@@ -195,6 +219,9 @@ impl Twin {
             workload.push(listener("cap-in", any, capture.1));
             workload.extend(listen_ports.iter().map(|&p| listener("pod", any, p)));
             remote.extend(listen_ports.iter().map(|&p| listener("remote", remote_ip, p)));
+        }
+        for &ip in cfg.remote_addrs {
+            remote.extend(listen_ports.iter().map(|&p| listener("remote", ip, p)));
         }
         let testkit = testkit_bin();
         // Envoy's TPROXY-mode inbound listener is transparent: iptables' TPROXY hands
