@@ -19,6 +19,7 @@ mod measure;
 mod orchestrate;
 mod proto;
 mod report;
+mod rules;
 mod scale;
 
 #[derive(Parser)]
@@ -69,7 +70,17 @@ enum Cmd {
         #[arg(long, default_value = "docs/benchmarks.md")]
         out: PathBuf,
     },
-    /// A process of no workload (`scale`): connects to a closed loopback port, `count` times.
+    /// connect4's cost for a workload's connect as its CIDR and port lists grow (1, 64,
+    /// 1,000); writes its section of docs/benchmarks.md (root).
+    Rules {
+        /// The redirect-agent binary to measure.
+        #[arg(long)]
+        agent: PathBuf,
+        /// The report whose rules section is (re)written.
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        out: PathBuf,
+    },
+    /// A connecting process (`scale`, `rules`): connects to `to`, `count` times, each failing.
     #[command(hide = true)]
     Connects {
         #[arg(long)]
@@ -78,6 +89,8 @@ enum Cmd {
         netns: PathBuf,
         #[arg(long)]
         count: u32,
+        #[arg(long)]
+        to: SocketAddrV4,
     },
     /// The benchmark server (in the remote host's namespace).
     #[command(hide = true)]
@@ -172,13 +185,13 @@ fn run(quick: bool, agent: PathBuf, out: PathBuf, hold: Option<usize>, profile: 
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    // `--scale`'s section is that command's to write: kept as it is.
-    if let Some(section) = std::fs::read_to_string(&out)
-        .ok()
-        .as_deref()
-        .and_then(scale::section_of)
-    {
+    // `--scale`'s and `--rules`' sections are those commands' to write: kept as they are.
+    let old = std::fs::read_to_string(&out).unwrap_or_default();
+    if let Some(section) = scale::section_of(&old) {
         md = scale::with_section(&md, section);
+    }
+    if let Some(section) = scale::marked(&old, rules::MARKERS) {
+        md = scale::with_marked(&md, rules::MARKERS, section);
     }
     std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
     let svg = out.with_file_name("benchmarks.svg");
@@ -237,6 +250,22 @@ fn scale_run(agent: &std::path::Path, workloads: usize, out: &std::path::Path) -
     Ok(())
 }
 
+fn rules_run(agent: &std::path::Path, out: &std::path::Path) -> anyhow::Result<()> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("redirect-bench rules creates namespaces and loads programs: run it as root");
+    }
+    let me = std::env::current_exe()?;
+    let outcome = rules::run(agent, &me)?;
+    let section = rules::markdown(&outcome, &machine());
+    let doc = std::fs::read_to_string(out).unwrap_or_else(|_| "# Benchmarks\n".into());
+    std::fs::write(out, scale::with_marked(&doc, rules::MARKERS, &section))
+        .with_context(|| format!("writing {}", out.display()))?;
+    print!("{section}");
+    eprintln!("bench: wrote the rules section of {}", out.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -248,9 +277,15 @@ fn main() -> ExitCode {
             profile,
         } => run(quick, agent, out, hold, profile),
         Cmd::Scale { agent, workloads, out } => scale_run(&agent, workloads, &out),
-        Cmd::Connects { cgroup, netns, count } => (|| {
+        Cmd::Rules { agent, out } => rules_run(&agent, &out),
+        Cmd::Connects {
+            cgroup,
+            netns,
+            count,
+            to,
+        } => (|| {
             redirect_agent::sys::join(Some(&cgroup), Some(&netns))?;
-            scale::connects(count)
+            scale::connects(count, to)
         })(),
         Cmd::Serve { netns, listen } => (|| {
             redirect_agent::sys::raise_nofile_limit(50_000);

@@ -25,10 +25,10 @@ use redirect_testkit::{
 use crate::measure::{BpfStats, map_bytes, prog_stats, rss_bytes};
 
 /// Connects a process of no workload makes per connect4 measurement.
-const CONNECTS: u32 = 20_000;
+pub(crate) const CONNECTS: u32 = 20_000;
 /// Measurements at each point, reported as their median and range: one is within a few tens
 /// of percent of the next on a shared machine.
-const ROUNDS: usize = 7;
+pub(crate) const ROUNDS: usize = 7;
 /// Where the process of no workload connects: a closed loopback port, refused at once, so
 /// each connect is a run of connect4 and little else.
 const CLOSED_PORT: u16 = 9;
@@ -69,7 +69,7 @@ impl Outcome {
 }
 
 /// The `q` quantile of `values` (nearest rank; 0 for none).
-fn quantile(values: &[f64], q: f64) -> f64 {
+pub(crate) fn quantile(values: &[f64], q: f64) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1));
@@ -77,7 +77,7 @@ fn quantile(values: &[f64], q: f64) -> f64 {
 }
 
 /// `median [min-max]` of `values`, rounded.
-fn spread(values: &[f64]) -> String {
+pub(crate) fn spread(values: &[f64]) -> String {
     format!(
         "{:.0} [{:.0}-{:.0}]",
         quantile(values, 0.5),
@@ -200,14 +200,23 @@ fn open_fds(pid: u32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
 }
 
-/// [`ROUNDS`] measurements of [`connect4_cost`].
+/// [`ROUNDS`] measurements of [`connect4_cost`], connecting to a closed loopback port.
 fn connect4_rounds(me: &Path, cgroup: &Path, netns: &NamedNetns, prog: u32) -> anyhow::Result<Vec<f64>> {
-    (0..ROUNDS).map(|_| connect4_cost(me, cgroup, netns, prog)).collect()
+    let to = SocketAddrV4::new(Ipv4Addr::LOCALHOST, CLOSED_PORT);
+    (0..ROUNDS)
+        .map(|_| connect4_cost(me, cgroup, netns, prog, to))
+        .collect()
 }
 
-/// connect4's mean run time over [`CONNECTS`] connects of a process in `cgroup` and `netns`
-/// (a namespace no workload has): the delta of its run time over the delta of its runs.
-fn connect4_cost(me: &Path, cgroup: &Path, netns: &NamedNetns, prog: u32) -> anyhow::Result<f64> {
+/// connect4's mean run time over [`CONNECTS`] connects to `to` of a process in `cgroup` and
+/// `netns`: the delta of its run time over the delta of its runs.
+pub(crate) fn connect4_cost(
+    me: &Path,
+    cgroup: &Path,
+    netns: &NamedNetns,
+    prog: u32,
+    to: SocketAddrV4,
+) -> anyhow::Result<f64> {
     let (t0, n0) = prog_stats(prog).context("connect4's run statistics")?;
     let out = Command::new(me)
         .arg("connects")
@@ -217,6 +226,8 @@ fn connect4_cost(me: &Path, cgroup: &Path, netns: &NamedNetns, prog: u32) -> any
         .arg(&netns.path)
         .arg("--count")
         .arg(CONNECTS.to_string())
+        .arg("--to")
+        .arg(to.to_string())
         .stdin(Stdio::null())
         .output()?;
     if !out.status.success() {
@@ -230,13 +241,13 @@ fn connect4_cost(me: &Path, cgroup: &Path, netns: &NamedNetns, prog: u32) -> any
     Ok(t1.saturating_sub(t0) as f64 / runs as f64)
 }
 
-/// The process of no workload (`redirect-bench connects`, after joining its cgroup and
-/// namespace): `count` connects to a closed loopback port, each refused.
-pub fn connects(count: u32) -> anyhow::Result<()> {
-    let to = SocketAddrV4::new(Ipv4Addr::LOCALHOST, CLOSED_PORT);
+/// The connecting process (`redirect-bench connects`, after joining its cgroup and
+/// namespace): `count` connects to `to`, each failing at once (a closed loopback port, or an
+/// address with no route).
+pub fn connects(count: u32, to: SocketAddrV4) -> anyhow::Result<()> {
     for _ in 0..count {
         if TcpStream::connect(to).is_ok() {
-            bail!("{to} accepted a connection: expected it closed");
+            bail!("{to} accepted a connection: expected it to fail");
         }
     }
     Ok(())
@@ -258,17 +269,28 @@ pub const END: &str = "<!-- /scale -->";
 
 /// `doc` with its scale section replaced by `section` (appended when it has none).
 pub fn with_section(doc: &str, section: &str) -> String {
-    let block = format!("{BEGIN}\n{}\n{END}\n", section.trim_end());
-    match (doc.find(BEGIN), doc.find(END)) {
-        (Some(b), Some(e)) if e > b => format!("{}{block}{}", &doc[..b], doc[e + END.len()..].trim_start_matches('\n')),
-        _ => format!("{}\n\n{block}", doc.trim_end()),
-    }
+    with_marked(doc, (BEGIN, END), section)
 }
 
 /// The scale section of `doc`, if it has one (markers excluded).
 pub fn section_of(doc: &str) -> Option<&str> {
-    let b = doc.find(BEGIN)? + BEGIN.len();
-    let e = doc[b..].find(END)? + b;
+    marked(doc, (BEGIN, END))
+}
+
+/// `doc` with the section between `markers` replaced by `section` (appended when it has
+/// none).
+pub fn with_marked(doc: &str, (begin, end): (&str, &str), section: &str) -> String {
+    let block = format!("{begin}\n{}\n{end}\n", section.trim_end());
+    match (doc.find(begin), doc.find(end)) {
+        (Some(b), Some(e)) if e > b => format!("{}{block}{}", &doc[..b], doc[e + end.len()..].trim_start_matches('\n')),
+        _ => format!("{}\n\n{block}", doc.trim_end()),
+    }
+}
+
+/// The section of `doc` between `markers`, if it has one (markers excluded).
+pub fn marked<'a>(doc: &'a str, (begin, end): (&str, &str)) -> Option<&'a str> {
+    let b = doc.find(begin)? + begin.len();
+    let e = doc[b..].find(end)? + b;
     Some(doc[b..e].trim_matches('\n'))
 }
 

@@ -67,6 +67,10 @@ enum Task {
         /// connect4's cost for a process of no workload), docs/benchmarks.md's scale section.
         #[arg(long, value_name = "WORKLOADS", num_args = 0..=1, default_missing_value = "1024")]
         scale: Option<usize>,
+        /// Instead: connect4's cost for a workload's connect with CIDR and port lists of 1, 64
+        /// and 1,000, docs/benchmarks.md's rules section.
+        #[arg(long, conflicts_with = "scale")]
+        rules: bool,
     },
     /// The stress routines: memory over bursts, held connections, churn in both modes, SIGKILL
     /// and SIGSTOP under load in both modes; writes docs/reliability.md and fails on any
@@ -311,7 +315,7 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench(quick: bool, profile: bool, scale: Option<usize>) -> anyhow::Result<()> {
+fn bench(quick: bool, profile: bool, scale: Option<usize>, rules: bool) -> anyhow::Result<()> {
     if !is_root() {
         bail!("bench: the benchmark creates namespaces and loads programs: run it as root");
     }
@@ -329,6 +333,10 @@ fn bench(quick: bool, profile: bool, scale: Option<usize>) -> anyhow::Result<()>
         c.current_dir(root()).arg("scale").arg("--agent").arg(&agent);
         c.arg("--workloads").arg(n.to_string());
         return run("bench: redirect-bench scale", c);
+    }
+    if rules {
+        c.current_dir(root()).arg("rules").arg("--agent").arg(&agent);
+        return run("bench: redirect-bench rules", c);
     }
     c.current_dir(root()).arg("run").arg("--agent").arg(&agent);
     if quick {
@@ -422,7 +430,12 @@ fn main() -> std::process::ExitCode {
         }),
         Task::Image { debug } => image(debug),
         Task::Test { filter } => test(filter),
-        Task::Bench { quick, profile, scale } => bench(quick, profile, scale),
+        Task::Bench {
+            quick,
+            profile,
+            scale,
+            rules,
+        } => bench(quick, profile, scale, rules),
         Task::Stress {
             bursts,
             connections,

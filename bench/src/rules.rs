@@ -1,0 +1,201 @@
+//! `redirect-bench rules` (`cargo xtask bench --rules`): what connect4 costs a workload's own
+//! connect as its CIDR and port lists grow. istio-iptables writes one rule per CIDR and per
+//! port, which iptables walks one by one; the agent packs each list into one set entry
+//! (`chain::pack`), so the walk should cost the same at 1,000 as at 64.
+//!
+//! One node agent; per list length N, a workload (a namespace of its own, `--proxy none`)
+//! enrolled with `-x` and `-i` of N IPv4 CIDRs each and `-o` of N ports, and a process of the
+//! workload that connects to an address with no route (10.201.0.1, in no list, on a port in
+//! none): the walk visits every entry and decides nothing, and the connect fails at once.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use redirect_agent::engine::pins::{self, State};
+use redirect_common::programs;
+use redirect_testkit::{
+    agent::{AgentProcess, Pins},
+    cgroup::TestCgroup,
+    netns::NamedNetns,
+    unique,
+};
+
+use crate::{
+    measure::{BpfStats, map_bytes},
+    scale::{CONNECTS, ROUNDS, connect4_cost, spread},
+};
+
+/// The list lengths measured.
+pub const SIZES: [usize; 3] = [1, 64, 1000];
+
+/// Where the workload's process connects: no route in its namespace, in none of the lists.
+const UNROUTED: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 201, 0, 1), 9);
+
+/// What one list length measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Point {
+    pub size: usize,
+    /// Rules in the workload's chains (both families), as istio-iptables would write them.
+    pub rules: usize,
+    /// The enroll's latency over the control socket, in ms.
+    pub enroll_ms: f64,
+    /// connect4's mean run time per connect, ns, [`ROUNDS`] measurements.
+    pub connect4_ns: Vec<f64>,
+    /// Kernel memory of the instance's maps with the workload enrolled.
+    pub map_bytes: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    pub points: Vec<Point>,
+    pub elapsed_s: f64,
+}
+
+/// The flags of a workload with lists of `n`: `-x` 172.16.i.0/24, `-i` 10.220+.i/24 (IPv4, so
+/// that ip6tables' chains stay short), `-o` ports 20000+i.
+fn flags(n: usize) -> Vec<String> {
+    let cidrs = |first: u8| {
+        (0..n)
+            .map(|i| format!("{}.{}.{}.0/24", first, 16 + i / 256, i % 256))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let ports = (0..n).map(|i| (20_000 + i).to_string()).collect::<Vec<_>>().join(",");
+    ["-x".into(), cidrs(172), "-i".into(), cidrs(10), "-o".into(), ports].into()
+}
+
+pub fn run(agent: &Path, me: &Path) -> anyhow::Result<Outcome> {
+    let started = Instant::now();
+    let _stats = BpfStats::enable().context("turning kernel.bpf_stats_enabled on")?;
+    let attach = TestCgroup::create("rules")?;
+    let name = unique("rules");
+    let socket = std::env::temp_dir().join(format!("{name}.sock"));
+    let _pins = Pins::new(agent, &name);
+    let mut node = AgentProcess::start_as(
+        agent,
+        "node",
+        &name,
+        &[
+            "--cgroup-parent",
+            &attach.path.to_string_lossy(),
+            "--socket",
+            &socket.to_string_lossy(),
+            "--metrics",
+            "off",
+        ],
+    )?;
+    let state: State = serde_json::from_slice(&std::fs::read(pins::state_path(&name))?)?;
+    let connect4 = *state
+        .programs
+        .get(programs::CONNECT4)
+        .context("connect4's id in the state file")?;
+    let mut points = Vec::new();
+    for size in SIZES {
+        let ns = NamedNetns::create(&format!("{name}-{size}"))?;
+        // The workload's process runs in a cgroup of its own under the attach point.
+        let cgroup = attach.path.join(format!("n{size}"));
+        std::fs::create_dir(&cgroup).context("the workload's cgroup")?;
+        let result = measure(&socket, &ns, &cgroup, me, connect4, size, &name);
+        let _ = std::fs::remove_dir(&cgroup);
+        points.push(result?);
+        eprintln!("rules: lists of {size} measured");
+    }
+    node.stop()?;
+    Ok(Outcome {
+        points,
+        elapsed_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn measure(
+    socket: &Path,
+    ns: &NamedNetns,
+    cgroup: &Path,
+    me: &Path,
+    connect4: u32,
+    size: usize,
+    instance: &str,
+) -> anyhow::Result<Point> {
+    let args = flags(size);
+    let id = format!("lists-{size}");
+    let request = redirect_api::Request::Enroll(redirect_api::Enroll {
+        id: id.clone(),
+        netns: ns.path.clone(),
+        cgroup: None,
+        proxy: "none".into(),
+        args,
+        fast_path: false,
+        pod: None,
+    });
+    let t = Instant::now();
+    let answer = redirect_api::call(socket, &request, Duration::from_secs(60)).context("enrolling")?;
+    let enroll_ms = t.elapsed().as_secs_f64() * 1e3;
+    if let redirect_api::Response::Error(e) = answer {
+        bail!("enrolling the workload with lists of {size}: {e}");
+    }
+    let connect4_ns = (0..ROUNDS)
+        .map(|_| connect4_cost(me, cgroup, ns, connect4, UNROUTED))
+        .collect::<anyhow::Result<Vec<f64>>>();
+    let map_bytes = map_bytes(instance);
+    // The rules as `stats` lists them from the kernel's maps: every one istio-iptables would
+    // write, packed or not.
+    let rules = redirect_agent::stats::read(instance)?
+        .workloads
+        .iter()
+        .find(|w| w.id.as_deref() == Some(id.as_str()))
+        .map_or(0, |w| w.rules.len());
+    let unenroll = redirect_api::Request::Unenroll {
+        id: Some(id),
+        netns: None,
+    };
+    let _ = redirect_api::call(socket, &unenroll, Duration::from_secs(60));
+    Ok(Point {
+        size,
+        rules,
+        enroll_ms,
+        connect4_ns: connect4_ns?,
+        map_bytes,
+    })
+}
+
+/// The section `cargo xtask bench --rules` writes into docs/benchmarks.md.
+pub const MARKERS: (&str, &str) = (
+    "<!-- rules: written by `cargo xtask bench --rules` -->",
+    "<!-- /rules -->",
+);
+
+pub fn markdown(o: &Outcome, machine: &crate::report::Machine) -> String {
+    let mut rows = String::new();
+    for p in &o.points {
+        rows.push_str(&format!(
+            "| {} | {} | {} ns | {:.1} ms | {:.1} MiB |\n",
+            p.size,
+            p.rules,
+            spread(&p.connect4_ns),
+            p.enroll_ms,
+            p.map_bytes as f64 / f64::from(1u32 << 20),
+        ));
+    }
+    format!(
+        "## Rule lists: connect4's cost as the lists grow\n\n\
+         Written by `cargo xtask bench --rules` on {cpu}, {mem}, kernel {kernel} ({secs:.0} s). \
+         One `redirect-agent node` (release build); per list length N, a workload enrolled with \
+         `-x` and `-i` of N IPv4 CIDRs each and `-o` of N ports, whose process connects \
+         {connects} times to an address with no route and in no list, {rounds} times over: \
+         connect4 walks every entry of ISTIO_OUTPUT and decides nothing. Its run time per \
+         connect is the kernel's own accounting (`kernel.bpf_stats_enabled`), the median of \
+         the {rounds} and their range. Goal (issue 19): the same cost at every length.\n\n\
+         | N | rules (both families) | connect4 per connect | enroll | map memory |\n\
+         |---|---|---|---|---|\n{rows}",
+        cpu = machine.cpu,
+        mem = machine.memory,
+        kernel = machine.kernel,
+        secs = o.elapsed_s,
+        connects = CONNECTS,
+        rounds = ROUNDS,
+    )
+}
