@@ -15,18 +15,11 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use redirect_agent::engine::pins::{self, State};
-use redirect_common::programs;
-use redirect_testkit::{
-    agent::{AgentProcess, Pins},
-    cgroup::TestCgroup,
-    netns::NamedNetns,
-    unique,
-};
+use redirect_testkit::{cgroup::TestCgroup, netns::NamedNetns};
 
 use crate::{
     measure::{BpfStats, map_bytes},
-    scale::{CONNECTS, ROUNDS, connect4_cost, spread},
+    scale::{CONNECTS, Node, ROUNDS, connect4_cost, spread},
 };
 
 /// The list lengths measured.
@@ -72,27 +65,8 @@ pub fn run(agent: &Path, me: &Path) -> anyhow::Result<Outcome> {
     let started = Instant::now();
     let _stats = BpfStats::enable().context("turning kernel.bpf_stats_enabled on")?;
     let attach = TestCgroup::create("rules")?;
-    let name = unique("rules");
-    let socket = std::env::temp_dir().join(format!("{name}.sock"));
-    let _pins = Pins::new(agent, &name);
-    let mut node = AgentProcess::start_as(
-        agent,
-        "node",
-        &name,
-        &[
-            "--cgroup-parent",
-            &attach.path.to_string_lossy(),
-            "--socket",
-            &socket.to_string_lossy(),
-            "--metrics",
-            "off",
-        ],
-    )?;
-    let state: State = serde_json::from_slice(&std::fs::read(pins::state_path(&name))?)?;
-    let connect4 = *state
-        .programs
-        .get(programs::CONNECT4)
-        .context("connect4's id in the state file")?;
+    let mut node = Node::start(agent, "rules", &attach.path, &[])?;
+    let (name, socket, connect4) = (node.name.clone(), node.socket.clone(), node.connect4);
     let mut points = Vec::new();
     for size in SIZES {
         let ns = NamedNetns::create(&format!("{name}-{size}"))?;
@@ -104,7 +78,7 @@ pub fn run(agent: &Path, me: &Path) -> anyhow::Result<Outcome> {
         points.push(result?);
         eprintln!("rules: lists of {size} measured");
     }
-    node.stop()?;
+    node.process.stop()?;
     Ok(Outcome {
         points,
         elapsed_s: started.elapsed().as_secs_f64(),

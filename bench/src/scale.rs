@@ -94,32 +94,14 @@ pub fn run(agent: &Path, me: &Path, workloads: usize) -> anyhow::Result<Outcome>
     let bystander_cg = attach.path.join("bystander");
     std::fs::create_dir(&bystander_cg).context("the bystander's cgroup")?;
     let _bystander_cg = RemoveDir(bystander_cg.clone());
-    let name = unique("scale");
-    let socket = std::env::temp_dir().join(format!("{name}.sock"));
-    // A node keeps its pins when it stops: `cleanup` releases them, however this run ends
-    // (declared before the agent, so dropped after it).
-    let _pins = Pins::new(agent, &name);
-    let mut node = AgentProcess::start_as(
+    let mut node = Node::start(
         agent,
-        "node",
-        &name,
-        &[
-            "--cgroup-parent",
-            &attach.path.to_string_lossy(),
-            "--socket",
-            &socket.to_string_lossy(),
-            "--metrics",
-            "off",
-            "--max-workloads",
-            &workloads.to_string(),
-        ],
+        "scale",
+        &attach.path,
+        &["--max-workloads", &workloads.to_string()],
     )?;
-    let pid = node.pid().context("the node agent's pid")?;
-    let state: State = serde_json::from_slice(&std::fs::read(pins::state_path(&name))?)?;
-    let connect4 = *state
-        .programs
-        .get(programs::CONNECT4)
-        .context("connect4's id in the state file")?;
+    let (name, socket, connect4) = (node.name.clone(), node.socket.clone(), node.connect4);
+    let pid = node.process.pid().context("the node agent's pid")?;
     let bystander = NamedNetns::create(&format!("{name}-by"))?;
 
     let mut namespaces = Vec::with_capacity(workloads);
@@ -187,12 +169,55 @@ pub fn run(agent: &Path, me: &Path, workloads: usize) -> anyhow::Result<Outcome>
         elapsed_s: 0.0,
     };
     // The agent first (it lets go of every workload), then the namespaces, then the cgroups.
-    node.stop()?;
+    node.process.stop()?;
     drop(namespaces);
     Ok(Outcome {
         elapsed_s: started.elapsed().as_secs_f64(),
         ..outcome
     })
+}
+
+/// A node agent under a benchmark: attached at a test cgroup, with its control socket and
+/// metrics off, and connect4's program id (for its run statistics).
+pub(crate) struct Node {
+    pub process: AgentProcess,
+    pub name: String,
+    pub socket: std::path::PathBuf,
+    pub connect4: u32,
+    /// A node keeps its pins when it stops: `cleanup` releases them, however the run ends
+    /// (after the process: fields drop in order).
+    _pins: Pins,
+}
+
+impl Node {
+    pub(crate) fn start(agent: &Path, tag: &str, attach: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let name = unique(tag);
+        let socket = std::env::temp_dir().join(format!("{name}.sock"));
+        let pins = Pins::new(agent, &name);
+        let mut args = vec![
+            "--cgroup-parent".to_owned(),
+            attach.to_string_lossy().into_owned(),
+            "--socket".to_owned(),
+            socket.to_string_lossy().into_owned(),
+            "--metrics".to_owned(),
+            "off".to_owned(),
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let process = AgentProcess::start_as(agent, "node", &name, &args)?;
+        let state: State = serde_json::from_slice(&std::fs::read(pins::state_path(&name))?)?;
+        let connect4 = *state
+            .programs
+            .get(programs::CONNECT4)
+            .context("connect4's id in the state file")?;
+        Ok(Self {
+            process,
+            name,
+            socket,
+            connect4,
+            _pins: pins,
+        })
+    }
 }
 
 /// Descriptors process `pid` holds.
