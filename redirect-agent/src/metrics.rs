@@ -79,7 +79,7 @@ pub struct Snapshot {
     pub uptime: Duration,
 }
 
-/// Entries of the hash maps (one syscall per key: a scrape of full 65536-entry maps costs tens
+/// Entries of the hash maps and the CIDR sets' trie (one syscall per key: a scrape of full 65536-entry maps costs tens
 /// of milliseconds, which is why it is not done more often than Prometheus asks).
 pub fn map_occupancy(pin_dir: &Path) -> Vec<MapOccupancy> {
     fn count<K: aya::Pod, V: aya::Pod>(pin_dir: &Path, name: &'static str) -> Option<MapOccupancy> {
@@ -103,10 +103,29 @@ pub fn map_occupancy(pin_dir: &Path) -> Vec<MapOccupancy> {
         count::<u64, OrigDst>(pin_dir, maps::UDP_ORIG),
         count::<redirect_common::UdpFlowKey, u64>(pin_dir, maps::UDP_FLOWS),
         count::<redirect_common::IfaceKey, u32>(pin_dir, maps::IFACES),
+        // The node-wide pools of the workloads' rule lists: an enroll past either is refused.
+        count::<redirect_common::CounterKey, u64>(pin_dir, maps::RULE_COUNTERS),
+        count::<redirect_common::PortSetKey, redirect_common::SetMember>(pin_dir, maps::PORT_SETS),
+        cidr_sets(pin_dir),
     ]
     .into_iter()
     .flatten()
     .collect()
+}
+
+/// `CIDR_SETS`' occupancy: an LPM trie, read through its keys as the hash maps are.
+fn cidr_sets(pin_dir: &Path) -> Option<MapOccupancy> {
+    use aya::maps::lpm_trie::LpmTrie;
+    use redirect_common::{CidrSetKey, SetMember};
+    let data = MapData::from_pin(pin_dir.join(maps::CIDR_SETS)).ok()?;
+    let max_entries = data.info().ok()?.max_entries();
+    let trie: LpmTrie<MapData, CidrSetKey, SetMember> =
+        LpmTrie::try_from(aya::maps::Map::from_map_data(data).ok()?).ok()?;
+    Some(MapOccupancy {
+        name: maps::CIDR_SETS,
+        entries: trie.keys().filter(Result::is_ok).count() as u64,
+        max_entries,
+    })
 }
 
 /// A label value, escaped as the exposition format requires.

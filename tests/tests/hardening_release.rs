@@ -42,6 +42,9 @@ fn map_entries(agent: &NodeAgent) -> Vec<Option<f64>> {
         "POD_ADDRS",
         "INBOUND_PENDING",
         "ORIG_BY_TUPLE",
+        "RULE_COUNTERS",
+        "CIDR_SETS",
+        "PORT_SETS",
     ]
     .iter()
     .map(|m| metric(&text, &format!("redirect_map_entries{{map=\"{m}\"}}")))
@@ -81,8 +84,15 @@ fn a_namespace_deleted_without_unenroll_is_released_once_no_process_is_left_in_i
     let idle = map_entries(&agent);
     let empty = NetnsPair::create_on("gne", 75).expect("namespaces");
     let busy = NetnsPair::create_on("gnb", 76).expect("namespaces");
-    agent.enroll(&empty.workload.path, "empty", &[]);
-    agent.enroll(&busy.workload.path, "busy", &[]);
+    // With lists, whose counters and set members go with the workload too.
+    let lists = ["--", "-x", "10.9.0.0/16,10.8.0.0/16", "-b", "9080,9081,9082"];
+    agent.enroll(&empty.workload.path, "empty", &lists);
+    agent.enroll(&busy.workload.path, "busy", &lists);
+    let enrolled = map_entries(&agent);
+    assert!(
+        enrolled.iter().zip(&idle).all(|(e, i)| e >= i) && enrolled[5..] != idle[5..],
+        "the workloads' counters and set members are in the maps: {enrolled:?} (idle {idle:?})"
+    );
     assert_eq!(sk_lookup_pins(&agent), 2);
     let inside = Inside::start(&busy.workload.name);
     // The process is in the namespace before its path goes.
