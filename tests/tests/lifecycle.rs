@@ -389,6 +389,37 @@ fn a_killed_run_keeps_capturing_until_its_restart_takes_over() {
     assert!(attached_prog_ids(&w.cgroup.path).is_empty());
 }
 
+/// A killed run taken over by a run with other lists: the new chain's set entries hold only
+/// its own members. The killed one's (the remote host in `-i`) would otherwise sit in the same
+/// entry and capture what the new flags leave alone, and show in `stats` as a rule that is not
+/// there.
+#[test]
+fn a_run_taking_over_with_other_lists_keeps_none_of_the_old_members() {
+    let mut w = Workload::new("relist");
+    let remote = format!("{}/32", w.pair.remote_ip);
+    let first = format!("10.98.0.0/16,{remote}");
+    w.start_agent(&["-i", &first]).expect("first run");
+    let r = w.probe(&w.spec(w.remote(redirect_tests::REMOTE_PORT)));
+    assert!(matches!(landing(&r), Landing::Proxied { .. }), "{r:?}");
+    kill_agent(&mut w);
+    w.start_agent(&["-i", "10.98.0.0/16,10.97.0.0/16"]).expect("second run");
+    let r = w.probe(&w.spec(w.remote(redirect_tests::REMOTE_PORT)));
+    assert!(
+        matches!(landing(&r), Landing::Direct { .. }),
+        "iptables with the second run's flags leaves the remote host alone: {r:?}"
+    );
+    let out = Command::new(agent_bin())
+        .args(["stats", "--name", &w.name])
+        .output()
+        .unwrap();
+    let stats = String::from_utf8_lossy(&out.stdout);
+    assert!(!stats.contains(&w.pair.remote_ip.to_string()), "{stats}");
+    assert!(stats.contains("10.97.0.0/16"), "{stats}");
+    let (status, log) = w.agent.as_mut().unwrap().stop().unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("taking over"), "{log}");
+}
+
 /// `--fail-open` asks for the other choice: links die with the process, so a killed agent
 /// leaves nothing attached and the workload's connections go direct; its stale pins are removed
 /// by the next run of the same name, which then captures as usual.

@@ -12,6 +12,12 @@ impl Engine {
     /// Everything a workload may have left in the maps and pins, removed whoever wrote it:
     /// the undo of a failed enroll, unenroll itself, and the end of a stale workload.
     pub(super) fn purge(&mut self, netns_cookie: u64) {
+        self.purge_entries(netns_cookie, true);
+    }
+
+    /// [`Engine::purge`]; without `rules` the rule maps are left alone (the caller pruned
+    /// them for many workloads in one pass).
+    pub(super) fn purge_entries(&mut self, netns_cookie: u64, rules: bool) {
         // First, so that no new connection is captured while the rest goes.
         let _ = self.maps.workloads.remove(&netns_cookie);
         let _ = links::unpin(&self.sk_lookup_pin(netns_cookie));
@@ -21,7 +27,9 @@ impl Engine {
             super::virt::remove_pins(&super::pins::links_dir(&self.settings.name), netns_cookie);
         }
         self.maps.addrs.remove_all(netns_cookie);
-        self.maps.rules.remove(netns_cookie);
+        if rules {
+            self.maps.rules.remove(netns_cookie);
+        }
         for family in [Family::V4, Family::V6] {
             let _ = self.maps.listeners.remove(&FamilyKey::new(netns_cookie, family));
         }

@@ -35,22 +35,25 @@ impl Engine {
             .map(|w| w.info.netns_cookie)
             .chain(self.unserved.values().map(|i| i.netns_cookie))
             .collect();
+        // The rule maps first, in one pass for every workload: the counters and set members of
+        // workloads no state names (their entry's, and those of a start that failed part-way in
+        // a process that then died), and whatever a workload served again holds that it did not
+        // write (a predecessor's for other flags).
+        let known_set: std::collections::HashSet<u64> = known.iter().copied().collect();
+        let stray = self.maps.rules.prune(|cookie| known_set.contains(&cookie));
+        if stray > 0 {
+            tracing::warn!(
+                entries = stray,
+                "rule counters and set members no workload has; removed them"
+            );
+        }
         let in_maps: Vec<u64> = self.maps.workloads.keys().filter_map(Result::ok).collect();
         for cookie in unknown(in_maps, &known) {
             tracing::warn!(
                 netns_cookie = cookie,
                 "a workload in the pinned maps has no state; releasing it"
             );
-            self.purge(cookie);
-        }
-        // Counters and set members of workloads that never got (or lost) their entry: a start
-        // that failed part-way in a process that then died.
-        let stray = self.maps.rules.sweep(|cookie| known.contains(&cookie));
-        if stray > 0 {
-            tracing::warn!(
-                entries = stray,
-                "rule counters and set members no state names; removed them"
-            );
+            self.purge_entries(cookie, false);
         }
         let link_pins = std::fs::read_dir(pins::links_dir(&self.settings.name))
             .map(|dir| {

@@ -2,7 +2,7 @@
 //! the members of its set entries (`CIDR_SETS`, `PORT_SETS`; `chain::pack`). Written before
 //! the entry that makes the workload live, removed with it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use aya::maps::{HashMap, MapData, MapError, lpm_trie::Key, lpm_trie::LpmTrie};
 use redirect_common::{
@@ -31,8 +31,19 @@ pub(super) struct RuleMaps {
 #[derive(Default)]
 struct Installed {
     counters: u32,
-    cidrs: Vec<Key<CidrSetKey>>,
-    ports: Vec<PortSetKey>,
+    /// The trie keys, as (prefix length, data): aya's `Key` is not `Hash`.
+    cidrs: HashSet<(u32, CidrSetKey)>,
+    ports: HashSet<PortSetKey>,
+}
+
+impl Installed {
+    fn has_counter(&self, k: &CounterKey) -> bool {
+        k.slot < self.counters
+    }
+
+    fn has_cidr(&self, k: &Key<CidrSetKey>) -> bool {
+        self.cidrs.contains(&(k.prefix_len(), k.data()))
+    }
 }
 
 /// The trie key of a CIDR member.
@@ -73,7 +84,14 @@ impl RuleMaps {
     ) -> Result<(), EnrollError> {
         let installed = Installed {
             counters: rules as u32,
-            cidrs: packed.cidrs.iter().map(|c| cidr_key(netns_cookie, c)).collect(),
+            cidrs: packed
+                .cidrs
+                .iter()
+                .map(|c| {
+                    let k = cidr_key(netns_cookie, c);
+                    (k.prefix_len(), k.data())
+                })
+                .collect(),
             ports: packed.ports.iter().map(|p| port_key(netns_cookie, p)).collect(),
         };
         // Noted first: a failure part-way removes whatever of it got in.
@@ -109,39 +127,48 @@ impl RuleMaps {
                 for slot in 0..i.counters {
                     let _ = self.counters.remove(&CounterKey::new(netns_cookie, slot));
                 }
-                for k in &i.cidrs {
-                    let _ = self.cidrs.remove(k);
+                for &(prefix_len, data) in &i.cidrs {
+                    let _ = self.cidrs.remove(&Key::new(prefix_len, data));
                 }
                 for k in &i.ports {
                     let _ = self.ports.remove(k);
                 }
             }
             None => {
-                self.sweep(|cookie| cookie != netns_cookie);
+                self.prune(|cookie| cookie != netns_cookie);
             }
         }
     }
 
-    /// Removes the entries of every workload `keep` says no to (those no state names, after a
-    /// crash), reading each map through once. Returns how many went.
-    pub(super) fn sweep(&mut self, keep: impl Fn(u64) -> bool) -> usize {
+    /// Reads each map through once and removes what no workload should have there: every
+    /// entry of a workload this process did not install and `keep_other` says no to (one no
+    /// state names, after a crash), and the entries of an installed workload that it did not
+    /// write itself. Those are an adopted predecessor's for other flags (a `run` started again
+    /// with other lists takes over the killed one's workload): left, a member would answer in
+    /// one of this chain's set entries. Returns how many went.
+    pub(super) fn prune(&mut self, keep_other: impl Fn(u64) -> bool) -> usize {
+        let installed = &self.installed;
+        let stale = |cookie: u64, ours: &dyn Fn(&Installed) -> bool| match installed.get(&cookie) {
+            Some(i) => !ours(i),
+            None => !keep_other(cookie),
+        };
         let counters: Vec<CounterKey> = self
             .counters
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| !keep(k.netns_cookie))
+            .filter(|k| stale(k.netns_cookie, &|i| i.has_counter(k)))
             .collect();
         let cidrs: Vec<Key<CidrSetKey>> = self
             .cidrs
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| !keep(k.data().netns_cookie()))
+            .filter(|k| stale(k.data().netns_cookie(), &|i| i.has_cidr(k)))
             .collect();
         let ports: Vec<PortSetKey> = self
             .ports
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| !keep(k.netns_cookie))
+            .filter(|k| stale(k.netns_cookie, &|i| i.ports.contains(k)))
             .collect();
         let n = counters.len() + cidrs.len() + ports.len();
         for k in &counters {

@@ -160,6 +160,11 @@ impl Engine {
         let took_over = self.maps.workloads.get(&cookie, 0).is_ok();
         match self.start_workload(info, &req.capture, netns, None) {
             Ok(w) => {
+                if took_over {
+                    // The killed run's counters and members this chain has no use for (it ran
+                    // other lists): in this run's maps, only its one workload's.
+                    self.maps.rules.prune(|_| true);
+                }
                 let info = w.info.clone();
                 tracing::info!(id = %info.id, netns = %info.netns.display(), netns_cookie = cookie, slot = info.slot, "enrolled");
                 self.workloads.insert(info.id.clone(), w);
