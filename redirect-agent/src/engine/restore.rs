@@ -111,7 +111,11 @@ impl Engine {
         };
         let started = crate::flags::parse_args(&info.args)
             .map_err(EnrollError::Flags)
-            .and_then(|(capture, _)| self.start_workload(info.clone(), &capture, netns, handed));
+            .and_then(|(capture, _)| {
+                let compiled =
+                    redirect_common::chain::compile_packed(&capture).map_err(|e| EnrollError::Flags(e.to_string()))?;
+                self.start_workload(info.clone(), &capture, &compiled, netns, handed)
+            });
         match started {
             Ok(w) => {
                 tracing::info!(%id, netns_cookie = cookie, "workload adopted");

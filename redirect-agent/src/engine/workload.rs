@@ -8,7 +8,8 @@ use std::{
 
 use redirect_api::{PodRef, WorkloadInfo};
 use redirect_common::{
-    MAX_WORKLOADS, chain,
+    MAX_WORKLOADS,
+    chain::{self, Compiled},
     config::{CaptureConfig, InterceptionMode},
     events, maps,
 };
@@ -153,12 +154,12 @@ impl Engine {
             return Err(EnrollError::Full(self.settings.max_workloads));
         }
         let netns = Netns::open(&req.netns).map_err(EnrollError::Path)?;
-        let info = self.check(&req, &netns)?;
+        let (info, compiled) = self.check(&req, &netns)?;
         let cookie = info.netns_cookie;
         // A chain already in the maps for this namespace is a killed `run`'s, taken over:
         // should serving it fail, it stays (capturing, refused), as it was before this start.
         let took_over = self.maps.workloads.get(&cookie, 0).is_ok();
-        match self.start_workload(info, &req.capture, netns, None) {
+        match self.start_workload(info, &req.capture, &compiled, netns, None) {
             Ok(w) => {
                 if took_over {
                     // The killed run's counters and members this chain has no use for (it ran
@@ -182,9 +183,9 @@ impl Engine {
         }
     }
 
-    /// Every check of an enroll request, before anything changes.
-    fn check(&self, req: &Request, netns: &Netns) -> Result<WorkloadInfo, EnrollError> {
-        chain::compile(&req.capture).map_err(|e| EnrollError::Flags(e.to_string()))?;
+    /// Every check of an enroll request, before anything changes; with the rules compiled.
+    fn check(&self, req: &Request, netns: &Netns) -> Result<(WorkloadInfo, Compiled), EnrollError> {
+        let compiled = chain::compile_packed(&req.capture).map_err(|e| EnrollError::Flags(e.to_string()))?;
         // The embedded proxy forwards DNS to the workload's resolvers: it must know them (a
         // node's own resolv.conf is not a pod's).
         let named = req.args.iter().any(|a| a.starts_with("--resolv-conf"));
@@ -233,7 +234,7 @@ impl Engine {
         let addresses = addrs::read(netns).map_err(EnrollError::io(format!("addresses of {}", req.netns.display())))?;
         let slot =
             free_slot(self.workloads.values().map(|w| &w.info)).ok_or(EnrollError::Full(MAX_WORKLOADS as usize))?;
-        Ok(WorkloadInfo {
+        let info = WorkloadInfo {
             id: req.id.clone(),
             netns: req.netns.clone(),
             netns_cookie: cookie,
@@ -245,7 +246,8 @@ impl Engine {
             addresses: addresses.iter().map(ToString::to_string).collect(),
             interfaces: req.capture.interface_list().map(|i| i.as_str().to_owned()).collect(),
             pod: req.pod.clone(),
-        })
+        };
+        Ok((info, compiled))
     }
 
     fn zero_events(&mut self, slot: u32) -> Result<(), EnrollError> {
@@ -366,11 +368,11 @@ impl Engine {
         &mut self,
         mut info: WorkloadInfo,
         capture: &CaptureConfig,
+        compiled: &Compiled,
         netns: Netns,
         handed: Option<Vec<(Side, OwnedFd)>>,
     ) -> Result<Enrolled, EnrollError> {
-        let rules = chain::compile(capture).map_err(|e| EnrollError::Flags(e.to_string()))?;
-        let packed = chain::pack(&rules).map_err(|e| EnrollError::Flags(e.to_string()))?;
+        let Compiled { rules, packed } = compiled;
         let cookie = info.netns_cookie;
         let embedded = ProxyMode::parse(&info.proxy) == Some(ProxyMode::Embedded);
         let fast_path = info.fast_path && self.settings.sizing.fast_path;
@@ -383,7 +385,7 @@ impl Engine {
             self.zero_events(info.slot)?;
         }
         // Counters and set members before anything could be captured by them.
-        self.maps.rules.install(cookie, rules.len(), &packed, adopted)?;
+        self.maps.rules.install(cookie, rules.len(), packed, adopted)?;
 
         // The proxy, listening before anything is captured.
         let mut inbound = InboundListener::new(self.open_map(maps::INBOUND_LISTENERS)?, cookie);
@@ -496,7 +498,7 @@ impl Engine {
             own_proxy: !embedded,
             fast_path,
         };
-        let mut w = chain::workload(capture, &packed, info.slot, serving);
+        let mut w = chain::workload(capture, packed, info.slot, serving);
         w.cgroup_id = cgroup_id;
         w.cgroup_level = cgroup_level;
         // TPROXY mode: the mark routes the app's replies to a transparent connection back to the

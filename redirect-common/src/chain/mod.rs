@@ -170,6 +170,19 @@ fn with_owner(mut r: Rule, owner: Owner, negate: bool) -> Rule {
 /// then ip6tables' ISTIO_OUTPUT and ISTIO_INBOUND, each rule's `slot` its index. Refused when
 /// [`pack`] cannot fit them in a workload's table.
 pub fn compile(cfg: &CaptureConfig) -> Result<Vec<Rule>, TooManyRules> {
+    compile_packed(cfg).map(|c| c.rules)
+}
+
+/// The chains for these flags as [`compile`] lists them, and as the programs hold them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compiled {
+    pub rules: Vec<Rule>,
+    pub packed: Packed,
+}
+
+/// [`compile`] and [`pack`] in one: for the enroll, which writes both, so the packing (a pass
+/// over every list member) runs once.
+pub fn compile_packed(cfg: &CaptureConfig) -> Result<Compiled, TooManyRules> {
     let mut rules = Vec::new();
     for family in [Family::V4, Family::V6] {
         let mut b = Builder {
@@ -182,8 +195,8 @@ pub fn compile(cfg: &CaptureConfig) -> Result<Vec<Rule>, TooManyRules> {
     for (slot, r) in rules.iter_mut().enumerate() {
         r.slot = slot as u32;
     }
-    pack(&rules)?;
-    Ok(rules)
+    let packed = pack(&rules)?;
+    Ok(Compiled { rules, packed })
 }
 
 /// nat PREROUTING's `-k` rules, first in the chain as the kernel holds them: istio-iptables
