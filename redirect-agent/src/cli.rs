@@ -9,7 +9,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use crate::{
     engine::{self, Sizing},
     explain,
-    flags::{self, CaptureFlags, LivenessFlags, ProxyMode},
+    flags::{self, CaptureFlags, LivenessFlags, ProxyMode, RelayFlags},
     logging::{self, LogFormat},
     node::{self, NodeOptions},
     run::{self, RunOptions},
@@ -183,6 +183,8 @@ struct NodeArgs {
     handover_timeout_secs: u64,
     #[command(flatten)]
     liveness: LivenessFlags,
+    #[command(flatten)]
+    relay: RelayFlags,
 }
 
 #[derive(clap::Args, Debug)]
@@ -278,6 +280,8 @@ struct RunArgs {
     #[command(flatten)]
     liveness: LivenessFlags,
     #[command(flatten)]
+    relay: RelayFlags,
+    #[command(flatten)]
     capture: CaptureFlags,
 }
 
@@ -289,9 +293,11 @@ fn sizing(
     drain_timeout_ms: u64,
     fast_path: bool,
     liveness: LivenessFlags,
+    relay: RelayFlags,
 ) -> Sizing {
     Sizing {
         liveness: liveness.to_liveness(),
+        relay: relay.relay,
         max_tracked_connections: max_tracked,
         max_proxy_connections: max_proxy as usize,
         connect_timeout: Duration::from_millis(connect_timeout_ms),
@@ -417,6 +423,7 @@ pub fn main() -> ExitCode {
                         args.drain_timeout_ms,
                         args.fast_path,
                         args.liveness,
+                        args.relay,
                     ),
                 };
                 run::main(opts, termination.wait()).await
@@ -472,6 +479,7 @@ pub fn main() -> ExitCode {
                             args.drain_timeout_ms,
                             args.fast_path,
                             args.liveness,
+                            args.relay,
                         )
                     },
                 };

@@ -46,6 +46,7 @@ pub struct ProxySnapshot {
     pub over_budget: u64,
     pub bytes_to_upstream: u64,
     pub bytes_from_upstream: u64,
+    pub spliced: u64,
 }
 
 pub struct WorkloadSnapshot {
@@ -281,6 +282,13 @@ pub fn render(s: &Snapshot) -> String {
             ]
         }),
     );
+    family(
+        &mut o,
+        "redirect_proxy_spliced_directions_total",
+        "counter",
+        "Directions of proxied connections that streamed and went on through a pipe (--relay splice).",
+        per_proxy(|p| p.spliced),
+    );
     let b = &s.budget;
     family(
         &mut o,
@@ -294,7 +302,8 @@ pub fn render(s: &Snapshot) -> String {
         &mut o,
         "redirect_proxy_budget_connections_active",
         "gauge",
-        "Proxied connections held now against that budget.",
+        "Proxied connections held now against that budget, with the pipes of spliced directions (two descriptors \
+         each too).",
         [(String::new(), b.active)],
     );
     family(

@@ -296,6 +296,7 @@ fn snapshot(engine: &Engine) -> metrics::Snapshot {
                 over_budget: c.over_budget.load(Relaxed),
                 bytes_to_upstream: c.bytes_to_upstream.load(Relaxed),
                 bytes_from_upstream: c.bytes_from_upstream.load(Relaxed),
+                spliced: c.spliced.load(Relaxed),
             });
             Some(metrics::WorkloadSnapshot {
                 id: v.info.id.clone(),

@@ -45,6 +45,8 @@ pub struct ProxyArgs {
     pub drain_timeout_ms: u64,
     #[command(flatten)]
     pub liveness: crate::flags::LivenessFlags,
+    #[command(flatten)]
+    pub relay: crate::flags::RelayFlags,
 }
 
 /// Enters the workload and takes the proxy's identity. Must run before any thread exists:
@@ -75,6 +77,7 @@ pub async fn serve(args: &ProxyArgs, shutdown: impl std::future::Future<Output =
         liveness: args.liveness.to_liveness(),
         dns_port: None,
         tproxy_mark: None,
+        splice: args.relay.relay == crate::flags::Relay::Splice,
     }
     // Raised in `enter`, while still root.
     .fit_to_descriptors(sys::nofile_limit().map_or(0, |l| l.rlim_cur));

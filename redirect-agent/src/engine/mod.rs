@@ -120,6 +120,8 @@ pub(crate) struct Sizing {
     pub fast_path: bool,
     /// Idle timeout and keepalive of the embedded proxies' connections.
     pub liveness: crate::proxy::Liveness,
+    /// How the embedded proxies move a stream's bytes (`--relay`).
+    pub relay: crate::flags::Relay,
     /// How long a successor may take, from the descriptors to its word that it serves (it
     /// loads and verifies its programs meanwhile), before this process serves on.
     pub handover_within: Duration,

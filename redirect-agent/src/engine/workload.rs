@@ -400,6 +400,7 @@ impl Engine {
                 liveness: self.settings.sizing.liveness,
                 dns_port: capture.dns.enabled().then_some(redirect_common::DNS_PROXY_PORT),
                 tproxy_mark: (capture.inbound_mode == InterceptionMode::Tproxy).then_some(capture.tproxy.mark),
+                splice: self.settings.sizing.relay == crate::flags::Relay::Splice && !fast_path,
             };
             // New listeners (not handed over): whatever sk_lookup gave the previous ones, which
             // closed with their proxy, never completes.

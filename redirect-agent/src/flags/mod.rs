@@ -453,6 +453,24 @@ pub struct LivenessFlags {
     pub keepalive_probes: u32,
 }
 
+/// How the proxies move a stream's bytes (`run`, `node` and `proxy` alike).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct RelayFlags {
+    /// `splice`: once a direction of a proxied connection streams (a read fills its 64 KiB
+    /// buffer), its bytes go from socket to socket through a pipe, never copied into the
+    /// agent; `copy`: every byte is read and written through the buffer. Workloads on the
+    /// fast path always copy. See docs/benchmarks.md for what each costs.
+    #[arg(long, value_enum, default_value_t = Relay::Splice)]
+    pub relay: Relay,
+}
+
+/// [`RelayFlags::relay`]'s values.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relay {
+    Splice,
+    Copy,
+}
+
 impl LivenessFlags {
     pub fn to_liveness(self) -> Liveness {
         use std::time::Duration;

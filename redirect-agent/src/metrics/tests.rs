@@ -12,6 +12,7 @@ fn snapshot() -> Snapshot {
         over_budget: 0,
         bytes_to_upstream: 10,
         bytes_from_upstream: 20,
+        spliced: 2,
     };
     let rule = RuleRow {
         family: "ipv4".into(),
@@ -76,6 +77,7 @@ fn exposition_names_and_escapes() {
         format!(r#"redirect_events_total{{workload="c",event="inbound_no_listener",{pod}}} 5"#),
         format!(r#"redirect_proxy_connections_total{{workload="c",{pod}}} 4"#),
         format!(r#"redirect_proxy_bytes_total{{workload="c",direction="from_upstream",{pod}}} 20"#),
+        format!(r#"redirect_proxy_spliced_directions_total{{workload="c",{pod}}} 2"#),
         format!(
             r#"redirect_rule_connections_total{{workload="c",family="ipv4",table="nat",chain="ISTIO_OUTPUT",rule="1",target="RETURN",match="-o lo",{pod}}} 7"#
         ),

@@ -40,6 +40,16 @@ impl Budget {
     pub(super) fn take(&self) -> Option<OwnedSemaphorePermit> {
         self.permits.clone().try_acquire_owned().ok()
     }
+
+    /// A share for something a connection can do without (a pipe to splice through: two
+    /// descriptors, as a connection), only while half of the budget stays free after it, so
+    /// that it never leaves a new connection without one.
+    pub(super) fn take_spare(&self) -> Option<OwnedSemaphorePermit> {
+        if self.permits.available_permits() <= self.size / 2 {
+            return None;
+        }
+        self.take()
+    }
 }
 
 #[cfg(test)]
@@ -58,5 +68,16 @@ mod tests {
         assert!(b.take().is_some());
         drop(two);
         assert_eq!(Budget::new(0).size(), 1, "never none");
+    }
+
+    #[test]
+    fn a_spare_share_leaves_half_of_the_budget_free() {
+        let b = Budget::new(4);
+        let spare = b.take_spare().expect("4 free");
+        let _other = b.take_spare().expect("3 free");
+        assert!(b.take_spare().is_none(), "2 free: half");
+        let _connection = b.take().expect("a connection still gets one");
+        drop(spare);
+        assert!(b.take_spare().is_none(), "2 free again: half");
     }
 }

@@ -68,6 +68,9 @@ pub struct ProxyConfig {
     /// app from the client's own address (IP_TRANSPARENT), on a socket with this mark, which
     /// the namespace's policy routing sends the app's replies back to.
     pub tproxy_mark: Option<u32>,
+    /// Streams may move through a pipe (`splice.rs`). Not with the fast path: sk_msg queues
+    /// the bytes it hands over where splice does not read them.
+    pub splice: bool,
 }
 
 /// Proxied connections that `nofile` descriptors hold: two each, after the reserve; at least one.

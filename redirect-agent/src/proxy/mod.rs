@@ -30,6 +30,7 @@ mod fast_path;
 mod listen;
 mod orig_dst;
 mod relay;
+mod splice;
 mod throttle;
 mod trim;
 
@@ -63,6 +64,8 @@ pub struct ProxyCounters {
     pub over_budget: AtomicU64,
     /// Connections closed after the idle timeout.
     pub idle_closed: AtomicU64,
+    /// Directions of a stream that went on through a pipe (`splice.rs`).
+    pub spliced: AtomicU64,
 }
 
 /// The running proxy; dropping it stops the listeners and resets open connections.
@@ -327,7 +330,16 @@ async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared)
     };
     // Half-close is carried across: EOF on one side shuts down writing on the other, and the
     // other direction keeps flowing until it ends too.
-    match relay(&client, &upstream, shared.cfg.liveness.idle_timeout, &shared.counters).await {
+    let pipes = shared.cfg.splice.then_some(&shared.budget);
+    match relay(
+        &client,
+        &upstream,
+        shared.cfg.liveness.idle_timeout,
+        &shared.counters,
+        pipes,
+    )
+    .await
+    {
         Ended::Done { up, down } => {
             guard.done = true;
             tracing::debug!(%peer, dst = %dst.addr, up, down, "closed");
@@ -418,6 +430,7 @@ mod tests {
             },
             dns_port: None,
             tproxy_mark: None,
+            splice: true,
         }
     }
 

@@ -9,10 +9,13 @@ use std::{
 
 use tokio::{io::Interest, net::TcpStream, time::Instant};
 
-use super::ProxyCounters;
+use super::{
+    Budget, ProxyCounters,
+    splice::{self, Pipe},
+};
 
 /// Bytes one read takes (the size of each worker thread's scratch buffer).
-const COPY_BUF: usize = 64 * 1024;
+pub(super) const COPY_BUF: usize = 64 * 1024;
 
 /// How a relay ended.
 #[derive(Debug)]
@@ -27,7 +30,7 @@ pub(super) enum Ended {
 }
 
 /// When a byte last moved, and whether a direction holds bytes not yet written.
-struct Activity {
+pub(super) struct Activity {
     start: Instant,
     /// Milliseconds from `start` to the last write.
     last_ms: AtomicU64,
@@ -44,9 +47,15 @@ impl Activity {
         }
     }
 
-    fn touch(&self) {
+    pub(super) fn touch(&self) {
         let ms = self.start.elapsed().as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// A direction holds bytes it read and has not written, until the guard drops.
+    pub(super) fn hold(&self) -> Held<'_> {
+        self.holding.fetch_add(1, Ordering::Relaxed);
+        Held(self)
     }
 
     fn last(&self) -> Instant {
@@ -54,18 +63,44 @@ impl Activity {
     }
 }
 
+/// [`Activity::hold`]'s guard.
+pub(super) struct Held<'a>(&'a Activity);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.holding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Copies `client` to `upstream` and back until both directions ended, a socket failed, or
 /// nothing moved for `idle_timeout` (`None`: never). The caller closes the sockets as the
-/// outcome says.
+/// outcome says. `pipes`: where a bulk direction may take a pipe to splice through
+/// ([`super::splice`]); `None` where it must not (the fast path's sockets, whose bytes sk_msg
+/// queues where splice does not read).
 pub(super) async fn relay(
     client: &TcpStream,
     upstream: &TcpStream,
     idle_timeout: Option<Duration>,
     counters: &ProxyCounters,
+    pipes: Option<&Budget>,
 ) -> Ended {
     let activity = Activity::new();
-    let up = pump(client, upstream, &counters.bytes_to_upstream, &activity);
-    let down = pump(upstream, client, &counters.bytes_from_upstream, &activity);
+    let up = pump(
+        client,
+        upstream,
+        &counters.bytes_to_upstream,
+        &activity,
+        pipes,
+        &counters.spliced,
+    );
+    let down = pump(
+        upstream,
+        client,
+        &counters.bytes_from_upstream,
+        &activity,
+        pipes,
+        &counters.spliced,
+    );
     let idle = async {
         match idle_timeout {
             Some(t) => idle(&activity, t).await,
@@ -149,9 +184,24 @@ enum Step {
 /// written. A connection holds no buffer while it is quiet, nor while its receiver keeps up, and
 /// a burst of thousands does not leave the allocator with thousands of freed 64 KiB blocks it
 /// cannot give back (issue 16: 108 MB grew to 671 MB that way, 0.6 MB of it in use).
-async fn pump(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64, activity: &Activity) -> io::Result<u64> {
+///
+/// A read that fills the whole scratch buffer is a stream: the rest goes through a pipe
+/// ([`super::splice`]) if `pipes` spares one (`spliced` counts those).
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    bytes: &AtomicU64,
+    activity: &Activity,
+    pipes: Option<&Budget>,
+    spliced: &AtomicU64,
+) -> io::Result<u64> {
     let mut total = 0u64;
+    let mut pipe = None;
     loop {
+        if let Some(pipe) = &pipe {
+            total += splice::pump(from, to, pipe, bytes, activity).await?;
+            break;
+        }
         from.readable().await?;
         let step = SCRATCH.with_borrow_mut(|buf| -> io::Result<Step> {
             let read = match from.try_read(buf) {
@@ -180,14 +230,18 @@ async fn pump(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64, activity: &Ac
             Step::Moved { read, rest } => (read, rest),
         };
         if !rest.is_empty() {
-            activity.holding.fetch_add(1, Ordering::Relaxed);
-            let written = write_all(to, &rest, activity).await;
-            activity.holding.fetch_sub(1, Ordering::Relaxed);
-            written?;
+            let _held = activity.hold();
+            write_all(to, &rest, activity).await?;
         }
         activity.touch();
         total += read as u64;
         bytes.fetch_add(read as u64, Ordering::Relaxed);
+        if read == COPY_BUF {
+            pipe = pipes.and_then(Pipe::take);
+            if pipe.is_some() {
+                spliced.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
     // SHUT_WR on a connection the peer already closed only fails with ENOTCONN, which changes
     // nothing here.
@@ -262,11 +316,11 @@ impl Liveness {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// A pair of connected loopback streams.
-    async fn pair() -> (TcpStream, TcpStream) {
+    pub(in crate::proxy) async fn pair() -> (TcpStream, TcpStream) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (b, _) = l.accept().await.unwrap();
@@ -299,7 +353,7 @@ mod tests {
         let counters = ProxyCounters::default();
         let ended = tokio::time::timeout(
             Duration::from_secs(30),
-            relay(&client, &upstream, Some(Duration::from_millis(100)), &counters),
+            relay(&client, &upstream, Some(Duration::from_millis(100)), &counters, None),
         )
         .await
         .expect("an idle relay ends");
@@ -312,7 +366,7 @@ mod tests {
         app.shutdown().await.unwrap();
         server.write_all(b"back").await.unwrap();
         server.shutdown().await.unwrap();
-        let ended = relay(&client, &upstream, None, &counters).await;
+        let ended = relay(&client, &upstream, None, &counters, None).await;
         assert!(matches!(ended, Ended::Done { up: 5, down: 4 }), "{ended:?}");
         let (mut got_app, mut got_server) = (Vec::new(), Vec::new());
         app.read_to_end(&mut got_app).await.unwrap();
