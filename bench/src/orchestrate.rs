@@ -1,5 +1,6 @@
 //! One benchmark run: every configuration in a fresh namespace pair and cgroup, interleaved
-//! round by round (A B C C0, A B C C0, ...) so that drift on the machine lands on all of them.
+//! round by round (A B C D C0 Cc, A B C D C0 Cc, ...) so that drift on the machine lands on all of
+//! them.
 
 use std::{
     collections::BTreeMap,
@@ -35,6 +36,9 @@ pub enum Config {
     /// C0: the agent's programs attached, with flags under which no rule matches the client
     /// (`-i '' -b ''`): the cost of connect4 alone.
     Connect4Idle,
+    /// C with `--relay copy`: the proxy reads and writes every byte (STREAM only: a request
+    /// of CRR or RR never fills a read, so never takes a pipe).
+    Connect4Copy,
 }
 
 impl Config {
@@ -45,6 +49,7 @@ impl Config {
             Self::Connect4 => "C connect4 + proxy",
             Self::FastPath => "D connect4 + sk_msg + proxy",
             Self::Connect4Idle => "C0 connect4, no match",
+            Self::Connect4Copy => "Cc connect4 + proxy, --relay copy",
         }
     }
 }
@@ -195,10 +200,11 @@ impl Env {
                 env.proxy = Some(Guard(proxy));
                 env.wait_listening(15001)?;
             }
-            Config::Connect4 | Config::Connect4Idle | Config::FastPath => {
+            Config::Connect4 | Config::Connect4Idle | Config::FastPath | Config::Connect4Copy => {
                 let extra: &[&str] = match config {
                     Config::Connect4Idle => &["-i", "", "-b", "", "--proxy", "none"],
                     Config::FastPath => &["--fast-path"],
+                    Config::Connect4Copy => &["--relay", "copy"],
                     _ => &[],
                 };
                 let args = run_args(extra);
@@ -336,6 +342,9 @@ fn run_config(
 ) -> anyhow::Result<()> {
     let env = Env::new(config, agent, me).with_context(|| format!("setting up {}", config.label()))?;
     let s = |v: &str| v.to_owned();
+    if config == Config::Connect4Copy {
+        return streams(&env, config, plan, me, samples, failures);
+    }
 
     // CRR, with the CPU it costs.
     let cpu0 = env.cpu_seconds();
@@ -401,10 +410,25 @@ fn run_config(
         record(samples, key999, config, rr.p999_us);
     }
 
-    for (size, key) in STREAM_SIZES
+    streams(&env, config, plan, me, samples, failures)
+}
+
+/// STREAM at each write size.
+fn streams(
+    env: &Env,
+    config: Config,
+    plan: &Plan,
+    me: &Path,
+    samples: &mut Samples,
+    failures: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let s = |v: &str| v.to_owned();
+    for ((size, key), cpu_key) in STREAM_SIZES
         .into_iter()
         .zip(["stream_64", "stream_1k", "stream_16k", "stream_256k"])
+        .zip(["stream_64_cpu", "stream_1k_cpu", "stream_16k_cpu", "stream_256k_cpu"])
     {
+        let cpu0 = env.cpu_seconds();
         let st = env.client(
             me,
             &[
@@ -425,7 +449,11 @@ fn run_config(
             eprintln!("bench: {what}");
             failures.push(what);
         }
+        let cpu = env.cpu_seconds() - cpu0;
         record(samples, key, config, (st.errors == 0).then_some(st.mb_per_s));
+        // CPU seconds per GB the server counted (the server's own CPU left out, as for CRR).
+        let per_gb = (st.errors == 0 && st.bytes > 0).then(|| cpu / (st.bytes as f64 / 1e9));
+        record(samples, cpu_key, config, per_gb);
     }
     Ok(())
 }
@@ -499,6 +527,7 @@ pub fn run(plan: &Plan, agent: &Path) -> anyhow::Result<Outcome> {
         Config::Connect4,
         Config::FastPath,
         Config::Connect4Idle,
+        Config::Connect4Copy,
     ];
     for round in 1..=plan.rounds {
         for config in order {
