@@ -70,6 +70,9 @@ pub(super) async fn pump(
         let mut left = read;
         let mut held = None;
         while left > 0 {
+            // Into a socket whose peer is gone, splice fails with EPIPE and may raise SIGPIPE
+            // (unlike the copy path's send, it cannot ask for MSG_NOSIGNAL); Rust's runtime
+            // ignores SIGPIPE, so it is an error here like any other, and the relay ends failed.
             match to.try_io(Interest::WRITABLE, || {
                 Ok(splice(&pipe.read, None, to, None, left, flags)?)
             }) {
