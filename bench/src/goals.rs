@@ -167,6 +167,8 @@ pub fn markdown(out: &Outcome, plan: &Plan) -> String {
     rows(&mut s, &|g| g.goal > 2);
     s.push('\n');
 
+    inbound(&mut s, s_, plan);
+
     let _ = writeln!(
         s,
         "## The proxy's data path: splice or copy\n\n**C** runs with the default `--relay splice`: a \
@@ -213,6 +215,55 @@ pub fn markdown(out: &Outcome, plan: &Plan) -> String {
          rows of C are the copy path's.\n"
     );
     s
+}
+
+/// Goal 5's first part: CRR from the remote host to an app in the workload.
+fn inbound(s: &mut String, s_: &Samples, plan: &Plan) {
+    let _ = writeln!(
+        s,
+        "## Inbound CRR\n\nThe remote host's client connects to an app in the workload (its \
+         cgroup and namespace), a new connection per request, as outbound CRR does the other way: \
+         **Ai** directly; **Bi** through istio-iptables' nat PREROUTING REDIRECT to \
+         `redirect-agent proxy` on 15006; **Ci** through the agent, whose sk_lookup hands the \
+         connection to the embedded proxy's 15006 listener. Both proxies dial the app from \
+         127.0.0.6. CPU: the workload's cgroup (the app, and Bi's proxy) and the agent's; the \
+         client's is not counted.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| metric | Ai direct | Bi iptables | Ci sk_lookup | Bi/Ai | Ci/Ai | Ci/Bi | Ci/Bi per round |\n\
+         |---|---:|---:|---:|---:|---:|---:|---|"
+    );
+    for (key, label) in [
+        ("in_crr_cps", "connections/s ↑"),
+        ("in_crr_cpu", "CPU s per 10,000 connections ↓"),
+    ] {
+        let med = |c| s_.get(key).and_then(|v| v.get(&c)).and_then(|v| median(v));
+        let (a, b, c) = (med(Config::InDirect), med(Config::InIptables), med(Config::InSkLookup));
+        let f = |v: Option<f64>| match v {
+            None => "–".to_owned(),
+            Some(v) if v >= 100.0 => format!("{v:.0}"),
+            Some(v) => format!("{v:.3}"),
+        };
+        let q = |n: Option<f64>, d: Option<f64>| match (n, d) {
+            (Some(n), Some(d)) if d != 0.0 => format!("{:.2}", n / d),
+            _ => "–".to_owned(),
+        };
+        let rounds = per_round(s_, key, Config::InSkLookup, Config::InIptables, plan.rounds)
+            .as_deref()
+            .map_or_else(|| "–".to_owned(), rounds_text);
+        let _ = writeln!(
+            s,
+            "| {label} | {} | {} | {} | {} | {} | {} | {rounds} |",
+            f(a),
+            f(b),
+            f(c),
+            q(b, a),
+            q(c, a),
+            q(c, b)
+        );
+    }
+    let _ = writeln!(s);
 }
 
 #[cfg(test)]

@@ -96,6 +96,9 @@ enum Cmd {
     /// The benchmark server (in the remote host's namespace).
     #[command(hide = true)]
     Serve {
+        /// A cgroup to join first (the app of an inbound run, in the workload).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
         #[arg(long)]
         netns: Option<PathBuf>,
         #[arg(long)]
@@ -288,9 +291,9 @@ fn main() -> ExitCode {
             redirect_agent::sys::join(Some(&cgroup), Some(&netns))?;
             scale::connects(count, to)
         })(),
-        Cmd::Serve { netns, listen } => (|| {
+        Cmd::Serve { cgroup, netns, listen } => (|| {
             redirect_agent::sys::raise_nofile_limit(50_000);
-            redirect_agent::sys::join(None, netns.as_deref())?;
+            redirect_agent::sys::join(cgroup.as_deref(), netns.as_deref())?;
             proto::serve(listen)?;
             Ok(())
         })(),

@@ -1,6 +1,6 @@
 //! One benchmark run: every configuration in a fresh namespace pair and cgroup, interleaved
-//! round by round (A B C D C0 Cc, A B C D C0 Cc, ...) so that drift on the machine lands on all of
-//! them.
+//! round by round (A B C D C0 Cc Ai Bi Ci, A B C ...) so that drift on the machine lands on all
+//! of them.
 
 use std::{
     collections::BTreeMap,
@@ -39,6 +39,12 @@ pub enum Config {
     /// C with `--relay copy`: the proxy reads and writes every byte (STREAM only: a request
     /// of CRR or RR never fills a read, so never takes a pipe).
     Connect4Copy,
+    /// Inbound (CRR only): the remote host connects to an app in the workload, directly.
+    InDirect,
+    /// Inbound through istio-iptables' nat PREROUTING REDIRECT to `redirect-agent proxy`.
+    InIptables,
+    /// Inbound through the agent: sk_lookup hands the connection to the embedded proxy.
+    InSkLookup,
 }
 
 impl Config {
@@ -50,7 +56,16 @@ impl Config {
             Self::FastPath => "D connect4 + sk_msg + proxy",
             Self::Connect4Idle => "C0 connect4, no match",
             Self::Connect4Copy => "Cc connect4 + proxy, --relay copy",
+            Self::InDirect => "Ai inbound direct",
+            Self::InIptables => "Bi inbound iptables + proxy",
+            Self::InSkLookup => "Ci inbound sk_lookup + proxy",
         }
+    }
+
+    /// The remote host dials an app in the workload (the server), instead of the workload
+    /// dialling the remote host.
+    pub fn inbound(self) -> bool {
+        matches!(self, Self::InDirect | Self::InIptables | Self::InSkLookup)
     }
 }
 
@@ -114,6 +129,15 @@ struct Env {
     cgroup: TestCgroup,
     pair: NetnsPair,
     name: String,
+    config: Config,
+}
+
+/// Where the server listens: the remote host, or (inbound) the workload.
+fn server_ip(config: Config, pair: &NetnsPair) -> Ipv4Addr {
+    match config.inbound() {
+        true => pair.workload_ip,
+        false => pair.remote_ip,
+    }
 }
 
 fn read_line(child: &mut Child) -> anyhow::Result<String> {
@@ -149,17 +173,20 @@ impl Env {
     fn new(config: Config, agent: &Path, me: &Path) -> anyhow::Result<Self> {
         let pair = NetnsPair::create("bn")?;
         let cgroup = TestCgroup::create("bn")?;
-        let mut server = Guard(
-            Command::new(me)
-                .arg("serve")
+        // Outbound, the server is the remote host's; inbound, it is the app in the workload.
+        let mut serve = Command::new(me);
+        serve.arg("serve");
+        match config.inbound() {
+            true => serve
+                .arg("--cgroup")
+                .arg(&cgroup.path)
                 .arg("--netns")
-                .arg(&pair.remote.path)
-                .arg("--listen")
-                .arg(SocketAddrV4::new(pair.remote_ip, SERVER_PORT).to_string())
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .spawn()?,
-        );
+                .arg(&pair.workload.path),
+            false => serve.arg("--netns").arg(&pair.remote.path),
+        };
+        let listen = SocketAddrV4::new(server_ip(config, &pair), SERVER_PORT);
+        serve.arg("--listen").arg(listen.to_string());
+        let mut server = Guard(serve.stdin(Stdio::null()).stdout(Stdio::piped()).spawn()?);
         if read_line(&mut server.0)? != "ready" {
             bail!("the benchmark server did not start");
         }
@@ -170,6 +197,7 @@ impl Env {
             cgroup,
             pair,
             name: unique("bench"),
+            config,
         };
         let run_args = |extra: &[&str]| -> Vec<String> {
             let mut a = vec![
@@ -182,8 +210,8 @@ impl Env {
             a
         };
         match config {
-            Config::Direct => {}
-            Config::Iptables => {
+            Config::Direct | Config::InDirect => {}
+            Config::Iptables | Config::InIptables => {
                 iptables_restore(&env.pair.workload.name, &explain_default(agent)?)?;
                 let proxy = Command::new(agent)
                     .arg("proxy")
@@ -200,7 +228,7 @@ impl Env {
                 env.proxy = Some(Guard(proxy));
                 env.wait_listening(15001)?;
             }
-            Config::Connect4 | Config::Connect4Idle | Config::FastPath | Config::Connect4Copy => {
+            Config::Connect4 | Config::Connect4Idle | Config::FastPath | Config::Connect4Copy | Config::InSkLookup => {
                 let extra: &[&str] = match config {
                     Config::Connect4Idle => &["-i", "", "-b", "", "--proxy", "none"],
                     Config::FastPath => &["--fast-path"],
@@ -236,19 +264,23 @@ impl Env {
     }
 
     fn server(&self) -> SocketAddrV4 {
-        SocketAddrV4::new(self.pair.remote_ip, SERVER_PORT)
+        SocketAddrV4::new(server_ip(self.config, &self.pair), SERVER_PORT)
     }
 
-    /// The load generator, to run inside the workload against the server.
+    /// The load generator, to run inside the workload against the server (inbound: on the
+    /// remote host, against the app).
     fn client_command(&self, me: &Path) -> Command {
         let mut c = Command::new(me);
-        c.arg("client")
-            .arg("--cgroup")
-            .arg(&self.cgroup.path)
-            .arg("--netns")
-            .arg(&self.pair.workload.path)
-            .arg("--connect")
-            .arg(self.server().to_string());
+        c.arg("client");
+        match self.config.inbound() {
+            true => c.arg("--netns").arg(&self.pair.remote.path),
+            false => c
+                .arg("--cgroup")
+                .arg(&self.cgroup.path)
+                .arg("--netns")
+                .arg(&self.pair.workload.path),
+        };
+        c.arg("--connect").arg(self.server().to_string());
         c
     }
 
@@ -345,6 +377,9 @@ fn run_config(
     if config == Config::Connect4Copy {
         return streams(&env, config, plan, me, samples, failures);
     }
+    if config.inbound() {
+        return inbound_crr(&env, config, plan, me, samples);
+    }
 
     // CRR, with the CPU it costs.
     let cpu0 = env.cpu_seconds();
@@ -411,6 +446,26 @@ fn run_config(
     }
 
     streams(&env, config, plan, me, samples, failures)
+}
+
+/// Inbound CRR, with its CPU: the workload's cgroup (the app, and B's proxy) and the agent's.
+fn inbound_crr(env: &Env, config: Config, plan: &Plan, me: &Path, samples: &mut Samples) -> anyhow::Result<()> {
+    let cpu0 = env.cpu_seconds();
+    let crr = env.crr(me, plan.crr)?;
+    let cpu = env.cpu_seconds() - cpu0;
+    if crr.errors > 0 {
+        eprintln!("bench: {}: {} CRR errors", config.label(), crr.errors);
+    }
+    record(samples, "in_crr_cps", config, Some(crr.per_second));
+    if crr.completed > 0 {
+        record(
+            samples,
+            "in_crr_cpu",
+            config,
+            Some(cpu / crr.completed as f64 * 10_000.0),
+        );
+    }
+    Ok(())
 }
 
 /// STREAM at each write size.
@@ -528,6 +583,9 @@ pub fn run(plan: &Plan, agent: &Path) -> anyhow::Result<Outcome> {
         Config::FastPath,
         Config::Connect4Idle,
         Config::Connect4Copy,
+        Config::InDirect,
+        Config::InIptables,
+        Config::InSkLookup,
     ];
     for round in 1..=plan.rounds {
         for config in order {

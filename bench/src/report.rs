@@ -176,7 +176,7 @@ pub fn markdown(out: &Outcome, plan: &Plan, m: &Machine) -> String {
     let _ = writeln!(
         s,
         "- Machine: {}, {} cores, {}; kernel {}.\n- Mode: {} ({} round{}, configurations interleaved \
-         A B C D C0 Cc in each), each configuration in a fresh namespace pair and cgroup; client in the \
+         A B C D C0 Cc Ai Bi Ci in each), each configuration in a fresh namespace pair and cgroup; client in the \
          workload (10.200.1.1), server on the remote host namespace (10.200.1.2) across a veth.\n\
          - CRR: a new connection per request, {} B each way, {} workers, {} s. RR: persistent \
          connections at a fixed total rate ({} req/s on 1 connection, {} req/s over 64), {} B \
@@ -209,7 +209,7 @@ pub fn markdown(out: &Outcome, plan: &Plan, m: &Machine) -> String {
          redirects the client (the cost of connect4 alone); **D** C with `--fast-path` (sk_msg \
          hands bytes between the app and the proxy's 15001 socket; the proxy's leg to the \
          server is TCP over the veth, as in B and C); **Cc** C with `--relay copy`, STREAM \
-         only (its own section below). The load client retries a read or write \
+         only, and **Ai Bi Ci**, inbound CRR only (their own sections below). The load client retries a read or write \
          that a blocking socket ends with EAGAIN before its timeout, as an event-driven client \
          would: 6.18 does that to blocking sockets in a sockhash (see docs/fast-path.md).\n"
     );
