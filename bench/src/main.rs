@@ -22,6 +22,7 @@ mod proto;
 mod report;
 mod rules;
 mod scale;
+mod sustained;
 
 #[derive(Parser)]
 #[command(name = "redirect-bench", version)]
@@ -78,6 +79,19 @@ enum Cmd {
         #[arg(long)]
         agent: PathBuf,
         /// The report whose rules section is (re)written.
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        out: PathBuf,
+    },
+    /// Outbound CRR through B and then C for `seconds` each, interval by interval
+    /// (connections/s, errors, conntrack entries, slab memory); writes its section of
+    /// docs/benchmarks.md (root).
+    Sustained {
+        /// The redirect-agent binary to measure.
+        #[arg(long)]
+        agent: PathBuf,
+        #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(10..=3600))]
+        seconds: u64,
+        /// The report whose sustained section is (re)written.
         #[arg(long, default_value = "docs/benchmarks.md")]
         out: PathBuf,
     },
@@ -189,13 +203,16 @@ fn run(quick: bool, agent: PathBuf, out: PathBuf, hold: Option<usize>, profile: 
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    // `--scale`'s and `--rules`' sections are those commands' to write: kept as they are.
+    // `--scale`'s, `--rules`' and `--sustained`'s sections are those commands' to write: kept
+    // as they are.
     let old = std::fs::read_to_string(&out).unwrap_or_default();
     if let Some(section) = scale::section_of(&old) {
         md = scale::with_section(&md, section);
     }
-    if let Some(section) = scale::marked(&old, rules::MARKERS) {
-        md = scale::with_marked(&md, rules::MARKERS, section);
+    for markers in [rules::MARKERS, sustained::MARKERS] {
+        if let Some(section) = scale::marked(&old, markers) {
+            md = scale::with_marked(&md, markers, section);
+        }
     }
     std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
     let svg = out.with_file_name("benchmarks.svg");
@@ -270,6 +287,22 @@ fn rules_run(agent: &std::path::Path, out: &std::path::Path) -> anyhow::Result<(
     Ok(())
 }
 
+fn sustained_run(agent: &std::path::Path, seconds: u64, out: &std::path::Path) -> anyhow::Result<()> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("redirect-bench sustained creates namespaces and loads programs: run it as root");
+    }
+    let me = std::env::current_exe()?;
+    let outcome = sustained::run(agent, &me, seconds)?;
+    let section = sustained::markdown(&outcome, &machine());
+    let doc = std::fs::read_to_string(out).unwrap_or_else(|_| "# Benchmarks\n".into());
+    std::fs::write(out, scale::with_marked(&doc, sustained::MARKERS, &section))
+        .with_context(|| format!("writing {}", out.display()))?;
+    print!("{section}");
+    eprintln!("bench: wrote the sustained section of {}", out.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -282,6 +315,7 @@ fn main() -> ExitCode {
         } => run(quick, agent, out, hold, profile),
         Cmd::Scale { agent, workloads, out } => scale_run(&agent, workloads, &out),
         Cmd::Rules { agent, out } => rules_run(&agent, &out),
+        Cmd::Sustained { agent, seconds, out } => sustained_run(&agent, seconds, &out),
         Cmd::Connects {
             cgroup,
             netns,

@@ -122,7 +122,7 @@ impl Drop for Guard {
 
 /// One configuration's topology. Fields drop in order: interception first, then the server,
 /// the cgroup and the namespaces.
-struct Env {
+pub(crate) struct Env {
     agent: Option<AgentProcess>,
     proxy: Option<Guard>,
     _server: Guard,
@@ -170,7 +170,7 @@ fn iptables_restore(netns: &str, text: &str) -> anyhow::Result<()> {
 }
 
 impl Env {
-    fn new(config: Config, agent: &Path, me: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn new(config: Config, agent: &Path, me: &Path) -> anyhow::Result<Self> {
         let pair = NetnsPair::create("bn")?;
         let cgroup = TestCgroup::create("bn")?;
         // Outbound, the server is the remote host's; inbound, it is the app in the workload.
@@ -294,7 +294,7 @@ impl Env {
     }
 
     /// CRR for `duration`: new connection per request, CRR_WORKERS at once.
-    fn crr(&self, me: &Path, duration: Duration) -> anyhow::Result<LoadResult> {
+    pub(crate) fn crr(&self, me: &Path, duration: Duration) -> anyhow::Result<LoadResult> {
         let args = [
             "--mode".to_owned(),
             "crr".into(),
@@ -306,6 +306,16 @@ impl Env {
             secs(duration),
         ];
         self.client(me, &args)
+    }
+
+    /// `nf_conntrack_count` of the workload's namespace (read from inside it: /proc/sys/net
+    /// is the reader's namespace's); `None` where there is no conntrack.
+    pub(crate) fn conntrack_count(&self) -> Option<u64> {
+        let ns = self.pair.workload.open().ok()?;
+        let text = ns
+            .run(|| std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count"))
+            .ok()?;
+        text.trim().parse().ok()
     }
 
     /// The process doing the interception, for CPU and memory: the agent, or the proxy.
@@ -378,20 +388,9 @@ fn run_config(
         return streams(&env, config, plan, me, samples, failures);
     }
     if config.inbound() {
-        return inbound_crr(&env, config, plan, me, samples);
+        return crr_with_cpu(&env, config, plan, me, samples, ("in_crr_cps", "in_crr_cpu"));
     }
-
-    // CRR, with the CPU it costs.
-    let cpu0 = env.cpu_seconds();
-    let crr = env.crr(me, plan.crr)?;
-    let cpu = env.cpu_seconds() - cpu0;
-    if crr.errors > 0 {
-        eprintln!("bench: {}: {} CRR errors", config.label(), crr.errors);
-    }
-    record(samples, "crr_cps", config, Some(crr.per_second));
-    if crr.completed > 0 {
-        record(samples, "crr_cpu", config, Some(cpu / crr.completed as f64 * 10_000.0));
-    }
+    crr_with_cpu(&env, config, plan, me, samples, ("crr_cps", "crr_cpu"))?;
 
     if matches!(config, Config::Connect4 | Config::Connect4Idle) {
         // Program cost per connect(), on a separate run: the accounting slows every run.
@@ -448,22 +447,25 @@ fn run_config(
     streams(&env, config, plan, me, samples, failures)
 }
 
-/// Inbound CRR, with its CPU: the workload's cgroup (the app, and B's proxy) and the agent's.
-fn inbound_crr(env: &Env, config: Config, plan: &Plan, me: &Path, samples: &mut Samples) -> anyhow::Result<()> {
+/// CRR, with the CPU it costs (the workload's cgroup, and the agent's), under `keys`: the
+/// rate's and the CPU's.
+fn crr_with_cpu(
+    env: &Env,
+    config: Config,
+    plan: &Plan,
+    me: &Path,
+    samples: &mut Samples,
+    keys: (&'static str, &'static str),
+) -> anyhow::Result<()> {
     let cpu0 = env.cpu_seconds();
     let crr = env.crr(me, plan.crr)?;
     let cpu = env.cpu_seconds() - cpu0;
     if crr.errors > 0 {
         eprintln!("bench: {}: {} CRR errors", config.label(), crr.errors);
     }
-    record(samples, "in_crr_cps", config, Some(crr.per_second));
+    record(samples, keys.0, config, Some(crr.per_second));
     if crr.completed > 0 {
-        record(
-            samples,
-            "in_crr_cpu",
-            config,
-            Some(cpu / crr.completed as f64 * 10_000.0),
-        );
+        record(samples, keys.1, config, Some(cpu / crr.completed as f64 * 10_000.0));
     }
     Ok(())
 }

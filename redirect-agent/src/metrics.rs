@@ -286,7 +286,8 @@ pub fn render(s: &Snapshot) -> String {
         &mut o,
         "redirect_proxy_spliced_directions_total",
         "counter",
-        "Directions of proxied connections that streamed and went on through a pipe (--relay splice).",
+        "Directions of proxied connections that streamed and took a pipe (--relay splice); one whose \
+         segments prove small gives it back and copies on.",
         per_proxy(|p| p.spliced),
     );
     let b = &s.budget;

@@ -71,6 +71,11 @@ enum Task {
         /// and 1,000, docs/benchmarks.md's rules section.
         #[arg(long, conflicts_with = "scale")]
         rules: bool,
+        /// Instead: outbound CRR through B and then C for this many seconds each, interval by
+        /// interval (connections/s, errors, conntrack entries, slab memory),
+        /// docs/benchmarks.md's sustained section.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "180", conflicts_with_all = ["scale", "rules"])]
+        sustained: Option<u64>,
     },
     /// The stress routines: memory over bursts, held connections, churn in both modes, SIGKILL
     /// and SIGSTOP under load in both modes; writes docs/reliability.md and fails on any
@@ -315,7 +320,7 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench(quick: bool, profile: bool, scale: Option<usize>, rules: bool) -> anyhow::Result<()> {
+fn bench(quick: bool, profile: bool, scale: Option<usize>, rules: bool, sustained: Option<u64>) -> anyhow::Result<()> {
     if !is_root() {
         bail!("bench: the benchmark creates namespaces and loads programs: run it as root");
     }
@@ -337,6 +342,11 @@ fn bench(quick: bool, profile: bool, scale: Option<usize>, rules: bool) -> anyho
     if rules {
         c.current_dir(root()).arg("rules").arg("--agent").arg(&agent);
         return run("bench: redirect-bench rules", c);
+    }
+    if let Some(seconds) = sustained {
+        c.current_dir(root()).arg("sustained").arg("--agent").arg(&agent);
+        c.arg("--seconds").arg(seconds.to_string());
+        return run("bench: redirect-bench sustained", c);
     }
     c.current_dir(root()).arg("run").arg("--agent").arg(&agent);
     if quick {
@@ -435,7 +445,8 @@ fn main() -> std::process::ExitCode {
             profile,
             scale,
             rules,
-        } => bench(quick, profile, scale, rules),
+            sustained,
+        } => bench(quick, profile, scale, rules, sustained),
         Task::Stress {
             bursts,
             connections,

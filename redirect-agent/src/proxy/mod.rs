@@ -64,7 +64,7 @@ pub struct ProxyCounters {
     pub over_budget: AtomicU64,
     /// Connections closed after the idle timeout.
     pub idle_closed: AtomicU64,
-    /// Directions of a stream that went on through a pipe (`splice.rs`).
+    /// Directions of a stream that took a pipe (`splice.rs`), whether or not they kept it.
     pub spliced: AtomicU64,
 }
 

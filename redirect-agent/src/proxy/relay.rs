@@ -11,7 +11,7 @@ use tokio::{io::Interest, net::TcpStream, time::Instant};
 
 use super::{
     Budget, ProxyCounters,
-    splice::{self, Pipe},
+    splice::{self, Pipe, Pumped},
 };
 
 /// Bytes one read takes (the size of each worker thread's scratch buffer).
@@ -39,7 +39,7 @@ pub(super) struct Activity {
 }
 
 impl Activity {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
@@ -186,7 +186,8 @@ enum Step {
 /// cannot give back (issue 16: 108 MB grew to 671 MB that way, 0.6 MB of it in use).
 ///
 /// A read that fills the whole scratch buffer is a stream: the rest goes through a pipe
-/// ([`super::splice`]) if `pipes` spares one (`spliced` counts those).
+/// ([`super::splice`]) if `pipes` spares one (`spliced` counts those), unless its segments
+/// prove small, when it copies on.
 async fn pump(
     from: &TcpStream,
     to: &TcpStream,
@@ -197,10 +198,18 @@ async fn pump(
 ) -> io::Result<u64> {
     let mut total = 0u64;
     let mut pipe = None;
+    // Once a pipe proved the stream fragmented, it copies for the rest of its life.
+    let mut fragmented = false;
     loop {
-        if let Some(pipe) = &pipe {
-            total += splice::pump(from, to, pipe, bytes, activity).await?;
-            break;
+        if let Some(p) = &pipe {
+            match splice::pump(from, to, p, bytes, activity, &mut total).await? {
+                Pumped::Eof => break,
+                Pumped::Fragmented => {
+                    pipe = None;
+                    fragmented = true;
+                    continue;
+                }
+            }
         }
         from.readable().await?;
         let step = SCRATCH.with_borrow_mut(|buf| -> io::Result<Step> {
@@ -236,7 +245,7 @@ async fn pump(
         activity.touch();
         total += read as u64;
         bytes.fetch_add(read as u64, Ordering::Relaxed);
-        if read == COPY_BUF {
+        if read == COPY_BUF && !fragmented {
             pipe = pipes.and_then(Pipe::take);
             if pipe.is_some() {
                 spliced.fetch_add(1, Ordering::Relaxed);

@@ -4,7 +4,9 @@
 //!
 //! A direction starts on the copy path ([`super::relay`]) and takes a pipe only once a read
 //! fills the whole scratch buffer: a request and its answer never pay for a pipe, a stream
-//! does. The pipe's two descriptors are a share of the connection budget the process's
+//! does. It gives the pipe back for good, and copies on, once its segments prove small
+//! ([`Pumped::Fragmented`]): a pipe passes segments on as they came, each in a slot and a
+//! fragment of its own, where a read and a write coalesce them. The pipe's two descriptors are a share of the connection budget the process's
 //! proxies share, taken only while half of it is free, so a burst of streams never makes the
 //! proxy turn new connections away; without a share a direction goes on copying.
 
@@ -24,6 +26,15 @@ use super::{Budget, relay::Activity};
 /// while a receiver is slow a pipe holds at most its 16 buffers (pages, or parts of the
 /// sender's page fragments), near what the copy path's 64 KiB would.
 const PIPE_SIZE: usize = 64 * 1024;
+
+/// How [`pump`] ended.
+pub(super) enum Pumped {
+    /// EOF: every byte passed on.
+    Eof,
+    /// A splice took in less than half of [`PIPE_SIZE`] from a socket that held all of it:
+    /// the pipe's slots ran out on small segments. The pipe is empty; the caller copies on.
+    Fragmented,
+}
 
 /// One direction's pipe, and its share of the budget.
 pub(super) struct Pipe {
@@ -46,23 +57,27 @@ impl Pipe {
 }
 
 /// Copies `from` to `to` through `pipe` until EOF (without shutting `to` down: the caller's
-/// part). Every splice into the pipe is drained out of it before the next, so a splice that
-/// cannot go on is always the socket's doing, never a full pipe's.
+/// part) or until the stream proves fragmented; adds what it moved to `total`. Every splice
+/// into the pipe is drained out of it before the next, so a splice that cannot go on is always
+/// the socket's doing, never a full pipe's.
 pub(super) async fn pump(
     from: &TcpStream,
     to: &TcpStream,
     pipe: &Pipe,
     bytes: &AtomicU64,
     activity: &Activity,
-) -> io::Result<u64> {
+    total: &mut u64,
+) -> io::Result<Pumped> {
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
-    let mut total = 0u64;
     loop {
         from.readable().await?;
+        // What the socket held before: a splice that took in less than half of a pipe's worth
+        // of it ran out of slots (bytes that arrive meanwhile only add to it).
+        let queued = rustix::io::ioctl_fionread(from).unwrap_or(0);
         let read = match from.try_io(Interest::READABLE, || {
             Ok(splice(from, None, &pipe.write, None, PIPE_SIZE, flags)?)
         }) {
-            Ok(0) => return Ok(total),
+            Ok(0) => return Ok(Pumped::Eof),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
@@ -90,8 +105,11 @@ pub(super) async fn pump(
         }
         drop(held);
         activity.touch();
-        total += read as u64;
+        *total += read as u64;
         bytes.fetch_add(read as u64, Ordering::Relaxed);
+        if read < PIPE_SIZE / 2 && queued >= PIPE_SIZE as u64 {
+            return Ok(Pumped::Fragmented);
+        }
     }
 }
 
@@ -143,8 +161,9 @@ mod tests {
         })
     }
 
-    /// Relays 4 MiB each way between `app` and `server` through `client` and `upstream`.
-    async fn stream_both_ways(budget: Option<&Budget>, counters: &ProxyCounters) -> Ended {
+    /// Relays 4 MiB each way between `app` and `server` through `client` and `upstream`, to a
+    /// clean end with every byte delivered.
+    async fn stream_both_ways(budget: Option<&Budget>, counters: &ProxyCounters) {
         let (app, client) = pair().await;
         let (upstream, server) = pair().await;
         let (up, down) = (pattern(4 << 20, 7), pattern(4 << 20, 13));
@@ -163,24 +182,17 @@ mod tests {
         let (got_app, got_server) = (app.await.unwrap().unwrap(), server.await.unwrap().unwrap());
         assert!(got_server == up, "the server got the app's bytes, in order");
         assert!(got_app == down, "the app got the server's bytes, in order");
-        ended
+        assert!(
+            matches!(ended, Ended::Done { up, down } if up == 4 << 20 && down == 4 << 20),
+            "{ended:?}"
+        );
     }
 
     #[tokio::test]
     async fn a_stream_goes_through_a_pipe_intact_both_ways_with_its_half_closes() {
         let budget = Budget::new(8);
         let counters = ProxyCounters::default();
-        let ended = stream_both_ways(Some(&budget), &counters).await;
-        assert!(
-            matches!(
-                ended,
-                Ended::Done {
-                    up: 4194304,
-                    down: 4194304
-                }
-            ),
-            "{ended:?}"
-        );
+        stream_both_ways(Some(&budget), &counters).await;
         assert_eq!(counters.spliced.load(Ordering::Relaxed), 2, "both directions spliced");
         assert_eq!(budget.in_use(), 0, "the pipes' shares came back");
     }
@@ -190,22 +202,49 @@ mod tests {
         let budget = Budget::new(2);
         let _held = budget.take().unwrap();
         let counters = ProxyCounters::default();
-        let ended = stream_both_ways(Some(&budget), &counters).await;
-        assert!(
-            matches!(
-                ended,
-                Ended::Done {
-                    up: 4194304,
-                    down: 4194304
-                }
-            ),
-            "{ended:?}"
-        );
+        stream_both_ways(Some(&budget), &counters).await;
         assert_eq!(counters.spliced.load(Ordering::Relaxed), 0, "no pipe taken");
         // And never where the caller says no (the fast path).
-        let ended = stream_both_ways(None, &counters).await;
-        assert!(matches!(ended, Ended::Done { .. }), "{ended:?}");
+        stream_both_ways(None, &counters).await;
         assert_eq!(counters.spliced.load(Ordering::Relaxed), 0);
+    }
+
+    /// A stream of small segments fills the pipe's 16 slots long before its 64 KiB: the pump
+    /// hands the stream back to the copy path with the pipe empty and every byte so far passed
+    /// on, in order.
+    #[tokio::test]
+    async fn small_segments_give_the_pipe_back() {
+        let (mut app, client) = pair().await;
+        let (upstream, mut server) = pair().await;
+        // Room for everything the app sends before anyone reads (no pruning of the queue).
+        socket2::SockRef::from(&client).set_recv_buffer_size(8 << 20).unwrap();
+        app.set_nodelay(true).unwrap();
+        let data = pattern(256 << 10, 5);
+        for chunk in data.chunks(256) {
+            app.write_all(chunk).await.unwrap();
+        }
+        queued(&client, 128 << 10).await;
+        let budget = Budget::new(8);
+        let pipe = Pipe::take(&budget).unwrap();
+        let (bytes, activity, mut total) = (AtomicU64::new(0), Activity::new(), 0u64);
+        let pumped = tokio::time::timeout(
+            Duration::from_secs(10),
+            pump(&client, &upstream, &pipe, &bytes, &activity, &mut total),
+        )
+        .await
+        .expect("the pump returns")
+        .unwrap();
+        assert!(
+            matches!(pumped, Pumped::Fragmented),
+            "small segments are not worth a pipe"
+        );
+        assert!(total > 0 && total < data.len() as u64, "{total}");
+        let mut got = vec![0u8; total as usize];
+        server.read_exact(&mut got).await.unwrap();
+        assert!(
+            got[..] == data[..total as usize],
+            "what went through the pipe, in order"
+        );
     }
 
     /// A reset from the destination while its bytes go through the pipe ends the relay as
