@@ -175,7 +175,8 @@ pub fn markdown(out: &Outcome, plan: &Plan) -> String {
          direction of a proxied connection starts by reading into the proxy's 64 KiB buffer and \
          writing on, and once a read fills the buffer (a stream) goes on through a pipe, \
          `splice(2)` moving the pages from socket to socket without copying them into the \
-         proxy. **Cc** is C with `--relay copy`: every byte read and written. Both in the same \
+         proxy, unless its segments prove small (a splice that takes in less than half of \
+         64 KiB from a socket that held it all), when it copies on. **Cc** is C with `--relay copy`: every byte read and written. Both in the same \
          rounds; per round, C over Cc:\n"
     );
     let _ = writeln!(
