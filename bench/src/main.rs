@@ -18,6 +18,7 @@ mod goals;
 mod load;
 mod measure;
 mod orchestrate;
+mod profile;
 mod proto;
 mod report;
 mod rules;
@@ -246,7 +247,7 @@ fn run(quick: bool, agent: PathBuf, out: PathBuf, hold: Option<usize>, profile: 
         for config in [orchestrate::Config::Iptables, orchestrate::Config::Connect4] {
             eprintln!("bench: profiling {}", config.label());
             let data = std::env::temp_dir().join(format!("redirect-bench-{}.perf", std::process::id()));
-            let result = orchestrate::profile(config, &plan, &agent, &data);
+            let result = profile::profile(config, &plan, &agent, &data);
             let _ = std::fs::remove_file(&data);
             md.push_str(&format!("\n## {}\n\n```text\n{}```\n", config.label(), result?));
         }
