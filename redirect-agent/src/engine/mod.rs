@@ -16,6 +16,7 @@
 //!    go direct, as with the rules removed) and removes its pins, then every proxy drains.
 //!    One that keeps its pins leaves the kernel side capturing for its successor.
 
+mod admit;
 pub mod budget;
 mod error;
 pub(crate) mod gone;
