@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod goals;
 mod load;
 mod measure;
+mod memory;
 mod orchestrate;
 mod profile;
 mod proto;

@@ -18,7 +18,8 @@ use redirect_testkit::{agent::AgentProcess, cgroup::TestCgroup, netns::NetnsPair
 
 use crate::{
     load::LoadResult,
-    measure::{BpfStats, map_bytes, process_cpu_seconds, prog_stats, rss_bytes},
+    measure::{BpfStats, process_cpu_seconds, prog_stats},
+    memory::{self, Memory},
 };
 
 pub const SERVER_PORT: u16 = 8080;
@@ -128,7 +129,7 @@ pub(crate) struct Env {
     _server: Guard,
     cgroup: TestCgroup,
     pair: NetnsPair,
-    name: String,
+    pub(crate) name: String,
     config: Config,
 }
 
@@ -140,7 +141,7 @@ fn server_ip(config: Config, pair: &NetnsPair) -> Ipv4Addr {
     }
 }
 
-fn read_line(child: &mut Child) -> anyhow::Result<String> {
+pub(crate) fn read_line(child: &mut Child) -> anyhow::Result<String> {
     let out = child.stdout.as_mut().context("no stdout")?;
     let mut line = String::new();
     BufReader::new(out).read_line(&mut line)?;
@@ -269,7 +270,7 @@ impl Env {
 
     /// The load generator, to run inside the workload against the server (inbound: on the
     /// remote host, against the app).
-    fn client_command(&self, me: &Path) -> Command {
+    pub(crate) fn client_command(&self, me: &Path) -> Command {
         let mut c = Command::new(me);
         c.arg("client");
         match self.config.inbound() {
@@ -319,7 +320,7 @@ impl Env {
     }
 
     /// The process doing the interception, for CPU and memory: the agent, or the proxy.
-    fn interceptor_pid(&self) -> Option<u32> {
+    pub(crate) fn interceptor_pid(&self) -> Option<u32> {
         self.agent
             .as_ref()
             .and_then(AgentProcess::pid)
@@ -352,17 +353,6 @@ impl Env {
 
 /// Samples: metric key -> configuration -> one value per round.
 pub type Samples = BTreeMap<&'static str, BTreeMap<Config, Vec<f64>>>;
-
-/// One-off measurements.
-#[derive(Debug, Default, Clone)]
-pub struct Memory {
-    /// (idle RSS, RSS holding N connections), per configuration with a process.
-    pub rss: BTreeMap<Config, (u64, u64)>,
-    pub held: usize,
-    /// What the plan asked to hold, when the descriptor limit allowed fewer.
-    pub wanted: Option<(usize, u64)>,
-    pub map_bytes: u64,
-}
 
 pub(crate) fn secs(d: Duration) -> String {
     format!("{}", d.as_secs_f64())
@@ -515,56 +505,6 @@ fn streams(
     Ok(())
 }
 
-/// The hard RLIMIT_NOFILE the interceptors inherit. Raising it takes CAP_SYS_RESOURCE, which
-/// some sandboxes withhold even from root.
-fn nofile_hard() -> u64 {
-    redirect_agent::sys::nofile_limit().map_or(0, |l| l.rlim_max)
-}
-
-/// As many of `wanted` connections as a proxy can hold under the descriptor limit here (after
-/// trying to raise it as the proxy would); fewer is reported as such, never silently.
-fn holdable(wanted: usize) -> usize {
-    redirect_agent::sys::raise_nofile_limit(wanted);
-    wanted.min(redirect_agent::connections_fitting(nofile_hard()))
-}
-
-/// Resident memory idle and holding `plan.hold` proxied connections, and map memory.
-fn measure_memory(
-    config: Config,
-    hold: usize,
-    plan: &Plan,
-    agent: &Path,
-    me: &Path,
-    memory: &mut Memory,
-) -> anyhow::Result<()> {
-    let env = Env::new(config, agent, me)?;
-    let pid = env.interceptor_pid().context("no interceptor process")?;
-    std::thread::sleep(Duration::from_millis(300));
-    let idle = rss_bytes(pid).unwrap_or(0);
-    let mut holder = Guard(
-        env.client_command(me)
-            .args(["--mode", "hold", "--conns", &hold.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()?,
-    );
-    let line = read_line(&mut holder.0)?;
-    if line != format!("held {hold}") {
-        bail!("{}: holding {} connections failed ({line:?})", config.label(), hold);
-    }
-    let loaded = rss_bytes(pid).unwrap_or(0);
-    memory.rss.insert(config, (idle, loaded));
-    memory.held = hold;
-    if hold < plan.hold {
-        memory.wanted = Some((plan.hold, nofile_hard()));
-    }
-    if config == Config::Connect4 {
-        memory.map_bytes = map_bytes(&env.name);
-    }
-    drop(holder);
-    Ok(())
-}
-
 pub struct Outcome {
     pub samples: Samples,
     /// Runs that produced no sample, and why (shown as "–" in the tables).
@@ -595,16 +535,16 @@ pub fn run(plan: &Plan, agent: &Path) -> anyhow::Result<Outcome> {
             run_config(config, plan, agent, &me, &mut samples, &mut failures)?;
         }
     }
-    let mut memory = Memory::default();
-    let hold = holdable(plan.hold);
+    let mut held = Memory::default();
+    let hold = memory::holdable(plan.hold);
     for config in [Config::Iptables, Config::Connect4] {
         eprintln!("bench: memory: {} holding {hold} connections", config.label());
-        measure_memory(config, hold, plan, agent, &me, &mut memory)?;
+        memory::measure(config, hold, plan, agent, &me, &mut held)?;
     }
     Ok(Outcome {
         samples,
         failures,
-        memory,
+        memory: held,
         elapsed: started.elapsed(),
     })
 }
