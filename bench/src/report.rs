@@ -158,6 +158,16 @@ pub struct Machine {
     pub date: String,
 }
 
+impl Machine {
+    /// The first words of a section a command writes: which command, on what, how long.
+    pub fn written_by(&self, command: &str, secs: f64) -> String {
+        format!(
+            "Written by `{command}` on {}, {}, kernel {} ({secs:.0} s).",
+            self.cpu, self.memory, self.kernel
+        )
+    }
+}
+
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / f64::from(1 << 20))
 }

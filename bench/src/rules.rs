@@ -156,7 +156,7 @@ pub fn markdown(o: &Outcome, machine: &crate::report::Machine) -> String {
     }
     format!(
         "## Rule lists: connect4's cost as the lists grow\n\n\
-         Written by `cargo xtask bench --rules` on {cpu}, {mem}, kernel {kernel} ({secs:.0} s). \
+         {written} \
          One `redirect-agent node` (release build); per list length N, a workload enrolled with \
          `-x` and `-i` of N IPv4 CIDRs each and `-o` of N ports, whose process connects \
          {connects} times to an address with no route and in no list, {rounds} times over: \
@@ -165,10 +165,7 @@ pub fn markdown(o: &Outcome, machine: &crate::report::Machine) -> String {
          the {rounds} and their range. Goal (issue 19): the same cost at every length.\n\n\
          | N | rules (both families) | connect4 per connect | enroll | map memory |\n\
          |---|---|---|---|---|\n{rows}",
-        cpu = machine.cpu,
-        mem = machine.memory,
-        kernel = machine.kernel,
-        secs = o.elapsed_s,
+        written = machine.written_by("cargo xtask bench --rules", o.elapsed_s),
         connects = CONNECTS,
         rounds = ROUNDS,
     )

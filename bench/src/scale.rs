@@ -325,7 +325,7 @@ pub fn markdown(o: &Outcome, machine: &crate::report::Machine) -> String {
     let n = o.workloads;
     format!(
         "## Scale: {n} workloads on one node agent\n\n\
-         Written by `cargo xtask bench --scale` on {cpu}, {mem}, kernel {kernel} ({secs:.0} s). \
+         {written} \
          One `redirect-agent node` (release build) enrolls {n} workloads one after another over \
          its control socket, each a network namespace of its own enrolled with `--proxy none` \
          (a sidecar pod: capture without the agent's proxy), then unenrolls all but the first. A \
@@ -342,10 +342,7 @@ pub fn markdown(o: &Outcome, machine: &crate::report::Machine) -> String {
          | agent descriptors, 1 / {n} workloads | {f1} / {fnn} |\n\
          | unenroll latency p50 / p99 / max | {u50:.1} / {u99:.1} / {umax:.1} ms |\n\
          | connect4 per connect of a process of no workload: 1 / {n} / 1 again | {c1} / {cn} / {c1again} ns |\n",
-        cpu = machine.cpu,
-        mem = machine.memory,
-        kernel = machine.kernel,
-        secs = o.elapsed_s,
+        written = machine.written_by("cargo xtask bench --scale", o.elapsed_s),
         connects = CONNECTS,
         rounds = ROUNDS,
         p50 = o.enroll_quantile(0.5),

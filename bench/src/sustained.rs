@@ -107,7 +107,7 @@ pub fn markdown(o: &Outcome, machine: &crate::report::Machine) -> String {
     let (mb, mc) = (mean(b), mean(c));
     format!(
         "## Sustained CRR: B and C for {secs} s each\n\n\
-         Written by `cargo xtask bench --sustained` on {cpu}, {mem}, kernel {kernel} ({took:.0} s). \
+         {written} \
          Outbound CRR as in the table at the top (a new connection per request, 1 KiB each way, \
          2 workers), through B for {secs} s and then through C for {secs} s, each in a fresh \
          namespace pair, as back-to-back runs of {iv} s. After each: the connections per \
@@ -118,10 +118,7 @@ pub fn markdown(o: &Outcome, machine: &crate::report::Machine) -> String {
          | s | B conn/s | B errors | B conntrack | B slab MiB | C conn/s | C errors | C conntrack | C slab MiB |\n\
          |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n{rows}",
         secs = o.seconds,
-        cpu = machine.cpu,
-        mem = machine.memory,
-        kernel = machine.kernel,
-        took = o.elapsed_s,
+        written = machine.written_by("cargo xtask bench --sustained", o.elapsed_s),
         iv = INTERVAL_S,
         ratio = if mb > 0.0 { mc / mb } else { 0.0 },
         eb = errors(b),
