@@ -260,6 +260,14 @@ fn console_text(raw: &str) -> String {
     out.trim_end().to_owned()
 }
 
+/// How many lines of a failed test's output (its last) the summary repeats.
+const FAILURE_LINES: usize = 80;
+
+/// The test a `---- NAME stdout ----` line (libtest's failure block) opens.
+fn failure_header(line: &str) -> Option<&str> {
+    line.strip_prefix("---- ")?.strip_suffix(" stdout ----")
+}
+
 /// `test NAME ... ok` / `... FAILED` / `... ignored`, as libtest prints them.
 fn parse_test_line(line: &str) -> Option<(&str, &str)> {
     let rest = line.strip_prefix("test ")?;
@@ -354,6 +362,10 @@ pub fn vm_test(opts: &Options, agent: &Path) -> anyhow::Result<Outcome> {
     let mut done = false;
     let mut report_json = String::new();
     let mut in_report = false;
+    // libtest's `---- NAME stdout ----` blocks, kept to print again after the summary: CI
+    // shows a run's tail, and a guest's failure message is otherwise far above it.
+    let mut failures: Vec<(String, Vec<String>)> = Vec::new();
+    let mut in_failure = false;
     for line in BufReader::new(stdout).lines() {
         let raw = line?;
         let line = console_text(&raw);
@@ -375,6 +387,15 @@ pub fn vm_test(opts: &Options, agent: &Path) -> anyhow::Result<Outcome> {
         } else if in_report {
             report_json.push_str(line);
             report_json.push('\n');
+        } else if let Some(name) = failure_header(line) {
+            failures.push((format!("{binary}::{name}"), Vec::new()));
+            in_failure = true;
+        } else if line == "failures:" || line.starts_with("test result: ") {
+            in_failure = false;
+        } else if in_failure {
+            if let Some((_, lines)) = failures.last_mut() {
+                lines.push(line.to_owned());
+            }
         } else if let Some((name, result)) = parse_test_line(line) {
             results.insert((binary.clone(), name.to_owned()), result.to_owned());
         }
@@ -399,6 +420,17 @@ pub fn vm_test(opts: &Options, agent: &Path) -> anyhow::Result<Outcome> {
             "ok" => passed += 1,
             "FAILED" => failed += 1,
             _ => {}
+        }
+    }
+    for (name, lines) in &failures {
+        println!("\n  ---- {name} (as the guest printed it) ----");
+        // The panic message is last, after whatever the test printed.
+        let skip = lines.len().saturating_sub(FAILURE_LINES);
+        if skip > 0 {
+            println!("  ... {skip} lines before these, printed in full above");
+        }
+        for l in &lines[skip..] {
+            println!("  {l}");
         }
     }
     let seconds = started.elapsed().as_secs();
@@ -453,6 +485,8 @@ mod tests {
     fn reads_libtest_lines() {
         assert_eq!(parse_test_line("test detach ... ok"), Some(("detach", "ok")));
         assert_eq!(parse_test_line("test a::b ... FAILED"), Some(("a::b", "FAILED")));
+        assert_eq!(failure_header("---- a::b stdout ----"), Some("a::b"));
+        assert_eq!(failure_header("---- a::b stderr ----"), None);
         assert_eq!(
             parse_test_line("test slow ... ignored, kernel limitation: no bound (see docs/fast-path.md)"),
             Some(("slow", "ignored"))
