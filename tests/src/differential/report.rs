@@ -45,7 +45,7 @@ pub(super) fn judge(
     );
     let all_verdicts = want.iter().chain(&got).flat_map(|(v, _)| v);
     let width = all_verdicts.map(|v| v.chars().count()).max().unwrap_or(0);
-    let mut mismatches = 0;
+    let mut mismatches = Vec::new();
     for ((phase, scenarios), ((want, _), (got, _))) in matrix.phases.iter().zip(want.iter().zip(&got)) {
         let _ = writeln!(table, "  {}:", phase.name());
         let _ = writeln!(
@@ -57,22 +57,22 @@ pub(super) fn judge(
         for (client, targets) in scenarios {
             for &t in targets {
                 let mark = if want[i] == got[i] { " " } else { "✗" };
-                if want[i] != got[i] {
-                    mismatches += 1;
-                }
-                let _ = writeln!(
-                    table,
+                let row = format!(
                     "{mark} {:<48} {:<28} {:<width$} {}",
                     client.label(),
                     client.dialed(t).to_string(),
                     want[i],
                     got[i]
                 );
+                if want[i] != got[i] {
+                    mismatches.push(format!("{}: {row}", phase.name()));
+                }
+                let _ = writeln!(table, "{row}");
                 i += 1;
             }
         }
     }
-    let _ = writeln!(table, "  {} scenarios, {} mismatches", matrix.len(), mismatches);
+    let _ = writeln!(table, "  {} scenarios, {} mismatches", matrix.len(), mismatches.len());
     println!("{table}");
 
     // Every rule counted the same decisions as its iptables twin, phase by phase (the counters
@@ -96,16 +96,25 @@ pub(super) fn judge(
             }
         }
     }
-    if mismatches > 0 || !counter_diffs.is_empty() {
+    println!("  TCP in the agent's workload: {}", agent.tcp_events());
+    println!("  TCP in iptables' workload: {}", oracle.tcp_events());
+    // The message names only what differs (the whole table is printed above it), so that a
+    // run's tail, all CI shows, holds the difference.
+    if !mismatches.is_empty() || !counter_diffs.is_empty() {
         panic!(
-            "{mismatches} of {} scenarios differ for '{}':\n{table}\n{} counter rows differ:\n{}\n\
-             agent counters:\n{}\niptables counters:\n{}",
+            "{} of {} scenarios differ for '{}':\n{}\n{} counter rows differ:\n{}\n\
+             agent counters:\n{}\niptables counters:\n{}\n\
+             TCP in the agent's workload: {}\nTCP in iptables' workload: {}",
+            mismatches.len(),
             matrix.len(),
             cfg.name,
+            mismatches.join("\n"),
             counter_diffs.len(),
             counter_diffs.join("\n"),
             agent.counters(),
-            oracle.counters()
+            oracle.counters(),
+            agent.tcp_events(),
+            oracle.tcp_events()
         );
     }
     // Sanity: every phase exercised both kinds of landing, so equality means something.

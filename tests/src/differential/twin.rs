@@ -133,6 +133,16 @@ impl Twin {
         for ns in [&twin.pair.workload, &twin.pair.remote] {
             ns.sysctl("net.ipv6.bindv6only", "1").expect("bindv6only");
         }
+        // No tail loss probes: both twins must send the same segments, and a TLP fires after a
+        // few milliseconds without an ACK, which a loaded machine makes a matter of timing. The
+        // one that counts is a server's FIN sent again after the client had acknowledged it:
+        // the client's TIME_WAIT answers, the server's socket is gone by then, so that ACK
+        // finds no socket and sk_lookup judges it (it cannot see flags; docs/istio.md), where
+        // the oracle's SYN-only copies count nothing. (An RTO-driven resend needs 200 ms
+        // without an ACK.) A stray's own judgement is `hardening_stray.rs`'s subject.
+        for ns in [&twin.pair.workload, &twin.pair.remote] {
+            ns.sysctl("net.ipv4.tcp_early_retrans", "0").expect("tcp_early_retrans");
+        }
         // The remote host routes ::6 back to the pod (a host route, not a default one), and
         // so does the side host ([`wire_side`]): a connection from ::6 that leaves direct then
         // completes where IPv4's from 127.0.0.6 is refused at once (EINVAL), instead of waiting
@@ -357,6 +367,25 @@ impl Twin {
             .collect()
     }
 
+    /// The workload namespace's nonzero TCP counters (`nstat`): its retransmissions, resets and
+    /// listen drops, which say whether a counter difference came with a segment the other twin
+    /// did not send (a SYN sent again, a FIN retransmitted under load).
+    pub(super) fn tcp_events(&self) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.pair.workload.name, "nstat", "-as"])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.starts_with("Tcp"))
+                .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+                .collect::<Vec<_>>()
+                .join(", "),
+            Ok(o) => format!("nstat failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
+            Err(e) => format!("nstat: {e}"),
+        }
+    }
+
     pub(super) fn counters(&self) -> String {
         match &self.agent {
             Some(_) => {
@@ -456,6 +485,9 @@ fn route_vm(pair: &NetnsPair, side: &NamedNetns) {
 fn wire_side(workload: &NamedNetns, name: &str) -> NamedNetns {
     let side = NamedNetns::create(name).expect("side netns");
     side.sysctl("net.ipv6.bindv6only", "1").expect("bindv6only");
+    // As the twins' own namespaces (see `Twin::new`).
+    side.sysctl("net.ipv4.tcp_early_retrans", "0")
+        .expect("tcp_early_retrans");
     veth((workload, SIDE_LINK), (&side, "x1"), SIDE_SUBNET).expect("side veth");
     // ::6 back to the pod, as the remote host has it (see `Twin::new`).
     let via = side_addrs().0.1.to_string();
