@@ -94,7 +94,7 @@ fn per_round(samples: &Samples, key: &str, num: Config, den: Config, rounds: usi
     Some(n.iter().zip(d).map(|(n, d)| n / d).collect())
 }
 
-fn rounds_text(r: &[f64]) -> String {
+pub(crate) fn rounds_text(r: &[f64]) -> String {
     r.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" · ")
 }
 

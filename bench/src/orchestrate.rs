@@ -148,8 +148,9 @@ pub(crate) fn read_line(child: &mut Child) -> anyhow::Result<String> {
     Ok(line.trim().to_owned())
 }
 
-fn explain_default(agent: &Path) -> anyhow::Result<String> {
-    let out = Command::new(agent).arg("explain").output()?;
+/// istio-iptables' rules for `flags`, as `redirect-agent explain` writes them.
+fn explain(agent: &Path, flags: &[String]) -> anyhow::Result<String> {
+    let out = Command::new(agent).arg("explain").args(flags).output()?;
     if !out.status.success() {
         bail!("explain: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -172,6 +173,18 @@ fn iptables_restore(netns: &str, text: &str) -> anyhow::Result<()> {
 
 impl Env {
     pub(crate) fn new(config: Config, agent: &Path, me: &Path) -> anyhow::Result<Self> {
+        Self::with_flags(config, agent, me, |_| Vec::new())
+    }
+
+    /// [`Env::new`], with istio-iptables flags beside the defaults, the same for B's `explain`
+    /// and C's `run`: `flags` makes them from the server's address (a list that must capture
+    /// it, say).
+    pub(crate) fn with_flags(
+        config: Config,
+        agent: &Path,
+        me: &Path,
+        flags: impl FnOnce(SocketAddrV4) -> Vec<String>,
+    ) -> anyhow::Result<Self> {
         let pair = NetnsPair::create("bn")?;
         let cgroup = TestCgroup::create("bn")?;
         // Outbound, the server is the remote host's; inbound, it is the app in the workload.
@@ -186,6 +199,7 @@ impl Env {
             false => serve.arg("--netns").arg(&pair.remote.path),
         };
         let listen = SocketAddrV4::new(server_ip(config, &pair), SERVER_PORT);
+        let flags = flags(listen);
         serve.arg("--listen").arg(listen.to_string());
         let mut server = Guard(serve.stdin(Stdio::null()).stdout(Stdio::piped()).spawn()?);
         if read_line(&mut server.0)? != "ready" {
@@ -213,7 +227,7 @@ impl Env {
         match config {
             Config::Direct | Config::InDirect => {}
             Config::Iptables | Config::InIptables => {
-                iptables_restore(&env.pair.workload.name, &explain_default(agent)?)?;
+                iptables_restore(&env.pair.workload.name, &explain(agent, &flags)?)?;
                 let proxy = Command::new(agent)
                     .arg("proxy")
                     .args(run_args(&[]))
@@ -236,7 +250,8 @@ impl Env {
                     Config::Connect4Copy => &["--relay", "copy"],
                     _ => &[],
                 };
-                let args = run_args(extra);
+                let mut args = run_args(extra);
+                args.extend(flags);
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 env.agent = Some(AgentProcess::start(agent, &env.name, &args)?);
             }
@@ -244,24 +259,34 @@ impl Env {
         Ok(env)
     }
 
-    /// Until something accepts on 127.0.0.1:`port` inside the workload (bounded).
-    fn wait_listening(&self, port: u16) -> anyhow::Result<()> {
+    /// Until something accepts on 127.0.0.1:`port` inside the workload (bounded). A failure
+    /// says how the last attempt failed and whether the proxy is still running: once in a
+    /// dozen runs or so B's proxy has not answered within the bound, cause not yet known.
+    fn wait_listening(&mut self, port: u16) -> anyhow::Result<()> {
         let ns = self.pair.workload.open()?;
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = None;
         while Instant::now() < deadline {
-            let up = ns.run(move || {
+            let attempt = ns.run(move || {
                 Ok(TcpStream::connect_timeout(
                     &SocketAddrV4::new(Ipv4Addr::LOCALHOST, port).into(),
                     Duration::from_millis(200),
-                )
-                .is_ok())
+                ))
             })?;
-            if up {
-                return Ok(());
+            match attempt {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e),
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("nothing listens on {port} in the workload after 10 s")
+        let proxy = match self.proxy.as_mut().map(|g| g.0.try_wait()) {
+            Some(Ok(Some(status))) => format!("the proxy exited ({status})"),
+            Some(Ok(None)) => "the proxy is still running".to_owned(),
+            Some(Err(e)) => format!("the proxy's state is unknown: {e}"),
+            None => "no proxy".to_owned(),
+        };
+        let last = last.map_or_else(|| "no attempt".to_owned(), |e| e.to_string());
+        bail!("nothing listens on {port} in the workload after 10 s (last connect: {last}; {proxy})")
     }
 
     fn server(&self) -> SocketAddrV4 {

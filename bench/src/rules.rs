@@ -7,6 +7,11 @@
 //! enrolled with `-x` and `-i` of N IPv4 CIDRs each and `-o` of N ports, and a process of the
 //! workload that connects to an address with no route (10.201.0.1, in no list, on a port in
 //! none): the walk visits every entry and decides nothing, and the connect fails at once.
+//!
+//! Then what a connection costs end to end with such lists, against istio-iptables' own rules
+//! for them: CRR through B (those rules and `redirect-agent proxy`) and C (`redirect-agent run`
+//! with the same flags), the server's address the last entry of `-i`, so that iptables walks
+//! every `-x`, `-o` and `-i` rule before the one that captures it.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -18,9 +23,17 @@ use anyhow::{Context as _, bail};
 use redirect_testkit::{cgroup::TestCgroup, netns::NamedNetns};
 
 use crate::{
+    goals::rounds_text,
     measure::{BpfStats, map_bytes},
+    orchestrate::{Config, Env},
+    report::median,
     scale::{CONNECTS, Node, ROUNDS, connect4_cost, spread},
 };
+
+/// Interleaved rounds of CRR per list length, B then C in each.
+const CRR_ROUNDS: usize = 3;
+/// How long each CRR run lasts.
+const CRR_RUN: Duration = Duration::from_secs(5);
 
 /// The list lengths measured.
 pub const SIZES: [usize; 3] = [1, 64, 1000];
@@ -40,6 +53,9 @@ pub struct Point {
     pub connect4_ns: Vec<f64>,
     /// Kernel memory of the instance's maps with the workload enrolled.
     pub map_bytes: u64,
+    /// CRR connections/s through B and C with lists of this length, one per round.
+    pub crr_b: Vec<f64>,
+    pub crr_c: Vec<f64>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -61,9 +77,36 @@ fn flags(n: usize) -> Vec<String> {
     ["-x".into(), cidrs(172), "-i".into(), cidrs(10), "-o".into(), ports].into()
 }
 
+/// [`flags`], with the server's address in place of `-i`'s last CIDR: its connections are
+/// captured by the last rule of the list.
+fn capturing(n: usize, server: SocketAddrV4) -> Vec<String> {
+    let mut f = flags(n);
+    let include = &mut f[3];
+    let mut cidrs: Vec<String> = include.split(',').map(str::to_owned).collect();
+    cidrs.pop();
+    cidrs.push(format!("{}/32", server.ip()));
+    *include = cidrs.join(",");
+    f
+}
+
+/// CRR through `config` with lists of `n`: connections per second, failing on any error.
+fn crr(config: Config, n: usize, agent: &Path, me: &Path) -> anyhow::Result<f64> {
+    let env = Env::with_flags(config, agent, me, |server| capturing(n, server))?;
+    let r = env.crr(me, CRR_RUN)?;
+    if r.errors > 0 || r.completed == 0 {
+        bail!(
+            "CRR through {} with lists of {n}: {} errors, {} completed",
+            config.label(),
+            r.errors,
+            r.completed
+        );
+    }
+    Ok(r.per_second)
+}
+
 pub fn run(agent: &Path, me: &Path) -> anyhow::Result<Outcome> {
     let started = Instant::now();
-    let _stats = BpfStats::enable().context("turning kernel.bpf_stats_enabled on")?;
+    let stats = BpfStats::enable().context("turning kernel.bpf_stats_enabled on")?;
     let attach = TestCgroup::create("rules")?;
     let mut node = Node::start(agent, "rules", &attach.path, &[])?;
     let (name, socket, connect4) = (node.name.clone(), node.socket.clone(), node.connect4);
@@ -79,6 +122,15 @@ pub fn run(agent: &Path, me: &Path) -> anyhow::Result<Outcome> {
         eprintln!("rules: lists of {size} measured");
     }
     node.process.stop()?;
+    // bpf_stats times every program run: off for the CRR runs, as in the main bench's.
+    drop(stats);
+    for p in &mut points {
+        for _ in 0..CRR_ROUNDS {
+            p.crr_b.push(crr(Config::Iptables, p.size, agent, me)?);
+            p.crr_c.push(crr(Config::Connect4, p.size, agent, me)?);
+        }
+        eprintln!("rules: CRR with lists of {} measured", p.size);
+    }
     Ok(Outcome {
         points,
         elapsed_s: started.elapsed().as_secs_f64(),
@@ -133,6 +185,8 @@ fn measure(
         enroll_ms,
         connect4_ns: connect4_ns?,
         map_bytes,
+        crr_b: Vec::new(),
+        crr_c: Vec::new(),
     })
 }
 
@@ -143,6 +197,17 @@ pub const MARKERS: (&str, &str) = (
 );
 
 pub fn markdown(o: &Outcome, machine: &crate::report::Machine) -> String {
+    let mut crr_rows = String::new();
+    for p in &o.points {
+        let ratios: Vec<f64> = p.crr_c.iter().zip(&p.crr_b).map(|(c, b)| c / b).collect();
+        crr_rows.push_str(&format!(
+            "| {} | {:.0} | {:.0} | {} |\n",
+            p.size,
+            median(&p.crr_b).unwrap_or(f64::NAN),
+            median(&p.crr_c).unwrap_or(f64::NAN),
+            rounds_text(&ratios),
+        ));
+    }
     let mut rows = String::new();
     for p in &o.points {
         rows.push_str(&format!(
@@ -164,9 +229,20 @@ pub fn markdown(o: &Outcome, machine: &crate::report::Machine) -> String {
          connect is the kernel's own accounting (`kernel.bpf_stats_enabled`), the median of \
          the {rounds} and their range. Goal (issue 19): the same cost at every length.\n\n\
          | N | rules (both families) | connect4 per connect | enroll | map memory |\n\
-         |---|---|---|---|---|\n{rows}",
+         |---|---|---|---|---|\n{rows}\n\
+         CRR with the same lists, the server's address the last entry of `-i` (iptables walks \
+         every `-x`, `-o` and `-i` rule before the one that captures it): **B** \
+         istio-iptables' rules for those flags (`explain`) and `redirect-agent proxy`, **C** \
+         `redirect-agent run` with them, as in the main table ({workers} workers, {size} B each \
+         way, {secs} s per run, {crr_rounds} interleaved rounds; connections/s, medians).\n\n\
+         | N | B iptables | C agent | C/B per round |\n\
+         |---|---:|---:|---|\n{crr_rows}",
         written = machine.written_by("cargo xtask bench --rules", o.elapsed_s),
         connects = CONNECTS,
         rounds = ROUNDS,
+        workers = crate::orchestrate::CRR_WORKERS,
+        size = crate::orchestrate::MESSAGE,
+        secs = CRR_RUN.as_secs(),
+        crr_rounds = CRR_ROUNDS,
     )
 }
