@@ -259,9 +259,12 @@ impl Env {
         Ok(env)
     }
 
-    /// Until something accepts on 127.0.0.1:`port` inside the workload (bounded). A failure
-    /// says how the last attempt failed and whether the proxy is still running: once in a
-    /// dozen runs or so B's proxy has not answered within the bound, cause not yet known.
+    /// Until something accepts on 127.0.0.1:`port` inside the workload (bounded). The proxy
+    /// resets a connection made straight to its port (no original destination), and when
+    /// its RST comes before `connect_timeout`'s poll has seen the handshake complete, the
+    /// connect itself fails with ECONNRESET: an answer from a listener all the same. (Taken
+    /// for a failure, every attempt of 10 s could lose that race, and B's setup failed now and
+    /// then.) A failure says how the last attempt failed and whether the proxy still runs.
     fn wait_listening(&mut self, port: u16) -> anyhow::Result<()> {
         let ns = self.pair.workload.open()?;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -275,6 +278,7 @@ impl Env {
             })?;
             match attempt {
                 Ok(_) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
                 Err(e) => last = Some(e),
             }
             std::thread::sleep(Duration::from_millis(50));
