@@ -64,34 +64,25 @@ pub struct Outcome {
     pub elapsed_s: f64,
 }
 
-/// The flags of a workload with lists of `n`: `-x` 172.16.i.0/24, `-i` 10.220+.i/24 (IPv4, so
-/// that ip6tables' chains stay short), `-o` ports 20000+i.
-fn flags(n: usize) -> Vec<String> {
-    let cidrs = |first: u8| {
-        (0..n)
-            .map(|i| format!("{}.{}.{}.0/24", first, 16 + i / 256, i % 256))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
+/// The flags of a workload with lists of `n`: `-x` 172.16+.i.0/24, `-i` 10.16+.i.0/24 (IPv4, so
+/// that ip6tables' chains stay short), `-o` ports 20000+i. With `capture`, that address is
+/// `-i`'s last entry in place of the last /24: its connections are captured by the list's last
+/// rule.
+fn flags(n: usize, capture: Option<Ipv4Addr>) -> Vec<String> {
+    let cidrs = |first: u8| (0..n).map(move |i| format!("{}.{}.{}.0/24", first, 16 + i / 256, i % 256));
+    let mut include: Vec<String> = cidrs(10).collect();
+    if let Some(ip) = capture {
+        include.pop();
+        include.push(format!("{ip}/32"));
+    }
     let ports = (0..n).map(|i| (20_000 + i).to_string()).collect::<Vec<_>>().join(",");
-    ["-x".into(), cidrs(172), "-i".into(), cidrs(10), "-o".into(), ports].into()
-}
-
-/// [`flags`], with the server's address in place of `-i`'s last CIDR: its connections are
-/// captured by the last rule of the list.
-fn capturing(n: usize, server: SocketAddrV4) -> Vec<String> {
-    let mut f = flags(n);
-    let include = &mut f[3];
-    let mut cidrs: Vec<String> = include.split(',').map(str::to_owned).collect();
-    cidrs.pop();
-    cidrs.push(format!("{}/32", server.ip()));
-    *include = cidrs.join(",");
-    f
+    let exclude = cidrs(172).collect::<Vec<_>>().join(",");
+    ["-x".into(), exclude, "-i".into(), include.join(","), "-o".into(), ports].into()
 }
 
 /// CRR through `config` with lists of `n`: connections per second, failing on any error.
 fn crr(config: Config, n: usize, agent: &Path, me: &Path) -> anyhow::Result<f64> {
-    let env = Env::with_flags(config, agent, me, |server| capturing(n, server))?;
+    let env = Env::with_flags(config, agent, me, |server| flags(n, Some(*server.ip())))?;
     let r = env.crr(me, CRR_RUN)?;
     if r.errors > 0 || r.completed == 0 {
         bail!(
@@ -146,7 +137,7 @@ fn measure(
     size: usize,
     instance: &str,
 ) -> anyhow::Result<Point> {
-    let args = flags(size);
+    let args = flags(size, None);
     let id = format!("lists-{size}");
     let request = redirect_api::Request::Enroll(redirect_api::Enroll {
         id: id.clone(),

@@ -96,8 +96,9 @@ pub(super) fn judge(
             }
         }
     }
-    println!("  TCP in the agent's workload: {}", agent.tcp_events());
-    println!("  TCP in iptables' workload: {}", oracle.tcp_events());
+    let tcp = (agent.tcp_events(), oracle.tcp_events());
+    println!("  TCP in the agent's workload: {}", tcp.0);
+    println!("  TCP in iptables' workload: {}", tcp.1);
     // The message names only what differs (the whole table is printed above it), so that a
     // run's tail, all CI shows, holds the difference.
     if !mismatches.is_empty() || !counter_diffs.is_empty() {
@@ -113,8 +114,8 @@ pub(super) fn judge(
             counter_diffs.join("\n"),
             agent.counters(),
             oracle.counters(),
-            agent.tcp_events(),
-            oracle.tcp_events()
+            tcp.0,
+            tcp.1
         );
     }
     // Sanity: every phase exercised both kinds of landing, so equality means something.

@@ -130,9 +130,7 @@ impl Twin {
         // The servers' [::] listeners are V6ONLY, as Envoy's are, so that they and the 0.0.0.0
         // ones share their ports (each family's connections on its own listener, each asked
         // its original destination at its own level). The probes set V6ONLY themselves.
-        for ns in [&twin.pair.workload, &twin.pair.remote] {
-            ns.sysctl("net.ipv6.bindv6only", "1").expect("bindv6only");
-        }
+        //
         // No tail loss probes: both twins must send the same segments, and a TLP fires after a
         // few milliseconds without an ACK, which a loaded machine makes a matter of timing. The
         // one that counts is a server's FIN sent again after the client had acknowledged it:
@@ -141,6 +139,7 @@ impl Twin {
         // the oracle's SYN-only copies count nothing. (An RTO-driven resend needs 200 ms
         // without an ACK.) A stray's own judgement is `hardening_stray.rs`'s subject.
         for ns in [&twin.pair.workload, &twin.pair.remote] {
+            ns.sysctl("net.ipv6.bindv6only", "1").expect("bindv6only");
             ns.sysctl("net.ipv4.tcp_early_retrans", "0").expect("tcp_early_retrans");
         }
         // The remote host routes ::6 back to the pod (a host route, not a default one), and
