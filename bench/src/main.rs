@@ -18,6 +18,7 @@ mod goals;
 mod load;
 mod measure;
 mod memory;
+mod nft;
 mod orchestrate;
 mod profile;
 mod proto;

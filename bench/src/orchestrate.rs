@@ -1,5 +1,5 @@
 //! One benchmark run: every configuration in a fresh namespace pair and cgroup, interleaved
-//! round by round (A B C D C0 Cc Ai Bi Ci, A B C ...) so that drift on the machine lands on all
+//! round by round (A B Bn C D C0 Cc Ai Bi Ci, A B Bn ...) so that drift on the machine lands on all
 //! of them.
 
 use std::{
@@ -20,6 +20,7 @@ use crate::{
     load::LoadResult,
     measure::{BpfStats, process_cpu_seconds, prog_stats},
     memory::{self, Memory},
+    nft,
 };
 
 pub const SERVER_PORT: u16 = 8080;
@@ -30,6 +31,9 @@ pub enum Config {
     Direct,
     /// B: istio-iptables' default rules (from `explain`) and `redirect-agent proxy`.
     Iptables,
+    /// Bn: the same capture as Istio's native nftables backend writes it (`--native-nftables`,
+    /// Istio 1.27+), and `redirect-agent proxy`.
+    Nftables,
     /// C: the agent with its defaults and its embedded proxy.
     Connect4,
     /// D: C with `--fast-path` (sk_msg between the app and the proxy).
@@ -53,6 +57,7 @@ impl Config {
         match self {
             Self::Direct => "A direct",
             Self::Iptables => "B iptables + proxy",
+            Self::Nftables => "Bn nftables + proxy",
             Self::Connect4 => "C connect4 + proxy",
             Self::FastPath => "D connect4 + sk_msg + proxy",
             Self::Connect4Idle => "C0 connect4, no match",
@@ -226,8 +231,12 @@ impl Env {
         };
         match config {
             Config::Direct | Config::InDirect => {}
-            Config::Iptables | Config::InIptables => {
-                iptables_restore(&env.pair.workload.name, &explain(agent, &flags)?)?;
+            Config::Iptables | Config::InIptables | Config::Nftables => {
+                let rules = explain(agent, &flags)?;
+                match config {
+                    Config::Nftables => nft::load(&env.pair.workload.name, &nft::from_iptables_save(&rules)?)?,
+                    _ => iptables_restore(&env.pair.workload.name, &rules)?,
+                }
                 let proxy = Command::new(agent)
                     .arg("proxy")
                     .args(run_args(&[]))
@@ -336,6 +345,48 @@ impl Env {
             secs(duration),
         ];
         self.client(me, &args)
+    }
+
+    /// Connections B's or Bn's rules have sent to the proxy so far (the packets ISTIO_REDIRECT's
+    /// REDIRECT counted: a nat rule sees a connection's first packet only); `None` for the
+    /// configurations without such rules.
+    pub(crate) fn redirected(&self) -> anyhow::Result<Option<u64>> {
+        let ns = &self.pair.workload.name;
+        Ok(match self.config {
+            Config::Nftables => Some(nft::first_rule_packets(ns, "istio-redirect")?),
+            Config::Iptables => {
+                let out = Command::new("ip")
+                    .args(["netns", "exec", ns, "iptables-save", "-c", "-t", "nat"])
+                    .output()?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                let line = text
+                    .lines()
+                    .find(|l| l.contains("-A ISTIO_REDIRECT "))
+                    .context("no ISTIO_REDIRECT rule in the workload's nat table")?;
+                let packets = line.strip_prefix('[').and_then(|l| l.split(':').next());
+                Some(
+                    packets
+                        .and_then(|p| p.parse().ok())
+                        .with_context(|| format!("no counter: {line}"))?,
+                )
+            }
+            _ => None,
+        })
+    }
+
+    /// A CRR that completed `completed` connections while the redirect count went from
+    /// `before` to now: a configuration whose rules let connections go direct measured A.
+    pub(crate) fn check_redirected(&self, before: Option<u64>, completed: u64) -> anyhow::Result<()> {
+        if let (Some(before), Some(after)) = (before, self.redirected()?)
+            && after - before < completed
+        {
+            bail!(
+                "{}: its rules redirected {} of the {completed} connections the client completed",
+                self.config.label(),
+                after - before
+            );
+        }
+        Ok(())
     }
 
     /// `nf_conntrack_count` of the workload's namespace (read from inside it: /proc/sys/net
@@ -476,9 +527,10 @@ fn crr_with_cpu(
     samples: &mut Samples,
     keys: (&'static str, &'static str),
 ) -> anyhow::Result<()> {
-    let cpu0 = env.cpu_seconds();
+    let (cpu0, redirected) = (env.cpu_seconds(), env.redirected()?);
     let crr = env.crr(me, plan.crr)?;
     let cpu = env.cpu_seconds() - cpu0;
+    env.check_redirected(redirected, crr.completed)?;
     if crr.errors > 0 {
         eprintln!("bench: {}: {} CRR errors", config.label(), crr.errors);
     }
@@ -550,6 +602,7 @@ pub fn run(plan: &Plan, agent: &Path) -> anyhow::Result<Outcome> {
     let order = [
         Config::Direct,
         Config::Iptables,
+        Config::Nftables,
         Config::Connect4,
         Config::FastPath,
         Config::Connect4Idle,

@@ -186,13 +186,13 @@ pub fn markdown(out: &Outcome, plan: &Plan, m: &Machine) -> String {
     let _ = writeln!(
         s,
         "- Machine: {}, {} cores, {}; kernel {}.\n- Mode: {} ({} round{}, configurations interleaved \
-         A B C D C0 Cc Ai Bi Ci in each), each configuration in a fresh namespace pair and cgroup; client in the \
+         A B Bn C D C0 Cc Ai Bi Ci in each), each configuration in a fresh namespace pair and cgroup; client in the \
          workload (10.200.1.1), server on the remote host namespace (10.200.1.2) across a veth.\n\
          - CRR: a new connection per request, {} B each way, {} workers, {} s. RR: persistent \
          connections at a fixed total rate ({} req/s on 1 connection, {} req/s over 64), {} B \
          each way, {} s; latency from each request's scheduled time. STREAM: one connection, {} s \
          per write size.\n- CPU for CRR: the workload cgroup's `cpu.stat` usage (client, and \
-         B's proxy, which runs in it) plus the agent process (C, D), per 10,000 connections. The \
+         B's and Bn's proxy, which runs in it) plus the agent process (C, D), per 10,000 connections. The \
          remote server's CPU is not counted.\n- Values are medians over the rounds.\n",
         m.cpu,
         m.cores,
@@ -214,7 +214,11 @@ pub fn markdown(out: &Outcome, plan: &Plan, m: &Machine) -> String {
         s,
         "Configurations: **A** direct (no interception); **B** istio-iptables' default nat rules \
          (`redirect-agent explain` through iptables-restore) and `redirect-agent proxy` (original \
-         destinations from SO_ORIGINAL_DST); **C** `redirect-agent run` with its defaults and its \
+         destinations from SO_ORIGINAL_DST); **Bn** the same capture as Istio's native nftables \
+         backend writes it (`--native-nftables`, Istio 1.27+: `inet istio-proxy-nat`, one nft rule \
+         per iptables rule, a `counter` on each; docs/research/istio-nftables.md) and that proxy; \
+         B's and Bn's runs fail unless their REDIRECT counted every connection the client \
+         completed; **C** `redirect-agent run` with its defaults and its \
          embedded proxy; **C0** C's programs attached with `-i '' -b ''`, so that no rule \
          redirects the client (the cost of connect4 alone); **D** C with `--fast-path` (sk_msg \
          hands bytes between the app and the proxy's 15001 socket; the proxy's leg to the \
@@ -225,29 +229,33 @@ pub fn markdown(out: &Outcome, plan: &Plan, m: &Machine) -> String {
     );
     let _ = writeln!(
         s,
-        "| metric | A direct | B iptables | C connect4 | D sk_msg | B/A | C/A | D/A | C/B | D/C |"
+        "| metric | A direct | B iptables | Bn nftables | C connect4 | D sk_msg | B/A | Bn/A | C/A | D/A | C/B | C/Bn | D/C |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for metric in METRICS {
-        let (a, b, c, d) = (
+        let (a, b, bn, c, d) = (
             med(s_, metric.key, Config::Direct),
             med(s_, metric.key, Config::Iptables),
+            med(s_, metric.key, Config::Nftables),
             med(s_, metric.key, Config::Connect4),
             med(s_, metric.key, Config::FastPath),
         );
         let _ = writeln!(
             s,
-            "| {} {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             metric.label,
             if metric.higher_is_better { "↑" } else { "↓" },
             num(a),
             num(b),
+            num(bn),
             num(c),
             num(d),
             ratio_text(ratio(b, a)),
+            ratio_text(ratio(bn, a)),
             ratio_text(ratio(c, a)),
             ratio_text(ratio(d, a)),
             ratio_text(ratio(c, b)),
+            ratio_text(ratio(c, bn)),
             ratio_text(ratio(d, c)),
         );
     }
@@ -255,12 +263,18 @@ pub fn markdown(out: &Outcome, plan: &Plan, m: &Machine) -> String {
         let _ = writeln!(
             s,
             "\nRound to round (lowest–highest of the {} rounds), to judge the medians by:\n\n\
-             | metric | A direct | B iptables | C connect4 | D sk_msg |\n|---|---:|---:|---:|---:|",
+             | metric | A direct | B iptables | Bn nftables | C connect4 | D sk_msg |\n|---|---:|---:|---:|---:|---:|",
             plan.rounds
         );
         for metric in METRICS {
             let _ = write!(s, "| {} |", metric.label);
-            for c in [Config::Direct, Config::Iptables, Config::Connect4, Config::FastPath] {
+            for c in [
+                Config::Direct,
+                Config::Iptables,
+                Config::Nftables,
+                Config::Connect4,
+                Config::FastPath,
+            ] {
                 let _ = write!(s, " {} |", spread(s_, metric.key, c));
             }
             let _ = writeln!(s);

@@ -9,8 +9,8 @@
 //! none): the walk visits every entry and decides nothing, and the connect fails at once.
 //!
 //! Then what a connection costs end to end with such lists, against istio-iptables' own rules
-//! for them: CRR through B (those rules and `redirect-agent proxy`) and C (`redirect-agent run`
-//! with the same flags), the server's address the last entry of `-i`, so that iptables walks
+//! for them: CRR through B (those rules and `redirect-agent proxy`), Bn (the same as Istio's
+//! nftables backend writes them) and C (`redirect-agent run` with the same flags), the server's address the last entry of `-i`, so that iptables walks
 //! every `-x`, `-o` and `-i` rule before the one that captures it.
 
 use std::{
@@ -30,7 +30,7 @@ use crate::{
     scale::{CONNECTS, Node, ROUNDS, connect4_cost, spread},
 };
 
-/// Interleaved rounds of CRR per list length, B then C in each.
+/// Interleaved rounds of CRR per list length, B, Bn then C in each.
 const CRR_ROUNDS: usize = 3;
 /// How long each CRR run lasts.
 const CRR_RUN: Duration = Duration::from_secs(5);
@@ -53,8 +53,9 @@ pub struct Point {
     pub connect4_ns: Vec<f64>,
     /// Kernel memory of the instance's maps with the workload enrolled.
     pub map_bytes: u64,
-    /// CRR connections/s through B and C with lists of this length, one per round.
+    /// CRR connections/s through B, Bn and C with lists of this length, one per round.
     pub crr_b: Vec<f64>,
+    pub crr_bn: Vec<f64>,
     pub crr_c: Vec<f64>,
 }
 
@@ -83,7 +84,9 @@ fn flags(n: usize, capture: Option<Ipv4Addr>) -> Vec<String> {
 /// CRR through `config` with lists of `n`: connections per second, failing on any error.
 fn crr(config: Config, n: usize, agent: &Path, me: &Path) -> anyhow::Result<f64> {
     let env = Env::with_flags(config, agent, me, |server| flags(n, Some(*server.ip())))?;
+    let redirected = env.redirected()?;
     let r = env.crr(me, CRR_RUN)?;
+    env.check_redirected(redirected, r.completed)?;
     if r.errors > 0 || r.completed == 0 {
         bail!(
             "CRR through {} with lists of {n}: {} errors, {} completed",
@@ -118,6 +121,7 @@ pub fn run(agent: &Path, me: &Path) -> anyhow::Result<Outcome> {
     for p in &mut points {
         for _ in 0..CRR_ROUNDS {
             p.crr_b.push(crr(Config::Iptables, p.size, agent, me)?);
+            p.crr_bn.push(crr(Config::Nftables, p.size, agent, me)?);
             p.crr_c.push(crr(Config::Connect4, p.size, agent, me)?);
         }
         eprintln!("rules: CRR with lists of {} measured", p.size);
@@ -177,6 +181,7 @@ fn measure(
         connect4_ns: connect4_ns?,
         map_bytes,
         crr_b: Vec::new(),
+        crr_bn: Vec::new(),
         crr_c: Vec::new(),
     })
 }
@@ -190,13 +195,15 @@ pub const MARKERS: (&str, &str) = (
 pub fn markdown(o: &Outcome, machine: &crate::report::Machine) -> String {
     let mut crr_rows = String::new();
     for p in &o.points {
-        let ratios: Vec<f64> = p.crr_c.iter().zip(&p.crr_b).map(|(c, b)| c / b).collect();
+        let over = |d: &[f64]| rounds_text(&p.crr_c.iter().zip(d).map(|(c, d)| c / d).collect::<Vec<_>>());
         crr_rows.push_str(&format!(
-            "| {} | {:.0} | {:.0} | {} |\n",
+            "| {} | {:.0} | {:.0} | {:.0} | {} | {} |\n",
             p.size,
             median(&p.crr_b).unwrap_or(f64::NAN),
+            median(&p.crr_bn).unwrap_or(f64::NAN),
             median(&p.crr_c).unwrap_or(f64::NAN),
-            rounds_text(&ratios),
+            over(&p.crr_b),
+            over(&p.crr_bn),
         ));
     }
     let mut rows = String::new();
@@ -223,11 +230,12 @@ pub fn markdown(o: &Outcome, machine: &crate::report::Machine) -> String {
          |---|---|---|---|---|\n{rows}\n\
          CRR with the same lists, the server's address the last entry of `-i` (iptables walks \
          every `-x`, `-o` and `-i` rule before the one that captures it): **B** \
-         istio-iptables' rules for those flags (`explain`) and `redirect-agent proxy`, **C** \
-         `redirect-agent run` with them, as in the main table ({workers} workers, {size} B each \
+         istio-iptables' rules for those flags (`explain`) and `redirect-agent proxy`, **Bn** the \
+         same rules as Istio's nftables backend writes them (one rule per entry, as there) and \
+         that proxy, **C** `redirect-agent run` with them, as in the main table ({workers} workers, {size} B each \
          way, {secs} s per run, {crr_rounds} interleaved rounds; connections/s, medians).\n\n\
-         | N | B iptables | C agent | C/B per round |\n\
-         |---|---:|---:|---|\n{crr_rows}",
+         | N | B iptables | Bn nftables | C agent | C/B per round | C/Bn per round |\n\
+         |---|---:|---:|---:|---|---|\n{crr_rows}",
         written = machine.written_by("cargo xtask bench --rules", o.elapsed_s),
         connects = CONNECTS,
         rounds = ROUNDS,

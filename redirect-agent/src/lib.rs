@@ -31,5 +31,8 @@ pub mod tproxy_route;
 mod validate;
 
 pub use cli::main;
+/// istio-iptables' flags to a capture config, as an enrollment reads them (the benchmark's tests
+/// build `explain`'s tables from the flags it runs with).
+pub use flags::parse_args;
 /// Proxied connections that a descriptor limit holds (the benchmark sizes its load by it).
 pub use proxy::connections_fitting;

@@ -119,6 +119,8 @@ const APT: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("bpftool", "bpftool"),
     ("iptables-restore", "iptables"),
+    // The bench's Bn: Istio's nftables backend (`--native-nftables`) as a second baseline.
+    ("nft", "nftables"),
     // A real container runtime for the runtime tests and `image`: podman with runc (crun
     // refuses hybrid cgroups), its pause process, and the reference CNI plugins it chains
     // redirect-cni after.
