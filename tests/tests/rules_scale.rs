@@ -293,6 +293,32 @@ fn inbound_port_list_of_a_thousand() {
     });
 }
 
+/// The same `-b` list in TPROXY mode: mangle's ISTIO_INBOUND holds two rules per port (a
+/// RELATED,ESTABLISHED jump to ISTIO_DIVERT, then one to ISTIO_TPROXY), packed as two sets.
+#[test]
+fn tproxy_inbound_port_list_of_a_thousand() {
+    const DIALED: &[u16] = &[31000, 32000, 33000];
+    let b = list(
+        LONG,
+        vec![
+            (0, 9080),
+            (1, 15008),
+            (LONG / 2, 31000),
+            (3 * LONG / 4, 31000),
+            (LONG - 1, 32000),
+        ],
+        filler_ports(1, DIALED),
+    );
+    check_ports(&b, &[0, LONG / 2, LONG - 1], &[9080, 31000, 32000]);
+    differential(Config {
+        name: "-m TPROXY, -b with 1,000 ports",
+        flags: leak(vec!["-m".into(), "TPROXY".into(), "-b".into(), b.join(",")]),
+        ports: DIALED,
+        flag_ports: false,
+        ..Config::BASE
+    });
+}
+
 /// `-b '*'` with a `-d` list of [`LONG`] ports, in place of the default 15090,15021,15020.
 #[test]
 fn inbound_exclude_list_of_a_thousand() {

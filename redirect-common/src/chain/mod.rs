@@ -66,7 +66,7 @@ impl core::fmt::Display for TooManyRules {
             "these flags need {} entries in {}' chains once their CIDR and port lists are \
              packed; redirect holds at most {MAX_RULES_PER_FAMILY} per family (shorten the lists \
              it cannot pack: -u/-g owner ids, -c/-k interfaces, \
-             ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE, or -b with -m TPROXY)",
+             or ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE)",
             self.needed,
             self.family.iptables()
         )

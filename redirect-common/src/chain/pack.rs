@@ -21,7 +21,10 @@
 //! - Repeated members (the same CIDR or pair twice) end a run too, so each member has its own
 //!   key and `stats` can list every rule from the maps.
 
-use std::{collections::HashMap, vec::Vec};
+use std::{
+    collections::{HashMap, HashSet},
+    vec::Vec,
+};
 
 use super::TooManyRules;
 use crate::{
@@ -78,6 +81,27 @@ pub fn pack(rules: &[Rule]) -> Result<Packed, TooManyRules> {
         let mut i = 0;
         while i < of_family.len() {
             let index = half * MAX_RULES_PER_FAMILY + packed.entries[half].len();
+            if let Some((width, tuples)) = tuple_run_at(&of_family[i..]) {
+                // One port set entry per position of the tuples, in the tuples' order.
+                for pos in 0..width {
+                    let index = index + pos;
+                    let mut entry = of_family[i + pos];
+                    entry.has = (entry.has & !m::DPORT) | m::PORT_SET;
+                    (entry.proto, entry.dport, entry.slot) = (0, 0, 0);
+                    packed.ports.extend((0..tuples).map(|t| {
+                        let r = &of_family[i + t * width + pos];
+                        PortMember {
+                            entry: index as u16,
+                            proto: r.proto,
+                            port: r.dport,
+                            member: SetMember::new(r.slot, r.slot),
+                        }
+                    }));
+                    packed.entries[half].push(entry);
+                }
+                i += width * tuples;
+                continue;
+            }
             let (run, kind) = run_at(&of_family[i..]);
             let mut entry = of_family[i];
             match kind {
@@ -114,6 +138,42 @@ pub fn pack(rules: &[Rule]) -> Result<Packed, TooManyRules> {
         }
     }
     Ok(packed)
+}
+
+/// A run of *tuples* at `rules[0]`: `width` (≥ 2) consecutive rules on one protocol and port,
+/// then again on another pair, `tuples` (≥ [`MIN_RUN`]) times, each position keeping one shape
+/// and no pair repeated, as TPROXY mode's `-b` writes them (per port, a RELATED,ESTABLISHED
+/// jump to ISTIO_DIVERT, then a jump to ISTIO_TPROXY). Packed as one port set per position,
+/// in position order. Exact: a packet can only match the rules of its own pair's tuple (the
+/// others name other ports), and those stay in their order, each answering from its own set
+/// with at most one member; so whatever the targets do (end the walk or go on), the same
+/// rules count in the same order and the same one decides.
+fn tuple_run_at(rules: &[Rule]) -> Option<(usize, usize)> {
+    let port_rule = |r: &Rule| r.has & m::DPORT != 0 && r.neg & m::DPORT == 0 && r.proto != 0;
+    let pair = |r: &Rule| (r.proto, r.dport);
+    let first = rules.first().filter(|r| port_rule(r))?;
+    let width = rules
+        .iter()
+        .take_while(|r| port_rule(r) && pair(r) == pair(first))
+        .count();
+    if width < 2 {
+        return None;
+    }
+    let shape = |r: &Rule| {
+        let mut x = *r;
+        (x.slot, x.proto, x.dport) = (0, 0, 0);
+        x
+    };
+    let mut seen = HashSet::from([pair(first)]);
+    let mut tuples = 1;
+    while let Some(next) = rules.get(tuples * width..(tuples + 1) * width) {
+        let same = next.iter().zip(&rules[..width]).all(|(r, f)| shape(r) == shape(f));
+        if !same || next.iter().any(|r| !port_rule(r) || pair(r) != pair(&next[0])) || !seen.insert(pair(&next[0])) {
+            break;
+        }
+        tuples += 1;
+    }
+    (tuples >= MIN_RUN).then_some((width, tuples))
 }
 
 /// The run that starts at `rules[0]` and what varies in it: it alone, or it and the rules

@@ -75,6 +75,9 @@ fn random_chain(rng: &mut Rng) -> Vec<Rule> {
         for _ in 0..rng.below(12) + 1 {
             rules.push(random_rule(rng, &shape, kind));
         }
+        if rng.below(3) == 0 {
+            tuples(rng, &mut rules);
+        }
         if rng.below(4) == 0 {
             rules.push(Rule::new(Family::V4, ChainId::Output, Target::Return));
             rules.last_mut().unwrap().has |= m::GID;
@@ -86,14 +89,48 @@ fn random_chain(rng: &mut Rng) -> Vec<Rule> {
     rules
 }
 
+/// Tuples of rules on one port, as TPROXY's `-b` writes them (a RELATED,ESTABLISHED divert,
+/// then a jump to ISTIO_TPROXY), 1 to 3 rules each, with a port now and then repeated (which
+/// ends the run of tuples) or a tuple cut short.
+fn tuples(rng: &mut Rng, rules: &mut Vec<Rule>) {
+    let width = rng.below(3) as usize + 1;
+    let shapes: Vec<Rule> = (0..width)
+        .map(|_| {
+            let mut r = Rule::new(
+                Family::V4,
+                ChainId::Output,
+                rng.pick(&[Target::Divert, Target::JumpTproxy, Target::Return, Target::Redirect]),
+            );
+            if rng.below(2) == 0 {
+                r.has |= m::ESTABLISHED;
+            }
+            r.has |= m::DPORT;
+            r
+        })
+        .collect();
+    let proto = rng.pick(&[IPPROTO_TCP, IPPROTO_UDP]);
+    for _ in 0..rng.below(6) + 1 {
+        let port = rng.pick(&[53, 80, 81, 82, 8080]);
+        let cut = if rng.below(8) == 0 { 1 } else { width };
+        for shape in &shapes[..cut] {
+            let mut r = *shape;
+            (r.proto, r.dport) = (proto, port);
+            rules.push(r);
+        }
+    }
+}
+
 /// What a walk decided, and the slots it counted.
 type Walked = (Option<u8>, Vec<u32>);
 
 /// After a matching rule (or member) with target `t`: whether the walk goes on, as
 /// `redirect_walk_chain` does for a counted walk of nat's chains.
+/// A jump to ISTIO_TPROXY goes on when that chain's one rule does not match: here, for a
+/// connection to port 53 (a stand-in for the walk's own flag).
 fn passes(t: u8, facts: &ConnFacts) -> bool {
     t == Target::JumpDns as u8
         || (facts.proto == IPPROTO_UDP && (t == Target::Redirect as u8 || t == Target::InRedirect as u8))
+        || (t == Target::JumpTproxy as u8 && facts.dst_port == 53)
 }
 
 /// iptables: every rule in order.
@@ -159,7 +196,7 @@ fn facts(rng: &mut Rng) -> ConnFacts {
         in_owner_groups: false,
         ifaces: 0,
         mark: 0,
-        established: false,
+        established: rng.below(2) == 0,
     }
 }
 
@@ -246,4 +283,41 @@ fn nested_cidrs_split_a_redirect_run_but_not_a_return_run() {
     assert_eq!(p.entries[0].len(), 1);
     let inner = p.cidrs.iter().find(|c| c.member.own == 2).unwrap();
     assert_eq!(inner.member.decides, 0);
+}
+
+/// TPROXY mode's `-b` writes two rules per port (a RELATED,ESTABLISHED divert, then the jump
+/// to ISTIO_TPROXY): a thousand ports are two set entries, one per rule of the pair.
+#[test]
+fn tproxy_inbound_ports_of_a_thousand_are_two_entries() {
+    let ports: Vec<u16> = (20_000..21_000).collect();
+    let cfg = config::CaptureConfig {
+        inbound_mode: config::InterceptionMode::Tproxy,
+        inbound_ports: config::Include::List(ports.clone()),
+        ..Default::default()
+    };
+    let rules = compile(&cfg).unwrap();
+    let packed = pack(&rules).unwrap();
+    for f in 0..2 {
+        let sets: Vec<&Rule> = packed.entries[f].iter().filter(|e| e.has & m::PORT_SET != 0).collect();
+        let targets: Vec<u8> = sets.iter().map(|e| e.target).collect();
+        assert_eq!(
+            targets,
+            [Target::Divert as u8, Target::JumpTproxy as u8],
+            "{:#?}",
+            packed.entries[f]
+        );
+        assert!(sets[0].has & m::ESTABLISHED != 0);
+    }
+    assert_eq!(packed.ports.len(), 2 * 2 * ports.len());
+    let entries: Vec<(usize, Rule)> = packed
+        .entries
+        .iter()
+        .enumerate()
+        .flat_map(|(f, e)| {
+            e.iter()
+                .enumerate()
+                .map(move |(i, r)| (f * MAX_RULES_PER_FAMILY + i, *r))
+        })
+        .collect();
+    assert_eq!(unpack(&entries, &packed.cidrs, &packed.ports), rules);
 }
