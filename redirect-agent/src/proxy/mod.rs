@@ -183,6 +183,9 @@ async fn accept_loop(
     shared: Arc<Shared>,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
+    // Accepted sockets inherit TCP_NODELAY from their listener (the child is a copy of it):
+    // set once here rather than once per connection.
+    let _ = socket2::SockRef::from(&listener).set_tcp_nodelay(true);
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -320,7 +323,7 @@ async fn serve(client: TcpStream, peer: SocketAddr, side: Side, shared: &Shared)
     let _enrolled = (side == Side::Inbound)
         .then(|| shared.fast_path.as_ref().and_then(|f| Enrolled::new(f, &upstream)))
         .flatten();
-    let _ = client.set_nodelay(true);
+    // The client's is its listener's (`accept_loop`).
     let _ = upstream.set_nodelay(true);
     // An error on either side, or the task aborted at the end of a drain, resets both: an
     // abort passed on as a clean close would make a cut stream look complete.
