@@ -14,6 +14,7 @@ use std::{
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod baseline;
 mod goals;
 mod load;
 mod measure;

@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader},
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -17,10 +17,10 @@ use redirect_common::programs;
 use redirect_testkit::{agent::AgentProcess, cgroup::TestCgroup, netns::NetnsPair, unique};
 
 use crate::{
+    baseline,
     load::LoadResult,
     measure::{BpfStats, process_cpu_seconds, prog_stats},
     memory::{self, Memory},
-    nft,
 };
 
 pub const SERVER_PORT: u16 = 8080;
@@ -153,29 +153,6 @@ pub(crate) fn read_line(child: &mut Child) -> anyhow::Result<String> {
     Ok(line.trim().to_owned())
 }
 
-/// istio-iptables' rules for `flags`, as `redirect-agent explain` writes them.
-fn explain(agent: &Path, flags: &[String]) -> anyhow::Result<String> {
-    let out = Command::new(agent).arg("explain").args(flags).output()?;
-    if !out.status.success() {
-        bail!("explain: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8(out.stdout)?)
-}
-
-fn iptables_restore(netns: &str, text: &str) -> anyhow::Result<()> {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", netns, "iptables-restore"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("iptables-restore: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
-
 impl Env {
     pub(crate) fn new(config: Config, agent: &Path, me: &Path) -> anyhow::Result<Self> {
         Self::with_flags(config, agent, me, |_| Vec::new())
@@ -232,11 +209,7 @@ impl Env {
         match config {
             Config::Direct | Config::InDirect => {}
             Config::Iptables | Config::InIptables | Config::Nftables => {
-                let rules = explain(agent, &flags)?;
-                match config {
-                    Config::Nftables => nft::load(&env.pair.workload.name, &nft::from_iptables_save(&rules)?)?,
-                    _ => iptables_restore(&env.pair.workload.name, &rules)?,
-                }
+                baseline::install(config, agent, &flags, &env.pair.workload.name)?;
                 let proxy = Command::new(agent)
                     .arg("proxy")
                     .args(run_args(&[]))
@@ -347,31 +320,9 @@ impl Env {
         self.client(me, &args)
     }
 
-    /// Connections B's or Bn's rules have sent to the proxy so far (the packets ISTIO_REDIRECT's
-    /// REDIRECT counted: a nat rule sees a connection's first packet only); `None` for the
-    /// configurations without such rules.
+    /// Connections B's or Bn's rules have sent to the proxy so far; `None` for the others.
     pub(crate) fn redirected(&self) -> anyhow::Result<Option<u64>> {
-        let ns = &self.pair.workload.name;
-        Ok(match self.config {
-            Config::Nftables => Some(nft::first_rule_packets(ns, "istio-redirect")?),
-            Config::Iptables => {
-                let out = Command::new("ip")
-                    .args(["netns", "exec", ns, "iptables-save", "-c", "-t", "nat"])
-                    .output()?;
-                let text = String::from_utf8_lossy(&out.stdout);
-                let line = text
-                    .lines()
-                    .find(|l| l.contains("-A ISTIO_REDIRECT "))
-                    .context("no ISTIO_REDIRECT rule in the workload's nat table")?;
-                let packets = line.strip_prefix('[').and_then(|l| l.split(':').next());
-                Some(
-                    packets
-                        .and_then(|p| p.parse().ok())
-                        .with_context(|| format!("no counter: {line}"))?,
-                )
-            }
-            _ => None,
-        })
+        baseline::redirected(self.config, &self.pair.workload.name)
     }
 
     /// A CRR that completed `completed` connections while the redirect count went from

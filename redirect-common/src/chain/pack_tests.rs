@@ -243,17 +243,7 @@ fn a_thousand_cidrs_and_ports_are_one_entry_each() {
     assert_eq!(packed.cidrs.len(), 2_001);
     // -o's in both families, -b's in both.
     assert_eq!(packed.ports.len(), 2 * (2_000 + 1_000));
-    let entries: Vec<(usize, Rule)> = packed
-        .entries
-        .iter()
-        .enumerate()
-        .flat_map(|(f, e)| {
-            e.iter()
-                .enumerate()
-                .map(move |(i, r)| (f * MAX_RULES_PER_FAMILY + i, *r))
-        })
-        .collect();
-    assert_eq!(unpack(&entries, &packed.cidrs, &packed.ports), rules);
+    assert_eq!(unpacked(&packed), rules);
 }
 
 /// A REDIRECT a UDP flow walks past counts every rule it matches, so its run must not hold
@@ -285,6 +275,21 @@ fn nested_cidrs_split_a_redirect_run_but_not_a_return_run() {
     assert_eq!(inner.member.decides, 0);
 }
 
+/// Both families' entries unpacked, as `stats` reads them from the maps.
+fn unpacked(packed: &Packed) -> Vec<Rule> {
+    let entries: Vec<(usize, Rule)> = packed
+        .entries
+        .iter()
+        .enumerate()
+        .flat_map(|(f, e)| {
+            e.iter()
+                .enumerate()
+                .map(move |(i, r)| (f * MAX_RULES_PER_FAMILY + i, *r))
+        })
+        .collect();
+    unpack(&entries, &packed.cidrs, &packed.ports)
+}
+
 /// TPROXY mode's `-b` writes two rules per port (a RELATED,ESTABLISHED divert, then the jump
 /// to ISTIO_TPROXY): a thousand ports are two set entries, one per rule of the pair.
 #[test]
@@ -309,15 +314,5 @@ fn tproxy_inbound_ports_of_a_thousand_are_two_entries() {
         assert!(sets[0].has & m::ESTABLISHED != 0);
     }
     assert_eq!(packed.ports.len(), 2 * 2 * ports.len());
-    let entries: Vec<(usize, Rule)> = packed
-        .entries
-        .iter()
-        .enumerate()
-        .flat_map(|(f, e)| {
-            e.iter()
-                .enumerate()
-                .map(move |(i, r)| (f * MAX_RULES_PER_FAMILY + i, *r))
-        })
-        .collect();
-    assert_eq!(unpack(&entries, &packed.cidrs, &packed.ports), rules);
+    assert_eq!(unpacked(&packed), rules);
 }
