@@ -84,19 +84,8 @@ pub fn pack(rules: &[Rule]) -> Result<Packed, TooManyRules> {
             if let Some((width, tuples)) = tuple_run_at(&of_family[i..]) {
                 // One port set entry per position of the tuples, in the tuples' order.
                 for pos in 0..width {
-                    let index = index + pos;
-                    let mut entry = of_family[i + pos];
-                    entry.has = (entry.has & !m::DPORT) | m::PORT_SET;
-                    (entry.proto, entry.dport, entry.slot) = (0, 0, 0);
-                    packed.ports.extend((0..tuples).map(|t| {
-                        let r = &of_family[i + t * width + pos];
-                        PortMember {
-                            entry: index as u16,
-                            proto: r.proto,
-                            port: r.dport,
-                            member: SetMember::new(r.slot, r.slot),
-                        }
-                    }));
+                    let members = (0..tuples).map(|t| &of_family[i + t * width + pos]);
+                    let entry = port_set(&of_family[i + pos], members, index + pos, &mut packed.ports);
                     packed.entries[half].push(entry);
                 }
                 i += width * tuples;
@@ -111,14 +100,7 @@ pub fn pack(rules: &[Rule]) -> Result<Packed, TooManyRules> {
                     packed.cidrs.extend(cidr_members(run, index as u32));
                 }
                 Some(Kind::Port) if run.len() >= MIN_RUN => {
-                    entry.has = (entry.has & !m::DPORT) | m::PORT_SET;
-                    (entry.proto, entry.dport, entry.slot) = (0, 0, 0);
-                    packed.ports.extend(run.iter().map(|r| PortMember {
-                        entry: index as u16,
-                        proto: r.proto,
-                        port: r.dport,
-                        member: SetMember::new(r.slot, r.slot),
-                    }));
+                    entry = port_set(&entry, run.iter(), index, &mut packed.ports)
                 }
                 // A rule on its own.
                 _ => {
@@ -140,6 +122,26 @@ pub fn pack(rules: &[Rule]) -> Result<Packed, TooManyRules> {
     Ok(packed)
 }
 
+/// The port set entry at `index` for `members` (rules of one shape, each on its own pair, the
+/// first `first`): `first` with its pair taken out; the members go into `ports`.
+fn port_set<'a>(
+    first: &Rule,
+    members: impl Iterator<Item = &'a Rule>,
+    index: usize,
+    ports: &mut Vec<PortMember>,
+) -> Rule {
+    let mut entry = *first;
+    entry.has = (entry.has & !m::DPORT) | m::PORT_SET;
+    (entry.proto, entry.dport, entry.slot) = (0, 0, 0);
+    ports.extend(members.map(|r| PortMember {
+        entry: index as u16,
+        proto: r.proto,
+        port: r.dport,
+        member: SetMember::new(r.slot, r.slot),
+    }));
+    entry
+}
+
 /// A run of *tuples* at `rules[0]`: `width` (≥ 2) consecutive rules on one protocol and port,
 /// then again on another pair, `tuples` (≥ [`MIN_RUN`]) times, each position keeping one shape
 /// and no pair repeated, as TPROXY mode's `-b` writes them (per port, a RELATED,ESTABLISHED
@@ -149,26 +151,23 @@ pub fn pack(rules: &[Rule]) -> Result<Packed, TooManyRules> {
 /// with at most one member; so whatever the targets do (end the walk or go on), the same
 /// rules count in the same order and the same one decides.
 fn tuple_run_at(rules: &[Rule]) -> Option<(usize, usize)> {
-    let port_rule = |r: &Rule| r.has & m::DPORT != 0 && r.neg & m::DPORT == 0 && r.proto != 0;
     let pair = |r: &Rule| (r.proto, r.dport);
-    let first = rules.first().filter(|r| port_rule(r))?;
+    let first = rules.first().filter(|r| on_port(r))?;
     let width = rules
         .iter()
-        .take_while(|r| port_rule(r) && pair(r) == pair(first))
+        .take_while(|r| on_port(r) && pair(r) == pair(first))
         .count();
     if width < 2 {
         return None;
     }
-    let shape = |r: &Rule| {
-        let mut x = *r;
-        (x.slot, x.proto, x.dport) = (0, 0, 0);
-        x
-    };
     let mut seen = HashSet::from([pair(first)]);
     let mut tuples = 1;
     while let Some(next) = rules.get(tuples * width..(tuples + 1) * width) {
-        let same = next.iter().zip(&rules[..width]).all(|(r, f)| shape(r) == shape(f));
-        if !same || next.iter().any(|r| !port_rule(r) || pair(r) != pair(&next[0])) || !seen.insert(pair(&next[0])) {
+        let same = next
+            .iter()
+            .zip(&rules[..width])
+            .all(|(r, f)| shape(r, Kind::Port) == shape(f, Kind::Port));
+        if !same || next.iter().any(|r| !on_port(r) || pair(r) != pair(&next[0])) || !seen.insert(pair(&next[0])) {
             break;
         }
         tuples += 1;
@@ -200,7 +199,7 @@ fn kind(r: &Rule) -> Option<Kind> {
         return None;
     }
     let dst = r.has & m::DST != 0 && r.neg & m::DST == 0;
-    let port = r.has & m::DPORT != 0 && r.neg & m::DPORT == 0 && r.proto != 0;
+    let port = on_port(r);
     match (dst, port) {
         // The DNS rules (`-d SERVER -p tcp --dport 53`) vary in the server.
         (true, _) => Some(Kind::Cidr),
@@ -209,20 +208,27 @@ fn kind(r: &Rule) -> Option<Kind> {
     }
 }
 
+/// A rule on one `-p PROTO --dport PORT` (not negated): what a port set can hold.
+fn on_port(r: &Rule) -> bool {
+    r.has & m::DPORT != 0 && r.neg & m::DPORT == 0 && r.proto != 0
+}
+
+/// `r` without its slot and the field `kind` varies: equal for rules one set can hold.
+fn shape(r: &Rule, kind: Kind) -> Rule {
+    let mut x = *r;
+    x.slot = 0;
+    match kind {
+        Kind::Cidr => (x.dst_addr, x.dst_mask) = (addr::UNSPECIFIED, addr::UNSPECIFIED),
+        Kind::Port => (x.proto, x.dport) = (0, 0),
+    }
+    x
+}
+
 /// Whether `r` joins the run `run` of `kind`: the same rule but for the varying field, not a
 /// repeat of a member, and for a REDIRECT a UDP flow walks past (see the module's doc), not
 /// overlapping any member.
 fn joins(run: &[Rule], r: &Rule, kind: Kind) -> bool {
-    let shape = |x: &Rule| {
-        let mut x = *x;
-        x.slot = 0;
-        match kind {
-            Kind::Cidr => (x.dst_addr, x.dst_mask) = (addr::UNSPECIFIED, addr::UNSPECIFIED),
-            Kind::Port => (x.proto, x.dport) = (0, 0),
-        }
-        x
-    };
-    if shape(r) != shape(&run[0]) || self::kind(r) != Some(kind) {
+    if shape(r, kind) != shape(&run[0], kind) || self::kind(r) != Some(kind) {
         return false;
     }
     match kind {
