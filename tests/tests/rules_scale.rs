@@ -1,6 +1,6 @@
 //! Long rule lists against their oracle (issue 19): `-x` and `-i` with 1,000 IPv4 CIDRs each
-//! (and 300 IPv6 ones), `-o` and `-q` with 1,000 ports each, a `-b` list of 1,000 ports, and
-//! `-b '*'` with a `-d` list of 1,000. istio-iptables writes a rule per member, so each list is
+//! (and 300 IPv6 ones), `-i` with them and two `-k` interfaces, `-o` and `-q` with 1,000 ports
+//! each, a `-b` list of 1,000 ports, and `-b '*'` with a `-d` list of 1,000. istio-iptables writes a rule per member, so each list is
 //! a thousand rules of its chain where the agent once refused more than 64 per family.
 //!
 //! Each configuration runs through the differential machinery (`redirect_tests::differential`):
@@ -332,6 +332,101 @@ fn inbound_exclude_list_of_a_thousand() {
         flags: leak(vec!["-b".into(), "*".into(), "-d".into(), d.join(",")]),
         ports: DIALED,
         flag_ports: false,
+        ..Config::BASE
+    });
+}
+
+/// The remote host's further addresses the VM and the pod dial in [`kube_virt_cidr_list_of_a_thousand`].
+const VM_REMOTE_ADDRS: &[IpAddr] = &[
+    v4(1, 10),
+    v4(60, 6),
+    v4(60, 66),
+    v4(1, 50),
+    v6(0x1, 0x10),
+    v6(0x60, 0x6),
+    v6(0x60, 0x66),
+    v6(0x1, 0x50),
+];
+
+/// `-k` with two interfaces (the VM's link and a pattern that names no device here) and `-i`
+/// with [`LONG`] IPv4 and [`LONG_V6`] IPv6 CIDRs: istio-iptables writes nat PREROUTING's jump
+/// to ISTIO_REDIRECT per CIDR per interface, the two interfaces' rules alternating, which the
+/// agent once refused (2,000 rules where it held 64). The VM dials the remote host's addresses
+/// through the pod and the pod's own.
+#[test]
+fn kube_virt_cidr_list_of_a_thousand() {
+    let i4 = list(
+        LONG,
+        vec![
+            // 10.200.1.10, at the start.
+            (0, "10.200.1.10/32"),
+            // The remote host, in the middle.
+            (LONG / 3, "10.200.1.2/32"),
+            // 10.200.60.6 and 10.200.60.66.
+            (LONG / 2, "10.200.60.0/24"),
+            // Inside the /24 before it: never counted in ISTIO_OUTPUT. PREROUTING lists -k's
+            // rules in the reverse of -i's order (each inserted at the top), so there it is
+            // 10.200.60.6's, before the /24.
+            (2 * LONG / 3, "10.200.60.6/32"),
+            // The first member again: in PREROUTING, the one counted.
+            (3 * LONG / 4, "10.200.1.10/32"),
+            // The pod, at the end.
+            (LONG - 1, "10.200.1.1/32"),
+        ],
+        filler_v4(2),
+    );
+    let i6 = list(
+        LONG_V6,
+        vec![
+            (0, "fd00:200:0:1::10/128"),
+            (LONG_V6 / 3, "fd00:200:0:1::2/128"),
+            (LONG_V6 / 2, "fd00:200:0:60::/64"),
+            (2 * LONG_V6 / 3, "fd00:200:0:60::6/128"),
+            (3 * LONG_V6 / 4, "fd00:200:0:1::10/128"),
+            (LONG_V6 - 1, "fd00:200:0:1::1/128"),
+        ],
+        filler_v6(2),
+    );
+    // The layout is what the comments say, in ISTIO_OUTPUT's order; 10.200.1.50 and
+    // fd00:200:0:1::50 are in none, and the VM's connections to them RETURN on
+    // `-i x0 -j RETURN` (forwarded to the remote host).
+    let hits = |members: &[String], hosts: &[IpAddr]| -> Vec<Option<usize>> {
+        hosts.iter().map(|&h| first(members, |c| cidr_holds(c, h))).collect()
+    };
+    let (at4, at6) = (
+        [
+            Some(0),
+            Some(LONG / 2),
+            Some(LONG / 2),
+            None,
+            Some(LONG / 3),
+            Some(LONG - 1),
+        ],
+        [
+            Some(0),
+            Some(LONG_V6 / 2),
+            Some(LONG_V6 / 2),
+            None,
+            Some(LONG_V6 / 3),
+            Some(LONG_V6 - 1),
+        ],
+    );
+    let hosts4 = [v4(1, 10), v4(60, 6), v4(60, 66), v4(1, 50), v4(1, 2), v4(1, 1)];
+    let hosts6 = [
+        v6(1, 0x10),
+        v6(0x60, 6),
+        v6(0x60, 0x66),
+        v6(1, 0x50),
+        v6(1, 2),
+        v6(1, 1),
+    ];
+    assert_eq!(hits(&i4, &hosts4), at4);
+    assert_eq!(hits(&i6, &hosts6), at6);
+    differential(Config {
+        name: "-k with -i of 1,000 CIDRs",
+        flags: leak(vec!["-k".into(), "x0,vm+".into(), "-i".into(), interleave(&i4, &i6)]),
+        remote_addrs: VM_REMOTE_ADDRS,
+        vm: true,
         ..Config::BASE
     });
 }

@@ -23,7 +23,8 @@ use crate::{
     ChainId, IPPROTO_TCP, IPPROTO_UDP, MAX_OWNER_GROUPS, MAX_RULES_PER_FAMILY, Rule, Target, Workload,
     addr::Family,
     config::{
-        CaptureConfig, Cidr, DnsCapture, Include, InterceptionMode, OwnerGroup, OwnerGroups, TPROXY_OUTBOUND_MARK,
+        CaptureConfig, Cidr, DnsCapture, Include, InterceptionMode, Interface, OwnerGroup, OwnerGroups,
+        TPROXY_OUTBOUND_MARK,
     },
     m, workload_flags,
 };
@@ -195,7 +196,8 @@ pub fn compile_packed(cfg: &CaptureConfig) -> Result<Compiled, TooManyRules> {
     for (slot, r) in rules.iter_mut().enumerate() {
         r.slot = slot as u32;
     }
-    let packed = pack(&rules)?;
+    let interfaces: Vec<Interface> = cfg.interface_list().cloned().collect();
+    let packed = pack(&rules, &interfaces)?;
     Ok(Compiled { rules, packed })
 }
 

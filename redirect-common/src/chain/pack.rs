@@ -20,6 +20,13 @@
 //!   containing CIDR or a repeated one starts the next entry), so that it counts exactly one.
 //! - Repeated members (the same CIDR or pair twice) end a run too, so each member has its own
 //!   key and `stats` can list every rule from the maps.
+//!
+//! Rules on interfaces come interleaved: `-k` writes, per `-i` CIDR, a jump for each of its
+//! interfaces, so no two neighbours differ in the CIDR alone. A packet arrives on one
+//! interface, so rules on entries of the interface list no name can match both of are never
+//! both matched: within a block of such rules in one chain, their order across interfaces
+//! decides nothing and counts nothing, and the walk takes them interface by interface
+//! (each interface's rules in their own order), where the CIDR runs appear.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -30,6 +37,7 @@ use super::TooManyRules;
 use crate::{
     IPPROTO_TCP, MAX_RULES_PER_FAMILY, Rule, SetMember, Target,
     addr::{self, Addr, Family},
+    config::Interface,
     m,
 };
 
@@ -73,11 +81,13 @@ enum Kind {
     Port,
 }
 
-/// Packs `rules` (one [`compile`](super::compile) answer, each rule's `slot` its index).
-pub fn pack(rules: &[Rule]) -> Result<Packed, TooManyRules> {
+/// Packs `rules` (one [`compile`](super::compile) answer, each rule's `slot` its index), whose
+/// `-i`/`-o IFACE` matches name entries of `interfaces` (the workload's interface list, entry
+/// `i` the bit `1 << i`).
+pub fn pack(rules: &[Rule], interfaces: &[Interface]) -> Result<Packed, TooManyRules> {
     let mut packed = Packed::default();
     for (half, family) in [Family::V4, Family::V6].into_iter().enumerate() {
-        let of_family: Vec<Rule> = rules.iter().filter(|r| r.family == family as u8).copied().collect();
+        let of_family = by_interface(rules.iter().filter(|r| r.family == family as u8), interfaces);
         let mut i = 0;
         while i < of_family.len() {
             let index = half * MAX_RULES_PER_FAMILY + packed.entries[half].len();
@@ -120,6 +130,62 @@ pub fn pack(rules: &[Rule]) -> Result<Packed, TooManyRules> {
         }
     }
     Ok(packed)
+}
+
+/// `rules` in walk order: each block of consecutive rules of one chain on interfaces
+/// (`-i`/`-o`, not negated) whose entries pairwise name no interface in common taken
+/// interface by interface (see the module's doc), in the order the interfaces first appear;
+/// a block where two could both match stays as it is.
+fn by_interface<'a>(rules: impl Iterator<Item = &'a Rule>, interfaces: &[Interface]) -> Vec<Rule> {
+    let rules: Vec<Rule> = rules.copied().collect();
+    let on_iface = |r: &Rule| r.has & m::IFACE != 0 && r.neg & m::IFACE == 0;
+    let mut walk = Vec::with_capacity(rules.len());
+    let mut i = 0;
+    while i < rules.len() {
+        let len = rules[i..]
+            .iter()
+            .take_while(|r| on_iface(r) && r.chain == rules[i].chain)
+            .count()
+            .max(1);
+        let block = &rules[i..i + len];
+        // An IFACE rule's `uid` holds its entries' bits.
+        let mut masks: Vec<u32> = Vec::new();
+        for r in block.iter().filter(|r| on_iface(r)) {
+            if !masks.contains(&r.uid) {
+                masks.push(r.uid);
+            }
+        }
+        let apart = masks
+            .iter()
+            .enumerate()
+            .all(|(n, &x)| masks[n + 1..].iter().all(|&y| never_both(x, y, interfaces)));
+        if masks.len() > 1 && apart {
+            for mask in masks {
+                walk.extend(block.iter().filter(|r| r.uid == mask));
+            }
+        } else {
+            walk.extend_from_slice(block);
+        }
+        i += len;
+    }
+    walk
+}
+
+/// Whether no interface can be named by an entry of `x` and one of `y` (bits of `interfaces`).
+fn never_both(x: u32, y: u32, interfaces: &[Interface]) -> bool {
+    let beyond = |mask: u32| mask.checked_shr(interfaces.len() as u32).unwrap_or(0) != 0;
+    if beyond(x) || beyond(y) {
+        // A bit no entry stands for: nothing is known of what it names.
+        return false;
+    }
+    let named = |mask: u32| {
+        interfaces
+            .iter()
+            .enumerate()
+            .filter(move |&(i, _)| mask & (1 << i) != 0)
+            .map(|(_, name)| name)
+    };
+    named(x).all(|a| named(y).all(|b| !a.overlaps(b)))
 }
 
 /// The port set entry at `index` for `members` (rules of one shape, each on its own pair, the

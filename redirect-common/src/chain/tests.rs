@@ -240,7 +240,7 @@ fn default_nat_table_is_istio_iptables_output() {
 fn a_workload_entry_carries_the_chain_ports_counter_block_and_serving_flags() {
     let cfg = CaptureConfig::default();
     let rules = compile(&cfg).unwrap();
-    let packed = pack(&rules).unwrap();
+    let packed = pack(&rules, &[]).unwrap();
     let w = workload(&cfg, &packed, 3, Serving::default());
     // The default ISTIO_INBOUND RETURNs (15008, 15090, 15021, 15020) are one port set entry
     // in each family; the entries and the set's members give back every rule, each counted
@@ -412,7 +412,7 @@ fn each_family_has_its_own_budget() {
     };
     let rules = compile(&cfg).unwrap();
     assert!(rules.len() > MAX_RULES_PER_FAMILY, "{}", rules.len());
-    let packed = pack(&rules).unwrap();
+    let packed = pack(&rules, &[]).unwrap();
     let w = workload(&cfg, &packed, 0, Serving::default());
     // Both lists are a set entry in each family.
     assert_eq!(w.n_rules, w.n_rules6);
@@ -546,7 +546,7 @@ fn owner_groups_only_returns_the_others() {
         })
         .collect();
     assert!(texts.contains(&"-A ISTIO_OUTPUT -m owner ! --gid-owner java -m owner ! --gid-owner 202 -j RETURN".into()));
-    let w = workload(&cfg, &pack(&rules).unwrap(), 0, Serving::default());
+    let w = workload(&cfg, &pack(&rules, &[]).unwrap(), 0, Serving::default());
     assert_eq!(w.n_owner_groups, 2);
     assert!(w.in_owner_groups(202) && !w.in_owner_groups(7));
     let remote = ConnFacts {

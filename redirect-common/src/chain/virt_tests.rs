@@ -67,7 +67,7 @@ fn a_syn_from_a_virt_device_is_redirected_in_the_include_list_and_returned_outsi
     let rules = compile(&c).unwrap();
     // eth9 is entry 0, eth1 entry 1.
     assert_eq!(
-        workload(&c, &pack(&rules).unwrap(), 0, Serving::default()).virt_ifaces,
+        workload(&c, &compile_packed(&c).unwrap().packed, 0, Serving::default()).virt_ifaces,
         0b10
     );
     assert_eq!(flags(&c) & workload_flags::IFACES, workload_flags::IFACES);

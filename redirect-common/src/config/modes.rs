@@ -106,6 +106,16 @@ impl Interface {
             None => name == self.0,
         }
     }
+
+    /// Whether some interface's name matches both: rules on two entries that do not overlap
+    /// never match the same packet.
+    pub fn overlaps(&self, other: &Interface) -> bool {
+        match (self.0.strip_suffix('+'), other.0.strip_suffix('+')) {
+            (Some(p), Some(q)) => p.starts_with(q) || q.starts_with(p),
+            (Some(_), None) => self.matches(&other.0),
+            (None, _) => other.matches(&self.0),
+        }
+    }
 }
 
 /// The most entries an interface list (`-c`, `-k`) holds: each is a bit of a 32-bit mask in
@@ -309,6 +319,18 @@ mod tests {
         assert!(parse_interfaces("-k", "abcdefghijklmnop").is_err());
         assert!(parse_interfaces("-k", "et+h").is_err());
         assert!(Interface("veth+".into()).matches("veth12"));
+        let overlap = |a: &str, b: &str| Interface(a.into()).overlaps(&Interface(b.into()));
+        for (a, b, both) in [
+            ("eth0", "eth0", true),
+            ("eth0", "eth1", false),
+            ("eth+", "eth1", true),
+            ("eth+", "veth1", false),
+            ("eth+", "eth1+", true),
+            ("eth+", "veth+", false),
+            ("+", "lo", true),
+        ] {
+            assert_eq!((overlap(a, b), overlap(b, a)), (both, both), "{a} {b}");
+        }
         assert_eq!(parse_owner_groups("*", "").unwrap(), OwnerGroups::All);
         let g = parse_owner_groups("java,202", "").unwrap();
         assert!(matches!(&g, OwnerGroups::Only(v) if v[0].gid.is_none() && v[1].gid == Some(202)));

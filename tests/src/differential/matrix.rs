@@ -137,11 +137,15 @@ impl Matrix {
                 let to_side_pod = inbound_ports.iter().map(|&p| SocketAddr::new(side_pod, p));
                 clients.push((side_host.clone(), to_side_pod.collect()));
             }
-            // The VM's connections through the pod (to the remote host, on the ports it
-            // serves) and to the pod's primary address (on every port the pod's own
-            // clients dial, the capture ports too), both arriving on the side link.
+            // The VM's connections through the pod (to the remote host and its further
+            // addresses of the family, on the ports it serves) and to the pod's primary
+            // address (on every port the pod's own clients dial, the capture ports too), both
+            // arriving on the side link.
             if cfg.vm {
-                let through = listen_ports.iter().map(|&p| SocketAddr::new(remote, p));
+                let remotes = cfg.remote_addrs.iter().filter(|a| a.is_ipv4() == remote.is_ipv4());
+                let through = std::iter::once(&remote)
+                    .chain(remotes)
+                    .flat_map(|&r| listen_ports.iter().map(move |&p| SocketAddr::new(r, p)));
                 let to_pod = inbound_ports.iter().map(|&p| SocketAddr::new(pod, p));
                 clients.push((side_host.clone(), through.collect()));
                 clients.push((side_host, to_pod.collect()));

@@ -123,7 +123,7 @@ impl Twin {
         if cfg.side_host() {
             let side = wire_side(&twin.pair.workload, &format!("{}-x", twin.name));
             if cfg.vm {
-                route_vm(&twin.pair, &side);
+                route_vm(&twin.pair, &side, cfg.remote_addrs);
             }
             twin.side = Some(side);
         }
@@ -450,9 +450,10 @@ fn side_addrs() -> ((Ipv4Addr, Ipv6Addr), (Ipv4Addr, Ipv6Addr)) {
 
 /// The side host as a VM behind the pod ([`Config::vm`]): the workload forwards both families,
 /// the side host reaches the remote host's subnet through the workload's [`SIDE_LINK`]
-/// addresses, and the remote host the side subnet back through the workload's primary ones.
-/// Host routes of the test's own namespaces only (no default route), gone with them.
-fn route_vm(pair: &NetnsPair, side: &NamedNetns) {
+/// addresses (and each of `remote_addrs` by a host route the same way), and the remote host
+/// the side subnet back through the workload's primary ones. Routes of the test's own
+/// namespaces only (no default route), gone with them.
+fn route_vm(pair: &NetnsPair, side: &NamedNetns, remote_addrs: &[IpAddr]) {
     let w = &pair.workload;
     w.sysctl("net.ipv4.ip_forward", "1").expect("ip_forward");
     w.sysctl("net.ipv6.conf.all.forwarding", "1").expect("ipv6 forwarding");
@@ -468,12 +469,25 @@ fn route_vm(pair: &NetnsPair, side: &NamedNetns) {
         format!("{}/24", Ipv4Addr::from(u32::from(side_w) & !0xff)),
         format!("{}/64", Ipv6Addr::from(u128::from(side_w6) & !u128::from(u64::MAX))),
     );
+    let hosts: Vec<(&str, String, String)> = remote_addrs
+        .iter()
+        .map(|a| match a {
+            IpAddr::V4(_) => ("-4", format!("{a}/32"), side_w.to_string()),
+            IpAddr::V6(_) => ("-6", format!("{a}/128"), side_w6.to_string()),
+        })
+        .collect();
     let routes = [
         (side, "x1", "-4", &remote_net, side_w.to_string()),
         (side, "x1", "-6", &remote_net6, side_w6.to_string()),
         (&pair.remote, "r0", "-4", &side_net, pair.workload_ip.to_string()),
         (&pair.remote, "r0", "-6", &side_net6, pair.workload_ip6.to_string()),
-    ];
+    ]
+    .into_iter()
+    .chain(
+        hosts
+            .iter()
+            .map(|(family, to, via)| (side, "x1", *family, to, via.clone())),
+    );
     for (ns, dev, family, to, via) in routes {
         ns.ip(&[family, "route", "add", to, "via", &via, "dev", dev])
             .unwrap_or_else(|e| panic!("route to {to} via {via} in {}: {e}", ns.name));
