@@ -85,6 +85,35 @@ fn outbound_bytes_take_the_fast_path_intact() {
     assert_maps_empty(&w);
 }
 
+/// A stream of large writes through the fast path: 16 MiB (the most the remote server buffers)
+/// to the remote host and back, in writes of 256 KiB, then of 1 MiB, each intact through sk_msg.
+/// Guards the goal that the fast path fails at no write size from 64 B to 1 MiB (issue 19): the
+/// benchmark's stream of 256 KiB writes once failed with ENOMEM.
+#[test]
+fn writes_of_256_kib_and_1_mib_take_the_fast_path_intact() {
+    const TOTAL: usize = 16 << 20;
+    let w = Workload::with_agent("fpw", &["--fast-path"]);
+    let to = w.remote(REMOTE_PORT);
+    for size in [256 << 10, 1 << 20] {
+        let redirected = event(&w, "fast_path_redirected");
+        let r = w.probe(&w.spec(to).bytes(TOTAL).write_size(size).tokio());
+        let kib = size >> 10;
+        assert_eq!(r.outcome, Outcome::Ok, "writes of {kib} KiB: {r:?}");
+        assert_eq!((r.sent, r.received), (TOTAL, TOTAL), "writes of {kib} KiB: {r:?}");
+        assert!(r.intact, "writes of {kib} KiB came back changed: {r:?}");
+        assert_eq!(r.banner_field("name"), Some("remote"), "{r:?}");
+        // Both directions of the app's connection (app -> proxy, proxy -> app) took sk_msg.
+        assert!(
+            event(&w, "fast_path_redirected") >= redirected + 2,
+            "writes of {kib} KiB: {}",
+            fast_path_events(&w)
+        );
+        println!("16 MiB in writes of {kib} KiB: {} ms", r.elapsed_ms);
+    }
+    assert_eq!(event(&w, "fast_path_declined"), 0, "{}", fast_path_events(&w));
+    assert_maps_empty(&w);
+}
+
 #[test]
 fn inbound_bytes_take_the_fast_path_intact() {
     let w = Workload::with_agent("fpi", &["--fast-path"]);

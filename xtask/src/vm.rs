@@ -36,6 +36,8 @@ pub const SMOKE: &[&str] = &[
     "default_injection",
     "kernel_features_are_probed",
     "bytes_take_the_fast_path_intact",
+    // Streams of 256 KiB and 1 MiB writes through sk_msg, in the VM's little memory.
+    "writes_of_256_kib_and_1_mib_take_the_fast_path_intact",
     "other_socket_options_get_the_kernels_answer",
     "three_workloads_through_cni_land_per_their_own_flags_then_one_removed_and_a_restart_loses_nothing",
     "a_restart_under_load_hands_over_without_a_failed_request",

@@ -20,6 +20,7 @@
 use std::{
     io::{self, BufReader, Read, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket},
+    num::NonZeroUsize,
     os::fd::{FromRawFd, OwnedFd},
     path::PathBuf,
     process::ExitCode,
@@ -81,6 +82,11 @@ pub struct ProbeArgs {
     /// Bytes to send (then half-close) and expect back.
     #[arg(long, default_value_t = 1024)]
     pub bytes: usize,
+    /// Send `--bytes` as consecutive writes of at most this many bytes each (slices of the
+    /// same data) instead of one, as a streaming app writes (the fast path must carry any write
+    /// size).
+    #[arg(long, conflicts_with_all = ["round_trips", "fill"])]
+    pub write_size: Option<NonZeroUsize>,
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
     /// connect() a UDP socket instead, and report where the kernel connected it (no data).
@@ -213,6 +219,11 @@ fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()
 }
 
+/// The writes one exchange sends `data` in: all of it at once, or `--write-size` slices.
+fn writes<'a>(args: &ProbeArgs, data: &'a [u8]) -> std::slice::Chunks<'a, u8> {
+    data.chunks(args.write_size.map_or(data.len().max(1), NonZeroUsize::get))
+}
+
 /// Where the kernel connected `stream` (the socket table's view), as the socket holds it:
 /// v4-mapped on an AF_INET6 socket of an IPv4 connection.
 fn kernel_peer(stream: &TcpStream) -> Option<SocketAddr> {
@@ -274,8 +285,10 @@ fn exchange(args: &ProbeArgs, to: SocketAddr, result: &mut ProbeResult) -> io::R
         return fill(&stream, result);
     }
     let data = pattern(args.bytes);
-    (&stream).write_all(&data)?;
-    result.sent = data.len();
+    for chunk in writes(args, &data) {
+        (&stream).write_all(chunk)?;
+        result.sent += chunk.len();
+    }
     stream.shutdown(Shutdown::Write)?;
     let mut back = Vec::with_capacity(data.len());
     reader.take(data.len() as u64 + 1).read_to_end(&mut back)?;
@@ -467,5 +480,24 @@ mod tests {
         let spec = ProbeSpec::outside(Path::new("/ns"), v6);
         assert_eq!(spec.connect.to_string(), "[fd00:200:0:1::2]:8080");
         assert!(spec.cgroup.is_none());
+    }
+
+    #[test]
+    fn a_write_size_slices_the_one_exchange() {
+        let with = |more: &[&str]| parse(&[&["--connect", "10.200.1.2:8080"][..], more].concat());
+        let sizes = |a: &ProbeArgs| writes(a, &pattern(a.bytes)).map(<[u8]>::len).collect::<Vec<_>>();
+        let a = with(&["--bytes", "10", "--write-size", "4"]).unwrap();
+        assert_eq!(sizes(&a), [4, 4, 2]);
+        let data = pattern(10);
+        assert_eq!(
+            writes(&a, &data).collect::<Vec<_>>().concat(),
+            data,
+            "the slices make up the data"
+        );
+        assert_eq!(sizes(&with(&["--bytes", "10"]).unwrap()), [10], "one write without it");
+        assert!(sizes(&with(&["--bytes", "0"]).unwrap()).is_empty());
+        assert!(with(&["--write-size", "0"]).is_err(), "a write of nothing");
+        assert!(with(&["--write-size", "4", "--fill"]).is_err());
+        assert!(with(&["--write-size", "4", "--round-trips", "2"]).is_err());
     }
 }

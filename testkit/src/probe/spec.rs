@@ -27,6 +27,8 @@ pub struct ProbeSpec {
     /// IPv4 destinations dialed v4-mapped from an AF_INET6 socket (`probe --v4-mapped`).
     pub v4_mapped: bool,
     pub bytes: usize,
+    /// `Some(n)`: `bytes` sent in writes of at most `n` bytes (`probe --write-size`).
+    pub write_size: Option<usize>,
     pub udp: bool,
     /// `Some(connected)`: one datagram and its answer (`--udp-exchange`).
     pub udp_exchange: Option<bool>,
@@ -51,6 +53,7 @@ impl ProbeSpec {
             connect: connect.into(),
             v4_mapped: false,
             bytes: 1024,
+            write_size: None,
             udp: false,
             udp_exchange: None,
             round_trips: 0,
@@ -127,6 +130,14 @@ impl ProbeSpec {
         self
     }
 
+    /// `bytes` as consecutive writes of at most `n` bytes each instead of one write, as a
+    /// streaming app writes: the fast path must carry a stream at any write size (the
+    /// benchmark's stream of 256 KiB writes once failed there with ENOMEM). Not 0.
+    pub fn write_size(mut self, n: usize) -> Self {
+        self.write_size = Some(n);
+        self
+    }
+
     /// `n` request/response round trips of `bytes` each instead of one exchange.
     pub fn round_trips(mut self, n: u64) -> Self {
         self.round_trips = n;
@@ -196,6 +207,9 @@ impl ProbeSpec {
             if connected {
                 c.arg("--udp-connected");
             }
+        }
+        if let Some(n) = self.write_size {
+            c.args(["--write-size", &n.to_string()]);
         }
         if self.round_trips > 0 {
             c.args(["--round-trips", &self.round_trips.to_string()]);

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{FILL_CAP, ProbeArgs, pattern};
+use super::{FILL_CAP, ProbeArgs, pattern, writes};
 use crate::report::ProbeResult;
 
 /// The same exchanges as the blocking path, driven by a current-thread tokio runtime (made
@@ -66,8 +66,11 @@ pub(super) fn with_tokio(
             }
             return Ok(());
         }
-        bounded(timeout, w.write_all(&data)).await?;
-        result.sent = data.len();
+        // Each write bounded on its own: `--write-size` slices, or all of it at once.
+        for chunk in writes(args, &data) {
+            bounded(timeout, w.write_all(chunk)).await?;
+            result.sent += chunk.len();
+        }
         bounded(timeout, w.shutdown()).await?;
         let mut back = Vec::with_capacity(data.len());
         bounded(timeout, (&mut r).take(data.len() as u64 + 1).read_to_end(&mut back)).await?;
