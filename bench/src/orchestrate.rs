@@ -114,7 +114,7 @@ pub const MESSAGE: usize = 1024;
 /// RR rates, well below what any configuration saturates at on 2 cores.
 pub const RR1_RATE: f64 = 1000.0;
 pub const RR64_RATE: f64 = 3200.0;
-pub const STREAM_SIZES: [usize; 4] = [64, 1024, 16 << 10, 256 << 10];
+pub const STREAM_SIZES: [usize; 5] = [64, 1024, 16 << 10, 256 << 10, 1 << 20];
 
 /// A child process killed on drop.
 pub(crate) struct Guard(pub(crate) Child);
@@ -504,8 +504,14 @@ fn streams(
     let s = |v: &str| v.to_owned();
     for ((size, key), cpu_key) in STREAM_SIZES
         .into_iter()
-        .zip(["stream_64", "stream_1k", "stream_16k", "stream_256k"])
-        .zip(["stream_64_cpu", "stream_1k_cpu", "stream_16k_cpu", "stream_256k_cpu"])
+        .zip(["stream_64", "stream_1k", "stream_16k", "stream_256k", "stream_1m"])
+        .zip([
+            "stream_64_cpu",
+            "stream_1k_cpu",
+            "stream_16k_cpu",
+            "stream_256k_cpu",
+            "stream_1m_cpu",
+        ])
     {
         let cpu0 = env.cpu_seconds();
         let st = env.client(
