@@ -1,13 +1,56 @@
-//! `redirect-agent check`: the kernel's features as the probes find them and, with
+//! `redirect-agent check`: the kernel's features as the probes find them, what the fast
+//! path's probe found (and so whether `--fast-path=auto` turns it on) and, with
 //! `--verifier`, each program as the verifier accepts it.
 
-use crate::{engine, features};
+use crate::{
+    engine::{self, fast_path_probe},
+    features,
+};
 
 #[derive(serde::Serialize)]
 struct CheckReport {
     kernel: String,
     features: Vec<features::Finding>,
+    fast_path: FastPathReport,
     programs: Vec<engine::ProgramReport>,
+}
+
+/// [`fast_path_probe::probe`]'s answer, and what `--fast-path=auto` makes of it.
+#[derive(serde::Serialize)]
+struct FastPathReport {
+    findings: Option<fast_path_probe::Findings>,
+    /// Why the probe could not tell (auto then leaves the fast path off).
+    error: Option<String>,
+    /// Whether `--fast-path=auto` turns it on on this kernel.
+    auto_on: bool,
+}
+
+impl FastPathReport {
+    fn probe() -> Self {
+        match fast_path_probe::probe() {
+            Ok(f) => Self {
+                auto_on: f.safe(),
+                findings: Some(f),
+                error: None,
+            },
+            Err(e) => Self {
+                findings: None,
+                error: Some(e.to_string()),
+                auto_on: false,
+            },
+        }
+    }
+
+    fn line(&self) -> String {
+        match (&self.findings, &self.error) {
+            (Some(f), _) if f.safe() => format!(
+                "on: a stopped reader pushed back after {} KiB, a blocking read waited out its timeout",
+                f.taken_in >> 10
+            ),
+            (Some(f), _) => format!("off: {}", f.faults().join("; ")),
+            (None, e) => format!("off: the probe failed: {}", e.as_deref().unwrap_or("?")),
+        }
+    }
 }
 
 /// Prints the report (text or JSON); fails with one line naming the first missing feature.
@@ -16,6 +59,7 @@ pub fn check(verifier: bool, json: bool) -> anyhow::Result<()> {
     let report = CheckReport {
         kernel: features::kernel_string(),
         features: features::survey(features::probe),
+        fast_path: FastPathReport::probe(),
         programs: if verifier {
             engine::verifier_report()?
         } else {
@@ -34,6 +78,7 @@ pub fn check(verifier: bool, json: bool) -> anyhow::Result<()> {
             };
             println!("  {:<54} Linux {:<5} {state}", f.name, f.since);
         }
+        println!("  fast path by default (--fast-path=auto): {}", report.fast_path.line());
         for p in &report.programs {
             let n = |v: Option<u32>| v.map_or_else(|| "?".to_owned(), |v| v.to_string());
             println!(

@@ -9,7 +9,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use crate::{
     engine::{self, Sizing},
     explain,
-    flags::{self, CaptureFlags, LivenessFlags, ProxyMode, RelayFlags},
+    flags::{self, CaptureFlags, FastPathFlags, FastPathWhen, LivenessFlags, ProxyMode, RelayFlags},
     logging::{self, LogFormat},
     node::{self, NodeOptions},
     run::{self, RunOptions},
@@ -173,10 +173,8 @@ struct NodeArgs {
     /// reset, in milliseconds.
     #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     drain_timeout_ms: u64,
-    /// Offer the fast path (sk_msg between a workload's local pairs) to workloads enrolled
-    /// with --fast-path. Sizes the fast-path maps; changing it needs a `cleanup`.
-    #[arg(long)]
-    fast_path: bool,
+    #[command(flatten)]
+    fast_path: FastPathFlags,
     /// How long a new agent taking over may take to load its programs and say it serves, in
     /// seconds, before this one serves on (enrollments wait meanwhile).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -273,10 +271,8 @@ struct RunArgs {
     /// are reset, in milliseconds (istio's terminationDrainDuration is 5 s).
     #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
     drain_timeout_ms: u64,
-    /// Hand bytes between the two local ends of captured connections (app and proxy) with
-    /// sk_msg, skipping TCP/IP on loopback. Off by default: see docs/fast-path.md.
-    #[arg(long)]
-    fast_path: bool,
+    #[command(flatten)]
+    fast_path: FastPathFlags,
     #[command(flatten)]
     liveness: LivenessFlags,
     #[command(flatten)]
@@ -416,12 +412,13 @@ pub fn main() -> ExitCode {
                     fail_open: args.fail_open,
                     proxy: args.proxy,
                     capture,
+                    fast_path: args.fast_path.fast_path,
                     sizing: sizing(
                         args.max_tracked_connections,
                         args.max_proxy_connections,
                         args.connect_timeout_ms,
                         args.drain_timeout_ms,
-                        args.fast_path,
+                        args.fast_path.fast_path == FastPathWhen::On,
                         args.liveness,
                         args.relay,
                     ),
@@ -470,6 +467,7 @@ pub fn main() -> ExitCode {
                     cgroup_parent: args.cgroup_parent,
                     metrics,
                     max_workloads: args.max_workloads.map(|n| n as usize),
+                    fast_path: args.fast_path.fast_path,
                     sizing: Sizing {
                         handover_within: Duration::from_secs(args.handover_timeout_secs),
                         ..sizing(
@@ -477,7 +475,7 @@ pub fn main() -> ExitCode {
                             args.max_proxy_connections,
                             args.connect_timeout_ms,
                             args.drain_timeout_ms,
-                            args.fast_path,
+                            args.fast_path.fast_path == FastPathWhen::On,
                             args.liveness,
                             args.relay,
                         )

@@ -38,6 +38,7 @@ use crate::{
         pending::PendingSweep,
         pins::{self, Lock, LockError, Mode, State},
     },
+    flags::FastPathWhen,
     metrics, stats, sys,
 };
 
@@ -50,6 +51,9 @@ pub struct NodeOptions {
     pub metrics: Option<SocketAddr>,
     /// `fast_path`: offer the fast path to workloads that ask for it.
     pub sizing: Sizing,
+    /// `--fast-path`: decided into `sizing.fast_path` (`on` already is) once the start's
+    /// other checks passed, so a refused start neither probes nor logs.
+    pub fast_path: FastPathWhen,
     /// The most workloads enrolled at once, which the descriptor reserve is planned for;
     /// `None`: as many as the descriptor limit holds (`engine::budget::fitting_workloads`).
     pub max_workloads: Option<usize>,
@@ -91,7 +95,7 @@ fn prior(
     }
 }
 
-pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(mut opts: NodeOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     sys::require_privileges("redirect-agent node")?;
     crate::features::require_all()?;
     pins::validate_name(&opts.name)?;
@@ -111,6 +115,8 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
 
     // Checked before a handover is asked for, so a refused start leaves the running agent
     // serving.
+    let fast_path = crate::engine::fast_path_probe::decide(opts.fast_path);
+    opts.sizing.fast_path = fast_path.on;
     pins::check_pins(&opts.name, opts.sizing.fast_path, opts.sizing.max_tracked_connections)?;
     // The predecessor holds the lock until it has stopped serving, which it does once this
     // process confirms it serves (below); without a handover, a held lock is an agent that
@@ -193,6 +199,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         workloads,
         "node agent ready"
     );
+    fast_path.log();
 
     tokio::pin!(shutdown);
     let ended = loop {

@@ -14,7 +14,7 @@ use crate::{
         pins::{self, Lock, LockError, Mode},
     },
     error::LoadError,
-    flags::{Execution, ProxyMode},
+    flags::{Execution, FastPathWhen, ProxyMode},
     sys::{self, Netns},
 };
 
@@ -33,6 +33,9 @@ pub struct RunOptions {
     pub capture: CaptureConfig,
     /// istio-iptables' flags that say what to do besides capturing.
     pub execution: Execution,
+    /// `--fast-path`: decided into `sizing.fast_path` (`on` already is) once the start's
+    /// other checks passed, so a refused start neither probes nor logs.
+    pub fast_path: FastPathWhen,
     pub sizing: Sizing,
 }
 
@@ -129,7 +132,7 @@ fn workload_netns(opts: &RunOptions) -> anyhow::Result<PathBuf> {
 
 /// Runs until `shutdown` resolves, then detaches and removes everything it created. Any error
 /// before that leaves nothing attached: the engine undoes what it did when it is dropped.
-async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+async fn run(mut opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let netns_path = workload_netns(&opts)?;
     sys::require_privileges("redirect-agent run")?;
     crate::features::require_all()?;
@@ -146,6 +149,8 @@ async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow::Re
     sys::ensure_bpffs()?;
     // Before anything is removed or made: directories others could rename are refused.
     pins::check_dirs(&opts.name)?;
+    let fast_path = engine::fast_path_probe::decide(opts.fast_path);
+    opts.sizing.fast_path = fast_path.on;
 
     let lock = Lock::take(&opts.name, Duration::ZERO).map_err(|e| match e {
         LockError::Held(lock) => LoadError::AlreadyRunning {
@@ -204,6 +209,7 @@ async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow::Re
         maps_kernel_memory_mib = engine.kernel_memory() >> 20,
         "attached; capturing"
     );
+    fast_path.log();
     if opts.execution.run_validation {
         let probe = validation(&opts, &netns_path);
         let proven = tokio::task::spawn_blocking(move || crate::validate::validate(&probe)).await?;

@@ -40,7 +40,8 @@ pub struct NodeAgent {
 }
 
 /// `redirect-agent node` under a name and socket that must be refused: the start exits 1 at
-/// once with a one-line error, which is returned.
+/// once with a one-line error, which is returned. The fast path off, whatever the kernel's
+/// probe would say, so that the pins of an agent with it on refuse the start.
 pub fn refused_node_start(name: &str, socket: &Path) -> String {
     let out = agent_cmd(&[
         "node",
@@ -50,6 +51,7 @@ pub fn refused_node_start(name: &str, socket: &Path) -> String {
         &socket.to_string_lossy(),
         "--metrics",
         "off",
+        "--fast-path=off",
     ]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{err}");

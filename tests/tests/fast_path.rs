@@ -12,7 +12,7 @@ use std::{
 use aya::maps::{HashMap, Map, MapData, SockHash};
 use redirect_common::{TupleKey, maps};
 use redirect_testkit::{serve::ServeProcess, server::TestServer};
-use redirect_tests::{Outcome, REMOTE_PORT, Workload, testkit_bin};
+use redirect_tests::{Outcome, REMOTE_PORT, Workload, agent_cmd, testkit_bin};
 
 /// An app of the workload's own cgroup (so sock_ops sees its accepted ends).
 const CGROUP_APP_PORT: u16 = 9090;
@@ -181,7 +181,7 @@ fn round_trips_through_the_fast_path_never_stall() {
 /// socket's memory cgroup, never its receive buffer, and the sender's own buffer is released at
 /// once. On 6.18.44 the writer got its whole 256 MiB cap in; on 6.1.192 (a 1 GiB VM) it got
 /// 118 MiB in, then its write failed with ENOMEM when TCP memory ran out for everyone. Kept as
-/// a test (run with `--ignored`) of the reason `--fast-path` stays off by default.
+/// a test (run with `--ignored`) of one reason the probe keeps `--fast-path=auto` off.
 #[test]
 #[ignore = "kernel limitation: sk_msg ingress redirect has no per-socket bound (see docs/fast-path.md)"]
 fn a_reader_that_stops_pushes_back() {
@@ -196,6 +196,64 @@ fn a_reader_that_stops_pushes_back() {
         "{} MiB were taken in for a reader that reads nothing",
         r.sent >> 20
     );
+}
+
+/// How long `--half-close-then-wait` blocks in its read, and from when it counts as having
+/// waited it out (connect and the banner come first).
+const WAIT_MS: u64 = 1500;
+const WAITED_MS: u64 = 1000;
+
+/// A blocking app half-closes and waits for a reply that never comes (the remote sink never
+/// reads, so the proxy never half-closes back): whether its read waited out its timeout.
+fn blocking_read_waits(w: &Workload) -> (bool, redirect_testkit::report::ProbeResult) {
+    let r = w.probe(&w.spec(w.remote(SINK_PORT)).half_close_then_wait(WAIT_MS));
+    (r.outcome == Outcome::Timeout && r.elapsed_ms >= WAITED_MS, r)
+}
+
+/// `--fast-path=auto`, the default, follows the kernel's probe (`check` prints its findings),
+/// and the probe finds what a workload's own connections meet with the fast path on: a stopped
+/// reader that lets the app write on (as `a_reader_that_stops_pushes_back` shows), a blocking
+/// read that a wakeup without data ends early. With the fast path off, the same blocking read
+/// waits out its timeout, so the measurement tells the two apart.
+#[test]
+fn the_default_follows_the_probe_and_the_probe_what_workloads_meet() {
+    let out = agent_cmd(&["check", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let probe = &report["fast_path"];
+    assert!(probe["error"].is_null(), "{probe:#}");
+    let found = |key: &str| probe["findings"][key].as_bool().unwrap_or_else(|| panic!("{probe:#}"));
+    let (pushes_back, waits) = (found("pushes_back"), found("blocking_reads_wait"));
+    assert_eq!(probe["auto_on"].as_bool(), Some(pushes_back && waits), "{probe:#}");
+
+    let on = Workload::with_agent("fpk", &["--fast-path=on"]);
+    let _sink = TestServer::start(&on.pair.remote, on.remote(SINK_PORT), "sink").expect("sink server");
+    let filled = on.probe(&on.spec(on.remote(SINK_PORT)).fill().tokio());
+    assert_eq!(filled.outcome, Outcome::Ok, "{filled:?}");
+    assert!(event(&on, "fast_path_redirected") >= 1, "{}", fast_path_events(&on));
+    let (waited, read) = blocking_read_waits(&on);
+    assert_eq!(
+        (pushes_back, waits),
+        (filled.sent < 64 << 20, waited),
+        "the probe: {probe:#}; a workload's stopped reader took {} KiB; its blocking read: {read:?}",
+        filled.sent >> 10
+    );
+
+    // No --fast-path: the probe's answer decides, and the workload's pairs stay on TCP unless
+    // it found the kernel safe.
+    let default = Workload::with_agent("fpd", &[]);
+    let _sink = TestServer::start(&default.pair.remote, default.remote(SINK_PORT), "sink").expect("sink server");
+    let (waited, read) = blocking_read_waits(&default);
+    assert_eq!(read.banner_field("name"), Some("sink"), "{read:?}");
+    assert_eq!(
+        event(&default, "fast_path_enrolled") > 0,
+        pushes_back && waits,
+        "{}",
+        fast_path_events(&default)
+    );
+    if !(pushes_back && waits) {
+        assert!(waited, "over TCP the blocking read waits out its timeout: {read:?}");
+    }
 }
 
 /// The same 1 MiB exchange as `outbound_bytes_take_the_fast_path_intact`, with a client that

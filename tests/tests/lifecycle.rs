@@ -499,6 +499,14 @@ fn kernel_features_are_probed() {
     let features = report["features"].as_array().unwrap();
     assert_eq!(features.len(), redirect_agent::features::FEATURES.len());
     assert!(features.iter().all(|f| f["present"] == true), "{report:#}");
+    // The fast path's probe ran to an answer (what it found is this kernel's; the fast-path
+    // tests hold it to what workloads meet).
+    let fast_path = &report["fast_path"];
+    assert!(
+        fast_path["error"].is_null() && fast_path["findings"].is_object(),
+        "{fast_path:#}"
+    );
+    println!("fast path probe: {fast_path}");
     let programs = report["programs"].as_array().unwrap();
     assert_eq!(programs.len(), 15, "{report:#}");
     assert!(

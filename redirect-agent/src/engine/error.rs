@@ -20,7 +20,10 @@ pub enum EnrollError {
     /// istio-iptables flags that do not parse or cannot work together (clap's or ours).
     #[error("{0}")]
     Flags(String),
-    #[error("--fast-path: this node agent does not offer the fast path (start it with --fast-path)")]
+    #[error(
+        "--fast-path: the fast path is off on this node agent (--fast-path=off, or the default auto on a kernel its \
+         probe found unsafe: `redirect-agent check` says why); start it with --fast-path=on to offer it anyway"
+    )]
     FastPathOff,
     #[error(
         "{0} is the agent's own network namespace: capturing it would capture the host itself, inbound included \

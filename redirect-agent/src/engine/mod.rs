@@ -19,6 +19,7 @@
 mod admit;
 pub mod budget;
 mod error;
+pub(crate) mod fast_path_probe;
 pub(crate) mod gone;
 pub(crate) mod handover;
 mod links;

@@ -12,10 +12,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Map, MapData, MapError, SockHash},
+    maps::{HashMap, Map, MapData, MapError, SockHash},
     programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SchedClassifier, SkLookup, SkMsg, SkSkb, SockOps},
 };
-use redirect_common::{FamilyKey, addr::Family, globals, maps, owner, programs};
+use redirect_common::{FamilyKey, TupleKey, addr::Family, globals, maps, owner, programs};
 use serde::Serialize;
 
 use super::links::{self, MapAttachType};
@@ -52,6 +52,60 @@ const FAST_PATH_PROGRAMS: [&str; 2] = [programs::SK_SKB, programs::SK_MSG];
 pub(crate) fn programs_for(fast_path: bool) -> impl Iterator<Item = &'static str> {
     let fast: &'static [&'static str] = if fast_path { &FAST_PATH_PROGRAMS } else { &[] };
     CAPTURE_PROGRAMS.into_iter().chain(fast.iter().copied())
+}
+
+/// Attaches `ebpf`'s verdict, then its sk_msg, to its sockhash ([`Object::attach_fast_path`]).
+fn attach_to_sockhash(ebpf: &Ebpf) -> Result<(), LoadError> {
+    let map = ebpf
+        .map(maps::FAST_PATH_SOCKETS)
+        .ok_or(LoadError::MissingMap(maps::FAST_PATH_SOCKETS))?;
+    let Map::SockHash(data) = map else {
+        return Err(LoadError::MissingMap(maps::FAST_PATH_SOCKETS));
+    };
+    for (prog, attach_type) in [
+        (programs::SK_SKB, MapAttachType::SkSkbStreamVerdict),
+        (programs::SK_MSG, MapAttachType::SkMsgVerdict),
+    ] {
+        let p = ebpf.program(prog).ok_or(LoadError::MissingProgram(prog))?;
+        let fd = p.fd().map_err(|e| verifier_error(prog, e))?;
+        links::attach_to_map(fd.as_fd(), data.fd().as_fd(), attach_type).map_err(|e| LoadError::Verifier {
+            prog,
+            reason: format!("attaching to {}: {e}", maps::FAST_PATH_SOCKETS),
+            kernel: crate::features::kernel_string(),
+        })?;
+    }
+    Ok(())
+}
+
+/// [`fast_path_trial`]'s object, sockhash and sender states.
+pub(crate) type FastPathTrial = (Ebpf, SockHash<MapData, TupleKey>, HashMap<MapData, TupleKey, u8>);
+
+/// The fast path on its own, for [`super::fast_path_probe`]: an object with no pins and its
+/// own few-slot maps, only sk_msg and the verdict loaded, attached to its sockhash. Nothing
+/// else of the agent's sees it; dropping the three values frees it all (a socket still in
+/// the sockhash leaves it as the map goes).
+pub(crate) fn fast_path_trial() -> Result<FastPathTrial, LoadError> {
+    let owner = crate::btf::owner_offsets()?;
+    let mut ebpf = EbpfLoader::new()
+        .override_global(owner::OWNER_OFFSETS, owner, true)
+        .map_max_entries(maps::FAST_PATH_SOCKETS, 8)
+        .map_max_entries(maps::FAST_PATH_SENDERS, 8)
+        .load(EBPF_OBJECT)
+        .map_err(LoadError::Object)?;
+    for name in FAST_PATH_PROGRAMS {
+        load_program(&mut ebpf, name)?;
+    }
+    attach_to_sockhash(&ebpf)?;
+    let mut take = |map| {
+        let m = ebpf.take_map(map).ok_or(LoadError::MissingMap(map))?;
+        Ok::<_, LoadError>((map, m))
+    };
+    let err = |map| move |source| LoadError::Map { map, source };
+    let (name, m) = take(maps::FAST_PATH_SOCKETS)?;
+    let sockets = SockHash::try_from(m).map_err(err(name))?;
+    let (name, m) = take(maps::FAST_PATH_SENDERS)?;
+    let senders = HashMap::try_from(m).map_err(err(name))?;
+    Ok((ebpf, sockets, senders))
 }
 
 /// What the verifier made of one program on this kernel.
@@ -307,26 +361,7 @@ impl Object {
     /// wakeups need it (see redirect-ebpf/src/sk_skb.rs). They stay with the map for as long
     /// as it lives; a later agent's replace them.
     pub(crate) fn attach_fast_path(&self) -> Result<(), LoadError> {
-        let map = self
-            .ebpf
-            .map(maps::FAST_PATH_SOCKETS)
-            .ok_or(LoadError::MissingMap(maps::FAST_PATH_SOCKETS))?;
-        let Map::SockHash(data) = map else {
-            return Err(LoadError::MissingMap(maps::FAST_PATH_SOCKETS));
-        };
-        for (prog, attach_type) in [
-            (programs::SK_SKB, MapAttachType::SkSkbStreamVerdict),
-            (programs::SK_MSG, MapAttachType::SkMsgVerdict),
-        ] {
-            links::attach_to_map(self.program_fd(prog)?, data.fd().as_fd(), attach_type).map_err(|e| {
-                LoadError::Verifier {
-                    prog,
-                    reason: format!("attaching to {}: {e}", maps::FAST_PATH_SOCKETS),
-                    kernel: crate::features::kernel_string(),
-                }
-            })?;
-        }
-        Ok(())
+        attach_to_sockhash(&self.ebpf)
     }
 
     /// The programs this object's own links and sockhash run: all but those whose instances

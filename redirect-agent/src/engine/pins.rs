@@ -328,9 +328,10 @@ pub(crate) fn check_pins(name: &str, fast_path: bool, max_tracked_connections: u
         && (n > 1) != fast_path
     {
         anyhow::bail!(
-            "the pinned maps of '{name}' were made with --fast-path {}: start with the same setting, or run \
-             `redirect-agent cleanup --name {name}` first (it releases every workload)",
-            if n > 1 { "on" } else { "off" },
+            "the pinned maps of '{name}' were made with --fast-path {on}, and this start has it {off}: start with \
+             --fast-path={on}, or run `redirect-agent cleanup --name {name}` first (it releases every workload)",
+            on = if n > 1 { "on" } else { "off" },
+            off = if n > 1 { "off" } else { "on" },
         );
     }
     if let Some(n) = size(redirect_common::maps::ORIG_BY_TUPLE)

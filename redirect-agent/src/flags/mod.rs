@@ -464,6 +464,29 @@ pub struct RelayFlags {
     pub relay: Relay,
 }
 
+/// `run`'s and `node`'s `--fast-path`.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct FastPathFlags {
+    /// Hand bytes between the two local ends of captured connections (app and proxy) with
+    /// sk_msg, skipping TCP/IP on loopback: `auto` where the kernel's probe finds it safe
+    /// (`check` says), or `on`/`off` (`--fast-path` alone is `on`). A node agent offers it to
+    /// workloads enrolled with --fast-path, and sizes the fast-path maps by it (changing it
+    /// needs a `cleanup`). See docs/fast-path.md.
+    #[arg(long, value_enum, value_name = "WHEN", num_args = 0..=1, require_equals = true,
+        default_value_t = FastPathWhen::Auto, default_missing_value = "on")]
+    pub fast_path: FastPathWhen,
+}
+
+/// `--fast-path`'s values: whether the fast path is on.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FastPathWhen {
+    /// On where the kernel's probe finds it safe (`redirect-agent check` says what it found).
+    Auto,
+    /// On, whatever the probe would find.
+    On,
+    Off,
+}
+
 /// [`RelayFlags::relay`]'s values.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Relay {

@@ -114,3 +114,28 @@ fn every_mode_is_accepted_and_kernel_tables_are_refused_by_name() {
     assert!(e.contains("missing.conf"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--fast-path` alone is `on` (as before it took a value), none is `auto`, and a value goes
+/// after `=` only, so that the next argument is never taken for one.
+#[test]
+fn fast_path_takes_an_optional_value() {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        f: FastPathFlags,
+        rest: Vec<String>,
+    }
+    let parse = |a: &[&str]| {
+        <Cli as clap::Parser>::try_parse_from(std::iter::once("x").chain(a.iter().copied()))
+            .map(|c| (c.f.fast_path, c.rest))
+    };
+    assert_eq!(parse(&[]).unwrap().0, FastPathWhen::Auto);
+    assert_eq!(parse(&["--fast-path"]).unwrap().0, FastPathWhen::On);
+    assert_eq!(parse(&["--fast-path=off"]).unwrap().0, FastPathWhen::Off);
+    assert_eq!(
+        parse(&["--fast-path", "off"]).unwrap(),
+        (FastPathWhen::On, vec!["off".to_owned()])
+    );
+    let err = parse(&["--fast-path=maybe"]).err().unwrap().to_string();
+    assert!(err.contains("'maybe'") && err.contains("auto, on, off"), "{err}");
+}

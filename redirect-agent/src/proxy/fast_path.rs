@@ -35,6 +35,11 @@ impl FastPathSockets {
         })
     }
 
+    /// A sender's state ([`redirect_common::fast_path`]): how its first message went.
+    pub fn state(&self, key: &TupleKey) -> Result<u8, aya::maps::MapError> {
+        self.senders.get(key, 0)
+    }
+
     /// Forgets a socket's sender state once it is closed (the kernel drops the socket from
     /// the sockhash itself).
     pub fn forget(&mut self, key: &TupleKey) {

@@ -89,6 +89,12 @@ pub struct ProbeArgs {
     pub write_size: Option<NonZeroUsize>,
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
+    /// After the banner, half-close, then block in a read that nothing answers until the
+    /// timeout, as a blocking client waits for its reply: over TCP it ends `Timeout` after
+    /// `--timeout-ms`; a wakeup without data can end it sooner on a sockhash socket (see
+    /// docs/fast-path.md).
+    #[arg(long, conflicts_with_all = ["round_trips", "fill", "tokio", "write_size", "sockopts"])]
+    pub half_close_then_wait: bool,
     /// connect() a UDP socket instead, and report where the kernel connected it (no data).
     #[arg(long)]
     pub udp: bool,
@@ -284,6 +290,9 @@ fn exchange(args: &ProbeArgs, to: SocketAddr, result: &mut ProbeResult) -> io::R
     if args.fill {
         return fill(&stream, result);
     }
+    if args.half_close_then_wait {
+        return half_close_then_wait(&stream, &mut reader, result);
+    }
     let data = pattern(args.bytes);
     for chunk in writes(args, &data) {
         (&stream).write_all(chunk)?;
@@ -354,6 +363,22 @@ fn round_trips(
         result.round_trips += 1;
     }
     stream.shutdown(Shutdown::Write)?;
+    Ok(())
+}
+
+/// `--half-close-then-wait`: the half-close comes from another thread 50 ms into the read,
+/// so that the read is already blocked when the peer's ACK of the FIN wakes the socket.
+fn half_close_then_wait(stream: &TcpStream, reader: &mut impl Read, result: &mut ProbeResult) -> io::Result<()> {
+    let closer = stream.try_clone()?;
+    let half_close = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        closer.shutdown(Shutdown::Write)
+    });
+    let read = reader.read(&mut [0u8; 64]);
+    half_close
+        .join()
+        .map_err(|_| io::Error::other("the half-closing thread panicked"))??;
+    result.received = read?;
     Ok(())
 }
 

@@ -34,6 +34,10 @@ pub struct ProbeSpec {
     pub udp_exchange: Option<bool>,
     pub round_trips: u64,
     pub fill: bool,
+    /// `probe --half-close-then-wait`.
+    pub half_close_then_wait: bool,
+    /// `probe --timeout-ms` (its default when `None`).
+    pub timeout_ms: Option<u64>,
     pub tokio: bool,
     pub sockopts: bool,
 }
@@ -58,6 +62,8 @@ impl ProbeSpec {
             udp_exchange: None,
             round_trips: 0,
             fill: false,
+            half_close_then_wait: false,
+            timeout_ms: None,
             tokio: false,
             sockopts: false,
         }
@@ -162,6 +168,14 @@ impl ProbeSpec {
         self
     }
 
+    /// After the banner, half-close and block in a read nothing answers, until `timeout_ms`:
+    /// a blocking client waiting for its reply (`probe --half-close-then-wait`).
+    pub fn half_close_then_wait(mut self, timeout_ms: u64) -> Self {
+        self.half_close_then_wait = true;
+        self.timeout_ms = Some(timeout_ms);
+        self
+    }
+
     /// Runs `testkit probe` (the `redirect-testkit` binary) as a child process (it moves
     /// itself into the cgroup and namespace and drops to uid/gid before connecting) and parses
     /// its one-line JSON report.
@@ -216,6 +230,12 @@ impl ProbeSpec {
         }
         if self.fill {
             c.arg("--fill");
+        }
+        if self.half_close_then_wait {
+            c.arg("--half-close-then-wait");
+        }
+        if let Some(ms) = self.timeout_ms {
+            c.args(["--timeout-ms", &ms.to_string()]);
         }
         if self.tokio {
             c.arg("--tokio");
