@@ -70,6 +70,9 @@ pub const SMOKE: &[&str] = &[
     // -k with TPROXY: tc's socket lookup in a sockhash and bpf_sk_assign, the divert rule.
     "in_tproxy_mode_a_vms_connection_to_the_pod_reaches_the_app_from_the_vms_address",
     "kube_virt_tproxy",
+    // -k's nat PREROUTING jumps per -i CIDR per interface, walked as a CIDR set per interface
+    // by the tc program.
+    "kube_virt_cidr_list_of_a_thousand",
     // splice(2) from a socket into a pipe and on into a socket: ->sendpage before 6.5,
     // sendmsg(MSG_SPLICE_PAGES) after.
     "streams_go_through_a_pipe_intact_outbound_and_inbound",
