@@ -34,7 +34,8 @@ pub enum Config {
     /// Bn: the same capture as Istio's native nftables backend writes it (`--native-nftables`,
     /// Istio 1.27+), and `redirect-agent proxy`.
     Nftables,
-    /// C: the agent with its defaults and its embedded proxy.
+    /// C: the agent with its defaults and its embedded proxy, the fast path off (the harness's
+    /// `fast_path_default`).
     Connect4,
     /// D: C with `--fast-path` (sk_msg between the app and the proxy).
     FastPath,

@@ -224,7 +224,8 @@ pub fn markdown(out: &Outcome, plan: &Plan, m: &Machine) -> String {
          backend writes it (`--native-nftables`, Istio 1.27+: `inet istio-proxy-nat`, one nft rule \
          per iptables rule, a `counter` on each; docs/research/istio-nftables.md) and that proxy; \
          B's and Bn's runs fail unless their REDIRECT counted every connection the client \
-         completed; **C** `redirect-agent run` with its defaults and its \
+         completed; **C** `redirect-agent run` with its defaults (but `--fast-path=off`, whatever \
+         the kernel's probe finds) and its \
          embedded proxy; **C0** C's programs attached with `-i '' -b ''`, so that no rule \
          redirects the client (the cost of connect4 alone); **D** C with `--fast-path` (sk_msg \
          hands bytes between the app and the proxy's 15001 socket; the proxy's leg to the \

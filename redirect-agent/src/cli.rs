@@ -201,8 +201,9 @@ struct EnrollArgs {
     /// workload's own proxy.
     #[arg(long, value_enum, default_value_t = ProxyMode::Embedded)]
     proxy: ProxyMode,
-    /// Hand bytes between the workload's local pairs with sk_msg (the node agent must run
-    /// with --fast-path). See docs/fast-path.md.
+    /// Hand bytes between the workload's local pairs with sk_msg (the node agent must have
+    /// the fast path on: `node --fast-path`, or `auto` on a kernel its probe finds safe). See
+    /// docs/fast-path.md.
     #[arg(long)]
     fast_path: bool,
     /// The workload's Kubernetes pod, for the metrics' namespace and pod labels and `list`.

@@ -51,8 +51,9 @@ pub struct NodeOptions {
     pub metrics: Option<SocketAddr>,
     /// `fast_path`: offer the fast path to workloads that ask for it.
     pub sizing: Sizing,
-    /// `--fast-path`: decided into `sizing.fast_path` (`on` already is) once the start's
-    /// other checks passed, so a refused start neither probes nor logs.
+    /// `--fast-path`: decided into `sizing.fast_path` (`on` already is, and `auto` follows
+    /// pins the instance has) before the pins are checked; the decision is logged once the
+    /// start succeeded, so that a refused start prints only why it was refused.
     pub fast_path: FastPathWhen,
     /// The most workloads enrolled at once, which the descriptor reserve is planned for;
     /// `None`: as many as the descriptor limit holds (`engine::budget::fitting_workloads`).
@@ -115,7 +116,8 @@ pub async fn run(mut opts: NodeOptions, shutdown: impl std::future::Future<Outpu
 
     // Checked before a handover is asked for, so a refused start leaves the running agent
     // serving.
-    let fast_path = crate::engine::fast_path_probe::decide(opts.fast_path);
+    let fast_path =
+        crate::engine::fast_path_probe::decide(opts.fast_path, pins::pinned_fast_path(&opts.name, Mode::Node));
     opts.sizing.fast_path = fast_path.on;
     pins::check_pins(&opts.name, opts.sizing.fast_path, opts.sizing.max_tracked_connections)?;
     // The predecessor holds the lock until it has stopped serving, which it does once this

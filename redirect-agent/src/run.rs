@@ -33,8 +33,9 @@ pub struct RunOptions {
     pub capture: CaptureConfig,
     /// istio-iptables' flags that say what to do besides capturing.
     pub execution: Execution,
-    /// `--fast-path`: decided into `sizing.fast_path` (`on` already is) once the start's
-    /// other checks passed, so a refused start neither probes nor logs.
+    /// `--fast-path`: decided into `sizing.fast_path` (`on` already is, and `auto` follows
+    /// pins the instance has) before the pins are checked; the decision is logged once the
+    /// start succeeded, so that a refused start prints only why it was refused.
     pub fast_path: FastPathWhen,
     pub sizing: Sizing,
 }
@@ -149,7 +150,7 @@ async fn run(mut opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     sys::ensure_bpffs()?;
     // Before anything is removed or made: directories others could rename are refused.
     pins::check_dirs(&opts.name)?;
-    let fast_path = engine::fast_path_probe::decide(opts.fast_path);
+    let fast_path = engine::fast_path_probe::decide(opts.fast_path, pins::pinned_fast_path(&opts.name, Mode::Run));
     opts.sizing.fast_path = fast_path.on;
 
     let lock = Lock::take(&opts.name, Duration::ZERO).map_err(|e| match e {

@@ -33,6 +33,15 @@ pub fn state_pid(name: &str) -> Option<u64> {
     state.get("pid")?.as_u64()
 }
 
+/// What a harness agent (`run` or `node`) adds to its arguments: `--fast-path=off` unless
+/// they say something of the fast path themselves, so that what a test or a benchmark checks
+/// does not change with what the kernel's probe finds (`--fast-path=auto` spells out the
+/// product's default).
+pub fn fast_path_default<S: AsRef<str>>(args: &[S]) -> Option<&'static str> {
+    let said = args.iter().any(|a| a.as_ref().starts_with("--fast-path"));
+    (!said).then_some("--fast-path=off")
+}
+
 /// `redirect-agent run` as a child process, stopped with SIGTERM (then SIGKILL) on drop.
 pub struct AgentProcess {
     pub name: String,
@@ -70,6 +79,7 @@ impl AgentProcess {
             .arg(mode)
             .args(["--name", name])
             .args(args)
+            .args(fast_path_default(args))
             .env(
                 "RUST_LOG",
                 std::env::var("REDIRECT_AGENT_LOG").unwrap_or_else(|_| "warn".into()),

@@ -92,7 +92,9 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let netns = pair.workload.path.to_string_lossy().into_owned();
     let cg = cgroup.path.to_string_lossy().into_owned();
     let mut agent_proc =
-        AgentProcess::start(&agent, &name, &["--cgroup", &cg, "--netns", &netns]).context("starting the agent")?;
+        // The product's defaults, the fast path's included (the harness would turn it off).
+        AgentProcess::start(&agent, &name, &["--cgroup", &cg, "--netns", &netns, "--fast-path=auto"])
+            .context("starting the agent")?;
     println!("agent: instance {name} attached (default istio-iptables flags, embedded proxy)\n");
 
     let spec = |to: std::net::SocketAddr| ProbeSpec::new(&cgroup.path, &pair.workload.path, to);

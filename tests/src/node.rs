@@ -167,6 +167,7 @@ impl NodeAgent {
                 &redirect_testkit::agent::start_timeout().as_secs().max(60).to_string(),
             ])
             .args(&self.extra)
+            .args(redirect_testkit::agent::fast_path_default(&self.extra))
             .env(
                 "RUST_LOG",
                 std::env::var("REDIRECT_AGENT_LOG").unwrap_or_else(|_| "info".into()),

@@ -12,9 +12,9 @@
 //!   look at its buffer (`bpf_tcp_ingress`), so on kernels that still do that the writer gets
 //!   [`PUSH_BACK_CAP`] in without one refusal. The messages must have been redirected (the
 //!   sender's state says so), or the probe proved nothing.
-//! - **A blocking read waits out its timeout.** One end blocks in `read()` with a timeout while
-//!   another thread half-closes it: the peer's ACK of the FIN moves it to FIN_WAIT2 and wakes
-//!   its waiters, with no data. A TCP socket goes on waiting; `tcp_bpf_recvmsg(_parser)` ends
+//! - **A blocking read waits out its timeout.** One end blocks in `read()` with a timeout, and
+//!   once it sleeps there another thread half-closes it: the peer's ACK of the FIN moves it to
+//!   FIN_WAIT2 and wakes its waiters, with no data. A TCP socket goes on waiting; `tcp_bpf_recvmsg(_parser)` ends
 //!   the read with EAGAIN at that wakeup, long before the timeout, which fails blocking
 //!   clients ([`EARLY`] after the half-close is "early").
 //!
@@ -34,14 +34,13 @@ use serde::Serialize;
 use crate::{error::LoadError, flags::FastPathWhen, proxy::FastPathSockets};
 
 /// What the writer may get in, to a peer that never reads, before the probe calls it
-/// unbounded: TCP would have stopped it at the two sockets' buffers (at most about 1 MiB
-/// here, with the peer's set to [`PEER_RCVBUF`]).
+/// unbounded: TCP stops it at the two sockets' buffers, a few hundred KiB with both set to
+/// [`PROBE_BUF`].
 pub const PUSH_BACK_CAP: u64 = 8 << 20;
-const PEER_RCVBUF: usize = 64 << 10;
-/// The blocked read's timeout, and how soon after the half-close's wakeup it counts as ended
-/// early.
-const READ_TIMEOUT: Duration = Duration::from_millis(600);
-const HALF_CLOSE_AFTER: Duration = Duration::from_millis(50);
+const PROBE_BUF: usize = 64 << 10;
+/// The blocked read's timeout, and how soon after the half-close it counts as ended early
+/// (the slack between them is for a loaded machine, where the half-close may come late).
+const READ_TIMEOUT: Duration = Duration::from_millis(1000);
 const EARLY: Duration = Duration::from_millis(300);
 
 /// What the probe found.
@@ -56,7 +55,8 @@ pub struct Findings {
     pub write_error: Option<String>,
     /// A blocking read outlived a wakeup without data.
     pub blocking_reads_wait: bool,
-    /// How long that read took, in milliseconds (timeout [`READ_TIMEOUT`]).
+    /// How long that read went on after the half-close, in milliseconds (its timeout,
+    /// [`READ_TIMEOUT`], counts from before it).
     pub read_ms: u64,
 }
 
@@ -81,7 +81,7 @@ impl Findings {
         }
         if !self.blocking_reads_wait {
             faults.push(format!(
-                "a blocking read with a {} ms timeout ended with EAGAIN after {} ms, at a wakeup without data",
+                "a blocking read with a {} ms timeout ended {} ms after a wakeup without data (a half-close)",
                 READ_TIMEOUT.as_millis(),
                 self.read_ms
             ));
@@ -111,42 +111,61 @@ fn io(what: &'static str) -> impl FnOnce(io::Error) -> ProbeError {
 /// ([`Decision::log`]), so that a refused start prints only why it was refused.
 pub struct Decision {
     pub on: bool,
-    /// For `auto`: what the probe found, or why it could not tell.
-    probed: Option<Result<Findings, String>>,
+    how: How,
+}
+
+enum How {
+    /// `--fast-path=on` or `off`.
+    Said,
+    /// `auto` with pins: as the pinned maps were made.
+    Pinned,
+    /// `auto` without: what the probe found, or why it could not tell.
+    Probed(Result<Findings, String>),
 }
 
 impl Decision {
     pub fn log(&self) {
-        match &self.probed {
-            None => tracing::info!(on = self.on, "fast path: as --fast-path says"),
-            Some(Ok(f)) if f.safe() => tracing::info!(
+        let on = if self.on { "on" } else { "off" };
+        match &self.how {
+            How::Said => tracing::info!("fast path: {on}, as --fast-path says"),
+            How::Pinned => tracing::info!(
+                "fast path: {on} (--fast-path=auto), as the pinned maps were made (after a `cleanup` the probe \
+                 decides anew)"
+            ),
+            How::Probed(Ok(f)) if f.safe() => tracing::info!(
                 "fast path: on (--fast-path=auto): a stopped reader pushed back after {} KiB, a blocking read waited \
                  out its timeout",
                 f.taken_in >> 10
             ),
-            Some(Ok(f)) => tracing::info!(
+            How::Probed(Ok(f)) => tracing::info!(
                 "fast path: off (--fast-path=auto; --fast-path=on overrides): {}",
                 f.faults().join("; ")
             ),
-            Some(Err(e)) => tracing::warn!("fast path: off (--fast-path=auto): the kernel's probe failed: {e}"),
+            How::Probed(Err(e)) => tracing::warn!("fast path: off (--fast-path=auto): the kernel's probe failed: {e}"),
         }
     }
 }
 
-/// Whether the fast path is on for `--fast-path=when`: for `auto`, the probe's answer (a
-/// probe that cannot tell leaves it off).
-pub fn decide(when: FastPathWhen) -> Decision {
-    match when {
-        FastPathWhen::On => Decision { on: true, probed: None },
-        FastPathWhen::Off => Decision {
-            on: false,
-            probed: None,
+/// Whether the fast path is on for `--fast-path=when`. For `auto`: as the instance's pinned
+/// maps were made (`pinned`, [`super::pins::pinned_fast_path`]), since a start that decided
+/// otherwise could not reuse them (a node's restart or handover, a killed run's successor);
+/// without pins, the probe's answer (a probe that cannot tell leaves it off).
+pub fn decide(when: FastPathWhen, pinned: Option<bool>) -> Decision {
+    match (when, pinned) {
+        (FastPathWhen::On, _) => Decision {
+            on: true,
+            how: How::Said,
         },
-        FastPathWhen::Auto => {
+        (FastPathWhen::Off, _) => Decision {
+            on: false,
+            how: How::Said,
+        },
+        (FastPathWhen::Auto, Some(on)) => Decision { on, how: How::Pinned },
+        (FastPathWhen::Auto, None) => {
             let probed = probe().map_err(|e| e.to_string());
             Decision {
                 on: probed.as_ref().is_ok_and(Findings::safe),
-                probed: Some(probed),
+                how: How::Probed(probed),
             }
         }
     }
@@ -160,7 +179,9 @@ pub fn probe() -> Result<Findings, ProbeError> {
     let netns = crate::sys::current_netns_cookie().map_err(io("the namespace's cookie"))?;
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("a loopback listener"))?;
     let pair = |sockets: &mut FastPathSockets| -> Result<(TcpStream, TcpStream, TupleKey), ProbeError> {
-        let near = TcpStream::connect(listener.local_addr().map_err(io("its address"))?).map_err(io("connect"))?;
+        let to = listener.local_addr().map_err(io("its address"))?;
+        // Bounded: a firewall that drops SYNs to loopback must not stall the start.
+        let near = TcpStream::connect_timeout(&to, Duration::from_secs(2)).map_err(io("connect"))?;
         let (far, _) = listener.accept().map_err(io("accept"))?;
         let key = |s: &TcpStream| -> Result<TupleKey, ProbeError> {
             let (l, p) = (s.local_addr(), s.peer_addr());
@@ -200,8 +221,11 @@ pub fn probe() -> Result<Findings, ProbeError> {
 /// before [`PUSH_BACK_CAP`], what it got in, and how a write failed otherwise.
 fn stopped_reader(writer: &TcpStream, far: &TcpStream) -> Result<(bool, u64, Option<String>), ProbeError> {
     socket2::SockRef::from(far)
-        .set_recv_buffer_size(PEER_RCVBUF)
+        .set_recv_buffer_size(PROBE_BUF)
         .map_err(io("SO_RCVBUF"))?;
+    socket2::SockRef::from(writer)
+        .set_send_buffer_size(PROBE_BUF)
+        .map_err(io("SO_SNDBUF"))?;
     writer.set_nonblocking(true).map_err(io("O_NONBLOCK"))?;
     let chunk = vec![0u8; 64 << 10];
     let mut taken_in = 0u64;
@@ -215,26 +239,46 @@ fn stopped_reader(writer: &TcpStream, far: &TcpStream) -> Result<(bool, u64, Opt
     Ok((false, taken_in, None))
 }
 
-/// `reader` blocks in `read()` with a timeout while another thread half-closes it (the
-/// peer's ACK of the FIN wakes it, with no data): whether the read waited out its timeout,
-/// and how long it took.
+/// `reader` blocks in `read()` with a timeout while another thread half-closes it, once it
+/// sleeps in the read (the peer's ACK of the FIN then wakes it, with no data): whether the
+/// read went on for [`EARLY`] after the half-close and ended with its timeout, and how long it
+/// went on after it.
 fn blocked_read(reader: TcpStream) -> Result<(bool, Duration), ProbeError> {
     reader.set_read_timeout(Some(READ_TIMEOUT)).map_err(io("SO_RCVTIMEO"))?;
     let closer = reader.try_clone().map_err(io("dup"))?;
+    let tid = rustix::thread::gettid();
     let half_close = std::thread::spawn(move || {
-        std::thread::sleep(HALF_CLOSE_AFTER);
-        closer.shutdown(Shutdown::Write)
+        // A wakeup before the reader sleeps would prove nothing.
+        until_asleep(tid, READ_TIMEOUT);
+        closer.shutdown(Shutdown::Write).map(|()| Instant::now())
     });
-    let start = Instant::now();
     let read = (&reader).read(&mut [0u8; 16]);
-    let took = start.elapsed();
-    half_close
+    let ended = Instant::now();
+    let closed_at = half_close
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("the half-closing thread panicked")))
         .map_err(io("shutdown"))?;
+    let after = ended.saturating_duration_since(closed_at);
     // Nothing is ever sent to it: any answer but a timeout's is the fault, however it ends.
     let timed_out = matches!(&read, Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut));
-    Ok((timed_out && took >= HALF_CLOSE_AFTER + EARLY, took))
+    Ok((timed_out && after >= EARLY, after))
+}
+
+/// Waits (at most `within`) until thread `tid` of this process sleeps (`S` in its
+/// `/proc/self/task/TID/stat`, after the command name's closing parenthesis).
+fn until_asleep(tid: rustix::thread::Pid, within: Duration) {
+    let stat = format!("/proc/self/task/{}/stat", tid.as_raw_nonzero());
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let text = std::fs::read_to_string(&stat).unwrap_or_default();
+        let state = text
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next());
+        if state == Some('S') {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 #[cfg(test)]
@@ -255,10 +299,10 @@ mod tests {
         let (writer, far) = tcp_pair();
         let (pushes_back, taken_in, error) = stopped_reader(&writer, &far).unwrap();
         assert!(pushes_back && error.is_none(), "{taken_in} {error:?}");
-        assert!(taken_in < PUSH_BACK_CAP / 2, "{taken_in}");
+        assert!(taken_in < PUSH_BACK_CAP / 8, "{taken_in}");
         let (_peer, reader) = tcp_pair();
         let (waited, took) = blocked_read(reader).unwrap();
         assert!(waited, "{took:?}");
-        assert!(took >= READ_TIMEOUT - Duration::from_millis(50), "{took:?}");
+        assert!(took >= EARLY, "{took:?}");
     }
 }

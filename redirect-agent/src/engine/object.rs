@@ -80,18 +80,32 @@ fn attach_to_sockhash(ebpf: &Ebpf) -> Result<(), LoadError> {
 /// [`fast_path_trial`]'s object, sockhash and sender states.
 pub(crate) type FastPathTrial = (Ebpf, SockHash<MapData, TupleKey>, HashMap<MapData, TupleKey, u8>);
 
-/// The fast path on its own, for [`super::fast_path_probe`]: an object with no pins and its
-/// own few-slot maps, only sk_msg and the verdict loaded, attached to its sockhash. Nothing
-/// else of the agent's sees it; dropping the three values frees it all (a socket still in
-/// the sockhash leaves it as the map goes).
+/// The fast path on its own, for [`super::fast_path_probe`]: an object with no pins and maps
+/// of its own (the preallocated ones of a few entries), only sk_msg and the verdict loaded,
+/// attached to its sockhash. Nothing else of the agent's sees it; dropping the three values
+/// frees it all (a socket still in the sockhash leaves it as the map goes).
 pub(crate) fn fast_path_trial() -> Result<FastPathTrial, LoadError> {
     let owner = crate::btf::owner_offsets()?;
-    let mut ebpf = EbpfLoader::new()
-        .override_global(owner::OWNER_OFFSETS, owner, true)
-        .map_max_entries(maps::FAST_PATH_SOCKETS, 8)
-        .map_max_entries(maps::FAST_PATH_SENDERS, 8)
-        .load(EBPF_OBJECT)
-        .map_err(LoadError::Object)?;
+    let mut loader = EbpfLoader::new();
+    loader.override_global(owner::OWNER_OFFSETS, owner, true);
+    // Every map of the object is made; the LRU ones are allocated whole at once, 65,536
+    // entries each by default. The probe's own take a few entries, the others none.
+    for map in [
+        maps::FAST_PATH_SOCKETS,
+        maps::FAST_PATH_SENDERS,
+        maps::ORIG_BY_COOKIE,
+        maps::ORIG_BY_TUPLE,
+        maps::INBOUND_PENDING,
+        maps::UDP_ORIG,
+        maps::UDP_FLOWS,
+        maps::VIRT_FLOWS,
+        maps::VIRT_REPLIES,
+        maps::SYN_MARK_BY_COOKIE,
+        maps::SYN_MARKS,
+    ] {
+        loader.map_max_entries(map, 8);
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
     for name in FAST_PATH_PROGRAMS {
         load_program(&mut ebpf, name)?;
     }

@@ -133,7 +133,8 @@ impl State {
 
 /// How `chain::pack` packs a chain: raised when the same flags would pack into other set
 /// entries, so that an agent never adopts set members it would not have written itself.
-const PACKING: u32 = 1;
+/// 2: TPROXY's `-b` tuples, and `-k`'s rules taken interface by interface.
+const PACKING: u32 = 2;
 
 /// Sizes of everything the programs and the agent exchange through pinned maps.
 pub fn layout() -> String {
@@ -294,6 +295,16 @@ pub(crate) fn captured_elsewhere(netns_cookie: u64, except: &str) -> Option<Stri
 struct LegacyRun {
     pid: u32,
     netns_cookie: u64,
+}
+
+/// Whether the fast-path maps pinned for instance `name` by an agent of `mode` were made
+/// with the fast path on; `None` without such pins. `--fast-path=auto` follows them, so that
+/// a restart, a handover or a killed run's successor decides as its predecessor did.
+pub(crate) fn pinned_fast_path(name: &str, mode: Mode) -> Option<bool> {
+    let dir = pin_dir(name);
+    State::read(name).filter(|s| s.mode == mode && dir.exists())?;
+    let map = aya::maps::MapData::from_pin(dir.join(redirect_common::maps::FAST_PATH_SOCKETS)).ok()?;
+    Some(map.info().ok()?.max_entries() > 1)
 }
 
 /// What the pins of instance `name` were made with, checked before a start changes anything

@@ -182,6 +182,18 @@ impl CaptureFlags {
             "",
         );
         let kube_virt_interfaces = config::parse_interfaces(f, &v)?;
+        // One interface list, `-c`'s then `-k`'s: each entry a bit of the programs' 32-bit mask.
+        if exclude_interfaces.len() + kube_virt_interfaces.len() > config::MAX_INTERFACES {
+            return Err(config::ConfigError {
+                flag: f,
+                value: v,
+                expected: format!(
+                    "with -c/--istio-exclude-interfaces' {}, at most {} interface names in all",
+                    exclude_interfaces.len(),
+                    config::MAX_INTERFACES
+                ),
+            });
+        }
         let (v, f) = p(
             &self.tproxy_mark,
             "-t/--istio-inbound-tproxy-mark",

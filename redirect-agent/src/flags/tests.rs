@@ -139,3 +139,17 @@ fn fast_path_takes_an_optional_value() {
     let err = parse(&["--fast-path=maybe"]).err().unwrap().to_string();
     assert!(err.contains("'maybe'") && err.contains("auto, on, off"), "{err}");
 }
+
+/// `-c` and `-k` share the programs' 32-bit interface mask: 32 names in all are taken, a 33rd
+/// is refused with both flags' share named.
+#[test]
+fn interface_lists_share_thirty_two_entries() {
+    let names = |p: &str, n: usize| (0..n).map(|i| format!("{p}{i}")).collect::<Vec<_>>().join(",");
+    let args = |c: usize, k: usize| vec!["-c".to_owned(), names("c", c), "-k".to_owned(), names("k", k)];
+    assert!(parse_args(&args(16, 16)).is_ok());
+    let err = parse_args(&args(16, 17)).unwrap_err();
+    assert!(
+        err.contains("-k/--kube-virt-interfaces") && err.contains("16, at most 32"),
+        "{err}"
+    );
+}

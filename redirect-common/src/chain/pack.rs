@@ -132,42 +132,41 @@ pub fn pack(rules: &[Rule], interfaces: &[Interface]) -> Result<Packed, TooManyR
     Ok(packed)
 }
 
-/// `rules` in walk order: each block of consecutive rules of one chain on interfaces
-/// (`-i`/`-o`, not negated) whose entries pairwise name no interface in common taken
-/// interface by interface (see the module's doc), in the order the interfaces first appear;
-/// a block where two could both match stays as it is.
+/// `rules` in walk order: each run of consecutive rules of one chain on interfaces (`-i`/`-o`,
+/// not negated) whose entries pairwise name no interface in common is taken interface by
+/// interface (see the module's doc), in the order the interfaces first appear. A rule on an
+/// entry that could name a device of one already in the run starts the next run: runs keep
+/// their order, so cutting one is always exact (`-c`'s RETURNs that follow `-k`'s rules, on
+/// a name of theirs, cut there).
 fn by_interface<'a>(rules: impl Iterator<Item = &'a Rule>, interfaces: &[Interface]) -> Vec<Rule> {
-    let rules: Vec<Rule> = rules.copied().collect();
     let on_iface = |r: &Rule| r.has & m::IFACE != 0 && r.neg & m::IFACE == 0;
-    let mut walk = Vec::with_capacity(rules.len());
-    let mut i = 0;
-    while i < rules.len() {
-        let len = rules[i..]
-            .iter()
-            .take_while(|r| on_iface(r) && r.chain == rules[i].chain)
-            .count()
-            .max(1);
-        let block = &rules[i..i + len];
-        // An IFACE rule's `uid` holds its entries' bits.
-        let mut masks: Vec<u32> = Vec::new();
-        for r in block.iter().filter(|r| on_iface(r)) {
+    let mut walk = Vec::new();
+    // The run so far, and its masks (an IFACE rule's `uid` holds its entries' bits).
+    let mut run: Vec<Rule> = Vec::new();
+    let mut masks: Vec<u32> = Vec::new();
+    let flush = |run: &mut Vec<Rule>, masks: &mut Vec<u32>, walk: &mut Vec<Rule>| {
+        for mask in masks.drain(..) {
+            walk.extend(run.iter().filter(|r| r.uid == mask));
+        }
+        run.clear();
+    };
+    for r in rules {
+        let joins = on_iface(r)
+            && run.first().is_none_or(|f| f.chain == r.chain)
+            && (masks.contains(&r.uid) || masks.iter().all(|&m| never_both(m, r.uid, interfaces)));
+        if !joins {
+            flush(&mut run, &mut masks, &mut walk);
+        }
+        if on_iface(r) {
             if !masks.contains(&r.uid) {
                 masks.push(r.uid);
             }
-        }
-        let apart = masks
-            .iter()
-            .enumerate()
-            .all(|(n, &x)| masks[n + 1..].iter().all(|&y| never_both(x, y, interfaces)));
-        if masks.len() > 1 && apart {
-            for mask in masks {
-                walk.extend(block.iter().filter(|r| r.uid == mask));
-            }
+            run.push(*r);
         } else {
-            walk.extend_from_slice(block);
+            walk.push(*r);
         }
-        i += len;
     }
+    flush(&mut run, &mut masks, &mut walk);
     walk
 }
 
@@ -182,7 +181,7 @@ fn never_both(x: u32, y: u32, interfaces: &[Interface]) -> bool {
         interfaces
             .iter()
             .enumerate()
-            .filter(move |&(i, _)| mask & (1 << i) != 0)
+            .filter(move |&(i, _)| 1u32.checked_shl(i as u32).is_some_and(|bit| mask & bit != 0))
             .map(|(_, name)| name)
     };
     named(x).all(|a| named(y).all(|b| !a.overlaps(b)))

@@ -397,4 +397,17 @@ fn kube_virt_interfaces_with_a_thousand_cidrs_are_an_entry_each() {
     assert_eq!(unpacked(&compiled.packed), compiled.rules);
     let overlapping = compile_packed(&with("eth1,eth+")).unwrap_err();
     assert!(overlapping.needed > MAX_RULES_PER_FAMILY, "{overlapping:?}");
+    // A `-c` name that `vm+` also names: its RETURN, after `-k`'s rules in the chain, starts
+    // a run of its own, and `-k`'s still pack.
+    let cfg = config::CaptureConfig {
+        exclude_interfaces: config::parse_interfaces("-c", "vmx0").unwrap(),
+        ..with("eth1,vm+")
+    };
+    let compiled = compile_packed(&cfg).unwrap();
+    assert_eq!(unpacked(&compiled.packed), compiled.rules);
+    assert!(
+        compiled.packed.entries[0].len() < 20,
+        "{:#?}",
+        compiled.packed.entries[0]
+    );
 }

@@ -109,10 +109,13 @@ pub struct ProbeArgs {
     /// (the server must echo as it reads), reporting the slowest.
     #[arg(long, default_value_t = 0)]
     pub round_trips: u64,
-    /// Instead of one exchange: write until a write blocks for a second (or 256 MiB went),
+    /// Instead of one exchange: write until a write blocks for a second (or `--fill-cap` went),
     /// reporting how much the connection took in: a reader that stops must push back.
     #[arg(long)]
     pub fill: bool,
+    /// The most `--fill` writes before it stops.
+    #[arg(long, default_value_t = FILL_CAP)]
+    pub fill_cap: usize,
     /// Exchange the bytes with tokio (non-blocking socket, epoll readiness), as the proxy and
     /// most servers do, instead of blocking calls.
     #[arg(long)]
@@ -127,7 +130,7 @@ pub struct ProbeArgs {
 /// bytes, past the page the getsockopt program sees.
 const PEER_GROUPS: u32 = 2000;
 
-/// Most `--fill` writes before giving up on back-pressure.
+/// Most `--fill` writes before giving up on back-pressure, unless `--fill-cap` says.
 const FILL_CAP: usize = 256 << 20;
 
 fn classify(e: &io::Error) -> Outcome {
@@ -288,7 +291,7 @@ fn exchange(args: &ProbeArgs, to: SocketAddr, result: &mut ProbeResult) -> io::R
         return round_trips(args, &stream, &mut reader, result);
     }
     if args.fill {
-        return fill(&stream, result);
+        return fill(&stream, args.fill_cap, result);
     }
     if args.half_close_then_wait {
         return half_close_then_wait(&stream, &mut reader, result);
@@ -366,12 +369,27 @@ fn round_trips(
     Ok(())
 }
 
-/// `--half-close-then-wait`: the half-close comes from another thread 50 ms into the read,
-/// so that the read is already blocked when the peer's ACK of the FIN wakes the socket.
+/// `--half-close-then-wait`: the half-close comes from another thread once this one sleeps in
+/// its read (`S` in its `/proc/self/task/TID/stat`, looked at for up to a second), so that
+/// the read is blocked when the peer's ACK of the FIN wakes the socket.
 fn half_close_then_wait(stream: &TcpStream, reader: &mut impl Read, result: &mut ProbeResult) -> io::Result<()> {
     let closer = stream.try_clone()?;
+    // The reading thread is the process's first (the probe is single-threaded until here):
+    // its id is the process's.
+    let stat = format!("/proc/self/task/{}/stat", std::process::id());
     let half_close = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(50));
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            let text = std::fs::read_to_string(&stat).unwrap_or_default();
+            if text
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+                == Some('S')
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         closer.shutdown(Shutdown::Write)
     });
     let read = reader.read(&mut [0u8; 64]);
@@ -382,10 +400,10 @@ fn half_close_then_wait(stream: &TcpStream, reader: &mut impl Read, result: &mut
     Ok(())
 }
 
-fn fill(stream: &TcpStream, result: &mut ProbeResult) -> io::Result<()> {
+fn fill(stream: &TcpStream, cap: usize, result: &mut ProbeResult) -> io::Result<()> {
     stream.set_write_timeout(Some(Duration::from_secs(1)))?;
     let chunk = pattern(64 * 1024);
-    while result.sent < FILL_CAP {
+    while result.sent < cap {
         match (&*stream).write(&chunk) {
             Ok(n) => result.sent += n,
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => break,

@@ -34,6 +34,8 @@ pub struct ProbeSpec {
     pub udp_exchange: Option<bool>,
     pub round_trips: u64,
     pub fill: bool,
+    /// `probe --fill-cap` (its default when `None`).
+    pub fill_cap: Option<usize>,
     /// `probe --half-close-then-wait`.
     pub half_close_then_wait: bool,
     /// `probe --timeout-ms` (its default when `None`).
@@ -62,6 +64,7 @@ impl ProbeSpec {
             udp_exchange: None,
             round_trips: 0,
             fill: false,
+            fill_cap: None,
             half_close_then_wait: false,
             timeout_ms: None,
             tokio: false,
@@ -168,6 +171,13 @@ impl ProbeSpec {
         self
     }
 
+    /// [`ProbeSpec::fill`] up to `cap` bytes at most (the probe's own cap is 256 MiB).
+    pub fn fill_up_to(mut self, cap: usize) -> Self {
+        self.fill = true;
+        self.fill_cap = Some(cap);
+        self
+    }
+
     /// After the banner, half-close and block in a read nothing answers, until `timeout_ms`:
     /// a blocking client waiting for its reply (`probe --half-close-then-wait`).
     pub fn half_close_then_wait(mut self, timeout_ms: u64) -> Self {
@@ -230,6 +240,9 @@ impl ProbeSpec {
         }
         if self.fill {
             c.arg("--fill");
+        }
+        if let Some(cap) = self.fill_cap {
+            c.args(["--fill-cap", &cap.to_string()]);
         }
         if self.half_close_then_wait {
             c.arg("--half-close-then-wait");

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{FILL_CAP, ProbeArgs, pattern, writes};
+use super::{ProbeArgs, pattern, writes};
 use crate::report::ProbeResult;
 
 /// The same exchanges as the blocking path, driven by a current-thread tokio runtime (made
@@ -58,7 +58,7 @@ pub(super) fn with_tokio(
         }
         if args.fill {
             let chunk = pattern(64 * 1024);
-            while result.sent < FILL_CAP {
+            while result.sent < args.fill_cap {
                 match tokio::time::timeout(Duration::from_secs(1), w.write(&chunk)).await {
                     Ok(n) => result.sent += n?,
                     Err(_) => break,
