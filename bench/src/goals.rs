@@ -229,6 +229,13 @@ pub fn markdown(out: &Outcome, plan: &Plan) -> String {
         },
         if slower.is_empty() { "yes" } else { "no" }
     );
+    // The default: decided by trying the kernel, not by its version (docs/fast-path.md).
+    let _ = writeln!(
+        s,
+        "| 2 | on by default where the kernel is safe: what `--fast-path=auto` decides here (`check`) | by a \
+         probe | {} | yes |",
+        out.fast_path_default
+    );
     rows(&mut s, &|g| g.goal > 2);
     s.push('\n');
 

@@ -1,5 +1,6 @@
 //! What a benchmark reads of processes and programs: CPU time and RSS from /proc, each
-//! program's run time and count (kernel.bpf_stats_enabled), and the maps' memory.
+//! program's run time and count (kernel.bpf_stats_enabled), the maps' memory, and what the
+//! agent's `check` says of the fast path's default.
 
 use std::process::Command;
 
@@ -79,4 +80,16 @@ impl Drop for BpfStats {
     fn drop(&mut self) {
         let _ = std::fs::write(Self::PATH, self.before.trim());
     }
+}
+
+/// `check`'s line for the fast path's default on this kernel (after its "…(--fast-path=auto): ").
+pub(crate) fn fast_path_default(agent: &std::path::Path) -> String {
+    let out = match Command::new(agent).arg("check").output() {
+        Ok(out) => out,
+        Err(e) => return format!("– (`check` did not run: {e})"),
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.split_once("(--fast-path=auto): ").map(|(_, v)| v.to_owned()))
+        .unwrap_or_else(|| "– (`check` printed no fast-path line)".to_owned())
 }

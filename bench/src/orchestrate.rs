@@ -550,6 +550,8 @@ pub struct Outcome {
     pub failures: Vec<String>,
     pub memory: Memory,
     pub elapsed: Duration,
+    /// What `--fast-path=auto` decides on this kernel, and why: `check`'s line for it.
+    pub fast_path_default: String,
 }
 
 pub fn run(plan: &Plan, agent: &Path) -> anyhow::Result<Outcome> {
@@ -586,5 +588,6 @@ pub fn run(plan: &Plan, agent: &Path) -> anyhow::Result<Outcome> {
         failures,
         memory: held,
         elapsed: started.elapsed(),
+        fast_path_default: crate::measure::fast_path_default(agent),
     })
 }
