@@ -23,32 +23,19 @@ struct FastPathReport {
     error: Option<String>,
     /// Whether `--fast-path=auto` turns it on on this kernel.
     auto_on: bool,
+    /// [`fast_path_probe::verdict`]: the text line.
+    #[serde(skip)]
+    line: String,
 }
 
 impl FastPathReport {
     fn probe() -> Self {
-        match fast_path_probe::probe() {
-            Ok(f) => Self {
-                auto_on: f.safe(),
-                findings: Some(f),
-                error: None,
-            },
-            Err(e) => Self {
-                findings: None,
-                error: Some(e.to_string()),
-                auto_on: false,
-            },
-        }
-    }
-
-    fn line(&self) -> String {
-        match (&self.findings, &self.error) {
-            (Some(f), _) if f.safe() => format!(
-                "on: a stopped reader pushed back after {} KiB, a blocking read waited out its timeout",
-                f.taken_in >> 10
-            ),
-            (Some(f), _) => format!("off: {}", f.faults().join("; ")),
-            (None, e) => format!("off: the probe failed: {}", e.as_deref().unwrap_or("?")),
+        let probed = fast_path_probe::probe().map_err(|e| e.to_string());
+        Self {
+            auto_on: probed.as_ref().is_ok_and(fast_path_probe::Findings::safe),
+            line: fast_path_probe::verdict(&probed),
+            findings: probed.as_ref().ok().cloned(),
+            error: probed.err(),
         }
     }
 }
@@ -78,7 +65,7 @@ pub fn check(verifier: bool, json: bool) -> anyhow::Result<()> {
             };
             println!("  {:<54} Linux {:<5} {state}", f.name, f.since);
         }
-        println!("  fast path by default (--fast-path=auto): {}", report.fast_path.line());
+        println!("  fast path by default (--fast-path=auto): {}", report.fast_path.line);
         for p in &report.programs {
             let n = |v: Option<u32>| v.map_or_else(|| "?".to_owned(), |v| v.to_string());
             println!(

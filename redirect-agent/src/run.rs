@@ -236,12 +236,7 @@ fn killed_run_of(opts: &RunOptions, netns_cookie: u64) -> bool {
     let Some(state) = pins::State::read(&opts.name) else {
         return false;
     };
-    let size = |map: &str| {
-        aya::maps::MapData::from_pin(pins::pin_dir(&opts.name).join(map))
-            .ok()
-            .and_then(|m| m.info().ok())
-            .map(|i| i.max_entries())
-    };
+    let size = |map: &str| pins::pinned_size(&opts.name, map);
     state.mode == Mode::Run
         && state.layout == pins::layout()
         && state.cgroup_parent == opts.cgroup

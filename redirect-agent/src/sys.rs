@@ -518,6 +518,25 @@ impl Netns {
     }
 }
 
+/// Waits (at most `within`) until thread `tid` of this process sleeps (`S` in its
+/// `/proc/self/task/TID/stat`, after the command name's closing parenthesis): a thread
+/// blocked in a read, say, before another wakes it.
+pub fn wait_until_asleep(tid: u32, within: std::time::Duration) {
+    use std::time::{Duration, Instant};
+    let stat = format!("/proc/self/task/{tid}/stat");
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let text = std::fs::read_to_string(&stat).unwrap_or_default();
+        let state = text
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next());
+        if state == Some('S') {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

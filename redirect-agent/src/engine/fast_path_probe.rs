@@ -132,17 +132,22 @@ impl Decision {
                 "fast path: {on} (--fast-path=auto), as the pinned maps were made (after a `cleanup` the probe \
                  decides anew)"
             ),
-            How::Probed(Ok(f)) if f.safe() => tracing::info!(
-                "fast path: on (--fast-path=auto): a stopped reader pushed back after {} KiB, a blocking read waited \
-                 out its timeout",
-                f.taken_in >> 10
-            ),
-            How::Probed(Ok(f)) => tracing::info!(
-                "fast path: off (--fast-path=auto; --fast-path=on overrides): {}",
-                f.faults().join("; ")
-            ),
-            How::Probed(Err(e)) => tracing::warn!("fast path: off (--fast-path=auto): the kernel's probe failed: {e}"),
+            How::Probed(p @ Ok(_)) => tracing::info!("fast path (--fast-path=auto): {}", verdict(p)),
+            How::Probed(p @ Err(_)) => tracing::warn!("fast path (--fast-path=auto): {}", verdict(p)),
         }
+    }
+}
+
+/// The probe's answer in a line, `on: …` or `off: …` with why: what the agent logs and
+/// `check` prints.
+pub fn verdict(probed: &Result<Findings, String>) -> String {
+    match probed {
+        Ok(f) if f.safe() => format!(
+            "on: a stopped reader pushed back after {} KiB, a blocking read waited out its timeout",
+            f.taken_in >> 10
+        ),
+        Ok(f) => format!("off: {}", f.faults().join("; ")),
+        Err(e) => format!("off: the probe failed: {e}"),
     }
 }
 
@@ -246,10 +251,10 @@ fn stopped_reader(writer: &TcpStream, far: &TcpStream) -> Result<(bool, u64, Opt
 fn blocked_read(reader: TcpStream) -> Result<(bool, Duration), ProbeError> {
     reader.set_read_timeout(Some(READ_TIMEOUT)).map_err(io("SO_RCVTIMEO"))?;
     let closer = reader.try_clone().map_err(io("dup"))?;
-    let tid = rustix::thread::gettid();
+    let tid = rustix::thread::gettid().as_raw_nonzero().get().unsigned_abs();
     let half_close = std::thread::spawn(move || {
         // A wakeup before the reader sleeps would prove nothing.
-        until_asleep(tid, READ_TIMEOUT);
+        crate::sys::wait_until_asleep(tid, READ_TIMEOUT);
         closer.shutdown(Shutdown::Write).map(|()| Instant::now())
     });
     let read = (&reader).read(&mut [0u8; 16]);
@@ -262,23 +267,6 @@ fn blocked_read(reader: TcpStream) -> Result<(bool, Duration), ProbeError> {
     // Nothing is ever sent to it: any answer but a timeout's is the fault, however it ends.
     let timed_out = matches!(&read, Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut));
     Ok((timed_out && after >= EARLY, after))
-}
-
-/// Waits (at most `within`) until thread `tid` of this process sleeps (`S` in its
-/// `/proc/self/task/TID/stat`, after the command name's closing parenthesis).
-fn until_asleep(tid: rustix::thread::Pid, within: Duration) {
-    let stat = format!("/proc/self/task/{}/stat", tid.as_raw_nonzero());
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        let text = std::fs::read_to_string(&stat).unwrap_or_default();
-        let state = text
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next());
-        if state == Some('S') {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
 }
 
 #[cfg(test)]

@@ -301,10 +301,14 @@ struct LegacyRun {
 /// with the fast path on; `None` without such pins. `--fast-path=auto` follows them, so that
 /// a restart, a handover or a killed run's successor decides as its predecessor did.
 pub(crate) fn pinned_fast_path(name: &str, mode: Mode) -> Option<bool> {
-    let dir = pin_dir(name);
-    State::read(name).filter(|s| s.mode == mode && dir.exists())?;
-    let map = aya::maps::MapData::from_pin(dir.join(redirect_common::maps::FAST_PATH_SOCKETS)).ok()?;
-    Some(map.info().ok()?.max_entries() > 1)
+    State::read(name).filter(|s| s.mode == mode && pin_dir(name).exists())?;
+    Some(pinned_size(name, redirect_common::maps::FAST_PATH_SOCKETS)? > 1)
+}
+
+/// The size (`max_entries`) map `map` of instance `name` was pinned with; `None` without it.
+pub(crate) fn pinned_size(name: &str, map: &str) -> Option<u32> {
+    let data = aya::maps::MapData::from_pin(pin_dir(name).join(map)).ok()?;
+    Some(data.info().ok()?.max_entries())
 }
 
 /// What the pins of instance `name` were made with, checked before a start changes anything
@@ -329,12 +333,7 @@ pub(crate) fn check_pins(name: &str, fast_path: bool, max_tracked_connections: u
             layout(),
         );
     }
-    let size = |map: &str| {
-        aya::maps::MapData::from_pin(dir.join(map))
-            .ok()
-            .and_then(|m| m.info().ok())
-            .map(|i| i.max_entries())
-    };
+    let size = |map: &str| pinned_size(name, map);
     if let Some(n) = size(redirect_common::maps::FAST_PATH_SOCKETS)
         && (n > 1) != fast_path
     {

@@ -376,20 +376,9 @@ fn half_close_then_wait(stream: &TcpStream, reader: &mut impl Read, result: &mut
     let closer = stream.try_clone()?;
     // The reading thread is the process's first (the probe is single-threaded until here):
     // its id is the process's.
-    let stat = format!("/proc/self/task/{}/stat", std::process::id());
+    let reader_tid = std::process::id();
     let half_close = std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(1);
-        while Instant::now() < deadline {
-            let text = std::fs::read_to_string(&stat).unwrap_or_default();
-            if text
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.trim_start().chars().next())
-                == Some('S')
-            {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        redirect_agent::sys::wait_until_asleep(reader_tid, Duration::from_secs(1));
         closer.shutdown(Shutdown::Write)
     });
     let read = reader.read(&mut [0u8; 64]);
