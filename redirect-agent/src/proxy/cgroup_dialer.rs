@@ -36,6 +36,10 @@ use crate::{
 /// How long the agent waits for the child's answer before it takes it for hung, kills it and
 /// starts another.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a new child may take to be ready: it execs the agent's binary, joins the cgroup and
+/// the network namespace. On a slow or loaded machine (an emulated VM, CI's 2 cores) the exec
+/// alone can outlast [`ANSWER_TIMEOUT`], and a first start that fails ends the workload's start.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Waits between restarts of a child that keeps dying: doubled each time up to the maximum,
 /// back to the minimum after one that lived for [`STABLE`].
 const RESTART_MIN: Duration = Duration::from_millis(100);
@@ -256,7 +260,7 @@ fn supervise(shared: &Shared, netns: &Netns, spec: &ChildSpec, started: &std::sy
 fn spawn(netns: &Netns, spec: &ChildSpec) -> io::Result<(Child, Live)> {
     let (conn, theirs) =
         rustix::net::socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
-    rustix::net::sockopt::set_socket_timeout(&conn, rustix::net::sockopt::Timeout::Recv, Some(ANSWER_TIMEOUT))?;
+    rustix::net::sockopt::set_socket_timeout(&conn, rustix::net::sockopt::Timeout::Recv, Some(START_TIMEOUT))?;
     // The binary this process runs, even if the file was replaced since.
     let mut child = Command::new("/proc/self/exe")
         .arg("dial-in")
@@ -271,7 +275,10 @@ fn spawn(netns: &Netns, spec: &ChildSpec) -> io::Result<(Child, Live)> {
     let ready = handshake(&conn, netns, &spec.cgroup).and_then(|()| {
         let pid = rustix::process::Pid::from_raw(child.id() as i32)
             .ok_or_else(|| io::Error::other("the dialer process has no pid"))?;
-        Ok(rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?)
+        let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?;
+        // Ready: from now on an answer is a dial's, and a child that takes longer is hung.
+        rustix::net::sockopt::set_socket_timeout(&conn, rustix::net::sockopt::Timeout::Recv, Some(ANSWER_TIMEOUT))?;
+        Ok(pidfd)
     });
     match ready {
         Ok(pidfd) => Ok((
@@ -294,8 +301,17 @@ fn spawn(netns: &Netns, spec: &ChildSpec) -> io::Result<(Child, Live)> {
 fn handshake(conn: &OwnedFd, netns: &Netns, cgroup: &Path) -> io::Result<()> {
     crate::sys::send_fds(conn, &[netns.as_fd()])?;
     let mut answer = [0u8; 512];
-    let (n, _) = rustix::net::recv(conn, &mut answer, RecvFlags::empty())
-        .map_err(|e| io::Error::new(e.kind(), format!("waiting for the upstream dialer process: {e}")))?;
+    let (n, _) = rustix::net::recv(conn, &mut answer, RecvFlags::empty()).map_err(|e| match e {
+        rustix::io::Errno::AGAIN => io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "upstream dialer process in cgroup {}: not ready within {} s",
+                cgroup.display(),
+                START_TIMEOUT.as_secs()
+            ),
+        ),
+        e => io::Error::new(e.kind(), format!("waiting for the upstream dialer process: {e}")),
+    })?;
     match answer.get(..n) {
         Some([READY]) => Ok(()),
         Some([FAILED, a, b, c, d, text @ ..]) => {
