@@ -1,5 +1,6 @@
-//! `redirect-agent explain`: the tables istio-iptables would write for the same flags (mangle,
-//! nat, raw), and which counter slot (and program) implements each line.
+//! `redirect-agent explain`: the tables istio-iptables (or, `--mode ambient`, istio-cni in the
+//! pod) would write for the same flags (mangle, nat, raw), and which counter slot (and program)
+//! implements each line.
 //!
 //! The text is valid `iptables-restore` input: the differential tests load it into a twin
 //! namespace and hold the agent to what the kernel does with it.
@@ -35,6 +36,9 @@ pub struct Explanation {
     /// iptables-restore (ip6tables-restore) input. The field keeps its name for both families.
     pub iptables_save: String,
     pub lines: Vec<ExplainedLine>,
+    /// `--mode ambient`: istio-cni's in-pod rules rather than istio-iptables'.
+    #[serde(default)]
+    pub ambient: bool,
 }
 
 impl Explanation {
@@ -47,6 +51,7 @@ impl Explanation {
             family: family.name().into(),
             iptables_save: chain::iptables_save(&lines),
             lines: lines.iter().map(explained).collect(),
+            ambient: cfg.ambient.is_some(),
         })
     }
 
@@ -58,7 +63,11 @@ impl Explanation {
         } else {
             "iptables"
         };
-        let mut s = format!("# tables ({tool}) written by istio-iptables for these flags (redirect-agent explain)\n");
+        let by = match self.ambient {
+            true => "istio-cni in an ambient pod's namespace",
+            false => "istio-iptables",
+        };
+        let mut s = format!("# tables ({tool}) written by {by} for these flags (redirect-agent explain)\n");
         s.push_str(&self.iptables_save);
         let _ = writeln!(s, "#");
         let _ = writeln!(

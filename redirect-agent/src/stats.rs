@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use aya::maps::{Array, HashMap, MapData, lpm_trie::LpmTrie};
 use redirect_common::{
-    ChainId, CounterKey, Target, Workload,
+    CounterKey, Workload,
     addr::Family,
     chain::{CidrMember, ListColumns, Names, PortMember, list_columns_named, match_text_named, unpack},
     events,
@@ -146,11 +146,11 @@ pub(crate) fn rows(
             table: redirect_common::chain::rule_table(r, w.flags, w.virt_ifaces)
                 .name()
                 .into(),
-            chain: chain.map_or("?", ChainId::iptables_name).into(),
+            chain: redirect_common::chain::chain_name(r).into(),
             rule: *rule,
             slot: r.slot as usize,
             match_: match_text_named(r, &names),
-            target: r.target_kind().map_or("?", Target::iptables_name).into(),
+            target: redirect_common::chain::target_name(r),
             connections,
             columns: Some(list_columns_named(r, &names)),
         });

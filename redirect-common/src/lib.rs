@@ -290,6 +290,11 @@ pub mod workload_flags {
     /// too (`-i lo`, by their mark), so sk_lookup walks those as well, and connect4/6 note the
     /// mark the proxy's loopback connections leave with (mangle OUTPUT).
     pub const TPROXY: u32 = 1 << 4;
+    /// `--mode ambient`: istio-cni's in-pod rules. A connection made in the namespace is
+    /// decided by ISTIO_OUTPUT alone, even from a transparent socket's foreign source (ztunnel
+    /// dialing the app as the client): sock_ops notes such a marked SYN for sk_lookup, which
+    /// leaves it alone.
+    pub const AMBIENT: u32 = 1 << 5;
 }
 
 /// One workload's configuration, keyed by its network namespace cookie.
@@ -391,7 +396,7 @@ impl Workload {
 }
 
 // SAFETY: repr(C), Copy; integers and `[Rule; MAX_RULES]` (Rule: repr(C), integers only,
-// no padding); 304 + 92 * MAX_RULES bytes, no gaps (pinned by `layout`
+// no padding); 304 + 96 * MAX_RULES bytes, no gaps (pinned by `layout`
 // below). Any bytes the kernel hands back are a valid value: enums are kept as `u8`.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Workload {}
@@ -405,7 +410,7 @@ mod layout {
     // The eBPF side and the agent read these bytes; padding must be explicit and zeroed.
     #[test]
     fn sizes_have_no_implicit_padding() {
-        assert_eq!(size_of::<Rule>(), 92);
-        assert_eq!(size_of::<Workload>(), 304 + 92 * MAX_RULES);
+        assert_eq!(size_of::<Rule>(), 96);
+        assert_eq!(size_of::<Workload>(), 304 + 96 * MAX_RULES);
     }
 }

@@ -57,6 +57,9 @@ pub enum Target {
     /// `MARK --set-xmark MARK/0xffffffff` (the rule's `mark`): the packets leave marked, and
     /// nothing else is decided (mangle OUTPUT's marks are the only ones it sets).
     Mark = 9,
+    /// `ACCEPT` (ambient's in-pod chains): the connection is left alone, as by `RETURN` from a
+    /// chain its built-in one's policy accepts.
+    Accept = 10,
 }
 
 impl Target {
@@ -71,6 +74,7 @@ impl Target {
             7 => Some(Self::Tproxy),
             8 => Some(Self::Divert),
             9 => Some(Self::Mark),
+            10 => Some(Self::Accept),
             _ => None,
         }
     }
@@ -88,6 +92,7 @@ impl Target {
             Self::Tproxy => "TPROXY",
             Self::Divert => "ISTIO_DIVERT",
             Self::Mark => "MARK",
+            Self::Accept => "ACCEPT",
         }
     }
 
@@ -171,6 +176,10 @@ pub mod m {
     pub const PORT_SET: u16 = 1 << 14;
     /// Either kind of set entry.
     pub const SETS: u16 = DST_SET | PORT_SET;
+    /// Not a match: the rule is one of the chains istio-cni writes in an ambient pod
+    /// (`crate::chain::ambient`), spelled as those are: its inbound chain is `ISTIO_PRERT`,
+    /// and its redirects are `REDIRECT --to-ports PORT`, the port in `dport2`.
+    pub const AMBIENT: u16 = 1 << 15;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -203,9 +212,12 @@ pub struct Rule {
     /// The second port of `-m multiport --dports` ([`m::DPORTS`]); a [`Target::Tproxy`]
     /// rule's `--on-port`.
     pub dport2: u16,
-    /// `-m mark --mark` ([`m::MARK`]); the mark a [`Target::Tproxy`] or [`Target::Mark`] rule
-    /// sets.
+    /// `-m mark --mark MARK/MASK` ([`m::MARK`]); the mark a [`Target::Tproxy`] or
+    /// [`Target::Mark`] rule sets.
     pub mark: u32,
+    /// The mask of `-m mark --mark` (all ones when iptables prints none): the match is
+    /// `packet mark & mark_mask == mark`.
+    pub mark_mask: u32,
     /// The rule's counter slot (`crate::CounterKey`); unused in a set entry, whose members
     /// say theirs.
     pub slot: u32,
@@ -257,6 +269,7 @@ impl Rule {
         dport: 0,
         dport2: 0,
         mark: 0,
+        mark_mask: 0,
         slot: 0,
     };
 
@@ -284,7 +297,7 @@ impl Rule {
             && self.test(m::GID, c.gid == self.gid)
             && self.test(m::GROUPS, c.in_owner_groups)
             && self.test(m::IFACE, c.ifaces & self.uid != 0)
-            && self.test(m::MARK, c.mark == self.mark)
+            && self.test(m::MARK, c.mark & self.mark_mask == self.mark)
             && self.test(m::ESTABLISHED, c.established)
     }
 

@@ -34,10 +34,13 @@ struct Case {
     dns4: &'static [&'static str],
     dns6: &'static [&'static str],
     v6: bool,
+    /// One of the ambient in-pod cases (`cni/pkg/iptables/common_test.go`), explained with
+    /// `--mode ambient`, its golden file in `ambient/`.
+    ambient: bool,
 }
 
 #[rustfmt::skip]
-const NONE: Case = Case { name: "", flags: &[], env: &[], dns4: &[], dns6: &[], v6: false };
+const NONE: Case = Case { name: "", flags: &[], env: &[], dns4: &[], dns6: &[], v6: false, ambient: false };
 const DNS: &str = "--redirect-dns";
 const GROUPS: (&str, &str) = ("ISTIO_OUTBOUND_OWNER_GROUPS", "java,202");
 const GROUPS_EXCLUDE: (&str, &str) = ("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "888,ftp");
@@ -80,6 +83,39 @@ const CASES: [Case; 27] = [
     Case { name: "host-ipv4-loopback-cidr", env: &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/8")], ..NONE },
 ];
 
+/// The ambient cases whose golden files cases.md keeps, over the test's base config (its probe
+/// SNAT addresses; the IPv6 one is the test's own, not istio-cni's default). `default` has
+/// `RedirectDNS`; each `_ipv6` file holds an ip6tables restore after the iptables one.
+#[rustfmt::skip]
+const AMBIENT_DNS: [&str; 7] = [
+    "--mode", "ambient",
+    "--host-probe-snat", "169.254.7.127",
+    "--host-probe-v6-snat", "e9ac:1e77:90ca:399f:4d6d:ece2:2f9b:3164",
+    DNS,
+];
+#[rustfmt::skip]
+const AMBIENT_INGRESS: [&str; 7] = [
+    "--mode", "ambient",
+    "--host-probe-snat", "169.254.7.127",
+    "--host-probe-v6-snat", "e9ac:1e77:90ca:399f:4d6d:ece2:2f9b:3164",
+    "--bypass-inbound-capture",
+];
+#[rustfmt::skip]
+const AMBIENT_VIRT: [&str; 8] = [
+    "--mode", "ambient",
+    "--host-probe-snat", "169.254.7.127",
+    "--host-probe-v6-snat", "e9ac:1e77:90ca:399f:4d6d:ece2:2f9b:3164",
+    "--reroute-virtual-interfaces", "fake1s0f0,fake1s0f1",
+];
+
+#[rustfmt::skip]
+const AMBIENT_CASES: [Case; 4] = [
+    Case { name: "default", flags: &AMBIENT_DNS, ambient: true, ..NONE },
+    Case { name: "default_ipv6", flags: &AMBIENT_DNS, v6: true, ambient: true, ..NONE },
+    Case { name: "ingress", flags: &AMBIENT_INGRESS, ambient: true, ..NONE },
+    Case { name: "virtual_interfaces", flags: &AMBIENT_VIRT, ambient: true, ..NONE },
+];
+
 /// Istio's `constructTestConfig`, which every case starts from. explain defaults to the
 /// injection's values instead (-i '*' -b '*' -d 15090,15021,15020), so each is given.
 #[rustfmt::skip]
@@ -91,9 +127,10 @@ const BASE: [(&str, &str); 10] = [
 /// A snapshot file: explain's normalised rules, one `table chain: rule` line each in order.
 fn render_snapshot(case: &Case, family: &str, rules: &Rules) -> String {
     let mut s = format!(
-        "# `redirect-agent explain --family {family}` for Istio's sidecar golden case `{}`, normalised\n\
+        "# `redirect-agent explain --family {family}` for Istio's {} golden case `{}`, normalised\n\
          # by tests/tests/golden.rs; rewritten (only while it matches Istio's golden file) with\n\
          # REDIRECT_BLESS=1 cargo test -p redirect-tests --test golden\n",
+        kind(case),
         case.name
     );
     for ((table, chain), list) in rules {
@@ -109,7 +146,8 @@ fn render_snapshot(case: &Case, family: &str, rules: &Rules) -> String {
 /// are read from it).
 fn explain_args(case: &Case, family: &str, resolv_conf: Option<&Path>) -> Vec<String> {
     let mut args: Vec<String> = ["explain", "--family", family, "--json"].map(String::from).to_vec();
-    for (flag, value) in BASE.iter().filter(|(f, _)| !case.flags.contains(f)) {
+    let base = if case.ambient { &[][..] } else { &BASE[..] };
+    for (flag, value) in base.iter().filter(|(f, _)| !case.flags.contains(f)) {
         args.extend([flag.to_string(), value.to_string()]);
     }
     args.extend(case.flags.iter().map(|f| f.to_string()));
@@ -167,7 +205,7 @@ fn golden_dir() -> Option<PathBuf> {
 
 /// A case's golden restores, normalised: the iptables one, then the ip6tables one for v6.
 fn golden_rules(dir: &Path, case: &Case) -> Result<Vec<Rules>, String> {
-    let path = dir.join("sidecar").join(format!("{}.golden", case.name));
+    let path = dir.join(kind(case)).join(format!("{}.golden", case.name));
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let restores = parse_restores(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     if restores.len() != 1 + usize::from(case.v6) {
@@ -196,7 +234,7 @@ fn check(
         })
         .map_err(|e| format!("  {what}: {e}\n"))?;
     let golden = golden.map(|g| g.and_then(|g| compare(&what, ("istio golden", g), &explained)));
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("golden/{}.{family}.rules", case.name));
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(snapshot_path(case, family));
     let snapshot = if bless && matches!(golden, Some(Ok(_))) {
         std::fs::create_dir_all(path.parent().unwrap())
             .and_then(|()| std::fs::write(&path, render_snapshot(case, family, &explained)))
@@ -220,6 +258,20 @@ fn check(
     if failures.is_empty() { Ok(()) } else { Err(failures) }
 }
 
+/// The folder of a case's golden file, `sidecar` or `ambient`.
+fn kind(case: &Case) -> &'static str {
+    if case.ambient { "ambient" } else { "sidecar" }
+}
+
+/// A case's snapshot, under the test crate: a sidecar case's at `golden/`, an ambient one's
+/// at `golden/ambient/`.
+fn snapshot_path(case: &Case, family: &str) -> String {
+    match case.ambient {
+        true => format!("golden/ambient/{}.{family}.rules", case.name),
+        false => format!("golden/{}.{family}.rules", case.name),
+    }
+}
+
 #[test]
 fn explain_matches_istio_golden() {
     let golden = golden_dir();
@@ -235,7 +287,7 @@ fn explain_matches_istio_golden() {
     let tmp = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("golden-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     let (mut failures, mut runs) = (Vec::new(), 0);
-    for case in &CASES {
+    for case in CASES.iter().chain(&AMBIENT_CASES) {
         let golden = golden.as_deref().map(|dir| golden_rules(dir, case));
         let families: &[&str] = if case.v6 { &["ipv4", "ipv6"] } else { &["ipv4"] };
         for (index, family) in families.iter().enumerate() {
@@ -247,8 +299,9 @@ fn explain_matches_istio_golden() {
         }
     }
     let _ = std::fs::remove_dir_all(&tmp);
-    // Every case ran, for IPv4 and (the 11 with IPv6) IPv6: none was skipped.
-    assert_eq!(runs, 38, "comparisons run");
+    // Every case ran, for IPv4 and (the 11 sidecar and 1 ambient with IPv6) IPv6: none was
+    // skipped.
+    assert_eq!(runs, 38 + 5, "comparisons run");
     let n = failures.len();
     assert!(
         failures.is_empty(),
@@ -292,17 +345,19 @@ fn case_table_matches_golden_files() {
         eprintln!("note: Istio's golden files are absent: the case table is not checked against them");
         return;
     };
-    let files = std::fs::read_dir(dir.join("sidecar"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name());
-    let mut files: Vec<String> = files
-        .filter_map(|f| Some(f.to_str()?.strip_suffix(".golden")?.into()))
-        .collect();
-    let mut names: Vec<String> = CASES.iter().map(|c| c.name.to_owned()).collect();
-    files.sort();
-    names.sort();
-    assert_eq!(files, names);
-    for case in &CASES {
+    for (kind, cases) in [("sidecar", &CASES[..]), ("ambient", &AMBIENT_CASES[..])] {
+        let files = std::fs::read_dir(dir.join(kind))
+            .unwrap()
+            .map(|e| e.unwrap().file_name());
+        let mut files: Vec<String> = files
+            .filter_map(|f| Some(f.to_str()?.strip_suffix(".golden")?.into()))
+            .collect();
+        let mut names: Vec<String> = cases.iter().map(|c| c.name.to_owned()).collect();
+        files.sort();
+        names.sort();
+        assert_eq!(files, names, "{kind}/");
+    }
+    for case in CASES.iter().chain(&AMBIENT_CASES) {
         let restores = golden_rules(&dir, case).unwrap();
         assert!(
             restores.iter().all(|r| !r.is_empty()),

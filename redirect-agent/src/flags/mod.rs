@@ -7,9 +7,11 @@ use redirect_common::config::{self, CaptureConfig, ConfigError, DnsCapture};
 
 use crate::proxy::{Keepalive, Liveness};
 
+mod ambient;
 mod env;
 mod execution;
 
+pub use ambient::{Mode, ModeFlags};
 use env::{Env, pick, resolve_groups, user_uid};
 pub use env::{no_env, process_env};
 pub use execution::{Execution, ExecutionFlags};
@@ -69,7 +71,13 @@ pub struct CaptureFlags {
     pub exclude_interfaces: Option<String>,
     /// Interfaces whose arriving connections are captured as outbound ones (a KubeVirt VM's)
     /// [env KUBE_VIRT_INTERFACES].
-    #[arg(short = 'k', long = "kube-virt-interfaces", value_name = "IFACES")]
+    /// (`--mode ambient`: the pod's istio.io/reroute-virtual-interfaces.)
+    #[arg(
+        short = 'k',
+        long = "kube-virt-interfaces",
+        visible_alias = "reroute-virtual-interfaces",
+        value_name = "IFACES"
+    )]
     pub kube_virt_interfaces: Option<String>,
     /// TPROXY mode's mark [default: 1337; env ISTIO_INBOUND_TPROXY_MARK].
     #[arg(short = 't', long = "istio-inbound-tproxy-mark", value_name = "MARK")]
@@ -100,6 +108,8 @@ pub struct CaptureFlags {
 
     #[command(flatten)]
     pub execution: ExecutionFlags,
+    #[command(flatten)]
+    pub mode: ModeFlags,
 }
 
 impl CaptureFlags {
@@ -116,6 +126,10 @@ impl CaptureFlags {
     }
 
     fn build(&self, env: Env, users: bool) -> Result<CaptureConfig, ConfigError> {
+        if self.mode.mode()? == Mode::Ambient {
+            return self.ambient();
+        }
+        self.mode.check_sidecar()?;
         let p = |cli, flag, envs, default| pick(cli, flag, envs, env, default);
         // istio-iptables takes an empty -u (or PROXY_UID) as absent, and an empty -g as -u's.
         let (v, f) = p(&self.proxy_uid, "-u/--proxy-uid", &["PROXY_UID"], "");
@@ -231,13 +245,9 @@ impl CaptureFlags {
         // embedded DNS proxy forwards to them either way (as istio-agent does), so with
         // capture-all they are read if they can be.
         if redirect {
-            let path = self
-                .resolv_conf
-                .clone()
-                .unwrap_or_else(|| std::path::PathBuf::from("/etc/resolv.conf"));
-            match std::fs::read_to_string(&path) {
-                Ok(text) => {
-                    let (v4, v6) = DnsCapture::servers_from_resolv_conf(&text);
+            let (path, read) = ambient::read_resolv_conf(&self.resolv_conf);
+            match read {
+                Ok((v4, v6)) => {
                     dns.upstreams = v4
                         .iter()
                         .copied()
@@ -314,6 +324,7 @@ impl CaptureFlags {
             owner_groups,
             ipv4_loopback,
             compat,
+            ambient: None,
         })
     }
 }

@@ -153,3 +153,68 @@ fn interface_lists_share_thirty_two_entries() {
         "{err}"
     );
 }
+
+/// `--mode ambient`: istio-cni's few settings, none of istio-iptables' (and none of its
+/// environment), and each mode's own settings refused in the other.
+#[test]
+fn ambient_mode_takes_its_own_settings_only() {
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let (c, _) = parse_args(&args(&["--mode", "ambient"])).unwrap();
+    let ambient = c.ambient.clone().expect("ambient");
+    assert_eq!(ambient.probe_snat_v4, config::DEFAULT_PROBE_SNAT_V4);
+    assert_eq!(
+        (c.envoy_port, c.inbound_capture_port, c.inbound_tunnel_port),
+        (15001, 15006, 15008)
+    );
+    assert!(c.proxy_uids.is_empty() && !c.dns.redirect && !c.inbound_ports.is_empty());
+    let (c, _) = parse_args(&args(&[
+        "--mode",
+        "ambient",
+        "--redirect-dns",
+        "--bypass-inbound-capture",
+        "--reroute-virtual-interfaces",
+        "vm0",
+        "--host-probe-snat",
+        "10.200.7.127",
+    ]))
+    .unwrap();
+    assert!(c.dns.redirect && c.dns.capture_all && c.inbound_ports.is_empty());
+    assert_eq!(c.kube_virt_interfaces.len(), 1);
+    assert_eq!(
+        c.ambient.unwrap().probe_snat_v4,
+        std::net::Ipv4Addr::new(10, 200, 7, 127)
+    );
+
+    let refused = |a: &[&str], says: &str| {
+        let e = parse_args(&args(a)).unwrap_err();
+        assert!(e.contains(says), "{a:?}: {e}");
+    };
+    refused(
+        &["--mode", "ambient", "-u", "1337"],
+        "-u/--proxy-uid: expected no value with --mode ambient",
+    );
+    refused(&["--mode", "ambient", "-b", "8080"], "-b/--istio-inbound-ports");
+    refused(
+        &["--mode", "ambient", "--host-probe-snat", "::1"],
+        "expected an IPv4 address",
+    );
+    refused(
+        &["--mode", "ambient", "--host-probe-v6-snat", "x"],
+        "expected an IPv6 address",
+    );
+    refused(&["--bypass-inbound-capture"], "only with --mode ambient");
+    refused(&["--mode", "ztunnel"], "expected sidecar or ambient");
+
+    // istio-iptables' variables do not reach ambient's rules.
+    let flags = CaptureFlags {
+        mode: ModeFlags {
+            mode: Some("ambient".into()),
+            ..ModeFlags::default()
+        },
+        ..CaptureFlags::default()
+    };
+    let c = flags
+        .to_config_with(&env_of(&[("REDIRECT_DNS", "true"), ("PROXY_UID", "3")]))
+        .unwrap();
+    assert!(!c.dns.redirect && c.proxy_uids.is_empty());
+}

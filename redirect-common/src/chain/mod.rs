@@ -130,6 +130,17 @@ fn with_src(mut r: Rule, cidr: &Cidr) -> Rule {
     r
 }
 
+/// `-m mark [!] --mark VALUE/MASK`.
+fn with_mark(mut r: Rule, value: u32, mask: u32, negate: bool) -> Rule {
+    r.has |= m::MARK;
+    r.mark = value;
+    r.mark_mask = mask;
+    if negate {
+        r.neg |= m::MARK;
+    }
+    r
+}
+
 fn out_lo(mut r: Rule) -> Rule {
     r.has |= m::OUT_LO;
     r
@@ -190,7 +201,10 @@ pub fn compile_packed(cfg: &CaptureConfig) -> Result<Compiled, TooManyRules> {
             rules: Vec::new(),
             family,
         };
-        family_chains(&mut b, cfg);
+        match &cfg.ambient {
+            Some(ambient) => ambient::chains(&mut b, cfg, ambient),
+            None => family_chains(&mut b, cfg),
+        }
         rules.append(&mut b.rules);
     }
     for (slot, r) in rules.iter_mut().enumerate() {
@@ -369,14 +383,7 @@ fn tproxy_chains(b: &mut Builder, cfg: &CaptureConfig, passthrough_src: Cidr, lo
         r.proto = IPPROTO_TCP;
         r
     };
-    let with_mark = |mut r: Rule, value: u32, negate: bool| {
-        r.has |= m::MARK;
-        r.mark = value;
-        if negate {
-            r.neg |= m::MARK;
-        }
-        r
-    };
+    let with_mark = |r: Rule, value: u32, negate: bool| with_mark(r, value, u32::MAX, negate);
     let jumped = !cfg.inbound_ports.is_empty();
     if jumped {
         let mut tproxy = tcp(with_dst(
@@ -511,7 +518,12 @@ pub fn flags(cfg: &CaptureConfig) -> u32 {
     } else {
         0
     };
-    inbound | ifaces | tproxy
+    let ambient = if cfg.ambient.is_some() {
+        workload_flags::AMBIENT
+    } else {
+        0
+    };
+    inbound | ifaces | tproxy | ambient
 }
 
 /// The bits of the interface list's `-k` entries (they follow `-c`'s).
@@ -575,6 +587,9 @@ pub fn workload(cfg: &CaptureConfig, packed: &Packed, slot: u32, serving: Servin
     w
 }
 
+mod ambient;
+#[cfg(test)]
+mod ambient_tests;
 mod pack;
 #[cfg(test)]
 mod pack_tests;
@@ -588,5 +603,6 @@ mod virt_tests;
 pub use pack::{CidrMember, Packed, PortMember, pack, unpack};
 pub use tables::{DROP_INVALID_BY, Table, TableLine, iptables_save, rule_table, tables};
 pub use text::{
-    ListColumns, Names, list_columns, list_columns_named, match_text, match_text_named, rule_text, rule_text_named,
+    ListColumns, Names, chain_name, list_columns, list_columns_named, match_text, match_text_named, rule_text,
+    rule_text_named, target_name, target_text,
 };

@@ -83,12 +83,11 @@ impl TableLine {
     }
 }
 
-/// What a line of a mode this agent does not carry out yet says it is.
 /// What implements `-k`'s jumps to ISTIO_REDIRECT.
-const VIRT_REDIRECT_BY: &str = "tc ingress on the -k device rewrites the connection to the device's address and \
+pub(super) const VIRT_REDIRECT_BY: &str = "tc ingress on the -k device rewrites the connection to the device's address and \
                                 the outbound capture port; tc egress rewrites its replies back";
 /// What implements `-k`'s RETURNs.
-const VIRT_RETURN_BY: &str = "tc ingress on the -k device (sk_lookup leaves the device's connections alone)";
+pub(super) const VIRT_RETURN_BY: &str = "tc ingress on the -k device (sk_lookup leaves the device's connections alone)";
 
 /// What `--drop-invalid`'s lines say. istio-iptables drops packets conntrack finds invalid
 /// (out of window, mostly) because conntrack does not NAT them: under REDIRECT such a packet of
@@ -100,17 +99,21 @@ pub const DROP_INVALID_BY: &str = "not needed: nothing is NATed, so an invalid (
                                    segment reaches its connection's own socket, never a port behind the proxy";
 
 /// Lines being placed as `Run()` places them: appended, or inserted at a chain position.
-struct Tables {
+pub(super) struct Tables {
     lines: Vec<TableLine>,
 }
 
 impl Tables {
+    pub(super) fn new() -> Self {
+        Self { lines: Vec::new() }
+    }
+
     /// A line no rule walk evaluates (no counter slot).
-    fn line(&mut self, table: Table, text: String, by: &'static str) {
+    pub(super) fn line(&mut self, table: Table, text: String, by: &'static str) {
         self.append(table, text, None, by);
     }
 
-    fn append(&mut self, table: Table, text: String, slot: Option<usize>, by: &'static str) {
+    pub(super) fn append(&mut self, table: Table, text: String, slot: Option<usize>, by: &'static str) {
         self.lines.push(TableLine {
             table,
             text,
@@ -143,7 +146,7 @@ impl Tables {
     }
 
     /// Chains in order of first appearance, their lines in order, numbered.
-    fn finish(self) -> Vec<TableLine> {
+    pub(super) fn finish(self) -> Vec<TableLine> {
         let mut out: Vec<TableLine> = Vec::new();
         for table in Table::ALL {
             let mut chains: Vec<String> = Vec::new();
@@ -166,7 +169,7 @@ impl Tables {
     }
 }
 
-fn connect(family: Family) -> &'static str {
+pub(super) fn connect(family: Family) -> &'static str {
     match family {
         Family::V4 => "connect4 (and connect6 for v4-mapped addresses) attached to the workload's cgroup",
         Family::V6 => "connect6 attached to the workload's cgroup",
@@ -193,7 +196,10 @@ fn walker(chain: ChainId, family: Family) -> &'static str {
 /// the same flags.
 pub fn tables(cfg: &CaptureConfig, rules: &[Rule], family: Family) -> Vec<TableLine> {
     use Table::{Mangle, Nat};
-    let mut t = Tables { lines: Vec::new() };
+    if let Some(ambient) = &cfg.ambient {
+        return super::ambient::tables(cfg, ambient, rules, family);
+    }
+    let mut t = Tables::new();
     let tproxy = cfg.inbound_mode == InterceptionMode::Tproxy;
     let groups: Vec<&str> = cfg.owner_groups.groups().iter().map(|g| g.name.as_str()).collect();
     let ifaces: Vec<&str> = cfg.interface_list().map(|i| i.as_str()).collect();

@@ -73,10 +73,9 @@ pub fn match_text_named(r: &Rule, names: &Names) -> String {
     }
     // iptables-save's order: -s, -d, then -i/-o.
     if r.has & m::IFACE != 0 {
-        let dir = if r.chain_id() == Some(ChainId::Prerouting) {
-            "-i"
-        } else {
-            "-o"
+        let dir = match r.chain_id() {
+            Some(ChainId::Inbound | ChainId::Prerouting) => "-i",
+            _ => "-o",
         };
         let entry = r.uid.trailing_zeros();
         match names.ifaces.get(entry as usize) {
@@ -108,7 +107,11 @@ pub fn match_text_named(r: &Rule, names: &Names) -> String {
         ));
     }
     if r.has & m::MARK != 0 {
-        part(&format!("-m mark {}--mark {:#x}", bang(r, m::MARK), r.mark));
+        let mask = match r.mark_mask {
+            u32::MAX => String::new(),
+            mask => format!("/{mask:#x}"),
+        };
+        part(&format!("-m mark {}--mark {:#x}{mask}", bang(r, m::MARK), r.mark));
     }
     if r.has & m::ESTABLISHED != 0 {
         part(&format!(
@@ -153,8 +156,39 @@ pub fn rule_text(r: &Rule) -> String {
 
 /// [`rule_text`], with the workload's owner groups as given.
 pub fn rule_text_named(r: &Rule, names: &Names) -> String {
-    let chain = r.chain_id().map_or("?", ChainId::iptables_name);
-    let target = match r.target_kind() {
+    let (chain, target) = (chain_name(r), target_text(r));
+    let matches = match_text_named(r, names);
+    if matches.is_empty() {
+        format!("-A {chain} -j {target}")
+    } else {
+        format!("-A {chain} {matches} -j {target}")
+    }
+}
+
+/// The chain the rule is in, as its tables name it: ambient's inbound chain is ISTIO_PRERT.
+pub fn chain_name(r: &Rule) -> &'static str {
+    match r.chain_id() {
+        Some(ChainId::Inbound) if r.has & m::AMBIENT != 0 => "ISTIO_PRERT",
+        other => other.map_or("?", ChainId::iptables_name),
+    }
+}
+
+/// The rule's target as `stats` and the metrics name it: iptables' name, with the port of a
+/// REDIRECT (the sidecar's reach theirs through ISTIO_REDIRECT and ISTIO_IN_REDIRECT, but for
+/// DNS's; ambient's each have one).
+pub fn target_name(r: &Rule) -> String {
+    match r.target_kind() {
+        Some(Target::Redirect | Target::InRedirect | Target::DnsRedirect) if r.has & m::AMBIENT != 0 => {
+            format!("REDIRECT --to-ports {}", r.dport2)
+        }
+        other => other.map_or("?", Target::iptables_name).into(),
+    }
+}
+
+/// The rule's `-j` target with its options: [`target_name`]'s, and TPROXY's and MARK's from
+/// the rule.
+pub fn target_text(r: &Rule) -> String {
+    match r.target_kind() {
         Some(Target::Tproxy) => format!(
             "TPROXY --on-port {} --on-ip {} --tproxy-mark {:#x}/0xffffffff",
             r.dport2,
@@ -165,13 +199,7 @@ pub fn rule_text_named(r: &Rule, names: &Names) -> String {
             r.mark
         ),
         Some(Target::Mark) => format!("MARK --set-xmark {:#x}/0xffffffff", r.mark),
-        other => other.map_or("?", Target::iptables_name).into(),
-    };
-    let matches = match_text_named(r, names);
-    if matches.is_empty() {
-        format!("-A {chain} -j {target}")
-    } else {
-        format!("-A {chain} {matches} -j {target}")
+        _ => target_name(r),
     }
 }
 

@@ -96,7 +96,9 @@ impl InterceptionMode {
     }
 }
 
+mod ambient;
 mod modes;
+pub use ambient::*;
 pub use modes::*;
 
 /// The flags of `istio-iptables` that shape the nat chains, with the sidecar injection's
@@ -143,6 +145,9 @@ pub struct CaptureConfig {
     pub ipv4_loopback: Cidr,
     /// The Istio release whose rules these are.
     pub compat: Compat,
+    /// Ambient mode ([`CaptureConfig::ambient`]): istio-cni's in-pod rules instead of
+    /// istio-iptables'.
+    pub ambient: Option<Ambient>,
 }
 
 impl CaptureConfig {
@@ -176,6 +181,7 @@ impl Default for CaptureConfig {
             owner_groups: OwnerGroups::All,
             ipv4_loopback: DEFAULT_IPV4_LOOPBACK,
             compat: Compat::default(),
+            ambient: None,
         }
     }
 }
