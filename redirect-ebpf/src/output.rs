@@ -244,8 +244,9 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
         gid,
         in_owner_groups: workload.in_owner_groups(gid),
         ifaces,
-        // nat OUTPUT has no mark rule; mangle OUTPUT's (TPROXY) read the socket's below.
-        mark: 0,
+        // The first packet leaves with the socket's mark: ambient's rules match it (ztunnel's
+        // 0x539); the sidecar's nat OUTPUT has no mark rule.
+        mark: sk_mark,
         established: false,
     };
     let counting = match c.proto {

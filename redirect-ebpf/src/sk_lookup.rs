@@ -168,10 +168,11 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
         };
     }
     // TPROXY's `-m mark`: a SYN from another host carries none (a packet's mark does not cross
-    // namespaces); one sent in the namespace, what sock_ops noted at its connect. Such a SYN
-    // arrived on lo, even from a transparent socket's foreign source, which only the arrival
-    // device or the note tells.
-    let (mark, in_lo) = if tproxy {
+    // namespaces); one sent in the namespace, what sock_ops noted at its connect (ambient's
+    // note says "made here"). Such a SYN arrived on lo, even from a transparent socket's
+    // foreign source, which only the arrival device or the note tells.
+    let ambient = workload.flags & workload_flags::AMBIENT != 0;
+    let (mark, in_lo) = if tproxy || ambient {
         let mark = match SYN_MARKS.get_ptr(key) {
             Some(p) => {
                 // SAFETY: a non-null lookup result, a whole u32 in SYN_MARKS, copied at once
@@ -186,6 +187,12 @@ unsafe fn decide(ctx: &SkLookupContext) -> u32 {
     } else {
         (0, false)
     };
+    // Ambient: a SYN made in the namespace that the source did not tell (ztunnel dialing the
+    // app from the client's address, a transparent socket's) was decided by ISTIO_OUTPUT at
+    // its connect; nat PREROUTING never sees such a connection (conntrack has it already).
+    if ambient && in_lo {
+        return sk_action::SK_PASS;
+    }
     let facts = ConnFacts {
         family: family as u8,
         proto: IPPROTO_TCP,

@@ -142,8 +142,9 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// TPROXY mode: the mark this connection's SYN leaves with, kept under its 4-tuple for
-/// sk_lookup's `-m mark` when it comes back in over loopback. Mangle OUTPUT's (connect4/6
+/// TPROXY and ambient modes: the mark this connection's SYN leaves with, kept under its
+/// 4-tuple for sk_lookup's `-m mark` (TPROXY) or its "made here" (ambient) when it comes back
+/// in over loopback. Mangle OUTPUT's (connect4/6
 /// noted it under the cookie: the proxy's own, 1338), else the socket's own SO_MARK (the
 /// proxy's transparent dial to the app, 1337). Nothing is kept for an unmarked socket, the
 /// common case, which costs one lookup here; nor for a destination off the namespace, unless
@@ -183,7 +184,17 @@ fn note_syn_mark(ctx: &SockOpsContext) {
     let key = tuple(ctx, netns_cookie);
     // Over lo: to the namespace's own addresses, or anywhere with TPROXY's own mark (its
     // `ip rule` sends that mark to `local default dev lo`).
-    if w.flags & workload_flags::TPROXY == 0 || (mark != w.tproxy_mark && !is_local_addr(netns_cookie, &key.dst_addr)) {
+    let tproxy = w.flags & workload_flags::TPROXY != 0;
+    if !tproxy && w.flags & workload_flags::AMBIENT == 0 {
+        return;
+    }
+    // Ambient needs the note only where sk_lookup cannot tell the SYN is the namespace's own by
+    // its source, a transparent socket's foreign one (ztunnel dialing the app as the client):
+    // sk_lookup consumes no other, and an entry never consumed would only crowd the LRU.
+    if !tproxy && is_local_addr(netns_cookie, &key.src_addr) {
+        return;
+    }
+    if !(tproxy && mark == w.tproxy_mark) && !is_local_addr(netns_cookie, &key.dst_addr) {
         return;
     }
     let _ = SYN_MARKS.insert(key, mark, 0);

@@ -54,6 +54,16 @@ const AROUND_SLASH_30: &[IpAddr] = &[
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4)),
 ];
 
+/// Ambient's probe SNAT addresses in these tests (`--host-probe-snat`, `--host-probe-v6-snat`):
+/// further addresses of the remote host, which dials the pod from them too.
+const AMBIENT_PROBES: &[IpAddr] = &[
+    IpAddr::V4(Ipv4Addr::new(10, 200, 7, 127)),
+    IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0x200, 7, 0, 0, 0, 0, 0x127)),
+];
+/// Marks of ambient's clients: ztunnel's (0x539 in the low 12 bits, whatever the rest), one
+/// bit off it, and the inbound-proxied connection mark.
+const AMBIENT_MARKS: &[u32] = &[0x539, 0x7_0539, 0x538, 0x111];
+
 configs! {
     default_injection: "default" => [];
     include_two_cidrs: "-i two CIDRs" => ["-i", "10.200.9.0/24,10.200.1.2/32"];
@@ -138,6 +148,20 @@ configs! {
     // those the namespace makes to itself (the proxy's own to its pod's 15008 is TPROXY'd
     // where nat leaves it alone); each verdict and each rule's SYN count equal.
     tproxy: "-m TPROXY" => ["-m", "TPROXY"];
+    // Ambient: istio-cni's in-pod rules for ztunnel, keyed on the socket's mark, not its
+    // owner; the probes' SNAT source accepted in and out; with DNS capture, TCP to port 53
+    // (anywhere but 127.0.0.1) to 15053; in ingress mode nothing inbound.
+    ambient: "--mode ambient" => [
+        "--mode", "ambient", "--host-probe-snat", "10.200.7.127", "--host-probe-v6-snat", "fd00:200:7::127"
+    ], marks: AMBIENT_MARKS, remote_addrs: AMBIENT_PROBES, inbound_from: AMBIENT_PROBES;
+    ambient_dns: "--mode ambient --redirect-dns" => [
+        "--mode", "ambient", "--redirect-dns", "--host-probe-snat", "10.200.7.127",
+        "--host-probe-v6-snat", "fd00:200:7::127"
+    ], marks: AMBIENT_MARKS, remote_addrs: AMBIENT_PROBES, inbound_from: AMBIENT_PROBES, ports: &[53, 15053];
+    ambient_ingress: "--mode ambient --bypass-inbound-capture" => [
+        "--mode", "ambient", "--bypass-inbound-capture", "--host-probe-snat", "10.200.7.127",
+        "--host-probe-v6-snat", "fd00:200:7::127"
+    ], marks: AMBIENT_MARKS, remote_addrs: AMBIENT_PROBES, inbound_from: AMBIENT_PROBES;
     tproxy_inbound_ports: "-m TPROXY, -b list" => ["-m", "TPROXY", "-b", "9080,15021"];
     tproxy_excludes: "-m TPROXY, -d" => ["-m", "TPROXY", "-d", "9080,15020"];
     tproxy_mark_and_table: "-m TPROXY, -t/-r" => ["-m", "TPROXY", "-t", "0x600", "-r", "2100"];
@@ -177,6 +201,8 @@ fn explain_matches_iptables_save_spelling() {
             "15016",
         ],
         &["-b", "", "-i", "127.0.0.0/8"],
+        &["--mode", "ambient", "--redirect-dns"],
+        &["--mode", "ambient", "-k", "vm0,vm1", "--bypass-inbound-capture"],
     ];
     let v6_sets: &[&[&str]] = &[
         &["-i", "fd00::/8,10.0.0.0/8", "-x", "fd00:200::1,10.96.0.1"],
@@ -199,16 +225,22 @@ fn explain_matches_iptables_save_spelling() {
         let text = String::from_utf8(out.stdout).unwrap();
         redirect_tests::restore_with(restore, &pair.workload.name, &text);
         let saved = Command::new("ip")
-            .args(["netns", "exec", &pair.workload.name, save, "-t", "nat"])
+            .args(["netns", "exec", &pair.workload.name, save])
             .output()
             .unwrap();
         let saved = String::from_utf8_lossy(&saved.stdout);
-        // iptables-save orders chains its own way; within a chain, order is rule order.
+        // iptables-save orders tables and chains its own way; within a chain, order is rule
+        // order. (Tables nothing was restored into are empty.)
         let rules_by_chain = |t: &str| {
-            let mut m = std::collections::BTreeMap::<String, Vec<String>>::new();
-            for l in t.lines().filter(|l| l.starts_with("-A ")) {
-                let chain = l.split_whitespace().nth(1).unwrap().to_owned();
-                m.entry(chain).or_default().push(l.to_owned());
+            let mut m = std::collections::BTreeMap::<(String, String), Vec<String>>::new();
+            let mut table = String::new();
+            for l in t.lines() {
+                if let Some(name) = l.strip_prefix('*') {
+                    table = name.to_owned();
+                } else if l.starts_with("-A ") {
+                    let chain = l.split_whitespace().nth(1).unwrap().to_owned();
+                    m.entry((table.clone(), chain)).or_default().push(l.to_owned());
+                }
             }
             m
         };

@@ -73,6 +73,8 @@ pub const SMOKE: &[&str] = &[
     // -k's nat PREROUTING jumps per -i CIDR per interface, walked as a CIDR set per interface
     // by the tc program.
     "kube_virt_cidr_list_of_a_thousand",
+    // Ambient: connect4/6 read the socket's mark, masked; sk_lookup's ISTIO_PRERT walk.
+    "ambient",
     // splice(2) from a socket into a pipe and on into a socket: ->sendpage before 6.5,
     // sendmsg(MSG_SPLICE_PAGES) after.
     "streams_go_through_a_pipe_intact_outbound_and_inbound",

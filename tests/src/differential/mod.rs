@@ -54,7 +54,16 @@ const TABLES: [(&str, &str); 2] = [("ipv4", "iptables"), ("ipv6", "ip6tables")];
 /// ISTIO_INBOUND are not counted by the agent, so not compared) and the ISTIO chains, each with
 /// its table. In TPROXY mode ISTIO_INBOUND is mangle's, with ISTIO_TPROXY, and with `-k`
 /// (`virt`) nat PREROUTING is compared too: `-k`'s rules are nat's in either mode.
-fn chains(tproxy: bool, virt: bool) -> Vec<(&'static str, &'static str)> {
+/// Ambient's (`ambient`) inbound chain is nat ISTIO_PRERT.
+fn chains(tproxy: bool, virt: bool, ambient: bool) -> Vec<(&'static str, &'static str)> {
+    if ambient {
+        return vec![
+            ("nat", "PREROUTING"),
+            ("nat", "OUTPUT"),
+            ("nat", "ISTIO_OUTPUT"),
+            ("nat", "ISTIO_PRERT"),
+        ];
+    }
     // PREROUTING's `-c` RETURN too: in TPROXY mode mangle's decides (nat's only counts).
     let inbound = if tproxy { "mangle" } else { "nat" };
     let mut c = vec![
@@ -124,6 +133,12 @@ pub struct Config {
     /// A second interface ([`SIDE_LINK`]) to a side host on its own subnet, with servers on
     /// every port: the workload dials it, and it dials the workload's address there.
     pub side: bool,
+    /// More clients that set these marks on their sockets (`SO_MARK`): ambient's rules tell
+    /// ztunnel by its mark.
+    pub marks: &'static [u32],
+    /// Sources (of `remote_addrs`) the remote host also dials the pod from, on every inbound
+    /// port: ambient's probe SNAT address.
+    pub inbound_from: &'static [IpAddr],
     /// The side host as a VM behind the pod (`-k`'s KubeVirt interface): [`Config::side`],
     /// routed through the workload (which forwards) to the remote host's subnet and back, no
     /// default route anywhere. The side host then also dials the remote host's addresses
@@ -159,9 +174,16 @@ impl Config {
         ports: &[],
         flag_ports: true,
         remote_addrs: &[],
+        marks: &[],
+        inbound_from: &[],
         side: false,
         vm: false,
     };
+
+    /// `--mode ambient`: istio-cni's in-pod rules.
+    fn ambient(&self) -> bool {
+        self.flags.windows(2).any(|w| w == ["--mode", "ambient"])
+    }
 
     /// Whether the twins have the side host: asked for, or as the VM.
     fn side_host(&self) -> bool {
@@ -209,6 +231,7 @@ pub fn differential(cfg: Config) {
         ipv4: explain(&cfg, "ipv4"),
         ipv6: explain(&cfg, "ipv6"),
     };
+    // Ambient's are fixed, as these defaults.
     let capture = (
         flag(cfg.flags, "-p").map_or(15001, |p| p.parse().unwrap()),
         flag(cfg.flags, "-z").map_or(15006, |p| p.parse().unwrap()),

@@ -27,6 +27,8 @@ pub(super) struct Twin {
     tproxy: bool,
     /// `-k` given: nat PREROUTING holds its rules.
     virt: bool,
+    /// `--mode ambient`: the inbound chain is ISTIO_PRERT.
+    ambient: bool,
     _servers: Vec<ServeProcess>,
     pub(super) cgroup: TestCgroup,
     pub(super) pair: NetnsPair,
@@ -114,6 +116,7 @@ impl Twin {
             agent: None,
             tproxy: cfg.tproxy().is_some(),
             virt: super::flag(cfg.flags, "-k").is_some(),
+            ambient: cfg.ambient(),
             _servers: Vec::new(),
             cgroup,
             pair,
@@ -274,7 +277,7 @@ impl Twin {
                 assert!(out.status.success(), "stats: {}", String::from_utf8_lossy(&out.stderr));
                 let stats: InstanceStats = serde_json::from_slice(&out.stdout).expect("stats --json");
                 for (family, _) in TABLES {
-                    for (table, chain) in chains(self.tproxy, self.virt) {
+                    for (table, chain) in chains(self.tproxy, self.virt, self.ambient) {
                         let builtin = table == "nat" && !chain.starts_with("ISTIO_");
                         let rows = stats
                             .rules
@@ -294,7 +297,7 @@ impl Twin {
             }
             None => {
                 for (family, tool) in TABLES {
-                    for (table, chain) in chains(self.tproxy, self.virt) {
+                    for (table, chain) in chains(self.tproxy, self.virt, self.ambient) {
                         let rows = match table {
                             "mangle" => self.syn_counts(tool, chain),
                             _ if !chain.starts_with("ISTIO_") => self.builtin_counts(tool, chain),

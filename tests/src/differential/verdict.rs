@@ -44,11 +44,11 @@ pub(super) struct Client {
 impl Client {
     pub(super) fn label(&self) -> String {
         let mapped = if self.v4_mapped { " (v4-mapped)" } else { "" };
+        let bind = self.bind.map_or_else(String::new, |b| format!(" bind={b}"));
         if self.inbound {
             let who = if self.from_side { "side" } else { "remote" };
-            return format!("{who} host{mapped}");
+            return format!("{who} host{bind}{mapped}");
         }
-        let bind = self.bind.map_or_else(String::new, |b| format!(" bind={b}"));
         let real = self.real.map_or_else(String::new, |(u, g)| format!(" real={u}/{g}"));
         let mark = self.mark.map_or_else(String::new, |m| format!(" mark={m:#x}"));
         format!("uid={} gid={}{real}{mark}{bind}{mapped}", self.uid, self.gid)
