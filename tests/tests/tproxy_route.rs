@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use redirect_agent::tproxy_route::{self, TproxyRouting};
+use redirect_agent::tproxy_route::{self, Policy, TproxyRouting};
 use redirect_testkit::{netns::NamedNetns, unique};
 
 const MARK: u32 = 1337;
@@ -73,6 +73,38 @@ fn assert_installed(r: &Routing, mark: u32, table: u32) {
     assert_eq!(r.fwmark_accept, "1");
 }
 
+/// Ambient's routing is istio-cni's: `fwmark 0x111/0xfff` at priority 32764, table 100; an
+/// identical rule at another priority is not it.
+#[test]
+fn ambient_routing_is_istio_cnis_rule_at_its_priority() {
+    let ns = netns("tpa");
+    let before = routing(&ns, 100);
+    let installed = TproxyRouting::install(&ns.open().unwrap(), Policy::ambient()).expect("install");
+    let r = routing(&ns, 100);
+    for rules in [&r.rules4, &r.rules6] {
+        let ours: Vec<&str> = rules.lines().filter(|l| l.contains("fwmark")).collect();
+        assert_eq!(ours, ["32764:\tfrom all fwmark 0x111/0xfff lookup 100"], "{r:#?}");
+    }
+    assert_eq!(r.table4, "local default dev lo scope host", "{r:#?}");
+    assert_eq!(r.fwmark_accept, "1");
+    installed.remove();
+    assert_eq!(routing(&ns, 100), before);
+
+    // Someone else's rule of the same selector at another priority stays theirs.
+    ns.ip(&["rule", "add", "fwmark", "0x111/0xfff", "pref", "100", "lookup", "100"])
+        .unwrap();
+    let installed = TproxyRouting::install(&ns.open().unwrap(), Policy::ambient()).expect("install");
+    let rules = routing(&ns, 100).rules4;
+    assert_eq!(rules.matches("fwmark 0x111/0xfff lookup 100").count(), 2, "{rules}");
+    installed.remove();
+    let rules = routing(&ns, 100).rules4;
+    assert!(
+        rules.contains("100:\tfrom all fwmark 0x111/0xfff lookup 100"),
+        "{rules}"
+    );
+    assert!(!rules.contains("32764:"), "{rules}");
+}
+
 #[test]
 fn install_adds_both_families_and_the_sysctl_and_remove_restores_everything() {
     let ns = netns("tpr");
@@ -80,7 +112,7 @@ fn install_adds_both_families_and_the_sysctl_and_remove_restores_everything() {
     assert_eq!((before.table4.as_str(), before.table6.as_str()), ("", ""));
     assert_eq!(before.fwmark_accept, "0");
 
-    let installed = TproxyRouting::install(&ns.open().unwrap(), MARK, TABLE).expect("install");
+    let installed = TproxyRouting::install(&ns.open().unwrap(), Policy::tproxy(MARK, TABLE)).expect("install");
     assert!(installed.ipv6());
     assert_installed(&routing(&ns, TABLE), MARK, TABLE);
     installed.remove();
@@ -90,7 +122,7 @@ fn install_adds_both_families_and_the_sysctl_and_remove_restores_everything() {
     // 2 before: restored to 2.
     ns.sysctl("net.ipv4.tcp_fwmark_accept", "2").unwrap();
     let before = routing(&ns, 5000);
-    let installed = TproxyRouting::install(&ns.open().unwrap(), 0x10_0000, 5000).expect("install");
+    let installed = TproxyRouting::install(&ns.open().unwrap(), Policy::tproxy(0x10_0000, 5000)).expect("install");
     assert_installed(&routing(&ns, 5000), 0x10_0000, 5000);
     installed.remove();
     assert_eq!(routing(&ns, 5000), before);
@@ -107,10 +139,10 @@ fn what_was_there_before_is_used_and_kept_at_remove() {
     let before = routing(&ns, TABLE);
 
     // No duplicate rule (the kernel would add one: a rule without a priority gets a new one).
-    let first = TproxyRouting::install(&ns.open().unwrap(), MARK, TABLE).expect("install");
+    let first = TproxyRouting::install(&ns.open().unwrap(), Policy::tproxy(MARK, TABLE)).expect("install");
     assert_installed(&routing(&ns, TABLE), MARK, TABLE);
     // A second install over the first's keeps all of it at its remove.
-    let second = TproxyRouting::install(&ns.open().unwrap(), MARK, TABLE).expect("second install");
+    let second = TproxyRouting::install(&ns.open().unwrap(), Policy::tproxy(MARK, TABLE)).expect("second install");
     let both = routing(&ns, TABLE);
     assert_installed(&both, MARK, TABLE);
     second.remove();
@@ -128,7 +160,7 @@ fn a_namespace_with_ipv6_disabled_gets_ipv4_only() {
         ns.sysctl(&format!("net.ipv6.conf.{key}.disable_ipv6"), "1").unwrap();
     }
     let before = routing(&ns, TABLE);
-    let installed = TproxyRouting::install(&ns.open().unwrap(), MARK, TABLE).expect("install");
+    let installed = TproxyRouting::install(&ns.open().unwrap(), Policy::tproxy(MARK, TABLE)).expect("install");
     assert!(!installed.ipv6());
     let r = routing(&ns, TABLE);
     assert_eq!(rule_lines(&r.rules4, MARK, TABLE), 1, "{r:#?}");
@@ -146,7 +178,7 @@ fn a_conflicting_route_fails_install_and_undoes_what_it_added() {
     ns.ip(&["-6", "route", "add", "unreachable", "default", "table", "133"])
         .unwrap();
     let before = routing(&ns, TABLE);
-    let e = TproxyRouting::install(&ns.open().unwrap(), MARK, TABLE)
+    let e = TproxyRouting::install(&ns.open().unwrap(), Policy::tproxy(MARK, TABLE))
         .unwrap_err()
         .to_string();
     assert!(
@@ -165,14 +197,14 @@ fn cleanup_removes_a_killed_runs_routing_and_leaves_the_sysctl() {
     let ns = netns("tpx");
     let before = routing(&ns, TABLE);
     // Dropped without remove, as a killed run leaves it.
-    drop(TproxyRouting::install(&ns.open().unwrap(), MARK, TABLE).expect("install"));
+    drop(TproxyRouting::install(&ns.open().unwrap(), Policy::tproxy(MARK, TABLE)).expect("install"));
     assert_installed(&routing(&ns, TABLE), MARK, TABLE);
     // A rule with the same mark and table and one more selector is not ours and stays.
     ns.ip(&["rule", "add", "fwmark", "1337", "iif", "lo", "lookup", "133"])
         .unwrap();
     let theirs = exec(&ns, &["ip", "rule"]);
 
-    tproxy_route::cleanup(&ns.open().unwrap(), MARK, TABLE).expect("cleanup");
+    tproxy_route::cleanup(&ns.open().unwrap(), Policy::tproxy(MARK, TABLE)).expect("cleanup");
     let after = routing(&ns, TABLE);
     assert_eq!(after.fwmark_accept, "1", "left as it is");
     assert_eq!(
@@ -190,7 +222,7 @@ fn cleanup_removes_a_killed_runs_routing_and_leaves_the_sysctl() {
         after.rules4
     );
     // Nothing left: a second cleanup has nothing to do and succeeds.
-    tproxy_route::cleanup(&ns.open().unwrap(), MARK, TABLE).expect("second cleanup");
+    tproxy_route::cleanup(&ns.open().unwrap(), Policy::tproxy(MARK, TABLE)).expect("second cleanup");
 }
 
 #[test]
@@ -199,11 +231,11 @@ fn a_successor_adopts_its_predecessors_routing_and_removes_it() {
     let before = routing(&ns, TABLE);
     let handle = ns.open().expect("open netns");
     // The predecessor (handed over, or killed) leaves its routing in place.
-    drop(TproxyRouting::install(&handle, MARK, TABLE).expect("install"));
+    drop(TproxyRouting::install(&handle, Policy::tproxy(MARK, TABLE)).expect("install"));
     assert_installed(&routing(&ns, TABLE), MARK, TABLE);
     // Its successor takes it over, adding nothing, and removes all of it at its own end, the
     // sysctl back to the kernel's default.
-    let adopted = TproxyRouting::adopt(&handle, MARK, TABLE).expect("adopt");
+    let adopted = TproxyRouting::adopt(&handle, Policy::tproxy(MARK, TABLE)).expect("adopt");
     assert_installed(&routing(&ns, TABLE), MARK, TABLE);
     adopted.remove();
     assert_eq!(routing(&ns, TABLE), before);

@@ -22,8 +22,8 @@ use redirect_common::VIRT_DIVERT_MARK;
 use super::*;
 
 /// The lookup rule's priority; the prohibit rule's is the next. Fixed, so that the two keep
-/// their order whichever is added first: before `main` (32766) and the TPROXY rule the kernel
-/// places just above it.
+/// their order whichever is added first: before `main` (32766) and the policy rule of
+/// [`super::TproxyRouting`] (TPROXY's, which the kernel places just above `main`).
 const LOOKUP_PREF: u32 = 32_700;
 const PROHIBIT_PREF: u32 = LOOKUP_PREF + 1;
 
@@ -61,7 +61,11 @@ impl Kind {
     /// TPROXY's own rule's message ([`rule_message`]) with the device; the prohibit one
     /// without its table.
     fn message(self, family: Family, device: &str, table: u32) -> RuleMessage {
-        let mut msg = rule_message(family, VIRT_DIVERT_MARK, table, Some(self.pref()));
+        let policy = Policy {
+            priority: Some(self.pref()),
+            ..Policy::tproxy(VIRT_DIVERT_MARK, table)
+        };
+        let mut msg = rule_message(family, &policy);
         if self == Self::Prohibit {
             msg.header.action = RuleAction::Prohibit;
             msg.header.table = RouteHeader::RT_TABLE_UNSPEC;

@@ -12,16 +12,20 @@ pub(super) fn header_table(table: u32) -> u8 {
     u8::try_from(table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC)
 }
 
-/// `fwmark MARK lookup TABLE` (mask all ones, the kernel's default for a nonzero mark);
-/// with a priority, a deletion takes that rule only.
-pub(super) fn rule_message(family: Family, mark: u32, table: u32, priority: Option<u32>) -> RuleMessage {
+/// `fwmark MARK[/MASK] [pref PRIORITY] lookup TABLE`. The mask is left out when all ones, the
+/// kernel's default for a nonzero mark, as `ip rule` does; with a priority, a deletion takes
+/// the rule at that priority only.
+pub(super) fn rule_message(family: Family, policy: &Policy) -> RuleMessage {
     let mut msg = RuleMessage::default();
     msg.header.family = family.af();
     msg.header.action = RuleAction::ToTable;
-    msg.header.table = header_table(table);
-    msg.attributes.push(RuleAttribute::FwMark(mark));
-    msg.attributes.push(RuleAttribute::Table(table));
-    msg.attributes.extend(priority.map(RuleAttribute::Priority));
+    msg.header.table = header_table(policy.table);
+    msg.attributes.push(RuleAttribute::FwMark(policy.mark));
+    if policy.mask != u32::MAX {
+        msg.attributes.push(RuleAttribute::FwMask(policy.mask));
+    }
+    msg.attributes.push(RuleAttribute::Table(policy.table));
+    msg.attributes.extend(policy.priority.map(RuleAttribute::Priority));
     msg
 }
 
@@ -45,8 +49,9 @@ pub(super) fn route_message(family: Family, table: u32, adding: bool) -> RouteMe
     msg
 }
 
-/// Whether a dumped rule is `fwmark MARK lookup TABLE` and selects on nothing else.
-pub(super) fn is_our_rule(msg: &RuleMessage, mark: u32, table: u32) -> bool {
+/// Whether a dumped rule is the policy's `fwmark MARK[/MASK] lookup TABLE`, at the policy's
+/// priority if it has one, and selects on nothing else.
+pub(super) fn is_our_rule(msg: &RuleMessage, policy: &Policy) -> bool {
     let h = &msg.header;
     if h.action != RuleAction::ToTable
         || h.dst_len != 0
@@ -56,35 +61,42 @@ pub(super) fn is_our_rule(msg: &RuleMessage, mark: u32, table: u32) -> bool {
     {
         return false;
     }
-    let (mut fwmark, mut mask, mut rule_table) = (None, u32::MAX, u32::from(h.table));
+    // No FwMask is all ones (the kernel lists 0xffffffff for `fwmark MARK`: the same); no
+    // Priority is 0 (the kernel leaves out only a priority of 0).
+    let (mut fwmark, mut mask, mut rule_table, mut priority) = (None, u32::MAX, u32::from(h.table), 0);
     for a in &msg.attributes {
         match a {
             RuleAttribute::FwMark(m) => fwmark = Some(*m),
             RuleAttribute::FwMask(m) => mask = *m,
             RuleAttribute::Table(t) => rule_table = *t,
+            RuleAttribute::Priority(p) => priority = *p,
             // What the kernel lists for every rule; all ones is "not set".
-            RuleAttribute::Priority(_) | RuleAttribute::Protocol(_) => {}
+            RuleAttribute::Protocol(_) => {}
             RuleAttribute::SuppressPrefixLen(u32::MAX) | RuleAttribute::SuppressIfGroup(u32::MAX) => {}
             // Any other selector (addresses, devices, ports, uid range...) or action detail.
             _ => return false,
         }
     }
-    fwmark == Some(mark) && mask == u32::MAX && rule_table == table
+    fwmark == Some(policy.mark)
+        && mask == policy.mask
+        && rule_table == policy.table
+        && policy.priority.is_none_or(|p| p == priority)
 }
 
-/// The priorities of the family's rules `fwmark MARK lookup TABLE`, in the kernel's order.
+/// The priorities of the family's rules of the policy, in the kernel's order (with a priority
+/// in the policy, that one only).
 ///
 /// Listed rather than left to `NLM_F_EXCL`: a rule added without a priority gets a new one
 /// (one below the second rule's), so the kernel never finds an identical rule at it and
 /// would add a duplicate, as `ip rule add` does when run twice.
-pub(super) fn find_rules(socket: &Socket, family: Family, mark: u32, table: u32) -> io::Result<Vec<u32>> {
+pub(super) fn find_rules(socket: &Socket, family: Family, policy: &Policy) -> io::Result<Vec<u32>> {
     let mut query = RuleMessage::default();
     query.header.family = family.af();
     let mut found = Vec::new();
     dump(socket, RouteNetlinkMessage::GetRule(query), |m| {
         if let RouteNetlinkMessage::NewRule(r) = m
             && r.header.family == family.af()
-            && is_our_rule(r, mark, table)
+            && is_our_rule(r, policy)
         {
             let priority = r.attributes.iter().find_map(|a| match a {
                 RuleAttribute::Priority(p) => Some(*p),
@@ -141,11 +153,11 @@ pub(super) fn has_local_default(socket: &Socket, family: Family, table: u32) -> 
     Ok(found)
 }
 
-/// Deletes an entry: a rule by its selectors, and by its priority when given.
-pub(super) fn delete(socket: &Socket, item: Item, mark: u32, table: u32, priority: Option<u32>) -> io::Result<()> {
+/// Deletes an entry: a rule by its selectors, and by the policy's priority when it has one.
+pub(super) fn delete(socket: &Socket, item: Item, policy: &Policy) -> io::Result<()> {
     let msg = match item {
-        Item::Rule(family) => RouteNetlinkMessage::DelRule(rule_message(family, mark, table, priority)),
-        Item::Route(family) => RouteNetlinkMessage::DelRoute(route_message(family, table, false)),
+        Item::Rule(family) => RouteNetlinkMessage::DelRule(rule_message(family, policy)),
+        Item::Route(family) => RouteNetlinkMessage::DelRoute(route_message(family, policy.table, false)),
     };
     request(socket, msg, 0)
 }
@@ -204,5 +216,75 @@ pub(super) fn answers(socket: &Socket, seq: u32, mut each: impl FnMut(&RouteNetl
                 _ => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rule_with_another_selector_or_mask_is_not_ours() {
+        let tproxy = Policy::tproxy(1337, 133);
+        let at = |priority| Policy {
+            priority: Some(priority),
+            ..tproxy
+        };
+        let ours = rule_message(Family::V4, &at(32765));
+        assert!(!ours.attributes.iter().any(|a| matches!(a, RuleAttribute::FwMask(_))));
+        assert!(is_our_rule(&ours, &tproxy));
+        assert!(!is_our_rule(&ours, &Policy::tproxy(1338, 133)));
+        assert!(!is_our_rule(&ours, &Policy::tproxy(1337, 134)));
+        // What the kernel lists for `fwmark 1337`: the mask, all ones, is the same rule.
+        let mut listed = ours.clone();
+        listed.attributes.push(RuleAttribute::FwMask(u32::MAX));
+        assert!(is_our_rule(&listed, &tproxy));
+        let mut masked = ours.clone();
+        masked.attributes.push(RuleAttribute::FwMask(0xff));
+        assert!(!is_our_rule(&masked, &tproxy));
+        let mut iif = ours.clone();
+        iif.attributes.push(RuleAttribute::Iifname("eth0".into()));
+        assert!(!is_our_rule(&iif, &tproxy));
+        let mut inverted = ours;
+        inverted.header.flags = RuleFlags::Invert;
+        assert!(!is_our_rule(&inverted, &tproxy));
+        // A table above 255 is in the attribute only.
+        let big = rule_message(Family::V6, &Policy::tproxy(1, 5000));
+        assert_eq!(big.header.table, 0);
+        assert!(is_our_rule(&big, &Policy::tproxy(1, 5000)));
+    }
+
+    #[test]
+    fn a_masked_prioritized_rule_is_ours_only_with_its_mask_and_priority() {
+        let ambient = Policy::ambient();
+        let msg = rule_message(Family::V6, &ambient);
+        assert!(msg.attributes.contains(&RuleAttribute::FwMark(0x111)));
+        assert!(msg.attributes.contains(&RuleAttribute::FwMask(0xfff)));
+        assert!(msg.attributes.contains(&RuleAttribute::Priority(32764)));
+        assert!(msg.attributes.contains(&RuleAttribute::Table(100)));
+        assert_eq!(msg.header.table, 100);
+        assert!(is_our_rule(&msg, &ambient));
+        // Another mask, or none (all bits), is another rule.
+        let unmasked = Policy {
+            mask: u32::MAX,
+            ..ambient
+        };
+        assert!(!is_our_rule(&msg, &Policy { mask: 0xff, ..ambient }));
+        assert!(!is_our_rule(&msg, &unmasked));
+        assert!(!is_our_rule(&rule_message(Family::V6, &unmasked), &ambient));
+        // The policy's priority is part of the rule; without one, any priority is.
+        let (elsewhere, anywhere) = (
+            Policy {
+                priority: Some(32765),
+                ..ambient
+            },
+            Policy {
+                priority: None,
+                ..ambient
+            },
+        );
+        assert!(!is_our_rule(&msg, &elsewhere));
+        assert!(is_our_rule(&msg, &anywhere));
+        assert!(!is_our_rule(&rule_message(Family::V6, &anywhere), &ambient));
     }
 }
