@@ -46,6 +46,12 @@ pub struct RunOptions {
 pub async fn main(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let x = &opts.execution;
     x.log_without_effect();
+    if x.run_validation && opts.capture.ambient.is_some() {
+        anyhow::bail!(
+            "--run-validation with --mode ambient: istio-validation's probe checks that 127.0.0.6:15002 is \
+             redirected, as istio-iptables' rules do and ambient's do not (leave it off)"
+        );
+    }
     if x.dry_run {
         // Checked as a real run would check them, so a dry run that passes is one that runs.
         crate::flags::check(&opts.capture)?;
@@ -72,13 +78,13 @@ pub async fn main(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyho
                 tracing::info!(devices = n, "-k tc filters removed");
             }
         }
-        // So does TPROXY's routing, not in the pins either: removed when the
-        // flags say TPROXY and name the namespace (tcp_fwmark_accept stays: its earlier value
+        // So does TPROXY's or ambient's routing, not in the pins either: removed when the
+        // flags say either and name the namespace (tcp_fwmark_accept stays: its earlier value
         // went with the killed run).
-        if opts.capture.inbound_mode == redirect_common::config::InterceptionMode::Tproxy {
+        if let Some(policy) = crate::tproxy_route::Policy::of(&opts.capture) {
             let netns = sys::Netns::open(&workload_netns(&opts)?)?;
-            crate::tproxy_route::cleanup(&netns, opts.capture.tproxy.mark, opts.capture.tproxy.route_table)?;
-            tracing::info!("TPROXY policy routing removed");
+            crate::tproxy_route::cleanup(&netns, policy)?;
+            tracing::info!("policy routing removed ({policy})");
         }
         return Ok(());
     }

@@ -76,7 +76,7 @@ pub async fn serve(args: &ProxyArgs, shutdown: impl std::future::Future<Output =
         max_connections: args.max_proxy_connections as usize,
         liveness: args.liveness.to_liveness(),
         dns_port: None,
-        tproxy_mark: None,
+        inbound_dial: crate::proxy::InboundDial::Passthrough,
         splice: args.relay.relay == crate::flags::Relay::Splice,
     }
     // Raised in `enter`, while still root.

@@ -58,6 +58,16 @@ pub const DNS_PROXY_PORT: u16 = 15053;
 /// agent's sockets alone by their cookies instead ([`maps::AGENT_SOCKETS`]).
 pub const AGENT_SOCKET_MARK: u32 = 0x539;
 
+/// Ambient mode: ztunnel's mark on its own sockets (istio-cni's `InpodMark`); their
+/// connections are never redirected. The agent's own upstream sockets carry it too
+/// ([`AGENT_SOCKET_MARK`]).
+pub const AMBIENT_MARK: u32 = 0x539;
+/// Ambient mode: the mark of a connection ztunnel made into the pod (`InpodTProxyMark`): its
+/// packets are routed back to ztunnel, never redirected.
+pub const AMBIENT_CONN_MARK: u32 = 0x111;
+/// The bits of the mark either is matched on (`InpodMask`, `InpodTProxyMask`).
+pub const AMBIENT_MARK_MASK: u32 = 0xfff;
+
 /// The mark istio-iptables gives the proxy's own connections to its pod in TPROXY mode
 /// (`OutboundMark`), fixed like the DNS port.
 pub const TPROXY_OUTBOUND_MARK: u32 = 1338;

@@ -269,7 +269,8 @@ impl Rule {
         dport: 0,
         dport2: 0,
         mark: 0,
-        mark_mask: 0,
+        // All bits, as iptables' `--mark VALUE` without a mask.
+        mark_mask: u32::MAX,
         slot: 0,
     };
 

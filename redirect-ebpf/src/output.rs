@@ -13,8 +13,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    ChainId, ConnFacts, DNS_PROXY_PORT, IPPROTO_TCP, IPPROTO_UDP, OrigDst, PendingOrigDst, TPROXY_OUTBOUND_MARK,
-    Target, UdpFlowKey,
+    AMBIENT_CONN_MARK, AMBIENT_MARK_MASK, ChainId, ConnFacts, DNS_PROXY_PORT, IPPROTO_TCP, IPPROTO_UDP, OrigDst,
+    PendingOrigDst, TPROXY_OUTBOUND_MARK, Target, UdpFlowKey,
     addr::{self, Addr, Family},
     events, workload_flags,
 };
@@ -201,7 +201,11 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
     // sent unconnected leaves from its destination; an IPv6 one leaves from `::6`, lo's
     // address that source selection picks for it.
     // Worked out without branches where it can be: each one doubles what the verifier walks.
-    let marked_to_lo = (workload.tproxy_mark != 0) & (sk_mark == workload.tproxy_mark) & !out_lo;
+    // Ambient's `ip rule fwmark 0x111/0xfff lookup 100` is the same kind of rule.
+    let ambient = workload.flags & workload_flags::AMBIENT != 0;
+    let routed_home = ((workload.tproxy_mark != 0) & (sk_mark == workload.tproxy_mark))
+        | (ambient & (sk_mark & AMBIENT_MARK_MASK == AMBIENT_CONN_MARK));
+    let marked_to_lo = routed_home & !out_lo;
     let unbound = addr::words_eq(&c.src, &addr::UNSPECIFIED) || addr::words_eq(&c.src, &addr::v4(0));
     if marked_to_lo && family == Family::V4 && unbound && !c.sending {
         return None;

@@ -10,14 +10,14 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
         bpf_sock_ops,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_setsockopt},
     macros::sock_ops,
     programs::SockOpsContext,
 };
 use core::ptr::read_volatile;
 
 use redirect_common::{
-    FamilyKey, PendingOrigDst, TupleKey,
+    AMBIENT_CONN_MARK, AMBIENT_MARK, AMBIENT_MARK_MASK, FamilyKey, PendingOrigDst, TupleKey,
     addr::{self, Addr, Family},
     events, fast_path, port, workload_flags,
 };
@@ -197,7 +197,42 @@ fn note_syn_mark(ctx: &SockOpsContext) {
     if !(tproxy && mark == w.tproxy_mark) && !is_local_addr(netns_cookie, &key.dst_addr) {
         return;
     }
-    let _ = SYN_MARKS.insert(key, mark, 0);
+    // Ambient without inbound capture (ingress mode): sk_lookup leaves every SYN alone and
+    // consumes no note.
+    if tproxy || w.flags & workload_flags::INBOUND != 0 {
+        let _ = SYN_MARKS.insert(key, mark, 0);
+    }
+    if !tproxy && mark & AMBIENT_MARK_MASK == AMBIENT_MARK {
+        mark_inbound_proxied(ctx);
+    }
+}
+
+/// `SOL_SOCKET` and `SO_MARK` (asm-generic/socket.h).
+const SOL_SOCKET: i32 = 1;
+const SO_MARK: i32 = 36;
+
+/// Ambient: ztunnel dialing the app from the client's address. istio-cni's mangle rules give
+/// such a connection connmark 0x111 (its SYN arrives with ztunnel's 0x539) and restore it onto
+/// every later packet of both ends, and `ip rule fwmark 0x111/0xfff lookup 100` delivers the
+/// app's replies, addressed to the client, back to ztunnel. There is no conntrack here: the
+/// socket itself takes 0x111 before its SYN is built, and the app's socket, accepted with
+/// `tcp_fwmark_accept=1`, takes the SYN's mark, so every reply carries it (the SYN-ACK too:
+/// the request's mark is the SYN's). The rule and route are the agent's, as istio-cni's.
+#[inline(always)]
+fn mark_inbound_proxied(ctx: &SockOpsContext) {
+    let mut conn_mark = AMBIENT_CONN_MARK;
+    // SAFETY: the program's own context (TCP_CONNECT_CB runs on a full socket, which
+    // bpf_setsockopt requires and checks), an option the helper accepts in sock_ops, and a
+    // pointer to a live u32 on the stack with its size.
+    let _ = unsafe {
+        bpf_setsockopt(
+            ctx.ops.cast(),
+            SOL_SOCKET,
+            SO_MARK,
+            (&raw mut conn_mark).cast(),
+            core::mem::size_of::<u32>() as i32,
+        )
+    };
 }
 
 /// A socket connect4/6 redirected: its cookie and what they recorded under it. They send

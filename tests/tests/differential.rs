@@ -60,6 +60,11 @@ const AMBIENT_PROBES: &[IpAddr] = &[
     IpAddr::V4(Ipv4Addr::new(10, 200, 7, 127)),
     IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0x200, 7, 0, 0, 0, 0, 0x127)),
 ];
+/// Where ztunnel's dials into the pod come from in these tests: addresses of no host.
+const ZTUNNEL_CLIENTS: &[IpAddr] = &[
+    IpAddr::V4(Ipv4Addr::new(10, 200, 9, 9)),
+    IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0x200, 9, 0, 0, 0, 0, 9)),
+];
 /// Marks of ambient's clients: ztunnel's (0x539 in the low 12 bits, whatever the rest), one
 /// bit off it, and the inbound-proxied connection mark.
 const AMBIENT_MARKS: &[u32] = &[0x539, 0x7_0539, 0x538, 0x111];
@@ -149,11 +154,13 @@ configs! {
     // where nat leaves it alone); each verdict and each rule's SYN count equal.
     tproxy: "-m TPROXY" => ["-m", "TPROXY"];
     // Ambient: istio-cni's in-pod rules for ztunnel, keyed on the socket's mark, not its
-    // owner; the probes' SNAT source accepted in and out; with DNS capture, TCP to port 53
+    // owner; the probes' SNAT source accepted in and out; ztunnel's dial into the pod as the
+    // client, whose replies istio-cni's routing brings back; with DNS capture, TCP to port 53
     // (anywhere but 127.0.0.1) to 15053; in ingress mode nothing inbound.
     ambient: "--mode ambient" => [
         "--mode", "ambient", "--host-probe-snat", "10.200.7.127", "--host-probe-v6-snat", "fd00:200:7::127"
-    ], marks: AMBIENT_MARKS, remote_addrs: AMBIENT_PROBES, inbound_from: AMBIENT_PROBES;
+    ], marks: AMBIENT_MARKS, remote_addrs: AMBIENT_PROBES, inbound_from: AMBIENT_PROBES,
+        spoofed_from: ZTUNNEL_CLIENTS;
     ambient_dns: "--mode ambient --redirect-dns" => [
         "--mode", "ambient", "--redirect-dns", "--host-probe-snat", "10.200.7.127",
         "--host-probe-v6-snat", "fd00:200:7::127"

@@ -38,6 +38,10 @@ const OTHER: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 3);
 const RESOLVER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 1, 0, 0, 0, 2);
 const OTHER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 1, 0, 0, 0, 3);
 const CHAINS: [&str; 2] = ["ISTIO_OUTPUT", "ISTIO_OUTPUT_DNS"];
+/// A client: its uid (and gid), and the mark it sets on its socket.
+type Client = (u32, Option<u32>);
+/// The sidecar's clients: the app, and the proxy (exempt by its uid).
+const SIDECAR_CLIENTS: &[Client] = &[(0, None), (1337, None)];
 /// Both families' tables: `stats --json`'s family name and the oracle's command.
 const TABLES: [(&str, &str); 2] = [("ipv4", "iptables"), ("ipv6", "ip6tables")];
 
@@ -182,16 +186,17 @@ impl Twin {
         twin
     }
 
-    /// Per-rule counts of both families' ISTIO_OUTPUT and ISTIO_OUTPUT_DNS (iptables' nat
-    /// packet counters count flows: only a flow's first packet traverses nat).
-    fn counts(&self) -> BTreeMap<(&'static str, &'static str), Vec<u64>> {
+    /// Per-rule counts of both families' ISTIO_OUTPUT and ISTIO_OUTPUT_DNS (ambient: its
+    /// ISTIO_OUTPUT; iptables' nat packet counters count flows: only a flow's first packet
+    /// traverses nat).
+    fn counts(&self, chains: &[&'static str]) -> BTreeMap<(&'static str, &'static str), Vec<u64>> {
         let mut counts = BTreeMap::new();
         match &self.agent {
             Some(_) => {
                 let out = agent_cmd(&["stats", "--name", &self.name, "--json"]);
                 assert!(out.status.success(), "stats: {}", String::from_utf8_lossy(&out.stderr));
                 let stats: InstanceStats = serde_json::from_slice(&out.stdout).expect("stats --json");
-                for ((family, _), chain) in TABLES.iter().flat_map(|t| CHAINS.map(|c| (*t, c))) {
+                for ((family, _), &chain) in TABLES.iter().flat_map(|t| chains.iter().map(move |c| (*t, c))) {
                     let rows = stats
                         .rules
                         .iter()
@@ -202,7 +207,7 @@ impl Twin {
                 }
             }
             None => {
-                for ((family, tool), chain) in TABLES.iter().flat_map(|t| CHAINS.map(|c| (*t, c))) {
+                for ((family, tool), &chain) in TABLES.iter().flat_map(|t| chains.iter().map(move |c| (*t, c))) {
                     let out = Command::new("ip")
                         .args(["netns", "exec", &self.pair.workload.name])
                         .args([tool, "-t", "nat", "-L", chain, "-v", "-n", "-x"])
@@ -221,10 +226,14 @@ impl Twin {
         counts
     }
 
-    fn ask(&self, uid: u32, ask: Ask, to: SocketAddr) -> String {
+    fn ask(&self, (uid, mark): Client, ask: Ask, to: SocketAddr) -> String {
         let spec = ProbeSpec::new(&self.cgroup.path, &self.pair.workload.path, to)
             .uid(uid)
             .gid(uid);
+        let spec = match mark {
+            Some(m) => spec.mark(m),
+            None => spec,
+        };
         let spec = match ask {
             Ask::Udp => spec.udp_exchange(false),
             Ask::UdpConnected => spec.udp_exchange(true),
@@ -259,7 +268,9 @@ fn resolv_conf(dir: &Path) -> PathBuf {
 
 /// Runs the clients in both twins and holds the agent to iptables, verdict by verdict and
 /// counter by counter.
-fn dns_differential(extra: &[&str]) {
+fn dns_differential(extra: &[&str], clients: &[Client]) {
+    let ambient = extra.contains(&"ambient");
+    let chains: &[&str] = if ambient { &CHAINS[..1] } else { &CHAINS };
     require_root();
     let dir = std::env::temp_dir().join(unique("dns"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -269,39 +280,45 @@ fn dns_differential(extra: &[&str]) {
     let twins = [Twin::new(Kind::Iptables, &flags), Twin::new(Kind::Agent, &flags)];
     let to = |ip: IpAddr, port| SocketAddr::new(ip, port);
     let mut scenarios = Vec::new();
-    for uid in [0, 1337] {
+    for &client in clients {
         for (resolver, other) in [(RESOLVER.into(), OTHER.into()), (RESOLVER6.into(), OTHER6.into())] {
             for ask in [Ask::Udp, Ask::UdpConnected, Ask::Tcp] {
                 for dst in [to(resolver, 53), to(other, 53)] {
-                    scenarios.push((uid, ask, dst));
+                    scenarios.push((client, ask, dst));
                 }
             }
-            scenarios.push((uid, Ask::Udp, to(resolver, 5353)));
+            scenarios.push((client, Ask::Udp, to(resolver, 5353)));
         }
     }
     let mut report = String::new();
     let mut differ = 0;
-    for &(uid, ask, dst) in &scenarios {
-        let [a, b] = [&twins[0], &twins[1]].map(|t| t.ask(uid, ask, dst));
+    for &(client, ask, dst) in &scenarios {
+        let [a, b] = [&twins[0], &twins[1]].map(|t| t.ask(client, ask, dst));
         let mark = if a == b { " " } else { "!" };
         if a != b {
             differ += 1;
         }
         report.push_str(&format!(
-            "{mark} uid={uid:<5} {ask:<13?} {dst:<24} iptables: {a:<48} agent: {b}\n"
+            "{mark} {client:<18?} {ask:<13?} {dst:<24} iptables: {a:<48} agent: {b}\n"
         ));
     }
-    let [ca, cb] = [&twins[0], &twins[1]].map(Twin::counts);
+    let [ca, cb] = [&twins[0], &twins[1]].map(|t| t.counts(chains));
     println!("DNS capture {extra:?}:\n{report}counters iptables {ca:?}\n         agent    {cb:?}");
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(differ, 0, "{differ} verdicts differ:\n{report}");
     assert_eq!(ca, cb, "counters differ");
-    // The scenarios reached the DNS rules (each twin alike, so this is about the scenarios).
-    for family in ["ipv4", "ipv6"] {
-        assert!(
-            ca[&(family, "ISTIO_OUTPUT_DNS")].iter().sum::<u64>() > 0,
-            "no {family} query was captured: {ca:?}"
-        );
+    // The scenarios reached the DNS rules (each twin alike, so this is about the scenarios):
+    // queries of either family answered by the DNS proxy.
+    for proxy in ["dnsproxy from", "dnsproxy6 from"] {
+        assert!(report.contains(proxy), "no query reached {proxy}:\n{report}");
+    }
+    if !ambient {
+        for family in ["ipv4", "ipv6"] {
+            assert!(
+                ca[&(family, "ISTIO_OUTPUT_DNS")].iter().sum::<u64>() > 0,
+                "no {family} query was captured: {ca:?}"
+            );
+        }
     }
 }
 
@@ -310,13 +327,20 @@ fn dns_differential(extra: &[&str]) {
 /// ISTIO_REDIRECT, UDP left alone).
 #[test]
 fn dns_to_resolv_conf_servers_is_captured_as_iptables_does() {
-    dns_differential(&[]);
+    dns_differential(&[], SIDECAR_CLIENTS);
 }
 
 /// With `--capture-all-dns`, port 53 to any address.
 #[test]
 fn capture_all_dns_is_captured_as_iptables_does() {
-    dns_differential(&["--capture-all-dns"]);
+    dns_differential(&["--capture-all-dns"], SIDECAR_CLIENTS);
+}
+
+/// Ambient's DNS capture: port 53 to anywhere (UDP not over lo, TCP not to 127.0.0.1) to
+/// 15053, but ztunnel's own queries (its mark, whatever the uid).
+#[test]
+fn ambient_dns_is_captured_as_iptables_does() {
+    dns_differential(&["--mode", "ambient"], &[(0, None), (1337, None), (0, Some(0x539))]);
 }
 
 /// `/etc/netns/NAME/resolv.conf`, which `ip netns exec NAME` mounts over the resolver's file;
@@ -507,7 +531,7 @@ fn udp_flows(workload: &str, remote: &str) {
             .map(|h| h.join().unwrap())
             .into()
     });
-    let [ca, cb] = twins.each_ref().map(Twin::counts);
+    let [ca, cb] = twins.each_ref().map(|t| t.counts(&CHAINS));
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(
         ca, cb,

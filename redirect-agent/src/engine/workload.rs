@@ -24,11 +24,11 @@ use crate::{
     addrs::{self, AddrMaps, LocalAddrs, VirtDevices},
     flags::ProxyMode,
     proxy::{
-        AgentSockets, CgroupDialer, ChildSpec, Dialer, DnsUpstream, FastPath, FastPathSockets, LISTEN_BACKLOG,
-        Listeners, Listening, NetnsDialer, OrigDstTable, OriginalDst, Proxy, ProxyConfig, Side,
+        AgentSockets, CgroupDialer, ChildSpec, Dialer, DnsUpstream, FastPath, FastPathSockets, InboundDial,
+        LISTEN_BACKLOG, Listeners, Listening, NetnsDialer, OrigDstTable, OriginalDst, Proxy, ProxyConfig, Side,
     },
     sys::{self, Netns},
-    tproxy_route::TproxyRouting,
+    tproxy_route::{Policy, TproxyRouting},
 };
 
 /// A workload to enroll, its values parsed.
@@ -181,6 +181,15 @@ impl Engine {
                     .into(),
             ));
         }
+        // Ambient's rules hold for every socket of the namespace, ztunnel's too, which lives in
+        // a cgroup of its own.
+        if req.capture.ambient.is_some() && req.cgroup.is_some() {
+            return Err(EnrollError::Flags(
+                "--cgroup with --mode ambient: ambient's rules are the whole namespace's (ztunnel's sockets there \
+                 are in its own cgroup); enroll the pod without --cgroup"
+                    .into(),
+            ));
+        }
         if req.fast_path && !self.settings.sizing.fast_path {
             return Err(EnrollError::FastPathOff);
         }
@@ -270,7 +279,7 @@ impl Engine {
                     &info.netns,
                     &cfg.listen_addrs(),
                     LISTEN_BACKLOG,
-                    cfg.tproxy_mark.is_some(),
+                    cfg.inbound_dial.transparent_mark().is_some(),
                 )
                 .and_then(Listening::from_fds)
                 .and_then(|l| l.with_udp(netns, cfg))
@@ -383,7 +392,11 @@ impl Engine {
                 max_connections: self.settings.sizing.max_proxy_connections,
                 liveness: self.settings.sizing.liveness,
                 dns_port: capture.dns.enabled().then_some(redirect_common::DNS_PROXY_PORT),
-                tproxy_mark: (capture.inbound_mode == InterceptionMode::Tproxy).then_some(capture.tproxy.mark),
+                inbound_dial: match (&capture.ambient, capture.inbound_mode) {
+                    (Some(_), _) => InboundDial::Ambient,
+                    (None, InterceptionMode::Tproxy) => InboundDial::Tproxy(capture.tproxy.mark),
+                    (None, InterceptionMode::Redirect) => InboundDial::Passthrough,
+                },
                 splice: self.settings.sizing.relay == crate::flags::Relay::Splice && !fast_path,
             };
             // New listeners (not handed over): whatever sk_lookup gave the previous ones, which
@@ -486,15 +499,14 @@ impl Engine {
         let mut w = chain::workload(capture, packed, info.slot, serving);
         w.cgroup_id = cgroup_id;
         w.cgroup_level = cgroup_level;
-        // TPROXY mode: the mark routes the app's replies to a transparent connection back to the
-        // proxy. In place before anything is captured; taken away again if what follows fails.
-        // An adopted workload's routing (a handover's, a killed predecessor's) is this
-        // agent's to remove now.
-        let (mark, table) = (capture.tproxy.mark, capture.tproxy.route_table);
-        let tproxy = match (capture.inbound_mode, adopted) {
-            (InterceptionMode::Tproxy, false) => Some(TproxyRouting::install(&netns, mark, table)?),
-            (InterceptionMode::Tproxy, true) => Some(TproxyRouting::adopt(&netns, mark, table)?),
-            (InterceptionMode::Redirect, _) => None,
+        // TPROXY and ambient modes: the mark routes the app's replies to a transparent
+        // connection (the proxy's, ztunnel's) back to it. In place before anything is
+        // captured; taken away again if what follows fails. An adopted workload's routing (a
+        // handover's, a killed predecessor's) is this agent's to remove now.
+        let tproxy = match (Policy::of(capture), adopted) {
+            (Some(policy), false) => Some(TproxyRouting::install(&netns, policy)?),
+            (Some(policy), true) => Some(TproxyRouting::adopt(&netns, policy)?),
+            (None, _) => None,
         };
         let live = self
             .maps

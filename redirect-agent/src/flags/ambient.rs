@@ -122,12 +122,21 @@ impl CaptureFlags {
             None => config::DEFAULT_PROBE_SNAT_V6,
         };
         let dns = boolean(&self.redirect_dns, "--redirect-dns", &[], &no_env)?;
+        // The resolvers a DNS proxy serving the pod forwards to: a resolv.conf named but not
+        // readable is an error, the default one missing only leaves none.
         let dns_upstreams = match (dns, read_resolv_conf(&self.resolv_conf)) {
             (true, (_, Ok((v4, v6)))) => v4
                 .into_iter()
                 .map(IpAddr::V4)
                 .chain(v6.into_iter().map(IpAddr::V6))
                 .collect(),
+            (true, (path, Err(e))) if self.resolv_conf.is_some() => {
+                return Err(ConfigError {
+                    flag: "--resolv-conf",
+                    value: path.display().to_string(),
+                    expected: format!("a readable resolv.conf ({e})"),
+                });
+            }
             _ => Vec::new(),
         };
         let (v, f) = (

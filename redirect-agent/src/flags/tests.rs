@@ -203,6 +203,16 @@ fn ambient_mode_takes_its_own_settings_only() {
         "expected an IPv6 address",
     );
     refused(&["--bypass-inbound-capture"], "only with --mode ambient");
+    refused(
+        &[
+            "--mode",
+            "ambient",
+            "--redirect-dns",
+            "--resolv-conf",
+            "/nonexistent/resolv.conf",
+        ],
+        "--resolv-conf: expected a readable resolv.conf",
+    );
     refused(&["--mode", "ztunnel"], "expected sidecar or ambient");
 
     // istio-iptables' variables do not reach ambient's rules.

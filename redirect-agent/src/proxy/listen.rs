@@ -64,13 +64,38 @@ pub struct ProxyConfig {
     pub liveness: super::Liveness,
     /// DNS capture: the port the DNS proxy answers on (UDP and TCP), where the rules send it.
     pub dns_port: Option<u16>,
-    /// TPROXY mode (`-m TPROXY`): the `--inbound-tproxy-mark`. Inbound connections go to the
-    /// app from the client's own address (IP_TRANSPARENT), on a socket with this mark, which
-    /// the namespace's policy routing sends the app's replies back to.
-    pub tproxy_mark: Option<u32>,
+    /// How inbound connections are dialed to the app.
+    pub inbound_dial: InboundDial,
     /// Streams may move through a pipe (`splice.rs`). Not with the fast path: sk_msg queues
     /// the bytes it hands over where splice does not read them.
     pub splice: bool,
+}
+
+/// How the proxy dials the app for an inbound connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InboundDial {
+    /// From 127.0.0.6 (`::6`), as Envoy's inbound passthrough behind REDIRECT.
+    Passthrough,
+    /// TPROXY mode (`-m TPROXY`, its `--inbound-tproxy-mark`): from the client's own address
+    /// (IP_TRANSPARENT), on a socket with this mark, which the namespace's policy routing
+    /// sends the app's replies back by.
+    Tproxy(u32),
+    /// Ambient mode, as ztunnel dials: from the client's own address, on a socket with
+    /// ztunnel's mark 0x539, which sock_ops turns into 0x111 at its connect; istio-cni's
+    /// routing of that mark sends the app's replies back.
+    Ambient,
+}
+
+impl InboundDial {
+    /// The mark of a transparent dial from the client's address; `None`: from the passthrough
+    /// source.
+    pub fn transparent_mark(self) -> Option<u32> {
+        match self {
+            Self::Passthrough => None,
+            Self::Tproxy(mark) => Some(mark),
+            Self::Ambient => Some(redirect_common::AMBIENT_MARK),
+        }
+    }
 }
 
 /// Proxied connections that `nofile` descriptors hold: two each, after the reserve; at least one.
@@ -208,7 +233,7 @@ impl Listeners {
             // here a `-k` VM's connection TPROXY takes is handed to it with its destination
             // as dialed, a forwarded one's not one of the namespace's addresses, and only a
             // transparent listener's connection may answer from such an address.
-            let transparent = side == Side::Inbound && cfg.tproxy_mark.is_some();
+            let transparent = side == Side::Inbound && cfg.inbound_dial.transparent_mark().is_some();
             match bind(addr, transparent) {
                 Ok(s) => sockets.push((side, s)),
                 Err(e) if addr.is_ipv6() && no_ipv6(&e) => {

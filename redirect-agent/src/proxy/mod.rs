@@ -40,7 +40,7 @@ pub use dialer::{AgentSockets, Dialer, NetnsDialer, SPARE_SOCKETS};
 pub use dns::{DnsUpstream, SOCKETS_PER_FAMILY as DNS_SOCKETS_PER_FAMILY};
 use fast_path::Enrolled;
 pub use fast_path::{FastPath, FastPathSockets};
-pub use listen::{LISTEN_BACKLOG, Listeners, Listening, ProxyConfig, Side, connections_fitting, no_ipv6};
+pub use listen::{InboundDial, LISTEN_BACKLOG, Listeners, Listening, ProxyConfig, Side, connections_fitting, no_ipv6};
 pub use orig_dst::{OrigDstTable, OriginalDst};
 use relay::{Ended, relay};
 pub use relay::{Keepalive, Liveness};
@@ -378,12 +378,15 @@ async fn connect_upstream(dst: SocketAddr, peer: SocketAddr, side: Side, shared:
         .dialer
         .socket(dst.is_ipv6(), shared.cfg.liveness.keepalive)
         .await?;
-    match (side, shared.cfg.tproxy_mark) {
-        // As Envoy's original_src filter in TPROXY mode: the app sees the client.
+    let dial = shared.cfg.inbound_dial;
+    match (side, dial.transparent_mark()) {
+        // As Envoy's original_src filter in TPROXY mode, and as ztunnel: the app sees the
+        // client.
         (Side::Inbound, Some(mark)) => transparent_from(&socket, peer, mark)?,
         // The agent's own mark is 0x539, TPROXY's default: its `ip rule` would route the
         // socket into lo whatever it dials. Envoy's outbound sockets carry no mark there.
-        (_, Some(mark)) if mark == redirect_common::AGENT_SOCKET_MARK => {
+        // (Ambient's rule routes 0x111: the agent's sockets keep ztunnel's 0x539.)
+        (_, Some(mark)) if dial == InboundDial::Tproxy(mark) && mark == redirect_common::AGENT_SOCKET_MARK => {
             socket2::SockRef::from(&socket).set_mark(0)?;
         }
         (Side::Inbound, None) => {
@@ -403,8 +406,9 @@ async fn connect_upstream(dst: SocketAddr, peer: SocketAddr, side: Side, shared:
 /// Binds an inbound upstream socket to the client's address (any port), which is not one of
 /// the namespace's: IP_TRANSPARENT allows it (the agent holds CAP_NET_ADMIN), and the mark
 /// routes the app's replies to it back through `lo` (the `ip rule fwmark MARK` the agent
-/// installs with TPROXY mode). The mark replaces the agent's own (`AGENT_SOCKET_MARK`), which
-/// connect4/6 do not go by.
+/// installs with TPROXY mode; ambient's 0x111, which sock_ops gives ztunnel's 0x539 at the
+/// connect). The mark replaces the agent's own (`AGENT_SOCKET_MARK`), which connect4/6 do not
+/// go by.
 fn transparent_from(socket: &tokio::net::TcpSocket, client: SocketAddr, mark: u32) -> io::Result<()> {
     let s = socket2::SockRef::from(socket);
     match client {
@@ -432,7 +436,7 @@ mod tests {
                 keepalive: Some(Keepalive::DEFAULT),
             },
             dns_port: None,
-            tproxy_mark: None,
+            inbound_dial: InboundDial::Passthrough,
             splice: true,
         }
     }

@@ -100,12 +100,12 @@ pub(super) fn chains(b: &mut Builder, cfg: &CaptureConfig, ambient: &Ambient) {
     b.push(to_port(not_ztunnel(redirect), cfg.envoy_port));
 }
 
-/// What replaces the connmark pair: a connection ztunnel makes into the pod keeps its
-/// replies away from ISTIO_OUTPUT's redirect because no connect() of the app's starts them,
-/// which is all connect4/6 see.
-const CONNMARK_BY: &str = "connect4/6 judge connect() calls only: the app's replies on a connection ztunnel made \
-                           into the pod start none, so they are never redirected; routing replies to a client \
-                           address ztunnel spoofs back to it is not served yet (docs/ambient.md)";
+/// What replaces the connmark pair (with istio-cni's `fwmark 0x111/0xfff lookup 100`, which the
+/// agent installs as istio-cni does).
+const CONNMARK_BY: &str = "sock_ops: ztunnel's socket (0x539) dialing the pod from a foreign source takes 0x111 at \
+                           its connect, and the app's socket accepted from it takes the SYN's mark \
+                           (tcp_fwmark_accept=1), so every reply routes back to ztunnel; connect4/6 judge \
+                           connect() calls only, so replies are never redirected";
 
 /// What replaces the raw table's zones.
 const ZONES_BY: &str = "not needed: sendmsg/recvmsg rewrite each socket's datagrams, no conntrack entry is made \

@@ -261,6 +261,14 @@ pub fn list_columns_named(r: &Rule, names: &Names) -> ListColumns {
         let not = if r.neg & m::GROUPS != 0 { "! " } else { "" };
         extra.push(format!("{not}owner GID match (owner groups)"));
     }
+    if r.has & m::MARK != 0 {
+        let not = if r.neg & m::MARK != 0 { "! " } else { "" };
+        let mask = match r.mark_mask {
+            u32::MAX => String::new(),
+            mask => format!("/{mask:#x}"),
+        };
+        extra.push(format!("mark match {not}{:#x}{mask}", r.mark));
+    }
     for (bit, what, id) in [(m::UID, "UID", r.uid), (m::GID, "GID", r.gid)] {
         if r.has & bit != 0 {
             let not = if r.neg & bit != 0 { "! " } else { "" };

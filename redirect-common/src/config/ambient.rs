@@ -14,13 +14,7 @@ use std::{
 
 use super::{CaptureConfig, DnsCapture, Include, Interface};
 
-/// ztunnel's mark on its own sockets (`InpodMark`): their connections are never redirected.
-pub const AMBIENT_MARK: u32 = 0x539;
-/// The connection mark of a connection ztunnel made into the pod (`InpodTProxyMark`): its
-/// packets are routed back to ztunnel, never redirected.
-pub const AMBIENT_CONN_MARK: u32 = 0x111;
-/// The bits of the mark either is matched on (`InpodMask`, `InpodTProxyMask`).
-pub const AMBIENT_MARK_MASK: u32 = 0xfff;
+pub use crate::{AMBIENT_CONN_MARK, AMBIENT_MARK, AMBIENT_MARK_MASK};
 /// ztunnel's outbound listener in the pod (`ZtunnelOutboundPort`).
 pub const AMBIENT_OUTBOUND_PORT: u16 = 15001;
 /// ztunnel's plaintext inbound listener (`ZtunnelInboundPlaintextPort`).

@@ -64,6 +64,10 @@ pub struct ProbeArgs {
     /// SO_MARK to set on the socket before connecting (needs CAP_NET_ADMIN in the namespace).
     #[arg(long)]
     pub mark: Option<u32>,
+    /// IP_TRANSPARENT (IPV6_TRANSPARENT) before binding: `--bind` may name an address no
+    /// interface has, as a proxy dialing as its client does (CAP_NET_ADMIN).
+    #[arg(long)]
+    pub transparent: bool,
     /// SO_BINDTODEVICE: the device the socket is bound to before connecting (CAP_NET_RAW).
     #[arg(long)]
     pub device: Option<String>,
@@ -196,6 +200,13 @@ fn socket(args: &ProbeArgs, to: SocketAddr, ty: libc::c_int, always_bind: bool) 
     }
     if let Some(device) = &args.device {
         sock::bind_to_device(&fd, device)?;
+    }
+    if args.transparent {
+        let (level, option) = match inet6 {
+            true => (libc::IPPROTO_IPV6, libc::IPV6_TRANSPARENT),
+            false => (libc::IPPROTO_IP, libc::IP_TRANSPARENT),
+        };
+        sock::set_int_option(&fd, level, option, 1)?;
     }
     if inet6 {
         sock::set_int_option(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;

@@ -20,6 +20,8 @@ pub struct ProbeSpec {
     /// Real (uid, gid) kept while `uid`/`gid` are the effective and filesystem ones.
     pub real: Option<(u32, u32)>,
     pub mark: Option<u32>,
+    /// IP_TRANSPARENT (IPV6_TRANSPARENT) before `bind`: a foreign source address.
+    pub transparent: bool,
     /// SO_BINDTODEVICE.
     pub device: Option<String>,
     pub bind: Option<IpAddr>,
@@ -54,6 +56,7 @@ impl ProbeSpec {
             gid: 0,
             real: None,
             mark: None,
+            transparent: false,
             device: None,
             bind: None,
             connect: connect.into(),
@@ -106,6 +109,13 @@ impl ProbeSpec {
     /// SO_MARK `mark` on the socket before it connects.
     pub fn mark(mut self, mark: u32) -> Self {
         self.mark = Some(mark);
+        self
+    }
+
+    /// IP_TRANSPARENT on the socket, so that [`ProbeSpec::bind`] may take an address of no
+    /// interface (a proxy dialing as its client does; CAP_NET_ADMIN).
+    pub fn transparent(mut self) -> Self {
+        self.transparent = true;
         self
     }
 
@@ -219,6 +229,9 @@ impl ProbeSpec {
         }
         if let Some(d) = &self.device {
             c.args(["--device", d]);
+        }
+        if self.transparent {
+            c.arg("--transparent");
         }
         if self.v4_mapped {
             c.arg("--v4-mapped");

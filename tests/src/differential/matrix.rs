@@ -82,6 +82,7 @@ impl Matrix {
                 v4_mapped,
                 real: None,
                 mark: None,
+                transparent: false,
             };
             let mut clients: Scenarios = Vec::new();
             let every_dst = || -> Vec<SocketAddr> {
@@ -137,6 +138,14 @@ impl Matrix {
                 },
                 to_pod(),
             ));
+            for &from in cfg.spoofed_from.iter().filter(|a| a.is_ipv4() == pod.is_ipv4()) {
+                let ztunnel = Client {
+                    mark: Some(redirect_common::AMBIENT_MARK),
+                    transparent: true,
+                    ..client(0, 0, Some(from))
+                };
+                clients.push((ztunnel, to_pod()));
+            }
             for &from in cfg.inbound_from.iter().filter(|a| a.is_ipv4() == pod.is_ipv4()) {
                 let bound = Client {
                     inbound: true,
@@ -225,6 +234,9 @@ impl Matrix {
             }
             if let Some(m) = client.mark {
                 spec = spec.mark(m);
+            }
+            if client.transparent {
+                spec = spec.transparent();
             }
             if client.v4_mapped {
                 spec = spec.v4_mapped();

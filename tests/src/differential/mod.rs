@@ -139,6 +139,11 @@ pub struct Config {
     /// Sources (of `remote_addrs`) the remote host also dials the pod from, on every inbound
     /// port: ambient's probe SNAT address.
     pub inbound_from: &'static [IpAddr],
+    /// Addresses of no host that a client in the pod dials the pod's address from, on every
+    /// inbound port, from a transparent socket with ztunnel's mark: ztunnel handing an inbound
+    /// connection to the app as its client. The app's replies reach it only as ambient's
+    /// routing sends them back.
+    pub spoofed_from: &'static [IpAddr],
     /// The side host as a VM behind the pod (`-k`'s KubeVirt interface): [`Config::side`],
     /// routed through the workload (which forwards) to the remote host's subnet and back, no
     /// default route anywhere. The side host then also dials the remote host's addresses
@@ -176,6 +181,7 @@ impl Config {
         remote_addrs: &[],
         marks: &[],
         inbound_from: &[],
+        spoofed_from: &[],
         side: false,
         vm: false,
     };

@@ -181,6 +181,20 @@ impl Twin {
                 .ip(&[family, "route", "add", &host, "via", &via, "dev", "w0"])
                 .unwrap_or_else(|e| panic!("route to {host}: {e}"));
         }
+        // Where ztunnel's spoofed clients are (`Config::spoofed_from`): behind the remote host,
+        // as a client's address is behind a pod's default route. The app's replies find a
+        // route, which only ambient's mark then overrides (iptables' rerouting after mangle
+        // OUTPUT needs a first route to start from).
+        for &addr in cfg.spoofed_from {
+            let (family, host, via) = match addr {
+                IpAddr::V4(_) => ("-4", format!("{addr}/32"), twin.pair.remote_ip.to_string()),
+                IpAddr::V6(_) => ("-6", format!("{addr}/128"), twin.pair.remote_ip6.to_string()),
+            };
+            twin.pair
+                .workload
+                .ip(&[family, "route", "add", &host, "via", &via, "dev", "w0"])
+                .unwrap_or_else(|e| panic!("route to {host}: {e}"));
+        }
         match kind {
             Kind::Iptables => {
                 let ns = &twin.pair.workload.name;
@@ -196,6 +210,28 @@ impl Twin {
                             family, "route", "add", "local", "default", "dev", "lo", "table", &t.table,
                         ])
                         .expect("ip route");
+                    }
+                }
+                // What istio-cni installs with ambient's rules (the agent, itself): the app's
+                // replies on a connection ztunnel made as its client carry the connection's
+                // mark 0x111, which this rule delivers back locally.
+                if cfg.ambient() {
+                    for (family, all) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
+                        let w = &twin.pair.workload;
+                        w.ip(&[
+                            family,
+                            "rule",
+                            "add",
+                            "fwmark",
+                            "0x111/0xfff",
+                            "pref",
+                            "32764",
+                            "lookup",
+                            "100",
+                        ])
+                        .expect("ip rule");
+                        w.ip(&[family, "route", "add", "local", all, "dev", "lo", "table", "100"])
+                            .expect("ip route");
                     }
                 }
                 // istio-iptables adds the IPv6 passthrough source with its ip6tables rules (the

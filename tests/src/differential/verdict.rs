@@ -39,6 +39,8 @@ pub(super) struct Client {
     pub(super) real: Option<(u32, u32)>,
     /// SO_MARK the client sets on its socket.
     pub(super) mark: Option<u32>,
+    /// IP_TRANSPARENT: `bind` is an address of no host.
+    pub(super) transparent: bool,
 }
 
 impl Client {
@@ -51,6 +53,11 @@ impl Client {
         }
         let real = self.real.map_or_else(String::new, |(u, g)| format!(" real={u}/{g}"));
         let mark = self.mark.map_or_else(String::new, |m| format!(" mark={m:#x}"));
+        let mark = if self.transparent {
+            format!("{mark} transparent")
+        } else {
+            mark
+        };
         format!("uid={} gid={}{real}{mark}{bind}{mapped}", self.uid, self.gid)
     }
 
