@@ -29,6 +29,7 @@ pub mod stats;
 pub mod sys;
 pub mod tproxy_route;
 mod validate;
+pub mod zds;
 
 pub use cli::main;
 /// istio-iptables' flags to a capture config, as an enrollment reads them (the benchmark's tests

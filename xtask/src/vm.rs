@@ -73,8 +73,10 @@ pub const SMOKE: &[&str] = &[
     // -k's nat PREROUTING jumps per -i CIDR per interface, walked as a CIDR set per interface
     // by the tc program.
     "kube_virt_cidr_list_of_a_thousand",
-    // Ambient: connect4/6 read the socket's mark, masked; sk_lookup's ISTIO_PRERT walk.
+    // Ambient: connect4/6 read the socket's mark, masked; sk_lookup's ISTIO_PRERT walk;
+    // sock_ops's bpf_setsockopt(SO_MARK) on ztunnel's spoofed dial, and tcp_fwmark_accept.
     "ambient",
+    "inbound_reaches_the_app_from_the_clients_address_and_its_replies_come_back",
     // splice(2) from a socket into a pipe and on into a socket: ->sendpage before 6.5,
     // sendmsg(MSG_SPLICE_PAGES) after.
     "streams_go_through_a_pipe_intact_outbound_and_inbound",
