@@ -298,6 +298,37 @@ impl Workload {
             .run(|| TcpStream::connect_timeout(&self.pod(port).into(), timeout))
     }
 
+    /// The remote host sends 1 MiB to the app's port and reads it back: it must arrive intact,
+    /// at the app, which sees the remote host's own address (a proxy dialing from the client's,
+    /// as TPROXY mode's and ztunnel's do) and its pod address as its own; one connection.
+    pub fn assert_inbound_seen_from_the_client(&self) {
+        let r = self.probe(&self.from_remote(self.pod(APP_PORT)).bytes(1 << 20));
+        assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
+        assert_eq!(r.banner_field("name"), Some("app"), "{r:?}");
+        assert_eq!((r.sent, r.received), (1 << 20, 1 << 20), "{r:?}");
+        assert!(r.intact, "bytes changed on the way: {r:?}");
+        assert_eq!(banner_peer_ip(&r), self.pair.remote_ip, "{r:?}");
+        let own = self.pod(APP_PORT).to_string();
+        assert_eq!(r.banner_field("local"), Some(own.as_str()), "{r:?}");
+        assert_eq!(self.app_server.accepted().len(), 1, "one connection reached the app");
+    }
+
+    /// `cmd` run in the workload's namespace (`ip netns exec`), its stdout; a failure fails
+    /// the test with its stderr.
+    pub fn exec(&self, cmd: &[&str]) -> String {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.pair.workload.name])
+            .args(cmd)
+            .output()
+            .expect("ip netns exec");
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// `redirect-agent stats --name N --json`, parsed.
     pub fn stats(&self) -> InstanceStats {
         let out = agent_cmd(&["stats", "--name", &self.name, "--json"]);

@@ -6,9 +6,7 @@
 //! to iptables by the differential tests; here is the path a connection takes through the
 //! stand-in.
 
-use std::process::Command;
-
-use redirect_tests::{APP_PORT, Outcome, REMOTE_PORT, Workload, banner_peer_ip as peer_ip};
+use redirect_tests::{APP_PORT, Outcome, REMOTE_PORT, Workload};
 
 const AMBIENT: [&str; 2] = ["--mode", "ambient"];
 
@@ -19,37 +17,11 @@ const INBOUND_REDIRECT: usize = 1;
 const LO_ACCEPT: usize = 2;
 const OUTBOUND_REDIRECT: usize = 3;
 
-/// `cmd` run in the workload's namespace, its stdout.
-fn in_workload(w: &Workload, cmd: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &w.pair.workload.name])
-        .args(cmd)
-        .output()
-        .expect("ip netns exec");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn inbound_reaches_the_app_from_the_clients_address_and_its_replies_come_back() {
     let w = Workload::with_agent("amb-in", &AMBIENT);
-    let r = w.probe(&w.from_remote(w.pod(APP_PORT)).bytes(1 << 20));
-    assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
-    assert_eq!(r.banner_field("name"), Some("app"), "{r:?}");
-    assert_eq!((r.sent, r.received), (1 << 20, 1 << 20), "{r:?}");
-    assert!(r.intact, "bytes changed on the way: {r:?}");
     // The app sees the remote host, as behind ztunnel: the stand-in dialed from its address.
-    assert_eq!(peer_ip(&r), w.pair.remote_ip, "{r:?}");
-    assert_eq!(
-        r.banner_field("local"),
-        Some(w.pod(APP_PORT).to_string().as_str()),
-        "{r:?}"
-    );
-    assert_eq!(w.app_server.accepted().len(), 1, "one connection reached the app");
+    w.assert_inbound_seen_from_the_client();
     // The remote host's SYN was redirected; the stand-in's dial into the pod, made in the
     // namespace, is nat PREROUTING's business no more than under iptables.
     let mut want = vec![0; 2];
@@ -86,17 +58,17 @@ fn the_routing_is_there_while_the_agent_runs_and_gone_after() {
     let mut w = Workload::with_agent("amb-rt", &AMBIENT);
     let rule = "32764:\tfrom all fwmark 0x111/0xfff lookup 100";
     for family in ["-4", "-6"] {
-        let rules = in_workload(&w, &["ip", family, "rule"]);
+        let rules = w.exec(&["ip", family, "rule"]);
         assert!(rules.contains(rule), "{rules}");
-        let route = in_workload(&w, &["ip", family, "route", "show", "table", "100"]);
+        let route = w.exec(&["ip", family, "route", "show", "table", "100"]);
         assert!(route.starts_with("local default dev lo"), "{route}");
     }
-    let accept = |w: &Workload| in_workload(w, &["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"]);
+    let accept = |w: &Workload| w.exec(&["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"]);
     assert_eq!(accept(&w).trim(), "1");
     let (status, stderr) = w.agent.as_mut().expect("agent").stop().expect("agent stops");
     assert!(status.success(), "{status:?}: {stderr}");
     for family in ["-4", "-6"] {
-        let rules = in_workload(&w, &["ip", family, "rule"]);
+        let rules = w.exec(&["ip", family, "rule"]);
         assert!(!rules.contains("lookup 100"), "{rules}");
     }
     assert_eq!(accept(&w).trim(), "0", "tcp_fwmark_accept restored");
@@ -112,7 +84,7 @@ fn settings_istio_cni_does_not_take_are_refused_before_anything_changes() {
     ] {
         let err = w.start_agent(flags);
         assert!(err.is_err(), "the agent started with {flags:?}");
-        let rules = in_workload(&w, &["ip", "rule"]);
+        let rules = w.exec(&["ip", "rule"]);
         assert!(!rules.contains("fwmark"), "{flags:?}: {rules}");
     }
 }

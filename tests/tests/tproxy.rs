@@ -2,26 +2,9 @@
 //! proxy dials the app from the client's own address, and the namespace's policy routing
 //! brings the app's replies back to it, in place while the agent runs and gone after.
 
-use std::process::Command;
-
-use redirect_tests::{APP_PORT, Outcome, REMOTE_PORT, Workload, banner_peer_ip as peer_ip};
+use redirect_tests::{Outcome, REMOTE_PORT, Workload};
 
 const TPROXY: [&str; 2] = ["-m", "TPROXY"];
-
-/// `cmd` run in the workload's namespace, its stdout.
-fn in_workload(w: &Workload, cmd: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &w.pair.workload.name])
-        .args(cmd)
-        .output()
-        .expect("ip netns exec");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// mangle ISTIO_INBOUND of the default injection in TPROXY mode, 0-based: the three RETURNs
 /// istio-iptables inserts first, then 15090, 15021, 15020, the ESTABLISHED divert, the jump.
@@ -31,19 +14,8 @@ const JUMP: usize = 7;
 #[test]
 fn the_app_sees_the_client_and_its_replies_come_back() {
     let w = Workload::with_agent("tpx-in", &TPROXY);
-    let r = w.probe(&w.from_remote(w.pod(APP_PORT)).bytes(1 << 20));
-    assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
-    assert_eq!(r.banner_field("name"), Some("app"), "{r:?}");
-    assert_eq!((r.sent, r.received), (1 << 20, 1 << 20), "{r:?}");
-    assert!(r.intact, "bytes changed on the way: {r:?}");
     // The app sees the remote host, not 127.0.0.6: the proxy dialed from the client's address.
-    assert_eq!(peer_ip(&r), w.pair.remote_ip, "{r:?}");
-    assert_eq!(
-        r.banner_field("local"),
-        Some(w.pod(APP_PORT).to_string().as_str()),
-        "{r:?}"
-    );
-    assert_eq!(w.app_server.accepted().len(), 1, "one connection reached the app");
+    w.assert_inbound_seen_from_the_client();
     // The remote SYN: the jump and ISTIO_TPROXY's rule. The proxy's transparent SYN to the app
     // comes back in on lo with its mark: the first RETURN.
     let inbound = w.chain_counts("ISTIO_INBOUND");
@@ -82,17 +54,17 @@ fn outbound_through_the_proxy_still_leaves_the_pod() {
 #[test]
 fn the_routing_is_there_while_the_agent_runs_and_gone_after() {
     let mut w = Workload::with_agent("tpx-rt", &["-m", "TPROXY", "-t", "0x600", "-r", "2100"]);
-    let rules = in_workload(&w, &["ip", "rule"]);
+    let rules = w.exec(&["ip", "rule"]);
     assert!(rules.contains("fwmark 0x600 lookup 2100"), "{rules}");
-    let route = in_workload(&w, &["ip", "route", "show", "table", "2100"]);
+    let route = w.exec(&["ip", "route", "show", "table", "2100"]);
     assert!(route.contains("local default dev lo"), "{route}");
-    let accept = |w: &Workload| in_workload(w, &["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"]);
+    let accept = |w: &Workload| w.exec(&["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"]);
     assert_eq!(accept(&w).trim(), "1");
     let (status, stderr) = w.agent.as_mut().expect("agent").stop().expect("agent stops");
     assert!(status.success(), "{status:?}: {stderr}");
-    let rules = in_workload(&w, &["ip", "rule"]);
+    let rules = w.exec(&["ip", "rule"]);
     assert!(!rules.contains("lookup 2100"), "{rules}");
-    let route = in_workload(&w, &["ip", "route", "show", "table", "2100"]);
+    let route = w.exec(&["ip", "route", "show", "table", "2100"]);
     assert!(route.trim().is_empty(), "{route}");
     assert_eq!(accept(&w).trim(), "0", "tcp_fwmark_accept restored");
 }
@@ -102,6 +74,6 @@ fn a_kernel_table_is_refused_before_anything_changes() {
     let mut w = Workload::new("tpx-bad");
     let err = w.start_agent(&["-m", "TPROXY", "-r", "254"]);
     assert!(err.is_err(), "the agent started with table 254");
-    let rules = in_workload(&w, &["ip", "rule"]);
+    let rules = w.exec(&["ip", "rule"]);
     assert!(!rules.contains("fwmark"), "{rules}");
 }

@@ -20,13 +20,13 @@ use std::{
 };
 
 use crate::{
-    ChainId, IPPROTO_TCP, IPPROTO_UDP, MAX_OWNER_GROUPS, MAX_RULES_PER_FAMILY, Rule, Target, Workload,
+    ChainId, IPPROTO_TCP, IPPROTO_UDP, MAX_RULES_PER_FAMILY, Rule, Target,
     addr::Family,
     config::{
         CaptureConfig, Cidr, DnsCapture, Include, InterceptionMode, Interface, OwnerGroup, OwnerGroups,
         TPROXY_OUTBOUND_MARK,
     },
-    m, workload_flags,
+    m,
 };
 
 /// Envoy's inbound passthrough source (`ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN`).
@@ -499,94 +499,6 @@ pub fn slots(rules: &[Rule]) -> Vec<usize> {
     rules.iter().map(|r| r.slot as usize).collect()
 }
 
-/// [`workload_flags`] for these flags.
-pub fn flags(cfg: &CaptureConfig) -> u32 {
-    let inbound = if cfg.inbound_ports.is_empty() {
-        0
-    } else {
-        workload_flags::INBOUND
-    };
-    // `-c`'s rules match devices both ways; `-k`'s only what arrives, which sk_lookup tells
-    // by `Workload::virt_ifaces` (connect4/6 need not look their route's device up for it).
-    let ifaces = if cfg.exclude_interfaces.is_empty() {
-        0
-    } else {
-        workload_flags::IFACES
-    };
-    let tproxy = if cfg.inbound_mode == InterceptionMode::Tproxy {
-        workload_flags::TPROXY
-    } else {
-        0
-    };
-    let ambient = if cfg.ambient.is_some() {
-        workload_flags::AMBIENT
-    } else {
-        0
-    };
-    inbound | ifaces | tproxy | ambient
-}
-
-/// The bits of the interface list's `-k` entries (they follow `-c`'s).
-pub fn virt_entries(cfg: &CaptureConfig) -> u32 {
-    virt_entry_bits(cfg).fold(0, |bits, bit| bits | bit)
-}
-
-/// Each `-k` entry's bit, in the list's order.
-fn virt_entry_bits(cfg: &CaptureConfig) -> impl Iterator<Item = u32> {
-    let first = cfg.exclude_interfaces.len();
-    (first..first + cfg.kube_virt_interfaces.len()).map(|i| 1u32.checked_shl(i as u32).unwrap_or(0))
-}
-
-/// How the agent serves a workload, beyond what its flags say: the [`workload_flags`] that
-/// do not come from istio-iptables.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Serving {
-    /// Another proxy (the workload's own) listens on the capture ports.
-    pub own_proxy: bool,
-    /// Captured local pairs take the sk_msg fast path.
-    pub fast_path: bool,
-}
-
-/// The `WORKLOADS` entry the programs run for these flags: the entries of `packed` ([`pack`]
-/// of [`compile`]'s answer for the same flags), the capture ports, and the event counters of
-/// `slot`.
-pub fn workload(cfg: &CaptureConfig, packed: &Packed, slot: u32, serving: Serving) -> Workload {
-    let mut w = Workload::empty();
-    for (half, entries) in packed.entries.iter().enumerate() {
-        let start = half * MAX_RULES_PER_FAMILY;
-        // `pack` bounds each family's entries.
-        let n = entries.len().min(MAX_RULES_PER_FAMILY);
-        w.rules[start..start + n].copy_from_slice(&entries[..n]);
-    }
-    w.n_rules = packed.entries[0].len().min(MAX_RULES_PER_FAMILY) as u32;
-    w.n_rules6 = packed.entries[1].len().min(MAX_RULES_PER_FAMILY) as u32;
-    w.outbound_port = cfg.envoy_port;
-    w.inbound_port = cfg.inbound_capture_port;
-    w.flags = flags(cfg)
-        | if serving.own_proxy {
-            workload_flags::WORKLOAD_LISTENER
-        } else {
-            0
-        }
-        | if serving.fast_path {
-            workload_flags::FAST_PATH
-        } else {
-            0
-        };
-    w.slot = slot;
-    if cfg.inbound_mode == InterceptionMode::Tproxy {
-        w.tproxy_mark = cfg.tproxy.mark;
-    }
-    w.virt_ifaces = virt_entries(cfg);
-    if let OwnerGroups::Only(groups) = &cfg.owner_groups {
-        for (i, g) in groups.iter().take(MAX_OWNER_GROUPS).enumerate() {
-            w.owner_groups[i] = group_gid(g);
-        }
-        w.n_owner_groups = groups.len().min(MAX_OWNER_GROUPS) as u32;
-    }
-    w
-}
-
 mod ambient;
 #[cfg(test)]
 mod ambient_tests;
@@ -599,6 +511,7 @@ mod tests;
 mod text;
 #[cfg(test)]
 mod virt_tests;
+mod workload;
 
 pub use pack::{CidrMember, Packed, PortMember, pack, unpack};
 pub use tables::{DROP_INVALID_BY, Table, TableLine, iptables_save, rule_table, tables};
@@ -606,3 +519,5 @@ pub use text::{
     ListColumns, Names, chain_name, list_columns, list_columns_named, match_text, match_text_named, rule_text,
     rule_text_named, target_name, target_text,
 };
+use workload::virt_entry_bits;
+pub use workload::{Serving, flags, virt_entries, workload};

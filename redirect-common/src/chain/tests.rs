@@ -1,5 +1,5 @@
 use super::*;
-use crate::{ConnFacts, addr, config};
+use crate::{ConnFacts, addr, config, workload_flags};
 
 /// The default sidecar injection's ISTIO_OUTPUT, as quoted in the foundation issue (with
 /// the `-m tcp` that iptables-save prints for `--dport`).

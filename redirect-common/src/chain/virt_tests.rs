@@ -1,7 +1,7 @@
 //! `-k`: nat PREROUTING's rules for a VM's devices, as the kernel holds them after
 //! istio-iptables' `-I PREROUTING 1` insertions, and what their walk decides.
 use super::*;
-use crate::{ConnFacts, addr, config};
+use crate::{ConnFacts, addr, config, workload_flags};
 
 fn cfg(args: &[(&str, &str)]) -> CaptureConfig {
     let mut c = CaptureConfig::default();
