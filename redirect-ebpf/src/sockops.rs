@@ -144,11 +144,12 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
 
 /// TPROXY and ambient modes: the mark this connection's SYN leaves with, kept under its
 /// 4-tuple for sk_lookup's `-m mark` (TPROXY) or its "made here" (ambient) when it comes back
-/// in over loopback. Mangle OUTPUT's (connect4/6
-/// noted it under the cookie: the proxy's own, 1338), else the socket's own SO_MARK (the
-/// proxy's transparent dial to the app, 1337). Nothing is kept for an unmarked socket, the
-/// common case, which costs one lookup here; nor for a destination off the namespace, unless
-/// TPROXY's own mark routes it back in over lo.
+/// in over loopback. Mangle OUTPUT's (connect4/6 noted it under the cookie: the proxy's own,
+/// 1338), else the socket's own SO_MARK (the proxy's transparent dial to the app, 1337;
+/// ztunnel's, 0x539). Nothing is kept for an unmarked socket, the common case, which costs one
+/// lookup here; nor for a destination off the namespace, unless TPROXY's own mark routes it
+/// back in over lo. Ambient also marks ztunnel's transparent dial into the pod
+/// ([`mark_inbound_proxied`]).
 #[inline(always)]
 fn note_syn_mark(ctx: &SockOpsContext) {
     // SAFETY: the helper's one argument is the program's own context (it reads, or makes, the
