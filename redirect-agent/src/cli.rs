@@ -316,10 +316,7 @@ fn absolute(p: &std::path::Path) -> PathBuf {
 /// anything is sent.
 fn pod_arg(s: &str) -> Result<PodRef, String> {
     let (namespace, name) = s.split_once('/').ok_or("expected NAMESPACE/NAME, e.g. default/web-0")?;
-    let pod = PodRef {
-        namespace: namespace.to_owned(),
-        name: name.to_owned(),
-    };
+    let pod = PodRef::new(namespace, name);
     pod.check().map_err(|e| e.to_string())?;
     Ok(pod)
 }

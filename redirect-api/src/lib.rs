@@ -70,11 +70,18 @@ pub struct Enroll {
     pub pod: Option<PodRef>,
 }
 
-/// A Kubernetes pod, by namespace and name.
+/// A Kubernetes pod, by namespace and name, and what ztunnel keys it by.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodRef {
     pub namespace: String,
     pub name: String,
+    /// The pod's `metadata.uid` (the CNI's `K8S_POD_UID`): the key ZDS names the pod by, so an
+    /// ambient pod is handed to ztunnel only with it. Left out when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// `spec.serviceAccountName`, which ztunnel's `WorkloadInfo` carries. Left out when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
 }
 
 /// A [`PodRef`] part that Kubernetes would not accept as a namespace or pod name.
@@ -88,9 +95,20 @@ pub struct BadPodRef {
 }
 
 impl PodRef {
-    /// Checks both parts as the API server would: the namespace is an RFC 1123 label, the
-    /// name a DNS subdomain. Label values built from anything else could not be joined with
-    /// the pods Kubernetes reports, so they are refused rather than published.
+    /// A pod by namespace and name, with no uid or service account.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: None,
+            service_account: None,
+        }
+    }
+
+    /// Checks each part as the API server would: the namespace is an RFC 1123 label, the
+    /// name and the service account DNS subdomains, the uid a UUID's characters. Label values
+    /// built from anything else could not be joined with the pods Kubernetes reports, so they
+    /// are refused rather than published.
     pub fn check(&self) -> Result<(), BadPodRef> {
         let bad = |part, value: &str, expected| BadPodRef {
             part,
@@ -108,6 +126,20 @@ impl PodRef {
             return Err(bad(
                 "name",
                 &self.name,
+                "a DNS subdomain, 1-253 characters of a-z 0-9 - . starting and ending with a letter or digit",
+            ));
+        }
+        if let Some(uid) = &self.uid
+            && !((1..=128).contains(&uid.len()) && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        {
+            return Err(bad("uid", uid, "a Kubernetes uid, 1-128 characters of a-z A-Z 0-9 -"));
+        }
+        if let Some(account) = &self.service_account
+            && !dns_subdomain(account)
+        {
+            return Err(bad(
+                "service account",
+                account,
                 "a DNS subdomain, 1-253 characters of a-z 0-9 - . starting and ending with a letter or digit",
             ));
         }
@@ -323,10 +355,7 @@ mod tests {
         // Without one, the message is what an older agent reads.
         let text = serde_json::to_string(&e).unwrap();
         assert!(!text.contains("pod"), "{text}");
-        e.pod = Some(PodRef {
-            namespace: "default".into(),
-            name: "web-0".into(),
-        });
+        e.pod = Some(PodRef::new("default", "web-0"));
         let text = serde_json::to_string(&e).unwrap();
         assert!(
             text.ends_with(r#","pod":{"namespace":"default","name":"web-0"}}"#),
@@ -340,10 +369,7 @@ mod tests {
 
     #[test]
     fn pod_names_are_checked_as_kubernetes_does() {
-        let pod = |namespace: &str, name: &str| PodRef {
-            namespace: namespace.into(),
-            name: name.into(),
-        };
+        let pod = |namespace: &str, name: &str| PodRef::new(namespace, name);
         for good in [
             pod("default", "web"),
             pod("a", "b"),
@@ -370,5 +396,21 @@ mod tests {
             "{e}"
         );
         assert_eq!(pod("default", "web").to_string(), "default/web");
+        let with = |uid: &str, account: &str| PodRef {
+            uid: Some(uid.into()),
+            service_account: Some(account.into()),
+            ..pod("default", "web")
+        };
+        assert_eq!(with("0d4b3c6e-9f2a-4a51-8f0e-3c1d2b4a5e6f", "bookinfo-reviews").check(), Ok(()));
+        assert_eq!(with("", "default").check().unwrap_err().part, "uid");
+        assert_eq!(with("a/b", "default").check().unwrap_err().part, "uid");
+        assert_eq!(with(&"a".repeat(129), "default").check().unwrap_err().part, "uid");
+        assert_eq!(with("abc", "Default").check().unwrap_err().part, "service account");
+        // An older agent reads a pod with both (it ignores them); a newer reads an older's.
+        let text = serde_json::to_string(&with("u-1", "sa")).unwrap();
+        assert_eq!(
+            text,
+            r#"{"namespace":"default","name":"web","uid":"u-1","service_account":"sa"}"#
+        );
     }
 }

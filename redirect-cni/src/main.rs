@@ -175,8 +175,8 @@ fn split_cni_args(text: &str) -> BTreeMap<String, String> {
 fn pod_ref(args: &BTreeMap<String, String>) -> Option<PodRef> {
     let part = |key| args.get(key).filter(|v| !v.is_empty()).cloned();
     let pod = PodRef {
-        namespace: part("K8S_POD_NAMESPACE")?,
-        name: part("K8S_POD_NAME")?,
+        uid: part("K8S_POD_UID"),
+        ..PodRef::new(part("K8S_POD_NAMESPACE")?, part("K8S_POD_NAME")?)
     };
     match pod.check() {
         Ok(()) => Some(pod),

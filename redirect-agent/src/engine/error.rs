@@ -136,10 +136,7 @@ mod tests {
             proxy: "none".into(),
             args: Vec::new(),
             fast_path: false,
-            pod: Some(redirect_api::PodRef {
-                namespace: namespace.into(),
-                name: "web".into(),
-            }),
+            pod: Some(redirect_api::PodRef::new(namespace, "web")),
         };
         let e = super::super::Request::from_api(enroll("Bad_NS")).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Invalid);

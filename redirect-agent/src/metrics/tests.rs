@@ -36,10 +36,7 @@ fn snapshot() -> Snapshot {
             },
             WorkloadSnapshot {
                 id: "c".into(),
-                pod: Some(redirect_api::PodRef {
-                    namespace: "default".into(),
-                    name: "web\"0".into(),
-                }),
+                pod: Some(redirect_api::PodRef::new("default", "web\"0")),
                 rules: vec![rule],
                 events: [("inbound_no_listener".to_owned(), 5)].into(),
                 proxy: Some(proxy()),
