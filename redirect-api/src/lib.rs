@@ -401,7 +401,10 @@ mod tests {
             service_account: Some(account.into()),
             ..pod("default", "web")
         };
-        assert_eq!(with("0d4b3c6e-9f2a-4a51-8f0e-3c1d2b4a5e6f", "bookinfo-reviews").check(), Ok(()));
+        assert_eq!(
+            with("0d4b3c6e-9f2a-4a51-8f0e-3c1d2b4a5e6f", "bookinfo-reviews").check(),
+            Ok(())
+        );
         assert_eq!(with("", "default").check().unwrap_err().part, "uid");
         assert_eq!(with("a/b", "default").check().unwrap_err().part, "uid");
         assert_eq!(with(&"a".repeat(129), "default").check().unwrap_err().part, "uid");
