@@ -21,6 +21,7 @@ use redirect_api::{ClientError, ErrorKind, PodRef, Request, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+mod ambient;
 mod install;
 mod kube;
 mod pod;
@@ -81,6 +82,19 @@ struct NetConf {
     /// then read from the API, as istio-cni reads it, not from the runtime's annotations.
     #[serde(default)]
     kubeconfig: Option<PathBuf>,
+    /// Ambient mode (istio-cni's `ambient_enabled`): pods labelled `istio.io/dataplane-mode=ambient`,
+    /// or in a namespace so labelled, are enrolled with istio-cni's in-pod rules
+    /// (`--mode ambient`) for a node proxy. Needs `kubeconfig`: labels come from the API server.
+    #[serde(default, alias = "ambient_enabled")]
+    ambient_enabled: bool,
+    /// An ambient pod's proxy: `none` (ztunnel, handed the pod by the agent over ZDS) or
+    /// `embedded`; a pod's `redirect.dev/proxy` annotation overrides it.
+    #[serde(default = "default_ambient_proxy")]
+    ambient_proxy: String,
+    /// istio-cni's `AMBIENT_DNS_CAPTURE`: an ambient pod's DNS goes to 15053 unless its
+    /// `ambient.istio.io/dns-capture` annotation says otherwise.
+    #[serde(default = "default_true")]
+    ambient_dns_capture: bool,
     /// The agent's own pods (a name prefix in a namespace), let through unenrolled while the
     /// API server fails, so that a new agent can start (istio-cni's fail-safe).
     #[serde(default = "default_agent_pod_prefix")]
@@ -112,12 +126,22 @@ impl NetConf {
             exclude_namespaces: excluded,
             proxy: self.proxy.clone(),
             args: self.args.clone(),
+            ambient: self.ambient_enabled.then(|| ambient::AmbientSelection {
+                proxy: self.ambient_proxy.clone(),
+                dns_capture: self.ambient_dns_capture,
+            }),
         }
     }
 }
 
 fn default_socket() -> PathBuf {
     redirect_api::default_socket("node")
+}
+fn default_ambient_proxy() -> String {
+    "none".into()
+}
+fn default_true() -> bool {
+    true
 }
 fn default_selector() -> String {
     "injected".into()
@@ -172,10 +196,11 @@ fn split_cni_args(text: &str) -> BTreeMap<String, String> {
 /// (a sandbox that is not a Kubernetes pod has neither). Names Kubernetes would not accept are
 /// left out, not sent: they only label metrics, and the agent would refuse the whole
 /// enrollment for them.
-fn pod_ref(args: &BTreeMap<String, String>) -> Option<PodRef> {
+fn pod_ref(args: &BTreeMap<String, String>, read: &Pod) -> Option<PodRef> {
     let part = |key| args.get(key).filter(|v| !v.is_empty()).cloned();
     let pod = PodRef {
-        uid: part("K8S_POD_UID"),
+        uid: read.uid.clone().or_else(|| part("K8S_POD_UID")),
+        service_account: read.service_account.clone(),
         ..PodRef::new(part("K8S_POD_NAMESPACE")?, part("K8S_POD_NAME")?)
     };
     match pod.check() {
@@ -215,15 +240,21 @@ fn pod_of(conf: &NetConf, args: &BTreeMap<String, String>) -> Result<Result<Pod,
     if conf.selection().exclude_namespaces.contains(namespace) {
         return Ok(Err(format!("namespace {namespace} is excluded")));
     }
-    let api = kube::ApiConf {
-        agent_pod_prefix: conf.agent_pod_prefix.clone(),
-        agent_namespace: conf.agent_namespace.clone(),
-        ..kube::ApiConf::new(kubeconfig)
-    };
+    let api = api_conf(conf, kubeconfig);
     match kube::fetch_pod(&api, namespace, name) {
         Ok(pod) => Ok(Ok(pod)),
         Err(e @ kube::FetchError::AgentPod(_)) => Ok(Err(e.to_string())),
         Err(kube::FetchError::Failed(e)) => Err(fail(code::TRY_AGAIN_LATER, e)),
+    }
+}
+
+/// How the plugin reaches the API server with `kubeconfig`.
+fn api_conf(conf: &NetConf, kubeconfig: &Path) -> kube::ApiConf {
+    kube::ApiConf {
+        agent_pod_prefix: conf.agent_pod_prefix.clone(),
+        agent_namespace: conf.agent_namespace.clone(),
+        namespace_labels: conf.ambient_enabled,
+        ..kube::ApiConf::new(kubeconfig)
     }
 }
 
@@ -260,10 +291,18 @@ fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
             format!("selector '{}': expected injected or all", conf.selector),
         ));
     }
-    if !matches!(conf.proxy.as_str(), "embedded" | "none") {
+    for (key, value) in [("proxy", &conf.proxy), ("ambientProxy", &conf.ambient_proxy)] {
+        if !matches!(value.as_str(), "embedded" | "none") {
+            return Err(fail(
+                code::INVALID_CONFIG,
+                format!("{key} '{value}': expected embedded or none"),
+            ));
+        }
+    }
+    if conf.ambient_enabled && conf.kubeconfig.is_none() {
         return Err(fail(
             code::INVALID_CONFIG,
-            format!("proxy '{}': expected embedded or none", conf.proxy),
+            "ambientEnabled needs kubeconfig: ambient pods are chosen by labels, which only the API server has",
         ));
     }
     pod::check_args(&conf.args).map_err(|e| fail(code::INVALID_CONFIG, e))?;
@@ -291,13 +330,14 @@ fn cni(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
                     return Ok(Some(result));
                 }
             };
-            let (proxy, flags) = match pod::decide(&conf.selection(), &pod).map_err(|e| fail(code::BAD_POD, e))? {
-                Decision::Skip(why) => {
-                    eprintln!("redirect-cni: {id}: not enrolled: {why}");
-                    return Ok(Some(result));
-                }
-                Decision::Enroll { proxy, flags } => (proxy, flags),
-            };
+            let (proxy, flags, ambient) =
+                match pod::decide(&conf.selection(), &pod).map_err(|e| fail(code::BAD_POD, e))? {
+                    Decision::Skip(why) => {
+                        eprintln!("redirect-cni: {id}: not enrolled: {why}");
+                        return Ok(Some(result));
+                    }
+                    Decision::Enroll { proxy, flags, ambient } => (proxy, flags, ambient),
+                };
             let request = Request::Enroll(redirect_api::Enroll {
                 id: id.clone(),
                 netns,
@@ -305,9 +345,20 @@ fn cni(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
                 proxy,
                 args: flags,
                 fast_path: pod.annotations.get("redirect.dev/fast-path").map(String::as_str) == Some("true"),
-                pod: pod_ref(&args),
+                pod: pod_ref(&args, &pod),
             });
             call(&conf.agent_socket, &request).map_err(api_error)?;
+            // As istio-cni's node agent does once the pod is captured. Informational: the
+            // capture is in place whatever the API server answers, so ADD stands.
+            if ambient
+                && let (Some(kubeconfig), Some(pod)) = (&conf.kubeconfig, pod_ref(&args, &pod))
+                && let Err(e) = kube::annotate_ambient(&api_conf(&conf, kubeconfig), &pod.namespace, &pod.name)
+            {
+                eprintln!(
+                    "redirect-cni: {id}: enrolled, but not annotated {}: {e}",
+                    kube::AMBIENT_REDIRECTION
+                );
+            }
             Ok(Some(result))
         }
         "DEL" => {
@@ -429,6 +480,8 @@ mod tests {
     #[test]
     fn the_pod_is_named_only_when_the_runtime_gives_both_parts() {
         let args = split_cni_args;
+        let none = Pod::default();
+        let pod_ref = |a: &BTreeMap<String, String>| pod_ref(a, &none);
         let both = pod_ref(&args("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"));
         assert_eq!(both.map(|p| p.to_string()).as_deref(), Some("default/web-0"));
         assert_eq!(pod_ref(&args("K8S_POD_NAMESPACE=default")), None);
@@ -443,6 +496,26 @@ mod tests {
     }
 
     #[test]
+    fn the_uid_is_the_api_servers_or_the_kubelets_and_the_account_the_api_servers() {
+        let args = split_cni_args("K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart-0;K8S_POD_UID=uid-from-kubelet");
+        let got = pod_ref(&args, &Pod::default()).unwrap();
+        assert_eq!(
+            (got.uid.as_deref(), got.service_account),
+            (Some("uid-from-kubelet"), None)
+        );
+        let read = Pod {
+            uid: Some("uid-from-api".into()),
+            service_account: Some("cart".into()),
+            ..Pod::default()
+        };
+        let got = pod_ref(&args, &read).unwrap();
+        assert_eq!(
+            (got.uid.as_deref(), got.service_account.as_deref()),
+            (Some("uid-from-api"), Some("cart"))
+        );
+    }
+
+    #[test]
     fn versions_and_bad_configuration() {
         let v = cni("VERSION", b"").unwrap().unwrap();
         assert_eq!(v["supportedVersions"], json!(SUPPORTED));
@@ -453,9 +526,24 @@ mod tests {
             r#"{"cniVersion":"1.0.0","selector":"some"}"#,
             r#"{"cniVersion":"1.0.0","proxy":"envoy"}"#,
             r#"{"cniVersion":"1.0.0","args":["-b"]}"#,
+            r#"{"cniVersion":"1.0.0","ambientProxy":"ztunnel","kubeconfig":"/k"}"#,
+            r#"{"cniVersion":"1.0.0","ambientEnabled":true}"#,
         ] {
             let e = parse(bad.as_bytes()).unwrap_err();
             assert_eq!(e.code, code::INVALID_CONFIG, "{bad}: {}", e.msg);
         }
+        let e = parse(br#"{"cniVersion":"1.0.0","ambient_enabled":true}"#).unwrap_err();
+        assert!(e.msg.starts_with("ambientEnabled needs kubeconfig"), "{}", e.msg);
+        // istio-cni's spelling, and the defaults: ztunnel serves, DNS is captured.
+        let conf = parse(br#"{"cniVersion":"1.0.0","ambient_enabled":true,"kubeconfig":"/k"}"#).unwrap();
+        let a = conf.selection().ambient.unwrap();
+        assert_eq!((a.proxy.as_str(), a.dns_capture), ("none", true));
+        assert!(
+            parse(br#"{"cniVersion":"1.0.0"}"#)
+                .unwrap()
+                .selection()
+                .ambient
+                .is_none()
+        );
     }
 }

@@ -13,6 +13,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 
+use crate::ambient::{self, AmbientSelection};
+
 /// The sidecar's container, and the init container that means istio-init programs iptables
 /// itself (istio-cni's `ISTIOPROXY`, `ISTIOINIT`).
 const ISTIO_PROXY: &str = "istio-proxy";
@@ -35,6 +37,13 @@ pub struct Pod {
     pub containers: BTreeSet<String>,
     /// The `istio-proxy` container's facts, when it has one.
     pub proxy: Option<ProxyContainer>,
+    /// Its namespace's labels (read from the API server only when ambient mode is on).
+    pub namespace_labels: BTreeMap<String, String>,
+    /// `spec.hostNetwork`: never captured in ambient mode.
+    pub host_network: bool,
+    /// `metadata.uid` and `spec.serviceAccountName`, which ztunnel names the pod by.
+    pub uid: Option<String>,
+    pub service_account: Option<String>,
 }
 
 /// What istio-cni reads from the `istio-proxy` container.
@@ -72,10 +81,10 @@ impl Pod {
         let proxy = containers.contains(ISTIO_PROXY).then(ProxyContainer::default);
         Self {
             namespace,
-            labels: BTreeMap::new(),
             annotations,
             containers,
             proxy,
+            ..Self::default()
         }
     }
 }
@@ -91,6 +100,8 @@ pub struct Selection {
     pub proxy: String,
     /// istio-iptables flags (pairs) in place of Istio's defaults; a pod's annotations win.
     pub args: Vec<String>,
+    /// Ambient mode on (istio-cni's `ambient_enabled`), and its defaults.
+    pub ambient: Option<AmbientSelection>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +118,8 @@ pub enum Decision {
     Enroll {
         proxy: String,
         flags: Vec<String>,
+        /// Ambient mode's pod (`--mode ambient`), which istio-cni marks as enrolled.
+        ambient: bool,
     },
 }
 
@@ -118,6 +131,17 @@ pub fn decide(sel: &Selection, pod: &Pod) -> Result<Decision, String> {
         && sel.exclude_namespaces.contains(ns)
     {
         return skip(&format!("namespace {ns} is excluded"));
+    }
+    // istio-cni's order: an ambient pod is ztunnel's, and the sidecar checks never see it.
+    if let Some(a) = &sel.ambient
+        && ambient::selected(pod)
+    {
+        let proxy = pod.annotations.get("redirect.dev/proxy").unwrap_or(&a.proxy).clone();
+        return Ok(Decision::Enroll {
+            proxy,
+            flags: ambient::flags(a, pod)?,
+            ambient: true,
+        });
     }
     if pod.containers.contains(ISTIO_INIT) {
         return skip("already injected with the istio-init container, which installs iptables rules itself");
@@ -180,6 +204,7 @@ pub fn decide(sel: &Selection, pod: &Pod) -> Result<Decision, String> {
     Ok(Decision::Enroll {
         proxy,
         flags: flags(sel, pod)?,
+        ambient: false,
     })
 }
 
@@ -290,7 +315,7 @@ pub fn check_args(args: &[String]) -> Result<(), String> {
 }
 
 /// Go's `strconv.ParseBool`, which istio-cni uses: anything else is neither.
-fn parse_bool(v: &str) -> Option<bool> {
+pub(crate) fn parse_bool(v: &str) -> Option<bool> {
     match v {
         "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
         "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
@@ -341,7 +366,7 @@ fn ports_or_wildcard(v: &str) -> Result<(), String> {
 }
 
 /// Linux interface names, as Istio checks them (`netutil.ValidateInterfaceNames`).
-fn interface_names(v: &str) -> Result<(), String> {
+pub(crate) fn interface_names(v: &str) -> Result<(), String> {
     for name in v.split(',').filter(|_| !v.is_empty()) {
         let n = name.trim();
         let mut bytes = n.bytes();

@@ -10,6 +10,7 @@ fn sel() -> Selection {
         exclude_namespaces: vec!["kube-system".into()],
         proxy: "embedded".into(),
         args: Vec::new(),
+        ambient: None,
     }
 }
 
@@ -24,7 +25,7 @@ fn sidecar_pod(extra: &[(&str, &str)]) -> Pod {
 
 fn enrolled(d: Result<Decision, String>) -> (String, Vec<String>) {
     match d {
-        Ok(Decision::Enroll { proxy, flags }) => (proxy, flags),
+        Ok(Decision::Enroll { proxy, flags, .. }) => (proxy, flags),
         other => panic!("expected an enrollment, got {other:?}"),
     }
 }
@@ -294,4 +295,104 @@ fn the_injection_status_names_native_sidecars_and_tolerates_nulls() {
         BTreeMap::from([("sidecar.istio.io/status".to_owned(), "{".to_owned())]),
     );
     assert!(junk.proxy.is_none() && junk.containers.is_empty());
+}
+
+/// Ambient mode on, with istio-cni's defaults (DNS capture on, ztunnel serving).
+fn ambient_sel() -> Selection {
+    Selection {
+        ambient: Some(AmbientSelection {
+            proxy: "none".into(),
+            dns_capture: true,
+        }),
+        ..sel()
+    }
+}
+
+/// A pod as the API server returns it, with `labels`, in a namespace with `ns_labels`.
+fn labelled(labels: &[(&str, &str)], ns_labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> Pod {
+    let map = |v: &[(&str, &str)]| v.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    Pod {
+        namespace: Some("default".into()),
+        labels: map(labels),
+        namespace_labels: map(ns_labels),
+        annotations: map(annotations),
+        containers: ["app".to_owned()].into(),
+        ..Pod::default()
+    }
+}
+
+const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
+
+#[test]
+fn ambient_pods_are_chosen_as_istio_cni_chooses_them() {
+    let want = (s(&["none"])[0].clone(), s(&["--mode", "ambient", "--redirect-dns"]));
+    // The label on the pod, or on its namespace.
+    assert_eq!(enrolled(decide(&ambient_sel(), &labelled(&[AMBIENT], &[], &[]))), want);
+    assert_eq!(enrolled(decide(&ambient_sel(), &labelled(&[], &[AMBIENT], &[]))), want);
+    // `none` on the pod opts it out of its namespace's; other values are neither.
+    let none = ("istio.io/dataplane-mode", "none");
+    assert!(skipped(decide(&ambient_sel(), &labelled(&[none], &[AMBIENT], &[]))).contains("no istio-proxy"));
+    let other = ("istio.io/dataplane-mode", "Ambient");
+    assert!(matches!(
+        decide(&ambient_sel(), &labelled(&[other], &[], &[])),
+        Ok(Decision::Skip(_))
+    ));
+    // Host network: never (its rules would be the node's).
+    let mut host = labelled(&[AMBIENT], &[], &[]);
+    host.host_network = true;
+    assert!(matches!(decide(&ambient_sel(), &host), Ok(Decision::Skip(_))));
+    // A sidecar pod in an ambient namespace stays its sidecar's, with istio-iptables' flags.
+    let mut sidecar = sidecar_pod(&[]);
+    sidecar.namespace_labels = [("istio.io/dataplane-mode".to_owned(), "ambient".to_owned())].into();
+    let (proxy, flags) = enrolled(decide(&ambient_sel(), &sidecar));
+    assert_eq!(proxy, "none");
+    assert!(!flags.contains(&"--mode".to_owned()), "{flags:?}");
+    // Excluded namespaces come first, as in istio-cni.
+    let mut system = labelled(&[AMBIENT], &[], &[]);
+    system.namespace = Some("kube-system".into());
+    assert!(skipped(decide(&ambient_sel(), &system)).contains("excluded"));
+    // Ambient mode off: the label means nothing.
+    assert!(matches!(
+        decide(&sel(), &labelled(&[AMBIENT], &[], &[])),
+        Ok(Decision::Skip(_))
+    ));
+}
+
+#[test]
+fn an_ambient_pods_annotations_adjust_its_capture_and_bad_values_fail_add() {
+    let flags = |annotations: &[(&str, &str)]| decide(&ambient_sel(), &labelled(&[AMBIENT], &[], annotations));
+    let (_, f) = enrolled(flags(&[
+        ("ambient.istio.io/bypass-inbound-capture", "true"),
+        ("ambient.istio.io/dns-capture", "false"),
+        ("istio.io/reroute-virtual-interfaces", " eth1, ,eth2 "),
+    ]));
+    assert_eq!(
+        f,
+        s(&["--mode", "ambient", "--bypass-inbound-capture", "-k", "eth1,eth2"])
+    );
+    // The node's default, turned off, and a pod turning it back on.
+    let quiet = Selection {
+        ambient: Some(AmbientSelection {
+            proxy: "embedded".into(),
+            dns_capture: false,
+        }),
+        ..sel()
+    };
+    let (proxy, f) = enrolled(decide(&quiet, &labelled(&[AMBIENT], &[], &[])));
+    assert_eq!((proxy.as_str(), f), ("embedded", s(&["--mode", "ambient"])));
+    let (_, f) = enrolled(decide(
+        &quiet,
+        &labelled(&[AMBIENT], &[], &[("ambient.istio.io/dns-capture", "1")]),
+    ));
+    assert_eq!(f, s(&["--mode", "ambient", "--redirect-dns"]));
+    // redirect's own annotation picks the proxy.
+    let (proxy, _) = enrolled(flags(&[("redirect.dev/proxy", "embedded")]));
+    assert_eq!(proxy, "embedded");
+    let e = flags(&[("ambient.istio.io/bypass-inbound-capture", "yes")]).unwrap_err();
+    assert!(
+        e.starts_with("annotation ambient.istio.io/bypass-inbound-capture: 'yes': expected a boolean"),
+        "{e}"
+    );
+    let e = flags(&[("istio.io/reroute-virtual-interfaces", "eth0,-bad")]).unwrap_err();
+    assert!(e.contains("'-bad' is not an interface name"), "{e}");
 }

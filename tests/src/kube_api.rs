@@ -1,11 +1,12 @@
-//! A stand-in Kubernetes API server for redirect-cni's GETs (a pod, at ADD; its DaemonSet, when
-//! install-cni stops), with a bearer token: each answered from the objects the test gives it
-//! by path (404 with a `Status` otherwise, 401 for another token). Plain HTTP, in a network
+//! A stand-in Kubernetes API server for redirect-cni's GETs (a pod and, in ambient mode, its
+//! namespace, at ADD; its DaemonSet, when install-cni stops) and its merge patch of an ambient
+//! pod's status, with a bearer token: each answered from the objects the test gives it by path
+//! (404 with a `Status` otherwise, 401 for another token). Plain HTTP, in a network
 //! namespace of the test's; it stops on drop.
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpListener},
     sync::{
         Arc, Mutex,
@@ -99,6 +100,11 @@ impl ApiServer {
         self.revoked.store(true, Ordering::Relaxed);
     }
 
+    /// The object at `path` as it is now (patches applied).
+    pub fn get(&self, path: &str) -> Option<Value> {
+        self.objects.lock().unwrap().get(path).cloned()
+    }
+
     pub fn requests(&self) -> Vec<String> {
         self.requests.lock().unwrap().clone()
     }
@@ -124,21 +130,45 @@ fn answer(
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let mut authorized = false;
+    let mut length = 0;
+    let mut merge_patch = false;
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header)? == 0 || header == "\r\n" {
             break;
         }
-        authorized |= !bearer.is_empty() && header.to_ascii_lowercase().trim() == format!("authorization: {bearer}");
+        let header = header.to_ascii_lowercase();
+        let header = header.trim();
+        authorized |= !bearer.is_empty() && header == format!("authorization: {bearer}");
+        if let Some(n) = header.strip_prefix("content-length:") {
+            length = n.trim().parse().unwrap_or(0);
+        }
+        merge_patch |= header == "content-type: application/merge-patch+json";
     }
+    let mut body = vec![0; length.min(1 << 20)];
+    reader.read_exact(&mut body)?;
     requests.lock().unwrap().push(line.trim().to_owned());
-    let path = line.split_whitespace().nth(1).unwrap_or_default();
+    let mut words = line.split_whitespace();
+    let method = words.next().unwrap_or_default();
+    let path = words.next().unwrap_or_default();
     let path = path.split('?').next().unwrap_or_default();
-    let found = objects.lock().unwrap().get(path).cloned();
     let status = |code: u16, reason: &str| json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code });
-    let (code, body) = match (authorized, found) {
+    // A merge patch of a pod's status subresource changes the pod (its metadata, here).
+    let patched = match (method, path.strip_suffix("/status")) {
+        ("PATCH", Some(object)) if authorized && merge_patch => {
+            let patch: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let mut objects = objects.lock().unwrap();
+            objects.get_mut(object).map(|o| {
+                merge(o, &patch);
+                o.clone()
+            })
+        }
+        ("PATCH", _) => None,
+        _ => objects.lock().unwrap().get(path).cloned(),
+    };
+    let (code, body) = match (authorized, patched) {
         (false, _) => (401, status(401, "Unauthorized")),
-        (true, Some(pod)) => (200, pod),
+        (true, Some(object)) => (200, object),
         (true, None) => (404, status(404, "NotFound")),
     };
     let body = body.to_string();
@@ -149,6 +179,25 @@ fn answer(
         body.len()
     )?;
     stream.flush()
+}
+
+/// RFC 7386's JSON merge patch: objects merge key by key, `null` removes, the rest replaces.
+fn merge(target: &mut Value, patch: &Value) {
+    let Value::Object(fields) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let object = target.as_object_mut().unwrap();
+    for (key, value) in fields {
+        if value.is_null() {
+            object.remove(key);
+        } else {
+            merge(object.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
 }
 
 impl Drop for ApiServer {

@@ -7,7 +7,6 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    path::Path,
     time::{Duration, Instant},
 };
 
@@ -118,18 +117,6 @@ fn api_object(ds: &serde_yaml::Value) -> serde_json::Value {
     })
 }
 
-fn chained(node: &Node) -> bool {
-    let conf = node.conflist();
-    let types: Vec<&str> = conf["plugins"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["type"].as_str())
-        .collect();
-    let kubeconfig = conf["plugins"][1]["kubeconfig"].as_str().unwrap_or_default();
-    types == ["bridge", "redirect-cni"] && node.plugin("redirect-cni").is_file() && Path::new(kubeconfig).is_file()
-}
-
 #[test]
 fn pods_of_a_real_runtime_are_captured_to_their_sidecar_deleted_and_kept_through_a_restart() {
     let agent = NodeAgent::new("rt", &[]);
@@ -148,33 +135,7 @@ fn pods_of_a_real_runtime_are_captured_to_their_sidecar_deleted_and_kept_through
         ds["metadata"]["name"].as_str().unwrap()
     );
     api.put(&ds_path, api_object(&ds));
-    let account = node.volume_dir("cni-token");
-    std::fs::create_dir_all(&account).unwrap();
-    std::fs::write(account.join("token"), token).unwrap();
-
-    // install-cni, as the DaemonSet runs it (`install --watch`), with the kubelet's
-    // KUBERNETES_SERVICE_* pointing at the stand-in (plain HTTP: istio-cni's
-    // KUBERNETES_SERVICE_PROTOCOL), and the node's view of the CNI directory.
-    let conf_dir = node.conf_dir().to_string_lossy().into_owned();
-    let install_args = ["--host-cni-conf-dir", conf_dir.as_str()];
-    let install_env = [
-        ("KUBERNETES_SERVICE_HOST", api.addr.ip().to_string()),
-        ("KUBERNETES_SERVICE_PORT", api.addr.port().to_string()),
-        ("KUBERNETES_SERVICE_PROTOCOL", "http".into()),
-    ];
-    let start_install = |name: &str| {
-        let c = node.run_daemonset_container(
-            name,
-            &runtime::container(&ds, "install-cni"),
-            &agent,
-            &install_args,
-            &install_env,
-        );
-        wait_until("install-cni chains redirect-cni", Duration::from_secs(30), || {
-            chained(&node)
-        });
-        c
-    };
+    let start_install = |name: &str| node.start_install_cni(name, &agent, &api, token, &[]);
     let install = start_install("rt-install-cni");
     // What it copied onto the node links nothing of the node's: a node's glibc may be older.
     let ldd = std::process::Command::new("ldd")
@@ -254,7 +215,7 @@ fn pods_of_a_real_runtime_are_captured_to_their_sidecar_deleted_and_kept_through
     };
     std::fs::write(node.conflist_path(), serde_json::to_vec_pretty(&primary).unwrap()).unwrap();
     wait_until("install-cni chains redirect-cni again", Duration::from_secs(30), || {
-        chained(&node)
+        node.chained()
     });
     node.remove_pod(&shop);
     node.remove_pod(&plain);
@@ -272,7 +233,7 @@ fn pods_of_a_real_runtime_are_captured_to_their_sidecar_deleted_and_kept_through
         "{}",
         install.logs()
     );
-    assert!(chained(&node), "{}", node.conflist());
+    assert!(node.chained(), "{}", node.conflist());
     let got = api.requests();
     assert!(got.iter().any(|r| r.starts_with(&format!("GET {ds_path}"))), "{got:?}");
 

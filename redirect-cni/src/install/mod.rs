@@ -42,9 +42,10 @@ struct Dirs {
 #[command(
     name = "redirect-cni install",
     about = "Copies redirect-cni into the node's CNI bin directory and chains it last into the node's CNI \
-             network configuration. --proxy, --selector, --exclude-namespaces and --iptables-args left out \
-             are left out of the plugin's entry, which then takes the plugin's defaults; running install \
-             again with other options updates the entry.",
+             network configuration. The plugin's options left out (--proxy, --selector, \
+             --exclude-namespaces, --iptables-args, the --ambient ones) are left out of its entry, which \
+             then takes the plugin's defaults; running install again with other options updates the \
+             entry.",
     disable_version_flag = true
 )]
 struct InstallArgs {
@@ -62,6 +63,22 @@ struct InstallArgs {
     /// default: injected]
     #[arg(long, value_name = "SELECTOR", value_parser = ["injected", "all"])]
     selector: Option<String>,
+    /// Ambient mode: enroll the pods istio-cni's ambient mode would (label
+    /// istio.io/dataplane-mode=ambient on the pod or its namespace) with istio-cni's in-pod
+    /// rules; needs --service-account, as labels come from the API server [entry:
+    /// ambientEnabled]
+    #[arg(long, requires = "service_account")]
+    ambient: bool,
+    /// An ambient pod's proxy: none (ztunnel, which the agent hands the pod over ZDS) or
+    /// embedded (the agent's own, in ztunnel's place) [entry: ambientProxy; plugin default:
+    /// none]
+    #[arg(long, value_name = "MODE", value_parser = ["embedded", "none"], requires = "ambient")]
+    ambient_proxy: Option<String>,
+    /// Capture an ambient pod's DNS unless its ambient.istio.io/dns-capture annotation says
+    /// otherwise (istio-cni's AMBIENT_DNS_CAPTURE) [entry: ambientDnsCapture; plugin default:
+    /// true]
+    #[arg(long, value_name = "BOOL", requires = "ambient")]
+    ambient_dns_capture: Option<bool>,
     /// Namespaces never enrolled, comma-separated; "" for none [entry: excludeNamespaces; plugin
     /// default: kube-system]
     #[arg(long, value_name = "NS,...", value_parser = namespaces)]
@@ -261,6 +278,15 @@ impl InstallArgs {
         }
         if let Some(selector) = &self.selector {
             entry.insert("selector".into(), json!(selector));
+        }
+        if self.ambient {
+            entry.insert("ambientEnabled".into(), json!(true));
+        }
+        if let Some(proxy) = &self.ambient_proxy {
+            entry.insert("ambientProxy".into(), json!(proxy));
+        }
+        if let Some(dns) = self.ambient_dns_capture {
+            entry.insert("ambientDnsCapture".into(), json!(dns));
         }
         if let Some(Namespaces(names)) = &self.exclude_namespaces {
             entry.insert("excludeNamespaces".into(), json!(names));

@@ -215,6 +215,36 @@ fn changed_flags_update_the_entry_and_identical_ones_leave_the_file_alone() {
 }
 
 #[test]
+fn ambient_options_are_written_to_the_entry_and_need_the_api_server() {
+    let node = Node::new();
+    node.write("10-k8s.conflist", &list(json!([{ "type": "ptp" }])));
+    let account = node.0.join("sa");
+    std::fs::create_dir_all(&account).unwrap();
+    std::fs::write(account.join("token"), "t").unwrap();
+    let sa = account.to_str().unwrap();
+    // Labels come from the API server: ambient mode without its account is refused.
+    assert!(install(&node.args(&["--ambient"])).is_err());
+    assert!(install(&node.args(&["--ambient-proxy", "embedded"])).is_err());
+    let flags = [
+        "--ambient",
+        "--ambient-proxy",
+        "embedded",
+        "--ambient-dns-capture",
+        "false",
+        "--service-account",
+        sa,
+        "--kube-server",
+        "http://127.0.0.1:6443",
+    ];
+    install(&node.args(&flags)).unwrap();
+    let entry = &node.read("10-k8s.conflist")["plugins"][1];
+    assert_eq!(entry["ambientEnabled"], true, "{entry}");
+    assert_eq!(entry["ambientProxy"], "embedded", "{entry}");
+    assert_eq!(entry["ambientDnsCapture"], false, "{entry}");
+    assert!(entry["kubeconfig"].is_string(), "{entry}");
+}
+
+#[test]
 fn a_file_chaining_istio_cni_is_refused_and_left_alone() {
     let node = Node::new();
     node.write(

@@ -21,7 +21,7 @@ use ::kube::{
     Api, Client, Config,
     config::{KubeConfigOptions, Kubeconfig, KubeconfigError},
 };
-use k8s_openapi::api::core::v1::{Container, Pod as K8sPod};
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod as K8sPod};
 
 use crate::pod::{Pod, ProxyContainer};
 
@@ -49,6 +49,9 @@ pub struct ApiConf {
     /// API needs, can start. An empty prefix matches no pod.
     pub agent_pod_prefix: String,
     pub agent_namespace: String,
+    /// Read the pod's namespace too, for its labels (ambient mode's
+    /// `istio.io/dataplane-mode`), as istio-cni's `isAmbientPod` does.
+    pub namespace_labels: bool,
 }
 
 impl ApiConf {
@@ -63,6 +66,7 @@ impl ApiConf {
             within: Duration::from_secs(60),
             agent_pod_prefix: "redirect-agent-".into(),
             agent_namespace: "kube-system".into(),
+            namespace_labels: false,
         }
     }
 }
@@ -109,7 +113,11 @@ pub fn fetch_pod(api: &ApiConf, namespace: &str, name: &str) -> Result<Pod, Fetc
     while n < tries {
         n += 1;
         match runtime.block_on(get(api, namespace, name)) {
-            Ok(pod) => return Ok(from_k8s(pod, namespace)),
+            Ok((pod, labels)) => {
+                let mut pod = from_k8s(pod, namespace);
+                pod.namespace_labels = labels;
+                return Ok(pod);
+            }
             Err(e) => last = format!("pod {namespace}/{name}: {e}"),
         }
         if agent {
@@ -126,8 +134,10 @@ pub fn fetch_pod(api: &ApiConf, namespace: &str, name: &str) -> Result<Pod, Fetc
     Err(FetchError::Failed(format!("{last} ({n} {plural})")))
 }
 
-/// One try: the kubeconfig, a client for it, one GET. The error names what failed.
-async fn get(api: &ApiConf, namespace: &str, name: &str) -> Result<K8sPod, String> {
+/// One try: the kubeconfig, a client for it, the pod's GET and, if asked, its namespace's.
+/// The error names what failed. A namespace that cannot be read fails the try, where
+/// istio-cni would go on to its sidecar checks: an ambient pod would start uncaptured.
+async fn get(api: &ApiConf, namespace: &str, name: &str) -> Result<(K8sPod, BTreeMap<String, String>), String> {
     let path = api.kubeconfig.display();
     let bad_kubeconfig = |e: KubeconfigError| match e {
         // Its message repeats the path, quoted twice.
@@ -141,11 +151,23 @@ async fn get(api: &ApiConf, namespace: &str, name: &str) -> Result<K8sPod, Strin
     })?;
     // Connecting, TLS, the token, the request and the whole answer: one bound, whatever the
     // client's own timeouts cover.
-    let pods = Api::<K8sPod>::namespaced(client, namespace);
-    match tokio::time::timeout(api.timeout, pods.get(name)).await {
-        Ok(Ok(pod)) => Ok(pod),
-        Ok(Err(e)) => Err(format!("GET from {server}: {}", describe(&e))),
-        Err(_) => Err(format!("GET from {server}: no answer within {:?}", api.timeout)),
+    let pods = Api::<K8sPod>::namespaced(client.clone(), namespace);
+    let pod = match tokio::time::timeout(api.timeout, pods.get(name)).await {
+        Ok(Ok(pod)) => pod,
+        Ok(Err(e)) => return Err(format!("GET from {server}: {}", describe(&e))),
+        Err(_) => return Err(format!("GET from {server}: no answer within {:?}", api.timeout)),
+    };
+    if !api.namespace_labels {
+        return Ok((pod, BTreeMap::new()));
+    }
+    let namespaces = Api::<Namespace>::all(client);
+    match tokio::time::timeout(api.timeout, namespaces.get(namespace)).await {
+        Ok(Ok(ns)) => Ok((pod, ns.metadata.labels.unwrap_or_default())),
+        Ok(Err(e)) => Err(format!("GET namespace {namespace} from {server}: {}", describe(&e))),
+        Err(_) => Err(format!(
+            "GET namespace {namespace} from {server}: no answer within {:?}",
+            api.timeout
+        )),
     }
 }
 
@@ -211,6 +233,49 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// CNI's `msg` and the kubelet's event are one line; a server's answer may not be.
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// What istio-cni's node agent writes on a pod once ztunnel's node agent has it
+/// (`ambient.istio.io/redirection: enabled`): istiod then tells other workloads to reach the
+/// pod over HBONE, and tools read it as "captured".
+pub const AMBIENT_REDIRECTION: &str = "ambient.istio.io/redirection";
+
+/// Marks pod `namespace/name` as enrolled in ambient mode: a merge patch of its
+/// [`AMBIENT_REDIRECTION`] annotation through `pods/status` (the lower privilege, as istio-cni
+/// patches it). One try, bounded by `api.timeout`; the error names what failed.
+pub fn annotate_ambient(api: &ApiConf, namespace: &str, name: &str) -> Result<(), String> {
+    use ::kube::api::{Patch, PatchParams};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async {
+        let path = api.kubeconfig.display();
+        let kubeconfig =
+            Kubeconfig::read_from(&api.kubeconfig).map_err(|e| format!("kubeconfig {path}: {}", chain(&e)))?;
+        let (client, server) = client(kubeconfig, api.timeout).await.map_err(|e| match e {
+            ClientError::Kubeconfig(e) => format!("kubeconfig {path}: {}", chain(&e)),
+            ClientError::Client(e) => e,
+        })?;
+        let pods = Api::<K8sPod>::namespaced(client, namespace);
+        let patch = serde_json::json!({ "metadata": { "annotations": { AMBIENT_REDIRECTION: "enabled" } } });
+        match tokio::time::timeout(
+            api.timeout,
+            pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!(
+                "PATCH pod {namespace}/{name} status at {server}: {}",
+                describe(&e)
+            )),
+            Err(_) => Err(format!(
+                "PATCH pod {namespace}/{name} status at {server}: no answer within {:?}",
+                api.timeout
+            )),
+        }
+    })
 }
 
 /// What the API server says of a DaemonSet (`install --uninstall-if-removed`).
@@ -283,6 +348,10 @@ fn from_k8s(pod: K8sPod, namespace: &str) -> Pod {
         annotations: meta.annotations.unwrap_or_default(),
         containers,
         proxy,
+        namespace_labels: BTreeMap::new(),
+        host_network: spec.host_network.unwrap_or(false),
+        uid: meta.uid,
+        service_account: spec.service_account_name.filter(|a| !a.is_empty()),
     }
 }
 

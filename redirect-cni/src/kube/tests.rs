@@ -298,6 +298,7 @@ fn selection() -> Selection {
         exclude_namespaces: vec!["kube-system".into()],
         proxy: "embedded".into(),
         args: Vec::new(),
+        ambient: None,
     }
 }
 

@@ -2,12 +2,12 @@
 //! `podman run` options (what the kubelet would make of the pod spec), and the agent's.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use super::{Container, Node};
-use crate::node::NodeAgent;
+use crate::{kube_api::ApiServer, node::NodeAgent};
 
 /// deploy/daemonset.yaml, parsed.
 pub fn daemonset() -> serde_yaml::Value {
@@ -187,6 +187,55 @@ impl Node {
             name: name.into(),
             grace: Duration::from_secs(45),
         }
+    }
+
+    /// The DaemonSet's install-cni container, as it runs it (`install --watch`), with `extra`
+    /// arguments, returned once the plugin is chained. The kubelet's KUBERNETES_SERVICE_*
+    /// point at `api` (plain HTTP: istio-cni's KUBERNETES_SERVICE_PROTOCOL), `token` is its
+    /// service account's, and it writes the node's view of the CNI directory.
+    pub fn start_install_cni(
+        &self,
+        name: &str,
+        agent: &NodeAgent,
+        api: &ApiServer,
+        token: &str,
+        extra: &[&str],
+    ) -> Container<'_> {
+        let account = self.volume_dir("cni-token");
+        std::fs::create_dir_all(&account).unwrap();
+        std::fs::write(account.join("token"), token).unwrap();
+        let conf_dir = self.conf_dir().to_string_lossy().into_owned();
+        let mut args = vec!["--host-cni-conf-dir", conf_dir.as_str()];
+        args.extend_from_slice(extra);
+        let env = [
+            ("KUBERNETES_SERVICE_HOST", api.addr.ip().to_string()),
+            ("KUBERNETES_SERVICE_PORT", api.addr.port().to_string()),
+            ("KUBERNETES_SERVICE_PROTOCOL", "http".into()),
+        ];
+        let c = self.run_daemonset_container(name, &container(&daemonset(), "install-cni"), agent, &args, &env);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.chained() {
+            assert!(
+                Instant::now() < deadline,
+                "install-cni {name} did not chain redirect-cni within 30 s: {}",
+                c.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    /// Whether redirect-cni is chained after the bridge, installed, and given its kubeconfig.
+    pub fn chained(&self) -> bool {
+        let conf = self.conflist();
+        let types: Vec<&str> = conf["plugins"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["type"].as_str())
+            .collect();
+        let kubeconfig = conf["plugins"][1]["kubeconfig"].as_str().unwrap_or_default();
+        types == ["bridge", "redirect-cni"] && self.plugin("redirect-cni").is_file() && Path::new(kubeconfig).is_file()
     }
 
     /// The DaemonSet's agent container as instance `agent`, waited for until it serves.
