@@ -169,6 +169,12 @@ configs! {
         "--mode", "ambient", "--bypass-inbound-capture", "--host-probe-snat", "10.200.7.127",
         "--host-probe-v6-snat", "fd00:200:7::127"
     ], marks: AMBIENT_MARKS, remote_addrs: AMBIENT_PROBES, inbound_from: AMBIENT_PROBES;
+    // Ambient with -k: every TCP connection of the VM behind the pod is outbound, ztunnel's
+    // 15001 (ISTIO_PRERT's `-i x0 -p tcp -j REDIRECT --to-ports 15001`, before the probes' and
+    // the inbound rules), to the remote host and to the pod's own addresses alike.
+    ambient_kube_virt: "--mode ambient -k" => [
+        "--mode", "ambient", "-k", "x0", "--host-probe-snat", "10.200.7.127", "--host-probe-v6-snat", "fd00:200:7::127"
+    ], vm: true, marks: AMBIENT_MARKS, remote_addrs: AMBIENT_PROBES, inbound_from: AMBIENT_PROBES;
     tproxy_inbound_ports: "-m TPROXY, -b list" => ["-m", "TPROXY", "-b", "9080,15021"];
     tproxy_excludes: "-m TPROXY, -d" => ["-m", "TPROXY", "-d", "9080,15020"];
     tproxy_mark_and_table: "-m TPROXY, -t/-r" => ["-m", "TPROXY", "-t", "0x600", "-r", "2100"];

@@ -120,6 +120,15 @@ fn an_ambient_pod_is_captured_to_the_node_side_proxy_and_released_when_deleted()
     let legacy = api.get("/api/v1/namespaces/shop/pods/legacy").unwrap();
     assert!(legacy["metadata"]["annotations"].is_null(), "{legacy}");
 
+    // The agent's metrics listen in the node's namespace, where the DaemonSet runs it.
+    let metrics = || {
+        node.netns
+            .open()
+            .unwrap()
+            .run(|| agent.scrape("/metrics"))
+            .expect("the agent's metrics")
+    };
+
     // Inbound: through the node-side proxy (ISTIO_PRERT's redirect counts it), and the app
     // sees the node's address, as behind ztunnel, which dials it as the client.
     let inbound = |pod: &Pod| {
@@ -130,7 +139,7 @@ fn an_ambient_pod_is_captured_to_the_node_side_proxy_and_released_when_deleted()
     let r = inbound(&cart);
     assert_eq!(r.banner_field("name"), Some("app"), "{r:?}");
     assert_eq!(banner_peer_ip(&r), node.gateway, "{r:?}");
-    let (_, text) = agent.scrape("/metrics").unwrap();
+    let (_, text) = metrics();
     assert_eq!(
         rule_count(&text, &cart.sandbox, "ISTIO_PRERT", PRERT_REDIRECT),
         1,
@@ -143,7 +152,7 @@ fn an_ambient_pod_is_captured_to_the_node_side_proxy_and_released_when_deleted()
         .unwrap();
     assert_eq!(landing(&r), proxied(OUTBOUND_CAPTURE, "remote"), "{r:?}");
     assert_eq!(banner_peer_ip(&r), cart.ip, "{r:?}");
-    let (_, text) = agent.scrape("/metrics").unwrap();
+    let (_, text) = metrics();
     assert_eq!(
         rule_count(&text, &cart.sandbox, "ISTIO_OUTPUT", OUTPUT_REDIRECT),
         1,
@@ -162,7 +171,7 @@ fn an_ambient_pod_is_captured_to_the_node_side_proxy_and_released_when_deleted()
     node.remove_pod(&cart);
     assert!(agent.ids().is_empty());
     assert!(!cart.netns.exists(), "{}", cart.netns.display());
-    let (_, text) = agent.scrape("/metrics").unwrap();
+    let (_, text) = metrics();
     assert!(!text.contains(&cart.sandbox), "{text}");
     node.remove_pod(&opted_out);
 }

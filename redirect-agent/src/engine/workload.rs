@@ -171,9 +171,13 @@ impl Engine {
     fn check(&self, req: &Request, netns: &Netns) -> Result<(WorkloadInfo, Compiled), EnrollError> {
         let compiled = chain::compile_packed(&req.capture).map_err(|e| EnrollError::Flags(e.to_string()))?;
         // The embedded proxy forwards DNS to the workload's resolvers: it must know them (a
-        // node's own resolv.conf is not a pod's).
+        // node's own resolv.conf is not a sidecar pod's). In ambient mode it stands in for
+        // ztunnel, a node proxy that forwards to its own resolvers (its pod's, the cluster's
+        // DNS): the agent's resolv.conf is the one.
         let named = req.args.iter().any(|a| a.starts_with("--resolv-conf"));
-        let unknown = req.capture.dns.upstreams.is_empty() || (self.settings.mode == pins::Mode::Node && !named);
+        let node_proxy = req.capture.ambient.is_some();
+        let unknown = req.capture.dns.upstreams.is_empty()
+            || (self.settings.mode == pins::Mode::Node && !named && !node_proxy);
         if req.proxy == ProxyMode::Embedded && req.capture.dns.enabled() && unknown {
             return Err(EnrollError::Flags(
                 "--redirect-dns with the embedded proxy: the resolv.conf names no resolver to forward DNS to (name \

@@ -51,8 +51,20 @@ const LOOPBACK_IFINDEX: u32 = 1;
 const NLMSG_HDR: usize = 16;
 /// Receive buffer: the kernel sizes a dump's datagrams to the reader's buffer, up to 32 KiB.
 const RECV_BUFFER: usize = 64 * 1024;
-/// Per namespace: /proc/sys/net answers for the namespace of the thread that opens it.
-const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+/// Where the node's `/proc/sys/net` is, first match: the DaemonSet's read-write mount of it (a
+/// container's `/proc/sys` is read-only), or this process's. Either answers for the namespace
+/// of the thread that opens a file in it, through any mount.
+const PROC_SYS_NET: [&str; 2] = ["/host/proc/sys/net", "/proc/sys/net"];
+
+/// `net.ipv4.tcp_fwmark_accept` in [`PROC_SYS_NET`].
+fn fwmark_accept() -> std::path::PathBuf {
+    let dir = PROC_SYS_NET
+        .iter()
+        .map(std::path::Path::new)
+        .find(|d| d.is_dir())
+        .unwrap_or(std::path::Path::new("/proc/sys/net"));
+    dir.join("ipv4/tcp_fwmark_accept")
+}
 
 /// istio-cni's `RouteTableInbound`: the table of ambient's local default route.
 pub const AMBIENT_ROUTE_TABLE: u32 = 100;
@@ -511,18 +523,20 @@ fn is_gone(e: &io::Error) -> bool {
 
 /// Sets tcp_fwmark_accept to 1 inside the namespace; its value before when that was not 1.
 fn enable_fwmark_accept(netns: &Netns) -> io::Result<Option<String>> {
+    let path = fwmark_accept();
     netns.run(|| {
-        let before = std::fs::read_to_string(FWMARK_ACCEPT)?.trim().to_owned();
+        let before = std::fs::read_to_string(&path)?.trim().to_owned();
         if before == "1" {
             return Ok(None);
         }
-        std::fs::write(FWMARK_ACCEPT, "1")?;
+        std::fs::write(&path, "1")?;
         Ok(Some(before))
     })
 }
 
 fn write_fwmark_accept(netns: &Netns, value: &str) -> io::Result<()> {
-    netns.run(|| std::fs::write(FWMARK_ACCEPT, value))
+    let path = fwmark_accept();
+    netns.run(|| std::fs::write(&path, value))
 }
 
 #[cfg(test)]
