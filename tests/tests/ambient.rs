@@ -65,6 +65,10 @@ fn the_routing_is_there_while_the_agent_runs_and_gone_after() {
     }
     let accept = |w: &Workload| w.exec(&["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"]);
     assert_eq!(accept(&w).trim(), "1");
+    // lo has what istio-cni leaves: no `::6`, which istio-iptables adds for a sidecar's IPv6
+    // passthrough and ztunnel never dials from.
+    let lo = w.exec(&["ip", "-6", "addr", "show", "dev", "lo"]);
+    assert!(lo.contains("::1/128") && !lo.contains("::6/128"), "{lo}");
     let (status, stderr) = w.agent.as_mut().expect("agent").stop().expect("agent stops");
     assert!(status.success(), "{status:?}: {stderr}");
     for family in ["-4", "-6"] {

@@ -229,6 +229,9 @@ pub struct LocalAddrs {
     virt: Option<(u32, Box<dyn VirtDevices>)>,
     /// A blocking socket in the workload's namespace, for dumps and for adding `::6`.
     query: Socket,
+    /// Whether `::6` goes on lo: istio-iptables adds it for the sidecar's IPv6 passthrough;
+    /// istio-cni's ambient rules do not (ztunnel dials the app from the client's address).
+    passthrough_v6: bool,
 }
 
 impl LocalAddrs {
@@ -241,6 +244,7 @@ impl LocalAddrs {
         id: &str,
         interfaces: Vec<Interface>,
         virt: Option<(u32, Box<dyn VirtDevices>)>,
+        passthrough_v6: bool,
     ) -> io::Result<Self> {
         let query = netns.run(netlink::query_socket)?;
         let mut me = Self {
@@ -253,6 +257,7 @@ impl LocalAddrs {
             current_ifaces: BTreeMap::new(),
             virt,
             query,
+            passthrough_v6,
         };
         // What a killed predecessor (or an earlier enrollment of the namespace) wrote is not
         // this list's: every device is judged afresh.
@@ -270,7 +275,10 @@ impl LocalAddrs {
         let mut now = netlink::dump(&self.query)?;
         let pods = pod_addrs(&now);
         // The ip6tables rules come with `::6` on lo, which the proxy connects to the app from.
-        if pods.contains_key(&Family::V6) && !now.iter().any(|a| a.ip == IpAddr::V6(INBOUND_PASSTHROUGH_SRC6)) {
+        if self.passthrough_v6
+            && pods.contains_key(&Family::V6)
+            && !now.iter().any(|a| a.ip == IpAddr::V6(INBOUND_PASSTHROUGH_SRC6))
+        {
             netlink::add_to_lo(&self.query, INBOUND_PASSTHROUGH_SRC6)
                 .map_err(|e| io::Error::new(e.kind(), format!("adding ::6/128 to lo: {e}")))?;
             tracing::info!("::6/128 added to lo (the IPv6 inbound passthrough source)");

@@ -483,7 +483,8 @@ impl Engine {
         let hook = virt
             .clone()
             .map(|v| (chain::virt_entries(capture), Box::new(v) as Box<dyn VirtDevices>));
-        let local = LocalAddrs::install(&netns, addr_maps, cookie, &info.id, interfaces, hook).map_err(
+        let passthrough_v6 = capture.ambient.is_none();
+        let local = LocalAddrs::install(&netns, addr_maps, cookie, &info.id, interfaces, hook, passthrough_v6).map_err(
             EnrollError::io(format!("addresses and -k devices of {}", info.netns.display())),
         )?;
         info.addresses = local.addresses().iter().map(ToString::to_string).collect();
