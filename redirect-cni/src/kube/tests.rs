@@ -588,3 +588,6 @@ fn proxy_type_env_and_ids_follow_istio_cni() {
     assert!(bare.containers.is_empty() && bare.proxy.is_none());
     assert_eq!(bare.namespace.as_deref(), Some("a"));
 }
+
+#[path = "ambient_tests.rs"]
+mod ambient;
