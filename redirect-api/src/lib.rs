@@ -207,6 +207,9 @@ pub struct WorkloadInfo {
     pub pod: Option<PodRef>,
 }
 
+/// An answer. One is made per request and sent at once, so the size of its largest variant
+/// costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
