@@ -6,6 +6,9 @@
 //! engine's lock is held only to compute an answer, never while waiting on a client: a client
 //! that connects and stalls (or starts a handover and stalls) holds up nobody else. A
 //! handover is only taken from a peer that passes [`crate::engine::handover`]'s checks.
+//!
+//! What becomes of a workload beside the engine (node mode hands an ambient pod to ztunnel)
+//! is a [`Handoff`]'s, called between the engine's steps without its lock.
 
 use std::{
     io::Write as _,
@@ -17,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirect_api::{ApiError, ErrorKind, Request, Response};
+use redirect_api::{ApiError, ErrorKind, Request, Response, WorkloadInfo};
 use tokio::{net::UnixListener, sync::Mutex};
 
 use crate::engine::{self, Engine, EnrollError, handover};
@@ -42,9 +45,27 @@ pub(crate) enum Ended {
     },
 }
 
+/// What becomes of a workload beside the engine. Called on a connection's blocking thread,
+/// never with the engine's lock held, so that it may wait (on ztunnel, say).
+pub(crate) trait Handoff: Send + Sync {
+    /// Refuses, before the engine is asked, an enrollment that could not be handed on.
+    fn admit(&self, req: &engine::Request) -> Result<(), ApiError>;
+    /// Hands on a workload the engine has just enrolled. An error is the enroll's answer: the
+    /// workload is taken back out of the engine, then [`Handoff::released`].
+    fn enrolled(&self, engine: &Mutex<Engine>, info: &WorkloadInfo) -> Result<(), ApiError>;
+    /// The engine no longer serves `info`. A failure to say so on is logged, not returned: the
+    /// workload is released either way.
+    fn released(&self, info: &WorkloadInfo);
+}
+
 /// Serves API connections until one of them is a completed handover. `metrics`: a second
 /// descriptor of the metrics listener, for a successor that asks for it.
-pub(crate) async fn serve(listener: &UnixListener, engine: Arc<Mutex<Engine>>, metrics: Option<Arc<OwnedFd>>) -> Ended {
+pub(crate) async fn serve(
+    listener: &UnixListener,
+    engine: Arc<Mutex<Engine>>,
+    metrics: Option<Arc<OwnedFd>>,
+    handoff: Option<Arc<dyn Handoff>>,
+) -> Ended {
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<u32>(1);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -58,8 +79,9 @@ pub(crate) async fn serve(listener: &UnixListener, engine: Arc<Mutex<Engine>>, m
                     let engine = engine.clone();
                     let done = done_tx.clone();
                     let metrics = metrics.clone();
+                    let handoff = handoff.clone();
                     tokio::spawn(async move {
-                        let handed_over = handle(stream, engine, metrics).await;
+                        let handed_over = handle(stream, engine, metrics, handoff).await;
                         drop(slot);
                         if let Some(pid) = handed_over {
                             let _ = done.send(pid).await;
@@ -76,23 +98,80 @@ pub(crate) async fn serve(listener: &UnixListener, engine: Arc<Mutex<Engine>>, m
     }
 }
 
-/// What a request asks of the engine, answered (a handover is answered on its stream).
-fn answer(engine: &mut Engine, request: Request) -> Response {
+/// What a request asks, answered (a handover is answered on its stream). The engine's lock is
+/// taken for each step that needs it, and not held while the workload is handed on.
+fn answer(engine: &Mutex<Engine>, handoff: Option<&dyn Handoff>, request: Request) -> Response {
     let result = match request {
-        // Until the handover ends, the successor is being given the workloads as they are.
-        Request::Enroll(_) | Request::Unenroll { .. } if engine.handing_over() => Err(EnrollError::HandoverInProgress),
-        Request::Enroll(req) => engine::Request::from_api(req)
-            .and_then(|r| engine.enroll(r))
-            .map(Response::Enrolled),
-        Request::Unenroll { id, netns } => engine.unenroll(id, netns).map(|id| Response::Unenrolled { id }),
-        Request::List if engine.handed_over() => Err(EnrollError::HandedOver),
-        Request::List => Ok(Response::Workloads(engine.workloads())),
-        Request::Handover => Ok(Response::Error(ApiError::new(
+        Request::Enroll(req) => enroll(engine, handoff, req).map(Response::Enrolled),
+        Request::Unenroll { id, netns } => unenroll(engine, handoff, id, netns).map(|id| Response::Unenrolled { id }),
+        Request::List => {
+            let engine = engine.blocking_lock();
+            match engine.handed_over() {
+                true => Err(EnrollError::HandedOver.into()),
+                false => Ok(Response::Workloads(engine.workloads())),
+            }
+        }
+        Request::Handover => Err(ApiError::new(
             ErrorKind::Internal,
             "a handover is answered on its own stream",
-        ))),
+        )),
     };
-    result.unwrap_or_else(|e| Response::Error(e.into()))
+    result.unwrap_or_else(Response::Error)
+}
+
+/// Enrolls under the engine's lock, then hands the workload on without it; a workload that
+/// could not be handed on is taken back out.
+fn enroll(
+    engine: &Mutex<Engine>,
+    handoff: Option<&dyn Handoff>,
+    req: redirect_api::Enroll,
+) -> Result<WorkloadInfo, ApiError> {
+    let req = engine::Request::from_api(req)?;
+    if let Some(h) = handoff {
+        h.admit(&req)?;
+    }
+    let info = {
+        let mut engine = engine.blocking_lock();
+        // Until the handover ends, the successor is being given the workloads as they are.
+        if engine.handing_over() {
+            return Err(EnrollError::HandoverInProgress.into());
+        }
+        engine.enroll(req)?
+    };
+    let Some(h) = handoff else { return Ok(info) };
+    let Err(e) = h.enrolled(engine, &info) else {
+        return Ok(info);
+    };
+    // Not left half-attached: captured, with nothing to serve it, and told to nobody.
+    if let Err(undo) = engine.blocking_lock().unenroll(Some(info.id.clone()), None) {
+        tracing::error!(id = %info.id, "taking back a workload that was not handed on: {undo}");
+    }
+    h.released(&info);
+    Err(e)
+}
+
+/// Unenrolls under the engine's lock, then tells the [`Handoff`] without it.
+fn unenroll(
+    engine: &Mutex<Engine>,
+    handoff: Option<&dyn Handoff>,
+    id: Option<String>,
+    netns: Option<std::path::PathBuf>,
+) -> Result<String, ApiError> {
+    let (id, info) = {
+        let mut engine = engine.blocking_lock();
+        if engine.handing_over() {
+            return Err(EnrollError::HandoverInProgress.into());
+        }
+        // What it was, for the handoff (the engine finds it by id or by namespace).
+        let before = handoff.map(|_| engine.workloads()).unwrap_or_default();
+        let id = engine.unenroll(id, netns)?;
+        let info = before.into_iter().find(|w| w.id == id);
+        (id, info)
+    };
+    if let (Some(h), Some(info)) = (handoff, info) {
+        h.released(&info);
+    }
+    Ok(id)
 }
 
 /// One connection. `Some(pid)`: it was a handover to process `pid`, and this agent must stop
@@ -101,6 +180,7 @@ async fn handle(
     stream: tokio::net::UnixStream,
     engine: Arc<Mutex<Engine>>,
     metrics: Option<Arc<OwnedFd>>,
+    handoff: Option<Arc<dyn Handoff>>,
 ) -> Option<u32> {
     let std = stream.into_std().ok()?;
     let outcome = tokio::task::spawn_blocking(move || -> std::io::Result<Option<u32>> {
@@ -118,8 +198,8 @@ async fn handle(
         if matches!(request, Request::Handover) {
             return hand_over(&std, &engine, metrics.as_deref());
         }
-        // Answered under the lock, sent without it.
-        let response = answer(&mut engine.blocking_lock(), request);
+        // Answered under the lock (handed on without it), sent without it.
+        let response = answer(&engine, handoff.as_deref(), request);
         reply(&std, &response)?;
         Ok(None)
     })

@@ -1,5 +1,7 @@
 //! The command line: clap's definitions, and each command's call into the modules that do it.
 
+mod node_args;
+
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, error::ErrorKind};
@@ -11,7 +13,7 @@ use crate::{
     explain,
     flags::{self, CaptureFlags, FastPathFlags, FastPathWhen, LivenessFlags, ProxyMode, RelayFlags},
     logging::{self, LogFormat},
-    node::{self, NodeOptions},
+    node,
     run::{self, RunOptions},
     standalone, stats,
 };
@@ -42,7 +44,7 @@ enum Command {
     /// Serve every meshed workload of this node: attach once (pinned), then enroll and
     /// remove workloads over a Unix socket; a restart adopts the pins or takes over from the
     /// running agent without dropping connections.
-    Node(Box<NodeArgs>),
+    Node(Box<node_args::NodeArgs>),
     /// Enroll a workload with the node agent (its network namespace and istio-iptables flags).
     Enroll(Box<EnrollArgs>),
     /// Remove a workload from the node agent: its connections are no longer captured.
@@ -135,57 +137,6 @@ struct AgentSocket {
 }
 
 #[derive(clap::Args, Debug)]
-struct NodeArgs {
-    /// Instance name: pins go to /sys/fs/bpf/redirect/NAME/, state to /run/redirect/NAME.json.
-    #[arg(long, default_value = "node")]
-    name: String,
-    /// cgroup v2 directory the programs attach to; every workload's processes must be under
-    /// it (default: the cgroup v2 root).
-    #[arg(long, value_name = "PATH")]
-    cgroup_parent: Option<PathBuf>,
-    /// Control socket (default: /run/redirect/NAME.sock).
-    #[arg(long, value_name = "PATH")]
-    socket: Option<PathBuf>,
-    /// Prometheus endpoint (GET /metrics, GET /ready), or `off`.
-    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:15030")]
-    metrics: String,
-    /// Size of the original-destination and UDP-flow maps (LRU), shared by all workloads:
-    /// about 580 bytes of kernel memory each (1,048,576 take about 600 MiB; the start log says
-    /// how much).
-    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=1_048_576))]
-    max_tracked_connections: u32,
-    /// Connections each workload's embedded proxy serves at once; more are reset. All
-    /// workloads' proxies also share one budget, what the descriptor limit leaves after the
-    /// reserve for the control plane and --max-workloads workloads (the start log and the
-    /// metrics say how much).
-    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
-    max_proxy_connections: u32,
-    /// The most workloads enrolled at once (an enroll past it is refused), at most 1024: the
-    /// descriptor reserve keeps room for each one's listeners, maps and dialer. Default: as
-    /// many as the descriptor limit holds with half of it left to proxied connections (1024
-    /// under the usual container limit); set it to the kubelet's --max-pods or more.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=redirect_common::MAX_WORKLOADS as i64))]
-    max_workloads: Option<u32>,
-    /// Upstream connect timeout of the embedded proxies, in milliseconds.
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
-    connect_timeout_ms: u64,
-    /// On stop or handover: how long open proxied connections may finish before they are
-    /// reset, in milliseconds.
-    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
-    drain_timeout_ms: u64,
-    #[command(flatten)]
-    fast_path: FastPathFlags,
-    /// How long a new agent taking over may take to load its programs and say it serves, in
-    /// seconds, before this one serves on (enrollments wait meanwhile).
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    handover_timeout_secs: u64,
-    #[command(flatten)]
-    liveness: LivenessFlags,
-    #[command(flatten)]
-    relay: RelayFlags,
-}
-
-#[derive(clap::Args, Debug)]
 struct EnrollArgs {
     /// The workload's network namespace (/run/netns/NAME or /proc/PID/ns/net).
     #[arg(long, value_name = "PATH")]
@@ -209,6 +160,13 @@ struct EnrollArgs {
     /// The workload's Kubernetes pod, for the metrics' namespace and pod labels and `list`.
     #[arg(long, value_name = "NAMESPACE/NAME", value_parser = pod_arg)]
     pod: Option<PodRef>,
+    /// The pod's uid (`metadata.uid`): ZDS names the pod by it, so an ambient pod with `--proxy
+    /// none` needs it on a node that serves ztunnel (`node --ztunnel-socket`).
+    #[arg(long, value_name = "UID", requires = "pod")]
+    pod_uid: Option<String>,
+    /// The pod's service account, which ztunnel is told with it.
+    #[arg(long, value_name = "NAME", requires = "pod")]
+    pod_service_account: Option<String>,
     #[command(flatten)]
     agent: AgentSocket,
     /// istio-iptables flags for this workload (after `--`), e.g. `-- -b 8080 -d ''`.
@@ -451,35 +409,7 @@ pub fn main() -> ExitCode {
             }
             Command::Node(args) => {
                 let termination = Termination::install()?;
-                let metrics = match args.metrics.as_str() {
-                    "off" => None,
-                    m => Some(m.parse().map_err(|_| {
-                        anyhow::anyhow!(
-                            "invalid value '{m}' for --metrics: expected ADDR:PORT (e.g. 127.0.0.1:15030) or off"
-                        )
-                    })?),
-                };
-                let opts = NodeOptions {
-                    socket: args.socket.unwrap_or_else(|| redirect_api::default_socket(&args.name)),
-                    name: args.name,
-                    cgroup_parent: args.cgroup_parent,
-                    metrics,
-                    max_workloads: args.max_workloads.map(|n| n as usize),
-                    fast_path: args.fast_path.fast_path,
-                    sizing: Sizing {
-                        handover_within: Duration::from_secs(args.handover_timeout_secs),
-                        ..sizing(
-                            args.max_tracked_connections,
-                            args.max_proxy_connections,
-                            args.connect_timeout_ms,
-                            args.drain_timeout_ms,
-                            args.fast_path.fast_path == FastPathWhen::On,
-                            args.liveness,
-                            args.relay,
-                        )
-                    },
-                };
-                node::run(opts, termination.wait()).await
+                node::run(args.into_options()?, termination.wait()).await
             }
             Command::Enroll(args) => {
                 let id = match args.id {
@@ -496,6 +426,11 @@ pub fn main() -> ExitCode {
                             )
                         })?,
                 };
+                let pod = args.pod.clone().map(|pod| PodRef {
+                    uid: args.pod_uid.clone(),
+                    service_account: args.pod_service_account.clone(),
+                    ..pod
+                });
                 let req = redirect_api::Request::Enroll(redirect_api::Enroll {
                     id,
                     netns: absolute(&args.netns),
@@ -503,7 +438,7 @@ pub fn main() -> ExitCode {
                     proxy: args.proxy.as_str().to_owned(),
                     args: args.flags,
                     fast_path: args.fast_path,
-                    pod: args.pod,
+                    pod: pod.map(|pod| pod.check().map(|()| pod)).transpose()?,
                 });
                 let answer = redirect_api::call(&args.agent.socket, &req, API_TIMEOUT)?;
                 println!("{}", serde_json::to_string_pretty(&answer)?);

@@ -13,8 +13,12 @@
 //!
 //! Stopping the agent leaves the pins (that is what a restart adopts); `redirect-agent
 //! cleanup` removes them and so releases every workload.
+//!
+//! With `--ztunnel-socket`, the node also serves ztunnel over ZDS ([`ztunnel`]): its ambient
+//! pods, handed over as they are enrolled and released.
 
 mod endpoints;
+mod ztunnel;
 
 use std::{
     net::SocketAddr,
@@ -28,7 +32,9 @@ use std::{
 };
 
 use anyhow::Context as _;
+use redirect_api::WorkloadInfo;
 use redirect_common::MAX_WORKLOADS;
+use ztunnel::Ztunnel;
 
 use crate::{
     api::{self, Ended},
@@ -58,6 +64,8 @@ pub struct NodeOptions {
     /// The most workloads enrolled at once, which the descriptor reserve is planned for;
     /// `None`: as many as the descriptor limit holds (`engine::budget::fitting_workloads`).
     pub max_workloads: Option<usize>,
+    /// Where ztunnel connects for ZDS (`--ztunnel-socket`); `None`: no ZDS server.
+    pub ztunnel_socket: Option<PathBuf>,
 }
 
 fn held(name: &str, e: LockError) -> anyhow::Error {
@@ -111,6 +119,10 @@ pub async fn run(mut opts: NodeOptions, shutdown: impl std::future::Future<Outpu
     // Both endpoints are checked before anything changes, so that a bad path or a taken port
     // is refused like every other bad value.
     endpoints::check_socket_path(&opts.socket)?;
+    let zds_socket = match &opts.ztunnel_socket {
+        Some(path) => Some(endpoints::check_ztunnel_socket(path, &opts.socket)?),
+        None => None,
+    };
     let metrics_port = endpoints::bind_metrics(opts.metrics)?;
     let metrics_busy = matches!(metrics_port, endpoints::Metrics::Busy(_));
 
@@ -130,6 +142,11 @@ pub async fn run(mut opts: NodeOptions, shutdown: impl std::future::Future<Outpu
         handover.is_some(),
         handover.as_mut().and_then(|h| h.metrics.take()),
     )?;
+    // A listener on the ZDS socket is right only if it is a predecessor's that hands over.
+    if let (Some(endpoints::ZdsSocket::Listened), Some(path), None) = (&zds_socket, &opts.ztunnel_socket, &handover) {
+        return Err(endpoints::zds_in_use(path));
+    }
+    let took_over = handover.is_some();
     let lock = match handover {
         Some(_) => None,
         None => Some(
@@ -178,6 +195,16 @@ pub async fn run(mut opts: NodeOptions, shutdown: impl std::future::Future<Outpu
 
     let workloads = engine.workloads().len();
     let engine = Arc::new(tokio::sync::Mutex::new(engine));
+    // The restored workloads' pods are in its first snapshot. A predecessor listens on the
+    // socket until it has handed over; anyone else was refused above.
+    let ztunnel = opts.ztunnel_socket.clone().map(Ztunnel::new);
+    if let Some(z) = &ztunnel {
+        match took_over {
+            true => z.bind_in_background(engine.clone()).await,
+            false => z.bind(&engine).await?,
+        }
+    }
+    let handoff = ztunnel.clone().map(|z| z as Arc<dyn api::Handoff>);
     let ready = Arc::new(AtomicBool::new(true));
     // A second descriptor of the metrics listener, for a successor.
     let metrics_fd = match &metrics_listener {
@@ -192,7 +219,7 @@ pub async fn run(mut opts: NodeOptions, shutdown: impl std::future::Future<Outpu
             ready.clone(),
         ))
     });
-    let reaper = AbortOnDrop(tokio::spawn(release_gone_namespaces(engine.clone())));
+    let reaper = AbortOnDrop(tokio::spawn(release_gone_namespaces(engine.clone(), ztunnel.clone())));
     let sweeper = sweep_pending(&opts.name);
     tracing::info!(
         name = %opts.name,
@@ -210,11 +237,16 @@ pub async fn run(mut opts: NodeOptions, shutdown: impl std::future::Future<Outpu
         let listener = endpoints::bind_socket(&opts.socket)?;
         let ended = tokio::select! {
             _ = &mut shutdown => Ended::Signal,
-            r = api::serve(&listener, engine.clone(), metrics_fd.clone()) => r,
+            r = api::serve(&listener, engine.clone(), metrics_fd.clone(), handoff.clone()) => r,
         };
         // Not ready from here: a successor (or nobody) serves new connections.
         ready.store(false, Ordering::Relaxed);
         drop(listener);
+        // ztunnel's socket goes at once, before anything drains: the successor binds it as
+        // soon as it is free, and ztunnel reconnects to it.
+        if let Some(z) = &ztunnel {
+            z.stop().await;
+        }
         let Ended::HandedOver { successor } = ended else {
             break ended;
         };
@@ -234,6 +266,9 @@ pub async fn run(mut opts: NodeOptions, shutdown: impl std::future::Future<Outpu
                 break ended;
             }
         }
+        if let Some(z) = &ztunnel {
+            z.bind_in_background(engine.clone()).await;
+        }
         ready.store(true, Ordering::Relaxed);
         tracing::info!("serving again");
     };
@@ -243,6 +278,8 @@ pub async fn run(mut opts: NodeOptions, shutdown: impl std::future::Future<Outpu
     drop(metrics);
     drop(reaper);
     drop(sweeper);
+    drop(handoff);
+    drop(ztunnel);
     match ended {
         Ended::HandedOver { successor } => {
             tracing::info!(successor, "handed over; finishing open connections");
@@ -266,22 +303,50 @@ const SUCCESSOR_WITHIN: Duration = Duration::from_secs(30);
 /// The node's housekeeping, every [`gone::CHECK_EVERY`]: serves the workloads a restart could
 /// not serve again, if it can now, and releases those whose namespace went away without an
 /// unenroll. The engine's lock is held only to copy the workloads out and to release; the look
-/// at `/proc` runs without it.
-async fn release_gone_namespaces(engine: Arc<tokio::sync::Mutex<Engine>>) {
+/// at `/proc` runs without it, and so does telling ztunnel of the workloads served again and
+/// released.
+async fn release_gone_namespaces(engine: Arc<tokio::sync::Mutex<Engine>>, ztunnel: Option<Arc<Ztunnel>>) {
     let mut tick = tokio::time::interval(gone::CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // What ztunnel is told needs the workloads before and after each step (none without it).
+    let listed = |e: &Engine| ztunnel.as_ref().map(|_| e.workloads()).unwrap_or_default();
     loop {
         tick.tick().await;
         // Workloads a restart could not serve again (still refused meanwhile): tried again.
-        engine.lock().await.retry_unserved();
-        let candidates = engine.lock().await.gone_candidates();
-        let Ok(gone) = tokio::task::spawn_blocking(move || gone::gone(candidates)).await else {
-            continue;
+        let served = {
+            let mut e = engine.lock().await;
+            let before = listed(&e);
+            e.retry_unserved();
+            not_in(&before, listed(&e))
         };
-        if !gone.is_empty() {
-            engine.lock().await.release_gone(gone);
+        let candidates = engine.lock().await.gone_candidates();
+        let gone = tokio::task::spawn_blocking(move || gone::gone(candidates))
+            .await
+            .unwrap_or_default();
+        let released = match gone.is_empty() {
+            true => Vec::new(),
+            false => {
+                let mut e = engine.lock().await;
+                let before = listed(&e);
+                e.release_gone(gone);
+                not_in(&listed(&e), before)
+            }
+        };
+        if let Some(z) = &ztunnel {
+            for info in &served {
+                z.served_again(&engine, info).await;
+            }
+            for info in &released {
+                z.forget(info).await;
+            }
         }
     }
+}
+
+/// The workloads of `of` that `from` does not hold.
+fn not_in(from: &[WorkloadInfo], of: Vec<WorkloadInfo>) -> Vec<WorkloadInfo> {
+    let ids: std::collections::HashSet<&str> = from.iter().map(|w| w.id.as_str()).collect();
+    of.into_iter().filter(|w| !ids.contains(w.id.as_str())).collect()
 }
 
 /// What the metrics endpoint scrapes: the same rows as `stats`, per workload. A counter that

@@ -26,6 +26,7 @@ pub mod node;
 pub mod procfd;
 pub mod rules_text;
 pub mod runtime;
+pub mod ztunnel;
 
 /// Ports of the servers every workload has.
 pub const REMOTE_PORT: u16 = 8080;

@@ -350,6 +350,18 @@ impl Engine {
         self.workloads.values().map(|w| w.info.clone()).collect()
     }
 
+    /// A second descriptor of the network namespace workload `id` is served in (the one
+    /// its cookie was read from), for a proxy that serves it from outside (ztunnel);
+    /// `None` if no such workload is served.
+    pub(crate) fn netns_of(&self, id: &str) -> Option<std::io::Result<OwnedFd>> {
+        self.workloads.get(id).map(|w| w.netns.as_fd().try_clone_to_owned())
+    }
+
+    /// Whether workload `id` is served with ambient's rules (`--mode ambient`).
+    pub(crate) fn is_ambient(&self, id: &str) -> bool {
+        self.workloads.get(id).is_some_and(|w| w.ambient)
+    }
+
     pub(crate) fn handed_over(&self) -> bool {
         self.handed_over
     }

@@ -98,6 +98,8 @@ pub(super) struct Enrolled {
     /// `-k`'s tc attachments: like the routing, removed once the proxy drained, left for a
     /// successor.
     pub(super) virt: Option<super::virt::SharedVirt>,
+    /// Served with ambient's rules (`--mode ambient`): ztunnel's pod, when it has no proxy here.
+    pub(super) ambient: bool,
     _watcher: AbortOnDrop,
 }
 
@@ -176,8 +178,8 @@ impl Engine {
         // DNS): the agent's resolv.conf is the one.
         let named = req.args.iter().any(|a| a.starts_with("--resolv-conf"));
         let node_proxy = req.capture.ambient.is_some();
-        let unknown = req.capture.dns.upstreams.is_empty()
-            || (self.settings.mode == pins::Mode::Node && !named && !node_proxy);
+        let unknown =
+            req.capture.dns.upstreams.is_empty() || (self.settings.mode == pins::Mode::Node && !named && !node_proxy);
         if req.proxy == ProxyMode::Embedded && req.capture.dns.enabled() && unknown {
             return Err(EnrollError::Flags(
                 "--redirect-dns with the embedded proxy: the resolv.conf names no resolver to forward DNS to (name \
@@ -484,9 +486,10 @@ impl Engine {
             .clone()
             .map(|v| (chain::virt_entries(capture), Box::new(v) as Box<dyn VirtDevices>));
         let passthrough_v6 = capture.ambient.is_none();
-        let local = LocalAddrs::install(&netns, addr_maps, cookie, &info.id, interfaces, hook, passthrough_v6).map_err(
-            EnrollError::io(format!("addresses and -k devices of {}", info.netns.display())),
-        )?;
+        let local =
+            LocalAddrs::install(&netns, addr_maps, cookie, &info.id, interfaces, hook, passthrough_v6).map_err(
+                EnrollError::io(format!("addresses and -k devices of {}", info.netns.display())),
+            )?;
         info.addresses = local.addresses().iter().map(ToString::to_string).collect();
         let watch_ns = netns.try_clone().map_err(EnrollError::io("namespace descriptor"))?;
         let id = info.id.clone();
@@ -545,6 +548,7 @@ impl Engine {
             listener_fds,
             tproxy,
             virt,
+            ambient: capture.ambient.is_some(),
             _watcher: watcher,
         })
     }

@@ -54,6 +54,24 @@ pub struct ZdsPod {
 }
 
 impl ZdsPod {
+    /// Whether ztunnel could take the pod: a uid, and an `AddWorkload` that fits its buffer.
+    pub fn check(&self) -> Result<(), ZdsError> {
+        let invalid = |detail: String| ZdsError::InvalidPod {
+            uid: self.uid.clone(),
+            detail,
+        };
+        if self.uid.is_empty() {
+            return Err(invalid("empty uid (expected the pod's Kubernetes uid)".into()));
+        }
+        let size = prost::Message::encoded_len(&self.request());
+        if size > MAX_MESSAGE {
+            return Err(invalid(format!(
+                "its AddWorkload is {size} bytes (expected at most ztunnel's {MAX_MESSAGE})"
+            )));
+        }
+        Ok(())
+    }
+
     /// The pod's `AddWorkload` (its descriptor travels beside it).
     fn request(&self) -> proto::WorkloadRequest {
         proto::WorkloadRequest::add(

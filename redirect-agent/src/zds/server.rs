@@ -12,7 +12,6 @@ use std::{
     time::Duration,
 };
 
-use prost::Message as _;
 use rustix::{
     io::Errno,
     net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType},
@@ -23,7 +22,7 @@ use tokio::{
 };
 
 use super::{
-    DEFAULT_TIMEOUT, MAX_MESSAGE, ZdsError, ZdsPod,
+    DEFAULT_TIMEOUT, ZdsError, ZdsPod,
     conn::{self, Job, Outgoing},
 };
 
@@ -114,6 +113,17 @@ impl ZdsServer {
     /// nothing listens on it (a killed agent's); one that something listens on, or a file of
     /// another kind, is an error naming the path.
     pub async fn bind_with_timeout(path: &Path, timeout: Duration) -> Result<Self, ZdsError> {
+        Self::bind_with_pods(path, timeout, Vec::new()).await
+    }
+
+    /// [`Self::bind_with_timeout`], with `pods` known from the start: the first connection's
+    /// snapshot holds them however soon ztunnel connects. A restarted agent's pods go in so:
+    /// added after the bind, a ztunnel quick to reconnect could get a snapshot without them,
+    /// and drop them. A pod [`ZdsPod::check`] refuses is an error, before anything is bound.
+    pub async fn bind_with_pods(path: &Path, timeout: Duration, pods: Vec<ZdsPod>) -> Result<Self, ZdsError> {
+        for pod in &pods {
+            pod.check()?;
+        }
         let io_err = |what: &'static str, path: &Path| {
             let path = path.to_owned();
             move |e: io::Error| ZdsError::Io { what, path, source: e }
@@ -142,7 +152,10 @@ impl ZdsServer {
             }
         };
         let shared = Arc::new(Shared {
-            state: Mutex::default(),
+            state: Mutex::new(State {
+                pods: pods.into_iter().map(|p| (p.uid.clone(), Arc::new(p))).collect(),
+                conns: Vec::new(),
+            }),
             timeout,
         });
         let (stop, stopped) = watch::channel(());
@@ -171,19 +184,7 @@ impl ZdsServer {
     /// timeout is [`ZdsError::Timeout`] (and that connection is closed). Either way the pod is
     /// kept: [`Self::remove`] forgets it.
     pub async fn add(&self, pod: ZdsPod) -> Result<(), ZdsError> {
-        let size = pod.request().encoded_len();
-        if size > MAX_MESSAGE {
-            return Err(ZdsError::InvalidPod {
-                uid: pod.uid,
-                detail: format!("its AddWorkload is {size} bytes (expected at most ztunnel's {MAX_MESSAGE})"),
-            });
-        }
-        if pod.uid.is_empty() {
-            return Err(ZdsError::InvalidPod {
-                uid: pod.uid,
-                detail: "empty uid (expected the pod's Kubernetes uid)".into(),
-            });
-        }
+        pod.check()?;
         let pod = Arc::new(pod);
         let what = Outgoing::Add(pod.clone()).describe();
         let pending = {

@@ -284,6 +284,31 @@ async fn snapshot_then_add_and_remove_reach_ztunnel_with_the_namespace() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_bound_with_the_server_are_in_the_first_snapshot_and_a_bad_one_binds_nothing() {
+    let dir = TempDir::new();
+    let path = dir.path().join("ztunnel.sock");
+    let bad = ZdsServer::bind_with_pods(&path, FAKE_WAIT, vec![pod("", netns())]).await;
+    assert!(matches!(bad, Err(ZdsError::InvalidPod { .. })), "{:?}", bad.err());
+    assert!(!path.exists(), "nothing bound for a pod ztunnel could not take");
+
+    let ns = netns();
+    let id = file_id(&ns);
+    let server = ZdsServer::bind_with_pods(&path, FAKE_WAIT, vec![pod("uid-kept", ns)])
+        .await
+        .unwrap();
+    let (_zt, ()) = with_ztunnel(FakeZtunnel::connect(&path), move |zt| {
+        zt.hello(Version::V1 as i32);
+        let (req, fds) = zt.recv();
+        assert_eq!(req, WorkloadRequest::add("uid-kept", info("uid-kept")));
+        assert_eq!(fds.iter().map(file_id).collect::<Vec<_>>(), [id]);
+        zt.ack("");
+        zt.take_empty_snapshot();
+    })
+    .await;
+    wait_for("the connection to count", || server.connections() == 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nack_is_an_error_with_ztunnels_text_and_the_connection_stays() {
     let dir = TempDir::new();
     let path = dir.path().join("ztunnel.sock");
