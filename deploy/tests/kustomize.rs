@@ -80,28 +80,48 @@ fn the_base_renders_the_checked_in_objects_each_valid() {
     rendered.iter().for_each(check_typed);
 }
 
+/// An overlay of the base in a directory of its own (kustomize refuses one inside its base),
+/// removed on drop.
+struct Overlay(std::path::PathBuf);
+
+impl Overlay {
+    /// `kustomization` after `bases: [base]`, with the base linked in and `files` copied from
+    /// deploy/.
+    fn new(tag: &str, kustomization: &str, files: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(format!("redirect-kustomize-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let me = Self(dir);
+        std::os::unix::fs::symlink(DEPLOY, me.0.join("base")).unwrap();
+        for file in files {
+            std::fs::copy(Path::new(DEPLOY).join(file), me.0.join(file)).unwrap();
+        }
+        // `bases`, not `resources`: Debian 12's kubectl (1.20) has kustomize 2.0, which takes
+        // a directory only there; newer ones take both.
+        std::fs::write(
+            me.0.join("kustomization.yaml"),
+            format!("bases:\n  - base\n{kustomization}"),
+        )
+        .unwrap();
+        me
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn an_overlay_naming_another_registry_changes_only_the_images() {
-    let dir = std::env::temp_dir().join(format!("redirect-kustomize-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    struct Gone<'a>(&'a Path);
-    impl Drop for Gone<'_> {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(self.0);
-        }
-    }
-    let _gone = Gone(&dir);
-    std::os::unix::fs::symlink(DEPLOY, dir.join("base")).unwrap();
-    // `bases`, not `resources`: Debian 12's kubectl (1.20) has kustomize 2.0, which takes a
-    // directory only there; newer ones take both.
-    std::fs::write(
-        dir.join("kustomization.yaml"),
-        "bases:\n  - base\nimages:\n  - name: ghcr.io/redirect-mesh/redirect\n    newName: registry.example/redirect\n    newTag: dev\n",
-    )
-    .unwrap();
+    let dir = Overlay::new(
+        "registry",
+        "images:\n  - name: ghcr.io/redirect-mesh/redirect\n    newName: registry.example/redirect\n    newTag: dev\n",
+        &[],
+    );
     let base = sorted(render(Path::new(DEPLOY)));
-    let overlay = sorted(render(&dir));
+    let overlay = sorted(render(&dir.0));
     overlay.iter().for_each(check_typed);
     let mut images = 0;
     let mut expected = base.clone();
@@ -115,5 +135,35 @@ fn an_overlay_naming_another_registry_changes_only_the_images() {
         }
     }
     assert_eq!(images, 2, "the agent and install-cni");
+    assert_eq!(overlay, expected);
+}
+
+#[test]
+fn the_ambient_patch_adds_ztunnels_socket_and_ambient_selection_and_nothing_else() {
+    let dir = Overlay::new(
+        "ambient",
+        "patchesJson6902:\n  - target: {group: apps, version: v1, kind: DaemonSet, name: redirect-agent, namespace: kube-system}\n    path: ambient.yaml\n",
+        &["ambient.yaml"],
+    );
+    let overlay = sorted(render(&dir.0));
+    overlay.iter().for_each(check_typed);
+    let mut expected = sorted(render(Path::new(DEPLOY)));
+    let ds = expected.iter_mut().find(|o| o["kind"] == "DaemonSet").unwrap();
+    let spec = &mut ds["spec"]["template"]["spec"];
+    let install = &mut spec["initContainers"][0];
+    assert_eq!(install["name"], "install-cni");
+    install["command"].as_array_mut().unwrap().push("--ambient".into());
+    let agent = &mut spec["containers"][0];
+    assert_eq!(agent["name"], "agent");
+    let command = agent["command"].as_array_mut().unwrap();
+    command.extend(["--ztunnel-socket".into(), "/var/run/ztunnel/ztunnel.sock".into()]);
+    agent["volumeMounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({ "name": "ztunnel", "mountPath": "/var/run/ztunnel" }));
+    spec["volumes"].as_array_mut().unwrap().push(serde_json::json!({
+        "name": "ztunnel",
+        "hostPath": { "path": "/var/run/ztunnel", "type": "DirectoryOrCreate" }
+    }));
     assert_eq!(overlay, expected);
 }

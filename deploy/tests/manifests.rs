@@ -185,13 +185,19 @@ fn rbac() -> (ServiceAccount, ClusterRole, ClusterRoleBinding, Role, RoleBinding
 }
 
 #[test]
-fn the_plugin_may_read_pods_and_its_daemonset_and_only_install_cni_has_the_token() {
+fn the_plugin_may_read_pods_and_namespaces_and_its_daemonset_and_only_install_cni_has_the_token() {
     let (sa, role, binding, ds_role, ds_binding) = rbac();
     let rules = role.rules.unwrap();
-    assert_eq!(rules.len(), 1);
+    assert_eq!(rules.len(), 2);
+    // A pod at ADD, and its namespace's labels in ambient mode.
     assert_eq!(rules[0].api_groups.as_deref(), Some(&["".to_owned()][..]));
-    assert_eq!(rules[0].resources.as_deref(), Some(&["pods".to_owned()][..]));
+    let read = ["pods".to_owned(), "namespaces".to_owned()];
+    assert_eq!(rules[0].resources.as_deref(), Some(&read[..]));
     assert_eq!(rules[0].verbs, ["get"]);
+    // An ambient pod's enrolled annotation, through the status subresource only.
+    assert_eq!(rules[1].api_groups.as_deref(), Some(&["".to_owned()][..]));
+    assert_eq!(rules[1].resources.as_deref(), Some(&["pods/status".to_owned()][..]));
+    assert_eq!(rules[1].verbs, ["patch"]);
     assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
     let subject = &binding.subjects.unwrap()[0];
     assert_eq!(subject.kind, "ServiceAccount");
