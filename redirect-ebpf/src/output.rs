@@ -221,7 +221,7 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
     // though only a redirect binds it: what is live across the walk's call is what the
     // verifier must tell apart there, and this one value, rather than the destination and
     // `out_lo` it comes from, keeps the number of states it walks with small.
-    let bind = source(c, &dst, out_lo, family, marked_to_lo);
+    let bind = source(c, &dst, out_lo, family, marked_to_lo, ambient);
     // Only a workload with an interface list (`-c`) has rules that match devices: the others'
     // connects skip a second route lookup.
     let ifaces = if workload.flags & workload_flags::IFACES != 0 {
@@ -369,7 +369,9 @@ fn udp_flow(cookie: u64, dst: &Addr, port: u16) -> UdpFlow {
 /// - A destination that is one of the namespace's own addresses: that address (a local
 ///   route's source is its destination).
 /// - An IPv6 destination a TPROXY workload's marked socket reaches over lo
-///   (`marked_to_lo`): `::6`; an IPv4 one (a datagram's): the destination.
+///   (`marked_to_lo`): `::6`; an IPv4 one (a datagram's): the destination. An ambient
+///   workload's lo has no `::6` (istio-cni adds none), so source selection passes over lo's
+///   `::1` (too small a scope) to a global address of the pod's: as for the next case.
 /// - Any other non-loopback destination: the source the namespace's main routing table gives
 ///   it (`ROUTE_SOURCES`: the longest matching route's preferred source, else its device's
 ///   address), else the pod's address of the family (`POD_ADDRS`). Other policy routing
@@ -378,12 +380,12 @@ fn udp_flow(cookie: u64, dst: &Addr, port: u16) -> UdpFlow {
 ///   ([`addr::UNSPECIFIED`]; not an `Option`, whose `None` leaves the payload's registers
 ///   unwritten, and the verifier refuses to copy an unwritten register).
 #[inline(always)]
-fn source(c: &Connect, dst: &Addr, out_lo: bool, family: Family, marked_to_lo: bool) -> Addr {
+fn source(c: &Connect, dst: &Addr, out_lo: bool, family: Family, marked_to_lo: bool, ambient: bool) -> Addr {
     let unbound = addr::words_eq(&c.src, &addr::UNSPECIFIED) || addr::words_eq(&c.src, &addr::v4(0));
     if !unbound || addr::is_loopback(dst) {
         return addr::UNSPECIFIED;
     }
-    if out_lo {
+    if out_lo && !(marked_to_lo && ambient && family == Family::V6) {
         return if marked_to_lo && family == Family::V6 {
             addr::passthrough_src(Family::V6)
         } else {

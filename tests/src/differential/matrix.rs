@@ -94,10 +94,15 @@ impl Matrix {
                 for bind in [None, Some(passthrough)] {
                     clients.push((client(uid, gid, bind), every_dst()));
                 }
-                clients.push((
-                    client(uid, gid, Some(loopback)),
-                    vec![SocketAddr::new(passthrough, VALIDATION_PORT)],
-                ));
+                // istio-validation is a sidecar's init container. Ambient has none, and no
+                // `::6` to reach: a connect to an address with no route fails (ENETUNREACH)
+                // before nat sees it, where the agent would capture it (istio.md, "What differs").
+                if !cfg.ambient() {
+                    clients.push((
+                        client(uid, gid, Some(loopback)),
+                        vec![SocketAddr::new(passthrough, VALIDATION_PORT)],
+                    ));
+                }
             }
             // The owner match reads the socket file's fsuid/fsgid, not the real ids; and the
             // agent's mark, set by the app itself, is nothing to the sidecar rules.

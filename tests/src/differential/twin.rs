@@ -235,11 +235,13 @@ impl Twin {
                     }
                 }
                 // istio-iptables adds the IPv6 passthrough source with its ip6tables rules (the
-                // agent does it itself).
-                twin.pair
-                    .workload
-                    .ip(&["-6", "addr", "add", "::6/128", "dev", "lo"])
-                    .expect("::6 on lo");
+                // agent does it itself); istio-cni's ambient rules come with none.
+                if !cfg.ambient() {
+                    twin.pair
+                        .workload
+                        .ip(&["-6", "addr", "add", "::6/128", "dev", "lo"])
+                        .expect("::6 on lo");
+                }
             }
             Kind::Agent => {
                 let mut args = vec![
