@@ -127,8 +127,19 @@ fn enroll(
     req: redirect_api::Enroll,
 ) -> Result<WorkloadInfo, ApiError> {
     let req = engine::Request::from_api(req)?;
-    if let Some(h) = handoff {
-        h.admit(&req)?;
+    match handoff {
+        Some(h) => h.admit(&req)?,
+        // Nothing would serve the pod's ports: ambient's proxy is a node proxy, handed the pod.
+        None if req.proxy == crate::flags::ProxyMode::None && req.capture.ambient.is_some() => {
+            return Err(ApiError::new(
+                ErrorKind::Invalid,
+                format!(
+                    "workload '{}': --mode ambient with --proxy none, but this agent serves no ztunnel: start it with                      --ztunnel-socket PATH, or enroll the pod with --proxy embedded",
+                    req.id
+                ),
+            ));
+        }
+        None => {}
     }
     let info = {
         let mut engine = engine.blocking_lock();
@@ -142,11 +153,24 @@ fn enroll(
     let Err(e) = h.enrolled(engine, &info) else {
         return Ok(info);
     };
-    // Not left half-attached: captured, with nothing to serve it, and told to nobody.
-    if let Err(undo) = engine.blocking_lock().unenroll(Some(info.id.clone()), None) {
-        tracing::error!(id = %info.id, "taking back a workload that was not handed on: {undo}");
+    // Not left half-attached: captured, with nothing to serve it, and told to nobody. Unless a
+    // successor is being handed the workloads as they are, this one among them: then it stays,
+    // the successor's, and the CNI's DEL for the failed ADD removes it there.
+    let undone = {
+        let mut engine = engine.blocking_lock();
+        if engine.handing_over() {
+            tracing::warn!(id = %info.id, "not handed on, and a handover is in progress: left to the successor");
+            false
+        } else if let Err(undo) = engine.unenroll(Some(info.id.clone()), None) {
+            tracing::error!(id = %info.id, "taking back a workload that was not handed on: {undo}");
+            false
+        } else {
+            true
+        }
+    };
+    if undone {
+        h.released(&info);
     }
-    h.released(&info);
     Err(e)
 }
 

@@ -338,6 +338,10 @@ fn cni(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
                     }
                     Decision::Enroll { proxy, flags, ambient } => (proxy, flags, ambient),
                 };
+            // Reachable over HBONE only when ztunnel serves it (it took the pod, or the enroll
+            // failed): the embedded proxy serves no 15008.
+            let hbone = ambient && proxy == "none";
+            let named = pod_ref(&args, &pod);
             let request = Request::Enroll(redirect_api::Enroll {
                 id: id.clone(),
                 netns,
@@ -345,13 +349,14 @@ fn cni(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
                 proxy,
                 args: flags,
                 fast_path: pod.annotations.get("redirect.dev/fast-path").map(String::as_str) == Some("true"),
-                pod: pod_ref(&args, &pod),
+                pod: named.clone(),
             });
             call(&conf.agent_socket, &request).map_err(api_error)?;
-            // As istio-cni's node agent does once the pod is captured. Informational: the
-            // capture is in place whatever the API server answers, so ADD stands.
-            if ambient
-                && let (Some(kubeconfig), Some(pod)) = (&conf.kubeconfig, pod_ref(&args, &pod))
+            // As istio-cni's node agent does once ztunnel has the pod: istiod then sends it HBONE.
+            // Informational: the capture is in place whatever the API server answers, so ADD
+            // stands.
+            if hbone
+                && let (Some(kubeconfig), Some(pod)) = (&conf.kubeconfig, &named)
                 && let Err(e) = kube::annotate_ambient(&api_conf(&conf, kubeconfig), &pod.namespace, &pod.name)
             {
                 eprintln!(

@@ -10,7 +10,7 @@ use redirect_api::{PodRef, WorkloadInfo};
 use redirect_common::{
     MAX_WORKLOADS,
     chain::{self, Compiled},
-    config::{CaptureConfig, InterceptionMode},
+    config::{CaptureConfig, InboundPath},
     events, maps,
 };
 
@@ -186,6 +186,22 @@ impl Engine {
                  the workload's with --resolv-conf PATH)"
                     .into(),
             ));
+        }
+        // The agent's own resolvers are dialed from the pod's namespace: a loopback one there
+        // (systemd-resolved's 127.0.0.53) is no resolver at all.
+        let upstreams = &req.capture.dns.upstreams;
+        if req.proxy == ProxyMode::Embedded
+            && req.capture.dns.enabled()
+            && node_proxy
+            && !named
+            && upstreams.iter().all(|a| a.is_loopback())
+        {
+            let list: Vec<String> = upstreams.iter().map(ToString::to_string).collect();
+            return Err(EnrollError::Flags(format!(
+                "--redirect-dns with the embedded proxy in ambient mode: the agent's resolv.conf names only loopback \
+                 resolvers ({}), which the pod's namespace cannot reach (name reachable ones with --resolv-conf PATH)",
+                list.join(", ")
+            )));
         }
         // Ambient's rules hold for every socket of the namespace, ztunnel's too, which lives in
         // a cgroup of its own.
@@ -398,10 +414,10 @@ impl Engine {
                 max_connections: self.settings.sizing.max_proxy_connections,
                 liveness: self.settings.sizing.liveness,
                 dns_port: capture.dns.enabled().then_some(redirect_common::DNS_PROXY_PORT),
-                inbound_dial: match (&capture.ambient, capture.inbound_mode) {
-                    (Some(_), _) => InboundDial::Ambient,
-                    (None, InterceptionMode::Tproxy) => InboundDial::Tproxy(capture.tproxy.mark),
-                    (None, InterceptionMode::Redirect) => InboundDial::Passthrough,
+                inbound_dial: match capture.inbound_path() {
+                    InboundPath::Ambient => InboundDial::Ambient,
+                    InboundPath::Tproxy(t) => InboundDial::Tproxy(t.mark),
+                    InboundPath::Passthrough => InboundDial::Passthrough,
                 },
                 splice: self.settings.sizing.relay == crate::flags::Relay::Splice && !fast_path,
             };

@@ -123,7 +123,7 @@ pub(super) fn check_ztunnel_socket(path: &Path, control: &Path) -> anyhow::Resul
 
 /// Whether something listens on the socket file at `path`, as the server's bind will ask: a
 /// connect that is refused means nobody does.
-fn listened(path: &Path) -> anyhow::Result<ZdsSocket> {
+pub(super) fn listened(path: &Path) -> anyhow::Result<ZdsSocket> {
     use rustix::{
         io::Errno,
         net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType},

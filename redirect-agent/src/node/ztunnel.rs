@@ -6,11 +6,12 @@
 //! pod's namespace, which it is sent. ZDS keys pods by their Kubernetes uid, so such an
 //! enrollment must name its pod's uid ([`Handoff::admit`]).
 //!
-//! The engine enrolls first; the pod goes to ztunnel after, without the engine's lock. With no
-//! ztunnel connected it is only kept for the next snapshot: its capture is on meanwhile, and
-//! connections to it fail fast until ztunnel serves it (fail-closed). One that ztunnel
-//! refuses, or does not answer for in time, is taken back out of the engine ([`crate::api`])
-//! and the enroll fails, to be retried.
+//! The engine enrolls first; the pod goes to ztunnel after, without the engine's lock. One
+//! that no ztunnel takes (none is connected, or it refuses, or it does not answer in time) is
+//! taken back out of the engine ([`crate::api`]) and the enroll fails as `unavailable`, to be
+//! retried, as istio-cni fails the pod's ADD. Pods the engine already serves (a restart's)
+//! wait for the next snapshot instead: their capture is on, and connections to them fail fast
+//! until ztunnel serves them.
 //!
 //! One server at a time listens on the socket: a successor binds it once its predecessor has
 //! let go of it (every [`RETRY_IN_USE`] until then), with the pods the engine serves in its
@@ -38,6 +39,9 @@ use crate::{
 const RETRY_IN_USE: Duration = Duration::from_millis(100);
 /// How often it tries after any other failure (logged when it changes).
 const RETRY_FAILED: Duration = Duration::from_secs(1);
+/// How long the socket may stay in use before that is worth a warning: a predecessor lets go
+/// of it as soon as it has handed over.
+const IN_USE_WARNING: Duration = Duration::from_secs(30);
 
 /// The ZDS server of a node agent, and the workloads it hands to ztunnel.
 pub(crate) struct Ztunnel {
@@ -160,8 +164,28 @@ impl Ztunnel {
         let me: Weak<Self> = Arc::downgrade(self);
         let task = tokio::spawn(async move {
             let mut told = None;
+            let since = std::time::Instant::now();
+            let mut warned = false;
             // Ends with the last handle: a stopped agent binds nothing.
             while let Some(z) = me.upgrade() {
+                // Probed first, so that waiting costs no look at the engine's pods.
+                if matches!(
+                    super::endpoints::listened(&z.path),
+                    Ok(super::endpoints::ZdsSocket::Listened)
+                ) {
+                    if !warned && since.elapsed() > IN_USE_WARNING {
+                        tracing::warn!(
+                            path = %z.path.display(),
+                            "still listened on after {} s: another ZDS server (istio-cni's node agent?) holds it; \
+                             ztunnel gets no pod from this agent until it lets go",
+                            IN_USE_WARNING.as_secs()
+                        );
+                        warned = true;
+                    }
+                    drop(z);
+                    tokio::time::sleep(RETRY_IN_USE).await;
+                    continue;
+                }
                 let Err(e) = z.bind(&engine).await else { return };
                 drop(z);
                 let in_use = matches!(e, ZdsError::InUse(_));
@@ -209,11 +233,30 @@ impl Ztunnel {
             }
         };
         let Some(pod) = pod else { return };
-        self.handed().insert(info.id.clone(), pod.uid.clone());
-        if let Some(server) = self.server().await
-            && let Err(e) = server.add(pod).await
-        {
-            tracing::warn!(id = %info.id, "{}: {e}", pod_name(info));
+        let uid = pod.uid.clone();
+        self.handed().insert(info.id.clone(), uid.clone());
+        let Some(server) = self.server().await else { return };
+        match server.add(pod).await {
+            Ok(()) => self.released_meanwhile(&server, &info.id, &uid),
+            Err(e) => tracing::warn!(id = %info.id, "{}: {e}", pod_name(info)),
+        }
+    }
+
+    /// After an `AddWorkload` for workload `id`: if it was released while ztunnel was being
+    /// told (its [`Self::forget`] found it, and may have sent its `DelWorkload` first), the pod
+    /// is removed again, so ztunnel is not left holding a pod nobody serves.
+    fn released_meanwhile(&self, server: &Arc<ZdsServer>, id: &str, uid: &str) {
+        // Another workload of the same pod keeps it too.
+        let held = self.handed().values().any(|u| u == uid);
+        if !held {
+            tracing::info!(id, %uid, "released while ztunnel was told of it: removed again");
+            let server = server.clone();
+            let uid = uid.to_owned();
+            self.runtime.spawn(async move {
+                if let Err(e) = server.remove(&uid).await {
+                    tracing::warn!(%uid, "removing a pod released while ztunnel was told of it: {e}");
+                }
+            });
         }
     }
 
@@ -256,31 +299,45 @@ impl Handoff for Ztunnel {
     }
 
     fn enrolled(&self, engine: &Mutex<Engine>, info: &WorkloadInfo) -> Result<(), ApiError> {
-        let (netns, ambient) = {
-            let engine = engine.blocking_lock();
-            (engine.netns_of(&info.id), engine.is_ambient(&info.id))
-        };
-        let proxy = ProxyMode::parse(&info.proxy).unwrap_or(ProxyMode::Embedded);
-        if !for_ztunnel(proxy, ambient) {
-            return Ok(());
-        }
         let failed = |kind, e: &dyn std::fmt::Display| {
             ApiError::new(kind, format!("{}: {e}; not enrolled (retry)", pod_name(info)))
         };
-        // Released meanwhile (its namespace went away): nothing to hand on.
-        let Some(netns) = netns else { return Ok(()) };
-        let netns = netns.map_err(|e| failed(ErrorKind::Internal, &format!("its namespace for ztunnel: {e}")))?;
-        let pod = zds_pod(info, netns).ok_or_else(|| failed(ErrorKind::Invalid, &"no pod uid"))?;
-        self.handed().insert(info.id.clone(), pod.uid.clone());
-        let Some(server) = self.runtime.block_on(self.server()) else {
-            tracing::info!(id = %info.id, "ZDS socket not bound yet: ztunnel gets the pod once it is");
-            return Ok(());
+        let pod = {
+            let engine = engine.blocking_lock();
+            let proxy = ProxyMode::parse(&info.proxy).unwrap_or(ProxyMode::Embedded);
+            if !for_ztunnel(proxy, engine.is_ambient(&info.id)) {
+                return Ok(());
+            }
+            // Released meanwhile (its namespace went away): nothing to hand on.
+            let Some(netns) = engine.netns_of(&info.id) else {
+                return Ok(());
+            };
+            let netns = netns.map_err(|e| failed(ErrorKind::Internal, &format!("its namespace for ztunnel: {e}")))?;
+            let pod = zds_pod(info, netns).ok_or_else(|| failed(ErrorKind::Invalid, &"no pod uid"))?;
+            // Recorded while the engine still holds it: a release from now on finds it.
+            self.handed().insert(info.id.clone(), pod.uid.clone());
+            pod
         };
+        let uid = pod.uid.clone();
+        // As istio-cni: a pod no ztunnel takes now is not enrolled (its ADD is retried), rather
+        // than started with nothing serving it.
+        let server = self
+            .runtime
+            .block_on(self.server())
+            .filter(|s| s.connections() > 0)
+            .ok_or_else(|| {
+                failed(
+                    ErrorKind::Unavailable,
+                    &format!("no ztunnel is connected to {}", self.path.display()),
+                )
+            })?;
         self.runtime.block_on(server.add(pod)).map_err(|e| match e {
             ZdsError::InvalidPod { .. } => failed(ErrorKind::Invalid, &e),
             // Refused, or not answered in time: the CNI plugin tries again.
             e => failed(ErrorKind::Unavailable, &e),
-        })
+        })?;
+        self.released_meanwhile(&server, &info.id, &uid);
+        Ok(())
     }
 
     fn released(&self, info: &WorkloadInfo) {

@@ -107,11 +107,11 @@ impl Policy {
     /// The routing a capture needs in the workload's namespace: TPROXY mode's (`-t`, `-r`),
     /// ambient mode's, or none.
     pub fn of(capture: &redirect_common::config::CaptureConfig) -> Option<Self> {
-        use redirect_common::config::InterceptionMode;
-        match (&capture.ambient, capture.inbound_mode) {
-            (Some(_), _) => Some(Self::ambient()),
-            (None, InterceptionMode::Tproxy) => Some(Self::tproxy(capture.tproxy.mark, capture.tproxy.route_table)),
-            (None, InterceptionMode::Redirect) => None,
+        use redirect_common::config::InboundPath;
+        match capture.inbound_path() {
+            InboundPath::Ambient => Some(Self::ambient()),
+            InboundPath::Tproxy(t) => Some(Self::tproxy(t.mark, t.route_table)),
+            InboundPath::Passthrough => None,
         }
     }
 

@@ -59,6 +59,32 @@ impl DnsCapture {
     }
 }
 
+/// How a captured inbound connection reaches the app from the proxy, and the policy routing
+/// that brings the app's replies back: `-m` read together with `--mode`, once, for the proxy
+/// and the routing alike.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum InboundPath {
+    /// `-m REDIRECT`: dialed from 127.0.0.6 (`::6`), over lo; no routing.
+    Passthrough,
+    /// `-m TPROXY`: dialed from the client's address with `-t`'s mark, whose replies
+    /// `fwmark MARK lookup TABLE` (`-r`) keeps in the namespace.
+    Tproxy(Tproxy),
+    /// Ambient: dialed from the client's address as ztunnel does, with istio-cni's routing of
+    /// its mark.
+    Ambient,
+}
+
+impl super::CaptureConfig {
+    /// This capture's [`InboundPath`]: ambient's whatever `-m` says.
+    pub fn inbound_path(&self) -> InboundPath {
+        match (&self.ambient, self.inbound_mode) {
+            (Some(_), _) => InboundPath::Ambient,
+            (None, super::InterceptionMode::Tproxy) => InboundPath::Tproxy(self.tproxy),
+            (None, super::InterceptionMode::Redirect) => InboundPath::Passthrough,
+        }
+    }
+}
+
 /// `-t`/`--istio-inbound-tproxy-mark` and `-r`/`--istio-inbound-tproxy-route-table`.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Tproxy {
