@@ -443,3 +443,44 @@ fn bad_ztunnel_sockets_are_refused_before_anything_changes() {
     }
     assert!(taken.exists(), "the other server's socket is left alone");
 }
+
+#[test]
+fn an_ambient_pod_nothing_would_serve_is_not_enrolled() {
+    let dir = TempDir::new("zt-none");
+    let pair = NetnsPair::create_on("zt-none", 66).expect("namespaces");
+    let request = enroll(
+        "web-6",
+        &pair.workload.path,
+        AMBIENT,
+        "none",
+        Some(pod("web-6", Some(UID))),
+    );
+    let refused = |agent: &NodeAgent, kind: ErrorKind, part: &str| {
+        let answer = call(agent, &request);
+        let Err(ClientError::Refused(ApiError { kind: got, message })) = answer else {
+            panic!("enroll: {answer:?}");
+        };
+        assert_eq!(got, kind, "{message}");
+        assert!(message.contains(part), "expected '{part}' in: {message}");
+        assert_eq!(message.lines().count(), 1, "{message}");
+        assert!(agent.ids().is_empty());
+    };
+    // Serving ZDS, but no ztunnel has connected: as istio-cni, the pod's ADD fails (and is
+    // retried) rather than its pod starting with nothing on its ports.
+    let agent = zds_agent("zt-none", &dir.socket());
+    let _node = agent.start().expect("node agent starts");
+    refused(&agent, ErrorKind::Unavailable, "no ztunnel is connected");
+    // Once one has, the same request is served.
+    let zt = FakeZtunnel::connect(&dir.socket(), WAIT).unwrap();
+    assert!(zt.snapshot(WAIT).unwrap().is_empty());
+    let (answer, _) = call_while(&agent, &request, &zt, |zt, _| {
+        zt.ack().unwrap();
+        false
+    });
+    assert!(matches!(answer, Ok(Response::Enrolled(_))), "{answer:?}");
+
+    // Not serving ZDS at all: nothing would ever serve an ambient pod's ports with no proxy.
+    let plain = NodeAgent::new("zt-plain", &[]);
+    let _node = plain.start().expect("node agent starts");
+    refused(&plain, ErrorKind::Invalid, "serves no ztunnel");
+}

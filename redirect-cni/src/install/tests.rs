@@ -222,9 +222,18 @@ fn ambient_options_are_written_to_the_entry_and_need_the_api_server() {
     std::fs::create_dir_all(&account).unwrap();
     std::fs::write(account.join("token"), "t").unwrap();
     let sa = account.to_str().unwrap();
-    // Labels come from the API server: ambient mode without its account is refused.
-    assert!(install(&node.args(&["--ambient"])).is_err());
-    assert!(install(&node.args(&["--ambient-proxy", "embedded"])).is_err());
+    // Labels come from the API server: ambient mode without its account is refused, and its
+    // options without ambient mode.
+    let e = install(&node.args(&["--ambient"])).unwrap_err().to_string();
+    assert!(e.contains("--service-account"), "{e}");
+    let e = install(&node.args(&["--ambient-proxy", "embedded"]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--ambient"), "{e}");
+    let e = install(&node.args(&["--ambient", "--ambient-proxy", "ztunnel", "--service-account", "/x"]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ztunnel"), "{e}");
     let flags = [
         "--ambient",
         "--ambient-proxy",

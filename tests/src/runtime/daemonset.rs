@@ -16,6 +16,29 @@ pub fn daemonset() -> serde_yaml::Value {
     serde_yaml::from_str(&text).expect("deploy/daemonset.yaml parses")
 }
 
+/// Applies a JSON patch of `add` operations (RFC 6902, the only operation deploy/'s patches
+/// use) to `doc`; `-` at the end of a path appends to a list.
+fn add_all(doc: &mut serde_yaml::Value, patch: &serde_yaml::Value) {
+    for op in patch.as_sequence().expect("a JSON patch is a list") {
+        assert_eq!(op["op"], "add", "the harness applies add operations only: {op:?}");
+        let path = op["path"].as_str().expect("a path");
+        let mut parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let last = parts.pop().expect("a path with a key");
+        let mut at = &mut *doc;
+        for part in parts {
+            at = match part.parse::<usize>() {
+                Ok(i) if at.is_sequence() => &mut at[i],
+                _ => &mut at[part],
+            };
+        }
+        let value = op["value"].clone();
+        match (at, last) {
+            (serde_yaml::Value::Sequence(list), "-") => list.push(value),
+            (at, key) => at[key] = value,
+        }
+    }
+}
+
 /// The DaemonSet's pod spec's container (or init container) `name`.
 pub fn container(ds: &serde_yaml::Value, name: &str) -> serde_yaml::Value {
     let spec = &ds["spec"]["template"]["spec"];
@@ -60,6 +83,20 @@ pub(super) fn image_name() -> String {
 }
 
 impl Node {
+    /// The DaemonSet this node runs.
+    pub fn daemonset(&self) -> serde_yaml::Value {
+        self.daemonset.borrow().clone()
+    }
+
+    /// From now on the node runs the DaemonSet with `file` of deploy/ (a JSON patch, such as
+    /// ambient.yaml) applied, as an overlay would apply it.
+    pub fn patch_daemonset(&self, file: &str) {
+        let path = format!("{}/../deploy/{file}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let patch: serde_yaml::Value = serde_yaml::from_str(&text).expect("a YAML JSON patch");
+        add_all(&mut self.daemonset.borrow_mut(), &patch);
+    }
+
     /// `podman run --detach` of the DaemonSet's container `spec`, for the agent instance
     /// `agent`: its command with the instance's socket, name and metrics address; its
     /// capabilities, security options, environment; the node's namespaces as `hostNetwork`
@@ -75,7 +112,7 @@ impl Node {
         extra: &[&str],
         env: &[(&str, String)],
     ) -> Container<'_> {
-        let ds = daemonset();
+        let ds = self.daemonset();
         let pod = &ds["spec"]["template"]["spec"];
         let mut args: Vec<String> = vec!["run".into(), "--detach".into(), "--name".into(), name.into()];
         args.extend(["--cgroup-parent".into(), self.cgroup_parent()]);
@@ -140,6 +177,8 @@ impl Node {
             let host = match volume["hostPath"]["path"].as_str() {
                 Some("/opt/cni/bin") => self.bin_dir(),
                 Some("/etc/cni/net.d") => self.conf_dir(),
+                // ztunnel's socket directory (deploy/ambient.yaml): the node's own.
+                Some("/var/run/ztunnel") => self.volume_dir("ztunnel"),
                 Some(other) => PathBuf::from(other),
                 None => self.volume_dir(volume["name"].as_str().unwrap()),
             };
@@ -212,7 +251,7 @@ impl Node {
             ("KUBERNETES_SERVICE_PORT", api.addr.port().to_string()),
             ("KUBERNETES_SERVICE_PROTOCOL", "http".into()),
         ];
-        let c = self.run_daemonset_container(name, &container(&daemonset(), "install-cni"), agent, &args, &env);
+        let c = self.run_daemonset_container(name, &container(&self.daemonset(), "install-cni"), agent, &args, &env);
         let deadline = Instant::now() + Duration::from_secs(30);
         while !self.chained() {
             assert!(
@@ -240,7 +279,7 @@ impl Node {
 
     /// The DaemonSet's agent container as instance `agent`, waited for until it serves.
     pub fn start_agent(&self, name: &str, agent: &NodeAgent) -> Container<'_> {
-        let spec = container(&daemonset(), "agent");
+        let spec = container(&self.daemonset(), "agent");
         let c = self.run_daemonset_container(name, &spec, agent, &["--name", &agent.name], &[]);
         let deadline = Instant::now() + redirect_testkit::agent::start_timeout();
         loop {

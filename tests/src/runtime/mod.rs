@@ -59,6 +59,9 @@ pub struct Node {
     pub image: String,
     /// The pods' namespaces, removed on drop if the runtime left any (a DEL that failed).
     netns_made: std::cell::RefCell<Vec<PathBuf>>,
+    /// The DaemonSet this node runs: deploy/daemonset.yaml, with the patches of
+    /// [`Node::patch_daemonset`].
+    daemonset: std::cell::RefCell<serde_yaml::Value>,
 }
 
 /// A running container, removed on drop (after `grace` for SIGTERM).
@@ -87,6 +90,7 @@ impl Node {
             subnet,
             image: image_name(),
             netns_made: Default::default(),
+            daemonset: daemonset().into(),
             dir,
         };
         // No default route, no masquerade: the pods reach the node's namespace and nothing
