@@ -440,6 +440,8 @@ fn bad_ztunnel_sockets_are_refused_before_anything_changes() {
             "{value}: pins were made"
         );
         assert!(!Path::new(&socket).exists(), "{value}: the control socket was bound");
+        let lock = format!("/run/redirect/{name}.lock");
+        assert!(!Path::new(&lock).exists(), "{value}: the instance's lock file was left");
     }
     assert!(taken.exists(), "the other server's socket is left alone");
 }

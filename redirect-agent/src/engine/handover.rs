@@ -72,10 +72,12 @@ fn sort_descriptors(id: &str, names: &[String], fds: Vec<OwnedFd>) -> anyhow::Re
 /// Asks a running predecessor of instance `name` to hand over. `None`: nobody answers on the
 /// socket. With `want_metrics`, it also asks for the predecessor's metrics listener.
 pub(crate) fn receive(socket: &Path, name: &str, want_metrics: bool) -> anyhow::Result<Option<Handover>> {
-    let awaiting = super::pins::open_lock(name).context("opening the instance lock")?;
     let Ok(stream) = UnixStream::connect(socket) else {
         return Ok(None);
     };
+    // Opened once somebody answers, before the ask: a start refused later (a busy ZDS socket,
+    // a taken port) must not leave a lock file where there was none.
+    let awaiting = super::pins::open_lock(name).context("opening the instance lock")?;
     let timeout = Some(Duration::from_secs(30));
     stream.set_read_timeout(timeout)?;
     stream.set_write_timeout(timeout)?;
