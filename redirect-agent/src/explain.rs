@@ -39,6 +39,16 @@ pub struct Explanation {
     /// `--mode ambient`: istio-cni's in-pod rules rather than istio-iptables'.
     #[serde(default)]
     pub ambient: bool,
+    /// Ambient mode: what istio-cni writes in the node's own namespace for the pod (not
+    /// iptables-restore input for the pod's), and what serves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeLine>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeLine {
+    pub line: String,
+    pub by: String,
 }
 
 impl Explanation {
@@ -52,6 +62,10 @@ impl Explanation {
             iptables_save: chain::iptables_save(&lines),
             lines: lines.iter().map(explained).collect(),
             ambient: cfg.ambient.is_some(),
+            node: cfg.ambient.as_ref().map(|a| {
+                let (line, by) = chain::node_rule(a, family);
+                NodeLine { line, by: by.into() }
+            }),
         })
     }
 
@@ -79,6 +93,11 @@ impl Explanation {
             let slot = l.slot.map_or_else(|| "-".to_string(), |s| s.to_string());
             let at = format!("{}:{}:{}", l.table, l.chain, l.num);
             let _ = writeln!(s, "# {slot:>4}  {at:<28} {}  [{}]", l.line, l.by);
+        }
+        if let Some(node) = &self.node {
+            let _ = writeln!(s, "#");
+            let _ = writeln!(s, "# and in the node's own namespace, for every ambient pod:");
+            let _ = writeln!(s, "#   {}  [{}]", node.line, node.by);
         }
         s
     }

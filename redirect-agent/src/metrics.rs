@@ -104,6 +104,7 @@ pub fn map_occupancy(pin_dir: &Path) -> Vec<MapOccupancy> {
         count::<u64, OrigDst>(pin_dir, maps::UDP_ORIG),
         count::<redirect_common::UdpFlowKey, u64>(pin_dir, maps::UDP_FLOWS),
         count::<redirect_common::IfaceKey, u32>(pin_dir, maps::IFACES),
+        count::<redirect_common::ProbeSnatKey, redirect_common::ProbeSnat>(pin_dir, maps::PROBE_SNAT),
         // The node-wide pools of the workloads' rule lists: an enroll past either is refused.
         count::<redirect_common::CounterKey, u64>(pin_dir, maps::RULE_COUNTERS),
         count::<redirect_common::PortSetKey, redirect_common::SetMember>(pin_dir, maps::PORT_SETS),

@@ -28,6 +28,58 @@ impl LocalAddrKey {
     }
 }
 
+/// A destination the node's own sockets reach an ambient pod at: the key of `PROBE_SNAT`.
+/// istio-cni's node rules (`CreateHostRulesForHealthChecks`) SNAT every TCP connection a
+/// socket of the node makes to an address in the `istio-inpod-probes` ipsets; this is a
+/// member of that set, in the node's namespace.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ProbeSnatKey {
+    /// The cookie of the namespace whose sockets are the node's (the agent's own).
+    pub node_netns_cookie: u64,
+    /// The pod's address, [`crate::addr`] form: IPv4 v4-mapped.
+    pub pod_addr: Addr,
+}
+
+impl ProbeSnatKey {
+    /// The key of pod address `pod_addr` as seen from the namespace `node_netns_cookie`.
+    #[inline(always)]
+    pub const fn new(node_netns_cookie: u64, pod_addr: Addr) -> Self {
+        Self {
+            node_netns_cookie,
+            pod_addr,
+        }
+    }
+
+    /// [`ProbeSnatKey::new`] from an address as user space holds it.
+    #[cfg(any(feature = "user", test))]
+    pub const fn from_ip(node_netns_cookie: u64, pod_addr: core::net::IpAddr) -> Self {
+        Self::new(node_netns_cookie, crate::addr::from_ip(pod_addr))
+    }
+}
+
+/// What a `PROBE_SNAT` entry gives the node's connections to that pod address: the source
+/// they are bound to (the pod's `--host-probe-snat` or `--host-probe-v6-snat`), and which
+/// workload wrote it, so that its removal takes exactly its own entries.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ProbeSnat {
+    /// [`crate::addr`] form.
+    pub source: Addr,
+    /// The pod's namespace cookie.
+    pub pod_netns_cookie: u64,
+}
+
+impl ProbeSnat {
+    #[cfg(any(feature = "user", test))]
+    pub const fn from_ip(source: core::net::IpAddr, pod_netns_cookie: u64) -> Self {
+        Self {
+            source: crate::addr::from_ip(source),
+            pod_netns_cookie,
+        }
+    }
+}
+
 /// Something a workload has once per address family: its capture listener
 /// (`INBOUND_LISTENERS`), its own address (`POD_ADDRS`).
 #[repr(C)]
@@ -467,6 +519,10 @@ mod pod {
     // SAFETY: repr(C), Copy; 2 x [u32; 4], 2 x u16, u8, explicit [u8; 3] `_pad`; 40 bytes,
     // no gaps.
     unsafe impl aya::Pod for super::VirtFlow {}
+    // SAFETY: repr(C), Copy; u64 then [u32; 4]; 24 bytes, no gaps.
+    unsafe impl aya::Pod for super::ProbeSnatKey {}
+    // SAFETY: repr(C), Copy; [u32; 4] then u64 (at offset 16, 8-aligned); 24 bytes, no gaps.
+    unsafe impl aya::Pod for super::ProbeSnat {}
 }
 
 #[cfg(test)]
@@ -490,6 +546,8 @@ mod layout {
         assert_eq!(size_of::<VirtIface>(), 40);
         assert_eq!(size_of::<VirtFlowKey>(), 32);
         assert_eq!(size_of::<VirtFlow>(), 40);
+        assert_eq!(size_of::<ProbeSnatKey>(), 24);
+        assert_eq!(size_of::<ProbeSnat>(), 24);
         assert_eq!(
             RouteDst::new(0x0102_0304_0506_0708, [0; 4]).netns_cookie(),
             0x0102_0304_0506_0708

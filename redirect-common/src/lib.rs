@@ -208,8 +208,12 @@ pub mod maps {
     /// what their replies carry (after a REDIRECT every connection of a VM port has the same
     /// far end, the device's address and the capture port): conntrack's reply tuple.
     pub const VIRT_REPLIES: &str = "VIRT_REPLIES";
+    /// [`crate::ProbeSnatKey`] -> [`crate::ProbeSnat`]: node mode's stand-in for istio-cni's
+    /// SNAT of the node's connections to ambient pods (the kubelet's probes), which connect4/6
+    /// bind to the pod's probe address.
+    pub const PROBE_SNAT: &str = "PROBE_SNAT";
     /// Every map the agent pins while it runs.
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 24] = [
         WORKLOADS,
         LOCAL_ADDRS,
         POD_ADDRS,
@@ -233,6 +237,7 @@ pub mod maps {
         VIRT_IFACES,
         VIRT_FLOWS,
         VIRT_REPLIES,
+        PROBE_SNAT,
     ];
 }
 

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use redirect_common::{
     CidrSetKey, CounterKey, FamilyKey, IfaceKey, LocalAddrKey, MAX_RULE_COUNTERS, MAX_SET_MEMBERS, MAX_WORKLOADS,
-    OrigDst, PendingOrigDst, PortSetKey, RouteDst, RouteInfo, SetMember, TupleKey, UdpFlowKey, VirtFlow, VirtFlowKey,
-    VirtIface, Workload,
+    OrigDst, PendingOrigDst, PortSetKey, ProbeSnat, ProbeSnatKey, RouteDst, RouteInfo, SetMember, TupleKey, UdpFlowKey,
+    VirtFlow, VirtFlowKey, VirtIface, Workload,
     addr::{self, Addr, Family},
     events,
 };
@@ -35,6 +35,12 @@ pub static LOCAL_ADDRS: HashMap<LocalAddrKey, u8, { PER_WORKLOAD * WORKLOAD_SLOT
 /// turns its ip6tables chains on.
 #[btf_map]
 pub static POD_ADDRS: HashMap<FamilyKey, Addr, { 2 * WORKLOAD_SLOTS }, ON_DEMAND> = HashMap::new();
+
+/// The node's connections to ambient pods, and the source each is bound to
+/// (`redirect_common::maps::PROBE_SNAT`): an entry per address of each ambient pod, written by
+/// a node agent only.
+#[btf_map]
+pub static PROBE_SNAT: HashMap<ProbeSnatKey, ProbeSnat, { 2 * WORKLOAD_SLOTS }, ON_DEMAND> = HashMap::new();
 
 /// One counter per rule per workload, by its slot (`redirect_common::CounterKey`): allocated
 /// as workloads enroll (the agent writes each workload's zeros before its chain), so a
@@ -183,6 +189,16 @@ pub fn pod_addr(netns_cookie: u64, family: Family) -> Option<Addr> {
     // the program returns), and never kept. Only the agent writes POD_ADDRS, replacing whole
     // entries; a slot recycled while we copy gives other integers, still a valid Addr.
     unsafe { POD_ADDRS.get(FamilyKey::new(netns_cookie, family)) }.copied()
+}
+
+/// The source the node's connections to `dst` take, if `dst` is an ambient pod's address
+/// and `netns_cookie` the namespace of the node the agent serves it from.
+#[inline(always)]
+pub fn probe_snat(netns_cookie: u64, dst: &Addr) -> Option<Addr> {
+    // SAFETY: the reference is copied from at once (16 bytes) while the value is mapped (until
+    // the program returns), and never kept. Only the agent writes PROBE_SNAT, replacing whole
+    // entries; a slot recycled while we copy gives other integers, still a valid Addr.
+    unsafe { PROBE_SNAT.get(ProbeSnatKey::new(netns_cookie, *dst)) }.map(|v| v.source)
 }
 
 /// What the workload's routes say of a connection to `dst`: no source and no device when no

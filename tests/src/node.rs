@@ -37,6 +37,9 @@ pub struct NodeAgent {
     /// The only capabilities its processes may have (their bounding set), as Kubernetes names
     /// them (`NET_ADMIN`).
     capabilities: Option<rustix::thread::CapabilitySet>,
+    /// The network namespace its processes run in (the node's, to them); the test's own by
+    /// default.
+    netns: Option<PathBuf>,
 }
 
 /// `redirect-agent node` under a name and socket that must be refused: the start exits 1 at
@@ -86,7 +89,16 @@ impl NodeAgent {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             nofile: None,
             capabilities: None,
+            netns: None,
         }
+    }
+
+    /// Its processes run in the network namespace at `netns`, a node of the test's own whose
+    /// connections are its to judge: the metrics endpoint is then that namespace's (read
+    /// counters with `stats`).
+    pub fn within(mut self, netns: &Path) -> Self {
+        self.netns = Some(netns.to_owned());
+        self
     }
 
     /// Its processes start with these capabilities at most (a container's `capabilities.add`
@@ -136,6 +148,22 @@ impl NodeAgent {
                     if !allowed.contains(CapabilitySet::SETPCAP) {
                         t::remove_capability_from_bounding_set(CapabilitySet::SETPCAP)?;
                     }
+                    Ok(())
+                });
+            }
+        }
+        if let Some(netns) = &self.netns {
+            use std::os::{fd::AsFd as _, unix::process::CommandExt as _};
+            let ns = std::fs::File::open(netns)?;
+            // SAFETY: between fork and exec the closure makes one syscall (setns), which
+            // allocates nothing and takes no lock; `ns` stays open in the parent until spawn
+            // returns.
+            unsafe {
+                command.pre_exec(move || {
+                    rustix::thread::move_into_link_name_space(
+                        ns.as_fd(),
+                        Some(rustix::thread::LinkNameSpaceType::Network),
+                    )?;
                     Ok(())
                 });
             }

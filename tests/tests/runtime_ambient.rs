@@ -37,7 +37,10 @@ const APP: u16 = 8080;
 const REMOTE: u16 = 9090;
 /// ISTIO_PRERT's rules, 1-based as the metrics number them: the probes' ACCEPT, then the
 /// redirect to 15006.
+const PRERT_PROBE: usize = 1;
 const PRERT_REDIRECT: usize = 2;
+/// istio-cni's probe SNAT source, which the node's connections to an ambient pod leave from.
+const PROBE_SOURCE: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
 /// ISTIO_OUTPUT's redirect to 15001 with DNS capture (on by default, as with istio-cni): after
 /// the probes', the inbound-proxied mark's and lo's ACCEPTs, and DNS's two.
 const OUTPUT_REDIRECT_DNS: usize = 6;
@@ -219,6 +222,16 @@ fn ambient_pods_go_to_the_nodes_ztunnel_or_the_embedded_proxy_and_are_released_w
     let annotations = &api.get("/api/v1/namespaces/shop/pods/cart").unwrap()["metadata"]["annotations"];
     assert_eq!(annotations["ambient.istio.io/redirection"], "enabled", "{annotations}");
 
+    // A pod of the namespace that opts out is left alone (checked below): here, another pod
+    // of the node that dials the ambient ones.
+    let legacy = start_pod(
+        &node,
+        &api,
+        ("shop", "legacy"),
+        json!({ "istio.io/dataplane-mode": "none" }),
+        json!({}),
+    );
+
     // ztunnel's listeners, made in the namespace it was handed and marked as its own.
     let outbound = listen_in(&netns, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 15001))).unwrap();
     let inbound = listen_in(&netns, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 15006))).unwrap();
@@ -231,12 +244,38 @@ fn ambient_pods_go_to_the_nodes_ztunnel_or_the_embedded_proxy_and_are_released_w
         redirect_testkit::sock::original_dst(&accepted).unwrap(),
         SocketAddr::from(remote)
     );
-    // Inbound from the node lands on ztunnel's 15006, addressed as it was sent.
-    let _client = dial_from(&node.netns.path, SocketAddrV4::new(cart.ip, APP));
+    // Inbound from another pod lands on ztunnel's 15006, addressed as it was sent.
+    let _client = dial_from(&legacy.netns, SocketAddrV4::new(cart.ip, APP));
     let (accepted, peer) = accept_within(&inbound);
-    assert_eq!(peer.ip(), node.gateway, "from the client's address");
+    assert_eq!(peer.ip(), legacy.ip, "from the client's address");
     assert_eq!(accepted.local_addr().unwrap(), SocketAddr::from((cart.ip, APP)));
+    // The node's own (the kubelet's probes) leave from the probe source, which the pod's
+    // ISTIO_PRERT lets through to the app, not to ztunnel. The app's replies go back through
+    // the node, as a pod's default route takes them (the test's pods have none).
+    let route = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", cart.netns.display()))
+        .args([
+            "ip",
+            "route",
+            "add",
+            &format!("{PROBE_SOURCE}/32"),
+            "via",
+            &node.gateway.to_string(),
+        ])
+        .output()
+        .expect("nsenter ip route");
+    assert!(route.status.success(), "{}", String::from_utf8_lossy(&route.stderr));
+    let r = ProbeSpec::outside(&node.netns.path, SocketAddrV4::new(cart.ip, APP))
+        .run(&testkit_bin())
+        .unwrap();
+    assert_eq!(r.banner_field("name"), Some("app"), "{r:?}");
+    assert_eq!(banner_peer_ip(&r), PROBE_SOURCE, "{r:?}");
     let text = metrics();
+    assert_eq!(
+        rule_count(&text, &cart.sandbox, "ISTIO_PRERT", PRERT_PROBE),
+        1,
+        "{text}"
+    );
     assert_eq!(
         rule_count(&text, &cart.sandbox, "ISTIO_OUTPUT", OUTPUT_REDIRECT_DNS),
         1,
@@ -258,12 +297,12 @@ fn ambient_pods_go_to_the_nodes_ztunnel_or_the_embedded_proxy_and_are_released_w
         json!({}),
         json!({ "redirect.dev/proxy": "embedded", "ambient.istio.io/dns-capture": "false" }),
     );
-    let r = ProbeSpec::outside(&node.netns.path, SocketAddrV4::new(edge.ip, APP))
+    let r = ProbeSpec::outside(&legacy.netns, SocketAddrV4::new(edge.ip, APP))
         .run(&testkit_bin())
         .unwrap();
     assert_eq!(r.banner_field("name"), Some("app"), "{r:?}");
     // The app sees the client's address, as behind ztunnel, which dials it as the client.
-    assert_eq!(banner_peer_ip(&r), node.gateway, "{r:?}");
+    assert_eq!(banner_peer_ip(&r), legacy.ip, "{r:?}");
     let r = ProbeSpec::outside(&edge.netns, remote).run(&testkit_bin()).unwrap();
     assert_eq!(landing(&r), proxied(OUTBOUND_CAPTURE, "remote"), "{r:?}");
     assert_eq!(banner_peer_ip(&r), edge.ip, "{r:?}");
@@ -286,14 +325,7 @@ fn ambient_pods_go_to_the_nodes_ztunnel_or_the_embedded_proxy_and_are_released_w
         "{edge_pod}"
     );
 
-    // A pod of the namespace that opts out is left alone.
-    let legacy = start_pod(
-        &node,
-        &api,
-        ("shop", "legacy"),
-        json!({ "istio.io/dataplane-mode": "none" }),
-        json!({}),
-    );
+    // The pod of the namespace that opts out is left alone.
     let mut ids = agent.ids();
     ids.sort();
     let mut want = vec![cart.sandbox.clone(), edge.sandbox.clone()];
@@ -313,6 +345,13 @@ fn ambient_pods_go_to_the_nodes_ztunnel_or_the_embedded_proxy_and_are_released_w
     assert!(!cart.netns.exists(), "{}", cart.netns.display());
     node.remove_pod(&edge);
     assert!(agent.ids().is_empty());
+    // The probe source leaves the node's lo with the last ambient pod.
+    let lo = std::process::Command::new("ip")
+        .args(["-n", &node.netns.name, "addr", "show", "dev", "lo"])
+        .output()
+        .expect("ip addr");
+    let lo = String::from_utf8_lossy(&lo.stdout);
+    assert!(!lo.contains(&PROBE_SOURCE.to_string()), "{lo}");
     let text = metrics();
     assert!(!text.contains(&cart.sandbox) && !text.contains(&edge.sandbox), "{text}");
     node.remove_pod(&legacy);

@@ -14,6 +14,7 @@
 //! single events can after an overrun.
 
 mod netlink;
+mod probe_snat;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -24,6 +25,7 @@ use std::{
 use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
 pub use netlink::{Link, NetnsAddr};
 use netlink_sys::Socket;
+pub use probe_snat::{NodeProbes, ProbeSnatMap, remove_pinned as remove_pinned_probe_sources};
 use redirect_common::{
     FamilyKey, IfaceKey, LocalAddrKey, RouteDst, RouteInfo,
     addr::{self, Addr, Family},
@@ -77,6 +79,7 @@ pub struct AddrMaps {
     pub pods: HashMap<MapData, FamilyKey, Addr>,
     pub routes: LpmTrie<MapData, RouteDst, RouteInfo>,
     pub ifaces: HashMap<MapData, IfaceKey, u32>,
+    pub probe_snat: ProbeSnatMap,
 }
 
 /// What a route gives a connection: a source (none for a link-local prefix, whose source
@@ -202,6 +205,7 @@ impl AddrMaps {
         for k in routes {
             let _ = self.routes.remove(&k);
         }
+        probe_snat::remove(&mut self.probe_snat, netns_cookie);
     }
 }
 
@@ -229,9 +233,18 @@ pub struct LocalAddrs {
     virt: Option<(u32, Box<dyn VirtDevices>)>,
     /// A blocking socket in the workload's namespace, for dumps and for adding `::6`.
     query: Socket,
-    /// Whether `::6` goes on lo: istio-iptables adds it for the sidecar's IPv6 passthrough;
-    /// istio-cni's ambient rules do not (ztunnel dials the app from the client's address).
-    passthrough_v6: bool,
+    /// What the mode puts on lo besides the maps.
+    mode: ModeAddrs,
+}
+
+/// What a workload's mode makes of its addresses besides the maps.
+pub enum ModeAddrs {
+    /// `::6` goes on lo: istio-iptables adds it for the sidecar's IPv6 passthrough.
+    Sidecar,
+    /// istio-cni's ambient rules add no `::6` (ztunnel dials the app from the client's
+    /// address); a node agent has the node's connections to the pod leave from its probe
+    /// source.
+    Ambient(Option<NodeProbes>),
 }
 
 impl LocalAddrs {
@@ -244,7 +257,7 @@ impl LocalAddrs {
         id: &str,
         interfaces: Vec<Interface>,
         virt: Option<(u32, Box<dyn VirtDevices>)>,
-        passthrough_v6: bool,
+        mode: ModeAddrs,
     ) -> io::Result<Self> {
         let query = netns.run(netlink::query_socket)?;
         let mut me = Self {
@@ -257,7 +270,7 @@ impl LocalAddrs {
             current_ifaces: BTreeMap::new(),
             virt,
             query,
-            passthrough_v6,
+            mode,
         };
         // What a killed predecessor (or an earlier enrollment of the namespace) wrote is not
         // this list's: every device is judged afresh.
@@ -275,7 +288,7 @@ impl LocalAddrs {
         let mut now = netlink::dump(&self.query)?;
         let pods = pod_addrs(&now);
         // The ip6tables rules come with `::6` on lo, which the proxy connects to the app from.
-        if self.passthrough_v6
+        if matches!(self.mode, ModeAddrs::Sidecar)
             && pods.contains_key(&Family::V6)
             && !now.iter().any(|a| a.ip == IpAddr::V6(INBOUND_PASSTHROUGH_SRC6))
         {
@@ -309,6 +322,10 @@ impl LocalAddrs {
         let pods_before = pod_addrs(&self.current);
         for family in [Family::V4, Family::V6] {
             let key = FamilyKey::new(self.netns_cookie, family);
+            let (old, new) = (pods_before.get(&family).copied(), pods.get(&family).copied());
+            if let (ModeAddrs::Ambient(Some(probes)), true) = (&mut self.mode, old != new) {
+                probes.pod_addr(old, new)?;
+            }
             match (pods_before.get(&family), pods.get(&family)) {
                 (old, Some(ip)) if old != Some(ip) => {
                     self.maps

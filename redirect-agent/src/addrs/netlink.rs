@@ -1,4 +1,5 @@
-//! The namespace's addresses from rtnetlink: dumps, change notifications, and adding `::6`.
+//! The namespace's addresses from rtnetlink: dumps, change notifications, and the addresses
+//! the agent puts on `lo` (`::6`, the node's probe sources).
 
 use std::{
     collections::BTreeSet,
@@ -263,22 +264,45 @@ pub(super) fn ips(addrs: &[NetnsAddr]) -> BTreeSet<IpAddr> {
 /// ip6tables rules (IPv6 gives `lo` only `::1`, where IPv4 has all of 127/8), so that the
 /// proxy can connect to the app from it. An address already there is fine.
 pub(super) fn add_to_lo(socket: &Socket, ip: Ipv6Addr) -> io::Result<()> {
+    lo_address(socket, IpAddr::V6(ip), AddressScope::Universe, true)
+}
+
+/// Adds `ip` (a host address: /32, /128) to `lo` with `scope` (IPv4's; an IPv6 address's
+/// scope follows from the address), or removes it. An address already there, or already gone,
+/// is fine.
+///
+/// IPv6 ones go without duplicate address detection: until it ends (a workqueue run later,
+/// even on lo) the address is tentative, and source selection passes it over, so a socket
+/// dialing `::6` right after would get the pod's address as its source instead of `::6`.
+pub(super) fn lo_address(socket: &Socket, ip: IpAddr, scope: AddressScope, add: bool) -> io::Result<()> {
     let mut msg = AddressMessage::default();
-    msg.header.family = AddressFamily::Inet6;
-    msg.header.prefix_len = 128;
-    msg.header.scope = AddressScope::Universe;
     msg.header.index = LOOPBACK_IFINDEX;
-    // No duplicate address detection: until it ends (a workqueue run later, even on lo) the
-    // address is tentative, and source selection passes it over, so a socket dialing `::6`
-    // right after would get the pod's address as its source instead of `::6`.
-    msg.header.flags = AddressHeaderFlags::Nodad;
-    msg.attributes.push(AddressAttribute::Local(IpAddr::V6(ip)));
-    msg.attributes.push(AddressAttribute::Address(IpAddr::V6(ip)));
-    send(
-        socket,
-        RouteNetlinkMessage::NewAddress(msg),
-        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-    )?;
+    match ip {
+        IpAddr::V4(_) => {
+            msg.header.family = AddressFamily::Inet;
+            msg.header.prefix_len = 32;
+        }
+        IpAddr::V6(_) => {
+            msg.header.family = AddressFamily::Inet6;
+            msg.header.prefix_len = 128;
+            msg.header.flags = AddressHeaderFlags::Nodad;
+        }
+    }
+    msg.header.scope = scope;
+    msg.attributes.push(AddressAttribute::Local(ip));
+    msg.attributes.push(AddressAttribute::Address(ip));
+    let (request, fine) = if add {
+        (
+            RouteNetlinkMessage::NewAddress(msg),
+            (NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, libc::EEXIST),
+        )
+    } else {
+        (
+            RouteNetlinkMessage::DelAddress(msg),
+            (NLM_F_REQUEST | NLM_F_ACK, libc::EADDRNOTAVAIL),
+        )
+    };
+    send(socket, request, fine.0)?;
     let mut buf = Vec::with_capacity(RECV_BUFFER);
     socket.recv(&mut buf, 0)?;
     let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf)
@@ -287,7 +311,7 @@ pub(super) fn add_to_lo(socket: &Socket, ip: Ipv6Addr) -> io::Result<()> {
         NetlinkPayload::Error(e) if e.code.is_some() => {
             let err = e.to_io();
             match err.raw_os_error() {
-                Some(libc::EEXIST) => Ok(()),
+                Some(code) if code == fine.1 => Ok(()),
                 _ => Err(err),
             }
         }

@@ -267,6 +267,7 @@ impl Engine {
                 pods: object.take(maps::POD_ADDRS)?,
                 routes: object.take(maps::ROUTE_SOURCES)?,
                 ifaces: object.take(maps::IFACES)?,
+                probe_snat: object.take(maps::PROBE_SNAT)?,
             },
             listeners: object.take(maps::INBOUND_LISTENERS)?,
         };

@@ -18,10 +18,10 @@ use super::{
     Engine, EnrollError,
     admit::{free_slot, is_under, valid_id},
     object::{InboundListener, SkLookupInstance, adopt_listener, open_typed},
-    pins,
+    pins::{self, Mode},
 };
 use crate::{
-    addrs::{self, AddrMaps, LocalAddrs, VirtDevices},
+    addrs::{self, AddrMaps, LocalAddrs, ModeAddrs, NodeProbes, VirtDevices},
     flags::ProxyMode,
     proxy::{
         AgentSockets, CgroupDialer, ChildSpec, Dialer, DnsUpstream, FastPath, FastPathSockets, InboundDial,
@@ -494,6 +494,7 @@ impl Engine {
             pods: self.open_map(maps::POD_ADDRS)?,
             routes: self.open_map(maps::ROUTE_SOURCES)?,
             ifaces: self.open_map(maps::IFACES)?,
+            probe_snat: self.open_map(maps::PROBE_SNAT)?,
         };
         let interfaces = capture.interface_list().cloned().collect();
         // `-k` devices get their tc programs as the watcher finds them.
@@ -501,11 +502,24 @@ impl Engine {
         let hook = virt
             .clone()
             .map(|v| (chain::virt_entries(capture), Box::new(v) as Box<dyn VirtDevices>));
-        let passthrough_v6 = capture.ambient.is_none();
-        let local =
-            LocalAddrs::install(&netns, addr_maps, cookie, &info.id, interfaces, hook, passthrough_v6).map_err(
-                EnrollError::io(format!("addresses and -k devices of {}", info.netns.display())),
-            )?;
+        let mode = match &capture.ambient {
+            None => ModeAddrs::Sidecar,
+            // The node's kubelet is under node mode's attach point (the cgroup root), not
+            // under a `run`'s.
+            Some(ambient) if self.settings.mode == Mode::Node => ModeAddrs::Ambient(Some(
+                NodeProbes::new(
+                    self.open_map(maps::PROBE_SNAT)?,
+                    self.host_netns_cookie,
+                    cookie,
+                    ambient.clone(),
+                )
+                .map_err(EnrollError::io("a route netlink socket in the node's namespace"))?,
+            )),
+            Some(_) => ModeAddrs::Ambient(None),
+        };
+        let local = LocalAddrs::install(&netns, addr_maps, cookie, &info.id, interfaces, hook, mode).map_err(
+            EnrollError::io(format!("addresses and -k devices of {}", info.netns.display())),
+        )?;
         info.addresses = local.addresses().iter().map(ToString::to_string).collect();
         let watch_ns = netns.try_clone().map_err(EnrollError::io("namespace descriptor"))?;
         let id = info.id.clone();

@@ -107,6 +107,28 @@ const CONNMARK_BY: &str = "sock_ops: ztunnel's socket (0x539) dialing the pod fr
                            (tcp_fwmark_accept=1), so every reply routes back to ztunnel; connect4/6 judge \
                            connect() calls only, so replies are never redirected";
 
+/// What serves [`node_rule`].
+const NODE_PROBE_BY: &str = "node mode: connect4/6 at the node's cgroup root bind the node's unbound TCP sockets \
+                             connecting to an ambient pod's address to this source, which the agent keeps on the \
+                             node's lo while a pod uses it";
+
+/// istio-cni's rule in the node's own namespace for the kubelet's probes of ambient pods
+/// (`CreateHostRulesForHealthChecks`; the set holds every ambient pod's address of `family`),
+/// and what serves it.
+pub fn node_rule(ambient: &Ambient, family: Family) -> (String, &'static str) {
+    let (set, source) = match family {
+        Family::V4 => ("istio-inpod-probes-v4", ambient.probe_snat_v4.to_string()),
+        Family::V6 => ("istio-inpod-probes-v6", ambient.probe_snat_v6.to_string()),
+    };
+    (
+        format!(
+            "-t nat -A ISTIO_POSTRT -m owner --socket-exists -p tcp -m set --match-set {set} dst -j SNAT --to-source \
+             {source}"
+        ),
+        NODE_PROBE_BY,
+    )
+}
+
 /// What replaces the raw table's zones.
 const ZONES_BY: &str = "not needed: sendmsg/recvmsg rewrite each socket's datagrams, no conntrack entry is made \
                         or shared";

@@ -219,3 +219,20 @@ fn rerouted_interfaces_send_their_tcp_to_the_outbound_port_first() {
         Some(Target::InRedirect)
     );
 }
+
+#[test]
+fn the_node_rule_names_the_pods_probe_source_per_family() {
+    let mut ambient = crate::config::Ambient::default();
+    let (v4, _) = super::node_rule(&ambient, Family::V4);
+    assert_eq!(
+        v4,
+        "-t nat -A ISTIO_POSTRT -m owner --socket-exists -p tcp -m set --match-set istio-inpod-probes-v4 dst -j SNAT \
+         --to-source 169.254.7.127"
+    );
+    ambient.probe_snat_v6 = "fd00::7".parse().unwrap();
+    let (v6, _) = super::node_rule(&ambient, Family::V6);
+    assert!(
+        v6.ends_with("--match-set istio-inpod-probes-v6 dst -j SNAT --to-source fd00::7"),
+        "{v6}"
+    );
+}

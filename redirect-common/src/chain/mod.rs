@@ -513,6 +513,7 @@ mod text;
 mod virt_tests;
 mod workload;
 
+pub use ambient::node_rule;
 pub use pack::{CidrMember, Packed, PortMember, pack, unpack};
 pub use tables::{DROP_INVALID_BY, Table, TableLine, iptables_save, rule_table, tables};
 pub use text::{

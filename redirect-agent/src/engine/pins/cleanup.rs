@@ -32,6 +32,8 @@ pub fn cleanup(name: &str) -> anyhow::Result<Vec<PathBuf>> {
     let ours = programs_of(name, state.as_ref());
     let mut removed = Vec::new();
     let dir = pin_dir(name);
+    // What a node agent put on the node's lo for its ambient pods goes with them.
+    crate::addrs::remove_pinned_probe_sources(&dir.join(redirect_common::maps::PROBE_SNAT));
     // Not followed if it is a symlink (remove_dir_all removes the link itself).
     match std::fs::symlink_metadata(&dir) {
         Ok(m) if m.is_dir() => std::fs::remove_dir_all(&dir),
