@@ -59,8 +59,10 @@ impl ProbeSnatKey {
 }
 
 /// What a `PROBE_SNAT` entry gives the node's connections to that pod address: the source
-/// they are bound to (the pod's `--host-probe-snat` or `--host-probe-v6-snat`), and which
-/// workload wrote it, so that its removal takes exactly its own entries.
+/// they are bound to (the pod's `--host-probe-snat` or `--host-probe-v6-snat`), which
+/// workload wrote it, so that its removal takes exactly its own entries, and whether the agent
+/// put the source on the node's `lo` (1) or found it there (0), so that it removes only its
+/// own.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ProbeSnat {
@@ -68,14 +70,18 @@ pub struct ProbeSnat {
     pub source: Addr,
     /// The pod's namespace cookie.
     pub pod_netns_cookie: u64,
+    pub owned: u8,
+    pub _pad: [u8; 7],
 }
 
 impl ProbeSnat {
     #[cfg(any(feature = "user", test))]
-    pub const fn from_ip(source: core::net::IpAddr, pod_netns_cookie: u64) -> Self {
+    pub const fn from_ip(source: core::net::IpAddr, pod_netns_cookie: u64, owned: bool) -> Self {
         Self {
             source: crate::addr::from_ip(source),
             pod_netns_cookie,
+            owned: owned as u8,
+            _pad: [0; 7],
         }
     }
 }
@@ -521,7 +527,8 @@ mod pod {
     unsafe impl aya::Pod for super::VirtFlow {}
     // SAFETY: repr(C), Copy; u64 then [u32; 4]; 24 bytes, no gaps.
     unsafe impl aya::Pod for super::ProbeSnatKey {}
-    // SAFETY: repr(C), Copy; [u32; 4] then u64 (at offset 16, 8-aligned); 24 bytes, no gaps.
+    // SAFETY: repr(C), Copy; [u32; 4], u64 (at offset 16, 8-aligned), u8 and an explicit
+    // [u8; 7] `_pad`; 32 bytes, no gaps.
     unsafe impl aya::Pod for super::ProbeSnat {}
 }
 
@@ -547,7 +554,7 @@ mod layout {
         assert_eq!(size_of::<VirtFlowKey>(), 32);
         assert_eq!(size_of::<VirtFlow>(), 40);
         assert_eq!(size_of::<ProbeSnatKey>(), 24);
-        assert_eq!(size_of::<ProbeSnat>(), 24);
+        assert_eq!(size_of::<ProbeSnat>(), 32);
         assert_eq!(
             RouteDst::new(0x0102_0304_0506_0708, [0; 4]).netns_cookie(),
             0x0102_0304_0506_0708

@@ -7,7 +7,7 @@
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use redirect_common::addr;
 
-use crate::{output, sockaddr::SockaddrIn, user_addr};
+use crate::{output, probe_source, sockaddr::SockaddrIn, user_addr};
 
 /// Returning 1 lets connect() proceed; 0 would fail it with EPERM. We never refuse: a mesh
 /// decision must not become an error the workload sees at connect(). Where a decision cannot be
@@ -32,6 +32,11 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 unsafe fn decide(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
+    // The node's connects to ambient pods (a namespace no workload is).
+    // SAFETY: `sa` is this run's own context, a connect hook's (see `# Safety`).
+    if unsafe { probe_source::redirect_probe_bind4(sa) } != 0 {
+        return;
+    }
     // SAFETY: this run's own context; `read` reads the context and its full socket only.
     let judged = unsafe {
         output::judge(ctx, false, |sa, sk| {

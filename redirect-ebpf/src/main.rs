@@ -18,6 +18,7 @@ mod instance;
 mod maps;
 mod output;
 mod owner;
+mod probe_source;
 mod recvmsg4;
 mod recvmsg6;
 mod sendmsg4;

@@ -23,7 +23,7 @@ use crate::{
     chain,
     maps::{
         AGENT_SOCKETS, ORIG_BY_COOKIE, SYN_MARK_BY_COOKIE, UDP_FLOWS, UDP_ORIG, count_event, iface_entries, ipv6_on,
-        is_local_addr, pod_addr, probe_snat, route, workload,
+        is_local_addr, pod_addr, route, workload,
     },
     owner::{owner, task_owner},
 };
@@ -103,34 +103,8 @@ pub unsafe fn judge(
         dst_port,
         src,
     };
-    // A namespace with no workload may be the node's, whose connections to ambient pods
-    // take the probe source: decided apart, so that the verifier walks this short path once,
-    // not after each of `decide`'s.
-    if workload(c.netns_cookie).is_none() {
-        return probe_snat_source(&c);
-    }
     // SAFETY: `c.sk` is the socket `judged_socket` returned for this run's context.
     unsafe { decide(&c) }
-}
-
-/// istio-cni's node rule for the kubelet's probes of ambient pods (nat POSTROUTING, `-m owner
-/// --socket-exists -p tcp -m set --match-set istio-inpod-probes-v4 dst -j SNAT --to-source
-/// 169.254.7.127`): a TCP connect of the node's (a namespace of no workload) to an ambient
-/// pod's address leaves from the
-/// pod's probe address, which the pod's ISTIO_PRERT accepts uncaptured. Here the socket is
-/// bound to it before the SYN, the address going nowhere else. Only an unbound socket: a
-/// bound one keeps its source (SNAT would rewrite it; docs/ambient.md).
-#[inline(always)]
-fn probe_snat_source(c: &Connect) -> Option<Redirect> {
-    let unbound = addr::words_eq(&c.src, &addr::UNSPECIFIED) || addr::words_eq(&c.src, &addr::v4(0));
-    if c.proto != IPPROTO_TCP || c.sending || !unbound {
-        return None;
-    }
-    Some(Redirect {
-        addr: c.dst,
-        port: c.dst_port,
-        bind: probe_snat(c.netns_cookie, &c.dst)?,
-    })
 }
 
 /// Binds the socket to `addr` (a `SockaddrIn`/`SockaddrIn6` of port 0) before the hook lets

@@ -322,3 +322,29 @@ fn the_probe_source_stays_on_the_node_while_an_ambient_pod_uses_it() {
         "a probe source was left on the node's lo:\n{lo}"
     );
 }
+
+#[test]
+fn a_probe_source_the_node_had_before_stays_after_the_last_pod() {
+    redirect_tests::require_root();
+    let node = Node::new("psc", 77, 0);
+    // Somebody else's: on lo before any ambient pod (an IPv4 one only; IPv6 is the agent's).
+    node.ns
+        .ip(&["addr", "add", &format!("{PROBE_V4}/32"), "dev", "lo"])
+        .expect("the node's own probe address");
+    let agent = NodeAgent::new("psc", &[]).within(&node.ns.path);
+    let _process = agent.start().expect("node agent");
+    agent.enroll(&node.pods[0].ns.path, "pod", AMBIENT);
+    assert_eq!(node.sources(0), [IpAddr::V4(PROBE_V4), IpAddr::V6(PROBE_V6)]);
+    let out = agent.cli(&["unenroll", "--id", "pod"]);
+    assert!(
+        out.status.success(),
+        "unenroll: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lo = node.lo();
+    assert!(
+        lo.contains(&format!("{PROBE_V4}/32")),
+        "the node's own address went:\n{lo}"
+    );
+    assert!(!lo.contains(&PROBE_V6.to_string()), "the agent's stayed:\n{lo}");
+}

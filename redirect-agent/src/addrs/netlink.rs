@@ -264,17 +264,17 @@ pub(super) fn ips(addrs: &[NetnsAddr]) -> BTreeSet<IpAddr> {
 /// ip6tables rules (IPv6 gives `lo` only `::1`, where IPv4 has all of 127/8), so that the
 /// proxy can connect to the app from it. An address already there is fine.
 pub(super) fn add_to_lo(socket: &Socket, ip: Ipv6Addr) -> io::Result<()> {
-    lo_address(socket, IpAddr::V6(ip), AddressScope::Universe, true)
+    lo_address(socket, IpAddr::V6(ip), AddressScope::Universe, true).map(drop)
 }
 
 /// Adds `ip` (a host address: /32, /128) to `lo` with `scope` (IPv4's; an IPv6 address's
-/// scope follows from the address), or removes it. An address already there, or already gone,
-/// is fine.
+/// scope follows from the address), or removes it: whether it did. An address already there,
+/// or already gone, is fine (`false`).
 ///
 /// IPv6 ones go without duplicate address detection: until it ends (a workqueue run later,
 /// even on lo) the address is tentative, and source selection passes it over, so a socket
 /// dialing `::6` right after would get the pod's address as its source instead of `::6`.
-pub(super) fn lo_address(socket: &Socket, ip: IpAddr, scope: AddressScope, add: bool) -> io::Result<()> {
+pub(super) fn lo_address(socket: &Socket, ip: IpAddr, scope: AddressScope, add: bool) -> io::Result<bool> {
     let mut msg = AddressMessage::default();
     msg.header.index = LOOPBACK_IFINDEX;
     match ip {
@@ -311,11 +311,11 @@ pub(super) fn lo_address(socket: &Socket, ip: IpAddr, scope: AddressScope, add: 
         NetlinkPayload::Error(e) if e.code.is_some() => {
             let err = e.to_io();
             match err.raw_os_error() {
-                Some(code) if code == fine.1 => Ok(()),
+                Some(code) if code == fine.1 => Ok(false),
                 _ => Err(err),
             }
         }
-        _ => Ok(()),
+        _ => Ok(true),
     }
 }
 

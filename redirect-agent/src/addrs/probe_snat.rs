@@ -16,7 +16,7 @@
 //! A socket can only be bound to an address of its namespace, so that source goes on the
 //! node's `lo` (IPv4 with scope host, so that the kernel never picks it for another
 //! connection), from the first entry that uses it to the last; the pod's replies to it are
-//! delivered locally.
+//! delivered locally. One that was there before (somebody else's) is used and left there.
 
 use std::{io, net::IpAddr};
 
@@ -58,8 +58,12 @@ impl NodeProbes {
     /// The pod's address of one family was `old` and is `new`: the node's connections to
     /// `new` are bound to the family's probe source from now on, and those to `old` no more.
     pub fn pod_addr(&mut self, old: Option<IpAddr>, new: Option<IpAddr>) -> io::Result<()> {
+        // Whether the agent put the old entry's source on lo, which the new one takes over.
+        let mut owned = false;
         if let Some(old) = old {
-            let _ = self.map.remove(&ProbeSnatKey::from_ip(self.node_netns_cookie, old));
+            let key = ProbeSnatKey::from_ip(self.node_netns_cookie, old);
+            owned = self.map.get(&key, 0).is_ok_and(|v| v.owned != 0);
+            let _ = self.map.remove(&key);
         }
         let Some(new) = new else {
             return Ok(());
@@ -70,18 +74,23 @@ impl NodeProbes {
         };
         // The address first: an entry whose source cannot be bound would leave the node's
         // connections with their own source, captured as any other.
-        netlink::lo_address(&self.node, source, AddressScope::Host, true).map_err(|e| {
+        let added = netlink::lo_address(&self.node, source, AddressScope::Host, true).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("adding the probe source {source} to the node's lo: {e}"),
             )
         })?;
+        // Found there: the agent's own if an entry says so (a predecessor's for this pod, or
+        // another pod's), else somebody else's, which stays when the last pod goes.
+        let key = ProbeSnatKey::from_ip(self.node_netns_cookie, new);
+        let source_addr = addr::from_ip(source);
+        owned |=
+            added
+                || self.map.iter().filter_map(Result::ok).any(|(k, v)| {
+                    k.node_netns_cookie == self.node_netns_cookie && v.source == source_addr && v.owned != 0
+                });
         self.map
-            .insert(
-                ProbeSnatKey::from_ip(self.node_netns_cookie, new),
-                ProbeSnat::from_ip(source, self.pod_netns_cookie),
-                0,
-            )
+            .insert(key, ProbeSnat::from_ip(source, self.pod_netns_cookie, owned), 0)
             .map_err(io::Error::other)?;
         tracing::info!(pod = %new, %source, "the node's connections to the pod leave from its probe source");
         Ok(())
@@ -111,7 +120,7 @@ pub fn remove(map: &mut ProbeSnatMap, pod_netns_cookie: u64) {
     };
     let mut unused: Vec<addr::Addr> = gone
         .iter()
-        .filter(|(k, _)| k.node_netns_cookie == here)
+        .filter(|(k, v)| k.node_netns_cookie == here && v.owned != 0)
         .map(|(_, v)| v.source)
         .collect();
     unused.sort_unstable();
@@ -130,7 +139,7 @@ pub fn remove(map: &mut ProbeSnatMap, pod_netns_cookie: u64) {
     for source in unused {
         let ip = addr::to_ip(&source);
         match netlink::lo_address(&node, ip, AddressScope::Host, false) {
-            Ok(()) => tracing::info!(%ip, "probe source removed from the node's lo (no ambient pod uses it)"),
+            Ok(_) => tracing::info!(%ip, "probe source removed from the node's lo (no ambient pod uses it)"),
             Err(e) => tracing::warn!(%ip, "removing the probe source from the node's lo: {e}"),
         }
     }

@@ -113,12 +113,16 @@ impl CaptureFlags {
             });
         }
         let m = &self.mode;
+        // A node agent puts the source on the node's lo and binds the node's sockets to it:
+        // a unicast address no other use claims.
         let probe_snat = match &m.probe_snat {
-            Some(v) => parse_addr("--host-probe-snat", v, "an IPv4 address")?,
+            Some(v) => parse_addr::<Ipv4Addr>("--host-probe-snat", v, PROBE_V4)
+                .and_then(|a| probe_source(a.into(), "--host-probe-snat", v, PROBE_V4).map(|()| a))?,
             None => config::DEFAULT_PROBE_SNAT_V4,
         };
         let probe_snat_v6 = match &m.probe_snat_v6 {
-            Some(v) => parse_addr("--host-probe-v6-snat", v, "an IPv6 address")?,
+            Some(v) => parse_addr::<Ipv6Addr>("--host-probe-v6-snat", v, PROBE_V6)
+                .and_then(|a| probe_source(a.into(), "--host-probe-v6-snat", v, PROBE_V6).map(|()| a))?,
             None => config::DEFAULT_PROBE_SNAT_V6,
         };
         let dns = boolean(&self.redirect_dns, "--redirect-dns", &[], &no_env)?;
@@ -153,6 +157,27 @@ impl CaptureFlags {
             virtual_interfaces: config::parse_interfaces(f, &v)?,
             dns_upstreams,
         }))
+    }
+}
+
+const PROBE_V4: &str = "a unicast IPv4 address, not loopback, 0.0.0.0 or broadcast (istio-cni's default \
+                        169.254.7.127)";
+const PROBE_V6: &str = "a unicast IPv6 address, not loopback, :: or v4-mapped (istio-cni's default \
+                        fd16:9254:7127:1337:ffff:ffff:ffff:ffff)";
+
+/// Refuses a probe source no node could hold as its own address.
+fn probe_source(a: IpAddr, flag: &'static str, v: &str, what: &str) -> Result<(), ConfigError> {
+    let bad = match a {
+        IpAddr::V4(a) => a.is_loopback() || a.is_unspecified() || a.is_multicast() || a.is_broadcast(),
+        IpAddr::V6(a) => a.is_loopback() || a.is_unspecified() || a.is_multicast() || a.to_ipv4_mapped().is_some(),
+    };
+    match bad {
+        true => Err(ConfigError {
+            flag,
+            value: v.to_owned(),
+            expected: what.into(),
+        }),
+        false => Ok(()),
     }
 }
 

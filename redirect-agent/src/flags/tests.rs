@@ -196,12 +196,27 @@ fn ambient_mode_takes_its_own_settings_only() {
     refused(&["--mode", "ambient", "-b", "8080"], "-b/--istio-inbound-ports");
     refused(
         &["--mode", "ambient", "--host-probe-snat", "::1"],
-        "expected an IPv4 address",
+        "expected a unicast IPv4 address",
     );
     refused(
         &["--mode", "ambient", "--host-probe-v6-snat", "x"],
-        "expected an IPv6 address",
+        "expected a unicast IPv6 address",
     );
+    for (flag, value) in [
+        ("--host-probe-snat", "127.0.0.1"),
+        ("--host-probe-snat", "0.0.0.0"),
+        ("--host-probe-snat", "255.255.255.255"),
+        ("--host-probe-snat", "224.0.0.1"),
+        ("--host-probe-v6-snat", "::1"),
+        ("--host-probe-v6-snat", "::"),
+        ("--host-probe-v6-snat", "ff02::1"),
+        ("--host-probe-v6-snat", "::ffff:169.254.7.127"),
+    ] {
+        refused(
+            &["--mode", "ambient", flag, value],
+            &format!("{flag}: expected a unicast"),
+        );
+    }
     refused(&["--bypass-inbound-capture"], "only with --mode ambient");
     refused(
         &[
