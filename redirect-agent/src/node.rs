@@ -97,6 +97,7 @@ fn prior(
         }
         Adoption::RemovePins => {
             tracing::warn!(dir = %pin_dir.display(), "pins without a state file; removing them");
+            crate::addrs::remove_pinned_probe_sources(&pin_dir.join(redirect_common::maps::PROBE_SNAT));
             std::fs::remove_dir_all(&pin_dir).with_context(|| format!("remove {}", pin_dir.display()))?;
             Ok(Vec::new())
         }

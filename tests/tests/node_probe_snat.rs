@@ -348,3 +348,65 @@ fn a_probe_source_the_node_had_before_stays_after_the_last_pod() {
     );
     assert!(!lo.contains(&PROBE_V6.to_string()), "the agent's stayed:\n{lo}");
 }
+
+/// Polls `ok` (bounded) for up to 10 s.
+fn eventually(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ok() {
+        assert!(std::time::Instant::now() < deadline, "{what} within 10 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_pod_address_that_goes_takes_its_probe_source_with_it() {
+    redirect_tests::require_root();
+    let node = Node::new("psd", 79, 0);
+    let agent = NodeAgent::new("psd", &[]).within(&node.ns.path);
+    let _process = agent.start().expect("node agent");
+    agent.enroll(&node.pods[0].ns.path, "pod", AMBIENT);
+    let lo = node.lo();
+    // IPv6 has no host scope: deprecated, the kernel picks it as no connection's source.
+    let v6 = lo
+        .lines()
+        .skip_while(|l| !l.contains(&PROBE_V6.to_string()))
+        .nth(1)
+        .unwrap_or_default();
+    assert!(v6.contains("preferred_lft 0sec"), "{lo}");
+
+    // The pod's IPv4 address goes while it is enrolled: the node's entry for it, and the
+    // source no other pod uses, go too.
+    let pod = &node.pods[0];
+    let v4 = format!("{}/24", pod.v4);
+    pod.ns.ip(&["addr", "del", &v4, "dev", "w0"]).expect("addr del");
+    eventually("the IPv4 probe source leaving lo", || {
+        !node.lo().contains(&PROBE_V4.to_string())
+    });
+    assert!(node.lo().contains(&PROBE_V6.to_string()), "{}", node.lo());
+    // Back, it is served again.
+    pod.ns.ip(&["addr", "add", &v4, "dev", "w0"]).expect("addr add");
+    eventually("the IPv4 probe source back on lo", || {
+        node.lo().contains(&PROBE_V4.to_string())
+    });
+    // The route the address's return took went with it.
+    let _ = pod.ns.ip(&[
+        "-4",
+        "route",
+        "add",
+        &format!("{PROBE_V4}/32"),
+        "via",
+        &node.v4.to_string(),
+    ]);
+    assert_eq!(node.probe(0, pod.v4.into()), IpAddr::V4(PROBE_V4));
+    let out = agent.cli(&["unenroll", "--id", "pod"]);
+    assert!(
+        out.status.success(),
+        "unenroll: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lo = node.lo();
+    assert!(
+        !lo.contains(&PROBE_V4.to_string()) && !lo.contains(&PROBE_V6.to_string()),
+        "a probe source was left on the node's lo:\n{lo}"
+    );
+}

@@ -320,11 +320,12 @@ impl LocalAddrs {
             tracing::info!(%ip, "local address removed");
         }
         let pods_before = pod_addrs(&self.current);
+        let mut probe_changes = Vec::new();
         for family in [Family::V4, Family::V6] {
             let key = FamilyKey::new(self.netns_cookie, family);
             let (old, new) = (pods_before.get(&family).copied(), pods.get(&family).copied());
-            if let (ModeAddrs::Ambient(Some(probes)), true) = (&mut self.mode, old != new) {
-                probes.pod_addr(old, new)?;
+            if old != new {
+                probe_changes.push((old, new));
             }
             match (pods_before.get(&family), pods.get(&family)) {
                 (old, Some(ip)) if old != Some(ip) => {
@@ -343,6 +344,13 @@ impl LocalAddrs {
         }
         self.refresh_routes(&now)?;
         self.refresh_ifaces(&now)?;
+        // Last, so that a failure in the node's namespace leaves the pod's own maps current;
+        // before `current` moves on, so that the next change tries it again.
+        if let ModeAddrs::Ambient(Some(probes)) = &self.mode {
+            for (old, new) in probe_changes {
+                probes.pod_addr(&mut self.maps.probe_snat, old, new)?;
+            }
+        }
         self.current = now;
         Ok(())
     }

@@ -12,7 +12,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
-    address::{AddressAttribute, AddressHeaderFlags, AddressMessage, AddressScope},
+    address::{AddressAttribute, AddressHeaderFlags, AddressMessage, AddressScope, CacheInfo},
     link::{LinkAttribute, LinkLayerType, LinkMessage},
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
 };
@@ -264,17 +264,24 @@ pub(super) fn ips(addrs: &[NetnsAddr]) -> BTreeSet<IpAddr> {
 /// ip6tables rules (IPv6 gives `lo` only `::1`, where IPv4 has all of 127/8), so that the
 /// proxy can connect to the app from it. An address already there is fine.
 pub(super) fn add_to_lo(socket: &Socket, ip: Ipv6Addr) -> io::Result<()> {
-    lo_address(socket, IpAddr::V6(ip), AddressScope::Universe, true).map(drop)
+    lo_address(socket, IpAddr::V6(ip), AddressScope::Universe, false, true).map(drop)
 }
 
 /// Adds `ip` (a host address: /32, /128) to `lo` with `scope` (IPv4's; an IPv6 address's
-/// scope follows from the address), or removes it: whether it did. An address already there,
+/// scope follows from the address), an IPv6 one `deprecated` if asked, or removes it:
+/// whether it did. An address already there,
 /// or already gone, is fine (`false`).
 ///
 /// IPv6 ones go without duplicate address detection: until it ends (a workqueue run later,
 /// even on lo) the address is tentative, and source selection passes it over, so a socket
 /// dialing `::6` right after would get the pod's address as its source instead of `::6`.
-pub(super) fn lo_address(socket: &Socket, ip: IpAddr, scope: AddressScope, add: bool) -> io::Result<bool> {
+pub(super) fn lo_address(
+    socket: &Socket,
+    ip: IpAddr,
+    scope: AddressScope,
+    deprecated: bool,
+    add: bool,
+) -> io::Result<bool> {
     let mut msg = AddressMessage::default();
     msg.header.index = LOOPBACK_IFINDEX;
     match ip {
@@ -286,6 +293,15 @@ pub(super) fn lo_address(socket: &Socket, ip: IpAddr, scope: AddressScope, add: 
             msg.header.family = AddressFamily::Inet6;
             msg.header.prefix_len = 128;
             msg.header.flags = AddressHeaderFlags::Nodad;
+            // IPv6 source selection looks at every device's addresses (lo's too) and has no
+            // host scope for a global one: deprecated, the address is never another
+            // connection's choice, and can still be bound.
+            if deprecated {
+                let mut lifetimes = CacheInfo::default();
+                lifetimes.ifa_preferred = 0;
+                lifetimes.ifa_valid = u32::MAX;
+                msg.attributes.push(AddressAttribute::CacheInfo(lifetimes));
+            }
         }
     }
     msg.header.scope = scope;

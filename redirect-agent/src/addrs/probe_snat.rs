@@ -14,11 +14,11 @@
 //! namespace, and connect4/6 (at the node's cgroup root, as node mode attaches them) bind an
 //! unbound TCP socket of the node's namespace that connects to it to the pod's probe source.
 //! A socket can only be bound to an address of its namespace, so that source goes on the
-//! node's `lo` (IPv4 with scope host, so that the kernel never picks it for another
-//! connection), from the first entry that uses it to the last; the pod's replies to it are
+//! node's `lo` (IPv4 with scope host, IPv6 deprecated, so that the kernel never picks it as
+//! another connection's source), from the first entry that uses it to the last; the pod's replies to it are
 //! delivered locally. One that was there before (somebody else's) is used and left there.
 
-use std::{io, net::IpAddr};
+use std::{io, net::IpAddr, sync::Mutex};
 
 use aya::maps::{HashMap, MapData};
 use netlink_packet_route::address::AddressScope;
@@ -30,9 +30,13 @@ use super::netlink;
 /// The map's type as the agent opens it.
 pub type ProbeSnatMap = HashMap<MapData, ProbeSnatKey, ProbeSnat>;
 
+/// Held around every change of `PROBE_SNAT` and of the node's `lo` made for it: the pods'
+/// address watchers (tokio tasks) and the engine's removals each read the map, then act on
+/// what they read (whether an entry still uses a source, whether the agent added it).
+static CHANGING: Mutex<()> = Mutex::new(());
+
 /// What an ambient pod served by a node agent gives the node's connections to it.
 pub struct NodeProbes {
-    map: ProbeSnatMap,
     /// The node's namespace (the agent's own), whose sockets are the probers'.
     node_netns_cookie: u64,
     /// The pod's.
@@ -45,9 +49,8 @@ pub struct NodeProbes {
 
 impl NodeProbes {
     /// Called on the agent's own thread, in the node's namespace, whose `lo` it manages.
-    pub fn new(map: ProbeSnatMap, node_netns_cookie: u64, pod_netns_cookie: u64, sources: Ambient) -> io::Result<Self> {
+    pub fn new(node_netns_cookie: u64, pod_netns_cookie: u64, sources: Ambient) -> io::Result<Self> {
         Ok(Self {
-            map,
             node_netns_cookie,
             pod_netns_cookie,
             sources,
@@ -56,55 +59,72 @@ impl NodeProbes {
     }
 
     /// The pod's address of one family was `old` and is `new`: the node's connections to
-    /// `new` are bound to the family's probe source from now on, and those to `old` no more.
-    pub fn pod_addr(&mut self, old: Option<IpAddr>, new: Option<IpAddr>) -> io::Result<()> {
-        // Whether the agent put the old entry's source on lo, which the new one takes over.
-        let mut owned = false;
+    /// `new` are bound to the family's probe source from now on, and those to `old` no more
+    /// (a source no entry uses any more leaves `lo`, if the agent put it there).
+    pub fn pod_addr(&self, map: &mut ProbeSnatMap, old: Option<IpAddr>, new: Option<IpAddr>) -> io::Result<()> {
+        let _changing = CHANGING.lock().unwrap_or_else(|e| e.into_inner());
+        let mut freed = Vec::new();
         if let Some(old) = old {
             let key = ProbeSnatKey::from_ip(self.node_netns_cookie, old);
-            owned = self.map.get(&key, 0).is_ok_and(|v| v.owned != 0);
-            let _ = self.map.remove(&key);
+            // Only this pod's: another holding the address now keeps its entry.
+            if let Ok(v) = map.get(&key, 0)
+                && v.pod_netns_cookie == self.pod_netns_cookie
+            {
+                let _ = map.remove(&key);
+                freed.push((key, v));
+            }
         }
-        let Some(new) = new else {
-            return Ok(());
+        let added = match new {
+            Some(new) => self.add(map, new, &freed),
+            None => Ok(()),
         };
+        release_unused(map, self.node_netns_cookie, &self.node, &freed);
+        added
+    }
+
+    fn add(&self, map: &mut ProbeSnatMap, new: IpAddr, freed: &[(ProbeSnatKey, ProbeSnat)]) -> io::Result<()> {
         let source = match new {
             IpAddr::V4(_) => IpAddr::V4(self.sources.probe_snat_v4),
             IpAddr::V6(_) => IpAddr::V6(self.sources.probe_snat_v6),
         };
         // The address first: an entry whose source cannot be bound would leave the node's
         // connections with their own source, captured as any other.
-        let added = netlink::lo_address(&self.node, source, AddressScope::Host, true).map_err(|e| {
+        let added = netlink::lo_address(&self.node, source, AddressScope::Host, true, true).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("adding the probe source {source} to the node's lo: {e}"),
             )
         })?;
-        // Found there: the agent's own if an entry says so (a predecessor's for this pod, or
-        // another pod's), else somebody else's, which stays when the last pod goes.
-        let key = ProbeSnatKey::from_ip(self.node_netns_cookie, new);
+        // Found there: the agent's own if an entry says so (a predecessor's for this pod,
+        // another pod's, or the one this replaces), else somebody else's, which stays when
+        // the last pod goes.
         let source_addr = addr::from_ip(source);
-        owned |=
-            added
-                || self.map.iter().filter_map(Result::ok).any(|(k, v)| {
-                    k.node_netns_cookie == self.node_netns_cookie && v.source == source_addr && v.owned != 0
-                });
-        self.map
-            .insert(key, ProbeSnat::from_ip(source, self.pod_netns_cookie, owned), 0)
-            .map_err(io::Error::other)?;
+        let ours = |(k, v): &(ProbeSnatKey, ProbeSnat)| {
+            k.node_netns_cookie == self.node_netns_cookie && v.source == source_addr && v.owned != 0
+        };
+        let owned = added || freed.iter().any(ours) || map.iter().filter_map(Result::ok).any(|e| ours(&e));
+        map.insert(
+            ProbeSnatKey::from_ip(self.node_netns_cookie, new),
+            ProbeSnat::from_ip(source, self.pod_netns_cookie, owned),
+            0,
+        )
+        .map_err(io::Error::other)?;
         tracing::info!(pod = %new, %source, "the node's connections to the pod leave from its probe source");
         Ok(())
     }
 }
 
 /// Removes the entries the workload of namespace `pod_netns_cookie` has, whoever wrote them,
-/// and from the node's `lo` each source no entry uses any more. The node is the calling
-/// thread's namespace; sources of another node's entries are left where they are.
+/// and from the node's `lo` each source the agent put there that no entry uses any more. The
+/// node is the calling thread's namespace; sources of another node's entries are left where
+/// they are.
 pub fn remove(map: &mut ProbeSnatMap, pod_netns_cookie: u64) {
-    let entries: Vec<(ProbeSnatKey, ProbeSnat)> = map.iter().filter_map(Result::ok).collect();
-    let (gone, kept): (Vec<_>, Vec<_>) = entries
-        .into_iter()
-        .partition(|(_, v)| v.pod_netns_cookie == pod_netns_cookie);
+    let _changing = CHANGING.lock().unwrap_or_else(|e| e.into_inner());
+    let gone: Vec<(ProbeSnatKey, ProbeSnat)> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, v)| v.pod_netns_cookie == pod_netns_cookie)
+        .collect();
     if gone.is_empty() {
         return;
     }
@@ -118,27 +138,35 @@ pub fn remove(map: &mut ProbeSnatMap, pod_netns_cookie: u64) {
             return;
         }
     };
-    let mut unused: Vec<addr::Addr> = gone
+    match netlink::query_socket() {
+        Ok(node) => release_unused(map, here, &node, &gone),
+        Err(e) => tracing::warn!("the node's probe sources stay on its lo: {e}"),
+    }
+}
+
+/// Takes off the node's `lo` (namespace `node_netns_cookie`, whose socket `node` is) each
+/// source of the `freed` entries that the agent put there and no entry left uses. Under
+/// [`CHANGING`].
+fn release_unused(map: &ProbeSnatMap, node_netns_cookie: u64, node: &Socket, freed: &[(ProbeSnatKey, ProbeSnat)]) {
+    let mut unused: Vec<addr::Addr> = freed
         .iter()
-        .filter(|(k, v)| k.node_netns_cookie == here && v.owned != 0)
+        .filter(|(k, v)| k.node_netns_cookie == node_netns_cookie && v.owned != 0)
         .map(|(_, v)| v.source)
         .collect();
     unused.sort_unstable();
     unused.dedup();
-    unused.retain(|s| !kept.iter().any(|(k, v)| k.node_netns_cookie == here && v.source == *s));
     if unused.is_empty() {
         return;
     }
-    let node = match netlink::query_socket() {
-        Ok(socket) => socket,
-        Err(e) => {
-            tracing::warn!("the node's probe sources stay on its lo: {e}");
-            return;
-        }
-    };
+    let kept: Vec<(ProbeSnatKey, ProbeSnat)> = map.iter().filter_map(Result::ok).collect();
+    unused.retain(|s| {
+        !kept
+            .iter()
+            .any(|(k, v)| k.node_netns_cookie == node_netns_cookie && v.source == *s)
+    });
     for source in unused {
         let ip = addr::to_ip(&source);
-        match netlink::lo_address(&node, ip, AddressScope::Host, false) {
+        match netlink::lo_address(node, ip, AddressScope::Host, false, false) {
             Ok(_) => tracing::info!(%ip, "probe source removed from the node's lo (no ambient pod uses it)"),
             Err(e) => tracing::warn!(%ip, "removing the probe source from the node's lo: {e}"),
         }

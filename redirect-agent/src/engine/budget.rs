@@ -27,8 +27,9 @@ pub const PER_WORKLOAD: u64 = {
     let map_fds = 12;
     // Its sk_lookup link and program.
     let sk_lookup = 2;
-    // The address watcher's netlink sockets.
-    let netlink = 2;
+    // The address watcher's netlink sockets, and an ambient pod's in the node's namespace (its
+    // probe source on the node's lo).
+    let netlink = 3;
     // Sockets the dialer makes ahead of demand, a thread per family, each with one more in
     // hand while its queue is full.
     let spare = 2 * (SPARE_SOCKETS as u64 + 1);

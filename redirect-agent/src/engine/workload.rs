@@ -504,17 +504,25 @@ impl Engine {
             .map(|v| (chain::virt_entries(capture), Box::new(v) as Box<dyn VirtDevices>));
         let mode = match &capture.ambient {
             None => ModeAddrs::Sidecar,
-            // The node's kubelet is under node mode's attach point (the cgroup root), not
-            // under a `run`'s.
-            Some(ambient) if self.settings.mode == Mode::Node => ModeAddrs::Ambient(Some(
-                NodeProbes::new(
-                    self.open_map(maps::PROBE_SNAT)?,
-                    self.host_netns_cookie,
-                    cookie,
-                    ambient.clone(),
-                )
-                .map_err(EnrollError::io("a route netlink socket in the node's namespace"))?,
-            )),
+            // The node's sockets (the kubelet's) are under node mode's attach point when that
+            // is the cgroup root, never under a `run`'s.
+            Some(ambient) if self.settings.mode == Mode::Node => {
+                if sys::cgroup2_root().is_ok_and(|root| root == self.settings.attach) {
+                    ModeAddrs::Ambient(Some(
+                        NodeProbes::new(self.host_netns_cookie, cookie, ambient.clone())
+                            .map_err(EnrollError::io("a route netlink socket in the node's namespace"))?,
+                    ))
+                } else {
+                    tracing::warn!(
+                        id = %info.id,
+                        attach = %self.settings.attach.display(),
+                        "the programs are not attached at the cgroup root (--cgroup-parent), so the node's \
+                         connections to this ambient pod (the kubelet's probes) keep the node's source and are \
+                         captured, where istio-cni would SNAT them to the probe address"
+                    );
+                    ModeAddrs::Ambient(None)
+                }
+            }
             Some(_) => ModeAddrs::Ambient(None),
         };
         let local = LocalAddrs::install(&netns, addr_maps, cookie, &info.id, interfaces, hook, mode).map_err(

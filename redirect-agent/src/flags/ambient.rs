@@ -162,14 +162,21 @@ impl CaptureFlags {
 
 const PROBE_V4: &str = "a unicast IPv4 address, not loopback, 0.0.0.0 or broadcast (istio-cni's default \
                         169.254.7.127)";
-const PROBE_V6: &str = "a unicast IPv6 address, not loopback, :: or v4-mapped (istio-cni's default \
+const PROBE_V6: &str = "a unicast IPv6 address, not loopback, ::, link-local or v4-mapped (istio-cni's default \
                         fd16:9254:7127:1337:ffff:ffff:ffff:ffff)";
 
 /// Refuses a probe source no node could hold as its own address.
 fn probe_source(a: IpAddr, flag: &'static str, v: &str, what: &str) -> Result<(), ConfigError> {
     let bad = match a {
         IpAddr::V4(a) => a.is_loopback() || a.is_unspecified() || a.is_multicast() || a.is_broadcast(),
-        IpAddr::V6(a) => a.is_loopback() || a.is_unspecified() || a.is_multicast() || a.to_ipv4_mapped().is_some(),
+        // A link-local one cannot be bound without its device.
+        IpAddr::V6(a) => {
+            a.is_loopback()
+                || a.is_unspecified()
+                || a.is_multicast()
+                || a.is_unicast_link_local()
+                || a.to_ipv4_mapped().is_some()
+        }
     };
     match bad {
         true => Err(ConfigError {

@@ -210,6 +210,7 @@ fn ambient_mode_takes_its_own_settings_only() {
         ("--host-probe-v6-snat", "::1"),
         ("--host-probe-v6-snat", "::"),
         ("--host-probe-v6-snat", "ff02::1"),
+        ("--host-probe-v6-snat", "fe80::7"),
         ("--host-probe-v6-snat", "::ffff:169.254.7.127"),
     ] {
         refused(
