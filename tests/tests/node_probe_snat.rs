@@ -112,6 +112,15 @@ impl Node {
         [self.probe(i, pod.v4.into()), self.probe(i, pod.v6.into())]
     }
 
+    /// Neither probe source is on the node's `lo`.
+    fn assert_no_probe_source(&self) {
+        let lo = self.lo();
+        assert!(
+            !lo.contains(&PROBE_V4.to_string()) && !lo.contains(&PROBE_V6.to_string()),
+            "a probe source was left on the node's lo:\n{lo}"
+        );
+    }
+
     /// The addresses on the node's `lo`.
     fn lo(&self) -> String {
         let out = Command::new("ip")
@@ -263,11 +272,7 @@ fn the_nodes_probes_of_an_ambient_pod_arrive_from_the_probe_source_as_under_ipta
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(node.sources(0), [IpAddr::V4(node.v4), IpAddr::V6(node.v6)]);
-    let lo = node.lo();
-    assert!(
-        !lo.contains(&PROBE_V4.to_string()) && !lo.contains(&PROBE_V6.to_string()),
-        "a probe source was left on the node's lo:\n{lo}"
-    );
+    node.assert_no_probe_source();
 }
 
 #[test]
@@ -316,11 +321,7 @@ fn the_probe_source_stays_on_the_node_while_an_ambient_pod_uses_it() {
     unenroll("b");
     assert_eq!(node.sources(1), own(1), "pod b, released");
     assert_eq!(probe_entries(&agent, &node), Some(0.0));
-    let lo = node.lo();
-    assert!(
-        !lo.contains(&PROBE_V4.to_string()) && !lo.contains(&PROBE_V6.to_string()),
-        "a probe source was left on the node's lo:\n{lo}"
-    );
+    node.assert_no_probe_source();
 }
 
 #[test]
@@ -404,9 +405,5 @@ fn a_pod_address_that_goes_takes_its_probe_source_with_it() {
         "unenroll: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lo = node.lo();
-    assert!(
-        !lo.contains(&PROBE_V4.to_string()) && !lo.contains(&PROBE_V6.to_string()),
-        "a probe source was left on the node's lo:\n{lo}"
-    );
+    node.assert_no_probe_source();
 }
