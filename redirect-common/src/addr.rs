@@ -111,6 +111,13 @@ pub fn words_eq(a: &Addr, b: &Addr) -> bool {
     a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
 }
 
+/// A socket's bound address that binds nothing: `::` or `0.0.0.0` (v4-mapped, as an AF_INET
+/// socket's unbound address reads in this form).
+#[inline(always)]
+pub fn is_unbound(a: &Addr) -> bool {
+    words_eq(a, &UNSPECIFIED) || words_eq(a, &v4(0))
+}
+
 /// `a & mask == net`, word by word.
 #[inline(always)]
 pub fn masked_eq(a: &Addr, mask: &Addr, net: &Addr) -> bool {

@@ -206,7 +206,7 @@ pub unsafe fn decide(c: &Connect) -> Option<Redirect> {
     let routed_home = ((workload.tproxy_mark != 0) & (sk_mark == workload.tproxy_mark))
         | (ambient & (sk_mark & AMBIENT_MARK_MASK == AMBIENT_CONN_MARK));
     let marked_to_lo = routed_home & !out_lo;
-    let unbound = addr::words_eq(&c.src, &addr::UNSPECIFIED) || addr::words_eq(&c.src, &addr::v4(0));
+    let unbound = addr::is_unbound(&c.src);
     if marked_to_lo && family == Family::V4 && unbound && !c.sending {
         return None;
     }
@@ -381,7 +381,7 @@ fn udp_flow(cookie: u64, dst: &Addr, port: u16) -> UdpFlow {
 ///   unwritten, and the verifier refuses to copy an unwritten register).
 #[inline(always)]
 fn source(c: &Connect, dst: &Addr, out_lo: bool, family: Family, marked_to_lo: bool, ambient: bool) -> Addr {
-    let unbound = addr::words_eq(&c.src, &addr::UNSPECIFIED) || addr::words_eq(&c.src, &addr::v4(0));
+    let unbound = addr::is_unbound(&c.src);
     if !unbound || addr::is_loopback(dst) {
         return addr::UNSPECIFIED;
     }

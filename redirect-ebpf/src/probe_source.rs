@@ -74,7 +74,7 @@ unsafe fn bind_probe_source<const V6: bool>(sa: *mut bpf_sock_addr) -> u32 {
             false => (user_addr::read4(sa).0, user_addr::src4(sk)),
         }
     };
-    if !addr::words_eq(&src, &addr::UNSPECIFIED) && !addr::words_eq(&src, &addr::v4(0)) {
+    if !addr::is_unbound(&src) {
         return 0;
     }
     // SAFETY: the helper's one argument is the program's own context (it reads the socket's
